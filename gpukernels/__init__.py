@@ -1,0 +1,12 @@
+"""gpukernels: hand-written GPU kernels for faster PyTorch training.
+
+CUDA tensors run the Triton kernels, CPU tensors the NumPy ones; choose
+another with ``use_backend`` or ``$GPUKERNELS_BACKEND``.
+"""
+
+from ._backend import BackendError, backend_name, unavailable_reason, use_backend
+from .functional import *  # noqa: F401,F403
+from .functional import __all__ as _functional_all
+
+__version__ = "0.1.0"
+__all__ = ["BackendError", "backend_name", "unavailable_reason", "use_backend", *_functional_all]

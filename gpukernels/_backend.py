@@ -1,0 +1,97 @@
+"""Which backend runs an op, and the error when none can.
+
+A backend is a package ``gpukernels.backends.<name>`` that defines
+``device_types()`` (the torch device types it serves) and
+``unavailable_reason()`` (None when it can run here), and one module per op
+family (``layer_norm.py``, ``dropout.py``, ...) holding that family's kernels
+as plain functions on torch tensors. Adding a backend adds such a package and
+its name to ``BACKENDS``; no op module changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+BACKENDS = ("numpy", "triton", "cupy")
+_DEFAULT_FOR_DEVICE = {"cpu": "numpy", "cuda": "triton"}
+
+_selected: str | None = None
+
+
+class BackendError(RuntimeError):
+    """No backend can run this op on this device."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+class use_backend:
+    """Select the backend for every op: ``use_backend("triton")`` as a setter,
+    or ``with use_backend("numpy"): ...`` to restore the previous choice on
+    exit. ``None`` returns to the default (NumPy for CPU tensors, Triton for
+    CUDA tensors, or ``$GPUKERNELS_BACKEND`` when set)."""
+
+    def __init__(self, name: str | None):
+        global _selected
+        self._previous = _selected
+        _selected = None if name is None else _check_name(name)
+
+    def __enter__(self) -> "use_backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _selected
+        _selected = self._previous
+
+
+def backend_name(device: torch.device) -> str:
+    """The backend that ops on tensors of ``device`` run on now."""
+    if _selected is not None:
+        return _selected
+    env = os.environ.get("GPUKERNELS_BACKEND")
+    if env:
+        return _check_name(env)
+    try:
+        return _DEFAULT_FOR_DEVICE[device.type]
+    except KeyError:
+        raise BackendError(f"gpukernels has no backend for device {device}") from None
+
+
+def _backend_package(name: str) -> ModuleType:
+    return importlib.import_module(f"gpukernels.backends.{name}")
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this machine, or None."""
+    return _backend_package(_check_name(name)).unavailable_reason()
+
+
+def get_kernel(op: str, kernel: str, device: torch.device) -> Callable:
+    """Kernel ``kernel`` of op family ``op`` from the backend selected for
+    ``device``; a BackendError that names op, backend and device otherwise."""
+    name = backend_name(device)
+    where = f"op {op!r} on backend {name!r} for device {device}"
+    package = _backend_package(name)
+    reason = package.unavailable_reason()
+    if reason is not None:
+        raise BackendError(f"cannot run {where}: {reason}")
+    if device.type not in package.device_types():
+        raise BackendError(
+            f"cannot run {where}: the backend serves {package.device_types()} tensors; "
+            f"move the tensors or choose another backend with gpukernels.use_backend"
+        )
+    try:
+        module = importlib.import_module(f"{package.__name__}.{op}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{package.__name__}.{op}":
+            raise
+        raise BackendError(f"cannot run {where}: the backend does not implement it") from None
+    return getattr(module, kernel)

@@ -1,0 +1,1 @@
+"""Kernel implementations, one package per backend (see gpukernels._backend)."""

@@ -1,0 +1,1 @@
+"""One module per op: torch.library custom ops, fake impls, autograd, checks."""

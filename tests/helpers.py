@@ -1,0 +1,38 @@
+"""Tolerances of DESIGN.md, in one place.
+
+fp64 and fp32 results are compared elementwise with PyTorch's; a bf16/fp16
+result is compared with the float64 reference by relative norm error, and
+must be no worse than PyTorch's own low-precision result times LOWP_FACTOR.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+LOWP_FACTOR = 2.0
+# Floor for the low-precision bound: when PyTorch's own low-precision error
+# happens to be tiny, a result within a couple of roundings is still right.
+LOWP_FLOOR = {torch.bfloat16: 2 * 2.0**-8, torch.float16: 2 * 2.0**-11}
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative norm error of ``a`` against ``ref`` (both widened to float64)."""
+    a, ref = a.double(), ref.double()
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def assert_matches(ours: torch.Tensor, theirs: torch.Tensor, reference: torch.Tensor | None = None,
+                   factor: float = LOWP_FACTOR) -> float:
+    """Check ``ours`` against PyTorch's ``theirs`` (same dtype) and, for bf16/fp16,
+    against the float64 ``reference``. Returns the error measured."""
+    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+    assert ours.dtype == theirs.dtype, (ours.dtype, theirs.dtype)
+    if ours.dtype in TOLERANCES:
+        torch.testing.assert_close(ours, theirs, **TOLERANCES[ours.dtype])
+        return (ours.double() - theirs.double()).abs().max().item()
+    assert reference is not None, "low-precision results need a float64 reference"
+    ours_err, theirs_err = rel_err(ours, reference), rel_err(theirs, reference)
+    bound = max(factor * theirs_err, LOWP_FLOOR[ours.dtype])
+    assert ours_err <= bound, f"{ours.dtype}: relative error {ours_err:.3g} > {bound:.3g} (PyTorch's: {theirs_err:.3g})"
+    return ours_err
