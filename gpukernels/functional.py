@@ -1,5 +1,11 @@
-"""The functional API: drop-ins for their ``torch.nn.functional`` namesakes."""
+"""The functional API: drop-ins for their ``torch.nn.functional`` namesakes
+(``linear_act`` and the seeded ``dropout`` follow SPEC.md where PyTorch has
+no counterpart)."""
 
+from .ops.batch_norm import batch_norm
+from .ops.cross_entropy import cross_entropy
+from .ops.dropout import dropout
 from .ops.layer_norm import layer_norm
+from .ops.linear_act import linear_act
 
-__all__ = ["layer_norm"]
+__all__ = ["batch_norm", "cross_entropy", "dropout", "layer_norm", "linear_act"]

@@ -1,9 +1,39 @@
 import os
 
+import pytest
+import torch
+
 # Triton reads TRITON_INTERPRET when @triton.jit decorates, so it must be set
 # before any kernel module is imported. With no GPU, the interpreter is the
 # only way the Triton kernels run at all.
-import torch
-
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import gpukernels as gk  # noqa: E402  (after TRITON_INTERPRET)
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_reason(device: str) -> str:
+    return gk.unavailable_reason("triton") or ("" if device == "cuda" or INTERPRETING else "not interpreting")
+
+
+# (device, backend) pairs an op test runs on. CPU/NumPy always; Triton on CPU
+# tensors through the interpreter (CI); CUDA pairs only where a GPU is.
+TARGETS = [
+    pytest.param(("cpu", "numpy"), id="cpu-numpy"),
+    pytest.param(("cpu", "triton"), id="cpu-triton",
+                 marks=[pytest.mark.interpreter,
+                        pytest.mark.skipif(HAS_CUDA or not INTERPRETING, reason="Triton interpreter tier: CPU only")]),
+    pytest.param(("cuda", "triton"), id="cuda-triton",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]),
+]
+
+
+@pytest.fixture(params=TARGETS)
+def device(request):
+    """The device to make tensors on, with the backend under test selected."""
+    device, backend = request.param
+    with gk.use_backend(backend):
+        yield torch.device(device)

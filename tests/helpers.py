@@ -1,8 +1,11 @@
 """Tolerances of DESIGN.md, in one place.
 
-fp64 and fp32 results are compared elementwise with PyTorch's; a bf16/fp16
-result is compared with the float64 reference by relative norm error, and
-must be no worse than PyTorch's own low-precision result times LOWP_FACTOR.
+fp64 and fp32 results are compared elementwise with PyTorch's; where PyTorch
+itself strays from the float64 reference by more than that (a gradient that
+is zero in exact arithmetic, say), ours must stray no further than PyTorch's.
+A bf16/fp16 result is compared with the float64 reference by relative norm
+error, and must be no worse than PyTorch's own low-precision result times
+LOWP_FACTOR.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
 def assert_matches(ours: torch.Tensor, theirs: torch.Tensor, reference: torch.Tensor | None = None,
                    factor: float = LOWP_FACTOR) -> float:
     """Check ``ours`` against PyTorch's ``theirs`` (same dtype) and, for bf16/fp16,
@@ -29,8 +36,14 @@ def assert_matches(ours: torch.Tensor, theirs: torch.Tensor, reference: torch.Te
     assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
     assert ours.dtype == theirs.dtype, (ours.dtype, theirs.dtype)
     if ours.dtype in TOLERANCES:
-        torch.testing.assert_close(ours, theirs, **TOLERANCES[ours.dtype])
-        return (ours.double() - theirs.double()).abs().max().item()
+        try:
+            torch.testing.assert_close(ours, theirs, **TOLERANCES[ours.dtype])
+        except AssertionError:
+            if reference is None:
+                raise
+            ours_err, theirs_err = _max_abs(ours, reference), _max_abs(theirs, reference)
+            assert ours_err <= theirs_err, f"{ours.dtype}: max error {ours_err:.3g} vs PyTorch's {theirs_err:.3g}"
+        return _max_abs(ours, theirs)
     assert reference is not None, "low-precision results need a float64 reference"
     ours_err, theirs_err = rel_err(ours, reference), rel_err(theirs, reference)
     bound = max(factor * theirs_err, LOWP_FLOOR[ours.dtype])

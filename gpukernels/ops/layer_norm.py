@@ -79,7 +79,7 @@ def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Ten
     check_optional_float("weight", weight, input, shape)
     check_optional_float("bias", bias, input, shape)
     check_number("eps", eps, low=0.0)
-    if torch.is_autocast_enabled(input.device.type):
+    if torch.is_autocast_enabled(input.device.type) and input.dtype != torch.float64:
         input = input.float()
     d = 1
     for s in shape:

@@ -1,0 +1,30 @@
+"""Inverted dropout on the flattened contiguous tensor, its mask drawn by
+Philox4x32-10 from ``(seed, element index)`` exactly as ``tl.rand`` draws it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._arrays import as_array, as_tensor, compute_dtype
+from .philox import uniform
+
+
+def keep_scale(p: float, dtype: torch.dtype) -> np.floating:
+    """``1/(1-p)`` worked out in the compute dtype of ``dtype``, ``p`` included:
+    float32 for fp32/bf16/fp16, the float64 ``p`` for fp64 (so fp64 results
+    equal PyTorch's ``x * (1/(1-p))`` to the bit). 0 when ``p`` rounds to 1 in
+    float32, where no element is kept (uniforms are < 1)."""
+    real = compute_dtype(dtype).type
+    if np.float32(p) >= 1:
+        return real(0)
+    return real(1) / (real(1) - real(p))
+
+
+def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    a = as_array(x).reshape(-1)
+    keep = uniform(int(seed.item()), a.size) > np.float32(p)
+    y = np.zeros_like(a)
+    # only kept elements are multiplied: a dropped inf or nan gives 0, as in a Triton tl.where
+    np.multiply(a, keep_scale(p, x.dtype), out=y, where=keep)
+    return as_tensor(y, x.dtype).view(x.shape)

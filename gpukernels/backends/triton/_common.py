@@ -1,0 +1,30 @@
+"""What every Triton kernel module shares."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+INTERPRETING = interpreting()
+
+
+def acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The dtype kernels accumulate in: fp64 for fp64 tensors, else fp32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def row_block(d: int, max_block: int = 8192) -> int:
+    """Power-of-two block over a row of ``d`` features, at most ``max_block``."""
+    return min(triton.next_power_of_2(max(d, 1)), max_block)
+
+
+def num_programs(device: torch.device, work_items: int, per_sm: int = 4) -> int:
+    """A persistent grid: a few programs per SM, never more than the work."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 2  # the interpreter runs programs one after another
+    return max(1, min(work_items, sms * per_sm))

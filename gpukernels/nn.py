@@ -1,0 +1,86 @@
+"""Drop-in modules. Each subclasses its ``torch.nn`` namesake, so constructor
+arguments, parameter and buffer names (and so state_dicts) and ``isinstance``
+checks are PyTorch's; only ``forward`` runs our ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .ops.batch_norm import batch_norm
+from .ops.cross_entropy import cross_entropy
+from .ops.dropout import dropout
+from .ops.layer_norm import layer_norm
+from .ops.linear_act import ACTIVATIONS, linear_act
+from .ops._checks import check_choice
+
+__all__ = ["LinearAct", "LayerNorm", "BatchNorm1d", "BatchNorm2d", "Dropout", "CrossEntropyLoss"]
+
+
+class LinearAct(torch.nn.Linear):
+    """``activation(nn.Linear(x))`` in one op; ``activation`` is one of
+    ``none, relu, gelu, gelu_tanh, silu``."""
+
+    def __init__(self, in_features: int, out_features: int, activation: str = "none", bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return linear_act(input, self.weight, self.bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    def forward(self, input: Tensor) -> Tensor:
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class _BatchNormForward:
+    """``torch.nn.modules.batchnorm._BatchNorm.forward`` with our op: the
+    same momentum / cumulative-average / track_running_stats rules."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return batch_norm(input,
+                          self.running_mean if keep_running else None,
+                          self.running_var if keep_running else None,
+                          self.weight, self.bias, use_batch_stats, momentum, self.eps)
+
+
+class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
+    pass
+
+
+class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
+    pass
+
+
+class Dropout(torch.nn.Dropout):
+    """Inverted dropout whose mask is regenerated in the backward (nothing
+    stored). ``seed=None`` draws a fresh seed from torch's generator on each
+    call; a fixed ``seed`` gives the same mask on every call and backend."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False, seed: int | None = None):
+        super().__init__(p, inplace)
+        self.seed = seed
+
+    def forward(self, input: Tensor) -> Tensor:
+        out = dropout(input, self.p, self.training, self.seed)
+        # The backward needs neither input nor output, so writing the result
+        # over the input is safe for autograd.
+        return input.copy_(out) if self.inplace and out is not input else out
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing)

@@ -1,0 +1,157 @@
+"""batch_norm: custom ops ``gpukernels::batch_norm_fwd/_bwd``, their fake
+implementations and autograd, and the checked public function.
+
+The kernels see ``x`` as an ``(N, C, L)`` tensor that is a view of the input,
+never a forced copy: NCHW and channels-last (strides ``(H*W*C, 1, C)``)
+inputs both reshape to one. They accept any strides and lay ``y`` and ``dx``
+out as ``torch.empty_like(x)`` does, so channels-last in is channels-last out.
+Statistics are per channel over the ``M = N*L`` other elements, in fp32
+(fp64 for fp64 input); the forward returns the mean and rstd it normalised
+with (the batch's in training, the running stats' in eval) for the backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .._backend import get_kernel
+from ._checks import check_float, check_number, check_optional_float, empty_grad
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("gpukernels::batch_norm_fwd", mutates_args=("running_mean", "running_var"))
+def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                   running_var: Optional[Tensor], training: bool, momentum: float,
+                   eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """y (laid out like x), and the mean and rstd it normalised with. In
+    training these are the batch's, and the running stats (when given) take
+    ``momentum`` of the batch mean and of the unbiased (M/(M-1)) variance."""
+    return get_kernel("batch_norm", "batch_norm_fwd", x.device)(
+        x, weight, bias, running_mean, running_var, training, momentum, eps)
+
+
+@batch_norm_fwd.register_fake
+def _(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    channels = x.shape[1]
+    return (torch.empty_like(x), x.new_empty(channels, dtype=_stats_dtype(x)),
+            x.new_empty(channels, dtype=_stats_dtype(x)))
+
+
+@torch.library.custom_op("gpukernels::batch_norm_bwd", mutates_args=())
+def batch_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool,
+                   has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """dx (laid out like x), and dweight, dbias in the stats dtype (empty when not wanted)."""
+    return get_kernel("batch_norm", "batch_norm_bwd", x.device)(dy, x, weight, mean, rstd, training, has_bias)
+
+
+@batch_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, training, has_bias):
+    channels = x.shape[1]
+    dweight = x.new_empty(channels, dtype=_stats_dtype(x)) if weight is not None else empty_grad(x)
+    dbias = x.new_empty(channels, dtype=_stats_dtype(x)) if has_bias else empty_grad(x)
+    return torch.empty_like(x), dweight, dbias
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """Autograd around the forward op: custom_op's register_autograd refuses
+    ops that mutate inputs (here the running stats), an autograd.Function
+    does not, and torch.compile traces it without a graph break."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                running_var: Tensor | None, training: bool, momentum: float, eps: float) -> Tensor:
+        y, mean, rstd = batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.training = training
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, weight, mean, rstd = ctx.saved_tensors
+        has_bias = ctx.bias_dtype is not None
+        dx, dweight, dbias = batch_norm_bwd(dy, x, weight, mean, rstd, ctx.training, has_bias)
+        return (dx,
+                dweight.to(weight.dtype) if weight is not None else None,
+                dbias.to(ctx.bias_dtype) if has_bias else None,
+                None, None, None, None, None)
+
+
+def _check_running_stats(running_mean: Tensor | None, running_var: Tensor | None, input: Tensor,
+                         training: bool) -> None:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if running_mean is None and not training:
+        raise ValueError("running_mean and running_var must be given when training=False (they normalise the input)")
+    check_optional_float("running_mean", running_mean, input, (input.shape[1],))
+    check_optional_float("running_var", running_var, input, (input.shape[1],))
+
+
+def _check_param_dtypes(input: Tensor, **params: Tensor | None) -> None:
+    """As PyTorch's mixed-precision BatchNorm: the parameters and running stats
+    share one dtype, which is input's, or float32 for bf16/fp16 input."""
+    allowed = {input.dtype, torch.float32} if input.dtype in _LOW_PRECISION else {input.dtype}
+    shared = None  # (name, dtype) of the first one given
+    for name, t in params.items():
+        if t is None:
+            continue
+        if t.dtype not in allowed:
+            raise TypeError(f"{name} must have dtype {' or '.join(sorted(map(str, allowed)))} "
+                            f"for {input.dtype} input, got {t.dtype}")
+        if shared is None:
+            shared = (name, t.dtype)
+        elif t.dtype != shared[1]:
+            raise TypeError(f"{name} has dtype {t.dtype} but {shared[0]} has {shared[1]}; "
+                            f"parameters and running stats must share one dtype")
+
+
+def _empty_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """What PyTorch returns for an input with no elements: a fresh empty
+    output still connected to weight and bias (zero gradients); running
+    stats untouched."""
+    y = x.clone()
+    if weight is not None:
+        y = y * weight.view(1, -1, 1)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1)
+    return y.to(x.dtype)
+
+
+def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
+               bias: Tensor | None = None, training: bool = False, momentum: float = 0.1,
+               eps: float = 1e-5) -> Tensor:
+    """``torch.nn.functional.batch_norm`` for ``(N, C, *)`` input: per-channel
+    statistics over the other dims; in training, ``running_mean`` and
+    ``running_var`` (when given) are updated in place with the unbiased
+    batch variance."""
+    check_float("input", input)
+    if input.dim() < 2:
+        raise ValueError(f"input must have shape (N, C), (N, C, L) or (N, C, H, W), got {tuple(input.shape)}")
+    training = bool(training)
+    _check_running_stats(running_mean, running_var, input, training)
+    check_optional_float("weight", weight, input, (input.shape[1],))
+    check_optional_float("bias", bias, input, (input.shape[1],))
+    _check_param_dtypes(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    eps = check_number("eps", eps, low=0.0, low_open=training)
+    momentum = check_number("momentum", momentum)
+    n, channels = input.shape[:2]
+    length = math.prod(input.shape[2:])
+    if training and n * length == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}")
+    # a view for contiguous and channels-last input alike; a copy only for strides no (N, C, L) view can express
+    x = input.reshape(n, channels, length)
+    if x.numel() == 0:
+        return _empty_batch(x, weight, bias).view(input.shape)
+    y = _BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training, momentum, eps)
+    return y.view(input.shape)

@@ -1,0 +1,77 @@
+"""dropout: custom op ``gpukernels::dropout_fwd``, its fake implementation and
+autograd, and the checked public function.
+
+Inverted dropout on the flattened contiguous tensor: element ``i`` is kept
+when ``tl.rand(seed, i) > p`` (Philox4x32-10 keyed by ``seed``, counting
+``i``; see backends/numpy/philox.py) and then scaled by ``1/(1-p)``. No mask
+is stored: the backward is the same op applied to ``dy`` with the same ``p``
+and ``seed``, which regenerates the mask.
+
+The seed is an int64 0-dim tensor rather than an int, so that drawing one
+(``seed=None``) is a tensor op: no graph break under torch.compile, and a
+CUDA-graph capture replays a fresh draw instead of baking in a constant.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._backend import get_kernel
+from ._checks import check_device, check_float, check_number
+
+_INT64_RANGE = (-(2**63), 2**63)
+# Drawn seeds stay clear of the sign bit; any int64 seed is accepted from the caller.
+_DRAWN_SEED_BOUND = 2**62
+
+
+@torch.library.custom_op("gpukernels::dropout_fwd", mutates_args=())
+def dropout_fwd(x: Tensor, p: float, seed: Tensor) -> Tensor:
+    return get_kernel("dropout", "dropout_fwd", x.device)(x, p, seed)
+
+
+@dropout_fwd.register_fake
+def _(x, p, seed):
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _, p, seed = inputs
+    ctx.save_for_backward(seed)
+    ctx.p = p
+
+
+def _backward(ctx, dy):
+    (seed,) = ctx.saved_tensors
+    return dropout_fwd(dy.contiguous(), ctx.p, seed), None, None
+
+
+dropout_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _seed_tensor(seed: int | Tensor | None, like: Tensor) -> Tensor:
+    """``seed`` as an int64 0-dim tensor on ``like``'s device; None draws one
+    from that device's default generator (so torch.manual_seed repeats it)."""
+    if seed is None:
+        return torch.randint(0, _DRAWN_SEED_BOUND, (), dtype=torch.int64, device=like.device)
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"seed must be an int or a one-element int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+        check_device("seed", seed, like)
+        return seed.reshape(())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, a one-element int64 tensor or None, got {type(seed).__name__}")
+    if not _INT64_RANGE[0] <= seed < _INT64_RANGE[1]:
+        raise ValueError(f"seed must fit in int64, got {seed}")
+    return torch.tensor(seed, dtype=torch.int64, device=like.device)
+
+
+def dropout(input: Tensor, p: float = 0.5, training: bool = True, seed: int | Tensor | None = None) -> Tensor:
+    """``torch.nn.functional.dropout`` (inverted dropout) with a reproducible
+    mask: the same ``seed`` gives the same mask on every backend. ``seed=None``
+    draws one from PyTorch's default generator of ``input``'s device."""
+    check_float("input", input)
+    p = check_number("p", p, low=0.0, high=1.0)
+    if not training or p == 0.0:
+        return input
+    return dropout_fwd(input.contiguous(), p, _seed_tensor(seed, input))

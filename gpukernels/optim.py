@@ -1,0 +1,224 @@
+"""The optimizer side of the training recipe: AdamW on the multi-tensor op
+``gpukernels::adamw_step_``, the linear-warmup + cosine learning-rate
+schedule, and global gradient-norm clipping.
+
+All three are drop-ins for their PyTorch counterparts: ``AdamW`` for
+``torch.optim.AdamW`` (state dicts load both ways), ``warmup_cosine`` for a
+``SequentialLR`` of ``LinearLR`` and ``CosineAnnealingLR``, and
+``clip_grad_norm_`` for ``torch.nn.utils.clip_grad_norm_``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from itertools import chain
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim.lr_scheduler import LRScheduler
+
+from .ops._checks import check_float, check_number
+from .ops.adamw import adamw_step_, check_hyperparameters, state_dtype
+
+__all__ = ["AdamW", "WarmupCosineLR", "warmup_cosine", "clip_grad_norm_"]
+
+
+def _by_device_and_dtype(tensors: Iterable[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    """The buckets a multi-tensor op takes, in order of first appearance."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        buckets[(t.device, t.dtype)].append(t)
+    return buckets
+
+
+def _lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
+    """The op's 0-dim fp64 lr. A tensor lr that already is one is passed as
+    is; another is converted by a copy at each step, so updates to it in place
+    (schedulers, CUDA-graph replays) are seen either way."""
+    if isinstance(lr, Tensor):
+        return lr.to(device=device, dtype=torch.float64).reshape(())
+    return torch.full((), lr, dtype=torch.float64, device=device)
+
+
+def _zero_state(param: Tensor) -> Tensor:
+    return torch.zeros_like(param, dtype=state_dtype(param.dtype), memory_format=torch.preserve_format)
+
+
+def _loaded_state_value(value: Any, param: Tensor, key: str) -> Any:
+    """A saved state entry as this optimizer keeps it: ``step`` a 0-dim fp32
+    tensor on the param's device, tensors in ``state_dtype``; always a copy,
+    so the loaded state never aliases the state dict's."""
+    if key == "step":
+        return torch.as_tensor(value).to(device=param.device, dtype=torch.float32, copy=True).reshape(())
+    if isinstance(value, Tensor):
+        return value.to(device=param.device, dtype=state_dtype(param.dtype), copy=True)
+    return value
+
+
+class AdamW(torch.optim.Optimizer):
+    """``torch.optim.AdamW`` with the update of every param of a (device,
+    dtype) bucket done by one call of the fused op ``gpukernels::adamw_step_``.
+
+    State per param is named and shaped as PyTorch's (``step``, ``exp_avg``,
+    ``exp_avg_sq``, ``max_exp_avg_sq`` with amsgrad) but is fp32 also for
+    bf16/fp16 params (fp64 for fp64 params), including state loaded from a
+    PyTorch state dict; ``step`` lives on the param's device. ``lr`` may be a
+    float or a one-element tensor.
+    """
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validates each group's hyperparameters, not only the defaults."""
+        merged = {**self.defaults, **param_group}
+        param_group["betas"] = check_hyperparameters(merged["lr"], merged["betas"], merged["eps"],
+                                                     merged["weight_decay"])
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict``, then the state recast from the saved
+        tensors: the base class casts state to each param's dtype, which for a
+        bf16 param would round fp32 moments to bf16."""
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, param in zip(saved_ids, params):
+            if saved_id in state_dict["state"]:
+                self.state[param] = {key: _loaded_state_value(value, param, key)
+                                     for key, value in state_dict["state"][saved_id].items()}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            for params in _by_device_and_dtype(self._params_with_grad(group, index)).values():
+                self._update(group, params)
+        return loss
+
+    @staticmethod
+    def _params_with_grad(group: dict[str, Any], index: int) -> list[Tensor]:
+        names = group.get("param_names")
+        params = []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            name = names[i] if names else f"param_groups[{index}]['params'][{i}]"
+            check_float(name, p)
+            if p.grad.is_sparse:
+                raise RuntimeError(f"AdamW does not support sparse gradients, but {name} has one")
+            params.append(p)
+        return params
+
+    def _state_of(self, param: Tensor, amsgrad: bool) -> dict[str, Tensor]:
+        state = self.state[param]
+        if not state:
+            state.update(step=torch.zeros((), dtype=torch.float32, device=param.device),
+                         exp_avg=_zero_state(param), exp_avg_sq=_zero_state(param))
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = _zero_state(param)
+        return state
+
+    def _update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        amsgrad = bool(group["amsgrad"])
+        states = [self._state_of(p, amsgrad) for p in params]
+        beta1, beta2 = group["betas"]
+        adamw_step_(
+            params, [p.grad for p in params],
+            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+            [s["step"] for s in states],
+            _lr_tensor(group["lr"], params[0].device), float(beta1), float(beta2),
+            float(group["eps"]), float(group["weight_decay"]), amsgrad, bool(group["maximize"]))
+
+
+class WarmupCosineLR(LRScheduler):
+    """Linear warmup, then cosine decay to ``min_lr``, in closed form.
+
+    At scheduler step ``t`` (0 at construction) the lr of a group whose
+    initial lr is ``base_lr`` is ``base_lr * (t+1)/warmup_steps`` for
+    ``t < warmup_steps``; then
+    ``min_lr + (base_lr - min_lr) * (1 + cos(pi*(t-warmup_steps)/(total_steps-warmup_steps)))/2``
+    up to ``t = total_steps``, where it reaches ``min_lr`` and stays.
+
+    This equals ``SequentialLR([LinearLR(start_factor=1/warmup_steps,
+    total_iters=warmup_steps-1), CosineAnnealingLR(T_max=total_steps-warmup_steps,
+    eta_min=min_lr)], milestones=[warmup_steps])`` up to ``total_steps``
+    (beyond it, CosineAnnealingLR climbs back up; this stays at ``min_lr``).
+    ``warmup_steps=1`` starts at ``base_lr`` and decays from step 1;
+    ``warmup_steps=0`` is no warmup: ``CosineAnnealingLR(T_max=total_steps)``
+    from step 0.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                 min_lr: float = 0.0, last_epoch: int = -1):
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= warmup_steps:
+            raise ValueError(f"total_steps must be an int > warmup_steps ({warmup_steps}), got {total_steps!r}")
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.min_lr = check_number("min_lr", min_lr, low=0.0)
+        super().__init__(optimizer, last_epoch)
+
+    def _lr_at(self, base_lr: float, t: int) -> float:
+        if t < self.warmup_steps:
+            return base_lr * (t + 1) / self.warmup_steps
+        if t >= self.total_steps:
+            return self.min_lr
+        progress = (t - self.warmup_steps) / (self.total_steps - self.warmup_steps)
+        return self.min_lr + (base_lr - self.min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return [self._lr_at(float(base_lr), self.last_epoch) for base_lr in self.base_lrs]
+
+    def get_lr(self) -> list[float]:
+        return self._get_closed_form_lr()
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  min_lr: float = 0.0) -> WarmupCosineLR:
+    """Linear warmup over ``warmup_steps``, cosine decay to ``min_lr`` at
+    ``total_steps`` (see ``WarmupCosineLR``); call its ``step()`` after each
+    ``optimizer.step()``."""
+    return WarmupCosineLR(optimizer, warmup_steps, total_steps, min_lr)
+
+
+def _check_max_norm(max_norm: float) -> float:
+    """Unlike PyTorch, a negative or nan max_norm (which would flip or poison
+    every gradient) is an error; inf is allowed: it measures without clipping."""
+    max_norm = float(max_norm)
+    if not max_norm >= 0:
+        raise ValueError(f"max_norm must be >= 0, got {max_norm}")
+    return max_norm
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_``: scale the gradients in place by
+    ``min(1, max_norm / (total_norm + 1e-6))``, where ``total_norm`` is the
+    ``norm_type``-norm of the per-tensor norms; returns ``total_norm``.
+    Multi-tensor ops per (device, dtype) bucket, as PyTorch's foreach path."""
+    max_norm = _check_max_norm(max_norm)
+    norm_type = float(norm_type)
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    buckets = _by_device_and_dtype(grads).values()
+    norms = chain.from_iterable(torch._foreach_norm(bucket, norm_type) for bucket in buckets)
+    total_norm = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), norm_type)
+    if error_if_nonfinite and not torch.isfinite(total_norm):
+        raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
+                           "so it cannot be clipped. To scale by it anyway, set error_if_nonfinite=False")
+    clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    for bucket in buckets:
+        torch._foreach_mul_(bucket, clip_coef.to(bucket[0].device))
+    return total_norm

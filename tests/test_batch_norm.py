@@ -1,0 +1,237 @@
+"""batch_norm (NumPy backend) against torch.nn.functional.batch_norm and the
+same computation in float64: forward, gradients, running stats, layouts,
+autograd checks, and bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpukernels as gk
+from gpukernels.ops.batch_norm import batch_norm, batch_norm_bwd, batch_norm_fwd
+from helpers import TOLERANCES, assert_matches
+
+SHAPES = [(8, 3), (6, 17), (5, 1000), (4, 17, 9), (1, 3, 7), (5, 1, 6), (2, 3, 4097), (2, 3, 4, 5), (3, 1, 1, 2)]
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@pytest.fixture
+def device(device):
+    """conftest's device and backend, skipped while that backend has no batch_norm kernels."""
+    backend = gk.backend_name(device)
+    if importlib.util.find_spec(f"gpukernels.backends.{backend}.batch_norm") is None:
+        pytest.skip(f"backend {backend!r} has no batch_norm kernels yet")
+    return device
+
+
+def make_inputs(shape, dtype, param_dtype=None, affine=True, seed=0, device="cpu"):
+    """x, weight, bias and running stats on ``device``; parameters in
+    ``param_dtype`` (default: x's), running var positive."""
+    g = torch.Generator().manual_seed(seed)
+    param_dtype = param_dtype or dtype
+    c = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    weight = (torch.randn(c, generator=g, dtype=torch.float64)).to(param_dtype) if affine else None
+    bias = (torch.randn(c, generator=g, dtype=torch.float64)).to(param_dtype) if affine else None
+    running_mean = torch.randn(c, generator=g, dtype=torch.float64).to(param_dtype)
+    running_var = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(param_dtype)
+    return [None if t is None else t.to(device) for t in (x, weight, bias, running_mean, running_var)]
+
+
+def clones(*tensors, dtype=None):
+    return [None if t is None else t.detach().to(dtype or t.dtype).clone() for t in tensors]
+
+
+def run(fn, x, weight, bias, running_mean, running_var, dy, **kwargs):
+    """Forward and gradients wrt the given input/weight/bias; running stats are updated in place."""
+    leaves = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
+    y = fn(x, running_mean, running_var, weight, bias, **kwargs)
+    return y, torch.autograd.grad(y, leaves, dy)
+
+
+def check_against_torch(x, weight, bias, running_mean, running_var, training, **kwargs):
+    """Our forward, gradients and running stats vs PyTorch's (same dtypes)
+    and a float64 PyTorch run; returns (ours, theirs) for further checks."""
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(x.device, x.dtype)
+    tensors = (x, weight, bias, running_mean, running_var)
+    ours_stats, theirs_stats, ref_stats = clones(*tensors[3:]), clones(*tensors[3:]), clones(*tensors[3:], dtype=torch.float64)
+    ours = run(batch_norm, *clones(*tensors[:3]), *ours_stats, dy, training=training, **kwargs)
+    theirs = run(F.batch_norm, *clones(*tensors[:3]), *theirs_stats, dy, training=training, **kwargs)
+    ref = run(F.batch_norm, *clones(*tensors[:3], dtype=torch.float64), *ref_stats, dy.double(), training=training, **kwargs)
+    assert_matches(ours[0].detach(), theirs[0].detach(), ref[0].detach())
+    for mine, torchs, reference in zip(ours[1], theirs[1], ref[1]):
+        assert_matches(mine, torchs, reference)
+    for mine, torchs, reference in zip(ours_stats, theirs_stats, ref_stats):
+        if mine is not None:
+            assert_matches(mine, torchs, reference)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_matches_torch(device, dtype, shape, training):
+    check_against_torch(*make_inputs(shape, dtype, device=device), training)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_input_with_fp32_parameters(device, dtype, training):
+    """Mixed precision as autocast leaves it: bf16/fp16 activations, fp32 BN
+    parameters and running stats; gradients come back fp32."""
+    inputs = make_inputs((6, 5, 7), dtype, torch.float32, device=device)
+    (_, (dx, dweight, dbias)), _ = check_against_torch(*inputs, training)
+    assert dx.dtype == dtype and dweight.dtype == torch.float32 and dbias.dtype == torch.float32
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_no_affine_and_no_running_stats(device, training):
+    x, _, _, running_mean, running_var = make_inputs((4, 3, 5), torch.float32, device=device)
+    check_against_torch(x, None, None, running_mean, running_var, training)
+    if training:
+        check_against_torch(x, None, None, None, None, training)
+
+
+@pytest.mark.parametrize("momentum, eps", [(0.0, 1e-5), (1.0, 1e-3), (0.3, 0.5)])
+def test_momentum_and_eps(device, momentum, eps):
+    check_against_torch(*make_inputs((5, 4, 3), torch.float32, device=device), True, momentum=momentum, eps=eps)
+
+
+def test_zero_eps_is_fine_in_eval(device):
+    check_against_torch(*make_inputs((5, 4, 3), torch.float64, device=device), False, eps=0.0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_channels_last_input_gives_channels_last_output(device, training):
+    x, *params = make_inputs((3, 5, 4, 6), torch.float32, device=device)
+    x = x.to(memory_format=torch.channels_last)
+    assert x.reshape(3, 5, 24).data_ptr() == x.data_ptr()       # the kernel sees a view, no copy
+    (y, grads), (y_torch, _) = check_against_torch(x, *params, training)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert y_torch.is_contiguous(memory_format=torch.channels_last)
+    contiguous = batch_norm(x.contiguous(), *clones(*params[2:]), *params[:2], training=training)
+    torch.testing.assert_close(y.detach(), contiguous, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("view", ["sliced_length", "sliced_batch", "transposed_hw", "channels_first_permute"])
+def test_non_contiguous_input(device, view, training):
+    base, *params = make_inputs((6, 4, 5, 8), torch.float32, device=device)
+    x = {
+        "sliced_length": lambda: base[:, :, 1, ::2],                 # (N, C, L) with stride 2 along L
+        "sliced_batch": lambda: base[::2],
+        "transposed_hw": lambda: base.transpose(2, 3),               # no (N, C, L) view: copied
+        "channels_first_permute": lambda: base.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3),
+    }[view]()
+    assert not x.is_contiguous()
+    check_against_torch(x, *params, training)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch(device, training):
+    x, weight, bias, running_mean, running_var = make_inputs((0, 3, 4), torch.float32, device=device)
+    before = running_mean.clone(), running_var.clone()
+    weight.requires_grad_()
+    y = batch_norm(x, running_mean, running_var, weight, bias, training=training)
+    assert y.shape == (0, 3, 4) and y.dtype == torch.float32
+    assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
+    (dweight,) = torch.autograd.grad(y.sum(), weight)
+    assert torch.equal(dweight, torch.zeros(3, device=device))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_fp64(device, training):
+    x, weight, bias, running_mean, running_var = make_inputs((3, 2, 4), torch.float64, device=device)
+    inputs = [t.requires_grad_() for t in (x, weight, bias)]
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: batch_norm(x, running_mean, running_var, w, b, training=training), inputs)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_forward(device, dtype, training):
+    x, weight, bias, running_mean, running_var = make_inputs((4, 3, 5), dtype, device=device)
+    # opcheck runs the op several times: give it its own running stats
+    args = (x, weight, bias, *clones(running_mean, running_var), training, 0.1, 1e-5)
+    torch.library.opcheck(batch_norm_fwd, args)
+
+
+def test_opcheck_forward_channels_last_view(device):
+    x, *params = make_inputs((2, 3, 4, 5), torch.float32, device=device)
+    x3 = x.to(memory_format=torch.channels_last).reshape(2, 3, 20)
+    torch.library.opcheck(batch_norm_fwd, (x3, *params[:2], *clones(*params[2:]), True, 0.1, 1e-5))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_opcheck_backward(device, affine, training):
+    x, weight, _, _, _ = make_inputs((4, 3, 5), torch.float32, affine=affine, device=device)
+    dy = torch.randn(4, 3, 5, device=device)
+    mean, rstd = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+    torch.library.opcheck(batch_norm_bwd, (dy, x, weight, mean, rstd, training, affine))
+
+
+def test_torch_compile_fullgraph_updates_running_stats_once(device):
+    x, weight, bias, running_mean, running_var = make_inputs((4, 3, 5), torch.float32, device=device)
+    expected_stats = clones(running_mean, running_var)
+    expected = F.batch_norm(x, *expected_stats, weight, bias, training=True)
+    compiled = torch.compile(batch_norm, backend="aot_eager", fullgraph=True)
+    y = compiled(x, running_mean, running_var, weight, bias, training=True)
+    torch.testing.assert_close(y, expected, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(running_mean, expected_stats[0], **TOLERANCES[torch.float32])
+    torch.testing.assert_close(running_var, expected_stats[1], **TOLERANCES[torch.float32])
+
+
+def bad_call(**overrides):
+    x, weight, bias, running_mean, running_var = make_inputs((4, 3, 5), torch.float32)
+    kwargs = dict(input=x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
+                  training=True)
+    kwargs.update(overrides)
+    batch_norm(**kwargs)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(weight=torch.ones(4)), ValueError, "weight"),
+    (dict(bias=torch.ones(3, 1)), ValueError, "bias"),
+    (dict(running_mean=torch.zeros(2)), ValueError, "running_mean"),
+    (dict(running_var=torch.ones(5)), ValueError, "running_var"),
+    (dict(running_var=None), ValueError, "running_mean and running_var"),
+    (dict(running_mean=None, running_var=None, training=False), ValueError, "running_mean"),
+    (dict(input=torch.randn(1, 3)), ValueError, "more than 1 value per channel"),
+    (dict(input=torch.randn(1, 3, 1)), ValueError, "more than 1 value per channel"),
+    (dict(input=torch.randn(1, 3, 1, 1)), ValueError, "more than 1 value per channel"),
+    (dict(input=torch.randn(3)), ValueError, "input"),
+    (dict(input=torch.ones(4, 3, 5, dtype=torch.int64)), TypeError, "input"),
+    (dict(weight=torch.ones(3, dtype=torch.int32)), TypeError, "weight"),
+    (dict(running_mean=torch.zeros(3, dtype=torch.float64)), TypeError, "running_mean"),
+    (dict(input=torch.randn(4, 3, 5, dtype=torch.float64)), TypeError, "weight"),
+    (dict(input=torch.randn(4, 3, dtype=torch.bfloat16), weight=torch.ones(3, dtype=torch.bfloat16)),
+     TypeError, "bias"),
+    (dict(weight=torch.ones(3, device="meta")), RuntimeError, "weight"),
+    (dict(eps=-1e-5), ValueError, "eps"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(eps=-1e-5, training=False), ValueError, "eps"),
+    (dict(momentum=float("nan")), ValueError, "momentum"),
+    (dict(momentum=float("inf")), ValueError, "momentum"),
+    (dict(momentum=None), TypeError, "momentum"),
+])
+def test_bad_input(overrides, error, match):
+    with pytest.raises(error, match=match):
+        bad_call(**overrides)
+
+
+def test_one_value_per_channel_is_fine_in_eval(device):
+    x, *params = make_inputs((1, 3), torch.float32, device=device)
+    check_against_torch(x, *params, False)
+
+
+def test_autocast_leaves_dtypes_as_pytorch_does():
+    x, weight, bias, running_mean, running_var = make_inputs((4, 3, 5), torch.bfloat16, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = batch_norm(x, *clones(running_mean, running_var), weight, bias, training=True)
+        theirs = F.batch_norm(x, *clones(running_mean, running_var), weight, bias, training=True)
+    assert ours.dtype == theirs.dtype == torch.bfloat16

@@ -1,0 +1,244 @@
+"""dropout (NumPy backend): the Philox4x32-10 generator against Random123's
+known answers and Triton's tl.rand, the mask's statistics, the inverted
+scaling against PyTorch and float64, autograd, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+import gpukernels as gk
+from gpukernels.backends.numpy.philox import philox4x32, uniform
+from gpukernels.ops.dropout import dropout, dropout_fwd
+from helpers import assert_matches
+
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# Offsets at and past 2**32 exercise the counter's high word.
+OFFSETS = [0, 1, 2, 3, 1000, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**62 + 7]
+
+
+@pytest.fixture
+def device(device):
+    """conftest's device and backend, skipped while that backend has no dropout kernels."""
+    backend = gk.backend_name(device)
+    if importlib.util.find_spec(f"gpukernels.backends.{backend}.dropout") is None:
+        pytest.skip(f"backend {backend!r} has no dropout kernels yet")
+    return device
+
+
+def philox_mask(seed: int, n: int, p: float) -> torch.Tensor:
+    """Which of n flattened elements a seed keeps, straight from the generator."""
+    return torch.from_numpy(uniform(seed, n) > np.float32(p))
+
+
+def expected(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The contract: kept elements times 1/(1-p), both in the compute dtype
+    (float64 for float64, float32 otherwise), rounded to x's dtype; others 0."""
+    x = x.cpu()
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale = torch.tensor(1.0, dtype=compute) / (1 - torch.tensor(p, dtype=compute))
+    kept = (x.to(compute) * scale).to(x.dtype)
+    return torch.where(philox_mask(seed, x.numel(), p).view(x.shape), kept, torch.zeros_like(x))
+
+
+def assert_bitwise(got: torch.Tensor, want: torch.Tensor, device: torch.device) -> None:
+    if got.dtype == torch.bfloat16 and device.type == "cpu" and gk.backend_name(device) == "triton":
+        # Triton's interpreter rounds fp32 -> bf16 by truncation (a GPU rounds to
+        # nearest even): the mask must be exact, the values within one bf16 ulp.
+        assert torch.equal(got != 0, want != 0)
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# Random123's kat_vectors for philox4x32 with 10 rounds: counter (c0..c3), key (k0, k1), output.
+# Triton's key is (seed lo, seed hi) and its counter the same word order, so seed = k1 << 32 | k0.
+RANDOM123_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter, key, want", RANDOM123_KAT)
+def test_philox_random123_known_answers(counter, key, want):
+    got = philox4x32(key[1] << 32 | key[0], *counter)
+    assert tuple(int(w) for w in got) == want
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("seed", [0, 1, 123456789, 2**32 + 17, 2**62 - 1, -5])
+def test_uniform_equals_triton_tl_rand(seed):
+    triton = pytest.importorskip("triton")
+    tl = pytest.importorskip("triton.language")
+
+    @triton.jit
+    def store_rand(seed_ptr, offsets_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = i < n
+        offsets = tl.load(offsets_ptr + i, mask=inside)
+        tl.store(out_ptr + i, tl.rand(tl.load(seed_ptr), offsets), mask=inside)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    offsets = torch.tensor(OFFSETS, dtype=torch.int64, device=device)
+    out = torch.empty(len(OFFSETS), dtype=torch.float32, device=device)
+    store_rand[(2,)](torch.tensor(seed, dtype=torch.int64, device=device), offsets, out, len(OFFSETS), BLOCK=8)
+    ours = uniform(seed, np.array(OFFSETS, dtype=np.int64))
+    np.testing.assert_array_equal(out.cpu().numpy().view(np.uint32), ours.view(np.uint32))
+
+
+def test_uniform_in_unit_interval_and_offset_addressed():
+    u = uniform(2024, 4097)
+    assert u.dtype == np.float32 and u.min() >= 0.0 and u.max() < 1.0
+    # a count is arange(count): any slice of offsets gives the same numbers
+    np.testing.assert_array_equal(uniform(2024, np.arange(100, 200)), u[100:200])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (3,), (17, 1000), (4097,), (2, 3, 4, 5), ()])
+def test_forward_matches_contract_pytorch_and_float64(device, dtype, shape):
+    p, seed = 0.3, 1234
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    y = dropout(x.to(device), p, seed=seed).cpu()
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_bitwise(y, expected(x, p, seed), device)
+    # PyTorch's own inverted-dropout arithmetic with this mask, and the same in float64
+    mask = philox_mask(seed, x.numel(), p).view(shape)
+    theirs = x * mask.to(dtype) * (1.0 / (1 - p))
+    reference = x.double() * mask.double() / (1 - p)
+    assert_matches(y, theirs.to(dtype), reference)
+
+
+def test_mask_follows_flattened_index_whatever_the_layout(device):
+    x = torch.randn(6, 7, device=device).t()                      # non-contiguous
+    y = dropout(x, 0.5, seed=9)
+    torch.testing.assert_close(y, dropout(x.contiguous(), 0.5, seed=9), rtol=0, atol=0)
+    torch.testing.assert_close(y.reshape(-1), dropout(x.reshape(-1), 0.5, seed=9), rtol=0, atol=0)
+
+
+def test_same_mask_for_every_dtype(device):
+    x = torch.rand(1000, device=device) + 0.5                     # no zeros, so y != 0 is the mask
+    masks = [dropout(x.to(dtype), 0.4, seed=77) != 0 for dtype in DTYPES]
+    for mask in masks[1:]:
+        assert torch.equal(mask, masks[0])
+
+
+def test_same_seed_same_mask_other_seed_other_mask(device):
+    x = torch.ones(4096, device=device)
+    assert torch.equal(dropout(x, 0.5, seed=5), dropout(x, 0.5, seed=5))
+    assert torch.equal(dropout(x, 0.5, seed=torch.tensor(5, device=device)), dropout(x, 0.5, seed=5))
+    assert not torch.equal(dropout(x, 0.5, seed=5), dropout(x, 0.5, seed=6))
+    assert not torch.equal(dropout(x, 0.5, seed=5), dropout(x, 0.5, seed=5 + 2**32))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_fraction_and_mean_within_four_sigma(p):
+    n = 10**6
+    y = dropout(torch.ones(n), p, seed=31337)
+    kept = (y != 0).sum().item()
+    assert abs(kept / n - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n)
+    # the scale is 1/(1-p) worked out in float32, p included
+    assert torch.all(y[y != 0] == 1 / (1 - torch.tensor(p, dtype=torch.float32)))
+    # inverted dropout keeps the expectation: each y is 1/(1-p) w.p. 1-p, variance p/(1-p)
+    assert abs(y.double().mean().item() - 1) < 4 * math.sqrt(p / (1 - p) / n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_applies_the_forward_mask(device, dtype):
+    p, seed = 0.25, 42
+    x = (torch.rand(3, 333, dtype=torch.float64) + 0.5).to(device, dtype).requires_grad_()
+    dy = torch.randn(3, 333, dtype=torch.float64).to(dtype)
+    y = dropout(x, p, seed=seed)
+    y.backward(dy.to(device))
+    mask = y.detach().cpu() != 0
+    assert torch.equal(mask, philox_mask(seed, x.numel(), p).view(x.shape))
+    grad = x.grad.cpu()
+    assert_bitwise(grad, expected(dy, p, seed), device)
+    reference = dy.double() * mask / (1 - p)
+    assert_matches(grad, (dy * mask.to(dtype) * (1.0 / (1 - p))).to(dtype), reference)
+
+
+def test_p_zero_and_eval_return_the_input():
+    x = torch.randn(5, requires_grad=True)
+    assert dropout(x, 0.0, seed=1) is x
+    assert dropout(x, 0.7, training=False) is x
+
+
+def test_p_one_gives_zeros_and_zero_gradient(device):
+    x = torch.tensor([1.0, -2.0, float("inf"), float("nan")], device=device, requires_grad=True)
+    y = dropout(x, 1.0, seed=3)
+    assert torch.equal(y, torch.zeros(4, device=device))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros(4, device=device))
+
+
+def test_empty_input(device):
+    x = torch.randn(0, 3, device=device, requires_grad=True)
+    y = dropout(x, 0.5, seed=0)
+    assert y.shape == (0, 3)
+    y.sum().backward()
+    assert x.grad.shape == (0, 3)
+
+
+def test_seed_none_repeats_under_manual_seed(device):
+    x = torch.ones(2000, device=device)
+    torch.manual_seed(0)
+    first, second = dropout(x), dropout(x)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), first) and torch.equal(dropout(x), second)
+    assert not torch.equal(first, second)
+
+
+def test_gradcheck_and_gradgradcheck_fp64(device):
+    x = torch.randn(4, 7, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: dropout(t, 0.4, seed=11), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: dropout(t, 0.4, seed=11), (x,))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, dtype, requires_grad):
+    x = torch.randn(5, 9, dtype=dtype, device=device, requires_grad=requires_grad)
+    torch.library.opcheck(dropout_fwd, (x, 0.3, torch.tensor(2**40 + 1, dtype=torch.int64, device=device)))
+
+
+def test_torch_compile_fullgraph_with_drawn_seed(device):
+    x = torch.rand(64, 33, device=device) + 0.5
+    x.requires_grad_()
+    compiled = torch.compile(lambda t: dropout(t, 0.5), backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    kept = y.detach() != 0
+    torch.testing.assert_close(y.detach()[kept], 2 * x.detach()[kept], rtol=0, atol=0)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 2.0 * kept, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan"), float("inf")])
+def test_p_out_of_range(p):
+    with pytest.raises(ValueError, match="p must"):
+        dropout(torch.randn(3), p)
+
+
+@pytest.mark.parametrize("seed, error", [(1.5, TypeError), (True, TypeError), (2**63, ValueError),
+                                         (torch.tensor(1.0), TypeError), (torch.tensor([1, 2]), TypeError)])
+def test_bad_seed(seed, error):
+    with pytest.raises(error, match="seed"):
+        dropout(torch.randn(3), 0.5, seed=seed)
+
+
+@pytest.mark.parametrize("bad, error", [(torch.arange(3), TypeError), ([1.0, 2.0], TypeError)])
+def test_bad_input(bad, error):
+    with pytest.raises(error, match="input"):
+        dropout(bad, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_keeps_the_input_dtype(dtype):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dropout(torch.randn(8, dtype=dtype), 0.5, seed=0).dtype == dtype

@@ -1,0 +1,94 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpukernels as gk
+from gpukernels.ops.layer_norm import layer_norm_bwd, layer_norm_fwd
+
+from helpers import assert_matches
+
+SHAPES = [((4, 1), (1,)), ((3, 3), (3,)), ((2, 5, 17), (17,)), ((6, 1000), (1000,)), ((2, 4097), (4097,)),
+          ((2, 3, 4, 5), (4, 5)), ((0, 17), (17,)),
+          ((3, 9000), (9000,))]  # wider than one Triton block: the looped kernels
+
+
+def _inputs(shape, norm_shape, dtype, affine=True, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).to(device, dtype)
+    w = torch.randn(norm_shape, generator=g, dtype=torch.float64).to(device, dtype) if affine else None
+    b = torch.randn(norm_shape, generator=g, dtype=torch.float64).to(device, dtype) if affine else None
+    return x, w, b
+
+
+def _run(fn, x, norm_shape, w, b, dy):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = fn(leaves[0], norm_shape, leaves[1], leaves[2])
+    y.backward(dy)
+    return [y.detach()] + [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,norm_shape", SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_matches_torch(device, shape, norm_shape, dtype, affine):
+    x, w, b = _inputs(shape, norm_shape, dtype, affine, device=device)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
+    ours = _run(gk.layer_norm, x, norm_shape, w, b, dy)
+    theirs = _run(F.layer_norm, x, norm_shape, w, b, dy)
+    reference = _run(F.layer_norm, *(t.double() if t is not None else None for t in (x,)), norm_shape,
+                     *(t.double() if t is not None else None for t in (w, b)), dy.double())
+    for o, t, r in zip(ours, theirs, reference):
+        assert_matches(o, t, r)
+
+
+def test_non_contiguous_input(device):
+    x = torch.randn(17, 8, dtype=torch.float64, device=device).t()  # (8, 17), stride (1, 8)
+    assert not x.is_contiguous()
+    torch.testing.assert_close(gk.layer_norm(x, (17,)), F.layer_norm(x, (17,)), rtol=1e-12, atol=1e-12)
+
+
+def test_weight_without_bias_and_mixed_param_dtype(device):
+    x, w, _ = _inputs((5, 17), (17,), torch.bfloat16, device=device)
+    w32 = w.float().requires_grad_()
+    y = gk.layer_norm(x, 17, w32)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w32.grad.dtype == torch.float32
+    ref = F.layer_norm(x.double(), (17,), w32.detach().double())
+    assert (y.double() - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck(device, affine):
+    x, w, b = _inputs((3, 2, 7), (7,), torch.float64, affine, device=device)
+    args = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    fn = (lambda x, w, b: gk.layer_norm(x, (7,), w, b, eps=1e-3)) if affine else (lambda x: gk.layer_norm(x, (7,)))
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_opcheck(device):
+    x, w, b = _inputs((5, 17), (17,), torch.float32, device=device)
+    torch.library.opcheck(layer_norm_fwd, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5))
+    y, mean, rstd = layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
+    torch.library.opcheck(layer_norm_bwd, (torch.randn_like(y), x.detach(), w.detach(), mean, rstd, True))
+
+
+def test_autocast_runs_in_fp32():
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gk.layer_norm(x.bfloat16(), (8,)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x: gk.layer_norm(x.long(), (8,)), "input must be"),
+    (lambda x: gk.layer_norm(x, (7,)), "normalized_shape"),
+    (lambda x: gk.layer_norm(x, (0,)), "normalized_shape"),
+    (lambda x: gk.layer_norm(x, (8,), torch.ones(7)), "weight must have shape"),
+    (lambda x: gk.layer_norm(x, (8,), None, torch.ones(2, 4)), "bias must have shape"),
+    (lambda x: gk.layer_norm(x, (8,), torch.ones(8, dtype=torch.int32)), "weight must be"),
+    (lambda x: gk.layer_norm(x, (8,), eps=-1.0), "eps must be"),
+    (lambda x: gk.layer_norm(x, (8,), eps=float("nan")), "eps must be finite"),
+])
+def test_bad_input(call, match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        call(torch.randn(4, 8))

@@ -1,0 +1,174 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpukernels.ops.linear_act import linear_act, linear_act_bwd, linear_act_fwd
+from helpers import assert_matches
+
+TORCH_ACTIVATIONS = {
+    "none": lambda z: z,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
+}
+ACTIVATIONS = list(TORCH_ACTIVATIONS)
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def torch_linear_act(x, weight, bias=None, activation="none"):
+    return TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
+
+
+def _randn(shape, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+def _problem(x_shape, out_features, has_bias=True):
+    """fp64 x, weight, bias scaled as nn.Linear initialises, so z is O(1) whatever in_features is."""
+    in_features = x_shape[-1]
+    weight = _randn((out_features, in_features), in_features**-0.5, seed=1)
+    bias = _randn((out_features,), seed=2) if has_bias else None
+    return _randn(x_shape, seed=0), weight, bias
+
+
+def _output_and_grads(fn, x, weight, bias, activation, upstream):
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias) if t is not None]
+    y = fn(*leaves, *([] if bias is not None else [None]), activation=activation)
+    grads = torch.autograd.grad(y, leaves, upstream.to(y.dtype))
+    return [y.detach(), *grads]
+
+
+def _compare(x, weight, bias, activation, dtype):
+    """Ours against PyTorch in ``dtype`` and against PyTorch in fp64; returns the errors."""
+    # the reference sees the very values ours and PyTorch's see, rounded to dtype
+    upstream = _randn(x.shape[:-1] + weight.shape[:1], seed=3).to(dtype).double()
+    cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
+    ours = _output_and_grads(linear_act, *cast, activation, upstream)
+    theirs = _output_and_grads(torch_linear_act, *cast, activation, upstream)
+    reference = _output_and_grads(torch_linear_act, *(None if t is None else t.double() for t in cast),
+                                  activation, upstream)
+    return [assert_matches(o, t, r) for o, t, r in zip(ours, theirs, reference)]
+
+
+SIZES = [(1, 1), (1, 3), (3, 17), (17, 1), (17, 17), (1000, 3), (3, 1000)]
+
+
+@pytest.mark.parametrize("in_features, out_features", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_matches_torch(activation, dtype, in_features, out_features):
+    _compare(*_problem((5, in_features), out_features), activation, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_without_bias_on_3d_input(activation, dtype):
+    _compare(*_problem((2, 3, 17), 6, has_bias=False), activation, dtype)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_extreme_pre_activations(activation):
+    x = torch.tensor([[-1000.0], [-30.0], [-1e-3], [0.0], [1e-3], [30.0], [1000.0]], dtype=torch.float64)
+    weight, bias = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        _compare(x, weight, bias, activation, dtype)
+
+
+@pytest.mark.parametrize("x_shape", [(0, 17), (2, 0, 17)])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_empty_batch(activation, x_shape):
+    x, weight, bias = _problem(x_shape, 4)
+    y, dx, dweight, dbias = _output_and_grads(linear_act, x, weight, bias, activation,
+                                               torch.zeros(x_shape[:-1] + (4,)))
+    assert y.shape == x_shape[:-1] + (4,) and dx.shape == x_shape
+    assert torch.equal(dweight, torch.zeros_like(weight)) and torch.equal(dbias, torch.zeros_like(bias))
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu"])
+def test_non_contiguous_input(activation):
+    x, weight, bias = _problem((6, 18), 5)
+    x, weight = x[:, ::2], weight[:, ::2]
+    assert not x.is_contiguous() and not weight.is_contiguous()
+    _compare(x, weight, bias, activation, torch.float32)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck(activation):
+    x, weight, bias = (t.requires_grad_() for t in _problem((2, 3, 4), 3))
+    assert torch.autograd.gradcheck(lambda *args: linear_act(*args, activation=activation), (x, weight, bias))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_opcheck(activation):
+    x, weight, bias = (t.float().requires_grad_() for t in _problem((4, 5), 3))
+    torch.library.opcheck(linear_act_fwd, (x, weight, bias, activation))
+    torch.library.opcheck(linear_act_fwd, (x, weight, None, activation))
+    y, z = linear_act_fwd(x, weight, bias, activation)
+    saved = y if activation == "relu" else z
+    for has_bias in (True, False):
+        torch.library.opcheck(linear_act_bwd, (torch.randn(4, 3), x.detach(), weight.detach(), saved.detach(),
+                                               activation, has_bias))
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "silu"])
+def test_saves_only_what_the_backward_needs(activation):
+    x, weight, bias = (t.float() for t in _problem((4, 5), 3))
+    _, z = linear_act_fwd(x, weight, bias, activation)
+    assert z.numel() == (0 if activation in ("none", "relu") else 12)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh"])
+def test_autocast_bf16(activation):
+    x, weight, bias = (t.float() for t in _problem((6, 17), 5))
+    upstream = _randn((6, 5), seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _output_and_grads(linear_act, x, weight, bias, activation, upstream)
+        theirs = _output_and_grads(torch_linear_act, x, weight, bias, activation, upstream)
+    reference = _output_and_grads(torch_linear_act, x.double(), weight.double(), bias.double(), activation, upstream)
+    assert [t.dtype for t in ours] == [t.dtype for t in theirs] == [torch.bfloat16] + 3 * [torch.float32]
+    # the gradients are fp32 casts of bf16 results: judge them as bf16
+    for o, t, r in zip(ours, theirs, reference):
+        assert_matches(o.bfloat16(), t.bfloat16(), r)
+
+
+def test_autocast_leaves_fp64_alone():
+    x, weight, bias = _problem((3, 4), 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear_act(x, weight, bias, "gelu").dtype == torch.float64
+
+
+def test_compiles_without_graph_breaks():
+    x, weight, bias = (t.float() for t in _problem((2, 3, 7), 5))
+    upstream = _randn((2, 3, 5), seed=3)
+    compiled = torch.compile(linear_act, fullgraph=True, backend="aot_eager")
+    ours = _output_and_grads(compiled, x, weight, bias, "silu", upstream)
+    theirs = _output_and_grads(torch_linear_act, x, weight, bias, "silu", upstream)
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o, t)
+
+
+def _bad(**overrides):
+    args = dict(x=torch.randn(2, 4), weight=torch.randn(3, 4), bias=torch.randn(3))
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (_bad(activation="tanh"), ValueError, "activation .*'tanh'"),
+    (_bad(weight=torch.randn(4)), ValueError, "weight must be 2-D"),
+    (_bad(weight=torch.randn(3, 5)), ValueError, r"x of shape \(2, 4\) and weight of shape \(3, 5\)"),
+    (_bad(x=torch.tensor(1.0)), ValueError, "x of shape"),
+    (_bad(bias=torch.randn(4)), ValueError, "bias"),
+    (_bad(weight=torch.randn(3, 4, dtype=torch.float64)), RuntimeError, "x and weight must have the same dtype"),
+    (_bad(bias=torch.randn(3, dtype=torch.float64)), RuntimeError, "x and bias must have the same dtype"),
+    (_bad(weight=torch.randn(3, 4, device="meta")), RuntimeError, "weight is on meta"),
+    (_bad(bias=torch.randn(3, device="meta")), RuntimeError, "bias is on meta"),
+    (_bad(x=torch.ones(2, 4, dtype=torch.long)), TypeError, "x must be"),
+    (_bad(weight=torch.ones(3, 4, dtype=torch.long)), TypeError, "weight must be"),
+    (_bad(bias=torch.ones(3, dtype=torch.long)), TypeError, "bias must be"),
+])
+def test_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        linear_act(**kwargs)
