@@ -45,7 +45,7 @@ CONFIGS = {
     "default": {},
     "no_decay": dict(weight_decay=0.0),
     "decay_0.1": dict(weight_decay=0.1),
-    "amsgrad": dict(amsgrad=True, lr=1e-2),
+    "amsgrad": dict(amsgrad=True, lr=3e-3),
     "maximize": dict(maximize=True),
     "small_beta1": dict(betas=(0.3, 0.99)),  # the other branch of PyTorch's lerp
     "param_groups": dict(groups=_split_groups, weight_decay=0.05),
@@ -189,7 +189,7 @@ def test_one_op_call_per_device_dtype_bucket(monkeypatch):
 @pytest.mark.parametrize("first, second", [(AdamW, torch.optim.AdamW), (torch.optim.AdamW, AdamW)],
                          ids=["ours_to_torch", "torch_to_ours"])
 def test_state_dict_moves_between_torch_and_ours(first, second):
-    options = dict(lr=1e-2, weight_decay=0.1, amsgrad=True)
+    options = dict(lr=3e-3, weight_decay=0.1, amsgrad=True)
     model, uninterrupted_model = _model(), _model()
     optimizer = first(model.parameters(), **options)
     _train(model, optimizer, STEPS // 2)
