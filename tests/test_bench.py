@@ -1,0 +1,33 @@
+"""The benchmark harness in its CPU mode: every op, every column, every output file."""
+
+import json
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from gpukernels import bench  # noqa: E402
+
+
+def test_cpu_mode_writes_every_op_and_column(tmp_path, capsys):
+    bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "cpu.json").read_text())
+    assert "CPU run" in data["environment"]["note"]
+    rows = data["rows"]
+    assert {r["op"] for r in rows} == set(bench.OPS)
+    for op in bench.OPS:
+        modes = {r["mode"] for r in rows if r["op"] == op}
+        assert modes == ({"step"} if op == "adamw" else set(bench.MODES)), op
+        providers = {r["provider"] for r in rows if r["op"] == op}
+        assert "gpukernels" in providers and len(providers) >= 2, (op, providers)
+    for r in rows:
+        assert r["ms"] > 0
+        assert (r["gbps"] or 0) > 0 or (r["tflops"] or 0) > 0
+        if r["provider"] == "gpukernels":
+            assert r["speedup"] and all(v > 0 for v in r["speedup"].values())
+    for suffix in ("md", "csv"):
+        assert (tmp_path / f"cpu.{suffix}").stat().st_size > 0
+    for op in bench.OPS:
+        assert (tmp_path / f"{op}.png").stat().st_size > 5_000
+    out = capsys.readouterr().out
+    assert "ours vs this" in out and "GB/s" in out
