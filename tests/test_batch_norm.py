@@ -1,9 +1,11 @@
-"""batch_norm (NumPy backend) against torch.nn.functional.batch_norm and the
-same computation in float64: forward, gradients, running stats, layouts,
-autograd checks, and bad input."""
+"""batch_norm (each backend conftest's ``device`` selects) against
+torch.nn.functional.batch_norm and the same computation in float64: forward,
+gradients, running stats, layouts, the Triton kernels' tilings, autograd
+checks, and bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import pytest
@@ -129,6 +131,76 @@ def test_non_contiguous_input(device, view, training):
     }[view]()
     assert not x.is_contiguous()
     check_against_torch(x, *params, training)
+
+
+def tiled_input(layout, dtype, device):
+    """Inputs that walk the Triton kernels' tilings: several tiles per program,
+    several programs per channel block (merged partials), a partial last
+    channel block, and tiles spanning both n and l."""
+    if layout == "2d_wide":              # (N, C): folds to a row-major (M, C) matrix, channel blocks of 64
+        return make_inputs((300, 70), dtype, device=device)
+    if layout == "nchw_short_rows":      # L=40: tiles of (n, l) spanning several n
+        return make_inputs((130, 3, 40), dtype, device=device)
+    x, *params = make_inputs((6, 70, 3, 5), dtype, device=device)
+    return [x.to(memory_format=torch.channels_last)[::2], *params]  # channels-last, n and l not foldable
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["2d_wide", "nchw_short_rows", "channels_last_sliced_batch"])
+def test_tilings(device, layout, training):
+    """In fp64, where a wrong index or merge cannot hide in rounding noise (in
+    fp32, dweight sums of a few hundred terms already differ from PyTorch's by
+    about its own error)."""
+    check_against_torch(*tiled_input(layout, torch.float64, device), training)
+
+
+def test_int64_offsets_give_the_same_result(device, monkeypatch):
+    """The int64-offset variant (inputs past 2**31 elements) on an input small enough to test."""
+    if gk.backend_name(device) != "triton":
+        pytest.skip("Triton kernels only")
+    from gpukernels.backends.triton import batch_norm as triton_batch_norm
+    monkeypatch.setattr(triton_batch_norm, "INT32_OFFSETS_BELOW", 0)
+    check_against_torch(*tiled_input("channels_last_sliced_batch", torch.float64, device), True)
+
+
+def test_large_mean_small_variance(device):
+    """fp32 statistics of data far from 0: from a sum of squares the variance
+    would lose ~1e-1 to cancellation; merged per-tile means and M2 do not."""
+    x = make_inputs((4, 3, 2000), torch.float32, device=device)[0] * 0.5 + 1000
+    exact = x.double().transpose(0, 1).reshape(3, -1)
+    _, mean, rstd = batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5)
+    torch.testing.assert_close(mean.double(), exact.mean(1), rtol=1e-7, atol=0)
+    torch.testing.assert_close(rstd.double(), (exact.var(1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_broadcast_output_grad(device, training):
+    """y.sum() sends back dy with all strides 0, unlike x's channels-last ones."""
+    x, weight, bias, running_mean, running_var = make_inputs((3, 5, 4, 6), torch.float32, device=device)
+    x = x.to(memory_format=torch.channels_last)
+    grads = []
+    for fn in (batch_norm, F.batch_norm):
+        leaves = clones(x, weight, bias)
+        y = fn(leaves[0].requires_grad_(), *clones(running_mean, running_var), *leaves[1:], training=training)
+        grads.append(torch.autograd.grad(y.sum(), leaves[0]))
+    torch.testing.assert_close(grads[0], grads[1], **TOLERANCES[torch.float32])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's mean of an empty slice
+@pytest.mark.parametrize("training", [True, False])
+def test_kernels_on_empty_input_agree_with_numpy(device, training):
+    """The public function never calls the kernels with M == 0, the ops may be:
+    every backend then gives what the NumPy kernels give (nan batch stats)."""
+    x, weight, bias, running_mean, running_var = make_inputs((0, 3, 4), torch.float32, device=device)
+    results = []
+    for backend in (None, "numpy"):
+        with gk.use_backend(backend) if backend else contextlib.nullcontext():
+            stats = clones(running_mean, running_var)
+            fwd = batch_norm_fwd(*clones(x, weight, bias), *stats, training, 0.1, 1e-5)
+            bwd = batch_norm_bwd(x.clone(), x, weight, *fwd[1:], training, True)
+            results.append([t.cpu() for t in (*fwd, *stats, *bwd)])
+    for ours, numpys in zip(*results):
+        torch.testing.assert_close(ours, numpys, equal_nan=True)
 
 
 @pytest.mark.parametrize("training", [True, False])
