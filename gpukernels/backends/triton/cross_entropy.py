@@ -1,0 +1,151 @@
+"""Cross-entropy over the rows of a contiguous (rows, C) logit matrix: loss and
+gradient of the reduced loss in one launch, one program per row.
+
+Sweep 1 reads the row in column blocks and keeps an online log-sum-exp: the
+running max ``m`` and ``s = sum exp(x - m)``, rescaled when ``m`` grows; with
+label smoothing also ``d = sum_c w[c] (x[c] - m)``, re-based the same way, so
+that no term is ever formed relative to 0 (a logit of 1e4 loses no digits):
+  loss = (1-e) w[t] (m - x[t] + log s) + (e/C) (sum(w) log s - d).
+Sweep 2 (when the gradient is wanted) reads the row again and writes
+``scale * (a p - q)`` as the NumPy kernel spells it out, ``p = exp(x - m - log s)``.
+The mean's denominator ``sum w[t_i]`` over kept rows is a small torch reduction
+over ``target`` made before the launch and read by the kernel from a device
+tensor, so nothing waits on the host.
+
+A target outside ``[0, C)`` that is not ``ignore_index`` is never read: the
+kernel clamps the index it loads with and flags the row. On CPU tensors
+(the interpreter) the flag is an IndexError, as on the NumPy backend; on CUDA
+it is ``torch._assert_async``, a device-side assert, as PyTorch's own
+``nll_loss`` reports it (it surfaces at a later synchronisation and leaves the
+CUDA context unusable).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import acc_dtype, row_block
+
+# Widest column block; vocabularies past it (up to 256k) are swept in blocks.
+# Tests lower it to make small rows loop.
+MAX_BLOCK_C = 8192
+
+
+@triton.jit
+def cross_entropy_kernel(X, T, W, Smoothing, GradScale, Loss, Grad, Bad, C, ignore_index,
+                         HAS_W: tl.constexpr, SMOOTH: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * C
+    Grad += row * C
+    t = tl.load(T + row).to(tl.int64)
+    kept = t != ignore_index
+    in_range = (t >= 0) & (t < C)
+    tl.store(Bad + row, kept & ~in_range)
+    kept = kept & in_range
+    safe_t = tl.where(kept, t, 0)
+    x_t = tl.load(X + safe_t).to(ACC)
+    w_t = tl.load(W + safe_t).to(ACC) if HAS_W else 1.0
+    e = tl.load(Smoothing).to(ACC) if SMOOTH else 0.0
+    neg_inf = -float("inf")
+
+    m = tl.full((), neg_inf, ACC)
+    shift = tl.zeros((), ACC)  # m, or 0 while every logit so far is -inf (avoids -inf - -inf)
+    s = tl.zeros((), ACC)
+    d = tl.zeros((), ACC)
+    sum_w = tl.zeros((), ACC)
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = cols < C
+        x = tl.load(X + cols, mask=mask, other=neg_inf).to(ACC)
+        m = tl.maximum(m, tl.max(x, axis=0))
+        new_shift = tl.where(m == neg_inf, 0.0, m)
+        s = s * tl.exp(shift - new_shift) + tl.sum(tl.exp(x - new_shift), axis=0)
+        if SMOOTH:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else tl.where(mask, 1.0, 0.0).to(ACC)
+            d = d - sum_w * (new_shift - shift) + tl.sum(w * tl.where(mask, x - new_shift, 0.0), axis=0)
+            sum_w += tl.sum(w, axis=0)
+        shift = new_shift
+    log_s = tl.log(s)
+
+    loss = (1.0 - e) * w_t * (shift - x_t + log_s)
+    if SMOOTH:
+        loss += (e / C) * (sum_w * log_s - d)
+    tl.store(Loss + row, tl.where(kept, loss, 0.0))
+
+    if COMPUTE_GRAD:
+        scale = tl.load(GradScale).to(ACC)
+        a = scale * (1.0 - e) * w_t
+        b = scale * (e / C)
+        for start in range(0, C, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C)
+            mask = cols < C
+            p = tl.exp(tl.load(X + cols, mask=mask, other=0.0).to(ACC) - shift - log_s)
+            # a (p - onehot) + b (sum(w) p - w), not (a + b sum(w)) p - q: each term is
+            # exactly 0 where p is the one-hot (C == 1)
+            g = a * (p - tl.where(cols == safe_t, 1.0, 0.0))
+            if SMOOTH:
+                w = tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else 1.0
+                g += b * (sum_w * p - w)
+            tl.store(Grad + cols, tl.where(kept, g, 0.0).to(Grad.dtype.element_ty), mask=mask)
+
+
+def _gradient_scale(target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+                    acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The mean's denominator ``sum w[t_i]`` over kept rows (1 for sum/none) and the
+    factor each row's gradient is scaled by: its reciprocal, or 0 with every row
+    ignored (the loss is then nan, as in PyTorch, but the gradient zero)."""
+    if reduction != "mean":
+        one = torch.ones((), dtype=acc, device=target.device)
+        return one, one
+    kept = target != ignore_index
+    if weight is None:
+        denominator = kept.sum(dtype=acc)
+    else:  # clamped: an out-of-range target is the kernel's to report, never a bad index here
+        denominator = torch.where(kept, weight.to(acc)[target.clamp(0, weight.numel() - 1)], 0).sum()
+    return denominator, torch.where(denominator != 0, 1 / denominator, 0)
+
+
+def _check_targets(target: Tensor, bad: Tensor, classes: int) -> None:
+    if bad.device.type == "cuda":
+        torch._assert_async(~bad.any(), f"cross_entropy: a target is out of bounds for {classes} classes "
+                                        f"(and is not ignore_index)")
+    elif bad.any():
+        raise IndexError(f"target {int(target[bad][0])} is out of bounds for {classes} classes "
+                         f"(and is not ignore_index)")
+
+
+def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                      label_smoothing: float, reduction: str, compute_grad: bool,
+                      inplace_grad: bool = False) -> tuple[Tensor, Tensor]:
+    """The NumPy kernel's contract. ``inplace_grad=True`` writes the gradient over
+    ``logits`` and returns that buffer (each program reads a column block before
+    overwriting it, and only its own row): a (rows, C) buffer less at a large
+    vocabulary, for callers that no longer need the logits."""
+    rows, classes = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    denominator, grad_scale = _gradient_scale(target, weight, ignore_index, reduction, acc)
+    loss = torch.empty(rows, dtype=acc, device=logits.device)
+    bad = torch.empty(rows, dtype=torch.bool, device=logits.device)
+    if not compute_grad:
+        grad = logits.new_empty(0)
+    else:
+        grad = logits if inplace_grad else torch.empty_like(logits)
+    if rows:
+        smoothing = torch.full((), label_smoothing, dtype=acc, device=logits.device) if label_smoothing > 0 else None
+        block = row_block(classes, MAX_BLOCK_C)
+        cross_entropy_kernel[(rows,)](logits, target, weight, smoothing, grad_scale, loss, grad, bad,
+                                      classes, ignore_index,
+                                      HAS_W=weight is not None, SMOOTH=label_smoothing > 0,
+                                      COMPUTE_GRAD=compute_grad, ACC=acc_dtype(logits.dtype), BLOCK_C=block,
+                                      num_warps=min(max(block // 256, 1), 16))
+        _check_targets(target, bad, classes)
+    if reduction == "none":
+        return loss.to(logits.dtype), grad
+    total = loss.sum()
+    return (total if reduction == "sum" else total / denominator).to(logits.dtype), grad
