@@ -1,0 +1,56 @@
+// Inverted dropout on a flat contiguous tensor. Element i is kept when the
+// uniform drawn by Philox4x32-10 from counter (i lo, i hi, 0, 0) and key
+// (seed lo, seed hi) is > p, exactly as backends/numpy/philox.py and the Triton
+// kernel draw it, so the masks agree bit for bit across backends.
+#include "_common.cu"
+
+#define GK_PHILOX_KEY_A 0x9E3779B9u
+#define GK_PHILOX_KEY_B 0xBB67AE85u
+#define GK_PHILOX_ROUND_A 0xD2511F53u
+#define GK_PHILOX_ROUND_B 0xCD9E8D57u
+
+// The first output word of Philox4x32-10 (Random123's round and key schedule).
+__device__ __forceinline__ unsigned philox_first_word(unsigned long long seed, unsigned long long index) {
+  unsigned c0 = (unsigned)index, c1 = (unsigned)(index >> 32), c2 = 0, c3 = 0;
+  unsigned k0 = (unsigned)seed, k1 = (unsigned)(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const unsigned long long product_b = (unsigned long long)GK_PHILOX_ROUND_B * c2;
+    const unsigned long long product_a = (unsigned long long)GK_PHILOX_ROUND_A * c0;
+    c0 = (unsigned)(product_b >> 32) ^ c1 ^ k0;
+    c2 = (unsigned)(product_a >> 32) ^ c3 ^ k1;
+    c1 = (unsigned)product_b;
+    c3 = (unsigned)product_a;
+    k0 += GK_PHILOX_KEY_A;
+    k1 += GK_PHILOX_KEY_B;
+  }
+  return c0;
+}
+
+// Triton's uint_to_uniform_float: a float32 in [0, 1).
+__device__ __forceinline__ float uniform_from_bits(unsigned bits) {
+  const int x = (int)bits;
+  // ~x maps the negative half onto [0, 2**31) so the sign bit is not wasted
+  return (float)(x < 0 ? ~x : x) * 4.6566127342e-10f;
+}
+
+// A grid-stride loop, so any n runs on a capped grid. The seed is read on the
+// device: drawing one needs no host sync.
+template <typename T>
+__device__ __forceinline__ void dropout(const T* __restrict__ x, T* __restrict__ y, i64 n,
+                                        const i64* __restrict__ seed, float p, acc_t<T> scale) {
+  const unsigned long long key = (unsigned long long)*seed;
+  const i64 stride = (i64)gridDim.x * blockDim.x;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const bool keep = uniform_from_bits(philox_first_word(key, (unsigned long long)i)) > p;
+    // a select, not a multiply by the mask: a dropped inf or nan gives 0
+    store(y, i, keep ? to_acc(x[i]) * scale : acc_t<T>(0));
+  }
+}
+
+#define GK_DROPOUT_KERNEL(SUFFIX, T)                                                              \
+  extern "C" __global__ void dropout_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, i64 n, \
+                                              const i64* __restrict__ seed, float p,             \
+                                              acc_t<T> scale) {                                   \
+    dropout<T>(x, y, n, seed, p, scale);                                                          \
+  }
+GK_FOR_EACH_DTYPE(GK_DROPOUT_KERNEL)

@@ -1,0 +1,640 @@
+"""The CuPy backend.
+
+- Compile check: nvcc compiles every CUDA source, every dtype's kernels, within
+  the registers and shared memory a launch of MAX_THREADS threads needs.
+- Availability: a clear reason when CuPy or a GPU is missing, and a
+  BackendError naming op, backend and device for CPU tensors.
+- The kernels against PyTorch, float64, the NumPy backend (bit for bit where
+  the arithmetic is the same) and Triton, on two targets: ``cuda`` (marked gpu,
+  needs a GPU and CuPy) and ``host``, which builds the same sources with g++
+  and runs them on CPU tensors, a host thread per CUDA thread and a barrier for
+  ``__syncthreads``. The host target checks the kernels' arithmetic, indexing,
+  reductions and launch arguments wherever CI runs; only CuPy's compile and
+  launch (and the GPU's own rounding of exp/log/pow) are left to the gpu tier.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import ctypes
+import importlib.util
+import math
+import re
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpukernels as gk
+import gpukernels.backends.cupy as cupy_backend
+import gpukernels.backends.numpy.adamw as numpy_adamw
+from gpukernels.backends.cupy import _runtime
+from gpukernels.backends.cupy import dropout as cupy_dropout
+from gpukernels.backends.cupy import layer_norm as cupy_layer_norm
+from gpukernels.backends.numpy import layer_norm as numpy_layer_norm
+from gpukernels.backends.numpy.dropout import dropout_fwd as numpy_dropout_fwd
+from gpukernels.backends.numpy.philox import randint, uniform
+from gpukernels.optim import AdamW
+from helpers import assert_matches
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+F64, F32, BF16, F16 = DTYPES
+SOURCES = sorted(_runtime.SOURCE_DIR.glob("*.cu"))
+NVCC = shutil.which("nvcc")
+GXX = shutil.which("g++")
+HAS_CUDA_CUPY = torch.cuda.is_available() and gk.unavailable_reason("cupy") is None
+
+
+# ---------------------------------------------------------------- compile check
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("source", SOURCES, ids=[s.name for s in SOURCES])
+def test_nvcc_compiles_every_dtype(source, tmp_path):
+    """-cubin runs ptxas too, which reports each kernel's registers and shared memory."""
+    result = subprocess.run([NVCC, "-cubin", "-arch=sm_90", "-std=c++17", "--Werror", "all-warnings",
+                             "--resource-usage", "-o", str(tmp_path / "out.cubin"), str(source)],
+                            capture_output=True, text=True, cwd=source.parent)
+    assert result.returncode == 0, result.stderr
+    kernels = re.findall(r"Compiling entry function '(\w+)'", result.stderr)
+    suffixes = tuple(_runtime.DTYPE_SUFFIX.values())
+    bases = {k.rsplit("_", 1)[0] for k in kernels}
+    assert sorted(kernels) == sorted(f"{b}_{s}" for b in bases for s in suffixes), kernels
+    assert bool(kernels) == (source.name != "_common.cu")
+    registers = [int(r) for r in re.findall(r"Used (\d+) registers", result.stderr)]
+    assert len(registers) == len(kernels) and all(r * _runtime.MAX_THREADS <= 65536 for r in registers)
+    assert all(int(b) <= 48 * 1024 for b in re.findall(r"(\d+) bytes smem", result.stderr))
+
+
+# ---------------------------------------------------------------- availability
+
+def test_unavailable_reason_is_clear():
+    reason = gk.unavailable_reason("cupy")
+    if HAS_CUDA_CUPY:
+        assert reason is None
+    elif importlib.util.find_spec("cupy") is None:
+        assert reason == "cupy is not installed (pip install gpukernels[cupy])"
+    else:
+        assert reason and ("CUDA" in reason or "device" in reason)
+
+
+@pytest.mark.parametrize("op", ["dropout", "layer_norm", "cross_entropy", "adamw"])
+def test_cpu_tensor_is_a_backend_error_naming_op_backend_and_device(op):
+    x = torch.randn(4, 3, requires_grad=op == "adamw")
+    calls = {
+        "dropout": lambda: gk.dropout(x, 0.5, seed=1),
+        "layer_norm": lambda: gk.layer_norm(x, (3,)),
+        "cross_entropy": lambda: gk.cross_entropy(x, torch.tensor([0, 1, 2, 0])),
+        "adamw": lambda: _one_adamw_step(x),
+    }
+    with gk.use_backend("cupy"), pytest.raises(gk.BackendError, match=rf"op '{op}' on backend 'cupy' for device cpu"):
+        calls[op]()
+
+
+def _one_adamw_step(param: torch.Tensor) -> None:
+    param.grad = torch.ones_like(param)
+    AdamW([param]).step()
+
+
+def test_no_module_imports_cupy_at_import_time():
+    """Importing gpukernels (and dispatch importing a kernel module) must work without cupy."""
+    for path in _runtime.SOURCE_DIR.glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "cupy" for n in names), f"{path.name} imports cupy at import time"
+
+
+@pytest.mark.parametrize("d", [1, 3, 17, 128, 129, 1000, 4097, 10**6])
+def test_row_threads_is_a_power_of_two_within_the_launch_limits(d):
+    threads = _runtime.row_threads(d)
+    assert threads & (threads - 1) == 0 and _runtime.MIN_THREADS <= threads <= _runtime.MAX_THREADS
+    assert threads * 4 >= d or threads == _runtime.MAX_THREADS
+
+
+# ---------------------------------------------------------------- the host build
+
+# Stands in for the CUDA runtime when the sources are compiled as host C++:
+# CUDA's qualifiers, thread coordinates per host thread, __syncthreads as a
+# barrier (which reports a deadlock instead of hanging), and host versions of
+# the bit primitives _common.cu takes from the device.
+HOST_PRELUDE = r"""
+#define GK_HOST_EMULATION
+#include <math.h>
+#include <string.h>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __restrict__ __restrict
+
+struct gk_dim3 { unsigned x, y, z; };
+static thread_local gk_dim3 threadIdx, blockIdx;
+static gk_dim3 blockDim, gridDim;
+
+static std::mutex gk_mutex;
+static std::condition_variable gk_arrived;
+static unsigned gk_waiting, gk_generation;
+static bool gk_stuck;
+
+static void __syncthreads() {
+  std::unique_lock<std::mutex> lock(gk_mutex);
+  if (gk_stuck) return;
+  const unsigned generation = gk_generation;
+  if (++gk_waiting == blockDim.x) {
+    gk_waiting = 0;
+    ++gk_generation;
+    gk_arrived.notify_all();
+  } else if (!gk_arrived.wait_for(lock, std::chrono::seconds(20),
+                                  [&] { return generation != gk_generation || gk_stuck; })) {
+    gk_stuck = true;
+    gk_arrived.notify_all();
+  }
+}
+
+extern "C" void gk_emu_configure(unsigned blocks, unsigned threads) {
+  gridDim = {blocks, 1, 1};
+  blockDim = {threads, 1, 1};
+  gk_waiting = 0;
+  gk_stuck = false;
+}
+extern "C" void gk_emu_enter(unsigned block, unsigned thread) {
+  blockIdx = {block, 0, 0};
+  threadIdx = {thread, 0, 0};
+}
+extern "C" void gk_emu_sync() { __syncthreads(); }
+extern "C" int gk_emu_stuck() { return gk_stuck; }
+
+static float gk_float_from_bits(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+static unsigned gk_float_bits(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+static double gk_double_from_bits(unsigned long long u) { double d; memcpy(&d, &u, 8); return d; }
+static float gk_half_to_float(unsigned short h) { _Float16 v; memcpy(&v, &h, 2); return (float)v; }
+static unsigned short gk_float_to_half(float f) {
+  _Float16 v = (_Float16)f;
+  unsigned short h;
+  memcpy(&h, &v, 2);
+  return h;
+}
+"""
+
+# Extra entry points for tests that call device functions directly.
+HOST_EXTRAS = {"dropout.cu": r"""
+extern "C" unsigned philox_word(unsigned long long seed, unsigned long long i) { return philox_first_word(seed, i); }
+extern "C" void to_bf16(const float* in, unsigned short* out, i64 n) {
+  for (i64 i = 0; i < n; ++i) out[i] = gk_float_to_bf16(in[i]);
+}
+"""}
+
+ARG_TYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
+             np.float32: ctypes.c_float, np.float64: ctypes.c_double}
+
+
+class HostKernels:
+    """The backend's sources built as host shared libraries, and a ``launch``
+    with _runtime.launch's signature that runs a kernel on CPU tensors."""
+
+    def __init__(self, build_dir: Path):
+        self.build_dir = build_dir
+        self.libraries: dict[str, ctypes.CDLL] = {}
+        self.launches: list[tuple[str, int, int]] = []
+
+    def library(self, name: str) -> ctypes.CDLL:
+        if name not in self.libraries:
+            code = self.build_dir / f"{name}.cpp"
+            code.write_text(HOST_PRELUDE + _runtime.source(name) + HOST_EXTRAS.get(name, ""))
+            built = self.build_dir / f"{name}.so"
+            result = subprocess.run([GXX, "-std=c++17", "-O1", "-Wall", "-Werror", "-shared", "-fPIC", "-pthread",
+                                     "-o", str(built), str(code)], capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr
+            self.libraries[name] = ctypes.CDLL(str(built))
+        return self.libraries[name]
+
+    def launch(self, name, kernel, device, blocks, threads, args, options=()):
+        assert device.type == "cpu", device
+        _runtime.check_launch(kernel, blocks, threads)
+        self.launches.append((kernel, blocks, threads))
+        library = self.library(name)
+        function = getattr(library, kernel)
+        function.argtypes = [ARG_TYPES[type(a)] for a in args]
+        function.restype = None
+        values = [a.item() for a in args]
+        library.gk_emu_configure(blocks, threads)
+
+        def run(thread: int) -> None:
+            for block in range(blocks):
+                library.gk_emu_enter(block, thread)
+                function(*values)  # ctypes lets go of the GIL: the threads run together
+                library.gk_emu_sync()  # the block's shared memory is reused by the next block
+
+        workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert not library.gk_emu_stuck(), f"{kernel}: __syncthreads deadlocked (not reached by every thread)"
+
+
+@pytest.fixture(scope="session")
+def host_kernels(tmp_path_factory) -> HostKernels:
+    return HostKernels(tmp_path_factory.mktemp("cupy_host"))
+
+
+TARGETS = [
+    pytest.param("host", id="host", marks=pytest.mark.skipif(GXX is None, reason="g++ is not installed")),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu,
+                                           pytest.mark.skipif(not HAS_CUDA_CUPY, reason="needs a CUDA GPU and cupy")]),
+]
+
+
+@pytest.fixture(params=TARGETS)
+def device(request, monkeypatch) -> torch.device:
+    """The device to make tensors on, with the cupy backend selected; on the
+    host target its kernels run on CPU tensors through the host build."""
+    if request.param == "host":
+        monkeypatch.setattr(_runtime, "launch", request.getfixturevalue("host_kernels").launch)
+        monkeypatch.setattr(cupy_backend, "device_types", lambda: ("cuda", "cpu"))
+        monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: None)
+    with gk.use_backend("cupy"):
+        yield torch.device(request.param if request.param == "cuda" else "cpu")
+
+
+def _randn(shape, dtype, seed, device, scale=1.0, shift=0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(device, dtype)
+
+
+def _grads(fn, inputs: list, dy: torch.Tensor) -> list[torch.Tensor]:
+    """fn's output, then the gradient of (dy . output) for each input that is not None."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    y = fn(*leaves)
+    y.backward(dy)
+    return [y.detach()] + [t.grad for t in leaves if t is not None]
+
+
+def _as_double(ts):
+    return [t.double() if t is not None else None for t in ts]
+
+
+# ---------------------------------------------------------------- layer_norm
+
+# (shape, normalized_shape, dtype, affine): features 1 to 4097 (wider than a
+# block's threads), 3-D/4-D input, an empty batch; every dtype on (2, 5, 17).
+LN_CASES = [((4, 1), (1,), F64, True), ((3, 3), (3,), F32, False), ((2, 3, 4, 5), (4, 5), F64, True),
+            *(((2, 5, 17), (17,), dtype, True) for dtype in DTYPES), ((6, 1000), (1000,), BF16, True),
+            ((2, 4097), (4097,), F32, True), ((2, 4097), (4097,), F16, False), ((0, 17), (17,), F32, True)]
+
+
+@pytest.mark.parametrize("shape, norm_shape, dtype, affine", LN_CASES, ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in LN_CASES])
+def test_layer_norm_matches_torch(device, shape, norm_shape, dtype, affine):
+    x = _randn(shape, dtype, 0, device, scale=3, shift=1)
+    w, b = (_randn(norm_shape, dtype, s, device) if affine else None for s in (1, 2))
+    dy = _randn(shape, dtype, 3, device)
+
+    def run(fn, x, w, b):
+        return _grads(lambda x, w, b: fn(x, norm_shape, w, b), [x, w, b], dy.to(x.dtype))
+
+    reference = run(F.layer_norm, *_as_double((x, w, b)))
+    for o, t, r in zip(run(gk.layer_norm, x, w, b), run(F.layer_norm, x, w, b), reference):
+        assert_matches(o, t, r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_kernels_match_numpy(device, dtype):
+    """The saved statistics, and dweight/dbias summed from more rows than blocks."""
+    x, dy = _randn((37, 19), dtype, 0, device, scale=2), _randn((37, 19), dtype, 1, device)
+    w, b = _randn(19, dtype, 2, device), _randn(19, dtype, 3, device)
+    ours_fwd = cupy_layer_norm.layer_norm_fwd(x, w, b, 1e-5)
+    numpy_fwd = numpy_layer_norm.layer_norm_fwd(*(t.cpu() for t in (x, w, b)), 1e-5)
+    ours_bwd = cupy_layer_norm.layer_norm_bwd(dy, x, w, *ours_fwd[1:], True)
+    numpy_bwd = numpy_layer_norm.layer_norm_bwd(*(t.cpu() for t in (dy, x, w, *numpy_fwd[1:])), True)
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    for ours, theirs in zip((*ours_fwd, *ours_bwd), (*numpy_fwd, *numpy_bwd)):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours.cpu(), theirs, rtol=tolerance, atol=tolerance)
+
+
+def test_non_contiguous_and_4d_inputs(device):
+    x = _randn((17, 8), torch.float64, 0, device).t()
+    torch.testing.assert_close(gk.layer_norm(x, (17,)), F.layer_norm(x, (17,)), rtol=1e-12, atol=1e-12)
+    logits = _randn((2, 5, 3, 4), torch.float64, 1, device).to(memory_format=torch.channels_last)
+    target = torch.randint(0, 5, (2, 3, 4), generator=torch.Generator().manual_seed(2)).to(device)
+    torch.testing.assert_close(gk.cross_entropy(logits, target, reduction="none"),
+                               F.cross_entropy(logits, target, reduction="none"), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gk.dropout(x, 0.5, seed=3), gk.dropout(x.contiguous(), 0.5, seed=3), rtol=0, atol=0)
+
+
+def test_layer_norm_rows_beyond_the_grid(device, monkeypatch):
+    monkeypatch.setattr(cupy_layer_norm, "MAX_BLOCKS", 3)
+    x = _randn((10, 7), torch.float64, 0, device)
+    torch.testing.assert_close(gk.layer_norm(x, (7,)), F.layer_norm(x, (7,)), rtol=1e-12, atol=1e-12)
+
+
+def test_layer_norm_mixed_param_dtype(device):
+    x, w = _randn((5, 17), torch.bfloat16, 0, device), _randn(17, torch.float32, 1, device).requires_grad_()
+    y = gk.layer_norm(x, (17,), w)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    reference = F.layer_norm(x.double(), (17,), w.detach().double())
+    assert_matches(y, F.layer_norm(x, (17,), w.detach().bfloat16()), reference)
+
+
+def test_layer_norm_gradcheck(device):
+    x, w, b = (_randn(s, torch.float64, i, device).requires_grad_() for i, s in enumerate([(3, 5), 5, 5]))
+    assert torch.autograd.gradcheck(lambda x, w, b: gk.layer_norm(x, (5,), w, b), (x, w, b))
+
+
+# ---------------------------------------------------------------- cross_entropy
+
+# (classes, reduction, weighted, label_smoothing, dtype): each dtype, reduction
+# and option, rows of 1 to 4097 classes (wider than a block's threads).
+CE_CASES = [(1, "mean", False, 0.0, F64), (3, "sum", True, 0.1, F32), (17, "none", False, 0.0, BF16),
+            (17, "mean", True, 0.2, F16), (17, "mean", True, 0.2, F64), (1000, "mean", False, 0.1, BF16),
+            (1000, "none", True, 0.0, F32), (4097, "sum", False, 0.0, F16), (4097, "mean", True, 0.1, F32)]
+
+
+def _ce_inputs(rows, classes, dtype, device, ignored=(2,)):
+    x = _randn((rows, classes), dtype, 0, device, scale=3)
+    target = torch.randint(0, classes, (rows,), generator=torch.Generator().manual_seed(1))
+    target[list(ignored)] = -100
+    return x, target.to(device)
+
+
+def _ce_compare(x, target, weight, upstream, **kwargs):
+    def run(fn, x, weight):
+        return _grads(lambda x: fn(x, target, weight=weight, **kwargs), [x], upstream.to(x.dtype))
+
+    ours, theirs = run(gk.cross_entropy, x, weight), run(F.cross_entropy, x, weight)
+    reference = run(F.cross_entropy, x.double(), None if weight is None else weight.double())
+    return [assert_matches(o, t, r) for o, t, r in zip(ours, theirs, reference)]
+
+
+@pytest.mark.parametrize("classes, reduction, weighted, smoothing, dtype", CE_CASES, ids=[str(c) for c in CE_CASES])
+def test_cross_entropy_matches_torch(device, classes, reduction, weighted, smoothing, dtype):
+    x, target = _ce_inputs(6, classes, dtype, device)
+    weight = _randn(classes, dtype, 4, device, scale=0.2, shift=1) if weighted else None
+    upstream = _randn(6, torch.float64, 5, device) if reduction == "none" else torch.tensor(0.7, device=device)
+    _ce_compare(x, target, weight, upstream, reduction=reduction, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_large_and_masked_logits(device, smoothing):
+    x, target = _ce_inputs(4, 9, torch.float32, device, ignored=())
+    x = x * 300 + 10_000
+    if smoothing == 0:
+        x[0, (target[0] + 1) % 9] = -math.inf  # a masked class: finite loss and gradient without smoothing
+    upstream = _randn(4, torch.float64, 5, device)
+    _ce_compare(x, target, None, upstream, reduction="none", label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_all_ignored_and_empty(device, reduction):
+    x, target = _ce_inputs(3, 5, torch.float64, device, ignored=(0, 1, 2))
+    ours, theirs = gk.cross_entropy(x, target, reduction=reduction), F.cross_entropy(x, target, reduction=reduction)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    x.requires_grad_()
+    gk.cross_entropy(x, target, reduction="sum").backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    empty = torch.empty(0, 5, dtype=torch.float64, device=device)
+    torch.testing.assert_close(gk.cross_entropy(empty, target[:0], reduction=reduction),
+                               F.cross_entropy(empty, target[:0], reduction=reduction), equal_nan=True)
+
+
+def test_cross_entropy_without_gradient(device):
+    x, target = _ce_inputs(4, 7, torch.float32, device)
+    from gpukernels.ops.cross_entropy import cross_entropy_fwd
+
+    loss, grad = cross_entropy_fwd(x, target, None, -100, 0.1, "mean", False)
+    assert grad.numel() == 0
+    torch.testing.assert_close(loss, F.cross_entropy(x, target, label_smoothing=0.1))
+
+
+def test_cross_entropy_gradcheck(device):
+    x, target = _ce_inputs(5, 4, torch.float64, device)
+    x.requires_grad_()
+    weight = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64, device=device)
+    assert torch.autograd.gradcheck(lambda x: gk.cross_entropy(x, target, weight=weight, label_smoothing=0.1), (x,))
+
+
+@pytest.mark.parametrize("target", [[0, 1, 4], [0, -3, 1], [-100, 7, -100]])
+def test_cross_entropy_out_of_range_target_is_flagged_not_read(device, target, monkeypatch):
+    if device.type == "cuda":
+        pytest.skip("on CUDA the flag is a device-side assert, which ends the CUDA context")
+    from gpukernels.backends.cupy.cross_entropy import cross_entropy_fwd
+
+    target = torch.tensor(target)
+    with pytest.raises(RuntimeError, match="out of bounds for 4 classes"):
+        gk.cross_entropy(torch.randn(3, 4), target)
+    # the kernel itself: the bad row's loss is nan, the others as PyTorch's
+    monkeypatch.setattr(torch, "_assert_async", lambda *args: None)
+    loss, _ = cross_entropy_fwd(torch.randn(3, 4), target, None, -100, 0.0, "none", True)
+    bad = (target != -100) & ((target < 0) | (target >= 4))
+    assert torch.equal(loss.isnan(), bad)
+
+
+# ---------------------------------------------------------------- dropout
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", [0, 1234, 2**32 + 17, -5])
+def test_dropout_equals_numpy_bit_for_bit(device, dtype, seed):
+    """Same mask (Philox from the element index) and same rounding of x * scale."""
+    x = _randn((3, 333), dtype, 0, device)
+    seed_tensor = torch.tensor(seed, dtype=torch.int64, device=device)
+    for p in (0.3, 0.9):
+        ours = cupy_dropout.dropout_fwd(x, p, seed_tensor)
+        theirs = numpy_dropout_fwd(x.cpu(), p, seed_tensor.cpu())
+        assert torch.equal(ours.cpu(), theirs)
+
+
+def test_dropout_grid_stride_and_autograd(device, monkeypatch):
+    monkeypatch.setattr(cupy_dropout, "MAX_BLOCKS", 2)  # 3000 elements on 2 x 256 threads
+    x = _randn(3000, torch.float32, 0, device, shift=5).requires_grad_()
+    y = gk.dropout(x, 0.4, seed=99)
+    y.backward(torch.ones_like(y))
+    mask = torch.from_numpy(uniform(99, 3000) > np.float32(0.4))
+    assert torch.equal(y.detach().cpu() != 0, mask)
+    assert torch.equal(x.grad.cpu(), mask * (1 / (1 - torch.tensor(0.4))))
+
+
+@pytest.mark.skipif(GXX is None, reason="g++ is not installed")
+def test_philox_matches_numpy_at_high_indices(host_kernels):
+    """The counter's high word: indices past 2**32, beyond any tensor a test can make."""
+    library = host_kernels.library("dropout.cu")
+    library.philox_word.argtypes, library.philox_word.restype = [ctypes.c_uint64, ctypes.c_uint64], ctypes.c_uint32
+    indices = [0, 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**62 + 7]
+    for seed in (0, 123456789, 2**62 - 1, -5):
+        want = randint(seed, np.array(indices, dtype=np.int64))
+        got = [library.philox_word(seed % 2**64, i) for i in indices]
+        assert got == [int(w) for w in want]
+
+
+@pytest.mark.skipif(GXX is None, reason="g++ is not installed")
+def test_bf16_rounding_is_pytorchs(host_kernels):
+    """The hand-written float -> bfloat16 conversion (the same code on the
+    device): round to nearest even, on random bit patterns, exact ties
+    both ways, infinities, overflow, subnormals and nan."""
+    library = host_kernels.library("dropout.cu")
+    library.to_bf16.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64]
+    random_bits = torch.randint(0, 2**32, (1 << 16,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0x7F7F8000, 0x7F7FFFFF, 0x00008000, 0x00018000, 0xBF808000])
+    values = torch.cat((random_bits, ties)).to(torch.int32).view(torch.float32)
+    values = torch.cat((values, torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-40, 3.4e38])))
+    ours = torch.empty(values.shape, dtype=torch.int16)
+    library.to_bf16(values.data_ptr(), ours.data_ptr(), values.numel())
+    theirs = values.to(torch.bfloat16)
+    nan = theirs.isnan()
+    assert torch.equal(ours.view(torch.bfloat16).isnan(), nan)
+    assert torch.equal(ours[~nan], theirs.view(torch.int16)[~nan])
+
+
+# ---------------------------------------------------------------- adamw
+
+ADAMW_CONFIGS = {
+    "default": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False),
+    "amsgrad_maximize": dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True),
+    "small_beta1_no_decay": dict(lr=1e-2, betas=(0.3, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                                 maximize=False),
+}
+# Sizes across the kernel's chunk boundary, and an empty tensor.
+ADAMW_SIZES = [1, 3, 17, 0, 8193]
+
+
+def _adamw_lists(dtypes, device, amsgrad):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, generator=g, dtype=torch.float64).to(device, dtype)
+              for n, dtype in zip(ADAMW_SIZES, dtypes)]
+    state = [torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32) for p in params]
+    return dict(params=params, exp_avgs=state, exp_avg_sqs=[s.clone() for s in state],
+                max_exp_avg_sqs=[s.clone() for s in state] if amsgrad else [],
+                steps=[torch.zeros((), device=device) for _ in params])
+
+
+def _adamw_steps(kernel, lists, config, steps, device):
+    g = torch.Generator().manual_seed(1)
+    lr = torch.tensor(config["lr"], dtype=torch.float64, device=device)
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(device, p.dtype) for p in lists["params"]]
+        kernel(lists["params"], grads, lists["exp_avgs"], lists["exp_avg_sqs"], lists["max_exp_avg_sqs"],
+               lists["steps"], lr, *config["betas"], config["eps"], config["weight_decay"], config["amsgrad"],
+               config["maximize"])
+
+
+@pytest.mark.parametrize("dtypes", [[torch.float32] * 5, [torch.float64] * 5,
+                                    [torch.bfloat16, torch.float32, torch.float16, torch.bfloat16, torch.float16]],
+                         ids=["fp32", "fp64", "mixed_low_precision"])
+@pytest.mark.parametrize("config", ADAMW_CONFIGS.values(), ids=ADAMW_CONFIGS.keys())
+def test_adamw_kernel_equals_numpy(device, dtypes, config):
+    """Op for op the NumPy update: bit for bit on the host (the same libm pow);
+    on a GPU within an ulp (its pow may differ in the last bit)."""
+    from gpukernels.backends.cupy.adamw import adamw_step_
+
+    ours, theirs = _adamw_lists(dtypes, device, config["amsgrad"]), _adamw_lists(dtypes, "cpu", config["amsgrad"])
+    _adamw_steps(adamw_step_, ours, config, 3, device)
+    _adamw_steps(numpy_adamw.adamw_step_, theirs, config, 3, "cpu")
+    for key in ours:
+        for o, t in zip(ours[key], theirs[key]):
+            if device.type == "cpu":
+                assert torch.equal(o, t), key
+            else:
+                torch.testing.assert_close(o.cpu(), t, rtol=2 * torch.finfo(o.dtype).eps, atol=0)
+
+
+def test_adamw_one_launch_per_dtype(device, host_kernels):
+    from gpukernels.backends.cupy.adamw import CHUNK, adamw_step_
+
+    if device.type == "cuda":
+        pytest.skip("counts the host build's launches")
+    host_kernels.launches.clear()
+    lists = _adamw_lists([torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.bfloat16], device, False)
+    _adamw_steps(adamw_step_, lists, ADAMW_CONFIGS["default"], 1, device)
+    # fp32: sizes 1, 17 and 0; bf16: 3 and 8193 (over a chunk)
+    assert host_kernels.launches == [("adamw_f32", 2, 256), ("adamw_bf16", 1 + math.ceil(8193 / CHUNK), 256)]
+    assert all(s.item() == 1 for s in lists["steps"])
+
+
+def test_adamw_trajectory_matches_torch_optim(device):
+    """gpukernels.optim.AdamW on the cupy kernel against torch.optim.AdamW."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(17, 33), torch.nn.Tanh(), torch.nn.Linear(33, 5)).to(device)
+    theirs_model = copy.deepcopy(model)
+    options = dict(lr=3e-3, weight_decay=0.1, amsgrad=True)
+    ours, theirs = AdamW(model.parameters(), **options), torch.optim.AdamW(theirs_model.parameters(), **options)
+    x, y = _randn((64, 17), torch.float32, 1, device), _randn((64, 5), torch.float32, 2, device)
+    for _ in range(100 if device.type == "cuda" else 10):
+        for m, optimizer in ((model, ours), (theirs_model, theirs)):
+            optimizer.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            optimizer.step()
+    for p, q in zip(model.parameters(), theirs_model.parameters()):
+        assert_matches(p.detach(), q.detach())
+
+
+# ---------------------------------------------------------------- GPU only: Triton, streams
+
+def _triton_has(op: str) -> bool:
+    return importlib.util.find_spec(f"gpukernels.backends.triton.{op}") is not None
+
+
+def _all_ops(x: torch.Tensor, seed: int = 7) -> list[torch.Tensor]:
+    """Every op forward and backward on x (rows, 64): outputs and input gradients."""
+    target = torch.arange(x.shape[0], device=x.device) % x.shape[1]
+    outs = []
+    for fn in (lambda t: gk.layer_norm(t, (x.shape[1],)), lambda t: gk.cross_entropy(t, target, label_smoothing=0.1),
+               lambda t: gk.dropout(t, 0.3, seed=seed)):
+        leaf = x.detach().clone().requires_grad_()
+        y = fn(leaf)
+        y.backward(torch.ones_like(y))
+        outs += [y.detach(), leaf.grad]
+    return outs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_CUPY, reason="needs a CUDA GPU and cupy")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["layer_norm", "cross_entropy", "dropout"])
+def test_matches_triton(op, dtype):
+    if not _triton_has(op):
+        pytest.skip(f"the triton backend has no {op} yet")
+    x = _randn((33, 1000), dtype, 0, "cuda", scale=2)
+    index = {"layer_norm": 0, "cross_entropy": 2, "dropout": 4}[op]
+    with gk.use_backend("cupy"):
+        ours = _all_ops(x)[index:index + 2]
+    with gk.use_backend("triton"):
+        theirs = _all_ops(x)[index:index + 2]
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 2e-2)
+    for o, t in zip(ours, theirs):
+        if op == "dropout":
+            assert torch.equal(o, t)
+        else:
+            torch.testing.assert_close(o, t, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_CUPY, reason="needs a CUDA GPU and cupy")
+def test_runs_on_the_current_torch_stream():
+    """Inputs made on a side stream and used at once there: the kernels must be
+    ordered on that stream (launched on the default one, they would race)."""
+    with gk.use_backend("cupy"):
+        x = _randn((64, 4096), torch.float32, 0, "cuda")
+        expected = _all_ops(x)
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(10**7)  # keeps the side stream busy, so a race would show
+            side_x = x * 1.0
+            got = _all_ops(side_x)
+            params = [side_x[:7].clone().requires_grad_()]
+            params[0].grad = torch.ones_like(params[0])
+            AdamW(params, lr=0.1).step()
+        torch.cuda.synchronize()
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    # first step from zero state with grad 1: decay by lr * weight_decay, then a step of lr
+    torch.testing.assert_close(params[0].detach(), x[:7] * (1 - 0.1 * 1e-2) - 0.1, rtol=1e-5, atol=1e-5)
