@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -28,12 +29,21 @@ TARGETS = [
                         pytest.mark.skipif(HAS_CUDA or not INTERPRETING, reason="Triton interpreter tier: CPU only")]),
     pytest.param(("cuda", "triton"), id="cuda-triton",
                  marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]),
+    pytest.param(("cuda", "cupy"), id="cuda-cupy",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]),
 ]
 
 
 @pytest.fixture(params=TARGETS)
 def device(request):
-    """The device to make tensors on, with the backend under test selected."""
+    """The device to make tensors on, with the backend under test selected.
+    A test module names its op family in ``OP``; a backend without that op's
+    kernels is skipped (the CuPy backend has only some ops)."""
     device, backend = request.param
+    op = getattr(request.module, "OP", None)
+    if op is not None and importlib.util.find_spec(f"gpukernels.backends.{backend}.{op}") is None:
+        pytest.skip(f"backend {backend!r} has no {op} kernels")
+    if device == "cuda" and gk.unavailable_reason(backend):
+        pytest.skip(gk.unavailable_reason(backend))
     with gk.use_backend(backend):
         yield torch.device(device)
