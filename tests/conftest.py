@@ -37,12 +37,14 @@ TARGETS = [
 @pytest.fixture(params=TARGETS)
 def device(request):
     """The device to make tensors on, with the backend under test selected.
-    A test module names its op family in ``OP``; a backend without that op's
-    kernels is skipped (the CuPy backend has only some ops)."""
+    A test module names the op families it runs in ``OP`` (a name or a
+    tuple); a backend without those kernels is skipped (the CuPy backend has
+    only some ops)."""
     device, backend = request.param
-    op = getattr(request.module, "OP", None)
-    if op is not None and importlib.util.find_spec(f"gpukernels.backends.{backend}.{op}") is None:
-        pytest.skip(f"backend {backend!r} has no {op} kernels")
+    ops = getattr(request.module, "OP", ())
+    for op in (ops,) if isinstance(ops, str) else ops:
+        if importlib.util.find_spec(f"gpukernels.backends.{backend}.{op}") is None:
+            pytest.skip(f"backend {backend!r} has no {op} kernels")
     if device == "cuda" and gk.unavailable_reason(backend):
         pytest.skip(gk.unavailable_reason(backend))
     with gk.use_backend(backend):

@@ -7,6 +7,8 @@ import torch
 import gpukernels as gk
 from gpukernels import nn as gnn
 
+OP = ("linear_act", "layer_norm", "dropout", "batch_norm", "cross_entropy", "adamw")
+
 
 class Net(torch.nn.Module):
     """LinearAct -> LayerNorm -> Dropout -> LinearAct -> BatchNorm1d -> Linear, built from
@@ -62,14 +64,14 @@ def test_state_dict_keys_are_torch_names():
     assert list(ours.state_dict()) == list(theirs.state_dict())
 
 
-def test_compile_fullgraph_matches_eager():
-    ours, _ = _pair(p=0.3, seed=123)
-    x, t = _batch(0)
+def test_compile_fullgraph_matches_eager(device):
+    ours, _ = _pair(device, p=0.3, seed=123)
+    x, t = _batch(0, device=device)
     eager_loss = ours(x, t)
     eager_loss.backward()
     eager_grads = [p.grad.clone() for p in ours.parameters()]
     ours.zero_grad()
-    ours2, _ = _pair(p=0.3, seed=123)  # fresh running stats: the eager call updated ours'
+    ours2, _ = _pair(device, p=0.3, seed=123)  # fresh running stats: the eager call updated ours'
     compiled = torch.compile(ours2, fullgraph=True, backend="aot_eager")
     loss = compiled(x, t)
     loss.backward()
@@ -88,12 +90,12 @@ def test_compile_inductor_matches_eager():
     torch.testing.assert_close(compiled(x, t), ours(x, t))
 
 
-def test_training_tracks_torch_nn():
-    ours, theirs = _pair()
+def test_training_tracks_torch_nn(device):
+    ours, theirs = _pair(device)
     opt_ours = gk.optim.AdamW(ours.parameters(), lr=3e-3, weight_decay=0.01)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=3e-3, weight_decay=0.01)
     for step in range(40):
-        x, t = _batch(step)
+        x, t = _batch(step, device=device)
         losses = []
         for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
             opt.zero_grad()

@@ -1,6 +1,10 @@
 """AdamW (the optimizer and its op ``gpukernels::adamw_step_``), the
 warmup-cosine schedule and gradient-norm clipping, against PyTorch's
-torch.optim.AdamW / SequentialLR / clip_grad_norm_ and a float64 AdamW."""
+torch.optim.AdamW / SequentialLR / clip_grad_norm_ and a float64 AdamW.
+
+The tests that run the op's kernel take conftest's ``device`` (NumPy on CPU,
+Triton on CPU through the interpreter, Triton on CUDA); under the
+interpreter they take fewer steps (``_steps``), with the same tolerances."""
 
 from __future__ import annotations
 
@@ -11,25 +15,33 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
+import gpukernels as gk
 import gpukernels.backends.numpy.adamw as numpy_adamw
 from gpukernels.optim import AdamW, clip_grad_norm_, warmup_cosine
 from gpukernels.ops.adamw import adamw_step_
-from helpers import assert_matches, rel_err
+from helpers import TOLERANCES, assert_matches, rel_err
 
+OP = "adamw"  # conftest's device fixture skips backends without these kernels
 STEPS = 100
+INTERPRETER_STEPS = 6  # the interpreter runs each program in Python: a few ms each
 
 
-def _model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def _steps(device: torch.device) -> int:
+    interpreting = device.type == "cpu" and gk.backend_name(device) == "triton"
+    return INTERPRETER_STEPS if interpreting else STEPS
+
+
+def _model(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(17, 33), torch.nn.Tanh(), torch.nn.Linear(33, 5)).to(dtype)
+    return torch.nn.Sequential(torch.nn.Linear(17, 33), torch.nn.Tanh(), torch.nn.Linear(33, 5)).to(device, dtype)
 
 
 def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
     """``steps`` optimizer steps on a fixed regression batch; the grads depend
     on the params, so any difference in an update shows up in the next grads."""
-    dtype = next(model.parameters()).dtype
+    param = next(model.parameters())
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, 17, generator=g).to(dtype), torch.randn(64, 5, generator=g).to(dtype)
+    x, y = (torch.randn(64, features, generator=g).to(param.device, param.dtype) for features in (17, 5))
     for _ in range(steps):
         optimizer.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
@@ -79,39 +91,39 @@ def _assert_same_state(ours: torch.optim.Optimizer, theirs: torch.optim.Optimize
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-def test_matches_torch_adamw(config, dtype):
-    ours_model, theirs_model = _model(dtype), _model(dtype)
+def test_matches_torch_adamw(device, config, dtype):
+    ours_model, theirs_model = _model(dtype, device), _model(dtype, device)
     ours = AdamW(_params(ours_model, config), **_options(config))
     theirs = torch.optim.AdamW(_params(theirs_model, config), **_options(config))
-    _train(ours_model, ours, STEPS)
-    _train(theirs_model, theirs, STEPS)
+    _train(ours_model, ours, _steps(device))
+    _train(theirs_model, theirs, _steps(device))
     _assert_same_trajectory(ours_model, theirs_model)
     _assert_same_state(ours, theirs, dtype)
 
 
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=str)
-def test_tensor_lr_matches_float_lr_and_is_read_at_each_step(lr_dtype):
-    lr = torch.tensor(3e-3, dtype=lr_dtype)
-    ours_model, theirs_model = _model(), _model()
+def test_tensor_lr_matches_float_lr_and_is_read_at_each_step(device, lr_dtype):
+    lr = torch.tensor(3e-3, dtype=lr_dtype, device=device)
+    ours_model, theirs_model = _model(device=device), _model(device=device)
     ours = AdamW(ours_model.parameters(), lr=lr)
     theirs = torch.optim.AdamW(theirs_model.parameters(), lr=lr.item())
     for new_lr in (3e-3, 1e-2):
         lr.fill_(new_lr)
         theirs.param_groups[0]["lr"] = lr.item()
-        _train(ours_model, ours, STEPS // 2)
-        _train(theirs_model, theirs, STEPS // 2)
+        _train(ours_model, ours, _steps(device) // 2)
+        _train(theirs_model, theirs, _steps(device) // 2)
     assert ours.param_groups[0]["lr"] is lr
     _assert_same_trajectory(ours_model, theirs_model)
 
 
-def test_beta1_zero_makes_exp_avg_the_last_grad_exactly():
+def test_beta1_zero_makes_exp_avg_the_last_grad_exactly(device):
     """PyTorch's lerp switches formula for weights >= 0.5 so that weight 1
     gives the end point exactly; ours does the same."""
-    param = torch.nn.Parameter(torch.zeros(1000))
+    param = torch.nn.Parameter(torch.zeros(1000, device=device))
     optimizer = AdamW([param], betas=(0.0, 0.99))
     g = torch.Generator().manual_seed(5)
     for _ in range(5):
-        param.grad = torch.randn(1000, generator=g)
+        param.grad = torch.randn(1000, generator=g).to(device)
         optimizer.step()
         assert torch.equal(optimizer.state[param]["exp_avg"], param.grad)
 
@@ -136,7 +148,7 @@ def _reference_adamw(param: torch.Tensor, grads: list[torch.Tensor], lr: float, 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_matches_float64_reference_with_fp32_state(dtype, amsgrad):
+def test_matches_float64_reference_with_fp32_state(device, dtype, amsgrad):
     """Fixed grads, so that each optimizer's trajectory depends on its own
     arithmetic only; the lr is large enough for updates to survive bf16
     rounding. PyTorch's own AdamW on the same dtype (its state in that dtype;
@@ -144,26 +156,27 @@ def test_matches_float64_reference_with_fp32_state(dtype, amsgrad):
     options = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, maximize=False)
     g = torch.Generator().manual_seed(2)
     start = torch.randn(4097, generator=g).to(dtype)
-    grads = [torch.randn(4097, generator=g).to(dtype) for _ in range(STEPS)]
-    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    grads = [torch.randn(4097, generator=g).to(dtype) for _ in range(_steps(device))]
+    ours, theirs = (torch.nn.Parameter(start.to(device, copy=True)) for _ in range(2))
     ours_opt, theirs_opt = AdamW([ours], **options), torch.optim.AdamW([theirs], **options)
     for grad in grads:
-        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        ours.grad, theirs.grad = grad.to(device, copy=True), grad.to(device, copy=True)
         ours_opt.step()
         theirs_opt.step()
     ref_param, ref_m, ref_v = _reference_adamw(start, grads, **options)
 
     state = ours_opt.state[ours]
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
-    torch.testing.assert_close(state["exp_avg"].double(), ref_m, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(state["exp_avg_sq"].double(), ref_v, rtol=1e-5, atol=1e-6)
-    assert_matches(ours.detach(), theirs.detach(), ref_param.double())
+    torch.testing.assert_close(state["exp_avg"].cpu().double(), ref_m, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state["exp_avg_sq"].cpu().double(), ref_v, rtol=1e-5, atol=1e-6)
+    ours, theirs = ours.detach().cpu(), theirs.detach().cpu()
+    assert_matches(ours, theirs, ref_param.double())
     if dtype != torch.float32:
         # Rounding the same value once per step, ours and the reference part
         # only where fp32 and fp64 fall on either side of a rounding boundary:
         # a few elements, so far less error than one rounding of each.
-        assert (ours.detach() != ref_param).float().mean() < 0.01
-        assert rel_err(ours.detach(), ref_param) < torch.finfo(dtype).eps / 10
+        assert (ours != ref_param).float().mean() < 0.01
+        assert rel_err(ours, ref_param) < torch.finfo(dtype).eps / 10
 
 
 def test_one_op_call_per_device_dtype_bucket(monkeypatch):
@@ -188,44 +201,46 @@ def test_one_op_call_per_device_dtype_bucket(monkeypatch):
 
 @pytest.mark.parametrize("first, second", [(AdamW, torch.optim.AdamW), (torch.optim.AdamW, AdamW)],
                          ids=["ours_to_torch", "torch_to_ours"])
-def test_state_dict_moves_between_torch_and_ours(first, second):
+def test_state_dict_moves_between_torch_and_ours(device, first, second):
     options = dict(lr=3e-3, weight_decay=0.1, amsgrad=True)
-    model, uninterrupted_model = _model(), _model()
+    model, uninterrupted_model = _model(device=device), _model(device=device)
+    steps = _steps(device)
     optimizer = first(model.parameters(), **options)
-    _train(model, optimizer, STEPS // 2)
+    _train(model, optimizer, steps // 2)
     resumed = second(model.parameters(), **options)
     resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    _train(model, resumed, STEPS // 2)
-    _train(uninterrupted_model, torch.optim.AdamW(uninterrupted_model.parameters(), **options), STEPS)
+    _train(model, resumed, steps // 2)
+    _train(uninterrupted_model, torch.optim.AdamW(uninterrupted_model.parameters(), **options), steps)
     _assert_same_trajectory(model, uninterrupted_model)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_resuming_from_a_checkpoint_gives_the_same_trajectory(dtype):
+def test_resuming_from_a_checkpoint_gives_the_same_trajectory(device, dtype):
     """Exactly the same: the bf16 case shows that loading keeps the fp32 state
     (Optimizer.load_state_dict alone would round it to bf16)."""
     options = dict(lr=1e-2, amsgrad=True)
-    model, uninterrupted_model = _model(dtype), _model(dtype)
+    model, uninterrupted_model = _model(dtype, device), _model(dtype, device)
+    steps = _steps(device)
     optimizer = AdamW(model.parameters(), **options)
-    _train(model, optimizer, STEPS // 2)
+    _train(model, optimizer, steps // 2)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
     buffer.seek(0)
     checkpoint = torch.load(buffer)
-    model = _model(dtype)
+    model = _model(dtype, device)
     model.load_state_dict(checkpoint["model"])
     optimizer = AdamW(model.parameters(), **options)
     optimizer.load_state_dict(checkpoint["optimizer"])
-    _train(model, optimizer, STEPS // 2)
+    _train(model, optimizer, steps // 2)
     uninterrupted = AdamW(uninterrupted_model.parameters(), **options)
-    _train(uninterrupted_model, uninterrupted, STEPS)
+    _train(uninterrupted_model, uninterrupted, steps)
     for p, q in zip(model.parameters(), uninterrupted_model.parameters(), strict=True):
         assert torch.equal(p, q)
         assert all(torch.equal(a, b) for a, b in zip(optimizer.state[p].values(), uninterrupted.state[q].values()))
 
 
-def test_loading_torch_bf16_state_casts_it_to_fp32():
-    model = _model(torch.bfloat16)
+def test_loading_torch_bf16_state_casts_it_to_fp32(device):
+    model = _model(torch.bfloat16, device)
     theirs = torch.optim.AdamW(model.parameters(), lr=1e-2)
     _train(model, theirs, 3)
     ours = AdamW(model.parameters(), lr=1e-2)
@@ -240,43 +255,175 @@ def test_loading_torch_bf16_state_casts_it_to_fp32():
     assert all(ours.state[p]["step"].item() == 6 for p in model.parameters())
 
 
-def _op_inputs(dtype: torch.dtype, amsgrad: bool) -> list:
-    """Arguments of ``adamw_step_`` but ``maximize``: four tensors of awkward
-    shapes (one empty), at different steps."""
+def _op_inputs(dtype: torch.dtype, amsgrad: bool, device: torch.device | str = "cpu") -> list:
+    """Arguments of ``adamw_step_`` but ``maximize``: five tensors of awkward
+    shapes (one empty, one of several Triton blocks), at different steps."""
     g = torch.Generator().manual_seed(3)
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    shapes = [(3,), (4, 5), (0,), (1, 17)]
+    shapes = [(3,), (4, 5), (0,), (1, 17), (2, 1100)]
 
     def tensors(dt: torch.dtype, positive: bool = False) -> list[torch.Tensor]:
-        return [(torch.rand(s, generator=g) if positive else torch.randn(s, generator=g)).to(dt) for s in shapes]
+        return [(torch.rand(s, generator=g) if positive else torch.randn(s, generator=g)).to(device, dt)
+                for s in shapes]
 
-    steps = [torch.tensor(float(k), dtype=torch.float32) for k in range(len(shapes))]
+    steps = [torch.tensor(float(k), dtype=torch.float32, device=device) for k in range(len(shapes))]
     return [tensors(dtype), tensors(dtype), tensors(state_dtype), tensors(state_dtype, True),
-            tensors(state_dtype, True) if amsgrad else [], steps, torch.tensor(1e-2, dtype=torch.float64),
-            0.9, 0.999, 1e-8, 0.1, amsgrad]
+            tensors(state_dtype, True) if amsgrad else [], steps,
+            torch.tensor(1e-2, dtype=torch.float64, device=device), 0.9, 0.999, 1e-8, 0.1, amsgrad]
+
+
+def _cpu_copy(args: list) -> list:
+    return [[t.cpu().clone() for t in a] if isinstance(a, list) else a.cpu().clone() if isinstance(a, torch.Tensor)
+            else a for a in args]
+
+
+def _assert_op_results_equal(ours: list, theirs: list) -> None:
+    """The tensor lists of ``adamw_step_``'s arguments, ``ours`` (any device)
+    as ``theirs`` (CPU), to the tolerance of each dtype; bf16: within one ulp
+    (fp32 values a few ulps apart may round to neighbouring bf16 values)."""
+    for ours_list, theirs_list in zip(ours[:6], theirs[:6], strict=True):
+        for a, b in zip(ours_list, theirs_list, strict=True):
+            if a.dtype == torch.bfloat16:
+                torch.testing.assert_close(a.cpu(), b, rtol=2**-7, atol=0)
+            else:
+                torch.testing.assert_close(a.cpu(), b, **TOLERANCES[a.dtype])
 
 
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_opcheck(dtype, amsgrad, maximize):
-    torch.library.opcheck(adamw_step_, (*_op_inputs(dtype, amsgrad), maximize))
+def test_opcheck(device, dtype, amsgrad, maximize):
+    torch.library.opcheck(adamw_step_, (*_op_inputs(dtype, amsgrad, device), maximize))
 
 
-def test_op_compiles_without_graph_breaks():
-    args, eager_args = _op_inputs(torch.float32, amsgrad=True), _op_inputs(torch.float32, amsgrad=True)
+def test_op_compiles_without_graph_breaks(device):
+    args, eager_args = (_op_inputs(torch.float32, amsgrad=True, device=device) for _ in range(2))
     torch.compile(lambda *a: adamw_step_(*a, False), fullgraph=True, backend="aot_eager")(*args)
     adamw_step_(*eager_args, False)
     for ours, eager in zip(args[:6], eager_args[:6], strict=True):
         assert all(torch.equal(a, b) for a, b in zip(ours, eager, strict=True))
 
 
-def test_op_increments_steps_and_updates_every_tensor():
-    args = _op_inputs(torch.float32, amsgrad=False)
+def test_op_increments_steps_and_updates_every_tensor(device):
+    args = _op_inputs(torch.float32, amsgrad=False, device=device)
     params_before, steps_before = [p.clone() for p in args[0]], [s.item() for s in args[5]]
     adamw_step_(*args, False)
     assert [s.item() for s in args[5]] == [s + 1 for s in steps_before]
     assert all(not torch.equal(p, q) for p, q in zip(args[0], params_before) if p.numel())
+
+
+def _skip_unless_kernel_under_test(device: torch.device) -> None:
+    if gk.backend_name(device) == "numpy":
+        pytest.skip("compares a backend with the NumPy one")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_op_matches_numpy_backend_on_any_memory_layout(device, dtype):
+    """Channels-last and transposed params with state and grads laid out
+    otherwise, a param that does not fill its memory (a strided slice)."""
+    _skip_unless_kernel_under_test(device)
+    args = _op_inputs(dtype, amsgrad=True, device=device)
+    channels_last = torch.randn(2, 3, 4, 5).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    args[0][1] = args[0][1].t().contiguous().t()                   # (4, 5) with strides (1, 4)
+    args[2][1] = args[2][1].t().contiguous().t()                   # its exp_avg too, its grad not
+    args[0][4] = torch.randn(2, 2200).to(device, dtype)[:, ::2]    # does not fill its memory
+    args[3][4] = args[3][4].t().contiguous().t()
+    for column, positive in zip(args[:5], (False, False, False, True, True)):
+        like = channels_last if column is args[0] else torch.randn(2, 3, 4, 5).to(device, column[0].dtype)
+        column.append(like.abs() if positive else like)
+    args[5].append(torch.tensor(7.0, device=device))
+    expected = _cpu_copy(args)
+    adamw_step_(*args, True)
+    with gk.use_backend("numpy"):
+        adamw_step_(*expected, True)
+    assert args[0][4].stride() == (2200, 2) and args[0][5].is_contiguous(memory_format=torch.channels_last)
+    _assert_op_results_equal(args, expected)
+
+
+def test_op_follows_tensors_to_new_addresses(device):
+    """A kernel that keeps tables of addresses must not reuse those of
+    earlier tensors of the same sizes: both calls update their own tensors."""
+    _skip_unless_kernel_under_test(device)
+    first = _op_inputs(torch.float32, amsgrad=True, device=device)
+    second = [[t.clone() for t in a] if isinstance(a, list) else a for a in first]
+    expected = _cpu_copy(first)
+    adamw_step_(*first, False)
+    adamw_step_(*second, False)
+    with gk.use_backend("numpy"):
+        adamw_step_(*expected, False)
+    _assert_op_results_equal(first, expected)
+    _assert_op_results_equal(second, expected)
+
+
+def test_one_triton_launch_per_device_dtype_bucket(device, monkeypatch):
+    """Each launch covers every tensor of its bucket (one program per 1024
+    elements), and later steps reuse the tables of addresses."""
+    if gk.backend_name(device) != "triton":
+        pytest.skip("counts Triton kernel launches")
+    import gpukernels.backends.triton.adamw as triton_adamw
+
+    grids = []
+    kernel = triton_adamw.adamw_kernel
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_adamw, "adamw_kernel", CountingKernel())
+    fp32, bf16 = _model(device=device), _model(torch.bfloat16, device)
+    optimizer = AdamW([{"params": [*fp32.parameters(), *bf16[0].parameters()]}, {"params": bf16[2].parameters()}])
+    for model in (fp32, bf16):
+        model(torch.randn(2, 17, dtype=next(model.parameters()).dtype, device=device)).sum().backward()
+    optimizer.step()
+    assert grids == [(4,), (2,), (2,)]  # every param has fewer than 1024 elements
+    tables = set(triton_adamw._tables_cache)
+    optimizer.step()  # same grads, same state: the same addresses
+    assert grids == [(4,), (2,), (2,)] * 2 and set(triton_adamw._tables_cache) == tables
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_step_captured_in_a_cuda_graph_replays_as_eager_steps():
+    """The whole step reads lr and the steps from device memory: a captured
+    step replayed with new grads and a new lr (written into the same tensors)
+    gives exactly the eager steps."""
+    device = torch.device("cuda")
+    options = dict(weight_decay=0.1, amsgrad=True)
+    lrs = [1e-2, 3e-3, 5e-3, 1e-3]
+    graphed_model, eager_model = _model(device=device), _model(device=device)
+    g = torch.Generator().manual_seed(6)
+    grads = [[torch.randn(p.shape, generator=g).to(device) for p in eager_model.parameters()] for _ in lrs]
+    lr = torch.tensor(lrs[0], dtype=torch.float64, device=device)
+    graphed, eager = AdamW(graphed_model.parameters(), lr=lr, **options), AdamW(eager_model.parameters(), **options)
+    for p, grad in zip(graphed_model.parameters(), grads[0]):
+        p.grad = grad.clone()
+    # Warm-up on a side stream (as torch.cuda.graphs asks): creates the state
+    # and the kernel's tables, and compiles the kernel, outside the capture.
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graphed.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step()
+    for step_grads, step_lr in zip(grads[1:], lrs[1:]):
+        for p, grad in zip(graphed_model.parameters(), step_grads):
+            p.grad.copy_(grad)
+        lr.fill_(step_lr)
+        graph.replay()
+    for step_grads, step_lr in zip(grads, lrs):
+        for p, grad in zip(eager_model.parameters(), step_grads):
+            p.grad = grad.clone()
+        eager.param_groups[0]["lr"] = step_lr
+        eager.step()
+    torch.cuda.synchronize()
+    for p, q in zip(graphed_model.parameters(), eager_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert graphed.state[p].keys() == eager.state[q].keys()
+        assert all(torch.equal(graphed.state[p][k], eager.state[q][k]) for k in eager.state[q])
+    assert graphed.state[p]["step"].item() == len(lrs)
 
 
 def _set(args: list, index: int, value) -> None:

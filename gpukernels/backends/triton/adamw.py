@@ -1,0 +1,283 @@
+"""AdamW over a list of tensors in ONE kernel launch, whatever the number of
+tensors (a multi-tensor kernel, as PyTorch's fused AdamW).
+
+The launch reads its work from device-side tables instead of arguments:
+- ``table``: one int64 row per tensor: the addresses (``data_ptr()``) of its
+  param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (0 without amsgrad) and
+  step, its numel, and its first block;
+- ``block_tensor``: for each program, the row of the tensor it updates; the
+  program's block within that tensor is ``pid - first block``.
+A program casts the addresses of its row to typed pointers, so the same
+kernel serves any number of tensors of any sizes. The tables are cached per
+list of tensors (keyed on the addresses and sizes), so a training loop builds
+them once; new addresses (reallocated state, new grads) build new ones.
+A tensor laid out in memory otherwise than its param (or a param that does
+not fill its memory) goes through a copy, written back after the launch.
+
+Nothing is read on the host: lr, each tensor's step and the bias corrections
+are read or computed from device memory in the kernel, so a whole
+``optimizer.step()`` can be captured in a CUDA graph and replayed, with an lr
+tensor changed in place between replays. The float hyperparameters travel as
+an fp64 tensor too (a kernel's float arguments are fp32, too coarse for fp64
+params), cached per value so that a replay reads the same one. The tables and
+that tensor are built on the host: a warm-up step must build them before the
+capture, and those a capture uses are kept for good.
+
+Each step tensor is incremented once, though every program of its tensor
+reads it: each program reads the old step, then counts itself in on an
+arrival counter; the last program of the tensor to arrive (all the others
+have read the step by then) stores the new step and resets the counter to 0
+for the next call.
+
+Arithmetic: as the NumPy kernel (the order of operations of
+torch.optim.AdamW), in fp32 for fp32/bf16/fp16 params and fp64 for fp64
+params; the bias corrections and step size in fp64 from the fp64 lr; fp32
+square roots and divisions correctly rounded (``sqrt_rn``/``div_rn``: the
+plain forms are approximate on GPUs).
+
+Under ``TRITON_INTERPRET=1`` the same pointer tables work on CPU tensors: the
+interpreter dereferences raw addresses.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import INTERPRETING
+
+BLOCK = 1024
+TABLE_CACHE_SIZE = 32
+
+# Columns of the per-tensor table.
+PARAM = tl.constexpr(0)
+GRAD = tl.constexpr(1)
+EXP_AVG = tl.constexpr(2)
+EXP_AVG_SQ = tl.constexpr(3)
+MAX_EXP_AVG_SQ = tl.constexpr(4)
+STEP = tl.constexpr(5)
+NUMEL = tl.constexpr(6)
+FIRST_BLOCK = tl.constexpr(7)
+COLUMNS = tl.constexpr(8)
+
+_TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+                  torch.float64: tl.float64}
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """fp32 ``x`` rounded to the nearest even bf16, on the bits: the
+    interpreter truncates fp32 -> bf16, which would drift bf16 params toward
+    zero step after step."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)  # the carry could turn a nan into inf
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def adamw_kernel(Table, BlockTensor, Arrivals, Lr, Hyper, PARAM_TY: tl.constexpr, ACC: tl.constexpr,
+                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, INTERPRETING: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    tensor = tl.load(BlockTensor + pid)
+    row = Table + tensor.to(tl.int64) * COLUMNS
+    numel = tl.load(row + NUMEL)
+    offsets = (pid - tl.load(row + FIRST_BLOCK)) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    param_ptr = tl.load(row + PARAM).to(tl.pointer_type(PARAM_TY)) + offsets
+    grad_ptr = tl.load(row + GRAD).to(tl.pointer_type(PARAM_TY)) + offsets
+    exp_avg_ptr = tl.load(row + EXP_AVG).to(tl.pointer_type(ACC)) + offsets
+    exp_avg_sq_ptr = tl.load(row + EXP_AVG_SQ).to(tl.pointer_type(ACC)) + offsets
+    step_ptr = tl.load(row + STEP).to(tl.pointer_type(tl.float32))
+    t = tl.load(step_ptr) + 1.0
+
+    lr = tl.load(Lr)
+    beta1 = tl.load(Hyper)
+    beta2 = tl.load(Hyper + 1)
+    eps = tl.load(Hyper + 2).to(ACC)
+    weight_decay = tl.load(Hyper + 3)
+    # beta1**t and beta2**t by squaring: tl has no pow, and libdevice's does
+    # not run in the interpreter. (Written out here rather than in a helper:
+    # each call of a jit function costs the interpreter milliseconds.)
+    power1 = lr * 0.0 + 1.0
+    power2 = power1
+    base1, base2, exponent = beta1, beta2, t.to(tl.int32)
+    while exponent > 0:
+        if exponent % 2 == 1:
+            power1 = power1 * base1
+            power2 = power2 * base2
+        base1 = base1 * base1
+        base2 = base2 * base2
+        exponent = exponent // 2
+    # fp64 scalars, rounded to ACC once, as the NumPy kernel's Python floats.
+    neg_step_size = (-lr / (1.0 - power1)).to(ACC)
+    bias_correction2_sqrt = tl.sqrt(1.0 - power2).to(ACC)
+    decay = (1.0 - lr * weight_decay).to(ACC)
+    weight1 = (1.0 - beta1).to(ACC)
+    weight2 = (1.0 - beta2).to(ACC)
+
+    p = tl.load(param_ptr, mask=mask, other=0.0).to(ACC)
+    g = tl.load(grad_ptr, mask=mask, other=0.0).to(ACC)
+    if MAXIMIZE:
+        g = -g
+    m = tl.load(exp_avg_ptr, mask=mask, other=0.0)
+    v = tl.load(exp_avg_sq_ptr, mask=mask, other=0.0)
+
+    p = p * decay
+    # PyTorch's lerp: two formulas, each exact at its own end of the weight range.
+    if weight1 < 0.5:
+        m = m + weight1 * (g - m)
+    else:
+        m = g - (g - m) * (1.0 - weight1)
+    v = v * beta2.to(ACC) + weight2 * g * g
+    second = v
+    if AMSGRAD:
+        max_ptr = tl.load(row + MAX_EXP_AVG_SQ).to(tl.pointer_type(ACC)) + offsets
+        second = tl.maximum(tl.load(max_ptr, mask=mask, other=0.0), v, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(max_ptr, second, mask=mask)
+    # fp32 tl.sqrt and / are approximate on GPUs: the _rn forms round as
+    # NumPy and PyTorch do (fp64 ones are always IEEE).
+    if ACC == tl.float32:
+        p = p + tl.div_rn(neg_step_size * m, tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps)
+    else:
+        p = p + neg_step_size * m / (tl.sqrt(second) / bias_correction2_sqrt + eps)
+
+    if INTERPRETING and PARAM_TY == tl.bfloat16:
+        tl.store(param_ptr, _round_to_bf16(p), mask=mask)
+    else:
+        tl.store(param_ptr, p.to(PARAM_TY), mask=mask)
+    tl.store(exp_avg_ptr, m, mask=mask)
+    tl.store(exp_avg_sq_ptr, v, mask=mask)
+
+    # Every program of this tensor has read the old step before counting
+    # itself in, so the last to arrive may store the new one. The barrier:
+    # every thread of this program has read it, not only the one that counts.
+    tl.debug_barrier()
+    blocks = tl.maximum((numel + BLOCK - 1) // BLOCK, 1)
+    if tl.atomic_add(Arrivals + tensor, 1) == blocks - 1:
+        tl.store(step_ptr, t)
+        tl.store(Arrivals + tensor, 0)
+
+
+class _Tables(NamedTuple):
+    table: Tensor         # (tensors, COLUMNS) int64
+    block_tensor: Tensor  # (programs,) int32
+    arrivals: Tensor      # (tensors,) int32, zero between calls
+
+
+_tables_cache: OrderedDict[tuple, _Tables] = OrderedDict()
+# Device tensors a captured CUDA graph reads at each replay: never freed.
+_kept_for_graphs: list[Tensor] = []
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _built_outside_capture(device: torch.device, what: str) -> None:
+    """Tables and hyperparameters are copied from the host, which a CUDA
+    graph cannot capture: they must exist before (from a warm-up step)."""
+    if _capturing(device):
+        raise RuntimeError(f"adamw_step_: no {what} for these tensors yet while capturing a CUDA graph; "
+                           "run one step before capturing (the usual warm-up), with the same tensors")
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``, without waiting for the GPU: from pinned memory,
+    a copy to a CUDA device is asynchronous (and the pinned buffer is not
+    reused before the copy is done)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _tables(device: torch.device, dtype: torch.dtype, columns: list[list[Tensor]], steps: list[Tensor]) -> _Tables:
+    """The launch's tables for these tensors, built on first use and kept
+    (least recently used first out) while their addresses stay the same."""
+    rows, blocks = [], []
+    for i, step in enumerate(steps):
+        numel = columns[0][i].numel()
+        pointers = [column[i].data_ptr() if column else 0 for column in columns]
+        rows.append((*pointers, step.data_ptr(), numel, sum(blocks)))
+        blocks.append(max(triton.cdiv(numel, BLOCK), 1))  # one even when empty: it increments the step
+    key = (device, dtype, tuple(rows))
+    if key in _tables_cache:
+        _tables_cache.move_to_end(key)
+        return _tables_cache[key]
+    _built_outside_capture(device, "tables of addresses")
+    table = torch.tensor(rows, dtype=torch.int64)
+    block_tensor = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(blocks))
+    tables = _Tables(_to_device(table, device), _to_device(block_tensor, device),
+                     torch.zeros(len(rows), dtype=torch.int32, device=device))
+    _tables_cache[key] = tables
+    if len(_tables_cache) > TABLE_CACHE_SIZE:
+        _tables_cache.popitem(last=False)
+    return tables
+
+
+@functools.lru_cache(maxsize=64)
+def _hyperparameters(device: torch.device, beta1: float, beta2: float, eps: float, weight_decay: float) -> Tensor:
+    """``beta1, beta2, eps, weight_decay`` as an fp64 tensor on ``device``."""
+    _built_outside_capture(device, "hyperparameter tensor")
+    return torch.tensor([beta1, beta2, eps, weight_decay], dtype=torch.float64, device=device)
+
+
+def _flat_strides(t: Tensor) -> tuple[int, ...] | None:
+    """The strides of ``t``'s dims of size > 1 when its elements fill numel
+    consecutive slots (contiguous, channels-last, transposed, ...), else None.
+    Tensors of one shape and the same flat strides hold their elements in the
+    same order, so the kernel can treat them as flat arrays side by side."""
+    dims = [(size, stride) for size, stride in zip(t.shape, t.stride()) if size != 1]
+    expected = 1
+    for size, stride in sorted(dims, key=lambda dim: dim[1]):
+        if stride != expected:
+            return None
+        expected *= size
+    return tuple(stride for _, stride in dims)
+
+
+def _in_param_layout(columns: list[list[Tensor]]) -> list[list[Tensor]]:
+    """``columns`` (params first) with each tensor replaced by a copy where
+    it is not laid out in memory as its param (itself made contiguous if it
+    does not fill its memory). The usual case copies nothing."""
+    staged = [list(column) for column in columns]
+    for i, param in enumerate(columns[0]):
+        if param.numel() == 0:
+            continue
+        layout = _flat_strides(param)
+        if layout is None:
+            staged[0][i] = param.contiguous()
+            layout = _flat_strides(staged[0][i])
+        for column in staged[1:]:
+            if column and _flat_strides(column[i]) != layout:
+                column[i] = torch.empty_like(staged[0][i], dtype=column[i].dtype).copy_(column[i])
+    return staged
+
+
+def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
+                weight_decay, amsgrad, maximize):
+    # Column order: PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ (empty: no column).
+    columns = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []]
+    staged = _in_param_layout(columns)
+    device, dtype = params[0].device, params[0].dtype
+    tables = _tables(device, dtype, staged, steps)
+    hyperparameters = _hyperparameters(device, beta1, beta2, eps, weight_decay)
+    if _capturing(device):  # evicted from the caches, they would be freed under the graph
+        _kept_for_graphs.extend((*tables, hyperparameters))
+    adamw_kernel[(tables.block_tensor.numel(),)](
+        tables.table, tables.block_tensor, tables.arrivals, lr, hyperparameters,
+        PARAM_TY=_TRITON_DTYPES[dtype], ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+        AMSGRAD=amsgrad, MAXIMIZE=maximize, INTERPRETING=INTERPRETING, BLOCK=BLOCK)
+    for column, staged_column in zip(columns, staged):
+        if column is grads:
+            continue  # read only
+        for original, copy in zip(column, staged_column):
+            if copy is not original:
+                original.copy_(copy)
