@@ -4,12 +4,12 @@ CUDA tensors run the Triton kernels, CPU tensors the NumPy ones; choose
 another with ``use_backend`` or ``$GPUKERNELS_BACKEND``.
 """
 
-from . import functional, nn, optim
+from . import distributed, functional, nn, optim
 from ._backend import BackendError, backend_name, unavailable_reason, use_backend
 from .functional import *  # noqa: F401,F403
 from .functional import __all__ as _functional_all
 from .patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["BackendError", "backend_name", "unavailable_reason", "use_backend", "functional", "nn", "optim",
+__all__ = ["BackendError", "backend_name", "unavailable_reason", "use_backend", "distributed", "functional", "nn", "optim",
            "PatchReport", "patch", "unpatch", *_functional_all]

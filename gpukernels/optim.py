@@ -11,6 +11,7 @@ All three are drop-ins for their PyTorch counterparts: ``AdamW`` for
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from itertools import chain
 from typing import Any, Callable, Iterable
@@ -23,6 +24,14 @@ from .ops._checks import check_float, check_number
 from .ops.adamw import adamw_step_, check_hyperparameters, state_dtype
 
 __all__ = ["AdamW", "WarmupCosineLR", "warmup_cosine", "clip_grad_norm_"]
+
+
+# torch.optim.AdamW's further param-group entries, at its defaults: a state
+# dict of ours carries them so that torch.distributed.checkpoint, which loads
+# only into entries the checkpoint has, loads ours into torch's (a torch
+# without some of them ignores the extra entries).
+_TORCH_ADAMW_FLAGS = dict(foreach=None, capturable=False, differentiable=False, fused=None,
+                          decoupled_weight_decay=True)
 
 
 def _by_device_and_dtype(tensors: Iterable[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
@@ -40,6 +49,19 @@ def _lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
     if isinstance(lr, Tensor):
         return lr.to(device=device, dtype=torch.float64).reshape(())
     return torch.full((), lr, dtype=torch.float64, device=device)
+
+
+def _is_dtensor(t: Any) -> bool:
+    """Without importing torch.distributed.tensor (a second at import time):
+    no DTensor exists before something else has imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The shard of a DTensor this rank holds (a view: updating it updates
+    the DTensor), or a plain tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def _zero_state(param: Tensor) -> Tensor:
@@ -66,11 +88,16 @@ class AdamW(torch.optim.Optimizer):
     bf16/fp16 params (fp64 for fp64 params), including state loaded from a
     PyTorch state dict; ``step`` lives on the param's device. ``lr`` may be a
     float or a one-element tensor.
+
+    DTensor params (FSDP2's ``fully_shard``) get DTensor state, as in
+    PyTorch, so ``torch.distributed.checkpoint`` state dicts of the two load
+    into each other; each rank updates its local shards.
     """
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        **_TORCH_ADAMW_FLAGS)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -114,6 +141,9 @@ class AdamW(torch.optim.Optimizer):
             check_float(name, p)
             if p.grad.is_sparse:
                 raise RuntimeError(f"AdamW does not support sparse gradients, but {name} has one")
+            if _is_dtensor(p) and getattr(p.grad, "placements", None) != p.placements:
+                raise RuntimeError(f"{name} is a DTensor with placements {p.placements}, so its grad must be one "
+                                   f"with the same placements, got {getattr(p.grad, 'placements', 'a plain tensor')}")
             params.append(p)
         return params
 
@@ -129,12 +159,15 @@ class AdamW(torch.optim.Optimizer):
     def _update(self, group: dict[str, Any], params: list[Tensor]) -> None:
         amsgrad = bool(group["amsgrad"])
         states = [self._state_of(p, amsgrad) for p in params]
+
+        def local_state(key: str) -> list[Tensor]:
+            return [_local(s[key]) for s in states]
+
         beta1, beta2 = group["betas"]
         adamw_step_(
-            params, [p.grad for p in params],
-            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
-            [s["step"] for s in states],
+            [_local(p) for p in params], [_local(p.grad) for p in params],
+            local_state("exp_avg"), local_state("exp_avg_sq"), local_state("max_exp_avg_sq") if amsgrad else [],
+            local_state("step"),
             _lr_tensor(group["lr"], params[0].device), float(beta1), float(beta2),
             float(group["eps"]), float(group["weight_decay"]), amsgrad, bool(group["maximize"]))
 
@@ -205,7 +238,10 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
     """``torch.nn.utils.clip_grad_norm_``: scale the gradients in place by
     ``min(1, max_norm / (total_norm + 1e-6))``, where ``total_norm`` is the
     ``norm_type``-norm of the per-tensor norms; returns ``total_norm``.
-    Multi-tensor ops per (device, dtype) bucket, as PyTorch's foreach path."""
+    Multi-tensor ops per (device, dtype) bucket, as PyTorch's foreach path.
+    DTensor gradients (FSDP2) go through DTensor's own norm ops, which reduce
+    over the mesh: ``total_norm`` is the global norm, a replicated DTensor
+    as PyTorch's, and every rank clips with it."""
     max_norm = _check_max_norm(max_norm)
     norm_type = float(norm_type)
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)

@@ -11,6 +11,13 @@ def compute_dtype(dtype: torch.dtype) -> np.dtype:
     return np.dtype(np.float64) if dtype == torch.float64 else np.dtype(np.float32)
 
 
+def _view(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor. Not ``t.numpy()``: that marks the
+    tensor's storage non-resizable for good, and FSDP2 frees unsharded
+    parameters by resizing their storage to 0."""
+    return np.from_dlpack(t)
+
+
 def as_array(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> np.ndarray | None:
     """A NumPy view of ``t`` (a copy only when its dtype must be widened),
     in the compute dtype of ``dtype`` (default: ``t``'s own) if floating."""
@@ -18,11 +25,11 @@ def as_array(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> np.nda
         return None
     t = t.detach()
     if not t.is_floating_point():
-        return t.numpy()
+        return _view(t)
     want = compute_dtype(dtype or t.dtype)
     if t.dtype == torch.float64 or t.dtype == torch.float32:
-        return t.numpy().astype(want, copy=False)
-    return t.to(torch.float32).numpy().astype(want, copy=False)
+        return _view(t).astype(want, copy=False)
+    return _view(t.to(torch.float32)).astype(want, copy=False)
 
 
 def as_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
