@@ -7,5 +7,6 @@ from .ops.cross_entropy import cross_entropy
 from .ops.dropout import dropout
 from .ops.layer_norm import layer_norm
 from .ops.linear_act import linear_act
+from .ops.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["batch_norm", "cross_entropy", "dropout", "layer_norm", "linear_act"]
+__all__ = ["batch_norm", "cross_entropy", "dropout", "layer_norm", "linear_act", "linear_cross_entropy"]

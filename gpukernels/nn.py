@@ -8,13 +8,15 @@ import torch
 from torch import Tensor
 
 from .ops.batch_norm import batch_norm
-from .ops.cross_entropy import cross_entropy
+from .ops.cross_entropy import REDUCTIONS, cross_entropy
 from .ops.dropout import dropout
 from .ops.layer_norm import layer_norm
 from .ops.linear_act import ACTIVATIONS, linear_act
+from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops._checks import check_choice
 
-__all__ = ["LinearAct", "LayerNorm", "BatchNorm1d", "BatchNorm2d", "Dropout", "CrossEntropyLoss"]
+__all__ = ["LinearAct", "LayerNorm", "BatchNorm1d", "BatchNorm2d", "Dropout", "CrossEntropyLoss",
+           "LinearCrossEntropyLoss", "HiddenStatesHead", "FusedHeadLoss"]
 
 
 class LinearAct(torch.nn.Linear):
@@ -84,3 +86,51 @@ class Dropout(torch.nn.Dropout):
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """``gpukernels.linear_cross_entropy`` as a loss module:
+    ``forward(input, weight, target, bias=None)`` is
+    ``cross_entropy(softcap(input @ weight.T + bias), target)`` (+ z-loss), taken a
+    chunk of rows at a time, never holding the logits."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, softcap: float | None = None, chunk_size: int | None = None):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+
+    def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
+        return linear_cross_entropy(input, weight, target, bias, self.ignore_index, self.reduction,
+                                    self.label_smoothing, self.z_loss, self.softcap, self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+                f"chunk_size={self.chunk_size}")
+
+
+class HiddenStatesHead(torch.nn.Linear):
+    """An ``nn.Linear`` whose forward returns its input (the hidden states): a model's
+    output layer once ``gpukernels.fuse_linear_cross_entropy`` has moved its matmul
+    into the loss. Its parameters, and so the state_dict, are the Linear's."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input
+
+
+class FusedHeadLoss(torch.nn.Module):
+    """``loss(head(input), target)`` from the hidden states ``input``, for a head made a
+    ``HiddenStatesHead`` by ``gpukernels.fuse_linear_cross_entropy``."""
+
+    def __init__(self, head: torch.nn.Linear, loss: LinearCrossEntropyLoss):
+        super().__init__()
+        self.loss = loss
+        self.__dict__["head"] = head  # not a submodule: its parameters stay the model's alone
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return self.loss(input, self.head.weight, target, self.head.bias)

@@ -24,7 +24,8 @@ _SWAPS = {
     torch.nn.Dropout: gnn.Dropout,
     torch.nn.CrossEntropyLoss: gnn.CrossEntropyLoss,
 }
-_OURS = {ours: theirs for theirs, ours in _SWAPS.items()} | {gnn.LinearAct: torch.nn.Linear}
+_OURS = {ours: theirs for theirs, ours in _SWAPS.items()} | {gnn.LinearAct: torch.nn.Linear,
+                                                              gnn.HiddenStatesHead: torch.nn.Linear}
 
 
 def _activation_name(module: torch.nn.Module) -> str | None:
@@ -106,6 +107,30 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True) -> PatchReport:
                    else "subclass of a torch layer: its forward may differ")
             report.left.append((name, cls.__name__, why))
     return report
+
+
+def fuse_linear_cross_entropy(model: torch.nn.Module, head: str, loss: torch.nn.CrossEntropyLoss,
+                              **options) -> gnn.FusedHeadLoss:
+    """Opt-in: fuse ``model``'s output layer ``head`` (the name of an exact ``nn.Linear``
+    whose output, the logits, goes to ``loss``) with ``loss``, so the logits are never
+    held. The head becomes a ``HiddenStatesHead``, which returns the hidden states, and
+    the returned module computes ``loss(head(hidden), target)`` from them with
+    ``gpukernels.linear_cross_entropy``: train with ``fused(model(x), target)``.
+    Whatever the model does between the head and its output must act on rows alone
+    (reshapes, slices, ``.float()``). ``options``: ``z_loss``, ``softcap``,
+    ``chunk_size``. ``unpatch(model)`` restores the head; parameters and state_dict
+    keys never change."""
+    linear = model.get_submodule(head)
+    if type(linear) is not torch.nn.Linear:
+        raise TypeError(f"head {head!r} must name an nn.Linear, got {type(linear).__name__}")
+    if type(loss) not in (torch.nn.CrossEntropyLoss, gnn.CrossEntropyLoss):
+        raise TypeError(f"loss must be an nn.CrossEntropyLoss, got {type(loss).__name__}")
+    if loss.weight is not None:
+        raise ValueError("loss has class weights, which linear_cross_entropy does not take")
+    fused = gnn.FusedHeadLoss(linear, gnn.LinearCrossEntropyLoss(loss.ignore_index, loss.reduction,
+                                                                 loss.label_smoothing, **options))
+    linear.__class__ = gnn.HiddenStatesHead
+    return fused
 
 
 def unpatch(model: torch.nn.Module) -> None:

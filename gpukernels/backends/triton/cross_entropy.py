@@ -12,6 +12,12 @@ The mean's denominator ``sum w[t_i]`` over kept rows is a small torch reduction
 over ``target`` made before the launch and read by the kernel from a device
 tensor, so nothing waits on the host.
 
+For the fused linear + cross-entropy (``linear_cross_entropy.py``) the same
+kernel also takes, each behind a constexpr flag: a softcap (the row is read as
+``cap * tanh(x / cap)`` and the gradient multiplied by its slope), a z-loss
+(``z * lse**2`` per row, gradient ``2 z lse p``), a gradient scale per row
+(the upstream gradient of ``reduction="none"``), and a per-row logsumexp output.
+
 A target outside ``[0, C)`` that is not ``ignore_index`` is never read: the
 kernel clamps the index it loads with and flags the row. On CPU tensors
 (the interpreter) the flag is an IndexError, as on the NumPy backend; on CUDA
@@ -37,21 +43,39 @@ MAX_BLOCK_C = 8192
 
 
 @triton.jit
-def cross_entropy_kernel(X, T, W, Smoothing, GradScale, Loss, Grad, Bad, C, ignore_index,
-                         HAS_W: tl.constexpr, SMOOTH: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+def _softcap(x, cap):
+    """``cap * tanh(x / cap)``, with tanh(u) = 2 sigmoid(2u) - 1 (the interpreter has no libdevice tanh)."""
+    return (tl.sigmoid(x * 2.0 / cap) * 2.0 - 1.0) * cap
+
+
+@triton.jit
+def _softcap_slope(x, cap):
+    """d softcap / dx = 1 - tanh(x / cap)**2 = 4 sigmoid(2u) sigmoid(-2u), free of the
+    cancellation 1 - tanh**2 suffers where tanh ~ 1."""
+    u = x * 2.0 / cap
+    return tl.sigmoid(u) * tl.sigmoid(-u) * 4.0
+
+
+@triton.jit
+def cross_entropy_kernel(X, T, W, Smoothing, Softcap, ZLoss, GradScale, Loss, Lse, Grad, Bad, C, ignore_index,
+                         HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,
+                         ROW_SCALE: tl.constexpr, STORE_LSE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
                          ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     X += row * C
-    Grad += row * C
     t = tl.load(T + row).to(tl.int64)
     kept = t != ignore_index
     in_range = (t >= 0) & (t < C)
     tl.store(Bad + row, kept & ~in_range)
     kept = kept & in_range
     safe_t = tl.where(kept, t, 0)
+    cap = tl.load(Softcap).to(ACC) if SOFTCAP else 1.0
     x_t = tl.load(X + safe_t).to(ACC)
+    if SOFTCAP:
+        x_t = _softcap(x_t, cap)
     w_t = tl.load(W + safe_t).to(ACC) if HAS_W else 1.0
     e = tl.load(Smoothing).to(ACC) if SMOOTH else 0.0
+    z = tl.load(ZLoss).to(ACC) if Z_LOSS else 0.0
     neg_inf = -float("inf")
 
     m = tl.full((), neg_inf, ACC)
@@ -63,6 +87,8 @@ def cross_entropy_kernel(X, T, W, Smoothing, GradScale, Loss, Grad, Bad, C, igno
         cols = start + tl.arange(0, BLOCK_C)
         mask = cols < C
         x = tl.load(X + cols, mask=mask, other=neg_inf).to(ACC)
+        if SOFTCAP:  # -inf stays out of the padding, which the cap would make -cap
+            x = tl.where(mask, _softcap(x, cap), neg_inf)
         m = tl.maximum(m, tl.max(x, axis=0))
         new_shift = tl.where(m == neg_inf, 0.0, m)
         s = s * tl.exp(shift - new_shift) + tl.sum(tl.exp(x - new_shift), axis=0)
@@ -72,26 +98,39 @@ def cross_entropy_kernel(X, T, W, Smoothing, GradScale, Loss, Grad, Bad, C, igno
             sum_w += tl.sum(w, axis=0)
         shift = new_shift
     log_s = tl.log(s)
+    lse = shift + log_s
 
     loss = (1.0 - e) * w_t * (shift - x_t + log_s)
     if SMOOTH:
         loss += (e / C) * (sum_w * log_s - d)
+    if Z_LOSS:
+        loss += z * lse * lse
     tl.store(Loss + row, tl.where(kept, loss, 0.0))
+    if STORE_LSE:
+        tl.store(Lse + row, lse)
 
     if COMPUTE_GRAD:
-        scale = tl.load(GradScale).to(ACC)
+        Grad += row * C
+        scale = tl.load(GradScale + row).to(ACC) if ROW_SCALE else tl.load(GradScale).to(ACC)
         a = scale * (1.0 - e) * w_t
         b = scale * (e / C)
+        zz = scale * 2.0 * z * lse
         for start in range(0, C, BLOCK_C):
             cols = start + tl.arange(0, BLOCK_C)
             mask = cols < C
-            p = tl.exp(tl.load(X + cols, mask=mask, other=0.0).to(ACC) - shift - log_s)
+            raw = tl.load(X + cols, mask=mask, other=0.0).to(ACC)
+            x = _softcap(raw, cap) if SOFTCAP else raw
+            p = tl.exp(x - shift - log_s)
             # a (p - onehot) + b (sum(w) p - w), not (a + b sum(w)) p - q: each term is
             # exactly 0 where p is the one-hot (C == 1)
             g = a * (p - tl.where(cols == safe_t, 1.0, 0.0))
             if SMOOTH:
                 w = tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else 1.0
                 g += b * (sum_w * p - w)
+            if Z_LOSS:
+                g += zz * p
+            if SOFTCAP:
+                g *= _softcap_slope(raw, cap)
             tl.store(Grad + cols, tl.where(kept, g, 0.0).to(Grad.dtype.element_ty), mask=mask)
 
 
@@ -120,31 +159,56 @@ def _check_targets(target: Tensor, bad: Tensor, classes: int) -> None:
                          f"(and is not ignore_index)")
 
 
+def cross_entropy_rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                       label_smoothing: float, loss: Tensor, grad: Optional[Tensor] = None,
+                       grad_scale: Optional[Tensor] = None, *, lse: Optional[Tensor] = None,
+                       softcap: Optional[float] = None, z_loss: float = 0.0) -> None:
+    """One launch over the rows of ``logits``: writes each row's loss (0 on ignored
+    rows; ``+ z_loss * lse**2`` with a z-loss; of ``softcap * tanh(logits / softcap)``
+    with a softcap) into ``loss`` (fp32, fp64 for fp64 logits), its logsumexp into
+    ``lse`` when given, and into ``grad`` when given ``grad_scale`` (one value, or one
+    per row) times the gradient of the row's loss with respect to its logits.
+    ``grad`` may be ``logits`` itself: each program reads a column block before
+    overwriting it, and only its own row."""
+    rows, classes = logits.shape
+    if not rows:
+        return
+    acc = loss.dtype
+
+    def scalar(value: float) -> Tensor:  # a device tensor: a kernel's float arguments are fp32
+        return torch.full((), value, dtype=acc, device=logits.device)
+
+    bad = torch.empty(rows, dtype=torch.bool, device=logits.device)
+    block = row_block(classes, MAX_BLOCK_C)
+    cross_entropy_kernel[(rows,)](
+        logits, target, weight,
+        scalar(label_smoothing) if label_smoothing > 0 else None,
+        scalar(softcap) if softcap is not None else None,
+        scalar(z_loss) if z_loss else None,
+        grad_scale, loss, lse, grad, bad, classes, ignore_index,
+        HAS_W=weight is not None, SMOOTH=label_smoothing > 0, SOFTCAP=softcap is not None, Z_LOSS=bool(z_loss),
+        ROW_SCALE=grad_scale is not None and grad_scale.dim() == 1, STORE_LSE=lse is not None,
+        COMPUTE_GRAD=grad is not None, ACC=acc_dtype(logits.dtype), BLOCK_C=block,
+        num_warps=min(max(block // 256, 1), 16))
+    _check_targets(target, bad, classes)
+
+
 def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                       label_smoothing: float, reduction: str, compute_grad: bool,
                       inplace_grad: bool = False) -> tuple[Tensor, Tensor]:
     """The NumPy kernel's contract. ``inplace_grad=True`` writes the gradient over
-    ``logits`` and returns that buffer (each program reads a column block before
-    overwriting it, and only its own row): a (rows, C) buffer less at a large
+    ``logits`` and returns that buffer: a (rows, C) buffer less at a large
     vocabulary, for callers that no longer need the logits."""
     rows, classes = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     denominator, grad_scale = _gradient_scale(target, weight, ignore_index, reduction, acc)
     loss = torch.empty(rows, dtype=acc, device=logits.device)
-    bad = torch.empty(rows, dtype=torch.bool, device=logits.device)
-    if not compute_grad:
-        grad = logits.new_empty(0)
-    else:
+    grad = None
+    if compute_grad:
         grad = logits if inplace_grad else torch.empty_like(logits)
-    if rows:
-        smoothing = torch.full((), label_smoothing, dtype=acc, device=logits.device) if label_smoothing > 0 else None
-        block = row_block(classes, MAX_BLOCK_C)
-        cross_entropy_kernel[(rows,)](logits, target, weight, smoothing, grad_scale, loss, grad, bad,
-                                      classes, ignore_index,
-                                      HAS_W=weight is not None, SMOOTH=label_smoothing > 0,
-                                      COMPUTE_GRAD=compute_grad, ACC=acc_dtype(logits.dtype), BLOCK_C=block,
-                                      num_warps=min(max(block // 256, 1), 16))
-        _check_targets(target, bad, classes)
+    cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, loss, grad, grad_scale)
+    if grad is None:
+        grad = logits.new_empty(0)
     if reduction == "none":
         return loss.to(logits.dtype), grad
     total = loss.sum()
