@@ -42,10 +42,10 @@ class Net(torch.nn.Module):
         return self.loss(self.head(h), target)
 
 
-def _pair(**kw):
+def _pair(device="cpu", **kw):
     torch.manual_seed(0)
-    theirs = Net(ours=False, **kw)
-    ours = Net(ours=True, **kw)
+    theirs = Net(ours=False, **kw).to(device)
+    ours = Net(ours=True, **kw).to(device)
     ours.load_state_dict(theirs.state_dict())
     return ours, theirs
 
@@ -53,10 +53,10 @@ def _pair(**kw):
 _TEACHER = torch.randn(12, 5, generator=torch.Generator().manual_seed(99))
 
 
-def _batch(step, n=16):
+def _batch(step, n=16, device="cpu"):
     """A learnable task: labels from a fixed linear teacher."""
     x = torch.randn(n, _TEACHER.shape[0], generator=torch.Generator().manual_seed(step))
-    return x, (x @ _TEACHER).argmax(1)
+    return x.to(device), (x @ _TEACHER).argmax(1).to(device)
 
 
 def test_state_dict_keys_are_torch_names():
