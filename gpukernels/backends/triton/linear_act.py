@@ -181,7 +181,7 @@ def linear_kernel(A, Saved, B, C, Z, Bias, RowSum, M, N, K,
         if ROW_SUM:
             row_sum += tl.sum(a.to(ACC), axis=1)
         b = tl.load(B + b_offsets, mask=k_in[:, None] & col_in[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
         a_offsets += BLOCK_K * stride_ak
         b_offsets += BLOCK_K * stride_bk
     if HAS_BIAS:

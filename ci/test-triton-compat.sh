@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The Triton-interpreter tier again, under the Triton release the GPU machines
+# run (3.6), beside the newest one the main suite uses: kernels must compile on
+# both. Its own virtual environment: torch==2.13.0 (CPU), triton==3.6.0, and
+# numpy<2.4 (triton 3.6's interpreter fails with numpy >= 2.4).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${GPUKERNELS_COMPAT_VENV:-.venv-triton36}
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+if ! "$py" -c "import torch, triton, pytest; assert triton.__version__.startswith('3.6')" 2>/dev/null; then
+    "$py" -m pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.4" pytest tqdm
+fi
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+exec "$py" -m pytest -q -m interpreter -p no:cacheprovider -W ignore::DeprecationWarning "$@" tests
