@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRETING
+from ._common import round_to
 
 BLOCK = 1024
 TABLE_CACHE_SIZE = 32
@@ -71,20 +71,8 @@ _TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.
 
 
 @triton.jit
-def _round_to_bf16(x):
-    """fp32 ``x`` rounded to the nearest even bf16, on the bits: the
-    interpreter truncates fp32 -> bf16, which would drift bf16 params toward
-    zero step after step."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)  # the carry could turn a nan into inf
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
 def adamw_kernel(Table, BlockTensor, Arrivals, Lr, Hyper, PARAM_TY: tl.constexpr, ACC: tl.constexpr,
-                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, INTERPRETING: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(BlockTensor + pid)
     row = Table + tensor.to(tl.int64) * COLUMNS
@@ -149,10 +137,7 @@ def adamw_kernel(Table, BlockTensor, Arrivals, Lr, Hyper, PARAM_TY: tl.constexpr
     else:
         p = p + neg_step_size * m / (tl.sqrt(second) / bias_correction2_sqrt + eps)
 
-    if INTERPRETING and PARAM_TY == tl.bfloat16:
-        tl.store(param_ptr, _round_to_bf16(p), mask=mask)
-    else:
-        tl.store(param_ptr, p.to(PARAM_TY), mask=mask)
+    tl.store(param_ptr, round_to(p, PARAM_TY), mask=mask)
     tl.store(exp_avg_ptr, m, mask=mask)
     tl.store(exp_avg_sq_ptr, v, mask=mask)
 
@@ -274,7 +259,7 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr
     adamw_kernel[(tables.block_tensor.numel(),)](
         tables.table, tables.block_tensor, tables.arrivals, lr, hyperparameters,
         PARAM_TY=_TRITON_DTYPES[dtype], ACC=tl.float64 if dtype == torch.float64 else tl.float32,
-        AMSGRAD=amsgrad, MAXIMIZE=maximize, INTERPRETING=INTERPRETING, BLOCK=BLOCK)
+        AMSGRAD=amsgrad, MAXIMIZE=maximize, BLOCK=BLOCK)
     for column, staged_column in zip(columns, staged):
         if column is grads:
             continue  # read only

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, num_programs
+from ._common import acc_dtype, num_programs, round_to
 
 TILE = 4096          # elements a program reads per step
 CHANNEL_BLOCK = 64   # channels per program when C is the contiguous axis
@@ -93,7 +93,7 @@ def _per_channel(Ptr, c_start, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
 @triton.jit
 def _store_per_channel(Ptr, c_start, C, values, BLOCK_C: tl.constexpr):
     c = c_start + tl.arange(0, BLOCK_C)
-    tl.store(Ptr + c, values.to(Ptr.dtype.element_ty), mask=c < C)
+    tl.store(Ptr + c, round_to(values, Ptr.dtype.element_ty), mask=c < C)
 
 
 # ---------------------------------------------------------------- forward
@@ -188,7 +188,7 @@ def _normalize_kernel(X, Y, Mean, Rstd, W, B, N, L, C, sxn, sxl, sxc, syn, syl, 
         y = (x - mean) * gain
         if HAS_B:
             y += shift
-        tl.store(Y + n * syn + l * syl + c * syc, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + n * syn + l * syl + c * syc, round_to(y, Y.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- backward
@@ -219,7 +219,7 @@ def _bwd_reduce_kernel(X, DY, DX, Mean, Rstd, W, Partial, N, L, C, sxn, sxl, sxc
         sum_dy += dy
         sum_dy_xc += dy * (x - mean)
         if not TRAINING:
-            tl.store(DX + n * sgn + l * sgl + c * sgc, (dy * gain).to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + n * sgn + l * sgl + c * sgc, round_to(dy * gain, DX.dtype.element_ty), mask=mask)
     partial = Partial + split * C
     _store_per_channel(partial, c_start, C, _channel_sum(sum_dy), BLOCK_C)
     _store_per_channel(partial + splits * C, c_start, C, _channel_sum(sum_dy_xc), BLOCK_C)
@@ -258,7 +258,7 @@ def _dx_kernel(X, DY, DX, Mean, Rstd, W, SumDy, SumDyXhat, M, N, L, C, sxn, sxl,
         dy = tl.load(DY + n * sdn + l * sdl + c * sdc, mask=mask, other=0.0).to(ACC)
         x = tl.load(X + n * sxn + l * sxl + c * sxc, mask=mask, other=0.0).to(ACC)
         dx = gain * (dy - mean_dy - (x - mean) * along_xc)
-        tl.store(DX + n * sgn + l * sgl + c * sgc, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + n * sgn + l * sgl + c * sgc, round_to(dx, DX.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- launchers

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, row_block
+from ._common import acc_dtype, round_to, row_block
 
 # Widest column block; vocabularies past it (up to 256k) are swept in blocks.
 # Tests lower it to make small rows loop.
@@ -131,7 +131,7 @@ def cross_entropy_kernel(X, T, W, Smoothing, Softcap, ZLoss, GradScale, Loss, Ls
                 g += zz * p
             if SOFTCAP:
                 g *= _softcap_slope(raw, cap)
-            tl.store(Grad + cols, tl.where(kept, g, 0.0).to(Grad.dtype.element_ty), mask=mask)
+            tl.store(Grad + cols, round_to(tl.where(kept, g, 0.0), Grad.dtype.element_ty), mask=mask)
 
 
 def _gradient_scale(target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype
+from ._common import acc_dtype, round_to
 
 BLOCK = 1024
 
@@ -40,7 +40,7 @@ def dropout_kernel(X, Y, Seed, Scale, n, p, ACC: tl.constexpr, BLOCK: tl.constex
     keep = uniform_from_index(tl.load(Seed), offsets) > p
     scale = tl.load(Scale)
     # tl.where, not a multiply by the mask: a dropped inf or nan gives 0.
-    tl.store(Y + offsets, tl.where(keep, x * scale, 0.0).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offsets, round_to(tl.where(keep, x * scale, 0.0), Y.dtype.element_ty), mask=mask)
 
 
 def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, num_programs, row_block
+from ._common import acc_dtype, num_programs, round_to, row_block
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def layer_norm_fwd_kernel(X, W, B, Y, Mean, Rstd, D, eps,
             y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
         if HAS_B:
             y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
-        tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + cols, round_to(y, Y.dtype.element_ty), mask=mask)
     else:
         total = tl.zeros([BLOCK_D], dtype=ACC)
         for start in range(0, D, BLOCK_D):
@@ -60,7 +60,7 @@ def layer_norm_fwd_kernel(X, W, B, Y, Mean, Rstd, D, eps,
                 y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
             if HAS_B:
                 y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
-            tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+            tl.store(Y + cols, round_to(y, Y.dtype.element_ty), mask=mask)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
 
@@ -85,7 +85,7 @@ def layer_norm_bwd_kernel(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, rows
             xhat = tl.where(mask, (tl.load(X + offs, mask=mask, other=0.0).to(ACC) - mean) * rstd, 0.0)
             g = dy * w
             dx = rstd * (g - tl.sum(g, axis=0) / D - xhat * (tl.sum(g * xhat, axis=0) / D))
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + offs, round_to(dx, DX.dtype.element_ty), mask=mask)
             dw += dy * xhat
             db += dy
         if HAS_W:
@@ -122,7 +122,8 @@ def layer_norm_bwd_kernel(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, rows
                 dy = tl.load(DY + base + cols, mask=mask, other=0.0).to(ACC)
                 xhat = (tl.load(X + base + cols, mask=mask, other=0.0).to(ACC) - mean) * rstd
                 g = dy * tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else dy
-                tl.store(DX + base + cols, (rstd * (g - mean_g - xhat * mean_gx)).to(DX.dtype.element_ty), mask=mask)
+                dx = rstd * (g - mean_g - xhat * mean_gx)
+                tl.store(DX + base + cols, round_to(dx, DX.dtype.element_ty), mask=mask)
 
 
 def _blocks(d: int) -> tuple[int, bool]:

@@ -38,28 +38,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, acc_dtype
+from ._common import INTERPRETING, acc_dtype, round_to
 
 _SQRT_HALF = tl.constexpr(math.sqrt(0.5))
 _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 _TANH_SCALE = tl.constexpr(math.sqrt(2.0 / math.pi))
 _TANH_CUBIC = tl.constexpr(0.044715)
 
-_INTERPRETING = tl.constexpr(INTERPRETING)
 _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16,
               torch.bfloat16: tl.bfloat16}
-
-
-@triton.jit
-def _cast(x, DTYPE: tl.constexpr):
-    """``x.to(DTYPE)`` rounding to nearest even, as a GPU does; the
-    interpreter's own fp32 -> bf16 cast truncates."""
-    if _INTERPRETING and DTYPE == tl.bfloat16:
-        x = x.to(tl.float32)
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        x = tl.where(x != x, x, rounded)  # a nan's low bits could carry it into inf
-    return x.to(DTYPE)
 
 
 # ---- activations and their derivatives, in the accumulation dtype ----
@@ -189,11 +176,11 @@ def linear_kernel(A, Saved, B, C, Z, Bias, RowSum, M, N, K,
     c_offsets = rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn
     c_mask = row_in[:, None] & col_in[None, :]
     if SAVE_Z:
-        tl.store(Z + c_offsets, _cast(acc, Z.dtype.element_ty), mask=c_mask)
-    tl.store(C + c_offsets, _cast(_activation(acc, ACTIVATION), C.dtype.element_ty), mask=c_mask)
+        tl.store(Z + c_offsets, round_to(acc, Z.dtype.element_ty), mask=c_mask)
+    tl.store(C + c_offsets, round_to(_activation(acc, ACTIVATION), C.dtype.element_ty), mask=c_mask)
     if ROW_SUM:
         if pid_n == 0:
-            tl.store(RowSum + rows, _cast(row_sum, RowSum.dtype.element_ty), mask=row_in)
+            tl.store(RowSum + rows, round_to(row_sum, RowSum.dtype.element_ty), mask=row_in)
 
 
 def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -235,7 +222,7 @@ def pre_activation_grad_kernel(DY, Z, DZ, n, ACTIVATION: tl.constexpr, ACC: tl.c
     mask = offsets < n
     dy = tl.load(DY + offsets, mask=mask, other=0.0)
     z = tl.load(Z + offsets, mask=mask, other=0.0)
-    tl.store(DZ + offsets, _cast(_pre_activation_grad(dy, z, ACTIVATION, ACC), DZ.dtype.element_ty), mask=mask)
+    tl.store(DZ + offsets, round_to(_pre_activation_grad(dy, z, ACTIVATION, ACC), DZ.dtype.element_ty), mask=mask)
 
 
 def _pre_activation_grad_tensor(dy: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
