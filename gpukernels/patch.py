@@ -3,16 +3,20 @@
 Modules are converted by changing their class to our subclass of the same
 torch class, so parameters, buffers, hooks and the module objects themselves
 (and so optimizer references and state_dict keys) stay exactly as they were.
-An ``nn.Linear`` directly followed by ReLU/GELU/SiLU inside an
-``nn.Sequential`` becomes one ``LinearAct`` and the activation an
-``nn.Identity``. ``unpatch`` reverses every change.
+An ``nn.Linear`` whose output goes only, and straight, into a ReLU/GELU/SiLU
+module as the forward runs them (found by tracing the forward with
+``torch.fx``: an ``nn.Sequential``, an MLP block's ``self.act(self.fc1(x))``)
+becomes one ``LinearAct`` and the activation module an ``nn.Identity``.
+``unpatch`` reverses every change.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx
 
 from . import nn as gnn
 
@@ -55,6 +59,43 @@ class PatchReport:
         return "\n".join(lines)
 
 
+class _Tracer(torch.fx.Tracer):
+    """Keeps our modules opaque, as torch.nn's are: only the call sites matter."""
+
+    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
+        return type(module).__module__ == gnn.__name__ or super().is_leaf_module(module, qualified_name)
+
+
+def _traced_graphs(module: torch.nn.Module, prefix: str = ""):
+    """(prefix, FX graph) pairs covering ``module``: its own graph when its
+    forward traces, else those of its children, recursively (a forward with
+    data-dependent control flow does not trace; the blocks inside it may)."""
+    try:
+        yield prefix, _Tracer().trace(module)
+    except Exception:
+        for name, child in module.named_children():
+            yield from _traced_graphs(child, f"{prefix}{name}.")
+
+
+def _linear_act_pairs(model: torch.nn.Module):
+    """(linear name, activation name, shared) for each exact ``nn.Linear``
+    whose output goes only, and straight, into a ReLU/GELU/SiLU module, as
+    the forward runs them (an ``nn.Sequential``, an MLP block's
+    ``self.act(self.fc1(x))``, ...). ``shared``: either module is called
+    more than once."""
+    for prefix, graph in _traced_graphs(model):
+        calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+        for node in graph.nodes:
+            if node.op != "call_module" or len(node.users) != 1:
+                continue
+            (user,) = node.users
+            if user.op != "call_module" or user.args[:1] != (node,):
+                continue
+            linear, act = model.get_submodule(prefix + node.target), model.get_submodule(prefix + user.target)
+            if type(linear) is torch.nn.Linear and _activation_name(act) is not None:
+                yield prefix + node.target, prefix + user.target, calls[node.target] > 1 or calls[user.target] > 1
+
+
 def _has_hooks(module: torch.nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or getattr(module, "_backward_pre_hooks", None))
@@ -70,25 +111,21 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True) -> PatchReport:
         uses[id(module)] = uses.get(id(module), 0) + 1
 
     if fuse_linear_act:
-        for parent_name, parent in model.named_modules():
-            if type(parent) is not torch.nn.Sequential:
-                continue
-            children = list(parent.named_children())
-            for (lin_key, linear), (act_key, act) in zip(children, children[1:]):
-                activation = _activation_name(act)
-                if type(linear) is not torch.nn.Linear or activation is None:
-                    continue
-                name = f"{parent_name}.{lin_key}".lstrip(".")
-                if uses[id(linear)] > 1 or uses[id(act)] > 1:
-                    report.left.append((name, "Linear", f"shared module: fusing {type(act).__name__} would change its other uses"))
-                elif _has_hooks(linear) or _has_hooks(act):
-                    report.left.append((name, "Linear", "has hooks that expect the unfused outputs"))
-                else:
-                    linear.__class__ = gnn.LinearAct
-                    linear.activation = activation
-                    setattr(parent, act_key, torch.nn.Identity())
-                    undo.append((parent, act_key, act))
-                    report.swapped.append((name, f"Linear+{type(act).__name__}", "LinearAct"))
+        for linear_name, act_name, shared in _linear_act_pairs(model):
+            linear, act = model.get_submodule(linear_name), model.get_submodule(act_name)
+            if shared or uses[id(linear)] > 1 or uses[id(act)] > 1:
+                report.left.append((linear_name, "Linear",
+                                    f"shared module: fusing {type(act).__name__} would change its other uses"))
+            elif _has_hooks(linear) or _has_hooks(act):
+                report.left.append((linear_name, "Linear", "has hooks that expect the unfused outputs"))
+            else:
+                linear.__class__ = gnn.LinearAct
+                linear.activation = _activation_name(act)
+                parent_name, _, key = act_name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                setattr(parent, key, torch.nn.Identity())
+                undo.append((parent, key, act))
+                report.swapped.append((linear_name, f"Linear+{type(act).__name__}", "LinearAct"))
 
     reported = {name for name, _, _ in report.left}
     for name, module in model.named_modules():
@@ -103,7 +140,7 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True) -> PatchReport:
         elif name in reported:
             continue
         elif isinstance(module, tuple(_SWAPS)) or cls is torch.nn.Linear:
-            why = ("not followed by ReLU/GELU/SiLU in an nn.Sequential" if cls is torch.nn.Linear
+            why = ("not followed by a ReLU/GELU/SiLU module in forward" if cls is torch.nn.Linear
                    else "subclass of a torch layer: its forward may differ")
             report.left.append((name, cls.__name__, why))
     return report

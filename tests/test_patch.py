@@ -132,3 +132,63 @@ def test_hooks_on_swapped_norm_keep_running():
     assert type(model[0]) is gnn.LayerNorm
     model(torch.randn(2, 4))
     assert calls == [1]
+
+
+class MLPBlock(nn.Module):
+    """The common transformer MLP: activation as a module attribute."""
+
+    def __init__(self, d=8, functional=False):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d)
+        self.gate = nn.Linear(d, d)
+        self.functional = functional
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(self.gate(x)) if self.functional else self.gate(x)
+        return self.fc2(self.act(self.fc1(x))) + h
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: FX cannot trace this forward, but can its blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([MLPBlock(), MLPBlock(functional=True)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            if x.sum() > -1e9:
+                x = block(x)
+        return x
+
+
+def test_mlp_block_patterns_are_fused_by_tracing_the_forward():
+    model = Untraceable()
+    x = torch.randn(5, 8)
+    expected = model(x)
+    report = gk.patch(model)
+    for block in model.blocks:
+        assert type(block.fc1) is gnn.LinearAct and block.fc1.activation == "gelu_tanh"
+        assert type(block.act) is nn.Identity
+        assert type(block.gate) is nn.Linear and type(block.fc2) is nn.Linear
+    left = {name: why for name, _, why in report.left}
+    assert "not followed" in left["blocks.1.gate"]  # F.silu is a function call, not a module to fuse
+    torch.testing.assert_close(model(x), expected)
+    gk.unpatch(model)
+    assert all(type(b.act) is nn.GELU and type(b.fc1) is nn.Linear for b in model.blocks)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_activation_module_used_twice_is_not_fused():
+    class TwiceAct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.act = nn.Linear(4, 4), nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.fc2(self.act(self.fc1(x))))
+
+    model = TwiceAct()
+    report = gk.patch(model)
+    assert type(model.fc1) is nn.Linear and type(model.act) is nn.ReLU
+    assert {name for name, _, why in report.left if "shared" in why} == {"fc1", "fc2"}
