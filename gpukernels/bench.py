@@ -258,6 +258,25 @@ def linear_act_cases(device, dtype, quick):
                    flops={"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops})
 
 
+def linear_cross_entropy_cases(device, dtype, quick):
+    """The LLM head: hidden states x (rows, hidden) times weight (vocab, hidden), then the loss."""
+    shapes = [(8192, 4096, 131072)] if quick else [(4096, 4096, 32768), (8192, 4096, 131072), (8192, 4096, 262144)]
+    if device.type != "cuda":
+        shapes = [(256, 64, 4096)]
+    for rows, hidden, vocab in shapes:
+        x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+        w = (torch.randn(vocab, hidden, device=device, dtype=dtype) / math.sqrt(hidden)).requires_grad_()
+        target = torch.randint(0, vocab, (rows,), device=device)
+        providers = _common_providers(lambda: gk.linear_cross_entropy(x, w, target),
+                                      lambda: F.cross_entropy(F.linear(x, w), target), device, None)
+        liger = _liger("liger_kernel.transformers.functional")
+        if liger is not None and device.type == "cuda":
+            providers["liger"] = lambda: liger.liger_fused_linear_cross_entropy(x, w, target)
+        flops = 2 * rows * hidden * vocab
+        yield Case("linear_cross_entropy", f"{rows}x{hidden}x{vocab}", rows * hidden * vocab, providers, [x, w],
+                   flops={"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops})
+
+
 def adamw_cases(device, dtype, quick):
     """Parameter sets of 4096x4096 matrices (and one remainder) in fp32."""
     totals = [10**8] if quick else [10**7, 10**8, 10**9]
@@ -288,6 +307,7 @@ OPS = {
     "dropout": dropout_cases,
     "batch_norm": batch_norm_cases,
     "linear_act": linear_act_cases,
+    "linear_cross_entropy": linear_cross_entropy_cases,
     "adamw": adamw_cases,
 }
 
