@@ -27,6 +27,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -152,11 +153,18 @@ def _compiled(fn: Callable, mode: str | None = None) -> Callable:
     return torch.compile(fn, mode=mode, dynamic=False)
 
 
-def _common_providers(ours: Callable, eager: Callable, device: torch.device, cupy_op: str | None) -> dict[str, Callable]:
+def _common_providers(ours: Callable, eager: Callable, device: torch.device, cupy_op: str | None,
+                      liger: Callable[[object], Callable] | None = None) -> dict[str, Callable]:
+    """gpukernels, eager and, on CUDA, torch.compile (two modes), the CuPy
+    backend when it has ``cupy_op``, and Liger-Kernel when installed
+    (``liger`` maps its functional module to the call to time)."""
     providers = {"gpukernels": ours, "eager": eager}
     if device.type == "cuda":
         providers["compile"] = _compiled(eager)
         providers["compile-max"] = _compiled(eager, "max-autotune-no-cudagraphs")
+        liger_transformers = _liger("liger_kernel.transformers") if liger else None
+        if liger_transformers is not None:
+            providers["liger"] = _first_output(liger(liger_transformers))
         if cupy_op and gk.unavailable_reason("cupy") is None \
                 and importlib.util.find_spec(f"gpukernels.backends.cupy.{cupy_op}") is not None:
             def with_cupy():
@@ -164,6 +172,14 @@ def _common_providers(ours: Callable, eager: Callable, device: torch.device, cup
                     return ours()
             providers["cupy"] = with_cupy
     return providers
+
+
+def _first_output(fn: Callable) -> Callable:
+    """Some baselines return (loss, extras): time them as the loss."""
+    def call():
+        out = fn()
+        return out[0] if isinstance(out, tuple) else out
+    return call
 
 
 def _liger(module: str) -> object | None:
@@ -184,11 +200,13 @@ def layer_norm_cases(device, dtype, quick):
         x = torch.randn(rows, d, device=device, dtype=dtype, requires_grad=True)
         w = torch.randn(d, device=device, dtype=dtype, requires_grad=True)
         b = torch.randn(d, device=device, dtype=dtype, requires_grad=True)
+
+        def liger_norm(lg, d=d, x=x):
+            norm = lg.LigerLayerNorm(d).to(device, dtype)
+            return lambda: norm(x)
+
         providers = _common_providers(lambda: gk.layer_norm(x, (d,), w, b), lambda: F.layer_norm(x, (d,), w, b),
-                                      device, "layer_norm")
-        liger = _liger("liger_kernel.transformers.functional")
-        if liger is not None and device.type == "cuda":
-            providers["liger"] = lambda: liger.liger_layer_norm(x, w, b, 1e-5)
+                                      device, "layer_norm", liger_norm)
         s = x.element_size()
         io = rows * d * s
         yield Case("layer_norm", f"{rows}x{d}", rows * d, providers, [x, w, b],
@@ -204,10 +222,8 @@ def cross_entropy_cases(device, dtype, quick):
         logits = torch.randn(rows, v, device=device, dtype=dtype, requires_grad=True)
         target = torch.randint(0, v, (rows,), device=device)
         providers = _common_providers(lambda: gk.cross_entropy(logits, target),
-                                      lambda: F.cross_entropy(logits, target), device, "cross_entropy")
-        liger = _liger("liger_kernel.transformers.functional")
-        if liger is not None and device.type == "cuda":
-            providers["liger"] = lambda: liger.liger_cross_entropy(logits, target)
+                                      lambda: F.cross_entropy(logits, target), device, "cross_entropy",
+                                      lambda lg: partial(lg.LigerCrossEntropyLoss(), logits, target))
         io = rows * v * logits.element_size()
         yield Case("cross_entropy", f"{rows}x{v}", rows * v, providers, [logits],
                    bytes={"fwd": io, "bwd": io, "fwd+bwd": 2 * io})
@@ -268,10 +284,9 @@ def linear_cross_entropy_cases(device, dtype, quick):
         w = (torch.randn(vocab, hidden, device=device, dtype=dtype) / math.sqrt(hidden)).requires_grad_()
         target = torch.randint(0, vocab, (rows,), device=device)
         providers = _common_providers(lambda: gk.linear_cross_entropy(x, w, target),
-                                      lambda: F.cross_entropy(F.linear(x, w), target), device, None)
-        liger = _liger("liger_kernel.transformers.functional")
-        if liger is not None and device.type == "cuda":
-            providers["liger"] = lambda: liger.liger_fused_linear_cross_entropy(x, w, target)
+                                      lambda: F.cross_entropy(F.linear(x, w), target), device, None,
+                                      # Liger's loss takes the weight first
+                                      lambda lg: partial(lg.LigerFusedLinearCrossEntropyLoss(), w, x, target))
         flops = 2 * rows * hidden * vocab
         yield Case("linear_cross_entropy", f"{rows}x{hidden}x{vocab}", rows * hidden * vocab, providers, [x, w],
                    flops={"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops})
