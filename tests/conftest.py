@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import gpukernels as gk  # noqa: E402  (after TRITON_INTERPRET)
+from helpers import SMALL_BLOCK  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -49,3 +50,15 @@ def device(request):
         pytest.skip(gk.unavailable_reason(backend))
     with gk.use_backend(backend):
         yield torch.device(device)
+
+
+@pytest.fixture
+def small_blocks(device, monkeypatch):
+    """The Triton cross-entropy module with its column block shrunk, so short
+    rows loop over blocks (Triton targets only)."""
+    if gk.backend_name(device) != "triton":
+        pytest.skip("column blocks are the Triton kernel's")
+    from gpukernels.backends.triton import cross_entropy as kernels
+
+    monkeypatch.setattr(kernels, "MAX_BLOCK_C", SMALL_BLOCK)
+    return kernels

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import gpukernels as gk
 from gpukernels.ops.cross_entropy import cross_entropy, cross_entropy_fwd
-from helpers import assert_matches
+from helpers import LOOPED_CLASSES, SMALL_BLOCK, assert_matches
 
 OP = "cross_entropy"  # conftest's device fixture skips backends without these kernels
 
@@ -262,21 +262,6 @@ def test_out_of_range_target(device, target, match, weighted):
     weight = torch.ones(4, device=device) if weighted else None
     with pytest.raises(IndexError, match=match):
         cross_entropy(torch.randn(3, 4, device=device), torch.tensor(target, device=device), weight=weight)
-
-
-# A few hundred classes in blocks of 128: three blocks, the last one partial.
-SMALL_BLOCK, LOOPED_CLASSES = 128, 300
-
-
-@pytest.fixture
-def small_blocks(device, monkeypatch):
-    """The Triton module with its column block shrunk, so short rows loop over blocks."""
-    if gk.backend_name(device) != "triton":
-        pytest.skip("column blocks are the Triton kernel's")
-    from gpukernels.backends.triton import cross_entropy as kernels
-
-    monkeypatch.setattr(kernels, "MAX_BLOCK_C", SMALL_BLOCK)
-    return kernels
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])

@@ -10,7 +10,7 @@ from gpukernels import nn as gnn
 from gpukernels.ops import linear_cross_entropy as lce_ops
 from gpukernels.ops.linear_cross_entropy import (linear_cross_entropy, linear_cross_entropy_bwd,
                                                  linear_cross_entropy_fwd)
-from helpers import assert_matches
+from helpers import LOOPED_CLASSES, assert_matches
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 IGNORE = -100
@@ -394,23 +394,11 @@ def test_gpu_memory_against_eager():
 
 # ---- Triton's column blocks: short rows made to loop, every option on ----
 
-SMALL_BLOCK, LOOPED_VOCAB = 128, 300
-
-
-@pytest.fixture
-def small_blocks(device, monkeypatch):
-    if gk.backend_name(device) != "triton":
-        pytest.skip("column blocks are the Triton kernel's")
-    from gpukernels.backends.triton import cross_entropy as kernels
-
-    monkeypatch.setattr(kernels, "MAX_BLOCK_C", SMALL_BLOCK)
-
-
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_looped_column_blocks(device, small_blocks, dtype, reduction):
-    x, weight, target, bias = _problem((5,), 6, LOOPED_VOCAB, ignored=[3], device=device)
-    target[0] = LOOPED_VOCAB - 1  # in the partial last block
+    x, weight, target, bias = _problem((5,), 6, LOOPED_CLASSES, ignored=[3], device=device)
+    target[0] = LOOPED_CLASSES - 1  # in the partial last block
     _compare(x, weight, target, bias, dtype, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=4.0,
              chunk_size=2)
 
