@@ -10,8 +10,9 @@ script runs each op once per dtype and option set under the interpreter,
 records every kernel launch (argument types, constexpr values, launch
 options), then, in a fresh process without the interpreter, compiles each
 distinct variant with Triton's own compiler for sm_90; autotuned kernels are
-compiled in the first configuration their GPU autotuner would try. One
-variant per kernel, argument types and constants other than block sizes.
+compiled in the first configuration their GPU autotuner would try and in the
+last, which small problems run untuned. One variant per kernel, argument
+types and constants other than block sizes.
 """
 
 from __future__ import annotations
@@ -162,8 +163,9 @@ def compile_all(launches: list[dict]) -> list[str]:
     for launch in launches:
         fn, configs = _jit_function(launch["module"], launch["kernel"])
         variants = [({}, launch["options"])]
-        if configs and len(configs) > 1:  # the GPU autotuner's first config (the interpreter had its own)
-            variants = [(c.kwargs, {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in configs[:1]]
+        if configs and len(configs) > 1:  # the GPU autotuner's first and last (small-problem) configs
+            variants = [(c.kwargs, {"num_warps": c.num_warps, "num_stages": c.num_stages})
+                        for c in (configs[0], configs[-1])]
         for config_kwargs, options in variants:
             signature, constexprs = {}, {}
             for name, (kind, value) in launch["args"].items():

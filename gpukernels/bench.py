@@ -329,7 +329,10 @@ OPS = {
 
 # ---------------------------------------------------------------- running
 
-def run(ops: list[str], dtype: torch.dtype, device: torch.device, quick: bool) -> tuple[list[Row], dict]:
+def run(ops: list[str], dtype: torch.dtype, device: torch.device, quick: bool, skip: frozenset[str] = frozenset(),
+        on_case: Callable[[list[Row], dict], None] | None = None) -> tuple[list[Row], dict]:
+    """Every case of ``ops`` by every provider but those in ``skip``; ``on_case(rows, peaks)``
+    after each case, so that a run cut short still leaves what it measured."""
     cuda = device.type == "cuda"
     peaks = measure_peaks(device, quick)
     rows: list[Row] = []
@@ -338,6 +341,8 @@ def run(ops: list[str], dtype: torch.dtype, device: torch.device, quick: bool) -
             for mode in case.modes:
                 case_rows = []
                 for provider, forward in case.providers.items():
+                    if provider in skip:
+                        continue
                     try:
                         fn = _mode_fn(case, forward, mode)
                         ms = _time_ms(fn, cuda, quick)
@@ -360,6 +365,8 @@ def run(ops: list[str], dtype: torch.dtype, device: torch.device, quick: bool) -
                     ours.speedup = {r.provider: r.ms / ours.ms for r in case_rows if r is not ours}
                 rows += case_rows
             del case
+            if on_case is not None and rows:
+                on_case(rows, peaks)
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
@@ -456,6 +463,8 @@ def main(argv=None) -> None:
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {','.join(OPS)}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--quick", action="store_true", help="one shape per op, shorter timing")
+    p.add_argument("--skip", default="", help="comma-separated providers not to run, e.g. compile-max (its "
+                   "autotuning takes minutes per op)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="out/bench", help="folder for the .json/.csv/.md results and the plots")
     a = p.parse_args(argv)
@@ -467,10 +476,12 @@ def main(argv=None) -> None:
     # NumPy computes bf16/fp16 in fp32 anyway; CPU numbers are for the harness, in fp32.
     dtype = getattr(torch, a.dtype) if device.type == "cuda" else torch.float32
     env = environment(device) | {"dtype": str(dtype).replace("torch.", "")}
-    rows, peaks = run(ops, dtype, device, a.quick)
     out = Path(a.out)
     stem = "cpu" if device.type != "cuda" else f"{env['device'].replace(' ', '-')}-{env['date']}"
-    write(rows, peaks, env, out, stem)
+    skip = frozenset(p.strip() for p in a.skip.split(",") if p.strip())
+    rows, peaks = run(ops, dtype, device, a.quick, skip, lambda rows, peaks: write(rows, peaks, env, out, stem))
+    if not rows:
+        raise SystemExit("no case ran: nothing to write")
     plot(rows, out, env)
     print(table(rows))
     print(f"results: {out}/{stem}.{{md,json,csv}} and {out}/<op>.png")

@@ -31,3 +31,9 @@ def test_cpu_mode_writes_every_op_and_column(tmp_path, capsys):
         assert (tmp_path / f"{op}.png").stat().st_size > 5_000
     out = capsys.readouterr().out
     assert "ours vs this" in out and "GB/s" in out
+
+
+def test_skip_leaves_out_a_provider(tmp_path):
+    bench.main(["--quick", "--device", "cpu", "--ops", "dropout", "--skip", "eager", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "cpu.json").read_text())["rows"]
+    assert rows and {r["provider"] for r in rows} == {"gpukernels"}

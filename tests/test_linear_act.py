@@ -64,6 +64,16 @@ def test_matches_torch(device, activation, dtype, in_features, out_features):
     _compare(*_problem((5, in_features), out_features, device=device), activation, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autotuned_sizes(device, dtype):
+    """512 x 1024 x 512 is past AUTOTUNE_MIN_MACS in all three matmuls: the tile shapes the
+    GPU autotuner picks from, where the tests above run the small-problem tile."""
+    if device.type != "cuda":
+        pytest.skip("on CPU the interpreter runs one tile shape, covered above")
+    x, weight, bias = _problem((512, 1024), 512, device=device)
+    _compare(x, weight, bias, "gelu", dtype)
+
+
 # fp32 is left out: its 1e-6 atol is below the rounding noise of sums over
 # 90-1100 terms, where ours and PyTorch's differ only in summation order.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])

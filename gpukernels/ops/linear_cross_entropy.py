@@ -1,23 +1,28 @@
 """linear_cross_entropy: custom ops ``gpukernels::linear_cross_entropy_fwd/_bwd``,
-their fake implementations and autograd, the chunk loop both backends share,
+their fake implementations and autograd, the two loops both backends share,
 and the checked public function.
 
 ``cross_entropy(softcap(x @ weight.T + bias), target)`` (plus ``z_loss * lse**2``
-per row) without ever holding the (rows, vocab) logits: the rows are taken a
-chunk at a time. For each chunk the backend computes the logits, the row
-kernel writes the logits' gradient over them, and that gradient is at once
-contracted into the chunk's rows of ``dx`` and added into ``dweight`` and
-``dbias`` (fp32 accumulators, fp64 for fp64). Only then is the next chunk's
-buffer made, so the extra memory is one chunk of logits plus the gradients
-(dx, and dweight/dbias in the input dtype and in fp32).
+per row) without ever holding the (rows, vocab) logits, in two passes, as
+flash attention treats its scores:
 
-With ``reduction="mean"`` or ``"sum"`` the upstream gradient is one number,
-so the forward computes the gradients (scaled by 1/count for the mean) and
-the backward only multiplies them by it. With ``reduction="none"`` each row
-has its own upstream gradient, unknown in the forward: the forward computes
-the losses only, and the backward runs the chunk loop again, recomputing each
-chunk's logits, with those per-row scales.
-Double backward is not supported: the saved gradients are not differentiable.
+- forward, by chunks of rows: each chunk's logits, then each row's loss and
+  the statistics of its logsumexp (row max and log-sum, fp32; fp64 for fp64).
+  Only these (rows,) vectors are saved, beside the inputs.
+- backward, by slices of the vocabulary: the slice's logits for all rows again,
+  their gradient from the saved statistics written over them, then
+  ``dweight[slice] = g.T @ x`` and ``dbias[slice]`` straight in the input dtype
+  (one matmul over all rows, accumulated in fp32 inside it) and
+  ``dx += g @ weight[slice]`` into an fp32 accumulator.
+
+So the extra memory is one chunk (or slice) of logits, the (rows, hidden) fp32
+``dx`` accumulator and the gradients themselves; no (vocab, hidden) fp32
+accumulator (2 GiB at vocab 128k, hidden 4096) and no gradient computed in the
+forward and held until the backward scales it. The price is one more matmul
+than the unfused op (the logits twice), the trade flash attention makes.
+The same backward serves every reduction: its per-row scale is the upstream
+gradient (``"none"``), that gradient (``"sum"``) or it over the rows kept
+(``"mean"``). Double backward is not supported.
 """
 
 from __future__ import annotations
@@ -59,6 +64,12 @@ def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype, budget: int) -
     return max(1, min(rows, budget // row_bytes))
 
 
+def slice_columns(rows: int, vocab: int, chunk_rows: int) -> int:
+    """Vocabulary columns per backward slice: as many logits as a chunk of
+    ``chunk_rows`` rows holds, at least 1 column, at most ``vocab``."""
+    return max(1, min(vocab, chunk_rows * vocab // max(rows, 1)))
+
+
 class _Options(NamedTuple):
     ignore_index: int
     label_smoothing: float
@@ -66,130 +77,112 @@ class _Options(NamedTuple):
     softcap: Optional[float]
 
 
-def _run_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, grad_scale: Tensor,
-                options: _Options, chunk_size: Optional[int], grads: tuple[bool, bool, bool]):
-    """Per-row loss (0 on ignored rows) and logsumexp, and the gradients asked for by
-    ``grads`` (x, weight, bias) of ``sum_i grad_scale_i * loss_i`` (``grad_scale`` 0-d or
-    one per row): dx in x's dtype, dweight and dbias in the accumulation dtype."""
+def _chunk_rows(x: Tensor, vocab: int, chunk_size: Optional[int]) -> int:
+    return chunk_size or default_chunk_rows(x.shape[0], vocab, x.dtype, chunk_budget(x.device))
+
+
+def _row_statistics(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, options: _Options,
+                    chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row: the loss (0 on ignored rows), the max of the (softcapped) logits and the
+    log of ``sum exp(logit - max)``, by chunks of rows."""
     rows, vocab = x.shape[0], weight.shape[0]
-    acc = _acc_dtype(x.dtype)
-    kernel = get_kernel("linear_cross_entropy", "linear_cross_entropy_chunk", x.device)
-    loss = x.new_empty(rows, dtype=acc)
-    lse = x.new_empty(rows, dtype=acc)
-    dx = torch.empty_like(x) if grads[0] else None
-    dweight = weight.new_zeros(weight.shape, dtype=acc) if grads[1] else None
-    dbias = weight.new_zeros(vocab, dtype=acc) if grads[2] else None
-    step = chunk_size or default_chunk_rows(rows, vocab, x.dtype, chunk_budget(x.device))
-    per_row_scale = grad_scale.dim() == 1
-    # autocast reaches into a custom op's body: it would round the fp32 accumulators to bf16
+    kernel = get_kernel("linear_cross_entropy", "linear_cross_entropy_rows", x.device)
+    loss, row_max, log_sum = (x.new_empty(rows, dtype=_acc_dtype(x.dtype)) for _ in range(3))
+    step = _chunk_rows(x, vocab, chunk_size)
+    # autocast reaches into a custom op's body: it would change the logits' dtype
     with torch.autocast(x.device.type, enabled=False):
         for start in range(0, rows, step):
             part = slice(start, start + step)
-            kernel(x[part], weight, bias, target[part], grad_scale[part] if per_row_scale else grad_scale,
-                   **options._asdict(), loss=loss[part], lse=lse[part], dx=None if dx is None else dx[part],
-                   dweight=dweight, dbias=dbias)
-    return loss, lse, dx, dweight, dbias
+            kernel(x[part], weight, bias, target[part], **options._asdict(), loss=loss[part], row_max=row_max[part],
+                   log_sum=log_sum[part])
+    return loss, row_max, log_sum
 
 
-def _forward_grads(reduction: str, bias: Optional[Tensor], grad_x: bool, grad_weight: bool,
-                   grad_bias: bool) -> tuple[bool, bool, bool]:
-    """The gradients the forward computes: those asked for, with mean/sum only."""
-    if reduction == "none":
-        return False, False, False
-    return grad_x, grad_weight, grad_bias and bias is not None
-
-
-def _in_dtypes(grads: tuple[Optional[Tensor], ...], likes: tuple[Optional[Tensor], ...]) -> tuple[Tensor, ...]:
-    """Each gradient in its tensor's dtype; an empty placeholder for one not computed."""
-    return tuple(empty_grad(likes[0]) if g is None else g.to(like.dtype) for g, like in zip(grads, likes))
+def _gradients(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, row_max: Tensor, log_sum: Tensor,
+               grad_scale: Tensor, options: _Options, chunk_size: Optional[int],
+               grads: tuple[bool, bool, bool]) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The gradients asked for by ``grads`` (x, weight, bias) of ``sum_i grad_scale_i * loss_i``
+    (``grad_scale`` 0-d or one per row), by slices of the vocabulary, in the inputs' dtypes."""
+    rows, vocab = x.shape[0], weight.shape[0]
+    kernel = get_kernel("linear_cross_entropy", "linear_cross_entropy_slice", x.device)
+    dx_acc = x.new_zeros(x.shape, dtype=_acc_dtype(x.dtype)) if grads[0] else None
+    dweight = torch.empty_like(weight) if grads[1] else None
+    dbias = torch.empty_like(bias) if grads[2] else None
+    step = slice_columns(rows, vocab, _chunk_rows(x, vocab, chunk_size))
+    with torch.autocast(x.device.type, enabled=False):
+        for start in range(0, vocab, step):
+            part = slice(start, start + step)
+            kernel(x, weight[part], None if bias is None else bias[part], target, row_max, log_sum, grad_scale,
+                   vocab=vocab, col_offset=start, **options._asdict(), dx=dx_acc,
+                   dweight=None if dweight is None else dweight[part], dbias=None if dbias is None else dbias[part])
+    return None if dx_acc is None else dx_acc.to(x.dtype), dweight, dbias
 
 
 @torch.library.custom_op("gpukernels::linear_cross_entropy_fwd", mutates_args=())
 def linear_cross_entropy_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
                              label_smoothing: float, z_loss: float, softcap: Optional[float], reduction: str,
-                             chunk_size: Optional[int], grad_x: bool, grad_weight: bool,
-                             grad_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, lse, dx, dweight, dbias): the reduced loss and the per-row logsumexp in
-    fp32 (fp64 for fp64); for mean/sum the gradients of the loss asked for by
-    ``grad_*`` in their tensors' dtypes (empty when not asked; ``reduction="none"``
-    asks for none: its backward recomputes them)."""
+                             chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, row_max, log_sum): the reduced loss, and per row the statistics of the
+    logsumexp (``lse = row_max + log_sum``), fp32 (fp64 for fp64)."""
     options = _Options(ignore_index, label_smoothing, z_loss, softcap)
-    acc = _acc_dtype(x.dtype)
-    kept_rows = (target != ignore_index).sum(dtype=acc)
-    if reduction == "mean":
-        grad_scale = torch.where(kept_rows > 0, 1 / kept_rows, 0)
-    else:
-        grad_scale = torch.ones((), dtype=acc, device=x.device)
-    grads = _forward_grads(reduction, bias, grad_x, grad_weight, grad_bias)
-    loss, lse, dx, dweight, dbias = _run_chunks(x, weight, bias, target, grad_scale, options, chunk_size, grads)
+    loss, row_max, log_sum = _row_statistics(x, weight, bias, target, options, chunk_size)
     if reduction == "sum":
         loss = loss.sum()
     elif reduction == "mean":
-        loss = loss.sum() / kept_rows  # all rows ignored: 0/0, nan as in PyTorch
-    return (loss, lse, *_in_dtypes((dx, dweight, dbias), (x, weight, bias)))
+        loss = loss.sum() / (target != ignore_index).sum()  # all rows ignored: 0/0, nan as in PyTorch
+    return loss, row_max, log_sum
 
 
 @linear_cross_entropy_fwd.register_fake
-def _(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size,
-      grad_x, grad_weight, grad_bias):
+def _(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size):
     acc = _acc_dtype(x.dtype)
     rows = x.shape[0]
     loss = x.new_empty((rows,) if reduction == "none" else (), dtype=acc)
-    grads = _forward_grads(reduction, bias, grad_x, grad_weight, grad_bias)
-    return (loss, x.new_empty(rows, dtype=acc),
-            torch.empty_like(x) if grads[0] else empty_grad(x),
-            torch.empty_like(weight) if grads[1] else empty_grad(x),
-            torch.empty_like(bias) if grads[2] else empty_grad(x))
+    return loss, x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc)
 
 
 @torch.library.custom_op("gpukernels::linear_cross_entropy_bwd", mutates_args=())
-def linear_cross_entropy_bwd(dloss: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                             ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
-                             chunk_size: Optional[int], grad_x: bool, grad_weight: bool,
-                             grad_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``sum_i dloss_i * loss_i`` (reduction="none"): the chunks again, their
-    logits recomputed, each row's gradient scaled by its ``dloss_i``."""
+def linear_cross_entropy_bwd(grad_scale: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                             row_max: Tensor, log_sum: Tensor, ignore_index: int, label_smoothing: float,
+                             z_loss: float, softcap: Optional[float], chunk_size: Optional[int], grad_x: bool,
+                             grad_weight: bool, grad_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) of ``sum_i grad_scale_i * loss_i`` (``grad_scale`` 0-d or one per
+    row), each empty when not asked for by ``grad_*``."""
     options = _Options(ignore_index, label_smoothing, z_loss, softcap)
-    row_scale = dloss.to(_acc_dtype(x.dtype)).contiguous()
     grads = (grad_x, grad_weight, grad_bias and bias is not None)
-    _, _, dx, dweight, dbias = _run_chunks(x, weight, bias, target, row_scale, options, chunk_size, grads)
-    return _in_dtypes((dx, dweight, dbias), (x, weight, bias))
+    dx, dweight, dbias = _gradients(x, weight, bias, target, row_max, log_sum, grad_scale.to(row_max.dtype),
+                                    options, chunk_size, grads)
+    return tuple(empty_grad(x) if g is None else g for g in (dx, dweight, dbias))
 
 
 @linear_cross_entropy_bwd.register_fake
-def _(dloss, x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
-      grad_x, grad_weight, grad_bias):
+def _(grad_scale, x, weight, bias, target, row_max, log_sum, ignore_index, label_smoothing, z_loss, softcap,
+      chunk_size, grad_x, grad_weight, grad_bias):
     return (torch.empty_like(x) if grad_x else empty_grad(x),
             torch.empty_like(weight) if grad_weight else empty_grad(x),
             torch.empty_like(bias) if grad_bias and bias is not None else empty_grad(x))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size, *grads = inputs
-    _, lse, dx, dweight, dbias = output
-    ctx.mark_non_differentiable(lse, dx, dweight, dbias)
+    x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size = inputs
+    _, row_max, log_sum = output
+    ctx.mark_non_differentiable(row_max, log_sum)
     ctx.reduction = reduction
-    ctx.grads = tuple(grads)
     ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
     ctx.has_bias = bias is not None
-    if reduction == "none":
-        ctx.save_for_backward(x, weight, bias, target)
-    else:
-        ctx.save_for_backward(dx, dweight, dbias)
+    ctx.save_for_backward(x, weight, bias, target, row_max, log_sum)
 
 
-def _backward(ctx, dloss, _dlse, _ddx, _ddweight, _ddbias):
+def _backward(ctx, dloss, _drow_max, _dlog_sum):
+    x, weight, bias, target, row_max, log_sum = ctx.saved_tensors
     wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias)
-    if ctx.reduction == "none":
-        x, weight, bias, target = ctx.saved_tensors
-        grads = linear_cross_entropy_bwd(dloss.contiguous(), x, weight, bias, target, *ctx.options, *wanted)
-    else:
-        missing = [name for name, want, got in zip(("x", "weight", "bias"), wanted, ctx.grads) if want and not got]
-        if missing:
-            raise RuntimeError(f"linear_cross_entropy_fwd was called without grad_{missing[0]}=True, so it has no "
-                               f"gradient to give; gpukernels.linear_cross_entropy decides this itself")
-        grads = tuple(g * dloss for g in ctx.saved_tensors)
-    return (*(g if want else None for g, want in zip(grads, wanted)), *(None,) * 10)
+    grad_scale = dloss
+    if ctx.reduction == "mean":
+        kept_rows = (target != ctx.options[0]).sum()
+        grad_scale = torch.where(kept_rows > 0, dloss / kept_rows, 0)
+    grads = linear_cross_entropy_bwd(grad_scale.contiguous(), x, weight, bias, target, row_max, log_sum,
+                                     *ctx.options, *wanted)
+    return (*(g if want else None for g, want in zip(grads, wanted)), *(None,) * 7)
 
 
 linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -254,11 +247,11 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor
     without ever holding the (rows, vocab) logits.
 
     ``x`` is ``(..., hidden)``, ``weight`` ``(vocab, hidden)`` as in ``nn.Linear``,
-    ``target`` ``x.shape[:-1]`` class indices. Rows are taken ``chunk_size`` at a time
-    (default: as many as fit 64 MiB of logits on CPU, 1/8 of the free memory up to
-    512 MiB on CUDA). With mean/sum the gradients are computed in the forward and the
-    backward only scales them; with ``reduction="none"`` the backward recomputes each
-    chunk's logits to scale every row by its own upstream gradient (one more pass).
+    ``target`` ``x.shape[:-1]`` class indices. The forward takes the rows ``chunk_size``
+    at a time (default: as many as fit 64 MiB of fp32 logits on CPU, 1/8 of the free
+    memory up to 512 MiB on CUDA) and saves two numbers per row; the backward
+    recomputes the logits by slices of the vocabulary holding as many logits as a
+    chunk, and writes each slice's weight gradient with one matmul over all rows.
     All rows ignored gives a nan mean and zero gradients, as PyTorch does.
 
     The loss has x's dtype (fp32 under autocast, whose dtype x, weight and bias are cast
@@ -275,14 +268,11 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor
         x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
     _check_dtypes(x, weight, bias)
 
-    grad_enabled = torch.is_grad_enabled()
-    loss, lse, _, _, _ = linear_cross_entropy_fwd(
+    loss, row_max, log_sum = linear_cross_entropy_fwd(
         x.reshape(-1, weight.shape[1]).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-        target.reshape(-1).long(), ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size,
-        grad_enabled and x.requires_grad, grad_enabled and weight.requires_grad,
-        grad_enabled and bias is not None and bias.requires_grad)
+        target.reshape(-1).long(), ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size)
     batch_shape = x.shape[:-1]
     loss = loss.view(batch_shape) if reduction == "none" else loss
     if not (autocasting and x.dtype != torch.float64):
         loss = loss.to(x.dtype)
-    return (loss, lse.view(batch_shape)) if return_lse else loss
+    return (loss, (row_max + log_sum).view(batch_shape)) if return_lse else loss

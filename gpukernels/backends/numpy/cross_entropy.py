@@ -1,9 +1,10 @@
-"""Cross-entropy over the rows of a contiguous (rows, C) logit matrix, with
-the gradient of the reduced loss computed in the same pass.
+"""Cross-entropy over the rows of a (rows, C) logit matrix, and the gradient
+of the reduced loss.
 
-``rows_loss_and_grad`` is the row kernel; ``cross_entropy_fwd`` (the op) and
-the fused linear + cross-entropy (``linear_cross_entropy.py``, which adds a
-softcap, a z-loss and per-row gradient scales) both call it.
+``row_statistics`` (loss, row max, log-sum) and ``logits_grad`` (the gradient
+from those statistics, for a block of columns) serve both ``cross_entropy_fwd``
+(the op) and the fused linear + cross-entropy (``linear_cross_entropy.py``,
+which adds a softcap, a z-loss, per-row gradient scales and vocabulary slices).
 """
 
 from __future__ import annotations
@@ -24,69 +25,88 @@ def kept_targets(target: np.ndarray, ignore_index: int, classes: int) -> tuple[n
     return kept, np.where(kept, target, 0)
 
 
-def _softcap_in_place(x: np.ndarray, softcap: float) -> np.ndarray:
-    """Turns ``x`` into ``softcap * tanh(x / softcap)``; returns the slope
-    ``1 - tanh**2``, as (1 - t)(1 + t), which loses no digits where t ~ 1."""
-    x /= softcap
-    np.tanh(x, out=x)
-    slope = 1.0 - x
-    slope *= 1.0 + x
-    x *= softcap
-    return slope
+def _softcap(x: np.ndarray, softcap: float | None, overwrite: bool) -> np.ndarray:
+    """``softcap * tanh(x / softcap)`` (``x`` without a softcap), in a buffer of its own
+    unless ``overwrite`` lets it be ``x``'s."""
+    c = x if overwrite else x.copy()
+    if softcap is not None:
+        c /= softcap
+        np.tanh(c, out=c)
+        c *= softcap
+    return c
 
 
-def rows_loss_and_grad(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None, ignore_index: int,
-                       label_smoothing: float, compute_grad: bool, softcap: float | None = None, z_loss: float = 0.0,
-                       overwrite: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Per row, of ``c = softcap(x)`` (``c = x`` without a softcap) and ``lse = logsumexp(c)``:
-    loss_i = -(1-e) w[t_i] logp[i, t_i] - (e/C) sum_c w[c] logp[i, c] + z_loss lse_i**2 (0 on ignored rows),
-    lse_i, and when ``compute_grad`` d(loss_i)/d(x_i) (unscaled: the caller scales it):
-    ((1-e) w[t_i] (p - onehot(t_i)) + (e/C) (sum(w) p - w) + 2 z_loss lse_i p) * softcap'(x_i).
-    ``overwrite`` lets the gradient be written over ``x`` (one (rows, C) buffer fewer);
-    with smoothing or a z-loss one more is made, with a softcap one more again."""
+def row_statistics(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None, ignore_index: int,
+                   label_smoothing: float, softcap: float | None = None, z_loss: float = 0.0,
+                   overwrite: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, of ``c = softcap(x)`` (``c = x`` without a softcap): the loss
+    -(1-e) w[t_i] logp[i, t_i] - (e/C) sum_c w[c] logp[i, c] + z_loss lse_i**2 (0 on ignored
+    rows), the row max m_i and log-sum ``log sum_c exp(c - m_i)``; ``lse = m + log_sum``.
+    m and the log-sum are kept apart so that a gradient taken from them later,
+    ``exp((c - m) - log_sum)``, loses no digits to a large m. ``overwrite`` lets ``x``
+    be used as the work buffer."""
     rows, classes = x.shape
     kept, safe_t = kept_targets(target, ignore_index, classes)
-    row_index = np.arange(rows)
     w = weight if weight is not None else np.ones(classes, x.dtype)
     e = label_smoothing
-    target_weight = np.where(kept, w[safe_t], 0)
-
-    buf = x if overwrite else x.copy()
-    slope = _softcap_in_place(buf, softcap) if softcap is not None else None
-    row_max = buf.max(axis=1, keepdims=True)
-    buf -= row_max
-    shifted_target = buf[row_index, safe_t]
+    shifted = _softcap(x, softcap, overwrite)
+    row_max = shifted.max(axis=1)
+    shifted -= row_max[:, None]
+    shifted_target = shifted[np.arange(rows), safe_t]
     # skipped at e == 0 so that -inf logits away from the target stay finite, as in PyTorch
-    shifted_smoothing = buf @ w if e > 0 else 0
-    np.exp(buf, out=buf)
-    row_sum = buf.sum(axis=1)
-    log_sum = np.log(row_sum)
-    lse = row_max[:, 0] + log_sum
-    loss = (1 - e) * target_weight * (log_sum - shifted_target)
+    shifted_smoothing = shifted @ w if e > 0 else 0
+    log_sum = np.log(np.exp(shifted, out=shifted).sum(axis=1))
+    loss = (1 - e) * np.where(kept, w[safe_t], 0) * (log_sum - shifted_target)
     if e > 0:
         loss += (e / classes) * (w.sum() * log_sum - shifted_smoothing)
     if z_loss:
+        lse = row_max + log_sum
         loss += z_loss * lse * lse
-    loss = np.where(kept, loss, 0)
-    if not compute_grad:
-        return loss, lse, None
+    return np.where(kept, loss, 0), row_max, log_sum
 
-    buf /= row_sum[:, None]  # the softmax p
-    # (1-e) w[t] (p - onehot) + (e/C) (sum(w) p - w): each term is exactly 0 where p is the
-    # one-hot (C == 1), which a_i p - q_i, rounded twice, is not
+
+def logits_grad(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None, ignore_index: int,
+                label_smoothing: float, row_max: np.ndarray, log_sum: np.ndarray, scale: np.ndarray | float,
+                classes: int, col_offset: int = 0, softcap: float | None = None, z_loss: float = 0.0,
+                overwrite: bool = False) -> np.ndarray:
+    """``scale_i`` (one value, or one per row) times d(loss_i)/dx for the columns
+    ``[col_offset, col_offset + x.shape[1])`` of rows of ``classes`` logits, from the
+    statistics ``row_statistics`` gave for the whole rows:
+    ((1-e) w[t_i] (p - onehot(t_i)) + (e/C) (sum(w) p - w) + 2 z_loss lse_i p) * softcap'(x),
+    0 on ignored rows. A target outside the columns is never read, only compared.
+    ``overwrite`` lets the gradient be written over ``x``; smoothing or a z-loss take one
+    more buffer, a softcap one more again."""
+    rows, width = x.shape
+    kept = target != ignore_index
+    e = label_smoothing
+    scale = np.where(kept, scale, 0)
+    a = (1 - e) * scale * (weight[np.where(kept, target, 0)] if weight is not None else 1)
+    b = (e / classes) * scale
+    c = _softcap(x, softcap, overwrite and softcap is None)
+    grad = c if softcap is None else x if overwrite else np.empty_like(x)
+    np.subtract(c, row_max[:, None], out=grad)
+    grad -= log_sum[:, None]
+    p = np.exp(grad, out=grad)
+    # a (p - onehot) + b (sum(w) p - w), not (a + b sum(w)) p - q: each term is exactly 0
+    # where p is the one-hot (C == 1), which a p - q, rounded twice, is not
     proportional = None
     if e > 0 or z_loss:
-        proportional = buf * ((e / classes) * w.sum() + 2 * z_loss * lse)[:, None]
+        sum_w = weight.sum() if weight is not None else classes
+        proportional = p * (b * sum_w + 2 * z_loss * scale * (row_max + log_sum))[:, None]
         if e > 0:
-            proportional -= (e / classes) * w
-    buf[row_index, safe_t] -= 1
-    buf *= ((1 - e) * target_weight)[:, None]
+            proportional -= b[:, None] if weight is None else np.outer(b, weight[col_offset:col_offset + width])
+    hit = kept & (target >= col_offset) & (target < col_offset + width)
+    grad[hit, target[hit] - col_offset] -= 1
+    grad *= a[:, None]
     if proportional is not None:
-        buf += proportional
-    buf[~kept] = 0
-    if slope is not None:
-        buf *= slope
-    return loss, lse, buf
+        grad += proportional
+    if softcap is not None:
+        c /= softcap  # tanh; its slope 1 - tanh**2 as (1 - t)(1 + t): no digits lost where t ~ 1
+        np.subtract(1, c, out=c)
+        grad *= c
+        np.subtract(2, c, out=c)
+        grad *= c
+    return grad
 
 
 def _reduce(loss: np.ndarray, target_weight: np.ndarray, reduction: str) -> tuple[np.ndarray, float]:
@@ -111,12 +131,11 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, red
     classes = x.shape[1]
     w = as_array(weight, logits.dtype) if weight is not None else np.ones(classes, x.dtype)
     kept, safe_t = kept_targets(t, ignore_index, classes)
-    target_weight = np.where(kept, w[safe_t], 0)
-    loss, _, grad = rows_loss_and_grad(x, t, w, ignore_index, label_smoothing, compute_grad)
-    reduced, scale = _reduce(loss, target_weight, reduction)
+    loss, row_max, log_sum = row_statistics(x, t, w, ignore_index, label_smoothing)
+    reduced, scale = _reduce(loss, np.where(kept, w[safe_t], 0), reduction)
     # as_tensor makes arrays at least 1-D; the mean and sum are 0-D
     loss_out = as_tensor(reduced, logits.dtype).reshape(np.shape(reduced))
     if not compute_grad:
         return loss_out, logits.new_empty(0)
-    grad *= scale
+    grad = logits_grad(x, t, w, ignore_index, label_smoothing, row_max, log_sum, scale, classes)
     return loss_out, as_tensor(grad, logits.dtype)

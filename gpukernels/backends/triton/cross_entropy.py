@@ -12,11 +12,11 @@ The mean's denominator ``sum w[t_i]`` over kept rows is a small torch reduction
 over ``target`` made before the launch and read by the kernel from a device
 tensor, so nothing waits on the host.
 
-For the fused linear + cross-entropy (``linear_cross_entropy.py``) the same
-kernel also takes, each behind a constexpr flag: a softcap (the row is read as
-``cap * tanh(x / cap)`` and the gradient multiplied by its slope), a z-loss
-(``z * lse**2`` per row, gradient ``2 z lse p``), a gradient scale per row
-(the upstream gradient of ``reduction="none"``), and a per-row logsumexp output.
+For the fused linear + cross-entropy's forward (``linear_cross_entropy.py``,
+whose backward has a kernel of its own) the same kernel also takes, each behind
+a constexpr flag: a softcap (the row is read as ``cap * tanh(x / cap)``), a
+z-loss (``z * lse**2`` per row), and outputs for the logsumexp's statistics
+``m`` and ``log s`` per row.
 
 A target outside ``[0, C)`` that is not ``ignore_index`` is never read: the
 kernel clamps the index it loads with and flags the row. On CPU tensors
@@ -43,13 +43,13 @@ MAX_BLOCK_C = 8192
 
 
 @triton.jit
-def _softcap(x, cap):
+def apply_softcap(x, cap):
     """``cap * tanh(x / cap)``, with tanh(u) = 2 sigmoid(2u) - 1 (the interpreter has no libdevice tanh)."""
     return (tl.sigmoid(x * 2.0 / cap) * 2.0 - 1.0) * cap
 
 
 @triton.jit
-def _softcap_slope(x, cap):
+def softcap_slope(x, cap):
     """d softcap / dx = 1 - tanh(x / cap)**2 = 4 sigmoid(2u) sigmoid(-2u), free of the
     cancellation 1 - tanh**2 suffers where tanh ~ 1."""
     u = x * 2.0 / cap
@@ -57,9 +57,9 @@ def _softcap_slope(x, cap):
 
 
 @triton.jit
-def cross_entropy_kernel(X, T, W, Smoothing, Softcap, ZLoss, GradScale, Loss, Lse, Grad, Bad, C, ignore_index,
-                         HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,
-                         ROW_SCALE: tl.constexpr, STORE_LSE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+def cross_entropy_kernel(X, T, W, Smoothing, Softcap, ZLoss, GradScale, Loss, RowMax, LogSum, Grad, Bad, C,
+                         ignore_index, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+                         Z_LOSS: tl.constexpr, STORE_STATS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
                          ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     X += row * C
@@ -72,7 +72,7 @@ def cross_entropy_kernel(X, T, W, Smoothing, Softcap, ZLoss, GradScale, Loss, Ls
     cap = tl.load(Softcap).to(ACC) if SOFTCAP else 1.0
     x_t = tl.load(X + safe_t).to(ACC)
     if SOFTCAP:
-        x_t = _softcap(x_t, cap)
+        x_t = apply_softcap(x_t, cap)
     w_t = tl.load(W + safe_t).to(ACC) if HAS_W else 1.0
     e = tl.load(Smoothing).to(ACC) if SMOOTH else 0.0
     z = tl.load(ZLoss).to(ACC) if Z_LOSS else 0.0
@@ -88,7 +88,7 @@ def cross_entropy_kernel(X, T, W, Smoothing, Softcap, ZLoss, GradScale, Loss, Ls
         mask = cols < C
         x = tl.load(X + cols, mask=mask, other=neg_inf).to(ACC)
         if SOFTCAP:  # -inf stays out of the padding, which the cap would make -cap
-            x = tl.where(mask, _softcap(x, cap), neg_inf)
+            x = tl.where(mask, apply_softcap(x, cap), neg_inf)
         m = tl.maximum(m, tl.max(x, axis=0))
         new_shift = tl.where(m == neg_inf, 0.0, m)
         s = s * tl.exp(shift - new_shift) + tl.sum(tl.exp(x - new_shift), axis=0)
@@ -106,20 +106,19 @@ def cross_entropy_kernel(X, T, W, Smoothing, Softcap, ZLoss, GradScale, Loss, Ls
     if Z_LOSS:
         loss += z * lse * lse
     tl.store(Loss + row, tl.where(kept, loss, 0.0))
-    if STORE_LSE:
-        tl.store(Lse + row, lse)
+    if STORE_STATS:
+        tl.store(RowMax + row, shift)
+        tl.store(LogSum + row, log_s)
 
     if COMPUTE_GRAD:
         Grad += row * C
-        scale = tl.load(GradScale + row).to(ACC) if ROW_SCALE else tl.load(GradScale).to(ACC)
+        scale = tl.load(GradScale).to(ACC)
         a = scale * (1.0 - e) * w_t
         b = scale * (e / C)
-        zz = scale * 2.0 * z * lse
         for start in range(0, C, BLOCK_C):
             cols = start + tl.arange(0, BLOCK_C)
             mask = cols < C
-            raw = tl.load(X + cols, mask=mask, other=0.0).to(ACC)
-            x = _softcap(raw, cap) if SOFTCAP else raw
+            x = tl.load(X + cols, mask=mask, other=0.0).to(ACC)
             p = tl.exp(x - shift - log_s)
             # a (p - onehot) + b (sum(w) p - w), not (a + b sum(w)) p - q: each term is
             # exactly 0 where p is the one-hot (C == 1)
@@ -127,10 +126,6 @@ def cross_entropy_kernel(X, T, W, Smoothing, Softcap, ZLoss, GradScale, Loss, Ls
             if SMOOTH:
                 w = tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else 1.0
                 g += b * (sum_w * p - w)
-            if Z_LOSS:
-                g += zz * p
-            if SOFTCAP:
-                g *= _softcap_slope(raw, cap)
             tl.store(Grad + cols, round_to(tl.where(kept, g, 0.0), Grad.dtype.element_ty), mask=mask)
 
 
@@ -161,16 +156,19 @@ def _check_targets(target: Tensor, bad: Tensor, classes: int) -> None:
 
 def cross_entropy_rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                        label_smoothing: float, loss: Tensor, grad: Optional[Tensor] = None,
-                       grad_scale: Optional[Tensor] = None, *, lse: Optional[Tensor] = None,
+                       grad_scale: Optional[Tensor] = None, *, stats: Optional[tuple[Tensor, Tensor]] = None,
                        softcap: Optional[float] = None, z_loss: float = 0.0) -> None:
     """One launch over the rows of ``logits``: writes each row's loss (0 on ignored
     rows; ``+ z_loss * lse**2`` with a z-loss; of ``softcap * tanh(logits / softcap)``
-    with a softcap) into ``loss`` (fp32, fp64 for fp64 logits), its logsumexp into
-    ``lse`` when given, and into ``grad`` when given ``grad_scale`` (one value, or one
-    per row) times the gradient of the row's loss with respect to its logits.
+    with a softcap) into ``loss`` (fp32, fp64 for fp64 logits); when ``stats`` is given,
+    into its two tensors the row max ``m`` and ``log sum exp(logit - m)``; and into
+    ``grad`` when given (only without softcap and z-loss) ``grad_scale`` times the
+    gradient of the row's loss with respect to its logits.
     ``grad`` may be ``logits`` itself: each program reads a column block before
     overwriting it, and only its own row."""
     rows, classes = logits.shape
+    if grad is not None and (softcap is not None or z_loss):
+        raise ValueError("cross_entropy_rows computes a gradient only without softcap and z-loss")
     if not rows:
         return
     acc = loss.dtype
@@ -185,10 +183,9 @@ def cross_entropy_rows(logits: Tensor, target: Tensor, weight: Optional[Tensor],
         scalar(label_smoothing) if label_smoothing > 0 else None,
         scalar(softcap) if softcap is not None else None,
         scalar(z_loss) if z_loss else None,
-        grad_scale, loss, lse, grad, bad, classes, ignore_index,
+        grad_scale, loss, *(stats or (None, None)), grad, bad, classes, ignore_index,
         HAS_W=weight is not None, SMOOTH=label_smoothing > 0, SOFTCAP=softcap is not None, Z_LOSS=bool(z_loss),
-        ROW_SCALE=grad_scale is not None and grad_scale.dim() == 1, STORE_LSE=lse is not None,
-        COMPUTE_GRAD=grad is not None, ACC=acc_dtype(logits.dtype), BLOCK_C=block,
+        STORE_STATS=stats is not None, COMPUTE_GRAD=grad is not None, ACC=acc_dtype(logits.dtype), BLOCK_C=block,
         num_warps=min(max(block // 256, 1), 16))
     _check_targets(target, bad, classes)
 

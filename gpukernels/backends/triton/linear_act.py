@@ -124,6 +124,13 @@ def _configs() -> list[triton.Config]:
             for m, n, k, s, w in shapes]
 
 
+# Below this many multiply-adds a matmul takes microseconds: timing every tile
+# shape would cost far more than the best one saves, so the last (smallest)
+# runs untuned.
+AUTOTUNE_MIN_MACS = 1 << 27
+SMALL_PROBLEM_CONFIG = _configs()[-1]
+
+
 @triton.jit
 def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(row, column) of program ``pid``'s tile, in groups of GROUP_M tile rows
@@ -205,10 +212,14 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, activation: st
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * max(triton.cdiv(N, meta["BLOCK_N"]), 1),)
 
-    linear_kernel[grid](a, saved, b, c, z, bias, row_sum, M, N, K, *a.stride(), *b.stride(), *c.stride(),
-                        PROLOGUE=prologue, ACTIVATION=activation, HAS_BIAS=bias is not None, SAVE_Z=z is not None,
-                        ROW_SUM=row_sum is not None, ACC=acc_dtype(c.dtype), DOT_DTYPE=_dot_dtype(c.dtype),
-                        PRECISION=_precision(c.dtype))
+    args = (a, saved, b, c, z, bias, row_sum, M, N, K, *a.stride(), *b.stride(), *c.stride())
+    options = dict(PROLOGUE=prologue, ACTIVATION=activation, HAS_BIAS=bias is not None, SAVE_Z=z is not None,
+                   ROW_SUM=row_sum is not None, ACC=acc_dtype(c.dtype), DOT_DTYPE=_dot_dtype(c.dtype),
+                   PRECISION=_precision(c.dtype))
+    if INTERPRETING or M * N * K >= AUTOTUNE_MIN_MACS:
+        linear_kernel[grid](*args, **options)
+    else:
+        linear_kernel.fn[grid](*args, **options, **SMALL_PROBLEM_CONFIG.all_kwargs())
 
 
 # ---- dz for the activations whose derivative is costly ----
