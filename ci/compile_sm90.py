@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 _TENSOR_TYPES = {"float64": "*fp64", "float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16",
                  "int64": "*i64", "int32": "*i32", "int8": "*i8", "uint8": "*u8", "bool": "*i1"}
-_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 
 # ---------------------------------------------------------------- recording (interpreter)

@@ -19,7 +19,7 @@ if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 work=$(mktemp -d)
 mkdir -p "$dest"
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPUKERNELS_FAILURE_LOG="$work/failures.log"
 unset TRITON_INTERPRET
 status=0
 publish() {  # the logs and a packed copy of everything, into $dest

@@ -121,7 +121,11 @@ def _grad_like(out: torch.Tensor) -> torch.Tensor:
     return _GRADS[key]
 
 
-def _peak_mem_mib(fn: Callable[[], object]) -> float:
+def _peak_mem_mib(fn: Callable[[], object], grad_inputs: list[torch.Tensor]) -> float:
+    """Peak memory above what was allocated before ``fn``, with no gradients held
+    beforehand: the gradients ``fn`` makes are counted."""
+    for t in grad_inputs:
+        t.grad = None
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -346,7 +350,7 @@ def run(ops: list[str], dtype: torch.dtype, device: torch.device, quick: bool, s
                     try:
                         fn = _mode_fn(case, forward, mode)
                         ms = _time_ms(fn, cuda, quick)
-                        mem = _peak_mem_mib(fn) if cuda and mode in ("fwd+bwd", "step") else None
+                        mem = _peak_mem_mib(fn, case.grad_inputs) if cuda and mode in ("fwd+bwd", "step") else None
                     except Exception as e:  # a baseline that cannot run this case is reported, not fatal
                         print(f"  {op} {case.shape} {mode} {provider}: skipped ({type(e).__name__}: {e})"[:300])
                         continue
@@ -438,6 +442,28 @@ def plot(rows: list[Row], out: Path, env: dict) -> list[Path]:
     return paths
 
 
+SUMMARY_BASELINES = ("eager", "compile", "compile-max", "liger", "cupy", "torch-fused", "cublas-matmul")
+
+
+def summary(rows: list[Row]) -> str:
+    """A Markdown table, one line per op and shape, of forward+backward (AdamW: a step):
+    our time, our speed-up over each baseline that ran (>1: ours is faster), our share
+    of the measured peak, and peak memory against eager's."""
+    lines = ["| op | shape | ours ms | " + " | ".join(f"vs {b}" for b in SUMMARY_BASELINES)
+             + " | of peak | mem MiB (eager) |", "|---" * (len(SUMMARY_BASELINES) + 5) + "|"]
+    for r in rows:
+        if r.provider != "gpukernels" or r.mode not in ("fwd+bwd", "step"):
+            continue
+        eager = next((e for e in rows if (e.op, e.shape, e.mode, e.provider) == (r.op, r.shape, r.mode, "eager")
+                      and e.peak_mem_mib is not None), None)
+        ratios = [f"{r.speedup[b]:.2f}x" if b in r.speedup else "" for b in SUMMARY_BASELINES]
+        mem = "" if r.peak_mem_mib is None else f"{r.peak_mem_mib:.0f}" + (
+            f" ({eager.peak_mem_mib:.0f})" if eager else "")
+        peak = "" if r.fraction_of_peak is None else f"{100 * r.fraction_of_peak:.0f}%"
+        lines.append(f"| {r.op} | {r.shape} | {r.ms:.3f} | " + " | ".join(ratios) + f" | {peak} | {mem} |")
+    return "\n".join(lines)
+
+
 def write(rows: list[Row], peaks: dict, env: dict, out: Path, stem: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps({"environment": env, "peaks": peaks,
@@ -455,7 +481,8 @@ def write(rows: list[Row], peaks: dict, env: dict, out: Path, stem: str) -> None
     if peaks:
         header += [f"Measured in this run: copy {peaks['copy_gbps']:.0f} GB/s, "
                    f"cuBLAS bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s.", ""]
-    (out / f"{stem}.md").write_text("\n".join(header) + "```\n" + table(rows) + "\n```\n")
+    (out / f"{stem}.md").write_text("\n".join(header) + summary(rows) + "\n\nEvery provider and mode:\n\n```\n"
+                                    + table(rows) + "\n```\n")
 
 
 def main(argv=None) -> None:
@@ -463,11 +490,15 @@ def main(argv=None) -> None:
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {','.join(OPS)}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--quick", action="store_true", help="one shape per op, shorter timing")
+    p.add_argument("--summarize", metavar="JSON", help="print the Markdown summary of a results file and exit")
     p.add_argument("--skip", default="", help="comma-separated providers not to run, e.g. compile-max (its "
                    "autotuning takes minutes per op)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="out/bench", help="folder for the .json/.csv/.md results and the plots")
     a = p.parse_args(argv)
+    if a.summarize:
+        print(summary([Row(**r) for r in json.loads(Path(a.summarize).read_text())["rows"]]))
+        return
     ops = [o.strip() for o in a.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in OPS]
     if unknown:

@@ -35,6 +35,20 @@ TARGETS = [
 ]
 
 
+def pytest_runtest_logreport(report):
+    """With GPUKERNELS_FAILURE_LOG set, each failure's traceback (and each test slower
+    than 10 s) is appended to that file as it happens: a GPU run cut off by its time
+    limit still says what failed. Written by the controlling process only under xdist."""
+    path = os.environ.get("GPUKERNELS_FAILURE_LOG")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    with open(path, "a") as log:
+        if report.failed:
+            log.write(f"=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+        elif report.when == "call" and report.duration > 10:
+            log.write(f"=== SLOW {report.nodeid}: {report.duration:.0f} s\n")
+
+
 @pytest.fixture(params=TARGETS)
 def device(request):
     """The device to make tensors on, with the backend under test selected.

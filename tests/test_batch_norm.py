@@ -46,21 +46,30 @@ def run(fn, x, weight, bias, running_mean, running_var, dy, **kwargs):
     return y, torch.autograd.grad(y, leaves, dy)
 
 
-def check_against_torch(x, weight, bias, running_mean, running_var, training, **kwargs):
+def check_against_torch(x, weight, bias, running_mean, running_var, training, torch_device=None, **kwargs):
     """Our forward, gradients and running stats vs PyTorch's (same dtypes)
-    and a float64 PyTorch run; returns (ours, theirs) for further checks."""
+    and a float64 PyTorch run, both on ``torch_device`` (default: x's);
+    returns (ours, theirs) for further checks."""
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(x.device, x.dtype)
     tensors = (x, weight, bias, running_mean, running_var)
-    ours_stats, theirs_stats, ref_stats = clones(*tensors[3:]), clones(*tensors[3:]), clones(*tensors[3:], dtype=torch.float64)
+    theirs_tensors = [None if t is None else t.to(torch_device or x.device) for t in (*tensors, dy)]
+    ours_stats = clones(*tensors[3:])
+    theirs_stats, ref_stats = clones(*theirs_tensors[3:5]), clones(*theirs_tensors[3:5], dtype=torch.float64)
     ours = run(batch_norm, *clones(*tensors[:3]), *ours_stats, dy, training=training, **kwargs)
-    theirs = run(F.batch_norm, *clones(*tensors[:3]), *theirs_stats, dy, training=training, **kwargs)
-    ref = run(F.batch_norm, *clones(*tensors[:3], dtype=torch.float64), *ref_stats, dy.double(), training=training, **kwargs)
-    assert_matches(ours[0].detach(), theirs[0].detach(), ref[0].detach())
+    theirs = run(F.batch_norm, *clones(*theirs_tensors[:3]), *theirs_stats, theirs_tensors[5], training=training,
+                 **kwargs)
+    ref = run(F.batch_norm, *clones(*theirs_tensors[:3], dtype=torch.float64), *ref_stats,
+              theirs_tensors[5].double(), training=training, **kwargs)
+
+    def here(t):
+        return t.detach().to(x.device)
+
+    assert_matches(here(ours[0]), here(theirs[0]), here(ref[0]))
     for mine, torchs, reference in zip(ours[1], theirs[1], ref[1]):
-        assert_matches(mine, torchs, reference)
+        assert_matches(mine, here(torchs), here(reference))
     for mine, torchs, reference in zip(ours_stats, theirs_stats, ref_stats):
         if mine is not None:
-            assert_matches(mine, torchs, reference)
+            assert_matches(mine, here(torchs), here(reference))
     return ours, theirs
 
 
@@ -95,7 +104,8 @@ def test_momentum_and_eps(device, momentum, eps):
 
 
 def test_zero_eps_is_fine_in_eval(device):
-    check_against_torch(*make_inputs((5, 4, 3), torch.float64, device=device), False, eps=0.0)
+    """PyTorch's CUDA batch_norm refuses eps=0: its side runs on CPU."""
+    check_against_torch(*make_inputs((5, 4, 3), torch.float64, device=device), False, torch_device="cpu", eps=0.0)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -183,9 +193,10 @@ def test_broadcast_output_grad(device, training):
 def test_kernels_on_empty_input_agree_with_numpy(device, training):
     """The public function never calls the kernels with M == 0, the ops may be:
     every backend then gives what the NumPy kernels give (nan batch stats)."""
-    x, weight, bias, running_mean, running_var = make_inputs((0, 3, 4), torch.float32, device=device)
+    inputs = make_inputs((0, 3, 4), torch.float32, device=device)
     results = []
-    for backend in (None, "numpy"):
+    for backend, where in ((None, device), ("numpy", torch.device("cpu"))):
+        x, weight, bias, running_mean, running_var = (t.to(where) for t in inputs)
         with gk.use_backend(backend) if backend else contextlib.nullcontext():
             stats = clones(running_mean, running_var)
             fwd = batch_norm_fwd(*clones(x, weight, bias), *stats, training, 0.1, 1e-5)

@@ -194,7 +194,8 @@ def test_autocast_runs_in_fp32(device):
         ours, theirs = cross_entropy(x, target), F.cross_entropy(x, target)
         assert cross_entropy(x.double(), target).dtype == torch.float64
     assert ours.dtype == theirs.dtype == torch.float32
-    torch.testing.assert_close(ours, theirs)
+    # fp32 math on the bf16 logits; PyTorch's CUDA autocast rounds on the way (1e-3 off here)
+    torch.testing.assert_close(ours, F.cross_entropy(x.float(), target))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

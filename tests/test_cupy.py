@@ -547,6 +547,35 @@ def test_adamw_kernel_equals_numpy(device, dtypes, config):
                 torch.testing.assert_close(o.cpu(), t, rtol=2 * torch.finfo(o.dtype).eps, atol=0)
 
 
+def test_adamw_on_any_memory_layout_equals_numpy(device):
+    """Params channels-last, transposed, or not filling their memory (a strided slice),
+    with state and grads laid out otherwise: the kernel walks flat arrays, so these
+    are staged in the param's layout and written back."""
+    from gpukernels.backends.cupy.adamw import adamw_step_
+
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).float()
+
+    params = [randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), randn(5, 4).t(), randn(2, 2200)[:, ::2]]
+    grads = [randn(2, 3, 4, 5), randn(4, 5), randn(2, 1100).t().contiguous().t()]
+    exp_avgs = [randn(2, 3, 4, 5).abs(), randn(4, 5), randn(2, 1100)]
+    exp_avg_sqs = [randn(2, 3, 4, 5).abs(), randn(5, 4).abs().t(), randn(1100, 2).abs().t()]
+    max_sqs = [s.clone() for s in exp_avg_sqs]
+    columns = [params, grads, exp_avgs, exp_avg_sqs, max_sqs]
+    ours = [[t.to(device) for t in column] for column in columns]
+    theirs = [[t.clone().contiguous() for t in column] for column in columns]
+    lr = torch.tensor(1e-2, dtype=torch.float64)
+    config = (0.9, 0.99, 1e-8, 0.1, True, False)
+    adamw_step_(*ours, [torch.zeros((), device=device) for _ in params], lr.to(device), *config)
+    numpy_adamw.adamw_step_(*theirs, [torch.zeros(()) for _ in params], lr, *config)
+    assert ours[0][2].stride() == (2200, 2)
+    for ours_column, theirs_column in zip(ours, theirs):
+        for o, t in zip(ours_column, theirs_column):
+            torch.testing.assert_close(o.cpu(), t, rtol=2 * torch.finfo(o.dtype).eps, atol=0)
+
+
 def test_adamw_one_launch_per_dtype(device, host_kernels):
     from gpukernels.backends.cupy.adamw import CHUNK, adamw_step_
 

@@ -74,6 +74,19 @@ def test_autotuned_sizes(device, dtype):
     _compare(x, weight, bias, "gelu", dtype)
 
 
+def test_autotuner_keeps_the_tiles_that_fit_shared_memory():
+    kernels = pytest.importorskip("gpukernels.backends.triton.linear_act")
+
+    def tiles(dtype):
+        kept = kernels.fitting_configs(kernels.gpu_configs(), {"A": torch.empty(0, dtype=dtype)})
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]
+
+    assert len(tiles(torch.bfloat16)) == len(tiles(torch.float16)) == len(kernels.gpu_configs())
+    assert tiles(torch.float32) == [(64, 128, 64), (64, 64, 32)]
+    assert tiles(torch.float64) == [(64, 64, 32)]
+    assert kernels.SMALL_PROBLEM_CONFIG.kwargs["BLOCK_K"] == 32  # fits every dtype
+
+
 # fp32 is left out: its 1e-6 atol is below the rounding noise of sums over
 # 90-1100 terms, where ours and PyTorch's differ only in summation order.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._layout import copy_back, in_param_layout
 from . import _runtime
 from ._runtime import kernel_name, pointer
 
@@ -37,14 +38,18 @@ def _table(columns: list[list[torch.Tensor | None]], device: torch.device) -> tu
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
                 weight_decay, amsgrad, maximize):
     torch._foreach_add_(steps, 1.0)
-    max_sqs = max_exp_avg_sqs if amsgrad else [None] * len(params)
+    columns = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     for dtype in dict.fromkeys(p.dtype for p in params):
         chosen = [i for i, p in enumerate(params) if p.dtype == dtype]
-        columns = [[column[i] for i in chosen] for column in (params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps)]
-        table, blocks = _table(columns, params[0].device)
+        tensors = [[column[i] for i in chosen] for column in columns]
+        # the kernel walks each tensor as a flat array: state laid out otherwise than its param is staged
+        staged = in_param_layout(tensors)
+        max_sqs = staged[4] if amsgrad else [None] * len(chosen)
+        table, blocks = _table([*staged[:4], max_sqs, [steps[i] for i in chosen]], params[0].device)
         if blocks:
             _runtime.launch("adamw.cu", kernel_name("adamw", dtype), params[0].device, blocks, THREADS,
                             (pointer(table), np.int64(len(chosen)), np.int64(CHUNK), pointer(lr),
                              np.float64(beta1), np.float64(beta2), np.float64(eps), np.float64(weight_decay),
                              np.int32(amsgrad), np.int32(maximize)),
                             options=("--fmad=false",))
+        copy_back(tensors, staged, read_only=1)

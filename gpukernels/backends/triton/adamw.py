@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._layout import copy_back, in_param_layout
 from ._common import round_to
 
 BLOCK = 1024
@@ -214,43 +215,11 @@ def _hyperparameters(device: torch.device, beta1: float, beta2: float, eps: floa
     return torch.tensor([beta1, beta2, eps, weight_decay], dtype=torch.float64, device=device)
 
 
-def _flat_strides(t: Tensor) -> tuple[int, ...] | None:
-    """The strides of ``t``'s dims of size > 1 when its elements fill numel
-    consecutive slots (contiguous, channels-last, transposed, ...), else None.
-    Tensors of one shape and the same flat strides hold their elements in the
-    same order, so the kernel can treat them as flat arrays side by side."""
-    dims = [(size, stride) for size, stride in zip(t.shape, t.stride()) if size != 1]
-    expected = 1
-    for size, stride in sorted(dims, key=lambda dim: dim[1]):
-        if stride != expected:
-            return None
-        expected *= size
-    return tuple(stride for _, stride in dims)
-
-
-def _in_param_layout(columns: list[list[Tensor]]) -> list[list[Tensor]]:
-    """``columns`` (params first) with each tensor replaced by a copy where
-    it is not laid out in memory as its param (itself made contiguous if it
-    does not fill its memory). The usual case copies nothing."""
-    staged = [list(column) for column in columns]
-    for i, param in enumerate(columns[0]):
-        if param.numel() == 0:
-            continue
-        layout = _flat_strides(param)
-        if layout is None:
-            staged[0][i] = param.contiguous()
-            layout = _flat_strides(staged[0][i])
-        for column in staged[1:]:
-            if column and _flat_strides(column[i]) != layout:
-                column[i] = torch.empty_like(staged[0][i], dtype=column[i].dtype).copy_(column[i])
-    return staged
-
-
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
                 weight_decay, amsgrad, maximize):
     # Column order: PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ (empty: no column).
     columns = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []]
-    staged = _in_param_layout(columns)
+    staged = in_param_layout(columns)
     device, dtype = params[0].device, params[0].dtype
     tables = _tables(device, dtype, staged, steps)
     hyperparameters = _hyperparameters(device, beta1, beta2, eps, weight_decay)
@@ -260,9 +229,4 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr
         tables.table, tables.block_tensor, tables.arrivals, lr, hyperparameters,
         PARAM_TY=_TRITON_DTYPES[dtype], ACC=tl.float64 if dtype == torch.float64 else tl.float32,
         AMSGRAD=amsgrad, MAXIMIZE=maximize, BLOCK=BLOCK)
-    for column, staged_column in zip(columns, staged):
-        if column is grads:
-            continue  # read only
-        for original, copy in zip(column, staged_column):
-            if copy is not original:
-                original.copy_(copy)
+    copy_back(columns, staged, read_only=1)

@@ -158,7 +158,10 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias):
         layer_norm_bwd_kernel[(programs,)](dy, x, weight, mean, rstd, dx, dw_partial, db_partial, rows, d,
                                            HAS_W=weight is not None, HAS_B=has_bias, ACC=acc_dtype(x.dtype),
                                            BLOCK_D=block, ONE_BLOCK=one_block,
-                                           num_warps=min(max(block // 256, 1), 16))
+                                           num_warps=min(max(block // 256, 1), 16),
+                                           # fused, dy * w - mean(dy * w) keeps the product's rounding error
+                                           # where the exact answer is 0 (D == 1), times rstd
+                                           enable_fp_fusion=False)
     param_dtype = weight.dtype if weight is not None else x.dtype
     dweight = dw_partial.sum(0).to(param_dtype) if weight is not None else x.new_empty(0)
     dbias = db_partial.sum(0).to(param_dtype) if has_bias else x.new_empty(0)

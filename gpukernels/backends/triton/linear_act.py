@@ -109,12 +109,8 @@ def _pre_activation_grad(dy, saved, ACTIVATION: tl.constexpr, ACC: tl.constexpr)
 
 # ---- the matmul ----
 
-def _configs() -> list[triton.Config]:
-    """Tile shapes for Hopper, autotuned per problem; one fixed shape when
-    interpreting (several configs need a GPU to benchmark them), small groups
-    so that small test matrices already span several."""
-    if INTERPRETING:
-        return [triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=2))]
+def gpu_configs() -> list[triton.Config]:
+    """Tile shapes for Hopper, largest first; the last is the small-problem tile."""
     shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
         (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
         (64, 256, 64, 4, 4), (64, 128, 64, 4, 4),
@@ -124,11 +120,33 @@ def _configs() -> list[triton.Config]:
             for m, n, k, s, w in shapes]
 
 
+def _configs() -> list[triton.Config]:
+    """Autotuned per problem on a GPU; one fixed shape when interpreting (several
+    configs need a GPU to benchmark them), small groups so that small test
+    matrices already span several."""
+    if INTERPRETING:
+        return [triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=2))]
+    return gpu_configs()
+
+
+SHARED_MEMORY_BYTES = 200 << 10  # of the H100's 227 KiB per block, with room for the epilogue
+
+
+def fitting_configs(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
+    """The configs whose pipelined A and B tiles fit in shared memory for these operands'
+    dtype: for fp32 and fp64 most do not, and compiling them only to fail costs seconds."""
+    itemsize = named_args["A"].element_size()
+    fitting = [c for c in configs
+               if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * itemsize * c.num_stages
+               <= SHARED_MEMORY_BYTES]
+    return fitting or configs[-1:]
+
+
 # Below this many multiply-adds a matmul takes microseconds: timing every tile
 # shape would cost far more than the best one saves, so the last (smallest)
 # runs untuned.
 AUTOTUNE_MIN_MACS = 1 << 27
-SMALL_PROBLEM_CONFIG = _configs()[-1]
+SMALL_PROBLEM_CONFIG = gpu_configs()[-1]
 
 
 @triton.jit
@@ -144,7 +162,8 @@ def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.c
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "stride_ak", "stride_bk", "PROLOGUE", "ACTIVATION",
-                                          "HAS_BIAS", "ROW_SUM"])  # the strides: which operands are transposed
+                                          "HAS_BIAS", "ROW_SUM"],  # the strides: which operands are transposed
+                 prune_configs_by={"early_config_prune": fitting_configs})
 @triton.jit
 def linear_kernel(A, Saved, B, C, Z, Bias, RowSum, M, N, K,
                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
