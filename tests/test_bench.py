@@ -31,6 +31,11 @@ def test_cpu_mode_writes_every_op_and_column(tmp_path, capsys):
         assert (tmp_path / f"{op}.png").stat().st_size > 5_000
     out = capsys.readouterr().out
     assert "ours vs this" in out and "GB/s" in out
+    bench.main(["--summarize", str(tmp_path / "cpu.json")])
+    summary = capsys.readouterr().out
+    assert summary.startswith("| op | shape | ours ms | vs eager")
+    assert all(f"| {op} |" in summary for op in bench.OPS)
+    assert summary in (tmp_path / "cpu.md").read_text()
 
 
 def test_skip_leaves_out_a_provider(tmp_path):
