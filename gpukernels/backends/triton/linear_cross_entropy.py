@@ -74,13 +74,13 @@ def _has_mixed_addmm(device: torch.device) -> bool:
     """Whether ``acc += a @ b`` runs in place here with bf16 ``a``, ``b`` and an fp32 ``acc``."""
     if device.type != "cuda":
         return False
-    acc = torch.zeros(1, 1, device=device)
+    acc = torch.ones(1, 1, device=device)
     one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
     try:
         torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
-    return acc.item() == 1.0
+    return acc.item() == 2.0  # the product added to acc, not written over it
 
 
 def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
