@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gpukernels as gk
-from gpukernels.backends.numpy.philox import philox4x32, uniform
+from gpukernels.backends.numpy.philox import element_uniforms, philox4x32, uint_to_uniform_float, uniform
 from gpukernels.ops.dropout import dropout, dropout_fwd
 from helpers import assert_matches
 
@@ -23,8 +23,11 @@ OP = "dropout"  # conftest's device fixture skips backends without these kernels
 
 
 def philox_mask(seed: int, n: int, p: float) -> torch.Tensor:
-    """Which of n flattened elements a seed keeps, straight from the generator."""
-    return torch.from_numpy(uniform(seed, n) > np.float32(p))
+    """Which of n flattened elements a seed keeps, straight from the generator:
+    element i takes word i % 4 of the Philox call on counter i // 4."""
+    i = np.arange(n, dtype=np.int64)
+    words = np.stack(philox4x32(seed, (i // 4) & 0xFFFFFFFF, (i // 4) >> 32), axis=1)
+    return torch.from_numpy(uint_to_uniform_float(words[i, i % 4]) > np.float32(p))
 
 
 def expected(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -72,6 +75,17 @@ def test_uniform_equals_triton_tl_rand(seed):
     store_rand[(2,)](torch.tensor(seed, dtype=torch.int64, device=device), offsets, out, len(OFFSETS), BLOCK=8)
     ours = uniform(seed, np.array(OFFSETS, dtype=np.int64))
     np.testing.assert_array_equal(out.cpu().numpy().view(np.uint32), ours.view(np.uint32))
+
+
+def test_element_uniforms_take_the_four_words_of_each_call_in_turn():
+    u = element_uniforms(7, 4 * 5 + 3)
+    for group in (0, 3, 5):
+        words = philox4x32(7, group, 0)
+        for j, word in enumerate(words):
+            if 4 * group + j < u.size:
+                assert u[4 * group + j] == uint_to_uniform_float(np.asarray(word, dtype=np.uint32).reshape(1))[0]
+    # a longer draw extends a shorter one: the mask does not depend on the size
+    np.testing.assert_array_equal(element_uniforms(7, 1001)[:23], u)
 
 
 def test_uniform_in_unit_interval_and_offset_addressed():

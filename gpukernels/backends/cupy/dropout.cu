@@ -1,7 +1,9 @@
-// Inverted dropout on a flat contiguous tensor. Element i is kept when the
-// uniform drawn by Philox4x32-10 from counter (i lo, i hi, 0, 0) and key
-// (seed lo, seed hi) is > p, exactly as backends/numpy/philox.py and the Triton
-// kernel draw it, so the masks agree bit for bit across backends.
+// Inverted dropout on a flat contiguous tensor. One Philox4x32-10 call serves
+// four elements: element i takes output word i % 4 of counter (i/4 lo, i/4 hi,
+// 0, 0) under key (seed lo, seed hi), exactly as backends/numpy/philox.py's
+// element_uniforms and the Triton kernel draw it, so the masks agree bit for
+// bit across backends. Ten rounds of 32-bit multiplies per element would make
+// the kernel compute-bound; per four elements it runs at memory speed.
 #include "_common.cu"
 
 #define GK_PHILOX_KEY_A 0x9E3779B9u
@@ -9,9 +11,11 @@
 #define GK_PHILOX_ROUND_A 0xD2511F53u
 #define GK_PHILOX_ROUND_B 0xCD9E8D57u
 
-// The first output word of Philox4x32-10 (Random123's round and key schedule).
-__device__ __forceinline__ unsigned philox_first_word(unsigned long long seed, unsigned long long index) {
-  unsigned c0 = (unsigned)index, c1 = (unsigned)(index >> 32), c2 = 0, c3 = 0;
+struct PhiloxWords { unsigned word[4]; };
+
+// Philox4x32-10 on counter (counter lo, counter hi, 0, 0) (Random123's round and key schedule).
+__device__ __forceinline__ PhiloxWords philox4x32(unsigned long long seed, unsigned long long counter) {
+  unsigned c0 = (unsigned)counter, c1 = (unsigned)(counter >> 32), c2 = 0, c3 = 0;
   unsigned k0 = (unsigned)seed, k1 = (unsigned)(seed >> 32);
   for (int round = 0; round < 10; ++round) {
     const unsigned long long product_b = (unsigned long long)GK_PHILOX_ROUND_B * c2;
@@ -23,7 +27,7 @@ __device__ __forceinline__ unsigned philox_first_word(unsigned long long seed, u
     k0 += GK_PHILOX_KEY_A;
     k1 += GK_PHILOX_KEY_B;
   }
-  return c0;
+  return {{c0, c1, c2, c3}};
 }
 
 // Triton's uint_to_uniform_float: a float32 in [0, 1).
@@ -33,17 +37,22 @@ __device__ __forceinline__ float uniform_from_bits(unsigned bits) {
   return (float)(x < 0 ? ~x : x) * 4.6566127342e-10f;
 }
 
-// A grid-stride loop, so any n runs on a capped grid. The seed is read on the
-// device: drawing one needs no host sync.
+// A thread per group of four consecutive elements (one Philox call), in a
+// grid-stride loop so any n runs on a capped grid; the last group may be
+// partial. The seed is read on the device: drawing one needs no host sync.
 template <typename T>
 __device__ __forceinline__ void dropout(const T* __restrict__ x, T* __restrict__ y, i64 n,
                                         const i64* __restrict__ seed, float p, acc_t<T> scale) {
   const unsigned long long key = (unsigned long long)*seed;
-  const i64 stride = (i64)gridDim.x * blockDim.x;
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const bool keep = uniform_from_bits(philox_first_word(key, (unsigned long long)i)) > p;
-    // a select, not a multiply by the mask: a dropped inf or nan gives 0
-    store(y, i, keep ? to_acc(x[i]) * scale : acc_t<T>(0));
+  const i64 groups = (n + 3) / 4, stride = (i64)gridDim.x * blockDim.x;
+  for (i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += stride) {
+    const PhiloxWords bits = philox4x32(key, (unsigned long long)g);
+    for (int k = 0; k < 4; ++k) {
+      const i64 i = 4 * g + k;
+      if (i >= n) break;
+      // a select, not a multiply by the mask: a dropped inf or nan gives 0
+      store(y, i, uniform_from_bits(bits.word[k]) > p ? to_acc(x[i]) * scale : acc_t<T>(0));
+    }
   }
 }
 

@@ -1,5 +1,6 @@
 """Inverted dropout on the flattened contiguous tensor, its mask drawn by
-Philox4x32-10 from ``(seed, element index)`` exactly as ``tl.rand`` draws it."""
+Philox4x32-10 from ``(seed, element index)``, four elements to a call
+(``philox.element_uniforms``), as the Triton and CUDA kernels draw it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import torch
 
 from ._arrays import as_array, as_tensor, compute_dtype
-from .philox import uniform
+from .philox import element_uniforms
 
 
 def keep_scale(p: float, dtype: torch.dtype) -> np.floating:
@@ -23,7 +24,7 @@ def keep_scale(p: float, dtype: torch.dtype) -> np.floating:
 
 def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     a = as_array(x).reshape(-1)
-    keep = uniform(int(seed.item()), a.size) > np.float32(p)
+    keep = element_uniforms(int(seed.item()), a.size) > np.float32(p)
     y = np.zeros_like(a)
     # only kept elements are multiplied: a dropped inf or nan gives 0, as in a Triton tl.where
     np.multiply(a, keep_scale(p, x.dtype), out=y, where=keep)

@@ -6,6 +6,11 @@ Triton's round is Random123's: counter words ``(c0, c1, c2, c3)``, key words
 ``(k0, k1)`` with ``k0`` the low and ``k1`` the high 32 bits of the seed. For
 ``tl.rand(seed, offsets)`` the counter is ``(offset lo, offset hi, 0, 0)`` and
 the result is the first output word mapped to a float in [0, 1).
+
+Dropout draws four elements from each Philox call (``element_uniforms``):
+element ``i`` takes output word ``i % 4`` of counter ``(i // 4 lo, i // 4 hi, 0, 0)``.
+The generator is what bounds a dropout kernel's speed, and this draws a quarter
+of the calls ``tl.rand`` per element would.
 """
 
 from __future__ import annotations
@@ -67,3 +72,13 @@ def uniform(seed: int, offsets: np.ndarray | int) -> np.ndarray:
     if isinstance(offsets, (int, np.integer)):
         offsets = np.arange(offsets, dtype=np.int64)
     return uint_to_uniform_float(randint(seed, offsets))
+
+
+def element_uniforms(seed: int, n: int) -> np.ndarray:
+    """The uniform of each of ``n`` elements: element ``i`` takes output word
+    ``i % 4`` of the Philox call on counter ``i // 4``, as float32 in [0, 1)."""
+    groups = np.arange((n + 3) // 4, dtype=np.uint64)
+    lo = (groups & np.uint64(_MASK32)).astype(np.uint32)
+    hi = (groups >> np.uint64(32)).astype(np.uint32)
+    bits = np.stack(philox4x32(seed, lo, hi), axis=1).reshape(-1)[:n]
+    return uint_to_uniform_float(bits)

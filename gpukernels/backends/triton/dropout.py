@@ -2,10 +2,11 @@
 (seed, element index) by Philox4x32-10: nothing is stored, the backward
 calls the same kernel on ``dy``.
 
-The counter layout and the uint32 -> float mapping are spelled out here
-(rather than left to ``tl.rand``) so the masks equal the NumPy backend's bit
-for bit on every Triton version: counter ``(index lo, index hi, 0, 0)``, key
-``seed``, first output word mapped as Triton's ``uint_to_uniform_float``.
+One Philox call serves four elements: element ``i`` takes output word ``i % 4``
+of counter ``(i // 4 lo, i // 4 hi, 0, 0)``, key ``seed``, mapped to a float as
+Triton's ``uint_to_uniform_float`` maps it (``numpy/philox.py``'s
+``element_uniforms``, bit for bit). Ten rounds of 32-bit multiplies per element
+would make the kernel compute-bound; per four, it runs at memory speed.
 """
 
 from __future__ import annotations
@@ -16,16 +17,12 @@ import triton.language as tl
 
 from ._common import acc_dtype, round_to
 
-BLOCK = 1024
+BLOCK = 2048
 
 
 @triton.jit
-def uniform_from_index(seed, index):
-    """Uniform float32 in [0, 1) for int64 ``index`` under 64-bit ``seed``."""
-    lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    hi = (index >> 32).to(tl.uint32)
-    zero = lo * 0
-    bits, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
+def uniform_from_bits(bits):
+    """Triton's ``uint_to_uniform_float`` for uint32: a float32 in [0, 1)."""
     signed = bits.to(tl.int32, bitcast=True)
     # ~x maps the negative half onto [0, 2**31) so the sign bit is not wasted
     nonnegative = tl.where(signed < 0, -signed - 1, signed)
@@ -33,12 +30,21 @@ def uniform_from_index(seed, index):
 
 
 @triton.jit
-def dropout_kernel(X, Y, Seed, Scale, n, p, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def dropout_kernel(X, Y, Seed, scale, n, p, SCALE_IN_MEMORY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # (BLOCK // 4, 4): a row per Philox call, a column per output word
+    groups = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    word = tl.arange(0, 4)[None, :]
+    offsets = groups[:, None] * 4 + word
     mask = offsets < n
     x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
-    keep = uniform_from_index(tl.load(Seed), offsets) > p
-    scale = tl.load(Scale)
+    zero = (groups * 0).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(tl.load(Seed), (groups & 0xFFFFFFFF).to(tl.uint32), (groups >> 32).to(tl.uint32),
+                               zero, zero)
+    bits = tl.where(word == 0, r0[:, None],
+                    tl.where(word == 1, r1[:, None], tl.where(word == 2, r2[:, None], r3[:, None])))
+    keep = uniform_from_bits(bits) > p
+    if SCALE_IN_MEMORY:
+        scale = tl.load(scale)
     # tl.where, not a multiply by the mask: a dropped inf or nan gives 0.
     tl.store(Y + offsets, round_to(tl.where(keep, x * scale, 0.0), Y.dtype.element_ty), mask=mask)
 
@@ -49,9 +55,9 @@ def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(x)
     n = x.numel()
     if n:
-        # Float arguments reach a kernel as fp32, so the (fp64 for fp64 input)
-        # scale travels in a one-element tensor.
-        scale_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        scale = torch.full((), float(keep_scale(p, x.dtype)), dtype=scale_dtype, device=x.device)
-        dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, seed, scale, n, p, ACC=acc_dtype(x.dtype), BLOCK=BLOCK)
+        scale = float(keep_scale(p, x.dtype))
+        if x.dtype == torch.float64:  # float arguments reach a kernel as fp32
+            scale = torch.full((), scale, dtype=torch.float64, device=x.device)
+        dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, seed, scale, n, p, SCALE_IN_MEMORY=x.dtype == torch.float64,
+                                                  ACC=acc_dtype(x.dtype), BLOCK=BLOCK, num_warps=8)
     return y
