@@ -75,4 +75,5 @@ def small_blocks(device, monkeypatch):
     from gpukernels.backends.triton import cross_entropy as kernels
 
     monkeypatch.setattr(kernels, "MAX_BLOCK_C", SMALL_BLOCK)
+    monkeypatch.setattr(kernels, "GRAD_BLOCK_C", SMALL_BLOCK)
     return kernels

@@ -35,13 +35,15 @@ import gpukernels as gk
 import gpukernels.backends.cupy as cupy_backend
 import gpukernels.backends.numpy.adamw as numpy_adamw
 from gpukernels.backends.cupy import _runtime
+from gpukernels.backends.cupy import cross_entropy as cupy_cross_entropy
 from gpukernels.backends.cupy import dropout as cupy_dropout
 from gpukernels.backends.cupy import layer_norm as cupy_layer_norm
+from gpukernels.backends.numpy import cross_entropy as numpy_cross_entropy
 from gpukernels.backends.numpy import layer_norm as numpy_layer_norm
 from gpukernels.backends.numpy.dropout import dropout_fwd as numpy_dropout_fwd
-from gpukernels.backends.numpy.philox import randint, uniform
+from gpukernels.backends.numpy.philox import element_uniforms, philox4x32
 from gpukernels.optim import AdamW
-from helpers import assert_matches
+from helpers import TOLERANCES, assert_matches
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 F64, F32, BF16, F16 = DTYPES
@@ -188,7 +190,10 @@ static unsigned short gk_float_to_half(float f) {
 
 # Extra entry points for tests that call device functions directly.
 HOST_EXTRAS = {"dropout.cu": r"""
-extern "C" unsigned philox_word(unsigned long long seed, unsigned long long i) { return philox_first_word(seed, i); }
+extern "C" void philox_words(unsigned long long seed, unsigned long long counter, unsigned* out) {
+  const PhiloxWords words = philox4x32(seed, counter);
+  for (int k = 0; k < 4; ++k) out[k] = words.word[k];
+}
 extern "C" void to_bf16(const float* in, unsigned short* out, i64 n) {
   for (i64 i = 0; i < n; ++i) out[i] = gk_float_to_bf16(in[i]);
 }
@@ -354,11 +359,14 @@ def test_layer_norm_gradcheck(device):
 
 # ---------------------------------------------------------------- cross_entropy
 
-# (classes, reduction, weighted, label_smoothing, dtype): each dtype, reduction
-# and option, rows of 1 to 4097 classes (wider than a block's threads).
-CE_CASES = [(1, "mean", False, 0.0, F64), (3, "sum", True, 0.1, F32), (17, "none", False, 0.0, BF16),
-            (17, "mean", True, 0.2, F16), (17, "mean", True, 0.2, F64), (1000, "mean", False, 0.1, BF16),
-            (1000, "none", True, 0.0, F32), (4097, "sum", False, 0.0, F16), (4097, "mean", True, 0.1, F32)]
+# (classes, reduction, weighted, label_smoothing, dtype): every dtype, reduction,
+# weighting and smoothing on rows of 17 classes; then rows of 1 to 4097 classes
+# (wider than a block's threads: the backward takes several tiles of a row).
+CE_CASES = [(17, reduction, weighted, smoothing, dtype) for dtype in DTYPES for reduction in ("mean", "sum", "none")
+            for weighted in (False, True) for smoothing in (0.0, 0.2)]
+CE_CASES += [(1, "mean", False, 0.0, F64), (1, "sum", True, 0.1, F32), (3, "sum", True, 0.1, F32),
+             (1000, "mean", False, 0.1, BF16), (1000, "none", True, 0.0, F32), (4097, "sum", False, 0.0, F16),
+             (4097, "mean", True, 0.1, F32)]
 
 
 def _ce_inputs(rows, classes, dtype, device, ignored=(2,)):
@@ -368,21 +376,72 @@ def _ce_inputs(rows, classes, dtype, device, ignored=(2,)):
     return x, target.to(device)
 
 
-def _ce_compare(x, target, weight, upstream, **kwargs):
-    def run(fn, x, weight):
-        return _grads(lambda x: fn(x, target, weight=weight, **kwargs), [x], upstream.to(x.dtype))
+def _ce_upstream(reduction, rows, dtype, device):
+    """A gradient of the loss: per row for ``none``, else a scalar."""
+    return _randn(rows, dtype, 5, device) if reduction == "none" else torch.tensor(0.7, device=device).to(dtype)
 
-    ours, theirs = run(gk.cross_entropy, x, weight), run(F.cross_entropy, x, weight)
-    reference = run(F.cross_entropy, x.double(), None if weight is None else weight.double())
-    return [assert_matches(o, t, r) for o, t, r in zip(ours, theirs, reference)]
+
+def _ce_kernels(x, target, weight, upstream, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    """The backend's loss and row statistics, and the gradient its backward gives from them."""
+    options = (ignore_index, label_smoothing, reduction)
+    loss, row_max, log_sum = cupy_cross_entropy.cross_entropy_fwd(x, target, weight, *options)
+    grad = cupy_cross_entropy.cross_entropy_bwd(upstream, x, target, weight, row_max, log_sum, *options)
+    return loss, row_max, log_sum, grad
+
+
+def _ce_torch(x, target, weight, upstream, **options):
+    """PyTorch's loss and the gradient autograd gives for it."""
+    return _grads(lambda x: F.cross_entropy(x, target, weight, **options), [x], upstream.to(x.dtype))
+
+
+def _ce_compare(x, target, weight, upstream, **options):
+    """Loss and gradient against PyTorch's (and float64's), the row statistics against float64."""
+    loss, row_max, log_sum, grad = _ce_kernels(x, target, weight, upstream, **options)
+    theirs = _ce_torch(x, target, weight, upstream, **options)
+    x64 = x.double()
+    reference = _ce_torch(x64, target, None if weight is None else weight.double(), upstream.double(), **options)
+    for o, t, r in zip((loss, grad), theirs, reference):
+        assert_matches(o, t, r)
+    acc = _runtime.acc_dtype(x.dtype)
+    assert row_max.dtype == log_sum.dtype == acc and row_max.shape == log_sum.shape == x.shape[:1]
+    m = x64.amax(1, keepdim=True)
+    torch.testing.assert_close(row_max, m[:, 0].to(acc), rtol=0, atol=0)
+    torch.testing.assert_close(log_sum, (x64 - m).exp().sum(1).log().to(acc), **TOLERANCES[acc])
 
 
 @pytest.mark.parametrize("classes, reduction, weighted, smoothing, dtype", CE_CASES, ids=[str(c) for c in CE_CASES])
 def test_cross_entropy_matches_torch(device, classes, reduction, weighted, smoothing, dtype):
     x, target = _ce_inputs(6, classes, dtype, device)
     weight = _randn(classes, dtype, 4, device, scale=0.2, shift=1) if weighted else None
-    upstream = _randn(6, torch.float64, 5, device) if reduction == "none" else torch.tensor(0.7, device=device)
-    _ce_compare(x, target, weight, upstream, reduction=reduction, label_smoothing=smoothing)
+    _ce_compare(x, target, weight, _ce_upstream(reduction, 6, dtype, device), reduction=reduction,
+                label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_kernels_match_numpy(device, dtype, reduction):
+    """The NumPy backend's arithmetic, but for the order of the sums over a row."""
+    x, target = _ce_inputs(7, 300, dtype, device, ignored=(2, 5))
+    weight = _randn(300, dtype, 4, device, scale=0.2, shift=1)
+    upstream = _ce_upstream(reduction, 7, dtype, device)
+    options = (-100, 0.1, reduction)
+    ours = _ce_kernels(x, target, weight, upstream, *options)
+    cpu = [t.cpu() for t in (x, target, weight)]
+    theirs = numpy_cross_entropy.cross_entropy_fwd(*cpu, *options)
+    theirs += (numpy_cross_entropy.cross_entropy_bwd(upstream.cpu(), *cpu, *theirs[1:], *options),)
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    for o, t in zip(ours, theirs):
+        assert o.dtype == t.dtype and o.shape == t.shape
+        torch.testing.assert_close(o.cpu(), t, rtol=tolerance, atol=tolerance)
+
+
+def test_cross_entropy_ignore_index_that_is_a_class(device):
+    x, target = _ce_inputs(8, 5, torch.float64, device, ignored=())
+    target[:3] = 3
+    weight = _randn(5, torch.float64, 4, device, scale=0.2, shift=1)
+    for reduction in ("mean", "none"):
+        _ce_compare(x, target, weight, _ce_upstream(reduction, 8, torch.float64, device), ignore_index=3,
+                    reduction=reduction, label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -391,62 +450,92 @@ def test_cross_entropy_large_and_masked_logits(device, smoothing):
     x = x * 300 + 10_000
     if smoothing == 0:
         x[0, (target[0] + 1) % 9] = -math.inf  # a masked class: finite loss and gradient without smoothing
-    upstream = _randn(4, torch.float64, 5, device)
-    _ce_compare(x, target, None, upstream, reduction="none", label_smoothing=smoothing)
+    _ce_compare(x, target, None, _ce_upstream("none", 4, torch.float32, device), reduction="none",
+                label_smoothing=smoothing)
+
+
+def test_cross_entropy_rows_and_tiles_beyond_the_grid(device, monkeypatch):
+    """3 blocks for 5 rows forward, and for 5 x 3 tiles of 4097 columns backward."""
+    monkeypatch.setattr(cupy_cross_entropy, "MAX_BLOCKS", 3)
+    x, target = _ce_inputs(5, 4097, torch.float32, device)
+    weight = _randn(4097, torch.float32, 4, device, scale=0.2, shift=1)
+    _ce_compare(x, target, weight, _ce_upstream("none", 5, torch.float32, device), reduction="none",
+                label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_all_ignored_and_empty(device, reduction):
+    """Every row ignored: the mean is nan, the gradient zero, the row statistics
+    still computed. No rows: the loss PyTorch gives, and empty outputs."""
     x, target = _ce_inputs(3, 5, torch.float64, device, ignored=(0, 1, 2))
-    ours, theirs = gk.cross_entropy(x, target, reduction=reduction), F.cross_entropy(x, target, reduction=reduction)
-    torch.testing.assert_close(ours, theirs, equal_nan=True)
-    x.requires_grad_()
-    gk.cross_entropy(x, target, reduction="sum").backward()
-    assert torch.equal(x.grad, torch.zeros_like(x))
-    empty = torch.empty(0, 5, dtype=torch.float64, device=device)
-    torch.testing.assert_close(gk.cross_entropy(empty, target[:0], reduction=reduction),
-                               F.cross_entropy(empty, target[:0], reduction=reduction), equal_nan=True)
+    options = dict(reduction=reduction, label_smoothing=0.1)
+    loss, row_max, log_sum, grad = _ce_kernels(x, target, None, _ce_upstream(reduction, 3, F64, device), **options)
+    torch.testing.assert_close(loss, F.cross_entropy(x, target, **options), equal_nan=True)
+    assert torch.equal(grad, torch.zeros_like(x))
+    torch.testing.assert_close(row_max, x.amax(1), rtol=0, atol=0)
+    torch.testing.assert_close(log_sum, torch.logsumexp(x, 1) - x.amax(1))
+    empty = x[:0]
+    loss, *outputs = _ce_kernels(empty, target[:0], None, _ce_upstream(reduction, 0, F64, device), **options)
+    torch.testing.assert_close(loss, F.cross_entropy(empty, target[:0], **options), equal_nan=True)
+    assert [tuple(o.shape) for o in outputs] == [(0,), (0,), (0, 5)]
 
 
-def test_cross_entropy_without_gradient(device):
-    x, target = _ce_inputs(4, 7, torch.float32, device)
-    from gpukernels.ops.cross_entropy import cross_entropy_fwd
+class _CrossEntropy(torch.autograd.Function):
+    """The backend's forward and backward as one differentiable function, the
+    op layer's wiring done here so that the kernels are checked on their own."""
 
-    loss, grad = cross_entropy_fwd(x, target, None, -100, 0.1, "mean", False)
-    assert grad.numel() == 0
-    torch.testing.assert_close(loss, F.cross_entropy(x, target, label_smoothing=0.1))
+    @staticmethod
+    def forward(ctx, x, target, weight, options):
+        loss, row_max, log_sum = cupy_cross_entropy.cross_entropy_fwd(x, target, weight, *options)
+        ctx.save_for_backward(x, target, weight, row_max, log_sum)
+        ctx.options = options
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad = cupy_cross_entropy.cross_entropy_bwd(grad_loss, *ctx.saved_tensors, *ctx.options)
+        return grad, None, None, None
 
 
-def test_cross_entropy_gradcheck(device):
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_gradcheck(device, reduction):
     x, target = _ce_inputs(5, 4, torch.float64, device)
-    x.requires_grad_()
     weight = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64, device=device)
-    assert torch.autograd.gradcheck(lambda x: gk.cross_entropy(x, target, weight=weight, label_smoothing=0.1), (x,))
+    options = (-100, 0.1, reduction)
+    assert torch.autograd.gradcheck(lambda x: _CrossEntropy.apply(x, target, weight, options), (x.requires_grad_(),))
 
 
-@pytest.mark.parametrize("target", [[0, 1, 4], [0, -3, 1], [-100, 7, -100]])
+@pytest.mark.parametrize("target", [[0, 1, 4], [0, -3, 1], [-100, 7, -100], [2, 10**12, -100]])
 def test_cross_entropy_out_of_range_target_is_flagged_not_read(device, target, monkeypatch):
+    """10**12 classes past the row: a read through it would fault."""
     if device.type == "cuda":
         pytest.skip("on CUDA the flag is a device-side assert, which ends the CUDA context")
-    from gpukernels.backends.cupy.cross_entropy import cross_entropy_fwd
-
-    target = torch.tensor(target)
+    x, target = _randn((3, 4), torch.float32, 0, device), torch.tensor(target)
+    weight = _randn(4, torch.float32, 1, device, scale=0.2, shift=1)
     with pytest.raises(RuntimeError, match="out of bounds for 4 classes"):
-        gk.cross_entropy(torch.randn(3, 4), target)
-    # the kernel itself: the bad row's loss is nan, the others as PyTorch's
+        cupy_cross_entropy.cross_entropy_fwd(x, target, weight, -100, 0.1, "mean")
+    # the kernels themselves: the bad rows' loss is nan and gradient 0, the others as PyTorch's
     monkeypatch.setattr(torch, "_assert_async", lambda *args: None)
-    loss, _ = cross_entropy_fwd(torch.randn(3, 4), target, None, -100, 0.0, "none", True)
+    upstream = torch.ones(3)
+    loss, _, _, grad = _ce_kernels(x, target, weight, upstream, reduction="none", label_smoothing=0.1)
     bad = (target != -100) & ((target < 0) | (target >= 4))
-    assert torch.equal(loss.isnan(), bad)
+    assert torch.equal(loss.isnan(), bad) and torch.equal(grad[bad], torch.zeros_like(grad[bad]))
+    theirs = _ce_torch(x[~bad], target[~bad], weight, upstream[~bad], reduction="none", label_smoothing=0.1)
+    for o, t in zip((loss[~bad], grad[~bad]), theirs):
+        assert_matches(o, t)
 
 
 # ---------------------------------------------------------------- dropout
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", [0, 1234, 2**32 + 17, -5])
-def test_dropout_equals_numpy_bit_for_bit(device, dtype, seed):
-    """Same mask (Philox from the element index) and same rounding of x * scale."""
-    x = _randn((3, 333), dtype, 0, device)
+@pytest.mark.parametrize("shape", [(3,), (3, 333), (5, 517)], ids=str)
+def test_dropout_equals_numpy_bit_for_bit(device, dtype, seed, shape, monkeypatch):
+    """Same mask (four elements to a Philox call, the last group partial: n % 4
+    is 3, 3 and 1) and same rounding of x * scale. On 2 blocks of 256 threads,
+    the 647 groups of (5, 517) take the grid-stride loop."""
+    monkeypatch.setattr(cupy_dropout, "MAX_BLOCKS", 2)
+    x = _randn(shape, dtype, 0, device)
     seed_tensor = torch.tensor(seed, dtype=torch.int64, device=device)
     for p in (0.3, 0.9):
         ours = cupy_dropout.dropout_fwd(x, p, seed_tensor)
@@ -455,25 +544,28 @@ def test_dropout_equals_numpy_bit_for_bit(device, dtype, seed):
 
 
 def test_dropout_grid_stride_and_autograd(device, monkeypatch):
-    monkeypatch.setattr(cupy_dropout, "MAX_BLOCKS", 2)  # 3000 elements on 2 x 256 threads
-    x = _randn(3000, torch.float32, 0, device, shift=5).requires_grad_()
+    monkeypatch.setattr(cupy_dropout, "MAX_BLOCKS", 2)  # 751 groups of four elements on 2 x 256 threads
+    x = _randn(3003, torch.float32, 0, device, shift=5).requires_grad_()
     y = gk.dropout(x, 0.4, seed=99)
     y.backward(torch.ones_like(y))
-    mask = torch.from_numpy(uniform(99, 3000) > np.float32(0.4))
+    mask = torch.from_numpy(element_uniforms(99, 3003) > np.float32(0.4))
     assert torch.equal(y.detach().cpu() != 0, mask)
     assert torch.equal(x.grad.cpu(), mask * (1 / (1 - torch.tensor(0.4))))
 
 
 @pytest.mark.skipif(GXX is None, reason="g++ is not installed")
 def test_philox_matches_numpy_at_high_indices(host_kernels):
-    """The counter's high word: indices past 2**32, beyond any tensor a test can make."""
+    """All four output words, and the counter's high word: counters past 2**32
+    (elements past 2**34), beyond any tensor a test can make."""
     library = host_kernels.library("dropout.cu")
-    library.philox_word.argtypes, library.philox_word.restype = [ctypes.c_uint64, ctypes.c_uint64], ctypes.c_uint32
-    indices = [0, 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**62 + 7]
+    library.philox_words.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint32)]
+    library.philox_words.restype = None
+    counters = [0, 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**62 + 7]
+    got = (ctypes.c_uint32 * 4)()
     for seed in (0, 123456789, 2**62 - 1, -5):
-        want = randint(seed, np.array(indices, dtype=np.int64))
-        got = [library.philox_word(seed % 2**64, i) for i in indices]
-        assert got == [int(w) for w in want]
+        for counter in counters:
+            library.philox_words(seed % 2**64, counter, got)
+            assert list(got) == [int(w) for w in philox4x32(seed, counter & 0xFFFFFFFF, counter >> 32)]
 
 
 @pytest.mark.skipif(GXX is None, reason="g++ is not installed")

@@ -1,14 +1,15 @@
-"""cross_entropy: custom op ``gpukernels::cross_entropy_fwd``, its fake
-implementation and autograd, and the checked public function.
+"""cross_entropy: custom ops ``gpukernels::cross_entropy_fwd/_bwd``, their fake
+implementations and autograd, and the checked public function.
 
-The kernel sees the logits as a contiguous ``(rows, C)`` matrix (class dim
-last) and, when asked, returns the gradient of the reduced loss with respect
-to the logits from the same pass over them. The backward then only scales that
-gradient by the upstream one (a scalar for mean/sum, per row for none), so no
-second pass over the logits and no saved softmax beyond the gradient itself.
+The kernels see the logits as a contiguous ``(rows, C)`` matrix (class dim
+last). The forward reads them once and saves, beside a reference to them, two
+numbers per row: the max ``m`` and ``log sum exp(x - m)`` of the row's logsumexp.
+The backward reads them once more and writes the gradient from those: no
+logits-sized buffer but the gradient itself, and a gradient already scaled by
+the upstream one (a scalar for mean/sum, per row for none).
 The loss is computed in fp32 (fp64 for fp64 input) and returned in the input
 dtype, as PyTorch returns it; the gradient is in the input dtype.
-Double backward is not supported: the saved gradient is not differentiable.
+Double backward is not supported.
 """
 
 from __future__ import annotations
@@ -25,36 +26,49 @@ REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
 
 
+def _stats_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("gpukernels::cross_entropy_fwd", mutates_args=())
 def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                      label_smoothing: float, reduction: str, compute_grad: bool) -> tuple[Tensor, Tensor]:
+                      label_smoothing: float, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
     return get_kernel("cross_entropy", "cross_entropy_fwd", logits.device)(
-        logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad)
+        logits, target, weight, ignore_index, label_smoothing, reduction)
 
 
 @cross_entropy_fwd.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad):
-    loss_shape = (logits.shape[0],) if reduction == "none" else ()
-    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
-    return logits.new_empty(loss_shape), grad
+def _(logits, target, weight, ignore_index, label_smoothing, reduction):
+    rows = logits.shape[0]
+    loss_shape = (rows,) if reduction == "none" else ()
+    return (logits.new_empty(loss_shape), logits.new_empty(rows, dtype=_stats_dtype(logits)),
+            logits.new_empty(rows, dtype=_stats_dtype(logits)))
+
+
+@torch.library.custom_op("gpukernels::cross_entropy_bwd", mutates_args=())
+def cross_entropy_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], row_max: Tensor,
+                      log_sum: Tensor, ignore_index: int, label_smoothing: float, reduction: str) -> Tensor:
+    return get_kernel("cross_entropy", "cross_entropy_bwd", logits.device)(
+        grad_loss, logits, target, weight, row_max, log_sum, ignore_index, label_smoothing, reduction)
+
+
+@cross_entropy_bwd.register_fake
+def _(grad_loss, logits, target, weight, row_max, log_sum, ignore_index, label_smoothing, reduction):
+    return torch.empty_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, _, _, reduction, compute_grad = inputs
-    _, grad = output
-    ctx.mark_non_differentiable(grad)
-    ctx.save_for_backward(grad)
-    ctx.reduction = reduction
-    ctx.compute_grad = compute_grad
+    logits, target, weight, ignore_index, label_smoothing, reduction = inputs
+    _, row_max, log_sum = output
+    ctx.mark_non_differentiable(row_max, log_sum)
+    ctx.save_for_backward(logits, target, weight, row_max, log_sum)
+    ctx.options = ignore_index, label_smoothing, reduction
 
 
-def _backward(ctx, dloss, _dgrad):
-    if not ctx.compute_grad:
-        raise RuntimeError("cross_entropy_fwd was called with compute_grad=False, so it has no gradient to give; "
-                           "call it with compute_grad=True (gpukernels.cross_entropy decides this itself)")
-    (grad,) = ctx.saved_tensors
-    upstream = dloss[:, None] if ctx.reduction == "none" else dloss
-    return grad * upstream, None, None, None, None, None, None
+def _backward(ctx, grad_loss, _grad_row_max, _grad_log_sum):
+    logits, target, weight, row_max, log_sum = ctx.saved_tensors
+    grad = cross_entropy_bwd(grad_loss.contiguous(), logits, target, weight, row_max, log_sum, *ctx.options)
+    return grad, None, None, None, None, None
 
 
 cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -105,7 +119,6 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     _check_weight(weight, input, classes)
 
     logits = input.movedim(class_dim, -1).reshape(-1, classes).contiguous()
-    compute_grad = input.requires_grad and torch.is_grad_enabled()
-    loss, _ = cross_entropy_fwd(logits, target.reshape(-1).long(), weight, ignore_index,
-                                label_smoothing, reduction, compute_grad)
+    loss, _, _ = cross_entropy_fwd(logits, target.reshape(-1).long(), weight, ignore_index, label_smoothing,
+                                   reduction)
     return loss.view(target.shape) if reduction == "none" else loss

@@ -1,11 +1,12 @@
 """Cross-entropy over the rows of a contiguous (rows, C) logit matrix
-(cross_entropy.cu): one block per row computes the row's loss and, when
-asked, the gradient of the reduced loss, in the same pass over the logits.
+(cross_entropy.cu). The forward, a block per row, gives each row's loss and its
+log-sum-exp statistics (max and log-sum); the backward computes the gradient
+elementwise from those, one read of the logits and one write of the gradient.
 
-What depends on every row (the mean's denominator, the sum of the class
-weights) is reduced beforehand by torch ops and read by the kernel from
-device memory; the per-row losses are reduced afterwards, also by torch. An
-out-of-range target is never read: the kernel flags it, and the flag fails a
+What depends on every row (the mean's denominator) and the sum of the class
+weights are reduced by torch ops and read by the kernels from device memory;
+the per-row losses are reduced afterwards, also by torch. An out-of-range
+target is never read: the forward flags it, and the flag fails a
 ``torch._assert_async`` (on CUDA a device-side assert, as PyTorch's own
 cross_entropy reports it, with no host synchronisation).
 """
@@ -18,40 +19,73 @@ import torch
 from . import _runtime
 from ._runtime import MAX_BLOCKS, acc_dtype, kernel_name, pointer, row_threads
 
+# Columns of a row per backward block, per thread.
+COLUMNS_PER_THREAD = 4
 
-def _row_stats(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, classes: int,
-               dtype: torch.dtype) -> torch.Tensor:
-    """[sum of the counted rows' target weights (the mean's denominator), sum of
-    the class weights], in ``dtype``; out-of-range targets are not looked up."""
+
+def _denominator(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, classes: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The mean's denominator: the sum of the counted rows' target weights, in
+    ``dtype``; out-of-range targets are not looked up."""
     counted = (target != ignore_index) & (target >= 0) & (target < classes)
-    w = weight.to(dtype) if weight is not None else torch.ones(classes, dtype=dtype, device=target.device)
-    target_weight = torch.where(counted, w[torch.where(counted, target, 0)], 0)
-    return torch.stack((target_weight.sum(), w.sum()))
+    if weight is None:
+        return counted.sum().to(dtype)
+    return torch.where(counted, weight.to(dtype)[torch.where(counted, target, 0)], 0).sum()
 
 
-def _reduce(row_loss: torch.Tensor, denominator: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return row_loss
-    total = row_loss.sum()
-    return total / denominator if reduction == "mean" else total
+def _inputs(logits, target, weight, label_smoothing):
+    """The int64 target, the weights in the logits' dtype, and sum(w) in the
+    accumulation dtype where a kernel reads it (weights and smoothing), else None."""
+    target = target.to(torch.int64).contiguous()
+    weight = None if weight is None else weight.to(logits.dtype).contiguous()
+    weight_sum = weight.to(acc_dtype(logits.dtype)).sum() if weight is not None and label_smoothing > 0 else None
+    return target, weight, weight_sum
 
 
-def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad):
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction):
     rows, classes = logits.shape
     acc = acc_dtype(logits.dtype)
-    target = target.to(torch.int64).contiguous()
-    stats = _row_stats(target, weight, ignore_index, classes, acc)
-    row_loss = torch.empty(rows, dtype=acc, device=logits.device)
-    grad = torch.empty_like(logits) if compute_grad else None
+    target, weight, weight_sum = _inputs(logits, target, weight, label_smoothing)
+    row_loss, row_max, log_sum = (torch.empty(rows, dtype=acc, device=logits.device) for _ in range(3))
     bad_target = torch.zeros((), dtype=torch.int32, device=logits.device)
     if rows:
-        weight = None if weight is None else weight.to(logits.dtype).contiguous()
-        _runtime.launch("cross_entropy.cu", kernel_name("cross_entropy", logits.dtype), logits.device,
+        _runtime.launch("cross_entropy.cu", kernel_name("cross_entropy_fwd", logits.dtype), logits.device,
                         min(rows, MAX_BLOCKS), row_threads(classes),
-                        (pointer(logits), pointer(target), pointer(weight), pointer(stats), pointer(row_loss),
-                         pointer(grad), pointer(bad_target), np.int64(rows), np.int64(classes),
-                         np.int64(ignore_index), np.float64(label_smoothing), np.int32(reduction == "mean")))
+                        (pointer(logits), pointer(target), pointer(weight), pointer(weight_sum), pointer(row_loss),
+                         pointer(row_max), pointer(log_sum), pointer(bad_target), np.int64(rows), np.int64(classes),
+                         np.int64(ignore_index), np.float64(label_smoothing)))
     torch._assert_async(bad_target == 0, f"cross_entropy: a target is out of bounds for {classes} classes "
                                          f"(and is not ignore_index {ignore_index})")
-    loss = _reduce(row_loss, stats[0], reduction).to(logits.dtype)
-    return loss, grad if compute_grad else logits.new_empty(0)
+    if reduction == "none":
+        loss = row_loss
+    elif reduction == "sum":
+        loss = row_loss.sum()
+    else:  # nan when every row is ignored, as in PyTorch
+        loss = row_loss.sum() / _denominator(target, weight, ignore_index, classes, acc)
+    return loss.to(logits.dtype), row_max, log_sum
+
+
+def cross_entropy_bwd(grad_loss, logits, target, weight, row_max, log_sum, ignore_index, label_smoothing,
+                      reduction):
+    rows, classes = logits.shape
+    acc = acc_dtype(logits.dtype)
+    target, weight, weight_sum = _inputs(logits, target, weight, label_smoothing)
+    grad = torch.empty_like(logits)
+    if not rows:
+        return grad
+    # the upstream gradient of each row (none) or all rows (mean, sum, a stride of 0)
+    scale = grad_loss.to(acc).contiguous()
+    if reduction == "mean":
+        denominator = _denominator(target, weight, ignore_index, classes, acc)
+        scale = torch.where(denominator != 0, scale / denominator, 0)  # no gradient when every row is ignored
+    row_max, log_sum = row_max.contiguous(), log_sum.contiguous()
+    threads = row_threads(classes)
+    chunk = threads * COLUMNS_PER_THREAD
+    tiles = rows * -(-classes // chunk)
+    _runtime.launch("cross_entropy.cu", kernel_name("cross_entropy_bwd", logits.dtype), logits.device,
+                    min(tiles, MAX_BLOCKS), threads,
+                    (pointer(logits), pointer(target), pointer(weight), pointer(weight_sum),
+                     pointer(row_max), pointer(log_sum), pointer(scale),
+                     np.int64(1 if reduction == "none" else 0), pointer(grad), np.int64(rows), np.int64(classes),
+                     np.int64(chunk), np.int64(ignore_index), np.float64(label_smoothing)))
+    return grad

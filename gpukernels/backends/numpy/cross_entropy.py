@@ -10,6 +10,7 @@ which adds a softcap, a z-loss, per-row gradient scales and vocabulary slices).
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ._arrays import as_array, as_tensor
 
@@ -109,33 +110,45 @@ def logits_grad(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None, ig
     return grad
 
 
-def _reduce(loss: np.ndarray, target_weight: np.ndarray, reduction: str) -> tuple[np.ndarray, float]:
-    """The reduced loss and the factor by which each row's gradient is scaled.
-    With every row ignored the mean is nan (as in PyTorch) but the gradient zero."""
-    if reduction == "none":
-        return loss, 1.0
-    if reduction == "sum":
-        return loss.sum(), 1.0
-    denominator = target_weight.sum()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = loss.sum() / denominator
-    return mean, (1.0 / denominator if denominator != 0 else 0.0)
+def _denominator(target: np.ndarray, weight: np.ndarray, ignore_index: int) -> np.ndarray:
+    """The mean's denominator: the sum of the kept rows' target weights."""
+    kept, safe_t = kept_targets(target, ignore_index, weight.size)
+    return np.where(kept, weight[safe_t], 0).sum()
 
 
-def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad):
-    """loss_i = -(1-e) w[t_i] logp[i, t_i] - (e/C) sum_c w[c] logp[i, c]; and, when
-    ``compute_grad``, d(reduced loss)/d(logits) = scale * (a_i softmax_i - q_i) with
-    a_i = (1-e) w[t_i] + (e/C) sum(w) and q_i = (1-e) w[t_i] onehot(t_i) + (e/C) w
-    (SPEC.md's target distribution, weighted), 0 for ignored rows."""
+def _class_weights(logits, weight) -> np.ndarray:
+    return as_array(weight, logits.dtype) if weight is not None else np.ones(logits.shape[1], as_array(logits).dtype)
+
+
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """loss_i = -(1-e) w[t_i] logp[i, t_i] - (e/C) sum_c w[c] logp[i, c] (SPEC.md's target
+    distribution, weighted), 0 on ignored rows, reduced; and each row's logsumexp
+    statistics, its max m_i and log sum_c exp(x[i, c] - m_i), for the backward.
+    With every row ignored the mean is nan, as in PyTorch."""
     x, t = as_array(logits), target.numpy()
-    classes = x.shape[1]
-    w = as_array(weight, logits.dtype) if weight is not None else np.ones(classes, x.dtype)
-    kept, safe_t = kept_targets(t, ignore_index, classes)
+    w = _class_weights(logits, weight)
     loss, row_max, log_sum = row_statistics(x, t, w, ignore_index, label_smoothing)
-    reduced, scale = _reduce(loss, np.where(kept, w[safe_t], 0), reduction)
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            loss = loss.sum() / _denominator(t, w, ignore_index)
     # as_tensor makes arrays at least 1-D; the mean and sum are 0-D
-    loss_out = as_tensor(reduced, logits.dtype).reshape(np.shape(reduced))
-    if not compute_grad:
-        return loss_out, logits.new_empty(0)
-    grad = logits_grad(x, t, w, ignore_index, label_smoothing, row_max, log_sum, scale, classes)
-    return loss_out, as_tensor(grad, logits.dtype)
+    return as_tensor(loss, logits.dtype).reshape(np.shape(loss)), torch.from_numpy(row_max), torch.from_numpy(log_sum)
+
+
+def cross_entropy_bwd(grad_loss, logits, target, weight, row_max, log_sum, ignore_index, label_smoothing,
+                      reduction):
+    """d(reduced loss)/d(logits) times ``grad_loss``, from the forward's statistics:
+    s_i ((1-e) w[t_i] (p - onehot(t_i)) + (e/C) (sum(w) p - w)), 0 on ignored rows, with
+    s_i the upstream gradient (per row for ``none``), divided by the mean's denominator
+    for ``mean`` (0 when every row is ignored)."""
+    x, t = as_array(logits), target.numpy()
+    w = _class_weights(logits, weight)
+    scale = as_array(grad_loss, row_max.dtype)
+    if reduction == "mean":
+        denominator = _denominator(t, w, ignore_index)
+        scale = scale / denominator if denominator != 0 else np.zeros_like(scale)
+    grad = logits_grad(x, t, w, ignore_index, label_smoothing, as_array(row_max), as_array(log_sum), scale,
+                       x.shape[1])
+    return as_tensor(grad, logits.dtype)
