@@ -1,33 +1,25 @@
-"""Linear layer with a fused activation, ``y = act(x @ weight.T + bias)`` on a
+"""Linear layer with an activation, ``y = act(x @ weight.T + bias)`` on a
 contiguous ``(rows, in)`` matrix, and its backward.
 
-One tiled matmul kernel computes all three products. It sees its operands as
-logical matrices ``A (M, K)``, ``B (K, N)``, ``C (M, N)`` given by strides, so
-``weight.T`` and ``dz.T`` are read in place, never copied:
+The products go to the vendor library (cuBLAS on CUDA) through ``torch.addmm``
+and ``torch.mm``; the kernels here do what the products leave:
 
-- forward: ``A = x``, ``B = weight.T``; the epilogue adds the bias, stores
-  ``z`` when the backward needs it and applies the activation.
-- ``dx = dz @ weight``: ``A = dz``, ``B = weight``.
-- ``dweight = dz.T @ x``: ``A = dz.T``, ``B = x``; every program also sums its
-  rows of ``A`` over K, and those of the first column of tiles store the sums:
-  that is ``dbias = dz.sum(0)``, with no pass of its own.
+- forward: ``z = addmm(bias, x, weight.T)`` in the input dtype, then
+  ``activation_kernel`` writes ``y = act(z)`` (``none``: ``y`` is ``z``).
+- backward: ``pre_activation_grad_kernel`` writes ``dz = dy * act'(z)``
+  (``relu``: ``dy`` where ``y > 0``) and, in the same pass, the column sums of
+  ``dz`` by tiles of rows, which make ``dbias``; then ``dx = dz @ weight`` and
+  ``dweight = dz.T @ x``.
 
-Where the backward's ``dz = dy * act'(z)`` comes from:
-- ``none``: ``dz = dy``, read as it is.
-- ``relu``: formed in the matmul's prologue, ``where(y > 0, dy, 0)`` on each
-  ``A`` tile as it loads: a compare per element, no pass of its own.
-- ``gelu``, ``gelu_tanh``, ``silu``: one elementwise kernel writes ``dz`` in the
-  input dtype (as PyTorch's activation backward does). A prologue would
-  evaluate ``act'`` (erf or exp, ~30 instructions) for every tile column of
-  the product, ``in / BLOCK_N`` times per element of ``dz`` for ``dx``; on an
-  H100 that CUDA-core arithmetic outweighs the tensor-core time of the tile,
-  while the extra pass (read ``dy`` and ``z``, write ``dz``) costs a few per
-  cent of the two matmuls (an estimate by instruction and byte counts, not yet
-  measured).
+Why not one matmul kernel with the bias and activation in its epilogue: on an
+H100 (bench/results, 2026-11-25) our Triton matmul with the fused epilogue
+took 0.52 ms at 8192x4096x4096 bf16 where cuBLAS took 0.37 ms for the product
+alone, and its backward products, reading transposed operands, 1.53 ms where
+cuBLAS took 0.75. The pass over ``z`` that fusing saves costs less than that gap.
 
-Accumulation is in fp32 (fp64 for fp64 input). fp32 products use true fp32
-(``input_precision="ieee"``), as PyTorch does, unless
-``torch.backends.cuda.matmul.allow_tf32`` asks for TF32.
+The activation is applied to ``z`` rounded to the input dtype, as PyTorch's
+unfused ``act(F.linear(...))`` applies it, in fp32 (fp64 for fp64 input).
+fp32 products use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` asks for it.
 """
 
 from __future__ import annotations
@@ -38,16 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, acc_dtype, round_to
+from ._common import acc_dtype, round_to
 
 _SQRT_HALF = tl.constexpr(math.sqrt(0.5))
 _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 _TANH_SCALE = tl.constexpr(math.sqrt(2.0 / math.pi))
 _TANH_CUBIC = tl.constexpr(0.044715)
-
-_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16,
-              torch.bfloat16: tl.bfloat16}
-
 
 # ---- activations and their derivatives, in the accumulation dtype ----
 # No libdevice (the interpreter has none): tanh(u) = 2*sigmoid(2u) - 1, so
@@ -107,184 +95,72 @@ def _pre_activation_grad(dy, saved, ACTIVATION: tl.constexpr, ACC: tl.constexpr)
     return dz
 
 
-# ---- the matmul ----
+# ---- the kernels ----
 
-def gpu_configs() -> list[triton.Config]:
-    """Tile shapes for Hopper, largest first; the last is the small-problem tile."""
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
-        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-        (64, 256, 64, 4, 4), (64, 128, 64, 4, 4),
-        (64, 64, 32, 4, 4),  # fp32 (ieee: CUDA cores) and fp64 (DMMA): the larger ones overflow shared memory
-    ]
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_stages=s, num_warps=w)
-            for m, n, k, s, w in shapes]
-
-
-def _configs() -> list[triton.Config]:
-    """Autotuned per problem on a GPU; one fixed shape when interpreting (several
-    configs need a GPU to benchmark them), small groups so that small test
-    matrices already span several."""
-    if INTERPRETING:
-        return [triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=2))]
-    return gpu_configs()
-
-
-SHARED_MEMORY_BYTES = 200 << 10  # of the H100's 227 KiB per block, with room for the epilogue
-
-
-def fitting_configs(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
-    """The configs whose pipelined A and B tiles fit in shared memory for these operands'
-    dtype: for fp32 and fp64 most do not, and compiling them only to fail costs seconds."""
-    itemsize = named_args["A"].element_size()
-    fitting = [c for c in configs
-               if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * itemsize * c.num_stages
-               <= SHARED_MEMORY_BYTES]
-    return fitting or configs[-1:]
-
-
-# Below this many multiply-adds a matmul takes microseconds: timing every tile
-# shape would cost far more than the best one saves, so the last (smallest)
-# runs untuned.
-AUTOTUNE_MIN_MACS = 1 << 27
-SMALL_PROBLEM_CONFIG = gpu_configs()[-1]
+BLOCK = 1024
+# Tile of the backward pass: BLOCK_ROWS rows give one row of column sums
+BLOCK_ROWS, BLOCK_COLS = 32, 128
 
 
 @triton.jit
-def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row, column) of program ``pid``'s tile, in groups of GROUP_M tile rows
-    swept column by column, so consecutive programs share B tiles in L2."""
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.maximum(tl.cdiv(N, BLOCK_N), 1)  # N == 0 still has a column: the dbias sums
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
-
-
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "stride_ak", "stride_bk", "PROLOGUE", "ACTIVATION",
-                                          "HAS_BIAS", "ROW_SUM"],  # the strides: which operands are transposed
-                 prune_configs_by={"early_config_prune": fitting_configs})
-@triton.jit
-def linear_kernel(A, Saved, B, C, Z, Bias, RowSum, M, N, K,
-                  stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                  PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  SAVE_Z: tl.constexpr, ROW_SUM: tl.constexpr, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  GROUP_M: tl.constexpr):
-    """C = act(A' @ B + Bias), A' = _pre_activation_grad(A, Saved, PROLOGUE)
-    (Saved strided as A); Z = A' @ B + Bias when SAVE_Z; RowSum = A'.sum(1)
-    when ROW_SUM."""
-    pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    row_in, col_in = rows < M, cols < N
-    # int64: rows * stride and cols * stride can pass 2**31 on large matrices
-    a_offsets = rows.to(tl.int64)[:, None] * stride_am + ks[None, :] * stride_ak
-    b_offsets = ks[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    row_sum = tl.zeros((BLOCK_M,), dtype=ACC)
-    for k_start in range(0, K, BLOCK_K):
-        k_in = ks < K - k_start
-        a_mask = row_in[:, None] & k_in[None, :]
-        a = tl.load(A + a_offsets, mask=a_mask, other=0.0)
-        if PROLOGUE != "none":
-            a = _pre_activation_grad(a, tl.load(Saved + a_offsets, mask=a_mask, other=0.0), PROLOGUE, ACC)
-        a = a.to(DOT_DTYPE)
-        if ROW_SUM:
-            row_sum += tl.sum(a.to(ACC), axis=1)
-        b = tl.load(B + b_offsets, mask=k_in[:, None] & col_in[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
-        a_offsets += BLOCK_K * stride_ak
-        b_offsets += BLOCK_K * stride_bk
-    if HAS_BIAS:
-        acc += tl.load(Bias + cols, mask=col_in, other=0.0).to(ACC)[None, :]
-    c_offsets = rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn
-    c_mask = row_in[:, None] & col_in[None, :]
-    if SAVE_Z:
-        tl.store(Z + c_offsets, round_to(acc, Z.dtype.element_ty), mask=c_mask)
-    tl.store(C + c_offsets, round_to(_activation(acc, ACTIVATION), C.dtype.element_ty), mask=c_mask)
-    if ROW_SUM:
-        if pid_n == 0:
-            tl.store(RowSum + rows, round_to(row_sum, RowSum.dtype.element_ty), mask=row_in)
-
-
-def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
-    # The interpreter's tl.dot multiplies bf16's raw bits: give it fp32 (exact for bf16 values).
-    return tl.float32 if INTERPRETING and dtype == torch.bfloat16 else _TL_DTYPES[dtype]
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, activation: str = "none",
-            bias: torch.Tensor | None = None, z: torch.Tensor | None = None, prologue: str = "none",
-            saved: torch.Tensor | None = None, row_sum: torch.Tensor | None = None) -> None:
-    """``c = act(a' @ b + bias)`` with ``a' = dz(a, saved)`` for ``prologue``
-    (``saved`` strided as ``a``), ``z`` (strided as ``c``) the pre-activation,
-    ``row_sum = a'.sum(1)``. ``a``, ``b`` may be any strided views."""
-    (M, K), N = a.shape, c.shape[1]
-    if M == 0 or (N == 0 and row_sum is None):
-        return
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * max(triton.cdiv(N, meta["BLOCK_N"]), 1),)
-
-    args = (a, saved, b, c, z, bias, row_sum, M, N, K, *a.stride(), *b.stride(), *c.stride())
-    options = dict(PROLOGUE=prologue, ACTIVATION=activation, HAS_BIAS=bias is not None, SAVE_Z=z is not None,
-                   ROW_SUM=row_sum is not None, ACC=acc_dtype(c.dtype), DOT_DTYPE=_dot_dtype(c.dtype),
-                   PRECISION=_precision(c.dtype))
-    if INTERPRETING or M * N * K >= AUTOTUNE_MIN_MACS:
-        linear_kernel[grid](*args, **options)
-    else:
-        linear_kernel.fn[grid](*args, **options, **SMALL_PROBLEM_CONFIG.all_kwargs())
-
-
-# ---- dz for the activations whose derivative is costly ----
-
-ELEMENTWISE_BLOCK = 1024
-
-
-@triton.jit
-def pre_activation_grad_kernel(DY, Z, DZ, n, ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def activation_kernel(Z, Y, n, ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
+    z = tl.load(Z + offsets, mask=mask, other=0.0).to(ACC)
+    tl.store(Y + offsets, round_to(_activation(z, ACTIVATION), Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def pre_activation_grad_kernel(DY, Saved, DZ, BiasPartial, M, N, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """DZ = dy * act'(saved) on a (BLOCK_ROWS, BLOCK_COLS) tile, and the tile's column
+    sums of dz (unrounded, fp32) into row ``program_id(0)`` of BiasPartial."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
     dy = tl.load(DY + offsets, mask=mask, other=0.0)
-    z = tl.load(Z + offsets, mask=mask, other=0.0)
-    tl.store(DZ + offsets, round_to(_pre_activation_grad(dy, z, ACTIVATION, ACC), DZ.dtype.element_ty), mask=mask)
+    saved = tl.load(Saved + offsets, mask=mask, other=0.0)
+    dz = tl.where(mask, _pre_activation_grad(dy, saved, ACTIVATION, ACC), 0.0)
+    tl.store(DZ + offsets, round_to(dz, DZ.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        tl.store(BiasPartial + tl.program_id(0).to(tl.int64) * N + cols, tl.sum(dz, axis=0), mask=cols < N)
 
 
-def _pre_activation_grad_tensor(dy: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
-    dz = torch.empty_like(dy)
-    n = dy.numel()
-    if n:
-        pre_activation_grad_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](
-            dy, z, dz, n, ACTIVATION=activation, ACC=acc_dtype(dy.dtype), BLOCK=ELEMENTWISE_BLOCK)
-    return dz
-
-
-# ---- the kernels the op calls ----
-
-_KEEPS_PRE_ACTIVATION = ("gelu", "gelu_tanh", "silu")  # the op's contract: the forward saves z for these
-_FORMED_IN_PROLOGUE = ("none", "relu")  # dz = dy, or dy where y > 0: cheaper per tile than a pass of its own
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def linear_act_fwd(x, weight, bias, activation):
-    y = x.new_empty(x.shape[0], weight.shape[0])
-    z = torch.empty_like(y) if activation in _KEEPS_PRE_ACTIVATION else None
-    _matmul(x, weight.t(), y, activation=activation, bias=bias, z=z)
-    return y, z if z is not None else x.new_empty(0)
+    z = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    if activation == "none":
+        return z, x.new_empty(0)
+    y = torch.empty_like(z)
+    n = z.numel()
+    if n:
+        activation_kernel[(triton.cdiv(n, BLOCK),)](z, y, n, ACTIVATION=activation, ACC=acc_dtype(z.dtype),
+                                                    BLOCK=BLOCK, num_warps=4)
+    # relu's backward reads y (held by autograd anyway), not z
+    return y, z if activation != "relu" else x.new_empty(0)
+
+
+def _dz_and_dbias(dy: torch.Tensor, saved: torch.Tensor, activation: str,
+                  has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dz, and dbias = dz.sum(0) in the parameters' dtype when ``has_bias``."""
+    m, n = dy.shape
+    acc = _stats_dtype(dy.dtype)
+    if activation == "none":
+        return dy, dy.sum(0, dtype=acc).to(dy.dtype) if has_bias else None
+    dz = torch.empty_like(dy)
+    tiles = triton.cdiv(m, BLOCK_ROWS)
+    partial = torch.empty((tiles, n), dtype=acc, device=dy.device) if has_bias else None
+    if dy.numel():
+        pre_activation_grad_kernel[(tiles, triton.cdiv(n, BLOCK_COLS))](
+            dy, saved, dz, partial, m, n, ACTIVATION=activation, HAS_BIAS=has_bias, ACC=acc_dtype(dy.dtype),
+            BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, num_warps=4)
+    return dz, partial.sum(0).to(dy.dtype) if has_bias else None
 
 
 def linear_act_bwd(dy, x, weight, saved, activation, has_bias):
-    if activation in _FORMED_IN_PROLOGUE:  # the matmuls read dy (and y for relu) and form dz per tile
-        a, prologue, a_saved = dy, activation, saved if activation == "relu" else None
-    else:
-        a, prologue, a_saved = _pre_activation_grad_tensor(dy, saved, activation), "none", None
-    dx = torch.empty_like(x)
-    dweight = torch.empty_like(weight)
-    dbias = x.new_empty(weight.shape[0]) if has_bias else None
-    _matmul(a, weight, dx, prologue=prologue, saved=a_saved)
-    _matmul(a.t(), x, dweight, prologue=prologue, saved=None if a_saved is None else a_saved.t(), row_sum=dbias)
-    return dx, dweight, dbias if has_bias else x.new_empty(0)
+    dz, dbias = _dz_and_dbias(dy, saved, activation, has_bias)
+    return torch.mm(dz, weight), torch.mm(dz.t(), x), dbias if has_bias else x.new_empty(0)
