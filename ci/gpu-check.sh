@@ -2,13 +2,16 @@
 # GPU verification in one call of under 9 minutes on an H100; installs nothing
 # from the network.
 #   bash ci/gpu-check.sh [folder]      (default: $OUT when set, else out/gpu-check)
-# Runs the GPU test tier (pytest -m gpu, in parallel when pytest-xdist is
-# there), then a quick benchmark of every op against its baselines (torch.compile
-# max-autotune left out: its autotuning takes minutes per op), from the working
-# tree (PYTHONPATH=.) on the machine's own torch/triton. GPU_CHECK_TRAIN=1 adds
-# the large training preset. Logs go to the folder after each step, with
-# everything packed into gpu-check.tgz, so a run cut short still returns what
-# it measured.
+# Steps, from the working tree (PYTHONPATH=.) on the machine's own torch/triton:
+#   tests    the GPU test tier (pytest -m gpu, in parallel when pytest-xdist is there)
+#   profile  where ours' and eager's forward+backward time goes (bench --profile)
+#   bench    a quick benchmark of every op against its baselines (torch.compile
+#            max-autotune left out: its autotuning takes minutes per op)
+#   train    the large training preset
+# GPU_CHECK_STEPS picks them (default "tests bench"); GPU_CHECK_BENCH_SKIP the
+# providers the benchmark leaves out (default compile-max). Logs go to the
+# folder after each step, with everything packed into gpu-check.tgz, so a run
+# cut short still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-${OUT:-out/gpu-check}}
@@ -45,11 +48,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $work/NA
 cat "$work/environment.txt"
 parallel=()
 "$py" -c "import xdist" 2>/dev/null && parallel=(-n 14)
-step gpu-tests 240 "$py" -m pytest -m gpu -q -ra -p no:cacheprovider "${parallel[@]}" tests
-step bench 240 "$py" -m gpukernels.bench --quick --skip compile-max --out "$work/bench"
-if [ "${GPU_CHECK_TRAIN:-0}" = 1 ]; then
-    step train-large 150 "$py" -m gpukernels.train --preset large --epochs 3 --out "$work/train"
-fi
+for name in ${GPU_CHECK_STEPS:-tests bench}; do
+    case $name in
+        tests) step gpu-tests 240 "$py" -m pytest -m gpu -q -ra -p no:cacheprovider "${parallel[@]}" tests ;;
+        profile) step profile 120 "$py" -m gpukernels.bench --profile --quick --out "$work/profile" ;;
+        bench) step bench 240 "$py" -m gpukernels.bench --quick --skip "${GPU_CHECK_BENCH_SKIP-compile-max}" \
+                   --out "$work/bench" ;;
+        train) step train-large 150 "$py" -m gpukernels.train --preset large --epochs 3 --out "$work/train" ;;
+        *) echo "gpu-check: unknown step $name (tests, profile, bench, train)" >&2; exit 2 ;;
+    esac
+done
 if [ -z "${OUT:-}" ] || [ "$dest" != "$OUT" ]; then
     cp -r "$work"/. "$dest"/
 fi

@@ -377,6 +377,50 @@ def run(ops: list[str], dtype: torch.dtype, device: torch.device, quick: bool, s
     return rows, peaks
 
 
+def profile(ops: list[str], dtype: torch.dtype, device: torch.device, quick: bool,
+            providers: tuple[str, ...] = ("gpukernels", "eager")) -> str:
+    """Where the time of each case's forward+backward goes: per provider, the
+    host time of one call when nothing waits on the GPU, the GPU time of one
+    call (events around it, synchronised), and torch.profiler's kernels by GPU
+    time. A host time above the GPU time means the call is launch-bound."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    sections = []
+    for op in ops:
+        for case in OPS[op](device, dtype, quick):
+            for provider in providers:
+                if provider not in case.providers:
+                    continue
+                fn = _mode_fn(case, case.providers[provider], case.modes[-1])
+                for _ in range(3):
+                    fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                calls = 10
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                host_us = (time.perf_counter() - start) / calls * 1e6
+                if cuda:
+                    torch.cuda.synchronize()
+                with torch_profile(activities=activities) as prof:
+                    for _ in range(calls):
+                        fn()
+                    if cuda:
+                        torch.cuda.synchronize()
+                device_us = (sum(e.self_device_time_total for e in prof.key_averages()) / calls) if cuda else None
+                title = (f"== {op} {case.shape} {case.modes[-1]} {provider}: host {host_us:.0f} us/call"
+                         + (f", GPU kernels {device_us:.0f} us/call" if device_us is not None else ""))
+                sections.append(title + "\n" + prof.key_averages().table(sort_by=sort, row_limit=12))
+            del case
+            gc.collect()
+    return "\n\n".join(sections)
+
+
 def environment(device: torch.device) -> dict:
     import triton
 
@@ -494,6 +538,8 @@ def main(argv=None) -> None:
     p.add_argument("--skip", default="", help="comma-separated providers not to run, e.g. compile-max (its "
                    "autotuning takes minutes per op)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--profile", action="store_true", help="instead of timing every provider, profile ours and "
+                   "eager's forward+backward (torch.profiler) into <out>/profile.txt")
     p.add_argument("--out", default="out/bench", help="folder for the .json/.csv/.md results and the plots")
     a = p.parse_args(argv)
     if a.summarize:
@@ -510,6 +556,12 @@ def main(argv=None) -> None:
     out = Path(a.out)
     stem = "cpu" if device.type != "cuda" else f"{env['device'].replace(' ', '-')}-{env['date']}"
     skip = frozenset(p.strip() for p in a.skip.split(",") if p.strip())
+    if a.profile:
+        out.mkdir(parents=True, exist_ok=True)
+        text = profile(ops, dtype, device, a.quick)
+        (out / "profile.txt").write_text(text + "\n")
+        print(text)
+        return
     rows, peaks = run(ops, dtype, device, a.quick, skip, lambda rows, peaks: write(rows, peaks, env, out, stem))
     if not rows:
         raise SystemExit("no case ran: nothing to write")
