@@ -31,6 +31,10 @@ __device__ __forceinline__ unsigned short gk_float_to_half(float f) {
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
 }
+// A product rounded on its own, never fused into a following add (a - b*c as
+// one fma keeps b*c's rounding error where the exact answer may be 0).
+__device__ __forceinline__ float gk_mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double gk_mul_rn(double a, double b) { return __dmul_rn(a, b); }
 #endif
 
 // Round to nearest even, NaN to 0x7FC0: PyTorch's float -> bfloat16 rounding.

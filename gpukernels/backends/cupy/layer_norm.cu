@@ -57,7 +57,7 @@ __device__ __forceinline__ void layer_norm_bwd(const T* __restrict__ dy, const T
     A sum_g = 0, sum_gx = 0;
     for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
       const A xhat = (to_acc(x[base + c]) - mean) * rstd;
-      const A g = weight ? to_acc(dy[base + c]) * weight[c] : to_acc(dy[base + c]);
+      const A g = weight ? gk_mul_rn(to_acc(dy[base + c]), weight[c]) : to_acc(dy[base + c]);
       sum_g += g;
       sum_gx += g * xhat;
     }
@@ -66,7 +66,8 @@ __device__ __forceinline__ void layer_norm_bwd(const T* __restrict__ dy, const T
     for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
       const A dyc = to_acc(dy[base + c]);
       const A xhat = (to_acc(x[base + c]) - mean) * rstd;
-      const A g = weight ? dyc * weight[c] : dyc;
+      // rounded apart, as in the first loop: g - mean_g is then exactly 0 for D == 1
+      const A g = weight ? gk_mul_rn(dyc, weight[c]) : dyc;
       store(dx, base + c, rstd * (g - mean_g - xhat * mean_gx));
       if (dw) dw[c] += dyc * xhat;
       if (db) db[c] += dyc;
