@@ -63,7 +63,8 @@ def _seed_tensor(seed: int | Tensor | None, like: Tensor) -> Tensor:
         raise TypeError(f"seed must be an int, a one-element int64 tensor or None, got {type(seed).__name__}")
     if not _INT64_RANGE[0] <= seed < _INT64_RANGE[1]:
         raise ValueError(f"seed must fit in int64, got {seed}")
-    return torch.tensor(seed, dtype=torch.int64, device=like.device)
+    # a fill kernel, not torch.tensor's copy from pageable host memory, which waits for the GPU
+    return torch.full((), seed, dtype=torch.int64, device=like.device)
 
 
 def dropout(input: Tensor, p: float = 0.5, training: bool = True, seed: int | Tensor | None = None) -> Tensor:
