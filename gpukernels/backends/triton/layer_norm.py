@@ -6,8 +6,8 @@ once for the mean, once for the variance (two-pass, for accuracy), once to
 normalise.
 Backward: a persistent grid; each program takes rows ``pid, pid + G, ...``,
 writes their ``dx`` and keeps running sums of ``dy*xhat`` and ``dy`` for its
-rows, stored as one row of a (G, D) partial buffer; the partials are summed
-afterwards (the two-stage reduction, with no atomics).
+rows, stored as one row of a (G, D) partial buffer; ``partial_sums_kernel``
+sums the partials afterwards (the two-stage reduction, with no atomics).
 """
 
 from __future__ import annotations
@@ -126,6 +126,31 @@ def layer_norm_bwd_kernel(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, rows
                 tl.store(DX + base + cols, round_to(dx, DX.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def partial_sums_kernel(Partial, DW, DB, programs, D, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DW, DB = the (programs, D) partials [0] and [1] summed over their rows, rounded to the params' dtype."""
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_in = cols < D
+    dw = tl.zeros([BLOCK_P, BLOCK_D], dtype=Partial.dtype.element_ty)
+    db = tl.zeros([BLOCK_P, BLOCK_D], dtype=Partial.dtype.element_ty)
+    for start in range(0, programs, BLOCK_P):
+        p = start + tl.arange(0, BLOCK_P)
+        offsets = p[:, None] * D + cols[None, :]
+        mask = (p < programs)[:, None] & col_in[None, :]
+        if HAS_W:
+            dw += tl.load(Partial + offsets, mask=mask, other=0.0)
+        if HAS_B:
+            db += tl.load(Partial + programs * D + offsets, mask=mask, other=0.0)
+    if HAS_W:
+        tl.store(DW + cols, round_to(tl.sum(dw, axis=0), DW.dtype.element_ty), mask=col_in)
+    if HAS_B:
+        tl.store(DB + cols, round_to(tl.sum(db, axis=0), DB.dtype.element_ty), mask=col_in)
+
+
+PARTIAL_BLOCK_P, PARTIAL_BLOCK_D = 32, 64
+
+
 def _blocks(d: int) -> tuple[int, bool]:
     block = row_block(d)
     return block, block >= d
@@ -148,21 +173,30 @@ def layer_norm_fwd(x, weight, bias, eps):
 def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias):
     rows, d = x.shape
     block, one_block = _blocks(d)
-    programs = num_programs(x.device, rows)
+    # Two programs per SM: each adds a row of partial sums (two with a bias), 8 * D bytes
+    # written and read again, which more programs would multiply.
+    programs = num_programs(x.device, rows, per_sm=2)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    # Zeroed: programs with no rows, and the looped variant's running sums, start from 0.
-    dw_partial = torch.zeros((programs, d), dtype=acc, device=x.device) if weight is not None else None
-    db_partial = torch.zeros((programs, d), dtype=acc, device=x.device) if has_bias else None
+    # [dweight, dbias] partials. The one-block variant writes every row of them
+    # (programs with no rows write zeros); the looped variant keeps running sums
+    # in them, which start from 0.
+    partial = (torch.empty if one_block else torch.zeros)((2, programs, d), dtype=acc, device=x.device)
     dx = torch.empty_like(x)
     if rows:
-        layer_norm_bwd_kernel[(programs,)](dy, x, weight, mean, rstd, dx, dw_partial, db_partial, rows, d,
+        layer_norm_bwd_kernel[(programs,)](dy, x, weight, mean, rstd, dx, partial[0], partial[1], rows, d,
                                            HAS_W=weight is not None, HAS_B=has_bias, ACC=acc_dtype(x.dtype),
                                            BLOCK_D=block, ONE_BLOCK=one_block,
                                            num_warps=min(max(block // 256, 1), 16),
                                            # fused, dy * w - mean(dy * w) keeps the product's rounding error
                                            # where the exact answer is 0 (D == 1), times rstd
                                            enable_fp_fusion=False)
+    elif one_block:
+        partial.zero_()
     param_dtype = weight.dtype if weight is not None else x.dtype
-    dweight = dw_partial.sum(0).to(param_dtype) if weight is not None else x.new_empty(0)
-    dbias = db_partial.sum(0).to(param_dtype) if has_bias else x.new_empty(0)
+    dweight = x.new_empty(d if weight is not None else 0, dtype=param_dtype)
+    dbias = x.new_empty(d if has_bias else 0, dtype=param_dtype)
+    if d and (weight is not None or has_bias):
+        partial_sums_kernel[(triton.cdiv(d, PARTIAL_BLOCK_D),)](
+            partial, dweight, dbias, programs, d, HAS_W=weight is not None, HAS_B=has_bias,
+            BLOCK_P=PARTIAL_BLOCK_P, BLOCK_D=PARTIAL_BLOCK_D, num_warps=4)
     return dx, dweight, dbias
