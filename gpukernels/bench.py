@@ -381,8 +381,13 @@ def profile(ops: list[str], dtype: torch.dtype, device: torch.device, quick: boo
             providers: tuple[str, ...] = ("gpukernels", "eager")) -> str:
     """Where the time of each case's forward+backward goes: per provider, the
     host time of one call when nothing waits on the GPU, the GPU time of one
-    call (events around it, synchronised), and torch.profiler's kernels by GPU
-    time. A host time above the GPU time means the call is launch-bound."""
+    call, and torch.profiler's kernels by GPU time; for ours also the Python
+    functions by their own host time (cProfile). A host time above the GPU time
+    means the call is launch-bound."""
+    import cProfile
+    import io
+    import pstats
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -416,6 +421,12 @@ def profile(ops: list[str], dtype: torch.dtype, device: torch.device, quick: boo
                 title = (f"== {op} {case.shape} {case.modes[-1]} {provider}: host {host_us:.0f} us/call"
                          + (f", GPU kernels {device_us:.0f} us/call" if device_us is not None else ""))
                 sections.append(title + "\n" + prof.key_averages().table(sort_by=sort, row_limit=12))
+                if provider == "gpukernels":
+                    python_profile = cProfile.Profile()
+                    python_profile.runcall(lambda: [fn() for _ in range(calls)])
+                    text = io.StringIO()
+                    pstats.Stats(python_profile, stream=text).sort_stats("tottime").print_stats(15)
+                    sections.append(f"-- {op} {case.shape} {provider}: Python, {calls} calls\n" + text.getvalue())
             del case
             gc.collect()
     return "\n\n".join(sections)
