@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .nn import _BatchNormForward
 from .ops._checks import check_float, check_number, check_optional_float
-from .ops.batch_norm import _check_param_dtypes, _stats_dtype, batch_norm_bwd, batch_norm_fwd
+from .ops.batch_norm import _check_param_dtypes, _stats_dtype, batch_norm_fwd
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm"]
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
 from .ops._checks import check_float, check_number
-from .ops.adamw import adamw_step_, check_hyperparameters, state_dtype
+from .ops.adamw import call_adamw_step_, check_hyperparameters, state_dtype
 
 __all__ = ["AdamW", "WarmupCosineLR", "warmup_cosine", "clip_grad_norm_"]
 
@@ -164,7 +164,7 @@ class AdamW(torch.optim.Optimizer):
             return [_local(s[key]) for s in states]
 
         beta1, beta2 = group["betas"]
-        adamw_step_(
+        call_adamw_step_(
             [_local(p) for p in params], [_local(p.grad) for p in params],
             local_state("exp_avg"), local_state("exp_avg_sq"), local_state("max_exp_avg_sq") if amsgrad else [],
             local_state("step"),

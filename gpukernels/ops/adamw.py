@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .._backend import get_kernel
 from ._checks import check_device, check_float, check_number, check_shape
+from ._eager import direct
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -68,11 +69,9 @@ def _check_lists(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         _check_tensor("lr", lr, params[0], (), torch.float64)
 
 
-@torch.library.custom_op("gpukernels::adamw_step_",
-                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))
-def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                max_exp_avg_sqs: list[Tensor], steps: list[Tensor], lr: Tensor, beta1: float, beta2: float,
-                eps: float, weight_decay: float, amsgrad: bool, maximize: bool) -> None:
+def _adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 max_exp_avg_sqs: list[Tensor], steps: list[Tensor], lr: Tensor, beta1: float, beta2: float,
+                 eps: float, weight_decay: float, amsgrad: bool, maximize: bool) -> None:
     """Increment each ``steps[i]``, then apply one AdamW update to
     ``params[i]`` and its state (SPEC.md), all in place."""
     _check_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, amsgrad)
@@ -82,7 +81,14 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             beta1, beta2, eps, weight_decay, amsgrad, maximize)
 
 
+adamw_step_ = torch.library.custom_op("gpukernels::adamw_step_", _adamw_step_,
+                                      mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))
+
+
 @adamw_step_.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
       amsgrad, maximize):
     _check_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, amsgrad)
+
+
+call_adamw_step_ = direct(adamw_step_, _adamw_step_)  # what the optimizer calls

@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from .._backend import get_kernel
 from ._checks import check_float, check_number, check_optional_float, empty_grad
+from ._eager import direct
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -29,15 +30,18 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("gpukernels::batch_norm_fwd", mutates_args=("running_mean", "running_var"))
-def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-                   running_var: Optional[Tensor], training: bool, momentum: float,
-                   eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                    running_var: Optional[Tensor], training: bool, momentum: float,
+                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """y (laid out like x), and the mean and rstd it normalised with. In
     training these are the batch's, and the running stats (when given) take
     ``momentum`` of the batch mean and of the unbiased (M/(M-1)) variance."""
     return get_kernel("batch_norm", "batch_norm_fwd", x.device)(
         x, weight, bias, running_mean, running_var, training, momentum, eps)
+
+
+batch_norm_fwd = torch.library.custom_op("gpukernels::batch_norm_fwd", _batch_norm_fwd,
+                                         mutates_args=("running_mean", "running_var"))
 
 
 @batch_norm_fwd.register_fake
@@ -47,11 +51,13 @@ def _(x, weight, bias, running_mean, running_var, training, momentum, eps):
             x.new_empty(channels, dtype=_stats_dtype(x)))
 
 
-@torch.library.custom_op("gpukernels::batch_norm_bwd", mutates_args=())
-def batch_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool,
-                   has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _batch_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool,
+                    has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """dx (laid out like x), and dweight, dbias in the stats dtype (empty when not wanted)."""
     return get_kernel("batch_norm", "batch_norm_bwd", x.device)(dy, x, weight, mean, rstd, training, has_bias)
+
+
+batch_norm_bwd = torch.library.custom_op("gpukernels::batch_norm_bwd", _batch_norm_bwd, mutates_args=())
 
 
 @batch_norm_bwd.register_fake
@@ -62,6 +68,10 @@ def _(dy, x, weight, mean, rstd, training, has_bias):
     return torch.empty_like(x), dweight, dbias
 
 
+_call_fwd = direct(batch_norm_fwd, _batch_norm_fwd)
+_call_bwd = direct(batch_norm_bwd, _batch_norm_bwd)
+
+
 class _BatchNormFunction(torch.autograd.Function):
     """Autograd around the forward op: custom_op's register_autograd refuses
     ops that mutate inputs (here the running stats), an autograd.Function
@@ -70,7 +80,7 @@ class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                 running_var: Tensor | None, training: bool, momentum: float, eps: float) -> Tensor:
-        y, mean, rstd = batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps)
+        y, mean, rstd = _call_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.training = training
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -81,7 +91,7 @@ class _BatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, weight, mean, rstd = ctx.saved_tensors
         has_bias = ctx.bias_dtype is not None
-        dx, dweight, dbias = batch_norm_bwd(dy, x, weight, mean, rstd, ctx.training, has_bias)
+        dx, dweight, dbias = _call_bwd(dy, x, weight, mean, rstd, ctx.training, has_bias)
         return (dx,
                 dweight.to(weight.dtype) if weight is not None else None,
                 dbias.to(ctx.bias_dtype) if has_bias else None,

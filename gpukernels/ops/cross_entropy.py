@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .._backend import get_kernel
 from ._checks import check_choice, check_device, check_float, check_number, check_optional_float
+from ._eager import direct, with_autograd
 
 REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
@@ -30,11 +31,13 @@ def _stats_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("gpukernels::cross_entropy_fwd", mutates_args=())
-def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                      label_smoothing: float, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
+def _cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                       label_smoothing: float, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
     return get_kernel("cross_entropy", "cross_entropy_fwd", logits.device)(
         logits, target, weight, ignore_index, label_smoothing, reduction)
+
+
+cross_entropy_fwd = torch.library.custom_op("gpukernels::cross_entropy_fwd", _cross_entropy_fwd, mutates_args=())
 
 
 @cross_entropy_fwd.register_fake
@@ -45,11 +48,13 @@ def _(logits, target, weight, ignore_index, label_smoothing, reduction):
             logits.new_empty(rows, dtype=_stats_dtype(logits)))
 
 
-@torch.library.custom_op("gpukernels::cross_entropy_bwd", mutates_args=())
-def cross_entropy_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], row_max: Tensor,
-                      log_sum: Tensor, ignore_index: int, label_smoothing: float, reduction: str) -> Tensor:
+def _cross_entropy_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], row_max: Tensor,
+                       log_sum: Tensor, ignore_index: int, label_smoothing: float, reduction: str) -> Tensor:
     return get_kernel("cross_entropy", "cross_entropy_bwd", logits.device)(
         grad_loss, logits, target, weight, row_max, log_sum, ignore_index, label_smoothing, reduction)
+
+
+cross_entropy_bwd = torch.library.custom_op("gpukernels::cross_entropy_bwd", _cross_entropy_bwd, mutates_args=())
 
 
 @cross_entropy_bwd.register_fake
@@ -67,11 +72,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_row_max, _grad_log_sum):
     logits, target, weight, row_max, log_sum = ctx.saved_tensors
-    grad = cross_entropy_bwd(grad_loss.contiguous(), logits, target, weight, row_max, log_sum, *ctx.options)
+    grad = _call_bwd(grad_loss.contiguous(), logits, target, weight, row_max, log_sum, *ctx.options)
     return grad, None, None, None, None, None
 
 
-cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call_bwd = direct(cross_entropy_bwd, _cross_entropy_bwd)
+_call_fwd = with_autograd(cross_entropy_fwd, _cross_entropy_fwd, _setup_context, _backward)
 
 
 def _check_target(target: Tensor, input: Tensor, shape: tuple[int, ...]) -> None:
@@ -119,6 +125,5 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     _check_weight(weight, input, classes)
 
     logits = input.movedim(class_dim, -1).reshape(-1, classes).contiguous()
-    loss, _, _ = cross_entropy_fwd(logits, target.reshape(-1).long(), weight, ignore_index, label_smoothing,
-                                   reduction)
+    loss, _, _ = _call_fwd(logits, target.reshape(-1).long(), weight, ignore_index, label_smoothing, reduction)
     return loss.view(target.shape) if reduction == "none" else loss

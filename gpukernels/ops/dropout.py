@@ -19,15 +19,18 @@ from torch import Tensor
 
 from .._backend import get_kernel
 from ._checks import check_device, check_float, check_number
+from ._eager import with_autograd
 
 _INT64_RANGE = (-(2**63), 2**63)
 # Drawn seeds stay clear of the sign bit; any int64 seed is accepted from the caller.
 _DRAWN_SEED_BOUND = 2**62
 
 
-@torch.library.custom_op("gpukernels::dropout_fwd", mutates_args=())
-def dropout_fwd(x: Tensor, p: float, seed: Tensor) -> Tensor:
+def _dropout_fwd(x: Tensor, p: float, seed: Tensor) -> Tensor:
     return get_kernel("dropout", "dropout_fwd", x.device)(x, p, seed)
+
+
+dropout_fwd = torch.library.custom_op("gpukernels::dropout_fwd", _dropout_fwd, mutates_args=())
 
 
 @dropout_fwd.register_fake
@@ -43,10 +46,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     (seed,) = ctx.saved_tensors
-    return dropout_fwd(dy.contiguous(), ctx.p, seed), None, None
+    return _call_fwd(dy.contiguous(), ctx.p, seed), None, None
 
 
-dropout_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call_fwd = with_autograd(dropout_fwd, _dropout_fwd, _setup_context, _backward)
 
 
 def _seed_tensor(seed: int | Tensor | None, like: Tensor) -> Tensor:
@@ -75,4 +78,4 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, seed: int | Te
     p = check_number("p", p, low=0.0, high=1.0)
     if not training or p == 0.0:
         return input
-    return dropout_fwd(input.contiguous(), p, _seed_tensor(seed, input))
+    return _call_fwd(input.contiguous(), p, _seed_tensor(seed, input))

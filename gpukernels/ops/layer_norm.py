@@ -14,15 +14,18 @@ from torch import Tensor
 
 from .._backend import get_kernel
 from ._checks import check_float, check_number, check_optional_float, empty_grad
+from ._eager import direct, with_autograd
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("gpukernels::layer_norm_fwd", mutates_args=())
-def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return get_kernel("layer_norm", "layer_norm_fwd", x.device)(x, weight, bias, eps)
+
+
+layer_norm_fwd = torch.library.custom_op("gpukernels::layer_norm_fwd", _layer_norm_fwd, mutates_args=())
 
 
 @layer_norm_fwd.register_fake
@@ -31,10 +34,12 @@ def _(x, weight, bias, eps):
     return torch.empty_like(x), x.new_empty(rows, dtype=_stats_dtype(x)), x.new_empty(rows, dtype=_stats_dtype(x))
 
 
-@torch.library.custom_op("gpukernels::layer_norm_bwd", mutates_args=())
-def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                   has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                    has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     return get_kernel("layer_norm", "layer_norm_bwd", x.device)(dy, x, weight, mean, rstd, has_bias)
+
+
+layer_norm_bwd = torch.library.custom_op("gpukernels::layer_norm_bwd", _layer_norm_bwd, mutates_args=())
 
 
 @layer_norm_bwd.register_fake
@@ -55,14 +60,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = layer_norm_bwd(dy.contiguous(), x, weight, mean, rstd, ctx.has_bias)
+    dx, dweight, dbias = _call_bwd(dy.contiguous(), x, weight, mean, rstd, ctx.has_bias)
     return (dx,
             dweight if weight is not None else None,
             dbias.to(ctx.bias_dtype) if ctx.has_bias else None,
             None)
 
 
-layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call_bwd = direct(layer_norm_bwd, _layer_norm_bwd)
+_call_fwd = with_autograd(layer_norm_fwd, _layer_norm_fwd, _setup_context, _backward)
 
 
 def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
@@ -86,5 +92,5 @@ def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Ten
         d *= s
     flat_weight = None if weight is None else weight.reshape(d)
     flat_bias = None if bias is None else bias.reshape(d)
-    y, _, _ = layer_norm_fwd(input.reshape(-1, d).contiguous(), flat_weight, flat_bias, float(eps))
+    y, _, _ = _call_fwd(input.reshape(-1, d).contiguous(), flat_weight, flat_bias, float(eps))
     return y.view(input.shape)

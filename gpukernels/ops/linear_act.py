@@ -25,14 +25,17 @@ from torch import Tensor
 
 from .._backend import get_kernel
 from ._checks import check_choice, check_device, check_float, check_optional_float, empty_grad
+from ._eager import direct, with_autograd
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 _KEEPS_PRE_ACTIVATION = ("gelu", "gelu_tanh", "silu")
 
 
-@torch.library.custom_op("gpukernels::linear_act_fwd", mutates_args=())
-def linear_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> tuple[Tensor, Tensor]:
+def _linear_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> tuple[Tensor, Tensor]:
     return get_kernel("linear_act", "linear_act_fwd", x.device)(x, weight, bias, activation)
+
+
+linear_act_fwd = torch.library.custom_op("gpukernels::linear_act_fwd", _linear_act_fwd, mutates_args=())
 
 
 @linear_act_fwd.register_fake
@@ -41,10 +44,12 @@ def _(x, weight, bias, activation):
     return y, torch.empty_like(y) if activation in _KEEPS_PRE_ACTIVATION else empty_grad(x)
 
 
-@torch.library.custom_op("gpukernels::linear_act_bwd", mutates_args=())
-def linear_act_bwd(dy: Tensor, x: Tensor, weight: Tensor, y_or_z: Tensor, activation: str,
-                   has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_act_bwd(dy: Tensor, x: Tensor, weight: Tensor, y_or_z: Tensor, activation: str,
+                    has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     return get_kernel("linear_act", "linear_act_bwd", x.device)(dy, x, weight, y_or_z, activation, has_bias)
+
+
+linear_act_bwd = torch.library.custom_op("gpukernels::linear_act_bwd", _linear_act_bwd, mutates_args=())
 
 
 @linear_act_bwd.register_fake
@@ -64,11 +69,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dz):
     x, weight, y_or_z = ctx.saved_tensors
-    dx, dweight, dbias = linear_act_bwd(dy.contiguous(), x, weight, y_or_z, ctx.activation, ctx.has_bias)
+    dx, dweight, dbias = _call_bwd(dy.contiguous(), x, weight, y_or_z, ctx.activation, ctx.has_bias)
     return dx, dweight, dbias if ctx.has_bias else None, None
 
 
-linear_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call_bwd = direct(linear_act_bwd, _linear_act_bwd)
+_call_fwd = with_autograd(linear_act_fwd, _linear_act_fwd, _setup_context, _backward)
 
 
 def _check_shapes(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -107,5 +113,5 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation
         x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
     _check_dtypes(x, weight, bias)
     out_features, in_features = weight.shape
-    y, _ = linear_act_fwd(x.reshape(-1, in_features).contiguous(), weight.contiguous(), bias, activation)
+    y, _ = _call_fwd(x.reshape(-1, in_features).contiguous(), weight.contiguous(), bias, activation)
     return y.view(*x.shape[:-1], out_features)

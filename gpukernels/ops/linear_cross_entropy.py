@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .._backend import get_kernel
 from ._checks import check_choice, check_device, check_float, check_number, check_optional_float, empty_grad
+from ._eager import direct, with_autograd
 from .cross_entropy import REDUCTIONS, TARGET_DTYPES
 
 # Logits held per chunk: a fixed budget on CPU; on CUDA a share of the free
@@ -118,10 +119,9 @@ def _gradients(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor
     return None if dx_acc is None else dx_acc.to(x.dtype), dweight, dbias
 
 
-@torch.library.custom_op("gpukernels::linear_cross_entropy_fwd", mutates_args=())
-def linear_cross_entropy_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
-                             label_smoothing: float, z_loss: float, softcap: Optional[float], reduction: str,
-                             chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                              label_smoothing: float, z_loss: float, softcap: Optional[float], reduction: str,
+                              chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, row_max, log_sum): the reduced loss, and per row the statistics of the
     logsumexp (``lse = row_max + log_sum``), fp32 (fp64 for fp64)."""
     options = _Options(ignore_index, label_smoothing, z_loss, softcap)
@@ -133,6 +133,10 @@ def linear_cross_entropy_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     return loss, row_max, log_sum
 
 
+linear_cross_entropy_fwd = torch.library.custom_op("gpukernels::linear_cross_entropy_fwd", _linear_cross_entropy_fwd,
+                                                   mutates_args=())
+
+
 @linear_cross_entropy_fwd.register_fake
 def _(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size):
     acc = _acc_dtype(x.dtype)
@@ -141,11 +145,10 @@ def _(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, r
     return loss, x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc)
 
 
-@torch.library.custom_op("gpukernels::linear_cross_entropy_bwd", mutates_args=())
-def linear_cross_entropy_bwd(grad_scale: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                             row_max: Tensor, log_sum: Tensor, ignore_index: int, label_smoothing: float,
-                             z_loss: float, softcap: Optional[float], chunk_size: Optional[int], grad_x: bool,
-                             grad_weight: bool, grad_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_cross_entropy_bwd(grad_scale: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                              row_max: Tensor, log_sum: Tensor, ignore_index: int, label_smoothing: float,
+                              z_loss: float, softcap: Optional[float], chunk_size: Optional[int], grad_x: bool,
+                              grad_weight: bool, grad_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) of ``sum_i grad_scale_i * loss_i`` (``grad_scale`` 0-d or one per
     row), each empty when not asked for by ``grad_*``."""
     options = _Options(ignore_index, label_smoothing, z_loss, softcap)
@@ -153,6 +156,10 @@ def linear_cross_entropy_bwd(grad_scale: Tensor, x: Tensor, weight: Tensor, bias
     dx, dweight, dbias = _gradients(x, weight, bias, target, row_max, log_sum, grad_scale.to(row_max.dtype),
                                     options, chunk_size, grads)
     return tuple(empty_grad(x) if g is None else g for g in (dx, dweight, dbias))
+
+
+linear_cross_entropy_bwd = torch.library.custom_op("gpukernels::linear_cross_entropy_bwd", _linear_cross_entropy_bwd,
+                                                   mutates_args=())
 
 
 @linear_cross_entropy_bwd.register_fake
@@ -180,12 +187,13 @@ def _backward(ctx, dloss, _drow_max, _dlog_sum):
     if ctx.reduction == "mean":
         kept_rows = (target != ctx.options[0]).sum()
         grad_scale = torch.where(kept_rows > 0, dloss / kept_rows, 0)
-    grads = linear_cross_entropy_bwd(grad_scale.contiguous(), x, weight, bias, target, row_max, log_sum,
-                                     *ctx.options, *wanted)
+    grads = _call_bwd(grad_scale.contiguous(), x, weight, bias, target, row_max, log_sum,
+                      *ctx.options, *wanted)
     return (*(g if want else None for g, want in zip(grads, wanted)), *(None,) * 7)
 
 
-linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call_bwd = direct(linear_cross_entropy_bwd, _linear_cross_entropy_bwd)
+_call_fwd = with_autograd(linear_cross_entropy_fwd, _linear_cross_entropy_fwd, _setup_context, _backward)
 
 
 def _check_target(target: Tensor, x: Tensor) -> None:
@@ -268,7 +276,7 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor
         x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
     _check_dtypes(x, weight, bias)
 
-    loss, row_max, log_sum = linear_cross_entropy_fwd(
+    loss, row_max, log_sum = _call_fwd(
         x.reshape(-1, weight.shape[1]).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
         target.reshape(-1).long(), ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size)
     batch_shape = x.shape[:-1]
