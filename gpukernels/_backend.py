@@ -74,10 +74,13 @@ def unavailable_reason(name: str) -> str | None:
     return _backend_package(_check_name(name)).unavailable_reason()
 
 
-def get_kernel(op: str, kernel: str, device: torch.device) -> Callable:
-    """Kernel ``kernel`` of op family ``op`` from the backend selected for
-    ``device``; a BackendError that names op, backend and device otherwise."""
-    name = backend_name(device)
+# (backend, op family, device type) -> the backend's module for that family, once
+# it has been found to serve them: a dict lookup per call instead of the checks,
+# which cost host time on every launch of a small kernel.
+_modules: dict[tuple[str, str, str], ModuleType] = {}
+
+
+def _module(name: str, op: str, device: torch.device) -> ModuleType:
     where = f"op {op!r} on backend {name!r} for device {device}"
     package = _backend_package(name)
     reason = package.unavailable_reason()
@@ -89,9 +92,19 @@ def get_kernel(op: str, kernel: str, device: torch.device) -> Callable:
             f"move the tensors or choose another backend with gpukernels.use_backend"
         )
     try:
-        module = importlib.import_module(f"{package.__name__}.{op}")
+        return importlib.import_module(f"{package.__name__}.{op}")
     except ModuleNotFoundError as e:
         if e.name != f"{package.__name__}.{op}":
             raise
         raise BackendError(f"cannot run {where}: the backend does not implement it") from None
+
+
+def get_kernel(op: str, kernel: str, device: torch.device) -> Callable:
+    """Kernel ``kernel`` of op family ``op`` from the backend selected for
+    ``device``; a BackendError that names op, backend and device otherwise."""
+    name = backend_name(device)
+    key = (name, op, device.type)
+    module = _modules.get(key)
+    if module is None:
+        module = _modules[key] = _module(name, op, device)
     return getattr(module, kernel)

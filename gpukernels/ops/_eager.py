@@ -22,12 +22,14 @@ import torch
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _tensors(args):
-    for a in args:
-        if isinstance(a, (list, tuple)):
-            yield from (t for t in a if isinstance(t, torch.Tensor))
-        elif isinstance(a, torch.Tensor):
-            yield a
+def _needs_dispatch_for(value) -> bool:
+    if type(value) in _PLAIN_TENSOR_TYPES:
+        return value.is_meta
+    if isinstance(value, torch.Tensor):  # a subclass: FakeTensor, DTensor, ...
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_needs_dispatch_for(v) for v in value)
+    return False
 
 
 def needs_dispatch(args) -> bool:
@@ -39,7 +41,10 @@ def needs_dispatch(args) -> bool:
     if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack() \
             or torch._C._functorch.peek_interpreter_stack() is not None:
         return True
-    return any(type(t) not in _PLAIN_TENSOR_TYPES or t.device.type == "meta" for t in _tensors(args))
+    for a in args:
+        if _needs_dispatch_for(a):
+            return True
+    return False
 
 
 def direct(op: Callable, fn: Callable) -> Callable:
@@ -69,9 +74,16 @@ def with_autograd(op, fn: Callable, setup_context: Callable, backward: Callable)
         return backward(ctx, *grads)
 
     op.register_autograd(backward_of_first_output, setup_context=setup)
+
+    # forward(ctx, ...), not forward(...) with a setup_context: Function.apply binds
+    # the arguments to the signature of the latter on every call (inspect, host time)
+    def forward(ctx, *args):
+        output = fn(*args)
+        setup(ctx, args, output)
+        return output
+
     function = type(f"{fn.__name__}_function", (torch.autograd.Function,),
-                    {"forward": staticmethod(fn), "setup_context": staticmethod(setup),
-                     "backward": staticmethod(backward_of_first_output)})
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward_of_first_output)})
 
     def call(*args):
         return op(*args) if needs_dispatch(args) else function.apply(*args)

@@ -38,6 +38,7 @@ dbias and dweight; in training ``_dx_kernel`` then writes
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -320,8 +321,13 @@ def _pow2_at_least(size: int) -> int:
 def _tiling(x: torch.Tensor, *others: torch.Tensor) -> _Tiling:
     """The tiling for x and the same-shape tensors read or written beside it
     (their strides may differ); x's layout picks which axis is coalesced."""
-    n0, c, l0 = x.shape
-    n, l, strides = _fold(n0, l0, [(t.stride(0), t.stride(2), t.stride(1)) for t in (x, *others)])
+    return _tiling_of(tuple(x.shape), tuple((t.stride(0), t.stride(2), t.stride(1)) for t in (x, *others)))
+
+
+@functools.lru_cache(maxsize=256)  # worked out once per shape and layout: host time on every call otherwise
+def _tiling_of(shape: tuple[int, int, int], tensor_strides: tuple[tuple[int, int, int], ...]) -> _Tiling:
+    n0, c, l0 = shape
+    n, l, strides = _fold(n0, l0, list(tensor_strides))
     _, sl, sc = strides[0]
     channels_inner = c > 1 and sc < sl
     block_c = min(_pow2_at_least(c), CHANNEL_BLOCK) if channels_inner else 1

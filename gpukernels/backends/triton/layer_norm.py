@@ -77,17 +77,27 @@ def layer_norm_bwd_kernel(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, rows
         w = tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else 1.0
         dw = tl.zeros([BLOCK_D], dtype=ACC)
         db = tl.zeros([BLOCK_D], dtype=ACC)
+        # Each step loads the next row before reducing this one: two rows in flight
+        # per program, so the loads' latency hides behind the reductions.
+        offs = tl.cast(pid, tl.int64) * D + cols
+        first = cols < tl.where(pid < rows, D, 0)
+        next_dy = tl.load(DY + offs, mask=first, other=0.0)
+        next_x = tl.load(X + offs, mask=first, other=0.0)
         for row in range(pid, rows, programs):
-            offs = tl.cast(row, tl.int64) * D + cols
+            dy = next_dy.to(ACC)
+            x = next_x.to(ACC)
+            following = cols < tl.where(row + programs < rows, D, 0)
+            next_dy = tl.load(DY + offs + programs * D, mask=following, other=0.0)
+            next_x = tl.load(X + offs + programs * D, mask=following, other=0.0)
             mean = tl.load(Mean + row)
             rstd = tl.load(Rstd + row)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-            xhat = tl.where(mask, (tl.load(X + offs, mask=mask, other=0.0).to(ACC) - mean) * rstd, 0.0)
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
             g = dy * w
             dx = rstd * (g - tl.sum(g, axis=0) / D - xhat * (tl.sum(g * xhat, axis=0) / D))
             tl.store(DX + offs, round_to(dx, DX.dtype.element_ty), mask=mask)
             dw += dy * xhat
             db += dy
+            offs += programs * D
         if HAS_W:
             tl.store(DW_partial + pid * D + cols, dw, mask=mask)
         if HAS_B:
