@@ -7,8 +7,10 @@
 #   profile  where ours' and eager's forward+backward time goes (bench --profile)
 #   bench    a quick benchmark of every op against its baselines (torch.compile
 #            max-autotune left out: its autotuning takes minutes per op)
+#   graph    the memory-bound ops again, timed by CUDA graph replays (the GPU's
+#            time without the host's launch overhead), against eager, Liger, CuPy
 #   train    the large training preset
-# GPU_CHECK_STEPS picks them (default "tests bench"); GPU_CHECK_BENCH_SKIP the
+# GPU_CHECK_STEPS picks them (default "tests bench graph"); GPU_CHECK_BENCH_SKIP the
 # providers the benchmark leaves out (default compile-max). Logs go to the
 # folder after each step, with everything packed into gpu-check.tgz, so a run
 # cut short still returns what it measured.
@@ -48,14 +50,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $work/NA
 cat "$work/environment.txt"
 parallel=()
 "$py" -c "import xdist" 2>/dev/null && parallel=(-n 14)
-for name in ${GPU_CHECK_STEPS:-tests bench}; do
+for name in ${GPU_CHECK_STEPS:-tests bench graph}; do
     case $name in
         tests) step gpu-tests 240 "$py" -m pytest -m gpu -q -ra -p no:cacheprovider "${parallel[@]}" tests ;;
         profile) step profile 120 "$py" -m gpukernels.bench --profile --quick --out "$work/profile" ;;
         bench) step bench 240 "$py" -m gpukernels.bench --quick --skip "${GPU_CHECK_BENCH_SKIP-compile-max}" \
                    --out "$work/bench" ;;
+        graph) step bench-graph 120 "$py" -m gpukernels.bench --quick --cuda-graph --skip compile,compile-max \
+                   --ops layer_norm,cross_entropy,dropout,batch_norm,linear_act --out "$work/bench-graph" ;;
         train) step train-large 150 "$py" -m gpukernels.train --preset large --epochs 3 --out "$work/train" ;;
-        *) echo "gpu-check: unknown step $name (tests, profile, bench, train)" >&2; exit 2 ;;
+        *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, train)" >&2; exit 2 ;;
     esac
 done
 if [ -z "${OUT:-}" ] || [ "$dest" != "$OUT" ]; then

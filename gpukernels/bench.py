@@ -71,10 +71,12 @@ class Row:
 
 # ---------------------------------------------------------------- timing
 
-def _time_ms(fn: Callable[[], object], cuda: bool, quick: bool) -> float:
+def _time_ms(fn: Callable[[], object], cuda: bool, quick: bool, graph: bool = False) -> float:
     if cuda:
         import triton.testing
 
+        if graph:  # replays of a CUDA graph of the calls: the GPU's time, without the host's launch overhead
+            return triton.testing.do_bench_cudagraph(fn, rep=30 if quick else 100, return_mode="median")
         # median, after warm-up, with L2 flushed between runs
         return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median")
     fn()  # warm-up
@@ -334,9 +336,10 @@ OPS = {
 # ---------------------------------------------------------------- running
 
 def run(ops: list[str], dtype: torch.dtype, device: torch.device, quick: bool, skip: frozenset[str] = frozenset(),
-        on_case: Callable[[list[Row], dict], None] | None = None) -> tuple[list[Row], dict]:
-    """Every case of ``ops`` by every provider but those in ``skip``; ``on_case(rows, peaks)``
-    after each case, so that a run cut short still leaves what it measured."""
+        on_case: Callable[[list[Row], dict], None] | None = None, graph: bool = False) -> tuple[list[Row], dict]:
+    """Every case of ``ops`` by every provider but those in ``skip``, timed by CUDA graph
+    replays when ``graph``; ``on_case(rows, peaks)`` after each case, so that a run cut
+    short still leaves what it measured."""
     cuda = device.type == "cuda"
     peaks = measure_peaks(device, quick)
     rows: list[Row] = []
@@ -349,7 +352,7 @@ def run(ops: list[str], dtype: torch.dtype, device: torch.device, quick: bool, s
                         continue
                     try:
                         fn = _mode_fn(case, forward, mode)
-                        ms = _time_ms(fn, cuda, quick)
+                        ms = _time_ms(fn, cuda, quick, graph)
                         mem = _peak_mem_mib(fn, case.grad_inputs) if cuda and mode in ("fwd+bwd", "step") else None
                     except Exception as e:  # a baseline that cannot run this case is reported, not fatal
                         print(f"  {op} {case.shape} {mode} {provider}: skipped ({type(e).__name__}: {e})"[:300])
@@ -549,6 +552,9 @@ def main(argv=None) -> None:
     p.add_argument("--skip", default="", help="comma-separated providers not to run, e.g. compile-max (its "
                    "autotuning takes minutes per op)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--cuda-graph", action="store_true", help="time replays of CUDA graphs of the calls: what "
+                   "the kernels take without the host's launch overhead (torch.compile providers cannot be captured "
+                   "this way: --skip them)")
     p.add_argument("--profile", action="store_true", help="instead of timing every provider, profile ours and "
                    "eager's forward+backward (torch.profiler) into <out>/profile.txt")
     p.add_argument("--out", default="out/bench", help="folder for the .json/.csv/.md results and the plots")
@@ -564,8 +570,11 @@ def main(argv=None) -> None:
     # NumPy computes bf16/fp16 in fp32 anyway; CPU numbers are for the harness, in fp32.
     dtype = getattr(torch, a.dtype) if device.type == "cuda" else torch.float32
     env = environment(device) | {"dtype": str(dtype).replace("torch.", "")}
+    if a.cuda_graph:
+        env["timing"] = "CUDA graph replays"
     out = Path(a.out)
     stem = "cpu" if device.type != "cuda" else f"{env['device'].replace(' ', '-')}-{env['date']}"
+    stem += "-cudagraph" if a.cuda_graph else ""
     skip = frozenset(p.strip() for p in a.skip.split(",") if p.strip())
     if a.profile:
         out.mkdir(parents=True, exist_ok=True)
@@ -573,7 +582,10 @@ def main(argv=None) -> None:
         (out / "profile.txt").write_text(text + "\n")
         print(text)
         return
-    rows, peaks = run(ops, dtype, device, a.quick, skip, lambda rows, peaks: write(rows, peaks, env, out, stem))
+    if a.cuda_graph and device.type != "cuda":
+        p.error("--cuda-graph needs a CUDA device")
+    rows, peaks = run(ops, dtype, device, a.quick, skip, lambda rows, peaks: write(rows, peaks, env, out, stem),
+                      graph=a.cuda_graph)
     if not rows:
         raise SystemExit("no case ran: nothing to write")
     plot(rows, out, env)
