@@ -1,0 +1,121 @@
+"""Host time per call of the pieces an op's call is made of, on tensors so small
+that the GPU's time does not count: a torch allocation, an aten kernel, Triton
+launches, our layer_norm at each layer of its call, and PyTorch's.
+
+    python bench/host_overhead.py      (needs a CUDA GPU)
+
+A call that spends more host time than its kernels take on the GPU is
+launch-bound; this says where that host time goes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import gpukernels as gk  # noqa: E402
+from gpukernels._backend import get_kernel  # noqa: E402
+from gpukernels.backends.triton import layer_norm as triton_layer_norm  # noqa: E402
+from gpukernels.ops._eager import needs_dispatch  # noqa: E402
+
+
+@triton.jit
+def _empty_kernel(X):
+    pass
+
+
+class _Identity(torch.autograd.Function):
+    """A Python backward that does nothing: what any autograd.Function's backward costs."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy
+
+
+class _OneLaunch(torch.autograd.Function):
+    """A Python backward that launches one Triton kernel."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        _empty_kernel[(1,)](dy)
+        return dy
+
+
+def host_us(fn, calls: int = 2000) -> float:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("host_overhead.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    x = torch.randn(8, 64, device=device, requires_grad=True)
+    w = torch.randn(64, device=device, requires_grad=True)
+    b = torch.randn(64, device=device, requires_grad=True)
+    dy = torch.randn(8, 64, device=device)
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+    mean, rstd = torch.empty(8, device=device), torch.empty(8, device=device)
+
+    def fwd_bwd(fn):
+        def run():
+            x.grad = w.grad = b.grad = None
+            fn(x, (64,), w, b).backward(dy)
+        return run
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn(x, (64,), w, b)
+        return run
+
+    pieces = {
+        "torch.empty": lambda: torch.empty(8, 64, device=device),
+        "aten add (x + 1)": lambda: xd + 1,
+        "triton launch, 1 argument": lambda: _empty_kernel[(1,)](xd),
+        "triton launch, layer_norm_fwd_kernel": lambda: triton_layer_norm.layer_norm_fwd_kernel[(8,)](
+            xd, wd, bd, xd, mean, rstd, 64, 1e-5, HAS_W=True, HAS_B=True, ACC=tl.float32, BLOCK_D=64,
+            ONE_BLOCK=True, num_warps=1),
+        "get_kernel": lambda: get_kernel("layer_norm", "layer_norm_fwd", device),
+        "needs_dispatch": lambda: needs_dispatch((xd, wd, bd, 1e-5)),
+        "backend layer_norm_fwd (allocations + launch)": lambda: triton_layer_norm.layer_norm_fwd(xd, wd, bd, 1e-5),
+        "backend layer_norm_bwd (allocations + 2 launches)": lambda: triton_layer_norm.layer_norm_bwd(
+            dy, xd, wd, mean, rstd, True),
+        "autograd.Function, Python backward doing nothing": fwd_bwd(lambda x, shape, w, b: _Identity.apply(x)),
+        "autograd.Function, Python backward with 1 launch": fwd_bwd(lambda x, shape, w, b: _OneLaunch.apply(x)),
+        "x.clone() forward + backward (C++ backward)": fwd_bwd(lambda x, shape, w, b: x.clone()),
+        "gk.layer_norm forward, no grad": no_grad(gk.layer_norm),
+        "gk.layer_norm forward, with grad": lambda: gk.layer_norm(x, (64,), w, b),
+        "F.layer_norm forward, no grad": no_grad(F.layer_norm),
+        "gk.layer_norm forward + backward": fwd_bwd(gk.layer_norm),
+        "F.layer_norm forward + backward": fwd_bwd(F.layer_norm),
+    }
+    width = max(map(len, pieces))
+    for name, fn in pieces.items():
+        print(f"{name.ljust(width)}  {host_us(fn):8.1f} us")
+
+
+if __name__ == "__main__":
+    main()
