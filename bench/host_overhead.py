@@ -56,6 +56,29 @@ class _OneLaunch(torch.autograd.Function):
         return dy
 
 
+class _InBackward(torch.autograd.Function):
+    """Runs ``piece`` in its backward: what that piece costs on autograd's device thread."""
+
+    piece = staticmethod(lambda: None)
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        _InBackward.piece()
+        return dy
+
+
+def in_backward(x, dy, piece):
+    def run():
+        _InBackward.piece = piece
+        x.grad = None
+        _InBackward.apply(x).backward(dy)
+    return run
+
+
 def host_us(fn, calls: int = 2000) -> float:
     for _ in range(50):
         fn()
@@ -112,6 +135,13 @@ def main() -> None:
         "gk.layer_norm forward + backward": fwd_bwd(gk.layer_norm),
         "F.layer_norm forward + backward": fwd_bwd(F.layer_norm),
     }
+    for name in ("torch.empty", "triton launch, 1 argument", "backend layer_norm_bwd (allocations + 2 launches)"):
+        pieces[f"in a backward: {name}"] = in_backward(x, dy, pieces[name])
+    pieces["in a backward: nothing"] = in_backward(x, dy, lambda: None)
+    pieces["in a backward: get_device_properties"] = in_backward(
+        x, dy, lambda: torch.cuda.get_device_properties(device).multi_processor_count)
+    pieces["in a backward: 10 x torch.empty"] = in_backward(
+        x, dy, lambda: [torch.empty(8, 64, device=device) for _ in range(10)])
     width = max(map(len, pieces))
     for name, fn in pieces.items():
         print(f"{name.ljust(width)}  {host_us(fn):8.1f} us")
