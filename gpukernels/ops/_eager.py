@@ -88,3 +88,9 @@ def with_autograd(op, fn: Callable, setup_context: Callable, backward: Callable)
     def call(*args):
         return op(*args) if needs_dispatch(args) else function.apply(*args)
     return call
+
+
+def reshaped(t: torch.Tensor, *shape: int) -> torch.Tensor:
+    """``t.reshape(shape)``, or ``t`` itself when it has that shape already: every
+    reshape or view is a node of the autograd graph, with host time of its own."""
+    return t if t.shape == shape else t.reshape(shape)

@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from .._backend import get_kernel
 from ._checks import check_float, check_number, check_optional_float, empty_grad
-from ._eager import direct
+from ._eager import direct, reshaped
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -160,8 +160,8 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if training and n * length == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}")
     # a view for contiguous and channels-last input alike; a copy only for strides no (N, C, L) view can express
-    x = input.reshape(n, channels, length)
+    x = reshaped(input, n, channels, length)
     if x.numel() == 0:
         return _empty_batch(x, weight, bias).view(input.shape)
     y = _BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training, momentum, eps)
-    return y.view(input.shape)
+    return reshaped(y, *input.shape)

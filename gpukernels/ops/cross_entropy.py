@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._backend import get_kernel
 from ._checks import check_choice, check_device, check_float, check_number, check_optional_float
-from ._eager import direct, with_autograd
+from ._eager import direct, reshaped, with_autograd
 
 REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
@@ -124,6 +124,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
         weight = None if weight is None or weight.dtype == torch.float64 else weight.float()
     _check_weight(weight, input, classes)
 
-    logits = input.movedim(class_dim, -1).reshape(-1, classes).contiguous()
-    loss, _, _ = _call_fwd(logits, target.reshape(-1).long(), weight, ignore_index, label_smoothing, reduction)
-    return loss.view(target.shape) if reduction == "none" else loss
+    logits = input if class_dim == input.dim() - 1 else input.movedim(class_dim, -1)
+    logits = reshaped(logits, input.numel() // classes, classes).contiguous()
+    loss, _, _ = _call_fwd(logits, reshaped(target, target.numel()).long(), weight, ignore_index, label_smoothing,
+                           reduction)
+    return reshaped(loss, *target.shape) if reduction == "none" else loss

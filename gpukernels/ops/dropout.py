@@ -2,8 +2,9 @@
 autograd, and the checked public function.
 
 Inverted dropout on the flattened contiguous tensor: element ``i`` is kept
-when ``tl.rand(seed, i) > p`` (Philox4x32-10 keyed by ``seed``, counting
-``i``; see backends/numpy/philox.py) and then scaled by ``1/(1-p)``. No mask
+when its uniform is above ``p``, the uniform being word ``i % 4`` of
+Philox4x32-10 keyed by ``seed`` at counter ``i // 4`` (one call serves four
+elements; see backends/numpy/philox.py), and then scaled by ``1/(1-p)``. No mask
 is stored: the backward is the same op applied to ``dy`` with the same ``p``
 and ``seed``, which regenerates the mask.
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .._backend import get_kernel
 from ._checks import check_float, check_number, check_optional_float, empty_grad
-from ._eager import direct, with_autograd
+from ._eager import direct, reshaped, with_autograd
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -90,7 +90,7 @@ def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Ten
     d = 1
     for s in shape:
         d *= s
-    flat_weight = None if weight is None else weight.reshape(d)
-    flat_bias = None if bias is None else bias.reshape(d)
-    y, _, _ = _call_fwd(input.reshape(-1, d).contiguous(), flat_weight, flat_bias, float(eps))
-    return y.view(input.shape)
+    flat_weight = None if weight is None else reshaped(weight, d)
+    flat_bias = None if bias is None else reshaped(bias, d)
+    y, _, _ = _call_fwd(reshaped(input, input.numel() // d, d).contiguous(), flat_weight, flat_bias, float(eps))
+    return reshaped(y, *input.shape)

@@ -18,6 +18,7 @@ What the forward keeps for the backward, and its memory cost:
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from .._backend import get_kernel
 from ._checks import check_choice, check_device, check_float, check_optional_float, empty_grad
-from ._eager import direct, with_autograd
+from ._eager import direct, reshaped, with_autograd
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 _KEEPS_PRE_ACTIVATION = ("gelu", "gelu_tanh", "silu")
@@ -113,5 +114,6 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation
         x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
     _check_dtypes(x, weight, bias)
     out_features, in_features = weight.shape
-    y, _ = _call_fwd(x.reshape(-1, in_features).contiguous(), weight.contiguous(), bias, activation)
-    return y.view(*x.shape[:-1], out_features)
+    y, _ = _call_fwd(reshaped(x, math.prod(x.shape[:-1]), in_features).contiguous(), weight.contiguous(), bias,
+                     activation)
+    return reshaped(y, *x.shape[:-1], out_features)

@@ -27,6 +27,7 @@ gradient (``"none"``), that gradient (``"sum"``) or it over the rows kept
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from .._backend import get_kernel
 from ._checks import check_choice, check_device, check_float, check_number, check_optional_float, empty_grad
-from ._eager import direct, with_autograd
+from ._eager import direct, reshaped, with_autograd
 from .cross_entropy import REDUCTIONS, TARGET_DTYPES
 
 # Logits held per chunk: a fixed budget on CPU; on CUDA a share of the free
@@ -277,10 +278,10 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor
     _check_dtypes(x, weight, bias)
 
     loss, row_max, log_sum = _call_fwd(
-        x.reshape(-1, weight.shape[1]).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-        target.reshape(-1).long(), ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size)
+        reshaped(x, math.prod(x.shape[:-1]), weight.shape[1]).contiguous(), weight.contiguous(),
+        None if bias is None else bias.contiguous(), reshaped(target, target.numel()).long(), ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size)
     batch_shape = x.shape[:-1]
-    loss = loss.view(batch_shape) if reduction == "none" else loss
+    loss = reshaped(loss, *batch_shape) if reduction == "none" else loss
     if not (autocasting and x.dtype != torch.float64):
         loss = loss.to(x.dtype)
     return (loss, (row_max + log_sum).view(batch_shape)) if return_lse else loss
