@@ -31,31 +31,6 @@ def _empty_kernel(X):
     pass
 
 
-class _Identity(torch.autograd.Function):
-    """A Python backward that does nothing: what any autograd.Function's backward costs."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, dy):
-        return dy
-
-
-class _OneLaunch(torch.autograd.Function):
-    """A Python backward that launches one Triton kernel."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, dy):
-        _empty_kernel[(1,)](dy)
-        return dy
-
-
 class _InBackward(torch.autograd.Function):
     """Runs ``piece`` in its backward: what that piece costs on autograd's device thread."""
 
@@ -126,8 +101,6 @@ def main() -> None:
         "backend layer_norm_fwd (allocations + launch)": lambda: triton_layer_norm.layer_norm_fwd(xd, wd, bd, 1e-5),
         "backend layer_norm_bwd (allocations + 2 launches)": lambda: triton_layer_norm.layer_norm_bwd(
             dy, xd, wd, mean, rstd, True),
-        "autograd.Function, Python backward doing nothing": fwd_bwd(lambda x, shape, w, b: _Identity.apply(x)),
-        "autograd.Function, Python backward with 1 launch": fwd_bwd(lambda x, shape, w, b: _OneLaunch.apply(x)),
         "x.clone() forward + backward (C++ backward)": fwd_bwd(lambda x, shape, w, b: x.clone()),
         "gk.layer_norm forward, no grad": no_grad(gk.layer_norm),
         "gk.layer_norm forward, with grad": lambda: gk.layer_norm(x, (64,), w, b),
