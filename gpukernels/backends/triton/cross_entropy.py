@@ -152,22 +152,6 @@ def logits_grad_kernel(X, T, W, SumW, RowMax, LogSum, GradScale, Smoothing, Soft
     tl.store(Grad + row * width + cols, round_to(g, Grad.dtype.element_ty), mask=mask)
 
 
-def _gradient_scale(target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
-                    acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The mean's denominator ``sum w[t_i]`` over kept rows (1 for sum/none) and the
-    factor each row's gradient is scaled by: its reciprocal, or 0 with every row
-    ignored (the loss is then nan, as in PyTorch, but the gradient zero)."""
-    if reduction != "mean":
-        one = torch.ones((), dtype=acc, device=target.device)
-        return one, one
-    kept = target != ignore_index
-    if weight is None:
-        denominator = kept.sum(dtype=acc)
-    else:  # clamped: an out-of-range target is the kernel's to report, never a bad index here
-        denominator = torch.where(kept, weight.to(acc)[target.clamp(0, weight.numel() - 1)], 0).sum()
-    return denominator, torch.where(denominator != 0, 1 / denominator, 0)
-
-
 def _check_targets(target: Tensor, bad: Tensor, classes: int) -> None:
     if bad.device.type == "cuda":
         torch._assert_async(~bad.any(), f"cross_entropy: a target is out of bounds for {classes} classes "

@@ -8,7 +8,7 @@ they round exactly as ``F.linear``'s do.
   row kernel of ``cross_entropy.py`` for each row's loss and the statistics of
   its logsumexp, ``m`` and ``log s``.
 - ``linear_cross_entropy_slice`` (backward, a slice of the vocabulary over all
-  rows): the logits again, ``logits_grad_kernel`` writing their gradient over
+  rows): the logits again, ``cross_entropy.py``'s ``logits_grad_kernel`` writing their gradient over
   them from the saved statistics, then ``dweight[slice] = g.T @ x`` and
   ``dbias[slice]`` in the input dtype and ``dx += g @ weight[slice]`` into an
   fp32 accumulator (fp64 for fp64). For bf16/fp16 that accumulation uses
