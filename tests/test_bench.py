@@ -42,3 +42,18 @@ def test_skip_leaves_out_a_provider(tmp_path):
     bench.main(["--quick", "--device", "cpu", "--ops", "dropout", "--skip", "eager", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "cpu.json").read_text())["rows"]
     assert rows and {r["provider"] for r in rows} == {"gpukernels"}
+
+
+def test_cuda_graph_timing_needs_a_gpu(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--cuda-graph", "--device", "cpu", "--out", str(tmp_path)])
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
+def test_profile_writes_each_case_for_ours_and_eager(tmp_path):
+    bench.main(["--profile", "--quick", "--device", "cpu", "--ops", "layer_norm,dropout", "--out", str(tmp_path)])
+    text = (tmp_path / "profile.txt").read_text()
+    for op in ("layer_norm", "dropout"):
+        assert f"== {op} " in text and f"-- {op} " in text
+    assert "fwd+bwd gpukernels: host" in text
+    assert "fwd+bwd eager: host" in text
