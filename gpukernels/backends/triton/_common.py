@@ -30,6 +30,11 @@ def acc_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of statistics and accumulators: fp64 for fp64 tensors, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def row_block(d: int, max_block: int = 8192) -> int:
     """Power-of-two block over a row of ``d`` features, at most ``max_block``."""
     return min(triton.next_power_of_2(max(d, 1)), max_block)

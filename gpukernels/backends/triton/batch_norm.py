@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, num_programs, round_to
+from ._common import acc_dtype, num_programs, round_to, stats_dtype
 
 TILE = 4096          # elements a program reads per step
 CHANNEL_BLOCK = 64   # channels per program when C is the contiguous axis
@@ -345,10 +345,6 @@ def _tiling_of(shape: tuple[int, int, int], tensor_strides: tuple[tuple[int, int
                    num_warps=min(max(block_n * block_l * block_c // 512, 1), 8))
 
 
-def _stats_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _fp32_pair(value: float) -> tuple[float, float]:
     """``value`` as hi + lo, each exact in fp32: float kernel arguments arrive
     as fp32, which would round fp64 momentum and eps."""
@@ -362,11 +358,11 @@ def _channel_grid(channels: int) -> tuple[int]:
 
 def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps):
     n, channels, length = x.shape
-    stats_dtype = _stats_dtype(x)
+    stats = stats_dtype(x.dtype)
     acc = acc_dtype(x.dtype)
     y = torch.empty_like(x)
-    mean = torch.empty(channels, dtype=stats_dtype, device=x.device)
-    rstd = torch.empty(channels, dtype=stats_dtype, device=x.device)
+    mean = torch.empty(channels, dtype=stats, device=x.device)
+    rstd = torch.empty(channels, dtype=stats, device=x.device)
     if channels == 0:
         return y, mean, rstd
     tiling = _tiling(x, y)
@@ -375,7 +371,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
         grid = tiling.reduction_grid(x.device) if tiling.tiles else (0, 0)
         splits = grid[1]
         # room for one split even with none: a pointer argument must point somewhere
-        partial = torch.empty((3, max(splits, 1), channels), dtype=stats_dtype, device=x.device)
+        partial = torch.empty((3, max(splits, 1), channels), dtype=stats, device=x.device)
         if splits:
             _stats_kernel[grid](x, partial, *tiling.args(0), *tiling.walk(), **tiling.meta(acc))
     _finalize_fwd_kernel[_channel_grid(channels)](
@@ -391,17 +387,17 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
 
 def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias):
     n, channels, length = x.shape
-    stats_dtype = _stats_dtype(x)
+    stats = stats_dtype(x.dtype)
     acc = acc_dtype(x.dtype)
     dx = torch.empty_like(x)
     tiling = _tiling(x, dy, dx)
     reduce = channels and tiling.tiles
     new_sums = torch.empty if reduce else torch.zeros  # with nothing to reduce, sums of no terms
-    sum_dy = new_sums(channels, dtype=stats_dtype, device=x.device)
-    sum_dy_xhat = new_sums(channels, dtype=stats_dtype, device=x.device)
+    sum_dy = new_sums(channels, dtype=stats, device=x.device)
+    sum_dy_xhat = new_sums(channels, dtype=stats, device=x.device)
     if reduce:
         grid = tiling.reduction_grid(x.device)
-        partial = torch.empty((2, grid[1], channels), dtype=stats_dtype, device=x.device)
+        partial = torch.empty((2, grid[1], channels), dtype=stats, device=x.device)
         _bwd_reduce_kernel[grid](x, dy, dx, mean, rstd, weight, partial, *tiling.args(0, 1, 2), *tiling.walk(),
                                  TRAINING=training, HAS_W=weight is not None, **tiling.meta(acc))
         _finalize_bwd_kernel[_channel_grid(channels)](partial, grid[1], rstd, channels, sum_dy, sum_dy_xhat,

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, round_to, row_block
+from ._common import acc_dtype, round_to, row_block, stats_dtype
 
 # Widest column block of the forward; vocabularies past it (up to 256k) are swept
 # in blocks. Tests lower it to make small rows loop.
@@ -221,15 +221,11 @@ def _denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, ac
     return torch.where(kept, weight.to(acc)[target.clamp(0, weight.numel() - 1)], 0).sum()
 
 
-def _stats_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                       label_smoothing: float, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
     """The NumPy kernel's contract."""
     rows = logits.shape[0]
-    acc = _stats_dtype(logits)
+    acc = stats_dtype(logits.dtype)
     loss, row_max, log_sum = (torch.empty(rows, dtype=acc, device=logits.device) for _ in range(3))
     cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, loss, row_max, log_sum)
     if reduction == "sum":

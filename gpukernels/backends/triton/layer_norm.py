@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, num_programs, round_to, row_block
+from ._common import acc_dtype, num_programs, round_to, row_block, stats_dtype
 
 
 @triton.jit
@@ -168,10 +168,10 @@ def _blocks(d: int) -> tuple[int, bool]:
 
 def layer_norm_fwd(x, weight, bias, eps):
     rows, d = x.shape
-    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stats = stats_dtype(x.dtype)
     y = torch.empty_like(x)
-    mean = torch.empty(rows, dtype=stats_dtype, device=x.device)
-    rstd = torch.empty(rows, dtype=stats_dtype, device=x.device)
+    mean = torch.empty(rows, dtype=stats, device=x.device)
+    rstd = torch.empty(rows, dtype=stats, device=x.device)
     if rows:
         block, one_block = _blocks(d)
         layer_norm_fwd_kernel[(rows,)](x, weight, bias, y, mean, rstd, d, eps,
@@ -186,7 +186,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias):
     # Two programs per SM: each adds a row of partial sums (two with a bias), 8 * D bytes
     # written and read again, which more programs would multiply.
     programs = num_programs(x.device, rows, per_sm=2)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = stats_dtype(x.dtype)
     # [dweight, dbias] partials. The one-block variant writes every row of them
     # (programs with no rows write zeros); the looped variant keeps running sums
     # in them, which start from 0.

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, round_to
+from ._common import acc_dtype, round_to, stats_dtype
 
 _SQRT_HALF = tl.constexpr(math.sqrt(0.5))
 _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
@@ -127,10 +127,6 @@ def pre_activation_grad_kernel(DY, Saved, DZ, BiasPartial, M, N, ACTIVATION: tl.
         tl.store(BiasPartial + tl.program_id(0).to(tl.int64) * N + cols, tl.sum(dz, axis=0), mask=cols < N)
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def linear_act_fwd(x, weight, bias, activation):
     z = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     if activation == "none":
@@ -148,7 +144,7 @@ def _dz_and_dbias(dy: torch.Tensor, saved: torch.Tensor, activation: str,
                   has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dz, and dbias = dz.sum(0) in the parameters' dtype when ``has_bias``."""
     m, n = dy.shape
-    acc = _stats_dtype(dy.dtype)
+    acc = stats_dtype(dy.dtype)
     if activation == "none":
         return dy, dy.sum(0, dtype=acc).to(dy.dtype) if has_bias else None
     dz = torch.empty_like(dy)
