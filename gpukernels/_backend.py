@@ -74,12 +74,9 @@ def unavailable_reason(name: str) -> str | None:
     return _backend_package(_check_name(name)).unavailable_reason()
 
 
-# (backend, op family, device type) -> the backend's module for that family, once
-# it has been found to serve them: a dict lookup per call instead of the checks,
-# which cost host time on every launch of a small kernel.
-_modules: dict[tuple[str, str, str], ModuleType] = {}
-
-
+# (backend, op family, kernel, device type) -> the kernel, once its backend has been
+# found to serve them: a dict lookup per call instead of the checks, which cost
+# host time on every launch of a small kernel.
 def _module(name: str, op: str, device: torch.device) -> ModuleType:
     where = f"op {op!r} on backend {name!r} for device {device}"
     package = _backend_package(name)
@@ -99,12 +96,22 @@ def _module(name: str, op: str, device: torch.device) -> ModuleType:
         raise BackendError(f"cannot run {where}: the backend does not implement it") from None
 
 
-def get_kernel(op: str, kernel: str, device: torch.device) -> Callable:
-    """Kernel ``kernel`` of op family ``op`` from the backend selected for
+_kernels: dict[tuple[str, str, str, str], Callable] = {}
+
+
+def kernel_for(backend: str, op: str, kernel: str, device: torch.device) -> Callable:
+    """Kernel ``kernel`` of op family ``op`` from backend ``backend`` for
     ``device``; a BackendError that names op, backend and device otherwise."""
-    name = backend_name(device)
-    key = (name, op, device.type)
-    module = _modules.get(key)
-    if module is None:
-        module = _modules[key] = _module(name, op, device)
-    return getattr(module, kernel)
+    key = (backend, op, kernel, device.type)
+    found = _kernels.get(key)
+    if found is None:
+        module = _module(backend, op, device)
+        if not hasattr(module, kernel):
+            raise BackendError(f"cannot run op {op!r} on backend {backend!r}: it has no kernel {kernel!r}")
+        found = _kernels[key] = getattr(module, kernel)
+    return found
+
+
+def get_kernel(op: str, kernel: str, device: torch.device) -> Callable:
+    """Kernel ``kernel`` of op family ``op`` from the backend selected for ``device``."""
+    return kernel_for(backend_name(device), op, kernel, device)

@@ -59,3 +59,12 @@ def assert_matches(ours: torch.Tensor, theirs: torch.Tensor, reference: torch.Te
     bound = max(factor * theirs_err, LOWP_FLOOR[ours.dtype])
     assert ours_err <= bound, f"{ours.dtype}: relative error {ours_err:.3g} > {bound:.3g} (PyTorch's: {theirs_err:.3g})"
     return ours_err
+
+
+def run_kernel(module, op, *args):
+    """Run op ``op``'s kernel from the backend module ``module`` directly: its
+    outputs allocated by the op's spec, the kernel writing into them (the CuPy
+    host target runs CuPy's kernels on CPU tensors, which no backend serves)."""
+    outputs = op.spec(*args, "")
+    getattr(module, op.name)(*args, *((outputs,) if isinstance(outputs, torch.Tensor) else outputs))
+    return outputs

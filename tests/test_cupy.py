@@ -42,8 +42,9 @@ from gpukernels.backends.numpy import cross_entropy as numpy_cross_entropy
 from gpukernels.backends.numpy import layer_norm as numpy_layer_norm
 from gpukernels.backends.numpy.dropout import dropout_fwd as numpy_dropout_fwd
 from gpukernels.backends.numpy.philox import element_uniforms, philox4x32
+from gpukernels.ops.layer_norm import layer_norm_bwd, layer_norm_fwd
 from gpukernels.optim import AdamW
-from helpers import TOLERANCES, assert_matches
+from helpers import TOLERANCES, assert_matches, run_kernel
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 F64, F32, BF16, F16 = DTYPES
@@ -319,10 +320,10 @@ def test_layer_norm_kernels_match_numpy(device, dtype):
     """The saved statistics, and dweight/dbias summed from more rows than blocks."""
     x, dy = _randn((37, 19), dtype, 0, device, scale=2), _randn((37, 19), dtype, 1, device)
     w, b = _randn(19, dtype, 2, device), _randn(19, dtype, 3, device)
-    ours_fwd = cupy_layer_norm.layer_norm_fwd(x, w, b, 1e-5)
-    numpy_fwd = numpy_layer_norm.layer_norm_fwd(*(t.cpu() for t in (x, w, b)), 1e-5)
-    ours_bwd = cupy_layer_norm.layer_norm_bwd(dy, x, w, *ours_fwd[1:], True)
-    numpy_bwd = numpy_layer_norm.layer_norm_bwd(*(t.cpu() for t in (dy, x, w, *numpy_fwd[1:])), True)
+    ours_fwd = run_kernel(cupy_layer_norm, layer_norm_fwd, x, w, b, 1e-5)
+    numpy_fwd = run_kernel(numpy_layer_norm, layer_norm_fwd, *(t.cpu() for t in (x, w, b)), 1e-5)
+    ours_bwd = run_kernel(cupy_layer_norm, layer_norm_bwd, dy, x, w, *ours_fwd[1:], True)
+    numpy_bwd = run_kernel(numpy_layer_norm, layer_norm_bwd, *(t.cpu() for t in (dy, x, w, *numpy_fwd[1:])), True)
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
     for ours, theirs in zip((*ours_fwd, *ours_bwd), (*numpy_fwd, *numpy_bwd)):
         assert ours.dtype == theirs.dtype

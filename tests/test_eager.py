@@ -1,4 +1,4 @@
-"""The two ways into an op (ops/_eager.py): directly in plain eager mode, through
+"""The two ways into an op (ops/_op.py): directly in plain eager mode, through
 the torch.library custom op wherever its dispatch is needed. Both give the same
 results to the bit, and each is taken exactly where it should be."""
 
@@ -9,8 +9,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import gpukernels as gk
-import gpukernels.ops._eager as eager
-from gpukernels.ops._eager import needs_dispatch
+import gpukernels.ops._op as eager
+from gpukernels.ops._op import needs_dispatch
 
 
 def _randn(*shape, seed=0, **kwargs):

@@ -70,9 +70,12 @@ def test_gradcheck(device, affine):
 
 def test_opcheck(device):
     x, w, b = _inputs((5, 17), (17,), torch.float32, device=device)
-    torch.library.opcheck(layer_norm_fwd, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5))
+    backend = gk.backend_name(device)
+    torch.library.opcheck(layer_norm_fwd.custom_op,
+                          (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, backend))
     y, mean, rstd = layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
-    torch.library.opcheck(layer_norm_bwd, (torch.randn_like(y), x.detach(), w.detach(), mean, rstd, True))
+    torch.library.opcheck(layer_norm_bwd.custom_op, (torch.randn_like(y), x.detach(), w.detach(), mean, rstd, True,
+                                                     backend))
 
 
 def test_autocast_runs_in_fp32():

@@ -19,32 +19,11 @@ from typing import Callable
 
 import torch
 
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def _needs_dispatch_for(value) -> bool:
-    if type(value) in _PLAIN_TENSOR_TYPES:
-        return value.is_meta
-    if isinstance(value, torch.Tensor):  # a subclass: FakeTensor, DTensor, ...
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_needs_dispatch_for(v) for v in value)
-    return False
+from . import _op
 
 
 def needs_dispatch(args) -> bool:
-    """Whether a call with ``args`` must go through the custom op."""
-    if torch.compiler.is_compiling():
-        return True
-    # dispatch or torch-function modes (fake tensors, flop counters, torch.device(...)),
-    # functorch transforms (vmap, grad)
-    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack() \
-            or torch._C._functorch.peek_interpreter_stack() is not None:
-        return True
-    for a in args:
-        if _needs_dispatch_for(a):
-            return True
-    return False
+    return _op.needs_dispatch(args)
 
 
 def direct(op: Callable, fn: Callable) -> Callable:

@@ -1,5 +1,5 @@
-"""layer_norm: custom ops ``gpukernels::layer_norm_fwd/_bwd``, their fake
-implementations and autograd, and the checked public function.
+"""layer_norm: the ops ``gpukernels::layer_norm_fwd/_bwd`` (output specs and
+kernel contracts), their autograd, and the checked public function.
 
 The kernels see ``x`` as a contiguous ``(rows, D)`` matrix and save the
 per-row ``mean`` and ``rstd`` (fp32, fp64 for fp64 input) for the backward.
@@ -12,41 +12,29 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._backend import get_kernel
 from ._checks import check_float, check_number, check_optional_float, empty_grad
-from ._eager import direct, reshaped, with_autograd
+from ._op import kernel_op, reshaped, stats_dtype
 
 
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return get_kernel("layer_norm", "layer_norm_fwd", x.device)(x, weight, bias, eps)
-
-
-layer_norm_fwd = torch.library.custom_op("gpukernels::layer_norm_fwd", _layer_norm_fwd, mutates_args=())
-
-
-@layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
+@kernel_op("layer_norm")
+def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel: ``y`` = rows of ``x`` normalised, times ``weight``, plus ``bias``
+    (each optional); each row's ``mean`` and ``rstd`` in the statistics dtype."""
     rows = x.shape[0]
-    return torch.empty_like(x), x.new_empty(rows, dtype=_stats_dtype(x)), x.new_empty(rows, dtype=_stats_dtype(x))
+    return torch.empty_like(x), x.new_empty(rows, dtype=stats_dtype(x.dtype)), \
+        x.new_empty(rows, dtype=stats_dtype(x.dtype))
 
 
-def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                    has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return get_kernel("layer_norm", "layer_norm_bwd", x.device)(dy, x, weight, mean, rstd, has_bias)
-
-
-layer_norm_bwd = torch.library.custom_op("gpukernels::layer_norm_bwd", _layer_norm_bwd, mutates_args=())
-
-
-@layer_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, has_bias):
+@kernel_op("layer_norm")
+def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                   has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel: ``dx``; ``dweight`` (in the weight's dtype) when there is a weight and
+    ``dbias`` (in the weight's dtype, else x's) when ``has_bias``, else empty."""
     d = x.shape[1]
-    dweight = x.new_empty(d, dtype=weight.dtype) if weight is not None else empty_grad(x)
-    dbias = x.new_empty(d, dtype=weight.dtype if weight is not None else x.dtype) if has_bias else empty_grad(x)
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    dweight = x.new_empty(d, dtype=param_dtype) if weight is not None else empty_grad(x)
+    dbias = x.new_empty(d, dtype=param_dtype) if has_bias else empty_grad(x)
     return torch.empty_like(x), dweight, dbias
 
 
@@ -60,15 +48,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _call_bwd(dy.contiguous(), x, weight, mean, rstd, ctx.has_bias)
+    dx, dweight, dbias = layer_norm_bwd.on(ctx.backend, dy.contiguous(), x, weight, mean, rstd, ctx.has_bias)
     return (dx,
             dweight if weight is not None else None,
             dbias.to(ctx.bias_dtype) if ctx.has_bias else None,
             None)
 
 
-_call_bwd = direct(layer_norm_bwd, _layer_norm_bwd)
-_call_fwd = with_autograd(layer_norm_fwd, _layer_norm_fwd, _setup_context, _backward)
+layer_norm_fwd.register_autograd(_setup_context, _backward)
 
 
 def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
@@ -92,5 +79,5 @@ def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Ten
         d *= s
     flat_weight = None if weight is None else reshaped(weight, d)
     flat_bias = None if bias is None else reshaped(bias, d)
-    y, _, _ = _call_fwd(reshaped(input, input.numel() // d, d).contiguous(), flat_weight, flat_bias, float(eps))
+    y, _, _ = layer_norm_fwd(reshaped(input, input.numel() // d, d).contiguous(), flat_weight, flat_bias, float(eps))
     return reshaped(y, *input.shape)

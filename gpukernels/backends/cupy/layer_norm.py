@@ -17,36 +17,30 @@ def _in_acc(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(acc_dtype(dtype)).contiguous()
 
 
-def layer_norm_fwd(x, weight, bias, eps):
+def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
     rows, d = x.shape
-    stats_dtype = acc_dtype(x.dtype)
-    y = torch.empty_like(x)
-    mean = torch.empty(rows, dtype=stats_dtype, device=x.device)
-    rstd = torch.empty(rows, dtype=stats_dtype, device=x.device)
     if rows:
         weight, bias = _in_acc(weight, x.dtype), _in_acc(bias, x.dtype)
         _runtime.launch("layer_norm.cu", kernel_name("layer_norm_fwd", x.dtype), x.device,
                         min(rows, MAX_BLOCKS), row_threads(d),
                         (pointer(x), pointer(weight), pointer(bias), pointer(y), pointer(mean), pointer(rstd),
                          np.int64(rows), np.int64(d), acc_scalar(eps, x.dtype)))
-    return y, mean, rstd
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias):
+def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
     rows, d = x.shape
     blocks = persistent_blocks(x.device, rows)
     acc = acc_dtype(x.dtype)
     # Zeroed: blocks add their rows into them, and blocks with no rows leave zeros.
     dweight_partial = torch.zeros((blocks, d), dtype=acc, device=x.device) if weight is not None else None
     dbias_partial = torch.zeros((blocks, d), dtype=acc, device=x.device) if has_bias else None
-    dx = torch.empty_like(x)
     if rows:
         weight_acc = _in_acc(weight, x.dtype)  # held until the launch: the kernel reads its address
         _runtime.launch("layer_norm.cu", kernel_name("layer_norm_bwd", x.dtype), x.device, blocks, row_threads(d),
                         (pointer(dy), pointer(x), pointer(weight_acc), pointer(mean), pointer(rstd),
                          pointer(dx), pointer(dweight_partial), pointer(dbias_partial),
                          np.int64(rows), np.int64(d)))
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    dweight = dweight_partial.sum(0).to(param_dtype) if weight is not None else x.new_empty(0)
-    dbias = dbias_partial.sum(0).to(param_dtype) if has_bias else x.new_empty(0)
-    return dx, dweight, dbias
+    if weight is not None:
+        dweight.copy_(dweight_partial.sum(0))
+    if has_bias:
+        dbias.copy_(dbias_partial.sum(0))

@@ -35,3 +35,8 @@ def as_array(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> np.nda
 def as_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """A torch tensor of ``dtype`` holding ``a`` (no copy when already that dtype)."""
     return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+
+
+def write(out: torch.Tensor, a: np.ndarray) -> None:
+    """Store ``a`` into the output tensor ``out`` (rounded to its dtype)."""
+    out.copy_(torch.from_numpy(np.ascontiguousarray(a)))

@@ -166,21 +166,16 @@ def _blocks(d: int) -> tuple[int, bool]:
     return block, block >= d
 
 
-def layer_norm_fwd(x, weight, bias, eps):
+def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
     rows, d = x.shape
-    stats = stats_dtype(x.dtype)
-    y = torch.empty_like(x)
-    mean = torch.empty(rows, dtype=stats, device=x.device)
-    rstd = torch.empty(rows, dtype=stats, device=x.device)
     if rows:
         block, one_block = _blocks(d)
         layer_norm_fwd_kernel[(rows,)](x, weight, bias, y, mean, rstd, d, eps,
                                        HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc_dtype(x.dtype),
                                        BLOCK_D=block, ONE_BLOCK=one_block, num_warps=min(max(block // 256, 1), 16))
-    return y, mean, rstd
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias):
+def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
     rows, d = x.shape
     block, one_block = _blocks(d)
     # Two programs per SM: each adds a row of partial sums (two with a bias), 8 * D bytes
@@ -191,7 +186,6 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias):
     # (programs with no rows write zeros); the looped variant keeps running sums
     # in them, which start from 0.
     partial = (torch.empty if one_block else torch.zeros)((2, programs, d), dtype=acc, device=x.device)
-    dx = torch.empty_like(x)
     if rows:
         layer_norm_bwd_kernel[(programs,)](dy, x, weight, mean, rstd, dx, partial[0], partial[1], rows, d,
                                            HAS_W=weight is not None, HAS_B=has_bias, ACC=acc_dtype(x.dtype),
@@ -202,11 +196,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias):
                                            enable_fp_fusion=False)
     elif one_block:
         partial.zero_()
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    dweight = x.new_empty(d if weight is not None else 0, dtype=param_dtype)
-    dbias = x.new_empty(d if has_bias else 0, dtype=param_dtype)
     if d and (weight is not None or has_bias):
         partial_sums_kernel[(triton.cdiv(d, PARTIAL_BLOCK_D),)](
             partial, dweight, dbias, programs, d, HAS_W=weight is not None, HAS_B=has_bias,
             BLOCK_P=PARTIAL_BLOCK_P, BLOCK_D=PARTIAL_BLOCK_D, num_warps=4)
-    return dx, dweight, dbias
