@@ -105,3 +105,12 @@ def test_training_tracks_torch_nn(device):
             losses.append(loss.item())
         assert abs(losses[0] - losses[1]) <= 1e-4 * abs(losses[1]), (step, losses)
     assert losses[1] < 1.0  # it learned: ln(5) = 1.61 at the start
+
+
+def test_compile_fullgraph_with_a_float_argument_that_changes():
+    """A float that changes between calls becomes symbolic when dynamo recompiles:
+    the argument checks must trace it."""
+    x = torch.randn(4, 8)
+    compiled = torch.compile(lambda x, eps: gk.layer_norm(x, (8,), eps=eps), fullgraph=True, backend="aot_eager")
+    for eps in (1e-5, 1e-6, 1e-3):
+        torch.testing.assert_close(compiled(x, eps), torch.nn.functional.layer_norm(x, (8,), eps=eps))

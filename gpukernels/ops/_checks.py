@@ -46,7 +46,9 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # comparisons, not math.isfinite: under torch.compile a float argument that
+    # changed between calls is symbolic, and math.isfinite does not trace
+    if value != value or abs(value) == math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value < low or (low_open and value == low)):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
