@@ -32,9 +32,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._numerics import stats_dtype
 from .nn import _BatchNormForward
 from .ops._checks import check_float, check_number, check_optional_float
-from .ops.batch_norm import _check_param_dtypes, _stats_dtype, batch_norm_fwd
+from .ops.batch_norm import _check_param_dtypes, batch_norm_fwd
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm"]
 
@@ -57,7 +58,7 @@ def _local_moments(x: Tensor) -> Tensor:
     count = x.shape[0] * x.shape[2]
     if count == 0:
         return x.new_zeros(1 + 2 * x.shape[1], dtype=torch.float64)
-    var, mean = torch.var_mean(x.to(_stats_dtype(x)), dim=(0, 2), correction=0)
+    var, mean = torch.var_mean(x.to(stats_dtype(x.dtype)), dim=(0, 2), correction=0)
     return torch.cat([x.new_full((1,), count, dtype=torch.float64), mean.double(), var.double() * count])
 
 
@@ -99,7 +100,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got {count} over the "
                              f"process group (input of shape {tuple(x.shape)} on this rank)")
-        mean, var = mean.to(_stats_dtype(x)), var.to(_stats_dtype(x))
+        mean, var = mean.to(stats_dtype(x.dtype)), var.to(stats_dtype(x.dtype))
         if running_mean is not None:
             _update_running(running_mean, mean, momentum)
             _update_running(running_var, var * (count / (count - 1)), momentum)

@@ -162,13 +162,107 @@ def test_tilings(device, layout, training):
     check_against_torch(*tiled_input(layout, torch.float64, device), training)
 
 
-def test_int64_offsets_give_the_same_result(device, monkeypatch):
-    """The int64-offset variant (inputs past 2**31 elements) on an input small enough to test."""
+@pytest.fixture
+def triton_kernels(device, monkeypatch):
+    """The Triton batch_norm module (Triton targets only), its tilings worked
+    out afresh so that the constants a test patches take effect."""
     if gk.backend_name(device) != "triton":
         pytest.skip("Triton kernels only")
-    from gpukernels.backends.triton import batch_norm as triton_batch_norm
-    monkeypatch.setattr(triton_batch_norm, "INT32_OFFSETS_BELOW", 0)
-    check_against_torch(*tiled_input("channels_last_sliced_batch", torch.float64, device), True)
+    from gpukernels.backends.triton import batch_norm as kernels
+    kernels._tiling_of.cache_clear()
+    yield kernels
+    kernels._tiling_of.cache_clear()
+
+
+def test_int64_offsets_give_the_same_result(device, triton_kernels, monkeypatch):
+    """The int64-offset variant (inputs past 2**31 elements) on an input small enough to test."""
+    monkeypatch.setattr(triton_kernels, "INT32_OFFSETS_BELOW", 0)
+    inputs = tiled_input("channels_last_sliced_batch", torch.float64, device)
+    check_against_torch(*inputs, True)
+    x = inputs[0]
+    assert triton_kernels._tiling(x.reshape(*x.shape[:2], -1)).offset_dtype == triton_kernels.tl.int64
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["2d_wide", "nchw_short_rows"])  # channels inner, channels outer
+def test_elementwise_programs_taking_several_tiles(device, triton_kernels, monkeypatch, layout, training):
+    """The normalize and dx kernels with fewer programs than tiles, each program
+    merging its channels' partials (more than one) once for all its tiles."""
+    monkeypatch.setattr(triton_kernels, "MAX_GRID_Y", 2)
+    inputs = tiled_input(layout, torch.float64, device)
+    check_against_torch(*inputs, training)
+    x = inputs[0]
+    tiling = triton_kernels._tiling(x.reshape(*x.shape[:2], -1))
+    assert tiling.programs == 2 < tiling.tiles and tiling.splits > 1
+
+
+@pytest.mark.parametrize("shape, strides, fill_limited", [
+    ((256, 64, 3136), (64 * 3136, 1, 3136), True),   # NCHW: a channel a program, partials cost nothing
+    ((256, 3, 3136), (3 * 3136, 1, 3136), True),
+    ((256, 64, 3136), (3136 * 64, 64, 1), False),    # channels-last: 64 channels a program
+    ((256, 64, 256), (256 * 64, 64, 1), False),
+    ((256, 4096, 1), (4096, 1, 1), False),           # BatchNorm1d input
+    ((8192, 64, 1), (64, 1, 1), False),
+])
+def test_grids_keep_partial_reads_within_their_share(monkeypatch, shape, strides, fill_limited):
+    """On an H100-sized grid (132 SMs, 4 programs each): the elementwise
+    programs, each reading all its channels' partials, read at most
+    1/PARTIAL_SHARE as many of them as elements, taking several tiles each
+    where needed; where partials cost nothing the grids are what filling the
+    GPU asks; the largest get at least a program per SM in both kernels."""
+    kernels = pytest.importorskip("gpukernels.backends.triton.batch_norm")
+    target = 132 * 4
+    monkeypatch.setattr(kernels, "num_programs", lambda device, work: max(1, min(work, target)))
+    kernels._tiling_of.cache_clear()
+    try:
+        t = kernels._tiling_of(shape, (strides,), torch.device("cuda"))
+    finally:
+        kernels._tiling_of.cache_clear()
+    assert 1 <= t.splits <= min(t.tiles, max(1, target // t.channel_blocks))
+    assert 1 <= t.programs <= t.tiles
+    assert t.programs * t.splits * t.block_c * kernels.PARTIAL_SHARE <= t.tiles * kernels.TILE
+    if fill_limited:
+        assert t.splits == min(t.tiles, max(1, target // t.channel_blocks)) and t.programs == t.tiles
+    if shape[0] * shape[2] * shape[1] >= 2**25:
+        assert t.channel_blocks * min(t.splits, t.programs) >= 132
+
+
+def _count_launches(kernels, monkeypatch) -> list[str]:
+    """The names of the module's kernels as they are launched, in order, from now on."""
+    from triton.runtime.jit import KernelInterface
+
+    launched = []
+
+    def counting(name, run):
+        def run_and_count(*args, **kwargs):
+            launched.append(name)
+            return run(*args, **kwargs)
+        return run_and_count
+
+    for name, value in vars(kernels).items():
+        if isinstance(value, KernelInterface):  # kernel[grid](...) calls its run
+            monkeypatch.setattr(value, "run", counting(name, value.run))
+    return launched
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["2d_wide", "nchw_short_rows", "channels_last_sliced_batch"])
+def test_kernel_launches(device, triton_kernels, monkeypatch, layout, training):
+    """Training forward+backward in 4 launches, the statistics' finalisation
+    folded into the kernels that read it; eval in 3."""
+    launched = _count_launches(triton_kernels, monkeypatch)
+    x, weight, bias, running_mean, running_var = tiled_input(layout, torch.float32, device)
+    x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
+    y = batch_norm(x, running_mean, running_var, weight, bias, training=training)
+    forward = list(launched)
+    y.backward(torch.ones_like(y))
+    backward = launched[len(forward):]
+    if training:
+        assert forward == ["_stats_kernel", "_normalize_kernel"]
+        assert backward == ["_bwd_reduce_kernel", "_dx_kernel"]
+    else:
+        assert forward == ["_normalize_kernel"]
+        assert backward == ["_bwd_reduce_kernel", "_param_grads_kernel"]
 
 
 def test_large_mean_small_variance(device):
@@ -237,14 +331,15 @@ def test_gradcheck_fp64(device, training):
 def test_opcheck_forward(device, dtype, training):
     x, weight, bias, running_mean, running_var = make_inputs((4, 3, 5), dtype, device=device)
     # opcheck runs the op several times: give it its own running stats
-    args = (x, weight, bias, *clones(running_mean, running_var), training, 0.1, 1e-5)
-    torch.library.opcheck(batch_norm_fwd, args)
+    args = (x, weight, bias, *clones(running_mean, running_var), training, 0.1, 1e-5, gk.backend_name(device))
+    torch.library.opcheck(batch_norm_fwd.custom_op, args)
 
 
 def test_opcheck_forward_channels_last_view(device):
     x, *params = make_inputs((2, 3, 4, 5), torch.float32, device=device)
     x3 = x.to(memory_format=torch.channels_last).reshape(2, 3, 20)
-    torch.library.opcheck(batch_norm_fwd, (x3, *params[:2], *clones(*params[2:]), True, 0.1, 1e-5))
+    torch.library.opcheck(batch_norm_fwd.custom_op, (x3, *params[:2], *clones(*params[2:]), True, 0.1, 1e-5,
+                                                     gk.backend_name(device)))
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -253,7 +348,8 @@ def test_opcheck_backward(device, affine, training):
     x, weight, _, _, _ = make_inputs((4, 3, 5), torch.float32, affine=affine, device=device)
     dy = torch.randn(4, 3, 5, device=device)
     mean, rstd = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
-    torch.library.opcheck(batch_norm_bwd, (dy, x, weight, mean, rstd, training, affine))
+    torch.library.opcheck(batch_norm_bwd.custom_op, (dy, x, weight, mean, rstd, training, affine,
+                                                     gk.backend_name(device)))
 
 
 def test_torch_compile_fullgraph_updates_running_stats_once(device):

@@ -1,6 +1,7 @@
-"""dropout (NumPy backend): the Philox4x32-10 generator against Random123's
-known answers and Triton's tl.rand, the mask's statistics, the inverted
-scaling against PyTorch and float64, autograd, and bad input."""
+"""dropout (each backend conftest's ``device`` selects): the Philox4x32-10
+generator against Random123's known answers and Triton's tl.rand, the integer
+keep test against the float one, the mask's statistics, the inverted scaling
+against PyTorch and float64, autograd, and bad input."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 import gpukernels as gk
-from gpukernels.backends.numpy.philox import element_uniforms, philox4x32, uint_to_uniform_float, uniform
+from gpukernels.backends.numpy.philox import (element_words, folded, keep_threshold, philox4x32,
+                                              uint_to_uniform_float, uniform)
 from gpukernels.ops.dropout import dropout, dropout_fwd
 from helpers import assert_matches
 
@@ -77,15 +79,81 @@ def test_uniform_equals_triton_tl_rand(seed):
     np.testing.assert_array_equal(out.cpu().numpy().view(np.uint32), ours.view(np.uint32))
 
 
-def test_element_uniforms_take_the_four_words_of_each_call_in_turn():
-    u = element_uniforms(7, 4 * 5 + 3)
+def test_element_words_take_the_four_words_of_each_call_in_turn():
+    words = element_words(7, 4 * 5 + 3)
+    assert words.dtype == np.uint32
     for group in (0, 3, 5):
-        words = philox4x32(7, group, 0)
-        for j, word in enumerate(words):
-            if 4 * group + j < u.size:
-                assert u[4 * group + j] == uint_to_uniform_float(np.asarray(word, dtype=np.uint32).reshape(1))[0]
+        for j, word in enumerate(philox4x32(7, group, 0)):
+            if 4 * group + j < words.size:
+                assert words[4 * group + j] == word
     # a longer draw extends a shorter one: the mask does not depend on the size
-    np.testing.assert_array_equal(element_uniforms(7, 1001)[:23], u)
+    np.testing.assert_array_equal(element_words(7, 1001)[:23], words)
+
+
+def float_keeps(words: np.ndarray, p: float) -> np.ndarray:
+    """The keep test as a float: the word's uniform above float32(p)."""
+    return uint_to_uniform_float(words) > np.float32(p)
+
+
+def integer_keeps(words: np.ndarray, p: float) -> np.ndarray:
+    return folded(words) > keep_threshold(p)
+
+
+def threshold_test_ps() -> list[float]:
+    """p where the float test changes its mind: every p of the tests, the ends,
+    p below the smallest positive uniform, p equal to uniforms and one float32
+    either side, and p between two float32 (rounded before the comparison)."""
+    rng = np.random.default_rng(0)
+    ps = [0.0, 1.0, 1e-45, 1e-10, 0.1, 0.25, 0.3, 0.4, 0.5, 0.9, 1 - 2**-24, 1 - 2**-25, 1 - 2**-60]
+    ps += rng.random(300).tolist()
+    uniforms = uint_to_uniform_float(rng.integers(0, 2**31, 300, dtype=np.int64).astype(np.uint32))
+    uniforms = np.concatenate([uniforms, uint_to_uniform_float(np.array([1, 2, 3, 2**31 - 2, 2**31 - 1], np.uint32))])
+    for u in uniforms:
+        ps += [float(u), float(np.nextafter(u, np.float32(0))), float(np.nextafter(u, np.float32(1)))]
+        ps.append((float(u) + float(np.nextafter(u, np.float32(1)))) / 2)   # a tie: float32(p) rounds to even
+        ps.append(float(u) * (1 + 2**-40))
+    return [p for p in ps if 0 <= p <= 1]
+
+
+def test_integer_keep_test_is_the_float_test_for_every_word_near_its_threshold():
+    """Exhaustively over the 2 * 4096 words nearest the threshold (the folded
+    values K - 2047 .. K + 2048, each from both halves of the uint32 range),
+    the range's ends and random words, for each of ~1800 p."""
+    rng = np.random.default_rng(1)
+    ends = np.array([0, 1, 2**31 - 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2, 2**32 - 1], dtype=np.uint32)
+    for p in threshold_test_ps():
+        k = keep_threshold(p)
+        near = np.arange(k - 2047, k + 2049, dtype=np.int64)
+        near = near[(near >= 0) & (near < 2**31)]
+        words = np.concatenate([near, 2**32 - 1 - near, ends, rng.integers(0, 2**32, 256, dtype=np.int64)])
+        words = words.astype(np.uint32)
+        np.testing.assert_array_equal(integer_keeps(words, p), float_keeps(words, p), err_msg=f"p={p!r}")
+        # the threshold is where the float test changes: k is dropped, k + 1 kept
+        assert k == -1 or not float_keeps(np.uint32(k), p)
+        assert k == 2**31 - 1 or float_keeps(np.uint32(k + 1), p)
+
+
+def test_integer_keep_test_ends():
+    assert keep_threshold(0.0) == 0                 # the word whose uniform is 0 is not above 0
+    assert keep_threshold(1.0) == 2**31 - 1         # nothing is kept
+    assert keep_threshold(1 - 2**-25) == 2**31 - 1  # p rounds to 1 in float32
+    assert 0 < keep_threshold(0.5) < 2**31 - 1
+
+
+@pytest.mark.parametrize("upper_half", [False, True])
+def test_kernels_decide_boundary_words_as_the_float_test(device, upper_half):
+    """A p equal to an element's uniform drops it, the float32 just below keeps
+    it: the kernels' integer test at the very threshold, on real words of
+    either half of the uint32 range (which fold onto the same uniform)."""
+    seed, n = 2024, 4096
+    words = element_words(seed, n)
+    element = int(np.flatnonzero((words >= 2**31) == upper_half)[100])
+    at = uint_to_uniform_float(words[element])
+    x = torch.rand(n, dtype=torch.float64) + 0.5                  # no zeros, so y != 0 is the mask
+    for p in (float(at), float(np.nextafter(at, np.float32(0)))):
+        kept = dropout(x.to(device), p, seed=seed).cpu() != 0
+        assert torch.equal(kept, torch.from_numpy(float_keeps(words, p)))
+        assert bool(kept[element]) == (p < at)
 
 
 def test_uniform_in_unit_interval_and_offset_addressed():
@@ -200,7 +268,8 @@ def test_gradcheck_and_gradgradcheck_fp64(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(device, dtype, requires_grad):
     x = torch.randn(5, 9, dtype=dtype, device=device, requires_grad=requires_grad)
-    torch.library.opcheck(dropout_fwd, (x, 0.3, torch.tensor(2**40 + 1, dtype=torch.int64, device=device)))
+    seed = torch.tensor(2**40 + 1, dtype=torch.int64, device=device)
+    torch.library.opcheck(dropout_fwd.custom_op, (x, 0.3, seed, gk.backend_name(device)))
 
 
 def test_torch_compile_fullgraph_with_drawn_seed(device):

@@ -65,7 +65,9 @@ def needs_dispatch(args: Sequence) -> bool:
 
 def device_of(first) -> torch.device:
     """The device of an op's first argument: a tensor, or a list of them (multi-tensor ops)."""
-    return first.device if isinstance(first, Tensor) else first[0].device
+    if isinstance(first, Tensor):
+        return first.device
+    return first[0].device if first else torch.device("cpu")  # an empty list: nothing to launch
 
 
 class KernelOp:

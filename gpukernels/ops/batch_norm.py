@@ -1,13 +1,14 @@
-"""batch_norm: custom ops ``gpukernels::batch_norm_fwd/_bwd``, their fake
-implementations and autograd, and the checked public function.
+"""batch_norm: the ops ``gpukernels::batch_norm_fwd/_bwd`` (output specs and
+kernel contracts), their autograd, and the checked public function.
 
 The kernels see ``x`` as an ``(N, C, L)`` tensor that is a view of the input,
 never a forced copy: NCHW and channels-last (strides ``(H*W*C, 1, C)``)
-inputs both reshape to one. They accept any strides and lay ``y`` and ``dx``
-out as ``torch.empty_like(x)`` does, so channels-last in is channels-last out.
-Statistics are per channel over the ``M = N*L`` other elements, in fp32
-(fp64 for fp64 input); the forward returns the mean and rstd it normalised
-with (the batch's in training, the running stats' in eval) for the backward.
+inputs both reshape to one. They accept any strides and write ``y`` and ``dx``
+into outputs laid out as ``torch.empty_like(x)`` lays them out, so
+channels-last in is channels-last out. Statistics are per channel over the
+``M = N*L`` other elements, in the statistics dtype; the forward returns the
+mean and rstd it normalised with (the batch's in training, the running stats'
+in eval) for the backward.
 """
 
 from __future__ import annotations
@@ -19,70 +20,54 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._backend import get_kernel
+from .._backend import backend_name
 from ._checks import check_float, check_number, check_optional_float, empty_grad
-from ._eager import direct, reshaped
+from ._op import kernel_op, reshaped, stats_dtype
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-                    running_var: Optional[Tensor], training: bool, momentum: float,
-                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """y (laid out like x), and the mean and rstd it normalised with. In
-    training these are the batch's, and the running stats (when given) take
-    ``momentum`` of the batch mean and of the unbiased (M/(M-1)) variance."""
-    return get_kernel("batch_norm", "batch_norm_fwd", x.device)(
-        x, weight, bias, running_mean, running_var, training, momentum, eps)
-
-
-batch_norm_fwd = torch.library.custom_op("gpukernels::batch_norm_fwd", _batch_norm_fwd,
-                                         mutates_args=("running_mean", "running_var"))
-
-
-@batch_norm_fwd.register_fake
-def _(x, weight, bias, running_mean, running_var, training, momentum, eps):
+@kernel_op("batch_norm", mutates_args=("running_mean", "running_var"))
+def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                   running_var: Optional[Tensor], training: bool, momentum: float, eps: float,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel: ``y`` = ``(x - mean) * rstd * weight + bias`` (each optional),
+    and the per-channel ``mean`` and ``rstd`` it normalised with, in the
+    statistics dtype. In training these are the batch's (nan for M == 0), and
+    the running stats (when given) take ``momentum`` of the batch mean and of
+    the unbiased (M/(M-1)) variance; in eval they are the running stats'."""
     channels = x.shape[1]
-    return (torch.empty_like(x), x.new_empty(channels, dtype=_stats_dtype(x)),
-            x.new_empty(channels, dtype=_stats_dtype(x)))
+    return (torch.empty_like(x), x.new_empty(channels, dtype=stats_dtype(x.dtype)),
+            x.new_empty(channels, dtype=stats_dtype(x.dtype)))
 
 
-def _batch_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool,
-                    has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """dx (laid out like x), and dweight, dbias in the stats dtype (empty when not wanted)."""
-    return get_kernel("batch_norm", "batch_norm_bwd", x.device)(dy, x, weight, mean, rstd, training, has_bias)
-
-
-batch_norm_bwd = torch.library.custom_op("gpukernels::batch_norm_bwd", _batch_norm_bwd, mutates_args=())
-
-
-@batch_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, training, has_bias):
+@kernel_op("batch_norm")
+def batch_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool,
+                   has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel: ``dx`` (in training the batch statistics' dependence on x
+    included); ``dweight = sum(dy * xhat)`` in the weight's dtype when there is
+    a weight, and ``dbias = sum(dy)`` when ``has_bias``, in the weight's dtype
+    (the bias shares it) or else the statistics dtype; empty when not wanted."""
     channels = x.shape[1]
-    dweight = x.new_empty(channels, dtype=_stats_dtype(x)) if weight is not None else empty_grad(x)
-    dbias = x.new_empty(channels, dtype=_stats_dtype(x)) if has_bias else empty_grad(x)
+    param_dtype = weight.dtype if weight is not None else stats_dtype(x.dtype)
+    dweight = x.new_empty(channels, dtype=param_dtype) if weight is not None else empty_grad(x)
+    dbias = x.new_empty(channels, dtype=param_dtype) if has_bias else empty_grad(x)
     return torch.empty_like(x), dweight, dbias
-
-
-_call_fwd = direct(batch_norm_fwd, _batch_norm_fwd)
-_call_bwd = direct(batch_norm_bwd, _batch_norm_bwd)
 
 
 class _BatchNormFunction(torch.autograd.Function):
     """Autograd around the forward op: custom_op's register_autograd refuses
     ops that mutate inputs (here the running stats), an autograd.Function
-    does not, and torch.compile traces it without a graph break."""
+    does not, and torch.compile traces it without a graph break. The backend
+    is chosen once, by the caller, so the backward runs on the forward's."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-                running_var: Tensor | None, training: bool, momentum: float, eps: float) -> Tensor:
-        y, mean, rstd = _call_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps)
+                running_var: Tensor | None, training: bool, momentum: float, eps: float, backend: str) -> Tensor:
+        y, mean, rstd = batch_norm_fwd.on(backend, x, weight, bias, running_mean, running_var, training, momentum,
+                                          eps)
         ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.training = training
+        ctx.training, ctx.backend = training, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -91,11 +76,11 @@ class _BatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, weight, mean, rstd = ctx.saved_tensors
         has_bias = ctx.bias_dtype is not None
-        dx, dweight, dbias = _call_bwd(dy, x, weight, mean, rstd, ctx.training, has_bias)
+        dx, dweight, dbias = batch_norm_bwd.on(ctx.backend, dy, x, weight, mean, rstd, ctx.training, has_bias)
         return (dx,
-                dweight.to(weight.dtype) if weight is not None else None,
+                dweight if weight is not None else None,
                 dbias.to(ctx.bias_dtype) if has_bias else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _check_running_stats(running_mean: Tensor | None, running_var: Tensor | None, input: Tensor,
@@ -158,10 +143,12 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     n, channels = input.shape[:2]
     length = math.prod(input.shape[2:])
     if training and n * length == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}")
+        raise ValueError(f"Expected more than 1 value per channel when training, "
+                         f"got input of shape {tuple(input.shape)}")
     # a view for contiguous and channels-last input alike; a copy only for strides no (N, C, L) view can express
     x = reshaped(input, n, channels, length)
     if x.numel() == 0:
         return _empty_batch(x, weight, bias).view(input.shape)
-    y = _BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training, momentum, eps)
+    y = _BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                 backend_name(x.device))
     return reshaped(y, *input.shape)

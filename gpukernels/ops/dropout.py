@@ -1,12 +1,21 @@
-"""dropout: custom op ``gpukernels::dropout_fwd``, its fake implementation and
-autograd, and the checked public function.
+"""dropout: the op ``gpukernels::dropout_fwd`` (output spec and kernel
+contract), its autograd, and the checked public function.
 
-Inverted dropout on the flattened contiguous tensor: element ``i`` is kept
-when its uniform is above ``p``, the uniform being word ``i % 4`` of
-Philox4x32-10 keyed by ``seed`` at counter ``i // 4`` (one call serves four
-elements; see backends/numpy/philox.py), and then scaled by ``1/(1-p)``. No mask
-is stored: the backward is the same op applied to ``dy`` with the same ``p``
-and ``seed``, which regenerates the mask.
+Inverted dropout on the flattened contiguous tensor, the mask drawn by
+Philox4x32-10: element ``i`` takes output word ``i % 4`` of the call keyed by
+``seed`` at counter ``i // 4`` (one call serves four elements; see
+backends/numpy/philox.py). Kept elements are scaled by ``1/(1-p)``. No mask is
+stored: the backward is the same op applied to ``dy`` with the same ``p`` and
+``seed``, which regenerates the mask.
+
+The keep test. Element ``i`` is kept when its word's uniform (Triton's
+``uint_to_uniform_float``: the word folded into ``k`` in ``[0, 2**31)``, ``~w``
+for the upper half, times a float32 scale) is above ``float32(p)``. Being
+non-decreasing in ``k``, that uniform is above ``p`` exactly for the ``k``
+above one integer, ``philox.keep_threshold(p)``, which the host finds once per
+``p`` (by bisection with the float rule itself); the kernels compare ``k`` with
+it and never form the float. Every word is kept or dropped exactly as under
+the float test, and the masks are equal on every backend.
 
 The seed is an int64 0-dim tensor rather than an int, so that drawing one
 (``seed=None``) is a tensor op: no graph break under torch.compile, and a
@@ -18,24 +27,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import get_kernel
 from ._checks import check_device, check_float, check_number
-from ._eager import with_autograd
+from ._op import kernel_op
 
 _INT64_RANGE = (-(2**63), 2**63)
 # Drawn seeds stay clear of the sign bit; any int64 seed is accepted from the caller.
 _DRAWN_SEED_BOUND = 2**62
 
 
-def _dropout_fwd(x: Tensor, p: float, seed: Tensor) -> Tensor:
-    return get_kernel("dropout", "dropout_fwd", x.device)(x, p, seed)
-
-
-dropout_fwd = torch.library.custom_op("gpukernels::dropout_fwd", _dropout_fwd, mutates_args=())
-
-
-@dropout_fwd.register_fake
-def _(x, p, seed):
+@kernel_op("dropout")
+def dropout_fwd(x: Tensor, p: float, seed: Tensor, backend: str) -> Tensor:
+    """Kernel: ``y`` = the contiguous ``x`` with the elements the keep test
+    keeps for ``p`` and ``seed`` (an int64 0-dim tensor) times ``1/(1-p)`` (in
+    the compute dtype: fp64 for fp64, else fp32), the others 0."""
     return x.new_empty(x.shape)
 
 
@@ -47,10 +51,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     (seed,) = ctx.saved_tensors
-    return _call_fwd(dy.contiguous(), ctx.p, seed), None, None
+    return dropout_fwd.on(ctx.backend, dy.contiguous(), ctx.p, seed), None, None
 
 
-_call_fwd = with_autograd(dropout_fwd, _dropout_fwd, _setup_context, _backward)
+dropout_fwd.register_autograd(_setup_context, _backward)
 
 
 def _seed_tensor(seed: int | Tensor | None, like: Tensor) -> Tensor:
@@ -60,7 +64,8 @@ def _seed_tensor(seed: int | Tensor | None, like: Tensor) -> Tensor:
         return torch.randint(0, _DRAWN_SEED_BOUND, (), dtype=torch.int64, device=like.device)
     if isinstance(seed, Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise TypeError(f"seed must be an int or a one-element int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+            raise TypeError(f"seed must be an int or a one-element int64 tensor, "
+                            f"got {seed.dtype} of shape {tuple(seed.shape)}")
         check_device("seed", seed, like)
         return seed.reshape(())
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -79,4 +84,4 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, seed: int | Te
     p = check_number("p", p, low=0.0, high=1.0)
     if not training or p == 0.0:
         return input
-    return _call_fwd(input.contiguous(), p, _seed_tensor(seed, input))
+    return dropout_fwd(input.contiguous(), p, _seed_tensor(seed, input))

@@ -1,7 +1,9 @@
 // Inverted dropout on a flat contiguous tensor. One Philox4x32-10 call serves
 // four elements: element i takes output word i % 4 of counter (i/4 lo, i/4 hi,
 // 0, 0) under key (seed lo, seed hi), exactly as backends/numpy/philox.py's
-// element_uniforms and the Triton kernel draw it, so the masks agree bit for
+// element_words and the Triton kernel draw it, and is kept when the folded word
+// is above the integer threshold philox.keep_threshold(p) computes on the host
+// (the same decision as Triton's uniform float > p), so the masks agree bit for
 // bit across backends. Ten rounds of 32-bit multiplies per element would make
 // the kernel compute-bound; per four elements it runs at memory speed.
 #include "_common.cu"
@@ -30,11 +32,11 @@ __device__ __forceinline__ PhiloxWords philox4x32(unsigned long long seed, unsig
   return {{c0, c1, c2, c3}};
 }
 
-// Triton's uint_to_uniform_float: a float32 in [0, 1).
-__device__ __forceinline__ float uniform_from_bits(unsigned bits) {
+// The word as the int in [0, 2**31) Triton's uint_to_uniform_float scales:
+// ~x maps the negative half onto the positive one.
+__device__ __forceinline__ int folded(unsigned bits) {
   const int x = (int)bits;
-  // ~x maps the negative half onto [0, 2**31) so the sign bit is not wasted
-  return (float)(x < 0 ? ~x : x) * 4.6566127342e-10f;
+  return x < 0 ? ~x : x;
 }
 
 // A thread per group of four consecutive elements (one Philox call), in a
@@ -42,7 +44,7 @@ __device__ __forceinline__ float uniform_from_bits(unsigned bits) {
 // partial. The seed is read on the device: drawing one needs no host sync.
 template <typename T>
 __device__ __forceinline__ void dropout(const T* __restrict__ x, T* __restrict__ y, i64 n,
-                                        const i64* __restrict__ seed, float p, acc_t<T> scale) {
+                                        const i64* __restrict__ seed, int threshold, acc_t<T> scale) {
   const unsigned long long key = (unsigned long long)*seed;
   const i64 groups = (n + 3) / 4, stride = (i64)gridDim.x * blockDim.x;
   for (i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += stride) {
@@ -51,15 +53,15 @@ __device__ __forceinline__ void dropout(const T* __restrict__ x, T* __restrict__
       const i64 i = 4 * g + k;
       if (i >= n) break;
       // a select, not a multiply by the mask: a dropped inf or nan gives 0
-      store(y, i, uniform_from_bits(bits.word[k]) > p ? to_acc(x[i]) * scale : acc_t<T>(0));
+      store(y, i, folded(bits.word[k]) > threshold ? to_acc(x[i]) * scale : acc_t<T>(0));
     }
   }
 }
 
 #define GK_DROPOUT_KERNEL(SUFFIX, T)                                                              \
   extern "C" __global__ void dropout_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, i64 n, \
-                                              const i64* __restrict__ seed, float p,             \
+                                              const i64* __restrict__ seed, int threshold,       \
                                               acc_t<T> scale) {                                   \
-    dropout<T>(x, y, n, seed, p, scale);                                                          \
+    dropout<T>(x, y, n, seed, threshold, scale);                                                  \
   }
 GK_FOR_EACH_DTYPE(GK_DROPOUT_KERNEL)

@@ -1,6 +1,7 @@
 """Inverted dropout (dropout.cu): the mask drawn by Philox4x32-10 from
-(seed, element index), four elements to a call, bit for bit as the NumPy and
-Triton backends draw it."""
+(seed, element index), four elements to a call, and kept by the integer test
+of ``numpy/philox.py``'s ``keep_threshold``, bit for bit as the NumPy and
+Triton backends draw and keep it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import torch
 
 from ..numpy.dropout import keep_scale  # the one definition of the scale's rounding
+from ..numpy.philox import keep_threshold  # and of the keep test
 from . import _runtime
 from ._runtime import acc_scalar, kernel_name, pointer
 
@@ -16,13 +18,11 @@ THREADS = 256
 MAX_BLOCKS = 65536
 
 
-def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    y = torch.empty_like(x)
+def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, y: torch.Tensor) -> None:
     n = x.numel()
     if n:
         groups = -(-n // 4)  # a thread per four elements
         blocks = min(-(-groups // THREADS), MAX_BLOCKS)
         _runtime.launch("dropout.cu", kernel_name("dropout", x.dtype), x.device, blocks, THREADS,
-                        (pointer(x), pointer(y), np.int64(n), pointer(seed), np.float32(p),
+                        (pointer(x), pointer(y), np.int64(n), pointer(seed), np.int32(keep_threshold(p)),
                          acc_scalar(keep_scale(p, x.dtype), x.dtype)))
-    return y

@@ -1,14 +1,15 @@
 """Inverted dropout on the flattened contiguous tensor, its mask drawn by
 Philox4x32-10 from ``(seed, element index)``, four elements to a call
-(``philox.element_uniforms``), as the Triton and CUDA kernels draw it."""
+(``philox.element_words``), each word kept or dropped by the integer test
+``philox.keep_threshold`` gives, as the Triton and CUDA kernels do."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ._arrays import as_array, as_tensor, compute_dtype
-from .philox import element_uniforms
+from ._arrays import as_array, compute_dtype, write
+from .philox import element_words, folded, keep_threshold
 
 
 def keep_scale(p: float, dtype: torch.dtype) -> np.floating:
@@ -22,10 +23,10 @@ def keep_scale(p: float, dtype: torch.dtype) -> np.floating:
     return real(1) / (real(1) - real(p))
 
 
-def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, y_out: torch.Tensor) -> None:
     a = as_array(x).reshape(-1)
-    keep = element_uniforms(int(seed.item()), a.size) > np.float32(p)
+    keep = folded(element_words(int(seed.item()), a.size)) > keep_threshold(p)
     y = np.zeros_like(a)
     # only kept elements are multiplied: a dropped inf or nan gives 0, as in a Triton tl.where
     np.multiply(a, keep_scale(p, x.dtype), out=y, where=keep)
-    return as_tensor(y, x.dtype).view(x.shape)
+    write(y_out.view(-1), y)

@@ -7,13 +7,16 @@ Triton's round is Random123's: counter words ``(c0, c1, c2, c3)``, key words
 ``tl.rand(seed, offsets)`` the counter is ``(offset lo, offset hi, 0, 0)`` and
 the result is the first output word mapped to a float in [0, 1).
 
-Dropout draws four elements from each Philox call (``element_uniforms``):
+Dropout draws four elements from each Philox call (``element_words``):
 element ``i`` takes output word ``i % 4`` of counter ``(i // 4 lo, i // 4 hi, 0, 0)``.
 The generator is what bounds a dropout kernel's speed, and this draws a quarter
-of the calls ``tl.rand`` per element would.
+of the calls ``tl.rand`` per element would. It keeps an element when the
+word's uniform is above ``p``, decided without the uniform: see ``keep_threshold``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -58,12 +61,38 @@ def randint(seed: int, offsets: np.ndarray) -> np.ndarray:
     return philox4x32(seed, lo, hi)[0]
 
 
+def folded(bits: np.ndarray) -> np.ndarray:
+    """uint32 words as the int32 in [0, 2**31) that ``uint_to_uniform_float``
+    scales: ``~x`` maps the negative half onto the positive one, so the sign
+    bit is not wasted."""
+    signed = np.asarray(bits, dtype=np.uint32).view(np.int32)
+    return np.where(signed < 0, ~signed, signed)
+
+
 def uint_to_uniform_float(bits: np.ndarray) -> np.ndarray:
     """Triton's ``uint_to_uniform_float`` for 32-bit words: float32 in [0, 1)."""
-    signed = bits.view(np.int32)
-    # ~x maps the negative half onto [0, 2**31) so the sign bit is not wasted
-    nonnegative = np.where(signed < 0, ~signed, signed)
-    return nonnegative.astype(np.float32) * _UNIFORM_SCALE
+    return folded(bits).astype(np.float32) * _UNIFORM_SCALE
+
+
+@functools.lru_cache(maxsize=256)
+def keep_threshold(p: float) -> int:
+    """The integer form of the test ``uniform > float32(p)``: a word is kept
+    exactly when ``folded(word) > keep_threshold(p)``.
+
+    The uniform of a word is ``fl(fl(k) * s)`` for ``k = folded(word)``, each
+    step rounded to nearest: both steps are non-decreasing in ``k``, so the
+    folded words whose uniform is above ``p`` are all those above the largest
+    ``k`` whose uniform is not, found here by bisection over ``[0, 2**31)``
+    with the float rule itself. -1 keeps every word, ``2**31 - 1`` none."""
+    p32 = np.float32(p)
+    not_above, above = -1, 2**31  # uniform(not_above) <= p32 < uniform(above), the ends taken as -inf, +inf
+    while above - not_above > 1:
+        middle = (not_above + above) // 2
+        if uint_to_uniform_float(np.uint32(middle)) <= p32:
+            not_above = middle
+        else:
+            above = middle
+    return not_above
 
 
 def uniform(seed: int, offsets: np.ndarray | int) -> np.ndarray:
@@ -74,11 +103,10 @@ def uniform(seed: int, offsets: np.ndarray | int) -> np.ndarray:
     return uint_to_uniform_float(randint(seed, offsets))
 
 
-def element_uniforms(seed: int, n: int) -> np.ndarray:
-    """The uniform of each of ``n`` elements: element ``i`` takes output word
-    ``i % 4`` of the Philox call on counter ``i // 4``, as float32 in [0, 1)."""
+def element_words(seed: int, n: int) -> np.ndarray:
+    """The uint32 word of each of ``n`` elements: element ``i`` takes output
+    word ``i % 4`` of the Philox call on counter ``i // 4``."""
     groups = np.arange((n + 3) // 4, dtype=np.uint64)
     lo = (groups & np.uint64(_MASK32)).astype(np.uint32)
     hi = (groups >> np.uint64(32)).astype(np.uint32)
-    bits = np.stack(philox4x32(seed, lo, hi), axis=1).reshape(-1)[:n]
-    return uint_to_uniform_float(bits)
+    return np.stack(philox4x32(seed, lo, hi), axis=1).reshape(-1)[:n]

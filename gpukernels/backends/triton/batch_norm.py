@@ -16,29 +16,36 @@ Both tilings are correct for any strides; the choice only decides which
 reads are coalesced. Offsets are int32 unless a tensor spans 2**31 elements.
 Statistics accumulate in fp32 (fp64 for fp64 input), without atomics.
 
-Forward, training (3 launches, 2 reads of x):
+Forward (2 launches in training, 1 in eval; 2 reads of x in training):
 1. ``_stats_kernel``, grid (channel blocks, SPLIT): program ``s`` takes
    tiles ``s, s + SPLIT, ...`` of its channels, computes each tile's mean and
    M2 in registers (two-pass) and merges them into its partial
-   (count, mean, M2) with Chan's formula.
-2. ``_finalize_fwd_kernel``: merges the SPLIT partials of each channel, writes
-   mean and rstd and updates the running stats in place. In eval it instead
-   reads mean and rstd off the running stats (then 2 launches in all).
-3. ``_normalize_kernel``: ``y = (x - mean) * rstd*w + b``.
-SPLIT is chosen to give a few programs per SM over all channel blocks, and
-is 1 when a channel is a single tile. The partials are merged in a fixed
-order: results do not depend on scheduling.
+   (count, mean, M2) with Chan's formula. Training only.
+2. ``_normalize_kernel``: each program first merges the SPLIT partials of its
+   channels, in split order, into the batch mean and rstd (in eval: reads
+   them off the running stats); the first program of each channel block
+   writes them out and updates the running stats; then every program writes
+   ``y = (x - mean) * rstd*w + b`` for its tiles.
+Backward (2 launches, at most 2 reads of x and dy): ``_bwd_reduce_kernel``
+writes per-program partial ``sum(dy)`` and ``sum(dy*(x - mean))`` (and, in
+eval, dx itself, which needs no sums); in training ``_dx_kernel`` adds up the
+partials of its channels and writes
+``dx = w*rstd * (dy - sum(dy)/M - xhat*sum(dy*xhat)/M)``, its first program
+per channel block dweight and dbias; in eval ``_param_grads_kernel`` adds them
+up into dweight and dbias.
 
-Backward (at most 2 reads of x and dy): ``_bwd_reduce_kernel`` writes
-per-program partial ``sum(dy)`` and ``sum(dy*xhat)`` (and, in eval, dx itself,
-which needs no sums); ``_finalize_bwd_kernel`` adds the partials up into
-dbias and dweight; in training ``_dx_kernel`` then writes
-``dx = w*rstd * (dy - sum(dy)/M - xhat*sum(dy*xhat)/M)``.
+Every program of the elementwise kernels reads all SPLIT partials of its
+channels, so SPLIT and those kernels' grids are chosen together: a few
+programs per SM, and few enough partials that reading them is a small part of
+a program's traffic (``PARTIAL_SHARE``). Partials are merged and added in a
+fixed order, by every program the same way: results do not depend on
+scheduling, and there are no atomics.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,12 +53,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, num_programs, round_to, stats_dtype
+from ._common import acc_dtype, num_programs, round_to
 
 TILE = 4096          # elements a program reads per step
 CHANNEL_BLOCK = 64   # channels per program when C is the contiguous axis
-FINALIZE_BLOCK = 1024
+PARAM_GRADS_BLOCK = 1024
 MAX_GRID_Y = 65535   # CUDA's limit on grid axis 1
+# An elementwise program reads at most 1/PARTIAL_SHARE as many partials as it reads elements of x.
+PARTIAL_SHARE = 8
 INT32_OFFSETS_BELOW = 2**31  # element offsets up to here are computed in int32 (cheaper than int64)
 
 
@@ -85,16 +94,33 @@ def _channel_sum(t):
 
 
 @triton.jit
+def _channel_vector(Ptr, c_start, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The program's channels of a per-channel vector."""
+    c = c_start + tl.arange(0, BLOCK_C)
+    return tl.load(Ptr + c, mask=c < C, other=0.0).to(ACC)
+
+
+@triton.jit
 def _per_channel(Ptr, c_start, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     """A per-channel vector for the program's channels, broadcastable against a tile."""
-    c = c_start + tl.arange(0, BLOCK_C)
-    return tl.load(Ptr + c, mask=c < C, other=0.0).to(ACC)[None, None, :]
+    return _channel_vector(Ptr, c_start, C, ACC, BLOCK_C)[None, None, :]
 
 
 @triton.jit
 def _store_per_channel(Ptr, c_start, C, values, BLOCK_C: tl.constexpr):
     c = c_start + tl.arange(0, BLOCK_C)
     tl.store(Ptr + c, round_to(values, Ptr.dtype.element_ty), mask=c < C)
+
+
+@triton.jit
+def _split_sums(Partial, splits, c_start, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The (2, splits, C) partials summed over the splits, in split order: (sum of [0], sum of [1])."""
+    first = tl.zeros([BLOCK_C], dtype=ACC)
+    second = tl.zeros([BLOCK_C], dtype=ACC)
+    for s in range(0, splits):
+        first += _channel_vector(Partial + s * C, c_start, C, ACC, BLOCK_C)
+        second += _channel_vector(Partial + (splits + s) * C, c_start, C, ACC, BLOCK_C)
+    return first, second
 
 
 # ---------------------------------------------------------------- forward
@@ -104,11 +130,13 @@ def _store_per_channel(Ptr, c_start, C, values, BLOCK_C: tl.constexpr):
 def _stats_kernel(X, Partial, N, L, C, sxn, sxl, sxc, tiles, l_tiles,
                   ACC: tl.constexpr, IDX: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Partial (count, mean, M2) of this program's tiles, at Partial[k, split, c] for k = 0, 1, 2."""
+    """This program's partial (count, mean, M2): the count, the same for every
+    channel, at Partial[split], mean and M2 at Partial[splits + (k * splits + split) * C + c]
+    for k = 0, 1 (see ``_merged_moments``)."""
     c_start = tl.program_id(0) * BLOCK_C
     split = tl.program_id(1)
     splits = tl.num_programs(1)
-    count = tl.zeros([BLOCK_C], dtype=ACC)
+    count = tl.zeros([], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for tile in range(split, tiles, splits):
@@ -123,70 +151,72 @@ def _stats_kernel(X, Partial, N, L, C, sxn, sxl, sxc, tiles, l_tiles,
         mean += delta * share
         m2 += _channel_sum(centered * centered) + delta * delta * (count * share)
         count = total
-    partial = Partial + split * C
-    _store_per_channel(partial, c_start, C, count, BLOCK_C)
-    _store_per_channel(partial + splits * C, c_start, C, mean, BLOCK_C)
-    _store_per_channel(partial + 2 * splits * C, c_start, C, m2, BLOCK_C)
+    if tl.program_id(0) == 0:
+        tl.store(Partial + split, count)
+    moments = Partial + splits
+    _store_per_channel(moments + split * C, c_start, C, mean, BLOCK_C)
+    _store_per_channel(moments + (splits + split) * C, c_start, C, m2, BLOCK_C)
 
 
 @triton.jit
-def _finalize_fwd_kernel(Partial, splits, M, RunningMean, RunningVar, Mean, Rstd, C,
-                         momentum_hi, momentum_lo, eps_hi, eps_lo,
-                         TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    """Mean and rstd per channel: the merged partials' in training (then the
-    running stats are updated), the running stats' in eval."""
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = c < C
+def _merged_moments(Partial, splits, M, c_start, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Mean and biased variance per channel: the splits' partials merged with
+    Chan's formula, in split order (nan for M == 0, as a mean of nothing)."""
+    count = tl.zeros([], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    moments = Partial + splits
+    for s in range(0, splits):
+        split_count = tl.load(Partial + s).to(ACC)
+        total = count + split_count
+        delta = _channel_vector(moments + s * C, c_start, C, ACC, BLOCK_C) - mean
+        share = split_count / total
+        mean += delta * share
+        m2 += _channel_vector(moments + (splits + s) * C, c_start, C, ACC, BLOCK_C) + delta * delta * (count * share)
+        count = total
+    m = tl.cast(M, ACC)
+    return tl.where(m > 0, mean, float("nan")), m2 / m
+
+
+@triton.jit
+def _normalize_kernel(X, Y, Partial, splits, RunningMean, RunningVar, Mean, Rstd, W, B, M,
+                      N, L, C, sxn, sxl, sxc, syn, syl, syc, tiles, l_tiles, momentum_hi, momentum_lo, eps_hi, eps_lo,
+                      TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      ACC: tl.constexpr, IDX: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y for this program's tiles, normalised with the batch's statistics (in
+    training, merged from the partials) or the running stats' (in eval). The
+    first program of each channel block writes Mean and Rstd and, in
+    training, updates the running stats, which no other program reads then."""
+    c_start = tl.program_id(0) * BLOCK_C
+    first = tl.program_id(1) == 0
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
     if TRAINING:
-        count_of = Partial
-        mean_of = Partial + splits * C
-        m2_of = Partial + 2 * splits * C
-        m = tl.cast(M, ACC)
-        # Two passes over the partials: the count-weighted mean, then M2 about it.
-        weighted = tl.zeros([BLOCK], dtype=ACC)
-        for s in range(0, splits):
-            weighted += tl.load(count_of + s * C + c, mask=mask, other=0.0) * \
-                tl.load(mean_of + s * C + c, mask=mask, other=0.0)
-        mean = weighted / m
-        m2 = tl.zeros([BLOCK], dtype=ACC)
-        for s in range(0, splits):
-            delta = tl.load(mean_of + s * C + c, mask=mask, other=0.0) - mean
-            m2 += tl.load(m2_of + s * C + c, mask=mask, other=0.0) + \
-                tl.load(count_of + s * C + c, mask=mask, other=0.0) * delta * delta
-        var = m2 / m
+        mean, var = _merged_moments(Partial, splits, M, c_start, C, ACC, BLOCK_C)
         if UPDATE_RUNNING:
-            momentum = tl.cast(momentum_hi, ACC) + tl.cast(momentum_lo, ACC)
-            running_mean = tl.load(RunningMean + c, mask=mask, other=0.0).to(ACC)
-            running_var = tl.load(RunningVar + c, mask=mask, other=0.0).to(ACC)
-            unbiased = var * (m / (m - 1.0))
-            tl.store(RunningMean + c, (momentum * mean + (1.0 - momentum) * running_mean)
-                     .to(RunningMean.dtype.element_ty), mask=mask)
-            tl.store(RunningVar + c, (momentum * unbiased + (1.0 - momentum) * running_var)
-                     .to(RunningVar.dtype.element_ty), mask=mask)
+            if first:
+                momentum = tl.cast(momentum_hi, ACC) + tl.cast(momentum_lo, ACC)
+                m = tl.cast(M, ACC)
+                running_mean = _channel_vector(RunningMean, c_start, C, ACC, BLOCK_C)
+                running_var = _channel_vector(RunningVar, c_start, C, ACC, BLOCK_C)
+                _store_per_channel(RunningMean, c_start, C, momentum * mean + (1.0 - momentum) * running_mean,
+                                   BLOCK_C)
+                _store_per_channel(RunningVar, c_start, C, momentum * (var * (m / (m - 1.0))) +
+                                   (1.0 - momentum) * running_var, BLOCK_C)
     else:
-        mean = tl.load(RunningMean + c, mask=mask, other=0.0).to(ACC)
-        var = tl.load(RunningVar + c, mask=mask, other=1.0).to(ACC)
-    tl.store(Mean + c, mean, mask=mask)
-    tl.store(Rstd + c, 1.0 / tl.sqrt(var + eps), mask=mask)
-
-
-@triton.jit
-def _normalize_kernel(X, Y, Mean, Rstd, W, B, N, L, C, sxn, sxl, sxc, syn, syl, syc, tiles, l_tiles,
-                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    c_start = tl.program_id(0) * BLOCK_C
-    mean = _per_channel(Mean, c_start, C, ACC, BLOCK_C)
-    gain = _per_channel(Rstd, c_start, C, ACC, BLOCK_C)
-    if HAS_W:
-        gain = gain * _per_channel(W, c_start, C, ACC, BLOCK_C)
+        mean = _channel_vector(RunningMean, c_start, C, ACC, BLOCK_C)
+        var = _channel_vector(RunningVar, c_start, C, ACC, BLOCK_C)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if first:
+        _store_per_channel(Mean, c_start, C, mean, BLOCK_C)
+        _store_per_channel(Rstd, c_start, C, rstd, BLOCK_C)
+    gain = rstd * _channel_vector(W, c_start, C, ACC, BLOCK_C) if HAS_W else rstd
     if HAS_B:
         shift = _per_channel(B, c_start, C, ACC, BLOCK_C)
     for tile in range(tl.program_id(1), tiles, tl.num_programs(1)):
         n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX)
         x = tl.load(X + n * sxn + l * sxl + c * sxc, mask=mask, other=0.0).to(ACC)
-        y = (x - mean) * gain
+        y = (x - mean[None, None, :]) * gain[None, None, :]
         if HAS_B:
             y += shift
         tl.store(Y + n * syn + l * syl + c * syc, round_to(y, Y.dtype.element_ty), mask=mask)
@@ -227,38 +257,49 @@ def _bwd_reduce_kernel(X, DY, DX, Mean, Rstd, W, Partial, N, L, C, sxn, sxl, sxc
 
 
 @triton.jit
-def _finalize_bwd_kernel(Partial, splits, Rstd, C, SumDy, SumDyXhat, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = c < C
-    sum_dy = tl.zeros([BLOCK], dtype=ACC)
-    sum_dy_xc = tl.zeros([BLOCK], dtype=ACC)
-    for s in range(0, splits):
-        sum_dy += tl.load(Partial + s * C + c, mask=mask, other=0.0)
-        sum_dy_xc += tl.load(Partial + (splits + s) * C + c, mask=mask, other=0.0)
-    tl.store(SumDy + c, sum_dy, mask=mask)
-    tl.store(SumDyXhat + c, sum_dy_xc * tl.load(Rstd + c, mask=mask, other=0.0).to(ACC), mask=mask)
+def _store_param_grads(DW, DB, rstd, sum_dy, sum_dy_xc, c_start, C,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dweight = sum(dy*xhat) = sum(dy*(x - mean))*rstd and dbias = sum(dy), in their dtype."""
+    if HAS_W:
+        _store_per_channel(DW, c_start, C, sum_dy_xc * rstd, BLOCK_C)
+    if HAS_B:
+        _store_per_channel(DB, c_start, C, sum_dy, BLOCK_C)
 
 
 @triton.jit
-def _dx_kernel(X, DY, DX, Mean, Rstd, W, SumDy, SumDyXhat, M, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc,
+def _param_grads_kernel(Partial, splits, Rstd, DW, DB, C,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Eval: dweight and dbias from the partials (dx needs no sums then)."""
+    c_start = tl.program_id(0) * BLOCK
+    sum_dy, sum_dy_xc = _split_sums(Partial, splits, c_start, C, ACC, BLOCK)
+    rstd = _channel_vector(Rstd, c_start, C, ACC, BLOCK)
+    _store_param_grads(DW, DB, rstd, sum_dy, sum_dy_xc, c_start, C, HAS_W, HAS_B, BLOCK)
+
+
+@triton.jit
+def _dx_kernel(X, DY, DX, Mean, Rstd, W, Partial, splits, DW, DB, M, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc,
                sgn, sgl, sgc, tiles, l_tiles,
-               HAS_W: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
+               HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     """Training dx: the batch mean and variance depend on x too, so dy loses
-    its mean and its component along xhat."""
+    its mean and its component along xhat. Each program adds up the partial
+    sums of its channels; the first of each channel block writes dweight and dbias."""
     c_start = tl.program_id(0) * BLOCK_C
     m = tl.cast(M, ACC)
+    sum_dy, sum_dy_xc = _split_sums(Partial, splits, c_start, C, ACC, BLOCK_C)
     mean = _per_channel(Mean, c_start, C, ACC, BLOCK_C)
-    rstd = _per_channel(Rstd, c_start, C, ACC, BLOCK_C)
-    gain = rstd * _per_channel(W, c_start, C, ACC, BLOCK_C) if HAS_W else rstd
-    mean_dy = _per_channel(SumDy, c_start, C, ACC, BLOCK_C) / m
+    rstd = _channel_vector(Rstd, c_start, C, ACC, BLOCK_C)
+    if tl.program_id(1) == 0:
+        _store_param_grads(DW, DB, rstd, sum_dy, sum_dy_xc, c_start, C, HAS_W, HAS_B, BLOCK_C)
+    gain = rstd * _channel_vector(W, c_start, C, ACC, BLOCK_C) if HAS_W else rstd
+    mean_dy = (sum_dy / m)[None, None, :]
     # xhat * sum(dy*xhat)/M == (x - mean) * along_xc
-    along_xc = _per_channel(SumDyXhat, c_start, C, ACC, BLOCK_C) * rstd / m
+    along_xc = (sum_dy_xc * rstd * rstd / m)[None, None, :]
     for tile in range(tl.program_id(1), tiles, tl.num_programs(1)):
         n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX)
         dy = tl.load(DY + n * sdn + l * sdl + c * sdc, mask=mask, other=0.0).to(ACC)
         x = tl.load(X + n * sxn + l * sxl + c * sxc, mask=mask, other=0.0).to(ACC)
-        dx = gain * (dy - mean_dy - (x - mean) * along_xc)
+        dx = gain[None, None, :] * (dy - mean_dy - (x - mean) * along_xc)
         tl.store(DX + n * sgn + l * sgl + c * sgc, round_to(dx, DX.dtype.element_ty), mask=mask)
 
 
@@ -268,7 +309,7 @@ def _dx_kernel(X, DY, DX, Mean, Rstd, W, SumDy, SumDyXhat, M, N, L, C, sxn, sxl,
 @dataclass(frozen=True)
 class _Tiling:
     """How the kernels walk an (N, C, L) problem: sizes after folding n and l,
-    each tensor's (n, l, c) strides, block sizes and grid."""
+    each tensor's (n, l, c) strides, block sizes and grids."""
     n: int
     l: int
     c: int
@@ -279,6 +320,8 @@ class _Tiling:
     l_tiles: int
     tiles: int            # tiles per channel block
     channel_blocks: int
+    splits: int           # reduction programs per channel block, each writing a partial
+    programs: int         # elementwise programs per channel block
     offset_dtype: tl.dtype
     num_warps: int
 
@@ -294,13 +337,13 @@ class _Tiling:
         return dict(ACC=acc, IDX=self.offset_dtype, BLOCK_N=self.block_n, BLOCK_L=self.block_l,
                     BLOCK_C=self.block_c, num_warps=self.num_warps)
 
-    def reduction_grid(self, device: torch.device) -> tuple[int, int]:
-        """(channel blocks, SPLIT): a few programs per SM in all, at least one tile each."""
-        programs = num_programs(device, self.channel_blocks * self.tiles)
-        return self.channel_blocks, max(1, min(self.tiles, programs // self.channel_blocks))
+    @property
+    def reduction_grid(self) -> tuple[int, int]:
+        return self.channel_blocks, self.splits
 
+    @property
     def elementwise_grid(self) -> tuple[int, int]:
-        return self.channel_blocks, min(self.tiles, MAX_GRID_Y)
+        return self.channel_blocks, self.programs
 
 
 def _fold(n: int, l: int, strides: list[tuple[int, int, int]]) -> tuple[int, int, list[tuple[int, int, int]]]:
@@ -321,11 +364,12 @@ def _pow2_at_least(size: int) -> int:
 def _tiling(x: torch.Tensor, *others: torch.Tensor) -> _Tiling:
     """The tiling for x and the same-shape tensors read or written beside it
     (their strides may differ); x's layout picks which axis is coalesced."""
-    return _tiling_of(tuple(x.shape), tuple((t.stride(0), t.stride(2), t.stride(1)) for t in (x, *others)))
+    return _tiling_of(tuple(x.shape), tuple((t.stride(0), t.stride(2), t.stride(1)) for t in (x, *others)), x.device)
 
 
-@functools.lru_cache(maxsize=256)  # worked out once per shape and layout: host time on every call otherwise
-def _tiling_of(shape: tuple[int, int, int], tensor_strides: tuple[tuple[int, int, int], ...]) -> _Tiling:
+@functools.lru_cache(maxsize=256)  # worked out once per shape, layout and device: host time on every call otherwise
+def _tiling_of(shape: tuple[int, int, int], tensor_strides: tuple[tuple[int, int, int], ...],
+               device: torch.device) -> _Tiling:
     n0, c, l0 = shape
     n, l, strides = _fold(n0, l0, list(tensor_strides))
     _, sl, sc = strides[0]
@@ -335,16 +379,28 @@ def _tiling_of(shape: tuple[int, int, int], tensor_strides: tuple[tuple[int, int
     block_n = min(_pow2_at_least(n), TILE // (block_c * block_l))
     l_tiles = triton.cdiv(l, block_l)
     n_tiles = triton.cdiv(n, block_n)
+    tiles = n_tiles * l_tiles
     channel_blocks = triton.cdiv(c, block_c)
+    # Reduction programs (splits per channel block): a few per SM in all, at
+    # least a tile each, and at most `balanced`, with which as many elementwise
+    # programs as splits keep to their share of partial reads. Elementwise
+    # programs: each takes tiles enough that the splits * block_c partials it
+    # reads are at most 1/PARTIAL_SHARE of its elements (splits <= balanced
+    # leaves at least one such program).
+    balanced = math.isqrt(tiles * TILE // (PARTIAL_SHARE * block_c))
+    splits = max(1, min(tiles, num_programs(device, channel_blocks * tiles) // channel_blocks, balanced))
+    tiles_per_program = triton.cdiv(splits * block_c * PARTIAL_SHARE, TILE)
     # masked lanes of edge tiles form offsets too: bound them with the padded sizes
     padded = (n_tiles * block_n, l_tiles * block_l, channel_blocks * block_c)
     span = max(sum((size - 1) * stride for size, stride in zip(padded, s)) for s in strides)
     return _Tiling(n=n, l=l, c=c, strides=tuple(strides), block_n=block_n, block_l=block_l, block_c=block_c,
-                   l_tiles=l_tiles, tiles=n_tiles * l_tiles, channel_blocks=channel_blocks,
+                   l_tiles=l_tiles, tiles=tiles, channel_blocks=channel_blocks, splits=splits,
+                   programs=max(1, min(tiles // tiles_per_program, MAX_GRID_Y)),
                    offset_dtype=tl.int32 if span < INT32_OFFSETS_BELOW else tl.int64,
                    num_warps=min(max(block_n * block_l * block_c // 512, 1), 8))
 
 
+@functools.lru_cache(maxsize=64)
 def _fp32_pair(value: float) -> tuple[float, float]:
     """``value`` as hi + lo, each exact in fp32: float kernel arguments arrive
     as fp32, which would round fp64 momentum and eps."""
@@ -352,60 +408,43 @@ def _fp32_pair(value: float) -> tuple[float, float]:
     return hi, float(np.float32(value - hi))
 
 
-def _channel_grid(channels: int) -> tuple[int]:
-    return (triton.cdiv(channels, FINALIZE_BLOCK),)
-
-
-def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps):
+def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, y, mean, rstd):
     n, channels, length = x.shape
-    stats = stats_dtype(x.dtype)
-    acc = acc_dtype(x.dtype)
-    y = torch.empty_like(x)
-    mean = torch.empty(channels, dtype=stats, device=x.device)
-    rstd = torch.empty(channels, dtype=stats, device=x.device)
     if channels == 0:
-        return y, mean, rstd
+        return
     tiling = _tiling(x, y)
+    acc = acc_dtype(x.dtype)
     partial, splits = None, 0
     if training:
-        grid = tiling.reduction_grid(x.device) if tiling.tiles else (0, 0)
-        splits = grid[1]
-        # room for one split even with none: a pointer argument must point somewhere
-        partial = torch.empty((3, max(splits, 1), channels), dtype=stats, device=x.device)
+        splits = tiling.splits if tiling.tiles else 0
+        # the count of each split, then its mean and M2 per channel (room for one split even with none)
+        partial = torch.empty(max(splits, 1) * (1 + 2 * channels), dtype=mean.dtype, device=x.device)
         if splits:
-            _stats_kernel[grid](x, partial, *tiling.args(0), *tiling.walk(), **tiling.meta(acc))
-    _finalize_fwd_kernel[_channel_grid(channels)](
-        partial, splits, n * length, running_mean, running_var, mean, rstd, channels,
-        *_fp32_pair(momentum), *_fp32_pair(eps),
-        TRAINING=training, UPDATE_RUNNING=running_mean is not None, ACC=acc, BLOCK=FINALIZE_BLOCK)
-    if tiling.tiles:
-        _normalize_kernel[tiling.elementwise_grid()](
-            x, y, mean, rstd, weight, bias, *tiling.args(0, 1), *tiling.walk(),
-            HAS_W=weight is not None, HAS_B=bias is not None, **tiling.meta(acc))
-    return y, mean, rstd
+            _stats_kernel[tiling.reduction_grid](x, partial, *tiling.args(0), *tiling.walk(), **tiling.meta(acc))
+    _normalize_kernel[tiling.elementwise_grid](
+        x, y, partial, splits, running_mean, running_var, mean, rstd, weight, bias, n * length,
+        *tiling.args(0, 1), *tiling.walk(), *_fp32_pair(momentum), *_fp32_pair(eps),
+        TRAINING=training, UPDATE_RUNNING=running_mean is not None, HAS_W=weight is not None,
+        HAS_B=bias is not None, **tiling.meta(acc))
 
 
-def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias):
+def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, dbias):
     n, channels, length = x.shape
-    stats = stats_dtype(x.dtype)
-    acc = acc_dtype(x.dtype)
-    dx = torch.empty_like(x)
+    if x.numel() == 0:  # dx is empty; dweight and dbias are sums of no terms
+        dweight.zero_()
+        dbias.zero_()
+        return
     tiling = _tiling(x, dy, dx)
-    reduce = channels and tiling.tiles
-    new_sums = torch.empty if reduce else torch.zeros  # with nothing to reduce, sums of no terms
-    sum_dy = new_sums(channels, dtype=stats, device=x.device)
-    sum_dy_xhat = new_sums(channels, dtype=stats, device=x.device)
-    if reduce:
-        grid = tiling.reduction_grid(x.device)
-        partial = torch.empty((2, grid[1], channels), dtype=stats, device=x.device)
-        _bwd_reduce_kernel[grid](x, dy, dx, mean, rstd, weight, partial, *tiling.args(0, 1, 2), *tiling.walk(),
-                                 TRAINING=training, HAS_W=weight is not None, **tiling.meta(acc))
-        _finalize_bwd_kernel[_channel_grid(channels)](partial, grid[1], rstd, channels, sum_dy, sum_dy_xhat,
-                                                      ACC=acc, BLOCK=FINALIZE_BLOCK)
-        if training:
-            _dx_kernel[tiling.elementwise_grid()](
-                x, dy, dx, mean, rstd, weight, sum_dy, sum_dy_xhat, n * length, *tiling.args(0, 1, 2),
-                *tiling.walk(), HAS_W=weight is not None, **tiling.meta(acc))
-    dweight = sum_dy_xhat if weight is not None else x.new_empty(0)
-    dbias = sum_dy if has_bias else x.new_empty(0)
-    return dx, dweight, dbias
+    acc = acc_dtype(x.dtype)
+    partial = torch.empty((2, tiling.splits, channels), dtype=mean.dtype, device=x.device)
+    _bwd_reduce_kernel[tiling.reduction_grid](x, dy, dx, mean, rstd, weight, partial, *tiling.args(0, 1, 2),
+                                              *tiling.walk(), TRAINING=training, HAS_W=weight is not None,
+                                              **tiling.meta(acc))
+    if training:
+        _dx_kernel[tiling.elementwise_grid](
+            x, dy, dx, mean, rstd, weight, partial, tiling.splits, dweight, dbias, n * length,
+            *tiling.args(0, 1, 2), *tiling.walk(), HAS_W=weight is not None, HAS_B=has_bias, **tiling.meta(acc))
+    elif weight is not None or has_bias:
+        _param_grads_kernel[(triton.cdiv(channels, PARAM_GRADS_BLOCK),)](
+            partial, tiling.splits, rstd, dweight, dbias, channels, HAS_W=weight is not None, HAS_B=has_bias,
+            ACC=acc, BLOCK=PARAM_GRADS_BLOCK)

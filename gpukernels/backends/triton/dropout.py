@@ -3,12 +3,13 @@
 calls the same kernel on ``dy``.
 
 One Philox call serves four elements: element ``i`` takes output word ``i % 4``
-of counter ``(i // 4 lo, i // 4 hi, 0, 0)``, key ``seed``, mapped to a float as
-Triton's ``uint_to_uniform_float`` maps it (``numpy/philox.py``'s
-``element_uniforms``, bit for bit). Ten rounds of 32-bit multiplies per element
-made the kernel compute-bound (0.32 ms forward for 2^26 bf16 on an H100); per
-four, the generator costs about what moving the bytes does (0.09 ms on an H200,
-72% of its copy bandwidth).
+of counter ``(i // 4 lo, i // 4 hi, 0, 0)``, key ``seed`` (``numpy/philox.py``'s
+``element_words``, bit for bit), and is kept when the word, folded as Triton's
+``uint_to_uniform_float`` folds it, is above the integer ``keep_threshold(p)``:
+the same decision as that float's ``> p``, without the conversion. Ten rounds of
+32-bit multiplies per element made the kernel compute-bound (0.32 ms forward for
+2^26 bf16 on an H100); per four, the generator costs about what moving the bytes
+does (0.09 ms on an H200, 72% of its copy bandwidth, measured with the float test).
 """
 
 from __future__ import annotations
@@ -23,16 +24,16 @@ BLOCK = 2048
 
 
 @triton.jit
-def uniform_from_bits(bits):
-    """Triton's ``uint_to_uniform_float`` for uint32: a float32 in [0, 1)."""
+def folded(bits):
+    """uint32 words as the int32 in [0, 2**31) Triton's ``uint_to_uniform_float``
+    scales (``numpy/philox.py``'s ``folded``): ``~x`` for the negative half."""
     signed = bits.to(tl.int32, bitcast=True)
-    # ~x maps the negative half onto [0, 2**31) so the sign bit is not wasted
-    nonnegative = tl.where(signed < 0, -signed - 1, signed)
-    return nonnegative.to(tl.float32) * 4.6566127342e-10
+    return tl.where(signed < 0, -signed - 1, signed)
 
 
 @triton.jit
-def dropout_kernel(X, Y, Seed, scale, n, p, SCALE_IN_MEMORY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def dropout_kernel(X, Y, Seed, scale, n, threshold, SCALE_IN_MEMORY: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK: tl.constexpr):
     # (BLOCK // 4, 4): a row per Philox call, a column per output word
     groups = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
     word = tl.arange(0, 4)[None, :]
@@ -44,22 +45,22 @@ def dropout_kernel(X, Y, Seed, scale, n, p, SCALE_IN_MEMORY: tl.constexpr, ACC: 
                                zero, zero)
     bits = tl.where(word == 0, r0[:, None],
                     tl.where(word == 1, r1[:, None], tl.where(word == 2, r2[:, None], r3[:, None])))
-    keep = uniform_from_bits(bits) > p
+    keep = folded(bits) > threshold
     if SCALE_IN_MEMORY:
         scale = tl.load(scale)
     # tl.where, not a multiply by the mask: a dropped inf or nan gives 0.
     tl.store(Y + offsets, round_to(tl.where(keep, x * scale, 0.0), Y.dtype.element_ty), mask=mask)
 
 
-def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, y: torch.Tensor) -> None:
     from ..numpy.dropout import keep_scale  # the one definition of the scale's rounding
+    from ..numpy.philox import keep_threshold  # and of the keep test
 
-    y = torch.empty_like(x)
     n = x.numel()
     if n:
         scale = float(keep_scale(p, x.dtype))
         if x.dtype == torch.float64:  # float arguments reach a kernel as fp32
             scale = torch.full((), scale, dtype=torch.float64, device=x.device)
-        dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, seed, scale, n, p, SCALE_IN_MEMORY=x.dtype == torch.float64,
+        dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, seed, scale, n, keep_threshold(p),
+                                                  SCALE_IN_MEMORY=x.dtype == torch.float64,
                                                   ACC=acc_dtype(x.dtype), BLOCK=BLOCK, num_warps=8)
-    return y
