@@ -14,14 +14,15 @@ import math
 import sys
 from collections import defaultdict
 from itertools import chain
+from operator import attrgetter, itemgetter
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
-from .ops._checks import check_float, check_number
-from .ops.adamw import call_adamw_step_, check_hyperparameters, state_dtype
+from .ops._checks import FLOAT_DTYPES, check_float, check_number
+from .ops.adamw import adamw_step_, check_hyperparameters, state_dtype
 
 __all__ = ["AdamW", "WarmupCosineLR", "warmup_cosine", "clip_grad_norm_"]
 
@@ -34,12 +35,22 @@ _TORCH_ADAMW_FLAGS = dict(foreach=None, capturable=False, differentiable=False, 
                           decoupled_weight_decay=True)
 
 
-def _by_device_and_dtype(tensors: Iterable[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+# Per-param work of a step is done by passes over whole lists that run in C (map
+# with these getters, set, any) rather than by Python code per param: on a GPU a
+# step launches one kernel per bucket, and its host time grows with the params.
+_grad, _dtype, _is_sparse = attrgetter("grad"), attrgetter("dtype"), attrgetter("is_sparse")
+_device_and_dtype = attrgetter("device", "dtype")
+
+
+def _by_device_and_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:
     """The buckets a multi-tensor op takes, in order of first appearance."""
+    keys = list(map(_device_and_dtype, tensors))
+    if len(set(keys)) == 1:
+        return [tensors]
     buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-    for t in tensors:
-        buckets[(t.device, t.dtype)].append(t)
-    return buckets
+    for key, t in zip(keys, tensors):
+        buckets[key].append(t)
+    return list(buckets.values())
 
 
 def _lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
@@ -51,17 +62,29 @@ def _lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
     return torch.full((), lr, dtype=torch.float64, device=device)
 
 
-def _is_dtensor(t: Any) -> bool:
-    """Without importing torch.distributed.tensor (a second at import time):
-    no DTensor exists before something else has imported it."""
+def _dtensor_class() -> type | None:
+    """DTensor, without importing torch.distributed.tensor (a second at import
+    time): no DTensor exists before something else has imported it."""
     module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
+    return None if module is None else module.DTensor
 
 
-def _local(t: Tensor) -> Tensor:
-    """The shard of a DTensor this rank holds (a view: updating it updates
-    the DTensor), or a plain tensor itself."""
-    return t.to_local() if _is_dtensor(t) else t
+def _is_dtensor(t: Any) -> bool:
+    dtensor = _dtensor_class()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def _has_dtensor(tensors: list[Tensor]) -> bool:
+    dtensor = _dtensor_class()
+    return dtensor is not None and any(issubclass(kind, dtensor) for kind in set(map(type, tensors)))
+
+
+def _local(tensors: list[Tensor]) -> list[Tensor]:
+    """The tensors with each DTensor replaced by the shard this rank holds (a
+    view: updating it updates the DTensor); the list itself when it has none."""
+    if not _has_dtensor(tensors):
+        return tensors
+    return [t.to_local() if _is_dtensor(t) else t for t in tensors]
 
 
 def _zero_state(param: Tensor) -> Tensor:
@@ -126,14 +149,19 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            for params in _by_device_and_dtype(self._params_with_grad(group, index)).values():
+            for params in _by_device_and_dtype(self._params_with_grad(group, index)):
                 self._update(group, params)
         return loss
 
     @staticmethod
     def _params_with_grad(group: dict[str, Any], index: int) -> list[Tensor]:
+        params = [p for p in group["params"] if p.grad is not None]
+        grads = list(map(_grad, params))
+        if set(map(_dtype, params)) <= set(FLOAT_DTYPES) and not any(map(_is_sparse, grads)) \
+                and not _has_dtensor(params):
+            return params
+        # the param to blame, by name
         names = group.get("param_names")
-        params = []
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -144,7 +172,6 @@ class AdamW(torch.optim.Optimizer):
             if _is_dtensor(p) and getattr(p.grad, "placements", None) != p.placements:
                 raise RuntimeError(f"{name} is a DTensor with placements {p.placements}, so its grad must be one "
                                    f"with the same placements, got {getattr(p.grad, 'placements', 'a plain tensor')}")
-            params.append(p)
         return params
 
     def _state_of(self, param: Tensor, amsgrad: bool) -> dict[str, Tensor]:
@@ -158,14 +185,16 @@ class AdamW(torch.optim.Optimizer):
 
     def _update(self, group: dict[str, Any], params: list[Tensor]) -> None:
         amsgrad = bool(group["amsgrad"])
-        states = [self._state_of(p, amsgrad) for p in params]
+        states = list(map(self.state.__getitem__, params))
+        if not all(states) or (amsgrad and not all("max_exp_avg_sq" in s for s in states)):
+            states = [self._state_of(p, amsgrad) for p in params]
 
         def local_state(key: str) -> list[Tensor]:
-            return [_local(s[key]) for s in states]
+            return _local(list(map(itemgetter(key), states)))
 
         beta1, beta2 = group["betas"]
-        call_adamw_step_(
-            [_local(p) for p in params], [_local(p.grad) for p in params],
+        adamw_step_(
+            _local(params), _local(list(map(_grad, params))),
             local_state("exp_avg"), local_state("exp_avg_sq"), local_state("max_exp_avg_sq") if amsgrad else [],
             local_state("step"),
             _lr_tensor(group["lr"], params[0].device), float(beta1), float(beta2),
@@ -248,7 +277,7 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    buckets = _by_device_and_dtype(grads).values()
+    buckets = _by_device_and_dtype(grads)
     norms = chain.from_iterable(torch._foreach_norm(bucket, norm_type) for bucket in buckets)
     total_norm = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), norm_type)
     if error_if_nonfinite and not torch.isfinite(total_norm):

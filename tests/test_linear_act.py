@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gpukernels as gk
 from gpukernels.ops.linear_act import linear_act, linear_act_bwd, linear_act_fwd
 from helpers import assert_matches
 
@@ -121,13 +122,15 @@ def test_gradcheck(device, activation):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_opcheck(device, activation):
     x, weight, bias = (t.float().requires_grad_() for t in _problem((4, 5), 3, device=device))
-    torch.library.opcheck(linear_act_fwd, (x, weight, bias, activation))
-    torch.library.opcheck(linear_act_fwd, (x, weight, None, activation))
+    backend = gk.backend_name(device)
+    torch.library.opcheck(linear_act_fwd.custom_op, (x, weight, bias, activation, backend))
+    torch.library.opcheck(linear_act_fwd.custom_op, (x, weight, None, activation, backend))
     y, z = linear_act_fwd(x, weight, bias, activation)
     saved = y if activation == "relu" else z
     for has_bias in (True, False):
         dy = torch.randn(4, 3, device=device)
-        torch.library.opcheck(linear_act_bwd, (dy, x.detach(), weight.detach(), saved.detach(), activation, has_bias))
+        torch.library.opcheck(linear_act_bwd.custom_op, (dy, x.detach(), weight.detach(), saved.detach(), activation,
+                                                         has_bias, backend))
 
 
 @pytest.mark.parametrize("activation", ["none", "relu", "silu"])

@@ -16,7 +16,6 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 import gpukernels as gk
-import gpukernels.backends.numpy.adamw as numpy_adamw
 from gpukernels.optim import AdamW, clip_grad_norm_, warmup_cosine
 from gpukernels.ops.adamw import adamw_step_
 from helpers import TOLERANCES, assert_matches, rel_err
@@ -182,12 +181,11 @@ def test_matches_float64_reference_with_fp32_state(device, dtype, amsgrad):
 def test_one_op_call_per_device_dtype_bucket(monkeypatch):
     calls = []
 
-    def counting_kernel(params, *args):
+    def counting_op(params, *args):
         calls.append([p.dtype for p in params])
-        return original(params, *args)
+        return adamw_step_(params, *args)
 
-    original = numpy_adamw.adamw_step_
-    monkeypatch.setattr(numpy_adamw, "adamw_step_", counting_kernel)
+    monkeypatch.setattr(gk.optim, "adamw_step_", counting_op)
     fp32, bf16 = _model(), _model(torch.bfloat16)
     frozen = torch.nn.Parameter(torch.ones(3))
     optimizer = AdamW([{"params": [*fp32.parameters(), *bf16[0].parameters(), frozen]},
@@ -279,12 +277,12 @@ def _cpu_copy(args: list) -> list:
 
 def _assert_op_results_equal(ours: list, theirs: list) -> None:
     """The tensor lists of ``adamw_step_``'s arguments, ``ours`` (any device)
-    as ``theirs`` (CPU), to the tolerance of each dtype; bf16: within one ulp
-    (fp32 values a few ulps apart may round to neighbouring bf16 values)."""
+    as ``theirs`` (CPU), to the tolerance of each dtype; bf16 and fp16: within
+    one ulp (fp32 values a few ulps apart may round to neighbouring values)."""
     for ours_list, theirs_list in zip(ours[:6], theirs[:6], strict=True):
         for a, b in zip(ours_list, theirs_list, strict=True):
-            if a.dtype == torch.bfloat16:
-                torch.testing.assert_close(a.cpu(), b, rtol=2**-7, atol=0)
+            if a.dtype in (torch.bfloat16, torch.float16):
+                torch.testing.assert_close(a.cpu(), b, rtol=torch.finfo(a.dtype).eps, atol=0)
             else:
                 torch.testing.assert_close(a.cpu(), b, **TOLERANCES[a.dtype])
 
@@ -293,7 +291,8 @@ def _assert_op_results_equal(ours: list, theirs: list) -> None:
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_opcheck(device, dtype, amsgrad, maximize):
-    torch.library.opcheck(adamw_step_, (*_op_inputs(dtype, amsgrad, device), maximize))
+    torch.library.opcheck(adamw_step_.custom_op, (*_op_inputs(dtype, amsgrad, device), maximize,
+                                                  gk.backend_name(device)))
 
 
 def test_op_compiles_without_graph_breaks(device):
@@ -353,6 +352,20 @@ def test_op_follows_tensors_to_new_addresses(device):
         adamw_step_(*expected, False)
     _assert_op_results_equal(first, expected)
     _assert_op_results_equal(second, expected)
+
+
+def test_op_updates_params_of_mixed_dtypes(device):
+    """One call on params of several dtypes (the Triton kernel launches once per
+    dtype) equals one NumPy call per param."""
+    dtypes = [torch.bfloat16, torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    columns = [_op_inputs(dtype, amsgrad=True, device=device) for dtype in dtypes]
+    args = [[column[k][i] for i, column in enumerate(columns)] for k in range(6)] + columns[0][6:]
+    expected = _cpu_copy(args)
+    adamw_step_(*args, False)
+    with gk.use_backend("numpy"):
+        for i in range(len(dtypes)):
+            adamw_step_(*([column[i]] for column in expected[:6]), *expected[6:], False)
+    _assert_op_results_equal(args, expected)
 
 
 def test_one_triton_launch_per_device_dtype_bucket(device, monkeypatch):
@@ -436,6 +449,11 @@ SPOILERS = {
     "bf16_state": (lambda args: args[2].__setitem__(1, args[2][1].bfloat16()), r"exp_avgs\[1\]"),
     "state_shape": (lambda args: args[3].__setitem__(0, args[3][0][:2]), r"exp_avg_sqs\[0\]"),
     "step_shape": (lambda args: args[5].__setitem__(1, args[5][1].reshape(1)), r"steps\[1\]"),
+    "fp64_step": (lambda args: args[5].__setitem__(4, args[5][4].double()), r"steps\[4\]"),
+    "grad_dtype": (lambda args: args[1].__setitem__(3, args[1][3].double()), r"grads\[3\]"),
+    "grad_shape": (lambda args: args[1].__setitem__(1, args[1][1].t()), r"grads\[1\]"),
+    "integer_param": (lambda args: args[0].__setitem__(2, args[0][2].long()), r"params\[2\]"),
+    "param_on_other_device": (lambda args: args[0].__setitem__(1, args[0][1].to("meta")), r"params\[1\]"),
     "fp32_lr": (lambda args: _set(args, 6, args[6].float()), "lr"),
     "amsgrad_without_max": (lambda args: _set(args, 11, True), "max_exp_avg_sqs"),
 }
@@ -489,8 +507,8 @@ def test_complex_param_is_an_error():
 def _sequential_lr(optimizer, warmup, total, min_lr):
     if warmup == 0:
         return CosineAnnealingLR(optimizer, T_max=total, eta_min=min_lr)
-    return SequentialLR(optimizer, [LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1),
-                                    CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=min_lr)],
+    warmup_lr = LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    return SequentialLR(optimizer, [warmup_lr, CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=min_lr)],
                         milestones=[warmup])
 
 

@@ -1,5 +1,5 @@
-"""linear_act: custom ops ``gpukernels::linear_act_fwd/_bwd``, their fake
-implementations and autograd, and the checked public function.
+"""linear_act: the ops ``gpukernels::linear_act_fwd/_bwd`` (output specs and
+kernel contracts), their autograd, and the checked public function.
 
 The kernels see ``x`` as a contiguous ``(rows, in)`` matrix and compute
 ``y = act(x @ weight.T + bias)`` in fp32 (fp64 for fp64 input).
@@ -24,37 +24,30 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import get_kernel
 from ._checks import check_choice, check_device, check_float, check_optional_float, empty_grad
-from ._eager import direct, reshaped, with_autograd
+from ._op import kernel_op, reshaped
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 _KEEPS_PRE_ACTIVATION = ("gelu", "gelu_tanh", "silu")
 
 
-def _linear_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> tuple[Tensor, Tensor]:
-    return get_kernel("linear_act", "linear_act_fwd", x.device)(x, weight, bias, activation)
-
-
-linear_act_fwd = torch.library.custom_op("gpukernels::linear_act_fwd", _linear_act_fwd, mutates_args=())
-
-
-@linear_act_fwd.register_fake
-def _(x, weight, bias, activation):
+@kernel_op("linear_act")
+def linear_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                   backend: str) -> tuple[Tensor, Tensor]:
+    """Kernel: ``y = act(x @ weight.T + bias)`` (``bias`` optional), ``(rows, out)``
+    in x's dtype; the pre-activation ``z``, the same shape, for the activations
+    whose backward reads it (gelu, gelu_tanh, silu), else empty."""
     y = x.new_empty(x.shape[0], weight.shape[0])
     return y, torch.empty_like(y) if activation in _KEEPS_PRE_ACTIVATION else empty_grad(x)
 
 
-def _linear_act_bwd(dy: Tensor, x: Tensor, weight: Tensor, y_or_z: Tensor, activation: str,
-                    has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return get_kernel("linear_act", "linear_act_bwd", x.device)(dy, x, weight, y_or_z, activation, has_bias)
-
-
-linear_act_bwd = torch.library.custom_op("gpukernels::linear_act_bwd", _linear_act_bwd, mutates_args=())
-
-
-@linear_act_bwd.register_fake
-def _(dy, x, weight, y_or_z, activation, has_bias):
+@kernel_op("linear_act")
+def linear_act_bwd(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, activation: str, has_bias: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel: with ``dz = dy * act'(z)`` (``saved`` is ``y`` for relu, ``z`` for
+    the activations that keep it, unread for none): ``dx = dz @ weight``,
+    ``dweight = dz.T @ x`` and, when ``has_bias``, ``dbias`` = the column sums of
+    ``dz``, else empty; all in x's dtype."""
     dbias = x.new_empty(weight.shape[0]) if has_bias else empty_grad(x)
     return torch.empty_like(x), torch.empty_like(weight), dbias
 
@@ -69,13 +62,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _dz):
-    x, weight, y_or_z = ctx.saved_tensors
-    dx, dweight, dbias = _call_bwd(dy.contiguous(), x, weight, y_or_z, ctx.activation, ctx.has_bias)
+    x, weight, saved = ctx.saved_tensors
+    dx, dweight, dbias = linear_act_bwd.on(ctx.backend, dy.contiguous(), x, weight, saved, ctx.activation,
+                                           ctx.has_bias)
     return dx, dweight, dbias if ctx.has_bias else None, None
 
 
-_call_bwd = direct(linear_act_bwd, _linear_act_bwd)
-_call_fwd = with_autograd(linear_act_fwd, _linear_act_fwd, _setup_context, _backward)
+linear_act_fwd.register_autograd(_setup_context, _backward)
 
 
 def _check_shapes(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -114,6 +107,6 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation
         x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
     _check_dtypes(x, weight, bias)
     out_features, in_features = weight.shape
-    y, _ = _call_fwd(reshaped(x, math.prod(x.shape[:-1]), in_features).contiguous(), weight.contiguous(), bias,
-                     activation)
+    y, _ = linear_act_fwd(reshaped(x, math.prod(x.shape[:-1]), in_features).contiguous(), weight.contiguous(),
+                          bias, activation)
     return reshaped(y, *x.shape[:-1], out_features)

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ._arrays import as_array, as_tensor
+from ._arrays import as_array, write
 
 
 def _erf(a: np.ndarray) -> np.ndarray:
@@ -56,16 +56,18 @@ _ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def linear_act_fwd(x, weight, bias, activation):
+def linear_act_fwd(x, weight, bias, activation, y_out, z_out):
     z = as_array(x) @ as_array(weight, x.dtype).T
     if bias is not None:
         z += as_array(bias, x.dtype)
     if activation == "none":
-        return as_tensor(z, x.dtype), x.new_empty(0)
-    if activation == "relu":
-        return as_tensor(np.maximum(z, 0), x.dtype), x.new_empty(0)
-    act, _ = _ACTIVATIONS[activation]
-    return as_tensor(act(z), x.dtype), as_tensor(z, x.dtype)
+        write(y_out, z)
+    elif activation == "relu":
+        write(y_out, np.maximum(z, 0))
+    else:
+        act, _ = _ACTIVATIONS[activation]
+        write(y_out, act(z))
+        write(z_out, z)
 
 
 def _pre_activation_grad(dy: np.ndarray, saved, activation: str, dtype) -> np.ndarray:
@@ -77,9 +79,9 @@ def _pre_activation_grad(dy: np.ndarray, saved, activation: str, dtype) -> np.nd
     return dy * act_grad(as_array(saved, dtype))
 
 
-def linear_act_bwd(dy, x, weight, saved, activation, has_bias):
+def linear_act_bwd(dy, x, weight, saved, activation, has_bias, dx_out, dweight_out, dbias_out):
     dz = _pre_activation_grad(as_array(dy, x.dtype), saved, activation, x.dtype)
-    dx = dz @ as_array(weight, x.dtype)
-    dweight = dz.T @ as_array(x)
-    dbias = as_tensor(dz.sum(axis=0), x.dtype) if has_bias else x.new_empty(0)
-    return as_tensor(dx, x.dtype), as_tensor(dweight, weight.dtype), dbias
+    write(dx_out, dz @ as_array(weight, x.dtype))
+    write(dweight_out, dz.T @ as_array(x))
+    if has_bias:
+        write(dbias_out, dz.sum(axis=0))

@@ -1,5 +1,5 @@
-"""AdamW over a list of tensors in ONE kernel launch, whatever the number of
-tensors (a multi-tensor kernel, as PyTorch's fused AdamW).
+"""AdamW over a list of tensors in ONE kernel launch per param dtype, whatever
+the number of tensors (a multi-tensor kernel, as PyTorch's fused AdamW).
 
 The launch reads its work from device-side tables instead of arguments:
 - ``table``: one int64 row per tensor: the addresses (``data_ptr()``) of its
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 import triton
@@ -51,7 +51,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._layout import copy_back, in_param_layout
-from ._common import round_to
+from ._common import acc_dtype, round_to
 
 BLOCK = 1024
 TABLE_CACHE_SIZE = 32
@@ -187,12 +187,13 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
 def _tables(device: torch.device, dtype: torch.dtype, columns: list[list[Tensor]], steps: list[Tensor]) -> _Tables:
     """The launch's tables for these tensors, built on first use and kept
     (least recently used first out) while their addresses stay the same."""
-    rows, blocks = [], []
+    rows, blocks, first_block = [], [], 0
     for i, step in enumerate(steps):
         numel = columns[0][i].numel()
         pointers = [column[i].data_ptr() if column else 0 for column in columns]
-        rows.append((*pointers, step.data_ptr(), numel, sum(blocks)))
+        rows.append((*pointers, step.data_ptr(), numel, first_block))
         blocks.append(max(triton.cdiv(numel, BLOCK), 1))  # one even when empty: it increments the step
+        first_block += blocks[-1]
     key = (device, dtype, tuple(rows))
     if key in _tables_cache:
         _tables_cache.move_to_end(key)
@@ -215,18 +216,30 @@ def _hyperparameters(device: torch.device, beta1: float, beta2: float, eps: floa
     return torch.tensor([beta1, beta2, eps, weight_decay], dtype=torch.float64, device=device)
 
 
+def _by_dtype(columns: list[list[Tensor]], steps: list[Tensor]) -> Iterator[tuple[torch.dtype, list[list[Tensor]],
+                                                                                   list[Tensor]]]:
+    """(dtype, columns, steps) for each param dtype, in order of first appearance."""
+    dtypes = [p.dtype for p in columns[0]]
+    if len(set(dtypes)) == 1:
+        yield dtypes[0], columns, steps
+        return
+    for dtype in dict.fromkeys(dtypes):
+        chosen = [i for i, d in enumerate(dtypes) if d == dtype]
+        yield dtype, [[column[i] for i in chosen] if column else [] for column in columns], [steps[i] for i in chosen]
+
+
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
                 weight_decay, amsgrad, maximize):
-    # Column order: PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ (empty: no column).
-    columns = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []]
-    staged = in_param_layout(columns)
-    device, dtype = params[0].device, params[0].dtype
-    tables = _tables(device, dtype, staged, steps)
+    device = params[0].device
     hyperparameters = _hyperparameters(device, beta1, beta2, eps, weight_decay)
-    if _capturing(device):  # evicted from the caches, they would be freed under the graph
-        _kept_for_graphs.extend((*tables, hyperparameters))
-    adamw_kernel[(tables.block_tensor.numel(),)](
-        tables.table, tables.block_tensor, tables.arrivals, lr, hyperparameters,
-        PARAM_TY=_TRITON_DTYPES[dtype], ACC=tl.float64 if dtype == torch.float64 else tl.float32,
-        AMSGRAD=amsgrad, MAXIMIZE=maximize, BLOCK=BLOCK)
-    copy_back(columns, staged, read_only=1)
+    # Column order: PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ (empty: no column).
+    for dtype, columns, dtype_steps in _by_dtype([params, grads, exp_avgs, exp_avg_sqs,
+                                                  max_exp_avg_sqs if amsgrad else []], steps):
+        staged = in_param_layout(columns)
+        tables = _tables(device, dtype, staged, dtype_steps)
+        if _capturing(device):  # evicted from the caches, they would be freed under the graph
+            _kept_for_graphs.extend((*tables, hyperparameters))
+        adamw_kernel[(tables.block_tensor.numel(),)](
+            tables.table, tables.block_tensor, tables.arrivals, lr, hyperparameters,
+            PARAM_TY=_TRITON_DTYPES[dtype], ACC=acc_dtype(dtype), AMSGRAD=amsgrad, MAXIMIZE=maximize, BLOCK=BLOCK)
+        copy_back(columns, staged, read_only=1)

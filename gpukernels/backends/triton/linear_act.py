@@ -4,8 +4,9 @@ contiguous ``(rows, in)`` matrix, and its backward.
 The products go to the vendor library (cuBLAS on CUDA) through ``torch.addmm``
 and ``torch.mm``; the kernels here do what the products leave:
 
-- forward: ``z = addmm(bias, x, weight.T)`` in the input dtype, then
-  ``activation_kernel`` writes ``y = act(z)`` (``none``: ``y`` is ``z``).
+- forward: ``z = addmm(bias, x, weight.T, out=...)`` in the input dtype, then
+  ``activation_kernel`` writes ``y = act(z)``. Without a saved ``z`` (none,
+  relu) the product is written into ``y`` itself, relu applied there in place.
 - backward: ``pre_activation_grad_kernel`` writes ``dz = dy * act'(z)``
   (``relu``: ``dy`` where ``y > 0``) and, in the same pass, the column sums of
   ``dz`` by tiles of rows, which make ``dbias``; then ``dx = dz @ weight`` and
@@ -127,36 +128,41 @@ def pre_activation_grad_kernel(DY, Saved, DZ, BiasPartial, M, N, ACTIVATION: tl.
         tl.store(BiasPartial + tl.program_id(0).to(tl.int64) * N + cols, tl.sum(dz, axis=0), mask=cols < N)
 
 
-def linear_act_fwd(x, weight, bias, activation):
-    z = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    if activation == "none":
-        return z, x.new_empty(0)
-    y = torch.empty_like(z)
-    n = z.numel()
-    if n:
-        activation_kernel[(triton.cdiv(n, BLOCK),)](z, y, n, ACTIVATION=activation, ACC=acc_dtype(z.dtype),
+def linear_act_fwd(x, weight, bias, activation, y, z):
+    # relu's backward reads y (held by autograd anyway) and none's reads nothing: their
+    # product goes straight into y, where relu is applied in place
+    product = y if activation in ("none", "relu") else z
+    if bias is None:
+        torch.mm(x, weight.t(), out=product)
+    else:
+        torch.addmm(bias, x, weight.t(), out=product)
+    n = product.numel()
+    if activation != "none" and n:
+        activation_kernel[(triton.cdiv(n, BLOCK),)](product, y, n, ACTIVATION=activation, ACC=acc_dtype(y.dtype),
                                                     BLOCK=BLOCK, num_warps=4)
-    # relu's backward reads y (held by autograd anyway), not z
-    return y, z if activation != "relu" else x.new_empty(0)
 
 
-def _dz_and_dbias(dy: torch.Tensor, saved: torch.Tensor, activation: str,
-                  has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """dz, and dbias = dz.sum(0) in the parameters' dtype when ``has_bias``."""
+def _dz_and_dbias(dy: torch.Tensor, saved: torch.Tensor, activation: str, dbias: torch.Tensor | None) -> torch.Tensor:
+    """dz; and into ``dbias``, when given, its column sums (fp32, fp64 for fp64, then rounded)."""
     m, n = dy.shape
     acc = stats_dtype(dy.dtype)
     if activation == "none":
-        return dy, dy.sum(0, dtype=acc).to(dy.dtype) if has_bias else None
+        if dbias is not None:
+            dbias.copy_(dy.sum(0, dtype=acc))
+        return dy
     dz = torch.empty_like(dy)
     tiles = triton.cdiv(m, BLOCK_ROWS)
-    partial = torch.empty((tiles, n), dtype=acc, device=dy.device) if has_bias else None
+    partial = torch.empty((tiles, n), dtype=acc, device=dy.device) if dbias is not None else None
     if dy.numel():
         pre_activation_grad_kernel[(tiles, triton.cdiv(n, BLOCK_COLS))](
-            dy, saved, dz, partial, m, n, ACTIVATION=activation, HAS_BIAS=has_bias, ACC=acc_dtype(dy.dtype),
+            dy, saved, dz, partial, m, n, ACTIVATION=activation, HAS_BIAS=dbias is not None, ACC=acc_dtype(dy.dtype),
             BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, num_warps=4)
-    return dz, partial.sum(0).to(dy.dtype) if has_bias else None
+    if dbias is not None:
+        dbias.copy_(partial.sum(0))
+    return dz
 
 
-def linear_act_bwd(dy, x, weight, saved, activation, has_bias):
-    dz, dbias = _dz_and_dbias(dy, saved, activation, has_bias)
-    return torch.mm(dz, weight), torch.mm(dz.t(), x), dbias if has_bias else x.new_empty(0)
+def linear_act_bwd(dy, x, weight, saved, activation, has_bias, dx, dweight, dbias):
+    dz = _dz_and_dbias(dy, saved, activation, dbias if has_bias else None)
+    torch.mm(dz, weight, out=dx)
+    torch.mm(dz.t(), x, out=dweight)
