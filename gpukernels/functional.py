@@ -5,8 +5,11 @@ no counterpart)."""
 from .ops.batch_norm import batch_norm
 from .ops.cross_entropy import cross_entropy
 from .ops.dropout import dropout
+from .ops.gated_act import geglu, swiglu
 from .ops.layer_norm import layer_norm
 from .ops.linear_act import linear_act
 from .ops.linear_cross_entropy import linear_cross_entropy
+from .ops.rms_norm import rms_norm
 
-__all__ = ["batch_norm", "cross_entropy", "dropout", "layer_norm", "linear_act", "linear_cross_entropy"]
+__all__ = ["batch_norm", "cross_entropy", "dropout", "geglu", "layer_norm", "linear_act", "linear_cross_entropy",
+           "rms_norm", "swiglu"]

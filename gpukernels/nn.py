@@ -13,9 +13,10 @@ from .ops.dropout import dropout
 from .ops.layer_norm import layer_norm
 from .ops.linear_act import ACTIVATIONS, linear_act
 from .ops.linear_cross_entropy import linear_cross_entropy
+from .ops.rms_norm import rms_norm
 from .ops._checks import check_choice
 
-__all__ = ["LinearAct", "LayerNorm", "BatchNorm1d", "BatchNorm2d", "Dropout", "CrossEntropyLoss",
+__all__ = ["LinearAct", "LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "Dropout", "CrossEntropyLoss",
            "LinearCrossEntropyLoss", "HiddenStatesHead", "FusedHeadLoss"]
 
 
@@ -38,6 +39,11 @@ class LinearAct(torch.nn.Linear):
 class LayerNorm(torch.nn.LayerNorm):
     def forward(self, input: Tensor) -> Tensor:
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    def forward(self, input: Tensor) -> Tensor:
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
 class _BatchNormForward:

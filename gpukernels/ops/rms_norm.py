@@ -1,0 +1,104 @@
+"""rms_norm: the ops ``gpukernels::rms_norm_fwd/_bwd`` (output specs and
+kernel contracts), their autograd, and the checked public function.
+
+The kernels see ``x`` as a contiguous ``(rows, D)`` matrix and save each
+row's ``rstd`` (fp32, fp64 for fp64 input) for the backward. With
+``h = x * rstd`` and the scale ``s = offset + weight``:
+
+- default: ``y = h * s`` in the statistics dtype, rounded once to x's dtype
+  (``torch.nn.functional.rms_norm``; Gemma's RMSNorm with ``offset=1``);
+- ``cast_before_weight``: ``y = s * h.to(x.dtype)`` in the dtype promoted from
+  the weight's and x's (Llama's RMSNorm).
+
+Backward: ``g = dy * s``; ``dx = rstd * (g - h * mean(g * h))``;
+``dweight = sum_rows(dy * h)``, with the rounded ``h`` under
+``cast_before_weight`` (what multiplied the weight; the rounding itself
+passes gradients through unchanged, as ``Tensor.to`` does).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._checks import check_float, check_number, check_optional_float, empty_grad
+from ._op import kernel_op, reshaped, stats_dtype
+
+
+@kernel_op("rms_norm")
+def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float, offset: float, cast_before_weight: bool,
+                 backend: str) -> tuple[Tensor, Tensor]:
+    """Kernel: ``y`` = rows of ``x`` times their ``rstd = 1/sqrt(mean(x^2) + eps)``,
+    scaled by ``offset + weight`` when there is a weight (see the module doc for
+    the rounding ``cast_before_weight`` adds); each row's ``rstd`` in the
+    statistics dtype."""
+    y_dtype = torch.promote_types(weight.dtype, x.dtype) if cast_before_weight and weight is not None else x.dtype
+    return torch.empty_like(x, dtype=y_dtype), x.new_empty(x.shape[0], dtype=stats_dtype(x.dtype))
+
+
+@kernel_op("rms_norm")
+def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, offset: float,
+                 cast_before_weight: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """Kernel: ``dx`` (x's dtype); ``dweight`` (the weight's dtype) when there is
+    a weight, else empty."""
+    dweight = x.new_empty(x.shape[1], dtype=weight.dtype) if weight is not None else empty_grad(x)
+    return torch.empty_like(x), dweight
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, offset, cast_before_weight = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.offset = offset
+    ctx.cast_before_weight = cast_before_weight
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dweight = rms_norm_bwd.on(ctx.backend, dy.contiguous(), x, weight, rstd, ctx.offset, ctx.cast_before_weight)
+    return dx, dweight if weight is not None else None, None, None, None
+
+
+rms_norm_fwd.register_autograd(_setup_context, _backward)
+
+
+def rms_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
+             eps: float | None = None, *, offset: float = 0.0, cast_before_weight: bool = False) -> Tensor:
+    """``torch.nn.functional.rms_norm``: normalise over the trailing
+    ``normalized_shape`` dims by the root mean square, statistics in fp32 (fp64
+    for fp64 input); ``eps=None`` is the epsilon of that statistics dtype, as in
+    PyTorch. The result has input's dtype.
+
+    ``offset=1.0`` scales by ``1 + weight`` (Gemma's RMSNorm). ``cast_before_weight``
+    rounds the normalised value to input's dtype before the weight multiplies it,
+    and the result has the dtype promoted from the weight's and input's (Llama's).
+
+    Under autocast the plain op runs in fp32 (input cast up; result fp32), as
+    PyTorch's CUDA autocast runs ``rms_norm``; with ``offset`` or
+    ``cast_before_weight`` it runs as without autocast, as the model code it
+    reproduces does (its own explicit casts)."""
+    check_float("input", input)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not shape or any(not isinstance(s, int) or s < 1 for s in shape):
+        raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
+    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
+        raise ValueError(f"normalized_shape {shape} does not match the trailing dims of input of shape "
+                         f"{tuple(input.shape)}")
+    check_optional_float("weight", weight, input, shape)
+    eps = torch.finfo(stats_dtype(input.dtype)).eps if eps is None else check_number("eps", eps, low=0.0)
+    offset = check_number("offset", offset)
+    if offset and weight is None:
+        raise ValueError(f"offset={offset} scales by offset + weight: it needs a weight")
+    if not isinstance(cast_before_weight, bool):
+        raise TypeError(f"cast_before_weight must be a bool, got {type(cast_before_weight).__name__}")
+    if torch.is_autocast_enabled(input.device.type) and input.dtype != torch.float64 \
+            and not offset and not cast_before_weight:
+        input = input.float()
+    d = 1
+    for s in shape:
+        d *= s
+    flat_weight = None if weight is None else reshaped(weight, d)
+    y, _ = rms_norm_fwd(reshaped(input, input.numel() // d, d).contiguous(), flat_weight, eps, offset,
+                        cast_before_weight)
+    return reshaped(y, *input.shape)
