@@ -1,0 +1,203 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpukernels as gk
+from gpukernels.ops.gated_act import gated_act_bwd, gated_act_fwd
+from helpers import assert_matches
+
+OP = "gated_act"  # conftest's device fixture skips backends without these kernels
+
+# name -> (ours, the PyTorch expression it replaces)
+GATED = {
+    "swiglu": (gk.swiglu, lambda gate, up: F.silu(gate) * up),
+    "geglu": (gk.geglu, lambda gate, up: F.gelu(gate) * up),
+    "geglu_tanh": (lambda gate, up: gk.geglu(gate, up, approximate="tanh"),
+                   lambda gate, up: F.gelu(gate, approximate="tanh") * up),
+}
+ACTIVATION_OF = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# no elements, one (0-d and 1-d), odd sizes, 3-D, and more than one Triton block (1024) with the last one partial
+SHAPES = [(0,), (4, 0, 3), (), (1,), (17,), (3, 33), (2, 3, 5), (4097,), (3, 7, 201)]
+
+
+def _randn(shape, scale=1.0, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(device)
+
+
+def _output_and_grads(fn, gate, up, upstream):
+    leaves = [t.detach().clone().requires_grad_() for t in (gate, up)]
+    y = fn(*leaves)
+    return [y.detach(), *torch.autograd.grad(y, leaves, upstream.to(y.dtype))]
+
+
+def _compare(name, gate, up, upstream, ours_fn=None):
+    """[y, dgate, dup] of ours (``ours_fn``, default GATED's) against the PyTorch expression
+    in the inputs' dtype and in fp64 on the same (rounded) values; returns the errors measured."""
+    torch_fn = GATED[name][1]
+    ours = _output_and_grads(ours_fn or GATED[name][0], gate, up, upstream)
+    theirs = _output_and_grads(torch_fn, gate, up, upstream)
+    reference = _output_and_grads(torch_fn, gate.double(), up.double(), upstream.double())
+    return [assert_matches(o, t, r) for o, t, r in zip(ours, theirs, reference)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", GATED)
+def test_matches_torch(device, name, dtype, shape):
+    gate, up, upstream = (_randn(shape, scale, seed, device).to(dtype) for seed, scale in enumerate((3.0, 1.0, 1.0)))
+    _compare(name, gate, up, upstream)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", GATED)
+def test_gates_in_the_tails(device, name, dtype):
+    """Gates where sigmoid and the normal CDF saturate (exp(-gate) overflows fp32 past
+    88), the tanh form's cubic is in the thousands, and around 0."""
+    gate = torch.cat([torch.linspace(-100, 100, 401, dtype=torch.float64), torch.tensor([0.0, -0.0, 1e-4, -1e-4])])
+    up = _randn(gate.shape, seed=1)
+    upstream = _randn(gate.shape, seed=2)
+    _compare(name, *(t.to(device, dtype) for t in (gate, up, upstream)))
+
+
+def _grads_through_views(fn, bases, views, upstream):
+    y = fn(*views(*bases))
+    return [y.detach(), *torch.autograd.grad(y, bases, upstream)]
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_non_contiguous_inputs(device, name):
+    """A transposed gate and a strided up, and gate and up as the halves of one fused
+    gate_up projection (as LLaMA-style models with a fused projection have them)."""
+    layouts = [
+        ([_randn((33, 5), 3.0, 0, device), _randn((5, 66), 1.0, 1, device)], lambda g, u: (g.t(), u[:, ::2])),
+        ([_randn((2, 5, 66), 3.0, 2, device)], lambda fused: fused.chunk(2, dim=-1)),
+    ]
+    for bases, views in layouts:
+        assert not any(v.is_contiguous() for v in views(*bases))
+        bases = [b.requires_grad_() for b in bases]
+        upstream = _randn((5, 33) if len(bases) == 2 else (2, 5, 33), seed=3, device=device)
+        ours, theirs = (_grads_through_views(fn, bases, views, upstream) for fn in GATED[name])
+        for o, t in zip(ours, theirs):
+            assert_matches(o, t)
+
+
+@pytest.mark.parametrize("needs_grad", ["gate", "up"])
+def test_one_input_needs_grad(device, needs_grad):
+    gate, up = _randn((4, 9), 3.0, 0, device), _randn((4, 9), 1.0, 1, device)
+    """The other gradient is not asked for; the upstream gradient of sum() is an expanded,
+    stride-0 tensor."""
+    leaf = (gate if needs_grad == "gate" else up).requires_grad_()
+    gk.swiglu(gate, up).sum().backward()
+    ours = leaf.grad.clone()
+    leaf.grad = None
+    (F.silu(gate) * up).sum().backward()
+    assert_matches(ours, leaf.grad)
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_gradcheck(device, name):
+    gate = _randn((3, 5), 3.0, 0, device).requires_grad_()
+    up = _randn((3, 5), 1.0, 1, device).requires_grad_()
+    assert torch.autograd.gradcheck(GATED[name][0], (gate, up))
+
+
+@pytest.mark.parametrize("activation", ACTIVATION_OF.values())
+def test_opcheck(device, activation):
+    gate, up, upstream = (_randn((5, 17), 3.0, seed, device).float() for seed in range(3))
+    backend = gk.backend_name(device)
+    torch.library.opcheck(gated_act_fwd.custom_op, (gate.requires_grad_(), up.requires_grad_(), activation, backend))
+    torch.library.opcheck(gated_act_bwd.custom_op, (upstream, gate.detach(), up.detach(), activation, backend))
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_compiles_without_graph_breaks(device, name):
+    gate, up, upstream = (_randn((2, 3, 7), 3.0, seed, device).float() for seed in range(3))
+    _compare(name, gate, up, upstream, torch.compile(GATED[name][0], fullgraph=True, backend="aot_eager"))
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_autocast_runs_in_the_inputs_dtype(device, name):
+    """As PyTorch's expression: bf16 gate and up from autocast's linears give a bf16
+    result, fp32 inputs an fp32 one."""
+    ours_fn, torch_fn = GATED[name]
+    x, weight_gate, weight_up = (_randn(shape, 1.0, seed, device).float().requires_grad_()
+                                 for seed, shape in enumerate([(6, 16), (24, 16), (24, 16)]))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        gate, up = F.linear(x, weight_gate), F.linear(x, weight_up)
+        assert gate.dtype == up.dtype == torch.bfloat16
+        ours, theirs = ours_fn(gate, up), torch_fn(gate, up)
+        assert ours_fn(x, x).dtype == torch_fn(x, x).dtype == torch.float32
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    assert_matches(ours, theirs, torch_fn(gate.detach().double(), up.detach().double()))
+    ours.float().sum().backward()
+    assert x.grad.dtype == weight_gate.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden_act", ["silu", "gelu_pytorch_tanh"])
+def test_matches_transformers_llama_mlp(device, hidden_act, dtype):
+    """transformers' LlamaMLP, ``down_proj(ACT2FN[hidden_act](gate_proj(x)) * up_proj(x))``,
+    against the same module with ours in the middle, forward and every gradient."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(transformers.LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2,
+                                            hidden_act=hidden_act))
+    ours_fn = gk.swiglu if hidden_act == "silu" else GATED["geglu_tanh"][0]
+    x = _randn((2, 3, 16), 2.0, 0, device).to(dtype)
+    upstream = _randn((2, 3, 16), 1.0, 1, device).to(dtype)
+
+    def outputs_and_grads(module, dtype, forward):
+        module = module.to(device, dtype)
+        leaves = [x.to(dtype, copy=True).requires_grad_(), *module.parameters()]
+        y = forward(module, leaves[0])
+        return [y.detach(), *torch.autograd.grad(y, leaves, upstream.to(dtype))]
+
+    def ours_forward(module, inputs):
+        return module.down_proj(ours_fn(module.gate_proj(inputs), module.up_proj(inputs)))
+
+    ours = outputs_and_grads(mlp, dtype, ours_forward)
+    theirs = outputs_and_grads(mlp, dtype, LlamaMLP.forward)
+    reference = outputs_and_grads(mlp, torch.float64, LlamaMLP.forward)
+    for o, t, r in zip(ours, theirs, reference):
+        assert_matches(o, t, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_more_than_2_to_the_31_elements():
+    """Offsets past 2**31 (int64 in the kernels): the elements around and beyond it."""
+    n = 2**31 + 3000
+    if torch.cuda.mem_get_info()[0] < 6 * n * 2 + 2**30:
+        pytest.skip("needs 26 GiB of free GPU memory")
+    g = torch.Generator("cuda").manual_seed(0)
+    gate, up = (torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    tail = slice(2**31 - 5000, n)
+    y = gated_act_fwd(gate, up, "silu")
+    want = F.silu(gate[tail].float()) * up[tail].float()
+    torch.testing.assert_close(y[tail], want.bfloat16())
+    del y
+    dgate, dup = gated_act_bwd(up, gate, up, "silu")  # upstream: up again, to spare 4 GiB
+    sigmoid = torch.sigmoid(gate[tail].float())
+    torch.testing.assert_close(dup[tail], (up[tail].float() * F.silu(gate[tail].float())).bfloat16())
+    want_dgate = up[tail].float() ** 2 * sigmoid * (1 + gate[tail].float() * (1 - sigmoid))
+    torch.testing.assert_close(dgate[tail], want_dgate.bfloat16())
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: gk.swiglu(torch.ones(4, dtype=torch.int64), torch.ones(4)), "gate must be"),
+    (lambda: gk.swiglu(torch.ones(4), torch.ones(4, dtype=torch.int32)), "up must be"),
+    (lambda: gk.swiglu([1.0], torch.ones(1)), "gate must be a torch.Tensor"),
+    (lambda: gk.swiglu(torch.ones(4), 2.0), "up must be a torch.Tensor"),
+    (lambda: gk.swiglu(torch.ones(4), torch.ones(4, dtype=torch.float16)), "up has dtype"),
+    (lambda: gk.geglu(torch.ones(4), torch.ones(4, device="meta")), "up is on meta but gate is on cpu"),
+    (lambda: gk.swiglu(torch.ones(4, 3), torch.ones(3, 4)), r"up must have shape \(4, 3\)"),
+    (lambda: gk.swiglu(torch.ones(4, 3), torch.ones(3)), r"up must have shape \(4, 3\)"),
+    (lambda: gk.geglu(torch.ones(4), torch.ones(4), approximate="erf"), "approximate must be one of"),
+])
+def test_bad_input(call, match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        call()
