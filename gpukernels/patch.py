@@ -1,99 +1,120 @@
-"""Swap the torch.nn layers of an existing model for ours, in place.
+"""Swap the layers of an existing model for ours, in place.
 
-Modules are converted by changing their class to our subclass of the same
-torch class, so parameters, buffers, hooks and the module objects themselves
-(and so optimizer references and state_dict keys) stay exactly as they were.
-An ``nn.Linear`` whose output goes only, and straight, into a ReLU/GELU/SiLU
-module as the forward runs them (found by tracing the forward with
-``torch.fx``: an ``nn.Sequential``, an MLP block's ``self.act(self.fc1(x))``)
-becomes one ``LinearAct`` and the activation module an ``nn.Identity``.
-``unpatch`` reverses every change.
+A module is converted by changing its class to a subclass of that class
+whose forward runs our ops, so parameters, buffers, hooks, ``isinstance``
+and the module objects themselves (and so optimizer references and
+state_dict keys) stay exactly as they were. Only exact classes are
+converted, each to a replacement with the same math (tests/test_patch*.py
+check each against the class it replaces): a subclass may have its own
+forward. Recognised:
+
+- torch.nn: LayerNorm, RMSNorm, BatchNorm1d/2d, Dropout, CrossEntropyLoss.
+- An ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's Linear with its
+  weight stored transposed), whose output goes only, and straight, into an
+  activation module computing relu, gelu, gelu_tanh or silu, as the forward
+  runs them (found by tracing it with ``torch.fx``), becomes one LinearAct
+  and the activation an ``nn.Identity``. Activation modules: torch's
+  ReLU/GELU/SiLU and the transformers classes claiming that math, each
+  checked on a probe before it is fused.
+- transformers, when already imported: the RMSNorms of Llama, Mistral,
+  Qwen2/Qwen3, Gemma and Phi-3 (``rms_norm`` in their variant), their gated
+  MLPs ``down(act(gate(x)) * up(x))`` (``swiglu`` / ``geglu`` between the
+  projections, which run as they are), and the loss of causal LMs.
+- timm, when already imported: its LayerNorm and LayerNorm2d.
+
+Neither transformers nor timm is imported here: their classes are looked up
+in ``sys.modules`` only. ``unpatch`` reverses every change.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.fx
+import torch.nn.functional as F
+from torch import Tensor
 
 from . import nn as gnn
+from .ops._checks import check_choice
+from .ops.cross_entropy import cross_entropy
+from .ops.gated_act import geglu, swiglu
+from .ops.layer_norm import layer_norm
+from .ops.linear_act import linear_act
+from .ops.linear_cross_entropy import linear_cross_entropy
+from .ops.rms_norm import rms_norm
 
-# Only these exact classes are converted: a user's subclass may have its own forward.
-_SWAPS = {
-    torch.nn.LayerNorm: gnn.LayerNorm,
-    torch.nn.BatchNorm1d: gnn.BatchNorm1d,
-    torch.nn.BatchNorm2d: gnn.BatchNorm2d,
-    torch.nn.Dropout: gnn.Dropout,
-    torch.nn.CrossEntropyLoss: gnn.CrossEntropyLoss,
+LOSS_MODES = ("logits", "fused")
+
+# Attributes patch sets on a module it converts (the forward reads them); unpatch removes them.
+_SET_ATTRIBUTES = ("activation", "seed", "defer_logits")
+
+
+def _nothing_to_set(module: torch.nn.Module) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """How one exact class is converted: to ``replacement``, counted as ``kind``.
+    ``prepare(module)`` returns the attributes the replacement's forward reads, or
+    a string saying why this module must stay as it is."""
+
+    replacement: type
+    kind: str
+    prepare: Callable[[torch.nn.Module], dict[str, Any] | str] = _nothing_to_set
+
+
+_TORCH_RULES = {
+    torch.nn.LayerNorm: _Rule(gnn.LayerNorm, "LayerNorm"),
+    torch.nn.RMSNorm: _Rule(gnn.RMSNorm, "RMSNorm"),
+    torch.nn.BatchNorm1d: _Rule(gnn.BatchNorm1d, "BatchNorm1d"),
+    torch.nn.BatchNorm2d: _Rule(gnn.BatchNorm2d, "BatchNorm2d"),
+    torch.nn.Dropout: _Rule(gnn.Dropout, "Dropout", lambda module: {"seed": None}),
+    torch.nn.CrossEntropyLoss: _Rule(gnn.CrossEntropyLoss, "CrossEntropyLoss"),
 }
-_OURS = {ours: theirs for theirs, ours in _SWAPS.items()} | {gnn.LinearAct: torch.nn.Linear,
-                                                              gnn.HiddenStatesHead: torch.nn.Linear}
+
+# Every class patch converts to -> the class it came from.
+_ORIGINAL: dict[type, type] = {rule.replacement: cls for cls, rule in _TORCH_RULES.items()} | {
+    gnn.LinearAct: torch.nn.Linear, gnn.HiddenStatesHead: torch.nn.Linear}
 
 
-def _activation_name(module: torch.nn.Module) -> str | None:
-    if type(module) is torch.nn.ReLU:
-        return "relu"
-    if type(module) is torch.nn.SiLU:
-        return "silu"
-    if type(module) is torch.nn.GELU:
-        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
-    return None
+_REPLACEMENTS: dict[tuple[type, Callable], type] = {}
 
 
-@dataclass
-class PatchReport:
-    """What ``patch`` changed: ``swapped`` rows are (module name, old, new);
-    ``left`` rows are (module name, class, why it was left)."""
-
-    swapped: list[tuple[str, str, str]] = field(default_factory=list)
-    left: list[tuple[str, str, str]] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [f"swapped {len(self.swapped)} module(s):"]
-        lines += [f"  {name or '<root>'}: {old} -> {new}" for name, old, new in self.swapped]
-        if self.left:
-            lines.append(f"left {len(self.left)} module(s):")
-            lines += [f"  {name or '<root>'}: {cls} ({why})" for name, cls, why in self.left]
-        return "\n".join(lines)
+def _replacement(cls: type, forward: Callable) -> type:
+    """``cls`` with ``forward`` instead of its own: what a module of a class we
+    do not own becomes. One per class and forward; same name, this module's."""
+    ours = _REPLACEMENTS.get((cls, forward))
+    if ours is None:
+        ours = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__,
+                                           "__qualname__": cls.__qualname__, "__doc__": forward.__doc__})
+        _REPLACEMENTS[cls, forward] = ours
+        _ORIGINAL[ours] = cls
+    return ours
 
 
-class _Tracer(torch.fx.Tracer):
-    """Keeps our modules opaque, as torch.nn's are: only the call sites matter."""
-
-    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
-        return type(module).__module__ == gnn.__name__ or super().is_leaf_module(module, qualified_name)
+def _is_ours(module: torch.nn.Module) -> bool:
+    return type(module) in _ORIGINAL
 
 
-def _traced_graphs(module: torch.nn.Module, prefix: str = ""):
-    """(prefix, FX graph) pairs covering ``module``: its own graph when its
-    forward traces, else those of its children, recursively (a forward with
-    data-dependent control flow does not trace; the blocks inside it may)."""
-    try:
-        yield prefix, _Tracer().trace(module)
-    except Exception:
-        for name, child in module.named_children():
-            yield from _traced_graphs(child, f"{prefix}{name}.")
+def _loaded(module: str, *names: str) -> list:
+    """Attributes of an already imported module (None for each when it is not)."""
+    loaded = sys.modules.get(module)
+    return [getattr(loaded, name, None) for name in names]
 
 
-def _linear_act_pairs(model: torch.nn.Module):
-    """(linear name, activation name, shared) for each exact ``nn.Linear``
-    whose output goes only, and straight, into a ReLU/GELU/SiLU module, as
-    the forward runs them (an ``nn.Sequential``, an MLP block's
-    ``self.act(self.fc1(x))``, ...). ``shared``: either module is called
-    more than once."""
-    for prefix, graph in _traced_graphs(model):
-        calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
-        for node in graph.nodes:
-            if node.op != "call_module" or len(node.users) != 1:
-                continue
-            (user,) = node.users
-            if user.op != "call_module" or user.args[:1] != (node,):
-                continue
-            linear, act = model.get_submodule(prefix + node.target), model.get_submodule(prefix + user.target)
-            if type(linear) is torch.nn.Linear and _activation_name(act) is not None:
-                yield prefix + node.target, prefix + user.target, calls[node.target] > 1 or calls[user.target] > 1
+def _first_line(error: BaseException) -> str:
+    """The error's type and the first sentence of its first line."""
+    lines = str(error).strip().splitlines()
+    sentence = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
@@ -101,48 +122,530 @@ def _has_hooks(module: torch.nn.Module) -> bool:
                 or getattr(module, "_backward_pre_hooks", None))
 
 
-def patch(model: torch.nn.Module, fuse_linear_act: bool = True) -> PatchReport:
+# ---- activations ----------------------------------------------------------------------------------------------
+
+_ACTIVATION_MATH = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+                    "silu": F.silu}
+_PROBE_TOLERANCE = 1e-6  # below fp32 rounding of the probe's values: FastGELU's 10-digit sqrt(2/pi) passes
+
+# transformers.activations classes and the activation each claims to compute (checked by _activation).
+_TRANSFORMERS_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
+                             "PytorchGELUTanh": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
+                             "AccurateGELUActivation": "gelu_tanh", "SiLUActivation": "silu"}
+_TRANSFORMERS_UNSUPPORTED = {"QuickGELUActivation": "x * sigmoid(1.702 x)",
+                             "ClippedGELUActivation": "gelu clipped to [min, max]",
+                             "MishActivation": "x * tanh(softplus(x))", "LaplaceActivation": "a Laplace CDF",
+                             "ReLUSquaredActivation": "relu(x)^2", "LinearActivation": "the identity",
+                             "SqrtSoftplusActivation": "sqrt(softplus(x))", "XIELUActivation": "xIELU"}
+
+
+def _claimed_activation(module: torch.nn.Module) -> str | None:
+    cls = type(module)
+    if cls is torch.nn.ReLU:
+        return "relu"
+    if cls is torch.nn.SiLU:
+        return "silu"
+    if cls is torch.nn.GELU:
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    if cls.__module__ == "transformers.activations" and sys.modules.get(cls.__module__) is not None:
+        name = _TRANSFORMERS_ACTIVATIONS.get(cls.__name__)
+        if name is not None and getattr(sys.modules[cls.__module__], cls.__name__, None) is cls:
+            return name
+    return None
+
+
+def _is_activation_module(module: torch.nn.Module) -> bool:
+    """A module patch reports on: one it fuses, or a transformers activation."""
+    return _claimed_activation(module) is not None or type(module).__module__ == "transformers.activations"
+
+
+def _activation(module: torch.nn.Module) -> tuple[str | None, str]:
+    """(linear_act's name for ``module``'s activation, "") when its forward computes
+    one of ours, checked on a float64 probe; else (None, why not)."""
+    claimed = _claimed_activation(module)
+    if claimed is None:
+        math = _TRANSFORMERS_UNSUPPORTED.get(type(module).__name__, "")
+        return None, f"activation {type(module).__name__}{f' computes {math}:' if math else ' is'} " \
+                     f"none of {'/'.join(_ACTIVATION_MATH)}"
+    probe = torch.linspace(-6.0, 6.0, 121, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            error = (module.forward(probe.clone()) - _ACTIVATION_MATH[claimed](probe)).abs().max().item()
+    except Exception as failure:  # a forward that needs more than a CPU float64 tensor: not checkable
+        return None, f"its forward could not be checked on a CPU float64 probe ({_first_line(failure)})"
+    if not error <= _PROBE_TOLERANCE:
+        return None, f"its math differs from {claimed} (max error {error:.1e} on [-6, 6])"
+    return claimed, ""
+
+
+# ---- affine maps an activation can fuse with ------------------------------------------------------------------
+
+def _conv1d_act_forward(self, input: Tensor) -> Tensor:
+    """transformers' Conv1D (weight stored (in, out)) and its activation in one linear_act."""
+    return linear_act(input, self.weight.t(), self.bias, self.activation)
+
+
+def _fusable_linears() -> dict[type, type]:
+    """Exact classes of an affine map whose output can fuse with an activation -> what they become."""
+    classes = {torch.nn.Linear: gnn.LinearAct}
+    (conv1d,) = _loaded("transformers.pytorch_utils", "Conv1D")
+    if conv1d is not None:
+        classes[conv1d] = _replacement(conv1d, _conv1d_act_forward)
+    return classes
+
+
+# ---- transformers and timm classes ----------------------------------------------------------------------------
+
+def _llama_rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
+    """Llama's RMSNorm: normalised in fp32, rounded to the input dtype, then times the weight."""
+    return rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon, cast_before_weight=True)
+
+
+def _gemma_rms_norm_forward(self, x: Tensor) -> Tensor:
+    """Gemma's RMSNorm: times (1 + weight) in fp32, then rounded to the input dtype."""
+    return rms_norm(x, self.weight.shape, self.weight, self.eps, offset=1.0)
+
+
+def _gated(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+    if activation == "silu":
+        return swiglu(gate, up)
+    return geglu(gate, up, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _gated_mlp_forward(self, x: Tensor) -> Tensor:
+    """``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with the gating in one op."""
+    return self.down_proj(_gated(self.gate_proj(x), self.up_proj(x), self.activation))
+
+
+def _phi3_mlp_forward(self, hidden_states: Tensor) -> Tensor:
+    """Phi-3's MLP: one projection holds gate and up; ``down_proj(up * act(gate))``."""
+    gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+    return self.down_proj(_gated(gate, up, self.activation))
+
+
+def _gated_activation(attribute: str) -> Callable[[torch.nn.Module], dict[str, Any] | str]:
+    def prepare(mlp):
+        act = getattr(mlp, attribute)
+        name, why = _activation(act)
+        if name is None:
+            return f"{attribute}: {why}"
+        if name == "relu":
+            return f"{attribute} is relu: no gated op for it"
+        if _has_hooks(act):
+            return f"{attribute} has hooks, which would no longer run"
+        return {"activation": name}
+    return prepare
+
+
+def _timm_layer_norm_forward(self, x: Tensor) -> Tensor:
+    """timm's LayerNorm: F.layer_norm over the trailing dims."""
+    return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def _timm_layer_norm_2d_forward(self, x: Tensor) -> Tensor:
+    """timm's LayerNorm2d: over the channels of an NCHW tensor."""
+    return layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                      self.eps).permute(0, 3, 1, 2)
+
+
+def _unless_fast_norm(module: torch.nn.Module) -> dict[str, Any] | str:
+    if getattr(module, "_fast_norm", False):
+        return "timm's fast norm is on: it computes in the autocast dtype (or with apex)"
+    return {}
+
+
+_LLAMA_RMS_NORMS = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm",
+                    "qwen3": "Qwen3RMSNorm", "phi3": "Phi3RMSNorm"}
+_GATED_MLPS = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP",
+               "gemma": "GemmaMLP"}
+
+
+def _transformers_class(model: str, name: str) -> type | None:
+    return _loaded(f"transformers.models.{model}.modeling_{model}", name)[0]
+
+
+def _third_party_rules() -> dict[type, _Rule]:
+    """Rules for the transformers and timm classes of the modules already imported."""
+    found = [(_transformers_class(model, name), _llama_rms_norm_forward, "RMSNorm", _nothing_to_set)
+             for model, name in _LLAMA_RMS_NORMS.items()]
+    found.append((_transformers_class("gemma", "GemmaRMSNorm"), _gemma_rms_norm_forward, "RMSNorm", _nothing_to_set))
+    found += [(_transformers_class(model, name), _gated_mlp_forward, "GatedMLP", _gated_activation("act_fn"))
+              for model, name in _GATED_MLPS.items()]
+    found.append((_transformers_class("phi3", "Phi3MLP"), _phi3_mlp_forward, "GatedMLP",
+                  _gated_activation("activation_fn")))
+    timm_norm, timm_norm_2d = _loaded("timm.layers.norm", "LayerNorm", "LayerNorm2d")
+    found.append((timm_norm, _timm_layer_norm_forward, "LayerNorm", _unless_fast_norm))
+    found.append((timm_norm_2d, _timm_layer_norm_2d_forward, "LayerNorm2d", _unless_fast_norm))
+    return {cls: _Rule(_replacement(cls, forward), kind, prepare)
+            for cls, forward, kind, prepare in found if cls is not None}
+
+
+# ---- tracing the forward --------------------------------------------------------------------------------------
+
+class _Tracer(torch.fx.Tracer):
+    """Traces a module's forward, keeping opaque the modules ``leaves`` names, as
+    torch.nn's are: only their call sites matter. A submodule whose forward does
+    not trace becomes opaque too (its error kept in ``failed``), so an attention
+    block that does not trace does not hide the MLP beside it; the nodes of its failed
+    attempt stay in the graph, as users, but are listed in ``discarded``."""
+
+    def __init__(self, leaves: Callable[[torch.nn.Module], bool]):
+        super().__init__()
+        self.leaves = leaves
+        self.failed: dict[str, str] = {}
+        self.discarded: set[torch.fx.Node] = set()
+
+    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
+        return self.leaves(module) or super().is_leaf_module(module, qualified_name)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        # A placeholder per named parameter, as torch.fx makes, but none for *args and **kwargs (traced empty):
+        # torch.fx cannot make those of a wrapper (transformers' decorators) on every Python.
+        parameters = list(inspect.signature(inspect.unwrap(root_fn)).parameters.values())[1:]
+        positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        keyword = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY]
+        proxies = {name: self.create_proxy("placeholder", name, (), {}) for name in positional + keyword}
+
+        def call_root(root):
+            return root_fn(root, *(proxies[name] for name in positional), **{name: proxies[name] for name in keyword})
+
+        return call_root, [self.root]
+
+    def create_arg(self, a: Any):
+        # A transformers ModelOutput (an OrderedDict subclass) returned by the root: as a dict.
+        if isinstance(a, dict) and type(a) is not dict:
+            a = dict(a)
+        return super().create_arg(a)
+
+    def call_module(self, m, forward, args, kwargs):
+        if self.is_leaf_module(m, self.path_of_module(m)):
+            return super().call_module(m, forward, args, kwargs)
+        nodes, depth = len(self.graph.nodes), len(self.module_stack)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as error:
+            while len(self.module_stack) > depth:
+                self.module_stack.popitem()
+            self.discarded.update(list(self.graph.nodes)[nodes:])
+            path = self.path_of_module(m)
+            self.failed = {name: why for name, why in self.failed.items() if not name.startswith(path + ".")}
+            self.failed[path] = _first_line(error)
+            return self.create_proxy("call_module", path, args, kwargs)
+
+
+def _has_forward(module: torch.nn.Module) -> bool:
+    return type(module).forward is not torch.nn.Module.forward
+
+
+def _traced_graphs(module: torch.nn.Module, leaves, failures: dict[str, str], prefix: str = ""):
+    """(prefix, graph, discarded nodes) covering ``module``: its own graph when its
+    forward traces, else those of its children, recursively; likewise for each
+    submodule that did not trace inside a graph. ``failures``: module name -> why
+    its forward did not trace."""
+    if leaves(module):
+        return
+    tracer = _Tracer(leaves)
+    try:
+        graph = tracer.trace(module)
+    except Exception as error:
+        if _has_forward(module):
+            failures[prefix.rstrip(".")] = _first_line(error)
+        for name, child in module.named_children():
+            yield from _traced_graphs(child, leaves, failures, f"{prefix}{name}.")
+        return
+    yield prefix, graph, tracer.discarded
+    for path, why in tracer.failed.items():
+        failures[prefix + path] = why
+        for name, child in module.get_submodule(path).named_children():
+            yield from _traced_graphs(child, leaves, failures, f"{prefix}{path}.{name}.")
+
+
+def _dataflow(model: torch.nn.Module, leaves, linears: dict[type, type]):
+    """What tracing the forward says about the affine maps and activation modules:
+    (pairs, why_not, failures). ``pairs``: (map name, activation module name,
+    activation, shared) for each map of a fusable class whose output goes only, and
+    straight, into an activation module computing one of ours (``shared``: either is
+    called more than once); ``why_not``: module name -> why it is in no pair, for
+    those in a graph ("" for a torch activation no map feeds: no candidate);
+    ``failures``: module name -> why its forward did not trace."""
+    pairs, why_not, failures = [], {}, {}
+    ours = "/".join(_ACTIVATION_MATH)
+    for prefix, graph, discarded in _traced_graphs(model, leaves, failures):
+        calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+        modules = [(node, prefix + node.target) for node in graph.nodes
+                   if node.op == "call_module" and node not in discarded]
+        for node, name in modules:
+            if type(model.get_submodule(name)) not in linears:
+                continue
+            (user, *others) = list(node.users) or [None]
+            if user is None or others:
+                why_not[name] = f"its output is used {len(node.users)} times, not by one activation module"
+            elif user.op != "call_module" or user in discarded:
+                why_not[name] = (f"its output goes to {getattr(user.target, '__name__', user.target)}, "
+                                 "not to an activation module (patch fuses modules)")
+            elif user.args[:1] != (node,):
+                why_not[name] = f"its output is not the first argument of {prefix + user.target}"
+            else:
+                act_name = prefix + user.target
+                act = model.get_submodule(act_name)
+                activation, why = _activation(act) if _is_activation_module(act) else (None, "")
+                if activation is not None:
+                    pairs.append((name, act_name, activation, calls[node.target] > 1 or calls[user.target] > 1))
+                else:
+                    why_not[name] = (f"followed by {type(act).__name__} {act_name}: "
+                                     f"{why or f'not a {ours} activation module'}")
+        fused = {act for _, act, _, _ in pairs}
+        for node, name in modules:  # activation modules that no map feeds alone
+            act = model.get_submodule(name)
+            if not _is_activation_module(act) or name in fused:
+                continue
+            source = node.args[0] if node.args else None
+            fed_by_map = (isinstance(source, torch.fx.Node) and source.op == "call_module"
+                          and type(model.get_submodule(prefix + source.target)) in linears)
+            if fed_by_map:
+                why_not[name] = _activation(act)[1] or f"its input's map {prefix + source.target} was left (see it)"
+            elif type(act).__module__ == "transformers.activations":  # an MLP's activation, in a form we miss
+                why_not[name] = _activation(act)[1] or "its input is no nn.Linear's (or Conv1D's)"
+            else:  # a torch activation after a convolution, a norm, ...: nothing to fuse with, nothing to say
+                why_not[name] = ""
+    return pairs, why_not, failures
+
+
+def _untraced_reason(name: str, failures: dict[str, str]) -> str:
+    """Why a module seen in no graph was not: its nearest ancestor that did not trace."""
+    while name:
+        name = name.rpartition(".")[0]
+        if name in failures:
+            return f"the forward of {name or '<root>'} did not trace ({failures[name]})"
+    return "not called in its parent's forward as traced"
+
+
+# ---- the causal-LM loss (transformers) ------------------------------------------------------------------------
+
+# Causal LMs whose forward passes its output layer's result straight to self.loss_function(logits, labels, ...)
+# (read in transformers 5.24): the fused loss may take the hidden states in its place.
+_CAUSAL_LMS = (("gpt2", "GPT2LMHeadModel"), ("opt", "OPTForCausalLM"), ("llama", "LlamaForCausalLM"),
+               ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
+               ("gemma", "GemmaForCausalLM"), ("phi3", "Phi3ForCausalLM"), ("bert", "BertLMHeadModel"))
+
+
+def _shifted_labels(labels: Tensor, ignore_index: int, shift_labels: Tensor | None, device) -> Tensor:
+    """transformers' ForCausalLMLoss targets: token t predicts label t + 1; the last predicts nothing."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return shift_labels.reshape(-1).to(device)
+
+
+def _mean_over_items(loss: Tensor, num_items_in_batch) -> Tensor:
+    if num_items_in_batch is None:
+        return loss
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+class _CausalLMLoss:
+    """transformers' ForCausalLMLoss with our ops, for ``model.loss_function``: the
+    same shift, ``ignore_index``, ``shift_labels`` and ``num_items_in_batch`` (a sum
+    over that many items instead of the mean), the loss in fp32. With ``head``
+    (``loss="fused"``) the model passes the hidden states in place of the logits
+    while it computes a loss, and ``linear_cross_entropy`` takes them with the head's
+    weight, never holding the logits."""
+
+    def __init__(self, head: torch.nn.Linear | None = None):
+        self.head = head
+
+    def __call__(self, logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch=None,
+                 ignore_index: int = -100, shift_labels: Tensor | None = None, **kwargs) -> Tensor:
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        target = _shifted_labels(labels, ignore_index, shift_labels, logits.device)
+        if self.head is not None and self.head.defer_logits:
+            loss = linear_cross_entropy(logits.reshape(-1, logits.shape[-1]), self.head.weight, target,
+                                        self.head.bias, ignore_index, reduction)
+        else:  # as ForCausalLMLoss: fp32 logits
+            loss = cross_entropy(logits.float().reshape(-1, vocab_size), target, ignore_index=ignore_index,
+                                 reduction=reduction)
+        return _mean_over_items(loss.float(), num_items_in_batch)
+
+
+class _DeferredLogitsHead(torch.nn.Linear):
+    """A causal LM's output layer under ``loss="fused"``: while ``defer_logits`` is
+    set (the model is computing a loss) it returns its input, the hidden states, for
+    the loss to multiply by chunks; otherwise the logits, as an ``nn.Linear``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input if self.defer_logits else F.linear(input, self.weight, self.bias)
+
+
+_ORIGINAL[_DeferredLogitsHead] = torch.nn.Linear
+
+
+class _ForwardDeferringLogits:
+    """A causal LM's forward that, given labels, lets the loss take the hidden states
+    in place of the logits and returns ``logits=None`` (Liger's convention), the loss
+    alone holding what the logits gave. An object, not a closure, so that a deepcopy
+    of the model gets one calling its own forward and head."""
+
+    def __init__(self, forward: Callable, head: _DeferredLogitsHead):
+        functools.update_wrapper(self, forward)  # forward's signature, for transformers' introspection
+        self.head = head
+        self.labels_at = list(inspect.signature(forward).parameters).index("labels")
+
+    def __call__(self, *args, **kwargs):
+        labels = args[self.labels_at] if len(args) > self.labels_at else kwargs.get("labels")
+        if labels is None:
+            return self.__wrapped__(*args, **kwargs)
+        self.head.defer_logits = True
+        try:
+            output = self.__wrapped__(*args, **kwargs)
+        finally:
+            self.head.defer_logits = False
+        if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) as to_tuple() drops a None field
+            return output[:1] + output[2:]
+        return dataclasses.replace(output, logits=None)
+
+
+class _Absent:
+    """What ``undo`` puts back for an attribute that was not there (a class: deepcopy keeps it)."""
+
+
+def _set(undo: list, obj: Any, name: str, value: Any) -> None:
+    """``setattr(obj, name, value)``, with what to put back appended to ``undo``
+    as ``(obj, name, previous)``: records that a deepcopy of the model remaps."""
+    modules = getattr(obj, "_modules", {})
+    undo.append((obj, name, modules[name] if name in modules else obj.__dict__.get(name, _Absent)))
+    setattr(obj, name, value)
+
+
+def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: list) -> str | None:
+    """Swap a transformers causal LM's loss; returns the name of the head the fused loss took."""
+    pretrained, = _loaded("transformers.modeling_utils", "PreTrainedModel")
+    causal_loss, losses = _loaded("transformers.loss.loss_utils", "ForCausalLMLoss", "LOSS_MAPPING")
+    if pretrained is None or not isinstance(model, pretrained):
+        return None
+    name = "loss_function"
+    causal_lms = tuple(cls for cls in (_transformers_class(*entry) for entry in _CAUSAL_LMS) if cls is not None)
+    if type(model) not in causal_lms:
+        report.left.append((name, type(model).__name__, "not one of the causal LMs whose loss patch swaps"))
+        return None
+    # model.loss_function, without the warning its property gives for a loss_type of None
+    current = (model.__dict__.get("_loss_function") or (losses or {}).get(getattr(model, "loss_type", None))
+               or causal_loss)
+    if isinstance(current, _CausalLMLoss):
+        return None
+    if current is not causal_loss:
+        report.left.append((name, getattr(current, "__name__", type(current).__name__),
+                            "not transformers' ForCausalLMLoss"))
+        return None
+    head = model.get_output_embeddings()
+    if mode == "fused" and (type(head) is not torch.nn.Linear or _has_hooks(head)):
+        report.left.append((name, "ForCausalLMLoss", f"loss='fused' needs the output layer to be an nn.Linear "
+                            f"without hooks, got {type(head).__name__}"))
+        return None
+    head_name = None
+    if mode == "fused":
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        head.__class__ = _DeferredLogitsHead
+        head.defer_logits = False
+        _set(undo, model, "forward", _ForwardDeferringLogits(model.forward, head))
+    _set(undo, model, "_loss_function", _CausalLMLoss(head if mode == "fused" else None))
+    report.swapped.append((name, f"{head_name}+ForCausalLMLoss" if head_name else "ForCausalLMLoss",
+                           "LinearCrossEntropyLoss" if head_name else "CrossEntropyLoss"))
+    return head_name
+
+
+# ---- patch / unpatch ------------------------------------------------------------------------------------------
+
+@dataclass
+class PatchReport:
+    """What ``patch`` changed: ``swapped`` rows are (module name, old, kind);
+    ``left`` rows are (module name, class, why it was left); ``counts`` is
+    the number swapped of each kind."""
+
+    swapped: list[tuple[str, str, str]] = field(default_factory=list)
+    left: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(kind for _, _, kind in self.swapped))
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{kind} {n}" for kind, n in self.counts.items())
+        lines = [f"swapped {len(self.swapped)} module(s){f' ({counts})' if counts else ''}:"]
+        lines += [f"  {name or '<root>'}: {old} -> {new}" for name, old, new in self.swapped]
+        if self.left:
+            lines.append(f"left {len(self.left)} module(s):")
+            lines += [f"  {name or '<root>'}: {cls} ({why})" for name, cls, why in self.left]
+        return "\n".join(lines)
+
+
+def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "logits") -> PatchReport:
     """Convert ``model``'s layers to gpukernels' in place; returns a report.
-    Patching an already patched model changes nothing."""
+    Patching an already patched model changes nothing.
+
+    ``loss`` (transformers causal LMs): ``"logits"`` computes ``model(..., labels=...)``'s
+    loss with our cross_entropy on the logits; ``"fused"`` with linear_cross_entropy from
+    the hidden states and the output layer's weight, never holding the logits: the model
+    then returns ``logits=None`` when given labels (and the logits when not)."""
+    check_choice("loss", loss, LOSS_MODES)
     report = PatchReport()
     undo = model.__dict__.setdefault("_gpukernels_undo", [])
-    uses: dict[int, int] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        uses[id(module)] = uses.get(id(module), 0) + 1
+    uses = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
+    rules = _TORCH_RULES | _third_party_rules()
+    linears = _fusable_linears()
+    head = _patch_loss(model, loss, report, undo)
+    # Decided first: a module that will be swapped is opaque to tracing, one that stays is traced into.
+    settings = {name: rules[type(module)].prepare(module) for name, module in model.named_modules()
+                if type(module) in rules}
+    swapping = {id(model.get_submodule(name)) for name, s in settings.items() if not isinstance(s, str)}
 
-    if fuse_linear_act:
-        for linear_name, act_name, shared in _linear_act_pairs(model):
-            linear, act = model.get_submodule(linear_name), model.get_submodule(act_name)
-            if shared or uses[id(linear)] > 1 or uses[id(act)] > 1:
-                report.left.append((linear_name, "Linear",
-                                    f"shared module: fusing {type(act).__name__} would change its other uses"))
-            elif _has_hooks(linear) or _has_hooks(act):
-                report.left.append((linear_name, "Linear", "has hooks that expect the unfused outputs"))
-            else:
-                linear.__class__ = gnn.LinearAct
-                linear.activation = _activation_name(act)
-                parent_name, _, key = act_name.rpartition(".")
-                parent = model.get_submodule(parent_name)
-                setattr(parent, key, torch.nn.Identity())
-                undo.append((parent, key, act))
-                report.swapped.append((linear_name, f"Linear+{type(act).__name__}", "LinearAct"))
+    def leaves(module):
+        return (_is_ours(module) or id(module) in swapping or type(module) in linears
+                or _is_activation_module(module))
 
-    reported = {name for name, _, _ in report.left}
+    pairs, why_not, failures = _dataflow(model, leaves, linears) if fuse_linear_act else ([], {}, {})
+    for linear_name, act_name, activation, shared in pairs:
+        linear, act = model.get_submodule(linear_name), model.get_submodule(act_name)
+        if shared or uses[id(linear)] > 1 or uses[id(act)] > 1:
+            why_not[linear_name] = f"shared module: fusing {type(act).__name__} would change its other uses"
+        elif _has_hooks(linear) or _has_hooks(act):
+            why_not[linear_name] = "has hooks that expect the unfused outputs"
+        else:
+            report.swapped.append((linear_name, f"{type(linear).__name__}+{type(act).__name__}", "LinearAct"))
+            linear.__class__ = linears[type(linear)]
+            linear.activation = activation
+            parent_name, _, key = act_name.rpartition(".")
+            _set(undo, model.get_submodule(parent_name), key, torch.nn.Identity())
+            continue
+        why_not[act_name] = f"its input's map {linear_name} was left (see it)"
+
+    inside_swapped = ()  # name prefixes of swapped modules whose children run inside them as they are
     for name, module in model.named_modules():
         cls = type(module)
-        if cls in _SWAPS:
-            module.__class__ = _SWAPS[cls]
-            if cls is torch.nn.Dropout:
-                module.seed = None
-            report.swapped.append((name, cls.__name__, _SWAPS[cls].__name__))
-        elif cls in _OURS:
-            continue  # already ours
-        elif name in reported:
+        if name.startswith(inside_swapped) or name == head or _is_ours(module):
             continue
-        elif isinstance(module, tuple(_SWAPS)) or cls is torch.nn.Linear:
-            why = ("not followed by a ReLU/GELU/SiLU module in forward" if cls is torch.nn.Linear
-                   else "subclass of a torch layer: its forward may differ")
-            report.left.append((name, cls.__name__, why))
+        if name in settings:
+            if isinstance(settings[name], str):
+                report.left.append((name, cls.__name__, settings[name]))
+                continue
+            module.__class__ = rules[cls].replacement
+            for key, value in settings[name].items():
+                setattr(module, key, value)
+            activation = settings[name].get("activation")  # a gated MLP's, now inside its op
+            report.swapped.append((name, f"{cls.__name__}+{activation}" if activation else cls.__name__,
+                                   rules[cls].kind))
+            inside_swapped += (name + ".",)
+        elif cls in linears or _is_activation_module(module):
+            why = why_not.get(name)
+            if why is None:
+                why = "fuse_linear_act=False" if not fuse_linear_act else _untraced_reason(name, failures)
+            if why:
+                report.left.append((name, cls.__name__, why))
+        elif isinstance(module, tuple(_TORCH_RULES)):
+            base = next(c for c in cls.__mro__ if c in _TORCH_RULES)
+            own_forward = any("forward" in vars(c) for c in cls.__mro__[:cls.__mro__.index(base)])
+            report.left.append((name, cls.__name__, "a subclass with its own forward" if own_forward else
+                                f"a subclass of {base.__name__}: only exact classes are swapped"))
     return report
 
 
@@ -156,7 +659,7 @@ def fuse_linear_cross_entropy(model: torch.nn.Module, head: str, loss: torch.nn.
     Whatever the model does between the head and its output must act on rows alone
     (reshapes, slices, ``.float()``). ``options``: ``z_loss``, ``softcap``,
     ``chunk_size``. ``unpatch(model)`` restores the head; parameters and state_dict
-    keys never change."""
+    keys never change. (For transformers causal LMs, ``patch(model, loss="fused")``.)"""
     linear = model.get_submodule(head)
     if type(linear) is not torch.nn.Linear:
         raise TypeError(f"head {head!r} must name an nn.Linear, got {type(linear).__name__}")
@@ -171,11 +674,15 @@ def fuse_linear_cross_entropy(model: torch.nn.Module, head: str, loss: torch.nn.
 
 
 def unpatch(model: torch.nn.Module) -> None:
-    """Undo ``patch``: torch classes back, fused activations back in place."""
+    """Undo ``patch``: original classes back, fused activations and the loss back in place."""
     for module in model.modules():
-        if type(module) in _OURS:
-            module.__class__ = _OURS[type(module)]
-            module.__dict__.pop("activation", None)
-            module.__dict__.pop("seed", None)
-    for parent, key, act in reversed(model.__dict__.pop("_gpukernels_undo", [])):
-        setattr(parent, key, act)
+        if type(module) in _ORIGINAL:
+            module.__class__ = _ORIGINAL[type(module)]
+            for key in _SET_ATTRIBUTES:
+                module.__dict__.pop(key, None)
+    for module in list(model.modules()):
+        for obj, name, previous in reversed(module.__dict__.pop("_gpukernels_undo", [])):
+            if previous is _Absent:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, previous)

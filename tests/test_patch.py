@@ -1,4 +1,7 @@
 import copy
+import subprocess
+import sys
+import types
 
 import pytest
 import torch
@@ -67,8 +70,12 @@ def test_every_supported_pattern_swapped_and_rest_reported():
     assert [model[i].activation for i in (0, 2, 4, 6)] == ["relu", "gelu", "gelu_tanh", "silu"]
     assert all(type(model[i]) is nn.Identity for i in (1, 3, 5, 7))
     left = {name: why for name, _, why in report.left}
-    assert set(left) == {"10", "12", "14"} and "not followed" in left["10"]
-    assert "swapped 7" in str(report) and "left 3" in str(report)
+    assert set(left) == {"10", "12", "14"}
+    assert left["10"] == "followed by Tanh 11: not a relu/gelu/gelu_tanh/silu activation module"
+    assert left["12"].startswith("followed by BatchNorm1d 13") and "goes to output" in left["14"]
+    assert report.counts == {"LinearAct": 4, "LayerNorm": 1, "Dropout": 1, "BatchNorm1d": 1}
+    assert "swapped 7 module(s) (LinearAct 4, LayerNorm 1, Dropout 1, BatchNorm1d 1)" in str(report)
+    assert "left 3" in str(report)
 
 
 def test_state_dict_unchanged_and_parameters_are_the_same_objects():
@@ -121,7 +128,13 @@ def test_subclass_of_torch_layer_is_left():
     model = nn.Sequential(MyNorm(4))
     report = gk.patch(model)
     assert type(model[0]) is MyNorm
-    assert report.left == [("0", "MyNorm", "subclass of a torch layer: its forward may differ")]
+    assert report.left == [("0", "MyNorm", "a subclass with its own forward")]
+
+    class PlainNorm(nn.LayerNorm):
+        pass
+
+    report = gk.patch(nn.Sequential(PlainNorm(4)))
+    assert report.left == [("0", "PlainNorm", "a subclass of LayerNorm: only exact classes are swapped")]
 
 
 def test_hooks_on_swapped_norm_keep_running():
@@ -172,7 +185,7 @@ def test_mlp_block_patterns_are_fused_by_tracing_the_forward():
         assert type(block.act) is nn.Identity
         assert type(block.gate) is nn.Linear and type(block.fc2) is nn.Linear
     left = {name: why for name, _, why in report.left}
-    assert "not followed" in left["blocks.1.gate"]  # F.silu is a function call, not a module to fuse
+    assert "goes to silu" in left["blocks.1.gate"]  # F.silu is a function call, not a module to fuse
     torch.testing.assert_close(model(x), expected)
     gk.unpatch(model)
     assert all(type(b.act) is nn.GELU and type(b.fc1) is nn.Linear for b in model.blocks)
@@ -192,3 +205,221 @@ def test_activation_module_used_twice_is_not_fused():
     report = gk.patch(model)
     assert type(model.fc1) is nn.Linear and type(model.act) is nn.ReLU
     assert {name for name, _, why in report.left if "shared" in why} == {"fc1", "fc2"}
+
+
+class Attention(nn.Module):
+    """Data-dependent control flow: its forward does not trace."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.qkv = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.qkv(x)
+        return h if h.sum() > 0 else -h
+
+
+class Block(nn.Module):
+    """An attention that does not trace beside an MLP in the same forward (OPT's decoder layer)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.attn, self.fc1, self.act, self.fc2 = Attention(d), nn.Linear(d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+def test_a_submodule_that_does_not_trace_leaves_the_rest_of_the_forward_traced():
+    model = Block()
+    x = torch.randn(3, 8)
+    expected = model(x)
+    report = gk.patch(model)
+    assert type(model.fc1) is gnn.LinearAct and type(model.act) is nn.Identity
+    left = {name: why for name, _, why in report.left}
+    assert left["attn.qkv"] == ("the forward of attn did not trace "
+                                "(TraceError: symbolically traced variables cannot be used as inputs to control flow)")
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_what_a_forward_that_did_not_trace_did_before_failing_is_not_fused():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.GELU()
+
+        def forward(self, x):
+            a = self.fc(x)
+            b = self.act(a)
+            return b if b.sum() > 0 else a  # a feeds more than the activation: fusing would change it
+
+    model = nn.Sequential(nn.Linear(4, 4), Inner())
+    x = torch.randn(2, 4)
+    expected = model(x)
+    report = gk.patch(model)
+    assert type(model[1].fc) is nn.Linear and type(model[1].act) is nn.GELU
+    assert dict((n, why) for n, _, why in report.left)["1.fc"].startswith("the forward of 1 did not trace")
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_control_flow_on_an_optional_argument_is_not_taken_for_its_default():
+    class KeepsPreActivation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.SiLU()
+
+        def forward(self, x, keep_pre_activation=False):
+            h = self.fc(x)
+            return (self.act(h), h) if keep_pre_activation else self.act(h)
+
+    model = KeepsPreActivation()
+    report = gk.patch(model)
+    assert type(model.fc) is nn.Linear
+    assert "did not trace" in dict((n, why) for n, _, why in report.left)["fc"]
+
+
+def test_an_activation_is_checked_not_trusted():
+    act = nn.GELU()
+    act.forward = lambda x: torch.relu(x)  # an instance's forward replaced: the class is only a claim
+    model = nn.Sequential(nn.Linear(4, 4), act)
+    report = gk.patch(model)
+    assert type(model[0]) is nn.Linear
+    assert dict((n, why) for n, _, why in report.left)["1"].startswith("its math differs from gelu (max error")
+
+
+def test_rms_norm_is_swapped():
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(6, 8), nn.RMSNorm(8, eps=1e-6))
+    model = copy.deepcopy(original)
+    assert gk.patch(model).counts == {"RMSNorm": 1}
+    assert type(model[1]) is gnn.RMSNorm
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(model(x), original(x))
+
+
+def test_patch_imports_neither_transformers_nor_timm():
+    code = ("import sys, torch, gpukernels as gk; "
+            "gk.patch(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.LayerNorm(2))); "
+            "print(sorted(m for m in ('transformers', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# timm cannot be installed beside this torch (it pulls torchvision): its two LayerNorm classes, as timm
+# (timm/layers/norm.py, with fast_norm.py's helpers) defines them, stand in for it under its module name.
+_TIMM_NORM_SOURCE = '''
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_USE_FAST_NORM = False
+
+
+def is_fast_norm():
+    return _USE_FAST_NORM
+
+
+def fast_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    if torch.jit.is_scripting():
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    dt = torch.get_autocast_dtype(x.device.type)
+    x, weight, bias = x.to(dt), weight.to(dt), bias.to(dt) if bias is not None else None
+    with torch.amp.autocast(device_type=x.device.type, enabled=False):
+        x = F.layer_norm(x, normalized_shape, weight, bias, eps)
+    return x
+
+
+class LayerNorm(nn.LayerNorm):
+    """ LayerNorm w/ fast norm option
+    """
+    _fast_norm: torch.jit.Final[bool]
+
+    def __init__(self, num_channels, eps=1e-6, affine=True, **kwargs):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
+        self._fast_norm = is_fast_norm()  # can't script unless we have these flags here (no globals)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fast_norm:
+            x = fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        else:
+            x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """ LayerNorm for channels of '2D' spatial NCHW tensors """
+    _fast_norm: torch.jit.Final[bool]
+
+    def __init__(self, num_channels, eps=1e-6, affine=True, **kwargs):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
+        self._fast_norm = is_fast_norm()  # can't script unless we have these flags here (no globals)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        if self._fast_norm:
+            x = fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        else:
+            x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        x = x.permute(0, 3, 1, 2)
+        return x
+'''
+
+
+@pytest.fixture
+def timm_norm(monkeypatch):
+    module = types.ModuleType("timm.layers.norm")
+    exec(compile(_TIMM_NORM_SOURCE, "timm/layers/norm.py", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, "timm.layers.norm", module)
+    return module
+
+
+class ConvNeXtish(nn.Module):
+    def __init__(self, timm_norm):
+        super().__init__()
+        self.conv, self.norm2d = nn.Conv2d(3, 8, 3, padding=1), timm_norm.LayerNorm2d(8)
+        self.norm, self.fc = timm_norm.LayerNorm(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.norm2d(self.conv(x)).mean((2, 3))
+        return self.fc(self.norm(h))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_timm_layer_norms_are_swapped_with_the_same_math(timm_norm, dtype):
+    torch.manual_seed(0)
+    original = ConvNeXtish(timm_norm).to(dtype)
+    with torch.no_grad():
+        for p in original.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # weights and biases not 1 and 0
+    model = copy.deepcopy(original)
+    report = gk.patch(model)
+    assert report.counts == {"LayerNorm2d": 1, "LayerNorm": 1}
+    assert isinstance(model.norm2d, timm_norm.LayerNorm2d) and type(model.norm2d) is not timm_norm.LayerNorm2d
+    assert list(model.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 3, 5, 5, dtype=dtype)
+    out, expected = model(x), original(x)
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for a, b in zip(model.parameters(), original.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    gk.unpatch(model)
+    assert type(model.norm2d) is timm_norm.LayerNorm2d and type(model.norm) is timm_norm.LayerNorm
+    assert torch.equal(model(x), original(x))
+
+
+def test_timm_fast_norm_is_left_with_its_reason(timm_norm):
+    timm_norm._USE_FAST_NORM = True
+    model = nn.Sequential(timm_norm.LayerNorm(8))
+    report = gk.patch(model)
+    assert type(model[0]) is timm_norm.LayerNorm
+    assert report.left == [("0", "LayerNorm", "timm's fast norm is on: it computes in the autocast dtype "
+                                              "(or with apex)")]
+
+
+def test_torch_activations_no_linear_feeds_are_not_reported():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2), nn.SiLU())
+    report = gk.patch(model)
+    assert {name for name, _, _ in report.left} == set()
+    assert report.counts == {"BatchNorm2d": 1, "LinearAct": 1}

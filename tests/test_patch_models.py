@@ -1,0 +1,457 @@
+"""gk.patch on real transformers models, each built tiny from its config (nothing
+downloaded): what the report says, outputs and gradients against the unpatched
+model (fp32 and fp64), a few AdamW steps, state_dicts, unpatch, the causal-LM
+loss in both modes and torch.compile.
+
+``python tests/test_patch_models.py`` prints the table of what patch swaps and
+leaves in each model."""
+
+import copy
+import importlib
+import re
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gpukernels as gk
+from helpers import assert_matches
+
+transformers = pytest.importorskip("transformers")
+activations = pytest.importorskip("transformers.activations")
+gk_patch = importlib.import_module("gpukernels.patch")  # the module: gk.patch is the function
+
+VOCAB, HIDDEN, SEQ, BATCH = 96, 16, 7, 2  # no hidden width equals VOCAB: the logits stand out
+_DECODER = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, intermediate_size=32, max_position_embeddings=32, bos_token_id=0,
+                eos_token_id=0, pad_token_id=0)
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
+
+
+def _bert():
+    return transformers.BertLMHeadModel(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, is_decoder=True))
+
+
+def _vit():
+    return transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=8,
+        patch_size=4, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def _opt():
+    return transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
+        word_embed_proj_dim=HIDDEN, max_position_embeddings=32, dropout=0.0, attention_dropout=0.0,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+def _decoder(model: str, config: str, **options):
+    return lambda: getattr(transformers, model)(getattr(transformers, config)(**_DECODER | options))
+
+
+# name -> (builder, what each MLP activation becomes)
+MODELS = {
+    "gpt2": (_gpt2, "LinearAct"),
+    "bert": (_bert, "LinearAct"),
+    "vit": (_vit, "LinearAct"),
+    "opt": (_opt, "LinearAct"),
+    "llama": (_decoder("LlamaForCausalLM", "LlamaConfig"), "GatedMLP"),
+    "mistral": (_decoder("MistralForCausalLM", "MistralConfig"), "GatedMLP"),
+    "qwen2": (_decoder("Qwen2ForCausalLM", "Qwen2Config"), "GatedMLP"),
+    "qwen3": (_decoder("Qwen3ForCausalLM", "Qwen3Config", head_dim=8), "GatedMLP"),
+    "gemma": (_decoder("GemmaForCausalLM", "GemmaConfig", head_dim=8), "GatedMLP"),
+    "phi3": (_decoder("Phi3ForCausalLM", "Phi3Config"), "GatedMLP"),
+    # other activations in the same classes: geglu's erf form; relu, which has no gated op (fused with gate_proj)
+    "llama-gelu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="gelu"), "GatedMLP"),
+    "llama-relu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="relu"), "LinearAct"),
+}
+CAUSAL = [name for name in MODELS if name != "vit"]
+
+
+def _build(name: str, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return MODELS[name][0]().to(dtype)
+
+
+def _batch(name: str, dtype=torch.float32) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    if name == "vit":
+        return dict(pixel_values=torch.randn(BATCH, 3, 8, 8, generator=generator, dtype=dtype),
+                    labels=torch.randint(0, 3, (BATCH,), generator=generator))
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+    labels = ids.clone()
+    labels[0, :2] = -100
+    return dict(input_ids=ids, labels=labels)
+
+
+def _without_labels(batch: dict) -> dict:
+    return {key: value for key, value in batch.items() if key != "labels"}
+
+
+def _reference_loss(name: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss each model computes, in the logits' dtype (transformers' own is fp32)."""
+    if name == "vit":
+        return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def _step(model: nn.Module, batch: dict, objective=None):
+    """(loss, logits, {parameter name: gradient}) of one forward and backward."""
+    model.zero_grad()
+    out = model(**batch) if objective is None else model(**_without_labels(batch))
+    loss = out.loss if objective is None else objective(out.logits)
+    loss.backward()
+    return loss.detach(), out.logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return type(module) is nn.LayerNorm or type(module).__name__.endswith("RMSNorm")
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return type(module).__module__ == activations.__name__ or type(module) in (nn.ReLU, nn.GELU, nn.SiLU)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_report_lists_every_norm_mlp_activation_and_the_loss(name):
+    original = _build(name)
+    model = copy.deepcopy(original)
+    report = gk.patch(model)
+    swapped = {row[0]: row for row in report.swapped}
+    norms = [n for n, m in original.named_modules() if _is_norm(m)]
+    assert norms and all(n in swapped for n in norms)
+    acts = [n for n, m in original.named_modules() if _is_activation(m)]
+    assert acts
+    expected = MODELS[name][1]
+    for act in acts:
+        parent = act.rpartition(".")[0]
+        if expected == "GatedMLP":  # the activation now runs inside the MLP's gated op
+            assert swapped[parent][2] == "GatedMLP"
+            assert type(model.get_submodule(act)) is type(original.get_submodule(act))
+        else:  # the Linear feeding it became a LinearAct; the activation an Identity
+            assert type(model.get_submodule(act)) is nn.Identity
+            assert any(row[2] == "LinearAct" and row[0].startswith(parent) for row in report.swapped)
+    counts = report.counts
+    assert counts[expected] == len(acts)
+    assert counts.get("LayerNorm", 0) + counts.get("RMSNorm", 0) == len(norms)
+    if name in CAUSAL:
+        assert swapped["loss_function"] == ("loss_function", "ForCausalLMLoss", "CrossEntropyLoss")
+    else:
+        assert ("loss_function", "ViTForImageClassification", "not one of the causal LMs whose loss patch swaps") \
+            in report.left
+    if name == "llama-relu":  # no gated op for relu: the MLP stays and its gate_proj fuses with the ReLU
+        assert [why for n, _, why in report.left if n == "model.layers.0.mlp"] == ["act_fn is relu: no gated op for it"]
+        assert swapped["model.layers.0.mlp.gate_proj"][1:] == ("Linear+ReLU", "LinearAct")
+    # every module left has its reason; those inside an attention block, that its forward did not trace
+    left = {n: why for n, _, why in report.left}
+    assert all(left.values())
+    attention_maps = [n for n in left if n.endswith(("q_proj", "qkv_proj", "query", "c_attn"))]
+    assert attention_maps and all("did not trace (" in left[n] for n in attention_maps)
+    assert f"swapped {len(report.swapped)} module(s) ({', '.join(f'{k} {v}' for k, v in counts.items())})" \
+        in str(report)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_outputs_and_gradients_match_the_unpatched_model_fp32(name):
+    original = _build(name)
+    reference = copy.deepcopy(original).double()
+    model = copy.deepcopy(original)
+    gk.patch(model)
+    batch = _batch(name)
+    loss, logits, grads = _step(model, batch)
+    loss_theirs, logits_theirs, grads_theirs = _step(original, batch)
+    loss_ref, logits_ref, grads_ref = _step(reference, _batch(name, torch.float64),
+                                            lambda out: _reference_loss(name, out, batch["labels"]))
+    assert loss.dtype == loss_theirs.dtype == torch.float32
+    assert_matches(loss, loss_theirs, loss_ref)
+    assert_matches(logits, logits_theirs, logits_ref)
+    assert grads.keys() == grads_theirs.keys()
+    for key in grads:
+        assert_matches(grads[key], grads_theirs[key], grads_ref[key])
+
+
+def _norms_in_fp64(model: nn.Module) -> nn.Module:
+    """``model`` with its transformers RMSNorms computing in the input's dtype: they
+    compute in fp32 whatever the input (``hidden_states.to(torch.float32)``), so the
+    fp64 model is not an fp64 reference until they do not."""
+    for module in model.modules():
+        if type(module).__name__ == "GemmaRMSNorm":
+            module.forward = lambda x, m=module: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) \
+                * (1 + m.weight)
+        elif type(module).__name__.endswith("RMSNorm"):
+            module.forward = lambda x, m=module: m.weight * x * torch.rsqrt(
+                x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+    return model
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_outputs_and_gradients_match_the_unpatched_model_fp64(name):
+    original = _build(name, torch.float64)
+    model = copy.deepcopy(original)
+    gk.patch(model)
+    reference = _norms_in_fp64(copy.deepcopy(original))
+    batch = _batch(name, torch.float64)
+    # transformers computes its losses in fp32 even for fp64 logits: a probe of the logits in fp64 instead
+    weights = torch.randn_like(original(**_without_labels(batch)).logits)
+    ours, theirs, exact = (_step(m, batch, lambda out: (out * weights).sum()) for m in (model, original, reference))
+    assert_matches(ours[1], theirs[1], exact[1])
+    assert ours[2].keys() == theirs[2].keys()
+    for key in ours[2]:
+        assert_matches(ours[2][key], theirs[2][key], exact[2][key])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gemma", "phi3"])
+def test_outputs_and_gradients_bf16_as_close_to_fp64_as_the_unpatched_model(name):
+    original = _build(name, torch.bfloat16)
+    model = copy.deepcopy(original)
+    gk.patch(model)
+    reference = _norms_in_fp64(copy.deepcopy(original).double())
+    batch = _batch(name, torch.bfloat16)
+    weights = torch.randn_like(original(**_without_labels(batch)).logits)
+    ours, theirs, exact = (_step(m, batch, lambda out: (out * weights.to(out.dtype)).sum())
+                           for m in (model, original, reference))
+    assert_matches(ours[1], theirs[1], exact[1])
+    for key in ours[2]:
+        assert_matches(ours[2][key], theirs[2][key], exact[2][key])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "vit", "gemma"])
+def test_adamw_steps_track_the_unpatched_model(name):
+    original = _build(name)
+    model = copy.deepcopy(original)
+    gk.patch(model)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (model, original)]
+    batch = _batch(name)
+    for _ in range(3):
+        losses = []
+        for m, optimizer in zip((model, original), optimizers):
+            optimizer.zero_grad()
+            loss = m(**batch).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # (not the parameters themselves: Adam scales a gradient that is zero but for rounding, such as
+    # that of a key projection's bias, to a full step, whose sign is the rounding's)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_unchanged_and_unpatch_restores_bit_identical_outputs(name):
+    original = _build(name).eval()
+    model = copy.deepcopy(original)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    gk.patch(model, loss="fused" if name in CAUSAL else "logits")  # fused: the head and forward come back too
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[key], before[key]) for key in before)
+    gk.unpatch(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
+    assert not {"forward", "_loss_function", "_gpukernels_undo"} & set(model.__dict__)
+    batch = _batch(name)
+    out, out_original = model(**batch), original(**batch)
+    assert torch.equal(out.loss, out_original.loss) and torch.equal(out.logits, out_original.logits)
+
+
+def _logits_tensors(model: nn.Module, batch: dict) -> list[tuple[int, ...]]:
+    """Shapes of every tensor of (rows, vocab) or more with vocab-sized last dim made
+    by a torch op during a forward and backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    rows = batch["input_ids"].numel()
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == VOCAB and t.numel() >= rows * VOCAB:
+                    seen.append(tuple(t.shape))
+            return out
+
+    with Watch():
+        model(**batch).loss.backward()
+    return seen
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_fused_loss_matches_without_the_logits(name):
+    original = _build(name)
+    model = copy.deepcopy(original)
+    report = gk.patch(model, loss="fused")
+    head = next(n for n, m in original.named_modules() if m is original.get_output_embeddings())
+    assert ("loss_function", f"{head}+ForCausalLMLoss", "LinearCrossEntropyLoss") in report.swapped
+    assert head not in {n for n, _, _ in report.left}
+    batch = _batch(name)
+    loss, logits, grads = _step(model, batch)
+    loss_theirs, _, grads_theirs = _step(original, batch)
+    loss_ref, _, grads_ref = _step(copy.deepcopy(original).double(), batch,
+                                   lambda out: _reference_loss(name, out, batch["labels"]))
+    assert logits is None and loss.dtype == torch.float32
+    assert_matches(loss, loss_theirs, loss_ref)
+    for key in grads:
+        assert_matches(grads[key], grads_theirs[key], grads_ref[key])
+    assert _logits_tensors(model, batch) == []
+    assert _logits_tensors(original, batch)  # the watch sees the unpatched model's logits
+    # without labels, the logits as before
+    torch.testing.assert_close(model(**_without_labels(batch)).logits, original(**_without_labels(batch)).logits)
+
+
+@pytest.mark.parametrize("loss", gk_patch.LOSS_MODES)
+def test_loss_options_of_transformers_are_kept(loss):
+    """num_items_in_batch (a sum over that many items), shift_labels and return_dict=False."""
+    original = _build("llama")
+    model = copy.deepcopy(original)
+    gk.patch(model, loss=loss)
+    batch = _batch("llama")
+    for extra in (dict(num_items_in_batch=torch.tensor(9)), dict(num_items_in_batch=5),
+                  dict(shift_labels=batch["labels"].roll(1, dims=1))):
+        ours, theirs = model(**batch, **extra), original(**batch, **extra)
+        torch.testing.assert_close(ours.loss, theirs.loss)
+    ours, theirs = model(**batch, return_dict=False), original(**batch, return_dict=False)
+    torch.testing.assert_close(ours[0], theirs[0])
+    assert len(ours) == len(theirs) - (loss == "fused")  # the fused loss leaves the logits out
+    gk.unpatch(model)
+    assert torch.equal(model(**batch).loss, original(**batch).loss)
+
+
+def test_a_loss_function_set_by_the_user_is_left_and_one_set_to_transformers_comes_back():
+    model = _build("llama")
+    model.loss_function = custom = lambda logits, labels, vocab_size, **kwargs: logits.sum()
+    report = gk.patch(model)
+    assert ("loss_function", "<lambda>", "not transformers' ForCausalLMLoss") in report.left
+    assert model.loss_function is custom
+
+    model = _build("llama")
+    model.loss_function = transformers.loss.loss_utils.ForCausalLMLoss
+    gk.patch(model, loss="fused")
+    gk.unpatch(model)
+    assert model.__dict__["_loss_function"] is transformers.loss.loss_utils.ForCausalLMLoss
+
+
+def test_a_deepcopy_of_a_patched_model_is_patched_on_its_own():
+    model = _build("llama")
+    gk.patch(model, loss="fused")
+    clone = copy.deepcopy(model)
+    assert clone.forward.__wrapped__.__self__ is clone and clone.forward.head is clone.lm_head
+    assert clone.loss_function.head is clone.lm_head
+    batch = _batch("llama")
+    torch.testing.assert_close(clone(**batch).loss, model(**batch).loss)
+    gk.unpatch(clone)
+    assert "forward" not in clone.__dict__ and type(clone.model.layers[0].mlp) is not type(model.model.layers[0].mlp)
+    assert clone(**batch).logits is not None and model(**batch).logits is None
+
+
+def test_compile_aot_eager_of_a_patched_model():
+    torch.manual_seed(0)
+    model = MODELS["llama"][0]()
+    model.model.layers = model.model.layers[:1]
+    model.config.num_hidden_layers = 1
+    report = gk.patch(model, loss="fused")
+    assert report.counts == {"LinearCrossEntropyLoss": 1, "GatedMLP": 1, "RMSNorm": 3}
+    batch = _batch("llama")
+    loss, _, grads = _step(model, batch)
+    compiled = torch.compile(model, backend="aot_eager")
+    model.zero_grad()
+    out = compiled(**batch)
+    out.loss.backward()
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, loss)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, grads[name])
+
+
+def test_every_transformers_rule_is_checked_against_its_class():
+    classes = {type(m) for name in MODELS for m in _build(name).modules()}
+    assert set(gk_patch._third_party_rules()) <= classes
+    assert transformers.pytorch_utils.Conv1D in classes
+
+
+@pytest.mark.parametrize("name", [n for n in gk_patch._TRANSFORMERS_ACTIVATIONS
+                                  if getattr(activations, n, None) and getattr(activations, n).__name__ == n]
+                         + ["gelu_python", "gelu_python_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_each_transformers_activation_fuses_with_the_same_math(name, dtype):
+    act = activations.ACT2FN[name] if name in activations.ACT2CLS else getattr(activations, name)()
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(6, 8), act, nn.Linear(8, 3)).to(dtype)
+    model = copy.deepcopy(original)
+    report = gk.patch(model)
+    assert report.swapped == [("0", f"Linear+{type(act).__name__}", "LinearAct")]
+    x = torch.randn(5, 6, dtype=dtype) * 3
+    # the math claimed, in fp64: FastGELU's 10-digit sqrt(2/pi) shows at 1e-12
+    reference = copy.deepcopy(original).double()
+    reference[1] = {"relu": nn.ReLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"),
+                    "silu": nn.SiLU()}[model[0].activation]
+    out, out_theirs, out_exact = model(x), original(x), reference(x.double())
+    assert_matches(out, out_theirs, out_exact)
+    for m, y in ((model, out), (original, out_theirs), (reference, out_exact)):
+        y.square().sum().backward()
+    for a, b, c in zip(model.parameters(), original.parameters(), reference.parameters()):
+        assert_matches(a.grad, b.grad, c.grad)
+
+
+@pytest.mark.parametrize("name, math", [("QuickGELUActivation", "x * sigmoid(1.702 x)"),
+                                        ("LinearActivation", "the identity")])
+def test_activation_with_other_math_is_left_with_its_reason(name, math):
+    model = nn.Sequential(nn.Linear(4, 4), getattr(activations, name)())
+    report = gk.patch(model)
+    assert type(model[0]) is nn.Linear
+    why = f"activation {name} computes {math}: none of relu/gelu/gelu_tanh/silu"
+    assert report.left == [("0", "Linear", f"followed by {name} 1: {why}"), ("1", name, why)]
+
+
+def test_activation_whose_forward_was_replaced_is_checked_not_trusted():
+    """A class is only a claim: a forward swapped for another (a hub kernel, a user's) is probed."""
+    act = activations.NewGELUActivation()
+    act.forward = lambda x: F.gelu(x) * 1.01
+    model = nn.Sequential(nn.Linear(4, 4), act)
+    report = gk.patch(model)
+    assert type(model[0]) is nn.Linear
+    assert dict((n, why) for n, _, why in report.left)["1"].startswith("its math differs from gelu_tanh (max error")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpt2_conv1d_fuses_with_its_weight_as_stored(dtype):
+    conv1d = transformers.pytorch_utils.Conv1D
+    torch.manual_seed(0)
+    original = nn.Sequential(conv1d(8, 6), activations.NewGELUActivation()).to(dtype)
+    model = copy.deepcopy(original)
+    report = gk.patch(model)
+    assert report.swapped == [("0", "Conv1D+NewGELUActivation", "LinearAct")]
+    assert isinstance(model[0], conv1d) and model[0].weight.shape == (6, 8)
+    assert list(model.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 3, 6, dtype=dtype)
+    out = model(x)
+    assert_matches(out, original(x), copy.deepcopy(original).double()(x.double()))
+    out.square().sum().backward()
+    original(x).square().sum().backward()
+    for a, b in zip(model.parameters(), original.parameters()):
+        assert_matches(a.grad, b.grad, None if dtype == torch.float64 else b.grad.double())
+    gk.unpatch(model)
+    assert type(model[0]) is conv1d and type(model[1]) is activations.NewGELUActivation
+    assert torch.equal(model(x), original(x))
+
+
+def _table() -> str:
+    """model | swapped by kind | left, with reasons (counted by class and reason)."""
+    rows = ["| model | swapped by kind | left (count x class: reason) |", "|---|---|---|"]
+    for name in MODELS:
+        report = gk.patch(_build(name), loss="fused" if name in CAUSAL else "logits")
+        swapped = ", ".join(f"{kind} {n}" for kind, n in report.counts.items())
+        left = Counter((cls, re.sub(r"\.\d+\.", ".N.", why)) for _, cls, why in report.left)
+        reasons = "; ".join(f"{n} x {cls}: {why}" for (cls, why), n in left.items())
+        rows.append(f"| {name} | {swapped} | {reasons} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(_table())
