@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import gpukernels as gk
-from gpukernels.ops.cross_entropy import cross_entropy, cross_entropy_bwd, cross_entropy_fwd
+from gpukernels.ops.cross_entropy import (cross_entropy, cross_entropy_bwd, cross_entropy_fwd, cross_entropy_probs_bwd,
+                                          cross_entropy_probs_fwd)
 from helpers import LOOPED_CLASSES, SMALL_BLOCK, assert_matches
 
 OP = "cross_entropy"  # conftest's device fixture skips backends without these kernels
@@ -154,6 +155,17 @@ def test_large_and_masked_logits_are_stable(device, dtype):
     _compare(x, target, upstream, reduction="none")
 
 
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_many_rows(device, probabilities):
+    """600 rows: the reduction takes steps of rows (256 at a time on Triton with 5 classes),
+    the last one partial."""
+    x = _logits((600, 5), torch.float32, device=device)
+    target = _probs((600, 5), torch.float32, device=device) if probabilities else \
+        _targets((600,), 5, ignored=range(0, 600, 7), device=device)
+    weight = torch.linspace(0.5, 2.0, 5, device=device)
+    _compare(x, target, weight=weight, label_smoothing=0.1)
+
+
 def test_int32_target(device):
     x = _logits((5, 9), torch.float32, device=device)
     target = _targets((5,), 9, device=device)
@@ -174,10 +186,15 @@ def test_non_contiguous_input(device, layout):
 def test_forward_saves_the_rows_logsumexp_statistics(device):
     x = _logits((4, 7), torch.float64, scale=300.0, device=device) + 1e4
     target = _targets((4,), 7, ignored=[2], device=device)
-    _, row_max, log_sum = cross_entropy_fwd(x, target, None, -100, 0.0, "mean")
+    weight = torch.linspace(0.5, 2.0, 7, dtype=torch.float64, device=device)
+    _, row_max, log_sum, totals = cross_entropy_fwd(x, target, weight, -100, 0.0, "mean")
     want_max = x.max(dim=1).values
     torch.testing.assert_close(row_max, want_max, rtol=0, atol=0)
     torch.testing.assert_close(log_sum, torch.logsumexp(x - want_max[:, None], dim=1), rtol=1e-14, atol=0)
+    kept = target != -100
+    torch.testing.assert_close(totals, torch.stack([weight[target[kept]].sum(), weight.sum()]), rtol=1e-14, atol=0)
+    _, _, _, totals = cross_entropy_fwd(x, target, None, -100, 0.1, "none")
+    torch.testing.assert_close(totals, torch.tensor([3.0, 7.0], dtype=torch.float64, device=device))
 
 
 def test_no_grad_matches_torch(device):
@@ -210,13 +227,14 @@ def test_gradcheck(device, reduction):
 def test_opcheck(device):
     x = _logits((5, 4), torch.float32, device=device).requires_grad_()
     target = _targets((5,), 4, ignored=[1], device=device)
+    backend = gk.backend_name(device)
     for weight in (None, torch.rand(4, device=device)):
         for reduction in ("mean", "sum", "none"):
-            torch.library.opcheck(cross_entropy_fwd, (x, target, weight, -100, 0.1, reduction))
-            _, row_max, log_sum = cross_entropy_fwd(x.detach(), target, weight, -100, 0.1, reduction)
+            torch.library.opcheck(cross_entropy_fwd.custom_op, (x, target, weight, -100, 0.1, reduction, backend))
+            _, row_max, log_sum, totals = cross_entropy_fwd(x.detach(), target, weight, -100, 0.1, reduction)
             grad_loss = torch.rand(5 if reduction == "none" else (), device=device)
-            torch.library.opcheck(cross_entropy_bwd, (grad_loss, x.detach(), target, weight, row_max, log_sum,
-                                                      -100, 0.1, reduction))
+            torch.library.opcheck(cross_entropy_bwd.custom_op, (grad_loss, x.detach(), target, weight, row_max,
+                                                                log_sum, totals, -100, 0.1, reduction, backend))
 
 
 def test_compiles_without_graph_breaks(device):
@@ -237,7 +255,12 @@ def _bad(**overrides):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (_bad(target=torch.tensor([0, 1])), ValueError, "target must have shape"),
-    (_bad(target=torch.tensor([0.0, 1.0, 2.0])), TypeError, "target"),
+    (_bad(target=torch.tensor([0.0, 1.0, 2.0])), ValueError, "target of class probabilities must have input's shape"),
+    (_bad(target=torch.ones(3, 4, dtype=torch.long)), ValueError, r"target must have shape \(3,\)"),
+    (_bad(target=torch.ones(3, dtype=torch.uint8)), TypeError, "target must hold class indices"),
+    (_bad(target=torch.full((3, 4), 0.25, dtype=torch.float64)), TypeError, "target of class probabilities must "
+                                                                            "have input's dtype"),
+    (_bad(target=torch.full((3, 4), 0.25), ignore_index=0), ValueError, "ignore_index must be negative"),
     (_bad(target=[0, 1, 2]), TypeError, "target"),
     (_bad(target=torch.tensor([0, 1, 2], device="meta")), RuntimeError, "target is on meta"),
     (_bad(input=torch.ones(3, 4, dtype=torch.long)), TypeError, "input"),
@@ -290,6 +313,218 @@ def test_looped_blocks_with_large_and_masked_logits(device, small_blocks, label_
     x[1, SMALL_BLOCK:] += 5000.0
     target = torch.tensor([SMALL_BLOCK + 5, 2, LOOPED_CLASSES - 1], device=device)
     _compare(x, target, _upstream(3, device), reduction="none", label_smoothing=label_smoothing)
+
+
+# ---- class-probability (soft-label) targets ----
+
+def _probs(shape, dtype=torch.float64, seed=3, device="cpu"):
+    """Rows of class probabilities over dim 1 (dim 0 for 1-D), some of them exactly 0."""
+    g = torch.Generator().manual_seed(seed)
+    class_dim = 0 if len(shape) == 1 else 1
+    logits = 2.0 * torch.randn(shape, generator=g, dtype=torch.float64)
+    logits[torch.rand(shape, generator=g, dtype=torch.float64) < 0.2] = -math.inf
+    probs = torch.softmax(logits, dim=class_dim).nan_to_num(1.0 / shape[class_dim])  # a row all -inf: uniform
+    return probs.to(device, dtype)
+
+
+def _loss_and_grads(fn, x, target, upstream=None, **kwargs):
+    """The loss of ``fn`` and d(upstream . loss)/d(x, target) (upstream 1 for reduced losses)."""
+    x, target = x.detach().requires_grad_(), target.detach().requires_grad_()
+    loss = fn(x, target, **kwargs)
+    up = torch.ones_like(loss) if upstream is None else upstream.to(loss.dtype)
+    return (loss.detach(), *torch.autograd.grad(loss, (x, target), up))
+
+
+def _compare_probs(x, target, upstream=None, **kwargs):
+    """Loss, d/d logits and d/d target: ours against PyTorch in x's dtype and against PyTorch
+    in fp64 on the same (rounded) values; returns the errors."""
+    upstream = None if upstream is None else upstream.to(x.dtype).double()
+    ours = _loss_and_grads(cross_entropy, x, target, upstream, **kwargs)
+    theirs = _loss_and_grads(F.cross_entropy, x, target, upstream, **kwargs)
+    weight64 = None if kwargs.get("weight") is None else kwargs["weight"].double()
+    reference = _loss_and_grads(F.cross_entropy, x.double(), target.double(), upstream,
+                                **{**kwargs, "weight": weight64})
+    return [assert_matches(o, t, r) for o, t, r in zip(ours, theirs, reference)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("classes", [1, 3, 17, 1000])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_probs_match_torch(device, dtype, classes, reduction):
+    x = _logits((6, classes), dtype, device=device)
+    upstream = _upstream(6, device) if reduction == "none" else None
+    _compare_probs(x, _probs((6, classes), dtype, device=device), upstream, reduction=reduction)
+
+
+# every dtype on 4-D input; 3-D and 1-D on two each
+PROBS_SHAPES = [((2, 5, 3, 4), dtype) for dtype in DTYPES] + [((3, 6, 5), torch.float32), ((3, 6, 5), torch.bfloat16),
+                                                              ((7,), torch.float64), ((7,), torch.float16)]
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("shape, dtype", PROBS_SHAPES, ids=[f"{s}-{d}" for s, d in PROBS_SHAPES])
+def test_probs_with_weights_and_smoothing(device, shape, dtype, reduction, label_smoothing):
+    """4-D, 3-D and 1-D input, the class dim 1 (0 for 1-D); PyTorch's mean divides by the
+    rows, not by the weights."""
+    classes = shape[0 if len(shape) == 1 else 1]
+    x = _logits(shape, dtype, device=device)
+    weight = torch.rand(classes, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.1
+    batch_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    upstream = _upstream(batch_shape, device) if reduction == "none" else None
+    _compare_probs(x, _probs(shape, dtype, device=device), upstream, weight=weight.to(device, dtype),
+                   reduction=reduction, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_probs_match_the_formula(device, dtype):
+    """-sum_c w[c] ((1-e) y[c] + e/C) logp[c] per row, the mean over the rows, in fp64."""
+    x, y = _logits((9, 7), dtype, device=device), _probs((9, 7), dtype, device=device)
+    weight = torch.linspace(0.2, 2.0, 7, dtype=torch.float64, device=device)
+    e = 0.3
+    per_row = -(weight * ((1 - e) * y.double() + e / 7) * torch.log_softmax(x.double(), dim=1)).sum(1)
+    kwargs = dict(weight=weight.to(dtype), label_smoothing=e)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cross_entropy(x, y, reduction="none", **kwargs).double(), per_row, **tol)
+    torch.testing.assert_close(cross_entropy(x, y, **kwargs).double(), per_row.mean(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_probs_single_class_gives_exact_zeros(device, dtype):
+    x = _logits((5, 1), dtype, device=device)
+    weight = torch.tensor([0.3], dtype=dtype, device=device)
+    for reduction in ("mean", "sum", "none"):
+        for t in _loss_and_grads(cross_entropy, x, torch.ones_like(x), weight=weight, reduction=reduction,
+                                 label_smoothing=0.1):
+            assert torch.equal(t, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_probs_looped_column_blocks(device, small_blocks, dtype, reduction, weighted):
+    x = _logits((4, LOOPED_CLASSES), dtype, device=device)
+    weight = torch.rand(LOOPED_CLASSES, dtype=torch.float64).to(device, dtype) + 0.1 if weighted else None
+    upstream = _upstream(4, device) if reduction == "none" else None
+    _compare_probs(x, _probs((4, LOOPED_CLASSES), dtype, device=device), upstream, weight=weight,
+                   reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_probs_large_logits_are_stable(device, dtype):
+    x = _logits((4, 9), dtype, scale=1000.0, device=device) + 10_000.0
+    y = _probs((4, 9), dtype, device=device)
+    upstream = _logits((4,), scale=1.0, seed=5, device=device)
+    assert all(t.isfinite().all() for t in _loss_and_grads(cross_entropy, x, y, upstream, reduction="none"))
+    _compare_probs(x, y, upstream, reduction="none", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probs_empty_batch(device, reduction):
+    x = torch.randn(0, 5, device=device, requires_grad=True)
+    y = torch.zeros(0, 5, device=device, requires_grad=True)
+    ours, theirs = cross_entropy(x, y, reduction=reduction), F.cross_entropy(x, y, reduction=reduction)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    ours.sum().backward()
+    assert x.grad.shape == y.grad.shape == (0, 5)
+
+
+def test_probs_target_gradient_only_when_asked(device):
+    x = _logits((4, 6), torch.float64, device=device).requires_grad_()
+    y = _probs((4, 6), device=device)
+    (grad,) = torch.autograd.grad(cross_entropy(x, y, label_smoothing=0.1), x)
+    torch.testing.assert_close(grad, _loss_and_grads(F.cross_entropy, x, y, label_smoothing=0.1)[1])
+    outputs = cross_entropy_probs_fwd(x.detach(), y, None, 0.1, "mean")
+    grads = cross_entropy_probs_bwd(torch.tensor(1.0, dtype=torch.float64, device=device), x.detach(), y, None,
+                                    *outputs[1:], 0.1, "mean", False)
+    assert grads[1].numel() == 0
+    torch.testing.assert_close(grads[0], grad)
+    y.requires_grad_()
+    (target_grad,) = torch.autograd.grad(cross_entropy(x.detach(), y, label_smoothing=0.1), y)
+    torch.testing.assert_close(target_grad, _loss_and_grads(F.cross_entropy, x, y, label_smoothing=0.1)[2])
+
+
+def test_probs_saved_statistics(device):
+    x, y = _logits((4, 7), device=device), _probs((4, 7), device=device)
+    weight = torch.linspace(0.5, 2.0, 7, dtype=torch.float64, device=device)
+    _, row_max, log_sum, target_mass = cross_entropy_probs_fwd(x, y, weight, 0.2, "sum")
+    torch.testing.assert_close(row_max, x.max(dim=1).values, rtol=0, atol=0)
+    torch.testing.assert_close(log_sum, torch.logsumexp(x - row_max[:, None], dim=1), rtol=1e-14, atol=0)
+    torch.testing.assert_close(target_mass, (weight * (0.8 * y + 0.2 / 7)).sum(1), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_probs_gradcheck(device, reduction):
+    x = _logits((3, 4), scale=1.0, device=device).requires_grad_()
+    y = _probs((3, 4), device=device).requires_grad_()
+    weight = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda x, y: cross_entropy(x, y, weight=weight, reduction=reduction, label_smoothing=0.2), (x, y))
+
+
+def test_probs_opcheck(device):
+    x = _logits((5, 4), torch.float32, device=device).requires_grad_()
+    y = _probs((5, 4), torch.float32, device=device).requires_grad_()
+    weight = torch.rand(4, device=device)
+    backend = gk.backend_name(device)
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(cross_entropy_probs_fwd.custom_op, (x, y, weight, 0.1, reduction, backend))
+        outputs = cross_entropy_probs_fwd(x.detach(), y.detach(), weight, 0.1, reduction)
+        grad_loss = torch.rand(5 if reduction == "none" else (), device=device)
+        torch.library.opcheck(cross_entropy_probs_bwd.custom_op, (grad_loss, x.detach(), y.detach(), weight,
+                                                                  *outputs[1:], 0.1, reduction, reduction == "none",
+                                                                  backend))
+
+
+def test_probs_compile_without_graph_breaks(device):
+    x, y = _logits((6, 5), torch.float32, device=device), _probs((6, 5), torch.float32, device=device)
+    compiled = torch.compile(cross_entropy, fullgraph=True, backend="aot_eager")
+    for o, t in zip(_loss_and_grads(compiled, x, y, label_smoothing=0.1),
+                    _loss_and_grads(F.cross_entropy, x, y, label_smoothing=0.1)):
+        torch.testing.assert_close(o, t)
+
+
+def test_probs_autocast_runs_in_fp32(device):
+    x, y = _logits((6, 10), torch.bfloat16, device=device), _probs((6, 10), torch.bfloat16, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ours = cross_entropy(x, y, label_smoothing=0.1)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, F.cross_entropy(x.float(), y.float(), label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_strided_upstream_of_none(device, probabilities):
+    """The per-row gradient as autograd hands it over: expanded (stride 0) from a sum,
+    or every other element of a longer tensor."""
+    x = _logits((5, 7), torch.float32, device=device).requires_grad_()
+    target = _probs((5, 7), torch.float32, device=device) if probabilities else _targets((5,), 7, [1], device=device)
+    upstream = _logits((10,), torch.float32, seed=4, device=device)[::2]
+    for fn in (cross_entropy, F.cross_entropy):
+        loss = fn(x, target, reduction="none", label_smoothing=0.1)
+        (by_sum,) = torch.autograd.grad(loss.sum(), x)
+        (by_strided,) = torch.autograd.grad(fn(x, target, reduction="none", label_smoothing=0.1), x, upstream)
+        if fn is cross_entropy:
+            ours = by_sum, by_strided
+    torch.testing.assert_close(ours[0], by_sum)
+    torch.testing.assert_close(ours[1], by_strided)
+
+
+def test_probs_autocast_accepts_an_fp32_target(device):
+    x, y = _logits((6, 10), torch.bfloat16, device=device), _probs((6, 10), torch.float32, device=device)
+    with pytest.raises(TypeError, match="target of class probabilities must have input's dtype"):
+        cross_entropy(x, y)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ours = cross_entropy(x, y)
+    torch.testing.assert_close(ours, F.cross_entropy(x.float(), y))
+
+
+def test_probs_through_the_module(device):
+    x, y = _logits((2, 5, 3), device=device), _probs((2, 5, 3), device=device)
+    weight = torch.linspace(0.5, 2.0, 5, dtype=torch.float64, device=device)
+    for reduction in ("mean", "none"):
+        kwargs = dict(weight=weight, reduction=reduction, label_smoothing=0.1)
+        assert isinstance(gk.nn.CrossEntropyLoss(**kwargs), torch.nn.CrossEntropyLoss)
+        torch.testing.assert_close(gk.nn.CrossEntropyLoss(**kwargs)(x, y), torch.nn.CrossEntropyLoss(**kwargs)(x, y))
 
 
 @pytest.mark.gpu

@@ -40,8 +40,10 @@ from gpukernels.backends.cupy import dropout as cupy_dropout
 from gpukernels.backends.cupy import layer_norm as cupy_layer_norm
 from gpukernels.backends.numpy import cross_entropy as numpy_cross_entropy
 from gpukernels.backends.numpy import layer_norm as numpy_layer_norm
-from gpukernels.backends.numpy.dropout import dropout_fwd as numpy_dropout_fwd
-from gpukernels.backends.numpy.philox import element_uniforms, philox4x32
+from gpukernels.backends.numpy import dropout as numpy_dropout
+from gpukernels.backends.numpy.philox import element_words, philox4x32, uint_to_uniform_float
+from gpukernels.ops.cross_entropy import cross_entropy_bwd, cross_entropy_fwd
+from gpukernels.ops.dropout import dropout_fwd
 from gpukernels.ops.layer_norm import layer_norm_bwd, layer_norm_fwd
 from gpukernels.optim import AdamW
 from helpers import TOLERANCES, assert_matches, run_kernel
@@ -384,12 +386,13 @@ def _ce_upstream(reduction, rows, dtype, device):
     return _randn(rows, dtype, 5, device) if reduction == "none" else torch.tensor(0.7, device=device).to(dtype)
 
 
-def _ce_kernels(x, target, weight, upstream, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
-    """The backend's loss and row statistics, and the gradient its backward gives from them."""
+def _ce_kernels(x, target, weight, upstream, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                module=cupy_cross_entropy):
+    """A backend's loss, row statistics and totals, and the gradient its backward gives from them."""
     options = (ignore_index, label_smoothing, reduction)
-    loss, row_max, log_sum = cupy_cross_entropy.cross_entropy_fwd(x, target, weight, *options)
-    grad = cupy_cross_entropy.cross_entropy_bwd(upstream, x, target, weight, row_max, log_sum, *options)
-    return loss, row_max, log_sum, grad
+    loss, row_max, log_sum, totals = run_kernel(module, cross_entropy_fwd, x, target, weight, *options)
+    grad = run_kernel(module, cross_entropy_bwd, upstream, x, target, weight, row_max, log_sum, totals, *options)
+    return loss, row_max, log_sum, totals, grad
 
 
 def _ce_torch(x, target, weight, upstream, **options):
@@ -398,8 +401,9 @@ def _ce_torch(x, target, weight, upstream, **options):
 
 
 def _ce_compare(x, target, weight, upstream, **options):
-    """Loss and gradient against PyTorch's (and float64's), the row statistics against float64."""
-    loss, row_max, log_sum, grad = _ce_kernels(x, target, weight, upstream, **options)
+    """Loss and gradient against PyTorch's (and float64's), the row statistics and totals
+    against float64."""
+    loss, row_max, log_sum, totals, grad = _ce_kernels(x, target, weight, upstream, **options)
     theirs = _ce_torch(x, target, weight, upstream, **options)
     x64 = x.double()
     reference = _ce_torch(x64, target, None if weight is None else weight.double(), upstream.double(), **options)
@@ -410,6 +414,10 @@ def _ce_compare(x, target, weight, upstream, **options):
     m = x64.amax(1, keepdim=True)
     torch.testing.assert_close(row_max, m[:, 0].to(acc), rtol=0, atol=0)
     torch.testing.assert_close(log_sum, (x64 - m).exp().sum(1).log().to(acc), **TOLERANCES[acc])
+    w64 = torch.ones(x.shape[1], dtype=torch.float64) if weight is None else weight.cpu().double()
+    kept = target.cpu() != options.get("ignore_index", -100)
+    torch.testing.assert_close(totals.cpu(), torch.stack([w64[target.cpu()[kept]].sum(), w64.sum()]).to(acc),
+                               **TOLERANCES[acc])
 
 
 @pytest.mark.parametrize("classes, reduction, weighted, smoothing, dtype", CE_CASES, ids=[str(c) for c in CE_CASES])
@@ -429,9 +437,7 @@ def test_cross_entropy_kernels_match_numpy(device, dtype, reduction):
     upstream = _ce_upstream(reduction, 7, dtype, device)
     options = (-100, 0.1, reduction)
     ours = _ce_kernels(x, target, weight, upstream, *options)
-    cpu = [t.cpu() for t in (x, target, weight)]
-    theirs = numpy_cross_entropy.cross_entropy_fwd(*cpu, *options)
-    theirs += (numpy_cross_entropy.cross_entropy_bwd(upstream.cpu(), *cpu, *theirs[1:], *options),)
+    theirs = _ce_kernels(*(t.cpu() for t in (x, target, weight, upstream)), *options, module=numpy_cross_entropy)
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
     for o, t in zip(ours, theirs):
         assert o.dtype == t.dtype and o.shape == t.shape
@@ -472,7 +478,8 @@ def test_cross_entropy_all_ignored_and_empty(device, reduction):
     still computed. No rows: the loss PyTorch gives, and empty outputs."""
     x, target = _ce_inputs(3, 5, torch.float64, device, ignored=(0, 1, 2))
     options = dict(reduction=reduction, label_smoothing=0.1)
-    loss, row_max, log_sum, grad = _ce_kernels(x, target, None, _ce_upstream(reduction, 3, F64, device), **options)
+    loss, row_max, log_sum, _, grad = _ce_kernels(x, target, None, _ce_upstream(reduction, 3, F64, device),
+                                                  **options)
     torch.testing.assert_close(loss, F.cross_entropy(x, target, **options), equal_nan=True)
     assert torch.equal(grad, torch.zeros_like(x))
     torch.testing.assert_close(row_max, x.amax(1), rtol=0, atol=0)
@@ -480,7 +487,7 @@ def test_cross_entropy_all_ignored_and_empty(device, reduction):
     empty = x[:0]
     loss, *outputs = _ce_kernels(empty, target[:0], None, _ce_upstream(reduction, 0, F64, device), **options)
     torch.testing.assert_close(loss, F.cross_entropy(empty, target[:0], **options), equal_nan=True)
-    assert [tuple(o.shape) for o in outputs] == [(0,), (0,), (0, 5)]
+    assert [tuple(o.shape) for o in outputs] == [(0,), (0,), (2,), (0, 5)]
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -489,14 +496,15 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, target, weight, options):
-        loss, row_max, log_sum = cupy_cross_entropy.cross_entropy_fwd(x, target, weight, *options)
-        ctx.save_for_backward(x, target, weight, row_max, log_sum)
+        loss, row_max, log_sum, totals = run_kernel(cupy_cross_entropy, cross_entropy_fwd, x, target, weight,
+                                                    *options)
+        ctx.save_for_backward(x, target, weight, row_max, log_sum, totals)
         ctx.options = options
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad = cupy_cross_entropy.cross_entropy_bwd(grad_loss, *ctx.saved_tensors, *ctx.options)
+        grad = run_kernel(cupy_cross_entropy, cross_entropy_bwd, grad_loss, *ctx.saved_tensors, *ctx.options)
         return grad, None, None, None
 
 
@@ -516,16 +524,55 @@ def test_cross_entropy_out_of_range_target_is_flagged_not_read(device, target, m
     x, target = _randn((3, 4), torch.float32, 0, device), torch.tensor(target)
     weight = _randn(4, torch.float32, 1, device, scale=0.2, shift=1)
     with pytest.raises(RuntimeError, match="out of bounds for 4 classes"):
-        cupy_cross_entropy.cross_entropy_fwd(x, target, weight, -100, 0.1, "mean")
+        run_kernel(cupy_cross_entropy, cross_entropy_fwd, x, target, weight, -100, 0.1, "mean")
     # the kernels themselves: the bad rows' loss is nan and gradient 0, the others as PyTorch's
     monkeypatch.setattr(torch, "_assert_async", lambda *args: None)
     upstream = torch.ones(3)
-    loss, _, _, grad = _ce_kernels(x, target, weight, upstream, reduction="none", label_smoothing=0.1)
+    loss, _, _, _, grad = _ce_kernels(x, target, weight, upstream, reduction="none", label_smoothing=0.1)
     bad = (target != -100) & ((target < 0) | (target >= 4))
     assert torch.equal(loss.isnan(), bad) and torch.equal(grad[bad], torch.zeros_like(grad[bad]))
     theirs = _ce_torch(x[~bad], target[~bad], weight, upstream[~bad], reduction="none", label_smoothing=0.1)
     for o, t in zip((loss[~bad], grad[~bad]), theirs):
         assert_matches(o, t)
+
+
+# (classes, reduction, weighted, label_smoothing, dtype) with class-probability targets:
+# every dtype on 17 classes, then 1 class and 4097 (several backward tiles a row)
+CE_PROBS_CASES = [(17, reduction, True, 0.2, dtype) for dtype in DTYPES for reduction in ("mean", "none")]
+CE_PROBS_CASES += [(17, "sum", False, 0.0, F32), (1, "mean", True, 0.1, F64), (4097, "none", True, 0.1, F32)]
+
+
+def _ce_probs(rows, classes, dtype, device):
+    """Rows of class probabilities, a fifth of them exactly 0."""
+    logits = _randn((rows, classes), torch.float64, 7, "cpu", scale=2)
+    logits[_randn((rows, classes), torch.float64, 8, "cpu") > 0.85] = -math.inf
+    return torch.softmax(logits, 1).nan_to_num(1.0 / classes).to(device, dtype)
+
+
+@pytest.mark.parametrize("classes, reduction, weighted, smoothing, dtype", CE_PROBS_CASES,
+                         ids=[str(c) for c in CE_PROBS_CASES])
+def test_cross_entropy_probs_match_torch(device, classes, reduction, weighted, smoothing, dtype):
+    """Loss and the gradients of logits and target against PyTorch's (and float64's)."""
+    x, y = _randn((5, classes), dtype, 0, device, scale=3), _ce_probs(5, classes, dtype, device)
+    weight = _randn(classes, dtype, 4, device, scale=0.2, shift=1) if weighted else None
+    upstream = _ce_upstream(reduction, 5, dtype, device)
+
+    def run(fn, x, y, weight):
+        return _grads(lambda x, y: fn(x, y, weight, reduction=reduction, label_smoothing=smoothing), [x, y],
+                      upstream.to(x.dtype))
+
+    reference = run(F.cross_entropy, *_as_double((x, y, weight)))
+    for o, t, r in zip(run(gk.cross_entropy, x, y, weight), run(F.cross_entropy, x, y, weight), reference):
+        assert_matches(o, t, r)
+
+
+def test_cross_entropy_probs_gradcheck(device):
+    x, y = _randn((3, 4), torch.float64, 0, device), _ce_probs(3, 4, torch.float64, device)
+    weight = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64, device=device)
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda x, y: gk.cross_entropy(x, y, weight, reduction=reduction, label_smoothing=0.1),
+            (x.requires_grad_(), y.requires_grad_()))
 
 
 # ---------------------------------------------------------------- dropout
@@ -536,13 +583,14 @@ def test_cross_entropy_out_of_range_target_is_flagged_not_read(device, target, m
 def test_dropout_equals_numpy_bit_for_bit(device, dtype, seed, shape, monkeypatch):
     """Same mask (four elements to a Philox call, the last group partial: n % 4
     is 3, 3 and 1) and same rounding of x * scale. On 2 blocks of 256 threads,
-    the 647 groups of (5, 517) take the grid-stride loop."""
+    the 647 groups of (5, 517) take the grid-stride loop. The last p is an
+    element's own uniform: the keep test at its threshold."""
     monkeypatch.setattr(cupy_dropout, "MAX_BLOCKS", 2)
     x = _randn(shape, dtype, 0, device)
     seed_tensor = torch.tensor(seed, dtype=torch.int64, device=device)
-    for p in (0.3, 0.9):
-        ours = cupy_dropout.dropout_fwd(x, p, seed_tensor)
-        theirs = numpy_dropout_fwd(x.cpu(), p, seed_tensor.cpu())
+    for p in (0.3, 0.9, float(uint_to_uniform_float(element_words(seed, 3)[2]))):
+        ours = run_kernel(cupy_dropout, dropout_fwd, x, p, seed_tensor)
+        theirs = run_kernel(numpy_dropout, dropout_fwd, x.cpu(), p, seed_tensor.cpu())
         assert torch.equal(ours.cpu(), theirs)
 
 
@@ -551,7 +599,7 @@ def test_dropout_grid_stride_and_autograd(device, monkeypatch):
     x = _randn(3003, torch.float32, 0, device, shift=5).requires_grad_()
     y = gk.dropout(x, 0.4, seed=99)
     y.backward(torch.ones_like(y))
-    mask = torch.from_numpy(element_uniforms(99, 3003) > np.float32(0.4))
+    mask = torch.from_numpy(uint_to_uniform_float(element_words(99, 3003)) > np.float32(0.4))
     assert torch.equal(y.detach().cpu() != 0, mask)
     assert torch.equal(x.grad.cpu(), mask * (1 / (1 - torch.tensor(0.4))))
 

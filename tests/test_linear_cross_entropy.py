@@ -187,10 +187,11 @@ def test_large_logits_are_stable(device):
 
 def test_only_the_gradients_asked_for(device):
     x, weight, target, bias = _problem((5,), 4, 8, device=device)
-    loss, row_max, log_sum = linear_cross_entropy_fwd(x, weight, bias, target, IGNORE, 0.0, 0.0, None, "mean", None)
+    _, row_max, log_sum, kept_rows = linear_cross_entropy_fwd(x, weight, bias, target, IGNORE, 0.0, 0.0, None, "mean",
+                                                              2, x.dtype)
     dx, dweight, dbias = linear_cross_entropy_bwd(torch.ones((), dtype=x.dtype, device=device), x, weight, bias,
-                                                  target, row_max, log_sum, IGNORE, 0.0, 0.0, None, None,
-                                                  False, True, False)
+                                                  target, row_max, log_sum, kept_rows, IGNORE, 0.0, 0.0, None, "mean",
+                                                  3, False, True, False)
     assert dx.numel() == 0 and dbias.numel() == 0 and dweight.shape == weight.shape
     full = _loss_and_grads(linear_cross_entropy, x, weight, target, bias)
     x_only = x.detach().requires_grad_()
@@ -233,15 +234,17 @@ def test_gradcheck(device, reduction):
 def test_opcheck(device):
     x, weight, target, bias = _problem((5,), 3, 6, ignored=[1], device=device)
     x, weight, bias = (t.float().requires_grad_() for t in (x, weight, bias))
+    backend = gk.backend_name(device)
     for reduction in ("mean", "sum", "none"):
         for b in (bias, None):
-            torch.library.opcheck(linear_cross_entropy_fwd, (x, weight, b, target, IGNORE, 0.1, 1e-3, 2.0, reduction,
-                                                             2))
-    _, row_max, log_sum = linear_cross_entropy_fwd(x, weight, bias, target, IGNORE, 0.1, 1e-3, 2.0, "none", 2)
-    for scale in (torch.randn(5, device=device), torch.tensor(0.5, device=device)):
-        torch.library.opcheck(linear_cross_entropy_bwd, (scale, x.detach(), weight.detach(), bias.detach(), target,
-                                                         row_max, log_sum, IGNORE, 0.1, 1e-3, 2.0, 2,
-                                                         True, True, True))
+            torch.library.opcheck(linear_cross_entropy_fwd.custom_op, (x, weight, b, target, IGNORE, 0.1, 1e-3, 2.0,
+                                                                       reduction, 2, torch.bfloat16, backend))
+    _, row_max, log_sum, kept_rows = linear_cross_entropy_fwd(x, weight, bias, target, IGNORE, 0.1, 1e-3, 2.0, "none",
+                                                              2, torch.float32)
+    for scale, reduction in ((torch.randn(5, device=device), "none"), (torch.tensor(0.5, device=device), "mean")):
+        torch.library.opcheck(linear_cross_entropy_bwd.custom_op, (scale, x.detach(), weight.detach(), bias.detach(),
+                                                                   target, row_max, log_sum, kept_rows, IGNORE, 0.1,
+                                                                   1e-3, 2.0, reduction, 4, True, True, True, backend))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -1,15 +1,18 @@
-"""cross_entropy: custom ops ``gpukernels::cross_entropy_fwd/_bwd``, their fake
-implementations and autograd, and the checked public function.
+"""cross_entropy: the ops ``gpukernels::cross_entropy_fwd/_bwd`` (class-index
+targets) and ``gpukernels::cross_entropy_probs_fwd/_bwd`` (class-probability
+targets), their output specs and kernel contracts, their autograd, and the
+checked public function.
 
 The kernels see the logits as a contiguous ``(rows, C)`` matrix (class dim
-last). The forward reads them once and saves, beside a reference to them, two
-numbers per row: the max ``m`` and ``log sum exp(x - m)`` of the row's logsumexp.
-The backward reads them once more and writes the gradient from those: no
-logits-sized buffer but the gradient itself, and a gradient already scaled by
-the upstream one (a scalar for mean/sum, per row for none).
-The loss is computed in fp32 (fp64 for fp64 input) and returned in the input
-dtype, as PyTorch returns it; the gradient is in the input dtype.
-Double backward is not supported.
+last), class-probability targets likewise. The forward reads the logits once
+and saves, beside a reference to them, two numbers per row: the max ``m`` and
+``log sum exp(x - m)`` of the row's logsumexp; it reduces the rows' losses
+itself (``mean``, ``sum``), so the loss comes out of the kernels, in the
+logits' dtype. The backward reads the logits once more and writes the gradient
+from those numbers, already scaled by the upstream gradient (and divided by the
+mean's denominator): no logits-sized buffer but the gradient itself.
+Statistics and sums are fp32 (fp64 for fp64 logits). Double backward is not
+supported.
 """
 
 from __future__ import annotations
@@ -19,77 +22,120 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import get_kernel
-from ._checks import check_choice, check_device, check_float, check_number, check_optional_float
-from ._eager import direct, reshaped, with_autograd
+from ._checks import check_choice, check_device, check_float, check_number, check_optional_float, empty_grad
+from ._op import kernel_op, reshaped, stats_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
 
 
-def _stats_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+def _loss(logits: Tensor, reduction: str) -> Tensor:
+    return logits.new_empty((logits.shape[0],) if reduction == "none" else ())
 
 
-def _cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                       label_smoothing: float, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
-    return get_kernel("cross_entropy", "cross_entropy_fwd", logits.device)(
-        logits, target, weight, ignore_index, label_smoothing, reduction)
+def _row_stats(logits: Tensor, count: int = 1) -> tuple[Tensor, ...]:
+    return tuple(logits.new_empty(logits.shape[0], dtype=stats_dtype(logits.dtype)) for _ in range(count))
 
 
-cross_entropy_fwd = torch.library.custom_op("gpukernels::cross_entropy_fwd", _cross_entropy_fwd, mutates_args=())
+@kernel_op("cross_entropy")
+def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                      label_smoothing: float, reduction: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Kernel, for class indices ``target`` (int64 or int32, one per row): per row
+    ``-(1-e) w[t] logp[t] - (e/C) sum_c w[c] logp[c]`` (0 where ``t == ignore_index``),
+    reduced by ``reduction`` (``mean`` divides by the sum of ``w[t]`` over the rows not
+    ignored: nan when there are none) into ``loss``, in the logits' dtype; each row's
+    ``row_max`` and ``log_sum`` (``lse = row_max + log_sum``); ``totals``: that
+    denominator and ``sum(w)`` (C without weights). A target outside ``[0, C)`` that is
+    not ``ignore_index`` is never read: an IndexError on CPU, a device-side assert on CUDA."""
+    return (_loss(logits, reduction), *_row_stats(logits, 2), logits.new_empty(2, dtype=stats_dtype(logits.dtype)))
 
 
-@cross_entropy_fwd.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, reduction):
-    rows = logits.shape[0]
-    loss_shape = (rows,) if reduction == "none" else ()
-    return (logits.new_empty(loss_shape), logits.new_empty(rows, dtype=_stats_dtype(logits)),
-            logits.new_empty(rows, dtype=_stats_dtype(logits)))
-
-
-def _cross_entropy_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], row_max: Tensor,
-                       log_sum: Tensor, ignore_index: int, label_smoothing: float, reduction: str) -> Tensor:
-    return get_kernel("cross_entropy", "cross_entropy_bwd", logits.device)(
-        grad_loss, logits, target, weight, row_max, log_sum, ignore_index, label_smoothing, reduction)
-
-
-cross_entropy_bwd = torch.library.custom_op("gpukernels::cross_entropy_bwd", _cross_entropy_bwd, mutates_args=())
-
-
-@cross_entropy_bwd.register_fake
-def _(grad_loss, logits, target, weight, row_max, log_sum, ignore_index, label_smoothing, reduction):
+@kernel_op("cross_entropy")
+def cross_entropy_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], row_max: Tensor,
+                      log_sum: Tensor, totals: Tensor, ignore_index: int, label_smoothing: float, reduction: str,
+                      backend: str) -> Tensor:
+    """Kernel: d(loss)/d(logits) times ``grad_loss`` (0-d, or one per row for ``none``,
+    any stride), from the forward's statistics:
+    ``s_i ((1-e) w[t_i] (p - onehot(t_i)) + (e/C) (sum(w) p - w))``, 0 on ignored rows,
+    with ``s_i`` the upstream gradient, divided by ``totals[0]`` for ``mean`` (0 when
+    that is 0), in the logits' dtype."""
     return torch.empty_like(logits)
+
+
+@kernel_op("cross_entropy")
+def cross_entropy_probs_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], label_smoothing: float,
+                            reduction: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Kernel, for class-probability ``target`` (the logits' shape and dtype): per row
+    ``-sum_c q[c] logp[c]`` with ``q = w * ((1-e) target + e/C)``, reduced by
+    ``reduction`` (``mean`` divides by the number of rows: nan when there are none) into
+    ``loss``, in the logits' dtype; each row's ``row_max``, ``log_sum`` and
+    ``target_mass`` ``sum_c q[c]``."""
+    return (_loss(logits, reduction), *_row_stats(logits, 3))
+
+
+@kernel_op("cross_entropy")
+def cross_entropy_probs_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                            row_max: Tensor, log_sum: Tensor, target_mass: Tensor, label_smoothing: float,
+                            reduction: str, grad_target: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """Kernel: ``s_i (target_mass_i p - q)`` into ``grad`` (logits' dtype) and, when
+    ``grad_target``, ``-s_i (1-e) w logp`` into ``target_grad`` (target's dtype; else
+    empty), with ``s_i`` the upstream gradient (0-d, or one per row for ``none``, any
+    stride), divided by the number of rows for ``mean``."""
+    return torch.empty_like(logits), torch.empty_like(target) if grad_target else empty_grad(target)
 
 
 def _setup_context(ctx, inputs, output):
     logits, target, weight, ignore_index, label_smoothing, reduction = inputs
-    _, row_max, log_sum = output
-    ctx.mark_non_differentiable(row_max, log_sum)
-    ctx.save_for_backward(logits, target, weight, row_max, log_sum)
+    _, row_max, log_sum, totals = output
+    ctx.mark_non_differentiable(row_max, log_sum, totals)
+    ctx.save_for_backward(logits, target, weight, row_max, log_sum, totals)
     ctx.options = ignore_index, label_smoothing, reduction
 
 
-def _backward(ctx, grad_loss, _grad_row_max, _grad_log_sum):
-    logits, target, weight, row_max, log_sum = ctx.saved_tensors
-    grad = _call_bwd(grad_loss.contiguous(), logits, target, weight, row_max, log_sum, *ctx.options)
+def _backward(ctx, grad_loss, _grad_row_max, _grad_log_sum, _grad_totals):
+    grad = cross_entropy_bwd.on(ctx.backend, grad_loss, *ctx.saved_tensors, *ctx.options)
     return grad, None, None, None, None, None
 
 
-_call_bwd = direct(cross_entropy_bwd, _cross_entropy_bwd)
-_call_fwd = with_autograd(cross_entropy_fwd, _cross_entropy_fwd, _setup_context, _backward)
+cross_entropy_fwd.register_autograd(_setup_context, _backward)
 
 
-def _check_target(target: Tensor, input: Tensor, shape: tuple[int, ...]) -> None:
+def _probs_setup_context(ctx, inputs, output):
+    logits, target, weight, label_smoothing, reduction = inputs
+    _, row_max, log_sum, target_mass = output
+    ctx.mark_non_differentiable(row_max, log_sum, target_mass)
+    ctx.save_for_backward(logits, target, weight, row_max, log_sum, target_mass)
+    ctx.options = label_smoothing, reduction
+
+
+def _probs_backward(ctx, grad_loss, _grad_row_max, _grad_log_sum, _grad_target_mass):
+    grad_target = ctx.needs_input_grad[1]
+    grad, target_grad = cross_entropy_probs_bwd.on(ctx.backend, grad_loss, *ctx.saved_tensors, *ctx.options,
+                                                   grad_target)
+    return grad, target_grad if grad_target else None, None, None, None
+
+
+cross_entropy_probs_fwd.register_autograd(_probs_setup_context, _probs_backward)
+
+
+def _check_target(target: Tensor, input: Tensor, index_shape: tuple[int, ...]) -> bool:
+    """Whether ``target`` holds class probabilities (else class indices)."""
     if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
-    if target.dtype not in TARGET_DTYPES:
-        raise TypeError(f"target must hold class indices as int64 (or int32), got {target.dtype}; "
-                        f"class-probability targets are not supported")
+        raise TypeError(f"target must be a torch.Tensor of class indices or class probabilities, "
+                        f"got {type(target).__name__}")
     check_device("target", target, input)
-    if tuple(target.shape) != shape:
-        raise ValueError(f"target must have shape {shape} for input of shape {tuple(input.shape)}, "
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise ValueError(f"target of class probabilities must have input's shape {tuple(input.shape)}, got "
+                             f"{tuple(target.shape)} (class indices: {index_shape}, int64 or int32)")
+        return True
+    if target.dtype not in TARGET_DTYPES:
+        raise TypeError(f"target must hold class indices as int64 (or int32), or class probabilities in input's "
+                        f"dtype, got {target.dtype}")
+    if tuple(target.shape) != index_shape:
+        raise ValueError(f"target must have shape {index_shape} for input of shape {tuple(input.shape)}, "
                          f"got {tuple(target.shape)}")
+    return False
 
 
 def _check_weight(weight: Tensor | None, input: Tensor, classes: int) -> None:
@@ -102,11 +148,20 @@ def _check_weight(weight: Tensor | None, input: Tensor, classes: int) -> None:
         raise RuntimeError("weight must not require grad: cross_entropy is not differentiable with respect to it")
 
 
+def _class_last(t: Tensor, class_dim: int, classes: int) -> Tensor:
+    """``t`` as a contiguous (rows, C) matrix, its class dim last."""
+    t = t if class_dim == t.dim() - 1 else t.movedim(class_dim, -1)
+    return reshaped(t, t.numel() // classes, classes).contiguous()
+
+
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
-    """``torch.nn.functional.cross_entropy`` with class-index targets: input
-    ``(N, C)``, ``(N, C, d1, ...)`` or ``(C,)``; target ``(N, d1, ...)`` (``()``
-    for 1-D input). Under autocast it runs in fp32 (fp64 stays fp64), as PyTorch's does."""
+    """``torch.nn.functional.cross_entropy``: input ``(N, C)``, ``(N, C, d1, ...)`` or
+    ``(C,)``; target class indices ``(N, d1, ...)`` (``()`` for 1-D input), int64 or
+    int32, or class probabilities of input's shape and dtype (then ``ignore_index`` must
+    be negative and does not apply, ``mean`` divides by the number of rows, and a target
+    that requires grad gets one, as in PyTorch). Under autocast it runs in fp32 (fp64
+    stays fp64), as PyTorch's does."""
     check_float("input", input)
     if input.dim() == 0:
         raise ValueError("input must have a class dimension, got a 0-d tensor")
@@ -114,18 +169,29 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     classes = input.shape[class_dim]
     if classes == 0:
         raise ValueError(f"input must have at least one class, got shape {tuple(input.shape)}")
-    _check_target(target, input, tuple(input.shape[:class_dim] + input.shape[class_dim + 1:]))
+    batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1:]
+    probabilities = _check_target(target, input, tuple(batch_shape))
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if probabilities and ignore_index >= 0:
+        raise ValueError(f"ignore_index must be negative with class-probability targets (it does not apply to "
+                         f"them), got {ignore_index}")
     check_choice("reduction", reduction, REDUCTIONS)
     label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
     if torch.is_autocast_enabled(input.device.type) and input.dtype != torch.float64:
         input = input.float()
+        target = target.float() if probabilities else target
         weight = None if weight is None or weight.dtype == torch.float64 else weight.float()
+    if probabilities and target.dtype != input.dtype:
+        raise TypeError(f"target of class probabilities must have input's dtype {input.dtype}, got {target.dtype}")
     _check_weight(weight, input, classes)
+    weight = None if weight is None else weight.contiguous()
 
-    logits = input if class_dim == input.dim() - 1 else input.movedim(class_dim, -1)
-    logits = reshaped(logits, input.numel() // classes, classes).contiguous()
-    loss, _, _ = _call_fwd(logits, reshaped(target, target.numel()).long(), weight, ignore_index, label_smoothing,
-                           reduction)
-    return reshaped(loss, *target.shape) if reduction == "none" else loss
+    logits = _class_last(input, class_dim, classes)
+    if probabilities:
+        loss, _, _, _ = cross_entropy_probs_fwd(logits, _class_last(target, class_dim, classes), weight,
+                                                label_smoothing, reduction)
+    else:
+        loss, _, _, _ = cross_entropy_fwd(logits, reshaped(target, target.numel()), weight, ignore_index,
+                                          label_smoothing, reduction)
+    return reshaped(loss, *batch_shape) if reduction == "none" else loss

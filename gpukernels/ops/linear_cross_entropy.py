@@ -1,5 +1,5 @@
-"""linear_cross_entropy: custom ops ``gpukernels::linear_cross_entropy_fwd/_bwd``,
-their fake implementations and autograd, the two loops both backends share,
+"""linear_cross_entropy: the ops ``gpukernels::linear_cross_entropy_fwd/_bwd``
+(output specs and kernel contracts), their autograd, the sizes of their chunks,
 and the checked public function.
 
 ``cross_entropy(softcap(x @ weight.T + bias), target)`` (plus ``z_loss * lse**2``
@@ -8,7 +8,8 @@ flash attention treats its scores:
 
 - forward, by chunks of rows: each chunk's logits, then each row's loss and
   the statistics of its logsumexp (row max and log-sum, fp32; fp64 for fp64).
-  Only these (rows,) vectors are saved, beside the inputs.
+  Only these (rows,) vectors are saved, beside the inputs; the kernels reduce
+  the rows' losses themselves.
 - backward, by slices of the vocabulary: the slice's logits for all rows again,
   their gradient from the saved statistics written over them, then
   ``dweight[slice] = g.T @ x`` and ``dbias[slice]`` straight in the input dtype
@@ -22,20 +23,19 @@ forward and held until the backward scales it. The price is one more matmul
 than the unfused op (the logits twice), the trade flash attention makes.
 The same backward serves every reduction: its per-row scale is the upstream
 gradient (``"none"``), that gradient (``"sum"``) or it over the rows kept
-(``"mean"``). Double backward is not supported.
+(``"mean"``, divided inside the kernels). Double backward is not supported.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .._backend import get_kernel
 from ._checks import check_choice, check_device, check_float, check_number, check_optional_float, empty_grad
-from ._eager import direct, reshaped, with_autograd
+from ._op import kernel_op, reshaped, stats_dtype
 from .cross_entropy import REDUCTIONS, TARGET_DTYPES
 
 # Logits held per chunk: a fixed budget on CPU; on CUDA a share of the free
@@ -44,10 +44,6 @@ from .cross_entropy import REDUCTIONS, TARGET_DTYPES
 CPU_CHUNK_BYTES = 64 << 20
 CUDA_CHUNK_SHARE = 8
 CUDA_MAX_CHUNK_BYTES = 512 << 20
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def chunk_budget(device: torch.device) -> int:
@@ -62,7 +58,7 @@ def chunk_budget(device: torch.device) -> int:
 def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype, budget: int) -> int:
     """Rows per chunk: as many rows of logits (in the compute dtype) as fit ``budget``,
     at least 1, at most ``rows``."""
-    row_bytes = vocab * _acc_dtype(dtype).itemsize
+    row_bytes = vocab * stats_dtype(dtype).itemsize
     return max(1, min(rows, budget // row_bytes))
 
 
@@ -72,129 +68,56 @@ def slice_columns(rows: int, vocab: int, chunk_rows: int) -> int:
     return max(1, min(vocab, chunk_rows * vocab // max(rows, 1)))
 
 
-class _Options(NamedTuple):
-    ignore_index: int
-    label_smoothing: float
-    z_loss: float
-    softcap: Optional[float]
-
-
-def _chunk_rows(x: Tensor, vocab: int, chunk_size: Optional[int]) -> int:
-    return chunk_size or default_chunk_rows(x.shape[0], vocab, x.dtype, chunk_budget(x.device))
-
-
-def _row_statistics(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, options: _Options,
-                    chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """Per row: the loss (0 on ignored rows), the max of the (softcapped) logits and the
-    log of ``sum exp(logit - max)``, by chunks of rows."""
-    rows, vocab = x.shape[0], weight.shape[0]
-    kernel = get_kernel("linear_cross_entropy", "linear_cross_entropy_rows", x.device)
-    loss, row_max, log_sum = (x.new_empty(rows, dtype=_acc_dtype(x.dtype)) for _ in range(3))
-    step = _chunk_rows(x, vocab, chunk_size)
-    # autocast reaches into a custom op's body: it would change the logits' dtype
-    with torch.autocast(x.device.type, enabled=False):
-        for start in range(0, rows, step):
-            part = slice(start, start + step)
-            kernel(x[part], weight, bias, target[part], **options._asdict(), loss=loss[part], row_max=row_max[part],
-                   log_sum=log_sum[part])
-    return loss, row_max, log_sum
-
-
-def _gradients(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, row_max: Tensor, log_sum: Tensor,
-               grad_scale: Tensor, options: _Options, chunk_size: Optional[int],
-               grads: tuple[bool, bool, bool]) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """The gradients asked for by ``grads`` (x, weight, bias) of ``sum_i grad_scale_i * loss_i``
-    (``grad_scale`` 0-d or one per row), by slices of the vocabulary, in the inputs' dtypes."""
-    rows, vocab = x.shape[0], weight.shape[0]
-    kernel = get_kernel("linear_cross_entropy", "linear_cross_entropy_slice", x.device)
-    dx_acc = x.new_zeros(x.shape, dtype=_acc_dtype(x.dtype)) if grads[0] else None
-    dweight = torch.empty_like(weight) if grads[1] else None
-    dbias = torch.empty_like(bias) if grads[2] else None
-    step = slice_columns(rows, vocab, _chunk_rows(x, vocab, chunk_size))
-    with torch.autocast(x.device.type, enabled=False):
-        for start in range(0, vocab, step):
-            part = slice(start, start + step)
-            kernel(x, weight[part], None if bias is None else bias[part], target, row_max, log_sum, grad_scale,
-                   vocab=vocab, col_offset=start, **options._asdict(), dx=dx_acc,
-                   dweight=None if dweight is None else dweight[part], dbias=None if dbias is None else dbias[part])
-    return None if dx_acc is None else dx_acc.to(x.dtype), dweight, dbias
-
-
-def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
-                              label_smoothing: float, z_loss: float, softcap: Optional[float], reduction: str,
-                              chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, row_max, log_sum): the reduced loss, and per row the statistics of the
-    logsumexp (``lse = row_max + log_sum``), fp32 (fp64 for fp64)."""
-    options = _Options(ignore_index, label_smoothing, z_loss, softcap)
-    loss, row_max, log_sum = _row_statistics(x, weight, bias, target, options, chunk_size)
-    if reduction == "sum":
-        loss = loss.sum()
-    elif reduction == "mean":
-        loss = loss.sum() / (target != ignore_index).sum()  # all rows ignored: 0/0, nan as in PyTorch
-    return loss, row_max, log_sum
-
-
-linear_cross_entropy_fwd = torch.library.custom_op("gpukernels::linear_cross_entropy_fwd", _linear_cross_entropy_fwd,
-                                                   mutates_args=())
-
-
-@linear_cross_entropy_fwd.register_fake
-def _(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size):
-    acc = _acc_dtype(x.dtype)
+@kernel_op("linear_cross_entropy")
+def linear_cross_entropy_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                             label_smoothing: float, z_loss: float, softcap: Optional[float], reduction: str,
+                             chunk_rows: int, loss_dtype: torch.dtype,
+                             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Kernel: ``chunk_rows`` rows at a time, each row's loss of its logits
+    ``c = softcap(x @ weight.T + bias)``: ``cross_entropy``'s with label smoothing, plus
+    ``z_loss * lse**2``, 0 on ignored rows; reduced by ``reduction`` (``mean`` over the rows
+    not ignored: nan when there are none) into ``loss``, in ``loss_dtype``; each row's
+    ``row_max`` and ``log_sum`` of ``c`` (``lse = row_max + log_sum``, fp32; fp64 for fp64),
+    and ``kept_rows``, the number of rows not ignored. A target outside ``[0, vocab)`` that
+    is not ``ignore_index`` is an error (a device-side assert on CUDA)."""
     rows = x.shape[0]
-    loss = x.new_empty((rows,) if reduction == "none" else (), dtype=acc)
-    return loss, x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc)
+    stats = stats_dtype(x.dtype)
+    return (x.new_empty((rows,) if reduction == "none" else (), dtype=loss_dtype), x.new_empty(rows, dtype=stats),
+            x.new_empty(rows, dtype=stats), x.new_empty((), dtype=stats))
 
 
-def _linear_cross_entropy_bwd(grad_scale: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                              row_max: Tensor, log_sum: Tensor, ignore_index: int, label_smoothing: float,
-                              z_loss: float, softcap: Optional[float], chunk_size: Optional[int], grad_x: bool,
-                              grad_weight: bool, grad_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias) of ``sum_i grad_scale_i * loss_i`` (``grad_scale`` 0-d or one per
-    row), each empty when not asked for by ``grad_*``."""
-    options = _Options(ignore_index, label_smoothing, z_loss, softcap)
-    grads = (grad_x, grad_weight, grad_bias and bias is not None)
-    dx, dweight, dbias = _gradients(x, weight, bias, target, row_max, log_sum, grad_scale.to(row_max.dtype),
-                                    options, chunk_size, grads)
-    return tuple(empty_grad(x) if g is None else g for g in (dx, dweight, dbias))
-
-
-linear_cross_entropy_bwd = torch.library.custom_op("gpukernels::linear_cross_entropy_bwd", _linear_cross_entropy_bwd,
-                                                   mutates_args=())
-
-
-@linear_cross_entropy_bwd.register_fake
-def _(grad_scale, x, weight, bias, target, row_max, log_sum, ignore_index, label_smoothing, z_loss, softcap,
-      chunk_size, grad_x, grad_weight, grad_bias):
+@kernel_op("linear_cross_entropy")
+def linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                             row_max: Tensor, log_sum: Tensor, kept_rows: Tensor, ignore_index: int,
+                             label_smoothing: float, z_loss: float, softcap: Optional[float], reduction: str,
+                             slice_columns: int, grad_x: bool, grad_weight: bool, grad_bias: bool,
+                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel: ``slice_columns`` vocabulary entries at a time, ``dx``, ``dweight``, ``dbias``
+    (in the inputs' dtypes; each empty when not asked for by ``grad_*``) of
+    ``sum_i s_i * loss_i``, with ``s_i`` the upstream ``grad_loss`` (0-d, or one per row for
+    ``none``, any stride), divided by ``kept_rows`` for ``mean`` (0 when that is 0)."""
     return (torch.empty_like(x) if grad_x else empty_grad(x),
             torch.empty_like(weight) if grad_weight else empty_grad(x),
             torch.empty_like(bias) if grad_bias and bias is not None else empty_grad(x))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size = inputs
-    _, row_max, log_sum = output
-    ctx.mark_non_differentiable(row_max, log_sum)
-    ctx.reduction = reduction
-    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
+    x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_rows, _ = inputs
+    _, row_max, log_sum, kept_rows = output
+    ctx.mark_non_differentiable(row_max, log_sum, kept_rows)
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, reduction,
+                   slice_columns(x.shape[0], weight.shape[0], chunk_rows))
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, bias, target, row_max, log_sum)
+    ctx.save_for_backward(x, weight, bias, target, row_max, log_sum, kept_rows)
 
 
-def _backward(ctx, dloss, _drow_max, _dlog_sum):
-    x, weight, bias, target, row_max, log_sum = ctx.saved_tensors
+def _backward(ctx, grad_loss, _grad_row_max, _grad_log_sum, _grad_kept_rows):
     wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias)
-    grad_scale = dloss
-    if ctx.reduction == "mean":
-        kept_rows = (target != ctx.options[0]).sum()
-        grad_scale = torch.where(kept_rows > 0, dloss / kept_rows, 0)
-    grads = _call_bwd(grad_scale.contiguous(), x, weight, bias, target, row_max, log_sum,
-                      *ctx.options, *wanted)
-    return (*(g if want else None for g, want in zip(grads, wanted)), *(None,) * 7)
+    grads = linear_cross_entropy_bwd.on(ctx.backend, grad_loss, *ctx.saved_tensors, *ctx.options, *wanted)
+    return (*(g if want else None for g, want in zip(grads, wanted)), *(None,) * 8)
 
 
-_call_bwd = direct(linear_cross_entropy_bwd, _linear_cross_entropy_bwd)
-_call_fwd = with_autograd(linear_cross_entropy_fwd, _linear_cross_entropy_fwd, _setup_context, _backward)
+linear_cross_entropy_fwd.register_autograd(_setup_context, _backward)
 
 
 def _check_target(target: Tensor, x: Tensor) -> None:
@@ -277,11 +200,13 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor
         x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
     _check_dtypes(x, weight, bias)
 
-    loss, row_max, log_sum = _call_fwd(
-        reshaped(x, math.prod(x.shape[:-1]), weight.shape[1]).contiguous(), weight.contiguous(),
-        None if bias is None else bias.contiguous(), reshaped(target, target.numel()).long(), ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size)
+    rows, vocab = math.prod(x.shape[:-1]), weight.shape[0]
+    chunk_rows = chunk_size or default_chunk_rows(rows, vocab, x.dtype, chunk_budget(x.device))
+    loss_dtype = stats_dtype(x.dtype) if autocasting else x.dtype
+    loss, row_max, log_sum, _ = linear_cross_entropy_fwd(
+        reshaped(x, rows, weight.shape[1]).contiguous(), weight.contiguous(),
+        None if bias is None else bias.contiguous(), reshaped(target, rows), ignore_index, label_smoothing, z_loss,
+        softcap, reduction, chunk_rows, loss_dtype)
     batch_shape = x.shape[:-1]
     loss = reshaped(loss, *batch_shape) if reduction == "none" else loss
-    if not (autocasting and x.dtype != torch.float64):
-        loss = loss.to(x.dtype)
     return (loss, (row_max + log_sum).view(batch_shape)) if return_lse else loss

@@ -1,13 +1,14 @@
 """Cross-entropy over the rows of a contiguous (rows, C) logit matrix
-(cross_entropy.cu). The forward, a block per row, gives each row's loss and its
-log-sum-exp statistics (max and log-sum); the backward computes the gradient
-elementwise from those, one read of the logits and one write of the gradient.
+(cross_entropy.cu), with class-index or class-probability targets. The
+forward, a block per row, gives each row's loss and its log-sum-exp statistics
+(max and log-sum); then one block reduces the rows' losses (in a fixed order)
+and, for class indices, the mean's denominator and the sum of the class
+weights, and checks the targets. The backward computes the gradient
+elementwise from those, one read of the logits and one write of the gradient,
+dividing the upstream gradient by the mean's denominator itself.
 
-What depends on every row (the mean's denominator) and the sum of the class
-weights are reduced by torch ops and read by the kernels from device memory;
-the per-row losses are reduced afterwards, also by torch. An out-of-range
-target is never read: the forward flags it, and the flag fails a
-``torch._assert_async`` (on CUDA a device-side assert, as PyTorch's own
+An out-of-range target is never read: the total kernel flags it, and the flag
+fails a ``torch._assert_async`` (on CUDA a device-side assert, as PyTorch's own
 cross_entropy reports it, with no host synchronisation).
 """
 
@@ -21,71 +22,67 @@ from ._runtime import MAX_BLOCKS, acc_dtype, kernel_name, pointer, row_threads
 
 # Columns of a row per backward block, per thread.
 COLUMNS_PER_THREAD = 4
+REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 
 
-def _denominator(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, classes: int,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """The mean's denominator: the sum of the counted rows' target weights, in
-    ``dtype``; out-of-range targets are not looked up."""
-    counted = (target != ignore_index) & (target >= 0) & (target < classes)
-    if weight is None:
-        return counted.sum().to(dtype)
-    return torch.where(counted, weight.to(dtype)[torch.where(counted, target, 0)], 0).sum()
-
-
-def _inputs(logits, target, weight, label_smoothing):
-    """The int64 target, the weights in the logits' dtype, and sum(w) in the
-    accumulation dtype where a kernel reads it (weights and smoothing), else None."""
-    target = target.to(torch.int64).contiguous()
-    weight = None if weight is None else weight.to(logits.dtype).contiguous()
-    weight_sum = weight.to(acc_dtype(logits.dtype)).sum() if weight is not None and label_smoothing > 0 else None
-    return target, weight, weight_sum
-
-
-def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction):
+def _forward(logits, target, probs, weight, ignore_index, label_smoothing, reduction, loss, row_max, log_sum,
+             target_mass, totals):
+    """The row kernel, then the total kernel (and the target check, for class indices)."""
     rows, classes = logits.shape
-    acc = acc_dtype(logits.dtype)
-    target, weight, weight_sum = _inputs(logits, target, weight, label_smoothing)
-    row_loss, row_max, log_sum = (torch.empty(rows, dtype=acc, device=logits.device) for _ in range(3))
-    bad_target = torch.zeros((), dtype=torch.int32, device=logits.device)
+    row_loss = torch.empty(rows, dtype=acc_dtype(logits.dtype), device=logits.device)
+    ok = None if target is None else torch.empty((), dtype=torch.bool, device=logits.device)
     if rows:
         _runtime.launch("cross_entropy.cu", kernel_name("cross_entropy_fwd", logits.dtype), logits.device,
                         min(rows, MAX_BLOCKS), row_threads(classes),
-                        (pointer(logits), pointer(target), pointer(weight), pointer(weight_sum), pointer(row_loss),
-                         pointer(row_max), pointer(log_sum), pointer(bad_target), np.int64(rows), np.int64(classes),
+                        (pointer(logits), pointer(target), pointer(probs), pointer(weight), pointer(row_loss),
+                         pointer(row_max), pointer(log_sum), pointer(target_mass), np.int64(rows), np.int64(classes),
                          np.int64(ignore_index), np.float64(label_smoothing)))
-    torch._assert_async(bad_target == 0, f"cross_entropy: a target is out of bounds for {classes} classes "
-                                         f"(and is not ignore_index {ignore_index})")
-    if reduction == "none":
-        loss = row_loss
-    elif reduction == "sum":
-        loss = row_loss.sum()
-    else:  # nan when every row is ignored, as in PyTorch
-        loss = row_loss.sum() / _denominator(target, weight, ignore_index, classes, acc)
-    return loss.to(logits.dtype), row_max, log_sum
+    _runtime.launch("cross_entropy.cu", kernel_name("cross_entropy_total", logits.dtype), logits.device, 1,
+                    row_threads(rows),
+                    (pointer(row_loss), pointer(target), pointer(weight), pointer(loss), pointer(totals), pointer(ok),
+                     np.int64(rows), np.int64(classes), np.int64(ignore_index),
+                     np.int64(REDUCTION_CODES[reduction]), np.int64(target is None)))
+    if ok is not None:
+        torch._assert_async(ok, f"cross_entropy: a target is out of bounds for {classes} classes "
+                                f"(and is not ignore_index {ignore_index})")
 
 
-def cross_entropy_bwd(grad_loss, logits, target, weight, row_max, log_sum, ignore_index, label_smoothing,
-                      reduction):
+def _backward(grad_loss, logits, target, probs, weight, row_max, log_sum, target_mass, totals, ignore_index,
+              label_smoothing, reduction, grad, target_grad):
     rows, classes = logits.shape
-    acc = acc_dtype(logits.dtype)
-    target, weight, weight_sum = _inputs(logits, target, weight, label_smoothing)
-    grad = torch.empty_like(logits)
     if not rows:
-        return grad
-    # the upstream gradient of each row (none) or all rows (mean, sum, a stride of 0)
-    scale = grad_loss.to(acc).contiguous()
-    if reduction == "mean":
-        denominator = _denominator(target, weight, ignore_index, classes, acc)
-        scale = torch.where(denominator != 0, scale / denominator, 0)  # no gradient when every row is ignored
-    row_max, log_sum = row_max.contiguous(), log_sum.contiguous()
+        return
+    grad_loss = grad_loss.to(logits.dtype)
     threads = row_threads(classes)
     chunk = threads * COLUMNS_PER_THREAD
     tiles = rows * -(-classes // chunk)
     _runtime.launch("cross_entropy.cu", kernel_name("cross_entropy_bwd", logits.dtype), logits.device,
                     min(tiles, MAX_BLOCKS), threads,
-                    (pointer(logits), pointer(target), pointer(weight), pointer(weight_sum),
-                     pointer(row_max), pointer(log_sum), pointer(scale),
-                     np.int64(1 if reduction == "none" else 0), pointer(grad), np.int64(rows), np.int64(classes),
-                     np.int64(chunk), np.int64(ignore_index), np.float64(label_smoothing)))
-    return grad
+                    (pointer(logits), pointer(target), pointer(probs), pointer(weight), pointer(row_max),
+                     pointer(log_sum), pointer(target_mass), pointer(totals), pointer(grad_loss),
+                     np.int64(grad_loss.stride(0) if grad_loss.dim() else 0), np.int64(reduction == "mean"),
+                     pointer(grad), pointer(target_grad), np.int64(rows), np.int64(classes), np.int64(chunk),
+                     np.int64(ignore_index), np.float64(label_smoothing)))
+
+
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss, row_max, log_sum,
+                      totals):
+    _forward(logits, target.to(torch.int64), None, weight, ignore_index, label_smoothing, reduction, loss, row_max,
+             log_sum, None, totals)
+
+
+def cross_entropy_bwd(grad_loss, logits, target, weight, row_max, log_sum, totals, ignore_index, label_smoothing,
+                      reduction, grad):
+    _backward(grad_loss, logits, target.to(torch.int64), None, weight, row_max, log_sum, None, totals, ignore_index,
+              label_smoothing, reduction, grad, None)
+
+
+def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss, row_max, log_sum,
+                            target_mass):
+    _forward(logits, None, target, weight, -1, label_smoothing, reduction, loss, row_max, log_sum, target_mass, None)
+
+
+def cross_entropy_probs_bwd(grad_loss, logits, target, weight, row_max, log_sum, target_mass, label_smoothing,
+                            reduction, grad_target, grad, target_grad):
+    _backward(grad_loss, logits, None, target, weight, row_max, log_sum, target_mass, None, -1, label_smoothing,
+              reduction, grad, target_grad if grad_target else None)

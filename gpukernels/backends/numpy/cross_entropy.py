@@ -2,17 +2,16 @@
 of the reduced loss.
 
 ``row_statistics`` (loss, row max, log-sum) and ``logits_grad`` (the gradient
-from those statistics, for a block of columns) serve both ``cross_entropy_fwd``
-(the op) and the fused linear + cross-entropy (``linear_cross_entropy.py``,
+from those statistics, for a block of columns) serve both the class-index ops
+and the fused linear + cross-entropy (``linear_cross_entropy.py``,
 which adds a softcap, a z-loss, per-row gradient scales and vocabulary slices).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from ._arrays import as_array, as_tensor
+from ._arrays import as_array, write
 
 
 def kept_targets(target: np.ndarray, ignore_index: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,35 +119,85 @@ def _class_weights(logits, weight) -> np.ndarray:
     return as_array(weight, logits.dtype) if weight is not None else np.ones(logits.shape[1], as_array(logits).dtype)
 
 
-def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction):
-    """loss_i = -(1-e) w[t_i] logp[i, t_i] - (e/C) sum_c w[c] logp[i, c] (SPEC.md's target
-    distribution, weighted), 0 on ignored rows, reduced; and each row's logsumexp
-    statistics, its max m_i and log sum_c exp(x[i, c] - m_i), for the backward.
-    With every row ignored the mean is nan, as in PyTorch."""
-    x, t = as_array(logits), target.numpy()
+def reduced(loss: np.ndarray, reduction: str, denominator) -> np.ndarray:
+    """The rows' losses summed, over ``denominator`` (``mean``: nan when it is 0, as in
+    PyTorch), or as they are (``none``)."""
+    if reduction == "none":
+        return loss
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return loss.sum() / (denominator if reduction == "mean" else 1)
+
+
+def write_loss(out, loss: np.ndarray) -> None:
+    """``write`` for a loss of any rank (NumPy hands a 0-d result back 1-d)."""
+    write(out.view(-1), np.ravel(loss))
+
+
+def _grad_scale(grad_loss, reduction: str, denominator, dtype) -> np.ndarray:
+    """The upstream gradient of each row (``none``) or all rows, divided by the mean's
+    denominator for ``mean`` (no gradient when that is 0)."""
+    scale = as_array(grad_loss, dtype)
+    if reduction != "mean":
+        return scale
+    return scale / denominator if denominator != 0 else np.zeros_like(scale)
+
+
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss_out, row_max_out,
+                      log_sum_out, totals_out):
+    """loss_i = -(1-e) w[t_i] logp[i, t_i] - (e/C) sum_c w[c] logp[i, c], 0 on ignored rows."""
+    x, t = as_array(logits), as_array(target)
     w = _class_weights(logits, weight)
     loss, row_max, log_sum = row_statistics(x, t, w, ignore_index, label_smoothing)
-    if reduction == "sum":
-        loss = loss.sum()
-    elif reduction == "mean":
-        with np.errstate(invalid="ignore", divide="ignore"):
-            loss = loss.sum() / _denominator(t, w, ignore_index)
-    # as_tensor makes arrays at least 1-D; the mean and sum are 0-D
-    return as_tensor(loss, logits.dtype).reshape(np.shape(loss)), torch.from_numpy(row_max), torch.from_numpy(log_sum)
+    denominator = _denominator(t, w, ignore_index)
+    write_loss(loss_out, reduced(loss, reduction, denominator))
+    write(row_max_out, row_max)
+    write(log_sum_out, log_sum)
+    write(totals_out, np.array([denominator, w.sum()]))
 
 
-def cross_entropy_bwd(grad_loss, logits, target, weight, row_max, log_sum, ignore_index, label_smoothing,
-                      reduction):
-    """d(reduced loss)/d(logits) times ``grad_loss``, from the forward's statistics:
-    s_i ((1-e) w[t_i] (p - onehot(t_i)) + (e/C) (sum(w) p - w)), 0 on ignored rows, with
-    s_i the upstream gradient (per row for ``none``), divided by the mean's denominator
-    for ``mean`` (0 when every row is ignored)."""
-    x, t = as_array(logits), target.numpy()
+def cross_entropy_bwd(grad_loss, logits, target, weight, row_max, log_sum, totals, ignore_index, label_smoothing,
+                      reduction, grad_out):
+    """s_i ((1-e) w[t_i] (p - onehot(t_i)) + (e/C) (sum(w) p - w)), 0 on ignored rows."""
+    x = as_array(logits)
+    scale = _grad_scale(grad_loss, reduction, as_array(totals)[0], row_max.dtype)
+    write(grad_out, logits_grad(x, as_array(target), _class_weights(logits, weight), ignore_index, label_smoothing,
+                                as_array(row_max), as_array(log_sum), scale, x.shape[1]))
+
+
+def _target_weights(target: np.ndarray, weight: np.ndarray, label_smoothing: float) -> np.ndarray:
+    """q = w * ((1-e) target + e/C): the smoothed class probabilities, weighted."""
+    e = label_smoothing
+    return weight * ((1 - e) * target + e / target.shape[1]) if e > 0 else weight * target
+
+
+def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss_out, row_max_out, log_sum_out,
+                            target_mass_out):
+    """loss_i = -sum_c q[i, c] logp[i, c] = mass_i log_sum_i - sum_c q[i, c] (x[i, c] - m_i),
+    with mass_i = sum_c q[i, c]. A class of probability 0 and logit -inf gives nan (0 * -inf),
+    as in PyTorch."""
+    x = as_array(logits)
+    q = _target_weights(as_array(target, logits.dtype), _class_weights(logits, weight), label_smoothing)
+    row_max = x.max(axis=1)
+    shifted = x - row_max[:, None]
+    with np.errstate(invalid="ignore"):
+        weighted = (q * shifted).sum(axis=1)
+    log_sum = np.log(np.exp(shifted).sum(axis=1))
+    mass = q.sum(axis=1)
+    write_loss(loss_out, reduced(mass * log_sum - weighted, reduction, x.shape[0]))
+    write(row_max_out, row_max)
+    write(log_sum_out, log_sum)
+    write(target_mass_out, mass)
+
+
+def cross_entropy_probs_bwd(grad_loss, logits, target, weight, row_max, log_sum, target_mass, label_smoothing,
+                            reduction, grad_target, grad_out, target_grad_out):
+    """s_i (mass_i p - q) and, when asked, d/d(target) = -s_i (1-e) w logp."""
+    x = as_array(logits)
     w = _class_weights(logits, weight)
-    scale = as_array(grad_loss, row_max.dtype)
-    if reduction == "mean":
-        denominator = _denominator(t, w, ignore_index)
-        scale = scale / denominator if denominator != 0 else np.zeros_like(scale)
-    grad = logits_grad(x, t, w, ignore_index, label_smoothing, as_array(row_max), as_array(log_sum), scale,
-                       x.shape[1])
-    return as_tensor(grad, logits.dtype)
+    scale = _grad_scale(grad_loss, reduction, x.shape[0], row_max.dtype)
+    scale = scale[:, None] if scale.ndim else scale
+    logp = x - as_array(row_max)[:, None] - as_array(log_sum)[:, None]
+    q = _target_weights(as_array(target, logits.dtype), w, label_smoothing)
+    write(grad_out, scale * (as_array(target_mass)[:, None] * np.exp(logp) - q))
+    if grad_target:
+        write(target_grad_out, -(1 - label_smoothing) * scale * w * logp)

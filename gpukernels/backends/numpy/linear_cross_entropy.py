@@ -1,7 +1,7 @@
-"""The fused linear + cross-entropy's two passes (their loops are
-``gpukernels.ops.linear_cross_entropy``'s), on NumPy in fp32 (fp64 for fp64):
-a chunk of rows' loss and logsumexp statistics, and a slice of the vocabulary's
-gradients from those statistics."""
+"""The fused linear + cross-entropy on NumPy, in fp32 (fp64 for fp64): the
+forward by chunks of rows (each chunk's loss and logsumexp statistics), the
+backward by slices of the vocabulary (each slice's gradients from those
+statistics)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Optional
 import numpy as np
 from torch import Tensor
 
-from ._arrays import as_array, as_tensor
-from .cross_entropy import logits_grad, row_statistics
+from ._arrays import as_array, compute_dtype, write
+from .cross_entropy import logits_grad, reduced, row_statistics, write_loss
 
 
 def _logits(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -24,32 +24,57 @@ def _logits(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[np.ndarr
     return x_array, w, logits
 
 
-def linear_cross_entropy_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, *,
-                              ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
-                              loss: Tensor, row_max: Tensor, log_sum: Tensor) -> None:
-    """Writes, for the rows of ``x`` (a chunk), each row's loss (0 on ignored rows), the max
-    of its (softcapped) logits and the log of ``sum exp(logit - max)``."""
-    _, _, logits = _logits(x, weight, bias)
-    row_loss, row_m, row_log_sum = row_statistics(logits, target.numpy(), None, ignore_index, label_smoothing,
-                                                  softcap, z_loss, overwrite=True)
-    loss.numpy()[:], row_max.numpy()[:], log_sum.numpy()[:] = row_loss, row_m, row_log_sum
+def linear_cross_entropy_fwd(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction,
+                             chunk_rows, loss_dtype, loss_out, row_max_out, log_sum_out, kept_rows_out):
+    """Each chunk of ``chunk_rows`` rows: its logits, then each row's loss (0 on ignored rows),
+    the max of its (softcapped) logits and the log of ``sum exp(logit - max)``. One chunk's
+    logits at a time: each is a temporary of ``row_statistics``' call, gone when it returns."""
+    rows, t = x.shape[0], as_array(target)
+    loss, row_max, log_sum = (np.empty(rows, compute_dtype(x.dtype)) for _ in range(3))
+    for start in range(0, rows, chunk_rows):
+        part = slice(start, start + chunk_rows)
+        loss[part], row_max[part], log_sum[part] = row_statistics(
+            _logits(x[part], weight, bias)[2], t[part], None, ignore_index, label_smoothing, softcap, z_loss,
+            overwrite=True)
+    kept_rows = np.count_nonzero(t != ignore_index)
+    write_loss(loss_out, reduced(loss, reduction, kept_rows))
+    write(row_max_out, row_max)
+    write(log_sum_out, log_sum)
+    kept_rows_out.fill_(kept_rows)
 
 
-def linear_cross_entropy_slice(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, row_max: Tensor,
-                               log_sum: Tensor, grad_scale: Tensor, *, vocab: int, col_offset: int,
-                               ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
-                               dx: Optional[Tensor], dweight: Optional[Tensor], dbias: Optional[Tensor]) -> None:
-    """For the vocabulary slice ``weight`` (rows ``col_offset...`` of the whole weight, and
-    ``bias`` its part), the gradient of ``sum_i grad_scale_i * loss_i`` over all rows of
-    ``x``: written into ``dweight`` and ``dbias`` (that slice, in the input dtype), added
-    into ``dx`` (an fp32 accumulator, fp64 for fp64)."""
+def _slice_grads(x, weight, bias, target, row_max, log_sum, scale, vocab, col_offset, ignore_index, label_smoothing,
+                 z_loss, softcap, dx, dweight_out, dbias_out):
+    """One vocabulary slice (``weight``, ``bias``): its logits' gradient, written over them,
+    then that slice of ``dweight`` and ``dbias`` (each when given), and its share of ``dx``
+    added into the accumulator (when given)."""
     x_array, w, logits = _logits(x, weight, bias)
-    grad = logits_grad(logits, target.numpy(), None, ignore_index, label_smoothing, as_array(row_max),
-                       as_array(log_sum), as_array(grad_scale), vocab, col_offset, softcap, z_loss,
-                       overwrite=True)
+    grad = logits_grad(logits, target, None, ignore_index, label_smoothing, row_max, log_sum, scale, vocab,
+                       col_offset, softcap, z_loss, overwrite=True)
     if dx is not None:
-        dx.numpy()[:] += grad @ w
-    if dweight is not None:
-        dweight.copy_(as_tensor(grad.T @ x_array, dweight.dtype))
-    if dbias is not None:
-        dbias.copy_(as_tensor(grad.sum(axis=0), dbias.dtype))
+        dx += grad @ w
+    if dweight_out is not None:
+        write(dweight_out, grad.T @ x_array)
+    if dbias_out is not None:
+        write(dbias_out, grad.sum(axis=0))
+
+
+def linear_cross_entropy_bwd(grad_loss, x, weight, bias, target, row_max, log_sum, kept_rows, ignore_index,
+                             label_smoothing, z_loss, softcap, reduction, slice_columns, grad_x, grad_weight,
+                             grad_bias, dx_out, dweight_out, dbias_out):
+    """Each slice of ``slice_columns`` vocabulary entries: its logits for all rows again, their
+    gradient written over them, then that slice of ``dweight`` and ``dbias``, and its share of
+    ``dx`` added into an fp32 (fp64) accumulator."""
+    vocab = weight.shape[0]
+    scale = as_array(grad_loss, row_max.dtype)
+    if reduction == "mean":
+        kept = kept_rows.item()
+        scale = scale / kept if kept else np.zeros_like(scale)
+    dx = np.zeros(x.shape, compute_dtype(x.dtype)) if grad_x else None
+    for start in range(0, vocab, slice_columns):
+        part = slice(start, start + slice_columns)
+        _slice_grads(x, weight[part], None if bias is None else bias[part], as_array(target), as_array(row_max),
+                     as_array(log_sum), scale, vocab, start, ignore_index, label_smoothing, z_loss, softcap, dx,
+                     dweight_out[part] if grad_weight else None, dbias_out[part] if grad_bias else None)
+    if grad_x:
+        write(dx_out, dx)

@@ -2,42 +2,57 @@
 
 Forward, ``cross_entropy_kernel``, one program per row: reads the row in column
 blocks and keeps an online log-sum-exp: the running max ``m`` and
-``s = sum exp(x - m)``, rescaled when ``m`` grows; with label smoothing also
-``d = sum_c w[c] (x[c] - m)``, re-based the same way, so that no term is ever
-formed relative to 0 (a logit of 1e4 loses no digits):
-  loss = (1-e) w[t] (m - x[t] + log s) + (e/C) (sum(w) log s - d),
-and saves ``m`` and ``log s`` per row, kept apart so a large ``m`` costs the
-gradient no digits.
+``s = sum exp(x - m)``, rescaled when ``m`` grows; with label smoothing or
+class-probability targets also, for the row's target weights ``q`` (``w`` for
+the smoothing term of class indices, ``w * ((1-e) target + e/C)`` for
+probabilities), ``mass = sum_c q[c]`` and ``d = sum_c q[c] (x[c] - m)``, re-based
+the same way, so that no term is ever formed relative to 0 (a logit of 1e4
+loses no digits):
+  class indices:  loss = (1-e) w[t] (m - x[t] + log s) + (e/C) (sum(w) log s - d)
+  probabilities:  loss = mass log s - d
+It saves ``m`` and ``log s`` per row, kept apart so a large ``m`` costs the
+gradient no digits (and ``mass`` for probabilities).
+The program to finish last (each adds itself to a zeroed counter when its row
+is done) then sums the rows' losses, in a fixed order (deterministic), into the
+reduced loss, divided by the mean's denominator (``sum w[t_i]`` over kept rows,
+which it computes from the targets; the number of rows for probabilities), and
+checks the targets: the forward, its reduction included, is one launch (and the
+counter's zero fill), and nothing on the host waits.
 Backward, ``logits_grad_kernel``, a 2-D grid of (rows, column blocks): the
 gradient from those statistics, ``scale * (a (p - onehot) + b (sum(w) p - w))``
-with ``p = exp(x - m - log s)``: one read of the logits and one write, and no
-logits-sized buffer but the gradient itself. The mean's denominator
-``sum w[t_i]`` over kept rows is a small torch reduction over ``target``, read
-by the kernels from a device tensor, so nothing waits on the host.
+(``scale * (mass p - q)`` for probabilities) with ``p = exp(x - m - log s)``,
+the upstream gradient divided by the mean's denominator in the kernel: one read
+of the logits and one write, and no logits-sized buffer but the gradient itself.
 
-The fused linear + cross-entropy (``linear_cross_entropy.py``) runs both kernels
-on its chunks of logits, with what only it has, each behind a constexpr flag: a
-softcap (the row is read as ``cap * tanh(x / cap)``), a z-loss
-(``z * lse**2`` per row), per-row gradient scales and vocabulary slices.
+The fused linear + cross-entropy (``linear_cross_entropy.py``) runs these
+kernels on its chunks of logits, with what only it has, each behind a
+constexpr flag: a softcap (the row is read as ``cap * tanh(x / cap)``), a
+z-loss (``z * lse**2`` per row) and vocabulary slices.
+
+Float options reach the kernels as the bits of their fp64 value (an int64
+argument; a Python float would be passed as fp32), so fp64 logits see them
+exactly and no launch puts them in device memory.
 
 A target outside ``[0, C)`` that is not ``ignore_index`` is never read: the
-forward clamps the index it loads with and flags the row. On CPU tensors
-(the interpreter) the flag is an IndexError, as on the NumPy backend; on CUDA
-it is ``torch._assert_async``, a device-side assert, as PyTorch's own
-``nll_loss`` reports it (it surfaces at a later synchronisation and leaves the
-CUDA context unusable).
+kernels clamp the index they load with, and the last program flags it.
+On CPU tensors (the interpreter) the flag is an IndexError, as on the NumPy
+backend; on CUDA it is ``torch._assert_async``, a device-side assert, as
+PyTorch's own ``nll_loss`` reports it (it surfaces at a later synchronisation
+and leaves the CUDA context unusable).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+import struct
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, round_to, row_block, stats_dtype
+from ._common import acc_dtype, round_to, row_block
 
 # Widest column block of the forward; vocabularies past it (up to 256k) are swept
 # in blocks. Tests lower it to make small rows loop.
@@ -61,32 +76,93 @@ def softcap_slope(x, cap):
     return tl.sigmoid(u) * tl.sigmoid(-u) * 4.0
 
 
+# Rows per step and warp of the forward's last program, which sums every row's loss.
+FINISH_ROWS_PER_WARP = 256
+# Float options reach the kernels as bits: no specialisation on their values.
+FLOAT_OPTIONS = ["smoothing_bits", "softcap_bits", "z_loss_bits"]
+
+
+def float_bits(value: float) -> int:
+    """The bits of ``value`` as an fp64, as an int argument (``as_float`` reads it back)."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
 @triton.jit
-def cross_entropy_kernel(X, T, W, Smoothing, Softcap, ZLoss, Loss, RowMax, LogSum, Bad, C, ignore_index,
-                         HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,
-                         ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    X += row * C
-    t = tl.load(T + row).to(tl.int64)
-    kept = t != ignore_index
-    in_range = (t >= 0) & (t < C)
-    tl.store(Bad + row, kept & ~in_range)
-    kept = kept & in_range
-    safe_t = tl.where(kept, t, 0)
-    cap = tl.load(Softcap).to(ACC) if SOFTCAP else 1.0
-    x_t = tl.load(X + safe_t).to(ACC)
-    if SOFTCAP:
-        x_t = apply_softcap(x_t, cap)
-    w_t = tl.load(W + safe_t).to(ACC) if HAS_W else 1.0
-    e = tl.load(Smoothing).to(ACC) if SMOOTH else 0.0
-    z = tl.load(ZLoss).to(ACC) if Z_LOSS else 0.0
+def as_float(bits, ACC: tl.constexpr):
+    """A ``float_bits`` argument as a float of dtype ``ACC``."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+
+
+@triton.jit
+def finish_rows(RowLoss, T, W, Loss, Totals, Flags, rows, C, ignore_index, HAS_W: tl.constexpr, PROBS: tl.constexpr,
+                REDUCE: tl.constexpr, MEAN: tl.constexpr, WEIGHT_SUM: tl.constexpr, ACC: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """The work of the forward's last program, once every row's loss is in ``RowLoss``:
+    ``Loss`` = their sum (``REDUCE``), over the mean's denominator (``MEAN``): the sum of
+    ``w[t]`` over the rows whose target is kept and in range, the number of rows for
+    ``PROBS``. For class indices also ``Totals[0]`` = that denominator, ``Totals[1]`` =
+    ``sum(w)`` (C without weights) with ``WEIGHT_SUM``, and ``Flags[1]`` = 1 when every
+    target is ``ignore_index`` or in ``[0, C)``. A fixed order: the same sum every run."""
+    total = tl.zeros([BLOCK], dtype=ACC)
+    counted = tl.zeros([BLOCK], dtype=ACC)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, rows, BLOCK):
+        r = start + tl.arange(0, BLOCK)
+        mask = r < rows
+        if REDUCE:  # written by other programs, on other SMs: read around L1
+            total += tl.load(RowLoss + r, mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
+        if not PROBS:
+            t = tl.load(T + r, mask=mask, other=0).to(tl.int64)
+            kept = mask & (t != ignore_index)
+            in_range = (t >= 0) & (t < C)
+            bad += (kept & ~in_range).to(tl.int32)
+            if HAS_W:
+                counted += tl.load(W + tl.where(in_range, t, 0), mask=kept & in_range, other=0.0).to(ACC)
+            else:
+                counted += (kept & in_range).to(ACC)
+    # zeros + n: an int argument equal to 1 is a constexpr, which has no .to()
+    denominator = tl.sum(counted, axis=0) if not PROBS else tl.zeros((), ACC) + rows
+    if REDUCE:
+        loss = tl.sum(total, axis=0)
+        if MEAN:
+            loss = loss / denominator  # 0/0 = nan when every row is ignored, as in PyTorch
+        tl.store(Loss, round_to(loss, Loss.dtype.element_ty))
+    if not PROBS:
+        tl.store(Totals, denominator)
+        tl.store(Flags + 1, (tl.sum(bad, axis=0) == 0).to(tl.int32))
+    if WEIGHT_SUM:
+        if HAS_W:
+            weights = tl.zeros([BLOCK], dtype=ACC)
+            for start in range(0, C, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                weights += tl.load(W + cols, mask=cols < C, other=0.0).to(ACC)
+            tl.store(Totals + 1, tl.sum(weights, axis=0))
+        else:
+            tl.store(Totals + 1, tl.zeros((), ACC) + C)
+
+
+@triton.jit(do_not_specialize=FLOAT_OPTIONS)
+def cross_entropy_kernel(X, T, W, RowLoss, RowMax, LogSum, RowMass, Loss, Totals, Flags, row_offset, rows, C,
+                         ignore_index, smoothing_bits, softcap_bits, z_loss_bits, HAS_W: tl.constexpr,
+                         SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr, PROBS: tl.constexpr,
+                         FINISH: tl.constexpr, REDUCE: tl.constexpr, MEAN: tl.constexpr, WEIGHT_SUM: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_C: tl.constexpr, FINISH_BLOCK: tl.constexpr):
+    """Program ``i`` takes row ``i`` of ``X`` (a chunk of the forward's ``rows`` rows):
+    row ``row_offset + i`` of ``T``, ``RowLoss``, ``RowMax``, ``LogSum`` (``RowMass``).
+    With ``FINISH``, the program to arrive last at the counter ``Flags[0]`` (zeroed by
+    the caller), over every launch of the forward, does ``finish_rows``."""
+    program = tl.program_id(0).to(tl.int64)
+    row = row_offset + program
+    X += program * C
+    cap = as_float(softcap_bits, ACC) if SOFTCAP else 1.0
+    e = as_float(smoothing_bits, ACC) if SMOOTH else 0.0
     neg_inf = -float("inf")
 
     m = tl.full((), neg_inf, ACC)
     shift = tl.zeros((), ACC)  # m, or 0 while every logit so far is -inf (avoids -inf - -inf)
     s = tl.zeros((), ACC)
     d = tl.zeros((), ACC)
-    sum_w = tl.zeros((), ACC)
+    mass = tl.zeros((), ACC)
     for start in range(0, C, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         mask = cols < C
@@ -96,154 +172,231 @@ def cross_entropy_kernel(X, T, W, Smoothing, Softcap, ZLoss, Loss, RowMax, LogSu
         m = tl.maximum(m, tl.max(x, axis=0))
         new_shift = tl.where(m == neg_inf, 0.0, m)
         s = s * tl.exp(shift - new_shift) + tl.sum(tl.exp(x - new_shift), axis=0)
-        if SMOOTH:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else tl.where(mask, 1.0, 0.0).to(ACC)
-            d = d - sum_w * (new_shift - shift) + tl.sum(w * tl.where(mask, x - new_shift, 0.0), axis=0)
-            sum_w += tl.sum(w, axis=0)
+        if SMOOTH or PROBS:
+            q = tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else tl.where(mask, 1.0, 0.0).to(ACC)
+            if PROBS:
+                t = tl.load(T + row * C + cols, mask=mask, other=0.0).to(ACC)
+                q *= (1.0 - e) * t + e / C if SMOOTH else t
+            d = d - mass * (new_shift - shift) + tl.sum(q * tl.where(mask, x - new_shift, 0.0), axis=0)
+            mass += tl.sum(q, axis=0)
         shift = new_shift
     log_s = tl.log(s)
-    lse = shift + log_s
 
-    loss = (1.0 - e) * w_t * (shift - x_t + log_s)
-    if SMOOTH:
-        loss += (e / C) * (sum_w * log_s - d)
-    if Z_LOSS:
-        loss += z * lse * lse
-    tl.store(Loss + row, tl.where(kept, loss, 0.0))
+    if PROBS:
+        loss = mass * log_s - d
+        tl.store(RowMass + row, mass)
+    else:
+        t = tl.load(T + row).to(tl.int64)
+        # clamped: an out-of-range target is never read (finish_rows flags it)
+        kept = (t != ignore_index) & (t >= 0) & (t < C)
+        safe_t = tl.where(kept, t, 0)
+        x_t = tl.load(X + safe_t).to(ACC)
+        if SOFTCAP:
+            x_t = apply_softcap(x_t, cap)
+        w_t = tl.load(W + safe_t).to(ACC) if HAS_W else 1.0
+        loss = (1.0 - e) * w_t * (shift - x_t + log_s)
+        if SMOOTH:
+            loss += (e / C) * (mass * log_s - d)
+        if Z_LOSS:
+            lse = shift + log_s
+            loss += as_float(z_loss_bits, ACC) * lse * lse
+        loss = tl.where(kept, loss, 0.0)
+    tl.store(RowLoss + row, round_to(loss, RowLoss.dtype.element_ty))
     tl.store(RowMax + row, shift)
     tl.store(LogSum + row, log_s)
+    if FINISH:
+        # The counter's release publishes this program's stores, its acquire shows the
+        # last program everyone's; the barrier puts every thread's stores before it.
+        tl.debug_barrier()
+        if tl.atomic_add(Flags, 1, sem="acq_rel") == rows - 1:
+            finish_rows(RowLoss, T, W, Loss, Totals, Flags, rows, C, ignore_index, HAS_W, PROBS, REDUCE, MEAN,
+                        WEIGHT_SUM, ACC, FINISH_BLOCK)
 
 
-@triton.jit
-def logits_grad_kernel(X, T, W, SumW, RowMax, LogSum, GradScale, Smoothing, Softcap, ZLoss, Grad, width, col_offset,
-                       C, ignore_index, HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
-                       Z_LOSS: tl.constexpr, ROW_SCALE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+@triton.jit(do_not_specialize=FLOAT_OPTIONS)
+def logits_grad_kernel(X, T, W, RowMax, LogSum, RowMass, GradLoss, grad_stride, Totals, Grad, TargetGrad, rows,
+                       width, col_offset, C, ignore_index, smoothing_bits, softcap_bits, z_loss_bits,
+                       HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,
+                       PROBS: tl.constexpr, MEAN: tl.constexpr, TARGET_GRAD: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
     """``Grad[row, cols] = scale_row * d loss_row / d X[row, cols]`` for columns
     ``col_offset + cols`` of rows of ``C`` logits (``width`` of them here), from the
-    row's ``m`` and ``log s``. ``Grad`` may be ``X``: each program reads its block
-    before writing it."""
+    row's ``m`` and ``log s``; ``scale_row`` is ``GradLoss[row * grad_stride]`` (a stride
+    of 0 for one value), over the mean's denominator ``Totals[0]`` (``rows`` for
+    probabilities). With ``TARGET_GRAD``, d loss / d target into ``TargetGrad``. ``Grad``
+    may be ``X``: each program reads its block before writing it."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < width
-    t = tl.load(T + row).to(tl.int64)
-    scale = tl.load(GradScale + row).to(ACC) if ROW_SCALE else tl.load(GradScale).to(ACC)
-    scale = tl.where(t != ignore_index, scale, 0.0)
+    scale = tl.load(GradLoss + row * grad_stride).to(ACC)
+    if MEAN:
+        if PROBS:
+            scale = scale / rows
+        else:
+            denominator = tl.load(Totals)  # 0 when every row is ignored: no gradient
+            scale = tl.where(denominator != 0, scale, 0.0) / tl.where(denominator != 0, denominator, 1.0)
     m = tl.load(RowMax + row)
     log_s = tl.load(LogSum + row)
     raw = tl.load(X + row * width + cols, mask=mask, other=0.0).to(ACC)
-    cap = tl.load(Softcap).to(ACC) if SOFTCAP else 1.0
+    cap = as_float(softcap_bits, ACC) if SOFTCAP else 1.0
     x = apply_softcap(raw, cap) if SOFTCAP else raw
     p = tl.exp(x - m - log_s)
-    e = tl.load(Smoothing).to(ACC) if SMOOTH else 0.0
-    # the forward has flagged a target out of range; clamped, it is never read
-    w_t = tl.load(W + tl.where((t >= 0) & (t < C), t, 0)).to(ACC) if HAS_W else 1.0
-    # a (p - onehot) + b (sum(w) p - w): each term exactly 0 where p is the one-hot (C == 1)
-    g = scale * (1.0 - e) * w_t * (p - tl.where(cols + col_offset == t, 1.0, 0.0))
-    if SMOOTH:
-        if HAS_W:
-            w = tl.load(W + col_offset + cols, mask=mask, other=0.0).to(ACC)
-            g += scale * (e / C) * (tl.load(SumW).to(ACC) * p - w)
-        else:
-            g += scale * (e / C) * (C * p - 1.0)
-    if Z_LOSS:
-        g += scale * 2.0 * tl.load(ZLoss).to(ACC) * (m + log_s) * p
+    e = as_float(smoothing_bits, ACC) if SMOOTH else 0.0
+    if PROBS:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else 1.0
+        t = tl.load(T + row * C + cols, mask=mask, other=0.0)
+        q = w * ((1.0 - e) * t.to(ACC) + e / C) if SMOOTH else w * t.to(ACC)
+        g = scale * (tl.load(RowMass + row) * p - q)
+        if TARGET_GRAD:
+            target_grad = -scale * (1.0 - e) * w * (x - m - log_s)
+            tl.store(TargetGrad + row * C + cols, round_to(target_grad, TargetGrad.dtype.element_ty), mask=mask)
+    else:
+        t = tl.load(T + row).to(tl.int64)
+        scale = tl.where(t != ignore_index, scale, 0.0)
+        # an out-of-range target is flagged by the forward; clamped, it is never read
+        w_t = tl.load(W + tl.where((t >= 0) & (t < C), t, 0)).to(ACC) if HAS_W else 1.0
+        # a (p - onehot) + b (sum(w) p - w): each term exactly 0 where p is the one-hot (C == 1)
+        g = scale * (1.0 - e) * w_t * (p - tl.where(cols + col_offset == t, 1.0, 0.0))
+        if SMOOTH:
+            if HAS_W:
+                w = tl.load(W + col_offset + cols, mask=mask, other=0.0).to(ACC)
+                g += scale * (e / C) * (tl.load(Totals + 1) * p - w)
+            else:
+                g += scale * (e / C) * (C * p - 1.0)
+        if Z_LOSS:
+            g += scale * 2.0 * as_float(z_loss_bits, ACC) * (m + log_s) * p
     if SOFTCAP:
         g *= softcap_slope(raw, cap)
     tl.store(Grad + row * width + cols, round_to(g, Grad.dtype.element_ty), mask=mask)
 
 
-def _check_targets(target: Tensor, bad: Tensor, classes: int) -> None:
-    if bad.device.type == "cuda":
-        torch._assert_async(~bad.any(), f"cross_entropy: a target is out of bounds for {classes} classes "
-                                        f"(and is not ignore_index)")
-    elif bad.any():
+def _flags(logits: Tensor, weight: Optional[Tensor], label_smoothing: float, softcap: Optional[float],
+           z_loss: float, probs: bool) -> dict:
+    """The kernels' option arguments and constexpr flags."""
+    return dict(smoothing_bits=float_bits(label_smoothing), softcap_bits=float_bits(softcap or 0.0),
+                z_loss_bits=float_bits(z_loss), HAS_W=weight is not None, SMOOTH=label_smoothing > 0,
+                SOFTCAP=softcap is not None, Z_LOSS=bool(z_loss), PROBS=probs, ACC=acc_dtype(logits.dtype))
+
+
+class Finish(NamedTuple):
+    """What the forward's last program writes (``finish_rows``): ``loss`` (0-d; None for
+    ``none``), reduced as ``reduction`` says; for class indices ``totals`` (the mean's
+    denominator, and sum(w) with ``weight_sum``) and the target check into ``flags``
+    (int32 ``[arrival counter, ok]``, zeroed: ``finish``)."""
+    reduction: str
+    loss: Optional[Tensor]
+    totals: Optional[Tensor]
+    flags: Tensor
+    weight_sum: bool
+
+
+def finish(reduction: str, loss: Tensor, totals: Optional[Tensor], weight_sum: bool = False) -> Finish:
+    """A forward's ``Finish``, its flags zeroed (the one launch besides the row kernel's)."""
+    return Finish(reduction, None if reduction == "none" else loss, totals,
+                  torch.zeros(2, dtype=torch.int32, device=loss.device), weight_sum)
+
+
+def cross_entropy_rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                       label_smoothing: float, row_loss: Tensor, row_max: Tensor, log_sum: Tensor, *,
+                       row_offset: int = 0, target_mass: Optional[Tensor] = None, softcap: Optional[float] = None,
+                       z_loss: float = 0.0, last: Optional[Finish] = None) -> None:
+    """One launch over the rows of ``logits``, rows ``row_offset...`` of the forward's (of
+    ``target``, ``row_loss``, ``row_max``, ``log_sum``): writes each row's loss (0 on
+    ignored rows; ``+ z_loss * lse**2`` with a z-loss; of ``softcap * tanh(logits /
+    softcap)`` with a softcap) into ``row_loss`` (any float dtype), and the row max ``m``
+    and ``log sum exp(logit - m)``. With ``target_mass`` (where each row's ``sum_c q[c]``
+    goes), ``target`` holds class probabilities. With ``last``, the program to finish
+    last of all the forward's ``row_loss.shape[0]`` rows (over every launch with that
+    ``last``) does its work."""
+    rows, classes = logits.shape
+    if not rows:
+        return
+    block = row_block(classes, MAX_BLOCK_C)
+    warps = min(max(block // 256, 1), 16)
+    cross_entropy_kernel[(rows,)](
+        logits, target, weight, row_loss, row_max, log_sum, target_mass,
+        *(None, None, None) if last is None else (last.loss, last.totals, last.flags),
+        row_offset, row_loss.shape[0], classes, ignore_index,
+        **_flags(logits, weight, label_smoothing, softcap, z_loss, target_mass is not None),
+        FINISH=last is not None, REDUCE=last is not None and last.loss is not None,
+        MEAN=last is not None and last.reduction == "mean", WEIGHT_SUM=last is not None and last.weight_sum,
+        BLOCK_C=block, FINISH_BLOCK=FINISH_ROWS_PER_WARP * warps, num_warps=warps)
+
+
+def check_targets(last: Finish, target: Tensor, ignore_index: int, classes: int) -> None:
+    """The forward's target check, from ``last.flags``: with no host synchronisation on CUDA."""
+    ok = last.flags[1]
+    if ok.device.type == "cuda":
+        torch._assert_async(ok, f"cross_entropy: a target is out of bounds for {classes} classes "
+                                f"(and is not ignore_index)")
+    elif not ok:
+        bad = (target != ignore_index) & ((target < 0) | (target >= classes))
         raise IndexError(f"target {int(target[bad][0])} is out of bounds for {classes} classes "
                          f"(and is not ignore_index)")
 
 
-def _scalar(value: float, like: Tensor) -> Tensor:
-    """``value`` as a 0-d device tensor in ``like``'s dtype: a kernel's float arguments are fp32."""
-    return torch.full((), value, dtype=like.dtype, device=like.device)
-
-
-def cross_entropy_rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                       label_smoothing: float, loss: Tensor, row_max: Tensor, log_sum: Tensor, *,
-                       softcap: Optional[float] = None, z_loss: float = 0.0) -> None:
-    """One launch over the rows of ``logits``: writes each row's loss (0 on ignored
-    rows; ``+ z_loss * lse**2`` with a z-loss; of ``softcap * tanh(logits / softcap)``
-    with a softcap) into ``loss`` (fp32, fp64 for fp64 logits), and into ``row_max`` and
-    ``log_sum`` the row max ``m`` and ``log sum exp(logit - m)``."""
-    rows, classes = logits.shape
-    if not rows:
-        return
-    bad = torch.empty(rows, dtype=torch.bool, device=logits.device)
-    block = row_block(classes, MAX_BLOCK_C)
-    cross_entropy_kernel[(rows,)](
-        logits, target, weight,
-        _scalar(label_smoothing, loss) if label_smoothing > 0 else None,
-        _scalar(softcap, loss) if softcap is not None else None,
-        _scalar(z_loss, loss) if z_loss else None,
-        loss, row_max, log_sum, bad, classes, ignore_index,
-        HAS_W=weight is not None, SMOOTH=label_smoothing > 0, SOFTCAP=softcap is not None, Z_LOSS=bool(z_loss),
-        ACC=acc_dtype(logits.dtype), BLOCK_C=block, num_warps=min(max(block // 256, 1), 16))
-    _check_targets(target, bad, classes)
+def finish_without_rows(last: Finish, weight: Optional[Tensor], classes: int) -> None:
+    """What the last program writes, for a forward with no rows (no programs)."""
+    if last.loss is not None:
+        last.loss.fill_(math.nan if last.reduction == "mean" else 0.0)
+    if last.totals is not None:
+        last.totals.zero_()
+        if last.weight_sum:
+            last.totals[1] = classes if weight is None else weight.sum()
 
 
 def logits_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], row_max: Tensor, log_sum: Tensor,
-                grad_scale: Tensor, grad: Tensor, *, classes: int, col_offset: int, ignore_index: int,
-                label_smoothing: float, softcap: Optional[float] = None, z_loss: float = 0.0) -> None:
-    """Into ``grad`` (which may be ``logits``), ``grad_scale`` (0-d, or one per row)
-    times the gradient of each row's loss with respect to ``logits``, columns
-    ``[col_offset, col_offset + width)`` of rows of ``classes``, from the forward's
-    ``row_max`` and ``log_sum``."""
+                grad_loss: Tensor, totals: Optional[Tensor], grad: Tensor, *, classes: int, col_offset: int,
+                ignore_index: int, label_smoothing: float, reduction: str, target_mass: Optional[Tensor] = None,
+                target_grad: Optional[Tensor] = None, softcap: Optional[float] = None, z_loss: float = 0.0) -> None:
+    """Into ``grad`` (which may be ``logits``), ``grad_loss`` (0-d, or one per row, any
+    stride; over the mean's denominator for ``mean``) times the gradient of each row's
+    loss with respect to ``logits``, columns ``[col_offset, col_offset + width)`` of rows
+    of ``classes``, from the forward's ``row_max``, ``log_sum`` and ``totals`` (class
+    indices) or ``target_mass`` (probabilities; and d/d target into ``target_grad``)."""
     rows, width = logits.shape
     if not rows or not width:
         return
     block = row_block(width, GRAD_BLOCK_C)
+    probs = target_mass is not None
     logits_grad_kernel[(rows, triton.cdiv(width, block))](
-        logits, target, weight, weight.sum(dtype=row_max.dtype) if weight is not None else None,
-        row_max, log_sum, grad_scale,
-        _scalar(label_smoothing, row_max) if label_smoothing > 0 else None,
-        _scalar(softcap, row_max) if softcap is not None else None,
-        _scalar(z_loss, row_max) if z_loss else None,
-        grad, width, col_offset, classes, ignore_index,
-        HAS_W=weight is not None, SMOOTH=label_smoothing > 0, SOFTCAP=softcap is not None, Z_LOSS=bool(z_loss),
-        ROW_SCALE=grad_scale.dim() == 1, ACC=acc_dtype(logits.dtype), BLOCK_C=block,
+        logits, target, weight, row_max, log_sum, target_mass, grad_loss, grad_loss.stride(0) if grad_loss.dim() else 0,
+        totals, grad, target_grad, rows, width, col_offset, classes, ignore_index,
+        **_flags(logits, weight, label_smoothing, softcap, z_loss, probs),
+        MEAN=reduction == "mean", TARGET_GRAD=target_grad is not None, BLOCK_C=block,
         num_warps=min(max(block // 256, 1), 4))
 
 
-def _denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, acc: torch.dtype) -> Tensor:
-    """The mean's denominator: the sum of the kept rows' target weights."""
-    kept = target != ignore_index
-    if weight is None:
-        return kept.sum(dtype=acc)
-    # clamped: an out-of-range target is the forward kernel's to report, never a bad index here
-    return torch.where(kept, weight.to(acc)[target.clamp(0, weight.numel() - 1)], 0).sum()
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss, row_max, log_sum,
+                      totals):
+    rows, classes = logits.shape
+    last = finish(reduction, loss, totals, weight_sum=True)
+    if not rows:
+        return finish_without_rows(last, weight, classes)
+    row_loss = loss if reduction == "none" else torch.empty(rows, dtype=row_max.dtype, device=logits.device)
+    cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, row_loss, row_max, log_sum, last=last)
+    check_targets(last, target, ignore_index, classes)
 
 
-def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                      label_smoothing: float, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
-    """The NumPy kernel's contract."""
-    rows = logits.shape[0]
-    acc = stats_dtype(logits.dtype)
-    loss, row_max, log_sum = (torch.empty(rows, dtype=acc, device=logits.device) for _ in range(3))
-    cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, loss, row_max, log_sum)
-    if reduction == "sum":
-        loss = loss.sum()
-    elif reduction == "mean":
-        loss = loss.sum() / _denominator(target, weight, ignore_index, acc)
-    return loss.to(logits.dtype), row_max, log_sum
+def cross_entropy_bwd(grad_loss, logits, target, weight, row_max, log_sum, totals, ignore_index, label_smoothing,
+                      reduction, grad):
+    logits_grad(logits, target, weight, row_max, log_sum, grad_loss, totals, grad, classes=logits.shape[1],
+                col_offset=0, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
 
 
-def cross_entropy_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], row_max: Tensor,
-                      log_sum: Tensor, ignore_index: int, label_smoothing: float, reduction: str) -> Tensor:
-    """The NumPy kernel's contract."""
-    scale = grad_loss.to(row_max.dtype)
-    if reduction == "mean":
-        denominator = _denominator(target, weight, ignore_index, row_max.dtype)
-        # every row ignored: the loss is nan, as in PyTorch, but the gradient zero
-        scale = torch.where(denominator != 0, scale / denominator, 0)
-    grad = torch.empty_like(logits)
-    logits_grad(logits, target, weight, row_max, log_sum, scale.contiguous(), grad, classes=logits.shape[1],
-                col_offset=0, ignore_index=ignore_index, label_smoothing=label_smoothing)
-    return grad
+def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss, row_max, log_sum,
+                            target_mass):
+    rows, classes = logits.shape
+    last = None if reduction == "none" else finish(reduction, loss, None)
+    if not rows:
+        return None if last is None else finish_without_rows(last, weight, classes)
+    row_loss = loss if reduction == "none" else torch.empty(rows, dtype=row_max.dtype, device=logits.device)
+    cross_entropy_rows(logits, target, weight, -1, label_smoothing, row_loss, row_max, log_sum,
+                       target_mass=target_mass, last=last)
+
+
+def cross_entropy_probs_bwd(grad_loss, logits, target, weight, row_max, log_sum, target_mass, label_smoothing,
+                            reduction, grad_target, grad, target_grad):
+    logits_grad(logits, target, weight, row_max, log_sum, grad_loss, None, grad, classes=logits.shape[1],
+                col_offset=0, ignore_index=-1, label_smoothing=label_smoothing, reduction=reduction,
+                target_mass=target_mass, target_grad=target_grad if grad_target else None)

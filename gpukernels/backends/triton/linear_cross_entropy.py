@@ -1,20 +1,22 @@
-"""The fused linear + cross-entropy's two passes (their loops are
-``gpukernels.ops.linear_cross_entropy``'s).
+"""The fused linear + cross-entropy's two passes.
 
 Logits always come from a torch matmul (cuBLAS on CUDA) in the input dtype, so
 they round exactly as ``F.linear``'s do.
 
-- ``linear_cross_entropy_rows`` (forward, a chunk of rows): the logits, then the
-  row kernel of ``cross_entropy.py`` for each row's loss and the statistics of
-  its logsumexp, ``m`` and ``log s``.
-- ``linear_cross_entropy_slice`` (backward, a slice of the vocabulary over all
-  rows): the logits again, ``cross_entropy.py``'s ``logits_grad_kernel`` writing their gradient over
-  them from the saved statistics, then ``dweight[slice] = g.T @ x`` and
+- forward, by chunks of rows: each chunk's logits, then the row kernel of
+  ``cross_entropy.py`` for each row's loss and the statistics of its logsumexp,
+  ``m`` and ``log s``; the program to finish last, of all the chunks, reduces the
+  rows' losses and checks every target.
+- backward, by slices of the vocabulary over all rows: the logits again,
+  ``cross_entropy.py``'s ``logits_grad_kernel`` writing their gradient over them
+  from the saved statistics, then ``dweight[slice] = g.T @ x`` and
   ``dbias[slice]`` in the input dtype and ``dx += g @ weight[slice]`` into an
-  fp32 accumulator (fp64 for fp64). For bf16/fp16 that accumulation uses
-  ``torch.addmm(..., out_dtype=torch.float32)`` in place where this build has
-  it (CUDA builds that accept an fp32 addend); otherwise the slice's gradient
-  and weight are widened to fp32 first, a copy bounded by the slice.
+  fp32 accumulator (fp64 for fp64; ``dx`` itself for fp32 and fp64, which the
+  first slice writes rather than adds to, so nothing is zeroed). For bf16/fp16
+  that accumulation uses ``torch.addmm(..., out_dtype=torch.float32)`` in place
+  where this build has it (CUDA builds that accept an fp32 addend); otherwise the
+  slice's gradient and weight are widened to fp32 first, a copy bounded by the
+  slice.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .cross_entropy import cross_entropy_rows, logits_grad
+from .cross_entropy import check_targets, cross_entropy_rows, finish, finish_without_rows, logits_grad
+
 
 def _logits(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)
@@ -45,35 +48,52 @@ def _has_mixed_addmm(device: torch.device) -> bool:
     return acc.item() == 2.0  # the product added to acc, not written over it
 
 
-def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in fp32/fp64 and ``a``, ``b`` in the input dtype."""
+def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+    """``acc += a @ b`` (``acc = a @ b`` when ``first``) with ``acc`` in fp32/fp64 and ``a``,
+    ``b`` in the input dtype."""
+    beta = 0 if first else 1
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, beta=beta)
     elif _has_mixed_addmm(acc.device):
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
     else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta)
 
 
-def linear_cross_entropy_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, *,
-                              ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
-                              loss: Tensor, row_max: Tensor, log_sum: Tensor) -> None:
-    """The NumPy kernel's contract."""
-    cross_entropy_rows(_logits(x, weight, bias), target, None, ignore_index, label_smoothing, loss, row_max, log_sum,
-                       softcap=softcap, z_loss=z_loss)
+def linear_cross_entropy_fwd(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction,
+                             chunk_rows, loss_dtype, loss, row_max, log_sum, kept_rows):
+    rows, vocab = x.shape[0], weight.shape[0]
+    last = finish(reduction, loss, kept_rows)
+    if not rows:
+        return finish_without_rows(last, None, vocab)
+    row_loss = loss if reduction == "none" else torch.empty(rows, dtype=row_max.dtype, device=x.device)
+    # autocast reaches into a custom op's body: it would change the logits' dtype
+    with torch.autocast(x.device.type, enabled=False):
+        for start in range(0, rows, chunk_rows):
+            cross_entropy_rows(_logits(x[start:start + chunk_rows], weight, bias), target, None, ignore_index,
+                               label_smoothing, row_loss, row_max, log_sum, row_offset=start, softcap=softcap,
+                               z_loss=z_loss, last=last)
+    check_targets(last, target, ignore_index, vocab)
 
 
-def linear_cross_entropy_slice(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, row_max: Tensor,
-                               log_sum: Tensor, grad_scale: Tensor, *, vocab: int, col_offset: int,
-                               ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
-                               dx: Optional[Tensor], dweight: Optional[Tensor], dbias: Optional[Tensor]) -> None:
-    """The NumPy kernel's contract."""
-    grad = _logits(x, weight, bias)
-    logits_grad(grad, target, None, row_max, log_sum, grad_scale, grad, classes=vocab, col_offset=col_offset,
-                ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss)
-    if dweight is not None:
-        torch.mm(grad.T, x, out=dweight)
-    if dbias is not None:
-        dbias.copy_(grad.sum(dim=0, dtype=row_max.dtype))
-    if dx is not None:
-        _accumulate_product(dx, grad, weight)
+def linear_cross_entropy_bwd(grad_loss, x, weight, bias, target, row_max, log_sum, kept_rows, ignore_index,
+                             label_smoothing, z_loss, softcap, reduction, slice_columns, grad_x, grad_weight,
+                             grad_bias, dx, dweight, dbias):
+    vocab = weight.shape[0]
+    dx_acc = dx if not grad_x or dx.dtype == row_max.dtype else torch.empty(x.shape, dtype=row_max.dtype,
+                                                                              device=x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        for start in range(0, vocab, slice_columns):
+            part = slice(start, start + slice_columns)
+            grad = _logits(x, weight[part], None if bias is None else bias[part])
+            logits_grad(grad, target, None, row_max, log_sum, grad_loss, kept_rows, grad, classes=vocab,
+                        col_offset=start, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                        reduction=reduction, softcap=softcap, z_loss=z_loss)
+            if grad_weight:
+                torch.mm(grad.T, x, out=dweight[part])
+            if grad_bias:
+                torch.sum(grad, dim=0, out=dbias[part])
+            if grad_x:
+                _accumulate_product(dx_acc, grad, weight[part], first=start == 0)
+    if grad_x and dx_acc is not dx:
+        dx.copy_(dx_acc)
