@@ -21,9 +21,10 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpukernels as gk  # noqa: E402
-from gpukernels._backend import get_kernel  # noqa: E402
+from gpukernels._backend import kernel_for  # noqa: E402
 from gpukernels.backends.triton import layer_norm as triton_layer_norm  # noqa: E402
-from gpukernels.ops._eager import needs_dispatch  # noqa: E402
+from gpukernels.ops._op import needs_dispatch  # noqa: E402
+from gpukernels.ops.layer_norm import layer_norm_bwd, layer_norm_fwd  # noqa: E402
 
 
 @triton.jit
@@ -96,11 +97,11 @@ def main() -> None:
         "triton launch, layer_norm_fwd_kernel": lambda: triton_layer_norm.layer_norm_fwd_kernel[(8,)](
             xd, wd, bd, xd, mean, rstd, 64, 1e-5, HAS_W=True, HAS_B=True, ACC=tl.float32, BLOCK_D=64,
             ONE_BLOCK=True, num_warps=1),
-        "get_kernel": lambda: get_kernel("layer_norm", "layer_norm_fwd", device),
+        "kernel_for": lambda: kernel_for("triton", "layer_norm", "layer_norm_fwd", device),
         "needs_dispatch": lambda: needs_dispatch((xd, wd, bd, 1e-5)),
-        "backend layer_norm_fwd (allocations + launch)": lambda: triton_layer_norm.layer_norm_fwd(xd, wd, bd, 1e-5),
-        "backend layer_norm_bwd (allocations + 2 launches)": lambda: triton_layer_norm.layer_norm_bwd(
-            dy, xd, wd, mean, rstd, True),
+        "op layer_norm_fwd (allocations + launch)": lambda: layer_norm_fwd.on("triton", xd, wd, bd, 1e-5),
+        "op layer_norm_bwd (allocations + 2 launches)": lambda: layer_norm_bwd.on(
+            "triton", dy, xd, wd, mean, rstd, True),
         "x.clone() forward + backward (C++ backward)": fwd_bwd(lambda x, shape, w, b: x.clone()),
         "gk.layer_norm forward, no grad": no_grad(gk.layer_norm),
         "gk.layer_norm forward, with grad": lambda: gk.layer_norm(x, (64,), w, b),
@@ -108,7 +109,7 @@ def main() -> None:
         "gk.layer_norm forward + backward": fwd_bwd(gk.layer_norm),
         "F.layer_norm forward + backward": fwd_bwd(F.layer_norm),
     }
-    for name in ("torch.empty", "triton launch, 1 argument", "backend layer_norm_bwd (allocations + 2 launches)"):
+    for name in ("torch.empty", "triton launch, 1 argument", "op layer_norm_bwd (allocations + 2 launches)"):
         pieces[f"in a backward: {name}"] = in_backward(x, dy, pieces[name])
     pieces["in a backward: nothing"] = in_backward(x, dy, lambda: None)
     pieces["in a backward: get_device_properties"] = in_backward(

@@ -110,8 +110,3 @@ def kernel_for(backend: str, op: str, kernel: str, device: torch.device) -> Call
             raise BackendError(f"cannot run op {op!r} on backend {backend!r}: it has no kernel {kernel!r}")
         found = _kernels[key] = getattr(module, kernel)
     return found
-
-
-def get_kernel(op: str, kernel: str, device: torch.device) -> Callable:
-    """Kernel ``kernel`` of op family ``op`` from the backend selected for ``device``."""
-    return kernel_for(backend_name(device), op, kernel, device)

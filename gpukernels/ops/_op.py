@@ -33,6 +33,7 @@ from .._backend import backend_name, kernel_for
 from .._numerics import stats_dtype  # noqa: F401  (the op files' one rule for statistics)
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_VALUE_TYPES = (type(None), bool, int, float, str)
 
 OPS: dict[str, "KernelOp"] = {}
 """Every declared op by name: the kernel contract each backend must meet."""
@@ -48,17 +49,26 @@ def _needs_dispatch_for(value) -> bool:
     return False
 
 
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._len_torch_function_stack
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+
+
 def needs_dispatch(args: Sequence) -> bool:
     """Whether a call with ``args`` must go through the custom op."""
-    if torch.compiler.is_compiling():
-        return True
-    # dispatch or torch-function modes (fake tensors, flop counters, torch.device(...)),
-    # functorch transforms (vmap, grad)
-    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack() \
-            or torch._C._functorch.peek_interpreter_stack() is not None:
+    # compile; dispatch or torch-function modes (fake tensors, flop counters,
+    # torch.device(...)); functorch transforms (vmap, grad)
+    if _is_compiling() or _dispatch_modes() or _function_modes() or _functorch_level() is not None:
         return True
     for a in args:
-        if _needs_dispatch_for(a):
+        kind = type(a)
+        if kind in _PLAIN_TENSOR_TYPES:
+            if a.is_meta:
+                return True
+        elif kind in _PLAIN_VALUE_TYPES:
+            continue
+        elif _needs_dispatch_for(a):
             return True
     return False
 

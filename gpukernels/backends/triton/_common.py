@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -9,15 +11,17 @@ import triton.language as tl
 from . import interpreting
 
 INTERPRETING = interpreting()
-_INTERPRETING = tl.constexpr(INTERPRETING)
 
 
+# The interpreter's rounding is a default argument, not a global the kernel reads:
+# JITFunction.run compares every global a kernel reads with its compile-time value
+# on each launch, and Triton does not track default values.
 @triton.jit
-def round_to(x, DTYPE: tl.constexpr):
+def round_to(x, DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr = INTERPRETING):
     """``x.to(DTYPE)``, rounding to nearest even as a GPU does: the
     interpreter's own fp32 -> bf16 cast truncates, which would make the
     interpreter tier test a rounding the GPU never does."""
-    if _INTERPRETING and DTYPE == tl.bfloat16:
+    if EMULATE_RNE and DTYPE == tl.bfloat16:
         x = x.to(tl.float32)
         bits = x.to(tl.uint32, bitcast=True)
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
@@ -40,10 +44,16 @@ def row_block(d: int, max_block: int = 8192) -> int:
     return min(triton.next_power_of_2(max(d, 1)), max_block)
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def num_programs(device: torch.device, work_items: int, per_sm: int = 4) -> int:
     """A persistent grid: a few programs per SM, never more than the work."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        # cached: get_device_properties costs more host time than a small kernel's launch
+        sms = _sm_count(torch.cuda.current_device() if device.index is None else device.index)
     else:
         sms = 2  # the interpreter runs programs one after another
     return max(1, min(work_items, sms * per_sm))

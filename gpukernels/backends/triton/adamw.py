@@ -52,6 +52,7 @@ from torch import Tensor
 
 from .._layout import copy_back, in_param_layout
 from ._common import acc_dtype, round_to
+from ._launch import jit
 
 BLOCK = 1024
 TABLE_CACHE_SIZE = 32
@@ -71,7 +72,7 @@ _TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.
                   torch.float64: tl.float64}
 
 
-@triton.jit
+@jit
 def adamw_kernel(Table, BlockTensor, Arrivals, Lr, Hyper, PARAM_TY: tl.constexpr, ACC: tl.constexpr,
                  AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)

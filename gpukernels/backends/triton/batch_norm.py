@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, num_programs, round_to
+from ._launch import jit
 
 TILE = 4096          # elements a program reads per step
 CHANNEL_BLOCK = 64   # channels per program when C is the contiguous axis
@@ -126,7 +127,7 @@ def _split_sums(Partial, splits, c_start, C, ACC: tl.constexpr, BLOCK_C: tl.cons
 # ---------------------------------------------------------------- forward
 
 
-@triton.jit
+@jit
 def _stats_kernel(X, Partial, N, L, C, sxn, sxl, sxc, tiles, l_tiles,
                   ACC: tl.constexpr, IDX: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -178,7 +179,7 @@ def _merged_moments(Partial, splits, M, c_start, C, ACC: tl.constexpr, BLOCK_C: 
     return tl.where(m > 0, mean, float("nan")), m2 / m
 
 
-@triton.jit
+@jit
 def _normalize_kernel(X, Y, Partial, splits, RunningMean, RunningVar, Mean, Rstd, W, B, M,
                       N, L, C, sxn, sxl, sxc, syn, syl, syc, tiles, l_tiles, momentum_hi, momentum_lo, eps_hi, eps_lo,
                       TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -225,7 +226,7 @@ def _normalize_kernel(X, Y, Partial, splits, RunningMean, RunningVar, Mean, Rstd
 # ---------------------------------------------------------------- backward
 
 
-@triton.jit
+@jit
 def _bwd_reduce_kernel(X, DY, DX, Mean, Rstd, W, Partial, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc,
                        sgn, sgl, sgc, tiles, l_tiles,
                        TRAINING: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
@@ -266,7 +267,7 @@ def _store_param_grads(DW, DB, rstd, sum_dy, sum_dy_xc, c_start, C,
         _store_per_channel(DB, c_start, C, sum_dy, BLOCK_C)
 
 
-@triton.jit
+@jit
 def _param_grads_kernel(Partial, splits, Rstd, DW, DB, C,
                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Eval: dweight and dbias from the partials (dx needs no sums then)."""
@@ -276,7 +277,7 @@ def _param_grads_kernel(Partial, splits, Rstd, DW, DB, C,
     _store_param_grads(DW, DB, rstd, sum_dy, sum_dy_xc, c_start, C, HAS_W, HAS_B, BLOCK)
 
 
-@triton.jit
+@jit
 def _dx_kernel(X, DY, DX, Mean, Rstd, W, Partial, splits, DW, DB, M, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc,
                sgn, sgl, sgc, tiles, l_tiles,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,

@@ -53,6 +53,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import acc_dtype, round_to, row_block
+from ._launch import jit
 
 # Widest column block of the forward; vocabularies past it (up to 256k) are swept
 # in blocks. Tests lower it to make small rows loop.
@@ -141,7 +142,7 @@ def finish_rows(RowLoss, T, W, Loss, Totals, Flags, rows, C, ignore_index, HAS_W
             tl.store(Totals + 1, tl.zeros((), ACC) + C)
 
 
-@triton.jit(do_not_specialize=FLOAT_OPTIONS)
+@jit(do_not_specialize=FLOAT_OPTIONS)
 def cross_entropy_kernel(X, T, W, RowLoss, RowMax, LogSum, RowMass, Loss, Totals, Flags, row_offset, rows, C,
                          ignore_index, smoothing_bits, softcap_bits, z_loss_bits, HAS_W: tl.constexpr,
                          SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr, PROBS: tl.constexpr,
@@ -213,7 +214,7 @@ def cross_entropy_kernel(X, T, W, RowLoss, RowMax, LogSum, RowMass, Loss, Totals
                         WEIGHT_SUM, ACC, FINISH_BLOCK)
 
 
-@triton.jit(do_not_specialize=FLOAT_OPTIONS)
+@jit(do_not_specialize=FLOAT_OPTIONS)
 def logits_grad_kernel(X, T, W, RowMax, LogSum, RowMass, GradLoss, grad_stride, Totals, Grad, TargetGrad, rows,
                        width, col_offset, C, ignore_index, smoothing_bits, softcap_bits, z_loss_bits,
                        HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,

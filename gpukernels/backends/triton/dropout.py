@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, round_to
+from ._launch import jit
 
 BLOCK = 2048
 
@@ -31,7 +32,7 @@ def folded(bits):
     return tl.where(signed < 0, -signed - 1, signed)
 
 
-@triton.jit
+@jit
 def dropout_kernel(X, Y, Seed, scale, n, threshold, SCALE_IN_MEMORY: tl.constexpr, ACC: tl.constexpr,
                    BLOCK: tl.constexpr):
     # (BLOCK // 4, 4): a row per Philox call, a column per output word

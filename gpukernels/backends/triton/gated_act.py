@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, round_to
+from ._launch import jit
 from .linear_act import _activation, _activation_grad
 
 # A full block: 4 warps of 8 elements a thread, 16-byte accesses for 2-byte dtypes.
@@ -39,7 +40,7 @@ def launch_elementwise(kernel, n: int, *args, **constexprs) -> None:
     kernel[(triton.cdiv(n, block),)](*args, n, BLOCK=block, num_warps=max(block // 256, 1), **constexprs)
 
 
-@triton.jit
+@jit
 def gated_act_fwd_kernel(Gate, Up, Y, n, ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offsets, mask = elementwise_offsets(n, BLOCK)
     gate = tl.load(Gate + offsets, mask=mask, other=0.0).to(ACC)
@@ -47,7 +48,7 @@ def gated_act_fwd_kernel(Gate, Up, Y, n, ACTIVATION: tl.constexpr, ACC: tl.const
     tl.store(Y + offsets, round_to(_activation(gate, ACTIVATION) * up, Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def gated_act_bwd_kernel(DY, Gate, Up, DGate, DUp, n, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
                          BLOCK: tl.constexpr):
     offsets, mask = elementwise_offsets(n, BLOCK)

@@ -17,9 +17,10 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, num_programs, round_to, row_block, stats_dtype
+from ._launch import jit
 
 
-@triton.jit
+@jit
 def layer_norm_fwd_kernel(X, W, B, Y, Mean, Rstd, D, eps,
                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
                           BLOCK_D: tl.constexpr, ONE_BLOCK: tl.constexpr):
@@ -65,7 +66,7 @@ def layer_norm_fwd_kernel(X, W, B, Y, Mean, Rstd, D, eps,
     tl.store(Rstd + row, rstd)
 
 
-@triton.jit
+@jit
 def layer_norm_bwd_kernel(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, rows, D,
                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
                           BLOCK_D: tl.constexpr, ONE_BLOCK: tl.constexpr):
@@ -136,7 +137,7 @@ def layer_norm_bwd_kernel(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, rows
                 tl.store(DX + base + cols, round_to(dx, DX.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def partial_sums_kernel(Partial, DW, DB, programs, D, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """DW, DB = the (programs, D) partials [0] and [1] summed over their rows, rounded to the params' dtype."""

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, round_to, stats_dtype
+from ._launch import jit
 
 _SQRT_HALF = tl.constexpr(math.sqrt(0.5))
 _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
@@ -103,7 +104,7 @@ BLOCK = 1024
 BLOCK_ROWS, BLOCK_COLS = 32, 128
 
 
-@triton.jit
+@jit
 def activation_kernel(Z, Y, n, ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
@@ -111,7 +112,7 @@ def activation_kernel(Z, Y, n, ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOC
     tl.store(Y + offsets, round_to(_activation(z, ACTIVATION), Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def pre_activation_grad_kernel(DY, Saved, DZ, BiasPartial, M, N, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
                                ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """DZ = dy * act'(saved) on a (BLOCK_ROWS, BLOCK_COLS) tile, and the tile's column

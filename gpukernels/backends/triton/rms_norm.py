@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, num_programs, round_to, row_block, stats_dtype
+from ._launch import jit
 from .layer_norm import PARTIAL_BLOCK_D, PARTIAL_BLOCK_P, partial_sums_kernel
 
 
@@ -32,7 +33,7 @@ def _scaled(h, W, cols, mask, offset, X_DTYPE: tl.constexpr, MUL: tl.constexpr,
     return h
 
 
-@triton.jit
+@jit
 def rms_norm_fwd_kernel(X, W, Y, Rstd, D, eps, offset,
                         HAS_W: tl.constexpr, CAST_BEFORE_W: tl.constexpr, ACC: tl.constexpr, MUL: tl.constexpr,
                         BLOCK_D: tl.constexpr, ONE_BLOCK: tl.constexpr):
@@ -70,7 +71,7 @@ def _weight_input(h, X_DTYPE: tl.constexpr, CAST_BEFORE_W: tl.constexpr):
     return h
 
 
-@triton.jit
+@jit
 def rms_norm_bwd_kernel(DY, X, W, Rstd, DX, DW_partial, rows, D, offset,
                         HAS_W: tl.constexpr, CAST_BEFORE_W: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_D: tl.constexpr, ONE_BLOCK: tl.constexpr):

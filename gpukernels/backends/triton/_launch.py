@@ -1,0 +1,183 @@
+"""``jit``: ``triton.jit`` for the kernels we launch from the host, with a
+launch path that costs about half of ``JITFunction.run``'s host time.
+
+``JITFunction.run`` does on every launch what only a new specialization
+needs: it binds the arguments into a dict, builds its specialization list,
+formats the options with ``str`` for its cache key, compares every module
+global the kernel reads with its value at compile time, and builds launch
+metadata for the launch hooks. ``Kernel`` keeps its own cache of compiled
+kernels, keyed on what decides the specialization, computed by a function
+generated per kernel:
+
+- each non-constexpr argument through Triton's own ``native_specialize_impl``,
+  as the JIT does (the installed Triton's rules: a tensor's dtype and the
+  16-byte alignment of its address, None, an int equal to 1, divisible by 16
+  or beyond 32 bits, ...);
+- each constexpr by value, as the JIT's own key (which takes ``True`` for
+  ``1``: equal values);
+- the launch options (``num_warps=``, ...) by name and value (the compiler
+  reads them by value), the knobs the JIT adds to them, the current device.
+
+A hit launches the cached ``CompiledKernel`` through its runner (its
+launcher), with the device and stream read on every call; a miss goes
+through ``JITFunction.run`` (which compiles if needed, checks and launches)
+and caches the kernel it returns. So a hit launches what the JIT launched
+for an equal key, and the key tells apart whatever the JIT's tells apart.
+
+What a hit skips: the JIT's check that the module globals a kernel reads
+still hold their compile-time values (each miss does it), and the launch
+metadata when no launch hook is installed. Launches with a pre-run hook on
+the kernel or a stages-inspection hook installed go through the JIT.
+
+Under ``TRITON_INTERPRET=1`` (read when ``jit`` decorates, as by
+``triton.jit``) ``jit`` returns ``triton.jit``'s interpreted function: the
+interpreter runs the kernels. ``jit`` is for kernels launched with
+``kernel[grid](...)``; a function called from inside kernels stays
+``triton.jit``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import triton
+from triton import knobs
+from triton._C.libtriton import native_specialize_impl
+from triton.compiler import CompiledKernel
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+# The knobs JITFunction.run adds to a launch's options (so to its cache key), in this Triton release.
+JIT_OPTION_KNOBS = tuple(
+    (group, name) for group, name in
+    (("runtime", "debug"), ("compilation", "instrumentation_mode"), ("compilation", "fpsan_homomorphic_casts"))
+    if hasattr(getattr(knobs, group), name))
+# How the key reads each: the fp-sanitizer's option is an environment read, and the compiler
+# reads it only under the fpsan instrumentation mode.
+_KNOB_READS = {("compilation", "fpsan_homomorphic_casts"):
+               "knobs.compilation.instrumentation_mode and knobs.compilation.fpsan_homomorphic_casts"}
+_HAS_STAGES_HOOK = hasattr(knobs.runtime, "add_stages_inspection_hook")
+
+
+def _binder_source(fn: JITFunction) -> str | None:
+    """Source of ``bind(*args, **kwargs) -> (key, arguments in signature order)``
+    for ``fn``; None for a signature with ``*args``."""
+    parameters = list(fn.signature.parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        return None
+    arguments, key = [], []
+    for p, kp in zip(parameters, fn.params):
+        if p.kind == p.KEYWORD_ONLY and "*" not in arguments:
+            arguments.append("*")
+        arguments.append(p.name if p.default is p.empty else f"{p.name}=default_{p.name}")
+        if kp.is_constexpr:
+            key.append(p.name)
+        else:
+            key.append(f"specialize(backend, {p.name}, {kp.is_const}, {not kp.do_not_specialize}, "
+                       f"{not kp.do_not_specialize_on_alignment})")
+    key.append("*options.items()")
+    key += [_KNOB_READS.get(knob, f"knobs.{knob[0]}.{knob[1]}") for knob in JIT_OPTION_KNOBS]
+    bound = "".join(f"{p.name}, " for p in parameters)
+    return f"def bind({', '.join(arguments + ['**options'])}):\n    return ({', '.join(key)}), ({bound})\n"
+
+
+def _make_binder(fn: JITFunction, backend: Any) -> Callable | None:
+    source = _binder_source(fn)
+    if source is None:
+        return None
+    namespace = {f"default_{name}": p.default for name, p in fn.signature.parameters.items()
+                 if p.default is not p.empty}
+    namespace.update(specialize=native_specialize_impl, backend=backend, knobs=knobs)
+    exec(source, namespace)
+    return namespace["bind"]
+
+
+def _through_jit_only(fn: JITFunction) -> bool:
+    """Whether launches of ``fn`` must go through JITFunction.run now (hooks that see every launch)."""
+    return bool(fn.pre_run_hooks) or (_HAS_STAGES_HOOK and knobs.runtime.add_stages_inspection_hook is not None)
+
+
+class Kernel:
+    """A ``JITFunction`` launched as ``kernel[grid](*args, CONSTEXPR=..., num_warps=...)``
+    through a cache of its compiled kernels (see the module doc). Other
+    attributes are the JITFunction's (``kernel.fn`` is the JITFunction)."""
+
+    def __init__(self, fn: JITFunction):
+        self.fn = fn
+        # device -> (binder, {key: (launcher, function handle, packed metadata, CompiledKernel)})
+        self._devices: dict[Any, tuple[Callable, dict]] = {}
+        self._launch_bound = self._launch
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "fn":  # not set yet (an instance being copied)
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.fn!r})"
+
+    def __getitem__(self, grid) -> Callable:
+        return functools.partial(self._launch_bound, grid)
+
+    def _launch(self, grid, *args, **kwargs):
+        active = driver.active
+        device = active.get_current_device()
+        runtime = knobs.runtime
+        try:
+            binder, kernels = self._devices[device]
+            key, bound = binder(*args, **kwargs)
+            run, function, packed_metadata, kernel = kernels[key]
+            # Launch hooks are chains, which call nothing when empty (no metadata to build
+            # then); a plain function set in their place makes the launch the JIT's.
+            hooked = runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls
+        except Exception:  # a first launch here, or arguments for the JIT to judge
+            return self._miss(grid, args, kwargs)
+        if _through_jit_only(self.fn):
+            return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
+        stream = active.get_current_stream(device)
+        if callable(grid):
+            grid = grid(dict(zip(self.fn.arg_names, bound)))
+        size = len(grid)
+        if hooked:
+            enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+            launch_metadata = kernel.launch_metadata(grid, stream, *bound)
+        else:
+            launch_metadata = enter = leave = None
+        run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, function, packed_metadata,
+            launch_metadata, enter, leave, *bound)
+        return kernel
+
+    def _miss(self, grid, args, kwargs):
+        """Launch through the JIT, then cache the compiled kernel it launched."""
+        kernel = self.fn.run(*args, grid=grid, warmup=False, **kwargs)
+        # an async compile's future, or no kernel (a jit_cache_hook declined to compile): nothing to cache
+        if _through_jit_only(self.fn) or not isinstance(kernel, CompiledKernel) or kernel.function is None:
+            return kernel
+        device = driver.active.get_current_device()
+        if device not in self._devices:
+            binder = _make_binder(self.fn, self.fn.device_caches[device][3])
+            if binder is None:
+                return kernel
+            self._devices[device] = (binder, {})
+        binder, kernels = self._devices[device]
+        key, _ = binder(*args, **kwargs)
+        try:
+            kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata, kernel)
+        except TypeError:  # an unhashable option or constexpr: such launches stay with the JIT
+            pass
+        return kernel
+
+    def cache_size(self) -> int:
+        """How many compiled kernels the direct path holds (all devices)."""
+        return sum(len(kernels) for _, kernels in self._devices.values())
+
+
+def jit(fn: Callable | None = None, **options) -> Any:
+    """``triton.jit`` (same options) for a kernel launched from the host: its
+    launches go through ``Kernel``'s cache. Under the interpreter, the
+    interpreted function ``triton.jit`` makes."""
+    if fn is None:
+        return lambda f: jit(f, **options)
+    jitted = triton.jit(fn, **options)
+    return Kernel(jitted) if isinstance(jitted, JITFunction) else jitted

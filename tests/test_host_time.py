@@ -1,0 +1,70 @@
+"""Host time per op, gated: bench/host_time.py counts, under callgrind, the host
+instructions of each op's forward and backward (AdamW: a step) through
+Triton's real launch path against a stub libcuda, ours and PyTorch's, and this
+test fails when ours / PyTorch's passes its bound.
+
+Bounds: the target, or where the target is not met yet, the ratio measured
+when the bound was set plus 10%, so that host time cannot creep back; lower
+a bound when a change brings its ratio down. Needs gcc and valgrind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ours / PyTorch's, host instructions per call
+TARGETS = {
+    **{(op, "standalone"): 1.5 for op in ("layer_norm", "dropout", "cross_entropy", "linear_act")},
+    ("batch_norm", "standalone"): 2.0,
+    **{(op, "chain"): 2.5 for op in ("layer_norm", "batch_norm", "dropout", "cross_entropy", "linear_act")},
+    ("adamw", "step"): 1.5,
+}
+# Targets not met yet: measured + 10% (Triton 3.9, torch 2.13, kernels launched by JITFunction.run).
+BOUNDS = {
+    ("layer_norm", "standalone"): 3.65,
+    ("layer_norm", "chain"): 6.16,
+    ("batch_norm", "standalone"): 4.42,
+    ("batch_norm", "chain"): 7.57,
+    ("dropout", "standalone"): 2.92,
+    ("dropout", "chain"): 4.06,
+    ("cross_entropy", "standalone"): 5.28,
+    ("cross_entropy", "chain"): 6.33,
+    ("linear_act", "standalone"): 1.67,  # measured 1.49 to 1.52: at the target, not reliably under it
+    ("adamw", "step"): 3.48,
+}
+
+
+def load_host_time():
+    """bench/host_time.py as a module."""
+    spec = importlib.util.spec_from_file_location("host_time", ROOT / "bench" / "host_time.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_host_time_ratios_within_bounds(tmp_path):
+    host_time = load_host_time()
+    reason = host_time.missing_tools()
+    if reason:
+        pytest.skip(f"cannot count host instructions: {reason}")
+    result = host_time.main(["--out", str(tmp_path), "--calls", "10"])
+    assert not result["errors"], f"ops not measured: {result['errors']}"
+    measured = {(r["op"], r["mode"]): r for r in result["rows"]}
+    assert set(measured) == set(TARGETS)
+    over = []
+    print(f"\n{'op':14} {'what':11} {'ratio':>6} {'target':>7} {'bound':>6}")
+    for key, target in TARGETS.items():
+        bound = BOUNDS.get(key) or target
+        ratio = measured[key]["ratio"]
+        print(f"{key[0]:14} {key[1]:11} {ratio:6.2f} {target:7.2f} {bound:6.2f}"
+              + ("" if ratio <= target else "  (target not met)"))
+        if ratio > bound:
+            over.append(f"{key}: {ratio:.2f}x > bound {bound:.2f}x (target {target:.2f}x)")
+    assert not over, "host time over its bound:\n" + "\n".join(over)
+    assert (tmp_path / "host_time.json").exists() and (tmp_path / "host_time.md").exists()

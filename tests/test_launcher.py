@@ -1,0 +1,338 @@
+"""The direct launcher (gpukernels/backends/triton/_launch.py) and what _common.py
+does for host time.
+
+A launch through ``Kernel`` must be the launch ``JITFunction.run`` makes for the
+same arguments: the same compiled kernel (the stub driver hands each compiled
+kernel its own function handle), grid, parameters and stream. That is checked
+through Triton's real launch path against the stub libcuda of
+bench/host_time.py, in a subprocess without the interpreter, under the Triton
+of this environment and under Triton 3.6 when its environment
+(``$GPUKERNELS_COMPAT_VENV``, default ``.venv-triton36``, made by
+ci/test-triton-compat.sh) exists. Under the interpreter (this process),
+``jit`` is Triton's interpreter and the results are checked against PyTorch.
+
+    python tests/test_launcher.py          # the stub-driver checks, run in this process (no TRITON_INTERPRET)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+from gpukernels.backends.triton import _common
+from gpukernels.backends.triton._common import num_programs, round_to
+from gpukernels.backends.triton._launch import JIT_OPTION_KNOBS, Kernel, jit
+from test_host_time import load_host_time
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = 16
+
+
+def _axpy(X, Y, Out, n, limit, alpha, HAS_Y: tl.constexpr, BLOCK: tl.constexpr):
+    """Out[i] = alpha * X[i] (+ Y[i]) for i < min(n, limit), rounded to Out's dtype."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = (offsets < n) & (offsets < limit)
+    y = alpha * tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Y:
+        y += tl.load(Y + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + offsets, round_to(y, Out.dtype.element_ty), mask=mask)
+
+
+axpy_kernel = jit(_axpy)
+
+
+def _launch_cases(dtype=torch.float32):
+    """(name, args, kwargs) of launches that must each get the specialization the JIT gives them."""
+    base = torch.randn(65, dtype=dtype)
+    x, y, out = base[:64], torch.randn(64, dtype=dtype), torch.empty(65, dtype=dtype)[:64]
+    flags = dict(HAS_Y=True, BLOCK=BLOCK)
+    return [
+        ("aligned", (x, y, out, 64, 64, 2.0), flags),
+        ("x misaligned by one element", (base[1:], y, out, 64, 64, 2.0), flags),
+        ("out misaligned by one element", (x, y, torch.empty(65, dtype=dtype)[1:], 64, 64, 2.0), flags),
+        ("n == 1", (x, y, out, 1, 64, 2.0), flags),
+        ("n == 17", (x, y, out, 17, 64, 2.0), flags),
+        ("limit == 2**31 + 16", (x, y, out, 64, 2 ** 31 + 16, 2.0), flags),
+        ("limit == 2**31 + 1", (x, y, out, 64, 2 ** 31 + 1, 2.0), flags),
+        ("limit == 2**32", (x, y, out, 64, 2 ** 32, 2.0), flags),
+        ("limit == -2**31 - 1", (x, y, out, 64, -2 ** 31 - 1, 2.0), flags),
+        ("Y None", (x, None, out, 64, 64, 2.0), dict(flags, HAS_Y=False)),
+        ("HAS_Y 1, not True", (x, y, out, 64, 64, 2.0), dict(flags, HAS_Y=1)),
+        ("alpha an int", (x, y, out, 64, 64, 3), flags),
+        ("num_warps=1", (x, y, out, 64, 64, 2.0), dict(flags, num_warps=1)),
+        ("BLOCK=32", (x, y, out, 64, 64, 2.0), dict(flags, BLOCK=32)),
+    ]
+
+
+# ---------------------------------------------------------------- under the interpreter (this process)
+
+@pytest.mark.skipif(not _common.INTERPRETING, reason="checks the interpreter fallback")
+def test_jit_is_triton_interpreter_under_triton_interpret():
+    assert not isinstance(axpy_kernel, Kernel)
+    assert type(axpy_kernel) is type(triton.jit(_axpy))
+
+
+@pytest.mark.skipif(not _common.INTERPRETING, reason="runs kernels in the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_results_under_interpreter(dtype):
+    for name, (x, y, out, n, limit, alpha), kwargs in _launch_cases(dtype):
+        out.fill_(7.0)
+        axpy_kernel[(triton.cdiv(64, kwargs["BLOCK"]),)](x, y, out, n, limit, alpha, **kwargs)
+        count = max(min(n, limit, 64), 0)
+        expected = alpha * x[:count].float() + (y[:count].float() if kwargs["HAS_Y"] else 0)  # as the kernel: fp32
+        torch.testing.assert_close(out[:count], expected.to(dtype), rtol=0, atol=0, msg=name)
+        assert (out[count:] == 7.0).all(), name
+
+
+@pytest.mark.skipif(not _common.INTERPRETING, reason="runs kernels in the interpreter")
+def test_round_to_rounds_bf16_to_nearest_even_in_interpreter():
+    # fp32 values at bf16 ties (to even: down, up), just above and below one, one rounding to inf, -inf, nan
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0xBF808001, 0x3F807FFF, 0x7F7FFFFF, 0xFF800000, 0x7FC00001],
+                        dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    axpy_kernel[(1,)](x, None, out, x.numel(), x.numel(), 1.0, HAS_Y=False, BLOCK=BLOCK)
+    expected = x.to(torch.bfloat16)  # PyTorch rounds to nearest even, as a GPU does
+    assert torch.equal(out[:-1].view(torch.int16), expected[:-1].view(torch.int16))
+    assert out[-1].isnan()
+
+
+def test_common_has_no_constexpr_global_for_kernels():
+    """JITFunction.run compares each global a kernel reads on every launch."""
+    assert not [name for name, value in vars(_common).items() if isinstance(value, tl.constexpr)]
+
+
+def test_num_programs_reads_the_sm_count_once_per_device(monkeypatch):
+    queried = []
+
+    def properties(device):
+        queried.append(device)
+        return type("Properties", (), {"multi_processor_count": 132 if device == 0 else 66})()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    _common._sm_count.cache_clear()
+    try:
+        for _ in range(3):
+            assert num_programs(torch.device("cuda", 0), 10 ** 6) == 132 * 4
+            assert num_programs(torch.device("cuda", 1), 10 ** 6, per_sm=2) == 66 * 2
+            assert num_programs(torch.device("cuda"), 10 ** 6) == 66 * 4  # the current device
+        assert num_programs(torch.device("cuda", 0), 5) == 5
+        assert sorted(queried) == [0, 1]
+    finally:
+        _common._sm_count.cache_clear()
+
+
+def test_key_has_every_knob_jit_run_adds_to_options():
+    check_key_has_every_knob_jit_run_adds(None)
+
+
+# ---------------------------------------------------------------- through the stub driver (subprocess)
+
+def _pythons():
+    venv = Path(os.environ.get("GPUKERNELS_COMPAT_VENV", ROOT / ".venv-triton36"))
+    compat = venv / "bin" / "python"
+    missing = f"no Triton 3.6 environment at {venv} (ci/test-triton-compat.sh makes it)"
+    return [pytest.param(sys.executable, id=f"triton-{triton.__version__}"),
+            pytest.param(str(compat), id="triton-3.6", marks=pytest.mark.skipif(not compat.exists(), reason=missing))]
+
+
+@pytest.fixture(scope="module")
+def stub_build():
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the stub libcuda")
+    host_time = load_host_time()
+    return host_time, host_time.build(host_time.DEFAULT_BUILD)
+
+
+@pytest.mark.parametrize("python", _pythons())
+def test_launches_match_jit_through_stub_driver(python, stub_build):
+    host_time, build_dir = stub_build
+    version = subprocess.run([python, "-c", "import triton; print(triton.__version__)"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    env = host_time.stub_environment(build_dir, build_dir / f"triton-cache-{version}")
+    run = subprocess.run([python, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(run.stdout.splitlines()[-1])
+    assert results["triton"] == version
+    failed = {name: error for name, error in results["checks"].items() if error}
+    assert not failed, failed
+    assert set(results["checks"]) == set(STUB_CHECKS)
+
+
+class _Stub:
+    """The stub libcuda's record of the last launch."""
+
+    PARAMS = 5  # parameters of _axpy every case passes (X, Out, limit, alpha and Y or n; no constexprs)
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+        ctypes.c_uint.in_dll(lib, "recorded_params").value = self.PARAMS
+
+    def launches(self) -> int:
+        return ctypes.c_uint64.in_dll(self.lib, "launches").value
+
+    def last(self) -> dict:
+        return {"grid": tuple((ctypes.c_uint * 4).in_dll(self.lib, "last_grid")),
+                "params": tuple((ctypes.c_uint64 * 16).in_dll(self.lib, "last_params"))[:self.PARAMS],
+                "function": ctypes.c_void_p.in_dll(self.lib, "last_f").value,
+                "stream": ctypes.c_void_p.in_dll(self.lib, "last_stream").value}
+
+
+def _launched(stub: _Stub, launch) -> dict:
+    before = stub.launches()
+    launch()
+    assert stub.launches() == before + 1, "not exactly one launch"
+    return stub.last()
+
+
+def check_each_launch_is_the_jits(stub: _Stub) -> None:
+    """Every case, in an order where a wrong cache hit would show, then again from the cache."""
+    fn = triton.jit(_axpy)
+    kernel = Kernel(fn)
+    cases = _launch_cases()
+    grid = (4,)
+    functions = set()
+    for round_ in ("first", "cached"):
+        for name, args, kwargs in cases:
+            ours = _launched(stub, lambda: kernel[grid](*args, **kwargs))
+            jits = _launched(stub, lambda: fn[grid](*args, **kwargs))
+            assert ours == jits, f"{round_} launch, {name}: ours {ours} != JIT's {jits}"
+            functions.add(jits["function"])
+    # all distinct, told apart by the stub, but for three the JIT shares: 2**32 and 2**31 + 16 (i64,
+    # divisible by 16), -2**31 - 1 and 2**31 + 1 (i64), HAS_Y=1 and HAS_Y=True (equal constexprs)
+    assert len(functions) == len(cases) - 3, f"{len(functions)} kernels for {len(cases)} cases"
+
+
+def check_hits_skip_the_jit(stub: _Stub) -> None:
+    fn = triton.jit(_axpy)
+    kernel = Kernel(fn)
+    cases = _launch_cases()
+    for _, args, kwargs in cases:
+        kernel[(4,)](*args, **kwargs)
+    jit_run, calls = fn.run, []
+    fn.run = lambda *a, **k: calls.append(1) or jit_run(*a, **k)
+    for _, args, kwargs in cases:
+        kernel[(4,)](*args, **kwargs)
+    assert not calls, f"{len(calls)} of {len(cases)} cached launches went through JITFunction.run"
+    assert kernel.cache_size() == len(cases) - 3, kernel.cache_size()  # as above
+
+
+def check_stream_is_read_on_every_launch(stub: _Stub) -> None:
+    from triton.runtime.driver import driver
+
+    kernel = Kernel(triton.jit(_axpy))
+    _, args, kwargs = _launch_cases()[0]
+    original = driver.active.get_current_stream
+    try:
+        for stream in (0x1230, 0x4560, 0x1230):
+            driver.active.get_current_stream = lambda device=None, stream=stream: stream
+            assert _launched(stub, lambda: kernel[(4,)](*args, **kwargs))["stream"] == stream
+    finally:
+        driver.active.get_current_stream = original
+
+
+def check_grid_forms(stub: _Stub) -> None:
+    fn = triton.jit(_axpy)
+    kernel = Kernel(fn)
+    _, args, kwargs = _launch_cases()[0]
+    for grid in [(3,), (3, 2), (3, 2, 5), [7], lambda meta: (triton.cdiv(meta["n"], meta["BLOCK"]), 2)]:
+        for _ in range(2):
+            ours = _launched(stub, lambda: kernel[grid](*args, **kwargs))
+            assert ours == _launched(stub, lambda: fn[grid](*args, **kwargs)), grid
+
+
+def check_launch_hooks_see_each_launch(stub: _Stub) -> None:
+    from triton import knobs
+
+    kernel = Kernel(triton.jit(_axpy))
+    _, args, kwargs = _launch_cases()[0]
+    kernel[(4,)](*args, **kwargs)
+    seen = []
+    hook = lambda metadata: seen.append(metadata.get()["name"])  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        kernel[(4,)](*args, **kwargs)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    kernel[(4,)](*args, **kwargs)
+    assert seen == ["_axpy"]
+    chain = knobs.runtime.launch_enter_hook
+    knobs.runtime.launch_enter_hook = hook  # a plain function in place of the chain: the JIT's launch
+    try:
+        kernel[(4,)](*args, **kwargs)
+    finally:
+        knobs.runtime.launch_enter_hook = chain
+    assert seen == ["_axpy"] * 2
+
+
+def check_bad_arguments_get_the_jits_errors(stub: _Stub) -> None:
+    fn = triton.jit(_axpy)
+    kernel = Kernel(fn)
+    _, (x, y, out, n, limit, alpha), kwargs = _launch_cases()[0]
+    kernel[(4,)](x, y, out, n, limit, alpha, **kwargs)
+    for bad_args, bad_kwargs in [((x, y, out, n, 2 ** 64, alpha), kwargs),  # beyond 64 bits
+                                 ((x, y, out, n, limit), kwargs),            # one missing
+                                 ((x, y, out, n, limit, alpha), dict(kwargs, num_wraps=4))]:
+        errors = []
+        for launch in (kernel[(4,)], fn[(4,)]):
+            try:
+                launch(*bad_args, **bad_kwargs)
+                errors.append(None)
+            except Exception as e:
+                errors.append((type(e), str(e)))
+        assert errors[0] is not None and errors[0] == errors[1], errors
+
+
+def check_kernels_read_no_globals(stub: _Stub) -> None:
+    """round_to's interpreter switch is a default argument: nothing for JITFunction.run to compare."""
+    fn = triton.jit(_axpy)
+    _, args, kwargs = _launch_cases()[0]
+    fn[(4,)](*args, **kwargs)
+    assert fn.used_global_vals == {}, fn.used_global_vals
+
+
+def check_key_has_every_knob_jit_run_adds(stub: _Stub | None) -> None:
+    source = inspect.getsource(JITFunction.run)
+    added = re.findall(r'kwargs\["(\w+)"\] = .*?knobs\.(\w+)\.(\w+)', source)
+    assert added and sorted((group, name) for _, group, name in added) == sorted(JIT_OPTION_KNOBS), added
+
+
+def check_jit_decorates_into_kernel(stub: _Stub) -> None:
+    assert isinstance(jit(_axpy), Kernel) and isinstance(jit(do_not_specialize=["n"])(_axpy), Kernel)
+    assert jit(do_not_specialize=["n"])(_axpy).fn.params[3].do_not_specialize
+
+
+STUB_CHECKS = {name: check for name, check in globals().items() if name.startswith("check_")}
+
+
+def _run_stub_checks() -> None:
+    """In a process without the interpreter, against the stub libcuda: run every check, print the results."""
+    stub = _Stub(load_host_time().install_stub_driver())
+    results = {}
+    for name, check in STUB_CHECKS.items():
+        try:
+            check(stub)
+            results[name] = None
+        except Exception as e:
+            results[name] = f"{type(e).__name__}: {e}"
+    print(json.dumps({"triton": triton.__version__, "checks": results}))
+
+
+if __name__ == "__main__":
+    if _common.INTERPRETING:
+        sys.exit("run without TRITON_INTERPRET: these checks launch compiled kernels through the stub libcuda")
+    _run_stub_checks()
