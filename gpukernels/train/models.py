@@ -1,0 +1,122 @@
+"""The models the main job trains, all from random weights (nothing downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._deps import install_hint, optional, require
+
+
+class Residual(nn.Module):
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def build_model(hidden: int, blocks: int, dropout: float, classes: int = 10, features: int = 64) -> nn.Module:
+    """An MLP with every layer gpukernels replaces: Linear+ReLU, BatchNorm1d,
+    then pre-norm residual blocks (LayerNorm, Linear+GELU, Linear, Dropout)."""
+    layers = [nn.Linear(features, hidden), nn.ReLU(), nn.BatchNorm1d(hidden)]
+    for _ in range(blocks):
+        layers.append(Residual(nn.Sequential(
+            nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden), nn.GELU(),
+            nn.Linear(4 * hidden, hidden), nn.Dropout(dropout))))
+    layers += [nn.LayerNorm(hidden), nn.Linear(hidden, classes)]
+    return nn.Sequential(*layers)
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck: 1x1 reduce, 3x3 (carries the stride), 1x1 expand by 4."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int):
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNet(nn.Module):
+    """Bottleneck ResNet (torchvision's layout): ``blocks=(3, 4, 6, 3), width=64`` is ResNet-50."""
+
+    def __init__(self, blocks=(3, 4, 6, 3), width: int = 64, classes: int = 1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        stages, channels = [], width
+        for stage, count in enumerate(blocks):
+            stage_width = width * 2**stage
+            for block in range(count):
+                stages.append(Bottleneck(channels, stage_width, stride=2 if stage > 0 and block == 0 else 1))
+                channels = stage_width * Bottleneck.expansion
+        self.layers = nn.Sequential(*stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if isinstance(module, Bottleneck):
+                nn.init.zeros_(module.bn3.weight)  # each block starts as the identity (timm's zero_init_last)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(self.layers(x)), 1))
+
+
+def build_resnet(blocks: tuple[int, ...], width: int, classes: int) -> tuple[nn.Module, str]:
+    """ResNet-50 from timm, else torchvision, else ours; any other size is ours.
+    Returns the model and where its definition came from."""
+    if tuple(blocks) == (3, 4, 6, 3) and width == 64:
+        timm = optional("timm")
+        if timm is not None:
+            return timm.create_model("resnet50", pretrained=False, num_classes=classes), "timm resnet50"
+        torchvision = optional("torchvision")
+        if torchvision is not None:
+            return torchvision.models.resnet50(weights=None, num_classes=classes), "torchvision resnet50"
+        return ResNet(blocks, width, classes), ("gpukernels.train.models.ResNet (ResNet-50 layout; timm and "
+                                                f"torchvision not importable, for timm's: {install_hint('timm')})")
+    return ResNet(blocks, width, classes), f"gpukernels.train.models.ResNet (blocks {tuple(blocks)}, width {width})"
+
+
+def build_language_model(kind: str, cfg: dict) -> nn.Module:
+    """A transformers causal LM (``gpt2``: GPT2LMHeadModel, ``llama``: LlamaForCausalLM)
+    from a config; dropout is 0 so every way computes the same function. Token 0 is
+    the corpus's end-of-text (special tokens come first in the trained vocabulary)."""
+    transformers = require("transformers", f"--model {kind}")
+    common = dict(vocab_size=cfg["vocab"], bos_token_id=0, eos_token_id=0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_positions=cfg["seq_len"], n_embd=cfg["width"], n_layer=cfg["layers"],
+                                         n_head=cfg["heads"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                         **common)
+        model = transformers.GPT2LMHeadModel(config)
+        model.loss_type = "ForCausalLM"  # transformers infers it from the class name, which GPT-2's lacks
+        return model
+    if kind == "llama":
+        config = transformers.LlamaConfig(hidden_size=cfg["width"], intermediate_size=cfg["intermediate"],
+                                          num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                                          num_key_value_heads=cfg["kv_heads"], max_position_embeddings=cfg["seq_len"],
+                                          **common)
+        return transformers.LlamaForCausalLM(config)
+    raise ValueError(f"unknown language model {kind!r}")

@@ -1,0 +1,86 @@
+"""The comparison as a terminal table, and the loss curves of every way on one PNG."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ._deps import require
+from .run import REFERENCE, WayResult
+
+
+def loss_differences(results: dict[str, WayResult]) -> dict[str, float | None]:
+    """Largest per-step |loss - eager's loss| of each way (None without an eager run)."""
+    reference = results.get(REFERENCE)
+    if reference is None:
+        return {name: None for name in results}
+    return {name: max(abs(a - b) for a, b in zip(r.losses, reference.losses)) for name, r in results.items()}
+
+
+def _memory(result: WayResult, reference: WayResult | None) -> str:
+    if result.peak_mem_mib is None:
+        return "n/a (CPU)"
+    ratio = f" ({result.peak_mem_mib / reference.peak_mem_mib:.2f}x)" if reference else ""
+    return f"{result.peak_mem_mib:,.0f} MiB{ratio}"
+
+
+def table(summary: dict, results: dict[str, WayResult]) -> str:
+    reference = results.get(REFERENCE)
+    diffs = loss_differences(results)
+    unit = summary["unit"]
+    classifier = any("accuracy" in r.evaluation for r in results.values())
+    header = ["way", "final loss", f"max |loss - {REFERENCE}|", "median step", "1st step", f"{unit}/s",
+              f"speed vs {REFERENCE}", "peak memory"] + (["test accuracy"] if classifier else [])
+    rows = [header]
+    for name, r in results.items():
+        diff = "(reference)" if name == REFERENCE else "n/a" if diffs[name] is None else f"{diffs[name]:.3g}"
+        speed = f"{reference.step_ms / r.step_ms:.2f}x" if reference else "n/a"
+        row = [name, f"{r.losses[-1]:.4f}", diff, f"{r.step_ms:.1f} ms", f"{r.first_step_ms / 1e3:.2f} s",
+               f"{r.throughput:,.0f}", speed, _memory(r, reference)]
+        rows.append(row + ([f"{r.evaluation['accuracy']:.4f}"] if classifier else []))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    cfg = summary["config"]
+    shape = f"{cfg['batch_size']} x {cfg['seq_len']} tokens" if "seq_len" in cfg else f"{cfg['batch_size']} {unit}"
+    lines.insert(0, f"{summary['model']} ({summary['model_source']}), preset {summary['preset']}: "
+                    f"{summary['parameters'] / 1e6:.2f}M parameters, {summary['steps']} steps of {shape}, "
+                    f"{cfg['dtype']}, on {summary['device_name']} (torch {summary['torch']})")
+    patched_as: dict[str, str] = {}
+    for name, r in results.items():
+        if r.report != "torch layers":
+            lines.append(f"{name}: " + (f"as {patched_as[r.report]}" if r.report in patched_as else r.report))
+            patched_as.setdefault(r.report, name)
+    lines += [f"skipped {name}: {why}" for name, why in summary["skipped"].items()]
+    lines += [f"FAILED {name}: {why}" for name, why in summary["failed"].items()]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, results: dict[str, WayResult], path: Path) -> None:
+    """Left: every way's loss per step. Right: each way's |loss - eager's| per step."""
+    matplotlib = require("matplotlib", "the loss-curve plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curves, gaps) = plt.subplots(1, 2, figsize=(12, 4.5))
+    reference = results.get(REFERENCE)
+    for i, (name, r) in enumerate(results.items()):
+        style = dict(label=name, linestyle=("-", "--", ":", "-.")[i % 4], linewidth=1.2)
+        curves.plot(range(1, len(r.losses) + 1), r.losses, **style)
+        if reference is not None and name != REFERENCE:
+            # Steps where the losses are equal have no place on a log axis.
+            gap = [abs(a - b) or math.nan for a, b in zip(r.losses, reference.losses)]
+            gaps.plot(range(1, len(gap) + 1), gap, marker=".", **style)
+    losses = [loss for r in results.values() for loss in r.losses]
+    wide = min(losses) > 0 and max(losses) / min(losses) > 10  # a classifier's loss falls by decades
+    curves.set(xlabel="step", ylabel="training loss", yscale="log" if wide else "linear",
+               title=f"{summary['model']}, preset {summary['preset']}, {summary['config']['dtype']}, "
+                     f"{summary['device_name']}")
+    gaps.set(xlabel="step", ylabel=f"|loss - {REFERENCE} loss|", yscale="log",
+             title=f"difference from {REFERENCE}, per step")
+    curves.legend()
+    if gaps.lines:
+        gaps.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

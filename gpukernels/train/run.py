@@ -1,0 +1,107 @@
+"""One way of training a task: build its copy of the model, run the steps, time them."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from .. import optim as gk_optim
+
+# name -> (model and loss, torch.compile?). "plain": torch layers, torch.optim.AdamW,
+# torch's schedulers and clip; "gpukernels": gk.patch (fused LM loss), gk.optim;
+# "liger": Liger-Kernel's patch with torch's optimizer. Liger runs last: its patch
+# also changes module globals of transformers while it runs.
+WAYS = {
+    "eager": ("plain", False),
+    "patched": ("gpukernels", False),
+    "compile": ("plain", True),
+    "compile-patched": ("gpukernels", True),
+    "liger": ("liger", False),
+}
+REFERENCE = "eager"
+MAX_GRAD_NORM = 1.0
+
+
+@dataclass
+class WayResult:
+    losses: list[float] = field(default_factory=list)
+    step_ms: float = 0.0  # median, the first steps (compilation, warm-up) left out
+    first_step_ms: float = 0.0
+    throughput: float = 0.0  # task units (tokens, images, samples) per second at the median step
+    peak_mem_mib: float | None = None  # CUDA only
+    report: str = ""  # what was patched
+    evaluation: dict = field(default_factory=dict)
+
+
+def timed_steps(steps: int) -> slice:
+    """Steps the median is taken over: the first ones compile kernels and warm the allocator."""
+    return slice(min(5, steps // 2), steps)
+
+
+def _plain_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
+        torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, 1.0, max(warmup - 1, 1)),
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps - warmup, eta_min=lr * 0.01)],
+        milestones=[warmup])
+    return optimizer, scheduler, torch.nn.utils.clip_grad_norm_
+
+
+def _gpukernels_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup: int):
+    # The same schedule in closed form (see gk.optim.WarmupCosineLR).
+    optimizer = gk_optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    return optimizer, gk_optim.warmup_cosine(optimizer, warmup, steps, min_lr=lr * 0.01), gk_optim.clip_grad_norm_
+
+
+def run_way(task, way: str, base_model: torch.nn.Module, cfg: dict, autocast_dtype: torch.dtype | None,
+            device: torch.device) -> WayResult:
+    kind, compiled = WAYS[way]
+    steps, result = cfg["steps"], WayResult()
+    warmup = max(1, steps // 10)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    with contextlib.ExitStack() as stack:
+        model = copy.deepcopy(base_model).to(device)
+        if kind == "plain":
+            loss_of, result.report = task.plain(model), "torch layers"
+        elif kind == "gpukernels":
+            loss_of, result.report = task.gpukernels(model)
+        else:
+            loss_of, result.report = task.liger(model, stack)
+        if compiled:
+            loss_of = torch.compile(loss_of)
+            stack.callback(torch._dynamo.reset)  # compiled code keeps this model's tensors alive
+        make_optimizer = _plain_optimizer if kind != "gpukernels" else _gpukernels_optimizer
+        optimizer, scheduler, clip = make_optimizer(model, cfg["lr"], steps, warmup)
+        autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+        seconds = []
+        model.train()
+        progress = tqdm(range(steps), desc=way, leave=False, disable=None)
+        for step in progress:
+            batch = task.batch(step)
+            start = time.perf_counter()
+            with autocast:
+                loss = loss_of(*batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            result.losses.append(loss.item())  # .item() waits for the GPU, so the step time is real
+            seconds.append(time.perf_counter() - start)
+            progress.set_postfix(loss=f"{result.losses[-1]:.4f}")
+        with autocast:
+            result.evaluation = task.evaluate(model)
+    result.first_step_ms = 1e3 * seconds[0]
+    result.step_ms = 1e3 * statistics.median(seconds[timed_steps(steps)])
+    result.throughput = task.units_per_step / (result.step_ms / 1e3)
+    if device.type == "cuda":
+        result.peak_mem_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
