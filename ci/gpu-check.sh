@@ -9,7 +9,10 @@
 #            max-autotune left out: its autotuning takes minutes per op)
 #   graph    the memory-bound ops again, timed by CUDA graph replays (the GPU's
 #            time without the host's launch overhead), against eager, Liger, CuPy
-#   train    the large training preset
+#   train    the gpu preset of the digits MLP
+#   models   a real model's training step, every way (plain, patched, compiled, Liger):
+#            the gpu preset of gpt2, llama and resnet50 for a few steps each
+#   host     host time per call of each piece of an op's launch (bench/host_overhead.py)
 # GPU_CHECK_STEPS picks them (default "tests bench graph"); GPU_CHECK_BENCH_SKIP the
 # providers the benchmark leaves out (default compile-max). Logs go to the
 # folder after each step, with everything packed into gpu-check.tgz, so a run
@@ -58,8 +61,13 @@ for name in ${GPU_CHECK_STEPS:-tests bench graph}; do
                    --out "$work/bench" ;;
         graph) step bench-graph 120 "$py" -m gpukernels.bench --quick --cuda-graph --skip compile,compile-max \
                    --ops layer_norm,cross_entropy,dropout,batch_norm,linear_act --out "$work/bench-graph" ;;
-        train) step train-large 150 "$py" -m gpukernels.train --preset large --epochs 3 --out "$work/train" ;;
-        *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, train)" >&2; exit 2 ;;
+        train) step train-mlp 150 "$py" -m gpukernels.train --model mlp --preset gpu --steps 30 --out "$work/train" ;;
+        models) for model in gpt2 llama resnet50; do
+                    step "train-$model" 200 "$py" -m gpukernels.train --model "$model" --preset gpu \
+                        --steps "${GPU_CHECK_TRAIN_STEPS:-30}" --out "$work/train-$model"
+                done ;;
+        host) step host-overhead 120 "$py" bench/host_overhead.py ;;
+        *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, train, models, host)" >&2; exit 2 ;;
     esac
 done
 if [ -z "${OUT:-}" ] || [ "$dest" != "$OUT" ]; then
