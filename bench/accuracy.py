@@ -30,11 +30,21 @@ def _cases(device):
     yield "layer_norm", (x, w, b), lambda f, x, w, b: f.layer_norm(x, (1000,), w, b)
     xi, wi, bi = randn(64, 256), randn(384, 256) / 16, randn(384)
     for act in ("relu", "gelu", "gelu_tanh", "silu"):
-        torch_act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
-                     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}[act]
-        yield f"linear_act[{act}]", (xi, wi, bi), (
-            lambda f, x, w, b, act=act, torch_act=torch_act:
-            gk.linear_act(x, w, b, act) if f is gk else torch_act(F.linear(x, w, b)))
+        torch_act = {
+            "relu": F.relu,
+            "gelu": F.gelu,
+            "silu": F.silu,
+            "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+        }[act]
+        yield (
+            f"linear_act[{act}]",
+            (xi, wi, bi),
+            (
+                lambda f, x, w, b, act=act, torch_act=torch_act: (
+                    gk.linear_act(x, w, b, act) if f is gk else torch_act(F.linear(x, w, b))
+                )
+            ),
+        )
     logits, target = randn(64, 4097) * 3, torch.randint(0, 4097, (64,), generator=g).to(device)
     yield "cross_entropy", (logits,), lambda f, z: f.cross_entropy(z, target, label_smoothing=0.1)
     xb, wb, bb = randn(16, 32, 7, 9), randn(32), randn(32)
@@ -44,19 +54,24 @@ def _cases(device):
         if x.dtype in (torch.bfloat16, torch.float16):
             rm, rv, w, b = rm.float(), rv.float(), w.float(), b.float()
         return f.batch_norm(x, rm, rv, w, b, training=True)
+
     yield "batch_norm", (xb, wb, bb), bn
     xd = randn(100, 1000)
     # PyTorch's mask differs from ours: the reference applies ours in PyTorch arithmetic.
     keep = gk.dropout(torch.ones_like(xd), 0.3, seed=5) != 0
-    yield "dropout", (xd,), (lambda f, x: gk.dropout(x, 0.3, seed=5) if f is gk
-                             else x * keep.to(x.dtype) * (1 / 0.7))
+    yield "dropout", (xd,), (lambda f, x: gk.dropout(x, 0.3, seed=5) if f is gk else x * keep.to(x.dtype) * (1 / 0.7))
 
 
 def _run(fn, f, inputs, dtype):
     leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
     out = fn(f, *leaves)
-    grad_out = torch.ones_like(out) if out.dim() == 0 else torch.randn(
-        out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out.device, out.dtype)
+    grad_out = (
+        torch.ones_like(out)
+        if out.dim() == 0
+        else torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(
+            out.device, out.dtype
+        )
+    )
     out.backward(grad_out)
     return out.detach(), [t.grad for t in leaves]
 

@@ -52,6 +52,7 @@ def in_backward(x, dy, piece):
         _InBackward.piece = piece
         x.grad = None
         _InBackward.apply(x).backward(dy)
+
     return run
 
 
@@ -82,12 +83,14 @@ def main() -> None:
         def run():
             x.grad = w.grad = b.grad = None
             fn(x, (64,), w, b).backward(dy)
+
         return run
 
     def no_grad(fn):
         def run():
             with torch.no_grad():
                 fn(x, (64,), w, b)
+
         return run
 
     pieces = {
@@ -95,13 +98,27 @@ def main() -> None:
         "aten add (x + 1)": lambda: xd + 1,
         "triton launch, 1 argument": lambda: _empty_kernel[(1,)](xd),
         "triton launch, layer_norm_fwd_kernel": lambda: triton_layer_norm.layer_norm_fwd_kernel[(8,)](
-            xd, wd, bd, xd, mean, rstd, 64, 1e-5, HAS_W=True, HAS_B=True, ACC=tl.float32, BLOCK_D=64,
-            ONE_BLOCK=True, num_warps=1),
+            xd,
+            wd,
+            bd,
+            xd,
+            mean,
+            rstd,
+            64,
+            1e-5,
+            HAS_W=True,
+            HAS_B=True,
+            ACC=tl.float32,
+            BLOCK_D=64,
+            ONE_BLOCK=True,
+            num_warps=1,
+        ),
         "kernel_for": lambda: kernel_for("triton", "layer_norm", "layer_norm_fwd", device),
         "needs_dispatch": lambda: needs_dispatch((xd, wd, bd, 1e-5)),
         "op layer_norm_fwd (allocations + launch)": lambda: layer_norm_fwd.on("triton", xd, wd, bd, 1e-5),
         "op layer_norm_bwd (allocations + 2 launches)": lambda: layer_norm_bwd.on(
-            "triton", dy, xd, wd, mean, rstd, True),
+            "triton", dy, xd, wd, mean, rstd, True
+        ),
         "x.clone() forward + backward (C++ backward)": fwd_bwd(lambda x, shape, w, b: x.clone()),
         "gk.layer_norm forward, no grad": no_grad(gk.layer_norm),
         "gk.layer_norm forward, with grad": lambda: gk.layer_norm(x, (64,), w, b),
@@ -113,9 +130,11 @@ def main() -> None:
         pieces[f"in a backward: {name}"] = in_backward(x, dy, pieces[name])
     pieces["in a backward: nothing"] = in_backward(x, dy, lambda: None)
     pieces["in a backward: get_device_properties"] = in_backward(
-        x, dy, lambda: torch.cuda.get_device_properties(device).multi_processor_count)
+        x, dy, lambda: torch.cuda.get_device_properties(device).multi_processor_count
+    )
     pieces["in a backward: 10 x torch.empty"] = in_backward(
-        x, dy, lambda: [torch.empty(8, 64, device=device) for _ in range(10)])
+        x, dy, lambda: [torch.empty(8, 64, device=device) for _ in range(10)]
+    )
     width = max(map(len, pieces))
     for name, fn in pieces.items():
         print(f"{name.ljust(width)}  {host_us(fn):8.1f} us")

@@ -97,8 +97,15 @@ void cg_start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
 void cg_stop(void) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS; }
 """
 
-H100_PROPERTIES = {"max_shared_mem": 232448, "multiprocessor_count": 132, "sm_clock_rate": 1980000,
-                   "mem_clock_rate": 2619000, "mem_bus_width": 5120, "max_num_regs": 65536, "warpSize": 32}
+H100_PROPERTIES = {
+    "max_shared_mem": 232448,
+    "multiprocessor_count": 132,
+    "sm_clock_rate": 1980000,
+    "mem_clock_rate": 2619000,
+    "mem_bus_width": 5120,
+    "max_num_regs": 65536,
+    "warpSize": 32,
+}
 
 
 def missing_tools() -> str | None:
@@ -130,8 +137,12 @@ def stub_environment(directory: Path, cache_dir: Path | None = None) -> dict[str
     """The environment of a process that launches through the stub in ``directory``:
     compiled kernels, not the interpreter; the default backend selection."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPUKERNELS_BACKEND")}
-    env.update(TRITON_LIBCUDA_PATH=str(directory), LD_LIBRARY_PATH=str(directory), PYTHONHASHSEED="0",
-               TRITON_CACHE_DIR=str(cache_dir or directory / "triton-cache"))
+    env.update(
+        TRITON_LIBCUDA_PATH=str(directory),
+        LD_LIBRARY_PATH=str(directory),
+        PYTHONHASHSEED="0",
+        TRITON_CACHE_DIR=str(cache_dir or directory / "triton-cache"),
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
 
@@ -234,6 +245,7 @@ def flags_as_kernels_would_write() -> None:
 # ---- the ops: {mode: (ours, PyTorch's)}, each callable a forward and its backward ----
 # Tiny shapes: PyTorch's CPU arithmetic hardly counts.
 
+
 def _leaf(*shape):
     import torch
 
@@ -242,6 +254,7 @@ def _leaf(*shape):
 
 def _fwd_bwd(ours, pytorch, x) -> dict:
     """Standalone: one call and its backward; chain: CHAIN calls, each on the last's output, one backward."""
+
     def standalone(op):
         return lambda: op(x).sum().backward()
 
@@ -251,7 +264,9 @@ def _fwd_bwd(ours, pytorch, x) -> dict:
             for _ in range(CHAIN):
                 y = op(y)
             y.sum().backward()
+
         return run
+
     return {"standalone": (standalone(ours), standalone(pytorch)), "chain": (chain(ours), chain(pytorch))}
 
 
@@ -272,8 +287,11 @@ def _batch_norm():
 
     x, w, b = _leaf(8, 16), _leaf(16), _leaf(16)
     ours_stats, their_stats = [(torch.zeros(16), torch.ones(16)) for _ in range(2)]
-    return _fwd_bwd(lambda t: gk.batch_norm(t, *ours_stats, w, b, training=True, momentum=0.1),
-                    lambda t: F.batch_norm(t, *their_stats, w, b, training=True, momentum=0.1), x)
+    return _fwd_bwd(
+        lambda t: gk.batch_norm(t, *ours_stats, w, b, training=True, momentum=0.1),
+        lambda t: F.batch_norm(t, *their_stats, w, b, training=True, momentum=0.1),
+        x,
+    )
 
 
 def _dropout():
@@ -281,8 +299,9 @@ def _dropout():
 
     import gpukernels as gk
 
-    return _fwd_bwd(lambda t: gk.dropout(t, p=0.1, training=True), lambda t: F.dropout(t, p=0.1, training=True),
-                    _leaf(8, 64))
+    return _fwd_bwd(
+        lambda t: gk.dropout(t, p=0.1, training=True), lambda t: F.dropout(t, p=0.1, training=True), _leaf(8, 64)
+    )
 
 
 def _cross_entropy():
@@ -300,8 +319,11 @@ def _cross_entropy():
 
     def chain(loss):
         return lambda: sum(loss(logits, target) for _ in range(CHAIN)).backward()
-    return {"standalone": (standalone(gk.cross_entropy), standalone(F.cross_entropy)),
-            "chain": (chain(gk.cross_entropy), chain(F.cross_entropy))}
+
+    return {
+        "standalone": (standalone(gk.cross_entropy), standalone(F.cross_entropy)),
+        "chain": (chain(gk.cross_entropy), chain(F.cross_entropy)),
+    }
 
 
 def _linear_act():
@@ -327,8 +349,14 @@ def _adamw():
     return {"step": (gk.optim.AdamW(ours, lr=1e-3).step, torch.optim.AdamW(theirs, lr=1e-3, fused=True).step)}
 
 
-CASES = {"layer_norm": _layer_norm, "batch_norm": _batch_norm, "dropout": _dropout,
-         "cross_entropy": _cross_entropy, "linear_act": _linear_act, "adamw": _adamw}
+CASES = {
+    "layer_norm": _layer_norm,
+    "batch_norm": _batch_norm,
+    "dropout": _dropout,
+    "cross_entropy": _cross_entropy,
+    "linear_act": _linear_act,
+    "adamw": _adamw,
+}
 OPS = tuple(CASES)
 
 
@@ -381,9 +409,13 @@ def _worker(args) -> None:
         try:
             torch.manual_seed(0)
             cases = CASES[op]()
-            counts[op] = {mode: {"ours": _count(ours, args.calls, marks, str(args.cg_dir)),
-                                 "pytorch": _count(pytorch, args.calls, marks, str(args.cg_dir))}
-                          for mode, (ours, pytorch) in cases.items()}
+            counts[op] = {
+                mode: {
+                    "ours": _count(ours, args.calls, marks, str(args.cg_dir)),
+                    "pytorch": _count(pytorch, args.calls, marks, str(args.cg_dir)),
+                }
+                for mode, (ours, pytorch) in cases.items()
+            }
         except Exception as e:  # a family being converted may be broken for a while: count the others
             errors[op] = f"{type(e).__name__}: {e}"
     Path(args.worker).write_text(json.dumps({"counts": counts, "errors": errors}))
@@ -391,13 +423,31 @@ def _worker(args) -> None:
 
 def _run_worker(args, under_valgrind: bool) -> dict:
     raw = args.cg_dir / "raw.json"
-    command = [sys.executable, __file__, "--worker", str(raw), "--build-dir", str(args.build_dir),
-               "--ops", ",".join(args.ops), "--calls", str(args.calls), "--cg-dir", str(args.cg_dir)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        str(raw),
+        "--build-dir",
+        str(args.build_dir),
+        "--ops",
+        ",".join(args.ops),
+        "--calls",
+        str(args.calls),
+        "--cg-dir",
+        str(args.cg_dir),
+    ]
     if args.setup:
         command += ["--setup", str(args.setup)]
     if under_valgrind:
-        command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--quiet",
-                   f"--callgrind-out-file={args.cg_dir}/cg.%p", *command]
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            "--quiet",
+            f"--callgrind-out-file={args.cg_dir}/cg.%p",
+            *command,
+        ]
     subprocess.run(command, env=stub_environment(args.build_dir, args.cache_dir), check=True)
     return json.loads(raw.read_text())
 
@@ -409,19 +459,30 @@ def rows_of(counts: dict) -> list[dict]:
         for mode, c in modes.items():
             per = CHAIN if mode == "chain" else 1
             ours, pytorch = c["ours"] / per, c["pytorch"] / per
-            rows.append({"op": op, "mode": mode, "ours": round(ours), "pytorch": round(pytorch),
-                         "ratio": round(ours / pytorch, 3)})
+            rows.append(
+                {
+                    "op": op,
+                    "mode": mode,
+                    "ours": round(ours),
+                    "pytorch": round(pytorch),
+                    "ratio": round(ours / pytorch, 3),
+                }
+            )
     return rows
 
 
-MODE_LABELS = {"standalone": "fwd+bwd, standalone", "chain": f"fwd+bwd, per op in a chain of {CHAIN}",
-               "step": "optimizer step"}
+MODE_LABELS = {
+    "standalone": "fwd+bwd, standalone",
+    "chain": f"fwd+bwd, per op in a chain of {CHAIN}",
+    "step": "optimizer step",
+}
 
 
 def markdown(rows: list[dict], unit: str) -> str:
     lines = [f"| op | what | ours ({unit}) | PyTorch's ({unit}) | ours / PyTorch's |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['op']} | {MODE_LABELS[r['mode']]} | {r['ours']:,} | {r['pytorch']:,} | {r['ratio']:.2f}x |"
-              for r in rows]
+    lines += [
+        f"| {r['op']} | {MODE_LABELS[r['mode']]} | {r['ours']:,} | {r['pytorch']:,} | {r['ratio']:.2f}x |" for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -429,10 +490,14 @@ def environment() -> dict:
     import torch
     import triton
 
-    return {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "machine": platform.machine(),
-            "note": "host instructions per call (callgrind) on a CPU machine, Triton launching through a stub "
-                    "libcuda; PyTorch's ops on CPU tensors; AdamW against torch.optim.AdamW(fused=True) on CPU"}
+    return {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "note": "host instructions per call (callgrind) on a CPU machine, Triton launching through a stub "
+        "libcuda; PyTorch's ops on CPU tensors; AdamW against torch.optim.AdamW(fused=True) on CPU",
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -470,9 +535,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "host_time.json").write_text(json.dumps(result, indent=1) + "\n")
-        (args.out / "host_time.md").write_text(f"# Host instructions per call\n\n{result['environment']['note']}; "
-                                               f"torch {result['environment']['torch']}, triton "
-                                               f"{result['environment']['triton']}.\n\n{table}")
+        (args.out / "host_time.md").write_text(
+            f"# Host instructions per call\n\n{result['environment']['note']}; "
+            f"torch {result['environment']['torch']}, triton "
+            f"{result['environment']['triton']}.\n\n{table}"
+        )
     return result
 
 

@@ -27,12 +27,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-_TENSOR_TYPES = {"float64": "*fp64", "float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16",
-                 "int64": "*i64", "int32": "*i32", "int8": "*i8", "uint8": "*u8", "bool": "*i1"}
+_TENSOR_TYPES = {
+    "float64": "*fp64",
+    "float32": "*fp32",
+    "float16": "*fp16",
+    "bfloat16": "*bf16",
+    "int64": "*i64",
+    "int32": "*i32",
+    "int8": "*i8",
+    "uint8": "*u8",
+    "bool": "*i1",
+}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 
 # ---------------------------------------------------------------- recording (interpreter)
+
 
 def _describe(value):
     """("type", x) for a runtime argument, ("constexpr", x) for a constant."""
@@ -48,7 +58,7 @@ def _describe(value):
     if isinstance(value, bool):
         return "type", "i1"
     if isinstance(value, int):
-        return "type", "i32" if -2**31 <= value < 2**31 else "i64"
+        return "type", "i32" if -(2**31) <= value < 2**31 else "i64"
     if isinstance(value, float):
         return "type", "fp32"
     raise TypeError(f"cannot describe a kernel argument of type {type(value).__name__}")
@@ -65,13 +75,19 @@ def record() -> list[dict]:
     def recording_run(self, *args, grid, warmup, **kwargs):
         constexpr_names = {n for n, p in self.fn.__annotations__.items() if "constexpr" in str(p)}
         bound = dict(zip(self.arg_names, args)) | {k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS}
-        entry = {"module": self.fn.__module__, "kernel": self.fn.__name__, "args": {},
-                 "options": {k: kwargs[k] for k in _LAUNCH_OPTIONS if k in kwargs}}
+        entry = {
+            "module": self.fn.__module__,
+            "kernel": self.fn.__name__,
+            "args": {},
+            "options": {k: kwargs[k] for k in _LAUNCH_OPTIONS if k in kwargs},
+        }
         for name in self.arg_names:
             value = bound[name]
             if name in constexpr_names:
-                entry["args"][name] = ["constexpr", _describe(value)[1] if value is None or isinstance(
-                    value, tl.dtype) else value]
+                entry["args"][name] = [
+                    "constexpr",
+                    _describe(value)[1] if value is None or isinstance(value, tl.dtype) else value,
+                ]
             else:
                 entry["args"][name] = list(_describe(value))
         # Block sizes and launch options vary with the shape but not the code
@@ -98,6 +114,7 @@ def _exercise_every_op() -> None:
 
     with gk.use_backend("triton"):
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+
             def leaf(*shape, scale=1.0):
                 return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).requires_grad_()
 
@@ -123,8 +140,10 @@ def _exercise_every_op() -> None:
                 for smoothing in (0.0, 0.1):
                     for reduction in ("mean", "none"):
                         logits = leaf(4, 3)
-                        run_backward(gk.cross_entropy(logits, target, weight, reduction=reduction,
-                                                      label_smoothing=smoothing), logits)
+                        run_backward(
+                            gk.cross_entropy(logits, target, weight, reduction=reduction, label_smoothing=smoothing),
+                            logits,
+                        )
             for options in ({}, {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}):
                 for reduction in ("mean", "none"):
                     x, w = leaf(4, 5), leaf(3, 5)
@@ -139,6 +158,7 @@ def _exercise_every_op() -> None:
 
 
 # ---------------------------------------------------------------- compiling (no interpreter)
+
 
 def _jit_function(module: str, name: str):
     """The kernel's JITFunction and, if it is autotuned, its configs."""
@@ -164,8 +184,9 @@ def compile_all(launches: list[dict]) -> list[str]:
         fn, configs = _jit_function(launch["module"], launch["kernel"])
         variants = [({}, launch["options"])]
         if configs and len(configs) > 1:  # the GPU autotuner's first and last (small-problem) configs
-            variants = [(c.kwargs, {"num_warps": c.num_warps, "num_stages": c.num_stages})
-                        for c in (configs[0], configs[-1])]
+            variants = [
+                (c.kwargs, {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in (configs[0], configs[-1])
+            ]
         for config_kwargs, options in variants:
             signature, constexprs = {}, {}
             for name, (kind, value) in launch["args"].items():
@@ -173,11 +194,14 @@ def compile_all(launches: list[dict]) -> list[str]:
                     kind, value = "constexpr", config_kwargs[name]
                 if kind == "constexpr":
                     signature[name] = "constexpr"
-                    constexprs[name] = tl.dtype(value[3:]) if isinstance(value, str) and value.startswith("tl.") \
-                        else value
+                    constexprs[name] = (
+                        tl.dtype(value[3:]) if isinstance(value, str) and value.startswith("tl.") else value
+                    )
                 else:
                     signature[name] = value
-            label = f"{launch['kernel']} {json.dumps({k: v for k, v in constexprs.items() if v is not None}, default=str)}"
+            label = (
+                f"{launch['kernel']} {json.dumps({k: v for k, v in constexprs.items() if v is not None}, default=str)}"
+            )
             try:
                 triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=target, options=options)
                 done += 1

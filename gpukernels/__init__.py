@@ -12,5 +12,20 @@ from .functional import __all__ as _functional_all
 from .patch import PatchReport, fuse_linear_cross_entropy, patch, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["BackendError", "backend_name", "unavailable_reason", "use_backend", "distributed", "functional", "nn", "optim",
-           "CapturedStep", "capture_step", "PatchReport", "fuse_linear_cross_entropy", "patch", "unpatch", *_functional_all]
+__all__ = [
+    "BackendError",
+    "backend_name",
+    "unavailable_reason",
+    "use_backend",
+    "distributed",
+    "functional",
+    "nn",
+    "optim",
+    "CapturedStep",
+    "capture_step",
+    "PatchReport",
+    "fuse_linear_cross_entropy",
+    "patch",
+    "unpatch",
+    *_functional_all,
+]

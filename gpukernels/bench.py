@@ -46,7 +46,7 @@ class Case:
 
     op: str
     shape: str
-    size: int                                   # x-axis of the plots (elements or parameters)
+    size: int  # x-axis of the plots (elements or parameters)
     providers: dict[str, Callable[[], object]]  # name -> forward (or step) callable
     grad_inputs: list[torch.Tensor] = field(default_factory=list)
     bytes: dict[str, float] = field(default_factory=dict)  # mode -> minimal bytes read + written
@@ -70,6 +70,7 @@ class Row:
 
 
 # ---------------------------------------------------------------- timing
+
 
 def _time_ms(fn: Callable[[], object], cuda: bool, quick: bool, graph: bool = False) -> float:
     if cuda:
@@ -99,10 +100,12 @@ def _mode_fn(case: Case, forward: Callable[[], object], mode: str) -> Callable[[
             t.grad = None
 
     if mode == "fwd+bwd":
+
         def run():
             clear()
             out = forward()
             out.backward(torch.ones_like(out) if out.dim() == 0 else _grad_like(out))
+
         return run
     out = forward()
     grad = torch.ones_like(out) if out.dim() == 0 else _grad_like(out)
@@ -110,6 +113,7 @@ def _mode_fn(case: Case, forward: Callable[[], object], mode: str) -> Callable[[
     def backward():
         clear()
         out.backward(grad, retain_graph=True)
+
     return backward
 
 
@@ -139,6 +143,7 @@ def _peak_mem_mib(fn: Callable[[], object], grad_inputs: list[torch.Tensor]) -> 
 
 # ---------------------------------------------------------------- device peaks
 
+
 def measure_peaks(device: torch.device, quick: bool) -> dict[str, float]:
     """What this GPU does in this run: copy bandwidth (GB/s) and bf16 matmul (TFLOP/s)."""
     if device.type != "cuda":
@@ -146,7 +151,7 @@ def measure_peaks(device: torch.device, quick: bool) -> dict[str, float]:
     n = 2**28  # 1 GiB of fp32: far beyond L2
     src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
     copy_ms = _time_ms(lambda: dst.copy_(src), True, quick)
-    del src, dst
+    src = dst = None  # the 2 GiB freed before the matmul's inputs
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     mm_ms = _time_ms(lambda: a @ b, True, quick)
@@ -155,12 +160,18 @@ def measure_peaks(device: torch.device, quick: bool) -> dict[str, float]:
 
 # ---------------------------------------------------------------- cases
 
+
 def _compiled(fn: Callable, mode: str | None = None) -> Callable:
     return torch.compile(fn, mode=mode, dynamic=False)
 
 
-def _common_providers(ours: Callable, eager: Callable, device: torch.device, cupy_op: str | None,
-                      liger: Callable[[object], Callable] | None = None) -> dict[str, Callable]:
+def _common_providers(
+    ours: Callable,
+    eager: Callable,
+    device: torch.device,
+    cupy_op: str | None,
+    liger: Callable[[object], Callable] | None = None,
+) -> dict[str, Callable]:
     """gpukernels, eager and, on CUDA, torch.compile (two modes), the CuPy
     backend when it has ``cupy_op``, and Liger-Kernel when installed
     (``liger`` maps its functional module to the call to time)."""
@@ -171,20 +182,27 @@ def _common_providers(ours: Callable, eager: Callable, device: torch.device, cup
         liger_transformers = _liger("liger_kernel.transformers") if liger else None
         if liger_transformers is not None:
             providers["liger"] = _first_output(liger(liger_transformers))
-        if cupy_op and gk.unavailable_reason("cupy") is None \
-                and importlib.util.find_spec(f"gpukernels.backends.cupy.{cupy_op}") is not None:
+        if (
+            cupy_op
+            and gk.unavailable_reason("cupy") is None
+            and importlib.util.find_spec(f"gpukernels.backends.cupy.{cupy_op}") is not None
+        ):
+
             def with_cupy():
                 with gk.use_backend("cupy"):
                     return ours()
+
             providers["cupy"] = with_cupy
     return providers
 
 
 def _first_output(fn: Callable) -> Callable:
     """Some baselines return (loss, extras): time them as the loss."""
+
     def call():
         out = fn()
         return out[0] if isinstance(out, tuple) else out
+
     return call
 
 
@@ -211,12 +229,19 @@ def layer_norm_cases(device, dtype, quick):
             norm = lg.LigerLayerNorm(d).to(device, dtype)
             return lambda: norm(x)
 
-        providers = _common_providers(lambda: gk.layer_norm(x, (d,), w, b), lambda: F.layer_norm(x, (d,), w, b),
-                                      device, "layer_norm", liger_norm)
+        providers = _common_providers(
+            lambda: gk.layer_norm(x, (d,), w, b), lambda: F.layer_norm(x, (d,), w, b), device, "layer_norm", liger_norm
+        )
         s = x.element_size()
         io = rows * d * s
-        yield Case("layer_norm", f"{rows}x{d}", rows * d, providers, [x, w, b],
-                   bytes={"fwd": 2 * io, "bwd": 3 * io, "fwd+bwd": 5 * io})
+        yield Case(
+            "layer_norm",
+            f"{rows}x{d}",
+            rows * d,
+            providers,
+            [x, w, b],
+            bytes={"fwd": 2 * io, "bwd": 3 * io, "fwd+bwd": 5 * io},
+        )
 
 
 def cross_entropy_cases(device, dtype, quick):
@@ -227,12 +252,22 @@ def cross_entropy_cases(device, dtype, quick):
     for v in vocabs:
         logits = torch.randn(rows, v, device=device, dtype=dtype, requires_grad=True)
         target = torch.randint(0, v, (rows,), device=device)
-        providers = _common_providers(lambda: gk.cross_entropy(logits, target),
-                                      lambda: F.cross_entropy(logits, target), device, "cross_entropy",
-                                      lambda lg: partial(lg.LigerCrossEntropyLoss(), logits, target))
+        providers = _common_providers(
+            lambda: gk.cross_entropy(logits, target),
+            lambda: F.cross_entropy(logits, target),
+            device,
+            "cross_entropy",
+            lambda lg: partial(lg.LigerCrossEntropyLoss(), logits, target),
+        )
         io = rows * v * logits.element_size()
-        yield Case("cross_entropy", f"{rows}x{v}", rows * v, providers, [logits],
-                   bytes={"fwd": io, "bwd": io, "fwd+bwd": 2 * io})
+        yield Case(
+            "cross_entropy",
+            f"{rows}x{v}",
+            rows * v,
+            providers,
+            [logits],
+            bytes={"fwd": io, "bwd": io, "fwd+bwd": 2 * io},
+        )
 
 
 def dropout_cases(device, dtype, quick):
@@ -255,11 +290,21 @@ def batch_norm_cases(device, dtype, quick):
         w = torch.ones(c, device=device, requires_grad=True)
         b = torch.zeros(c, device=device, requires_grad=True)
         rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
-        providers = _common_providers(lambda: gk.batch_norm(x, rm, rv, w, b, training=True),
-                                      lambda: F.batch_norm(x, rm, rv, w, b, training=True), device, None)
+        providers = _common_providers(
+            lambda: gk.batch_norm(x, rm, rv, w, b, training=True),
+            lambda: F.batch_norm(x, rm, rv, w, b, training=True),
+            device,
+            None,
+        )
         io = x.numel() * x.element_size()
-        yield Case("batch_norm", f"{n}x{c}x{hw}x{hw}", x.numel(), providers, [x, w, b],
-                   bytes={"fwd": 2 * io, "bwd": 3 * io, "fwd+bwd": 5 * io})
+        yield Case(
+            "batch_norm",
+            f"{n}x{c}x{hw}x{hw}",
+            x.numel(),
+            providers,
+            [x, w, b],
+            bytes={"fwd": 2 * io, "bwd": 3 * io, "fwd+bwd": 5 * io},
+        )
 
 
 def linear_act_cases(device, dtype, quick):
@@ -270,14 +315,21 @@ def linear_act_cases(device, dtype, quick):
         x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
         w = (torch.randn(n, k, device=device, dtype=dtype) / math.sqrt(k)).requires_grad_()
         b = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
-        providers = _common_providers(lambda: gk.linear_act(x, w, b, "gelu"), lambda: F.gelu(F.linear(x, w, b)),
-                                      device, None)
+        providers = _common_providers(
+            lambda: gk.linear_act(x, w, b, "gelu"), lambda: F.gelu(F.linear(x, w, b)), device, None
+        )
         if device.type == "cuda":
             providers["cublas-addmm-gelu"] = lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)
             providers["cublas-matmul"] = lambda: x @ w.t()
         flops = 2 * m * n * k
-        yield Case("linear_act", f"{m}x{k}x{n}", m * n * k, providers, [x, w, b],
-                   flops={"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops})
+        yield Case(
+            "linear_act",
+            f"{m}x{k}x{n}",
+            m * n * k,
+            providers,
+            [x, w, b],
+            flops={"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops},
+        )
 
 
 def linear_cross_entropy_cases(device, dtype, quick):
@@ -289,13 +341,23 @@ def linear_cross_entropy_cases(device, dtype, quick):
         x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
         w = (torch.randn(vocab, hidden, device=device, dtype=dtype) / math.sqrt(hidden)).requires_grad_()
         target = torch.randint(0, vocab, (rows,), device=device)
-        providers = _common_providers(lambda: gk.linear_cross_entropy(x, w, target),
-                                      lambda: F.cross_entropy(F.linear(x, w), target), device, None,
-                                      # Liger's loss takes the weight first
-                                      lambda lg: partial(lg.LigerFusedLinearCrossEntropyLoss(), w, x, target))
+        providers = _common_providers(
+            lambda: gk.linear_cross_entropy(x, w, target),
+            lambda: F.cross_entropy(F.linear(x, w), target),
+            device,
+            None,
+            # Liger's loss takes the weight first
+            lambda lg: partial(lg.LigerFusedLinearCrossEntropyLoss(), w, x, target),
+        )
         flops = 2 * rows * hidden * vocab
-        yield Case("linear_cross_entropy", f"{rows}x{hidden}x{vocab}", rows * hidden * vocab, providers, [x, w],
-                   flops={"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops})
+        yield Case(
+            "linear_cross_entropy",
+            f"{rows}x{hidden}x{vocab}",
+            rows * hidden * vocab,
+            providers,
+            [x, w],
+            flops={"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops},
+        )
 
 
 def adamw_cases(device, dtype, quick):
@@ -307,17 +369,20 @@ def adamw_cases(device, dtype, quick):
         chunk = min(4096 * 4096, total)
         sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
         providers = {}
-        for name, make in (("gpukernels", lambda ps: gk.optim.AdamW(ps, lr=1e-3)),
-                           ("torch-fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
-                           ("torch-foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True))):
+        for name, make in (
+            ("gpukernels", lambda ps: gk.optim.AdamW(ps, lr=1e-3)),
+            ("torch-fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
+            ("torch-foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
+        ):
             if name == "torch-fused" and device.type != "cuda":
                 continue
             params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in sizes]
             for p in params:
                 p.grad = torch.randn_like(p)
             providers[name] = make(params).step
-        yield Case("adamw", f"{total / 1e6:g}M params", total, providers,
-                   bytes={"step": 7 * 4 * total}, modes=("step",))
+        yield Case(
+            "adamw", f"{total / 1e6:g}M params", total, providers, bytes={"step": 7 * 4 * total}, modes=("step",)
+        )
         del providers
         gc.collect()
 
@@ -335,8 +400,16 @@ OPS = {
 
 # ---------------------------------------------------------------- running
 
-def run(ops: list[str], dtype: torch.dtype, device: torch.device, quick: bool, skip: frozenset[str] = frozenset(),
-        on_case: Callable[[list[Row], dict], None] | None = None, graph: bool = False) -> tuple[list[Row], dict]:
+
+def run(
+    ops: list[str],
+    dtype: torch.dtype,
+    device: torch.device,
+    quick: bool,
+    skip: frozenset[str] = frozenset(),
+    on_case: Callable[[list[Row], dict], None] | None = None,
+    graph: bool = False,
+) -> tuple[list[Row], dict]:
     """Every case of ``ops`` by every provider but those in ``skip``, timed by CUDA graph
     replays when ``graph``; ``on_case(rows, peaks)`` after each case, so that a run cut
     short still leaves what it measured."""
@@ -380,8 +453,13 @@ def run(ops: list[str], dtype: torch.dtype, device: torch.device, quick: bool, s
     return rows, peaks
 
 
-def profile(ops: list[str], dtype: torch.dtype, device: torch.device, quick: bool,
-            providers: tuple[str, ...] = ("gpukernels", "eager")) -> str:
+def profile(
+    ops: list[str],
+    dtype: torch.dtype,
+    device: torch.device,
+    quick: bool,
+    providers: tuple[str, ...] = ("gpukernels", "eager"),
+) -> str:
     """Where the time of each case's forward+backward goes: per provider, the
     host time of one call when nothing waits on the GPU, the GPU time of one
     call, and torch.profiler's kernels by GPU time; for ours also the Python
@@ -421,8 +499,9 @@ def profile(ops: list[str], dtype: torch.dtype, device: torch.device, quick: boo
                     if cuda:
                         torch.cuda.synchronize()
                 device_us = (sum(e.self_device_time_total for e in prof.key_averages()) / calls) if cuda else None
-                title = (f"== {op} {case.shape} {case.modes[-1]} {provider}: host {host_us:.0f} us/call"
-                         + (f", GPU kernels {device_us:.0f} us/call" if device_us is not None else ""))
+                title = f"== {op} {case.shape} {case.modes[-1]} {provider}: host {host_us:.0f} us/call" + (
+                    f", GPU kernels {device_us:.0f} us/call" if device_us is not None else ""
+                )
                 sections.append(title + "\n" + prof.key_averages().table(sort_by=sort, row_limit=12))
                 if provider == "gpukernels":
                     python_profile = cProfile.Profile()
@@ -438,14 +517,23 @@ def profile(ops: list[str], dtype: torch.dtype, device: torch.device, quick: boo
 def environment(device: torch.device) -> dict:
     import triton
 
-    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version(), "device": "cpu" if device.type != "cuda" else torch.cuda.get_device_name(device)}
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "device": "cpu" if device.type != "cuda" else torch.cuda.get_device_name(device),
+    }
     if device.type == "cuda":
         import subprocess
 
         try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=30).stdout.strip()
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             env["driver"] = "unknown"
         env["cuda"] = torch.version.cuda
@@ -461,10 +549,20 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         mine = ours.get((r.op, r.shape, r.mode))
         ratio = "" if mine is None or r is mine else f"{r.ms / mine.ms:.2f}x"
-        lines.append((r.op, r.shape, r.mode, r.provider, f"{r.ms:.3f}",
-                      "" if r.gbps is None else f"{r.gbps:.3g}", "" if r.tflops is None else f"{r.tflops:.3g}",
-                      "" if r.fraction_of_peak is None else f"{100 * r.fraction_of_peak:.0f}%",
-                      "" if r.peak_mem_mib is None else f"{r.peak_mem_mib:.0f}", ratio))
+        lines.append(
+            (
+                r.op,
+                r.shape,
+                r.mode,
+                r.provider,
+                f"{r.ms:.3f}",
+                "" if r.gbps is None else f"{r.gbps:.3g}",
+                "" if r.tflops is None else f"{r.tflops:.3g}",
+                "" if r.fraction_of_peak is None else f"{100 * r.fraction_of_peak:.0f}%",
+                "" if r.peak_mem_mib is None else f"{r.peak_mem_mib:.0f}",
+                ratio,
+            )
+        )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
     out.insert(1, "-|-".join("-" * w for w in widths))
@@ -485,8 +583,13 @@ def plot(rows: list[Row], out: Path, env: dict) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         for provider in dict.fromkeys(r.provider for r in op_rows):
             pts = sorted((r.size, getattr(r, metric)) for r in op_rows if r.provider == provider)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider,
-                    linewidth=2.5 if provider == "gpukernels" else 1.2)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                label=provider,
+                linewidth=2.5 if provider == "gpukernels" else 1.2,
+            )
         ax.set_xscale("log")
         ax.set_xlabel("elements" if op != "adamw" else "parameters")
         ax.set_ylabel("TFLOP/s" if metric == "tflops" else "GB/s")
@@ -507,16 +610,30 @@ def summary(rows: list[Row]) -> str:
     """A Markdown table, one line per op and shape, of forward+backward (AdamW: a step):
     our time, our speed-up over each baseline that ran (>1: ours is faster), our share
     of the measured peak, and peak memory against eager's."""
-    lines = ["| op | shape | ours ms | " + " | ".join(f"vs {b}" for b in SUMMARY_BASELINES)
-             + " | of peak | mem MiB (eager) |", "|---" * (len(SUMMARY_BASELINES) + 5) + "|"]
+    lines = [
+        "| op | shape | ours ms | "
+        + " | ".join(f"vs {b}" for b in SUMMARY_BASELINES)
+        + " | of peak | mem MiB (eager) |",
+        "|---" * (len(SUMMARY_BASELINES) + 5) + "|",
+    ]
     for r in rows:
         if r.provider != "gpukernels" or r.mode not in ("fwd+bwd", "step"):
             continue
-        eager = next((e for e in rows if (e.op, e.shape, e.mode, e.provider) == (r.op, r.shape, r.mode, "eager")
-                      and e.peak_mem_mib is not None), None)
+        eager = next(
+            (
+                e
+                for e in rows
+                if (e.op, e.shape, e.mode, e.provider) == (r.op, r.shape, r.mode, "eager")
+                and e.peak_mem_mib is not None
+            ),
+            None,
+        )
         ratios = [f"{r.speedup[b]:.2f}x" if b in r.speedup else "" for b in SUMMARY_BASELINES]
-        mem = "" if r.peak_mem_mib is None else f"{r.peak_mem_mib:.0f}" + (
-            f" ({eager.peak_mem_mib:.0f})" if eager else "")
+        mem = (
+            ""
+            if r.peak_mem_mib is None
+            else f"{r.peak_mem_mib:.0f}" + (f" ({eager.peak_mem_mib:.0f})" if eager else "")
+        )
         peak = "" if r.fraction_of_peak is None else f"{100 * r.fraction_of_peak:.0f}%"
         lines.append(f"| {r.op} | {r.shape} | {r.ms:.3f} | " + " | ".join(ratios) + f" | {peak} | {mem} |")
     return "\n".join(lines)
@@ -524,8 +641,9 @@ def summary(rows: list[Row]) -> str:
 
 def write(rows: list[Row], peaks: dict, env: dict, out: Path, stem: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "peaks": peaks,
-                                                  "rows": [asdict(r) for r in rows]}, indent=1))
+    (out / f"{stem}.json").write_text(
+        json.dumps({"environment": env, "peaks": peaks, "rows": [asdict(r) for r in rows]}, indent=1)
+    )
     with open(out / f"{stem}.csv", "w", newline="") as f:
         fields = [k for k in asdict(rows[0]) if k != "speedup"] + ["speedup"]
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -534,13 +652,21 @@ def write(rows: list[Row], peaks: dict, env: dict, out: Path, stem: str) -> None
             d = asdict(r)
             d["speedup"] = json.dumps(d["speedup"])
             writer.writerow(d)
-    header = [f"# gpukernels benchmark — {env['device']}", "",
-              "| " + " | ".join(f"{k}: {v}" for k, v in env.items()) + " |", ""]
+    header = [
+        f"# gpukernels benchmark — {env['device']}",
+        "",
+        "| " + " | ".join(f"{k}: {v}" for k, v in env.items()) + " |",
+        "",
+    ]
     if peaks:
-        header += [f"Measured in this run: copy {peaks['copy_gbps']:.0f} GB/s, "
-                   f"cuBLAS bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s.", ""]
-    (out / f"{stem}.md").write_text("\n".join(header) + summary(rows) + "\n\nEvery provider and mode:\n\n```\n"
-                                    + table(rows) + "\n```\n")
+        header += [
+            f"Measured in this run: copy {peaks['copy_gbps']:.0f} GB/s, "
+            f"cuBLAS bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s.",
+            "",
+        ]
+    (out / f"{stem}.md").write_text(
+        "\n".join(header) + summary(rows) + "\n\nEvery provider and mode:\n\n```\n" + table(rows) + "\n```\n"
+    )
 
 
 def main(argv=None) -> None:
@@ -549,14 +675,25 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--quick", action="store_true", help="one shape per op, shorter timing")
     p.add_argument("--summarize", metavar="JSON", help="print the Markdown summary of a results file and exit")
-    p.add_argument("--skip", default="", help="comma-separated providers not to run, e.g. compile-max (its "
-                   "autotuning takes minutes per op)")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated providers not to run, e.g. compile-max (its autotuning takes minutes per op)",
+    )
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--cuda-graph", action="store_true", help="time replays of CUDA graphs of the calls: what "
-                   "the kernels take without the host's launch overhead (torch.compile providers cannot be captured "
-                   "this way: --skip them)")
-    p.add_argument("--profile", action="store_true", help="instead of timing every provider, profile ours and "
-                   "eager's forward+backward (torch.profiler) into <out>/profile.txt")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="time replays of CUDA graphs of the calls: what "
+        "the kernels take without the host's launch overhead (torch.compile providers cannot be captured "
+        "this way: --skip them)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing every provider, profile ours and "
+        "eager's forward+backward (torch.profiler) into <out>/profile.txt",
+    )
     p.add_argument("--out", default="out/bench", help="folder for the .json/.csv/.md results and the plots")
     a = p.parse_args(argv)
     if a.summarize:
@@ -584,8 +721,9 @@ def main(argv=None) -> None:
         return
     if a.cuda_graph and device.type != "cuda":
         p.error("--cuda-graph needs a CUDA device")
-    rows, peaks = run(ops, dtype, device, a.quick, skip, lambda rows, peaks: write(rows, peaks, env, out, stem),
-                      graph=a.cuda_graph)
+    rows, peaks = run(
+        ops, dtype, device, a.quick, skip, lambda rows, peaks: write(rows, peaks, env, out, stem), graph=a.cuda_graph
+    )
     if not rows:
         raise SystemExit("no case ran: nothing to write")
     plot(rows, out, env)

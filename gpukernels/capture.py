@@ -53,9 +53,11 @@ def _check_like(name: str, t: Any, static: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.shape != static.shape or t.dtype != static.dtype or t.device != static.device:
-        raise ValueError(f"{name} is {t.dtype}{list(t.shape)} on {t.device}, but the step was captured with "
-                         f"{static.dtype}{list(static.shape)} on {static.device}: a CUDA graph replays static "
-                         f"shapes (capture one step per shape)")
+        raise ValueError(
+            f"{name} is {t.dtype}{list(t.shape)} on {t.device}, but the step was captured with "
+            f"{static.dtype}{list(static.shape)} on {static.device}: a CUDA graph replays static "
+            f"shapes (capture one step per shape)"
+        )
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -67,15 +69,23 @@ def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
             raise TypeError(
                 f"optimizer.param_groups[{i}]['lr'] is {type(lr).__name__ if not isinstance(lr, Tensor) else lr.device}"
                 f": a captured step would replay the lr it had at capture. Make it a CUDA tensor, e.g. "
-                f"lr=torch.tensor(1e-3, dtype=torch.float64, device='cuda'), and change it in place")
+                f"lr=torch.tensor(1e-3, dtype=torch.float64, device='cuda'), and change it in place"
+            )
         # ours keeps torch's flags for state-dict compatibility, and is always capturable
         if not isinstance(optimizer, AdamW) and "capturable" in group and not group["capturable"]:
-            raise ValueError(f"optimizer.param_groups[{i}] has capturable=False: torch.optim optimizers need "
-                             f"capturable=True to be captured (gpukernels.optim.AdamW always is)")
+            raise ValueError(
+                f"optimizer.param_groups[{i}] has capturable=False: torch.optim optimizers need "
+                f"capturable=True to be captured (gpukernels.optim.AdamW always is)"
+            )
 
 
-def capture_step(step: Callable[..., Any], *example_inputs: Tensor, optimizer: torch.optim.Optimizer | None = None,
-                 warmup_steps: int = 3, pool: Any = None) -> CapturedStep:
+def capture_step(
+    step: Callable[..., Any],
+    *example_inputs: Tensor,
+    optimizer: torch.optim.Optimizer | None = None,
+    warmup_steps: int = 3,
+    pool: Any = None,
+) -> CapturedStep:
     """Capture ``step(*inputs)`` — forward, backward, gradient clipping and the
     optimizer step, returning e.g. the loss — in a CUDA graph; returns a
     ``CapturedStep`` that replays it on new inputs of the same shapes.
@@ -91,8 +101,9 @@ def capture_step(step: Callable[..., Any], *example_inputs: Tensor, optimizer: t
         if not t.is_cuda:
             raise ValueError(f"example_inputs[{i}] is on {t.device}: a CUDA graph captures CUDA tensors only")
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-        raise ValueError(f"warmup_steps must be an int >= 1 (the optimizer state must exist before capture), "
-                         f"got {warmup_steps!r}")
+        raise ValueError(
+            f"warmup_steps must be an int >= 1 (the optimizer state must exist before capture), got {warmup_steps!r}"
+        )
     if optimizer is not None:
         _check_optimizer(optimizer)
     if not torch.cuda.is_available():
@@ -116,7 +127,9 @@ def capture_step(step: Callable[..., Any], *example_inputs: Tensor, optimizer: t
             output = step(*static_inputs)
     except RuntimeError as e:
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RuntimeError(f"the step could not be captured in a CUDA graph: {first_line}. A captured step must "
-                           f"make no host syncs (.item(), printing or branching on a tensor's value, "
-                           f"CPU->GPU copies from pageable memory)") from e
+        raise RuntimeError(
+            f"the step could not be captured in a CUDA graph: {first_line}. A captured step must "
+            f"make no host syncs (.item(), printing or branching on a tensor's value, "
+            f"CPU->GPU copies from pageable memory)"
+        ) from e
     return CapturedStep(graph, static_inputs, output)

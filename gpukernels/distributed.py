@@ -70,7 +70,7 @@ def _global_moments(x: Tensor, group: Any) -> tuple[int, Tensor, Tensor]:
     _all_gather_flat(gathered, local, group=group)
     gathered = gathered.view(-1, local.numel())
     channels = x.shape[1]
-    counts, means, m2s = gathered[:, :1], gathered[:, 1:1 + channels], gathered[:, 1 + channels:]
+    counts, means, m2s = gathered[:, :1], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
     total = counts.sum()
     mean = (counts * means).sum(0) / total
     m2 = (m2s + counts * (means - mean).square()).sum(0)
@@ -82,8 +82,9 @@ def _update_running(running: Tensor, batch: Tensor, momentum: float) -> None:
     running.copy_(momentum * batch + (1.0 - momentum) * running.to(batch.dtype))
 
 
-def _normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
-               eps: float) -> tuple[Tensor, Tensor]:
+def _normalize(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     """y and rstd: the batch_norm op in eval mode, which normalises with the
     statistics it is given (the global ones here) and updates nothing."""
     if x.numel() == 0:  # a rank with no samples: nothing to launch a kernel on
@@ -94,12 +95,23 @@ def _normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tens
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-                running_var: Tensor | None, momentum: float, eps: float, group: Any) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+        group: Any,
+    ) -> Tensor:
         count, mean, var = _global_moments(x, group)
         if count <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got {count} over the "
-                             f"process group (input of shape {tuple(x.shape)} on this rank)")
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got {count} over the "
+                f"process group (input of shape {tuple(x.shape)} on this rank)"
+            )
         mean, var = mean.to(stats_dtype(x.dtype)), var.to(stats_dtype(x.dtype))
         if running_mean is not None:
             _update_running(running_mean, mean, momentum)
@@ -126,15 +138,28 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # weight and bias get this rank's sums, as any other parameter its
         # local gradient: DDP and FSDP average gradients over the ranks
         local_dbias, local_dweight = local_sums
-        return (dx.to(x.dtype),
-                local_dweight.to(weight.dtype) if weight is not None else None,
-                local_dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None,
-                None, None, None, None, None)
+        return (
+            dx.to(x.dtype),
+            local_dweight.to(weight.dtype) if weight is not None else None,
+            local_dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-                    weight: Tensor | None = None, bias: Tensor | None = None, momentum: float = 0.1,
-                    eps: float = 1e-5, process_group: Any = None) -> Tensor:
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    process_group: Any = None,
+) -> Tensor:
     """Training-mode ``batch_norm`` of ``(N, C, *)`` input with statistics
     over the inputs of all ranks of ``process_group`` (default: the world);
     ``running_mean`` and ``running_var`` (when given) take ``momentum`` of
@@ -170,11 +195,19 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     where this torch has it).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group: Any = None, device=None, dtype=None,
-                 **kwargs: Any):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
-                         **kwargs)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device=None,
+        dtype=None,
+        **kwargs: Any,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **kwargs)
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -202,8 +235,16 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
             return super().forward(input)
         self._check_input_dim(input)
         tracked = self.track_running_stats
-        return sync_batch_norm(input, self.running_mean if tracked else None, self.running_var if tracked else None,
-                               self.weight, self.bias, self._momentum(), self.eps, group)
+        return sync_batch_norm(
+            input,
+            self.running_mean if tracked else None,
+            self.running_var if tracked else None,
+            self.weight,
+            self.bias,
+            self._momentum(),
+            self.eps,
+            group,
+        )
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any = None) -> torch.nn.Module:
@@ -215,8 +256,9 @@ def _to_sync(bn: _BatchNorm, process_group: Any) -> SyncBatchNorm:
     """A SyncBatchNorm holding ``bn``'s own parameters and buffers (the same
     tensors, so an optimizer built on the model still steps them)."""
     kwargs = {} if bn.bias is not None or not bn.affine else {"bias": False}
-    sync = SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group,
-                         **kwargs)
+    sync = SyncBatchNorm(
+        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group, **kwargs
+    )
     for name, param in bn.named_parameters(recurse=False):
         setattr(sync, name, param)
     for name, buffer in bn.named_buffers(recurse=False):

@@ -11,5 +11,14 @@ from .ops.linear_act import linear_act
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.rms_norm import rms_norm
 
-__all__ = ["batch_norm", "cross_entropy", "dropout", "geglu", "layer_norm", "linear_act", "linear_cross_entropy",
-           "rms_norm", "swiglu"]
+__all__ = [
+    "batch_norm",
+    "cross_entropy",
+    "dropout",
+    "geglu",
+    "layer_norm",
+    "linear_act",
+    "linear_cross_entropy",
+    "rms_norm",
+    "swiglu",
+]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .ops._checks import check_choice
 from .ops.batch_norm import batch_norm
 from .ops.cross_entropy import REDUCTIONS, cross_entropy
 from .ops.dropout import dropout
@@ -14,18 +15,28 @@ from .ops.layer_norm import layer_norm
 from .ops.linear_act import ACTIVATIONS, linear_act
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.rms_norm import rms_norm
-from .ops._checks import check_choice
 
-__all__ = ["LinearAct", "LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "Dropout", "CrossEntropyLoss",
-           "LinearCrossEntropyLoss", "HiddenStatesHead", "FusedHeadLoss"]
+__all__ = [
+    "LinearAct",
+    "LayerNorm",
+    "RMSNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "Dropout",
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
+    "HiddenStatesHead",
+    "FusedHeadLoss",
+]
 
 
 class LinearAct(torch.nn.Linear):
     """``activation(nn.Linear(x))`` in one op; ``activation`` is one of
     ``none, relu, gelu, gelu_tanh, silu``."""
 
-    def __init__(self, in_features: int, out_features: int, activation: str = "none", bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(
+        self, in_features: int, out_features: int, activation: str = "none", bias: bool = True, device=None, dtype=None
+    ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = check_choice("activation", activation, ACTIVATIONS)
 
@@ -59,10 +70,16 @@ class _BatchNormForward:
                 momentum = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
-        return batch_norm(input,
-                          self.running_mean if keep_running else None,
-                          self.running_var if keep_running else None,
-                          self.weight, self.bias, use_batch_stats, momentum, self.eps)
+        return batch_norm(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
 
 
 class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
@@ -100,8 +117,15 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     ``cross_entropy(softcap(input @ weight.T + bias), target)`` (+ z-loss), taken a
     chunk of rows at a time, never holding the logits."""
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, softcap: float | None = None, chunk_size: int | None = None):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+    ):
         super().__init__()
         self.ignore_index = ignore_index
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
@@ -111,13 +135,25 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
-        return linear_cross_entropy(input, weight, target, bias, self.ignore_index, self.reduction,
-                                    self.label_smoothing, self.z_loss, self.softcap, self.chunk_size)
+        return linear_cross_entropy(
+            input,
+            weight,
+            target,
+            bias,
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            self.z_loss,
+            self.softcap,
+            self.chunk_size,
+        )
 
     def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
-                f"chunk_size={self.chunk_size}")
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+            f"chunk_size={self.chunk_size}"
+        )
 
 
 class HiddenStatesHead(torch.nn.Linear):

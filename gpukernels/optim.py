@@ -31,8 +31,7 @@ __all__ = ["AdamW", "WarmupCosineLR", "warmup_cosine", "clip_grad_norm_"]
 # dict of ours carries them so that torch.distributed.checkpoint, which loads
 # only into entries the checkpoint has, loads ours into torch's (a torch
 # without some of them ignores the extra entries).
-_TORCH_ADAMW_FLAGS = dict(foreach=None, capturable=False, differentiable=False, fused=None,
-                          decoupled_weight_decay=True)
+_TORCH_ADAMW_FLAGS = dict(foreach=None, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=True)
 
 
 # Per-param work of a step is done by passes over whole lists that run in C (map
@@ -117,17 +116,33 @@ class AdamW(torch.optim.Optimizer):
     into each other; each rank updates its local shards.
     """
 
-    def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        **_TORCH_ADAMW_FLAGS)
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        maximize: bool = False,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            **_TORCH_ADAMW_FLAGS,
+        )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validates each group's hyperparameters, not only the defaults."""
         merged = {**self.defaults, **param_group}
-        param_group["betas"] = check_hyperparameters(merged["lr"], merged["betas"], merged["eps"],
-                                                     merged["weight_decay"])
+        param_group["betas"] = check_hyperparameters(
+            merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"]
+        )
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -139,8 +154,9 @@ class AdamW(torch.optim.Optimizer):
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, param in zip(saved_ids, params):
             if saved_id in state_dict["state"]:
-                self.state[param] = {key: _loaded_state_value(value, param, key)
-                                     for key, value in state_dict["state"][saved_id].items()}
+                self.state[param] = {
+                    key: _loaded_state_value(value, param, key) for key, value in state_dict["state"][saved_id].items()
+                }
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -157,8 +173,11 @@ class AdamW(torch.optim.Optimizer):
     def _params_with_grad(group: dict[str, Any], index: int) -> list[Tensor]:
         params = [p for p in group["params"] if p.grad is not None]
         grads = list(map(_grad, params))
-        if set(map(_dtype, params)) <= set(FLOAT_DTYPES) and not any(map(_is_sparse, grads)) \
-                and not _has_dtensor(params):
+        if (
+            set(map(_dtype, params)) <= set(FLOAT_DTYPES)
+            and not any(map(_is_sparse, grads))
+            and not _has_dtensor(params)
+        ):
             return params
         # the param to blame, by name
         names = group.get("param_names")
@@ -170,15 +189,20 @@ class AdamW(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"AdamW does not support sparse gradients, but {name} has one")
             if _is_dtensor(p) and getattr(p.grad, "placements", None) != p.placements:
-                raise RuntimeError(f"{name} is a DTensor with placements {p.placements}, so its grad must be one "
-                                   f"with the same placements, got {getattr(p.grad, 'placements', 'a plain tensor')}")
+                raise RuntimeError(
+                    f"{name} is a DTensor with placements {p.placements}, so its grad must be one "
+                    f"with the same placements, got {getattr(p.grad, 'placements', 'a plain tensor')}"
+                )
         return params
 
     def _state_of(self, param: Tensor, amsgrad: bool) -> dict[str, Tensor]:
         state = self.state[param]
         if not state:
-            state.update(step=torch.zeros((), dtype=torch.float32, device=param.device),
-                         exp_avg=_zero_state(param), exp_avg_sq=_zero_state(param))
+            state.update(
+                step=torch.zeros((), dtype=torch.float32, device=param.device),
+                exp_avg=_zero_state(param),
+                exp_avg_sq=_zero_state(param),
+            )
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = _zero_state(param)
         return state
@@ -194,11 +218,20 @@ class AdamW(torch.optim.Optimizer):
 
         beta1, beta2 = group["betas"]
         adamw_step_(
-            _local(params), _local(list(map(_grad, params))),
-            local_state("exp_avg"), local_state("exp_avg_sq"), local_state("max_exp_avg_sq") if amsgrad else [],
+            _local(params),
+            _local(list(map(_grad, params))),
+            local_state("exp_avg"),
+            local_state("exp_avg_sq"),
+            local_state("max_exp_avg_sq") if amsgrad else [],
             local_state("step"),
-            _lr_tensor(group["lr"], params[0].device), float(beta1), float(beta2),
-            float(group["eps"]), float(group["weight_decay"]), amsgrad, bool(group["maximize"]))
+            _lr_tensor(group["lr"], params[0].device),
+            float(beta1),
+            float(beta2),
+            float(group["eps"]),
+            float(group["weight_decay"]),
+            amsgrad,
+            bool(group["maximize"]),
+        )
 
 
 class WarmupCosineLR(LRScheduler):
@@ -219,8 +252,14 @@ class WarmupCosineLR(LRScheduler):
     from step 0.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                 min_lr: float = 0.0, last_epoch: int = -1):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int,
+        total_steps: int,
+        min_lr: float = 0.0,
+        last_epoch: int = -1,
+    ):
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= warmup_steps:
@@ -244,8 +283,9 @@ class WarmupCosineLR(LRScheduler):
         return self._get_closed_form_lr()
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                  min_lr: float = 0.0) -> WarmupCosineLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr: float = 0.0
+) -> WarmupCosineLR:
     """Linear warmup over ``warmup_steps``, cosine decay to ``min_lr`` at
     ``total_steps`` (see ``WarmupCosineLR``); call its ``step()`` after each
     ``optimizer.step()``."""
@@ -262,8 +302,9 @@ def _check_max_norm(max_norm: float) -> float:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm_type: float = 2.0,
-                    error_if_nonfinite: bool = False) -> Tensor:
+def clip_grad_norm_(
+    parameters: Tensor | Iterable[Tensor], max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+) -> Tensor:
     """``torch.nn.utils.clip_grad_norm_``: scale the gradients in place by
     ``min(1, max_norm / (total_norm + 1e-6))``, where ``total_norm`` is the
     ``norm_type``-norm of the per-tensor norms; returns ``total_norm``.
@@ -281,8 +322,10 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
     norms = chain.from_iterable(torch._foreach_norm(bucket, norm_type) for bucket in buckets)
     total_norm = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), norm_type)
     if error_if_nonfinite and not torch.isfinite(total_norm):
-        raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
-                           "so it cannot be clipped. To scale by it anyway, set error_if_nonfinite=False")
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
+            "so it cannot be clipped. To scale by it anyway, set error_if_nonfinite=False"
+        )
     clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     for bucket in buckets:
         torch._foreach_mul_(bucket, clip_coef.to(bucket[0].device))

@@ -82,7 +82,9 @@ _TORCH_RULES = {
 
 # Every class patch converts to -> the class it came from.
 _ORIGINAL: dict[type, type] = {rule.replacement: cls for cls, rule in _TORCH_RULES.items()} | {
-    gnn.LinearAct: torch.nn.Linear, gnn.HiddenStatesHead: torch.nn.Linear}
+    gnn.LinearAct: torch.nn.Linear,
+    gnn.HiddenStatesHead: torch.nn.Linear,
+}
 
 
 _REPLACEMENTS: dict[tuple[type, Callable], type] = {}
@@ -93,8 +95,11 @@ def _replacement(cls: type, forward: Callable) -> type:
     do not own becomes. One per class and forward; same name, this module's."""
     ours = _REPLACEMENTS.get((cls, forward))
     if ours is None:
-        ours = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__,
-                                           "__qualname__": cls.__qualname__, "__doc__": forward.__doc__})
+        ours = type(
+            cls.__name__,
+            (cls,),
+            {"forward": forward, "__module__": __name__, "__qualname__": cls.__qualname__, "__doc__": forward.__doc__},
+        )
         _REPLACEMENTS[cls, forward] = ours
         _ORIGINAL[ours] = cls
     return ours
@@ -118,25 +123,44 @@ def _first_line(error: BaseException) -> str:
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or getattr(module, "_backward_pre_hooks", None))
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or getattr(module, "_backward_pre_hooks", None)
+    )
 
 
 # ---- activations ----------------------------------------------------------------------------------------------
 
-_ACTIVATION_MATH = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
-                    "silu": F.silu}
+_ACTIVATION_MATH = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+}
 _PROBE_TOLERANCE = 1e-6  # below fp32 rounding of the probe's values: FastGELU's 10-digit sqrt(2/pi) passes
 
 # transformers.activations classes and the activation each claims to compute (checked by _activation).
-_TRANSFORMERS_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
-                             "PytorchGELUTanh": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
-                             "AccurateGELUActivation": "gelu_tanh", "SiLUActivation": "silu"}
-_TRANSFORMERS_UNSUPPORTED = {"QuickGELUActivation": "x * sigmoid(1.702 x)",
-                             "ClippedGELUActivation": "gelu clipped to [min, max]",
-                             "MishActivation": "x * tanh(softplus(x))", "LaplaceActivation": "a Laplace CDF",
-                             "ReLUSquaredActivation": "relu(x)^2", "LinearActivation": "the identity",
-                             "SqrtSoftplusActivation": "sqrt(softplus(x))", "XIELUActivation": "xIELU"}
+_TRANSFORMERS_ACTIVATIONS = {
+    "GELUActivation": "gelu",
+    "NewGELUActivation": "gelu_tanh",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh",
+    "AccurateGELUActivation": "gelu_tanh",
+    "SiLUActivation": "silu",
+}
+_TRANSFORMERS_UNSUPPORTED = {
+    "QuickGELUActivation": "x * sigmoid(1.702 x)",
+    "ClippedGELUActivation": "gelu clipped to [min, max]",
+    "MishActivation": "x * tanh(softplus(x))",
+    "LaplaceActivation": "a Laplace CDF",
+    "ReLUSquaredActivation": "relu(x)^2",
+    "LinearActivation": "the identity",
+    "SqrtSoftplusActivation": "sqrt(softplus(x))",
+    "XIELUActivation": "xIELU",
+}
 
 
 def _claimed_activation(module: torch.nn.Module) -> str | None:
@@ -165,8 +189,11 @@ def _activation(module: torch.nn.Module) -> tuple[str | None, str]:
     claimed = _claimed_activation(module)
     if claimed is None:
         math = _TRANSFORMERS_UNSUPPORTED.get(type(module).__name__, "")
-        return None, f"activation {type(module).__name__}{f' computes {math}:' if math else ' is'} " \
-                     f"none of {'/'.join(_ACTIVATION_MATH)}"
+        return (
+            None,
+            f"activation {type(module).__name__}{f' computes {math}:' if math else ' is'} "
+            f"none of {'/'.join(_ACTIVATION_MATH)}",
+        )
     probe = torch.linspace(-6.0, 6.0, 121, dtype=torch.float64)
     try:
         with torch.no_grad():
@@ -179,6 +206,7 @@ def _activation(module: torch.nn.Module) -> tuple[str | None, str]:
 
 
 # ---- affine maps an activation can fuse with ------------------------------------------------------------------
+
 
 def _conv1d_act_forward(self, input: Tensor) -> Tensor:
     """transformers' Conv1D (weight stored (in, out)) and its activation in one linear_act."""
@@ -195,6 +223,7 @@ def _fusable_linears() -> dict[type, type]:
 
 
 # ---- transformers and timm classes ----------------------------------------------------------------------------
+
 
 def _llama_rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
     """Llama's RMSNorm: normalised in fp32, rounded to the input dtype, then times the weight."""
@@ -234,6 +263,7 @@ def _gated_activation(attribute: str) -> Callable[[torch.nn.Module], dict[str, A
         if _has_hooks(act):
             return f"{attribute} has hooks, which would no longer run"
         return {"activation": name}
+
     return prepare
 
 
@@ -244,8 +274,9 @@ def _timm_layer_norm_forward(self, x: Tensor) -> Tensor:
 
 def _timm_layer_norm_2d_forward(self, x: Tensor) -> Tensor:
     """timm's LayerNorm2d: over the channels of an NCHW tensor."""
-    return layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                      self.eps).permute(0, 3, 1, 2)
+    return layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(
+        0, 3, 1, 2
+    )
 
 
 def _unless_fast_norm(module: torch.nn.Module) -> dict[str, Any] | str:
@@ -254,10 +285,20 @@ def _unless_fast_norm(module: torch.nn.Module) -> dict[str, Any] | str:
     return {}
 
 
-_LLAMA_RMS_NORMS = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm",
-                    "qwen3": "Qwen3RMSNorm", "phi3": "Phi3RMSNorm"}
-_GATED_MLPS = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP",
-               "gemma": "GemmaMLP"}
+_LLAMA_RMS_NORMS = {
+    "llama": "LlamaRMSNorm",
+    "mistral": "MistralRMSNorm",
+    "qwen2": "Qwen2RMSNorm",
+    "qwen3": "Qwen3RMSNorm",
+    "phi3": "Phi3RMSNorm",
+}
+_GATED_MLPS = {
+    "llama": "LlamaMLP",
+    "mistral": "MistralMLP",
+    "qwen2": "Qwen2MLP",
+    "qwen3": "Qwen3MLP",
+    "gemma": "GemmaMLP",
+}
 
 
 def _transformers_class(model: str, name: str) -> type | None:
@@ -266,21 +307,30 @@ def _transformers_class(model: str, name: str) -> type | None:
 
 def _third_party_rules() -> dict[type, _Rule]:
     """Rules for the transformers and timm classes of the modules already imported."""
-    found = [(_transformers_class(model, name), _llama_rms_norm_forward, "RMSNorm", _nothing_to_set)
-             for model, name in _LLAMA_RMS_NORMS.items()]
+    found = [
+        (_transformers_class(model, name), _llama_rms_norm_forward, "RMSNorm", _nothing_to_set)
+        for model, name in _LLAMA_RMS_NORMS.items()
+    ]
     found.append((_transformers_class("gemma", "GemmaRMSNorm"), _gemma_rms_norm_forward, "RMSNorm", _nothing_to_set))
-    found += [(_transformers_class(model, name), _gated_mlp_forward, "GatedMLP", _gated_activation("act_fn"))
-              for model, name in _GATED_MLPS.items()]
-    found.append((_transformers_class("phi3", "Phi3MLP"), _phi3_mlp_forward, "GatedMLP",
-                  _gated_activation("activation_fn")))
+    found += [
+        (_transformers_class(model, name), _gated_mlp_forward, "GatedMLP", _gated_activation("act_fn"))
+        for model, name in _GATED_MLPS.items()
+    ]
+    found.append(
+        (_transformers_class("phi3", "Phi3MLP"), _phi3_mlp_forward, "GatedMLP", _gated_activation("activation_fn"))
+    )
     timm_norm, timm_norm_2d = _loaded("timm.layers.norm", "LayerNorm", "LayerNorm2d")
     found.append((timm_norm, _timm_layer_norm_forward, "LayerNorm", _unless_fast_norm))
     found.append((timm_norm_2d, _timm_layer_norm_2d_forward, "LayerNorm2d", _unless_fast_norm))
-    return {cls: _Rule(_replacement(cls, forward), kind, prepare)
-            for cls, forward, kind, prepare in found if cls is not None}
+    return {
+        cls: _Rule(_replacement(cls, forward), kind, prepare)
+        for cls, forward, kind, prepare in found
+        if cls is not None
+    }
 
 
 # ---- tracing the forward --------------------------------------------------------------------------------------
+
 
 class _Tracer(torch.fx.Tracer):
     """Traces a module's forward, keeping opaque the modules ``leaves`` names, as
@@ -372,8 +422,9 @@ def _dataflow(model: torch.nn.Module, leaves, linears: dict[type, type]):
     ours = "/".join(_ACTIVATION_MATH)
     for prefix, graph, discarded in _traced_graphs(model, leaves, failures):
         calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
-        modules = [(node, prefix + node.target) for node in graph.nodes
-                   if node.op == "call_module" and node not in discarded]
+        modules = [
+            (node, prefix + node.target) for node in graph.nodes if node.op == "call_module" and node not in discarded
+        ]
         for node, name in modules:
             if type(model.get_submodule(name)) not in linears:
                 continue
@@ -381,8 +432,10 @@ def _dataflow(model: torch.nn.Module, leaves, linears: dict[type, type]):
             if user is None or others:
                 why_not[name] = f"its output is used {len(node.users)} times, not by one activation module"
             elif user.op != "call_module" or user in discarded:
-                why_not[name] = (f"its output goes to {getattr(user.target, '__name__', user.target)}, "
-                                 "not to an activation module (patch fuses modules)")
+                why_not[name] = (
+                    f"its output goes to {getattr(user.target, '__name__', user.target)}, "
+                    "not to an activation module (patch fuses modules)"
+                )
             elif user.args[:1] != (node,):
                 why_not[name] = f"its output is not the first argument of {prefix + user.target}"
             else:
@@ -392,16 +445,20 @@ def _dataflow(model: torch.nn.Module, leaves, linears: dict[type, type]):
                 if activation is not None:
                     pairs.append((name, act_name, activation, calls[node.target] > 1 or calls[user.target] > 1))
                 else:
-                    why_not[name] = (f"followed by {type(act).__name__} {act_name}: "
-                                     f"{why or f'not a {ours} activation module'}")
+                    why_not[name] = (
+                        f"followed by {type(act).__name__} {act_name}: {why or f'not a {ours} activation module'}"
+                    )
         fused = {act for _, act, _, _ in pairs}
         for node, name in modules:  # activation modules that no map feeds alone
             act = model.get_submodule(name)
             if not _is_activation_module(act) or name in fused:
                 continue
             source = node.args[0] if node.args else None
-            fed_by_map = (isinstance(source, torch.fx.Node) and source.op == "call_module"
-                          and type(model.get_submodule(prefix + source.target)) in linears)
+            fed_by_map = (
+                isinstance(source, torch.fx.Node)
+                and source.op == "call_module"
+                and type(model.get_submodule(prefix + source.target)) in linears
+            )
             if fed_by_map:
                 why_not[name] = _activation(act)[1] or f"its input's map {prefix + source.target} was left (see it)"
             elif type(act).__module__ == "transformers.activations":  # an MLP's activation, in a form we miss
@@ -424,9 +481,17 @@ def _untraced_reason(name: str, failures: dict[str, str]) -> str:
 
 # Causal LMs whose forward passes its output layer's result straight to self.loss_function(logits, labels, ...)
 # (read in transformers 5.24): the fused loss may take the hidden states in its place.
-_CAUSAL_LMS = (("gpt2", "GPT2LMHeadModel"), ("opt", "OPTForCausalLM"), ("llama", "LlamaForCausalLM"),
-               ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
-               ("gemma", "GemmaForCausalLM"), ("phi3", "Phi3ForCausalLM"), ("bert", "BertLMHeadModel"))
+_CAUSAL_LMS = (
+    ("gpt2", "GPT2LMHeadModel"),
+    ("opt", "OPTForCausalLM"),
+    ("llama", "LlamaForCausalLM"),
+    ("mistral", "MistralForCausalLM"),
+    ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"),
+    ("gemma", "GemmaForCausalLM"),
+    ("phi3", "Phi3ForCausalLM"),
+    ("bert", "BertLMHeadModel"),
+)
 
 
 def _shifted_labels(labels: Tensor, ignore_index: int, shift_labels: Tensor | None, device) -> Tensor:
@@ -455,16 +520,26 @@ class _CausalLMLoss:
     def __init__(self, head: torch.nn.Linear | None = None):
         self.head = head
 
-    def __call__(self, logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch=None,
-                 ignore_index: int = -100, shift_labels: Tensor | None = None, **kwargs) -> Tensor:
+    def __call__(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        vocab_size: int,
+        num_items_in_batch=None,
+        ignore_index: int = -100,
+        shift_labels: Tensor | None = None,
+        **kwargs,
+    ) -> Tensor:
         reduction = "mean" if num_items_in_batch is None else "sum"
         target = _shifted_labels(labels, ignore_index, shift_labels, logits.device)
         if self.head is not None and self.head.defer_logits:
-            loss = linear_cross_entropy(logits.reshape(-1, logits.shape[-1]), self.head.weight, target,
-                                        self.head.bias, ignore_index, reduction)
+            loss = linear_cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), self.head.weight, target, self.head.bias, ignore_index, reduction
+            )
         else:  # as ForCausalLMLoss: fp32 logits
-            loss = cross_entropy(logits.float().reshape(-1, vocab_size), target, ignore_index=ignore_index,
-                                 reduction=reduction)
+            loss = cross_entropy(
+                logits.float().reshape(-1, vocab_size), target, ignore_index=ignore_index, reduction=reduction
+            )
         return _mean_over_items(loss.float(), num_items_in_batch)
 
 
@@ -519,7 +594,7 @@ def _set(undo: list, obj: Any, name: str, value: Any) -> None:
 
 def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: list) -> str | None:
     """Swap a transformers causal LM's loss; returns the name of the head the fused loss took."""
-    pretrained, = _loaded("transformers.modeling_utils", "PreTrainedModel")
+    (pretrained,) = _loaded("transformers.modeling_utils", "PreTrainedModel")
     causal_loss, losses = _loaded("transformers.loss.loss_utils", "ForCausalLMLoss", "LOSS_MAPPING")
     if pretrained is None or not isinstance(model, pretrained):
         return None
@@ -529,18 +604,25 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
         report.left.append((name, type(model).__name__, "not one of the causal LMs whose loss patch swaps"))
         return None
     # model.loss_function, without the warning its property gives for a loss_type of None
-    current = (model.__dict__.get("_loss_function") or (losses or {}).get(getattr(model, "loss_type", None))
-               or causal_loss)
+    current = (
+        model.__dict__.get("_loss_function") or (losses or {}).get(getattr(model, "loss_type", None)) or causal_loss
+    )
     if isinstance(current, _CausalLMLoss):
         return None
     if current is not causal_loss:
-        report.left.append((name, getattr(current, "__name__", type(current).__name__),
-                            "not transformers' ForCausalLMLoss"))
+        report.left.append(
+            (name, getattr(current, "__name__", type(current).__name__), "not transformers' ForCausalLMLoss")
+        )
         return None
     head = model.get_output_embeddings()
     if mode == "fused" and (type(head) is not torch.nn.Linear or _has_hooks(head)):
-        report.left.append((name, "ForCausalLMLoss", f"loss='fused' needs the output layer to be an nn.Linear "
-                            f"without hooks, got {type(head).__name__}"))
+        report.left.append(
+            (
+                name,
+                "ForCausalLMLoss",
+                f"loss='fused' needs the output layer to be an nn.Linear without hooks, got {type(head).__name__}",
+            )
+        )
         return None
     head_name = None
     if mode == "fused":
@@ -549,12 +631,18 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
         head.defer_logits = False
         _set(undo, model, "forward", _ForwardDeferringLogits(model.forward, head))
     _set(undo, model, "_loss_function", _CausalLMLoss(head if mode == "fused" else None))
-    report.swapped.append((name, f"{head_name}+ForCausalLMLoss" if head_name else "ForCausalLMLoss",
-                           "LinearCrossEntropyLoss" if head_name else "CrossEntropyLoss"))
+    report.swapped.append(
+        (
+            name,
+            f"{head_name}+ForCausalLMLoss" if head_name else "ForCausalLMLoss",
+            "LinearCrossEntropyLoss" if head_name else "CrossEntropyLoss",
+        )
+    )
     return head_name
 
 
 # ---- patch / unpatch ------------------------------------------------------------------------------------------
+
 
 @dataclass
 class PatchReport:
@@ -595,13 +683,13 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
     linears = _fusable_linears()
     head = _patch_loss(model, loss, report, undo)
     # Decided first: a module that will be swapped is opaque to tracing, one that stays is traced into.
-    settings = {name: rules[type(module)].prepare(module) for name, module in model.named_modules()
-                if type(module) in rules}
+    settings = {
+        name: rules[type(module)].prepare(module) for name, module in model.named_modules() if type(module) in rules
+    }
     swapping = {id(model.get_submodule(name)) for name, s in settings.items() if not isinstance(s, str)}
 
     def leaves(module):
-        return (_is_ours(module) or id(module) in swapping or type(module) in linears
-                or _is_activation_module(module))
+        return _is_ours(module) or id(module) in swapping or type(module) in linears or _is_activation_module(module)
 
     pairs, why_not, failures = _dataflow(model, leaves, linears) if fuse_linear_act else ([], {}, {})
     for linear_name, act_name, activation, shared in pairs:
@@ -632,8 +720,9 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
             for key, value in settings[name].items():
                 setattr(module, key, value)
             activation = settings[name].get("activation")  # a gated MLP's, now inside its op
-            report.swapped.append((name, f"{cls.__name__}+{activation}" if activation else cls.__name__,
-                                   rules[cls].kind))
+            report.swapped.append(
+                (name, f"{cls.__name__}+{activation}" if activation else cls.__name__, rules[cls].kind)
+            )
             inside_swapped += (name + ".",)
         elif cls in linears or _is_activation_module(module):
             why = why_not.get(name)
@@ -643,14 +732,22 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
                 report.left.append((name, cls.__name__, why))
         elif isinstance(module, tuple(_TORCH_RULES)):
             base = next(c for c in cls.__mro__ if c in _TORCH_RULES)
-            own_forward = any("forward" in vars(c) for c in cls.__mro__[:cls.__mro__.index(base)])
-            report.left.append((name, cls.__name__, "a subclass with its own forward" if own_forward else
-                                f"a subclass of {base.__name__}: only exact classes are swapped"))
+            own_forward = any("forward" in vars(c) for c in cls.__mro__[: cls.__mro__.index(base)])
+            report.left.append(
+                (
+                    name,
+                    cls.__name__,
+                    "a subclass with its own forward"
+                    if own_forward
+                    else f"a subclass of {base.__name__}: only exact classes are swapped",
+                )
+            )
     return report
 
 
-def fuse_linear_cross_entropy(model: torch.nn.Module, head: str, loss: torch.nn.CrossEntropyLoss,
-                              **options) -> gnn.FusedHeadLoss:
+def fuse_linear_cross_entropy(
+    model: torch.nn.Module, head: str, loss: torch.nn.CrossEntropyLoss, **options
+) -> gnn.FusedHeadLoss:
     """Opt-in: fuse ``model``'s output layer ``head`` (the name of an exact ``nn.Linear``
     whose output, the logits, goes to ``loss``) with ``loss``, so the logits are never
     held. The head becomes a ``HiddenStatesHead``, which returns the hidden states, and
@@ -667,8 +764,9 @@ def fuse_linear_cross_entropy(model: torch.nn.Module, head: str, loss: torch.nn.
         raise TypeError(f"loss must be an nn.CrossEntropyLoss, got {type(loss).__name__}")
     if loss.weight is not None:
         raise ValueError("loss has class weights, which linear_cross_entropy does not take")
-    fused = gnn.FusedHeadLoss(linear, gnn.LinearCrossEntropyLoss(loss.ignore_index, loss.reduction,
-                                                                 loss.label_smoothing, **options))
+    fused = gnn.FusedHeadLoss(
+        linear, gnn.LinearCrossEntropyLoss(loss.ignore_index, loss.reduction, loss.label_smoothing, **options)
+    )
     linear.__class__ = gnn.HiddenStatesHead
     return fused
 

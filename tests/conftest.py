@@ -25,13 +25,24 @@ def _triton_reason(device: str) -> str:
 # tensors through the interpreter (CI); CUDA pairs only where a GPU is.
 TARGETS = [
     pytest.param(("cpu", "numpy"), id="cpu-numpy"),
-    pytest.param(("cpu", "triton"), id="cpu-triton",
-                 marks=[pytest.mark.interpreter,
-                        pytest.mark.skipif(HAS_CUDA or not INTERPRETING, reason="Triton interpreter tier: CPU only")]),
-    pytest.param(("cuda", "triton"), id="cuda-triton",
-                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]),
-    pytest.param(("cuda", "cupy"), id="cuda-cupy",
-                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]),
+    pytest.param(
+        ("cpu", "triton"),
+        id="cpu-triton",
+        marks=[
+            pytest.mark.interpreter,
+            pytest.mark.skipif(HAS_CUDA or not INTERPRETING, reason="Triton interpreter tier: CPU only"),
+        ],
+    ),
+    pytest.param(
+        ("cuda", "triton"),
+        id="cuda-triton",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")],
+    ),
+    pytest.param(
+        ("cuda", "cupy"),
+        id="cuda-cupy",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")],
+    ),
 ]
 
 

@@ -34,8 +34,9 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def assert_matches(ours: torch.Tensor, theirs: torch.Tensor, reference: torch.Tensor | None = None,
-                   factor: float = LOWP_FACTOR) -> float:
+def assert_matches(
+    ours: torch.Tensor, theirs: torch.Tensor, reference: torch.Tensor | None = None, factor: float = LOWP_FACTOR
+) -> float:
     """Check ``ours`` against PyTorch's ``theirs`` (same dtype) and, for bf16/fp16,
     against the float64 ``reference``. Returns the error measured."""
     assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
@@ -50,9 +51,10 @@ def assert_matches(ours: torch.Tensor, theirs: torch.Tensor, reference: torch.Te
             # a sum in another order or the GPU's exp/erf can cost an element its last digits:
             # the whole result within the relative tolerance of float64 passes too
             within = rel_err(ours, reference) <= TOLERANCES[ours.dtype]["rtol"]
-            assert ours_err <= theirs_err or within, \
-                f"{ours.dtype}: max error {ours_err:.3g} vs PyTorch's {theirs_err:.3g}, relative " \
+            assert ours_err <= theirs_err or within, (
+                f"{ours.dtype}: max error {ours_err:.3g} vs PyTorch's {theirs_err:.3g}, relative "
                 f"{rel_err(ours, reference):.3g}"
+            )
         return _max_abs(ours, theirs)
     assert reference is not None, "low-precision results need a float64 reference"
     ours_err, theirs_err = rel_err(ours, reference), rel_err(theirs, reference)

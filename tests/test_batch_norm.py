@@ -46,8 +46,9 @@ def run(fn, x, weight, bias, running_mean, running_var, dy, **kwargs):
     return y, torch.autograd.grad(y, leaves, dy)
 
 
-def check_against_torch(x, weight, bias, running_mean, running_var, training, torch_device=None,
-                        torch_fn=F.batch_norm, **kwargs):
+def check_against_torch(
+    x, weight, bias, running_mean, running_var, training, torch_device=None, torch_fn=F.batch_norm, **kwargs
+):
     """Our forward, gradients and running stats vs PyTorch's ``torch_fn`` (same dtypes)
     and a float64 run of it, both on ``torch_device`` (default: x's);
     returns (ours, theirs) for further checks."""
@@ -57,10 +58,15 @@ def check_against_torch(x, weight, bias, running_mean, running_var, training, to
     ours_stats = clones(*tensors[3:])
     theirs_stats, ref_stats = clones(*theirs_tensors[3:5]), clones(*theirs_tensors[3:5], dtype=torch.float64)
     ours = run(batch_norm, *clones(*tensors[:3]), *ours_stats, dy, training=training, **kwargs)
-    theirs = run(torch_fn, *clones(*theirs_tensors[:3]), *theirs_stats, theirs_tensors[5], training=training,
-                 **kwargs)
-    ref = run(torch_fn, *clones(*theirs_tensors[:3], dtype=torch.float64), *ref_stats,
-              theirs_tensors[5].double(), training=training, **kwargs)
+    theirs = run(torch_fn, *clones(*theirs_tensors[:3]), *theirs_stats, theirs_tensors[5], training=training, **kwargs)
+    ref = run(
+        torch_fn,
+        *clones(*theirs_tensors[:3], dtype=torch.float64),
+        *ref_stats,
+        theirs_tensors[5].double(),
+        training=training,
+        **kwargs,
+    )
 
     def here(t):
         return t.detach().to(x.device)
@@ -107,18 +113,24 @@ def test_momentum_and_eps(device, momentum, eps):
 def test_zero_eps_is_fine_in_eval(device):
     """F.batch_norm refuses eps=0 (in some releases; their CUDA kernel always does):
     PyTorch's side is its ATen op, on CPU."""
+
     def aten_batch_norm(x, running_mean, running_var, weight, bias, training, eps):
         return torch.batch_norm(x, weight, bias, running_mean, running_var, training, 0.1, eps, False)
 
-    check_against_torch(*make_inputs((5, 4, 3), torch.float64, device=device), False, torch_device="cpu",
-                        torch_fn=aten_batch_norm, eps=0.0)
+    check_against_torch(
+        *make_inputs((5, 4, 3), torch.float64, device=device),
+        False,
+        torch_device="cpu",
+        torch_fn=aten_batch_norm,
+        eps=0.0,
+    )
 
 
 @pytest.mark.parametrize("training", [True, False])
 def test_channels_last_input_gives_channels_last_output(device, training):
     x, *params = make_inputs((3, 5, 4, 6), torch.float32, device=device)
     x = x.to(memory_format=torch.channels_last)
-    assert x.reshape(3, 5, 24).data_ptr() == x.data_ptr()       # the kernel sees a view, no copy
+    assert x.reshape(3, 5, 24).data_ptr() == x.data_ptr()  # the kernel sees a view, no copy
     (y, grads), (y_torch, _) = check_against_torch(x, *params, training)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
@@ -132,9 +144,9 @@ def test_channels_last_input_gives_channels_last_output(device, training):
 def test_non_contiguous_input(device, view, training):
     base, *params = make_inputs((6, 4, 5, 8), torch.float32, device=device)
     x = {
-        "sliced_length": lambda: base[:, :, 1, ::2],                 # (N, C, L) with stride 2 along L
+        "sliced_length": lambda: base[:, :, 1, ::2],  # (N, C, L) with stride 2 along L
         "sliced_batch": lambda: base[::2],
-        "transposed_hw": lambda: base.transpose(2, 3),               # no (N, C, L) view: copied
+        "transposed_hw": lambda: base.transpose(2, 3),  # no (N, C, L) view: copied
         "channels_first_permute": lambda: base.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3),
     }[view]()
     assert not x.is_contiguous()
@@ -145,9 +157,9 @@ def tiled_input(layout, dtype, device):
     """Inputs that walk the Triton kernels' tilings: several tiles per program,
     several programs per channel block (merged partials), a partial last
     channel block, and tiles spanning both n and l."""
-    if layout == "2d_wide":              # (N, C): folds to a row-major (M, C) matrix, channel blocks of 64
+    if layout == "2d_wide":  # (N, C): folds to a row-major (M, C) matrix, channel blocks of 64
         return make_inputs((300, 70), dtype, device=device)
-    if layout == "nchw_short_rows":      # L=40: tiles of (n, l) spanning several n
+    if layout == "nchw_short_rows":  # L=40: tiles of (n, l) spanning several n
         return make_inputs((130, 3, 40), dtype, device=device)
     x, *params = make_inputs((6, 70, 3, 5), dtype, device=device)
     return [x.to(memory_format=torch.channels_last)[::2], *params]  # channels-last, n and l not foldable
@@ -169,6 +181,7 @@ def triton_kernels(device, monkeypatch):
     if gk.backend_name(device) != "triton":
         pytest.skip("Triton kernels only")
     from gpukernels.backends.triton import batch_norm as kernels
+
     kernels._tiling_of.cache_clear()
     yield kernels
     kernels._tiling_of.cache_clear()
@@ -196,14 +209,17 @@ def test_elementwise_programs_taking_several_tiles(device, triton_kernels, monke
     assert tiling.programs == 2 < tiling.tiles and tiling.splits > 1
 
 
-@pytest.mark.parametrize("shape, strides, fill_limited", [
-    ((256, 64, 3136), (64 * 3136, 1, 3136), True),   # NCHW: a channel a program, partials cost nothing
-    ((256, 3, 3136), (3 * 3136, 1, 3136), True),
-    ((256, 64, 3136), (3136 * 64, 64, 1), False),    # channels-last: 64 channels a program
-    ((256, 64, 256), (256 * 64, 64, 1), False),
-    ((256, 4096, 1), (4096, 1, 1), False),           # BatchNorm1d input
-    ((8192, 64, 1), (64, 1, 1), False),
-])
+@pytest.mark.parametrize(
+    "shape, strides, fill_limited",
+    [
+        ((256, 64, 3136), (64 * 3136, 1, 3136), True),  # NCHW: a channel a program, partials cost nothing
+        ((256, 3, 3136), (3 * 3136, 1, 3136), True),
+        ((256, 64, 3136), (3136 * 64, 64, 1), False),  # channels-last: 64 channels a program
+        ((256, 64, 256), (256 * 64, 64, 1), False),
+        ((256, 4096, 1), (4096, 1, 1), False),  # BatchNorm1d input
+        ((8192, 64, 1), (64, 1, 1), False),
+    ],
+)
 def test_grids_keep_partial_reads_within_their_share(monkeypatch, shape, strides, fill_limited):
     """On an H100-sized grid (132 SMs, 4 programs each): the elementwise
     programs, each reading all its channels' partials, read at most
@@ -237,6 +253,7 @@ def _count_launches(kernels, monkeypatch) -> list[str]:
         def run_and_count(*args, **kwargs):
             launched.append(name)
             return run(*args, **kwargs)
+
         return run_and_count
 
     for name, value in vars(kernels).items():
@@ -256,7 +273,7 @@ def test_kernel_launches(device, triton_kernels, monkeypatch, layout, training):
     y = batch_norm(x, running_mean, running_var, weight, bias, training=training)
     forward = list(launched)
     y.backward(torch.ones_like(y))
-    backward = launched[len(forward):]
+    backward = launched[len(forward) :]
     if training:
         assert forward == ["_stats_kernel", "_normalize_kernel"]
         assert backward == ["_bwd_reduce_kernel", "_dx_kernel"]
@@ -323,7 +340,8 @@ def test_gradcheck_fp64(device, training):
     x, weight, bias, running_mean, running_var = make_inputs((3, 2, 4), torch.float64, device=device)
     inputs = [t.requires_grad_() for t in (x, weight, bias)]
     assert torch.autograd.gradcheck(
-        lambda x, w, b: batch_norm(x, running_mean, running_var, w, b, training=training), inputs)
+        lambda x, w, b: batch_norm(x, running_mean, running_var, w, b, training=training), inputs
+    )
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -338,8 +356,9 @@ def test_opcheck_forward(device, dtype, training):
 def test_opcheck_forward_channels_last_view(device):
     x, *params = make_inputs((2, 3, 4, 5), torch.float32, device=device)
     x3 = x.to(memory_format=torch.channels_last).reshape(2, 3, 20)
-    torch.library.opcheck(batch_norm_fwd.custom_op, (x3, *params[:2], *clones(*params[2:]), True, 0.1, 1e-5,
-                                                     gk.backend_name(device)))
+    torch.library.opcheck(
+        batch_norm_fwd.custom_op, (x3, *params[:2], *clones(*params[2:]), True, 0.1, 1e-5, gk.backend_name(device))
+    )
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -348,8 +367,9 @@ def test_opcheck_backward(device, affine, training):
     x, weight, _, _, _ = make_inputs((4, 3, 5), torch.float32, affine=affine, device=device)
     dy = torch.randn(4, 3, 5, device=device)
     mean, rstd = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
-    torch.library.opcheck(batch_norm_bwd.custom_op, (dy, x, weight, mean, rstd, training, affine,
-                                                     gk.backend_name(device)))
+    torch.library.opcheck(
+        batch_norm_bwd.custom_op, (dy, x, weight, mean, rstd, training, affine, gk.backend_name(device))
+    )
 
 
 def test_torch_compile_fullgraph_updates_running_stats_once(device):
@@ -365,37 +385,42 @@ def test_torch_compile_fullgraph_updates_running_stats_once(device):
 
 def bad_call(**overrides):
     x, weight, bias, running_mean, running_var = make_inputs((4, 3, 5), torch.float32)
-    kwargs = dict(input=x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
-                  training=True)
+    kwargs = dict(input=x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias, training=True)
     kwargs.update(overrides)
     batch_norm(**kwargs)
 
 
-@pytest.mark.parametrize("overrides, error, match", [
-    (dict(weight=torch.ones(4)), ValueError, "weight"),
-    (dict(bias=torch.ones(3, 1)), ValueError, "bias"),
-    (dict(running_mean=torch.zeros(2)), ValueError, "running_mean"),
-    (dict(running_var=torch.ones(5)), ValueError, "running_var"),
-    (dict(running_var=None), ValueError, "running_mean and running_var"),
-    (dict(running_mean=None, running_var=None, training=False), ValueError, "running_mean"),
-    (dict(input=torch.randn(1, 3)), ValueError, "more than 1 value per channel"),
-    (dict(input=torch.randn(1, 3, 1)), ValueError, "more than 1 value per channel"),
-    (dict(input=torch.randn(1, 3, 1, 1)), ValueError, "more than 1 value per channel"),
-    (dict(input=torch.randn(3)), ValueError, "input"),
-    (dict(input=torch.ones(4, 3, 5, dtype=torch.int64)), TypeError, "input"),
-    (dict(weight=torch.ones(3, dtype=torch.int32)), TypeError, "weight"),
-    (dict(running_mean=torch.zeros(3, dtype=torch.float64)), TypeError, "running_mean"),
-    (dict(input=torch.randn(4, 3, 5, dtype=torch.float64)), TypeError, "weight"),
-    (dict(input=torch.randn(4, 3, dtype=torch.bfloat16), weight=torch.ones(3, dtype=torch.bfloat16)),
-     TypeError, "bias"),
-    (dict(weight=torch.ones(3, device="meta")), RuntimeError, "weight"),
-    (dict(eps=-1e-5), ValueError, "eps"),
-    (dict(eps=0.0), ValueError, "eps"),
-    (dict(eps=-1e-5, training=False), ValueError, "eps"),
-    (dict(momentum=float("nan")), ValueError, "momentum"),
-    (dict(momentum=float("inf")), ValueError, "momentum"),
-    (dict(momentum=None), TypeError, "momentum"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(weight=torch.ones(4)), ValueError, "weight"),
+        (dict(bias=torch.ones(3, 1)), ValueError, "bias"),
+        (dict(running_mean=torch.zeros(2)), ValueError, "running_mean"),
+        (dict(running_var=torch.ones(5)), ValueError, "running_var"),
+        (dict(running_var=None), ValueError, "running_mean and running_var"),
+        (dict(running_mean=None, running_var=None, training=False), ValueError, "running_mean"),
+        (dict(input=torch.randn(1, 3)), ValueError, "more than 1 value per channel"),
+        (dict(input=torch.randn(1, 3, 1)), ValueError, "more than 1 value per channel"),
+        (dict(input=torch.randn(1, 3, 1, 1)), ValueError, "more than 1 value per channel"),
+        (dict(input=torch.randn(3)), ValueError, "input"),
+        (dict(input=torch.ones(4, 3, 5, dtype=torch.int64)), TypeError, "input"),
+        (dict(weight=torch.ones(3, dtype=torch.int32)), TypeError, "weight"),
+        (dict(running_mean=torch.zeros(3, dtype=torch.float64)), TypeError, "running_mean"),
+        (dict(input=torch.randn(4, 3, 5, dtype=torch.float64)), TypeError, "weight"),
+        (
+            dict(input=torch.randn(4, 3, dtype=torch.bfloat16), weight=torch.ones(3, dtype=torch.bfloat16)),
+            TypeError,
+            "bias",
+        ),
+        (dict(weight=torch.ones(3, device="meta")), RuntimeError, "weight"),
+        (dict(eps=-1e-5), ValueError, "eps"),
+        (dict(eps=0.0), ValueError, "eps"),
+        (dict(eps=-1e-5, training=False), ValueError, "eps"),
+        (dict(momentum=float("nan")), ValueError, "momentum"),
+        (dict(momentum=float("inf")), ValueError, "momentum"),
+        (dict(momentum=None), TypeError, "momentum"),
+    ],
+)
 def test_bad_input(overrides, error, match):
     with pytest.raises(error, match=match):
         bad_call(**overrides)

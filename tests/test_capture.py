@@ -12,10 +12,16 @@ import torch
 import gpukernels as gk
 from gpukernels.capture import capture_step
 
+
 def _model(dropout: float, device, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 64), torch.nn.GELU(),
-                                torch.nn.Dropout(dropout), torch.nn.Linear(64, 10)).to(device)
+    model = torch.nn.Sequential(
+        torch.nn.LayerNorm(32),
+        torch.nn.Linear(32, 64),
+        torch.nn.GELU(),
+        torch.nn.Dropout(dropout),
+        torch.nn.Linear(64, 10),
+    ).to(device)
     gk.patch(model)
     return model
 
@@ -27,6 +33,7 @@ def _step_fn(model, optimizer, loss_fn):
         gk.optim.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         return loss.detach()
+
     return step
 
 

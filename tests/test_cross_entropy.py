@@ -5,8 +5,13 @@ import torch
 import torch.nn.functional as F
 
 import gpukernels as gk
-from gpukernels.ops.cross_entropy import (cross_entropy, cross_entropy_bwd, cross_entropy_fwd, cross_entropy_probs_bwd,
-                                          cross_entropy_probs_fwd)
+from gpukernels.ops.cross_entropy import (
+    cross_entropy,
+    cross_entropy_bwd,
+    cross_entropy_fwd,
+    cross_entropy_probs_bwd,
+    cross_entropy_probs_fwd,
+)
 from helpers import LOOPED_CLASSES, SMALL_BLOCK, assert_matches
 
 OP = "cross_entropy"  # conftest's device fixture skips backends without these kernels
@@ -69,8 +74,9 @@ def test_weights_and_smoothing_on_4d_input(device, dtype, reduction, weighted, l
     target = _targets((2, 3, 4), 5, ignored=[0, 7, 23], device=device)
     weight = torch.rand(5, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device, dtype) + 0.1
     upstream = _upstream((2, 3, 4), device) if reduction == "none" else None
-    _compare(x, target, upstream, weight=weight if weighted else None, reduction=reduction,
-             label_smoothing=label_smoothing)
+    _compare(
+        x, target, upstream, weight=weight if weighted else None, reduction=reduction, label_smoothing=label_smoothing
+    )
 
 
 def _spec_loss(x, target, weight, ignore_index, e):
@@ -100,8 +106,14 @@ def test_single_class_gives_exact_zeros(device, dtype):
     x = _logits((5, 1), dtype, device=device)
     weight = torch.tensor([0.3], dtype=dtype, device=device)
     for reduction in ("mean", "sum", "none"):
-        for t in _loss_and_grad(cross_entropy, x, torch.zeros(5, dtype=torch.long, device=device), weight=weight,
-                                reduction=reduction, label_smoothing=0.1):
+        for t in _loss_and_grad(
+            cross_entropy,
+            x,
+            torch.zeros(5, dtype=torch.long, device=device),
+            weight=weight,
+            reduction=reduction,
+            label_smoothing=0.1,
+        ):
             assert torch.equal(t, torch.zeros_like(t))
 
 
@@ -160,8 +172,11 @@ def test_many_rows(device, probabilities):
     """600 rows: the reduction takes steps of rows (256 at a time on Triton with 5 classes),
     the last one partial."""
     x = _logits((600, 5), torch.float32, device=device)
-    target = _probs((600, 5), torch.float32, device=device) if probabilities else \
-        _targets((600,), 5, ignored=range(0, 600, 7), device=device)
+    target = (
+        _probs((600, 5), torch.float32, device=device)
+        if probabilities
+        else _targets((600,), 5, ignored=range(0, 600, 7), device=device)
+    )
     weight = torch.linspace(0.5, 2.0, 5, device=device)
     _compare(x, target, weight=weight, label_smoothing=0.1)
 
@@ -221,7 +236,8 @@ def test_gradcheck(device, reduction):
     target = _targets((5,), 4, ignored=[3], device=device)
     weight = torch.rand(4, dtype=torch.float64, device=device) + 0.5
     assert torch.autograd.gradcheck(
-        lambda x: cross_entropy(x, target, weight=weight, reduction=reduction, label_smoothing=0.2), (x,))
+        lambda x: cross_entropy(x, target, weight=weight, reduction=reduction, label_smoothing=0.2), (x,)
+    )
 
 
 def test_opcheck(device):
@@ -233,8 +249,10 @@ def test_opcheck(device):
             torch.library.opcheck(cross_entropy_fwd.custom_op, (x, target, weight, -100, 0.1, reduction, backend))
             _, row_max, log_sum, totals = cross_entropy_fwd(x.detach(), target, weight, -100, 0.1, reduction)
             grad_loss = torch.rand(5 if reduction == "none" else (), device=device)
-            torch.library.opcheck(cross_entropy_bwd.custom_op, (grad_loss, x.detach(), target, weight, row_max,
-                                                                log_sum, totals, -100, 0.1, reduction, backend))
+            torch.library.opcheck(
+                cross_entropy_bwd.custom_op,
+                (grad_loss, x.detach(), target, weight, row_max, log_sum, totals, -100, 0.1, reduction, backend),
+            )
 
 
 def test_compiles_without_graph_breaks(device):
@@ -253,36 +271,51 @@ def _bad(**overrides):
     return args
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (_bad(target=torch.tensor([0, 1])), ValueError, "target must have shape"),
-    (_bad(target=torch.tensor([0.0, 1.0, 2.0])), ValueError, "target of class probabilities must have input's shape"),
-    (_bad(target=torch.ones(3, 4, dtype=torch.long)), ValueError, r"target must have shape \(3,\)"),
-    (_bad(target=torch.ones(3, dtype=torch.uint8)), TypeError, "target must hold class indices"),
-    (_bad(target=torch.full((3, 4), 0.25, dtype=torch.float64)), TypeError, "target of class probabilities must "
-                                                                            "have input's dtype"),
-    (_bad(target=torch.full((3, 4), 0.25), ignore_index=0), ValueError, "ignore_index must be negative"),
-    (_bad(target=[0, 1, 2]), TypeError, "target"),
-    (_bad(target=torch.tensor([0, 1, 2], device="meta")), RuntimeError, "target is on meta"),
-    (_bad(input=torch.ones(3, 4, dtype=torch.long)), TypeError, "input"),
-    (_bad(input=torch.tensor(1.0), target=torch.tensor(0)), ValueError, "input"),
-    (_bad(input=torch.randn(3, 0), target=torch.full((3,), -100)), ValueError, "input must have at least one class"),
-    (_bad(weight=torch.ones(3)), ValueError, "weight"),
-    (_bad(weight=torch.ones(4, dtype=torch.float64)), TypeError, "weight"),
-    (_bad(weight=torch.ones(4, requires_grad=True)), RuntimeError, "weight"),
-    (_bad(reduction="avg"), ValueError, "reduction"),
-    (_bad(label_smoothing=1.5), ValueError, "label_smoothing"),
-    (_bad(label_smoothing=-0.1), ValueError, "label_smoothing"),
-    (_bad(label_smoothing=math.nan), ValueError, "label_smoothing"),
-    (_bad(ignore_index=1.5), TypeError, "ignore_index"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (_bad(target=torch.tensor([0, 1])), ValueError, "target must have shape"),
+        (
+            _bad(target=torch.tensor([0.0, 1.0, 2.0])),
+            ValueError,
+            "target of class probabilities must have input's shape",
+        ),
+        (_bad(target=torch.ones(3, 4, dtype=torch.long)), ValueError, r"target must have shape \(3,\)"),
+        (_bad(target=torch.ones(3, dtype=torch.uint8)), TypeError, "target must hold class indices"),
+        (
+            _bad(target=torch.full((3, 4), 0.25, dtype=torch.float64)),
+            TypeError,
+            "target of class probabilities must have input's dtype",
+        ),
+        (_bad(target=torch.full((3, 4), 0.25), ignore_index=0), ValueError, "ignore_index must be negative"),
+        (_bad(target=[0, 1, 2]), TypeError, "target"),
+        (_bad(target=torch.tensor([0, 1, 2], device="meta")), RuntimeError, "target is on meta"),
+        (_bad(input=torch.ones(3, 4, dtype=torch.long)), TypeError, "input"),
+        (_bad(input=torch.tensor(1.0), target=torch.tensor(0)), ValueError, "input"),
+        (
+            _bad(input=torch.randn(3, 0), target=torch.full((3,), -100)),
+            ValueError,
+            "input must have at least one class",
+        ),
+        (_bad(weight=torch.ones(3)), ValueError, "weight"),
+        (_bad(weight=torch.ones(4, dtype=torch.float64)), TypeError, "weight"),
+        (_bad(weight=torch.ones(4, requires_grad=True)), RuntimeError, "weight"),
+        (_bad(reduction="avg"), ValueError, "reduction"),
+        (_bad(label_smoothing=1.5), ValueError, "label_smoothing"),
+        (_bad(label_smoothing=-0.1), ValueError, "label_smoothing"),
+        (_bad(label_smoothing=math.nan), ValueError, "label_smoothing"),
+        (_bad(ignore_index=1.5), TypeError, "ignore_index"),
+    ],
+)
 def test_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):
         cross_entropy(**kwargs)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("target, match", [([0, 1, 4], "target 4"), ([0, -3, 1], "target -3"),
-                                           ([-100, 7, -100], "target 7")])
+@pytest.mark.parametrize(
+    "target, match", [([0, 1, 4], "target 4"), ([0, -3, 1], "target -3"), ([-100, 7, -100], "target 7")]
+)
 def test_out_of_range_target(device, target, match, weighted):
     if device.type == "cuda":
         pytest.skip("CUDA reports an out-of-range target as a device-side assert, which ends the CUDA context")
@@ -317,6 +350,7 @@ def test_looped_blocks_with_large_and_masked_logits(device, small_blocks, label_
 
 # ---- class-probability (soft-label) targets ----
 
+
 def _probs(shape, dtype=torch.float64, seed=3, device="cpu"):
     """Rows of class probabilities over dim 1 (dim 0 for 1-D), some of them exactly 0."""
     g = torch.Generator().manual_seed(seed)
@@ -342,8 +376,9 @@ def _compare_probs(x, target, upstream=None, **kwargs):
     ours = _loss_and_grads(cross_entropy, x, target, upstream, **kwargs)
     theirs = _loss_and_grads(F.cross_entropy, x, target, upstream, **kwargs)
     weight64 = None if kwargs.get("weight") is None else kwargs["weight"].double()
-    reference = _loss_and_grads(F.cross_entropy, x.double(), target.double(), upstream,
-                                **{**kwargs, "weight": weight64})
+    reference = _loss_and_grads(
+        F.cross_entropy, x.double(), target.double(), upstream, **{**kwargs, "weight": weight64}
+    )
     return [assert_matches(o, t, r) for o, t, r in zip(ours, theirs, reference)]
 
 
@@ -357,8 +392,12 @@ def test_probs_match_torch(device, dtype, classes, reduction):
 
 
 # every dtype on 4-D input; 3-D and 1-D on two each
-PROBS_SHAPES = [((2, 5, 3, 4), dtype) for dtype in DTYPES] + [((3, 6, 5), torch.float32), ((3, 6, 5), torch.bfloat16),
-                                                              ((7,), torch.float64), ((7,), torch.float16)]
+PROBS_SHAPES = [((2, 5, 3, 4), dtype) for dtype in DTYPES] + [
+    ((3, 6, 5), torch.float32),
+    ((3, 6, 5), torch.bfloat16),
+    ((7,), torch.float64),
+    ((7,), torch.float16),
+]
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
@@ -372,8 +411,14 @@ def test_probs_with_weights_and_smoothing(device, shape, dtype, reduction, label
     weight = torch.rand(classes, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.1
     batch_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
     upstream = _upstream(batch_shape, device) if reduction == "none" else None
-    _compare_probs(x, _probs(shape, dtype, device=device), upstream, weight=weight.to(device, dtype),
-                   reduction=reduction, label_smoothing=label_smoothing)
+    _compare_probs(
+        x,
+        _probs(shape, dtype, device=device),
+        upstream,
+        weight=weight.to(device, dtype),
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -394,8 +439,9 @@ def test_probs_single_class_gives_exact_zeros(device, dtype):
     x = _logits((5, 1), dtype, device=device)
     weight = torch.tensor([0.3], dtype=dtype, device=device)
     for reduction in ("mean", "sum", "none"):
-        for t in _loss_and_grads(cross_entropy, x, torch.ones_like(x), weight=weight, reduction=reduction,
-                                 label_smoothing=0.1):
+        for t in _loss_and_grads(
+            cross_entropy, x, torch.ones_like(x), weight=weight, reduction=reduction, label_smoothing=0.1
+        ):
             assert torch.equal(t, torch.zeros_like(t))
 
 
@@ -406,8 +452,14 @@ def test_probs_looped_column_blocks(device, small_blocks, dtype, reduction, weig
     x = _logits((4, LOOPED_CLASSES), dtype, device=device)
     weight = torch.rand(LOOPED_CLASSES, dtype=torch.float64).to(device, dtype) + 0.1 if weighted else None
     upstream = _upstream(4, device) if reduction == "none" else None
-    _compare_probs(x, _probs((4, LOOPED_CLASSES), dtype, device=device), upstream, weight=weight,
-                   reduction=reduction, label_smoothing=0.1)
+    _compare_probs(
+        x,
+        _probs((4, LOOPED_CLASSES), dtype, device=device),
+        upstream,
+        weight=weight,
+        reduction=reduction,
+        label_smoothing=0.1,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -435,8 +487,9 @@ def test_probs_target_gradient_only_when_asked(device):
     (grad,) = torch.autograd.grad(cross_entropy(x, y, label_smoothing=0.1), x)
     torch.testing.assert_close(grad, _loss_and_grads(F.cross_entropy, x, y, label_smoothing=0.1)[1])
     outputs = cross_entropy_probs_fwd(x.detach(), y, None, 0.1, "mean")
-    grads = cross_entropy_probs_bwd(torch.tensor(1.0, dtype=torch.float64, device=device), x.detach(), y, None,
-                                    *outputs[1:], 0.1, "mean", False)
+    grads = cross_entropy_probs_bwd(
+        torch.tensor(1.0, dtype=torch.float64, device=device), x.detach(), y, None, *outputs[1:], 0.1, "mean", False
+    )
     assert grads[1].numel() == 0
     torch.testing.assert_close(grads[0], grad)
     y.requires_grad_()
@@ -459,7 +512,8 @@ def test_probs_gradcheck(device, reduction):
     y = _probs((3, 4), device=device).requires_grad_()
     weight = torch.rand(4, dtype=torch.float64, device=device) + 0.5
     assert torch.autograd.gradcheck(
-        lambda x, y: cross_entropy(x, y, weight=weight, reduction=reduction, label_smoothing=0.2), (x, y))
+        lambda x, y: cross_entropy(x, y, weight=weight, reduction=reduction, label_smoothing=0.2), (x, y)
+    )
 
 
 def test_probs_opcheck(device):
@@ -471,16 +525,19 @@ def test_probs_opcheck(device):
         torch.library.opcheck(cross_entropy_probs_fwd.custom_op, (x, y, weight, 0.1, reduction, backend))
         outputs = cross_entropy_probs_fwd(x.detach(), y.detach(), weight, 0.1, reduction)
         grad_loss = torch.rand(5 if reduction == "none" else (), device=device)
-        torch.library.opcheck(cross_entropy_probs_bwd.custom_op, (grad_loss, x.detach(), y.detach(), weight,
-                                                                  *outputs[1:], 0.1, reduction, reduction == "none",
-                                                                  backend))
+        torch.library.opcheck(
+            cross_entropy_probs_bwd.custom_op,
+            (grad_loss, x.detach(), y.detach(), weight, *outputs[1:], 0.1, reduction, reduction == "none", backend),
+        )
 
 
 def test_probs_compile_without_graph_breaks(device):
     x, y = _logits((6, 5), torch.float32, device=device), _probs((6, 5), torch.float32, device=device)
     compiled = torch.compile(cross_entropy, fullgraph=True, backend="aot_eager")
-    for o, t in zip(_loss_and_grads(compiled, x, y, label_smoothing=0.1),
-                    _loss_and_grads(F.cross_entropy, x, y, label_smoothing=0.1)):
+    for o, t in zip(
+        _loss_and_grads(compiled, x, y, label_smoothing=0.1),
+        _loss_and_grads(F.cross_entropy, x, y, label_smoothing=0.1),
+    ):
         torch.testing.assert_close(o, t)
 
 

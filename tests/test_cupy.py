@@ -39,8 +39,8 @@ from gpukernels.backends.cupy import cross_entropy as cupy_cross_entropy
 from gpukernels.backends.cupy import dropout as cupy_dropout
 from gpukernels.backends.cupy import layer_norm as cupy_layer_norm
 from gpukernels.backends.numpy import cross_entropy as numpy_cross_entropy
-from gpukernels.backends.numpy import layer_norm as numpy_layer_norm
 from gpukernels.backends.numpy import dropout as numpy_dropout
+from gpukernels.backends.numpy import layer_norm as numpy_layer_norm
 from gpukernels.backends.numpy.philox import element_words, philox4x32, uint_to_uniform_float
 from gpukernels.ops.cross_entropy import cross_entropy_bwd, cross_entropy_fwd
 from gpukernels.ops.dropout import dropout_fwd
@@ -58,13 +58,28 @@ HAS_CUDA_CUPY = torch.cuda.is_available() and gk.unavailable_reason("cupy") is N
 
 # ---------------------------------------------------------------- compile check
 
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("source", SOURCES, ids=[s.name for s in SOURCES])
 def test_nvcc_compiles_every_dtype(source, tmp_path):
     """-cubin runs ptxas too, which reports each kernel's registers and shared memory."""
-    result = subprocess.run([NVCC, "-cubin", "-arch=sm_90", "-std=c++17", "--Werror", "all-warnings",
-                             "--resource-usage", "-o", str(tmp_path / "out.cubin"), str(source)],
-                            capture_output=True, text=True, cwd=source.parent)
+    result = subprocess.run(
+        [
+            NVCC,
+            "-cubin",
+            "-arch=sm_90",
+            "-std=c++17",
+            "--Werror",
+            "all-warnings",
+            "--resource-usage",
+            "-o",
+            str(tmp_path / "out.cubin"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=source.parent,
+    )
     assert result.returncode == 0, result.stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", result.stderr)
     suffixes = tuple(_runtime.DTYPE_SUFFIX.values())
@@ -77,6 +92,7 @@ def test_nvcc_compiles_every_dtype(source, tmp_path):
 
 
 # ---------------------------------------------------------------- availability
+
 
 def test_unavailable_reason_is_clear():
     reason = gk.unavailable_reason("cupy")
@@ -110,8 +126,13 @@ def test_no_module_imports_cupy_at_import_time():
     """Importing gpukernels (and dispatch importing a kernel module) must work without cupy."""
     for path in _runtime.SOURCE_DIR.glob("*.py"):
         for node in ast.parse(path.read_text()).body:
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(n.split(".")[0] == "cupy" for n in names), f"{path.name} imports cupy at import time"
 
 
@@ -194,7 +215,8 @@ static unsigned short gk_float_to_half(float f) {
 """
 
 # Extra entry points for tests that call device functions directly.
-HOST_EXTRAS = {"dropout.cu": r"""
+HOST_EXTRAS = {
+    "dropout.cu": r"""
 extern "C" void philox_words(unsigned long long seed, unsigned long long counter, unsigned* out) {
   const PhiloxWords words = philox4x32(seed, counter);
   for (int k = 0; k < 4; ++k) out[k] = words.word[k];
@@ -202,10 +224,16 @@ extern "C" void philox_words(unsigned long long seed, unsigned long long counter
 extern "C" void to_bf16(const float* in, unsigned short* out, i64 n) {
   for (i64 i = 0; i < n; ++i) out[i] = gk_float_to_bf16(in[i]);
 }
-"""}
+"""
+}
 
-ARG_TYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
-             np.float32: ctypes.c_float, np.float64: ctypes.c_double}
+ARG_TYPES = {
+    np.uint64: ctypes.c_uint64,
+    np.int64: ctypes.c_int64,
+    np.int32: ctypes.c_int32,
+    np.float32: ctypes.c_float,
+    np.float64: ctypes.c_double,
+}
 
 
 class HostKernels:
@@ -222,8 +250,23 @@ class HostKernels:
             code = self.build_dir / f"{name}.cpp"
             code.write_text(HOST_PRELUDE + _runtime.source(name) + HOST_EXTRAS.get(name, ""))
             built = self.build_dir / f"{name}.so"
-            result = subprocess.run([GXX, "-std=c++17", "-O1", "-Wall", "-Werror", "-shared", "-fPIC", "-pthread",
-                                     "-o", str(built), str(code)], capture_output=True, text=True)
+            result = subprocess.run(
+                [
+                    GXX,
+                    "-std=c++17",
+                    "-O1",
+                    "-Wall",
+                    "-Werror",
+                    "-shared",
+                    "-fPIC",
+                    "-pthread",
+                    "-o",
+                    str(built),
+                    str(code),
+                ],
+                capture_output=True,
+                text=True,
+            )
             assert result.returncode == 0, result.stderr
             self.libraries[name] = ctypes.CDLL(str(built))
         return self.libraries[name]
@@ -260,8 +303,11 @@ def host_kernels(tmp_path_factory) -> HostKernels:
 
 TARGETS = [
     pytest.param("host", id="host", marks=pytest.mark.skipif(GXX is None, reason="g++ is not installed")),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu,
-                                           pytest.mark.skipif(not HAS_CUDA_CUPY, reason="needs a CUDA GPU and cupy")]),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA_CUPY, reason="needs a CUDA GPU and cupy")],
+    ),
 ]
 
 
@@ -298,9 +344,16 @@ def _as_double(ts):
 
 # (shape, normalized_shape, dtype, affine): features 1 to 4097 (wider than a
 # block's threads), 3-D/4-D input, an empty batch; every dtype on (2, 5, 17).
-LN_CASES = [((4, 1), (1,), F64, True), ((3, 3), (3,), F32, False), ((2, 3, 4, 5), (4, 5), F64, True),
-            *(((2, 5, 17), (17,), dtype, True) for dtype in DTYPES), ((6, 1000), (1000,), BF16, True),
-            ((2, 4097), (4097,), F32, True), ((2, 4097), (4097,), F16, False), ((0, 17), (17,), F32, True)]
+LN_CASES = [
+    ((4, 1), (1,), F64, True),
+    ((3, 3), (3,), F32, False),
+    ((2, 3, 4, 5), (4, 5), F64, True),
+    *(((2, 5, 17), (17,), dtype, True) for dtype in DTYPES),
+    ((6, 1000), (1000,), BF16, True),
+    ((2, 4097), (4097,), F32, True),
+    ((2, 4097), (4097,), F16, False),
+    ((0, 17), (17,), F32, True),
+]
 
 
 @pytest.mark.parametrize("shape, norm_shape, dtype, affine", LN_CASES, ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in LN_CASES])
@@ -337,8 +390,12 @@ def test_non_contiguous_and_4d_inputs(device):
     torch.testing.assert_close(gk.layer_norm(x, (17,)), F.layer_norm(x, (17,)), rtol=1e-12, atol=1e-12)
     logits = _randn((2, 5, 3, 4), torch.float64, 1, device).to(memory_format=torch.channels_last)
     target = torch.randint(0, 5, (2, 3, 4), generator=torch.Generator().manual_seed(2)).to(device)
-    torch.testing.assert_close(gk.cross_entropy(logits, target, reduction="none"),
-                               F.cross_entropy(logits, target, reduction="none"), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        gk.cross_entropy(logits, target, reduction="none"),
+        F.cross_entropy(logits, target, reduction="none"),
+        rtol=1e-12,
+        atol=1e-12,
+    )
     torch.testing.assert_close(gk.dropout(x, 0.5, seed=3), gk.dropout(x.contiguous(), 0.5, seed=3), rtol=0, atol=0)
 
 
@@ -367,11 +424,22 @@ def test_layer_norm_gradcheck(device):
 # (classes, reduction, weighted, label_smoothing, dtype): every dtype, reduction,
 # weighting and smoothing on rows of 17 classes; then rows of 1 to 4097 classes
 # (wider than a block's threads: the backward takes several tiles of a row).
-CE_CASES = [(17, reduction, weighted, smoothing, dtype) for dtype in DTYPES for reduction in ("mean", "sum", "none")
-            for weighted in (False, True) for smoothing in (0.0, 0.2)]
-CE_CASES += [(1, "mean", False, 0.0, F64), (1, "sum", True, 0.1, F32), (3, "sum", True, 0.1, F32),
-             (1000, "mean", False, 0.1, BF16), (1000, "none", True, 0.0, F32), (4097, "sum", False, 0.0, F16),
-             (4097, "mean", True, 0.1, F32)]
+CE_CASES = [
+    (17, reduction, weighted, smoothing, dtype)
+    for dtype in DTYPES
+    for reduction in ("mean", "sum", "none")
+    for weighted in (False, True)
+    for smoothing in (0.0, 0.2)
+]
+CE_CASES += [
+    (1, "mean", False, 0.0, F64),
+    (1, "sum", True, 0.1, F32),
+    (3, "sum", True, 0.1, F32),
+    (1000, "mean", False, 0.1, BF16),
+    (1000, "none", True, 0.0, F32),
+    (4097, "sum", False, 0.0, F16),
+    (4097, "mean", True, 0.1, F32),
+]
 
 
 def _ce_inputs(rows, classes, dtype, device, ignored=(2,)):
@@ -386,8 +454,9 @@ def _ce_upstream(reduction, rows, dtype, device):
     return _randn(rows, dtype, 5, device) if reduction == "none" else torch.tensor(0.7, device=device).to(dtype)
 
 
-def _ce_kernels(x, target, weight, upstream, ignore_index=-100, label_smoothing=0.0, reduction="mean",
-                module=cupy_cross_entropy):
+def _ce_kernels(
+    x, target, weight, upstream, ignore_index=-100, label_smoothing=0.0, reduction="mean", module=cupy_cross_entropy
+):
     """A backend's loss, row statistics and totals, and the gradient its backward gives from them."""
     options = (ignore_index, label_smoothing, reduction)
     loss, row_max, log_sum, totals = run_kernel(module, cross_entropy_fwd, x, target, weight, *options)
@@ -416,16 +485,18 @@ def _ce_compare(x, target, weight, upstream, **options):
     torch.testing.assert_close(log_sum, (x64 - m).exp().sum(1).log().to(acc), **TOLERANCES[acc])
     w64 = torch.ones(x.shape[1], dtype=torch.float64) if weight is None else weight.cpu().double()
     kept = target.cpu() != options.get("ignore_index", -100)
-    torch.testing.assert_close(totals.cpu(), torch.stack([w64[target.cpu()[kept]].sum(), w64.sum()]).to(acc),
-                               **TOLERANCES[acc])
+    torch.testing.assert_close(
+        totals.cpu(), torch.stack([w64[target.cpu()[kept]].sum(), w64.sum()]).to(acc), **TOLERANCES[acc]
+    )
 
 
 @pytest.mark.parametrize("classes, reduction, weighted, smoothing, dtype", CE_CASES, ids=[str(c) for c in CE_CASES])
 def test_cross_entropy_matches_torch(device, classes, reduction, weighted, smoothing, dtype):
     x, target = _ce_inputs(6, classes, dtype, device)
     weight = _randn(classes, dtype, 4, device, scale=0.2, shift=1) if weighted else None
-    _ce_compare(x, target, weight, _ce_upstream(reduction, 6, dtype, device), reduction=reduction,
-                label_smoothing=smoothing)
+    _ce_compare(
+        x, target, weight, _ce_upstream(reduction, 6, dtype, device), reduction=reduction, label_smoothing=smoothing
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -449,8 +520,15 @@ def test_cross_entropy_ignore_index_that_is_a_class(device):
     target[:3] = 3
     weight = _randn(5, torch.float64, 4, device, scale=0.2, shift=1)
     for reduction in ("mean", "none"):
-        _ce_compare(x, target, weight, _ce_upstream(reduction, 8, torch.float64, device), ignore_index=3,
-                    reduction=reduction, label_smoothing=0.1)
+        _ce_compare(
+            x,
+            target,
+            weight,
+            _ce_upstream(reduction, 8, torch.float64, device),
+            ignore_index=3,
+            reduction=reduction,
+            label_smoothing=0.1,
+        )
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -459,8 +537,9 @@ def test_cross_entropy_large_and_masked_logits(device, smoothing):
     x = x * 300 + 10_000
     if smoothing == 0:
         x[0, (target[0] + 1) % 9] = -math.inf  # a masked class: finite loss and gradient without smoothing
-    _ce_compare(x, target, None, _ce_upstream("none", 4, torch.float32, device), reduction="none",
-                label_smoothing=smoothing)
+    _ce_compare(
+        x, target, None, _ce_upstream("none", 4, torch.float32, device), reduction="none", label_smoothing=smoothing
+    )
 
 
 def test_cross_entropy_rows_and_tiles_beyond_the_grid(device, monkeypatch):
@@ -468,8 +547,9 @@ def test_cross_entropy_rows_and_tiles_beyond_the_grid(device, monkeypatch):
     monkeypatch.setattr(cupy_cross_entropy, "MAX_BLOCKS", 3)
     x, target = _ce_inputs(5, 4097, torch.float32, device)
     weight = _randn(4097, torch.float32, 4, device, scale=0.2, shift=1)
-    _ce_compare(x, target, weight, _ce_upstream("none", 5, torch.float32, device), reduction="none",
-                label_smoothing=0.1)
+    _ce_compare(
+        x, target, weight, _ce_upstream("none", 5, torch.float32, device), reduction="none", label_smoothing=0.1
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -478,8 +558,7 @@ def test_cross_entropy_all_ignored_and_empty(device, reduction):
     still computed. No rows: the loss PyTorch gives, and empty outputs."""
     x, target = _ce_inputs(3, 5, torch.float64, device, ignored=(0, 1, 2))
     options = dict(reduction=reduction, label_smoothing=0.1)
-    loss, row_max, log_sum, _, grad = _ce_kernels(x, target, None, _ce_upstream(reduction, 3, F64, device),
-                                                  **options)
+    loss, row_max, log_sum, _, grad = _ce_kernels(x, target, None, _ce_upstream(reduction, 3, F64, device), **options)
     torch.testing.assert_close(loss, F.cross_entropy(x, target, **options), equal_nan=True)
     assert torch.equal(grad, torch.zeros_like(x))
     torch.testing.assert_close(row_max, x.amax(1), rtol=0, atol=0)
@@ -496,8 +575,7 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, target, weight, options):
-        loss, row_max, log_sum, totals = run_kernel(cupy_cross_entropy, cross_entropy_fwd, x, target, weight,
-                                                    *options)
+        loss, row_max, log_sum, totals = run_kernel(cupy_cross_entropy, cross_entropy_fwd, x, target, weight, *options)
         ctx.save_for_backward(x, target, weight, row_max, log_sum, totals)
         ctx.options = options
         return loss
@@ -549,8 +627,9 @@ def _ce_probs(rows, classes, dtype, device):
     return torch.softmax(logits, 1).nan_to_num(1.0 / classes).to(device, dtype)
 
 
-@pytest.mark.parametrize("classes, reduction, weighted, smoothing, dtype", CE_PROBS_CASES,
-                         ids=[str(c) for c in CE_PROBS_CASES])
+@pytest.mark.parametrize(
+    "classes, reduction, weighted, smoothing, dtype", CE_PROBS_CASES, ids=[str(c) for c in CE_PROBS_CASES]
+)
 def test_cross_entropy_probs_match_torch(device, classes, reduction, weighted, smoothing, dtype):
     """Loss and the gradients of logits and target against PyTorch's (and float64's)."""
     x, y = _randn((5, classes), dtype, 0, device, scale=3), _ce_probs(5, classes, dtype, device)
@@ -558,8 +637,9 @@ def test_cross_entropy_probs_match_torch(device, classes, reduction, weighted, s
     upstream = _ce_upstream(reduction, 5, dtype, device)
 
     def run(fn, x, y, weight):
-        return _grads(lambda x, y: fn(x, y, weight, reduction=reduction, label_smoothing=smoothing), [x, y],
-                      upstream.to(x.dtype))
+        return _grads(
+            lambda x, y: fn(x, y, weight, reduction=reduction, label_smoothing=smoothing), [x, y], upstream.to(x.dtype)
+        )
 
     reference = run(F.cross_entropy, *_as_double((x, y, weight)))
     for o, t, r in zip(run(gk.cross_entropy, x, y, weight), run(F.cross_entropy, x, y, weight), reference):
@@ -572,10 +652,12 @@ def test_cross_entropy_probs_gradcheck(device):
     for reduction in ("mean", "none"):
         assert torch.autograd.gradcheck(
             lambda x, y: gk.cross_entropy(x, y, weight, reduction=reduction, label_smoothing=0.1),
-            (x.requires_grad_(), y.requires_grad_()))
+            (x.requires_grad_(), y.requires_grad_()),
+        )
 
 
 # ---------------------------------------------------------------- dropout
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", [0, 1234, 2**32 + 17, -5])
@@ -643,8 +725,9 @@ def test_bf16_rounding_is_pytorchs(host_kernels):
 ADAMW_CONFIGS = {
     "default": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False),
     "amsgrad_maximize": dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True),
-    "small_beta1_no_decay": dict(lr=1e-2, betas=(0.3, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                                 maximize=False),
+    "small_beta1_no_decay": dict(
+        lr=1e-2, betas=(0.3, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False
+    ),
 }
 # Sizes across the kernel's chunk boundary, and an empty tensor.
 ADAMW_SIZES = [1, 3, 17, 0, 8193]
@@ -652,12 +735,17 @@ ADAMW_SIZES = [1, 3, 17, 0, 8193]
 
 def _adamw_lists(dtypes, device, amsgrad):
     g = torch.Generator().manual_seed(0)
-    params = [torch.randn(n, generator=g, dtype=torch.float64).to(device, dtype)
-              for n, dtype in zip(ADAMW_SIZES, dtypes)]
+    params = [
+        torch.randn(n, generator=g, dtype=torch.float64).to(device, dtype) for n, dtype in zip(ADAMW_SIZES, dtypes)
+    ]
     state = [torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32) for p in params]
-    return dict(params=params, exp_avgs=state, exp_avg_sqs=[s.clone() for s in state],
-                max_exp_avg_sqs=[s.clone() for s in state] if amsgrad else [],
-                steps=[torch.zeros((), device=device) for _ in params])
+    return dict(
+        params=params,
+        exp_avgs=state,
+        exp_avg_sqs=[s.clone() for s in state],
+        max_exp_avg_sqs=[s.clone() for s in state] if amsgrad else [],
+        steps=[torch.zeros((), device=device) for _ in params],
+    )
 
 
 def _adamw_steps(kernel, lists, config, steps, device):
@@ -665,14 +753,31 @@ def _adamw_steps(kernel, lists, config, steps, device):
     lr = torch.tensor(config["lr"], dtype=torch.float64, device=device)
     for _ in range(steps):
         grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(device, p.dtype) for p in lists["params"]]
-        kernel(lists["params"], grads, lists["exp_avgs"], lists["exp_avg_sqs"], lists["max_exp_avg_sqs"],
-               lists["steps"], lr, *config["betas"], config["eps"], config["weight_decay"], config["amsgrad"],
-               config["maximize"])
+        kernel(
+            lists["params"],
+            grads,
+            lists["exp_avgs"],
+            lists["exp_avg_sqs"],
+            lists["max_exp_avg_sqs"],
+            lists["steps"],
+            lr,
+            *config["betas"],
+            config["eps"],
+            config["weight_decay"],
+            config["amsgrad"],
+            config["maximize"],
+        )
 
 
-@pytest.mark.parametrize("dtypes", [[torch.float32] * 5, [torch.float64] * 5,
-                                    [torch.bfloat16, torch.float32, torch.float16, torch.bfloat16, torch.float16]],
-                         ids=["fp32", "fp64", "mixed_low_precision"])
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        [torch.float32] * 5,
+        [torch.float64] * 5,
+        [torch.bfloat16, torch.float32, torch.float16, torch.bfloat16, torch.float16],
+    ],
+    ids=["fp32", "fp64", "mixed_low_precision"],
+)
 @pytest.mark.parametrize("config", ADAMW_CONFIGS.values(), ids=ADAMW_CONFIGS.keys())
 def test_adamw_kernel_equals_numpy(device, dtypes, config):
     """Op for op the NumPy update: bit for bit on the host (the same libm pow);
@@ -753,6 +858,7 @@ def test_adamw_trajectory_matches_torch_optim(device):
 
 # ---------------------------------------------------------------- GPU only: Triton, streams
 
+
 def _triton_has(op: str) -> bool:
     return importlib.util.find_spec(f"gpukernels.backends.triton.{op}") is not None
 
@@ -761,8 +867,11 @@ def _all_ops(x: torch.Tensor, seed: int = 7) -> list[torch.Tensor]:
     """Every op forward and backward on x (rows, 64): outputs and input gradients."""
     target = torch.arange(x.shape[0], device=x.device) % x.shape[1]
     outs = []
-    for fn in (lambda t: gk.layer_norm(t, (x.shape[1],)), lambda t: gk.cross_entropy(t, target, label_smoothing=0.1),
-               lambda t: gk.dropout(t, 0.3, seed=seed)):
+    for fn in (
+        lambda t: gk.layer_norm(t, (x.shape[1],)),
+        lambda t: gk.cross_entropy(t, target, label_smoothing=0.1),
+        lambda t: gk.dropout(t, 0.3, seed=seed),
+    ):
         leaf = x.detach().clone().requires_grad_()
         y = fn(leaf)
         y.backward(torch.ones_like(y))
@@ -780,9 +889,9 @@ def test_matches_triton(op, dtype):
     x = _randn((33, 1000), dtype, 0, "cuda", scale=2)
     index = {"layer_norm": 0, "cross_entropy": 2, "dropout": 4}[op]
     with gk.use_backend("cupy"):
-        ours = _all_ops(x)[index:index + 2]
+        ours = _all_ops(x)[index : index + 2]
     with gk.use_backend("triton"):
-        theirs = _all_ops(x)[index:index + 2]
+        theirs = _all_ops(x)[index : index + 2]
     tolerance = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 2e-2)
     for o, t in zip(ours, theirs):
         if op == "dropout":

@@ -49,25 +49,33 @@ TRAIN_TOL = dict(rtol=1e-5, atol=1e-5)
 
 # ---------------------------------------------------------------- shared by ranks and reference
 
+
 def make_model() -> torch.nn.Module:
     """A torch model, patched: Linear+GELU -> LinearAct, BatchNorm1d and
     LayerNorm ours, the last Linear left as PyTorch's."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(FEATURES, HIDDEN), torch.nn.GELU(), torch.nn.BatchNorm1d(HIDDEN),
-                                torch.nn.LayerNorm(HIDDEN), torch.nn.Linear(HIDDEN, CLASSES))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, HIDDEN),
+        torch.nn.GELU(),
+        torch.nn.BatchNorm1d(HIDDEN),
+        torch.nn.LayerNorm(HIDDEN),
+        torch.nn.Linear(HIDDEN, CLASSES),
+    )
     gk.patch(model)
     return model
 
 
 def batches(steps: int = STEPS, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(BATCH, FEATURES, generator=g) * 2, torch.randint(0, CLASSES, (BATCH,), generator=g))
-            for _ in range(steps)]
+    return [
+        (torch.randn(BATCH, FEATURES, generator=g) * 2, torch.randint(0, CLASSES, (BATCH,), generator=g))
+        for _ in range(steps)
+    ]
 
 
 def rank_slice(t: torch.Tensor, rank: int) -> torch.Tensor:
     half = t.shape[0] // WORLD
-    return t[rank * half:(rank + 1) * half]
+    return t[rank * half : (rank + 1) * half]
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -104,6 +112,7 @@ def single_process_training(steps: int = STEPS) -> dict[str, list]:
 
 # ---------------------------------------------------------------- the two-rank scenarios
 
+
 def _global_mean(loss: torch.Tensor) -> torch.Tensor:
     total = loss.detach().clone()
     dist.all_reduce(total)
@@ -136,8 +145,12 @@ def scenario_fsdp(rank: int, _: Path) -> dict:
     record = train(model, optimizer, _local_batches(rank), _global_mean)
     weight = model[0].weight
     state = optimizer.state[weight]
-    record["layout"] = {"param": type(weight).__name__, "local_rows": weight.to_local().shape[0],
-                        "exp_avg": type(state["exp_avg"]).__name__, "step": type(state["step"]).__name__}
+    record["layout"] = {
+        "param": type(weight).__name__,
+        "local_rows": weight.to_local().shape[0],
+        "exp_avg": type(state["exp_avg"]).__name__,
+        "step": type(state["step"]).__name__,
+    }
     weight.grad = torch.zeros_like(weight).redistribute(placements=[Replicate()])
     try:
         optimizer.step()
@@ -201,8 +214,11 @@ def scenario_optimizer_state_dict_layout(rank: int, _: Path) -> dict:
         optimizer = cls(model.parameters(), lr=LR)
         train(model, optimizer, _local_batches(rank, 1))
         state = get_optimizer_state_dict(model, optimizer)["state"]
-        layouts[name] = {(fqn, key): (type(v).__name__, tuple(v.shape), v.dtype, str(getattr(v, "placements", "")))
-                         for fqn, entry in state.items() for key, v in entry.items()}
+        layouts[name] = {
+            (fqn, key): (type(v).__name__, tuple(v.shape), v.dtype, str(getattr(v, "placements", "")))
+            for fqn, entry in state.items()
+            for key, v in entry.items()
+        }
     return layouts
 
 
@@ -212,10 +228,20 @@ BN_CASES = {
     "1d-3d-input-fp32": (torch.nn.BatchNorm1d, (2, 2), (4, 9), torch.float32, {}),
     "2d-channels-last-fp32": (torch.nn.BatchNorm2d, (1, 3), (3, 4, 5), torch.float32, {"channels_last": True}),
     "2d-empty-rank-fp64": (torch.nn.BatchNorm2d, (0, 4), (3, 2, 3), torch.float64, {}),
-    "1d-cumulative-momentum-no-affine-fp64": (torch.nn.BatchNorm1d, (4, 2), (5,), torch.float64,
-                                              {"momentum": None, "affine": False}),
-    "2d-no-running-stats-fp32": (torch.nn.BatchNorm2d, (2, 3), (4, 3, 3), torch.float32,
-                                 {"track_running_stats": False}),
+    "1d-cumulative-momentum-no-affine-fp64": (
+        torch.nn.BatchNorm1d,
+        (4, 2),
+        (5,),
+        torch.float64,
+        {"momentum": None, "affine": False},
+    ),
+    "2d-no-running-stats-fp32": (
+        torch.nn.BatchNorm2d,
+        (2, 3),
+        (4, 3, 3),
+        torch.float32,
+        {"track_running_stats": False},
+    ),
     "1d-bf16-input-fp32-params": (torch.nn.BatchNorm1d, (6, 4), (8, 3), torch.bfloat16, {}),
 }
 BN_STEPS = 2
@@ -227,8 +253,13 @@ def bn_case(name: str):
     cls, sizes, dims, dtype, options = BN_CASES[name]
     g = torch.Generator().manual_seed(len(name))
     param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
-    bn = cls(dims[0], momentum=options.get("momentum", 0.1), affine=options.get("affine", True),
-             track_running_stats=options.get("track_running_stats", True), dtype=param_dtype)
+    bn = cls(
+        dims[0],
+        momentum=options.get("momentum", 0.1),
+        affine=options.get("affine", True),
+        track_running_stats=options.get("track_running_stats", True),
+        dtype=param_dtype,
+    )
     with torch.no_grad():
         for t in (bn.weight, bn.bias, bn.running_mean):
             if t is not None:
@@ -245,7 +276,7 @@ def bn_case(name: str):
 
 
 def _rows(t: torch.Tensor, sizes: tuple[int, ...], rank: int) -> torch.Tensor:
-    return t[sum(sizes[:rank]):sum(sizes[:rank + 1])]
+    return t[sum(sizes[:rank]) : sum(sizes[: rank + 1])]
 
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -297,14 +328,18 @@ def scenario_sync_batchnorm_too_few_values(rank: int, _: Path) -> dict:
     return {"error": None}
 
 
-SCENARIOS = {name.removeprefix("scenario_"): fn for name, fn in dict(globals()).items()
-             if name.startswith("scenario_")}
+SCENARIOS = {name.removeprefix("scenario_"): fn for name, fn in dict(globals()).items() if name.startswith("scenario_")}
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
     try:
         for name, scenario in SCENARIOS.items():
             work = Path(out_dir) / "work"
@@ -342,8 +377,9 @@ def _join(context: mp.ProcessContext) -> str | None:
 def ranks(tmp_path_factory) -> TwoRanks:
     """Every scenario's per-rank results, from one spawn of two processes."""
     out = tmp_path_factory.mktemp("distributed")
-    context = mp.start_processes(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(
+        _worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=False, start_method="spawn"
+    )
     crash = _join(context)
 
     def load(name: str) -> list | None:
@@ -367,15 +403,18 @@ def assert_tracks(record: dict, reference: dict, **tol) -> None:
     """Loss, grad norm and every parameter and buffer match, step by step."""
     for step, (loss, ref_loss) in enumerate(zip(record["loss"], reference["loss"], strict=True)):
         torch.testing.assert_close(loss, ref_loss, **tol, msg=lambda m: f"loss at step {step}: {m}")
-        torch.testing.assert_close(record["norm"][step], reference["norm"][step], **tol,
-                                   msg=lambda m: f"grad norm at step {step}: {m}")
+        torch.testing.assert_close(
+            record["norm"][step], reference["norm"][step], **tol, msg=lambda m: f"grad norm at step {step}: {m}"
+        )
         assert record["state"][step].keys() == reference["state"][step].keys()
         for key, value in reference["state"][step].items():
-            torch.testing.assert_close(record["state"][step][key], value, **tol,
-                                       msg=lambda m: f"{key} after step {step}: {m}")
+            torch.testing.assert_close(
+                record["state"][step][key], value, **tol, msg=lambda m: f"{key} after step {step}: {m}"
+            )
 
 
 # ---------------------------------------------------------------- tests: two ranks
+
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
@@ -392,8 +431,12 @@ def test_ddp_training_tracks_single_process(ranks, reference):
 
 def test_fsdp2_training_tracks_single_process(ranks, reference):
     for rank, record in enumerate(results_of(ranks, "fsdp")):
-        assert record["layout"] == {"param": "DTensor", "local_rows": (8, 7)[rank], "exp_avg": "DTensor",
-                                    "step": "Tensor"}
+        assert record["layout"] == {
+            "param": "DTensor",
+            "local_rows": (8, 7)[rank],
+            "exp_avg": "DTensor",
+            "step": "Tensor",
+        }
         assert_tracks(record, reference, **TRAIN_TOL)
 
 
@@ -470,6 +513,7 @@ def test_optimizer_state_dict_layout_matches_torch_adamw(ranks):
 
 # ---------------------------------------------------------------- tests: one process
 
+
 def test_numpy_kernels_leave_parameter_storage_resizable():
     """FSDP2 frees each unsharded parameter by resizing its storage to 0,
     which fails for storage that ``Tensor.numpy()`` has seen (it marks it
@@ -507,19 +551,30 @@ def test_sync_batchnorm_without_process_group_is_batchnorm(shape):
     torch.testing.assert_close(ours.running_var, theirs.running_var, **TOLERANCES[torch.float64])
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    pytest.param(dict(input=torch.randn(5)), ValueError, "input", id="1d-input"),
-    pytest.param(dict(input=torch.arange(6).view(2, 3)), TypeError, "input", id="integer-input"),
-    pytest.param(dict(weight=torch.ones(4)), ValueError, "weight", id="weight-shape"),
-    pytest.param(dict(bias=torch.ones(3, dtype=torch.float64)), TypeError, "bias", id="bias-dtype"),
-    pytest.param(dict(running_var=None), ValueError, "running_mean", id="one-running-stat"),
-    pytest.param(dict(eps=0.0), ValueError, "eps", id="eps-zero"),
-    pytest.param(dict(momentum=float("nan")), ValueError, "momentum", id="momentum-nan"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        pytest.param(dict(input=torch.randn(5)), ValueError, "input", id="1d-input"),
+        pytest.param(dict(input=torch.arange(6).view(2, 3)), TypeError, "input", id="integer-input"),
+        pytest.param(dict(weight=torch.ones(4)), ValueError, "weight", id="weight-shape"),
+        pytest.param(dict(bias=torch.ones(3, dtype=torch.float64)), TypeError, "bias", id="bias-dtype"),
+        pytest.param(dict(running_var=None), ValueError, "running_mean", id="one-running-stat"),
+        pytest.param(dict(eps=0.0), ValueError, "eps", id="eps-zero"),
+        pytest.param(dict(momentum=float("nan")), ValueError, "momentum", id="momentum-nan"),
+    ],
+)
 def test_sync_batch_norm_bad_input(kwargs, error, match):
     """Checked before any collective, so no process group is needed to see it."""
-    args = dict(input=torch.randn(4, 3), running_mean=torch.zeros(3), running_var=torch.ones(3),
-                weight=torch.ones(3), bias=torch.zeros(3)) | kwargs
+    args = (
+        dict(
+            input=torch.randn(4, 3),
+            running_mean=torch.zeros(3),
+            running_var=torch.ones(3),
+            weight=torch.ones(3),
+            bias=torch.zeros(3),
+        )
+        | kwargs
+    )
     with pytest.raises(error, match=match):
         sync_batch_norm(**args)
 

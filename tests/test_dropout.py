@@ -12,8 +12,14 @@ import pytest
 import torch
 
 import gpukernels as gk
-from gpukernels.backends.numpy.philox import (element_words, folded, keep_threshold, philox4x32,
-                                              uint_to_uniform_float, uniform)
+from gpukernels.backends.numpy.philox import (
+    element_words,
+    folded,
+    keep_threshold,
+    philox4x32,
+    uint_to_uniform_float,
+    uniform,
+)
 from gpukernels.ops.dropout import dropout, dropout_fwd
 from helpers import assert_matches
 
@@ -47,8 +53,11 @@ def expected(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 RANDOM123_KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -110,7 +119,7 @@ def threshold_test_ps() -> list[float]:
     uniforms = np.concatenate([uniforms, uint_to_uniform_float(np.array([1, 2, 3, 2**31 - 2, 2**31 - 1], np.uint32))])
     for u in uniforms:
         ps += [float(u), float(np.nextafter(u, np.float32(0))), float(np.nextafter(u, np.float32(1)))]
-        ps.append((float(u) + float(np.nextafter(u, np.float32(1)))) / 2)   # a tie: float32(p) rounds to even
+        ps.append((float(u) + float(np.nextafter(u, np.float32(1)))) / 2)  # a tie: float32(p) rounds to even
         ps.append(float(u) * (1 + 2**-40))
     return [p for p in ps if 0 <= p <= 1]
 
@@ -134,8 +143,8 @@ def test_integer_keep_test_is_the_float_test_for_every_word_near_its_threshold()
 
 
 def test_integer_keep_test_ends():
-    assert keep_threshold(0.0) == 0                 # the word whose uniform is 0 is not above 0
-    assert keep_threshold(1.0) == 2**31 - 1         # nothing is kept
+    assert keep_threshold(0.0) == 0  # the word whose uniform is 0 is not above 0
+    assert keep_threshold(1.0) == 2**31 - 1  # nothing is kept
     assert keep_threshold(1 - 2**-25) == 2**31 - 1  # p rounds to 1 in float32
     assert 0 < keep_threshold(0.5) < 2**31 - 1
 
@@ -149,7 +158,7 @@ def test_kernels_decide_boundary_words_as_the_float_test(device, upper_half):
     words = element_words(seed, n)
     element = int(np.flatnonzero((words >= 2**31) == upper_half)[100])
     at = uint_to_uniform_float(words[element])
-    x = torch.rand(n, dtype=torch.float64) + 0.5                  # no zeros, so y != 0 is the mask
+    x = torch.rand(n, dtype=torch.float64) + 0.5  # no zeros, so y != 0 is the mask
     for p in (float(at), float(np.nextafter(at, np.float32(0)))):
         kept = dropout(x.to(device), p, seed=seed).cpu() != 0
         assert torch.equal(kept, torch.from_numpy(float_keeps(words, p)))
@@ -179,14 +188,14 @@ def test_forward_matches_contract_pytorch_and_float64(device, dtype, shape):
 
 
 def test_mask_follows_flattened_index_whatever_the_layout(device):
-    x = torch.randn(6, 7, device=device).t()                      # non-contiguous
+    x = torch.randn(6, 7, device=device).t()  # non-contiguous
     y = dropout(x, 0.5, seed=9)
     torch.testing.assert_close(y, dropout(x.contiguous(), 0.5, seed=9), rtol=0, atol=0)
     torch.testing.assert_close(y.reshape(-1), dropout(x.reshape(-1), 0.5, seed=9), rtol=0, atol=0)
 
 
 def test_same_mask_for_every_dtype(device):
-    x = torch.rand(1000, device=device) + 0.5                     # no zeros, so y != 0 is the mask
+    x = torch.rand(1000, device=device) + 0.5  # no zeros, so y != 0 is the mask
     masks = [dropout(x.to(dtype), 0.4, seed=77) != 0 for dtype in DTYPES]
     for mask in masks[1:]:
         assert torch.equal(mask, masks[0])
@@ -289,8 +298,16 @@ def test_p_out_of_range(p):
         dropout(torch.randn(3), p)
 
 
-@pytest.mark.parametrize("seed, error", [(1.5, TypeError), (True, TypeError), (2**63, ValueError),
-                                         (torch.tensor(1.0), TypeError), (torch.tensor([1, 2]), TypeError)])
+@pytest.mark.parametrize(
+    "seed, error",
+    [
+        (1.5, TypeError),
+        (True, TypeError),
+        (2**63, ValueError),
+        (torch.tensor(1.0), TypeError),
+        (torch.tensor([1, 2]), TypeError),
+    ],
+)
 def test_bad_seed(seed, error):
     with pytest.raises(error, match="seed"):
         dropout(torch.randn(3), 0.5, seed=seed)

@@ -48,8 +48,14 @@ def _linear_cross_entropy():
     return (x, w), lambda x, w: gk.linear_cross_entropy(x, w, target, label_smoothing=0.1, z_loss=1e-3)
 
 
-CASES = {"layer_norm": _layer_norm, "cross_entropy": _cross_entropy, "dropout": _dropout,
-         "batch_norm": _batch_norm, "linear_act": _linear_act, "linear_cross_entropy": _linear_cross_entropy}
+CASES = {
+    "layer_norm": _layer_norm,
+    "cross_entropy": _cross_entropy,
+    "dropout": _dropout,
+    "batch_norm": _batch_norm,
+    "linear_act": _linear_act,
+    "linear_cross_entropy": _linear_cross_entropy,
+}
 
 
 def _forward_backward(case):
@@ -80,7 +86,8 @@ def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
     assert _op_events(lambda: _forward_backward(_layer_norm)) == set()
     monkeypatch.setattr(eager, "needs_dispatch", lambda args: True)
     assert {"gpukernels::layer_norm_fwd", "gpukernels::layer_norm_bwd"} <= _op_events(
-        lambda: _forward_backward(_layer_norm))
+        lambda: _forward_backward(_layer_norm)
+    )
 
 
 def test_adamw_step_takes_the_direct_path_and_matches_the_op(monkeypatch):
@@ -131,4 +138,3 @@ def test_needs_dispatch_for_a_tensor_subclass():
         pass
 
     assert needs_dispatch((torch.ones(2).as_subclass(Tagged),))
-

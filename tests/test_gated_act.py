@@ -12,8 +12,10 @@ OP = "gated_act"  # conftest's device fixture skips backends without these kerne
 GATED = {
     "swiglu": (gk.swiglu, lambda gate, up: F.silu(gate) * up),
     "geglu": (gk.geglu, lambda gate, up: F.gelu(gate) * up),
-    "geglu_tanh": (lambda gate, up: gk.geglu(gate, up, approximate="tanh"),
-                   lambda gate, up: F.gelu(gate, approximate="tanh") * up),
+    "geglu_tanh": (
+        lambda gate, up: gk.geglu(gate, up, approximate="tanh"),
+        lambda gate, up: F.gelu(gate, approximate="tanh") * up,
+    ),
 }
 ACTIVATION_OF = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -122,8 +124,10 @@ def test_autocast_runs_in_the_inputs_dtype(device, name):
     """As PyTorch's expression: bf16 gate and up from autocast's linears give a bf16
     result, fp32 inputs an fp32 one."""
     ours_fn, torch_fn = GATED[name]
-    x, weight_gate, weight_up = (_randn(shape, 1.0, seed, device).float().requires_grad_()
-                                 for seed, shape in enumerate([(6, 16), (24, 16), (24, 16)]))
+    x, weight_gate, weight_up = (
+        _randn(shape, 1.0, seed, device).float().requires_grad_()
+        for seed, shape in enumerate([(6, 16), (24, 16), (24, 16)])
+    )
     with torch.autocast(device.type, dtype=torch.bfloat16):
         gate, up = F.linear(x, weight_gate), F.linear(x, weight_up)
         assert gate.dtype == up.dtype == torch.bfloat16
@@ -144,8 +148,9 @@ def test_matches_transformers_llama_mlp(device, hidden_act, dtype):
     from transformers.models.llama.modeling_llama import LlamaMLP
 
     torch.manual_seed(0)
-    mlp = LlamaMLP(transformers.LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2,
-                                            hidden_act=hidden_act))
+    mlp = LlamaMLP(
+        transformers.LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, hidden_act=hidden_act)
+    )
     ours_fn = gk.swiglu if hidden_act == "silu" else GATED["geglu_tanh"][0]
     x = _randn((2, 3, 16), 2.0, 0, device).to(dtype)
     upstream = _randn((2, 3, 16), 1.0, 1, device).to(dtype)
@@ -187,17 +192,20 @@ def test_more_than_2_to_the_31_elements():
     torch.testing.assert_close(dgate[tail], want_dgate.bfloat16())
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: gk.swiglu(torch.ones(4, dtype=torch.int64), torch.ones(4)), "gate must be"),
-    (lambda: gk.swiglu(torch.ones(4), torch.ones(4, dtype=torch.int32)), "up must be"),
-    (lambda: gk.swiglu([1.0], torch.ones(1)), "gate must be a torch.Tensor"),
-    (lambda: gk.swiglu(torch.ones(4), 2.0), "up must be a torch.Tensor"),
-    (lambda: gk.swiglu(torch.ones(4), torch.ones(4, dtype=torch.float16)), "up has dtype"),
-    (lambda: gk.geglu(torch.ones(4), torch.ones(4, device="meta")), "up is on meta but gate is on cpu"),
-    (lambda: gk.swiglu(torch.ones(4, 3), torch.ones(3, 4)), r"up must have shape \(4, 3\)"),
-    (lambda: gk.swiglu(torch.ones(4, 3), torch.ones(3)), r"up must have shape \(4, 3\)"),
-    (lambda: gk.geglu(torch.ones(4), torch.ones(4), approximate="erf"), "approximate must be one of"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: gk.swiglu(torch.ones(4, dtype=torch.int64), torch.ones(4)), "gate must be"),
+        (lambda: gk.swiglu(torch.ones(4), torch.ones(4, dtype=torch.int32)), "up must be"),
+        (lambda: gk.swiglu([1.0], torch.ones(1)), "gate must be a torch.Tensor"),
+        (lambda: gk.swiglu(torch.ones(4), 2.0), "up must be a torch.Tensor"),
+        (lambda: gk.swiglu(torch.ones(4), torch.ones(4, dtype=torch.float16)), "up has dtype"),
+        (lambda: gk.geglu(torch.ones(4), torch.ones(4, device="meta")), "up is on meta but gate is on cpu"),
+        (lambda: gk.swiglu(torch.ones(4, 3), torch.ones(3, 4)), r"up must have shape \(4, 3\)"),
+        (lambda: gk.swiglu(torch.ones(4, 3), torch.ones(3)), r"up must have shape \(4, 3\)"),
+        (lambda: gk.geglu(torch.ones(4), torch.ones(4), approximate="erf"), "approximate must be one of"),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         call()

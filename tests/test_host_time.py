@@ -61,8 +61,10 @@ def test_host_time_ratios_within_bounds(tmp_path):
     for key, target in TARGETS.items():
         bound = BOUNDS.get(key) or target
         ratio = measured[key]["ratio"]
-        print(f"{key[0]:14} {key[1]:11} {ratio:6.2f} {target:7.2f} {bound:6.2f}"
-              + ("" if ratio <= target else "  (target not met)"))
+        print(
+            f"{key[0]:14} {key[1]:11} {ratio:6.2f} {target:7.2f} {bound:6.2f}"
+            + ("" if ratio <= target else "  (target not met)")
+        )
         if ratio > bound:
             over.append(f"{key}: {ratio:.2f}x > bound {bound:.2f}x (target {target:.2f}x)")
     assert not over, "host time over its bound:\n" + "\n".join(over)

@@ -30,12 +30,12 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from test_host_time import load_host_time
 from triton.runtime.jit import JITFunction
 
 from gpukernels.backends.triton import _common
 from gpukernels.backends.triton._common import num_programs, round_to
 from gpukernels.backends.triton._launch import JIT_OPTION_KNOBS, Kernel, jit
-from test_host_time import load_host_time
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 16
@@ -65,10 +65,10 @@ def _launch_cases(dtype=torch.float32):
         ("out misaligned by one element", (x, y, torch.empty(65, dtype=dtype)[1:], 64, 64, 2.0), flags),
         ("n == 1", (x, y, out, 1, 64, 2.0), flags),
         ("n == 17", (x, y, out, 17, 64, 2.0), flags),
-        ("limit == 2**31 + 16", (x, y, out, 64, 2 ** 31 + 16, 2.0), flags),
-        ("limit == 2**31 + 1", (x, y, out, 64, 2 ** 31 + 1, 2.0), flags),
-        ("limit == 2**32", (x, y, out, 64, 2 ** 32, 2.0), flags),
-        ("limit == -2**31 - 1", (x, y, out, 64, -2 ** 31 - 1, 2.0), flags),
+        ("limit == 2**31 + 16", (x, y, out, 64, 2**31 + 16, 2.0), flags),
+        ("limit == 2**31 + 1", (x, y, out, 64, 2**31 + 1, 2.0), flags),
+        ("limit == 2**32", (x, y, out, 64, 2**32, 2.0), flags),
+        ("limit == -2**31 - 1", (x, y, out, 64, -(2**31) - 1, 2.0), flags),
         ("Y None", (x, None, out, 64, 64, 2.0), dict(flags, HAS_Y=False)),
         ("HAS_Y 1, not True", (x, y, out, 64, 64, 2.0), dict(flags, HAS_Y=1)),
         ("alpha an int", (x, y, out, 64, 64, 3), flags),
@@ -78,6 +78,7 @@ def _launch_cases(dtype=torch.float32):
 
 
 # ---------------------------------------------------------------- under the interpreter (this process)
+
 
 @pytest.mark.skipif(not _common.INTERPRETING, reason="checks the interpreter fallback")
 def test_jit_is_triton_interpreter_under_triton_interpret():
@@ -100,8 +101,9 @@ def test_results_under_interpreter(dtype):
 @pytest.mark.skipif(not _common.INTERPRETING, reason="runs kernels in the interpreter")
 def test_round_to_rounds_bf16_to_nearest_even_in_interpreter():
     # fp32 values at bf16 ties (to even: down, up), just above and below one, one rounding to inf, -inf, nan
-    bits = torch.tensor([0x3F808000, 0x3F818000, 0xBF808001, 0x3F807FFF, 0x7F7FFFFF, 0xFF800000, 0x7FC00001],
-                        dtype=torch.int64).to(torch.int32)
+    bits = torch.tensor(
+        [0x3F808000, 0x3F818000, 0xBF808001, 0x3F807FFF, 0x7F7FFFFF, 0xFF800000, 0x7FC00001], dtype=torch.int64
+    ).to(torch.int32)
     x = bits.view(torch.float32)
     out = torch.empty(x.shape, dtype=torch.bfloat16)
     axpy_kernel[(1,)](x, None, out, x.numel(), x.numel(), 1.0, HAS_Y=False, BLOCK=BLOCK)
@@ -127,9 +129,9 @@ def test_num_programs_reads_the_sm_count_once_per_device(monkeypatch):
     _common._sm_count.cache_clear()
     try:
         for _ in range(3):
-            assert num_programs(torch.device("cuda", 0), 10 ** 6) == 132 * 4
-            assert num_programs(torch.device("cuda", 1), 10 ** 6, per_sm=2) == 66 * 2
-            assert num_programs(torch.device("cuda"), 10 ** 6) == 66 * 4  # the current device
+            assert num_programs(torch.device("cuda", 0), 10**6) == 132 * 4
+            assert num_programs(torch.device("cuda", 1), 10**6, per_sm=2) == 66 * 2
+            assert num_programs(torch.device("cuda"), 10**6) == 66 * 4  # the current device
         assert num_programs(torch.device("cuda", 0), 5) == 5
         assert sorted(queried) == [0, 1]
     finally:
@@ -142,12 +144,15 @@ def test_key_has_every_knob_jit_run_adds_to_options():
 
 # ---------------------------------------------------------------- through the stub driver (subprocess)
 
+
 def _pythons():
     venv = Path(os.environ.get("GPUKERNELS_COMPAT_VENV", ROOT / ".venv-triton36"))
     compat = venv / "bin" / "python"
     missing = f"no Triton 3.6 environment at {venv} (ci/test-triton-compat.sh makes it)"
-    return [pytest.param(sys.executable, id=f"triton-{triton.__version__}"),
-            pytest.param(str(compat), id="triton-3.6", marks=pytest.mark.skipif(not compat.exists(), reason=missing))]
+    return [
+        pytest.param(sys.executable, id=f"triton-{triton.__version__}"),
+        pytest.param(str(compat), id="triton-3.6", marks=pytest.mark.skipif(not compat.exists(), reason=missing)),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +166,9 @@ def stub_build():
 @pytest.mark.parametrize("python", _pythons())
 def test_launches_match_jit_through_stub_driver(python, stub_build):
     host_time, build_dir = stub_build
-    version = subprocess.run([python, "-c", "import triton; print(triton.__version__)"], capture_output=True,
-                             text=True, check=True).stdout.strip()
+    version = subprocess.run(
+        [python, "-c", "import triton; print(triton.__version__)"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     env = host_time.stub_environment(build_dir, build_dir / f"triton-cache-{version}")
     run = subprocess.run([python, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -186,10 +192,12 @@ class _Stub:
         return ctypes.c_uint64.in_dll(self.lib, "launches").value
 
     def last(self) -> dict:
-        return {"grid": tuple((ctypes.c_uint * 4).in_dll(self.lib, "last_grid")),
-                "params": tuple((ctypes.c_uint64 * 16).in_dll(self.lib, "last_params"))[:self.PARAMS],
-                "function": ctypes.c_void_p.in_dll(self.lib, "last_f").value,
-                "stream": ctypes.c_void_p.in_dll(self.lib, "last_stream").value}
+        return {
+            "grid": tuple((ctypes.c_uint * 4).in_dll(self.lib, "last_grid")),
+            "params": tuple((ctypes.c_uint64 * 16).in_dll(self.lib, "last_params"))[: self.PARAMS],
+            "function": ctypes.c_void_p.in_dll(self.lib, "last_f").value,
+            "stream": ctypes.c_void_p.in_dll(self.lib, "last_stream").value,
+        }
 
 
 def _launched(stub: _Stub, launch) -> dict:
@@ -284,9 +292,11 @@ def check_bad_arguments_get_the_jits_errors(stub: _Stub) -> None:
     kernel = Kernel(fn)
     _, (x, y, out, n, limit, alpha), kwargs = _launch_cases()[0]
     kernel[(4,)](x, y, out, n, limit, alpha, **kwargs)
-    for bad_args, bad_kwargs in [((x, y, out, n, 2 ** 64, alpha), kwargs),  # beyond 64 bits
-                                 ((x, y, out, n, limit), kwargs),            # one missing
-                                 ((x, y, out, n, limit, alpha), dict(kwargs, num_wraps=4))]:
+    for bad_args, bad_kwargs in [
+        ((x, y, out, n, 2**64, alpha), kwargs),  # beyond 64 bits
+        ((x, y, out, n, limit), kwargs),  # one missing
+        ((x, y, out, n, limit, alpha), dict(kwargs, num_wraps=4)),
+    ]:
         errors = []
         for launch in (kernel[(4,)], fn[(4,)]):
             try:

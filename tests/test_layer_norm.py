@@ -4,14 +4,20 @@ import torch.nn.functional as F
 
 import gpukernels as gk
 from gpukernels.ops.layer_norm import layer_norm_bwd, layer_norm_fwd
-
 from helpers import assert_matches
 
 OP = "layer_norm"  # conftest's device fixture skips backends without these kernels
 
-SHAPES = [((4, 1), (1,)), ((3, 3), (3,)), ((2, 5, 17), (17,)), ((6, 1000), (1000,)), ((2, 4097), (4097,)),
-          ((2, 3, 4, 5), (4, 5)), ((0, 17), (17,)),
-          ((3, 9000), (9000,))]  # wider than one Triton block: the looped kernels
+SHAPES = [
+    ((4, 1), (1,)),
+    ((3, 3), (3,)),
+    ((2, 5, 17), (17,)),
+    ((6, 1000), (1000,)),
+    ((2, 4097), (4097,)),
+    ((2, 3, 4, 5), (4, 5)),
+    ((0, 17), (17,)),
+    ((3, 9000), (9000,)),
+]  # wider than one Triton block: the looped kernels
 
 
 def _inputs(shape, norm_shape, dtype, affine=True, seed=0, device="cpu"):
@@ -37,8 +43,13 @@ def test_matches_torch(device, shape, norm_shape, dtype, affine):
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
     ours = _run(gk.layer_norm, x, norm_shape, w, b, dy)
     theirs = _run(F.layer_norm, x, norm_shape, w, b, dy)
-    reference = _run(F.layer_norm, *(t.double() if t is not None else None for t in (x,)), norm_shape,
-                     *(t.double() if t is not None else None for t in (w, b)), dy.double())
+    reference = _run(
+        F.layer_norm,
+        *(t.double() if t is not None else None for t in (x,)),
+        norm_shape,
+        *(t.double() if t is not None else None for t in (w, b)),
+        dy.double(),
+    )
     for o, t, r in zip(ours, theirs, reference):
         assert_matches(o, t, r)
 
@@ -71,11 +82,13 @@ def test_gradcheck(device, affine):
 def test_opcheck(device):
     x, w, b = _inputs((5, 17), (17,), torch.float32, device=device)
     backend = gk.backend_name(device)
-    torch.library.opcheck(layer_norm_fwd.custom_op,
-                          (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, backend))
+    torch.library.opcheck(
+        layer_norm_fwd.custom_op, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, backend)
+    )
     y, mean, rstd = layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
-    torch.library.opcheck(layer_norm_bwd.custom_op, (torch.randn_like(y), x.detach(), w.detach(), mean, rstd, True,
-                                                     backend))
+    torch.library.opcheck(
+        layer_norm_bwd.custom_op, (torch.randn_like(y), x.detach(), w.detach(), mean, rstd, True, backend)
+    )
 
 
 def test_autocast_runs_in_fp32():
@@ -84,16 +97,19 @@ def test_autocast_runs_in_fp32():
         assert gk.layer_norm(x.bfloat16(), (8,)).dtype == torch.float32
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda x: gk.layer_norm(x.long(), (8,)), "input must be"),
-    (lambda x: gk.layer_norm(x, (7,)), "normalized_shape"),
-    (lambda x: gk.layer_norm(x, (0,)), "normalized_shape"),
-    (lambda x: gk.layer_norm(x, (8,), torch.ones(7)), "weight must have shape"),
-    (lambda x: gk.layer_norm(x, (8,), None, torch.ones(2, 4)), "bias must have shape"),
-    (lambda x: gk.layer_norm(x, (8,), torch.ones(8, dtype=torch.int32)), "weight must be"),
-    (lambda x: gk.layer_norm(x, (8,), eps=-1.0), "eps must be"),
-    (lambda x: gk.layer_norm(x, (8,), eps=float("nan")), "eps must be finite"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x: gk.layer_norm(x.long(), (8,)), "input must be"),
+        (lambda x: gk.layer_norm(x, (7,)), "normalized_shape"),
+        (lambda x: gk.layer_norm(x, (0,)), "normalized_shape"),
+        (lambda x: gk.layer_norm(x, (8,), torch.ones(7)), "weight must have shape"),
+        (lambda x: gk.layer_norm(x, (8,), None, torch.ones(2, 4)), "bias must have shape"),
+        (lambda x: gk.layer_norm(x, (8,), torch.ones(8, dtype=torch.int32)), "weight must be"),
+        (lambda x: gk.layer_norm(x, (8,), eps=-1.0), "eps must be"),
+        (lambda x: gk.layer_norm(x, (8,), eps=float("nan")), "eps must be finite"),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         call(torch.randn(4, 8))

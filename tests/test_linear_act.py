@@ -50,8 +50,9 @@ def _compare(x, weight, bias, activation, dtype):
     cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
     ours = _output_and_grads(linear_act, *cast, activation, upstream)
     theirs = _output_and_grads(torch_linear_act, *cast, activation, upstream)
-    reference = _output_and_grads(torch_linear_act, *(None if t is None else t.double() for t in cast),
-                                  activation, upstream)
+    reference = _output_and_grads(
+        torch_linear_act, *(None if t is None else t.double() for t in cast), activation, upstream
+    )
     return [assert_matches(o, t, r) for o, t, r in zip(ours, theirs, reference)]
 
 
@@ -87,10 +88,11 @@ def test_without_bias_on_3d_input(device, activation, dtype):
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_extreme_pre_activations(device, activation):
-    x = torch.tensor([[-1000.0], [-30.0], [-1e-3], [0.0], [1e-3], [30.0], [1000.0]], dtype=torch.float64,
-                     device=device)
-    weight, bias = (torch.ones(1, 1, dtype=torch.float64, device=device),
-                    torch.zeros(1, dtype=torch.float64, device=device))
+    x = torch.tensor([[-1000.0], [-30.0], [-1e-3], [0.0], [1e-3], [30.0], [1000.0]], dtype=torch.float64, device=device)
+    weight, bias = (
+        torch.ones(1, 1, dtype=torch.float64, device=device),
+        torch.zeros(1, dtype=torch.float64, device=device),
+    )
     for dtype in (torch.float64, torch.float32):
         _compare(x, weight, bias, activation, dtype)
 
@@ -99,8 +101,9 @@ def test_extreme_pre_activations(device, activation):
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_empty_batch(device, activation, x_shape):
     x, weight, bias = _problem(x_shape, 4, device=device)
-    y, dx, dweight, dbias = _output_and_grads(linear_act, x, weight, bias, activation,
-                                               torch.zeros(x_shape[:-1] + (4,), device=device))
+    y, dx, dweight, dbias = _output_and_grads(
+        linear_act, x, weight, bias, activation, torch.zeros(x_shape[:-1] + (4,), device=device)
+    )
     assert y.shape == x_shape[:-1] + (4,) and dx.shape == x_shape
     assert torch.equal(dweight, torch.zeros_like(weight)) and torch.equal(dbias, torch.zeros_like(bias))
 
@@ -129,8 +132,9 @@ def test_opcheck(device, activation):
     saved = y if activation == "relu" else z
     for has_bias in (True, False):
         dy = torch.randn(4, 3, device=device)
-        torch.library.opcheck(linear_act_bwd.custom_op, (dy, x.detach(), weight.detach(), saved.detach(), activation,
-                                                         has_bias, backend))
+        torch.library.opcheck(
+            linear_act_bwd.custom_op, (dy, x.detach(), weight.detach(), saved.detach(), activation, has_bias, backend)
+        )
 
 
 @pytest.mark.parametrize("activation", ["none", "relu", "silu"])
@@ -176,20 +180,23 @@ def _bad(**overrides):
     return args
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (_bad(activation="tanh"), ValueError, "activation .*'tanh'"),
-    (_bad(weight=torch.randn(4)), ValueError, "weight must be 2-D"),
-    (_bad(weight=torch.randn(3, 5)), ValueError, r"x of shape \(2, 4\) and weight of shape \(3, 5\)"),
-    (_bad(x=torch.tensor(1.0)), ValueError, "x of shape"),
-    (_bad(bias=torch.randn(4)), ValueError, "bias"),
-    (_bad(weight=torch.randn(3, 4, dtype=torch.float64)), RuntimeError, "x and weight must have the same dtype"),
-    (_bad(bias=torch.randn(3, dtype=torch.float64)), RuntimeError, "x and bias must have the same dtype"),
-    (_bad(weight=torch.randn(3, 4, device="meta")), RuntimeError, "weight is on meta"),
-    (_bad(bias=torch.randn(3, device="meta")), RuntimeError, "bias is on meta"),
-    (_bad(x=torch.ones(2, 4, dtype=torch.long)), TypeError, "x must be"),
-    (_bad(weight=torch.ones(3, 4, dtype=torch.long)), TypeError, "weight must be"),
-    (_bad(bias=torch.ones(3, dtype=torch.long)), TypeError, "bias must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (_bad(activation="tanh"), ValueError, "activation .*'tanh'"),
+        (_bad(weight=torch.randn(4)), ValueError, "weight must be 2-D"),
+        (_bad(weight=torch.randn(3, 5)), ValueError, r"x of shape \(2, 4\) and weight of shape \(3, 5\)"),
+        (_bad(x=torch.tensor(1.0)), ValueError, "x of shape"),
+        (_bad(bias=torch.randn(4)), ValueError, "bias"),
+        (_bad(weight=torch.randn(3, 4, dtype=torch.float64)), RuntimeError, "x and weight must have the same dtype"),
+        (_bad(bias=torch.randn(3, dtype=torch.float64)), RuntimeError, "x and bias must have the same dtype"),
+        (_bad(weight=torch.randn(3, 4, device="meta")), RuntimeError, "weight is on meta"),
+        (_bad(bias=torch.randn(3, device="meta")), RuntimeError, "bias is on meta"),
+        (_bad(x=torch.ones(2, 4, dtype=torch.long)), TypeError, "x must be"),
+        (_bad(weight=torch.ones(3, 4, dtype=torch.long)), TypeError, "weight must be"),
+        (_bad(bias=torch.ones(3, dtype=torch.long)), TypeError, "bias must be"),
+    ],
+)
 def test_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):
         linear_act(**kwargs)

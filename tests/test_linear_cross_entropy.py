@@ -8,8 +8,7 @@ import torch.nn.functional as F
 import gpukernels as gk
 from gpukernels import nn as gnn
 from gpukernels.ops import linear_cross_entropy as lce_ops
-from gpukernels.ops.linear_cross_entropy import (linear_cross_entropy, linear_cross_entropy_bwd,
-                                                 linear_cross_entropy_fwd)
+from gpukernels.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_bwd, linear_cross_entropy_fwd
 from helpers import LOOPED_CLASSES, assert_matches
 
 OP = "linear_cross_entropy"  # conftest's device fixture skips backends without these kernels
@@ -17,15 +16,27 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 IGNORE = -100
 
 
-def torch_linear_cross_entropy(x, weight, target, bias=None, ignore_index=IGNORE, reduction="mean",
-                               label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, return_lse=False):
+def torch_linear_cross_entropy(
+    x,
+    weight,
+    target,
+    bias=None,
+    ignore_index=IGNORE,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    chunk_size=None,
+    return_lse=False,
+):
     """The unfused computation in PyTorch, in x's dtype (``chunk_size`` is ours alone)."""
     z = F.linear(x, weight, bias)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     logits, flat_target = z.reshape(-1, z.shape[-1]), target.reshape(-1)
-    per_row = F.cross_entropy(logits, flat_target, ignore_index=ignore_index, reduction="none",
-                              label_smoothing=label_smoothing)
+    per_row = F.cross_entropy(
+        logits, flat_target, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
     kept = flat_target != ignore_index
     lse = torch.logsumexp(logits, dim=-1)
     per_row = per_row + torch.where(kept, z_loss * lse * lse, 0)
@@ -69,8 +80,14 @@ def _compare(x, weight, target, bias, dtype, **kwargs):
         upstream = _randn(target.shape, seed=9).to(x.device, dtype).double()
     ours = _loss_and_grads(linear_cross_entropy, cast[0], cast[1], target, cast[2], upstream, **kwargs)
     theirs = _loss_and_grads(torch_linear_cross_entropy, cast[0], cast[1], target, cast[2], upstream, **kwargs)
-    reference = _loss_and_grads(torch_linear_cross_entropy, *(None if t is None else t.double() for t in cast[:2]),
-                                target, None if cast[2] is None else cast[2].double(), upstream, **kwargs)
+    reference = _loss_and_grads(
+        torch_linear_cross_entropy,
+        *(None if t is None else t.double() for t in cast[:2]),
+        target,
+        None if cast[2] is None else cast[2].double(),
+        upstream,
+        **kwargs,
+    )
     return [assert_matches(o, t, r) for o, t, r in zip(ours, theirs, reference)]
 
 
@@ -132,8 +149,10 @@ def test_chunk_size_does_not_change_the_result(device, reduction):
     upstream = _randn((10,), seed=4).to(device) if reduction == "none" else None
     whole = _loss_and_grads(linear_cross_entropy, x, weight, target, bias, upstream, chunk_size=10, **kwargs)
     for chunk_size in (1, 3, 64, None):
-        for a, b in zip(_loss_and_grads(linear_cross_entropy, x, weight, target, bias, upstream,
-                                        chunk_size=chunk_size, **kwargs), whole):
+        for a, b in zip(
+            _loss_and_grads(linear_cross_entropy, x, weight, target, bias, upstream, chunk_size=chunk_size, **kwargs),
+            whole,
+        ):
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
 
 
@@ -142,8 +161,9 @@ def test_return_lse(device):
     for dtype in (torch.float64, torch.float32):
         args = [t.to(dtype).requires_grad_() for t in (x, weight, bias)]
         loss, lse = linear_cross_entropy(args[0], args[1], target, args[2], softcap=3.0, z_loss=0.1, return_lse=True)
-        theirs_loss, theirs_lse = torch_linear_cross_entropy(args[0], args[1], target, args[2], softcap=3.0,
-                                                             z_loss=0.1, return_lse=True)
+        theirs_loss, theirs_lse = torch_linear_cross_entropy(
+            args[0], args[1], target, args[2], softcap=3.0, z_loss=0.1, return_lse=True
+        )
         assert lse.shape == target.shape and lse.dtype == dtype and not lse.requires_grad
         torch.testing.assert_close(lse, theirs_lse.detach())
         torch.testing.assert_close(loss, theirs_loss.detach())
@@ -156,14 +176,16 @@ def test_return_lse(device):
 def test_all_rows_ignored(device, dtype):
     x, weight, target, bias = _problem((4,), 5, 7, device=device)
     target = torch.full_like(target, IGNORE)
-    loss, *grads = _loss_and_grads(linear_cross_entropy, x.to(dtype), weight.to(dtype), target, bias.to(dtype),
-                                   z_loss=0.1, label_smoothing=0.1)
+    loss, *grads = _loss_and_grads(
+        linear_cross_entropy, x.to(dtype), weight.to(dtype), target, bias.to(dtype), z_loss=0.1, label_smoothing=0.1
+    )
     assert loss.dtype == dtype and torch.isnan(loss)
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
     for reduction in ("sum", "none"):
         upstream = torch.ones(4, device=device) if reduction == "none" else None
-        out = _loss_and_grads(linear_cross_entropy, x.to(dtype), weight.to(dtype), target, bias.to(dtype),
-                              upstream, reduction=reduction)
+        out = _loss_and_grads(
+            linear_cross_entropy, x.to(dtype), weight.to(dtype), target, bias.to(dtype), upstream, reduction=reduction
+        )
         assert all(torch.equal(t, torch.zeros_like(t)) for t in out)
 
 
@@ -180,23 +202,45 @@ def test_empty_batch(device, reduction):
 def test_large_logits_are_stable(device):
     x, weight, target, bias = _problem((4,), 6, 9, logit_scale=2000.0, device=device)
     for dtype in (torch.float64, torch.float32):
-        assert all(t.isfinite().all() for t in _loss_and_grads(linear_cross_entropy, x.to(dtype), weight.to(dtype),
-                                                                target, bias.to(dtype), z_loss=1e-6))
+        assert all(
+            t.isfinite().all()
+            for t in _loss_and_grads(
+                linear_cross_entropy, x.to(dtype), weight.to(dtype), target, bias.to(dtype), z_loss=1e-6
+            )
+        )
     _compare(x, weight, target, bias, torch.float64, z_loss=1e-6)
 
 
 def test_only_the_gradients_asked_for(device):
     x, weight, target, bias = _problem((5,), 4, 8, device=device)
-    _, row_max, log_sum, kept_rows = linear_cross_entropy_fwd(x, weight, bias, target, IGNORE, 0.0, 0.0, None, "mean",
-                                                              2, x.dtype)
-    dx, dweight, dbias = linear_cross_entropy_bwd(torch.ones((), dtype=x.dtype, device=device), x, weight, bias,
-                                                  target, row_max, log_sum, kept_rows, IGNORE, 0.0, 0.0, None, "mean",
-                                                  3, False, True, False)
+    _, row_max, log_sum, kept_rows = linear_cross_entropy_fwd(
+        x, weight, bias, target, IGNORE, 0.0, 0.0, None, "mean", 2, x.dtype
+    )
+    dx, dweight, dbias = linear_cross_entropy_bwd(
+        torch.ones((), dtype=x.dtype, device=device),
+        x,
+        weight,
+        bias,
+        target,
+        row_max,
+        log_sum,
+        kept_rows,
+        IGNORE,
+        0.0,
+        0.0,
+        None,
+        "mean",
+        3,
+        False,
+        True,
+        False,
+    )
     assert dx.numel() == 0 and dbias.numel() == 0 and dweight.shape == weight.shape
     full = _loss_and_grads(linear_cross_entropy, x, weight, target, bias)
     x_only = x.detach().requires_grad_()
-    torch.testing.assert_close(torch.autograd.grad(linear_cross_entropy(x_only, weight, target, bias), x_only)[0],
-                               full[1])
+    torch.testing.assert_close(
+        torch.autograd.grad(linear_cross_entropy(x_only, weight, target, bias), x_only)[0], full[1]
+    )
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(x.requires_grad_(), weight, target, bias), full[0])
 
@@ -216,8 +260,9 @@ def test_autocast(device):
         ours = _loss_and_grads(linear_cross_entropy, x, weight, target, bias)
         theirs = _loss_and_grads(torch_linear_cross_entropy, x, weight, target, bias)
     assert ours[0].dtype == theirs[0].dtype == torch.float32
-    reference = _loss_and_grads(torch_linear_cross_entropy,
-                                *(t.bfloat16().double() for t in (x, weight)), target, bias.bfloat16().double())
+    reference = _loss_and_grads(
+        torch_linear_cross_entropy, *(t.bfloat16().double() for t in (x, weight)), target, bias.bfloat16().double()
+    )
     for o, t, r in zip(ours, theirs, reference):
         assert_matches(o.bfloat16(), t.bfloat16(), r)
 
@@ -227,8 +272,11 @@ def test_gradcheck(device, reduction):
     x, weight, target, bias = _problem((4,), 2, 5, ignored=[3], logit_scale=1.0, device=device)
     leaves = [t.requires_grad_() for t in (x, weight, bias)]
     assert torch.autograd.gradcheck(
-        lambda x, w, b: linear_cross_entropy(x, w, target, b, reduction=reduction, label_smoothing=0.2, z_loss=0.1,
-                                             softcap=2.0, chunk_size=3), leaves)
+        lambda x, w, b: linear_cross_entropy(
+            x, w, target, b, reduction=reduction, label_smoothing=0.2, z_loss=0.1, softcap=2.0, chunk_size=3
+        ),
+        leaves,
+    )
 
 
 def test_opcheck(device):
@@ -237,14 +285,37 @@ def test_opcheck(device):
     backend = gk.backend_name(device)
     for reduction in ("mean", "sum", "none"):
         for b in (bias, None):
-            torch.library.opcheck(linear_cross_entropy_fwd.custom_op, (x, weight, b, target, IGNORE, 0.1, 1e-3, 2.0,
-                                                                       reduction, 2, torch.bfloat16, backend))
-    _, row_max, log_sum, kept_rows = linear_cross_entropy_fwd(x, weight, bias, target, IGNORE, 0.1, 1e-3, 2.0, "none",
-                                                              2, torch.float32)
+            torch.library.opcheck(
+                linear_cross_entropy_fwd.custom_op,
+                (x, weight, b, target, IGNORE, 0.1, 1e-3, 2.0, reduction, 2, torch.bfloat16, backend),
+            )
+    _, row_max, log_sum, kept_rows = linear_cross_entropy_fwd(
+        x, weight, bias, target, IGNORE, 0.1, 1e-3, 2.0, "none", 2, torch.float32
+    )
     for scale, reduction in ((torch.randn(5, device=device), "none"), (torch.tensor(0.5, device=device), "mean")):
-        torch.library.opcheck(linear_cross_entropy_bwd.custom_op, (scale, x.detach(), weight.detach(), bias.detach(),
-                                                                   target, row_max, log_sum, kept_rows, IGNORE, 0.1,
-                                                                   1e-3, 2.0, reduction, 4, True, True, True, backend))
+        torch.library.opcheck(
+            linear_cross_entropy_bwd.custom_op,
+            (
+                scale,
+                x.detach(),
+                weight.detach(),
+                bias.detach(),
+                target,
+                row_max,
+                log_sum,
+                kept_rows,
+                IGNORE,
+                0.1,
+                1e-3,
+                2.0,
+                reduction,
+                4,
+                True,
+                True,
+                True,
+                backend,
+            ),
+        )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -270,30 +341,33 @@ def _bad(**overrides):
     return args
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (_bad(x=torch.ones(3, 4, dtype=torch.long)), TypeError, "x must be"),
-    (_bad(x=torch.tensor(1.0)), ValueError, "x of shape"),
-    (_bad(x=torch.randn(3, 5)), ValueError, "x of shape"),
-    (_bad(weight=torch.randn(5)), ValueError, "weight must be 2-D"),
-    (_bad(weight=torch.randn(0, 4)), ValueError, "weight must be 2-D"),
-    (_bad(weight=torch.randn(5, 4, dtype=torch.float64)), RuntimeError, "x and weight"),
-    (_bad(weight=torch.randn(5, 4, device="meta")), RuntimeError, "weight is on meta"),
-    (_bad(bias=torch.randn(4)), ValueError, "bias must have shape"),
-    (_bad(bias=torch.randn(5, dtype=torch.float64)), RuntimeError, "x and bias"),
-    (_bad(target=torch.tensor([0, 1])), ValueError, "target must have shape"),
-    (_bad(target=torch.tensor([0.0, 1.0, 2.0])), TypeError, "target"),
-    (_bad(target=[0, 1, 2]), TypeError, "target"),
-    (_bad(ignore_index=1.5), TypeError, "ignore_index"),
-    (_bad(reduction="avg"), ValueError, "reduction"),
-    (_bad(label_smoothing=1.5), ValueError, "label_smoothing"),
-    (_bad(z_loss=-1e-4), ValueError, "z_loss"),
-    (_bad(z_loss=math.inf), ValueError, "z_loss"),
-    (_bad(softcap=0.0), ValueError, "softcap"),
-    (_bad(softcap="30"), TypeError, "softcap"),
-    (_bad(chunk_size=0), ValueError, "chunk_size"),
-    (_bad(chunk_size=2.0), ValueError, "chunk_size"),
-    (_bad(return_lse=1), TypeError, "return_lse"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (_bad(x=torch.ones(3, 4, dtype=torch.long)), TypeError, "x must be"),
+        (_bad(x=torch.tensor(1.0)), ValueError, "x of shape"),
+        (_bad(x=torch.randn(3, 5)), ValueError, "x of shape"),
+        (_bad(weight=torch.randn(5)), ValueError, "weight must be 2-D"),
+        (_bad(weight=torch.randn(0, 4)), ValueError, "weight must be 2-D"),
+        (_bad(weight=torch.randn(5, 4, dtype=torch.float64)), RuntimeError, "x and weight"),
+        (_bad(weight=torch.randn(5, 4, device="meta")), RuntimeError, "weight is on meta"),
+        (_bad(bias=torch.randn(4)), ValueError, "bias must have shape"),
+        (_bad(bias=torch.randn(5, dtype=torch.float64)), RuntimeError, "x and bias"),
+        (_bad(target=torch.tensor([0, 1])), ValueError, "target must have shape"),
+        (_bad(target=torch.tensor([0.0, 1.0, 2.0])), TypeError, "target"),
+        (_bad(target=[0, 1, 2]), TypeError, "target"),
+        (_bad(ignore_index=1.5), TypeError, "ignore_index"),
+        (_bad(reduction="avg"), ValueError, "reduction"),
+        (_bad(label_smoothing=1.5), ValueError, "label_smoothing"),
+        (_bad(z_loss=-1e-4), ValueError, "z_loss"),
+        (_bad(z_loss=math.inf), ValueError, "z_loss"),
+        (_bad(softcap=0.0), ValueError, "softcap"),
+        (_bad(softcap="30"), TypeError, "softcap"),
+        (_bad(chunk_size=0), ValueError, "chunk_size"),
+        (_bad(chunk_size=2.0), ValueError, "chunk_size"),
+        (_bad(return_lse=1), TypeError, "return_lse"),
+    ],
+)
 def test_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):
         linear_cross_entropy(**kwargs)
@@ -304,8 +378,12 @@ def test_out_of_range_target(device, target, match):
     if device.type == "cuda":
         pytest.skip("CUDA reports an out-of-range target as a device-side assert, which ends the CUDA context")
     with pytest.raises(IndexError, match=match):
-        linear_cross_entropy(torch.randn(3, 4, device=device), torch.randn(5, 4, device=device),
-                             torch.tensor(target, device=device), chunk_size=2)
+        linear_cross_entropy(
+            torch.randn(3, 4, device=device),
+            torch.randn(5, 4, device=device),
+            torch.tensor(target, device=device),
+            chunk_size=2,
+        )
 
 
 def test_default_chunk_rows(monkeypatch):
@@ -342,8 +420,14 @@ def _numpy_peak(rows, vocab, hidden, chunk_size, **kwargs):
             tracemalloc.stop()
 
 
-@pytest.mark.parametrize("kwargs, chunk_buffers", [({}, 1), (dict(label_smoothing=0.1, z_loss=1e-4), 2),
-                                                   (dict(softcap=30.0, label_smoothing=0.1, reduction="none"), 3)])
+@pytest.mark.parametrize(
+    "kwargs, chunk_buffers",
+    [
+        ({}, 1),
+        (dict(label_smoothing=0.1, z_loss=1e-4), 2),
+        (dict(softcap=30.0, label_smoothing=0.1, reduction="none"), 3),
+    ],
+)
 def test_memory_is_bounded_by_a_chunk(kwargs, chunk_buffers):
     """rows=2048, vocab=8192 in chunks of 256 rows (forward) and slices of 1024 columns
     (backward, the same number of logits): the NumPy kernels hold ``chunk_buffers`` such
@@ -397,13 +481,15 @@ def test_gpu_memory_against_eager():
 
 # ---- Triton's column blocks: short rows made to loop, every option on ----
 
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_looped_column_blocks(device, small_blocks, dtype, reduction):
     x, weight, target, bias = _problem((5,), 6, LOOPED_CLASSES, ignored=[3], device=device)
     target[0] = LOOPED_CLASSES - 1  # in the partial last block
-    _compare(x, weight, target, bias, dtype, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=4.0,
-             chunk_size=2)
+    _compare(
+        x, weight, target, bias, dtype, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=4.0, chunk_size=2
+    )
 
 
 # ---- the module and the patch hook (run once the lead has wired them) ----
@@ -417,8 +503,8 @@ def test_module_matches_functional(device):
     module = gnn.LinearCrossEntropyLoss(reduction="sum", label_smoothing=0.1, z_loss=1e-3, softcap=5.0, chunk_size=3)
     torch.testing.assert_close(
         module(x, weight, target, bias),
-        linear_cross_entropy(x, weight, target, bias, reduction="sum", label_smoothing=0.1, z_loss=1e-3,
-                             softcap=5.0))
+        linear_cross_entropy(x, weight, target, bias, reduction="sum", label_smoothing=0.1, z_loss=1e-3, softcap=5.0),
+    )
     assert "softcap=5.0" in repr(module)
 
 
@@ -444,11 +530,14 @@ def test_patch_fuses_the_head_with_the_loss():
 
 
 @wired
-@pytest.mark.parametrize("head, loss, error, match", [
-    ("1", torch.nn.CrossEntropyLoss(), TypeError, "head"),
-    ("2", torch.nn.CrossEntropyLoss(weight=torch.ones(11)), ValueError, "class weights"),
-    ("2", torch.nn.MSELoss(), TypeError, "loss"),
-])
+@pytest.mark.parametrize(
+    "head, loss, error, match",
+    [
+        ("1", torch.nn.CrossEntropyLoss(), TypeError, "head"),
+        ("2", torch.nn.CrossEntropyLoss(weight=torch.ones(11)), ValueError, "class weights"),
+        ("2", torch.nn.MSELoss(), TypeError, "loss"),
+    ],
+)
 def test_patch_refuses_what_it_cannot_fuse(head, loss, error, match):
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 11))
     with pytest.raises(error, match=match):

@@ -28,10 +28,22 @@ def _backend_kernels():
 def test_every_op_is_declared():
     assert {"dropout_fwd", "batch_norm_fwd", "batch_norm_bwd"} <= set(OPS)
     assert {"linear_act_fwd", "linear_act_bwd", "adamw_step_"} <= set(OPS)
-    assert {"layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd",
-            "gated_act_fwd", "gated_act_bwd"} <= set(OPS)
-    assert {"cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_probs_fwd", "cross_entropy_probs_bwd",
-            "linear_cross_entropy_fwd", "linear_cross_entropy_bwd"} <= set(OPS)
+    assert {
+        "layer_norm_fwd",
+        "layer_norm_bwd",
+        "rms_norm_fwd",
+        "rms_norm_bwd",
+        "gated_act_fwd",
+        "gated_act_bwd",
+    } <= set(OPS)
+    assert {
+        "cross_entropy_fwd",
+        "cross_entropy_bwd",
+        "cross_entropy_probs_fwd",
+        "cross_entropy_probs_bwd",
+        "linear_cross_entropy_fwd",
+        "linear_cross_entropy_bwd",
+    } <= set(OPS)
 
 
 @pytest.mark.parametrize("op,backend", list(_backend_kernels()))
@@ -42,10 +54,14 @@ def test_backend_meets_the_kernel_contract(op: KernelOp, backend: str):
     kernel = getattr(module, op.name, None)
     assert callable(kernel), f"backend {backend!r} has no kernel {op.name!r}"
     outputs = len(op.custom_op._opoverload._schema.returns)
-    params = [p for p in inspect.signature(kernel).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    assert len(params) == len(op.kernel_inputs) + outputs, \
+    params = [
+        p
+        for p in inspect.signature(kernel).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    assert len(params) == len(op.kernel_inputs) + outputs, (
         f"{backend}.{op.family}.{op.name}{inspect.signature(kernel)}: want {op.kernel_inputs} + {outputs} output(s)"
+    )
 
 
 def _dropout_reference(x, p=0.3, seed=5):
@@ -58,21 +74,31 @@ def _dropout_reference(x, p=0.3, seed=5):
 FORWARD_BACKWARD = {
     "layer_norm": (lambda x: gk.layer_norm(x, (x.shape[-1],)), lambda x: F.layer_norm(x, (x.shape[-1],))),
     "dropout": (lambda x: gk.dropout(x, 0.3, seed=5), _dropout_reference),
-    "batch_norm": (lambda x: gk.batch_norm(x, None, None, training=True),
-                   lambda x: F.batch_norm(x, None, None, training=True)),
+    "batch_norm": (
+        lambda x: gk.batch_norm(x, None, None, training=True),
+        lambda x: F.batch_norm(x, None, None, training=True),
+    ),
     "rms_norm": (lambda x: gk.rms_norm(x, (x.shape[-1],)), lambda x: F.rms_norm(x, (x.shape[-1],))),
     "swiglu": (lambda x: gk.swiglu(x, x.flip(-1)), lambda x: F.silu(x) * x.flip(-1)),
     "geglu": (lambda x: gk.geglu(x, x.flip(-1)), lambda x: F.gelu(x) * x.flip(-1)),
     # weight and bias cut from x: its grad takes dx, dweight and dbias
-    "linear_act": (lambda x: gk.linear_act(x, x[:4], x[-1, :4], "gelu"),
-                   lambda x: F.gelu(F.linear(x, x[:4], x[-1, :4]))),
-    "cross_entropy": (lambda x: gk.cross_entropy(x, torch.tensor([0, 32, 5, -100, 17, 1]), label_smoothing=0.1),
-                      lambda x: F.cross_entropy(x, torch.tensor([0, 32, 5, -100, 17, 1]), label_smoothing=0.1)),
+    "linear_act": (
+        lambda x: gk.linear_act(x, x[:4], x[-1, :4], "gelu"),
+        lambda x: F.gelu(F.linear(x, x[:4], x[-1, :4])),
+    ),
+    "cross_entropy": (
+        lambda x: gk.cross_entropy(x, torch.tensor([0, 32, 5, -100, 17, 1]), label_smoothing=0.1),
+        lambda x: F.cross_entropy(x, torch.tensor([0, 32, 5, -100, 17, 1]), label_smoothing=0.1),
+    ),
     # class probabilities cut from x: its grad takes the target's too
-    "cross_entropy_probs": (lambda x: gk.cross_entropy(x, x.flip(-1).softmax(-1), label_smoothing=0.1),
-                            lambda x: F.cross_entropy(x, x.flip(-1).softmax(-1), label_smoothing=0.1)),
-    "linear_cross_entropy": (lambda x: gk.linear_cross_entropy(x, x[:5], torch.tensor([0, 4, 2, -100, 1, 3])),
-                             lambda x: F.cross_entropy(F.linear(x, x[:5]), torch.tensor([0, 4, 2, -100, 1, 3]))),
+    "cross_entropy_probs": (
+        lambda x: gk.cross_entropy(x, x.flip(-1).softmax(-1), label_smoothing=0.1),
+        lambda x: F.cross_entropy(x, x.flip(-1).softmax(-1), label_smoothing=0.1),
+    ),
+    "linear_cross_entropy": (
+        lambda x: gk.linear_cross_entropy(x, x[:5], torch.tensor([0, 4, 2, -100, 1, 3])),
+        lambda x: F.cross_entropy(F.linear(x, x[:5]), torch.tensor([0, 4, 2, -100, 1, 3])),
+    ),
 }
 
 

@@ -16,8 +16,8 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 import gpukernels as gk
-from gpukernels.optim import AdamW, clip_grad_norm_, warmup_cosine
 from gpukernels.ops.adamw import adamw_step_
+from gpukernels.optim import AdamW, clip_grad_norm_, warmup_cosine
 from helpers import TOLERANCES, assert_matches, rel_err
 
 OP = "adamw"  # conftest's device fixture skips backends without these kernels
@@ -48,8 +48,10 @@ def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int)
 
 
 def _split_groups(model: torch.nn.Module) -> list[dict]:
-    return [{"params": model[0].parameters(), "lr": 3e-3, "weight_decay": 0.0},
-            {"params": model[2].parameters(), "lr": 1e-3, "betas": (0.8, 0.99)}]
+    return [
+        {"params": model[0].parameters(), "lr": 3e-3, "weight_decay": 0.0},
+        {"params": model[2].parameters(), "lr": 1e-3, "betas": (0.8, 0.99)},
+    ]
 
 
 CONFIGS = {
@@ -127,8 +129,16 @@ def test_beta1_zero_makes_exp_avg_the_last_grad_exactly(device):
         assert torch.equal(optimizer.state[param]["exp_avg"], param.grad)
 
 
-def _reference_adamw(param: torch.Tensor, grads: list[torch.Tensor], lr: float, betas: tuple[float, float],
-                     eps: float, weight_decay: float, amsgrad: bool, maximize: bool):
+def _reference_adamw(
+    param: torch.Tensor,
+    grads: list[torch.Tensor],
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+):
     """SPEC.md's update in float64, the param rounded to its dtype after each step."""
     beta1, beta2 = betas
     p = param.double()
@@ -188,8 +198,9 @@ def test_one_op_call_per_device_dtype_bucket(monkeypatch):
     monkeypatch.setattr(gk.optim, "adamw_step_", counting_op)
     fp32, bf16 = _model(), _model(torch.bfloat16)
     frozen = torch.nn.Parameter(torch.ones(3))
-    optimizer = AdamW([{"params": [*fp32.parameters(), *bf16[0].parameters(), frozen]},
-                       {"params": bf16[2].parameters()}])
+    optimizer = AdamW(
+        [{"params": [*fp32.parameters(), *bf16[0].parameters(), frozen]}, {"params": bf16[2].parameters()}]
+    )
     for model in (fp32, bf16):
         model(torch.randn(2, 17, dtype=next(model.parameters()).dtype)).sum().backward()
     optimizer.step()
@@ -197,8 +208,9 @@ def test_one_op_call_per_device_dtype_bucket(monkeypatch):
     assert frozen.grad is None and torch.equal(frozen, torch.ones(3)) and frozen not in optimizer.state
 
 
-@pytest.mark.parametrize("first, second", [(AdamW, torch.optim.AdamW), (torch.optim.AdamW, AdamW)],
-                         ids=["ours_to_torch", "torch_to_ours"])
+@pytest.mark.parametrize(
+    "first, second", [(AdamW, torch.optim.AdamW), (torch.optim.AdamW, AdamW)], ids=["ours_to_torch", "torch_to_ours"]
+)
 def test_state_dict_moves_between_torch_and_ours(device, first, second):
     options = dict(lr=3e-3, weight_decay=0.1, amsgrad=True)
     model, uninterrupted_model = _model(device=device), _model(device=device)
@@ -261,18 +273,32 @@ def _op_inputs(dtype: torch.dtype, amsgrad: bool, device: torch.device | str = "
     shapes = [(3,), (4, 5), (0,), (1, 17), (2, 1100)]
 
     def tensors(dt: torch.dtype, positive: bool = False) -> list[torch.Tensor]:
-        return [(torch.rand(s, generator=g) if positive else torch.randn(s, generator=g)).to(device, dt)
-                for s in shapes]
+        return [
+            (torch.rand(s, generator=g) if positive else torch.randn(s, generator=g)).to(device, dt) for s in shapes
+        ]
 
     steps = [torch.tensor(float(k), dtype=torch.float32, device=device) for k in range(len(shapes))]
-    return [tensors(dtype), tensors(dtype), tensors(state_dtype), tensors(state_dtype, True),
-            tensors(state_dtype, True) if amsgrad else [], steps,
-            torch.tensor(1e-2, dtype=torch.float64, device=device), 0.9, 0.999, 1e-8, 0.1, amsgrad]
+    return [
+        tensors(dtype),
+        tensors(dtype),
+        tensors(state_dtype),
+        tensors(state_dtype, True),
+        tensors(state_dtype, True) if amsgrad else [],
+        steps,
+        torch.tensor(1e-2, dtype=torch.float64, device=device),
+        0.9,
+        0.999,
+        1e-8,
+        0.1,
+        amsgrad,
+    ]
 
 
 def _cpu_copy(args: list) -> list:
-    return [[t.cpu().clone() for t in a] if isinstance(a, list) else a.cpu().clone() if isinstance(a, torch.Tensor)
-            else a for a in args]
+    return [
+        [t.cpu().clone() for t in a] if isinstance(a, list) else a.cpu().clone() if isinstance(a, torch.Tensor) else a
+        for a in args
+    ]
 
 
 def _assert_op_results_equal(ours: list, theirs: list) -> None:
@@ -291,8 +317,9 @@ def _assert_op_results_equal(ours: list, theirs: list) -> None:
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_opcheck(device, dtype, amsgrad, maximize):
-    torch.library.opcheck(adamw_step_.custom_op, (*_op_inputs(dtype, amsgrad, device), maximize,
-                                                  gk.backend_name(device)))
+    torch.library.opcheck(
+        adamw_step_.custom_op, (*_op_inputs(dtype, amsgrad, device), maximize, gk.backend_name(device))
+    )
 
 
 def test_op_compiles_without_graph_breaks(device):
@@ -323,9 +350,9 @@ def test_op_matches_numpy_backend_on_any_memory_layout(device, dtype):
     _skip_unless_kernel_under_test(device)
     args = _op_inputs(dtype, amsgrad=True, device=device)
     channels_last = torch.randn(2, 3, 4, 5).to(device, dtype).contiguous(memory_format=torch.channels_last)
-    args[0][1] = args[0][1].t().contiguous().t()                   # (4, 5) with strides (1, 4)
-    args[2][1] = args[2][1].t().contiguous().t()                   # its exp_avg too, its grad not
-    args[0][4] = torch.randn(2, 2200).to(device, dtype)[:, ::2]    # does not fill its memory
+    args[0][1] = args[0][1].t().contiguous().t()  # (4, 5) with strides (1, 4)
+    args[2][1] = args[2][1].t().contiguous().t()  # its exp_avg too, its grad not
+    args[0][4] = torch.randn(2, 2200).to(device, dtype)[:, ::2]  # does not fill its memory
     args[3][4] = args[3][4].t().contiguous().t()
     for column, positive in zip(args[:5], (False, False, False, True, True)):
         like = channels_last if column is args[0] else torch.randn(2, 3, 4, 5).to(device, column[0].dtype)
@@ -467,19 +494,22 @@ def test_op_rejects_inconsistent_lists(spoil, match):
         adamw_step_(*args, False)
 
 
-@pytest.mark.parametrize("options, match", [
-    (dict(lr=-1e-3), "lr"),
-    (dict(lr=float("nan")), "lr"),
-    (dict(lr=float("inf")), "lr"),
-    (dict(lr=torch.tensor([1e-3, 1e-3])), "lr"),
-    (dict(eps=-1e-8), "eps"),
-    (dict(betas=(1.0, 0.999)), r"betas\[0\]"),
-    (dict(betas=(-0.1, 0.999)), r"betas\[0\]"),
-    (dict(betas=(0.9, 1.5)), r"betas\[1\]"),
-    (dict(betas=(0.9,)), "betas"),
-    (dict(weight_decay=-0.01), "weight_decay"),
-    (dict(weight_decay=float("inf")), "weight_decay"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(lr=-1e-3), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(lr=float("inf")), "lr"),
+        (dict(lr=torch.tensor([1e-3, 1e-3])), "lr"),
+        (dict(eps=-1e-8), "eps"),
+        (dict(betas=(1.0, 0.999)), r"betas\[0\]"),
+        (dict(betas=(-0.1, 0.999)), r"betas\[0\]"),
+        (dict(betas=(0.9, 1.5)), r"betas\[1\]"),
+        (dict(betas=(0.9,)), "betas"),
+        (dict(weight_decay=-0.01), "weight_decay"),
+        (dict(weight_decay=float("inf")), "weight_decay"),
+    ],
+)
 def test_bad_hyperparameters(options, match):
     with pytest.raises(ValueError, match=match):
         AdamW(_model().parameters(), **options)
@@ -508,8 +538,9 @@ def _sequential_lr(optimizer, warmup, total, min_lr):
     if warmup == 0:
         return CosineAnnealingLR(optimizer, T_max=total, eta_min=min_lr)
     warmup_lr = LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1)
-    return SequentialLR(optimizer, [warmup_lr, CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=min_lr)],
-                        milestones=[warmup])
+    return SequentialLR(
+        optimizer, [warmup_lr, CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=min_lr)], milestones=[warmup]
+    )
 
 
 def _lrs(optimizer, scheduler, steps: int) -> list[list[float]]:
@@ -522,17 +553,22 @@ def _lrs(optimizer, scheduler, steps: int) -> list[list[float]]:
 
 
 def _two_group_sgd(lr0: float | torch.Tensor = 0.1) -> torch.optim.Optimizer:
-    return torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr0},
-                            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.03}])
+    return torch.optim.SGD(
+        [
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr0},
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.03},
+        ]
+    )
 
 
-@pytest.mark.parametrize("warmup, total, min_lr", [(5, 20, 0.0), (3, 50, 1e-4), (10, 11, 1e-3), (1, 10, 0.0),
-                                                   (0, 12, 2e-3)])
+@pytest.mark.parametrize(
+    "warmup, total, min_lr", [(5, 20, 0.0), (3, 50, 1e-4), (10, 11, 1e-3), (1, 10, 0.0), (0, 12, 2e-3)]
+)
 def test_warmup_cosine_matches_sequential_lr(warmup, total, min_lr):
     ours_opt, theirs_opt = _two_group_sgd(), _two_group_sgd()
     ours = _lrs(ours_opt, warmup_cosine(ours_opt, warmup, total, min_lr), total + 5)
     theirs = _lrs(theirs_opt, _sequential_lr(theirs_opt, warmup, total, min_lr), total + 1)
-    torch.testing.assert_close(ours[:total + 1], theirs, rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(ours[: total + 1], theirs, rtol=1e-9, atol=1e-15)
     assert ours[total:] == [[min_lr, min_lr]] * 5
     assert ours[0] == ([0.1 / warmup, 0.03 / warmup] if warmup else [0.1, 0.03])
 
@@ -546,10 +582,18 @@ def test_warmup_cosine_fills_a_tensor_lr_in_place():
     torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=0.0)  # lr is fp32 here
 
 
-@pytest.mark.parametrize("args, match", [
-    ((-1, 10), "warmup_steps"), ((2.5, 10), "warmup_steps"), ((5, 5), "total_steps"), ((5, 3), "total_steps"),
-    ((0, 0), "total_steps"), ((2, 10, -1e-3), "min_lr"), ((2, 10, float("nan")), "min_lr"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((-1, 10), "warmup_steps"),
+        ((2.5, 10), "warmup_steps"),
+        ((5, 5), "total_steps"),
+        ((5, 3), "total_steps"),
+        ((0, 0), "total_steps"),
+        ((2, 10, -1e-3), "min_lr"),
+        ((2, 10, float("nan")), "min_lr"),
+    ],
+)
 def test_warmup_cosine_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         warmup_cosine(_two_group_sgd(), *args)
@@ -558,9 +602,16 @@ def test_warmup_cosine_bad_arguments(args, match):
 def _params_with_grads(with_grads: bool = True) -> list[torch.nn.Parameter]:
     """Mixed dtypes, one param without a grad."""
     g = torch.Generator().manual_seed(4)
-    params = [torch.nn.Parameter(torch.randn(shape, generator=g).to(dtype))
-              for shape, dtype in [((17, 3), torch.float32), ((5,), torch.float64), ((33,), torch.bfloat16),
-                                   ((4, 4), torch.float32), ((2,), torch.float32)]]
+    params = [
+        torch.nn.Parameter(torch.randn(shape, generator=g).to(dtype))
+        for shape, dtype in [
+            ((17, 3), torch.float32),
+            ((5,), torch.float64),
+            ((33,), torch.bfloat16),
+            ((4, 4), torch.float32),
+            ((2,), torch.float32),
+        ]
+    ]
     for p in params[:-1] if with_grads else []:
         p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
     return params

@@ -14,13 +14,20 @@ from gpukernels import nn as gnn
 def _mlp():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(8, 16), nn.ReLU(),
-        nn.Linear(16, 16), nn.GELU(),
-        nn.Linear(16, 16), nn.GELU(approximate="tanh"),
-        nn.Linear(16, 16), nn.SiLU(),
-        nn.LayerNorm(16), nn.Dropout(0.0),
-        nn.Linear(16, 16), nn.Tanh(),          # not a supported activation: left
-        nn.Linear(16, 16), nn.BatchNorm1d(16),  # not followed by an activation: left
+        nn.Linear(8, 16),
+        nn.ReLU(),
+        nn.Linear(16, 16),
+        nn.GELU(),
+        nn.Linear(16, 16),
+        nn.GELU(approximate="tanh"),
+        nn.Linear(16, 16),
+        nn.SiLU(),
+        nn.LayerNorm(16),
+        nn.Dropout(0.0),
+        nn.Linear(16, 16),
+        nn.Tanh(),  # not a supported activation: left
+        nn.Linear(16, 16),
+        nn.BatchNorm1d(16),  # not followed by an activation: left
         nn.Linear(16, 4),
     )
 
@@ -65,8 +72,15 @@ def test_every_supported_pattern_swapped_and_rest_reported():
     model = _mlp()
     report = gk.patch(model)
     swapped = {name: new for name, _, new in report.swapped}
-    assert swapped == {"0": "LinearAct", "2": "LinearAct", "4": "LinearAct", "6": "LinearAct", "8": "LayerNorm",
-                       "9": "Dropout", "13": "BatchNorm1d"}
+    assert swapped == {
+        "0": "LinearAct",
+        "2": "LinearAct",
+        "4": "LinearAct",
+        "6": "LinearAct",
+        "8": "LayerNorm",
+        "9": "Dropout",
+        "13": "BatchNorm1d",
+    }
     assert [model[i].activation for i in (0, 2, 4, 6)] == ["relu", "gelu", "gelu_tanh", "silu"]
     assert all(type(model[i]) is nn.Identity for i in (1, 3, 5, 7))
     left = {name: why for name, _, why in report.left}
@@ -238,8 +252,10 @@ def test_a_submodule_that_does_not_trace_leaves_the_rest_of_the_forward_traced()
     report = gk.patch(model)
     assert type(model.fc1) is gnn.LinearAct and type(model.act) is nn.Identity
     left = {name: why for name, _, why in report.left}
-    assert left["attn.qkv"] == ("the forward of attn did not trace "
-                                "(TraceError: symbolically traced variables cannot be used as inputs to control flow)")
+    assert left["attn.qkv"] == (
+        "the forward of attn did not trace "
+        "(TraceError: symbolically traced variables cannot be used as inputs to control flow)"
+    )
     torch.testing.assert_close(model(x), expected)
 
 
@@ -299,9 +315,11 @@ def test_rms_norm_is_swapped():
 
 
 def test_patch_imports_neither_transformers_nor_timm():
-    code = ("import sys, torch, gpukernels as gk; "
-            "gk.patch(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.LayerNorm(2))); "
-            "print(sorted(m for m in ('transformers', 'timm') if m in sys.modules))")
+    code = (
+        "import sys, torch, gpukernels as gk; "
+        "gk.patch(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.LayerNorm(2))); "
+        "print(sorted(m for m in ('transformers', 'timm') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -414,8 +432,9 @@ def test_timm_fast_norm_is_left_with_its_reason(timm_norm):
     model = nn.Sequential(timm_norm.LayerNorm(8))
     report = gk.patch(model)
     assert type(model[0]) is timm_norm.LayerNorm
-    assert report.left == [("0", "LayerNorm", "timm's fast norm is on: it computes in the autocast dtype "
-                                              "(or with apex)")]
+    assert report.left == [
+        ("0", "LayerNorm", "timm's fast norm is on: it computes in the autocast dtype (or with apex)")
+    ]
 
 
 def test_torch_activations_no_linear_feeds_are_not_reported():

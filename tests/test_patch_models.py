@@ -24,34 +24,86 @@ activations = pytest.importorskip("transformers.activations")
 gk_patch = importlib.import_module("gpukernels.patch")  # the module: gk.patch is the function
 
 VOCAB, HIDDEN, SEQ, BATCH = 96, 16, 7, 2  # no hidden width equals VOCAB: the logits stand out
-_DECODER = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, intermediate_size=32, max_position_embeddings=32, bos_token_id=0,
-                eos_token_id=0, pad_token_id=0)
+_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=32,
+    max_position_embeddings=32,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
 
 
 def _gpt2():
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=HIDDEN,
+            n_layer=2,
+            n_head=2,
+            n_positions=32,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
 
 
 def _bert():
-    return transformers.BertLMHeadModel(transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, is_decoder=True))
+    return transformers.BertLMHeadModel(
+        transformers.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            is_decoder=True,
+        )
+    )
 
 
 def _vit():
-    return transformers.ViTForImageClassification(transformers.ViTConfig(
-        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=8,
-        patch_size=4, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return transformers.ViTForImageClassification(
+        transformers.ViTConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=8,
+            patch_size=4,
+            num_labels=3,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 def _opt():
-    return transformers.OPTForCausalLM(transformers.OPTConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
-        word_embed_proj_dim=HIDDEN, max_position_embeddings=32, dropout=0.0, attention_dropout=0.0,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    return transformers.OPTForCausalLM(
+        transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            ffn_dim=32,
+            word_embed_proj_dim=HIDDEN,
+            max_position_embeddings=32,
+            dropout=0.0,
+            attention_dropout=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
 
 
 def _decoder(model: str, config: str, **options):
@@ -85,8 +137,10 @@ def _build(name: str, dtype=torch.float32) -> nn.Module:
 def _batch(name: str, dtype=torch.float32) -> dict:
     generator = torch.Generator().manual_seed(1)
     if name == "vit":
-        return dict(pixel_values=torch.randn(BATCH, 3, 8, 8, generator=generator, dtype=dtype),
-                    labels=torch.randint(0, 3, (BATCH,), generator=generator))
+        return dict(
+            pixel_values=torch.randn(BATCH, 3, 8, 8, generator=generator, dtype=dtype),
+            labels=torch.randint(0, 3, (BATCH,), generator=generator),
+        )
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
     labels = ids.clone()
     labels[0, :2] = -100
@@ -146,8 +200,11 @@ def test_report_lists_every_norm_mlp_activation_and_the_loss(name):
     if name in CAUSAL:
         assert swapped["loss_function"] == ("loss_function", "ForCausalLMLoss", "CrossEntropyLoss")
     else:
-        assert ("loss_function", "ViTForImageClassification", "not one of the causal LMs whose loss patch swaps") \
-            in report.left
+        assert (
+            "loss_function",
+            "ViTForImageClassification",
+            "not one of the causal LMs whose loss patch swaps",
+        ) in report.left
     if name == "llama-relu":  # no gated op for relu: the MLP stays and its gate_proj fuses with the ReLU
         assert [why for n, _, why in report.left if n == "model.layers.0.mlp"] == ["act_fn is relu: no gated op for it"]
         assert swapped["model.layers.0.mlp.gate_proj"][1:] == ("Linear+ReLU", "LinearAct")
@@ -156,8 +213,9 @@ def test_report_lists_every_norm_mlp_activation_and_the_loss(name):
     assert all(left.values())
     attention_maps = [n for n in left if n.endswith(("q_proj", "qkv_proj", "query", "c_attn"))]
     assert attention_maps and all("did not trace (" in left[n] for n in attention_maps)
-    assert f"swapped {len(report.swapped)} module(s) ({', '.join(f'{k} {v}' for k, v in counts.items())})" \
-        in str(report)
+    assert f"swapped {len(report.swapped)} module(s) ({', '.join(f'{k} {v}' for k, v in counts.items())})" in str(
+        report
+    )
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -169,8 +227,9 @@ def test_outputs_and_gradients_match_the_unpatched_model_fp32(name):
     batch = _batch(name)
     loss, logits, grads = _step(model, batch)
     loss_theirs, logits_theirs, grads_theirs = _step(original, batch)
-    loss_ref, logits_ref, grads_ref = _step(reference, _batch(name, torch.float64),
-                                            lambda out: _reference_loss(name, out, batch["labels"]))
+    loss_ref, logits_ref, grads_ref = _step(
+        reference, _batch(name, torch.float64), lambda out: _reference_loss(name, out, batch["labels"])
+    )
     assert loss.dtype == loss_theirs.dtype == torch.float32
     assert_matches(loss, loss_theirs, loss_ref)
     assert_matches(logits, logits_theirs, logits_ref)
@@ -185,11 +244,13 @@ def _norms_in_fp64(model: nn.Module) -> nn.Module:
     fp64 model is not an fp64 reference until they do not."""
     for module in model.modules():
         if type(module).__name__ == "GemmaRMSNorm":
-            module.forward = lambda x, m=module: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) \
-                * (1 + m.weight)
+            module.forward = lambda x, m=module: (
+                x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) * (1 + m.weight)
+            )
         elif type(module).__name__.endswith("RMSNorm"):
-            module.forward = lambda x, m=module: m.weight * x * torch.rsqrt(
-                x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+            module.forward = lambda x, m=module: (
+                m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+            )
     return model
 
 
@@ -217,8 +278,9 @@ def test_outputs_and_gradients_bf16_as_close_to_fp64_as_the_unpatched_model(name
     reference = _norms_in_fp64(copy.deepcopy(original).double())
     batch = _batch(name, torch.bfloat16)
     weights = torch.randn_like(original(**_without_labels(batch)).logits)
-    ours, theirs, exact = (_step(m, batch, lambda out: (out * weights.to(out.dtype)).sum())
-                           for m in (model, original, reference))
+    ours, theirs, exact = (
+        _step(m, batch, lambda out: (out * weights.to(out.dtype)).sum()) for m in (model, original, reference)
+    )
     assert_matches(ours[1], theirs[1], exact[1])
     for key in ours[2]:
         assert_matches(ours[2][key], theirs[2][key], exact[2][key])
@@ -293,8 +355,9 @@ def test_fused_loss_matches_without_the_logits(name):
     batch = _batch(name)
     loss, logits, grads = _step(model, batch)
     loss_theirs, _, grads_theirs = _step(original, batch)
-    loss_ref, _, grads_ref = _step(copy.deepcopy(original).double(), batch,
-                                   lambda out: _reference_loss(name, out, batch["labels"]))
+    loss_ref, _, grads_ref = _step(
+        copy.deepcopy(original).double(), batch, lambda out: _reference_loss(name, out, batch["labels"])
+    )
     assert logits is None and loss.dtype == torch.float32
     assert_matches(loss, loss_theirs, loss_ref)
     for key in grads:
@@ -312,8 +375,11 @@ def test_loss_options_of_transformers_are_kept(loss):
     model = copy.deepcopy(original)
     gk.patch(model, loss=loss)
     batch = _batch("llama")
-    for extra in (dict(num_items_in_batch=torch.tensor(9)), dict(num_items_in_batch=5),
-                  dict(shift_labels=batch["labels"].roll(1, dims=1))):
+    for extra in (
+        dict(num_items_in_batch=torch.tensor(9)),
+        dict(num_items_in_batch=5),
+        dict(shift_labels=batch["labels"].roll(1, dims=1)),
+    ):
         ours, theirs = model(**batch, **extra), original(**batch, **extra)
         torch.testing.assert_close(ours.loss, theirs.loss)
     ours, theirs = model(**batch, return_dict=False), original(**batch, return_dict=False)
@@ -375,9 +441,15 @@ def test_every_transformers_rule_is_checked_against_its_class():
     assert transformers.pytorch_utils.Conv1D in classes
 
 
-@pytest.mark.parametrize("name", [n for n in gk_patch._TRANSFORMERS_ACTIVATIONS
-                                  if getattr(activations, n, None) and getattr(activations, n).__name__ == n]
-                         + ["gelu_python", "gelu_python_tanh"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        n
+        for n in gk_patch._TRANSFORMERS_ACTIVATIONS
+        if getattr(activations, n, None) and getattr(activations, n).__name__ == n
+    ]
+    + ["gelu_python", "gelu_python_tanh"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_each_transformers_activation_fuses_with_the_same_math(name, dtype):
     act = activations.ACT2FN[name] if name in activations.ACT2CLS else getattr(activations, name)()
@@ -389,8 +461,9 @@ def test_each_transformers_activation_fuses_with_the_same_math(name, dtype):
     x = torch.randn(5, 6, dtype=dtype) * 3
     # the math claimed, in fp64: FastGELU's 10-digit sqrt(2/pi) shows at 1e-12
     reference = copy.deepcopy(original).double()
-    reference[1] = {"relu": nn.ReLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"),
-                    "silu": nn.SiLU()}[model[0].activation]
+    reference[1] = {"relu": nn.ReLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "silu": nn.SiLU()}[
+        model[0].activation
+    ]
     out, out_theirs, out_exact = model(x), original(x), reference(x.double())
     assert_matches(out, out_theirs, out_exact)
     for m, y in ((model, out), (original, out_theirs), (reference, out_exact)):
@@ -399,8 +472,9 @@ def test_each_transformers_activation_fuses_with_the_same_math(name, dtype):
         assert_matches(a.grad, b.grad, c.grad)
 
 
-@pytest.mark.parametrize("name, math", [("QuickGELUActivation", "x * sigmoid(1.702 x)"),
-                                        ("LinearActivation", "the identity")])
+@pytest.mark.parametrize(
+    "name, math", [("QuickGELUActivation", "x * sigmoid(1.702 x)"), ("LinearActivation", "the identity")]
+)
 def test_activation_with_other_math_is_left_with_its_reason(name, math):
     model = nn.Sequential(nn.Linear(4, 4), getattr(activations, name)())
     report = gk.patch(model)

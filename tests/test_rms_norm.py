@@ -6,15 +6,21 @@ import torch.nn.functional as F
 
 import gpukernels as gk
 from gpukernels.ops.rms_norm import rms_norm_bwd, rms_norm_fwd
-
 from helpers import TOLERANCES, assert_matches
 
 OP = "rms_norm"  # conftest's device fixture skips backends without these kernels
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-SHAPES = [((4, 1), (1,)), ((3, 3), (3,)), ((2, 5, 17), (17,)), ((6, 1000), (1000,)), ((2, 4097), (4097,)),
-          ((2, 3, 4, 5), (4, 5)), ((0, 17), (17,)),
-          ((3, 9000), (9000,))]  # wider than one Triton block: the looped kernels
+SHAPES = [
+    ((4, 1), (1,)),
+    ((3, 3), (3,)),
+    ((2, 5, 17), (17,)),
+    ((6, 1000), (1000,)),
+    ((2, 4097), (4097,)),
+    ((2, 3, 4, 5), (4, 5)),
+    ((0, 17), (17,)),
+    ((3, 9000), (9000,)),
+]  # wider than one Triton block: the looped kernels
 # (offset, cast_before_weight) of transformers' RMSNorm classes
 LLAMA = dict(cast_before_weight=True)
 GEMMA = dict(offset=1.0)
@@ -28,8 +34,11 @@ def _stats(dtype: torch.dtype) -> torch.dtype:
 def _inputs(shape, norm_shape, dtype, weight=True, seed=0, device="cpu", weight_dtype=None, weight_scale=1.0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).to(device, dtype)
-    w = (torch.randn(norm_shape, generator=g, dtype=torch.float64) * weight_scale).to(device, weight_dtype or dtype) \
-        if weight else None
+    w = (
+        (torch.randn(norm_shape, generator=g, dtype=torch.float64) * weight_scale).to(device, weight_dtype or dtype)
+        if weight
+        else None
+    )
     dy = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
     return x, w, dy
 
@@ -139,10 +148,16 @@ def test_result_dtypes_with_a_float32_weight(device, variant):
 
 
 # (module, class, the variant that reproduces it): every RMSNorm of these models is Llama's or Gemma's
-TRANSFORMERS_CLASSES = [("llama", "LlamaRMSNorm", "llama"), ("qwen2", "Qwen2RMSNorm", "llama"),
-                        ("qwen3", "Qwen3RMSNorm", "llama"), ("mistral", "MistralRMSNorm", "llama"),
-                        ("phi3", "Phi3RMSNorm", "llama"), ("gemma", "GemmaRMSNorm", "gemma"),
-                        ("gemma2", "Gemma2RMSNorm", "gemma"), ("gemma3", "Gemma3RMSNorm", "gemma")]
+TRANSFORMERS_CLASSES = [
+    ("llama", "LlamaRMSNorm", "llama"),
+    ("qwen2", "Qwen2RMSNorm", "llama"),
+    ("qwen3", "Qwen3RMSNorm", "llama"),
+    ("mistral", "MistralRMSNorm", "llama"),
+    ("phi3", "Phi3RMSNorm", "llama"),
+    ("gemma", "GemmaRMSNorm", "gemma"),
+    ("gemma2", "Gemma2RMSNorm", "gemma"),
+    ("gemma3", "Gemma3RMSNorm", "gemma"),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -154,8 +169,10 @@ def test_reproduces_the_transformers_classes(device, model, name, variant, dtype
     d = 600
     norm = getattr(importlib.import_module(f"transformers.models.{model}.modeling_{model}"), name)(d, eps=1e-5)
     with torch.no_grad():  # Gemma's weights sit around 0 (its scale is 1 + weight), Llama's around 1
-        norm.weight.copy_(torch.randn(d, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.1
-                          + (0.0 if variant == "gemma" else 1.0))
+        norm.weight.copy_(
+            torch.randn(d, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.1
+            + (0.0 if variant == "gemma" else 1.0)
+        )
     norm.to(device, dtype)
     eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
     x, _, dy = _inputs((12, d), (d,), dtype, device=device)
@@ -178,26 +195,35 @@ def test_non_contiguous_input(device):
     torch.testing.assert_close(gk.rms_norm(x, (17,), w), F.rms_norm(x, (17,), w), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kwargs,weight,norm_shape", [
-    pytest.param({}, False, (3,), id="no-weight"), pytest.param({}, True, (2, 3), id="plain-2d"),
-    pytest.param(GEMMA, True, (3,), id="gemma"), pytest.param(LLAMA, True, (2, 3), id="llama-2d"),
-    pytest.param(dict(offset=0.5, cast_before_weight=True), True, (3,), id="offset-and-cast")])
+@pytest.mark.parametrize(
+    "kwargs,weight,norm_shape",
+    [
+        pytest.param({}, False, (3,), id="no-weight"),
+        pytest.param({}, True, (2, 3), id="plain-2d"),
+        pytest.param(GEMMA, True, (3,), id="gemma"),
+        pytest.param(LLAMA, True, (2, 3), id="llama-2d"),
+        pytest.param(dict(offset=0.5, cast_before_weight=True), True, (3,), id="offset-and-cast"),
+    ],
+)
 def test_gradcheck(device, kwargs, weight, norm_shape):
     x, w, _ = _inputs((2, 2, 3), norm_shape, torch.float64, weight, device=device)
     args = [t.requires_grad_() for t in (x, w) if t is not None]
     assert torch.autograd.gradcheck(lambda *a: gk.rms_norm(a[0], norm_shape, *a[1:], eps=1e-3, **kwargs), args)
 
 
-@pytest.mark.parametrize("weight,offset,cast_before_weight", [(True, 0.0, False), (True, 1.0, True),
-                                                              (False, 0.0, False)])
+@pytest.mark.parametrize(
+    "weight,offset,cast_before_weight", [(True, 0.0, False), (True, 1.0, True), (False, 0.0, False)]
+)
 def test_opcheck(device, weight, offset, cast_before_weight):
     x, w, _ = _inputs((5, 17), (17,), torch.float32, weight, device=device, weight_dtype=torch.bfloat16)
     backend = gk.backend_name(device)
     w = w.requires_grad_() if weight else None
     torch.library.opcheck(rms_norm_fwd.custom_op, (x.requires_grad_(), w, 1e-5, offset, cast_before_weight, backend))
     y, rstd = rms_norm_fwd(x.detach(), None if w is None else w.detach(), 1e-5, offset, cast_before_weight)
-    torch.library.opcheck(rms_norm_bwd.custom_op, (torch.randn_like(y), x.detach(), None if w is None else w.detach(),
-                                                   rstd, offset, cast_before_weight, backend))
+    torch.library.opcheck(
+        rms_norm_bwd.custom_op,
+        (torch.randn_like(y), x.detach(), None if w is None else w.detach(), rstd, offset, cast_before_weight, backend),
+    )
 
 
 @pytest.mark.parametrize("kwargs", [{}, dict(offset=1.0, cast_before_weight=True)])
@@ -225,13 +251,22 @@ def test_autocast(device):
     the input's dtype). With offset or cast_before_weight: as without autocast, as the model
     code does (its explicit casts decide)."""
     x, w, _ = _inputs((4, 32), (32,), torch.bfloat16, device=device, weight_dtype=torch.float32)
-    expected = {"plain": gk.rms_norm(x.float(), (32,), w),
-                "llama": gk.rms_norm(x, (32,), w, **LLAMA), "gemma": gk.rms_norm(x, (32,), w, **GEMMA)}
+    expected = {
+        "plain": gk.rms_norm(x.float(), (32,), w),
+        "llama": gk.rms_norm(x, (32,), w, **LLAMA),
+        "gemma": gk.rms_norm(x, (32,), w, **GEMMA),
+    }
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        got = {"plain": gk.rms_norm(x, (32,), w), "llama": gk.rms_norm(x, (32,), w, **LLAMA),
-               "gemma": gk.rms_norm(x, (32,), w, **GEMMA)}
-    assert (got["plain"].dtype, got["llama"].dtype, got["gemma"].dtype) == \
-        (torch.float32, torch.float32, torch.bfloat16)
+        got = {
+            "plain": gk.rms_norm(x, (32,), w),
+            "llama": gk.rms_norm(x, (32,), w, **LLAMA),
+            "gemma": gk.rms_norm(x, (32,), w, **GEMMA),
+        }
+    assert (got["plain"].dtype, got["llama"].dtype, got["gemma"].dtype) == (
+        torch.float32,
+        torch.float32,
+        torch.bfloat16,
+    )
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
 
@@ -239,8 +274,7 @@ def test_autocast(device):
 @pytest.mark.parametrize("normalized_shape,affine,eps", [(8, True, None), ((2, 8), True, 1e-4), (8, False, None)])
 def test_module_is_torch_rmsnorm(device, normalized_shape, affine, eps):
     ours = gk.nn.RMSNorm(normalized_shape, eps=eps, elementwise_affine=affine, device=device, dtype=torch.float64)
-    theirs = torch.nn.RMSNorm(normalized_shape, eps=eps, elementwise_affine=affine, device=device,
-                              dtype=torch.float64)
+    theirs = torch.nn.RMSNorm(normalized_shape, eps=eps, elementwise_affine=affine, device=device, dtype=torch.float64)
     assert isinstance(ours, torch.nn.RMSNorm)
     if affine:
         with torch.no_grad():
@@ -259,20 +293,23 @@ def test_module_is_torch_rmsnorm(device, normalized_shape, affine, eps):
         torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **TOLERANCES[torch.float64])
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda x: gk.rms_norm(x.long(), (8,)), "input must be"),
-    (lambda x: gk.rms_norm(x, (7,)), "normalized_shape"),
-    (lambda x: gk.rms_norm(x, (0,)), "normalized_shape"),
-    (lambda x: gk.rms_norm(x, (4, 4, 8)), "normalized_shape"),
-    (lambda x: gk.rms_norm(x, (8,), torch.ones(7)), "weight must have shape"),
-    (lambda x: gk.rms_norm(x, (8,), torch.ones(8, dtype=torch.int32)), "weight must be"),
-    (lambda x: gk.rms_norm(x, (8,), torch.ones(8, device="meta")), "weight is on meta"),
-    (lambda x: gk.rms_norm(x, (8,), eps=-1.0), "eps must be"),
-    (lambda x: gk.rms_norm(x, (8,), eps=float("nan")), "eps must be finite"),
-    (lambda x: gk.rms_norm(x, (8,), torch.ones(8), offset=float("inf")), "offset must be finite"),
-    (lambda x: gk.rms_norm(x, (8,), offset=1.0), "offset.*needs a weight"),
-    (lambda x: gk.rms_norm(x, (8,), torch.ones(8), cast_before_weight=1), "cast_before_weight must be a bool"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x: gk.rms_norm(x.long(), (8,)), "input must be"),
+        (lambda x: gk.rms_norm(x, (7,)), "normalized_shape"),
+        (lambda x: gk.rms_norm(x, (0,)), "normalized_shape"),
+        (lambda x: gk.rms_norm(x, (4, 4, 8)), "normalized_shape"),
+        (lambda x: gk.rms_norm(x, (8,), torch.ones(7)), "weight must have shape"),
+        (lambda x: gk.rms_norm(x, (8,), torch.ones(8, dtype=torch.int32)), "weight must be"),
+        (lambda x: gk.rms_norm(x, (8,), torch.ones(8, device="meta")), "weight is on meta"),
+        (lambda x: gk.rms_norm(x, (8,), eps=-1.0), "eps must be"),
+        (lambda x: gk.rms_norm(x, (8,), eps=float("nan")), "eps must be finite"),
+        (lambda x: gk.rms_norm(x, (8,), torch.ones(8), offset=float("inf")), "offset must be finite"),
+        (lambda x: gk.rms_norm(x, (8,), offset=1.0), "offset.*needs a weight"),
+        (lambda x: gk.rms_norm(x, (8,), torch.ones(8), cast_before_weight=1), "cast_before_weight must be a bool"),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         call(torch.randn(4, 8))

@@ -62,8 +62,21 @@ def _needs(model):
 
 
 def _run(model, out, cache_dir, *args) -> dict:
-    train.main(["--model", model, "--preset", "cpu", "--device", "cpu", "--out", str(out),
-                "--cache-dir", str(cache_dir), *args])
+    train.main(
+        [
+            "--model",
+            model,
+            "--preset",
+            "cpu",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache_dir),
+            *args,
+        ]
+    )
     return json.loads((out / f"{model}-cpu.json").read_text())
 
 
@@ -84,7 +97,7 @@ def _assert_tracks(summary: dict, ways, tmp_path, cache_dir, *steps):
         mp.setattr(tasks, "batch_order", _reversed_rows(tasks.batch_order))
         reversed_rows = _run(model, tmp_path / "reversed", cache_dir, *steps, "--ways", "eager")
     runs = [eager[:EXACT_STEPS]] + [r["ways"]["eager"]["losses"][:EXACT_STEPS] for r in (float64, reversed_rows)]
-    gaps = [abs(a - b) for i, one in enumerate(runs) for other in runs[i + 1:] for a, b in zip(one, other)]
+    gaps = [abs(a - b) for i, one in enumerate(runs) for other in runs[i + 1 :] for a, b in zip(one, other)]
     floor = max(*gaps, float(np.spacing(np.float32(max(runs[0])))))
     for way in ways:
         losses = summary["ways"][way]["losses"]
@@ -93,7 +106,8 @@ def _assert_tracks(summary: dict, ways, tmp_path, cache_dir, *steps):
         gap = max(abs(a - b) for a, b in zip(losses[:EXACT_STEPS], eager))
         assert gap <= TRACKING_FACTOR * floor, (
             f"{way}: loss gap {gap:.3g} over the first {EXACT_STEPS} steps > {TRACKING_FACTOR} x the fp32 rounding "
-            f"floor {floor:.3g}")
+            f"floor {floor:.3g}"
+        )
         assert min(losses[-2:]) < losses[0]  # it learns
 
 
@@ -116,8 +130,9 @@ def test_cpu_preset_trains_eager_and_patched(model, tmp_path, cache_dir, capsys)
         assert min(accuracy) >= 0.95 and abs(accuracy[0] - accuracy[1]) <= 0.01
     if model in LANGUAGE_MODELS:
         assert summary["data"]["tokens"] > summary["units_per_step"] * STEPS[model]
-        assert summary["parameters"] == sum(p.numel() for p in models.build_language_model(
-            model, PRESETS[model]["cpu"]).parameters())
+        assert summary["parameters"] == sum(
+            p.numel() for p in models.build_language_model(model, PRESETS[model]["cpu"]).parameters()
+        )
     if model == "resnet50":
         assert "ResNet (blocks (1, 1, 1, 1), width 16)" in summary["model_source"]
 
@@ -147,28 +162,48 @@ def test_tokenizer_trained_offline_then_reused(tmp_path, cache_dir, monkeypatch)
     tokenizer = tokenizers.Tokenizer.from_file(str(first.folder / "tokenizer.json"))
     eot = tokenizer.token_to_id(data.END_OF_TEXT)
     first_file = data.stdlib_sources(100_000)[0]
-    ids = first.tokens[:list(first.tokens).index(eot)].tolist()
+    ids = first.tokens[: list(first.tokens).index(eot)].tolist()
     assert tokenizer.decode(ids) == first_file.read_text(encoding="utf-8", errors="replace")
 
     trainings = []
     train_tokenizer = data._train_tokenizer
-    monkeypatch.setattr(data, "_train_tokenizer", lambda texts, vocab: trainings.append(vocab) or
-                        train_tokenizer(texts, vocab))
+    monkeypatch.setattr(
+        data, "_train_tokenizer", lambda texts, vocab: trainings.append(vocab) or train_tokenizer(texts, vocab)
+    )
     second = data.stdlib_tokens(vocab_size=512, max_bytes=100_000, cache_dir=tmp_path)
     assert not second.trained and np.array_equal(second.tokens, first.tokens) and trainings == []
     data.stdlib_tokens(vocab_size=600, max_bytes=100_000, cache_dir=tmp_path)  # another key: trains
     assert trainings == [600]
 
 
-@pytest.mark.parametrize("module,model,extra", [("transformers", "gpt2", "train"), ("tokenizers", "llama", "train"),
-                                                ("matplotlib", "mlp", "train"), ("sklearn", "resnet50", "train")])
+@pytest.mark.parametrize(
+    "module,model,extra",
+    [
+        ("transformers", "gpt2", "train"),
+        ("tokenizers", "llama", "train"),
+        ("matplotlib", "mlp", "train"),
+        ("sklearn", "resnet50", "train"),
+    ],
+)
 def test_missing_package_names_it_and_the_extra(module, model, extra, tmp_path, monkeypatch, capsys):
     for name in [n for n in sys.modules if n == module or n.startswith(f"{module}.")]:
         monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--model", model, "--preset", "cpu", "--device", "cpu", "--out", str(tmp_path),
-                    "--cache-dir", str(tmp_path / "cache")])
+        train.main(
+            [
+                "--model",
+                model,
+                "--preset",
+                "cpu",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
     package = {"sklearn": "scikit-learn"}.get(module, module)
@@ -185,8 +220,11 @@ def test_liger_skipped_with_the_reason(tmp_path, cache_dir, monkeypatch, capsys)
 
 
 def test_bad_options_are_errors_naming_them(tmp_path, capsys):
-    for argv, words in ((["--model", "mlp", "--seq-len", "32"], "--seq-len"), (["--ways", "eager,fast"], "fast"),
-                        (["--steps", "1"], "--steps")):
+    for argv, words in (
+        (["--model", "mlp", "--seq-len", "32"], "--seq-len"),
+        (["--ways", "eager,fast"], "fast"),
+        (["--steps", "1"], "--steps"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             train.main([*argv, "--device", "cpu", "--out", str(tmp_path)])
         assert exit_info.value.code == 2 and words in capsys.readouterr().err
@@ -212,9 +250,26 @@ def test_gpu_presets_are_the_named_sizes():
 def test_ci_train_command_runs_every_way_of_gpt2(tmp_path):
     """What ci/train.sh runs after setting up: the gpt2 cpu preset in every available way."""
     pytest.importorskip("transformers")
-    done = subprocess.run([sys.executable, "-m", "gpukernels.train", "--model", "gpt2", "--preset", "cpu",
-                           "--device", "cpu", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpukernels.train",
+            "--model",
+            "gpt2",
+            "--preset",
+            "cpu",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "gpt2-cpu.json").read_text())
     assert list(summary["ways"]) == ["eager", "patched", "compile", "compile-patched"]

@@ -92,13 +92,14 @@ class KernelOp:
         self.name = spec.__name__
         self.family = family
         self.spec = spec
-        params = list(spec.__code__.co_varnames[:spec.__code__.co_argcount])
+        params = list(spec.__code__.co_varnames[: spec.__code__.co_argcount])
         if params[-1:] != ["backend"]:
             raise TypeError(f"the output spec of {self.name} must take `backend: str` last")
         self.kernel_inputs = tuple(params[:-1])
         schema = torch.library.infer_schema(spec, mutates_args=tuple(mutates_args))
-        self.custom_op = torch.library.custom_op(f"gpukernels::{self.name}", self._run,
-                                                 mutates_args=tuple(mutates_args), schema=schema)
+        self.custom_op = torch.library.custom_op(
+            f"gpukernels::{self.name}", self._run, mutates_args=tuple(mutates_args), schema=schema
+        )
         self.custom_op.register_fake(spec)
         self._eager = self._run
         OPS[self.name] = self
@@ -149,8 +150,11 @@ class KernelOp:
             setup(ctx, args, output)
             return output
 
-        function = type(f"{self.name}_function", (torch.autograd.Function,),
-                        {"forward": staticmethod(forward), "backward": staticmethod(backward_of_first_output)})
+        function = type(
+            f"{self.name}_function",
+            (torch.autograd.Function,),
+            {"forward": staticmethod(forward), "backward": staticmethod(backward_of_first_output)},
+        )
         self._eager = function.apply
 
 

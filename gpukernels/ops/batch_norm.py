@@ -28,22 +28,41 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @kernel_op("batch_norm", mutates_args=("running_mean", "running_var"))
-def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-                   running_var: Optional[Tensor], training: bool, momentum: float, eps: float,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def batch_norm_fwd(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel: ``y`` = ``(x - mean) * rstd * weight + bias`` (each optional),
     and the per-channel ``mean`` and ``rstd`` it normalised with, in the
     statistics dtype. In training these are the batch's (nan for M == 0), and
     the running stats (when given) take ``momentum`` of the batch mean and of
     the unbiased (M/(M-1)) variance; in eval they are the running stats'."""
     channels = x.shape[1]
-    return (torch.empty_like(x), x.new_empty(channels, dtype=stats_dtype(x.dtype)),
-            x.new_empty(channels, dtype=stats_dtype(x.dtype)))
+    return (
+        torch.empty_like(x),
+        x.new_empty(channels, dtype=stats_dtype(x.dtype)),
+        x.new_empty(channels, dtype=stats_dtype(x.dtype)),
+    )
 
 
 @kernel_op("batch_norm")
-def batch_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, training: bool,
-                   has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def batch_norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    training: bool,
+    has_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel: ``dx`` (in training the batch statistics' dependence on x
     included); ``dweight = sum(dy * xhat)`` in the weight's dtype when there is
     a weight, and ``dbias = sum(dy)`` when ``has_bias``, in the weight's dtype
@@ -62,10 +81,19 @@ class _BatchNormFunction(torch.autograd.Function):
     is chosen once, by the caller, so the backward runs on the forward's."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-                running_var: Tensor | None, training: bool, momentum: float, eps: float, backend: str) -> Tensor:
-        y, mean, rstd = batch_norm_fwd.on(backend, x, weight, bias, running_mean, running_var, training, momentum,
-                                          eps)
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        backend: str,
+    ) -> Tensor:
+        y, mean, rstd = batch_norm_fwd.on(backend, x, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.training, ctx.backend = training, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -77,14 +105,22 @@ class _BatchNormFunction(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         has_bias = ctx.bias_dtype is not None
         dx, dweight, dbias = batch_norm_bwd.on(ctx.backend, dy, x, weight, mean, rstd, ctx.training, has_bias)
-        return (dx,
-                dweight if weight is not None else None,
-                dbias.to(ctx.bias_dtype) if has_bias else None,
-                None, None, None, None, None, None)
+        return (
+            dx,
+            dweight if weight is not None else None,
+            dbias.to(ctx.bias_dtype) if has_bias else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def _check_running_stats(running_mean: Tensor | None, running_var: Tensor | None, input: Tensor,
-                         training: bool) -> None:
+def _check_running_stats(
+    running_mean: Tensor | None, running_var: Tensor | None, input: Tensor, training: bool
+) -> None:
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if running_mean is None and not training:
@@ -102,13 +138,17 @@ def _check_param_dtypes(input: Tensor, **params: Tensor | None) -> None:
         if t is None:
             continue
         if t.dtype not in allowed:
-            raise TypeError(f"{name} must have dtype {' or '.join(sorted(map(str, allowed)))} "
-                            f"for {input.dtype} input, got {t.dtype}")
+            raise TypeError(
+                f"{name} must have dtype {' or '.join(sorted(map(str, allowed)))} "
+                f"for {input.dtype} input, got {t.dtype}"
+            )
         if shared is None:
             shared = (name, t.dtype)
         elif t.dtype != shared[1]:
-            raise TypeError(f"{name} has dtype {t.dtype} but {shared[0]} has {shared[1]}; "
-                            f"parameters and running stats must share one dtype")
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but {shared[0]} has {shared[1]}; "
+                f"parameters and running stats must share one dtype"
+            )
 
 
 def _empty_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -123,9 +163,16 @@ def _empty_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tenso
     return y.to(x.dtype)
 
 
-def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
-               bias: Tensor | None = None, training: bool = False, momentum: float = 0.1,
-               eps: float = 1e-5) -> Tensor:
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
     """``torch.nn.functional.batch_norm`` for ``(N, C, *)`` input: per-channel
     statistics over the other dims; in training, ``running_mean`` and
     ``running_var`` (when given) are updated in place with the unbiased
@@ -143,12 +190,14 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     n, channels = input.shape[:2]
     length = math.prod(input.shape[2:])
     if training and n * length == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, "
-                         f"got input of shape {tuple(input.shape)}")
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
+        )
     # a view for contiguous and channels-last input alike; a copy only for strides no (N, C, L) view can express
     x = reshaped(input, n, channels, length)
     if x.numel() == 0:
         return _empty_batch(x, weight, bias).view(input.shape)
-    y = _BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                                 backend_name(x.device))
+    y = _BatchNormFunction.apply(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, backend_name(x.device)
+    )
     return reshaped(y, *input.shape)

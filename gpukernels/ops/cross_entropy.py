@@ -38,8 +38,15 @@ def _row_stats(logits: Tensor, count: int = 1) -> tuple[Tensor, ...]:
 
 
 @kernel_op("cross_entropy")
-def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                      label_smoothing: float, reduction: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def cross_entropy_fwd(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Kernel, for class indices ``target`` (int64 or int32, one per row): per row
     ``-(1-e) w[t] logp[t] - (e/C) sum_c w[c] logp[c]`` (0 where ``t == ignore_index``),
     reduced by ``reduction`` (``mean`` divides by the sum of ``w[t]`` over the rows not
@@ -51,9 +58,19 @@ def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
 
 
 @kernel_op("cross_entropy")
-def cross_entropy_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], row_max: Tensor,
-                      log_sum: Tensor, totals: Tensor, ignore_index: int, label_smoothing: float, reduction: str,
-                      backend: str) -> Tensor:
+def cross_entropy_bwd(
+    grad_loss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    row_max: Tensor,
+    log_sum: Tensor,
+    totals: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    backend: str,
+) -> Tensor:
     """Kernel: d(loss)/d(logits) times ``grad_loss`` (0-d, or one per row for ``none``,
     any stride), from the forward's statistics:
     ``s_i ((1-e) w[t_i] (p - onehot(t_i)) + (e/C) (sum(w) p - w))``, 0 on ignored rows,
@@ -63,8 +80,9 @@ def cross_entropy_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight:
 
 
 @kernel_op("cross_entropy")
-def cross_entropy_probs_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], label_smoothing: float,
-                            reduction: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def cross_entropy_probs_fwd(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], label_smoothing: float, reduction: str, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Kernel, for class-probability ``target`` (the logits' shape and dtype): per row
     ``-sum_c q[c] logp[c]`` with ``q = w * ((1-e) target + e/C)``, reduced by
     ``reduction`` (``mean`` divides by the number of rows: nan when there are none) into
@@ -74,9 +92,19 @@ def cross_entropy_probs_fwd(logits: Tensor, target: Tensor, weight: Optional[Ten
 
 
 @kernel_op("cross_entropy")
-def cross_entropy_probs_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                            row_max: Tensor, log_sum: Tensor, target_mass: Tensor, label_smoothing: float,
-                            reduction: str, grad_target: bool, backend: str) -> tuple[Tensor, Tensor]:
+def cross_entropy_probs_bwd(
+    grad_loss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    row_max: Tensor,
+    log_sum: Tensor,
+    target_mass: Tensor,
+    label_smoothing: float,
+    reduction: str,
+    grad_target: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
     """Kernel: ``s_i (target_mass_i p - q)`` into ``grad`` (logits' dtype) and, when
     ``grad_target``, ``-s_i (1-e) w logp`` into ``target_grad`` (target's dtype; else
     empty), with ``s_i`` the upstream gradient (0-d, or one per row for ``none``, any
@@ -110,8 +138,9 @@ def _probs_setup_context(ctx, inputs, output):
 
 def _probs_backward(ctx, grad_loss, _grad_row_max, _grad_log_sum, _grad_target_mass):
     grad_target = ctx.needs_input_grad[1]
-    grad, target_grad = cross_entropy_probs_bwd.on(ctx.backend, grad_loss, *ctx.saved_tensors, *ctx.options,
-                                                   grad_target)
+    grad, target_grad = cross_entropy_probs_bwd.on(
+        ctx.backend, grad_loss, *ctx.saved_tensors, *ctx.options, grad_target
+    )
     return grad, target_grad if grad_target else None, None, None, None
 
 
@@ -121,20 +150,26 @@ cross_entropy_probs_fwd.register_autograd(_probs_setup_context, _probs_backward)
 def _check_target(target: Tensor, input: Tensor, index_shape: tuple[int, ...]) -> bool:
     """Whether ``target`` holds class probabilities (else class indices)."""
     if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor of class indices or class probabilities, "
-                        f"got {type(target).__name__}")
+        raise TypeError(
+            f"target must be a torch.Tensor of class indices or class probabilities, got {type(target).__name__}"
+        )
     check_device("target", target, input)
     if target.is_floating_point():
         if target.shape != input.shape:
-            raise ValueError(f"target of class probabilities must have input's shape {tuple(input.shape)}, got "
-                             f"{tuple(target.shape)} (class indices: {index_shape}, int64 or int32)")
+            raise ValueError(
+                f"target of class probabilities must have input's shape {tuple(input.shape)}, got "
+                f"{tuple(target.shape)} (class indices: {index_shape}, int64 or int32)"
+            )
         return True
     if target.dtype not in TARGET_DTYPES:
-        raise TypeError(f"target must hold class indices as int64 (or int32), or class probabilities in input's "
-                        f"dtype, got {target.dtype}")
+        raise TypeError(
+            f"target must hold class indices as int64 (or int32), or class probabilities in input's "
+            f"dtype, got {target.dtype}"
+        )
     if tuple(target.shape) != index_shape:
-        raise ValueError(f"target must have shape {index_shape} for input of shape {tuple(input.shape)}, "
-                         f"got {tuple(target.shape)}")
+        raise ValueError(
+            f"target must have shape {index_shape} for input of shape {tuple(input.shape)}, got {tuple(target.shape)}"
+        )
     return False
 
 
@@ -154,8 +189,14 @@ def _class_last(t: Tensor, class_dim: int, classes: int) -> Tensor:
     return reshaped(t, t.numel() // classes, classes).contiguous()
 
 
-def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
-                  reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """``torch.nn.functional.cross_entropy``: input ``(N, C)``, ``(N, C, d1, ...)`` or
     ``(C,)``; target class indices ``(N, d1, ...)`` (``()`` for 1-D input), int64 or
     int32, or class probabilities of input's shape and dtype (then ``ignore_index`` must
@@ -169,13 +210,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     classes = input.shape[class_dim]
     if classes == 0:
         raise ValueError(f"input must have at least one class, got shape {tuple(input.shape)}")
-    batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1:]
+    batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     probabilities = _check_target(target, input, tuple(batch_shape))
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if probabilities and ignore_index >= 0:
-        raise ValueError(f"ignore_index must be negative with class-probability targets (it does not apply to "
-                         f"them), got {ignore_index}")
+        raise ValueError(
+            f"ignore_index must be negative with class-probability targets (it does not apply to "
+            f"them), got {ignore_index}"
+        )
     check_choice("reduction", reduction, REDUCTIONS)
     label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
     if torch.is_autocast_enabled(input.device.type) and input.dtype != torch.float64:
@@ -189,9 +232,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
 
     logits = _class_last(input, class_dim, classes)
     if probabilities:
-        loss, _, _, _ = cross_entropy_probs_fwd(logits, _class_last(target, class_dim, classes), weight,
-                                                label_smoothing, reduction)
+        loss, _, _, _ = cross_entropy_probs_fwd(
+            logits, _class_last(target, class_dim, classes), weight, label_smoothing, reduction
+        )
     else:
-        loss, _, _, _ = cross_entropy_fwd(logits, reshaped(target, target.numel()), weight, ignore_index,
-                                          label_smoothing, reduction)
+        loss, _, _, _ = cross_entropy_fwd(
+            logits, reshaped(target, target.numel()), weight, ignore_index, label_smoothing, reduction
+        )
     return reshaped(loss, *batch_shape) if reduction == "none" else loss

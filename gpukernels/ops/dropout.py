@@ -64,8 +64,9 @@ def _seed_tensor(seed: int | Tensor | None, like: Tensor) -> Tensor:
         return torch.randint(0, _DRAWN_SEED_BOUND, (), dtype=torch.int64, device=like.device)
     if isinstance(seed, Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise TypeError(f"seed must be an int or a one-element int64 tensor, "
-                            f"got {seed.dtype} of shape {tuple(seed.shape)}")
+            raise TypeError(
+                f"seed must be an int or a one-element int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}"
+            )
         check_device("seed", seed, like)
         return seed.reshape(())
     if isinstance(seed, bool) or not isinstance(seed, int):

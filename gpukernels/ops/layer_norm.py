@@ -17,18 +17,23 @@ from ._op import kernel_op, reshaped, stats_dtype
 
 
 @kernel_op("layer_norm")
-def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def layer_norm_fwd(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel: ``y`` = rows of ``x`` normalised, times ``weight``, plus ``bias``
     (each optional); each row's ``mean`` and ``rstd`` in the statistics dtype."""
     rows = x.shape[0]
-    return torch.empty_like(x), x.new_empty(rows, dtype=stats_dtype(x.dtype)), \
-        x.new_empty(rows, dtype=stats_dtype(x.dtype))
+    return (
+        torch.empty_like(x),
+        x.new_empty(rows, dtype=stats_dtype(x.dtype)),
+        x.new_empty(rows, dtype=stats_dtype(x.dtype)),
+    )
 
 
 @kernel_op("layer_norm")
-def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                   has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def layer_norm_bwd(
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, has_bias: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel: ``dx``; ``dweight`` (in the weight's dtype) when there is a weight and
     ``dbias`` (in the weight's dtype, else x's) when ``has_bias``, else empty."""
     d = x.shape[1]
@@ -49,17 +54,19 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dweight, dbias = layer_norm_bwd.on(ctx.backend, dy.contiguous(), x, weight, mean, rstd, ctx.has_bias)
-    return (dx,
-            dweight if weight is not None else None,
-            dbias.to(ctx.bias_dtype) if ctx.has_bias else None,
-            None)
+    return (dx, dweight if weight is not None else None, dbias.to(ctx.bias_dtype) if ctx.has_bias else None, None)
 
 
 layer_norm_fwd.register_autograd(_setup_context, _backward)
 
 
-def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
-               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+def layer_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
     """``torch.nn.functional.layer_norm``: normalise over the trailing
     ``normalized_shape`` dims, statistics in fp32 (fp64 for fp64 input).
     Under autocast it runs in fp32, as PyTorch's does."""
@@ -67,8 +74,10 @@ def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Ten
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not shape or any(not isinstance(s, int) or s < 1 for s in shape):
         raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
-    if tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
-        raise ValueError(f"normalized_shape {shape} does not match the trailing dims of input of shape {tuple(input.shape)}")
+    if tuple(input.shape[input.dim() - len(shape) :]) != shape or input.dim() < len(shape):
+        raise ValueError(
+            f"normalized_shape {shape} does not match the trailing dims of input of shape {tuple(input.shape)}"
+        )
     check_optional_float("weight", weight, input, shape)
     check_optional_float("bias", bias, input, shape)
     check_number("eps", eps, low=0.0)

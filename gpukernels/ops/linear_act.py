@@ -32,8 +32,9 @@ _KEEPS_PRE_ACTIVATION = ("gelu", "gelu_tanh", "silu")
 
 
 @kernel_op("linear_act")
-def linear_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
-                   backend: str) -> tuple[Tensor, Tensor]:
+def linear_act_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str
+) -> tuple[Tensor, Tensor]:
     """Kernel: ``y = act(x @ weight.T + bias)`` (``bias`` optional), ``(rows, out)``
     in x's dtype; the pre-activation ``z``, the same shape, for the activations
     whose backward reads it (gelu, gelu_tanh, silu), else empty."""
@@ -42,8 +43,9 @@ def linear_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation
 
 
 @kernel_op("linear_act")
-def linear_act_bwd(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, activation: str, has_bias: bool,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def linear_act_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, activation: str, has_bias: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel: with ``dz = dy * act'(z)`` (``saved`` is ``y`` for relu, ``z`` for
     the activations that keep it, unread for none): ``dx = dz @ weight``,
     ``dweight = dz.T @ x`` and, when ``has_bias``, ``dbias`` = the column sums of
@@ -63,8 +65,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dz):
     x, weight, saved = ctx.saved_tensors
-    dx, dweight, dbias = linear_act_bwd.on(ctx.backend, dy.contiguous(), x, weight, saved, ctx.activation,
-                                           ctx.has_bias)
+    dx, dweight, dbias = linear_act_bwd.on(ctx.backend, dy.contiguous(), x, weight, saved, ctx.activation, ctx.has_bias)
     return dx, dweight, dbias if ctx.has_bias else None, None
 
 
@@ -75,8 +76,10 @@ def _check_shapes(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x of shape {tuple(x.shape)} and weight of shape {tuple(weight.shape)} do not fit: "
-                         f"x's last dim must equal weight's in_features {weight.shape[1]}")
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} and weight of shape {tuple(weight.shape)} do not fit: "
+            f"x's last dim must equal weight's in_features {weight.shape[1]}"
+        )
     check_optional_float("bias", bias, x, (weight.shape[0],))
 
 
@@ -107,6 +110,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation
         x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
     _check_dtypes(x, weight, bias)
     out_features, in_features = weight.shape
-    y, _ = linear_act_fwd(reshaped(x, math.prod(x.shape[:-1]), in_features).contiguous(), weight.contiguous(),
-                          bias, activation)
+    y, _ = linear_act_fwd(
+        reshaped(x, math.prod(x.shape[:-1]), in_features).contiguous(), weight.contiguous(), bias, activation
+    )
     return reshaped(y, *x.shape[:-1], out_features)

@@ -69,10 +69,20 @@ def slice_columns(rows: int, vocab: int, chunk_rows: int) -> int:
 
 
 @kernel_op("linear_cross_entropy")
-def linear_cross_entropy_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
-                             label_smoothing: float, z_loss: float, softcap: Optional[float], reduction: str,
-                             chunk_rows: int, loss_dtype: torch.dtype,
-                             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def linear_cross_entropy_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    reduction: str,
+    chunk_rows: int,
+    loss_dtype: torch.dtype,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Kernel: ``chunk_rows`` rows at a time, each row's loss of its logits
     ``c = softcap(x @ weight.T + bias)``: ``cross_entropy``'s with label smoothing, plus
     ``z_loss * lse**2``, 0 on ignored rows; reduced by ``reduction`` (``mean`` over the rows
@@ -82,31 +92,58 @@ def linear_cross_entropy_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     is not ``ignore_index`` is an error (a device-side assert on CUDA)."""
     rows = x.shape[0]
     stats = stats_dtype(x.dtype)
-    return (x.new_empty((rows,) if reduction == "none" else (), dtype=loss_dtype), x.new_empty(rows, dtype=stats),
-            x.new_empty(rows, dtype=stats), x.new_empty((), dtype=stats))
+    return (
+        x.new_empty((rows,) if reduction == "none" else (), dtype=loss_dtype),
+        x.new_empty(rows, dtype=stats),
+        x.new_empty(rows, dtype=stats),
+        x.new_empty((), dtype=stats),
+    )
 
 
 @kernel_op("linear_cross_entropy")
-def linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                             row_max: Tensor, log_sum: Tensor, kept_rows: Tensor, ignore_index: int,
-                             label_smoothing: float, z_loss: float, softcap: Optional[float], reduction: str,
-                             slice_columns: int, grad_x: bool, grad_weight: bool, grad_bias: bool,
-                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def linear_cross_entropy_bwd(
+    grad_loss: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    row_max: Tensor,
+    log_sum: Tensor,
+    kept_rows: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    reduction: str,
+    slice_columns: int,
+    grad_x: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel: ``slice_columns`` vocabulary entries at a time, ``dx``, ``dweight``, ``dbias``
     (in the inputs' dtypes; each empty when not asked for by ``grad_*``) of
     ``sum_i s_i * loss_i``, with ``s_i`` the upstream ``grad_loss`` (0-d, or one per row for
     ``none``, any stride), divided by ``kept_rows`` for ``mean`` (0 when that is 0)."""
-    return (torch.empty_like(x) if grad_x else empty_grad(x),
-            torch.empty_like(weight) if grad_weight else empty_grad(x),
-            torch.empty_like(bias) if grad_bias and bias is not None else empty_grad(x))
+    return (
+        torch.empty_like(x) if grad_x else empty_grad(x),
+        torch.empty_like(weight) if grad_weight else empty_grad(x),
+        torch.empty_like(bias) if grad_bias and bias is not None else empty_grad(x),
+    )
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_rows, _ = inputs
     _, row_max, log_sum, kept_rows = output
     ctx.mark_non_differentiable(row_max, log_sum, kept_rows)
-    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, reduction,
-                   slice_columns(x.shape[0], weight.shape[0], chunk_rows))
+    ctx.options = (
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        reduction,
+        slice_columns(x.shape[0], weight.shape[0], chunk_rows),
+    )
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight, bias, target, row_max, log_sum, kept_rows)
 
@@ -127,8 +164,10 @@ def _check_target(target: Tensor, x: Tensor) -> None:
         raise TypeError(f"target must hold class indices as int64 (or int32), got {target.dtype}")
     check_device("target", target, x)
     if tuple(target.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"target must have shape {tuple(x.shape[:-1])} (x's leading dims) for x of shape "
-                         f"{tuple(x.shape)}, got {tuple(target.shape)}")
+        raise ValueError(
+            f"target must have shape {tuple(x.shape[:-1])} (x's leading dims) for x of shape "
+            f"{tuple(x.shape)}, got {tuple(target.shape)}"
+        )
 
 
 def _check_tensors(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -138,8 +177,10 @@ def _check_tensors(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     if weight.dim() != 2 or weight.shape[0] == 0:
         raise ValueError(f"weight must be 2-D (vocab, hidden) with vocab >= 1, got shape {tuple(weight.shape)}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x of shape {tuple(x.shape)} and weight of shape {tuple(weight.shape)} do not fit: "
-                         f"x's last dim must equal weight's hidden size {weight.shape[1]}")
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} and weight of shape {tuple(weight.shape)} do not fit: "
+            f"x's last dim must equal weight's hidden size {weight.shape[1]}"
+        )
     check_optional_float("bias", bias, x, (weight.shape[0],))
 
 
@@ -168,10 +209,19 @@ def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == torch.float64 else t.to(dtype)
 
 
-def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
-                         ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                         z_loss: float = 0.0, softcap: float | None = None, chunk_size: int | None = None,
-                         return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def linear_cross_entropy(
+    x: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``F.cross_entropy(c, target, ignore_index=..., reduction=..., label_smoothing=...)``
     with ``c = softcap * tanh(z / softcap)`` (``c = z`` when ``softcap`` is None) and
     ``z = F.linear(x, weight, bias)``, plus ``z_loss * logsumexp(c)**2`` added to each
@@ -191,8 +241,9 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor
     ``c``, shape ``x.shape[:-1]``, fp32 (fp64 for fp64), not differentiable."""
     _check_tensors(x, weight, bias)
     _check_target(target, x)
-    label_smoothing, z_loss, softcap = _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap,
-                                                      chunk_size, return_lse)
+    label_smoothing, z_loss, softcap = _check_options(
+        ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, return_lse
+    )
     device_type = x.device.type
     autocasting = torch.is_autocast_enabled(device_type)
     if autocasting:
@@ -204,9 +255,18 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor
     chunk_rows = chunk_size or default_chunk_rows(rows, vocab, x.dtype, chunk_budget(x.device))
     loss_dtype = stats_dtype(x.dtype) if autocasting else x.dtype
     loss, row_max, log_sum, _ = linear_cross_entropy_fwd(
-        reshaped(x, rows, weight.shape[1]).contiguous(), weight.contiguous(),
-        None if bias is None else bias.contiguous(), reshaped(target, rows), ignore_index, label_smoothing, z_loss,
-        softcap, reduction, chunk_rows, loss_dtype)
+        reshaped(x, rows, weight.shape[1]).contiguous(),
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        reshaped(target, rows),
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        reduction,
+        chunk_rows,
+        loss_dtype,
+    )
     batch_shape = x.shape[:-1]
     loss = reshaped(loss, *batch_shape) if reduction == "none" else loss
     return (loss, (row_max + log_sum).view(batch_shape)) if return_lse else loss

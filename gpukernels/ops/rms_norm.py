@@ -28,8 +28,9 @@ from ._op import kernel_op, reshaped, stats_dtype
 
 
 @kernel_op("rms_norm")
-def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float, offset: float, cast_before_weight: bool,
-                 backend: str) -> tuple[Tensor, Tensor]:
+def rms_norm_fwd(
+    x: Tensor, weight: Optional[Tensor], eps: float, offset: float, cast_before_weight: bool, backend: str
+) -> tuple[Tensor, Tensor]:
     """Kernel: ``y`` = rows of ``x`` times their ``rstd = 1/sqrt(mean(x^2) + eps)``,
     scaled by ``offset + weight`` when there is a weight (see the module doc for
     the rounding ``cast_before_weight`` adds); each row's ``rstd`` in the
@@ -39,8 +40,9 @@ def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float, offset: float,
 
 
 @kernel_op("rms_norm")
-def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, offset: float,
-                 cast_before_weight: bool, backend: str) -> tuple[Tensor, Tensor]:
+def rms_norm_bwd(
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, offset: float, cast_before_weight: bool, backend: str
+) -> tuple[Tensor, Tensor]:
     """Kernel: ``dx`` (x's dtype); ``dweight`` (the weight's dtype) when there is
     a weight, else empty."""
     dweight = x.new_empty(x.shape[1], dtype=weight.dtype) if weight is not None else empty_grad(x)
@@ -63,8 +65,15 @@ def _backward(ctx, dy, _drstd):
 rms_norm_fwd.register_autograd(_setup_context, _backward)
 
 
-def rms_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
-             eps: float | None = None, *, offset: float = 0.0, cast_before_weight: bool = False) -> Tensor:
+def rms_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    offset: float = 0.0,
+    cast_before_weight: bool = False,
+) -> Tensor:
     """``torch.nn.functional.rms_norm``: normalise over the trailing
     ``normalized_shape`` dims by the root mean square, statistics in fp32 (fp64
     for fp64 input); ``eps=None`` is the epsilon of that statistics dtype, as in
@@ -82,9 +91,10 @@ def rms_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tenso
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not shape or any(not isinstance(s, int) or s < 1 for s in shape):
         raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
-    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
-        raise ValueError(f"normalized_shape {shape} does not match the trailing dims of input of shape "
-                         f"{tuple(input.shape)}")
+    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape) :]) != shape:
+        raise ValueError(
+            f"normalized_shape {shape} does not match the trailing dims of input of shape {tuple(input.shape)}"
+        )
     check_optional_float("weight", weight, input, shape)
     eps = torch.finfo(stats_dtype(input.dtype)).eps if eps is None else check_number("eps", eps, low=0.0)
     offset = check_number("offset", offset)
@@ -92,13 +102,18 @@ def rms_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tenso
         raise ValueError(f"offset={offset} scales by offset + weight: it needs a weight")
     if not isinstance(cast_before_weight, bool):
         raise TypeError(f"cast_before_weight must be a bool, got {type(cast_before_weight).__name__}")
-    if torch.is_autocast_enabled(input.device.type) and input.dtype != torch.float64 \
-            and not offset and not cast_before_weight:
+    if (
+        torch.is_autocast_enabled(input.device.type)
+        and input.dtype != torch.float64
+        and not offset
+        and not cast_before_weight
+    ):
         input = input.float()
     d = 1
     for s in shape:
         d *= s
     flat_weight = None if weight is None else reshaped(weight, d)
-    y, _ = rms_norm_fwd(reshaped(input, input.numel() // d, d).contiguous(), flat_weight, eps, offset,
-                        cast_before_weight)
+    y, _ = rms_norm_fwd(
+        reshaped(input, input.numel() // d, d).contiguous(), flat_weight, eps, offset, cast_before_weight
+    )
     return reshaped(y, *input.shape)

@@ -54,10 +54,21 @@ def _config(model: str, preset: str, overrides: dict) -> dict:
     return cfg
 
 
-def compare(model: str = "gpt2", preset: str | None = None, *, steps: int | None = None,
-            batch_size: int | None = None, seq_len: int | None = None, lr: float | None = None,
-            dtype: str | None = None, ways: list[str] | None = None, device: str | None = None, seed: int = 0,
-            out: str | Path = "out/train", cache_dir: str | Path | None = None) -> dict:
+def compare(
+    model: str = "gpt2",
+    preset: str | None = None,
+    *,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    lr: float | None = None,
+    dtype: str | None = None,
+    ways: list[str] | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    out: str | Path = "out/train",
+    cache_dir: str | Path | None = None,
+) -> dict:
     """Train ``model`` once per way and write ``<out>/<model>-<preset>.json`` and
     ``-losses.png``; returns the summary written to the JSON. ``dtype``: bfloat16
     runs under autocast (parameters and optimizer state fp32); float64 makes
@@ -76,11 +87,19 @@ def compare(model: str = "gpt2", preset: str | None = None, *, steps: int | None
     torch.manual_seed(seed)
     base_model = task.build().to(param_dtype)
     summary = {
-        "model": model, "preset": preset, "config": cfg, "device": str(device),
+        "model": model,
+        "preset": preset,
+        "config": cfg,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "parameters": sum(p.numel() for p in base_model.parameters()),
-        "steps": cfg["steps"], "unit": task.unit, "units_per_step": task.units_per_step, **task.describe(),
-        "skipped": {}, "failed": {},
+        "torch": torch.__version__,
+        "parameters": sum(p.numel() for p in base_model.parameters()),
+        "steps": cfg["steps"],
+        "unit": task.unit,
+        "units_per_step": task.units_per_step,
+        **task.describe(),
+        "skipped": {},
+        "failed": {},
     }
     if "transformers" in sys.modules:
         summary["transformers"] = sys.modules["transformers"].__version__
@@ -114,8 +133,9 @@ def compare(model: str = "gpt2", preset: str | None = None, *, steps: int | None
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m gpukernels.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m gpukernels.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", choices=sorted(PRESETS), default="gpt2")
     p.add_argument("--preset", choices=["cpu", "gpu"], help="default: gpu on a CUDA device, else cpu")
     p.add_argument("--steps", type=int)
@@ -130,9 +150,20 @@ def main(argv=None) -> None:
     p.add_argument("--cache-dir", help=f"tokenizer cache (default: {default_cache_dir()})")
     a = p.parse_args(argv)
     try:
-        summary = compare(a.model, a.preset, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
-                          dtype=a.dtype, ways=a.ways.split(",") if a.ways else None, device=a.device,
-                          seed=a.seed, out=a.out, cache_dir=a.cache_dir)
+        summary = compare(
+            a.model,
+            a.preset,
+            steps=a.steps,
+            batch_size=a.batch_size,
+            seq_len=a.seq_len,
+            lr=a.lr,
+            dtype=a.dtype,
+            ways=a.ways.split(",") if a.ways else None,
+            device=a.device,
+            seed=a.seed,
+            out=a.out,
+            cache_dir=a.cache_dir,
+        )
     except (MissingPackage, ValueError) as error:
         p.exit(2, f"{p.prog}: error: {error}\n")
     if not summary["ways"]:

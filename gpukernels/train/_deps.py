@@ -32,8 +32,10 @@ def require(module: str, purpose: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as error:
         package = OPTIONAL[module.partition(".")[0]][0]
-        raise MissingPackage(f"{purpose} needs the {package!r} package, which is not importable ({error}). "
-                             f"Install it: {install_hint(module)}") from error
+        raise MissingPackage(
+            f"{purpose} needs the {package!r} package, which is not importable ({error}). "
+            f"Install it: {install_hint(module)}"
+        ) from error
 
 
 def optional(module: str) -> ModuleType | None:

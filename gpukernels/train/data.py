@@ -37,9 +37,10 @@ def stdlib_sources(max_bytes: int | None = None) -> list[Path]:
     """The standard library's ``.py`` files (installed packages left out), in a fixed
     order; with ``max_bytes``, the leading files that fit in that many bytes."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted((p for p in root.rglob("*.py")
-                    if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)),
-                   key=lambda p: p.relative_to(root).as_posix())
+    files = sorted(
+        (p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
     if not files:
         raise FileNotFoundError(f"no .py sources under the standard library folder {root}")
     if max_bytes is None:
@@ -71,8 +72,12 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
 
@@ -99,9 +104,15 @@ class TokenData:
     trained: bool  # False when the cached tokenizer and tokens were reused
 
     def describe(self) -> dict:
-        return {"corpus": "Python standard library .py sources", "files": self.files, "bytes": self.corpus_bytes,
-                "tokens": int(self.tokens.size), "tokenizer_vocab": self.vocab_size, "cache": str(self.folder),
-                "tokenizer": "trained" if self.trained else "reused from cache"}
+        return {
+            "corpus": "Python standard library .py sources",
+            "files": self.files,
+            "bytes": self.corpus_bytes,
+            "tokens": int(self.tokens.size),
+            "tokenizer_vocab": self.vocab_size,
+            "cache": str(self.folder),
+            "tokenizer": "trained" if self.trained else "reused from cache",
+        }
 
 
 def stdlib_tokens(vocab_size: int, max_bytes: int | None, cache_dir: Path) -> TokenData:
@@ -122,8 +133,11 @@ def stdlib_tokens(vocab_size: int, max_bytes: int | None, cache_dir: Path) -> To
         dtype = np.uint16 if vocab_size <= 2**16 else np.int32
         _write_atomically(tokens_path, lambda p: _save_array(p, np.asarray(ids, dtype=dtype)))
         _write_atomically(tokenizer_path, lambda p: tokenizer.save(str(p)))
-        meta = {"files": len(files), "bytes": sum(p.stat().st_size for p in files),
-                "vocab_size": tokenizer.get_vocab_size()}
+        meta = {
+            "files": len(files),
+            "bytes": sum(p.stat().st_size for p in files),
+            "vocab_size": tokenizer.get_vocab_size(),
+        }
         _write_atomically(meta_path, lambda p: p.write_text(json.dumps(meta)))
     meta = json.loads(meta_path.read_text())
     return TokenData(np.load(tokens_path), meta["vocab_size"], folder, meta["files"], meta["bytes"], trained)
@@ -138,7 +152,7 @@ def batch_order(items: int, batch_size: int, steps: int, seed: int) -> list[torc
     batches: list[torch.Tensor] = []
     while len(batches) < steps:
         order = torch.randperm(items, generator=generator)
-        batches += [order[i:i + batch_size] for i in range(0, items - batch_size + 1, batch_size)]
+        batches += [order[i : i + batch_size] for i in range(0, items - batch_size + 1, batch_size)]
     return batches[:steps]
 
 

@@ -22,9 +22,17 @@ def build_model(hidden: int, blocks: int, dropout: float, classes: int = 10, fea
     then pre-norm residual blocks (LayerNorm, Linear+GELU, Linear, Dropout)."""
     layers = [nn.Linear(features, hidden), nn.ReLU(), nn.BatchNorm1d(hidden)]
     for _ in range(blocks):
-        layers.append(Residual(nn.Sequential(
-            nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden), nn.GELU(),
-            nn.Linear(4 * hidden, hidden), nn.Dropout(dropout))))
+        layers.append(
+            Residual(
+                nn.Sequential(
+                    nn.LayerNorm(hidden),
+                    nn.Linear(hidden, 4 * hidden),
+                    nn.GELU(),
+                    nn.Linear(4 * hidden, hidden),
+                    nn.Dropout(dropout),
+                )
+            )
+        )
     layers += [nn.LayerNorm(hidden), nn.Linear(hidden, classes)]
     return nn.Sequential(*layers)
 
@@ -46,8 +54,9 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU()
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(out_channels))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -95,8 +104,10 @@ def build_resnet(blocks: tuple[int, ...], width: int, classes: int) -> tuple[nn.
         torchvision = optional("torchvision")
         if torchvision is not None:
             return torchvision.models.resnet50(weights=None, num_classes=classes), "torchvision resnet50"
-        return ResNet(blocks, width, classes), ("gpukernels.train.models.ResNet (ResNet-50 layout; timm and "
-                                                f"torchvision not importable, for timm's: {install_hint('timm')})")
+        return ResNet(blocks, width, classes), (
+            "gpukernels.train.models.ResNet (ResNet-50 layout; timm and "
+            f"torchvision not importable, for timm's: {install_hint('timm')})"
+        )
     return ResNet(blocks, width, classes), f"gpukernels.train.models.ResNet (blocks {tuple(blocks)}, width {width})"
 
 
@@ -107,16 +118,28 @@ def build_language_model(kind: str, cfg: dict) -> nn.Module:
     transformers = require("transformers", f"--model {kind}")
     common = dict(vocab_size=cfg["vocab"], bos_token_id=0, eos_token_id=0)
     if kind == "gpt2":
-        config = transformers.GPT2Config(n_positions=cfg["seq_len"], n_embd=cfg["width"], n_layer=cfg["layers"],
-                                         n_head=cfg["heads"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                         **common)
+        config = transformers.GPT2Config(
+            n_positions=cfg["seq_len"],
+            n_embd=cfg["width"],
+            n_layer=cfg["layers"],
+            n_head=cfg["heads"],
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+        )
         model = transformers.GPT2LMHeadModel(config)
         model.loss_type = "ForCausalLM"  # transformers infers it from the class name, which GPT-2's lacks
         return model
     if kind == "llama":
-        config = transformers.LlamaConfig(hidden_size=cfg["width"], intermediate_size=cfg["intermediate"],
-                                          num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
-                                          num_key_value_heads=cfg["kv_heads"], max_position_embeddings=cfg["seq_len"],
-                                          **common)
+        config = transformers.LlamaConfig(
+            hidden_size=cfg["width"],
+            intermediate_size=cfg["intermediate"],
+            num_hidden_layers=cfg["layers"],
+            num_attention_heads=cfg["heads"],
+            num_key_value_heads=cfg["kv_heads"],
+            max_position_embeddings=cfg["seq_len"],
+            **common,
+        )
         return transformers.LlamaForCausalLM(config)
     raise ValueError(f"unknown language model {kind!r}")

@@ -29,23 +29,42 @@ def table(summary: dict, results: dict[str, WayResult]) -> str:
     diffs = loss_differences(results)
     unit = summary["unit"]
     classifier = any("accuracy" in r.evaluation for r in results.values())
-    header = ["way", "final loss", f"max |loss - {REFERENCE}|", "median step", "1st step", f"{unit}/s",
-              f"speed vs {REFERENCE}", "peak memory"] + (["test accuracy"] if classifier else [])
+    header = [
+        "way",
+        "final loss",
+        f"max |loss - {REFERENCE}|",
+        "median step",
+        "1st step",
+        f"{unit}/s",
+        f"speed vs {REFERENCE}",
+        "peak memory",
+    ] + (["test accuracy"] if classifier else [])
     rows = [header]
     for name, r in results.items():
         diff = "(reference)" if name == REFERENCE else "n/a" if diffs[name] is None else f"{diffs[name]:.3g}"
         speed = f"{reference.step_ms / r.step_ms:.2f}x" if reference else "n/a"
-        row = [name, f"{r.losses[-1]:.4f}", diff, f"{r.step_ms:.1f} ms", f"{r.first_step_ms / 1e3:.2f} s",
-               f"{r.throughput:,.0f}", speed, _memory(r, reference)]
+        row = [
+            name,
+            f"{r.losses[-1]:.4f}",
+            diff,
+            f"{r.step_ms:.1f} ms",
+            f"{r.first_step_ms / 1e3:.2f} s",
+            f"{r.throughput:,.0f}",
+            speed,
+            _memory(r, reference),
+        ]
         rows.append(row + ([f"{r.evaluation['accuracy']:.4f}"] if classifier else []))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     cfg = summary["config"]
     shape = f"{cfg['batch_size']} x {cfg['seq_len']} tokens" if "seq_len" in cfg else f"{cfg['batch_size']} {unit}"
-    lines.insert(0, f"{summary['model']} ({summary['model_source']}), preset {summary['preset']}: "
-                    f"{summary['parameters'] / 1e6:.2f}M parameters, {summary['steps']} steps of {shape}, "
-                    f"{cfg['dtype']}, on {summary['device_name']} (torch {summary['torch']})")
+    lines.insert(
+        0,
+        f"{summary['model']} ({summary['model_source']}), preset {summary['preset']}: "
+        f"{summary['parameters'] / 1e6:.2f}M parameters, {summary['steps']} steps of {shape}, "
+        f"{cfg['dtype']}, on {summary['device_name']} (torch {summary['torch']})",
+    )
     patched_as: dict[str, str] = {}
     for name, r in results.items():
         if r.report != "torch layers":
@@ -73,11 +92,15 @@ def plot(summary: dict, results: dict[str, WayResult], path: Path) -> None:
             gaps.plot(range(1, len(gap) + 1), gap, marker=".", **style)
     losses = [loss for r in results.values() for loss in r.losses]
     wide = min(losses) > 0 and max(losses) / min(losses) > 10  # a classifier's loss falls by decades
-    curves.set(xlabel="step", ylabel="training loss", yscale="log" if wide else "linear",
-               title=f"{summary['model']}, preset {summary['preset']}, {summary['config']['dtype']}, "
-                     f"{summary['device_name']}")
-    gaps.set(xlabel="step", ylabel=f"|loss - {REFERENCE} loss|", yscale="log",
-             title=f"difference from {REFERENCE}, per step")
+    curves.set(
+        xlabel="step",
+        ylabel="training loss",
+        yscale="log" if wide else "linear",
+        title=f"{summary['model']}, preset {summary['preset']}, {summary['config']['dtype']}, {summary['device_name']}",
+    )
+    gaps.set(
+        xlabel="step", ylabel=f"|loss - {REFERENCE} loss|", yscale="log", title=f"difference from {REFERENCE}, per step"
+    )
     curves.legend()
     if gaps.lines:
         gaps.legend()

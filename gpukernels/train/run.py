@@ -46,10 +46,14 @@ def timed_steps(steps: int) -> slice:
 
 def _plain_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup: int):
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
-        torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, 1.0, max(warmup - 1, 1)),
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps - warmup, eta_min=lr * 0.01)],
-        milestones=[warmup])
+    scheduler = torch.optim.lr_scheduler.SequentialLR(
+        optimizer,
+        [
+            torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, 1.0, max(warmup - 1, 1)),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps - warmup, eta_min=lr * 0.01),
+        ],
+        milestones=[warmup],
+    )
     return optimizer, scheduler, torch.nn.utils.clip_grad_norm_
 
 
@@ -59,8 +63,9 @@ def _gpukernels_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup:
     return optimizer, gk_optim.warmup_cosine(optimizer, warmup, steps, min_lr=lr * 0.01), gk_optim.clip_grad_norm_
 
 
-def run_way(task, way: str, base_model: torch.nn.Module, cfg: dict, autocast_dtype: torch.dtype | None,
-            device: torch.device) -> WayResult:
+def run_way(
+    task, way: str, base_model: torch.nn.Module, cfg: dict, autocast_dtype: torch.dtype | None, device: torch.device
+) -> WayResult:
     kind, compiled = WAYS[way]
     steps, result = cfg["steps"], WayResult()
     warmup = max(1, steps // 10)

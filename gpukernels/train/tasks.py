@@ -58,7 +58,7 @@ class LanguageModelTask:
         self.data = stdlib_tokens(cfg["vocab"], cfg["corpus_bytes"], cache_dir)
         seq_len = cfg["seq_len"]
         windows = self.data.tokens.size // seq_len
-        tokens = torch.from_numpy(self.data.tokens[:windows * seq_len].astype(np.int64))
+        tokens = torch.from_numpy(self.data.tokens[: windows * seq_len].astype(np.int64))
         self.windows = tokens.view(windows, seq_len)
         self.order = batch_order(windows, cfg["batch_size"], cfg["steps"], seed)
         self.units_per_step = cfg["batch_size"] * seq_len
@@ -88,8 +88,10 @@ class LanguageModelTask:
             hidden = model(input_ids=ids).logits  # lm_head now returns its input, the hidden states
             return fused(hidden[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
-        return loss_of, report + ("; lm_head fused into the loss by gk.fuse_linear_cross_entropy "
-                                  "(gk.patch has no loss= option in this version)")
+        return loss_of, report + (
+            "; lm_head fused into the loss by gk.fuse_linear_cross_entropy "
+            "(gk.patch has no loss= option in this version)"
+        )
 
     def liger_unavailable(self) -> str | None:
         try:
@@ -167,8 +169,8 @@ class ClassifierTask:
         correct = 0
         with torch.no_grad():
             for start in range(0, len(self.test_x), self.cfg["batch_size"]):
-                x = self._inputs(self.test_x[start:start + self.cfg["batch_size"]])
-                correct += (model(x).argmax(1) == self.test_y[start:start + len(x)]).sum().item()
+                x = self._inputs(self.test_x[start : start + self.cfg["batch_size"]])
+                correct += (model(x).argmax(1) == self.test_y[start : start + len(x)]).sum().item()
         return {"accuracy": correct / len(self.test_x)}
 
 

@@ -85,8 +85,9 @@ def check_launch(kernel: str, blocks: int, threads: int) -> None:
     if not 0 < blocks <= MAX_BLOCKS:
         raise ValueError(f"{kernel}: {blocks} blocks is outside [1, {MAX_BLOCKS}]")
     if not MIN_THREADS <= threads <= MAX_THREADS or threads & (threads - 1):
-        raise ValueError(f"{kernel}: {threads} threads per block is not a power of two "
-                         f"in [{MIN_THREADS}, {MAX_THREADS}]")
+        raise ValueError(
+            f"{kernel}: {threads} threads per block is not a power of two in [{MIN_THREADS}, {MAX_THREADS}]"
+        )
 
 
 @functools.cache
@@ -104,8 +105,15 @@ def _function(name: str, options: tuple[str, ...], kernel: str, device_index: in
         return _module(name, options).get_function(kernel)
 
 
-def launch(name: str, kernel: str, device: torch.device, blocks: int, threads: int, args: Sequence,
-           options: tuple[str, ...] = ()) -> None:
+def launch(
+    name: str,
+    kernel: str,
+    device: torch.device,
+    blocks: int,
+    threads: int,
+    args: Sequence,
+    options: tuple[str, ...] = (),
+) -> None:
     """Run ``kernel`` of source ``name`` on ``blocks`` x ``threads`` threads,
     on the current torch stream of ``device``."""
     import cupy

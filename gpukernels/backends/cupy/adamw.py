@@ -27,16 +27,18 @@ def _table(columns: list[list[torch.Tensor | None]], device: torch.device) -> tu
     blocks_per_tensor = (numels + CHUNK - 1) // CHUNK
     first_blocks = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
     block_tensor = torch.repeat_interleave(torch.arange(len(params)), blocks_per_tensor)
-    pointers = torch.tensor([[t.data_ptr() if t is not None else 0 for t in column] for column in columns],
-                            dtype=torch.int64)
+    pointers = torch.tensor(
+        [[t.data_ptr() if t is not None else 0 for t in column] for column in columns], dtype=torch.int64
+    )
     table = torch.cat((pointers.reshape(-1), numels, first_blocks, block_tensor))
     if device.type == "cuda":
         table = table.pin_memory().to(device, non_blocking=True)  # ordered on the stream, no host wait
     return table, len(block_tensor)
 
 
-def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
-                weight_decay, amsgrad, maximize):
+def adamw_step_(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize
+):
     torch._foreach_add_(steps, 1.0)
     columns = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     for dtype in dict.fromkeys(p.dtype for p in params):
@@ -47,9 +49,24 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr
         max_sqs = staged[4] if amsgrad else [None] * len(chosen)
         table, blocks = _table([*staged[:4], max_sqs, [steps[i] for i in chosen]], params[0].device)
         if blocks:
-            _runtime.launch("adamw.cu", kernel_name("adamw", dtype), params[0].device, blocks, THREADS,
-                            (pointer(table), np.int64(len(chosen)), np.int64(CHUNK), pointer(lr),
-                             np.float64(beta1), np.float64(beta2), np.float64(eps), np.float64(weight_decay),
-                             np.int32(amsgrad), np.int32(maximize)),
-                            options=("--fmad=false",))
+            _runtime.launch(
+                "adamw.cu",
+                kernel_name("adamw", dtype),
+                params[0].device,
+                blocks,
+                THREADS,
+                (
+                    pointer(table),
+                    np.int64(len(chosen)),
+                    np.int64(CHUNK),
+                    pointer(lr),
+                    np.float64(beta1),
+                    np.float64(beta2),
+                    np.float64(eps),
+                    np.float64(weight_decay),
+                    np.int32(amsgrad),
+                    np.int32(maximize),
+                ),
+                options=("--fmad=false",),
+            )
         copy_back(tensors, staged, read_only=1)

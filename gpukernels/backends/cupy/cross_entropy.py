@@ -25,30 +25,78 @@ COLUMNS_PER_THREAD = 4
 REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 
 
-def _forward(logits, target, probs, weight, ignore_index, label_smoothing, reduction, loss, row_max, log_sum,
-             target_mass, totals):
+def _forward(
+    logits, target, probs, weight, ignore_index, label_smoothing, reduction, loss, row_max, log_sum, target_mass, totals
+):
     """The row kernel, then the total kernel (and the target check, for class indices)."""
     rows, classes = logits.shape
     row_loss = torch.empty(rows, dtype=acc_dtype(logits.dtype), device=logits.device)
     ok = None if target is None else torch.empty((), dtype=torch.bool, device=logits.device)
     if rows:
-        _runtime.launch("cross_entropy.cu", kernel_name("cross_entropy_fwd", logits.dtype), logits.device,
-                        min(rows, MAX_BLOCKS), row_threads(classes),
-                        (pointer(logits), pointer(target), pointer(probs), pointer(weight), pointer(row_loss),
-                         pointer(row_max), pointer(log_sum), pointer(target_mass), np.int64(rows), np.int64(classes),
-                         np.int64(ignore_index), np.float64(label_smoothing)))
-    _runtime.launch("cross_entropy.cu", kernel_name("cross_entropy_total", logits.dtype), logits.device, 1,
-                    row_threads(rows),
-                    (pointer(row_loss), pointer(target), pointer(weight), pointer(loss), pointer(totals), pointer(ok),
-                     np.int64(rows), np.int64(classes), np.int64(ignore_index),
-                     np.int64(REDUCTION_CODES[reduction]), np.int64(target is None)))
+        _runtime.launch(
+            "cross_entropy.cu",
+            kernel_name("cross_entropy_fwd", logits.dtype),
+            logits.device,
+            min(rows, MAX_BLOCKS),
+            row_threads(classes),
+            (
+                pointer(logits),
+                pointer(target),
+                pointer(probs),
+                pointer(weight),
+                pointer(row_loss),
+                pointer(row_max),
+                pointer(log_sum),
+                pointer(target_mass),
+                np.int64(rows),
+                np.int64(classes),
+                np.int64(ignore_index),
+                np.float64(label_smoothing),
+            ),
+        )
+    _runtime.launch(
+        "cross_entropy.cu",
+        kernel_name("cross_entropy_total", logits.dtype),
+        logits.device,
+        1,
+        row_threads(rows),
+        (
+            pointer(row_loss),
+            pointer(target),
+            pointer(weight),
+            pointer(loss),
+            pointer(totals),
+            pointer(ok),
+            np.int64(rows),
+            np.int64(classes),
+            np.int64(ignore_index),
+            np.int64(REDUCTION_CODES[reduction]),
+            np.int64(target is None),
+        ),
+    )
     if ok is not None:
-        torch._assert_async(ok, f"cross_entropy: a target is out of bounds for {classes} classes "
-                                f"(and is not ignore_index {ignore_index})")
+        torch._assert_async(
+            ok,
+            f"cross_entropy: a target is out of bounds for {classes} classes (and is not ignore_index {ignore_index})",
+        )
 
 
-def _backward(grad_loss, logits, target, probs, weight, row_max, log_sum, target_mass, totals, ignore_index,
-              label_smoothing, reduction, grad, target_grad):
+def _backward(
+    grad_loss,
+    logits,
+    target,
+    probs,
+    weight,
+    row_max,
+    log_sum,
+    target_mass,
+    totals,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    grad,
+    target_grad,
+):
     rows, classes = logits.shape
     if not rows:
         return
@@ -56,33 +104,104 @@ def _backward(grad_loss, logits, target, probs, weight, row_max, log_sum, target
     threads = row_threads(classes)
     chunk = threads * COLUMNS_PER_THREAD
     tiles = rows * -(-classes // chunk)
-    _runtime.launch("cross_entropy.cu", kernel_name("cross_entropy_bwd", logits.dtype), logits.device,
-                    min(tiles, MAX_BLOCKS), threads,
-                    (pointer(logits), pointer(target), pointer(probs), pointer(weight), pointer(row_max),
-                     pointer(log_sum), pointer(target_mass), pointer(totals), pointer(grad_loss),
-                     np.int64(grad_loss.stride(0) if grad_loss.dim() else 0), np.int64(reduction == "mean"),
-                     pointer(grad), pointer(target_grad), np.int64(rows), np.int64(classes), np.int64(chunk),
-                     np.int64(ignore_index), np.float64(label_smoothing)))
+    _runtime.launch(
+        "cross_entropy.cu",
+        kernel_name("cross_entropy_bwd", logits.dtype),
+        logits.device,
+        min(tiles, MAX_BLOCKS),
+        threads,
+        (
+            pointer(logits),
+            pointer(target),
+            pointer(probs),
+            pointer(weight),
+            pointer(row_max),
+            pointer(log_sum),
+            pointer(target_mass),
+            pointer(totals),
+            pointer(grad_loss),
+            np.int64(grad_loss.stride(0) if grad_loss.dim() else 0),
+            np.int64(reduction == "mean"),
+            pointer(grad),
+            pointer(target_grad),
+            np.int64(rows),
+            np.int64(classes),
+            np.int64(chunk),
+            np.int64(ignore_index),
+            np.float64(label_smoothing),
+        ),
+    )
 
 
-def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss, row_max, log_sum,
-                      totals):
-    _forward(logits, target.to(torch.int64), None, weight, ignore_index, label_smoothing, reduction, loss, row_max,
-             log_sum, None, totals)
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss, row_max, log_sum, totals):
+    _forward(
+        logits,
+        target.to(torch.int64),
+        None,
+        weight,
+        ignore_index,
+        label_smoothing,
+        reduction,
+        loss,
+        row_max,
+        log_sum,
+        None,
+        totals,
+    )
 
 
-def cross_entropy_bwd(grad_loss, logits, target, weight, row_max, log_sum, totals, ignore_index, label_smoothing,
-                      reduction, grad):
-    _backward(grad_loss, logits, target.to(torch.int64), None, weight, row_max, log_sum, None, totals, ignore_index,
-              label_smoothing, reduction, grad, None)
+def cross_entropy_bwd(
+    grad_loss, logits, target, weight, row_max, log_sum, totals, ignore_index, label_smoothing, reduction, grad
+):
+    _backward(
+        grad_loss,
+        logits,
+        target.to(torch.int64),
+        None,
+        weight,
+        row_max,
+        log_sum,
+        None,
+        totals,
+        ignore_index,
+        label_smoothing,
+        reduction,
+        grad,
+        None,
+    )
 
 
-def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss, row_max, log_sum,
-                            target_mass):
+def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss, row_max, log_sum, target_mass):
     _forward(logits, None, target, weight, -1, label_smoothing, reduction, loss, row_max, log_sum, target_mass, None)
 
 
-def cross_entropy_probs_bwd(grad_loss, logits, target, weight, row_max, log_sum, target_mass, label_smoothing,
-                            reduction, grad_target, grad, target_grad):
-    _backward(grad_loss, logits, None, target, weight, row_max, log_sum, target_mass, None, -1, label_smoothing,
-              reduction, grad, target_grad if grad_target else None)
+def cross_entropy_probs_bwd(
+    grad_loss,
+    logits,
+    target,
+    weight,
+    row_max,
+    log_sum,
+    target_mass,
+    label_smoothing,
+    reduction,
+    grad_target,
+    grad,
+    target_grad,
+):
+    _backward(
+        grad_loss,
+        logits,
+        None,
+        target,
+        weight,
+        row_max,
+        log_sum,
+        target_mass,
+        None,
+        -1,
+        label_smoothing,
+        reduction,
+        grad,
+        target_grad if grad_target else None,
+    )

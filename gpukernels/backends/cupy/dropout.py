@@ -23,6 +23,18 @@ def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, y: torch.Tensor) 
     if n:
         groups = -(-n // 4)  # a thread per four elements
         blocks = min(-(-groups // THREADS), MAX_BLOCKS)
-        _runtime.launch("dropout.cu", kernel_name("dropout", x.dtype), x.device, blocks, THREADS,
-                        (pointer(x), pointer(y), np.int64(n), pointer(seed), np.int32(keep_threshold(p)),
-                         acc_scalar(keep_scale(p, x.dtype), x.dtype)))
+        _runtime.launch(
+            "dropout.cu",
+            kernel_name("dropout", x.dtype),
+            x.device,
+            blocks,
+            THREADS,
+            (
+                pointer(x),
+                pointer(y),
+                np.int64(n),
+                pointer(seed),
+                np.int32(keep_threshold(p)),
+                acc_scalar(keep_scale(p, x.dtype), x.dtype),
+            ),
+        )

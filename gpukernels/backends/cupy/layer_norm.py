@@ -21,10 +21,24 @@ def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
     rows, d = x.shape
     if rows:
         weight, bias = _in_acc(weight, x.dtype), _in_acc(bias, x.dtype)
-        _runtime.launch("layer_norm.cu", kernel_name("layer_norm_fwd", x.dtype), x.device,
-                        min(rows, MAX_BLOCKS), row_threads(d),
-                        (pointer(x), pointer(weight), pointer(bias), pointer(y), pointer(mean), pointer(rstd),
-                         np.int64(rows), np.int64(d), acc_scalar(eps, x.dtype)))
+        _runtime.launch(
+            "layer_norm.cu",
+            kernel_name("layer_norm_fwd", x.dtype),
+            x.device,
+            min(rows, MAX_BLOCKS),
+            row_threads(d),
+            (
+                pointer(x),
+                pointer(weight),
+                pointer(bias),
+                pointer(y),
+                pointer(mean),
+                pointer(rstd),
+                np.int64(rows),
+                np.int64(d),
+                acc_scalar(eps, x.dtype),
+            ),
+        )
 
 
 def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
@@ -36,10 +50,25 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
     dbias_partial = torch.zeros((blocks, d), dtype=acc, device=x.device) if has_bias else None
     if rows:
         weight_acc = _in_acc(weight, x.dtype)  # held until the launch: the kernel reads its address
-        _runtime.launch("layer_norm.cu", kernel_name("layer_norm_bwd", x.dtype), x.device, blocks, row_threads(d),
-                        (pointer(dy), pointer(x), pointer(weight_acc), pointer(mean), pointer(rstd),
-                         pointer(dx), pointer(dweight_partial), pointer(dbias_partial),
-                         np.int64(rows), np.int64(d)))
+        _runtime.launch(
+            "layer_norm.cu",
+            kernel_name("layer_norm_bwd", x.dtype),
+            x.device,
+            blocks,
+            row_threads(d),
+            (
+                pointer(dy),
+                pointer(x),
+                pointer(weight_acc),
+                pointer(mean),
+                pointer(rstd),
+                pointer(dx),
+                pointer(dweight_partial),
+                pointer(dbias_partial),
+                np.int64(rows),
+                np.int64(d),
+            ),
+        )
     if weight is not None:
         dweight.copy_(dweight_partial.sum(0))
     if has_bias:

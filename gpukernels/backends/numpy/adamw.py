@@ -27,9 +27,20 @@ def _lerp_(start: np.ndarray, end: np.ndarray, weight: np.floating) -> None:
         start[...] = end - (end - start) * (weight.dtype.type(1) - weight)
 
 
-def _update_one(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                max_exp_avg_sq: torch.Tensor | None, step: torch.Tensor, lr: float, beta1: float, beta2: float,
-                eps: float, weight_decay: float, maximize: bool) -> None:
+def _update_one(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    step: torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
     scalar = compute_dtype(param.dtype).type
     step_view = step.numpy()
     step_view += 1
@@ -57,11 +68,14 @@ def _update_one(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
         param.copy_(torch.from_numpy(p))
 
 
-def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
-                weight_decay, amsgrad, maximize):
+def adamw_step_(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize
+):
     lr = lr.item()
     max_sqs = max_exp_avg_sqs if amsgrad else [None] * len(params)
     for param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step in zip(
-            params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, strict=True):
-        _update_one(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps,
-                    weight_decay, maximize)
+        params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, strict=True
+    ):
+        _update_one(
+            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, maximize
+        )

@@ -20,8 +20,9 @@ def kept_targets(target: np.ndarray, ignore_index: int, classes: int) -> tuple[n
     kept = target != ignore_index
     bad = kept & ((target < 0) | (target >= classes))
     if bad.any():
-        raise IndexError(f"target {int(target[bad][0])} is out of bounds for {classes} classes "
-                         f"(and is not ignore_index)")
+        raise IndexError(
+            f"target {int(target[bad][0])} is out of bounds for {classes} classes (and is not ignore_index)"
+        )
     return kept, np.where(kept, target, 0)
 
 
@@ -36,9 +37,16 @@ def _softcap(x: np.ndarray, softcap: float | None, overwrite: bool) -> np.ndarra
     return c
 
 
-def row_statistics(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None, ignore_index: int,
-                   label_smoothing: float, softcap: float | None = None, z_loss: float = 0.0,
-                   overwrite: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def row_statistics(
+    x: np.ndarray,
+    target: np.ndarray,
+    weight: np.ndarray | None,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    overwrite: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row, of ``c = softcap(x)`` (``c = x`` without a softcap): the loss
     -(1-e) w[t_i] logp[i, t_i] - (e/C) sum_c w[c] logp[i, c] + z_loss lse_i**2 (0 on ignored
     rows), the row max m_i and log-sum ``log sum_c exp(c - m_i)``; ``lse = m + log_sum``.
@@ -65,10 +73,21 @@ def row_statistics(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None,
     return np.where(kept, loss, 0), row_max, log_sum
 
 
-def logits_grad(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None, ignore_index: int,
-                label_smoothing: float, row_max: np.ndarray, log_sum: np.ndarray, scale: np.ndarray | float,
-                classes: int, col_offset: int = 0, softcap: float | None = None, z_loss: float = 0.0,
-                overwrite: bool = False) -> np.ndarray:
+def logits_grad(
+    x: np.ndarray,
+    target: np.ndarray,
+    weight: np.ndarray | None,
+    ignore_index: int,
+    label_smoothing: float,
+    row_max: np.ndarray,
+    log_sum: np.ndarray,
+    scale: np.ndarray | float,
+    classes: int,
+    col_offset: int = 0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    overwrite: bool = False,
+) -> np.ndarray:
     """``scale_i`` (one value, or one per row) times d(loss_i)/dx for the columns
     ``[col_offset, col_offset + x.shape[1])`` of rows of ``classes`` logits, from the
     statistics ``row_statistics`` gave for the whole rows:
@@ -94,7 +113,7 @@ def logits_grad(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None, ig
         sum_w = weight.sum() if weight is not None else classes
         proportional = p * (b * sum_w + 2 * z_loss * scale * (row_max + log_sum))[:, None]
         if e > 0:
-            proportional -= b[:, None] if weight is None else np.outer(b, weight[col_offset:col_offset + width])
+            proportional -= b[:, None] if weight is None else np.outer(b, weight[col_offset : col_offset + width])
     hit = kept & (target >= col_offset) & (target < col_offset + width)
     grad[hit, target[hit] - col_offset] -= 1
     grad *= a[:, None]
@@ -142,8 +161,9 @@ def _grad_scale(grad_loss, reduction: str, denominator, dtype) -> np.ndarray:
     return scale / denominator if denominator != 0 else np.zeros_like(scale)
 
 
-def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss_out, row_max_out,
-                      log_sum_out, totals_out):
+def cross_entropy_fwd(
+    logits, target, weight, ignore_index, label_smoothing, reduction, loss_out, row_max_out, log_sum_out, totals_out
+):
     """loss_i = -(1-e) w[t_i] logp[i, t_i] - (e/C) sum_c w[c] logp[i, c], 0 on ignored rows."""
     x, t = as_array(logits), as_array(target)
     w = _class_weights(logits, weight)
@@ -155,13 +175,26 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, red
     write(totals_out, np.array([denominator, w.sum()]))
 
 
-def cross_entropy_bwd(grad_loss, logits, target, weight, row_max, log_sum, totals, ignore_index, label_smoothing,
-                      reduction, grad_out):
+def cross_entropy_bwd(
+    grad_loss, logits, target, weight, row_max, log_sum, totals, ignore_index, label_smoothing, reduction, grad_out
+):
     """s_i ((1-e) w[t_i] (p - onehot(t_i)) + (e/C) (sum(w) p - w)), 0 on ignored rows."""
     x = as_array(logits)
     scale = _grad_scale(grad_loss, reduction, as_array(totals)[0], row_max.dtype)
-    write(grad_out, logits_grad(x, as_array(target), _class_weights(logits, weight), ignore_index, label_smoothing,
-                                as_array(row_max), as_array(log_sum), scale, x.shape[1]))
+    write(
+        grad_out,
+        logits_grad(
+            x,
+            as_array(target),
+            _class_weights(logits, weight),
+            ignore_index,
+            label_smoothing,
+            as_array(row_max),
+            as_array(log_sum),
+            scale,
+            x.shape[1],
+        ),
+    )
 
 
 def _target_weights(target: np.ndarray, weight: np.ndarray, label_smoothing: float) -> np.ndarray:
@@ -170,8 +203,9 @@ def _target_weights(target: np.ndarray, weight: np.ndarray, label_smoothing: flo
     return weight * ((1 - e) * target + e / target.shape[1]) if e > 0 else weight * target
 
 
-def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss_out, row_max_out, log_sum_out,
-                            target_mass_out):
+def cross_entropy_probs_fwd(
+    logits, target, weight, label_smoothing, reduction, loss_out, row_max_out, log_sum_out, target_mass_out
+):
     """loss_i = -sum_c q[i, c] logp[i, c] = mass_i log_sum_i - sum_c q[i, c] (x[i, c] - m_i),
     with mass_i = sum_c q[i, c]. A class of probability 0 and logit -inf gives nan (0 * -inf),
     as in PyTorch."""
@@ -189,8 +223,20 @@ def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, 
     write(target_mass_out, mass)
 
 
-def cross_entropy_probs_bwd(grad_loss, logits, target, weight, row_max, log_sum, target_mass, label_smoothing,
-                            reduction, grad_target, grad_out, target_grad_out):
+def cross_entropy_probs_bwd(
+    grad_loss,
+    logits,
+    target,
+    weight,
+    row_max,
+    log_sum,
+    target_mass,
+    label_smoothing,
+    reduction,
+    grad_target,
+    grad_out,
+    target_grad_out,
+):
     """s_i (mass_i p - q) and, when asked, d/d(target) = -s_i (1-e) w logp."""
     x = as_array(logits)
     w = _class_weights(logits, weight)

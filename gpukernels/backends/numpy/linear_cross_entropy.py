@@ -24,8 +24,23 @@ def _logits(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[np.ndarr
     return x_array, w, logits
 
 
-def linear_cross_entropy_fwd(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction,
-                             chunk_rows, loss_dtype, loss_out, row_max_out, log_sum_out, kept_rows_out):
+def linear_cross_entropy_fwd(
+    x,
+    weight,
+    bias,
+    target,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    reduction,
+    chunk_rows,
+    loss_dtype,
+    loss_out,
+    row_max_out,
+    log_sum_out,
+    kept_rows_out,
+):
     """Each chunk of ``chunk_rows`` rows: its logits, then each row's loss (0 on ignored rows),
     the max of its (softcapped) logits and the log of ``sum exp(logit - max)``. One chunk's
     logits at a time: each is a temporary of ``row_statistics``' call, gone when it returns."""
@@ -34,8 +49,15 @@ def linear_cross_entropy_fwd(x, weight, bias, target, ignore_index, label_smooth
     for start in range(0, rows, chunk_rows):
         part = slice(start, start + chunk_rows)
         loss[part], row_max[part], log_sum[part] = row_statistics(
-            _logits(x[part], weight, bias)[2], t[part], None, ignore_index, label_smoothing, softcap, z_loss,
-            overwrite=True)
+            _logits(x[part], weight, bias)[2],
+            t[part],
+            None,
+            ignore_index,
+            label_smoothing,
+            softcap,
+            z_loss,
+            overwrite=True,
+        )
     kept_rows = np.count_nonzero(t != ignore_index)
     write_loss(loss_out, reduced(loss, reduction, kept_rows))
     write(row_max_out, row_max)
@@ -43,14 +65,43 @@ def linear_cross_entropy_fwd(x, weight, bias, target, ignore_index, label_smooth
     kept_rows_out.fill_(kept_rows)
 
 
-def _slice_grads(x, weight, bias, target, row_max, log_sum, scale, vocab, col_offset, ignore_index, label_smoothing,
-                 z_loss, softcap, dx, dweight_out, dbias_out):
+def _slice_grads(
+    x,
+    weight,
+    bias,
+    target,
+    row_max,
+    log_sum,
+    scale,
+    vocab,
+    col_offset,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    dx,
+    dweight_out,
+    dbias_out,
+):
     """One vocabulary slice (``weight``, ``bias``): its logits' gradient, written over them,
     then that slice of ``dweight`` and ``dbias`` (each when given), and its share of ``dx``
     added into the accumulator (when given)."""
     x_array, w, logits = _logits(x, weight, bias)
-    grad = logits_grad(logits, target, None, ignore_index, label_smoothing, row_max, log_sum, scale, vocab,
-                       col_offset, softcap, z_loss, overwrite=True)
+    grad = logits_grad(
+        logits,
+        target,
+        None,
+        ignore_index,
+        label_smoothing,
+        row_max,
+        log_sum,
+        scale,
+        vocab,
+        col_offset,
+        softcap,
+        z_loss,
+        overwrite=True,
+    )
     if dx is not None:
         dx += grad @ w
     if dweight_out is not None:
@@ -59,9 +110,28 @@ def _slice_grads(x, weight, bias, target, row_max, log_sum, scale, vocab, col_of
         write(dbias_out, grad.sum(axis=0))
 
 
-def linear_cross_entropy_bwd(grad_loss, x, weight, bias, target, row_max, log_sum, kept_rows, ignore_index,
-                             label_smoothing, z_loss, softcap, reduction, slice_columns, grad_x, grad_weight,
-                             grad_bias, dx_out, dweight_out, dbias_out):
+def linear_cross_entropy_bwd(
+    grad_loss,
+    x,
+    weight,
+    bias,
+    target,
+    row_max,
+    log_sum,
+    kept_rows,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    reduction,
+    slice_columns,
+    grad_x,
+    grad_weight,
+    grad_bias,
+    dx_out,
+    dweight_out,
+    dbias_out,
+):
     """Each slice of ``slice_columns`` vocabulary entries: its logits for all rows again, their
     gradient written over them, then that slice of ``dweight`` and ``dbias``, and its share of
     ``dx`` added into an fp32 (fp64) accumulator."""
@@ -73,8 +143,23 @@ def linear_cross_entropy_bwd(grad_loss, x, weight, bias, target, row_max, log_su
     dx = np.zeros(x.shape, compute_dtype(x.dtype)) if grad_x else None
     for start in range(0, vocab, slice_columns):
         part = slice(start, start + slice_columns)
-        _slice_grads(x, weight[part], None if bias is None else bias[part], as_array(target), as_array(row_max),
-                     as_array(log_sum), scale, vocab, start, ignore_index, label_smoothing, z_loss, softcap, dx,
-                     dweight_out[part] if grad_weight else None, dbias_out[part] if grad_bias else None)
+        _slice_grads(
+            x,
+            weight[part],
+            None if bias is None else bias[part],
+            as_array(target),
+            as_array(row_max),
+            as_array(log_sum),
+            scale,
+            vocab,
+            start,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            softcap,
+            dx,
+            dweight_out[part] if grad_weight else None,
+            dbias_out[part] if grad_bias else None,
+        )
     if grad_x:
         write(dx_out, dx)

@@ -22,8 +22,8 @@ import numpy as np
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
-_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85        # Weyl increments of the key
-_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57    # round multipliers
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl increments of the key
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # round multipliers
 _ROUNDS = 10
 # Largest float32 s with (2**31 - 1) * s < 1 after rounding: uniforms stay below 1.
 _UNIFORM_SCALE = np.float32(4.6566127342e-10)

@@ -50,13 +50,22 @@ from triton.runtime.jit import JITFunction
 
 # The knobs JITFunction.run adds to a launch's options (so to its cache key), in this Triton release.
 JIT_OPTION_KNOBS = tuple(
-    (group, name) for group, name in
-    (("runtime", "debug"), ("compilation", "instrumentation_mode"), ("compilation", "fpsan_homomorphic_casts"))
-    if hasattr(getattr(knobs, group), name))
+    (group, name)
+    for group, name in (
+        ("runtime", "debug"),
+        ("compilation", "instrumentation_mode"),
+        ("compilation", "fpsan_homomorphic_casts"),
+    )
+    if hasattr(getattr(knobs, group), name)
+)
 # How the key reads each: the fp-sanitizer's option is an environment read, and the compiler
 # reads it only under the fpsan instrumentation mode.
-_KNOB_READS = {("compilation", "fpsan_homomorphic_casts"):
-               "knobs.compilation.instrumentation_mode and knobs.compilation.fpsan_homomorphic_casts"}
+_KNOB_READS = {
+    (
+        "compilation",
+        "fpsan_homomorphic_casts",
+    ): "knobs.compilation.instrumentation_mode and knobs.compilation.fpsan_homomorphic_casts"
+}
 _HAS_STAGES_HOOK = hasattr(knobs.runtime, "add_stages_inspection_hook")
 
 
@@ -74,8 +83,10 @@ def _binder_source(fn: JITFunction) -> str | None:
         if kp.is_constexpr:
             key.append(p.name)
         else:
-            key.append(f"specialize(backend, {p.name}, {kp.is_const}, {not kp.do_not_specialize}, "
-                       f"{not kp.do_not_specialize_on_alignment})")
+            key.append(
+                f"specialize(backend, {p.name}, {kp.is_const}, {not kp.do_not_specialize}, "
+                f"{not kp.do_not_specialize_on_alignment})"
+            )
     key.append("*options.items()")
     key += [_KNOB_READS.get(knob, f"knobs.{knob[0]}.{knob[1]}") for knob in JIT_OPTION_KNOBS]
     bound = "".join(f"{p.name}, " for p in parameters)
@@ -86,8 +97,9 @@ def _make_binder(fn: JITFunction, backend: Any) -> Callable | None:
     source = _binder_source(fn)
     if source is None:
         return None
-    namespace = {f"default_{name}": p.default for name, p in fn.signature.parameters.items()
-                 if p.default is not p.empty}
+    namespace = {
+        f"default_{name}": p.default for name, p in fn.signature.parameters.items() if p.default is not p.empty
+    }
     namespace.update(specialize=native_specialize_impl, backend=backend, knobs=knobs)
     exec(source, namespace)
     return namespace["bind"]
@@ -144,8 +156,18 @@ class Kernel:
             launch_metadata = kernel.launch_metadata(grid, stream, *bound)
         else:
             launch_metadata = enter = leave = None
-        run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, function, packed_metadata,
-            launch_metadata, enter, leave, *bound)
+        run(
+            grid[0],
+            grid[1] if size > 1 else 1,
+            grid[2] if size > 2 else 1,
+            stream,
+            function,
+            packed_metadata,
+            launch_metadata,
+            enter,
+            leave,
+            *bound,
+        )
         return kernel
 
     def _miss(self, grid, args, kwargs):

@@ -68,13 +68,27 @@ NUMEL = tl.constexpr(6)
 FIRST_BLOCK = tl.constexpr(7)
 COLUMNS = tl.constexpr(8)
 
-_TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-                  torch.float64: tl.float64}
+_TRITON_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
 
 
 @jit
-def adamw_kernel(Table, BlockTensor, Arrivals, Lr, Hyper, PARAM_TY: tl.constexpr, ACC: tl.constexpr,
-                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+def adamw_kernel(
+    Table,
+    BlockTensor,
+    Arrivals,
+    Lr,
+    Hyper,
+    PARAM_TY: tl.constexpr,
+    ACC: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     tensor = tl.load(BlockTensor + pid)
     row = Table + tensor.to(tl.int64) * COLUMNS
@@ -154,9 +168,9 @@ def adamw_kernel(Table, BlockTensor, Arrivals, Lr, Hyper, PARAM_TY: tl.constexpr
 
 
 class _Tables(NamedTuple):
-    table: Tensor         # (tensors, COLUMNS) int64
+    table: Tensor  # (tensors, COLUMNS) int64
     block_tensor: Tensor  # (programs,) int32
-    arrivals: Tensor      # (tensors,) int32, zero between calls
+    arrivals: Tensor  # (tensors,) int32, zero between calls
 
 
 _tables_cache: OrderedDict[tuple, _Tables] = OrderedDict()
@@ -172,8 +186,10 @@ def _built_outside_capture(device: torch.device, what: str) -> None:
     """Tables and hyperparameters are copied from the host, which a CUDA
     graph cannot capture: they must exist before (from a warm-up step)."""
     if _capturing(device):
-        raise RuntimeError(f"adamw_step_: no {what} for these tensors yet while capturing a CUDA graph; "
-                           "run one step before capturing (the usual warm-up), with the same tensors")
+        raise RuntimeError(
+            f"adamw_step_: no {what} for these tensors yet while capturing a CUDA graph; "
+            "run one step before capturing (the usual warm-up), with the same tensors"
+        )
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -202,8 +218,11 @@ def _tables(device: torch.device, dtype: torch.dtype, columns: list[list[Tensor]
     _built_outside_capture(device, "tables of addresses")
     table = torch.tensor(rows, dtype=torch.int64)
     block_tensor = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(blocks))
-    tables = _Tables(_to_device(table, device), _to_device(block_tensor, device),
-                     torch.zeros(len(rows), dtype=torch.int32, device=device))
+    tables = _Tables(
+        _to_device(table, device),
+        _to_device(block_tensor, device),
+        torch.zeros(len(rows), dtype=torch.int32, device=device),
+    )
     _tables_cache[key] = tables
     if len(_tables_cache) > TABLE_CACHE_SIZE:
         _tables_cache.popitem(last=False)
@@ -217,8 +236,9 @@ def _hyperparameters(device: torch.device, beta1: float, beta2: float, eps: floa
     return torch.tensor([beta1, beta2, eps, weight_decay], dtype=torch.float64, device=device)
 
 
-def _by_dtype(columns: list[list[Tensor]], steps: list[Tensor]) -> Iterator[tuple[torch.dtype, list[list[Tensor]],
-                                                                                   list[Tensor]]]:
+def _by_dtype(
+    columns: list[list[Tensor]], steps: list[Tensor]
+) -> Iterator[tuple[torch.dtype, list[list[Tensor]], list[Tensor]]]:
     """(dtype, columns, steps) for each param dtype, in order of first appearance."""
     dtypes = [p.dtype for p in columns[0]]
     if len(set(dtypes)) == 1:
@@ -229,18 +249,29 @@ def _by_dtype(columns: list[list[Tensor]], steps: list[Tensor]) -> Iterator[tupl
         yield dtype, [[column[i] for i in chosen] if column else [] for column in columns], [steps[i] for i in chosen]
 
 
-def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
-                weight_decay, amsgrad, maximize):
+def adamw_step_(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize
+):
     device = params[0].device
     hyperparameters = _hyperparameters(device, beta1, beta2, eps, weight_decay)
     # Column order: PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ (empty: no column).
-    for dtype, columns, dtype_steps in _by_dtype([params, grads, exp_avgs, exp_avg_sqs,
-                                                  max_exp_avg_sqs if amsgrad else []], steps):
+    for dtype, columns, dtype_steps in _by_dtype(
+        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []], steps
+    ):
         staged = in_param_layout(columns)
         tables = _tables(device, dtype, staged, dtype_steps)
         if _capturing(device):  # evicted from the caches, they would be freed under the graph
             _kept_for_graphs.extend((*tables, hyperparameters))
         adamw_kernel[(tables.block_tensor.numel(),)](
-            tables.table, tables.block_tensor, tables.arrivals, lr, hyperparameters,
-            PARAM_TY=_TRITON_DTYPES[dtype], ACC=acc_dtype(dtype), AMSGRAD=amsgrad, MAXIMIZE=maximize, BLOCK=BLOCK)
+            tables.table,
+            tables.block_tensor,
+            tables.arrivals,
+            lr,
+            hyperparameters,
+            PARAM_TY=_TRITON_DTYPES[dtype],
+            ACC=acc_dtype(dtype),
+            AMSGRAD=amsgrad,
+            MAXIMIZE=maximize,
+            BLOCK=BLOCK,
+        )
         copy_back(columns, staged, read_only=1)

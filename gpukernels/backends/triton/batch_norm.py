@@ -56,10 +56,10 @@ import triton.language as tl
 from ._common import acc_dtype, num_programs, round_to
 from ._launch import jit
 
-TILE = 4096          # elements a program reads per step
-CHANNEL_BLOCK = 64   # channels per program when C is the contiguous axis
+TILE = 4096  # elements a program reads per step
+CHANNEL_BLOCK = 64  # channels per program when C is the contiguous axis
 PARAM_GRADS_BLOCK = 1024
-MAX_GRID_Y = 65535   # CUDA's limit on grid axis 1
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1
 # An elementwise program reads at most 1/PARTIAL_SHARE as many partials as it reads elements of x.
 PARTIAL_SHARE = 8
 INT32_OFFSETS_BELOW = 2**31  # element offsets up to here are computed in int32 (cheaper than int64)
@@ -69,8 +69,18 @@ INT32_OFFSETS_BELOW = 2**31  # element offsets up to here are computed in int32 
 
 
 @triton.jit
-def _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
-                  BLOCK_C: tl.constexpr, IDX: tl.constexpr):
+def _tile_indices(
+    tile,
+    c_start,
+    N,
+    L,
+    C,
+    l_tiles,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    IDX: tl.constexpr,
+):
     """Broadcastable (n, l, c) indices of tile ``tile`` of the channels from
     ``c_start``, in the offset dtype, and the mask of elements inside the tensor."""
     n = (tile // l_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -128,9 +138,23 @@ def _split_sums(Partial, splits, c_start, C, ACC: tl.constexpr, BLOCK_C: tl.cons
 
 
 @jit
-def _stats_kernel(X, Partial, N, L, C, sxn, sxl, sxc, tiles, l_tiles,
-                  ACC: tl.constexpr, IDX: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+def _stats_kernel(
+    X,
+    Partial,
+    N,
+    L,
+    C,
+    sxn,
+    sxl,
+    sxc,
+    tiles,
+    l_tiles,
+    ACC: tl.constexpr,
+    IDX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """This program's partial (count, mean, M2): the count, the same for every
     channel, at Partial[split], mean and M2 at Partial[splits + (k * splits + split) * C + c]
     for k = 0, 1 (see ``_merged_moments``)."""
@@ -180,11 +204,43 @@ def _merged_moments(Partial, splits, M, c_start, C, ACC: tl.constexpr, BLOCK_C: 
 
 
 @jit
-def _normalize_kernel(X, Y, Partial, splits, RunningMean, RunningVar, Mean, Rstd, W, B, M,
-                      N, L, C, sxn, sxl, sxc, syn, syl, syc, tiles, l_tiles, momentum_hi, momentum_lo, eps_hi, eps_lo,
-                      TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                      ACC: tl.constexpr, IDX: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+def _normalize_kernel(
+    X,
+    Y,
+    Partial,
+    splits,
+    RunningMean,
+    RunningVar,
+    Mean,
+    Rstd,
+    W,
+    B,
+    M,
+    N,
+    L,
+    C,
+    sxn,
+    sxl,
+    sxc,
+    syn,
+    syl,
+    syc,
+    tiles,
+    l_tiles,
+    momentum_hi,
+    momentum_lo,
+    eps_hi,
+    eps_lo,
+    TRAINING: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+    IDX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """y for this program's tiles, normalised with the batch's statistics (in
     training, merged from the partials) or the running stats' (in eval). The
     first program of each channel block writes Mean and Rstd and, in
@@ -200,10 +256,10 @@ def _normalize_kernel(X, Y, Partial, splits, RunningMean, RunningVar, Mean, Rstd
                 m = tl.cast(M, ACC)
                 running_mean = _channel_vector(RunningMean, c_start, C, ACC, BLOCK_C)
                 running_var = _channel_vector(RunningVar, c_start, C, ACC, BLOCK_C)
-                _store_per_channel(RunningMean, c_start, C, momentum * mean + (1.0 - momentum) * running_mean,
-                                   BLOCK_C)
-                _store_per_channel(RunningVar, c_start, C, momentum * (var * (m / (m - 1.0))) +
-                                   (1.0 - momentum) * running_var, BLOCK_C)
+                _store_per_channel(RunningMean, c_start, C, momentum * mean + (1.0 - momentum) * running_mean, BLOCK_C)
+                _store_per_channel(
+                    RunningVar, c_start, C, momentum * (var * (m / (m - 1.0))) + (1.0 - momentum) * running_var, BLOCK_C
+                )
     else:
         mean = _channel_vector(RunningMean, c_start, C, ACC, BLOCK_C)
         var = _channel_vector(RunningVar, c_start, C, ACC, BLOCK_C)
@@ -227,10 +283,36 @@ def _normalize_kernel(X, Y, Partial, splits, RunningMean, RunningVar, Mean, Rstd
 
 
 @jit
-def _bwd_reduce_kernel(X, DY, DX, Mean, Rstd, W, Partial, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc,
-                       sgn, sgl, sgc, tiles, l_tiles,
-                       TRAINING: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bwd_reduce_kernel(
+    X,
+    DY,
+    DX,
+    Mean,
+    Rstd,
+    W,
+    Partial,
+    N,
+    L,
+    C,
+    sxn,
+    sxl,
+    sxc,
+    sdn,
+    sdl,
+    sdc,
+    sgn,
+    sgl,
+    sgc,
+    tiles,
+    l_tiles,
+    TRAINING: tl.constexpr,
+    HAS_W: tl.constexpr,
+    ACC: tl.constexpr,
+    IDX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Partial sum(dy) and sum(dy*(x - mean)) at Partial[k, split, c] for k = 0, 1; in
     eval also dx = dy*w*rstd (strides sgn, sgl, sgc), which needs no sums."""
     c_start = tl.program_id(0) * BLOCK_C
@@ -258,8 +340,9 @@ def _bwd_reduce_kernel(X, DY, DX, Mean, Rstd, W, Partial, N, L, C, sxn, sxl, sxc
 
 
 @triton.jit
-def _store_param_grads(DW, DB, rstd, sum_dy, sum_dy_xc, c_start, C,
-                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+def _store_param_grads(
+    DW, DB, rstd, sum_dy, sum_dy_xc, c_start, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr
+):
     """dweight = sum(dy*xhat) = sum(dy*(x - mean))*rstd and dbias = sum(dy), in their dtype."""
     if HAS_W:
         _store_per_channel(DW, c_start, C, sum_dy_xc * rstd, BLOCK_C)
@@ -268,8 +351,9 @@ def _store_param_grads(DW, DB, rstd, sum_dy, sum_dy_xc, c_start, C,
 
 
 @jit
-def _param_grads_kernel(Partial, splits, Rstd, DW, DB, C,
-                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _param_grads_kernel(
+    Partial, splits, Rstd, DW, DB, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
     """Eval: dweight and dbias from the partials (dx needs no sums then)."""
     c_start = tl.program_id(0) * BLOCK
     sum_dy, sum_dy_xc = _split_sums(Partial, splits, c_start, C, ACC, BLOCK)
@@ -278,10 +362,40 @@ def _param_grads_kernel(Partial, splits, Rstd, DW, DB, C,
 
 
 @jit
-def _dx_kernel(X, DY, DX, Mean, Rstd, W, Partial, splits, DW, DB, M, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc,
-               sgn, sgl, sgc, tiles, l_tiles,
-               HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dx_kernel(
+    X,
+    DY,
+    DX,
+    Mean,
+    Rstd,
+    W,
+    Partial,
+    splits,
+    DW,
+    DB,
+    M,
+    N,
+    L,
+    C,
+    sxn,
+    sxl,
+    sxc,
+    sdn,
+    sdl,
+    sdc,
+    sgn,
+    sgl,
+    sgc,
+    tiles,
+    l_tiles,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+    IDX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Training dx: the batch mean and variance depend on x too, so dy loses
     its mean and its component along xhat. Each program adds up the partial
     sums of its channels; the first of each channel block writes dweight and dbias."""
@@ -311,6 +425,7 @@ def _dx_kernel(X, DY, DX, Mean, Rstd, W, Partial, splits, DW, DB, M, N, L, C, sx
 class _Tiling:
     """How the kernels walk an (N, C, L) problem: sizes after folding n and l,
     each tensor's (n, l, c) strides, block sizes and grids."""
+
     n: int
     l: int
     c: int
@@ -319,10 +434,10 @@ class _Tiling:
     block_l: int
     block_c: int
     l_tiles: int
-    tiles: int            # tiles per channel block
+    tiles: int  # tiles per channel block
     channel_blocks: int
-    splits: int           # reduction programs per channel block, each writing a partial
-    programs: int         # elementwise programs per channel block
+    splits: int  # reduction programs per channel block, each writing a partial
+    programs: int  # elementwise programs per channel block
     offset_dtype: tl.dtype
     num_warps: int
 
@@ -335,8 +450,14 @@ class _Tiling:
         return [self.tiles, self.l_tiles]
 
     def meta(self, acc: tl.dtype) -> dict:
-        return dict(ACC=acc, IDX=self.offset_dtype, BLOCK_N=self.block_n, BLOCK_L=self.block_l,
-                    BLOCK_C=self.block_c, num_warps=self.num_warps)
+        return dict(
+            ACC=acc,
+            IDX=self.offset_dtype,
+            BLOCK_N=self.block_n,
+            BLOCK_L=self.block_l,
+            BLOCK_C=self.block_c,
+            num_warps=self.num_warps,
+        )
 
     @property
     def reduction_grid(self) -> tuple[int, int]:
@@ -369,8 +490,9 @@ def _tiling(x: torch.Tensor, *others: torch.Tensor) -> _Tiling:
 
 
 @functools.lru_cache(maxsize=256)  # worked out once per shape, layout and device: host time on every call otherwise
-def _tiling_of(shape: tuple[int, int, int], tensor_strides: tuple[tuple[int, int, int], ...],
-               device: torch.device) -> _Tiling:
+def _tiling_of(
+    shape: tuple[int, int, int], tensor_strides: tuple[tuple[int, int, int], ...], device: torch.device
+) -> _Tiling:
     n0, c, l0 = shape
     n, l, strides = _fold(n0, l0, list(tensor_strides))
     _, sl, sc = strides[0]
@@ -394,11 +516,22 @@ def _tiling_of(shape: tuple[int, int, int], tensor_strides: tuple[tuple[int, int
     # masked lanes of edge tiles form offsets too: bound them with the padded sizes
     padded = (n_tiles * block_n, l_tiles * block_l, channel_blocks * block_c)
     span = max(sum((size - 1) * stride for size, stride in zip(padded, s)) for s in strides)
-    return _Tiling(n=n, l=l, c=c, strides=tuple(strides), block_n=block_n, block_l=block_l, block_c=block_c,
-                   l_tiles=l_tiles, tiles=tiles, channel_blocks=channel_blocks, splits=splits,
-                   programs=max(1, min(tiles // tiles_per_program, MAX_GRID_Y)),
-                   offset_dtype=tl.int32 if span < INT32_OFFSETS_BELOW else tl.int64,
-                   num_warps=min(max(block_n * block_l * block_c // 512, 1), 8))
+    return _Tiling(
+        n=n,
+        l=l,
+        c=c,
+        strides=tuple(strides),
+        block_n=block_n,
+        block_l=block_l,
+        block_c=block_c,
+        l_tiles=l_tiles,
+        tiles=tiles,
+        channel_blocks=channel_blocks,
+        splits=splits,
+        programs=max(1, min(tiles // tiles_per_program, MAX_GRID_Y)),
+        offset_dtype=tl.int32 if span < INT32_OFFSETS_BELOW else tl.int64,
+        num_warps=min(max(block_n * block_l * block_c // 512, 1), 8),
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -423,10 +556,27 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
         if splits:
             _stats_kernel[tiling.reduction_grid](x, partial, *tiling.args(0), *tiling.walk(), **tiling.meta(acc))
     _normalize_kernel[tiling.elementwise_grid](
-        x, y, partial, splits, running_mean, running_var, mean, rstd, weight, bias, n * length,
-        *tiling.args(0, 1), *tiling.walk(), *_fp32_pair(momentum), *_fp32_pair(eps),
-        TRAINING=training, UPDATE_RUNNING=running_mean is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None, **tiling.meta(acc))
+        x,
+        y,
+        partial,
+        splits,
+        running_mean,
+        running_var,
+        mean,
+        rstd,
+        weight,
+        bias,
+        n * length,
+        *tiling.args(0, 1),
+        *tiling.walk(),
+        *_fp32_pair(momentum),
+        *_fp32_pair(eps),
+        TRAINING=training,
+        UPDATE_RUNNING=running_mean is not None,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        **tiling.meta(acc),
+    )
 
 
 def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, dbias):
@@ -438,14 +588,49 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
     tiling = _tiling(x, dy, dx)
     acc = acc_dtype(x.dtype)
     partial = torch.empty((2, tiling.splits, channels), dtype=mean.dtype, device=x.device)
-    _bwd_reduce_kernel[tiling.reduction_grid](x, dy, dx, mean, rstd, weight, partial, *tiling.args(0, 1, 2),
-                                              *tiling.walk(), TRAINING=training, HAS_W=weight is not None,
-                                              **tiling.meta(acc))
+    _bwd_reduce_kernel[tiling.reduction_grid](
+        x,
+        dy,
+        dx,
+        mean,
+        rstd,
+        weight,
+        partial,
+        *tiling.args(0, 1, 2),
+        *tiling.walk(),
+        TRAINING=training,
+        HAS_W=weight is not None,
+        **tiling.meta(acc),
+    )
     if training:
         _dx_kernel[tiling.elementwise_grid](
-            x, dy, dx, mean, rstd, weight, partial, tiling.splits, dweight, dbias, n * length,
-            *tiling.args(0, 1, 2), *tiling.walk(), HAS_W=weight is not None, HAS_B=has_bias, **tiling.meta(acc))
+            x,
+            dy,
+            dx,
+            mean,
+            rstd,
+            weight,
+            partial,
+            tiling.splits,
+            dweight,
+            dbias,
+            n * length,
+            *tiling.args(0, 1, 2),
+            *tiling.walk(),
+            HAS_W=weight is not None,
+            HAS_B=has_bias,
+            **tiling.meta(acc),
+        )
     elif weight is not None or has_bias:
         _param_grads_kernel[(triton.cdiv(channels, PARAM_GRADS_BLOCK),)](
-            partial, tiling.splits, rstd, dweight, dbias, channels, HAS_W=weight is not None, HAS_B=has_bias,
-            ACC=acc, BLOCK=PARAM_GRADS_BLOCK)
+            partial,
+            tiling.splits,
+            rstd,
+            dweight,
+            dbias,
+            channels,
+            HAS_W=weight is not None,
+            HAS_B=has_bias,
+            ACC=acc,
+            BLOCK=PARAM_GRADS_BLOCK,
+        )

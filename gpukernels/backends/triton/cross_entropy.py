@@ -95,9 +95,24 @@ def as_float(bits, ACC: tl.constexpr):
 
 
 @triton.jit
-def finish_rows(RowLoss, T, W, Loss, Totals, Flags, rows, C, ignore_index, HAS_W: tl.constexpr, PROBS: tl.constexpr,
-                REDUCE: tl.constexpr, MEAN: tl.constexpr, WEIGHT_SUM: tl.constexpr, ACC: tl.constexpr,
-                BLOCK: tl.constexpr):
+def finish_rows(
+    RowLoss,
+    T,
+    W,
+    Loss,
+    Totals,
+    Flags,
+    rows,
+    C,
+    ignore_index,
+    HAS_W: tl.constexpr,
+    PROBS: tl.constexpr,
+    REDUCE: tl.constexpr,
+    MEAN: tl.constexpr,
+    WEIGHT_SUM: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """The work of the forward's last program, once every row's loss is in ``RowLoss``:
     ``Loss`` = their sum (``REDUCE``), over the mean's denominator (``MEAN``): the sum of
     ``w[t]`` over the rows whose target is kept and in range, the number of rows for
@@ -143,11 +158,37 @@ def finish_rows(RowLoss, T, W, Loss, Totals, Flags, rows, C, ignore_index, HAS_W
 
 
 @jit(do_not_specialize=FLOAT_OPTIONS)
-def cross_entropy_kernel(X, T, W, RowLoss, RowMax, LogSum, RowMass, Loss, Totals, Flags, row_offset, rows, C,
-                         ignore_index, smoothing_bits, softcap_bits, z_loss_bits, HAS_W: tl.constexpr,
-                         SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr, PROBS: tl.constexpr,
-                         FINISH: tl.constexpr, REDUCE: tl.constexpr, MEAN: tl.constexpr, WEIGHT_SUM: tl.constexpr,
-                         ACC: tl.constexpr, BLOCK_C: tl.constexpr, FINISH_BLOCK: tl.constexpr):
+def cross_entropy_kernel(
+    X,
+    T,
+    W,
+    RowLoss,
+    RowMax,
+    LogSum,
+    RowMass,
+    Loss,
+    Totals,
+    Flags,
+    row_offset,
+    rows,
+    C,
+    ignore_index,
+    smoothing_bits,
+    softcap_bits,
+    z_loss_bits,
+    HAS_W: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    Z_LOSS: tl.constexpr,
+    PROBS: tl.constexpr,
+    FINISH: tl.constexpr,
+    REDUCE: tl.constexpr,
+    MEAN: tl.constexpr,
+    WEIGHT_SUM: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FINISH_BLOCK: tl.constexpr,
+):
     """Program ``i`` takes row ``i`` of ``X`` (a chunk of the forward's ``rows`` rows):
     row ``row_offset + i`` of ``T``, ``RowLoss``, ``RowMax``, ``LogSum`` (``RowMass``).
     With ``FINISH``, the program to arrive last at the counter ``Flags[0]`` (zeroed by
@@ -210,16 +251,57 @@ def cross_entropy_kernel(X, T, W, RowLoss, RowMax, LogSum, RowMass, Loss, Totals
         # last program everyone's; the barrier puts every thread's stores before it.
         tl.debug_barrier()
         if tl.atomic_add(Flags, 1, sem="acq_rel") == rows - 1:
-            finish_rows(RowLoss, T, W, Loss, Totals, Flags, rows, C, ignore_index, HAS_W, PROBS, REDUCE, MEAN,
-                        WEIGHT_SUM, ACC, FINISH_BLOCK)
+            finish_rows(
+                RowLoss,
+                T,
+                W,
+                Loss,
+                Totals,
+                Flags,
+                rows,
+                C,
+                ignore_index,
+                HAS_W,
+                PROBS,
+                REDUCE,
+                MEAN,
+                WEIGHT_SUM,
+                ACC,
+                FINISH_BLOCK,
+            )
 
 
 @jit(do_not_specialize=FLOAT_OPTIONS)
-def logits_grad_kernel(X, T, W, RowMax, LogSum, RowMass, GradLoss, grad_stride, Totals, Grad, TargetGrad, rows,
-                       width, col_offset, C, ignore_index, smoothing_bits, softcap_bits, z_loss_bits,
-                       HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,
-                       PROBS: tl.constexpr, MEAN: tl.constexpr, TARGET_GRAD: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+def logits_grad_kernel(
+    X,
+    T,
+    W,
+    RowMax,
+    LogSum,
+    RowMass,
+    GradLoss,
+    grad_stride,
+    Totals,
+    Grad,
+    TargetGrad,
+    rows,
+    width,
+    col_offset,
+    C,
+    ignore_index,
+    smoothing_bits,
+    softcap_bits,
+    z_loss_bits,
+    HAS_W: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    Z_LOSS: tl.constexpr,
+    PROBS: tl.constexpr,
+    MEAN: tl.constexpr,
+    TARGET_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """``Grad[row, cols] = scale_row * d loss_row / d X[row, cols]`` for columns
     ``col_offset + cols`` of rows of ``C`` logits (``width`` of them here), from the
     row's ``m`` and ``log s``; ``scale_row`` is ``GradLoss[row * grad_stride]`` (a stride
@@ -271,12 +353,26 @@ def logits_grad_kernel(X, T, W, RowMax, LogSum, RowMass, GradLoss, grad_stride, 
     tl.store(Grad + row * width + cols, round_to(g, Grad.dtype.element_ty), mask=mask)
 
 
-def _flags(logits: Tensor, weight: Optional[Tensor], label_smoothing: float, softcap: Optional[float],
-           z_loss: float, probs: bool) -> dict:
+def _flags(
+    logits: Tensor,
+    weight: Optional[Tensor],
+    label_smoothing: float,
+    softcap: Optional[float],
+    z_loss: float,
+    probs: bool,
+) -> dict:
     """The kernels' option arguments and constexpr flags."""
-    return dict(smoothing_bits=float_bits(label_smoothing), softcap_bits=float_bits(softcap or 0.0),
-                z_loss_bits=float_bits(z_loss), HAS_W=weight is not None, SMOOTH=label_smoothing > 0,
-                SOFTCAP=softcap is not None, Z_LOSS=bool(z_loss), PROBS=probs, ACC=acc_dtype(logits.dtype))
+    return dict(
+        smoothing_bits=float_bits(label_smoothing),
+        softcap_bits=float_bits(softcap or 0.0),
+        z_loss_bits=float_bits(z_loss),
+        HAS_W=weight is not None,
+        SMOOTH=label_smoothing > 0,
+        SOFTCAP=softcap is not None,
+        Z_LOSS=bool(z_loss),
+        PROBS=probs,
+        ACC=acc_dtype(logits.dtype),
+    )
 
 
 class Finish(NamedTuple):
@@ -284,6 +380,7 @@ class Finish(NamedTuple):
     ``none``), reduced as ``reduction`` says; for class indices ``totals`` (the mean's
     denominator, and sum(w) with ``weight_sum``) and the target check into ``flags``
     (int32 ``[arrival counter, ok]``, zeroed: ``finish``)."""
+
     reduction: str
     loss: Optional[Tensor]
     totals: Optional[Tensor]
@@ -293,14 +390,31 @@ class Finish(NamedTuple):
 
 def finish(reduction: str, loss: Tensor, totals: Optional[Tensor], weight_sum: bool = False) -> Finish:
     """A forward's ``Finish``, its flags zeroed (the one launch besides the row kernel's)."""
-    return Finish(reduction, None if reduction == "none" else loss, totals,
-                  torch.zeros(2, dtype=torch.int32, device=loss.device), weight_sum)
+    return Finish(
+        reduction,
+        None if reduction == "none" else loss,
+        totals,
+        torch.zeros(2, dtype=torch.int32, device=loss.device),
+        weight_sum,
+    )
 
 
-def cross_entropy_rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                       label_smoothing: float, row_loss: Tensor, row_max: Tensor, log_sum: Tensor, *,
-                       row_offset: int = 0, target_mass: Optional[Tensor] = None, softcap: Optional[float] = None,
-                       z_loss: float = 0.0, last: Optional[Finish] = None) -> None:
+def cross_entropy_rows(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    row_loss: Tensor,
+    row_max: Tensor,
+    log_sum: Tensor,
+    *,
+    row_offset: int = 0,
+    target_mass: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    z_loss: float = 0.0,
+    last: Optional[Finish] = None,
+) -> None:
     """One launch over the rows of ``logits``, rows ``row_offset...`` of the forward's (of
     ``target``, ``row_loss``, ``row_max``, ``log_sum``): writes each row's loss (0 on
     ignored rows; ``+ z_loss * lse**2`` with a z-loss; of ``softcap * tanh(logits /
@@ -315,25 +429,41 @@ def cross_entropy_rows(logits: Tensor, target: Tensor, weight: Optional[Tensor],
     block = row_block(classes, MAX_BLOCK_C)
     warps = min(max(block // 256, 1), 16)
     cross_entropy_kernel[(rows,)](
-        logits, target, weight, row_loss, row_max, log_sum, target_mass,
+        logits,
+        target,
+        weight,
+        row_loss,
+        row_max,
+        log_sum,
+        target_mass,
         *(None, None, None) if last is None else (last.loss, last.totals, last.flags),
-        row_offset, row_loss.shape[0], classes, ignore_index,
+        row_offset,
+        row_loss.shape[0],
+        classes,
+        ignore_index,
         **_flags(logits, weight, label_smoothing, softcap, z_loss, target_mass is not None),
-        FINISH=last is not None, REDUCE=last is not None and last.loss is not None,
-        MEAN=last is not None and last.reduction == "mean", WEIGHT_SUM=last is not None and last.weight_sum,
-        BLOCK_C=block, FINISH_BLOCK=FINISH_ROWS_PER_WARP * warps, num_warps=warps)
+        FINISH=last is not None,
+        REDUCE=last is not None and last.loss is not None,
+        MEAN=last is not None and last.reduction == "mean",
+        WEIGHT_SUM=last is not None and last.weight_sum,
+        BLOCK_C=block,
+        FINISH_BLOCK=FINISH_ROWS_PER_WARP * warps,
+        num_warps=warps,
+    )
 
 
 def check_targets(last: Finish, target: Tensor, ignore_index: int, classes: int) -> None:
     """The forward's target check, from ``last.flags``: with no host synchronisation on CUDA."""
     ok = last.flags[1]
     if ok.device.type == "cuda":
-        torch._assert_async(ok, f"cross_entropy: a target is out of bounds for {classes} classes "
-                                f"(and is not ignore_index)")
+        torch._assert_async(
+            ok, f"cross_entropy: a target is out of bounds for {classes} classes (and is not ignore_index)"
+        )
     elif not ok:
         bad = (target != ignore_index) & ((target < 0) | (target >= classes))
-        raise IndexError(f"target {int(target[bad][0])} is out of bounds for {classes} classes "
-                         f"(and is not ignore_index)")
+        raise IndexError(
+            f"target {int(target[bad][0])} is out of bounds for {classes} classes (and is not ignore_index)"
+        )
 
 
 def finish_without_rows(last: Finish, weight: Optional[Tensor], classes: int) -> None:
@@ -346,10 +476,26 @@ def finish_without_rows(last: Finish, weight: Optional[Tensor], classes: int) ->
             last.totals[1] = classes if weight is None else weight.sum()
 
 
-def logits_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], row_max: Tensor, log_sum: Tensor,
-                grad_loss: Tensor, totals: Optional[Tensor], grad: Tensor, *, classes: int, col_offset: int,
-                ignore_index: int, label_smoothing: float, reduction: str, target_mass: Optional[Tensor] = None,
-                target_grad: Optional[Tensor] = None, softcap: Optional[float] = None, z_loss: float = 0.0) -> None:
+def logits_grad(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    row_max: Tensor,
+    log_sum: Tensor,
+    grad_loss: Tensor,
+    totals: Optional[Tensor],
+    grad: Tensor,
+    *,
+    classes: int,
+    col_offset: int,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    target_mass: Optional[Tensor] = None,
+    target_grad: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    z_loss: float = 0.0,
+) -> None:
     """Into ``grad`` (which may be ``logits``), ``grad_loss`` (0-d, or one per row, any
     stride; over the mean's denominator for ``mean``) times the gradient of each row's
     loss with respect to ``logits``, columns ``[col_offset, col_offset + width)`` of rows
@@ -361,15 +507,31 @@ def logits_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], row_ma
     block = row_block(width, GRAD_BLOCK_C)
     probs = target_mass is not None
     logits_grad_kernel[(rows, triton.cdiv(width, block))](
-        logits, target, weight, row_max, log_sum, target_mass, grad_loss, grad_loss.stride(0) if grad_loss.dim() else 0,
-        totals, grad, target_grad, rows, width, col_offset, classes, ignore_index,
+        logits,
+        target,
+        weight,
+        row_max,
+        log_sum,
+        target_mass,
+        grad_loss,
+        grad_loss.stride(0) if grad_loss.dim() else 0,
+        totals,
+        grad,
+        target_grad,
+        rows,
+        width,
+        col_offset,
+        classes,
+        ignore_index,
         **_flags(logits, weight, label_smoothing, softcap, z_loss, probs),
-        MEAN=reduction == "mean", TARGET_GRAD=target_grad is not None, BLOCK_C=block,
-        num_warps=min(max(block // 256, 1), 4))
+        MEAN=reduction == "mean",
+        TARGET_GRAD=target_grad is not None,
+        BLOCK_C=block,
+        num_warps=min(max(block // 256, 1), 4),
+    )
 
 
-def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss, row_max, log_sum,
-                      totals):
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss, row_max, log_sum, totals):
     rows, classes = logits.shape
     last = finish(reduction, loss, totals, weight_sum=True)
     if not rows:
@@ -379,25 +541,65 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, red
     check_targets(last, target, ignore_index, classes)
 
 
-def cross_entropy_bwd(grad_loss, logits, target, weight, row_max, log_sum, totals, ignore_index, label_smoothing,
-                      reduction, grad):
-    logits_grad(logits, target, weight, row_max, log_sum, grad_loss, totals, grad, classes=logits.shape[1],
-                col_offset=0, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
+def cross_entropy_bwd(
+    grad_loss, logits, target, weight, row_max, log_sum, totals, ignore_index, label_smoothing, reduction, grad
+):
+    logits_grad(
+        logits,
+        target,
+        weight,
+        row_max,
+        log_sum,
+        grad_loss,
+        totals,
+        grad,
+        classes=logits.shape[1],
+        col_offset=0,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )
 
 
-def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss, row_max, log_sum,
-                            target_mass):
+def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss, row_max, log_sum, target_mass):
     rows, classes = logits.shape
     last = None if reduction == "none" else finish(reduction, loss, None)
     if not rows:
         return None if last is None else finish_without_rows(last, weight, classes)
     row_loss = loss if reduction == "none" else torch.empty(rows, dtype=row_max.dtype, device=logits.device)
-    cross_entropy_rows(logits, target, weight, -1, label_smoothing, row_loss, row_max, log_sum,
-                       target_mass=target_mass, last=last)
+    cross_entropy_rows(
+        logits, target, weight, -1, label_smoothing, row_loss, row_max, log_sum, target_mass=target_mass, last=last
+    )
 
 
-def cross_entropy_probs_bwd(grad_loss, logits, target, weight, row_max, log_sum, target_mass, label_smoothing,
-                            reduction, grad_target, grad, target_grad):
-    logits_grad(logits, target, weight, row_max, log_sum, grad_loss, None, grad, classes=logits.shape[1],
-                col_offset=0, ignore_index=-1, label_smoothing=label_smoothing, reduction=reduction,
-                target_mass=target_mass, target_grad=target_grad if grad_target else None)
+def cross_entropy_probs_bwd(
+    grad_loss,
+    logits,
+    target,
+    weight,
+    row_max,
+    log_sum,
+    target_mass,
+    label_smoothing,
+    reduction,
+    grad_target,
+    grad,
+    target_grad,
+):
+    logits_grad(
+        logits,
+        target,
+        weight,
+        row_max,
+        log_sum,
+        grad_loss,
+        None,
+        grad,
+        classes=logits.shape[1],
+        col_offset=0,
+        ignore_index=-1,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+        target_mass=target_mass,
+        target_grad=target_grad if grad_target else None,
+    )

@@ -33,8 +33,9 @@ def folded(bits):
 
 
 @jit
-def dropout_kernel(X, Y, Seed, scale, n, threshold, SCALE_IN_MEMORY: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def dropout_kernel(
+    X, Y, Seed, scale, n, threshold, SCALE_IN_MEMORY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
     # (BLOCK // 4, 4): a row per Philox call, a column per output word
     groups = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
     word = tl.arange(0, 4)[None, :]
@@ -42,10 +43,12 @@ def dropout_kernel(X, Y, Seed, scale, n, threshold, SCALE_IN_MEMORY: tl.constexp
     mask = offsets < n
     x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
     zero = (groups * 0).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(tl.load(Seed), (groups & 0xFFFFFFFF).to(tl.uint32), (groups >> 32).to(tl.uint32),
-                               zero, zero)
-    bits = tl.where(word == 0, r0[:, None],
-                    tl.where(word == 1, r1[:, None], tl.where(word == 2, r2[:, None], r3[:, None])))
+    r0, r1, r2, r3 = tl.philox(
+        tl.load(Seed), (groups & 0xFFFFFFFF).to(tl.uint32), (groups >> 32).to(tl.uint32), zero, zero
+    )
+    bits = tl.where(
+        word == 0, r0[:, None], tl.where(word == 1, r1[:, None], tl.where(word == 2, r2[:, None], r3[:, None]))
+    )
     keep = folded(bits) > threshold
     if SCALE_IN_MEMORY:
         scale = tl.load(scale)
@@ -62,6 +65,15 @@ def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, y: torch.Tensor) 
         scale = float(keep_scale(p, x.dtype))
         if x.dtype == torch.float64:  # float arguments reach a kernel as fp32
             scale = torch.full((), scale, dtype=torch.float64, device=x.device)
-        dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, seed, scale, n, keep_threshold(p),
-                                                  SCALE_IN_MEMORY=x.dtype == torch.float64,
-                                                  ACC=acc_dtype(x.dtype), BLOCK=BLOCK, num_warps=8)
+        dropout_kernel[(triton.cdiv(n, BLOCK),)](
+            x,
+            y,
+            seed,
+            scale,
+            n,
+            keep_threshold(p),
+            SCALE_IN_MEMORY=x.dtype == torch.float64,
+            ACC=acc_dtype(x.dtype),
+            BLOCK=BLOCK,
+            num_warps=8,
+        )

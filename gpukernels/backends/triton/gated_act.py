@@ -49,22 +49,22 @@ def gated_act_fwd_kernel(Gate, Up, Y, n, ACTIVATION: tl.constexpr, ACC: tl.const
 
 
 @jit
-def gated_act_bwd_kernel(DY, Gate, Up, DGate, DUp, n, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def gated_act_bwd_kernel(DY, Gate, Up, DGate, DUp, n, ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offsets, mask = elementwise_offsets(n, BLOCK)
     dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
     gate = tl.load(Gate + offsets, mask=mask, other=0.0).to(ACC)
     up = tl.load(Up + offsets, mask=mask, other=0.0).to(ACC)
-    tl.store(DGate + offsets, round_to(dy * up * _activation_grad(gate, ACTIVATION), DGate.dtype.element_ty),
-             mask=mask)
+    tl.store(DGate + offsets, round_to(dy * up * _activation_grad(gate, ACTIVATION), DGate.dtype.element_ty), mask=mask)
     tl.store(DUp + offsets, round_to(dy * _activation(gate, ACTIVATION), DUp.dtype.element_ty), mask=mask)
 
 
 def gated_act_fwd(gate, up, activation, y):
-    launch_elementwise(gated_act_fwd_kernel, gate.numel(), gate, up, y, ACTIVATION=activation,
-                       ACC=acc_dtype(gate.dtype))
+    launch_elementwise(
+        gated_act_fwd_kernel, gate.numel(), gate, up, y, ACTIVATION=activation, ACC=acc_dtype(gate.dtype)
+    )
 
 
 def gated_act_bwd(dy, gate, up, activation, dgate, dup):
-    launch_elementwise(gated_act_bwd_kernel, gate.numel(), dy, gate, up, dgate, dup, ACTIVATION=activation,
-                       ACC=acc_dtype(gate.dtype))
+    launch_elementwise(
+        gated_act_bwd_kernel, gate.numel(), dy, gate, up, dgate, dup, ACTIVATION=activation, ACC=acc_dtype(gate.dtype)
+    )

@@ -21,9 +21,21 @@ from ._launch import jit
 
 
 @jit
-def layer_norm_fwd_kernel(X, W, B, Y, Mean, Rstd, D, eps,
-                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-                          BLOCK_D: tl.constexpr, ONE_BLOCK: tl.constexpr):
+def layer_norm_fwd_kernel(
+    X,
+    W,
+    B,
+    Y,
+    Mean,
+    Rstd,
+    D,
+    eps,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     X += row * D
     Y += row * D
@@ -67,9 +79,23 @@ def layer_norm_fwd_kernel(X, W, B, Y, Mean, Rstd, D, eps,
 
 
 @jit
-def layer_norm_bwd_kernel(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, rows, D,
-                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-                          BLOCK_D: tl.constexpr, ONE_BLOCK: tl.constexpr):
+def layer_norm_bwd_kernel(
+    DY,
+    X,
+    W,
+    Mean,
+    Rstd,
+    DX,
+    DW_partial,
+    DB_partial,
+    rows,
+    D,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     if ONE_BLOCK:
@@ -138,8 +164,9 @@ def layer_norm_bwd_kernel(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, rows
 
 
 @jit
-def partial_sums_kernel(Partial, DW, DB, programs, D, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+def partial_sums_kernel(
+    Partial, DW, DB, programs, D, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """DW, DB = the (programs, D) partials [0] and [1] summed over their rows, rounded to the params' dtype."""
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_in = cols < D
@@ -171,9 +198,22 @@ def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
     rows, d = x.shape
     if rows:
         block, one_block = _blocks(d)
-        layer_norm_fwd_kernel[(rows,)](x, weight, bias, y, mean, rstd, d, eps,
-                                       HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc_dtype(x.dtype),
-                                       BLOCK_D=block, ONE_BLOCK=one_block, num_warps=min(max(block // 256, 1), 16))
+        layer_norm_fwd_kernel[(rows,)](
+            x,
+            weight,
+            bias,
+            y,
+            mean,
+            rstd,
+            d,
+            eps,
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            ACC=acc_dtype(x.dtype),
+            BLOCK_D=block,
+            ONE_BLOCK=one_block,
+            num_warps=min(max(block // 256, 1), 16),
+        )
 
 
 def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
@@ -188,16 +228,39 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
     # in them, which start from 0.
     partial = (torch.empty if one_block else torch.zeros)((2, programs, d), dtype=acc, device=x.device)
     if rows:
-        layer_norm_bwd_kernel[(programs,)](dy, x, weight, mean, rstd, dx, partial[0], partial[1], rows, d,
-                                           HAS_W=weight is not None, HAS_B=has_bias, ACC=acc_dtype(x.dtype),
-                                           BLOCK_D=block, ONE_BLOCK=one_block,
-                                           num_warps=min(max(block // 256, 1), 16),
-                                           # fused, dy * w - mean(dy * w) keeps the product's rounding error
-                                           # where the exact answer is 0 (D == 1), times rstd
-                                           enable_fp_fusion=False)
+        layer_norm_bwd_kernel[(programs,)](
+            dy,
+            x,
+            weight,
+            mean,
+            rstd,
+            dx,
+            partial[0],
+            partial[1],
+            rows,
+            d,
+            HAS_W=weight is not None,
+            HAS_B=has_bias,
+            ACC=acc_dtype(x.dtype),
+            BLOCK_D=block,
+            ONE_BLOCK=one_block,
+            num_warps=min(max(block // 256, 1), 16),
+            # fused, dy * w - mean(dy * w) keeps the product's rounding error
+            # where the exact answer is 0 (D == 1), times rstd
+            enable_fp_fusion=False,
+        )
     elif one_block:
         partial.zero_()
     if d and (weight is not None or has_bias):
         partial_sums_kernel[(triton.cdiv(d, PARTIAL_BLOCK_D),)](
-            partial, dweight, dbias, programs, d, HAS_W=weight is not None, HAS_B=has_bias,
-            BLOCK_P=PARTIAL_BLOCK_P, BLOCK_D=PARTIAL_BLOCK_D, num_warps=4)
+            partial,
+            dweight,
+            dbias,
+            programs,
+            d,
+            HAS_W=weight is not None,
+            HAS_B=has_bias,
+            BLOCK_P=PARTIAL_BLOCK_P,
+            BLOCK_D=PARTIAL_BLOCK_D,
+            num_warps=4,
+        )

@@ -46,6 +46,7 @@ _TANH_CUBIC = tl.constexpr(0.044715)
 # The constants stand right of a tensor: under the interpreter, constexpr *
 # tensor gives a constexpr wrapping the tensor, which tl.exp and friends refuse.
 
+
 @triton.jit
 def _normal_cdf(z):
     return 0.5 * (1.0 + tl.erf(z * _SQRT_HALF))
@@ -113,8 +114,19 @@ def activation_kernel(Z, Y, n, ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOC
 
 
 @jit
-def pre_activation_grad_kernel(DY, Saved, DZ, BiasPartial, M, N, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
-                               ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def pre_activation_grad_kernel(
+    DY,
+    Saved,
+    DZ,
+    BiasPartial,
+    M,
+    N,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
     """DZ = dy * act'(saved) on a (BLOCK_ROWS, BLOCK_COLS) tile, and the tile's column
     sums of dz (unrounded, fp32) into row ``program_id(0)`` of BiasPartial."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -139,8 +151,9 @@ def linear_act_fwd(x, weight, bias, activation, y, z):
         torch.addmm(bias, x, weight.t(), out=product)
     n = product.numel()
     if activation != "none" and n:
-        activation_kernel[(triton.cdiv(n, BLOCK),)](product, y, n, ACTIVATION=activation, ACC=acc_dtype(y.dtype),
-                                                    BLOCK=BLOCK, num_warps=4)
+        activation_kernel[(triton.cdiv(n, BLOCK),)](
+            product, y, n, ACTIVATION=activation, ACC=acc_dtype(y.dtype), BLOCK=BLOCK, num_warps=4
+        )
 
 
 def _dz_and_dbias(dy: torch.Tensor, saved: torch.Tensor, activation: str, dbias: torch.Tensor | None) -> torch.Tensor:
@@ -156,8 +169,19 @@ def _dz_and_dbias(dy: torch.Tensor, saved: torch.Tensor, activation: str, dbias:
     partial = torch.empty((tiles, n), dtype=acc, device=dy.device) if dbias is not None else None
     if dy.numel():
         pre_activation_grad_kernel[(tiles, triton.cdiv(n, BLOCK_COLS))](
-            dy, saved, dz, partial, m, n, ACTIVATION=activation, HAS_BIAS=dbias is not None, ACC=acc_dtype(dy.dtype),
-            BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, num_warps=4)
+            dy,
+            saved,
+            dz,
+            partial,
+            m,
+            n,
+            ACTIVATION=activation,
+            HAS_BIAS=dbias is not None,
+            ACC=acc_dtype(dy.dtype),
+            BLOCK_ROWS=BLOCK_ROWS,
+            BLOCK_COLS=BLOCK_COLS,
+            num_warps=4,
+        )
     if dbias is not None:
         dbias.copy_(partial.sum(0))
     return dz

@@ -60,8 +60,23 @@ def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta)
 
 
-def linear_cross_entropy_fwd(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction,
-                             chunk_rows, loss_dtype, loss, row_max, log_sum, kept_rows):
+def linear_cross_entropy_fwd(
+    x,
+    weight,
+    bias,
+    target,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    reduction,
+    chunk_rows,
+    loss_dtype,
+    loss,
+    row_max,
+    log_sum,
+    kept_rows,
+):
     rows, vocab = x.shape[0], weight.shape[0]
     last = finish(reduction, loss, kept_rows)
     if not rows:
@@ -70,25 +85,70 @@ def linear_cross_entropy_fwd(x, weight, bias, target, ignore_index, label_smooth
     # autocast reaches into a custom op's body: it would change the logits' dtype
     with torch.autocast(x.device.type, enabled=False):
         for start in range(0, rows, chunk_rows):
-            cross_entropy_rows(_logits(x[start:start + chunk_rows], weight, bias), target, None, ignore_index,
-                               label_smoothing, row_loss, row_max, log_sum, row_offset=start, softcap=softcap,
-                               z_loss=z_loss, last=last)
+            cross_entropy_rows(
+                _logits(x[start : start + chunk_rows], weight, bias),
+                target,
+                None,
+                ignore_index,
+                label_smoothing,
+                row_loss,
+                row_max,
+                log_sum,
+                row_offset=start,
+                softcap=softcap,
+                z_loss=z_loss,
+                last=last,
+            )
     check_targets(last, target, ignore_index, vocab)
 
 
-def linear_cross_entropy_bwd(grad_loss, x, weight, bias, target, row_max, log_sum, kept_rows, ignore_index,
-                             label_smoothing, z_loss, softcap, reduction, slice_columns, grad_x, grad_weight,
-                             grad_bias, dx, dweight, dbias):
+def linear_cross_entropy_bwd(
+    grad_loss,
+    x,
+    weight,
+    bias,
+    target,
+    row_max,
+    log_sum,
+    kept_rows,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    reduction,
+    slice_columns,
+    grad_x,
+    grad_weight,
+    grad_bias,
+    dx,
+    dweight,
+    dbias,
+):
     vocab = weight.shape[0]
-    dx_acc = dx if not grad_x or dx.dtype == row_max.dtype else torch.empty(x.shape, dtype=row_max.dtype,
-                                                                              device=x.device)
+    dx_acc = (
+        dx if not grad_x or dx.dtype == row_max.dtype else torch.empty(x.shape, dtype=row_max.dtype, device=x.device)
+    )
     with torch.autocast(x.device.type, enabled=False):
         for start in range(0, vocab, slice_columns):
             part = slice(start, start + slice_columns)
             grad = _logits(x, weight[part], None if bias is None else bias[part])
-            logits_grad(grad, target, None, row_max, log_sum, grad_loss, kept_rows, grad, classes=vocab,
-                        col_offset=start, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                        reduction=reduction, softcap=softcap, z_loss=z_loss)
+            logits_grad(
+                grad,
+                target,
+                None,
+                row_max,
+                log_sum,
+                grad_loss,
+                kept_rows,
+                grad,
+                classes=vocab,
+                col_offset=start,
+                ignore_index=ignore_index,
+                label_smoothing=label_smoothing,
+                reduction=reduction,
+                softcap=softcap,
+                z_loss=z_loss,
+            )
             if grad_weight:
                 torch.mm(grad.T, x, out=dweight[part])
             if grad_bias:

@@ -22,8 +22,9 @@ from .layer_norm import PARTIAL_BLOCK_D, PARTIAL_BLOCK_P, partial_sums_kernel
 
 
 @triton.jit
-def _scaled(h, W, cols, mask, offset, X_DTYPE: tl.constexpr, MUL: tl.constexpr,
-            HAS_W: tl.constexpr, CAST_BEFORE_W: tl.constexpr):
+def _scaled(
+    h, W, cols, mask, offset, X_DTYPE: tl.constexpr, MUL: tl.constexpr, HAS_W: tl.constexpr, CAST_BEFORE_W: tl.constexpr
+):
     """``h * (offset + w)`` in MUL, with ``h`` first rounded to x's dtype under CAST_BEFORE_W."""
     if HAS_W:
         scale = offset + tl.load(W + cols, mask=mask, other=0.0).to(MUL)
@@ -34,9 +35,21 @@ def _scaled(h, W, cols, mask, offset, X_DTYPE: tl.constexpr, MUL: tl.constexpr,
 
 
 @jit
-def rms_norm_fwd_kernel(X, W, Y, Rstd, D, eps, offset,
-                        HAS_W: tl.constexpr, CAST_BEFORE_W: tl.constexpr, ACC: tl.constexpr, MUL: tl.constexpr,
-                        BLOCK_D: tl.constexpr, ONE_BLOCK: tl.constexpr):
+def rms_norm_fwd_kernel(
+    X,
+    W,
+    Y,
+    Rstd,
+    D,
+    eps,
+    offset,
+    HAS_W: tl.constexpr,
+    CAST_BEFORE_W: tl.constexpr,
+    ACC: tl.constexpr,
+    MUL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     X += row * D
     Y += row * D
@@ -72,9 +85,22 @@ def _weight_input(h, X_DTYPE: tl.constexpr, CAST_BEFORE_W: tl.constexpr):
 
 
 @jit
-def rms_norm_bwd_kernel(DY, X, W, Rstd, DX, DW_partial, rows, D, offset,
-                        HAS_W: tl.constexpr, CAST_BEFORE_W: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_D: tl.constexpr, ONE_BLOCK: tl.constexpr):
+def rms_norm_bwd_kernel(
+    DY,
+    X,
+    W,
+    Rstd,
+    DX,
+    DW_partial,
+    rows,
+    D,
+    offset,
+    HAS_W: tl.constexpr,
+    CAST_BEFORE_W: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     if ONE_BLOCK:
@@ -119,8 +145,12 @@ def rms_norm_bwd_kernel(DY, X, W, Rstd, DX, DW_partial, rows, D, offset,
                 # Each program owns one row of the partial buffer: no atomics.
                 if HAS_W:
                     partial = DW_partial + pid * D + cols
-                    tl.store(partial, tl.load(partial, mask=mask, other=0.0)
-                             + dy * _weight_input(h, X.dtype.element_ty, CAST_BEFORE_W), mask=mask)
+                    tl.store(
+                        partial,
+                        tl.load(partial, mask=mask, other=0.0)
+                        + dy * _weight_input(h, X.dtype.element_ty, CAST_BEFORE_W),
+                        mask=mask,
+                    )
             mean_gh = tl.sum(sum_gh, axis=0) / D
             for start in range(0, D, BLOCK_D):
                 cols = start + tl.arange(0, BLOCK_D)
@@ -146,10 +176,22 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
         block, one_block = _blocks(d)
         # Llama's weight multiply runs in the output's (promoted) dtype, the plain one in x's statistics dtype
         multiply = acc_dtype(y.dtype if cast_before_weight else x.dtype)
-        rms_norm_fwd_kernel[(rows,)](x, weight, y, rstd, d, eps, offset,
-                                     HAS_W=weight is not None, CAST_BEFORE_W=cast_before_weight,
-                                     ACC=acc_dtype(x.dtype), MUL=multiply,
-                                     BLOCK_D=block, ONE_BLOCK=one_block, num_warps=_warps(block))
+        rms_norm_fwd_kernel[(rows,)](
+            x,
+            weight,
+            y,
+            rstd,
+            d,
+            eps,
+            offset,
+            HAS_W=weight is not None,
+            CAST_BEFORE_W=cast_before_weight,
+            ACC=acc_dtype(x.dtype),
+            MUL=multiply,
+            BLOCK_D=block,
+            ONE_BLOCK=one_block,
+            num_warps=_warps(block),
+        )
 
 
 def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
@@ -164,13 +206,36 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
     partial = None
     if weight is not None:
         # The one-block variant stores its sums; the looped one keeps running sums, which start from 0.
-        partial = (torch.empty if one_block else torch.zeros)((programs, d), dtype=stats_dtype(x.dtype),
-                                                              device=x.device)
-    rms_norm_bwd_kernel[(programs,)](dy, x, weight, rstd, dx, partial, rows, d, offset,
-                                     HAS_W=weight is not None, CAST_BEFORE_W=cast_before_weight,
-                                     ACC=acc_dtype(x.dtype), BLOCK_D=block, ONE_BLOCK=one_block,
-                                     num_warps=_warps(block))
+        partial = (torch.empty if one_block else torch.zeros)(
+            (programs, d), dtype=stats_dtype(x.dtype), device=x.device
+        )
+    rms_norm_bwd_kernel[(programs,)](
+        dy,
+        x,
+        weight,
+        rstd,
+        dx,
+        partial,
+        rows,
+        d,
+        offset,
+        HAS_W=weight is not None,
+        CAST_BEFORE_W=cast_before_weight,
+        ACC=acc_dtype(x.dtype),
+        BLOCK_D=block,
+        ONE_BLOCK=one_block,
+        num_warps=_warps(block),
+    )
     if weight is not None:
         partial_sums_kernel[(triton.cdiv(d, PARTIAL_BLOCK_D),)](
-            partial, dweight, None, programs, d, HAS_W=True, HAS_B=False,
-            BLOCK_P=PARTIAL_BLOCK_P, BLOCK_D=PARTIAL_BLOCK_D, num_warps=4)
+            partial,
+            dweight,
+            None,
+            programs,
+            d,
+            HAS_W=True,
+            HAS_B=False,
+            BLOCK_P=PARTIAL_BLOCK_P,
+            BLOCK_D=PARTIAL_BLOCK_D,
+            num_warps=4,
+        )
