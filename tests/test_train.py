@@ -137,16 +137,6 @@ def test_cpu_preset_trains_eager_and_patched(model, tmp_path, cache_dir, capsys)
         assert "ResNet (blocks (1, 1, 1, 1), width 16)" in summary["model_source"]
 
 
-def test_patched_lm_fuses_the_head_itself_when_patch_has_no_loss_option(tmp_path, cache_dir, monkeypatch):
-    pytest.importorskip("transformers")
-    patch = tasks.patch
-    monkeypatch.setattr(tasks, "patch", lambda model: patch(model))  # a gk.patch without loss=
-    steps = ["--steps", "4"]
-    summary = _run("gpt2", tmp_path, cache_dir, *steps, "--ways", "eager,patched")
-    assert "fused into the loss by gk.fuse_linear_cross_entropy" in summary["ways"]["patched"]["report"]
-    _assert_tracks(summary, ["patched"], tmp_path, cache_dir, *steps)
-
-
 def test_compiled_ways_track_eager(tmp_path, cache_dir):
     steps = ["--steps", "20"]
     summary = _run("mlp", tmp_path, cache_dir, *steps, "--ways", "eager,compile,compile-patched")

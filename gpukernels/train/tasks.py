@@ -4,7 +4,6 @@ computes it, and its evaluation. Every way of one task sees the same batches."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import sys
 from collections import Counter
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..patch import PatchReport, fuse_linear_cross_entropy, patch
+from ..patch import PatchReport, patch
 from ._deps import install_hint, require
 from .data import batch_order, digit_images, load_digits, stdlib_tokens
 from .models import build_language_model, build_model, build_resnet
@@ -77,21 +76,8 @@ class LanguageModelTask:
         return lambda ids: model(input_ids=ids, labels=ids).loss
 
     def gpukernels(self, model: nn.Module):
-        """gpukernels' layers and fused LM loss: ``patch(model, loss="fused")`` where
-        this version has it, else ``patch`` plus ``fuse_linear_cross_entropy`` on lm_head."""
-        if "loss" in inspect.signature(patch).parameters:
-            return self.plain(model), summarize(patch(model, loss="fused"))
-        report = summarize(patch(model))
-        fused = fuse_linear_cross_entropy(model, "lm_head", nn.CrossEntropyLoss())
-
-        def loss_of(ids):
-            hidden = model(input_ids=ids).logits  # lm_head now returns its input, the hidden states
-            return fused(hidden[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-
-        return loss_of, report + (
-            "; lm_head fused into the loss by gk.fuse_linear_cross_entropy "
-            "(gk.patch has no loss= option in this version)"
-        )
+        """gpukernels' layers and fused LM loss: ``patch(model, loss="fused")``."""
+        return self.plain(model), summarize(patch(model, loss="fused"))
 
     def liger_unavailable(self) -> str | None:
         try:
