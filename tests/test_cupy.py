@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import gpukernels as gk
 import gpukernels.backends.cupy as cupy_backend
 import gpukernels.backends.numpy.adamw as numpy_adamw
+from gpukernels.backends._dropout import uint_to_uniform_float
 from gpukernels.backends.cupy import _runtime
 from gpukernels.backends.cupy import cross_entropy as cupy_cross_entropy
 from gpukernels.backends.cupy import dropout as cupy_dropout
@@ -41,7 +42,7 @@ from gpukernels.backends.cupy import layer_norm as cupy_layer_norm
 from gpukernels.backends.numpy import cross_entropy as numpy_cross_entropy
 from gpukernels.backends.numpy import dropout as numpy_dropout
 from gpukernels.backends.numpy import layer_norm as numpy_layer_norm
-from gpukernels.backends.numpy.philox import element_words, philox4x32, uint_to_uniform_float
+from gpukernels.backends.numpy.philox import element_words, philox4x32
 from gpukernels.ops.cross_entropy import cross_entropy_bwd, cross_entropy_fwd
 from gpukernels.ops.dropout import dropout_fwd
 from gpukernels.ops.layer_norm import layer_norm_bwd, layer_norm_fwd

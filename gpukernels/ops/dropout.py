@@ -12,7 +12,7 @@ The keep test. Element ``i`` is kept when its word's uniform (Triton's
 ``uint_to_uniform_float``: the word folded into ``k`` in ``[0, 2**31)``, ``~w``
 for the upper half, times a float32 scale) is above ``float32(p)``. Being
 non-decreasing in ``k``, that uniform is above ``p`` exactly for the ``k``
-above one integer, ``philox.keep_threshold(p)``, which the host finds once per
+above one integer, ``keep_threshold(p)`` (backends/_dropout.py), which the host finds once per
 ``p`` (by bisection with the float rule itself); the kernels compare ``k`` with
 it and never form the float. Every word is kept or dropped exactly as under
 the float test, and the masks are equal on every backend.

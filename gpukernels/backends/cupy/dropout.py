@@ -1,6 +1,6 @@
 """Inverted dropout (dropout.cu): the mask drawn by Philox4x32-10 from
 (seed, element index), four elements to a call, and kept by the integer test
-of ``numpy/philox.py``'s ``keep_threshold``, bit for bit as the NumPy and
+of ``backends/_dropout.py``'s ``keep_threshold``, bit for bit as the NumPy and
 Triton backends draw and keep it."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..numpy.dropout import keep_scale  # the one definition of the scale's rounding
-from ..numpy.philox import keep_threshold  # and of the keep test
+from .._dropout import keep_scale, keep_threshold
 from . import _runtime
 from ._runtime import acc_scalar, kernel_name, pointer
 

@@ -1,26 +1,16 @@
 """Inverted dropout on the flattened contiguous tensor, its mask drawn by
 Philox4x32-10 from ``(seed, element index)``, four elements to a call
 (``philox.element_words``), each word kept or dropped by the integer test
-``philox.keep_threshold`` gives, as the Triton and CUDA kernels do."""
+``keep_threshold`` (backends/_dropout.py) gives, as the Triton and CUDA kernels do."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ._arrays import as_array, compute_dtype, write
-from .philox import element_words, folded, keep_threshold
-
-
-def keep_scale(p: float, dtype: torch.dtype) -> np.floating:
-    """``1/(1-p)`` worked out in the compute dtype of ``dtype``, ``p`` included:
-    float32 for fp32/bf16/fp16, the float64 ``p`` for fp64 (so fp64 results
-    equal PyTorch's ``x * (1/(1-p))`` to the bit). 0 when ``p`` rounds to 1 in
-    float32, where no element is kept (uniforms are < 1)."""
-    real = compute_dtype(dtype).type
-    if np.float32(p) >= 1:
-        return real(0)
-    return real(1) / (real(1) - real(p))
+from .._dropout import folded, keep_scale, keep_threshold
+from ._arrays import as_array, write
+from .philox import element_words
 
 
 def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, y_out: torch.Tensor) -> None:

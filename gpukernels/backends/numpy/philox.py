@@ -11,22 +11,20 @@ Dropout draws four elements from each Philox call (``element_words``):
 element ``i`` takes output word ``i % 4`` of counter ``(i // 4 lo, i // 4 hi, 0, 0)``.
 The generator is what bounds a dropout kernel's speed, and this draws a quarter
 of the calls ``tl.rand`` per element would. It keeps an element when the
-word's uniform is above ``p``, decided without the uniform: see ``keep_threshold``.
+word's uniform is above ``p``, decided without the uniform: see ``backends/_dropout.py``.
 """
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
+
+from .._dropout import uint_to_uniform_float
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl increments of the key
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # round multipliers
 _ROUNDS = 10
-# Largest float32 s with (2**31 - 1) * s < 1 after rounding: uniforms stay below 1.
-_UNIFORM_SCALE = np.float32(4.6566127342e-10)
 
 
 def _mul_hi_lo(multiplier: int, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,40 +57,6 @@ def randint(seed: int, offsets: np.ndarray) -> np.ndarray:
     lo = (offsets & np.uint64(_MASK32)).astype(np.uint32)
     hi = (offsets >> np.uint64(32)).astype(np.uint32)
     return philox4x32(seed, lo, hi)[0]
-
-
-def folded(bits: np.ndarray) -> np.ndarray:
-    """uint32 words as the int32 in [0, 2**31) that ``uint_to_uniform_float``
-    scales: ``~x`` maps the negative half onto the positive one, so the sign
-    bit is not wasted."""
-    signed = np.asarray(bits, dtype=np.uint32).view(np.int32)
-    return np.where(signed < 0, ~signed, signed)
-
-
-def uint_to_uniform_float(bits: np.ndarray) -> np.ndarray:
-    """Triton's ``uint_to_uniform_float`` for 32-bit words: float32 in [0, 1)."""
-    return folded(bits).astype(np.float32) * _UNIFORM_SCALE
-
-
-@functools.lru_cache(maxsize=256)
-def keep_threshold(p: float) -> int:
-    """The integer form of the test ``uniform > float32(p)``: a word is kept
-    exactly when ``folded(word) > keep_threshold(p)``.
-
-    The uniform of a word is ``fl(fl(k) * s)`` for ``k = folded(word)``, each
-    step rounded to nearest: both steps are non-decreasing in ``k``, so the
-    folded words whose uniform is above ``p`` are all those above the largest
-    ``k`` whose uniform is not, found here by bisection over ``[0, 2**31)``
-    with the float rule itself. -1 keeps every word, ``2**31 - 1`` none."""
-    p32 = np.float32(p)
-    not_above, above = -1, 2**31  # uniform(not_above) <= p32 < uniform(above), the ends taken as -inf, +inf
-    while above - not_above > 1:
-        middle = (not_above + above) // 2
-        if uint_to_uniform_float(np.uint32(middle)) <= p32:
-            not_above = middle
-        else:
-            above = middle
-    return not_above
 
 
 def uniform(seed: int, offsets: np.ndarray | int) -> np.ndarray:

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dropout import keep_scale, keep_threshold
 from ._common import acc_dtype, round_to
 from ._launch import jit
 
@@ -27,7 +28,7 @@ BLOCK = 2048
 @triton.jit
 def folded(bits):
     """uint32 words as the int32 in [0, 2**31) Triton's ``uint_to_uniform_float``
-    scales (``numpy/philox.py``'s ``folded``): ``~x`` for the negative half."""
+    scales (``backends/_dropout.py``'s ``folded``): ``~x`` for the negative half."""
     signed = bits.to(tl.int32, bitcast=True)
     return tl.where(signed < 0, -signed - 1, signed)
 
@@ -57,9 +58,6 @@ def dropout_kernel(
 
 
 def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, y: torch.Tensor) -> None:
-    from ..numpy.dropout import keep_scale  # the one definition of the scale's rounding
-    from ..numpy.philox import keep_threshold  # and of the keep test
-
     n = x.numel()
     if n:
         scale = float(keep_scale(p, x.dtype))
