@@ -1,5 +1,5 @@
 """The functional API: drop-ins for their ``torch.nn.functional`` namesakes
-(``linear_act`` and the seeded ``dropout`` follow SPEC.md where PyTorch has
+(``linear_act`` and the seeded ``dropout`` follow their own definitions where PyTorch has
 no counterpart)."""
 
 from .ops.batch_norm import batch_norm

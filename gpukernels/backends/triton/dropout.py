@@ -7,9 +7,9 @@ of counter ``(i // 4 lo, i // 4 hi, 0, 0)``, key ``seed`` (``numpy/philox.py``'s
 ``element_words``, bit for bit), and is kept when the word, folded as Triton's
 ``uint_to_uniform_float`` folds it, is above the integer ``keep_threshold(p)``:
 the same decision as that float's ``> p``, without the conversion. Ten rounds of
-32-bit multiplies per element made the kernel compute-bound (0.32 ms forward for
-2^26 bf16 on an H100); per four, the generator costs about what moving the bytes
-does (0.09 ms on an H200, 72% of its copy bandwidth, measured with the float test).
+32-bit multiplies per element made the kernel compute-bound; per four elements
+the generator costs about what moving the bytes does (measured figures:
+bench/results/ and the README).
 """
 
 from __future__ import annotations
