@@ -1,4 +1,4 @@
-"""Tolerances of DESIGN.md, in one place.
+"""The tests' tolerances, in one place.
 
 fp64 and fp32 results are compared elementwise with PyTorch's; where that
 fails, ours must stray from the float64 reference no further than PyTorch's

@@ -80,7 +80,7 @@ def test_weights_and_smoothing_on_4d_input(device, dtype, reduction, weighted, l
 
 
 def _spec_loss(x, target, weight, ignore_index, e):
-    """SPEC.md's formula, written out in fp64 for a (N, C) input."""
+    """The loss's formula, written out in fp64 for a (N, C) input."""
     logp = torch.log_softmax(x.double(), dim=1)
     kept = target != ignore_index
     safe = torch.where(kept, target, 0)

@@ -73,7 +73,7 @@ def _loss_and_grads(fn, x, weight, target, bias, upstream=None, **kwargs):
 
 def _compare(x, weight, target, bias, dtype, **kwargs):
     """Ours against PyTorch in ``dtype`` and against PyTorch in fp64 on the same rounded
-    inputs (DESIGN.md's tolerances); returns the errors of (loss, dx, dweight[, dbias])."""
+    inputs (helpers' tolerances); returns the errors of (loss, dx, dweight[, dbias])."""
     cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
     upstream = None
     if kwargs.get("reduction") == "none":

@@ -139,7 +139,7 @@ def _reference_adamw(
     amsgrad: bool,
     maximize: bool,
 ):
-    """SPEC.md's update in float64, the param rounded to its dtype after each step."""
+    """AdamW's update in float64, the param rounded to its dtype after each step."""
     beta1, beta2 = betas
     p = param.double()
     m, v, vmax = torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)
