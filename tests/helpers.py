@@ -70,3 +70,27 @@ def run_kernel(module, op, *args):
     outputs = op.spec(*args, "")
     getattr(module, op.name)(*args, *((outputs,) if isinstance(outputs, torch.Tensor) else outputs))
     return outputs
+
+
+def count_launches(kernels, monkeypatch) -> list[str]:
+    """The names of the Triton kernels of module ``kernels`` as they are launched,
+    in order, from now on."""
+    from triton.runtime.jit import KernelInterface
+
+    from gpukernels.backends.triton._launch import Kernel
+
+    launched = []
+
+    def counting(name, run):
+        def run_and_count(*args, **kwargs):
+            launched.append(name)
+            return run(*args, **kwargs)
+
+        return run_and_count
+
+    for name, value in vars(kernels).items():
+        if isinstance(value, Kernel):  # the direct launcher (on a GPU): kernel[grid](...) calls _launch_bound
+            monkeypatch.setattr(value, "_launch_bound", counting(name, value._launch_bound))
+        elif isinstance(value, KernelInterface):  # the interpreter's: kernel[grid](...) calls its run
+            monkeypatch.setattr(value, "run", counting(name, value.run))
+    return launched

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import gpukernels as gk
 from gpukernels.ops.batch_norm import batch_norm, batch_norm_bwd, batch_norm_fwd
-from helpers import TOLERANCES, assert_matches
+from helpers import TOLERANCES, assert_matches, count_launches
 
 SHAPES = [(8, 3), (6, 17), (5, 1000), (4, 17, 9), (1, 3, 7), (5, 1, 6), (2, 3, 4097), (2, 3, 4, 5), (3, 1, 1, 2)]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -243,31 +243,12 @@ def test_grids_keep_partial_reads_within_their_share(monkeypatch, shape, strides
         assert t.channel_blocks * min(t.splits, t.programs) >= 132
 
 
-def _count_launches(kernels, monkeypatch) -> list[str]:
-    """The names of the module's kernels as they are launched, in order, from now on."""
-    from triton.runtime.jit import KernelInterface
-
-    launched = []
-
-    def counting(name, run):
-        def run_and_count(*args, **kwargs):
-            launched.append(name)
-            return run(*args, **kwargs)
-
-        return run_and_count
-
-    for name, value in vars(kernels).items():
-        if isinstance(value, KernelInterface):  # kernel[grid](...) calls its run
-            monkeypatch.setattr(value, "run", counting(name, value.run))
-    return launched
-
-
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", ["2d_wide", "nchw_short_rows", "channels_last_sliced_batch"])
 def test_kernel_launches(device, triton_kernels, monkeypatch, layout, training):
     """Training forward+backward in 4 launches, the statistics' finalisation
     folded into the kernels that read it; eval in 3."""
-    launched = _count_launches(triton_kernels, monkeypatch)
+    launched = count_launches(triton_kernels, monkeypatch)
     x, weight, bias, running_mean, running_var = tiled_input(layout, torch.float32, device)
     x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
     y = batch_norm(x, running_mean, running_var, weight, bias, training=training)

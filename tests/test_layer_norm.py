@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import gpukernels as gk
 from gpukernels.ops.layer_norm import layer_norm_bwd, layer_norm_fwd
-from helpers import assert_matches
+from helpers import assert_matches, count_launches
 
 OP = "layer_norm"  # conftest's device fixture skips backends without these kernels
 
@@ -52,6 +52,32 @@ def test_matches_torch(device, shape, norm_shape, dtype, affine):
     )
     for o, t, r in zip(ours, theirs, reference):
         assert_matches(o, t, r)
+
+
+@pytest.mark.parametrize("shape", [(6, 33), (3, 9000)])  # one block, looped
+@pytest.mark.parametrize("affine", [True, False])
+def test_kernel_launches(device, monkeypatch, shape, affine):
+    """Forward and backward in one launch each: the backward's last program sums the
+    partials, and leaves its arrival counter at 0 for the next launch."""
+    if gk.backend_name(device) != "triton":
+        pytest.skip("Triton kernels only")
+    from gpukernels.backends.triton import layer_norm as kernels
+
+    launched = count_launches(kernels, monkeypatch)
+    x, w, b = _inputs(shape, shape[-1:], torch.float32, affine, device=device)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    _run(gk.layer_norm, x, shape[-1:], w, b, dy)
+    assert launched == ["layer_norm_fwd_kernel", "layer_norm_bwd_kernel"]
+    assert kernels.arrival_counter(x.device).item() == 0
+
+
+@pytest.mark.parametrize("shape", [(64, 33), (5, 9000)])
+def test_param_grads_are_deterministic(device, shape):
+    x, w, b = _inputs(shape, shape[-1:], torch.float32, device=device)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    first, second = (_run(gk.layer_norm, x, shape[-1:], w, b, dy)[2:] for _ in range(2))
+    for one, other in zip(first, second):
+        assert torch.equal(one, other)
 
 
 def test_non_contiguous_input(device):

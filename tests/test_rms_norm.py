@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import gpukernels as gk
 from gpukernels.ops.rms_norm import rms_norm_bwd, rms_norm_fwd
-from helpers import TOLERANCES, assert_matches
+from helpers import TOLERANCES, assert_matches, count_launches
 
 OP = "rms_norm"  # conftest's device fixture skips backends without these kernels
 
@@ -244,6 +244,23 @@ def test_dweight_is_deterministic(device, shape):
     x, w, dy = _inputs(shape, shape[-1:], torch.float32, device=device)
     first, second = (_run(lambda x, w: gk.rms_norm(x, shape[-1:], w), x, w, dy)[2] for _ in range(2))
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("shape", [(6, 33), (3, 9000)])  # one block, looped
+@pytest.mark.parametrize("weight", [True, False])
+def test_kernel_launches(device, monkeypatch, shape, weight):
+    """Forward and backward in one launch each: the backward's last program sums the
+    partials, and leaves its arrival counter at 0 for the next launch."""
+    if gk.backend_name(device) != "triton":
+        pytest.skip("Triton kernels only")
+
+    from gpukernels.backends.triton import rms_norm as kernels
+
+    launched = count_launches(kernels, monkeypatch)
+    x, w, dy = _inputs(shape, shape[-1:], torch.float32, device=device)
+    _run(lambda x, w: gk.rms_norm(x, shape[-1:], w), x, w if weight else None, dy)
+    assert launched == ["rms_norm_fwd_kernel", "rms_norm_bwd_kernel"]
+    assert kernels.arrival_counter(x.device).item() == 0
 
 
 def test_autocast(device):

@@ -4,10 +4,11 @@ Forward: one program per row. A row that fits in one block (``D <= 8192``)
 is loaded once and kept in registers; a wider row is read in column blocks,
 once for the mean, once for the variance (two-pass, for accuracy), once to
 normalise.
-Backward: a persistent grid; each program takes rows ``pid, pid + G, ...``,
-writes their ``dx`` and keeps running sums of ``dy*xhat`` and ``dy`` for its
-rows, stored as one row of a (G, D) partial buffer; ``partial_sums_kernel``
-sums the partials afterwards (the two-stage reduction, with no atomics).
+Backward: one launch of a persistent grid; each program takes rows
+``pid, pid + G, ...``, writes their ``dx`` and keeps running sums of
+``dy*xhat`` and ``dy`` for its rows, stored as one row of a (G, D) partial
+buffer; the program to finish last (an arrival counter) sums the partials in
+a fixed order (no float atomics: the same dweight on every run).
 """
 
 from __future__ import annotations
@@ -18,6 +19,64 @@ import triton.language as tl
 
 from ._common import acc_dtype, num_programs, round_to, row_block, stats_dtype
 from ._launch import jit
+
+# The last program's tile of the partials: BLOCK_P programs by BLOCK_D columns.
+PARTIAL_BLOCK_P, PARTIAL_BLOCK_D = 32, 64
+
+
+@triton.jit
+def zero_partial_row(Partial, D, BLOCK_D: tl.constexpr):
+    """Row ``Partial[0:D]`` = 0: a looped backward's running sums start from it."""
+    for start in range(0, D, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        tl.store(Partial + cols, tl.zeros([BLOCK_D], dtype=Partial.dtype.element_ty), mask=cols < D)
+
+
+@triton.jit
+def sum_partials(Partial, Out, programs, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``Out`` = the (programs, D) ``Partial`` summed over its rows in a fixed order, in Out's dtype."""
+    for start in range(0, D, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_in = cols < D
+        total = tl.zeros([BLOCK_P, BLOCK_D], dtype=Partial.dtype.element_ty)
+        for first in range(0, programs, BLOCK_P):
+            p = first + tl.arange(0, BLOCK_P)
+            mask = (p < programs)[:, None] & col_in[None, :]
+            # written by other programs, on other SMs: read around L1
+            total += tl.load(Partial + p[:, None] * D + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(Out + cols, round_to(tl.sum(total, axis=0), Out.dtype.element_ty), mask=col_in)
+
+
+@triton.jit
+def is_last_program(Counter, programs):
+    """Whether this program arrives last at ``Counter``; that program then sees every program's stores."""
+    # The counter's release publishes this program's stores, its acquire shows the last
+    # program everyone's; the barrier puts every thread's stores before it.
+    tl.debug_barrier()
+    return tl.atomic_add(Counter, 1, sem="acq_rel") == programs - 1
+
+
+_counters: dict = {}
+
+
+def arrival_counter(device: torch.device) -> torch.Tensor:
+    """A zeroed int32 arrival counter for one launch whose last program sets it back to 0.
+
+    Cached per stream: launches on one stream run one after another, so they can share
+    one; launches on other streams may overlap and get their own. A launch captured in a
+    CUDA graph gets its own, zeroed in the graph (one fill): a replay may run beside any
+    stream's work."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(1, dtype=torch.int32, device=device)
+        stream = torch.cuda.current_stream(device)  # the default stream's handle is 0 on every device
+        key = (device.type, stream.device_index, stream.cuda_stream)
+    else:
+        key = (device.type, device.index, None)
+    counter = _counters.get(key)
+    if counter is None:
+        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
 
 
 @jit
@@ -88,6 +147,9 @@ def layer_norm_bwd_kernel(
     DX,
     DW_partial,
     DB_partial,
+    DW,
+    DB,
+    Counter,
     rows,
     D,
     HAS_W: tl.constexpr,
@@ -95,7 +157,10 @@ def layer_norm_bwd_kernel(
     ACC: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    SUM_BLOCK_D: tl.constexpr,
 ):
+    """``DX`` for every row; ``DW``, ``DB`` from the programs' partial sums, by the last program."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     if ONE_BLOCK:
@@ -130,6 +195,10 @@ def layer_norm_bwd_kernel(
         if HAS_B:
             tl.store(DB_partial + pid * D + cols, db, mask=mask)
     else:
+        if HAS_W:
+            zero_partial_row(DW_partial + pid * D, D, BLOCK_D)
+        if HAS_B:
+            zero_partial_row(DB_partial + pid * D, D, BLOCK_D)
         for row in range(pid, rows, programs):
             base = tl.cast(row, tl.int64) * D
             mean = tl.load(Mean + row)
@@ -161,32 +230,13 @@ def layer_norm_bwd_kernel(
                 g = dy * tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else dy
                 dx = rstd * (g - mean_g - xhat * mean_gx)
                 tl.store(DX + base + cols, round_to(dx, DX.dtype.element_ty), mask=mask)
-
-
-@jit
-def partial_sums_kernel(
-    Partial, DW, DB, programs, D, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr
-):
-    """DW, DB = the (programs, D) partials [0] and [1] summed over their rows, rounded to the params' dtype."""
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_in = cols < D
-    dw = tl.zeros([BLOCK_P, BLOCK_D], dtype=Partial.dtype.element_ty)
-    db = tl.zeros([BLOCK_P, BLOCK_D], dtype=Partial.dtype.element_ty)
-    for start in range(0, programs, BLOCK_P):
-        p = start + tl.arange(0, BLOCK_P)
-        offsets = p[:, None] * D + cols[None, :]
-        mask = (p < programs)[:, None] & col_in[None, :]
-        if HAS_W:
-            dw += tl.load(Partial + offsets, mask=mask, other=0.0)
-        if HAS_B:
-            db += tl.load(Partial + programs * D + offsets, mask=mask, other=0.0)
-    if HAS_W:
-        tl.store(DW + cols, round_to(tl.sum(dw, axis=0), DW.dtype.element_ty), mask=col_in)
-    if HAS_B:
-        tl.store(DB + cols, round_to(tl.sum(db, axis=0), DB.dtype.element_ty), mask=col_in)
-
-
-PARTIAL_BLOCK_P, PARTIAL_BLOCK_D = 32, 64
+    if HAS_W or HAS_B:
+        if is_last_program(Counter, programs):
+            if HAS_W:
+                sum_partials(DW_partial, DW, programs, D, BLOCK_P, SUM_BLOCK_D)
+            if HAS_B:
+                sum_partials(DB_partial, DB, programs, D, BLOCK_P, SUM_BLOCK_D)
+            tl.store(Counter, 0)  # for the next launch
 
 
 def _blocks(d: int) -> tuple[int, bool]:
@@ -218,49 +268,40 @@ def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
 
 def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
     rows, d = x.shape
+    has_w = weight is not None
+    if not rows:
+        dweight.zero_()  # empty when there is no weight
+        dbias.zero_()
+        return
     block, one_block = _blocks(d)
     # Two programs per SM: each adds a row of partial sums (two with a bias), 8 * D bytes
     # written and read again, which more programs would multiply.
     programs = num_programs(x.device, rows, per_sm=2)
-    acc = stats_dtype(x.dtype)
-    # [dweight, dbias] partials. The one-block variant writes every row of them
-    # (programs with no rows write zeros); the looped variant keeps running sums
-    # in them, which start from 0.
-    partial = (torch.empty if one_block else torch.zeros)((2, programs, d), dtype=acc, device=x.device)
-    if rows:
-        layer_norm_bwd_kernel[(programs,)](
-            dy,
-            x,
-            weight,
-            mean,
-            rstd,
-            dx,
-            partial[0],
-            partial[1],
-            rows,
-            d,
-            HAS_W=weight is not None,
-            HAS_B=has_bias,
-            ACC=acc_dtype(x.dtype),
-            BLOCK_D=block,
-            ONE_BLOCK=one_block,
-            num_warps=min(max(block // 256, 1), 16),
-            # fused, dy * w - mean(dy * w) keeps the product's rounding error
-            # where the exact answer is 0 (D == 1), times rstd
-            enable_fp_fusion=False,
-        )
-    elif one_block:
-        partial.zero_()
-    if d and (weight is not None or has_bias):
-        partial_sums_kernel[(triton.cdiv(d, PARTIAL_BLOCK_D),)](
-            partial,
-            dweight,
-            dbias,
-            programs,
-            d,
-            HAS_W=weight is not None,
-            HAS_B=has_bias,
-            BLOCK_P=PARTIAL_BLOCK_P,
-            BLOCK_D=PARTIAL_BLOCK_D,
-            num_warps=4,
-        )
+    # [dweight, dbias] partials: every program writes its rows of them, so no zero fill
+    partial = torch.empty((2, programs, d), dtype=stats_dtype(x.dtype), device=x.device)
+    layer_norm_bwd_kernel[(programs,)](
+        dy,
+        x,
+        weight,
+        mean,
+        rstd,
+        dx,
+        partial[0],
+        partial[1],
+        dweight,
+        dbias,
+        arrival_counter(x.device) if has_w or has_bias else None,
+        rows,
+        d,
+        HAS_W=has_w,
+        HAS_B=has_bias,
+        ACC=acc_dtype(x.dtype),
+        BLOCK_D=block,
+        ONE_BLOCK=one_block,
+        BLOCK_P=PARTIAL_BLOCK_P,
+        SUM_BLOCK_D=PARTIAL_BLOCK_D,
+        num_warps=min(max(block // 256, 1), 16),
+        # fused, dy * w - mean(dy * w) keeps the product's rounding error
+        # where the exact answer is 0 (D == 1), times rstd
+        enable_fp_fusion=False,
+    )

@@ -3,11 +3,11 @@
 Forward: one program per row. A row that fits in one block (``D <= 8192``)
 is loaded once and kept in registers; a wider row is read in column blocks,
 once for the sum of squares, once to normalise.
-Backward: a persistent grid; each program takes rows ``pid, pid + G, ...``,
-writes their ``dx`` and keeps a running sum of ``dy*h`` for its rows, stored
-as one row of a (G, D) partial buffer, which layer_norm's
-``partial_sums_kernel`` sums afterwards in a fixed order (no atomics: the
-same dweight on every run). Without a weight that second launch is skipped.
+Backward: one launch of a persistent grid; each program takes rows
+``pid, pid + G, ...``, writes their ``dx`` and keeps a running sum of
+``dy*h`` for its rows, stored as one row of a (G, D) partial buffer; with a
+weight, the program to finish last (an arrival counter) sums the partials in
+a fixed order (no float atomics: the same dweight on every run).
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ import triton.language as tl
 
 from ._common import acc_dtype, num_programs, round_to, row_block, stats_dtype
 from ._launch import jit
-from .layer_norm import PARTIAL_BLOCK_D, PARTIAL_BLOCK_P, partial_sums_kernel
+from .layer_norm import (
+    PARTIAL_BLOCK_D,
+    PARTIAL_BLOCK_P,
+    arrival_counter,
+    is_last_program,
+    sum_partials,
+    zero_partial_row,
+)
 
 
 @triton.jit
@@ -92,6 +99,8 @@ def rms_norm_bwd_kernel(
     Rstd,
     DX,
     DW_partial,
+    DW,
+    Counter,
     rows,
     D,
     offset,
@@ -100,7 +109,10 @@ def rms_norm_bwd_kernel(
     ACC: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    SUM_BLOCK_D: tl.constexpr,
 ):
+    """``DX`` for every row; ``DW`` from the programs' partial sums, by the last program."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     if ONE_BLOCK:
@@ -131,6 +143,8 @@ def rms_norm_bwd_kernel(
         if HAS_W:
             tl.store(DW_partial + pid * D + cols, dw, mask=mask)
     else:
+        if HAS_W:
+            zero_partial_row(DW_partial + pid * D, D, BLOCK_D)
         for row in range(pid, rows, programs):
             base = tl.cast(row, tl.int64) * D
             rstd = tl.load(Rstd + row)
@@ -159,6 +173,10 @@ def rms_norm_bwd_kernel(
                 h = tl.load(X + base + cols, mask=mask, other=0.0).to(ACC) * rstd
                 g = dy * (offset + tl.load(W + cols, mask=mask, other=0.0).to(ACC)) if HAS_W else dy
                 tl.store(DX + base + cols, round_to(rstd * (g - h * mean_gh), DX.dtype.element_ty), mask=mask)
+    if HAS_W:
+        if is_last_program(Counter, programs):
+            sum_partials(DW_partial, DW, programs, D, BLOCK_P, SUM_BLOCK_D)
+            tl.store(Counter, 0)  # for the next launch
 
 
 def _blocks(d: int) -> tuple[int, bool]:
@@ -203,12 +221,9 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
     # Two programs per SM: each writes a row of partial sums, 4 * D bytes (fp32) written and
     # read again, which more programs would multiply. Every program gets a row (programs <= rows).
     programs = num_programs(x.device, rows, per_sm=2)
-    partial = None
-    if weight is not None:
-        # The one-block variant stores its sums; the looped one keeps running sums, which start from 0.
-        partial = (torch.empty if one_block else torch.zeros)(
-            (programs, d), dtype=stats_dtype(x.dtype), device=x.device
-        )
+    has_w = weight is not None
+    # Every program writes its row of the partials, so no zero fill.
+    partial = torch.empty((programs, d), dtype=stats_dtype(x.dtype), device=x.device) if has_w else None
     rms_norm_bwd_kernel[(programs,)](
         dy,
         x,
@@ -216,26 +231,17 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
         rstd,
         dx,
         partial,
+        dweight,
+        arrival_counter(x.device) if has_w else None,
         rows,
         d,
         offset,
-        HAS_W=weight is not None,
+        HAS_W=has_w,
         CAST_BEFORE_W=cast_before_weight,
         ACC=acc_dtype(x.dtype),
         BLOCK_D=block,
         ONE_BLOCK=one_block,
+        BLOCK_P=PARTIAL_BLOCK_P,
+        SUM_BLOCK_D=PARTIAL_BLOCK_D,
         num_warps=_warps(block),
     )
-    if weight is not None:
-        partial_sums_kernel[(triton.cdiv(d, PARTIAL_BLOCK_D),)](
-            partial,
-            dweight,
-            None,
-            programs,
-            d,
-            HAS_W=True,
-            HAS_B=False,
-            BLOCK_P=PARTIAL_BLOCK_P,
-            BLOCK_D=PARTIAL_BLOCK_D,
-            num_warps=4,
-        )
