@@ -2,6 +2,7 @@
 (sm_90), on a machine without a GPU.
 
     python ci/compile_sm90.py            # exit 1 if any variant fails to compile
+    python ci/compile_sm90.py -k batch_norm_ -k dropout   # only kernels whose name contains one of these
 
 The Triton interpreter runs kernels without compiling them, so a kernel can
 pass every CPU test and still fail to compile for a GPU (a type the code
@@ -17,6 +18,7 @@ types and constants other than block sizes.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -122,6 +124,8 @@ def _exercise_every_op() -> None:
                 for affine in (True, False):
                     x, w, b = leaf(3, d), (leaf(d) if affine else None), (leaf(d) if affine else None)
                     run_backward(gk.layer_norm(x, (d,), w, b), x)
+                    for cast_before_weight in (False, True):
+                        run_backward(gk.rms_norm(x, (d,), w, cast_before_weight=cast_before_weight), x)
             for activation in ("none", "relu", "gelu", "gelu_tanh", "silu"):
                 for bias in (True, False):
                     x, w = leaf(5, 7), leaf(6, 7)
@@ -144,6 +148,13 @@ def _exercise_every_op() -> None:
                             gk.cross_entropy(logits, target, weight, reduction=reduction, label_smoothing=smoothing),
                             logits,
                         )
+            for reduction, smoothing in (("mean", 0.0), ("none", 0.1)):  # class-probability targets
+                for target_grad in (False, True):
+                    logits = leaf(4, 3)
+                    probs = torch.rand(4, 3, dtype=torch.float64).to(dtype).requires_grad_(target_grad)
+                    run_backward(
+                        gk.cross_entropy(logits, probs, reduction=reduction, label_smoothing=smoothing), logits
+                    )
             for options in ({}, {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}):
                 for reduction in ("mean", "none"):
                     x, w = leaf(4, 5), leaf(3, 5)
@@ -213,6 +224,11 @@ def compile_all(launches: list[dict]) -> list[str]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument(
+        "-k", "--kernel", action="append", help="compile only the kernels whose name contains this (repeatable)"
+    )
+    args = parser.parse_args()
     if os.environ.get("GPUKERNELS_COMPILE_PHASE") == "compile":
         failures = compile_all(json.loads(sys.stdin.read()))
         for f in failures:
@@ -220,7 +236,7 @@ def main() -> int:
         return 1 if failures else 0
     os.environ["TRITON_INTERPRET"] = "1"
     start = time.perf_counter()
-    launches = record()
+    launches = [launch for launch in record() if not args.kernel or any(k in launch["kernel"] for k in args.kernel)]
     print(f"recorded {len(launches)} distinct kernel launches in {time.perf_counter() - start:.0f} s")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"GPUKERNELS_COMPILE_PHASE": "compile"}
     return subprocess.run([sys.executable, __file__], input=json.dumps(launches), text=True, env=env).returncode

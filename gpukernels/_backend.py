@@ -17,19 +17,17 @@ from typing import Callable
 
 import torch
 
+from .errors import ArgumentError, BackendError
+
 BACKENDS = ("numpy", "triton", "cupy")
 _DEFAULT_FOR_DEVICE = {"cpu": "numpy", "cuda": "triton"}
 
 _selected: str | None = None
 
 
-class BackendError(RuntimeError):
-    """No backend can run this op on this device."""
-
-
 def _check_name(name: str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        raise ArgumentError(f"backend must be one of {BACKENDS}, got {name!r}")
     return name
 
 

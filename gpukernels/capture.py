@@ -28,6 +28,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from .errors import ArgumentError, ArgumentTypeError
+
 
 class CapturedStep:
     """A captured step: ``captured(*inputs)`` copies the inputs into the graph's
@@ -41,7 +43,7 @@ class CapturedStep:
 
     def __call__(self, *inputs: Tensor) -> Any:
         if len(inputs) != len(self.static_inputs):
-            raise TypeError(f"the step was captured with {len(self.static_inputs)} input(s), got {len(inputs)}")
+            raise ArgumentTypeError(f"the step was captured with {len(self.static_inputs)} input(s), got {len(inputs)}")
         for i, (static, new) in enumerate(zip(self.static_inputs, inputs)):
             _check_like(f"inputs[{i}]", new, static)
             static.copy_(new)
@@ -51,9 +53,9 @@ class CapturedStep:
 
 def _check_like(name: str, t: Any, static: Tensor) -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        raise ArgumentTypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.shape != static.shape or t.dtype != static.dtype or t.device != static.device:
-        raise ValueError(
+        raise ArgumentError(
             f"{name} is {t.dtype}{list(t.shape)} on {t.device}, but the step was captured with "
             f"{static.dtype}{list(static.shape)} on {static.device}: a CUDA graph replays static "
             f"shapes (capture one step per shape)"
@@ -66,14 +68,14 @@ def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     for i, group in enumerate(optimizer.param_groups):
         lr = group["lr"]
         if not (isinstance(lr, Tensor) and lr.is_cuda):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"optimizer.param_groups[{i}]['lr'] is {type(lr).__name__ if not isinstance(lr, Tensor) else lr.device}"
                 f": a captured step would replay the lr it had at capture. Make it a CUDA tensor, e.g. "
                 f"lr=torch.tensor(1e-3, dtype=torch.float64, device='cuda'), and change it in place"
             )
         # ours keeps torch's flags for state-dict compatibility, and is always capturable
         if not isinstance(optimizer, AdamW) and "capturable" in group and not group["capturable"]:
-            raise ValueError(
+            raise ArgumentError(
                 f"optimizer.param_groups[{i}] has capturable=False: torch.optim optimizers need "
                 f"capturable=True to be captured (gpukernels.optim.AdamW always is)"
             )
@@ -97,11 +99,11 @@ def capture_step(
     stream. ``pool``: a memory pool to share with other graphs."""
     for i, t in enumerate(example_inputs):
         if not isinstance(t, Tensor):
-            raise TypeError(f"example_inputs[{i}] must be a tensor, got {type(t).__name__}")
+            raise ArgumentTypeError(f"example_inputs[{i}] must be a tensor, got {type(t).__name__}")
         if not t.is_cuda:
-            raise ValueError(f"example_inputs[{i}] is on {t.device}: a CUDA graph captures CUDA tensors only")
+            raise ArgumentError(f"example_inputs[{i}] is on {t.device}: a CUDA graph captures CUDA tensors only")
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-        raise ValueError(
+        raise ArgumentError(
             f"warmup_steps must be an int >= 1 (the optimizer state must exist before capture), got {warmup_steps!r}"
         )
     if optimizer is not None:

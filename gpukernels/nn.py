@@ -31,7 +31,7 @@ __all__ = [
 
 
 class LinearAct(torch.nn.Linear):
-    """``activation(nn.Linear(x))`` in one op; ``activation`` is one of
+    """``activation(nn.Linear(x))`` as one op (``gpukernels.linear_act``); ``activation`` is one of
     ``none, relu, gelu, gelu_tanh, silu``."""
 
     def __init__(
@@ -57,9 +57,11 @@ class RMSNorm(torch.nn.RMSNorm):
         return rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
-class _BatchNormForward:
+class BatchNormForward:
     """``torch.nn.modules.batchnorm._BatchNorm.forward`` with our op: the
-    same momentum / cumulative-average / track_running_stats rules."""
+    same momentum / cumulative-average / track_running_stats rules. A mixin
+    of BatchNorm1d, BatchNorm2d and ``distributed.SyncBatchNorm``, not in
+    ``__all__``."""
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -82,11 +84,11 @@ class _BatchNormForward:
         )
 
 
-class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
+class BatchNorm1d(BatchNormForward, torch.nn.BatchNorm1d):
     pass
 
 
-class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
+class BatchNorm2d(BatchNormForward, torch.nn.BatchNorm2d):
     pass
 
 

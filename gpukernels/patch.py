@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import nn as gnn
+from .errors import ArgumentError, ArgumentTypeError
 from .ops._checks import check_choice
 from .ops.cross_entropy import cross_entropy
 from .ops.gated_act import geglu, swiglu
@@ -759,11 +760,11 @@ def fuse_linear_cross_entropy(
     keys never change. (For transformers causal LMs, ``patch(model, loss="fused")``.)"""
     linear = model.get_submodule(head)
     if type(linear) is not torch.nn.Linear:
-        raise TypeError(f"head {head!r} must name an nn.Linear, got {type(linear).__name__}")
+        raise ArgumentTypeError(f"head {head!r} must name an nn.Linear, got {type(linear).__name__}")
     if type(loss) not in (torch.nn.CrossEntropyLoss, gnn.CrossEntropyLoss):
-        raise TypeError(f"loss must be an nn.CrossEntropyLoss, got {type(loss).__name__}")
+        raise ArgumentTypeError(f"loss must be an nn.CrossEntropyLoss, got {type(loss).__name__}")
     if loss.weight is not None:
-        raise ValueError("loss has class weights, which linear_cross_entropy does not take")
+        raise ArgumentError("loss has class weights, which linear_cross_entropy does not take")
     fused = gnn.FusedHeadLoss(
         linear, gnn.LinearCrossEntropyLoss(loss.ignore_index, loss.reduction, loss.label_smoothing, **options)
     )

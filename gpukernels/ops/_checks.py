@@ -7,14 +7,16 @@ from typing import Sequence
 
 import torch
 
+from ..errors import ArgumentError, ArgumentTypeError
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        raise ArgumentTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
 def check_optional_float(name: str, t: torch.Tensor | None, like: torch.Tensor, shape: Sequence[int]) -> None:
@@ -28,12 +30,12 @@ def check_optional_float(name: str, t: torch.Tensor | None, like: torch.Tensor, 
 
 def check_device(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
     if t.device != like.device:
-        raise RuntimeError(f"{name} is on {t.device} but input is on {like.device}; move them to one device")
+        raise ArgumentError(f"{name} is on {t.device} but input is on {like.device}; move them to one device")
 
 
 def check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        raise ArgumentError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 def check_number(
@@ -48,25 +50,25 @@ def check_number(
     """A finite real number in [low, high] (open ends where asked); returns it as float."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+            raise ArgumentError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     # comparisons, not math.isfinite: under torch.compile a float argument that
     # changed between calls is symbolic, and math.isfinite does not trace
     if value != value or abs(value) == math.inf:
-        raise ValueError(f"{name} must be finite, got {value}")
+        raise ArgumentError(f"{name} must be finite, got {value}")
     if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+        raise ArgumentError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+        raise ArgumentError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
     return value
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        raise ArgumentError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
 
 

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import check_choice, check_device, check_float, check_number, check_optional_float, empty_grad
 from ._op import kernel_op, reshaped, stats_dtype
 
@@ -150,24 +151,24 @@ cross_entropy_probs_fwd.register_autograd(_probs_setup_context, _probs_backward)
 def _check_target(target: Tensor, input: Tensor, index_shape: tuple[int, ...]) -> bool:
     """Whether ``target`` holds class probabilities (else class indices)."""
     if not isinstance(target, Tensor):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"target must be a torch.Tensor of class indices or class probabilities, got {type(target).__name__}"
         )
     check_device("target", target, input)
     if target.is_floating_point():
         if target.shape != input.shape:
-            raise ValueError(
+            raise ArgumentError(
                 f"target of class probabilities must have input's shape {tuple(input.shape)}, got "
                 f"{tuple(target.shape)} (class indices: {index_shape}, int64 or int32)"
             )
         return True
     if target.dtype not in TARGET_DTYPES:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"target must hold class indices as int64 (or int32), or class probabilities in input's "
             f"dtype, got {target.dtype}"
         )
     if tuple(target.shape) != index_shape:
-        raise ValueError(
+        raise ArgumentError(
             f"target must have shape {index_shape} for input of shape {tuple(input.shape)}, got {tuple(target.shape)}"
         )
     return False
@@ -178,9 +179,9 @@ def _check_weight(weight: Tensor | None, input: Tensor, classes: int) -> None:
     if weight is None:
         return
     if weight.dtype != input.dtype:
-        raise TypeError(f"weight must have input's dtype {input.dtype}, got {weight.dtype}")
+        raise ArgumentTypeError(f"weight must have input's dtype {input.dtype}, got {weight.dtype}")
     if weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError("weight must not require grad: cross_entropy is not differentiable with respect to it")
+        raise ArgumentError("weight must not require grad: cross_entropy is not differentiable with respect to it")
 
 
 def _class_last(t: Tensor, class_dim: int, classes: int) -> Tensor:
@@ -205,17 +206,17 @@ def cross_entropy(
     stays fp64), as PyTorch's does."""
     check_float("input", input)
     if input.dim() == 0:
-        raise ValueError("input must have a class dimension, got a 0-d tensor")
+        raise ArgumentError("input must have a class dimension, got a 0-d tensor")
     class_dim = 0 if input.dim() == 1 else 1
     classes = input.shape[class_dim]
     if classes == 0:
-        raise ValueError(f"input must have at least one class, got shape {tuple(input.shape)}")
+        raise ArgumentError(f"input must have at least one class, got shape {tuple(input.shape)}")
     batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     probabilities = _check_target(target, input, tuple(batch_shape))
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        raise ArgumentTypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if probabilities and ignore_index >= 0:
-        raise ValueError(
+        raise ArgumentError(
             f"ignore_index must be negative with class-probability targets (it does not apply to "
             f"them), got {ignore_index}"
         )
@@ -226,7 +227,9 @@ def cross_entropy(
         target = target.float() if probabilities else target
         weight = None if weight is None or weight.dtype == torch.float64 else weight.float()
     if probabilities and target.dtype != input.dtype:
-        raise TypeError(f"target of class probabilities must have input's dtype {input.dtype}, got {target.dtype}")
+        raise ArgumentTypeError(
+            f"target of class probabilities must have input's dtype {input.dtype}, got {target.dtype}"
+        )
     _check_weight(weight, input, classes)
     weight = None if weight is None else weight.contiguous()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import check_choice, check_float, check_shape
 from ._op import kernel_op
 
@@ -56,9 +57,9 @@ def _gated_act(gate: Tensor, up: Tensor, activation: str) -> Tensor:
     check_float("gate", gate)
     check_float("up", up)
     if up.device != gate.device:
-        raise RuntimeError(f"up is on {up.device} but gate is on {gate.device}; move them to one device")
+        raise ArgumentError(f"up is on {up.device} but gate is on {gate.device}; move them to one device")
     if up.dtype != gate.dtype:
-        raise TypeError(f"up has dtype {up.dtype} but gate has {gate.dtype}; cast them to one dtype")
+        raise ArgumentTypeError(f"up has dtype {up.dtype} but gate has {gate.dtype}; cast them to one dtype")
     check_shape("up", up, gate.shape)
     return gated_act_fwd(gate.contiguous(), up.contiguous(), activation)
 

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError
 from ._checks import check_float, check_number, check_optional_float, empty_grad
 from ._op import kernel_op, reshaped, stats_dtype
 
@@ -73,9 +74,9 @@ def layer_norm(
     check_float("input", input)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not shape or any(not isinstance(s, int) or s < 1 for s in shape):
-        raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
+        raise ArgumentError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
     if tuple(input.shape[input.dim() - len(shape) :]) != shape or input.dim() < len(shape):
-        raise ValueError(
+        raise ArgumentError(
             f"normalized_shape {shape} does not match the trailing dims of input of shape {tuple(input.shape)}"
         )
     check_optional_float("weight", weight, input, shape)

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import check_choice, check_device, check_float, check_optional_float, empty_grad
 from ._op import kernel_op, reshaped
 
@@ -74,9 +75,9 @@ linear_act_fwd.register_autograd(_setup_context, _backward)
 
 def _check_shapes(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+        raise ArgumentError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(
+        raise ArgumentError(
             f"x of shape {tuple(x.shape)} and weight of shape {tuple(weight.shape)} do not fit: "
             f"x's last dim must equal weight's in_features {weight.shape[1]}"
         )
@@ -86,7 +87,7 @@ def _check_shapes(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
 def _check_dtypes(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
-            raise RuntimeError(f"x and {name} must have the same dtype, got {x.dtype} and {t.dtype}")
+            raise ArgumentTypeError(f"x and {name} must have the same dtype, got {x.dtype} and {t.dtype}")
 
 
 def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -95,8 +96,10 @@ def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "none") -> Tensor:
-    """``act(F.linear(x, weight, bias))`` in one op: ``weight`` is
-    ``(out_features, in_features)``, ``x`` is ``(..., in_features)``.
+    """``act(F.linear(x, weight, bias))`` as one op, not one kernel: the product
+    is the vendor library's (cuBLAS on CUDA), the activation a kernel of ours
+    after it. ``weight`` is ``(out_features, in_features)``, ``x`` is
+    ``(..., in_features)``.
     Under autocast x, weight and bias (fp64 excepted) are cast to the
     autocast dtype, as ``F.linear`` does."""
     check_float("x", x)

@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import check_choice, check_device, check_float, check_number, check_optional_float, empty_grad
 from ._op import kernel_op, reshaped, stats_dtype
 from .cross_entropy import REDUCTIONS, TARGET_DTYPES
@@ -159,12 +160,12 @@ linear_cross_entropy_fwd.register_autograd(_setup_context, _backward)
 
 def _check_target(target: Tensor, x: Tensor) -> None:
     if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
+        raise ArgumentTypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
     if target.dtype not in TARGET_DTYPES:
-        raise TypeError(f"target must hold class indices as int64 (or int32), got {target.dtype}")
+        raise ArgumentTypeError(f"target must hold class indices as int64 (or int32), got {target.dtype}")
     check_device("target", target, x)
     if tuple(target.shape) != tuple(x.shape[:-1]):
-        raise ValueError(
+        raise ArgumentError(
             f"target must have shape {tuple(x.shape[:-1])} (x's leading dims) for x of shape "
             f"{tuple(x.shape)}, got {tuple(target.shape)}"
         )
@@ -175,9 +176,9 @@ def _check_tensors(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     check_float("weight", weight)
     check_device("weight", weight, x)
     if weight.dim() != 2 or weight.shape[0] == 0:
-        raise ValueError(f"weight must be 2-D (vocab, hidden) with vocab >= 1, got shape {tuple(weight.shape)}")
+        raise ArgumentError(f"weight must be 2-D (vocab, hidden) with vocab >= 1, got shape {tuple(weight.shape)}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(
+        raise ArgumentError(
             f"x of shape {tuple(x.shape)} and weight of shape {tuple(weight.shape)} do not fit: "
             f"x's last dim must equal weight's hidden size {weight.shape[1]}"
         )
@@ -187,20 +188,20 @@ def _check_tensors(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
 def _check_dtypes(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
-            raise RuntimeError(f"x and {name} must have the same dtype, got {x.dtype} and {t.dtype}")
+            raise ArgumentTypeError(f"x and {name} must have the same dtype, got {x.dtype} and {t.dtype}")
 
 
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, return_lse):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        raise ArgumentTypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_choice("reduction", reduction, REDUCTIONS)
     label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
     z_loss = check_number("z_loss", z_loss, low=0.0)
     softcap = None if softcap is None else check_number("softcap", softcap, low=0.0, low_open=True)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        raise ArgumentError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+        raise ArgumentTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     return label_smoothing, z_loss, softcap
 
 

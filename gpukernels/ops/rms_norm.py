@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import check_float, check_number, check_optional_float, empty_grad
 from ._op import kernel_op, reshaped, stats_dtype
 
@@ -90,18 +91,18 @@ def rms_norm(
     check_float("input", input)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not shape or any(not isinstance(s, int) or s < 1 for s in shape):
-        raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
+        raise ArgumentError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
     if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape) :]) != shape:
-        raise ValueError(
+        raise ArgumentError(
             f"normalized_shape {shape} does not match the trailing dims of input of shape {tuple(input.shape)}"
         )
     check_optional_float("weight", weight, input, shape)
     eps = torch.finfo(stats_dtype(input.dtype)).eps if eps is None else check_number("eps", eps, low=0.0)
     offset = check_number("offset", offset)
     if offset and weight is None:
-        raise ValueError(f"offset={offset} scales by offset + weight: it needs a weight")
+        raise ArgumentError(f"offset={offset} scales by offset + weight: it needs a weight")
     if not isinstance(cast_before_weight, bool):
-        raise TypeError(f"cast_before_weight must be a bool, got {type(cast_before_weight).__name__}")
+        raise ArgumentTypeError(f"cast_before_weight must be a bool, got {type(cast_before_weight).__name__}")
     if (
         torch.is_autocast_enabled(input.device.type)
         and input.dtype != torch.float64

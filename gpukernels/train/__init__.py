@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ArgumentError
 from ._deps import MissingPackage, require
 from .data import default_cache_dir, load_digits
 from .models import build_model
@@ -42,15 +43,15 @@ DTYPES = ("float32", "bfloat16", "float64")
 
 def _config(model: str, preset: str, overrides: dict) -> dict:
     if model not in PRESETS or preset not in PRESETS[model]:
-        raise ValueError(f"unknown model or preset {model!r}/{preset!r}: models {list(PRESETS)}, presets cpu, gpu")
+        raise ArgumentError(f"unknown model or preset {model!r}/{preset!r}: models {list(PRESETS)}, presets cpu, gpu")
     cfg = dict(PRESETS[model][preset])
     if overrides.get("seq_len") is not None and "seq_len" not in cfg:
-        raise ValueError(f"--seq-len applies to the language models (gpt2, llama), not {model}")
+        raise ArgumentError(f"--seq-len applies to the language models (gpt2, llama), not {model}")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     if cfg["steps"] < 2:
-        raise ValueError(f"--steps must be at least 2 (warm-up, then decay), got {cfg['steps']}")
+        raise ArgumentError(f"--steps must be at least 2 (warm-up, then decay), got {cfg['steps']}")
     if cfg["dtype"] not in DTYPES:
-        raise ValueError(f"--dtype must be one of {DTYPES}, got {cfg['dtype']!r}")
+        raise ArgumentError(f"--dtype must be one of {DTYPES}, got {cfg['dtype']!r}")
     return cfg
 
 
@@ -78,7 +79,7 @@ def compare(
     cfg = _config(model, preset, dict(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, dtype=dtype))
     unknown = [w for w in ways or () if w not in WAYS]
     if unknown:
-        raise ValueError(f"unknown way(s) {unknown}: choose from {list(WAYS)}")
+        raise ArgumentError(f"unknown way(s) {unknown}: choose from {list(WAYS)}")
     require("matplotlib", "the loss-curve plot")  # before training, not after
     autocast_dtype = torch.bfloat16 if cfg["dtype"] == "bfloat16" else None
     param_dtype = torch.float64 if cfg["dtype"] == "float64" else torch.float32

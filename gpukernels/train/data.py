@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ArgumentError
 from ._deps import require
 
 END_OF_TEXT = "<|endoftext|>"
@@ -119,7 +120,7 @@ def stdlib_tokens(vocab_size: int, max_bytes: int | None, cache_dir: Path) -> To
     """Token ids of the stdlib corpus under a byte-level BPE of ``vocab_size``,
     trained on that corpus the first time and read from ``cache_dir`` after."""
     if vocab_size <= 257:
-        raise ValueError(f"vocab_size must exceed the 256 byte tokens and {END_OF_TEXT}, got {vocab_size}")
+        raise ArgumentError(f"vocab_size must exceed the 256 byte tokens and {END_OF_TEXT}, got {vocab_size}")
     files = stdlib_sources(max_bytes)
     folder = Path(cache_dir) / f"stdlib-bpe-{_corpus_key(files, max_bytes)}-v{vocab_size}"
     tokenizer_path, tokens_path, meta_path = folder / "tokenizer.json", folder / "tokens.npy", folder / "corpus.json"
@@ -147,7 +148,7 @@ def batch_order(items: int, batch_size: int, steps: int, seed: int) -> list[torc
     """Indices of each step's batch: a fresh permutation of ``items`` each epoch,
     the last incomplete batch of an epoch dropped (every step has the same shape)."""
     if batch_size > items:
-        raise ValueError(f"batch_size {batch_size} exceeds the {items} training examples")
+        raise ArgumentError(f"batch_size {batch_size} exceeds the {items} training examples")
     generator = torch.Generator().manual_seed(seed)
     batches: list[torch.Tensor] = []
     while len(batches) < steps:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ArgumentError
 from ._deps import install_hint, optional, require
 
 
@@ -142,4 +143,4 @@ def build_language_model(kind: str, cfg: dict) -> nn.Module:
             **common,
         )
         return transformers.LlamaForCausalLM(config)
-    raise ValueError(f"unknown language model {kind!r}")
+    raise ArgumentError(f"unknown language model {kind!r}")

@@ -1,4 +1,4 @@
-"""Linear layer with a fused activation on a contiguous (rows, in) matrix."""
+"""Linear layer and its activation on a contiguous (rows, in) matrix."""
 
 from __future__ import annotations
 

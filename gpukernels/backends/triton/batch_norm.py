@@ -17,22 +17,22 @@ reads are coalesced. Offsets are int32 unless a tensor spans 2**31 elements.
 Statistics accumulate in fp32 (fp64 for fp64 input), without atomics.
 
 Forward (2 launches in training, 1 in eval; 2 reads of x in training):
-1. ``_stats_kernel``, grid (channel blocks, SPLIT): program ``s`` takes
+1. ``batch_norm_stats_kernel``, grid (channel blocks, SPLIT): program ``s`` takes
    tiles ``s, s + SPLIT, ...`` of its channels, computes each tile's mean and
    M2 in registers (two-pass) and merges them into its partial
    (count, mean, M2) with Chan's formula. Training only.
-2. ``_normalize_kernel``: each program first merges the SPLIT partials of its
-   channels, in split order, into the batch mean and rstd (in eval: reads
-   them off the running stats); the first program of each channel block
-   writes them out and updates the running stats; then every program writes
-   ``y = (x - mean) * rstd*w + b`` for its tiles.
-Backward (2 launches, at most 2 reads of x and dy): ``_bwd_reduce_kernel``
-writes per-program partial ``sum(dy)`` and ``sum(dy*(x - mean))`` (and, in
-eval, dx itself, which needs no sums); in training ``_dx_kernel`` adds up the
-partials of its channels and writes
-``dx = w*rstd * (dy - sum(dy)/M - xhat*sum(dy*xhat)/M)``, its first program
-per channel block dweight and dbias; in eval ``_param_grads_kernel`` adds them
-up into dweight and dbias.
+2. ``batch_norm_normalize_kernel``: each program first merges the SPLIT
+   partials of its channels, in split order, into the batch mean and rstd (in
+   eval: reads them off the running stats); the first program of each channel
+   block writes them out and updates the running stats; then every program
+   writes ``y = (x - mean) * rstd*w + b`` for its tiles.
+Backward (2 launches, at most 2 reads of x and dy):
+``batch_norm_bwd_reduce_kernel`` writes per-program partial ``sum(dy)`` and
+``sum(dy*(x - mean))`` (and, in eval, dx itself, which needs no sums); in
+training ``batch_norm_dx_kernel`` adds up the partials of its channels and
+writes ``dx = w*rstd * (dy - sum(dy)/M - xhat*sum(dy*xhat)/M)``, its first
+program per channel block dweight and dbias; in eval
+``batch_norm_param_grads_kernel`` adds them up into dweight and dbias.
 
 Every program of the elementwise kernels reads all SPLIT partials of its
 channels, so SPLIT and those kernels' grids are chosen together: a few
@@ -138,7 +138,7 @@ def _split_sums(Partial, splits, c_start, C, ACC: tl.constexpr, BLOCK_C: tl.cons
 
 
 @jit
-def _stats_kernel(
+def batch_norm_stats_kernel(
     X,
     Partial,
     N,
@@ -204,7 +204,7 @@ def _merged_moments(Partial, splits, M, c_start, C, ACC: tl.constexpr, BLOCK_C: 
 
 
 @jit
-def _normalize_kernel(
+def batch_norm_normalize_kernel(
     X,
     Y,
     Partial,
@@ -283,7 +283,7 @@ def _normalize_kernel(
 
 
 @jit
-def _bwd_reduce_kernel(
+def batch_norm_bwd_reduce_kernel(
     X,
     DY,
     DX,
@@ -351,7 +351,7 @@ def _store_param_grads(
 
 
 @jit
-def _param_grads_kernel(
+def batch_norm_param_grads_kernel(
     Partial, splits, Rstd, DW, DB, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
 ):
     """Eval: dweight and dbias from the partials (dx needs no sums then)."""
@@ -362,7 +362,7 @@ def _param_grads_kernel(
 
 
 @jit
-def _dx_kernel(
+def batch_norm_dx_kernel(
     X,
     DY,
     DX,
@@ -554,8 +554,10 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
         # the count of each split, then its mean and M2 per channel (room for one split even with none)
         partial = torch.empty(max(splits, 1) * (1 + 2 * channels), dtype=mean.dtype, device=x.device)
         if splits:
-            _stats_kernel[tiling.reduction_grid](x, partial, *tiling.args(0), *tiling.walk(), **tiling.meta(acc))
-    _normalize_kernel[tiling.elementwise_grid](
+            batch_norm_stats_kernel[tiling.reduction_grid](
+                x, partial, *tiling.args(0), *tiling.walk(), **tiling.meta(acc)
+            )
+    batch_norm_normalize_kernel[tiling.elementwise_grid](
         x,
         y,
         partial,
@@ -588,7 +590,7 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
     tiling = _tiling(x, dy, dx)
     acc = acc_dtype(x.dtype)
     partial = torch.empty((2, tiling.splits, channels), dtype=mean.dtype, device=x.device)
-    _bwd_reduce_kernel[tiling.reduction_grid](
+    batch_norm_bwd_reduce_kernel[tiling.reduction_grid](
         x,
         dy,
         dx,
@@ -603,7 +605,7 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
         **tiling.meta(acc),
     )
     if training:
-        _dx_kernel[tiling.elementwise_grid](
+        batch_norm_dx_kernel[tiling.elementwise_grid](
             x,
             dy,
             dx,
@@ -622,7 +624,7 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
             **tiling.meta(acc),
         )
     elif weight is not None or has_bias:
-        _param_grads_kernel[(triton.cdiv(channels, PARAM_GRADS_BLOCK),)](
+        batch_norm_param_grads_kernel[(triton.cdiv(channels, PARAM_GRADS_BLOCK),)](
             partial,
             tiling.splits,
             rstd,

@@ -1,6 +1,6 @@
 """Cross-entropy over the rows of a contiguous (rows, C) logit matrix.
 
-Forward, ``cross_entropy_kernel``, one program per row: reads the row in column
+Forward, ``cross_entropy_fwd_kernel``, one program per row: reads the row in column
 blocks and keeps an online log-sum-exp: the running max ``m`` and
 ``s = sum exp(x - m)``, rescaled when ``m`` grows; with label smoothing or
 class-probability targets also, for the row's target weights ``q`` (``w`` for
@@ -18,7 +18,7 @@ reduced loss, divided by the mean's denominator (``sum w[t_i]`` over kept rows,
 which it computes from the targets; the number of rows for probabilities), and
 checks the targets: the forward, its reduction included, is one launch (and the
 counter's zero fill), and nothing on the host waits.
-Backward, ``logits_grad_kernel``, a 2-D grid of (rows, column blocks): the
+Backward, ``cross_entropy_bwd_kernel``, a 2-D grid of (rows, column blocks): the
 gradient from those statistics, ``scale * (a (p - onehot) + b (sum(w) p - w))``
 (``scale * (mass p - q)`` for probabilities) with ``p = exp(x - m - log s)``,
 the upstream gradient divided by the mean's denominator in the kernel: one read
@@ -158,7 +158,7 @@ def finish_rows(
 
 
 @jit(do_not_specialize=FLOAT_OPTIONS)
-def cross_entropy_kernel(
+def cross_entropy_fwd_kernel(
     X,
     T,
     W,
@@ -272,7 +272,7 @@ def cross_entropy_kernel(
 
 
 @jit(do_not_specialize=FLOAT_OPTIONS)
-def logits_grad_kernel(
+def cross_entropy_bwd_kernel(
     X,
     T,
     W,
@@ -428,7 +428,7 @@ def cross_entropy_rows(
         return
     block = row_block(classes, MAX_BLOCK_C)
     warps = min(max(block // 256, 1), 16)
-    cross_entropy_kernel[(rows,)](
+    cross_entropy_fwd_kernel[(rows,)](
         logits,
         target,
         weight,
@@ -506,7 +506,7 @@ def logits_grad(
         return
     block = row_block(width, GRAD_BLOCK_C)
     probs = target_mass is not None
-    logits_grad_kernel[(rows, triton.cdiv(width, block))](
+    cross_entropy_bwd_kernel[(rows, triton.cdiv(width, block))](
         logits,
         target,
         weight,

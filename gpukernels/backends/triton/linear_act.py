@@ -5,9 +5,9 @@ The products go to the vendor library (cuBLAS on CUDA) through ``torch.addmm``
 and ``torch.mm``; the kernels here do what the products leave:
 
 - forward: ``z = addmm(bias, x, weight.T, out=...)`` in the input dtype, then
-  ``activation_kernel`` writes ``y = act(z)``. Without a saved ``z`` (none,
+  ``linear_act_fwd_kernel`` writes ``y = act(z)``. Without a saved ``z`` (none,
   relu) the product is written into ``y`` itself, relu applied there in place.
-- backward: ``pre_activation_grad_kernel`` writes ``dz = dy * act'(z)``
+- backward: ``linear_act_bwd_kernel`` writes ``dz = dy * act'(z)``
   (``relu``: ``dy`` where ``y > 0``) and, in the same pass, the column sums of
   ``dz`` by tiles of rows, which make ``dbias``; then ``dx = dz @ weight`` and
   ``dweight = dz.T @ x``.
@@ -105,7 +105,7 @@ BLOCK_ROWS, BLOCK_COLS = 32, 128
 
 
 @jit
-def activation_kernel(Z, Y, n, ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def linear_act_fwd_kernel(Z, Y, n, ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     z = tl.load(Z + offsets, mask=mask, other=0.0).to(ACC)
@@ -113,7 +113,7 @@ def activation_kernel(Z, Y, n, ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOC
 
 
 @jit
-def pre_activation_grad_kernel(
+def linear_act_bwd_kernel(
     DY,
     Saved,
     DZ,
@@ -150,7 +150,7 @@ def linear_act_fwd(x, weight, bias, activation, y, z):
         torch.addmm(bias, x, weight.t(), out=product)
     n = product.numel()
     if activation != "none" and n:
-        activation_kernel[(triton.cdiv(n, BLOCK),)](
+        linear_act_fwd_kernel[(triton.cdiv(n, BLOCK),)](
             product, y, n, ACTIVATION=activation, ACC=acc_dtype(y.dtype), BLOCK=BLOCK, num_warps=4
         )
 
@@ -167,7 +167,7 @@ def _dz_and_dbias(dy: torch.Tensor, saved: torch.Tensor, activation: str, dbias:
     tiles = triton.cdiv(m, BLOCK_ROWS)
     partial = torch.empty((tiles, n), dtype=acc, device=dy.device) if dbias is not None else None
     if dy.numel():
-        pre_activation_grad_kernel[(tiles, triton.cdiv(n, BLOCK_COLS))](
+        linear_act_bwd_kernel[(tiles, triton.cdiv(n, BLOCK_COLS))](
             dy,
             saved,
             dz,
