@@ -1,0 +1,324 @@
+"""The row-normalisation kernels LayerNorm and RMSNorm share, over the rows
+of a contiguous (rows, D) matrix. The pointers given choose the variant:
+with ``Mean`` the row is centred (LayerNorm: its mean is subtracted and
+saved), else not (RMSNorm); ``W`` scales it (by ``offset + W`` when an
+``offset`` is given: RMSNorm's), ``B`` shifts it. ``CAST_BEFORE_W`` rounds
+the normalised row to x's dtype before the weight multiplies it (Llama's
+RMSNorm).
+
+Forward: one program per row. A row that fits in one block (``D <= 8192``)
+is loaded once and kept in registers; a wider row is read in column blocks,
+once for the mean (centred only), once for the sum of squares (two-pass, for
+accuracy), once to normalise.
+Backward: one launch of a persistent grid; each program takes rows
+``pid, pid + G, ...``, writes their ``dx`` and keeps running sums of
+``dy*xhat`` (and ``dy`` for a bias) for its rows, stored as its rows of a
+(2, G, D) partial buffer; the program to finish last (an arrival counter)
+sums the partials in a fixed order (no float atomics: the same dweight on
+every run).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import round_to, row_block
+from ._launch import jit, tracing
+
+
+def row_launch(d: int) -> tuple[int, bool, int]:
+    """``BLOCK_D``, ``ONE_BLOCK`` and ``num_warps`` for rows of ``d`` features."""
+    block = row_block(d)
+    return block, block >= d, min(max(block // 256, 1), 16)
+
+
+_counters: dict = {}
+
+
+def arrival_counter(device: torch.device) -> torch.Tensor:
+    """A zeroed int32 arrival counter for one launch whose last program sets it back to 0.
+
+    Cached per stream: launches on one stream run one after another, so they can share
+    one; launches on other streams may overlap and get their own. A launch captured in a
+    CUDA graph gets its own, zeroed in the graph (one fill): a replay may run beside any
+    stream's work. A launch traced into a graph (torch.compile) gets its own too: a graph
+    holds no tensor kept from outside it."""
+    if tracing() or device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)  # the default stream's handle is 0 on every device
+        key = (device.type, stream.device_index, stream.cuda_stream)
+    else:
+        key = (device.type, device.index, None)
+    counter = _counters.get(key)
+    if counter is None:
+        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+@triton.jit
+def zero_partial_row(Partial, D, BLOCK_D: tl.constexpr):
+    """Row ``Partial[0:D]`` = 0: a looped backward's running sums start from it."""
+    for start in range(0, D, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        tl.store(Partial + cols, tl.zeros([BLOCK_D], dtype=Partial.dtype.element_ty), mask=cols < D)
+
+
+@triton.jit
+def add_to_partial_row(Partial, cols, mask, value):
+    """``Partial[cols] += value``: each program owns its row of a partial buffer, so no atomics."""
+    tl.store(Partial + cols, tl.load(Partial + cols, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def sum_partials(Partial, Out, programs, D):
+    """``Out`` = the (programs, D) ``Partial`` summed over its rows in a fixed order, in Out's dtype."""
+    # The last program's tile: BLOCK_P programs by BLOCK_D columns.
+    BLOCK_P: tl.constexpr = 32
+    BLOCK_D: tl.constexpr = 64
+    for start in range(0, D, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_in = cols < D
+        total = tl.zeros([BLOCK_P, BLOCK_D], dtype=Partial.dtype.element_ty)
+        for first in range(0, programs, BLOCK_P):
+            p = first + tl.arange(0, BLOCK_P)
+            mask = (p < programs)[:, None] & col_in[None, :]
+            # written by other programs, on other SMs: read around L1
+            total += tl.load(Partial + p[:, None] * D + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(Out + cols, round_to(tl.sum(total, axis=0), Out.dtype.element_ty), mask=col_in)
+
+
+@triton.jit
+def is_last_program(Counter, programs):
+    """Whether this program arrives last at ``Counter``; that program then sees every program's stores."""
+    # The counter's release publishes this program's stores, its acquire shows the last
+    # program everyone's; the barrier puts every thread's stores before it.
+    tl.debug_barrier()
+    return tl.atomic_add(Counter, 1, sem="acq_rel") == programs - 1
+
+
+@triton.jit
+def _normalised(x, mean, rstd, mask, CENTERED: tl.constexpr):
+    """``xhat``: ``(x - mean) * rstd`` under CENTERED, else ``x * rstd``. Given a ``mask``, 0 off the
+    row, for sums over it (uncentred, ``x`` is loaded as 0 there)."""
+    if CENTERED:
+        xhat = (x - mean) * rstd
+        if mask is not None:
+            xhat = tl.where(mask, xhat, 0.0)
+    else:
+        xhat = x * rstd
+    return xhat
+
+
+@triton.jit
+def _scale(W, cols, mask, offset, DTYPE: tl.constexpr):
+    """What multiplies ``xhat``: ``W`` in DTYPE, plus ``offset`` when there is one (RMSNorm)."""
+    w = tl.load(W + cols, mask=mask, other=0.0).to(DTYPE)
+    if offset is not None:
+        w = offset + w
+    return w
+
+
+@triton.jit
+def _weight_input(xhat, X_DTYPE: tl.constexpr, CAST_BEFORE_W: tl.constexpr):
+    """What multiplied the weight in the forward: ``xhat``, rounded to x's dtype under CAST_BEFORE_W."""
+    if CAST_BEFORE_W:
+        xhat = round_to(xhat, X_DTYPE).to(xhat.dtype)
+    return xhat
+
+
+@triton.jit
+def _output(xhat, W, B, cols, mask, offset, X_DTYPE: tl.constexpr, MUL: tl.constexpr, CAST_BEFORE_W: tl.constexpr):
+    """``xhat * scale + B`` in MUL (each if given), with ``xhat`` first rounded to x's dtype under CAST_BEFORE_W."""
+    y = xhat
+    if W is not None:
+        if CAST_BEFORE_W:
+            y = round_to(y, X_DTYPE)
+        y = y.to(MUL) * _scale(W, cols, mask, offset, MUL)
+    if B is not None:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(MUL)
+    return y
+
+
+@triton.jit
+def _dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED: tl.constexpr):
+    """``rstd * (g - mean(g) - xhat * mean(g * xhat))``, without the ``mean(g)`` term unless CENTERED."""
+    if CENTERED:
+        g = g - mean_g
+    return rstd * (g - xhat * mean_gxhat)
+
+
+@jit
+def norm_fwd_kernel(
+    X,
+    W,
+    B,
+    Y,
+    Mean,
+    Rstd,
+    D,
+    eps,
+    offset,
+    CAST_BEFORE_W: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
+    """``Y`` for every row, and its ``Rstd`` (and ``Mean`` when centred)."""
+    # The variant from the pointers given and the dtypes from theirs, not from constexpr
+    # arguments: each argument adds to the host time of every launch.
+    CENTERED: tl.constexpr = Mean is not None
+    ACC: tl.constexpr = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    # y's statistics dtype: with CAST_BEFORE_W, y has the dtype promoted from w's and x's
+    MUL: tl.constexpr = tl.float64 if Y.dtype.element_ty == tl.float64 else tl.float32
+    row = tl.program_id(0).to(tl.int64)
+    X += row * D
+    Y += row * D
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        x = tl.load(X + cols, mask=mask, other=0.0).to(ACC)
+        if CENTERED:
+            mean = tl.sum(x, axis=0) / D
+            x = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+        y = _output(x * rstd, W, B, cols, mask, offset, X.dtype.element_ty, MUL, CAST_BEFORE_W)
+        tl.store(Y + cols, round_to(y, Y.dtype.element_ty), mask=mask)
+    else:
+        if CENTERED:
+            total = tl.zeros([BLOCK_D], dtype=ACC)
+            for start in range(0, D, BLOCK_D):
+                cols = start + tl.arange(0, BLOCK_D)
+                total += tl.load(X + cols, mask=cols < D, other=0.0).to(ACC)
+            mean = tl.sum(total, axis=0) / D
+        total = tl.zeros([BLOCK_D], dtype=ACC)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            mask = cols < D
+            x = tl.load(X + cols, mask=mask, other=0.0).to(ACC)
+            if CENTERED:
+                x = tl.where(mask, x - mean, 0.0)
+            total += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(total, axis=0) / D + eps)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            mask = cols < D
+            x = tl.load(X + cols, mask=mask, other=0.0).to(ACC)
+            if CENTERED:
+                x = x - mean
+            y = _output(x * rstd, W, B, cols, mask, offset, X.dtype.element_ty, MUL, CAST_BEFORE_W)
+            tl.store(Y + cols, round_to(y, Y.dtype.element_ty), mask=mask)
+    if CENTERED:
+        tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@jit
+def norm_bwd_kernel(
+    DY,
+    X,
+    W,
+    Mean,
+    Rstd,
+    DX,
+    Partial,
+    DW,
+    DB,
+    Counter,
+    rows,
+    D,
+    offset,
+    CAST_BEFORE_W: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
+    """``DX`` for every row; ``DW`` (and ``DB``) from the programs' partial sums, by the last program."""
+    # As in the forward: the variant from the pointers given, the dtype from x's.
+    CENTERED: tl.constexpr = Mean is not None
+    HAS_W: tl.constexpr = W is not None
+    HAS_B: tl.constexpr = DB is not None
+    ACC: tl.constexpr = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    x_dtype = X.dtype.element_ty
+    if HAS_W or HAS_B:
+        # This program's rows of the partial sums: dweight's, and dbias's after every program's dweight rows.
+        partial_dw = Partial + pid * D
+        partial_db = partial_dw + programs * D
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        scale = _scale(W, cols, mask, offset, ACC) if HAS_W else 1.0
+        dw = tl.zeros([BLOCK_D], dtype=ACC)
+        db = tl.zeros([BLOCK_D], dtype=ACC)
+        # Each step loads the next row before reducing this one: two rows in flight
+        # per program, so the loads' latency hides behind the reductions.
+        offs = tl.cast(pid, tl.int64) * D + cols
+        first = cols < tl.where(pid < rows, D, 0)
+        next_dy = tl.load(DY + offs, mask=first, other=0.0)
+        next_x = tl.load(X + offs, mask=first, other=0.0)
+        for row in range(pid, rows, programs):
+            dy = next_dy.to(ACC)
+            x = next_x.to(ACC)
+            following = cols < tl.where(row + programs < rows, D, 0)
+            next_dy = tl.load(DY + offs + programs * D, mask=following, other=0.0)
+            next_x = tl.load(X + offs + programs * D, mask=following, other=0.0)
+            mean = tl.load(Mean + row) if CENTERED else 0.0
+            rstd = tl.load(Rstd + row)
+            xhat = _normalised(x, mean, rstd, mask, CENTERED)
+            g = dy * scale
+            mean_g = tl.sum(g, axis=0) / D if CENTERED else 0.0
+            dx = _dx(g, xhat, rstd, mean_g, tl.sum(g * xhat, axis=0) / D, CENTERED)
+            tl.store(DX + offs, round_to(dx, DX.dtype.element_ty), mask=mask)
+            if HAS_W:
+                dw += dy * _weight_input(xhat, x_dtype, CAST_BEFORE_W)
+            if HAS_B:
+                db += dy
+            offs += programs * D
+        if HAS_W:
+            tl.store(partial_dw + cols, dw, mask=mask)
+        if HAS_B:
+            tl.store(partial_db + cols, db, mask=mask)
+    else:
+        if HAS_W:
+            zero_partial_row(partial_dw, D, BLOCK_D)
+        if HAS_B:
+            zero_partial_row(partial_db, D, BLOCK_D)
+        for row in range(pid, rows, programs):
+            base = tl.cast(row, tl.int64) * D
+            mean = tl.load(Mean + row) if CENTERED else 0.0
+            rstd = tl.load(Rstd + row)
+            sum_g = tl.zeros([BLOCK_D], dtype=ACC)
+            sum_gxhat = tl.zeros([BLOCK_D], dtype=ACC)
+            for start in range(0, D, BLOCK_D):
+                cols = start + tl.arange(0, BLOCK_D)
+                mask = cols < D
+                dy = tl.load(DY + base + cols, mask=mask, other=0.0).to(ACC)
+                xhat = _normalised(tl.load(X + base + cols, mask=mask, other=0.0).to(ACC), mean, rstd, mask, CENTERED)
+                g = dy * _scale(W, cols, mask, offset, ACC) if HAS_W else dy
+                if CENTERED:
+                    sum_g += g
+                sum_gxhat += g * xhat
+                if HAS_W:
+                    add_to_partial_row(partial_dw, cols, mask, dy * _weight_input(xhat, x_dtype, CAST_BEFORE_W))
+                if HAS_B:
+                    add_to_partial_row(partial_db, cols, mask, dy)
+            mean_g = tl.sum(sum_g, axis=0) / D if CENTERED else 0.0
+            mean_gxhat = tl.sum(sum_gxhat, axis=0) / D
+            for start in range(0, D, BLOCK_D):
+                cols = start + tl.arange(0, BLOCK_D)
+                mask = cols < D
+                dy = tl.load(DY + base + cols, mask=mask, other=0.0).to(ACC)
+                # only stored: no sum over the row
+                xhat = _normalised(tl.load(X + base + cols, mask=mask, other=0.0).to(ACC), mean, rstd, None, CENTERED)
+                g = dy * _scale(W, cols, mask, offset, ACC) if HAS_W else dy
+                dx = _dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED)
+                tl.store(DX + base + cols, round_to(dx, DX.dtype.element_ty), mask=mask)
+    if HAS_W or HAS_B:
+        if is_last_program(Counter, programs):
+            if HAS_W:
+                sum_partials(Partial, DW, programs, D)
+            if HAS_B:
+                sum_partials(Partial + programs * D, DB, programs, D)
+            tl.store(Counter, 0)  # for the next launch
