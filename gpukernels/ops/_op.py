@@ -20,17 +20,49 @@ the right shapes and dtypes. ``@kernel_op(family)`` turns it into
 The backend is chosen once, when the public function calls the op, and passed
 to it as its last argument; the autograd context keeps it, so the backward runs
 on the forward's backend whatever is selected when it runs.
+
+Under torch.compile, Inductor launches the op's Triton kernels itself: when the
+backend is Triton with compiled kernels (CUDA tensors), AOTAutograd traces the
+op's implementation (the spec allocates; each ``kernel[grid](...)`` of the
+launcher becomes ``torch.library.wrap_triton``'s, see backends/triton/_launch.py),
+so the graph holds ``triton_kernel_wrapper_functional`` nodes, which Inductor
+compiles, schedules and calls from its own code, writing each kernel's outputs
+in place (torch reads from the kernel's TTIR which arguments it writes).
+That is ``torch.library.triton_op``'s mechanism, a rule for FunctionalTensorMode
+(the mode AOTAutograd traces under) that runs the implementation, registered on
+the op ``gpukernels::<name>`` itself instead of making the op a ``triton_op``:
+a ``triton_op`` decomposes on every backend, so the NumPy, CuPy and interpreter
+paths would need a second, inner opaque op, which their graphs would name
+instead of the public one. The rule keeps the op one opaque node
+(its implementation called back at run time, as before) on other backends, under
+the Triton interpreter, for ops with tensor-list arguments (AdamW's step: its
+kernel reaches the tensors through a table of their addresses, which no graph
+can hold), for symbolic sizes or scalars (dynamic shapes: the launchers work
+shapes out on the host, as ints), under ``torch.export`` (as for ``triton_op``s)
+and for tensor subclasses other than fake and functional tensors. Every kernel
+of the Triton backend is listed for the op as ``triton_op`` lists its own, so
+that AOTAutograd's cache key covers their sources (not the launchers').
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import functools
+import importlib.util
+import re
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
 from .._backend import backend_name, kernel_for
 from .._numerics import stats_dtype  # noqa: F401  (the op files' one rule for statistics)
+
+try:  # torch's list of each triton_op's kernels, for AOTAutograd's cache key
+    from torch._library.triton import triton_ops_to_kernels
+except ImportError:  # an older torch, without that cache
+    triton_ops_to_kernels = {}
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _PLAIN_VALUE_TYPES = (type(None), bool, int, float, str)
@@ -80,6 +112,55 @@ def device_of(first) -> torch.device:
     return first[0].device if first else torch.device("cpu")  # an empty list: nothing to launch
 
 
+_SYMBOLIC_TYPES = (torch.SymInt, torch.SymFloat, torch.SymBool)
+_TRACED_TENSOR_TYPES = (Tensor, torch.nn.Parameter, FunctionalTensor)
+
+
+def _concrete(value) -> bool:
+    """Whether ``value`` (an op argument) has no symbolic size, stride or scalar."""
+    if isinstance(value, Tensor):
+        return all(type(s) is int for s in (*value.shape, *value.stride(), value.storage_offset()))
+    if isinstance(value, (list, tuple)):
+        return all(_concrete(v) for v in value)
+    return not isinstance(value, _SYMBOLIC_TYPES)
+
+
+def _exporting() -> bool:
+    """Whether torch.export is tracing (it keeps ``triton_op``s whole; a torch without
+    that rule decomposes them)."""
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:
+        return False
+    return custom_triton_ops_decomposition_disabled()
+
+
+def _compiled_triton() -> bool:
+    """Whether the Triton backend's kernels are compiled (``triton.jit``), not the
+    interpreter's: then it serves CUDA tensors only, and its launches can be traced."""
+    from ..backends.triton._common import INTERPRETING
+
+    return not INTERPRETING
+
+
+class _TritonKernels:
+    """Every kernel of the Triton backend, as ``torch._library.triton`` lists an op's
+    kernels for AOTAutograd's cache key; found when a key is first made, since the
+    backend's modules are imported when an op first runs on it."""
+
+    def __iter__(self) -> Iterator:
+        if importlib.util.find_spec("triton") is None:
+            return iter(())
+        for family in {op.family for op in OPS.values()}:
+            importlib.import_module(f"gpukernels.backends.triton.{family}")
+        from ..backends.triton._launch import KERNELS
+
+        return iter([kernel.fn for kernel in KERNELS])
+
+
+_TRITON_KERNELS = _TritonKernels()
+
+
 class KernelOp:
     """A kernel-backed custom op made from its output spec (see the module doc).
 
@@ -101,6 +182,10 @@ class KernelOp:
             f"gpukernels::{self.name}", self._run, mutates_args=tuple(mutates_args), schema=schema
         )
         self.custom_op.register_fake(spec)
+        # a multi-tensor op's kernel reads its tensors' addresses from a table: opaque to tracing
+        if not re.search(r"Tensor\??\[\]", schema):
+            self.custom_op.register_torch_dispatch(FunctionalTensorMode, self._decompose)
+            triton_ops_to_kernels[f"gpukernels::{self.name}"] = _TRITON_KERNELS
         self._eager = self._run
         OPS[self.name] = self
 
@@ -115,6 +200,24 @@ class KernelOp:
             kernel(*args[:-1], *outputs)
         return outputs
 
+    def _decompose(self, mode, op, types, args, kwargs):
+        """The op under FunctionalTensorMode (AOTAutograd): its implementation traced,
+        each launch a ``wrap_triton`` node, on the Triton backend's CUDA path; one
+        opaque node otherwise (see the module doc)."""
+        if (
+            args[-1] == "triton"
+            and not kwargs
+            and _compiled_triton()
+            and all(t in _TRACED_TENSOR_TYPES or issubclass(t, FakeTensor) for t in types)
+            and _concrete(args)
+            and not _exporting()
+        ):
+            from ..backends.triton._launch import traced_launches
+
+            with mode, traced_launches():
+                return self._run(*args)
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+
     def __call__(self, *args):
         return self.on(backend_name(device_of(args[0])), *args)
 
@@ -122,13 +225,19 @@ class KernelOp:
         args = (*args, backend)
         return self.custom_op(*args) if needs_dispatch(args) else self._eager(*args)
 
-    def register_autograd(self, setup_context: Callable, backward: Callable) -> None:
+    def register_autograd(
+        self, setup_context: Callable, backward: Callable, twice_differentiable: bool = False
+    ) -> None:
         """The op's autograd formula, for the custom op and the eager bypass alike.
         ``setup_context(ctx, inputs, output)`` sees the inputs without the backend,
         which it finds in ``ctx.backend``; ``backward`` returns one gradient per
         input but the backend. Gradients of extra outputs (statistics saved for the
         backward) are not materialised as zeros, and the backward runs only for the
-        first output's gradient, which is what every op's formula uses."""
+        first output's gradient, which is what every op's formula uses.
+
+        Backward kernels have no autograd of their own, so unless ``backward`` is
+        made of differentiable ops (``twice_differentiable``), a second derivative
+        through it raises instead of silently leaving out this op's term."""
 
         def setup(ctx, inputs, output):
             ctx.set_materialize_grads(False)
@@ -140,6 +249,9 @@ class KernelOp:
             if grads[0] is None:
                 return (None,) * ctx.inputs_count
             return (*backward(ctx, *grads), None)
+
+        if not twice_differentiable:
+            backward_of_first_output = refuse_second_derivative(self.name)(backward_of_first_output)
 
         self.custom_op.register_autograd(backward_of_first_output, setup_context=setup)
 
@@ -156,6 +268,54 @@ class KernelOp:
             {"forward": staticmethod(forward), "backward": staticmethod(backward_of_first_output)},
         )
         self._eager = function.apply
+
+
+class _SecondDerivativeRefused(torch.autograd.Function):
+    """Passes a backward's gradients through; differentiating them again raises.
+    Its inputs include the tensors the backward read (its saved tensors and the
+    incoming gradients) that require grad, so every path of a second derivative
+    that needs this op's term meets it: ``torch.autograd.grad`` prunes nodes not
+    on a path to its inputs, which is why ``once_differentiable``'s error node,
+    attached to nothing, would let the term be silently dropped."""
+
+    @staticmethod
+    def forward(ctx, name: str, outputs_count: int, *tensors):
+        ctx.name = name
+        return tuple(t.clone() for t in tensors[:outputs_count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"gpukernels: {ctx.name}'s backward runs kernels without autograd, so its second derivative is not "
+            "available; differentiate twice through the PyTorch op instead"
+        )
+
+
+def refuse_second_derivative(name: str) -> Callable[[Callable], Callable]:
+    """Decorates an autograd backward ``backward(ctx, *grads)`` made of kernels
+    without autograd: a second derivative through it raises (once_differentiable's
+    error could be pruned away, see ``_SecondDerivativeRefused``)."""
+    return functools.partial(_refusing_second_derivatives, name)
+
+
+def _refusing_second_derivatives(name: str, backward: Callable) -> Callable:
+    @functools.wraps(backward)
+    def backward_once(ctx, *grads):
+        if not torch.is_grad_enabled():  # no create_graph: the usual case, nothing to guard
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            results = backward(ctx, *grads)
+        read = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, Tensor) and t.requires_grad]
+        slots = [i for i, r in enumerate(results) if isinstance(r, Tensor)]
+        if not read or not slots:
+            return results
+        guarded = _SecondDerivativeRefused.apply(name, len(slots), *(results[i] for i in slots), *read)
+        results = list(results)
+        for i, g in zip(slots, guarded):
+            results[i] = g
+        return tuple(results)
+
+    return backward_once
 
 
 def kernel_op(family: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable], KernelOp]:

@@ -13,20 +13,30 @@ from . import interpreting
 INTERPRETING = interpreting()
 
 
-# The interpreter's rounding is a default argument, not a global the kernel reads:
-# JITFunction.run compares every global a kernel reads with its compile-time value
-# on each launch, and Triton does not track default values.
-@triton.jit
-def round_to(x, DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr = INTERPRETING):
-    """``x.to(DTYPE)``, rounding to nearest even as a GPU does: the
-    interpreter's own fp32 -> bf16 cast truncates, which would make the
-    interpreter tier test a rounding the GPU never does."""
-    if EMULATE_RNE and DTYPE == tl.bfloat16:
-        x = x.to(tl.float32)
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        x = tl.where(x != x, x, rounded)  # a nan's low bits could carry it into inf
-    return x.to(DTYPE)
+# One definition per mode, not a flag the kernel reads: JITFunction.run compares every
+# global a kernel reads with its compile-time value on each launch, and Inductor compiles
+# a kernel from the source of it and its callees (torch.compile), where a default value
+# read from this module's globals would be undefined.
+if INTERPRETING:
+
+    @triton.jit
+    def round_to(x, DTYPE: tl.constexpr):
+        """``x.to(DTYPE)``, rounding to nearest even as a GPU does: the
+        interpreter's own fp32 -> bf16 cast truncates, which would make the
+        interpreter tier test a rounding the GPU never does."""
+        if DTYPE == tl.bfloat16:
+            x = x.to(tl.float32)
+            bits = x.to(tl.uint32, bitcast=True)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            x = tl.where(x != x, x, rounded)  # a nan's low bits could carry it into inf
+        return x.to(DTYPE)
+
+else:
+
+    @triton.jit
+    def round_to(x, DTYPE: tl.constexpr):
+        """``x.to(DTYPE)``, which rounds to nearest even on a GPU."""
+        return x.to(DTYPE)
 
 
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:

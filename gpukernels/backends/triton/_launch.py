@@ -29,6 +29,12 @@ still hold their compile-time values (each miss does it), and the launch
 metadata when no launch hook is installed. Launches with a pre-run hook on
 the kernel or a stages-inspection hook installed go through the JIT.
 
+While an op's implementation is traced into a graph (``traced_launches``,
+entered by ops/_op.py when torch.compile's AOTAutograd decomposes an op on
+CUDA tensors), ``kernel[grid](...)`` is ``torch.library.wrap_triton``'s
+instead: a graph node that Inductor compiles and launches itself. One
+context variable, read once per launch, tells the two apart.
+
 Under ``TRITON_INTERPRET=1`` (read when ``jit`` decorates, as by
 ``triton.jit``) ``jit`` returns ``triton.jit``'s interpreted function: the
 interpreter runs the kernels. ``jit`` is for kernels launched with
@@ -38,8 +44,10 @@ interpreter runs the kernels. ``jit`` is for kernels launched with
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import triton
 from triton import knobs
@@ -67,6 +75,30 @@ _KNOB_READS = {
     ): "knobs.compilation.instrumentation_mode and knobs.compilation.fpsan_homomorphic_casts"
 }
 _HAS_STAGES_HOOK = hasattr(knobs.runtime, "add_stages_inspection_hook")
+
+
+# Read once per launch (a context variable: per thread, and cheaper to read than a thread-local's attribute).
+_traced = contextvars.ContextVar("gpukernels_traced_launches", default=False)
+_is_traced = _traced.get
+
+
+def tracing() -> bool:
+    """Whether launches now become graph nodes (inside ``traced_launches``)."""
+    return _traced.get()
+
+
+@contextlib.contextmanager
+def traced_launches() -> Iterator[None]:
+    """Within it (this thread), ``kernel[grid](...)`` of a ``jit`` kernel is
+    ``wrap_triton(kernel.fn)[grid](...)``: under a tracing mode, a
+    ``triton_kernel_wrapper`` node of the graph rather than a launch. Launchers
+    read ``tracing()`` where a traced graph needs something else than a launch
+    does (a fresh tensor where they keep one across launches)."""
+    token = _traced.set(True)
+    try:
+        yield
+    finally:
+        _traced.reset(token)
 
 
 def _binder_source(fn: JITFunction) -> str | None:
@@ -110,6 +142,10 @@ def _through_jit_only(fn: JITFunction) -> bool:
     return bool(fn.pre_run_hooks) or (_HAS_STAGES_HOOK and knobs.runtime.add_stages_inspection_hook is not None)
 
 
+KERNELS: list["Kernel"] = []
+"""Every kernel ``jit`` has made (AOTAutograd's cache key lists their sources: ops/_op.py)."""
+
+
 class Kernel:
     """A ``JITFunction`` launched as ``kernel[grid](*args, CONSTEXPR=..., num_warps=...)``
     through a cache of its compiled kernels (see the module doc). Other
@@ -120,6 +156,7 @@ class Kernel:
         # device -> (binder, {key: (launcher, function handle, packed metadata, CompiledKernel)})
         self._devices: dict[Any, tuple[Callable, dict]] = {}
         self._launch_bound = self._launch
+        KERNELS.append(self)
 
     def __getattr__(self, name: str) -> Any:
         if name == "fn":  # not set yet (an instance being copied)
@@ -130,6 +167,10 @@ class Kernel:
         return f"Kernel({self.fn!r})"
 
     def __getitem__(self, grid) -> Callable:
+        if _is_traced():
+            from torch.library import wrap_triton
+
+            return wrap_triton(self.fn)[grid]
         return functools.partial(self._launch_bound, grid)
 
     def _launch(self, grid, *args, **kwargs):

@@ -8,7 +8,7 @@ they round exactly as ``F.linear``'s do.
   ``m`` and ``log s``; the program to finish last, of all the chunks, reduces the
   rows' losses and checks every target.
 - backward, by slices of the vocabulary over all rows: the logits again,
-  ``cross_entropy.py``'s ``logits_grad_kernel`` writing their gradient over them
+  ``cross_entropy.py``'s ``cross_entropy_bwd_kernel`` writing their gradient over them
   from the saved statistics, then ``dweight[slice] = g.T @ x`` and
   ``dbias[slice]`` in the input dtype and ``dx += g @ weight[slice]`` into an
   fp32 accumulator (fp64 for fp64; ``dx`` itself for fp32 and fp64, which the
@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .cross_entropy import check_targets, cross_entropy_rows, finish, finish_without_rows, logits_grad
 
@@ -39,13 +40,14 @@ def _has_mixed_addmm(device: torch.device) -> bool:
     """Whether ``acc += a @ b`` runs in place here with bf16 ``a``, ``b`` and an fp32 ``acc``."""
     if device.type != "cuda":
         return False
-    acc = torch.ones(1, 1, device=device)
-    one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
-    try:
-        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
-    return acc.item() == 2.0  # the product added to acc, not written over it
+    with _disable_current_modes():  # real tensors, also when the op is first run traced (torch.compile)
+        acc = torch.ones(1, 1, device=device)
+        one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+        try:
+            torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+        except (RuntimeError, TypeError, NotImplementedError):
+            return False
+        return acc.item() == 2.0  # the product added to acc, not written over it
 
 
 def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
