@@ -29,13 +29,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._numerics import stats_dtype
-from .nn import _BatchNormForward
+from .errors import ArgumentError
+from .nn import BatchNormForward
 from .ops._checks import check_float, check_number, check_optional_float
-from .ops.batch_norm import _check_param_dtypes, batch_norm_fwd
+from .ops._op import refuse_second_derivative
+from .ops.batch_norm import batch_norm_fwd, check_param_dtypes
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm"]
 
@@ -108,7 +109,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     ) -> Tensor:
         count, mean, var = _global_moments(x, group)
         if count <= 1:
-            raise ValueError(
+            raise ArgumentError(
                 f"Expected more than 1 value per channel when training, got {count} over the "
                 f"process group (input of shape {tuple(x.shape)} on this rank)"
             )
@@ -123,7 +124,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @refuse_second_derivative("sync_batch_norm")
     def backward(ctx, dy: Tensor):
         x, weight, mean, rstd = ctx.saved_tensors
         # in the stats dtype, rounded once at the end (module docstring)
@@ -167,14 +168,14 @@ def sync_batch_norm(
     it, with the same C; N may differ from rank to rank, and be 0."""
     check_float("input", input)
     if input.dim() < 2:
-        raise ValueError(f"input must have shape (N, C), (N, C, L) or (N, C, H, W), got {tuple(input.shape)}")
+        raise ArgumentError(f"input must have shape (N, C), (N, C, L) or (N, C, H, W), got {tuple(input.shape)}")
     channels = input.shape[1]
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
+        raise ArgumentError("running_mean and running_var must either both be None or neither be None")
     params = dict(weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     for name, t in params.items():
         check_optional_float(name, t, input, (channels,))
-    _check_param_dtypes(input, **params)
+    check_param_dtypes(input, **params)
     eps = check_number("eps", eps, low=0.0, low_open=True)
     momentum = check_number("momentum", momentum)
     group = process_group or dist.group.WORLD
@@ -183,7 +184,7 @@ def sync_batch_norm(
     return y.view(input.shape)
 
 
-class SyncBatchNorm(_BatchNormForward, _BatchNorm):
+class SyncBatchNorm(BatchNormForward, _BatchNorm):
     """``torch.nn.SyncBatchNorm`` on gpukernels' ops, for ``(N, C, *)``
     input on any device (PyTorch's needs a GPU). In training, with a process
     group of more than one rank, batch statistics are the whole group's;
@@ -212,7 +213,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
-            raise ValueError(f"input must have at least 2 dims (N, C, *), got shape {tuple(input.shape)}")
+            raise ArgumentError(f"input must have at least 2 dims (N, C, *), got shape {tuple(input.shape)}")
 
     def _sync_group(self) -> Any:
         """The group to share batch statistics over, or None to use local ones."""

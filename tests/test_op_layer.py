@@ -1,6 +1,7 @@
 """The op-definition layer: every backend meets every op's kernel contract, and
 a backward runs on its forward's backend."""
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gpukernels as gk
 from gpukernels._backend import BACKENDS
@@ -116,3 +118,34 @@ def test_backward_runs_on_the_forwards_backend(name, monkeypatch):
     reference = x.detach().clone().requires_grad_()
     theirs(reference).backward(torch.ones_like(y))
     torch.testing.assert_close(x.grad, reference.grad)
+
+
+class _PassThroughMode(TorchDispatchMode):
+    """Any dispatch mode sends an op through the custom op instead of the eager bypass."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", sorted(FORWARD_BACKWARD))
+@pytest.mark.parametrize("through", ["eager", "custom_op"])
+def test_second_derivative_is_exact_or_refused(name, through):
+    """A second derivative through an op's backward: dropout's (linear, its backward
+    is dropout again) equals PyTorch's; every other op's backward runs kernels
+    without autograd, so it must raise rather than leave that op's term out of a
+    sum of terms (here ``f(x)**3 + x**3``: the second term alone would go unnoticed)."""
+    ours, theirs = FORWARD_BACKWARD[name]
+    x = torch.randn(6, 33, dtype=torch.float64, requires_grad=True)
+
+    def second_derivative(f, x):
+        (grad,) = torch.autograd.grad((f(x) ** 3).sum() + (x**3).sum(), x, create_graph=True)
+        (second,) = torch.autograd.grad(grad.sum(), x)
+        return second
+
+    with _PassThroughMode() if through == "custom_op" else contextlib.nullcontext():
+        if name != "dropout":
+            with pytest.raises(RuntimeError, match="differentiate twice"):
+                second_derivative(ours, x)
+            return
+        second = second_derivative(ours, x)
+    torch.testing.assert_close(second, second_derivative(theirs, x))

@@ -18,11 +18,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._backend import backend_name
+from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import check_float, check_number, check_optional_float, empty_grad
-from ._op import kernel_op, reshaped, stats_dtype
+from ._op import kernel_op, refuse_second_derivative, reshaped, stats_dtype
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -100,7 +100,7 @@ class _BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @refuse_second_derivative("batch_norm")
     def backward(ctx, dy: Tensor):
         x, weight, mean, rstd = ctx.saved_tensors
         has_bias = ctx.bias_dtype is not None
@@ -122,14 +122,14 @@ def _check_running_stats(
     running_mean: Tensor | None, running_var: Tensor | None, input: Tensor, training: bool
 ) -> None:
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
+        raise ArgumentError("running_mean and running_var must either both be None or neither be None")
     if running_mean is None and not training:
-        raise ValueError("running_mean and running_var must be given when training=False (they normalise the input)")
+        raise ArgumentError("running_mean and running_var must be given when training=False (they normalise the input)")
     check_optional_float("running_mean", running_mean, input, (input.shape[1],))
     check_optional_float("running_var", running_var, input, (input.shape[1],))
 
 
-def _check_param_dtypes(input: Tensor, **params: Tensor | None) -> None:
+def check_param_dtypes(input: Tensor, **params: Tensor | None) -> None:
     """As PyTorch's mixed-precision BatchNorm: the parameters and running stats
     share one dtype, which is input's, or float32 for bf16/fp16 input."""
     allowed = {input.dtype, torch.float32} if input.dtype in _LOW_PRECISION else {input.dtype}
@@ -138,14 +138,14 @@ def _check_param_dtypes(input: Tensor, **params: Tensor | None) -> None:
         if t is None:
             continue
         if t.dtype not in allowed:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name} must have dtype {' or '.join(sorted(map(str, allowed)))} "
                 f"for {input.dtype} input, got {t.dtype}"
             )
         if shared is None:
             shared = (name, t.dtype)
         elif t.dtype != shared[1]:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name} has dtype {t.dtype} but {shared[0]} has {shared[1]}; "
                 f"parameters and running stats must share one dtype"
             )
@@ -179,18 +179,18 @@ def batch_norm(
     batch variance."""
     check_float("input", input)
     if input.dim() < 2:
-        raise ValueError(f"input must have shape (N, C), (N, C, L) or (N, C, H, W), got {tuple(input.shape)}")
+        raise ArgumentError(f"input must have shape (N, C), (N, C, L) or (N, C, H, W), got {tuple(input.shape)}")
     training = bool(training)
     _check_running_stats(running_mean, running_var, input, training)
     check_optional_float("weight", weight, input, (input.shape[1],))
     check_optional_float("bias", bias, input, (input.shape[1],))
-    _check_param_dtypes(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    check_param_dtypes(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     eps = check_number("eps", eps, low=0.0, low_open=training)
     momentum = check_number("momentum", momentum)
     n, channels = input.shape[:2]
     length = math.prod(input.shape[2:])
     if training and n * length == 1:
-        raise ValueError(
+        raise ArgumentError(
             f"Expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
         )
     # a view for contiguous and channels-last input alike; a copy only for strides no (N, C, L) view can express

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import check_device, check_float, check_number
 from ._op import kernel_op
 
@@ -54,7 +55,7 @@ def _backward(ctx, dy):
     return dropout_fwd.on(ctx.backend, dy.contiguous(), ctx.p, seed), None, None
 
 
-dropout_fwd.register_autograd(_setup_context, _backward)
+dropout_fwd.register_autograd(_setup_context, _backward, twice_differentiable=True)  # dropout is linear
 
 
 def _seed_tensor(seed: int | Tensor | None, like: Tensor) -> Tensor:
@@ -64,15 +65,15 @@ def _seed_tensor(seed: int | Tensor | None, like: Tensor) -> Tensor:
         return torch.randint(0, _DRAWN_SEED_BOUND, (), dtype=torch.int64, device=like.device)
     if isinstance(seed, Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"seed must be an int or a one-element int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}"
             )
         check_device("seed", seed, like)
         return seed.reshape(())
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, a one-element int64 tensor or None, got {type(seed).__name__}")
+        raise ArgumentTypeError(f"seed must be an int, a one-element int64 tensor or None, got {type(seed).__name__}")
     if not _INT64_RANGE[0] <= seed < _INT64_RANGE[1]:
-        raise ValueError(f"seed must fit in int64, got {seed}")
+        raise ArgumentError(f"seed must fit in int64, got {seed}")
     # a fill kernel, not torch.tensor's copy from pageable host memory, which waits for the GPU
     return torch.full((), seed, dtype=torch.int64, device=like.device)
 
