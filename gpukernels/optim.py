@@ -1,6 +1,7 @@
 """The optimizer side of the training recipe: AdamW on the multi-tensor op
 ``gpukernels::adamw_step_``, the linear-warmup + cosine learning-rate
-schedule, and global gradient-norm clipping.
+schedule, and global gradient-norm clipping (on its own, or inside the
+AdamW step: ``AdamW(..., max_grad_norm=...)``).
 
 All three are drop-ins for their PyTorch counterparts: ``AdamW`` for
 ``torch.optim.AdamW`` (state dicts load both ways), ``warmup_cosine`` for a
@@ -11,6 +12,7 @@ All three are drop-ins for their PyTorch counterparts: ``AdamW`` for
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from collections import defaultdict
 from itertools import chain
@@ -21,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
+from .errors import ArgumentError, ArgumentTypeError
 from .ops._checks import FLOAT_DTYPES, check_float, check_number
 from .ops.adamw import adamw_step_, check_hyperparameters, state_dtype
 
@@ -114,6 +117,25 @@ class AdamW(torch.optim.Optimizer):
     DTensor params (FSDP2's ``fully_shard``) get DTensor state, as in
     PyTorch, so ``torch.distributed.checkpoint`` state dicts of the two load
     into each other; each rank updates its local shards.
+
+    ``max_grad_norm`` (None: no clipping) clips the gradients inside the step
+    as ``clip_grad_norm_(params, max_grad_norm)`` before it would: the L2 norm
+    of every grad of every group is measured in one read of the gradients
+    (``clip_grad_norm_``'s code), and the update kernel multiplies each grad
+    by ``min(1, max_grad_norm / (norm + 1e-6))`` as it reads it, instead of a
+    pass that scales every grad in place. So, unlike ``clip_grad_norm_``, the
+    grads are left unclipped. The results are ``clip_grad_norm_`` + ``step``'s
+    up to rounding: the same for fp32 and fp64 grads (on a GPU, within an ulp
+    where Triton fuses a multiply-add); bf16/fp16 grads times the factor stay
+    fp32, where ``clip_grad_norm_`` rounds them back to the grads' dtype.
+    ``grad_norm`` is the norm measured by the last step, a tensor on the
+    first grad's device, as ``clip_grad_norm_`` returns it (read it without
+    a host sync, e.g. to log it). Everything stays on the device, so a
+    captured step clips too (with the ``max_grad_norm`` of the capture). Under
+    DDP the grads are already reduced; under FSDP2 the norm of the sharded
+    grads is the global one (DTensor's norm ops reduce over the mesh) and
+    ``grad_norm`` is its plain value. A non-finite norm makes the params nan,
+    as with ``clip_grad_norm_`` (its ``error_if_nonfinite`` needs a sync).
     """
 
     def __init__(
@@ -125,7 +147,12 @@ class AdamW(torch.optim.Optimizer):
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
         maximize: bool = False,
+        max_grad_norm: float | None = None,
     ):
+        # not a group entry: one norm spans every group, and loading a state dict
+        # replaces the groups with the saved ones (torch.optim.AdamW's lack it)
+        self.max_grad_norm = max_grad_norm
+        self.grad_norm: Tensor | None = None
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -136,6 +163,25 @@ class AdamW(torch.optim.Optimizer):
             **_TORCH_ADAMW_FLAGS,
         )
         super().__init__(params, defaults)
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float | None) -> None:
+        self._max_grad_norm = None if value is None else _check_max_norm(value, "max_grad_norm")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """``Optimizer``'s (defaults, state, groups), and ``max_grad_norm``
+        (copies and pickles of the optimizer clip as it does)."""
+        return {**super().__getstate__(), "_max_grad_norm": self._max_grad_norm}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Also called by ``load_state_dict``, which leaves ``max_grad_norm`` as it is."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("_max_grad_norm", None)  # an optimizer pickled before the option
+        self.__dict__.setdefault("grad_norm", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validates each group's hyperparameters, not only the defaults."""
@@ -164,10 +210,23 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            for params in _by_device_and_dtype(self._params_with_grad(group, index)):
-                self._update(group, params)
+        with_grad = [self._params_with_grad(group, index) for index, group in enumerate(self.param_groups)]
+        grad_scale = None if self.max_grad_norm is None else self._grad_scale(list(chain.from_iterable(with_grad)))
+        for group, params in zip(self.param_groups, with_grad):
+            for bucket in _by_device_and_dtype(params):
+                self._update(group, bucket, grad_scale)
         return loss
+
+    def _grad_scale(self, params: list[Tensor]) -> Tensor | None:
+        """Sets ``grad_norm`` to the L2 norm of the params' grads; returns the
+        factor that clips them to ``max_grad_norm``, as the op's 0-dim fp64
+        ``grad_scale`` (None without grads: nothing to update)."""
+        if not params:
+            self.grad_norm = torch.tensor(0.0)  # what clip_grad_norm_ returns
+            return None
+        total_norm = _total_norm(list(map(_grad, params)), 2.0)
+        self.grad_norm = total_norm.full_tensor() if _is_dtensor(total_norm) else total_norm
+        return _clip_coef(self.grad_norm, self.max_grad_norm).to(torch.float64)
 
     @staticmethod
     def _params_with_grad(group: dict[str, Any], index: int) -> list[Tensor]:
@@ -187,9 +246,9 @@ class AdamW(torch.optim.Optimizer):
             name = names[i] if names else f"param_groups[{index}]['params'][{i}]"
             check_float(name, p)
             if p.grad.is_sparse:
-                raise RuntimeError(f"AdamW does not support sparse gradients, but {name} has one")
+                raise ArgumentError(f"AdamW does not support sparse gradients, but {name} has one")
             if _is_dtensor(p) and getattr(p.grad, "placements", None) != p.placements:
-                raise RuntimeError(
+                raise ArgumentError(
                     f"{name} is a DTensor with placements {p.placements}, so its grad must be one "
                     f"with the same placements, got {getattr(p.grad, 'placements', 'a plain tensor')}"
                 )
@@ -207,7 +266,7 @@ class AdamW(torch.optim.Optimizer):
             state["max_exp_avg_sq"] = _zero_state(param)
         return state
 
-    def _update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _update(self, group: dict[str, Any], params: list[Tensor], grad_scale: Tensor | None) -> None:
         amsgrad = bool(group["amsgrad"])
         states = list(map(self.state.__getitem__, params))
         if not all(states) or (amsgrad and not all("max_exp_avg_sq" in s for s in states)):
@@ -231,6 +290,7 @@ class AdamW(torch.optim.Optimizer):
             float(group["weight_decay"]),
             amsgrad,
             bool(group["maximize"]),
+            None if grad_scale is None else grad_scale.to(params[0].device),
         )
 
 
@@ -261,9 +321,9 @@ class WarmupCosineLR(LRScheduler):
         last_epoch: int = -1,
     ):
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+            raise ArgumentError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= warmup_steps:
-            raise ValueError(f"total_steps must be an int > warmup_steps ({warmup_steps}), got {total_steps!r}")
+            raise ArgumentError(f"total_steps must be an int > warmup_steps ({warmup_steps}), got {total_steps!r}")
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
         self.min_lr = check_number("min_lr", min_lr, low=0.0)
         super().__init__(optimizer, last_epoch)
@@ -292,13 +352,30 @@ def warmup_cosine(
     return WarmupCosineLR(optimizer, warmup_steps, total_steps, min_lr)
 
 
-def _check_max_norm(max_norm: float) -> float:
-    """Unlike PyTorch, a negative or nan max_norm (which would flip or poison
+def _check_max_norm(max_norm: float, name: str = "max_norm") -> float:
+    """Unlike PyTorch, a negative or nan max norm (which would flip or poison
     every gradient) is an error; inf is allowed: it measures without clipping."""
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (numbers.Real, Tensor)):
+        raise ArgumentTypeError(f"{name} must be a real number, got {type(max_norm).__name__}")
     max_norm = float(max_norm)
     if not max_norm >= 0:
-        raise ValueError(f"max_norm must be >= 0, got {max_norm}")
+        raise ArgumentError(f"{name} must be >= 0, got {max_norm}")
     return max_norm
+
+
+def _total_norm(grads: list[Tensor], norm_type: float) -> Tensor:
+    """The ``norm_type``-norm of the per-tensor norms of ``grads`` (not empty),
+    on the first grad's device, in their promoted dtype, as PyTorch's foreach
+    path: one ``_foreach_norm`` per (device, dtype) bucket, a single read of the
+    grads. DTensor grads (FSDP2) go through DTensor's own norm ops, which
+    reduce over the mesh: the result is the global norm, a replicated DTensor."""
+    norms = chain.from_iterable(torch._foreach_norm(bucket, norm_type) for bucket in _by_device_and_dtype(grads))
+    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), norm_type)
+
+
+def _clip_coef(total_norm: Tensor, max_norm: float) -> Tensor:
+    """torch.nn.utils.clip_grad_norm_'s factor, in ``total_norm``'s dtype."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
 @torch.no_grad()
@@ -307,26 +384,23 @@ def clip_grad_norm_(
 ) -> Tensor:
     """``torch.nn.utils.clip_grad_norm_``: scale the gradients in place by
     ``min(1, max_norm / (total_norm + 1e-6))``, where ``total_norm`` is the
-    ``norm_type``-norm of the per-tensor norms; returns ``total_norm``.
-    Multi-tensor ops per (device, dtype) bucket, as PyTorch's foreach path.
-    DTensor gradients (FSDP2) go through DTensor's own norm ops, which reduce
-    over the mesh: ``total_norm`` is the global norm, a replicated DTensor
-    as PyTorch's, and every rank clips with it."""
+    ``norm_type``-norm of the per-tensor norms (``_total_norm``); returns
+    ``total_norm``. Multi-tensor ops per (device, dtype) bucket, as PyTorch's
+    foreach path. With DTensor gradients (FSDP2), ``total_norm`` is the global
+    norm, a replicated DTensor as PyTorch's, and every rank clips with it."""
     max_norm = _check_max_norm(max_norm)
     norm_type = float(norm_type)
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    buckets = _by_device_and_dtype(grads)
-    norms = chain.from_iterable(torch._foreach_norm(bucket, norm_type) for bucket in buckets)
-    total_norm = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), norm_type)
+    total_norm = _total_norm(grads, norm_type)
     if error_if_nonfinite and not torch.isfinite(total_norm):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
             "so it cannot be clipped. To scale by it anyway, set error_if_nonfinite=False"
         )
-    clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    for bucket in buckets:
+    clip_coef = _clip_coef(total_norm, max_norm)
+    for bucket in _by_device_and_dtype(grads):
         torch._foreach_mul_(bucket, clip_coef.to(bucket[0].device))
     return total_norm

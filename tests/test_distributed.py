@@ -7,7 +7,7 @@ a single-process run in this process on the whole batch, step by step:
 
 - DDP and FSDP2 (``fully_shard``) training of a patched model (LinearAct,
   SyncBatchNorm, LayerNorm, CrossEntropyLoss) with our AdamW and our global
-  gradient clipping;
+  gradient clipping, by clip_grad_norm_ or inside the step (max_grad_norm);
 - SyncBatchNorm against BatchNorm over the whole batch (uneven and empty
   ranks, layouts, dtypes, momentum=None, eval after training);
 - torch.distributed.checkpoint: save, load, identical continuation; and
@@ -88,17 +88,19 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train(model, optimizer, data, loss_mean=lambda loss: loss.detach()) -> dict[str, list]:
-    """Steps of forward, backward, clip_grad_norm_, AdamW; per step the
-    loss (``loss_mean`` makes it the global batch's), total grad norm and
-    every parameter and buffer."""
+    """Steps of forward, backward, clip_grad_norm_, AdamW (or AdamW that clips
+    itself: ``max_grad_norm``); per step the loss (``loss_mean`` makes it the
+    global batch's), total grad norm and every parameter and buffer."""
     loss_fn = gk.nn.CrossEntropyLoss()
     record = {"loss": [], "norm": [], "state": []}
+    clips_in_step = getattr(optimizer, "max_grad_norm", None) is not None
     for x, y in data:
         optimizer.zero_grad()
         loss = loss_fn(model(x), y)
         loss.backward()
-        norm = gk.optim.clip_grad_norm_(model.parameters(), MAX_NORM)
+        norm = None if clips_in_step else gk.optim.clip_grad_norm_(model.parameters(), MAX_NORM)
         optimizer.step()
+        norm = optimizer.grad_norm if clips_in_step else norm
         record["loss"].append(loss_mean(loss))
         record["norm"].append(full(norm))
         record["state"].append(full_state(model))
@@ -131,11 +133,27 @@ def _fsdp_model():
     return fully_shard(model)
 
 
-def scenario_ddp(rank: int, _: Path) -> dict:
+def scenario_ddp(rank: int, _: Path, max_grad_norm: float | None = None) -> dict:
     model = DistributedDataParallel(convert_sync_batchnorm(make_model()))
-    record = train(model, gk.optim.AdamW(model.parameters(), lr=LR), _local_batches(rank), _global_mean)
+    optimizer = gk.optim.AdamW(model.parameters(), lr=LR, max_grad_norm=max_grad_norm)
+    record = train(model, optimizer, _local_batches(rank), _global_mean)
     record["state"] = [{k.removeprefix("module."): v for k, v in s.items()} for s in record["state"]]
     record["sync_bn"] = type(model.module[2]).__name__
+    return record
+
+
+def scenario_ddp_max_grad_norm(rank: int, tmp: Path) -> dict:
+    return scenario_ddp(rank, tmp, max_grad_norm=MAX_NORM)
+
+
+def scenario_fsdp_max_grad_norm(rank: int, _: Path) -> dict:
+    """Each rank's grads are shards (DTensors): the norm AdamW measures and
+    clips with must be the whole model's, a plain tensor on every rank."""
+    model = _fsdp_model()
+    optimizer = gk.optim.AdamW(model.parameters(), lr=LR, max_grad_norm=MAX_NORM)
+    record = train(model, optimizer, _local_batches(rank), _global_mean)
+    record["grad_norm_type"] = type(optimizer.grad_norm).__name__
+    record["grads_unclipped"] = full(model[0].weight.grad).norm() > MAX_NORM
     return record
 
 
@@ -450,6 +468,17 @@ def test_fsdp2_clip_grad_norm_is_global_norm(ranks, reference):
     clips with is the whole model's (the single-process one)."""
     for record in results_of(ranks, "fsdp"):
         torch.testing.assert_close(torch.stack(record["norm"]), torch.stack(reference["norm"]), **TRAIN_TOL)
+
+
+@pytest.mark.parametrize("scenario", ["ddp_max_grad_norm", "fsdp_max_grad_norm"])
+def test_adamw_max_grad_norm_tracks_clip_grad_norm_single_process(ranks, reference, scenario):
+    """AdamW(max_grad_norm=...) on two ranks against clip_grad_norm_ + AdamW in
+    one process: the same norms (under FSDP2, global over the shards) and
+    training; the grads are left unclipped."""
+    for record in results_of(ranks, scenario):
+        assert_tracks(record, reference, **TRAIN_TOL)
+        if scenario.startswith("fsdp"):
+            assert record["grad_norm_type"] == "Tensor" and record["grads_unclipped"]
 
 
 @pytest.mark.parametrize("case", list(BN_CASES))

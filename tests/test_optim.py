@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+from typing import Callable
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from gpukernels.ops.adamw import adamw_step_
 from gpukernels.optim import AdamW, clip_grad_norm_, warmup_cosine
 from helpers import TOLERANCES, assert_matches, rel_err
 
-OP = "adamw"  # conftest's device fixture skips backends without these kernels
+pytestmark = pytest.mark.family("adamw")  # conftest's device fixture skips backends without them
 STEPS = 100
 INTERPRETER_STEPS = 6  # the interpreter runs each program in Python: a few ms each
 
@@ -35,16 +36,24 @@ def _model(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu
     return torch.nn.Sequential(torch.nn.Linear(17, 33), torch.nn.Tanh(), torch.nn.Linear(33, 5)).to(device, dtype)
 
 
-def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
+def _train(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, clip: Callable | None = None
+) -> list[torch.Tensor | None]:
     """``steps`` optimizer steps on a fixed regression batch; the grads depend
-    on the params, so any difference in an update shows up in the next grads."""
+    on the params, so any difference in an update shows up in the next grads.
+    ``clip(params)``, if given, runs between backward and step. Returns each
+    step's grad norm: ``clip``'s, else the optimizer's ``grad_norm`` if any."""
     param = next(model.parameters())
     g = torch.Generator().manual_seed(1)
     x, y = (torch.randn(64, features, generator=g).to(param.device, param.dtype) for features in (17, 5))
+    norms = []
     for _ in range(steps):
         optimizer.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
+        norm = clip(model.parameters()) if clip else None
         optimizer.step()
+        norms.append(norm if clip else getattr(optimizer, "grad_norm", None))
+    return norms
 
 
 def _split_groups(model: torch.nn.Module) -> list[dict]:
@@ -188,23 +197,227 @@ def test_matches_float64_reference_with_fp32_state(device, dtype, amsgrad):
         assert rel_err(ours, ref_param) < torch.finfo(dtype).eps / 10
 
 
-def test_one_op_call_per_device_dtype_bucket(monkeypatch):
-    calls = []
+# ---------------------------------------------------------------- clipping inside the step: max_grad_norm
+
+CLIP_NORM = 0.3  # below _train's grad norm at its first steps (about 0.5), above it at its last (about 0.14)
+CLIP_CONFIGS = {
+    "clipped": dict(max_norm=CLIP_NORM),
+    "amsgrad_maximize": dict(max_norm=CLIP_NORM, amsgrad=True, maximize=True),
+    "param_groups": dict(max_norm=CLIP_NORM, groups=_split_groups),  # one norm over both groups
+    "tensor_lr": dict(max_norm=CLIP_NORM, lr=3e-3, tensor_lr=True),
+    "not_clipped": dict(max_norm=10.0),
+    "inf_max_norm": dict(max_norm=float("inf")),
+}
+
+
+def _clip_options(config: dict, device: torch.device, lr_as_tensor: bool) -> dict:
+    """An entry's optimizer options; its lr a tensor where it asks and ``lr_as_tensor``
+    (ours; torch.optim.AdamW's foreach path on CUDA takes none)."""
+    options = {k: v for k, v in config.items() if k not in ("groups", "max_norm", "tensor_lr")}
+    if lr_as_tensor and config.get("tensor_lr"):
+        options["lr"] = torch.tensor(options["lr"], dtype=torch.float64, device=device)
+    return options
+
+
+# fp64 for the first config only: the others change nothing that depends on the dtype
+CLIP_CASES_BY_DTYPE = [
+    pytest.param(config, dtype, id=f"{name}-{str(dtype).removeprefix('torch.')}")
+    for i, (name, config) in enumerate(CLIP_CONFIGS.items())
+    for dtype in ([torch.float32, torch.float64] if i == 0 else [torch.float32])
+]
+
+
+@pytest.mark.parametrize("config, dtype", CLIP_CASES_BY_DTYPE)
+def test_max_grad_norm_equals_clip_grad_norm_then_step(device, config, dtype):
+    """AdamW(max_grad_norm=m) against clip_grad_norm_(m) + step: with our AdamW
+    the same trajectory and norms, bit for bit on CPU (the grad times the factor
+    rounds as _foreach_mul_'s product does; on a GPU Triton may fuse it into a
+    multiply-add); with PyTorch's clip and AdamW, to the dtype's tolerance."""
+    max_norm = config["max_norm"]
+    models = [_model(dtype, device) for _ in range(3)]
+    fused = AdamW(_params(models[0], config), max_grad_norm=max_norm, **_clip_options(config, device, True))
+    unfused = AdamW(_params(models[1], config), **_clip_options(config, device, True))
+    theirs = torch.optim.AdamW(_params(models[2], config), **_clip_options(config, device, False))
+    steps = _steps(device)
+    fused_norms = _train(models[0], fused, steps)
+    unfused_norms = _train(models[1], unfused, steps, lambda params: clip_grad_norm_(params, max_norm))
+    theirs_norms = _train(models[2], theirs, steps, lambda params: torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if max_norm == CLIP_NORM:
+        assert fused_norms[0] > max_norm, "no clipping to test"
+    assert fused_norms[-1] is fused.grad_norm and fused.grad_norm.device == device
+    if device.type == "cpu":
+        assert torch.equal(torch.stack(fused_norms), torch.stack(unfused_norms))
+        for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            assert torch.equal(p, q)
+            assert all(torch.equal(fused.state[p][key], unfused.state[q][key]) for key in fused.state[p])
+    else:
+        _assert_same_trajectory(models[0], models[1])
+    torch.testing.assert_close(torch.stack(fused_norms), torch.stack(theirs_norms), **TOLERANCES[dtype])
+    _assert_same_trajectory(models[0], models[2])
+    _assert_same_state(fused, theirs, dtype)
+
+
+FIXED_GRAD_DTYPES = {
+    "bf16": [torch.bfloat16] * 2,
+    "fp16": [torch.float16] * 2,
+    "mixed": [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+}
+FIXED_GRAD_SIZES = (4097, 33, 130, 5)
+# (grads' scale, max_norm); the grads' norm is about 64 times their scale. Huge grads: a
+# factor of about 1e-20 (fp16 grads at most 100 times: clip_grad_norm_ takes their norm in fp16)
+FP16_GRAD_SCALE_MAX = 100.0
+CLIP_CASES = {
+    "clipped": (1.0, 1.0),
+    "not_clipped": (1.0, 1e4),
+    "huge_grads": (1e15, 1e-3),
+    "zero_grads": (0.0, 1.0),
+    "inf_max_norm": (1.0, float("inf")),
+    "zero_max_norm": (1.0, 0.0),
+}
+
+
+def _fixed_grads(dtypes: list[torch.dtype], scale: float, steps: int) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    scales = [min(scale, FP16_GRAD_SCALE_MAX) if dtype == torch.float16 else scale for dtype in dtypes]
+    return [
+        [
+            (torch.randn(n, generator=g, dtype=torch.float64) * dtype_scale).to(dtype)
+            for n, dtype, dtype_scale in zip(FIXED_GRAD_SIZES, dtypes, scales)
+        ]
+        for _ in range(steps)
+    ]
+
+
+def _torch_clip_coef(grads: list[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.nn.utils.clip_grad_norm_'s norm of (copies of) ``grads``, and its factor as fp64."""
+    params = [torch.nn.Parameter(torch.empty_like(grad)) for grad in grads]
+    for p, grad in zip(params, grads):
+        p.grad = grad.clone()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm, torch.clamp(max_norm / (norm + 1e-6), max=1.0).double()
+
+
+@pytest.mark.parametrize("case", CLIP_CASES.values(), ids=CLIP_CASES.keys())
+@pytest.mark.parametrize("dtypes", FIXED_GRAD_DTYPES.values(), ids=FIXED_GRAD_DTYPES.keys())
+def test_max_grad_norm_with_fixed_grads_matches_float64_clipping(device, dtypes, case):
+    """Fixed grads, so that each trajectory depends on its own arithmetic only.
+    The reference: PyTorch's clip factor (its norm in the grads' promoted dtype)
+    times the grads, then AdamW, in float64. Each step's norm is clip_grad_norm_'s
+    and the grads are left as they were. fp32/fp64 params: as clip_grad_norm_ +
+    our AdamW (bit for bit on CPU); bf16/fp16 ones: the clipped grad is not
+    rounded to their dtype, so within a rounding of that (by norm) and closer to
+    the reference."""
+    scale, max_norm = case
+    options = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False)
+    steps = _steps(device)
+    g = torch.Generator().manual_seed(8)
+    starts = [torch.randn(n, generator=g).to(dtype) for n, dtype in zip(FIXED_GRAD_SIZES, dtypes)]
+    fused_params, unfused_params = ([torch.nn.Parameter(s.to(device, copy=True)) for s in starts] for _ in range(2))
+    fused, unfused = AdamW(fused_params, max_grad_norm=max_norm, **options), AdamW(unfused_params, **options)
+    all_grads, coefs = _fixed_grads(dtypes, scale, steps), []
+    for grads in all_grads:
+        for p, q, grad in zip(fused_params, unfused_params, grads):
+            p.grad, q.grad = grad.to(device, copy=True), grad.to(device, copy=True)
+        fused.step()
+        clip_grad_norm_(unfused_params, max_norm)
+        unfused.step()
+        norm, coef = _torch_clip_coef(grads, max_norm)
+        coefs.append(coef)
+        assert fused.grad_norm.dtype == norm.dtype
+        torch.testing.assert_close(fused.grad_norm.cpu(), norm, rtol=4 * torch.finfo(norm.dtype).eps, atol=0)
+        assert all(torch.equal(p.grad.cpu(), grad) for p, grad in zip(fused_params, grads))
+    if scale and max_norm == 1.0:
+        assert coefs[0] < 0.1, "no clipping to test"
+
+    for i, (start, p, q) in enumerate(zip(starts, fused_params, unfused_params)):
+        clipped = [grads[i].double() * coef for grads, coef in zip(all_grads, coefs)]
+        ref_param, ref_m, ref_v = _reference_adamw(start, clipped, **options)
+        state = fused.state[p]
+        for key, ref in (("exp_avg", ref_m), ("exp_avg_sq", ref_v)):
+            tolerance = TOLERANCES[torch.float64] if p.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+            atol = tolerance["atol"] * ref.abs().max().item()  # the moments scale with the clipped grads
+            torch.testing.assert_close(state[key].cpu().double(), ref, rtol=tolerance["rtol"], atol=atol)
+        ours, theirs = p.detach().cpu(), q.detach().cpu()
+        if p.dtype in (torch.float32, torch.float64):
+            assert torch.equal(ours, theirs) if device.type == "cpu" else assert_matches(ours, theirs, ref_param) >= 0
+            assert_matches(ours, ref_param, ref_param)
+        else:
+            # clip_grad_norm_'s rounding of each clipped grad moves its trajectory by a fraction
+            # of an ulp (by norm; near zero, elementwise, by more): ours stays on the reference's
+            assert rel_err(ours, theirs) < torch.finfo(p.dtype).eps
+            assert (ours != ref_param).float().mean() < 0.01
+            assert rel_err(ours, ref_param) <= min(rel_err(theirs, ref_param), torch.finfo(p.dtype).eps / 10)
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        (-1.0, gk.ArgumentError),
+        (float("nan"), gk.ArgumentError),
+        ("1.0", gk.ArgumentTypeError),
+        (True, gk.ArgumentTypeError),
+    ],
+)
+def test_bad_max_grad_norm(value, error):
+    with pytest.raises(error, match="max_grad_norm"):
+        AdamW(_model().parameters(), max_grad_norm=value)
+    optimizer = AdamW(_model().parameters(), max_grad_norm=1.0)
+    with pytest.raises(error, match="max_grad_norm"):
+        optimizer.max_grad_norm = value
+    assert optimizer.max_grad_norm == 1.0
+
+
+def test_max_grad_norm_is_the_optimizers_kept_by_copies_and_loads():
+    """Not a param-group entry (one norm spans every group), so neither in
+    state dicts nor lost by loading one; copies and pickles keep it."""
+    model = _model()
+    optimizer = AdamW(model.parameters(), max_grad_norm=0.5)
+    _train(model, optimizer, 2)
+    assert "max_grad_norm" not in optimizer.param_groups[0]
+    assert "max_grad_norm" not in optimizer.state_dict()["param_groups"][0]
+    copied = copy.deepcopy(optimizer)
+    assert copied.max_grad_norm == 0.5 and copied.grad_norm is None
+    optimizer.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+    assert optimizer.max_grad_norm == 0.5
+    assert AdamW(model.parameters()).grad_norm is None
+
+
+def test_max_grad_norm_without_grads_updates_nothing():
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = AdamW([param], max_grad_norm=1.0)
+    optimizer.step()
+    assert torch.equal(optimizer.grad_norm, torch.nn.utils.clip_grad_norm_([param], 1.0))
+    assert torch.equal(param, torch.ones(3)) and not optimizer.state
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_one_op_call_per_device_dtype_bucket(monkeypatch, max_grad_norm):
+    """And with clipping, one norm pass over the grads of all groups: a
+    _foreach_norm per bucket, the op scaling each grad as it reads it."""
+    calls, norm_calls = [], []
 
     def counting_op(params, *args):
         calls.append([p.dtype for p in params])
         return adamw_step_(params, *args)
 
+    def counting_norm(tensors, *args):
+        norm_calls.append([t.dtype for t in tensors])
+        return foreach_norm(tensors, *args)
+
+    foreach_norm = torch._foreach_norm
     monkeypatch.setattr(gk.optim, "adamw_step_", counting_op)
+    monkeypatch.setattr(torch, "_foreach_norm", counting_norm)
     fp32, bf16 = _model(), _model(torch.bfloat16)
     frozen = torch.nn.Parameter(torch.ones(3))
     optimizer = AdamW(
-        [{"params": [*fp32.parameters(), *bf16[0].parameters(), frozen]}, {"params": bf16[2].parameters()}]
+        [{"params": [*fp32.parameters(), *bf16[0].parameters(), frozen]}, {"params": bf16[2].parameters()}],
+        max_grad_norm=max_grad_norm,
     )
     for model in (fp32, bf16):
         model(torch.randn(2, 17, dtype=next(model.parameters()).dtype)).sum().backward()
     optimizer.step()
     assert calls == [[torch.float32] * 4, [torch.bfloat16] * 2, [torch.bfloat16] * 2]
+    assert norm_calls == ([] if max_grad_norm is None else [[torch.float32] * 4, [torch.bfloat16] * 4])
     assert frozen.grad is None and torch.equal(frozen, torch.ones(3)) and frozen not in optimizer.state
 
 
@@ -265,8 +478,14 @@ def test_loading_torch_bf16_state_casts_it_to_fp32(device):
     assert all(ours.state[p]["step"].item() == 6 for p in model.parameters())
 
 
-def _op_inputs(dtype: torch.dtype, amsgrad: bool, device: torch.device | str = "cpu") -> list:
-    """Arguments of ``adamw_step_`` but ``maximize``: five tensors of awkward
+def _op_inputs(
+    dtype: torch.dtype,
+    amsgrad: bool,
+    device: torch.device | str = "cpu",
+    maximize: bool = False,
+    grad_scale: float | None = None,
+) -> list:
+    """Arguments of ``adamw_step_`` but the backend: five tensors of awkward
     shapes (one empty, one of several Triton blocks), at different steps."""
     g = torch.Generator().manual_seed(3)
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -291,6 +510,8 @@ def _op_inputs(dtype: torch.dtype, amsgrad: bool, device: torch.device | str = "
         1e-8,
         0.1,
         amsgrad,
+        maximize,
+        None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float64, device=device),
     ]
 
 
@@ -313,19 +534,18 @@ def _assert_op_results_equal(ours: list, theirs: list) -> None:
                 torch.testing.assert_close(a.cpu(), b, **TOLERANCES[a.dtype])
 
 
-@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("maximize, grad_scale", [(False, None), (True, None), (False, 0.3)], ids=str)
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_opcheck(device, dtype, amsgrad, maximize):
-    torch.library.opcheck(
-        adamw_step_.custom_op, (*_op_inputs(dtype, amsgrad, device), maximize, gk.backend_name(device))
-    )
+def test_opcheck(device, dtype, amsgrad, maximize, grad_scale):
+    args = _op_inputs(dtype, amsgrad, device, maximize, grad_scale)
+    torch.library.opcheck(adamw_step_.custom_op, (*args, gk.backend_name(device)))
 
 
 def test_op_compiles_without_graph_breaks(device):
-    args, eager_args = (_op_inputs(torch.float32, amsgrad=True, device=device) for _ in range(2))
-    torch.compile(lambda *a: adamw_step_(*a, False), fullgraph=True, backend="aot_eager")(*args)
-    adamw_step_(*eager_args, False)
+    args, eager_args = (_op_inputs(torch.float32, amsgrad=True, device=device, grad_scale=0.3) for _ in range(2))
+    torch.compile(adamw_step_, fullgraph=True, backend="aot_eager")(*args)
+    adamw_step_(*eager_args)
     for ours, eager in zip(args[:6], eager_args[:6], strict=True):
         assert all(torch.equal(a, b) for a, b in zip(ours, eager, strict=True))
 
@@ -333,7 +553,7 @@ def test_op_compiles_without_graph_breaks(device):
 def test_op_increments_steps_and_updates_every_tensor(device):
     args = _op_inputs(torch.float32, amsgrad=False, device=device)
     params_before, steps_before = [p.clone() for p in args[0]], [s.item() for s in args[5]]
-    adamw_step_(*args, False)
+    adamw_step_(*args)
     assert [s.item() for s in args[5]] == [s + 1 for s in steps_before]
     assert all(not torch.equal(p, q) for p, q in zip(args[0], params_before) if p.numel())
 
@@ -348,7 +568,7 @@ def test_op_matches_numpy_backend_on_any_memory_layout(device, dtype):
     """Channels-last and transposed params with state and grads laid out
     otherwise, a param that does not fill its memory (a strided slice)."""
     _skip_unless_kernel_under_test(device)
-    args = _op_inputs(dtype, amsgrad=True, device=device)
+    args = _op_inputs(dtype, amsgrad=True, device=device, maximize=True, grad_scale=0.3)
     channels_last = torch.randn(2, 3, 4, 5).to(device, dtype).contiguous(memory_format=torch.channels_last)
     args[0][1] = args[0][1].t().contiguous().t()  # (4, 5) with strides (1, 4)
     args[2][1] = args[2][1].t().contiguous().t()  # its exp_avg too, its grad not
@@ -359,11 +579,37 @@ def test_op_matches_numpy_backend_on_any_memory_layout(device, dtype):
         column.append(like.abs() if positive else like)
     args[5].append(torch.tensor(7.0, device=device))
     expected = _cpu_copy(args)
-    adamw_step_(*args, True)
+    adamw_step_(*args)
     with gk.use_backend("numpy"):
-        adamw_step_(*expected, True)
+        adamw_step_(*expected)
     assert args[0][4].stride() == (2200, 2) and args[0][5].is_contiguous(memory_format=torch.channels_last)
     _assert_op_results_equal(args, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_op_grad_scale_multiplies_each_grad_as_it_reads_it(device, dtype):
+    """With ``grad_scale`` c the op leaves the grads and updates as on grads
+    times c (fp32/fp64: the same product, so bit for bit on CPU); c = 1 as
+    without a scale."""
+    c = 0.3
+    scaled, unit, unscaled = (_op_inputs(dtype, True, device, grad_scale=scale) for scale in (c, 1.0, None))
+    grads = [g.clone() for g in scaled[1]]
+    adamw_step_(*scaled)
+    adamw_step_(*unit)
+    assert all(torch.equal(a, b) for a, b in zip(scaled[1], grads, strict=True))
+    compared = [(unit, unscaled)]
+    if dtype != torch.bfloat16:  # a bf16 grad times c would be rounded to bf16
+        prescaled = _op_inputs(dtype, True, device)
+        prescaled[1] = [g * torch.tensor(c, dtype=dtype) for g in prescaled[1]]
+        compared.append((scaled, prescaled))
+    for ours, expected in compared:
+        adamw_step_(*expected)
+        updated = [ours[i] for i in (0, 2, 3, 4, 5)], _cpu_copy([expected[i] for i in (0, 2, 3, 4, 5)])
+        if device.type == "cpu":
+            for ours_list, expected_list in zip(*updated, strict=True):
+                assert all(torch.equal(a, b) for a, b in zip(ours_list, expected_list, strict=True))
+        else:
+            _assert_op_results_equal(*updated)
 
 
 def test_op_follows_tensors_to_new_addresses(device):
@@ -373,10 +619,10 @@ def test_op_follows_tensors_to_new_addresses(device):
     first = _op_inputs(torch.float32, amsgrad=True, device=device)
     second = [[t.clone() for t in a] if isinstance(a, list) else a for a in first]
     expected = _cpu_copy(first)
-    adamw_step_(*first, False)
-    adamw_step_(*second, False)
+    adamw_step_(*first)
+    adamw_step_(*second)
     with gk.use_backend("numpy"):
-        adamw_step_(*expected, False)
+        adamw_step_(*expected)
     _assert_op_results_equal(first, expected)
     _assert_op_results_equal(second, expected)
 
@@ -385,13 +631,13 @@ def test_op_updates_params_of_mixed_dtypes(device):
     """One call on params of several dtypes (the Triton kernel launches once per
     dtype) equals one NumPy call per param."""
     dtypes = [torch.bfloat16, torch.float32, torch.float64, torch.bfloat16, torch.float16]
-    columns = [_op_inputs(dtype, amsgrad=True, device=device) for dtype in dtypes]
+    columns = [_op_inputs(dtype, amsgrad=True, device=device, grad_scale=0.3) for dtype in dtypes]
     args = [[column[k][i] for i, column in enumerate(columns)] for k in range(6)] + columns[0][6:]
     expected = _cpu_copy(args)
-    adamw_step_(*args, False)
+    adamw_step_(*args)
     with gk.use_backend("numpy"):
         for i in range(len(dtypes)):
-            adamw_step_(*([column[i]] for column in expected[:6]), *expected[6:], False)
+            adamw_step_(*([column[i]] for column in expected[:6]), *expected[6:])
     _assert_op_results_equal(args, expected)
 
 
@@ -424,12 +670,14 @@ def test_one_triton_launch_per_device_dtype_bucket(device, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_step_captured_in_a_cuda_graph_replays_as_eager_steps():
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+def test_step_captured_in_a_cuda_graph_replays_as_eager_steps(max_grad_norm):
     """The whole step reads lr and the steps from device memory: a captured
     step replayed with new grads and a new lr (written into the same tensors)
-    gives exactly the eager steps."""
+    gives exactly the eager steps; with clipping, the norm is measured and the
+    factor applied on the device at each replay (the grads' norm is about 27)."""
     device = torch.device("cuda")
-    options = dict(weight_decay=0.1, amsgrad=True)
+    options = dict(weight_decay=0.1, amsgrad=True, max_grad_norm=max_grad_norm)
     lrs = [1e-2, 3e-3, 5e-3, 1e-3]
     graphed_model, eager_model = _model(device=device), _model(device=device)
     g = torch.Generator().manual_seed(6)
@@ -464,6 +712,8 @@ def test_step_captured_in_a_cuda_graph_replays_as_eager_steps():
         assert graphed.state[p].keys() == eager.state[q].keys()
         assert all(torch.equal(graphed.state[p][k], eager.state[q][k]) for k in eager.state[q])
     assert graphed.state[p]["step"].item() == len(lrs)
+    if max_grad_norm is not None:
+        assert eager.grad_norm > max_grad_norm and torch.equal(graphed.grad_norm, eager.grad_norm)
 
 
 def _set(args: list, index: int, value) -> None:
@@ -483,6 +733,9 @@ SPOILERS = {
     "param_on_other_device": (lambda args: args[0].__setitem__(1, args[0][1].to("meta")), r"params\[1\]"),
     "fp32_lr": (lambda args: _set(args, 6, args[6].float()), "lr"),
     "amsgrad_without_max": (lambda args: _set(args, 11, True), "max_exp_avg_sqs"),
+    "fp32_grad_scale": (lambda args: _set(args, 13, torch.tensor(0.5)), "grad_scale"),
+    "grad_scale_shape": (lambda args: _set(args, 13, torch.ones(1, dtype=torch.float64)), "grad_scale"),
+    "grad_scale_on_other_device": (lambda args: _set(args, 13, torch.ones((), device="meta")), "grad_scale"),
 }
 
 
@@ -491,7 +744,7 @@ def test_op_rejects_inconsistent_lists(spoil, match):
     args = _op_inputs(torch.float32, amsgrad=False)
     spoil(args)
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
-        adamw_step_(*args, False)
+        adamw_step_(*args)
 
 
 @pytest.mark.parametrize(

@@ -10,17 +10,27 @@ kernel does from a table of pointers, so an optimizer step costs one call per
 call instead of being baked into it; it is fp64 because PyTorch computes
 ``lr * weight_decay`` and ``lr / (1 - beta1**t)`` in Python floats (double),
 and an fp32 lr alone would put fp64 params 5e-8 relative off PyTorch's.
+
+``grad_scale`` (None: no scaling) is a 0-dim fp64 tensor too, read on the
+device: each gradient is multiplied by it as the kernel reads it, so gradient
+clipping (``AdamW(max_grad_norm=...)``) or AMP's unscaling costs no pass of
+its own over the gradients, nor a host sync. The product is formed in the
+state dtype, the scale first rounded to it (as ``torch._foreach_mul_`` rounds
+a scalar tensor to its opmath type): for fp32 and fp64 grads it is the grad
+that ``_foreach_mul_`` would leave; for bf16/fp16 grads it is not rounded
+back to the grad's dtype, as an in-place scaling must.
 """
 
 from __future__ import annotations
 
 from itertools import chain
 from operator import attrgetter
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import FLOAT_DTYPES, check_device, check_float, check_number, check_shape
 from ._op import kernel_op, stats_dtype
 
@@ -40,7 +50,7 @@ def check_hyperparameters(
     check_number("eps", eps, low=0.0)
     check_number("weight_decay", weight_decay, low=0.0)
     if len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        raise ArgumentError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     return tuple(check_number(f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True) for i, beta in enumerate(betas))
 
 
@@ -48,7 +58,7 @@ def _check_tensor(name: str, t: Tensor, param: Tensor, shape: Sequence[int], dty
     check_device(name, t, param)
     check_shape(name, t, shape)
     if t.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+        raise ArgumentTypeError(f"{name} must be {dtype}, got {t.dtype}")
 
 
 _dtype, _shape = attrgetter("dtype"), attrgetter("shape")
@@ -98,10 +108,12 @@ def _check_lists(
     steps: list[Tensor],
     lr: Tensor,
     amsgrad: bool,
+    grad_scale: Tensor | None,
 ) -> None:
     """Params on one device; one grad, state tensor and step per param, each on
     that device, the grad in the param's dtype and shape, the state in
-    ``state_dtype``; ``max_exp_avg_sqs`` is read only with ``amsgrad``."""
+    ``state_dtype``; ``max_exp_avg_sqs`` is read only with ``amsgrad``; ``lr``
+    and ``grad_scale`` (if any) 0-dim fp64 on that device."""
     state = {
         "exp_avgs": exp_avgs,
         "exp_avg_sqs": exp_avg_sqs,
@@ -109,14 +121,14 @@ def _check_lists(
     }
     for name, tensors in {"grads": grads, "steps": steps, **state}.items():
         if len(tensors) != len(params):
-            raise ValueError(f"{name} must hold one tensor per param ({len(params)}), got {len(tensors)}")
+            raise ArgumentError(f"{name} must hold one tensor per param ({len(params)}), got {len(tensors)}")
     if not params:
         return
     if not _pass_every_check(params, grads, steps, list(state.values())):
         for i, p in enumerate(params):  # the first tensor that fails, by name
             check_float(f"params[{i}]", p)
             if p.device != params[0].device:
-                raise RuntimeError(
+                raise ArgumentError(
                     f"params[{i}] is on {p.device} but params[0] is on {params[0].device}: "
                     "one call updates the tensors of one device"
                 )
@@ -125,6 +137,8 @@ def _check_lists(
             for name, tensors in state.items():
                 _check_tensor(f"{name}[{i}]", tensors[i], p, p.shape, state_dtype(p.dtype))
     _check_tensor("lr", lr, params[0], (), torch.float64)
+    if grad_scale is not None:
+        _check_tensor("grad_scale", grad_scale, params[0], (), torch.float64)
 
 
 @kernel_op("adamw", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))
@@ -142,9 +156,12 @@ def adamw_step_(
     weight_decay: float,
     amsgrad: bool,
     maximize: bool,
+    grad_scale: Optional[Tensor],
     backend: str,
 ) -> None:
     """Kernel: increment each ``steps[i]``, then apply one AdamW update to
     ``params[i]`` and its state, all in place, for params of any float dtypes
-    (one device). No outputs: the spec checks the lists (``_check_lists``)."""
-    _check_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, amsgrad)
+    (one device), with the gradient ``grads[i] * grad_scale`` when a scale is
+    given (the grads are only read). No outputs: the spec checks the lists
+    (``_check_lists``)."""
+    _check_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, amsgrad, grad_scale)

@@ -8,7 +8,9 @@
 // The update follows backends/numpy/adamw.py operation for operation (the
 // module is compiled without FMA contraction, so each operation is rounded as
 // there): scalars from the step and lr in double, then rounded once to the
-// state type; the first moment by PyTorch's two-formula lerp.
+// state type; the first moment by PyTorch's two-formula lerp. grad_scale (null:
+// none) is read once per block, rounded to the state type, and multiplies each
+// gradient as it is read (the gradients are not written).
 #include "_common.cu"
 
 enum TableColumn { PARAMS, GRADS, EXP_AVGS, EXP_AVG_SQS, MAX_EXP_AVG_SQS, STEPS, NUMELS, FIRST_BLOCKS, COLUMNS };
@@ -16,7 +18,8 @@ enum TableColumn { PARAMS, GRADS, EXP_AVGS, EXP_AVG_SQS, MAX_EXP_AVG_SQS, STEPS,
 template <typename P>
 __device__ __forceinline__ void adamw(const i64* __restrict__ table, i64 tensors, i64 chunk,
                                       const double* __restrict__ lr_ptr, double beta1, double beta2,
-                                      double eps, double weight_decay, int amsgrad, int maximize) {
+                                      double eps, double weight_decay, int amsgrad, int maximize,
+                                      const double* __restrict__ grad_scale) {
   typedef acc_t<P> A;
   const i64 block = blockIdx.x;
   const i64 k = table[COLUMNS * tensors + block];
@@ -29,23 +32,24 @@ __device__ __forceinline__ void adamw(const i64* __restrict__ table, i64 tensors
   const i64 numel = table[NUMELS * tensors + k];
   const i64 end = start + chunk < numel ? start + chunk : numel;
 
-  // Per-tensor scalars, worked out once per block in double as PyTorch does in Python floats.
-  __shared__ double step_scalars[3];
+  // Per-tensor scalars, worked out once per block in double as PyTorch does in Python floats, and the scale.
+  __shared__ double step_scalars[4];
   if (threadIdx.x == 0) {
     const double lr = *lr_ptr;
     const double t = (double)*(const float*)table[STEPS * tensors + k];
     step_scalars[0] = 1.0 - lr * weight_decay;
     step_scalars[1] = -(lr / (1.0 - pow(beta1, t)));
     step_scalars[2] = sqrt(1.0 - pow(beta2, t));
+    step_scalars[3] = grad_scale ? *grad_scale : 1.0;
   }
   __syncthreads();
   const A decay = A(step_scalars[0]), neg_step_size = A(step_scalars[1]);
-  const A bias_correction2_sqrt = A(step_scalars[2]);
+  const A bias_correction2_sqrt = A(step_scalars[2]), scale = A(step_scalars[3]);
   const A lerp_weight = A(1.0 - beta1), lerp_complement = A(1) - lerp_weight;
   const A beta2_a = A(beta2), one_minus_beta2 = A(1.0 - beta2), eps_a = A(eps);
 
   for (i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
-    A g = to_acc(grad[i]);
+    A g = to_acc(grad[i]) * scale;  // exact without a scale: times 1
     if (maximize) g = -g;
     const A p = to_acc(param[i]) * decay;  // a no-op multiply by 1 without weight decay
     const A m_old = exp_avg[i];
@@ -67,9 +71,11 @@ __device__ __forceinline__ void adamw(const i64* __restrict__ table, i64 tensors
 
 #define GK_ADAMW_KERNEL(SUFFIX, P)                                                                 \
   extern "C" __global__ void adamw_##SUFFIX(const i64* __restrict__ table, i64 tensors, i64 chunk, \
-                                            const double* __restrict__ lr, double beta1,          \
-                                            double beta2, double eps, double weight_decay,        \
-                                            int amsgrad, int maximize) {                           \
-    adamw<P>(table, tensors, chunk, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize);       \
+                                            const double* __restrict__ lr, double beta1,           \
+                                            double beta2, double eps, double weight_decay,         \
+                                            int amsgrad, int maximize,                             \
+                                            const double* __restrict__ grad_scale) {               \
+    adamw<P>(table, tensors, chunk, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,        \
+             grad_scale);                                                                          \
   }
 GK_FOR_EACH_DTYPE(GK_ADAMW_KERNEL)

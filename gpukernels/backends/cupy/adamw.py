@@ -3,6 +3,7 @@ per parameter dtype: each block updates one chunk of one tensor, found in a
 table of device pointers. The step counters are incremented first by one
 ``torch._foreach_add_``, then read by the kernel, like the lr, from device
 memory: nothing is synchronised, and a tensor lr changed in place is seen.
+So is the optional grad scale, which multiplies each gradient as it is read.
 """
 
 from __future__ import annotations
@@ -37,7 +38,20 @@ def _table(columns: list[list[torch.Tensor | None]], device: torch.device) -> tu
 
 
 def adamw_step_(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    amsgrad,
+    maximize,
+    grad_scale=None,
 ):
     torch._foreach_add_(steps, 1.0)
     columns = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
@@ -66,6 +80,7 @@ def adamw_step_(
                     np.float64(weight_decay),
                     np.int32(amsgrad),
                     np.int32(maximize),
+                    pointer(grad_scale),
                 ),
                 options=("--fmad=false",),
             )

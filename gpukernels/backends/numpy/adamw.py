@@ -7,7 +7,8 @@ in Python floats). fp64 results equal PyTorch's to ~1e-16; fp32 ones differ
 by ulps, because PyTorch's CPU kernels fuse multiply-adds and its sqrt is
 not correctly rounded (up to 0.75 ulp). The state (fp32, or fp64 for fp64
 params) is always updated through views; a bf16/fp16 param is widened to fp32,
-updated there and rounded once at the end.
+updated there and rounded once at the end. A ``grad_scale`` multiplies the
+widened grad, in the compute dtype, before anything else reads it.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ def _update_one(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    grad_scale: float | None,
 ) -> None:
     scalar = compute_dtype(param.dtype).type
     step_view = step.numpy()
     step_view += 1
     t = float(step_view)
     p = as_array(param)  # a view for fp32/fp64 params, a widened copy otherwise
-    g = as_array(grad, param.dtype)
+    g = as_array(grad, param.dtype)  # a view of an fp32/fp64 grad: not scaled in place
+    if grad_scale is not None:
+        g = g * scalar(grad_scale)
     if maximize:
         g = -g
     m, v = exp_avg.numpy(), exp_avg_sq.numpy()
@@ -69,13 +73,27 @@ def _update_one(
 
 
 def adamw_step_(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    amsgrad,
+    maximize,
+    grad_scale=None,
 ):
     lr = lr.item()
+    scale = None if grad_scale is None else grad_scale.item()
     max_sqs = max_exp_avg_sqs if amsgrad else [None] * len(params)
     for param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step in zip(
         params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, strict=True
     ):
         _update_one(
-            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, maximize
+            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, maximize, scale
         )

@@ -14,8 +14,8 @@ them once; new addresses (reallocated state, new grads) build new ones.
 A tensor laid out in memory otherwise than its param (or a param that does
 not fill its memory) goes through a copy, written back after the launch.
 
-Nothing is read on the host: lr, each tensor's step and the bias corrections
-are read or computed from device memory in the kernel, so a whole
+Nothing is read on the host: lr, the grad scale, each tensor's step and the
+bias corrections are read or computed from device memory in the kernel, so a whole
 ``optimizer.step()`` can be captured in a CUDA graph and replayed, with an lr
 tensor changed in place between replays. The float hyperparameters travel as
 an fp64 tensor too (a kernel's float arguments are fp32, too coarse for fp64
@@ -83,8 +83,10 @@ def adamw_kernel(
     Arrivals,
     Lr,
     Hyper,
+    GradScale,
     PARAM_TY: tl.constexpr,
     ACC: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -129,6 +131,8 @@ def adamw_kernel(
 
     p = tl.load(param_ptr, mask=mask, other=0.0).to(ACC)
     g = tl.load(grad_ptr, mask=mask, other=0.0).to(ACC)
+    if HAS_GRAD_SCALE:
+        g = g * tl.load(GradScale).to(ACC)
     if MAXIMIZE:
         g = -g
     m = tl.load(exp_avg_ptr, mask=mask, other=0.0)
@@ -250,7 +254,20 @@ def _by_dtype(
 
 
 def adamw_step_(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    amsgrad,
+    maximize,
+    grad_scale=None,
 ):
     device = params[0].device
     hyperparameters = _hyperparameters(device, beta1, beta2, eps, weight_decay)
@@ -268,8 +285,10 @@ def adamw_step_(
             tables.arrivals,
             lr,
             hyperparameters,
+            grad_scale,
             PARAM_TY=_TRITON_DTYPES[dtype],
             ACC=acc_dtype(dtype),
+            HAS_GRAD_SCALE=grad_scale is not None,
             AMSGRAD=amsgrad,
             MAXIMIZE=maximize,
             BLOCK=BLOCK,
