@@ -10,19 +10,21 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+pytest.register_assert_rewrite("cupy_host")  # imported here, before pytest_plugins loads it
 import gpukernels as gk  # noqa: E402  (after TRITON_INTERPRET)
+from cupy_host import HOST_TARGET, use_host_build  # noqa: E402
 from helpers import SMALL_BLOCK  # noqa: E402
+
+# cupy_host's fixture cupy_host_kernels: the CuPy kernels built for the host
+pytest_plugins = ["cupy_host"]
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _triton_reason(device: str) -> str:
-    return gk.unavailable_reason("triton") or ("" if device == "cuda" or INTERPRETING else "not interpreting")
-
-
 # (device, backend) pairs an op test runs on. CPU/NumPy always; Triton on CPU
-# tensors through the interpreter (CI); CUDA pairs only where a GPU is.
+# tensors through the interpreter (CI); CuPy's kernels on CPU tensors through
+# their host build (CI, tests/cupy_host.py); CUDA pairs only where a GPU is.
 TARGETS = [
     pytest.param(("cpu", "numpy"), id="cpu-numpy"),
     pytest.param(
@@ -33,6 +35,7 @@ TARGETS = [
             pytest.mark.skipif(HAS_CUDA or not INTERPRETING, reason="Triton interpreter tier: CPU only"),
         ],
     ),
+    HOST_TARGET,
     pytest.param(
         ("cuda", "triton"),
         id="cuda-triton",
@@ -44,6 +47,31 @@ TARGETS = [
         marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")],
     ),
 ]
+CUPY_TARGETS = [target for target in TARGETS if target.values[0][1] == "cupy"]
+
+
+def _target_of(nodeid: str) -> str | None:
+    for target in TARGETS:
+        if f"[{target.id}" in nodeid or f"-{target.id}" in nodeid:
+            return target.id
+    return None
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The outcome counts per backend target (how many cases ran on each), for the log."""
+    counts: dict[str, dict[str, int]] = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            target = _target_of(getattr(report, "nodeid", ""))
+            if target is not None and (outcome != "passed" or report.when == "call"):
+                counts.setdefault(target, {}).setdefault(outcome, 0)
+                counts[target][outcome] += 1
+    if counts:
+        terminalreporter.section("cases per backend target")
+        for target in (t.id for t in TARGETS if t.id in counts):
+            terminalreporter.write_line(
+                f"{target}: " + ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts[target].items()))
+            )
 
 
 def pytest_runtest_logreport(report):
@@ -60,21 +88,49 @@ def pytest_runtest_logreport(report):
             log.write(f"=== SLOW {report.nodeid}: {report.duration:.0f} s\n")
 
 
-@pytest.fixture(params=TARGETS)
-def device(request):
-    """The device to make tensors on, with the backend under test selected.
-    A test module names the op families it runs in ``OP`` (a name or a
-    tuple); a backend without those kernels is skipped (the CuPy backend has
-    only some ops)."""
+def _on_target(request, monkeypatch, families):
+    """The target's device with its backend selected; skipped where the backend
+    has no kernels of ``families`` or cannot run."""
     device, backend = request.param
-    ops = getattr(request.module, "OP", ())
-    for op in (ops,) if isinstance(ops, str) else ops:
-        if importlib.util.find_spec(f"gpukernels.backends.{backend}.{op}") is None:
-            pytest.skip(f"backend {backend!r} has no {op} kernels")
+    for family in families:
+        if importlib.util.find_spec(f"gpukernels.backends.{backend}.{family}") is None:
+            pytest.skip(f"backend {backend!r} has no {family} kernels")
     if device == "cuda" and gk.unavailable_reason(backend):
         pytest.skip(gk.unavailable_reason(backend))
+    if HOST_TARGET.values[0] == (device, backend):
+        use_host_build(monkeypatch, request.getfixturevalue("cupy_host_kernels"))
     with gk.use_backend(backend):
         yield torch.device(device)
+
+
+def _families(request) -> tuple[str, ...]:
+    """The op families of the test's ``family`` marker (its module's
+    ``pytestmark = pytest.mark.family("layer_norm", ...)``)."""
+    marker = request.node.get_closest_marker("family")
+    if marker is None or not marker.args:
+        pytest.fail(
+            f"{request.node.nodeid} takes the device fixture but names no op family: give its module "
+            f'pytestmark = pytest.mark.family("<family>", ...) (a module of gpukernels/backends/numpy/)',
+            pytrace=False,
+        )
+    for family in marker.args:
+        if importlib.util.find_spec(f"gpukernels.backends.numpy.{family}") is None:
+            pytest.fail(f"{request.node.nodeid}: no op family {family!r} (gpukernels/backends/numpy/)", pytrace=False)
+    return marker.args
+
+
+@pytest.fixture(params=TARGETS)
+def device(request, monkeypatch):
+    """The device to make tensors on, with the backend under test selected.
+    A backend without kernels of the test's op families (its ``family``
+    marker) is skipped: the CuPy backend has only some."""
+    yield from _on_target(request, monkeypatch, _families(request))
+
+
+@pytest.fixture(params=CUPY_TARGETS)
+def cupy_device(request, monkeypatch):
+    """``device`` on the CuPy targets only: tests of the CuPy backend itself."""
+    yield from _on_target(request, monkeypatch, ())
 
 
 @pytest.fixture

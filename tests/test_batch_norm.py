@@ -18,7 +18,7 @@ from helpers import TOLERANCES, assert_matches, count_launches
 SHAPES = [(8, 3), (6, 17), (5, 1000), (4, 17, 9), (1, 3, 7), (5, 1, 6), (2, 3, 4097), (2, 3, 4, 5), (3, 1, 1, 2)]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-OP = "batch_norm"  # conftest's device fixture skips backends without these kernels
+pytestmark = pytest.mark.family("batch_norm")  # conftest's device fixture skips backends without them
 
 
 def make_inputs(shape, dtype, param_dtype=None, affine=True, seed=0, device="cpu"):
@@ -256,11 +256,11 @@ def test_kernel_launches(device, triton_kernels, monkeypatch, layout, training):
     y.backward(torch.ones_like(y))
     backward = launched[len(forward) :]
     if training:
-        assert forward == ["_stats_kernel", "_normalize_kernel"]
-        assert backward == ["_bwd_reduce_kernel", "_dx_kernel"]
+        assert forward == ["batch_norm_stats_kernel", "batch_norm_normalize_kernel"]
+        assert backward == ["batch_norm_bwd_reduce_kernel", "batch_norm_dx_kernel"]
     else:
-        assert forward == ["_normalize_kernel"]
-        assert backward == ["_bwd_reduce_kernel", "_param_grads_kernel"]
+        assert forward == ["batch_norm_normalize_kernel"]
+        assert backward == ["batch_norm_bwd_reduce_kernel", "batch_norm_param_grads_kernel"]
 
 
 def test_large_mean_small_variance(device):

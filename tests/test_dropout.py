@@ -21,7 +21,7 @@ DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # Offsets at and past 2**32 exercise the counter's high word.
 OFFSETS = [0, 1, 2, 3, 1000, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**62 + 7]
 
-OP = "dropout"  # conftest's device fixture skips backends without these kernels
+pytestmark = pytest.mark.family("dropout")  # conftest's device fixture skips backends without them
 
 
 def philox_mask(seed: int, n: int, p: float) -> torch.Tensor:

@@ -6,7 +6,7 @@ import gpukernels as gk
 from gpukernels.ops.gated_act import gated_act_bwd, gated_act_fwd
 from helpers import assert_matches
 
-OP = "gated_act"  # conftest's device fixture skips backends without these kernels
+pytestmark = pytest.mark.family("gated_act")  # conftest's device fixture skips backends without them
 
 # name -> (ours, the PyTorch expression it replaces)
 GATED = {

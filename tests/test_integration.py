@@ -7,7 +7,7 @@ import torch
 import gpukernels as gk
 from gpukernels import nn as gnn
 
-OP = ("linear_act", "layer_norm", "dropout", "batch_norm", "cross_entropy", "adamw")
+pytestmark = pytest.mark.family("linear_act", "layer_norm", "dropout", "batch_norm", "cross_entropy", "adamw")
 
 
 class Net(torch.nn.Module):

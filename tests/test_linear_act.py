@@ -6,7 +6,7 @@ import gpukernels as gk
 from gpukernels.ops.linear_act import linear_act, linear_act_bwd, linear_act_fwd
 from helpers import assert_matches
 
-OP = "linear_act"  # conftest's device fixture skips backends without these kernels
+pytestmark = pytest.mark.family("linear_act")  # conftest's device fixture skips backends without them
 
 TORCH_ACTIVATIONS = {
     "none": lambda z: z,

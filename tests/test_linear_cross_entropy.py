@@ -11,7 +11,7 @@ from gpukernels.ops import linear_cross_entropy as lce_ops
 from gpukernels.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_bwd, linear_cross_entropy_fwd
 from helpers import LOOPED_CLASSES, assert_matches
 
-OP = "linear_cross_entropy"  # conftest's device fixture skips backends without these kernels
+pytestmark = pytest.mark.family("linear_cross_entropy")  # conftest's device fixture skips backends without them
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 IGNORE = -100
 

@@ -15,7 +15,7 @@ typedef long long i64;
 struct bf16 { unsigned short bits; };
 struct f16 { unsigned short bits; };
 
-// Bit-level primitives. tests/test_cupy.py defines GK_HOST_EMULATION and host
+// Bit-level primitives. tests/cupy_host.py defines GK_HOST_EMULATION and host
 // versions of these to run the kernels on the CPU.
 #ifndef GK_HOST_EMULATION
 __device__ __forceinline__ float gk_float_from_bits(unsigned u) { return __uint_as_float(u); }
