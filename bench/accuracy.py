@@ -1,6 +1,6 @@
 """Largest error of every op against PyTorch, per dtype, forward and backward.
 
-    python bench/accuracy.py [--device cpu|cuda] [--backend numpy|triton|cupy]
+    python -m bench.accuracy [--device cpu|cuda] [--backend numpy|triton|cupy]
 
 fp64/fp32: the largest absolute difference from PyTorch's result in the same
 dtype. bf16/fp16: the relative norm error against a float64 computation, with

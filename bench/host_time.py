@@ -2,7 +2,7 @@
 PyTorch's equivalent, through Triton's real launch path on a machine without
 a GPU.
 
-    python bench/host_time.py --out DIR [--ops layer_norm,dropout] [--calls 20] [--setup FILE]
+    python -m bench.host_time --out DIR [--ops layer_norm,dropout] [--calls 20] [--setup FILE]
 
 Our ops run their Triton kernels on CPU tensors: JITFunction.run (or our
 direct launcher) -> CompiledKernel -> Triton's C launcher -> libcuda, where

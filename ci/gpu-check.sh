@@ -12,7 +12,7 @@
 #   train    the gpu preset of the digits MLP
 #   models   a real model's training step, every way (plain, patched, compiled, Liger):
 #            the gpu preset of gpt2, llama and resnet50 for a few steps each
-#   host     host time per call of each piece of an op's launch (bench/host_overhead.py)
+#   host     host time per call of each piece of an op's launch (python -m bench.host_overhead)
 # GPU_CHECK_STEPS picks them (default "tests bench graph"); GPU_CHECK_BENCH_SKIP the
 # providers the benchmark leaves out (default compile-max). Logs go to the
 # folder after each step, with everything packed into gpu-check.tgz, so a run
@@ -56,17 +56,17 @@ parallel=()
 for name in ${GPU_CHECK_STEPS:-tests bench graph}; do
     case $name in
         tests) step gpu-tests 240 "$py" -m pytest -m gpu -q -ra -p no:cacheprovider "${parallel[@]}" tests ;;
-        profile) step profile 120 "$py" -m gpukernels.bench --profile --quick --out "$work/profile" ;;
-        bench) step bench 240 "$py" -m gpukernels.bench --quick --skip "${GPU_CHECK_BENCH_SKIP-compile-max}" \
+        profile) step profile 120 "$py" -m bench --profile --quick --out "$work/profile" ;;
+        bench) step bench 240 "$py" -m bench --quick --skip "${GPU_CHECK_BENCH_SKIP-compile-max}" \
                    --out "$work/bench" ;;
-        graph) step bench-graph 120 "$py" -m gpukernels.bench --quick --cuda-graph --skip compile,compile-max \
+        graph) step bench-graph 120 "$py" -m bench --quick --cuda-graph --skip compile,compile-max \
                    --ops layer_norm,cross_entropy,dropout,batch_norm,linear_act --out "$work/bench-graph" ;;
         train) step train-mlp 150 "$py" -m gpukernels.train --model mlp --preset gpu --steps 30 --out "$work/train" ;;
         models) for model in gpt2 llama resnet50; do
                     step "train-$model" 200 "$py" -m gpukernels.train --model "$model" --preset gpu \
                         --steps "${GPU_CHECK_TRAIN_STEPS:-30}" --out "$work/train-$model"
                 done ;;
-        host) step host-overhead 120 "$py" bench/host_overhead.py ;;
+        host) step host-overhead 120 "$py" -m bench.host_overhead ;;
         *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, train, models, host)" >&2; exit 2 ;;
     esac
 done

@@ -15,6 +15,6 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 stamp="$venv/.gpukernels-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! "$py" -c "import gpukernels" 2>/dev/null; then
-    "$py" -m pip install -q -e ".[test,train]"
+    "$py" -m pip install -q -e ".[test,train,bench]"
     touch "$stamp"
 fi

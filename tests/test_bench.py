@@ -1,23 +1,28 @@
-"""The benchmark harness in its CPU mode: every op, every column, every output file."""
+"""The benchmark (``python -m bench``) in its CPU mode: every op, every column, every output file."""
 
+import ast
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib")
-
-from gpukernels import bench  # noqa: E402
+from bench.__main__ import main
+from bench.cases import OPS
+from bench.harness import MODES
 
 
 def test_cpu_mode_writes_every_op_and_column(tmp_path, capsys):
-    bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    pytest.importorskip("matplotlib")
+    main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "cpu.json").read_text())
     assert "CPU run" in data["environment"]["note"]
     rows = data["rows"]
-    assert {r["op"] for r in rows} == set(bench.OPS)
-    for op in bench.OPS:
+    assert list(dict.fromkeys(r["op"] for r in rows)) == list(OPS)
+    for op in OPS:
         modes = {r["mode"] for r in rows if r["op"] == op}
-        assert modes == ({"step"} if op == "adamw" else set(bench.MODES)), op
+        assert modes == ({"step"} if op in ("adamw", "clip_adamw") else set(MODES)), op
         providers = {r["provider"] for r in rows if r["op"] == op}
         assert "gpukernels" in providers and len(providers) >= 2, (op, providers)
     for r in rows:
@@ -27,33 +32,64 @@ def test_cpu_mode_writes_every_op_and_column(tmp_path, capsys):
             assert r["speedup"] and all(v > 0 for v in r["speedup"].values())
     for suffix in ("md", "csv"):
         assert (tmp_path / f"cpu.{suffix}").stat().st_size > 0
-    for op in bench.OPS:
+    for op in OPS:
         assert (tmp_path / f"{op}.png").stat().st_size > 5_000
     out = capsys.readouterr().out
     assert "ours vs this" in out and "GB/s" in out
-    bench.main(["--summarize", str(tmp_path / "cpu.json")])
+    main(["--summarize", str(tmp_path / "cpu.json")])
     summary = capsys.readouterr().out
     assert summary.startswith("| op | shape | ours ms | vs eager")
-    assert all(f"| {op} |" in summary for op in bench.OPS)
+    assert all(f"| {op} |" in summary for op in OPS)
     assert summary in (tmp_path / "cpu.md").read_text()
 
 
 def test_skip_leaves_out_a_provider(tmp_path):
-    bench.main(["--quick", "--device", "cpu", "--ops", "dropout", "--skip", "eager", "--out", str(tmp_path)])
+    main(["--quick", "--device", "cpu", "--ops", "dropout", "--skip", "eager", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "cpu.json").read_text())["rows"]
     assert rows and {r["provider"] for r in rows} == {"gpukernels"}
 
 
+def test_runs_without_tqdm_and_matplotlib(tmp_path, capsys, monkeypatch):
+    for optional in ("tqdm", "matplotlib"):
+        monkeypatch.setitem(sys.modules, optional, None)  # its import now raises ImportError
+    main(["--quick", "--device", "cpu", "--ops", "dropout", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "cpu.json").read_text())["rows"]
+    assert not list(tmp_path.glob("*.png"))
+    assert "no plots: matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_unknown_op_is_refused_naming_the_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--ops", "layer_norm,softmax", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "unknown ops ['softmax']" in err and "layer_norm" in err
+
+
 def test_cuda_graph_timing_needs_a_gpu(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--cuda-graph", "--device", "cpu", "--out", str(tmp_path)])
+        main(["--cuda-graph", "--device", "cpu", "--out", str(tmp_path)])
     assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
 
 
 def test_profile_writes_each_case_for_ours_and_eager(tmp_path):
-    bench.main(["--profile", "--quick", "--device", "cpu", "--ops", "layer_norm,dropout", "--out", str(tmp_path)])
+    main(["--profile", "--quick", "--device", "cpu", "--ops", "layer_norm,dropout", "--out", str(tmp_path)])
     text = (tmp_path / "profile.txt").read_text()
     for op in ("layer_norm", "dropout"):
         assert f"== {op} " in text and f"-- {op} " in text
     assert "fwd+bwd gpukernels: host" in text
     assert "fwd+bwd eager: host" in text
+
+
+def test_the_installed_package_neither_holds_nor_imports_the_benchmark():
+    import gpukernels
+
+    assert importlib.util.find_spec("gpukernels.bench") is None
+    imported = set()
+    for path in Path(gpukernels.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {(path.name, alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add((path.name, node.module))
+    assert imported
+    assert [(name, module) for name, module in imported if module.split(".")[0] == "bench"] == []

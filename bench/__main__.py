@@ -1,0 +1,100 @@
+"""Benchmark: ``python -m bench``.
+
+Times each op (forward, backward, forward+backward; AdamW's step) for
+gpukernels and for the baselines in the same process: PyTorch eager,
+``torch.compile`` (default and max-autotune-no-cudagraphs), the CuPy backend
+where it has the op, Liger-Kernel where installed, fused ``torch.optim.AdamW``
+and cuBLAS (``torch._addmm_activation``) for linear_act. Each time is also
+given as achieved GB/s (the op's minimal bytes read + written) or TFLOP/s,
+as a fraction of what this GPU measures in the same run (a device-to-device
+copy; a cuBLAS bf16 matmul), and as a ratio to every baseline; forward+backward
+rows carry the peak memory.
+
+On a machine without CUDA it runs the NumPy backend against PyTorch CPU at
+small sizes, labelled as CPU numbers, so the harness itself is tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from . import harness, report
+from .cases import OPS
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {','.join(OPS)}")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--quick", action="store_true", help="one shape per op, shorter timing")
+    p.add_argument("--summarize", metavar="JSON", help="print the Markdown summary of a results file and exit")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated providers not to run, e.g. compile-max (its autotuning takes minutes per op)",
+    )
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="time replays of CUDA graphs of the calls: what "
+        "the kernels take without the host's launch overhead (torch.compile providers cannot be captured "
+        "this way: --skip them)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing every provider, profile ours and "
+        "eager's forward+backward (torch.profiler) into <out>/profile.txt",
+    )
+    p.add_argument("--out", default="out/bench", help="folder for the .json/.csv/.md results and the plots")
+    a = p.parse_args(argv)
+    if a.summarize:
+        print(report.summary(report.read_rows(a.summarize)))
+        return
+    names = [o.strip() for o in a.ops.split(",") if o.strip()]
+    unknown = [o for o in names if o not in OPS]
+    if unknown:
+        p.error(f"unknown ops {unknown}; choose from {list(OPS)}")
+    ops = {name: OPS[name] for name in names}
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # NumPy computes bf16/fp16 in fp32 anyway; CPU numbers are for the harness, in fp32.
+    dtype = getattr(torch, a.dtype) if device.type == "cuda" else torch.float32
+    env = harness.environment(device) | {"dtype": str(dtype).replace("torch.", "")}
+    if a.cuda_graph:
+        env["timing"] = "CUDA graph replays"
+    out = Path(a.out)
+    stem = "cpu" if device.type != "cuda" else f"{env['device'].replace(' ', '-')}-{env['date']}"
+    stem += "-cudagraph" if a.cuda_graph else ""
+    skip = frozenset(name.strip() for name in a.skip.split(",") if name.strip())
+    if a.profile:
+        out.mkdir(parents=True, exist_ok=True)
+        text = harness.profile(ops, dtype, device, a.quick)
+        (out / "profile.txt").write_text(text + "\n")
+        print(text)
+        return
+    if a.cuda_graph and device.type != "cuda":
+        p.error("--cuda-graph needs a CUDA device")
+    rows, peaks = harness.run(
+        ops,
+        dtype,
+        device,
+        a.quick,
+        skip,
+        lambda rows, peaks: report.write(rows, peaks, env, out, stem),
+        graph=a.cuda_graph,
+    )
+    if not rows:
+        raise SystemExit("no case ran: nothing to write")
+    plotted = report.plot(rows, out, env)
+    print(report.table(rows))
+    print(f"results: {out}/{stem}.{{md,json,csv}}" + (f" and {out}/<op>.png" if plotted else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""The ops ``python -m bench`` times, in the order of its reports: one module per op with
+its shapes (``SHAPES``; ``QUICK_SHAPES`` for ``--quick``; ``CPU_SHAPES`` without a GPU) and
+``case(shape, device, dtype)``, the ``bench.harness.Case`` of one shape."""
+
+from . import adamw, batch_norm, clip_adamw, cross_entropy, dropout, layer_norm, linear_act, linear_cross_entropy
+
+OPS = {
+    module.__name__.rpartition(".")[2]: module
+    for module in (layer_norm, cross_entropy, dropout, batch_norm, linear_act, linear_cross_entropy, adamw, clip_adamw)
+}

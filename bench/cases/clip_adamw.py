@@ -1,0 +1,48 @@
+"""Gradient clipping by the global L2 norm and one AdamW step, over the parameters of
+``adamw.py``'s cases: ours with the clip inside the step (``max_grad_norm``: one read of
+the gradients for the norm, the factor applied as the update reads them: 8 fp32 accesses
+per parameter) against a clip pass that scales every gradient in place first (10
+accesses), ours and PyTorch's (``clip_grad_norm_(foreach=True)`` + fused AdamW on CUDA)."""
+
+import torch
+
+import gpukernels as gk
+
+from ..harness import Case
+from . import adamw
+
+SHAPES, QUICK_SHAPES, CPU_SHAPES = adamw.SHAPES, adamw.QUICK_SHAPES, adamw.CPU_SHAPES
+MAX_NORM = 1.0
+
+
+def _clipped(clip, optimizer):
+    def step():
+        clip()
+        optimizer.step()
+
+    return step
+
+
+def case(total: int, device: torch.device, dtype: torch.dtype) -> Case:
+    chunk = min(4096 * 4096, total)
+    sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
+
+    def parameters():
+        params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in sizes]
+        for p in params:
+            p.grad = torch.randn_like(p)  # a norm of about sqrt(total): every step clips
+        return params
+
+    params = parameters()
+    steps = {"gpukernels": gk.optim.AdamW(params, lr=1e-3, max_grad_norm=MAX_NORM).step}
+    params = parameters()
+    steps["gpukernels-unfused"] = _clipped(
+        lambda: gk.optim.clip_grad_norm_(params, MAX_NORM), gk.optim.AdamW(params, lr=1e-3)
+    )
+    params = parameters()
+    fused = device.type == "cuda"
+    steps["torch-fused" if fused else "torch-foreach"] = _clipped(
+        lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True),
+        torch.optim.AdamW(params, lr=1e-3, **({"fused": True} if fused else {"foreach": True})),
+    )
+    return Case(f"{total / 1e6:g}M params", total, steps, bytes={"step": 8 * 4 * total}, modes=("step",))

@@ -1,0 +1,34 @@
+"""Mean cross-entropy of (rows, vocab) logits: the forward reads them, the backward writes their gradient."""
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+import gpukernels as gk
+
+from ..harness import Case, per_mode, providers
+
+SHAPES = [(8192, v) for v in (32768, 131072, 262144)]  # (rows, vocab)
+QUICK_SHAPES = [(4096, 131072)]
+CPU_SHAPES = [(64, 1000), (64, 4096)]
+
+
+def case(shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Case:
+    rows, v = shape
+    logits = torch.randn(rows, v, device=device, dtype=dtype, requires_grad=True)
+    target = torch.randint(0, v, (rows,), device=device)
+    io = rows * v * logits.element_size()
+    return Case(
+        f"{rows}x{v}",
+        rows * v,
+        providers(
+            lambda: gk.cross_entropy(logits, target),
+            lambda: F.cross_entropy(logits, target),
+            device,
+            "cross_entropy",
+            lambda lg: partial(lg.LigerCrossEntropyLoss(), logits, target),
+        ),
+        [logits],
+        bytes=per_mode(io, io),
+    )
