@@ -10,6 +10,13 @@ as a fraction of what this GPU measures in the same run (a device-to-device
 copy; a cuBLAS bf16 matmul), and as a ratio to every baseline; forward+backward
 rows carry the peak memory.
 
+With --compile it compares each op inside torch.compile instead: ours compiled
+(gpukernels-compile: on CUDA, Inductor launches our Triton kernels from its own
+code) against Inductor's kernels for the PyTorch op (compile), forward and
+forward+backward (a compiled backward cannot be rerun alone), beside both called
+eagerly; the compiled result is first checked against ours eager. The optimizer
+steps are left out (one opaque op each under torch.compile).
+
 On a machine without CUDA it runs the NumPy backend against PyTorch CPU at
 small sizes, labelled as CPU numbers, so the harness itself is tested.
 """
@@ -47,6 +54,12 @@ def main(argv: list[str] | None = None) -> None:
         "this way: --skip them)",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="each op inside torch.compile: ours (gpukernels-compile) against Inductor's kernels "
+        "for the PyTorch op (compile), beside both eager; fwd and fwd+bwd; AdamW's steps left out",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="instead of timing every provider, profile ours and "
@@ -62,24 +75,33 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         p.error(f"unknown ops {unknown}; choose from {list(OPS)}")
     ops = {name: OPS[name] for name in names}
+    if a.compile:
+        for name in [n for n in ops if getattr(ops[n], "COMPILE_SKIP_REASON", None)]:
+            print(f"--compile: {name} left out: {ops.pop(name).COMPILE_SKIP_REASON}")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # NumPy computes bf16/fp16 in fp32 anyway; CPU numbers are for the harness, in fp32.
     dtype = getattr(torch, a.dtype) if device.type == "cuda" else torch.float32
     env = harness.environment(device) | {"dtype": str(dtype).replace("torch.", "")}
     if a.cuda_graph:
         env["timing"] = "CUDA graph replays"
+    if a.compile:
+        env["compile"] = "each op inside torch.compile (gpukernels-compile: ours; compile: Inductor's)"
     out = Path(a.out)
     stem = "cpu" if device.type != "cuda" else f"{env['device'].replace(' ', '-')}-{env['date']}"
     stem += "-cudagraph" if a.cuda_graph else ""
+    stem += "-compile" if a.compile else ""
     skip = frozenset(name.strip() for name in a.skip.split(",") if name.strip())
     if a.profile:
         out.mkdir(parents=True, exist_ok=True)
-        text = harness.profile(ops, dtype, device, a.quick)
+        profiled = ("gpukernels-compile", "compile") if a.compile else ("gpukernels", "eager")
+        text = harness.profile(ops, dtype, device, a.quick, profiled, a.compile)
         (out / "profile.txt").write_text(text + "\n")
         print(text)
         return
     if a.cuda_graph and device.type != "cuda":
         p.error("--cuda-graph needs a CUDA device")
+    if a.cuda_graph and a.compile:
+        p.error("--cuda-graph cannot time --compile's providers: torch.compile's calls are not captured this way")
     rows, peaks = harness.run(
         ops,
         dtype,
@@ -88,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         skip,
         lambda rows, peaks: report.write(rows, peaks, env, out, stem),
         graph=a.cuda_graph,
+        compiled=a.compile,
     )
     if not rows:
         raise SystemExit("no case ran: nothing to write")

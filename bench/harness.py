@@ -4,7 +4,8 @@ the environment a run was measured in.
 
 A case module (``bench/cases/<op>.py``) gives its shapes (``SHAPES``, ``QUICK_SHAPES``
 for ``--quick``, ``CPU_SHAPES`` without a GPU) and ``case(shape, device, dtype)``, the
-``Case`` of one shape; ``providers`` builds the usual set of ways to compare.
+``Case`` of one shape; ``providers`` builds the usual set of ways to compare. An op that
+``--compile`` cannot compare says why in its module's ``COMPILE_SKIP_REASON``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch.profiler import profile as torch_profile
 import gpukernels as gk
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+OURS = ("gpukernels", "gpukernels-compile")  # the rows that carry a speed-up over the others
 
 
 @dataclass
@@ -57,7 +59,7 @@ class Row:
     tflops: float | None = None
     fraction_of_peak: float | None = None
     peak_mem_mib: float | None = None
-    speedup: dict[str, float] = field(default_factory=dict)  # baseline -> baseline_ms / ours_ms (gpukernels rows)
+    speedup: dict[str, float] = field(default_factory=dict)  # baseline -> baseline_ms / ours_ms (OURS rows)
 
 
 def per_mode(fwd: float, bwd: float) -> dict[str, float]:
@@ -108,8 +110,21 @@ def providers(
     return found
 
 
-def _compiled(fn: Callable, mode: str | None = None) -> Callable:
-    return torch.compile(fn, mode=mode, dynamic=False)
+def compiled_providers(found: dict[str, Callable]) -> dict[str, Callable]:
+    """What ``--compile`` compares: ours and PyTorch's op each inside ``torch.compile``
+    (default mode; ours with ``fullgraph=True``, so a graph break fails rather than
+    falling back to eager), beside both called eagerly. The backward is the compiled
+    graph's (AOTAutograd's). On CUDA, Inductor launches our Triton kernels itself."""
+    return {
+        "gpukernels": found["gpukernels"],
+        "gpukernels-compile": _compiled(found["gpukernels"], fullgraph=True),
+        "eager": found["eager"],
+        "compile": found.get("compile") or _compiled(found["eager"]),
+    }
+
+
+def _compiled(fn: Callable, mode: str | None = None, fullgraph: bool = False) -> Callable:
+    return torch.compile(fn, mode=mode, dynamic=False, fullgraph=fullgraph)
 
 
 def _first_output(fn: Callable) -> Callable:
@@ -131,11 +146,20 @@ def _liger(module: str) -> ModuleType | None:
         return None
 
 
-def cases(module: ModuleType, device: torch.device, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
-    """The cases of one op's module, made one at a time so that only one holds memory."""
+def cases(
+    module: ModuleType, device: torch.device, dtype: torch.dtype, quick: bool, compiled: bool = False
+) -> Iterator[Case]:
+    """The cases of one op's module, made one at a time so that only one holds memory;
+    with the providers of ``compiled_providers`` when ``compiled``, and then without the
+    backward timed alone: a compiled backward cannot be run again on the same graph
+    (AOTAutograd donates the buffers it saves for it to the backward)."""
     shapes = module.CPU_SHAPES if device.type != "cuda" else module.QUICK_SHAPES if quick else module.SHAPES
     for shape in shapes:
-        yield module.case(shape, device, dtype)
+        case = module.case(shape, device, dtype)
+        if compiled:
+            case.providers = compiled_providers(case.providers)
+            case.modes = tuple(mode for mode in case.modes if mode != "bwd")
+        yield case
 
 
 # ---------------------------------------------------------------- timing
@@ -173,11 +197,11 @@ def mode_fn(case: Case, forward: Callable[[], object], mode: str) -> Callable[[]
         def run():
             clear()
             out = forward()
-            out.backward(torch.ones_like(out) if out.dim() == 0 else _grad_like(out))
+            out.backward(_grad_like(out))
 
         return run
     out = forward()
-    grad = torch.ones_like(out) if out.dim() == 0 else _grad_like(out)
+    grad = _grad_like(out)
 
     def backward():
         clear()
@@ -190,6 +214,9 @@ _GRADS: dict[tuple, torch.Tensor] = {}
 
 
 def _grad_like(out: torch.Tensor) -> torch.Tensor:
+    """The gradient the backward of ``out`` is timed with: ones for a loss, else random, one per shape."""
+    if out.dim() == 0:
+        return torch.ones_like(out)
     key = (tuple(out.shape), out.dtype, out.device)
     if key not in _GRADS:
         _GRADS[key] = torch.randn_like(out)
@@ -235,15 +262,19 @@ def run(
     skip: frozenset[str] = frozenset(),
     on_case: Callable[[list[Row], dict], None] | None = None,
     graph: bool = False,
+    compiled: bool = False,
 ) -> tuple[list[Row], dict]:
     """Every case of ``ops`` (name -> case module) by every provider but those in ``skip``,
-    timed by CUDA graph replays when ``graph``; ``on_case(rows, peaks)`` after each case,
-    so that a run cut short still leaves what it measured."""
+    timed by CUDA graph replays when ``graph``, with the providers of ``compiled_providers``
+    when ``compiled``; ``on_case(rows, peaks)`` after each case, so that a run cut short
+    still leaves what it measured."""
     cuda = device.type == "cuda"
     peaks = measure_peaks(device, quick)
     rows: list[Row] = []
     for op, module in progress(ops.items(), "ops"):
-        for case in cases(module, device, dtype, quick):
+        for case in cases(module, device, dtype, quick, compiled):
+            if compiled and "gpukernels-compile" not in skip:
+                _drop_if_different(op, case, "gpukernels-compile", "gpukernels")
             for mode in case.modes:
                 rows += _timed_mode(op, case, mode, skip, peaks, cuda, quick, graph)
             del case  # its tensors freed before the next case is made
@@ -255,10 +286,50 @@ def run(
     return rows, peaks
 
 
+def _drop_if_different(op: str, case: Case, provider: str, reference: str, tolerance: float = 2e-2) -> None:
+    """Leaves ``provider`` out of ``case``, saying why, when it fails or when its output or
+    the gradients of its backward differ from ``reference``'s by more than ``tolerance`` of
+    their largest magnitude: a wrong result is not timed (rounding passes)."""
+    try:
+        got, want = _result(case, case.providers[provider]), _result(case, case.providers[reference])
+    except Exception as e:  # a failure to compile, say: reported, not fatal
+        problem = f"{type(e).__name__}: {e}"
+    else:
+        names = ["output"] + [f"gradient of input {i}" for i in range(len(case.grad_inputs))]
+        differences = [f"{name}: {d}" for name, g, w in zip(names, got, want) if (d := _difference(g, w, tolerance))]
+        problem = f"differs from {reference}: {'; '.join(differences)}" if differences else ""
+    if problem:
+        print(f"  {op} {case.shape} {provider}: skipped ({problem})"[:400])
+        del case.providers[provider]
+
+
+def _difference(got: torch.Tensor | None, want: torch.Tensor | None, tolerance: float) -> str:
+    """How ``got`` is not ``want`` within ``tolerance`` of ``want``'s largest magnitude; empty when it is."""
+    if got is None or want is None:
+        return "" if got is None and want is None else "a gradient missing" if got is None else "an extra gradient"
+    if (got.shape, got.dtype) != (want.shape, want.dtype):
+        return f"{got.dtype} {list(got.shape)}, not {want.dtype} {list(want.shape)}"
+    error = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
+    return "" if error <= tolerance else f"largest difference {error:.3g} of the largest magnitude"
+
+
+def _result(case: Case, forward: Callable[[], object]) -> list[torch.Tensor]:
+    """The output of ``forward`` and, after its backward, the gradients of ``case``'s inputs."""
+    for t in case.grad_inputs:
+        t.grad = None
+    out = forward()
+    if case.grad_inputs:
+        out.backward(_grad_like(out))
+    result = [out.detach().clone()] + [t.grad for t in case.grad_inputs]
+    for t in case.grad_inputs:
+        t.grad = None
+    return result
+
+
 def _timed_mode(
     op: str, case: Case, mode: str, skip: frozenset[str], peaks: dict, cuda: bool, quick: bool, graph: bool
 ) -> list[Row]:
-    """A row per provider of ``case`` in ``mode``; ours carries its speed-up over each other."""
+    """A row per provider of ``case`` in ``mode``; each of ours (``OURS``) carries its speed-up over each baseline."""
     rows = []
     for provider, forward in case.providers.items():
         if provider in skip:
@@ -280,9 +351,8 @@ def _timed_mode(
             if "bf16_matmul_tflops" in peaks:
                 row.fraction_of_peak = row.tflops / peaks["bf16_matmul_tflops"]
         rows.append(row)
-    ours = next((r for r in rows if r.provider == "gpukernels"), None)
-    if ours is not None:
-        ours.speedup = {r.provider: r.ms / ours.ms for r in rows if r is not ours}
+    for ours in (r for r in rows if r.provider in OURS):
+        ours.speedup = {r.provider: r.ms / ours.ms for r in rows if r.provider not in OURS}
     return rows
 
 
@@ -292,15 +362,17 @@ def profile(
     device: torch.device,
     quick: bool,
     profiled: tuple[str, ...] = ("gpukernels", "eager"),
+    compiled: bool = False,
 ) -> str:
     """Where the time of each case's forward+backward goes: per provider, the
     host time of one call when nothing waits on the GPU, the GPU time of one
     call, and torch.profiler's kernels by GPU time; for ours also the Python
     functions by their own host time (cProfile). A host time above the GPU time
-    means the call is launch-bound."""
+    means the call is launch-bound. With ``compiled``, the cases have the providers of
+    ``compiled_providers``."""
     sections = []
     for op, module in ops.items():
-        for case in cases(module, device, dtype, quick):
+        for case in cases(module, device, dtype, quick, compiled):
             for provider in profiled:
                 if provider in case.providers:
                     sections += _profiled(op, case, provider, device.type == "cuda")
@@ -333,7 +405,7 @@ def _profiled(op: str, case: Case, provider: str, cuda: bool, calls: int = 10) -
         title += f", GPU kernels {device_us:.0f} us/call"
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     sections = [title + "\n" + prof.key_averages().table(sort_by=sort, row_limit=12)]
-    if provider == "gpukernels":
+    if provider in OURS:
         python_profile = cProfile.Profile()
         python_profile.runcall(lambda: [fn() for _ in range(calls)])
         text = io.StringIO()

@@ -8,18 +8,21 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .harness import Row
+from .harness import OURS, Row
 
 SUMMARY_BASELINES = ("eager", "compile", "compile-max", "liger", "cupy", "torch-fused", "cublas-matmul")
+OURS_COLUMNS = {"gpukernels": "ours vs this", "gpukernels-compile": "compiled ours vs this"}
 
 
 def table(rows: list[Row]) -> str:
-    header = ("op", "shape", "mode", "provider", "ms", "GB/s", "TFLOP/s", "of peak", "mem MiB", "ours vs this")
-    lines = [header]
-    ours = {(r.op, r.shape, r.mode): r for r in rows if r.provider == "gpukernels"}
+    """Every row, with the speed-up of each of ours that ran (one column each) over it."""
+    present = [p for p in OURS if any(r.provider == p for r in rows)]
+    header = ("op", "shape", "mode", "provider", "ms", "GB/s", "TFLOP/s", "of peak", "mem MiB")
+    lines = [header + tuple(OURS_COLUMNS[p] for p in present)]
+    ours = {(r.op, r.shape, r.mode, r.provider): r for r in rows if r.provider in OURS}
     for r in rows:
-        mine = ours.get((r.op, r.shape, r.mode))
-        ratio = "" if mine is None or r is mine else f"{r.ms / mine.ms:.2f}x"
+        mine = [ours.get((r.op, r.shape, r.mode, p)) for p in present]
+        ratios = tuple("" if m is None or r.provider in OURS else f"{r.ms / m.ms:.2f}x" for m in mine)
         lines.append(
             (
                 r.op,
@@ -31,28 +34,32 @@ def table(rows: list[Row]) -> str:
                 "" if r.tflops is None else f"{r.tflops:.3g}",
                 "" if r.fraction_of_peak is None else f"{100 * r.fraction_of_peak:.0f}%",
                 "" if r.peak_mem_mib is None else f"{r.peak_mem_mib:.0f}",
-                ratio,
             )
+            + ratios
         )
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
     out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
     out.insert(1, "-|-".join("-" * w for w in widths))
     return "\n".join(out)
 
 
 def summary(rows: list[Row]) -> str:
-    """A Markdown table, one line per op and shape, of forward+backward (AdamW: a step):
-    our time, our speed-up over each baseline that ran (>1: ours is faster), our share
-    of the measured peak, and peak memory against eager's."""
+    """A Markdown table, one line per op and shape (and per way of calling ours, when
+    ``--compile`` ran ours compiled too), of forward+backward (AdamW: a step): our time,
+    our speed-up over each baseline that ran (>1: ours is faster), our share of the
+    measured peak, and peak memory against eager's."""
+    summarized = [r for r in rows if r.provider in OURS and r.mode in ("fwd+bwd", "step")]
+    baselines = [b for b in SUMMARY_BASELINES if any(b in r.speedup for r in summarized)]
+    by_provider = any(r.provider != "gpukernels" for r in summarized)
     lines = [
-        "| op | shape | ours ms | "
-        + " | ".join(f"vs {b}" for b in SUMMARY_BASELINES)
-        + " | of peak | mem MiB (eager) |",
-        "|---" * (len(SUMMARY_BASELINES) + 5) + "|",
+        "| op | shape | "
+        + ("ours | " if by_provider else "")
+        + "ours ms | "
+        + "".join(f"vs {b} | " for b in baselines)
+        + "of peak | mem MiB (eager) |",
+        "|---" * (len(baselines) + 5 + by_provider) + "|",
     ]
-    for r in rows:
-        if r.provider != "gpukernels" or r.mode not in ("fwd+bwd", "step"):
-            continue
+    for r in summarized:
         eager = next(
             (
                 e
@@ -62,14 +69,17 @@ def summary(rows: list[Row]) -> str:
             ),
             None,
         )
-        ratios = [f"{r.speedup[b]:.2f}x" if b in r.speedup else "" for b in SUMMARY_BASELINES]
+        ratios = [f"{r.speedup[b]:.2f}x" if b in r.speedup else "" for b in baselines]
         mem = (
             ""
             if r.peak_mem_mib is None
             else f"{r.peak_mem_mib:.0f}" + (f" ({eager.peak_mem_mib:.0f})" if eager else "")
         )
         peak = "" if r.fraction_of_peak is None else f"{100 * r.fraction_of_peak:.0f}%"
-        lines.append(f"| {r.op} | {r.shape} | {r.ms:.3f} | " + " | ".join(ratios) + f" | {peak} | {mem} |")
+        ours = f"{r.provider} | " if by_provider else ""
+        lines.append(
+            f"| {r.op} | {r.shape} | {ours}{r.ms:.3f} | " + "".join(f"{x} | " for x in ratios) + f"{peak} | {mem} |"
+        )
     return "\n".join(lines)
 
 
@@ -121,7 +131,7 @@ def plot(rows: list[Row], out: Path, env: dict) -> list[Path]:
 
     paths = []
     for op in dict.fromkeys(r.op for r in rows):
-        mode = "step" if op == "adamw" else "fwd+bwd"
+        mode = "step" if any(r.op == op and r.mode == "step" for r in rows) else "fwd+bwd"
         op_rows = [r for r in rows if r.op == op and r.mode == mode]
         metric = "tflops" if any(r.tflops is not None for r in op_rows) else "gbps"
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -132,10 +142,10 @@ def plot(rows: list[Row], out: Path, env: dict) -> list[Path]:
                 [p[1] for p in pts],
                 marker="o",
                 label=provider,
-                linewidth=2.5 if provider == "gpukernels" else 1.2,
+                linewidth=2.5 if provider in OURS else 1.2,
             )
         ax.set_xscale("log")
-        ax.set_xlabel("elements" if op != "adamw" else "parameters")
+        ax.set_xlabel("parameters" if mode == "step" else "elements")
         ax.set_ylabel("TFLOP/s" if metric == "tflops" else "GB/s")
         ax.set_title(f"{op} {mode} — {env['device']}, {env['date']}")
         ax.legend(fontsize=8)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU verification in one call of under 9 minutes on an H100; installs nothing
-# from the network.
+# GPU verification in one call, each step under its own time limit; installs
+# nothing from the network.
 #   bash ci/gpu-check.sh [folder]      (default: $OUT when set, else out/gpu-check)
 # Steps, from the working tree (PYTHONPATH=.) on the machine's own torch/triton:
 #   tests    the GPU test tier (pytest -m gpu, in parallel when pytest-xdist is there)
@@ -9,11 +9,13 @@
 #            max-autotune left out: its autotuning takes minutes per op)
 #   graph    the memory-bound ops again, timed by CUDA graph replays (the GPU's
 #            time without the host's launch overhead), against eager, Liger, CuPy
+#   compile  each op inside torch.compile, ours (Inductor launching our Triton
+#            kernels) against Inductor's own kernels for the PyTorch op (bench --compile)
 #   train    the gpu preset of the digits MLP
 #   models   a real model's training step, every way (plain, patched, compiled, Liger):
 #            the gpu preset of gpt2, llama and resnet50 for a few steps each
 #   host     host time per call of each piece of an op's launch (python -m bench.host_overhead)
-# GPU_CHECK_STEPS picks them (default "tests bench graph"); GPU_CHECK_BENCH_SKIP the
+# GPU_CHECK_STEPS picks them (default "tests bench graph compile"); GPU_CHECK_BENCH_SKIP the
 # providers the benchmark leaves out (default compile-max). Logs go to the
 # folder after each step, with everything packed into gpu-check.tgz, so a run
 # cut short still returns what it measured.
@@ -53,7 +55,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $work/NA
 cat "$work/environment.txt"
 parallel=()
 "$py" -c "import xdist" 2>/dev/null && parallel=(-n 14)
-for name in ${GPU_CHECK_STEPS:-tests bench graph}; do
+for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
     case $name in
         tests) step gpu-tests 240 "$py" -m pytest -m gpu -q -ra -p no:cacheprovider "${parallel[@]}" tests ;;
         profile) step profile 120 "$py" -m bench --profile --quick --out "$work/profile" ;;
@@ -61,13 +63,15 @@ for name in ${GPU_CHECK_STEPS:-tests bench graph}; do
                    --out "$work/bench" ;;
         graph) step bench-graph 120 "$py" -m bench --quick --cuda-graph --skip compile,compile-max \
                    --ops layer_norm,cross_entropy,dropout,batch_norm,linear_act --out "$work/bench-graph" ;;
+        compile) step bench-compile 240 "$py" -m bench --quick --compile --out "$work/compile" ;;
         train) step train-mlp 150 "$py" -m gpukernels.train --model mlp --preset gpu --steps 30 --out "$work/train" ;;
         models) for model in gpt2 llama resnet50; do
                     step "train-$model" 200 "$py" -m gpukernels.train --model "$model" --preset gpu \
                         --steps "${GPU_CHECK_TRAIN_STEPS:-30}" --out "$work/train-$model"
                 done ;;
         host) step host-overhead 120 "$py" -m bench.host_overhead ;;
-        *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, train, models, host)" >&2; exit 2 ;;
+        *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, compile, train, models, host)" >&2
+           exit 2 ;;
     esac
 done
 if [ -z "${OUT:-}" ] || [ "$dest" != "$OUT" ]; then

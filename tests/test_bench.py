@@ -2,12 +2,15 @@
 
 import ast
 import importlib.util
+import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
 
+from bench import harness
 from bench.__main__ import main
 from bench.cases import OPS
 from bench.harness import MODES
@@ -47,6 +50,41 @@ def test_skip_leaves_out_a_provider(tmp_path):
     main(["--quick", "--device", "cpu", "--ops", "dropout", "--skip", "eager", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "cpu.json").read_text())["rows"]
     assert rows and {r["provider"] for r in rows} == {"gpukernels"}
+
+
+def test_compile_mode_times_ours_compiled_against_inductors_kernels(tmp_path, capsys):
+    main(["--quick", "--compile", "--device", "cpu", "--ops", "dropout,adamw", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "--compile: adamw left out: the step stays one opaque op under torch.compile" in out
+    assert "skipped" not in out  # the compiled result matched ours eager, and every provider ran
+    data = json.loads((tmp_path / "cpu-compile.json").read_text())
+    assert "CPU run" in data["environment"]["note"] and "torch.compile" in data["environment"]["compile"]
+    rows = data["rows"]
+    assert {r["op"] for r in rows} == {"dropout"}
+    timed = {(r["shape"], r["mode"], r["provider"]) for r in rows}
+    shapes = {r["shape"] for r in rows}
+    providers = ("gpukernels", "gpukernels-compile", "eager", "compile")
+    assert len(shapes) == 2 and timed == set(itertools.product(shapes, ("fwd", "fwd+bwd"), providers))
+    for r in rows:
+        assert math.isfinite(r["ms"]) and r["ms"] > 0 and math.isfinite(r["gbps"]) and r["gbps"] > 0
+        if r["provider"].startswith("gpukernels"):
+            assert set(r["speedup"]) == {"eager", "compile"}
+            assert all(math.isfinite(v) and v > 0 for v in r["speedup"].values())
+    summary, table = (tmp_path / "cpu-compile.md").read_text().split("Every provider and mode:")
+    assert "| op | shape | ours | ours ms | vs eager | vs compile |" in summary
+    assert summary.count("| dropout |") == 4 and summary.count("| gpukernels-compile |") == 2
+    assert "ours vs this | compiled ours vs this" in table
+
+
+def test_compile_mode_leaves_out_a_compiled_result_that_differs_from_eager(tmp_path, capsys, monkeypatch):
+    def doubled_when_fullgraph(fn, mode=None, fullgraph=False):  # ours "compiled" into a wrong result
+        return (lambda: 2 * fn()) if fullgraph else fn
+
+    monkeypatch.setattr(harness, "_compiled", doubled_when_fullgraph)
+    main(["--quick", "--compile", "--device", "cpu", "--ops", "dropout", "--out", str(tmp_path)])
+    assert "gpukernels-compile: skipped (differs from gpukernels: output: largest difference" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "cpu-compile.json").read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"gpukernels", "eager", "compile"}
 
 
 def test_runs_without_tqdm_and_matplotlib(tmp_path, capsys, monkeypatch):

@@ -28,3 +28,22 @@ def test_every_module_the_check_runs_exists():
     modules = set(re.findall(r'"\$py" -m ([\w.]+)', SCRIPT.read_text()))
     assert {"bench", "bench.host_overhead", "gpukernels.train", "pytest"} <= modules
     assert [m for m in modules if importlib.util.find_spec(m) is None] == []
+
+
+def test_every_default_step_is_one_the_check_has():
+    text = SCRIPT.read_text()
+    defaults = re.search(r"\$\{GPU_CHECK_STEPS:-([\w ]+)\}", text).group(1).split()
+    assert "compile" in defaults
+    assert [name for name in defaults if not re.search(rf"^\s+{name}\) ", text, re.M)] == []
+
+
+def test_the_benchmark_accepts_every_option_the_check_passes(capsys):
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    options = set(re.findall(r"--[a-z][\w-]*", capsys.readouterr().out))
+    invocations = re.findall(r'"\$py" -m bench ((?:.|\\\n)*?);;', SCRIPT.read_text())  # to the case's end
+    passed = {flag for line in invocations for flag in re.findall(r"--[a-z][\w-]*", line)}
+    assert {"--quick", "--compile", "--cuda-graph", "--skip", "--out"} <= passed
+    assert passed - options == set()

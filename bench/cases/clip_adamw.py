@@ -12,6 +12,7 @@ from ..harness import Case
 from . import adamw
 
 SHAPES, QUICK_SHAPES, CPU_SHAPES = adamw.SHAPES, adamw.QUICK_SHAPES, adamw.CPU_SHAPES
+COMPILE_SKIP_REASON = adamw.COMPILE_SKIP_REASON
 MAX_NORM = 1.0
 
 
