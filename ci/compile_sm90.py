@@ -3,6 +3,7 @@
 
     python ci/compile_sm90.py            # exit 1 if any variant fails to compile
     python ci/compile_sm90.py -k batch_norm_ -k dropout   # only kernels whose name contains one of these
+    python ci/compile_sm90.py --out occupancy.md          # the occupancy table into a file too
 
 The Triton interpreter runs kernels without compiling them, so a kernel can
 pass every CPU test and still fail to compile for a GPU (a type the code
@@ -13,14 +14,27 @@ options), then, in a fresh process without the interpreter, compiles each
 distinct variant with Triton's own compiler for sm_90; autotuned kernels are
 compiled in the first configuration their GPU autotuner would try and in the
 last, which small problems run untuned. One variant per kernel, argument
-types and constants other than block sizes.
+types and constants other than block sizes, plus one per block size for the
+row-normalisation kernels at the feature counts they are tuned for.
+
+It prints an occupancy table, one row per variant: registers per thread,
+spilled bytes and static shared memory from ptxas's own report of the compile
+(`ptxas -v`, which Triton runs), Triton's dynamic shared memory, and the
+programs an sm_90 SM holds at once (`programs_per_sm`). A row is flagged where
+that is below the programs per SM its launcher's persistent grid assumes
+(such a grid runs in more than one wave). A variant that spills registers
+fails the run unless `SPILLS_ALLOWED` names it with a reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +55,99 @@ _TENSOR_TYPES = {
     "bool": "*i1",
 }
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+
+# Feature counts the row-normalisation kernels are tuned for (rows x these,
+# bf16): each block size is its own variant in the table.
+NORM_FEATURES = (1024, 2048, 4096, 8192)
+
+# Programs per SM a launcher's persistent grid is sized for (its
+# `num_programs(..., per_sm=)` in gpukernels/backends/triton): fewer resident
+# programs than this and the grid runs in waves.
+GRID_PROGRAMS_PER_SM = {
+    "norm_bwd_kernel": 2,  # layer_norm.py, rms_norm.py
+    "batch_norm_stats_kernel": 4,  # batch_norm.py: the reduction grid, channel blocks x splits
+    "batch_norm_bwd_reduce_kernel": 4,
+}
+
+# Variants allowed to spill registers: (kernel, words every one of which the
+# row's variant or shape contains, the reason). Any other spill fails the run.
+SPILLS_ALLOWED = (
+    (
+        "norm_bwd_kernel",
+        ("BLOCK_D=8192",),
+        "512 threads cap ptxas at 128 registers (65536 / 512), too few for 16 columns a thread of the "
+        "row's values, the next row's loads and the dw/db sums",
+    ),
+    (
+        "norm_bwd_kernel",
+        ("BLOCK_D=32", "fp64"),
+        "one warp holds the last program's fixed 32 x 64 partial-sum tile (sum_partials), 64 doubles a thread",
+    ),
+    (
+        "linear_act_bwd_kernel",
+        ("ACC=fp64",),
+        "a 32 x 128 fp64 tile on 128 threads, 32 doubles a thread, plus the activation derivative's temporaries",
+    ),
+)
+
+
+# ---------------------------------------------------------------- occupancy (sm_90)
+
+# H100/H200 (compute capability 9.0) limits, as the CUDA occupancy calculator
+# (cuda_occupancy.h) has them.
+SM90 = {
+    "registers_per_sm": 65536,
+    "registers_per_block": 65536,
+    "max_registers_per_thread": 255,
+    "register_allocation_unit": 256,  # registers are allocated per warp, in units of 256
+    "sub_partitions": 4,  # register file quarters; a warp's registers come from one
+    "threads_per_sm": 2048,
+    "threads_per_block": 1024,
+    "blocks_per_sm": 32,
+    "shared_per_sm": 233472,  # 228 KB
+    "shared_per_block": 232448,  # 227 KB, opt-in above 48 KB (Triton opts in)
+    "shared_reserved_per_block": 1024,  # the system's share of every block's shared memory
+    "shared_allocation_unit": 128,
+}
+
+
+def _round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+def programs_per_sm(registers: int, threads: int, shared_bytes: int, limits: dict = SM90) -> tuple[int, str]:
+    """Programs (thread blocks) of a kernel resident on one SM at once, and the limiting resource.
+
+    The CUDA occupancy calculator's rules: the least of the blocks the thread,
+    block, register and shared-memory limits each allow. A warp's registers,
+    ``registers * 32``, are rounded up to the allocation unit and come from one
+    of the register file's sub-partitions, so an SM holds ``sub_partitions *
+    (registers_per_sm / sub_partitions // per_warp)`` warps. The hardware's
+    per-block check counts a block's warps rounded up to the sub-partitions. A
+    block's shared memory is its static and dynamic bytes plus the system's
+    reserved 1 KB, rounded up to 128 bytes. 0: the kernel cannot launch.
+    """
+    warps = -(-threads // 32)
+    per_warp = _round_up(registers * 32, limits["register_allocation_unit"])
+    partitions = limits["sub_partitions"]
+    shared = _round_up(shared_bytes + limits["shared_reserved_per_block"], limits["shared_allocation_unit"])
+    if (
+        threads > limits["threads_per_block"]
+        or registers > limits["max_registers_per_thread"]
+        or per_warp * _round_up(warps, partitions) > limits["registers_per_block"]
+        or shared_bytes > limits["shared_per_block"]
+    ):
+        return 0, "cannot launch"
+    by_limit = {
+        "threads": limits["threads_per_sm"] // (warps * 32),
+        "blocks": limits["blocks_per_sm"],
+        "registers": (limits["registers_per_sm"] // partitions // per_warp) * partitions // warps
+        if per_warp
+        else math.inf,
+        "shared memory": limits["shared_per_sm"] // shared,
+    }
+    limiter = min(by_limit, key=by_limit.get)
+    return by_limit[limiter], limiter
 
 
 # ---------------------------------------------------------------- recording (interpreter)
@@ -68,10 +175,12 @@ def _describe(value):
 
 def record() -> list[dict]:
     """Run every op under the interpreter; the launches, deduplicated."""
+    import torch
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
     launches: dict[str, dict] = {}
+    every_block_size = False
     original_run = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
@@ -82,6 +191,7 @@ def record() -> list[dict]:
             "kernel": self.fn.__name__,
             "args": {},
             "options": {k: kwargs[k] for k in _LAUNCH_OPTIONS if k in kwargs},
+            "shape": next((_shape_of(v) for v in args if isinstance(v, torch.Tensor)), ""),
         }
         for name in self.arg_names:
             value = bound[name]
@@ -94,16 +204,37 @@ def record() -> list[dict]:
                 entry["args"][name] = list(_describe(value))
         # Block sizes and launch options vary with the shape but not the code
         # paths: one variant per kernel, argument types and other constants.
-        key = {**entry, "options": None, "args": {n: a for n, a in entry["args"].items() if not n.startswith("BLOCK")}}
+        key = {**entry, "shape": None}
+        if not every_block_size:
+            key |= {"options": None, "args": {n: a for n, a in entry["args"].items() if not n.startswith("BLOCK")}}
         launches.setdefault(json.dumps(key, sort_keys=True), entry)
         return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = recording_run
     try:
         _exercise_every_op()
+        every_block_size = True
+        _exercise_norm_features()
     finally:
         InterpretedFunction.run = original_run
     return list(launches.values())
+
+
+def _shape_of(tensor) -> str:
+    """The first tensor argument of a launch, as the shape it was recorded with: "bf16 [4, 4096]"."""
+    return f"{_TENSOR_TYPES[str(tensor.dtype).replace('torch.', '')][1:]} {list(tensor.shape)}"
+
+
+def _exercise_norm_features() -> None:
+    import torch
+
+    import gpukernels as gk
+
+    with gk.use_backend("triton"):
+        for d in NORM_FEATURES:
+            x, w, b = (torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True) for shape in ((1, d), (d,), (d,)))
+            gk.layer_norm(x, (d,), w, b).float().sum().backward()
+            gk.rms_norm(x, (d,), w).float().sum().backward()
 
 
 def _exercise_every_op() -> None:
@@ -184,13 +315,77 @@ def _jit_function(module: str, name: str):
     return obj, configs
 
 
-def compile_all(launches: list[dict]) -> list[str]:
+def ptxas_usage(log: str) -> dict:
+    """Registers per thread, spilled bytes (stores + loads) and static shared memory from a `ptxas -v` log."""
+    registers = re.findall(r"Used (\d+) registers", log)
+    if len(registers) != 1:
+        raise RuntimeError(f"expected one entry function's register count in ptxas's log:\n{log}")
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {
+        "registers": int(registers[0]),
+        "spill_bytes": sum(int(stores) + int(loads) for stores, loads in spills),
+        "static_shared": sum(int(n) for n in re.findall(r"(\d+) bytes smem", log)),
+    }
+
+
+def _variant(constexprs: dict) -> str:
+    """The constants that make a variant, then the pointers it is compiled without: "ACC=fp32 no:W,DB"."""
+    absent = [k for k, v in constexprs.items() if v is None]
+    words = [f"{k}={v}" for k, v in constexprs.items() if v is not None]
+    return " ".join(words + ["no:" + ",".join(absent)] if absent else words)
+
+
+def spill_allowed(row: dict) -> bool:
+    text = f"{row['variant']} {row['shape']}".split()
+    return any(kernel == row["kernel"] and all(w in text for w in words) for kernel, words, _ in SPILLS_ALLOWED)
+
+
+def occupancy_row(launch: dict, constexprs: dict, log: str, metadata) -> dict:
+    """One row of the occupancy table for a compiled variant (`metadata`: the CompiledKernel's)."""
+    usage = ptxas_usage(log)
+    shared = usage["static_shared"] + metadata.shared
+    threads = metadata.num_warps * 32
+    programs, limiter = programs_per_sm(usage["registers"], threads, shared)
+    grid = GRID_PROGRAMS_PER_SM.get(launch["kernel"])
+    return {
+        "kernel": launch["kernel"],
+        "variant": _variant(constexprs),
+        "shape": launch["shape"],
+        "threads": threads,
+        "registers": usage["registers"],
+        "spill_bytes": usage["spill_bytes"],
+        "shared": shared,
+        "programs": programs,
+        "limiter": limiter,
+        "grid": grid,
+        "below_grid": grid is not None and programs < grid,
+    }
+
+
+def occupancy_table(rows: list[dict]) -> str:
+    """The rows as a markdown table, sorted by kernel."""
+    lines = [
+        "| kernel | variant | recorded with | threads | registers | spilled B | shared B | programs/SM | limited by"
+        " | grid assumes |",
+        "|---|---|---|--:|--:|--:|--:|--:|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["shape"], r["variant"], r["threads"])):
+        grid = "" if r["grid"] is None else f"{r['grid']}/SM" + (" **below: waves**" if r["below_grid"] else "")
+        lines.append(
+            f"| {r['kernel']} | {r['variant']} | {r['shape']} | {r['threads']} | {r['registers']} | {r['spill_bytes']}"
+            f" | {r['shared']} | {r['programs']} | {r['limiter']} | {grid} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def compile_all(launches: list[dict]) -> tuple[list[str], list[dict]]:
+    """Compile every launch's variants: the failures, and an occupancy row per compiled variant."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", 90, 32)
-    failures, done = [], 0
+    failures, rows = [], []
     for launch in launches:
         fn, configs = _jit_function(launch["module"], launch["kernel"])
         variants = [({}, launch["options"])]
@@ -213,14 +408,18 @@ def compile_all(launches: list[dict]) -> list[str]:
             label = (
                 f"{launch['kernel']} {json.dumps({k: v for k, v in constexprs.items() if v is not None}, default=str)}"
             )
+            ptxas_log = io.StringIO()  # Triton prints ptxas's log with TRITON_DUMP_PTXAS_LOG=1
             try:
-                triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=target, options=options)
-                done += 1
+                with contextlib.redirect_stdout(ptxas_log):
+                    kernel = triton.compile(
+                        triton.compiler.ASTSource(fn, signature, constexprs), target=target, options=options
+                    )
+                rows.append(occupancy_row(launch, constexprs, ptxas_log.getvalue(), kernel.metadata))
             except Exception as e:  # report every failure, not just the first
                 failures.append(f"{label}: {type(e).__name__}: {str(e)[:800]}")
         print(f"  {label[:150]}", flush=True)
-    print(f"compiled {done} kernel variants for sm_90 with triton {triton.__version__}; {len(failures)} failed")
-    return failures
+    print(f"compiled {len(rows)} kernel variants for sm_90 with triton {triton.__version__}; {len(failures)} failed")
+    return failures, rows
 
 
 def main() -> int:
@@ -228,9 +427,23 @@ def main() -> int:
     parser.add_argument(
         "-k", "--kernel", action="append", help="compile only the kernels whose name contains this (repeatable)"
     )
+    parser.add_argument("--out", type=Path, help="also write the occupancy table (markdown) to this file")
     args = parser.parse_args()
     if os.environ.get("GPUKERNELS_COMPILE_PHASE") == "compile":
-        failures = compile_all(json.loads(sys.stdin.read()))
+        failures, rows = compile_all(json.loads(sys.stdin.read()))
+        table = occupancy_table(rows)
+        print(f"\nOccupancy on sm_90 (H100/H200):\n\n{table}")
+        if args.out:
+            args.out.write_text(table)
+        below = sorted({r["kernel"] for r in rows if r["below_grid"]})
+        if below:
+            print(f"below their grid's programs per SM (the grid runs in waves): {', '.join(below)}")
+        failures += [
+            f"{r['kernel']} {r['variant']} ({r['shape']}): spills {r['spill_bytes']} bytes"
+            " (SPILLS_ALLOWED lists the variants allowed to, each with the reason)"
+            for r in rows
+            if r["spill_bytes"] and not spill_allowed(r)
+        ]
         for f in failures:
             print("FAILED", f)
         return 1 if failures else 0
@@ -238,8 +451,13 @@ def main() -> int:
     start = time.perf_counter()
     launches = [launch for launch in record() if not args.kernel or any(k in launch["kernel"] for k in args.kernel)]
     print(f"recorded {len(launches)} distinct kernel launches in {time.perf_counter() - start:.0f} s")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"GPUKERNELS_COMPILE_PHASE": "compile"}
-    return subprocess.run([sys.executable, __file__], input=json.dumps(launches), text=True, env=env).returncode
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
+        "GPUKERNELS_COMPILE_PHASE": "compile",
+        "TRITON_DUMP_PTXAS_LOG": "1",  # ptxas's register and spill report, printed by the compile
+        "TRITON_ALWAYS_COMPILE": "1",  # a cached kernel would skip ptxas and its report
+    }
+    command = [sys.executable, __file__, *(["--out", str(args.out)] if args.out else [])]
+    return subprocess.run(command, input=json.dumps(launches), text=True, env=env).returncode
 
 
 if __name__ == "__main__":
