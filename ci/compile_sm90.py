@@ -60,14 +60,21 @@ _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 # bf16): each block size is its own variant in the table.
 NORM_FEATURES = (1024, 2048, 4096, 8192)
 
-# Programs per SM a launcher's persistent grid is sized for (its
-# `num_programs(..., per_sm=)` in gpukernels/backends/triton): fewer resident
-# programs than this and the grid runs in waves.
-GRID_PROGRAMS_PER_SM = {
-    "norm_bwd_kernel": 2,  # layer_norm.py, rms_norm.py
-    "batch_norm_stats_kernel": 4,  # batch_norm.py: the reduction grid, channel blocks x splits
-    "batch_norm_bwd_reduce_kernel": 4,
-}
+
+def grid_programs_per_sm() -> dict[str, int]:
+    """Programs per SM each persistent grid is sized for, read from the launchers'
+    constants (``num_programs(..., per_sm=)`` in gpukernels/backends/triton): fewer
+    resident programs than this and the grid runs in waves. Imported when asked, as
+    gpukernels is everywhere here (after the environment is set)."""
+    from gpukernels.backends.triton._common import PROGRAMS_PER_SM
+    from gpukernels.backends.triton._norm import BWD_PROGRAMS_PER_SM
+
+    return {
+        "norm_bwd_kernel": BWD_PROGRAMS_PER_SM,  # layer_norm.py, rms_norm.py
+        "batch_norm_stats_kernel": PROGRAMS_PER_SM,  # batch_norm.py: the reduction grid, channel blocks x splits
+        "batch_norm_bwd_reduce_kernel": PROGRAMS_PER_SM,
+    }
+
 
 # Variants allowed to spill registers: (kernel, words every one of which the
 # row's variant or shape contains, the reason). Any other spill fails the run.
@@ -346,7 +353,7 @@ def occupancy_row(launch: dict, constexprs: dict, log: str, metadata) -> dict:
     shared = usage["static_shared"] + metadata.shared
     threads = metadata.num_warps * 32
     programs, limiter = programs_per_sm(usage["registers"], threads, shared)
-    grid = GRID_PROGRAMS_PER_SM.get(launch["kernel"])
+    grid = grid_programs_per_sm().get(launch["kernel"])
     return {
         "kernel": launch["kernel"],
         "variant": _variant(constexprs),

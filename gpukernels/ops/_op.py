@@ -295,27 +295,27 @@ def refuse_second_derivative(name: str) -> Callable[[Callable], Callable]:
     """Decorates an autograd backward ``backward(ctx, *grads)`` made of kernels
     without autograd: a second derivative through it raises (once_differentiable's
     error could be pruned away, see ``_SecondDerivativeRefused``)."""
-    return functools.partial(_refusing_second_derivatives, name)
 
+    def decorate(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def backward_once(ctx, *grads):
+            if not torch.is_grad_enabled():  # no create_graph: the usual case, nothing to guard
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                results = backward(ctx, *grads)
+            read = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, Tensor) and t.requires_grad]
+            slots = [i for i, r in enumerate(results) if isinstance(r, Tensor)]
+            if not read or not slots:
+                return results
+            guarded = _SecondDerivativeRefused.apply(name, len(slots), *(results[i] for i in slots), *read)
+            results = list(results)
+            for i, g in zip(slots, guarded):
+                results[i] = g
+            return tuple(results)
 
-def _refusing_second_derivatives(name: str, backward: Callable) -> Callable:
-    @functools.wraps(backward)
-    def backward_once(ctx, *grads):
-        if not torch.is_grad_enabled():  # no create_graph: the usual case, nothing to guard
-            return backward(ctx, *grads)
-        with torch.no_grad():
-            results = backward(ctx, *grads)
-        read = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, Tensor) and t.requires_grad]
-        slots = [i for i, r in enumerate(results) if isinstance(r, Tensor)]
-        if not read or not slots:
-            return results
-        guarded = _SecondDerivativeRefused.apply(name, len(slots), *(results[i] for i in slots), *read)
-        results = list(results)
-        for i, g in zip(slots, guarded):
-            results[i] = g
-        return tuple(results)
+        return backward_once
 
-    return backward_once
+    return decorate
 
 
 def kernel_op(family: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable], KernelOp]:

@@ -59,7 +59,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_programs(device: torch.device, work_items: int, per_sm: int = 4) -> int:
+PROGRAMS_PER_SM = 4
+"""A persistent grid's programs per SM, unless its launcher says otherwise."""
+
+
+def num_programs(device: torch.device, work_items: int, per_sm: int = PROGRAMS_PER_SM) -> int:
     """A persistent grid: a few programs per SM, never more than the work."""
     if device.type == "cuda":
         # cached: get_device_properties costs more host time than a small kernel's launch

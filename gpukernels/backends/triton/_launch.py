@@ -79,12 +79,8 @@ _HAS_STAGES_HOOK = hasattr(knobs.runtime, "add_stages_inspection_hook")
 
 # Read once per launch (a context variable: per thread, and cheaper to read than a thread-local's attribute).
 _traced = contextvars.ContextVar("gpukernels_traced_launches", default=False)
-_is_traced = _traced.get
-
-
-def tracing() -> bool:
-    """Whether launches now become graph nodes (inside ``traced_launches``)."""
-    return _traced.get()
+tracing = _traced.get
+"""``tracing()``: whether launches now become graph nodes (inside ``traced_launches``)."""
 
 
 @contextlib.contextmanager
@@ -167,7 +163,7 @@ class Kernel:
         return f"Kernel({self.fn!r})"
 
     def __getitem__(self, grid) -> Callable:
-        if _is_traced():
+        if tracing():
             from torch.library import wrap_triton
 
             return wrap_triton(self.fn)[grid]

@@ -27,6 +27,10 @@ import triton.language as tl
 from ._common import round_to, row_block
 from ._launch import jit, tracing
 
+BWD_PROGRAMS_PER_SM = 2
+"""The backward's persistent grid: each program writes a row of partial sums (two with a
+bias), written and read again by the last program, which more programs would multiply."""
+
 
 def row_launch(d: int) -> tuple[int, bool, int]:
     """``BLOCK_D``, ``ONE_BLOCK`` and ``num_warps`` for rows of ``d`` features."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ._common import num_programs, stats_dtype
-from ._norm import arrival_counter, norm_bwd_kernel, norm_fwd_kernel, row_launch
+from ._norm import BWD_PROGRAMS_PER_SM, arrival_counter, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
 def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
@@ -40,9 +40,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
         dbias.zero_()
         return
     block, one_block, warps = row_launch(d)
-    # Two programs per SM: each adds a row of partial sums (two with a bias), 8 * D bytes
-    # written and read again, which more programs would multiply.
-    programs = num_programs(x.device, rows, per_sm=2)
+    programs = num_programs(x.device, rows, per_sm=BWD_PROGRAMS_PER_SM)
     # dweight's, then dbias's partials: every program writes its rows of them, so no zero fill
     partial = torch.empty((2, programs, d), dtype=stats_dtype(x.dtype), device=x.device) if has_w or has_bias else None
     no_offset = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ._common import num_programs, stats_dtype
-from ._norm import arrival_counter, norm_bwd_kernel, norm_fwd_kernel, row_launch
+from ._norm import BWD_PROGRAMS_PER_SM, arrival_counter, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
 def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
@@ -38,9 +38,7 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
         dweight.zero_()  # no rows: dweight is 0 (and empty when there is no weight)
         return
     block, one_block, warps = row_launch(d)
-    # Two programs per SM: each writes a row of partial sums, 4 * D bytes (fp32) written and
-    # read again, which more programs would multiply. Every program gets a row (programs <= rows).
-    programs = num_programs(x.device, rows, per_sm=2)
+    programs = num_programs(x.device, rows, per_sm=BWD_PROGRAMS_PER_SM)  # <= rows: every program gets a row
     has_w = weight is not None
     # Every program writes its row of the partials, so no zero fill.
     partial = torch.empty((programs, d), dtype=stats_dtype(x.dtype), device=x.device) if has_w else None
