@@ -187,17 +187,24 @@ class KernelOp:
             self.custom_op.register_torch_dispatch(FunctionalTensorMode, self._decompose)
             triton_ops_to_kernels[f"gpukernels::{self.name}"] = _TRITON_KERNELS
         self._eager = self._run
+        self._kernels: dict[tuple[str, str], Callable] = {}  # (backend, device type) -> kernel
         OPS[self.name] = self
 
     def _run(self, *args):
         outputs = self.spec(*args)
-        kernel = kernel_for(args[-1], self.family, self.name, device_of(args[0]))
+        first = args[0]
+        device_type = (first.device if type(first) in _PLAIN_TENSOR_TYPES else device_of(first)).type
+        kernel = self._kernels.get((args[-1], device_type))
+        if kernel is None:
+            kernel = self._kernels[args[-1], device_type] = kernel_for(
+                args[-1], self.family, self.name, device_of(first)
+            )
         if outputs is None:
             kernel(*args[:-1])
-        elif isinstance(outputs, Tensor):
-            kernel(*args[:-1], outputs)
-        else:
+        elif type(outputs) is tuple:
             kernel(*args[:-1], *outputs)
+        else:
+            kernel(*args[:-1], outputs)
         return outputs
 
     def _decompose(self, mode, op, types, args, kwargs):
@@ -219,7 +226,9 @@ class KernelOp:
         return mode.__torch_dispatch__(op, types, args, kwargs)
 
     def __call__(self, *args):
-        return self.on(backend_name(device_of(args[0])), *args)
+        first = args[0]
+        device = first.device if type(first) in _PLAIN_TENSOR_TYPES else device_of(first)
+        return self.on(backend_name(device), *args)
 
     def on(self, backend: str, *args):
         args = (*args, backend)
@@ -240,18 +249,19 @@ class KernelOp:
         through it raises instead of silently leaving out this op's term."""
 
         def setup(ctx, inputs, output):
-            ctx.set_materialize_grads(False)
+            ctx.materialize_grads = False  # ctx.set_materialize_grads(False), one call less
             ctx.inputs_count = len(inputs)
             ctx.backend = inputs[-1]
             setup_context(ctx, inputs[:-1], output)
 
+        guarded_backward = refuse_second_derivative(self.name)(backward)
+
         def backward_of_first_output(ctx, *grads):
             if grads[0] is None:
                 return (None,) * ctx.inputs_count
+            if not twice_differentiable and torch.is_grad_enabled():  # create_graph: guard the second derivative
+                return (*guarded_backward(ctx, *grads), None)
             return (*backward(ctx, *grads), None)
-
-        if not twice_differentiable:
-            backward_of_first_output = refuse_second_derivative(self.name)(backward_of_first_output)
 
         self.custom_op.register_autograd(backward_of_first_output, setup_context=setup)
 
@@ -267,7 +277,12 @@ class KernelOp:
             (torch.autograd.Function,),
             {"forward": staticmethod(forward), "backward": staticmethod(backward_of_first_output)},
         )
-        self._eager = function.apply
+        # The C apply that Function.apply ends in: its Python layer is for functorch
+        # transforms, under which needs_dispatch sends calls to the custom op.
+        self._eager = _C_FUNCTION_APPLY.__get__(None, function)
+
+
+_C_FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]
 
 
 class _SecondDerivativeRefused(torch.autograd.Function):

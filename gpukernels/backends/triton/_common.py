@@ -49,9 +49,20 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= ``n`` (1 for ``n <= 1``): ``triton.next_power_of_2``
+    without its constexpr wrapping, which costs host time on every launch."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints: ``triton.cdiv`` without its constexpr wrapping."""
+    return -(-a // b)
+
+
 def row_block(d: int, max_block: int = 8192) -> int:
     """Power-of-two block over a row of ``d`` features, at most ``max_block``."""
-    return min(triton.next_power_of_2(max(d, 1)), max_block)
+    return min(next_power_of_2(d), max_block)
 
 
 @functools.cache

@@ -49,6 +49,7 @@ import contextvars
 import functools
 from typing import Any, Callable, Iterator
 
+import torch
 import triton
 from triton import knobs
 from triton._C.libtriton import native_specialize_impl
@@ -111,8 +112,11 @@ def _binder_source(fn: JITFunction) -> str | None:
         if kp.is_constexpr:
             key.append(p.name)
         else:
+            # a plain tensor's specialization is its dtype and 16-byte alignment: read here, in
+            # half the time of the general rule
             key.append(
-                f"specialize(backend, {p.name}, {kp.is_const}, {not kp.do_not_specialize}, "
+                f"({p.name}.dtype, {p.name}.data_ptr() & 15 == 0) if {p.name}.__class__ is Tensor "
+                f"else specialize(backend, {p.name}, {kp.is_const}, {not kp.do_not_specialize}, "
                 f"{not kp.do_not_specialize_on_alignment})"
             )
     key.append("*options.items()")
@@ -128,7 +132,7 @@ def _make_binder(fn: JITFunction, backend: Any) -> Callable | None:
     namespace = {
         f"default_{name}": p.default for name, p in fn.signature.parameters.items() if p.default is not p.empty
     }
-    namespace.update(specialize=native_specialize_impl, backend=backend, knobs=knobs)
+    namespace.update(specialize=native_specialize_impl, backend=backend, knobs=knobs, Tensor=torch.Tensor)
     exec(source, namespace)
     return namespace["bind"]
 
@@ -136,6 +140,28 @@ def _make_binder(fn: JITFunction, backend: Any) -> Callable | None:
 def _through_jit_only(fn: JITFunction) -> bool:
     """Whether launches of ``fn`` must go through JITFunction.run now (hooks that see every launch)."""
     return bool(fn.pre_run_hooks) or (_HAS_STAGES_HOOK and knobs.runtime.add_stages_inspection_hook is not None)
+
+
+# Triton >= 3.7's C launcher is one function for every kernel, taking the kernel's arguments
+# as one tuple with their annotations; before, each kernel had its own, taking them spread.
+_LAUNCH_TAKES_TUPLE = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7)
+
+
+def _direct_launch(run: Any) -> tuple | None:
+    """What calling the C launcher itself takes for a compiled kernel whose runner is
+    ``run`` (the Python launcher, which works out scratch buffers and then calls it):
+    the C function and its launch flags (and, from Triton 3.7, the argument annotations
+    and signature). None where the runner has more to do than call it (scratch memory,
+    a sanitizer) or is not the NVIDIA launcher this knows: then the runner launches."""
+    try:
+        flags = (run.launch_cooperative_grid, run.launch_pdl)
+        if run.global_scratch_size or run.profile_scratch_size or getattr(run, "gsan_enabled", False):
+            return None
+        if _LAUNCH_TAKES_TUPLE:
+            return run.launch, flags, run.arg_annotations, run.kernel_signature
+        return run.launch, flags
+    except AttributeError:
+        return None
 
 
 KERNELS: list["Kernel"] = []
@@ -176,35 +202,58 @@ class Kernel:
         try:
             binder, kernels = self._devices[device]
             key, bound = binder(*args, **kwargs)
-            run, function, packed_metadata, kernel = kernels[key]
+            run, function, packed_metadata, kernel, direct = kernels[key]
             # Launch hooks are chains, which call nothing when empty (no metadata to build
             # then); a plain function set in their place makes the launch the JIT's.
             hooked = runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls
         except Exception:  # a first launch here, or arguments for the JIT to judge
             return self._miss(grid, args, kwargs)
-        if _through_jit_only(self.fn):
+        if self.fn.pre_run_hooks or (_HAS_STAGES_HOOK and runtime.add_stages_inspection_hook is not None):
             return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
         stream = active.get_current_stream(device)
         if callable(grid):
             grid = grid(dict(zip(self.fn.arg_names, bound)))
         size = len(grid)
+        grid_x, grid_y, grid_z = grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1
         if hooked:
-            enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-            launch_metadata = kernel.launch_metadata(grid, stream, *bound)
+            run(
+                grid_x,
+                grid_y,
+                grid_z,
+                stream,
+                function,
+                packed_metadata,
+                kernel.launch_metadata(grid, stream, *bound),
+                runtime.launch_enter_hook,
+                runtime.launch_exit_hook,
+                *bound,
+            )
+        elif direct is None:
+            run(grid_x, grid_y, grid_z, stream, function, packed_metadata, None, None, None, *bound)
+        elif _LAUNCH_TAKES_TUPLE:
+            c_launch, flags, arg_annotations, signature = direct
+            c_launch(
+                grid_x,
+                grid_y,
+                grid_z,
+                stream,
+                function,
+                *flags,
+                packed_metadata,
+                None,
+                None,
+                None,
+                None,
+                None,
+                arg_annotations,
+                signature,
+                bound,
+            )
         else:
-            launch_metadata = enter = leave = None
-        run(
-            grid[0],
-            grid[1] if size > 1 else 1,
-            grid[2] if size > 2 else 1,
-            stream,
-            function,
-            packed_metadata,
-            launch_metadata,
-            enter,
-            leave,
-            *bound,
-        )
+            c_launch, flags = direct
+            c_launch(
+                grid_x, grid_y, grid_z, stream, function, *flags, None, None, packed_metadata, None, None, None, *bound
+            )
         return kernel
 
     def _miss(self, grid, args, kwargs):
@@ -222,7 +271,7 @@ class Kernel:
         binder, kernels = self._devices[device]
         key, _ = binder(*args, **kwargs)
         try:
-            kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata, kernel)
+            kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata, kernel, _direct_launch(kernel.run))
         except TypeError:  # an unhashable option or constexpr: such launches stay with the JIT
             pass
         return kernel

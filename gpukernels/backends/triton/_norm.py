@@ -20,6 +20,8 @@ every run).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +34,7 @@ BWD_PROGRAMS_PER_SM = 2
 bias), written and read again by the last program, which more programs would multiply."""
 
 
+@functools.cache  # one entry per row width: a dict lookup instead of the arithmetic, on every launch
 def row_launch(d: int) -> tuple[int, bool, int]:
     """``BLOCK_D``, ``ONE_BLOCK`` and ``num_warps`` for rows of ``d`` features."""
     block = row_block(d)

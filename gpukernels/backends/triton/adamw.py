@@ -46,12 +46,11 @@ from collections import OrderedDict
 from typing import Iterator, NamedTuple
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
 from .._layout import copy_back, in_param_layout
-from ._common import acc_dtype, round_to
+from ._common import acc_dtype, cdiv, round_to
 from ._launch import jit
 
 BLOCK = 1024
@@ -213,7 +212,7 @@ def _tables(device: torch.device, dtype: torch.dtype, columns: list[list[Tensor]
         numel = columns[0][i].numel()
         pointers = [column[i].data_ptr() if column else 0 for column in columns]
         rows.append((*pointers, step.data_ptr(), numel, first_block))
-        blocks.append(max(triton.cdiv(numel, BLOCK), 1))  # one even when empty: it increments the step
+        blocks.append(max(cdiv(numel, BLOCK), 1))  # one even when empty: it increments the step
         first_block += blocks[-1]
     key = (device, dtype, tuple(rows))
     if key in _tables_cache:

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, num_programs, round_to
+from ._common import acc_dtype, cdiv, next_power_of_2, num_programs, round_to
 from ._launch import jit
 
 TILE = 4096  # elements a program reads per step
@@ -480,7 +480,7 @@ def _fold(n: int, l: int, strides: list[tuple[int, int, int]]) -> tuple[int, int
 
 def _pow2_at_least(size: int) -> int:
     """A block's length for ``size`` elements (1 for none: a block is never empty)."""
-    return triton.next_power_of_2(max(size, 1))
+    return next_power_of_2(size)
 
 
 def _tiling(x: torch.Tensor, *others: torch.Tensor) -> _Tiling:
@@ -500,10 +500,10 @@ def _tiling_of(
     block_c = min(_pow2_at_least(c), CHANNEL_BLOCK) if channels_inner else 1
     block_l = min(_pow2_at_least(l), TILE // block_c)
     block_n = min(_pow2_at_least(n), TILE // (block_c * block_l))
-    l_tiles = triton.cdiv(l, block_l)
-    n_tiles = triton.cdiv(n, block_n)
+    l_tiles = cdiv(l, block_l)
+    n_tiles = cdiv(n, block_n)
     tiles = n_tiles * l_tiles
-    channel_blocks = triton.cdiv(c, block_c)
+    channel_blocks = cdiv(c, block_c)
     # Reduction programs (splits per channel block): a few per SM in all, at
     # least a tile each, and at most `balanced`, with which as many elementwise
     # programs as splits keep to their share of partial reads. Elementwise
@@ -512,7 +512,7 @@ def _tiling_of(
     # leaves at least one such program).
     balanced = math.isqrt(tiles * TILE // (PARTIAL_SHARE * block_c))
     splits = max(1, min(tiles, num_programs(device, channel_blocks * tiles) // channel_blocks, balanced))
-    tiles_per_program = triton.cdiv(splits * block_c * PARTIAL_SHARE, TILE)
+    tiles_per_program = cdiv(splits * block_c * PARTIAL_SHARE, TILE)
     # masked lanes of edge tiles form offsets too: bound them with the padded sizes
     padded = (n_tiles * block_n, l_tiles * block_l, channel_blocks * block_c)
     span = max(sum((size - 1) * stride for size, stride in zip(padded, s)) for s in strides)
@@ -624,7 +624,7 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
             **tiling.meta(acc),
         )
     elif weight is not None or has_bias:
-        batch_norm_param_grads_kernel[(triton.cdiv(channels, PARAM_GRADS_BLOCK),)](
+        batch_norm_param_grads_kernel[(cdiv(channels, PARAM_GRADS_BLOCK),)](
             partial,
             tiling.splits,
             rstd,

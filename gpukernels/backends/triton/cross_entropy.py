@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, round_to, row_block
+from ._common import acc_dtype, cdiv, round_to, row_block
 from ._launch import jit
 
 # Widest column block of the forward; vocabularies past it (up to 256k) are swept
@@ -506,7 +506,7 @@ def logits_grad(
         return
     block = row_block(width, GRAD_BLOCK_C)
     probs = target_mass is not None
-    cross_entropy_bwd_kernel[(rows, triton.cdiv(width, block))](
+    cross_entropy_bwd_kernel[(rows, cdiv(width, block))](
         logits,
         target,
         weight,

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._dropout import keep_scale, keep_threshold
-from ._common import acc_dtype, round_to
+from ._common import acc_dtype, cdiv, round_to
 from ._launch import jit
 
 BLOCK = 2048
@@ -63,7 +63,7 @@ def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, y: torch.Tensor) 
         scale = float(keep_scale(p, x.dtype))
         if x.dtype == torch.float64:  # float arguments reach a kernel as fp32
             scale = torch.full((), scale, dtype=torch.float64, device=x.device)
-        dropout_kernel[(triton.cdiv(n, BLOCK),)](
+        dropout_kernel[(cdiv(n, BLOCK),)](
             x,
             y,
             seed,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, round_to
+from ._common import acc_dtype, cdiv, next_power_of_2, round_to
 from ._launch import jit
 from .linear_act import _activation, _activation_grad
 
@@ -36,8 +36,8 @@ def launch_elementwise(kernel, n: int, *args, **constexprs) -> None:
     no launch for 0 elements. The kernel takes its offsets from ``elementwise_offsets``."""
     if n == 0:
         return
-    block = min(max(triton.next_power_of_2(n), MIN_BLOCK), MAX_BLOCK)
-    kernel[(triton.cdiv(n, block),)](*args, n, BLOCK=block, num_warps=max(block // 256, 1), **constexprs)
+    block = min(max(next_power_of_2(n), MIN_BLOCK), MAX_BLOCK)
+    kernel[(cdiv(n, block),)](*args, n, BLOCK=block, num_warps=max(block // 256, 1), **constexprs)
 
 
 @jit

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, round_to, stats_dtype
+from ._common import acc_dtype, cdiv, round_to, stats_dtype
 from ._launch import jit
 
 _SQRT_HALF = tl.constexpr(math.sqrt(0.5))
@@ -150,7 +150,7 @@ def linear_act_fwd(x, weight, bias, activation, y, z):
         torch.addmm(bias, x, weight.t(), out=product)
     n = product.numel()
     if activation != "none" and n:
-        linear_act_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+        linear_act_fwd_kernel[(cdiv(n, BLOCK),)](
             product, y, n, ACTIVATION=activation, ACC=acc_dtype(y.dtype), BLOCK=BLOCK, num_warps=4
         )
 
@@ -164,10 +164,10 @@ def _dz_and_dbias(dy: torch.Tensor, saved: torch.Tensor, activation: str, dbias:
             dbias.copy_(dy.sum(0, dtype=acc))
         return dy
     dz = torch.empty_like(dy)
-    tiles = triton.cdiv(m, BLOCK_ROWS)
+    tiles = cdiv(m, BLOCK_ROWS)
     partial = torch.empty((tiles, n), dtype=acc, device=dy.device) if dbias is not None else None
     if dy.numel():
-        linear_act_bwd_kernel[(tiles, triton.cdiv(n, BLOCK_COLS))](
+        linear_act_bwd_kernel[(tiles, cdiv(n, BLOCK_COLS))](
             dy,
             saved,
             dz,
