@@ -135,8 +135,13 @@ def build(directory: Path) -> Path:
 
 def stub_environment(directory: Path, cache_dir: Path | None = None) -> dict[str, str]:
     """The environment of a process that launches through the stub in ``directory``:
-    compiled kernels, not the interpreter; the default backend selection."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPUKERNELS_BACKEND")}
+    compiled kernels, not the interpreter; the default backend selection; launch keys
+    trusted, as in use (not checked, as in the tests)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TRITON_INTERPRET", "GPUKERNELS_BACKEND", "GPUKERNELS_CHECK_LAUNCH_KEYS")
+    }
     env.update(
         TRITON_LIBCUDA_PATH=str(directory),
         LD_LIBRARY_PATH=str(directory),

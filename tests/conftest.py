@@ -10,6 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every launch with a launch key checks that the key determines the kernel's
+# specialization (gpukernels/backends/triton/_launch.py), read at import.
+os.environ.setdefault("GPUKERNELS_CHECK_LAUNCH_KEYS", "1")
+
 pytest.register_assert_rewrite("cupy_host")  # imported here, before pytest_plugins loads it
 import gpukernels as gk  # noqa: E402  (after TRITON_INTERPRET)
 from cupy_host import HOST_TARGET, use_host_build  # noqa: E402

@@ -33,9 +33,9 @@ import triton.language as tl
 from test_host_time import load_host_time
 from triton.runtime.jit import JITFunction
 
-from gpukernels.backends.triton import _common
+from gpukernels.backends.triton import _common, _launch
 from gpukernels.backends.triton._common import num_programs, round_to
-from gpukernels.backends.triton._launch import JIT_OPTION_KNOBS, Kernel, jit
+from gpukernels.backends.triton._launch import JIT_OPTION_KNOBS, Kernel, LaunchKeyError, jit
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 16
@@ -81,9 +81,10 @@ def _launch_cases(dtype=torch.float32):
 
 
 @pytest.mark.skipif(not _common.INTERPRETING, reason="checks the interpreter fallback")
-def test_jit_is_triton_interpreter_under_triton_interpret():
-    assert not isinstance(axpy_kernel, Kernel)
-    assert type(axpy_kernel) is type(triton.jit(_axpy))
+def test_jit_launches_on_the_interpreter_under_triton_interpret():
+    assert isinstance(axpy_kernel, Kernel) and not axpy_kernel.compiled
+    assert type(axpy_kernel.fn) is type(triton.jit(_axpy))
+    assert axpy_kernel not in _launch.KERNELS  # nothing compiled to list for AOTAutograd
 
 
 @pytest.mark.skipif(not _common.INTERPRETING, reason="runs kernels in the interpreter")
@@ -110,6 +111,31 @@ def test_round_to_rounds_bf16_to_nearest_even_in_interpreter():
     expected = x.to(torch.bfloat16)  # PyTorch rounds to nearest even, as a GPU does
     assert torch.equal(out[:-1].view(torch.int16), expected[:-1].view(torch.int16))
     assert out[-1].isnan()
+
+
+@pytest.mark.skipif(not _common.INTERPRETING, reason="runs kernels in the interpreter")
+def test_launch_with_a_key_runs_the_kernel_and_checks_the_key(monkeypatch):
+    monkeypatch.setattr(_launch, "CHECK_LAUNCH_KEYS", True)
+    kernel = jit(_axpy)
+    (_, (x, y, out, n, limit, alpha), flags), (_, (misaligned, *_), _) = _launch_cases()[:2]
+    kernel.launch((4,), "aligned", x, y, out, n, limit, alpha, **flags)
+    torch.testing.assert_close(out, 2.0 * x + y, rtol=0, atol=0)
+    kernel.launch((4,), "aligned", x, y, out, 64, 32, 3.0, **flags)  # other values, one specialization
+    kernel.launch((4,), "misaligned", misaligned, y, out, n, limit, alpha, **flags)
+    with pytest.raises(LaunchKeyError, match="_axpy: launch key 'aligned' was given to arguments that specialize"):
+        kernel.launch((4,), "aligned", misaligned, y, out, n, limit, alpha, **flags)
+    for name, other_args, other_flags in [
+        ("Y None", (x, None, out, n, limit, alpha), dict(flags, HAS_Y=False)),
+        ("n == 1", (x, y, out, 1, limit, alpha), flags),
+        ("BLOCK", (x, y, out, n, limit, alpha), dict(flags, BLOCK=32)),
+        ("num_warps", (x, y, out, n, limit, alpha), dict(flags, num_warps=1)),
+        ("fp16 out", (x, y, out.half(), n, limit, alpha), flags),
+    ]:
+        with pytest.raises(LaunchKeyError):
+            kernel.launch((4,), "aligned", *other_args, **other_flags)
+        kernel.launch((4,), name, *other_args, **other_flags)
+    with pytest.raises(LaunchKeyError, match="by position"):
+        kernel.launch((4,), "n by name", x, y, out, limit=limit, alpha=alpha, n=n, **flags)
 
 
 def test_common_has_no_constexpr_global_for_kernels():
@@ -261,6 +287,45 @@ def check_grid_forms(stub: _Stub) -> None:
         for _ in range(2):
             ours = _launched(stub, lambda: kernel[grid](*args, **kwargs))
             assert ours == _launched(stub, lambda: fn[grid](*args, **kwargs)), grid
+
+
+def check_keyed_launches_are_the_jits(stub: _Stub) -> None:
+    """A launch key, once launched under, launches what the JIT would, with nothing of the
+    arguments read but their values; the stream and hooks are still read every time."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    fn = triton.jit(_axpy)
+    kernel = Kernel(fn)
+    cases = _launch_cases()
+    for round_ in ("first", "cached"):
+        for name, args, kwargs in cases:
+            ours = _launched(stub, lambda: kernel.launch((4,), name, *args, **kwargs))
+            assert ours == _launched(stub, lambda: fn[(4,)](*args, **kwargs)), f"{round_} launch, {name}"
+    binder_calls = []
+    for device, (binder, kernels) in list(kernel._devices.items()):
+        kernel._devices[device] = (lambda *a, b=binder, **k: binder_calls.append(1) or b(*a, **k), kernels)
+    jit_run, jit_calls = fn.run, []
+    fn.run = lambda *a, **k: jit_calls.append(1) or jit_run(*a, **k)
+    name, (x, y, out, n, limit, alpha), kwargs = cases[0]
+    other = torch.randn(64)  # other addresses and values, the same specialization
+    hit = _launched(stub, lambda: kernel.launch((4,), name, other, other, other, 48, 32, 0.5, **kwargs))
+    assert not binder_calls and not jit_calls, "a keyed hit read the arguments' specialization"
+    assert hit == _launched(stub, lambda: jit_run(other, other, other, 48, 32, 0.5, grid=(4,), warmup=False, **kwargs))
+    original = driver.active.get_current_stream
+    try:
+        driver.active.get_current_stream = lambda device=None: 0x7890
+        assert _launched(stub, lambda: kernel.launch((4,), name, *cases[0][1], **kwargs))["stream"] == 0x7890
+    finally:
+        driver.active.get_current_stream = original
+    seen = []
+    hook = lambda metadata: seen.append(metadata.get()["name"])  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        kernel.launch((4,), name, *cases[0][1], **kwargs)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert seen == ["_axpy"]
 
 
 def check_launch_hooks_see_each_launch(stub: _Stub) -> None:

@@ -23,9 +23,12 @@ def check_optional_float(name: str, t: torch.Tensor | None, like: torch.Tensor, 
     """An optional parameter tensor: floating, on ``like``'s device, of ``shape``."""
     if t is None:
         return
-    check_float(name, t)
-    check_device(name, t, like)
-    check_shape(name, t, shape)
+    if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+        check_float(name, t)
+    if t.device != like.device:
+        check_device(name, t, like)
+    if t.shape != tuple(shape):
+        check_shape(name, t, shape)
 
 
 def check_device(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
@@ -34,8 +37,26 @@ def check_device(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
 
 
 def check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != tuple(shape):
         raise ArgumentError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_normalized_shape(input: torch.Tensor, normalized_shape: int | Sequence[int]) -> tuple[tuple[int, ...], int]:
+    """``normalized_shape``, positive ints that are ``input``'s trailing dims, as a
+    tuple, and their product: the length of the rows a norm normalises."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    d = 1
+    for s in shape:
+        if not isinstance(s, int) or s < 1:
+            raise ArgumentError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
+        d *= s
+    if not shape:
+        raise ArgumentError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
+    if input.shape[-len(shape) :] != shape:
+        raise ArgumentError(
+            f"normalized_shape {shape} does not match the trailing dims of input of shape {tuple(input.shape)}"
+        )
+    return shape, d
 
 
 def check_number(
@@ -48,13 +69,14 @@ def check_number(
     high_open: bool = False,
 ) -> float:
     """A finite real number in [low, high] (open ends where asked); returns it as float."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ArgumentError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    if type(value) is not float:
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ArgumentError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ArgumentTypeError(f"{name} must be a real number, got {type(value).__name__}")
+        value = float(value)
     # comparisons, not math.isfinite: under torch.compile a float argument that
     # changed between calls is symbolic, and math.isfinite does not trace
     if value != value or abs(value) == math.inf:
@@ -64,6 +86,12 @@ def check_number(
     if high is not None and (value > high or (high_open and value == high)):
         raise ArgumentError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
     return value
+
+
+def autocast_enabled(t: torch.Tensor) -> bool:
+    """``torch.is_autocast_enabled(t.device.type)``, asking first the cheaper question
+    whether autocast is on for any device (it is off in most calls)."""
+    return torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(t.device.type)
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> str:

@@ -225,10 +225,10 @@ class KernelOp:
                 return self._run(*args)
         return mode.__torch_dispatch__(op, types, args, kwargs)
 
-    def __call__(self, *args):
+    def __call__(self, *args):  # self.on(backend_name(device of args[0]), *args), one call less
         first = args[0]
-        device = first.device if type(first) in _PLAIN_TENSOR_TYPES else device_of(first)
-        return self.on(backend_name(device), *args)
+        args = (*args, backend_name(first.device if type(first) in _PLAIN_TENSOR_TYPES else device_of(first)))
+        return self.custom_op(*args) if needs_dispatch(args) else self._eager(*args)
 
     def on(self, backend: str, *args):
         args = (*args, backend)

@@ -23,7 +23,15 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import check_choice, check_device, check_float, check_number, check_optional_float, empty_grad
+from ._checks import (
+    autocast_enabled,
+    check_choice,
+    check_device,
+    check_float,
+    check_number,
+    check_optional_float,
+    empty_grad,
+)
 from ._op import kernel_op, reshaped, stats_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -222,7 +230,7 @@ def cross_entropy(
         )
     check_choice("reduction", reduction, REDUCTIONS)
     label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    if torch.is_autocast_enabled(input.device.type) and input.dtype != torch.float64:
+    if autocast_enabled(input) and input.dtype != torch.float64:
         input = input.float()
         target = target.float() if probabilities else target
         weight = None if weight is None or weight.dtype == torch.float64 else weight.float()

@@ -12,8 +12,14 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import ArgumentError
-from ._checks import check_float, check_number, check_optional_float, empty_grad
+from ._checks import (
+    autocast_enabled,
+    check_float,
+    check_normalized_shape,
+    check_number,
+    check_optional_float,
+    empty_grad,
+)
 from ._op import kernel_op, reshaped, stats_dtype
 
 
@@ -23,12 +29,8 @@ def layer_norm_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel: ``y`` = rows of ``x`` normalised, times ``weight``, plus ``bias``
     (each optional); each row's ``mean`` and ``rstd`` in the statistics dtype."""
-    rows = x.shape[0]
-    return (
-        torch.empty_like(x),
-        x.new_empty(rows, dtype=stats_dtype(x.dtype)),
-        x.new_empty(rows, dtype=stats_dtype(x.dtype)),
-    )
+    rows, stats = x.shape[0], stats_dtype(x.dtype)
+    return torch.empty_like(x), x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
 
 
 @kernel_op("layer_norm")
@@ -55,7 +57,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dweight, dbias = layer_norm_bwd.on(ctx.backend, dy.contiguous(), x, weight, mean, rstd, ctx.has_bias)
-    return (dx, dweight if weight is not None else None, dbias.to(ctx.bias_dtype) if ctx.has_bias else None, None)
+    if ctx.has_bias and dbias.dtype != ctx.bias_dtype:
+        dbias = dbias.to(ctx.bias_dtype)
+    return dx, dweight if weight is not None else None, dbias if ctx.has_bias else None, None
 
 
 layer_norm_fwd.register_autograd(_setup_context, _backward)
@@ -72,22 +76,14 @@ def layer_norm(
     ``normalized_shape`` dims, statistics in fp32 (fp64 for fp64 input).
     Under autocast it runs in fp32, as PyTorch's does."""
     check_float("input", input)
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if not shape or any(not isinstance(s, int) or s < 1 for s in shape):
-        raise ArgumentError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
-    if tuple(input.shape[input.dim() - len(shape) :]) != shape or input.dim() < len(shape):
-        raise ArgumentError(
-            f"normalized_shape {shape} does not match the trailing dims of input of shape {tuple(input.shape)}"
-        )
+    shape, d = check_normalized_shape(input, normalized_shape)
     check_optional_float("weight", weight, input, shape)
     check_optional_float("bias", bias, input, shape)
     check_number("eps", eps, low=0.0)
-    if torch.is_autocast_enabled(input.device.type) and input.dtype != torch.float64:
+    if autocast_enabled(input) and input.dtype != torch.float64:
         input = input.float()
-    d = 1
-    for s in shape:
-        d *= s
-    flat_weight = None if weight is None else reshaped(weight, d)
-    flat_bias = None if bias is None else reshaped(bias, d)
-    y, _, _ = layer_norm_fwd(reshaped(input, input.numel() // d, d).contiguous(), flat_weight, flat_bias, float(eps))
+    if len(shape) > 1:
+        weight = None if weight is None else weight.reshape(d)
+        bias = None if bias is None else bias.reshape(d)
+    y, _, _ = layer_norm_fwd(reshaped(input, input.numel() // d, d).contiguous(), weight, bias, float(eps))
     return reshaped(y, *input.shape)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import check_choice, check_device, check_float, check_optional_float, empty_grad
+from ._checks import autocast_enabled, check_choice, check_device, check_float, check_optional_float, empty_grad
 from ._op import kernel_op, reshaped
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
@@ -107,9 +107,8 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation
     check_device("weight", weight, x)
     check_choice("activation", activation, ACTIVATIONS)
     _check_shapes(x, weight, bias)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    if autocast_enabled(x):
+        dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
     _check_dtypes(x, weight, bias)
     out_features, in_features = weight.shape

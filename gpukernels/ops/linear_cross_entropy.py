@@ -35,7 +35,15 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import check_choice, check_device, check_float, check_number, check_optional_float, empty_grad
+from ._checks import (
+    autocast_enabled,
+    check_choice,
+    check_device,
+    check_float,
+    check_number,
+    check_optional_float,
+    empty_grad,
+)
 from ._op import kernel_op, reshaped, stats_dtype
 from .cross_entropy import REDUCTIONS, TARGET_DTYPES
 
@@ -245,10 +253,9 @@ def linear_cross_entropy(
     label_smoothing, z_loss, softcap = _check_options(
         ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, return_lse
     )
-    device_type = x.device.type
-    autocasting = torch.is_autocast_enabled(device_type)
+    autocasting = autocast_enabled(x)
     if autocasting:
-        dtype = torch.get_autocast_dtype(device_type)
+        dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
     _check_dtypes(x, weight, bias)
 

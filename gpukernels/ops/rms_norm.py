@@ -24,7 +24,14 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import check_float, check_number, check_optional_float, empty_grad
+from ._checks import (
+    autocast_enabled,
+    check_float,
+    check_normalized_shape,
+    check_number,
+    check_optional_float,
+    empty_grad,
+)
 from ._op import kernel_op, reshaped, stats_dtype
 
 
@@ -89,13 +96,7 @@ def rms_norm(
     ``cast_before_weight`` it runs as without autocast, as the model code it
     reproduces does (its own explicit casts)."""
     check_float("input", input)
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if not shape or any(not isinstance(s, int) or s < 1 for s in shape):
-        raise ArgumentError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
-    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape) :]) != shape:
-        raise ArgumentError(
-            f"normalized_shape {shape} does not match the trailing dims of input of shape {tuple(input.shape)}"
-        )
+    shape, d = check_normalized_shape(input, normalized_shape)
     check_optional_float("weight", weight, input, shape)
     eps = torch.finfo(stats_dtype(input.dtype)).eps if eps is None else check_number("eps", eps, low=0.0)
     offset = check_number("offset", offset)
@@ -103,16 +104,8 @@ def rms_norm(
         raise ArgumentError(f"offset={offset} scales by offset + weight: it needs a weight")
     if not isinstance(cast_before_weight, bool):
         raise ArgumentTypeError(f"cast_before_weight must be a bool, got {type(cast_before_weight).__name__}")
-    if (
-        torch.is_autocast_enabled(input.device.type)
-        and input.dtype != torch.float64
-        and not offset
-        and not cast_before_weight
-    ):
+    if autocast_enabled(input) and input.dtype != torch.float64 and not offset and not cast_before_weight:
         input = input.float()
-    d = 1
-    for s in shape:
-        d *= s
     flat_weight = None if weight is None else reshaped(weight, d)
     y, _ = rms_norm_fwd(
         reshaped(input, input.numel() // d, d).contiguous(), flat_weight, eps, offset, cast_before_weight

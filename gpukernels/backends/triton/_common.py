@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from ._launch import tracing
 
 INTERPRETING = interpreting()
 
@@ -55,6 +56,21 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
+def aligned(*tensors: torch.Tensor | None) -> bool:
+    """Whether every tensor given (None skipped) starts at a 16-byte aligned address: a
+    launcher's launch key stands for aligned pointers only (``Kernel.launch``)."""
+    bits = 0
+    for t in tensors:
+        if t is not None:
+            bits |= t.data_ptr()
+    return bits & 15 == 0
+
+
+def dtype_of(t: torch.Tensor | None) -> torch.dtype | None:
+    """``t.dtype``, None for None: an optional operand's share of a launch key."""
+    return None if t is None else t.dtype
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for ints: ``triton.cdiv`` without its constexpr wrapping."""
     return -(-a // b)
@@ -63,6 +79,53 @@ def cdiv(a: int, b: int) -> int:
 def row_block(d: int, max_block: int = 8192) -> int:
     """Power-of-two block over a row of ``d`` features, at most ``max_block``."""
     return min(next_power_of_2(d), max_block)
+
+
+_scratch: dict = {}
+
+
+def launch_scratch(purpose: str, device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """At least ``numel`` elements of ``dtype`` on ``device``: one launch's scratch space
+    for ``purpose`` (each launch writes what it reads of it), kept for the next launch
+    on the current stream instead of allocated on each (host time).
+
+    Launches on one stream run one after another, so they can share it; launches on
+    other streams may overlap and get their own. A launch captured in a CUDA graph or
+    traced into one (torch.compile) gets a fresh one: a replay may run beside any
+    stream's work, and a graph holds no tensor kept from outside it."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.empty(numel, dtype=dtype, device=device)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        key = (purpose, dtype, index, torch._C._cuda_getCurrentRawStream(index))
+    else:
+        key = (purpose, dtype, device.type, device.index)
+    if tracing():
+        return torch.empty(numel, dtype=dtype, device=device)
+    buffer = _scratch.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer
+
+
+_counters: dict = {}
+
+
+def arrival_counter(device: torch.device) -> torch.Tensor:
+    """A zeroed int32 arrival counter for one launch whose last program sets it back to 0,
+    kept per stream as ``launch_scratch`` keeps scratch space (and fresh, zeroed, where
+    that is fresh)."""
+    if tracing() or device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        key = (index, torch._C._cuda_getCurrentRawStream(index))  # the default stream's handle is 0 on every device
+    else:
+        key = (device.type, device.index)
+    counter = _counters.get(key)
+    if counter is None:
+        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
 
 
 @functools.cache

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 from typing import Any, Callable, Iterator
 
 import torch
@@ -112,10 +113,10 @@ def _binder_source(fn: JITFunction) -> str | None:
         if kp.is_constexpr:
             key.append(p.name)
         else:
-            # a plain tensor's specialization is its dtype and 16-byte alignment: read here, in
-            # half the time of the general rule
+            # a tensor's specialization is its dtype and 16-byte alignment: read here, in half
+            # the time of the general rule
             key.append(
-                f"({p.name}.dtype, {p.name}.data_ptr() & 15 == 0) if {p.name}.__class__ is Tensor "
+                f"({p.name}.dtype, {p.name}.data_ptr() & 15 == 0) if isinstance({p.name}, Tensor) "
                 f"else specialize(backend, {p.name}, {kp.is_const}, {not kp.do_not_specialize}, "
                 f"{not kp.do_not_specialize_on_alignment})"
             )
@@ -135,11 +136,6 @@ def _make_binder(fn: JITFunction, backend: Any) -> Callable | None:
     namespace.update(specialize=native_specialize_impl, backend=backend, knobs=knobs, Tensor=torch.Tensor)
     exec(source, namespace)
     return namespace["bind"]
-
-
-def _through_jit_only(fn: JITFunction) -> bool:
-    """Whether launches of ``fn`` must go through JITFunction.run now (hooks that see every launch)."""
-    return bool(fn.pre_run_hooks) or (_HAS_STAGES_HOOK and knobs.runtime.add_stages_inspection_hook is not None)
 
 
 # Triton >= 3.7's C launcher is one function for every kernel, taking the kernel's arguments
@@ -164,21 +160,83 @@ def _direct_launch(run: Any) -> tuple | None:
         return None
 
 
+def _launch_entry(kernel: CompiledKernel) -> tuple:
+    """A cache entry: (runner, function handle, packed metadata, CompiledKernel, direct launch)."""
+    return kernel.run, kernel.function, kernel.packed_metadata, kernel, _direct_launch(kernel.run)
+
+
+def _call_launcher(entry: tuple, grid, stream, bound: tuple, hooked: bool) -> None:
+    """Launch a cache entry's kernel on ``grid`` (a tuple) and ``stream``; ``bound`` is
+    every argument in signature order."""
+    run, function, packed_metadata, kernel, direct = entry
+    size = len(grid)
+    grid_x, grid_y, grid_z = grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1
+    if hooked:
+        runtime = knobs.runtime
+        launch_metadata = kernel.launch_metadata(grid, stream, *bound)
+        run(grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, runtime.launch_enter_hook,
+            runtime.launch_exit_hook, *bound)  # fmt: skip
+    elif direct is None:
+        run(grid_x, grid_y, grid_z, stream, function, packed_metadata, None, None, None, *bound)
+    elif _LAUNCH_TAKES_TUPLE:
+        c_launch, flags, arg_annotations, signature = direct
+        c_launch(grid_x, grid_y, grid_z, stream, function, *flags, packed_metadata, None, None, None, None, None,
+                 arg_annotations, signature, bound)  # fmt: skip
+    else:
+        c_launch, flags = direct
+        c_launch(
+            grid_x, grid_y, grid_z, stream, function, *flags, None, None, packed_metadata, None, None, None, *bound
+        )
+
+
+def _hooked(fn: JITFunction) -> bool | None:
+    """Whether launch enter/exit hooks are set (chains, which call nothing when empty:
+    no metadata to build then); None when a hook needs the JIT's own launch (a pre-run
+    hook, a stages-inspection hook, a plain function set in place of a chain)."""
+    runtime = knobs.runtime
+    if fn.pre_run_hooks or (_HAS_STAGES_HOOK and runtime.add_stages_inspection_hook is not None):
+        return None
+    try:
+        return bool(runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls)
+    except AttributeError:
+        return None
+
+
 KERNELS: list["Kernel"] = []
-"""Every kernel ``jit`` has made (AOTAutograd's cache key lists their sources: ops/_op.py)."""
+"""Every compiled kernel ``jit`` has made (AOTAutograd's cache key lists their sources: ops/_op.py)."""
+
+CHECK_LAUNCH_KEYS = os.environ.get("GPUKERNELS_CHECK_LAUNCH_KEYS", "0") not in ("", "0")
+"""Whether every ``Kernel.launch`` checks its launch key (the tests set it). Read at import."""
+
+
+class LaunchKeyError(AssertionError):
+    """A launcher gave one launch key for arguments that specialize differently."""
 
 
 class Kernel:
-    """A ``JITFunction`` launched as ``kernel[grid](*args, CONSTEXPR=..., num_warps=...)``
-    through a cache of its compiled kernels (see the module doc). Other
-    attributes are the JITFunction's (``kernel.fn`` is the JITFunction)."""
+    """A kernel launched from the host: ``kernel[grid](*args, CONSTEXPR=..., num_warps=...)``
+    through a cache of its compiled kernels keyed by what the JIT specializes on, or
+    ``kernel.launch(grid, key, *args, CONSTEXPR=..., ...)`` through a cache keyed by
+    the launcher (see the module doc). ``kernel.fn`` is the JITFunction, or under the
+    interpreter the interpreted function, which runs every launch; other attributes
+    are its."""
 
-    def __init__(self, fn: JITFunction):
+    def __init__(self, fn: Any):
         self.fn = fn
-        # device -> (binder, {key: (launcher, function handle, packed metadata, CompiledKernel)})
-        self._devices: dict[Any, tuple[Callable, dict]] = {}
+        self.compiled = isinstance(fn, JITFunction)
+        parameters = (fn if self.compiled else JITFunction(fn.fn)).params
+        trailing_constexprs = 0
+        while trailing_constexprs < len(parameters) and parameters[-1 - trailing_constexprs].is_constexpr:
+            trailing_constexprs += 1
+        self.runtime_params = len(parameters) - trailing_constexprs
+        """How many arguments ``launch`` takes by position: all but the trailing constexprs."""
+        self._devices: dict[Any, tuple[Callable, dict]] = {}  # device -> (binder, {binder key: entry})
+        self._keyed: dict[tuple, tuple] = {}  # (device, launch key) -> (entry, trailing constexprs' values)
+        self._keys_seen: dict = {}  # under CHECK_LAUNCH_KEYS: launch key -> binder key
+        self._key_binder: Callable | None = None
         self._launch_bound = self._launch
-        KERNELS.append(self)
+        if self.compiled:
+            KERNELS.append(self)
 
     def __getattr__(self, name: str) -> Any:
         if name == "fn":  # not set yet (an instance being copied)
@@ -189,78 +247,91 @@ class Kernel:
         return f"Kernel({self.fn!r})"
 
     def __getitem__(self, grid) -> Callable:
+        if not self.compiled:
+            return self.fn[grid]
         if tracing():
             from torch.library import wrap_triton
 
             return wrap_triton(self.fn)[grid]
         return functools.partial(self._launch_bound, grid)
 
+    def launch(self, grid: tuple, key: Any, *args, **kwargs) -> Any:
+        """``kernel[grid](*args, **kwargs)``, where the launcher's hashable ``key`` says
+        that these arguments specialize as those of every earlier launch with an equal
+        key: the same dtypes, 16-byte alignments, None operands, integer classes (equal
+        to 1, divisible by 16, beyond 32 bits), constexprs and options. ``args`` are the
+        arguments before the kernel's trailing constexprs, by position. A hit launches
+        the kernel cached for ``key`` with ``args``, the cached constexprs and the
+        current stream, and reads nothing else of the arguments. Under
+        ``CHECK_LAUNCH_KEYS`` every launch goes through ``kernel[grid]``, and one whose
+        key was given before to arguments that specialize differently raises
+        LaunchKeyError."""
+        if CHECK_LAUNCH_KEYS:
+            self._check_key(key, args, kwargs)
+        elif self.compiled and not tracing():
+            active = driver.active
+            device = active.get_current_device()
+            found = self._keyed.get((device, key))
+            if found is not None:
+                hooked = _hooked(self.fn)
+                if hooked is not None:
+                    entry, constexprs = found
+                    _call_launcher(entry, grid, active.get_current_stream(device), args + constexprs, hooked)
+                    return entry[3]
+        kernel = self[grid](*args, **kwargs)
+        if self.compiled and isinstance(kernel, CompiledKernel) and not tracing():
+            self._cache_for_key(key, kernel, args, kwargs)
+        return kernel
+
+    def _cache_for_key(self, key: Any, kernel: CompiledKernel, args: tuple, kwargs: dict) -> None:
+        """Keep under ``key`` the entry of the generic cache that launched ``kernel``."""
+        device = driver.active.get_current_device()
+        if len(args) != self.runtime_params or device not in self._devices:
+            return
+        binder, kernels = self._devices[device]
+        specialization, bound = binder(*args, **kwargs)
+        entry = kernels.get(specialization)
+        if entry is not None and entry[3] is kernel:
+            self._keyed[device, key] = (entry, bound[self.runtime_params :])
+
+    def _check_key(self, key: Any, args: tuple, kwargs: dict) -> None:
+        if len(args) != self.runtime_params:
+            raise LaunchKeyError(
+                f"{self.fn.__name__}: launch takes its first {self.runtime_params} arguments (all but the trailing "
+                f"constexprs) by position, got {len(args)}"
+            )
+        if self._key_binder is None:  # the JIT's key, without a backend: a tensor descriptor's would need one
+            self._key_binder = _make_binder(self.fn if self.compiled else JITFunction(self.fn.fn), None)
+        specialization, _ = self._key_binder(*args, **kwargs)
+        seen = self._keys_seen.setdefault(key, specialization)
+        if seen != specialization:
+            raise LaunchKeyError(
+                f"{self.fn.__name__}: launch key {key!r} was given to arguments that specialize as\n  {seen}\n"
+                f"and as\n  {specialization}"
+            )
+
     def _launch(self, grid, *args, **kwargs):
         active = driver.active
         device = active.get_current_device()
-        runtime = knobs.runtime
         try:
             binder, kernels = self._devices[device]
             key, bound = binder(*args, **kwargs)
-            run, function, packed_metadata, kernel, direct = kernels[key]
-            # Launch hooks are chains, which call nothing when empty (no metadata to build
-            # then); a plain function set in their place makes the launch the JIT's.
-            hooked = runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls
+            entry = kernels[key]
         except Exception:  # a first launch here, or arguments for the JIT to judge
             return self._miss(grid, args, kwargs)
-        if self.fn.pre_run_hooks or (_HAS_STAGES_HOOK and runtime.add_stages_inspection_hook is not None):
+        hooked = _hooked(self.fn)
+        if hooked is None:
             return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
-        stream = active.get_current_stream(device)
         if callable(grid):
             grid = grid(dict(zip(self.fn.arg_names, bound)))
-        size = len(grid)
-        grid_x, grid_y, grid_z = grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1
-        if hooked:
-            run(
-                grid_x,
-                grid_y,
-                grid_z,
-                stream,
-                function,
-                packed_metadata,
-                kernel.launch_metadata(grid, stream, *bound),
-                runtime.launch_enter_hook,
-                runtime.launch_exit_hook,
-                *bound,
-            )
-        elif direct is None:
-            run(grid_x, grid_y, grid_z, stream, function, packed_metadata, None, None, None, *bound)
-        elif _LAUNCH_TAKES_TUPLE:
-            c_launch, flags, arg_annotations, signature = direct
-            c_launch(
-                grid_x,
-                grid_y,
-                grid_z,
-                stream,
-                function,
-                *flags,
-                packed_metadata,
-                None,
-                None,
-                None,
-                None,
-                None,
-                arg_annotations,
-                signature,
-                bound,
-            )
-        else:
-            c_launch, flags = direct
-            c_launch(
-                grid_x, grid_y, grid_z, stream, function, *flags, None, None, packed_metadata, None, None, None, *bound
-            )
-        return kernel
+        _call_launcher(entry, grid, active.get_current_stream(device), bound, hooked)
+        return entry[3]
 
     def _miss(self, grid, args, kwargs):
         """Launch through the JIT, then cache the compiled kernel it launched."""
         kernel = self.fn.run(*args, grid=grid, warmup=False, **kwargs)
         # an async compile's future, or no kernel (a jit_cache_hook declined to compile): nothing to cache
-        if _through_jit_only(self.fn) or not isinstance(kernel, CompiledKernel) or kernel.function is None:
+        if _hooked(self.fn) is None or not isinstance(kernel, CompiledKernel) or kernel.function is None:
             return kernel
         device = driver.active.get_current_device()
         if device not in self._devices:
@@ -271,7 +342,7 @@ class Kernel:
         binder, kernels = self._devices[device]
         key, _ = binder(*args, **kwargs)
         try:
-            kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata, kernel, _direct_launch(kernel.run))
+            kernels[key] = _launch_entry(kernel)
         except TypeError:  # an unhashable option or constexpr: such launches stay with the JIT
             pass
         return kernel
@@ -281,11 +352,9 @@ class Kernel:
         return sum(len(kernels) for _, kernels in self._devices.values())
 
 
-def jit(fn: Callable | None = None, **options) -> Any:
-    """``triton.jit`` (same options) for a kernel launched from the host: its
-    launches go through ``Kernel``'s cache. Under the interpreter, the
-    interpreted function ``triton.jit`` makes."""
+def jit(fn: Callable | None = None, **options) -> Kernel:
+    """``triton.jit`` (same options) for a kernel launched from the host, as a ``Kernel``:
+    compiled, its launches go through its caches; under the interpreter they run there."""
     if fn is None:
         return lambda f: jit(f, **options)
-    jitted = triton.jit(fn, **options)
-    return Kernel(jitted) if isinstance(jitted, JITFunction) else jitted
+    return Kernel(triton.jit(fn, **options))

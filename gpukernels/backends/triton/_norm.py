@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import functools
 
-import torch
 import triton
 import triton.language as tl
 
 from ._common import round_to, row_block
-from ._launch import jit, tracing
+from ._launch import jit
 
 BWD_PROGRAMS_PER_SM = 2
 """The backward's persistent grid: each program writes a row of partial sums (two with a
@@ -39,30 +38,6 @@ def row_launch(d: int) -> tuple[int, bool, int]:
     """``BLOCK_D``, ``ONE_BLOCK`` and ``num_warps`` for rows of ``d`` features."""
     block = row_block(d)
     return block, block >= d, min(max(block // 256, 1), 16)
-
-
-_counters: dict = {}
-
-
-def arrival_counter(device: torch.device) -> torch.Tensor:
-    """A zeroed int32 arrival counter for one launch whose last program sets it back to 0.
-
-    Cached per stream: launches on one stream run one after another, so they can share
-    one; launches on other streams may overlap and get their own. A launch captured in a
-    CUDA graph gets its own, zeroed in the graph (one fill): a replay may run beside any
-    stream's work. A launch traced into a graph (torch.compile) gets its own too: a graph
-    holds no tensor kept from outside it."""
-    if tracing() or device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(1, dtype=torch.int32, device=device)
-    if device.type == "cuda":
-        stream = torch.cuda.current_stream(device)  # the default stream's handle is 0 on every device
-        key = (device.type, stream.device_index, stream.cuda_stream)
-    else:
-        key = (device.type, device.index, None)
-    counter = _counters.get(key)
-    if counter is None:
-        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
 
 
 @triton.jit

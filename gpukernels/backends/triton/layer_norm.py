@@ -4,10 +4,8 @@ the row-normalisation kernels of ``_norm``, centred (given ``Mean``).
 
 from __future__ import annotations
 
-import torch
-
-from ._common import num_programs, stats_dtype
-from ._norm import BWD_PROGRAMS_PER_SM, arrival_counter, norm_bwd_kernel, norm_fwd_kernel, row_launch
+from ._common import aligned, arrival_counter, dtype_of, launch_scratch, num_programs, stats_dtype
+from ._norm import BWD_PROGRAMS_PER_SM, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
 def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
@@ -15,7 +13,14 @@ def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
     if rows:
         block, one_block, warps = row_launch(d)
         no_offset = None  # the scale is the weight itself
-        norm_fwd_kernel[(rows,)](
+        key = (
+            ("layer_norm", x.dtype, dtype_of(weight), dtype_of(bias), d)
+            if aligned(x, weight, bias, y, mean, rstd)
+            else None
+        )
+        norm_fwd_kernel.launch(
+            (rows,),
+            key,
             x,
             weight,
             bias,
@@ -42,9 +47,20 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
     block, one_block, warps = row_launch(d)
     programs = num_programs(x.device, rows, per_sm=BWD_PROGRAMS_PER_SM)
     # dweight's, then dbias's partials: every program writes its rows of them, so no zero fill
-    partial = torch.empty((2, programs, d), dtype=stats_dtype(x.dtype), device=x.device) if has_w or has_bias else None
+    partial = (
+        launch_scratch("norm_bwd partials", x.device, 2 * programs * d, stats_dtype(x.dtype))
+        if has_w or has_bias
+        else None
+    )
     no_offset = None
-    norm_bwd_kernel[(programs,)](
+    key = (
+        ("layer_norm", x.dtype, dy.dtype, dtype_of(weight), has_bias, rows, d)
+        if aligned(dy, x, weight, mean, rstd, dx, partial, dweight, dbias)
+        else None
+    )
+    norm_bwd_kernel.launch(
+        (programs,),
+        key,
         dy,
         x,
         weight,

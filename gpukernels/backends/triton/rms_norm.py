@@ -4,10 +4,8 @@ the row-normalisation kernels of ``_norm``, uncentred (no ``Mean``).
 
 from __future__ import annotations
 
-import torch
-
-from ._common import num_programs, stats_dtype
-from ._norm import BWD_PROGRAMS_PER_SM, arrival_counter, norm_bwd_kernel, norm_fwd_kernel, row_launch
+from ._common import aligned, arrival_counter, dtype_of, launch_scratch, num_programs, stats_dtype
+from ._norm import BWD_PROGRAMS_PER_SM, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
 def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
@@ -15,7 +13,14 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
     if rows:
         block, one_block, warps = row_launch(d)
         no_bias = no_mean = None
-        norm_fwd_kernel[(rows,)](
+        key = (
+            ("rms_norm", x.dtype, dtype_of(weight), offset is None, cast_before_weight, d)
+            if aligned(x, weight, y, rstd)
+            else None
+        )
+        norm_fwd_kernel.launch(
+            (rows,),
+            key,
             x,
             weight,
             no_bias,
@@ -41,9 +46,16 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
     programs = num_programs(x.device, rows, per_sm=BWD_PROGRAMS_PER_SM)  # <= rows: every program gets a row
     has_w = weight is not None
     # Every program writes its row of the partials, so no zero fill.
-    partial = torch.empty((programs, d), dtype=stats_dtype(x.dtype), device=x.device) if has_w else None
+    partial = launch_scratch("norm_bwd partials", x.device, programs * d, stats_dtype(x.dtype)) if has_w else None
     no_mean = no_dbias = None
-    norm_bwd_kernel[(programs,)](
+    key = (
+        ("rms_norm", x.dtype, dy.dtype, dtype_of(weight), offset is None, cast_before_weight, rows, d)
+        if aligned(dy, x, weight, rstd, dx, partial, dweight)
+        else None
+    )
+    norm_bwd_kernel.launch(
+        (programs,),
+        key,
         dy,
         x,
         weight,
