@@ -48,6 +48,7 @@ def keep_threshold(p: float) -> int:
     return not_above
 
 
+@functools.lru_cache(maxsize=256)
 def keep_scale(p: float, dtype: torch.dtype) -> np.floating:
     """``1/(1-p)`` worked out in the compute dtype of ``dtype``, ``p`` included:
     float32 for fp32/bf16/fp16, the float64 ``p`` for fp64 (so fp64 results

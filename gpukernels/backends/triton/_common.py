@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from threading import get_ident
 
 import torch
 import triton
@@ -85,21 +86,23 @@ _scratch: dict = {}
 
 
 def launch_scratch(purpose: str, device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """At least ``numel`` elements of ``dtype`` on ``device``: one launch's scratch space
-    for ``purpose`` (each launch writes what it reads of it), kept for the next launch
-    on the current stream instead of allocated on each (host time).
+    """At least ``numel`` elements of ``dtype`` on ``device``: scratch space for
+    ``purpose`` that a launch (or a few, one after another) writes before reading,
+    kept for the next use on the current stream and thread instead of allocated on
+    each (host time).
 
     Launches on one stream run one after another, so they can share it; launches on
-    other streams may overlap and get their own. A launch captured in a CUDA graph or
+    other streams may overlap and get their own, and so do other threads, whose
+    launches could fall between two that share it. A launch captured in a CUDA graph or
     traced into one (torch.compile) gets a fresh one: a replay may run beside any
     stream's work, and a graph holds no tensor kept from outside it."""
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return torch.empty(numel, dtype=dtype, device=device)
         index = torch.cuda.current_device() if device.index is None else device.index
-        key = (purpose, dtype, index, torch._C._cuda_getCurrentRawStream(index))
+        key = (purpose, dtype, index, torch._C._cuda_getCurrentRawStream(index), get_ident())
     else:
-        key = (purpose, dtype, device.type, device.index)
+        key = (purpose, dtype, device.type, device.index, get_ident())
     if tracing():
         return torch.empty(numel, dtype=dtype, device=device)
     buffer = _scratch.get(key)

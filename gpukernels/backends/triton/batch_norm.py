@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, cdiv, next_power_of_2, num_programs, round_to
+from ._common import acc_dtype, aligned, cdiv, dtype_of, launch_scratch, next_power_of_2, num_programs, round_to
 from ._launch import jit
 
 TILE = 4096  # elements a program reads per step
@@ -421,10 +421,12 @@ def batch_norm_dx_kernel(
 # ---------------------------------------------------------------- launchers
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Tiling:
     """How the kernels walk an (N, C, L) problem: sizes after folding n and l,
-    each tensor's (n, l, c) strides, block sizes and grids."""
+    each tensor's (n, l, c) strides, block sizes and grids. Equal and hashed by
+    identity (one per shape, layout and device: ``_tiling_of``), so that it can
+    stand in a launch key for everything it decides, at no cost."""
 
     n: int
     l: int
@@ -552,22 +554,28 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
     if training:
         splits = tiling.splits if tiling.tiles else 0
         # the count of each split, then its mean and M2 per channel (room for one split even with none)
-        partial = torch.empty(max(splits, 1) * (1 + 2 * channels), dtype=mean.dtype, device=x.device)
+        partial = launch_scratch("batch_norm_stats partials", x.device, max(splits, 1) * (1 + 2 * channels), mean.dtype)
         if splits:
-            batch_norm_stats_kernel[tiling.reduction_grid](
-                x, partial, *tiling.args(0), *tiling.walk(), **tiling.meta(acc)
+            batch_norm_stats_kernel.launch(
+                tiling.reduction_grid,
+                (tiling, x.dtype, partial.dtype) if aligned(x, partial) else None,
+                x,
+                partial,
+                *tiling.args(0),
+                *tiling.walk(),
+                **tiling.meta(acc),
             )
-    batch_norm_normalize_kernel[tiling.elementwise_grid](
+    params = (running_mean, running_var, mean, rstd, weight, bias)
+    batch_norm_normalize_kernel.launch(
+        tiling.elementwise_grid,
+        (tiling, x.dtype, y.dtype, training, splits, *map(dtype_of, params))
+        if aligned(x, y, partial, *params)
+        else None,
         x,
         y,
         partial,
         splits,
-        running_mean,
-        running_var,
-        mean,
-        rstd,
-        weight,
-        bias,
+        *params,
         n * length,
         *tiling.args(0, 1),
         *tiling.walk(),
@@ -589,8 +597,12 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
         return
     tiling = _tiling(x, dy, dx)
     acc = acc_dtype(x.dtype)
-    partial = torch.empty((2, tiling.splits, channels), dtype=mean.dtype, device=x.device)
-    batch_norm_bwd_reduce_kernel[tiling.reduction_grid](
+    # (2, splits, channels): every split's sums of dy and dy * xhat
+    partial = launch_scratch("batch_norm_bwd partials", x.device, 2 * tiling.splits * channels, mean.dtype)
+    dtypes = (tiling, x.dtype, dy.dtype, dx.dtype, mean.dtype, rstd.dtype, dtype_of(weight), training)
+    batch_norm_bwd_reduce_kernel.launch(
+        tiling.reduction_grid,
+        dtypes if aligned(x, dy, dx, mean, rstd, weight, partial) else None,
         x,
         dy,
         dx,
@@ -604,8 +616,11 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
         HAS_W=weight is not None,
         **tiling.meta(acc),
     )
+    grads_key = (*dtypes, has_bias, dweight.dtype, dbias.dtype) if aligned(partial, rstd, dweight, dbias) else None
     if training:
-        batch_norm_dx_kernel[tiling.elementwise_grid](
+        batch_norm_dx_kernel.launch(
+            tiling.elementwise_grid,
+            grads_key if aligned(x, dy, dx, mean, weight) else None,
             x,
             dy,
             dx,
@@ -624,7 +639,9 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
             **tiling.meta(acc),
         )
     elif weight is not None or has_bias:
-        batch_norm_param_grads_kernel[(cdiv(channels, PARAM_GRADS_BLOCK),)](
+        batch_norm_param_grads_kernel.launch(
+            (cdiv(channels, PARAM_GRADS_BLOCK),),
+            grads_key,
             partial,
             tiling.splits,
             rstd,

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._dropout import keep_scale, keep_threshold
-from ._common import acc_dtype, cdiv, round_to
+from ._common import acc_dtype, aligned, cdiv, round_to
 from ._launch import jit
 
 BLOCK = 2048
@@ -61,16 +61,20 @@ def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, y: torch.Tensor) 
     n = x.numel()
     if n:
         scale = float(keep_scale(p, x.dtype))
-        if x.dtype == torch.float64:  # float arguments reach a kernel as fp32
+        in_memory = x.dtype == torch.float64  # float arguments reach a kernel as fp32
+        if in_memory:
             scale = torch.full((), scale, dtype=torch.float64, device=x.device)
-        dropout_kernel[(cdiv(n, BLOCK),)](
+        threshold = keep_threshold(p)
+        dropout_kernel.launch(
+            (cdiv(n, BLOCK),),
+            (x.dtype, n, threshold) if aligned(x, y, seed, scale if in_memory else None) else None,
             x,
             y,
             seed,
             scale,
             n,
-            keep_threshold(p),
-            SCALE_IN_MEMORY=x.dtype == torch.float64,
+            threshold,
+            SCALE_IN_MEMORY=in_memory,
             ACC=acc_dtype(x.dtype),
             BLOCK=BLOCK,
             num_warps=8,
