@@ -138,6 +138,45 @@ def test_launch_with_a_key_runs_the_kernel_and_checks_the_key(monkeypatch):
         kernel.launch((4,), "n by name", x, y, out, limit=limit, alpha=alpha, n=n, **flags)
 
 
+def _keyed_ops_forward_backward() -> list[torch.Tensor]:
+    """Forward and backward of the ops whose launchers give launch keys, on CUDA tensors."""
+    import gpukernels as gk
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(64, 96, device="cuda", generator=g).to(dtype).requires_grad_()
+        w = torch.randn(96, device="cuda", generator=g).to(dtype).requires_grad_()
+        b = torch.randn(96, device="cuda", generator=g).to(dtype).requires_grad_()
+        images = torch.randn(4, 8, 5, 5, device="cuda", generator=g).to(dtype).requires_grad_()
+        stats = torch.zeros(8, device="cuda"), torch.ones(8, device="cuda")
+        outputs = [
+            gk.layer_norm(x, (96,), w, b),
+            gk.rms_norm(x, (96,), w),
+            gk.dropout(x, 0.25, seed=7),
+            gk.batch_norm(images, *stats, w[:8], b[:8], training=True),
+        ]
+        for out in outputs:
+            out.backward(torch.ones_like(out))
+        results += [out.detach() for out in outputs] + [x.grad, w.grad, b.grad, images.grad, *stats]
+    return results
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_keyed_hits_match_checked_launches_on_gpu(monkeypatch):
+    """The tests check launch keys, so every keyed launch goes through ``kernel[grid]``;
+    here the hits themselves run (the second round without the check) and must give
+    the checked launches' results to the bit."""
+    checked = _keyed_ops_forward_backward()
+    monkeypatch.setattr(_launch, "CHECK_LAUNCH_KEYS", False)
+    for _ in range(2):
+        hits = _keyed_ops_forward_backward()
+    assert any(kernel._keyed for kernel in _launch.KERNELS), "no keyed launch was cached"
+    for one, other in zip(checked, hits):
+        assert torch.equal(one, other)
+
+
 def test_common_has_no_constexpr_global_for_kernels():
     """JITFunction.run compares each global a kernel reads on every launch."""
     assert not [name for name, value in vars(_common).items() if isinstance(value, tl.constexpr)]

@@ -56,6 +56,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
+from .. import _backend
 from .._backend import backend_name, kernel_for
 from .._numerics import stats_dtype  # noqa: F401  (the op files' one rule for statistics)
 
@@ -187,18 +188,16 @@ class KernelOp:
             self.custom_op.register_torch_dispatch(FunctionalTensorMode, self._decompose)
             triton_ops_to_kernels[f"gpukernels::{self.name}"] = _TRITON_KERNELS
         self._eager = self._run
-        self._kernels: dict[tuple[str, str], Callable] = {}  # (backend, device type) -> kernel
         OPS[self.name] = self
 
     def _run(self, *args):
         outputs = self.spec(*args)
         first = args[0]
         device_type = (first.device if type(first) in _PLAIN_TENSOR_TYPES else device_of(first)).type
-        kernel = self._kernels.get((args[-1], device_type))
+        # kernel_for's cache read here: one call less
+        kernel = _backend._kernels.get((args[-1], self.family, self.name, device_type))
         if kernel is None:
-            kernel = self._kernels[args[-1], device_type] = kernel_for(
-                args[-1], self.family, self.name, device_of(first)
-            )
+            kernel = kernel_for(args[-1], self.family, self.name, device_of(first))
         if outputs is None:
             kernel(*args[:-1])
         elif type(outputs) is tuple:

@@ -59,7 +59,11 @@ def next_power_of_2(n: int) -> int:
 
 def aligned(*tensors: torch.Tensor | None) -> bool:
     """Whether every tensor given (None skipped) starts at a 16-byte aligned address: a
-    launcher's launch key stands for aligned pointers only (``Kernel.launch``)."""
+    launcher's launch key stands for aligned pointers only (``Kernel.launch``). False
+    while launches are traced (torch.compile), where tensors have no addresses and
+    launches become graph nodes, keyed by nothing."""
+    if tracing():
+        return False
     bits = 0
     for t in tensors:
         if t is not None:

@@ -9,25 +9,35 @@ metadata for the launch hooks. ``Kernel`` keeps its own cache of compiled
 kernels, keyed on what decides the specialization, computed by a function
 generated per kernel:
 
-- each non-constexpr argument through Triton's own ``native_specialize_impl``,
-  as the JIT does (the installed Triton's rules: a tensor's dtype and the
-  16-byte alignment of its address, None, an int equal to 1, divisible by 16
-  or beyond 32 bits, ...);
+- a tensor by its dtype and the 16-byte alignment of its address, as the JIT
+  does; any other non-constexpr argument through Triton's own
+  ``native_specialize_impl``, as the JIT does (the installed Triton's rules:
+  None, an int equal to 1, divisible by 16 or beyond 32 bits, ...);
 - each constexpr by value, as the JIT's own key (which takes ``True`` for
   ``1``: equal values);
 - the launch options (``num_warps=``, ...) by name and value (the compiler
   reads them by value), the knobs the JIT adds to them, the current device.
 
-A hit launches the cached ``CompiledKernel`` through its runner (its
-launcher), with the device and stream read on every call; a miss goes
-through ``JITFunction.run`` (which compiles if needed, checks and launches)
-and caches the kernel it returns. So a hit launches what the JIT launched
-for an equal key, and the key tells apart whatever the JIT's tells apart.
+A hit launches the cached ``CompiledKernel`` through the C launcher (its
+runner's, called directly when the kernel needs no scratch memory), with the
+device and stream read on every call; a miss goes through
+``JITFunction.run`` (which compiles if needed, checks and launches) and
+caches the kernel it returns. So a hit launches what the JIT launched for an
+equal key, and the key tells apart whatever the JIT's tells apart.
 
 What a hit skips: the JIT's check that the module globals a kernel reads
 still hold their compile-time values (each miss does it), and the launch
 metadata when no launch hook is installed. Launches with a pre-run hook on
 the kernel or a stages-inspection hook installed go through the JIT.
+
+Reading every argument's specialization still costs about half of a launch.
+``kernel.launch(grid, key, *args, ...)`` skips it: the launcher, which knows
+what its arguments are, gives a key that stands for their specialization
+(dtypes and sizes, say, and only when every pointer is 16-byte aligned), and
+a hit launches the kernel cached for the key with nothing else read. A key
+that stood for two specializations would launch a wrong kernel, so under
+``GPUKERNELS_CHECK_LAUNCH_KEYS=1`` (the tests set it) every keyed launch goes
+through ``kernel[grid]`` and checks its key against the JIT's own.
 
 While an op's implementation is traced into a graph (``traced_launches``,
 entered by ops/_op.py when torch.compile's AOTAutograd decomposes an op on
@@ -36,8 +46,8 @@ instead: a graph node that Inductor compiles and launches itself. One
 context variable, read once per launch, tells the two apart.
 
 Under ``TRITON_INTERPRET=1`` (read when ``jit`` decorates, as by
-``triton.jit``) ``jit`` returns ``triton.jit``'s interpreted function: the
-interpreter runs the kernels. ``jit`` is for kernels launched with
+``triton.jit``) the ``Kernel`` ``jit`` returns holds ``triton.jit``'s
+interpreted function, which runs every launch (keys checked as above). ``jit`` is for kernels launched with
 ``kernel[grid](...)``; a function called from inside kernels stays
 ``triton.jit``.
 """

@@ -45,10 +45,11 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
         dbias.zero_()
         return
     block, one_block, warps = row_launch(d)
-    programs = num_programs(x.device, rows, per_sm=BWD_PROGRAMS_PER_SM)
+    device = x.device
+    programs = num_programs(device, rows, per_sm=BWD_PROGRAMS_PER_SM)
     # dweight's, then dbias's partials: every program writes its rows of them, so no zero fill
     partial = (
-        launch_scratch("norm_bwd partials", x.device, 2 * programs * d, stats_dtype(x.dtype))
+        launch_scratch("norm_bwd partials", device, 2 * programs * d, stats_dtype(x.dtype))
         if has_w or has_bias
         else None
     )
@@ -70,7 +71,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
         partial,
         dweight if has_w else None,
         dbias if has_bias else None,
-        arrival_counter(x.device) if has_w or has_bias else None,
+        arrival_counter(device) if has_w or has_bias else None,
         rows,
         d,
         no_offset,

@@ -43,10 +43,11 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
         dweight.zero_()  # no rows: dweight is 0 (and empty when there is no weight)
         return
     block, one_block, warps = row_launch(d)
-    programs = num_programs(x.device, rows, per_sm=BWD_PROGRAMS_PER_SM)  # <= rows: every program gets a row
+    device = x.device
+    programs = num_programs(device, rows, per_sm=BWD_PROGRAMS_PER_SM)  # <= rows: every program gets a row
     has_w = weight is not None
     # Every program writes its row of the partials, so no zero fill.
-    partial = launch_scratch("norm_bwd partials", x.device, programs * d, stats_dtype(x.dtype)) if has_w else None
+    partial = launch_scratch("norm_bwd partials", device, programs * d, stats_dtype(x.dtype)) if has_w else None
     no_mean = no_dbias = None
     key = (
         ("rms_norm", x.dtype, dy.dtype, dtype_of(weight), offset is None, cast_before_weight, rows, d)
@@ -65,7 +66,7 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
         partial,
         dweight if has_w else None,
         no_dbias,
-        arrival_counter(x.device) if has_w else None,
+        arrival_counter(device) if has_w else None,
         rows,
         d,
         offset,
