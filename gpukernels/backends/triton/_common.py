@@ -86,6 +86,21 @@ def row_block(d: int, max_block: int = 8192) -> int:
     return min(next_power_of_2(d), max_block)
 
 
+def _stream_key(device: torch.device) -> tuple | None:
+    """Which stream of ``device`` launches go to now, as a key for buffers kept per
+    stream; None where a launch needs fresh buffers: captured in a CUDA graph (a replay
+    may run beside any stream's work) or traced into one (torch.compile: a graph holds
+    no tensor kept from outside it)."""
+    if tracing():
+        return None
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return index, torch._C._cuda_getCurrentRawStream(index)  # the default stream's handle is 0 on every device
+    return device.type, device.index
+
+
 _scratch: dict = {}
 
 
@@ -93,22 +108,15 @@ def launch_scratch(purpose: str, device: torch.device, numel: int, dtype: torch.
     """At least ``numel`` elements of ``dtype`` on ``device``: scratch space for
     ``purpose`` that a launch (or a few, one after another) writes before reading,
     kept for the next use on the current stream and thread instead of allocated on
-    each (host time).
+    each (host time); fresh where ``_stream_key`` says so.
 
     Launches on one stream run one after another, so they can share it; launches on
     other streams may overlap and get their own, and so do other threads, whose
-    launches could fall between two that share it. A launch captured in a CUDA graph or
-    traced into one (torch.compile) gets a fresh one: a replay may run beside any
-    stream's work, and a graph holds no tensor kept from outside it."""
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return torch.empty(numel, dtype=dtype, device=device)
-        index = torch.cuda.current_device() if device.index is None else device.index
-        key = (purpose, dtype, index, torch._C._cuda_getCurrentRawStream(index), get_ident())
-    else:
-        key = (purpose, dtype, device.type, device.index, get_ident())
-    if tracing():
+    launches could fall between two that share it."""
+    stream = _stream_key(device)
+    if stream is None:
         return torch.empty(numel, dtype=dtype, device=device)
+    key = (purpose, dtype, *stream, get_ident())
     buffer = _scratch.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = _scratch[key] = torch.empty(numel, dtype=dtype, device=device)
@@ -120,15 +128,11 @@ _counters: dict = {}
 
 def arrival_counter(device: torch.device) -> torch.Tensor:
     """A zeroed int32 arrival counter for one launch whose last program sets it back to 0,
-    kept per stream as ``launch_scratch`` keeps scratch space (and fresh, zeroed, where
-    that is fresh)."""
-    if tracing() or device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    kept per stream (one launch at a time uses it); fresh, zeroed, where ``_stream_key``
+    says so."""
+    key = _stream_key(device)
+    if key is None:
         return torch.zeros(1, dtype=torch.int32, device=device)
-    if device.type == "cuda":
-        index = torch.cuda.current_device() if device.index is None else device.index
-        key = (index, torch._C._cuda_getCurrentRawStream(index))  # the default stream's handle is 0 on every device
-    else:
-        key = (device.type, device.index)
     counter = _counters.get(key)
     if counter is None:
         counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
