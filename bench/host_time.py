@@ -234,17 +234,13 @@ def route_cpu_tensors_to_triton() -> None:
 def flags_as_kernels_would_write() -> None:
     """No kernel runs under the stub, so a flag that a kernel writes and the host reads
     back on CPU tensors (on CUDA it feeds a device-side assert instead) keeps its initial
-    value. cross_entropy's target check reads the forward's ``ok`` flag: set it first, as
-    the kernel would (one small fill more than the op costs)."""
-    from gpukernels.backends.triton import cross_entropy
+    value. cross_entropy's target check reads the forward's ``ok`` flag, kept per stream
+    and thread beside its arrival counter: set it, as the kernel would."""
+    import torch
 
-    check = cross_entropy.check_targets
+    from gpukernels.backends.triton._common import arrival_counter
 
-    def check_with_ok_flag(last, *args):
-        last.flags[1] = 1
-        check(last, *args)
-
-    cross_entropy.check_targets = check_with_ok_flag
+    arrival_counter(torch.device("cpu"), results=1)[1] = 1
 
 
 # ---- the ops: {mode: (ours, PyTorch's)}, each callable a forward and its backward ----

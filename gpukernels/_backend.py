@@ -50,6 +50,18 @@ class use_backend:
         _selected = self._previous
 
 
+_device_types: dict[torch.device, str] = {}
+
+
+def device_type(device: torch.device) -> str:
+    """``device.type``, which builds a new string on every read: about 3k host
+    instructions, a dict lookup here."""
+    kind = _device_types.get(device)
+    if kind is None:
+        kind = _device_types[device] = device.type
+    return kind
+
+
 # os.environ.get raises and catches a KeyError when the variable is unset, as it is in
 # most calls: the dict behind os.environ answers in a tenth of that host time.
 _ENVIRON = getattr(os.environ, "_data", None)
@@ -68,7 +80,7 @@ def backend_name(device: torch.device) -> str:
     if env:
         return _check_name(env)
     try:
-        return _DEFAULT_FOR_DEVICE[device.type]
+        return _DEFAULT_FOR_DEVICE[device_type(device)]
     except KeyError:
         raise BackendError(f"gpukernels has no backend for device {device}") from None
 
@@ -82,7 +94,7 @@ def unavailable_reason(name: str) -> str | None:
     return _backend_package(_check_name(name)).unavailable_reason()
 
 
-# (backend, op family, kernel, device type) -> the kernel, once its backend has been
+# (backend, op family, kernel, device) -> the kernel, once its backend has been
 # found to serve them: a dict lookup per call instead of the checks, which cost
 # host time on every launch of a small kernel.
 def _module(name: str, op: str, device: torch.device) -> ModuleType:
@@ -104,13 +116,13 @@ def _module(name: str, op: str, device: torch.device) -> ModuleType:
         raise BackendError(f"cannot run {where}: the backend does not implement it") from None
 
 
-_kernels: dict[tuple[str, str, str, str], Callable] = {}
+_kernels: dict[tuple[str, str, str, torch.device], Callable] = {}
 
 
 def kernel_for(backend: str, op: str, kernel: str, device: torch.device) -> Callable:
     """Kernel ``kernel`` of op family ``op`` from backend ``backend`` for
     ``device``; a BackendError that names op, backend and device otherwise."""
-    key = (backend, op, kernel, device.type)
+    key = (backend, op, kernel, device)
     found = _kernels.get(key)
     if found is None:
         module = _module(backend, op, device)

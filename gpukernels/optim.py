@@ -76,9 +76,15 @@ def _is_dtensor(t: Any) -> bool:
     return dtensor is not None and isinstance(t, dtensor)
 
 
+_PLAIN_TENSOR_TYPES = frozenset((Tensor, torch.nn.Parameter))
+
+
 def _has_dtensor(tensors: list[Tensor]) -> bool:
+    kinds = set(map(type, tensors))
+    if kinds <= _PLAIN_TENSOR_TYPES:  # the usual answer, without a generator's host time
+        return False
     dtensor = _dtensor_class()
-    return dtensor is not None and any(issubclass(kind, dtensor) for kind in set(map(type, tensors)))
+    return dtensor is not None and any(issubclass(kind, dtensor) for kind in kinds)
 
 
 def _local(tensors: list[Tensor]) -> list[Tensor]:

@@ -212,10 +212,11 @@ def test_elementwise_programs_taking_several_tiles(device, triton_kernels, monke
 @pytest.mark.parametrize(
     "shape, strides, fill_limited",
     [
-        ((256, 64, 3136), (64 * 3136, 1, 3136), True),  # NCHW: a channel a program, partials cost nothing
-        ((256, 3, 3136), (3 * 3136, 1, 3136), True),
-        ((256, 64, 3136), (3136 * 64, 64, 1), False),  # channels-last: 64 channels a program
-        ((256, 64, 256), (256 * 64, 64, 1), False),
+        # (N, C, L) and the strides of such a tensor
+        ((256, 64, 3136), (64 * 3136, 3136, 1), True),  # NCHW: a channel a program, partials cost nothing
+        ((256, 3, 3136), (3 * 3136, 3136, 1), True),
+        ((256, 64, 3136), (3136 * 64, 1, 64), False),  # channels-last: 64 channels a program
+        ((256, 64, 256), (256 * 64, 1, 64), False),
         ((256, 4096, 1), (4096, 1, 1), False),  # BatchNorm1d input
         ((8192, 64, 1), (64, 1, 1), False),
     ],

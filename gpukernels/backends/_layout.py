@@ -24,7 +24,10 @@ def flat_strides(t: Tensor) -> tuple[int, ...] | None:
 def in_param_layout(columns: list[list[Tensor]]) -> list[list[Tensor]]:
     """``columns`` (params first) with each tensor replaced by a copy where
     it is not laid out in memory as its param (itself made contiguous if it
-    does not fill its memory). The usual case copies nothing."""
+    does not fill its memory). The usual case, every tensor contiguous, copies
+    nothing and returns ``columns`` itself."""
+    if all(all(map(Tensor.is_contiguous, column)) for column in columns):
+        return columns
     staged = [list(column) for column in columns]
     for i, param in enumerate(columns[0]):
         if param.numel() == 0:
@@ -41,6 +44,8 @@ def in_param_layout(columns: list[list[Tensor]]) -> list[list[Tensor]]:
 
 def copy_back(columns: list[list[Tensor]], staged: list[list[Tensor]], read_only: int) -> None:
     """Writes each staged copy back into its original; column ``read_only`` (the grads) is skipped."""
+    if staged is columns:
+        return
     for index, (column, staged_column) in enumerate(zip(columns, staged)):
         if index == read_only:
             continue

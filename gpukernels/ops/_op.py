@@ -49,6 +49,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import re
+from operator import attrgetter
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -72,12 +73,18 @@ OPS: dict[str, "KernelOp"] = {}
 """Every declared op by name: the kernel contract each backend must meet."""
 
 
+_PLAIN_TENSOR_TYPE_SET = frozenset(_PLAIN_TENSOR_TYPES)
+_is_meta = attrgetter("is_meta")
+
+
 def _needs_dispatch_for(value) -> bool:
     if type(value) in _PLAIN_TENSOR_TYPES:
         return value.is_meta
     if isinstance(value, torch.Tensor):  # a subclass: FakeTensor, DTensor, ...
         return True
     if isinstance(value, (list, tuple)):
+        if _PLAIN_TENSOR_TYPE_SET.issuperset(map(type, value)):  # a list of plain tensors, in passes that run in C
+            return any(map(_is_meta, value))
         return any(_needs_dispatch_for(v) for v in value)
     return False
 
@@ -193,11 +200,11 @@ class KernelOp:
     def _run(self, *args):
         outputs = self.spec(*args)
         first = args[0]
-        device_type = (first.device if type(first) in _PLAIN_TENSOR_TYPES else device_of(first)).type
+        device = first.device if type(first) in _PLAIN_TENSOR_TYPES else device_of(first)
         # kernel_for's cache read here: one call less
-        kernel = _backend._kernels.get((args[-1], self.family, self.name, device_type))
+        kernel = _backend._kernels.get((args[-1], self.family, self.name, device))
         if kernel is None:
-            kernel = kernel_for(args[-1], self.family, self.name, device_of(first))
+            kernel = kernel_for(args[-1], self.family, self.name, device)
         if outputs is None:
             kernel(*args[:-1])
         elif type(outputs) is tuple:
@@ -276,12 +283,17 @@ class KernelOp:
             (torch.autograd.Function,),
             {"forward": staticmethod(forward), "backward": staticmethod(backward_of_first_output)},
         )
-        # The C apply that Function.apply ends in: its Python layer is for functorch
-        # transforms, under which needs_dispatch sends calls to the custom op.
-        self._eager = _C_FUNCTION_APPLY.__get__(None, function)
+        self._eager = eager_apply(function)
 
 
 _C_FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]
+
+
+def eager_apply(function: type[torch.autograd.Function]) -> Callable:
+    """``function.apply`` without its Python layer: the C apply it ends in. That layer
+    is for functorch transforms and torch.compile, under which ``needs_dispatch`` is
+    true: call this only where it is false."""
+    return _C_FUNCTION_APPLY.__get__(None, function)
 
 
 class _SecondDerivativeRefused(torch.autograd.Function):

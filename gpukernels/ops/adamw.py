@@ -30,6 +30,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._backend import device_type
 from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import FLOAT_DTYPES, check_device, check_float, check_number, check_shape
 from ._op import kernel_op, stats_dtype
@@ -62,15 +63,19 @@ def _check_tensor(name: str, t: Tensor, param: Tensor, shape: Sequence[int], dty
 
 
 _dtype, _shape = attrgetter("dtype"), attrgetter("shape")
+_PLAIN_TENSOR_TYPES = frozenset((Tensor, torch.nn.Parameter))
+_FLOAT_DTYPES = frozenset(FLOAT_DTYPES)
+_OWN_STATE_DTYPES = frozenset(d for d in FLOAT_DTYPES if state_dtype(d) == d)
 _is_cpu, _is_cuda = attrgetter("is_cpu"), attrgetter("is_cuda")
 
 
 def _all_on(tensors: Iterable[Tensor], device: torch.device) -> bool:
     """Whether every tensor is on ``device``; on CPU and CUDA devices read from
     flags, which take a tenth of the time of making each tensor's torch.device."""
-    if device.type == "cpu":
+    kind = device_type(device)
+    if kind == "cpu":
         return all(map(_is_cpu, tensors))
-    if device.type == "cuda":
+    if kind == "cuda":
         tensors = list(tensors)
         return all(map(_is_cuda, tensors)) and set(map(Tensor.get_device, tensors)) <= {device.index}
     return set(map(attrgetter("device"), tensors)) <= {device}
@@ -83,14 +88,18 @@ def _pass_every_check(
     ``_check_lists`` on their tensors, found by passes over whole lists that run in C.
     Checked one tensor at a time, each by name, 200 params took 0.6 ms of CPU time,
     far more than the GPU takes to update them; these passes take a quarter of it."""
-    if not all(issubclass(kind, Tensor) for kind in set(map(type, params))):
+    kinds = set(map(type, params))
+    if not (kinds <= _PLAIN_TENSOR_TYPES or all(issubclass(kind, Tensor) for kind in kinds)):
         return False
     dtypes = list(map(_dtype, params))
-    state_dtypes = list(map({d: state_dtype(d) for d in set(dtypes)}.__getitem__, dtypes))
+    param_dtypes = set(dtypes)
+    if not param_dtypes <= _FLOAT_DTYPES:
+        return False
+    # the state of fp32 and fp64 params is in their dtype
+    state_dtypes = dtypes if param_dtypes <= _OWN_STATE_DTYPES else list(map(state_dtype, dtypes))
     shapes = list(map(_shape, params))
     return (
         _all_on(chain(params, grads, steps, *state), params[0].device)
-        and set(dtypes) <= set(FLOAT_DTYPES)
         and list(map(_dtype, grads)) == dtypes
         and list(map(_shape, grads)) == shapes
         and all(list(map(_dtype, s)) == state_dtypes and list(map(_shape, s)) == shapes for s in state)

@@ -22,7 +22,7 @@ from torch import Tensor
 from .._backend import backend_name
 from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import check_float, check_number, check_optional_float, empty_grad
-from ._op import kernel_op, refuse_second_derivative, reshaped, stats_dtype
+from ._op import eager_apply, kernel_op, needs_dispatch, refuse_second_derivative, reshaped, stats_dtype
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -108,7 +108,7 @@ class _BatchNormFunction(torch.autograd.Function):
         return (
             dx,
             dweight if weight is not None else None,
-            dbias.to(ctx.bias_dtype) if has_bias else None,
+            (dbias if dbias.dtype == ctx.bias_dtype else dbias.to(ctx.bias_dtype)) if has_bias else None,
             None,
             None,
             None,
@@ -116,6 +116,9 @@ class _BatchNormFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+_apply_eagerly = eager_apply(_BatchNormFunction)
 
 
 def _check_running_stats(
@@ -197,7 +200,8 @@ def batch_norm(
     x = reshaped(input, n, channels, length)
     if x.numel() == 0:
         return _empty_batch(x, weight, bias).view(input.shape)
-    y = _BatchNormFunction.apply(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, backend_name(x.device)
-    )
+    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, backend_name(x.device))
+    # Function.apply's Python layer serves functorch transforms and torch.compile; on plain
+    # tensors, outside them, its C apply (host time)
+    y = _BatchNormFunction.apply(*args) if needs_dispatch(args) else _apply_eagerly(*args)
     return reshaped(y, *input.shape)

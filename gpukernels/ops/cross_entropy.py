@@ -42,10 +42,6 @@ def _loss(logits: Tensor, reduction: str) -> Tensor:
     return logits.new_empty((logits.shape[0],) if reduction == "none" else ())
 
 
-def _row_stats(logits: Tensor, count: int = 1) -> tuple[Tensor, ...]:
-    return tuple(logits.new_empty(logits.shape[0], dtype=stats_dtype(logits.dtype)) for _ in range(count))
-
-
 @kernel_op("cross_entropy")
 def cross_entropy_fwd(
     logits: Tensor,
@@ -63,7 +59,14 @@ def cross_entropy_fwd(
     ``row_max`` and ``log_sum`` (``lse = row_max + log_sum``); ``totals``: that
     denominator and ``sum(w)`` (C without weights). A target outside ``[0, C)`` that is
     not ``ignore_index`` is never read: an IndexError on CPU, a device-side assert on CUDA."""
-    return (_loss(logits, reduction), *_row_stats(logits, 2), logits.new_empty(2, dtype=stats_dtype(logits.dtype)))
+    rows, stats = logits.shape[0], stats_dtype(logits.dtype)
+    new_stats = logits.new_empty
+    return (
+        _loss(logits, reduction),
+        new_stats(rows, dtype=stats),
+        new_stats(rows, dtype=stats),
+        new_stats(2, dtype=stats),
+    )
 
 
 @kernel_op("cross_entropy")
@@ -97,7 +100,14 @@ def cross_entropy_probs_fwd(
     ``reduction`` (``mean`` divides by the number of rows: nan when there are none) into
     ``loss``, in the logits' dtype; each row's ``row_max``, ``log_sum`` and
     ``target_mass`` ``sum_c q[c]``."""
-    return (_loss(logits, reduction), *_row_stats(logits, 3))
+    rows, stats = logits.shape[0], stats_dtype(logits.dtype)
+    new_stats = logits.new_empty
+    return (
+        _loss(logits, reduction),
+        new_stats(rows, dtype=stats),
+        new_stats(rows, dtype=stats),
+        new_stats(rows, dtype=stats),
+    )
 
 
 @kernel_op("cross_entropy")

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._backend import device_type
 from . import interpreting
 from ._launch import tracing
 
@@ -61,7 +62,13 @@ def aligned(*tensors: torch.Tensor | None) -> bool:
     """Whether every tensor given (None skipped) starts at a 16-byte aligned address: a
     launcher's launch key stands for aligned pointers only (``Kernel.launch``). False
     while launches are traced (torch.compile), where tensors have no addresses and
-    launches become graph nodes, keyed by nothing."""
+    launches become graph nodes, keyed by nothing.
+
+    Launchers pass the tensors they are given to read (and running statistics they
+    update), not the outputs their op's spec allocated nor their launch scratch: those
+    are fresh allocations, which PyTorch's allocators align to 64 bytes (CPU) or 512
+    (CUDA), and reading their addresses costs host time on every launch. (The tests'
+    ``GPUKERNELS_CHECK_LAUNCH_KEYS`` checks every launch's key against every pointer.)"""
     if tracing():
         return False
     bits = 0
@@ -93,12 +100,12 @@ def _stream_key(device: torch.device) -> tuple | None:
     no tensor kept from outside it)."""
     if tracing():
         return None
-    if device.type == "cuda":
+    if device_type(device) == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return None
         index = torch.cuda.current_device() if device.index is None else device.index
         return index, torch._C._cuda_getCurrentRawStream(index)  # the default stream's handle is 0 on every device
-    return device.type, device.index
+    return (device,)
 
 
 _scratch: dict = {}
@@ -126,16 +133,20 @@ def launch_scratch(purpose: str, device: torch.device, numel: int, dtype: torch.
 _counters: dict = {}
 
 
-def arrival_counter(device: torch.device) -> torch.Tensor:
-    """A zeroed int32 arrival counter for one launch whose last program sets it back to 0,
-    kept per stream (one launch at a time uses it); fresh, zeroed, where ``_stream_key``
-    says so."""
+def arrival_counter(device: torch.device, results: int = 0) -> torch.Tensor:
+    """An int32 arrival counter for one launch whose last program sets it back to 0,
+    zeroed, then ``results`` int32 elements the launch writes before the host reads them
+    (a check's outcome); kept per stream and thread (one launch at a time uses it, and
+    what a launch wrote is read, on the host or by a device-side assert queued behind
+    it, before the thread's next launch on the stream writes it); fresh, zeroed, where
+    ``_stream_key`` says so."""
     key = _stream_key(device)
     if key is None:
-        return torch.zeros(1, dtype=torch.int32, device=device)
+        return torch.zeros(1 + results, dtype=torch.int32, device=device)
+    key += (results, get_ident())
     counter = _counters.get(key)
     if counter is None:
-        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+        counter = _counters[key] = torch.zeros(1 + results, dtype=torch.int32, device=device)
     return counter
 
 
@@ -150,7 +161,7 @@ PROGRAMS_PER_SM = 4
 
 def num_programs(device: torch.device, work_items: int, per_sm: int = PROGRAMS_PER_SM) -> int:
     """A persistent grid: a few programs per SM, never more than the work."""
-    if device.type == "cuda":
+    if device_type(device) == "cuda":
         # cached: get_device_properties costs more host time than a small kernel's launch
         sms = _sm_count(torch.cuda.current_device() if device.index is None else device.index)
     else:

@@ -153,50 +153,48 @@ def _make_binder(fn: JITFunction, backend: Any) -> Callable | None:
 _LAUNCH_TAKES_TUPLE = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7)
 
 
-def _direct_launch(run: Any) -> tuple | None:
-    """What calling the C launcher itself takes for a compiled kernel whose runner is
-    ``run`` (the Python launcher, which works out scratch buffers and then calls it):
-    the C function and its launch flags (and, from Triton 3.7, the argument annotations
-    and signature). None where the runner has more to do than call it (scratch memory,
-    a sanitizer) or is not the NVIDIA launcher this knows: then the runner launches."""
-    try:
-        flags = (run.launch_cooperative_grid, run.launch_pdl)
-        if run.global_scratch_size or run.profile_scratch_size or getattr(run, "gsan_enabled", False):
-            return None
-        if _LAUNCH_TAKES_TUPLE:
-            return run.launch, flags, run.arg_annotations, run.kernel_signature
-        return run.launch, flags
-    except AttributeError:
-        return None
+def _launcher(kernel: CompiledKernel) -> Callable:
+    """``call(stream, bound, grid_x, grid_y=1, grid_z=1)``: launch ``kernel`` with no
+    launch hooks, ``bound`` every argument in signature order. The C launcher itself
+    where the runner (the Python launcher, which works out scratch buffers and then
+    calls it) has nothing more to do; the runner where it has (scratch memory, a
+    sanitizer) or is not the NVIDIA launcher this knows."""
+    run, function, packed_metadata = kernel.run, kernel.function, kernel.packed_metadata
 
-
-def _launch_entry(kernel: CompiledKernel) -> tuple:
-    """A cache entry: (runner, function handle, packed metadata, CompiledKernel, direct launch)."""
-    return kernel.run, kernel.function, kernel.packed_metadata, kernel, _direct_launch(kernel.run)
-
-
-def _call_launcher(entry: tuple, grid, stream, bound: tuple, hooked: bool) -> None:
-    """Launch a cache entry's kernel on ``grid`` (a tuple) and ``stream``; ``bound`` is
-    every argument in signature order."""
-    run, function, packed_metadata, kernel, direct = entry
-    size = len(grid)
-    grid_x, grid_y, grid_z = grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1
-    if hooked:
-        runtime = knobs.runtime
-        launch_metadata = kernel.launch_metadata(grid, stream, *bound)
-        run(grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, runtime.launch_enter_hook,
-            runtime.launch_exit_hook, *bound)  # fmt: skip
-    elif direct is None:
+    def call_runner(stream, bound, grid_x, grid_y=1, grid_z=1):
         run(grid_x, grid_y, grid_z, stream, function, packed_metadata, None, None, None, *bound)
-    elif _LAUNCH_TAKES_TUPLE:
-        c_launch, flags, arg_annotations, signature = direct
-        c_launch(grid_x, grid_y, grid_z, stream, function, *flags, packed_metadata, None, None, None, None, None,
-                 arg_annotations, signature, bound)  # fmt: skip
+
+    try:
+        c_launch, cooperative, pdl = run.launch, run.launch_cooperative_grid, run.launch_pdl
+        if run.global_scratch_size or run.profile_scratch_size or getattr(run, "gsan_enabled", False):
+            return call_runner
+        if _LAUNCH_TAKES_TUPLE:
+            annotations, signature = run.arg_annotations, run.kernel_signature
+    except AttributeError:
+        return call_runner
+
+    if _LAUNCH_TAKES_TUPLE:
+
+        def call_c(stream, bound, grid_x, grid_y=1, grid_z=1):
+            c_launch(grid_x, grid_y, grid_z, stream, function, cooperative, pdl, packed_metadata, None, None, None,
+                     None, None, annotations, signature, bound)  # fmt: skip
+
     else:
-        c_launch, flags = direct
-        c_launch(
-            grid_x, grid_y, grid_z, stream, function, *flags, None, None, packed_metadata, None, None, None, *bound
-        )
+
+        def call_c(stream, bound, grid_x, grid_y=1, grid_z=1):
+            c_launch(grid_x, grid_y, grid_z, stream, function, cooperative, pdl, None, None, packed_metadata, None,
+                     None, None, *bound)  # fmt: skip
+
+    return call_c
+
+
+def _launch_hooked(kernel: CompiledKernel, grid: tuple, stream, bound: tuple) -> None:
+    """Launch ``kernel`` through its runner with launch metadata, for the launch hooks."""
+    runtime = knobs.runtime
+    size = len(grid)
+    kernel.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, kernel.function,
+               kernel.packed_metadata, kernel.launch_metadata(grid, stream, *bound), runtime.launch_enter_hook,
+               runtime.launch_exit_hook, *bound)  # fmt: skip
 
 
 def _hooked(fn: JITFunction) -> bool | None:
@@ -240,8 +238,10 @@ class Kernel:
             trailing_constexprs += 1
         self.runtime_params = len(parameters) - trailing_constexprs
         """How many arguments ``launch`` takes by position: all but the trailing constexprs."""
-        self._devices: dict[Any, tuple[Callable, dict]] = {}  # device -> (binder, {binder key: entry})
-        self._keyed: dict[tuple, tuple] = {}  # (device, launch key) -> (entry, trailing constexprs' values)
+        # device -> (binder, {binder key: (launcher, CompiledKernel)})
+        self._devices: dict[Any, tuple[Callable, dict]] = {}
+        # (device, launch key) -> (launcher, CompiledKernel, trailing constexprs' values)
+        self._keyed: dict[tuple, tuple] = {}
         self._keys_seen: dict = {}  # under CHECK_LAUNCH_KEYS: launch key -> binder key
         self._key_binder: Callable | None = None
         self._launch_bound = self._launch
@@ -284,10 +284,14 @@ class Kernel:
             found = self._keyed.get((device, key))
             if found is not None:
                 hooked = _hooked(self.fn)
-                if hooked is not None:
-                    entry, constexprs = found
-                    _call_launcher(entry, grid, active.get_current_stream(device), args + constexprs, hooked)
-                    return entry[3]
+                if hooked is False:
+                    call, kernel, constexprs = found
+                    call(active.get_current_stream(device), args + constexprs, *grid)
+                    return kernel
+                if hooked:
+                    _, kernel, constexprs = found
+                    _launch_hooked(kernel, grid, active.get_current_stream(device), args + constexprs)
+                    return kernel
         kernel = self[grid](*args, **kwargs)
         if self.compiled and isinstance(kernel, CompiledKernel) and not tracing():
             self._cache_for_key(key, kernel, args, kwargs)
@@ -301,8 +305,8 @@ class Kernel:
         binder, kernels = self._devices[device]
         specialization, bound = binder(*args, **kwargs)
         entry = kernels.get(specialization)
-        if entry is not None and entry[3] is kernel:
-            self._keyed[device, key] = (entry, bound[self.runtime_params :])
+        if entry is not None and entry[1] is kernel:
+            self._keyed[device, key] = (*entry, bound[self.runtime_params :])
 
     def _check_key(self, key: Any, args: tuple, kwargs: dict) -> None:
         if len(args) != self.runtime_params:
@@ -334,8 +338,12 @@ class Kernel:
             return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
         if callable(grid):
             grid = grid(dict(zip(self.fn.arg_names, bound)))
-        _call_launcher(entry, grid, active.get_current_stream(device), bound, hooked)
-        return entry[3]
+        call, kernel = entry
+        if hooked:
+            _launch_hooked(kernel, grid, active.get_current_stream(device), bound)
+        else:
+            call(active.get_current_stream(device), bound, *grid)
+        return kernel
 
     def _miss(self, grid, args, kwargs):
         """Launch through the JIT, then cache the compiled kernel it launched."""
@@ -352,7 +360,7 @@ class Kernel:
         binder, kernels = self._devices[device]
         key, _ = binder(*args, **kwargs)
         try:
-            kernels[key] = _launch_entry(kernel)
+            kernels[key] = (_launcher(kernel), kernel)
         except TypeError:  # an unhashable option or constexpr: such launches stay with the JIT
             pass
         return kernel

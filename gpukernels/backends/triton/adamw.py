@@ -50,7 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._layout import copy_back, in_param_layout
-from ._common import acc_dtype, cdiv, round_to
+from ._common import acc_dtype, aligned, cdiv, round_to
 from ._launch import jit
 
 BLOCK = 1024
@@ -207,18 +207,21 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
 def _tables(device: torch.device, dtype: torch.dtype, columns: list[list[Tensor]], steps: list[Tensor]) -> _Tables:
     """The launch's tables for these tensors, built on first use and kept
     (least recently used first out) while their addresses stay the same."""
+    # a column's addresses read in one pass (C), as the key: rows are built on a miss only
+    addresses = [tuple(map(Tensor.data_ptr, column)) for column in (*columns, steps)]
+    numels = tuple(map(Tensor.numel, columns[0]))
+    key = (device, dtype, numels, *addresses)
+    tables = _tables_cache.get(key)
+    if tables is not None:
+        _tables_cache.move_to_end(key)
+        return tables
+    _built_outside_capture(device, "tables of addresses")
     rows, blocks, first_block = [], [], 0
-    for i, step in enumerate(steps):
-        numel = columns[0][i].numel()
-        pointers = [column[i].data_ptr() if column else 0 for column in columns]
-        rows.append((*pointers, step.data_ptr(), numel, first_block))
+    for i, numel in enumerate(numels):
+        pointers = [column[i] if column else 0 for column in addresses]
+        rows.append((*pointers, numel, first_block))
         blocks.append(max(cdiv(numel, BLOCK), 1))  # one even when empty: it increments the step
         first_block += blocks[-1]
-    key = (device, dtype, tuple(rows))
-    if key in _tables_cache:
-        _tables_cache.move_to_end(key)
-        return _tables_cache[key]
-    _built_outside_capture(device, "tables of addresses")
     table = torch.tensor(rows, dtype=torch.int64)
     block_tensor = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(blocks))
     tables = _Tables(
@@ -278,10 +281,14 @@ def adamw_step_(
         tables = _tables(device, dtype, staged, dtype_steps)
         if _capturing(device):  # evicted from the caches, they would be freed under the graph
             _kept_for_graphs.extend((*tables, hyperparameters))
-        adamw_kernel[(tables.block_tensor.numel(),)](
-            tables.table,
-            tables.block_tensor,
-            tables.arrivals,
+        table, block_tensor, arrivals = tables
+        key = (dtype, grad_scale is not None, amsgrad, maximize) if aligned(lr, grad_scale) else None
+        adamw_kernel.launch(
+            (block_tensor.numel(),),
+            key,
+            table,
+            block_tensor,
+            arrivals,
             lr,
             hyperparameters,
             grad_scale,

@@ -443,23 +443,23 @@ class _Tiling:
     offset_dtype: tl.dtype
     num_warps: int
 
-    def args(self, *tensor_indices: int) -> list[int]:
-        """N, L, C and the (n, l, c) strides of the tensors at these positions
-        in the ``_tiling`` call, as the kernels take them."""
-        return [self.n, self.l, self.c] + [s for i in tensor_indices for s in self.strides[i]]
-
-    def walk(self) -> list[int]:
-        return [self.tiles, self.l_tiles]
+    def args(self, tensors: int) -> tuple[int, ...]:
+        """N, L, C and the (n, l, c) strides of the first ``tensors`` tensors of the
+        ``_tiling`` call, as the kernels take them, then ``tiles`` and ``l_tiles``."""
+        return self._args[tensors]
 
     def meta(self, acc: tl.dtype) -> dict:
-        return dict(
-            ACC=acc,
-            IDX=self.offset_dtype,
-            BLOCK_N=self.block_n,
-            BLOCK_L=self.block_l,
-            BLOCK_C=self.block_c,
-            num_warps=self.num_warps,
-        )
+        """The kernels' block constexprs and launch options, with ``ACC``."""
+        return self._metas[acc]
+
+    def __post_init__(self):
+        # what each launch passes, made once: building them costs host time on every call
+        flat = [s for strides in self.strides for s in strides]
+        args = {t: (self.n, self.l, self.c, *flat[: 3 * t], self.tiles, self.l_tiles) for t in (1, 2, 3)}
+        blocks = dict(IDX=self.offset_dtype, BLOCK_N=self.block_n, BLOCK_L=self.block_l, BLOCK_C=self.block_c)
+        metas = {acc: dict(ACC=acc, **blocks, num_warps=self.num_warps) for acc in (tl.float32, tl.float64)}
+        object.__setattr__(self, "_args", args)
+        object.__setattr__(self, "_metas", metas)
 
     @property
     def reduction_grid(self) -> tuple[int, int]:
@@ -488,7 +488,7 @@ def _pow2_at_least(size: int) -> int:
 def _tiling(x: torch.Tensor, *others: torch.Tensor) -> _Tiling:
     """The tiling for x and the same-shape tensors read or written beside it
     (their strides may differ); x's layout picks which axis is coalesced."""
-    return _tiling_of(tuple(x.shape), tuple((t.stride(0), t.stride(2), t.stride(1)) for t in (x, *others)), x.device)
+    return _tiling_of(x.shape, tuple(map(torch.Tensor.stride, (x, *others))), x.device)
 
 
 @functools.lru_cache(maxsize=256)  # worked out once per shape, layout and device: host time on every call otherwise
@@ -496,7 +496,7 @@ def _tiling_of(
     shape: tuple[int, int, int], tensor_strides: tuple[tuple[int, int, int], ...], device: torch.device
 ) -> _Tiling:
     n0, c, l0 = shape
-    n, l, strides = _fold(n0, l0, list(tensor_strides))
+    n, l, strides = _fold(n0, l0, [(sn, sl, sc) for sn, sc, sl in tensor_strides])
     _, sl, sc = strides[0]
     channels_inner = c > 1 and sc < sl
     block_c = min(_pow2_at_least(c), CHANNEL_BLOCK) if channels_inner else 1
@@ -558,18 +558,17 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
         if splits:
             batch_norm_stats_kernel.launch(
                 tiling.reduction_grid,
-                (tiling, x.dtype, partial.dtype) if aligned(x, partial) else None,
+                (tiling, x.dtype, partial.dtype) if aligned(x) else None,
                 x,
                 partial,
-                *tiling.args(0),
-                *tiling.walk(),
+                *tiling.args(1),
                 **tiling.meta(acc),
             )
     params = (running_mean, running_var, mean, rstd, weight, bias)
     batch_norm_normalize_kernel.launch(
         tiling.elementwise_grid,
         (tiling, x.dtype, y.dtype, training, splits, *map(dtype_of, params))
-        if aligned(x, y, partial, *params)
+        if aligned(x, running_mean, running_var, weight, bias)
         else None,
         x,
         y,
@@ -577,8 +576,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
         splits,
         *params,
         n * length,
-        *tiling.args(0, 1),
-        *tiling.walk(),
+        *tiling.args(2),
         *_fp32_pair(momentum),
         *_fp32_pair(eps),
         TRAINING=training,
@@ -602,7 +600,7 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
     dtypes = (tiling, x.dtype, dy.dtype, dx.dtype, mean.dtype, rstd.dtype, dtype_of(weight), training)
     batch_norm_bwd_reduce_kernel.launch(
         tiling.reduction_grid,
-        dtypes if aligned(x, dy, dx, mean, rstd, weight, partial) else None,
+        dtypes if aligned(x, dy, mean, rstd, weight) else None,
         x,
         dy,
         dx,
@@ -610,17 +608,16 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
         rstd,
         weight,
         partial,
-        *tiling.args(0, 1, 2),
-        *tiling.walk(),
+        *tiling.args(3),
         TRAINING=training,
         HAS_W=weight is not None,
         **tiling.meta(acc),
     )
-    grads_key = (*dtypes, has_bias, dweight.dtype, dbias.dtype) if aligned(partial, rstd, dweight, dbias) else None
+    grads_key = (*dtypes, has_bias, dweight.dtype, dbias.dtype) if aligned(rstd) else None
     if training:
         batch_norm_dx_kernel.launch(
             tiling.elementwise_grid,
-            grads_key if aligned(x, dy, dx, mean, weight) else None,
+            grads_key if aligned(x, dy, mean, weight) else None,
             x,
             dy,
             dx,
@@ -632,8 +629,7 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
             dweight,
             dbias,
             n * length,
-            *tiling.args(0, 1, 2),
-            *tiling.walk(),
+            *tiling.args(3),
             HAS_W=weight is not None,
             HAS_B=has_bias,
             **tiling.meta(acc),

@@ -13,11 +13,11 @@ loses no digits):
 It saves ``m`` and ``log s`` per row, kept apart so a large ``m`` costs the
 gradient no digits (and ``mass`` for probabilities).
 The program to finish last (each adds itself to a zeroed counter when its row
-is done) then sums the rows' losses, in a fixed order (deterministic), into the
+is done; it sets the counter back to 0) then sums the rows' losses, in a fixed order (deterministic), into the
 reduced loss, divided by the mean's denominator (``sum w[t_i]`` over kept rows,
 which it computes from the targets; the number of rows for probabilities), and
-checks the targets: the forward, its reduction included, is one launch (and the
-counter's zero fill), and nothing on the host waits.
+checks the targets: the forward, its reduction included, is one launch, and
+nothing on the host waits.
 Backward, ``cross_entropy_bwd_kernel``, a 2-D grid of (rows, column blocks): the
 gradient from those statistics, ``scale * (a (p - onehot) + b (sum(w) p - w))``
 (``scale * (mass p - q)`` for probabilities) with ``p = exp(x - m - log s)``,
@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, cdiv, round_to, row_block
+from ._common import acc_dtype, aligned, arrival_counter, cdiv, dtype_of, round_to, row_block
 from ._launch import jit
 
 # Widest column block of the forward; vocabularies past it (up to 256k) are swept
@@ -83,9 +83,13 @@ FINISH_ROWS_PER_WARP = 256
 FLOAT_OPTIONS = ["smoothing_bits", "softcap_bits", "z_loss_bits"]
 
 
+_FP64 = struct.Struct("<d")
+_INT64 = struct.Struct("<q")
+
+
 def float_bits(value: float) -> int:
     """The bits of ``value`` as an fp64, as an int argument (``as_float`` reads it back)."""
-    return struct.unpack("<q", struct.pack("<d", value))[0]
+    return _INT64.unpack(_FP64.pack(value))[0]
 
 
 @triton.jit
@@ -269,6 +273,7 @@ def cross_entropy_fwd_kernel(
                 ACC,
                 FINISH_BLOCK,
             )
+            tl.store(Flags, 0)  # the counter, for the next forward
 
 
 @jit(do_not_specialize=FLOAT_OPTIONS)
@@ -353,6 +358,18 @@ def cross_entropy_bwd_kernel(
     tl.store(Grad + row * width + cols, round_to(g, Grad.dtype.element_ty), mask=mask)
 
 
+_NO_OPTIONS = (0, 0, 0)
+
+
+def _options(label_smoothing: float, softcap: Optional[float], z_loss: float) -> tuple[int, int, int]:
+    """The kernels' float options, as ``float_bits``; in a launch key they stand for
+    their values exactly. Without options (a zero, either sign, is none: its flag is off
+    and the kernels never read it), all 0."""
+    if softcap is None and not label_smoothing and not z_loss:
+        return _NO_OPTIONS
+    return float_bits(label_smoothing), float_bits(softcap or 0.0), float_bits(z_loss)
+
+
 def _flags(
     logits: Tensor,
     weight: Optional[Tensor],
@@ -361,11 +378,8 @@ def _flags(
     z_loss: float,
     probs: bool,
 ) -> dict:
-    """The kernels' option arguments and constexpr flags."""
+    """The kernels' constexpr flags."""
     return dict(
-        smoothing_bits=float_bits(label_smoothing),
-        softcap_bits=float_bits(softcap or 0.0),
-        z_loss_bits=float_bits(z_loss),
         HAS_W=weight is not None,
         SMOOTH=label_smoothing > 0,
         SOFTCAP=softcap is not None,
@@ -379,7 +393,7 @@ class Finish(NamedTuple):
     """What the forward's last program writes (``finish_rows``): ``loss`` (0-d; None for
     ``none``), reduced as ``reduction`` says; for class indices ``totals`` (the mean's
     denominator, and sum(w) with ``weight_sum``) and the target check into ``flags``
-    (int32 ``[arrival counter, ok]``, zeroed: ``finish``)."""
+    (int32 ``[arrival counter, ok]``, the counter zeroed: ``finish``)."""
 
     reduction: str
     loss: Optional[Tensor]
@@ -389,12 +403,14 @@ class Finish(NamedTuple):
 
 
 def finish(reduction: str, loss: Tensor, totals: Optional[Tensor], weight_sum: bool = False) -> Finish:
-    """A forward's ``Finish``, its flags zeroed (the one launch besides the row kernel's)."""
+    """A forward's ``Finish``, its flags the stream's arrival counter (set back to 0 by the
+    last program of the forward's launches, between which this thread launches nothing
+    else of ours on the stream) and an ``ok`` it writes."""
     return Finish(
         reduction,
         None if reduction == "none" else loss,
         totals,
-        torch.zeros(2, dtype=torch.int32, device=loss.device),
+        arrival_counter(loss.device, results=1),
         weight_sum,
     )
 
@@ -428,7 +444,19 @@ def cross_entropy_rows(
         return
     block = row_block(classes, MAX_BLOCK_C)
     warps = min(max(block // 256, 1), 16)
-    cross_entropy_fwd_kernel[(rows,)](
+    loss, totals, flags = (None, None, None) if last is None else last[1:4]
+    total_rows = row_loss.shape[0]
+    options = _options(label_smoothing, softcap, z_loss)
+    key = (
+        (logits.dtype, target.dtype, dtype_of(weight), row_loss.dtype, row_max.dtype, dtype_of(target_mass),
+         dtype_of(loss), dtype_of(totals), row_offset, total_rows, classes, ignore_index, options,
+         softcap is not None, last is not None and (last.reduction, last.weight_sum))
+        if aligned(logits, target, weight)
+        else None
+    )  # fmt: skip
+    cross_entropy_fwd_kernel.launch(
+        (rows,),
+        key,
         logits,
         target,
         weight,
@@ -436,14 +464,17 @@ def cross_entropy_rows(
         row_max,
         log_sum,
         target_mass,
-        *(None, None, None) if last is None else (last.loss, last.totals, last.flags),
+        loss,
+        totals,
+        flags,
         row_offset,
-        row_loss.shape[0],
+        total_rows,
         classes,
         ignore_index,
+        *options,
         **_flags(logits, weight, label_smoothing, softcap, z_loss, target_mass is not None),
         FINISH=last is not None,
-        REDUCE=last is not None and last.loss is not None,
+        REDUCE=loss is not None,
         MEAN=last is not None and last.reduction == "mean",
         WEIGHT_SUM=last is not None and last.weight_sum,
         BLOCK_C=block,
@@ -454,12 +485,12 @@ def cross_entropy_rows(
 
 def check_targets(last: Finish, target: Tensor, ignore_index: int, classes: int) -> None:
     """The forward's target check, from ``last.flags``: with no host synchronisation on CUDA."""
-    ok = last.flags[1]
-    if ok.device.type == "cuda":
+    flags = last.flags
+    if flags.is_cuda:
         torch._assert_async(
-            ok, f"cross_entropy: a target is out of bounds for {classes} classes (and is not ignore_index)"
+            flags[1], f"cross_entropy: a target is out of bounds for {classes} classes (and is not ignore_index)"
         )
-    elif not ok:
+    elif not flags.tolist()[1]:  # one read of the flags, not a view's
         bad = (target != ignore_index) & ((target < 0) | (target >= classes))
         raise IndexError(
             f"target {int(target[bad][0])} is out of bounds for {classes} classes (and is not ignore_index)"
@@ -506,7 +537,18 @@ def logits_grad(
         return
     block = row_block(width, GRAD_BLOCK_C)
     probs = target_mass is not None
-    cross_entropy_bwd_kernel[(rows, cdiv(width, block))](
+    grad_stride = grad_loss.stride(0) if grad_loss.dim() else 0
+    options = _options(label_smoothing, softcap, z_loss)
+    key = (
+        (logits.dtype, target.dtype, dtype_of(weight), row_max.dtype, dtype_of(target_mass), grad_loss.dtype,
+         grad_stride, dtype_of(totals), grad.dtype, dtype_of(target_grad), rows, width, col_offset, classes,
+         ignore_index, options, softcap is not None, reduction == "mean")
+        if aligned(logits, target, weight, row_max, log_sum, target_mass, grad_loss, totals)
+        else None
+    )  # fmt: skip
+    cross_entropy_bwd_kernel.launch(
+        (rows, cdiv(width, block)),
+        key,
         logits,
         target,
         weight,
@@ -514,7 +556,7 @@ def logits_grad(
         log_sum,
         target_mass,
         grad_loss,
-        grad_loss.stride(0) if grad_loss.dim() else 0,
+        grad_stride,
         totals,
         grad,
         target_grad,
@@ -523,6 +565,7 @@ def logits_grad(
         col_offset,
         classes,
         ignore_index,
+        *options,
         **_flags(logits, weight, label_smoothing, softcap, z_loss, probs),
         MEAN=reduction == "mean",
         TARGET_GRAD=target_grad is not None,

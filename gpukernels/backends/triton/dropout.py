@@ -14,6 +14,8 @@ bench/results/ and the README).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -57,17 +59,23 @@ def dropout_kernel(
     tl.store(Y + offsets, round_to(tl.where(keep, x * scale, 0.0), Y.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=256)
+def _launch_options(p: float, dtype: torch.dtype) -> tuple[float, int, tl.dtype]:
+    """The kernel's scale (as a Python float), keep threshold and compute dtype for ``p``
+    and ``dtype``: worked out once per pair, not on every launch."""
+    return float(keep_scale(p, dtype)), keep_threshold(p), acc_dtype(dtype)
+
+
 def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, y: torch.Tensor) -> None:
     n = x.numel()
     if n:
-        scale = float(keep_scale(p, x.dtype))
+        scale, threshold, acc = _launch_options(p, x.dtype)
         in_memory = x.dtype == torch.float64  # float arguments reach a kernel as fp32
         if in_memory:
             scale = torch.full((), scale, dtype=torch.float64, device=x.device)
-        threshold = keep_threshold(p)
         dropout_kernel.launch(
             (cdiv(n, BLOCK),),
-            (x.dtype, n, threshold) if aligned(x, y, seed, scale if in_memory else None) else None,
+            (x.dtype, n, threshold) if aligned(x, seed) else None,
             x,
             y,
             seed,
@@ -75,7 +83,7 @@ def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, y: torch.Tensor) 
             n,
             threshold,
             SCALE_IN_MEMORY=in_memory,
-            ACC=acc_dtype(x.dtype),
+            ACC=acc,
             BLOCK=BLOCK,
             num_warps=8,
         )

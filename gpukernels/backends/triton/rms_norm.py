@@ -15,7 +15,7 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
         no_bias = no_mean = None
         key = (
             ("rms_norm", x.dtype, dtype_of(weight), offset is None, cast_before_weight, d)
-            if aligned(x, weight, y, rstd)
+            if aligned(x, weight)
             else None
         )
         norm_fwd_kernel.launch(
@@ -51,7 +51,7 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
     no_mean = no_dbias = None
     key = (
         ("rms_norm", x.dtype, dy.dtype, dtype_of(weight), offset is None, cast_before_weight, rows, d)
-        if aligned(dy, x, weight, rstd, dx, partial, dweight)
+        if aligned(dy, x, weight, rstd)
         else None
     )
     norm_bwd_kernel.launch(
