@@ -333,6 +333,25 @@ def test_out_of_range_target(device, target, match, weighted):
         cross_entropy(torch.randn(3, 4, device=device), torch.tensor(target, device=device), weight=weight)
 
 
+def test_forwards_share_the_streams_counter_and_flag(device):
+    """The Triton forward's last program sets the stream's arrival counter back to 0
+    and writes the target check's flag on every call: a forward with a bad target
+    between good ones fails alone, and each loss is right."""
+    if gk.backend_name(device) != "triton" or device.type == "cuda":
+        pytest.skip("the Triton backend's flag, read on the host (CPU tensors, the interpreter)")
+    from gpukernels.backends.triton._common import arrival_counter
+
+    x = _logits((3, 4), device=device)
+    good, bad = torch.tensor([0, 1, 3], device=device), torch.tensor([0, 4, 3], device=device)
+    for target in (good, bad, good, bad, good):
+        if target is bad:
+            with pytest.raises(IndexError, match="target 4"):
+                cross_entropy(x, target)
+        else:
+            assert_matches(cross_entropy(x, target), F.cross_entropy(x, target))
+        assert arrival_counter(x.device, results=1)[0].item() == 0
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
