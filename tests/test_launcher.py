@@ -118,12 +118,12 @@ def test_launch_with_a_key_runs_the_kernel_and_checks_the_key(monkeypatch):
     monkeypatch.setattr(_launch, "CHECK_LAUNCH_KEYS", True)
     kernel = jit(_axpy)
     (_, (x, y, out, n, limit, alpha), flags), (_, (misaligned, *_), _) = _launch_cases()[:2]
-    kernel.launch((4,), "aligned", x, y, out, n, limit, alpha, **flags)
+    kernel.launch((4,), "aligned", lambda: flags, x, y, out, n, limit, alpha)
     torch.testing.assert_close(out, 2.0 * x + y, rtol=0, atol=0)
-    kernel.launch((4,), "aligned", x, y, out, 64, 32, 3.0, **flags)  # other values, one specialization
-    kernel.launch((4,), "misaligned", misaligned, y, out, n, limit, alpha, **flags)
+    kernel.launch((4,), "aligned", lambda: flags, x, y, out, 64, 32, 3.0)  # other values, one specialization
+    kernel.launch((4,), "misaligned", lambda: flags, misaligned, y, out, n, limit, alpha)
     with pytest.raises(LaunchKeyError, match="_axpy: launch key 'aligned' was given to arguments that specialize"):
-        kernel.launch((4,), "aligned", misaligned, y, out, n, limit, alpha, **flags)
+        kernel.launch((4,), "aligned", lambda: flags, misaligned, y, out, n, limit, alpha)
     for name, other_args, other_flags in [
         ("Y None", (x, None, out, n, limit, alpha), dict(flags, HAS_Y=False)),
         ("n == 1", (x, y, out, 1, limit, alpha), flags),
@@ -132,10 +132,10 @@ def test_launch_with_a_key_runs_the_kernel_and_checks_the_key(monkeypatch):
         ("fp16 out", (x, y, out.half(), n, limit, alpha), flags),
     ]:
         with pytest.raises(LaunchKeyError):
-            kernel.launch((4,), "aligned", *other_args, **other_flags)
-        kernel.launch((4,), name, *other_args, **other_flags)
+            kernel.launch((4,), "aligned", lambda: other_flags, *other_args)
+        kernel.launch((4,), name, lambda: other_flags, *other_args)
     with pytest.raises(LaunchKeyError, match="by position"):
-        kernel.launch((4,), "n by name", x, y, out, limit=limit, alpha=alpha, n=n, **flags)
+        kernel.launch((4,), "n by name", lambda: dict(flags, limit=limit, alpha=alpha, n=n), x, y, out)
 
 
 def _keyed_ops_forward_backward() -> list[torch.Tensor]:
@@ -339,7 +339,7 @@ def check_keyed_launches_are_the_jits(stub: _Stub) -> None:
     cases = _launch_cases()
     for round_ in ("first", "cached"):
         for name, args, kwargs in cases:
-            ours = _launched(stub, lambda: kernel.launch((4,), name, *args, **kwargs))
+            ours = _launched(stub, lambda: kernel.launch((4,), name, lambda: kwargs, *args))
             assert ours == _launched(stub, lambda: fn[(4,)](*args, **kwargs)), f"{round_} launch, {name}"
     binder_calls = []
     for device, (binder, kernels) in list(kernel._devices.items()):
@@ -348,23 +348,51 @@ def check_keyed_launches_are_the_jits(stub: _Stub) -> None:
     fn.run = lambda *a, **k: jit_calls.append(1) or jit_run(*a, **k)
     name, (x, y, out, n, limit, alpha), kwargs = cases[0]
     other = torch.randn(64)  # other addresses and values, the same specialization
-    hit = _launched(stub, lambda: kernel.launch((4,), name, other, other, other, 48, 32, 0.5, **kwargs))
+    constexpr_calls = []
+    hit = _launched(
+        stub,
+        lambda: kernel.launch(
+            (4,), name, lambda: constexpr_calls.append(1) or kwargs, other, other, other, 48, 32, 0.5
+        ),
+    )
     assert not binder_calls and not jit_calls, "a keyed hit read the arguments' specialization"
+    assert not constexpr_calls, "a keyed hit built its constexprs"
     assert hit == _launched(stub, lambda: jit_run(other, other, other, 48, 32, 0.5, grid=(4,), warmup=False, **kwargs))
     original = driver.active.get_current_stream
     try:
         driver.active.get_current_stream = lambda device=None: 0x7890
-        assert _launched(stub, lambda: kernel.launch((4,), name, *cases[0][1], **kwargs))["stream"] == 0x7890
+        assert _launched(stub, lambda: kernel.launch((4,), name, lambda: kwargs, *cases[0][1]))["stream"] == 0x7890
     finally:
         driver.active.get_current_stream = original
     seen = []
     hook = lambda metadata: seen.append(metadata.get()["name"])  # noqa: E731
     knobs.runtime.launch_enter_hook.add(hook)
     try:
-        kernel.launch((4,), name, *cases[0][1], **kwargs)
+        kernel.launch((4,), name, lambda: kwargs, *cases[0][1])
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
     assert seen == ["_axpy"]
+
+
+def check_launch_keys_are_bounded(stub: _Stub) -> None:
+    """Past KEYED_LIMIT keys a kernel drops those it holds; a dropped key launches
+    through the compiled kernels again, as the JIT would."""
+    fn = triton.jit(_axpy)
+    kernel = Kernel(fn)
+    name, args, kwargs = _launch_cases()[0]
+    limit = _launch.KEYED_LIMIT
+    _launch.KEYED_LIMIT = 3
+    try:
+        for key in range(7):
+            kernel.launch((4,), key, lambda: kwargs, *args)
+            assert 1 <= len(kernel._keyed) <= 3
+        assert set(key for _, key in kernel._keyed) == {6}
+        assert _launched(stub, lambda: kernel.launch((4,), 0, lambda: kwargs, *args)) == _launched(
+            stub, lambda: fn[(4,)](*args, **kwargs)
+        )
+    finally:
+        _launch.KEYED_LIMIT = limit
+    assert kernel.cache_size() == 1
 
 
 def check_launch_hooks_see_each_launch(stub: _Stub) -> None:

@@ -240,6 +240,11 @@ class KernelOp:
         args = (*args, backend)
         return self.custom_op(*args) if needs_dispatch(args) else self._eager(*args)
 
+    def eagerly(self, backend: str, *args):
+        """``on(backend, *args)`` for a caller that found ``needs_dispatch`` false for
+        these arguments (under the same modes): the eager path, without asking again."""
+        return self._eager(*args, backend)
+
     def register_autograd(
         self, setup_context: Callable, backward: Callable, twice_differentiable: bool = False
     ) -> None:

@@ -92,8 +92,10 @@ class _BatchNormFunction(torch.autograd.Function):
         momentum: float,
         eps: float,
         backend: str,
+        dispatch: bool,
     ) -> Tensor:
-        y, mean, rstd = batch_norm_fwd.on(backend, x, weight, bias, running_mean, running_var, training, momentum, eps)
+        run = batch_norm_fwd.on if dispatch else batch_norm_fwd.eagerly  # the caller's needs_dispatch
+        y, mean, rstd = run(backend, x, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.training, ctx.backend = training, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -115,6 +117,7 @@ class _BatchNormFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -122,14 +125,14 @@ _apply_eagerly = eager_apply(_BatchNormFunction)
 
 
 def _check_running_stats(
-    running_mean: Tensor | None, running_var: Tensor | None, input: Tensor, training: bool
+    running_mean: Tensor | None, running_var: Tensor | None, input: Tensor, training: bool, shape: tuple[int]
 ) -> None:
     if (running_mean is None) != (running_var is None):
         raise ArgumentError("running_mean and running_var must either both be None or neither be None")
     if running_mean is None and not training:
         raise ArgumentError("running_mean and running_var must be given when training=False (they normalise the input)")
-    check_optional_float("running_mean", running_mean, input, (input.shape[1],))
-    check_optional_float("running_var", running_var, input, (input.shape[1],))
+    check_optional_float("running_mean", running_mean, input, shape)
+    check_optional_float("running_var", running_var, input, shape)
 
 
 def check_param_dtypes(input: Tensor, **params: Tensor | None) -> None:
@@ -184,13 +187,14 @@ def batch_norm(
     if input.dim() < 2:
         raise ArgumentError(f"input must have shape (N, C), (N, C, L) or (N, C, H, W), got {tuple(input.shape)}")
     training = bool(training)
-    _check_running_stats(running_mean, running_var, input, training)
-    check_optional_float("weight", weight, input, (input.shape[1],))
-    check_optional_float("bias", bias, input, (input.shape[1],))
+    n, channels = input.shape[:2]
+    param_shape = (channels,)
+    _check_running_stats(running_mean, running_var, input, training, param_shape)
+    check_optional_float("weight", weight, input, param_shape)
+    check_optional_float("bias", bias, input, param_shape)
     check_param_dtypes(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     eps = check_number("eps", eps, low=0.0, low_open=training)
     momentum = check_number("momentum", momentum)
-    n, channels = input.shape[:2]
     length = math.prod(input.shape[2:])
     if training and n * length == 1:
         raise ArgumentError(
@@ -203,5 +207,5 @@ def batch_norm(
     args = (x, weight, bias, running_mean, running_var, training, momentum, eps, backend_name(x.device))
     # Function.apply's Python layer serves functorch transforms and torch.compile; on plain
     # tensors, outside them, its C apply (host time)
-    y = _BatchNormFunction.apply(*args) if needs_dispatch(args) else _apply_eagerly(*args)
+    y = _BatchNormFunction.apply(*args, True) if needs_dispatch(args) else _apply_eagerly(*args, False)
     return reshaped(y, *input.shape)

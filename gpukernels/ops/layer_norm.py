@@ -50,16 +50,17 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, _ = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.has_bias = bias is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = layer_norm_bwd.on(ctx.backend, dy.contiguous(), x, weight, mean, rstd, ctx.has_bias)
-    if ctx.has_bias and dbias.dtype != ctx.bias_dtype:
-        dbias = dbias.to(ctx.bias_dtype)
-    return dx, dweight if weight is not None else None, dbias if ctx.has_bias else None, None
+    bias_dtype = ctx.bias_dtype
+    has_bias = bias_dtype is not None
+    dx, dweight, dbias = layer_norm_bwd.on(ctx.backend, dy.contiguous(), x, weight, mean, rstd, has_bias)
+    if has_bias and dbias.dtype != bias_dtype:
+        dbias = dbias.to(bias_dtype)
+    return dx, dweight if weight is not None else None, dbias if has_bias else None, None
 
 
 layer_norm_fwd.register_autograd(_setup_context, _backward)
@@ -79,11 +80,11 @@ def layer_norm(
     shape, d = check_normalized_shape(input, normalized_shape)
     check_optional_float("weight", weight, input, shape)
     check_optional_float("bias", bias, input, shape)
-    check_number("eps", eps, low=0.0)
+    eps = check_number("eps", eps, low=0.0)
     if autocast_enabled(input) and input.dtype != torch.float64:
         input = input.float()
     if len(shape) > 1:
         weight = None if weight is None else weight.reshape(d)
         bias = None if bias is None else bias.reshape(d)
-    y, _, _ = layer_norm_fwd(reshaped(input, input.numel() // d, d).contiguous(), weight, bias, float(eps))
+    y, _, _ = layer_norm_fwd(reshaped(input, input.numel() // d, d).contiguous(), weight, bias, eps)
     return reshaped(y, *input.shape)

@@ -31,7 +31,7 @@ metadata when no launch hook is installed. Launches with a pre-run hook on
 the kernel or a stages-inspection hook installed go through the JIT.
 
 Reading every argument's specialization still costs about half of a launch.
-``kernel.launch(grid, key, *args, ...)`` skips it: the launcher, which knows
+``kernel.launch(grid, key, constexprs, *args)`` skips it: the launcher, which knows
 what its arguments are, gives a key that stands for their specialization
 (dtypes and sizes, say, and only when every pointer is 16-byte aligned), and
 a hit launches the kernel cached for the key with nothing else read. A key
@@ -217,6 +217,11 @@ CHECK_LAUNCH_KEYS = os.environ.get("GPUKERNELS_CHECK_LAUNCH_KEYS", "0") not in (
 """Whether every ``Kernel.launch`` checks its launch key (the tests set it). Read at import."""
 
 
+KEYED_LIMIT = 4096
+"""At most this many launch keys per kernel: past it the keys cached so far are dropped (each
+then misses once, and is launched and cached again from the compiled kernels)."""
+
+
 class LaunchKeyError(AssertionError):
     """A launcher gave one launch key for arguments that specialize differently."""
 
@@ -224,7 +229,7 @@ class LaunchKeyError(AssertionError):
 class Kernel:
     """A kernel launched from the host: ``kernel[grid](*args, CONSTEXPR=..., num_warps=...)``
     through a cache of its compiled kernels keyed by what the JIT specializes on, or
-    ``kernel.launch(grid, key, *args, CONSTEXPR=..., ...)`` through a cache keyed by
+    ``kernel.launch(grid, key, lambda: dict(CONSTEXPR=..., ...), *args)`` through a cache keyed by
     the launcher (see the module doc). ``kernel.fn`` is the JITFunction, or under the
     interpreter the interpreted function, which runs every launch; other attributes
     are its."""
@@ -265,33 +270,38 @@ class Kernel:
             return wrap_triton(self.fn)[grid]
         return functools.partial(self._launch_bound, grid)
 
-    def launch(self, grid: tuple, key: Any, *args, **kwargs) -> Any:
-        """``kernel[grid](*args, **kwargs)``, where the launcher's hashable ``key`` says
-        that these arguments specialize as those of every earlier launch with an equal
-        key: the same dtypes, 16-byte alignments, None operands, integer classes (equal
-        to 1, divisible by 16, beyond 32 bits), constexprs and options. ``args`` are the
-        arguments before the kernel's trailing constexprs, by position. A hit launches
-        the kernel cached for ``key`` with ``args``, the cached constexprs and the
-        current stream, and reads nothing else of the arguments. Under
-        ``CHECK_LAUNCH_KEYS`` every launch goes through ``kernel[grid]``, and one whose
-        key was given before to arguments that specialize differently raises
-        LaunchKeyError."""
+    def launch(self, grid: tuple, key: Any, constexprs: Callable[[], dict], *args) -> Any:
+        """``kernel[grid](*args, **constexprs())``, where the launcher's hashable ``key``
+        says that these arguments specialize as those of every earlier launch with an
+        equal key: the same dtypes, 16-byte alignments, None operands, integer classes
+        (equal to 1, divisible by 16, beyond 32 bits), constexprs and options. ``args``
+        are the arguments before the kernel's trailing constexprs, by position;
+        ``constexprs()`` gives those and the launch options (``num_warps=``, ...) by
+        name, and is called only when the key is new (or checked): building them on
+        every call would cost host time. A hit launches the kernel cached for ``key``
+        with ``args``, the cached constexprs and the current stream, and reads nothing
+        else of the arguments. Under ``CHECK_LAUNCH_KEYS`` every launch goes through
+        ``kernel[grid]``, and one whose key was given before to arguments that
+        specialize differently raises LaunchKeyError."""
         if CHECK_LAUNCH_KEYS:
+            kwargs = constexprs()
             self._check_key(key, args, kwargs)
-        elif self.compiled and not tracing():
-            active = driver.active
-            device = active.get_current_device()
-            found = self._keyed.get((device, key))
-            if found is not None:
-                hooked = _hooked(self.fn)
-                if hooked is False:
-                    call, kernel, constexprs = found
-                    call(active.get_current_stream(device), args + constexprs, *grid)
-                    return kernel
-                if hooked:
-                    _, kernel, constexprs = found
-                    _launch_hooked(kernel, grid, active.get_current_stream(device), args + constexprs)
-                    return kernel
+        else:
+            if self.compiled and not tracing():
+                active = driver.active
+                device = active.get_current_device()
+                found = self._keyed.get((device, key))
+                if found is not None:
+                    hooked = _hooked(self.fn)
+                    if hooked is False:
+                        call, kernel, cached = found
+                        call(active.get_current_stream(device), args + cached, *grid)
+                        return kernel
+                    if hooked:
+                        _, kernel, cached = found
+                        _launch_hooked(kernel, grid, active.get_current_stream(device), args + cached)
+                        return kernel
+            kwargs = constexprs()
         kernel = self[grid](*args, **kwargs)
         if self.compiled and isinstance(kernel, CompiledKernel) and not tracing():
             self._cache_for_key(key, kernel, args, kwargs)
@@ -306,6 +316,8 @@ class Kernel:
         specialization, bound = binder(*args, **kwargs)
         entry = kernels.get(specialization)
         if entry is not None and entry[1] is kernel:
+            if len(self._keyed) >= KEYED_LIMIT:  # keys holding sizes grow with every new shape: start over
+                self._keyed.clear()
             self._keyed[device, key] = (*entry, bound[self.runtime_params :])
 
     def _check_key(self, key: Any, args: tuple, kwargs: dict) -> None:

@@ -33,11 +33,11 @@ BWD_PROGRAMS_PER_SM = 2
 bias), written and read again by the last program, which more programs would multiply."""
 
 
-@functools.cache  # one entry per row width: a dict lookup instead of the arithmetic, on every launch
-def row_launch(d: int) -> tuple[int, bool, int]:
-    """``BLOCK_D``, ``ONE_BLOCK`` and ``num_warps`` for rows of ``d`` features."""
+@functools.cache  # one entry per row width: a dict lookup instead of the arithmetic, on a new launch key
+def row_launch(d: int) -> dict:
+    """``BLOCK_D``, ``ONE_BLOCK`` and ``num_warps`` for rows of ``d`` features, by name."""
     block = row_block(d)
-    return block, block >= d, min(max(block // 256, 1), 16)
+    return dict(BLOCK_D=block, ONE_BLOCK=block >= d, num_warps=min(max(block // 256, 1), 16))
 
 
 @triton.jit

@@ -286,17 +286,19 @@ def adamw_step_(
         adamw_kernel.launch(
             (block_tensor.numel(),),
             key,
+            lambda: dict(
+                PARAM_TY=_TRITON_DTYPES[dtype],
+                ACC=acc_dtype(dtype),
+                HAS_GRAD_SCALE=grad_scale is not None,
+                AMSGRAD=amsgrad,
+                MAXIMIZE=maximize,
+                BLOCK=BLOCK,
+            ),
             table,
             block_tensor,
             arrivals,
             lr,
             hyperparameters,
             grad_scale,
-            PARAM_TY=_TRITON_DTYPES[dtype],
-            ACC=acc_dtype(dtype),
-            HAS_GRAD_SCALE=grad_scale is not None,
-            AMSGRAD=amsgrad,
-            MAXIMIZE=maximize,
-            BLOCK=BLOCK,
         )
         copy_back(columns, staged, read_only=1)

@@ -442,15 +442,16 @@ class _Tiling:
     programs: int  # elementwise programs per channel block
     offset_dtype: tl.dtype
     num_warps: int
+    device: torch.device
 
     def args(self, tensors: int) -> tuple[int, ...]:
         """N, L, C and the (n, l, c) strides of the first ``tensors`` tensors of the
         ``_tiling`` call, as the kernels take them, then ``tiles`` and ``l_tiles``."""
         return self._args[tensors]
 
-    def meta(self, acc: tl.dtype) -> dict:
-        """The kernels' block constexprs and launch options, with ``ACC``."""
-        return self._metas[acc]
+    def meta(self, dtype: torch.dtype) -> dict:
+        """The kernels' block constexprs and launch options, with ``ACC`` for ``dtype``."""
+        return self._metas[acc_dtype(dtype)]
 
     def __post_init__(self):
         # what each launch passes, made once: building them costs host time on every call
@@ -533,6 +534,7 @@ def _tiling_of(
         programs=max(1, min(tiles // tiles_per_program, MAX_GRID_Y)),
         offset_dtype=tl.int32 if span < INT32_OFFSETS_BELOW else tl.int64,
         num_warps=min(max(block_n * block_l * block_c // 512, 1), 8),
+        device=device,
     )
 
 
@@ -549,27 +551,35 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
     if channels == 0:
         return
     tiling = _tiling(x, y)
-    acc = acc_dtype(x.dtype)
     partial, splits = None, 0
     if training:
         splits = tiling.splits if tiling.tiles else 0
         # the count of each split, then its mean and M2 per channel (room for one split even with none)
-        partial = launch_scratch("batch_norm_stats partials", x.device, max(splits, 1) * (1 + 2 * channels), mean.dtype)
+        partial = launch_scratch(
+            "batch_norm_stats partials", tiling.device, max(splits, 1) * (1 + 2 * channels), mean.dtype
+        )
         if splits:
             batch_norm_stats_kernel.launch(
                 tiling.reduction_grid,
                 (tiling, x.dtype, partial.dtype) if aligned(x) else None,
+                lambda: tiling.meta(x.dtype),
                 x,
                 partial,
                 *tiling.args(1),
-                **tiling.meta(acc),
             )
     params = (running_mean, running_var, mean, rstd, weight, bias)
     batch_norm_normalize_kernel.launch(
         tiling.elementwise_grid,
-        (tiling, x.dtype, y.dtype, training, splits, *map(dtype_of, params))
+        (tiling, x.dtype, y.dtype, training, splits, *[None if t is None else t.dtype for t in params])
         if aligned(x, running_mean, running_var, weight, bias)
         else None,
+        lambda: dict(
+            TRAINING=training,
+            UPDATE_RUNNING=running_mean is not None,
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            **tiling.meta(x.dtype),
+        ),
         x,
         y,
         partial,
@@ -579,11 +589,6 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
         *tiling.args(2),
         *_fp32_pair(momentum),
         *_fp32_pair(eps),
-        TRAINING=training,
-        UPDATE_RUNNING=running_mean is not None,
-        HAS_W=weight is not None,
-        HAS_B=bias is not None,
-        **tiling.meta(acc),
     )
 
 
@@ -594,13 +599,22 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
         dbias.zero_()
         return
     tiling = _tiling(x, dy, dx)
-    acc = acc_dtype(x.dtype)
     # (2, splits, channels): every split's sums of dy and dy * xhat
-    partial = launch_scratch("batch_norm_bwd partials", x.device, 2 * tiling.splits * channels, mean.dtype)
-    dtypes = (tiling, x.dtype, dy.dtype, dx.dtype, mean.dtype, rstd.dtype, dtype_of(weight), training)
+    partial = launch_scratch("batch_norm_bwd partials", tiling.device, 2 * tiling.splits * channels, mean.dtype)
+    # one alignment check for the tensors every launch here is given
+    dtypes = (
+        (tiling, x.dtype, dy.dtype, dx.dtype, mean.dtype, rstd.dtype, dtype_of(weight), training)
+        if aligned(x, dy, mean, rstd, weight)
+        else None
+    )
     batch_norm_bwd_reduce_kernel.launch(
         tiling.reduction_grid,
-        dtypes if aligned(x, dy, mean, rstd, weight) else None,
+        dtypes,
+        lambda: dict(
+            TRAINING=training,
+            HAS_W=weight is not None,
+            **tiling.meta(x.dtype),
+        ),
         x,
         dy,
         dx,
@@ -609,15 +623,17 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
         weight,
         partial,
         *tiling.args(3),
-        TRAINING=training,
-        HAS_W=weight is not None,
-        **tiling.meta(acc),
     )
-    grads_key = (*dtypes, has_bias, dweight.dtype, dbias.dtype) if aligned(rstd) else None
+    grads_key = None if dtypes is None else (*dtypes, has_bias, dweight.dtype, dbias.dtype)
     if training:
         batch_norm_dx_kernel.launch(
             tiling.elementwise_grid,
-            grads_key if aligned(x, dy, mean, weight) else None,
+            grads_key,
+            lambda: dict(
+                HAS_W=weight is not None,
+                HAS_B=has_bias,
+                **tiling.meta(x.dtype),
+            ),
             x,
             dy,
             dx,
@@ -630,22 +646,21 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
             dbias,
             n * length,
             *tiling.args(3),
-            HAS_W=weight is not None,
-            HAS_B=has_bias,
-            **tiling.meta(acc),
         )
     elif weight is not None or has_bias:
         batch_norm_param_grads_kernel.launch(
             (cdiv(channels, PARAM_GRADS_BLOCK),),
             grads_key,
+            lambda: dict(
+                HAS_W=weight is not None,
+                HAS_B=has_bias,
+                ACC=acc_dtype(x.dtype),
+                BLOCK=PARAM_GRADS_BLOCK,
+            ),
             partial,
             tiling.splits,
             rstd,
             dweight,
             dbias,
             channels,
-            HAS_W=weight is not None,
-            HAS_B=has_bias,
-            ACC=acc,
-            BLOCK=PARAM_GRADS_BLOCK,
         )

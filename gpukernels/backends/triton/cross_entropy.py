@@ -457,6 +457,16 @@ def cross_entropy_rows(
     cross_entropy_fwd_kernel.launch(
         (rows,),
         key,
+        lambda: dict(
+            **_flags(logits, weight, label_smoothing, softcap, z_loss, target_mass is not None),
+            FINISH=last is not None,
+            REDUCE=loss is not None,
+            MEAN=last is not None and last.reduction == "mean",
+            WEIGHT_SUM=last is not None and last.weight_sum,
+            BLOCK_C=block,
+            FINISH_BLOCK=FINISH_ROWS_PER_WARP * warps,
+            num_warps=warps,
+        ),
         logits,
         target,
         weight,
@@ -472,14 +482,6 @@ def cross_entropy_rows(
         classes,
         ignore_index,
         *options,
-        **_flags(logits, weight, label_smoothing, softcap, z_loss, target_mass is not None),
-        FINISH=last is not None,
-        REDUCE=loss is not None,
-        MEAN=last is not None and last.reduction == "mean",
-        WEIGHT_SUM=last is not None and last.weight_sum,
-        BLOCK_C=block,
-        FINISH_BLOCK=FINISH_ROWS_PER_WARP * warps,
-        num_warps=warps,
     )
 
 
@@ -549,6 +551,13 @@ def logits_grad(
     cross_entropy_bwd_kernel.launch(
         (rows, cdiv(width, block)),
         key,
+        lambda: dict(
+            **_flags(logits, weight, label_smoothing, softcap, z_loss, probs),
+            MEAN=reduction == "mean",
+            TARGET_GRAD=target_grad is not None,
+            BLOCK_C=block,
+            num_warps=min(max(block // 256, 1), 4),
+        ),
         logits,
         target,
         weight,
@@ -566,11 +575,6 @@ def logits_grad(
         classes,
         ignore_index,
         *options,
-        **_flags(logits, weight, label_smoothing, softcap, z_loss, probs),
-        MEAN=reduction == "mean",
-        TARGET_GRAD=target_grad is not None,
-        BLOCK_C=block,
-        num_warps=min(max(block // 256, 1), 4),
     )
 
 

@@ -76,14 +76,16 @@ def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, y: torch.Tensor) 
         dropout_kernel.launch(
             (cdiv(n, BLOCK),),
             (x.dtype, n, threshold) if aligned(x, seed) else None,
+            lambda: dict(
+                SCALE_IN_MEMORY=in_memory,
+                ACC=acc,
+                BLOCK=BLOCK,
+                num_warps=8,
+            ),
             x,
             y,
             seed,
             scale,
             n,
             threshold,
-            SCALE_IN_MEMORY=in_memory,
-            ACC=acc,
-            BLOCK=BLOCK,
-            num_warps=8,
         )

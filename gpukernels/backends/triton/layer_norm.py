@@ -11,12 +11,12 @@ from ._norm import BWD_PROGRAMS_PER_SM, norm_bwd_kernel, norm_fwd_kernel, row_la
 def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
     rows, d = x.shape
     if rows:
-        block, one_block, warps = row_launch(d)
         no_offset = None  # the scale is the weight itself
         key = ("layer_norm", x.dtype, dtype_of(weight), dtype_of(bias), d) if aligned(x, weight, bias) else None
         norm_fwd_kernel.launch(
             (rows,),
             key,
+            lambda: dict(row_launch(d), CAST_BEFORE_W=False),
             x,
             weight,
             bias,
@@ -26,10 +26,6 @@ def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
             d,
             eps,
             no_offset,
-            CAST_BEFORE_W=False,
-            BLOCK_D=block,
-            ONE_BLOCK=one_block,
-            num_warps=warps,
         )
 
 
@@ -40,7 +36,6 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
         dweight.zero_()  # empty when there is no weight
         dbias.zero_()
         return
-    block, one_block, warps = row_launch(d)
     device = x.device
     programs = num_programs(device, rows, per_sm=BWD_PROGRAMS_PER_SM)
     # dweight's, then dbias's partials: every program writes its rows of them, so no zero fill
@@ -58,6 +53,13 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
     norm_bwd_kernel.launch(
         (programs,),
         key,
+        lambda: dict(
+            row_launch(d),
+            CAST_BEFORE_W=False,
+            # fused, dy * w - mean(dy * w) keeps the product's rounding error
+            # where the exact answer is 0 (D == 1), times rstd
+            enable_fp_fusion=False,
+        ),
         dy,
         x,
         weight,
@@ -71,11 +73,4 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
         rows,
         d,
         no_offset,
-        CAST_BEFORE_W=False,
-        BLOCK_D=block,
-        ONE_BLOCK=one_block,
-        num_warps=warps,
-        # fused, dy * w - mean(dy * w) keeps the product's rounding error
-        # where the exact answer is 0 (D == 1), times rstd
-        enable_fp_fusion=False,
     )

@@ -11,7 +11,6 @@ from ._norm import BWD_PROGRAMS_PER_SM, norm_bwd_kernel, norm_fwd_kernel, row_la
 def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
     rows, d = x.shape
     if rows:
-        block, one_block, warps = row_launch(d)
         no_bias = no_mean = None
         key = (
             ("rms_norm", x.dtype, dtype_of(weight), offset is None, cast_before_weight, d)
@@ -21,6 +20,7 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
         norm_fwd_kernel.launch(
             (rows,),
             key,
+            lambda: dict(row_launch(d), CAST_BEFORE_W=cast_before_weight),
             x,
             weight,
             no_bias,
@@ -30,10 +30,6 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
             d,
             eps,
             offset,
-            CAST_BEFORE_W=cast_before_weight,
-            BLOCK_D=block,
-            ONE_BLOCK=one_block,
-            num_warps=warps,
         )
 
 
@@ -42,7 +38,6 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
     if not rows:
         dweight.zero_()  # no rows: dweight is 0 (and empty when there is no weight)
         return
-    block, one_block, warps = row_launch(d)
     device = x.device
     programs = num_programs(device, rows, per_sm=BWD_PROGRAMS_PER_SM)  # <= rows: every program gets a row
     has_w = weight is not None
@@ -57,6 +52,7 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
     norm_bwd_kernel.launch(
         (programs,),
         key,
+        lambda: dict(row_launch(d), CAST_BEFORE_W=cast_before_weight),
         dy,
         x,
         weight,
@@ -70,8 +66,4 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
         rows,
         d,
         offset,
-        CAST_BEFORE_W=cast_before_weight,
-        BLOCK_D=block,
-        ONE_BLOCK=one_block,
-        num_warps=warps,
     )
