@@ -3,9 +3,11 @@ instructions of each op's forward and backward (AdamW: a step) through
 Triton's real launch path against a stub libcuda, ours and PyTorch's, and this
 test fails when ours / PyTorch's passes its bound.
 
-Bounds: the target, or where the target is not met yet, the ratio measured
-when the bound was set plus 10%, so that host time cannot creep back; lower
-a bound when a change brings its ratio down. Needs gcc and valgrind.
+Bounds: the target where it is met with room to spare; otherwise, not met or met
+by less than 5%, the ratio measured when the bound was set plus 5% (counts vary by
+a fraction of a percent between environments: a target met by 0.4% would make CI
+fail by chance), so that host time cannot creep back; lower a bound when a change
+brings its ratio down. The test prints which targets are met. Needs gcc and valgrind.
 """
 
 from __future__ import annotations
@@ -24,16 +26,17 @@ TARGETS = {
     **{(op, "chain"): 2.5 for op in ("layer_norm", "batch_norm", "dropout", "cross_entropy", "linear_act")},
     ("adamw", "step"): 1.5,
 }
-# Targets not met yet: measured + 10% (Triton 3.9, torch 2.13, kernels launched by backends/triton/_launch.py).
+# Targets not met, or met by less than 5%: measured + 5% (bench/results/host-time-2026-12-02-fewer-host-calls:
+# Triton 3.9, torch 2.13, kernels launched by backends/triton/_launch.py).
 BOUNDS = {
-    ("layer_norm", "standalone"): 2.08,
-    ("layer_norm", "chain"): 3.01,
-    ("batch_norm", "standalone"): 2.75,
-    ("batch_norm", "chain"): 4.38,
-    ("dropout", "standalone"): 1.68,
-    ("cross_entropy", "standalone"): 3.62,
-    ("cross_entropy", "chain"): 4.27,
-    ("adamw", "step"): 2.73,
+    ("layer_norm", "standalone"): 1.84,
+    ("layer_norm", "chain"): 2.61,  # 2.49: met by 0.5%
+    ("batch_norm", "standalone"): 2.06,  # 1.96: met by 2%
+    ("batch_norm", "chain"): 3.12,
+    ("dropout", "standalone"): 1.53,  # 1.46: met by 3%
+    ("cross_entropy", "standalone"): 2.39,
+    ("cross_entropy", "chain"): 2.77,
+    ("adamw", "step"): 1.52,  # 1.45: met by 3%
 }
 
 
