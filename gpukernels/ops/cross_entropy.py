@@ -38,8 +38,17 @@ REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
 
 
-def _loss(logits: Tensor, reduction: str) -> Tensor:
-    return logits.new_empty((logits.shape[0],) if reduction == "none" else ())
+def _loss_and_stats(logits: Tensor, reduction: str, last: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The loss (one per row for ``none``), then in the statistics dtype each row's
+    ``row_max`` and ``log_sum``, and ``last`` more values (``totals``; ``target_mass``)."""
+    rows, stats = logits.shape[0], stats_dtype(logits.dtype)
+    new_stats = logits.new_empty
+    return (
+        logits.new_empty((rows,) if reduction == "none" else ()),
+        new_stats(rows, dtype=stats),
+        new_stats(rows, dtype=stats),
+        new_stats(last, dtype=stats),
+    )
 
 
 @kernel_op("cross_entropy")
@@ -59,14 +68,7 @@ def cross_entropy_fwd(
     ``row_max`` and ``log_sum`` (``lse = row_max + log_sum``); ``totals``: that
     denominator and ``sum(w)`` (C without weights). A target outside ``[0, C)`` that is
     not ``ignore_index`` is never read: an IndexError on CPU, a device-side assert on CUDA."""
-    rows, stats = logits.shape[0], stats_dtype(logits.dtype)
-    new_stats = logits.new_empty
-    return (
-        _loss(logits, reduction),
-        new_stats(rows, dtype=stats),
-        new_stats(rows, dtype=stats),
-        new_stats(2, dtype=stats),
-    )
+    return _loss_and_stats(logits, reduction, 2)
 
 
 @kernel_op("cross_entropy")
@@ -100,14 +102,7 @@ def cross_entropy_probs_fwd(
     ``reduction`` (``mean`` divides by the number of rows: nan when there are none) into
     ``loss``, in the logits' dtype; each row's ``row_max``, ``log_sum`` and
     ``target_mass`` ``sum_c q[c]``."""
-    rows, stats = logits.shape[0], stats_dtype(logits.dtype)
-    new_stats = logits.new_empty
-    return (
-        _loss(logits, reduction),
-        new_stats(rows, dtype=stats),
-        new_stats(rows, dtype=stats),
-        new_stats(rows, dtype=stats),
-    )
+    return _loss_and_stats(logits, reduction, logits.shape[0])
 
 
 @kernel_op("cross_entropy")
