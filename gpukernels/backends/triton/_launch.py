@@ -33,7 +33,8 @@ the kernel or a stages-inspection hook installed go through the JIT.
 Reading every argument's specialization still costs about half of a launch.
 ``kernel.launch(grid, key, constexprs, *args)`` skips it: the launcher, which knows
 what its arguments are, gives a key that stands for their specialization
-(dtypes and sizes, say, and only when every pointer is 16-byte aligned), and
+(dtypes and sizes, say, and only when the pointers it was given are 16-byte
+aligned: the outputs it allocated are), and
 a hit launches the kernel cached for the key with nothing else read. A key
 that stood for two specializations would launch a wrong kernel, so under
 ``GPUKERNELS_CHECK_LAUNCH_KEYS=1`` (the tests set it) every keyed launch goes
