@@ -139,7 +139,7 @@ def test_launch_with_a_key_runs_the_kernel_and_checks_the_key(monkeypatch):
 
 
 def _keyed_ops_forward_backward() -> list[torch.Tensor]:
-    """Forward and backward of the ops whose launchers give launch keys, on CUDA tensors."""
+    """Forward and backward of the ops whose launchers give launch keys (and an AdamW step), on CUDA tensors."""
     import gpukernels as gk
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -149,16 +149,24 @@ def _keyed_ops_forward_backward() -> list[torch.Tensor]:
         w = torch.randn(96, device="cuda", generator=g).to(dtype).requires_grad_()
         b = torch.randn(96, device="cuda", generator=g).to(dtype).requires_grad_()
         images = torch.randn(4, 8, 5, 5, device="cuda", generator=g).to(dtype).requires_grad_()
-        stats = torch.zeros(8, device="cuda"), torch.ones(8, device="cuda")
+        stats = torch.zeros(8, device="cuda", dtype=dtype), torch.ones(8, device="cuda", dtype=dtype)
+        logits = torch.randn(16, 40, device="cuda", generator=g).to(dtype).requires_grad_()
+        target = torch.randint(0, 40, (16,), device="cuda", generator=g)
         outputs = [
             gk.layer_norm(x, (96,), w, b),
             gk.rms_norm(x, (96,), w),
             gk.dropout(x, 0.25, seed=7),
             gk.batch_norm(images, *stats, w[:8], b[:8], training=True),
+            gk.cross_entropy(logits, target, label_smoothing=0.1),
+            gk.cross_entropy(logits, target, reduction="none"),
         ]
         for out in outputs:
             out.backward(torch.ones_like(out))
-        results += [out.detach() for out in outputs] + [x.grad, w.grad, b.grad, images.grad, *stats]
+        results += [out.detach() for out in outputs] + [x.grad, w.grad, b.grad, images.grad, logits.grad, *stats]
+        param = torch.randn(3000, device="cuda", generator=g).to(dtype).requires_grad_()
+        param.grad = torch.randn(3000, device="cuda", generator=g).to(dtype)
+        gk.optim.AdamW([param], lr=1e-2).step()
+        results.append(param.detach())
     return results
 
 
