@@ -222,13 +222,14 @@ def install_stub_driver() -> ctypes.CDLL:
 
 
 def route_cpu_tensors_to_triton() -> None:
-    """Our ops on CPU tensors run the Triton backend's compiled kernels (through the stub)."""
-    import gpukernels as gk
+    """Our ops on CPU tensors run the Triton backend's compiled kernels (through the stub),
+    as its default, so that what is counted is the path of a user who selects no backend."""
+    from gpukernels import _backend
     from gpukernels.backends import triton as backend
 
     backend.device_types = lambda: ("cuda", "cpu")
     backend.unavailable_reason = lambda: None
-    gk.use_backend("triton")
+    _backend._DEFAULT_FOR_DEVICE["cpu"] = "triton"
 
 
 def flags_as_kernels_would_write() -> None:

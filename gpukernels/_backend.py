@@ -68,8 +68,8 @@ _ENVIRON = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey("GPUKERNELS_BACKEND") if _ENVIRON is not None else None
 
 
-def backend_name(device: torch.device) -> str:
-    """The backend that ops on tensors of ``device`` run on now."""
+def _chosen() -> str | None:
+    """The backend chosen for every device (``use_backend``, else ``$GPUKERNELS_BACKEND``), or None."""
     if _selected is not None:
         return _selected
     if _ENVIRON is not None:
@@ -77,12 +77,31 @@ def backend_name(device: torch.device) -> str:
         env = None if env is None else os.environ.decodevalue(env)
     else:
         env = os.environ.get("GPUKERNELS_BACKEND")
-    if env:
-        return _check_name(env)
+    return _check_name(env) if env else None
+
+
+def backend_name(device: torch.device) -> str:
+    """The backend that ops on tensors of ``device`` run on now."""
+    chosen = _chosen()
+    if chosen is not None:
+        return chosen
     try:
         return _DEFAULT_FOR_DEVICE[device_type(device)]
     except KeyError:
         raise BackendError(f"gpukernels has no backend for device {device}") from None
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """``backend_name(t.device)``, without making ``t.device`` (a new object on every
+    read: host time) for CPU and CUDA tensors."""
+    chosen = _chosen()
+    if chosen is not None:
+        return chosen
+    if t.is_cuda:
+        return _DEFAULT_FOR_DEVICE["cuda"]
+    if t.is_cpu:
+        return _DEFAULT_FOR_DEVICE["cpu"]
+    return backend_name(t.device)
 
 
 def _backend_package(name: str) -> ModuleType:

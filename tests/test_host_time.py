@@ -5,7 +5,7 @@ test fails when ours / PyTorch's passes its bound.
 
 Bounds: the target where it is met with room to spare; otherwise, not met or met
 by less than 5%, the ratio measured when the bound was set plus 5% (counts vary by
-a fraction of a percent between environments: a target met by 0.4% would make CI
+a fraction of a percent between environments: a target met by 0.5% would make CI
 fail by chance), so that host time cannot creep back; lower a bound when a change
 brings its ratio down. The test prints which targets are met. Needs gcc and valgrind.
 """
@@ -26,17 +26,17 @@ TARGETS = {
     **{(op, "chain"): 2.5 for op in ("layer_norm", "batch_norm", "dropout", "cross_entropy", "linear_act")},
     ("adamw", "step"): 1.5,
 }
-# Targets not met, or met by less than 5%: measured + 5% (bench/results/host-time-2026-12-02-fewer-host-calls:
-# Triton 3.9, torch 2.13, kernels launched by backends/triton/_launch.py).
+# Targets not met, or met by less than 5%: measured + 5% (bench/results/host-time-2026-12-02-default-backend:
+# Triton 3.9, torch 2.13, no backend selected, kernels launched by backends/triton/_launch.py).
 BOUNDS = {
-    ("layer_norm", "standalone"): 1.84,
-    ("layer_norm", "chain"): 2.61,  # 2.49: met by 0.5%
-    ("batch_norm", "standalone"): 2.06,  # 1.96: met by 2%
-    ("batch_norm", "chain"): 3.12,
-    ("dropout", "standalone"): 1.53,  # 1.46: met by 3%
-    ("cross_entropy", "standalone"): 2.39,
+    ("layer_norm", "standalone"): 1.85,
+    ("layer_norm", "chain"): 2.62,  # 2.49: at the target, within the counts' spread between processes
+    ("batch_norm", "standalone"): 2.07,  # 1.97: met by 1.5%
+    ("batch_norm", "chain"): 3.14,
+    ("dropout", "standalone"): 1.54,  # 1.46: met by 2.5%
+    ("cross_entropy", "standalone"): 2.41,
     ("cross_entropy", "chain"): 2.77,
-    ("adamw", "step"): 1.52,  # 1.45: met by 3%
+    ("adamw", "step"): 1.54,  # 1.46: met by 2.5%
 }
 
 

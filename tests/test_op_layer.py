@@ -27,6 +27,33 @@ def _backend_kernels():
             yield pytest.param(op, backend, id=f"{backend}-{op.name}")
 
 
+def test_backend_for_a_tensor_is_backend_name_of_its_device(monkeypatch):
+    """The ops resolve the backend from their first tensor without reading its device
+    where the default does not need it: the same answer as backend_name, selected,
+    from the environment, by default, or a BackendError."""
+    from gpukernels._backend import backend_for, backend_name
+
+    monkeypatch.delenv("GPUKERNELS_BACKEND", raising=False)
+    tensors = [torch.ones(2), torch.ones(2, device="meta")]
+    if torch.cuda.is_available():
+        tensors.append(torch.ones(2, device="cuda"))
+    for setting in [lambda: gk.use_backend(None), lambda: gk.use_backend("numpy")]:
+        with setting():
+            for env in (None, "triton"):
+                if env is not None:
+                    monkeypatch.setenv("GPUKERNELS_BACKEND", env)
+                for t in tensors:
+                    try:
+                        expected = backend_name(t.device)
+                    except gk.BackendError as e:
+                        with pytest.raises(gk.BackendError, match=str(e)):
+                            backend_for(t)
+                        continue
+                    assert backend_for(t) == expected, (t.device, env)
+                monkeypatch.delenv("GPUKERNELS_BACKEND", raising=False)
+    assert backend_for(torch.ones(2)) == "numpy"
+
+
 def test_every_op_is_declared():
     assert {"dropout_fwd", "batch_norm_fwd", "batch_norm_bwd"} <= set(OPS)
     assert {"linear_act_fwd", "linear_act_bwd", "adamw_step_"} <= set(OPS)

@@ -58,7 +58,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
 from .. import _backend
-from .._backend import backend_name, kernel_for
+from .._backend import backend_for, backend_name, kernel_for
 from .._numerics import stats_dtype  # noqa: F401  (the op files' one rule for statistics)
 
 try:  # torch's list of each triton_op's kernels, for AOTAutograd's cache key
@@ -233,7 +233,7 @@ class KernelOp:
 
     def __call__(self, *args):  # self.on(backend_name(device of args[0]), *args), one call less
         first = args[0]
-        args = (*args, backend_name(first.device if type(first) in _PLAIN_TENSOR_TYPES else device_of(first)))
+        args = (*args, backend_for(first) if type(first) in _PLAIN_TENSOR_TYPES else backend_name(device_of(first)))
         return self.custom_op(*args) if needs_dispatch(args) else self._eager(*args)
 
     def on(self, backend: str, *args):

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import backend_name
+from .._backend import backend_for
 from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import check_float, check_number, check_optional_float, empty_grad
 from ._op import eager_apply, kernel_op, needs_dispatch, refuse_second_derivative, reshaped, stats_dtype
@@ -204,7 +204,7 @@ def batch_norm(
     x = reshaped(input, n, channels, length)
     if x.numel() == 0:
         return _empty_batch(x, weight, bias).view(input.shape)
-    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, backend_name(x.device))
+    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, backend_for(x))
     # Function.apply's Python layer serves functorch transforms and torch.compile; on plain
     # tensors, outside them, its C apply (host time)
     y = _BatchNormFunction.apply(*args, True) if needs_dispatch(args) else _apply_eagerly(*args, False)
