@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
 from .errors import ArgumentError, ArgumentTypeError
-from .ops._checks import FLOAT_DTYPES, check_float, check_number
+from .ops._checks import FLOAT_DTYPES, PLAIN_TENSOR_TYPES, check_float, check_number
 from .ops.adamw import adamw_step_, check_hyperparameters, state_dtype
 
 __all__ = ["AdamW", "WarmupCosineLR", "warmup_cosine", "clip_grad_norm_"]
@@ -76,12 +76,9 @@ def _is_dtensor(t: Any) -> bool:
     return dtensor is not None and isinstance(t, dtensor)
 
 
-_PLAIN_TENSOR_TYPES = frozenset((Tensor, torch.nn.Parameter))
-
-
 def _has_dtensor(tensors: list[Tensor]) -> bool:
     kinds = set(map(type, tensors))
-    if kinds <= _PLAIN_TENSOR_TYPES:  # the usual answer, without a generator's host time
+    if kinds <= PLAIN_TENSOR_TYPES:  # the usual answer, without a generator's host time
         return False
     dtensor = _dtensor_class()
     return dtensor is not None and any(issubclass(kind, dtensor) for kind in kinds)

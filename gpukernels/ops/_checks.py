@@ -10,6 +10,8 @@ import torch
 from ..errors import ArgumentError, ArgumentTypeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PLAIN_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+"""Tensors that are no subclass (FakeTensor, DTensor, ...): ``type(t) in PLAIN_TENSOR_TYPES``."""
 
 
 def check_float(name: str, t: torch.Tensor) -> None:

@@ -60,30 +60,29 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 from .. import _backend
 from .._backend import backend_for, backend_name, kernel_for
 from .._numerics import stats_dtype  # noqa: F401  (the op files' one rule for statistics)
+from ._checks import PLAIN_TENSOR_TYPES
 
 try:  # torch's list of each triton_op's kernels, for AOTAutograd's cache key
     from torch._library.triton import triton_ops_to_kernels
 except ImportError:  # an older torch, without that cache
     triton_ops_to_kernels = {}
 
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _PLAIN_VALUE_TYPES = (type(None), bool, int, float, str)
 
 OPS: dict[str, "KernelOp"] = {}
 """Every declared op by name: the kernel contract each backend must meet."""
 
 
-_PLAIN_TENSOR_TYPE_SET = frozenset(_PLAIN_TENSOR_TYPES)
 _is_meta = attrgetter("is_meta")
 
 
 def _needs_dispatch_for(value) -> bool:
-    if type(value) in _PLAIN_TENSOR_TYPES:
+    if type(value) in PLAIN_TENSOR_TYPES:
         return value.is_meta
     if isinstance(value, torch.Tensor):  # a subclass: FakeTensor, DTensor, ...
         return True
     if isinstance(value, (list, tuple)):
-        if _PLAIN_TENSOR_TYPE_SET.issuperset(map(type, value)):  # a list of plain tensors, in passes that run in C
+        if PLAIN_TENSOR_TYPES.issuperset(map(type, value)):  # a list of plain tensors, in passes that run in C
             return any(map(_is_meta, value))
         return any(_needs_dispatch_for(v) for v in value)
     return False
@@ -103,7 +102,7 @@ def needs_dispatch(args: Sequence) -> bool:
         return True
     for a in args:
         kind = type(a)
-        if kind in _PLAIN_TENSOR_TYPES:
+        if kind in PLAIN_TENSOR_TYPES:
             if a.is_meta:
                 return True
         elif kind in _PLAIN_VALUE_TYPES:
@@ -200,7 +199,7 @@ class KernelOp:
     def _run(self, *args):
         outputs = self.spec(*args)
         first = args[0]
-        device = first.device if type(first) in _PLAIN_TENSOR_TYPES else device_of(first)
+        device = first.device if type(first) in PLAIN_TENSOR_TYPES else device_of(first)
         # kernel_for's cache read here: one call less
         kernel = _backend._kernels.get((args[-1], self.family, self.name, device))
         if kernel is None:
@@ -233,7 +232,7 @@ class KernelOp:
 
     def __call__(self, *args):  # self.on(backend_name(device of args[0]), *args), one call less
         first = args[0]
-        args = (*args, backend_for(first) if type(first) in _PLAIN_TENSOR_TYPES else backend_name(device_of(first)))
+        args = (*args, backend_for(first) if type(first) in PLAIN_TENSOR_TYPES else backend_name(device_of(first)))
         return self.custom_op(*args) if needs_dispatch(args) else self._eager(*args)
 
     def on(self, backend: str, *args):

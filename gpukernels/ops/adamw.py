@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .._backend import device_type
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import FLOAT_DTYPES, check_device, check_float, check_number, check_shape
+from ._checks import FLOAT_DTYPES, PLAIN_TENSOR_TYPES, check_device, check_float, check_number, check_shape
 from ._op import kernel_op, stats_dtype
 
 
@@ -63,7 +63,6 @@ def _check_tensor(name: str, t: Tensor, param: Tensor, shape: Sequence[int], dty
 
 
 _dtype, _shape = attrgetter("dtype"), attrgetter("shape")
-_PLAIN_TENSOR_TYPES = frozenset((Tensor, torch.nn.Parameter))
 _FLOAT_DTYPES = frozenset(FLOAT_DTYPES)
 _OWN_STATE_DTYPES = frozenset(d for d in FLOAT_DTYPES if state_dtype(d) == d)
 _is_cpu, _is_cuda = attrgetter("is_cpu"), attrgetter("is_cuda")
@@ -89,7 +88,7 @@ def _pass_every_check(
     Checked one tensor at a time, each by name, 200 params took 0.6 ms of CPU time,
     far more than the GPU takes to update them; these passes take a quarter of it."""
     kinds = set(map(type, params))
-    if not (kinds <= _PLAIN_TENSOR_TYPES or all(issubclass(kind, Tensor) for kind in kinds)):
+    if not (kinds <= PLAIN_TENSOR_TYPES or all(issubclass(kind, Tensor) for kind in kinds)):
         return False
     dtypes = list(map(_dtype, params))
     param_dtypes = set(dtypes)
