@@ -136,6 +136,9 @@ def test_launch_with_a_key_runs_the_kernel_and_checks_the_key(monkeypatch):
         kernel.launch((4,), name, lambda: other_flags, *other_args)
     with pytest.raises(LaunchKeyError, match="by position"):
         kernel.launch((4,), "n by name", lambda: dict(flags, limit=limit, alpha=alpha, n=n), x, y, out)
+    # None is no key: launches of any specialization, none checked against another
+    kernel.launch((4,), None, lambda: flags, misaligned, y, out, n, limit, alpha)
+    kernel.launch((4,), None, lambda: dict(flags, HAS_Y=False), x, None, out.half(), 1, limit, alpha)
 
 
 def _keyed_ops_forward_backward() -> list[torch.Tensor]:
@@ -380,6 +383,18 @@ def check_keyed_launches_are_the_jits(stub: _Stub) -> None:
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
     assert seen == ["_axpy"]
+
+
+def check_keyless_launches_are_the_jits(stub: _Stub) -> None:
+    """A key of None (a misaligned pointer, a traced launch) is no key: every such
+    launch, of whatever specialization, is the JIT's, and none is cached under it."""
+    fn = triton.jit(_axpy)
+    kernel = Kernel(fn)
+    for round_ in ("first", "cached"):
+        for name, args, kwargs in _launch_cases() + _launch_cases(torch.float16):
+            ours = _launched(stub, lambda: kernel.launch((4,), None, lambda: kwargs, *args))
+            assert ours == _launched(stub, lambda: fn[(4,)](*args, **kwargs)), f"{round_} launch, {name}"
+    assert not kernel._keyed
 
 
 def check_launch_keys_are_bounded(stub: _Stub) -> None:

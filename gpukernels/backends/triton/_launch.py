@@ -283,7 +283,10 @@ class Kernel:
         with ``args``, the cached constexprs and the current stream, and reads nothing
         else of the arguments. Under ``CHECK_LAUNCH_KEYS`` every launch goes through
         ``kernel[grid]``, and one whose key was given before to arguments that
-        specialize differently raises LaunchKeyError."""
+        specialize differently raises LaunchKeyError. A ``key`` of None is no key (a
+        misaligned pointer, a traced launch): ``kernel[grid]``, nothing cached."""
+        if key is None:
+            return self[grid](*args, **constexprs())
         if CHECK_LAUNCH_KEYS:
             kwargs = constexprs()
             self._check_key(key, args, kwargs)
