@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, cdiv, next_power_of_2, round_to
+from ._common import acc_dtype, aligned, cdiv, int_class, next_power_of_2, round_to
 from ._launch import jit
 from .linear_act import _activation, _activation_grad
 
@@ -30,14 +30,22 @@ def elementwise_offsets(n, BLOCK: tl.constexpr):
     return offsets, offsets < n
 
 
-def launch_elementwise(kernel, n: int, *args, **constexprs) -> None:
+def launch_elementwise(kernel, n: int, key: tuple | None, *args, **constexprs) -> None:
     """``kernel[grid](*args, n, BLOCK=..., **constexprs)`` over ``n`` elements: the
     block a power of two from ``n`` (MIN_BLOCK to MAX_BLOCK), one program a block,
-    no launch for 0 elements. The kernel takes its offsets from ``elementwise_offsets``."""
+    no launch for 0 elements. The kernel takes its offsets from ``elementwise_offsets``.
+    ``key``: what decides the launch's specialization besides ``n`` (dtypes, constexprs),
+    None where a pointer is misaligned (``Kernel.launch``)."""
     if n == 0:
         return
     block = min(max(next_power_of_2(n), MIN_BLOCK), MAX_BLOCK)
-    kernel[(cdiv(n, block),)](*args, n, BLOCK=block, num_warps=max(block // 256, 1), **constexprs)
+    kernel.launch(
+        (cdiv(n, block),),
+        None if key is None else (*key, block, *int_class(n)),
+        lambda: dict(BLOCK=block, num_warps=max(block // 256, 1), **constexprs),
+        *args,
+        n,
+    )
 
 
 @jit
@@ -59,12 +67,23 @@ def gated_act_bwd_kernel(DY, Gate, Up, DGate, DUp, n, ACTIVATION: tl.constexpr, 
 
 
 def gated_act_fwd(gate, up, activation, y):
+    key = (gate.dtype, up.dtype, y.dtype, activation) if aligned(gate, up) else None
     launch_elementwise(
-        gated_act_fwd_kernel, gate.numel(), gate, up, y, ACTIVATION=activation, ACC=acc_dtype(gate.dtype)
+        gated_act_fwd_kernel, gate.numel(), key, gate, up, y, ACTIVATION=activation, ACC=acc_dtype(gate.dtype)
     )
 
 
 def gated_act_bwd(dy, gate, up, activation, dgate, dup):
+    key = (dy.dtype, gate.dtype, up.dtype, dgate.dtype, dup.dtype, activation) if aligned(dy, gate, up) else None
     launch_elementwise(
-        gated_act_bwd_kernel, gate.numel(), dy, gate, up, dgate, dup, ACTIVATION=activation, ACC=acc_dtype(gate.dtype)
+        gated_act_bwd_kernel,
+        gate.numel(),
+        key,
+        dy,
+        gate,
+        up,
+        dgate,
+        dup,
+        ACTIVATION=activation,
+        ACC=acc_dtype(gate.dtype),
     )

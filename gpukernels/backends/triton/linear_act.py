@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, cdiv, round_to, stats_dtype
+from ._common import acc_dtype, aligned, cdiv, dtype_of, int_class, round_to, stats_dtype
 from ._launch import jit
 
 _SQRT_HALF = tl.constexpr(math.sqrt(0.5))
@@ -150,8 +150,15 @@ def linear_act_fwd(x, weight, bias, activation, y, z):
         torch.addmm(bias, x, weight.t(), out=product)
     n = product.numel()
     if activation != "none" and n:
-        linear_act_fwd_kernel[(cdiv(n, BLOCK),)](
-            product, y, n, ACTIVATION=activation, ACC=acc_dtype(y.dtype), BLOCK=BLOCK, num_warps=4
+        # both pointers are this op's outputs: aligned (aligned() is False only while tracing)
+        key = (product.dtype, y.dtype, activation, *int_class(n)) if aligned() else None
+        linear_act_fwd_kernel.launch(
+            (cdiv(n, BLOCK),),
+            key,
+            lambda: dict(ACTIVATION=activation, ACC=acc_dtype(y.dtype), BLOCK=BLOCK, num_warps=4),
+            product,
+            y,
+            n,
         )
 
 
@@ -167,19 +174,28 @@ def _dz_and_dbias(dy: torch.Tensor, saved: torch.Tensor, activation: str, dbias:
     tiles = cdiv(m, BLOCK_ROWS)
     partial = torch.empty((tiles, n), dtype=acc, device=dy.device) if dbias is not None else None
     if dy.numel():
-        linear_act_bwd_kernel[(tiles, cdiv(n, BLOCK_COLS))](
+        key = (
+            (dy.dtype, saved.dtype, dz.dtype, dtype_of(partial), activation, *int_class(m), *int_class(n))
+            if aligned(dy, saved)
+            else None
+        )
+        linear_act_bwd_kernel.launch(
+            (tiles, cdiv(n, BLOCK_COLS)),
+            key,
+            lambda: dict(
+                ACTIVATION=activation,
+                HAS_BIAS=dbias is not None,
+                ACC=acc_dtype(dy.dtype),
+                BLOCK_ROWS=BLOCK_ROWS,
+                BLOCK_COLS=BLOCK_COLS,
+                num_warps=4,
+            ),
             dy,
             saved,
             dz,
             partial,
             m,
             n,
-            ACTIVATION=activation,
-            HAS_BIAS=dbias is not None,
-            ACC=acc_dtype(dy.dtype),
-            BLOCK_ROWS=BLOCK_ROWS,
-            BLOCK_COLS=BLOCK_COLS,
-            num_warps=4,
         )
     if dbias is not None:
         dbias.copy_(partial.sum(0))
