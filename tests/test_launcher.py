@@ -155,6 +155,7 @@ def _keyed_ops_forward_backward() -> list[torch.Tensor]:
         stats = torch.zeros(8, device="cuda", dtype=dtype), torch.ones(8, device="cuda", dtype=dtype)
         logits = torch.randn(16, 40, device="cuda", generator=g).to(dtype).requires_grad_()
         target = torch.randint(0, 40, (16,), device="cuda", generator=g)
+        w_linear = torch.randn(40, 96, device="cuda", generator=g).to(dtype).requires_grad_()
         outputs = [
             gk.layer_norm(x, (96,), w, b),
             gk.rms_norm(x, (96,), w),
@@ -162,10 +163,13 @@ def _keyed_ops_forward_backward() -> list[torch.Tensor]:
             gk.batch_norm(images, *stats, w[:8], b[:8], training=True),
             gk.cross_entropy(logits, target, label_smoothing=0.1),
             gk.cross_entropy(logits, target, reduction="none"),
+            gk.swiglu(x, x.flip(1)),
+            gk.linear_act(x, w_linear, b[:40], activation="gelu"),
         ]
         for out in outputs:
             out.backward(torch.ones_like(out))
-        results += [out.detach() for out in outputs] + [x.grad, w.grad, b.grad, images.grad, logits.grad, *stats]
+        results += [out.detach() for out in outputs]
+        results += [x.grad, w.grad, b.grad, images.grad, logits.grad, w_linear.grad, *stats]
         param = torch.randn(3000, device="cuda", generator=g).to(dtype).requires_grad_()
         param.grad = torch.randn(3000, device="cuda", generator=g).to(dtype)
         gk.optim.AdamW([param], lr=1e-2).step()
