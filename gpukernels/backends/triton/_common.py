@@ -78,13 +78,6 @@ def aligned(*tensors: torch.Tensor | None) -> bool:
     return bits & 15 == 0
 
 
-def int_class(n: int) -> tuple[bool, bool, bool]:
-    """What Triton specializes an int argument on, as a launch key's share: equal to 1,
-    divisible by 16, beyond 32 bits. For sizes that vary from call to call, where keying
-    on the value would make a key per size."""
-    return n == 1, n % 16 == 0, not -(2**31) <= n < 2**31
-
-
 def dtype_of(t: torch.Tensor | None) -> torch.dtype | None:
     """``t.dtype``, None for None: an optional operand's share of a launch key."""
     return None if t is None else t.dtype

@@ -34,8 +34,8 @@ Reading every argument's specialization still costs about half of a launch.
 ``kernel.launch(grid, key, constexprs, *args)`` skips it: the launcher, which knows
 what its arguments are, gives a key that stands for their specialization
 (dtypes and sizes, say, and only when the pointers it was given are 16-byte
-aligned: the outputs it allocated are), and
-a hit launches the kernel cached for the key with nothing else read. A key
+aligned: the outputs it allocated are), and a hit launches the kernel cached
+for the key with nothing else read. A key
 that stood for two specializations would launch a wrong kernel, so under
 ``GPUKERNELS_CHECK_LAUNCH_KEYS=1`` (the tests set it) every keyed launch goes
 through ``kernel[grid]`` and checks its key against the JIT's own.
@@ -48,8 +48,9 @@ context variable, read once per launch, tells the two apart.
 
 Under ``TRITON_INTERPRET=1`` (read when ``jit`` decorates, as by
 ``triton.jit``) the ``Kernel`` ``jit`` returns holds ``triton.jit``'s
-interpreted function, which runs every launch (keys checked as above). ``jit`` is for kernels launched with
-``kernel[grid](...)``; a function called from inside kernels stays
+interpreted function, which runs every launch (keys checked as above).
+``jit`` is for kernels launched with ``kernel[grid](...)`` or
+``kernel.launch(...)``; a function called from inside kernels stays
 ``triton.jit``.
 """
 
@@ -287,25 +288,23 @@ class Kernel:
         misaligned pointer, a traced launch): ``kernel[grid]``, nothing cached."""
         if key is None:
             return self[grid](*args, **constexprs())
+        if not CHECK_LAUNCH_KEYS and self.compiled and not tracing():
+            active = driver.active
+            device = active.get_current_device()
+            found = self._keyed.get((device, key))
+            if found is not None:
+                hooked = _hooked(self.fn)
+                if hooked is False:
+                    call, kernel, cached = found
+                    call(active.get_current_stream(device), args + cached, *grid)
+                    return kernel
+                if hooked:
+                    _, kernel, cached = found
+                    _launch_hooked(kernel, grid, active.get_current_stream(device), args + cached)
+                    return kernel
+        kwargs = constexprs()
         if CHECK_LAUNCH_KEYS:
-            kwargs = constexprs()
             self._check_key(key, args, kwargs)
-        else:
-            if self.compiled and not tracing():
-                active = driver.active
-                device = active.get_current_device()
-                found = self._keyed.get((device, key))
-                if found is not None:
-                    hooked = _hooked(self.fn)
-                    if hooked is False:
-                        call, kernel, cached = found
-                        call(active.get_current_stream(device), args + cached, *grid)
-                        return kernel
-                    if hooked:
-                        _, kernel, cached = found
-                        _launch_hooked(kernel, grid, active.get_current_stream(device), args + cached)
-                        return kernel
-            kwargs = constexprs()
         kernel = self[grid](*args, **kwargs)
         if self.compiled and isinstance(kernel, CompiledKernel) and not tracing():
             self._cache_for_key(key, kernel, args, kwargs)

@@ -570,7 +570,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
     params = (running_mean, running_var, mean, rstd, weight, bias)
     batch_norm_normalize_kernel.launch(
         tiling.elementwise_grid,
-        (tiling, x.dtype, y.dtype, training, splits, *[None if t is None else t.dtype for t in params])
+        (tiling, x.dtype, y.dtype, training, splits, *map(dtype_of, params))
         if aligned(x, running_mean, running_var, weight, bias)
         else None,
         lambda: dict(

@@ -13,10 +13,10 @@ loses no digits):
 It saves ``m`` and ``log s`` per row, kept apart so a large ``m`` costs the
 gradient no digits (and ``mass`` for probabilities).
 The program to finish last (each adds itself to a zeroed counter when its row
-is done; it sets the counter back to 0) then sums the rows' losses, in a fixed order (deterministic), into the
-reduced loss, divided by the mean's denominator (``sum w[t_i]`` over kept rows,
-which it computes from the targets; the number of rows for probabilities), and
-checks the targets: the forward, its reduction included, is one launch, and
+is done; it sets the counter back to 0) then sums the rows' losses, in a fixed
+order (deterministic), into the reduced loss, divided by the mean's denominator
+(``sum w[t_i]`` over kept rows, which it computes from the targets; the number
+of rows for probabilities), and checks the targets: the forward, its reduction included, is one launch, and
 nothing on the host waits.
 Backward, ``cross_entropy_bwd_kernel``, a 2-D grid of (rows, column blocks): the
 gradient from those statistics, ``scale * (a (p - onehot) + b (sum(w) p - w))``

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, aligned, cdiv, int_class, next_power_of_2, round_to
+from ._common import acc_dtype, aligned, cdiv, next_power_of_2, round_to
 from ._launch import jit
 from .linear_act import _activation, _activation_grad
 
@@ -41,7 +41,7 @@ def launch_elementwise(kernel, n: int, key: tuple | None, *args, **constexprs) -
     block = min(max(next_power_of_2(n), MIN_BLOCK), MAX_BLOCK)
     kernel.launch(
         (cdiv(n, block),),
-        None if key is None else (*key, block, *int_class(n)),
+        None if key is None else (*key, n),
         lambda: dict(BLOCK=block, num_warps=max(block // 256, 1), **constexprs),
         *args,
         n,

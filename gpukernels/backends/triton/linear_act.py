@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, aligned, cdiv, dtype_of, int_class, round_to, stats_dtype
+from ._common import acc_dtype, aligned, cdiv, dtype_of, round_to, stats_dtype
 from ._launch import jit
 
 _SQRT_HALF = tl.constexpr(math.sqrt(0.5))
@@ -151,7 +151,7 @@ def linear_act_fwd(x, weight, bias, activation, y, z):
     n = product.numel()
     if activation != "none" and n:
         # both pointers are this op's outputs: aligned (aligned() is False only while tracing)
-        key = (product.dtype, y.dtype, activation, *int_class(n)) if aligned() else None
+        key = (product.dtype, y.dtype, activation, n) if aligned() else None
         linear_act_fwd_kernel.launch(
             (cdiv(n, BLOCK),),
             key,
@@ -174,11 +174,7 @@ def _dz_and_dbias(dy: torch.Tensor, saved: torch.Tensor, activation: str, dbias:
     tiles = cdiv(m, BLOCK_ROWS)
     partial = torch.empty((tiles, n), dtype=acc, device=dy.device) if dbias is not None else None
     if dy.numel():
-        key = (
-            (dy.dtype, saved.dtype, dz.dtype, dtype_of(partial), activation, *int_class(m), *int_class(n))
-            if aligned(dy, saved)
-            else None
-        )
+        key = (dy.dtype, saved.dtype, dz.dtype, dtype_of(partial), activation, m, n) if aligned(dy, saved) else None
         linear_act_bwd_kernel.launch(
             (tiles, cdiv(n, BLOCK_COLS)),
             key,
