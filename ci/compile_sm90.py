@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -269,9 +270,10 @@ def _exercise_every_op() -> None:
                     x, w = leaf(5, 7), leaf(6, 7)
                     run_backward(gk.linear_act(x, w, leaf(6) if bias else None, activation), x)
             param_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-            for channels_last in (False, True):
+            # one tile a channel block (training: one launch each way), and several (the split kernels)
+            for shape, channels_last in itertools.product(((2, 3, 4, 5), (130, 3, 2, 20)), (False, True)):
                 for training in (True, False):
-                    x = leaf(2, 3, 4, 5)
+                    x = leaf(*shape)
                     if channels_last:
                         x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
                     w = torch.ones(3, dtype=param_dtype, requires_grad=True)

@@ -209,6 +209,20 @@ def test_elementwise_programs_taking_several_tiles(device, triton_kernels, monke
     assert tiling.programs == 2 < tiling.tiles and tiling.splits > 1
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["2d_wide", "nchw_short_rows", "channels_last_sliced_batch"])
+def test_one_split_reduces_several_tiles_in_one_program(device, triton_kernels, monkeypatch, layout, training):
+    """With one program per channel block in the reduction grid (a GPU's worth of
+    channel blocks), training's normalize and dx kernels reduce their channels'
+    tiles themselves, several tiles a program: fp64 against PyTorch's."""
+    monkeypatch.setattr(triton_kernels, "num_programs", lambda device, work: 1)
+    inputs = tiled_input(layout, torch.float64, device)
+    x = inputs[0]
+    tiling = triton_kernels._tiling(x.reshape(*x.shape[:2], -1))
+    assert tiling.one_split and (tiling.tiles > 1 or layout == "channels_last_sliced_batch")
+    check_against_torch(*inputs, training)
+
+
 @pytest.mark.parametrize(
     "shape, strides, fill_limited",
     [
@@ -248,15 +262,21 @@ def test_grids_keep_partial_reads_within_their_share(monkeypatch, shape, strides
 @pytest.mark.parametrize("layout", ["2d_wide", "nchw_short_rows", "channels_last_sliced_batch"])
 def test_kernel_launches(device, triton_kernels, monkeypatch, layout, training):
     """Training forward+backward in 4 launches, the statistics' finalisation
-    folded into the kernels that read it; eval in 3."""
+    folded into the kernels that read it, and in 2 with one split (one program
+    per channel block reduces all its tiles); eval in 3."""
     launched = count_launches(triton_kernels, monkeypatch)
     x, weight, bias, running_mean, running_var = tiled_input(layout, torch.float32, device)
+    one_split = triton_kernels._tiling(x.reshape(*x.shape[:2], -1)).one_split
+    assert one_split == (layout == "channels_last_sliced_batch")  # a single tile; the others take several
     x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
     y = batch_norm(x, running_mean, running_var, weight, bias, training=training)
     forward = list(launched)
     y.backward(torch.ones_like(y))
     backward = launched[len(forward) :]
-    if training:
+    if training and one_split:
+        assert forward == ["batch_norm_normalize_kernel"]
+        assert backward == ["batch_norm_dx_kernel"]
+    elif training:
         assert forward == ["batch_norm_stats_kernel", "batch_norm_normalize_kernel"]
         assert backward == ["batch_norm_bwd_reduce_kernel", "batch_norm_dx_kernel"]
     else:

@@ -40,6 +40,14 @@ programs per SM, and few enough partials that reading them is a small part of
 a program's traffic (``PARTIAL_SHARE``). Partials are merged and added in a
 fixed order, by every program the same way: results do not depend on
 scheduling, and there are no atomics.
+
+One split (``SPLIT == 1``: a channel block's data is a few tiles, or there are
+channel blocks enough to fill the GPU with one program each): training's
+forward and backward are one launch each. ``batch_norm_normalize_kernel``
+(``OWN_STATS``) and ``batch_norm_dx_kernel`` (``OWN_SUMS``) run a program per
+channel block that first reduces all its tiles, as the reduction kernel's one
+program would, and then writes them: no partials, no second launch, and the
+second read of a small channel block's data comes from cache.
 """
 
 from __future__ import annotations
@@ -137,6 +145,47 @@ def _split_sums(Partial, splits, c_start, C, ACC: tl.constexpr, BLOCK_C: tl.cons
 # ---------------------------------------------------------------- forward
 
 
+@triton.jit
+def _tiles_moments(
+    X,
+    N,
+    L,
+    C,
+    sxn,
+    sxl,
+    sxc,
+    c_start,
+    first,
+    tiles,
+    step,
+    l_tiles,
+    ACC: tl.constexpr,
+    IDX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """(count, mean, M2) per channel of tiles ``first, first + step, ...`` of the channels
+    from ``c_start``: each tile's mean and M2 in registers (two-pass), merged in tile
+    order with Chan's formula."""
+    count = tl.zeros([], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for tile in range(first, tiles, step):
+        n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX)
+        x = tl.load(X + n * sxn + l * sxl + c * sxc, mask=mask, other=0.0).to(ACC)
+        tile_count = _tile_count(tile, N, L, l_tiles, BLOCK_N, BLOCK_L).to(ACC)
+        tile_mean = _channel_sum(x) / tile_count
+        centered = tl.where(mask, x - tile_mean[None, None, :], 0.0)
+        total = count + tile_count
+        delta = tile_mean - mean
+        share = tile_count / total
+        mean += delta * share
+        m2 += _channel_sum(centered * centered) + delta * delta * (count * share)
+        count = total
+    return count, mean, m2
+
+
 @jit
 def batch_norm_stats_kernel(
     X,
@@ -161,21 +210,9 @@ def batch_norm_stats_kernel(
     c_start = tl.program_id(0) * BLOCK_C
     split = tl.program_id(1)
     splits = tl.num_programs(1)
-    count = tl.zeros([], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for tile in range(split, tiles, splits):
-        n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX)
-        x = tl.load(X + n * sxn + l * sxl + c * sxc, mask=mask, other=0.0).to(ACC)
-        tile_count = _tile_count(tile, N, L, l_tiles, BLOCK_N, BLOCK_L).to(ACC)
-        tile_mean = _channel_sum(x) / tile_count
-        centered = tl.where(mask, x - tile_mean[None, None, :], 0.0)
-        total = count + tile_count
-        delta = tile_mean - mean
-        share = tile_count / total
-        mean += delta * share
-        m2 += _channel_sum(centered * centered) + delta * delta * (count * share)
-        count = total
+    count, mean, m2 = _tiles_moments(
+        X, N, L, C, sxn, sxl, sxc, c_start, split, tiles, splits, l_tiles, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C
+    )
     if tl.program_id(0) == 0:
         tl.store(Partial + split, count)
     moments = Partial + splits
@@ -232,6 +269,7 @@ def batch_norm_normalize_kernel(
     eps_hi,
     eps_lo,
     TRAINING: tl.constexpr,
+    OWN_STATS: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
@@ -242,14 +280,21 @@ def batch_norm_normalize_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """y for this program's tiles, normalised with the batch's statistics (in
-    training, merged from the partials) or the running stats' (in eval). The
-    first program of each channel block writes Mean and Rstd and, in
+    training, merged from the partials, or with ``OWN_STATS`` worked out from
+    the program's own tiles: all of its channels') or the running stats' (in
+    eval). The first program of each channel block writes Mean and Rstd and, in
     training, updates the running stats, which no other program reads then."""
     c_start = tl.program_id(0) * BLOCK_C
     first = tl.program_id(1) == 0
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
     if TRAINING:
-        mean, var = _merged_moments(Partial, splits, M, c_start, C, ACC, BLOCK_C)
+        if OWN_STATS:
+            _, mean, m2 = _tiles_moments(
+                X, N, L, C, sxn, sxl, sxc, c_start, 0, tiles, 1, l_tiles, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C
+            )
+            var = m2 / tl.cast(M, ACC)
+        else:
+            mean, var = _merged_moments(Partial, splits, M, c_start, C, ACC, BLOCK_C)
         if UPDATE_RUNNING:
             if first:
                 momentum = tl.cast(momentum_hi, ACC) + tl.cast(momentum_lo, ACC)
@@ -280,6 +325,55 @@ def batch_norm_normalize_kernel(
 
 
 # ---------------------------------------------------------------- backward
+
+
+@triton.jit
+def _tiles_grad_sums(
+    X,
+    DY,
+    DX,
+    Mean,
+    gain,
+    N,
+    L,
+    C,
+    sxn,
+    sxl,
+    sxc,
+    sdn,
+    sdl,
+    sdc,
+    sgn,
+    sgl,
+    sgc,
+    c_start,
+    first,
+    tiles,
+    step,
+    l_tiles,
+    STORE_DX: tl.constexpr,
+    ACC: tl.constexpr,
+    IDX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """sum(dy) and sum(dy*(x - mean)) per channel over tiles ``first, first + step, ...``
+    of the channels from ``c_start``; with ``STORE_DX`` (eval, where dx needs no sums)
+    also dx = dy*gain (strides sgn, sgl, sgc)."""
+    mean = _per_channel(Mean, c_start, C, ACC, BLOCK_C)
+    # tile-shaped sums, reduced once at the end
+    sum_dy = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], dtype=ACC)
+    sum_dy_xc = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], dtype=ACC)
+    for tile in range(first, tiles, step):
+        n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX)
+        dy = tl.load(DY + n * sdn + l * sdl + c * sdc, mask=mask, other=0.0).to(ACC)
+        x = tl.load(X + n * sxn + l * sxl + c * sxc, mask=mask, other=0.0).to(ACC)
+        sum_dy += dy
+        sum_dy_xc += dy * (x - mean)
+        if STORE_DX:
+            tl.store(DX + n * sgn + l * sgl + c * sgc, round_to(dy * gain, DX.dtype.element_ty), mask=mask)
+    return _channel_sum(sum_dy), _channel_sum(sum_dy_xc)
 
 
 @jit
@@ -318,25 +412,21 @@ def batch_norm_bwd_reduce_kernel(
     c_start = tl.program_id(0) * BLOCK_C
     split = tl.program_id(1)
     splits = tl.num_programs(1)
-    mean = _per_channel(Mean, c_start, C, ACC, BLOCK_C)
-    if not TRAINING:
+    if TRAINING:
+        gain = 1.0  # unread: training's dx needs the sums (batch_norm_dx_kernel)
+    else:
         gain = _per_channel(Rstd, c_start, C, ACC, BLOCK_C)
         if HAS_W:
             gain = gain * _per_channel(W, c_start, C, ACC, BLOCK_C)
-    # tile-shaped sums, reduced once at the end
-    sum_dy = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], dtype=ACC)
-    sum_dy_xc = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], dtype=ACC)
-    for tile in range(split, tiles, splits):
-        n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX)
-        dy = tl.load(DY + n * sdn + l * sdl + c * sdc, mask=mask, other=0.0).to(ACC)
-        x = tl.load(X + n * sxn + l * sxl + c * sxc, mask=mask, other=0.0).to(ACC)
-        sum_dy += dy
-        sum_dy_xc += dy * (x - mean)
-        if not TRAINING:
-            tl.store(DX + n * sgn + l * sgl + c * sgc, round_to(dy * gain, DX.dtype.element_ty), mask=mask)
+    # fmt: off
+    sum_dy, sum_dy_xc = _tiles_grad_sums(
+        X, DY, DX, Mean, gain, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc, sgn, sgl, sgc, c_start, split, tiles, splits,
+        l_tiles, not TRAINING, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C,
+    )
+    # fmt: on
     partial = Partial + split * C
-    _store_per_channel(partial, c_start, C, _channel_sum(sum_dy), BLOCK_C)
-    _store_per_channel(partial + splits * C, c_start, C, _channel_sum(sum_dy_xc), BLOCK_C)
+    _store_per_channel(partial, c_start, C, sum_dy, BLOCK_C)
+    _store_per_channel(partial + splits * C, c_start, C, sum_dy_xc, BLOCK_C)
 
 
 @triton.jit
@@ -388,6 +478,7 @@ def batch_norm_dx_kernel(
     sgc,
     tiles,
     l_tiles,
+    OWN_SUMS: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     ACC: tl.constexpr,
@@ -398,10 +489,19 @@ def batch_norm_dx_kernel(
 ):
     """Training dx: the batch mean and variance depend on x too, so dy loses
     its mean and its component along xhat. Each program adds up the partial
-    sums of its channels; the first of each channel block writes dweight and dbias."""
+    sums of its channels (with ``OWN_SUMS`` works them out from its own tiles:
+    all of its channels'); the first of each channel block writes dweight and dbias."""
     c_start = tl.program_id(0) * BLOCK_C
     m = tl.cast(M, ACC)
-    sum_dy, sum_dy_xc = _split_sums(Partial, splits, c_start, C, ACC, BLOCK_C)
+    if OWN_SUMS:
+        # fmt: off
+        sum_dy, sum_dy_xc = _tiles_grad_sums(
+            X, DY, DX, Mean, 1.0, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc, sgn, sgl, sgc, c_start, 0, tiles, 1,
+            l_tiles, False, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C,
+        )
+        # fmt: on
+    else:
+        sum_dy, sum_dy_xc = _split_sums(Partial, splits, c_start, C, ACC, BLOCK_C)
     mean = _per_channel(Mean, c_start, C, ACC, BLOCK_C)
     rstd = _channel_vector(Rstd, c_start, C, ACC, BLOCK_C)
     if tl.program_id(1) == 0:
@@ -463,8 +563,21 @@ class _Tiling:
         object.__setattr__(self, "_metas", metas)
 
     @property
+    def one_split(self) -> bool:
+        """Whether one reduction program per channel block takes all its tiles (a few
+        tiles, or channel blocks enough to fill the GPU): then the training kernels
+        that would read that program's partials reduce the tiles themselves, one
+        launch instead of two (``own_grid``)."""
+        return self.splits == 1 and self.tiles > 0
+
+    @property
     def reduction_grid(self) -> tuple[int, int]:
         return self.channel_blocks, self.splits
+
+    @property
+    def own_grid(self) -> tuple[int, int]:
+        """A program per channel block, reducing its tiles and then writing them."""
+        return self.channel_blocks, 1
 
     @property
     def elementwise_grid(self) -> tuple[int, int]:
@@ -551,8 +664,9 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
     if channels == 0:
         return
     tiling = _tiling(x, y)
+    own_stats = training and tiling.one_split
     partial, splits = None, 0
-    if training:
+    if training and not own_stats:
         splits = tiling.splits if tiling.tiles else 0
         # the count of each split, then its mean and M2 per channel (room for one split even with none)
         partial = launch_scratch(
@@ -569,12 +683,13 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
             )
     params = (running_mean, running_var, mean, rstd, weight, bias)
     batch_norm_normalize_kernel.launch(
-        tiling.elementwise_grid,
+        tiling.own_grid if own_stats else tiling.elementwise_grid,
         (tiling, x.dtype, y.dtype, training, splits, *map(dtype_of, params))
         if aligned(x, running_mean, running_var, weight, bias)
         else None,
         lambda: dict(
             TRAINING=training,
+            OWN_STATS=own_stats,
             UPDATE_RUNNING=running_mean is not None,
             HAS_W=weight is not None,
             HAS_B=bias is not None,
@@ -599,37 +714,44 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
         dbias.zero_()
         return
     tiling = _tiling(x, dy, dx)
+    own_sums = training and tiling.one_split
     # (2, splits, channels): every split's sums of dy and dy * xhat
-    partial = launch_scratch("batch_norm_bwd partials", tiling.device, 2 * tiling.splits * channels, mean.dtype)
+    partial = (
+        None
+        if own_sums
+        else launch_scratch("batch_norm_bwd partials", tiling.device, 2 * tiling.splits * channels, mean.dtype)
+    )
     # one alignment check for the tensors every launch here is given
     dtypes = (
         (tiling, x.dtype, dy.dtype, dx.dtype, mean.dtype, rstd.dtype, dtype_of(weight), training)
         if aligned(x, dy, mean, rstd, weight)
         else None
     )
-    batch_norm_bwd_reduce_kernel.launch(
-        tiling.reduction_grid,
-        dtypes,
-        lambda: dict(
-            TRAINING=training,
-            HAS_W=weight is not None,
-            **tiling.meta(x.dtype),
-        ),
-        x,
-        dy,
-        dx,
-        mean,
-        rstd,
-        weight,
-        partial,
-        *tiling.args(3),
-    )
+    if not own_sums:
+        batch_norm_bwd_reduce_kernel.launch(
+            tiling.reduction_grid,
+            dtypes,
+            lambda: dict(
+                TRAINING=training,
+                HAS_W=weight is not None,
+                **tiling.meta(x.dtype),
+            ),
+            x,
+            dy,
+            dx,
+            mean,
+            rstd,
+            weight,
+            partial,
+            *tiling.args(3),
+        )
     grads_key = None if dtypes is None else (*dtypes, has_bias, dweight.dtype, dbias.dtype)
     if training:
         batch_norm_dx_kernel.launch(
-            tiling.elementwise_grid,
+            tiling.own_grid if own_sums else tiling.elementwise_grid,
             grads_key,
             lambda: dict(
+                OWN_SUMS=own_sums,
                 HAS_W=weight is not None,
                 HAS_B=has_bias,
                 **tiling.meta(x.dtype),
