@@ -67,7 +67,7 @@ try:  # torch's list of each triton_op's kernels, for AOTAutograd's cache key
 except ImportError:  # an older torch, without that cache
     triton_ops_to_kernels = {}
 
-_PLAIN_VALUE_TYPES = (type(None), bool, int, float, str)
+_PLAIN_ARGUMENT_TYPES = PLAIN_TENSOR_TYPES | {type(None), bool, int, float, str}
 
 OPS: dict[str, "KernelOp"] = {}
 """Every declared op by name: the kernel contract each backend must meet."""
@@ -100,14 +100,18 @@ def needs_dispatch(args: Sequence) -> bool:
     # torch.device(...)); functorch transforms (vmap, grad)
     if _is_compiling() or _dispatch_modes() or _function_modes() or _functorch_level() is not None:
         return True
+    first = args[0]
+    if type(first) in PLAIN_TENSOR_TYPES and _PLAIN_ARGUMENT_TYPES.issuperset(map(type, args)):
+        # plain tensors and values (a pass that runs in C): meta tensors go to the fake
+        # implementation, and the first tensor's device is the op's (a meta tensor beside
+        # real ones is a device mismatch, which the public functions refuse)
+        return first.is_meta
     for a in args:
         kind = type(a)
         if kind in PLAIN_TENSOR_TYPES:
             if a.is_meta:
                 return True
-        elif kind in _PLAIN_VALUE_TYPES:
-            continue
-        elif _needs_dispatch_for(a):
+        elif kind not in _PLAIN_ARGUMENT_TYPES and _needs_dispatch_for(a):
             return True
     return False
 
