@@ -76,7 +76,7 @@ def main() -> None:
     b = torch.randn(64, device=device, requires_grad=True)
     dy = torch.randn(8, 64, device=device)
     xd, wd, bd = x.detach(), w.detach(), b.detach()
-    mean, rstd = torch.empty(8, device=device), torch.empty(8, device=device)
+    stats = torch.empty(2, 8, device=device)  # each row's mean, then each row's rstd
 
     def fwd_bwd(fn):
         def run():
@@ -97,12 +97,24 @@ def main() -> None:
         "aten add (x + 1)": lambda: xd + 1,
         "triton launch, 1 argument": lambda: _empty_kernel[(1,)](xd),
         "triton launch, norm_fwd_kernel": lambda: triton_norm.norm_fwd_kernel[(8,)](
-            xd, wd, bd, xd, mean, rstd, 64, 1e-5, None, CAST_BEFORE_W=False, BLOCK_D=64, ONE_BLOCK=True, num_warps=1
+            xd,
+            wd,
+            bd,
+            xd,
+            stats,
+            64,
+            1e-5,
+            None,
+            CENTERED=True,
+            CAST_BEFORE_W=False,
+            BLOCK_D=64,
+            ONE_BLOCK=True,
+            num_warps=1,
         ),
         "kernel_for": lambda: kernel_for("triton", "layer_norm", "layer_norm_fwd", device),
         "needs_dispatch": lambda: needs_dispatch((xd, wd, bd, 1e-5)),
         "op layer_norm_fwd (allocations + launch)": lambda: layer_norm_fwd.on("triton", xd, wd, bd, 1e-5),
-        "op layer_norm_bwd (allocations + launches)": lambda: layer_norm_bwd.on("triton", dy, xd, wd, mean, rstd, True),
+        "op layer_norm_bwd (allocations + launches)": lambda: layer_norm_bwd.on("triton", dy, xd, wd, stats, True),
         "x.clone() forward + backward (C++ backward)": fwd_bwd(lambda x, shape, w, b: x.clone()),
         "gk.layer_norm forward, no grad": no_grad(gk.layer_norm),
         "gk.layer_norm forward, with grad": lambda: gk.layer_norm(x, (64,), w, b),

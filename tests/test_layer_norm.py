@@ -111,10 +111,8 @@ def test_opcheck(device):
     torch.library.opcheck(
         layer_norm_fwd.custom_op, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, backend)
     )
-    y, mean, rstd = layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
-    torch.library.opcheck(
-        layer_norm_bwd.custom_op, (torch.randn_like(y), x.detach(), w.detach(), mean, rstd, True, backend)
-    )
+    y, stats = layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
+    torch.library.opcheck(layer_norm_bwd.custom_op, (torch.randn_like(y), x.detach(), w.detach(), stats, True, backend))
 
 
 def test_autocast_runs_in_fp32():

@@ -2,7 +2,8 @@
 kernel contracts), their autograd, and the checked public function.
 
 The kernels see ``x`` as a contiguous ``(rows, D)`` matrix and save the
-per-row ``mean`` and ``rstd`` (fp32, fp64 for fp64 input) for the backward.
+per-row ``mean`` and ``rstd`` (fp32, fp64 for fp64 input) for the backward, in
+one ``(2, rows)`` tensor: one allocation and one saved tensor, not two.
 """
 
 from __future__ import annotations
@@ -26,16 +27,16 @@ from ._op import kernel_op, reshaped, stats_dtype
 @kernel_op("layer_norm")
 def layer_norm_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Kernel: ``y`` = rows of ``x`` normalised, times ``weight``, plus ``bias``
-    (each optional); each row's ``mean`` and ``rstd`` in the statistics dtype."""
-    rows, stats = x.shape[0], stats_dtype(x.dtype)
-    return torch.empty_like(x), x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
+    (each optional); ``stats``, each row's mean, then each row's rstd, in the
+    statistics dtype."""
+    return torch.empty_like(x), x.new_empty(2, x.shape[0], dtype=stats_dtype(x.dtype))
 
 
 @kernel_op("layer_norm")
 def layer_norm_bwd(
-    dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, has_bias: bool, backend: str
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tensor, has_bias: bool, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel: ``dx``; ``dweight`` (in the weight's dtype) when there is a weight and
     ``dbias`` (in the weight's dtype, else x's) when ``has_bias``, else empty."""
@@ -48,16 +49,15 @@ def layer_norm_bwd(
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.save_for_backward(x, weight, output[1])
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
+def _backward(ctx, dy, _dstats):
+    x, weight, stats = ctx.saved_tensors
     bias_dtype = ctx.bias_dtype
     has_bias = bias_dtype is not None
-    dx, dweight, dbias = layer_norm_bwd.on(ctx.backend, dy.contiguous(), x, weight, mean, rstd, has_bias)
+    dx, dweight, dbias = layer_norm_bwd.on(ctx.backend, dy.contiguous(), x, weight, stats, has_bias)
     if has_bias and dbias.dtype != bias_dtype:
         dbias = dbias.to(bias_dtype)
     return dx, dweight if weight is not None else None, dbias if has_bias else None, None
@@ -86,5 +86,5 @@ def layer_norm(
     if len(shape) > 1:
         weight = None if weight is None else weight.reshape(d)
         bias = None if bias is None else bias.reshape(d)
-    y, _, _ = layer_norm_fwd(reshaped(input, input.numel() // d, d).contiguous(), weight, bias, eps)
+    y, _ = layer_norm_fwd(reshaped(input, input.numel() // d, d).contiguous(), weight, bias, eps)
     return reshaped(y, *input.shape)

@@ -17,7 +17,7 @@ def _in_acc(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(acc_dtype(dtype)).contiguous()
 
 
-def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
+def layer_norm_fwd(x, weight, bias, eps, y, stats):
     rows, d = x.shape
     if rows:
         weight, bias = _in_acc(weight, x.dtype), _in_acc(bias, x.dtype)
@@ -32,8 +32,8 @@ def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
                 pointer(weight),
                 pointer(bias),
                 pointer(y),
-                pointer(mean),
-                pointer(rstd),
+                pointer(stats[0]),  # each row's mean
+                pointer(stats[1]),  # each row's rstd
                 np.int64(rows),
                 np.int64(d),
                 acc_scalar(eps, x.dtype),
@@ -41,7 +41,7 @@ def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
         )
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
+def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
     rows, d = x.shape
     blocks = persistent_blocks(x.device, rows)
     acc = acc_dtype(x.dtype)
@@ -60,8 +60,8 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
                 pointer(dy),
                 pointer(x),
                 pointer(weight_acc),
-                pointer(mean),
-                pointer(rstd),
+                pointer(stats[0]),
+                pointer(stats[1]),
                 pointer(dx),
                 pointer(dweight_partial),
                 pointer(dbias_partial),

@@ -7,7 +7,7 @@ import numpy as np
 from ._arrays import as_array, write
 
 
-def layer_norm_fwd(x, weight, bias, eps, y_out, mean_out, rstd_out):
+def layer_norm_fwd(x, weight, bias, eps, y_out, stats_out):
     a = as_array(x)
     mean = a.mean(axis=1)
     centered = a - mean[:, None]
@@ -18,13 +18,12 @@ def layer_norm_fwd(x, weight, bias, eps, y_out, mean_out, rstd_out):
     if bias is not None:
         y += as_array(bias, x.dtype)
     write(y_out, y)
-    write(mean_out, mean)
-    write(rstd_out, rstd)
+    write(stats_out, np.stack((mean, rstd)))
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx_out, dweight_out, dbias_out):
+def layer_norm_bwd(dy, x, weight, stats, has_bias, dx_out, dweight_out, dbias_out):
     a, g_out = as_array(x), as_array(dy, x.dtype)
-    mean, rstd = as_array(mean, x.dtype), as_array(rstd, x.dtype)
+    mean, rstd = as_array(stats, x.dtype)
     xhat = (a - mean[:, None]) * rstd[:, None]
     g = g_out * as_array(weight, x.dtype) if weight is not None else g_out
     dx = rstd[:, None] * (g - g.mean(axis=1, keepdims=True) - xhat * (g * xhat).mean(axis=1, keepdims=True))

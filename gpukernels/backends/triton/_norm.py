@@ -1,8 +1,9 @@
 """The row-normalisation kernels LayerNorm and RMSNorm share, over the rows
-of a contiguous (rows, D) matrix. The pointers given choose the variant:
-with ``Mean`` the row is centred (LayerNorm: its mean is subtracted and
-saved), else not (RMSNorm); ``W`` scales it (by ``offset + W`` when an
-``offset`` is given: RMSNorm's), ``B`` shifts it. ``CAST_BEFORE_W`` rounds
+of a contiguous (rows, D) matrix. With ``CENTERED`` the row is centred
+(LayerNorm: its mean is subtracted, and saved beside its rstd in one
+``(2, rows)`` statistics tensor), else not (RMSNorm: ``(rows,)`` rstd). The
+pointers given choose the rest: ``W`` scales the row (by ``offset + W`` when
+an ``offset`` is given: RMSNorm's), ``B`` shifts it. ``CAST_BEFORE_W`` rounds
 the normalised row to x's dtype before the weight multiplies it (Llama's
 RMSNorm).
 
@@ -138,19 +139,19 @@ def norm_fwd_kernel(
     W,
     B,
     Y,
-    Mean,
-    Rstd,
+    Stats,
     D,
     eps,
     offset,
+    CENTERED: tl.constexpr,
     CAST_BEFORE_W: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
 ):
-    """``Y`` for every row, and its ``Rstd`` (and ``Mean`` when centred)."""
-    # The variant from the pointers given and the dtypes from theirs, not from constexpr
-    # arguments: each argument adds to the host time of every launch.
-    CENTERED: tl.constexpr = Mean is not None
+    """``Y`` for every row, and its statistics into ``Stats``: centred, (2, rows) each
+    row's mean, then each row's rstd; else (rows,) each row's rstd."""
+    # The dtypes from the pointers', not from constexpr arguments: each argument adds
+    # to the host time of every launch.
     ACC: tl.constexpr = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
     # y's statistics dtype: with CAST_BEFORE_W, y has the dtype promoted from w's and x's
     MUL: tl.constexpr = tl.float64 if Y.dtype.element_ty == tl.float64 else tl.float32
@@ -192,8 +193,10 @@ def norm_fwd_kernel(
             y = _output(x * rstd, W, B, cols, mask, offset, X.dtype.element_ty, MUL, CAST_BEFORE_W)
             tl.store(Y + cols, round_to(y, Y.dtype.element_ty), mask=mask)
     if CENTERED:
-        tl.store(Mean + row, mean)
-    tl.store(Rstd + row, rstd)
+        tl.store(Stats + row, mean)
+        tl.store(Stats + tl.num_programs(0) + row, rstd)  # a program a row
+    else:
+        tl.store(Stats + row, rstd)
 
 
 @jit
@@ -201,8 +204,7 @@ def norm_bwd_kernel(
     DY,
     X,
     W,
-    Mean,
-    Rstd,
+    Stats,
     DX,
     Partial,
     DW,
@@ -211,13 +213,14 @@ def norm_bwd_kernel(
     rows,
     D,
     offset,
+    CENTERED: tl.constexpr,
     CAST_BEFORE_W: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
 ):
-    """``DX`` for every row; ``DW`` (and ``DB``) from the programs' partial sums, by the last program."""
+    """``DX`` for every row, from the forward's ``Stats``; ``DW`` (and ``DB``) from the
+    programs' partial sums, by the last program."""
     # As in the forward: the variant from the pointers given, the dtype from x's.
-    CENTERED: tl.constexpr = Mean is not None
     HAS_W: tl.constexpr = W is not None
     HAS_B: tl.constexpr = DB is not None
     ACC: tl.constexpr = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
@@ -246,8 +249,8 @@ def norm_bwd_kernel(
             following = cols < tl.where(row + programs < rows, D, 0)
             next_dy = tl.load(DY + offs + programs * D, mask=following, other=0.0)
             next_x = tl.load(X + offs + programs * D, mask=following, other=0.0)
-            mean = tl.load(Mean + row) if CENTERED else 0.0
-            rstd = tl.load(Rstd + row)
+            mean = tl.load(Stats + row) if CENTERED else 0.0
+            rstd = tl.load(Stats + (row + rows if CENTERED else row))  # centred: means, then rstds
             xhat = _normalised(x, mean, rstd, mask, CENTERED)
             g = dy * scale
             mean_g = tl.sum(g, axis=0) / D if CENTERED else 0.0
@@ -269,8 +272,8 @@ def norm_bwd_kernel(
             zero_partial_row(partial_db, D, BLOCK_D)
         for row in range(pid, rows, programs):
             base = tl.cast(row, tl.int64) * D
-            mean = tl.load(Mean + row) if CENTERED else 0.0
-            rstd = tl.load(Rstd + row)
+            mean = tl.load(Stats + row) if CENTERED else 0.0
+            rstd = tl.load(Stats + (row + rows if CENTERED else row))  # centred: means, then rstds
             sum_g = tl.zeros([BLOCK_D], dtype=ACC)
             sum_gxhat = tl.zeros([BLOCK_D], dtype=ACC)
             for start in range(0, D, BLOCK_D):

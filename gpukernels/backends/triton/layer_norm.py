@@ -1,5 +1,5 @@
 """LayerNorm over the rows of a contiguous (rows, D) matrix: the launchers of
-the row-normalisation kernels of ``_norm``, centred (given ``Mean``).
+the row-normalisation kernels of ``_norm``, centred (``CENTERED``).
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from ._common import aligned, arrival_counter, dtype_of, launch_scratch, num_pro
 from ._norm import BWD_PROGRAMS_PER_SM, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
-def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
+def layer_norm_fwd(x, weight, bias, eps, y, stats):
     rows, d = x.shape
     if rows:
         no_offset = None  # the scale is the weight itself
@@ -16,20 +16,19 @@ def layer_norm_fwd(x, weight, bias, eps, y, mean, rstd):
         norm_fwd_kernel.launch(
             (rows,),
             key,
-            lambda: dict(row_launch(d), CAST_BEFORE_W=False),
+            lambda: dict(row_launch(d), CENTERED=True, CAST_BEFORE_W=False),
             x,
             weight,
             bias,
             y,
-            mean,
-            rstd,
+            stats,
             d,
             eps,
             no_offset,
         )
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
+def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
     rows, d = x.shape
     has_w = weight is not None
     if not rows:
@@ -47,7 +46,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
     no_offset = None
     key = (
         ("layer_norm", x.dtype, dy.dtype, dtype_of(weight), has_bias, rows, d)
-        if aligned(dy, x, weight, mean, rstd)
+        if aligned(dy, x, weight, stats)
         else None
     )
     norm_bwd_kernel.launch(
@@ -55,6 +54,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
         key,
         lambda: dict(
             row_launch(d),
+            CENTERED=True,
             CAST_BEFORE_W=False,
             # fused, dy * w - mean(dy * w) keeps the product's rounding error
             # where the exact answer is 0 (D == 1), times rstd
@@ -63,8 +63,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, dx, dweight, dbias):
         dy,
         x,
         weight,
-        mean,
-        rstd,
+        stats,
         dx,
         partial,
         dweight if has_w else None,

@@ -1,5 +1,5 @@
 """RMSNorm over the rows of a contiguous (rows, D) matrix: the launchers of
-the row-normalisation kernels of ``_norm``, uncentred (no ``Mean``).
+the row-normalisation kernels of ``_norm``, uncentred (``CENTERED`` false).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from ._norm import BWD_PROGRAMS_PER_SM, norm_bwd_kernel, norm_fwd_kernel, row_la
 def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
     rows, d = x.shape
     if rows:
-        no_bias = no_mean = None
+        no_bias = None
         key = (
             ("rms_norm", x.dtype, dtype_of(weight), offset is None, cast_before_weight, d)
             if aligned(x, weight)
@@ -20,12 +20,11 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
         norm_fwd_kernel.launch(
             (rows,),
             key,
-            lambda: dict(row_launch(d), CAST_BEFORE_W=cast_before_weight),
+            lambda: dict(row_launch(d), CENTERED=False, CAST_BEFORE_W=cast_before_weight),
             x,
             weight,
             no_bias,
             y,
-            no_mean,
             rstd,
             d,
             eps,
@@ -43,7 +42,7 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
     has_w = weight is not None
     # Every program writes its row of the partials, so no zero fill.
     partial = launch_scratch("norm_bwd partials", device, programs * d, stats_dtype(x.dtype)) if has_w else None
-    no_mean = no_dbias = None
+    no_dbias = None
     key = (
         ("rms_norm", x.dtype, dy.dtype, dtype_of(weight), offset is None, cast_before_weight, rows, d)
         if aligned(dy, x, weight, rstd)
@@ -52,11 +51,10 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
     norm_bwd_kernel.launch(
         (programs,),
         key,
-        lambda: dict(row_launch(d), CAST_BEFORE_W=cast_before_weight),
+        lambda: dict(row_launch(d), CENTERED=False, CAST_BEFORE_W=cast_before_weight),
         dy,
         x,
         weight,
-        no_mean,
         rstd,
         dx,
         partial,
