@@ -90,8 +90,8 @@ def _normalize(
     statistics it is given (the global ones here) and updates nothing."""
     if x.numel() == 0:  # a rank with no samples: nothing to launch a kernel on
         return torch.empty_like(x), torch.rsqrt(var + eps)
-    y, _, rstd = batch_norm_fwd(x, weight, bias, mean, var, False, 0.0, eps)
-    return y, rstd
+    y, stats = batch_norm_fwd(x, weight, bias, mean, var, False, 0.0, eps)
+    return y, stats[1]
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):

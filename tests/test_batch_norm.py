@@ -289,7 +289,7 @@ def test_large_mean_small_variance(device):
     would lose ~1e-1 to cancellation; merged per-tile means and M2 do not."""
     x = make_inputs((4, 3, 2000), torch.float32, device=device)[0] * 0.5 + 1000
     exact = x.double().transpose(0, 1).reshape(3, -1)
-    _, mean, rstd = batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5)
+    _, (mean, rstd) = batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5)
     torch.testing.assert_close(mean.double(), exact.mean(1), rtol=1e-7, atol=0)
     torch.testing.assert_close(rstd.double(), (exact.var(1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
 
@@ -368,10 +368,8 @@ def test_opcheck_forward_channels_last_view(device):
 def test_opcheck_backward(device, affine, training):
     x, weight, _, _, _ = make_inputs((4, 3, 5), torch.float32, affine=affine, device=device)
     dy = torch.randn(4, 3, 5, device=device)
-    mean, rstd = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
-    torch.library.opcheck(
-        batch_norm_bwd.custom_op, (dy, x, weight, mean, rstd, training, affine, gk.backend_name(device))
-    )
+    stats = torch.stack((torch.randn(3), torch.rand(3) + 0.5)).to(device)  # mean, then rstd
+    torch.library.opcheck(batch_norm_bwd.custom_op, (dy, x, weight, stats, training, affine, gk.backend_name(device)))
 
 
 def test_torch_compile_fullgraph_updates_running_stats_once(device):

@@ -8,7 +8,8 @@ into outputs laid out as ``torch.empty_like(x)`` lays them out, so
 channels-last in is channels-last out. Statistics are per channel over the
 ``M = N*L`` other elements, in the statistics dtype; the forward returns the
 mean and rstd it normalised with (the batch's in training, the running stats'
-in eval) for the backward.
+in eval) for the backward, in one ``(2, C)`` tensor (one allocation and one
+saved tensor, not two).
 """
 
 from __future__ import annotations
@@ -38,18 +39,14 @@ def batch_norm_fwd(
     momentum: float,
     eps: float,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Kernel: ``y`` = ``(x - mean) * rstd * weight + bias`` (each optional),
-    and the per-channel ``mean`` and ``rstd`` it normalised with, in the
-    statistics dtype. In training these are the batch's (nan for M == 0), and
-    the running stats (when given) take ``momentum`` of the batch mean and of
-    the unbiased (M/(M-1)) variance; in eval they are the running stats'."""
-    channels = x.shape[1]
-    return (
-        torch.empty_like(x),
-        x.new_empty(channels, dtype=stats_dtype(x.dtype)),
-        x.new_empty(channels, dtype=stats_dtype(x.dtype)),
-    )
+    and ``stats``, the per-channel ``mean`` it normalised with, then the
+    per-channel ``rstd``, in the statistics dtype. In training these are the
+    batch's (nan for M == 0), and the running stats (when given) take
+    ``momentum`` of the batch mean and of the unbiased (M/(M-1)) variance; in
+    eval they are the running stats'."""
+    return torch.empty_like(x), x.new_empty(2, x.shape[1], dtype=stats_dtype(x.dtype))
 
 
 @kernel_op("batch_norm")
@@ -57,13 +54,12 @@ def batch_norm_bwd(
     dy: Tensor,
     x: Tensor,
     weight: Optional[Tensor],
-    mean: Tensor,
-    rstd: Tensor,
+    stats: Tensor,
     training: bool,
     has_bias: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Kernel: ``dx`` (in training the batch statistics' dependence on x
+    """Kernel: ``dx``, from the forward's ``stats`` (in training the batch statistics' dependence on x
     included); ``dweight = sum(dy * xhat)`` in the weight's dtype when there is
     a weight, and ``dbias = sum(dy)`` when ``has_bias``, in the weight's dtype
     (the bias shares it) or else the statistics dtype; empty when not wanted."""
@@ -95,8 +91,8 @@ class _BatchNormFunction(torch.autograd.Function):
         dispatch: bool,
     ) -> Tensor:
         run = batch_norm_fwd.on if dispatch else batch_norm_fwd.eagerly  # the caller's needs_dispatch
-        y, mean, rstd = run(backend, x, weight, bias, running_mean, running_var, training, momentum, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        y, stats = run(backend, x, weight, bias, running_mean, running_var, training, momentum, eps)
+        ctx.save_for_backward(x, weight, stats)
         ctx.training, ctx.backend = training, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
@@ -104,9 +100,9 @@ class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     @refuse_second_derivative("batch_norm")
     def backward(ctx, dy: Tensor):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, stats = ctx.saved_tensors
         has_bias = ctx.bias_dtype is not None
-        dx, dweight, dbias = batch_norm_bwd.on(ctx.backend, dy, x, weight, mean, rstd, ctx.training, has_bias)
+        dx, dweight, dbias = batch_norm_bwd.on(ctx.backend, dy, x, weight, stats, ctx.training, has_bias)
         return (
             dx,
             dweight if weight is not None else None,

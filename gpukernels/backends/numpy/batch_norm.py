@@ -21,7 +21,7 @@ def _update_running(running, batch: np.ndarray, momentum: float) -> None:
     write(running, momentum * batch + (1.0 - momentum) * as_array(running))
 
 
-def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, y_out, mean_out, rstd_out):
+def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, y_out, stats_out):
     a = as_array(x)
     if training:
         mean = a.mean(axis=_OVER_CHANNEL)
@@ -41,13 +41,12 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
     if bias is not None:
         y += _per_channel(as_array(bias, x.dtype))
     write(y_out, y)
-    write(mean_out, mean)
-    write(rstd_out, rstd)
+    write(stats_out, np.stack((mean, rstd)))
 
 
-def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx_out, dweight_out, dbias_out):
+def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx_out, dweight_out, dbias_out):
     a, g = as_array(x), as_array(dy, x.dtype)
-    mean, rstd = as_array(mean, x.dtype), as_array(rstd, x.dtype)
+    mean, rstd = as_array(stats, x.dtype)
     xhat = (a - _per_channel(mean)) * _per_channel(rstd)
     sum_dy = g.sum(axis=_OVER_CHANNEL)
     sum_dy_xhat = (g * xhat).sum(axis=_OVER_CHANNEL)

@@ -248,8 +248,7 @@ def batch_norm_normalize_kernel(
     splits,
     RunningMean,
     RunningVar,
-    Mean,
-    Rstd,
+    Stats,
     W,
     B,
     M,
@@ -280,10 +279,11 @@ def batch_norm_normalize_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """y for this program's tiles, normalised with the batch's statistics (in
-    training, merged from the partials, or with ``OWN_STATS`` worked out from
-    the program's own tiles: all of its channels') or the running stats' (in
-    eval). The first program of each channel block writes Mean and Rstd and, in
-    training, updates the running stats, which no other program reads then."""
+        training, merged from the partials, or with ``OWN_STATS`` worked out from
+        the program's own tiles: all of its channels') or the running stats' (in
+        eval). The first program of each channel block writes them into Stats (the
+    mean, then rstd, of each channel) and, in
+        training, updates the running stats, which no other program reads then."""
     c_start = tl.program_id(0) * BLOCK_C
     first = tl.program_id(1) == 0
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
@@ -310,8 +310,8 @@ def batch_norm_normalize_kernel(
         var = _channel_vector(RunningVar, c_start, C, ACC, BLOCK_C)
     rstd = 1.0 / tl.sqrt(var + eps)
     if first:
-        _store_per_channel(Mean, c_start, C, mean, BLOCK_C)
-        _store_per_channel(Rstd, c_start, C, rstd, BLOCK_C)
+        _store_per_channel(Stats, c_start, C, mean, BLOCK_C)
+        _store_per_channel(Stats + C, c_start, C, rstd, BLOCK_C)
     gain = rstd * _channel_vector(W, c_start, C, ACC, BLOCK_C) if HAS_W else rstd
     if HAS_B:
         shift = _per_channel(B, c_start, C, ACC, BLOCK_C)
@@ -381,8 +381,7 @@ def batch_norm_bwd_reduce_kernel(
     X,
     DY,
     DX,
-    Mean,
-    Rstd,
+    Stats,
     W,
     Partial,
     N,
@@ -415,12 +414,12 @@ def batch_norm_bwd_reduce_kernel(
     if TRAINING:
         gain = 1.0  # unread: training's dx needs the sums (batch_norm_dx_kernel)
     else:
-        gain = _per_channel(Rstd, c_start, C, ACC, BLOCK_C)
+        gain = _per_channel(Stats + C, c_start, C, ACC, BLOCK_C)
         if HAS_W:
             gain = gain * _per_channel(W, c_start, C, ACC, BLOCK_C)
     # fmt: off
     sum_dy, sum_dy_xc = _tiles_grad_sums(
-        X, DY, DX, Mean, gain, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc, sgn, sgl, sgc, c_start, split, tiles, splits,
+        X, DY, DX, Stats, gain, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc, sgn, sgl, sgc, c_start, split, tiles, splits,
         l_tiles, not TRAINING, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C,
     )
     # fmt: on
@@ -442,12 +441,12 @@ def _store_param_grads(
 
 @jit
 def batch_norm_param_grads_kernel(
-    Partial, splits, Rstd, DW, DB, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
+    Partial, splits, Stats, DW, DB, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
 ):
     """Eval: dweight and dbias from the partials (dx needs no sums then)."""
     c_start = tl.program_id(0) * BLOCK
     sum_dy, sum_dy_xc = _split_sums(Partial, splits, c_start, C, ACC, BLOCK)
-    rstd = _channel_vector(Rstd, c_start, C, ACC, BLOCK)
+    rstd = _channel_vector(Stats + C, c_start, C, ACC, BLOCK)
     _store_param_grads(DW, DB, rstd, sum_dy, sum_dy_xc, c_start, C, HAS_W, HAS_B, BLOCK)
 
 
@@ -456,8 +455,7 @@ def batch_norm_dx_kernel(
     X,
     DY,
     DX,
-    Mean,
-    Rstd,
+    Stats,
     W,
     Partial,
     splits,
@@ -496,14 +494,14 @@ def batch_norm_dx_kernel(
     if OWN_SUMS:
         # fmt: off
         sum_dy, sum_dy_xc = _tiles_grad_sums(
-            X, DY, DX, Mean, 1.0, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc, sgn, sgl, sgc, c_start, 0, tiles, 1,
+            X, DY, DX, Stats, 1.0, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc, sgn, sgl, sgc, c_start, 0, tiles, 1,
             l_tiles, False, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C,
         )
         # fmt: on
     else:
         sum_dy, sum_dy_xc = _split_sums(Partial, splits, c_start, C, ACC, BLOCK_C)
-    mean = _per_channel(Mean, c_start, C, ACC, BLOCK_C)
-    rstd = _channel_vector(Rstd, c_start, C, ACC, BLOCK_C)
+    mean = _per_channel(Stats, c_start, C, ACC, BLOCK_C)
+    rstd = _channel_vector(Stats + C, c_start, C, ACC, BLOCK_C)
     if tl.program_id(1) == 0:
         _store_param_grads(DW, DB, rstd, sum_dy, sum_dy_xc, c_start, C, HAS_W, HAS_B, BLOCK_C)
     gain = rstd * _channel_vector(W, c_start, C, ACC, BLOCK_C) if HAS_W else rstd
@@ -659,7 +657,7 @@ def _fp32_pair(value: float) -> tuple[float, float]:
     return hi, float(np.float32(value - hi))
 
 
-def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, y, mean, rstd):
+def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, y, stats):
     n, channels, length = x.shape
     if channels == 0:
         return
@@ -670,7 +668,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
         splits = tiling.splits if tiling.tiles else 0
         # the count of each split, then its mean and M2 per channel (room for one split even with none)
         partial = launch_scratch(
-            "batch_norm_stats partials", tiling.device, max(splits, 1) * (1 + 2 * channels), mean.dtype
+            "batch_norm_stats partials", tiling.device, max(splits, 1) * (1 + 2 * channels), stats.dtype
         )
         if splits:
             batch_norm_stats_kernel.launch(
@@ -681,7 +679,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
                 partial,
                 *tiling.args(1),
             )
-    params = (running_mean, running_var, mean, rstd, weight, bias)
+    params = (running_mean, running_var, stats, weight, bias)
     batch_norm_normalize_kernel.launch(
         tiling.own_grid if own_stats else tiling.elementwise_grid,
         (tiling, x.dtype, y.dtype, training, splits, *map(dtype_of, params))
@@ -707,7 +705,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
     )
 
 
-def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, dbias):
+def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx, dweight, dbias):
     n, channels, length = x.shape
     if x.numel() == 0:  # dx is empty; dweight and dbias are sums of no terms
         dweight.zero_()
@@ -719,12 +717,12 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
     partial = (
         None
         if own_sums
-        else launch_scratch("batch_norm_bwd partials", tiling.device, 2 * tiling.splits * channels, mean.dtype)
+        else launch_scratch("batch_norm_bwd partials", tiling.device, 2 * tiling.splits * channels, stats.dtype)
     )
     # one alignment check for the tensors every launch here is given
     dtypes = (
-        (tiling, x.dtype, dy.dtype, dx.dtype, mean.dtype, rstd.dtype, dtype_of(weight), training)
-        if aligned(x, dy, mean, rstd, weight)
+        (tiling, x.dtype, dy.dtype, dx.dtype, stats.dtype, dtype_of(weight), training)
+        if aligned(x, dy, stats, weight)
         else None
     )
     if not own_sums:
@@ -739,8 +737,7 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
             x,
             dy,
             dx,
-            mean,
-            rstd,
+            stats,
             weight,
             partial,
             *tiling.args(3),
@@ -759,8 +756,7 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
             x,
             dy,
             dx,
-            mean,
-            rstd,
+            stats,
             weight,
             partial,
             tiling.splits,
@@ -781,7 +777,7 @@ def batch_norm_bwd(dy, x, weight, mean, rstd, training, has_bias, dx, dweight, d
             ),
             partial,
             tiling.splits,
-            rstd,
+            stats,
             dweight,
             dbias,
             channels,
