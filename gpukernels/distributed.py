@@ -34,9 +34,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._numerics import stats_dtype
 from .errors import ArgumentError
 from .nn import BatchNormForward
-from .ops._checks import check_float, check_number, check_optional_float
+from .ops._checks import check_float, check_number
 from .ops._op import refuse_second_derivative
-from .ops.batch_norm import batch_norm_fwd, check_param_dtypes
+from .ops.batch_norm import batch_norm_fwd, check_params
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm"]
 
@@ -170,12 +170,7 @@ def sync_batch_norm(
     if input.dim() < 2:
         raise ArgumentError(f"input must have shape (N, C), (N, C, L) or (N, C, H, W), got {tuple(input.shape)}")
     channels = input.shape[1]
-    if (running_mean is None) != (running_var is None):
-        raise ArgumentError("running_mean and running_var must either both be None or neither be None")
-    params = dict(weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    for name, t in params.items():
-        check_optional_float(name, t, input, (channels,))
-    check_param_dtypes(input, **params)
+    check_params(input, (weight, bias, running_mean, running_var))
     eps = check_number("eps", eps, low=0.0, low_open=True)
     momentum = check_number("momentum", momentum)
     group = process_group or dist.group.WORLD

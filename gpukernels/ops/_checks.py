@@ -33,6 +33,20 @@ def check_optional_float(name: str, t: torch.Tensor | None, like: torch.Tensor, 
         check_shape(name, t, shape)
 
 
+def check_optional_floats(
+    names: Sequence[str], tensors: Sequence[torch.Tensor | None], like: torch.Tensor, shape: tuple[int, ...]
+) -> None:
+    """``check_optional_float`` for each of ``tensors`` (named by ``names``): a norm's
+    parameters. Plain tensors that pass are checked in one loop, ``like``'s device read
+    once (host time); the rest go through ``check_optional_float``, which names what fails."""
+    device = like.device
+    for name, t in zip(names, tensors):
+        if t is not None and (
+            type(t) not in PLAIN_TENSOR_TYPES or t.dtype not in FLOAT_DTYPES or t.device != device or t.shape != shape
+        ):
+            check_optional_float(name, t, like, shape)
+
+
 def check_device(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
     if t.device != like.device:
         raise ArgumentError(f"{name} is on {t.device} but input is on {like.device}; move them to one device")

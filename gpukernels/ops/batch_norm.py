@@ -14,15 +14,17 @@ saved tensor, not two).
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+import operator
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .._backend import backend_for
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import check_float, check_number, check_optional_float, empty_grad
+from ._checks import check_float, check_number, check_optional_floats, empty_grad
 from ._op import eager_apply, kernel_op, needs_dispatch, refuse_second_derivative, reshaped, stats_dtype
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -120,23 +122,38 @@ class _BatchNormFunction(torch.autograd.Function):
 _apply_eagerly = eager_apply(_BatchNormFunction)
 
 
-def _check_running_stats(
-    running_mean: Tensor | None, running_var: Tensor | None, input: Tensor, training: bool, shape: tuple[int]
-) -> None:
+PARAM_NAMES = ("weight", "bias", "running_mean", "running_var")
+_CHECK_ORDER = (2, 3, 0, 1)  # running stats first: their errors come before the affine parameters'
+
+
+def check_params(input: Tensor, params: Sequence[Tensor | None], training: bool = True) -> None:
+    """The parameters and running stats (``PARAM_NAMES``), each optional: running
+    stats both given or both not (and given in eval), floating, on input's device,
+    of shape (C,), with dtypes as ``check_param_dtypes`` says."""
+    running_mean, running_var = params[2:]
     if (running_mean is None) != (running_var is None):
         raise ArgumentError("running_mean and running_var must either both be None or neither be None")
     if running_mean is None and not training:
         raise ArgumentError("running_mean and running_var must be given when training=False (they normalise the input)")
-    check_optional_float("running_mean", running_mean, input, shape)
-    check_optional_float("running_var", running_var, input, shape)
+    ordered = operator.itemgetter(*_CHECK_ORDER)
+    check_optional_floats(ordered(PARAM_NAMES), ordered(params), input, (input.shape[1],))
+    check_param_dtypes(input, params)
 
 
-def check_param_dtypes(input: Tensor, **params: Tensor | None) -> None:
+@functools.cache
+def _allowed_param_dtypes(dtype: torch.dtype) -> frozenset:
+    return frozenset((dtype, torch.float32) if dtype in _LOW_PRECISION else (dtype,))
+
+
+def check_param_dtypes(input: Tensor, params: Sequence[Tensor | None]) -> None:
     """As PyTorch's mixed-precision BatchNorm: the parameters and running stats
-    share one dtype, which is input's, or float32 for bf16/fp16 input."""
-    allowed = {input.dtype, torch.float32} if input.dtype in _LOW_PRECISION else {input.dtype}
+    (``PARAM_NAMES``) share one dtype, which is input's, or float32 for bf16/fp16 input."""
+    allowed = _allowed_param_dtypes(input.dtype)
+    dtypes = {t.dtype for t in params if t is not None}
+    if len(dtypes) <= 1 and dtypes <= allowed:
+        return
     shared = None  # (name, dtype) of the first one given
-    for name, t in params.items():
+    for name, t in zip(PARAM_NAMES, params):
         if t is None:
             continue
         if t.dtype not in allowed:
@@ -184,11 +201,7 @@ def batch_norm(
         raise ArgumentError(f"input must have shape (N, C), (N, C, L) or (N, C, H, W), got {tuple(input.shape)}")
     training = bool(training)
     n, channels = input.shape[:2]
-    param_shape = (channels,)
-    _check_running_stats(running_mean, running_var, input, training, param_shape)
-    check_optional_float("weight", weight, input, param_shape)
-    check_optional_float("bias", bias, input, param_shape)
-    check_param_dtypes(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    check_params(input, (weight, bias, running_mean, running_var), training)
     eps = check_number("eps", eps, low=0.0, low_open=training)
     momentum = check_number("momentum", momentum)
     length = math.prod(input.shape[2:])

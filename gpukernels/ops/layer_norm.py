@@ -18,7 +18,7 @@ from ._checks import (
     check_float,
     check_normalized_shape,
     check_number,
-    check_optional_float,
+    check_optional_floats,
     empty_grad,
 )
 from ._op import kernel_op, reshaped, stats_dtype
@@ -78,8 +78,7 @@ def layer_norm(
     Under autocast it runs in fp32, as PyTorch's does."""
     check_float("input", input)
     shape, d = check_normalized_shape(input, normalized_shape)
-    check_optional_float("weight", weight, input, shape)
-    check_optional_float("bias", bias, input, shape)
+    check_optional_floats(("weight", "bias"), (weight, bias), input, shape)
     eps = check_number("eps", eps, low=0.0)
     if autocast_enabled(input) and input.dtype != torch.float64:
         input = input.float()

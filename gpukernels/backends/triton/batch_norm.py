@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -541,6 +541,16 @@ class _Tiling:
     offset_dtype: tl.dtype
     num_warps: int
     device: torch.device
+    # Made from the above, once (a property would cost host time on every launch):
+    one_split: bool = field(init=False)
+    """Whether one reduction program per channel block takes all its tiles (a few tiles,
+    or channel blocks enough to fill the GPU): then the training kernels that would
+    read that program's partials reduce the tiles themselves, one launch instead of
+    two, on ``own_grid``."""
+    reduction_grid: tuple[int, int] = field(init=False)
+    elementwise_grid: tuple[int, int] = field(init=False)
+    own_grid: tuple[int, int] = field(init=False)
+    """A program per channel block, reducing its tiles and then writing them."""
 
     def args(self, tensors: int) -> tuple[int, ...]:
         """N, L, C and the (n, l, c) strides of the first ``tensors`` tensors of the
@@ -559,27 +569,10 @@ class _Tiling:
         metas = {acc: dict(ACC=acc, **blocks, num_warps=self.num_warps) for acc in (tl.float32, tl.float64)}
         object.__setattr__(self, "_args", args)
         object.__setattr__(self, "_metas", metas)
-
-    @property
-    def one_split(self) -> bool:
-        """Whether one reduction program per channel block takes all its tiles (a few
-        tiles, or channel blocks enough to fill the GPU): then the training kernels
-        that would read that program's partials reduce the tiles themselves, one
-        launch instead of two (``own_grid``)."""
-        return self.splits == 1 and self.tiles > 0
-
-    @property
-    def reduction_grid(self) -> tuple[int, int]:
-        return self.channel_blocks, self.splits
-
-    @property
-    def own_grid(self) -> tuple[int, int]:
-        """A program per channel block, reducing its tiles and then writing them."""
-        return self.channel_blocks, 1
-
-    @property
-    def elementwise_grid(self) -> tuple[int, int]:
-        return self.channel_blocks, self.programs
+        object.__setattr__(self, "one_split", self.splits == 1 and self.tiles > 0)
+        object.__setattr__(self, "reduction_grid", (self.channel_blocks, self.splits))
+        object.__setattr__(self, "elementwise_grid", (self.channel_blocks, self.programs))
+        object.__setattr__(self, "own_grid", (self.channel_blocks, 1))
 
 
 def _fold(n: int, l: int, strides: list[tuple[int, int, int]]) -> tuple[int, int, list[tuple[int, int, int]]]:
