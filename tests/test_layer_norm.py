@@ -9,6 +9,7 @@ from helpers import assert_matches, count_launches
 pytestmark = pytest.mark.family("layer_norm")  # conftest's device fixture skips backends without them
 
 SHAPES = [
+    ((17,), (17,)),
     ((4, 1), (1,)),
     ((3, 3), (3,)),
     ((2, 5, 17), (17,)),
@@ -137,3 +138,12 @@ def test_autocast_runs_in_fp32():
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         call(torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 17), (17,)])
+def test_rows_of_any_shape_reach_the_kernels_without_views(device, shape):
+    """Input of any shape goes to the kernels as it is, its last dim the row: no
+    view of it around the op (each an autograd node with host time of its own)."""
+    x = torch.randn(shape, device=device, requires_grad=True)
+    y = gk.layer_norm(x, shape[-1:])
+    assert y.shape == x.shape and y.grad_fn.next_functions[0][0].variable is x

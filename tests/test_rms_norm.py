@@ -12,6 +12,7 @@ pytestmark = pytest.mark.family("rms_norm")  # conftest's device fixture skips b
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [
+    ((17,), (17,)),
     ((4, 1), (1,)),
     ((3, 3), (3,)),
     ((2, 5, 17), (17,)),
@@ -330,3 +331,12 @@ def test_module_is_torch_rmsnorm(device, normalized_shape, affine, eps):
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         call(torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 17), (17,)])
+def test_rows_of_any_shape_reach_the_kernels_without_views(device, shape):
+    """Input of any shape goes to the kernels as it is, its last dim the row: no
+    view of it around the op (each an autograd node with host time of its own)."""
+    x = torch.randn(shape, device=device, requires_grad=True)
+    y = gk.rms_norm(x, shape[-1:])
+    assert y.shape == x.shape and y.grad_fn.next_functions[0][0].variable is x

@@ -1,7 +1,8 @@
 """layer_norm: the ops ``gpukernels::layer_norm_fwd/_bwd`` (output specs and
 kernel contracts), their autograd, and the checked public function.
 
-The kernels see ``x`` as a contiguous ``(rows, D)`` matrix and save the
+The kernels see ``x``, contiguous and of any shape whose last dim is ``D``, as
+a ``(rows, D)`` matrix (``row_count``) and save the
 per-row ``mean`` and ``rstd`` (fp32, fp64 for fp64 input) for the backward, in
 one ``(2, rows)`` tensor: one allocation and one saved tensor, not two.
 """
@@ -21,7 +22,7 @@ from ._checks import (
     check_optional_floats,
     empty_grad,
 )
-from ._op import kernel_op, reshaped, stats_dtype
+from ._op import kernel_op, reshaped, row_count, stats_dtype
 
 
 @kernel_op("layer_norm")
@@ -31,7 +32,7 @@ def layer_norm_fwd(
     """Kernel: ``y`` = rows of ``x`` normalised, times ``weight``, plus ``bias``
     (each optional); ``stats``, each row's mean, then each row's rstd, in the
     statistics dtype."""
-    return torch.empty_like(x), x.new_empty(2, x.shape[0], dtype=stats_dtype(x.dtype))
+    return torch.empty_like(x), x.new_empty(2, row_count(x), dtype=stats_dtype(x.dtype))
 
 
 @kernel_op("layer_norm")
@@ -40,7 +41,7 @@ def layer_norm_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel: ``dx``; ``dweight`` (in the weight's dtype) when there is a weight and
     ``dbias`` (in the weight's dtype, else x's) when ``has_bias``, else empty."""
-    d = x.shape[1]
+    d = x.shape[-1]
     param_dtype = weight.dtype if weight is not None else x.dtype
     dweight = x.new_empty(d, dtype=param_dtype) if weight is not None else empty_grad(x)
     dbias = x.new_empty(d, dtype=param_dtype) if has_bias else empty_grad(x)
@@ -82,8 +83,10 @@ def layer_norm(
     eps = check_number("eps", eps, low=0.0)
     if autocast_enabled(input) and input.dtype != torch.float64:
         input = input.float()
-    if len(shape) > 1:
-        weight = None if weight is None else weight.reshape(d)
-        bias = None if bias is None else bias.reshape(d)
+    if len(shape) == 1:  # the kernels read the rows of input as it is
+        y, _ = layer_norm_fwd(input.contiguous(), weight, bias, eps)
+        return y
+    weight = None if weight is None else weight.reshape(d)
+    bias = None if bias is None else bias.reshape(d)
     y, _ = layer_norm_fwd(reshaped(input, input.numel() // d, d).contiguous(), weight, bias, eps)
     return reshaped(y, *input.shape)

@@ -1,7 +1,8 @@
 """rms_norm: the ops ``gpukernels::rms_norm_fwd/_bwd`` (output specs and
 kernel contracts), their autograd, and the checked public function.
 
-The kernels see ``x`` as a contiguous ``(rows, D)`` matrix and save each
+The kernels see ``x``, contiguous and of any shape whose last dim is ``D``, as
+a ``(rows, D)`` matrix (``row_count``) and save each
 row's ``rstd`` (fp32, fp64 for fp64 input) for the backward. With
 ``h = x * rstd`` and the scale ``s = offset + weight``:
 
@@ -32,7 +33,7 @@ from ._checks import (
     check_optional_float,
     empty_grad,
 )
-from ._op import kernel_op, reshaped, stats_dtype
+from ._op import kernel_op, reshaped, row_count, stats_dtype
 
 
 @kernel_op("rms_norm")
@@ -44,7 +45,7 @@ def rms_norm_fwd(
     the rounding ``cast_before_weight`` adds); each row's ``rstd`` in the
     statistics dtype."""
     y_dtype = torch.promote_types(weight.dtype, x.dtype) if cast_before_weight and weight is not None else x.dtype
-    return torch.empty_like(x, dtype=y_dtype), x.new_empty(x.shape[0], dtype=stats_dtype(x.dtype))
+    return torch.empty_like(x, dtype=y_dtype), x.new_empty(row_count(x), dtype=stats_dtype(x.dtype))
 
 
 @kernel_op("rms_norm")
@@ -53,7 +54,7 @@ def rms_norm_bwd(
 ) -> tuple[Tensor, Tensor]:
     """Kernel: ``dx`` (x's dtype); ``dweight`` (the weight's dtype) when there is
     a weight, else empty."""
-    dweight = x.new_empty(x.shape[1], dtype=weight.dtype) if weight is not None else empty_grad(x)
+    dweight = x.new_empty(x.shape[-1], dtype=weight.dtype) if weight is not None else empty_grad(x)
     return torch.empty_like(x), dweight
 
 
@@ -106,7 +107,10 @@ def rms_norm(
         raise ArgumentTypeError(f"cast_before_weight must be a bool, got {type(cast_before_weight).__name__}")
     if autocast_enabled(input) and input.dtype != torch.float64 and not offset and not cast_before_weight:
         input = input.float()
-    flat_weight = None if weight is None else reshaped(weight, d)
+    if len(shape) == 1:  # the kernels read the rows of input as it is
+        y, _ = rms_norm_fwd(input.contiguous(), weight, eps, offset, cast_before_weight)
+        return y
+    flat_weight = None if weight is None else weight.reshape(d)
     y, _ = rms_norm_fwd(
         reshaped(input, input.numel() // d, d).contiguous(), flat_weight, eps, offset, cast_before_weight
     )

@@ -1,4 +1,4 @@
-"""LayerNorm over the rows of a contiguous (rows, D) matrix (layer_norm.cu):
+"""LayerNorm over the rows of a contiguous tensor, read as a (rows, D) matrix (layer_norm.cu):
 one block per row; the backward's dweight/dbias as per-block partial sums
 added up afterwards by torch."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..._numerics import row_count
 from . import _runtime
 from ._runtime import MAX_BLOCKS, acc_dtype, acc_scalar, kernel_name, persistent_blocks, pointer, row_threads
 
@@ -18,7 +19,7 @@ def _in_acc(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def layer_norm_fwd(x, weight, bias, eps, y, stats):
-    rows, d = x.shape
+    rows, d = row_count(x), x.shape[-1]
     if rows:
         weight, bias = _in_acc(weight, x.dtype), _in_acc(bias, x.dtype)
         _runtime.launch(
@@ -42,7 +43,7 @@ def layer_norm_fwd(x, weight, bias, eps, y, stats):
 
 
 def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
-    rows, d = x.shape
+    rows, d = row_count(x), x.shape[-1]
     blocks = persistent_blocks(x.device, rows)
     acc = acc_dtype(x.dtype)
     # Zeroed: blocks add their rows into them, and blocks with no rows leave zeros.

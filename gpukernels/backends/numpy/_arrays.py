@@ -40,3 +40,9 @@ def as_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 def write(out: torch.Tensor, a: np.ndarray) -> None:
     """Store ``a`` into the output tensor ``out`` (rounded to its dtype)."""
     out.copy_(torch.from_numpy(np.ascontiguousarray(a)))
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor read as a ``(rows, t.shape[-1])`` matrix, as row ops' kernels
+    read theirs: a view, so that writing it writes ``t``."""
+    return t.view(-1, t.shape[-1])

@@ -1,13 +1,14 @@
-"""LayerNorm over the rows of a contiguous (rows, D) matrix."""
+"""LayerNorm over the rows of a contiguous tensor, read as a (rows, D) matrix."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ._arrays import as_array, write
+from ._arrays import as_array, as_rows, write
 
 
 def layer_norm_fwd(x, weight, bias, eps, y_out, stats_out):
+    x, y_out = as_rows(x), as_rows(y_out)
     a = as_array(x)
     mean = a.mean(axis=1)
     centered = a - mean[:, None]
@@ -22,6 +23,7 @@ def layer_norm_fwd(x, weight, bias, eps, y_out, stats_out):
 
 
 def layer_norm_bwd(dy, x, weight, stats, has_bias, dx_out, dweight_out, dbias_out):
+    dy, x, dx_out = as_rows(dy), as_rows(x), as_rows(dx_out)
     a, g_out = as_array(x), as_array(dy, x.dtype)
     mean, rstd = as_array(stats, x.dtype)
     xhat = (a - mean[:, None]) * rstd[:, None]

@@ -1,10 +1,10 @@
-"""RMSNorm over the rows of a contiguous (rows, D) matrix."""
+"""RMSNorm over the rows of a contiguous tensor, read as a (rows, D) matrix."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ._arrays import as_array, as_tensor, write
+from ._arrays import as_array, as_rows, as_tensor, write
 
 
 def _rounded(h: np.ndarray, x, dtype) -> np.ndarray:
@@ -13,6 +13,7 @@ def _rounded(h: np.ndarray, x, dtype) -> np.ndarray:
 
 
 def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y_out, rstd_out):
+    x, y_out = as_rows(x), as_rows(y_out)
     a = as_array(x)
     rstd = 1.0 / np.sqrt((a * a).mean(axis=1) + eps)
     y = a * rstd[:, None]
@@ -26,6 +27,7 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y_out, rstd_out):
 
 
 def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx_out, dweight_out):
+    dy, x, dx_out = as_rows(dy), as_rows(x), as_rows(dx_out)
     a, g_out, rstd = as_array(x), as_array(dy, x.dtype), as_array(rstd, x.dtype)
     h = a * rstd[:, None]
     g = g_out * (offset + as_array(weight, x.dtype)) if weight is not None else g_out

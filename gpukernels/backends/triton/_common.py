@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import device_type
+from ..._numerics import row_count, stats_dtype  # noqa: F401  (the launchers' rules for statistics and rows)
 from . import interpreting
 from ._launch import tracing
 
@@ -45,11 +46,6 @@ else:
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:
     """The dtype kernels accumulate in: fp64 for fp64 tensors, else fp32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The torch dtype of statistics and accumulators: fp64 for fp64 tensors, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def next_power_of_2(n: int) -> int:

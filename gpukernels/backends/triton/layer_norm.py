@@ -1,15 +1,15 @@
-"""LayerNorm over the rows of a contiguous (rows, D) matrix: the launchers of
-the row-normalisation kernels of ``_norm``, centred (``CENTERED``).
+"""LayerNorm over the rows of a contiguous tensor, read as a (rows, D) matrix:
+the launchers of the row-normalisation kernels of ``_norm``, centred (``CENTERED``).
 """
 
 from __future__ import annotations
 
-from ._common import aligned, arrival_counter, dtype_of, launch_scratch, num_programs, stats_dtype
+from ._common import aligned, arrival_counter, dtype_of, launch_scratch, num_programs, row_count, stats_dtype
 from ._norm import BWD_PROGRAMS_PER_SM, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
 def layer_norm_fwd(x, weight, bias, eps, y, stats):
-    rows, d = x.shape
+    rows, d = row_count(x), x.shape[-1]
     if rows:
         no_offset = None  # the scale is the weight itself
         key = ("layer_norm", x.dtype, dtype_of(weight), dtype_of(bias), d) if aligned(x, weight, bias) else None
@@ -29,7 +29,7 @@ def layer_norm_fwd(x, weight, bias, eps, y, stats):
 
 
 def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
-    rows, d = x.shape
+    rows, d = row_count(x), x.shape[-1]
     has_w = weight is not None
     if not rows:
         dweight.zero_()  # empty when there is no weight

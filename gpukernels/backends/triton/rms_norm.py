@@ -1,15 +1,15 @@
-"""RMSNorm over the rows of a contiguous (rows, D) matrix: the launchers of
-the row-normalisation kernels of ``_norm``, uncentred (``CENTERED`` false).
+"""RMSNorm over the rows of a contiguous tensor, read as a (rows, D) matrix:
+the launchers of the row-normalisation kernels of ``_norm``, uncentred (``CENTERED`` false).
 """
 
 from __future__ import annotations
 
-from ._common import aligned, arrival_counter, dtype_of, launch_scratch, num_programs, stats_dtype
+from ._common import aligned, arrival_counter, dtype_of, launch_scratch, num_programs, row_count, stats_dtype
 from ._norm import BWD_PROGRAMS_PER_SM, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
 def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
-    rows, d = x.shape
+    rows, d = row_count(x), x.shape[-1]
     if rows:
         no_bias = None
         key = (
@@ -33,7 +33,7 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
 
 
 def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
-    rows, d = x.shape
+    rows, d = row_count(x), x.shape[-1]
     if not rows:
         dweight.zero_()  # no rows: dweight is 0 (and empty when there is no weight)
         return
