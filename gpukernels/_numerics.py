@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
@@ -16,3 +18,21 @@ def row_count(x: torch.Tensor) -> int:
     functions make no view of it (each a node of the autograd graph, with host
     time of its own). The last dim is at least 1."""
     return x.numel() // x.shape[-1]
+
+
+def ncl_strides(shape: Sequence[int], strides: Sequence[int]) -> tuple[int, int, int] | None:
+    """The strides of the ``(N, C, L)`` view of an ``(N, C, *)`` tensor, ``L`` its dims
+    after C as one axis (NCHW and channels-last input alike), for kernels that take
+    such a tensor as it is (no view around the op: an autograd node, host time); None
+    where those dims make no one axis (``reshape`` would copy). L's stride is its
+    innermost dim's of more than one element (1 when there is none)."""
+    inner, step = 1, None  # L's stride; the stride the next outer dim must have
+    for size, stride in zip(reversed(shape[2:]), reversed(strides[2:])):
+        if size <= 1:  # no step through it
+            continue
+        if step is None:
+            inner = stride
+        elif stride != step:
+            return None
+        step = size * stride
+    return strides[0], strides[1], inner

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import gpukernels as gk
+from gpukernels._numerics import ncl_strides
 from gpukernels.ops.batch_norm import batch_norm, batch_norm_bwd, batch_norm_fwd
 from helpers import TOLERANCES, assert_matches, count_launches
 
@@ -151,6 +152,51 @@ def test_non_contiguous_input(device, view, training):
     }[view]()
     assert not x.is_contiguous()
     check_against_torch(x, *params, training)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "shape, channels_last", [((6, 4), False), ((6, 4, 5), False), ((2, 4, 3, 5), False), ((2, 4, 3, 5), True)]
+)
+def test_input_reaches_the_kernels_without_views(device, shape, channels_last, training):
+    """(N, C, *) input whose dims after C make one axis goes to the kernels as it is:
+    no view of it around the op (each an autograd node with host time of its own)."""
+    x, weight, bias, running_mean, running_var = make_inputs(shape, torch.float32, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    y = batch_norm(x.requires_grad_(), running_mean, running_var, weight, bias, training=training)
+    assert y.shape == x.shape and y.grad_fn.next_functions[0][0].variable is x
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_output_grad_whose_dims_after_c_make_no_axis(device, training):
+    """A dy whose (H, W) steps make no one axis (transposed) is copied before the kernels read it."""
+    x, weight, bias, running_mean, running_var = make_inputs((3, 4, 5, 6), torch.float64, device=device)
+    dy = torch.randn(3, 4, 6, 5, dtype=torch.float64, device=device).transpose(2, 3)
+    grads = []
+    for fn in (batch_norm, F.batch_norm):
+        leaves = [t.requires_grad_() for t in clones(x, weight, bias)]
+        y = fn(leaves[0], *clones(running_mean, running_var), *leaves[1:], training=training)
+        grads.append(torch.autograd.grad(y, leaves, dy))
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "shape, strides, expected",
+    [
+        ((2, 3, 4, 5), (60, 20, 5, 1), (60, 20, 1)),  # NCHW
+        ((2, 3, 4, 5), (60, 1, 15, 3), (60, 1, 3)),  # channels-last
+        ((2, 3, 4, 5), (60, 20, 1, 4), None),  # H and W transposed
+        ((2, 3, 1, 5), (15, 5, 99, 1), (15, 5, 1)),  # a dim of one element steps nowhere
+        ((2, 3, 4, 1), (12, 4, 1, 7), (12, 4, 1)),
+        ((2, 3), (3, 1), (3, 1, 1)),  # (N, C): L == 1
+        ((2, 3, 4, 5, 6), (360, 120, 30, 6, 1), (360, 120, 1)),
+        ((2, 3, 4, 5, 6), (360, 120, 36, 6, 1), None),  # D sliced from 5 of 6: no one axis
+    ],
+)
+def test_ncl_strides(shape, strides, expected):
+    assert ncl_strides(shape, strides) == expected
 
 
 def tiled_input(layout, dtype, device):

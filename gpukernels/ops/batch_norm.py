@@ -1,11 +1,12 @@
 """batch_norm: the ops ``gpukernels::batch_norm_fwd/_bwd`` (output specs and
 kernel contracts), their autograd, and the checked public function.
 
-The kernels see ``x`` as an ``(N, C, L)`` tensor that is a view of the input,
-never a forced copy: NCHW and channels-last (strides ``(H*W*C, 1, C)``)
-inputs both reshape to one. They accept any strides and write ``y`` and ``dx``
-into outputs laid out as ``torch.empty_like(x)`` lays them out, so
-channels-last in is channels-last out. Statistics are per channel over the
+The kernels take ``x`` as it is, ``(N, C, *)`` of any strides whose dims after
+C make one axis ``L`` (``ncl_strides``: NCHW and channels-last input alike;
+other strides are copied first), and read it as ``(N, C, L)``; they write ``y``
+and ``dx`` into outputs laid out as ``torch.empty_like(x)`` lays them out, so
+channels-last in is channels-last out, and no view of the input is made
+around the op (each an autograd node, with host time of its own). Statistics are per channel over the
 ``M = N*L`` other elements, in the statistics dtype; the forward returns the
 mean and rstd it normalised with (the batch's in training, the running stats'
 in eval) for the backward, in one ``(2, C)`` tensor (one allocation and one
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .._backend import backend_for
+from .._numerics import ncl_strides
 from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import check_float, check_number, check_optional_floats, empty_grad
 from ._op import eager_apply, kernel_op, needs_dispatch, refuse_second_derivative, reshaped, stats_dtype
@@ -103,6 +105,8 @@ class _BatchNormFunction(torch.autograd.Function):
     @refuse_second_derivative("batch_norm")
     def backward(ctx, dy: Tensor):
         x, weight, stats = ctx.saved_tensors
+        if dy.dim() > 3 and not ncl_strides(dy.shape, dy.stride()):  # the kernels read dy as (N, C, L) too
+            dy = dy.contiguous()
         has_bias = ctx.bias_dtype is not None
         dx, dweight, dbias = batch_norm_bwd.on(ctx.backend, dy, x, weight, stats, ctx.training, has_bias)
         return (
@@ -209,12 +213,12 @@ def batch_norm(
         raise ArgumentError(
             f"Expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
         )
-    # a view for contiguous and channels-last input alike; a copy only for strides no (N, C, L) view can express
-    x = reshaped(input, n, channels, length)
-    if x.numel() == 0:
-        return _empty_batch(x, weight, bias).view(input.shape)
+    if input.numel() == 0:
+        return _empty_batch(reshaped(input, n, channels, length), weight, bias).view(input.shape)
+    # as it is, NCHW and channels-last alike; a copy only for strides no (N, C, L) view can express
+    x = input if input.dim() <= 3 or ncl_strides(input.shape, input.stride()) else input.reshape(n, channels, length)
     args = (x, weight, bias, running_mean, running_var, training, momentum, eps, backend_for(x))
     # Function.apply's Python layer serves functorch transforms and torch.compile; on plain
     # tensors, outside them, its C apply (host time)
     y = _BatchNormFunction.apply(*args, True) if needs_dispatch(args) else _apply_eagerly(*args, False)
-    return reshaped(y, *input.shape)
+    return y if x is input else y.view(input.shape)

@@ -1,6 +1,6 @@
-"""BatchNorm over an (N, C, L) tensor of any strides (a NumPy view of the
-input, channels-last included): statistics per channel over the M = N*L
-elements of axes 0 and 2."""
+"""BatchNorm over an (N, C, *) tensor whose dims after C make one axis L (a
+NumPy view of its (N, C, L) view, channels-last included): statistics per
+channel over the M = N*L elements of axes 0 and 2."""
 
 from __future__ import annotations
 
@@ -21,7 +21,13 @@ def _update_running(running, batch: np.ndarray, momentum: float) -> None:
     write(running, momentum * batch + (1.0 - momentum) * as_array(running))
 
 
+def _ncl(t):
+    """The (N, C, L) view of an (N, C, *) tensor: a view, so that writing it writes ``t``."""
+    return t.view(t.shape[0], t.shape[1], -1) if t.dim() != 3 else t
+
+
 def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, y_out, stats_out):
+    x, y_out = _ncl(x), _ncl(y_out)
     a = as_array(x)
     if training:
         mean = a.mean(axis=_OVER_CHANNEL)
@@ -45,6 +51,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
 
 
 def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx_out, dweight_out, dbias_out):
+    dy, x, dx_out = _ncl(dy), _ncl(x), _ncl(dx_out)
     a, g = as_array(x), as_array(dy, x.dtype)
     mean, rstd = as_array(stats, x.dtype)
     xhat = (a - _per_channel(mean)) * _per_channel(rstd)

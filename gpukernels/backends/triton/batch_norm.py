@@ -1,5 +1,6 @@
-"""BatchNorm over an ``(N, C, L)`` view of any strides: statistics per channel
-over the ``M = N*L`` elements of axes 0 and 2.
+"""BatchNorm over an ``(N, C, *)`` tensor whose dims after C make one axis ``L``
+(``ncl_strides``), read as ``(N, C, L)``, of any strides: statistics per
+channel over the ``M = N*L`` elements of axes 0 and 2.
 
 Layouts. Every kernel addresses element ``(n, c, l)`` of each tensor through
 that tensor's own strides, so NCHW, channels-last and strided views run
@@ -61,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._numerics import ncl_strides
 from ._common import acc_dtype, aligned, cdiv, dtype_of, launch_scratch, next_power_of_2, num_programs, round_to
 from ._launch import jit
 
@@ -542,6 +544,7 @@ class _Tiling:
     num_warps: int
     device: torch.device
     # Made from the above, once (a property would cost host time on every launch):
+    m: int = field(init=False)  # elements per channel
     one_split: bool = field(init=False)
     """Whether one reduction program per channel block takes all its tiles (a few tiles,
     or channel blocks enough to fill the GPU): then the training kernels that would
@@ -569,6 +572,7 @@ class _Tiling:
         metas = {acc: dict(ACC=acc, **blocks, num_warps=self.num_warps) for acc in (tl.float32, tl.float64)}
         object.__setattr__(self, "_args", args)
         object.__setattr__(self, "_metas", metas)
+        object.__setattr__(self, "m", self.n * self.l)
         object.__setattr__(self, "one_split", self.splits == 1 and self.tiles > 0)
         object.__setattr__(self, "reduction_grid", (self.channel_blocks, self.splits))
         object.__setattr__(self, "elementwise_grid", (self.channel_blocks, self.programs))
@@ -591,17 +595,18 @@ def _pow2_at_least(size: int) -> int:
 
 
 def _tiling(x: torch.Tensor, *others: torch.Tensor) -> _Tiling:
-    """The tiling for x and the same-shape tensors read or written beside it
-    (their strides may differ); x's layout picks which axis is coalesced."""
+    """The tiling for x, (N, C, *), and the same-shape tensors read or written beside
+    it (their strides may differ); x's layout picks which axis is coalesced."""
     return _tiling_of(x.shape, tuple(map(torch.Tensor.stride, (x, *others))), x.device)
 
 
 @functools.lru_cache(maxsize=256)  # worked out once per shape, layout and device: host time on every call otherwise
-def _tiling_of(
-    shape: tuple[int, int, int], tensor_strides: tuple[tuple[int, int, int], ...], device: torch.device
-) -> _Tiling:
-    n0, c, l0 = shape
-    n, l, strides = _fold(n0, l0, [(sn, sl, sc) for sn, sc, sl in tensor_strides])
+def _tiling_of(shape: tuple[int, ...], tensor_strides: tuple[tuple[int, ...], ...], device: torch.device) -> _Tiling:
+    n0, c, l0 = shape[0], shape[1], math.prod(shape[2:])
+    ncl = [ncl_strides(shape, strides) for strides in tensor_strides]
+    if None in ncl:
+        raise ValueError(f"batch_norm kernels: the dims after C of a tensor of shape {tuple(shape)} make no one axis")
+    n, l, strides = _fold(n0, l0, [(sn, sl, sc) for sn, sc, sl in ncl])
     _, sl, sc = strides[0]
     channels_inner = c > 1 and sc < sl
     block_c = min(_pow2_at_least(c), CHANNEL_BLOCK) if channels_inner else 1
@@ -651,7 +656,7 @@ def _fp32_pair(value: float) -> tuple[float, float]:
 
 
 def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, y, stats):
-    n, channels, length = x.shape
+    channels = x.shape[1]
     if channels == 0:
         return
     tiling = _tiling(x, y)
@@ -691,7 +696,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
         partial,
         splits,
         *params,
-        n * length,
+        tiling.m,
         *tiling.args(2),
         *_fp32_pair(momentum),
         *_fp32_pair(eps),
@@ -699,7 +704,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
 
 
 def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx, dweight, dbias):
-    n, channels, length = x.shape
+    channels = x.shape[1]
     if x.numel() == 0:  # dx is empty; dweight and dbias are sums of no terms
         dweight.zero_()
         dbias.zero_()
@@ -755,7 +760,7 @@ def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx, dweight, dbias)
             tiling.splits,
             dweight,
             dbias,
-            n * length,
+            tiling.m,
             *tiling.args(3),
         )
     elif weight is not None or has_bias:
