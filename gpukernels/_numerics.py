@@ -36,3 +36,10 @@ def ncl_strides(shape: Sequence[int], strides: Sequence[int]) -> tuple[int, int,
             return None
         step = size * stride
     return strides[0], strides[1], inner
+
+
+def row_stats(stats: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The parts of a cross-entropy op's ``stats`` (one tensor: one allocation and one
+    saved tensor, not three), as views: each of the ``rows`` rows' max ``m``, each row's
+    ``log sum exp(logit - m)``, then what follows them (totals, or each row's target mass)."""
+    return stats[:rows], stats[rows : 2 * rows], stats[2 * rows :]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import gpukernels as gk
 import gpukernels.backends.numpy.adamw as numpy_adamw
 from cupy_host import HOST_TARGET, needs_gxx
+from gpukernels._numerics import row_stats
 from gpukernels.backends._dropout import uint_to_uniform_float
 from gpukernels.backends.cupy import _runtime
 from gpukernels.backends.cupy import cross_entropy as cupy_cross_entropy
@@ -206,9 +207,9 @@ def _ce_kernels(
 ):
     """A backend's loss, row statistics and totals, and the gradient its backward gives from them."""
     options = (ignore_index, label_smoothing, reduction)
-    loss, row_max, log_sum, totals = run_kernel(module, cross_entropy_fwd, x, target, weight, *options)
-    grad = run_kernel(module, cross_entropy_bwd, upstream, x, target, weight, row_max, log_sum, totals, *options)
-    return loss, row_max, log_sum, totals, grad
+    loss, stats = run_kernel(module, cross_entropy_fwd, x, target, weight, *options)
+    grad = run_kernel(module, cross_entropy_bwd, upstream, x, target, weight, stats, *options)
+    return (loss, *row_stats(stats, x.shape[0]), grad)
 
 
 def _ce_torch(x, target, weight, upstream, **options):

@@ -213,18 +213,14 @@ def test_large_logits_are_stable(device):
 
 def test_only_the_gradients_asked_for(device):
     x, weight, target, bias = _problem((5,), 4, 8, device=device)
-    _, row_max, log_sum, kept_rows = linear_cross_entropy_fwd(
-        x, weight, bias, target, IGNORE, 0.0, 0.0, None, "mean", 2, x.dtype
-    )
+    _, stats = linear_cross_entropy_fwd(x, weight, bias, target, IGNORE, 0.0, 0.0, None, "mean", 2, x.dtype)
     dx, dweight, dbias = linear_cross_entropy_bwd(
         torch.ones((), dtype=x.dtype, device=device),
         x,
         weight,
         bias,
         target,
-        row_max,
-        log_sum,
-        kept_rows,
+        stats,
         IGNORE,
         0.0,
         0.0,
@@ -289,9 +285,7 @@ def test_opcheck(device):
                 linear_cross_entropy_fwd.custom_op,
                 (x, weight, b, target, IGNORE, 0.1, 1e-3, 2.0, reduction, 2, torch.bfloat16, backend),
             )
-    _, row_max, log_sum, kept_rows = linear_cross_entropy_fwd(
-        x, weight, bias, target, IGNORE, 0.1, 1e-3, 2.0, "none", 2, torch.float32
-    )
+    _, stats = linear_cross_entropy_fwd(x, weight, bias, target, IGNORE, 0.1, 1e-3, 2.0, "none", 2, torch.float32)
     for scale, reduction in ((torch.randn(5, device=device), "none"), (torch.tensor(0.5, device=device), "mean")):
         torch.library.opcheck(
             linear_cross_entropy_bwd.custom_op,
@@ -301,9 +295,7 @@ def test_opcheck(device):
                 weight.detach(),
                 bias.detach(),
                 target,
-                row_max,
-                log_sum,
-                kept_rows,
+                stats,
                 IGNORE,
                 0.1,
                 1e-3,

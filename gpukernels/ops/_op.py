@@ -59,7 +59,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 
 from .. import _backend
 from .._backend import backend_for, backend_name, kernel_for
-from .._numerics import row_count, stats_dtype  # noqa: F401  (the op files' rules for statistics and rows)
+from .._numerics import row_count, row_stats, stats_dtype  # noqa: F401  (the op files' rules for statistics and rows)
 from ._checks import PLAIN_TENSOR_TYPES
 
 try:  # torch's list of each triton_op's kernels, for AOTAutograd's cache key

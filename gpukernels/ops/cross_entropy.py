@@ -6,7 +6,8 @@ checked public function.
 The kernels see the logits as a contiguous ``(rows, C)`` matrix (class dim
 last), class-probability targets likewise. The forward reads the logits once
 and saves, beside a reference to them, two numbers per row: the max ``m`` and
-``log sum exp(x - m)`` of the row's logsumexp; it reduces the rows' losses
+``log sum exp(x - m)`` of the row's logsumexp, in one ``stats`` tensor with what
+the backward needs besides (``row_stats`` splits it); it reduces the rows' losses
 itself (``mean``, ``sum``), so the loss comes out of the kernels, in the
 logits' dtype. The backward reads the logits once more and writes the gradient
 from those numbers, already scaled by the upstream gradient (and divided by the
@@ -38,16 +39,14 @@ REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
 
 
-def _loss_and_stats(logits: Tensor, reduction: str, last: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The loss (one per row for ``none``), then in the statistics dtype each row's
-    ``row_max`` and ``log_sum``, and ``last`` more values (``totals``; ``target_mass``)."""
-    rows, stats = logits.shape[0], stats_dtype(logits.dtype)
-    new_stats = logits.new_empty
+def _loss_and_stats(logits: Tensor, reduction: str, last: int) -> tuple[Tensor, Tensor]:
+    """The loss (one per row for ``none``), then ``stats`` in the statistics dtype: each
+    row's ``row_max``, each row's ``log_sum``, and ``last`` more values (``totals``;
+    ``target_mass``)."""
+    rows = logits.shape[0]
     return (
         logits.new_empty((rows,) if reduction == "none" else ()),
-        new_stats(rows, dtype=stats),
-        new_stats(rows, dtype=stats),
-        new_stats(last, dtype=stats),
+        logits.new_empty(2 * rows + last, dtype=stats_dtype(logits.dtype)),
     )
 
 
@@ -60,14 +59,15 @@ def cross_entropy_fwd(
     label_smoothing: float,
     reduction: str,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Kernel, for class indices ``target`` (int64 or int32, one per row): per row
     ``-(1-e) w[t] logp[t] - (e/C) sum_c w[c] logp[c]`` (0 where ``t == ignore_index``),
     reduced by ``reduction`` (``mean`` divides by the sum of ``w[t]`` over the rows not
-    ignored: nan when there are none) into ``loss``, in the logits' dtype; each row's
-    ``row_max`` and ``log_sum`` (``lse = row_max + log_sum``); ``totals``: that
-    denominator and ``sum(w)`` (C without weights). A target outside ``[0, C)`` that is
-    not ``ignore_index`` is never read: an IndexError on CPU, a device-side assert on CUDA."""
+    ignored: nan when there are none) into ``loss``, in the logits' dtype; into ``stats``
+    each row's ``row_max``, each row's ``log_sum`` (``lse = row_max + log_sum``), then the
+    ``totals``: that denominator and ``sum(w)`` (C without weights). A target outside
+    ``[0, C)`` that is not ``ignore_index`` is never read: an IndexError on CPU, a
+    device-side assert on CUDA."""
     return _loss_and_stats(logits, reduction, 2)
 
 
@@ -77,16 +77,14 @@ def cross_entropy_bwd(
     logits: Tensor,
     target: Tensor,
     weight: Optional[Tensor],
-    row_max: Tensor,
-    log_sum: Tensor,
-    totals: Tensor,
+    stats: Tensor,
     ignore_index: int,
     label_smoothing: float,
     reduction: str,
     backend: str,
 ) -> Tensor:
     """Kernel: d(loss)/d(logits) times ``grad_loss`` (0-d, or one per row for ``none``,
-    any stride), from the forward's statistics:
+    any stride), from the forward's ``stats``:
     ``s_i ((1-e) w[t_i] (p - onehot(t_i)) + (e/C) (sum(w) p - w))``, 0 on ignored rows,
     with ``s_i`` the upstream gradient, divided by ``totals[0]`` for ``mean`` (0 when
     that is 0), in the logits' dtype."""
@@ -96,12 +94,12 @@ def cross_entropy_bwd(
 @kernel_op("cross_entropy")
 def cross_entropy_probs_fwd(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], label_smoothing: float, reduction: str, backend: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Kernel, for class-probability ``target`` (the logits' shape and dtype): per row
     ``-sum_c q[c] logp[c]`` with ``q = w * ((1-e) target + e/C)``, reduced by
     ``reduction`` (``mean`` divides by the number of rows: nan when there are none) into
-    ``loss``, in the logits' dtype; each row's ``row_max``, ``log_sum`` and
-    ``target_mass`` ``sum_c q[c]``."""
+    ``loss``, in the logits' dtype; into ``stats`` each row's ``row_max``, each row's
+    ``log_sum``, then each row's ``target_mass`` ``sum_c q[c]``."""
     return _loss_and_stats(logits, reduction, logits.shape[0])
 
 
@@ -111,9 +109,7 @@ def cross_entropy_probs_bwd(
     logits: Tensor,
     target: Tensor,
     weight: Optional[Tensor],
-    row_max: Tensor,
-    log_sum: Tensor,
-    target_mass: Tensor,
+    stats: Tensor,
     label_smoothing: float,
     reduction: str,
     grad_target: bool,
@@ -128,13 +124,13 @@ def cross_entropy_probs_bwd(
 
 def _setup_context(ctx, inputs, output):
     logits, target, weight, ignore_index, label_smoothing, reduction = inputs
-    _, row_max, log_sum, totals = output
-    ctx.mark_non_differentiable(row_max, log_sum, totals)
-    ctx.save_for_backward(logits, target, weight, row_max, log_sum, totals)
+    stats = output[1]
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(logits, target, weight, stats)
     ctx.options = ignore_index, label_smoothing, reduction
 
 
-def _backward(ctx, grad_loss, _grad_row_max, _grad_log_sum, _grad_totals):
+def _backward(ctx, grad_loss, _grad_stats):
     grad = cross_entropy_bwd.on(ctx.backend, grad_loss, *ctx.saved_tensors, *ctx.options)
     return grad, None, None, None, None, None
 
@@ -144,13 +140,13 @@ cross_entropy_fwd.register_autograd(_setup_context, _backward)
 
 def _probs_setup_context(ctx, inputs, output):
     logits, target, weight, label_smoothing, reduction = inputs
-    _, row_max, log_sum, target_mass = output
-    ctx.mark_non_differentiable(row_max, log_sum, target_mass)
-    ctx.save_for_backward(logits, target, weight, row_max, log_sum, target_mass)
+    stats = output[1]
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(logits, target, weight, stats)
     ctx.options = label_smoothing, reduction
 
 
-def _probs_backward(ctx, grad_loss, _grad_row_max, _grad_log_sum, _grad_target_mass):
+def _probs_backward(ctx, grad_loss, _grad_stats):
     grad_target = ctx.needs_input_grad[1]
     grad, target_grad = cross_entropy_probs_bwd.on(
         ctx.backend, grad_loss, *ctx.saved_tensors, *ctx.options, grad_target
@@ -248,11 +244,11 @@ def cross_entropy(
 
     logits = _class_last(input, class_dim, classes)
     if probabilities:
-        loss, _, _, _ = cross_entropy_probs_fwd(
+        loss, _ = cross_entropy_probs_fwd(
             logits, _class_last(target, class_dim, classes), weight, label_smoothing, reduction
         )
     else:
-        loss, _, _, _ = cross_entropy_fwd(
+        loss, _ = cross_entropy_fwd(
             logits, reshaped(target, target.numel()), weight, ignore_index, label_smoothing, reduction
         )
     return reshaped(loss, *batch_shape) if reduction == "none" else loss

@@ -44,7 +44,7 @@ from ._checks import (
     check_optional_float,
     empty_grad,
 )
-from ._op import kernel_op, reshaped, stats_dtype
+from ._op import kernel_op, reshaped, row_stats, stats_dtype
 from .cross_entropy import REDUCTIONS, TARGET_DTYPES
 
 # Logits held per chunk: a fixed budget on CPU; on CUDA a share of the free
@@ -91,21 +91,19 @@ def linear_cross_entropy_fwd(
     chunk_rows: int,
     loss_dtype: torch.dtype,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Kernel: ``chunk_rows`` rows at a time, each row's loss of its logits
     ``c = softcap(x @ weight.T + bias)``: ``cross_entropy``'s with label smoothing, plus
     ``z_loss * lse**2``, 0 on ignored rows; reduced by ``reduction`` (``mean`` over the rows
-    not ignored: nan when there are none) into ``loss``, in ``loss_dtype``; each row's
-    ``row_max`` and ``log_sum`` of ``c`` (``lse = row_max + log_sum``, fp32; fp64 for fp64),
-    and ``kept_rows``, the number of rows not ignored. A target outside ``[0, vocab)`` that
-    is not ``ignore_index`` is an error (a device-side assert on CUDA)."""
+    not ignored: nan when there are none) into ``loss``, in ``loss_dtype``; into ``stats``
+    (``row_stats``; fp32, fp64 for fp64) each row's ``row_max``, each row's ``log_sum`` of
+    ``c`` (``lse = row_max + log_sum``), then ``kept_rows``, the number of rows not ignored.
+    A target outside ``[0, vocab)`` that is not ``ignore_index`` is an error (a device-side
+    assert on CUDA)."""
     rows = x.shape[0]
-    stats = stats_dtype(x.dtype)
     return (
         x.new_empty((rows,) if reduction == "none" else (), dtype=loss_dtype),
-        x.new_empty(rows, dtype=stats),
-        x.new_empty(rows, dtype=stats),
-        x.new_empty((), dtype=stats),
+        x.new_empty(2 * rows + 1, dtype=stats_dtype(x.dtype)),
     )
 
 
@@ -116,9 +114,7 @@ def linear_cross_entropy_bwd(
     weight: Tensor,
     bias: Optional[Tensor],
     target: Tensor,
-    row_max: Tensor,
-    log_sum: Tensor,
-    kept_rows: Tensor,
+    stats: Tensor,
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
@@ -143,8 +139,8 @@ def linear_cross_entropy_bwd(
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_rows, _ = inputs
-    _, row_max, log_sum, kept_rows = output
-    ctx.mark_non_differentiable(row_max, log_sum, kept_rows)
+    stats = output[1]
+    ctx.mark_non_differentiable(stats)
     ctx.options = (
         ignore_index,
         label_smoothing,
@@ -154,10 +150,10 @@ def _setup_context(ctx, inputs, output):
         slice_columns(x.shape[0], weight.shape[0], chunk_rows),
     )
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, bias, target, row_max, log_sum, kept_rows)
+    ctx.save_for_backward(x, weight, bias, target, stats)
 
 
-def _backward(ctx, grad_loss, _grad_row_max, _grad_log_sum, _grad_kept_rows):
+def _backward(ctx, grad_loss, _grad_stats):
     wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias)
     grads = linear_cross_entropy_bwd.on(ctx.backend, grad_loss, *ctx.saved_tensors, *ctx.options, *wanted)
     return (*(g if want else None for g, want in zip(grads, wanted)), *(None,) * 8)
@@ -262,7 +258,7 @@ def linear_cross_entropy(
     rows, vocab = math.prod(x.shape[:-1]), weight.shape[0]
     chunk_rows = chunk_size or default_chunk_rows(rows, vocab, x.dtype, chunk_budget(x.device))
     loss_dtype = stats_dtype(x.dtype) if autocasting else x.dtype
-    loss, row_max, log_sum, _ = linear_cross_entropy_fwd(
+    loss, stats = linear_cross_entropy_fwd(
         reshaped(x, rows, weight.shape[1]).contiguous(),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
@@ -277,4 +273,7 @@ def linear_cross_entropy(
     )
     batch_shape = x.shape[:-1]
     loss = reshaped(loss, *batch_shape) if reduction == "none" else loss
-    return (loss, (row_max + log_sum).view(batch_shape)) if return_lse else loss
+    if not return_lse:
+        return loss
+    row_max, log_sum, _ = row_stats(stats, rows)
+    return loss, (row_max + log_sum).view(batch_shape)

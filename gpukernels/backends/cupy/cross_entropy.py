@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..._numerics import row_stats
 from . import _runtime
 from ._runtime import MAX_BLOCKS, acc_dtype, kernel_name, pointer, row_threads
 
@@ -133,7 +134,8 @@ def _backward(
     )
 
 
-def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss, row_max, log_sum, totals):
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss, stats):
+    row_max, log_sum, totals = row_stats(stats, logits.shape[0])
     _forward(
         logits,
         target.to(torch.int64),
@@ -150,9 +152,8 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, red
     )
 
 
-def cross_entropy_bwd(
-    grad_loss, logits, target, weight, row_max, log_sum, totals, ignore_index, label_smoothing, reduction, grad
-):
+def cross_entropy_bwd(grad_loss, logits, target, weight, stats, ignore_index, label_smoothing, reduction, grad):
+    row_max, log_sum, totals = row_stats(stats, logits.shape[0])
     _backward(
         grad_loss,
         logits,
@@ -171,24 +172,15 @@ def cross_entropy_bwd(
     )
 
 
-def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss, row_max, log_sum, target_mass):
+def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss, stats):
+    row_max, log_sum, target_mass = row_stats(stats, logits.shape[0])
     _forward(logits, None, target, weight, -1, label_smoothing, reduction, loss, row_max, log_sum, target_mass, None)
 
 
 def cross_entropy_probs_bwd(
-    grad_loss,
-    logits,
-    target,
-    weight,
-    row_max,
-    log_sum,
-    target_mass,
-    label_smoothing,
-    reduction,
-    grad_target,
-    grad,
-    target_grad,
+    grad_loss, logits, target, weight, stats, label_smoothing, reduction, grad_target, grad, target_grad
 ):
+    row_max, log_sum, target_mass = row_stats(stats, logits.shape[0])
     _backward(
         grad_loss,
         logits,

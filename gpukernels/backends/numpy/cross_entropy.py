@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._numerics import row_stats
 from ._arrays import as_array, write
 
 
@@ -161,10 +162,9 @@ def _grad_scale(grad_loss, reduction: str, denominator, dtype) -> np.ndarray:
     return scale / denominator if denominator != 0 else np.zeros_like(scale)
 
 
-def cross_entropy_fwd(
-    logits, target, weight, ignore_index, label_smoothing, reduction, loss_out, row_max_out, log_sum_out, totals_out
-):
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss_out, stats_out):
     """loss_i = -(1-e) w[t_i] logp[i, t_i] - (e/C) sum_c w[c] logp[i, c], 0 on ignored rows."""
+    row_max_out, log_sum_out, totals_out = row_stats(stats_out, logits.shape[0])
     x, t = as_array(logits), as_array(target)
     w = _class_weights(logits, weight)
     loss, row_max, log_sum = row_statistics(x, t, w, ignore_index, label_smoothing)
@@ -175,10 +175,9 @@ def cross_entropy_fwd(
     write(totals_out, np.array([denominator, w.sum()]))
 
 
-def cross_entropy_bwd(
-    grad_loss, logits, target, weight, row_max, log_sum, totals, ignore_index, label_smoothing, reduction, grad_out
-):
+def cross_entropy_bwd(grad_loss, logits, target, weight, stats, ignore_index, label_smoothing, reduction, grad_out):
     """s_i ((1-e) w[t_i] (p - onehot(t_i)) + (e/C) (sum(w) p - w)), 0 on ignored rows."""
+    row_max, log_sum, totals = row_stats(stats, logits.shape[0])
     x = as_array(logits)
     scale = _grad_scale(grad_loss, reduction, as_array(totals)[0], row_max.dtype)
     write(
@@ -203,12 +202,11 @@ def _target_weights(target: np.ndarray, weight: np.ndarray, label_smoothing: flo
     return weight * ((1 - e) * target + e / target.shape[1]) if e > 0 else weight * target
 
 
-def cross_entropy_probs_fwd(
-    logits, target, weight, label_smoothing, reduction, loss_out, row_max_out, log_sum_out, target_mass_out
-):
+def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss_out, stats_out):
     """loss_i = -sum_c q[i, c] logp[i, c] = mass_i log_sum_i - sum_c q[i, c] (x[i, c] - m_i),
     with mass_i = sum_c q[i, c]. A class of probability 0 and logit -inf gives nan (0 * -inf),
     as in PyTorch."""
+    row_max_out, log_sum_out, target_mass_out = row_stats(stats_out, logits.shape[0])
     x = as_array(logits)
     q = _target_weights(as_array(target, logits.dtype), _class_weights(logits, weight), label_smoothing)
     row_max = x.max(axis=1)
@@ -228,9 +226,7 @@ def cross_entropy_probs_bwd(
     logits,
     target,
     weight,
-    row_max,
-    log_sum,
-    target_mass,
+    stats,
     label_smoothing,
     reduction,
     grad_target,
@@ -238,6 +234,7 @@ def cross_entropy_probs_bwd(
     target_grad_out,
 ):
     """s_i (mass_i p - q) and, when asked, d/d(target) = -s_i (1-e) w logp."""
+    row_max, log_sum, target_mass = row_stats(stats, logits.shape[0])
     x = as_array(logits)
     w = _class_weights(logits, weight)
     scale = _grad_scale(grad_loss, reduction, x.shape[0], row_max.dtype)

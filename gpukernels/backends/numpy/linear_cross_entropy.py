@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 from torch import Tensor
 
+from ..._numerics import row_stats
 from ._arrays import as_array, compute_dtype, write
 from .cross_entropy import logits_grad, reduced, row_statistics, write_loss
 
@@ -37,9 +38,7 @@ def linear_cross_entropy_fwd(
     chunk_rows,
     loss_dtype,
     loss_out,
-    row_max_out,
-    log_sum_out,
-    kept_rows_out,
+    stats_out,
 ):
     """Each chunk of ``chunk_rows`` rows: its logits, then each row's loss (0 on ignored rows),
     the max of its (softcapped) logits and the log of ``sum exp(logit - max)``. One chunk's
@@ -60,9 +59,7 @@ def linear_cross_entropy_fwd(
         )
     kept_rows = np.count_nonzero(t != ignore_index)
     write_loss(loss_out, reduced(loss, reduction, kept_rows))
-    write(row_max_out, row_max)
-    write(log_sum_out, log_sum)
-    kept_rows_out.fill_(kept_rows)
+    write(stats_out, np.concatenate((row_max, log_sum, [kept_rows])))
 
 
 def _slice_grads(
@@ -116,9 +113,7 @@ def linear_cross_entropy_bwd(
     weight,
     bias,
     target,
-    row_max,
-    log_sum,
-    kept_rows,
+    stats,
     ignore_index,
     label_smoothing,
     z_loss,
@@ -136,7 +131,8 @@ def linear_cross_entropy_bwd(
     gradient written over them, then that slice of ``dweight`` and ``dbias``, and its share of
     ``dx`` added into an fp32 (fp64) accumulator."""
     vocab = weight.shape[0]
-    scale = as_array(grad_loss, row_max.dtype)
+    row_max, log_sum, kept_rows = row_stats(stats, x.shape[0])
+    scale = as_array(grad_loss, stats.dtype)
     if reduction == "mean":
         kept = kept_rows.item()
         scale = scale / kept if kept else np.zeros_like(scale)

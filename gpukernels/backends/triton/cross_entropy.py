@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, aligned, arrival_counter, cdiv, dtype_of, round_to, row_block
+from ._common import acc_dtype, aligned, arrival_counter, cdiv, dtype_of, launch_scratch, round_to, row_block
 from ._launch import jit
 
 # Widest column block of the forward; vocabularies past it (up to 256k) are swept
@@ -167,11 +167,8 @@ def cross_entropy_fwd_kernel(
     T,
     W,
     RowLoss,
-    RowMax,
-    LogSum,
-    RowMass,
+    Stats,
     Loss,
-    Totals,
     Flags,
     row_offset,
     rows,
@@ -194,11 +191,16 @@ def cross_entropy_fwd_kernel(
     FINISH_BLOCK: tl.constexpr,
 ):
     """Program ``i`` takes row ``i`` of ``X`` (a chunk of the forward's ``rows`` rows):
-    row ``row_offset + i`` of ``T``, ``RowLoss``, ``RowMax``, ``LogSum`` (``RowMass``).
-    With ``FINISH``, the program to arrive last at the counter ``Flags[0]`` (zeroed by
-    the caller), over every launch of the forward, does ``finish_rows``."""
+    row ``row_offset + i`` of ``T`` and ``RowLoss``, and of each part of ``Stats``
+    (``row_stats``: each row's max, each row's log-sum, then the totals or each row's
+    target mass). With ``FINISH``, the program to arrive last at the counter
+    ``Flags[0]`` (zeroed by the caller), over every launch of the forward, does
+    ``finish_rows``."""
     program = tl.program_id(0).to(tl.int64)
     row = row_offset + program
+    RowMax = Stats
+    LogSum = Stats + rows
+    Rest = Stats + 2 * rows  # the totals (class indices), or each row's target mass
     X += program * C
     cap = as_float(softcap_bits, ACC) if SOFTCAP else 1.0
     e = as_float(smoothing_bits, ACC) if SMOOTH else 0.0
@@ -230,7 +232,7 @@ def cross_entropy_fwd_kernel(
 
     if PROBS:
         loss = mass * log_s - d
-        tl.store(RowMass + row, mass)
+        tl.store(Rest + row, mass)
     else:
         t = tl.load(T + row).to(tl.int64)
         # clamped: an out-of-range target is never read (finish_rows flags it)
@@ -260,7 +262,7 @@ def cross_entropy_fwd_kernel(
                 T,
                 W,
                 Loss,
-                Totals,
+                Rest,
                 Flags,
                 rows,
                 C,
@@ -281,12 +283,9 @@ def cross_entropy_bwd_kernel(
     X,
     T,
     W,
-    RowMax,
-    LogSum,
-    RowMass,
+    Stats,
     GradLoss,
     grad_stride,
-    Totals,
     Grad,
     TargetGrad,
     rows,
@@ -309,10 +308,14 @@ def cross_entropy_bwd_kernel(
 ):
     """``Grad[row, cols] = scale_row * d loss_row / d X[row, cols]`` for columns
     ``col_offset + cols`` of rows of ``C`` logits (``width`` of them here), from the
-    row's ``m`` and ``log s``; ``scale_row`` is ``GradLoss[row * grad_stride]`` (a stride
-    of 0 for one value), over the mean's denominator ``Totals[0]`` (``rows`` for
-    probabilities). With ``TARGET_GRAD``, d loss / d target into ``TargetGrad``. ``Grad``
-    may be ``X``: each program reads its block before writing it."""
+    row's ``m`` and ``log s`` in the forward's ``Stats``; ``scale_row`` is
+    ``GradLoss[row * grad_stride]`` (a stride of 0 for one value), over the mean's
+    denominator ``Totals[0]`` (``rows`` for probabilities). With ``TARGET_GRAD``, d loss
+    / d target into ``TargetGrad``. ``Grad`` may be ``X``: each program reads its block
+    before writing it."""
+    RowMax = Stats
+    LogSum = Stats + rows
+    Rest = Stats + 2 * rows  # the totals (class indices), or each row's target mass
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < width
@@ -321,7 +324,7 @@ def cross_entropy_bwd_kernel(
         if PROBS:
             scale = scale / rows
         else:
-            denominator = tl.load(Totals)  # 0 when every row is ignored: no gradient
+            denominator = tl.load(Rest)  # 0 when every row is ignored: no gradient
             scale = tl.where(denominator != 0, scale, 0.0) / tl.where(denominator != 0, denominator, 1.0)
     m = tl.load(RowMax + row)
     log_s = tl.load(LogSum + row)
@@ -334,7 +337,7 @@ def cross_entropy_bwd_kernel(
         w = tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else 1.0
         t = tl.load(T + row * C + cols, mask=mask, other=0.0)
         q = w * ((1.0 - e) * t.to(ACC) + e / C) if SMOOTH else w * t.to(ACC)
-        g = scale * (tl.load(RowMass + row) * p - q)
+        g = scale * (tl.load(Rest + row) * p - q)
         if TARGET_GRAD:
             target_grad = -scale * (1.0 - e) * w * (x - m - log_s)
             tl.store(TargetGrad + row * C + cols, round_to(target_grad, TargetGrad.dtype.element_ty), mask=mask)
@@ -348,7 +351,7 @@ def cross_entropy_bwd_kernel(
         if SMOOTH:
             if HAS_W:
                 w = tl.load(W + col_offset + cols, mask=mask, other=0.0).to(ACC)
-                g += scale * (e / C) * (tl.load(Totals + 1) * p - w)
+                g += scale * (e / C) * (tl.load(Rest + 1) * p - w)
             else:
                 g += scale * (e / C) * (C * p - 1.0)
         if Z_LOSS:
@@ -391,28 +394,31 @@ def _flags(
 
 class Finish(NamedTuple):
     """What the forward's last program writes (``finish_rows``): ``loss`` (0-d; None for
-    ``none``), reduced as ``reduction`` says; for class indices ``totals`` (the mean's
-    denominator, and sum(w) with ``weight_sum``) and the target check into ``flags``
-    (int32 ``[arrival counter, ok]``, the counter zeroed: ``finish``)."""
+    ``none``), reduced as ``reduction`` says; for class indices the totals (the mean's
+    denominator, and sum(w) with ``weight_sum``), after the rows' statistics, and the
+    target check into ``flags`` (int32 ``[arrival counter, ok]``, the counter zeroed:
+    ``finish``)."""
 
     reduction: str
     loss: Optional[Tensor]
-    totals: Optional[Tensor]
     flags: Tensor
     weight_sum: bool
 
 
-def finish(reduction: str, loss: Tensor, totals: Optional[Tensor], weight_sum: bool = False) -> Finish:
+def finish(reduction: str, loss: Tensor, weight_sum: bool = False) -> Finish:
     """A forward's ``Finish``, its flags the stream's arrival counter (set back to 0 by the
     last program of the forward's launches, between which this thread launches nothing
     else of ours on the stream) and an ``ok`` it writes."""
-    return Finish(
-        reduction,
-        None if reduction == "none" else loss,
-        totals,
-        arrival_counter(loss.device, results=1),
-        weight_sum,
-    )
+    return Finish(reduction, None if reduction == "none" else loss, arrival_counter(loss.device, results=1), weight_sum)
+
+
+def row_losses(loss: Tensor, reduction: str, rows: int, stats: Tensor) -> Tensor:
+    """Where a forward's programs write their rows' losses: ``loss`` itself for ``none``,
+    else launch scratch of at least ``rows`` (the last program reads them, in the
+    statistics dtype)."""
+    if reduction == "none":
+        return loss
+    return launch_scratch("cross_entropy row losses", stats.device, rows, stats.dtype)
 
 
 def cross_entropy_rows(
@@ -422,35 +428,35 @@ def cross_entropy_rows(
     ignore_index: int,
     label_smoothing: float,
     row_loss: Tensor,
-    row_max: Tensor,
-    log_sum: Tensor,
+    stats: Tensor,
+    total_rows: int,
     *,
     row_offset: int = 0,
-    target_mass: Optional[Tensor] = None,
+    probs: bool = False,
     softcap: Optional[float] = None,
     z_loss: float = 0.0,
     last: Optional[Finish] = None,
 ) -> None:
-    """One launch over the rows of ``logits``, rows ``row_offset...`` of the forward's (of
-    ``target``, ``row_loss``, ``row_max``, ``log_sum``): writes each row's loss (0 on
-    ignored rows; ``+ z_loss * lse**2`` with a z-loss; of ``softcap * tanh(logits /
-    softcap)`` with a softcap) into ``row_loss`` (any float dtype), and the row max ``m``
-    and ``log sum exp(logit - m)``. With ``target_mass`` (where each row's ``sum_c q[c]``
-    goes), ``target`` holds class probabilities. With ``last``, the program to finish
-    last of all the forward's ``row_loss.shape[0]`` rows (over every launch with that
+    """One launch over the rows of ``logits``, rows ``row_offset...`` of the forward's
+    ``total_rows`` (of ``target``, ``row_loss``, which may be longer, and each part of
+    ``stats``, ``row_stats``): writes each row's
+    loss (0 on ignored rows; ``+ z_loss * lse**2`` with a z-loss; of ``softcap *
+    tanh(logits / softcap)`` with a softcap) into ``row_loss`` (any float dtype), and the
+    row max ``m`` and ``log sum exp(logit - m)``. With ``probs``, ``target`` holds class
+    probabilities, and each row's ``sum_c q[c]`` follows in ``stats``. With ``last``, the
+    program to finish last of all the forward's rows (over every launch with that
     ``last``) does its work."""
     rows, classes = logits.shape
     if not rows:
         return
     block = row_block(classes, MAX_BLOCK_C)
     warps = min(max(block // 256, 1), 16)
-    loss, totals, flags = (None, None, None) if last is None else last[1:4]
-    total_rows = row_loss.shape[0]
+    loss, flags = (None, None) if last is None else last[1:3]
     options = _options(label_smoothing, softcap, z_loss)
     key = (
-        (logits.dtype, target.dtype, dtype_of(weight), row_loss.dtype, row_max.dtype, dtype_of(target_mass),
-         dtype_of(loss), dtype_of(totals), row_offset, total_rows, classes, ignore_index, options,
-         softcap is not None, last is not None and (last.reduction, last.weight_sum))
+        (logits.dtype, target.dtype, dtype_of(weight), row_loss.dtype, stats.dtype, probs, dtype_of(loss),
+         row_offset, total_rows, classes, ignore_index, options, softcap is not None,
+         last is not None and (last.reduction, last.weight_sum))
         if aligned(logits, target, weight)
         else None
     )  # fmt: skip
@@ -458,7 +464,7 @@ def cross_entropy_rows(
         (rows,),
         key,
         lambda: dict(
-            **_flags(logits, weight, label_smoothing, softcap, z_loss, target_mass is not None),
+            **_flags(logits, weight, label_smoothing, softcap, z_loss, probs),
             FINISH=last is not None,
             REDUCE=loss is not None,
             MEAN=last is not None and last.reduction == "mean",
@@ -471,11 +477,8 @@ def cross_entropy_rows(
         target,
         weight,
         row_loss,
-        row_max,
-        log_sum,
-        target_mass,
+        stats,
         loss,
-        totals,
         flags,
         row_offset,
         total_rows,
@@ -499,24 +502,23 @@ def check_targets(last: Finish, target: Tensor, ignore_index: int, classes: int)
         )
 
 
-def finish_without_rows(last: Finish, weight: Optional[Tensor], classes: int) -> None:
-    """What the last program writes, for a forward with no rows (no programs)."""
+def finish_without_rows(last: Finish, totals: Optional[Tensor], weight: Optional[Tensor], classes: int) -> None:
+    """What the last program writes, for a forward with no rows (no programs): the loss,
+    and ``totals`` (class indices: with no rows, all their ``stats``; None for probabilities)."""
     if last.loss is not None:
         last.loss.fill_(math.nan if last.reduction == "mean" else 0.0)
-    if last.totals is not None:
-        last.totals.zero_()
+    if totals is not None:
+        totals.zero_()
         if last.weight_sum:
-            last.totals[1] = classes if weight is None else weight.sum()
+            totals[1] = classes if weight is None else weight.sum()
 
 
 def logits_grad(
     logits: Tensor,
     target: Tensor,
     weight: Optional[Tensor],
-    row_max: Tensor,
-    log_sum: Tensor,
+    stats: Tensor,
     grad_loss: Tensor,
-    totals: Optional[Tensor],
     grad: Tensor,
     *,
     classes: int,
@@ -524,7 +526,7 @@ def logits_grad(
     ignore_index: int,
     label_smoothing: float,
     reduction: str,
-    target_mass: Optional[Tensor] = None,
+    probs: bool = False,
     target_grad: Optional[Tensor] = None,
     softcap: Optional[float] = None,
     z_loss: float = 0.0,
@@ -532,20 +534,20 @@ def logits_grad(
     """Into ``grad`` (which may be ``logits``), ``grad_loss`` (0-d, or one per row, any
     stride; over the mean's denominator for ``mean``) times the gradient of each row's
     loss with respect to ``logits``, columns ``[col_offset, col_offset + width)`` of rows
-    of ``classes``, from the forward's ``row_max``, ``log_sum`` and ``totals`` (class
-    indices) or ``target_mass`` (probabilities; and d/d target into ``target_grad``)."""
+    of ``classes``, from the forward's ``stats`` (``row_stats``: the rows' ``m`` and ``log
+    s``, then the totals for class indices, or with ``probs`` each row's target mass; and
+    d/d target into ``target_grad``)."""
     rows, width = logits.shape
     if not rows or not width:
         return
     block = row_block(width, GRAD_BLOCK_C)
-    probs = target_mass is not None
     grad_stride = grad_loss.stride(0) if grad_loss.dim() else 0
     options = _options(label_smoothing, softcap, z_loss)
     key = (
-        (logits.dtype, target.dtype, dtype_of(weight), row_max.dtype, dtype_of(target_mass), grad_loss.dtype,
-         grad_stride, dtype_of(totals), grad.dtype, dtype_of(target_grad), rows, width, col_offset, classes,
-         ignore_index, options, softcap is not None, reduction == "mean")
-        if aligned(logits, target, weight, row_max, log_sum, target_mass, grad_loss, totals)
+        (logits.dtype, target.dtype, dtype_of(weight), stats.dtype, probs, grad_loss.dtype, grad_stride,
+         grad.dtype, dtype_of(target_grad), rows, width, col_offset, classes, ignore_index, options,
+         softcap is not None, reduction == "mean")
+        if aligned(logits, target, weight, stats, grad_loss)
         else None
     )  # fmt: skip
     cross_entropy_bwd_kernel.launch(
@@ -561,12 +563,9 @@ def logits_grad(
         logits,
         target,
         weight,
-        row_max,
-        log_sum,
-        target_mass,
+        stats,
         grad_loss,
         grad_stride,
-        totals,
         grad,
         target_grad,
         rows,
@@ -578,27 +577,23 @@ def logits_grad(
     )
 
 
-def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss, row_max, log_sum, totals):
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss, stats):
     rows, classes = logits.shape
-    last = finish(reduction, loss, totals, weight_sum=True)
+    last = finish(reduction, loss, weight_sum=True)
     if not rows:
-        return finish_without_rows(last, weight, classes)
-    row_loss = loss if reduction == "none" else torch.empty(rows, dtype=row_max.dtype, device=logits.device)
-    cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, row_loss, row_max, log_sum, last=last)
+        return finish_without_rows(last, stats, weight, classes)
+    row_loss = row_losses(loss, reduction, rows, stats)
+    cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, row_loss, stats, rows, last=last)
     check_targets(last, target, ignore_index, classes)
 
 
-def cross_entropy_bwd(
-    grad_loss, logits, target, weight, row_max, log_sum, totals, ignore_index, label_smoothing, reduction, grad
-):
+def cross_entropy_bwd(grad_loss, logits, target, weight, stats, ignore_index, label_smoothing, reduction, grad):
     logits_grad(
         logits,
         target,
         weight,
-        row_max,
-        log_sum,
+        stats,
         grad_loss,
-        totals,
         grad,
         classes=logits.shape[1],
         col_offset=0,
@@ -608,45 +603,30 @@ def cross_entropy_bwd(
     )
 
 
-def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss, row_max, log_sum, target_mass):
+def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss, stats):
     rows, classes = logits.shape
-    last = None if reduction == "none" else finish(reduction, loss, None)
+    last = None if reduction == "none" else finish(reduction, loss)
     if not rows:
-        return None if last is None else finish_without_rows(last, weight, classes)
-    row_loss = loss if reduction == "none" else torch.empty(rows, dtype=row_max.dtype, device=logits.device)
-    cross_entropy_rows(
-        logits, target, weight, -1, label_smoothing, row_loss, row_max, log_sum, target_mass=target_mass, last=last
-    )
+        return None if last is None else finish_without_rows(last, None, weight, classes)
+    row_loss = row_losses(loss, reduction, rows, stats)
+    cross_entropy_rows(logits, target, weight, -1, label_smoothing, row_loss, stats, rows, probs=True, last=last)
 
 
 def cross_entropy_probs_bwd(
-    grad_loss,
-    logits,
-    target,
-    weight,
-    row_max,
-    log_sum,
-    target_mass,
-    label_smoothing,
-    reduction,
-    grad_target,
-    grad,
-    target_grad,
+    grad_loss, logits, target, weight, stats, label_smoothing, reduction, grad_target, grad, target_grad
 ):
     logits_grad(
         logits,
         target,
         weight,
-        row_max,
-        log_sum,
+        stats,
         grad_loss,
-        None,
         grad,
         classes=logits.shape[1],
         col_offset=0,
         ignore_index=-1,
         label_smoothing=label_smoothing,
         reduction=reduction,
-        target_mass=target_mass,
+        probs=True,
         target_grad=target_grad if grad_target else None,
     )

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
-from .cross_entropy import check_targets, cross_entropy_rows, finish, finish_without_rows, logits_grad
+from .cross_entropy import check_targets, cross_entropy_rows, finish, finish_without_rows, logits_grad, row_losses
 
 
 def _logits(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -75,15 +75,13 @@ def linear_cross_entropy_fwd(
     chunk_rows,
     loss_dtype,
     loss,
-    row_max,
-    log_sum,
-    kept_rows,
+    stats,
 ):
     rows, vocab = x.shape[0], weight.shape[0]
-    last = finish(reduction, loss, kept_rows)
+    last = finish(reduction, loss)
     if not rows:
-        return finish_without_rows(last, None, vocab)
-    row_loss = loss if reduction == "none" else torch.empty(rows, dtype=row_max.dtype, device=x.device)
+        return finish_without_rows(last, stats, None, vocab)
+    row_loss = row_losses(loss, reduction, rows, stats)
     # autocast reaches into a custom op's body: it would change the logits' dtype
     with torch.autocast(x.device.type, enabled=False):
         for start in range(0, rows, chunk_rows):
@@ -94,8 +92,8 @@ def linear_cross_entropy_fwd(
                 ignore_index,
                 label_smoothing,
                 row_loss,
-                row_max,
-                log_sum,
+                stats,
+                rows,
                 row_offset=start,
                 softcap=softcap,
                 z_loss=z_loss,
@@ -110,9 +108,7 @@ def linear_cross_entropy_bwd(
     weight,
     bias,
     target,
-    row_max,
-    log_sum,
-    kept_rows,
+    stats,
     ignore_index,
     label_smoothing,
     z_loss,
@@ -127,9 +123,7 @@ def linear_cross_entropy_bwd(
     dbias,
 ):
     vocab = weight.shape[0]
-    dx_acc = (
-        dx if not grad_x or dx.dtype == row_max.dtype else torch.empty(x.shape, dtype=row_max.dtype, device=x.device)
-    )
+    dx_acc = dx if not grad_x or dx.dtype == stats.dtype else torch.empty(x.shape, dtype=stats.dtype, device=x.device)
     with torch.autocast(x.device.type, enabled=False):
         for start in range(0, vocab, slice_columns):
             part = slice(start, start + slice_columns)
@@ -138,10 +132,8 @@ def linear_cross_entropy_bwd(
                 grad,
                 target,
                 None,
-                row_max,
-                log_sum,
+                stats,
                 grad_loss,
-                kept_rows,
                 grad,
                 classes=vocab,
                 col_offset=start,
