@@ -16,8 +16,11 @@ autograd's device thread, CUDA-only branches of our launchers (on the SM
 count, CUDA graphs), overlap with the GPU.
 
 Each op is measured standalone (one call and its backward) and inside a
-chain of four calls with one backward (the chain's count / 4). AdamW: one
-optimizer step, against torch.optim.AdamW(fused=True), on the same params.
+chain of four calls with one backward (the chain's count / 4); the norms also
+standalone on input of the rank models give them (layer_norm: batch, tokens,
+features; batch_norm: N, C, H, W), which 2-D input does not show (a view of the
+input around the op would cost as much as a launch). AdamW: one optimizer
+step, against torch.optim.AdamW(fused=True), on the same params.
 
 Needs gcc and valgrind (callgrind headers). Kernels are compiled once, before
 the count, into ``--cache-dir``. ``--setup FILE`` runs a Python file in the
@@ -254,11 +257,13 @@ def _leaf(*shape):
     return torch.randn(*shape, requires_grad=True)
 
 
+def _standalone(ours, pytorch, x) -> tuple:
+    """One call on ``x`` and its backward, ours and PyTorch's."""
+    return (lambda: ours(x).sum().backward()), (lambda: pytorch(x).sum().backward())
+
+
 def _fwd_bwd(ours, pytorch, x) -> dict:
     """Standalone: one call and its backward; chain: CHAIN calls, each on the last's output, one backward."""
-
-    def standalone(op):
-        return lambda: op(x).sum().backward()
 
     def chain(op):
         def run():
@@ -269,7 +274,7 @@ def _fwd_bwd(ours, pytorch, x) -> dict:
 
         return run
 
-    return {"standalone": (standalone(ours), standalone(pytorch)), "chain": (chain(ours), chain(pytorch))}
+    return {"standalone": _standalone(ours, pytorch, x), "chain": (chain(ours), chain(pytorch))}
 
 
 def _layer_norm():
@@ -278,7 +283,15 @@ def _layer_norm():
     import gpukernels as gk
 
     x, w, b = _leaf(8, 64), _leaf(64), _leaf(64)
-    return _fwd_bwd(lambda t: gk.layer_norm(t, (64,), w, b), lambda t: F.layer_norm(t, (64,), w, b), x)
+
+    def ours(t):
+        return gk.layer_norm(t, (64,), w, b)
+
+    def pytorch(t):
+        return F.layer_norm(t, (64,), w, b)
+
+    tokens = _leaf(2, 4, 64)
+    return {**_fwd_bwd(ours, pytorch, x), "tokens": _standalone(ours, pytorch, tokens)}
 
 
 def _batch_norm():
@@ -289,11 +302,15 @@ def _batch_norm():
 
     x, w, b = _leaf(8, 16), _leaf(16), _leaf(16)
     ours_stats, their_stats = [(torch.zeros(16), torch.ones(16)) for _ in range(2)]
-    return _fwd_bwd(
-        lambda t: gk.batch_norm(t, *ours_stats, w, b, training=True, momentum=0.1),
-        lambda t: F.batch_norm(t, *their_stats, w, b, training=True, momentum=0.1),
-        x,
-    )
+
+    def ours(t):
+        return gk.batch_norm(t, *ours_stats, w, b, training=True, momentum=0.1)
+
+    def pytorch(t):
+        return F.batch_norm(t, *their_stats, w, b, training=True, momentum=0.1)
+
+    images = _leaf(2, 16, 2, 2)
+    return {**_fwd_bwd(ours, pytorch, x), "images": _standalone(ours, pytorch, images)}
 
 
 def _dropout():
@@ -476,6 +493,8 @@ def rows_of(counts: dict) -> list[dict]:
 MODE_LABELS = {
     "standalone": "fwd+bwd, standalone",
     "chain": f"fwd+bwd, per op in a chain of {CHAIN}",
+    "tokens": "fwd+bwd, standalone, (batch, tokens, features) input",
+    "images": "fwd+bwd, standalone, (N, C, H, W) input",
     "step": "optimizer step",
 }
 

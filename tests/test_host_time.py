@@ -26,15 +26,13 @@ TARGETS = {
     **{(op, "chain"): 2.5 for op in ("layer_norm", "batch_norm", "dropout", "cross_entropy", "linear_act")},
     ("adamw", "step"): 1.5,
 }
-# Targets not met, or met by less than 5%: measured + 5% (bench/results/host-time-2026-12-02-default-backend:
+# Targets not met, or met by less than 5%: measured + 5% (bench/results/host-time-2026-12-02-fewer-views:
 # Triton 3.9, torch 2.13, no backend selected, kernels launched by backends/triton/_launch.py).
 BOUNDS = {
-    ("layer_norm", "standalone"): 1.85,
-    ("layer_norm", "chain"): 2.62,  # 2.49: at the target, within the counts' spread between processes
-    ("dropout", "standalone"): 1.54,  # 1.46: met by 2.5%
-    ("cross_entropy", "standalone"): 2.41,
-    ("cross_entropy", "chain"): 2.77,
-    ("adamw", "step"): 1.54,  # 1.46: met by 2.5%
+    ("layer_norm", "standalone"): 1.75,
+    ("dropout", "standalone"): 1.52,  # 1.45: met by 3%
+    ("cross_entropy", "standalone"): 2.13,
+    ("adamw", "step"): 1.52,  # 1.45: met by 3%
 }
 
 
@@ -55,7 +53,7 @@ def test_host_time_ratios_within_bounds(tmp_path):
     result = host_time.main(["--out", str(tmp_path), "--calls", "10"])
     assert not result["errors"], f"ops not measured: {result['errors']}"
     measured = {(r["op"], r["mode"]): r for r in result["rows"]}
-    assert set(measured) == set(TARGETS)
+    assert set(TARGETS) <= set(measured)
     over = []
     print(f"\n{'op':14} {'what':11} {'ratio':>6} {'target':>7} {'bound':>6}")
     for key, target in TARGETS.items():
