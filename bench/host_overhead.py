@@ -1,11 +1,14 @@
-"""Host time per call of the pieces an op's call is made of, on tensors so small
-that the GPU's time does not count: a torch allocation, an aten kernel, Triton
-launches, our layer_norm at each layer of its call, and PyTorch's.
+"""Host time per call, on tensors so small that the GPU's time does not count:
+every op's forward and backward, ours against PyTorch's eager equivalent (the
+cases of ``bench/host_time.py``: standalone, per op in a chain, the norms on
+model-shaped input; AdamW's step), then the pieces an op's call is made of (a
+torch allocation, an aten kernel, Triton launches, our layer_norm at each
+layer of its call, and PyTorch's).
 
     python -m bench.host_overhead      (needs a CUDA GPU)
 
 A call that spends more host time than its kernels take on the GPU is
-launch-bound; this says where that host time goes.
+launch-bound; this says how much and where that host time goes.
 """
 
 from __future__ import annotations
@@ -55,22 +58,49 @@ def in_backward(x, dy, piece):
     return run
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def host_us(fn, calls: int = 2000) -> float:
-    for _ in range(50):
+    """Microseconds of host time a call: issuing ``calls`` calls, after a warm-up (the
+    GPU keeps up with tiny tensors, so the host is what the loop waits on)."""
+    for _ in range(min(calls, 50)):
         fn()
-    torch.cuda.synchronize()
+    _synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
+    _synchronize()
     return elapsed / calls * 1e6
+
+
+def per_op_us(device: torch.device, calls: int = 2000) -> list[dict]:
+    """Each op's case of ``bench/host_time.py``, its tensors on ``device``: µs per call,
+    ours and PyTorch's (a chain's per op)."""
+    from bench.host_time import CASES, CHAIN, MODE_LABELS
+
+    rows = []
+    for op, make in CASES.items():
+        with device:  # the cases' tensors, made on the default device, on this one
+            cases = make()
+        for mode, (ours, pytorch) in cases.items():
+            per = CHAIN if mode == "chain" else 1
+            ours_us, pytorch_us = host_us(ours, calls) / per, host_us(pytorch, calls) / per
+            rows.append({"op": op, "what": MODE_LABELS[mode], "ours": ours_us, "pytorch": pytorch_us})
+    return rows
 
 
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench.host_overhead needs a CUDA GPU")
     device = torch.device("cuda")
+    print("| op | what | ours (us) | eager PyTorch (us) | ours / eager |\n|---|---|---:|---:|---:|")
+    for r in per_op_us(device):
+        print(f"| {r['op']} | {r['what']} | {r['ours']:.1f} | {r['pytorch']:.1f} | {r['ours'] / r['pytorch']:.2f}x |")
+    print()
     x = torch.randn(8, 64, device=device, requires_grad=True)
     w = torch.randn(64, device=device, requires_grad=True)
     b = torch.randn(64, device=device, requires_grad=True)

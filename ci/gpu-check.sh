@@ -14,7 +14,8 @@
 #   train    the gpu preset of the digits MLP
 #   models   a real model's training step, every way (plain, patched, compiled, Liger):
 #            the gpu preset of gpt2, llama and resnet50 for a few steps each
-#   host     host time per call of each piece of an op's launch (python -m bench.host_overhead)
+#   host     host time per call of every op, ours against eager, and of each piece of an op's
+#            launch (python -m bench.host_overhead)
 # GPU_CHECK_STEPS picks them (default "tests bench graph compile"); GPU_CHECK_BENCH_SKIP the
 # providers the benchmark leaves out (default compile-max). Logs go to the
 # folder after each step, with everything packed into gpu-check.tgz, so a run

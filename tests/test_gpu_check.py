@@ -47,3 +47,15 @@ def test_the_benchmark_accepts_every_option_the_check_passes(capsys):
     passed = {flag for line in invocations for flag in re.findall(r"--[a-z][\w-]*", line)}
     assert {"--quick", "--compile", "--cuda-graph", "--skip", "--out"} <= passed
     assert passed - options == set()
+
+
+def test_host_overhead_times_every_ops_case():
+    """The check's ``host`` step: µs per call of every op's host-time case, ours and
+    PyTorch's; on CPU tensors here (a few calls), to find a broken case before a GPU does."""
+    from bench.host_overhead import per_op_us
+    from bench.host_time import CASES, MODE_LABELS
+
+    rows = per_op_us(torch.device("cpu"), calls=2)
+    expected = {(op, MODE_LABELS[mode]) for op, make in CASES.items() for mode in make()}
+    assert {(r["op"], r["what"]) for r in rows} == expected
+    assert all(r["ours"] > 0 and r["pytorch"] > 0 for r in rows)
