@@ -138,3 +138,39 @@ def test_needs_dispatch_for_a_tensor_subclass():
         pass
 
     assert needs_dispatch((torch.ones(2).as_subclass(Tagged),))
+
+
+def _no_autograd_functions(monkeypatch):
+    """Every op's autograd.Function (and batch_norm's) raises when applied."""
+
+    def refuse(*args):
+        raise AssertionError("an autograd.Function ran with grad mode off")
+
+    for op in eager.OPS.values():
+        if op._eager is not op._run:
+            monkeypatch.setattr(op, "_eager", refuse)
+    monkeypatch.setattr(gk.ops.batch_norm, "_apply_eagerly", refuse)
+
+
+@pytest.mark.parametrize("op", CASES)
+def test_with_grad_mode_off_no_autograd_function_runs(op, monkeypatch):
+    """Inference (grad mode off): the op's implementation runs without an
+    autograd.Function around it (its context and saved tensors cost host time and
+    serve nothing), with the result to the bit."""
+    inputs, fn = CASES[op]()
+    expected = fn(*(t.requires_grad_() for t in inputs)).detach()
+    _no_autograd_functions(monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(fn(*inputs), expected)
+
+
+def test_dropouts_backward_runs_no_autograd_function(monkeypatch):
+    """Dropout's backward is dropout again: without create_graph (grad mode off in the
+    backward) it makes no autograd node of its own."""
+    (x,), fn = _dropout()
+    x.requires_grad_()
+    (expected,) = torch.autograd.grad(fn(x).sum(), x)
+    y = fn(x)
+    _no_autograd_functions(monkeypatch)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(grad, expected)

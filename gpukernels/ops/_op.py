@@ -13,9 +13,10 @@ the right shapes and dtypes. ``@kernel_op(family)`` turns it into
   writes into them (the kernel contract: ``kernel(*inputs, *outputs) -> None``,
   the same for every backend);
 - the eager bypass: on plain tensors, outside compile and modes, the op's
-  implementation runs directly (under an autograd.Function with the op's own
-  autograd formula when it has one), skipping the dispatcher's Python layers,
-  which cost more host time than a small kernel takes on the GPU.
+  implementation runs directly (with grad mode on, under an autograd.Function
+  with the op's own autograd formula when it has one), skipping the
+  dispatcher's Python layers, which cost more host time than a small kernel
+  takes on the GPU.
 
 The backend is chosen once, when the public function calls the op, and passed
 to it as its last argument; the autograd context keeps it, so the backward runs
@@ -88,6 +89,7 @@ def _needs_dispatch_for(value) -> bool:
     return False
 
 
+_grad_enabled = torch.is_grad_enabled  # off (a backward, inference): no autograd node to make
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._len_torch_function_stack
@@ -237,16 +239,20 @@ class KernelOp:
     def __call__(self, *args):  # self.on(backend_name(device of args[0]), *args), one call less
         first = args[0]
         args = (*args, backend_for(first) if type(first) in PLAIN_TENSOR_TYPES else backend_name(device_of(first)))
-        return self.custom_op(*args) if needs_dispatch(args) else self._eager(*args)
+        if needs_dispatch(args):
+            return self.custom_op(*args)
+        return self._eager(*args) if _grad_enabled() else self._run(*args)
 
     def on(self, backend: str, *args):
         args = (*args, backend)
-        return self.custom_op(*args) if needs_dispatch(args) else self._eager(*args)
+        if needs_dispatch(args):
+            return self.custom_op(*args)
+        return self._eager(*args) if _grad_enabled() else self._run(*args)
 
     def eagerly(self, backend: str, *args):
         """``on(backend, *args)`` for a caller that found ``needs_dispatch`` false for
         these arguments (under the same modes): the eager path, without asking again."""
-        return self._eager(*args, backend)
+        return self._eager(*args, backend) if _grad_enabled() else self._run(*args, backend)
 
     def register_autograd(
         self, setup_context: Callable, backward: Callable, twice_differentiable: bool = False

@@ -219,6 +219,11 @@ def batch_norm(
     x = input if input.dim() <= 3 or ncl_strides(input.shape, input.stride()) else input.reshape(n, channels, length)
     args = (x, weight, bias, running_mean, running_var, training, momentum, eps, backend_for(x))
     # Function.apply's Python layer serves functorch transforms and torch.compile; on plain
-    # tensors, outside them, its C apply (host time)
-    y = _BatchNormFunction.apply(*args, True) if needs_dispatch(args) else _apply_eagerly(*args, False)
+    # tensors, outside them, its C apply (host time), and with grad mode off no Function at all
+    if needs_dispatch(args):
+        y = _BatchNormFunction.apply(*args, True)
+    elif torch.is_grad_enabled():
+        y = _apply_eagerly(*args, False)
+    else:
+        y, _ = batch_norm_fwd.eagerly(args[-1], *args[:-1])
     return y if x is input else y.view(input.shape)
