@@ -6,11 +6,11 @@ C make one axis ``L`` (``ncl_strides``: NCHW and channels-last input alike;
 other strides are copied first), and read it as ``(N, C, L)``; they write ``y``
 and ``dx`` into outputs laid out as ``torch.empty_like(x)`` lays them out, so
 channels-last in is channels-last out, and no view of the input is made
-around the op (each an autograd node, with host time of its own). Statistics are per channel over the
-``M = N*L`` other elements, in the statistics dtype; the forward returns the
-mean and rstd it normalised with (the batch's in training, the running stats'
-in eval) for the backward, in one ``(2, C)`` tensor (one allocation and one
-saved tensor, not two).
+around the op (each an autograd node, with host time of its own). Statistics
+are per channel over the ``M = N*L`` other elements, in the statistics dtype;
+the forward returns the mean and rstd it normalised with (the batch's in
+training, the running stats' in eval) for the backward, in one ``(2, C)``
+tensor (one allocation and one saved tensor, not two).
 """
 
 from __future__ import annotations
@@ -63,10 +63,11 @@ def batch_norm_bwd(
     has_bias: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Kernel: ``dx``, from the forward's ``stats`` (in training the batch statistics' dependence on x
-    included); ``dweight = sum(dy * xhat)`` in the weight's dtype when there is
-    a weight, and ``dbias = sum(dy)`` when ``has_bias``, in the weight's dtype
-    (the bias shares it) or else the statistics dtype; empty when not wanted."""
+    """Kernel: ``dx``, from the forward's ``stats`` (in training the batch
+    statistics' dependence on x included); ``dweight = sum(dy * xhat)`` in the
+    weight's dtype when there is a weight, and ``dbias = sum(dy)`` when
+    ``has_bias``, in the weight's dtype (the bias shares it) or else the
+    statistics dtype; empty when not wanted."""
     channels = x.shape[1]
     param_dtype = weight.dtype if weight is not None else stats_dtype(x.dtype)
     dweight = x.new_empty(channels, dtype=param_dtype) if weight is not None else empty_grad(x)
