@@ -98,3 +98,9 @@ def count_launches(kernels, monkeypatch) -> list[str]:
         elif isinstance(value, KernelInterface):
             monkeypatch.setattr(value, "run", counting(name, value.run))
     return launched
+
+
+def applied_to_itself(y: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the op that made ``y`` took the leaf ``x`` itself, of ``y``'s shape: no view
+    of ``x`` around the op (each an autograd node, with host time of its own)."""
+    return y.shape == x.shape and y.grad_fn.next_functions[0][0].variable is x
