@@ -281,11 +281,11 @@ def batch_norm_normalize_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """y for this program's tiles, normalised with the batch's statistics (in
-        training, merged from the partials, or with ``OWN_STATS`` worked out from
-        the program's own tiles: all of its channels') or the running stats' (in
-        eval). The first program of each channel block writes them into Stats (the
-    mean, then rstd, of each channel) and, in
-        training, updates the running stats, which no other program reads then."""
+    training, merged from the partials, or with ``OWN_STATS`` worked out from the
+    program's own tiles: all of its channels') or the running stats' (in eval).
+    The first program of each channel block writes them into Stats (the mean, then
+    rstd, of each channel) and, in training, updates the running stats, which no
+    other program reads then."""
     c_start = tl.program_id(0) * BLOCK_C
     first = tl.program_id(1) == 0
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
