@@ -87,11 +87,6 @@ SPILLS_ALLOWED = (
         "row's values, the next row's loads and the dw/db sums",
     ),
     (
-        "norm_bwd_kernel",
-        ("BLOCK_D=32", "fp64"),
-        "one warp holds the last program's fixed 32 x 64 partial-sum tile (sum_partials), 64 doubles a thread",
-    ),
-    (
         "linear_act_bwd_kernel",
         ("ACC=fp64",),
         "a 32 x 128 fp64 tile on 128 threads, 32 doubles a thread, plus the activation derivative's temporaries",

@@ -58,10 +58,11 @@ def test_matches_torch(device, shape, norm_shape, dtype, affine):
 @pytest.mark.parametrize("shape", [(6, 33), (3, 9000)])  # one block, looped
 @pytest.mark.parametrize("affine", [True, False])
 def test_kernel_launches(device, monkeypatch, shape, affine):
-    """Forward and backward in one launch each: the backward's last program sums the
-    partials, and leaves its arrival counter at 0 for the next launch."""
+    """Forward and backward in one launch each: the backward sums the partials itself, and
+    leaves its arrival counters at 0 for the next launch."""
     if gk.backend_name(device) != "triton":
         pytest.skip("Triton kernels only")
+    from gpukernels.backends.triton import _norm
     from gpukernels.backends.triton import layer_norm as kernels
 
     launched = count_launches(kernels, monkeypatch)
@@ -69,7 +70,32 @@ def test_kernel_launches(device, monkeypatch, shape, affine):
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
     _run(gk.layer_norm, x, shape[-1:], w, b, dy)
     assert launched == ["norm_fwd_kernel", "norm_bwd_kernel"]
-    assert kernels.arrival_counter(x.device).item() == 0
+    programs = kernels.num_programs(x.device, shape[0], per_sm=_norm.BWD_PROGRAMS_PER_SM)
+    assert not kernels.arrival_counter(x.device, counters=_norm.tree_counters(programs)).any()
+
+
+@pytest.mark.parametrize("programs", [1, 8, 9, 64, 70])  # one node; one level; a partial node; two; three
+@pytest.mark.parametrize("shape", [(75, 33), (70, 9000)])  # one block, looped
+def test_param_grads_summed_through_the_tree(device, monkeypatch, programs, shape):
+    """dweight and dbias from every program's partial rows, summed through the backward's
+    tree over the programs (FAN_IN children a node) at grids of several levels, against
+    float64; every node's arrival counter left at 0 (the second backward would go wrong
+    otherwise)."""
+    if gk.backend_name(device) != "triton":
+        pytest.skip("Triton kernels only")
+    from gpukernels.backends.triton import _norm
+    from gpukernels.backends.triton import layer_norm as kernels
+
+    monkeypatch.setattr(kernels, "num_programs", lambda device, rows, per_sm: min(rows, programs))
+    x, w, b = _inputs(shape, shape[-1:], torch.float64, device=device)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    expected = _run(F.layer_norm, x.cpu(), shape[-1:], w.cpu(), b.cpu(), dy.cpu())[2:]
+    for _ in range(2):
+        for got, want in zip(_run(gk.layer_norm, x, shape[-1:], w, b, dy)[2:], expected):
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
+    counters = kernels.arrival_counter(x.device, counters=_norm.tree_counters(programs))
+    assert counters.numel() == {1: 1, 8: 1, 9: 2 + 1, 64: 8 + 1, 70: 9 + 2 + 1}[programs]  # nodes a level
+    assert not counters.any()
 
 
 @pytest.mark.parametrize("shape", [(64, 33), (5, 9000)])

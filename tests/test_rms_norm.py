@@ -250,18 +250,37 @@ def test_dweight_is_deterministic(device, shape):
 @pytest.mark.parametrize("shape", [(6, 33), (3, 9000)])  # one block, looped
 @pytest.mark.parametrize("weight", [True, False])
 def test_kernel_launches(device, monkeypatch, shape, weight):
-    """Forward and backward in one launch each: the backward's last program sums the
-    partials, and leaves its arrival counter at 0 for the next launch."""
+    """Forward and backward in one launch each: the backward sums the partials itself, and
+    leaves its arrival counters at 0 for the next launch."""
     if gk.backend_name(device) != "triton":
         pytest.skip("Triton kernels only")
 
+    from gpukernels.backends.triton import _norm
     from gpukernels.backends.triton import rms_norm as kernels
 
     launched = count_launches(kernels, monkeypatch)
     x, w, dy = _inputs(shape, shape[-1:], torch.float32, device=device)
     _run(lambda x, w: gk.rms_norm(x, shape[-1:], w), x, w if weight else None, dy)
     assert launched == ["norm_fwd_kernel", "norm_bwd_kernel"]
-    assert kernels.arrival_counter(x.device).item() == 0
+    programs = kernels.num_programs(x.device, shape[0], per_sm=_norm.BWD_PROGRAMS_PER_SM)
+    assert not kernels.arrival_counter(x.device, counters=_norm.tree_counters(programs)).any()
+
+
+@pytest.mark.parametrize("programs", [1, 9, 70])  # one node; a partial node; three levels
+@pytest.mark.parametrize("shape", [(75, 33), (70, 9000)])  # one block, looped
+def test_dweight_summed_through_the_tree(device, monkeypatch, programs, shape):
+    """dweight from every program's partial row, summed through the backward's tree over
+    the programs, against float64, twice (the counters are back at 0 after each)."""
+    if gk.backend_name(device) != "triton":
+        pytest.skip("Triton kernels only")
+    from gpukernels.backends.triton import rms_norm as kernels
+
+    monkeypatch.setattr(kernels, "num_programs", lambda device, rows, per_sm: min(rows, programs))
+    x, w, dy = _inputs(shape, shape[-1:], torch.float64, device=device)
+    expected = _run(lambda x, w: F.rms_norm(x, shape[-1:], w), x.cpu(), w.cpu(), dy.cpu())[2]
+    for _ in range(2):
+        got = _run(lambda x, w: gk.rms_norm(x, shape[-1:], w), x, w, dy)[2]
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_autocast(device):

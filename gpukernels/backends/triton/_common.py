@@ -129,20 +129,20 @@ def launch_scratch(purpose: str, device: torch.device, numel: int, dtype: torch.
 _counters: dict = {}
 
 
-def arrival_counter(device: torch.device, results: int = 0) -> torch.Tensor:
-    """An int32 arrival counter for one launch whose last program sets it back to 0,
-    zeroed, then ``results`` int32 elements the launch writes before the host reads them
-    (a check's outcome); kept per stream and thread (one launch at a time uses it, and
-    what a launch wrote is read, on the host or by a device-side assert queued behind
-    it, before the thread's next launch on the stream writes it); fresh, zeroed, where
-    ``_stream_key`` says so."""
+def arrival_counter(device: torch.device, results: int = 0, counters: int = 1) -> torch.Tensor:
+    """``counters`` int32 arrival counters for one launch, each set back to 0 by the program
+    that arrives last at it, zeroed, then ``results`` int32 elements the launch writes before
+    the host reads them (a check's outcome); kept per stream and thread (one launch at a
+    time uses them, and what a launch wrote is read, on the host or by a device-side assert
+    queued behind it, before the thread's next launch on the stream writes it); fresh,
+    zeroed, where ``_stream_key`` says so."""
     key = _stream_key(device)
     if key is None:
-        return torch.zeros(1 + results, dtype=torch.int32, device=device)
-    key += (results, get_ident())
+        return torch.zeros(counters + results, dtype=torch.int32, device=device)
+    key += (counters, results, get_ident())
     counter = _counters.get(key)
     if counter is None:
-        counter = _counters[key] = torch.zeros(1 + results, dtype=torch.int32, device=device)
+        counter = _counters[key] = torch.zeros(counters + results, dtype=torch.int32, device=device)
     return counter
 
 

@@ -14,9 +14,14 @@ accuracy), once to normalise.
 Backward: one launch of a persistent grid; each program takes rows
 ``pid, pid + G, ...``, writes their ``dx`` and keeps running sums of
 ``dy*xhat`` (and ``dy`` for a bias) for its rows, stored as its rows of a
-(2, G, D) partial buffer; the program to finish last (an arrival counter)
-sums the partials in a fixed order (no float atomics: the same dweight on
-every run).
+(2, G, D) partial buffer. The partial rows are then summed in a tree over the
+programs, ``FAN_IN`` children a node: the last program to arrive at a node (an
+arrival counter per node) sums its children's rows, and the one that sums the
+root writes dweight (and dbias). Each sum is in a fixed order (no float
+atomics: the same dweight on every run), no program waits for another, and
+the work after the last program's rows is a few node sums (``log_FAN_IN G``
+levels) rather than all ``G x D`` partials summed by one program, which on a
+GPU would take longer than the rows themselves.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ from ._launch import jit
 
 BWD_PROGRAMS_PER_SM = 2
 """The backward's persistent grid: each program writes a row of partial sums (two with a
-bias), written and read again by the last program, which more programs would multiply."""
+bias), which the tree over the programs sums again, and more programs would multiply."""
+
+FAN_IN = 8
+"""Children of a node of the backward's tree over the programs' partial rows: G programs
+take ceil(log8 G) levels (3 for two programs on each of 132 SMs)."""
 
 
 @functools.cache  # one entry per row width: a dict lookup instead of the arithmetic, on a new launch key
@@ -39,6 +48,24 @@ def row_launch(d: int) -> dict:
     """``BLOCK_D``, ``ONE_BLOCK`` and ``num_warps`` for rows of ``d`` features, by name."""
     block = row_block(d)
     return dict(BLOCK_D=block, ONE_BLOCK=block >= d, num_warps=min(max(block // 256, 1), 16))
+
+
+@functools.cache
+def bwd_row_launch(d: int) -> dict:
+    """``row_launch(d)`` and the backward's ``FAN_IN``."""
+    return dict(row_launch(d), FAN_IN=FAN_IN)
+
+
+@functools.cache
+def tree_counters(programs: int) -> int:
+    """How many arrival counters the backward's tree over ``programs`` needs: one a node
+    above the leaves (one for a single program, whose own row is the root's only child)."""
+    nodes, size = 0, programs
+    while True:
+        size = -(-size // FAN_IN)
+        nodes += size
+        if size == 1:
+            return nodes
 
 
 @triton.jit
@@ -56,30 +83,59 @@ def add_to_partial_row(Partial, cols, mask, value):
 
 
 @triton.jit
-def sum_partials(Partial, Out, programs, D):
-    """``Out`` = the (programs, D) ``Partial`` summed over its rows in a fixed order, in Out's dtype."""
-    # The last program's tile: BLOCK_P programs by BLOCK_D columns.
-    BLOCK_P: tl.constexpr = 32
-    BLOCK_D: tl.constexpr = 64
+def sum_node(Partial, first, stride, children, D, Out, ROOT, FAN_IN: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (rows, D) ``Partial``'s rows ``(first + k) * stride`` for ``k < children`` summed
+    in a fixed order, into row ``first * stride`` (the node's row: its first child's), or,
+    at the ``ROOT``, into ``Out`` in Out's dtype."""
+    node = Partial + first.to(tl.int64) * stride * D
+    child_step = stride.to(tl.int64) * D
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         col_in = cols < D
-        total = tl.zeros([BLOCK_P, BLOCK_D], dtype=Partial.dtype.element_ty)
-        for first in range(0, programs, BLOCK_P):
-            p = first + tl.arange(0, BLOCK_P)
-            mask = (p < programs)[:, None] & col_in[None, :]
-            # written by other programs, on other SMs: read around L1
-            total += tl.load(Partial + p[:, None] * D + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(Out + cols, round_to(tl.sum(total, axis=0), Out.dtype.element_ty), mask=col_in)
+        # Written by other programs, on other SMs: read around L1. The children's loads are
+        # unrolled, so all are in flight together.
+        total = tl.load(node + cols, mask=col_in, other=0.0, cache_modifier=".cg")
+        for k in tl.static_range(1, FAN_IN):
+            child_cols = cols < tl.where(children > k, D, 0)  # none past the last child
+            total += tl.load(node + k * child_step + cols, mask=child_cols, other=0.0, cache_modifier=".cg")
+        if ROOT:
+            tl.store(Out + cols, round_to(total, Out.dtype.element_ty), mask=col_in)
+        else:
+            tl.store(node + cols, total, mask=col_in)
 
 
 @triton.jit
-def is_last_program(Counter, programs):
-    """Whether this program arrives last at ``Counter``; that program then sees every program's stores."""
-    # The counter's release publishes this program's stores, its acquire shows the last
-    # program everyone's; the barrier puts every thread's stores before it.
-    tl.debug_barrier()
-    return tl.atomic_add(Counter, 1, sem="acq_rel") == programs - 1
+def sum_partial_rows(Partial, DW, DB, Counters, programs, D, FAN_IN: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Once this program has written its rows of ``Partial`` (dweight's ``programs`` rows,
+    then dbias's): its part of the tree that sums them into ``DW`` and ``DB`` (each if
+    given). At each level the program to arrive last at its node (``Counters``: one a
+    node, level after level, each set back to 0 by that program for the next launch) sums
+    the node's children and goes up a level; the others are done."""
+    node = tl.program_id(0)
+    size = programs  # nodes on this level
+    stride = tl.full((), 1, tl.int32)  # partial rows from one node of this level to the next
+    counters = Counters  # this level's
+    going = size > 0  # true: a tensor, as the loop makes it
+    while going:
+        parent = node // FAN_IN
+        first = parent * FAN_IN
+        children = tl.minimum(size - first, FAN_IN)
+        counter = counters + parent
+        # The counter's release publishes this program's stores, its acquire shows the last
+        # program the children's; the barrier puts every thread's stores before it.
+        tl.debug_barrier()
+        last = tl.atomic_add(counter, 1, sem="acq_rel") == children - 1
+        size = (size + FAN_IN - 1) // FAN_IN
+        counters += size  # the next level's counters follow this level's
+        if last:
+            tl.store(counter, 0)  # for the next launch
+            if DW is not None:
+                sum_node(Partial, first, stride, children, D, DW, size == 1, FAN_IN, BLOCK_D)
+            if DB is not None:
+                sum_node(Partial + programs * D, first, stride, children, D, DB, size == 1, FAN_IN, BLOCK_D)
+        node = parent
+        stride *= FAN_IN
+        going = last & (size > 1)
 
 
 @triton.jit
@@ -209,7 +265,7 @@ def norm_bwd_kernel(
     Partial,
     DW,
     DB,
-    Counter,
+    Counters,
     rows,
     D,
     offset,
@@ -217,9 +273,10 @@ def norm_bwd_kernel(
     CAST_BEFORE_W: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    FAN_IN: tl.constexpr,
 ):
     """``DX`` for every row, from the forward's ``Stats``; ``DW`` (and ``DB``) from the
-    programs' partial sums, by the last program."""
+    programs' partial sums, through the tree over the programs (``Counters``: its arrival counters)."""
     # As in the forward: the variant from the pointers given, the dtype from x's.
     HAS_W: tl.constexpr = W is not None
     HAS_B: tl.constexpr = DB is not None
@@ -227,10 +284,9 @@ def norm_bwd_kernel(
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     x_dtype = X.dtype.element_ty
-    if HAS_W or HAS_B:
-        # This program's rows of the partial sums: dweight's, and dbias's after every program's dweight rows.
-        partial_dw = Partial + pid * D
-        partial_db = partial_dw + programs * D
+    # This program's rows of the partial sums are rows pid (dweight's) and programs + pid
+    # (dbias's) of Partial, addressed where they are used: a pointer kept through the row
+    # loop would spill the 2048- and 4096-wide kernels' registers.
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -262,10 +318,13 @@ def norm_bwd_kernel(
                 db += dy
             offs += programs * D
         if HAS_W:
-            tl.store(partial_dw + cols, dw, mask=mask)
+            tl.store(Partial + pid * D + cols, dw, mask=mask)
         if HAS_B:
-            tl.store(partial_db + cols, db, mask=mask)
+            tl.store(Partial + (programs + pid) * D + cols, db, mask=mask)
     else:
+        if HAS_W or HAS_B:
+            partial_dw = Partial + pid * D
+            partial_db = partial_dw + programs * D
         if HAS_W:
             zero_partial_row(partial_dw, D, BLOCK_D)
         if HAS_B:
@@ -301,9 +360,4 @@ def norm_bwd_kernel(
                 dx = _dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED)
                 tl.store(DX + base + cols, round_to(dx, DX.dtype.element_ty), mask=mask)
     if HAS_W or HAS_B:
-        if is_last_program(Counter, programs):
-            if HAS_W:
-                sum_partials(Partial, DW, programs, D)
-            if HAS_B:
-                sum_partials(Partial + programs * D, DB, programs, D)
-            tl.store(Counter, 0)  # for the next launch
+        sum_partial_rows(Partial, DW, DB, Counters, programs, D, FAN_IN, BLOCK_D)

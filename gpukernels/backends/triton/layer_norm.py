@@ -5,7 +5,7 @@ the launchers of the row-normalisation kernels of ``_norm``, centred (``CENTERED
 from __future__ import annotations
 
 from ._common import aligned, arrival_counter, dtype_of, launch_scratch, num_programs, row_count, stats_dtype
-from ._norm import BWD_PROGRAMS_PER_SM, norm_bwd_kernel, norm_fwd_kernel, row_launch
+from ._norm import BWD_PROGRAMS_PER_SM, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch, tree_counters
 
 
 def layer_norm_fwd(x, weight, bias, eps, y, stats):
@@ -53,7 +53,7 @@ def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
         (programs,),
         key,
         lambda: dict(
-            row_launch(d),
+            bwd_row_launch(d),
             CENTERED=True,
             CAST_BEFORE_W=False,
             # fused, dy * w - mean(dy * w) keeps the product's rounding error
@@ -68,7 +68,7 @@ def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
         partial,
         dweight if has_w else None,
         dbias if has_bias else None,
-        arrival_counter(device) if has_w or has_bias else None,
+        arrival_counter(device, counters=tree_counters(programs)) if has_w or has_bias else None,
         rows,
         d,
         no_offset,

@@ -5,7 +5,7 @@ the launchers of the row-normalisation kernels of ``_norm``, uncentred (``CENTER
 from __future__ import annotations
 
 from ._common import aligned, arrival_counter, dtype_of, launch_scratch, num_programs, row_count, stats_dtype
-from ._norm import BWD_PROGRAMS_PER_SM, norm_bwd_kernel, norm_fwd_kernel, row_launch
+from ._norm import BWD_PROGRAMS_PER_SM, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch, tree_counters
 
 
 def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
@@ -51,7 +51,7 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
     norm_bwd_kernel.launch(
         (programs,),
         key,
-        lambda: dict(row_launch(d), CENTERED=False, CAST_BEFORE_W=cast_before_weight),
+        lambda: dict(bwd_row_launch(d), CENTERED=False, CAST_BEFORE_W=cast_before_weight),
         dy,
         x,
         weight,
@@ -60,7 +60,7 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
         partial,
         dweight if has_w else None,
         no_dbias,
-        arrival_counter(device) if has_w else None,
+        arrival_counter(device, counters=tree_counters(programs)) if has_w else None,
         rows,
         d,
         offset,
