@@ -45,15 +45,20 @@ take ceil(log8 G) levels (3 for two programs on each of 132 SMs)."""
 
 @functools.cache  # one entry per row width: a dict lookup instead of the arithmetic, on a new launch key
 def row_launch(d: int) -> dict:
-    """``BLOCK_D``, ``ONE_BLOCK`` and ``num_warps`` for rows of ``d`` features, by name."""
+    """The forward's ``BLOCK_D``, ``ONE_BLOCK`` and ``num_warps`` for rows of ``d`` features,
+    by name: a warp per 256 columns, at most 8 warps below 8192 columns (Liger-Kernel's
+    8-warp forward took 20 us against 24 us for our 16 warps at 4096 x 4096 bf16 on the
+    H200, bench/results/NVIDIA-H200-2026-11-26-cudagraph.md)."""
     block = row_block(d)
-    return dict(BLOCK_D=block, ONE_BLOCK=block >= d, num_warps=min(max(block // 256, 1), 16))
+    return dict(BLOCK_D=block, ONE_BLOCK=block >= d, num_warps=min(max(block // 256, 1), 8 if block < 8192 else 16))
 
 
 @functools.cache
 def bwd_row_launch(d: int) -> dict:
-    """``row_launch(d)`` and the backward's ``FAN_IN``."""
-    return dict(row_launch(d), FAN_IN=FAN_IN)
+    """The backward's: ``row_launch(d)`` with a warp per 256 columns up to 16 warps (each
+    thread holds two rows of dy and x, and the dw/db sums), and its ``FAN_IN``."""
+    block = row_block(d)
+    return dict(row_launch(d), num_warps=min(max(block // 256, 1), 16), FAN_IN=FAN_IN)
 
 
 @functools.cache
