@@ -10,6 +10,7 @@ for ``--quick``, ``CPU_SHAPES`` without a GPU) and ``case(shape, device, dtype)`
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import datetime
 import gc
@@ -147,13 +148,22 @@ def _liger(module: str) -> ModuleType | None:
 
 
 def cases(
-    module: ModuleType, device: torch.device, dtype: torch.dtype, quick: bool, compiled: bool = False
+    module: ModuleType,
+    device: torch.device,
+    dtype: torch.dtype,
+    quick: bool,
+    compiled: bool = False,
+    targets: bool = False,
 ) -> Iterator[Case]:
-    """The cases of one op's module, made one at a time so that only one holds memory;
-    with the providers of ``compiled_providers`` when ``compiled``, and then without the
-    backward timed alone: a compiled backward cannot be run again on the same graph
-    (AOTAutograd donates the buffers it saves for it to the backward)."""
-    shapes = module.CPU_SHAPES if device.type != "cuda" else module.QUICK_SHAPES if quick else module.SHAPES
+    """The cases of one op's module, made one at a time so that only one holds memory: at
+    the shapes of its targets (``TARGET_SHAPES``) when ``targets``; with the providers of
+    ``compiled_providers`` when ``compiled``, and then without the backward timed alone: a
+    compiled backward cannot be run again on the same graph (AOTAutograd donates the
+    buffers it saves for it to the backward)."""
+    if targets:
+        shapes = module.TARGET_SHAPES
+    else:
+        shapes = module.CPU_SHAPES if device.type != "cuda" else module.QUICK_SHAPES if quick else module.SHAPES
     for shape in shapes:
         case = module.case(shape, device, dtype)
         if compiled:
@@ -165,12 +175,26 @@ def cases(
 # ---------------------------------------------------------------- timing
 
 
-def time_ms(fn: Callable[[], object], cuda: bool, quick: bool, graph: bool = False) -> float:
+TIMINGS = ("events", "graph", "graph-flushed")
+"""How ``time_ms`` times a call on CUDA: CUDA events around each call, L2 flushed before
+it (host launch overhead included where the GPU waits for it); replays of a CUDA graph of
+the calls (the GPU's time, without the host's; data that fits in L2 may stay there
+between calls); one replay of a graph of one call at a time, L2 flushed before each
+replay (the GPU's time on data read from memory: what a bandwidth target is judged on)."""
+
+FLUSH_BYTES = 256 << 20  # more than any L2 (H100 50 MB, H200 60 MB): written before each timed call
+
+
+def time_ms(fn: Callable[[], object], cuda: bool, quick: bool, timing: str = "events") -> float:
+    """Median milliseconds of a call of ``fn``, timed as ``timing`` says (``TIMINGS``) on CUDA;
+    on CPU by the wall clock."""
     if cuda:
         import triton.testing
 
-        if graph:  # replays of a CUDA graph of the calls: the GPU's time, without the host's launch overhead
+        if timing == "graph":
             return triton.testing.do_bench_cudagraph(fn, rep=30 if quick else 100, return_mode="median")
+        if timing == "graph-flushed":
+            return _flushed_graph_replay_ms(fn, replays=30 if quick else 100)
         # median, after warm-up, with L2 flushed between runs
         return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median")
     fn()  # warm-up
@@ -181,6 +205,42 @@ def time_ms(fn: Callable[[], object], cuda: bool, quick: bool, graph: bool = Fal
         fn()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def _flushed_graph_replay_ms(fn: Callable[[], object], replays: int) -> float:
+    """Median time of one replay of a CUDA graph of one call of ``fn``, each replay after a
+    write of FLUSH_BYTES (outside the graph, so not timed; its time also covers the host's
+    replay launch). Everything on the current stream, which must not be the default one
+    (``_timing_stream``): a backward runs on its forward's stream, so a graph can hold the
+    backward of a forward run before the capture only when both are on the capture stream."""
+    stream = torch.cuda.current_stream()
+    fn()  # warm-up: compiles, allocates
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=stream.device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+@contextlib.contextmanager
+def _timing_stream(timing: str, cuda: bool) -> Iterator[None]:
+    """For ``graph-flushed`` timing: a side stream, current while a mode's callable is made
+    (a backward's forward runs then) and timed, after the work queued so far."""
+    if timing != "graph-flushed" or not cuda:
+        yield
+        return
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream().wait_stream(side)
 
 
 def mode_fn(case: Case, forward: Callable[[], object], mode: str) -> Callable[[], object]:
@@ -217,7 +277,7 @@ def _grad_like(out: torch.Tensor) -> torch.Tensor:
     """The gradient the backward of ``out`` is timed with: ones for a loss, else random, one per shape."""
     if out.dim() == 0:
         return torch.ones_like(out)
-    key = (tuple(out.shape), out.dtype, out.device)
+    key = (tuple(out.shape), out.stride(), out.dtype, out.device)  # a channels-last output gets a channels-last one
     if key not in _GRADS:
         _GRADS[key] = torch.randn_like(out)
     return _GRADS[key]
@@ -261,22 +321,23 @@ def run(
     quick: bool,
     skip: frozenset[str] = frozenset(),
     on_case: Callable[[list[Row], dict], None] | None = None,
-    graph: bool = False,
+    timing: str = "events",
     compiled: bool = False,
+    targets: bool = False,
 ) -> tuple[list[Row], dict]:
     """Every case of ``ops`` (name -> case module) by every provider but those in ``skip``,
-    timed by CUDA graph replays when ``graph``, with the providers of ``compiled_providers``
-    when ``compiled``; ``on_case(rows, peaks)`` after each case, so that a run cut short
-    still leaves what it measured."""
+    timed as ``timing`` says (``TIMINGS``), with the providers of ``compiled_providers``
+    when ``compiled``, at the shapes of the ops' targets when ``targets``; ``on_case(rows,
+    peaks)`` after each case, so that a run cut short still leaves what it measured."""
     cuda = device.type == "cuda"
     peaks = measure_peaks(device, quick)
     rows: list[Row] = []
     for op, module in progress(ops.items(), "ops"):
-        for case in cases(module, device, dtype, quick, compiled):
+        for case in cases(module, device, dtype, quick, compiled, targets):
             if compiled and "gpukernels-compile" not in skip:
                 _drop_if_different(op, case, "gpukernels-compile", "gpukernels")
             for mode in case.modes:
-                rows += _timed_mode(op, case, mode, skip, peaks, cuda, quick, graph)
+                rows += _timed_mode(op, case, mode, skip, peaks, cuda, quick, timing)
             del case  # its tensors freed before the next case is made
             if on_case is not None and rows:
                 on_case(rows, peaks)
@@ -327,7 +388,7 @@ def _result(case: Case, forward: Callable[[], object]) -> list[torch.Tensor]:
 
 
 def _timed_mode(
-    op: str, case: Case, mode: str, skip: frozenset[str], peaks: dict, cuda: bool, quick: bool, graph: bool
+    op: str, case: Case, mode: str, skip: frozenset[str], peaks: dict, cuda: bool, quick: bool, timing: str
 ) -> list[Row]:
     """A row per provider of ``case`` in ``mode``; each of ours (``OURS``) carries its speed-up over each baseline."""
     rows = []
@@ -335,8 +396,9 @@ def _timed_mode(
         if provider in skip:
             continue
         try:
-            fn = mode_fn(case, forward, mode)
-            ms = time_ms(fn, cuda, quick, graph)
+            with _timing_stream(timing, cuda):
+                fn = mode_fn(case, forward, mode)
+                ms = time_ms(fn, cuda, quick, timing)
             mem = _peak_mem_mib(fn, case.grad_inputs) if cuda and mode in ("fwd+bwd", "step") else None
         except Exception as e:  # a baseline that cannot run this case is reported, not fatal
             print(f"  {op} {case.shape} {mode} {provider}: skipped ({type(e).__name__}: {e})"[:300])

@@ -88,7 +88,31 @@ def read_rows(path: Path) -> list[Row]:
     return [Row(**r) for r in json.loads(Path(path).read_text())["rows"]]
 
 
-def write(rows: list[Row], peaks: dict, env: dict, out: Path, stem: str) -> None:
+def target_table(rows: list[Row], targets: dict[str, list[tuple[str, str, float]]]) -> str:
+    """Each of our rows against its op's targets (``targets``: op -> the case module's
+    ``TARGETS``, (mode, "bandwidth" or a baseline provider, threshold)): the fraction of
+    the copy bandwidth measured in the run, or the speed-up over that baseline; a target
+    whose row or baseline did not run is "not measured", never met."""
+    lines = ["| op | shape | mode | target | measured | met |", "|---|---|---|---|--:|---|"]
+    ours = {(r.op, r.shape, r.mode): r for r in rows if r.provider == "gpukernels"}
+    shapes = dict.fromkeys((r.op, r.shape) for r in rows)
+    for op, shape in shapes:
+        for mode, criterion, threshold in targets.get(op, ()):
+            row = ours.get((op, shape, mode))
+            if criterion == "bandwidth":
+                wanted = f">= {100 * threshold:.0f}% of copy bandwidth"
+                value = None if row is None else row.fraction_of_peak
+                shown = "" if value is None else f"{100 * value:.0f}%"
+            else:
+                wanted = f">= {threshold:.2f}x {criterion}"
+                value = None if row is None else row.speedup.get(criterion)
+                shown = "" if value is None else f"{value:.2f}x"
+            met = "not measured" if value is None else "yes" if value >= threshold else "no"
+            lines.append(f"| {op} | {shape} | {mode} | {wanted} | {shown} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: list[Row], peaks: dict, env: dict, out: Path, stem: str, targets: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(
         json.dumps({"environment": env, "peaks": peaks, "rows": [asdict(r) for r in rows]}, indent=1)
@@ -113,6 +137,8 @@ def write(rows: list[Row], peaks: dict, env: dict, out: Path, stem: str) -> None
             f"cuBLAS bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s.",
             "",
         ]
+    if targets:
+        header += ["Targets:", "", targets]
     (out / f"{stem}.md").write_text(
         "\n".join(header) + summary(rows) + "\n\nEvery provider and mode:\n\n```\n" + table(rows) + "\n```\n"
     )

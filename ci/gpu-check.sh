@@ -9,6 +9,9 @@
 #            max-autotune left out: its autotuning takes minutes per op)
 #   graph    the memory-bound ops again, timed by CUDA graph replays (the GPU's
 #            time without the host's launch overhead), against eager, Liger, CuPy
+#   targets  the ops with performance targets (layer_norm, batch_norm, dropout, cross_entropy)
+#            at their target shapes, one CUDA graph replay a call with L2 flushed before
+#            each, every target met or not (bench --targets); Liger-Kernel where installed
 #   compile  each op inside torch.compile, ours (Inductor launching our Triton
 #            kernels) against Inductor's own kernels for the PyTorch op (bench --compile)
 #   train    the gpu preset of the digits MLP
@@ -64,6 +67,7 @@ for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
                    --out "$work/bench" ;;
         graph) step bench-graph 120 "$py" -m bench --quick --cuda-graph --skip compile,compile-max \
                    --ops layer_norm,cross_entropy,dropout,batch_norm,linear_act --out "$work/bench-graph" ;;
+        targets) step bench-targets 300 "$py" -m bench --targets --skip cupy --out "$work/bench-targets" ;;
         compile) step bench-compile 240 "$py" -m bench --quick --compile --out "$work/compile" ;;
         train) step train-mlp 150 "$py" -m gpukernels.train --model mlp --preset gpu --steps 30 --out "$work/train" ;;
         models) for model in gpt2 llama resnet50; do
@@ -71,7 +75,7 @@ for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
                         --steps "${GPU_CHECK_TRAIN_STEPS:-30}" --out "$work/train-$model"
                 done ;;
         host) step host-overhead 120 "$py" -m bench.host_overhead ;;
-        *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, compile, train, models, host)" >&2
+        *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, targets, compile, train, models, host)" >&2
            exit 2 ;;
     esac
 done

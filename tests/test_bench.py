@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench import harness
+from bench import harness, report
 from bench.__main__ import main
 from bench.cases import OPS
 from bench.harness import MODES
@@ -107,6 +108,51 @@ def test_cuda_graph_timing_needs_a_gpu(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--cuda-graph", "--device", "cpu", "--out", str(tmp_path)])
     assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
+def test_targets_need_a_gpu_and_an_op_with_targets(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--targets", "--device", "cpu", "--out", str(tmp_path)])
+    assert "--targets needs a CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--targets", "--device", "cpu", "--ops", "dropout,adamw", "--out", str(tmp_path)])
+    assert "--targets: ['adamw'] have no targets" in capsys.readouterr().err
+
+
+def test_target_table_says_met_not_met_and_not_measured():
+    targets = {"dropout": [("fwd", "bandwidth", 0.85), ("fwd+bwd", "eager", 1.3), ("fwd+bwd", "liger", 1.2)]}
+    rows = [
+        harness.Row("dropout", "64", 64, "fwd", "gpukernels", 1.0, fraction_of_peak=0.9),
+        harness.Row("dropout", "64", 64, "fwd+bwd", "gpukernels", 1.0, speedup={"eager": 1.25}),
+        harness.Row("dropout", "64", 64, "fwd+bwd", "eager", 1.25),
+        harness.Row("dropout", "128", 128, "fwd", "gpukernels", 1.0, fraction_of_peak=0.5),
+    ]
+    lines = report.target_table(rows, targets).splitlines()[2:]
+    assert lines == [
+        "| dropout | 64 | fwd | >= 85% of copy bandwidth | 90% | yes |",
+        "| dropout | 64 | fwd+bwd | >= 1.30x eager | 1.25x | no |",
+        "| dropout | 64 | fwd+bwd | >= 1.20x liger |  | not measured |",  # Liger not installed
+        "| dropout | 128 | fwd | >= 85% of copy bandwidth | 50% | no |",
+        "| dropout | 128 | fwd+bwd | >= 1.30x eager |  | not measured |",  # no fwd+bwd row ran
+        "| dropout | 128 | fwd+bwd | >= 1.20x liger |  | not measured |",
+    ]
+
+
+def test_target_cases_are_the_issues_shapes():
+    """Every op with targets names its target shapes; batch_norm's are each shape in both
+    layouts, and its channels-last case times a channels-last input against a
+    channels-last output gradient."""
+    targeted = {name: module for name, module in OPS.items() if hasattr(module, "TARGETS")}
+    assert set(targeted) == {"layer_norm", "batch_norm", "dropout", "cross_entropy"}
+    assert OPS["layer_norm"].TARGET_SHAPES == [(16384, d) for d in (1024, 2048, 4096, 8192)]
+    assert OPS["batch_norm"].TARGET_SHAPES[:2] == [(256, 64, 56, "nchw"), (256, 64, 56, "channels_last")]
+    case = OPS["batch_norm"].case((2, 3, 4, "channels_last"), torch.device("cpu"), torch.float32)
+    x = case.grad_inputs[0]
+    assert case.shape == "2x3x4x4-channels-last" and x.is_contiguous(memory_format=torch.channels_last)
+    y = case.providers["gpukernels"]()
+    assert harness._grad_like(y).is_contiguous(memory_format=torch.channels_last)
+    nchw = OPS["batch_norm"].case((2, 3, 4, "nchw"), torch.device("cpu"), torch.float32)
+    assert nchw.shape == "2x3x4x4" and harness._grad_like(nchw.providers["gpukernels"]()).is_contiguous()
 
 
 def test_profile_writes_each_case_for_ours_and_eager(tmp_path):

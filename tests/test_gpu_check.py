@@ -45,7 +45,7 @@ def test_the_benchmark_accepts_every_option_the_check_passes(capsys):
     options = set(re.findall(r"--[a-z][\w-]*", capsys.readouterr().out))
     invocations = re.findall(r'"\$py" -m bench ((?:.|\\\n)*?);;', SCRIPT.read_text())  # to the case's end
     passed = {flag for line in invocations for flag in re.findall(r"--[a-z][\w-]*", line)}
-    assert {"--quick", "--compile", "--cuda-graph", "--skip", "--out"} <= passed
+    assert {"--quick", "--compile", "--cuda-graph", "--targets", "--skip", "--out"} <= passed
     assert passed - options == set()
 
 

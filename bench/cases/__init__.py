@@ -1,6 +1,7 @@
 """The ops ``python -m bench`` times, in the order of its reports: one module per op with
 its shapes (``SHAPES``; ``QUICK_SHAPES`` for ``--quick``; ``CPU_SHAPES`` without a GPU) and
-``case(shape, device, dtype)``, the ``bench.harness.Case`` of one shape."""
+``case(shape, device, dtype)``, the ``bench.harness.Case`` of one shape; an op with
+performance targets also has ``TARGET_SHAPES`` and ``TARGETS`` (for ``--targets``)."""
 
 from . import adamw, batch_norm, clip_adamw, cross_entropy, dropout, layer_norm, linear_act, linear_cross_entropy
 

@@ -1,5 +1,6 @@
-"""2d batch_norm in training of (n, c, hw, hw), fp32 weight, bias and running statistics:
-bytes counted for x (read, written) and its gradient, as for layer_norm."""
+"""2d batch_norm in training of (n, c, hw, hw), NCHW or channels-last, fp32 weight, bias and running
+statistics: bytes counted for x (read, written) and its gradient, as for layer_norm (2X forward, 3X
+backward: 5X, the least a two-pass design can move)."""
 
 import torch
 import torch.nn.functional as F
@@ -11,17 +12,25 @@ from ..harness import Case, per_mode, providers
 SHAPES = [(256, 64, 56), (256, 128, 28), (256, 256, 14), (256, 512, 7)]  # (n, c, hw)
 QUICK_SHAPES = [(256, 256, 14)]
 CPU_SHAPES = [(8, 16, 8), (16, 32, 14)]
+TARGET_SHAPES = [(*shape, layout) for shape in SHAPES for layout in ("nchw", "channels_last")]
+TARGETS = [("fwd+bwd", "bandwidth", 0.5), ("fwd+bwd", "eager", 1.5)]
+"""Issue 16's: forward+backward at 80% of the copy bandwidth counted on 8X bytes, which is 50% on
+the 5X counted here, and 1.5x eager (cuDNN), at every shape and layout."""
 
 
-def case(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> Case:
-    n, c, hw = shape
-    x = torch.randn(n, c, hw, hw, device=device, dtype=dtype, requires_grad=True)
+def case(shape: tuple, device: torch.device, dtype: torch.dtype) -> Case:
+    """``shape``: (n, c, hw), NCHW, or (n, c, hw, layout), layout "nchw" or "channels_last"."""
+    n, c, hw, *layout = shape
+    x = torch.randn(n, c, hw, hw, device=device, dtype=dtype)
+    if layout == ["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     w = torch.ones(c, device=device, requires_grad=True)
     b = torch.zeros(c, device=device, requires_grad=True)
     rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
     io = x.numel() * x.element_size()
     return Case(
-        f"{n}x{c}x{hw}x{hw}",
+        f"{n}x{c}x{hw}x{hw}" + ("-channels-last" if layout == ["channels_last"] else ""),
         x.numel(),
         providers(
             lambda: gk.batch_norm(x, rm, rv, w, b, training=True),

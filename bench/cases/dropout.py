@@ -10,6 +10,9 @@ from ..harness import Case, per_mode, providers
 SHAPES = [2**24, 2**26, 2**28]  # elements
 QUICK_SHAPES = [2**26]
 CPU_SHAPES = [2**16, 2**20]
+TARGET_SHAPES = [2**26, 2**28]
+TARGETS = [("fwd", "bandwidth", 0.85), ("bwd", "bandwidth", 0.85), ("fwd+bwd", "eager", 1.3)]
+"""Issue 16's: each pass at 85% of the copy bandwidth, 1.3x eager forward+backward."""
 
 
 def case(n: int, device: torch.device, dtype: torch.dtype) -> Case:

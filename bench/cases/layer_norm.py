@@ -10,6 +10,9 @@ from ..harness import Case, per_mode, providers
 SHAPES = [(8192, d) for d in (1024, 2048, 4096, 8192)]  # (rows, d)
 QUICK_SHAPES = [(4096, 4096)]
 CPU_SHAPES = [(256, 256), (256, 1024)]
+TARGET_SHAPES = [(16384, d) for d in (1024, 2048, 4096, 8192)]
+TARGETS = [("fwd", "bandwidth", 0.85), ("bwd", "bandwidth", 0.85), ("fwd+bwd", "liger", 1.2)]
+"""Issue 16's: forward and backward each at 85% of the copy bandwidth, 1.2x Liger-Kernel."""
 
 
 def case(shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Case:
