@@ -9,9 +9,13 @@ The Triton interpreter runs kernels without compiling them, so a kernel can
 pass every CPU test and still fail to compile for a GPU (a type the code
 generator rejects, a version difference between Triton releases). This
 script runs each op once per dtype and option set under the interpreter,
-records every kernel launch (argument types, constexpr values, launch
-options), then, in a fresh process without the interpreter, compiles each
-distinct variant with Triton's own compiler for sm_90; autotuned kernels are
+records every kernel launch (each argument as Triton's JIT would specialize
+it for a GPU launch: its type, 16-byte alignment or divisibility by 16, an
+int equal to 1 as a constant; constexpr values; launch options), then, in a
+fresh process without the interpreter, compiles each distinct variant with
+Triton's own compiler for sm_90, with those specializations (a variant
+compiled without them is another kernel: no vectorised loads, other
+registers); autotuned kernels are
 compiled in the first configuration their GPU autotuner would try and in the
 last, which small problems run untuned. One variant per kernel, argument
 types and constants other than block sizes, plus one per block size for the
@@ -82,15 +86,10 @@ def grid_programs_per_sm() -> dict[str, int]:
 SPILLS_ALLOWED = (
     (
         "norm_bwd_kernel",
-        ("BLOCK_D=8192",),
-        "512 threads cap ptxas at 128 registers (65536 / 512), too few for 16 columns a thread of the "
-        "row's values, the next row's loads and the dw/db sums",
-    ),
-    (
-        "norm_fwd_kernel",
-        ("BLOCK_D=4096", "CENTERED=False"),
-        "ptxas keeps the uncentred 4096-wide forward at 40 registers on 256 threads and spills three values, "
-        "each stored once and loaded once a program (the one-block forward has no loop)",
+        ("BLOCK_D=8192", "ONE_BLOCK=False"),
+        "rows wider than 8192 columns, read in column blocks (the tests' 9000, whose odd width leaves the loads "
+        "unvectorised): 512 threads cap ptxas at 128 registers (65536 / 512), too few for a block's values, "
+        "its partial sums and the row's running sums",
     ),
     (
         "linear_act_bwd_kernel",
@@ -162,38 +161,39 @@ def programs_per_sm(registers: int, threads: int, shared_bytes: int, limits: dic
 # ---------------------------------------------------------------- recording (interpreter)
 
 
-def _describe(value):
-    """("type", x) for a runtime argument, ("constexpr", x) for a constant."""
-    import torch
-    import triton.language as tl
+def _specialization(kernel, value, backend) -> list:
+    """A runtime argument as the JIT specializes it for a GPU launch (Triton's own rule,
+    the kernel's ``do_not_specialize`` lists honoured): ["type", "*bf16", "D"] (D: 16-byte
+    aligned, or an int divisible by 16), or ["constexpr", 1] for an int equal to 1 or None."""
+    from triton._C.libtriton import native_specialize_impl
 
-    if isinstance(value, torch.Tensor):
-        return "type", _TENSOR_TYPES[str(value.dtype).replace("torch.", "")]
-    if value is None:
-        return "constexpr", None
-    if isinstance(value, tl.dtype):
-        return "constexpr", f"tl.{value.name}"
-    if isinstance(value, bool):
-        return "type", "i1"
-    if isinstance(value, int):
-        return "type", "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "type", "fp32"
-    raise TypeError(f"cannot describe a kernel argument of type {type(value).__name__}")
+    param = kernel.params[kernel.arg_names.index(value[0])]
+    kind, attr = native_specialize_impl(
+        backend, value[1], param.is_const, not param.do_not_specialize, not param.do_not_specialize_on_alignment
+    )
+    return ["constexpr", attr] if kind == "constexpr" else ["type", kind, attr or ""]
 
 
 def record() -> list[dict]:
     """Run every op under the interpreter; the launches, deduplicated."""
     import torch
     import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
     from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
 
+    backend = make_backend(GPUTarget("cuda", 90, 32))
     launches: dict[str, dict] = {}
+    kernels: dict = {}  # interpreted function -> its JITFunction, for the parameters' specialization flags
     every_block_size = False
     original_run = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
         constexpr_names = {n for n, p in self.fn.__annotations__.items() if "constexpr" in str(p)}
+        if self not in kernels:
+            flags = {k: v for k, v in self.kwargs.items() if k.startswith("do_not_specialize")}
+            kernels[self] = JITFunction(self.fn, **flags)
         bound = dict(zip(self.arg_names, args)) | {k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS}
         entry = {
             "module": self.fn.__module__,
@@ -205,12 +205,9 @@ def record() -> list[dict]:
         for name in self.arg_names:
             value = bound[name]
             if name in constexpr_names:
-                entry["args"][name] = [
-                    "constexpr",
-                    _describe(value)[1] if value is None or isinstance(value, tl.dtype) else value,
-                ]
+                entry["args"][name] = ["constexpr", f"tl.{value.name}" if isinstance(value, tl.dtype) else value]
             else:
-                entry["args"][name] = list(_describe(value))
+                entry["args"][name] = _specialization(kernels[self], (name, value), backend)
         # Block sizes and launch options vary with the shape but not the code
         # paths: one variant per kernel, argument types and other constants.
         key = {**entry, "shape": None}
@@ -241,7 +238,8 @@ def _exercise_norm_features() -> None:
 
     with gk.use_backend("triton"):
         for d in NORM_FEATURES:
-            x, w, b = (torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True) for shape in ((1, d), (d,), (d,)))
+            # 16 rows: a row count the JIT specializes as a model's (divisible by 16), not as the constant 1
+            x, w, b = (torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True) for shape in ((16, d), (d,), (d,)))
             gk.layer_norm(x, (d,), w, b).float().sum().backward()
             gk.rms_norm(x, (d,), w).float().sum().backward()
 
@@ -395,6 +393,7 @@ def compile_all(launches: list[dict]) -> tuple[list[str], list[dict]]:
     from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", 90, 32)
+    backend = triton.compiler.make_backend(target)
     failures, rows = [], []
     for launch in launches:
         fn, configs = _jit_function(launch["module"], launch["kernel"])
@@ -404,8 +403,8 @@ def compile_all(launches: list[dict]) -> tuple[list[str], list[dict]]:
                 (c.kwargs, {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in (configs[0], configs[-1])
             ]
         for config_kwargs, options in variants:
-            signature, constexprs = {}, {}
-            for name, (kind, value) in launch["args"].items():
+            signature, constexprs, attrs = {}, {}, {}
+            for index, (name, (kind, value, *attr)) in enumerate(launch["args"].items()):
                 if name in config_kwargs:
                     kind, value = "constexpr", config_kwargs[name]
                 if kind == "constexpr":
@@ -415,6 +414,8 @@ def compile_all(launches: list[dict]) -> tuple[list[str], list[dict]]:
                     )
                 else:
                     signature[name] = value
+                    if attr and attr[0]:  # the JIT's specialization: alignment, divisibility by 16
+                        attrs[(index,)] = backend.parse_attr(attr[0])
             label = (
                 f"{launch['kernel']} {json.dumps({k: v for k, v in constexprs.items() if v is not None}, default=str)}"
             )
@@ -422,7 +423,7 @@ def compile_all(launches: list[dict]) -> tuple[list[str], list[dict]]:
             try:
                 with contextlib.redirect_stdout(ptxas_log):
                     kernel = triton.compile(
-                        triton.compiler.ASTSource(fn, signature, constexprs), target=target, options=options
+                        triton.compiler.ASTSource(fn, signature, constexprs, attrs), target=target, options=options
                     )
                 rows.append(occupancy_row(launch, constexprs, ptxas_log.getvalue(), kernel.metadata))
             except Exception as e:  # report every failure, not just the first

@@ -63,5 +63,33 @@ def test_a_spill_fails_unless_the_allow_list_names_the_variant():
         "shape": "bf16 [4, 4096]",
     }
     assert not compile_sm90.spill_allowed(row)
-    assert compile_sm90.spill_allowed({**row, "variant": "CAST_BEFORE_W=False BLOCK_D=8192 ONE_BLOCK=True"})
+    assert compile_sm90.spill_allowed({**row, "variant": "CAST_BEFORE_W=False BLOCK_D=8192 ONE_BLOCK=False"})
+    assert not compile_sm90.spill_allowed({**row, "variant": "CAST_BEFORE_W=False BLOCK_D=8192 ONE_BLOCK=True"})
     assert not compile_sm90.spill_allowed({**row, "kernel": "norm_fwd_kernel", "variant": "BLOCK_D=8192"})
+
+
+def test_arguments_are_recorded_as_the_jit_specializes_them():
+    """The compile check compiles what a GPU launch would: aligned pointers and ints
+    divisible by 16 marked so (vectorised loads), an int equal to 1 a constant, the
+    kernel's do_not_specialize lists honoured."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction
+
+    def body(X, n, one, skipped, scale):
+        pass
+
+    kernel = JITFunction(body, do_not_specialize=["skipped"])  # as the recording makes it from the interpreter's
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    x = torch.zeros(64, dtype=torch.bfloat16)
+
+    def spec(name, value):
+        return compile_sm90._specialization(kernel, (name, value), backend)
+
+    assert spec("X", x) == ["type", "*bf16", "D"]
+    assert spec("X", x[1:]) == ["type", "*bf16", ""]
+    assert spec("n", 4096) == ["type", "i32", "D"] and spec("n", 4097) == ["type", "i32", ""]
+    assert spec("one", 1) == ["constexpr", 1]
+    assert spec("skipped", 4096) == ["type", "i32", ""]
+    assert spec("scale", 0.5) == ["type", "fp32", ""]
