@@ -194,15 +194,12 @@ def _add_pairs(a, b, c, d):
 @triton.jit
 def _row_means(g, gxhat, D, CENTERED: tl.constexpr):
     """``mean(g)`` (0 unless CENTERED) and ``mean(gxhat)`` over a row: centred, both in one
-    reduction, whose exchange between warps (shared memory, barriers) they share; apart
-    for 8192-wide blocks, whose registers (spilled already) the pair would spill more."""
-    if not CENTERED:
-        return 0.0, tl.sum(gxhat, axis=0) / D
-    elif g.numel <= 4096:
+    reduction, whose exchange between warps (shared memory, barriers) they share."""
+    if CENTERED:
         sum_g, sum_gxhat = tl.reduce((g, gxhat), 0, _add_pairs)
         return sum_g / D, sum_gxhat / D
     else:
-        return tl.sum(g, axis=0) / D, tl.sum(gxhat, axis=0) / D
+        return 0.0, tl.sum(gxhat, axis=0) / D
 
 
 @triton.jit
