@@ -305,9 +305,10 @@ def norm_bwd_kernel(
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     x_dtype = X.dtype.element_ty
-    # This program's rows of the partial sums are rows pid (dweight's) and programs + pid
-    # (dbias's) of Partial, addressed where they are used: a pointer kept through the row
-    # loop would spill the 2048- and 4096-wide kernels' registers.
+    if HAS_W or HAS_B:
+        # This program's rows of the partial sums: dweight's, and dbias's after every program's dweight rows.
+        partial_dw = Partial + pid * D
+        partial_db = partial_dw + programs * D
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -339,13 +340,10 @@ def norm_bwd_kernel(
                 db += dy
             offs += programs * D
         if HAS_W:
-            tl.store(Partial + pid * D + cols, dw, mask=mask)
+            tl.store(partial_dw + cols, dw, mask=mask)
         if HAS_B:
-            tl.store(Partial + (programs + pid) * D + cols, db, mask=mask)
+            tl.store(partial_db + cols, db, mask=mask)
     else:
-        if HAS_W or HAS_B:
-            partial_dw = Partial + pid * D
-            partial_db = partial_dw + programs * D
         if HAS_W:
             zero_partial_row(partial_dw, D, BLOCK_D)
         if HAS_B:
