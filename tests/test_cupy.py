@@ -35,7 +35,6 @@ import gpukernels as gk
 import gpukernels.backends.numpy.adamw as numpy_adamw
 from cupy_host import HOST_TARGET, needs_gxx
 from gpukernels._numerics import row_stats
-from gpukernels.backends._dropout import uint_to_uniform_float
 from gpukernels.backends.cupy import _runtime
 from gpukernels.backends.cupy import cross_entropy as cupy_cross_entropy
 from gpukernels.backends.cupy import dropout as cupy_dropout
@@ -43,7 +42,7 @@ from gpukernels.backends.cupy import layer_norm as cupy_layer_norm
 from gpukernels.backends.numpy import cross_entropy as numpy_cross_entropy
 from gpukernels.backends.numpy import dropout as numpy_dropout
 from gpukernels.backends.numpy import layer_norm as numpy_layer_norm
-from gpukernels.backends.numpy.philox import element_words, philox4x32
+from gpukernels.backends.numpy.philox import element_halves, philox4x32
 from gpukernels.ops.cross_entropy import cross_entropy_bwd, cross_entropy_fwd
 from gpukernels.ops.dropout import dropout_fwd
 from gpukernels.ops.layer_norm import layer_norm_bwd, layer_norm_fwd
@@ -309,26 +308,26 @@ def test_cross_entropy_out_of_range_target_is_flagged_not_read(cupy_device, targ
 @pytest.mark.parametrize("seed", [0, 1234, 2**32 + 17, -5])
 @pytest.mark.parametrize("shape", [(3,), (3, 333), (5, 517)], ids=str)
 def test_dropout_equals_numpy_bit_for_bit(cupy_device, dtype, seed, shape, monkeypatch):
-    """Same mask (four elements to a Philox call, the last group partial: n % 4
-    is 3, 3 and 1) and same rounding of x * scale. On 2 blocks of 256 threads,
-    the 647 groups of (5, 517) take the grid-stride loop. The last p is an
+    """Same mask (eight elements to a Philox call, the last group partial: n % 8
+    is 3, 7 and 1) and same rounding of x * scale. On 1 block of 256 threads,
+    the 324 groups of (5, 517) take the grid-stride loop. The last p is an
     element's own uniform: the keep test at its threshold."""
-    monkeypatch.setattr(cupy_dropout, "MAX_BLOCKS", 2)
+    monkeypatch.setattr(cupy_dropout, "MAX_BLOCKS", 1)
     device = cupy_device
     x = _randn(shape, dtype, 0, device)
     seed_tensor = torch.tensor(seed, dtype=torch.int64, device=device)
-    for p in (0.3, 0.9, float(uint_to_uniform_float(element_words(seed, 3)[2]))):
+    for p in (0.3, 0.9, int(element_halves(seed, 3)[2]) / 2**16):
         ours = run_kernel(cupy_dropout, dropout_fwd, x, p, seed_tensor)
         theirs = run_kernel(numpy_dropout, dropout_fwd, x.cpu(), p, seed_tensor.cpu())
         assert torch.equal(ours.cpu(), theirs)
 
 
 def test_dropout_grid_stride_and_autograd(cupy_device, monkeypatch):
-    monkeypatch.setattr(cupy_dropout, "MAX_BLOCKS", 2)  # 751 groups of four elements on 2 x 256 threads
-    x = _randn(3003, torch.float32, 0, cupy_device, shift=5).requires_grad_()
+    monkeypatch.setattr(cupy_dropout, "MAX_BLOCKS", 2)  # 1001 groups of eight elements on 2 x 256 threads
+    x = _randn(8003, torch.float32, 0, cupy_device, shift=5).requires_grad_()
     y = gk.dropout(x, 0.4, seed=99)
     y.backward(torch.ones_like(y))
-    mask = torch.from_numpy(uint_to_uniform_float(element_words(99, 3003)) > np.float32(0.4))
+    mask = torch.from_numpy(element_halves(99, 8003) / 2**16 >= 0.4)
     assert torch.equal(y.detach().cpu() != 0, mask)
     assert torch.equal(x.grad.cpu(), mask * (1 / (1 - torch.tensor(0.4))))
 

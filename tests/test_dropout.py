@@ -1,6 +1,6 @@
 """dropout (each backend conftest's ``device`` selects): the Philox4x32-10
 generator against Random123's known answers and Triton's tl.rand, the integer
-keep test against the float one, the mask's statistics, the inverted scaling
+keep test against the uniform one, the mask's statistics, the inverted scaling
 against PyTorch and float64, autograd, and bad input."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import gpukernels as gk
-from gpukernels.backends._dropout import folded, keep_threshold, uint_to_uniform_float
-from gpukernels.backends.numpy.philox import element_words, philox4x32, uniform
+from gpukernels.backends._dropout import keep_threshold
+from gpukernels.backends.numpy.philox import element_halves, philox4x32, uniform
 from gpukernels.ops.dropout import dropout, dropout_fwd
 from helpers import assert_matches
 
@@ -26,10 +26,12 @@ pytestmark = pytest.mark.family("dropout")  # conftest's device fixture skips ba
 
 def philox_mask(seed: int, n: int, p: float) -> torch.Tensor:
     """Which of n flattened elements a seed keeps, straight from the generator:
-    element i takes word i % 4 of the Philox call on counter i // 4."""
+    element i takes the 16-bit half i % 2 (low first) of word (i % 8) // 2 of the
+    Philox call on counter i // 8, and is kept when that half / 2**16 is at least p."""
     i = np.arange(n, dtype=np.int64)
-    words = np.stack(philox4x32(seed, (i // 4) & 0xFFFFFFFF, (i // 4) >> 32), axis=1)
-    return torch.from_numpy(uint_to_uniform_float(words[i, i % 4]) > np.float32(p))
+    words = np.stack(philox4x32(seed, (i // 8) & 0xFFFFFFFF, (i // 8) >> 32), axis=1)
+    halves = (words[i, (i % 8) // 2] >> (16 * (i % 2)).astype(np.uint32)) & 0xFFFF
+    return torch.from_numpy(halves / 2**16 >= p)
 
 
 def expected(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -82,81 +84,58 @@ def test_uniform_equals_triton_tl_rand(seed):
     np.testing.assert_array_equal(out.cpu().numpy().view(np.uint32), ours.view(np.uint32))
 
 
-def test_element_words_take_the_four_words_of_each_call_in_turn():
-    words = element_words(7, 4 * 5 + 3)
-    assert words.dtype == np.uint32
-    for group in (0, 3, 5):
-        for j, word in enumerate(philox4x32(7, group, 0)):
-            if 4 * group + j < words.size:
-                assert words[4 * group + j] == word
+def test_element_halves_take_the_eight_halves_of_each_call_in_turn():
+    halves = element_halves(7, 8 * 5 + 3)
+    assert halves.dtype == np.uint16
+    for call in (0, 3, 5):
+        for j, word in enumerate(philox4x32(7, call, 0)):
+            for half, value in enumerate((int(word) & 0xFFFF, int(word) >> 16)):
+                if 8 * call + 2 * j + half < halves.size:
+                    assert halves[8 * call + 2 * j + half] == value
     # a longer draw extends a shorter one: the mask does not depend on the size
-    np.testing.assert_array_equal(element_words(7, 1001)[:23], words)
-
-
-def float_keeps(words: np.ndarray, p: float) -> np.ndarray:
-    """The keep test as a float: the word's uniform above float32(p)."""
-    return uint_to_uniform_float(words) > np.float32(p)
-
-
-def integer_keeps(words: np.ndarray, p: float) -> np.ndarray:
-    return folded(words) > keep_threshold(p)
+    np.testing.assert_array_equal(element_halves(7, 1001)[:43], halves)
 
 
 def threshold_test_ps() -> list[float]:
-    """p where the float test changes its mind: every p of the tests, the ends,
-    p below the smallest positive uniform, p equal to uniforms and one float32
-    either side, and p between two float32 (rounded before the comparison)."""
+    """p where the keep test changes its mind: the ends, multiples of 2**-16 and the
+    floats either side of them, tiny and near-1 p, and random p."""
     rng = np.random.default_rng(0)
-    ps = [0.0, 1.0, 1e-45, 1e-10, 0.1, 0.25, 0.3, 0.4, 0.5, 0.9, 1 - 2**-24, 1 - 2**-25, 1 - 2**-60]
+    ps = [0.0, 1.0, 1e-300, 1e-10, 0.1, 0.25, 0.3, 0.4, 0.5, 0.9, 1 - 2**-17, 1 - 2**-16, 1 - 2**-60]
     ps += rng.random(300).tolist()
-    uniforms = uint_to_uniform_float(rng.integers(0, 2**31, 300, dtype=np.int64).astype(np.uint32))
-    uniforms = np.concatenate([uniforms, uint_to_uniform_float(np.array([1, 2, 3, 2**31 - 2, 2**31 - 1], np.uint32))])
-    for u in uniforms:
-        ps += [float(u), float(np.nextafter(u, np.float32(0))), float(np.nextafter(u, np.float32(1)))]
-        ps.append((float(u) + float(np.nextafter(u, np.float32(1)))) / 2)  # a tie: float32(p) rounds to even
-        ps.append(float(u) * (1 + 2**-40))
+    for k in [*range(0, 5), *rng.integers(0, 2**16, 200).tolist(), 2**16 - 2, 2**16 - 1, 2**16]:
+        at = k / 2**16
+        ps += [at, float(np.nextafter(at, 0.0)), float(np.nextafter(at, 1.0))]
     return [p for p in ps if 0 <= p <= 1]
 
 
-def test_integer_keep_test_is_the_float_test_for_every_word_near_its_threshold():
-    """Exhaustively over the 2 * 4096 words nearest the threshold (the folded
-    values K - 2047 .. K + 2048, each from both halves of the uint32 range),
-    the range's ends and random words, for each of ~1800 p."""
-    rng = np.random.default_rng(1)
-    ends = np.array([0, 1, 2**31 - 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2, 2**32 - 1], dtype=np.uint32)
+def test_integer_keep_test_is_the_uniform_test_for_every_half():
+    """Exhaustively over the 2**16 halves, for each of ~1000 p: ``h > keep_threshold(p)``
+    exactly when the uniform ``h / 2**16`` (exact in float64) is at least p."""
+    halves = np.arange(2**16, dtype=np.int64)
     for p in threshold_test_ps():
-        k = keep_threshold(p)
-        near = np.arange(k - 2047, k + 2049, dtype=np.int64)
-        near = near[(near >= 0) & (near < 2**31)]
-        words = np.concatenate([near, 2**32 - 1 - near, ends, rng.integers(0, 2**32, 256, dtype=np.int64)])
-        words = words.astype(np.uint32)
-        np.testing.assert_array_equal(integer_keeps(words, p), float_keeps(words, p), err_msg=f"p={p!r}")
-        # the threshold is where the float test changes: k is dropped, k + 1 kept
-        assert k == -1 or not float_keeps(np.uint32(k), p)
-        assert k == 2**31 - 1 or float_keeps(np.uint32(k + 1), p)
+        np.testing.assert_array_equal(halves > keep_threshold(p), halves / 2**16 >= p, err_msg=f"p={p!r}")
 
 
 def test_integer_keep_test_ends():
-    assert keep_threshold(0.0) == 0  # the word whose uniform is 0 is not above 0
-    assert keep_threshold(1.0) == 2**31 - 1  # nothing is kept
-    assert keep_threshold(1 - 2**-25) == 2**31 - 1  # p rounds to 1 in float32
-    assert 0 < keep_threshold(0.5) < 2**31 - 1
+    assert keep_threshold(0.0) == -1  # every half kept
+    assert keep_threshold(2**-16) == 0  # the half 0 alone dropped
+    assert keep_threshold(0.5) == 2**15 - 1
+    assert keep_threshold(1 - 2**-16) == 2**16 - 2  # the largest half alone kept
+    assert keep_threshold(1 - 2**-17) == keep_threshold(1.0) == 2**16 - 1  # nothing is kept
 
 
-@pytest.mark.parametrize("upper_half", [False, True])
-def test_kernels_decide_boundary_words_as_the_float_test(device, upper_half):
-    """A p equal to an element's uniform drops it, the float32 just below keeps
-    it: the kernels' integer test at the very threshold, on real words of
-    either half of the uint32 range (which fold onto the same uniform)."""
+def test_kernels_decide_an_element_at_its_threshold(device):
+    """p equal to an element's uniform keeps it, the float just above drops it: the
+    kernels' integer test at the very threshold, on real halves."""
     seed, n = 2024, 4096
-    words = element_words(seed, n)
-    element = int(np.flatnonzero((words >= 2**31) == upper_half)[100])
-    at = uint_to_uniform_float(words[element])
+    halves = element_halves(seed, n)
+    element = int(np.flatnonzero(halves > 1000)[100])
+    at = int(halves[element]) / 2**16
     x = torch.rand(n, dtype=torch.float64) + 0.5  # no zeros, so y != 0 is the mask
-    for p in (float(at), float(np.nextafter(at, np.float32(0)))):
+    for p in (at, float(np.nextafter(at, 1.0))):
         kept = dropout(x.to(device), p, seed=seed).cpu() != 0
-        assert torch.equal(kept, torch.from_numpy(float_keeps(words, p)))
-        assert bool(kept[element]) == (p < at)
+        assert torch.equal(kept, philox_mask(seed, n, p))
+        assert bool(kept[element]) == (p == at)
 
 
 def test_uniform_in_unit_interval_and_offset_addressed():

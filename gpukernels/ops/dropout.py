@@ -2,20 +2,17 @@
 contract), its autograd, and the checked public function.
 
 Inverted dropout on the flattened contiguous tensor, the mask drawn by
-Philox4x32-10: element ``i`` takes output word ``i % 4`` of the call keyed by
-``seed`` at counter ``i // 4`` (one call serves four elements; see
+Philox4x32-10: element ``i`` takes the 16-bit half ``i % 2`` (low first) of
+output word ``(i % 8) // 2`` of the call keyed by ``seed`` at counter ``i // 8``
+(one call serves eight elements; see backends/_dropout.py and
 backends/numpy/philox.py). Kept elements are scaled by ``1/(1-p)``. No mask is
 stored: the backward is the same op applied to ``dy`` with the same ``p`` and
 ``seed``, which regenerates the mask.
 
-The keep test. Element ``i`` is kept when its word's uniform (Triton's
-``uint_to_uniform_float``: the word folded into ``k`` in ``[0, 2**31)``, ``~w``
-for the upper half, times a float32 scale) is above ``float32(p)``. Being
-non-decreasing in ``k``, that uniform is above ``p`` exactly for the ``k``
-above one integer, ``keep_threshold(p)`` (backends/_dropout.py), which the host finds once per
-``p`` (by bisection with the float rule itself); the kernels compare ``k`` with
-it and never form the float. Every word is kept or dropped exactly as under
-the float test, and the masks are equal on every backend.
+The keep test. The half ``h`` is the uniform ``h / 2**16``; the element is kept
+when that is at least ``p``: ``h > keep_threshold(p) = ceil(p * 2**16) - 1``, an
+integer compare, exact on every backend, so the masks are equal on every
+backend. ``p`` takes effect rounded up to a multiple of ``2**-16``.
 
 The seed is an int64 0-dim tensor rather than an int, so that drawing one
 (``seed=None``) is a tensor op: no graph break under torch.compile, and a

@@ -1,11 +1,10 @@
 // Inverted dropout on a flat contiguous tensor. One Philox4x32-10 call serves
-// four elements: element i takes output word i % 4 of counter (i/4 lo, i/4 hi,
-// 0, 0) under key (seed lo, seed hi), exactly as backends/numpy/philox.py's
-// element_words and the Triton kernel draw it, and is kept when the folded word
-// is above the integer threshold philox.keep_threshold(p) computes on the host
-// (the same decision as Triton's uniform float > p), so the masks agree bit for
-// bit across backends. Ten rounds of 32-bit multiplies per element would make
-// the kernel compute-bound; per four elements it runs at memory speed.
+// eight elements: element i takes the 16-bit half i % 2 (low first) of output
+// word (i % 8) / 2 of counter (i/8 lo, i/8 hi, 0, 0) under key (seed lo, seed
+// hi), exactly as backends/numpy/philox.py's element_halves and the Triton
+// kernel draw it, and is kept when that half is above the integer threshold
+// backends/_dropout.py's keep_threshold(p) computes on the host, so the masks
+// agree bit for bit across backends.
 #include "_common.cu"
 
 #define GK_PHILOX_KEY_A 0x9E3779B9u
@@ -32,28 +31,22 @@ __device__ __forceinline__ PhiloxWords philox4x32(unsigned long long seed, unsig
   return {{c0, c1, c2, c3}};
 }
 
-// The word as the int in [0, 2**31) Triton's uint_to_uniform_float scales:
-// ~x maps the negative half onto the positive one.
-__device__ __forceinline__ int folded(unsigned bits) {
-  const int x = (int)bits;
-  return x < 0 ? ~x : x;
-}
-
-// A thread per group of four consecutive elements (one Philox call), in a
+// A thread per group of eight consecutive elements (one Philox call), in a
 // grid-stride loop so any n runs on a capped grid; the last group may be
 // partial. The seed is read on the device: drawing one needs no host sync.
 template <typename T>
 __device__ __forceinline__ void dropout(const T* __restrict__ x, T* __restrict__ y, i64 n,
                                         const i64* __restrict__ seed, int threshold, acc_t<T> scale) {
   const unsigned long long key = (unsigned long long)*seed;
-  const i64 groups = (n + 3) / 4, stride = (i64)gridDim.x * blockDim.x;
+  const i64 groups = (n + 7) / 8, stride = (i64)gridDim.x * blockDim.x;
   for (i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += stride) {
     const PhiloxWords bits = philox4x32(key, (unsigned long long)g);
-    for (int k = 0; k < 4; ++k) {
-      const i64 i = 4 * g + k;
+    for (int k = 0; k < 8; ++k) {
+      const i64 i = 8 * g + k;
       if (i >= n) break;
+      const int half = (int)((bits.word[k / 2] >> (16 * (k % 2))) & 0xFFFFu);
       // a select, not a multiply by the mask: a dropped inf or nan gives 0
-      store(y, i, folded(bits.word[k]) > threshold ? to_acc(x[i]) * scale : acc_t<T>(0));
+      store(y, i, half > threshold ? to_acc(x[i]) * scale : acc_t<T>(0));
     }
   }
 }

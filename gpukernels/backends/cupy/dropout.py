@@ -1,5 +1,5 @@
 """Inverted dropout (dropout.cu): the mask drawn by Philox4x32-10 from
-(seed, element index), four elements to a call, and kept by the integer test
+(seed, element index), eight elements to a call, and kept by the integer test
 of ``backends/_dropout.py``'s ``keep_threshold``, bit for bit as the NumPy and
 Triton backends draw and keep it."""
 
@@ -20,7 +20,7 @@ MAX_BLOCKS = 65536
 def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, y: torch.Tensor) -> None:
     n = x.numel()
     if n:
-        groups = -(-n // 4)  # a thread per four elements
+        groups = -(-n // 8)  # a thread per eight elements
         blocks = min(-(-groups // THREADS), MAX_BLOCKS)
         _runtime.launch(
             "dropout.cu",

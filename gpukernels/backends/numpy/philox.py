@@ -7,24 +7,23 @@ Triton's round is Random123's: counter words ``(c0, c1, c2, c3)``, key words
 ``tl.rand(seed, offsets)`` the counter is ``(offset lo, offset hi, 0, 0)`` and
 the result is the first output word mapped to a float in [0, 1).
 
-Dropout draws four elements from each Philox call (``element_words``):
-element ``i`` takes output word ``i % 4`` of counter ``(i // 4 lo, i // 4 hi, 0, 0)``.
-The generator is what bounds a dropout kernel's speed, and this draws a quarter
-of the calls ``tl.rand`` per element would. It keeps an element when the
-word's uniform is above ``p``, decided without the uniform: see ``backends/_dropout.py``.
+Dropout draws eight elements from each Philox call (``element_halves``): element
+``i`` takes the 16-bit half ``i % 2`` (low first) of output word ``(i % 8) // 2``
+of counter ``(i // 8 lo, i // 8 hi, 0, 0)``; backends/_dropout.py has the keep
+test and why.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .._dropout import uint_to_uniform_float
-
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl increments of the key
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # round multipliers
 _ROUNDS = 10
+# Largest float32 s with (2**31 - 1) * s < 1 after rounding: uniforms stay below 1.
+_UNIFORM_SCALE = np.float32(4.6566127342e-10)
 
 
 def _mul_hi_lo(multiplier: int, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,6 +50,19 @@ def philox4x32(seed: int, c0, c1, c2=0, c3=0) -> tuple[np.ndarray, np.ndarray, n
     return c0, c1, c2, c3
 
 
+def folded(bits: np.ndarray) -> np.ndarray:
+    """uint32 words as the int32 in [0, 2**31) that ``uint_to_uniform_float``
+    scales: ``~x`` maps the negative half onto the positive one, so the sign
+    bit is not wasted."""
+    signed = np.asarray(bits, dtype=np.uint32).view(np.int32)
+    return np.where(signed < 0, ~signed, signed)
+
+
+def uint_to_uniform_float(bits: np.ndarray) -> np.ndarray:
+    """Triton's ``uint_to_uniform_float`` for 32-bit words: float32 in [0, 1)."""
+    return folded(bits).astype(np.float32) * _UNIFORM_SCALE
+
+
 def randint(seed: int, offsets: np.ndarray) -> np.ndarray:
     """``tl.randint(seed, offsets)`` for int64 ``offsets``, as uint32."""
     offsets = np.asarray(offsets, dtype=np.int64).view(np.uint64)
@@ -67,10 +79,13 @@ def uniform(seed: int, offsets: np.ndarray | int) -> np.ndarray:
     return uint_to_uniform_float(randint(seed, offsets))
 
 
-def element_words(seed: int, n: int) -> np.ndarray:
-    """The uint32 word of each of ``n`` elements: element ``i`` takes output
-    word ``i % 4`` of the Philox call on counter ``i // 4``."""
-    groups = np.arange((n + 3) // 4, dtype=np.uint64)
-    lo = (groups & np.uint64(_MASK32)).astype(np.uint32)
-    hi = (groups >> np.uint64(32)).astype(np.uint32)
-    return np.stack(philox4x32(seed, lo, hi), axis=1).reshape(-1)[:n]
+def element_halves(seed: int, n: int) -> np.ndarray:
+    """The 16-bit half (uint16) each of ``n`` elements draws: element ``i`` takes half
+    ``i % 2`` (the low one first) of output word ``(i % 8) // 2`` of the Philox call on
+    counter ``i // 8``."""
+    calls = np.arange((n + 7) // 8, dtype=np.uint64)
+    lo = (calls & np.uint64(_MASK32)).astype(np.uint32)
+    hi = (calls >> np.uint64(32)).astype(np.uint32)
+    words = np.stack(philox4x32(seed, lo, hi), axis=1)  # (calls, 4)
+    halves = np.stack([words & np.uint32(0xFFFF), words >> np.uint32(16)], axis=2)  # (calls, 4, 2)
+    return halves.reshape(-1)[:n].astype(np.uint16)

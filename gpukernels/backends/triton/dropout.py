@@ -2,14 +2,13 @@
 (seed, element index) by Philox4x32-10: nothing is stored, the backward
 calls the same kernel on ``dy``.
 
-One Philox call serves four elements: element ``i`` takes output word ``i % 4``
-of counter ``(i // 4 lo, i // 4 hi, 0, 0)``, key ``seed`` (``numpy/philox.py``'s
-``element_words``, bit for bit), and is kept when the word, folded as Triton's
-``uint_to_uniform_float`` folds it, is above the integer ``keep_threshold(p)``:
-the same decision as that float's ``> p``, without the conversion. Ten rounds of
-32-bit multiplies per element made the kernel compute-bound; per four elements
-the generator costs about what moving the bytes does (measured figures:
-bench/results/ and the README).
+One Philox call serves eight elements: element ``i`` takes the 16-bit half
+``i % 2`` (low first) of output word ``(i % 8) // 2`` of counter
+``(i // 8 lo, i // 8 hi, 0, 0)``, key ``seed`` (``numpy/philox.py``'s
+``element_halves``, bit for bit), and is kept when that half is above the
+integer ``keep_threshold(p)`` (backends/_dropout.py). A program's (calls, 8)
+tile gives each thread a call's eight contiguous elements: one 16-byte load and
+store of bf16.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 import triton.language as tl
 
 from .._dropout import keep_scale, keep_threshold
@@ -27,32 +25,26 @@ from ._launch import jit
 BLOCK = 2048
 
 
-@triton.jit
-def folded(bits):
-    """uint32 words as the int32 in [0, 2**31) Triton's ``uint_to_uniform_float``
-    scales (``backends/_dropout.py``'s ``folded``): ``~x`` for the negative half."""
-    signed = bits.to(tl.int32, bitcast=True)
-    return tl.where(signed < 0, -signed - 1, signed)
-
-
 @jit
 def dropout_kernel(
     X, Y, Seed, scale, n, threshold, SCALE_IN_MEMORY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
 ):
-    # (BLOCK // 4, 4): a row per Philox call, a column per output word
-    groups = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-    word = tl.arange(0, 4)[None, :]
-    offsets = groups[:, None] * 4 + word
+    # (BLOCK // 8, 8): a row per Philox call, a column per 16-bit half of its words
+    calls = tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    lane = tl.arange(0, 8)[None, :]
+    offsets = calls[:, None] * 8 + lane
     mask = offsets < n
     x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
-    zero = (groups * 0).to(tl.uint32)
+    zero = (calls * 0).to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(
-        tl.load(Seed), (groups & 0xFFFFFFFF).to(tl.uint32), (groups >> 32).to(tl.uint32), zero, zero
+        tl.load(Seed), (calls & 0xFFFFFFFF).to(tl.uint32), (calls >> 32).to(tl.uint32), zero, zero
     )
+    word = lane // 2
     bits = tl.where(
         word == 0, r0[:, None], tl.where(word == 1, r1[:, None], tl.where(word == 2, r2[:, None], r3[:, None]))
     )
-    keep = folded(bits) > threshold
+    half = (bits >> ((lane % 2) * 16).to(tl.uint32)) & 0xFFFF
+    keep = half.to(tl.int32) > threshold
     if SCALE_IN_MEMORY:
         scale = tl.load(scale)
     # tl.where, not a multiply by the mask: a dropped inf or nan gives 0.
