@@ -187,22 +187,6 @@ def _output(xhat, W, B, cols, mask, offset, X_DTYPE: tl.constexpr, MUL: tl.const
 
 
 @triton.jit
-def _add_pairs(a, b, c, d):
-    return a + c, b + d
-
-
-@triton.jit
-def _row_means(g, gxhat, D, CENTERED: tl.constexpr):
-    """``mean(g)`` (0 unless CENTERED) and ``mean(gxhat)`` over a row: centred, both in one
-    reduction, whose exchange between warps (shared memory, barriers) they share."""
-    if CENTERED:
-        sum_g, sum_gxhat = tl.reduce((g, gxhat), 0, _add_pairs)
-        return sum_g / D, sum_gxhat / D
-    else:
-        return 0.0, tl.sum(gxhat, axis=0) / D
-
-
-@triton.jit
 def _dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED: tl.constexpr):
     """``rstd * (g - mean(g) - xhat * mean(g * xhat))``, without the ``mean(g)`` term unless CENTERED."""
     if CENTERED:
@@ -331,8 +315,8 @@ def norm_bwd_kernel(
             rstd = tl.load(Stats + (row + rows if CENTERED else row))  # centred: means, then rstds
             xhat = _normalised(x, mean, rstd, mask, CENTERED)
             g = dy * scale
-            mean_g, mean_gxhat = _row_means(g, g * xhat, D, CENTERED)
-            dx = _dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED)
+            mean_g = tl.sum(g, axis=0) / D if CENTERED else 0.0
+            dx = _dx(g, xhat, rstd, mean_g, tl.sum(g * xhat, axis=0) / D, CENTERED)
             tl.store(DX + offs, round_to(dx, DX.dtype.element_ty), mask=mask)
             if HAS_W:
                 dw += dy * _weight_input(xhat, x_dtype, CAST_BEFORE_W)
@@ -367,7 +351,8 @@ def norm_bwd_kernel(
                     add_to_partial_row(partial_dw, cols, mask, dy * _weight_input(xhat, x_dtype, CAST_BEFORE_W))
                 if HAS_B:
                     add_to_partial_row(partial_db, cols, mask, dy)
-            mean_g, mean_gxhat = _row_means(sum_g, sum_gxhat, D, CENTERED)
+            mean_g = tl.sum(sum_g, axis=0) / D if CENTERED else 0.0
+            mean_gxhat = tl.sum(sum_gxhat, axis=0) / D
             for start in range(0, D, BLOCK_D):
                 cols = start + tl.arange(0, BLOCK_D)
                 mask = cols < D
