@@ -161,15 +161,15 @@ def programs_per_sm(registers: int, threads: int, shared_bytes: int, limits: dic
 # ---------------------------------------------------------------- recording (interpreter)
 
 
-def _specialization(kernel, value, backend) -> list:
-    """A runtime argument as the JIT specializes it for a GPU launch (Triton's own rule,
-    the kernel's ``do_not_specialize`` lists honoured): ["type", "*bf16", "D"] (D: 16-byte
-    aligned, or an int divisible by 16), or ["constexpr", 1] for an int equal to 1 or None."""
+def _specialization(param, value, backend) -> list:
+    """``value``, a runtime argument for the JITFunction parameter ``param``, as the JIT
+    specializes it for a GPU launch (Triton's own rule, the kernel's ``do_not_specialize``
+    lists honoured): ["type", "*bf16", "D"] (D: 16-byte aligned, or an int divisible by 16),
+    or ["constexpr", 1] for an int equal to 1 or None."""
     from triton._C.libtriton import native_specialize_impl
 
-    param = kernel.params[kernel.arg_names.index(value[0])]
     kind, attr = native_specialize_impl(
-        backend, value[1], param.is_const, not param.do_not_specialize, not param.do_not_specialize_on_alignment
+        backend, value, param.is_const, not param.do_not_specialize, not param.do_not_specialize_on_alignment
     )
     return ["constexpr", attr] if kind == "constexpr" else ["type", kind, attr or ""]
 
@@ -185,12 +185,11 @@ def record() -> list[dict]:
 
     backend = make_backend(GPUTarget("cuda", 90, 32))
     launches: dict[str, dict] = {}
-    kernels: dict = {}  # interpreted function -> its JITFunction, for the parameters' specialization flags
+    kernels: dict = {}  # interpreted function -> its JITFunction, for its parameters (constexpr, specialization)
     every_block_size = False
     original_run = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
-        constexpr_names = {n for n, p in self.fn.__annotations__.items() if "constexpr" in str(p)}
         if self not in kernels:
             flags = {k: v for k, v in self.kwargs.items() if k.startswith("do_not_specialize")}
             kernels[self] = JITFunction(self.fn, **flags)
@@ -202,12 +201,12 @@ def record() -> list[dict]:
             "options": {k: kwargs[k] for k in _LAUNCH_OPTIONS if k in kwargs},
             "shape": next((_shape_of(v) for v in args if isinstance(v, torch.Tensor)), ""),
         }
-        for name in self.arg_names:
-            value = bound[name]
-            if name in constexpr_names:
-                entry["args"][name] = ["constexpr", f"tl.{value.name}" if isinstance(value, tl.dtype) else value]
+        for param in kernels[self].params:
+            value = bound[param.name]
+            if param.is_constexpr:
+                entry["args"][param.name] = ["constexpr", f"tl.{value.name}" if isinstance(value, tl.dtype) else value]
             else:
-                entry["args"][name] = _specialization(kernels[self], (name, value), backend)
+                entry["args"][param.name] = _specialization(param, value, backend)
         # Block sizes and launch options vary with the shape but not the code
         # paths: one variant per kernel, argument types and other constants.
         key = {**entry, "shape": None}

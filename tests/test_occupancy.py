@@ -85,7 +85,7 @@ def test_arguments_are_recorded_as_the_jit_specializes_them():
     x = torch.zeros(64, dtype=torch.bfloat16)
 
     def spec(name, value):
-        return compile_sm90._specialization(kernel, (name, value), backend)
+        return compile_sm90._specialization(kernel.params[kernel.arg_names.index(name)], value, backend)
 
     assert spec("X", x) == ["type", "*bf16", "D"]
     assert spec("X", x[1:]) == ["type", "*bf16", ""]
