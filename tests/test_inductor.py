@@ -203,7 +203,7 @@ def _traced(f, *args, **options) -> dict:
 def _check_targets_as_on_cuda(last, target, ignore_index, classes):
     """cross_entropy's target check as for CUDA tensors: a device-side assert (on CPU
     tensors the host reads the flag, which a trace cannot)."""
-    torch._assert_async(last.flags[1], "target out of bounds")
+    torch._assert_async(last.ok, "target out of bounds")
 
 
 def _worker() -> dict:

@@ -62,7 +62,7 @@ def test_kernel_launches(device, monkeypatch, shape, affine):
     leaves its arrival counters at 0 for the next launch."""
     if gk.backend_name(device) != "triton":
         pytest.skip("Triton kernels only")
-    from gpukernels.backends.triton import _norm
+    from gpukernels.backends.triton import _common, _norm
     from gpukernels.backends.triton import layer_norm as kernels
 
     launched = count_launches(kernels, monkeypatch)
@@ -70,8 +70,8 @@ def test_kernel_launches(device, monkeypatch, shape, affine):
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
     _run(gk.layer_norm, x, shape[-1:], w, b, dy)
     assert launched == ["norm_fwd_kernel", "norm_bwd_kernel"]
-    programs = kernels.num_programs(x.device, shape[0], per_sm=_norm.BWD_PROGRAMS_PER_SM)
-    assert not kernels.arrival_counter(x.device, counters=_norm.tree_counters(programs)).any()
+    programs = _common.num_programs(x.device, shape[0], per_sm=_norm.BWD_PROGRAMS_PER_SM)
+    assert not _common.arrival_counter(x.device, counters=_norm.tree_counters(programs)).any()
 
 
 @pytest.mark.parametrize("programs", [1, 8, 9, 64, 70])  # one node; one level; a partial node; two; three
@@ -83,17 +83,17 @@ def test_param_grads_summed_through_the_tree(device, monkeypatch, programs, shap
     otherwise)."""
     if gk.backend_name(device) != "triton":
         pytest.skip("Triton kernels only")
-    from gpukernels.backends.triton import _norm
-    from gpukernels.backends.triton import layer_norm as kernels
+    from gpukernels.backends.triton import _common, _norm
 
-    monkeypatch.setattr(kernels, "num_programs", lambda device, rows, per_sm: min(rows, programs))
+    monkeypatch.setattr(_norm, "num_programs", lambda device, rows, per_sm: min(rows, programs))
+    monkeypatch.setattr(_common, "_plans", {})  # no grid kept from an earlier test
     x, w, b = _inputs(shape, shape[-1:], torch.float64, device=device)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
     expected = _run(F.layer_norm, x.cpu(), shape[-1:], w.cpu(), b.cpu(), dy.cpu())[2:]
     for _ in range(2):
         for got, want in zip(_run(gk.layer_norm, x, shape[-1:], w, b, dy)[2:], expected):
             torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
-    counters = kernels.arrival_counter(x.device, counters=_norm.tree_counters(programs))
+    counters = _common.arrival_counter(x.device, counters=_norm.tree_counters(programs))
     assert counters.numel() == {1: 1, 8: 1, 9: 2 + 1, 64: 8 + 1, 70: 9 + 2 + 1}[programs]  # nodes a level
     assert not counters.any()
 

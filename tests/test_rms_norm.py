@@ -255,15 +255,15 @@ def test_kernel_launches(device, monkeypatch, shape, weight):
     if gk.backend_name(device) != "triton":
         pytest.skip("Triton kernels only")
 
-    from gpukernels.backends.triton import _norm
+    from gpukernels.backends.triton import _common, _norm
     from gpukernels.backends.triton import rms_norm as kernels
 
     launched = count_launches(kernels, monkeypatch)
     x, w, dy = _inputs(shape, shape[-1:], torch.float32, device=device)
     _run(lambda x, w: gk.rms_norm(x, shape[-1:], w), x, w if weight else None, dy)
     assert launched == ["norm_fwd_kernel", "norm_bwd_kernel"]
-    programs = kernels.num_programs(x.device, shape[0], per_sm=_norm.BWD_PROGRAMS_PER_SM)
-    assert not kernels.arrival_counter(x.device, counters=_norm.tree_counters(programs)).any()
+    programs = _common.num_programs(x.device, shape[0], per_sm=_norm.BWD_PROGRAMS_PER_SM)
+    assert not _common.arrival_counter(x.device, counters=_norm.tree_counters(programs)).any()
 
 
 @pytest.mark.parametrize("programs", [1, 9, 70])  # one node; a partial node; three levels
@@ -273,9 +273,10 @@ def test_dweight_summed_through_the_tree(device, monkeypatch, programs, shape):
     the programs, against float64, twice (the counters are back at 0 after each)."""
     if gk.backend_name(device) != "triton":
         pytest.skip("Triton kernels only")
-    from gpukernels.backends.triton import rms_norm as kernels
+    from gpukernels.backends.triton import _common, _norm
 
-    monkeypatch.setattr(kernels, "num_programs", lambda device, rows, per_sm: min(rows, programs))
+    monkeypatch.setattr(_norm, "num_programs", lambda device, rows, per_sm: min(rows, programs))
+    monkeypatch.setattr(_common, "_plans", {})  # no grid kept from an earlier test
     x, w, dy = _inputs(shape, shape[-1:], torch.float64, device=device)
     expected = _run(lambda x, w: F.rms_norm(x, shape[-1:], w), x.cpu(), w.cpu(), dy.cpu())[2]
     for _ in range(2):

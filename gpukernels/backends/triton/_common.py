@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from threading import get_ident
+from typing import Any, Callable
 
 import torch
 import triton
@@ -11,7 +12,7 @@ import triton.language as tl
 
 from ..._backend import device_type
 from ..._numerics import row_count, stats_dtype  # noqa: F401  (the launchers' rules for statistics and rows)
-from . import interpreting
+from . import _launch, interpreting
 from ._launch import tracing
 
 INTERPRETING = interpreting()
@@ -65,7 +66,7 @@ def aligned(*tensors: torch.Tensor | None) -> bool:
     are fresh allocations, which PyTorch's allocators align to 64 bytes (CPU) or 512
     (CUDA), and reading their addresses costs host time on every launch. (The tests'
     ``GPUKERNELS_CHECK_LAUNCH_KEYS`` checks every launch's key against every pointer.)"""
-    if tracing():
+    if _launch.traced_threads and tracing():
         return False
     bits = 0
     for t in tensors:
@@ -94,7 +95,7 @@ def _stream_key(device: torch.device) -> tuple | None:
     stream; None where a launch needs fresh buffers: captured in a CUDA graph (a replay
     may run beside any stream's work) or traced into one (torch.compile: a graph holds
     no tensor kept from outside it)."""
-    if tracing():
+    if _launch.traced_threads and tracing():
         return None
     if device_type(device) == "cuda":
         if torch.cuda.is_current_stream_capturing():
@@ -144,6 +145,30 @@ def arrival_counter(device: torch.device, results: int = 0, counters: int = 1) -
     if counter is None:
         counter = _counters[key] = torch.zeros(counters + results, dtype=torch.int32, device=device)
     return counter
+
+
+_plans: dict = {}
+PLAN_LIMIT = 256
+"""At most this many launch plans are kept: past it they are dropped (each is made again once)."""
+
+
+def launch_plan(device: torch.device, key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, kept for the next launch on the current stream and thread with an equal
+    ``key``: what a launcher works out before a launch from the shapes alone (a grid, its
+    ``launch_scratch`` and ``arrival_counter`` buffers, which are kept per stream and
+    thread too), in one dict lookup instead of a few calls (host time); made anew where
+    ``_stream_key`` says launches need fresh buffers. ``key`` must hold whatever ``make``
+    reads."""
+    stream = _stream_key(device)
+    if stream is None:
+        return make()
+    key = (*key, *stream, get_ident())
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= PLAN_LIMIT:  # keys holding sizes grow with every new shape: start over
+            _plans.clear()
+        plan = _plans[key] = make()
+    return plan
 
 
 @functools.cache

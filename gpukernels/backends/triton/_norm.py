@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import triton
 import triton.language as tl
 
-from ._common import round_to, row_block
+from ._common import arrival_counter, launch_plan, launch_scratch, num_programs, round_to, row_block, stats_dtype
 from ._launch import jit
 
 BWD_PROGRAMS_PER_SM = 2
@@ -71,6 +72,23 @@ def tree_counters(programs: int) -> int:
         nodes += size
         if size == 1:
             return nodes
+
+
+def bwd_buffers(device: torch.device, rows: int, d: int, dtype: torch.dtype, partial_rows: int) -> tuple:
+    """The backward's grid (``BWD_PROGRAMS_PER_SM`` programs an SM, at most a program a
+    row), its partial sums (``partial_rows`` rows of ``d`` per program, in the statistics
+    dtype) and its tree's arrival counters, as ``(programs, partial, counters)``; no
+    partials nor counters (None) for ``partial_rows`` 0. A ``launch_plan``."""
+
+    def make() -> tuple:
+        programs = num_programs(device, rows, per_sm=BWD_PROGRAMS_PER_SM)
+        if not partial_rows:
+            return programs, None, None
+        # every program writes its rows of the partials, so no zero fill
+        partial = launch_scratch("norm_bwd partials", device, partial_rows * programs * d, stats_dtype(dtype))
+        return programs, partial, arrival_counter(device, counters=tree_counters(programs))
+
+    return launch_plan(device, ("norm_bwd", rows, d, dtype, partial_rows), make)
 
 
 @triton.jit

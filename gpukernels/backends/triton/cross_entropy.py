@@ -52,7 +52,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, aligned, arrival_counter, cdiv, dtype_of, launch_scratch, round_to, row_block
+from ._common import (
+    acc_dtype,
+    aligned,
+    arrival_counter,
+    cdiv,
+    dtype_of,
+    launch_plan,
+    launch_scratch,
+    round_to,
+    row_block,
+)
 from ._launch import jit
 
 # Widest column block of the forward; vocabularies past it (up to 256k) are swept
@@ -397,28 +407,32 @@ class Finish(NamedTuple):
     ``none``), reduced as ``reduction`` says; for class indices the totals (the mean's
     denominator, and sum(w) with ``weight_sum``), after the rows' statistics, and the
     target check into ``flags`` (int32 ``[arrival counter, ok]``, the counter zeroed:
-    ``finish``)."""
+    ``forward_setup``); ``ok`` is ``flags[1]``, which the device-side assert reads."""
 
     reduction: str
     loss: Optional[Tensor]
     flags: Tensor
+    ok: Tensor
     weight_sum: bool
 
 
-def finish(reduction: str, loss: Tensor, weight_sum: bool = False) -> Finish:
+def forward_setup(reduction: str, loss: Tensor, stats: Tensor, rows: int, weight_sum: bool = False) -> tuple:
     """A forward's ``Finish``, its flags the stream's arrival counter (set back to 0 by the
     last program of the forward's launches, between which this thread launches nothing
-    else of ours on the stream) and an ``ok`` it writes."""
-    return Finish(reduction, None if reduction == "none" else loss, arrival_counter(loss.device, results=1), weight_sum)
+    else of ours on the stream) and an ``ok`` it writes; and where its programs write their
+    rows' losses: ``loss`` itself for ``none``, else launch scratch of at least ``rows``
+    (the last program reads them, in the statistics dtype). The buffers are a
+    ``launch_plan``: one lookup."""
+    device, dtype = stats.device, stats.dtype
 
+    def make() -> tuple:
+        flags = arrival_counter(device, results=1)
+        return flags, flags[1], launch_scratch("cross_entropy row losses", device, rows, dtype)
 
-def row_losses(loss: Tensor, reduction: str, rows: int, stats: Tensor) -> Tensor:
-    """Where a forward's programs write their rows' losses: ``loss`` itself for ``none``,
-    else launch scratch of at least ``rows`` (the last program reads them, in the
-    statistics dtype)."""
+    flags, ok, scratch = launch_plan(device, ("cross_entropy_fwd", rows, dtype), make)
     if reduction == "none":
-        return loss
-    return launch_scratch("cross_entropy row losses", stats.device, rows, stats.dtype)
+        return Finish(reduction, None, flags, ok, weight_sum), loss
+    return Finish(reduction, loss, flags, ok, weight_sum), scratch
 
 
 def cross_entropy_rows(
@@ -493,7 +507,7 @@ def check_targets(last: Finish, target: Tensor, ignore_index: int, classes: int)
     flags = last.flags
     if flags.is_cuda:
         torch._assert_async(
-            flags[1], f"cross_entropy: a target is out of bounds for {classes} classes (and is not ignore_index)"
+            last.ok, f"cross_entropy: a target is out of bounds for {classes} classes (and is not ignore_index)"
         )
     elif not flags.tolist()[1]:  # one read of the flags, not a view's
         bad = (target != ignore_index) & ((target < 0) | (target >= classes))
@@ -579,10 +593,9 @@ def logits_grad(
 
 def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss, stats):
     rows, classes = logits.shape
-    last = finish(reduction, loss, weight_sum=True)
+    last, row_loss = forward_setup(reduction, loss, stats, rows, weight_sum=True)
     if not rows:
         return finish_without_rows(last, stats, weight, classes)
-    row_loss = row_losses(loss, reduction, rows, stats)
     cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, row_loss, stats, rows, last=last)
     check_targets(last, target, ignore_index, classes)
 
@@ -605,10 +618,10 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, stats, ignore_index, la
 
 def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss, stats):
     rows, classes = logits.shape
-    last = None if reduction == "none" else finish(reduction, loss)
+    last, row_loss = forward_setup(reduction, loss, stats, rows)
+    last = None if reduction == "none" else last
     if not rows:
         return None if last is None else finish_without_rows(last, None, weight, classes)
-    row_loss = row_losses(loss, reduction, rows, stats)
     cross_entropy_rows(logits, target, weight, -1, label_smoothing, row_loss, stats, rows, probs=True, last=last)
 
 

@@ -4,8 +4,8 @@ the launchers of the row-normalisation kernels of ``_norm``, centred (``CENTERED
 
 from __future__ import annotations
 
-from ._common import aligned, arrival_counter, dtype_of, launch_scratch, num_programs, row_count, stats_dtype
-from ._norm import BWD_PROGRAMS_PER_SM, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch, tree_counters
+from ._common import aligned, dtype_of, row_count
+from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
 def layer_norm_fwd(x, weight, bias, eps, y, stats):
@@ -35,14 +35,8 @@ def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
         dweight.zero_()  # empty when there is no weight
         dbias.zero_()
         return
-    device = x.device
-    programs = num_programs(device, rows, per_sm=BWD_PROGRAMS_PER_SM)
-    # dweight's, then dbias's partials: every program writes its rows of them, so no zero fill
-    partial = (
-        launch_scratch("norm_bwd partials", device, 2 * programs * d, stats_dtype(x.dtype))
-        if has_w or has_bias
-        else None
-    )
+    sums = has_w or has_bias  # dweight's partials, then dbias's
+    programs, partial, counters = bwd_buffers(x.device, rows, d, x.dtype, 2 * sums)
     no_offset = None
     key = (
         ("layer_norm", x.dtype, dy.dtype, dtype_of(weight), has_bias, rows, d)
@@ -68,7 +62,7 @@ def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
         partial,
         dweight if has_w else None,
         dbias if has_bias else None,
-        arrival_counter(device, counters=tree_counters(programs)) if has_w or has_bias else None,
+        counters,
         rows,
         d,
         no_offset,

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
-from .cross_entropy import check_targets, cross_entropy_rows, finish, finish_without_rows, logits_grad, row_losses
+from .cross_entropy import check_targets, cross_entropy_rows, finish_without_rows, forward_setup, logits_grad
 
 
 def _logits(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -78,10 +78,9 @@ def linear_cross_entropy_fwd(
     stats,
 ):
     rows, vocab = x.shape[0], weight.shape[0]
-    last = finish(reduction, loss)
+    last, row_loss = forward_setup(reduction, loss, stats, rows)
     if not rows:
         return finish_without_rows(last, stats, None, vocab)
-    row_loss = row_losses(loss, reduction, rows, stats)
     # autocast reaches into a custom op's body: it would change the logits' dtype
     with torch.autocast(x.device.type, enabled=False):
         for start in range(0, rows, chunk_rows):

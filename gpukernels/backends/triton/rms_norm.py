@@ -4,8 +4,8 @@ the launchers of the row-normalisation kernels of ``_norm``, uncentred (``CENTER
 
 from __future__ import annotations
 
-from ._common import aligned, arrival_counter, dtype_of, launch_scratch, num_programs, row_count, stats_dtype
-from ._norm import BWD_PROGRAMS_PER_SM, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch, tree_counters
+from ._common import aligned, dtype_of, row_count
+from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
 def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
@@ -37,11 +37,8 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
     if not rows:
         dweight.zero_()  # no rows: dweight is 0 (and empty when there is no weight)
         return
-    device = x.device
-    programs = num_programs(device, rows, per_sm=BWD_PROGRAMS_PER_SM)  # <= rows: every program gets a row
     has_w = weight is not None
-    # Every program writes its row of the partials, so no zero fill.
-    partial = launch_scratch("norm_bwd partials", device, programs * d, stats_dtype(x.dtype)) if has_w else None
+    programs, partial, counters = bwd_buffers(x.device, rows, d, x.dtype, int(has_w))
     no_dbias = None
     key = (
         ("rms_norm", x.dtype, dy.dtype, dtype_of(weight), offset is None, cast_before_weight, rows, d)
@@ -60,7 +57,7 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
         partial,
         dweight if has_w else None,
         no_dbias,
-        arrival_counter(device, counters=tree_counters(programs)) if has_w else None,
+        counters,
         rows,
         d,
         offset,
