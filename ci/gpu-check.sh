@@ -9,7 +9,8 @@
 #            max-autotune left out: its autotuning takes minutes per op)
 #   graph    the memory-bound ops again, timed by CUDA graph replays (the GPU's
 #            time without the host's launch overhead), against eager, Liger, CuPy
-#   targets  the ops with performance targets (layer_norm, batch_norm, dropout, cross_entropy)
+#   targets  the ops with performance targets (layer_norm, batch_norm, dropout, cross_entropy,
+#            linear_cross_entropy)
 #            at their target shapes, one CUDA graph replay a call with L2 flushed before
 #            each, every target met or not (bench --targets); Liger-Kernel where installed
 #   compile  each op inside torch.compile, ours (Inductor launching our Triton

@@ -26,7 +26,9 @@ def test_cpu_mode_writes_every_op_and_column(tmp_path, capsys):
     assert list(dict.fromkeys(r["op"] for r in rows)) == list(OPS)
     for op in OPS:
         modes = {r["mode"] for r in rows if r["op"] == op}
-        assert modes == ({"step"} if op in ("adamw", "clip_adamw") else set(MODES)), op
+        # the fused loss computes its gradients in the forward: no backward to time alone
+        expected = {"adamw": {"step"}, "clip_adamw": {"step"}, "linear_cross_entropy": {"fwd", "fwd+bwd"}}
+        assert modes == expected.get(op, set(MODES)), op
         providers = {r["provider"] for r in rows if r["op"] == op}
         assert "gpukernels" in providers and len(providers) >= 2, (op, providers)
     for r in rows:
@@ -143,7 +145,8 @@ def test_target_cases_are_the_issues_shapes():
     layouts, and its channels-last case times a channels-last input against a
     channels-last output gradient."""
     targeted = {name: module for name, module in OPS.items() if hasattr(module, "TARGETS")}
-    assert set(targeted) == {"layer_norm", "batch_norm", "dropout", "cross_entropy"}
+    assert set(targeted) == {"layer_norm", "batch_norm", "dropout", "cross_entropy", "linear_cross_entropy"}
+    assert OPS["linear_cross_entropy"].TARGET_SHAPES == [(8192, 4096, v) for v in (32768, 131072, 262144)]
     assert OPS["layer_norm"].TARGET_SHAPES == [(16384, d) for d in (1024, 2048, 4096, 8192)]
     assert OPS["batch_norm"].TARGET_SHAPES[:2] == [(256, 64, 56, "nchw"), (256, 64, 56, "channels_last")]
     case = OPS["batch_norm"].case((2, 3, 4, "channels_last"), torch.device("cpu"), torch.float32)

@@ -1,3 +1,4 @@
+import importlib
 import math
 import tracemalloc
 
@@ -6,9 +7,15 @@ import torch
 import torch.nn.functional as F
 
 import gpukernels as gk
+from gpukernels import _backend as gk_backend
 from gpukernels import nn as gnn
 from gpukernels.ops import linear_cross_entropy as lce_ops
-from gpukernels.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_bwd, linear_cross_entropy_fwd
+from gpukernels.ops.linear_cross_entropy import (
+    linear_cross_entropy,
+    linear_cross_entropy_bwd,
+    linear_cross_entropy_fwd,
+    linear_cross_entropy_grads_fwd,
+)
 from helpers import LOOPED_CLASSES, assert_matches
 
 pytestmark = pytest.mark.family("linear_cross_entropy")  # conftest's device fixture skips backends without them
@@ -241,12 +248,61 @@ def test_only_the_gradients_asked_for(device):
         torch.testing.assert_close(linear_cross_entropy(x.requires_grad_(), weight, target, bias), full[0])
 
 
-def test_backward_twice_gives_the_same_gradients(device):
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_twice_gives_the_same_gradients(device, reduction):
+    """The first backward hands over the gradients the forward computed, scaled; the
+    second (retain_graph) finds them gone and takes the two-pass backward: the same
+    gradients, to rounding, and the first's are left as they were."""
     x, weight, target, bias = _problem((5,), 4, 8, device=device)
-    x.requires_grad_()
-    loss = 3.0 * linear_cross_entropy(x, weight, target, bias)
-    first = torch.autograd.grad(loss, x, retain_graph=True)[0]
-    torch.testing.assert_close(torch.autograd.grad(loss, x)[0], first, rtol=0, atol=0)
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+    loss = 3.0 * linear_cross_entropy(x, weight, target, bias, reduction=reduction, chunk_size=2)
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    kept = [g.clone() for g in first]
+    second = torch.autograd.grad(loss, leaves)
+    expected = torch.autograd.grad(
+        3.0 * torch_linear_cross_entropy(x, weight, target, bias, reduction=reduction), leaves
+    )
+    for one, other, want, before in zip(first, second, expected, kept):
+        torch.testing.assert_close(one, want, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(other, want, rtol=1e-12, atol=1e-14)
+        assert torch.equal(one, before)
+
+
+@pytest.mark.parametrize(
+    "reduction, requires_grad, grad_mode, in_forward",
+    [
+        ("mean", (True, True, True), True, True),
+        ("sum", (False, True, False), True, True),
+        ("none", (True, True, True), True, False),
+        ("mean", (False, False, False), True, False),
+        ("mean", (True, True, True), False, False),
+    ],
+)
+def test_gradients_computed_in_the_forward_when_a_backward_will_want_them(
+    device, monkeypatch, reduction, requires_grad, grad_mode, in_forward
+):
+    """The forward computes the gradients while it holds each chunk's logits (three
+    matmuls over them in all, not four) when a backward will want some: grad mode on, an
+    input that requires grad, a reduction to one loss (``none`` has an upstream gradient
+    per row, unknown until the backward). Only the gradients wanted are computed."""
+    x, weight, target, bias = _problem((7,), 6, 11, device=device)
+    leaves = [t.requires_grad_(r) for t, r in zip((x, weight, bias), requires_grad)]
+    module = importlib.import_module(f"gpukernels.backends.{gk.backend_name(device)}.linear_cross_entropy")
+    calls = []
+    grads_fwd = module.linear_cross_entropy_grads_fwd
+    monkeypatch.setattr(
+        module, "linear_cross_entropy_grads_fwd", lambda *args: calls.append(args[12:15]) or grads_fwd(*args)
+    )
+    monkeypatch.setattr(gk_backend, "_kernels", {})  # kernels looked up anew, through the patch
+    with torch.set_grad_enabled(grad_mode):
+        loss = linear_cross_entropy(x, weight, target, bias, reduction=reduction, chunk_size=3)
+    assert calls == ([requires_grad] if in_forward else [])
+    if loss.requires_grad:
+        wanted = [t for t in leaves if t.requires_grad]
+        ours = torch.autograd.grad(loss, wanted, torch.full_like(loss, 0.5))
+        reference = torch_linear_cross_entropy(x, weight, target, bias, reduction=reduction)
+        for got, want in zip(ours, torch.autograd.grad(reference, wanted, torch.full_like(reference, 0.5))):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
 def test_autocast(device):
@@ -272,6 +328,9 @@ def test_gradcheck(device, reduction):
             x, w, target, b, reduction=reduction, label_smoothing=0.2, z_loss=0.1, softcap=2.0, chunk_size=3
         ),
         leaves,
+        # a second backward through one graph takes the two-pass path (the forward's
+        # gradients were handed over): equal to rounding, not to the bit
+        nondet_tol=1e-13,
     )
 
 
@@ -284,6 +343,17 @@ def test_opcheck(device):
             torch.library.opcheck(
                 linear_cross_entropy_fwd.custom_op,
                 (x, weight, b, target, IGNORE, 0.1, 1e-3, 2.0, reduction, 2, torch.bfloat16, backend),
+            )
+    # Its backward scales the gradients the forward output in place (no second buffer the
+    # size of dweight), so the op's outputs after a backward are not its outputs before:
+    # the check that eager and AOTAutograd's outputs agree after both ran a backward cannot
+    # hold. linear_cross_entropy never uses the op under torch.compile.
+    for reduction in ("mean", "sum"):
+        for b, grads in ((bias, (True, True, True)), (None, (False, True, False))):
+            torch.library.opcheck(
+                linear_cross_entropy_grads_fwd.custom_op,
+                (x, weight, b, target, IGNORE, 0.1, 1e-3, 2.0, reduction, 2, 3, torch.float64, *grads, backend),
+                test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
             )
     _, stats = linear_cross_entropy_fwd(x, weight, bias, target, IGNORE, 0.1, 1e-3, 2.0, "none", 2, torch.float32)
     for scale, reduction in ((torch.randn(5, device=device), "none"), (torch.tensor(0.5, device=device), "mean")):
@@ -444,10 +514,10 @@ def test_memory_measure_sees_unchunked_logits():
 def test_gpu_memory_against_eager():
     """rows=8192, vocab=128k, hidden=4096 in bf16, forward + backward: under a third of
     eager's peak. Eager holds three (rows, vocab) bf16 buffers at once in the backward
-    (log-softmax output, its incoming and outgoing gradient: 6 GiB). Ours holds the bf16
-    dweight (1 GiB), the fp32 dx accumulator and dx, and one slice of logits; where this
-    build cannot addmm bf16 into fp32 in place, the slice's gradient and weight are
-    widened to fp32 too, hence up to three chunks in the bound."""
+    (log-softmax output, its incoming and outgoing gradient: 6 GiB). Ours, with the
+    gradients computed in the forward, holds the bf16 dweight (1 GiB), dx, and one chunk
+    of logits (the bound leaves room for the two-pass backward's fp32 dx accumulator and,
+    where this build cannot addmm bf16 into fp32 in place, widened slices)."""
     rows, vocab, hidden = 8192, 131072, 4096
     device = torch.device("cuda")
     g = torch.Generator(device).manual_seed(0)

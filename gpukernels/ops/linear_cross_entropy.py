@@ -1,29 +1,32 @@
-"""linear_cross_entropy: the ops ``gpukernels::linear_cross_entropy_fwd/_bwd``
-(output specs and kernel contracts), their autograd, the sizes of their chunks,
-and the checked public function.
+"""linear_cross_entropy: the ops ``gpukernels::linear_cross_entropy_fwd/_bwd`` and
+``gpukernels::linear_cross_entropy_grads_fwd`` (output specs and kernel contracts),
+their autograd, the sizes of their chunks, and the checked public function.
 
 ``cross_entropy(softcap(x @ weight.T + bias), target)`` (plus ``z_loss * lse**2``
-per row) without ever holding the (rows, vocab) logits, in two passes, as
-flash attention treats its scores:
+per row) without ever holding the (rows, vocab) logits, by chunks of rows: each
+chunk's logits, then each row's loss and the statistics of its logsumexp (row
+max and log-sum, fp32; fp64 for fp64), saved as (rows,) vectors beside the
+inputs; the kernels reduce the rows' losses themselves. The gradients come one
+of two ways:
 
-- forward, by chunks of rows: each chunk's logits, then each row's loss and
-  the statistics of its logsumexp (row max and log-sum, fp32; fp64 for fp64).
-  Only these (rows,) vectors are saved, beside the inputs; the kernels reduce
-  the rows' losses themselves.
-- backward, by slices of the vocabulary: the slice's logits for all rows again,
-  their gradient from the saved statistics written over them, then
-  ``dweight[slice] = g.T @ x`` and ``dbias[slice]`` straight in the input dtype
-  (one matmul over all rows, accumulated in fp32 inside it) and
-  ``dx += g @ weight[slice]`` into an fp32 accumulator.
+- in the forward (``_grads_fwd``: a training step in eager, reduction to one
+  loss): while a chunk's logits are held, their gradient for an upstream
+  gradient of 1 is written over them and turned into ``dx[chunk]`` and the
+  chunk's shares of ``dweight`` and ``dbias`` (in the parameters' dtype). The
+  backward scales them in place by the upstream gradient (over the rows kept,
+  for ``mean``) and hands them over. Three matmuls over the logits, as the
+  unfused op; held: a chunk of logits and the gradients themselves.
+- in two passes (``_fwd`` then ``_bwd``: ``reduction="none"``, whose upstream
+  gradient is one a row; torch.compile; a second backward through the graph,
+  which finds the forward's gradients handed over): the backward goes by slices
+  of the vocabulary, the slice's logits for all rows again, their gradient from
+  the saved statistics written over them, then ``dweight[slice] = g.T @ x`` and
+  ``dbias[slice]`` in the input dtype (one matmul over all rows) and ``dx += g @
+  weight[slice]`` into an fp32 accumulator: one matmul more than the unfused op
+  (the logits twice), the trade flash attention makes, and no (vocab, hidden)
+  fp32 accumulator.
 
-So the extra memory is one chunk (or slice) of logits, the (rows, hidden) fp32
-``dx`` accumulator and the gradients themselves; no (vocab, hidden) fp32
-accumulator (2 GiB at vocab 128k, hidden 4096) and no gradient computed in the
-forward and held until the backward scales it. The price is one more matmul
-than the unfused op (the logits twice), the trade flash attention makes.
-The same backward serves every reduction: its per-row scale is the upstream
-gradient (``"none"``), that gradient (``"sum"``) or it over the rows kept
-(``"mean"``, divided inside the kernels). Double backward is not supported.
+Double backward is not supported.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from ._checks import (
     check_optional_float,
     empty_grad,
 )
-from ._op import kernel_op, reshaped, row_stats, stats_dtype
+from ._op import kernel_op, needs_dispatch, reshaped, row_stats, stats_dtype
 from .cross_entropy import REDUCTIONS, TARGET_DTYPES
 
 # Logits held per chunk: a fixed budget on CPU; on CUDA a share of the free
@@ -130,6 +133,13 @@ def linear_cross_entropy_bwd(
     (in the inputs' dtypes; each empty when not asked for by ``grad_*``) of
     ``sum_i s_i * loss_i``, with ``s_i`` the upstream ``grad_loss`` (0-d, or one per row for
     ``none``, any stride), divided by ``kept_rows`` for ``mean`` (0 when that is 0)."""
+    return _grads_like(x, weight, bias, grad_x, grad_weight, grad_bias)
+
+
+def _grads_like(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], grad_x: bool, grad_weight: bool, grad_bias: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``dx``, ``dweight``, ``dbias`` in the inputs' dtypes, each empty when not asked for."""
     return (
         torch.empty_like(x) if grad_x else empty_grad(x),
         torch.empty_like(weight) if grad_weight else empty_grad(x),
@@ -137,29 +147,93 @@ def linear_cross_entropy_bwd(
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_rows, _ = inputs
-    stats = output[1]
+@kernel_op("linear_cross_entropy")
+def linear_cross_entropy_grads_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    reduction: str,
+    chunk_rows: int,
+    slice_columns: int,
+    loss_dtype: torch.dtype,
+    grad_x: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Kernel: ``linear_cross_entropy_fwd``'s ``loss`` and ``stats`` (``reduction`` ``mean``
+    or ``sum``), and ``dx``, ``dweight``, ``dbias`` as ``linear_cross_entropy_bwd`` gives
+    them for an upstream gradient of 1 and ``sum``: the gradients of the rows' summed
+    losses, which the backward scales. ``chunk_rows`` and ``slice_columns`` are the sizes
+    of the two passes; a backend computing the gradients in the forward's pass over the
+    chunks (Triton) needs only the first."""
+    rows = x.shape[0]
+    loss = x.new_empty((rows,) if reduction == "none" else (), dtype=loss_dtype)
+    stats = x.new_empty(2 * rows + 1, dtype=stats_dtype(x.dtype))
+    return loss, stats, *_grads_like(x, weight, bias, grad_x, grad_weight, grad_bias)
+
+
+def _save_inputs(ctx, x, weight, bias, target, stats, options: tuple, chunk_rows: int) -> None:
+    """What the two-pass backward reads: the inputs, the forward's statistics, the options."""
     ctx.mark_non_differentiable(stats)
-    ctx.options = (
-        ignore_index,
-        label_smoothing,
-        z_loss,
-        softcap,
-        reduction,
-        slice_columns(x.shape[0], weight.shape[0], chunk_rows),
-    )
+    ctx.options = (*options, slice_columns(x.shape[0], weight.shape[0], chunk_rows))
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight, bias, target, stats)
 
 
-def _backward(ctx, grad_loss, _grad_stats):
-    wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias)
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, target, *options, chunk_rows, _ = inputs
+    _save_inputs(ctx, x, weight, bias, target, output[1], tuple(options), chunk_rows)
+
+
+def _wanted(ctx) -> tuple[bool, bool, bool]:
+    return ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias
+
+
+def _backward(ctx, grad_loss, *_grad_extra_outputs):
+    wanted = _wanted(ctx)
     grads = linear_cross_entropy_bwd.on(ctx.backend, grad_loss, *ctx.saved_tensors, *ctx.options, *wanted)
     return (*(g if want else None for g, want in zip(grads, wanted)), *(None,) * 8)
 
 
 linear_cross_entropy_fwd.register_autograd(_setup_context, _backward)
+
+
+def _grads_setup_context(ctx, inputs, output):
+    x, weight, bias, target, *options, chunk_rows, _slice_columns, _loss_dtype, _, _, _ = inputs
+    _, stats, *grads = output
+    ctx.mark_non_differentiable(*grads)
+    _save_inputs(ctx, x, weight, bias, target, stats, tuple(options), chunk_rows)
+    # not saved tensors: the backward hands them over (and drops them) rather than reading them
+    ctx.grads = grads
+
+
+def _grads_backward(ctx, grad_loss, *_grad_extra_outputs):
+    """The forward's gradients times the upstream gradient (over the rows kept for ``mean``:
+    0 when none is), scaled in place and handed over: a second backward through this
+    node (``retain_graph``) finds them gone and runs the two-pass backward instead."""
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        return (*_backward(ctx, grad_loss)[:3], *(None,) * 12)
+    stats = ctx.saved_tensors[4]
+    scale = grad_loss.to(stats.dtype)
+    if ctx.options[4] == "mean":
+        kept = stats[-1]
+        scale = torch.where(kept != 0, scale / kept, 0.0)
+    wanted = _wanted(ctx)
+    # in place on plain tensors (no second dweight-sized buffer); a trace (AOTAutograd,
+    # functorch) cannot write into the forward's outputs
+    in_place = not needs_dispatch(grads)
+    scaled = [(g.mul_(scale) if in_place else g * scale) if want else None for g, want in zip(grads, wanted)]
+    return (*scaled, *(None,) * 12)
+
+
+linear_cross_entropy_grads_fwd.register_autograd(_grads_setup_context, _grads_backward)
 
 
 def _check_target(target: Tensor, x: Tensor) -> None:
@@ -209,6 +283,13 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, ch
     return label_smoothing, z_loss, softcap
 
 
+def _gradients_wanted(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
+    """Which of dx, dweight, dbias a backward will want: none with grad mode off."""
+    if not torch.is_grad_enabled():
+        return False, False, False
+    return x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad
+
+
 def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """As autocast casts for F.linear: every floating tensor but fp64."""
     return t if t is None or t.dtype == torch.float64 else t.to(dtype)
@@ -236,9 +317,13 @@ def linear_cross_entropy(
     ``x`` is ``(..., hidden)``, ``weight`` ``(vocab, hidden)`` as in ``nn.Linear``,
     ``target`` ``x.shape[:-1]`` class indices. The forward takes the rows ``chunk_size``
     at a time (default: as many as fit 64 MiB of fp32 logits on CPU, 1/8 of the free
-    memory up to 512 MiB on CUDA) and saves two numbers per row; the backward
-    recomputes the logits by slices of the vocabulary holding as many logits as a
-    chunk, and writes each slice's weight gradient with one matmul over all rows.
+    memory up to 512 MiB on CUDA) and saves two numbers per row. With grad mode on, an
+    input that requires grad and ``reduction`` ``mean`` or ``sum`` (outside
+    torch.compile), it also computes the gradients while each chunk's logits are held,
+    and the backward scales them; else (and under torch.compile or another trace) the
+    backward recomputes the logits by slices of the vocabulary holding as many logits as
+    a chunk (see the module doc). A loss
+    that will not be differentiated is best computed under ``torch.no_grad()``.
     All rows ignored gives a nan mean and zero gradients, as PyTorch does.
 
     The loss has x's dtype (fp32 under autocast, whose dtype x, weight and bias are cast
@@ -258,7 +343,7 @@ def linear_cross_entropy(
     rows, vocab = math.prod(x.shape[:-1]), weight.shape[0]
     chunk_rows = chunk_size or default_chunk_rows(rows, vocab, x.dtype, chunk_budget(x.device))
     loss_dtype = stats_dtype(x.dtype) if autocasting else x.dtype
-    loss, stats = linear_cross_entropy_fwd(
+    inputs = (
         reshaped(x, rows, weight.shape[1]).contiguous(),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
@@ -269,8 +354,15 @@ def linear_cross_entropy(
         softcap,
         reduction,
         chunk_rows,
-        loss_dtype,
     )
+    wanted = _gradients_wanted(x, weight, bias)
+    # eager only: a trace (torch.compile, AOTAutograd, functorch, dispatch modes) takes the
+    # two passes, whose backward it can hold as a graph of its own
+    if reduction != "none" and any(wanted) and not needs_dispatch(inputs[:3]):
+        columns = slice_columns(rows, vocab, chunk_rows)
+        loss, stats, *_ = linear_cross_entropy_grads_fwd(*inputs, columns, loss_dtype, *wanted)
+    else:
+        loss, stats = linear_cross_entropy_fwd(*inputs, loss_dtype)
     batch_shape = x.shape[:-1]
     loss = reshaped(loss, *batch_shape) if reduction == "none" else loss
     if not return_lse:

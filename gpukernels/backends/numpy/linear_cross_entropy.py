@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ..._numerics import row_stats
@@ -159,3 +160,64 @@ def linear_cross_entropy_bwd(
         )
     if grad_x:
         write(dx_out, dx)
+
+
+def linear_cross_entropy_grads_fwd(
+    x,
+    weight,
+    bias,
+    target,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    reduction,
+    chunk_rows,
+    slice_columns,
+    loss_dtype,
+    grad_x,
+    grad_weight,
+    grad_bias,
+    loss_out,
+    stats_out,
+    dx_out,
+    dweight_out,
+    dbias_out,
+):
+    """The forward, then the backward's slices for an upstream gradient of 1 and ``sum``:
+    the reference takes the logits twice, with each pass's memory bound."""
+    linear_cross_entropy_fwd(
+        x,
+        weight,
+        bias,
+        target,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        reduction,
+        chunk_rows,
+        loss_dtype,
+        loss_out,
+        stats_out,
+    )
+    linear_cross_entropy_bwd(
+        torch.ones((), dtype=stats_out.dtype),
+        x,
+        weight,
+        bias,
+        target,
+        stats_out,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        "sum",
+        slice_columns,
+        grad_x,
+        grad_weight,
+        grad_bias,
+        dx_out,
+        dweight_out,
+        dbias_out,
+    )

@@ -298,6 +298,7 @@ def cross_entropy_bwd_kernel(
     grad_stride,
     Grad,
     TargetGrad,
+    row_offset,
     rows,
     width,
     col_offset,
@@ -316,17 +317,19 @@ def cross_entropy_bwd_kernel(
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """``Grad[row, cols] = scale_row * d loss_row / d X[row, cols]`` for columns
-    ``col_offset + cols`` of rows of ``C`` logits (``width`` of them here), from the
-    row's ``m`` and ``log s`` in the forward's ``Stats``; ``scale_row`` is
-    ``GradLoss[row * grad_stride]`` (a stride of 0 for one value), over the mean's
-    denominator ``Totals[0]`` (``rows`` for probabilities). With ``TARGET_GRAD``, d loss
-    / d target into ``TargetGrad``. ``Grad`` may be ``X``: each program reads its block
-    before writing it."""
+    """``Grad[i, cols] = scale_row * d loss_row / d X[i, cols]`` for columns
+    ``col_offset + cols`` of rows of ``C`` logits (``width`` of them here): row ``i`` of
+    ``X`` and ``Grad`` (a chunk of the forward's ``rows`` rows) is row ``row = row_offset +
+    i`` of ``T``, ``TargetGrad``, ``GradLoss`` and of each part of the forward's ``Stats``,
+    whose ``m`` and ``log s`` it reads; ``scale_row`` is ``GradLoss[row * grad_stride]`` (a stride of 0 for one value),
+    over the mean's denominator ``Totals[0]`` (``rows`` for probabilities). With
+    ``TARGET_GRAD``, d loss / d target into ``TargetGrad``. ``Grad`` may be ``X``: each
+    program reads its block before writing it."""
     RowMax = Stats
     LogSum = Stats + rows
     Rest = Stats + 2 * rows  # the totals (class indices), or each row's target mass
-    row = tl.program_id(0).to(tl.int64)
+    program = tl.program_id(0).to(tl.int64)
+    row = row_offset + program
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < width
     scale = tl.load(GradLoss + row * grad_stride).to(ACC)
@@ -338,7 +341,7 @@ def cross_entropy_bwd_kernel(
             scale = tl.where(denominator != 0, scale, 0.0) / tl.where(denominator != 0, denominator, 1.0)
     m = tl.load(RowMax + row)
     log_s = tl.load(LogSum + row)
-    raw = tl.load(X + row * width + cols, mask=mask, other=0.0).to(ACC)
+    raw = tl.load(X + program * width + cols, mask=mask, other=0.0).to(ACC)
     cap = as_float(softcap_bits, ACC) if SOFTCAP else 1.0
     x = apply_softcap(raw, cap) if SOFTCAP else raw
     p = tl.exp(x - m - log_s)
@@ -368,7 +371,7 @@ def cross_entropy_bwd_kernel(
             g += scale * 2.0 * as_float(z_loss_bits, ACC) * (m + log_s) * p
     if SOFTCAP:
         g *= softcap_slope(raw, cap)
-    tl.store(Grad + row * width + cols, round_to(g, Grad.dtype.element_ty), mask=mask)
+    tl.store(Grad + program * width + cols, round_to(g, Grad.dtype.element_ty), mask=mask)
 
 
 _NO_OPTIONS = (0, 0, 0)
@@ -544,28 +547,33 @@ def logits_grad(
     target_grad: Optional[Tensor] = None,
     softcap: Optional[float] = None,
     z_loss: float = 0.0,
+    row_offset: int = 0,
+    total_rows: Optional[int] = None,
 ) -> None:
     """Into ``grad`` (which may be ``logits``), ``grad_loss`` (0-d, or one per row, any
     stride; over the mean's denominator for ``mean``) times the gradient of each row's
     loss with respect to ``logits``, columns ``[col_offset, col_offset + width)`` of rows
     of ``classes``, from the forward's ``stats`` (``row_stats``: the rows' ``m`` and ``log
     s``, then the totals for class indices, or with ``probs`` each row's target mass; and
-    d/d target into ``target_grad``)."""
-    rows, width = logits.shape
-    if not rows or not width:
+    d/d target into ``target_grad``). The rows of ``logits`` and ``grad`` may be a chunk
+    of the forward's ``total_rows`` (default: all of them), starting at ``row_offset`` (of
+    ``target``, ``grad_loss``, ``stats``' parts, ``target_grad``)."""
+    chunk_rows, width = logits.shape
+    if not chunk_rows or not width:
         return
+    rows = chunk_rows if total_rows is None else total_rows
     block = row_block(width, GRAD_BLOCK_C)
     grad_stride = grad_loss.stride(0) if grad_loss.dim() else 0
     options = _options(label_smoothing, softcap, z_loss)
     key = (
         (logits.dtype, target.dtype, dtype_of(weight), stats.dtype, probs, grad_loss.dtype, grad_stride,
-         grad.dtype, dtype_of(target_grad), rows, width, col_offset, classes, ignore_index, options,
+         grad.dtype, dtype_of(target_grad), row_offset, rows, width, col_offset, classes, ignore_index, options,
          softcap is not None, reduction == "mean")
         if aligned(logits, target, weight, stats, grad_loss)
         else None
     )  # fmt: skip
     cross_entropy_bwd_kernel.launch(
-        (rows, cdiv(width, block)),
+        (chunk_rows, cdiv(width, block)),
         key,
         lambda: dict(
             **_flags(logits, weight, label_smoothing, softcap, z_loss, probs),
@@ -582,6 +590,7 @@ def logits_grad(
         grad_stride,
         grad,
         target_grad,
+        row_offset,
         rows,
         width,
         col_offset,

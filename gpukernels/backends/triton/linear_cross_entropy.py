@@ -6,7 +6,11 @@ they round exactly as ``F.linear``'s do.
 - forward, by chunks of rows: each chunk's logits, then the row kernel of
   ``cross_entropy.py`` for each row's loss and the statistics of its logsumexp,
   ``m`` and ``log s``; the program to finish last, of all the chunks, reduces the
-  rows' losses and checks every target.
+  rows' losses and checks every target. With the gradients in the forward
+  (``linear_cross_entropy_grads_fwd``), ``cross_entropy_bwd_kernel`` then writes
+  the chunk's logits' gradient over them (for an upstream gradient of 1), and
+  three matmuls make ``dx[chunk]`` and add the chunk's shares of ``dweight`` and
+  ``dbias``.
 - backward, by slices of the vocabulary over all rows: the logits again,
   ``cross_entropy.py``'s ``cross_entropy_bwd_kernel`` writing their gradient over them
   from the saved statistics, then ``dweight[slice] = g.T @ x`` and
@@ -98,6 +102,64 @@ def linear_cross_entropy_fwd(
                 z_loss=z_loss,
                 last=last,
             )
+    check_targets(last, target, ignore_index, vocab)
+
+
+def linear_cross_entropy_grads_fwd(
+    x,
+    weight,
+    bias,
+    target,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    reduction,
+    chunk_rows,
+    slice_columns,
+    loss_dtype,
+    grad_x,
+    grad_weight,
+    grad_bias,
+    loss,
+    stats,
+    dx,
+    dweight,
+    dbias,
+):
+    """The forward's chunks, each also turned into its share of the gradients of the rows'
+    summed losses while its logits are at hand: the logits' gradient written over them
+    (an upstream gradient of 1 a row), ``dx[chunk] = g @ weight`` (complete: the chunk's
+    rows are whole), ``dweight (+)= g.T @ x[chunk]`` and ``dbias (+)= sum(g)`` in the
+    parameters' dtype, the first chunk writing rather than adding (nothing zeroed).
+    Three matmuls over the logits in all, as the unfused op does, against four for the
+    forward and backward apart. ``slice_columns`` is the backward's, unused here."""
+    rows, vocab = x.shape[0], weight.shape[0]
+    last, row_loss = forward_setup(reduction, loss, stats, rows)
+    if not rows:
+        dweight.zero_()  # empty when not asked for
+        dbias.zero_()
+        return finish_without_rows(last, stats, None, vocab)
+    unit = torch.ones((), dtype=stats.dtype, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        for start in range(0, rows, chunk_rows):
+            chunk = x[start : start + chunk_rows]
+            grad = _logits(chunk, weight, bias)
+            options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss)
+            cross_entropy_rows(grad, target, None, row_loss=row_loss, stats=stats, total_rows=rows, row_offset=start,
+                               last=last, **options)  # fmt: skip
+            logits_grad(grad, target, None, stats, unit, grad, classes=vocab, col_offset=0, reduction="sum",
+                        row_offset=start, total_rows=rows, **options)  # fmt: skip
+            first = start == 0
+            if grad_x:
+                torch.mm(grad, weight, out=dx[start : start + chunk_rows])
+            if grad_weight:
+                torch.addmm(dweight, grad.T, chunk, beta=0 if first else 1, out=dweight)
+            if grad_bias:
+                if first:
+                    torch.sum(grad, dim=0, out=dbias)
+                else:
+                    dbias += grad.sum(dim=0)
     check_targets(last, target, ignore_index, vocab)
 
 
