@@ -18,7 +18,7 @@ supported.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -157,8 +157,8 @@ def _probs_backward(ctx, grad_loss, _grad_stats):
 cross_entropy_probs_fwd.register_autograd(_probs_setup_context, _probs_backward)
 
 
-def _check_target(target: Tensor, input: Tensor, index_shape: tuple[int, ...]) -> bool:
-    """Whether ``target`` holds class probabilities (else class indices)."""
+def _check_target(target: Tensor, input: Tensor, index_shape: Sequence[int]) -> bool:
+    """Whether ``target`` holds class probabilities (else class indices of ``index_shape``)."""
     if not isinstance(target, Tensor):
         raise ArgumentTypeError(
             f"target must be a torch.Tensor of class indices or class probabilities, got {type(target).__name__}"
@@ -168,7 +168,7 @@ def _check_target(target: Tensor, input: Tensor, index_shape: tuple[int, ...]) -
         if target.shape != input.shape:
             raise ArgumentError(
                 f"target of class probabilities must have input's shape {tuple(input.shape)}, got "
-                f"{tuple(target.shape)} (class indices: {index_shape}, int64 or int32)"
+                f"{tuple(target.shape)} (class indices: {tuple(index_shape)}, int64 or int32)"
             )
         return True
     if target.dtype not in TARGET_DTYPES:
@@ -176,17 +176,16 @@ def _check_target(target: Tensor, input: Tensor, index_shape: tuple[int, ...]) -
             f"target must hold class indices as int64 (or int32), or class probabilities in input's "
             f"dtype, got {target.dtype}"
         )
-    if tuple(target.shape) != index_shape:
+    if target.shape != index_shape:
         raise ArgumentError(
-            f"target must have shape {index_shape} for input of shape {tuple(input.shape)}, got {tuple(target.shape)}"
+            f"target must have shape {tuple(index_shape)} for input of shape {tuple(input.shape)}, got "
+            f"{tuple(target.shape)}"
         )
     return False
 
 
-def _check_weight(weight: Tensor | None, input: Tensor, classes: int) -> None:
+def _check_weight(weight: Tensor, input: Tensor, classes: int) -> None:
     check_optional_float("weight", weight, input, (classes,))
-    if weight is None:
-        return
     if weight.dtype != input.dtype:
         raise ArgumentTypeError(f"weight must have input's dtype {input.dtype}, got {weight.dtype}")
     if weight.requires_grad and torch.is_grad_enabled():
@@ -214,14 +213,15 @@ def cross_entropy(
     that requires grad gets one, as in PyTorch). Under autocast it runs in fp32 (fp64
     stays fp64), as PyTorch's does."""
     check_float("input", input)
-    if input.dim() == 0:
+    shape = input.shape  # read once: each read makes a new torch.Size (host time)
+    if not shape:
         raise ArgumentError("input must have a class dimension, got a 0-d tensor")
-    class_dim = 0 if input.dim() == 1 else 1
-    classes = input.shape[class_dim]
+    class_dim = 0 if len(shape) == 1 else 1
+    classes = shape[class_dim]
     if classes == 0:
-        raise ArgumentError(f"input must have at least one class, got shape {tuple(input.shape)}")
-    batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
-    probabilities = _check_target(target, input, tuple(batch_shape))
+        raise ArgumentError(f"input must have at least one class, got shape {tuple(shape)}")
+    batch_shape = shape[:class_dim] + shape[class_dim + 1 :]
+    probabilities = _check_target(target, input, batch_shape)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ArgumentTypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if probabilities and ignore_index >= 0:
@@ -239,8 +239,9 @@ def cross_entropy(
         raise ArgumentTypeError(
             f"target of class probabilities must have input's dtype {input.dtype}, got {target.dtype}"
         )
-    _check_weight(weight, input, classes)
-    weight = None if weight is None else weight.contiguous()
+    if weight is not None:
+        _check_weight(weight, input, classes)
+        weight = weight.contiguous()
 
     logits = _class_last(input, class_dim, classes)
     if probabilities:
