@@ -449,9 +449,15 @@ def test_out_of_range_target(device, target, match):
 
 
 def test_default_chunk_rows(monkeypatch):
-    assert lce_ops.default_chunk_rows(2048, 8192, torch.bfloat16, 64 << 20) == 2048  # fp32 rows: 32 KiB each
-    assert lce_ops.default_chunk_rows(8192, 131072, torch.bfloat16, 64 << 20) == 128
+    assert lce_ops.default_chunk_rows(2048, 8192, torch.float32, 64 << 20) == 2048  # fp32 rows: 32 KiB each
+    assert lce_ops.default_chunk_rows(8192, 131072, torch.float32, 64 << 20) == 128
+    assert lce_ops.default_chunk_rows(8192, 131072, torch.bfloat16, 64 << 20) == 256
     assert lce_ops.default_chunk_rows(8192, 131072, torch.float64, 64 << 20) == 64
+    assert lce_ops.default_chunk_rows(8192, 131072, torch.bfloat16, lce_ops.CUDA_MAX_CHUNK_BYTES) == 2048
+    # the logits' dtype: NumPy's on CPU, Triton's on CUDA
+    assert lce_ops.logits_dtype(torch.empty(0, dtype=torch.bfloat16)) == torch.float32
+    assert lce_ops.logits_dtype(torch.empty(0, dtype=torch.float64)) == torch.float64
+    assert lce_ops.logits_dtype(torch.empty(0, dtype=torch.bfloat16, device="meta")) == torch.float32
     assert lce_ops.default_chunk_rows(10, 1 << 30, torch.float32, 64 << 20) == 1
     assert lce_ops.default_chunk_rows(0, 17, torch.float32, 64 << 20) == 1
     assert lce_ops.slice_columns(8192, 131072, 128) == 2048  # as many logits as a chunk
