@@ -547,6 +547,46 @@ def test_gpu_memory_against_eager():
     assert ours < eager / 3, (ours, eager)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_training_steps_equal_eager_steps():
+    """A step with the gradients computed in the forward (hidden layer, fused head and
+    loss, AdamW), captured by gk.capture_step: 10 replays equal 10 eager steps of a twin."""
+    device = torch.device("cuda")
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Linear(32, 48).to(device), torch.nn.Linear(48, 1000, bias=False).to(device)
+
+    def step_fn(layers, optimizer):
+        hidden, head = layers
+
+        def step(x, y):
+            loss = linear_cross_entropy(torch.relu(hidden(x)), head.weight, y, label_smoothing=0.1)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        return step
+
+    data = [(torch.randn(64, 32, device=device), torch.randint(0, 1000, (64,), device=device)) for _ in range(13)]
+    eager, graphed = model(), model()
+    params = [[p for layer in layers for p in layer.parameters()] for layers in (eager, graphed)]
+    eager_opt, graphed_opt = (
+        gk.optim.AdamW(ps, lr=torch.tensor(1e-2, dtype=torch.float64, device=device)) for ps in params
+    )
+    eager_step = step_fn(eager, eager_opt)
+    captured = gk.capture_step(step_fn(graphed, graphed_opt), *data[0], optimizer=graphed_opt, warmup_steps=3)
+    for _ in range(3):  # the warm-up steps ran on the example inputs
+        eager_opt.zero_grad(set_to_none=True)
+        eager_step(*data[0])
+    for i, (x, y) in enumerate(data[3:]):
+        eager_opt.zero_grad(set_to_none=True)
+        assert torch.equal(captured(x, y), eager_step(x, y)), f"step {i}"
+    for p, q in zip(*params, strict=True):
+        assert torch.equal(p, q)
+
+
 # ---- Triton's column blocks: short rows made to loop, every option on ----
 
 

@@ -64,6 +64,10 @@ def chunk_budget(device: torch.device) -> int:
     """Bytes of logits one chunk may hold on ``device``."""
     if device.type != "cuda":
         return CPU_CHUNK_BYTES
+    if torch.cuda.is_current_stream_capturing():
+        # the free memory now says nothing of it at a replay, and the graph's private pool
+        # keeps what the capture allocates: the cap, without asking the driver
+        return CUDA_MAX_CHUNK_BYTES
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
     return min(free // CUDA_CHUNK_SHARE, CUDA_MAX_CHUNK_BYTES)
