@@ -472,6 +472,11 @@ def test_default_chunk_rows(monkeypatch):
     assert lce_ops.chunk_budget(torch.device("cuda")) == (2 * gib + gib // 2) // lce_ops.CUDA_CHUNK_SHARE
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60 * gib, 80 * gib))
     assert lce_ops.chunk_budget(torch.device("cuda")) == lce_ops.CUDA_MAX_CHUNK_BYTES
+    # up to half of dweight's size, which a step holds anyway: 2 GiB for a bf16 (256k, 4096) head
+    assert lce_ops.chunk_budget(torch.device("cuda"), 2 * gib) == gib
+    assert lce_ops.default_chunk_rows(8192, 262144, torch.bfloat16, gib) == 2048
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * gib, 80 * gib))
+    assert lce_ops.chunk_budget(torch.device("cuda"), 2 * gib) == (2 * gib + gib // 2) // lce_ops.CUDA_CHUNK_SHARE
 
 
 def _numpy_peak(rows, vocab, hidden, chunk_size, **kwargs):

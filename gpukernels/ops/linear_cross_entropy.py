@@ -51,26 +51,31 @@ from ._op import kernel_op, needs_dispatch, reshaped, row_stats, stats_dtype
 from .cross_entropy import REDUCTIONS, TARGET_DTYPES
 
 # Logits held per chunk: a fixed budget on CPU; on CUDA a share of the free
-# memory, at most the cap (beyond ~2k rows a chunk's matmuls are as efficient as
-# one over all rows, so more memory buys no speed; with the gradients in the
-# forward each chunk also reads and writes dweight once, so fewer chunks move
-# less: at the cap, 2048 bf16 rows of a 128k vocabulary, four chunks of 8192 rows).
+# memory, at most the cap: the larger of CUDA_MAX_CHUNK_BYTES (beyond ~2k rows a
+# chunk's matmuls are as efficient as one over all rows) and half of dweight's
+# size. With the gradients in the forward each chunk reads and writes dweight
+# once, so fewer chunks move less; a step holds dweight anyway, and chunks of
+# half its size number 2 * rows / hidden whatever the vocabulary (8192 rows,
+# hidden 4096, bf16: 4 chunks of 2048 rows, 512 MiB of logits at 128k, 1 GiB at
+# 256k).
 CPU_CHUNK_BYTES = 64 << 20
 CUDA_CHUNK_SHARE = 8
 CUDA_MAX_CHUNK_BYTES = 512 << 20
 
 
-def chunk_budget(device: torch.device) -> int:
-    """Bytes of logits one chunk may hold on ``device``."""
+def chunk_budget(device: torch.device, weight_bytes: int = 0) -> int:
+    """Bytes of logits one chunk may hold on ``device``, for a head weight of
+    ``weight_bytes``."""
     if device.type != "cuda":
         return CPU_CHUNK_BYTES
+    cap = max(CUDA_MAX_CHUNK_BYTES, weight_bytes // 2)
     if torch.cuda.is_current_stream_capturing():
         # the free memory now says nothing of it at a replay, and the graph's private pool
         # keeps what the capture allocates: the cap, without asking the driver
-        return CUDA_MAX_CHUNK_BYTES
+        return cap
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
-    return min(free // CUDA_CHUNK_SHARE, CUDA_MAX_CHUNK_BYTES)
+    return min(free // CUDA_CHUNK_SHARE, cap)
 
 
 def logits_dtype(x: Tensor) -> torch.dtype:
@@ -328,8 +333,9 @@ def linear_cross_entropy(
 
     ``x`` is ``(..., hidden)``, ``weight`` ``(vocab, hidden)`` as in ``nn.Linear``,
     ``target`` ``x.shape[:-1]`` class indices. The forward takes the rows ``chunk_size``
-    at a time (default: as many as fit 64 MiB of fp32 logits on CPU, 1/8 of the free
-    memory up to 512 MiB of logits in x's dtype on CUDA) and saves two numbers per row. With grad mode on, an
+    at a time (default: as many as fit 64 MiB of fp32 logits on CPU; on CUDA, of logits
+    in x's dtype, 1/8 of the free memory up to 512 MiB or half of weight's size, the
+    larger) and saves two numbers per row. With grad mode on, an
     input that requires grad and ``reduction`` ``mean`` or ``sum`` (outside
     torch.compile), it also computes the gradients while each chunk's logits are held,
     and the backward scales them; else (and under torch.compile or another trace) the
@@ -353,7 +359,10 @@ def linear_cross_entropy(
     _check_dtypes(x, weight, bias)
 
     rows, vocab = math.prod(x.shape[:-1]), weight.shape[0]
-    chunk_rows = chunk_size or default_chunk_rows(rows, vocab, logits_dtype(x), chunk_budget(x.device))
+    chunk_rows = chunk_size
+    if chunk_rows is None:
+        budget = chunk_budget(x.device, weight.numel() * weight.element_size())
+        chunk_rows = default_chunk_rows(rows, vocab, logits_dtype(x), budget)
     loss_dtype = stats_dtype(x.dtype) if autocasting else x.dtype
     inputs = (
         reshaped(x, rows, weight.shape[1]).contiguous(),
