@@ -268,6 +268,21 @@ def test_backward_twice_gives_the_same_gradients(device, reduction):
         assert torch.equal(one, before)
 
 
+def test_bf16_gradients_carry_no_rounded_mean_divisor(device):
+    """The mean's 1/kept (here 1/5, 0.4% off in bf16) multiplies in fp32 inside the
+    kernel, before the gradients round to bf16: no bias across the elements (a bf16
+    divisor would scale every gradient by 0.996)."""
+    x, weight, target, bias = _problem((6, 64), 64, 96, ignored=list(range(1, 384, 6)), device=device)
+    target.view(-1)[: 384 - 5] = IGNORE  # 5 rows kept
+    cast = [t.to(torch.bfloat16) for t in (x, weight, bias)]
+    ours = _loss_and_grads(linear_cross_entropy, *cast[:2], target, cast[2], chunk_size=128)[1:]
+    reference = _loss_and_grads(torch_linear_cross_entropy, *(t.double() for t in cast[:2]), target, cast[2].double())
+    for got, want in zip(ours, reference[1:]):
+        significant = want.abs() > want.abs().max() * 1e-2
+        ratio = (got.double()[significant] / want[significant]).mean().item()
+        assert abs(ratio - 1) < 1e-3, ratio
+
+
 @pytest.mark.parametrize(
     "reduction, requires_grad, grad_mode, in_forward",
     [

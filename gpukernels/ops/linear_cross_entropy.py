@@ -11,10 +11,10 @@ of two ways:
 
 - in the forward (``_grads_fwd``: a training step in eager, reduction to one
   loss): while a chunk's logits are held, their gradient for an upstream
-  gradient of 1 is written over them and turned into ``dx[chunk]`` and the
-  chunk's shares of ``dweight`` and ``dbias`` (in the parameters' dtype). The
-  backward scales them in place by the upstream gradient (over the rows kept,
-  for ``mean``) and hands them over. Three matmuls over the logits, as the
+  gradient of 1 (for ``mean`` over the rows kept, counted first) is written
+  over them and turned into ``dx[chunk]`` and the chunk's shares of ``dweight``
+  and ``dbias`` (in the parameters' dtype). The backward scales them in place
+  by the upstream gradient and hands them over. Three matmuls over the logits, as the
   unfused op; held: a chunk of logits and the gradients themselves.
 - in two passes (``_fwd`` then ``_bwd``: ``reduction="none"``, whose upstream
   gradient is one a row; torch.compile; a second backward through the graph,
@@ -185,10 +185,10 @@ def linear_cross_entropy_grads_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Kernel: ``linear_cross_entropy_fwd``'s ``loss`` and ``stats`` (``reduction`` ``mean``
     or ``sum``), and ``dx``, ``dweight``, ``dbias`` as ``linear_cross_entropy_bwd`` gives
-    them for an upstream gradient of 1 and ``sum``: the gradients of the rows' summed
-    losses, which the backward scales. ``chunk_rows`` and ``slice_columns`` are the sizes
-    of the two passes; a backend computing the gradients in the forward's pass over the
-    chunks (Triton) needs only the first."""
+    them for an upstream gradient of 1: the loss's gradients, which the backward scales
+    by the upstream gradient. ``chunk_rows`` and ``slice_columns`` are the sizes of the
+    two passes; a backend computing the gradients in the forward's pass over the chunks
+    (Triton) needs only the first."""
     rows = x.shape[0]
     loss = x.new_empty((rows,) if reduction == "none" else (), dtype=loss_dtype)
     stats = x.new_empty(2 * rows + 1, dtype=stats_dtype(x.dtype))
@@ -231,22 +231,19 @@ def _grads_setup_context(ctx, inputs, output):
 
 
 def _grads_backward(ctx, grad_loss, *_grad_extra_outputs):
-    """The forward's gradients times the upstream gradient (over the rows kept for ``mean``:
-    0 when none is), scaled in place and handed over: a second backward through this
-    node (``retain_graph``) finds them gone and runs the two-pass backward instead."""
+    """The forward's gradients times the upstream gradient, scaled in place and handed
+    over: a second backward through this node (``retain_graph``) finds them gone and runs
+    the two-pass backward instead. The mean's division is the forward's, in fp32; here a
+    bf16 gradient times the upstream gradient rounded to bf16, which is exact for 1 (a
+    plain ``backward()``) and a loss scaler's powers of two."""
     grads, ctx.grads = ctx.grads, None
     if grads is None:
         return (*_backward(ctx, grad_loss)[:3], *(None,) * 12)
-    stats = ctx.saved_tensors[4]
-    scale = grad_loss.to(stats.dtype)
-    if ctx.options[4] == "mean":
-        kept = stats[-1]
-        scale = torch.where(kept != 0, scale / kept, 0.0)
     wanted = _wanted(ctx)
     # in place on plain tensors (no second dweight-sized buffer); a trace (AOTAutograd,
     # functorch) cannot write into the forward's outputs
     in_place = not needs_dispatch(grads)
-    scaled = [(g.mul_(scale) if in_place else g * scale) if want else None for g, want in zip(grads, wanted)]
+    scaled = [(g.mul_(grad_loss) if in_place else g * grad_loss) if want else None for g, want in zip(grads, wanted)]
     return (*scaled, *(None,) * 12)
 
 

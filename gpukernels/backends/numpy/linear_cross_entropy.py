@@ -184,8 +184,8 @@ def linear_cross_entropy_grads_fwd(
     dweight_out,
     dbias_out,
 ):
-    """The forward, then the backward's slices for an upstream gradient of 1 and ``sum``:
-    the reference takes the logits twice, with each pass's memory bound."""
+    """The forward, then the backward's slices for an upstream gradient of 1: the
+    reference takes the logits twice, with each pass's memory bound."""
     linear_cross_entropy_fwd(
         x,
         weight,
@@ -212,7 +212,7 @@ def linear_cross_entropy_grads_fwd(
         label_smoothing,
         z_loss,
         softcap,
-        "sum",
+        reduction,
         slice_columns,
         grad_x,
         grad_weight,

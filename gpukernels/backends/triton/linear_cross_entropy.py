@@ -127,20 +127,26 @@ def linear_cross_entropy_grads_fwd(
     dweight,
     dbias,
 ):
-    """The forward's chunks, each also turned into its share of the gradients of the rows'
-    summed losses while its logits are at hand: the logits' gradient written over them
-    (an upstream gradient of 1 a row), ``dx[chunk] = g @ weight`` (complete: the chunk's
-    rows are whole), ``dweight (+)= g.T @ x[chunk]`` and ``dbias (+)= sum(g)`` in the
-    parameters' dtype, the first chunk writing rather than adding (nothing zeroed).
-    Three matmuls over the logits in all, as the unfused op does, against four for the
-    forward and backward apart. ``slice_columns`` is the backward's, unused here."""
+    """The forward's chunks, each also turned into its share of the loss's gradients while
+    its logits are at hand: the logits' gradient written over them (for an upstream
+    gradient of 1; over the rows kept for ``mean``, counted before the first chunk, so
+    that the division is in fp32 inside the kernel), ``dx[chunk] = g @ weight``
+    (complete: the chunk's rows are whole), ``dweight (+)= g.T @ x[chunk]`` and
+    ``dbias (+)= sum(g)`` in the parameters' dtype, the first chunk writing rather than
+    adding (nothing zeroed). Three matmuls over the logits in all, as the unfused op
+    does, against four for the forward and backward apart. ``slice_columns`` is the
+    backward's, unused here."""
     rows, vocab = x.shape[0], weight.shape[0]
     last, row_loss = forward_setup(reduction, loss, stats, rows)
     if not rows:
         dweight.zero_()  # empty when not asked for
         dbias.zero_()
         return finish_without_rows(last, stats, None, vocab)
-    unit = torch.ones((), dtype=stats.dtype, device=x.device)
+    if reduction == "mean":  # 0 when every row is ignored (no gradient), as the two passes
+        kept = (target != ignore_index).sum().to(stats.dtype)
+        scale = torch.where(kept != 0, kept.reciprocal(), 0.0)
+    else:
+        scale = torch.ones((), dtype=stats.dtype, device=x.device)
     with torch.autocast(x.device.type, enabled=False):
         for start in range(0, rows, chunk_rows):
             chunk = x[start : start + chunk_rows]
@@ -148,7 +154,7 @@ def linear_cross_entropy_grads_fwd(
             options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss)
             cross_entropy_rows(grad, target, None, row_loss=row_loss, stats=stats, total_rows=rows, row_offset=start,
                                last=last, **options)  # fmt: skip
-            logits_grad(grad, target, None, stats, unit, grad, classes=vocab, col_offset=0, reduction="sum",
+            logits_grad(grad, target, None, stats, scale, grad, classes=vocab, col_offset=0, reduction="sum",
                         row_offset=start, total_rows=rows, **options)  # fmt: skip
             first = start == 0
             if grad_x:
