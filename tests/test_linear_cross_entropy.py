@@ -283,6 +283,30 @@ def test_bf16_gradients_carry_no_rounded_mean_divisor(device):
         assert abs(ratio - 1) < 1e-3, ratio
 
 
+def test_bf16_gradients_times_an_fp32_upstream_gradient_carry_no_bias(device, monkeypatch):
+    """Under autocast the loss is fp32 and the gradients bf16: an upstream gradient of 1/3
+    (a loss over 3 accumulation steps) multiplies them in fp32, slice by slice (a bf16 1/3
+    is 0.4% off). It bites on CUDA, where ``bf16.mul_(fp32 0-d CUDA tensor)`` casts the
+    scale to bf16 first; PyTorch's CPU kernel keeps a 0-d operand's own precision, so on
+    CPU this checks the slicing's result, and the GPU tier the rounding."""
+    monkeypatch.setattr(lce_ops, "SCALE_SLICE", 1000)  # several slices
+    x, weight, target, bias = _problem((384,), 64, 96, ignored=[], device=device)
+    leaves = [t.float().requires_grad_() for t in (x, weight, bias)]
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(*leaves[:2], target, leaves[2], reduction="sum", chunk_size=128)
+    assert loss.dtype == torch.float32
+    ours = torch.autograd.grad(loss, leaves, torch.tensor(1 / 3, device=device))
+    rounded = [t.detach().bfloat16().double().requires_grad_() for t in leaves]
+    reference = torch_linear_cross_entropy(*rounded[:2], target, rounded[2], reduction="sum")
+    expected = torch.autograd.grad(reference, rounded, torch.tensor(1 / 3, dtype=torch.float64))
+    # dx and dweight: dbias sums terms that nearly cancel, which the bf16 logits' rounding
+    # alone moves by ~0.15%, in PyTorch's autocast as in ours
+    for got, want in zip(ours[:2], expected[:2]):
+        significant = want.abs() > want.abs().max() * 1e-2
+        ratio = (got.double()[significant] / want[significant]).mean().item()
+        assert abs(ratio - 1) < 1e-3, ratio
+
+
 @pytest.mark.parametrize(
     "reduction, requires_grad, grad_mode, in_forward",
     [
