@@ -283,13 +283,12 @@ def test_bf16_gradients_carry_no_rounded_mean_divisor(device):
         assert abs(ratio - 1) < 1e-3, ratio
 
 
-def test_bf16_gradients_times_an_fp32_upstream_gradient_carry_no_bias(device, monkeypatch):
+def test_bf16_gradients_times_an_fp32_upstream_gradient_carry_no_bias(device):
     """Under autocast the loss is fp32 and the gradients bf16: an upstream gradient of 1/3
-    (a loss over 3 accumulation steps) multiplies them in fp32, slice by slice (a bf16 1/3
-    is 0.4% off). It bites on CUDA, where ``bf16.mul_(fp32 0-d CUDA tensor)`` casts the
-    scale to bf16 first; PyTorch's CPU kernel keeps a 0-d operand's own precision, so on
-    CPU this checks the slicing's result, and the GPU tier the rounding."""
-    monkeypatch.setattr(lce_ops, "SCALE_SLICE", 1000)  # several slices
+    (a loss over 3 accumulation steps) multiplies them in fp32 (a bf16 1/3 is 0.4% off).
+    It bites on CUDA, where ``bf16.mul_(fp32 0-d CUDA tensor)`` casts the scale to bf16
+    first; PyTorch's CPU kernel keeps a 0-d operand's own precision, so on CPU this checks
+    the result, and the GPU tier the rounding."""
     x, weight, target, bias = _problem((384,), 64, 96, ignored=[], device=device)
     leaves = [t.float().requires_grad_() for t in (x, weight, bias)]
     with torch.autocast(device.type, dtype=torch.bfloat16):

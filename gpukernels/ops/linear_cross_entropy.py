@@ -238,32 +238,34 @@ def _grads_backward(ctx, grad_loss, *_grad_extra_outputs):
     if grads is None:
         return (*_backward(ctx, grad_loss)[:3], *(None,) * 12)
     wanted = _wanted(ctx)
+    asked = [g for g, want in zip(grads, wanted) if want]
     # in place on plain tensors (no second dweight-sized buffer); a trace (AOTAutograd,
     # functorch) cannot write into the forward's outputs
-    in_place = not needs_dispatch(grads)
-    scaled = [_scaled(g, grad_loss, in_place) if want else None for g, want in zip(grads, wanted)]
-    return (*scaled, *(None,) * 12)
+    scaled = iter((_scaled if needs_dispatch(asked) else _scale_)(asked, grad_loss))
+    return (*(next(scaled) if want else None for want in wanted), *(None,) * 12)
 
 
-SCALE_SLICE = 1 << 24
-"""Elements of a gradient widened at a time by ``_scaled``: 64 MiB in fp32."""
+def _scale_(grads: list[Tensor], scale: Tensor) -> list[Tensor]:
+    """Each of ``grads`` times ``scale`` (0-d) in place, computed in the wider of the
+    dtypes. On CUDA ``mul_`` would cast an fp32 0-d ``scale`` to bf16 gradients' dtype
+    first (a loss over 3 accumulation steps under autocast: every gradient 0.4% off);
+    GradScaler's unscale op multiplies them by an fp32 0-d tensor in fp32, in one launch
+    (its non-finite flag unread)."""
+    narrow = []
+    for g in grads:
+        if torch.promote_types(g.dtype, scale.dtype) == g.dtype:
+            g.mul_(scale)
+        else:
+            narrow.append(g)
+    if narrow:
+        not_finite = torch.zeros(1, dtype=torch.float32, device=scale.device)
+        torch._amp_foreach_non_finite_check_and_unscale_(narrow, not_finite, scale.float())
+    return grads
 
 
-def _scaled(g: Tensor, scale: Tensor, in_place: bool) -> Tensor:
-    """``g * scale`` (0-d), computed in the wider of the two dtypes: on CUDA, PyTorch's
-    ``mul_`` casts an fp32 0-d ``scale`` to a bf16 ``g``'s dtype first (a loss over 3
-    accumulation steps under autocast: every gradient 0.4% off). In place by slices of ``SCALE_SLICE`` elements,
-    so the widened copy stays small."""
-    wide = torch.promote_types(g.dtype, scale.dtype)
-    if wide == g.dtype:
-        return g.mul_(scale) if in_place else g * scale
-    if not in_place:
-        return (g.to(wide) * scale).to(g.dtype)
-    flat = g.view(-1)
-    for start in range(0, flat.numel(), SCALE_SLICE):
-        part = flat[start : start + SCALE_SLICE]
-        part.copy_(part.to(wide).mul_(scale))
-    return g
+def _scaled(grads: list[Tensor], scale: Tensor) -> list[Tensor]:
+    """``_scale_``'s products as new tensors (a trace)."""
+    return [(g.to(torch.promote_types(g.dtype, scale.dtype)) * scale).to(g.dtype) for g in grads]
 
 
 linear_cross_entropy_grads_fwd.register_autograd(_grads_setup_context, _grads_backward)
