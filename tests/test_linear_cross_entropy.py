@@ -504,6 +504,7 @@ def test_default_chunk_rows(monkeypatch):
     assert lce_ops.slice_columns(0, 17, 1) == 17
     assert lce_ops.chunk_budget(torch.device("cpu")) == lce_ops.CPU_CHUNK_BYTES
     gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # a CUDA device, faked
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * gib, 80 * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: gib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: gib // 2)
@@ -515,6 +516,11 @@ def test_default_chunk_rows(monkeypatch):
     assert lce_ops.default_chunk_rows(8192, 262144, torch.bfloat16, gib) == 2048
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * gib, 80 * gib))
     assert lce_ops.chunk_budget(torch.device("cuda"), 2 * gib) == (2 * gib + gib // 2) // lce_ops.CUDA_CHUNK_SHARE
+    # while capturing: the cap, no free-memory query
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", None)
+    assert lce_ops.chunk_budget(torch.device("cuda"), 2 * gib) == gib
+    assert lce_ops.chunk_budget(torch.device("cuda")) == lce_ops.CUDA_MAX_CHUNK_BYTES
 
 
 def _numpy_peak(rows, vocab, hidden, chunk_size, **kwargs):
