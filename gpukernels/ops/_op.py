@@ -288,14 +288,10 @@ class KernelOp:
         run = self._run
 
         # forward(ctx, ...), not forward(...) with a setup_context: Function.apply binds
-        # the arguments to the signature of the latter on every call (inspect, host time).
-        # setup's work inline: one Python call less.
+        # the arguments to the signature of the latter on every call (inspect, host time)
         def forward(ctx, *args):
             output = run(*args)
-            ctx.materialize_grads = False
-            ctx.inputs_count = len(args)
-            ctx.backend = args[-1]
-            setup_context(ctx, args[:-1], output)
+            setup(ctx, args, output)
             return output
 
         # Function.apply looks these up on the class on every call, through the metaclass's

@@ -189,9 +189,8 @@ def linear_cross_entropy_grads_fwd(
     by the upstream gradient. ``chunk_rows`` and ``slice_columns`` are the sizes of the
     two passes; a backend computing the gradients in the forward's pass over the chunks
     (Triton) needs only the first."""
-    rows = x.shape[0]
-    loss = x.new_empty((rows,) if reduction == "none" else (), dtype=loss_dtype)
-    stats = x.new_empty(2 * rows + 1, dtype=stats_dtype(x.dtype))
+    options = (ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_rows, loss_dtype, backend)
+    loss, stats = linear_cross_entropy_fwd.spec(x, weight, bias, target, *options)
     return loss, stats, *_grads_like(x, weight, bias, grad_x, grad_weight, grad_bias)
 
 

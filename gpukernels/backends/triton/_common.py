@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ..._backend import device_type
 from ..._numerics import row_count, stats_dtype  # noqa: F401  (the launchers' rules for statistics and rows)
-from . import _launch, interpreting
+from . import interpreting
 from ._launch import tracing
 
 INTERPRETING = interpreting()
@@ -66,7 +66,7 @@ def aligned(*tensors: torch.Tensor | None) -> bool:
     are fresh allocations, which PyTorch's allocators align to 64 bytes (CPU) or 512
     (CUDA), and reading their addresses costs host time on every launch. (The tests'
     ``GPUKERNELS_CHECK_LAUNCH_KEYS`` checks every launch's key against every pointer.)"""
-    if _launch.traced_threads and tracing():
+    if tracing():
         return False
     bits = 0
     for t in tensors:
@@ -95,7 +95,7 @@ def _stream_key(device: torch.device) -> tuple | None:
     stream; None where a launch needs fresh buffers: captured in a CUDA graph (a replay
     may run beside any stream's work) or traced into one (torch.compile: a graph holds
     no tensor kept from outside it)."""
-    if _launch.traced_threads and tracing():
+    if tracing():
         return None
     if device_type(device) == "cuda":
         if torch.cuda.is_current_stream_capturing():

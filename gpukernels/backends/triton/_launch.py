@@ -60,7 +60,6 @@ import contextlib
 import contextvars
 import functools
 import os
-import threading
 from typing import Any, Callable, Iterator
 
 import torch
@@ -68,7 +67,6 @@ import triton
 from triton import knobs
 from triton._C.libtriton import native_specialize_impl
 from triton.compiler import CompiledKernel
-from triton.knobs import HookChain
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
@@ -98,13 +96,6 @@ _traced = contextvars.ContextVar("gpukernels_traced_launches", default=False)
 tracing = _traced.get
 """``tracing()``: whether launches now become graph nodes (inside ``traced_launches``)."""
 
-traced_threads = 0
-"""How many threads are inside ``traced_launches`` now. Hot paths ask
-``traced_threads and tracing()``: a module global is read in a tenth of the
-context variable's host time, and while no thread traces (eager use) that
-answers."""
-_traced_threads_lock = threading.Lock()
-
 
 @contextlib.contextmanager
 def traced_launches() -> Iterator[None]:
@@ -113,16 +104,11 @@ def traced_launches() -> Iterator[None]:
     ``triton_kernel_wrapper`` node of the graph rather than a launch. Launchers
     read ``tracing()`` where a traced graph needs something else than a launch
     does (a fresh tensor where they keep one across launches)."""
-    global traced_threads
-    with _traced_threads_lock:
-        traced_threads += 1
     token = _traced.set(True)
     try:
         yield
     finally:
         _traced.reset(token)
-        with _traced_threads_lock:
-            traced_threads -= 1
 
 
 def _binder_source(fn: JITFunction) -> str | None:
@@ -280,7 +266,7 @@ class Kernel:
     def __getitem__(self, grid) -> Callable:
         if not self.compiled:
             return self.fn[grid]
-        if traced_threads and tracing():
+        if tracing():
             from torch.library import wrap_triton
 
             return wrap_triton(self.fn)[grid]
@@ -302,24 +288,18 @@ class Kernel:
         misaligned pointer, a traced launch): ``kernel[grid]``, nothing cached."""
         if key is None:
             return self[grid](*args, **constexprs())
-        if not CHECK_LAUNCH_KEYS and self.compiled and not (traced_threads and tracing()):
+        if not CHECK_LAUNCH_KEYS and self.compiled and not tracing():
             active = driver.active
             device = active.get_current_device()
             found = self._keyed.get((device, key))
             if found is not None:
-                call, kernel, cached = found
-                runtime = knobs.runtime
-                # _hooked's question, inline: no hook of any kind is the usual answer
-                if (
-                    not self.fn.pre_run_hooks
-                    and type(enter := runtime.launch_enter_hook) is HookChain
-                    and type(exit := runtime.launch_exit_hook) is HookChain
-                    and not (enter.calls or exit.calls)
-                    and not (_HAS_STAGES_HOOK and runtime.add_stages_inspection_hook is not None)
-                ):
+                hooked = _hooked(self.fn)
+                if hooked is False:
+                    call, kernel, cached = found
                     call(active.get_current_stream(device), args + cached, *grid)
                     return kernel
-                if _hooked(self.fn):
+                if hooked:
+                    _, kernel, cached = found
                     _launch_hooked(kernel, grid, active.get_current_stream(device), args + cached)
                     return kernel
         kwargs = constexprs()

@@ -147,11 +147,11 @@ def linear_cross_entropy_grads_fwd(
         scale = torch.where(kept != 0, kept.reciprocal(), 0.0)
     else:
         scale = torch.ones((), dtype=stats.dtype, device=x.device)
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss)
     with torch.autocast(x.device.type, enabled=False):
         for start in range(0, rows, chunk_rows):
             chunk = x[start : start + chunk_rows]
             grad = _logits(chunk, weight, bias)
-            options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss)
             cross_entropy_rows(grad, target, None, row_loss=row_loss, stats=stats, total_rows=rows, row_offset=start,
                                last=last, **options)  # fmt: skip
             logits_grad(grad, target, None, stats, scale, grad, classes=vocab, col_offset=0, reduction="sum",
