@@ -20,6 +20,7 @@ CUDA tensors are traced for two forwards only. Nothing is launched.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -150,7 +151,9 @@ def _summary(gm) -> dict:
     mode = detect_fake_mode([node.meta.get("val") for node in gm.graph.find_nodes(op="placeholder")])
     if mode is not None:
         with V.set_fake_mode(mode):
-            reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
+            # FakeTensorUpdater takes the graph module (torch 2.13), or the graph (torch 2.11)
+            updated = gm if "gm" in inspect.signature(FakeTensorUpdater).parameters else gm.graph
+            reinplace_inplaceable_ops(FakeTensorUpdater(updated), gm.graph)
     kernels, opaque = [], []
     for node in gm.graph.nodes:
         if node.target is triton_kernel_wrapper_functional:

@@ -104,8 +104,10 @@ def float_bits(value: float) -> int:
 
 @triton.jit
 def as_float(bits, ACC: tl.constexpr):
-    """A ``float_bits`` argument as a float of dtype ``ACC``."""
-    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    """A ``float_bits`` argument as a float of dtype ``ACC``. ``tl.cast``, not ``bits.to``:
+    torch 2.11's mutation analysis of a kernel inside torch.compile makes every int
+    argument a constexpr, a Python int without ``.to``."""
+    return tl.cast(bits, tl.int64).to(tl.float64, bitcast=True).to(ACC)
 
 
 @triton.jit
