@@ -556,10 +556,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "host_time.json").write_text(json.dumps(result, indent=1) + "\n")
+        env = result["environment"]
         (args.out / "host_time.md").write_text(
-            f"# Host instructions per call\n\n{result['environment']['note']}; "
-            f"torch {result['environment']['torch']}, triton "
-            f"{result['environment']['triton']}.\n\n{table}"
+            f"# Host instructions per call\n\n{env['note']}; Python {env['python']}, torch {env['torch']}, "
+            f"triton {env['triton']}.\n\n{table}"
         )
     return result
 
