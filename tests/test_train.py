@@ -209,6 +209,23 @@ def test_liger_skipped_with_the_reason(tmp_path, cache_dir, monkeypatch, capsys)
     assert "skipped liger: liger_kernel is not importable" in capsys.readouterr().out
 
 
+def test_a_run_stopped_early_keeps_the_ways_it_finished(tmp_path, cache_dir, monkeypatch):
+    """A time limit (ci/gpu-check.sh's steps) stops a run between ways: the JSON holds those done."""
+    real_run_way = train.run_way
+
+    def stopped_in_the_second_way(task, way, *args):
+        if way == "patched":
+            raise KeyboardInterrupt  # as a kill would, past `except Exception`
+        return real_run_way(task, way, *args)
+
+    monkeypatch.setattr(train, "run_way", stopped_in_the_second_way)
+    with pytest.raises(KeyboardInterrupt):
+        _run("mlp", tmp_path, cache_dir, "--steps", "4", "--ways", "eager,patched")
+    summary = json.loads((tmp_path / "mlp-cpu.json").read_text())
+    assert list(summary["ways"]) == ["eager"] and len(summary["ways"]["eager"]["losses"]) == 4
+    assert summary["ways"]["eager"]["max_loss_diff_vs_eager"] == 0 and not summary["failed"]
+
+
 def test_bad_options_are_errors_naming_them(tmp_path, capsys):
     for argv, words in (
         (["--model", "mlp", "--seq-len", "32"], "--seq-len"),

@@ -105,32 +105,37 @@ def compare(
     if "transformers" in sys.modules:
         summary["transformers"] = sys.modules["transformers"].__version__
     print(f"data: {json.dumps(summary['data'])}", flush=True)
-
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{model}-{preset}"
     results = {}
+    # written before the first way and after each: a run stopped early (a time limit) keeps what it finished
+    _write_summary(summary, results, Path(f"{stem}.json"))
     for way in (w for w in WAYS if ways is None or w in ways):
         why_not = task.liger_unavailable() if WAYS[way][0] == "liger" else None
         if why_not:
             summary["skipped"][way] = why_not
             print(f"skipping {way}: {why_not}", flush=True)
-            continue
-        torch.manual_seed(seed)  # the same random stream (dropout) for every way
-        try:
-            results[way] = run_way(task, way, base_model, cfg, autocast_dtype, device)
-        except Exception as error:  # one way failing (OOM, a compile error) must not lose the others
-            traceback.print_exc()
-            summary["failed"][way] = f"{type(error).__name__}: {error}".splitlines()[0]
-
-    diffs = loss_differences(results)
-    summary["ways"] = {name: {**asdict(r), "max_loss_diff_vs_eager": diffs[name]} for name, r in results.items()}
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{model}-{preset}"
-    Path(f"{stem}.json").write_text(json.dumps(summary, indent=1))
+        else:
+            torch.manual_seed(seed)  # the same random stream (dropout) for every way
+            try:
+                results[way] = run_way(task, way, base_model, cfg, autocast_dtype, device)
+            except Exception as error:  # one way failing (OOM, a compile error) must not lose the others
+                traceback.print_exc()
+                summary["failed"][way] = f"{type(error).__name__}: {error}".splitlines()[0]
+        _write_summary(summary, results, Path(f"{stem}.json"))
     if results:
         plot(summary, results, Path(f"{stem}-losses.png"))
         print(table(summary, results))
         print(f"written: {stem}.json, {stem}-losses.png")
     return summary
+
+
+def _write_summary(summary: dict, results: dict, path: Path) -> None:
+    """The summary, with every way run so far and its largest loss difference against eager."""
+    diffs = loss_differences(results)
+    summary["ways"] = {name: {**asdict(r), "max_loss_diff_vs_eager": diffs[name]} for name, r in results.items()}
+    path.write_text(json.dumps(summary, indent=1))
 
 
 def main(argv=None) -> None:
