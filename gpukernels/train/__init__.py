@@ -8,9 +8,9 @@ batches in several ways, and compare loss curves, speed and memory.
 Models: mlp (residual MLP on the digits), gpt2 (transformers GPT2LMHeadModel),
 llama (transformers LlamaForCausalLM), resnet50 (timm, else torchvision, else
 the bottleneck ResNet defined here), all from random weights.
-Ways: eager (plain PyTorch), patched (gk.patch with the fused LM loss and
-gk.optim.AdamW), compile (torch.compile of plain), compile-patched, liger
-(Liger-Kernel's patch, when installed; CUDA only).
+Ways, in this order: eager (plain PyTorch), patched (gk.patch with the fused LM
+loss and gk.optim.AdamW), liger (Liger-Kernel's patch, when installed; CUDA
+only), compile (torch.compile of plain), compile-patched.
 Data (nothing is downloaded): the Python standard library's .py sources,
 tokenized by a byte-level BPE trained here and cached (--cache-dir); images:
 scikit-learn's bundled digits, resized.
