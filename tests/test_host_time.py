@@ -26,12 +26,12 @@ TARGETS = {
     **{(op, "chain"): 2.5 for op in ("layer_norm", "batch_norm", "dropout", "cross_entropy", "linear_act")},
     ("adamw", "step"): 1.5,
 }
-# Targets not met, or met by less than 5%: measured + 5% (bench/results/host-time-2026-12-02-fewer-views:
-# Triton 3.9, torch 2.13, no backend selected, kernels launched by backends/triton/_launch.py).
+# Targets not met, or met by less than 5%: measured + 5% (bench/results/host-time-2026-12-02-launch-plans:
+# Python 3.11, torch 2.13, Triton 3.9, no backend selected, kernels launched by backends/triton/_launch.py).
 BOUNDS = {
-    ("layer_norm", "standalone"): 1.75,
-    ("cross_entropy", "standalone"): 2.16,
-    ("adamw", "step"): 1.51,  # 1.44: met by 4%
+    ("layer_norm", "standalone"): 1.72,  # 1.64
+    ("cross_entropy", "standalone"): 2.09,  # 1.99
+    ("adamw", "step"): 1.51,  # 1.44-1.45: met by 3-4%
 }
 
 
