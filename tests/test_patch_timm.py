@@ -1,0 +1,66 @@
+"""gk.patch on real timm models (random weights, nothing downloaded): every norm
+(and each fc1 + GELU) of ResNet-50, ConvNeXt-T and ViT-S is swapped, and the
+patched model's outputs and gradients equal the unpatched model's in float64.
+
+timm cannot be installed beside CI's torch (it pulls torchvision, which fails to
+import beside that CPU build), so these run where timm is: the GPU machines'
+releases (``ci/test-gpu-machine-versions.sh``), whose image has timm and trains
+timm's ResNet-50 in ``python -m gpukernels.train --model resnet50 --preset gpu``."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gpukernels as gk
+from helpers import assert_matches
+
+timm = pytest.importorskip("timm")
+
+
+def _norms(model: nn.Module) -> dict[str, int]:
+    """How many modules of each norm class the model holds, by class name."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
+            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    return counts
+
+
+# name, input size, channels last, what patch must swap besides every norm
+MODELS = [
+    ("resnet50", 64, True, {}),
+    ("convnext_tiny", 64, False, {}),
+    ("vit_small_patch16_224", 224, False, {"LinearAct": 12}),  # each block's fc1 + GELU
+]
+
+
+@pytest.mark.parametrize("name, size, channels_last, fused", MODELS, ids=[m[0] for m in MODELS])
+def test_patch_swaps_every_norm_and_matches_in_float64(name, size, channels_last, fused):
+    torch.manual_seed(0)
+    plain = timm.create_model(name, pretrained=False, num_classes=10).double()
+    norms = _norms(plain)
+    assert norms  # the model has norms to swap
+    patched = copy.deepcopy(plain)
+    counts = gk.patch(patched).counts
+    for kind, n in {**norms, **fused}.items():
+        assert counts.get(kind) == n, (kind, n, counts)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    if channels_last:  # as the training preset runs ResNet-50
+        plain, patched = (m.to(memory_format=torch.channels_last) for m in (plain, patched))
+        x = x.contiguous(memory_format=torch.channels_last)
+    outputs = []
+    for model in (plain, patched):
+        model.train()  # batch statistics, and every dropout (rate 0 in these configs)
+        y = model(x)
+        y.square().sum().backward()
+        outputs.append(y)
+    assert_matches(outputs[1], outputs[0])
+    for ours, theirs in zip(patched.parameters(), plain.parameters()):
+        assert_matches(ours.grad, theirs.grad)
+    for ours, theirs in zip(patched.buffers(), plain.buffers()):  # BatchNorm's running statistics, its count
+        if ours.is_floating_point():
+            assert_matches(ours, theirs)
+        else:
+            assert torch.equal(ours, theirs)
