@@ -16,8 +16,9 @@
 #   compile  each op inside torch.compile, ours (Inductor launching our Triton
 #            kernels) against Inductor's own kernels for the PyTorch op (bench --compile)
 #   train    the gpu preset of the digits MLP
-#   models   a real model's training step, every way (plain, patched, compiled, Liger):
-#            the gpu preset of gpt2, llama and resnet50 for a few steps each
+#   models   a real model's training step, every way (plain, patched, Liger, compiled):
+#            the gpu preset of gpt2, llama and resnet50 (GPU_CHECK_MODELS picks them) for
+#            GPU_CHECK_TRAIN_STEPS steps each (default 30)
 #   host     host time per call of every op, ours against eager, and of each piece of an op's
 #            launch (python -m bench.host_overhead)
 # GPU_CHECK_STEPS picks them (default "tests bench graph compile"); GPU_CHECK_BENCH_SKIP the
@@ -71,7 +72,7 @@ for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
         targets) step bench-targets 420 "$py" -m bench --targets --skip cupy --out "$work/bench-targets" ;;
         compile) step bench-compile 240 "$py" -m bench --quick --compile --out "$work/compile" ;;
         train) step train-mlp 150 "$py" -m gpukernels.train --model mlp --preset gpu --steps 30 --out "$work/train" ;;
-        models) for model in gpt2 llama resnet50; do
+        models) for model in ${GPU_CHECK_MODELS:-gpt2 llama resnet50}; do
                     step "train-$model" 200 "$py" -m gpukernels.train --model "$model" --preset gpu \
                         --steps "${GPU_CHECK_TRAIN_STEPS:-30}" --out "$work/train-$model"
                 done ;;

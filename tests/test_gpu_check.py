@@ -37,6 +37,14 @@ def test_every_default_step_is_one_the_check_has():
     assert [name for name in defaults if not re.search(rf"^\s+{name}\) ", text, re.M)] == []
 
 
+def test_every_default_model_has_a_gpu_preset():
+    from gpukernels.train.presets import PRESETS
+
+    models = re.search(r"\$\{GPU_CHECK_MODELS:-([\w ]+)\}", SCRIPT.read_text()).group(1).split()
+    assert models == ["gpt2", "llama", "resnet50"]
+    assert [m for m in models if "gpu" not in PRESETS.get(m, {})] == []
+
+
 def test_the_benchmark_accepts_every_option_the_check_passes(capsys):
     from bench.__main__ import main
 
