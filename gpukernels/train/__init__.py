@@ -108,9 +108,10 @@ def compare(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{model}-{preset}"
+    summary_path = Path(f"{stem}.json")
     results = {}
     # written before the first way and after each: a run stopped early (a time limit) keeps what it finished
-    _write_summary(summary, results, Path(f"{stem}.json"))
+    _write_summary(summary, results, summary_path)
     for way in (w for w in WAYS if ways is None or w in ways):
         why_not = task.liger_unavailable() if WAYS[way][0] == "liger" else None
         if why_not:
@@ -123,7 +124,7 @@ def compare(
             except Exception as error:  # one way failing (OOM, a compile error) must not lose the others
                 traceback.print_exc()
                 summary["failed"][way] = f"{type(error).__name__}: {error}".splitlines()[0]
-        _write_summary(summary, results, Path(f"{stem}.json"))
+        _write_summary(summary, results, summary_path)
     if results:
         plot(summary, results, Path(f"{stem}-losses.png"))
         print(table(summary, results))
