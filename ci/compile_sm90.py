@@ -65,6 +65,12 @@ _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 # bf16): each block size is its own variant in the table.
 NORM_FEATURES = (1024, 2048, 4096, 8192)
 
+# batch_norm2d's benchmark shapes (N, C, H, W), bf16, NCHW and channels-last:
+# their tiles, and the split reductions a GPU's grid gives them, are variants
+# the tests' small shapes never make. Recorded without running the kernels.
+BATCH_NORM_SHAPES = ((256, 64, 56, 56), (256, 128, 28, 28), (256, 256, 14, 14), (256, 512, 7, 7))
+GPU_SMS = 132  # an H100 SXM's or H200's SMs, for the persistent grids of those launches
+
 
 def grid_programs_per_sm() -> dict[str, int]:
     """Programs per SM each persistent grid is sized for, read from the launchers'
@@ -187,6 +193,7 @@ def record() -> list[dict]:
     launches: dict[str, dict] = {}
     kernels: dict = {}  # interpreted function -> its JITFunction, for its parameters (constexpr, specialization)
     every_block_size = False
+    run_kernels = True
     original_run = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
@@ -213,13 +220,16 @@ def record() -> list[dict]:
         if not every_block_size:
             key |= {"options": None, "args": {n: a for n, a in entry["args"].items() if not n.startswith("BLOCK")}}
         launches.setdefault(json.dumps(key, sort_keys=True), entry)
-        return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        if run_kernels:
+            return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = recording_run
     try:
         _exercise_every_op()
         every_block_size = True
         _exercise_norm_features()
+        run_kernels = False  # only the launches' arguments matter: the interpreter would take minutes
+        _exercise_batch_norm_shapes()
     finally:
         InterpretedFunction.run = original_run
     return list(launches.values())
@@ -241,6 +251,38 @@ def _exercise_norm_features() -> None:
             x, w, b = (torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True) for shape in ((16, d), (d,), (d,)))
             gk.layer_norm(x, (d,), w, b).float().sum().backward()
             gk.rms_norm(x, (d,), w).float().sum().backward()
+
+
+def _exercise_batch_norm_shapes() -> None:
+    import torch
+
+    import gpukernels as gk
+    from gpukernels.backends.triton import _common, batch_norm
+
+    def gpu_grid(device, work_items: int, per_sm: int = _common.PROGRAMS_PER_SM) -> int:
+        return max(1, min(work_items, GPU_SMS * per_sm))
+
+    with gk.use_backend("triton"), _patched(batch_norm, "num_programs", gpu_grid):
+        batch_norm._tiling_of.cache_clear()  # tilings cached with the interpreter's grid
+        for shape, channels_last in itertools.product(BATCH_NORM_SHAPES, (False, True)):
+            x = torch.empty(shape, dtype=torch.bfloat16)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            c = shape[1]
+            w, b = (torch.ones(c, requires_grad=True) for _ in range(2))
+            y = gk.batch_norm(x.requires_grad_(), torch.zeros(c), torch.ones(c), w, b, training=True)
+            y.backward(torch.empty_like(y))
+    batch_norm._tiling_of.cache_clear()
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 def _exercise_every_op() -> None:
