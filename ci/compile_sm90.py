@@ -24,9 +24,10 @@ row-normalisation kernels at the feature counts they are tuned for.
 It prints an occupancy table, one row per variant: registers per thread,
 spilled bytes and static shared memory from ptxas's own report of the compile
 (`ptxas -v`, which Triton runs), Triton's dynamic shared memory, and the
-programs an sm_90 SM holds at once (`programs_per_sm`). A row is flagged where
-that is below the programs per SM its launcher's persistent grid assumes
-(such a grid runs in more than one wave). A variant that spills registers
+programs an sm_90 SM holds at once (`programs_per_sm`). For a kernel with a
+persistent grid, the programs per SM its launcher asks for and, where fewer
+fit, the fewer it sizes the grid to on a GPU (`fitting_per_sm`): a grid that
+asked for more would run in waves. A variant that spills registers
 fails the run unless `SPILLS_ALLOWED` names it with a reason.
 """
 
@@ -37,7 +38,6 @@ import contextlib
 import io
 import itertools
 import json
-import math
 import os
 import re
 import subprocess
@@ -65,18 +65,23 @@ _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 # bf16): each block size is its own variant in the table.
 NORM_FEATURES = (1024, 2048, 4096, 8192)
 
-# batch_norm2d's benchmark shapes (N, C, H, W), bf16, NCHW and channels-last:
-# their tiles, and the split reductions a GPU's grid gives them, are variants
-# the tests' small shapes never make. Recorded without running the kernels.
+# The benchmarks' shapes (bf16), whose block sizes, splits and integer
+# specializations the tests' small shapes never make; recorded without running
+# the kernels. batch_norm2d (N, C, H, W), NCHW and channels-last, with the split
+# reductions a GPU's grid gives them; cross_entropy and linear_cross_entropy at a
+# vocabulary of 32k (every larger one launches the same variants: the block sizes
+# are capped there), on 16 rows of 64 features (rows and features only size the
+# grid and the matmuls); dropout on 2^20 elements.
 BATCH_NORM_SHAPES = ((256, 64, 56, 56), (256, 128, 28, 28), (256, 256, 14, 14), (256, 512, 7, 7))
+VOCABULARY = 32768
 GPU_SMS = 132  # an H100 SXM's or H200's SMs, for the persistent grids of those launches
 
 
 def grid_programs_per_sm() -> dict[str, int]:
-    """Programs per SM each persistent grid is sized for, read from the launchers'
-    constants (``num_programs(..., per_sm=)`` in gpukernels/backends/triton): fewer
-    resident programs than this and the grid runs in waves. Imported when asked, as
-    gpukernels is everywhere here (after the environment is set)."""
+    """Programs per SM each persistent grid asks for, read from the launchers'
+    constants (``fitting_per_sm(..., per_sm, ...)`` in gpukernels/backends/triton),
+    which a GPU lowers to what fits. Imported when asked, as gpukernels is
+    everywhere here (after the environment is set)."""
     from gpukernels.backends.triton._common import PROGRAMS_PER_SM
     from gpukernels.backends.triton._norm import BWD_PROGRAMS_PER_SM
 
@@ -103,65 +108,6 @@ SPILLS_ALLOWED = (
         "a 32 x 128 fp64 tile on 128 threads, 32 doubles a thread, plus the activation derivative's temporaries",
     ),
 )
-
-
-# ---------------------------------------------------------------- occupancy (sm_90)
-
-# H100/H200 (compute capability 9.0) limits, as the CUDA occupancy calculator
-# (cuda_occupancy.h) has them.
-SM90 = {
-    "registers_per_sm": 65536,
-    "registers_per_block": 65536,
-    "max_registers_per_thread": 255,
-    "register_allocation_unit": 256,  # registers are allocated per warp, in units of 256
-    "sub_partitions": 4,  # register file quarters; a warp's registers come from one
-    "threads_per_sm": 2048,
-    "threads_per_block": 1024,
-    "blocks_per_sm": 32,
-    "shared_per_sm": 233472,  # 228 KB
-    "shared_per_block": 232448,  # 227 KB, opt-in above 48 KB (Triton opts in)
-    "shared_reserved_per_block": 1024,  # the system's share of every block's shared memory
-    "shared_allocation_unit": 128,
-}
-
-
-def _round_up(value: int, unit: int) -> int:
-    return -(-value // unit) * unit
-
-
-def programs_per_sm(registers: int, threads: int, shared_bytes: int, limits: dict = SM90) -> tuple[int, str]:
-    """Programs (thread blocks) of a kernel resident on one SM at once, and the limiting resource.
-
-    The CUDA occupancy calculator's rules: the least of the blocks the thread,
-    block, register and shared-memory limits each allow. A warp's registers,
-    ``registers * 32``, are rounded up to the allocation unit and come from one
-    of the register file's sub-partitions, so an SM holds ``sub_partitions *
-    (registers_per_sm / sub_partitions // per_warp)`` warps. The hardware's
-    per-block check counts a block's warps rounded up to the sub-partitions. A
-    block's shared memory is its static and dynamic bytes plus the system's
-    reserved 1 KB, rounded up to 128 bytes. 0: the kernel cannot launch.
-    """
-    warps = -(-threads // 32)
-    per_warp = _round_up(registers * 32, limits["register_allocation_unit"])
-    partitions = limits["sub_partitions"]
-    shared = _round_up(shared_bytes + limits["shared_reserved_per_block"], limits["shared_allocation_unit"])
-    if (
-        threads > limits["threads_per_block"]
-        or registers > limits["max_registers_per_thread"]
-        or per_warp * _round_up(warps, partitions) > limits["registers_per_block"]
-        or shared_bytes > limits["shared_per_block"]
-    ):
-        return 0, "cannot launch"
-    by_limit = {
-        "threads": limits["threads_per_sm"] // (warps * 32),
-        "blocks": limits["blocks_per_sm"],
-        "registers": (limits["registers_per_sm"] // partitions // per_warp) * partitions // warps
-        if per_warp
-        else math.inf,
-        "shared memory": limits["shared_per_sm"] // shared,
-    }
-    limiter = min(by_limit, key=by_limit.get)
-    return by_limit[limiter], limiter
 
 
 # ---------------------------------------------------------------- recording (interpreter)
@@ -229,7 +175,7 @@ def record() -> list[dict]:
         every_block_size = True
         _exercise_norm_features()
         run_kernels = False  # only the launches' arguments matter: the interpreter would take minutes
-        _exercise_batch_norm_shapes()
+        _exercise_benchmark_shapes()
     finally:
         InterpretedFunction.run = original_run
     return list(launches.values())
@@ -253,14 +199,18 @@ def _exercise_norm_features() -> None:
             gk.rms_norm(x, (d,), w).float().sum().backward()
 
 
-def _exercise_batch_norm_shapes() -> None:
+def _exercise_benchmark_shapes() -> None:
     import torch
 
     import gpukernels as gk
+    from bench.host_time import flags_as_kernels_would_write
     from gpukernels.backends.triton import _common, batch_norm
 
     def gpu_grid(device, work_items: int, per_sm: int = _common.PROGRAMS_PER_SM) -> int:
         return max(1, min(work_items, GPU_SMS * per_sm))
+
+    def leaf(*shape):
+        return torch.empty(*shape, dtype=torch.bfloat16, requires_grad=True)
 
     with gk.use_backend("triton"), _patched(batch_norm, "num_programs", gpu_grid):
         batch_norm._tiling_of.cache_clear()  # tilings cached with the interpreter's grid
@@ -272,7 +222,14 @@ def _exercise_batch_norm_shapes() -> None:
             w, b = (torch.ones(c, requires_grad=True) for _ in range(2))
             y = gk.batch_norm(x.requires_grad_(), torch.zeros(c), torch.ones(c), w, b, training=True)
             y.backward(torch.empty_like(y))
-    batch_norm._tiling_of.cache_clear()
+        batch_norm._tiling_of.cache_clear()
+        target = torch.zeros(16, dtype=torch.int64)
+        flags_as_kernels_would_write()  # the target check reads what the forward's kernel would write
+        gk.cross_entropy(leaf(16, VOCABULARY), target).backward()
+        flags_as_kernels_would_write()
+        gk.linear_cross_entropy(leaf(16, 64), leaf(VOCABULARY, 64), target).backward()
+        y = gk.dropout(leaf(1 << 20), 0.1, seed=1)
+        y.backward(torch.empty_like(y))
 
 
 @contextlib.contextmanager
@@ -391,6 +348,8 @@ def spill_allowed(row: dict) -> bool:
 
 def occupancy_row(launch: dict, constexprs: dict, log: str, metadata) -> dict:
     """One row of the occupancy table for a compiled variant (`metadata`: the CompiledKernel's)."""
+    from gpukernels.backends.triton._occupancy import programs_per_sm
+
     usage = ptxas_usage(log)
     shared = usage["static_shared"] + metadata.shared
     threads = metadata.num_warps * 32
@@ -415,11 +374,13 @@ def occupancy_table(rows: list[dict]) -> str:
     """The rows as a markdown table, sorted by kernel."""
     lines = [
         "| kernel | variant | recorded with | threads | registers | spilled B | shared B | programs/SM | limited by"
-        " | grid assumes |",
+        " | grid asks |",
         "|---|---|---|--:|--:|--:|--:|--:|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["kernel"], r["shape"], r["variant"], r["threads"])):
-        grid = "" if r["grid"] is None else f"{r['grid']}/SM" + (" **below: waves**" if r["below_grid"] else "")
+        grid = (
+            "" if r["grid"] is None else f"{r['grid']}/SM" + (f", sized to {r['programs']}" if r["below_grid"] else "")
+        )
         lines.append(
             f"| {r['kernel']} | {r['variant']} | {r['shape']} | {r['threads']} | {r['registers']} | {r['spill_bytes']}"
             f" | {r['shared']} | {r['programs']} | {r['limiter']} | {grid} |"
@@ -489,7 +450,7 @@ def main() -> int:
             args.out.write_text(table)
         below = sorted({r["kernel"] for r in rows if r["below_grid"]})
         if below:
-            print(f"below their grid's programs per SM (the grid runs in waves): {', '.join(below)}")
+            print(f"grids sized down to the programs an SM holds: {', '.join(below)}")
         failures += [
             f"{r['kernel']} {r['variant']} ({r['shape']}): spills {r['spill_bytes']} bytes"
             " (SPILLS_ALLOWED lists the variants allowed to, each with the reason)"

@@ -257,12 +257,36 @@ def test_elementwise_programs_taking_several_tiles(device, triton_kernels, monke
 
 
 @pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["2d_wide", "nchw_short_rows"])  # channels inner, channels outer
+def test_reduction_grids_fit_what_an_sm_holds(device, triton_kernels, monkeypatch, layout, training):
+    """Where an SM holds fewer of a reduction kernel's programs than the grid assumes
+    (on a GPU, the compiled kernel's occupancy says so), its tiling is worked out again
+    with that many programs an SM: fewer splits, results as PyTorch's."""
+    asked = []
+
+    def fitting_per_sm(device, per_sm, kernel, key, constexprs, *args):
+        asked.append(kernel)
+        assert per_sm == triton_kernels.PROGRAMS_PER_SM and isinstance(key[0], triton_kernels._Tiling)
+        return 1
+
+    monkeypatch.setattr(triton_kernels, "fitting_per_sm", fitting_per_sm)
+    # the grid of a GPU of 8 SMs (the interpreter's is of 2, too few for the splits to fall)
+    monkeypatch.setattr(triton_kernels, "num_programs", lambda device, work, per_sm: max(1, min(work, 8 * per_sm)))
+    inputs = tiled_input(layout, torch.float64, device)
+    x = inputs[0]
+    assert triton_kernels._tiling(x, per_sm=1).splits < triton_kernels._tiling(x).splits
+    check_against_torch(*inputs, training)
+    reductions = [triton_kernels.batch_norm_stats_kernel] if training else []
+    assert asked == [*reductions, triton_kernels.batch_norm_bwd_reduce_kernel]
+
+
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", ["2d_wide", "nchw_short_rows", "channels_last_sliced_batch"])
 def test_one_split_reduces_several_tiles_in_one_program(device, triton_kernels, monkeypatch, layout, training):
     """With one program per channel block in the reduction grid (a GPU's worth of
     channel blocks), training's normalize and dx kernels reduce their channels'
     tiles themselves, several tiles a program: fp64 against PyTorch's."""
-    monkeypatch.setattr(triton_kernels, "num_programs", lambda device, work: 1)
+    monkeypatch.setattr(triton_kernels, "num_programs", lambda device, work, per_sm: 1)
     inputs = tiled_input(layout, torch.float64, device)
     x = inputs[0]
     tiling = triton_kernels._tiling(x.reshape(*x.shape[:2], -1))
@@ -290,10 +314,10 @@ def test_grids_keep_partial_reads_within_their_share(monkeypatch, shape, strides
     GPU asks; the largest get at least a program per SM in both kernels."""
     kernels = pytest.importorskip("gpukernels.backends.triton.batch_norm")
     target = 132 * 4
-    monkeypatch.setattr(kernels, "num_programs", lambda device, work: max(1, min(work, target)))
+    monkeypatch.setattr(kernels, "num_programs", lambda device, work, per_sm: max(1, min(work, 132 * per_sm)))
     kernels._tiling_of.cache_clear()
     try:
-        t = kernels._tiling_of(shape, (strides,), torch.device("cuda"))
+        t = kernels._tiling_of(shape, (strides,), torch.device("cuda"), kernels.PROGRAMS_PER_SM)
     finally:
         kernels._tiling_of.cache_clear()
     assert 1 <= t.splits <= min(t.tiles, max(1, target // t.channel_blocks))

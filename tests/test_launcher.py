@@ -218,6 +218,24 @@ def test_num_programs_reads_the_sm_count_once_per_device(monkeypatch):
         _common._sm_count.cache_clear()
 
 
+def test_fitting_per_sm_lowers_a_cuda_grid_to_what_an_sm_holds():
+    class Compiled:
+        def __init__(self, fits):
+            self.fits, self.asked = fits, []
+
+        def programs_per_sm(self, key, constexprs, *args):
+            self.asked.append((key, constexprs(), args))
+            return self.fits
+
+    cuda = torch.device("cuda", 0)
+    for fits, expected in ((1, 1), (3, 3), (4, 4), (8, 4), (0, 4)):  # 0: cannot launch, which the launch says
+        kernel = Compiled(fits)
+        assert _common.fitting_per_sm(cuda, 4, kernel, "key", lambda: {"BLOCK": 8}, 1, None) == expected
+        assert kernel.asked == [("key", {"BLOCK": 8}, (1, None))]
+    interpreted = Compiled(1)  # no compiled kernel on the interpreter's CPU tensors: its grid as it is
+    assert _common.fitting_per_sm(torch.device("cpu"), 4, interpreted, "key", dict) == 4 and not interpreted.asked
+
+
 def test_key_has_every_knob_jit_run_adds_to_options():
     check_key_has_every_knob_jit_run_adds(None)
 
@@ -478,6 +496,35 @@ def check_key_has_every_knob_jit_run_adds(stub: _Stub | None) -> None:
     source = inspect.getsource(JITFunction.run)
     added = re.findall(r'kwargs\["(\w+)"\] = .*?knobs\.(\w+)\.(\w+)', source)
     assert added and sorted((group, name) for _, group, name in added) == sorted(JIT_OPTION_KNOBS), added
+
+
+def check_programs_per_sm_compiles_without_a_launch(stub: _Stub) -> None:
+    """The compiled kernel's own registers, threads and shared memory, read once per key;
+    tensors given by their dtypes, no launch."""
+    from gpukernels.backends.triton import _occupancy
+
+    fn = triton.jit(_axpy)
+    kernel = Kernel(fn)
+    _, (x, y, out, n, limit, alpha), kwargs = _launch_cases()[0]
+    warmups = []
+    warmup = fn.warmup
+    fn.warmup = lambda *args, **kw: warmups.append(args) or warmup(*args, **kw)
+    _launch.device_limits = lambda device: _occupancy.SM90  # the stub's device 0 is an H100
+    try:
+        before = stub.launches()
+        for key in ("f32", "f32", None):
+            fits = kernel.programs_per_sm(key, lambda: dict(kwargs, num_warps=8), x, y, out.dtype, n, limit, alpha)
+            compiled = fn.warmup(x.dtype, y.dtype, out.dtype, n, limit, alpha, grid=(1,), **kwargs, num_warps=8)
+            compiled._init_handles()
+            threads = compiled.metadata.num_warps * 32
+            assert threads == 256
+            assert fits == _occupancy.programs_per_sm(compiled.n_regs, threads, compiled.metadata.shared)[0] > 0
+        assert stub.launches() == before
+        assert len(warmups) == 2 + 3  # one for the key, one for no key; three checks
+        assert warmups[0] == (torch.float32, torch.float32, torch.float32, n, limit, alpha)
+    finally:
+        del fn.warmup
+        _launch.device_limits = _occupancy.device_limits
 
 
 def check_jit_decorates_into_kernel(stub: _Stub) -> None:

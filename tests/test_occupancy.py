@@ -1,10 +1,13 @@
-"""The sm_90 occupancy rules of ci/compile_sm90.py, against cases worked by hand
-from the CUDA occupancy calculator's rules, and its reading of ptxas's report."""
+"""The occupancy rules (backends/triton/_occupancy.py) against cases worked by hand
+from the CUDA occupancy calculator's rules, on sm_90's limits, and ci/compile_sm90.py's
+reading of ptxas's report."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
+
+from gpukernels.backends.triton._occupancy import programs_per_sm
 
 _SPEC = importlib.util.spec_from_file_location(
     "compile_sm90", Path(__file__).resolve().parent.parent / "ci" / "compile_sm90.py"
@@ -40,7 +43,7 @@ _SPEC.loader.exec_module(compile_sm90)
     ],
 )
 def test_programs_per_sm_matches_hand_worked_cases(registers, threads, shared, expected):
-    assert compile_sm90.programs_per_sm(registers, threads, shared) == expected
+    assert programs_per_sm(registers, threads, shared) == expected
 
 
 def test_ptxas_usage_reads_registers_spills_and_static_shared_memory():

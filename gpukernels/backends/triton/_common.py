@@ -181,10 +181,22 @@ PROGRAMS_PER_SM = 4
 
 
 def num_programs(device: torch.device, work_items: int, per_sm: int = PROGRAMS_PER_SM) -> int:
-    """A persistent grid: a few programs per SM, never more than the work."""
+    """A persistent grid: a few programs per SM, never more than the work (``per_sm`` at
+    most what ``fitting_per_sm`` says fits, or the grid runs in waves)."""
     if device_type(device) == "cuda":
         # cached: get_device_properties costs more host time than a small kernel's launch
         sms = _sm_count(torch.cuda.current_device() if device.index is None else device.index)
     else:
         sms = 2  # the interpreter runs programs one after another
     return max(1, min(work_items, sms * per_sm))
+
+
+def fitting_per_sm(device: torch.device, per_sm: int, kernel, key: Any, constexprs: Callable[[], dict], *args) -> int:
+    """``per_sm``, or fewer where an SM holds fewer programs of the compiled ``kernel``
+    launched with ``constexprs()`` and ``args`` (``Kernel.programs_per_sm``, which keeps
+    the answer for ``key``): a persistent grid's programs per SM on a CUDA device; the
+    interpreter's grid (no compiled kernel) as it is."""
+    if device_type(device) != "cuda":
+        return per_sm
+    fits = kernel.programs_per_sm(key, constexprs, *args)
+    return min(per_sm, fits) if fits else per_sm  # 0: it cannot launch, which its launch will say

@@ -70,6 +70,8 @@ from triton.compiler import CompiledKernel
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
+from ._occupancy import device_limits, programs_per_sm
+
 # The knobs JITFunction.run adds to a launch's options (so to its cache key), in this Triton release.
 JIT_OPTION_KNOBS = tuple(
     (group, name)
@@ -250,6 +252,7 @@ class Kernel:
         # (device, launch key) -> (launcher, CompiledKernel, trailing constexprs' values)
         self._keyed: dict[tuple, tuple] = {}
         self._keys_seen: dict = {}  # under CHECK_LAUNCH_KEYS: launch key -> binder key
+        self._resident: dict = {}  # (device, variant key) -> programs an SM holds
         self._key_binder: Callable | None = None
         self._launch_bound = self._launch
         if self.compiled:
@@ -309,6 +312,29 @@ class Kernel:
         if self.compiled and isinstance(kernel, CompiledKernel) and not tracing():
             self._cache_for_key(key, kernel, args, kwargs)
         return kernel
+
+    def programs_per_sm(self, key: Any, constexprs: Callable[[], dict], *args) -> int:
+        """How many programs of the kernel ``kernel.launch(grid, key, constexprs, *args)``
+        launches an SM of the current CUDA device holds at once (``_occupancy``): what a
+        persistent grid is sized from. The kernel is compiled for these arguments, each
+        tensor by its dtype alone (as an aligned tensor; a buffer the grid will size may be
+        given as its dtype), and loaded, without a launch (Triton's ``warmup``); the answer
+        is kept for ``key``, which must be equal only for arguments that compile alike
+        (their dtypes, None operands, integer classes and constexprs); a key of None
+        keeps nothing. 0: the kernel cannot launch."""
+        device = driver.active.get_current_device()
+        found = self._resident.get((device, key))
+        if found is None:
+            dtypes = [a.dtype if isinstance(a, torch.Tensor) else a for a in args]
+            kernel = self.fn.warmup(*dtypes, grid=(1,), **constexprs())
+            kernel._init_handles()  # loads it: the driver reports its registers
+            metadata = kernel.metadata
+            found, _ = programs_per_sm(kernel.n_regs, metadata.num_warps * 32, metadata.shared, device_limits(device))
+            if key is not None:
+                if len(self._resident) >= KEYED_LIMIT:
+                    self._resident.clear()
+                self._resident[device, key] = found
+        return found
 
     def _cache_for_key(self, key: Any, kernel: CompiledKernel, args: tuple, kwargs: dict) -> None:
         """Keep under ``key`` the entry of the generic cache that launched ``kernel``."""

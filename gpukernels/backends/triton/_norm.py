@@ -27,17 +27,29 @@ GPU would take longer than the rows themselves.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import arrival_counter, launch_plan, launch_scratch, num_programs, round_to, row_block, stats_dtype
+from ._common import (
+    arrival_counter,
+    fitting_per_sm,
+    launch_plan,
+    launch_scratch,
+    num_programs,
+    round_to,
+    row_block,
+    stats_dtype,
+)
 from ._launch import jit
 
 BWD_PROGRAMS_PER_SM = 2
-"""The backward's persistent grid: each program writes a row of partial sums (two with a
-bias), which the tree over the programs sums again, and more programs would multiply."""
+"""The backward's persistent grid, at most: each program writes a row of partial sums (two
+with a bias), which the tree over the programs sums again, and more programs would
+multiply. Fewer where an SM holds fewer (wide rows: one at 4096 features and up on sm_90),
+where more would only run as a second wave, with partials of its own."""
 
 FAN_IN = 8
 """Children of a node of the backward's tree over the programs' partial rows: G programs
@@ -74,21 +86,32 @@ def tree_counters(programs: int) -> int:
             return nodes
 
 
-def bwd_buffers(device: torch.device, rows: int, d: int, dtype: torch.dtype, partial_rows: int) -> tuple:
-    """The backward's grid (``BWD_PROGRAMS_PER_SM`` programs an SM, at most a program a
-    row), its partial sums (``partial_rows`` rows of ``d`` per program, in the statistics
-    dtype) and its tree's arrival counters, as ``(programs, partial, counters)``; no
-    partials nor counters (None) for ``partial_rows`` 0. A ``launch_plan``."""
+def bwd_buffers(variant: tuple, constexprs: Callable[[], dict], partial_rows: int, *args) -> tuple:
+    """The backward's grid (at most ``BWD_PROGRAMS_PER_SM`` programs an SM, fewer where
+    fewer fit, at most a program a row), its partial sums (``partial_rows`` rows of ``d``
+    per program, in the statistics dtype) and its tree's arrival counters, as
+    ``(programs, partial, counters)``; no partials nor counters (None) for
+    ``partial_rows`` 0. ``args`` are ``norm_bwd_kernel``'s arguments but the partials and
+    the counters, ``constexprs`` its launch's, and ``variant`` a key equal only for
+    launches that compile alike and have the same rows, features and dtypes. A ``launch_plan``."""
+    device = args[1].device
 
     def make() -> tuple:
-        programs = num_programs(device, rows, per_sm=BWD_PROGRAMS_PER_SM)
+        dy, x, weight, stats, dx, dw, db, rows, d, offset = args
+        partial_dtype = stats_dtype(x.dtype)
+        buffers = (partial_dtype, torch.int32) if partial_rows else (None, None)
+        per_sm = fitting_per_sm(
+            device, BWD_PROGRAMS_PER_SM, norm_bwd_kernel, variant, constexprs,
+            dy, x, weight, stats, dx, buffers[0], dw, db, buffers[1], rows, d, offset,
+        )  # fmt: skip
+        programs = num_programs(device, rows, per_sm)
         if not partial_rows:
             return programs, None, None
         # every program writes its rows of the partials, so no zero fill
-        partial = launch_scratch("norm_bwd partials", device, partial_rows * programs * d, stats_dtype(dtype))
+        partial = launch_scratch("norm_bwd partials", device, partial_rows * programs * d, partial_dtype)
         return programs, partial, arrival_counter(device, counters=tree_counters(programs))
 
-    return launch_plan(device, ("norm_bwd", rows, d, dtype, partial_rows), make)
+    return launch_plan(device, variant, make)
 
 
 @triton.jit

@@ -63,7 +63,18 @@ import triton
 import triton.language as tl
 
 from ..._numerics import ncl_strides
-from ._common import acc_dtype, aligned, cdiv, dtype_of, launch_scratch, next_power_of_2, num_programs, round_to
+from ._common import (
+    PROGRAMS_PER_SM,
+    acc_dtype,
+    aligned,
+    cdiv,
+    dtype_of,
+    fitting_per_sm,
+    launch_scratch,
+    next_power_of_2,
+    num_programs,
+    round_to,
+)
 from ._launch import jit
 
 TILE = 4096  # elements a program reads per step
@@ -594,14 +605,25 @@ def _pow2_at_least(size: int) -> int:
     return next_power_of_2(size)
 
 
-def _tiling(x: torch.Tensor, *others: torch.Tensor) -> _Tiling:
+def _tiling(x: torch.Tensor, *others: torch.Tensor, per_sm: int = PROGRAMS_PER_SM) -> _Tiling:
     """The tiling for x, (N, C, *), and the same-shape tensors read or written beside
-    it (their strides may differ); x's layout picks which axis is coalesced."""
-    return _tiling_of(x.shape, tuple(map(torch.Tensor.stride, (x, *others))), x.device)
+    it (their strides may differ); x's layout picks which axis is coalesced. Its
+    reduction grid has ``per_sm`` programs an SM in all (``_fitted``)."""
+    return _tiling_of(x.shape, tuple(map(torch.Tensor.stride, (x, *others))), x.device, per_sm)
+
+
+def _fitted(tiling: _Tiling, kernel, key: tuple, constexprs, tensors: tuple, *args) -> _Tiling:
+    """``tiling``, or the tiling of ``tensors`` (as given to ``_tiling``) with fewer
+    reduction programs an SM where an SM holds fewer of ``kernel``'s, launched with
+    ``constexprs()`` and ``args`` (``key`` standing for them with the tiling's dtypes)."""
+    per_sm = fitting_per_sm(tiling.device, PROGRAMS_PER_SM, kernel, (tiling, *key), constexprs, *args)
+    return tiling if per_sm == PROGRAMS_PER_SM else _tiling(*tensors, per_sm=per_sm)
 
 
 @functools.lru_cache(maxsize=256)  # worked out once per shape, layout and device: host time on every call otherwise
-def _tiling_of(shape: tuple[int, ...], tensor_strides: tuple[tuple[int, ...], ...], device: torch.device) -> _Tiling:
+def _tiling_of(
+    shape: tuple[int, ...], tensor_strides: tuple[tuple[int, ...], ...], device: torch.device, per_sm: int
+) -> _Tiling:
     n0, c, l0 = shape[0], shape[1], math.prod(shape[2:])
     ncl = [ncl_strides(shape, strides) for strides in tensor_strides]
     if None in ncl:
@@ -623,7 +645,7 @@ def _tiling_of(shape: tuple[int, ...], tensor_strides: tuple[tuple[int, ...], ..
     # reads are at most 1/PARTIAL_SHARE of its elements (splits <= balanced
     # leaves at least one such program).
     balanced = math.isqrt(tiles * TILE // (PARTIAL_SHARE * block_c))
-    splits = max(1, min(tiles, num_programs(device, channel_blocks * tiles) // channel_blocks, balanced))
+    splits = max(1, min(tiles, num_programs(device, channel_blocks * tiles, per_sm) // channel_blocks, balanced))
     tiles_per_program = cdiv(splits * block_c * PARTIAL_SHARE, TILE)
     # masked lanes of edge tiles form offsets too: bound them with the padded sizes
     padded = (n_tiles * block_n, l_tiles * block_l, channel_blocks * block_c)
@@ -660,6 +682,11 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
     if channels == 0:
         return
     tiling = _tiling(x, y)
+    if training and not tiling.one_split:
+        tiling = _fitted(
+            tiling, batch_norm_stats_kernel, (x.dtype, stats.dtype), lambda: tiling.meta(x.dtype), (x, y),
+            x, stats.dtype, *tiling.args(1),
+        )  # fmt: skip
     own_stats = training and tiling.one_split
     partial, splits = None, 0
     if training and not own_stats:
@@ -710,6 +737,16 @@ def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx, dweight, dbias)
         dbias.zero_()
         return
     tiling = _tiling(x, dy, dx)
+
+    def reduce_constexprs() -> dict:
+        return dict(TRAINING=training, HAS_W=weight is not None, **tiling.meta(x.dtype))
+
+    if not (training and tiling.one_split):
+        variant = (x.dtype, dy.dtype, dx.dtype, stats.dtype, dtype_of(weight), training)
+        tiling = _fitted(
+            tiling, batch_norm_bwd_reduce_kernel, variant, reduce_constexprs, (x, dy, dx),
+            x, dy, dx, stats, weight, stats.dtype, *tiling.args(3),
+        )  # fmt: skip
     own_sums = training and tiling.one_split
     # (2, splits, channels): every split's sums of dy and dy * xhat
     partial = (
@@ -727,11 +764,7 @@ def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx, dweight, dbias)
         batch_norm_bwd_reduce_kernel.launch(
             tiling.reduction_grid,
             dtypes,
-            lambda: dict(
-                TRAINING=training,
-                HAS_W=weight is not None,
-                **tiling.meta(x.dtype),
-            ),
+            reduce_constexprs,
             x,
             dy,
             dx,

@@ -36,32 +36,33 @@ def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
         dbias.zero_()
         return
     sums = has_w or has_bias  # dweight's partials, then dbias's
-    programs, partial, counters = bwd_buffers(x.device, rows, d, x.dtype, 2 * sums)
-    no_offset = None
-    key = (
-        ("layer_norm", x.dtype, dy.dtype, dtype_of(weight), has_bias, rows, d)
-        if aligned(dy, x, weight, stats)
-        else None
-    )
-    norm_bwd_kernel.launch(
-        (programs,),
-        key,
-        lambda: dict(
+    variant = ("layer_norm", x.dtype, dy.dtype, dtype_of(weight), has_bias, rows, d)
+
+    def constexprs() -> dict:
+        return dict(
             bwd_row_launch(d),
             CENTERED=True,
             CAST_BEFORE_W=False,
             # fused, dy * w - mean(dy * w) keeps the product's rounding error
             # where the exact answer is 0 (D == 1), times rstd
             enable_fp_fusion=False,
-        ),
+        )
+
+    no_offset = None
+    grads = (dweight if has_w else None, dbias if has_bias else None)
+    programs, partial, counters = bwd_buffers(variant, constexprs, 2 * sums, dy, x, weight, stats, dx, *grads, rows, d,
+                                              no_offset)  # fmt: skip
+    norm_bwd_kernel.launch(
+        (programs,),
+        variant if aligned(dy, x, weight, stats) else None,
+        constexprs,
         dy,
         x,
         weight,
         stats,
         dx,
         partial,
-        dweight if has_w else None,
-        dbias if has_bias else None,
+        *grads,
         counters,
         rows,
         d,

@@ -38,25 +38,25 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
         dweight.zero_()  # no rows: dweight is 0 (and empty when there is no weight)
         return
     has_w = weight is not None
-    programs, partial, counters = bwd_buffers(x.device, rows, d, x.dtype, int(has_w))
-    no_dbias = None
-    key = (
-        ("rms_norm", x.dtype, dy.dtype, dtype_of(weight), offset is None, cast_before_weight, rows, d)
-        if aligned(dy, x, weight, rstd)
-        else None
-    )
+    variant = ("rms_norm", x.dtype, dy.dtype, dtype_of(weight), offset is None, cast_before_weight, rows, d)
+
+    def constexprs() -> dict:
+        return dict(bwd_row_launch(d), CENTERED=False, CAST_BEFORE_W=cast_before_weight)
+
+    grads = (dweight if has_w else None, None)  # no dbias
+    programs, partial, counters = bwd_buffers(variant, constexprs, int(has_w), dy, x, weight, rstd, dx, *grads, rows, d,
+                                              offset)  # fmt: skip
     norm_bwd_kernel.launch(
         (programs,),
-        key,
-        lambda: dict(bwd_row_launch(d), CENTERED=False, CAST_BEFORE_W=cast_before_weight),
+        variant if aligned(dy, x, weight, rstd) else None,
+        constexprs,
         dy,
         x,
         weight,
         rstd,
         dx,
         partial,
-        dweight if has_w else None,
-        no_dbias,
+        *grads,
         counters,
         rows,
         d,
