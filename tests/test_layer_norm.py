@@ -74,6 +74,33 @@ def test_kernel_launches(device, monkeypatch, shape, affine):
     assert not _common.arrival_counter(x.device, counters=_norm.tree_counters(programs)).any()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("d", [1024, 4096, 8192])
+def test_backward_grid_is_one_wave_on_gpu(monkeypatch, d):
+    """The backward's persistent grid: at most BWD_PROGRAMS_PER_SM programs an SM, and no
+    more than an SM of this GPU holds of the kernel it launched (its registers, threads
+    and shared memory), so no second wave; the compile the grid was sized from is that kernel."""
+    from gpukernels.backends.triton import _norm, _occupancy
+
+    kernel = _norm.norm_bwd_kernel
+    grids = []
+    launch = kernel.launch
+    monkeypatch.setattr(kernel, "launch", lambda grid, *args: grids.append(grid) or launch(grid, *args))
+    rows = 4096
+    x, w, b = (t.cuda().requires_grad_() for t in _inputs((rows, d), (d,), torch.bfloat16))
+    gk.layer_norm(x, (d,), w, b).backward(torch.randn_like(x))
+    torch.cuda.synchronize()
+    device = torch.cuda.current_device()
+    variant = ("layer_norm", *(torch.bfloat16,) * 3, True, rows, d)  # the launcher's key
+    launched = kernel._keyed[device, variant][1]
+    fits, _ = _occupancy.programs_per_sm(
+        launched.n_regs, launched.metadata.num_warps * 32, launched.metadata.shared, _occupancy.device_limits(device)
+    )
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    assert grids == [(sms * min(_norm.BWD_PROGRAMS_PER_SM, fits),)], (grids, fits, launched.n_regs)
+
+
 @pytest.mark.parametrize("programs", [1, 8, 9, 64, 70])  # one node; one level; a partial node; two; three
 @pytest.mark.parametrize("shape", [(75, 33), (70, 9000)])  # one block, looped
 def test_param_grads_summed_through_the_tree(device, monkeypatch, programs, shape):
