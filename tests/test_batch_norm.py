@@ -329,6 +329,44 @@ def test_grids_keep_partial_reads_within_their_share(monkeypatch, shape, strides
         assert t.channel_blocks * min(t.splits, t.programs) >= 132
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_reduction_grid_is_one_wave_on_gpu(monkeypatch, channels_last):
+    """At a ResNet shape (256x256x14x14 bf16), the backward's reduction grid, when it is
+    launched, is no more programs than the GPU holds at once of the kernel it launched (4
+    an SM at most). (In NCHW, where sm_90 holds 2 of that kernel, 2 an SM leave one program
+    per channel: the dx kernel then sums its channel itself, with no reduction launch.)"""
+    from gpukernels.backends.triton import _occupancy
+    from gpukernels.backends.triton import batch_norm as kernels
+
+    kernel = kernels.batch_norm_bwd_reduce_kernel
+    grids = []
+    launch = kernel.launch
+    monkeypatch.setattr(kernel, "launch", lambda grid, *args: grids.append(grid) or launch(grid, *args))
+    x = torch.randn(256, 256, 14, 14, device="cuda", dtype=torch.bfloat16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    params = [torch.ones(256, device="cuda", requires_grad=True), torch.zeros(256, device="cuda", requires_grad=True)]
+    y = gk.batch_norm(x.requires_grad_(), None, None, *params, training=True)
+    y.backward(torch.randn_like(y))
+    torch.cuda.synchronize()
+    assert torch.isfinite(x.grad).all() and len(grids) <= 1
+    device = torch.cuda.current_device()
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    dtypes = (torch.bfloat16,) * 3 + (torch.float32,) * 2 + (True,)  # x, dy, dx, stats, weight; training
+    for grid in grids:
+        [launched] = [entry[1] for (on, key), entry in kernel._keyed.items()
+                      if on == device and key[0].reduction_grid == grid and key[1:] == dtypes]  # fmt: skip
+        fits, _ = _occupancy.programs_per_sm(
+            launched.n_regs,
+            launched.metadata.num_warps * 32,
+            launched.metadata.shared,
+            _occupancy.device_limits(device),
+        )
+        assert grid[0] * grid[1] <= sms * min(kernels.PROGRAMS_PER_SM, fits), (grid, fits, launched.n_regs)
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", ["2d_wide", "nchw_short_rows", "channels_last_sliced_batch"])
 def test_kernel_launches(device, triton_kernels, monkeypatch, layout, training):
