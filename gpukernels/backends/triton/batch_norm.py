@@ -612,12 +612,23 @@ def _tiling(x: torch.Tensor, *others: torch.Tensor, per_sm: int = PROGRAMS_PER_S
     return _tiling_of(x.shape, tuple(map(torch.Tensor.stride, (x, *others))), x.device, per_sm)
 
 
-def _fitted(tiling: _Tiling, kernel, key: tuple, constexprs, tensors: tuple, *args) -> _Tiling:
+_fitted_tilings: dict = {}
+
+
+def _fitted(tiling: _Tiling, kernel, key: tuple, constexprs, tensors: tuple, args) -> _Tiling:
     """``tiling``, or the tiling of ``tensors`` (as given to ``_tiling``) with fewer
     reduction programs an SM where an SM holds fewer of ``kernel``'s, launched with
-    ``constexprs()`` and ``args`` (``key`` standing for them with the tiling's dtypes)."""
-    per_sm = fitting_per_sm(tiling.device, PROGRAMS_PER_SM, kernel, (tiling, *key), constexprs, *args)
-    return tiling if per_sm == PROGRAMS_PER_SM else _tiling(*tensors, per_sm=per_sm)
+    ``constexprs()`` and ``args()`` (``key`` standing for them with the tiling); kept per
+    tiling and key, a dict lookup on later calls (host time)."""
+    fitted_key = (tiling, *key)
+    fitted = _fitted_tilings.get(fitted_key)
+    if fitted is None:
+        per_sm = fitting_per_sm(tiling.device, PROGRAMS_PER_SM, kernel, fitted_key, constexprs, *args())
+        fitted = tiling if per_sm == PROGRAMS_PER_SM else _tiling(*tensors, per_sm=per_sm)
+        if len(_fitted_tilings) >= 256:  # as many as _tiling_of keeps
+            _fitted_tilings.clear()
+        _fitted_tilings[fitted_key] = fitted
+    return fitted
 
 
 @functools.lru_cache(maxsize=256)  # worked out once per shape, layout and device: host time on every call otherwise
@@ -685,7 +696,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
     if training and not tiling.one_split:
         tiling = _fitted(
             tiling, batch_norm_stats_kernel, (x.dtype, stats.dtype), lambda: tiling.meta(x.dtype), (x, y),
-            x, stats.dtype, *tiling.args(1),
+            lambda: (x, stats.dtype, *tiling.args(1)),
         )  # fmt: skip
     own_stats = training and tiling.one_split
     partial, splits = None, 0
@@ -730,6 +741,11 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
     )
 
 
+def _reduce_constexprs(tiling: _Tiling, x, weight, training: bool) -> dict:
+    """The backward's reduction kernel's constexprs and launch options."""
+    return dict(TRAINING=training, HAS_W=weight is not None, **tiling.meta(x.dtype))
+
+
 def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx, dweight, dbias):
     channels = x.shape[1]
     if x.numel() == 0:  # dx is empty; dweight and dbias are sums of no terms
@@ -737,15 +753,11 @@ def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx, dweight, dbias)
         dbias.zero_()
         return
     tiling = _tiling(x, dy, dx)
-
-    def reduce_constexprs() -> dict:
-        return dict(TRAINING=training, HAS_W=weight is not None, **tiling.meta(x.dtype))
-
     if not (training and tiling.one_split):
         variant = (x.dtype, dy.dtype, dx.dtype, stats.dtype, dtype_of(weight), training)
         tiling = _fitted(
-            tiling, batch_norm_bwd_reduce_kernel, variant, reduce_constexprs, (x, dy, dx),
-            x, dy, dx, stats, weight, stats.dtype, *tiling.args(3),
+            tiling, batch_norm_bwd_reduce_kernel, variant, lambda: _reduce_constexprs(tiling, x, weight, training),
+            (x, dy, dx), lambda: (x, dy, dx, stats, weight, stats.dtype, *tiling.args(3)),
         )  # fmt: skip
     own_sums = training and tiling.one_split
     # (2, splits, channels): every split's sums of dy and dy * xhat
@@ -764,7 +776,7 @@ def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx, dweight, dbias)
         batch_norm_bwd_reduce_kernel.launch(
             tiling.reduction_grid,
             dtypes,
-            reduce_constexprs,
+            lambda: _reduce_constexprs(tiling, x, weight, training),
             x,
             dy,
             dx,
