@@ -317,7 +317,13 @@ _LOOKED_UP_BY_APPLY = [
 def eager_apply(function: type[torch.autograd.Function]) -> Callable:
     """``function.apply`` without its Python layer: the C apply it ends in. That layer
     is for functorch transforms and torch.compile, under which ``needs_dispatch`` is
-    true: call this only where it is false."""
+    true: call this only where it is false.
+
+    Its backward is run directly too: the engine calls the node's ``apply``, torch's
+    Python method that looks the backward up again on every call (``backward`` or
+    ``vjp``, boxed or not: two calls and a few class lookups, one of a missing
+    attribute), so the backward itself is made that method."""
+    function._backward_cls.apply = function.backward
     return _C_FUNCTION_APPLY.__get__(None, function)
 
 
