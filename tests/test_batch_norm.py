@@ -234,6 +234,37 @@ def triton_kernels(device, monkeypatch):
     kernels._tiling_of.cache_clear()
 
 
+@pytest.mark.parametrize(
+    "shape, layout, vec",
+    [
+        ((2, 3, 40), "contiguous", 8),  # L = 40: runs of 8 (16 bytes of bf16)
+        ((2, 3, 4, 5), "contiguous", 4),  # L = 20
+        ((5, 1, 6), "contiguous", 2),
+        ((256, 256, 14, 14), "contiguous", 4),  # ResNet's 14x14 stage in NCHW
+        ((4, 17, 9), "contiguous", 1),  # odd L
+        ((4, 3, 40), "sliced batch", 8),  # x[::2]: the n stride doubled, still a multiple
+        ((2, 3, 41), "sliced l", 1),  # x[..., 1:]: L = 40 but rows start one element in
+        ((2, 3, 4, 5), "channels_last", 1),  # channels inner: c is the contiguous axis
+        ((2, 3, 4, 5), "mixed", 1),  # x NCHW, dy channels-last: l is not every tensor's
+    ],
+)
+def test_vector_runs_along_l(device, triton_kernels, shape, layout, vec):
+    """The kernels' VEC: where every tensor has l contiguous, the largest of 8, 4, 2 that L
+    and every n and c stride are multiples of (vector loads the JIT's own specialisation,
+    multiples of 16, would miss), else 1."""
+    x = torch.empty(shape)
+    others = ()
+    if layout == "sliced batch":
+        x = x[::2]
+    elif layout == "sliced l":
+        x = x[..., 1:]
+    elif layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "mixed":
+        others = (torch.empty(shape).to(memory_format=torch.channels_last),)
+    assert triton_kernels._tiling(x, *others).vec == vec
+
+
 def test_int64_offsets_give_the_same_result(device, triton_kernels, monkeypatch):
     """The int64-offset variant (inputs past 2**31 elements) on an input small enough to test."""
     monkeypatch.setattr(triton_kernels, "INT32_OFFSETS_BELOW", 0)

@@ -12,7 +12,11 @@ is 2-D ``(N, C)`` input), then tiles ``(n, l, c)``:
   a block of up to 64 channels and reads tiles of (rows, channels), so its
   loads are coalesced along C;
 - otherwise (NCHW): a program owns one channel and reads tiles of (n, l),
-  coalesced along L.
+  coalesced along L; where L and every tensor's n and c strides are multiples
+  of 8, 4 or 2 (``VEC``: 14x14 = 196 is a multiple of 4), the offsets are
+  written so that the compiler sees runs of that many, and loads and stores
+  them as vectors (Triton's specialisation of the strides sees multiples of 16
+  only: 196 would otherwise be read one element at a time).
 Both tilings are correct for any strides; the choice only decides which
 reads are coalesced. Offsets are int32 unless a tensor spans 2**31 elements.
 Statistics accumulate in fp32 (fp64 for fp64 input), without atomics.
@@ -101,14 +105,29 @@ def _tile_indices(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
     IDX: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Broadcastable (n, l, c) indices of tile ``tile`` of the channels from
-    ``c_start``, in the offset dtype, and the mask of elements inside the tensor."""
+    ``c_start``, in the offset dtype, and the mask of elements inside the tensor
+    (with ``VEC``, constant over runs of VEC along l: see ``_offsets``)."""
+    if VEC > 1:
+        L = L // VEC * VEC  # L itself, in a form the compiler knows is a multiple of VEC
     n = (tile // l_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     l = (tile % l_tiles) * BLOCK_L + tl.arange(0, BLOCK_L)
     c = c_start + tl.arange(0, BLOCK_C)
     mask = (n < N)[:, None, None] & (l < L)[None, :, None] & (c < C)[None, None, :]
     return n.to(IDX)[:, None, None], l.to(IDX)[None, :, None], c.to(IDX)[None, None, :], mask
+
+
+@triton.jit
+def _offsets(n, l, c, sn, sl, sc, VEC: tl.constexpr):
+    """``n*sn + l*sl + c*sc``. ``VEC`` > 1 says that l is every tensor's contiguous axis
+    (``sl == 1``) and that L and the n and c strides are multiples of VEC: the offsets then
+    come in aligned runs of VEC along l, in a form the compiler sees, so that it loads
+    and stores them as vectors."""
+    if VEC > 1:
+        return n * (sn // VEC * VEC) + l + c * (sc // VEC * VEC)
+    return n * sn + l * sl + c * sc
 
 
 @triton.jit
@@ -177,6 +196,7 @@ def _tiles_moments(
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """(count, mean, M2) per channel of tiles ``first, first + step, ...`` of the channels
     from ``c_start``: each tile's mean and M2 in registers (two-pass), merged in tile
@@ -185,8 +205,8 @@ def _tiles_moments(
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for tile in range(first, tiles, step):
-        n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX)
-        x = tl.load(X + n * sxn + l * sxl + c * sxc, mask=mask, other=0.0).to(ACC)
+        n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC)
+        x = tl.load(X + _offsets(n, l, c, sxn, sxl, sxc, VEC), mask=mask, other=0.0).to(ACC)
         tile_count = _tile_count(tile, N, L, l_tiles, BLOCK_N, BLOCK_L).to(ACC)
         tile_mean = _channel_sum(x) / tile_count
         centered = tl.where(mask, x - tile_mean[None, None, :], 0.0)
@@ -216,6 +236,7 @@ def batch_norm_stats_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """This program's partial (count, mean, M2): the count, the same for every
     channel, at Partial[split], mean and M2 at Partial[splits + (k * splits + split) * C + c]
@@ -224,7 +245,7 @@ def batch_norm_stats_kernel(
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     count, mean, m2 = _tiles_moments(
-        X, N, L, C, sxn, sxl, sxc, c_start, split, tiles, splits, l_tiles, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C
+        X, N, L, C, sxn, sxl, sxc, c_start, split, tiles, splits, l_tiles, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C, VEC
     )
     if tl.program_id(0) == 0:
         tl.store(Partial + split, count)
@@ -290,6 +311,7 @@ def batch_norm_normalize_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """y for this program's tiles, normalised with the batch's statistics (in
     training, merged from the partials, or with ``OWN_STATS`` worked out from the
@@ -303,7 +325,7 @@ def batch_norm_normalize_kernel(
     if TRAINING:
         if OWN_STATS:
             _, mean, m2 = _tiles_moments(
-                X, N, L, C, sxn, sxl, sxc, c_start, 0, tiles, 1, l_tiles, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C
+                X, N, L, C, sxn, sxl, sxc, c_start, 0, tiles, 1, l_tiles, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C, VEC
             )
             var = m2 / tl.cast(M, ACC)
         else:
@@ -329,12 +351,12 @@ def batch_norm_normalize_kernel(
     if HAS_B:
         shift = _per_channel(B, c_start, C, ACC, BLOCK_C)
     for tile in range(tl.program_id(1), tiles, tl.num_programs(1)):
-        n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX)
-        x = tl.load(X + n * sxn + l * sxl + c * sxc, mask=mask, other=0.0).to(ACC)
+        n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC)
+        x = tl.load(X + _offsets(n, l, c, sxn, sxl, sxc, VEC), mask=mask, other=0.0).to(ACC)
         y = (x - mean[None, None, :]) * gain[None, None, :]
         if HAS_B:
             y += shift
-        tl.store(Y + n * syn + l * syl + c * syc, round_to(y, Y.dtype.element_ty), mask=mask)
+        tl.store(Y + _offsets(n, l, c, syn, syl, syc, VEC), round_to(y, Y.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- backward
@@ -370,6 +392,7 @@ def _tiles_grad_sums(
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """sum(dy) and sum(dy*(x - mean)) per channel over tiles ``first, first + step, ...``
     of the channels from ``c_start``; with ``STORE_DX`` (eval, where dx needs no sums)
@@ -379,13 +402,13 @@ def _tiles_grad_sums(
     sum_dy = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], dtype=ACC)
     sum_dy_xc = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], dtype=ACC)
     for tile in range(first, tiles, step):
-        n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX)
-        dy = tl.load(DY + n * sdn + l * sdl + c * sdc, mask=mask, other=0.0).to(ACC)
-        x = tl.load(X + n * sxn + l * sxl + c * sxc, mask=mask, other=0.0).to(ACC)
+        n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC)
+        dy = tl.load(DY + _offsets(n, l, c, sdn, sdl, sdc, VEC), mask=mask, other=0.0).to(ACC)
+        x = tl.load(X + _offsets(n, l, c, sxn, sxl, sxc, VEC), mask=mask, other=0.0).to(ACC)
         sum_dy += dy
         sum_dy_xc += dy * (x - mean)
         if STORE_DX:
-            tl.store(DX + n * sgn + l * sgl + c * sgc, round_to(dy * gain, DX.dtype.element_ty), mask=mask)
+            tl.store(DX + _offsets(n, l, c, sgn, sgl, sgc, VEC), round_to(dy * gain, DX.dtype.element_ty), mask=mask)
     return _channel_sum(sum_dy), _channel_sum(sum_dy_xc)
 
 
@@ -418,6 +441,7 @@ def batch_norm_bwd_reduce_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Partial sum(dy) and sum(dy*(x - mean)) at Partial[k, split, c] for k = 0, 1; in
     eval also dx = dy*w*rstd (strides sgn, sgl, sgc), which needs no sums."""
@@ -433,7 +457,7 @@ def batch_norm_bwd_reduce_kernel(
     # fmt: off
     sum_dy, sum_dy_xc = _tiles_grad_sums(
         X, DY, DX, Stats, gain, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc, sgn, sgl, sgc, c_start, split, tiles, splits,
-        l_tiles, not TRAINING, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C,
+        l_tiles, not TRAINING, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C, VEC,
     )
     # fmt: on
     partial = Partial + split * C
@@ -497,6 +521,7 @@ def batch_norm_dx_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Training dx: the batch mean and variance depend on x too, so dy loses
     its mean and its component along xhat. Each program adds up the partial
@@ -508,7 +533,7 @@ def batch_norm_dx_kernel(
         # fmt: off
         sum_dy, sum_dy_xc = _tiles_grad_sums(
             X, DY, DX, Stats, 1.0, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc, sgn, sgl, sgc, c_start, 0, tiles, 1,
-            l_tiles, False, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C,
+            l_tiles, False, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C, VEC,
         )
         # fmt: on
     else:
@@ -522,11 +547,11 @@ def batch_norm_dx_kernel(
     # xhat * sum(dy*xhat)/M == (x - mean) * along_xc
     along_xc = (sum_dy_xc * rstd * rstd / m)[None, None, :]
     for tile in range(tl.program_id(1), tiles, tl.num_programs(1)):
-        n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX)
-        dy = tl.load(DY + n * sdn + l * sdl + c * sdc, mask=mask, other=0.0).to(ACC)
-        x = tl.load(X + n * sxn + l * sxl + c * sxc, mask=mask, other=0.0).to(ACC)
+        n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC)
+        dy = tl.load(DY + _offsets(n, l, c, sdn, sdl, sdc, VEC), mask=mask, other=0.0).to(ACC)
+        x = tl.load(X + _offsets(n, l, c, sxn, sxl, sxc, VEC), mask=mask, other=0.0).to(ACC)
         dx = gain[None, None, :] * (dy - mean_dy - (x - mean) * along_xc)
-        tl.store(DX + n * sgn + l * sgl + c * sgc, round_to(dx, DX.dtype.element_ty), mask=mask)
+        tl.store(DX + _offsets(n, l, c, sgn, sgl, sgc, VEC), round_to(dx, DX.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- launchers
@@ -553,6 +578,7 @@ class _Tiling:
     programs: int  # elementwise programs per channel block
     offset_dtype: tl.dtype
     num_warps: int
+    vec: int  # the kernels' VEC (``_offsets``): 1, or the runs of l every tensor's offsets come in
     device: torch.device
     # Made from the above, once (a property would cost host time on every launch):
     m: int = field(init=False)  # elements per channel
@@ -579,7 +605,9 @@ class _Tiling:
         # what each launch passes, made once: building them costs host time on every call
         flat = [s for strides in self.strides for s in strides]
         args = {t: (self.n, self.l, self.c, *flat[: 3 * t], self.tiles, self.l_tiles) for t in (1, 2, 3)}
-        blocks = dict(IDX=self.offset_dtype, BLOCK_N=self.block_n, BLOCK_L=self.block_l, BLOCK_C=self.block_c)
+        blocks = dict(
+            IDX=self.offset_dtype, BLOCK_N=self.block_n, BLOCK_L=self.block_l, BLOCK_C=self.block_c, VEC=self.vec
+        )
         metas = {acc: dict(ACC=acc, **blocks, num_warps=self.num_warps) for acc in (tl.float32, tl.float64)}
         object.__setattr__(self, "_args", args)
         object.__setattr__(self, "_metas", metas)
@@ -658,6 +686,12 @@ def _tiling_of(
     balanced = math.isqrt(tiles * TILE // (PARTIAL_SHARE * block_c))
     splits = max(1, min(tiles, num_programs(device, channel_blocks * tiles, per_sm) // channel_blocks, balanced))
     tiles_per_program = cdiv(splits * block_c * PARTIAL_SHARE, TILE)
+    # l contiguous in every tensor (NCHW): runs of the largest power of two, up to 16 bytes of
+    # bf16, that L and every n and c stride are multiples of, for vector loads and stores
+    vec = 1
+    if not channels_inner and all(s_l == 1 for _, s_l, _ in strides):
+        multiples = (l, *(s for s_n, _, s_c in strides for s in (s_n, s_c)))
+        vec = next((v for v in (8, 4, 2) if all(m % v == 0 for m in multiples)), 1)
     # masked lanes of edge tiles form offsets too: bound them with the padded sizes
     padded = (n_tiles * block_n, l_tiles * block_l, channel_blocks * block_c)
     span = max(sum((size - 1) * stride for size, stride in zip(padded, s)) for s in strides)
@@ -676,6 +710,7 @@ def _tiling_of(
         programs=max(1, min(tiles // tiles_per_program, MAX_GRID_Y)),
         offset_dtype=tl.int32 if span < INT32_OFFSETS_BELOW else tl.int64,
         num_warps=min(max(block_n * block_l * block_c // 512, 1), 8),
+        vec=vec,
         device=device,
     )
 
