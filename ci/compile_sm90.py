@@ -69,11 +69,12 @@ NORM_FEATURES = (1024, 2048, 4096, 8192)
 # specializations the tests' small shapes never make; recorded without running
 # the kernels. batch_norm2d (N, C, H, W), NCHW and channels-last, with the split
 # reductions a GPU's grid gives them; cross_entropy and linear_cross_entropy at a
-# vocabulary of 32k (every larger one launches the same variants: the block sizes
-# are capped there), on 16 rows of 64 features (rows and features only size the
-# grid and the matmuls); dropout on 2^20 elements.
+# vocabulary of 32k (every larger multiple of 16 launches the same variants: the block
+# sizes are capped there) and at GPT-2's 50257 (rows not 16-byte aligned), on 16 rows
+# of 64 features (rows and features only size the grid and the matmuls); dropout on
+# 2^20 elements.
 BATCH_NORM_SHAPES = ((256, 64, 56, 56), (256, 128, 28, 28), (256, 256, 14, 14), (256, 512, 7, 7))
-VOCABULARY = 32768
+VOCABULARIES = (32768, 50257)
 GPU_SMS = 132  # an H100 SXM's or H200's SMs, for the persistent grids of those launches
 
 
@@ -224,10 +225,11 @@ def _exercise_benchmark_shapes() -> None:
             y.backward(torch.empty_like(y))
         batch_norm._tiling_of.cache_clear()
         target = torch.zeros(16, dtype=torch.int64)
-        flags_as_kernels_would_write()  # the target check reads what the forward's kernel would write
-        gk.cross_entropy(leaf(16, VOCABULARY), target).backward()
-        flags_as_kernels_would_write()
-        gk.linear_cross_entropy(leaf(16, 64), leaf(VOCABULARY, 64), target).backward()
+        for vocabulary in VOCABULARIES:
+            flags_as_kernels_would_write()  # the target check reads what the forward's kernel would write
+            gk.cross_entropy(leaf(16, vocabulary), target).backward()
+            flags_as_kernels_would_write()
+            gk.linear_cross_entropy(leaf(16, 64), leaf(vocabulary, 64), target).backward()
         y = gk.dropout(leaf(1 << 20), 0.1, seed=1)
         y.backward(torch.empty_like(y))
 
