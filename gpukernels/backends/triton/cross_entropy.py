@@ -1,7 +1,8 @@
 """Cross-entropy over the rows of a contiguous (rows, C) logit matrix.
 
 Forward, ``cross_entropy_fwd_kernel``, one program per row: reads the row in column
-blocks and keeps an online log-sum-exp: the running max ``m`` and
+blocks (the next block's load issued before this one is reduced) and keeps an
+online log-sum-exp: the running max ``m`` and
 ``s = sum exp(x - m)``, rescaled when ``m`` grows; with label smoothing or
 class-probability targets also, for the row's target weights ``q`` (``w`` for
 the smoothing term of class indices, ``w * ((1-e) target + e/C)`` for
@@ -223,10 +224,15 @@ def cross_entropy_fwd_kernel(
     s = tl.zeros((), ACC)
     d = tl.zeros((), ACC)
     mass = tl.zeros((), ACC)
+    # Each step loads the next block before reducing this one: two blocks in flight per
+    # program, so the loads' latency hides behind the reductions' barriers.
+    cols = tl.arange(0, BLOCK_C)
+    next_x = tl.load(X + cols, mask=cols < C, other=neg_inf)
     for start in range(0, C, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         mask = cols < C
-        x = tl.load(X + cols, mask=mask, other=neg_inf).to(ACC)
+        x = next_x.to(ACC)
+        next_x = tl.load(X + BLOCK_C + cols, mask=cols + BLOCK_C < C, other=neg_inf)
         if SOFTCAP:  # -inf stays out of the padding, which the cap would make -cap
             x = tl.where(mask, apply_softcap(x, cap), neg_inf)
         m = tl.maximum(m, tl.max(x, axis=0))
