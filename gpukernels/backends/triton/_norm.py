@@ -14,10 +14,14 @@ accuracy), once to normalise.
 Backward: one launch of a persistent grid; each program takes rows
 ``pid, pid + G, ...``, writes their ``dx`` and keeps running sums of
 ``dy*xhat`` (and ``dy`` for a bias) for its rows, stored as its rows of a
-(2, G, D) partial buffer. The partial rows are then summed in a tree over the
-programs, ``FAN_IN`` children a node: the last program to arrive at a node (an
-arrival counter per node) sums its children's rows, and the one that sums the
-root writes dweight (and dbias). Each sum is in a fixed order (no float
+(2, G, D) partial buffer. A row that fits in one block is read while the
+previous one is reduced (the next row's ``dy``, ``x`` and statistics are
+loaded first), and its two sums, ``sum(g)`` and ``sum(g*xhat)``, are one
+reduction (one pass through shared memory: half the barriers of two). The
+partial rows are then summed in a tree over the programs, ``FAN_IN``
+children a node: the last program to arrive at a node (an arrival counter per
+node) sums its children's rows, and the one that sums the root writes dweight
+(and dbias). Each sum is in a fixed order (no float
 atomics: the same dweight on every run), no program waits for another, and
 the work after the last program's rows is a few node sums (``log_FAN_IN G``
 levels) rather than all ``G x D`` partials summed by one program, which on a
@@ -185,6 +189,16 @@ def sum_partial_rows(Partial, DW, DB, Counters, programs, D, FAN_IN: tl.constexp
 
 
 @triton.jit
+def _row_stats(Stats, row, rows, CENTERED: tl.constexpr):
+    """Row ``row``'s ``(mean, rstd)`` from the forward's ``Stats`` (centred: each row's mean, then
+    each row's rstd; else each row's rstd, and a mean of 0); zeros past the last row."""
+    exists = row < rows
+    rstd = tl.load(Stats + (row + rows if CENTERED else row), mask=exists, other=0.0)
+    mean = tl.load(Stats + row, mask=exists, other=0.0) if CENTERED else tl.zeros_like(rstd)
+    return mean, rstd
+
+
+@triton.jit
 def _normalised(x, mean, rstd, mask, CENTERED: tl.constexpr):
     """``xhat``: ``(x - mean) * rstd`` under CENTERED, else ``x * rstd``. Given a ``mask``, 0 off the
     row, for sums over it (uncentred, ``x`` is loaded as 0 there)."""
@@ -225,6 +239,24 @@ def _output(xhat, W, B, cols, mask, offset, X_DTYPE: tl.constexpr, MUL: tl.const
     if B is not None:
         y = y + tl.load(B + cols, mask=mask, other=0.0).to(MUL)
     return y
+
+
+@triton.jit
+def _add_pairs(a_g, a_gxhat, b_g, b_gxhat):
+    return a_g + b_g, a_gxhat + b_gxhat
+
+
+@triton.jit
+def _row_means(g, gxhat, D, CENTERED: tl.constexpr):
+    """``mean(g)`` (0 unless CENTERED) and ``mean(gxhat)`` over the row (its last axis), the two
+    sums in one reduction: across warps it goes through shared memory once, so a row costs
+    one set of barriers, not two."""
+    if CENTERED:
+        sum_g, sum_gxhat = tl.reduce((g, gxhat), 0, _add_pairs)
+    else:
+        sum_gxhat = tl.sum(gxhat, axis=0)
+        sum_g = tl.zeros_like(sum_gxhat)
+    return sum_g / D, sum_gxhat / D
 
 
 @triton.jit
@@ -340,24 +372,25 @@ def norm_bwd_kernel(
         scale = _scale(W, cols, mask, offset, ACC) if HAS_W else 1.0
         dw = tl.zeros([BLOCK_D], dtype=ACC)
         db = tl.zeros([BLOCK_D], dtype=ACC)
-        # Each step loads the next row before reducing this one: two rows in flight
-        # per program, so the loads' latency hides behind the reductions.
+        # Each step loads the next row and its statistics before reducing this one: two
+        # rows in flight per program, so the loads' latency hides behind the reductions.
         offs = tl.cast(pid, tl.int64) * D + cols
         first = cols < tl.where(pid < rows, D, 0)
         next_dy = tl.load(DY + offs, mask=first, other=0.0)
         next_x = tl.load(X + offs, mask=first, other=0.0)
+        next_mean, next_rstd = _row_stats(Stats, pid, rows, CENTERED)
         for row in range(pid, rows, programs):
             dy = next_dy.to(ACC)
             x = next_x.to(ACC)
+            mean, rstd = next_mean, next_rstd
             following = cols < tl.where(row + programs < rows, D, 0)
             next_dy = tl.load(DY + offs + programs * D, mask=following, other=0.0)
             next_x = tl.load(X + offs + programs * D, mask=following, other=0.0)
-            mean = tl.load(Stats + row) if CENTERED else 0.0
-            rstd = tl.load(Stats + (row + rows if CENTERED else row))  # centred: means, then rstds
+            next_mean, next_rstd = _row_stats(Stats, row + programs, rows, CENTERED)
             xhat = _normalised(x, mean, rstd, mask, CENTERED)
             g = dy * scale
-            mean_g = tl.sum(g, axis=0) / D if CENTERED else 0.0
-            dx = _dx(g, xhat, rstd, mean_g, tl.sum(g * xhat, axis=0) / D, CENTERED)
+            mean_g, mean_gxhat = _row_means(g, g * xhat, D, CENTERED)
+            dx = _dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED)
             tl.store(DX + offs, round_to(dx, DX.dtype.element_ty), mask=mask)
             if HAS_W:
                 dw += dy * _weight_input(xhat, x_dtype, CAST_BEFORE_W)
@@ -375,8 +408,7 @@ def norm_bwd_kernel(
             zero_partial_row(partial_db, D, BLOCK_D)
         for row in range(pid, rows, programs):
             base = tl.cast(row, tl.int64) * D
-            mean = tl.load(Stats + row) if CENTERED else 0.0
-            rstd = tl.load(Stats + (row + rows if CENTERED else row))  # centred: means, then rstds
+            mean, rstd = _row_stats(Stats, row, rows, CENTERED)
             sum_g = tl.zeros([BLOCK_D], dtype=ACC)
             sum_gxhat = tl.zeros([BLOCK_D], dtype=ACC)
             for start in range(0, D, BLOCK_D):
@@ -392,8 +424,7 @@ def norm_bwd_kernel(
                     add_to_partial_row(partial_dw, cols, mask, dy * _weight_input(xhat, x_dtype, CAST_BEFORE_W))
                 if HAS_B:
                     add_to_partial_row(partial_db, cols, mask, dy)
-            mean_g = tl.sum(sum_g, axis=0) / D if CENTERED else 0.0
-            mean_gxhat = tl.sum(sum_gxhat, axis=0) / D
+            mean_g, mean_gxhat = _row_means(sum_g, sum_gxhat, D, CENTERED)
             for start in range(0, D, BLOCK_D):
                 cols = start + tl.arange(0, BLOCK_D)
                 mask = cols < D
