@@ -24,8 +24,9 @@ Statistics accumulate in fp32 (fp64 for fp64 input), without atomics.
 Forward (2 launches in training, 1 in eval; 2 reads of x in training):
 1. ``batch_norm_stats_kernel``, grid (channel blocks, SPLIT): program ``s`` takes
    tiles ``s, s + SPLIT, ...`` of its channels, computes each tile's mean and
-   M2 in registers (two-pass) and merges them into its partial
-   (count, mean, M2) with Chan's formula. Training only.
+   M2 in registers (two-pass; the next tile is loaded before they are
+   reduced) and merges them into its partial (count, mean, M2) with Chan's
+   formula. Training only.
 2. ``batch_norm_normalize_kernel``: each program first merges the SPLIT
    partials of its channels, in split order, into the batch mean and rstd (in
    eval: reads them off the running stats); the first program of each channel
@@ -131,6 +132,30 @@ def _offsets(n, l, c, sn, sl, sc, VEC: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(
+    X,
+    tile,
+    c_start,
+    N,
+    L,
+    C,
+    sn,
+    sl,
+    sc,
+    l_tiles,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    IDX: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """Tile ``tile`` of ``X`` (strides sn, sl, sc), in X's dtype: 0 outside the tensor, all 0
+    past the last tile (whose rows start at N or beyond)."""
+    n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC)
+    return tl.load(X + _offsets(n, l, c, sn, sl, sc, VEC), mask=mask, other=0.0)
+
+
+@triton.jit
 def _tile_count(tile, N, L, l_tiles, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
     """Elements per channel in tile ``tile`` (fewer than a full tile at the edges)."""
     rows = tl.minimum(N - (tile // l_tiles) * BLOCK_N, BLOCK_N)
@@ -204,9 +229,15 @@ def _tiles_moments(
     count = tl.zeros([], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    # Each step loads the next tile before reducing this one: two tiles in flight per
+    # program, so the loads' latency hides behind the reductions' barriers.
+    next_x = _load_tile(X, first, c_start, N, L, C, sxn, sxl, sxc, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC)
     for tile in range(first, tiles, step):
         n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC)
-        x = tl.load(X + _offsets(n, l, c, sxn, sxl, sxc, VEC), mask=mask, other=0.0).to(ACC)
+        x = next_x.to(ACC)
+        next_x = _load_tile(
+            X, tile + step, c_start, N, L, C, sxn, sxl, sxc, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC
+        )
         tile_count = _tile_count(tile, N, L, l_tiles, BLOCK_N, BLOCK_L).to(ACC)
         tile_mean = _channel_sum(x) / tile_count
         centered = tl.where(mask, x - tile_mean[None, None, :], 0.0)
