@@ -242,17 +242,13 @@ def _output(xhat, W, B, cols, mask, offset, X_DTYPE: tl.constexpr, MUL: tl.const
 
 
 @triton.jit
-def _add_pairs(a_g, a_gxhat, b_g, b_gxhat):
-    return a_g + b_g, a_gxhat + b_gxhat
-
-
-@triton.jit
 def _row_means(g, gxhat, D, CENTERED: tl.constexpr):
     """``mean(g)`` (0 unless CENTERED) and ``mean(gxhat)`` over the row (its last axis), the two
-    sums in one reduction: across warps it goes through shared memory once, so a row costs
-    one set of barriers, not two."""
+    sums in one reduction of the pair: across warps it goes through shared memory once, so a
+    row costs one set of barriers, not two. (A ``tl.reduce`` with a combine function of two
+    values is one reduction too, but the interpreter runs such a function element by element.)"""
     if CENTERED:
-        sum_g, sum_gxhat = tl.reduce((g, gxhat), 0, _add_pairs)
+        sum_g, sum_gxhat = tl.split(tl.sum(tl.join(g, gxhat), axis=0))
     else:
         sum_gxhat = tl.sum(gxhat, axis=0)
         sum_g = tl.zeros_like(sum_gxhat)
