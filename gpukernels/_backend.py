@@ -94,9 +94,12 @@ def backend_name(device: torch.device) -> str:
 def backend_for(t: torch.Tensor) -> str:
     """``backend_name(t.device)``, without making ``t.device`` (a new object on every
     read: host time) for CPU and CUDA tensors."""
-    chosen = _chosen()
-    if chosen is not None:
-        return chosen
+    if _selected is not None:
+        return _selected
+    if _ENVIRON is None or _ENV_KEY in _ENVIRON:  # the variable may be set: _chosen reads it
+        chosen = _chosen()
+        if chosen is not None:
+            return chosen
     if t.is_cuda:
         return _DEFAULT_FOR_DEVICE["cuda"]
     if t.is_cpu:

@@ -397,6 +397,21 @@ def check_keyed_launches_are_the_jits(stub: _Stub) -> None:
         assert _launched(stub, lambda: kernel.launch((4,), name, lambda: kwargs, *cases[0][1]))["stream"] == 0x7890
     finally:
         driver.active.get_current_stream = original
+    # torch.cuda.current_device as the driver's (Triton <= 3.6): its C call instead, no lazy-init check
+    asked = []
+    python_device, c_device = (lambda: asked.append("python") or 0), (lambda: asked.append("C") or 0)
+    saved = driver.active.get_current_device, _launch._torch_current_device, _launch._cuda_get_device
+    driver.active.get_current_device, _launch._torch_current_device, _launch._cuda_get_device = (
+        python_device,
+        python_device,
+        c_device,
+    )
+    try:
+        keyed = _launched(stub, lambda: kernel.launch((4,), name, lambda: kwargs, *cases[0][1]))
+    finally:
+        driver.active.get_current_device, _launch._torch_current_device, _launch._cuda_get_device = saved
+    assert asked == ["C"], asked
+    assert keyed == _launched(stub, lambda: fn[(4,)](*cases[0][1], **kwargs))
     seen = []
     hook = lambda metadata: seen.append(metadata.get()["name"])  # noqa: E731
     knobs.runtime.launch_enter_hook.add(hook)

@@ -268,9 +268,10 @@ class KernelOp:
         made of differentiable ops (``twice_differentiable``), a second derivative
         through it raises instead of silently leaving out this op's term."""
 
+        no_grads = (None,) * (len(self.kernel_inputs) + 1)  # one per input, the backend's included
+
         def setup(ctx, inputs, output):
             ctx.materialize_grads = False  # ctx.set_materialize_grads(False), one call less
-            ctx.inputs_count = len(inputs)
             ctx.backend = inputs[-1]
             setup_context(ctx, inputs[:-1], output)
 
@@ -278,7 +279,7 @@ class KernelOp:
 
         def backward_of_first_output(ctx, *grads):
             if grads[0] is None:
-                return (None,) * ctx.inputs_count
+                return no_grads
             if not twice_differentiable and torch.is_grad_enabled():  # create_graph: guard the second derivative
                 return (*guarded_backward(ctx, *grads), None)
             return (*backward(ctx, *grads), None)
@@ -288,10 +289,13 @@ class KernelOp:
         run = self._run
 
         # forward(ctx, ...), not forward(...) with a setup_context: Function.apply binds
-        # the arguments to the signature of the latter on every call (inspect, host time)
+        # the arguments to the signature of the latter on every call (inspect, host time);
+        # setup's lines inline, one call less
         def forward(ctx, *args):
             output = run(*args)
-            setup(ctx, args, output)
+            ctx.materialize_grads = False
+            ctx.backend = args[-1]
+            setup_context(ctx, args[:-1], output)
             return output
 
         # Function.apply looks these up on the class on every call, through the metaclass's

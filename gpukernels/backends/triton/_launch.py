@@ -214,6 +214,12 @@ def _hooked(fn: JITFunction) -> bool | None:
         return None
 
 
+# The NVIDIA driver's get_current_device (Triton <= 3.6), a Python function, and the C call
+# it ends in (None without CUDA).
+_cuda_get_device = getattr(torch._C, "_cuda_getDevice", None)
+_torch_current_device = torch.cuda.current_device if _cuda_get_device is not None else None
+
+
 KERNELS: list["Kernel"] = []
 """Every compiled kernel ``jit`` has made (AOTAutograd's cache key lists their sources: ops/_op.py)."""
 
@@ -293,14 +299,26 @@ class Kernel:
             return self[grid](*args, **constexprs())
         if not CHECK_LAUNCH_KEYS and self.compiled and not tracing():
             active = driver.active
-            device = active.get_current_device()
+            get_device = active.get_current_device
+            # torch.cuda.current_device without its lazy-init check: the tensors launched on are CUDA's
+            device = _cuda_get_device() if get_device is _torch_current_device else get_device()
             found = self._keyed.get((device, key))
             if found is not None:
-                hooked = _hooked(self.fn)
-                if hooked is False:
+                runtime = knobs.runtime
+                try:  # whether any hook is set (_hooked's question, inline: host time)
+                    hooks = (
+                        self.fn.pre_run_hooks
+                        or runtime.launch_enter_hook.calls
+                        or runtime.launch_exit_hook.calls
+                        or (_HAS_STAGES_HOOK and runtime.add_stages_inspection_hook is not None)
+                    )
+                except AttributeError:  # a plain function set in place of a chain
+                    hooks = True
+                if not hooks:
                     call, kernel, cached = found
                     call(active.get_current_stream(device), args + cached, *grid)
                     return kernel
+                hooked = _hooked(self.fn)
                 if hooked:
                     _, kernel, cached = found
                     _launch_hooked(kernel, grid, active.get_current_stream(device), args + cached)
