@@ -75,6 +75,38 @@ def check_normalized_shape(input: torch.Tensor, normalized_shape: int | Sequence
     return shape, d
 
 
+def check_norm_input(
+    input: torch.Tensor, normalized_shape: int | Sequence[int], names: Sequence[str], params: Sequence
+) -> tuple[tuple[int, ...], int]:
+    """A norm's ``check_float`` of input, ``check_normalized_shape`` and
+    ``check_optional_floats`` of its ``params`` (named by ``names``) in one: returns
+    ``(shape, d)``. The usual call (plain tensors, one normalized dim given as an int or a
+    1-tuple) passes in one pass of reads, each attribute read once (host time); anything
+    else goes through those checks, which name what fails."""
+    shape = (normalized_shape,) if type(normalized_shape) is int else normalized_shape
+    if (
+        type(input) in PLAIN_TENSOR_TYPES
+        and input.dtype in FLOAT_DTYPES
+        and type(shape) is tuple
+        and len(shape) == 1
+        and type(shape[0]) is int
+        and shape[0] > 0
+        and input.shape[-1:] == shape
+    ):
+        device = input.device
+        for t in params:
+            if t is not None and not (
+                type(t) in PLAIN_TENSOR_TYPES and t.dtype in FLOAT_DTYPES and t.shape == shape and t.device == device
+            ):
+                break
+        else:
+            return shape, shape[0]
+    check_float("input", input)
+    shape, d = check_normalized_shape(input, normalized_shape)
+    check_optional_floats(names, params, input, shape)
+    return shape, d
+
+
 def check_number(
     name: str,
     value,

@@ -163,7 +163,8 @@ def _check_target(target: Tensor, input: Tensor, index_shape: Sequence[int]) -> 
         raise ArgumentTypeError(
             f"target must be a torch.Tensor of class indices or class probabilities, got {type(target).__name__}"
         )
-    check_device("target", target, input)
+    if target.device != input.device:
+        check_device("target", target, input)
     if target.is_floating_point():
         if target.shape != input.shape:
             raise ArgumentError(
@@ -229,8 +230,10 @@ def cross_entropy(
             f"ignore_index must be negative with class-probability targets (it does not apply to "
             f"them), got {ignore_index}"
         )
-    check_choice("reduction", reduction, REDUCTIONS)
-    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    if reduction not in REDUCTIONS:
+        check_choice("reduction", reduction, REDUCTIONS)
+    if not (type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0):  # the usual call passes as is
+        label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
     if autocast_enabled(input) and input.dtype != torch.float64:
         input = input.float()
         target = target.float() if probabilities else target
@@ -243,13 +246,13 @@ def cross_entropy(
         _check_weight(weight, input, classes)
         weight = weight.contiguous()
 
-    logits = _class_last(input, class_dim, classes)
-    if probabilities:
-        loss, _ = cross_entropy_probs_fwd(
-            logits, _class_last(target, class_dim, classes), weight, label_smoothing, reduction
-        )
+    if len(shape) == 2:  # (N, C): the rows as they are, no view (host time)
+        logits, rows_target = input.contiguous(), target.contiguous() if probabilities else target
     else:
-        loss, _ = cross_entropy_fwd(
-            logits, reshaped(target, target.numel()), weight, ignore_index, label_smoothing, reduction
-        )
+        logits = _class_last(input, class_dim, classes)
+        rows_target = _class_last(target, class_dim, classes) if probabilities else reshaped(target, target.numel())
+    if probabilities:
+        loss, _ = cross_entropy_probs_fwd(logits, rows_target, weight, label_smoothing, reduction)
+    else:
+        loss, _ = cross_entropy_fwd(logits, rows_target, weight, ignore_index, label_smoothing, reduction)
     return reshaped(loss, *batch_shape) if reduction == "none" else loss

@@ -80,7 +80,8 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, seed: int | Te
     mask: the same ``seed`` gives the same mask on every backend. ``seed=None``
     draws one from PyTorch's default generator of ``input``'s device."""
     check_float("input", input)
-    p = check_number("p", p, low=0.0, high=1.0)
+    if not (type(p) is float and 0.0 <= p <= 1.0):  # the usual call passes as is
+        p = check_number("p", p, low=0.0, high=1.0)
     if not training or p == 0.0:
         return input
     return dropout_fwd(input.contiguous(), p, _seed_tensor(seed, input))

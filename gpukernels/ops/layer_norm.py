@@ -9,19 +9,13 @@ one ``(2, rows)`` tensor: one allocation and one saved tensor, not two.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ._checks import (
-    autocast_enabled,
-    check_float,
-    check_normalized_shape,
-    check_number,
-    check_optional_floats,
-    empty_grad,
-)
+from ._checks import autocast_enabled, check_norm_input, check_number, empty_grad
 from ._op import kernel_op, reshaped, row_count, stats_dtype
 
 
@@ -77,10 +71,9 @@ def layer_norm(
     """``torch.nn.functional.layer_norm``: normalise over the trailing
     ``normalized_shape`` dims, statistics in fp32 (fp64 for fp64 input).
     Under autocast it runs in fp32, as PyTorch's does."""
-    check_float("input", input)
-    shape, d = check_normalized_shape(input, normalized_shape)
-    check_optional_floats(("weight", "bias"), (weight, bias), input, shape)
-    eps = check_number("eps", eps, low=0.0)
+    shape, d = check_norm_input(input, normalized_shape, ("weight", "bias"), (weight, bias))
+    if not (type(eps) is float and 0.0 <= eps < math.inf):  # the usual call passes as is
+        eps = check_number("eps", eps, low=0.0)
     if autocast_enabled(input) and input.dtype != torch.float64:
         input = input.float()
     if len(shape) == 1:  # the kernels read the rows of input as it is

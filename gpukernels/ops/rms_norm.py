@@ -25,14 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import (
-    autocast_enabled,
-    check_float,
-    check_normalized_shape,
-    check_number,
-    check_optional_float,
-    empty_grad,
-)
+from ._checks import autocast_enabled, check_norm_input, check_number, empty_grad
 from ._op import kernel_op, reshaped, row_count, stats_dtype
 
 
@@ -96,9 +89,7 @@ def rms_norm(
     PyTorch's CUDA autocast runs ``rms_norm``; with ``offset`` or
     ``cast_before_weight`` it runs as without autocast, as the model code it
     reproduces does (its own explicit casts)."""
-    check_float("input", input)
-    shape, d = check_normalized_shape(input, normalized_shape)
-    check_optional_float("weight", weight, input, shape)
+    shape, d = check_norm_input(input, normalized_shape, ("weight",), (weight,))
     eps = torch.finfo(stats_dtype(input.dtype)).eps if eps is None else check_number("eps", eps, low=0.0)
     offset = check_number("offset", offset)
     if offset and weight is None:
