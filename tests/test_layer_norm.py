@@ -186,11 +186,25 @@ def test_autocast_runs_in_fp32():
         (lambda x: gk.layer_norm(x, (8,), torch.ones(8, dtype=torch.int32)), "weight must be"),
         (lambda x: gk.layer_norm(x, (8,), eps=-1.0), "eps must be"),
         (lambda x: gk.layer_norm(x, (8,), eps=float("nan")), "eps must be finite"),
+        (lambda x: gk.layer_norm(x, (8,), eps=float("inf")), "eps must be finite"),
+        (lambda x: gk.layer_norm(x, (8,), torch.ones(8, device="meta")), "weight is on meta"),
+        (lambda x: gk.layer_norm(x, (8.0,)), "normalized_shape"),
+        (lambda x: gk.layer_norm(x[0, 0], (8,)), "normalized_shape"),
     ],
 )
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         call(torch.randn(4, 8))
+
+
+@pytest.mark.parametrize(
+    "normalized_shape,dims", [(8, (8,)), ((8,), (8,)), ([8], (8,)), (torch.Size([8]), (8,)), ((2, 4), (2, 4))]
+)
+def test_normalized_shape_forms(normalized_shape, dims):
+    """Every form of normalized_shape (the usual int or 1-tuple, checked in one pass, and
+    the rest, checked one by one) normalises the same trailing dims."""
+    x = torch.randn(3, *dims)
+    torch.testing.assert_close(gk.layer_norm(x, normalized_shape), F.layer_norm(x, dims))
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 17), (17,)])
