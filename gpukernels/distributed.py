@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._numerics import stats_dtype
 from .errors import ArgumentError
 from .nn import BatchNormForward
-from .ops._checks import check_float, check_number
+from .ops._checks import check_float, check_number, contiguous_param
 from .ops._op import refuse_second_derivative
 from .ops.batch_norm import batch_norm_fwd, check_params
 
@@ -175,6 +175,7 @@ def sync_batch_norm(
     momentum = check_number("momentum", momentum)
     group = process_group or dist.group.WORLD
     x = input.reshape(input.shape[0], channels, math.prod(input.shape[2:]))
+    weight, bias = contiguous_param(weight), contiguous_param(bias)  # the kernels read them element after element
     y = _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps, group)
     return y.view(input.shape)
 

@@ -104,3 +104,13 @@ def applied_to_itself(y: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the op that made ``y`` took the leaf ``x`` itself, of ``y``'s shape: no view
     of ``x`` around the op (each an autograd node, with host time of its own)."""
     return y.shape == x.shape and y.grad_fn.next_functions[0][0].variable is x
+
+
+def assert_same_output_and_grads(ours, theirs, leaf: torch.Tensor) -> None:
+    """``ours()`` and ``theirs()`` (fp64) give the same output and the same gradient of a
+    random projection of it with respect to ``leaf``."""
+    y, ref = ours(), theirs()
+    torch.testing.assert_close(y, ref, **TOLERANCES[torch.float64])
+    up = torch.randn_like(ref)
+    (grad,), (ref_grad,) = (torch.autograd.grad(out, leaf, up) for out in (y, ref))
+    torch.testing.assert_close(grad, ref_grad, **TOLERANCES[torch.float64])

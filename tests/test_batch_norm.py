@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import gpukernels as gk
 from gpukernels._numerics import ncl_strides
 from gpukernels.ops.batch_norm import batch_norm, batch_norm_bwd, batch_norm_fwd
-from helpers import TOLERANCES, applied_to_itself, assert_matches, count_launches
+from helpers import TOLERANCES, applied_to_itself, assert_matches, assert_same_output_and_grads, count_launches
 
 SHAPES = [(8, 3), (6, 17), (5, 1000), (4, 17, 9), (1, 3, 7), (5, 1, 6), (2, 3, 4097), (2, 3, 4, 5), (3, 1, 1, 2)]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -152,6 +152,24 @@ def test_non_contiguous_input(device, view, training):
     }[view]()
     assert not x.is_contiguous()
     check_against_torch(x, *params, training)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_strided_params_and_running_stats(device, training):
+    """Parameters and running stats that are views stepping over elements are read as such;
+    the gradients reach the parameters, and the running stats are updated in their place."""
+    x = torch.randn(6, 4, 5, dtype=torch.float64, device=device)
+    params = torch.randn(2, 8, dtype=torch.float64, device=device, requires_grad=True)
+    weight, bias = params[0, ::2], params[1, ::2]
+    stats, their_stats = [torch.rand(2, 8, dtype=torch.float64, device=device) + 0.5 for _ in range(2)]
+    their_stats.copy_(stats)
+    assert not stats[0, ::2].is_contiguous()
+    assert_same_output_and_grads(
+        lambda: gk.batch_norm(x, stats[0, ::2], stats[1, ::2], weight, bias, training=training),
+        lambda: F.batch_norm(x, their_stats[0, ::2], their_stats[1, ::2], weight, bias, training=training),
+        params,
+    )
+    torch.testing.assert_close(stats, their_stats, **TOLERANCES[torch.float64])
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -206,6 +206,16 @@ def test_non_contiguous_input(device, layout):
     _compare(x, target, weight=torch.rand(x.shape[1], dtype=torch.float64, device=device), label_smoothing=0.05)
 
 
+@pytest.mark.parametrize("shape", [(6,), (3, 2)])
+def test_strided_class_indices(device, shape):
+    """Class indices that step over elements (a view of every other one, (N,) or (N, d1))
+    are read as such."""
+    x = _logits((shape[0], 7, *shape[1:]), device=device)
+    target = _targets((*shape[:-1], 2 * shape[-1]), 7, device=device)[..., ::2]
+    assert not target.is_contiguous()
+    _compare(x, target, weight=torch.rand(7, dtype=torch.float64, device=device), label_smoothing=0.05)
+
+
 def test_forward_saves_the_rows_logsumexp_statistics(device):
     x = _logits((4, 7), torch.float64, scale=300.0, device=device) + 1e4
     target = _targets((4,), 7, ignored=[2], device=device)

@@ -27,7 +27,8 @@ TARGETS = {
     ("adamw", "step"): 1.5,
 }
 # Targets not met, or met by less than 5%: measured + 5% (bench/results/host-time-2026-12-03-inline-checks:
-# Python 3.11, torch 2.13, Triton 3.9, no backend selected, kernels launched by backends/triton/_launch.py).
+# Python 3.11, torch 2.13, Triton 3.9, no backend selected, kernels launched by backends/triton/_launch.py;
+# host-time-2026-12-03-contiguous-params: 1.63x and 1.93x with the parameters made contiguous).
 BOUNDS = {
     ("layer_norm", "standalone"): 1.69,  # 1.61
     ("cross_entropy", "standalone"): 2.01,  # 1.91

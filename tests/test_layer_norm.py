@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import gpukernels as gk
 from gpukernels.ops.layer_norm import layer_norm_bwd, layer_norm_fwd
-from helpers import applied_to_itself, assert_matches, count_launches
+from helpers import applied_to_itself, assert_matches, assert_same_output_and_grads, count_launches
 
 pytestmark = pytest.mark.family("layer_norm")  # conftest's device fixture skips backends without them
 
@@ -138,6 +138,17 @@ def test_non_contiguous_input(device):
     x = torch.randn(17, 8, dtype=torch.float64, device=device).t()  # (8, 17), stride (1, 8)
     assert not x.is_contiguous()
     torch.testing.assert_close(gk.layer_norm(x, (17,)), F.layer_norm(x, (17,)), rtol=1e-12, atol=1e-12)
+
+
+def test_strided_params(device):
+    """Parameters that are views stepping over elements are read as such; their gradients reach them."""
+    x = torch.randn(5, 7, dtype=torch.float64, device=device)
+    params = torch.randn(2, 14, dtype=torch.float64, device=device, requires_grad=True)
+    weight, bias = params[0, ::2], params[1, ::2]
+    assert not weight.is_contiguous()
+    assert_same_output_and_grads(
+        lambda: gk.layer_norm(x, (7,), weight, bias), lambda: F.layer_norm(x, (7,), weight, bias), params
+    )
 
 
 def test_weight_without_bias_and_mixed_param_dtype(device):

@@ -149,6 +149,18 @@ def test_non_contiguous_input_and_int32_target(device):
     torch.testing.assert_close(ours, torch_linear_cross_entropy(x, weight, target, bias), rtol=1e-12, atol=1e-12)
 
 
+def test_strided_target(device):
+    """Class indices that step over elements (a view of every other one) are read as such."""
+    x, weight, _, bias = _problem((6,), 5, 9, device=device)
+    _, _, every_other, _ = _problem((12,), 5, 9, device=device)
+    target = every_other[::2]
+    assert not target.is_contiguous()
+    for reduction in ("mean", "none"):
+        ours = linear_cross_entropy(x, weight, target, bias, reduction=reduction)
+        theirs = torch_linear_cross_entropy(x, weight, target, bias, reduction=reduction)
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_chunk_size_does_not_change_the_result(device, reduction):
     x, weight, target, bias = _problem((10,), 5, 23, ignored=[0, 7], device=device)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import gpukernels as gk
 from gpukernels.ops.rms_norm import rms_norm_bwd, rms_norm_fwd
-from helpers import TOLERANCES, applied_to_itself, assert_matches, count_launches
+from helpers import TOLERANCES, applied_to_itself, assert_matches, assert_same_output_and_grads, count_launches
 
 pytestmark = pytest.mark.family("rms_norm")  # conftest's device fixture skips backends without them
 
@@ -194,6 +194,15 @@ def test_non_contiguous_input(device):
     assert not x.is_contiguous()
     w = torch.randn(17, dtype=torch.float64, device=device)
     torch.testing.assert_close(gk.rms_norm(x, (17,), w), F.rms_norm(x, (17,), w), rtol=1e-12, atol=1e-12)
+
+
+def test_strided_weight(device):
+    """A weight that is a view stepping over elements is read as such; its gradient reaches it."""
+    x = torch.randn(5, 7, dtype=torch.float64, device=device)
+    params = torch.randn(14, dtype=torch.float64, device=device, requires_grad=True)
+    weight = params[::2]
+    assert not weight.is_contiguous()
+    assert_same_output_and_grads(lambda: gk.rms_norm(x, (7,), weight), lambda: F.rms_norm(x, (7,), weight), params)
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,13 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
+def contiguous_param(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t.contiguous()``, None for None: the kernels read a parameter (a norm's weight,
+    say) element after element, so a view that steps over elements (``w[::2]``) is
+    copied (a contiguous tensor is itself, no copy)."""
+    return None if t is None else t.contiguous()
+
+
 def empty_grad(like: torch.Tensor) -> torch.Tensor:
     """Placeholder output for a gradient that was not asked for (custom ops
     cannot return None)."""

@@ -26,7 +26,7 @@ from torch import Tensor
 from .._backend import backend_for
 from .._numerics import ncl_strides
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import check_float, check_number, check_optional_floats, empty_grad
+from ._checks import check_float, check_number, check_optional_floats, contiguous_param, empty_grad
 from ._op import eager_apply, kernel_op, needs_dispatch, refuse_second_derivative, reshaped, stats_dtype
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -218,6 +218,12 @@ def batch_norm(
         return _empty_batch(reshaped(input, n, channels, length), weight, bias).view(input.shape)
     # as it is, NCHW and channels-last alike; a copy only for strides no (N, C, L) view can express
     x = input if input.dim() <= 3 or ncl_strides(input.shape, input.stride()) else input.reshape(n, channels, length)
+    # the kernels read the parameters and update the running stats element after element: a
+    # view that steps over elements goes through a contiguous copy (the stats copied back)
+    running = running_mean, running_var
+    if running_mean is not None:
+        running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
+    weight, bias = contiguous_param(weight), contiguous_param(bias)
     args = (x, weight, bias, running_mean, running_var, training, momentum, eps, backend_for(x))
     # Function.apply's Python layer serves functorch transforms and torch.compile; on plain
     # tensors, outside them, its C apply (host time), and with grad mode off no Function at all
@@ -227,4 +233,8 @@ def batch_norm(
         y = _apply_eagerly(*args, False)
     else:
         y, _ = batch_norm_fwd.eagerly(args[-1], *args[:-1])
+    if training:
+        for given, updated in zip(running, (running_mean, running_var)):
+            if updated is not given:
+                given.copy_(updated)
     return y if x is input else y.view(input.shape)

@@ -4,7 +4,8 @@ targets), their output specs and kernel contracts, their autograd, and the
 checked public function.
 
 The kernels see the logits as a contiguous ``(rows, C)`` matrix (class dim
-last), class-probability targets likewise. The forward reads the logits once
+last), class-probability targets likewise, class indices as a contiguous
+``(rows,)`` vector. The forward reads the logits once
 and saves, beside a reference to them, two numbers per row: the max ``m`` and
 ``log sum exp(x - m)`` of the row's logsumexp, in one ``stats`` tensor with what
 the backward needs besides (``row_stats`` splits it); it reduces the rows' losses
@@ -247,10 +248,14 @@ def cross_entropy(
         weight = weight.contiguous()
 
     if len(shape) == 2:  # (N, C): the rows as they are, no view (host time)
-        logits, rows_target = input.contiguous(), target.contiguous() if probabilities else target
+        logits, rows_target = input.contiguous(), target.contiguous()
     else:
         logits = _class_last(input, class_dim, classes)
-        rows_target = _class_last(target, class_dim, classes) if probabilities else reshaped(target, target.numel())
+        rows_target = (
+            _class_last(target, class_dim, classes)
+            if probabilities
+            else reshaped(target, target.numel()).contiguous()  # a view may step over elements
+        )
     if probabilities:
         loss, _ = cross_entropy_probs_fwd(logits, rows_target, weight, label_smoothing, reduction)
     else:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import autocast_enabled, check_norm_input, check_number, empty_grad
+from ._checks import autocast_enabled, check_norm_input, check_number, contiguous_param, empty_grad
 from ._op import kernel_op, reshaped, row_count, stats_dtype
 
 
@@ -77,9 +77,10 @@ def layer_norm(
     if autocast_enabled(input) and input.dtype != torch.float64:
         input = input.float()
     if len(shape) == 1:  # the kernels read the rows of input as it is
-        y, _ = layer_norm_fwd(input.contiguous(), weight, bias, eps)
+        y, _ = layer_norm_fwd(input.contiguous(), contiguous_param(weight), contiguous_param(bias), eps)
         return y
     weight = None if weight is None else weight.reshape(d)
     bias = None if bias is None else bias.reshape(d)
-    y, _ = layer_norm_fwd(reshaped(input, input.numel() // d, d).contiguous(), weight, bias, eps)
+    rows = reshaped(input, input.numel() // d, d).contiguous()
+    y, _ = layer_norm_fwd(rows, contiguous_param(weight), contiguous_param(bias), eps)
     return reshaped(y, *input.shape)

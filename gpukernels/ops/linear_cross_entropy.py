@@ -385,7 +385,7 @@ def linear_cross_entropy(
         reshaped(x, rows, weight.shape[1]).contiguous(),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
-        reshaped(target, rows),
+        reshaped(target, rows).contiguous(),  # the kernels read the indices one after another
         ignore_index,
         label_smoothing,
         z_loss,

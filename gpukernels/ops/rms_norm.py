@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import autocast_enabled, check_norm_input, check_number, empty_grad
+from ._checks import autocast_enabled, check_norm_input, check_number, contiguous_param, empty_grad
 from ._op import kernel_op, reshaped, row_count, stats_dtype
 
 
@@ -99,9 +99,9 @@ def rms_norm(
     if autocast_enabled(input) and input.dtype != torch.float64 and not offset and not cast_before_weight:
         input = input.float()
     if len(shape) == 1:  # the kernels read the rows of input as it is
-        y, _ = rms_norm_fwd(input.contiguous(), weight, eps, offset, cast_before_weight)
+        y, _ = rms_norm_fwd(input.contiguous(), contiguous_param(weight), eps, offset, cast_before_weight)
         return y
-    flat_weight = None if weight is None else weight.reshape(d)
+    flat_weight = contiguous_param(None if weight is None else weight.reshape(d))
     y, _ = rms_norm_fwd(
         reshaped(input, input.numel() // d, d).contiguous(), flat_weight, eps, offset, cast_before_weight
     )
