@@ -45,6 +45,7 @@ from ._checks import (
     check_float,
     check_number,
     check_optional_float,
+    contiguous_param,
     empty_grad,
 )
 from ._op import kernel_op, needs_dispatch, reshaped, row_stats, stats_dtype
@@ -384,7 +385,7 @@ def linear_cross_entropy(
     inputs = (
         reshaped(x, rows, weight.shape[1]).contiguous(),
         weight.contiguous(),
-        None if bias is None else bias.contiguous(),
+        contiguous_param(bias),
         reshaped(target, rows).contiguous(),  # the kernels read the indices one after another
         ignore_index,
         label_smoothing,

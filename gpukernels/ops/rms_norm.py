@@ -101,8 +101,7 @@ def rms_norm(
     if len(shape) == 1:  # the kernels read the rows of input as it is
         y, _ = rms_norm_fwd(input.contiguous(), contiguous_param(weight), eps, offset, cast_before_weight)
         return y
-    flat_weight = contiguous_param(None if weight is None else weight.reshape(d))
-    y, _ = rms_norm_fwd(
-        reshaped(input, input.numel() // d, d).contiguous(), flat_weight, eps, offset, cast_before_weight
-    )
+    weight = None if weight is None else weight.reshape(d)
+    rows = reshaped(input, input.numel() // d, d).contiguous()
+    y, _ = rms_norm_fwd(rows, contiguous_param(weight), eps, offset, cast_before_weight)
     return reshaped(y, *input.shape)
