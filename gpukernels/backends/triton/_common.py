@@ -85,6 +85,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.cache  # a dict lookup on every launch instead of the arithmetic
 def row_block(d: int, max_block: int = 8192) -> int:
     """Power-of-two block over a row of ``d`` features, at most ``max_block``."""
     return min(next_power_of_2(d), max_block)

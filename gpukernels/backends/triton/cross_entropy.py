@@ -414,36 +414,37 @@ def _flags(
 
 
 class Finish(NamedTuple):
-    """What the forward's last program writes (``finish_rows``): ``loss`` (0-d; None for
-    ``none``), reduced as ``reduction`` says; for class indices the totals (the mean's
-    denominator, and sum(w) with ``weight_sum``), after the rows' statistics, and the
-    target check into ``flags`` (int32 ``[arrival counter, ok]``, the counter zeroed:
-    ``forward_setup``); ``ok`` is ``flags[1]``, which the device-side assert reads."""
+    """What the forward's last program needs besides the reduced loss (``finish_rows``): the
+    ``reduction``, whether the totals hold sum(w) too (``weight_sum``, class indices: after
+    the rows' statistics, the mean's denominator, then sum(w)), and the target check's
+    ``flags`` (int32 ``[arrival counter, ok]``, the counter zeroed: ``forward_setup``);
+    ``ok`` is ``flags[1]``, which the device-side assert reads."""
 
     reduction: str
-    loss: Optional[Tensor]
+    weight_sum: bool
     flags: Tensor
     ok: Tensor
-    weight_sum: bool
 
 
 def forward_setup(reduction: str, loss: Tensor, stats: Tensor, rows: int, weight_sum: bool = False) -> tuple:
-    """A forward's ``Finish``, its flags the stream's arrival counter (set back to 0 by the
-    last program of the forward's launches, between which this thread launches nothing
-    else of ours on the stream) and an ``ok`` it writes; and where its programs write their
-    rows' losses: ``loss`` itself for ``none``, else launch scratch of at least ``rows``
-    (the last program reads them, in the statistics dtype). The buffers are a
-    ``launch_plan``: one lookup."""
+    """A forward's ``(last, reduced, row_loss)``: its ``Finish``, the flags the stream's
+    arrival counter (set back to 0 by the last program of the forward's launches, between
+    which this thread launches nothing else of ours on the stream) and an ``ok`` it writes;
+    the loss the last program reduces the rows' losses into (None for ``none``); and where
+    the programs write their rows' losses: ``loss`` itself for ``none``, else launch
+    scratch of at least ``rows`` (the last program reads them, in the statistics dtype).
+    All but the loss are a ``launch_plan``: one lookup."""
     device, dtype = stats.device, stats.dtype
 
     def make() -> tuple:
         flags = arrival_counter(device, results=1)
-        return flags, flags[1], launch_scratch("cross_entropy row losses", device, rows, dtype)
+        scratch = launch_scratch("cross_entropy row losses", device, rows, dtype)
+        return Finish(reduction, weight_sum, flags, flags[1]), scratch
 
-    flags, ok, scratch = launch_plan(device, ("cross_entropy_fwd", rows, dtype), make)
+    last, scratch = launch_plan(device, ("cross_entropy_fwd", rows, dtype, reduction, weight_sum), make)
     if reduction == "none":
-        return Finish(reduction, None, flags, ok, weight_sum), loss
-    return Finish(reduction, loss, flags, ok, weight_sum), scratch
+        return last, None, loss
+    return last, loss, scratch
 
 
 def cross_entropy_rows(
@@ -461,6 +462,7 @@ def cross_entropy_rows(
     softcap: Optional[float] = None,
     z_loss: float = 0.0,
     last: Optional[Finish] = None,
+    loss: Optional[Tensor] = None,
 ) -> None:
     """One launch over the rows of ``logits``, rows ``row_offset...`` of the forward's
     ``total_rows`` (of ``target``, ``row_loss``, which may be longer, and each part of
@@ -470,25 +472,23 @@ def cross_entropy_rows(
     row max ``m`` and ``log sum exp(logit - m)``. With ``probs``, ``target`` holds class
     probabilities, and each row's ``sum_c q[c]`` follows in ``stats``. With ``last``, the
     program to finish last of all the forward's rows (over every launch with that
-    ``last``) does its work."""
+    ``last``) does its work, reducing the rows' losses into ``loss`` (None: no reduction)."""
     rows, classes = logits.shape
     if not rows:
         return
-    block = row_block(classes, MAX_BLOCK_C)
-    warps = min(max(block // 256, 1), 16)
-    loss, flags = (None, None) if last is None else last[1:3]
     options = _options(label_smoothing, softcap, z_loss)
     key = (
         (logits.dtype, target.dtype, dtype_of(weight), row_loss.dtype, stats.dtype, probs, dtype_of(loss),
          row_offset, total_rows, classes, ignore_index, options, softcap is not None,
-         last is not None and (last.reduction, last.weight_sum))
+         last is not None and last[:2])  # (reduction, weight_sum)
         if aligned(logits, target, weight)
         else None
     )  # fmt: skip
-    cross_entropy_fwd_kernel.launch(
-        (rows,),
-        key,
-        lambda: dict(
+
+    def constexprs() -> dict:
+        block = row_block(classes, MAX_BLOCK_C)
+        warps = min(max(block // 256, 1), 16)
+        return dict(
             **_flags(logits, weight, label_smoothing, softcap, z_loss, probs),
             FINISH=last is not None,
             REDUCE=loss is not None,
@@ -497,14 +497,19 @@ def cross_entropy_rows(
             BLOCK_C=block,
             FINISH_BLOCK=FINISH_ROWS_PER_WARP * warps,
             num_warps=warps,
-        ),
+        )
+
+    cross_entropy_fwd_kernel.launch(
+        (rows,),
+        key,
+        constexprs,
         logits,
         target,
         weight,
         row_loss,
         stats,
         loss,
-        flags,
+        None if last is None else last.flags,
         row_offset,
         total_rows,
         classes,
@@ -527,11 +532,14 @@ def check_targets(last: Finish, target: Tensor, ignore_index: int, classes: int)
         )
 
 
-def finish_without_rows(last: Finish, totals: Optional[Tensor], weight: Optional[Tensor], classes: int) -> None:
-    """What the last program writes, for a forward with no rows (no programs): the loss,
-    and ``totals`` (class indices: with no rows, all their ``stats``; None for probabilities)."""
-    if last.loss is not None:
-        last.loss.fill_(math.nan if last.reduction == "mean" else 0.0)
+def finish_without_rows(
+    last: Finish, loss: Optional[Tensor], totals: Optional[Tensor], weight: Optional[Tensor], classes: int
+) -> None:
+    """What the last program writes, for a forward with no rows (no programs): the reduced
+    ``loss`` (None for ``none``), and ``totals`` (class indices: with no rows, all their
+    ``stats``; None for probabilities)."""
+    if loss is not None:
+        loss.fill_(math.nan if last.reduction == "mean" else 0.0)
     if totals is not None:
         totals.zero_()
         if last.weight_sum:
@@ -610,10 +618,11 @@ def logits_grad(
 
 def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss, stats):
     rows, classes = logits.shape
-    last, row_loss = forward_setup(reduction, loss, stats, rows, weight_sum=True)
+    last, reduced, row_loss = forward_setup(reduction, loss, stats, rows, weight_sum=True)
     if not rows:
-        return finish_without_rows(last, stats, weight, classes)
-    cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, row_loss, stats, rows, last=last)
+        return finish_without_rows(last, reduced, stats, weight, classes)
+    cross_entropy_rows(logits, target, weight, ignore_index, label_smoothing, row_loss, stats, rows, last=last,
+                       loss=reduced)  # fmt: skip
     check_targets(last, target, ignore_index, classes)
 
 
@@ -635,11 +644,13 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, stats, ignore_index, la
 
 def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss, stats):
     rows, classes = logits.shape
-    last, row_loss = forward_setup(reduction, loss, stats, rows)
-    last = None if reduction == "none" else last
+    if reduction == "none":  # each row's loss is all: no last program
+        return cross_entropy_rows(logits, target, weight, -1, label_smoothing, loss, stats, rows, probs=True)
+    last, reduced, row_loss = forward_setup(reduction, loss, stats, rows)
     if not rows:
-        return None if last is None else finish_without_rows(last, None, weight, classes)
-    cross_entropy_rows(logits, target, weight, -1, label_smoothing, row_loss, stats, rows, probs=True, last=last)
+        return finish_without_rows(last, reduced, None, weight, classes)
+    cross_entropy_rows(logits, target, weight, -1, label_smoothing, row_loss, stats, rows, probs=True, last=last,
+                       loss=reduced)  # fmt: skip
 
 
 def cross_entropy_probs_bwd(

@@ -82,9 +82,9 @@ def linear_cross_entropy_fwd(
     stats,
 ):
     rows, vocab = x.shape[0], weight.shape[0]
-    last, row_loss = forward_setup(reduction, loss, stats, rows)
+    last, reduced, row_loss = forward_setup(reduction, loss, stats, rows)
     if not rows:
-        return finish_without_rows(last, stats, None, vocab)
+        return finish_without_rows(last, reduced, stats, None, vocab)
     # autocast reaches into a custom op's body: it would change the logits' dtype
     with torch.autocast(x.device.type, enabled=False):
         for start in range(0, rows, chunk_rows):
@@ -101,6 +101,7 @@ def linear_cross_entropy_fwd(
                 softcap=softcap,
                 z_loss=z_loss,
                 last=last,
+                loss=reduced,
             )
     check_targets(last, target, ignore_index, vocab)
 
@@ -137,11 +138,11 @@ def linear_cross_entropy_grads_fwd(
     does, against four for the forward and backward apart. ``slice_columns`` is the
     backward's, unused here."""
     rows, vocab = x.shape[0], weight.shape[0]
-    last, row_loss = forward_setup(reduction, loss, stats, rows)
+    last, reduced, row_loss = forward_setup(reduction, loss, stats, rows)
     if not rows:
         dweight.zero_()  # empty when not asked for
         dbias.zero_()
-        return finish_without_rows(last, stats, None, vocab)
+        return finish_without_rows(last, reduced, stats, None, vocab)
     if reduction == "mean":  # 0 when every row is ignored (no gradient), as the two passes
         kept = (target != ignore_index).sum().to(stats.dtype)
         scale = torch.where(kept != 0, kept.reciprocal(), 0.0)
@@ -153,7 +154,7 @@ def linear_cross_entropy_grads_fwd(
             chunk = x[start : start + chunk_rows]
             grad = _logits(chunk, weight, bias)
             cross_entropy_rows(grad, target, None, row_loss=row_loss, stats=stats, total_rows=rows, row_offset=start,
-                               last=last, **options)  # fmt: skip
+                               last=last, loss=reduced, **options)  # fmt: skip
             logits_grad(grad, target, None, stats, scale, grad, classes=vocab, col_offset=0, reduction="sum",
                         row_offset=start, total_rows=rows, **options)  # fmt: skip
             first = start == 0
