@@ -11,9 +11,10 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
-if ! "$py" -c "import torch, triton, pytest; assert triton.__version__.startswith('3.6')" 2>/dev/null; then
-    "$py" -m pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.4" pytest tqdm
+if ! "$py" -c "import torch, triton, pytest, xdist; assert triton.__version__.startswith('3.6')" 2>/dev/null; then
+    "$py" -m pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.4" pytest pytest-xdist tqdm
 fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-"$py" -m pytest -q -m interpreter -p no:cacheprovider -W ignore::DeprecationWarning "$@" tests
+"$py" -m pytest -q -m interpreter -p no:cacheprovider -W ignore::DeprecationWarning \
+    -n "${GPUKERNELS_TEST_WORKERS:-auto}" "$@" tests
 TRITON_CACHE_DIR=$(mktemp -d) exec "$py" -W ignore ci/compile_sm90.py
