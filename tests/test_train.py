@@ -117,13 +117,18 @@ def test_cpu_preset_trains_eager_and_patched(model, tmp_path, cache_dir, capsys)
     steps = ["--steps", str(STEPS[model])]
     summary = _run(model, tmp_path, cache_dir, *steps, "--ways", "eager,patched")
     printed = capsys.readouterr().out
-    for column in ("final loss", "max |loss - eager|", "median step", "speed vs eager", "peak memory", "n/a (CPU)"):
+    for column in ("final loss", "max |loss - eager|", "median step", "speed vs eager", "peak memory", "n/a (CPU)",
+                   "saved for backward"):  # fmt: skip
         assert column in printed
     assert set(summary["ways"]) == {"eager", "patched"} and not summary["failed"]
     assert (tmp_path / f"{model}-cpu-losses.png").stat().st_size > 20_000
     patched = summary["ways"]["patched"]
     assert patched["report"].startswith("swapped") and patched["step_ms"] > 0 and patched["throughput"] > 0
     assert patched["peak_mem_mib"] is None  # CPU: not measured
+    saved = {way: summary["ways"][way]["saved_mib"] for way in ("eager", "patched")}
+    assert min(saved.values()) > 0
+    if model in LANGUAGE_MODELS:  # the fused loss keeps no logits for the backward
+        assert saved["patched"] < 0.75 * saved["eager"], saved
     _assert_tracks(summary, ["patched"], tmp_path, cache_dir, *steps)
     if model == "mlp":  # the digits are easy: both runs must learn them
         accuracy = [summary["ways"][w]["evaluation"]["accuracy"] for w in ("eager", "patched")]
@@ -141,6 +146,7 @@ def test_compiled_ways_track_eager(tmp_path, cache_dir):
     steps = ["--steps", "20"]
     summary = _run("mlp", tmp_path, cache_dir, *steps, "--ways", "eager,compile,compile-patched")
     assert list(summary["ways"]) == ["eager", "compile", "compile-patched"] and not summary["failed"]
+    assert summary["ways"]["compile"]["saved_mib"] is None  # not measured under torch.compile
     _assert_tracks(summary, ["compile", "compile-patched"], tmp_path, cache_dir, *steps)
 
 

@@ -17,11 +17,12 @@ def loss_differences(results: dict[str, WayResult]) -> dict[str, float | None]:
     return {name: max(abs(a - b) for a, b in zip(r.losses, reference.losses)) for name, r in results.items()}
 
 
-def _memory(result: WayResult, reference: WayResult | None) -> str:
-    if result.peak_mem_mib is None:
-        return "n/a (CPU)"
-    ratio = f" ({result.peak_mem_mib / reference.peak_mem_mib:.2f}x)" if reference else ""
-    return f"{result.peak_mem_mib:,.0f} MiB{ratio}"
+def _mib(value: float | None, reference: float | None, missing: str) -> str:
+    """``value`` MiB, and its ratio to the reference way's where that has one."""
+    if value is None:
+        return missing
+    ratio = f" ({value / reference:.2f}x)" if reference else ""
+    return f"{value:,.1f} MiB{ratio}"
 
 
 def table(summary: dict, results: dict[str, WayResult]) -> str:
@@ -38,6 +39,7 @@ def table(summary: dict, results: dict[str, WayResult]) -> str:
         f"{unit}/s",
         f"speed vs {REFERENCE}",
         "peak memory",
+        "saved for backward",
     ] + (["test accuracy"] if classifier else [])
     rows = [header]
     for name, r in results.items():
@@ -51,7 +53,8 @@ def table(summary: dict, results: dict[str, WayResult]) -> str:
             f"{r.first_step_ms / 1e3:.2f} s",
             f"{r.throughput:,.0f}",
             speed,
-            _memory(r, reference),
+            _mib(r.peak_mem_mib, reference and reference.peak_mem_mib, "n/a (CPU)"),
+            _mib(r.saved_mib, reference and reference.saved_mib, "n/a (compiled)"),
         ]
         rows.append(row + ([f"{r.evaluation['accuracy']:.4f}"] if classifier else []))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

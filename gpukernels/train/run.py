@@ -37,8 +37,37 @@ class WayResult:
     first_step_ms: float = 0.0
     throughput: float = 0.0  # task units (tokens, images, samples) per second at the median step
     peak_mem_mib: float | None = None  # CUDA only
+    saved_mib: float | None = None  # eager ways: what the first step's forward keeps for the backward
     report: str = ""  # what was patched
     evaluation: dict = field(default_factory=dict)
+
+
+class SavedForBackward:
+    """Within ``hooks()``, the tensors autograd keeps for the backward (activations,
+    autocast's copies of weights): their bytes, each storage counted once, the
+    parameters' own left out. A memory measure any device gives: the peak on a GPU
+    adds the parameters, gradients, optimizer state and what kernels hold for a while."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._parameters = {(p.device, p.untyped_storage().data_ptr()) for p in model.parameters()}
+        self._storages: dict = {}
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = tensor.untyped_storage()
+            key, size = (tensor.device, storage.data_ptr()), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # a tensor without a storage of its own
+            key, size = id(tensor), tensor.numel() * tensor.element_size()
+        if key not in self._parameters:
+            self._storages[key] = size
+        return tensor
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    @property
+    def mib(self) -> float:
+        return sum(self._storages.values()) / 2**20
 
 
 def timed_steps(steps: int) -> slice:
@@ -89,12 +118,15 @@ def run_way(
         optimizer, scheduler, clip = make_optimizer(model, cfg["lr"], steps, warmup)
         autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
         seconds = []
+        # measured in the first step, which the median leaves out; not under torch.compile,
+        # whose graphs would be traced with the hooks
+        saved = None if compiled else SavedForBackward(model)
         model.train()
         progress = tqdm(range(steps), desc=way, leave=False, disable=None)
         for step in progress:
             batch = task.batch(step)
             start = time.perf_counter()
-            with autocast:
+            with autocast, saved.hooks() if saved is not None and step == 0 else contextlib.nullcontext():
                 loss = loss_of(*batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -111,4 +143,6 @@ def run_way(
     result.throughput = task.units_per_step / (result.step_ms / 1e3)
     if device.type == "cuda":
         result.peak_mem_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    if saved is not None:
+        result.saved_mib = saved.mib
     return result
