@@ -437,7 +437,9 @@ def test_compile_aot_eager_of_a_patched_model():
 
 def test_every_transformers_rule_is_checked_against_its_class():
     classes = {type(m) for name in MODELS for m in _build(name).modules()}
-    assert set(gk_patch._third_party_rules()) <= classes
+    # timm's rules join once timm is imported (tests/test_patch_timm.py checks them)
+    rules = {cls for cls in gk_patch._third_party_rules() if cls.__module__.startswith("transformers.")}
+    assert rules and rules <= classes
     assert transformers.pytorch_utils.Conv1D in classes
 
 
