@@ -116,6 +116,29 @@ def test_non_contiguous_input(device, activation):
     _compare(x, weight, bias, activation, torch.float32)
 
 
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+def test_transposed_weight_is_read_in_place(device, activation):
+    """transformers' Conv1D stores its weight (in, out) and calls with weight.t(): the op
+    keeps that view for the backward, not a contiguous copy, and its gradient reaches
+    the stored weight laid out as it is."""
+    x, weight, bias = _problem((6, 5), 4, device=device)
+    stored = weight.float().t().contiguous().requires_grad_()  # (in, out), as Conv1D holds it
+    saved = []
+
+    def keep(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        y = linear_act(x.float(), stored.t(), bias.float(), activation)
+    assert any(t.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr() for t in saved)
+    y.backward(torch.ones_like(y))
+    reference = stored.detach().clone().requires_grad_()
+    torch_linear_act(x.float(), reference.t(), bias.float(), activation).backward(torch.ones_like(y))
+    assert_matches(y, torch_linear_act(x.float(), reference.t(), bias.float(), activation))
+    assert_matches(stored.grad, reference.grad)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gradcheck(device, activation):
     x, weight, bias = (t.requires_grad_() for t in _problem((2, 3, 4), 3, device=device))

@@ -1,8 +1,10 @@
 """linear_act: the ops ``gpukernels::linear_act_fwd/_bwd`` (output specs and
 kernel contracts), their autograd, and the checked public function.
 
-The kernels see ``x`` as a contiguous ``(rows, in)`` matrix and compute
-``y = act(x @ weight.T + bias)`` in fp32 (fp64 for fp64 input).
+The kernels see ``x`` as a contiguous ``(rows, in)`` matrix, and ``weight`` in
+any layout (their products are a matmul library's, which reads it as it is; a
+``dweight`` laid out like it), and compute ``y = act(x @ weight.T + bias)`` in
+fp32 (fp64 for fp64 input).
 
 What the forward keeps for the backward, and its memory cost:
 - ``gelu``, ``gelu_tanh``, ``silu``: the pre-activation ``z``, one extra
@@ -112,7 +114,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation
         x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
     _check_dtypes(x, weight, bias)
     out_features, in_features = weight.shape
-    y, _ = linear_act_fwd(
-        reshaped(x, math.prod(x.shape[:-1]), in_features).contiguous(), weight.contiguous(), bias, activation
-    )
+    # the weight as it is: the products take any layout, so a transposed one (transformers'
+    # Conv1D gives weight.t()) costs no copy, which the backward would keep
+    y, _ = linear_act_fwd(reshaped(x, math.prod(x.shape[:-1]), in_features).contiguous(), weight, bias, activation)
     return reshaped(y, *x.shape[:-1], out_features)
