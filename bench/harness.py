@@ -20,6 +20,7 @@ import io
 import platform
 import pstats
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -86,10 +87,13 @@ def providers(
     device: torch.device,
     family: str,
     liger: Callable[[ModuleType], Callable] | None = None,
+    quack: Callable[[], Callable] | None = None,
 ) -> dict[str, Callable]:
     """gpukernels, eager and, on CUDA, torch.compile (two modes), the CuPy backend
-    when it has op family ``family``, and Liger-Kernel when installed (``liger`` maps
-    its ``liger_kernel.transformers`` module to the call to time)."""
+    when it has op family ``family``, Liger-Kernel when installed (``liger`` maps
+    its ``liger_kernel.transformers`` module to the call to time) and QuACK when
+    installed (``quack()`` gives the call to time; where it raises, the run says why
+    and goes on without it)."""
     found = {"gpukernels": ours, "eager": eager}
     if device.type != "cuda":
         return found
@@ -98,6 +102,11 @@ def providers(
     liger_transformers = _liger("liger_kernel.transformers") if liger else None
     if liger_transformers is not None:
         found["liger"] = _first_output(liger(liger_transformers))
+    if quack is not None and importlib.util.find_spec("quack") is not None:
+        try:
+            found["quack"] = quack()
+        except Exception as e:  # QuACK needs CUTLASS's DSL and an sm_90+ GPU: say what failed
+            print(f"quack: not timed ({family}): {type(e).__name__}: {e}", file=sys.stderr)
     if (
         gk.unavailable_reason("cupy") is None
         and importlib.util.find_spec(f"gpukernels.backends.cupy.{family}") is not None

@@ -21,6 +21,10 @@
 #            GPU_CHECK_TRAIN_STEPS steps each (default 30)
 #   host     host time per call of every op, ours against eager, and of each piece of an op's
 #            launch (python -m bench.host_overhead)
+#   packages which of the carried baselines (liger-kernel, QuACK) import
+# Packages carried from ci/carry-wheels.sh (.whl/ and .whl-cutlass/, each named in the call's
+# carry) are unpacked and installed into .site/ first, which later calls on a warm machine
+# find there: carry .whl-cutlass alone with GPU_CHECK_STEPS=packages, then .whl with the steps.
 # GPU_CHECK_STEPS picks them (default "tests bench graph compile"); GPU_CHECK_BENCH_SKIP the
 # providers the benchmark leaves out (default compile-max). Logs go to the
 # folder after each step, with everything packed into gpu-check.tgz, so a run
@@ -35,7 +39,22 @@ if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 work=$(mktemp -d)
 mkdir -p "$dest"
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPUKERNELS_FAILURE_LOG="$work/failures.log"
+# Carried packages: pip installs .whl's into .site/packages; the CUTLASS DSL compiler's files
+# (nvidia_cutlass_dsl/, which other wheels of it fill too, and pip --upgrade replaces whole)
+# are kept in .site/cutlass and copied over them after every install
+site=$PWD/.site/packages
+if compgen -G ".whl-cutlass/*.tar.xz" > /dev/null; then
+    rm -rf .site/cutlass && mkdir -p .site/cutlass && tar xJf .whl-cutlass/*.tar.xz -C .site/cutlass \
+        || echo "gpu-check: could not unpack .whl-cutlass" >&2
+fi
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+        || echo "gpu-check: could not install .whl" >&2
+fi
+[ -d .site/cutlass ] && mkdir -p "$site" && cp -a .site/cutlass/. "$site"/
+# CUTLASS's DSL puts its packages on the path from a .pth file, which only site directories run
+extra_path=$( [ -d "$site" ] && echo ":$site:$site/nvidia_cutlass_dsl/dsl_packages" )
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}$extra_path" PYTHONUNBUFFERED=1 GPUKERNELS_FAILURE_LOG="$work/failures.log"
 unset TRITON_INTERPRET
 status=0
 publish() {  # the logs and a packed copy of everything, into $dest
@@ -57,6 +76,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $work/NA
     "$py" -c "import torch, triton, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'numpy', numpy.__version__)"
     "$py" -c "import cupy; print('cupy', cupy.__version__)" 2>&1 | tail -1
     "$py" -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" 2>&1 | tail -1
+    "$py" -c "import importlib.metadata as m; from quack.rmsnorm import layernorm_fwd; print('quack-kernels', m.version('quack-kernels'))" 2>&1 | tail -1
 } > "$work/environment.txt" 2>&1
 cat "$work/environment.txt"
 parallel=()
@@ -77,7 +97,8 @@ for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
                         --steps "${GPU_CHECK_TRAIN_STEPS:-30}" --out "$work/train-$model"
                 done ;;
         host) step host-overhead 120 "$py" -m bench.host_overhead ;;
-        *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, targets, compile, train, models, host)" >&2
+        packages) step packages 60 "$py" -c "import liger_kernel.transformers; from quack.rmsnorm import layernorm_fwd" ;;
+        *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, targets, compile, train, models, host, packages)" >&2
            exit 2 ;;
     esac
 done

@@ -13,9 +13,9 @@ if [ ! -x "$venv/bin/python" ]; then
     "${PYTHON312:-python3.12}" -m venv "$venv"
 fi
 py="$venv/bin/python"
-if ! "$py" -c "import torch, triton, transformers; assert torch.__version__.startswith('2.11.') and triton.__version__ == '3.6.0' and transformers.__version__ == '5.17.0'" 2>/dev/null; then
+if ! "$py" -c "import torch, triton, transformers; assert torch.__version__.startswith('2.11.') and triton.__version__ == '3.6.0' and transformers.__version__ == '5.17.0'; import xdist" 2>/dev/null; then
     "$py" -m pip install -q torch==2.11.0 triton==3.6.0 "numpy<2.4" transformers==5.17.0 tokenizers==0.23.2 timm \
-        pytest tqdm matplotlib
+        pytest pytest-xdist tqdm matplotlib
 fi
 # as on the GPU machine: the working tree on PYTHONPATH, nothing installed
 PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" exec "$py" -m pytest -q -ra -p no:cacheprovider -W ignore::DeprecationWarning \

@@ -158,6 +158,72 @@ def test_target_cases_are_the_issues_shapes():
     assert nchw.shape == "2x3x4x4" and harness._grad_like(nchw.providers["gpukernels"]()).is_contiguous()
 
 
+def _fake_quack(monkeypatch, rmsnorm):
+    """``quack`` and ``quack.rmsnorm`` as importable modules, the latter holding ``rmsnorm``'s names."""
+    import importlib.machinery
+    import types
+
+    package = types.ModuleType("quack")
+    package.__spec__ = importlib.machinery.ModuleSpec("quack", None, is_package=True)
+    module = types.ModuleType("quack.rmsnorm")
+    module.__dict__.update(rmsnorm)
+    package.rmsnorm = module
+    monkeypatch.setitem(sys.modules, "quack", package)
+    monkeypatch.setitem(sys.modules, "quack.rmsnorm", module)
+
+
+def test_quack_layer_norm_provider_calls_its_kernels_as_documented(monkeypatch):
+    """The QuACK provider's autograd function against F.layer_norm, forward and backward,
+    with QuACK's layernorm_fwd/layernorm_bwd stood in for by their documented contract
+    (quack 0.6.5: fp32 weight and bias; (out, rstd, mean); (dx, dw, db) from x, weight,
+    dout, rstd, mean). On a GPU the real ones run (bench --targets)."""
+    seen = {}
+
+    def layernorm_fwd(x, weight, bias=None, eps=1e-6, return_rstd=False, return_mean=False):
+        assert weight.dtype == bias.dtype == torch.float32 and return_rstd and return_mean
+        seen["eps"] = eps
+        mean = x.float().mean(-1)
+        rstd = (x.float().var(-1, unbiased=False) + eps).rsqrt()
+        out = ((x.float() - mean[:, None]) * rstd[:, None] * weight + bias).to(x.dtype)
+        return out, rstd, mean
+
+    def layernorm_bwd(x, weight, dout, rstd, mean, has_bias=True):
+        assert weight.dtype == torch.float32 and dout.is_contiguous()
+        xhat = (x.float() - mean[:, None]) * rstd[:, None]
+        g = dout.float() * weight
+        dx = rstd[:, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+        return dx.to(x.dtype), (dout.float() * xhat).sum(0), dout.float().sum(0) if has_bias else None
+
+    _fake_quack(monkeypatch, dict(layernorm_fwd=layernorm_fwd, layernorm_bwd=layernorm_bwd))
+    from bench.cases.layer_norm import QuackLayerNorm
+
+    torch.manual_seed(0)
+    x, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((6, 10), (10,), (10,)))
+    dy = torch.randn(6, 10, dtype=torch.float64).t().contiguous().t()  # strided: the provider hands it contiguous
+    got = torch.autograd.grad(QuackLayerNorm.apply(x, w, b, 1e-5), (x, w, b), dy)
+    want = torch.autograd.grad(torch.nn.functional.layer_norm(x, (10,), w, b, 1e-5), (x, w, b), dy)
+    assert seen["eps"] == 1e-5
+    for g, r in zip(got, want):
+        assert g.dtype == torch.float64  # the parameters' gradients cast back to theirs
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_quack_provider_is_offered_when_installed_and_a_failure_is_reported(monkeypatch, capsys):
+    """On CUDA the providers include QuACK's call when ``quack`` imports; a provider that
+    raises (no CUTLASS DSL, an older GPU) is left out with the reason printed."""
+    _fake_quack(monkeypatch, {})
+    cuda = torch.device("cuda")  # providers() only builds the calls: nothing runs on it here
+    offered = harness.providers(lambda: 0, lambda: 1, cuda, "layer_norm", quack=lambda: "quack call")
+    assert offered["quack"] == "quack call"
+
+    def broken():
+        raise ImportError("no module named cutlass")
+
+    offered = harness.providers(lambda: 0, lambda: 1, cuda, "layer_norm", quack=broken)
+    assert "quack" not in offered
+    assert "quack: not timed (layer_norm): ImportError: no module named cutlass" in capsys.readouterr().err
+
+
 def test_profile_writes_each_case_for_ours_and_eager(tmp_path):
     main(["--profile", "--quick", "--device", "cpu", "--ops", "layer_norm,dropout", "--out", str(tmp_path)])
     text = (tmp_path / "profile.txt").read_text()
