@@ -6,11 +6,11 @@
 #   .whl-cutlass/  nvidia-cutlass-dsl-libs-cu13, QuACK's compiler (a 92 MB wheel, 237 MB
 #                  unpacked), as one xz archive of its files, about 60 MiB. A device call
 #                  carries at most 64 MiB with the working tree, so it goes alone, in a
-#                  call of its own before the others: GPU_CHECK_STEPS=packages.
+#                  first call (with steps that need neither: the GPU tests).
 # ci/gpu-check.sh unpacks and installs whatever of them a call carries into .site/, which
 # stays there between calls while the machine is warm. The three folders are git-ignored.
 # The CUDA 13 build of the compiler, for the image's CUDA 13 torch.
-#   bash ci/carry-wheels.sh          (then: run with carry [".whl-cutlass"], then [".whl"])
+#   bash ci/carry-wheels.sh          (then: a call carrying .whl-cutlass, then calls carrying .whl)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LIGER=${LIGER_VERSION:-0.8.5}

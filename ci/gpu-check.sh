@@ -24,7 +24,9 @@
 #   packages which of the carried baselines (liger-kernel, QuACK) import
 # Packages carried from ci/carry-wheels.sh (.whl/ and .whl-cutlass/, each named in the call's
 # carry) are unpacked and installed into .site/ first, which later calls on a warm machine
-# find there: carry .whl-cutlass alone with GPU_CHECK_STEPS=packages, then .whl with the steps.
+# find there (it goes back after 30 s idle: call again at once). .whl-cutlass fills a call's
+# 64 MiB with the tree, so carry it alone in a first call whose steps need neither (tests),
+# then .whl in the next, with the steps that compare against Liger and QuACK (targets, bench).
 # GPU_CHECK_STEPS picks them (default "tests bench graph compile"); GPU_CHECK_BENCH_SKIP the
 # providers the benchmark leaves out (default compile-max). Logs go to the
 # folder after each step, with everything packed into gpu-check.tgz, so a run
