@@ -288,3 +288,22 @@ def test_ci_train_command_runs_every_way_of_gpt2(tmp_path):
     assert list(summary["ways"]) == ["eager", "patched", "compile", "compile-patched"]
     for way in summary["ways"]:
         assert f"\n{way} " in done.stdout
+
+
+def test_patch_summary_counts_a_reason_once_for_every_layer():
+    """The report's line counts modules left for the same reason in different layers as one
+    reason (layer indices in its module paths shown as ``*``); other numbers stay."""
+    from gpukernels.patch import PatchReport
+
+    report = PatchReport(
+        swapped=[("h.0.ln_1", "LayerNorm", "LayerNorm"), ("h.1.ln_1", "LayerNorm", "LayerNorm")],
+        left=[
+            (f"h.{i}.attn.c_attn", "Conv1D", f"the forward of h.{i}.attn did not trace (ValueError: v2.0 at 1.5)")
+            for i in (0, 1, 11)
+        ]
+        + [("h.3.mlp.c_proj", "Conv1D", "followed by Dropout h.3.mlp.dropout: not an activation module")],
+    )
+    assert tasks.summarize(report) == (
+        "swapped 2: LayerNorm x2; left 4: Conv1D (the forward of h.*.attn did not trace (ValueError: v2.0 at 1.5)) x3, "
+        "Conv1D (followed by Dropout h.*.mlp.dropout: not an activation module) x1"
+    )

@@ -4,6 +4,7 @@ computes it, and its evaluation. Every way of one task sees the same batches."""
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -20,12 +21,17 @@ from .models import build_language_model, build_model, build_resnet
 LABEL_SMOOTHING = 0.05  # classifiers' loss, every way
 
 
+# A layer's index in a module path (h.3.attn, layers.11): a model's layers are left for one reason
+_LAYER_INDEX = re.compile(r"(?<=[A-Za-z_])\.\d+(?!\w)")
+
+
 def summarize(report) -> str:
-    """One line for a patch report: swaps counted by kind, left modules by reason."""
+    """One line for a patch report: swaps counted by kind, left modules by reason (with the
+    layer indices in the reason's module paths as ``*``: one count for every layer)."""
     if not isinstance(report, PatchReport):
         return str(report)
     swaps = Counter(f"{old}->{new}" if old != new else new for _, old, new in report.swapped)
-    left = Counter(f"{cls} ({why})" for _, cls, why in report.left)
+    left = Counter(f"{cls} ({_LAYER_INDEX.sub('.*', why)})" for _, cls, why in report.left)
     text = f"swapped {len(report.swapped)}: " + (", ".join(f"{k} x{n}" for k, n in swaps.items()) or "nothing")
     if left:
         text += f"; left {len(report.left)}: " + ", ".join(f"{k} x{n}" for k, n in left.items())
