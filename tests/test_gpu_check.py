@@ -25,7 +25,10 @@ def test_gpu_check_fails_fast_and_clearly_without_cuda(tmp_path):
 
 
 def test_every_module_the_check_runs_exists():
-    modules = set(re.findall(r'"\$py" -m ([\w.]+)', SCRIPT.read_text()))
+    # pip (which installs carried wheels there) is the GPU image's, not looked up here: under
+    # Python < 3.12, looking pip up makes setuptools' distutils shim step aside for the rest of
+    # the process, and Inductor's CPU compile then fails to import setuptools in a later test
+    modules = set(re.findall(r'"\$py" -m ([\w.]+)', SCRIPT.read_text())) - {"pip"}
     assert {"bench", "bench.host_overhead", "gpukernels.train", "pytest"} <= modules
     assert [m for m in modules if importlib.util.find_spec(m) is None] == []
 
