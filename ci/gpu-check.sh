@@ -21,7 +21,6 @@
 #            GPU_CHECK_TRAIN_STEPS steps each (default 30)
 #   host     host time per call of every op, ours against eager, and of each piece of an op's
 #            launch (python -m bench.host_overhead)
-#   packages which of the carried baselines (liger-kernel, QuACK) import
 # Packages carried from ci/carry-wheels.sh (.whl/ and .whl-cutlass/, each named in the call's
 # carry) are unpacked and installed into .site/ first, which later calls on a warm machine
 # find there (it goes back after 30 s idle: call again at once). .whl-cutlass fills a call's
@@ -43,17 +42,21 @@ work=$(mktemp -d)
 mkdir -p "$dest"
 # Carried packages: pip installs .whl's into .site/packages; the CUTLASS DSL compiler's files
 # (nvidia_cutlass_dsl/, which other wheels of it fill too, and pip --upgrade replaces whole)
-# are kept in .site/cutlass and copied over them after every install
+# are kept in .site/cutlass and copied over them after an unpack or an install (a call that
+# carries neither finds them in place)
 site=$PWD/.site/packages
+carried=
 if compgen -G ".whl-cutlass/*.tar.xz" > /dev/null; then
+    carried=1
     rm -rf .site/cutlass && mkdir -p .site/cutlass && tar xJf .whl-cutlass/*.tar.xz -C .site/cutlass \
         || echo "gpu-check: could not unpack .whl-cutlass" >&2
 fi
 if compgen -G ".whl/*.whl" > /dev/null; then
+    carried=1
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
         || echo "gpu-check: could not install .whl" >&2
 fi
-[ -d .site/cutlass ] && mkdir -p "$site" && cp -a .site/cutlass/. "$site"/
+[ -n "$carried" ] && [ -d .site/cutlass ] && mkdir -p "$site" && cp -a .site/cutlass/. "$site"/
 # CUTLASS's DSL puts its packages on the path from a .pth file, which only site directories run
 extra_path=$( [ -d "$site" ] && echo ":$site:$site/nvidia_cutlass_dsl/dsl_packages" )
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}$extra_path" PYTHONUNBUFFERED=1 GPUKERNELS_FAILURE_LOG="$work/failures.log"
@@ -99,8 +102,7 @@ for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
                         --steps "${GPU_CHECK_TRAIN_STEPS:-30}" --out "$work/train-$model"
                 done ;;
         host) step host-overhead 120 "$py" -m bench.host_overhead ;;
-        packages) step packages 60 "$py" -c "import liger_kernel.transformers; from quack.rmsnorm import layernorm_fwd" ;;
-        *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, targets, compile, train, models, host, packages)" >&2
+        *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, targets, compile, train, models, host)" >&2
            exit 2 ;;
     esac
 done
