@@ -14,9 +14,9 @@ from tqdm import tqdm
 from .. import optim as gk_optim
 
 # name -> (model and loss, torch.compile?). "plain": torch layers, torch.optim.AdamW,
-# torch's schedulers and clip; "gpukernels": gk.patch (fused LM loss), gk.optim;
-# "liger": Liger-Kernel's patch with torch's optimizer (the transformers module globals
-# it replaces are put back after its run). In this order: the eager ways, quick to
+# torch's schedulers and clip; "gpukernels": gk.patch (fused LM loss), gk.optim (the
+# clip inside AdamW's step); "liger": Liger-Kernel's patch with torch's optimizer (the
+# transformers module globals it replaces are put back after its run). In this order: the eager ways, quick to
 # start, before the compiled ones, which compile for a minute or more on a GPU, so
 # that a run under a time limit (ci/gpu-check.sh) has measured them when it stops.
 WAYS = {
@@ -76,6 +76,8 @@ def timed_steps(steps: int) -> slice:
 
 
 def _plain_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup: int):
+    """torch.optim.AdamW on a warm-up then cosine schedule, and the clip function to call
+    before each step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.SequentialLR(
         optimizer,
@@ -85,13 +87,15 @@ def _plain_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup: int)
         ],
         milestones=[warmup],
     )
-    return optimizer, scheduler, torch.nn.utils.clip_grad_norm_
+    return optimizer, scheduler, lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
 
 
 def _gpukernels_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup: int):
-    # The same schedule in closed form (see gk.optim.WarmupCosineLR).
-    optimizer = gk_optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    return optimizer, gk_optim.warmup_cosine(optimizer, warmup, steps, min_lr=lr * 0.01), gk_optim.clip_grad_norm_
+    """The same schedule in closed form (see gk.optim.WarmupCosineLR); the clip inside the
+    step (``max_grad_norm``: the update kernel scales each grad as it reads it, so no
+    pass over the grads scales them first), nothing to call before it."""
+    optimizer = gk_optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, max_grad_norm=MAX_GRAD_NORM)
+    return optimizer, gk_optim.warmup_cosine(optimizer, warmup, steps, min_lr=lr * 0.01), lambda: None
 
 
 def run_way(
@@ -130,7 +134,7 @@ def run_way(
                 loss = loss_of(*batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            clip(model.parameters(), MAX_GRAD_NORM)
+            clip()
             optimizer.step()
             scheduler.step()
             result.losses.append(loss.item())  # .item() waits for the GPU, so the step time is real
