@@ -1,6 +1,6 @@
 """The functional API: drop-ins for their ``torch.nn.functional`` namesakes
 (``linear_act`` and the seeded ``dropout`` follow their own definitions where PyTorch has
-no counterpart)."""
+no counterpart; ``apply_rotary_pos_emb`` is transformers')."""
 
 from .ops.batch_norm import batch_norm
 from .ops.cross_entropy import cross_entropy
@@ -10,8 +10,10 @@ from .ops.layer_norm import layer_norm
 from .ops.linear_act import linear_act
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.rms_norm import rms_norm
+from .ops.rope import apply_rotary_pos_emb
 
 __all__ = [
+    "apply_rotary_pos_emb",
     "batch_norm",
     "cross_entropy",
     "dropout",

@@ -53,6 +53,10 @@ def _cases() -> dict:
         "layer_norm": (lambda x, w, b: gk.layer_norm(x, (64,), w, b), (_leaf(8, 64), _leaf(64), _leaf(64))),
         "rms_norm": (lambda x, w: gk.rms_norm(x, (64,), w), (_leaf(8, 64), _leaf(64))),
         "gated_act": (gk.swiglu, (_leaf(8, 64), _leaf(8, 64))),
+        "rope": (
+            lambda q, k: sum(t.sum() for t in gk.apply_rotary_pos_emb(q, k, torch.ones(1, 4, 8), torch.zeros(1, 4, 8))),
+            (_leaf(2, 3, 4, 8), _leaf(2, 1, 4, 8)),
+        ),
         "dropout": (lambda x: gk.dropout(x, 0.1, training=True), (_leaf(8, 64),)),
         "cross_entropy": (lambda z, t: gk.cross_entropy(z, t, label_smoothing=0.1), (_leaf(8, 32), tokens)),
         "cross_entropy_probs": (lambda z, q: gk.cross_entropy(z, q.softmax(-1)), (_leaf(8, 32), _leaf(8, 32))),

@@ -63,6 +63,7 @@ def test_every_op_is_declared():
         "rms_norm_bwd",
         "gated_act_fwd",
         "gated_act_bwd",
+        "rope",
     } <= set(OPS)
     assert {
         "cross_entropy_fwd",
@@ -98,8 +99,26 @@ def _dropout_reference(x, p=0.3, seed=5):
     return x * torch.from_numpy(keep).view(x.shape) / (1 - p)
 
 
+_ANGLES = torch.linspace(0.0, 3.0, 32, dtype=torch.float64).view(1, 4, 8)
+
+
+def _rope_of_x(rope, x):
+    """q (2, 3, 4, 8) and k (2, 1, 4, 8) cut from x (6, 33), rotated, as one flat tensor."""
+    q, k = x[:, :32].reshape(2, 3, 4, 8), x[:2, :32].reshape(2, 1, 4, 8)
+    return torch.cat([t.flatten() for t in rope(q, k, _ANGLES.cos(), _ANGLES.sin())])
+
+
+def _torch_rope(q, k, cos, sin):
+    def rotate_half(t):
+        return torch.cat((-t[..., 4:], t[..., :4]), dim=-1)
+
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
 # (name, forward+backward on CPU tensors): each op family with a backward
 FORWARD_BACKWARD = {
+    "rope": (lambda x: _rope_of_x(gk.apply_rotary_pos_emb, x), lambda x: _rope_of_x(_torch_rope, x)),
     "layer_norm": (lambda x: gk.layer_norm(x, (x.shape[-1],)), lambda x: F.layer_norm(x, (x.shape[-1],))),
     "dropout": (lambda x: gk.dropout(x, 0.3, seed=5), _dropout_reference),
     "batch_norm": (

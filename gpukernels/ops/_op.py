@@ -255,14 +255,19 @@ class KernelOp:
         return self._eager(*args, backend) if _grad_enabled() else self._run(*args, backend)
 
     def register_autograd(
-        self, setup_context: Callable, backward: Callable, twice_differentiable: bool = False
+        self,
+        setup_context: Callable,
+        backward: Callable,
+        twice_differentiable: bool = False,
+        differentiable_outputs: int = 1,
     ) -> None:
         """The op's autograd formula, for the custom op and the eager bypass alike.
         ``setup_context(ctx, inputs, output)`` sees the inputs without the backend,
         which it finds in ``ctx.backend``; ``backward`` returns one gradient per
-        input but the backend. Gradients of extra outputs (statistics saved for the
-        backward) are not materialised as zeros, and the backward runs only for the
-        first output's gradient, which is what every op's formula uses.
+        input but the backend. Gradients are not materialised as zeros: the backward
+        runs when one of the first ``differentiable_outputs`` outputs has one (the
+        others, statistics saved for the backward, have none that matters), and
+        takes None for those of them that have none.
 
         Backward kernels have no autograd of their own, so unless ``backward`` is
         made of differentiable ops (``twice_differentiable``), a second derivative
@@ -277,14 +282,14 @@ class KernelOp:
 
         guarded_backward = refuse_second_derivative(self.name)(backward)
 
-        def backward_of_first_output(ctx, *grads):
-            if grads[0] is None:
+        def backward_of_outputs(ctx, *grads):
+            if grads[0] is None and all(g is None for g in grads[1:differentiable_outputs]):
                 return no_grads
             if not twice_differentiable and torch.is_grad_enabled():  # create_graph: guard the second derivative
                 return (*guarded_backward(ctx, *grads), None)
             return (*backward(ctx, *grads), None)
 
-        self.custom_op.register_autograd(backward_of_first_output, setup_context=setup)
+        self.custom_op.register_autograd(backward_of_outputs, setup_context=setup)
 
         run = self._run
 
@@ -307,7 +312,7 @@ class KernelOp:
         function = type(
             f"{self.name}_function",
             (torch.autograd.Function,),
-            {**inherited, "forward": staticmethod(forward), "backward": staticmethod(backward_of_first_output)},
+            {**inherited, "forward": staticmethod(forward), "backward": staticmethod(backward_of_outputs)},
         )
         self._eager = eager_apply(function)
 
