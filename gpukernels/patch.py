@@ -19,7 +19,9 @@ forward. Recognised:
 - transformers, when already imported: the RMSNorms of Llama, Mistral,
   Qwen2/Qwen3, Gemma and Phi-3 (``rms_norm`` in their variant), their gated
   MLPs ``down(act(gate(x)) * up(x))`` (``swiglu`` / ``geglu`` between the
-  projections, which run as they are), and the loss of causal LMs.
+  projections, which run as they are), the rotary embedding their attention
+  applies to queries and keys (``apply_rotary_pos_emb``, the attention's own
+  forward otherwise), and the loss of causal LMs.
 - timm, when already imported: its LayerNorm and LayerNorm2d.
 
 Neither transformers nor timm is imported here: their classes are looked up
@@ -29,9 +31,11 @@ in ``sys.modules`` only. ``unpatch`` reverses every change.
 from __future__ import annotations
 
 import dataclasses
+import dis
 import functools
 import inspect
 import sys
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -50,6 +54,7 @@ from .ops.layer_norm import layer_norm
 from .ops.linear_act import linear_act
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.rms_norm import rms_norm
+from .ops.rope import apply_rotary_pos_emb
 
 LOSS_MODES = ("logits", "fused")
 
@@ -65,11 +70,14 @@ def _nothing_to_set(module: torch.nn.Module) -> dict[str, Any]:
 class _Rule:
     """How one exact class is converted: to ``replacement``, counted as ``kind``.
     ``prepare(module)`` returns the attributes the replacement's forward reads, or
-    a string saying why this module must stay as it is."""
+    a string saying why this module must stay as it is. ``opaque``: the replacement
+    runs its children inside its op (a gated MLP's activation), so they are neither
+    traced nor converted; else they are, as any module's (an attention's norms)."""
 
     replacement: type
     kind: str
     prepare: Callable[[torch.nn.Module], dict[str, Any] | str] = _nothing_to_set
+    opaque: bool = True
 
 
 _TORCH_RULES = {
@@ -306,6 +314,118 @@ def _transformers_class(model: str, name: str) -> type | None:
     return _loaded(f"transformers.models.{model}.modeling_{model}", name)[0]
 
 
+# ---- rotary embeddings inside attention -----------------------------------------------------------------------
+
+_ATTENTIONS = {
+    "llama": "LlamaAttention",
+    "mistral": "MistralAttention",
+    "qwen2": "Qwen2Attention",
+    "qwen3": "Qwen3Attention",
+    "gemma": "GemmaAttention",
+    "phi3": "Phi3Attention",
+}
+_ROPE_GLOBAL = "apply_rotary_pos_emb"
+# The global a replacement attention's forward reads instead, set in its module beside
+# transformers' own (which stays as it is, for every module patch leaves)
+_ROPE_ALIAS = "_gpukernels_apply_rotary_pos_emb"
+
+
+def _reading_global_as(function: Callable, name: str, alias: str) -> types.FunctionType | None:
+    """A copy of ``function`` that reads the global ``alias`` where it read ``name`` (its
+    code's name renamed: same module globals, which torch.compile guards as the module's),
+    each ``functools.wraps`` wrapper around it (transformers' renames of deprecated
+    arguments) copied to call the copy; None when a layer is no plain function, a wrapper
+    holds what it wraps elsewhere than in its closure, or the innermost function reads no
+    global ``name`` or uses the name otherwise too."""
+    if not isinstance(function, types.FunctionType):
+        return None
+    inner = function.__dict__.get("__wrapped__")
+    code, closure = function.__code__, function.__closure__
+    if inner is None:
+        uses = [i.opname for i in dis.get_instructions(code) if i.argval == name]
+        if not uses or any(op != "LOAD_GLOBAL" for op in uses):
+            return None
+        code = code.replace(co_names=tuple(alias if n == name else n for n in code.co_names))
+        copied_inner = None
+    else:
+        copied_inner = _reading_global_as(inner, name, alias)
+        cells = closure or ()
+        if copied_inner is None or not any(_holds(cell, inner) for cell in cells):
+            return None
+        closure = tuple(types.CellType(copied_inner) if _holds(cell, inner) else cell for cell in cells)
+    copy = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__, closure)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    for attribute in ("__module__", "__qualname__", "__doc__", "__annotations__"):
+        setattr(copy, attribute, getattr(function, attribute))
+    copy.__dict__.update(function.__dict__)
+    if copied_inner is not None:
+        copy.__wrapped__ = copied_inner
+    return copy
+
+
+def _holds(cell: types.CellType, value: Any) -> bool:
+    try:
+        return cell.cell_contents is value
+    except ValueError:  # an empty cell
+        return False
+
+
+def _innermost_global(function: Callable, name: str) -> Any:
+    return inspect.unwrap(function).__globals__.get(name)
+
+
+def _rope_in_place_of(theirs: Callable) -> Callable:
+    """transformers' ``apply_rotary_pos_emb`` as ours where ours takes the shapes, as
+    ``theirs`` elsewhere (a partial rotary embedding: cos narrower than a head)."""
+
+    def rope_or_theirs(q, k, cos, sin, unsqueeze_dim=1):
+        if q.dim() == 4 and cos.dim() == 3 and cos.shape[-1] == q.shape[-1] and not cos.requires_grad:
+            return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+        return theirs(q, k, cos, sin, unsqueeze_dim)
+
+    rope_or_theirs.__wrapped__ = theirs
+    return rope_or_theirs
+
+
+@functools.cache
+def _rope_attention_forward(cls: type) -> Callable | None:
+    """``cls.forward`` calling ours in place of its module's ``apply_rotary_pos_emb``;
+    None where it cannot be made (see ``_reading_global_as``). One per class: its
+    replacement's."""
+    module_globals = inspect.unwrap(cls.forward).__globals__
+    theirs = module_globals.get(_ROPE_GLOBAL)
+    forward = None if theirs is None else _reading_global_as(cls.forward, _ROPE_GLOBAL, _ROPE_ALIAS)
+    if forward is not None:
+        module_globals.setdefault(_ROPE_ALIAS, _rope_in_place_of(theirs))
+        forward.__doc__ = "The attention's forward, its rotary embedding of queries and keys gpukernels'."
+    return forward
+
+
+@functools.cache
+def _rope_probe_error(theirs: Callable) -> str:
+    """Why ``theirs`` does not compute ours on a float64 probe (grouped-query k, cos and
+    sin of no rotation), or ""."""
+    g = torch.Generator().manual_seed(0)
+    q, k, cos, sin = (
+        torch.randn(shape, generator=g, dtype=torch.float64)
+        for shape in [(2, 4, 3, 8), (2, 2, 3, 8), (2, 3, 8), (2, 3, 8)]
+    )
+    try:
+        with torch.no_grad():
+            error = max(
+                (a - b).abs().max().item() for a, b in zip(theirs(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin))
+            )
+    except Exception as failure:
+        return f"{_ROPE_GLOBAL} could not be checked on a CPU float64 probe ({_first_line(failure)})"
+    if not error <= _PROBE_TOLERANCE:
+        return f"its {_ROPE_GLOBAL} differs from q * cos + rotate_half(q) * sin (max error {error:.1e})"
+    return ""
+
+
+def _rope_checked(attention: torch.nn.Module) -> dict[str, Any] | str:
+    return _rope_probe_error(_innermost_global(type(attention).forward, _ROPE_GLOBAL)) or {}
+
+
 def _third_party_rules() -> dict[type, _Rule]:
     """Rules for the transformers and timm classes of the modules already imported."""
     found = [
@@ -323,11 +443,17 @@ def _third_party_rules() -> dict[type, _Rule]:
     timm_norm, timm_norm_2d = _loaded("timm.layers.norm", "LayerNorm", "LayerNorm2d")
     found.append((timm_norm, _timm_layer_norm_forward, "LayerNorm", _unless_fast_norm))
     found.append((timm_norm_2d, _timm_layer_norm_2d_forward, "LayerNorm2d", _unless_fast_norm))
-    return {
+    rules = {
         cls: _Rule(_replacement(cls, forward), kind, prepare)
         for cls, forward, kind, prepare in found
         if cls is not None
     }
+    for model, name in _ATTENTIONS.items():
+        attention = _transformers_class(model, name)
+        forward = None if attention is None else _rope_attention_forward(attention)
+        if forward is not None:
+            rules[attention] = _Rule(_replacement(attention, forward), "RoPE", _rope_checked, opaque=False)
+    return rules
 
 
 # ---- tracing the forward --------------------------------------------------------------------------------------
@@ -687,7 +813,11 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
     settings = {
         name: rules[type(module)].prepare(module) for name, module in model.named_modules() if type(module) in rules
     }
-    swapping = {id(model.get_submodule(name)) for name, s in settings.items() if not isinstance(s, str)}
+    swapping = {
+        id(module)
+        for name, s in settings.items()
+        if not isinstance(s, str) and rules[type(module := model.get_submodule(name))].opaque
+    }
 
     def leaves(module):
         return _is_ours(module) or id(module) in swapping or type(module) in linears or _is_activation_module(module)
@@ -724,7 +854,8 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
             report.swapped.append(
                 (name, f"{cls.__name__}+{activation}" if activation else cls.__name__, rules[cls].kind)
             )
-            inside_swapped += (name + ".",)
+            if rules[cls].opaque:
+                inside_swapped += (name + ".",)
         elif cls in linears or _is_activation_module(module):
             why = why_not.get(name)
             if why is None:

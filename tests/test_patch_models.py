@@ -127,6 +127,7 @@ MODELS = {
     "llama-relu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="relu"), "LinearAct"),
 }
 CAUSAL = [name for name in MODELS if name != "vit"]
+ROPE = [name for name in MODELS if name.split("-")[0] in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")]
 
 
 def _build(name: str, dtype=torch.float32) -> nn.Module:
@@ -196,6 +197,12 @@ def test_report_lists_every_norm_mlp_activation_and_the_loss(name):
             assert any(row[2] == "LinearAct" and row[0].startswith(parent) for row in report.swapped)
     counts = report.counts
     assert counts[expected] == len(acts)
+    attentions = [n for n, m in original.named_modules() if type(m).__name__.endswith("Attention")]
+    if name in ROPE:  # each attention's rotary embedding; its norms (Qwen3's q_norm, k_norm) swapped as any
+        assert attentions and all(swapped[n][2] == "RoPE" for n in attentions)
+        assert counts["RoPE"] == len(attentions)
+    else:
+        assert "RoPE" not in counts
     assert counts.get("LayerNorm", 0) + counts.get("RMSNorm", 0) == len(norms)
     if name in CAUSAL:
         assert swapped["loss_function"] == ("loss_function", "ForCausalLMLoss", "CrossEntropyLoss")
@@ -422,7 +429,7 @@ def test_compile_aot_eager_of_a_patched_model():
     model.model.layers = model.model.layers[:1]
     model.config.num_hidden_layers = 1
     report = gk.patch(model, loss="fused")
-    assert report.counts == {"LinearCrossEntropyLoss": 1, "GatedMLP": 1, "RMSNorm": 3}
+    assert report.counts == {"LinearCrossEntropyLoss": 1, "RoPE": 1, "GatedMLP": 1, "RMSNorm": 3}
     batch = _batch("llama")
     loss, _, grads = _step(model, batch)
     compiled = torch.compile(model, backend="aot_eager")
@@ -433,6 +440,51 @@ def test_compile_aot_eager_of_a_patched_model():
     torch.testing.assert_close(out.loss, loss)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.grad, grads[name])
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_patched_attention_rotates_with_ours_and_others_keep_theirs(name, monkeypatch):
+    """A patched model's attention calls ours for its rotary embedding, once a layer; an
+    unpatched model of the same class (transformers' module itself unchanged) does not."""
+    calls = []
+    ours = gk_patch.apply_rotary_pos_emb
+    monkeypatch.setattr(gk_patch, "apply_rotary_pos_emb", lambda *args: calls.append(1) or ours(*args))
+    original = _build(name)
+    module = importlib.import_module(type(original).__module__)
+    theirs = module.apply_rotary_pos_emb
+    model = copy.deepcopy(original)
+    gk.patch(model)
+    assert module.apply_rotary_pos_emb is theirs
+    calls.clear()  # the probe of theirs against ours
+    batch = _batch(name)
+    model(**batch)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == layers
+    original(**batch)
+    assert len(calls) == layers
+    gk.unpatch(model)
+    model(**batch)
+    assert len(calls) == layers
+
+
+def test_rope_left_where_the_models_own_differs(monkeypatch):
+    """An attention whose module's apply_rotary_pos_emb computes something else (here:
+    the pairs interleaved, as some models rotate) stays, with the probe's finding."""
+    from transformers.models.llama import modeling_llama
+
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):
+        def rotate(x):
+            pairs = x.unflatten(-1, (-1, 2))
+            return torch.stack((-pairs[..., 1], pairs[..., 0]), -1).flatten(-2)
+
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", interleaved)
+    report = gk.patch(_build("llama"))
+    assert "RoPE" not in report.counts
+    left = {n: why for n, _, why in report.left}
+    assert "differs from q * cos + rotate_half(q) * sin" in left["model.layers.0.self_attn"]
 
 
 def test_every_transformers_rule_is_checked_against_its_class():
