@@ -138,11 +138,12 @@ def _compiled(fn: Callable, mode: str | None = None, fullgraph: bool = False) ->
 
 
 def _first_output(fn: Callable) -> Callable:
-    """Some baselines return (loss, extras): time them as the loss."""
+    """Some baselines return (loss, extras): time them as the loss (a tuple of outputs,
+    rope's q and k, stays whole)."""
 
     def call():
         out = fn()
-        return out[0] if isinstance(out, tuple) else out
+        return out[0] if isinstance(out, tuple) and out[0].dim() == 0 else out
 
     return call
 
@@ -266,7 +267,7 @@ def mode_fn(case: Case, forward: Callable[[], object], mode: str) -> Callable[[]
         def run():
             clear()
             out = forward()
-            out.backward(_grad_like(out))
+            torch.autograd.backward(out, _grad_like(out))
 
         return run
     out = forward()
@@ -274,7 +275,7 @@ def mode_fn(case: Case, forward: Callable[[], object], mode: str) -> Callable[[]
 
     def backward():
         clear()
-        out.backward(grad, retain_graph=True)
+        torch.autograd.backward(out, grad, retain_graph=True)
 
     return backward
 
@@ -282,8 +283,11 @@ def mode_fn(case: Case, forward: Callable[[], object], mode: str) -> Callable[[]
 _GRADS: dict[tuple, torch.Tensor] = {}
 
 
-def _grad_like(out: torch.Tensor) -> torch.Tensor:
-    """The gradient the backward of ``out`` is timed with: ones for a loss, else random, one per shape."""
+def _grad_like(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The gradient the backward of ``out`` (a tensor, or a tuple of them: one each) is timed
+    with: ones for a loss, else random, one per shape."""
+    if isinstance(out, tuple):
+        return tuple(_grad_like(o) for o in out)
     if out.dim() == 0:
         return torch.ones_like(out)
     key = (tuple(out.shape), out.stride(), out.dtype, out.device)  # a channels-last output gets a channels-last one
@@ -365,7 +369,9 @@ def _drop_if_different(op: str, case: Case, provider: str, reference: str, toler
     except Exception as e:  # a failure to compile, say: reported, not fatal
         problem = f"{type(e).__name__}: {e}"
     else:
-        names = ["output"] + [f"gradient of input {i}" for i in range(len(case.grad_inputs))]
+        outputs = len(want) - len(case.grad_inputs)
+        names = ["output"] if outputs == 1 else [f"output {i}" for i in range(outputs)]
+        names += [f"gradient of input {i}" for i in range(len(case.grad_inputs))]
         differences = [f"{name}: {d}" for name, g, w in zip(names, got, want) if (d := _difference(g, w, tolerance))]
         problem = f"differs from {reference}: {'; '.join(differences)}" if differences else ""
     if problem:
@@ -389,8 +395,9 @@ def _result(case: Case, forward: Callable[[], object]) -> list[torch.Tensor]:
         t.grad = None
     out = forward()
     if case.grad_inputs:
-        out.backward(_grad_like(out))
-    result = [out.detach().clone()] + [t.grad for t in case.grad_inputs]
+        torch.autograd.backward(out, _grad_like(out))
+    outputs = out if isinstance(out, tuple) else (out,)
+    result = [o.detach().clone() for o in outputs] + [t.grad for t in case.grad_inputs]
     for t in case.grad_inputs:
         t.grad = None
     return result

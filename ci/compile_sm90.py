@@ -300,6 +300,15 @@ def _exercise_every_op() -> None:
                     run_backward(gk.linear_cross_entropy(x, w, target, reduction=reduction, **options), x)
             x = leaf(1000)
             run_backward(gk.dropout(x, 0.3, seed=1), x)
+            for gated in (gk.swiglu, gk.geglu):
+                x = leaf(3, 5)
+                run_backward(gated(x, leaf(3, 5)), x)
+            # a tiny head, GPT-2/Llama-small's 12 heads of 64 (GQA's k: 4), 32 heads of 128
+            for heads, head_dim in ((3, 8), (12, 64), (32, 128)):
+                q, k = leaf(1, heads, 2, head_dim), leaf(1, max(heads // 3, 1), 2, head_dim)
+                angles = torch.rand(1, 2, head_dim, dtype=torch.float64)
+                q_embed, k_embed = gk.apply_rotary_pos_emb(q, k, angles.cos().to(dtype), angles.sin().to(dtype))
+                run_backward(q_embed.float().sum() + k_embed.float().sum(), q)
             for amsgrad in (False, True):
                 params = [torch.nn.Parameter(torch.randn(1500).to(dtype)), torch.nn.Parameter(torch.randn(3).to(dtype))]
                 for p in params:

@@ -3,9 +3,29 @@ its shapes (``SHAPES``; ``QUICK_SHAPES`` for ``--quick``; ``CPU_SHAPES`` without
 ``case(shape, device, dtype)``, the ``bench.harness.Case`` of one shape; an op with
 performance targets also has ``TARGET_SHAPES`` and ``TARGETS`` (for ``--targets``)."""
 
-from . import adamw, batch_norm, clip_adamw, cross_entropy, dropout, layer_norm, linear_act, linear_cross_entropy
+from . import (
+    adamw,
+    batch_norm,
+    clip_adamw,
+    cross_entropy,
+    dropout,
+    layer_norm,
+    linear_act,
+    linear_cross_entropy,
+    rope,
+)
 
 OPS = {
     module.__name__.rpartition(".")[2]: module
-    for module in (layer_norm, cross_entropy, dropout, batch_norm, linear_act, linear_cross_entropy, adamw, clip_adamw)
+    for module in (
+        layer_norm,
+        cross_entropy,
+        dropout,
+        batch_norm,
+        rope,
+        linear_act,
+        linear_cross_entropy,
+        adamw,
+        clip_adamw,
+    )
 }
