@@ -403,8 +403,8 @@ def _rope_attention_forward(cls: type) -> Callable | None:
 
 @functools.cache
 def _rope_probe_error(theirs: Callable) -> str:
-    """Why ``theirs`` does not compute ours on a float64 probe (grouped-query k, cos and
-    sin of no rotation), or ""."""
+    """Why ``theirs`` does not compute ours on a float64 probe (grouped-query k, random
+    cos and sin: any values, not only a rotation's), or ""."""
     g = torch.Generator().manual_seed(0)
     q, k, cos, sin = (
         torch.randn(shape, generator=g, dtype=torch.float64)

@@ -33,11 +33,11 @@ _HEADS_DIM = {1: 1, 2: 2, -3: 1, -2: 2}
 def rope(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, heads_dim: int, transpose: bool, dtype: torch.dtype, backend: str
 ) -> tuple[Tensor, Tensor]:
-    """Kernel: for ``x`` each of ``q`` and ``k``, the halves ``x1, x2`` of each head and
-    of each position's ``cos`` (``c1, c2``) and ``sin`` (``s1, s2``), in the wider of the
-    inputs' dtypes' statistics dtypes: ``x1 c1 - x2 s1`` and ``x2 c2 + x1 s2`` (the
-    rotation), or with ``transpose`` ``x1 c1 + x2 s2`` and ``x2 c2 - x1 s1`` (its
-    transpose: the backward), into ``q_out`` and ``k_out`` in ``dtype``."""
+    """Kernel: for ``x`` each of ``q`` and ``k``, with ``x1, x2`` the halves of each head
+    and ``c1, c2``, ``s1, s2`` those of its position's ``cos`` and ``sin``, in fp32 (fp64
+    when q or cos is fp64): ``x1 c1 - x2 s1`` and ``x2 c2 + x1 s2`` (the rotation), or with
+    ``transpose`` ``x1 c1 + x2 s2`` and ``x2 c2 - x1 s1`` (its transpose: the backward),
+    into ``q_out`` and ``k_out`` in ``dtype``."""
     return torch.empty_like(q, dtype=dtype), torch.empty_like(k, dtype=dtype)
 
 
