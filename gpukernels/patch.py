@@ -370,8 +370,9 @@ def _holds(cell: types.CellType, value: Any) -> bool:
         return False
 
 
-def _innermost_global(function: Callable, name: str) -> Any:
-    return inspect.unwrap(function).__globals__.get(name)
+def _forward_globals(cls: type) -> dict:
+    """The globals the innermost function of ``cls.forward`` (under its wrappers) reads: its module's."""
+    return inspect.unwrap(cls.forward).__globals__
 
 
 def _rope_in_place_of(theirs: Callable) -> Callable:
@@ -392,7 +393,7 @@ def _rope_attention_forward(cls: type) -> Callable | None:
     """``cls.forward`` calling ours in place of its module's ``apply_rotary_pos_emb``;
     None where it cannot be made (see ``_reading_global_as``). One per class: its
     replacement's."""
-    module_globals = inspect.unwrap(cls.forward).__globals__
+    module_globals = _forward_globals(cls)
     theirs = module_globals.get(_ROPE_GLOBAL)
     forward = None if theirs is None else _reading_global_as(cls.forward, _ROPE_GLOBAL, _ROPE_ALIAS)
     if forward is not None:
@@ -423,7 +424,7 @@ def _rope_probe_error(theirs: Callable) -> str:
 
 
 def _rope_checked(attention: torch.nn.Module) -> dict[str, Any] | str:
-    return _rope_probe_error(_innermost_global(type(attention).forward, _ROPE_GLOBAL)) or {}
+    return _rope_probe_error(_forward_globals(type(attention)).get(_ROPE_GLOBAL)) or {}
 
 
 def _third_party_rules() -> dict[type, _Rule]:

@@ -16,9 +16,10 @@ from .. import optim as gk_optim
 # name -> (model and loss, torch.compile?). "plain": torch layers, torch.optim.AdamW,
 # torch's schedulers and clip; "gpukernels": gk.patch (fused LM loss), gk.optim (the
 # clip inside AdamW's step); "liger": Liger-Kernel's patch with torch's optimizer (the
-# transformers module globals it replaces are put back after its run). In this order: the eager ways, quick to
-# start, before the compiled ones, which compile for a minute or more on a GPU, so
-# that a run under a time limit (ci/gpu-check.sh) has measured them when it stops.
+# transformers module globals it replaces are put back after its run). In this order:
+# the eager ways, quick to start, before the compiled ones, which compile for a minute
+# or more on a GPU, so that a run under a time limit (ci/gpu-check.sh) has measured
+# them when it stops.
 WAYS = {
     "eager": ("plain", False),
     "patched": ("gpukernels", False),

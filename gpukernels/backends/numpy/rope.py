@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..._numerics import stats_dtype
 from ._arrays import as_array, write
 
 
@@ -16,7 +17,7 @@ def _rotate(x: np.ndarray, c1, c2, a, b) -> np.ndarray:
 
 
 def rope(q, k, cos, sin, heads_dim, transpose, dtype, q_out, k_out):
-    wide = torch.float64 if torch.float64 in (q.dtype, cos.dtype) else torch.float32
+    wide = stats_dtype(torch.promote_types(q.dtype, cos.dtype))
     half = q.shape[-1] // 2
     c, s = (np.expand_dims(as_array(t, wide), heads_dim) for t in (cos, sin))
     c1, c2, s1, s2 = c[..., :half], c[..., half:], s[..., :half], s[..., half:]

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, aligned, next_power_of_2, round_to
+from ._common import acc_dtype, aligned, next_power_of_2, round_to, stats_dtype
 from ._launch import jit
 
 # A program's heads at a time: a (heads, half) tile of at most this many elements per half.
@@ -73,7 +73,7 @@ def rope(q, k, cos, sin, heads_dim, transpose, dtype, q_out, k_out):
     q_heads, k_heads = q.shape[heads_dim], k.shape[heads_dim]
     block_d = next_power_of_2(half)
     block_h = min(next_power_of_2(max(q_heads, k_heads, 1)), max(TILE // block_d, 1))
-    acc = acc_dtype(torch.float64 if torch.float64 in (q.dtype, cos.dtype) else torch.float32)
+    acc = acc_dtype(stats_dtype(torch.promote_types(q.dtype, cos.dtype)))
     ints = (
         time, q_heads, k_heads,
         *_batch_time_heads(q, heads_dim), *_batch_time_heads(k, heads_dim),
