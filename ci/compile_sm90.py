@@ -221,8 +221,11 @@ def _exercise_benchmark_shapes() -> None:
                 x = x.to(memory_format=torch.channels_last)
             c = shape[1]
             w, b = (torch.ones(c, requires_grad=True) for _ in range(2))
-            y = gk.batch_norm(x.requires_grad_(), torch.zeros(c), torch.ones(c), w, b, training=True)
-            y.backward(torch.empty_like(y))
+            for activation in ("none", "relu"):  # a ResNet's BN, and its BN + ReLU
+                y = gk.batch_norm(
+                    x.requires_grad_(), torch.zeros(c), torch.ones(c), w, b, training=True, activation=activation
+                )
+                y.backward(torch.empty_like(y))
         batch_norm._tiling_of.cache_clear()
         target = torch.zeros(16, dtype=torch.int64)
         for vocabulary in VOCABULARIES:
@@ -278,6 +281,13 @@ def _exercise_every_op() -> None:
                     w = torch.ones(3, dtype=param_dtype, requires_grad=True)
                     rm, rv = torch.zeros(3, dtype=param_dtype), torch.ones(3, dtype=param_dtype)
                     run_backward(gk.batch_norm(x, rm, rv, w, torch.zeros(3, dtype=param_dtype), training=training), x)
+            if dtype in (torch.float32, torch.bfloat16):  # the fused activations, on the split kernels
+                for activation, training in itertools.product(("relu", "gelu", "gelu_tanh", "silu"), (True, False)):
+                    x = leaf(130, 3, 2, 20)
+                    w = torch.ones(3, dtype=param_dtype, requires_grad=True)
+                    rm, rv = torch.zeros(3, dtype=param_dtype), torch.ones(3, dtype=param_dtype)
+                    b = torch.zeros(3, dtype=param_dtype)
+                    run_backward(gk.batch_norm(x, rm, rv, w, b, training=training, activation=activation), x)
             target = torch.tensor([0, 2, -100, 1])
             for weight in (None, torch.rand(3, dtype=torch.float64).to(dtype)):
                 for smoothing in (0.0, 0.1):

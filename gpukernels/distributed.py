@@ -90,7 +90,7 @@ def _normalize(
     statistics it is given (the global ones here) and updates nothing."""
     if x.numel() == 0:  # a rank with no samples: nothing to launch a kernel on
         return torch.empty_like(x), torch.rsqrt(var + eps)
-    y, stats = batch_norm_fwd(x, weight, bias, mean, var, False, 0.0, eps)
+    y, stats = batch_norm_fwd(x, weight, bias, mean, var, False, 0.0, eps, "none")
     return y, stats[1]
 
 
@@ -252,6 +252,11 @@ class SyncBatchNorm(BatchNormForward, _BatchNorm):
 def _to_sync(bn: _BatchNorm, process_group: Any) -> SyncBatchNorm:
     """A SyncBatchNorm holding ``bn``'s own parameters and buffers (the same
     tensors, so an optimizer built on the model still steps them)."""
+    if getattr(bn, "activation", "none") != "none":
+        raise ArgumentError(
+            f"{type(bn).__name__} applies activation {bn.activation!r} (gk.patch fused it), which SyncBatchNorm "
+            "does not: convert_sync_batchnorm before gk.patch (patch leaves SyncBatchNorm unfused)"
+        )
     kwargs = {} if bn.bias is not None or not bn.affine else {"bias": False}
     sync = SyncBatchNorm(
         bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group, **kwargs

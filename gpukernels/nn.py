@@ -61,7 +61,12 @@ class BatchNormForward:
     """``torch.nn.modules.batchnorm._BatchNorm.forward`` with our op: the
     same momentum / cumulative-average / track_running_stats rules. A mixin
     of BatchNorm1d, BatchNorm2d and ``distributed.SyncBatchNorm``, not in
-    ``__all__``."""
+    ``__all__``. ``activation`` (none, relu, gelu, gelu_tanh, silu; an attribute,
+    not a parameter or buffer) is applied to the output by the same kernels:
+    ``act(BatchNorm(x))``, as ``gk.patch`` sets it where an activation module
+    takes a BatchNorm's output alone."""
+
+    activation = "none"
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -81,14 +86,27 @@ class BatchNormForward:
             use_batch_stats,
             momentum,
             self.eps,
+            self.activation,
         )
 
+    def extra_repr(self) -> str:
+        extra = super().extra_repr()
+        return extra if self.activation == "none" else f"{extra}, activation={self.activation!r}"
 
-class BatchNorm1d(BatchNormForward, torch.nn.BatchNorm1d):
+
+class _BatchNormAct(BatchNormForward):
+    """BatchNorm1d's and BatchNorm2d's constructor: torch's arguments, then ``activation``."""
+
+    def __init__(self, *args, activation: str = "none", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+
+
+class BatchNorm1d(_BatchNormAct, torch.nn.BatchNorm1d):
     pass
 
 
-class BatchNorm2d(BatchNormForward, torch.nn.BatchNorm2d):
+class BatchNorm2d(_BatchNormAct, torch.nn.BatchNorm2d):
     pass
 
 

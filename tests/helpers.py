@@ -12,6 +12,7 @@ LOWP_FACTOR.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 LOWP_FACTOR = 2.0
@@ -22,6 +23,14 @@ SMALL_BLOCK, LOOPED_CLASSES = 128, 300
 # Floor for the low-precision bound: when PyTorch's own low-precision error
 # happens to be tiny, a result within a couple of roundings is still right.
 LOWP_FLOOR = {torch.bfloat16: 2 * 2.0**-8, torch.float16: 2 * 2.0**-11}
+# PyTorch's own form of each activation the ops fuse (linear_act's, batch_norm's)
+TORCH_ACTIVATIONS = {
+    "none": lambda z: z,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
+}
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -14,7 +14,14 @@ import torch.nn.functional as F
 import gpukernels as gk
 from gpukernels._numerics import ncl_strides
 from gpukernels.ops.batch_norm import batch_norm, batch_norm_bwd, batch_norm_fwd
-from helpers import TOLERANCES, applied_to_itself, assert_matches, assert_same_output_and_grads, count_launches
+from helpers import (
+    TOLERANCES,
+    TORCH_ACTIVATIONS,
+    applied_to_itself,
+    assert_matches,
+    assert_same_output_and_grads,
+    count_launches,
+)
 
 SHAPES = [(8, 3), (6, 17), (5, 1000), (4, 17, 9), (1, 3, 7), (5, 1, 6), (2, 3, 4097), (2, 3, 4, 5), (3, 1, 1, 2)]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -447,7 +454,7 @@ def test_large_mean_small_variance(device):
     would lose ~1e-1 to cancellation; merged per-tile means and M2 do not."""
     x = make_inputs((4, 3, 2000), torch.float32, device=device)[0] * 0.5 + 1000
     exact = x.double().transpose(0, 1).reshape(3, -1)
-    _, (mean, rstd) = batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5)
+    _, (mean, rstd) = batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, "none")
     torch.testing.assert_close(mean.double(), exact.mean(1), rtol=1e-7, atol=0)
     torch.testing.assert_close(rstd.double(), (exact.var(1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
 
@@ -476,8 +483,8 @@ def test_kernels_on_empty_input_agree_with_numpy(device, training):
         x, weight, bias, running_mean, running_var = (t.to(where) for t in inputs)
         with gk.use_backend(backend) if backend else contextlib.nullcontext():
             stats = clones(running_mean, running_var)
-            fwd = batch_norm_fwd(*clones(x, weight, bias), *stats, training, 0.1, 1e-5)
-            bwd = batch_norm_bwd(x.clone(), x, weight, *fwd[1:], training, True)
+            fwd = batch_norm_fwd(*clones(x, weight, bias), *stats, training, 0.1, 1e-5, "none")
+            bwd = batch_norm_bwd(x.clone(), x, weight, bias, fwd[1], training, "none")
             results.append([t.cpu() for t in (*fwd, *stats, *bwd)])
     for ours, numpys in zip(*results):
         torch.testing.assert_close(ours, numpys, equal_nan=True)
@@ -504,12 +511,14 @@ def test_gradcheck_fp64(device, training):
     )
 
 
+@pytest.mark.parametrize("activation", ["none", "relu"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_forward(device, dtype, training):
+def test_opcheck_forward(device, dtype, training, activation):
     x, weight, bias, running_mean, running_var = make_inputs((4, 3, 5), dtype, device=device)
     # opcheck runs the op several times: give it its own running stats
-    args = (x, weight, bias, *clones(running_mean, running_var), training, 0.1, 1e-5, gk.backend_name(device))
+    stats = clones(running_mean, running_var)
+    args = (x, weight, bias, *stats, training, 0.1, 1e-5, activation, gk.backend_name(device))
     torch.library.opcheck(batch_norm_fwd.custom_op, args)
 
 
@@ -517,17 +526,20 @@ def test_opcheck_forward_channels_last_view(device):
     x, *params = make_inputs((2, 3, 4, 5), torch.float32, device=device)
     x3 = x.to(memory_format=torch.channels_last).reshape(2, 3, 20)
     torch.library.opcheck(
-        batch_norm_fwd.custom_op, (x3, *params[:2], *clones(*params[2:]), True, 0.1, 1e-5, gk.backend_name(device))
+        batch_norm_fwd.custom_op,
+        (x3, *params[:2], *clones(*params[2:]), True, 0.1, 1e-5, "none", gk.backend_name(device)),
     )
 
 
+@pytest.mark.parametrize("activation", ["none", "silu"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
-def test_opcheck_backward(device, affine, training):
-    x, weight, _, _, _ = make_inputs((4, 3, 5), torch.float32, affine=affine, device=device)
+def test_opcheck_backward(device, affine, training, activation):
+    x, weight, bias, _, _ = make_inputs((4, 3, 5), torch.float32, affine=affine, device=device)
     dy = torch.randn(4, 3, 5, device=device)
     stats = torch.stack((torch.randn(3), torch.rand(3) + 0.5)).to(device)  # mean, then rstd
-    torch.library.opcheck(batch_norm_bwd.custom_op, (dy, x, weight, stats, training, affine, gk.backend_name(device)))
+    args = (dy, x, weight, bias, stats, training, activation, gk.backend_name(device))
+    torch.library.opcheck(batch_norm_bwd.custom_op, args)
 
 
 def test_torch_compile_fullgraph_updates_running_stats_once(device):
@@ -577,6 +589,8 @@ def bad_call(**overrides):
         (dict(momentum=float("nan")), ValueError, "momentum"),
         (dict(momentum=float("inf")), ValueError, "momentum"),
         (dict(momentum=None), TypeError, "momentum"),
+        (dict(activation="tanh"), ValueError, "activation"),
+        (dict(activation=None), ValueError, "activation"),
     ],
 )
 def test_bad_input(overrides, error, match):
@@ -595,3 +609,121 @@ def test_autocast_leaves_dtypes_as_pytorch_does():
         ours = batch_norm(x, *clones(running_mean, running_var), weight, bias, training=True)
         theirs = F.batch_norm(x, *clones(running_mean, running_var), weight, bias, training=True)
     assert ours.dtype == theirs.dtype == torch.bfloat16
+
+
+# ---- the fused activation: act(batch_norm(x)) in the same kernels ----
+
+FUSED_ACTIVATIONS = ["relu", "silu", "gelu", "gelu_tanh"]
+
+
+def torch_batch_norm_act(x, running_mean, running_var, weight=None, bias=None, activation="none", **kwargs):
+    """PyTorch's unfused form: F.batch_norm, then the activation on its output."""
+    return TORCH_ACTIVATIONS[activation](F.batch_norm(x, running_mean, running_var, weight, bias, **kwargs))
+
+
+def check_activation(inputs, training, activation):
+    return check_against_torch(*inputs, training, torch_fn=torch_batch_norm_act, activation=activation)
+
+
+@pytest.mark.parametrize("activation", FUSED_ACTIVATIONS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(6, 17), (4, 17, 9), (2, 3, 4, 5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_activation_matches_torch(device, dtype, shape, training, activation):
+    """Forward, gradients of x, weight and bias, and running stats against PyTorch's
+    batch_norm followed by the activation, and the same in float64."""
+    check_activation(make_inputs(shape, dtype, device=device), training, activation)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["2d_wide", "nchw_short_rows", "channels_last_sliced_batch"])
+def test_activation_tilings(device, layout, training, activation):
+    """Every tiling's kernels (partials merged across splits) with the activation, in fp64."""
+    check_activation(tiled_input(layout, torch.float64, device), training, activation)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["2d_wide", "nchw_short_rows", "channels_last_sliced_batch"])
+def test_activation_with_one_split(device, triton_kernels, monkeypatch, layout, training):
+    """The one-launch forward and backward (OWN_STATS, OWN_SUMS) with the activation."""
+    monkeypatch.setattr(triton_kernels, "num_programs", lambda device, work, per_sm: 1)
+    check_activation(tiled_input(layout, torch.float64, device), training, "silu")
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_activation_without_weight_or_bias(device, affine, activation):
+    """z = xhat * weight + bias with either missing: what the backward recomputes for act'(z)."""
+    x, weight, bias, running_mean, running_var = make_inputs((5, 4, 6), torch.float64, device=device)
+    check_activation((x, weight if affine else None, None, running_mean, running_var), True, activation)
+    check_activation((x, None, bias if affine else None, running_mean, running_var), True, activation)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_activation_on_low_precision_input_with_fp32_parameters(device, dtype, activation):
+    """Autocast's mixed precision: the activation reads z rounded to x's dtype, as
+    PyTorch's activation reads F.batch_norm's output."""
+    check_activation(make_inputs((6, 5, 7), dtype, torch.float32, device=device), True, activation)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_activation_channels_last(device, training):
+    x, *params = make_inputs((3, 5, 4, 6), torch.float32, device=device)
+    x = x.to(memory_format=torch.channels_last)
+    (y, _), _ = check_activation((x, *params), training, "relu")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize("training", [True, False])
+def test_activation_gradcheck_fp64(device, training, activation):
+    x, weight, bias, running_mean, running_var = make_inputs((3, 2, 4), torch.float64, device=device)
+    inputs = [t.requires_grad_() for t in (x, weight, bias)]
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: batch_norm(x, running_mean, running_var, w, b, training=training, activation=activation),
+        inputs,
+    )
+
+
+def test_activation_keeps_nothing_more_for_the_backward(device):
+    """The backward recomputes z from x and the statistics: the tensors saved are the
+    same with and without the activation (x, the parameters, the (2, C) statistics)."""
+    x, weight, bias, running_mean, running_var = make_inputs((4, 3, 5), torch.float32, device=device)
+    x.requires_grad_()
+    saved = {}
+    for activation in ("none", "relu"):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            batch_norm(x, running_mean, running_var, weight, bias, training=True, activation=activation)
+        saved[activation] = shapes
+    assert saved["relu"] == saved["none"] == [(4, 3, 5), (3,), (3,), (2, 3)]
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "silu"])
+def test_module_activation(device, activation):
+    """gk.nn.BatchNorm2d(..., activation=) against torch's BatchNorm2d and the activation:
+    output, gradients, running stats; torch's state_dict keys."""
+    torch.manual_seed(0)
+    ours = gk.nn.BatchNorm2d(4, activation=activation).to(device)
+    theirs = torch.nn.BatchNorm2d(4).to(device)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    with torch.no_grad():
+        for module in (ours, theirs):
+            module.weight.normal_(generator=torch.Generator().manual_seed(1))
+            module.bias.normal_(generator=torch.Generator().manual_seed(2))
+    x = torch.randn(3, 4, 5, 6, device=device, requires_grad=True)
+    y_ours, y_theirs = ours(x), TORCH_ACTIVATIONS[activation](theirs(x))
+    torch.testing.assert_close(y_ours, y_theirs, **TOLERANCES[torch.float32])
+    dy = torch.randn_like(y_ours)
+    for a, b in zip(torch.autograd.grad(y_ours, (x, ours.weight, ours.bias), dy),
+                    torch.autograd.grad(y_theirs, (x, theirs.weight, theirs.bias), dy)):  # fmt: skip
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **TOLERANCES[torch.float32])
+    assert (f"activation={activation!r}" in repr(ours)) == (activation != "none")
+
+
+def test_module_refuses_an_unknown_activation():
+    with pytest.raises(ValueError, match="activation"):
+        gk.nn.BatchNorm1d(3, activation="tanh")

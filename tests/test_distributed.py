@@ -569,6 +569,15 @@ def test_convert_sync_batchnorm_shares_parameters_and_buffers():
     assert type(SyncBatchNorm.convert_sync_batchnorm(root)) is SyncBatchNorm
 
 
+def test_convert_sync_batchnorm_refuses_a_fused_activation():
+    """A BatchNorm that gk.patch fused with its ReLU cannot become a SyncBatchNorm, which
+    applies no activation: an error, not a model that silently drops the ReLU."""
+    model = torch.nn.Sequential(gk.nn.BatchNorm2d(3, activation="relu"))
+    with pytest.raises(ValueError, match="activation 'relu'.*before gk.patch"):
+        convert_sync_batchnorm(model)
+    assert type(model[0]) is gk.nn.BatchNorm2d
+
+
 @pytest.mark.parametrize("shape", [(6, 4), (3, 4, 5)], ids=["2d", "3d"])
 def test_sync_batchnorm_without_process_group_is_batchnorm(shape):
     """No process group (or eval): plain BatchNorm, as torch.nn.SyncBatchNorm."""

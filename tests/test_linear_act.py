@@ -4,17 +4,10 @@ import torch.nn.functional as F
 
 import gpukernels as gk
 from gpukernels.ops.linear_act import linear_act, linear_act_bwd, linear_act_fwd
-from helpers import assert_matches
+from helpers import TORCH_ACTIVATIONS, assert_matches
 
 pytestmark = pytest.mark.family("linear_act")  # conftest's device fixture skips backends without them
 
-TORCH_ACTIVATIONS = {
-    "none": lambda z: z,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "silu": F.silu,
-}
 ACTIVATIONS = list(TORCH_ACTIVATIONS)
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 

@@ -6,6 +6,7 @@ performance targets also has ``TARGET_SHAPES`` and ``TARGETS`` (for ``--targets`
 from . import (
     adamw,
     batch_norm,
+    batch_norm_relu,
     clip_adamw,
     cross_entropy,
     dropout,
@@ -22,6 +23,7 @@ OPS = {
         cross_entropy,
         dropout,
         batch_norm,
+        batch_norm_relu,
         rope,
         linear_act,
         linear_cross_entropy,

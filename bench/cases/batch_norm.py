@@ -16,10 +16,12 @@ TARGET_SHAPES = [(*shape, layout) for shape in SHAPES for layout in ("nchw", "ch
 TARGETS = [("fwd+bwd", "bandwidth", 0.5), ("fwd+bwd", "eager", 1.5)]
 """Issue 16's: forward+backward at 80% of the copy bandwidth counted on 8X bytes, which is 50% on
 the 5X counted here, and 1.5x eager (cuDNN), at every shape and layout."""
+EAGER_ACTIVATIONS = {"none": lambda y: y, "relu": lambda y: F.relu(y, inplace=True)}
 
 
-def case(shape: tuple, device: torch.device, dtype: torch.dtype) -> Case:
-    """``shape``: (n, c, hw), NCHW, or (n, c, hw, layout), layout "nchw" or "channels_last"."""
+def case(shape: tuple, device: torch.device, dtype: torch.dtype, activation: str = "none") -> Case:
+    """``shape``: (n, c, hw), NCHW, or (n, c, hw, layout), layout "nchw" or "channels_last";
+    ``activation`` fused into ours, applied after PyTorch's in place (as timm's ResNets do)."""
     n, c, hw, *layout = shape
     x = torch.randn(n, c, hw, hw, device=device, dtype=dtype)
     if layout == ["channels_last"]:
@@ -33,8 +35,8 @@ def case(shape: tuple, device: torch.device, dtype: torch.dtype) -> Case:
         f"{n}x{c}x{hw}x{hw}" + ("-channels-last" if layout == ["channels_last"] else ""),
         x.numel(),
         providers(
-            lambda: gk.batch_norm(x, rm, rv, w, b, training=True),
-            lambda: F.batch_norm(x, rm, rv, w, b, training=True),
+            lambda: gk.batch_norm(x, rm, rv, w, b, training=True, activation=activation),
+            lambda: EAGER_ACTIVATIONS[activation](F.batch_norm(x, rm, rv, w, b, training=True)),
             device,
             "batch_norm",
         ),

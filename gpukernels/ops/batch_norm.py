@@ -11,6 +11,14 @@ are per channel over the ``M = N*L`` other elements, in the statistics dtype;
 the forward returns the mean and rstd it normalised with (the batch's in
 training, the running stats' in eval) for the backward, in one ``(2, C)``
 tensor (one allocation and one saved tensor, not two).
+
+``activation`` (one of linear_act's: none, relu, gelu, gelu_tanh, silu) is
+applied to the normalised output in the same pass, as ``act(batch_norm(x))``
+would be to its output rounded to x's dtype, so that a BatchNorm and the
+activation after it (a ResNet's BN + ReLU) read and write their
+activation-sized tensors once each way instead of twice. The backward keeps
+nothing more: it recomputes the normalised value from x and the statistics,
+which it reads anyway, for the activation's derivative.
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ from torch import Tensor
 from .._backend import backend_for
 from .._numerics import ncl_strides
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import check_float, check_number, check_optional_floats, contiguous_param, empty_grad
+from ._checks import check_choice, check_float, check_number, check_optional_floats, contiguous_param, empty_grad
 from ._op import eager_apply, kernel_op, needs_dispatch, refuse_second_derivative, reshaped, stats_dtype
+from .linear_act import ACTIVATIONS
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -42,11 +51,13 @@ def batch_norm_fwd(
     training: bool,
     momentum: float,
     eps: float,
+    activation: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Kernel: ``y`` = ``(x - mean) * rstd * weight + bias`` (each optional),
-    and ``stats``, the per-channel ``mean`` it normalised with, then the
-    per-channel ``rstd``, in the statistics dtype. In training these are the
+    """Kernel: ``y`` = ``act((x - mean) * rstd * weight + bias)`` (weight and bias
+    each optional; ``act`` applied to that value rounded to x's dtype), and
+    ``stats``, the per-channel ``mean`` it normalised with, then the per-channel
+    ``rstd``, in the statistics dtype. In training these are the
     batch's (nan for M == 0), and the running stats (when given) take
     ``momentum`` of the batch mean and of the unbiased (M/(M-1)) variance; in
     eval they are the running stats'."""
@@ -58,20 +69,23 @@ def batch_norm_bwd(
     dy: Tensor,
     x: Tensor,
     weight: Optional[Tensor],
+    bias: Optional[Tensor],
     stats: Tensor,
     training: bool,
-    has_bias: bool,
+    activation: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel: ``dx``, from the forward's ``stats`` (in training the batch
-    statistics' dependence on x included); ``dweight = sum(dy * xhat)`` in the
-    weight's dtype when there is a weight, and ``dbias = sum(dy)`` when
-    ``has_bias``, in the weight's dtype (the bias shares it) or else the
-    statistics dtype; empty when not wanted."""
+    statistics' dependence on x included), for the gradient ``dz = dy * act'(z)``
+    of the normalised value ``z`` (recomputed from x, stats, weight and bias, and
+    rounded to x's dtype, as the forward did; ``dz = dy`` for none);
+    ``dweight = sum(dz * xhat)`` in the weight's dtype when there is a weight,
+    and ``dbias = sum(dz)`` when there is a bias, in the weight's dtype (the bias
+    shares it) or else the statistics dtype; empty when not wanted."""
     channels = x.shape[1]
     param_dtype = weight.dtype if weight is not None else stats_dtype(x.dtype)
     dweight = x.new_empty(channels, dtype=param_dtype) if weight is not None else empty_grad(x)
-    dbias = x.new_empty(channels, dtype=param_dtype) if has_bias else empty_grad(x)
+    dbias = x.new_empty(channels, dtype=param_dtype) if bias is not None else empty_grad(x)
     return torch.empty_like(x), dweight, dbias
 
 
@@ -92,28 +106,28 @@ class _BatchNormFunction(torch.autograd.Function):
         training: bool,
         momentum: float,
         eps: float,
+        activation: str,
         backend: str,
         dispatch: bool,
     ) -> Tensor:
         run = batch_norm_fwd.on if dispatch else batch_norm_fwd.eagerly  # the caller's needs_dispatch
-        y, stats = run(backend, x, weight, bias, running_mean, running_var, training, momentum, eps)
-        ctx.save_for_backward(x, weight, stats)
-        ctx.training, ctx.backend = training, backend
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        y, stats = run(backend, x, weight, bias, running_mean, running_var, training, momentum, eps, activation)
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.training, ctx.activation, ctx.backend = training, activation, backend
         return y
 
     @staticmethod
     @refuse_second_derivative("batch_norm")
     def backward(ctx, dy: Tensor):
-        x, weight, stats = ctx.saved_tensors
+        x, weight, bias, stats = ctx.saved_tensors
         if dy.dim() > 3 and not ncl_strides(dy.shape, dy.stride()):  # the kernels read dy as (N, C, L) too
             dy = dy.contiguous()
-        has_bias = ctx.bias_dtype is not None
-        dx, dweight, dbias = batch_norm_bwd.on(ctx.backend, dy, x, weight, stats, ctx.training, has_bias)
+        dx, dweight, dbias = batch_norm_bwd.on(ctx.backend, dy, x, weight, bias, stats, ctx.training, ctx.activation)
         return (
             dx,
             dweight if weight is not None else None,
-            (dbias if dbias.dtype == ctx.bias_dtype else dbias.to(ctx.bias_dtype)) if has_bias else None,
+            (dbias if dbias.dtype == bias.dtype else dbias.to(bias.dtype)) if bias is not None else None,
+            None,
             None,
             None,
             None,
@@ -178,7 +192,7 @@ def check_param_dtypes(input: Tensor, params: Sequence[Tensor | None]) -> None:
 def _empty_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """What PyTorch returns for an input with no elements: a fresh empty
     output still connected to weight and bias (zero gradients); running
-    stats untouched."""
+    stats untouched. (Any activation of no elements is that too.)"""
     y = x.clone()
     if weight is not None:
         y = y * weight.view(1, -1, 1)
@@ -196,11 +210,13 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    activation: str = "none",
 ) -> Tensor:
     """``torch.nn.functional.batch_norm`` for ``(N, C, *)`` input: per-channel
     statistics over the other dims; in training, ``running_mean`` and
     ``running_var`` (when given) are updated in place with the unbiased
-    batch variance."""
+    batch variance. ``activation`` (none, relu, gelu, gelu_tanh, silu) is
+    applied to the output in the same kernels: ``act(batch_norm(...))``."""
     check_float("input", input)
     if input.dim() < 2:
         raise ArgumentError(f"input must have shape (N, C), (N, C, L) or (N, C, H, W), got {tuple(input.shape)}")
@@ -209,6 +225,8 @@ def batch_norm(
     check_params(input, (weight, bias, running_mean, running_var), training)
     eps = check_number("eps", eps, low=0.0, low_open=training)
     momentum = check_number("momentum", momentum)
+    if activation != "none":
+        check_choice("activation", activation, ACTIVATIONS)
     length = math.prod(input.shape[2:])
     if training and n * length == 1:
         raise ArgumentError(
@@ -224,7 +242,7 @@ def batch_norm(
     if running_mean is not None:
         running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
     weight, bias = contiguous_param(weight), contiguous_param(bias)
-    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, backend_for(x))
+    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, activation, backend_for(x))
     # Function.apply's Python layer serves functorch transforms and torch.compile; on plain
     # tensors, outside them, its C apply (host time), and with grad mode off no Function at all
     if needs_dispatch(args):

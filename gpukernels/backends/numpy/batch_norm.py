@@ -5,8 +5,10 @@ channel over the M = N*L elements of axes 0 and 2."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from ._arrays import as_array, write
+from ._arrays import as_array, as_tensor, write
+from .linear_act import activation_of, pre_activation_grad
 
 _OVER_CHANNEL = (0, 2)
 
@@ -26,7 +28,20 @@ def _ncl(t):
     return t.view(t.shape[0], t.shape[1], -1) if t.dim() != 3 else t
 
 
-def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, y_out, stats_out):
+def _normalized(centered: np.ndarray, rstd: np.ndarray, weight, bias, dtype, activation: str) -> np.ndarray:
+    """z = (x - mean) * rstd * weight + bias, the output before the activation (rounded to
+    x's ``dtype`` when there is one, as an unfused activation would read it), worked out
+    the same way by the forward and by the backward (for the activation's derivative)."""
+    gain = rstd * as_array(weight, dtype) if weight is not None else rstd
+    z = centered * _per_channel(gain)
+    if bias is not None:
+        z += _per_channel(as_array(bias, dtype))
+    if activation != "none" and dtype not in (torch.float32, torch.float64):
+        z = as_array(as_tensor(z, dtype))
+    return z
+
+
+def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, y_out, stats_out):
     x, y_out = _ncl(x), _ncl(y_out)
     a = as_array(x)
     if training:
@@ -42,19 +57,18 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
         centered = a - _per_channel(mean)
         var = as_array(running_var, x.dtype)
     rstd = 1.0 / np.sqrt(var + eps)
-    gain = rstd * as_array(weight, x.dtype) if weight is not None else rstd
-    y = centered * _per_channel(gain)
-    if bias is not None:
-        y += _per_channel(as_array(bias, x.dtype))
-    write(y_out, y)
+    write(y_out, activation_of(_normalized(centered, rstd, weight, bias, x.dtype, activation), activation))
     write(stats_out, np.stack((mean, rstd)))
 
 
-def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx_out, dweight_out, dbias_out):
+def batch_norm_bwd(dy, x, weight, bias, stats, training, activation, dx_out, dweight_out, dbias_out):
     dy, x, dx_out = _ncl(dy), _ncl(x), _ncl(dx_out)
     a, g = as_array(x), as_array(dy, x.dtype)
     mean, rstd = as_array(stats, x.dtype)
-    xhat = (a - _per_channel(mean)) * _per_channel(rstd)
+    centered = a - _per_channel(mean)
+    if activation != "none":
+        g = pre_activation_grad(g, _normalized(centered, rstd, weight, bias, x.dtype, activation), activation)
+    xhat = centered * _per_channel(rstd)
     sum_dy = g.sum(axis=_OVER_CHANNEL)
     sum_dy_xhat = (g * xhat).sum(axis=_OVER_CHANNEL)
     gain = rstd * as_array(weight, x.dtype) if weight is not None else rstd
@@ -65,5 +79,5 @@ def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx_out, dweight_out
     write(dx_out, g * _per_channel(gain))
     if weight is not None:
         write(dweight_out, sum_dy_xhat)
-    if has_bias:
+    if bias is not None:
         write(dbias_out, sum_dy)

@@ -60,27 +60,33 @@ def linear_act_fwd(x, weight, bias, activation, y_out, z_out):
     z = as_array(x) @ as_array(weight, x.dtype).T
     if bias is not None:
         z += as_array(bias, x.dtype)
-    if activation == "none":
-        write(y_out, z)
-    elif activation == "relu":
-        write(y_out, np.maximum(z, 0))
-    else:
-        act, _ = _ACTIVATIONS[activation]
-        write(y_out, act(z))
+    write(y_out, activation_of(z, activation))
+    if activation not in ("none", "relu"):
         write(z_out, z)
 
 
-def _pre_activation_grad(dy: np.ndarray, saved, activation: str, dtype) -> np.ndarray:
+def activation_of(z: np.ndarray, activation: str) -> np.ndarray:
+    """act(z), for every activation (none: z itself)."""
+    if activation == "none":
+        return z
+    if activation == "relu":
+        return np.maximum(z, 0)
+    act, _ = _ACTIVATIONS[activation]
+    return act(z)
+
+
+def pre_activation_grad(dy: np.ndarray, saved: np.ndarray, activation: str) -> np.ndarray:
+    """dz = dy * act'(z); ``saved`` is z, or for relu y or z (y > 0 exactly where z > 0)."""
     if activation == "none":
         return dy
-    if activation == "relu":  # saved is y: y > 0 exactly where z > 0
-        return np.where(as_array(saved, dtype) > 0, dy, 0)
+    if activation == "relu":
+        return np.where(saved > 0, dy, 0)
     _, act_grad = _ACTIVATIONS[activation]
-    return dy * act_grad(as_array(saved, dtype))
+    return dy * act_grad(saved)
 
 
 def linear_act_bwd(dy, x, weight, saved, activation, has_bias, dx_out, dweight_out, dbias_out):
-    dz = _pre_activation_grad(as_array(dy, x.dtype), saved, activation, x.dtype)
+    dz = pre_activation_grad(as_array(dy, x.dtype), as_array(saved, x.dtype), activation)
     write(dx_out, dz @ as_array(weight, x.dtype))
     write(dweight_out, dz.T @ as_array(x))
     if has_bias:

@@ -81,6 +81,7 @@ from ._common import (
     round_to,
 )
 from ._launch import jit
+from .linear_act import _activation, _pre_activation_grad
 
 TILE = 4096  # elements a program reads per step
 CHANNEL_BLOCK = 64  # channels per program when C is the contiguous axis
@@ -337,6 +338,7 @@ def batch_norm_normalize_kernel(
     UPDATE_RUNNING: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     ACC: tl.constexpr,
     IDX: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -344,7 +346,7 @@ def batch_norm_normalize_kernel(
     BLOCK_C: tl.constexpr,
     VEC: tl.constexpr,
 ):
-    """y for this program's tiles, normalised with the batch's statistics (in
+    """y = act(z) for this program's tiles, z normalised with the batch's statistics (in
     training, merged from the partials, or with ``OWN_STATS`` worked out from the
     program's own tiles: all of its channels') or the running stats' (in eval).
     The first program of each channel block writes them into Stats (the mean, then
@@ -387,10 +389,36 @@ def batch_norm_normalize_kernel(
         y = (x - mean[None, None, :]) * gain[None, None, :]
         if HAS_B:
             y += shift
+        if ACTIVATION != "none":  # on z rounded to y's dtype, as an activation after the norm reads it
+            y = _activation(round_to(y, Y.dtype.element_ty).to(ACC), ACTIVATION)
         tl.store(Y + _offsets(n, l, c, syn, syl, syc, VEC), round_to(y, Y.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- backward
+
+
+@triton.jit
+def _normalized_grad(dy, x, mean, z_gain, z_shift, Z_DTYPE: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr):
+    """dz = dy * act'(z), the gradient of the forward's output before its activation:
+    z = (x - mean) * z_gain + z_shift worked out as the forward did, rounded to x's
+    dtype as the forward rounded it (``z_shift`` is 0.0 without a bias: a product
+    plus 0.0 is that product, fused or not)."""
+    if ACTIVATION == "none":
+        return dy
+    z = round_to((x - mean) * z_gain + z_shift, Z_DTYPE).to(ACC)
+    return _pre_activation_grad(dy, z, ACTIVATION, ACC)
+
+
+@triton.jit
+def _activation_params(Stats, W, B, c_start, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_C: tl.constexpr):  # fmt: skip
+    """(z_gain, z_shift) per channel, broadcastable against a tile: rstd * weight and
+    the bias (0.0 without one), what the forward made its output of."""
+    z_gain = _channel_vector(Stats + C, c_start, C, ACC, BLOCK_C)
+    if HAS_W:
+        z_gain = z_gain * _channel_vector(W, c_start, C, ACC, BLOCK_C)
+    z_shift = _per_channel(B, c_start, C, ACC, BLOCK_C) if HAS_B else 0.0
+    return z_gain[None, None, :], z_shift
 
 
 @triton.jit
@@ -400,6 +428,8 @@ def _tiles_grad_sums(
     DX,
     Mean,
     gain,
+    z_gain,
+    z_shift,
     N,
     L,
     C,
@@ -418,6 +448,7 @@ def _tiles_grad_sums(
     step,
     l_tiles,
     STORE_DX: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     ACC: tl.constexpr,
     IDX: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -425,9 +456,9 @@ def _tiles_grad_sums(
     BLOCK_C: tl.constexpr,
     VEC: tl.constexpr,
 ):
-    """sum(dy) and sum(dy*(x - mean)) per channel over tiles ``first, first + step, ...``
-    of the channels from ``c_start``; with ``STORE_DX`` (eval, where dx needs no sums)
-    also dx = dy*gain (strides sgn, sgl, sgc)."""
+    """sum(dz) and sum(dz*(x - mean)) per channel over tiles ``first, first + step, ...``
+    of the channels from ``c_start``, dz = dy * act'(z) (``_normalized_grad``); with
+    ``STORE_DX`` (eval, where dx needs no sums) also dx = dz*gain (strides sgn, sgl, sgc)."""
     mean = _per_channel(Mean, c_start, C, ACC, BLOCK_C)
     # tile-shaped sums, reduced once at the end
     sum_dy = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], dtype=ACC)
@@ -436,6 +467,7 @@ def _tiles_grad_sums(
         n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC)
         dy = tl.load(DY + _offsets(n, l, c, sdn, sdl, sdc, VEC), mask=mask, other=0.0).to(ACC)
         x = tl.load(X + _offsets(n, l, c, sxn, sxl, sxc, VEC), mask=mask, other=0.0).to(ACC)
+        dy = _normalized_grad(dy, x, mean, z_gain, z_shift, X.dtype.element_ty, ACTIVATION, ACC)
         sum_dy += dy
         sum_dy_xc += dy * (x - mean)
         if STORE_DX:
@@ -450,6 +482,7 @@ def batch_norm_bwd_reduce_kernel(
     DX,
     Stats,
     W,
+    B,
     Partial,
     N,
     L,
@@ -467,6 +500,8 @@ def batch_norm_bwd_reduce_kernel(
     l_tiles,
     TRAINING: tl.constexpr,
     HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     ACC: tl.constexpr,
     IDX: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -474,11 +509,14 @@ def batch_norm_bwd_reduce_kernel(
     BLOCK_C: tl.constexpr,
     VEC: tl.constexpr,
 ):
-    """Partial sum(dy) and sum(dy*(x - mean)) at Partial[k, split, c] for k = 0, 1; in
-    eval also dx = dy*w*rstd (strides sgn, sgl, sgc), which needs no sums."""
+    """Partial sum(dz) and sum(dz*(x - mean)) at Partial[k, split, c] for k = 0, 1; in
+    eval also dx = dz*w*rstd (strides sgn, sgl, sgc), which needs no sums."""
     c_start = tl.program_id(0) * BLOCK_C
     split = tl.program_id(1)
     splits = tl.num_programs(1)
+    z_gain, z_shift = 1.0, 0.0  # unread without an activation
+    if ACTIVATION != "none":
+        z_gain, z_shift = _activation_params(Stats, W, B, c_start, C, HAS_W, HAS_B, ACC, BLOCK_C)
     if TRAINING:
         gain = 1.0  # unread: training's dx needs the sums (batch_norm_dx_kernel)
     else:
@@ -487,8 +525,8 @@ def batch_norm_bwd_reduce_kernel(
             gain = gain * _per_channel(W, c_start, C, ACC, BLOCK_C)
     # fmt: off
     sum_dy, sum_dy_xc = _tiles_grad_sums(
-        X, DY, DX, Stats, gain, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc, sgn, sgl, sgc, c_start, split, tiles, splits,
-        l_tiles, not TRAINING, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C, VEC,
+        X, DY, DX, Stats, gain, z_gain, z_shift, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc, sgn, sgl, sgc, c_start, split,
+        tiles, splits, l_tiles, not TRAINING, ACTIVATION, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C, VEC,
     )
     # fmt: on
     partial = Partial + split * C
@@ -525,6 +563,7 @@ def batch_norm_dx_kernel(
     DX,
     Stats,
     W,
+    B,
     Partial,
     splits,
     DW,
@@ -547,6 +586,7 @@ def batch_norm_dx_kernel(
     OWN_SUMS: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     ACC: tl.constexpr,
     IDX: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -560,11 +600,14 @@ def batch_norm_dx_kernel(
     all of its channels'); the first of each channel block writes dweight and dbias."""
     c_start = tl.program_id(0) * BLOCK_C
     m = tl.cast(M, ACC)
+    z_gain, z_shift = 1.0, 0.0  # unread without an activation
+    if ACTIVATION != "none":
+        z_gain, z_shift = _activation_params(Stats, W, B, c_start, C, HAS_W, HAS_B, ACC, BLOCK_C)
     if OWN_SUMS:
         # fmt: off
         sum_dy, sum_dy_xc = _tiles_grad_sums(
-            X, DY, DX, Stats, 1.0, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc, sgn, sgl, sgc, c_start, 0, tiles, 1,
-            l_tiles, False, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C, VEC,
+            X, DY, DX, Stats, 1.0, z_gain, z_shift, N, L, C, sxn, sxl, sxc, sdn, sdl, sdc, sgn, sgl, sgc, c_start, 0,
+            tiles, 1, l_tiles, False, ACTIVATION, ACC, IDX, BLOCK_N, BLOCK_L, BLOCK_C, VEC,
         )
         # fmt: on
     else:
@@ -581,7 +624,8 @@ def batch_norm_dx_kernel(
         n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC)
         dy = tl.load(DY + _offsets(n, l, c, sdn, sdl, sdc, VEC), mask=mask, other=0.0).to(ACC)
         x = tl.load(X + _offsets(n, l, c, sxn, sxl, sxc, VEC), mask=mask, other=0.0).to(ACC)
-        dx = gain[None, None, :] * (dy - mean_dy - (x - mean) * along_xc)
+        dz = _normalized_grad(dy, x, mean, z_gain, z_shift, X.dtype.element_ty, ACTIVATION, ACC)
+        dx = gain[None, None, :] * (dz - mean_dy - (x - mean) * along_xc)
         tl.store(DX + _offsets(n, l, c, sgn, sgl, sgc, VEC), round_to(dx, DX.dtype.element_ty), mask=mask)
 
 
@@ -754,7 +798,7 @@ def _fp32_pair(value: float) -> tuple[float, float]:
     return hi, float(np.float32(value - hi))
 
 
-def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, y, stats):
+def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, y, stats):
     channels = x.shape[1]
     if channels == 0:
         return
@@ -784,7 +828,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
     params = (running_mean, running_var, stats, weight, bias)
     batch_norm_normalize_kernel.launch(
         tiling.own_grid if own_stats else tiling.elementwise_grid,
-        (tiling, x.dtype, y.dtype, training, splits, *map(dtype_of, params))
+        (tiling, x.dtype, y.dtype, training, splits, activation, *map(dtype_of, params))
         if aligned(x, running_mean, running_var, weight, bias)
         else None,
         lambda: dict(
@@ -793,6 +837,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
             UPDATE_RUNNING=running_mean is not None,
             HAS_W=weight is not None,
             HAS_B=bias is not None,
+            ACTIVATION=activation,
             **tiling.meta(x.dtype),
         ),
         x,
@@ -807,12 +852,18 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
     )
 
 
-def _reduce_constexprs(tiling: _Tiling, x, weight, training: bool) -> dict:
+def _reduce_constexprs(tiling: _Tiling, x, weight, bias, training: bool, activation: str) -> dict:
     """The backward's reduction kernel's constexprs and launch options."""
-    return dict(TRAINING=training, HAS_W=weight is not None, **tiling.meta(x.dtype))
+    return dict(
+        TRAINING=training,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        ACTIVATION=activation,
+        **tiling.meta(x.dtype),
+    )
 
 
-def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx, dweight, dbias):
+def batch_norm_bwd(dy, x, weight, bias, stats, training, activation, dx, dweight, dbias):
     channels = x.shape[1]
     if x.numel() == 0:  # dx is empty; dweight and dbias are sums of no terms
         dweight.zero_()
@@ -820,10 +871,11 @@ def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx, dweight, dbias)
         return
     tiling = _tiling(x, dy, dx)
     if not (training and tiling.one_split):
-        variant = (x.dtype, dy.dtype, dx.dtype, stats.dtype, dtype_of(weight), training)
+        variant = (x.dtype, dy.dtype, dx.dtype, stats.dtype, dtype_of(weight), dtype_of(bias), training, activation)
         tiling = _fitted(
-            tiling, batch_norm_bwd_reduce_kernel, variant, lambda: _reduce_constexprs(tiling, x, weight, training),
-            (x, dy, dx), lambda: (x, dy, dx, stats, weight, stats.dtype, *tiling.args(3)),
+            tiling, batch_norm_bwd_reduce_kernel, variant,
+            lambda: _reduce_constexprs(tiling, x, weight, bias, training, activation),
+            (x, dy, dx), lambda: (x, dy, dx, stats, weight, bias, stats.dtype, *tiling.args(3)),
         )  # fmt: skip
     own_sums = training and tiling.one_split
     # (2, splits, channels): every split's sums of dy and dy * xhat
@@ -834,24 +886,26 @@ def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx, dweight, dbias)
     )
     # one alignment check for the tensors every launch here is given
     dtypes = (
-        (tiling, x.dtype, dy.dtype, dx.dtype, stats.dtype, dtype_of(weight), training)
-        if aligned(x, dy, stats, weight)
+        (tiling, x.dtype, dy.dtype, dx.dtype, stats.dtype, dtype_of(weight), dtype_of(bias), training, activation)
+        if aligned(x, dy, stats, weight, bias)
         else None
     )
     if not own_sums:
         batch_norm_bwd_reduce_kernel.launch(
             tiling.reduction_grid,
             dtypes,
-            lambda: _reduce_constexprs(tiling, x, weight, training),
+            lambda: _reduce_constexprs(tiling, x, weight, bias, training, activation),
             x,
             dy,
             dx,
             stats,
             weight,
+            bias,
             partial,
             *tiling.args(3),
         )
-    grads_key = None if dtypes is None else (*dtypes, has_bias, dweight.dtype, dbias.dtype)
+    has_bias = bias is not None
+    grads_key = None if dtypes is None else (*dtypes, dweight.dtype, dbias.dtype)
     if training:
         batch_norm_dx_kernel.launch(
             tiling.own_grid if own_sums else tiling.elementwise_grid,
@@ -860,6 +914,7 @@ def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx, dweight, dbias)
                 OWN_SUMS=own_sums,
                 HAS_W=weight is not None,
                 HAS_B=has_bias,
+                ACTIVATION=activation,
                 **tiling.meta(x.dtype),
             ),
             x,
@@ -867,6 +922,7 @@ def batch_norm_bwd(dy, x, weight, stats, training, has_bias, dx, dweight, dbias)
             dx,
             stats,
             weight,
+            bias,
             partial,
             tiling.splits,
             dweight,
