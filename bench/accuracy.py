@@ -49,13 +49,17 @@ def _cases(device):
     yield "cross_entropy", (logits,), lambda f, z: f.cross_entropy(z, target, label_smoothing=0.1)
     xb, wb, bb = randn(16, 32, 7, 9), randn(32), randn(32)
 
-    def bn(f, x, w, b):
+    def bn(f, x, w, b, relu=False):
         rm, rv = torch.zeros(32, device=device, dtype=x.dtype), torch.ones(32, device=device, dtype=x.dtype)
         if x.dtype in (torch.bfloat16, torch.float16):
             rm, rv, w, b = rm.float(), rv.float(), w.float(), b.float()
-        return f.batch_norm(x, rm, rv, w, b, training=True)
+        if f is gk:
+            return gk.batch_norm(x, rm, rv, w, b, training=True, activation="relu" if relu else "none")
+        y = F.batch_norm(x, rm, rv, w, b, training=True)
+        return F.relu(y) if relu else y
 
     yield "batch_norm", (xb, wb, bb), bn
+    yield "batch_norm[relu]", (xb, wb, bb), lambda f, x, w, b: bn(f, x, w, b, relu=True)
     xd = randn(100, 1000)
     # PyTorch's mask differs from ours: the reference applies ours in PyTorch arithmetic.
     keep = gk.dropout(torch.ones_like(xd), 0.3, seed=5) != 0

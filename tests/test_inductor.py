@@ -64,6 +64,10 @@ def _cases() -> dict:
             lambda x, mean, var, w, b: gk.batch_norm(x, mean, var, w, b, training=True),
             (_leaf(8, 16, 4), torch.zeros(16), torch.ones(16), _leaf(16), _leaf(16)),
         ),
+        "batch_norm_relu": (
+            lambda x, mean, var, w, b: gk.batch_norm(x, mean, var, w, b, training=True, activation="relu"),
+            (_leaf(8, 16, 4), torch.zeros(16), torch.ones(16), _leaf(16), _leaf(16)),
+        ),
         **{
             f"linear_act_{activation}": (
                 lambda x, w, b, activation=activation: gk.linear_act(x, w, b, activation=activation),
