@@ -9,11 +9,15 @@ check each against the class it replaces): a subclass may have its own
 forward. Recognised:
 
 - torch.nn: LayerNorm, RMSNorm, BatchNorm1d/2d, Dropout, CrossEntropyLoss.
-- An ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's Linear with its
-  weight stored transposed), whose output goes only, and straight, into an
-  activation module computing relu, gelu, gelu_tanh or silu, as the forward
-  runs them (found by tracing it with ``torch.fx``), becomes one LinearAct
-  and the activation an ``nn.Identity``. Activation modules: torch's
+- An ``nn.Linear``, transformers' ``Conv1D`` (GPT-2's Linear with its weight
+  stored transposed) or an ``nn.BatchNorm1d``/``2d`` whose output goes only,
+  and straight (through ``nn.Identity`` modules at most: timm's disabled
+  drop_block), into an activation module computing relu, gelu, gelu_tanh or
+  silu, as the forward runs them (found by tracing it with ``torch.fx``),
+  fuses with it: the Linear becomes one LinearAct, the BatchNorm ours with
+  its ``activation`` set, and the activation module an ``nn.Identity``. A
+  BatchNorm that cannot fuse (torchvision's ResNet calls one ReLU module
+  three times a block) is swapped unfused. Activation modules: torch's
   ReLU/GELU/SiLU and the transformers classes claiming that math, each
   checked on a probe before it is fused.
 - transformers, when already imported: the RMSNorms of Llama, Mistral,
@@ -214,7 +218,7 @@ def _activation(module: torch.nn.Module) -> tuple[str | None, str]:
     return claimed, ""
 
 
-# ---- affine maps an activation can fuse with ------------------------------------------------------------------
+# ---- maps an activation can fuse with -------------------------------------------------------------------------
 
 
 def _conv1d_act_forward(self, input: Tensor) -> Tensor:
@@ -222,13 +226,27 @@ def _conv1d_act_forward(self, input: Tensor) -> Tensor:
     return linear_act(input, self.weight.t(), self.bias, self.activation)
 
 
-def _fusable_linears() -> dict[type, type]:
-    """Exact classes of an affine map whose output can fuse with an activation -> what they become."""
-    classes = {torch.nn.Linear: gnn.LinearAct}
+def _fusable_maps() -> dict[type, _Rule]:
+    """Exact classes of a map whose output can fuse with an activation -> the rule converting
+    one that does (its ``activation`` set): affine maps become a LinearAct, BatchNorms ours,
+    which apply the activation to their output in the same kernels."""
+    maps = {
+        torch.nn.Linear: _Rule(gnn.LinearAct, "LinearAct"),
+        torch.nn.BatchNorm1d: _TORCH_RULES[torch.nn.BatchNorm1d],
+        torch.nn.BatchNorm2d: _TORCH_RULES[torch.nn.BatchNorm2d],
+    }
     (conv1d,) = _loaded("transformers.pytorch_utils", "Conv1D")
     if conv1d is not None:
-        classes[conv1d] = _replacement(conv1d, _conv1d_act_forward)
-    return classes
+        maps[conv1d] = _Rule(_replacement(conv1d, _conv1d_act_forward), "LinearAct")
+    return maps
+
+
+def _not_fused_with(map_name: str, why: str, swapped: bool) -> str:
+    """Why an activation module is left though a map feeds it: the map's row says why, when
+    the map is left too; a map swapped all the same (a BatchNorm) has no such row."""
+    if swapped:
+        return f"not fused into {map_name}, which was swapped without it: {why}"
+    return f"its input's map {map_name} was left (see it)"
 
 
 # ---- transformers and timm classes ----------------------------------------------------------------------------
@@ -538,14 +556,31 @@ def _traced_graphs(module: torch.nn.Module, leaves, failures: dict[str, str], pr
             yield from _traced_graphs(child, leaves, failures, f"{prefix}{path}.{name}.")
 
 
-def _dataflow(model: torch.nn.Module, leaves, linears: dict[type, type]):
-    """What tracing the forward says about the affine maps and activation modules:
+def _past_identities(node: torch.fx.Node, is_identity: Callable[[torch.fx.Node], bool]) -> torch.fx.Node:
+    """Where ``node``'s output goes on unchanged: the last of the nn.Identity calls after it,
+    each the one user of the output before it (as its first argument); ``node`` when none is."""
+    while len(node.users) == 1:
+        (user,) = node.users
+        if not (is_identity(user) and user.args[:1] == (node,)):
+            break
+        node = user
+    return node
+
+
+def _first_input(node: torch.fx.Node) -> torch.fx.Node | None:
+    source = node.args[0] if node.args else None
+    return source if isinstance(source, torch.fx.Node) else None
+
+
+def _dataflow(model: torch.nn.Module, leaves, maps: dict[type, _Rule], swapping: set[int]):
+    """What tracing the forward says about the maps and activation modules:
     (pairs, why_not, failures). ``pairs``: (map name, activation module name,
     activation, shared) for each map of a fusable class whose output goes only, and
-    straight, into an activation module computing one of ours (``shared``: either is
-    called more than once); ``why_not``: module name -> why it is in no pair, for
-    those in a graph ("" for a torch activation no map feeds: no candidate);
-    ``failures``: module name -> why its forward did not trace."""
+    straight (through nn.Identity modules at most), into an activation module computing
+    one of ours (``shared``: either is called more than once); ``why_not``: module name
+    -> why it is in no pair, for those in a graph ("" for a torch activation no map
+    feeds: no candidate); ``failures``: module name -> why its forward did not trace.
+    ``swapping``: the ids of the modules patch swaps whether fused or not."""
     pairs, why_not, failures = [], {}, {}
     ours = "/".join(_ACTIVATION_MATH)
     for prefix, graph, discarded in _traced_graphs(model, leaves, failures):
@@ -553,18 +588,29 @@ def _dataflow(model: torch.nn.Module, leaves, linears: dict[type, type]):
         modules = [
             (node, prefix + node.target) for node in graph.nodes if node.op == "call_module" and node not in discarded
         ]
+
+        def is_identity(node: torch.fx.Node) -> bool:
+            # computes nothing: its calls elsewhere (if shared) stay the same; a hook on one would see the activation
+            if node.op != "call_module" or node in discarded:
+                return False
+            module = model.get_submodule(prefix + node.target)
+            return type(module) is torch.nn.Identity and not _has_hooks(module)
+
+        map_at = {}  # the node a map's output reaches unchanged -> the map's name
         for node, name in modules:
-            if type(model.get_submodule(name)) not in linears:
+            if type(model.get_submodule(name)) not in maps:
                 continue
-            (user, *others) = list(node.users) or [None]
+            end = _past_identities(node, is_identity)
+            map_at[end] = name
+            (user, *others) = list(end.users) or [None]
             if user is None or others:
-                why_not[name] = f"its output is used {len(node.users)} times, not by one activation module"
+                why_not[name] = f"its output is used {len(end.users)} times, not by one activation module"
             elif user.op != "call_module" or user in discarded:
                 why_not[name] = (
                     f"its output goes to {getattr(user.target, '__name__', user.target)}, "
                     "not to an activation module (patch fuses modules)"
                 )
-            elif user.args[:1] != (node,):
+            elif user.args[:1] != (end,):
                 why_not[name] = f"its output is not the first argument of {prefix + user.target}"
             else:
                 act_name = prefix + user.target
@@ -581,17 +627,16 @@ def _dataflow(model: torch.nn.Module, leaves, linears: dict[type, type]):
             act = model.get_submodule(name)
             if not _is_activation_module(act) or name in fused:
                 continue
-            source = node.args[0] if node.args else None
-            fed_by_map = (
-                isinstance(source, torch.fx.Node)
-                and source.op == "call_module"
-                and type(model.get_submodule(prefix + source.target)) in linears
-            )
-            if fed_by_map:
-                why_not[name] = _activation(act)[1] or f"its input's map {prefix + source.target} was left (see it)"
+            source = _first_input(node)
+            while source is not None and source not in map_at and is_identity(source):
+                source = _first_input(source)
+            map_name = map_at.get(source)
+            if map_name is not None:
+                swapped = id(model.get_submodule(map_name)) in swapping
+                why_not[name] = _activation(act)[1] or _not_fused_with(map_name, why_not[map_name], swapped)
             elif type(act).__module__ == "transformers.activations":  # an MLP's activation, in a form we miss
                 why_not[name] = _activation(act)[1] or "its input is no nn.Linear's (or Conv1D's)"
-            else:  # a torch activation after a convolution, a norm, ...: nothing to fuse with, nothing to say
+            else:  # a torch activation after a convolution, an addition, ...: nothing to fuse with, nothing to say
                 why_not[name] = ""
     return pairs, why_not, failures
 
@@ -799,6 +844,10 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
     """Convert ``model``'s layers to gpukernels' in place; returns a report.
     Patching an already patched model changes nothing.
 
+    ``fuse_linear_act``: fuse each activation module into the map before it (a Linear,
+    Conv1D or BatchNorm; see the module's docstring). False leaves every activation
+    module as it is; the BatchNorms are then swapped unfused, the Linears left.
+
     ``loss`` (transformers causal LMs): ``"logits"`` computes ``model(..., labels=...)``'s
     loss with our cross_entropy on the logits; ``"fused"`` with linear_cross_entropy from
     the hidden states and the output layer's weight, never holding the logits: the model
@@ -808,7 +857,7 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
     undo = model.__dict__.setdefault("_gpukernels_undo", [])
     uses = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
     rules = _TORCH_RULES | _third_party_rules()
-    linears = _fusable_linears()
+    maps = _fusable_maps()
     head = _patch_loss(model, loss, report, undo)
     # Decided first: a module that will be swapped is opaque to tracing, one that stays is traced into.
     settings = {
@@ -821,23 +870,24 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
     }
 
     def leaves(module):
-        return _is_ours(module) or id(module) in swapping or type(module) in linears or _is_activation_module(module)
+        return _is_ours(module) or id(module) in swapping or type(module) in maps or _is_activation_module(module)
 
-    pairs, why_not, failures = _dataflow(model, leaves, linears) if fuse_linear_act else ([], {}, {})
-    for linear_name, act_name, activation, shared in pairs:
-        linear, act = model.get_submodule(linear_name), model.get_submodule(act_name)
-        if shared or uses[id(linear)] > 1 or uses[id(act)] > 1:
-            why_not[linear_name] = f"shared module: fusing {type(act).__name__} would change its other uses"
-        elif _has_hooks(linear) or _has_hooks(act):
-            why_not[linear_name] = "has hooks that expect the unfused outputs"
+    pairs, why_not, failures = _dataflow(model, leaves, maps, swapping) if fuse_linear_act else ([], {}, {})
+    for map_name, act_name, activation, shared in pairs:
+        map_module, act = model.get_submodule(map_name), model.get_submodule(act_name)
+        if shared or uses[id(map_module)] > 1 or uses[id(act)] > 1:
+            why_not[map_name] = f"shared module: fusing {type(act).__name__} would change its other uses"
+        elif _has_hooks(map_module) or _has_hooks(act):
+            why_not[map_name] = "has hooks that expect the unfused outputs"
         else:
-            report.swapped.append((linear_name, f"{type(linear).__name__}+{type(act).__name__}", "LinearAct"))
-            linear.__class__ = linears[type(linear)]
-            linear.activation = activation
+            rule = maps[type(map_module)]
+            report.swapped.append((map_name, f"{type(map_module).__name__}+{type(act).__name__}", rule.kind))
+            map_module.__class__ = rule.replacement
+            map_module.activation = activation
             parent_name, _, key = act_name.rpartition(".")
             _set(undo, model.get_submodule(parent_name), key, torch.nn.Identity())
             continue
-        why_not[act_name] = f"its input's map {linear_name} was left (see it)"
+        why_not[act_name] = _not_fused_with(map_name, why_not[map_name], id(map_module) in swapping)
 
     inside_swapped = ()  # name prefixes of swapped modules whose children run inside them as they are
     for name, module in model.named_modules():
@@ -857,7 +907,7 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
             )
             if rules[cls].opaque:
                 inside_swapped += (name + ".",)
-        elif cls in linears or _is_activation_module(module):
+        elif cls in maps or _is_activation_module(module):
             why = why_not.get(name)
             if why is None:
                 why = "fuse_linear_act=False" if not fuse_linear_act else _untraced_reason(name, failures)

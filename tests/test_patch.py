@@ -437,8 +437,41 @@ def test_timm_fast_norm_is_left_with_its_reason(timm_norm):
     ]
 
 
-def test_torch_activations_no_linear_feeds_are_not_reported():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2), nn.SiLU())
+def test_torch_activations_no_map_feeds_are_not_reported():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2), nn.SiLU())
     report = gk.patch(model)
     assert {name for name, _, _ in report.left} == set()
     assert report.counts == {"BatchNorm2d": 1, "LinearAct": 1}
+
+
+class TwoIdentities(nn.Module):
+    """A Linear's output through two nn.Identity modules (timm's disabled drop_block and anti-aliasing) to a GELU."""
+
+    def __init__(self, keep: bool):
+        super().__init__()
+        self.fc, self.drop, self.aa, self.act = nn.Linear(4, 4), nn.Identity(), nn.Identity(), nn.GELU()
+        self.keep = keep  # the first Identity's output also added to the result: the GELU cannot be fused
+
+    def forward(self, x):
+        h = self.drop(self.fc(x))
+        y = self.act(self.aa(h))
+        return y + h if self.keep else y
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["fused", "output-kept"])
+def test_a_linear_fuses_through_identity_modules_unless_one_gives_its_output_elsewhere_too(keep):
+    torch.manual_seed(0)
+    original = TwoIdentities(keep)
+    model = copy.deepcopy(original)
+    report = gk.patch(model)
+    assert type(model.fc) is (nn.Linear if keep else gnn.LinearAct)
+    assert type(model.act) is (nn.GELU if keep else nn.Identity)
+    if keep:
+        assert report.left == [
+            ("fc", "Linear", "its output is used 2 times, not by one activation module"),
+            ("act", "GELU", "its input's map fc was left (see it)"),
+        ]
+    else:
+        assert report.swapped == [("fc", "Linear+GELU", "LinearAct")] and report.left == []
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), original(x))

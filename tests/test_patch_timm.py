@@ -64,3 +64,15 @@ def test_patch_swaps_every_norm_and_matches_in_float64(name, size, channels_last
             assert_matches(ours, theirs)
         else:
             assert torch.equal(ours, theirs)
+
+
+def test_resnet50_fuses_the_relu_after_bn1_and_bn2_of_every_block():
+    """timm's Bottleneck: bn1 -> act1, bn2 -> drop_block (an nn.Identity) -> act2 fuse, as
+    the stem's bn1 -> act1; bn3 and the downsample's BatchNorm feed the residual addition."""
+    model = timm.create_model("resnet50", pretrained=False, num_classes=10)
+    report = gk.patch(model)
+    fused = sorted(name for name, old, _ in report.swapped if old == "BatchNorm2d+ReLU")
+    blocks = [f"layer{stage}.{i}" for stage, count in zip(range(1, 5), (3, 4, 6, 3)) for i in range(count)]
+    assert fused == sorted(["bn1", *(f"{block}.{bn}" for block in blocks for bn in ("bn1", "bn2"))])
+    assert report.counts["BatchNorm2d"] == 53
+    assert type(model.layer1[0].act2) is nn.Identity and model.layer1[0].bn2.activation == "relu"

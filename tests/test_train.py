@@ -19,6 +19,7 @@ steps each way must learn (the MLP: to the same test accuracy); the JSON and
 the table report the whole run's gaps.
 """
 
+import copy
 import json
 import socket
 import subprocess
@@ -27,6 +28,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+import gpukernels as gk
+from helpers import assert_matches
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -78,10 +83,6 @@ def _run(model, out, cache_dir, *args) -> dict:
         ]
     )
     return json.loads((out / f"{model}-cpu.json").read_text())
-
-
-def _reversed_rows(batch_order):
-    return lambda *args: [rows.flip(0) for rows in batch_order(*args)]
 
 
 def _reversed_rows(batch_order):
@@ -140,6 +141,8 @@ def test_cpu_preset_trains_eager_and_patched(model, tmp_path, cache_dir, capsys)
         )
     if model == "resnet50":
         assert "ResNet (blocks (1, 1, 1, 1), width 16)" in summary["model_source"]
+        # the stem's BatchNorm and each block's bn1 and bn2 fused with their ReLUs; bn3 and the downsamples' not
+        assert "BatchNorm2d+ReLU->BatchNorm2d x9, BatchNorm2d x8" in patched["report"]
 
 
 def test_compiled_ways_track_eager(tmp_path, cache_dir):
@@ -251,6 +254,34 @@ def _parameters(build, *args) -> int:
 def test_resnet50_layout_has_resnet50s_parameters():
     assert _parameters(lambda: models.ResNet((3, 4, 6, 3), 64, classes=1000)) == 25_557_032  # torchvision's count
     assert _parameters(lambda: models.build_resnet((3, 4, 6, 3), 64, 1000)[0]) == 25_557_032
+
+
+def test_resnet_batch_norms_fuse_with_their_relus_and_match_unpatched():
+    """Our ResNet has timm's activation modules, one per activation: gk.patch fuses the stem's
+    BatchNorm and each Bottleneck's bn1 and bn2 with their ReLUs; bn3 (added to the shortcut
+    before its ReLU) and the downsamples' BatchNorms are swapped unfused."""
+    torch.manual_seed(0)
+    plain = models.ResNet((1, 2, 1, 1), width=8, classes=10).double()
+    for block in plain.layers:
+        nn.init.normal_(block.bn3.weight)  # not zero-initialised: every block's body counts in the output
+    patched = copy.deepcopy(plain)
+    report = gk.patch(patched)
+    blocks = range(sum((1, 2, 1, 1)))
+    fused = {name for name, old, _ in report.swapped if old == "BatchNorm2d+ReLU"}
+    assert fused == {"bn1"} | {f"layers.{i}.bn{k}" for i in blocks for k in (1, 2)}
+    downsamples = [f"layers.{i}.downsample.1" for i in (0, 1, 3, 4)]  # each stage's first block
+    unfused = {name for name, old, _ in report.swapped if old == "BatchNorm2d"}
+    assert unfused == {f"layers.{i}.bn3" for i in blocks} | set(downsamples)
+    assert report.counts == {"BatchNorm2d": 1 + 3 * len(blocks) + len(downsamples)}
+    # 64 pixels: the last stage normalises 2x2 of them an image (at 32, one: batch statistics of 2 values,
+    # whose backward amplifies rounding, fused or not)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    out, expected = patched(x), plain(x)
+    assert_matches(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for ours, theirs in zip(patched.parameters(), plain.parameters(), strict=True):
+        assert_matches(ours.grad, theirs.grad)
 
 
 def test_gpu_presets_are_the_named_sizes():

@@ -39,7 +39,9 @@ def build_model(hidden: int, blocks: int, dropout: float, classes: int = 10, fea
 
 
 class Bottleneck(nn.Module):
-    """ResNet v1.5 bottleneck: 1x1 reduce, 3x3 (carries the stride), 1x1 expand by 4."""
+    """ResNet v1.5 bottleneck: 1x1 reduce, 3x3 (carries the stride), 1x1 expand by 4.
+    A ReLU module for each of its three activations, as timm's (torchvision's calls one
+    three times), so that gk.patch fuses bn1 and bn2 with theirs."""
 
     expansion = 4
 
@@ -48,11 +50,13 @@ class Bottleneck(nn.Module):
         out_channels = width * self.expansion
         self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
+        self.act1 = nn.ReLU()
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
+        self.act2 = nn.ReLU()
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU()
+        self.act3 = nn.ReLU()
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
@@ -61,19 +65,20 @@ class Bottleneck(nn.Module):
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + identity)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
+        return self.act3(self.bn3(self.conv3(out)) + identity)
 
 
 class ResNet(nn.Module):
-    """Bottleneck ResNet (torchvision's layout): ``blocks=(3, 4, 6, 3), width=64`` is ResNet-50."""
+    """Bottleneck ResNet (torchvision's layout, with timm's activation modules: one per
+    activation): ``blocks=(3, 4, 6, 3), width=64`` is ResNet-50."""
 
     def __init__(self, blocks=(3, 4, 6, 3), width: int = 64, classes: int = 1000):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU()
+        self.act1 = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         stages, channels = [], width
         for stage, count in enumerate(blocks):
@@ -91,7 +96,7 @@ class ResNet(nn.Module):
                 nn.init.zeros_(module.bn3.weight)  # each block starts as the identity (timm's zero_init_last)
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         return self.fc(torch.flatten(self.avgpool(self.layers(x)), 1))
 
 
