@@ -221,9 +221,10 @@ def _exercise_benchmark_shapes() -> None:
                 x = x.to(memory_format=torch.channels_last)
             c = shape[1]
             w, b = (torch.ones(c, requires_grad=True) for _ in range(2))
-            for activation in ("none", "relu"):  # a ResNet's BN, and its BN + ReLU
+            # a ResNet's BN, its BN + ReLU, and a block's end (BN, the shortcut added, ReLU)
+            for activation, residual in (("none", None), ("relu", None), ("relu", torch.empty_like(x))):
                 y = gk.batch_norm(
-                    x.requires_grad_(), torch.zeros(c), torch.ones(c), w, b, training=True, activation=activation
+                    x.requires_grad_(), torch.zeros(c), torch.ones(c), w, b, True, 0.1, 1e-5, activation, residual
                 )
                 y.backward(torch.empty_like(y))
         batch_norm._tiling_of.cache_clear()
@@ -288,6 +289,10 @@ def _exercise_every_op() -> None:
                     rm, rv = torch.zeros(3, dtype=param_dtype), torch.ones(3, dtype=param_dtype)
                     b = torch.zeros(3, dtype=param_dtype)
                     run_backward(gk.batch_norm(x, rm, rv, w, b, training=training, activation=activation), x)
+                for activation in ("none", "relu"):  # a residual added before the activation, NCHW beside channels-last
+                    x, r = leaf(130, 3, 2, 20), leaf(130, 3, 2, 20).detach().to(memory_format=torch.channels_last)
+                    rm, rv = torch.zeros(3, dtype=param_dtype), torch.ones(3, dtype=param_dtype)
+                    run_backward(gk.batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5, activation, r), x)
             target = torch.tensor([0, 2, -100, 1])
             for weight in (None, torch.rand(3, dtype=torch.float64).to(dtype)):
                 for smoothing in (0.0, 0.1):

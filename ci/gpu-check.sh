@@ -93,7 +93,8 @@ for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
         bench) step bench 240 "$py" -m bench --quick --skip "${GPU_CHECK_BENCH_SKIP-compile-max}" \
                    --out "$work/bench" ;;
         graph) step bench-graph 120 "$py" -m bench --quick --cuda-graph --skip compile,compile-max \
-                   --ops layer_norm,cross_entropy,dropout,batch_norm,batch_norm_relu,rope,linear_act --out "$work/bench-graph" ;;
+                   --ops layer_norm,cross_entropy,dropout,batch_norm,batch_norm_relu,batch_norm_add_relu,rope,linear_act \
+                   --out "$work/bench-graph" ;;
         targets) step bench-targets 420 "$py" -m bench --targets --skip cupy --out "$work/bench-targets" ;;
         compile) step bench-compile 240 "$py" -m bench --quick --compile --out "$work/compile" ;;
         train) step train-mlp 150 "$py" -m gpukernels.train --model mlp --preset gpu --steps 30 --out "$work/train" ;;

@@ -90,7 +90,7 @@ def _normalize(
     statistics it is given (the global ones here) and updates nothing."""
     if x.numel() == 0:  # a rank with no samples: nothing to launch a kernel on
         return torch.empty_like(x), torch.rsqrt(var + eps)
-    y, stats = batch_norm_fwd(x, weight, bias, mean, var, False, 0.0, eps, "none")
+    y, stats = batch_norm_fwd(x, weight, bias, mean, var, None, False, 0.0, eps, "none")
     return y, stats[1]
 
 

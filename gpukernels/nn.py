@@ -69,6 +69,12 @@ class BatchNormForward:
     activation = "none"
 
     def forward(self, input: Tensor) -> Tensor:
+        return self.fused(input, self.activation)
+
+    def fused(self, input: Tensor, activation: str, residual: Tensor | None = None) -> Tensor:
+        """``activation(BatchNorm(input) + residual)`` (``residual`` optional) as one op, the
+        module's state kept as its forward keeps it: how the forward of a ResNet block that
+        ``gk.patch`` converted ends its block (``bn3.fused(x, "relu", shortcut)``)."""
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -86,7 +92,8 @@ class BatchNormForward:
             use_batch_stats,
             momentum,
             self.eps,
-            self.activation,
+            activation,
+            residual,
         )
 
     def extra_repr(self) -> str:

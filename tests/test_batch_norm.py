@@ -454,7 +454,7 @@ def test_large_mean_small_variance(device):
     would lose ~1e-1 to cancellation; merged per-tile means and M2 do not."""
     x = make_inputs((4, 3, 2000), torch.float32, device=device)[0] * 0.5 + 1000
     exact = x.double().transpose(0, 1).reshape(3, -1)
-    _, (mean, rstd) = batch_norm_fwd(x, None, None, None, None, True, 0.1, 1e-5, "none")
+    _, (mean, rstd) = batch_norm_fwd(x, None, None, None, None, None, True, 0.1, 1e-5, "none")
     torch.testing.assert_close(mean.double(), exact.mean(1), rtol=1e-7, atol=0)
     torch.testing.assert_close(rstd.double(), (exact.var(1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
 
@@ -483,7 +483,7 @@ def test_kernels_on_empty_input_agree_with_numpy(device, training):
         x, weight, bias, running_mean, running_var = (t.to(where) for t in inputs)
         with gk.use_backend(backend) if backend else contextlib.nullcontext():
             stats = clones(running_mean, running_var)
-            fwd = batch_norm_fwd(*clones(x, weight, bias), *stats, training, 0.1, 1e-5, "none")
+            fwd = batch_norm_fwd(*clones(x, weight, bias), *stats, None, training, 0.1, 1e-5, "none")
             bwd = batch_norm_bwd(x.clone(), x, weight, bias, fwd[1], training, "none")
             results.append([t.cpu() for t in (*fwd, *stats, *bwd)])
     for ours, numpys in zip(*results):
@@ -518,7 +518,7 @@ def test_opcheck_forward(device, dtype, training, activation):
     x, weight, bias, running_mean, running_var = make_inputs((4, 3, 5), dtype, device=device)
     # opcheck runs the op several times: give it its own running stats
     stats = clones(running_mean, running_var)
-    args = (x, weight, bias, *stats, training, 0.1, 1e-5, activation, gk.backend_name(device))
+    args = (x, weight, bias, *stats, None, training, 0.1, 1e-5, activation, gk.backend_name(device))
     torch.library.opcheck(batch_norm_fwd.custom_op, args)
 
 
@@ -527,7 +527,7 @@ def test_opcheck_forward_channels_last_view(device):
     x3 = x.to(memory_format=torch.channels_last).reshape(2, 3, 20)
     torch.library.opcheck(
         batch_norm_fwd.custom_op,
-        (x3, *params[:2], *clones(*params[2:]), True, 0.1, 1e-5, "none", gk.backend_name(device)),
+        (x3, *params[:2], *clones(*params[2:]), None, True, 0.1, 1e-5, "none", gk.backend_name(device)),
     )
 
 
@@ -727,3 +727,130 @@ def test_module_activation(device, activation):
 def test_module_refuses_an_unknown_activation():
     with pytest.raises(ValueError, match="activation"):
         gk.nn.BatchNorm1d(3, activation="tanh")
+
+
+# ---- the residual: act(batch_norm(x) + residual), a ResNet block's end ----
+
+
+def torch_batch_norm_add_act(x, running_mean, running_var, weight, bias, residual, activation="none", **kwargs):
+    """PyTorch's form, as a ResNet block ends: bn, then ``x += shortcut``, then the activation."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, **kwargs)
+    y += residual
+    return TORCH_ACTIVATIONS[activation](y)
+
+
+def check_residual(inputs, training, activation, residual=None):
+    """Ours against PyTorch's form (same dtypes) and its float64 run: output, the gradients of
+    x, weight, bias and the residual, and the running stats."""
+    x, weight, bias, running_mean, running_var = inputs
+    if residual is None:
+        g = torch.Generator().manual_seed(2)
+        residual = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, x.dtype)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(x.device, x.dtype)
+    results = []
+    for fn, dtype in ((batch_norm, None), (torch_batch_norm_add_act, None), (torch_batch_norm_add_act, torch.float64)):
+        x_, weight_, bias_, residual_ = clones(x, weight, bias, residual, dtype=dtype)
+        leaves = [t.requires_grad_() for t in (x_, weight_, bias_, residual_) if t is not None]
+        stats = clones(running_mean, running_var, dtype=dtype)
+        if fn is batch_norm:
+            y = batch_norm(x_, *stats, weight_, bias_, training=training, activation=activation, residual=residual_)
+        else:
+            y = fn(x_, *stats, weight_, bias_, residual_, activation, training=training)
+        results.append((y, torch.autograd.grad(y, leaves, dy.to(y.dtype)), stats))
+    (y, grads, stats), (their_y, their_grads, their_stats), (ref_y, ref_grads, ref_stats) = results
+    assert_matches(y.detach(), their_y.detach(), ref_y.detach())
+    for mine, theirs, reference in zip((*grads, *stats), (*their_grads, *their_stats), (*ref_grads, *ref_stats)):
+        assert_matches(mine, theirs, reference)
+    return y
+
+
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(6, 17), (4, 17, 9), (2, 3, 4, 5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_residual_matches_torch(device, dtype, shape, training, activation):
+    check_residual(make_inputs(shape, dtype, device=device), training, activation)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["2d_wide", "nchw_short_rows", "channels_last_sliced_batch"])
+def test_residual_tilings(device, layout, training):
+    check_residual(tiled_input(layout, torch.float64, device), training, "relu")
+
+
+@pytest.mark.parametrize("residual_layout", ["channels_last", "nchw", "strided"])
+def test_residual_in_its_own_layout(device, residual_layout):
+    """The residual is read through its own strides: channels-last input beside an NCHW,
+    a channels-last or a strided residual; the output keeps the input's layout."""
+    x, *params = make_inputs((3, 5, 4, 6), torch.float64, device=device)
+    x = x.to(memory_format=torch.channels_last)
+    residual = torch.randn(3, 5, 4, 12, dtype=torch.float64, device=device)[..., ::2]
+    if residual_layout != "strided":
+        residual = residual.contiguous()
+    if residual_layout == "channels_last":
+        residual = residual.to(memory_format=torch.channels_last)
+    y = check_residual((x, *params), True, "relu", residual)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_residual_with_bf16_input_rounds_as_pytorch_does(device):
+    """bf16 activations, fp32 parameters: the normalised value rounded, then the sum rounded,
+    as ``x = bn(x); x += shortcut`` rounds: the same bits as PyTorch's own result."""
+    x, *params = make_inputs((6, 5, 7), torch.bfloat16, torch.float32, device=device)
+    residual = torch.randn(6, 5, 7, device=device).to(torch.bfloat16)
+    ours = batch_norm(x, *clones(*params[2:]), *params[:2], training=True, activation="relu", residual=residual)
+    theirs = torch_batch_norm_add_act(x, *clones(*params[2:]), *params[:2], residual.clone(), "relu", training=True)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_residual_gradcheck_fp64(device, training):
+    x, weight, bias, running_mean, running_var = make_inputs((3, 2, 4), torch.float64, device=device)
+    residual = torch.randn(3, 2, 4, dtype=torch.float64, device=device)
+    inputs = [t.requires_grad_() for t in (x, weight, bias, residual)]
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, r: batch_norm(
+            x, running_mean, running_var, w, b, training=training, activation="relu", residual=r
+        ),
+        inputs,
+    )
+
+
+def test_residual_relu_keeps_only_the_output_more(device):
+    """With a residual, relu's backward reads its mask off the output (which the next layer
+    holds anyway); nothing else is saved but what the plain op saves."""
+    x, weight, bias, running_mean, running_var = make_inputs((4, 3, 5), torch.float32, device=device)
+    x.requires_grad_()
+    residual = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = batch_norm(x, running_mean, running_var, weight, bias, training=True, activation="relu", residual=residual)
+    assert [tuple(t.shape) for t in saved] == [(4, 3, 5), (3,), (3,), (2, 3), (4, 3, 5)]
+    assert saved[0] is x and saved[-1] is y
+
+
+@pytest.mark.parametrize(
+    "residual, activation, error, match",
+    [
+        (torch.ones(4, 3, 6), "relu", ValueError, "residual must have the input's shape"),
+        (torch.ones(4, 3, 5, dtype=torch.float64), "relu", TypeError, "residual must have the input's dtype"),
+        (torch.ones(4, 3, 5), "silu", ValueError, "activation with a residual"),
+        ([1.0], "relu", TypeError, "residual must be a Tensor"),
+    ],
+)
+def test_bad_residual(residual, activation, error, match):
+    with pytest.raises(error, match=match):
+        bad_call(residual=residual, activation=activation)
+
+
+def test_module_fused_with_a_residual(device):
+    """BatchNorm2d.fused(x, "relu", shortcut): the module's state as its forward keeps it."""
+    torch.manual_seed(0)
+    ours, theirs = gk.nn.BatchNorm2d(4).to(device), torch.nn.BatchNorm2d(4).to(device)
+    x = torch.randn(3, 4, 5, 6, device=device, requires_grad=True)
+    shortcut = torch.randn(3, 4, 5, 6, device=device)
+    y = ours.fused(x, "relu", shortcut)
+    expected = F.relu(theirs(x) + shortcut)
+    torch.testing.assert_close(y, expected, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, **TOLERANCES[torch.float32])
+    assert ours.num_batches_tracked == theirs.num_batches_tracked == 1

@@ -68,6 +68,10 @@ def _cases() -> dict:
             lambda x, mean, var, w, b: gk.batch_norm(x, mean, var, w, b, training=True, activation="relu"),
             (_leaf(8, 16, 4), torch.zeros(16), torch.ones(16), _leaf(16), _leaf(16)),
         ),
+        "batch_norm_add_relu": (
+            lambda x, r, mean, var: gk.batch_norm(x, mean, var, training=True, activation="relu", residual=r),
+            (_leaf(8, 16, 4), _leaf(8, 16, 4), torch.zeros(16), torch.ones(16)),
+        ),
         **{
             f"linear_act_{activation}": (
                 lambda x, w, b, activation=activation: gk.linear_act(x, w, b, activation=activation),

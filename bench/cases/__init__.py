@@ -6,6 +6,7 @@ performance targets also has ``TARGET_SHAPES`` and ``TARGETS`` (for ``--targets`
 from . import (
     adamw,
     batch_norm,
+    batch_norm_add_relu,
     batch_norm_relu,
     clip_adamw,
     cross_entropy,
@@ -24,6 +25,7 @@ OPS = {
         dropout,
         batch_norm,
         batch_norm_relu,
+        batch_norm_add_relu,
         rope,
         linear_act,
         linear_cross_entropy,

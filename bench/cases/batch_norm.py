@@ -19,9 +19,13 @@ the 5X counted here, and 1.5x eager (cuDNN), at every shape and layout."""
 EAGER_ACTIVATIONS = {"none": lambda y: y, "relu": lambda y: F.relu(y, inplace=True)}
 
 
-def case(shape: tuple, device: torch.device, dtype: torch.dtype, activation: str = "none") -> Case:
+def case(
+    shape: tuple, device: torch.device, dtype: torch.dtype, activation: str = "none", residual: bool = False
+) -> Case:
     """``shape``: (n, c, hw), NCHW, or (n, c, hw, layout), layout "nchw" or "channels_last";
-    ``activation`` fused into ours, applied after PyTorch's in place (as timm's ResNets do)."""
+    ``activation`` fused into ours, applied after PyTorch's in place (as timm's ResNets do);
+    ``residual``: a tensor like x added before it (ours fused, PyTorch's ``y += residual``),
+    whose gradient is timed too."""
     n, c, hw, *layout = shape
     x = torch.randn(n, c, hw, hw, device=device, dtype=dtype)
     if layout == ["channels_last"]:
@@ -31,15 +35,24 @@ def case(shape: tuple, device: torch.device, dtype: torch.dtype, activation: str
     b = torch.zeros(c, device=device, requires_grad=True)
     rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
     io = x.numel() * x.element_size()
+    r = torch.randn_like(x).requires_grad_() if residual else None
+
+    def eager():
+        y = F.batch_norm(x, rm, rv, w, b, training=True)
+        if r is not None:
+            y += r
+        return EAGER_ACTIVATIONS[activation](y)
+
     return Case(
         f"{n}x{c}x{hw}x{hw}" + ("-channels-last" if layout == ["channels_last"] else ""),
         x.numel(),
         providers(
-            lambda: gk.batch_norm(x, rm, rv, w, b, training=True, activation=activation),
-            lambda: EAGER_ACTIVATIONS[activation](F.batch_norm(x, rm, rv, w, b, training=True)),
+            lambda: gk.batch_norm(x, rm, rv, w, b, training=True, activation=activation, residual=r),
+            eager,
             device,
             "batch_norm",
         ),
-        [x, w, b],
-        bytes=per_mode(2 * io, 3 * io),
+        [x, w, b] + ([r] if residual else []),
+        # a residual: read forward; its gradient written, the output read (relu's mask) backward
+        bytes=per_mode(3 * io, 5 * io) if residual else per_mode(2 * io, 3 * io),
     )

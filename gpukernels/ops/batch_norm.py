@@ -19,6 +19,16 @@ activation after it (a ResNet's BN + ReLU) read and write their
 activation-sized tensors once each way instead of twice. The backward keeps
 nothing more: it recomputes the normalised value from x and the statistics,
 which it reads anyway, for the activation's derivative.
+
+``residual`` (a tensor of the input's shape and dtype) is added before the
+activation, ``act(batch_norm(x) + residual)``, as a ResNet block ends
+(``x = bn3(x); x += shortcut; x = relu(x)``), with PyTorch's roundings: the
+normalised value rounded to x's dtype, then the sum. Its activation is none or
+relu; relu's backward reads the output (``y > 0`` where the sum is: the next
+layer holds ``y`` anyway), turns dy into the sum's gradient, which is the
+residual's, and hands that to the plain backward kernels: the bytes one fused
+backward pass would move, and the forward saves the sum's write and read and
+the activation's pass.
 """
 
 from __future__ import annotations
@@ -48,14 +58,16 @@ def batch_norm_fwd(
     bias: Optional[Tensor],
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
+    residual: Optional[Tensor],
     training: bool,
     momentum: float,
     eps: float,
     activation: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Kernel: ``y`` = ``act((x - mean) * rstd * weight + bias)`` (weight and bias
-    each optional; ``act`` applied to that value rounded to x's dtype), and
+    """Kernel: ``y`` = ``act(z)``, ``z = (x - mean) * rstd * weight + bias`` (weight
+    and bias each optional) rounded to x's dtype, plus ``residual`` (x's shape and
+    dtype, any strides; optional) rounded again when given, and
     ``stats``, the per-channel ``mean`` it normalised with, then the per-channel
     ``rstd``, in the statistics dtype. In training these are the
     batch's (nan for M == 0), and the running stats (when given) take
@@ -103,6 +115,7 @@ class _BatchNormFunction(torch.autograd.Function):
         bias: Tensor | None,
         running_mean: Tensor | None,
         running_var: Tensor | None,
+        residual: Tensor | None,
         training: bool,
         momentum: float,
         eps: float,
@@ -111,23 +124,34 @@ class _BatchNormFunction(torch.autograd.Function):
         dispatch: bool,
     ) -> Tensor:
         run = batch_norm_fwd.on if dispatch else batch_norm_fwd.eagerly  # the caller's needs_dispatch
-        y, stats = run(backend, x, weight, bias, running_mean, running_var, training, momentum, eps, activation)
-        ctx.save_for_backward(x, weight, bias, stats)
+        args = (x, weight, bias, running_mean, running_var, residual, training, momentum, eps, activation)
+        y, stats = run(backend, *args)
+        # with a residual, relu's mask is read off the output (the sum is not kept); none needs nothing
+        relu_output = y if residual is not None and activation == "relu" else None
+        ctx.save_for_backward(x, weight, bias, stats, relu_output)
         ctx.training, ctx.activation, ctx.backend = training, activation, backend
+        ctx.has_residual = residual is not None
         return y
 
     @staticmethod
     @refuse_second_derivative("batch_norm")
     def backward(ctx, dy: Tensor):
-        x, weight, bias, stats = ctx.saved_tensors
+        x, weight, bias, stats, relu_output = ctx.saved_tensors
+        activation, dresidual = ctx.activation, None
+        if ctx.has_residual:  # dy becomes the gradient of the sum, the residual's too
+            if relu_output is not None:
+                dy = torch.ops.aten.threshold_backward(dy, relu_output, 0)
+            activation, dresidual = "none", dy
         if dy.dim() > 3 and not ncl_strides(dy.shape, dy.stride()):  # the kernels read dy as (N, C, L) too
             dy = dy.contiguous()
-        dx, dweight, dbias = batch_norm_bwd.on(ctx.backend, dy, x, weight, bias, stats, ctx.training, ctx.activation)
+        dx, dweight, dbias = batch_norm_bwd.on(ctx.backend, dy, x, weight, bias, stats, ctx.training, activation)
         return (
             dx,
             dweight if weight is not None else None,
             (dbias if dbias.dtype == bias.dtype else dbias.to(bias.dtype)) if bias is not None else None,
             None,
+            None,
+            dresidual,
             None,
             None,
             None,
@@ -189,6 +213,19 @@ def check_param_dtypes(input: Tensor, params: Sequence[Tensor | None]) -> None:
             )
 
 
+def _check_residual(input: Tensor, residual: Tensor, activation: str) -> None:
+    if not isinstance(residual, Tensor):
+        raise ArgumentTypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise ArgumentError(f"residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != input.dtype:
+        raise ArgumentTypeError(f"residual must have the input's dtype {input.dtype}, got {residual.dtype}")
+    if residual.device != input.device:
+        raise ArgumentError(f"residual is on {residual.device} but input is on {input.device}")
+    if activation not in ("none", "relu"):
+        raise ArgumentError(f"activation with a residual must be 'none' or 'relu', got {activation!r}")
+
+
 def _empty_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """What PyTorch returns for an input with no elements: a fresh empty
     output still connected to weight and bias (zero gradients); running
@@ -211,12 +248,15 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     activation: str = "none",
+    residual: Tensor | None = None,
 ) -> Tensor:
     """``torch.nn.functional.batch_norm`` for ``(N, C, *)`` input: per-channel
     statistics over the other dims; in training, ``running_mean`` and
     ``running_var`` (when given) are updated in place with the unbiased
     batch variance. ``activation`` (none, relu, gelu, gelu_tanh, silu) is
-    applied to the output in the same kernels: ``act(batch_norm(...))``."""
+    applied to the output in the same kernels: ``act(batch_norm(...))``;
+    ``residual``, of the input's shape and dtype, is added before it
+    (``act(batch_norm(...) + residual)``, activation none or relu)."""
     check_float("input", input)
     if input.dim() < 2:
         raise ArgumentError(f"input must have shape (N, C), (N, C, L) or (N, C, H, W), got {tuple(input.shape)}")
@@ -227,22 +267,30 @@ def batch_norm(
     momentum = check_number("momentum", momentum)
     if activation != "none":
         check_choice("activation", activation, ACTIVATIONS)
+    if residual is not None:
+        _check_residual(input, residual, activation)
     length = math.prod(input.shape[2:])
     if training and n * length == 1:
         raise ArgumentError(
             f"Expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
         )
     if input.numel() == 0:
-        return _empty_batch(reshaped(input, n, channels, length), weight, bias).view(input.shape)
+        y = _empty_batch(reshaped(input, n, channels, length), weight, bias).view(input.shape)
+        return y if residual is None else y + residual
     # as it is, NCHW and channels-last alike; a copy only for strides no (N, C, L) view can express
     x = input if input.dim() <= 3 or ncl_strides(input.shape, input.stride()) else input.reshape(n, channels, length)
+    if residual is not None and residual.dim() > 3:  # read as (N, C, L) too, as x is
+        if x is not input:
+            residual = residual.reshape(x.shape)
+        elif not ncl_strides(residual.shape, residual.stride()):
+            residual = residual.contiguous()
     # the kernels read the parameters and update the running stats element after element: a
     # view that steps over elements goes through a contiguous copy (the stats copied back)
     running = running_mean, running_var
     if running_mean is not None:
         running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
     weight, bias = contiguous_param(weight), contiguous_param(bias)
-    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, activation, backend_for(x))
+    args = (x, weight, bias, running_mean, running_var, residual, training, momentum, eps, activation, backend_for(x))
     # Function.apply's Python layer serves functorch transforms and torch.compile; on plain
     # tensors, outside them, its C apply (host time), and with grad mode off no Function at all
     if needs_dispatch(args):

@@ -11,6 +11,7 @@ from ._arrays import as_array, as_tensor, write
 from .linear_act import activation_of, pre_activation_grad
 
 _OVER_CHANNEL = (0, 2)
+_COMPUTED_AS_IS = (torch.float32, torch.float64)  # the dtypes whose compute dtype is their own
 
 
 def _per_channel(v: np.ndarray) -> np.ndarray:
@@ -36,12 +37,19 @@ def _normalized(centered: np.ndarray, rstd: np.ndarray, weight, bias, dtype, act
     z = centered * _per_channel(gain)
     if bias is not None:
         z += _per_channel(as_array(bias, dtype))
-    if activation != "none" and dtype not in (torch.float32, torch.float64):
-        z = as_array(as_tensor(z, dtype))
+    if activation != "none" and dtype not in _COMPUTED_AS_IS:
+        z = _rounded(z, dtype)
     return z
 
 
-def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, y_out, stats_out):
+def _rounded(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """``a`` rounded to ``dtype`` (a low-precision one), in its compute dtype."""
+    return as_array(as_tensor(a, dtype))
+
+
+def batch_norm_fwd(
+    x, weight, bias, running_mean, running_var, residual, training, momentum, eps, activation, y_out, stats_out
+):
     x, y_out = _ncl(x), _ncl(y_out)
     a = as_array(x)
     if training:
@@ -57,7 +65,11 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
         centered = a - _per_channel(mean)
         var = as_array(running_var, x.dtype)
     rstd = 1.0 / np.sqrt(var + eps)
-    write(y_out, activation_of(_normalized(centered, rstd, weight, bias, x.dtype, activation), activation))
+    z = _normalized(centered, rstd, weight, bias, x.dtype, activation if residual is None else "none")
+    if residual is not None:  # z rounded, plus the residual, rounded, as PyTorch's x += shortcut
+        r = as_array(_ncl(residual))
+        z = z + r if x.dtype in _COMPUTED_AS_IS else _rounded(_rounded(z, x.dtype) + r, x.dtype)
+    write(y_out, activation_of(z, activation))
     write(stats_out, np.stack((mean, rstd)))
 
 

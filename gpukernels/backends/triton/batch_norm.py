@@ -31,8 +31,11 @@ Forward (2 launches in training, 1 in eval; 2 reads of x in training):
    partials of its channels, in split order, into the batch mean and rstd (in
    eval: reads them off the running stats); the first program of each channel
    block writes them out and updates the running stats; then every program
-   writes ``y = (x - mean) * rstd*w + b`` for its tiles.
-Backward (2 launches, at most 2 reads of x and dy):
+   writes ``y = act(z)``, ``z = (x - mean) * rstd*w + b`` (plus a residual, read
+   beside x) for its tiles.
+Backward (2 launches, at most 2 reads of x and dy), for ``dz = dy * act'(z)`` with
+z recomputed from x (a residual's sum is not: ops/batch_norm.py reads relu's mask
+off the output first):
 ``batch_norm_bwd_reduce_kernel`` writes per-program partial ``sum(dy)`` and
 ``sum(dy*(x - mean))`` (and, in eval, dx itself, which needs no sums); in
 training ``batch_norm_dx_kernel`` adds up the partials of its channels and
@@ -310,6 +313,7 @@ def _merged_moments(Partial, splits, M, c_start, C, ACC: tl.constexpr, BLOCK_C: 
 def batch_norm_normalize_kernel(
     X,
     Y,
+    R,
     Partial,
     splits,
     RunningMean,
@@ -327,6 +331,9 @@ def batch_norm_normalize_kernel(
     syn,
     syl,
     syc,
+    srn,
+    srl,
+    src,
     tiles,
     l_tiles,
     momentum_hi,
@@ -338,6 +345,7 @@ def batch_norm_normalize_kernel(
     UPDATE_RUNNING: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr,
     ACC: tl.constexpr,
     IDX: tl.constexpr,
@@ -346,10 +354,10 @@ def batch_norm_normalize_kernel(
     BLOCK_C: tl.constexpr,
     VEC: tl.constexpr,
 ):
-    """y = act(z) for this program's tiles, z normalised with the batch's statistics (in
-    training, merged from the partials, or with ``OWN_STATS`` worked out from the
-    program's own tiles: all of its channels') or the running stats' (in eval).
-    The first program of each channel block writes them into Stats (the mean, then
+    """y = act(z) (with ``HAS_RESIDUAL``: act(z rounded + r)) for this program's tiles, z
+    normalised with the batch's statistics (in training, merged from the partials, or
+    with ``OWN_STATS`` worked out from the program's own tiles: all of its channels')
+    or the running stats' (in eval). The first program of each channel block writes them into Stats (the mean, then
     rstd, of each channel) and, in training, updates the running stats, which no
     other program reads then."""
     c_start = tl.program_id(0) * BLOCK_C
@@ -389,6 +397,9 @@ def batch_norm_normalize_kernel(
         y = (x - mean[None, None, :]) * gain[None, None, :]
         if HAS_B:
             y += shift
+        if HAS_RESIDUAL:  # z rounded, then the sum (rounded below), as PyTorch's x += shortcut after the norm
+            r = tl.load(R + _offsets(n, l, c, srn, srl, src, VEC), mask=mask, other=0.0).to(ACC)
+            y = round_to(y, Y.dtype.element_ty).to(ACC) + r
         if ACTIVATION != "none":  # on z rounded to y's dtype, as an activation after the norm reads it
             y = _activation(round_to(y, Y.dtype.element_ty).to(ACC), ACTIVATION)
         tl.store(Y + _offsets(n, l, c, syn, syl, syc, VEC), round_to(y, Y.dtype.element_ty), mask=mask)
@@ -798,14 +809,15 @@ def _fp32_pair(value: float) -> tuple[float, float]:
     return hi, float(np.float32(value - hi))
 
 
-def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, y, stats):
+def batch_norm_fwd(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, activation, y, stats):
     channels = x.shape[1]
     if channels == 0:
         return
-    tiling = _tiling(x, y)
+    tensors = (x, y, y if residual is None else residual)  # y again: the kernel's residual strides, unread
+    tiling = _tiling(*tensors)
     if training and not tiling.one_split:
         tiling = _fitted(
-            tiling, batch_norm_stats_kernel, (x.dtype, stats.dtype), lambda: tiling.meta(x.dtype), (x, y),
+            tiling, batch_norm_stats_kernel, (x.dtype, stats.dtype), lambda: tiling.meta(x.dtype), tensors,
             lambda: (x, stats.dtype, *tiling.args(1)),
         )  # fmt: skip
     own_stats = training and tiling.one_split
@@ -828,8 +840,8 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
     params = (running_mean, running_var, stats, weight, bias)
     batch_norm_normalize_kernel.launch(
         tiling.own_grid if own_stats else tiling.elementwise_grid,
-        (tiling, x.dtype, y.dtype, training, splits, activation, *map(dtype_of, params))
-        if aligned(x, running_mean, running_var, weight, bias)
+        (tiling, x.dtype, y.dtype, training, splits, activation, dtype_of(residual), *map(dtype_of, params))
+        if aligned(x, running_mean, running_var, weight, bias, residual)
         else None,
         lambda: dict(
             TRAINING=training,
@@ -837,16 +849,18 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, momentu
             UPDATE_RUNNING=running_mean is not None,
             HAS_W=weight is not None,
             HAS_B=bias is not None,
+            HAS_RESIDUAL=residual is not None,
             ACTIVATION=activation,
             **tiling.meta(x.dtype),
         ),
         x,
         y,
+        residual,
         partial,
         splits,
         *params,
         tiling.m,
-        *tiling.args(2),
+        *tiling.args(3),
         *_fp32_pair(momentum),
         *_fp32_pair(eps),
     )
