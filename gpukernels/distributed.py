@@ -226,6 +226,16 @@ class SyncBatchNorm(BatchNormForward, _BatchNorm):
         self.num_batches_tracked.add_(1)
         return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
 
+    def fused(self, input: Tensor, activation: str, residual: Tensor | None = None) -> Tensor:
+        """BatchNorm's ``fused`` without a process group to share statistics over; with
+        one, an error: the synced op applies no activation and adds no residual."""
+        if (activation != "none" or residual is not None) and self._sync_group() is not None:
+            raise ArgumentError(
+                "SyncBatchNorm.fused with an activation or a residual runs on local batch statistics only; "
+                "with a process group, call the module and apply the activation after it"
+            )
+        return super().fused(input, activation, residual)
+
     def forward(self, input: Tensor) -> Tensor:
         group = self._sync_group()
         if group is None:

@@ -16,10 +16,16 @@ forward. Recognised:
   silu, as the forward runs them (found by tracing it with ``torch.fx``),
   fuses with it: the Linear becomes one LinearAct, the BatchNorm ours with
   its ``activation`` set, and the activation module an ``nn.Identity``. A
-  BatchNorm that cannot fuse (torchvision's ResNet calls one ReLU module
-  three times a block) is swapped unfused. Activation modules: torch's
-  ReLU/GELU/SiLU and the transformers classes claiming that math, each
-  checked on a probe before it is fused.
+  BatchNorm that cannot fuse (its activation module called elsewhere too)
+  is swapped unfused. Activation modules: torch's ReLU/GELU/SiLU and the
+  transformers classes claiming that math, each checked on a probe before
+  it is fused.
+- ResNet blocks, timm's and torchvision's ``BasicBlock`` and ``Bottleneck``
+  (when already imported): the block's forward ends with its last BatchNorm,
+  the shortcut's addition and the ReLU in one op (``bn.fused(x, "relu",
+  shortcut)``); torchvision's, whose one ReLU module serves the whole block,
+  also fuses its other BatchNorms with their ReLU. The block's children are
+  converted as any module's.
 - transformers, when already imported: the RMSNorms of Llama, Mistral,
   Qwen2/Qwen3, Gemma and Phi-3 (``rms_norm`` in their variant), their gated
   MLPs ``down(act(gate(x)) * up(x))`` (``swiglu`` / ``geglu`` between the
@@ -28,8 +34,8 @@ forward. Recognised:
   forward otherwise), and the loss of causal LMs.
 - timm, when already imported: its LayerNorm and LayerNorm2d.
 
-Neither transformers nor timm is imported here: their classes are looked up
-in ``sys.modules`` only. ``unpatch`` reverses every change.
+None of transformers, timm and torchvision is imported here: their classes
+are looked up in ``sys.modules`` only. ``unpatch`` reverses every change.
 """
 
 from __future__ import annotations
@@ -76,12 +82,15 @@ class _Rule:
     ``prepare(module)`` returns the attributes the replacement's forward reads, or
     a string saying why this module must stay as it is. ``opaque``: the replacement
     runs its children inside its op (a gated MLP's activation), so they are neither
-    traced nor converted; else they are, as any module's (an attention's norms)."""
+    traced nor converted; else they are, as any module's (an attention's norms).
+    ``bypassed``: children whose work the replacement does itself (``prepare`` checks
+    it is the same), left in place and not reported."""
 
     replacement: type
     kind: str
     prepare: Callable[[torch.nn.Module], dict[str, Any] | str] = _nothing_to_set
     opaque: bool = True
+    bypassed: tuple[str, ...] = ()
 
 
 _TORCH_RULES = {
@@ -330,6 +339,128 @@ _GATED_MLPS = {
 
 def _transformers_class(model: str, name: str) -> type | None:
     return _loaded(f"transformers.models.{model}.modeling_{model}", name)[0]
+
+
+# ---- ResNet blocks (timm, torchvision) ------------------------------------------------------------------------
+
+
+def _batch_norm_relu(bn: torch.nn.Module, x: Tensor, relu: torch.nn.Module, shortcut: Tensor | None = None) -> Tensor:
+    """``relu(bn(x))``, or ``relu(bn(x) + shortcut)`` as a ResNet block ends, in one op
+    (``bn.fused``). As the block writes it where that op would not compute the same: ``bn``
+    no longer our BatchNorm2d (``convert_sync_batchnorm`` after patch: its forward syncs the
+    statistics, ``.fused`` would not), or a shortcut of another shape or dtype than x's (a
+    block given an fp32 input under autocast)."""
+    if type(bn) is gnn.BatchNorm2d and (shortcut is None or (shortcut.shape, shortcut.dtype) == (x.shape, x.dtype)):
+        return bn.fused(x, "relu", shortcut)
+    x = bn(x)
+    if shortcut is not None:
+        x += shortcut
+    return relu(x)
+
+
+def _shortcut(block: torch.nn.Module, x: Tensor) -> Tensor:
+    return x if block.downsample is None else block.downsample(x)
+
+
+def _timm_basic_block_forward(self, x: Tensor) -> Tensor:
+    """timm's BasicBlock (no se, no drop_path), bn2, the shortcut's addition and act2 in one op."""
+    shortcut = x
+    x = self.conv1(x)
+    x = self.bn1(x)
+    x = self.drop_block(x)
+    x = self.act1(x)
+    x = self.aa(x)
+    return _batch_norm_relu(self.bn2, self.conv2(x), self.act2, _shortcut(self, shortcut))
+
+
+def _timm_bottleneck_forward(self, x: Tensor) -> Tensor:
+    """timm's Bottleneck (no se, no drop_path), bn3, the shortcut's addition and act3 in one op."""
+    shortcut = x
+    x = self.conv1(x)
+    x = self.bn1(x)
+    x = self.act1(x)
+    x = self.conv2(x)
+    x = self.bn2(x)
+    x = self.drop_block(x)
+    x = self.act2(x)
+    x = self.aa(x)
+    return _batch_norm_relu(self.bn3, self.conv3(x), self.act3, _shortcut(self, shortcut))
+
+
+def _torchvision_basic_block_forward(self, x: Tensor) -> Tensor:
+    """torchvision's BasicBlock, each BatchNorm and the ReLU after it in one op (bn2's with the
+    shortcut's addition), in place of its one ``relu`` module, which its forward calls twice."""
+    out = _batch_norm_relu(self.bn1, self.conv1(x), self.relu)
+    return _batch_norm_relu(self.bn2, self.conv2(out), self.relu, _shortcut(self, x))
+
+
+def _torchvision_bottleneck_forward(self, x: Tensor) -> Tensor:
+    """torchvision's Bottleneck, each BatchNorm and the ReLU after it in one op (bn3's with the
+    shortcut's addition), in place of its one ``relu`` module, which its forward calls three times."""
+    out = _batch_norm_relu(self.bn1, self.conv1(x), self.relu)
+    out = _batch_norm_relu(self.bn2, self.conv2(out), self.relu)
+    return _batch_norm_relu(self.bn3, self.conv3(out), self.relu, _shortcut(self, x))
+
+
+# module, class, replacement forward, the BatchNorms it calls .fused on (the last one adds the shortcut), the
+# activation module it computes relu in place of calling, the modules that must be None (they would run
+# between the last BatchNorm and the addition). Read in timm 1.0.31 and torchvision 0.26.
+_RESIDUAL_BLOCKS = (
+    ("timm.models.resnet", "BasicBlock", _timm_basic_block_forward, ("bn2",), "act2", ("se", "drop_path")),
+    ("timm.models.resnet", "Bottleneck", _timm_bottleneck_forward, ("bn3",), "act3", ("se", "drop_path")),
+    ("torchvision.models.resnet", "BasicBlock", _torchvision_basic_block_forward, ("bn1", "bn2"), "relu", ()),
+    ("torchvision.models.resnet", "Bottleneck", _torchvision_bottleneck_forward, ("bn1", "bn2", "bn3"), "relu", ()),
+)
+
+
+def _residual_block_check(
+    batch_norms: tuple[str, ...], relu: str, absent: tuple[str, ...]
+) -> Callable[[torch.nn.Module], dict[str, Any] | str]:
+    """The ``prepare`` of a ResNet block's rule: {} when its replacement forward computes what
+    the block's does, else why not."""
+
+    def prepare(block):
+        for name in absent:
+            if getattr(block, name) is not None:
+                return f"{name} is set: it runs between {batch_norms[-1]} and the shortcut's addition"
+        for name in batch_norms:
+            bn = getattr(block, name)
+            if type(bn) not in (torch.nn.BatchNorm2d, gnn.BatchNorm2d):
+                return f"{name} is a {type(bn).__name__}, not torch's BatchNorm2d (or ours)"
+            if getattr(bn, "activation", "none") != "none":
+                return f"{name} already applies {bn.activation}"
+        activation, why = _activation(getattr(block, relu))
+        if activation != "relu":  # the only activation the op applies after a residual
+            return f"{relu} computes {activation}, not relu" if activation else f"{relu}: {why}"
+        # A hook on the block could expect its forward's calls; those on the others would no longer run. Sharing
+        # does not matter: the modules stay where they are, the BatchNorms' state kept by .fused as by forward.
+        hooked = [name for name in ("", *batch_norms, relu) if _has_hooks(block.get_submodule(name))]
+        if hooked:
+            return (
+                f"has hooks ({', '.join(name or 'the block' for name in hooked)}), which expect its forward as written"
+            )
+        return {}
+
+    return prepare
+
+
+def _residual_block_rules() -> dict[type, _Rule]:
+    """Rules for the ResNet blocks of the timm and torchvision modules already imported: the
+    block's children traced and converted as any module's (its BatchNorms to ours, which the
+    replacement forward calls ``.fused`` on), the activation module it computes in place of
+    calling left where it is."""
+    rules = {}
+    for module, name, forward, batch_norms, relu, absent in _RESIDUAL_BLOCKS:
+        (cls,) = _loaded(module, name)
+        if cls is not None:
+            rules[cls] = _Rule(
+                _replacement(cls, forward),
+                "ResidualBlock",
+                _residual_block_check(batch_norms, relu, absent),
+                opaque=False,
+                bypassed=(relu,),
+            )
+    return rules
 
 
 # ---- rotary embeddings inside attention -----------------------------------------------------------------------
@@ -845,8 +976,9 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
     Patching an already patched model changes nothing.
 
     ``fuse_linear_act``: fuse each activation module into the map before it (a Linear,
-    Conv1D or BatchNorm; see the module's docstring). False leaves every activation
-    module as it is; the BatchNorms are then swapped unfused, the Linears left.
+    Conv1D or BatchNorm; see the module's docstring), and each ResNet block's last
+    BatchNorm with the shortcut's addition and the ReLU. False leaves every activation
+    module and block as it is; the BatchNorms are then swapped unfused, the Linears left.
 
     ``loss`` (transformers causal LMs): ``"logits"`` computes ``model(..., labels=...)``'s
     loss with our cross_entropy on the logits; ``"fused"`` with linear_cross_entropy from
@@ -856,7 +988,7 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
     report = PatchReport()
     undo = model.__dict__.setdefault("_gpukernels_undo", [])
     uses = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
-    rules = _TORCH_RULES | _third_party_rules()
+    rules = _TORCH_RULES | _third_party_rules() | (_residual_block_rules() if fuse_linear_act else {})
     maps = _fusable_maps()
     head = _patch_loss(model, loss, report, undo)
     # Decided first: a module that will be swapped is opaque to tracing, one that stays is traced into.
@@ -890,9 +1022,10 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
         why_not[act_name] = _not_fused_with(map_name, why_not[map_name], id(map_module) in swapping)
 
     inside_swapped = ()  # name prefixes of swapped modules whose children run inside them as they are
+    bypassed = set()  # names of the children whose work a swapped module does itself
     for name, module in model.named_modules():
         cls = type(module)
-        if name.startswith(inside_swapped) or name == head or _is_ours(module):
+        if name.startswith(inside_swapped) or name == head or _is_ours(module) or name in bypassed:
             continue
         if name in settings:
             if isinstance(settings[name], str):
@@ -907,6 +1040,7 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
             )
             if rules[cls].opaque:
                 inside_swapped += (name + ".",)
+            bypassed.update(f"{name}.{child}" for child in rules[cls].bypassed)
         elif cls in maps or _is_activation_module(module):
             why = why_not.get(name)
             if why is None:

@@ -578,6 +578,20 @@ def test_convert_sync_batchnorm_refuses_a_fused_activation():
     assert type(model[0]) is gk.nn.BatchNorm2d
 
 
+def test_sync_batchnorm_fuses_only_without_a_group_to_sync_over(monkeypatch):
+    """.fused with an activation or a residual would skip the synced statistics: refused
+    while a process group is there to sync over; without one it is our BatchNorm's."""
+    bn = SyncBatchNorm(3, dtype=torch.float64)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    expected = torch.relu(torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, training=True))
+    torch.testing.assert_close(bn.fused(x, "relu"), expected, **TOLERANCES[torch.float64])
+    monkeypatch.setattr(SyncBatchNorm, "_sync_group", lambda self: "group")
+    with pytest.raises(ValueError, match="local batch statistics"):
+        bn.fused(x, "relu")
+    with pytest.raises(ValueError, match="local batch statistics"):
+        bn.fused(x, "none", x)
+
+
 @pytest.mark.parametrize("shape", [(6, 4), (3, 4, 5)], ids=["2d", "3d"])
 def test_sync_batchnorm_without_process_group_is_batchnorm(shape):
     """No process group (or eval): plain BatchNorm, as torch.nn.SyncBatchNorm."""

@@ -120,33 +120,86 @@ def test_batch_norm_1d_fuses_each_activation(activation, shape):
     _assert_same_function(patched, plain, torch.randn(shape, dtype=FLOAT64))
 
 
-class TorchvisionBottleneck(nn.Module):
-    """torchvision's ResNet Bottleneck (torchvision/models/resnet.py): one ReLU module, called three times."""
+# torchvision cannot be installed in CI either: its ResNet blocks as torchvision/models/resnet.py (0.26)
+# writes them, at ResNet's defaults (groups 1, base width 64, dilation 1, nn.BatchNorm2d). Unregistered,
+# as here, they are any model's modules; tests/test_patch_resnet_blocks.py registers them as torchvision's.
+class TorchvisionBasicBlock(nn.Module):
+    """One ReLU module, called twice."""
 
-    def __init__(self, channels: int = 8, width: int = 4):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, channels, 1, bias=False), nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
 
     def forward(self, x):
         identity = x
+
         out = self.conv1(x)
         out = self.bn1(out)
         out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+
+        if self.downsample is not None:
+            identity = self.downsample(x)
+
+        out += identity
+        out = self.relu(out)
+
+        return out
+
+
+class TorchvisionBottleneck(nn.Module):
+    """One ReLU module, called three times."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        width = planes
+        self.conv1 = nn.Conv2d(inplanes, width, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
         out = self.conv2(out)
         out = self.bn2(out)
         out = self.relu(out)
+
         out = self.conv3(out)
         out = self.bn3(out)
+
+        if self.downsample is not None:
+            identity = self.downsample(x)
+
         out += identity
         out = self.relu(out)
+
         return out
 
 
 def test_a_shared_activation_is_not_fused_and_the_batch_norms_are_swapped_unfused():
-    plain = _randomized(TorchvisionBottleneck())
+    plain = _randomized(TorchvisionBottleneck(8, 2))
     patched = copy.deepcopy(plain)
     report = gk.patch(patched)
     assert report.swapped == [(f"bn{i}", "BatchNorm2d", "BatchNorm2d") for i in (1, 2, 3)]
@@ -251,8 +304,54 @@ def test_state_dict_unchanged_and_unpatch_restores_the_modules_and_their_functio
 
 
 # timm cannot be installed in CI (tests/test_patch_timm.py runs the real one where it can): its ResNet's
-# stem and Bottleneck as timm/models/resnet.py writes them, at ResNet-50's defaults (no attention, no
-# anti-aliasing: both None or nn.Identity; drop_block an nn.Identity; drop_path None).
+# stem and blocks as timm/models/resnet.py (1.0.31) writes them, at ResNet-18's and ResNet-50's defaults
+# (no attention, no anti-aliasing: both None or nn.Identity; drop_block an nn.Identity; drop_path None).
+# Registered as timm's by tests/test_patch_resnet_blocks.py; any model's modules here.
+class TimmBasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        first_planes = planes
+        outplanes = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, first_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(first_planes)
+        self.drop_block = nn.Identity()
+        self.act1 = nn.ReLU(inplace=True)
+        self.aa = nn.Identity()
+        self.conv2 = nn.Conv2d(first_planes, outplanes, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outplanes)
+        self.se = None
+        self.act2 = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.drop_path = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.drop_block(x)
+        x = self.act1(x)
+        x = self.aa(x)
+
+        x = self.conv2(x)
+        x = self.bn2(x)
+
+        if self.se is not None:
+            x = self.se(x)
+
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        x = self.act2(x)
+
+        return x
+
+
 class TimmBottleneck(nn.Module):
     expansion = 4
 
