@@ -314,11 +314,11 @@ def test_rms_norm_is_swapped():
     torch.testing.assert_close(model(x), original(x))
 
 
-def test_patch_imports_neither_transformers_nor_timm():
+def test_patch_imports_none_of_transformers_timm_torchvision():
     code = (
         "import sys, torch, gpukernels as gk; "
         "gk.patch(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.LayerNorm(2))); "
-        "print(sorted(m for m in ('transformers', 'timm') if m in sys.modules))"
+        "print(sorted(m for m in ('transformers', 'timm', 'torchvision') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
