@@ -6,6 +6,8 @@ checks, and bad input."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -551,6 +553,21 @@ def test_torch_compile_fullgraph_updates_running_stats_once(device):
     torch.testing.assert_close(y, expected, **TOLERANCES[torch.float32])
     torch.testing.assert_close(running_mean, expected_stats[0], **TOLERANCES[torch.float32])
     torch.testing.assert_close(running_var, expected_stats[1], **TOLERANCES[torch.float32])
+
+
+def test_torch_compile_warns_of_nothing_in_our_code():
+    """Tracing a BatchNorm module warns of nothing of ours (dynamo warns once a process of
+    each lru_cache it traces through: a fresh interpreter)."""
+    code = (
+        "import warnings, torch, gpukernels as gk\n"
+        "warnings.simplefilter('always')\n"
+        "bn = gk.nn.BatchNorm2d(4, activation='relu')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    torch.compile(bn, backend='aot_eager', fullgraph=True)(torch.randn(2, 4, 3, 3))\n"
+        "print([str(w.message) for w in caught if 'gpukernels' in str(w.message) or 'gpukernels' in w.filename])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def bad_call(**overrides):

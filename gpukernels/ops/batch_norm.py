@@ -33,7 +33,6 @@ the activation's pass.
 
 from __future__ import annotations
 
-import functools
 import math
 import operator
 from typing import Optional, Sequence
@@ -44,7 +43,15 @@ from torch import Tensor
 from .._backend import backend_for
 from .._numerics import ncl_strides
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import check_choice, check_float, check_number, check_optional_floats, contiguous_param, empty_grad
+from ._checks import (
+    FLOAT_DTYPES,
+    check_choice,
+    check_float,
+    check_number,
+    check_optional_floats,
+    contiguous_param,
+    empty_grad,
+)
 from ._op import eager_apply, kernel_op, needs_dispatch, refuse_second_derivative, reshaped, stats_dtype
 from .linear_act import ACTIVATIONS
 
@@ -183,15 +190,16 @@ def check_params(input: Tensor, params: Sequence[Tensor | None], training: bool 
     check_param_dtypes(input, params)
 
 
-@functools.cache
-def _allowed_param_dtypes(dtype: torch.dtype) -> frozenset:
-    return frozenset((dtype, torch.float32) if dtype in _LOW_PRECISION else (dtype,))
+# a dict, not a cached function: torch.compile warns of every lru_cache it traces through
+_ALLOWED_PARAM_DTYPES = {
+    dtype: frozenset((dtype, torch.float32) if dtype in _LOW_PRECISION else (dtype,)) for dtype in FLOAT_DTYPES
+}
 
 
 def check_param_dtypes(input: Tensor, params: Sequence[Tensor | None]) -> None:
     """As PyTorch's mixed-precision BatchNorm: the parameters and running stats
     (``PARAM_NAMES``) share one dtype, which is input's, or float32 for bf16/fp16 input."""
-    allowed = _allowed_param_dtypes(input.dtype)
+    allowed = _ALLOWED_PARAM_DTYPES[input.dtype]  # input is floating: checked first
     dtypes = {t.dtype for t in params if t is not None}
     if len(dtypes) <= 1 and dtypes <= allowed:
         return
