@@ -46,6 +46,7 @@ from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import (
     FLOAT_DTYPES,
     check_choice,
+    check_device,
     check_float,
     check_number,
     check_optional_floats,
@@ -228,8 +229,7 @@ def _check_residual(input: Tensor, residual: Tensor, activation: str) -> None:
         raise ArgumentError(f"residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
     if residual.dtype != input.dtype:
         raise ArgumentTypeError(f"residual must have the input's dtype {input.dtype}, got {residual.dtype}")
-    if residual.device != input.device:
-        raise ArgumentError(f"residual is on {residual.device} but input is on {input.device}")
+    check_device("residual", residual, input)
     if activation not in ("none", "relu"):
         raise ArgumentError(f"activation with a residual must be 'none' or 'relu', got {activation!r}")
 

@@ -37,6 +37,12 @@ def as_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
 
 
+def rounded(a: np.ndarray, dtype: torch.dtype, compute_like: torch.dtype | None = None) -> np.ndarray:
+    """``a`` rounded to ``dtype``, back in the compute dtype of ``compute_like`` (default:
+    ``dtype``'s): what a kernel computing in fp32 reads of a value stored in bf16, say."""
+    return as_array(as_tensor(a, dtype), compute_like)
+
+
 def write(out: torch.Tensor, a: np.ndarray) -> None:
     """Store ``a`` into the output tensor ``out`` (rounded to its dtype)."""
     out.copy_(torch.from_numpy(np.ascontiguousarray(a)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._arrays import as_array, as_tensor, write
+from ._arrays import as_array, rounded, write
 from .linear_act import activation_of, pre_activation_grad
 
 _OVER_CHANNEL = (0, 2)
@@ -38,13 +38,8 @@ def _normalized(centered: np.ndarray, rstd: np.ndarray, weight, bias, dtype, act
     if bias is not None:
         z += _per_channel(as_array(bias, dtype))
     if activation != "none" and dtype not in _COMPUTED_AS_IS:
-        z = _rounded(z, dtype)
+        z = rounded(z, dtype)
     return z
-
-
-def _rounded(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """``a`` rounded to ``dtype`` (a low-precision one), in its compute dtype."""
-    return as_array(as_tensor(a, dtype))
 
 
 def batch_norm_fwd(
@@ -68,7 +63,7 @@ def batch_norm_fwd(
     z = _normalized(centered, rstd, weight, bias, x.dtype, activation if residual is None else "none")
     if residual is not None:  # z rounded, plus the residual, rounded, as PyTorch's x += shortcut
         r = as_array(_ncl(residual))
-        z = z + r if x.dtype in _COMPUTED_AS_IS else _rounded(_rounded(z, x.dtype) + r, x.dtype)
+        z = z + r if x.dtype in _COMPUTED_AS_IS else rounded(rounded(z, x.dtype) + r, x.dtype)
     write(y_out, activation_of(z, activation))
     write(stats_out, np.stack((mean, rstd)))
 

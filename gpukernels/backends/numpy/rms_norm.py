@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._arrays import as_array, as_rows, as_tensor, write
-
-
-def _rounded(h: np.ndarray, x, dtype) -> np.ndarray:
-    """``h`` rounded to x's dtype (what Llama's RMSNorm multiplies), in the compute dtype of ``dtype``."""
-    return as_array(as_tensor(h, x.dtype), dtype)
+from ._arrays import as_array, as_rows, rounded, write
 
 
 def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y_out, rstd_out):
@@ -18,8 +13,8 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y_out, rstd_out):
     rstd = 1.0 / np.sqrt((a * a).mean(axis=1) + eps)
     y = a * rstd[:, None]
     if weight is not None:
-        if cast_before_weight:
-            y = _rounded(y, x, y_out.dtype) * (offset + as_array(weight, y_out.dtype))
+        if cast_before_weight:  # Llama's: the weight multiplies the normalised rows rounded to x's dtype
+            y = rounded(y, x.dtype, y_out.dtype) * (offset + as_array(weight, y_out.dtype))
         else:
             y *= offset + as_array(weight, x.dtype)
     write(y_out, y)
@@ -33,4 +28,4 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx_out, dweigh
     g = g_out * (offset + as_array(weight, x.dtype)) if weight is not None else g_out
     write(dx_out, rstd[:, None] * (g - h * (g * h).mean(axis=1, keepdims=True)))
     if weight is not None:
-        write(dweight_out, (g_out * (_rounded(h, x, x.dtype) if cast_before_weight else h)).sum(axis=0))
+        write(dweight_out, (g_out * (rounded(h, x.dtype) if cast_before_weight else h)).sum(axis=0))
