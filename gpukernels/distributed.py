@@ -259,9 +259,19 @@ class SyncBatchNorm(BatchNormForward, _BatchNorm):
         return convert_sync_batchnorm(module, process_group)
 
 
+# The forwards of the BatchNorms a SyncBatchNorm computes what they do: torch's, ours, torch's SyncBatchNorm.
+_CONVERTIBLE_FORWARDS = (_BatchNorm.forward, BatchNormForward.forward, torch.nn.SyncBatchNorm.forward)
+
+
 def _to_sync(bn: _BatchNorm, process_group: Any) -> SyncBatchNorm:
     """A SyncBatchNorm holding ``bn``'s own parameters and buffers (the same
     tensors, so an optimizer built on the model still steps them)."""
+    if type(bn).forward not in _CONVERTIBLE_FORWARDS:
+        raise ArgumentError(
+            f"{type(bn).__name__} is a BatchNorm subclass with a forward of its own (timm's BatchNormAct2d applies "
+            "an activation), which SyncBatchNorm would drop: convert it with its library's conversion "
+            "(timm.layers.convert_sync_batchnorm)"
+        )
     if getattr(bn, "activation", "none") != "none":
         raise ArgumentError(
             f"{type(bn).__name__} applies activation {bn.activation!r} (gk.patch fused it), which SyncBatchNorm "

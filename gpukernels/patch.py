@@ -18,8 +18,8 @@ forward. Recognised:
   its ``activation`` set, and the activation module an ``nn.Identity``. A
   BatchNorm that cannot fuse (its activation module called elsewhere too)
   is swapped unfused. Activation modules: torch's ReLU/GELU/SiLU and the
-  transformers classes claiming that math, each checked on a probe before
-  it is fused.
+  transformers and timm classes claiming that math, each checked on a probe
+  before it is fused.
 - ResNet blocks, timm's and torchvision's ``BasicBlock`` and ``Bottleneck``
   (when already imported): the block's forward ends with its last BatchNorm,
   the shortcut's addition and the ReLU in one op (``bn.fused(x, "relu",
@@ -32,7 +32,11 @@ forward. Recognised:
   projections, which run as they are), the rotary embedding their attention
   applies to queries and keys (``apply_rotary_pos_emb``, the attention's own
   forward otherwise), and the loss of causal LMs.
-- timm, when already imported: its LayerNorm and LayerNorm2d.
+- timm, when already imported: its LayerNorm and LayerNorm2d; its
+  BatchNormAct2d (EfficientNet, MobileNet, RegNet: a BatchNorm2d, then its
+  ``drop`` and ``act`` modules) becomes our BatchNorm applying the activation
+  in its op where ``act`` is one of ours and ``drop`` an nn.Identity, else
+  running them after it.
 
 None of transformers, timm and torchvision is imported here: their classes
 are looked up in ``sys.modules`` only. ``unpatch`` reverses every change.
@@ -173,6 +177,12 @@ _TRANSFORMERS_ACTIVATIONS = {
     "AccurateGELUActivation": "gelu_tanh",
     "SiLUActivation": "silu",
 }
+# timm's own activation classes that compute one of ours (its get_act_layer("gelu") gives its GELU: ConvNeXt's MLPs).
+_TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "Swish": "silu"}
+_THIRD_PARTY_ACTIVATIONS = {
+    "transformers.activations": _TRANSFORMERS_ACTIVATIONS,
+    "timm.layers.activations": _TIMM_ACTIVATIONS,
+}
 _TRANSFORMERS_UNSUPPORTED = {
     "QuickGELUActivation": "x * sigmoid(1.702 x)",
     "ClippedGELUActivation": "gelu clipped to [min, max]",
@@ -182,6 +192,12 @@ _TRANSFORMERS_UNSUPPORTED = {
     "LinearActivation": "the identity",
     "SqrtSoftplusActivation": "sqrt(softplus(x))",
     "XIELUActivation": "xIELU",
+}
+_TIMM_UNSUPPORTED = {
+    "QuickGELU": "x * sigmoid(1.702 x)",
+    "Mish": "x * tanh(softplus(x))",
+    "HardSwish": "x * relu6(x + 3) / 6",
+    "HardMish": "x * clamp(x + 2, 0, 2) / 2",
 }
 
 
@@ -193,16 +209,17 @@ def _claimed_activation(module: torch.nn.Module) -> str | None:
         return "silu"
     if cls is torch.nn.GELU:
         return "gelu_tanh" if module.approximate == "tanh" else "gelu"
-    if cls.__module__ == "transformers.activations" and sys.modules.get(cls.__module__) is not None:
-        name = _TRANSFORMERS_ACTIVATIONS.get(cls.__name__)
-        if name is not None and getattr(sys.modules[cls.__module__], cls.__name__, None) is cls:
-            return name
+    claims = _THIRD_PARTY_ACTIVATIONS.get(cls.__module__)
+    if claims is not None and cls.__name__ in claims:
+        library = sys.modules.get(cls.__module__)  # the class itself, not one of the same name defined elsewhere
+        if library is not None and getattr(library, cls.__name__, None) is cls:
+            return claims[cls.__name__]
     return None
 
 
 def _is_activation_module(module: torch.nn.Module) -> bool:
-    """A module patch reports on: one it fuses, or a transformers activation."""
-    return _claimed_activation(module) is not None or type(module).__module__ == "transformers.activations"
+    """A module patch reports on: one it fuses, or a transformers or timm activation."""
+    return _claimed_activation(module) is not None or type(module).__module__ in _THIRD_PARTY_ACTIVATIONS
 
 
 def _activation(module: torch.nn.Module) -> tuple[str | None, str]:
@@ -210,7 +227,9 @@ def _activation(module: torch.nn.Module) -> tuple[str | None, str]:
     one of ours, checked on a float64 probe; else (None, why not)."""
     claimed = _claimed_activation(module)
     if claimed is None:
-        math = _TRANSFORMERS_UNSUPPORTED.get(type(module).__name__, "")
+        math = (
+            _TIMM_UNSUPPORTED if type(module).__module__ == "timm.layers.activations" else _TRANSFORMERS_UNSUPPORTED
+        ).get(type(module).__name__, "")
         return (
             None,
             f"activation {type(module).__name__}{f' computes {math}:' if math else ' is'} "
@@ -319,6 +338,31 @@ def _unless_fast_norm(module: torch.nn.Module) -> dict[str, Any] | str:
     if getattr(module, "_fast_norm", False):
         return "timm's fast norm is on: it computes in the autocast dtype (or with apex)"
     return {}
+
+
+def _timm_batch_norm_act_forward(self, x: Tensor) -> Tensor:
+    """timm's BatchNormAct2d with our BatchNorm: its activation in the same op where patch
+    fused it (``activation``), else its ``drop`` and ``act`` modules after it, as timm runs them."""
+    x = gnn.BatchNormForward.fused(self, x, self.activation)
+    return x if self.activation != "none" else self.act(self.drop(x))
+
+
+def _batch_norm_act_rules(fuse: bool) -> dict[type, _Rule]:
+    """The rule for timm's BatchNormAct2d (BatchNorm2d's forward, then its ``drop`` and ``act``
+    modules) when timm is imported: its activation fused when ``fuse``, ``drop`` computes
+    nothing (an nn.Identity), ``act`` is one of ours (or an nn.Identity) and neither has hooks;
+    else its BatchNorm ours, ``drop`` and ``act`` run after it as they are."""
+    (cls,) = _loaded("timm.layers.norm_act", "BatchNormAct2d")
+    if cls is None:
+        return {}
+
+    def prepare(module):
+        drop, act = module.drop, module.act
+        if not fuse or type(drop) is not torch.nn.Identity or _has_hooks(drop) or _has_hooks(act):
+            return {"activation": "none"}
+        return {"activation": "none" if type(act) is torch.nn.Identity else (_activation(act)[0] or "none")}
+
+    return {cls: _Rule(_replacement(cls, _timm_batch_norm_act_forward), "BatchNormAct2d", prepare)}
 
 
 _LLAMA_RMS_NORMS = {
@@ -988,7 +1032,9 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
     report = PatchReport()
     undo = model.__dict__.setdefault("_gpukernels_undo", [])
     uses = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
-    rules = _TORCH_RULES | _third_party_rules() | (_residual_block_rules() if fuse_linear_act else {})
+    rules = _TORCH_RULES | _third_party_rules() | _batch_norm_act_rules(fuse_linear_act)
+    if fuse_linear_act:
+        rules |= _residual_block_rules()
     maps = _fusable_maps()
     head = _patch_loss(model, loss, report, undo)
     # Decided first: a module that will be swapped is opaque to tracing, one that stays is traced into.
@@ -1034,9 +1080,9 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
             module.__class__ = rules[cls].replacement
             for key, value in settings[name].items():
                 setattr(module, key, value)
-            activation = settings[name].get("activation")  # a gated MLP's, now inside its op
+            activation = settings[name].get("activation", "none")  # a gated MLP's or norm's, now inside its op
             report.swapped.append(
-                (name, f"{cls.__name__}+{activation}" if activation else cls.__name__, rules[cls].kind)
+                (name, cls.__name__ if activation == "none" else f"{cls.__name__}+{activation}", rules[cls].kind)
             )
             if rules[cls].opaque:
                 inside_swapped += (name + ".",)
