@@ -27,11 +27,14 @@ forward. Recognised:
   also fuses its other BatchNorms with their ReLU. The block's children are
   converted as any module's.
 - transformers, when already imported: the RMSNorms of Llama, Mistral,
-  Qwen2/Qwen3, Gemma and Phi-3 (``rms_norm`` in their variant), their gated
+  Mixtral, Qwen2/Qwen3 (and their MoE models), Gemma 1-3, Phi-3, Granite,
+  SmolLM3, OLMo 2 and GLM-4 (``rms_norm`` in their variant), their gated
   MLPs ``down(act(gate(x)) * up(x))`` (``swiglu`` / ``geglu`` between the
-  projections, which run as they are), the rotary embedding their attention
-  applies to queries and keys (``apply_rotary_pos_emb``, the attention's own
-  forward otherwise), and the loss of causal LMs.
+  projections, which run as they are; not the MoE experts' batched
+  products), the rotary embedding their attention applies to queries and
+  keys (``apply_rotary_pos_emb``, the attention's own forward otherwise),
+  and the loss of causal LMs (listed in ``_CAUSAL_LMS``; with
+  ``loss="logits"`` only, those whose forward soft-caps or scales the logits).
 - timm, when already imported: its LayerNorm and LayerNorm2d; its
   BatchNormAct2d (EfficientNet, MobileNet, RegNet: a BatchNorm2d, then its
   ``drop`` and ``act`` modules) becomes our BatchNorm applying the activation
@@ -290,6 +293,11 @@ def _gemma_rms_norm_forward(self, x: Tensor) -> Tensor:
     return rms_norm(x, self.weight.shape, self.weight, self.eps, offset=1.0)
 
 
+def _olmo2_rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
+    """OLMo 2's RMSNorm: times the weight in fp32, then rounded to the input dtype."""
+    return rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+
+
 def _gated(gate: Tensor, up: Tensor, activation: str) -> Tensor:
     if activation == "silu":
         return swiglu(gate, up)
@@ -301,8 +309,8 @@ def _gated_mlp_forward(self, x: Tensor) -> Tensor:
     return self.down_proj(_gated(self.gate_proj(x), self.up_proj(x), self.activation))
 
 
-def _phi3_mlp_forward(self, hidden_states: Tensor) -> Tensor:
-    """Phi-3's MLP: one projection holds gate and up; ``down_proj(up * act(gate))``."""
+def _gate_up_mlp_forward(self, hidden_states: Tensor) -> Tensor:
+    """Phi-3's and GLM-4's MLP: one projection holds gate and up; ``down_proj(up * act(gate))``."""
     gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
     return self.down_proj(_gated(gate, up, self.activation))
 
@@ -365,20 +373,44 @@ def _batch_norm_act_rules(fuse: bool) -> dict[type, _Rule]:
     return {cls: _Rule(_replacement(cls, _timm_batch_norm_act_forward), "BatchNormAct2d", prepare)}
 
 
-_LLAMA_RMS_NORMS = {
-    "llama": "LlamaRMSNorm",
-    "mistral": "MistralRMSNorm",
-    "qwen2": "Qwen2RMSNorm",
-    "qwen3": "Qwen3RMSNorm",
-    "phi3": "Phi3RMSNorm",
+# The classes below, by model, were read in transformers 5.17 and 5.25 (the GPU machines' and CI's releases).
+# RMSNorms by their rounding: Llama's (rounded to the input dtype, then times the weight), Gemma's (times
+# 1 + weight in fp32, then rounded), OLMo 2's (times the weight in fp32, then rounded).
+_RMS_NORMS = {
+    _llama_rms_norm_forward: {
+        "llama": "LlamaRMSNorm",
+        "mistral": "MistralRMSNorm",
+        "mixtral": "MixtralRMSNorm",
+        "qwen2": "Qwen2RMSNorm",
+        "qwen2_moe": "Qwen2MoeRMSNorm",
+        "qwen3": "Qwen3RMSNorm",
+        "qwen3_moe": "Qwen3MoeRMSNorm",
+        "phi3": "Phi3RMSNorm",
+        "granite": "GraniteRMSNorm",
+        "smollm3": "SmolLM3RMSNorm",
+        "glm4": "Glm4RMSNorm",
+    },
+    _gemma_rms_norm_forward: {"gemma": "GemmaRMSNorm", "gemma2": "Gemma2RMSNorm", "gemma3": "Gemma3RMSNorm"},
+    _olmo2_rms_norm_forward: {"olmo2": "Olmo2RMSNorm"},
 }
+# down_proj(act_fn(gate_proj(x)) * up_proj(x)) (the MoE models' dense and shared-expert MLPs)
 _GATED_MLPS = {
     "llama": "LlamaMLP",
     "mistral": "MistralMLP",
     "qwen2": "Qwen2MLP",
+    "qwen2_moe": "Qwen2MoeMLP",
     "qwen3": "Qwen3MLP",
+    "qwen3_moe": "Qwen3MoeMLP",
     "gemma": "GemmaMLP",
+    "gemma2": "Gemma2MLP",
+    "gemma3": "Gemma3MLP",
+    "granite": "GraniteMLP",
+    "smollm3": "SmolLM3MLP",
+    "olmo2": "Olmo2MLP",
+    "stablelm": "StableLmMLP",
 }
+# gate and up from one projection: down_proj(up * activation_fn(gate))
+_GATE_UP_MLPS = {"phi3": "Phi3MLP", "glm4": "Glm4MLP"}
 
 
 def _transformers_class(model: str, name: str) -> type | None:
@@ -512,10 +544,18 @@ def _residual_block_rules() -> dict[type, _Rule]:
 _ATTENTIONS = {
     "llama": "LlamaAttention",
     "mistral": "MistralAttention",
+    "mixtral": "MixtralAttention",
     "qwen2": "Qwen2Attention",
+    "qwen2_moe": "Qwen2MoeAttention",
     "qwen3": "Qwen3Attention",
+    "qwen3_moe": "Qwen3MoeAttention",
     "gemma": "GemmaAttention",
+    "gemma2": "Gemma2Attention",
+    "gemma3": "Gemma3Attention",
     "phi3": "Phi3Attention",
+    "granite": "GraniteAttention",
+    "smollm3": "SmolLM3Attention",
+    "olmo2": "Olmo2Attention",
 }
 _ROPE_GLOBAL = "apply_rotary_pos_emb"
 # The global a replacement attention's forward reads instead, set in its module beside
@@ -623,17 +663,18 @@ def _rope_checked(attention: torch.nn.Module) -> dict[str, Any] | str:
 def _third_party_rules() -> dict[type, _Rule]:
     """Rules for the transformers and timm classes of the modules already imported."""
     found = [
-        (_transformers_class(model, name), _llama_rms_norm_forward, "RMSNorm", _nothing_to_set)
-        for model, name in _LLAMA_RMS_NORMS.items()
+        (_transformers_class(model, name), forward, "RMSNorm", _nothing_to_set)
+        for forward, classes in _RMS_NORMS.items()
+        for model, name in classes.items()
     ]
-    found.append((_transformers_class("gemma", "GemmaRMSNorm"), _gemma_rms_norm_forward, "RMSNorm", _nothing_to_set))
     found += [
         (_transformers_class(model, name), _gated_mlp_forward, "GatedMLP", _gated_activation("act_fn"))
         for model, name in _GATED_MLPS.items()
     ]
-    found.append(
-        (_transformers_class("phi3", "Phi3MLP"), _phi3_mlp_forward, "GatedMLP", _gated_activation("activation_fn"))
-    )
+    found += [
+        (_transformers_class(model, name), _gate_up_mlp_forward, "GatedMLP", _gated_activation("activation_fn"))
+        for model, name in _GATE_UP_MLPS.items()
+    ]
     timm_norm, timm_norm_2d = _loaded("timm.layers.norm", "LayerNorm", "LayerNorm2d")
     found.append((timm_norm, _timm_layer_norm_forward, "LayerNorm", _unless_fast_norm))
     found.append((timm_norm_2d, _timm_layer_norm_2d_forward, "LayerNorm2d", _unless_fast_norm))
@@ -828,17 +869,33 @@ def _untraced_reason(name: str, failures: dict[str, str]) -> str:
 # ---- the causal-LM loss (transformers) ------------------------------------------------------------------------
 
 # Causal LMs whose forward passes its output layer's result straight to self.loss_function(logits, labels, ...)
-# (read in transformers 5.24): the fused loss may take the hidden states in its place.
+# (read in transformers 5.17 and 5.25): the fused loss may take the hidden states in its place.
 _CAUSAL_LMS = (
     ("gpt2", "GPT2LMHeadModel"),
     ("opt", "OPTForCausalLM"),
     ("llama", "LlamaForCausalLM"),
     ("mistral", "MistralForCausalLM"),
+    ("mixtral", "MixtralForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen2_moe", "Qwen2MoeForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
+    ("qwen3_moe", "Qwen3MoeForCausalLM"),
     ("gemma", "GemmaForCausalLM"),
     ("phi3", "Phi3ForCausalLM"),
+    ("smollm3", "SmolLM3ForCausalLM"),
+    ("olmo2", "Olmo2ForCausalLM"),
+    ("glm4", "Glm4ForCausalLM"),
+    ("gpt_neox", "GPTNeoXForCausalLM"),
+    ("phi", "PhiForCausalLM"),
+    ("stablelm", "StableLmForCausalLM"),
     ("bert", "BertLMHeadModel"),
+)
+# Causal LMs whose forward changes the logits before the loss (Gemma 2 and 3 soft-cap them, Granite scales them):
+# our cross_entropy takes them as they come (loss="logits"); the fused loss cannot take the hidden states instead.
+_LOGITS_CHANGING_CAUSAL_LMS = (
+    ("gemma2", "Gemma2ForCausalLM"),
+    ("gemma3", "Gemma3ForCausalLM"),
+    ("granite", "GraniteForCausalLM"),
 )
 
 
@@ -947,8 +1004,11 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
     if pretrained is None or not isinstance(model, pretrained):
         return None
     name = "loss_function"
-    causal_lms = tuple(cls for cls in (_transformers_class(*entry) for entry in _CAUSAL_LMS) if cls is not None)
-    if type(model) not in causal_lms:
+    causal_lms, logits_changing = (
+        {cls for cls in (_transformers_class(*entry) for entry in entries) if cls is not None}
+        for entries in (_CAUSAL_LMS, _LOGITS_CHANGING_CAUSAL_LMS)
+    )
+    if type(model) not in causal_lms | logits_changing:
         report.left.append((name, type(model).__name__, "not one of the causal LMs whose loss patch swaps"))
         return None
     # model.loss_function, without the warning its property gives for a loss_type of None
@@ -960,6 +1020,16 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
     if current is not causal_loss:
         report.left.append(
             (name, getattr(current, "__name__", type(current).__name__), "not transformers' ForCausalLMLoss")
+        )
+        return None
+    if mode == "fused" and type(model) in logits_changing:
+        report.left.append(
+            (
+                name,
+                "ForCausalLMLoss",
+                "the forward changes the logits before the loss (soft-capping, scaling), so loss='fused' cannot take "
+                "the hidden states in their place; loss='logits' swaps it",
+            )
         )
         return None
     head = model.get_output_embeddings()

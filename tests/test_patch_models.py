@@ -106,6 +106,10 @@ def _opt():
     )
 
 
+# the experts as a loop of matmuls, not torch._grouped_mm, which has no fp64 (the fp64 reference)
+_EAGER_EXPERTS = dict(experts_implementation="eager")
+
+
 def _decoder(model: str, config: str, **options):
     return lambda: getattr(transformers, model)(getattr(transformers, config)(**_DECODER | options))
 
@@ -122,12 +126,57 @@ MODELS = {
     "qwen3": (_decoder("Qwen3ForCausalLM", "Qwen3Config", head_dim=8), "GatedMLP"),
     "gemma": (_decoder("GemmaForCausalLM", "GemmaConfig", head_dim=8), "GatedMLP"),
     "phi3": (_decoder("Phi3ForCausalLM", "Phi3Config"), "GatedMLP"),
+    # MoE: the experts' batched products are left; Qwen's shared expert and dense layers are gated MLPs
+    "mixtral": (
+        _decoder("MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2, **_EAGER_EXPERTS),
+        None,
+    ),
+    "qwen2_moe": (
+        _decoder(
+            "Qwen2MoeForCausalLM",
+            "Qwen2MoeConfig",
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+            mlp_only_layers=[1],
+            **_EAGER_EXPERTS,
+        ),
+        "GatedMLP",
+    ),
+    "qwen3_moe": (
+        _decoder(
+            "Qwen3MoeForCausalLM",
+            "Qwen3MoeConfig",
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            mlp_only_layers=[1],
+            **_EAGER_EXPERTS,
+        ),
+        "GatedMLP",
+    ),
+    "gemma2": (_decoder("Gemma2ForCausalLM", "Gemma2Config", head_dim=8), "GatedMLP"),
+    "gemma3": (_decoder("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=8), "GatedMLP"),
+    "granite": (_decoder("GraniteForCausalLM", "GraniteConfig"), "GatedMLP"),
+    "smollm3": (_decoder("SmolLM3ForCausalLM", "SmolLM3Config"), "GatedMLP"),
+    "olmo2": (_decoder("Olmo2ForCausalLM", "Olmo2Config"), "GatedMLP"),
+    "glm4": (_decoder("Glm4ForCausalLM", "Glm4Config", head_dim=8), "GatedMLP"),
+    "stablelm": (_decoder("StableLmForCausalLM", "StableLmConfig"), "GatedMLP"),
+    # partial rotary embeddings (theirs kept), LayerNorms, GELU MLPs
+    "gpt_neox": (_decoder("GPTNeoXForCausalLM", "GPTNeoXConfig"), "LinearAct"),
+    "phi": (_decoder("PhiForCausalLM", "PhiConfig"), "LinearAct"),
     # other activations in the same classes: geglu's erf form; relu, which has no gated op (fused with gate_proj)
     "llama-gelu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="gelu"), "GatedMLP"),
     "llama-relu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="relu"), "LinearAct"),
 }
 CAUSAL = [name for name in MODELS if name != "vit"]
-ROPE = [name for name in MODELS if name.split("-")[0] in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")]
+# their forward soft-caps or scales the logits before the loss: loss="fused" leaves it
+LOGITS_CHANGING = ("gemma2", "gemma3", "granite")
+FUSED = [name for name in CAUSAL if name not in LOGITS_CHANGING]
+# GLM-4 rotates interleaved pairs and only part of each head, as GPT-NeoX, Phi and StableLM do: theirs kept
+ROPE = [name for name in MODELS if name not in ("gpt2", "bert", "vit", "opt", "glm4", "gpt_neox", "phi", "stablelm")]
 
 
 def _build(name: str, dtype=torch.float32) -> nn.Module:
@@ -185,8 +234,10 @@ def test_report_lists_every_norm_mlp_activation_and_the_loss(name):
     norms = [n for n, m in original.named_modules() if _is_norm(m)]
     assert norms and all(n in swapped for n in norms)
     acts = [n for n, m in original.named_modules() if _is_activation(m)]
-    assert acts
+    experts = [n for n in acts if ".experts." in n]  # batched products per expert: nothing of ours to fuse with
+    acts = [n for n in acts if n not in experts]
     expected = MODELS[name][1]
+    assert acts or expected is None
     for act in acts:
         parent = act.rpartition(".")[0]
         if expected == "GatedMLP":  # the activation now runs inside the MLP's gated op
@@ -196,7 +247,7 @@ def test_report_lists_every_norm_mlp_activation_and_the_loss(name):
             assert type(model.get_submodule(act)) is nn.Identity
             assert any(row[2] == "LinearAct" and row[0].startswith(parent) for row in report.swapped)
     counts = report.counts
-    assert counts[expected] == len(acts)
+    assert counts.get(expected, 0) == len(acts)
     attentions = [n for n, m in original.named_modules() if type(m).__name__.endswith("Attention")]
     if name in ROPE:  # each attention's rotary embedding; its norms (Qwen3's q_norm, k_norm) swapped as any
         assert attentions and all(swapped[n][2] == "RoPE" for n in attentions)
@@ -209,7 +260,7 @@ def test_report_lists_every_norm_mlp_activation_and_the_loss(name):
     else:
         assert (
             "loss_function",
-            "ViTForImageClassification",
+            type(original).__name__,
             "not one of the causal LMs whose loss patch swaps",
         ) in report.left
     if name == "llama-relu":  # no gated op for relu: the MLP stays and its gate_proj fuses with the ReLU
@@ -217,8 +268,8 @@ def test_report_lists_every_norm_mlp_activation_and_the_loss(name):
         assert swapped["model.layers.0.mlp.gate_proj"][1:] == ("Linear+ReLU", "LinearAct")
     # every module left has its reason; those inside an attention block, that its forward did not trace
     left = {n: why for n, _, why in report.left}
-    assert all(left.values())
-    attention_maps = [n for n in left if n.endswith(("q_proj", "qkv_proj", "query", "c_attn"))]
+    assert all(left.values()) and all(left.get(n) for n in experts)
+    attention_maps = [n for n in left if n.endswith(("q_proj", "qkv_proj", "query", "c_attn", "query_key_value"))]
     assert attention_maps and all("did not trace (" in left[n] for n in attention_maps)
     assert f"swapped {len(report.swapped)} module(s) ({', '.join(f'{k} {v}' for k, v in counts.items())})" in str(
         report
@@ -250,7 +301,7 @@ def _norms_in_fp64(model: nn.Module) -> nn.Module:
     compute in fp32 whatever the input (``hidden_states.to(torch.float32)``), so the
     fp64 model is not an fp64 reference until they do not."""
     for module in model.modules():
-        if type(module).__name__ == "GemmaRMSNorm":
+        if type(module).__name__ in ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"):
             module.forward = lambda x, m=module: (
                 x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) * (1 + m.weight)
             )
@@ -318,7 +369,7 @@ def test_state_dict_unchanged_and_unpatch_restores_bit_identical_outputs(name):
     original = _build(name).eval()
     model = copy.deepcopy(original)
     before = {key: value.clone() for key, value in model.state_dict().items()}
-    gk.patch(model, loss="fused" if name in CAUSAL else "logits")  # fused: the head and forward come back too
+    gk.patch(model, loss="fused" if name in FUSED else "logits")  # fused: the head and forward come back too
     after = model.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[key], before[key]) for key in before)
@@ -351,7 +402,26 @@ def _logits_tensors(model: nn.Module, batch: dict) -> list[tuple[int, ...]]:
     return seen
 
 
-@pytest.mark.parametrize("name", CAUSAL)
+@pytest.mark.parametrize("name", LOGITS_CHANGING)
+def test_fused_loss_left_where_the_forward_changes_the_logits(name):
+    """Gemma 2 soft-caps its logits, Granite scales them, before the loss: the fused loss would
+    get the hidden states so changed. loss="fused" leaves the loss as it is, saying so."""
+    model = _build(name)
+    report = gk.patch(model, loss="fused")
+    assert [row for row in report.left if row[0] == "loss_function"] == [
+        (
+            "loss_function",
+            "ForCausalLMLoss",
+            "the forward changes the logits before the loss (soft-capping, scaling), so loss='fused' cannot take "
+            "the hidden states in their place; loss='logits' swaps it",
+        )
+    ]
+    assert "loss_function" not in {n for n, _, _ in report.swapped} and "_loss_function" not in vars(model)
+    batch = _batch(name)
+    torch.testing.assert_close(model(**batch).loss, _build(name)(**batch).loss)
+
+
+@pytest.mark.parametrize("name", FUSED)
 def test_fused_loss_matches_without_the_logits(name):
     original = _build(name)
     model = copy.deepcopy(original)
