@@ -171,6 +171,14 @@ def test_batch_norm_act_runs_our_op_once(timm_layers, monkeypatch, fuse):
     assert calls == ["silu" if fuse else "none"] and len(act_calls) == (0 if fuse else 1)
 
 
+@pytest.mark.parametrize("case", ["silu", "hardswish"])
+def test_patched_batch_norm_act_compiles(timm_layers, case):
+    plain = _randomized(_conv_net(**NORM_ACTS[case][0]))
+    patched = copy.deepcopy(plain)
+    gk.patch(patched)
+    _assert_same_function(torch.compile(patched, backend="aot_eager", fullgraph=True), plain, _input(True))
+
+
 def test_batch_norm_act_keeps_a_hooked_activation_out_of_the_op(timm_layers):
     model = _randomized(_conv_net(act_layer=nn.ReLU))
     seen = []
