@@ -33,8 +33,8 @@ forward. Recognised:
   projections, which run as they are; not the MoE experts' batched
   products), the rotary embedding their attention applies to queries and
   keys (``apply_rotary_pos_emb``, the attention's own forward otherwise),
-  and the loss of causal LMs (listed in ``_CAUSAL_LMS``; with
-  ``loss="logits"`` only, those whose forward soft-caps or scales the logits).
+  and the loss of causal LMs (listed in ``_CAUSAL_LMS``; under
+  ``loss="fused"`` the loss soft-caps the logits for Gemma 2 and 3).
 - timm, when already imported: its LayerNorm and LayerNorm2d; its
   BatchNormAct2d (EfficientNet, MobileNet, RegNet: a BatchNorm2d, then its
   ``drop`` and ``act`` modules) becomes our BatchNorm applying the activation
@@ -76,7 +76,7 @@ from .ops.rope import apply_rotary_pos_emb
 LOSS_MODES = ("logits", "fused")
 
 # Attributes patch sets on a module it converts (the forward reads them); unpatch removes them.
-_SET_ATTRIBUTES = ("activation", "seed", "defer_logits")
+_SET_ATTRIBUTES = ("activation", "seed", "defer_logits", "softcap")
 
 
 def _nothing_to_set(module: torch.nn.Module) -> dict[str, Any]:
@@ -889,14 +889,16 @@ _CAUSAL_LMS = (
     ("phi", "PhiForCausalLM"),
     ("stablelm", "StableLmForCausalLM"),
     ("bert", "BertLMHeadModel"),
-)
-# Causal LMs whose forward changes the logits before the loss (Gemma 2 and 3 soft-cap them, Granite scales them):
-# our cross_entropy takes them as they come (loss="logits"); the fused loss cannot take the hidden states instead.
-_LOGITS_CHANGING_CAUSAL_LMS = (
+    ("granite", "GraniteForCausalLM"),
     ("gemma2", "Gemma2ForCausalLM"),
     ("gemma3", "Gemma3ForCausalLM"),
-    ("granite", "GraniteForCausalLM"),
 )
+# Causal LMs whose forward divides the logits by config.logits_scaling before the loss: under loss="fused" it
+# divides the hidden states, which gives the same logits from an output layer without a bias.
+_SCALED_CAUSAL_LMS = (("granite", "GraniteForCausalLM"),)
+# Causal LMs whose forward soft-caps the logits by config.final_logit_softcapping before the loss: under
+# loss="fused", the loss caps the logits it makes, and the forward, which gets the hidden states, must not.
+_SOFT_CAPPED_CAUSAL_LMS = (("gemma2", "Gemma2ForCausalLM"), ("gemma3", "Gemma3ForCausalLM"))
 
 
 def _shifted_labels(labels: Tensor, ignore_index: int, shift_labels: Tensor | None, device) -> Tensor:
@@ -937,9 +939,16 @@ class _CausalLMLoss:
     ) -> Tensor:
         reduction = "mean" if num_items_in_batch is None else "sum"
         target = _shifted_labels(labels, ignore_index, shift_labels, logits.device)
-        if self.head is not None and self.head.defer_logits:
+        head = self.head
+        if head is not None and head.defer_logits:
             loss = linear_cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), self.head.weight, target, self.head.bias, ignore_index, reduction
+                logits.reshape(-1, logits.shape[-1]),
+                head.weight,
+                target,
+                head.bias,
+                ignore_index,
+                reduction,
+                softcap=head.softcap,
             )
         else:  # as ForCausalLMLoss: fp32 logits
             loss = cross_entropy(
@@ -963,23 +972,35 @@ _ORIGINAL[_DeferredLogitsHead] = torch.nn.Linear
 class _ForwardDeferringLogits:
     """A causal LM's forward that, given labels, lets the loss take the hidden states
     in place of the logits and returns ``logits=None`` (Liger's convention), the loss
-    alone holding what the logits gave. An object, not a closure, so that a deepcopy
-    of the model gets one calling its own forward and head."""
+    alone holding what the logits gave. With ``capped_config`` (a soft-capping model's
+    config), its ``final_logit_softcapping`` moves to the head's ``softcap`` for the
+    call, so that the loss caps the logits and the forward leaves the hidden states
+    as they are. An object, not a closure, so that a deepcopy of the model gets one
+    calling its own forward, head and config."""
 
-    def __init__(self, forward: Callable, head: _DeferredLogitsHead):
+    def __init__(self, forward: Callable, head: _DeferredLogitsHead, capped_config: Any = None):
         functools.update_wrapper(self, forward)  # forward's signature, for transformers' introspection
         self.head = head
+        self.capped_config = capped_config
         self.labels_at = list(inspect.signature(forward).parameters).index("labels")
 
     def __call__(self, *args, **kwargs):
         labels = args[self.labels_at] if len(args) > self.labels_at else kwargs.get("labels")
         if labels is None:
             return self.__wrapped__(*args, **kwargs)
+        config = self.capped_config
+        softcap = None if config is None else config.final_logit_softcapping
         self.head.defer_logits = True
+        self.head.softcap = softcap
+        if softcap is not None:
+            config.final_logit_softcapping = None
         try:
             output = self.__wrapped__(*args, **kwargs)
         finally:
             self.head.defer_logits = False
+            self.head.softcap = None
+            if softcap is not None:
+                config.final_logit_softcapping = softcap
         if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) as to_tuple() drops a None field
             return output[:1] + output[2:]
         return dataclasses.replace(output, logits=None)
@@ -1004,11 +1025,11 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
     if pretrained is None or not isinstance(model, pretrained):
         return None
     name = "loss_function"
-    causal_lms, logits_changing = (
+    causal_lms, soft_capped, scaled = (
         {cls for cls in (_transformers_class(*entry) for entry in entries) if cls is not None}
-        for entries in (_CAUSAL_LMS, _LOGITS_CHANGING_CAUSAL_LMS)
+        for entries in (_CAUSAL_LMS, _SOFT_CAPPED_CAUSAL_LMS, _SCALED_CAUSAL_LMS)
     )
-    if type(model) not in causal_lms | logits_changing:
+    if type(model) not in causal_lms:
         report.left.append((name, type(model).__name__, "not one of the causal LMs whose loss patch swaps"))
         return None
     # model.loss_function, without the warning its property gives for a loss_type of None
@@ -1022,32 +1043,27 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
             (name, getattr(current, "__name__", type(current).__name__), "not transformers' ForCausalLMLoss")
         )
         return None
-    if mode == "fused" and type(model) in logits_changing:
-        report.left.append(
-            (
-                name,
-                "ForCausalLMLoss",
-                "the forward changes the logits before the loss (soft-capping, scaling), so loss='fused' cannot take "
-                "the hidden states in their place; loss='logits' swaps it",
-            )
-        )
-        return None
     head = model.get_output_embeddings()
-    if mode == "fused" and (type(head) is not torch.nn.Linear or _has_hooks(head)):
-        report.left.append(
-            (
-                name,
-                "ForCausalLMLoss",
-                f"loss='fused' needs the output layer to be an nn.Linear without hooks, got {type(head).__name__}",
-            )
+    why_not_fused = None
+    if type(head) is not torch.nn.Linear or _has_hooks(head):
+        why_not_fused = (
+            f"loss='fused' needs the output layer to be an nn.Linear without hooks, got {type(head).__name__}"
         )
+    elif type(model) in scaled and head.bias is not None:
+        why_not_fused = (
+            "loss='fused' would scale the output layer's bias with the hidden states, which the model does not"
+        )
+    if mode == "fused" and why_not_fused:
+        report.left.append((name, "ForCausalLMLoss", why_not_fused))
         return None
     head_name = None
     if mode == "fused":
         head_name = next(n for n, m in model.named_modules() if m is head)
         head.__class__ = _DeferredLogitsHead
         head.defer_logits = False
-        _set(undo, model, "forward", _ForwardDeferringLogits(model.forward, head))
+        head.softcap = None
+        capped_config = model.config if type(model) in soft_capped else None
+        _set(undo, model, "forward", _ForwardDeferringLogits(model.forward, head, capped_config))
     _set(undo, model, "_loss_function", _CausalLMLoss(head if mode == "fused" else None))
     report.swapped.append(
         (

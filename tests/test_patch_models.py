@@ -157,9 +157,13 @@ MODELS = {
         ),
         "GatedMLP",
     ),
-    "gemma2": (_decoder("Gemma2ForCausalLM", "Gemma2Config", head_dim=8), "GatedMLP"),
-    "gemma3": (_decoder("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=8), "GatedMLP"),
-    "granite": (_decoder("GraniteForCausalLM", "GraniteConfig"), "GatedMLP"),
+    # their logits soft-capped (a cap that bites the tiny model's logits) or scaled before the loss
+    "gemma2": (_decoder("Gemma2ForCausalLM", "Gemma2Config", head_dim=8, final_logit_softcapping=0.5), "GatedMLP"),
+    "gemma3": (
+        _decoder("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=8, final_logit_softcapping=0.5),
+        "GatedMLP",
+    ),
+    "granite": (_decoder("GraniteForCausalLM", "GraniteConfig", logits_scaling=4.0), "GatedMLP"),
     "smollm3": (_decoder("SmolLM3ForCausalLM", "SmolLM3Config"), "GatedMLP"),
     "olmo2": (_decoder("Olmo2ForCausalLM", "Olmo2Config"), "GatedMLP"),
     "glm4": (_decoder("Glm4ForCausalLM", "Glm4Config", head_dim=8), "GatedMLP"),
@@ -172,9 +176,6 @@ MODELS = {
     "llama-relu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="relu"), "LinearAct"),
 }
 CAUSAL = [name for name in MODELS if name != "vit"]
-# their forward soft-caps or scales the logits before the loss: loss="fused" leaves it
-LOGITS_CHANGING = ("gemma2", "gemma3", "granite")
-FUSED = [name for name in CAUSAL if name not in LOGITS_CHANGING]
 # GLM-4 rotates interleaved pairs and only part of each head, as GPT-NeoX, Phi and StableLM do: theirs kept
 ROPE = [name for name in MODELS if name not in ("gpt2", "bert", "vit", "opt", "glm4", "gpt_neox", "phi", "stablelm")]
 
@@ -369,7 +370,7 @@ def test_state_dict_unchanged_and_unpatch_restores_bit_identical_outputs(name):
     original = _build(name).eval()
     model = copy.deepcopy(original)
     before = {key: value.clone() for key, value in model.state_dict().items()}
-    gk.patch(model, loss="fused" if name in FUSED else "logits")  # fused: the head and forward come back too
+    gk.patch(model, loss="fused" if name in CAUSAL else "logits")  # fused: the head and forward come back too
     after = model.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[key], before[key]) for key in before)
@@ -402,26 +403,7 @@ def _logits_tensors(model: nn.Module, batch: dict) -> list[tuple[int, ...]]:
     return seen
 
 
-@pytest.mark.parametrize("name", LOGITS_CHANGING)
-def test_fused_loss_left_where_the_forward_changes_the_logits(name):
-    """Gemma 2 soft-caps its logits, Granite scales them, before the loss: the fused loss would
-    get the hidden states so changed. loss="fused" leaves the loss as it is, saying so."""
-    model = _build(name)
-    report = gk.patch(model, loss="fused")
-    assert [row for row in report.left if row[0] == "loss_function"] == [
-        (
-            "loss_function",
-            "ForCausalLMLoss",
-            "the forward changes the logits before the loss (soft-capping, scaling), so loss='fused' cannot take "
-            "the hidden states in their place; loss='logits' swaps it",
-        )
-    ]
-    assert "loss_function" not in {n for n, _, _ in report.swapped} and "_loss_function" not in vars(model)
-    batch = _batch(name)
-    torch.testing.assert_close(model(**batch).loss, _build(name)(**batch).loss)
-
-
-@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("name", CAUSAL)
 def test_fused_loss_matches_without_the_logits(name):
     original = _build(name)
     model = copy.deepcopy(original)
@@ -443,6 +425,49 @@ def test_fused_loss_matches_without_the_logits(name):
     assert _logits_tensors(original, batch)  # the watch sees the unpatched model's logits
     # without labels, the logits as before
     torch.testing.assert_close(model(**_without_labels(batch)).logits, original(**_without_labels(batch)).logits)
+
+
+def test_fused_loss_caps_the_logits_in_place_of_the_forward(monkeypatch):
+    """Gemma 2 soft-caps its logits in its forward: under loss="fused" the loss caps them, the
+    forward (which gets the hidden states) does not, and the config keeps its cap, also
+    after a forward that raised and under torch.compile."""
+    original = _build("gemma2")
+    model = copy.deepcopy(original)
+    gk.patch(model, loss="fused")
+    batch = _batch("gemma2")
+    calls = []
+    lce = gk_patch.linear_cross_entropy
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs["softcap"])
+        return lce(*args, **kwargs)
+
+    monkeypatch.setattr(gk_patch, "linear_cross_entropy", recording)
+    loss = model(**batch).loss
+    with pytest.raises(IndexError):
+        model(input_ids=batch["input_ids"], labels=torch.full_like(batch["labels"], VOCAB))
+    monkeypatch.undo()
+    assert calls == [0.5, 0.5] and model.config.final_logit_softcapping == 0.5
+    assert not model.lm_head.defer_logits and model.lm_head.softcap is None
+    torch.testing.assert_close(loss, original(**batch).loss)
+    torch.testing.assert_close(model(**_without_labels(batch)).logits, original(**_without_labels(batch)).logits)
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(compiled(**batch).loss, loss)
+    assert model.config.final_logit_softcapping == 0.5
+
+
+def test_fused_loss_left_for_a_scaled_model_with_a_biased_head():
+    """Granite divides its logits by logits_scaling: the hidden states divided give the same
+    logits, but for a bias, which the fused loss would divide too."""
+    model = _build("granite")
+    model.lm_head.bias = nn.Parameter(torch.randn(VOCAB))
+    report = gk.patch(model, loss="fused")
+    assert (
+        "loss_function",
+        "ForCausalLMLoss",
+        "loss='fused' would scale the output layer's bias with the hidden states, which the model does not",
+    ) in report.left
+    assert gk.patch(_build("granite"), loss="fused").counts["LinearCrossEntropyLoss"] == 1
 
 
 @pytest.mark.parametrize("loss", gk_patch.LOSS_MODES)
