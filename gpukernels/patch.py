@@ -27,8 +27,9 @@ forward. Recognised:
   also fuses its other BatchNorms with their ReLU. The block's children are
   converted as any module's.
 - transformers, when already imported: the RMSNorms of Llama, Mistral,
-  Mixtral, Qwen2/Qwen3 (and their MoE models), Gemma 1-3, Phi-3, Granite,
-  SmolLM3, OLMo 2 and GLM-4 (``rms_norm`` in their variant), their gated
+  Mixtral, Qwen2/Qwen3 (their MoE and VL models too), Gemma 1-3, Phi-3,
+  Granite, SmolLM3, OLMo 2, GLM-4 (and -MoE), DeepSeek-V3 and gpt-oss
+  (``rms_norm`` in their variant), their gated
   MLPs ``down(act(gate(x)) * up(x))`` (``swiglu`` / ``geglu`` between the
   projections, which run as they are; not the MoE experts' batched
   products), the rotary embedding their attention applies to queries and
@@ -373,44 +374,56 @@ def _batch_norm_act_rules(fuse: bool) -> dict[type, _Rule]:
     return {cls: _Rule(_replacement(cls, _timm_batch_norm_act_forward), "BatchNormAct2d", prepare)}
 
 
-# The classes below, by model, were read in transformers 5.17 and 5.25 (the GPU machines' and CI's releases).
-# RMSNorms by their rounding: Llama's (rounded to the input dtype, then times the weight), Gemma's (times
-# 1 + weight in fp32, then rounded), OLMo 2's (times the weight in fp32, then rounded).
+# The classes below, as (model, class name), were read in transformers 5.17 and 5.25 (the GPU machines' and CI's
+# releases). RMSNorms by their rounding: Llama's (rounded to the input dtype, then times the weight), Gemma's
+# (times 1 + weight in fp32, then rounded), OLMo 2's (times the weight in fp32, then rounded).
 _RMS_NORMS = {
-    _llama_rms_norm_forward: {
-        "llama": "LlamaRMSNorm",
-        "mistral": "MistralRMSNorm",
-        "mixtral": "MixtralRMSNorm",
-        "qwen2": "Qwen2RMSNorm",
-        "qwen2_moe": "Qwen2MoeRMSNorm",
-        "qwen3": "Qwen3RMSNorm",
-        "qwen3_moe": "Qwen3MoeRMSNorm",
-        "phi3": "Phi3RMSNorm",
-        "granite": "GraniteRMSNorm",
-        "smollm3": "SmolLM3RMSNorm",
-        "glm4": "Glm4RMSNorm",
-    },
-    _gemma_rms_norm_forward: {"gemma": "GemmaRMSNorm", "gemma2": "Gemma2RMSNorm", "gemma3": "Gemma3RMSNorm"},
-    _olmo2_rms_norm_forward: {"olmo2": "Olmo2RMSNorm"},
+    _llama_rms_norm_forward: (
+        ("llama", "LlamaRMSNorm"),
+        ("mistral", "MistralRMSNorm"),
+        ("mixtral", "MixtralRMSNorm"),
+        ("qwen2", "Qwen2RMSNorm"),
+        ("qwen2_moe", "Qwen2MoeRMSNorm"),
+        ("qwen2_vl", "Qwen2VLRMSNorm"),
+        ("qwen2_5_vl", "Qwen2_5_VLRMSNorm"),
+        ("qwen3", "Qwen3RMSNorm"),
+        ("qwen3_moe", "Qwen3MoeRMSNorm"),
+        ("qwen3_vl", "Qwen3VLTextRMSNorm"),
+        ("phi3", "Phi3RMSNorm"),
+        ("granite", "GraniteRMSNorm"),
+        ("smollm3", "SmolLM3RMSNorm"),
+        ("glm4", "Glm4RMSNorm"),
+        ("glm4_moe", "Glm4MoeRMSNorm"),
+        ("deepseek_v3", "DeepseekV3RMSNorm"),
+    ),
+    _gemma_rms_norm_forward: (("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"), ("gemma3", "Gemma3RMSNorm")),
+    _olmo2_rms_norm_forward: (("olmo2", "Olmo2RMSNorm"), ("gpt_oss", "GptOssRMSNorm")),
 }
-# down_proj(act_fn(gate_proj(x)) * up_proj(x)) (the MoE models' dense and shared-expert MLPs)
-_GATED_MLPS = {
-    "llama": "LlamaMLP",
-    "mistral": "MistralMLP",
-    "qwen2": "Qwen2MLP",
-    "qwen2_moe": "Qwen2MoeMLP",
-    "qwen3": "Qwen3MLP",
-    "qwen3_moe": "Qwen3MoeMLP",
-    "gemma": "GemmaMLP",
-    "gemma2": "Gemma2MLP",
-    "gemma3": "Gemma3MLP",
-    "granite": "GraniteMLP",
-    "smollm3": "SmolLM3MLP",
-    "olmo2": "Olmo2MLP",
-    "stablelm": "StableLmMLP",
-}
+# down_proj(act_fn(gate_proj(x)) * up_proj(x)) (the MoE models' dense and shared-expert MLPs; the VL models' text
+# and vision MLPs)
+_GATED_MLPS = (
+    ("llama", "LlamaMLP"),
+    ("mistral", "MistralMLP"),
+    ("qwen2", "Qwen2MLP"),
+    ("qwen2_moe", "Qwen2MoeMLP"),
+    ("qwen2_vl", "Qwen2MLP"),
+    ("qwen2_5_vl", "Qwen2MLP"),
+    ("qwen2_5_vl", "Qwen2_5_VLMLP"),
+    ("qwen3", "Qwen3MLP"),
+    ("qwen3_moe", "Qwen3MoeMLP"),
+    ("qwen3_vl", "Qwen3VLTextMLP"),
+    ("gemma", "GemmaMLP"),
+    ("gemma2", "Gemma2MLP"),
+    ("gemma3", "Gemma3MLP"),
+    ("granite", "GraniteMLP"),
+    ("smollm3", "SmolLM3MLP"),
+    ("olmo2", "Olmo2MLP"),
+    ("stablelm", "StableLmMLP"),
+    ("glm4_moe", "Glm4MoeMLP"),
+    ("deepseek_v3", "DeepseekV3MLP"),
+)
 # gate and up from one projection: down_proj(up * activation_fn(gate))
-_GATE_UP_MLPS = {"phi3": "Phi3MLP", "glm4": "Glm4MLP"}
+_GATE_UP_MLPS = (("phi3", "Phi3MLP"), ("glm4", "Glm4MLP"))
 
 
 def _transformers_class(model: str, name: str) -> type | None:
@@ -556,6 +569,7 @@ _ATTENTIONS = {
     "granite": "GraniteAttention",
     "smollm3": "SmolLM3Attention",
     "olmo2": "Olmo2Attention",
+    "qwen3_vl": "Qwen3VLTextAttention",
 }
 _ROPE_GLOBAL = "apply_rotary_pos_emb"
 # The global a replacement attention's forward reads instead, set in its module beside
@@ -665,15 +679,15 @@ def _third_party_rules() -> dict[type, _Rule]:
     found = [
         (_transformers_class(model, name), forward, "RMSNorm", _nothing_to_set)
         for forward, classes in _RMS_NORMS.items()
-        for model, name in classes.items()
+        for model, name in classes
     ]
     found += [
         (_transformers_class(model, name), _gated_mlp_forward, "GatedMLP", _gated_activation("act_fn"))
-        for model, name in _GATED_MLPS.items()
+        for model, name in _GATED_MLPS
     ]
     found += [
         (_transformers_class(model, name), _gate_up_mlp_forward, "GatedMLP", _gated_activation("activation_fn"))
-        for model, name in _GATE_UP_MLPS.items()
+        for model, name in _GATE_UP_MLPS
     ]
     timm_norm, timm_norm_2d = _loaded("timm.layers.norm", "LayerNorm", "LayerNorm2d")
     found.append((timm_norm, _timm_layer_norm_forward, "LayerNorm", _unless_fast_norm))
@@ -892,6 +906,14 @@ _CAUSAL_LMS = (
     ("granite", "GraniteForCausalLM"),
     ("gemma2", "Gemma2ForCausalLM"),
     ("gemma3", "Gemma3ForCausalLM"),
+    ("glm4_moe", "Glm4MoeForCausalLM"),
+    ("deepseek_v3", "DeepseekV3ForCausalLM"),
+    ("gpt_oss", "GptOssForCausalLM"),
+    # vision-language models: the language model's head and loss alike
+    ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+    ("qwen3_vl", "Qwen3VLForConditionalGeneration"),
+    ("gemma3", "Gemma3ForConditionalGeneration"),
 )
 # Causal LMs whose forward divides the logits by config.logits_scaling before the loss: under loss="fused" it
 # divides the hidden states, which gives the same logits from an output layer without a bias.

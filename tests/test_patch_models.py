@@ -114,7 +114,51 @@ def _decoder(model: str, config: str, **options):
     return lambda: getattr(transformers, model)(getattr(transformers, config)(**_DECODER | options))
 
 
-# name -> (builder, what each MLP activation becomes)
+def _vision_language(kind: str):
+    """A tiny vision-language model: the decoder's text config, a one-layer vision tower."""
+    text = _DECODER | dict(max_position_embeddings=64)
+    images = dict(image_token_id=VOCAB - 1, video_token_id=VOCAB - 2)
+    mrope = dict(mrope_section=[1, 1, 2])  # of a head's 4 frequencies: time, height, width
+    if kind == "gemma3":
+        return lambda: transformers.Gemma3ForConditionalGeneration(
+            transformers.Gemma3Config(
+                text_config=text | dict(head_dim=8),
+                vision_config=dict(
+                    hidden_size=16,
+                    intermediate_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    image_size=16,
+                    patch_size=4,
+                ),
+                mm_tokens_per_image=4,
+                image_token_index=VOCAB - 1,
+            )
+        )
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=HIDDEN)
+    if kind == "qwen2_vl":
+        config = transformers.Qwen2VLConfig(
+            text_config=text | dict(rope_scaling=dict(type="mrope", **mrope)),
+            vision_config=dict(depth=1, embed_dim=16, hidden_size=HIDDEN, num_heads=2, mlp_ratio=2),
+            **images,
+        )
+        return lambda: transformers.Qwen2VLForConditionalGeneration(config)
+    if kind == "qwen2_5_vl":
+        config = transformers.Qwen2_5_VLConfig(
+            text_config=text | dict(rope_scaling=dict(type="mrope", **mrope)),
+            vision_config=vision | dict(fullatt_block_indexes=[0]),
+            **images,
+        )
+        return lambda: transformers.Qwen2_5_VLForConditionalGeneration(config)
+    config = transformers.Qwen3VLConfig(
+        text_config=text | dict(head_dim=8, rope_scaling=dict(rope_type="default", mrope_interleaved=True, **mrope)),
+        vision_config=vision | dict(deepstack_visual_indexes=[0]),
+        **images,
+    )
+    return lambda: transformers.Qwen3VLForConditionalGeneration(config)
+
+
+# name -> (builder, what each MLP activation becomes: one kind, or either of several)
 MODELS = {
     "gpt2": (_gpt2, "LinearAct"),
     "bert": (_bert, "LinearAct"),
@@ -171,13 +215,67 @@ MODELS = {
     # partial rotary embeddings (theirs kept), LayerNorms, GELU MLPs
     "gpt_neox": (_decoder("GPTNeoXForCausalLM", "GPTNeoXConfig"), "LinearAct"),
     "phi": (_decoder("PhiForCausalLM", "PhiConfig"), "LinearAct"),
+    # more MoE models: DeepSeek-V3's first layer dense, GLM-4-MoE's too; gpt-oss has no dense MLP
+    "deepseek_v3": (
+        _decoder(
+            "DeepseekV3ForCausalLM",
+            "DeepseekV3Config",
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            first_k_dense_replace=1,
+            kv_lora_rank=8,
+            q_lora_rank=8,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+            n_group=1,
+            topk_group=1,
+            **_EAGER_EXPERTS,
+        ),
+        "GatedMLP",
+    ),
+    "glm4_moe": (
+        _decoder(
+            "Glm4MoeForCausalLM",
+            "Glm4MoeConfig",
+            head_dim=8,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            **_EAGER_EXPERTS,
+        ),
+        "GatedMLP",
+    ),
+    "gpt_oss": (
+        _decoder(
+            "GptOssForCausalLM",
+            "GptOssConfig",
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["full_attention", "sliding_attention"],
+            **_EAGER_EXPERTS,
+        ),
+        None,
+    ),
+    # vision-language models, given text alone: the language model and the vision tower's MLPs
+    "qwen2_vl": (_vision_language("qwen2_vl"), ("GatedMLP", "LinearAct")),
+    "qwen2_5_vl": (_vision_language("qwen2_5_vl"), ("GatedMLP", "LinearAct")),
+    "qwen3_vl": (_vision_language("qwen3_vl"), ("GatedMLP", "LinearAct")),
+    "gemma3_vl": (_vision_language("gemma3"), ("GatedMLP", "LinearAct")),
     # other activations in the same classes: geglu's erf form; relu, which has no gated op (fused with gate_proj)
     "llama-gelu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="gelu"), "GatedMLP"),
     "llama-relu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="relu"), "LinearAct"),
 }
 CAUSAL = [name for name in MODELS if name != "vit"]
 # GLM-4 rotates interleaved pairs and only part of each head, as GPT-NeoX, Phi and StableLM do: theirs kept
-ROPE = [name for name in MODELS if name not in ("gpt2", "bert", "vit", "opt", "glm4", "gpt_neox", "phi", "stablelm")]
+# their attention's rotary embedding is not ours (interleaved, partial, multimodal, MLA's) or absent
+NO_ROPE = ("gpt2", "bert", "vit", "opt", "glm4", "gpt_neox", "phi", "stablelm", "deepseek_v3", "glm4_moe", "gpt_oss")
+ROPE = [name for name in MODELS if name not in NO_ROPE + ("qwen2_vl", "qwen2_5_vl")]
 
 
 def _build(name: str, dtype=torch.float32) -> nn.Module:
@@ -236,20 +334,28 @@ def test_report_lists_every_norm_mlp_activation_and_the_loss(name):
     assert norms and all(n in swapped for n in norms)
     acts = [n for n, m in original.named_modules() if _is_activation(m)]
     experts = [n for n in acts if ".experts." in n]  # batched products per expert: nothing of ours to fuse with
-    acts = [n for n in acts if n not in experts]
+    not_ours = [n for n in acts if gk_patch._activation(original.get_submodule(n))[0] is None]  # Qwen2-VL's QuickGELU
+    acts = [n for n in acts if n not in experts + not_ours]
     expected = MODELS[name][1]
     assert acts or expected is None
+    kinds = expected if isinstance(expected, tuple) else (expected,)
     for act in acts:
         parent = act.rpartition(".")[0]
-        if expected == "GatedMLP":  # the activation now runs inside the MLP's gated op
-            assert swapped[parent][2] == "GatedMLP"
+        if "GatedMLP" in kinds and swapped.get(parent, (None,) * 3)[2] == "GatedMLP":
+            # the activation now runs inside the MLP's gated op
             assert type(model.get_submodule(act)) is type(original.get_submodule(act))
         else:  # the Linear feeding it became a LinearAct; the activation an Identity
+            assert "LinearAct" in kinds
             assert type(model.get_submodule(act)) is nn.Identity
             assert any(row[2] == "LinearAct" and row[0].startswith(parent) for row in report.swapped)
     counts = report.counts
-    assert counts.get(expected, 0) == len(acts)
-    attentions = [n for n, m in original.named_modules() if type(m).__name__.endswith("Attention")]
+    assert sum(counts.get(kind, 0) for kind in kinds) == len(acts)
+    # the language model's attentions (not a vision tower's)
+    attentions = [
+        n
+        for n, m in original.named_modules()
+        if type(m).__name__.endswith("Attention") and "Vision" not in type(m).__name__ and "vision_tower" not in n
+    ]
     if name in ROPE:  # each attention's rotary embedding; its norms (Qwen3's q_norm, k_norm) swapped as any
         assert attentions and all(swapped[n][2] == "RoPE" for n in attentions)
         assert counts["RoPE"] == len(attentions)
@@ -269,8 +375,10 @@ def test_report_lists_every_norm_mlp_activation_and_the_loss(name):
         assert swapped["model.layers.0.mlp.gate_proj"][1:] == ("Linear+ReLU", "LinearAct")
     # every module left has its reason; those inside an attention block, that its forward did not trace
     left = {n: why for n, _, why in report.left}
-    assert all(left.values()) and all(left.get(n) for n in experts)
-    attention_maps = [n for n in left if n.endswith(("q_proj", "qkv_proj", "query", "c_attn", "query_key_value"))]
+    assert all(left.values()) and all(left.get(n) for n in experts + not_ours)
+    attention_maps = [
+        n for n in left if n.endswith(("q_proj", "q_a_proj", "qkv_proj", "query", "c_attn", "query_key_value"))
+    ]
     assert attention_maps and all("did not trace (" in left[n] for n in attention_maps)
     assert f"swapped {len(report.swapped)} module(s) ({', '.join(f'{k} {v}' for k, v in counts.items())})" in str(
         report
