@@ -20,6 +20,7 @@ forward. Recognised:
   is swapped unfused. Activation modules: torch's ReLU/GELU/SiLU and the
   transformers and timm classes claiming that math, each checked on a probe
   before it is fused.
+- torchvision's ConvNeXt LayerNorm2d, when already imported.
 - ResNet blocks, timm's and torchvision's ``BasicBlock`` and ``Bottleneck``
   (when already imported): the block's forward ends with its last BatchNorm,
   the shortcut's addition and the ReLU in one op (``bn.fused(x, "relu",
@@ -336,8 +337,8 @@ def _timm_layer_norm_forward(self, x: Tensor) -> Tensor:
     return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-def _timm_layer_norm_2d_forward(self, x: Tensor) -> Tensor:
-    """timm's LayerNorm2d: over the channels of an NCHW tensor."""
+def _layer_norm_2d_forward(self, x: Tensor) -> Tensor:
+    """timm's and torchvision's LayerNorm2d: over the channels of an NCHW tensor."""
     return layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(
         0, 3, 1, 2
     )
@@ -691,7 +692,9 @@ def _third_party_rules() -> dict[type, _Rule]:
     ]
     timm_norm, timm_norm_2d = _loaded("timm.layers.norm", "LayerNorm", "LayerNorm2d")
     found.append((timm_norm, _timm_layer_norm_forward, "LayerNorm", _unless_fast_norm))
-    found.append((timm_norm_2d, _timm_layer_norm_2d_forward, "LayerNorm2d", _unless_fast_norm))
+    found.append((timm_norm_2d, _layer_norm_2d_forward, "LayerNorm2d", _unless_fast_norm))
+    (torchvision_norm_2d,) = _loaded("torchvision.models.convnext", "LayerNorm2d")  # ConvNeXt's
+    found.append((torchvision_norm_2d, _layer_norm_2d_forward, "LayerNorm2d", _nothing_to_set))
     rules = {
         cls: _Rule(_replacement(cls, forward), kind, prepare)
         for cls, forward, kind, prepare in found

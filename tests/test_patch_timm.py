@@ -126,6 +126,15 @@ def test_batch_norm_act_fuses_each_activation_of_ours(name):
         assert model.get_submodule(name).act is act  # left in place: uncalled when fused
 
 
+def test_torchvision_convnext_swaps_every_norm_and_matches_in_float64():
+    """torchvision's ConvNeXt: its LayerNorm2d (stem, downsampling), each block's LayerNorm and fc1 + GELU.
+    Without stochastic depth, whose random draws would differ between the two models' runs."""
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    model = models.convnext_tiny(weights=None, num_classes=10, stochastic_depth_prob=0.0).double()
+    _assert_patched_matches_in_float64(model, 64, False, {"LinearAct": 18})
+
+
 TORCHVISION_RESNETS = [("resnet18", 8), ("resnet50", 16)]
 
 

@@ -1,11 +1,12 @@
-"""gk.patch on timm's layers that are not torch's classes: BatchNormAct2d (a BatchNorm2d
-subclass that runs its ``drop`` and ``act`` modules after the norm: EfficientNet, MobileNet,
-RegNet) and timm's own activation modules (GELU, GELUTanh, Swish: ConvNeXt's MLPs). timm does
-not install beside CI's torch, so replicas of its classes (timm 1.0.31's forwards) are
-registered where patch looks them up, in ``sys.modules``; tests/test_patch_timm.py runs the
-real ones where timm is installed. Each patched model against the unpatched one in float64
-(outputs, input and parameter gradients, running statistics, train and eval), the report,
-what keeps an activation out of the op, unpatch and convert_sync_batchnorm."""
+"""gk.patch on timm's and torchvision's layers that are not torch's classes: timm's BatchNormAct2d
+(a BatchNorm2d subclass that runs its ``drop`` and ``act`` modules after the norm: EfficientNet,
+MobileNet, RegNet), timm's own activation modules (GELU, GELUTanh, Swish: ConvNeXt's MLPs) and
+torchvision's ConvNeXt LayerNorm2d. Neither library installs beside CI's torch, so replicas of
+their classes (timm 1.0.31's and torchvision 0.26's forwards) are registered where patch looks
+them up, in ``sys.modules``; tests/test_patch_timm.py runs the real ones where they are
+installed. Each patched model against the unpatched one in float64 (outputs, input and
+parameter gradients, running statistics, train and eval), the report, what keeps an activation
+out of the op, unpatch and convert_sync_batchnorm."""
 
 import copy
 import sys
@@ -257,3 +258,32 @@ def test_timm_activation_of_the_same_name_elsewhere_is_not_claimed():
     model = nn.Sequential(nn.Linear(6, 8), GELU(), nn.Linear(8, 3))
     report = gk.patch(model)
     assert all(kind != "LinearAct" for _, _, kind in report.swapped)
+
+
+class TorchvisionLayerNorm2d(nn.LayerNorm):
+    """torchvision.models.convnext.LayerNorm2d, as torchvision writes it."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        x = x.permute(0, 3, 1, 2)
+        return x
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_torchvision_layer_norm_2d_matches_in_float64(monkeypatch, channels_last):
+    module = types.ModuleType("torchvision.models.convnext")
+    module.LayerNorm2d = TorchvisionLayerNorm2d
+    monkeypatch.setitem(sys.modules, "torchvision.models.convnext", module)
+    plain = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), TorchvisionLayerNorm2d(6, eps=1e-6), nn.Conv2d(6, 4, 1))
+    plain = plain.to(FLOAT64)
+    with torch.no_grad():
+        plain[1].weight.uniform_(0.5, 1.5)
+        plain[1].bias.normal_()
+    patched = copy.deepcopy(plain)
+    report = gk.patch(patched)
+    assert report.swapped == [("1", "TorchvisionLayerNorm2d", "LayerNorm2d")] and report.left == []
+    x = _input(channels_last)
+    if channels_last:
+        plain, patched = (m.to(memory_format=torch.channels_last) for m in (plain, patched))
+    _assert_same_function(patched, plain, x)
