@@ -11,6 +11,9 @@ LOWP_FACTOR.
 
 from __future__ import annotations
 
+import sys
+import types
+
 import torch
 import torch.nn.functional as F
 
@@ -123,3 +126,12 @@ def assert_same_output_and_grads(ours, theirs, leaf: torch.Tensor) -> None:
     up = torch.randn_like(ref)
     (grad,), (ref_grad,) = (torch.autograd.grad(out, leaf, up) for out in (y, ref))
     torch.testing.assert_close(grad, ref_grad, **TOLERANCES[torch.float64])
+
+
+def register_modules(monkeypatch, modules: dict[str, dict[str, object]]) -> None:
+    """Each ``{module name: {attribute: value}}`` as an imported module for the test, in
+    ``sys.modules``, where gk.patch looks up the classes of libraries CI cannot install."""
+    for name, attributes in modules.items():
+        module = types.ModuleType(name)
+        vars(module).update(attributes)
+        monkeypatch.setitem(sys.modules, name, module)

@@ -7,8 +7,6 @@ train then eval), what leaves a block as it is, the report and unpatch. tests/te
 runs the real libraries where they are installed."""
 
 import copy
-import sys
-import types
 from collections import Counter
 
 import pytest
@@ -30,7 +28,7 @@ from torch import nn
 import gpukernels as gk
 from gpukernels import nn as gnn
 from gpukernels.distributed import SyncBatchNorm, convert_sync_batchnorm
-from helpers import assert_matches
+from helpers import assert_matches, register_modules
 
 _LIBRARIES = {
     "timm.models.resnet": {"BasicBlock": TimmBasicBlock, "Bottleneck": TimmBottleneck},
@@ -59,10 +57,7 @@ _IDS = [block.__name__ for block in BLOCKS]
 @pytest.fixture
 def libraries(monkeypatch):
     """The replicas as timm's and torchvision's classes, for the test."""
-    for name, classes in _LIBRARIES.items():
-        module = types.ModuleType(name)
-        vars(module).update(classes)
-        monkeypatch.setitem(sys.modules, name, module)
+    register_modules(monkeypatch, _LIBRARIES)
 
 
 def _stage(block: type, inplanes: int = 8, planes: int = 4) -> nn.Sequential:

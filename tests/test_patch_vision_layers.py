@@ -9,8 +9,6 @@ parameter gradients, running statistics, train and eval), the report, what keeps
 out of the op, unpatch and convert_sync_batchnorm."""
 
 import copy
-import sys
-import types
 
 import pytest
 import torch
@@ -21,6 +19,7 @@ from torch import nn
 import gpukernels as gk
 from gpukernels import nn as gnn
 from gpukernels.distributed import SyncBatchNorm, convert_sync_batchnorm
+from helpers import register_modules
 
 
 def _timm_activation(name: str, forward) -> type:
@@ -87,10 +86,7 @@ _TIMM = {
 @pytest.fixture
 def timm_layers(monkeypatch):
     """The replicas as timm's classes, for the test."""
-    for name, classes in _TIMM.items():
-        module = types.ModuleType(name)
-        vars(module).update(classes)
-        monkeypatch.setitem(sys.modules, name, module)
+    register_modules(monkeypatch, _TIMM)
 
 
 class DropBlock(nn.Module):
@@ -272,9 +268,7 @@ class TorchvisionLayerNorm2d(nn.LayerNorm):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_torchvision_layer_norm_2d_matches_in_float64(monkeypatch, channels_last):
-    module = types.ModuleType("torchvision.models.convnext")
-    module.LayerNorm2d = TorchvisionLayerNorm2d
-    monkeypatch.setitem(sys.modules, "torchvision.models.convnext", module)
+    register_modules(monkeypatch, {"torchvision.models.convnext": {"LayerNorm2d": TorchvisionLayerNorm2d}})
     plain = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), TorchvisionLayerNorm2d(6, eps=1e-6), nn.Conv2d(6, 4, 1))
     plain = plain.to(FLOAT64)
     with torch.no_grad():
