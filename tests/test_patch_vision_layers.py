@@ -110,6 +110,7 @@ NORM_ACTS = {
     "drop_block": (dict(act_layer=nn.ReLU, drop_layer=DropBlock), "none"),
     "momentum_none": (dict(act_layer=nn.SiLU, momentum=None), "silu"),
     "no_affine": (dict(act_layer=nn.ReLU, affine=False), "relu"),
+    "no_running_stats": (dict(act_layer=nn.GELU, track_running_stats=False), "gelu"),
 }
 
 
@@ -122,10 +123,10 @@ def _input(channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _randomized_without_affine(model: nn.Module) -> nn.Module:
-    """_randomized, for a model whose BatchNorm may have no weight and bias."""
+def _randomized_where_it_has(model: nn.Module) -> nn.Module:
+    """_randomized, for a model whose BatchNorm may have no weight and bias or no running statistics."""
     bn = model[1]
-    if bn.affine:
+    if bn.affine and bn.track_running_stats:
         return _randomized(model)
     torch.manual_seed(0)
     return model.to(FLOAT64)
@@ -135,7 +136,7 @@ def _randomized_without_affine(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("case", list(NORM_ACTS))
 def test_batch_norm_act_matches_unpatched_in_float64(timm_layers, case, channels_last):
     arguments, activation = NORM_ACTS[case]
-    plain = _randomized_without_affine(_conv_net(**arguments))
+    plain = _randomized_where_it_has(_conv_net(**arguments))
     patched = copy.deepcopy(plain)
     report = gk.patch(patched)
     old = "BatchNormAct2d" if activation == "none" else f"BatchNormAct2d+{activation}"
