@@ -22,11 +22,12 @@ forward. Recognised:
   before it is fused.
 - torchvision's ConvNeXt LayerNorm2d, when already imported.
 - ResNet blocks, timm's and torchvision's ``BasicBlock`` and ``Bottleneck``
-  (when already imported): the block's forward ends with its last BatchNorm,
-  the shortcut's addition and the ReLU in one op (``bn.fused(x, "relu",
-  shortcut)``); torchvision's, whose one ReLU module serves the whole block,
-  also fuses its other BatchNorms with their ReLU. The block's children are
-  converted as any module's.
+  (when already imported; ``gpukernels.train``'s ``Bottleneck`` too): the
+  block's forward ends with its last BatchNorm, the shortcut's addition and
+  the ReLU in one op (``bn.fused(x, "relu", shortcut)``); torchvision's,
+  whose one ReLU module serves the whole block, also fuses its other
+  BatchNorms with their ReLU. The block's children are converted as any
+  module's.
 - transformers, when already imported: the RMSNorms of Llama, Mistral,
   Mixtral, Qwen2/Qwen3 (their MoE and VL models too), Gemma 1-3, Phi-3,
   Granite, SmolLM3, OLMo 2, GLM-4 (and -MoE), DeepSeek-V3 and gpt-oss
@@ -492,6 +493,15 @@ def _torchvision_bottleneck_forward(self, x: Tensor) -> Tensor:
     return _batch_norm_relu(self.bn3, self.conv3(out), self.relu, _shortcut(self, x))
 
 
+def _train_bottleneck_forward(self, x: Tensor) -> Tensor:
+    """gpukernels.train's Bottleneck (its ResNet when neither timm nor torchvision is installed),
+    bn3, the shortcut's addition and act3 in one op."""
+    shortcut = _shortcut(self, x)
+    out = self.act1(self.bn1(self.conv1(x)))
+    out = self.act2(self.bn2(self.conv2(out)))
+    return _batch_norm_relu(self.bn3, self.conv3(out), self.act3, shortcut)
+
+
 # module, class, replacement forward, the BatchNorms it calls .fused on (the last one adds the shortcut), the
 # activation module it computes relu in place of calling, the modules that must be None (they would run
 # between the last BatchNorm and the addition). Read in timm 1.0.31 and torchvision 0.26.
@@ -500,6 +510,7 @@ _RESIDUAL_BLOCKS = (
     ("timm.models.resnet", "Bottleneck", _timm_bottleneck_forward, ("bn3",), "act3", ("se", "drop_path")),
     ("torchvision.models.resnet", "BasicBlock", _torchvision_basic_block_forward, ("bn1", "bn2"), "relu", ()),
     ("torchvision.models.resnet", "Bottleneck", _torchvision_bottleneck_forward, ("bn1", "bn2", "bn3"), "relu", ()),
+    ("gpukernels.train.models", "Bottleneck", _train_bottleneck_forward, ("bn3",), "act3", ()),
 )
 
 

@@ -141,8 +141,10 @@ def test_cpu_preset_trains_eager_and_patched(model, tmp_path, cache_dir, capsys)
         )
     if model == "resnet50":
         assert "ResNet (blocks (1, 1, 1, 1), width 16)" in summary["model_source"]
-        # the stem's BatchNorm and each block's bn1 and bn2 fused with their ReLUs; bn3 and the downsamples' not
-        assert "BatchNorm2d+ReLU->BatchNorm2d x9, BatchNorm2d x8" in patched["report"]
+        # the stem's BatchNorm and each block's bn1 and bn2 fused with their ReLUs; bn3 and the downsamples' not,
+        # each block's bn3 ending it with the shortcut's addition and act3
+        for row in ("BatchNorm2d+ReLU->BatchNorm2d x9", "BatchNorm2d x8", "Bottleneck->ResidualBlock x4"):
+            assert row in patched["report"]
 
 
 def test_compiled_ways_track_eager(tmp_path, cache_dir):
@@ -256,10 +258,18 @@ def test_resnet50_layout_has_resnet50s_parameters():
     assert _parameters(lambda: models.build_resnet((3, 4, 6, 3), 64, 1000)[0]) == 25_557_032
 
 
-def test_resnet_batch_norms_fuse_with_their_relus_and_match_unpatched():
+def test_resnet_batch_norms_fuse_with_their_relus_and_match_unpatched(monkeypatch):
     """Our ResNet has timm's activation modules, one per activation: gk.patch fuses the stem's
     BatchNorm and each Bottleneck's bn1 and bn2 with their ReLUs; bn3 (added to the shortcut
-    before its ReLU) and the downsamples' BatchNorms are swapped unfused."""
+    before its ReLU) and the downsamples' BatchNorms are swapped unfused, and each Bottleneck
+    ends in bn3.fused(x, "relu", shortcut), as timm's."""
+    calls, fused_op = [], gk.nn.BatchNormForward.fused
+
+    def recording(self, input, activation, residual=None):
+        calls.append((activation, residual is not None))
+        return fused_op(self, input, activation, residual)
+
+    monkeypatch.setattr(gk.nn.BatchNormForward, "fused", recording)
     torch.manual_seed(0)
     plain = models.ResNet((1, 2, 1, 1), width=8, classes=10).double()
     for block in plain.layers:
@@ -272,11 +282,15 @@ def test_resnet_batch_norms_fuse_with_their_relus_and_match_unpatched():
     downsamples = [f"layers.{i}.downsample.1" for i in (0, 1, 3, 4)]  # each stage's first block
     unfused = {name for name, old, _ in report.swapped if old == "BatchNorm2d"}
     assert unfused == {f"layers.{i}.bn3" for i in blocks} | set(downsamples)
-    assert report.counts == {"BatchNorm2d": 1 + 3 * len(blocks) + len(downsamples)}
+    assert report.counts == {"BatchNorm2d": 1 + 3 * len(blocks) + len(downsamples), "ResidualBlock": len(blocks)}
+    assert {(name, old) for name, old, kind in report.swapped if kind == "ResidualBlock"} == {
+        (f"layers.{i}", "Bottleneck") for i in blocks
+    }
     # 64 pixels: the last stage normalises 2x2 of them an image (at 32, one: batch statistics of 2 values,
     # whose backward amplifies rounding, fused or not)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     out, expected = patched(x), plain(x)
+    assert sorted(calls) == sorted([("none", False)] * 4 + [("relu", False)] * 11 + [("relu", True)] * 5)
     assert_matches(out, expected)
     out.square().sum().backward()
     expected.square().sum().backward()
