@@ -252,6 +252,7 @@ def _exercise_every_op() -> None:
     import torch
 
     import gpukernels as gk
+    from gpukernels.ops.linear_act import ACTIVATIONS
 
     def run_backward(out, *inputs):
         (out.float().sum() if out.dim() else out.float()).backward()
@@ -268,7 +269,7 @@ def _exercise_every_op() -> None:
                     run_backward(gk.layer_norm(x, (d,), w, b), x)
                     for cast_before_weight in (False, True):
                         run_backward(gk.rms_norm(x, (d,), w, cast_before_weight=cast_before_weight), x)
-            for activation in ("none", "relu", "gelu", "gelu_tanh", "silu"):
+            for activation in ACTIVATIONS:
                 for bias in (True, False):
                     x, w = leaf(5, 7), leaf(6, 7)
                     run_backward(gk.linear_act(x, w, leaf(6) if bias else None, activation), x)
@@ -283,7 +284,7 @@ def _exercise_every_op() -> None:
                     rm, rv = torch.zeros(3, dtype=param_dtype), torch.ones(3, dtype=param_dtype)
                     run_backward(gk.batch_norm(x, rm, rv, w, torch.zeros(3, dtype=param_dtype), training=training), x)
             if dtype in (torch.float32, torch.bfloat16):  # the fused activations, on the split kernels
-                for activation, training in itertools.product(("relu", "gelu", "gelu_tanh", "silu"), (True, False)):
+                for activation, training in itertools.product(ACTIVATIONS[1:], (True, False)):  # all but none
                     x = leaf(130, 3, 2, 20)
                     w = torch.ones(3, dtype=param_dtype, requires_grad=True)
                     rm, rv = torch.zeros(3, dtype=param_dtype), torch.ones(3, dtype=param_dtype)

@@ -12,14 +12,15 @@ forward. Recognised:
 - An ``nn.Linear``, transformers' ``Conv1D`` (GPT-2's Linear with its weight
   stored transposed) or an ``nn.BatchNorm1d``/``2d`` whose output goes only,
   and straight (through ``nn.Identity`` modules at most: timm's disabled
-  drop_block), into an activation module computing relu, gelu, gelu_tanh or
-  silu, as the forward runs them (found by tracing it with ``torch.fx``),
-  fuses with it: the Linear becomes one LinearAct, the BatchNorm ours with
-  its ``activation`` set, and the activation module an ``nn.Identity``. A
-  BatchNorm that cannot fuse (its activation module called elsewhere too)
-  is swapped unfused. Activation modules: torch's ReLU/GELU/SiLU and the
-  transformers and timm classes claiming that math, each checked on a probe
-  before it is fused.
+  drop_block), into an activation module computing relu, gelu, gelu_tanh,
+  silu or quick_gelu, as the forward runs them (found by tracing it with
+  ``torch.fx``), fuses with it: the Linear becomes one LinearAct, the
+  BatchNorm ours with its ``activation`` set, and the activation module an
+  ``nn.Identity``. A BatchNorm that cannot fuse (its activation module called
+  elsewhere too) is swapped unfused. Activation modules: torch's
+  ReLU/GELU/SiLU and the transformers and timm classes claiming that math
+  (quick_gelu: their QuickGELU, CLIP's), each checked on a probe before it
+  is fused.
 - torchvision's ConvNeXt LayerNorm2d, when already imported.
 - ResNet blocks, timm's and torchvision's ``BasicBlock`` and ``Bottleneck``
   (when already imported; ``gpukernels.train``'s ``Bottleneck`` too): the
@@ -69,6 +70,7 @@ from . import nn as gnn
 from .errors import ArgumentError, ArgumentTypeError
 from .ops._checks import check_choice
 from .ops.cross_entropy import cross_entropy
+from .ops.gated_act import ACTIVATIONS as GATED_ACTIVATIONS
 from .ops.gated_act import geglu, swiglu
 from .ops.layer_norm import layer_norm
 from .ops.linear_act import linear_act
@@ -170,6 +172,7 @@ _ACTIVATION_MATH = {
     "gelu": F.gelu,
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "silu": F.silu,
+    "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z),
 }
 _PROBE_TOLERANCE = 1e-6  # below fp32 rounding of the probe's values: FastGELU's 10-digit sqrt(2/pi) passes
 
@@ -182,15 +185,15 @@ _TRANSFORMERS_ACTIVATIONS = {
     "FastGELUActivation": "gelu_tanh",
     "AccurateGELUActivation": "gelu_tanh",
     "SiLUActivation": "silu",
+    "QuickGELUActivation": "quick_gelu",
 }
 # timm's own activation classes that compute one of ours (its get_act_layer("gelu") gives its GELU: ConvNeXt's MLPs).
-_TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "Swish": "silu"}
+_TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "Swish": "silu", "QuickGELU": "quick_gelu"}
 _THIRD_PARTY_ACTIVATIONS = {
     "transformers.activations": _TRANSFORMERS_ACTIVATIONS,
     "timm.layers.activations": _TIMM_ACTIVATIONS,
 }
 _TRANSFORMERS_UNSUPPORTED = {
-    "QuickGELUActivation": "x * sigmoid(1.702 x)",
     "ClippedGELUActivation": "gelu clipped to [min, max]",
     "MishActivation": "x * tanh(softplus(x))",
     "LaplaceActivation": "a Laplace CDF",
@@ -200,7 +203,6 @@ _TRANSFORMERS_UNSUPPORTED = {
     "XIELUActivation": "xIELU",
 }
 _TIMM_UNSUPPORTED = {
-    "QuickGELU": "x * sigmoid(1.702 x)",
     "Mish": "x * tanh(softplus(x))",
     "HardSwish": "x * relu6(x + 3) / 6",
     "HardMish": "x * clamp(x + 2, 0, 2) / 2",
@@ -324,8 +326,8 @@ def _gated_activation(attribute: str) -> Callable[[torch.nn.Module], dict[str, A
         name, why = _activation(act)
         if name is None:
             return f"{attribute}: {why}"
-        if name == "relu":
-            return f"{attribute} is relu: no gated op for it"
+        if name not in GATED_ACTIVATIONS:
+            return f"{attribute} is {name}: no gated op for it"
         if _has_hooks(act):
             return f"{attribute} has hooks, which would no longer run"
         return {"activation": name}

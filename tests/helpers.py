@@ -33,6 +33,7 @@ TORCH_ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
     "silu": F.silu,
+    "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z),  # CLIP's, as transformers' QuickGELUActivation
 }
 
 

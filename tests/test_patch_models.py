@@ -334,7 +334,7 @@ def test_report_lists_every_norm_mlp_activation_and_the_loss(name):
     assert norms and all(n in swapped for n in norms)
     acts = [n for n, m in original.named_modules() if _is_activation(m)]
     experts = [n for n in acts if ".experts." in n]  # batched products per expert: nothing of ours to fuse with
-    not_ours = [n for n in acts if gk_patch._activation(original.get_submodule(n))[0] is None]  # Qwen2-VL's QuickGELU
+    not_ours = [n for n in acts if gk_patch._activation(original.get_submodule(n))[0] is None]
     acts = [n for n in acts if n not in experts + not_ours]
     expected = MODELS[name][1]
     assert acts or expected is None
@@ -698,6 +698,13 @@ def test_every_transformers_rule_is_checked_against_its_class():
     assert transformers.pytorch_utils.Conv1D in classes
 
 
+class _QuickGELU(nn.Module):
+    """CLIP's activation as its paper writes it, for a reference."""
+
+    def forward(self, z):
+        return z * torch.sigmoid(1.702 * z)
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -718,9 +725,13 @@ def test_each_transformers_activation_fuses_with_the_same_math(name, dtype):
     x = torch.randn(5, 6, dtype=dtype) * 3
     # the math claimed, in fp64: FastGELU's 10-digit sqrt(2/pi) shows at 1e-12
     reference = copy.deepcopy(original).double()
-    reference[1] = {"relu": nn.ReLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "silu": nn.SiLU()}[
-        model[0].activation
-    ]
+    reference[1] = {
+        "relu": nn.ReLU(),
+        "gelu": nn.GELU(),
+        "gelu_tanh": nn.GELU(approximate="tanh"),
+        "silu": nn.SiLU(),
+        "quick_gelu": _QuickGELU(),
+    }[model[0].activation]
     out, out_theirs, out_exact = model(x), original(x), reference(x.double())
     assert_matches(out, out_theirs, out_exact)
     for m, y in ((model, out), (original, out_theirs), (reference, out_exact)):
@@ -729,14 +740,12 @@ def test_each_transformers_activation_fuses_with_the_same_math(name, dtype):
         assert_matches(a.grad, b.grad, c.grad)
 
 
-@pytest.mark.parametrize(
-    "name, math", [("QuickGELUActivation", "x * sigmoid(1.702 x)"), ("LinearActivation", "the identity")]
-)
+@pytest.mark.parametrize("name, math", [("LaplaceActivation", "a Laplace CDF"), ("LinearActivation", "the identity")])
 def test_activation_with_other_math_is_left_with_its_reason(name, math):
     model = nn.Sequential(nn.Linear(4, 4), getattr(activations, name)())
     report = gk.patch(model)
     assert type(model[0]) is nn.Linear
-    why = f"activation {name} computes {math}: none of relu/gelu/gelu_tanh/silu"
+    why = f"activation {name} computes {math}: none of relu/gelu/gelu_tanh/silu/quick_gelu"
     assert report.left == [("0", "Linear", f"followed by {name} 1: {why}"), ("1", name, why)]
 
 

@@ -34,6 +34,7 @@ GELU = _timm_activation("GELU", F.gelu)
 GELUTanh = _timm_activation("GELUTanh", lambda x: F.gelu(x, approximate="tanh"))
 Swish = _timm_activation("Swish", lambda x: x.mul(x.sigmoid()))
 QuickGELU = _timm_activation("QuickGELU", lambda x: x * torch.sigmoid(1.702 * x))
+Mish = _timm_activation("Mish", lambda x: x.mul(F.softplus(x).tanh()))
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -79,7 +80,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
 _TIMM = {
     "timm.layers.norm_act": {"BatchNormAct2d": BatchNormAct2d},
-    "timm.layers.activations": {"GELU": GELU, "GELUTanh": GELUTanh, "Swish": Swish, "QuickGELU": QuickGELU},
+    "timm.layers.activations": {cls.__name__: cls for cls in (GELU, GELUTanh, Swish, QuickGELU, Mish)},
 }
 
 
@@ -106,7 +107,8 @@ NORM_ACTS = {
     "timm_swish": (dict(act_layer=Swish), "silu"),
     "no_act": (dict(apply_act=False), "none"),
     "hardswish": (dict(act_layer=nn.Hardswish), "none"),
-    "quick_gelu": (dict(act_layer=QuickGELU), "none"),
+    "timm_quick_gelu": (dict(act_layer=QuickGELU), "quick_gelu"),
+    "mish": (dict(act_layer=Mish), "none"),
     "drop_block": (dict(act_layer=nn.ReLU, drop_layer=DropBlock), "none"),
     "momentum_none": (dict(act_layer=nn.SiLU, momentum=None), "silu"),
     "no_affine": (dict(act_layer=nn.ReLU, affine=False), "relu"),
@@ -224,10 +226,13 @@ def test_convert_sync_batchnorm_refuses_batch_norm_act(timm_layers, patched):
 
 
 @pytest.mark.parametrize(
-    "act, activation", [(GELU, "gelu"), (GELUTanh, "gelu_tanh"), (Swish, "silu")], ids=["GELU", "GELUTanh", "Swish"]
+    "act, activation",
+    [(GELU, "gelu"), (GELUTanh, "gelu_tanh"), (Swish, "silu"), (QuickGELU, "quick_gelu")],
+    ids=["GELU", "GELUTanh", "Swish", "QuickGELU"],
 )
 def test_linear_fuses_timm_activations(timm_layers, act, activation):
-    """timm's own activation modules after a Linear (ConvNeXt's MLP: fc1 -> GELU) fuse into a LinearAct."""
+    """timm's own activation modules after a Linear (ConvNeXt's MLP: fc1 -> GELU; CLIP's: QuickGELU) fuse
+    into a LinearAct."""
     plain = nn.Sequential(nn.Linear(6, 8), act(), nn.Linear(8, 3)).to(FLOAT64)
     patched = copy.deepcopy(plain)
     report = gk.patch(patched)
@@ -238,14 +243,14 @@ def test_linear_fuses_timm_activations(timm_layers, act, activation):
 
 
 def test_timm_activation_not_ours_is_reported_with_its_math(timm_layers):
-    """QuickGELU is no activation of ours: the Linear before it and the module itself say what it computes."""
-    model = nn.Sequential(nn.Linear(6, 8), QuickGELU(), nn.Linear(8, 3))
+    """Mish is no activation of ours: the Linear before it and the module itself say what it computes."""
+    model = nn.Sequential(nn.Linear(6, 8), Mish(), nn.Linear(8, 3))
     report = gk.patch(model)
-    why = "activation QuickGELU computes x * sigmoid(1.702 x): none of relu/gelu/gelu_tanh/silu"
+    why = "activation Mish computes x * tanh(softplus(x)): none of relu/gelu/gelu_tanh/silu/quick_gelu"
     assert report.swapped == []
     assert report.left == [
-        ("0", "Linear", f"followed by QuickGELU 1: {why}"),
-        ("1", "QuickGELU", why),
+        ("0", "Linear", f"followed by Mish 1: {why}"),
+        ("1", "Mish", why),
         ("2", *_FC_LEFT[1:]),
     ]
 

@@ -7,7 +7,8 @@ any layout (their products are a matmul library's, which reads it as it is; a
 fp32 (fp64 for fp64 input).
 
 What the forward keeps for the backward, and its memory cost:
-- ``gelu``, ``gelu_tanh``, ``silu``: the pre-activation ``z``, one extra
+- ``gelu``, ``gelu_tanh``, ``silu``, ``quick_gelu`` (``z * sigmoid(1.702 z)``,
+  CLIP's): the pre-activation ``z``, one extra
   ``(rows, out)`` tensor in the input dtype. This is what PyTorch's unfused
   ``act(F.linear(...))`` keeps too (the linear output saved by the
   activation); recomputing ``z`` instead would cost a second matmul.
@@ -30,8 +31,8 @@ from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import autocast_enabled, check_choice, check_device, check_float, check_optional_float, empty_grad
 from ._op import kernel_op, reshaped
 
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
-_KEEPS_PRE_ACTIVATION = ("gelu", "gelu_tanh", "silu")
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "quick_gelu")
+_KEEPS_PRE_ACTIVATION = ("gelu", "gelu_tanh", "silu", "quick_gelu")
 
 
 @kernel_op("linear_act")
@@ -40,7 +41,7 @@ def linear_act_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Kernel: ``y = act(x @ weight.T + bias)`` (``bias`` optional), ``(rows, out)``
     in x's dtype; the pre-activation ``z``, the same shape, for the activations
-    whose backward reads it (gelu, gelu_tanh, silu), else empty."""
+    whose backward reads it (gelu, gelu_tanh, silu, quick_gelu), else empty."""
     y = x.new_empty(x.shape[0], weight.shape[0])
     return y, torch.empty_like(y) if activation in _KEEPS_PRE_ACTIVATION else empty_grad(x)
 

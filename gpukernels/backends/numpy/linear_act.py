@@ -21,6 +21,7 @@ _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _TANH_SCALE = math.sqrt(2.0 / math.pi)
 _TANH_CUBIC = 0.044715
+_QUICK_GELU_SCALE = 1.702
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -53,6 +54,8 @@ _ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
     "gelu": (lambda z: z * _normal_cdf(z), lambda z: _normal_cdf(z) + z * _INV_SQRT_2PI * np.exp(-0.5 * z * z)),
     "gelu_tanh": (lambda z: 0.5 * z * (1.0 + np.tanh(_tanh_argument(z))), _gelu_tanh_grad),
     "silu": (lambda z: z * _sigmoid(z), _silu_grad),
+    # z sigmoid(a z) = silu(a z) / a
+    "quick_gelu": (lambda z: z * _sigmoid(_QUICK_GELU_SCALE * z), lambda z: _silu_grad(_QUICK_GELU_SCALE * z)),
 }
 
 

@@ -37,6 +37,7 @@ _SQRT_HALF = tl.constexpr(math.sqrt(0.5))
 _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 _TANH_SCALE = tl.constexpr(math.sqrt(2.0 / math.pi))
 _TANH_CUBIC = tl.constexpr(0.044715)
+_QUICK_GELU_SCALE = tl.constexpr(1.702)
 
 # ---- activations and their derivatives, in the accumulation dtype ----
 # No libdevice (the interpreter has none): tanh(u) = 2*sigmoid(2u) - 1, so
@@ -67,6 +68,8 @@ def _activation(z, ACTIVATION: tl.constexpr):
         y = z * tl.sigmoid(2.0 * _tanh_argument(z))
     elif ACTIVATION == "silu":
         y = z * tl.sigmoid(z)
+    elif ACTIVATION == "quick_gelu":
+        y = z * tl.sigmoid(z * _QUICK_GELU_SCALE)
     return y
 
 
@@ -81,6 +84,9 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
         grad = s + 2.0 * z * s * tl.sigmoid(-two_u) * (1.0 + z * z * (3.0 * _TANH_CUBIC)) * _TANH_SCALE
     elif ACTIVATION == "silu":  # sigmoid(-z), not 1 - sigmoid(z), which cancels for large z
         grad = tl.sigmoid(z) * (1.0 + z * tl.sigmoid(-z))
+    elif ACTIVATION == "quick_gelu":  # silu's, of a z: a z sigmoid(a z) / a
+        az = z * _QUICK_GELU_SCALE
+        grad = tl.sigmoid(az) * (1.0 + az * tl.sigmoid(-az))
     return grad
 
 
