@@ -27,9 +27,13 @@
 # 64 MiB with the tree, so carry it alone in a first call whose steps need neither (tests),
 # then .whl in the next, with the steps that compare against Liger and QuACK (targets, bench).
 # GPU_CHECK_STEPS picks them (default "tests bench graph compile"); GPU_CHECK_BENCH_SKIP the
-# providers the benchmark leaves out (default compile-max). Logs go to the
-# folder after each step, with everything packed into gpu-check.tgz, so a run
-# cut short still returns what it measured.
+# providers the benchmark leaves out (default compile-max); GPU_CHECK_LIMIT_<step> a step's
+# time limit in seconds (GPU_CHECK_LIMIT_targets=120; a model's: GPU_CHECK_LIMIT_gpt2=150);
+# GPU_CHECK_TESTS_K a pytest -k selection of the GPU tests; GPU_CHECK_TARGET_OPS the ops of
+# the targets step. With "models" among the steps, the language models' tokenizers are
+# trained in the background from the start (CPU work, while the steps before it run).
+# After each step everything so far is packed into <folder>/gpu-check.tgz, so a run cut short
+# still returns what it measured; the files themselves follow at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-${OUT:-out/gpu-check}}
@@ -62,9 +66,12 @@ extra_path=$( [ -d "$site" ] && echo ":$site:$site/nvidia_cutlass_dsl/dsl_packag
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}$extra_path" PYTHONUNBUFFERED=1 GPUKERNELS_FAILURE_LOG="$work/failures.log"
 unset TRITON_INTERPRET
 status=0
-publish() {  # the logs and a packed copy of everything, into $dest
-    cp "$work"/*.log "$work/environment.txt" "$dest"/ 2>/dev/null
+publish() {  # everything so far, packed into one file in $dest (the device tool returns 8 files at most)
     tar czf "$dest/gpu-check.tgz" -C "$work" .
+}
+limit() {  # limit STEP DEFAULT: the step's time limit, GPU_CHECK_LIMIT_<STEP> when set
+    local var="GPU_CHECK_LIMIT_$1"
+    echo "${!var:-$2}"
 }
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $work/NAME.log
     local name=$1 limit=$2
@@ -84,25 +91,37 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $work/NA
     "$py" -c "import importlib.metadata as m; from quack.rmsnorm import layernorm_fwd; print('quack-kernels', m.version('quack-kernels'))" 2>&1 | tail -1
 } > "$work/environment.txt" 2>&1
 cat "$work/environment.txt"
+tokens_pid=
+if [[ " ${GPU_CHECK_STEPS:-} " == *" models "* ]]; then  # CPU work, overlapping the GPU steps before it
+    "$py" -c "from gpukernels.train import data, presets
+for model in ('gpt2', 'llama'):
+    cfg = presets.PRESETS[model]['gpu']
+    print(model, data.stdlib_tokens(cfg['vocab'], cfg['corpus_bytes'], data.default_cache_dir()).describe())
+" > "$work/tokenizers.log" 2>&1 &
+    tokens_pid=$!
+fi
 parallel=()
 "$py" -c "import xdist" 2>/dev/null && parallel=(-n 14)
 for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
     case $name in
-        tests) step gpu-tests 240 "$py" -m pytest -m gpu -q -ra -p no:cacheprovider "${parallel[@]}" tests ;;
-        profile) step profile 120 "$py" -m bench --profile --quick --out "$work/profile" ;;
-        bench) step bench 240 "$py" -m bench --quick --skip "${GPU_CHECK_BENCH_SKIP-compile-max}" \
+        tests) step gpu-tests $(limit tests 240) "$py" -m pytest -m gpu -q -ra -p no:cacheprovider "${parallel[@]}" \
+                   ${GPU_CHECK_TESTS_K:+-k "$GPU_CHECK_TESTS_K"} tests ;;
+        profile) step profile $(limit profile 120) "$py" -m bench --profile --quick --out "$work/profile" ;;
+        bench) step bench $(limit bench 240) "$py" -m bench --quick --skip "${GPU_CHECK_BENCH_SKIP-compile-max}" \
                    --out "$work/bench" ;;
-        graph) step bench-graph 120 "$py" -m bench --quick --cuda-graph --skip compile,compile-max \
+        graph) step bench-graph $(limit graph 120) "$py" -m bench --quick --cuda-graph --skip compile,compile-max \
                    --ops layer_norm,cross_entropy,dropout,batch_norm,batch_norm_relu,batch_norm_add_relu,rope,linear_act \
                    --out "$work/bench-graph" ;;
-        targets) step bench-targets 420 "$py" -m bench --targets --skip cupy --out "$work/bench-targets" ;;
-        compile) step bench-compile 240 "$py" -m bench --quick --compile --out "$work/compile" ;;
-        train) step train-mlp 150 "$py" -m gpukernels.train --model mlp --preset gpu --steps 30 --out "$work/train" ;;
+        targets) step bench-targets $(limit targets 420) "$py" -m bench --targets --quick --skip cupy \
+                   ${GPU_CHECK_TARGET_OPS:+--ops "$GPU_CHECK_TARGET_OPS"} --out "$work/bench-targets" ;;
+        compile) step bench-compile $(limit compile 240) "$py" -m bench --quick --compile --out "$work/compile" ;;
+        train) step train-mlp $(limit train 150) "$py" -m gpukernels.train --model mlp --preset gpu --steps 30 --out "$work/train" ;;
         models) for model in ${GPU_CHECK_MODELS:-gpt2 llama resnet50}; do
-                    step "train-$model" 200 "$py" -m gpukernels.train --model "$model" --preset gpu \
+                    [ -n "$tokens_pid" ] && { wait "$tokens_pid"; tokens_pid=; }
+                    step "train-$model" "$(limit "$model" "$(limit models 200)")" "$py" -m gpukernels.train --model "$model" --preset gpu \
                         --steps "${GPU_CHECK_TRAIN_STEPS:-30}" --out "$work/train-$model"
                 done ;;
-        host) step host-overhead 120 "$py" -m bench.host_overhead ;;
+        host) step host-overhead $(limit host 120) "$py" -m bench.host_overhead ;;
         *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, targets, compile, train, models, host)" >&2
            exit 2 ;;
     esac
