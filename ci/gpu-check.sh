@@ -29,7 +29,7 @@
 # GPU_CHECK_STEPS picks them (default "tests bench graph compile"); GPU_CHECK_BENCH_SKIP the
 # providers the benchmark leaves out (default compile-max); GPU_CHECK_LIMIT_<step> a step's
 # time limit in seconds (GPU_CHECK_LIMIT_targets=120; a model's: GPU_CHECK_LIMIT_gpt2=150);
-# GPU_CHECK_TESTS_K a pytest -k selection of the GPU tests; GPU_CHECK_TARGET_OPS the ops of
+# GPU_CHECK_TESTS_K a pytest -k selection of the GPU tests; GPU_CHECK_TRAIN_WAYS the models' ways; GPU_CHECK_TARGET_OPS the ops of
 # the targets step. With "models" among the steps, the language models' tokenizers are
 # trained in the background from the start (CPU work, while the steps before it run).
 # After each step everything so far is packed into <folder>/gpu-check.tgz, so a run cut short
@@ -119,7 +119,8 @@ for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
         models) for model in ${GPU_CHECK_MODELS:-gpt2 llama resnet50}; do
                     [ -n "$tokens_pid" ] && { wait "$tokens_pid"; tokens_pid=; }
                     step "train-$model" "$(limit "$model" "$(limit models 200)")" "$py" -m gpukernels.train --model "$model" --preset gpu \
-                        --steps "${GPU_CHECK_TRAIN_STEPS:-30}" --out "$work/train-$model"
+                        --steps "${GPU_CHECK_TRAIN_STEPS:-30}" ${GPU_CHECK_TRAIN_WAYS:+--ways "$GPU_CHECK_TRAIN_WAYS"} \
+                        --out "$work/train-$model"
                 done ;;
         host) step host-overhead $(limit host 120) "$py" -m bench.host_overhead ;;
         *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, targets, compile, train, models, host)" >&2

@@ -182,6 +182,11 @@ def _summary(gm) -> dict:
                     "module": kernel.fn.__module__,
                     "id": id(kernel),
                     "copied": list(node.kwargs["tensors_to_clone"]),
+                    "wide_ints": {
+                        k: v
+                        for k, v in arguments.items()
+                        if type(v) is int and not -(2**31) <= v < 2**31 and not k.isupper()
+                    },
                     "from_source": _lowered_from_source(kernel, arguments) if mode is not None else None,
                 }
             )
@@ -350,6 +355,21 @@ def test_inductor_compiles_our_kernels_from_their_source(traced):
         if k["from_source"]
     }
     assert not failed, "\n".join(f"{name}:\n{error}" for name, error in failed.items())
+
+
+def test_integer_arguments_fit_in_32_bits(traced):
+    """Inductor (torch 2.11) fails to generate the launch of a user-defined kernel given a
+    Python int beyond 32 bits ('int' object has no attribute 'xreplace', seen on an H200):
+    such values go to a kernel in a tensor, or split in two."""
+    cases = {**traced["cases"], "model": traced["model"], **traced["cuda"]}
+    wide = {
+        (name, k["name"], argument): value
+        for name, case in cases.items()
+        for graph in _graphs(case)
+        for k in graph["kernels"]
+        for argument, value in k["wide_ints"].items()
+    }
+    assert wide == {}
 
 
 def test_patched_model_is_our_kernels(traced):

@@ -247,19 +247,16 @@ def _grads_backward(ctx, grad_loss, *_grad_extra_outputs):
 
 def _scale_(grads: list[Tensor], scale: Tensor) -> list[Tensor]:
     """Each of ``grads`` times ``scale`` (0-d) in place, computed in the wider of the
-    dtypes. On CUDA ``mul_`` would cast an fp32 0-d ``scale`` to bf16 gradients' dtype
-    first (a loss over 3 accumulation steps under autocast: every gradient 0.4% off);
-    GradScaler's unscale op multiplies them by an fp32 0-d tensor in fp32, in one launch
-    (its non-finite flag unread)."""
-    narrow = []
+    dtypes: on CUDA ``mul_`` would cast an fp32 0-d ``scale`` to bf16 gradients' dtype
+    first (a loss over 3 accumulation steps under autocast: every gradient 0.4% off), so
+    a narrower gradient is multiplied in the wider dtype and copied back. (GradScaler's
+    unscale op, which multiplies in fp32 in one launch, has no bf16 kernel on CUDA.)"""
     for g in grads:
-        if torch.promote_types(g.dtype, scale.dtype) == g.dtype:
+        wide = torch.promote_types(g.dtype, scale.dtype)
+        if wide == g.dtype:
             g.mul_(scale)
         else:
-            narrow.append(g)
-    if narrow:
-        not_finite = torch.zeros(1, dtype=torch.float32, device=scale.device)
-        torch._amp_foreach_non_finite_check_and_unscale_(narrow, not_finite, scale.float())
+            g.copy_(g.to(wide).mul_(scale))
     return grads
 
 

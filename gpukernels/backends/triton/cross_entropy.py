@@ -30,9 +30,10 @@ kernels on its chunks of logits, with what only it has, each behind a
 constexpr flag: a softcap (the row is read as ``cap * tanh(x / cap)``), a
 z-loss (``z * lse**2`` per row) and vocabulary slices.
 
-Float options reach the kernels as the bits of their fp64 value (an int64
-argument; a Python float would be passed as fp32), so fp64 logits see them
-exactly and no launch puts them in device memory.
+Float options reach the kernels as the bits of their fp64 value, in two int32
+arguments each (a Python float would be passed as fp32; an int beyond 32 bits
+fails torch 2.11's Inductor, which launches these kernels under torch.compile),
+so fp64 logits see them exactly and no launch puts them in device memory.
 
 A target outside ``[0, C)`` that is not ``ignore_index`` is never read: the
 kernels clamp the index they load with, and the last program flags it.
@@ -91,24 +92,26 @@ def softcap_slope(x, cap):
 # Rows per step and warp of the forward's last program, which sums every row's loss.
 FINISH_ROWS_PER_WARP = 256
 # Float options reach the kernels as bits: no specialisation on their values.
-FLOAT_OPTIONS = ["smoothing_bits", "softcap_bits", "z_loss_bits"]
+FLOAT_OPTIONS = ["smoothing_hi", "smoothing_lo", "softcap_hi", "softcap_lo", "z_loss_hi", "z_loss_lo"]
 
 
 _FP64 = struct.Struct("<d")
-_INT64 = struct.Struct("<q")
+_INT32_PAIR = struct.Struct("<ii")  # little-endian: the low word first
 
 
-def float_bits(value: float) -> int:
-    """The bits of ``value`` as an fp64, as an int argument (``as_float`` reads it back)."""
-    return _INT64.unpack(_FP64.pack(value))[0]
+def float_bits(value: float) -> tuple[int, int]:
+    """The bits of ``value`` as an fp64, as two int32 arguments, the high word and the low
+    (``as_float`` reads them back)."""
+    return _INT32_PAIR.unpack(_FP64.pack(value))[::-1]
 
 
 @triton.jit
-def as_float(bits, ACC: tl.constexpr):
-    """A ``float_bits`` argument as a float of dtype ``ACC``. ``tl.cast``, not ``bits.to``:
+def as_float(hi, lo, ACC: tl.constexpr):
+    """A ``float_bits`` pair as a float of dtype ``ACC``. ``tl.cast``, not ``hi.to``:
     torch 2.11's mutation analysis of a kernel inside torch.compile makes every int
     argument a constexpr, a Python int without ``.to``."""
-    return tl.cast(bits, tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    bits = (tl.cast(hi, tl.int64) << 32) | (tl.cast(lo, tl.int64) & 0xFFFFFFFF)
+    return bits.to(tl.float64, bitcast=True).to(ACC)
 
 
 @triton.jit
@@ -187,9 +190,12 @@ def cross_entropy_fwd_kernel(
     rows,
     C,
     ignore_index,
-    smoothing_bits,
-    softcap_bits,
-    z_loss_bits,
+    smoothing_hi,
+    smoothing_lo,
+    softcap_hi,
+    softcap_lo,
+    z_loss_hi,
+    z_loss_lo,
     HAS_W: tl.constexpr,
     SMOOTH: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -215,8 +221,8 @@ def cross_entropy_fwd_kernel(
     LogSum = Stats + rows
     Rest = Stats + 2 * rows  # the totals (class indices), or each row's target mass
     X += program * C
-    cap = as_float(softcap_bits, ACC) if SOFTCAP else 1.0
-    e = as_float(smoothing_bits, ACC) if SMOOTH else 0.0
+    cap = as_float(softcap_hi, softcap_lo, ACC) if SOFTCAP else 1.0
+    e = as_float(smoothing_hi, smoothing_lo, ACC) if SMOOTH else 0.0
     neg_inf = -float("inf")
 
     m = tl.full((), neg_inf, ACC)
@@ -265,7 +271,7 @@ def cross_entropy_fwd_kernel(
             loss += (e / C) * (mass * log_s - d)
         if Z_LOSS:
             lse = shift + log_s
-            loss += as_float(z_loss_bits, ACC) * lse * lse
+            loss += as_float(z_loss_hi, z_loss_lo, ACC) * lse * lse
         loss = tl.where(kept, loss, 0.0)
     tl.store(RowLoss + row, round_to(loss, RowLoss.dtype.element_ty))
     tl.store(RowMax + row, shift)
@@ -312,9 +318,12 @@ def cross_entropy_bwd_kernel(
     col_offset,
     C,
     ignore_index,
-    smoothing_bits,
-    softcap_bits,
-    z_loss_bits,
+    smoothing_hi,
+    smoothing_lo,
+    softcap_hi,
+    softcap_lo,
+    z_loss_hi,
+    z_loss_lo,
     HAS_W: tl.constexpr,
     SMOOTH: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -350,10 +359,10 @@ def cross_entropy_bwd_kernel(
     m = tl.load(RowMax + row)
     log_s = tl.load(LogSum + row)
     raw = tl.load(X + program * width + cols, mask=mask, other=0.0).to(ACC)
-    cap = as_float(softcap_bits, ACC) if SOFTCAP else 1.0
+    cap = as_float(softcap_hi, softcap_lo, ACC) if SOFTCAP else 1.0
     x = apply_softcap(raw, cap) if SOFTCAP else raw
     p = tl.exp(x - m - log_s)
-    e = as_float(smoothing_bits, ACC) if SMOOTH else 0.0
+    e = as_float(smoothing_hi, smoothing_lo, ACC) if SMOOTH else 0.0
     if PROBS:
         w = tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else 1.0
         t = tl.load(T + row * C + cols, mask=mask, other=0.0)
@@ -376,22 +385,22 @@ def cross_entropy_bwd_kernel(
             else:
                 g += scale * (e / C) * (C * p - 1.0)
         if Z_LOSS:
-            g += scale * 2.0 * as_float(z_loss_bits, ACC) * (m + log_s) * p
+            g += scale * 2.0 * as_float(z_loss_hi, z_loss_lo, ACC) * (m + log_s) * p
     if SOFTCAP:
         g *= softcap_slope(raw, cap)
     tl.store(Grad + program * width + cols, round_to(g, Grad.dtype.element_ty), mask=mask)
 
 
-_NO_OPTIONS = (0, 0, 0)
+_NO_OPTIONS = (0,) * 6
 
 
-def _options(label_smoothing: float, softcap: Optional[float], z_loss: float) -> tuple[int, int, int]:
+def _options(label_smoothing: float, softcap: Optional[float], z_loss: float) -> tuple[int, ...]:
     """The kernels' float options, as ``float_bits``; in a launch key they stand for
     their values exactly. Without options (a zero, either sign, is none: its flag is off
     and the kernels never read it), all 0."""
     if softcap is None and not label_smoothing and not z_loss:
         return _NO_OPTIONS
-    return float_bits(label_smoothing), float_bits(softcap or 0.0), float_bits(z_loss)
+    return (*float_bits(label_smoothing), *float_bits(softcap or 0.0), *float_bits(z_loss))
 
 
 def _flags(

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .cross_entropy import check_targets, cross_entropy_rows, finish_without_rows, forward_setup, logits_grad
@@ -60,10 +61,13 @@ def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
     beta = 0 if first else 1
     if a.dtype == acc.dtype:
         acc.addmm_(a, b, beta=beta)
-    elif _has_mixed_addmm(acc.device):
-        torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
-    else:
+    elif not _has_mixed_addmm(acc.device):
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta)
+    elif is_fake(acc):  # traced: torch 2.11 decomposes addmm with out_dtype wrongly (beta given twice)
+        product = torch.mm(a, b, out_dtype=acc.dtype)
+        acc.copy_(product) if first else acc.add_(product)
+    else:
+        torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
 
 
 def linear_cross_entropy_fwd(
