@@ -136,3 +136,10 @@ def register_modules(monkeypatch, modules: dict[str, dict[str, object]]) -> None
         module = types.ModuleType(name)
         vars(module).update(attributes)
         monkeypatch.setitem(sys.modules, name, module)
+
+
+def torch_batch_norm_needs_cpu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    """Whether PyTorch's batch_norm must serve as the reference on the CPU: torch 2.11's CUDA
+    backward with a bias but no weight gives the bias a zero gradient or raises 'tensor does
+    not have a device' (seen on an H200)."""
+    return x.is_cuda and weight is None and bias is not None
