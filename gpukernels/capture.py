@@ -92,11 +92,12 @@ def capture_step(
     optimizer step, returning e.g. the loss — in a CUDA graph; returns a
     ``CapturedStep`` that replays it on new inputs of the same shapes.
 
-    ``optimizer`` (the one ``step`` steps) is checked for a tensor lr and its
-    gradients are set to None before the capture, so the captured backward
-    makes them in the graph's memory and each replay overwrites them (``step``
-    need not zero them). ``warmup_steps`` eager steps run first, on a side
-    stream. ``pool``: a memory pool to share with other graphs."""
+    ``optimizer`` (the one ``step`` steps) is checked for a tensor lr, and the
+    graph zeroes its gradients in place before ``step`` runs (``step`` need not
+    zero them): the gradient tensors the warm-up made stay those of every replay,
+    and gk.optim.AdamW's tables of their addresses, which can only be built
+    outside a capture, stay valid. ``warmup_steps`` eager steps run first, on a
+    side stream. ``pool``: a memory pool to share with other graphs."""
     for i, t in enumerate(example_inputs):
         if not isinstance(t, Tensor):
             raise ArgumentTypeError(f"example_inputs[{i}] must be a tensor, got {type(t).__name__}")
@@ -121,11 +122,11 @@ def capture_step(
             step(*static_inputs)
     torch.cuda.current_stream().wait_stream(side)
 
-    if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph, pool=pool):
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=False)
             output = step(*static_inputs)
     except RuntimeError as e:
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
