@@ -533,6 +533,11 @@ def test_default_chunk_rows(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", None)
     assert lce_ops.chunk_budget(torch.device("cuda"), 2 * gib) == gib
     assert lce_ops.chunk_budget(torch.device("cuda")) == lce_ops.CUDA_MAX_CHUNK_BYTES
+    # traced by torch.compile: the cap too, with nothing Dynamo cannot trace (the GPU tier's
+    # test_compiles_without_graph_breaks_with_ignore_index runs it under fullgraph=True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", None)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert lce_ops.chunk_budget(torch.device("cuda"), 2 * gib) == gib
 
 
 def _numpy_peak(rows, vocab, hidden, chunk_size, **kwargs):

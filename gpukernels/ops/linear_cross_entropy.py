@@ -70,9 +70,10 @@ def chunk_budget(device: torch.device, weight_bytes: int = 0) -> int:
     if device.type != "cuda":
         return CPU_CHUNK_BYTES
     cap = max(CUDA_MAX_CHUNK_BYTES, weight_bytes // 2)
-    if torch.cuda.is_current_stream_capturing():
-        # the free memory now says nothing of it at a replay, and the graph's private pool
-        # keeps what the capture allocates: the cap, without asking the driver
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        # the free memory now says nothing of it at a replay (a compiled graph may be
+        # replayed from a CUDA graph too, and Dynamo cannot trace the driver's answer), and
+        # the graph's private pool keeps what the capture allocates: the cap
         return cap
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
