@@ -244,7 +244,7 @@ def test_max_grad_norm_equals_clip_grad_norm_then_step(device, config, dtype):
     theirs_norms = _train(models[2], theirs, steps, lambda params: torch.nn.utils.clip_grad_norm_(params, max_norm))
     if max_norm == CLIP_NORM:
         assert fused_norms[0] > max_norm, "no clipping to test"
-    assert fused_norms[-1] is fused.grad_norm and fused.grad_norm.device == device
+    assert fused_norms[-1] is fused.grad_norm and fused.grad_norm.device.type == device.type
     if device.type == "cpu":
         assert torch.equal(torch.stack(fused_norms), torch.stack(unfused_norms))
         for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
@@ -288,12 +288,14 @@ def _fixed_grads(dtypes: list[torch.dtype], scale: float, steps: int) -> list[li
     ]
 
 
-def _torch_clip_coef(grads: list[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.nn.utils.clip_grad_norm_'s norm of (copies of) ``grads``, and its factor as fp64."""
-    params = [torch.nn.Parameter(torch.empty_like(grad)) for grad in grads]
+def _torch_clip_coef(grads: list[torch.Tensor], max_norm: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.nn.utils.clip_grad_norm_'s norm of copies of ``grads`` on ``device`` (its
+    per-tensor norms are the device's: CUDA's sum in another order than the CPU's),
+    and its factor as fp64, both on the CPU."""
+    params = [torch.nn.Parameter(torch.empty_like(grad, device=device)) for grad in grads]
     for p, grad in zip(params, grads):
-        p.grad = grad.clone()
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        p.grad = grad.to(device, copy=True)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm).cpu()
     return norm, torch.clamp(max_norm / (norm + 1e-6), max=1.0).double()
 
 
@@ -321,7 +323,7 @@ def test_max_grad_norm_with_fixed_grads_matches_float64_clipping(device, dtypes,
         fused.step()
         clip_grad_norm_(unfused_params, max_norm)
         unfused.step()
-        norm, coef = _torch_clip_coef(grads, max_norm)
+        norm, coef = _torch_clip_coef(grads, max_norm, device)
         coefs.append(coef)
         assert fused.grad_norm.dtype == norm.dtype
         torch.testing.assert_close(fused.grad_norm.cpu(), norm, rtol=4 * torch.finfo(norm.dtype).eps, atol=0)
