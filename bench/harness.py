@@ -47,6 +47,9 @@ class Case:
     bytes: dict[str, float] = field(default_factory=dict)  # mode -> minimal bytes read + written
     flops: dict[str, float] = field(default_factory=dict)  # mode -> FLOPs (matmul ops)
     modes: tuple[str, ...] = MODES
+    # provider -> why its call cannot be captured in a CUDA graph: graph timings time it with
+    # events instead (a failed capture can leave PyTorch's CUDA generator unusable for the run)
+    uncapturable: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -411,10 +414,15 @@ def _timed_mode(
     for provider, forward in case.providers.items():
         if provider in skip:
             continue
+        provider_timing = timing
+        if timing.startswith("graph") and provider in case.uncapturable:
+            provider_timing = "events"
+            print(f"  {op} {case.shape} {mode} {provider}: timed with events, host included "
+                  f"({case.uncapturable[provider]})")  # fmt: skip
         try:
-            with _timing_stream(timing, cuda):
+            with _timing_stream(provider_timing, cuda):
                 fn = mode_fn(case, forward, mode)
-                ms = time_ms(fn, cuda, quick, timing)
+                ms = time_ms(fn, cuda, quick, provider_timing)
             mem = _peak_mem_mib(fn, case.grad_inputs) if cuda and mode in ("fwd+bwd", "step") else None
         except Exception as e:  # a baseline that cannot run this case is reported, not fatal
             print(f"  {op} {case.shape} {mode} {provider}: skipped ({type(e).__name__}: {e})"[:300])

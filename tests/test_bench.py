@@ -246,3 +246,16 @@ def test_the_installed_package_neither_holds_nor_imports_the_benchmark():
                 imported.add((path.name, node.module))
     assert imported
     assert [(name, module) for name, module in imported if module.split(".")[0] == "bench"] == []
+
+
+def test_an_uncapturable_provider_is_timed_with_events_under_graph_timing(monkeypatch, capsys):
+    """A provider whose call cannot be captured (Liger's cross_entropy copies from the host)
+    is timed with events, said so, and never captured: a failed capture can leave PyTorch's
+    CUDA generator unusable for the rest of the run."""
+    timings = []
+    monkeypatch.setattr(harness, "time_ms", lambda fn, cuda, quick, timing: timings.append(timing) or 1.0)
+    case = harness.Case("4", 4, {"gpukernels": lambda: None, "liger": lambda: None}, uncapturable={"liger": "why"})
+    rows = harness._timed_mode("op", case, "fwd", frozenset(), {}, False, True, "graph-flushed")
+    assert [r.provider for r in rows] == ["gpukernels", "liger"]
+    assert timings == ["graph-flushed", "events"]
+    assert "op 4 fwd liger: timed with events, host included (why)" in capsys.readouterr().out
