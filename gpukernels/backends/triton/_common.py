@@ -6,6 +6,7 @@ import functools
 from threading import get_ident
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -73,6 +74,15 @@ def aligned(*tensors: torch.Tensor | None) -> bool:
         if t is not None:
             bits |= t.data_ptr()
     return bits & 15 == 0
+
+
+@functools.lru_cache(maxsize=64)
+def fp32_pair(value: float) -> tuple[float, float]:
+    """``value`` as hi + lo, each exact in fp32: float kernel arguments arrive as fp32,
+    which would round an fp64 eps or momentum (the kernels add the two in their
+    accumulation dtype, with ``tl.cast``: under torch.compile they arrive as constexprs)."""
+    hi = float(np.float32(value))
+    return hi, float(np.float32(value - hi))
 
 
 def dtype_of(t: torch.Tensor | None) -> torch.dtype | None:

@@ -271,7 +271,8 @@ def norm_fwd_kernel(
     Y,
     Stats,
     D,
-    eps,
+    eps_hi,
+    eps_lo,
     offset,
     CENTERED: tl.constexpr,
     CAST_BEFORE_W: tl.constexpr,
@@ -285,6 +286,7 @@ def norm_fwd_kernel(
     ACC: tl.constexpr = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
     # y's statistics dtype: with CAST_BEFORE_W, y has the dtype promoted from w's and x's
     MUL: tl.constexpr = tl.float64 if Y.dtype.element_ty == tl.float64 else tl.float32
+    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
     X += row * D
     Y += row * D

@@ -65,7 +65,6 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -78,6 +77,7 @@ from ._common import (
     cdiv,
     dtype_of,
     fitting_per_sm,
+    fp32_pair,
     launch_scratch,
     next_power_of_2,
     num_programs,
@@ -801,14 +801,6 @@ def _tiling_of(
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _fp32_pair(value: float) -> tuple[float, float]:
-    """``value`` as hi + lo, each exact in fp32: float kernel arguments arrive
-    as fp32, which would round fp64 momentum and eps."""
-    hi = float(np.float32(value))
-    return hi, float(np.float32(value - hi))
-
-
 def batch_norm_fwd(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, activation, y, stats):
     channels = x.shape[1]
     if channels == 0:
@@ -861,8 +853,8 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, residual, trainin
         *params,
         tiling.m,
         *tiling.args(3),
-        *_fp32_pair(momentum),
-        *_fp32_pair(eps),
+        *fp32_pair(momentum),
+        *fp32_pair(eps),
     )
 
 
