@@ -748,3 +748,18 @@ def test_mixed_precision_product_traces_with_inductors_decompositions(monkeypatc
     assert out.dtype == torch.float32 and out.shape == (8, 16)
     (graph,) = graphs
     assert "aten.mm.dtype" in graph.code
+
+
+def test_narrower_gradients_are_scaled_in_place_in_the_wider_dtype_by_slices(monkeypatch):
+    """bf16 gradients times an fp32 upstream gradient: computed in fp32, written back in
+    place, a bounded slice at a time (no fp32 copy of a whole dweight)."""
+    monkeypatch.setattr(lce_ops, "_WIDENED_SLICE", 7)
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 6, generator=g).bfloat16(), torch.randn(3, generator=g).bfloat16()]
+    scale = torch.tensor(1 / 3, dtype=torch.float32)
+    expected = [(t.float() * scale).bfloat16() for t in grads]
+    pointers = [t.data_ptr() for t in grads]
+    assert lce_ops._scale_(grads, scale) is grads
+    assert [t.data_ptr() for t in grads] == pointers
+    for got, want in zip(grads, expected):
+        assert torch.equal(got, want)

@@ -246,18 +246,24 @@ def _grads_backward(ctx, grad_loss, *_grad_extra_outputs):
     return (*(next(scaled) if want else None for want in wanted), *(None,) * 12)
 
 
+# elements of a narrower gradient multiplied at a time in the wider dtype: a bounded
+# temporary (64 MiB in fp32), not a widened copy of a dweight that may be gigabytes
+_WIDENED_SLICE = 1 << 24
+
+
 def _scale_(grads: list[Tensor], scale: Tensor) -> list[Tensor]:
     """Each of ``grads`` times ``scale`` (0-d) in place, computed in the wider of the
     dtypes: on CUDA ``mul_`` would cast an fp32 0-d ``scale`` to bf16 gradients' dtype
     first (a loss over 3 accumulation steps under autocast: every gradient 0.4% off), so
-    a narrower gradient is multiplied in the wider dtype and copied back. (GradScaler's
-    unscale op, which multiplies in fp32 in one launch, has no bf16 kernel on CUDA.)"""
+    a narrower gradient is multiplied in the wider dtype by slices and copied back.
+    (GradScaler's unscale op, which does this in one launch, has no bf16 kernel on CUDA.)"""
     for g in grads:
         wide = torch.promote_types(g.dtype, scale.dtype)
         if wide == g.dtype:
             g.mul_(scale)
-        else:
-            g.copy_(g.to(wide).mul_(scale))
+            continue
+        for part in g.view(-1).split(_WIDENED_SLICE):
+            part.copy_(part.to(wide).mul_(scale))
     return grads
 
 
