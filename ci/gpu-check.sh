@@ -29,9 +29,10 @@
 # GPU_CHECK_STEPS picks them (default "tests bench graph compile"); GPU_CHECK_BENCH_SKIP the
 # providers the benchmark leaves out (default compile-max); GPU_CHECK_LIMIT_<step> a step's
 # time limit in seconds (GPU_CHECK_LIMIT_targets=120; a model's: GPU_CHECK_LIMIT_gpt2=150);
-# GPU_CHECK_TESTS_K a pytest -k selection of the GPU tests; GPU_CHECK_TRAIN_WAYS the models' ways; GPU_CHECK_TARGET_OPS the ops of
-# the targets step. With "models" among the steps, the language models' tokenizers are
-# trained in the background from the start (CPU work, while the steps before it run).
+# GPU_CHECK_TESTS_K a pytest -k selection of the GPU tests; GPU_CHECK_TRAIN_WAYS the models'
+# ways; GPU_CHECK_TARGET_OPS the ops of the targets step. With "models" among the steps, the
+# language models' tokenizers are trained in the background from the start (CPU work, while
+# the steps and models before the first language model run).
 # After each step everything so far is packed into <folder>/gpu-check.tgz, so a run cut short
 # still returns what it measured; the files themselves follow at the end.
 set -uo pipefail
@@ -117,7 +118,10 @@ for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
         compile) step bench-compile $(limit compile 240) "$py" -m bench --quick --compile --out "$work/compile" ;;
         train) step train-mlp $(limit train 150) "$py" -m gpukernels.train --model mlp --preset gpu --steps 30 --out "$work/train" ;;
         models) for model in ${GPU_CHECK_MODELS:-gpt2 llama resnet50}; do
-                    [ -n "$tokens_pid" ] && { wait "$tokens_pid"; tokens_pid=; }
+                    if [ -n "$tokens_pid" ] && [[ $model == gpt2 || $model == llama ]]; then
+                        wait "$tokens_pid"
+                        tokens_pid=
+                    fi
                     step "train-$model" "$(limit "$model" "$(limit models 200)")" "$py" -m gpukernels.train --model "$model" --preset gpu \
                         --steps "${GPU_CHECK_TRAIN_STEPS:-30}" ${GPU_CHECK_TRAIN_WAYS:+--ways "$GPU_CHECK_TRAIN_WAYS"} \
                         --out "$work/train-$model"
