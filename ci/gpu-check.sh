@@ -18,7 +18,8 @@
 #   train    the gpu preset of the digits MLP
 #   models   a real model's training step, every way (plain, patched, Liger, compiled):
 #            the gpu preset of gpt2, llama and resnet50 (GPU_CHECK_MODELS picks them) for
-#            GPU_CHECK_TRAIN_STEPS steps each (default 30)
+#            GPU_CHECK_TRAIN_STEPS steps each (default 30), then one profiled step of each way
+#            (its kernels by origin against its wall time)
 #   host     host time per call of every op, ours against eager, and of each piece of an op's
 #            launch (python -m bench.host_overhead)
 # Packages carried from ci/carry-wheels.sh (.whl/ and .whl-cutlass/, each named in the call's
@@ -124,7 +125,7 @@ for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
                     fi
                     step "train-$model" "$(limit "$model" "$(limit models 200)")" "$py" -m gpukernels.train --model "$model" --preset gpu \
                         --steps "${GPU_CHECK_TRAIN_STEPS:-30}" ${GPU_CHECK_TRAIN_WAYS:+--ways "$GPU_CHECK_TRAIN_WAYS"} \
-                        --out "$work/train-$model"
+                        --profile --out "$work/train-$model"
                 done ;;
         host) step host-overhead $(limit host 120) "$py" -m bench.host_overhead ;;
         *) echo "gpu-check: unknown step $name (tests, profile, bench, graph, targets, compile, train, models, host)" >&2

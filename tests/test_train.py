@@ -352,3 +352,36 @@ def test_patch_summary_counts_a_reason_once_for_every_layer():
         "swapped 2: LayerNorm x2; left 4: Conv1D (the forward of h.*.attn did not trace (ValueError: v2.0 at 1.5)) x3, "
         "Conv1D (followed by Dropout h.*.mlp.dropout: not an activation module) x1"
     )
+
+
+def test_profile_writes_each_ways_step_and_leaves_the_run_as_it_was(tmp_path, cache_dir):
+    """``--profile`` profiles one step after the run: the losses and evaluation are those of a run without it."""
+    ways = ["--steps", "4", "--ways", "eager,patched"]
+    profiled = _run("mlp", tmp_path / "profiled", cache_dir, *ways, "--profile")
+    plain = _run("mlp", tmp_path / "plain", cache_dir, *ways)
+    for way in ("eager", "patched"):
+        assert profiled["ways"][way]["losses"] == plain["ways"][way]["losses"]
+        assert profiled["ways"][way]["evaluation"] == plain["ways"][way]["evaluation"]
+        assert profiled["ways"][way]["profile"]["wall_ms"] > 0 and plain["ways"][way]["profile"] is None
+        text = (tmp_path / "profiled" / f"mlp-cpu-{way}-profile.txt").read_text()
+        assert text.startswith(f"{way}: one step") and "aten::" in text
+
+
+@pytest.mark.parametrize(
+    "kernel, origin",
+    [
+        ("norm_bwd_kernel", "gpukernels"),
+        ("cross_entropy_fwd_kernel_0", "gpukernels"),  # as Inductor names a user kernel it emits
+        ("sum_partial_rows", "gpukernels"),
+        ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_3", "inductor"),
+        ("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "matmul"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>(Flash_fwd_params)", "attention"),
+        ("_rms_norm_forward_kernel", "other triton"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int)", "aten/other"),
+    ],
+)
+def test_profile_names_each_kernels_origin(kernel, origin):
+    from gpukernels.train.profile import category
+
+    assert category(kernel) == origin

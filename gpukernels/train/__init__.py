@@ -69,11 +69,14 @@ def compare(
     seed: int = 0,
     out: str | Path = "out/train",
     cache_dir: str | Path | None = None,
+    profile: bool = False,
 ) -> dict:
     """Train ``model`` once per way and write ``<out>/<model>-<preset>.json`` and
     ``-losses.png``; returns the summary written to the JSON. ``dtype``: bfloat16
     runs under autocast (parameters and optimizer state fp32); float64 makes
-    parameters and data float64 (a reference for rounding)."""
+    parameters and data float64 (a reference for rounding). ``profile``: after each way's
+    run, one more step under torch.profiler, its kernels written to
+    ``<out>/<model>-<preset>-<way>-profile.txt`` and summed by origin into the JSON."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preset = preset or ("gpu" if device.type == "cuda" else "cpu")
     cfg = _config(model, preset, dict(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, dtype=dtype))
@@ -120,7 +123,8 @@ def compare(
         else:
             torch.manual_seed(seed)  # the same random stream (dropout) for every way
             try:
-                results[way] = run_way(task, way, base_model, cfg, autocast_dtype, device)
+                profile_to = Path(f"{stem}-{way}-profile.txt") if profile else None
+                results[way] = run_way(task, way, base_model, cfg, autocast_dtype, device, profile_to)
             except Exception as error:  # one way failing (OOM, a compile error) must not lose the others
                 traceback.print_exc()
                 summary["failed"][way] = f"{type(error).__name__}: {error}".splitlines()[0]
@@ -155,6 +159,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/train", help="folder for <model>-<preset>.json and -losses.png")
     p.add_argument("--cache-dir", help=f"tokenizer cache (default: {default_cache_dir()})")
+    p.add_argument(
+        "--profile", action="store_true", help="profile one more step of each way: its kernels, by origin, vs wall time"
+    )
     a = p.parse_args(argv)
     try:
         summary = compare(
@@ -170,6 +177,7 @@ def main(argv=None) -> None:
             seed=a.seed,
             out=a.out,
             cache_dir=a.cache_dir,
+            profile=a.profile,
         )
     except (MissingPackage, ValueError) as error:
         p.exit(2, f"{p.prog}: error: {error}\n")

@@ -6,12 +6,15 @@ import contextlib
 import copy
 import statistics
 import time
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .. import optim as gk_optim
+from .profile import profile_step
 
 # name -> (model and loss, torch.compile?). "plain": torch layers, torch.optim.AdamW,
 # torch's schedulers and clip; "gpukernels": gk.patch (fused LM loss), gk.optim (the
@@ -41,6 +44,7 @@ class WayResult:
     saved_mib: float | None = None  # eager ways: what the first step's forward keeps for the backward
     report: str = ""  # what was patched
     evaluation: dict = field(default_factory=dict)
+    profile: dict | None = None  # --profile: one more step's kernel time by origin (see profile.py)
 
 
 class SavedForBackward:
@@ -100,8 +104,16 @@ def _gpukernels_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup:
 
 
 def run_way(
-    task, way: str, base_model: torch.nn.Module, cfg: dict, autocast_dtype: torch.dtype | None, device: torch.device
+    task,
+    way: str,
+    base_model: torch.nn.Module,
+    cfg: dict,
+    autocast_dtype: torch.dtype | None,
+    device: torch.device,
+    profile_to: Path | None = None,
 ) -> WayResult:
+    """``profile_to``: after the evaluation, profile one more step and write its kernel
+    table there."""
     kind, compiled = WAYS[way]
     steps, result = cfg["steps"], WayResult()
     warmup = max(1, steps // 10)
@@ -127,10 +139,8 @@ def run_way(
         # whose graphs would be traced with the hooks
         saved = None if compiled else SavedForBackward(model)
         model.train()
-        progress = tqdm(range(steps), desc=way, leave=False, disable=None)
-        for step in progress:
-            batch = task.batch(step)
-            start = time.perf_counter()
+
+        def one_step(step: int, batch: tuple) -> float:
             with autocast, saved.hooks() if saved is not None and step == 0 else contextlib.nullcontext():
                 loss = loss_of(*batch)
             optimizer.zero_grad(set_to_none=True)
@@ -138,11 +148,25 @@ def run_way(
             clip()
             optimizer.step()
             scheduler.step()
-            result.losses.append(loss.item())  # .item() waits for the GPU, so the step time is real
+            return loss.item()  # .item() waits for the GPU, so the step time is real
+
+        progress = tqdm(range(steps), desc=way, leave=False, disable=None)
+        for step in progress:
+            batch = task.batch(step)
+            start = time.perf_counter()
+            result.losses.append(one_step(step, batch))
             seconds.append(time.perf_counter() - start)
             progress.set_postfix(loss=f"{result.losses[-1]:.4f}")
         with autocast:
             result.evaluation = task.evaluate(model)
+        if profile_to is not None:
+            model.train()  # the evaluation may have left it in eval mode
+            try:
+                result.profile, text = profile_step(lambda: one_step(steps, batch), device)
+            except Exception as error:  # the way's own numbers stand without it
+                traceback.print_exc()
+                result.profile, text = {"error": f"{type(error).__name__}: {error}"}, f"profile failed: {error}\n"
+            profile_to.write_text(f"{way}: {text}")
     result.first_step_ms = 1e3 * seconds[0]
     result.step_ms = 1e3 * statistics.median(seconds[timed_steps(steps)])
     result.throughput = task.units_per_step / (result.step_ms / 1e3)
