@@ -31,9 +31,10 @@
 # providers the benchmark leaves out (default compile-max); GPU_CHECK_LIMIT_<step> a step's
 # time limit in seconds (GPU_CHECK_LIMIT_targets=120; a model's: GPU_CHECK_LIMIT_gpt2=150);
 # GPU_CHECK_TESTS_K a pytest -k selection of the GPU tests; GPU_CHECK_TRAIN_WAYS the models'
-# ways; GPU_CHECK_TARGET_OPS the ops of the targets step. With "models" among the steps, the
-# language models' tokenizers are trained in the background from the start (CPU work, while
-# the steps and models before the first language model run).
+# ways (GPU_CHECK_TRAIN_WAYS_<model> one model's); GPU_CHECK_TARGET_OPS the ops of the targets
+# step. With "models" among the steps, the language models' tokenizers are trained in the
+# background from the start (CPU work, while the steps before "models" run; the models step
+# waits for them, since they would slow the host side of every timed step).
 # After each step everything so far is packed into <folder>/gpu-check.tgz, so a run cut short
 # still returns what it measured; the files themselves follow at the end.
 set -uo pipefail
@@ -94,9 +95,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $work/NA
 } > "$work/environment.txt" 2>&1
 cat "$work/environment.txt"
 tokens_pid=
-if [[ " ${GPU_CHECK_STEPS:-} " == *" models "* ]]; then  # CPU work, overlapping the GPU steps before it
+models=" ${GPU_CHECK_MODELS:-gpt2 llama resnet50} "
+language_models=$(for m in gpt2 llama; do [[ $models == *" $m "* ]] && echo -n "'$m',"; done)
+if [[ " ${GPU_CHECK_STEPS:-} " == *" models "* && -n $language_models ]]; then  # CPU work, overlapping the GPU steps before it
     "$py" -c "from gpukernels.train import data, presets
-for model in ('gpt2', 'llama'):
+for model in ($language_models):
     cfg = presets.PRESETS[model]['gpu']
     print(model, data.stdlib_tokens(cfg['vocab'], cfg['corpus_bytes'], data.default_cache_dir()).describe())
 " > "$work/tokenizers.log" 2>&1 &
@@ -118,13 +121,16 @@ for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
                    ${GPU_CHECK_TARGET_OPS:+--ops "$GPU_CHECK_TARGET_OPS"} --out "$work/bench-targets" ;;
         compile) step bench-compile $(limit compile 240) "$py" -m bench --quick --compile --out "$work/compile" ;;
         train) step train-mlp $(limit train 150) "$py" -m gpukernels.train --model mlp --preset gpu --steps 30 --out "$work/train" ;;
-        models) for model in ${GPU_CHECK_MODELS:-gpt2 llama resnet50}; do
-                    if [ -n "$tokens_pid" ] && [[ $model == gpt2 || $model == llama ]]; then
-                        wait "$tokens_pid"
-                        tokens_pid=
-                    fi
+        models) # the tokenizers' training would take CPU time from the timed steps' host side
+                if [ -n "$tokens_pid" ]; then
+                    wait "$tokens_pid"
+                    tokens_pid=
+                fi
+                for model in $models; do
+                    ways_var="GPU_CHECK_TRAIN_WAYS_$model"
+                    ways=${!ways_var:-${GPU_CHECK_TRAIN_WAYS:-}}
                     step "train-$model" "$(limit "$model" "$(limit models 200)")" "$py" -m gpukernels.train --model "$model" --preset gpu \
-                        --steps "${GPU_CHECK_TRAIN_STEPS:-30}" ${GPU_CHECK_TRAIN_WAYS:+--ways "$GPU_CHECK_TRAIN_WAYS"} \
+                        --steps "${GPU_CHECK_TRAIN_STEPS:-30}" ${ways:+--ways "$ways"} \
                         --profile --out "$work/train-$model"
                 done ;;
         host) step host-overhead $(limit host 120) "$py" -m bench.host_overhead ;;

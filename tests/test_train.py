@@ -377,6 +377,7 @@ def test_profile_writes_each_ways_step_and_leaves_the_run_as_it_was(tmp_path, ca
         ("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "matmul"),
         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
         ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>(Flash_fwd_params)", "attention"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_kernel0_0", "attention"),
         ("_rms_norm_forward_kernel", "other triton"),
         ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int)", "aten/other"),
     ],

@@ -38,9 +38,11 @@ instead of the public one. The rule keeps the op one opaque node
 (its implementation called back at run time, as before) on other backends, under
 the Triton interpreter, for ops with tensor-list arguments (AdamW's step: its
 kernel reaches the tensors through a table of their addresses, which no graph
-can hold), for symbolic sizes or scalars (dynamic shapes: the launchers work
-shapes out on the host, as ints), under ``torch.export`` (as for ``triton_op``s)
-and for tensor subclasses other than fake and functional tensors. Every kernel
+can hold), for ops declared ``traced=False`` (the fused linear + cross-entropy:
+its time is cuBLAS matmuls, which Inductor would lower again, worse: see
+ops/linear_cross_entropy.py), for symbolic sizes or scalars (dynamic shapes: the
+launchers work shapes out on the host, as ints), under ``torch.export`` (as for
+``triton_op``s) and for tensor subclasses other than fake and functional tensors. Every kernel
 of the Triton backend is listed for the op as ``triton_op`` lists its own, so
 that AOTAutograd's cache key covers their sources (not the launchers').
 """
@@ -182,7 +184,7 @@ class KernelOp:
     forward's). ``kernel_inputs`` and ``kernel_outputs`` name the arguments of
     the backends' kernel ``name``, in order."""
 
-    def __init__(self, spec: Callable, family: str, mutates_args: Sequence[str] = ()):
+    def __init__(self, spec: Callable, family: str, mutates_args: Sequence[str] = (), traced: bool = True):
         self.name = spec.__name__
         self.family = family
         self.spec = spec
@@ -196,7 +198,7 @@ class KernelOp:
         )
         self.custom_op.register_fake(spec)
         # a multi-tensor op's kernel reads its tensors' addresses from a table: opaque to tracing
-        if not re.search(r"Tensor\??\[\]", schema):
+        if traced and not re.search(r"Tensor\??\[\]", schema):
             self.custom_op.register_torch_dispatch(FunctionalTensorMode, self._decompose)
             triton_ops_to_kernels[f"gpukernels::{self.name}"] = _TRITON_KERNELS
         self._eager = self._run
@@ -384,9 +386,10 @@ def refuse_second_derivative(name: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def kernel_op(family: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable], KernelOp]:
-    """Declare a kernel-backed op from its output spec: ``@kernel_op("layer_norm")``."""
-    return lambda spec: KernelOp(spec, family, mutates_args)
+def kernel_op(family: str, mutates_args: Sequence[str] = (), traced: bool = True) -> Callable[[Callable], KernelOp]:
+    """Declare a kernel-backed op from its output spec: ``@kernel_op("layer_norm")``.
+    ``traced=False``: one opaque node under torch.compile on every backend (see the module doc)."""
+    return lambda spec: KernelOp(spec, family, mutates_args, traced)
 
 
 def reshaped(t: Tensor, *shape: int) -> Tensor:

@@ -9,22 +9,31 @@ max and log-sum, fp32; fp64 for fp64), saved as (rows,) vectors beside the
 inputs; the kernels reduce the rows' losses themselves. The gradients come one
 of two ways:
 
-- in the forward (``_grads_fwd``: a training step in eager, reduction to one
-  loss): while a chunk's logits are held, their gradient for an upstream
-  gradient of 1 (for ``mean`` over the rows kept, counted first) is written
-  over them and turned into ``dx[chunk]`` and the chunk's shares of ``dweight``
-  and ``dbias`` (in the parameters' dtype). The backward scales them in place
-  by the upstream gradient and hands them over. Three matmuls over the logits, as the
+- in the forward (``_grads_fwd``: a training step in eager or under
+  torch.compile, reduction to one loss): while a chunk's logits are held, their
+  gradient for an upstream gradient of 1 (for ``mean`` over the rows kept,
+  counted first) is written over them and turned into ``dx[chunk]`` and the
+  chunk's shares of ``dweight`` and ``dbias`` (in the parameters' dtype). The
+  backward scales them by the upstream gradient (in place in eager; into new
+  tensors in a compiled graph) and hands them over. Three matmuls over the logits, as the
   unfused op; held: a chunk of logits and the gradients themselves.
 - in two passes (``_fwd`` then ``_bwd``: ``reduction="none"``, whose upstream
-  gradient is one a row; torch.compile; a second backward through the graph,
-  which finds the forward's gradients handed over): the backward goes by slices
+  gradient is one a row; traces other than torch.compile's (AOTAutograd alone,
+  functorch, dispatch modes); a second backward through the graph, which finds
+  the forward's gradients handed over): the backward goes by slices
   of the vocabulary, the slice's logits for all rows again, their gradient from
   the saved statistics written over them, then ``dweight[slice] = g.T @ x`` and
   ``dbias[slice]`` in the input dtype (one matmul over all rows) and ``dx += g @
   weight[slice]`` into an fp32 accumulator: one matmul more than the unfused op
   (the logits twice), the trade flash attention makes, and no (vocab, hidden)
   fp32 accumulator.
+
+Under torch.compile the three ops stay opaque nodes (``traced=False``): Inductor,
+tracing them, would lower their matmuls itself, the fp32 accumulation of bf16
+products to a cuBLAS kernel several times slower than eager's ``addmm`` into fp32
+and an unaligned vocabulary's matmuls with padding copies (measured on an H200,
+torch 2.11: 10 to 27 ms more per training step of a 150M model); opaque, they run
+the same kernels as in eager, for the host cost of one op call per step.
 
 Double backward is not supported.
 """
@@ -99,7 +108,7 @@ def slice_columns(rows: int, vocab: int, chunk_rows: int) -> int:
     return max(1, min(vocab, chunk_rows * vocab // max(rows, 1)))
 
 
-@kernel_op("linear_cross_entropy")
+@kernel_op("linear_cross_entropy", traced=False)
 def linear_cross_entropy_fwd(
     x: Tensor,
     weight: Tensor,
@@ -129,7 +138,7 @@ def linear_cross_entropy_fwd(
     )
 
 
-@kernel_op("linear_cross_entropy")
+@kernel_op("linear_cross_entropy", traced=False)
 def linear_cross_entropy_bwd(
     grad_loss: Tensor,
     x: Tensor,
@@ -166,7 +175,7 @@ def _grads_like(
     )
 
 
-@kernel_op("linear_cross_entropy")
+@kernel_op("linear_cross_entropy", traced=False)
 def linear_cross_entropy_grads_fwd(
     x: Tensor,
     weight: Tensor,
@@ -358,10 +367,10 @@ def linear_cross_entropy(
     at a time (default: as many as fit 64 MiB of fp32 logits on CPU; on CUDA, of logits
     in x's dtype, 1/8 of the free memory up to 512 MiB or half of weight's size, the
     larger) and saves two numbers per row. With grad mode on, an
-    input that requires grad and ``reduction`` ``mean`` or ``sum`` (outside
-    torch.compile), it also computes the gradients while each chunk's logits are held,
-    and the backward scales them; else (and under torch.compile or another trace) the
-    backward recomputes the logits by slices of the vocabulary holding as many logits as
+    input that requires grad and ``reduction`` ``mean`` or ``sum`` (eager,
+    or under torch.compile), it also computes the gradients while each chunk's logits
+    are held, and the backward scales them; else (and under other traces) the backward
+    recomputes the logits by slices of the vocabulary holding as many logits as
     a chunk (see the module doc). A loss
     that will not be differentiated is best computed under ``torch.no_grad()``.
     All rows ignored gives a nan mean and zero gradients, as PyTorch does.
@@ -399,9 +408,10 @@ def linear_cross_entropy(
         chunk_rows,
     )
     wanted = _gradients_wanted(x, weight, bias)
-    # eager only: a trace (torch.compile, AOTAutograd, functorch, dispatch modes) takes the
-    # two passes, whose backward it can hold as a graph of its own
-    if reduction != "none" and any(wanted) and not needs_dispatch(inputs[:3]):
+    # eager and torch.compile (where the op is one opaque node, its backward scaling the
+    # gradients into new tensors); other traces (AOTAutograd alone, functorch, dispatch
+    # modes) take the two passes, whose backward they can hold as a graph of its own
+    if reduction != "none" and any(wanted) and (torch.compiler.is_compiling() or not needs_dispatch(inputs[:3])):
         columns = slice_columns(rows, vocab, chunk_rows)
         loss, stats, *_ = linear_cross_entropy_grads_fwd(*inputs, columns, loss_dtype, *wanted)
     else:

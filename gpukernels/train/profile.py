@@ -23,8 +23,8 @@ _OURS = frozenset(
 )
 _CATEGORIES = (
     ("inductor", re.compile(r"^triton_")),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),  # before matmul: cuDNN's are named sm90_...
     ("matmul", re.compile(r"nvjet|gemm|xmma|cutlass|cublas|sm\d\d_", re.I)),
-    ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
     ("other triton", re.compile(r"^[A-Za-z_]\w*$")),  # no namespace, no signature: a Triton kernel not ours
 )
 

@@ -30,7 +30,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .cross_entropy import check_targets, cross_entropy_rows, finish_without_rows, forward_setup, logits_grad
@@ -45,7 +44,7 @@ def _has_mixed_addmm(device: torch.device) -> bool:
     """Whether ``acc += a @ b`` runs in place here with bf16 ``a``, ``b`` and an fp32 ``acc``."""
     if device.type != "cuda":
         return False
-    with _disable_current_modes():  # real tensors, also when the op is first run traced (torch.compile)
+    with _disable_current_modes():  # a probe of real tensors, also when the op runs inside a dispatch mode
         acc = torch.ones(1, 1, device=device)
         one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
         try:
@@ -63,9 +62,6 @@ def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
         acc.addmm_(a, b, beta=beta)
     elif not _has_mixed_addmm(acc.device):
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta)
-    elif is_fake(acc):  # traced: torch 2.11 decomposes addmm with out_dtype wrongly (beta given twice)
-        product = torch.mm(a, b, out_dtype=acc.dtype)
-        acc.copy_(product) if first else acc.add_(product)
     else:
         torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
 
