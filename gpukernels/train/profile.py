@@ -54,7 +54,8 @@ def profile_step(step, device: torch.device) -> tuple[dict, str]:
         return {"wall_ms": wall_ms}, f"one step, {wall_ms:.1f} ms on the CPU\n{table}\n"
     kernels: dict[str, list[float]] = defaultdict(list)
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        # user annotations (Optimizer.step#AdamW.step) are ranges over kernels, not kernels
+        if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False):
             kernels[event.name].append(event.time_range.elapsed_us() / 1e3)
     by_category: dict[str, float] = defaultdict(float)
     for name, times in kernels.items():
