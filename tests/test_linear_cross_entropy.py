@@ -731,3 +731,17 @@ def test_narrower_gradients_are_scaled_in_place_in_the_wider_dtype_by_slices(mon
     assert [t.data_ptr() for t in grads] == pointers
     for got, want in zip(grads, expected):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_chunk_logits_rows_start_16_byte_aligned(dtype):
+    """cuBLAS takes its slow unaligned kernels for a chunk of logits whose rows do not start
+    16-byte aligned (an odd vocabulary): the Triton path's buffers pad the rows."""
+    from gpukernels.backends.triton import linear_cross_entropy as lce_triton
+
+    like = torch.empty(0, dtype=dtype)
+    for columns in (1, 7, 8, 11, 50257):
+        buffer = lce_triton._logits_buffer(3, columns, like)
+        assert buffer.shape == (3, columns) and buffer.dtype == dtype and buffer.stride(1) == 1
+        assert buffer.stride(0) * buffer.element_size() % 16 == 0 and buffer.data_ptr() % 16 == 0
+        assert buffer.stride(0) - columns < 16 // buffer.element_size()  # padded by less than 16 bytes

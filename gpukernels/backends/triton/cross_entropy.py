@@ -1,4 +1,4 @@
-"""Cross-entropy over the rows of a contiguous (rows, C) logit matrix.
+"""Cross-entropy over the rows of a (rows, C) logit matrix (its rows any stride apart, its columns adjacent).
 
 Forward, ``cross_entropy_fwd_kernel``, one program per row: reads the row in column
 blocks (the next block's load issued before this one is reduced) and keeps an
@@ -186,6 +186,7 @@ def cross_entropy_fwd_kernel(
     Stats,
     Loss,
     Flags,
+    x_row_stride,
     row_offset,
     rows,
     C,
@@ -209,7 +210,8 @@ def cross_entropy_fwd_kernel(
     BLOCK_C: tl.constexpr,
     FINISH_BLOCK: tl.constexpr,
 ):
-    """Program ``i`` takes row ``i`` of ``X`` (a chunk of the forward's ``rows`` rows):
+    """Program ``i`` takes row ``i`` of ``X`` (a chunk of the forward's ``rows`` rows, each
+    ``x_row_stride`` elements after the last):
     row ``row_offset + i`` of ``T`` and ``RowLoss``, and of each part of ``Stats``
     (``row_stats``: each row's max, each row's log-sum, then the totals or each row's
     target mass). With ``FINISH``, the program to arrive last at the counter
@@ -220,7 +222,7 @@ def cross_entropy_fwd_kernel(
     RowMax = Stats
     LogSum = Stats + rows
     Rest = Stats + 2 * rows  # the totals (class indices), or each row's target mass
-    X += program * C
+    X += program * x_row_stride
     cap = as_float(softcap_hi, softcap_lo, ACC) if SOFTCAP else 1.0
     e = as_float(smoothing_hi, smoothing_lo, ACC) if SMOOTH else 0.0
     neg_inf = -float("inf")
@@ -312,6 +314,8 @@ def cross_entropy_bwd_kernel(
     grad_stride,
     Grad,
     TargetGrad,
+    x_row_stride,
+    grad_row_stride,
     row_offset,
     rows,
     width,
@@ -340,7 +344,8 @@ def cross_entropy_bwd_kernel(
     i`` of ``T``, ``TargetGrad``, ``GradLoss`` and of each part of the forward's ``Stats``,
     whose ``m`` and ``log s`` it reads; ``scale_row`` is ``GradLoss[row * grad_stride]`` (a stride of 0 for one value),
     over the mean's denominator ``Totals[0]`` (``rows`` for probabilities). With
-    ``TARGET_GRAD``, d loss / d target into ``TargetGrad``. ``Grad`` may be ``X``: each
+    ``TARGET_GRAD``, d loss / d target into ``TargetGrad``. Rows of ``X`` and ``Grad`` are
+    ``x_row_stride`` and ``grad_row_stride`` elements apart. ``Grad`` may be ``X``: each
     program reads its block before writing it."""
     RowMax = Stats
     LogSum = Stats + rows
@@ -358,7 +363,7 @@ def cross_entropy_bwd_kernel(
             scale = tl.where(denominator != 0, scale, 0.0) / tl.where(denominator != 0, denominator, 1.0)
     m = tl.load(RowMax + row)
     log_s = tl.load(LogSum + row)
-    raw = tl.load(X + program * width + cols, mask=mask, other=0.0).to(ACC)
+    raw = tl.load(X + program * x_row_stride + cols, mask=mask, other=0.0).to(ACC)
     cap = as_float(softcap_hi, softcap_lo, ACC) if SOFTCAP else 1.0
     x = apply_softcap(raw, cap) if SOFTCAP else raw
     p = tl.exp(x - m - log_s)
@@ -388,7 +393,7 @@ def cross_entropy_bwd_kernel(
             g += scale * 2.0 * as_float(z_loss_hi, z_loss_lo, ACC) * (m + log_s) * p
     if SOFTCAP:
         g *= softcap_slope(raw, cap)
-    tl.store(Grad + program * width + cols, round_to(g, Grad.dtype.element_ty), mask=mask)
+    tl.store(Grad + program * grad_row_stride + cols, round_to(g, Grad.dtype.element_ty), mask=mask)
 
 
 _NO_OPTIONS = (0,) * 6
@@ -486,9 +491,10 @@ def cross_entropy_rows(
     if not rows:
         return
     options = _options(label_smoothing, softcap, z_loss)
+    row_stride = logits.stride(0)
     key = (
         (logits.dtype, target.dtype, dtype_of(weight), row_loss.dtype, stats.dtype, probs, dtype_of(loss),
-         row_offset, total_rows, classes, ignore_index, options, softcap is not None,
+         row_offset, total_rows, classes, row_stride, ignore_index, options, softcap is not None,
          last is not None and last[:2])  # (reduction, weight_sum)
         if aligned(logits, target, weight)
         else None
@@ -519,6 +525,7 @@ def cross_entropy_rows(
         stats,
         loss,
         None if last is None else last.flags,
+        row_stride,
         row_offset,
         total_rows,
         classes,
@@ -589,10 +596,12 @@ def logits_grad(
     rows = chunk_rows if total_rows is None else total_rows
     block = row_block(width, GRAD_BLOCK_C)
     grad_stride = grad_loss.stride(0) if grad_loss.dim() else 0
+    row_strides = logits.stride(0), grad.stride(0)
     options = _options(label_smoothing, softcap, z_loss)
     key = (
         (logits.dtype, target.dtype, dtype_of(weight), stats.dtype, probs, grad_loss.dtype, grad_stride,
-         grad.dtype, dtype_of(target_grad), row_offset, rows, width, col_offset, classes, ignore_index, options,
+         grad.dtype, dtype_of(target_grad), row_strides, row_offset, rows, width, col_offset, classes, ignore_index,
+         options,
          softcap is not None, reduction == "mean")
         if aligned(logits, target, weight, stats, grad_loss)
         else None
@@ -615,6 +624,7 @@ def logits_grad(
         grad_stride,
         grad,
         target_grad,
+        *row_strides,
         row_offset,
         rows,
         width,
