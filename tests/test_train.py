@@ -354,10 +354,11 @@ def test_patch_summary_counts_a_reason_once_for_every_layer():
     )
 
 
-def test_profile_writes_each_ways_step_and_leaves_the_run_as_it_was(tmp_path, cache_dir):
+def test_profile_writes_each_ways_step_and_leaves_the_run_as_it_was(tmp_path, cache_dir, capsys):
     """``--profile`` profiles one step after the run: the losses and evaluation are those of a run without it."""
     ways = ["--steps", "4", "--ways", "eager,patched"]
     profiled = _run("mlp", tmp_path / "profiled", cache_dir, *ways, "--profile")
+    assert "profile patched: one step" in capsys.readouterr().out
     plain = _run("mlp", tmp_path / "plain", cache_dir, *ways)
     for way in ("eager", "patched"):
         assert profiled["ways"][way]["losses"] == plain["ways"][way]["losses"]
@@ -386,3 +387,12 @@ def test_profile_names_each_kernels_origin(kernel, origin):
     from gpukernels.train.profile import category
 
     assert category(kernel) == origin
+
+
+def test_profile_line_says_how_much_of_the_step_the_kernels_fill():
+    from gpukernels.train.report import _profile_line
+
+    gpu = {"wall_ms": 50.0, "kernel_ms": 40.0, "launches": 700, "by_category_ms": {"gpukernels": 25.0, "matmul": 15.0}}
+    assert _profile_line(gpu) == "kernels 40.0 ms of a 50.0 ms step (80%; gpukernels 25.0, matmul 15.0)"
+    assert _profile_line({"wall_ms": 5.0}) == "one step 5.0 ms"
+    assert _profile_line({"error": "RuntimeError: boom"}) == "failed (RuntimeError: boom)"

@@ -25,6 +25,19 @@ def _mib(value: float | None, reference: float | None, missing: str) -> str:
     return f"{value:,.1f} MiB{ratio}"
 
 
+def _profile_line(profile: dict) -> str:
+    """``--profile``'s step: its kernels' time against its wall time, by origin."""
+    if "error" in profile:
+        return f"failed ({profile['error']})"
+    if "kernel_ms" not in profile:  # CPU: no kernels to time
+        return f"one step {profile['wall_ms']:.1f} ms"
+    origins = ", ".join(f"{k} {v:.1f}" for k, v in profile["by_category_ms"].items())
+    return (
+        f"kernels {profile['kernel_ms']:.1f} ms of a {profile['wall_ms']:.1f} ms step "
+        f"({profile['kernel_ms'] / profile['wall_ms']:.0%}; {origins})"
+    )
+
+
 def table(summary: dict, results: dict[str, WayResult]) -> str:
     reference = results.get(REFERENCE)
     diffs = loss_differences(results)
@@ -73,6 +86,8 @@ def table(summary: dict, results: dict[str, WayResult]) -> str:
         if r.report != "torch layers":
             lines.append(f"{name}: " + (f"as {patched_as[r.report]}" if r.report in patched_as else r.report))
             patched_as.setdefault(r.report, name)
+    for name, r in results.items():
+        lines += [f"profile {name}: {_profile_line(r.profile)}"] if r.profile else []
     lines += [f"skipped {name}: {why}" for name, why in summary["skipped"].items()]
     lines += [f"FAILED {name}: {why}" for name, why in summary["failed"].items()]
     return "\n".join(lines)
