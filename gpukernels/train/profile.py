@@ -5,6 +5,7 @@ it is as fast as its kernels."""
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections import defaultdict
@@ -14,13 +15,6 @@ import torch
 
 # Kernel names by origin. Triton names a kernel after its Python function, with no
 # namespace; Inductor's own kernels are triton_poi_/triton_red_/triton_per_...
-_OURS = frozenset(
-    re.findall(
-        r"^@(?:triton\.)?jit\b.*\n(?:@.*\n)*def (\w+)\(",
-        "\n".join(p.read_text() for p in (Path(__file__).parent.parent / "backends" / "triton").glob("*.py")),
-        re.M,
-    )
-)
 _CATEGORIES = (
     ("inductor", re.compile(r"^triton_")),
     ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),  # before matmul: cuDNN's are named sm90_...
@@ -29,9 +23,20 @@ _CATEGORIES = (
 )
 
 
+@functools.cache
+def _our_kernels() -> frozenset[str]:
+    """The names of the Triton backend's jit functions, read from its sources (the launcher's
+    registry of kernels holds compiled ones only, none under the interpreter)."""
+    sources = (Path(__file__).parent.parent / "backends" / "triton").glob("*.py")
+    return frozenset(
+        re.findall(r"^@(?:triton\.)?jit\b.*\n(?:@.*\n)*def (\w+)\(", "\n".join(p.read_text() for p in sources), re.M)
+    )
+
+
 def category(kernel: str) -> str:
     """``gpukernels``, ``inductor``, ``matmul``, ``attention``, ``other triton`` or ``aten/other``."""
-    if kernel in _OURS or re.sub(r"_\d+$", "", kernel) in _OURS:  # Inductor numbers the user kernels it emits
+    ours = _our_kernels()
+    if kernel in ours or re.sub(r"_\d+$", "", kernel) in ours:  # Inductor numbers the user kernels it emits
         return "gpukernels"
     return next((name for name, pattern in _CATEGORIES if pattern.search(kernel)), "aten/other")
 
@@ -57,9 +62,10 @@ def profile_step(step, device: torch.device) -> tuple[dict, str]:
         # user annotations (Optimizer.step#AdamW.step) are ranges over kernels, not kernels
         if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False):
             kernels[event.name].append(event.time_range.elapsed_us() / 1e3)
+    origins = {name: category(name) for name in kernels}
     by_category: dict[str, float] = defaultdict(float)
     for name, times in kernels.items():
-        by_category[category(name)] += sum(times)
+        by_category[origins[name]] += sum(times)
     kernel_ms = sum(by_category.values())
     summary = {
         "wall_ms": wall_ms,
@@ -76,5 +82,5 @@ def profile_step(step, device: torch.device) -> tuple[dict, str]:
     ]
     for name, times in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:40]:
         total = sum(times)
-        lines.append(f"{total:9.3f} {len(times):6d} {total / kernel_ms:8.1%}  {category(name):<12}  {name[:150]}")
+        lines.append(f"{total:9.3f} {len(times):6d} {total / kernel_ms:8.1%}  {origins[name]:<12}  {name[:150]}")
     return summary, "\n".join(lines) + "\n"
