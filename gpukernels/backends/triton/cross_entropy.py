@@ -491,7 +491,7 @@ def cross_entropy_rows(
     if not rows:
         return
     options = _options(label_smoothing, softcap, z_loss)
-    row_stride = logits.stride(0)
+    row_stride = logits.stride()[0]  # stride() costs half of stride(0) (no argument to parse)
     key = (
         (logits.dtype, target.dtype, dtype_of(weight), row_loss.dtype, stats.dtype, probs, dtype_of(loss),
          row_offset, total_rows, classes, row_stride, ignore_index, options, softcap is not None,
@@ -595,14 +595,13 @@ def logits_grad(
         return
     rows = chunk_rows if total_rows is None else total_rows
     block = row_block(width, GRAD_BLOCK_C)
-    grad_stride = grad_loss.stride(0) if grad_loss.dim() else 0
-    row_strides = logits.stride(0), grad.stride(0)
+    grad_stride = grad_loss.stride()[0] if grad_loss.dim() else 0
+    x_row_stride, grad_row_stride = logits.stride()[0], grad.stride()[0]
     options = _options(label_smoothing, softcap, z_loss)
     key = (
         (logits.dtype, target.dtype, dtype_of(weight), stats.dtype, probs, grad_loss.dtype, grad_stride,
-         grad.dtype, dtype_of(target_grad), row_strides, row_offset, rows, width, col_offset, classes, ignore_index,
-         options,
-         softcap is not None, reduction == "mean")
+         grad.dtype, dtype_of(target_grad), x_row_stride, grad_row_stride, row_offset, rows, width, col_offset,
+         classes, ignore_index, options, softcap is not None, reduction == "mean")
         if aligned(logits, target, weight, stats, grad_loss)
         else None
     )  # fmt: skip
@@ -624,7 +623,8 @@ def logits_grad(
         grad_stride,
         grad,
         target_grad,
-        *row_strides,
+        x_row_stride,
+        grad_row_stride,
         row_offset,
         rows,
         width,
