@@ -16,7 +16,7 @@
 #   compile  each op inside torch.compile, ours (Inductor launching our Triton
 #            kernels) against Inductor's own kernels for the PyTorch op (bench --compile)
 #   train    the gpu preset of the digits MLP
-#   models   a real model's training step, every way (plain, patched, Liger, compiled):
+#   models   a real model's training step, every way (plain, patched, captured, Liger, compiled):
 #            the gpu preset of gpt2, llama and resnet50 (GPU_CHECK_MODELS picks them) for
 #            GPU_CHECK_TRAIN_STEPS steps each (default 30), then one profiled step of each way
 #            (its kernels by origin against its wall time)

@@ -155,6 +155,39 @@ def test_compiled_ways_track_eager(tmp_path, cache_dir):
     _assert_tracks(summary, ["compile", "compile-patched"], tmp_path, cache_dir, *steps)
 
 
+def test_captured_way_replays_the_patched_step(tmp_path, cache_dir, monkeypatch):
+    """The captured way's plumbing on CPU, with gk.capture_step (CUDA only, tested in
+    test_capture.py) stood in for by the eager step it captures: its steps are patched's,
+    on the same batches with the same schedule (its lr a tensor the schedule fills),
+    exactly; the capture comes after CAPTURE_AT eager steps, with one warm-up step."""
+    warmups = []
+
+    def eager_capture(step, *inputs, optimizer, warmup_steps):
+        warmups.append(warmup_steps)
+        for _ in range(warmup_steps):
+            optimizer.zero_grad(set_to_none=True)
+            step(*inputs)
+
+        def replay(*batch):
+            optimizer.zero_grad(set_to_none=False)
+            return step(*batch)
+
+        return replay
+
+    monkeypatch.setattr(train.run, "capture_step", eager_capture)
+    monkeypatch.setattr(train, "capture_unavailable", lambda device: None)
+    summary = _run("mlp", tmp_path, cache_dir, "--steps", "12", "--ways", "patched,captured")
+    assert list(summary["ways"]) == ["patched", "captured"] and not summary["failed"] and warmups == [1]
+    assert summary["ways"]["captured"]["losses"] == summary["ways"]["patched"]["losses"]
+    assert summary["ways"]["captured"]["saved_mib"] is None
+
+
+def test_captured_way_is_skipped_off_cuda(tmp_path, cache_dir, capsys):
+    summary = _run("mlp", tmp_path, cache_dir, "--steps", "2", "--ways", "eager,captured")
+    assert list(summary["ways"]) == ["eager"] and "CUDA device" in summary["skipped"]["captured"]
+    assert "skipping captured: a CUDA graph needs a CUDA device" in capsys.readouterr().out
+
+
 def test_tokenizer_trained_offline_then_reused(tmp_path, cache_dir, monkeypatch):
     tokenizers = pytest.importorskip("tokenizers")
     first = data.stdlib_tokens(vocab_size=512, max_bytes=100_000, cache_dir=tmp_path)

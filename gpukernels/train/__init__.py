@@ -33,7 +33,7 @@ from .data import default_cache_dir, load_digits
 from .models import build_model
 from .presets import PRESETS
 from .report import loss_differences, plot, table
-from .run import WAYS, run_way
+from .run import WAYS, capture_unavailable, run_way
 from .tasks import make_task
 
 __all__ = ["PRESETS", "WAYS", "MissingPackage", "build_model", "compare", "load_digits", "main"]
@@ -116,7 +116,9 @@ def compare(
     # written before the first way and after each: a run stopped early (a time limit) keeps what it finished
     _write_summary(summary, results, summary_path)
     for way in (w for w in WAYS if ways is None or w in ways):
-        why_not = task.liger_unavailable() if WAYS[way][0] == "liger" else None
+        why_not = task.liger_unavailable() if WAYS[way].kind == "liger" else None
+        if WAYS[way].captured:
+            why_not = capture_unavailable(device)
         if why_not:
             summary["skipped"][way] = why_not
             print(f"skipping {way}: {why_not}", flush=True)

@@ -9,27 +9,45 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from .. import optim as gk_optim
+from ..capture import capture_step
 from .profile import profile_step
 
-# name -> (model and loss, torch.compile?). "plain": torch layers, torch.optim.AdamW,
-# torch's schedulers and clip; "gpukernels": gk.patch (fused LM loss), gk.optim (the
-# clip inside AdamW's step); "liger": Liger-Kernel's patch with torch's optimizer (the
-# transformers module globals it replaces are put back after its run). In this order:
-# the eager ways, quick to start, before the compiled ones, which compile for a minute
-# or more on a GPU, so that a run under a time limit (ci/gpu-check.sh) has measured
-# them when it stops.
+
+class Way(NamedTuple):
+    """How a way builds and runs its step. ``kind``: "plain" (torch layers,
+    torch.optim.AdamW, torch's schedulers and clip), "gpukernels" (gk.patch, with the
+    fused LM loss; gk.optim, the clip inside AdamW's step) or "liger" (Liger-Kernel's
+    patch with torch's optimizer; the transformers module globals it replaces are put
+    back after its run). ``compiled``: the model and loss under torch.compile.
+    ``captured``: after ``CAPTURE_AT`` eager steps, the whole step (forward, backward,
+    clip and AdamW) in a CUDA graph, ``gk.capture_step``, replayed on each batch: no
+    host time per op, what a host-bound step needs."""
+
+    kind: str
+    compiled: bool = False
+    captured: bool = False
+
+
+# In this order: the eager ways, quick to start, before the compiled ones, which compile
+# for a minute or more on a GPU, so that a run under a time limit (ci/gpu-check.sh) has
+# measured them when it stops.
 WAYS = {
-    "eager": ("plain", False),
-    "patched": ("gpukernels", False),
-    "liger": ("liger", False),
-    "compile": ("plain", True),
-    "compile-patched": ("gpukernels", True),
+    "eager": Way("plain"),
+    "patched": Way("gpukernels"),
+    "captured": Way("gpukernels", captured=True),
+    "liger": Way("liger"),
+    "compile": Way("plain", compiled=True),
+    "compile-patched": Way("gpukernels", compiled=True),
 }
+CAPTURE_AT = 1
+"""The captured way's eager steps before its capture (Triton compiles the kernels, the
+optimizer makes its state); ``capture_step``'s warm-up is the next, on a side stream."""
 REFERENCE = "eager"
 MAX_GRAD_NORM = 1.0
 
@@ -95,12 +113,51 @@ def _plain_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup: int)
     return optimizer, scheduler, lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
 
 
-def _gpukernels_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup: int):
+def capture_unavailable(device: torch.device) -> str | None:
+    """Why the captured way cannot run on ``device``, or None."""
+    return None if device.type == "cuda" else f"a CUDA graph needs a CUDA device, not {device.type}"
+
+
+def _gpukernels_optimizer(model: torch.nn.Module, lr: float | torch.Tensor, steps: int, warmup: int):
     """The same schedule in closed form (see gk.optim.WarmupCosineLR); the clip inside the
     step (``max_grad_norm``: the update kernel scales each grad as it reads it, so no
-    pass over the grads scales them first), nothing to call before it."""
+    pass over the grads scales them first), nothing to call before it. A tensor ``lr``
+    (a captured step's) is the one the schedule changes in place."""
     optimizer = gk_optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, max_grad_norm=MAX_GRAD_NORM)
     return optimizer, gk_optim.warmup_cosine(optimizer, warmup, steps, min_lr=lr * 0.01), lambda: None
+
+
+def _captured_steps(loss_of, optimizer, scheduler, autocast) -> Callable[[int, tuple], float]:
+    """The captured way's ``one_step(step, batch)``: ``CAPTURE_AT`` eager steps, then
+    ``capture_step`` (its warm-up is that step's training step, on a side stream; the
+    capture itself runs nothing), then a replay per batch. The schedule steps outside
+    the graph, writing the lr tensor the graph reads."""
+    replay = None
+
+    def graph_step(*batch: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            loss = loss_of(*batch)
+        loss.backward()
+        optimizer.step()  # the clip is inside it (gk.optim.AdamW's max_grad_norm)
+        return loss.detach()
+
+    def one_step(step: int, batch: tuple) -> float:
+        nonlocal replay
+        if replay is not None:
+            loss = replay(*batch)
+        elif step < CAPTURE_AT:
+            optimizer.zero_grad(set_to_none=True)
+            loss = graph_step(*batch)
+        else:
+            losses = []  # the warm-up's loss, then the graph's output (written by each replay)
+            replay = capture_step(
+                lambda *b: losses.append(graph_step(*b)) or losses[-1], *batch, optimizer=optimizer, warmup_steps=1
+            )
+            loss = losses[0]
+        scheduler.step()
+        return loss.item()
+
+    return one_step
 
 
 def run_way(
@@ -114,7 +171,7 @@ def run_way(
 ) -> WayResult:
     """``profile_to``: after the evaluation, profile one more step and write its kernel
     table there."""
-    kind, compiled = WAYS[way]
+    kind, compiled, captured = WAYS[way]
     steps, result = cfg["steps"], WayResult()
     warmup = max(1, steps // 10)
     if device.type == "cuda":
@@ -132,15 +189,17 @@ def run_way(
             loss_of = torch.compile(loss_of)
             stack.callback(torch._dynamo.reset)  # compiled code keeps this model's tensors alive
         make_optimizer = _plain_optimizer if kind != "gpukernels" else _gpukernels_optimizer
-        optimizer, scheduler, clip = make_optimizer(model, cfg["lr"], steps, warmup)
+        # a captured step reads the lr from device memory, where the schedule writes it
+        lr = torch.tensor(cfg["lr"], dtype=torch.float64, device=device) if captured else cfg["lr"]
+        optimizer, scheduler, clip = make_optimizer(model, lr, steps, warmup)
         autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
         seconds = []
         # measured in the first step, which the median leaves out; not under torch.compile,
-        # whose graphs would be traced with the hooks
-        saved = None if compiled else SavedForBackward(model)
+        # whose graphs would be traced with the hooks, nor in a captured way (patched's)
+        saved = None if compiled or captured else SavedForBackward(model)
         model.train()
 
-        def one_step(step: int, batch: tuple) -> float:
+        def eager_step(step: int, batch: tuple) -> float:
             with autocast, saved.hooks() if saved is not None and step == 0 else contextlib.nullcontext():
                 loss = loss_of(*batch)
             optimizer.zero_grad(set_to_none=True)
@@ -149,6 +208,8 @@ def run_way(
             optimizer.step()
             scheduler.step()
             return loss.item()  # .item() waits for the GPU, so the step time is real
+
+        one_step = _captured_steps(loss_of, optimizer, scheduler, autocast) if captured else eager_step
 
         progress = tqdm(range(steps), desc=way, leave=False, disable=None)
         for step in progress:
