@@ -190,8 +190,10 @@ def install_stub_driver() -> ctypes.CDLL:
                     if hasattr(real, name):
                         setattr(self.utils, name, getattr(real, name))
             self.launcher_cls = nvidia.CudaLauncher
-            self.get_current_device = lambda: 0
-            self.get_current_stream = lambda device=None: 0
+            # C calls, as the real driver's are (torch's device query, _cuda_getCurrentRawStream):
+            # a Python function here would count frames no GPU launch runs
+            self.get_current_device = int  # device 0
+            self.get_current_stream = (0).__mul__  # stream 0 of every device
             self.set_current_device = lambda device: None
             self.get_device_capability = lambda device=None: (9, 0)
 

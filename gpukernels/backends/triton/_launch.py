@@ -298,7 +298,7 @@ class Kernel:
         if key is None:
             return self[grid](*args, **constexprs())
         if not CHECK_LAUNCH_KEYS and self.compiled and not tracing():
-            active = driver.active
+            active = driver._active or driver.active  # the property's frame only until a driver is made
             get_device = active.get_current_device
             # torch.cuda.current_device without its lazy-init check: the tensors launched on are CUDA's
             device = _cuda_get_device() if get_device is _torch_current_device else get_device()
@@ -384,7 +384,7 @@ class Kernel:
             )
 
     def _launch(self, grid, *args, **kwargs):
-        active = driver.active
+        active = driver._active or driver.active
         device = active.get_current_device()
         try:
             binder, kernels = self._devices[device]
