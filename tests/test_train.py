@@ -175,17 +175,35 @@ def test_captured_way_replays_the_patched_step(tmp_path, cache_dir, monkeypatch)
         return replay
 
     monkeypatch.setattr(train.run, "capture_step", eager_capture)
-    monkeypatch.setattr(train, "capture_unavailable", lambda device: None)
+    monkeypatch.setattr(train, "graphs_unavailable", lambda device: None)
     summary = _run("mlp", tmp_path, cache_dir, "--steps", "12", "--ways", "patched,captured")
     assert list(summary["ways"]) == ["patched", "captured"] and not summary["failed"] and warmups == [1]
     assert summary["ways"]["captured"]["losses"] == summary["ways"]["patched"]["losses"]
     assert summary["ways"]["captured"]["saved_mib"] is None
 
 
-def test_captured_way_is_skipped_off_cuda(tmp_path, cache_dir, capsys):
-    summary = _run("mlp", tmp_path, cache_dir, "--steps", "2", "--ways", "eager,captured")
-    assert list(summary["ways"]) == ["eager"] and "CUDA device" in summary["skipped"]["captured"]
-    assert "skipping captured: a CUDA graph needs a CUDA device" in capsys.readouterr().out
+def test_reduce_overhead_way_runs_its_compiled_step(tmp_path, cache_dir, monkeypatch):
+    """compile-patched-cudagraphs' plumbing on CPU, where Inductor makes no CUDA graphs:
+    torch.compile in mode reduce-overhead, a step marked at each step's start; its first
+    loss (the forward at the initial weights) is patched's to fp32 rounding."""
+    monkeypatch.setattr(train, "graphs_unavailable", lambda device: None)
+    compiles = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiles.append(kw) or real_compile(fn, **kw))
+    summary = _run("mlp", tmp_path, cache_dir, "--steps", "3", "--ways", "patched,compile-patched-cudagraphs")
+    assert list(summary["ways"]) == ["patched", "compile-patched-cudagraphs"] and not summary["failed"]
+    assert compiles == [{"mode": "reduce-overhead"}]
+    first = [summary["ways"][way]["losses"][0] for way in summary["ways"]]
+    assert abs(first[0] - first[1]) <= 1e-5 * abs(first[0])
+
+
+def test_ways_with_cuda_graphs_are_skipped_off_cuda(tmp_path, cache_dir, capsys):
+    ways = ["captured", "compile-cudagraphs", "compile-patched-cudagraphs"]
+    summary = _run("mlp", tmp_path, cache_dir, "--steps", "2", "--ways", ",".join(["eager", *ways]))
+    assert list(summary["ways"]) == ["eager"] and sorted(summary["skipped"]) == sorted(ways)
+    printed = capsys.readouterr().out
+    for way in ways:
+        assert f"skipping {way}: CUDA graphs need a CUDA device, not cpu" in printed
 
 
 def test_tokenizer_trained_offline_then_reused(tmp_path, cache_dir, monkeypatch):

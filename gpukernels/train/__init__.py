@@ -9,8 +9,10 @@ Models: mlp (residual MLP on the digits), gpt2 (transformers GPT2LMHeadModel),
 llama (transformers LlamaForCausalLM), resnet50 (timm, else torchvision, else
 the bottleneck ResNet defined here), all from random weights.
 Ways, in this order: eager (plain PyTorch), patched (gk.patch with the fused LM
-loss and gk.optim.AdamW), liger (Liger-Kernel's patch, when installed; CUDA
-only), compile (torch.compile of plain), compile-patched.
+loss and gk.optim.AdamW), captured (patched, its whole step replayed from a CUDA
+graph: gk.capture_step; CUDA only), liger (Liger-Kernel's patch, when installed;
+CUDA only), compile (torch.compile of plain), compile-patched, and both compiled
+with mode="reduce-overhead" (compile-cudagraphs, compile-patched-cudagraphs; CUDA only).
 Data (nothing is downloaded): the Python standard library's .py sources,
 tokenized by a byte-level BPE trained here and cached (--cache-dir); images:
 scikit-learn's bundled digits, resized.
@@ -33,7 +35,7 @@ from .data import default_cache_dir, load_digits
 from .models import build_model
 from .presets import PRESETS
 from .report import loss_differences, plot, table
-from .run import WAYS, capture_unavailable, run_way
+from .run import WAYS, graphs_unavailable, run_way
 from .tasks import make_task
 
 __all__ = ["PRESETS", "WAYS", "MissingPackage", "build_model", "compare", "load_digits", "main"]
@@ -117,8 +119,8 @@ def compare(
     _write_summary(summary, results, summary_path)
     for way in (w for w in WAYS if ways is None or w in ways):
         why_not = task.liger_unavailable() if WAYS[way].kind == "liger" else None
-        if WAYS[way].captured:
-            why_not = capture_unavailable(device)
+        if WAYS[way].graphs:
+            why_not = graphs_unavailable(device)
         if why_not:
             summary["skipped"][way] = why_not
             print(f"skipping {way}: {why_not}", flush=True)

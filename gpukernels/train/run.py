@@ -24,14 +24,20 @@ class Way(NamedTuple):
     torch.optim.AdamW, torch's schedulers and clip), "gpukernels" (gk.patch, with the
     fused LM loss; gk.optim, the clip inside AdamW's step) or "liger" (Liger-Kernel's
     patch with torch's optimizer; the transformers module globals it replaces are put
-    back after its run). ``compiled``: the model and loss under torch.compile.
-    ``captured``: after ``CAPTURE_AT`` eager steps, the whole step (forward, backward,
-    clip and AdamW) in a CUDA graph, ``gk.capture_step``, replayed on each batch: no
-    host time per op, what a host-bound step needs."""
+    back after its run). ``compile_mode``: the model and loss under torch.compile in that
+    mode ("default"; "reduce-overhead": Inductor replays the forward's and the backward's
+    kernels from CUDA graphs), None for eager. ``captured``: after ``CAPTURE_AT`` eager
+    steps, the whole step (forward, backward, clip and AdamW) in a CUDA graph,
+    ``gk.capture_step``, replayed on each batch: no host time per op, what a host-bound
+    step needs. A way with CUDA graphs runs on CUDA only (``graphs_unavailable``)."""
 
     kind: str
-    compiled: bool = False
+    compile_mode: str | None = None
     captured: bool = False
+
+    @property
+    def graphs(self) -> bool:
+        return self.captured or self.compile_mode == "reduce-overhead"
 
 
 # In this order: the eager ways, quick to start, before the compiled ones, which compile
@@ -42,8 +48,10 @@ WAYS = {
     "patched": Way("gpukernels"),
     "captured": Way("gpukernels", captured=True),
     "liger": Way("liger"),
-    "compile": Way("plain", compiled=True),
-    "compile-patched": Way("gpukernels", compiled=True),
+    "compile": Way("plain", "default"),
+    "compile-patched": Way("gpukernels", "default"),
+    "compile-cudagraphs": Way("plain", "reduce-overhead"),
+    "compile-patched-cudagraphs": Way("gpukernels", "reduce-overhead"),
 }
 CAPTURE_AT = 1
 """The captured way's eager steps before its capture (Triton compiles the kernels, the
@@ -113,9 +121,9 @@ def _plain_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup: int)
     return optimizer, scheduler, lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
 
 
-def capture_unavailable(device: torch.device) -> str | None:
-    """Why the captured way cannot run on ``device``, or None."""
-    return None if device.type == "cuda" else f"a CUDA graph needs a CUDA device, not {device.type}"
+def graphs_unavailable(device: torch.device) -> str | None:
+    """Why a way with CUDA graphs cannot run on ``device``, or None."""
+    return None if device.type == "cuda" else f"CUDA graphs need a CUDA device, not {device.type}"
 
 
 def _gpukernels_optimizer(model: torch.nn.Module, lr: float | torch.Tensor, steps: int, warmup: int):
@@ -171,7 +179,8 @@ def run_way(
 ) -> WayResult:
     """``profile_to``: after the evaluation, profile one more step and write its kernel
     table there."""
-    kind, compiled, captured = WAYS[way]
+    kind, compile_mode, captured = WAYS[way]
+    compiled = compile_mode is not None
     steps, result = cfg["steps"], WayResult()
     warmup = max(1, steps // 10)
     if device.type == "cuda":
@@ -186,7 +195,7 @@ def run_way(
         else:
             loss_of, result.report = task.liger(model, stack)
         if compiled:
-            loss_of = torch.compile(loss_of)
+            loss_of = torch.compile(loss_of, mode=compile_mode)
             stack.callback(torch._dynamo.reset)  # compiled code keeps this model's tensors alive
         make_optimizer = _plain_optimizer if kind != "gpukernels" else _gpukernels_optimizer
         # a captured step reads the lr from device memory, where the schedule writes it
@@ -200,6 +209,8 @@ def run_way(
         model.train()
 
         def eager_step(step: int, batch: tuple) -> float:
+            if compile_mode == "reduce-overhead":  # the last step's graph outputs (its loss) are read: a new step
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast, saved.hooks() if saved is not None and step == 0 else contextlib.nullcontext():
                 loss = loss_of(*batch)
             optimizer.zero_grad(set_to_none=True)
