@@ -504,7 +504,7 @@ MODE_LABELS = {
 def markdown(rows: list[dict], unit: str) -> str:
     lines = [f"| op | what | ours ({unit}) | PyTorch's ({unit}) | ours / PyTorch's |", "|---|---|---:|---:|---:|"]
     lines += [
-        f"| {r['op']} | {MODE_LABELS[r['mode']]} | {r['ours']:,} | {r['pytorch']:,} | {r['ratio']:.2f}x |" for r in rows
+        f"| {r['op']} | {MODE_LABELS.get(r['mode'], r['mode'])} | {r['ours']:,} | {r['pytorch']:,} | {r['ratio']:.2f}x |" for r in rows
     ]
     return "\n".join(lines) + "\n"
 
