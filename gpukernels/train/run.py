@@ -135,8 +135,9 @@ def _gpukernels_optimizer(model: torch.nn.Module, lr: float | torch.Tensor, step
     return optimizer, gk_optim.warmup_cosine(optimizer, warmup, steps, min_lr=lr * 0.01), lambda: None
 
 
-def _captured_steps(loss_of, optimizer, scheduler, autocast) -> Callable[[int, tuple], float]:
-    """The captured way's ``one_step(step, batch)``: ``CAPTURE_AT`` eager steps, then
+def _captured_steps(loss_of, optimizer, scheduler, autocast, saved: SavedForBackward) -> Callable[[int, tuple], float]:
+    """The captured way's ``one_step(step, batch)``: ``CAPTURE_AT`` eager steps (the
+    first measures what its forward saves), then
     ``capture_step`` (its warm-up is that step's training step, on a side stream; the
     capture itself runs nothing), then a replay per batch. The schedule steps outside
     the graph, writing the lr tensor the graph reads."""
@@ -155,7 +156,8 @@ def _captured_steps(loss_of, optimizer, scheduler, autocast) -> Callable[[int, t
             loss = replay(*batch)
         elif step < CAPTURE_AT:
             optimizer.zero_grad(set_to_none=True)
-            loss = graph_step(*batch)
+            with saved.hooks() if step == 0 else contextlib.nullcontext():
+                loss = graph_step(*batch)
         else:
             losses = []  # the warm-up's loss, then the graph's output (written by each replay)
             replay = capture_step(
@@ -204,8 +206,8 @@ def run_way(
         autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
         seconds = []
         # measured in the first step, which the median leaves out; not under torch.compile,
-        # whose graphs would be traced with the hooks, nor in a captured way (patched's)
-        saved = None if compiled or captured else SavedForBackward(model)
+        # whose graphs would be traced with the hooks
+        saved = None if compiled else SavedForBackward(model)
         model.train()
 
         def eager_step(step: int, batch: tuple) -> float:
@@ -220,7 +222,7 @@ def run_way(
             scheduler.step()
             return loss.item()  # .item() waits for the GPU, so the step time is real
 
-        one_step = _captured_steps(loss_of, optimizer, scheduler, autocast) if captured else eager_step
+        one_step = _captured_steps(loss_of, optimizer, scheduler, autocast, saved) if captured else eager_step
 
         progress = tqdm(range(steps), desc=way, leave=False, disable=None)
         for step in progress:
