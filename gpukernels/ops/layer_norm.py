@@ -35,10 +35,12 @@ def layer_norm_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel: ``dx``; ``dweight`` (in the weight's dtype) when there is a weight and
     ``dbias`` (in the weight's dtype, else x's) when ``has_bias``, else empty."""
-    d = x.shape[-1]
-    param_dtype = weight.dtype if weight is not None else x.dtype
-    dweight = x.new_empty(d, dtype=param_dtype) if weight is not None else empty_grad(x)
-    dbias = x.new_empty(d, dtype=param_dtype) if has_bias else empty_grad(x)
+    # empty_like of the weight (contiguous, (D,)): two thirds of new_empty(D, dtype=)'s host time
+    dweight = torch.empty_like(weight) if weight is not None else empty_grad(x)
+    if not has_bias:
+        dbias = empty_grad(x)
+    else:
+        dbias = torch.empty_like(weight) if weight is not None else x.new_empty(x.shape[-1])
     return torch.empty_like(x), dweight, dbias
 
 

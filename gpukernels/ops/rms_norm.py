@@ -47,7 +47,7 @@ def rms_norm_bwd(
 ) -> tuple[Tensor, Tensor]:
     """Kernel: ``dx`` (x's dtype); ``dweight`` (the weight's dtype) when there is
     a weight, else empty."""
-    dweight = x.new_empty(x.shape[-1], dtype=weight.dtype) if weight is not None else empty_grad(x)
+    dweight = torch.empty_like(weight) if weight is not None else empty_grad(x)  # weight: contiguous, (D,)
     return torch.empty_like(x), dweight
 
 
