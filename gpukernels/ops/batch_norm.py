@@ -102,7 +102,7 @@ def batch_norm_bwd(
     ``dweight = sum(dz * xhat)`` in the weight's dtype when there is a weight,
     and ``dbias = sum(dz)`` when there is a bias, in the weight's dtype (the bias
     shares it) or else the statistics dtype; empty when not wanted."""
-    # empty_like of the weight (contiguous, (C,)): two thirds of new_empty(C, dtype=)'s host time
+    # empty_like of the weight (contiguous, (C,)) parses fewer arguments than new_empty(C, dtype=): host time
     dweight = torch.empty_like(weight) if weight is not None else empty_grad(x)
     if bias is None:
         dbias = empty_grad(x)

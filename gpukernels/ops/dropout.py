@@ -38,7 +38,7 @@ def dropout_fwd(x: Tensor, p: float, seed: Tensor, backend: str) -> Tensor:
     """Kernel: ``y`` = the contiguous ``x`` with the elements the keep test
     keeps for ``p`` and ``seed`` (an int64 0-dim tensor) times ``1/(1-p)`` (in
     the compute dtype: fp64 for fp64, else fp32), the others 0."""
-    return torch.empty_like(x)  # x's strides, contiguous: half new_empty(x.shape)'s host time
+    return torch.empty_like(x)  # x's strides, contiguous: under half new_empty(x.shape)'s host time
 
 
 def _setup_context(ctx, inputs, output):

@@ -35,7 +35,7 @@ def layer_norm_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel: ``dx``; ``dweight`` (in the weight's dtype) when there is a weight and
     ``dbias`` (in the weight's dtype, else x's) when ``has_bias``, else empty."""
-    # empty_like of the weight (contiguous, (D,)): two thirds of new_empty(D, dtype=)'s host time
+    # empty_like of the weight (contiguous, (D,)) parses fewer arguments than new_empty(D, dtype=): host time
     dweight = torch.empty_like(weight) if weight is not None else empty_grad(x)
     if not has_bias:
         dbias = empty_grad(x)
