@@ -118,9 +118,10 @@ def compare(
     # written before the first way and after each: a run stopped early (a time limit) keeps what it finished
     _write_summary(summary, results, summary_path)
     for way in (w for w in WAYS if ways is None or w in ways):
-        why_not = task.liger_unavailable() if WAYS[way].kind == "liger" else None
-        if WAYS[way].graphs:
-            why_not = graphs_unavailable(device)
+        spec = WAYS[way]
+        why_not = (
+            graphs_unavailable(device) if spec.graphs else task.liger_unavailable() if spec.kind == "liger" else None
+        )
         if why_not:
             summary["skipped"][way] = why_not
             print(f"skipping {way}: {why_not}", flush=True)

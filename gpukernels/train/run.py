@@ -160,9 +160,12 @@ def _captured_steps(loss_of, optimizer, scheduler, autocast, saved: SavedForBack
                 loss = graph_step(*batch)
         else:
             losses = []  # the warm-up's loss, then the graph's output (written by each replay)
-            replay = capture_step(
-                lambda *b: losses.append(graph_step(*b)) or losses[-1], *batch, optimizer=optimizer, warmup_steps=1
-            )
+
+            def recorded_step(*b: torch.Tensor) -> torch.Tensor:
+                losses.append(graph_step(*b))
+                return losses[-1]
+
+            replay = capture_step(recorded_step, *batch, optimizer=optimizer, warmup_steps=1)
             loss = losses[0]
         scheduler.step()
         return loss.item()
