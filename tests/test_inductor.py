@@ -226,6 +226,79 @@ def _check_targets_as_on_cuda(last, target, ignore_index, classes):
     torch._assert_async(last.ok, "target out of bounds")
 
 
+def _accesses(analysis) -> tuple:
+    """What torch's analysis of a kernel's arguments found: the written ones (torch 2.11's
+    list), or those written and read and whether an epilogue can fuse (torch 2.13's)."""
+    if isinstance(analysis, list):
+        return (sorted(analysis),)
+    read_writes = analysis.read_writes
+    return (
+        sorted(d.name for d in read_writes.writes),
+        sorted(d.name for d in read_writes.reads),
+        analysis.can_fuse_epilogue,
+    )
+
+
+def _check_shared_analyses() -> dict:
+    """Every call of torch's analysis of a kernel's arguments from now on answered by
+    ours, which keeps it per key, and by torch's own, run again: counts, and the
+    calls whose answers differ."""
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    from gpukernels.backends.triton._launch import _ACCESS_ANALYSES, share_access_analyses
+
+    name = next(n for n in _ACCESS_ANALYSES if hasattr(triton_kernel_wrap, n))
+    torchs = getattr(triton_kernel_wrap, name)
+    kept = share_access_analyses()
+    shared = getattr(triton_kernel_wrap, name)
+    checks = {"calls": 0, "differ": [], "kept": kept}
+
+    def checked(kernel, kwargs, tma_descriptor_metadata):
+        checks["calls"] += 1
+        answer = shared(kernel, kwargs, tma_descriptor_metadata)
+        if _accesses(answer) != _accesses(torchs(kernel, kwargs, tma_descriptor_metadata)):
+            checks["differ"].append(getattr(kernel, "__name__", repr(kernel)))
+        return answer
+
+    setattr(triton_kernel_wrap, name, checked)
+    return checks
+
+
+def _analysis_keys() -> dict:
+    """Whether ``access_analysis_key`` tells apart what the TTIR lowering reads."""
+    import sympy
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.runtime.autotuner import Config, autotune
+
+    from gpukernels.backends.triton._launch import access_analysis_key
+    from gpukernels.backends.triton._norm import norm_fwd_kernel
+
+    kernel = norm_fwd_kernel.fn
+
+    def arguments(dtype=torch.float32, **changed):
+        with FakeTensorMode():
+            x = torch.empty(4, dtype=dtype)
+        tensors = dict(X=x, W=None, B=None, Y=x, Stats=x)
+        return {**tensors, "D": 8, "eps_hi": 1e-5, "eps_lo": 0.0, "offset": None, "CENTERED": True, **changed}
+
+    key = access_analysis_key(kernel, arguments(), {})
+    return {
+        "ours": key is not None,
+        "same": access_analysis_key(kernel, arguments(), {}) == key,
+        "dtype": access_analysis_key(kernel, arguments(torch.bfloat16), {}) != key,
+        "int": access_analysis_key(kernel, arguments(D=16), {}) != key,
+        "symbolic_as_2": access_analysis_key(kernel, arguments(D=sympy.Symbol("s")), {})
+        == access_analysis_key(kernel, arguments(D=2), {}),
+        "real_tensor": access_analysis_key(kernel, arguments(X=torch.empty(4)), {}) is None,
+        "tma": access_analysis_key(kernel, arguments(), {"X": ("stable", ([8],))}) is None,
+        "not_ours": access_analysis_key(triton.jit(kernel.fn), arguments(), {}) is None,
+        "autotuner": access_analysis_key(
+            autotune(configs=[Config({"D": 16}, num_warps=8)], key=[])(kernel), arguments(), {}
+        )
+        == access_analysis_key(kernel, arguments(D=16), {}),
+    }
+
+
 def _worker() -> dict:
     from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code as source_code
     from torch._library.triton import get_triton_kernels_for_op
@@ -240,8 +313,9 @@ def _worker() -> dict:
     from gpukernels.ops._op import OPS
 
     cross_entropy.check_targets = linear_cross_entropy.check_targets = _check_targets_as_on_cuda
+    analyses = _check_shared_analyses()
     torch.manual_seed(0)
-    result = {"stub": stub}
+    result = {"stub": stub, "keys": _analysis_keys()}
     model = _Model()  # patched on real tensors: patch() traces the model to find what to fuse
     gk.patch(model)
     result["patched"] = sorted(type(m).__name__ for m in model.modules() if type(m).__module__.startswith("gpukernels"))
@@ -280,6 +354,7 @@ def _worker() -> dict:
     result["listed"] = {op: len(ids) for op, ids in listed.items()}
     sources = [(k.__name__, source_code(k)) for k in get_triton_kernels_for_op("gpukernels::layer_norm_fwd")]
     result["unsourced"] = [name for name, source in sources if f"def {name}(" not in source]
+    result["analyses"] = {"calls": analyses["calls"], "kept": len(analyses["kept"]), "differ": analyses["differ"]}
     return result
 
 
@@ -415,6 +490,16 @@ def test_launched_kernels_are_in_the_cache_key(traced):
     assert not traced["unlisted"] and not traced["unsourced"]
     untraced = {"adamw_step_", *(op for ops in OPAQUE_CASES.values() for op in ops), "linear_cross_entropy_grads_fwd"}
     assert {op for op, count in traced["listed"].items() if not count} == untraced
+
+
+def test_argument_analyses_are_shared_and_equal_to_torchs(traced):
+    """Torch lowers a traced kernel to TTIR to find the arguments it writes, at every
+    launch in a graph and three times more in Inductor; ours keeps each answer per
+    kernel and arguments as the lowering sees them, and gives torch's own answer."""
+    analyses = traced["analyses"]
+    assert not analyses["differ"]
+    assert 0 < analyses["kept"] < analyses["calls"]
+    assert all(traced["keys"].values()), traced["keys"]
 
 
 def test_interpreter_and_numpy_paths_stay_opaque():

@@ -44,7 +44,11 @@ While an op's implementation is traced into a graph (``traced_launches``,
 entered by ops/_op.py when torch.compile's AOTAutograd decomposes an op on
 CUDA tensors), ``kernel[grid](...)`` is ``torch.library.wrap_triton``'s
 instead: a graph node that Inductor compiles and launches itself. One
-context variable, read once per launch, tells the two apart.
+context variable, read once per launch, tells the two apart. Torch works out
+which arguments such a node's kernel writes by lowering the kernel to TTIR, at
+every node and again at three places of Inductor's lowering; for our kernels
+that answer is worked out once per kernel and arguments as the lowering sees
+them (``share_access_analyses``).
 
 Under ``TRITON_INTERPRET=1`` (read when ``jit`` decorates, as by
 ``triton.jit``) the ``Kernel`` ``jit`` returns holds ``triton.jit``'s
@@ -58,12 +62,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import os
 from typing import Any, Callable, Iterator
 
 import torch
 import triton
+from torch import Tensor
 from triton import knobs
 from triton._C.libtriton import native_specialize_impl
 from triton.compiler import CompiledKernel
@@ -106,11 +112,81 @@ def traced_launches() -> Iterator[None]:
     ``triton_kernel_wrapper`` node of the graph rather than a launch. Launchers
     read ``tracing()`` where a traced graph needs something else than a launch
     does (a fresh tensor where they keep one across launches)."""
+    share_access_analyses()
     token = _traced.set(True)
     try:
         yield
     finally:
         _traced.reset(token)
+
+
+# torch's analysis of the arguments a traced kernel reads and writes: its name in torch 2.13, in 2.11
+_ACCESS_ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")
+
+
+@functools.cache
+def share_access_analyses() -> dict:
+    """Torch finds which arguments a traced kernel writes by lowering the kernel to
+    TTIR (tens of milliseconds) for each launch in the graph, and again for each
+    where Inductor lowers it (three more places): a patched ResNet-50's forward alone
+    lowered our kernels 168 times for 53 batch norms. The answer depends only on the
+    kernel and what the lowering sees of its arguments (tensors by dtype, other
+    values as they are, symbolic ones as 2), so torch's analysis is wrapped, once,
+    to keep it per such key for our kernels; other kernels, and arguments the
+    lowering reads more of (real tensors, TMA descriptors), go to torch's as before.
+    Returns the kept analyses, by key."""
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    analyses: dict = {}
+    name = next((n for n in _ACCESS_ANALYSES if hasattr(triton_kernel_wrap, n)), None)
+    if name is None:  # another torch: its analysis as it is
+        return analyses
+    analyse = getattr(triton_kernel_wrap, name)
+
+    @functools.wraps(analyse)
+    def shared(kernel, kwargs, tma_descriptor_metadata):
+        key = access_analysis_key(kernel, kwargs, tma_descriptor_metadata)
+        if key is None:
+            return analyse(kernel, kwargs, tma_descriptor_metadata)
+        if key not in analyses:
+            analyses[key] = analyse(kernel, kwargs, tma_descriptor_metadata)
+        return copy.deepcopy(analyses[key])  # each caller its own, as from torch's
+
+    setattr(triton_kernel_wrap, name, shared)
+    return analyses
+
+
+def access_analysis_key(kernel: Any, kwargs: dict, tma_descriptor_metadata: dict) -> tuple | None:
+    """What torch's lowering of ``kernel`` to TTIR (``generate_ttir``) reads of its
+    arguments, as a key; None for a kernel not ours or arguments it reads more of."""
+    import sympy
+    from torch._inductor.ir import TensorBox
+    from torch._subclasses.fake_tensor import FakeTensor
+    from triton.runtime.autotuner import Autotuner
+
+    if tma_descriptor_metadata:
+        return None
+    if isinstance(kernel, Autotuner):  # torch's, holding a launch's num_warps: lowered with its first config
+        if kernel.configs:
+            kwargs = {**kwargs, **kernel.configs[0].kwargs}
+        kernel = kernel.fn
+    if not any(kernel is ours.fn for ours in KERNELS):
+        return None
+    key = [id(kernel)]  # KERNELS holds every one of ours: ids stay theirs
+    for name, value in kwargs.items():
+        if isinstance(value, (FakeTensor, TensorBox)):  # lowered as an empty tensor of its dtype
+            key.append((name, Tensor, value.dtype))
+        elif isinstance(value, Tensor):  # lowered as it is: its address is read
+            return None
+        elif isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)):
+            key.append((name, int, 2))  # lowered as 2
+        else:
+            key.append((name, type(value), value))
+    try:
+        hash(tuple(key))
+    except TypeError:
+        return None
+    return tuple(key)
 
 
 def _binder_source(fn: JITFunction) -> str | None:
