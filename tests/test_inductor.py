@@ -279,7 +279,7 @@ def _analysis_keys() -> dict:
         with FakeTensorMode():
             x = torch.empty(4, dtype=dtype)
         tensors = dict(X=x, W=None, B=None, Y=x, Stats=x)
-        return {**tensors, "D": 8, "eps_hi": 1e-5, "eps_lo": 0.0, "offset": None, "CENTERED": True, **changed}
+        return {**tensors, "D": 8, "eps_hi": 1, "eps_lo": 2, "offset": None, "CENTERED": True, **changed}
 
     key = access_analysis_key(kernel, arguments(), {})
     return {

@@ -113,6 +113,31 @@ def test_round_to_rounds_bf16_to_nearest_even_in_interpreter():
     assert out[-1].isnan()
 
 
+@triton.jit
+def float_option_kernel(hi, lo, Out, ACC: tl.constexpr):
+    tl.store(Out, _common.as_float(hi, lo, ACC))
+
+
+# fp64 values no fp32 pair holds exactly: 53 significant bits, the extremes of the range, signed zero
+FLOAT_OPTIONS = [1e-5, 1 / 3, -0.1, 0.0, -0.0, 5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, 1.0]
+
+
+@pytest.mark.skipif(not _common.INTERPRETING, reason="runs kernels in the interpreter")
+@pytest.mark.parametrize("acc", [tl.float64, tl.float32], ids=str)
+def test_float_options_reach_kernels_exactly(acc):
+    """A float option (eps, momentum, label smoothing) is the kernels' as the host has
+    it: ``float_bits``'s two int32 words read back in fp64, then rounded to the
+    accumulation dtype as PyTorch rounds an fp64 (bits compared: signed zeros too)."""
+    dtype, bits = (torch.float64, torch.int64) if acc == tl.float64 else (torch.float32, torch.int32)
+    for value in FLOAT_OPTIONS:
+        words = _common.float_bits(value)
+        assert all(-(2**31) <= w < 2**31 for w in words)
+        out = torch.empty(1, dtype=dtype)
+        float_option_kernel[(1,)](*words, out, ACC=acc)
+        expected = torch.tensor([value], dtype=torch.float64).to(dtype)
+        assert torch.equal(out.view(bits), expected.view(bits)), value
+
+
 @pytest.mark.skipif(not _common.INTERPRETING, reason="runs kernels in the interpreter")
 def test_launch_with_a_key_runs_the_kernel_and_checks_the_key(monkeypatch):
     monkeypatch.setattr(_launch, "CHECK_LAUNCH_KEYS", True)

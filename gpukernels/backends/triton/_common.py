@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import functools
+import struct
 from threading import get_ident
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -76,13 +76,28 @@ def aligned(*tensors: torch.Tensor | None) -> bool:
     return bits & 15 == 0
 
 
-@functools.lru_cache(maxsize=64)
-def fp32_pair(value: float) -> tuple[float, float]:
-    """``value`` as hi + lo, each exact in fp32: float kernel arguments arrive as fp32,
-    which would round an fp64 eps or momentum (the kernels add the two in their
-    accumulation dtype, with ``tl.cast``: under torch.compile they arrive as constexprs)."""
-    hi = float(np.float32(value))
-    return hi, float(np.float32(value - hi))
+_FP64 = struct.Struct("<d")
+_INT32_PAIR = struct.Struct("<ii")  # little-endian: the low word first
+
+
+def float_bits(value: float) -> tuple[int, int]:
+    """The bits of ``value`` as an fp64, as two int32 kernel arguments, the high word
+    and the low (``as_float`` reads them back): how float options (eps, momentum, label
+    smoothing, ...) reach the kernels. A Python float argument arrives as fp32, which
+    would round an fp64 option; an int beyond 32 bits fails torch 2.11's Inductor,
+    which launches the kernels under torch.compile. Kernels name these arguments in
+    ``jit(float_options=...)``: neither their values nor their alignment specialize a
+    launch. Not cached: a cache would hand -0.0 the bits of 0.0, which it equals."""
+    return _INT32_PAIR.unpack(_FP64.pack(value))[::-1]
+
+
+@triton.jit
+def as_float(hi, lo, ACC: tl.constexpr):
+    """A ``float_bits`` pair as a float of dtype ``ACC``. ``tl.cast``, not ``hi.to``:
+    torch 2.11's mutation analysis of a kernel inside torch.compile makes every int
+    argument a constexpr, a Python int without ``.to``."""
+    bits = (tl.cast(hi, tl.int64) << 32) | (tl.cast(lo, tl.int64) & 0xFFFFFFFF)
+    return bits.to(tl.float64, bitcast=True).to(ACC)
 
 
 def dtype_of(t: torch.Tensor | None) -> torch.dtype | None:

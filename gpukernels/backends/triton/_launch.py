@@ -65,7 +65,7 @@ import contextvars
 import copy
 import functools
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import triton
@@ -320,10 +320,13 @@ class Kernel:
     interpreter the interpreted function, which runs every launch; other attributes
     are its."""
 
-    def __init__(self, fn: Any):
+    def __init__(self, fn: Any, options: dict | None = None):
         self.fn = fn
         self.compiled = isinstance(fn, JITFunction)
-        parameters = (fn if self.compiled else JITFunction(fn.fn)).params
+        # what the JIT specializes on: under the interpreter, the JITFunction ``triton.jit``
+        # would make of the function with the same ``options`` (do_not_specialize, ...)
+        self._jit = fn if self.compiled else JITFunction(fn.fn, **(options or {}))
+        parameters = self._jit.params
         trailing_constexprs = 0
         while trailing_constexprs < len(parameters) and parameters[-1 - trailing_constexprs].is_constexpr:
             trailing_constexprs += 1
@@ -450,7 +453,7 @@ class Kernel:
                 f"constexprs) by position, got {len(args)}"
             )
         if self._key_binder is None:  # the JIT's key, without a backend: a tensor descriptor's would need one
-            self._key_binder = _make_binder(self.fn if self.compiled else JITFunction(self.fn.fn), None)
+            self._key_binder = _make_binder(self._jit, None)
         specialization, _ = self._key_binder(*args, **kwargs)
         seen = self._keys_seen.setdefault(key, specialization)
         if seen != specialization:
@@ -505,9 +508,14 @@ class Kernel:
         return sum(len(kernels) for _, kernels in self._devices.values())
 
 
-def jit(fn: Callable | None = None, **options) -> Kernel:
+def jit(fn: Callable | None = None, *, float_options: Sequence[str] = (), **options) -> Kernel:
     """``triton.jit`` (same options) for a kernel launched from the host, as a ``Kernel``:
-    compiled, its launches go through its caches; under the interpreter they run there."""
+    compiled, its launches go through its caches; under the interpreter they run there.
+    ``float_options``: the arguments that take ``_common.float_bits`` words, which
+    specialize on neither their values nor their alignment (a launch key leaves them out)."""
     if fn is None:
-        return lambda f: jit(f, **options)
-    return Kernel(triton.jit(fn, **options))
+        return lambda f: jit(f, float_options=float_options, **options)
+    if float_options:
+        for option in ("do_not_specialize", "do_not_specialize_on_alignment"):
+            options[option] = [*options.get(option, ()), *float_options]
+    return Kernel(triton.jit(fn, **options), options)

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from ._common import (
     arrival_counter,
+    as_float,
     fitting_per_sm,
     launch_plan,
     launch_scratch,
@@ -263,7 +264,7 @@ def _dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED: tl.constexpr):
     return rstd * (g - xhat * mean_gxhat)
 
 
-@jit
+@jit(float_options=["eps_hi", "eps_lo"])
 def norm_fwd_kernel(
     X,
     W,
@@ -286,7 +287,7 @@ def norm_fwd_kernel(
     ACC: tl.constexpr = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
     # y's statistics dtype: with CAST_BEFORE_W, y has the dtype promoted from w's and x's
     MUL: tl.constexpr = tl.float64 if Y.dtype.element_ty == tl.float64 else tl.float32
-    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
+    eps = as_float(eps_hi, eps_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
     X += row * D
     Y += row * D

@@ -74,10 +74,11 @@ from ._common import (
     PROGRAMS_PER_SM,
     acc_dtype,
     aligned,
+    as_float,
     cdiv,
     dtype_of,
     fitting_per_sm,
-    fp32_pair,
+    float_bits,
     launch_scratch,
     next_power_of_2,
     num_programs,
@@ -309,7 +310,7 @@ def _merged_moments(Partial, splits, M, c_start, C, ACC: tl.constexpr, BLOCK_C: 
     return tl.where(m > 0, mean, float("nan")), m2 / m
 
 
-@jit
+@jit(float_options=["momentum_hi", "momentum_lo", "eps_hi", "eps_lo"])
 def batch_norm_normalize_kernel(
     X,
     Y,
@@ -362,7 +363,7 @@ def batch_norm_normalize_kernel(
     other program reads then."""
     c_start = tl.program_id(0) * BLOCK_C
     first = tl.program_id(1) == 0
-    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
+    eps = as_float(eps_hi, eps_lo, ACC)
     if TRAINING:
         if OWN_STATS:
             _, mean, m2 = _tiles_moments(
@@ -373,7 +374,7 @@ def batch_norm_normalize_kernel(
             mean, var = _merged_moments(Partial, splits, M, c_start, C, ACC, BLOCK_C)
         if UPDATE_RUNNING:
             if first:
-                momentum = tl.cast(momentum_hi, ACC) + tl.cast(momentum_lo, ACC)
+                momentum = as_float(momentum_hi, momentum_lo, ACC)
                 m = tl.cast(M, ACC)
                 running_mean = _channel_vector(RunningMean, c_start, C, ACC, BLOCK_C)
                 running_var = _channel_vector(RunningVar, c_start, C, ACC, BLOCK_C)
@@ -853,8 +854,8 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, residual, trainin
         *params,
         tiling.m,
         *tiling.args(3),
-        *fp32_pair(momentum),
-        *fp32_pair(eps),
+        *float_bits(momentum),
+        *float_bits(eps),
     )
 
 

@@ -31,9 +31,8 @@ constexpr flag: a softcap (the row is read as ``cap * tanh(x / cap)``), a
 z-loss (``z * lse**2`` per row) and vocabulary slices.
 
 Float options reach the kernels as the bits of their fp64 value, in two int32
-arguments each (a Python float would be passed as fp32; an int beyond 32 bits
-fails torch 2.11's Inductor, which launches these kernels under torch.compile),
-so fp64 logits see them exactly and no launch puts them in device memory.
+arguments each (``float_bits``, as every kernel's float options), so fp64 logits
+see them exactly and no launch puts them in device memory.
 
 A target outside ``[0, C)`` that is not ``ignore_index`` is never read: the
 kernels clamp the index they load with, and the last program flags it.
@@ -46,7 +45,6 @@ and leaves the CUDA context unusable).
 from __future__ import annotations
 
 import math
-import struct
 from typing import NamedTuple, Optional
 
 import torch
@@ -58,8 +56,10 @@ from ._common import (
     acc_dtype,
     aligned,
     arrival_counter,
+    as_float,
     cdiv,
     dtype_of,
+    float_bits,
     launch_plan,
     launch_scratch,
     round_to,
@@ -91,27 +91,8 @@ def softcap_slope(x, cap):
 
 # Rows per step and warp of the forward's last program, which sums every row's loss.
 FINISH_ROWS_PER_WARP = 256
-# Float options reach the kernels as bits: no specialisation on their values.
+# The arguments that take float_bits words.
 FLOAT_OPTIONS = ["smoothing_hi", "smoothing_lo", "softcap_hi", "softcap_lo", "z_loss_hi", "z_loss_lo"]
-
-
-_FP64 = struct.Struct("<d")
-_INT32_PAIR = struct.Struct("<ii")  # little-endian: the low word first
-
-
-def float_bits(value: float) -> tuple[int, int]:
-    """The bits of ``value`` as an fp64, as two int32 arguments, the high word and the low
-    (``as_float`` reads them back)."""
-    return _INT32_PAIR.unpack(_FP64.pack(value))[::-1]
-
-
-@triton.jit
-def as_float(hi, lo, ACC: tl.constexpr):
-    """A ``float_bits`` pair as a float of dtype ``ACC``. ``tl.cast``, not ``hi.to``:
-    torch 2.11's mutation analysis of a kernel inside torch.compile makes every int
-    argument a constexpr, a Python int without ``.to``."""
-    bits = (tl.cast(hi, tl.int64) << 32) | (tl.cast(lo, tl.int64) & 0xFFFFFFFF)
-    return bits.to(tl.float64, bitcast=True).to(ACC)
 
 
 @triton.jit
@@ -177,7 +158,7 @@ def finish_rows(
             tl.store(Totals + 1, tl.zeros((), ACC) + C)
 
 
-@jit(do_not_specialize=FLOAT_OPTIONS)
+@jit(float_options=FLOAT_OPTIONS)
 def cross_entropy_fwd_kernel(
     X,
     T,
@@ -304,7 +285,7 @@ def cross_entropy_fwd_kernel(
             tl.store(Flags, 0)  # the counter, for the next forward
 
 
-@jit(do_not_specialize=FLOAT_OPTIONS)
+@jit(float_options=FLOAT_OPTIONS)
 def cross_entropy_bwd_kernel(
     X,
     T,

@@ -4,7 +4,7 @@ the launchers of the row-normalisation kernels of ``_norm``, centred (``CENTERED
 
 from __future__ import annotations
 
-from ._common import aligned, dtype_of, fp32_pair, row_count
+from ._common import aligned, dtype_of, float_bits, row_count
 from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
@@ -23,7 +23,7 @@ def layer_norm_fwd(x, weight, bias, eps, y, stats):
             y,
             stats,
             d,
-            *fp32_pair(eps),
+            *float_bits(eps),
             no_offset,
         )
 

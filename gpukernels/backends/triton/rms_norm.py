@@ -4,7 +4,7 @@ the launchers of the row-normalisation kernels of ``_norm``, uncentred (``CENTER
 
 from __future__ import annotations
 
-from ._common import aligned, dtype_of, fp32_pair, row_count
+from ._common import aligned, dtype_of, float_bits, row_count
 from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
@@ -27,7 +27,7 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
             y,
             rstd,
             d,
-            *fp32_pair(eps),
+            *float_bits(eps),
             offset,
         )
 
