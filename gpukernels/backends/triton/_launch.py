@@ -144,10 +144,11 @@ def share_access_analyses() -> dict:
     analyse = getattr(triton_kernel_wrap, name)
 
     @functools.wraps(analyse)
-    def shared(kernel, kwargs, tma_descriptor_metadata):
-        key = access_analysis_key(kernel, kwargs, tma_descriptor_metadata)
+    def shared(kernel, kwargs, tma_descriptor_metadata, *more, **options):
+        # more arguments than these three (a later torch's): torch's analysis as it is
+        key = None if more or options else access_analysis_key(kernel, kwargs, tma_descriptor_metadata)
         if key is None:
-            return analyse(kernel, kwargs, tma_descriptor_metadata)
+            return analyse(kernel, kwargs, tma_descriptor_metadata, *more, **options)
         if key not in analyses:
             analyses[key] = analyse(kernel, kwargs, tma_descriptor_metadata)
         return copy.deepcopy(analyses[key])  # each caller its own, as from torch's
