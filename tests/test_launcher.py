@@ -138,6 +138,26 @@ def test_float_options_reach_kernels_exactly(acc):
         assert torch.equal(out.view(bits), expected.view(bits)), value
 
 
+def _option_scaled(X, Out, hi, lo, n, BLOCK: tl.constexpr):
+    cols = tl.arange(0, BLOCK)
+    x = tl.load(X + cols, mask=cols < n)
+    tl.store(Out + cols, x * _common.as_float(hi, lo, tl.float64), mask=cols < n)
+
+
+@pytest.mark.skipif(not _common.INTERPRETING, reason="runs kernels in the interpreter")
+def test_float_option_words_do_not_specialize(monkeypatch):
+    """Words of ``jit(float_options=...)`` arguments are left out of a launch key: options
+    whose words differ in value and alignment (1.0's low word is 0, a multiple of 16;
+    1/3's is not) launch under one key, checked against the JIT's own."""
+    monkeypatch.setattr(_launch, "CHECK_LAUNCH_KEYS", True)
+    kernel = jit(_option_scaled, float_options=["hi", "lo"])
+    x = torch.arange(1.0, 6.0, dtype=torch.float64)
+    for value in (1.0, 1 / 3, 0.0, -2.5):
+        out = torch.empty_like(x)
+        kernel.launch((1,), "one key", lambda: dict(BLOCK=8), x, out, *_common.float_bits(value), x.numel())
+        assert torch.equal(out, x * value), value
+
+
 @pytest.mark.skipif(not _common.INTERPRETING, reason="runs kernels in the interpreter")
 def test_launch_with_a_key_runs_the_kernel_and_checks_the_key(monkeypatch):
     monkeypatch.setattr(_launch, "CHECK_LAUNCH_KEYS", True)
