@@ -109,7 +109,7 @@ parallel=()
 "$py" -c "import xdist" 2>/dev/null && parallel=(-n 14)
 for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
     case $name in
-        tests) step gpu-tests $(limit tests 240) "$py" -m pytest -m gpu -q -ra -p no:cacheprovider "${parallel[@]}" \
+        tests) step gpu-tests $(limit tests 240) "$py" -m pytest -m gpu -q -ra -p no:cacheprovider --durations=25 "${parallel[@]}" \
                    ${GPU_CHECK_TESTS_K:+-k "$GPU_CHECK_TESTS_K"} tests ;;
         profile) step profile $(limit profile 120) "$py" -m bench --profile --quick --out "$work/profile" ;;
         bench) step bench $(limit bench 240) "$py" -m bench --quick --skip "${GPU_CHECK_BENCH_SKIP-compile-max}" \
