@@ -183,11 +183,12 @@ def access_analysis_key(kernel: Any, kwargs: dict, tma_descriptor_metadata: dict
             key.append((name, int, 2))  # lowered as 2
         else:
             key.append((name, type(value), value))
+    key = tuple(key)
     try:
-        hash(tuple(key))
-    except TypeError:
+        hash(key)
+    except TypeError:  # an argument value no dict can key: torch's analysis at every call
         return None
-    return tuple(key)
+    return key
 
 
 def _binder_source(fn: JITFunction) -> str | None:
