@@ -7,16 +7,19 @@ an ``offset`` is given: RMSNorm's), ``B`` shifts it. ``CAST_BEFORE_W`` rounds
 the normalised row to x's dtype before the weight multiplies it (Llama's
 RMSNorm).
 
-Forward: one program per row. A row that fits in one block (``D <= 8192``)
-is loaded once and kept in registers; a wider row is read in column blocks,
-once for the mean (centred only), once for the sum of squares (two-pass, for
-accuracy), once to normalise.
+Forward: rows that fit in one block (``D <= 8192``) are loaded once and
+kept in registers, ``ROWS`` of them a program, as one tile of ``FWD_TILE``
+elements where the rows are narrower (down to 256 features); a wider row, one a program, is
+read in column blocks, once for the mean (centred only), once for the sum of
+squares (two-pass, for accuracy), once to normalise.
 Backward: one launch of a persistent grid; each program takes rows
 ``pid, pid + G, ...``, writes their ``dx`` and keeps running sums of
 ``dy*xhat`` (and ``dy`` for a bias) for its rows, stored as its rows of a
-(2, G, D) partial buffer. A row that fits in one block is read while the
-previous one is reduced (the next row's ``dy``, ``x`` and statistics are
-loaded first), and its two sums, ``sum(g)`` and ``sum(g*xhat)``, are one
+(2, G, D) partial buffer. Rows that fit in one block are loaded ``STAGES - 1``
+rows ahead of the one being worked on (``dy``, ``x`` and the statistics,
+copied asynchronously into shared memory by Triton's software pipeline:
+about ``AHEAD_BYTES`` in flight a program, where registers would hold one
+row), and a row's two sums, ``sum(g)`` and ``sum(g*xhat)``, are one
 reduction (one pass through shared memory: half the barriers of two). The
 partial rows are then summed in a tree over the programs, ``FAN_IN``
 children a node: the last program to arrive at a node (an arrival counter per
@@ -61,22 +64,58 @@ FAN_IN = 8
 take ceil(log8 G) levels (3 for two programs on each of 132 SMs)."""
 
 
+FWD_TILE = 4096
+"""Elements of the forward's tile: rows narrower than this go ``FWD_TILE // BLOCK_D`` to a
+program (at most ``MAX_FWD_ROWS``). The H200 run of 2026-12-04 timed the forward, then a row a
+program, at 87% and 86% of the copy bandwidth at 4096 and 8192 bf16 features (8 and
+16 warps) but at 73% and 65% at 2048 and 1024 (8 and 4 warps: half and a quarter of
+the bytes in flight an SM)."""
+
+MAX_FWD_ROWS = 16
+"""Rows of the forward's tile, at the most: on sm_90, 128 rows of 32 features took 80
+registers a thread (and spilled in fp64) where 16 rows took 56."""
+
+
 @functools.cache  # one entry per row width: a dict lookup instead of the arithmetic, on a new launch key
 def row_launch(d: int) -> dict:
-    """The forward's ``BLOCK_D``, ``ONE_BLOCK`` and ``num_warps`` for rows of ``d`` features,
-    by name: a warp per 256 columns, at most 8 warps below 8192 columns (Liger-Kernel's
-    8-warp forward took 20 us against 24 us for our 16 warps at 4096 x 4096 bf16 on the
-    H200, bench/results/NVIDIA-H200-2026-11-26-cudagraph.md)."""
+    """The forward's ``BLOCK_D``, ``ONE_BLOCK``, ``ROWS`` (rows a program) and ``num_warps``
+    for rows of ``d`` features, by name: a warp per 256 elements of the tile (at least one), at most 8
+    warps below 8192 (Liger-Kernel's 8-warp forward took 20 us against 24 us for our 16
+    warps at 4096 x 4096 bf16 on the H200, bench/results/NVIDIA-H200-2026-11-26-cudagraph.md)."""
     block = row_block(d)
-    return dict(BLOCK_D=block, ONE_BLOCK=block >= d, num_warps=min(max(block // 256, 1), 8 if block < 8192 else 16))
+    one_block = block >= d
+    rows = min(max(FWD_TILE // block, 1), MAX_FWD_ROWS) if one_block else 1
+    tile = rows * block
+    warps = min(max(tile // 256, 1), 8 if tile < 8192 else 16)
+    return dict(BLOCK_D=block, ONE_BLOCK=one_block, ROWS=rows, num_warps=warps)
+
+
+AHEAD_BYTES = 48 * 1024
+"""What the backward's row loop keeps loading ahead of the row it works on, a program, at
+the least (but ``MAX_STAGES``): a streaming kernel reaches the copy bandwidth only with
+tens of KB of loads in flight on each SM. The H200 run of 2026-12-04 timed the backward,
+which then held the next row in registers (4 KB to 32 KB a program, one or two programs
+an SM), at 40%, 61%, 67% and 77% of it at 1024, 2048, 4096 and 8192 bf16 features."""
+
+MAX_STAGES = 8
+"""The most rows the backward's pipeline holds (the row worked on and those ahead)."""
 
 
 @functools.cache
-def bwd_row_launch(d: int) -> dict:
-    """The backward's: ``row_launch(d)`` with a warp per 256 columns up to 16 warps (each
-    thread holds two rows of dy and x, and the dw/db sums), and its ``FAN_IN``."""
+def bwd_row_launch(d: int, itemsize: int) -> dict:
+    """The backward's, for rows of ``d`` features of ``itemsize`` bytes: ``BLOCK_D`` and
+    ``ONE_BLOCK`` as the forward's, a warp per 256 columns up to 16 warps (each thread holds a row's dy and x and
+    the dw/db sums), its ``FAN_IN``, and ``STAGES``: rows of dy and x in its pipeline,
+    enough for ``AHEAD_BYTES`` ahead (rows that fit in one block only)."""
     block = row_block(d)
-    return dict(row_launch(d), num_warps=min(max(block // 256, 1), 16), FAN_IN=FAN_IN)
+    rows_ahead = -(-AHEAD_BYTES // (2 * block * itemsize))
+    return dict(
+        BLOCK_D=block,
+        ONE_BLOCK=block >= d,
+        num_warps=min(max(block // 256, 1), 16),
+        FAN_IN=FAN_IN,
+        STAGES=min(1 + rows_ahead, MAX_STAGES),
+    )
 
 
 @functools.cache
@@ -192,10 +231,9 @@ def sum_partial_rows(Partial, DW, DB, Counters, programs, D, FAN_IN: tl.constexp
 @triton.jit
 def _row_stats(Stats, row, rows, CENTERED: tl.constexpr):
     """Row ``row``'s ``(mean, rstd)`` from the forward's ``Stats`` (centred: each row's mean, then
-    each row's rstd; else each row's rstd, and a mean of 0); zeros past the last row."""
-    exists = row < rows
-    rstd = tl.load(Stats + (row + rows if CENTERED else row), mask=exists, other=0.0)
-    mean = tl.load(Stats + row, mask=exists, other=0.0) if CENTERED else tl.zeros_like(rstd)
+    each row's rstd; else each row's rstd, and a mean of 0)."""
+    rstd = tl.load(Stats + (row + rows if CENTERED else row))
+    mean = tl.load(Stats + row) if CENTERED else tl.zeros_like(rstd)
     return mean, rstd
 
 
@@ -264,13 +302,14 @@ def _dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED: tl.constexpr):
     return rstd * (g - xhat * mean_gxhat)
 
 
-@jit(float_options=["eps_hi", "eps_lo"])
+@jit(float_options=["eps_hi", "eps_lo"], do_not_specialize=["rows"])
 def norm_fwd_kernel(
     X,
     W,
     B,
     Y,
     Stats,
+    rows,
     D,
     eps_hi,
     eps_lo,
@@ -279,29 +318,36 @@ def norm_fwd_kernel(
     CAST_BEFORE_W: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    """``Y`` for every row, and its statistics into ``Stats``: centred, (2, rows) each
-    row's mean, then each row's rstd; else (rows,) each row's rstd."""
+    """``Y`` for ``ROWS`` rows a program, and their statistics into ``Stats``: centred,
+    (2, rows) each row's mean, then each row's rstd; else (rows,) each row's rstd."""
     # The dtypes from the pointers', not from constexpr arguments: each argument adds
     # to the host time of every launch.
     ACC: tl.constexpr = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
     # y's statistics dtype: with CAST_BEFORE_W, y has the dtype promoted from w's and x's
     MUL: tl.constexpr = tl.float64 if Y.dtype.element_ty == tl.float64 else tl.float32
     eps = as_float(eps_hi, eps_lo, ACC)
-    row = tl.program_id(0).to(tl.int64)
-    X += row * D
-    Y += row * D
+    first = tl.program_id(0).to(tl.int64) * ROWS
+    X += first * D
+    Y += first * D
+    Stats += first
     if ONE_BLOCK:
+        row = tl.arange(0, ROWS)  # of this program's
+        row_in = row < rows - first
         cols = tl.arange(0, BLOCK_D)
-        mask = cols < D
-        x = tl.load(X + cols, mask=mask, other=0.0).to(ACC)
+        col_in = cols < D
+        mask = row_in[:, None] & col_in[None, :]
+        offs = row[:, None] * D + cols[None, :]  # below ROWS * BLOCK_D
+        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
         if CENTERED:
-            mean = tl.sum(x, axis=0) / D
-            x = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-        y = _output(x * rstd, W, B, cols, mask, offset, X.dtype.element_ty, MUL, CAST_BEFORE_W)
-        tl.store(Y + cols, round_to(y, Y.dtype.element_ty), mask=mask)
+            mean = tl.sum(x, axis=1) / D
+            x = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+        y = _output(x * rstd[:, None], W, B, cols, col_in, offset, X.dtype.element_ty, MUL, CAST_BEFORE_W)
+        tl.store(Y + offs, round_to(y, Y.dtype.element_ty), mask=mask)
     else:
+        row, row_in = 0, None  # the program's one row
         if CENTERED:
             total = tl.zeros([BLOCK_D], dtype=ACC)
             for start in range(0, D, BLOCK_D):
@@ -326,10 +372,10 @@ def norm_fwd_kernel(
             y = _output(x * rstd, W, B, cols, mask, offset, X.dtype.element_ty, MUL, CAST_BEFORE_W)
             tl.store(Y + cols, round_to(y, Y.dtype.element_ty), mask=mask)
     if CENTERED:
-        tl.store(Stats + row, mean)
-        tl.store(Stats + tl.num_programs(0) + row, rstd)  # a program a row
+        tl.store(Stats + row, mean, mask=row_in)
+        tl.store(Stats + rows + row, rstd, mask=row_in)
     else:
-        tl.store(Stats + row, rstd)
+        tl.store(Stats + row, rstd, mask=row_in)
 
 
 @jit
@@ -351,6 +397,7 @@ def norm_bwd_kernel(
     BLOCK_D: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
     FAN_IN: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """``DX`` for every row, from the forward's ``Stats``; ``DW`` (and ``DB``) from the
     programs' partial sums, through the tree over the programs (``Counters``: its arrival counters)."""
@@ -371,21 +418,13 @@ def norm_bwd_kernel(
         scale = _scale(W, cols, mask, offset, ACC) if HAS_W else 1.0
         dw = tl.zeros([BLOCK_D], dtype=ACC)
         db = tl.zeros([BLOCK_D], dtype=ACC)
-        # Each step loads the next row and its statistics before reducing this one: two
-        # rows in flight per program, so the loads' latency hides behind the reductions.
-        offs = tl.cast(pid, tl.int64) * D + cols
-        first = cols < tl.where(pid < rows, D, 0)
-        next_dy = tl.load(DY + offs, mask=first, other=0.0)
-        next_x = tl.load(X + offs, mask=first, other=0.0)
-        next_mean, next_rstd = _row_stats(Stats, pid, rows, CENTERED)
-        for row in range(pid, rows, programs):
-            dy = next_dy.to(ACC)
-            x = next_x.to(ACC)
-            mean, rstd = next_mean, next_rstd
-            following = cols < tl.where(row + programs < rows, D, 0)
-            next_dy = tl.load(DY + offs + programs * D, mask=following, other=0.0)
-            next_x = tl.load(X + offs + programs * D, mask=following, other=0.0)
-            next_mean, next_rstd = _row_stats(Stats, row + programs, rows, CENTERED)
+        # The pipeline issues the loads of the STAGES - 1 rows after this one before this
+        # one is reduced: their latency hides behind the rows in between.
+        for row in tl.range(pid, rows, programs, num_stages=STAGES):
+            offs = tl.cast(row, tl.int64) * D + cols
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+            mean, rstd = _row_stats(Stats, row, rows, CENTERED)
             xhat = _normalised(x, mean, rstd, mask, CENTERED)
             g = dy * scale
             mean_g, mean_gxhat = _row_means(g, g * xhat, D, CENTERED)
@@ -395,7 +434,6 @@ def norm_bwd_kernel(
                 dw += dy * _weight_input(xhat, x_dtype, CAST_BEFORE_W)
             if HAS_B:
                 db += dy
-            offs += programs * D
         if HAS_W:
             tl.store(partial_dw + cols, dw, mask=mask)
         if HAS_B:

@@ -12,16 +12,23 @@ def layer_norm_fwd(x, weight, bias, eps, y, stats):
     rows, d = row_count(x), x.shape[-1]
     if rows:
         no_offset = None  # the scale is the weight itself
-        key = ("layer_norm", x.dtype, dtype_of(weight), dtype_of(bias), d) if aligned(x, weight, bias) else None
+        # rows is not specialized (the tile masks its last rows): its type, i32 or i64, is all that varies
+        key = (
+            ("layer_norm", x.dtype, dtype_of(weight), dtype_of(bias), d, rows >= 2**31)
+            if aligned(x, weight, bias)
+            else None
+        )
+        launch = row_launch(d)
         norm_fwd_kernel.launch(
-            (rows,),
+            (-(-rows // launch["ROWS"]),),
             key,
-            lambda: dict(row_launch(d), CENTERED=True, CAST_BEFORE_W=False),
+            lambda: dict(launch, CENTERED=True, CAST_BEFORE_W=False),
             x,
             weight,
             bias,
             y,
             stats,
+            rows,
             d,
             *float_bits(eps),
             no_offset,
@@ -40,7 +47,7 @@ def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
 
     def constexprs() -> dict:
         return dict(
-            bwd_row_launch(d),
+            bwd_row_launch(d, x.element_size()),
             CENTERED=True,
             CAST_BEFORE_W=False,
             # fused, dy * w - mean(dy * w) keeps the product's rounding error

@@ -13,19 +13,21 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
     if rows:
         no_bias = None
         key = (
-            ("rms_norm", x.dtype, dtype_of(weight), offset is None, cast_before_weight, d)
+            ("rms_norm", x.dtype, dtype_of(weight), offset is None, cast_before_weight, d, rows >= 2**31)
             if aligned(x, weight)
             else None
         )
+        launch = row_launch(d)
         norm_fwd_kernel.launch(
-            (rows,),
+            (-(-rows // launch["ROWS"]),),
             key,
-            lambda: dict(row_launch(d), CENTERED=False, CAST_BEFORE_W=cast_before_weight),
+            lambda: dict(launch, CENTERED=False, CAST_BEFORE_W=cast_before_weight),
             x,
             weight,
             no_bias,
             y,
             rstd,
+            rows,
             d,
             *float_bits(eps),
             offset,
@@ -41,7 +43,7 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
     variant = ("rms_norm", x.dtype, dy.dtype, dtype_of(weight), offset is None, cast_before_weight, rows, d)
 
     def constexprs() -> dict:
-        return dict(bwd_row_launch(d), CENTERED=False, CAST_BEFORE_W=cast_before_weight)
+        return dict(bwd_row_launch(d, x.element_size()), CENTERED=False, CAST_BEFORE_W=cast_before_weight)
 
     grads = (dweight if has_w else None, None)  # no dbias
     programs, partial, counters = bwd_buffers(variant, constexprs, int(has_w), dy, x, weight, rstd, dx, *grads, rows, d,
