@@ -20,9 +20,11 @@ import torch.nn.functional as F
 TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 LOWP_FACTOR = 2.0
 # conftest's small_blocks fixture shrinks Triton's cross-entropy kernels to
-# blocks of SMALL_BLOCK classes: LOOPED_CLASSES then take three column blocks,
-# the last one partial.
-SMALL_BLOCK, LOOPED_CLASSES = 128, 300
+# blocks of SMALL_BLOCK classes: LOOPED_CLASSES and PIPELINED_LOOPED_CLASSES then
+# take three column blocks, the last one partial. Contiguous rows of the latter are
+# a multiple of 16 long, which the forward loads through Triton's pipeline (the
+# former's, a block ahead into registers).
+SMALL_BLOCK, LOOPED_CLASSES, PIPELINED_LOOPED_CLASSES = 128, 300, 304
 # Floor for the low-precision bound: when PyTorch's own low-precision error
 # happens to be tiny, a result within a couple of roundings is still right.
 LOWP_FLOOR = {torch.bfloat16: 2 * 2.0**-8, torch.float16: 2 * 2.0**-11}

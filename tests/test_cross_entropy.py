@@ -13,7 +13,7 @@ from gpukernels.ops.cross_entropy import (
     cross_entropy_probs_bwd,
     cross_entropy_probs_fwd,
 )
-from helpers import LOOPED_CLASSES, SMALL_BLOCK, assert_matches
+from helpers import LOOPED_CLASSES, PIPELINED_LOOPED_CLASSES, SMALL_BLOCK, assert_matches
 
 pytestmark = pytest.mark.family("cross_entropy")  # conftest's device fixture skips backends without them
 
@@ -383,11 +383,12 @@ def test_a_forward_after_longer_ones(device, probabilities):
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_looped_column_blocks(device, small_blocks, dtype, reduction, weighted, label_smoothing):
-    x = _logits((5, LOOPED_CLASSES), dtype, device=device)
-    target = _targets((5,), LOOPED_CLASSES, ignored=[3], device=device)
-    target[0] = LOOPED_CLASSES - 1  # in the partial last block
-    weight = torch.rand(LOOPED_CLASSES, dtype=torch.float64).to(device, dtype) + 0.1 if weighted else None
+@pytest.mark.parametrize("classes", [LOOPED_CLASSES, PIPELINED_LOOPED_CLASSES])
+def test_looped_column_blocks(device, small_blocks, classes, dtype, reduction, weighted, label_smoothing):
+    x = _logits((5, classes), dtype, device=device)
+    target = _targets((5,), classes, ignored=[3], device=device)
+    target[0] = classes - 1  # in the partial last block
+    weight = torch.rand(classes, dtype=torch.float64).to(device, dtype) + 0.1 if weighted else None
     upstream = _upstream(5, device) if reduction == "none" else None
     _compare(x, target, upstream, weight=weight, reduction=reduction, label_smoothing=label_smoothing)
 
@@ -503,13 +504,14 @@ def test_probs_single_class_gives_exact_zeros(device, dtype):
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_probs_looped_column_blocks(device, small_blocks, dtype, reduction, weighted):
-    x = _logits((4, LOOPED_CLASSES), dtype, device=device)
-    weight = torch.rand(LOOPED_CLASSES, dtype=torch.float64).to(device, dtype) + 0.1 if weighted else None
+@pytest.mark.parametrize("classes", [LOOPED_CLASSES, PIPELINED_LOOPED_CLASSES])
+def test_probs_looped_column_blocks(device, small_blocks, classes, dtype, reduction, weighted):
+    x = _logits((4, classes), dtype, device=device)
+    weight = torch.rand(classes, dtype=torch.float64).to(device, dtype) + 0.1 if weighted else None
     upstream = _upstream(4, device) if reduction == "none" else None
     _compare_probs(
         x,
-        _probs((4, LOOPED_CLASSES), dtype, device=device),
+        _probs((4, classes), dtype, device=device),
         upstream,
         weight=weight,
         reduction=reduction,

@@ -14,6 +14,7 @@ SHAPES = [
     ((3, 3), (3,)),
     ((2, 5, 17), (17,)),
     ((6, 1000), (1000,)),
+    ((9, 64), (64,)),  # a multiple of 16 features: the backward's pipelined row loop (else registers' prefetch)
     ((2, 4097), (4097,)),
     ((2, 3, 4, 5), (4, 5)),
     ((0, 17), (17,)),

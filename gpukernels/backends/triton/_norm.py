@@ -19,8 +19,9 @@ Backward: one launch of a persistent grid; each program takes rows
 rows ahead of the one being worked on (``dy``, ``x`` and the statistics,
 copied asynchronously into shared memory by Triton's software pipeline:
 about ``AHEAD_BYTES`` in flight a program, where registers would hold one
-row), and a row's two sums, ``sum(g)`` and ``sum(g*xhat)``, are one
-reduction (one pass through shared memory: half the barriers of two). The
+row; one row ahead, in registers, where the pipeline cannot copy them), and
+a row's two sums, ``sum(g)`` and ``sum(g*xhat)``, are one reduction (one
+pass through shared memory: half the barriers of two). The
 partial rows are then summed in a tree over the programs, ``FAN_IN``
 children a node: the last program to arrive at a node (an arrival counter per
 node) sums its children's rows, and the one that sums the root writes dweight
@@ -106,7 +107,10 @@ def bwd_row_launch(d: int, itemsize: int) -> dict:
     """The backward's, for rows of ``d`` features of ``itemsize`` bytes: ``BLOCK_D`` and
     ``ONE_BLOCK`` as the forward's, a warp per 256 columns up to 16 warps (each thread holds a row's dy and x and
     the dw/db sums), its ``FAN_IN``, and ``STAGES``: rows of dy and x in its pipeline,
-    enough for ``AHEAD_BYTES`` ahead (rows that fit in one block only)."""
+    enough for ``AHEAD_BYTES`` ahead (rows that fit in one block only). Triton's pipeline
+    copies only 16-byte vectors it knows to be aligned and wholly in or out of the row:
+    for ``d`` not a multiple of 16 (the only divisibility Triton specializes an int on),
+    ``STAGES`` is 1, for the loop that keeps the next row in registers."""
     block = row_block(d)
     rows_ahead = -(-AHEAD_BYTES // (2 * block * itemsize))
     return dict(
@@ -114,7 +118,7 @@ def bwd_row_launch(d: int, itemsize: int) -> dict:
         ONE_BLOCK=block >= d,
         num_warps=min(max(block // 256, 1), 16),
         FAN_IN=FAN_IN,
-        STAGES=min(1 + rows_ahead, MAX_STAGES),
+        STAGES=min(1 + rows_ahead, MAX_STAGES) if d % 16 == 0 else 1,
     )
 
 
@@ -231,9 +235,10 @@ def sum_partial_rows(Partial, DW, DB, Counters, programs, D, FAN_IN: tl.constexp
 @triton.jit
 def _row_stats(Stats, row, rows, CENTERED: tl.constexpr):
     """Row ``row``'s ``(mean, rstd)`` from the forward's ``Stats`` (centred: each row's mean, then
-    each row's rstd; else each row's rstd, and a mean of 0)."""
-    rstd = tl.load(Stats + (row + rows if CENTERED else row))
-    mean = tl.load(Stats + row) if CENTERED else tl.zeros_like(rstd)
+    each row's rstd; else each row's rstd, and a mean of 0); zeros past the last row."""
+    exists = row < rows
+    rstd = tl.load(Stats + (row + rows if CENTERED else row), mask=exists, other=0.0)
+    mean = tl.load(Stats + row, mask=exists, other=0.0) if CENTERED else tl.zeros_like(rstd)
     return mean, rstd
 
 
@@ -300,6 +305,39 @@ def _dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED: tl.constexpr):
     if CENTERED:
         g = g - mean_g
     return rstd * (g - xhat * mean_gxhat)
+
+
+@triton.jit
+def _row_grads(
+    dy,
+    x,
+    mean,
+    rstd,
+    scale,
+    DX,
+    offs,
+    mask,
+    dw,
+    db,
+    D,
+    X_DTYPE: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    CENTERED: tl.constexpr,
+    CAST_BEFORE_W: tl.constexpr,
+):
+    """A row that fits in one block: its ``dx`` stored at ``DX + offs``, and the running
+    sums ``dw`` (of ``dy * xhat``, with a weight) and ``db`` (of ``dy``, with a bias) with
+    its terms added."""
+    xhat = _normalised(x, mean, rstd, mask, CENTERED)
+    g = dy * scale
+    mean_g, mean_gxhat = _row_means(g, g * xhat, D, CENTERED)
+    tl.store(DX + offs, round_to(_dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED), DX.dtype.element_ty), mask=mask)
+    if HAS_W:
+        dw += dy * _weight_input(xhat, X_DTYPE, CAST_BEFORE_W)
+    if HAS_B:
+        db += dy
+    return dw, db
 
 
 @jit(float_options=["eps_hi", "eps_lo"], do_not_specialize=["rows"])
@@ -418,22 +456,37 @@ def norm_bwd_kernel(
         scale = _scale(W, cols, mask, offset, ACC) if HAS_W else 1.0
         dw = tl.zeros([BLOCK_D], dtype=ACC)
         db = tl.zeros([BLOCK_D], dtype=ACC)
-        # The pipeline issues the loads of the STAGES - 1 rows after this one before this
-        # one is reduced: their latency hides behind the rows in between.
-        for row in tl.range(pid, rows, programs, num_stages=STAGES):
-            offs = tl.cast(row, tl.int64) * D + cols
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-            mean, rstd = _row_stats(Stats, row, rows, CENTERED)
-            xhat = _normalised(x, mean, rstd, mask, CENTERED)
-            g = dy * scale
-            mean_g, mean_gxhat = _row_means(g, g * xhat, D, CENTERED)
-            dx = _dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED)
-            tl.store(DX + offs, round_to(dx, DX.dtype.element_ty), mask=mask)
-            if HAS_W:
-                dw += dy * _weight_input(xhat, x_dtype, CAST_BEFORE_W)
-            if HAS_B:
-                db += dy
+        if STAGES > 1:
+            # The pipeline issues the loads of the STAGES - 1 rows after this one before
+            # this one is reduced: their latency hides behind the rows in between.
+            for row in tl.range(pid, rows, programs, num_stages=STAGES):
+                offs = tl.cast(row, tl.int64) * D + cols
+                dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+                x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+                mean, rstd = _row_stats(Stats, row, rows, CENTERED)
+                dw, db = _row_grads(
+                    dy, x, mean, rstd, scale, DX, offs, mask, dw, db, D, x_dtype, HAS_W, HAS_B, CENTERED, CAST_BEFORE_W
+                )
+        else:
+            # Rows the pipeline cannot copy (see bwd_row_launch): each step loads the next
+            # row and its statistics into registers before reducing this one.
+            offs = tl.cast(pid, tl.int64) * D + cols
+            first = cols < tl.where(pid < rows, D, 0)
+            next_dy = tl.load(DY + offs, mask=first, other=0.0)
+            next_x = tl.load(X + offs, mask=first, other=0.0)
+            next_mean, next_rstd = _row_stats(Stats, pid, rows, CENTERED)
+            for row in range(pid, rows, programs):
+                dy = next_dy.to(ACC)
+                x = next_x.to(ACC)
+                mean, rstd = next_mean, next_rstd
+                following = cols < tl.where(row + programs < rows, D, 0)
+                next_dy = tl.load(DY + offs + programs * D, mask=following, other=0.0)
+                next_x = tl.load(X + offs + programs * D, mask=following, other=0.0)
+                next_mean, next_rstd = _row_stats(Stats, row + programs, rows, CENTERED)
+                dw, db = _row_grads(
+                    dy, x, mean, rstd, scale, DX, offs, mask, dw, db, D, x_dtype, HAS_W, HAS_B, CENTERED, CAST_BEFORE_W
+                )
+                offs += programs * D
         if HAS_W:
             tl.store(partial_dw + cols, dw, mask=mask)
         if HAS_B:

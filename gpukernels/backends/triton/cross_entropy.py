@@ -1,9 +1,10 @@
 """Cross-entropy over the rows of a (rows, C) logit matrix (its rows any stride apart, its columns adjacent).
 
 Forward, ``cross_entropy_fwd_kernel``, one program per row: reads the row in column
-blocks (the next block's load issued before this one is reduced) and keeps an
-online log-sum-exp: the running max ``m`` and
-``s = sum exp(x - m)``, rescaled when ``m`` grows; with label smoothing or
+blocks (``FWD_STAGES - 1`` blocks copied ahead into shared memory by Triton's software
+pipeline while one is reduced; where it cannot copy them, rows whose length or stride
+is not a multiple of 16, the next block loaded into registers) and keeps an online
+log-sum-exp: the running max ``m`` and ``s = sum exp(x - m)``, rescaled when ``m`` grows; with label smoothing or
 class-probability targets also, for the row's target weights ``q`` (``w`` for
 the smoothing term of class indices, ``w * ((1-e) target + e/C)`` for
 probabilities), ``mass = sum_c q[c]`` and ``d = sum_c q[c] (x[c] - m)``, re-based
@@ -70,6 +71,9 @@ from ._launch import jit
 # Widest column block of the forward; vocabularies past it (up to 256k) are swept
 # in blocks. Tests lower it to make small rows loop.
 MAX_BLOCK_C = 8192
+# Column blocks in the forward's pipeline (the block reduced and those loaded ahead), for
+# rows of more than one block whose length and stride Triton knows to be multiples of 16.
+FWD_STAGES = 3
 # Columns per program of the gradient kernel: a 2-D grid of (rows, column blocks)
 # fills the GPU however the logits are shaped.
 GRAD_BLOCK_C = 2048
@@ -158,6 +162,46 @@ def finish_rows(
             tl.store(Totals + 1, tl.zeros((), ACC) + C)
 
 
+@triton.jit
+def _lse_block(
+    x,
+    cols,
+    m,
+    shift,
+    s,
+    d,
+    mass,
+    W,
+    T,
+    row,
+    C,
+    cap,
+    e,
+    HAS_W: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    PROBS: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The forward's online sums ``(m, shift, s, d, mass)`` with the block ``x`` of logits
+    (columns ``cols``, -inf past the row) taken in."""
+    neg_inf = -float("inf")
+    mask = cols < C
+    if SOFTCAP:  # -inf stays out of the padding, which the cap would make -cap
+        x = tl.where(mask, apply_softcap(x, cap), neg_inf)
+    m = tl.maximum(m, tl.max(x, axis=0))
+    new_shift = tl.where(m == neg_inf, 0.0, m)
+    s = s * tl.exp(shift - new_shift) + tl.sum(tl.exp(x - new_shift), axis=0)
+    if SMOOTH or PROBS:
+        q = tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else tl.where(mask, 1.0, 0.0).to(ACC)
+        if PROBS:
+            t = tl.load(T + row * C + cols, mask=mask, other=0.0).to(ACC)
+            q *= (1.0 - e) * t + e / C if SMOOTH else t
+        d = d - mass * (new_shift - shift) + tl.sum(q * tl.where(mask, x - new_shift, 0.0), axis=0)
+        mass += tl.sum(q, axis=0)
+    return m, new_shift, s, d, mass
+
+
 @jit(float_options=FLOAT_OPTIONS)
 def cross_entropy_fwd_kernel(
     X,
@@ -190,6 +234,7 @@ def cross_entropy_fwd_kernel(
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
     FINISH_BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Program ``i`` takes row ``i`` of ``X`` (a chunk of the forward's ``rows`` rows, each
     ``x_row_stride`` elements after the last):
@@ -213,28 +258,27 @@ def cross_entropy_fwd_kernel(
     s = tl.zeros((), ACC)
     d = tl.zeros((), ACC)
     mass = tl.zeros((), ACC)
-    # Each step loads the next block before reducing this one: two blocks in flight per
-    # program, so the loads' latency hides behind the reductions' barriers.
-    cols = tl.arange(0, BLOCK_C)
-    next_x = tl.load(X + cols, mask=cols < C, other=neg_inf)
-    for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        mask = cols < C
-        x = next_x.to(ACC)
-        next_x = tl.load(X + BLOCK_C + cols, mask=cols + BLOCK_C < C, other=neg_inf)
-        if SOFTCAP:  # -inf stays out of the padding, which the cap would make -cap
-            x = tl.where(mask, apply_softcap(x, cap), neg_inf)
-        m = tl.maximum(m, tl.max(x, axis=0))
-        new_shift = tl.where(m == neg_inf, 0.0, m)
-        s = s * tl.exp(shift - new_shift) + tl.sum(tl.exp(x - new_shift), axis=0)
-        if SMOOTH or PROBS:
-            q = tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else tl.where(mask, 1.0, 0.0).to(ACC)
-            if PROBS:
-                t = tl.load(T + row * C + cols, mask=mask, other=0.0).to(ACC)
-                q *= (1.0 - e) * t + e / C if SMOOTH else t
-            d = d - mass * (new_shift - shift) + tl.sum(q * tl.where(mask, x - new_shift, 0.0), axis=0)
-            mass += tl.sum(q, axis=0)
-        shift = new_shift
+    if STAGES > 1:
+        # The pipeline issues the loads of the STAGES - 1 blocks after this one before
+        # this one is reduced: their latency hides behind the reductions' barriers.
+        for start in tl.range(0, C, BLOCK_C, num_stages=STAGES):
+            cols = start + tl.arange(0, BLOCK_C)
+            x = tl.load(X + cols, mask=cols < C, other=neg_inf).to(ACC)
+            m, shift, s, d, mass = _lse_block(
+                x, cols, m, shift, s, d, mass, W, T, row, C, cap, e, HAS_W, SMOOTH, SOFTCAP, PROBS, ACC
+            )
+    else:
+        # Rows the pipeline cannot copy (see FWD_STAGES): each step loads the next block
+        # into registers before reducing this one.
+        cols = tl.arange(0, BLOCK_C)
+        next_x = tl.load(X + cols, mask=cols < C, other=neg_inf)
+        for start in range(0, C, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C)
+            x = next_x.to(ACC)
+            next_x = tl.load(X + BLOCK_C + cols, mask=cols + BLOCK_C < C, other=neg_inf)
+            m, shift, s, d, mass = _lse_block(
+                x, cols, m, shift, s, d, mass, W, T, row, C, cap, e, HAS_W, SMOOTH, SOFTCAP, PROBS, ACC
+            )
     log_s = tl.log(s)
 
     if PROBS:
@@ -492,6 +536,9 @@ def cross_entropy_rows(
             WEIGHT_SUM=last is not None and last.weight_sum,
             BLOCK_C=block,
             FINISH_BLOCK=FINISH_ROWS_PER_WARP * warps,
+            # the pipeline copies only 16-byte vectors Triton knows to be aligned and wholly in or
+            # out of the row: a row stride and a row length divisible by 16
+            STAGES=FWD_STAGES if classes > block and classes % 16 == 0 and row_stride % 16 == 0 else 1,
             num_warps=warps,
         )
 
