@@ -147,4 +147,9 @@ def small_blocks(device, monkeypatch):
 
     monkeypatch.setattr(kernels, "MAX_BLOCK_C", SMALL_BLOCK)
     monkeypatch.setattr(kernels, "GRAD_BLOCK_C", SMALL_BLOCK)
+    # launch keys stand for the block sizes these constants give: kept apart while they are
+    # shrunk (the kernels cached for keys, and the keys' check under CHECK_LAUNCH_KEYS)
+    for kernel in (kernels.cross_entropy_fwd_kernel, kernels.cross_entropy_bwd_kernel):
+        monkeypatch.setattr(kernel, "_keyed", {})
+        monkeypatch.setattr(kernel, "_keys_seen", {})
     return kernels

@@ -666,6 +666,38 @@ def test_looped_column_blocks(device, small_blocks, dtype, reduction):
     )
 
 
+# the interpreter's NumPy warns of the arithmetic on the poisoned padding, whose results are never read
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("options", [{}, dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # the gradients in the forward; the two passes
+@pytest.mark.parametrize("looped", [False, True])  # one column block; three, through the pipelined loop
+def test_padding_of_chunk_logits_never_reaches_results(
+    device, monkeypatch, request, looped, reduction, options, poison
+):
+    """The cross-entropy kernels read (and the gradient kernel writes) the padding of the
+    Triton path's chunks of logits (300 columns in rows of 304): whatever it holds, the
+    loss and gradients match PyTorch's."""
+    if gk.backend_name(device) != "triton":
+        pytest.skip("the padded chunks are the Triton path's")
+    if looped:
+        request.getfixturevalue("small_blocks")
+    from gpukernels.backends.triton import linear_cross_entropy as lce_triton
+
+    make = lce_triton._logits_buffer
+
+    def poisoned(rows, columns, like):
+        buffer = make(rows, columns, like)
+        assert buffer.stride(0) > columns  # padded
+        buffer.as_strided((rows, buffer.stride(0)), buffer.stride()).fill_(poison)  # the padding too
+        return buffer
+
+    monkeypatch.setattr(lce_triton, "_logits_buffer", poisoned)
+    x, weight, target, bias = _problem((5,), 6, LOOPED_CLASSES, ignored=[3], device=device)
+    target[0] = LOOPED_CLASSES - 1  # the last column before the padding
+    _compare(x, weight, target, bias, torch.float32, reduction=reduction, chunk_size=2, **options)
+
+
 # ---- the module and the patch hook (run once the lead has wired them) ----
 
 wired = pytest.mark.skipif(not hasattr(gnn, "LinearCrossEntropyLoss"), reason="LinearCrossEntropyLoss not exported")
@@ -734,14 +766,15 @@ def test_narrower_gradients_are_scaled_in_place_in_the_wider_dtype_by_slices(mon
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
-def test_chunk_logits_rows_start_16_byte_aligned(dtype):
+def test_chunk_logits_rows_padded_to_16_elements(dtype):
     """cuBLAS takes its slow unaligned kernels for a chunk of logits whose rows do not start
-    16-byte aligned (an odd vocabulary): the Triton path's buffers pad the rows."""
+    16-byte aligned (an odd vocabulary), and the cross-entropy kernels load in whole vectors
+    only rows they know are a multiple of 16 long: the Triton path's buffers pad the rows."""
     from gpukernels.backends.triton import linear_cross_entropy as lce_triton
 
     like = torch.empty(0, dtype=dtype)
-    for columns in (1, 7, 8, 11, 50257):
+    for columns in (1, 7, 8, 11, 16, 24, 50257):
         buffer = lce_triton._logits_buffer(3, columns, like)
         assert buffer.shape == (3, columns) and buffer.dtype == dtype and buffer.stride(1) == 1
-        assert buffer.stride(0) * buffer.element_size() % 16 == 0 and buffer.data_ptr() % 16 == 0
-        assert buffer.stride(0) - columns < 16 // buffer.element_size()  # padded by less than 16 bytes
+        assert buffer.stride(0) % 16 == 0 and buffer.data_ptr() % 16 == 0
+        assert buffer.stride(0) - columns < 16  # padded by less than 16 elements

@@ -181,14 +181,17 @@ def _lse_block(
     SMOOTH: tl.constexpr,
     SOFTCAP: tl.constexpr,
     PROBS: tl.constexpr,
+    PADDED: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """The forward's online sums ``(m, shift, s, d, mass)`` with the block ``x`` of logits
-    (columns ``cols``, -inf past the row) taken in."""
+    (columns ``cols``; -inf past the row, or with ``PADDED`` anything) taken in."""
     neg_inf = -float("inf")
     mask = cols < C
     if SOFTCAP:  # -inf stays out of the padding, which the cap would make -cap
         x = tl.where(mask, apply_softcap(x, cap), neg_inf)
+    elif PADDED:
+        x = tl.where(mask, x, neg_inf)
     m = tl.maximum(m, tl.max(x, axis=0))
     new_shift = tl.where(m == neg_inf, 0.0, m)
     s = s * tl.exp(shift - new_shift) + tl.sum(tl.exp(x - new_shift), axis=0)
@@ -235,6 +238,7 @@ def cross_entropy_fwd_kernel(
     BLOCK_C: tl.constexpr,
     FINISH_BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
+    PADDED: tl.constexpr,
 ):
     """Program ``i`` takes row ``i`` of ``X`` (a chunk of the forward's ``rows`` rows, each
     ``x_row_stride`` elements after the last):
@@ -242,9 +246,11 @@ def cross_entropy_fwd_kernel(
     (``row_stats``: each row's max, each row's log-sum, then the totals or each row's
     target mass). With ``FINISH``, the program to arrive last at the counter
     ``Flags[0]`` (zeroed by the caller), over every launch of the forward, does
-    ``finish_rows``."""
+    ``finish_rows``. With ``PADDED``, each row of ``X`` may be read up to its stride (its
+    columns past ``C``, padding, hold anything): loads of whole 16-byte vectors."""
     program = tl.program_id(0).to(tl.int64)
     row = row_offset + program
+    readable = x_row_stride if PADDED else C
     RowMax = Stats
     LogSum = Stats + rows
     Rest = Stats + 2 * rows  # the totals (class indices), or each row's target mass
@@ -263,21 +269,21 @@ def cross_entropy_fwd_kernel(
         # this one is reduced: their latency hides behind the reductions' barriers.
         for start in tl.range(0, C, BLOCK_C, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK_C)
-            x = tl.load(X + cols, mask=cols < C, other=neg_inf).to(ACC)
+            x = tl.load(X + cols, mask=cols < readable, other=neg_inf).to(ACC)
             m, shift, s, d, mass = _lse_block(
-                x, cols, m, shift, s, d, mass, W, T, row, C, cap, e, HAS_W, SMOOTH, SOFTCAP, PROBS, ACC
+                x, cols, m, shift, s, d, mass, W, T, row, C, cap, e, HAS_W, SMOOTH, SOFTCAP, PROBS, PADDED, ACC
             )
     else:
         # Rows the pipeline cannot copy (see FWD_STAGES): each step loads the next block
         # into registers before reducing this one.
         cols = tl.arange(0, BLOCK_C)
-        next_x = tl.load(X + cols, mask=cols < C, other=neg_inf)
+        next_x = tl.load(X + cols, mask=cols < readable, other=neg_inf)
         for start in range(0, C, BLOCK_C):
             cols = start + tl.arange(0, BLOCK_C)
             x = next_x.to(ACC)
-            next_x = tl.load(X + BLOCK_C + cols, mask=cols + BLOCK_C < C, other=neg_inf)
+            next_x = tl.load(X + BLOCK_C + cols, mask=cols + BLOCK_C < readable, other=neg_inf)
             m, shift, s, d, mass = _lse_block(
-                x, cols, m, shift, s, d, mass, W, T, row, C, cap, e, HAS_W, SMOOTH, SOFTCAP, PROBS, ACC
+                x, cols, m, shift, s, d, mass, W, T, row, C, cap, e, HAS_W, SMOOTH, SOFTCAP, PROBS, PADDED, ACC
             )
     log_s = tl.log(s)
 
@@ -362,6 +368,7 @@ def cross_entropy_bwd_kernel(
     TARGET_GRAD: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PADDED: tl.constexpr,
 ):
     """``Grad[i, cols] = scale_row * d loss_row / d X[i, cols]`` for columns
     ``col_offset + cols`` of rows of ``C`` logits (``width`` of them here): row ``i`` of
@@ -371,7 +378,9 @@ def cross_entropy_bwd_kernel(
     over the mean's denominator ``Totals[0]`` (``rows`` for probabilities). With
     ``TARGET_GRAD``, d loss / d target into ``TargetGrad``. Rows of ``X`` and ``Grad`` are
     ``x_row_stride`` and ``grad_row_stride`` elements apart. ``Grad`` may be ``X``: each
-    program reads its block before writing it."""
+    program reads its block before writing it. With ``PADDED``, ``Grad`` is ``X``, each row
+    read and written up to its stride (its columns past ``width``, padding, hold anything
+    before and after): loads and stores of whole 16-byte vectors."""
     RowMax = Stats
     LogSum = Stats + rows
     Rest = Stats + 2 * rows  # the totals (class indices), or each row's target mass
@@ -388,7 +397,8 @@ def cross_entropy_bwd_kernel(
             scale = tl.where(denominator != 0, scale, 0.0) / tl.where(denominator != 0, denominator, 1.0)
     m = tl.load(RowMax + row)
     log_s = tl.load(LogSum + row)
-    raw = tl.load(X + program * x_row_stride + cols, mask=mask, other=0.0).to(ACC)
+    io = cols < x_row_stride if PADDED else mask
+    raw = tl.load(X + program * x_row_stride + cols, mask=io, other=0.0).to(ACC)
     cap = as_float(softcap_hi, softcap_lo, ACC) if SOFTCAP else 1.0
     x = apply_softcap(raw, cap) if SOFTCAP else raw
     p = tl.exp(x - m - log_s)
@@ -418,7 +428,7 @@ def cross_entropy_bwd_kernel(
             g += scale * 2.0 * as_float(z_loss_hi, z_loss_lo, ACC) * (m + log_s) * p
     if SOFTCAP:
         g *= softcap_slope(raw, cap)
-    tl.store(Grad + program * grad_row_stride + cols, round_to(g, Grad.dtype.element_ty), mask=mask)
+    tl.store(Grad + program * grad_row_stride + cols, round_to(g, Grad.dtype.element_ty), mask=io)
 
 
 _NO_OPTIONS = (0,) * 6
@@ -502,6 +512,7 @@ def cross_entropy_rows(
     z_loss: float = 0.0,
     last: Optional[Finish] = None,
     loss: Optional[Tensor] = None,
+    padded: bool = False,
 ) -> None:
     """One launch over the rows of ``logits``, rows ``row_offset...`` of the forward's
     ``total_rows`` (of ``target``, ``row_loss``, which may be longer, and each part of
@@ -511,7 +522,9 @@ def cross_entropy_rows(
     row max ``m`` and ``log sum exp(logit - m)``. With ``probs``, ``target`` holds class
     probabilities, and each row's ``sum_c q[c]`` follows in ``stats``. With ``last``, the
     program to finish last of all the forward's rows (over every launch with that
-    ``last``) does its work, reducing the rows' losses into ``loss`` (None: no reduction)."""
+    ``last``) does its work, reducing the rows' losses into ``loss`` (None: no reduction).
+    ``padded``: each row of ``logits`` may be read up to its stride (a view of a wider
+    buffer, whose last row is whole too)."""
     rows, classes = logits.shape
     if not rows:
         return
@@ -520,7 +533,7 @@ def cross_entropy_rows(
     key = (
         (logits.dtype, target.dtype, dtype_of(weight), row_loss.dtype, stats.dtype, probs, dtype_of(loss),
          row_offset, total_rows, classes, row_stride, ignore_index, options, softcap is not None,
-         last is not None and last[:2])  # (reduction, weight_sum)
+         last is not None and last[:2], padded)  # (reduction, weight_sum)
         if aligned(logits, target, weight)
         else None
     )  # fmt: skip
@@ -537,8 +550,9 @@ def cross_entropy_rows(
             BLOCK_C=block,
             FINISH_BLOCK=FINISH_ROWS_PER_WARP * warps,
             # the pipeline copies only 16-byte vectors Triton knows to be aligned and wholly in or
-            # out of the row: a row stride and a row length divisible by 16
-            STAGES=FWD_STAGES if classes > block and classes % 16 == 0 and row_stride % 16 == 0 else 1,
+            # out of what it reads of a row: a row stride and a row length (or padded) divisible by 16
+            STAGES=FWD_STAGES if classes > block and (padded or classes % 16 == 0) and row_stride % 16 == 0 else 1,
+            PADDED=padded,
             num_warps=warps,
         )
 
@@ -609,6 +623,7 @@ def logits_grad(
     z_loss: float = 0.0,
     row_offset: int = 0,
     total_rows: Optional[int] = None,
+    padded: bool = False,
 ) -> None:
     """Into ``grad`` (which may be ``logits``), ``grad_loss`` (0-d, or one per row, any
     stride; over the mean's denominator for ``mean``) times the gradient of each row's
@@ -617,7 +632,9 @@ def logits_grad(
     s``, then the totals for class indices, or with ``probs`` each row's target mass; and
     d/d target into ``target_grad``). The rows of ``logits`` and ``grad`` may be a chunk
     of the forward's ``total_rows`` (default: all of them), starting at ``row_offset`` (of
-    ``target``, ``grad_loss``, ``stats``' parts, ``target_grad``)."""
+    ``target``, ``grad_loss``, ``stats``' parts, ``target_grad``). ``padded``: ``grad`` is
+    ``logits``, each row of which may be read and written up to its stride (a view of a
+    wider buffer, whose last row is whole too)."""
     chunk_rows, width = logits.shape
     if not chunk_rows or not width:
         return
@@ -629,7 +646,7 @@ def logits_grad(
     key = (
         (logits.dtype, target.dtype, dtype_of(weight), stats.dtype, probs, grad_loss.dtype, grad_stride,
          grad.dtype, dtype_of(target_grad), x_row_stride, grad_row_stride, row_offset, rows, width, col_offset,
-         classes, ignore_index, options, softcap is not None, reduction == "mean")
+         classes, ignore_index, options, softcap is not None, reduction == "mean", padded)
         if aligned(logits, target, weight, stats, grad_loss)
         else None
     )  # fmt: skip
@@ -641,6 +658,7 @@ def logits_grad(
             MEAN=reduction == "mean",
             TARGET_GRAD=target_grad is not None,
             BLOCK_C=block,
+            PADDED=padded,
             num_warps=min(max(block // 256, 1), 4),
         ),
         logits,

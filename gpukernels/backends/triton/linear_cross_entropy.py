@@ -34,18 +34,21 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .cross_entropy import check_targets, cross_entropy_rows, finish_without_rows, forward_setup, logits_grad
 
-# cuBLAS runs its fast kernels on matrices whose rows start 16-byte aligned: with an
-# odd vocabulary (GPT-2's 50257) a chunk of logits holding its rows back to back gets
-# its sm75 "align1" kernels for all three matmuls over it (an H200, GPT-2 124M's step:
-# 2.5 to 3.9 ms a call for 0.41 TFLOP, 63.5 ms of the 129 ms step)
-_ROW_ALIGNMENT = 16
+# Chunks of logits have rows padded to a multiple of this many elements. cuBLAS runs its
+# fast kernels on matrices whose rows start 16-byte aligned: with an odd vocabulary
+# (GPT-2's 50257) a chunk of logits holding its rows back to back gets its sm75 "align1"
+# kernels for all three matmuls over it (an H200, GPT-2 124M's step: 2.5 to 3.9 ms a call
+# for 0.41 TFLOP, 63.5 ms of the 129 ms step). And the cross-entropy kernels, told that
+# they may read (and write) the padding (``padded=True``), load a row in whole 16-byte
+# vectors, and the forward through Triton's pipeline, only where its padded length is
+# one Triton knows to be a multiple of 16 (the one divisibility it specializes on).
+_ROW_MULTIPLE = 16
 
 
 def _logits_buffer(rows: int, columns: int, like: Tensor) -> Tensor:
-    """An empty (rows, columns) matrix in ``like``'s dtype whose rows start
-    ``_ROW_ALIGNMENT``-byte aligned (a view of a wider one when ``columns`` needs it)."""
-    step = max(1, _ROW_ALIGNMENT // like.element_size())
-    padded = -(-columns // step) * step
+    """An empty (rows, columns) matrix in ``like``'s dtype whose rows are padded to a
+    multiple of ``_ROW_MULTIPLE`` elements (a view of a wider one when ``columns`` needs it)."""
+    padded = -(-columns // _ROW_MULTIPLE) * _ROW_MULTIPLE
     buffer = like.new_empty((rows, padded))
     return buffer if padded == columns else buffer[:, :columns]
 
@@ -120,6 +123,7 @@ def linear_cross_entropy_fwd(
                 z_loss=z_loss,
                 last=last,
                 loss=reduced,
+                padded=True,
             )
     check_targets(last, target, ignore_index, vocab)
 
@@ -173,9 +177,9 @@ def linear_cross_entropy_grads_fwd(
             chunk = x[start : start + chunk_rows]
             grad = _logits(chunk, weight, bias, buffer)
             cross_entropy_rows(grad, target, None, row_loss=row_loss, stats=stats, total_rows=rows, row_offset=start,
-                               last=last, loss=reduced, **options)  # fmt: skip
+                               last=last, loss=reduced, padded=True, **options)  # fmt: skip
             logits_grad(grad, target, None, stats, scale, grad, classes=vocab, col_offset=0, reduction="sum",
-                        row_offset=start, total_rows=rows, **options)  # fmt: skip
+                        row_offset=start, total_rows=rows, padded=True, **options)  # fmt: skip
             first = start == 0
             if grad_x:
                 torch.mm(grad, weight, out=dx[start : start + chunk_rows])
@@ -230,6 +234,7 @@ def linear_cross_entropy_bwd(
                 reduction=reduction,
                 softcap=softcap,
                 z_loss=z_loss,
+                padded=True,
             )
             if grad_weight:
                 torch.mm(grad.T, x, out=dweight[part])
