@@ -123,6 +123,20 @@ def _families(request) -> tuple[str, ...]:
     return marker.args
 
 
+@pytest.fixture(autouse=True)
+def dynamo_caches_per_test():
+    """Dynamo's caches do not outlive a test that compiled: its recompile limit (8 compiles
+    a code object, some of which, as the wrapper it runs compiled modules in, every
+    compiled model shares) would count the compiles of the tests run before in the same
+    worker, and fail a fullgraph compile by the order tests happen to run in."""
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]["total"]
+    yield
+    if counters["frames"]["total"] != frames:
+        torch._dynamo.reset()
+
+
 @pytest.fixture(params=TARGETS)
 def device(request, monkeypatch):
     """The device to make tensors on, with the backend under test selected.
