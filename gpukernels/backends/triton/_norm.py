@@ -8,10 +8,10 @@ the normalised row to x's dtype before the weight multiplies it (Llama's
 RMSNorm).
 
 Forward: rows that fit in one block (``D <= 8192``) are loaded once and
-kept in registers, ``ROWS`` of them a program, as one tile of ``FWD_TILE``
-elements where the rows are narrower (down to 256 features); a wider row, one a program, is
-read in column blocks, once for the mean (centred only), once for the sum of
-squares (two-pass, for accuracy), once to normalise.
+kept in registers, ``ROWS`` of them a program: one tile of ``FWD_TILE``
+elements where the rows are narrower (down to 256 features). A wider row,
+one a program, is read in column blocks, once for the mean (centred only),
+once for the sum of squares (two-pass, for accuracy), once to normalise.
 Backward: one launch of a persistent grid; each program takes rows
 ``pid, pid + G, ...``, writes their ``dx`` and keeps running sums of
 ``dy*xhat`` (and ``dy`` for a bias) for its rows, stored as its rows of a
@@ -66,11 +66,11 @@ take ceil(log8 G) levels (3 for two programs on each of 132 SMs)."""
 
 
 FWD_TILE = 4096
-"""Elements of the forward's tile: rows narrower than this go ``FWD_TILE // BLOCK_D`` to a
-program (at most ``MAX_FWD_ROWS``). The H200 run of 2026-12-04 timed the forward, then a row a
-program, at 87% and 86% of the copy bandwidth at 4096 and 8192 bf16 features (8 and
-16 warps) but at 73% and 65% at 2048 and 1024 (8 and 4 warps: half and a quarter of
-the bytes in flight an SM)."""
+"""Elements of the forward's tile: rows narrower than this go ``FWD_TILE // BLOCK_D`` to
+a program (at most ``MAX_FWD_ROWS``). The H200 run of 2026-12-04 timed the forward, then
+a row a program, at 87% and 86% of the copy bandwidth at 4096 and 8192 bf16 features
+(8 and 16 warps) but at 73% and 65% at 2048 and 1024 (8 and 4 warps: 32 KB of rows in
+flight an SM against 48 KB)."""
 
 MAX_FWD_ROWS = 16
 """Rows of the forward's tile, at the most: on sm_90, 128 rows of 32 features took 80
@@ -80,9 +80,10 @@ registers a thread (and spilled in fp64) where 16 rows took 56."""
 @functools.cache  # one entry per row width: a dict lookup instead of the arithmetic, on a new launch key
 def row_launch(d: int) -> dict:
     """The forward's ``BLOCK_D``, ``ONE_BLOCK``, ``ROWS`` (rows a program) and ``num_warps``
-    for rows of ``d`` features, by name: a warp per 256 elements of the tile (at least one), at most 8
-    warps below 8192 (Liger-Kernel's 8-warp forward took 20 us against 24 us for our 16
-    warps at 4096 x 4096 bf16 on the H200, bench/results/NVIDIA-H200-2026-11-26-cudagraph.md)."""
+    for rows of ``d`` features, by name: a warp per 256 elements of the tile (at least
+    one), at most 8 warps below 8192 (Liger-Kernel's 8-warp forward took 20 us against
+    24 us for our 16 warps at 4096 x 4096 bf16 on the H200,
+    bench/results/NVIDIA-H200-2026-11-26-cudagraph.md)."""
     block = row_block(d)
     one_block = block >= d
     rows = min(max(FWD_TILE // block, 1), MAX_FWD_ROWS) if one_block else 1
@@ -105,9 +106,10 @@ MAX_STAGES = 8
 @functools.cache
 def bwd_row_launch(d: int, itemsize: int) -> dict:
     """The backward's, for rows of ``d`` features of ``itemsize`` bytes: ``BLOCK_D`` and
-    ``ONE_BLOCK`` as the forward's, a warp per 256 columns up to 16 warps (each thread holds a row's dy and x and
-    the dw/db sums), its ``FAN_IN``, and ``STAGES``: rows of dy and x in its pipeline,
-    enough for ``AHEAD_BYTES`` ahead (rows that fit in one block only). Triton's pipeline
+    ``ONE_BLOCK`` as the forward's, a warp per 256 columns up to 16 warps (each thread
+    holds a row's dy and x and the dw/db sums), its ``FAN_IN``, and ``STAGES``: rows of
+    dy and x in its pipeline, enough for ``AHEAD_BYTES`` ahead (rows that fit in one
+    block only). Triton's pipeline
     copies only 16-byte vectors it knows to be aligned and wholly in or out of the row:
     for ``d`` not a multiple of 16 (the only divisibility Triton specializes an int on),
     ``STAGES`` is 1, for the loop that keeps the next row in registers."""
