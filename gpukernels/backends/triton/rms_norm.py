@@ -4,7 +4,7 @@ the launchers of the row-normalisation kernels of ``_norm``, uncentred (``CENTER
 
 from __future__ import annotations
 
-from ._common import aligned, dtype_of, float_bits, row_count
+from ._common import aligned, cdiv, dtype_of, float_bits, row_count
 from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
@@ -19,7 +19,7 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
         )
         launch = row_launch(d)
         norm_fwd_kernel.launch(
-            (-(-rows // launch["ROWS"]),),
+            (cdiv(rows, launch["ROWS"]),),
             key,
             lambda: dict(launch, CENTERED=False, CAST_BEFORE_W=cast_before_weight),
             x,
