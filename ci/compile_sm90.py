@@ -4,6 +4,7 @@
     python ci/compile_sm90.py            # exit 1 if any variant fails to compile
     python ci/compile_sm90.py -k batch_norm_ -k dropout   # only kernels whose name contains one of these
     python ci/compile_sm90.py --out occupancy.md          # the occupancy table into a file too
+    python ci/compile_sm90.py -k batch_norm_stats --dump ir/  # each variant's TTGIR, PTX and SASS too
 
 The Triton interpreter runs kernels without compiling them, so a kernel can
 pass every CPU test and still fail to compile for a GPU (a type the code
@@ -415,8 +416,19 @@ def occupancy_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compile_all(launches: list[dict]) -> tuple[list[str], list[dict]]:
-    """Compile every launch's variants: the failures, and an occupancy row per compiled variant."""
+def dump_ir(kernel, name: str, label: str, folder: Path) -> None:
+    """A compiled variant's TTGIR, PTX and SASS (Triton's own disassembly) into ``folder``, as
+    ``<name>-<n>.<ir>``, each headed by the variant's label: what a loop compiled to (pipelined
+    copies, vector widths, the instructions an element costs) without a GPU."""
+    folder.mkdir(parents=True, exist_ok=True)
+    number = sum(1 for _ in folder.glob(f"{name}-*.ttgir"))
+    for ir in ("ttgir", "ptx", "sass"):
+        (folder / f"{name}-{number}.{ir}").write_text(f"// {label}\n{kernel.asm[ir]}")
+
+
+def compile_all(launches: list[dict], dump: Path | None = None) -> tuple[list[str], list[dict]]:
+    """Compile every launch's variants: the failures, and an occupancy row per compiled variant
+    (with ``dump``, its IR written there: ``dump_ir``)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -455,6 +467,8 @@ def compile_all(launches: list[dict]) -> tuple[list[str], list[dict]]:
                         triton.compiler.ASTSource(fn, signature, constexprs, attrs), target=target, options=options
                     )
                 rows.append(occupancy_row(launch, constexprs, ptxas_log.getvalue(), kernel.metadata))
+                if dump:
+                    dump_ir(kernel, launch["kernel"], f"{label} {launch['shape']}", dump)
             except Exception as e:  # report every failure, not just the first
                 failures.append(f"{label}: {type(e).__name__}: {str(e)[:800]}")
         print(f"  {label[:150]}", flush=True)
@@ -468,9 +482,10 @@ def main() -> int:
         "-k", "--kernel", action="append", help="compile only the kernels whose name contains this (repeatable)"
     )
     parser.add_argument("--out", type=Path, help="also write the occupancy table (markdown) to this file")
+    parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
     args = parser.parse_args()
     if os.environ.get("GPUKERNELS_COMPILE_PHASE") == "compile":
-        failures, rows = compile_all(json.loads(sys.stdin.read()))
+        failures, rows = compile_all(json.loads(sys.stdin.read()), args.dump)
         table = occupancy_table(rows)
         print(f"\nOccupancy on sm_90 (H100/H200):\n\n{table}")
         if args.out:
@@ -496,7 +511,12 @@ def main() -> int:
         "TRITON_DUMP_PTXAS_LOG": "1",  # ptxas's register and spill report, printed by the compile
         "TRITON_ALWAYS_COMPILE": "1",  # a cached kernel would skip ptxas and its report
     }
-    command = [sys.executable, __file__, *(["--out", str(args.out)] if args.out else [])]
+    command = [
+        sys.executable,
+        __file__,
+        *(["--out", str(args.out)] if args.out else []),
+        *(["--dump", str(args.dump)] if args.dump else []),
+    ]
     return subprocess.run(command, input=json.dumps(launches), text=True, env=env).returncode
 
 

@@ -6,6 +6,7 @@ checks, and bad input."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import subprocess
 import sys
 
@@ -322,6 +323,30 @@ def test_elementwise_programs_taking_several_tiles(device, triton_kernels, monke
 
 
 @pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "layout, programs, partials_tile",
+    [
+        ("2d_wide", 6, 128),  # 2 channel blocks of 64: 3 splits, their partials read 2 splits at a time
+        ("nchw_short_rows", 9, 2),  # 3 channels: 3 splits, 2 at a time
+        ("nchw_short_rows", 9, 2048),  # eval's dweight and dbias (1024 channels a program): 2 at a time
+    ],
+)
+def test_partials_merged_a_block_of_splits_at_a_time(
+    device, triton_kernels, monkeypatch, layout, programs, partials_tile, training
+):
+    """The elementwise kernels read their channels' partials several splits at once, the last
+    block part empty; every block merged into the running statistics and sums: fp64 against
+    PyTorch's."""
+    monkeypatch.setattr(triton_kernels, "num_programs", lambda device, work, per_sm: programs)
+    monkeypatch.setattr(triton_kernels, "PARTIALS_TILE", partials_tile)
+    inputs = tiled_input(layout, torch.float64, device)
+    tiling = triton_kernels._tiling(inputs[0])
+    block_c = tiling.block_c if partials_tile < 2048 else triton_kernels.PARAM_GRADS_BLOCK
+    assert tiling.splits == 3 and triton_kernels._split_block(tiling.splits, block_c) == 2
+    check_against_torch(*inputs, training)
+
+
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", ["2d_wide", "nchw_short_rows"])  # channels inner, channels outer
 def test_reduction_grids_fit_what_an_sm_holds(device, triton_kernels, monkeypatch, layout, training):
     """Where an SM holds fewer of a reduction kernel's programs than the grid assumes
@@ -461,11 +486,31 @@ def test_kernel_launches(device, triton_kernels, monkeypatch, layout, training):
 
 def test_large_mean_small_variance(device):
     """fp32 statistics of data far from 0: from a sum of squares the variance
-    would lose ~1e-1 to cancellation; merged per-tile means and M2 do not."""
+    would lose ~1e-1 to cancellation; sums of squares about a shift near the
+    mean (the Triton kernels': the first tile's mean) do not."""
     x = make_inputs((4, 3, 2000), torch.float32, device=device)[0] * 0.5 + 1000
     exact = x.double().transpose(0, 1).reshape(3, -1)
     _, (mean, rstd) = batch_norm_fwd(x, None, None, None, None, None, True, 0.1, 1e-5, "none")
     torch.testing.assert_close(mean.double(), exact.mean(1), rtol=1e-7, atol=0)
+    torch.testing.assert_close(rstd.double(), (exact.var(1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+
+
+def test_first_tile_far_from_the_rest(device, monkeypatch):
+    """fp32 statistics where the first of 16 tiles (one program's, on Triton) lies
+    1000 standard deviations of the rest away from them: as far from the mean, in
+    the data's own standard deviation, as a first tile can be (sqrt(16 - 1)), so
+    the Triton kernels' shift by its mean loses the most it can."""
+    if gk.backend_name(device) == "triton":
+        from gpukernels.backends.triton import batch_norm as kernels
+
+        monkeypatch.setattr(kernels, "num_programs", lambda device, work, per_sm: 1)  # one split
+        monkeypatch.setattr(kernels, "_tiling_of", functools.lru_cache(kernels._tiling_of.__wrapped__))
+    x = make_inputs((256, 3, 200), torch.float32, device=device)[0]  # NCHW: 16 tiles of 16 x 256
+    x[:16] += 1000
+    exact = x.double().transpose(0, 1).reshape(3, -1)
+    _, (mean, rstd) = batch_norm_fwd(x, None, None, None, None, None, True, 0.1, 1e-5, "none")
+    # the mean within a millionth of the data's standard deviation (it is 16 of them from the shift)
+    assert ((mean.double() - exact.mean(1)).abs() <= 1e-6 * exact.std(1)).all()
     torch.testing.assert_close(rstd.double(), (exact.var(1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
 
 

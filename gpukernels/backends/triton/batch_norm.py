@@ -6,8 +6,8 @@ Layouts. Every kernel addresses element ``(n, c, l)`` of each tensor through
 that tensor's own strides, so NCHW, channels-last and strided views run
 without copies, and ``y``/``dx`` are laid out as ``torch.empty_like(x)``.
 The launcher first folds ``n`` and ``l`` into one axis where every tensor
-allows it (channels-last input is then a row-major ``(M, C)`` matrix, and so
-is 2-D ``(N, C)`` input), then tiles ``(n, l, c)``:
+allows it (channels-last input is then a row-major ``(M, C)`` matrix, its rows
+the n axis and L = 1, and so is 2-D ``(N, C)`` input), then tiles ``(n, l, c)``:
 - channel axis the contiguous one (channels-last, 2-D input): a program owns
   a block of up to 64 channels and reads tiles of (rows, channels), so its
   loads are coalesced along C;
@@ -23,12 +23,13 @@ Statistics accumulate in fp32 (fp64 for fp64 input), without atomics.
 
 Forward (2 launches in training, 1 in eval; 2 reads of x in training):
 1. ``batch_norm_stats_kernel``, grid (channel blocks, SPLIT): program ``s`` takes
-   tiles ``s, s + SPLIT, ...`` of its channels, computes each tile's mean and
-   M2 in registers (two-pass; the next tile is loaded before they are
-   reduced) and merges them into its partial (count, mean, M2) with Chan's
-   formula. Training only.
+   tiles ``s, s + SPLIT, ...`` of its channels and adds up, in tile-shaped
+   registers, each element's difference from a shift (its channel's mean over
+   the first tile) and its square, the next tile loading meanwhile; it reduces
+   them across the tile once, into its partial (count, mean, M2). Training only.
 2. ``batch_norm_normalize_kernel``: each program first merges the SPLIT
-   partials of its channels, in split order, into the batch mean and rstd (in
+   partials of its channels (a block of splits at a time, ``PARTIALS_TILE``),
+   in split order, into the batch mean and rstd (in
    eval: reads them off the running stats); the first program of each channel
    block writes them out and updates the running stats; then every program
    writes ``y = act(z)``, ``z = (x - mean) * rstd*w + b`` (plus a residual, read
@@ -90,6 +91,7 @@ from .linear_act import _activation, _pre_activation_grad
 TILE = 4096  # elements a program reads per step
 CHANNEL_BLOCK = 64  # channels per program when C is the contiguous axis
 PARAM_GRADS_BLOCK = 1024
+PARTIALS_TILE = 1024  # partials (splits x channels) a program merging them reads at once
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1
 # An elementwise program reads at most 1/PARTIAL_SHARE as many partials as it reads elements of x.
 PARTIAL_SHARE = 8
@@ -194,13 +196,21 @@ def _store_per_channel(Ptr, c_start, C, values, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _split_sums(Partial, splits, c_start, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The (2, splits, C) partials summed over the splits, in split order: (sum of [0], sum of [1])."""
+def _split_sums(
+    Partial, splits, c_start, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_BLOCK: tl.constexpr
+):  # fmt: skip
+    """The (2, splits, C) partials summed over the splits: (sum of [0], sum of [1]). The
+    partials are read SPLIT_BLOCK splits at a time, all in flight at once (a split a step
+    would wait on a load per split), and added in the same order by every program."""
     first = tl.zeros([BLOCK_C], dtype=ACC)
     second = tl.zeros([BLOCK_C], dtype=ACC)
-    for s in range(0, splits):
-        first += _channel_vector(Partial + s * C, c_start, C, ACC, BLOCK_C)
-        second += _channel_vector(Partial + (splits + s) * C, c_start, C, ACC, BLOCK_C)
+    c = c_start + tl.arange(0, BLOCK_C)
+    for start in range(0, splits, SPLIT_BLOCK):
+        s = start + tl.arange(0, SPLIT_BLOCK)
+        mask = (s < splits)[:, None] & (c < C)[None, :]
+        offsets = s[:, None] * C + c[None, :]
+        first += tl.sum(tl.load(Partial + offsets, mask=mask, other=0.0).to(ACC), axis=0)
+        second += tl.sum(tl.load(Partial + splits * C + offsets, mask=mask, other=0.0).to(ACC), axis=0)
     return first, second
 
 
@@ -229,30 +239,35 @@ def _tiles_moments(
     VEC: tl.constexpr,
 ):
     """(count, mean, M2) per channel of tiles ``first, first + step, ...`` of the channels
-    from ``c_start``: each tile's mean and M2 in registers (two-pass), merged in tile
-    order with Chan's formula."""
-    count = tl.zeros([], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    # Each step loads the next tile before reducing this one: two tiles in flight per
-    # program, so the loads' latency hides behind the reductions' barriers.
+    from ``c_start``. The loop adds each element's ``d = x - shift`` and ``d*d`` into
+    tile-shaped sums, reduced once at the end (a merge tile by tile reduced each tile
+    twice, with barriers between, and kept the GPU's memory a fifth busy); ``shift`` is
+    each channel's mean over the first tile, so that ``M2 = sum(d*d) - sum(d)**2 / count``
+    cancels little: the first tile holds ``first_count`` of the ``count`` values, so its
+    mean is at most ``sqrt(count / first_count)`` standard deviations from theirs (the
+    variance between it and the rest is part of theirs) and the subtraction loses at
+    most ``log2(1 + count / first_count)`` bits."""
     next_x = _load_tile(X, first, c_start, N, L, C, sxn, sxl, sxc, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC)
+    first_count = _tile_count(first, N, L, l_tiles, BLOCK_N, BLOCK_L).to(ACC)
+    shift = _channel_sum(next_x.to(ACC)) / tl.maximum(first_count, 1.0)
+    count = tl.zeros([], dtype=ACC)
+    sum_d = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], dtype=ACC)
+    sum_d2 = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], dtype=ACC)
+    # Each step loads the next tile before adding this one: two tiles in flight per program.
     for tile in range(first, tiles, step):
-        n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC)
+        n, l, _, _ = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC)
         x = next_x.to(ACC)
         next_x = _load_tile(
             X, tile + step, c_start, N, L, C, sxn, sxl, sxc, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC
         )
-        tile_count = _tile_count(tile, N, L, l_tiles, BLOCK_N, BLOCK_L).to(ACC)
-        tile_mean = _channel_sum(x) / tile_count
-        centered = tl.where(mask, x - tile_mean[None, None, :], 0.0)
-        total = count + tile_count
-        delta = tile_mean - mean
-        share = tile_count / total
-        mean += delta * share
-        m2 += _channel_sum(centered * centered) + delta * delta * (count * share)
-        count = total
-    return count, mean, m2
+        # elements outside the tensor add 0; channels past C add anything (never stored)
+        d = tl.where((n < N) & (l < L), x - shift[None, None, :], 0.0)
+        sum_d += d
+        sum_d2 += d * d
+        count += _tile_count(tile, N, L, l_tiles, BLOCK_N, BLOCK_L).to(ACC)
+    total_d = _channel_sum(sum_d)
+    mean_d = total_d / tl.maximum(count, 1.0)
+    return count, shift + mean_d, tl.maximum(_channel_sum(sum_d2) - total_d * mean_d, 0.0)
 
 
 @jit
@@ -291,20 +306,36 @@ def batch_norm_stats_kernel(
 
 
 @triton.jit
-def _merged_moments(Partial, splits, M, c_start, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Mean and biased variance per channel: the splits' partials merged with
-    Chan's formula, in split order (nan for M == 0, as a mean of nothing)."""
+def _merged_moments(
+    Partial, splits, M, c_start, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_BLOCK: tl.constexpr
+):  # fmt: skip
+    """Mean and biased variance per channel: the splits' partials merged in split order,
+    SPLIT_BLOCK at a time (their loads all in flight at once; see ``_split_sums``), each
+    block's (count, mean, M2) worked out in two passes over it and merged into the running
+    ones with Chan's formula (nan for M == 0, as a mean of nothing)."""
     count = tl.zeros([], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     moments = Partial + splits
-    for s in range(0, splits):
-        split_count = tl.load(Partial + s).to(ACC)
-        total = count + split_count
-        delta = _channel_vector(moments + s * C, c_start, C, ACC, BLOCK_C) - mean
-        share = split_count / total
+    c = c_start + tl.arange(0, BLOCK_C)
+    for start in range(0, splits, SPLIT_BLOCK):
+        s = start + tl.arange(0, SPLIT_BLOCK)
+        in_splits = s < splits
+        mask = in_splits[:, None] & (c < C)[None, :]
+        offsets = s[:, None] * C + c[None, :]
+        split_count = tl.load(Partial + s, mask=in_splits, other=0.0).to(ACC)[:, None]
+        split_mean = tl.load(moments + offsets, mask=mask, other=0.0).to(ACC)
+        split_m2 = tl.load(moments + splits * C + offsets, mask=mask, other=0.0).to(ACC)
+        block_count = tl.sum(split_count, axis=0)  # (1,): every split of the block holds a tile or more
+        block_mean = tl.sum(split_count * split_mean, axis=0) / block_count
+        centered = split_mean - block_mean[None, :]
+        block_m2 = tl.sum(split_m2 + split_count * centered * centered, axis=0)
+        block_count = tl.sum(block_count, axis=0)
+        total = count + block_count
+        delta = block_mean - mean
+        share = block_count / total
         mean += delta * share
-        m2 += _channel_vector(moments + (splits + s) * C, c_start, C, ACC, BLOCK_C) + delta * delta * (count * share)
+        m2 += block_m2 + delta * delta * (count * share)
         count = total
     m = tl.cast(M, ACC)
     return tl.where(m > 0, mean, float("nan")), m2 / m
@@ -354,6 +385,7 @@ def batch_norm_normalize_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
     VEC: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
 ):
     """y = act(z) (with ``HAS_RESIDUAL``: act(z rounded + r)) for this program's tiles, z
     normalised with the batch's statistics (in training, merged from the partials, or
@@ -371,7 +403,7 @@ def batch_norm_normalize_kernel(
             )
             var = m2 / tl.cast(M, ACC)
         else:
-            mean, var = _merged_moments(Partial, splits, M, c_start, C, ACC, BLOCK_C)
+            mean, var = _merged_moments(Partial, splits, M, c_start, C, ACC, BLOCK_C, SPLIT_BLOCK)
         if UPDATE_RUNNING:
             if first:
                 momentum = as_float(momentum_hi, momentum_lo, ACC)
@@ -559,11 +591,21 @@ def _store_param_grads(
 
 @jit
 def batch_norm_param_grads_kernel(
-    Partial, splits, Stats, DW, DB, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
+    Partial,
+    splits,
+    Stats,
+    DW,
+    DB,
+    C,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
 ):
     """Eval: dweight and dbias from the partials (dx needs no sums then)."""
     c_start = tl.program_id(0) * BLOCK
-    sum_dy, sum_dy_xc = _split_sums(Partial, splits, c_start, C, ACC, BLOCK)
+    sum_dy, sum_dy_xc = _split_sums(Partial, splits, c_start, C, ACC, BLOCK, SPLIT_BLOCK)
     rstd = _channel_vector(Stats + C, c_start, C, ACC, BLOCK)
     _store_param_grads(DW, DB, rstd, sum_dy, sum_dy_xc, c_start, C, HAS_W, HAS_B, BLOCK)
 
@@ -605,6 +647,7 @@ def batch_norm_dx_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
     VEC: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
 ):
     """Training dx: the batch mean and variance depend on x too, so dy loses
     its mean and its component along xhat. Each program adds up the partial
@@ -623,7 +666,7 @@ def batch_norm_dx_kernel(
         )
         # fmt: on
     else:
-        sum_dy, sum_dy_xc = _split_sums(Partial, splits, c_start, C, ACC, BLOCK_C)
+        sum_dy, sum_dy_xc = _split_sums(Partial, splits, c_start, C, ACC, BLOCK_C, SPLIT_BLOCK)
     mean = _per_channel(Stats, c_start, C, ACC, BLOCK_C)
     rstd = _channel_vector(Stats + C, c_start, C, ACC, BLOCK_C)
     if tl.program_id(1) == 0:
@@ -674,6 +717,8 @@ class _Tiling:
     or channel blocks enough to fill the GPU): then the training kernels that would
     read that program's partials reduce the tiles themselves, one launch instead of
     two, on ``own_grid``."""
+    split_block: int = field(init=False)
+    """Splits whose partials a program reads at once (``_merged_moments``, ``_split_sums``)."""
     reduction_grid: tuple[int, int] = field(init=False)
     elementwise_grid: tuple[int, int] = field(init=False)
     own_grid: tuple[int, int] = field(init=False)
@@ -700,9 +745,16 @@ class _Tiling:
         object.__setattr__(self, "_metas", metas)
         object.__setattr__(self, "m", self.n * self.l)
         object.__setattr__(self, "one_split", self.splits == 1 and self.tiles > 0)
+        object.__setattr__(self, "split_block", _split_block(self.splits, self.block_c))
         object.__setattr__(self, "reduction_grid", (self.channel_blocks, self.splits))
         object.__setattr__(self, "elementwise_grid", (self.channel_blocks, self.programs))
         object.__setattr__(self, "own_grid", (self.channel_blocks, 1))
+
+
+def _split_block(splits: int, block_c: int) -> int:
+    """The splits whose partials a program of ``block_c`` channels reads at once: all of
+    them, up to PARTIALS_TILE partials."""
+    return min(next_power_of_2(splits), max(1, PARTIALS_TILE // block_c))
 
 
 def _fold(n: int, l: int, strides: list[tuple[int, int, int]]) -> tuple[int, int, list[tuple[int, int, int]]]:
@@ -757,6 +809,11 @@ def _tiling_of(
     n, l, strides = _fold(n0, l0, [(sn, sl, sc) for sn, sc, sl in ncl])
     _, sl, sc = strides[0]
     channels_inner = c > 1 and sc < sl
+    if channels_inner and n == 1:
+        # the folded rows as n, with L = 1: a tile's (n, l) block is then the tile itself,
+        # where a runtime l_tiles would cost every tile an integer division (L == 1 and
+        # l_tiles == 1 are constants to the JIT)
+        n, l, strides = l, 1, [(s_l, 0, s_c) for _, s_l, s_c in strides]
     block_c = min(_pow2_at_least(c), CHANNEL_BLOCK) if channels_inner else 1
     block_l = min(_pow2_at_least(l), TILE // block_c)
     block_n = min(_pow2_at_least(n), TILE // (block_c * block_l))
@@ -844,6 +901,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, residual, trainin
             HAS_B=bias is not None,
             HAS_RESIDUAL=residual is not None,
             ACTIVATION=activation,
+            SPLIT_BLOCK=tiling.split_block,
             **tiling.meta(x.dtype),
         ),
         x,
@@ -922,6 +980,7 @@ def batch_norm_bwd(dy, x, weight, bias, stats, training, activation, dx, dweight
                 HAS_W=weight is not None,
                 HAS_B=has_bias,
                 ACTIVATION=activation,
+                SPLIT_BLOCK=tiling.split_block,
                 **tiling.meta(x.dtype),
             ),
             x,
@@ -946,6 +1005,7 @@ def batch_norm_bwd(dy, x, weight, bias, stats, training, activation, dx, dweight
                 HAS_B=has_bias,
                 ACC=acc_dtype(x.dtype),
                 BLOCK=PARAM_GRADS_BLOCK,
+                SPLIT_BLOCK=_split_block(tiling.splits, PARAM_GRADS_BLOCK),
             ),
             partial,
             tiling.splits,
