@@ -424,14 +424,26 @@ def batch_norm_normalize_kernel(
     gain = rstd * _channel_vector(W, c_start, C, ACC, BLOCK_C) if HAS_W else rstd
     if HAS_B:
         shift = _per_channel(B, c_start, C, ACC, BLOCK_C)
-    for tile in range(tl.program_id(1), tiles, tl.num_programs(1)):
+    # Each step loads the next tile (and residual tile) before writing this one: two in flight.
+    step = tl.num_programs(1)
+    next_x = _load_tile(X, tl.program_id(1), c_start, N, L, C, sxn, sxl, sxc, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C,
+                        IDX, VEC)  # fmt: skip
+    next_r = next_x  # unread without a residual
+    if HAS_RESIDUAL:
+        next_r = _load_tile(R, tl.program_id(1), c_start, N, L, C, srn, srl, src, l_tiles, BLOCK_N, BLOCK_L,
+                            BLOCK_C, IDX, VEC)  # fmt: skip
+    for tile in range(tl.program_id(1), tiles, step):
         n, l, c, mask = _tile_indices(tile, c_start, N, L, C, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC)
-        x = tl.load(X + _offsets(n, l, c, sxn, sxl, sxc, VEC), mask=mask, other=0.0).to(ACC)
+        x = next_x.to(ACC)
+        next_x = _load_tile(X, tile + step, c_start, N, L, C, sxn, sxl, sxc, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C,
+                            IDX, VEC)  # fmt: skip
         y = (x - mean[None, None, :]) * gain[None, None, :]
         if HAS_B:
             y += shift
         if HAS_RESIDUAL:  # z rounded, then the sum (rounded below), as PyTorch's x += shortcut after the norm
-            r = tl.load(R + _offsets(n, l, c, srn, srl, src, VEC), mask=mask, other=0.0).to(ACC)
+            r = next_r.to(ACC)
+            next_r = _load_tile(R, tile + step, c_start, N, L, C, srn, srl, src, l_tiles, BLOCK_N, BLOCK_L,
+                                BLOCK_C, IDX, VEC)  # fmt: skip
             y = round_to(y, Y.dtype.element_ty).to(ACC) + r
         if ACTIVATION != "none":  # on z rounded to y's dtype, as an activation after the norm reads it
             y = _activation(round_to(y, Y.dtype.element_ty).to(ACC), ACTIVATION)
