@@ -83,4 +83,9 @@ def profile_step(step, device: torch.device) -> tuple[dict, str]:
     for name, times in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:40]:
         total = sum(times)
         lines.append(f"{total:9.3f} {len(times):6d} {total / kernel_ms:8.1%}  {origins[name]:<12}  {name[:150]}")
+    # Which operators launched them: the autograd nodes of the backward (``autograd::engine::
+    # evaluate_function: CatBackward0``) and the ops inside them, each with its kernels' time
+    # and its children's, so that a kernel above can be traced to the layer that asked for it.
+    operators = prof.key_averages().table(sort_by="device_time_total", row_limit=40, max_name_column_width=90)
+    lines += ["", "operators by the device time of their kernels and their children's:", operators]
     return summary, "\n".join(lines) + "\n"
