@@ -514,6 +514,24 @@ def test_first_tile_far_from_the_rest(device, monkeypatch):
     torch.testing.assert_close(rstd.double(), (exact.var(1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
 
 
+def test_first_tile_of_one_column_is_not_the_shift(device, monkeypatch):
+    """fp32 statistics where a program's first tile is a row's last column (L = 4097 in
+    tiles of 4096: its l-tail) and holds an outlier: a shift by that tile's one value would
+    cancel 12 bits of the variance, so the Triton kernels shift by a whole tile's mean."""
+    if gk.backend_name(device) == "triton":
+        from gpukernels.backends.triton import batch_norm as kernels
+
+        # 3 splits of a channel's 8 tiles: the second program's are 1 (a tail), 4 (whole) and 7 (a tail)
+        monkeypatch.setattr(kernels, "num_programs", lambda device, work, per_sm: 6)
+        monkeypatch.setattr(kernels, "_tiling_of", functools.lru_cache(kernels._tiling_of.__wrapped__))
+    x = make_inputs((4, 2, 4097), torch.float32, device=device)[0]  # 2 channels: n and l do not fold
+    x[0, 0, 4096] = 1e4
+    exact = x.double().transpose(0, 1).reshape(2, -1)
+    _, (mean, rstd) = batch_norm_fwd(x, None, None, None, None, None, True, 0.1, 1e-5, "none")
+    assert ((mean.double() - exact.mean(1)).abs() <= 1e-6 * exact.std(1)).all()
+    torch.testing.assert_close(rstd.double(), (exact.var(1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_broadcast_output_grad(device, training):
     """y.sum() sends back dy with all strides 0, unlike x's channels-last ones."""

@@ -242,14 +242,22 @@ def _tiles_moments(
     from ``c_start``. The loop adds each element's ``d = x - shift`` and ``d*d`` into
     tile-shaped sums, reduced once at the end (a merge tile by tile reduced each tile
     twice, with barriers between, and kept the GPU's memory a fifth busy); ``shift`` is
-    each channel's mean over the first tile, so that ``M2 = sum(d*d) - sum(d)**2 / count``
-    cancels little: the first tile holds ``first_count`` of the ``count`` values, so its
-    mean is at most ``sqrt(count / first_count)`` standard deviations from theirs (the
-    variance between it and the rest is part of theirs) and the subtraction loses at
-    most ``log2(1 + count / first_count)`` bits."""
+    each channel's mean over one of the tiles, so that ``M2 = sum(d*d) - sum(d)**2 / count``
+    cancels little: a tile holding ``shift_count`` of the ``count`` values has a mean at
+    most ``sqrt(count / shift_count)`` standard deviations from theirs (the variance
+    between it and the rest is part of theirs), and the subtraction loses at most
+    ``log2(1 + count / shift_count)`` bits. The tile is the first, or the second where the
+    first is a row's last columns (NCHW rows longer than a tile; maybe one column)."""
     next_x = _load_tile(X, first, c_start, N, L, C, sxn, sxl, sxc, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX, VEC)
-    first_count = _tile_count(first, N, L, l_tiles, BLOCK_N, BLOCK_L).to(ACC)
-    shift = _channel_sum(next_x.to(ACC)) / tl.maximum(first_count, 1.0)
+    shift_tile = first
+    shift_x = next_x
+    if (l_tiles > 1) & (first % l_tiles == l_tiles - 1) & (first + step < tiles):
+        # the first tile is a row's last columns, maybe one: the shift from the next
+        shift_tile = first + step
+        shift_x = _load_tile(X, shift_tile, c_start, N, L, C, sxn, sxl, sxc, l_tiles, BLOCK_N, BLOCK_L, BLOCK_C, IDX,
+                             VEC)  # fmt: skip
+    shift_count = _tile_count(shift_tile, N, L, l_tiles, BLOCK_N, BLOCK_L).to(ACC)
+    shift = _channel_sum(shift_x.to(ACC)) / tl.maximum(shift_count, 1.0)
     count = tl.zeros([], dtype=ACC)
     sum_d = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], dtype=ACC)
     sum_d2 = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], dtype=ACC)
