@@ -25,8 +25,9 @@ Forward (2 launches in training, 1 in eval; 2 reads of x in training):
 1. ``batch_norm_stats_kernel``, grid (channel blocks, SPLIT): program ``s`` takes
    tiles ``s, s + SPLIT, ...`` of its channels and adds up, in tile-shaped
    registers, each element's difference from a shift (its channel's mean over
-   the first tile) and its square, the next tile loading meanwhile; it reduces
-   them across the tile once, into its partial (count, mean, M2). Training only.
+   one of its tiles: ``_tiles_moments``) and its square, the next tile loading
+   meanwhile; it reduces them across the tile once, into its partial (count,
+   mean, M2). Training only.
 2. ``batch_norm_normalize_kernel``: each program first merges the SPLIT
    partials of its channels (a block of splits at a time, ``PARTIALS_TILE``),
    in split order, into the batch mean and rstd (in
