@@ -495,16 +495,22 @@ def test_large_mean_small_variance(device):
     torch.testing.assert_close(rstd.double(), (exact.var(1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
 
 
+def triton_grid_of(device, monkeypatch, programs):
+    """On the Triton backend, reduction grids of ``programs`` programs in all (tilings worked
+    out afresh); other backends as they are."""
+    if gk.backend_name(device) == "triton":
+        from gpukernels.backends.triton import batch_norm as kernels
+
+        monkeypatch.setattr(kernels, "num_programs", lambda device, work, per_sm: programs)
+        monkeypatch.setattr(kernels, "_tiling_of", functools.lru_cache(kernels._tiling_of.__wrapped__))
+
+
 def test_first_tile_far_from_the_rest(device, monkeypatch):
     """fp32 statistics where the first of 16 tiles (one program's, on Triton) lies
     1000 standard deviations of the rest away from them: as far from the mean, in
     the data's own standard deviation, as a first tile can be (sqrt(16 - 1)), so
     the Triton kernels' shift by its mean loses the most it can."""
-    if gk.backend_name(device) == "triton":
-        from gpukernels.backends.triton import batch_norm as kernels
-
-        monkeypatch.setattr(kernels, "num_programs", lambda device, work, per_sm: 1)  # one split
-        monkeypatch.setattr(kernels, "_tiling_of", functools.lru_cache(kernels._tiling_of.__wrapped__))
+    triton_grid_of(device, monkeypatch, programs=1)  # one split
     x = make_inputs((256, 3, 200), torch.float32, device=device)[0]  # NCHW: 16 tiles of 16 x 256
     x[:16] += 1000
     exact = x.double().transpose(0, 1).reshape(3, -1)
@@ -518,12 +524,8 @@ def test_first_tile_of_one_column_is_not_the_shift(device, monkeypatch):
     """fp32 statistics where a program's first tile is a row's last column (L = 4097 in
     tiles of 4096: its l-tail) and holds an outlier: a shift by that tile's one value would
     cancel 12 bits of the variance, so the Triton kernels shift by a whole tile's mean."""
-    if gk.backend_name(device) == "triton":
-        from gpukernels.backends.triton import batch_norm as kernels
-
-        # 3 splits of a channel's 8 tiles: the second program's are 1 (a tail), 4 (whole) and 7 (a tail)
-        monkeypatch.setattr(kernels, "num_programs", lambda device, work, per_sm: 6)
-        monkeypatch.setattr(kernels, "_tiling_of", functools.lru_cache(kernels._tiling_of.__wrapped__))
+    # 3 splits of a channel's 8 tiles: the second program's are 1 (a tail), 4 (whole) and 7 (a tail)
+    triton_grid_of(device, monkeypatch, programs=6)
     x = make_inputs((4, 2, 4097), torch.float32, device=device)[0]  # 2 channels: n and l do not fold
     x[0, 0, 4096] = 1e4
     exact = x.double().transpose(0, 1).reshape(2, -1)

@@ -197,21 +197,27 @@ def _store_per_channel(Ptr, c_start, C, values, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _partials_block(Ptr, start, splits, c, C, ACC: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """Rows ``start, ..., start + SPLIT_BLOCK - 1`` of a (splits, C) array of partials at the
+    program's channels ``c``, all loaded at once (a row a step would wait on a load per
+    split): 0 past the splits and past C."""
+    s = start + tl.arange(0, SPLIT_BLOCK)
+    mask = (s < splits)[:, None] & (c < C)[None, :]
+    return tl.load(Ptr + s[:, None] * C + c[None, :], mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
 def _split_sums(
     Partial, splits, c_start, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_BLOCK: tl.constexpr
 ):  # fmt: skip
-    """The (2, splits, C) partials summed over the splits: (sum of [0], sum of [1]). The
-    partials are read SPLIT_BLOCK splits at a time, all in flight at once (a split a step
-    would wait on a load per split), and added in the same order by every program."""
+    """The (2, splits, C) partials summed over the splits: (sum of [0], sum of [1]), read
+    SPLIT_BLOCK splits at a time and added in the same order by every program."""
     first = tl.zeros([BLOCK_C], dtype=ACC)
     second = tl.zeros([BLOCK_C], dtype=ACC)
     c = c_start + tl.arange(0, BLOCK_C)
     for start in range(0, splits, SPLIT_BLOCK):
-        s = start + tl.arange(0, SPLIT_BLOCK)
-        mask = (s < splits)[:, None] & (c < C)[None, :]
-        offsets = s[:, None] * C + c[None, :]
-        first += tl.sum(tl.load(Partial + offsets, mask=mask, other=0.0).to(ACC), axis=0)
-        second += tl.sum(tl.load(Partial + splits * C + offsets, mask=mask, other=0.0).to(ACC), axis=0)
+        first += tl.sum(_partials_block(Partial, start, splits, c, C, ACC, SPLIT_BLOCK), axis=0)
+        second += tl.sum(_partials_block(Partial + splits * C, start, splits, c, C, ACC, SPLIT_BLOCK), axis=0)
     return first, second
 
 
@@ -329,17 +335,13 @@ def _merged_moments(
     c = c_start + tl.arange(0, BLOCK_C)
     for start in range(0, splits, SPLIT_BLOCK):
         s = start + tl.arange(0, SPLIT_BLOCK)
-        in_splits = s < splits
-        mask = in_splits[:, None] & (c < C)[None, :]
-        offsets = s[:, None] * C + c[None, :]
-        split_count = tl.load(Partial + s, mask=in_splits, other=0.0).to(ACC)[:, None]
-        split_mean = tl.load(moments + offsets, mask=mask, other=0.0).to(ACC)
-        split_m2 = tl.load(moments + splits * C + offsets, mask=mask, other=0.0).to(ACC)
-        block_count = tl.sum(split_count, axis=0)  # (1,): every split of the block holds a tile or more
-        block_mean = tl.sum(split_count * split_mean, axis=0) / block_count
+        split_count = tl.load(Partial + s, mask=s < splits, other=0.0).to(ACC)
+        split_mean = _partials_block(moments, start, splits, c, C, ACC, SPLIT_BLOCK)
+        split_m2 = _partials_block(moments + splits * C, start, splits, c, C, ACC, SPLIT_BLOCK)
+        block_count = tl.sum(split_count, axis=0)  # > 0: every split of the block holds a tile or more
+        block_mean = tl.sum(split_count[:, None] * split_mean, axis=0) / block_count
         centered = split_mean - block_mean[None, :]
-        block_m2 = tl.sum(split_m2 + split_count * centered * centered, axis=0)
-        block_count = tl.sum(block_count, axis=0)
+        block_m2 = tl.sum(split_m2 + split_count[:, None] * centered * centered, axis=0)
         total = count + block_count
         delta = block_mean - mean
         share = block_count / total
