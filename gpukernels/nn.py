@@ -1,13 +1,22 @@
 """Drop-in modules. Each subclasses its ``torch.nn`` namesake, so constructor
 arguments, parameter and buffer names (and so state_dicts) and ``isinstance``
-checks are PyTorch's; only ``forward`` runs our ops."""
+checks are PyTorch's; only ``forward`` runs our ops.
+
+A norm (ours, or one ``gk.patch`` converted) whose ``feeds_matmuls`` attribute is
+true returns, under autocast, the autocast dtype rather than fp32: what the
+matmuls its output goes to would cast it to, rounded once by the norm's kernel,
+so that neither the fp32 result nor the casts' passes (one per matmul, and the
+casts of their gradients back) exist. Its gradient then comes in that dtype:
+the matmuls' gradients are summed in it rather than in fp32. ``gk.patch`` sets it
+on the norms of transformer blocks whose output goes only to the block's
+attention or MLP projections."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .ops._checks import check_choice
+from .ops._checks import autocast_dtype, check_choice
 from .ops.batch_norm import batch_norm
 from .ops.cross_entropy import REDUCTIONS, cross_entropy
 from .ops.dropout import dropout
@@ -47,14 +56,23 @@ class LinearAct(torch.nn.Linear):
         return f"{super().extra_repr()}, activation={self.activation!r}"
 
 
+def matmul_input_dtype(norm: torch.nn.Module, input: Tensor) -> torch.dtype | None:
+    """The dtype ``norm`` returns for ``input`` when it feeds matmuls (``norm.feeds_matmuls``,
+    see the module doc) under autocast: the autocast dtype; else None (the op's own)."""
+    if not norm.__dict__.get("feeds_matmuls") or input.dtype == torch.float64:  # autocast leaves fp64 as it is
+        return None
+    return autocast_dtype(input)
+
+
 class LayerNorm(torch.nn.LayerNorm):
     def forward(self, input: Tensor) -> Tensor:
-        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        out_dtype = matmul_input_dtype(self, input)
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, out_dtype=out_dtype)
 
 
 class RMSNorm(torch.nn.RMSNorm):
     def forward(self, input: Tensor) -> Tensor:
-        return rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps, out_dtype=matmul_input_dtype(self, input))
 
 
 class BatchNormForward:

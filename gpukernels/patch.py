@@ -81,7 +81,7 @@ from .ops.rope import apply_rotary_pos_emb
 LOSS_MODES = ("logits", "fused")
 
 # Attributes patch sets on a module it converts (the forward reads them); unpatch removes them.
-_SET_ATTRIBUTES = ("activation", "seed", "defer_logits", "softcap")
+_SET_ATTRIBUTES = ("activation", "seed", "defer_logits", "softcap", "feeds_matmuls")
 
 
 def _nothing_to_set(module: torch.nn.Module) -> dict[str, Any]:
@@ -290,17 +290,30 @@ def _not_fused_with(map_name: str, why: str, swapped: bool) -> str:
 
 def _llama_rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
     """Llama's RMSNorm: normalised in fp32, rounded to the input dtype, then times the weight."""
-    return rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon, cast_before_weight=True)
+    return rms_norm(
+        hidden_states,
+        self.weight.shape,
+        self.weight,
+        self.variance_epsilon,
+        cast_before_weight=True,
+        out_dtype=gnn.matmul_input_dtype(self, hidden_states),
+    )
 
 
 def _gemma_rms_norm_forward(self, x: Tensor) -> Tensor:
     """Gemma's RMSNorm: times (1 + weight) in fp32, then rounded to the input dtype."""
-    return rms_norm(x, self.weight.shape, self.weight, self.eps, offset=1.0)
+    return rms_norm(x, self.weight.shape, self.weight, self.eps, offset=1.0, out_dtype=gnn.matmul_input_dtype(self, x))
 
 
 def _olmo2_rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
     """OLMo 2's RMSNorm: times the weight in fp32, then rounded to the input dtype."""
-    return rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+    return rms_norm(
+        hidden_states,
+        self.weight.shape,
+        self.weight,
+        self.variance_epsilon,
+        out_dtype=gnn.matmul_input_dtype(self, hidden_states),
+    )
 
 
 def _gated(gate: Tensor, up: Tensor, activation: str) -> Tensor:
@@ -432,6 +445,67 @@ _GATE_UP_MLPS = (("phi3", "Phi3MLP"), ("glm4", "Glm4MLP"))
 
 def _transformers_class(model: str, name: str) -> type | None:
     return _loaded(f"transformers.models.{model}.modeling_{model}", name)[0]
+
+
+# ---- norms whose output only matmuls read (transformers) -------------------------------------------------------
+
+
+def _pre_norms(prefix: str, mlp_norm: str = "post_attention_layernorm") -> dict[str, tuple[str, str]]:
+    return {"input_layernorm": ("self_attn", f"{prefix}Attention"), mlp_norm: ("mlp", f"{prefix}MLP")}
+
+
+# Blocks whose forward passes a norm's output only to its attention or its MLP, whose forward in turn
+# passes it only to projections (their shape read besides), as read in transformers 5.25 (and checked on
+# the installed version by tests/test_patch_models.py: the same logits bit for bit under autocast):
+# (model, block class) -> {norm: (the child it goes to, that child's class)}. Under autocast those
+# projections cast it to the autocast dtype, so the norm may return that dtype (gnn.matmul_input_dtype).
+# Not here: norms of a block's outputs (Gemma 2/3's post-norms, OLMo 2's), the final norm (returned as
+# the model's hidden state).
+_NORMS_BEFORE_MATMULS = {
+    ("llama", "LlamaDecoderLayer"): _pre_norms("Llama"),
+    ("mistral", "MistralDecoderLayer"): _pre_norms("Mistral"),
+    ("qwen2", "Qwen2DecoderLayer"): _pre_norms("Qwen2"),
+    ("qwen3", "Qwen3DecoderLayer"): _pre_norms("Qwen3"),
+    ("gemma", "GemmaDecoderLayer"): _pre_norms("Gemma"),
+    ("gemma2", "Gemma2DecoderLayer"): _pre_norms("Gemma2", "pre_feedforward_layernorm"),
+    ("gemma3", "Gemma3DecoderLayer"): _pre_norms("Gemma3", "pre_feedforward_layernorm"),
+    ("phi3", "Phi3DecoderLayer"): _pre_norms("Phi3"),
+    ("smollm3", "SmolLM3DecoderLayer"): _pre_norms("SmolLM3"),
+    ("glm4", "Glm4DecoderLayer"): _pre_norms("Glm4"),
+    ("gpt2", "GPT2Block"): {"ln_1": ("attn", "GPT2Attention"), "ln_2": ("mlp", "GPT2MLP")},
+}
+
+
+def _original_class(module: torch.nn.Module) -> type:
+    return _ORIGINAL.get(type(module), type(module))
+
+
+def _mark_norms_feeding_matmuls(model: torch.nn.Module, swapped: set[str], uses: Counter) -> list[str]:
+    """Set ``feeds_matmuls`` on the norms (swapped by this patch) of the blocks of
+    ``_NORMS_BEFORE_MATMULS`` whose output goes to the block's own attention or MLP class;
+    not on a shared norm, nor where a hook on the norm or on that child would see its dtype.
+    Returns their names."""
+    blocks = {}
+    for (family, name), norms in _NORMS_BEFORE_MATMULS.items():
+        cls = _transformers_class(family, name)
+        if cls is not None:
+            blocks[cls] = {norm: (child, _transformers_class(family, of)) for norm, (child, of) in norms.items()}
+    marked = []
+    for block_name, block in model.named_modules():
+        norms = blocks.get(_original_class(block))
+        for norm_name, (child_name, child_class) in (norms or {}).items():
+            name = f"{block_name}.{norm_name}" if block_name else norm_name
+            norm, child = getattr(block, norm_name, None), getattr(block, child_name, None)
+            if (
+                name in swapped
+                and child is not None
+                and _original_class(child) is child_class
+                and uses[id(norm)] == 1
+                and not (_has_hooks(norm) or _has_hooks(child))
+            ):
+                norm.feeds_matmuls = True
+                marked.append(name)
+    return marked
 
 
 # ---- ResNet blocks (timm, torchvision) ------------------------------------------------------------------------
@@ -1120,10 +1194,12 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
 class PatchReport:
     """What ``patch`` changed: ``swapped`` rows are (module name, old, kind);
     ``left`` rows are (module name, class, why it was left); ``counts`` is
-    the number swapped of each kind."""
+    the number swapped of each kind; ``feeding_matmuls``, the norms that return
+    the autocast dtype under autocast (their output goes only to matmuls)."""
 
     swapped: list[tuple[str, str, str]] = field(default_factory=list)
     left: list[tuple[str, str, str]] = field(default_factory=list)
+    feeding_matmuls: list[str] = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -1133,13 +1209,20 @@ class PatchReport:
         counts = ", ".join(f"{kind} {n}" for kind, n in self.counts.items())
         lines = [f"swapped {len(self.swapped)} module(s){f' ({counts})' if counts else ''}:"]
         lines += [f"  {name or '<root>'}: {old} -> {new}" for name, old, new in self.swapped]
+        if self.feeding_matmuls:
+            lines.append(
+                f"{len(self.feeding_matmuls)} norm(s) in the autocast dtype under autocast (only matmuls read "
+                f"their output): {', '.join(self.feeding_matmuls)}"
+            )
         if self.left:
             lines.append(f"left {len(self.left)} module(s):")
             lines += [f"  {name or '<root>'}: {cls} ({why})" for name, cls, why in self.left]
         return "\n".join(lines)
 
 
-def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "logits") -> PatchReport:
+def patch(
+    model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "logits", autocast_norms: bool = True
+) -> PatchReport:
     """Convert ``model``'s layers to gpukernels' in place; returns a report.
     Patching an already patched model changes nothing.
 
@@ -1151,8 +1234,17 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
     ``loss`` (transformers causal LMs): ``"logits"`` computes ``model(..., labels=...)``'s
     loss with our cross_entropy on the logits; ``"fused"`` with linear_cross_entropy from
     the hidden states and the output layer's weight, never holding the logits: the model
-    then returns ``logits=None`` when given labels (and the logits when not)."""
+    then returns ``logits=None`` when given labels (and the logits when not).
+
+    ``autocast_norms`` (transformers blocks listed in ``_NORMS_BEFORE_MATMULS``: Llama,
+    Mistral, Qwen2/3, Gemma 1-3, Phi-3, SmolLM3, GLM-4, GPT-2): the norms whose output
+    goes only to the projections of the block's attention or MLP return, under autocast,
+    the autocast dtype the projections would cast it to (the same values: no fp32
+    result, no cast passes), and take their gradient in it (the projections' gradients
+    summed in it, not in fp32). False: they return fp32, as the models' code does."""
     check_choice("loss", loss, LOSS_MODES)
+    if not isinstance(autocast_norms, bool):
+        raise ArgumentTypeError(f"autocast_norms must be a bool, got {type(autocast_norms).__name__}")
     report = PatchReport()
     undo = model.__dict__.setdefault("_gpukernels_undo", [])
     uses = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
@@ -1229,6 +1321,8 @@ def patch(model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "log
                     else f"a subclass of {base.__name__}: only exact classes are swapped",
                 )
             )
+    if autocast_norms:
+        report.feeding_matmuls = _mark_norms_feeding_matmuls(model, {name for name, _, _ in report.swapped}, uses)
     return report
 
 

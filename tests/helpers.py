@@ -145,3 +145,21 @@ def torch_batch_norm_needs_cpu(x: torch.Tensor, weight: torch.Tensor | None, bia
     backward with a bias but no weight gives the bias a zero gradient or raises 'tensor does
     not have a device' (seen on an H200)."""
     return x.is_cuda and weight is None and bias is not None
+
+
+def assert_out_dtype_rounds_once(op, x: torch.Tensor, params, out_dtype: torch.dtype, dy: torch.Tensor) -> None:
+    """A norm's ``op(x, *params, out_dtype=out_dtype)`` on fp32 ``x``, forward and
+    backward, bit for bit ``op(x, *params)`` cast to ``out_dtype`` afterwards (its
+    result rounded once from the same fp32 values; ``dy``, in ``out_dtype``, widened
+    exactly), and against PyTorch's and the float64 reference as any result."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    y = op(*leaves, out_dtype=out_dtype)
+    y.backward(dy)
+    cast = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    y_cast = op(*cast).to(out_dtype)
+    y_cast.backward(dy)
+    assert y.dtype == out_dtype
+    assert torch.equal(y, y_cast)
+    for ours, theirs in zip(leaves, cast):
+        assert ours.grad.dtype == ours.dtype
+        assert torch.equal(ours.grad, theirs.grad)

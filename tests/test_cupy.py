@@ -170,8 +170,8 @@ def test_layer_norm_kernels_match_numpy(cupy_device, dtype):
     device = cupy_device
     x, dy = _randn((37, 19), dtype, 0, device, scale=2), _randn((37, 19), dtype, 1, device)
     w, b = _randn(19, dtype, 2, device), _randn(19, dtype, 3, device)
-    ours_fwd = run_kernel(cupy_layer_norm, layer_norm_fwd, x, w, b, 1e-5)
-    numpy_fwd = run_kernel(numpy_layer_norm, layer_norm_fwd, *(t.cpu() for t in (x, w, b)), 1e-5)
+    ours_fwd = run_kernel(cupy_layer_norm, layer_norm_fwd, x, w, b, 1e-5, None)
+    numpy_fwd = run_kernel(numpy_layer_norm, layer_norm_fwd, *(t.cpu() for t in (x, w, b)), 1e-5, None)
     ours_bwd = run_kernel(cupy_layer_norm, layer_norm_bwd, dy, x, w, *ours_fwd[1:], True)
     numpy_bwd = run_kernel(numpy_layer_norm, layer_norm_bwd, *(t.cpu() for t in (dy, x, w, *numpy_fwd[1:])), True)
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)

@@ -1,10 +1,18 @@
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import gpukernels as gk
 from gpukernels.ops.layer_norm import layer_norm_bwd, layer_norm_fwd
-from helpers import applied_to_itself, assert_matches, assert_same_output_and_grads, count_launches
+from helpers import (
+    applied_to_itself,
+    assert_matches,
+    assert_out_dtype_rounds_once,
+    assert_same_output_and_grads,
+    count_launches,
+)
 
 pytestmark = pytest.mark.family("layer_norm")  # conftest's device fixture skips backends without them
 
@@ -171,13 +179,15 @@ def test_gradcheck(device, affine):
     assert torch.autograd.gradcheck(fn, args)
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
+def test_opcheck(device, out_dtype):
     x, w, b = _inputs((5, 17), (17,), torch.float32, device=device)
     backend = gk.backend_name(device)
     torch.library.opcheck(
-        layer_norm_fwd.custom_op, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, backend)
+        layer_norm_fwd.custom_op,
+        (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, out_dtype, backend),
     )
-    y, stats = layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
+    y, stats = layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5, out_dtype)
     torch.library.opcheck(layer_norm_bwd.custom_op, (torch.randn_like(y), x.detach(), w.detach(), stats, True, backend))
 
 
@@ -187,11 +197,45 @@ def test_autocast_runs_in_fp32():
         assert gk.layer_norm(x.bfloat16(), (8,)).dtype == torch.float32
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(6, 33), (3, 9000)])  # one block, looped
+@pytest.mark.parametrize("affine", [True, False])
+def test_out_dtype_is_the_fp32_result_rounded_once(device, shape, affine, out_dtype):
+    x, w, b = _inputs(shape, shape[-1:], torch.float32, affine, device=device)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device, out_dtype)
+    params = (w, b) if affine else ()
+    assert_out_dtype_rounds_once(lambda x, *p, **out: gk.layer_norm(x, shape[-1:], *p, **out), x, params, out_dtype, dy)
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
+def test_out_dtype_from_low_precision_input(device, dtype, out_dtype):
+    shape = (6, 1000)
+    x, w, b = _inputs(shape, shape[-1:], dtype, device=device)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, out_dtype)
+    ours = _run(functools.partial(gk.layer_norm, out_dtype=out_dtype), x, shape[-1:], w, b, dy)
+    theirs = _run(lambda *args: F.layer_norm(*args).to(out_dtype), x, shape[-1:], w, b, dy)
+    reference = _run(F.layer_norm, x.double(), shape[-1:], w.double(), b.double(), dy.double())
+    assert ours[0].dtype == out_dtype and all(g.dtype == dtype for g in ours[1:])
+    for o, t, r in zip(ours, theirs, reference):
+        assert_matches(o, t, r)
+
+
+def test_out_dtype_under_autocast_is_the_autocast_cast():
+    x, w, b = _inputs((5, 24), (24,), torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = gk.layer_norm(x, (24,), w, b, out_dtype=torch.bfloat16)
+        cast = gk.layer_norm(x, (24,), w, b).to(torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, cast)
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
         (lambda x: gk.layer_norm(x.long(), (8,)), "input must be"),
         (lambda x: gk.layer_norm(x, (7,)), "normalized_shape"),
+        (lambda x: gk.layer_norm(x, (8,), out_dtype=torch.int32), "out_dtype must be one of"),
+        (lambda x: gk.layer_norm(x, (8,), out_dtype="bfloat16"), "out_dtype must be a torch.dtype"),
+        (lambda x: gk.layer_norm(x.double(), (8,), out_dtype=torch.bfloat16), "out_dtype=torch.bfloat16 needs"),
         (lambda x: gk.layer_norm(x, (0,)), "normalized_shape"),
         (lambda x: gk.layer_norm(x, (8,), torch.ones(7)), "weight must have shape"),
         (lambda x: gk.layer_norm(x, (8,), None, torch.ones(2, 4)), "bias must have shape"),

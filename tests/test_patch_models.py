@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gpukernels as gk
-from helpers import assert_matches
+from helpers import LOWP_FACTOR, assert_matches, rel_err
 
 transformers = pytest.importorskip("transformers")
 activations = pytest.importorskip("transformers.activations")
@@ -471,6 +471,75 @@ def test_adamw_steps_track_the_unpatched_model(name):
         assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     # (not the parameters themselves: Adam scales a gradient that is zero but for rounding, such as
     # that of a key projection's bias, to a full step, whose sign is the rounding's)
+
+
+# The norms patch returns the autocast dtype from under autocast (only its attention's or MLP's projections
+# read their output), by the last part of their names; none in the models not listed.
+PRE_NORMS = ("input_layernorm", "post_attention_layernorm")
+NORMS_FEEDING_MATMULS = {
+    **{name: PRE_NORMS for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "smollm3", "glm4")},
+    **{name: PRE_NORMS for name in ("llama-gelu", "llama-relu")},
+    "gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
+    **{name: ("input_layernorm", "pre_feedforward_layernorm") for name in ("gemma3", "gemma3_vl")},
+    "gpt2": ("ln_1", "ln_2"),
+}
+
+
+def _autocast_logits_and_norm_dtypes(model: nn.Module, batch: dict, norms: list[str]):
+    """The logits under CPU bf16 autocast, and the dtype each of ``norms`` returned."""
+    dtypes = {}
+    hooks = [
+        model.get_submodule(name).register_forward_hook(
+            lambda m, args, out, name=name: dtypes.update({name: out.dtype})
+        )
+        for name in norms
+    ]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(**_without_labels(batch)).logits
+    for hook in hooks:
+        hook.remove()
+    return logits, dtypes
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_norms_feeding_only_matmuls_return_the_autocast_dtype_and_the_same_logits(name):
+    """Their projections would have cast their fp32 output to bf16: the logits are bit for bit
+    those of the same norms returning fp32."""
+    model = _build(name)
+    report = gk.patch(model)
+    expected = [n for n, _ in model.named_modules() if n.rpartition(".")[2] in NORMS_FEEDING_MATMULS.get(name, ())]
+    assert report.feeding_matmuls == expected and (not expected or f"{len(expected)} norm(s)" in str(report))
+    if not expected:
+        return
+    batch = _batch(name)
+    logits, dtypes = _autocast_logits_and_norm_dtypes(model, batch, expected)
+    assert set(dtypes.values()) == {torch.bfloat16}
+    for norm in expected:
+        model.get_submodule(norm).feeds_matmuls = False
+    logits_fp32_norms, dtypes = _autocast_logits_and_norm_dtypes(model, batch, expected)
+    assert set(dtypes.values()) == {torch.float32}
+    assert torch.equal(logits, logits_fp32_norms)
+    gk.unpatch(model)
+    assert not any("feeds_matmuls" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
+def test_autocast_gradients_with_norms_feeding_matmuls_as_close_to_fp64(name):
+    """The projections' gradients summed in bf16 (the norms' output dtype) rather than fp32: each
+    gradient of the step under autocast no further from the fp64 model's than the fp32 norms'
+    gradients are, times the low-precision factor."""
+    original = _build(name)
+    batch = _batch(name)
+    exact = _step(_norms_in_fp64(copy.deepcopy(original).double()), batch, lambda out: out.sum())[2]
+    grads = {}
+    for feeds_matmuls in (True, False):
+        model = copy.deepcopy(original)
+        gk.patch(model, autocast_norms=feeds_matmuls)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            grads[feeds_matmuls] = _step(model, batch, lambda out: out.float().sum())[2]
+    for key, reference in exact.items():
+        ours, theirs = rel_err(grads[True][key], reference), rel_err(grads[False][key], reference)
+        assert ours <= max(LOWP_FACTOR * theirs, 2.0**-8), (key, ours, theirs)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -6,7 +6,14 @@ import torch.nn.functional as F
 
 import gpukernels as gk
 from gpukernels.ops.rms_norm import rms_norm_bwd, rms_norm_fwd
-from helpers import TOLERANCES, applied_to_itself, assert_matches, assert_same_output_and_grads, count_launches
+from helpers import (
+    TOLERANCES,
+    applied_to_itself,
+    assert_matches,
+    assert_out_dtype_rounds_once,
+    assert_same_output_and_grads,
+    count_launches,
+)
 
 pytestmark = pytest.mark.family("rms_norm")  # conftest's device fixture skips backends without them
 
@@ -223,14 +230,17 @@ def test_gradcheck(device, kwargs, weight, norm_shape):
 
 
 @pytest.mark.parametrize(
-    "weight,offset,cast_before_weight", [(True, 0.0, False), (True, 1.0, True), (False, 0.0, False)]
+    "weight,offset,cast_before_weight,out_dtype",
+    [(True, 0.0, False, None), (True, 1.0, True, None), (False, 0.0, False, None), (True, 0.0, True, torch.float16)],
 )
-def test_opcheck(device, weight, offset, cast_before_weight):
+def test_opcheck(device, weight, offset, cast_before_weight, out_dtype):
     x, w, _ = _inputs((5, 17), (17,), torch.float32, weight, device=device, weight_dtype=torch.bfloat16)
     backend = gk.backend_name(device)
     w = w.requires_grad_() if weight else None
-    torch.library.opcheck(rms_norm_fwd.custom_op, (x.requires_grad_(), w, 1e-5, offset, cast_before_weight, backend))
-    y, rstd = rms_norm_fwd(x.detach(), None if w is None else w.detach(), 1e-5, offset, cast_before_weight)
+    torch.library.opcheck(
+        rms_norm_fwd.custom_op, (x.requires_grad_(), w, 1e-5, offset, cast_before_weight, out_dtype, backend)
+    )
+    y, rstd = rms_norm_fwd(x.detach(), None if w is None else w.detach(), 1e-5, offset, cast_before_weight, out_dtype)
     torch.library.opcheck(
         rms_norm_bwd.custom_op,
         (torch.randn_like(y), x.detach(), None if w is None else w.detach(), rstd, offset, cast_before_weight, backend),
@@ -319,6 +329,45 @@ def test_autocast(device):
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(6, 33), (3, 9000)])  # one block, looped
+@pytest.mark.parametrize("variant", [*VARIANTS, "no weight"])
+def test_out_dtype_is_the_fp32_result_rounded_once(device, shape, variant, out_dtype):
+    x, w, _ = _inputs(shape, shape[-1:], torch.float32, variant != "no weight", device=device)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device, out_dtype)
+    options = VARIANTS.get(variant, {})
+    assert_out_dtype_rounds_once(
+        lambda x, *w, **out: gk.rms_norm(x, shape[-1:], *w, **options, **out),
+        x,
+        (w,) if w is not None else (),
+        out_dtype,
+        dy,
+    )
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
+def test_out_dtype_from_low_precision_input(device, dtype, out_dtype):
+    shape = (6, 1000)
+    x, w, _ = _inputs(shape, shape[-1:], dtype, device=device)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, out_dtype)
+    ours = _run(lambda x, w: gk.rms_norm(x, shape[-1:], w, out_dtype=out_dtype), x, w, dy)
+    theirs = _run(lambda x, w: F.rms_norm(x, shape[-1:], w).to(out_dtype), x, w, dy)
+    reference = _run(lambda x, w: F.rms_norm(x, shape[-1:], w), x.double(), w.double(), dy)
+    assert ours[0].dtype == out_dtype and all(g.dtype == dtype for g in ours[1:])
+    for o, t, r in zip(ours, theirs, reference):
+        assert_matches(o, t, r)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_out_dtype_under_autocast_is_the_autocast_cast(variant):
+    """Llama's RMSNorm under autocast: its fp32 result feeds matmuls that cast it."""
+    x, w, _ = _inputs((5, 24), (24,), torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = gk.rms_norm(x, (24,), w, **VARIANTS[variant], out_dtype=torch.bfloat16)
+        cast = gk.rms_norm(x, (24,), w, **VARIANTS[variant]).to(torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, cast)
+
+
 @pytest.mark.parametrize("normalized_shape,affine,eps", [(8, True, None), ((2, 8), True, 1e-4), (8, False, None)])
 def test_module_is_torch_rmsnorm(device, normalized_shape, affine, eps):
     ours = gk.nn.RMSNorm(normalized_shape, eps=eps, elementwise_affine=affine, device=device, dtype=torch.float64)
@@ -356,6 +405,8 @@ def test_module_is_torch_rmsnorm(device, normalized_shape, affine, eps):
         (lambda x: gk.rms_norm(x, (8,), torch.ones(8), offset=float("inf")), "offset must be finite"),
         (lambda x: gk.rms_norm(x, (8,), offset=1.0), "offset.*needs a weight"),
         (lambda x: gk.rms_norm(x, (8,), torch.ones(8), cast_before_weight=1), "cast_before_weight must be a bool"),
+        (lambda x: gk.rms_norm(x, (8,), out_dtype=torch.float64), "out_dtype must be one of"),
+        (lambda x: gk.rms_norm(x.double(), (8,), out_dtype=torch.float32), "out_dtype=torch.float32 needs"),
     ],
 )
 def test_bad_input(call, match):

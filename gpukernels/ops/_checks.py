@@ -142,6 +142,28 @@ def autocast_enabled(t: torch.Tensor) -> bool:
     return torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(t.device.type)
 
 
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_out_dtype(out_dtype, input: torch.Tensor):
+    """A norm's ``out_dtype``: None, or float16, bfloat16 or float32 for input that is
+    not float64 (its kernels compute in fp32 and round once to it)."""
+    if out_dtype is not None and (out_dtype not in OUT_DTYPES or input.dtype == torch.float64):
+        if not isinstance(out_dtype, torch.dtype):
+            raise ArgumentTypeError(f"out_dtype must be a torch.dtype or None, got {type(out_dtype).__name__}")
+        if out_dtype not in OUT_DTYPES:
+            raise ArgumentError(f"out_dtype must be one of float16, bfloat16, float32 or None, got {out_dtype}")
+        raise ArgumentError(f"out_dtype={out_dtype} needs input in float16, bfloat16 or float32, got float64")
+    return out_dtype
+
+
+def autocast_dtype(t: torch.Tensor):
+    """The autocast dtype of ``t``'s device when autocast is on there, else None."""
+    if not autocast_enabled(t):
+        return None
+    return torch.get_autocast_dtype(t.device.type)
+
+
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ArgumentError(f"{name} must be one of {tuple(choices)}, got {value!r}")

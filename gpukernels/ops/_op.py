@@ -70,7 +70,7 @@ try:  # torch's list of each triton_op's kernels, for AOTAutograd's cache key
 except ImportError:  # an older torch, without that cache
     triton_ops_to_kernels = {}
 
-_PLAIN_ARGUMENT_TYPES = PLAIN_TENSOR_TYPES | {type(None), bool, int, float, str}
+_PLAIN_ARGUMENT_TYPES = PLAIN_TENSOR_TYPES | {type(None), bool, int, float, str, torch.dtype}
 
 OPS: dict[str, "KernelOp"] = {}
 """Every declared op by name: the kernel contract each backend must meet."""

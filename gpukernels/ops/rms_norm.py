@@ -11,6 +11,9 @@ row's ``rstd`` (fp32, fp64 for fp64 input) for the backward. With
 - ``cast_before_weight``: ``y = s * h.to(x.dtype)`` in the dtype promoted from
   the weight's and x's (Llama's RMSNorm).
 
+With ``out_dtype``, ``y`` is rounded once to it instead (the backward then takes
+``dy`` in that dtype and writes ``dx`` in x's).
+
 Backward: ``g = dy * s``; ``dx = rstd * (g - h * mean(g * h))``;
 ``dweight = sum_rows(dy * h)``, with the rounded ``h`` under
 ``cast_before_weight`` (what multiplied the weight; the rounding itself
@@ -25,19 +28,30 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import autocast_enabled, check_norm_input, check_number, contiguous_param, empty_grad
+from ._checks import autocast_enabled, check_norm_input, check_number, check_out_dtype, contiguous_param, empty_grad
 from ._op import kernel_op, reshaped, row_count, stats_dtype
 
 
 @kernel_op("rms_norm")
 def rms_norm_fwd(
-    x: Tensor, weight: Optional[Tensor], eps: float, offset: float, cast_before_weight: bool, backend: str
+    x: Tensor,
+    weight: Optional[Tensor],
+    eps: float,
+    offset: float,
+    cast_before_weight: bool,
+    out_dtype: Optional[torch.dtype],
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Kernel: ``y`` = rows of ``x`` times their ``rstd = 1/sqrt(mean(x^2) + eps)``,
     scaled by ``offset + weight`` when there is a weight (see the module doc for
-    the rounding ``cast_before_weight`` adds); each row's ``rstd`` in the
-    statistics dtype."""
-    y_dtype = torch.promote_types(weight.dtype, x.dtype) if cast_before_weight and weight is not None else x.dtype
+    the rounding ``cast_before_weight`` adds and ``y``'s dtype); each row's ``rstd``
+    in the statistics dtype."""
+    if out_dtype is not None:
+        y_dtype = out_dtype
+    elif cast_before_weight and weight is not None:
+        y_dtype = torch.promote_types(weight.dtype, x.dtype)
+    else:
+        y_dtype = x.dtype
     return torch.empty_like(x, dtype=y_dtype), x.new_empty(row_count(x), dtype=stats_dtype(x.dtype))
 
 
@@ -52,7 +66,7 @@ def rms_norm_bwd(
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _, offset, cast_before_weight = inputs
+    x, weight, _, offset, cast_before_weight, _ = inputs
     ctx.save_for_backward(x, weight, output[1])
     ctx.offset = offset
     ctx.cast_before_weight = cast_before_weight
@@ -61,7 +75,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     dx, dweight = rms_norm_bwd.on(ctx.backend, dy.contiguous(), x, weight, rstd, ctx.offset, ctx.cast_before_weight)
-    return dx, dweight if weight is not None else None, None, None, None
+    return dx, dweight if weight is not None else None, None, None, None, None
 
 
 rms_norm_fwd.register_autograd(_setup_context, _backward)
@@ -75,6 +89,7 @@ def rms_norm(
     *,
     offset: float = 0.0,
     cast_before_weight: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``torch.nn.functional.rms_norm``: normalise over the trailing
     ``normalized_shape`` dims by the root mean square, statistics in fp32 (fp64
@@ -88,7 +103,13 @@ def rms_norm(
     Under autocast the plain op runs in fp32 (input cast up; result fp32), as
     PyTorch's CUDA autocast runs ``rms_norm``; with ``offset`` or
     ``cast_before_weight`` it runs as without autocast, as the model code it
-    reproduces does (its own explicit casts)."""
+    reproduces does (its own explicit casts).
+
+    ``out_dtype`` (float16, bfloat16 or float32; input not float64): the result in
+    that dtype, rounded once, as ``rms_norm(...).to(out_dtype)`` but without the
+    pass that casts, and without the result's wider copy (a norm whose output
+    feeds only matmuls under autocast: ``gk.patch`` gives them the autocast dtype).
+    Its gradient comes in that dtype too."""
     shape, d = check_norm_input(input, normalized_shape, ("weight",), (weight,))
     eps = torch.finfo(stats_dtype(input.dtype)).eps if eps is None else check_number("eps", eps, low=0.0)
     offset = check_number("offset", offset)
@@ -96,12 +117,14 @@ def rms_norm(
         raise ArgumentError(f"offset={offset} scales by offset + weight: it needs a weight")
     if not isinstance(cast_before_weight, bool):
         raise ArgumentTypeError(f"cast_before_weight must be a bool, got {type(cast_before_weight).__name__}")
+    if out_dtype is not None:
+        check_out_dtype(out_dtype, input)
     if autocast_enabled(input) and input.dtype != torch.float64 and not offset and not cast_before_weight:
         input = input.float()
     if len(shape) == 1:  # the kernels read the rows of input as it is
-        y, _ = rms_norm_fwd(input.contiguous(), contiguous_param(weight), eps, offset, cast_before_weight)
+        y, _ = rms_norm_fwd(input.contiguous(), contiguous_param(weight), eps, offset, cast_before_weight, out_dtype)
         return y
     weight = None if weight is None else weight.reshape(d)
     rows = reshaped(input, input.numel() // d, d).contiguous()
-    y, _ = rms_norm_fwd(rows, contiguous_param(weight), eps, offset, cast_before_weight)
+    y, _ = rms_norm_fwd(rows, contiguous_param(weight), eps, offset, cast_before_weight, out_dtype)
     return reshaped(y, *input.shape)

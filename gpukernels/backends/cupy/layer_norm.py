@@ -1,6 +1,8 @@
 """LayerNorm over the rows of a contiguous tensor, read as a (rows, D) matrix (layer_norm.cu):
 one block per row; the backward's dweight/dbias as per-block partial sums
-added up afterwards by torch."""
+added up afterwards by torch. The kernels read and write x's dtype: with ``y`` in
+another (``out_dtype``), they run on x in fp32 (exact), their fp32 results then
+rounded once into ``y`` and ``dx``."""
 
 from __future__ import annotations
 
@@ -18,9 +20,13 @@ def _in_acc(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(acc_dtype(dtype)).contiguous()
 
 
-def layer_norm_fwd(x, weight, bias, eps, y, stats):
+def layer_norm_fwd(x, weight, bias, eps, out_dtype, y, stats):
     rows, d = row_count(x), x.shape[-1]
-    if rows:
+    if rows and y.dtype != x.dtype:
+        y32 = torch.empty_like(x, dtype=torch.float32)
+        layer_norm_fwd(x.float(), weight, bias, eps, None, y32, stats)
+        y.copy_(y32)
+    elif rows:
         weight, bias = _in_acc(weight, x.dtype), _in_acc(bias, x.dtype)
         _runtime.launch(
             "layer_norm.cu",
@@ -43,6 +49,11 @@ def layer_norm_fwd(x, weight, bias, eps, y, stats):
 
 
 def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
+    if dy.dtype != x.dtype:
+        dx32 = torch.empty_like(x, dtype=torch.float32)
+        layer_norm_bwd(dy.float(), x.float(), weight, stats, has_bias, dx32, dweight, dbias)
+        dx.copy_(dx32)
+        return
     rows, d = row_count(x), x.shape[-1]
     blocks = persistent_blocks(x.device, rows)
     acc = acc_dtype(x.dtype)

@@ -7,7 +7,7 @@ import numpy as np
 from ._arrays import as_array, as_rows, write
 
 
-def layer_norm_fwd(x, weight, bias, eps, y_out, stats_out):
+def layer_norm_fwd(x, weight, bias, eps, out_dtype, y_out, stats_out):
     x, y_out = as_rows(x), as_rows(y_out)
     a = as_array(x)
     mean = a.mean(axis=1)

@@ -7,7 +7,7 @@ import numpy as np
 from ._arrays import as_array, as_rows, rounded, write
 
 
-def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y_out, rstd_out):
+def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, out_dtype, y_out, rstd_out):
     x, y_out = as_rows(x), as_rows(y_out)
     a = as_array(x)
     rstd = 1.0 / np.sqrt((a * a).mean(axis=1) + eps)

@@ -8,13 +8,13 @@ from ._common import aligned, cdiv, dtype_of, float_bits, row_count
 from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
-def layer_norm_fwd(x, weight, bias, eps, y, stats):
+def layer_norm_fwd(x, weight, bias, eps, out_dtype, y, stats):
     rows, d = row_count(x), x.shape[-1]
     if rows:
         no_offset = None  # the scale is the weight itself
         # rows is not specialized (the tile masks its last rows): its type, i32 or i64, is all that varies
         key = (
-            ("layer_norm", x.dtype, dtype_of(weight), dtype_of(bias), d, rows >= 2**31)
+            ("layer_norm", x.dtype, out_dtype, dtype_of(weight), dtype_of(bias), d, rows >= 2**31)
             if aligned(x, weight, bias)
             else None
         )

@@ -8,12 +8,12 @@ from ._common import aligned, cdiv, dtype_of, float_bits, row_count
 from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
-def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, y, rstd):
+def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, out_dtype, y, rstd):
     rows, d = row_count(x), x.shape[-1]
     if rows:
         no_bias = None
         key = (
-            ("rms_norm", x.dtype, dtype_of(weight), offset is None, cast_before_weight, d, rows >= 2**31)
+            ("rms_norm", x.dtype, out_dtype, dtype_of(weight), offset is None, cast_before_weight, d, rows >= 2**31)
             if aligned(x, weight)
             else None
         )
