@@ -147,6 +147,20 @@ def test_cpu_preset_trains_eager_and_patched(model, tmp_path, cache_dir, capsys)
             assert row in patched["report"]
 
 
+def test_patched_way_with_fp32_norms_under_autocast(tmp_path, cache_dir):
+    """The A/B of patch's autocast_norms: the same first loss bit for bit (the norms' bf16 output is
+    what the projections cast their fp32 output to), the reports telling them apart; not run unless named."""
+    _needs("llama")
+    summary = _run("llama", tmp_path, cache_dir, "--steps", "3", "--dtype", "bfloat16", "--ways",
+                   "patched,patched-fp32-norms")  # fmt: skip
+    ours, fp32_norms = (summary["ways"][w] for w in ("patched", "patched-fp32-norms"))
+    layers = PRESETS["llama"]["cpu"]["layers"]
+    assert f"; {2 * layers} norms in the autocast dtype" in ours["report"]
+    assert "autocast dtype" not in fp32_norms["report"]
+    assert ours["losses"][0] == fp32_norms["losses"][0]
+    assert not train.WAYS["patched-fp32-norms"].by_default
+
+
 def test_compiled_ways_track_eager(tmp_path, cache_dir):
     steps = ["--steps", "20"]
     summary = _run("mlp", tmp_path, cache_dir, *steps, "--ways", "eager,compile,compile-patched")

@@ -117,7 +117,7 @@ def compare(
     results = {}
     # written before the first way and after each: a run stopped early (a time limit) keeps what it finished
     _write_summary(summary, results, summary_path)
-    for way in (w for w in WAYS if ways is None or w in ways):
+    for way in (w for w in WAYS if (WAYS[w].by_default if ways is None else w in ways)):
         spec = WAYS[way]
         why_not = (
             graphs_unavailable(device) if spec.graphs else task.liger_unavailable() if spec.kind == "liger" else None
@@ -159,7 +159,10 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, help="tokens per sequence (gpt2, llama)")
     p.add_argument("--lr", type=float)
     p.add_argument("--dtype", choices=DTYPES, help="bfloat16: autocast (fp32 parameters); float64: parameters and data")
-    p.add_argument("--ways", help=f"comma-separated, from {','.join(WAYS)} (default: every available one)")
+    asked_only = ",".join(w for w, spec in WAYS.items() if not spec.by_default)
+    p.add_argument(
+        "--ways", help=f"comma-separated, from {','.join(WAYS)} (default: every available one but {asked_only})"
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/train", help="folder for <model>-<preset>.json and -losses.png")

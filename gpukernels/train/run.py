@@ -29,11 +29,15 @@ class Way(NamedTuple):
     kernels from CUDA graphs), None for eager. ``captured``: after ``CAPTURE_AT`` eager
     steps, the whole step (forward, backward, clip and AdamW) in a CUDA graph,
     ``gk.capture_step``, replayed on each batch: no host time per op, what a host-bound
-    step needs. A way with CUDA graphs runs on CUDA only (``graphs_unavailable``)."""
+    step needs. A way with CUDA graphs runs on CUDA only (``graphs_unavailable``).
+    ``patch_options``: keyword arguments of ``gk.patch`` (an A/B of one of its choices).
+    ``by_default``: run when no ways are named (else only when named)."""
 
     kind: str
     compile_mode: str | None = None
     captured: bool = False
+    patch_options: tuple[tuple[str, object], ...] = ()
+    by_default: bool = True
 
     @property
     def graphs(self) -> bool:
@@ -46,6 +50,8 @@ class Way(NamedTuple):
 WAYS = {
     "eager": Way("plain"),
     "patched": Way("gpukernels"),
+    # patched, its transformer blocks' norms returning fp32 under autocast, as the models' code does
+    "patched-fp32-norms": Way("gpukernels", patch_options=(("autocast_norms", False),), by_default=False),
     "captured": Way("gpukernels", captured=True),
     "liger": Way("liger"),
     "compile": Way("plain", "default"),
@@ -184,7 +190,7 @@ def run_way(
 ) -> WayResult:
     """``profile_to``: after the evaluation, profile one more step and write its kernel
     table there."""
-    kind, compile_mode, captured = WAYS[way]
+    kind, compile_mode, captured, patch_options, _ = WAYS[way]
     compiled = compile_mode is not None
     steps, result = cfg["steps"], WayResult()
     warmup = max(1, steps // 10)
@@ -196,7 +202,7 @@ def run_way(
         if kind == "plain":
             loss_of, result.report = task.plain(model), "torch layers"
         elif kind == "gpukernels":
-            loss_of, result.report = task.gpukernels(model)
+            loss_of, result.report = task.gpukernels(model, **dict(patch_options))
         else:
             loss_of, result.report = task.liger(model, stack)
         if compiled:

@@ -35,6 +35,8 @@ def summarize(report) -> str:
     text = f"swapped {len(report.swapped)}: " + (", ".join(f"{k} x{n}" for k, n in swaps.items()) or "nothing")
     if left:
         text += f"; left {len(report.left)}: " + ", ".join(f"{k} x{n}" for k, n in left.items())
+    if report.feeding_matmuls:
+        text += f"; {len(report.feeding_matmuls)} norms in the autocast dtype (only projections read them)"
     return text
 
 
@@ -81,9 +83,9 @@ class LanguageModelTask:
     def plain(self, model: nn.Module):
         return lambda ids: model(input_ids=ids, labels=ids).loss
 
-    def gpukernels(self, model: nn.Module):
-        """gpukernels' layers and fused LM loss: ``patch(model, loss="fused")``."""
-        return self.plain(model), summarize(patch(model, loss="fused"))
+    def gpukernels(self, model: nn.Module, **options):
+        """gpukernels' layers and fused LM loss: ``patch(model, loss="fused", **options)``."""
+        return self.plain(model), summarize(patch(model, loss="fused", **options))
 
     def liger_unavailable(self) -> str | None:
         try:
@@ -146,8 +148,8 @@ class ClassifierTask:
         loss = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
         return lambda x, y: loss(model(x), y)
 
-    def gpukernels(self, model: nn.Module):
-        report = patch(model)
+    def gpukernels(self, model: nn.Module, **options):
+        report = patch(model, **options)
         loss = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
         report.swapped += [("loss", old, new) for _, old, new in patch(loss).swapped]
         return (lambda x, y: loss(model(x), y)), summarize(report)
