@@ -105,6 +105,13 @@ SPILLS_ALLOWED = (
         "its partial sums and the row's running sums",
     ),
     (
+        "norm_bwd_kernel",
+        ("CENTERED=True", "BLOCK_D=8192", "ONE_BLOCK=True", "STAGES=2"),
+        "layer_norm's backward of 8192-feature fp32 rows (an fp32 residual stream under autocast, the norm's "
+        "bf16 output's gradient as dy) two rows ahead: 44 bytes at ptxas' 128-register cap (512 threads); bf16 "
+        "rows (three ahead) do not spill. Not timed on a GPU",
+    ),
+    (
         "linear_act_bwd_kernel",
         ("ACC=fp64",),
         "a 32 x 128 fp64 tile on 128 threads, 32 doubles a thread, plus the activation derivative's temporaries",
@@ -199,6 +206,10 @@ def _exercise_norm_features() -> None:
             x, w, b = (torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True) for shape in ((16, d), (d,), (d,)))
             gk.layer_norm(x, (d,), w, b).float().sum().backward()
             gk.rms_norm(x, (d,), w).float().sum().backward()
+            # a patched block's norms under autocast: the fp32 residual stream in, bf16 out (and its gradient)
+            x, w, b = (torch.randn(*shape, requires_grad=True) for shape in ((16, d), (d,), (d,)))
+            gk.layer_norm(x, (d,), w, b, out_dtype=torch.bfloat16).float().sum().backward()
+            gk.rms_norm(x, (d,), w, cast_before_weight=True, out_dtype=torch.bfloat16).float().sum().backward()
 
 
 def _exercise_benchmark_shapes() -> None:
