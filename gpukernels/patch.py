@@ -38,7 +38,10 @@ forward. Recognised:
   products), the rotary embedding their attention applies to queries and
   keys (``apply_rotary_pos_emb``, the attention's own forward otherwise),
   and the loss of causal LMs (listed in ``_CAUSAL_LMS``; under
-  ``loss="fused"`` the loss soft-caps the logits for Gemma 2 and 3).
+  ``loss="fused"`` the loss soft-caps the logits for Gemma 2 and 3). In their
+  blocks (and GPT-2's) the norms whose output goes only to the attention's or
+  the MLP's projections return the autocast dtype under autocast
+  (``autocast_norms``; ``_NORMS_BEFORE_MATMULS``).
 - timm, when already imported: its LayerNorm and LayerNorm2d; its
   BatchNormAct2d (EfficientNet, MobileNet, RegNet: a BatchNorm2d, then its
   ``drop`` and ``act`` modules) becomes our BatchNorm applying the activation
