@@ -39,7 +39,7 @@ forward. Recognised:
   keys (``apply_rotary_pos_emb``, the attention's own forward otherwise),
   and the loss of causal LMs (listed in ``_CAUSAL_LMS``; under
   ``loss="fused"`` the loss soft-caps the logits for Gemma 2 and 3). In their
-  blocks (and GPT-2's) the norms whose output goes only to the attention's or
+  blocks (and GPT-2's, GPT-NeoX's, Phi's, StableLM's) the norms whose output goes only to the attention's or
   the MLP's projections return the autocast dtype under autocast
   (``autocast_norms``; ``_NORMS_BEFORE_MATMULS``).
 - timm, when already imported: its LayerNorm and LayerNorm2d; its
@@ -453,15 +453,21 @@ def _transformers_class(model: str, name: str) -> type | None:
 # ---- norms whose output only matmuls read (transformers) -------------------------------------------------------
 
 
-def _pre_norms(prefix: str, mlp_norm: str = "post_attention_layernorm") -> dict[str, tuple[str, str]]:
-    return {"input_layernorm": ("self_attn", f"{prefix}Attention"), mlp_norm: ("mlp", f"{prefix}MLP")}
+def _pre_norms(
+    prefix: str, mlp_norm: str = "post_attention_layernorm", attention: str = "self_attn"
+) -> dict[str, tuple[tuple[str, str], ...]]:
+    return {
+        "input_layernorm": ((attention, f"{prefix}Attention"),),
+        mlp_norm: (("mlp", f"{prefix}MLP"),),
+    }
 
 
 # Blocks whose forward passes a norm's output only to its attention or its MLP, whose forward in turn
 # passes it only to projections (their shape read besides), as read in transformers 5.25 (and checked on
 # the installed version by tests/test_patch_models.py: the same logits bit for bit under autocast):
-# (model, block class) -> {norm: (the child it goes to, that child's class)}. Under autocast those
+# (model, block class) -> {norm: ((a child it goes to, that child's class), ...)}. Under autocast those
 # projections cast it to the autocast dtype, so the norm may return that dtype (gnn.matmul_input_dtype).
+# Phi's and StableLM's (parallel residual) input norm goes to both.
 # Not here: norms of a block's outputs (Gemma 2/3's post-norms, OLMo 2's), the final norm (returned as
 # the model's hidden state).
 _NORMS_BEFORE_MATMULS = {
@@ -475,7 +481,13 @@ _NORMS_BEFORE_MATMULS = {
     ("phi3", "Phi3DecoderLayer"): _pre_norms("Phi3"),
     ("smollm3", "SmolLM3DecoderLayer"): _pre_norms("SmolLM3"),
     ("glm4", "Glm4DecoderLayer"): _pre_norms("Glm4"),
-    ("gpt2", "GPT2Block"): {"ln_1": ("attn", "GPT2Attention"), "ln_2": ("mlp", "GPT2MLP")},
+    ("gpt2", "GPT2Block"): {"ln_1": (("attn", "GPT2Attention"),), "ln_2": (("mlp", "GPT2MLP"),)},
+    ("gpt_neox", "GPTNeoXLayer"): _pre_norms("GPTNeoX", attention="attention"),
+    ("phi", "PhiDecoderLayer"): {"input_layernorm": (("self_attn", "PhiAttention"), ("mlp", "PhiMLP"))},
+    ("stablelm", "StableLmDecoderLayer"): {
+        "input_layernorm": (("self_attn", "StableLmAttention"), ("mlp", "StableLmMLP")),
+        "post_attention_layernorm": (("mlp", "StableLmMLP"),),
+    },
 }
 
 
@@ -485,26 +497,29 @@ def _original_class(module: torch.nn.Module) -> type:
 
 def _mark_norms_feeding_matmuls(model: torch.nn.Module, swapped: set[str], uses: Counter) -> list[str]:
     """Set ``feeds_matmuls`` on the norms (swapped by this patch) of the blocks of
-    ``_NORMS_BEFORE_MATMULS`` whose output goes to the block's own attention or MLP class;
-    not on a shared norm, nor where a hook on the norm or on that child would see its dtype.
+    ``_NORMS_BEFORE_MATMULS`` whose output goes to the block's own attention or MLP classes;
+    not on a shared norm, nor where a hook on the norm or on those children would see its dtype.
     Returns their names."""
     blocks = {}
     for (family, name), norms in _NORMS_BEFORE_MATMULS.items():
         cls = _transformers_class(family, name)
         if cls is not None:
-            blocks[cls] = {norm: (child, _transformers_class(family, of)) for norm, (child, of) in norms.items()}
+            blocks[cls] = {
+                norm: [(child, _transformers_class(family, of)) for child, of in children]
+                for norm, children in norms.items()
+            }
     marked = []
     for block_name, block in model.named_modules():
         norms = blocks.get(_original_class(block))
-        for norm_name, (child_name, child_class) in (norms or {}).items():
+        for norm_name, children in (norms or {}).items():
             name = f"{block_name}.{norm_name}" if block_name else norm_name
-            norm, child = getattr(block, norm_name, None), getattr(block, child_name, None)
+            norm = getattr(block, norm_name, None)
+            readers = [(getattr(block, child, None), cls) for child, cls in children]
             if (
                 name in swapped
-                and child is not None
-                and _original_class(child) is child_class
+                and all(child is not None and _original_class(child) is cls for child, cls in readers)
                 and uses[id(norm)] == 1
-                and not (_has_hooks(norm) or _has_hooks(child))
+                and not (_has_hooks(norm) or any(_has_hooks(child) for child, _ in readers))
             ):
                 norm.feeds_matmuls = True
                 marked.append(name)
@@ -1240,7 +1255,7 @@ def patch(
     then returns ``logits=None`` when given labels (and the logits when not).
 
     ``autocast_norms`` (transformers blocks listed in ``_NORMS_BEFORE_MATMULS``: Llama,
-    Mistral, Qwen2/3, Gemma 1-3, Phi-3, SmolLM3, GLM-4, GPT-2): the norms whose output
+    Mistral, Qwen2/3, Gemma 1-3, Phi-3, SmolLM3, GLM-4, GPT-2, GPT-NeoX, Phi, StableLM): the norms whose output
     goes only to the projections of the block's attention or MLP return, under autocast,
     the autocast dtype the projections would cast it to (the same values: no fp32
     result, no cast passes), and take their gradient in it (the projections' gradients

@@ -482,6 +482,9 @@ NORMS_FEEDING_MATMULS = {
     "gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
     **{name: ("input_layernorm", "pre_feedforward_layernorm") for name in ("gemma3", "gemma3_vl")},
     "gpt2": ("ln_1", "ln_2"),
+    "gpt_neox": PRE_NORMS,
+    "stablelm": PRE_NORMS,
+    "phi": ("input_layernorm",),  # its one norm goes to both the attention and the MLP (parallel)
 }
 
 
