@@ -157,6 +157,13 @@ def check_out_dtype(out_dtype, input: torch.Tensor):
     return out_dtype
 
 
+def cast_as_autocast(*tensors: torch.Tensor | None) -> tuple:
+    """``tensors`` as autocast casts a matmul's inputs, to the autocast dtype of the first's
+    device: every floating tensor but fp64 (None stays None). Under ``autocast_enabled``."""
+    dtype = torch.get_autocast_dtype(tensors[0].device.type)
+    return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
+
+
 def autocast_dtype(t: torch.Tensor):
     """The autocast dtype of ``t``'s device when autocast is on there, else None."""
     if not autocast_enabled(t):

@@ -28,7 +28,15 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import autocast_enabled, check_choice, check_device, check_float, check_optional_float, empty_grad
+from ._checks import (
+    autocast_enabled,
+    cast_as_autocast,
+    check_choice,
+    check_device,
+    check_float,
+    check_optional_float,
+    empty_grad,
+)
 from ._op import kernel_op, reshaped
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "quick_gelu")
@@ -93,11 +101,6 @@ def _check_dtypes(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
             raise ArgumentTypeError(f"x and {name} must have the same dtype, got {x.dtype} and {t.dtype}")
 
 
-def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """As autocast casts: every floating tensor but fp64."""
-    return t if t is None or t.dtype == torch.float64 else t.to(dtype)
-
-
 def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "none") -> Tensor:
     """``act(F.linear(x, weight, bias))`` as one op, not one kernel: the product
     is the vendor library's (cuBLAS on CUDA), the activation a kernel of ours
@@ -111,8 +114,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation
     check_choice("activation", activation, ACTIVATIONS)
     _check_shapes(x, weight, bias)
     if autocast_enabled(x):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
+        x, weight, bias = cast_as_autocast(x, weight, bias)
     _check_dtypes(x, weight, bias)
     out_features, in_features = weight.shape
     # the weight as it is: the products take any layout, so a transposed one (transformers'

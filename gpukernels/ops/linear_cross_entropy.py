@@ -49,6 +49,7 @@ from torch import Tensor
 from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import (
     autocast_enabled,
+    cast_as_autocast,
     check_choice,
     check_device,
     check_float,
@@ -338,11 +339,6 @@ def _gradients_wanted(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[b
     return x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad
 
 
-def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """As autocast casts for F.linear: every floating tensor but fp64."""
-    return t if t is None or t.dtype == torch.float64 else t.to(dtype)
-
-
 def linear_cross_entropy(
     x: Tensor,
     weight: Tensor,
@@ -385,8 +381,7 @@ def linear_cross_entropy(
     )
     autocasting = autocast_enabled(x)
     if autocasting:
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
+        x, weight, bias = cast_as_autocast(x, weight, bias)
     _check_dtypes(x, weight, bias)
 
     rows, vocab = math.prod(x.shape[:-1]), weight.shape[0]
