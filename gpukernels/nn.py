@@ -2,10 +2,10 @@
 arguments, parameter and buffer names (and so state_dicts) and ``isinstance``
 checks are PyTorch's; only ``forward`` runs our ops.
 
-A norm (ours, or one ``gk.patch`` converted) whose ``feeds_matmuls`` attribute is
-true returns, under autocast, the autocast dtype rather than fp32: what the
-matmuls its output goes to would cast it to, rounded once by the norm's kernel,
-so that neither the fp32 result nor the casts' passes (one per matmul, and the
+A ``LayerNorm`` or ``RMSNorm`` of ours (or a transformers RMSNorm ``gk.patch``
+converted) whose ``feeds_matmuls`` attribute is true returns, under autocast, the
+autocast dtype rather than fp32: what the matmuls its output goes to would cast
+it to, rounded once by the norm's kernel, so that neither the fp32 result nor the casts' passes (one per matmul, and the
 casts of their gradients back) exist. Its gradient then comes in that dtype:
 the matmuls' gradients are summed in it rather than in fp32. ``gk.patch`` sets it
 on the norms of transformer blocks whose output goes only to the block's
