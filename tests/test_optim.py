@@ -17,6 +17,7 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 import gpukernels as gk
+from gpukernels.backends._layout import in_param_layout
 from gpukernels.ops.adamw import adamw_step_
 from gpukernels.optim import AdamW, clip_grad_norm_, warmup_cosine
 from helpers import TOLERANCES, assert_matches, rel_err
@@ -585,6 +586,45 @@ def test_op_matches_numpy_backend_on_any_memory_layout(device, dtype):
     with gk.use_backend("numpy"):
         adamw_step_(*expected)
     assert args[0][4].stride() == (2200, 2) and args[0][5].is_contiguous(memory_format=torch.channels_last)
+    _assert_op_results_equal(args, expected)
+
+
+def test_params_and_state_laid_out_alike_are_not_copied():
+    """Each tensor with its param's strides over memory the param fills (a channels-last
+    model's conv weights, their grads and state): taken as they are. The same strides
+    over memory not filled (slices), or another layout beside them, are staged."""
+    g = torch.Generator().manual_seed(0)
+
+    def channels_last():
+        return torch.randn(2, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last)
+
+    columns = [[channels_last(), torch.randn(7, generator=g)] for _ in range(4)]
+    assert in_param_layout(columns) is columns
+    sliced = [[torch.randn(2, 2200, generator=g)[:, ::2]] for _ in range(4)]
+    staged = in_param_layout(sliced)
+    assert all(column[0].is_contiguous() and torch.equal(column[0], s[0]) for column, s in zip(staged, sliced))
+    columns[2][0] = columns[2][0].contiguous()
+    staged = in_param_layout(columns)
+    assert staged[2][0].stride() == columns[0][0].stride() and torch.equal(staged[2][0], columns[2][0])
+    assert all(staged[i][0] is columns[i][0] for i in (0, 1, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_op_on_channels_last_params_and_state_matches_numpy_backend(device, dtype):
+    """Every param, grad and state tensor channels-last (taken as they are: no staging)."""
+    _skip_unless_kernel_under_test(device)
+    args = _op_inputs(dtype, amsgrad=True, device=device)
+    for i in range(5):
+        args[i] = [
+            t.reshape(1, 1, 1, -1).contiguous(memory_format=torch.channels_last) if t.numel() > 1 else t
+            for t in args[i]
+        ] + [torch.rand(2, 3, 4, 5).to(device, args[i][0].dtype).contiguous(memory_format=torch.channels_last)]
+    args[5].append(torch.tensor(2.0, device=device))
+    expected = _cpu_copy(args)
+    adamw_step_(*args)
+    with gk.use_backend("numpy"):
+        adamw_step_(*expected)
+    assert args[0][-1].is_contiguous(memory_format=torch.channels_last)
     _assert_op_results_equal(args, expected)
 
 

@@ -3,6 +3,8 @@ which walk each param and its state as flat arrays side by side."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -12,7 +14,12 @@ def flat_strides(t: Tensor) -> tuple[int, ...] | None:
     consecutive slots (contiguous, channels-last, transposed, ...), else None.
     Tensors of one shape and the same flat strides hold their elements in the
     same order, so a kernel can treat them as flat arrays side by side."""
-    dims = [(size, stride) for size, stride in zip(t.shape, t.stride()) if size != 1]
+    return _flat_strides(t.shape, t.stride())
+
+
+@functools.lru_cache(maxsize=1024)  # a model has few shapes and layouts; an optimizer step asks of every param
+def _flat_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...] | None:
+    dims = [(size, stride) for size, stride in zip(shape, strides) if size != 1]
     expected = 1
     for size, stride in sorted(dims, key=lambda dim: dim[1]):
         if stride != expected:
@@ -27,6 +34,13 @@ def in_param_layout(columns: list[list[Tensor]]) -> list[list[Tensor]]:
     does not fill its memory). The usual case, every tensor contiguous, copies
     nothing and returns ``columns`` itself."""
     if all(all(map(Tensor.is_contiguous, column)) for column in columns):
+        return columns
+    # every tensor with its param's strides, every param filling its memory (channels-last
+    # conv weights and their state): nothing to copy either
+    strides = list(map(Tensor.stride, columns[0]))
+    if all(list(map(Tensor.stride, column)) == strides for column in columns[1:] if column) and None not in map(
+        flat_strides, columns[0]
+    ):
         return columns
     staged = [list(column) for column in columns]
     for i, param in enumerate(columns[0]):
