@@ -372,8 +372,12 @@ def _total_norm(grads: list[Tensor], norm_type: float) -> Tensor:
     path: one ``_foreach_norm`` per (device, dtype) bucket, a single read of the
     grads. DTensor grads (FSDP2) go through DTensor's own norm ops, which
     reduce over the mesh: the result is the global norm, a replicated DTensor."""
-    norms = chain.from_iterable(torch._foreach_norm(bucket, norm_type) for bucket in _by_device_and_dtype(grads))
-    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), norm_type)
+    device = grads[0].device
+    buckets = _by_device_and_dtype(grads)
+    norms = list(chain.from_iterable(torch._foreach_norm(bucket, norm_type) for bucket in buckets))
+    if any(bucket[0].device != device for bucket in buckets):  # else no .to per grad: host time
+        norms = [n.to(device) for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
 
 
 def _clip_coef(total_norm: Tensor, max_norm: float) -> Tensor:
