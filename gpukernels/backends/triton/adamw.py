@@ -42,7 +42,9 @@ interpreter dereferences raw addresses.
 from __future__ import annotations
 
 import functools
+from array import array
 from collections import OrderedDict
+from itertools import accumulate, repeat
 from typing import Iterator, NamedTuple
 
 import torch
@@ -216,18 +218,22 @@ def _tables(device: torch.device, dtype: torch.dtype, columns: list[list[Tensor]
         _tables_cache.move_to_end(key)
         return tables
     _built_outside_capture(device, "tables of addresses")
-    rows, blocks, first_block = [], [], 0
-    for i, numel in enumerate(numels):
-        pointers = [column[i] if column else 0 for column in addresses]
-        rows.append((*pointers, numel, first_block))
-        blocks.append(max(cdiv(numel, BLOCK), 1))  # one even when empty: it increments the step
-        first_block += blocks[-1]
-    table = torch.tensor(rows, dtype=torch.int64)
-    block_tensor = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(blocks))
+    # built a column at a time (C loops), not a row at a time in Python (twice the host
+    # time): a model's grads move whenever the allocator hands them other memory
+    count = len(numels)
+    blocks = [max(cdiv(numel, BLOCK), 1) for numel in numels]  # one even when empty: it increments the step
+    flat = array("q")
+    for column in addresses:
+        flat.extend(column or repeat(0, count))
+    flat.extend(numels)
+    flat.extend(accumulate(blocks[:-1], initial=0))
+    table = torch.frombuffer(flat, dtype=torch.int64).view(-1, count).t().contiguous()  # a row per tensor
+    # each block's tensor: i repeated blocks[i] times (given the output size: no count read back)
+    block_tensor = torch.repeat_interleave(torch.tensor(blocks, dtype=torch.int32), output_size=flat[-1] + blocks[-1])
     tables = _Tables(
         _to_device(table, device),
         _to_device(block_tensor, device),
-        torch.zeros(len(rows), dtype=torch.int32, device=device),
+        torch.zeros(count, dtype=torch.int32, device=device),
     )
     _tables_cache[key] = tables
     if len(_tables_cache) > TABLE_CACHE_SIZE:
