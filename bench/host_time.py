@@ -22,6 +22,15 @@ features; batch_norm: N, C, H, W), which 2-D input does not show (a view of the
 input around the op would cost as much as a launch). AdamW: one optimizer
 step, against torch.optim.AdamW(fused=True), on the same params.
 
+``--ops resnet50_step,llama_step,gpt2_step`` (not by default) counts a whole
+training step of a model instead: ResNet-50's layout, and GPT-2's and the
+Llama preset's 12 layers, at widths where the CPU arithmetic of the layers
+both ways run on PyTorch stays small; eager (torch layers, torch.optim.AdamW
+and clip_grad_norm_, foreach) against patched (gk.patch, gk.optim.AdamW with
+the clip in its step), the whole step and its forward and backward alone.
+Both columns include that arithmetic: their difference is what patching
+changes in a step's host time.
+
 Needs gcc and valgrind (callgrind headers). Kernels are compiled once, before
 the count, into ``--cache-dir``. ``--setup FILE`` runs a Python file in the
 counting process first: a way to measure a change without editing the tree.
@@ -332,7 +341,6 @@ def _cross_entropy():
 
     import gpukernels as gk
 
-    flags_as_kernels_would_write()
     logits, target = _leaf(8, 32), torch.randint(0, 32, (8,))
 
     def standalone(loss):
@@ -370,6 +378,112 @@ def _adamw():
     return {"step": (gk.optim.AdamW(ours, lr=1e-3).step, torch.optim.AdamW(theirs, lr=1e-3, fused=True).step)}
 
 
+# ---- whole training steps: a model's forward, backward and optimizer step, eager against patched ----
+# The real model's layers (so its launches and Python), at widths where the CPU arithmetic
+# of the layers both ways run on PyTorch (convolutions, matmuls, attention) stays small:
+# the difference of the two counts is what patching adds to or takes from a step's host time.
+
+
+def _step(loss_of, optimizer, clip, batch, update: bool = True):
+    """A training step's closure, returning its loss; ``update=False``: forward and backward only."""
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(*batch)
+        loss.backward()
+        if update:
+            clip()
+            optimizer.step()
+        return loss
+
+    return step
+
+
+def _steps_of(build, loss_of, patched_loss_of, batch) -> dict:
+    """Eager: torch layers, torch.optim.AdamW and clip_grad_norm_ (foreach, as on CUDA by
+    default); patched: ``patched_loss_of`` on gk.patch's layers and gk.optim.AdamW with the
+    clip in its step. Same initial weights. The whole step, and its forward and backward
+    alone (torch's foreach ops on CPU tensors loop over the tensors in C++, where on CUDA
+    they launch a kernel per chunk of tensors: the optimizer's count is CPU's, not CUDA's)."""
+    import copy
+
+    import torch
+
+    import gpukernels as gk
+
+    model = build()
+    plain, patched = model, copy.deepcopy(model)
+    with gk.use_backend("numpy"):  # patch checks some layers on a CPU probe: kernels that compute
+        patched_loss = patched_loss_of(patched)
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.01, foreach=True)
+
+    def clip():
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0, foreach=True)
+
+    ours = gk.optim.AdamW(patched.parameters(), lr=1e-3, weight_decay=0.01, max_grad_norm=1.0)
+    plain_loss = loss_of(plain)
+    return {
+        mode: (
+            _step(patched_loss, ours, lambda: None, batch, update),
+            _step(plain_loss, optimizer, clip, batch, update),
+        )
+        for mode, update in (("train_step", True), ("train_fwd_bwd", False))
+    }
+
+
+def _resnet50_step():
+    """ResNet-50's layout (3, 4, 6, 3 bottlenecks: 53 BatchNorms), width 2, 2 images of
+    32x32, channels-last as the gpu preset trains it."""
+    import torch
+
+    import gpukernels as gk
+    from gpukernels.train.models import ResNet
+
+    def build():
+        return ResNet((3, 4, 6, 3), width=2, classes=10).to(memory_format=torch.channels_last)
+
+    images = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (2,))
+
+    def loss_of(model):
+        return lambda x, y: torch.nn.functional.cross_entropy(model(x), y)
+
+    def patched_loss_of(model):
+        gk.patch(model)
+        return lambda x, y: gk.cross_entropy(model(x), y)
+
+    return _steps_of(build, loss_of, patched_loss_of, (images, labels))
+
+
+def _language_model_step(kind: str):
+    """The gpu preset's 12 layers (Llama: its 32k vocabulary's head through the fused loss
+    too) at width 64, 16 tokens of one sequence, vocabulary 256."""
+    import torch
+
+    import gpukernels as gk
+    from gpukernels.train.models import build_language_model
+
+    cfg = dict(vocab=256, width=64, intermediate=176, layers=12, heads=4, kv_heads=4, seq_len=16)
+    ids = torch.randint(0, 256, (1, 16))
+
+    def loss_of(model):
+        return lambda ids: model(input_ids=ids, labels=ids).loss
+
+    def patched_loss_of(model):
+        gk.patch(model, loss="fused")
+        return loss_of(model)
+
+    return _steps_of(lambda: build_language_model(kind, cfg), loss_of, patched_loss_of, (ids,))
+
+
+STEPS = {
+    "resnet50_step": _resnet50_step,
+    "llama_step": lambda: _language_model_step("llama"),
+    "gpt2_step": lambda: _language_model_step("gpt2"),
+}
+"""Counted when named in ``--ops`` (not by default: a step is tens of millions of instructions)."""
+
+
 CASES = {
     "layer_norm": _layer_norm,
     "batch_norm": _batch_norm,
@@ -379,6 +493,7 @@ CASES = {
     "adamw": _adamw,
 }
 OPS = tuple(CASES)
+CASES |= STEPS
 
 
 WARM_UP = 20  # calls before counting: Python specialises a function's bytecode after a few calls
@@ -420,6 +535,7 @@ def _worker(args) -> None:
     if args.setup:
         runpy.run_path(args.setup, run_name="__setup__")
     route_cpu_tensors_to_triton()
+    flags_as_kernels_would_write()
     import torch
 
     torch.set_num_threads(1)
@@ -498,6 +614,8 @@ MODE_LABELS = {
     "tokens": "fwd+bwd, standalone, (batch, tokens, features) input",
     "images": "fwd+bwd, standalone, (N, C, H, W) input",
     "step": "optimizer step",
+    "train_step": "training step: forward, backward, clip, AdamW",
+    "train_fwd_bwd": "training step's forward and backward",
 }
 
 
@@ -519,14 +637,17 @@ def environment() -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "note": "host instructions per call (callgrind) on a CPU machine, Triton launching through a stub "
-        "libcuda; PyTorch's ops on CPU tensors; AdamW against torch.optim.AdamW(fused=True) on CPU",
+        "libcuda; PyTorch's ops on CPU tensors; AdamW against torch.optim.AdamW(fused=True) on CPU (model steps: "
+        "foreach AdamW and clip_grad_norm_)",
     }
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="folder for host_time.json and host_time.md")
-    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {','.join(OPS)}")
+    parser.add_argument(
+        "--ops", default=",".join(OPS), help=f"comma-separated, of {','.join(CASES)} (default: the ops)"
+    )
     parser.add_argument("--calls", type=int, default=20, help="calls counted per case")
     parser.add_argument("--setup", type=Path, help="a Python file run in the counting process first")
     parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD, help="where the stub is built")
@@ -535,9 +656,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cg-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.ops = [op for op in args.ops.split(",") if op]
-    unknown = set(args.ops) - set(OPS)
+    unknown = set(args.ops) - set(CASES)
     if unknown:
-        parser.error(f"unknown ops {sorted(unknown)}; choose from {','.join(OPS)}")
+        parser.error(f"unknown ops {sorted(unknown)}; choose from {','.join(CASES)}")
     if args.worker:
         _worker(args)
         return {}

@@ -16,6 +16,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,3 +68,21 @@ def test_host_time_ratios_within_bounds(tmp_path):
             over.append(f"{key}: {ratio:.2f}x > bound {bound:.2f}x (target {target:.2f}x)")
     assert not over, "host time over its bound:\n" + "\n".join(over)
     assert (tmp_path / "host_time.json").exists() and (tmp_path / "host_time.md").exists()
+
+
+@pytest.mark.parametrize("model", ["resnet50_step", "llama_step", "gpt2_step"])
+def test_model_step_cases_train_alike(model):
+    """The model-step cases (counted when named: ``--ops resnet50_step``) build both ways
+    from the same weights and train on the same batch: here on the NumPy backend, the
+    same losses step after step (the first from the same weights)."""
+    pytest.importorskip("transformers")
+    import gpukernels as gk
+
+    host_time = load_host_time()
+    with gk.use_backend("numpy"):
+        torch.manual_seed(0)
+        ours, pytorch = host_time.STEPS[model]()["train_step"]
+        losses = [(ours().item(), pytorch().item()) for _ in range(3)]
+    assert losses[0][0] == pytest.approx(losses[0][1], rel=1e-5)
+    assert all(a == pytest.approx(b, rel=1e-3) for a, b in losses)
+    assert losses[-1][1] < losses[0][1]
