@@ -762,6 +762,31 @@ def test_rope_left_where_the_models_own_differs(monkeypatch):
     assert "differs from q * cos + rotate_half(q) * sin" in left["model.layers.0.self_attn"]
 
 
+def test_rope_probe_checks_theirs_without_running_ours(monkeypatch):
+    """The probe compares theirs with ours' math in torch ops, so that a backend selected
+    for CUDA tensors alone (GPUKERNELS_BACKEND=triton on a GPU machine, which cannot run
+    the CPU probe) does not leave the attention unpatched; that math is our op's."""
+
+    def unavailable(*args):
+        raise gk.BackendError("cannot run op 'rope' on this backend for device cpu")
+
+    gk_patch._rope_probe_error.cache_clear()  # cached per function of theirs: checked anew here
+    try:
+        monkeypatch.setattr(gk_patch, "apply_rotary_pos_emb", unavailable)
+        report = gk.patch(_build("llama"))
+    finally:
+        gk_patch._rope_probe_error.cache_clear()
+    assert report.counts["RoPE"] == 2
+    g = torch.Generator().manual_seed(1)
+    q, k, cos, sin = (
+        torch.randn(s, generator=g, dtype=torch.float64) for s in [(2, 4, 3, 8), (2, 2, 3, 8), (2, 3, 8), (2, 3, 8)]
+    )
+    with gk.use_backend("numpy"):
+        ours = gk.functional.apply_rotary_pos_emb(q, k, cos, sin)
+    for a, b in zip(ours, gk_patch._rope_math(q, k, cos, sin), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_every_transformers_rule_is_checked_against_its_class():
     classes = {type(m) for name in MODELS for m in _build(name).modules()}
     # timm's rules join once timm is imported (tests/test_patch_timm.py checks them)
