@@ -413,8 +413,7 @@ def _steps_of(build, loss_of, patched_loss_of, batch) -> dict:
 
     model = build()
     plain, patched = model, copy.deepcopy(model)
-    with gk.use_backend("numpy"):  # patch checks some layers on a CPU probe: kernels that compute
-        patched_loss = patched_loss_of(patched)
+    patched_loss = patched_loss_of(patched)
     optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.01, foreach=True)
 
     def clip():
