@@ -161,6 +161,29 @@ def test_patched_way_with_fp32_norms_under_autocast(tmp_path, cache_dir):
     assert not train.WAYS["patched-fp32-norms"].by_default
 
 
+def test_fp32_reference_ways_judge_the_bf16_noise(tmp_path, cache_dir, capsys):
+    """eager-fp32 and patched-fp32 run a bfloat16 preset without autocast (same seed and
+    batches): each way's distance from the fp32 curve is reported beside eager's, and the
+    bf16 ways are judged against eager's own distance; not run unless named."""
+    _needs("gpt2")
+    summary = _run("gpt2", tmp_path, cache_dir, "--steps", "3", "--dtype", "bfloat16", "--ways",
+                   "eager,patched,eager-fp32,patched-fp32")  # fmt: skip
+    ways = summary["ways"]
+    assert not summary["failed"] and list(ways) == ["eager", "patched", "eager-fp32", "patched-fp32"]
+    eager, fp32 = ways["eager"], ways["eager-fp32"]
+    assert eager["losses"] != fp32["losses"]  # bf16 rounding, which eager-fp32 has none of
+    # fp32 both ways: our kernels against PyTorch's ops, closer than bf16 moves either
+    noise = eager["max_loss_diff_vs_eager-fp32"]
+    assert 0 < ways["patched-fp32"]["max_loss_diff_vs_eager-fp32"] < noise / 10
+    for name, way in ways.items():
+        assert way["max_loss_diff_vs_eager-fp32"] == max(abs(a - b) for a, b in zip(way["losses"], fp32["losses"]))
+    within = ways["patched"]["max_loss_diff_vs_eager-fp32"] <= train.report.NOISE_FACTOR * noise
+    assert summary["noise"].startswith(f"bf16 noise: eager's curve is up to {noise:.3g} from eager-fp32's")
+    assert ("beyond: patched" in summary["noise"]) != within
+    assert "max |loss - eager-fp32|" in capsys.readouterr().out
+    assert not train.WAYS["eager-fp32"].by_default and not train.WAYS["patched-fp32"].by_default
+
+
 def test_compiled_ways_track_eager(tmp_path, cache_dir):
     steps = ["--steps", "20"]
     summary = _run("mlp", tmp_path, cache_dir, *steps, "--ways", "eager,compile,compile-patched")

@@ -13,6 +13,10 @@ loss and gk.optim.AdamW), captured (patched, its whole step replayed from a CUDA
 graph: gk.capture_step; CUDA only), liger (Liger-Kernel's patch, when installed;
 CUDA only), compile (torch.compile of plain), compile-patched, and both compiled
 with mode="reduce-overhead" (compile-cudagraphs, compile-patched-cudagraphs; CUDA only).
+Only when named: patched-fp32-norms (patched, the transformer blocks' norms returning
+fp32 under autocast), and eager-fp32 and patched-fp32 (a bfloat16 preset run in fp32,
+no autocast: the reference that tells how far bf16 rounding alone moves each curve, its
+distance reported beside eager's and judged against eager's own).
 Data (nothing is downloaded): the Python standard library's .py sources,
 tokenized by a byte-level BPE trained here and cached (--cache-dir); images:
 scikit-learn's bundled digits, resized.
@@ -34,7 +38,7 @@ from ._deps import MissingPackage, require
 from .data import default_cache_dir, load_digits
 from .models import build_model
 from .presets import PRESETS
-from .report import loss_differences, plot, table
+from .report import fp32_reference, loss_differences, noise_verdict, plot, table
 from .run import WAYS, graphs_unavailable, run_way
 from .tasks import make_task
 
@@ -142,9 +146,20 @@ def compare(
 
 
 def _write_summary(summary: dict, results: dict, path: Path) -> None:
-    """The summary, with every way run so far and its largest loss difference against eager."""
+    """The summary, with every way run so far and its largest loss difference against eager
+    (and against the fp32 reference, when one ran: ``noise`` says how the ways compare)."""
     diffs = loss_differences(results)
-    summary["ways"] = {name: {**asdict(r), "max_loss_diff_vs_eager": diffs[name]} for name, r in results.items()}
+    fp32 = fp32_reference(results)
+    to_fp32 = loss_differences(results, fp32) if fp32 else {}
+    summary["ways"] = {
+        name: {
+            **asdict(r),
+            "max_loss_diff_vs_eager": diffs[name],
+            **({f"max_loss_diff_vs_{fp32}": to_fp32[name]} if fp32 else {}),
+        }
+        for name, r in results.items()
+    }
+    summary["noise"] = noise_verdict(results)
     path.write_text(json.dumps(summary, indent=1))
 
 

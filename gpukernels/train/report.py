@@ -6,15 +6,41 @@ import math
 from pathlib import Path
 
 from ._deps import require
-from .run import REFERENCE, WayResult
+from .run import FP32_REFERENCES, REFERENCE, WayResult
+
+NOISE_FACTOR = 2.0
+"""A bf16 way is within bf16 noise when its curve is at most this many times as far from the
+fp32 reference's as eager's bf16 curve is (rounding, not a difference of math, moves it)."""
 
 
-def loss_differences(results: dict[str, WayResult]) -> dict[str, float | None]:
-    """Largest per-step |loss - eager's loss| of each way (None without an eager run)."""
-    reference = results.get(REFERENCE)
-    if reference is None:
+def loss_differences(results: dict[str, WayResult], reference: str = REFERENCE) -> dict[str, float | None]:
+    """Largest per-step |loss - ``reference``'s loss| of each way (None without that way's run)."""
+    ran = results.get(reference)
+    if ran is None:
         return {name: None for name in results}
-    return {name: max(abs(a - b) for a, b in zip(r.losses, reference.losses)) for name, r in results.items()}
+    return {name: max(abs(a - b) for a, b in zip(r.losses, ran.losses)) for name, r in results.items()}
+
+
+def fp32_reference(results: dict[str, WayResult]) -> str | None:
+    """The fp32 way the bf16 ways' noise is judged by, when one ran."""
+    return next((name for name in FP32_REFERENCES if name in results), None)
+
+
+def noise_verdict(results: dict[str, WayResult]) -> str | None:
+    """How far bf16 rounding alone moves eager's curve from the fp32 reference's, and which
+    ways stay within ``NOISE_FACTOR`` times that; None without both runs."""
+    fp32 = fp32_reference(results)
+    if fp32 is None or REFERENCE not in results:
+        return None
+    to_fp32 = loss_differences(results, fp32)
+    noise = to_fp32[REFERENCE]
+    bf16_ways = [name for name in results if name not in FP32_REFERENCES and name != REFERENCE]
+    within = [name for name in bf16_ways if to_fp32[name] <= NOISE_FACTOR * noise]
+    beyond = [name for name in bf16_ways if name not in within]
+    return (
+        f"bf16 noise: {REFERENCE}'s curve is up to {noise:.3g} from {fp32}'s; within {NOISE_FACTOR:g}x that: "
+        f"{', '.join(within) or 'none'}" + (f"; beyond: {', '.join(beyond)}" if beyond else "")
+    )
 
 
 def _mib(value: float | None, reference: float | None, missing: str) -> str:
@@ -41,12 +67,15 @@ def _profile_line(profile: dict) -> str:
 def table(summary: dict, results: dict[str, WayResult]) -> str:
     reference = results.get(REFERENCE)
     diffs = loss_differences(results)
+    fp32 = fp32_reference(results)
+    to_fp32 = loss_differences(results, fp32) if fp32 else {}
     unit = summary["unit"]
     classifier = any("accuracy" in r.evaluation for r in results.values())
     header = [
         "way",
         "final loss",
         f"max |loss - {REFERENCE}|",
+        *([f"max |loss - {fp32}|"] if fp32 else []),
         "median step",
         "1st step",
         f"{unit}/s",
@@ -62,6 +91,7 @@ def table(summary: dict, results: dict[str, WayResult]) -> str:
             name,
             f"{r.losses[-1]:.4f}",
             diff,
+            *(["(reference)" if name == fp32 else f"{to_fp32[name]:.3g}"] if fp32 else []),
             f"{r.step_ms:.1f} ms",
             f"{r.first_step_ms / 1e3:.2f} s",
             f"{r.throughput:,.0f}",
@@ -86,6 +116,8 @@ def table(summary: dict, results: dict[str, WayResult]) -> str:
         if r.report != "torch layers":
             lines.append(f"{name}: " + (f"as {patched_as[r.report]}" if r.report in patched_as else r.report))
             patched_as.setdefault(r.report, name)
+    verdict = noise_verdict(results)
+    lines += [verdict] if verdict else []
     for name, r in results.items():
         lines += [f"profile {name}: {_profile_line(r.profile)}"] if r.profile else []
     lines += [f"skipped {name}: {why}" for name, why in summary["skipped"].items()]

@@ -31,13 +31,16 @@ class Way(NamedTuple):
     ``gk.capture_step``, replayed on each batch: no host time per op, what a host-bound
     step needs. A way with CUDA graphs runs on CUDA only (``graphs_unavailable``).
     ``patch_options``: keyword arguments of ``gk.patch`` (an A/B of one of its choices).
-    ``by_default``: run when no ways are named (else only when named)."""
+    ``by_default``: run when no ways are named (else only when named). ``autocast``:
+    False runs a bfloat16 preset without autocast, in fp32: a reference that tells how
+    far bf16 rounding alone moves a loss curve (``FP32_REFERENCES``)."""
 
     kind: str
     compile_mode: str | None = None
     captured: bool = False
     patch_options: tuple[tuple[str, object], ...] = ()
     by_default: bool = True
+    autocast: bool = True
 
     @property
     def graphs(self) -> bool:
@@ -58,7 +61,13 @@ WAYS = {
     "compile-patched": Way("gpukernels", "default"),
     "compile-cudagraphs": Way("plain", "reduce-overhead"),
     "compile-patched-cudagraphs": Way("gpukernels", "reduce-overhead"),
+    # the same steps in fp32, no autocast: how far bf16 rounding moves each way's curve
+    "eager-fp32": Way("plain", by_default=False, autocast=False),
+    # patched in fp32: the reference where eager's fp32 logits do not fit (GPT-2's 50k vocabulary)
+    "patched-fp32": Way("gpukernels", by_default=False, autocast=False),
 }
+FP32_REFERENCES = ("eager-fp32", "patched-fp32")
+"""The fp32 ways, in order of preference as the reference the others' bf16 noise is judged by."""
 CAPTURE_AT = 1
 """The captured way's eager steps before its capture (Triton compiles the kernels, the
 optimizer makes its state); ``capture_step``'s warm-up is the next, on a side stream."""
@@ -190,7 +199,8 @@ def run_way(
 ) -> WayResult:
     """``profile_to``: after the evaluation, profile one more step and write its kernel
     table there."""
-    kind, compile_mode, captured, patch_options, _ = WAYS[way]
+    spec = WAYS[way]
+    kind, compile_mode, captured, patch_options = spec.kind, spec.compile_mode, spec.captured, spec.patch_options
     compiled = compile_mode is not None
     steps, result = cfg["steps"], WayResult()
     warmup = max(1, steps // 10)
@@ -212,7 +222,9 @@ def run_way(
         # a captured step reads the lr from device memory, where the schedule writes it
         lr = torch.tensor(cfg["lr"], dtype=torch.float64, device=device) if captured else cfg["lr"]
         optimizer, scheduler, clip = make_optimizer(model, lr, steps, warmup)
-        autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+        autocast = torch.autocast(
+            device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None and spec.autocast
+        )
         seconds = []
         # measured in the first step, which the median leaves out; not under torch.compile,
         # whose graphs would be traced with the hooks
