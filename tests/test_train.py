@@ -182,6 +182,9 @@ def test_fp32_reference_ways_judge_the_bf16_noise(tmp_path, cache_dir, capsys):
     assert ("beyond: patched" in summary["noise"]) != within
     assert "max |loss - eager-fp32|" in capsys.readouterr().out
     assert not train.WAYS["eager-fp32"].by_default and not train.WAYS["patched-fp32"].by_default
+    # an fp32 preset has no bf16 noise to judge: the same curves, no verdict
+    summary = _run("gpt2", tmp_path / "fp32", cache_dir, "--steps", "2", "--ways", "eager,eager-fp32")
+    assert summary["ways"]["eager-fp32"]["losses"] == summary["ways"]["eager"]["losses"] and summary["noise"] is None
 
 
 def test_compiled_ways_track_eager(tmp_path, cache_dir):

@@ -159,7 +159,7 @@ def _write_summary(summary: dict, results: dict, path: Path) -> None:
         }
         for name, r in results.items()
     }
-    summary["noise"] = noise_verdict(results)
+    summary["noise"] = noise_verdict(summary, results)
     path.write_text(json.dumps(summary, indent=1))
 
 

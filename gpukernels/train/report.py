@@ -26,11 +26,11 @@ def fp32_reference(results: dict[str, WayResult]) -> str | None:
     return next((name for name in FP32_REFERENCES if name in results), None)
 
 
-def noise_verdict(results: dict[str, WayResult]) -> str | None:
+def noise_verdict(summary: dict, results: dict[str, WayResult]) -> str | None:
     """How far bf16 rounding alone moves eager's curve from the fp32 reference's, and which
-    ways stay within ``NOISE_FACTOR`` times that; None without both runs."""
+    ways stay within ``NOISE_FACTOR`` times that; None without both runs or a bf16 preset."""
     fp32 = fp32_reference(results)
-    if fp32 is None or REFERENCE not in results:
+    if fp32 is None or REFERENCE not in results or summary["config"]["dtype"] != "bfloat16":
         return None
     to_fp32 = loss_differences(results, fp32)
     noise = to_fp32[REFERENCE]
@@ -116,7 +116,7 @@ def table(summary: dict, results: dict[str, WayResult]) -> str:
         if r.report != "torch layers":
             lines.append(f"{name}: " + (f"as {patched_as[r.report]}" if r.report in patched_as else r.report))
             patched_as.setdefault(r.report, name)
-    verdict = noise_verdict(results)
+    verdict = noise_verdict(summary, results)
     lines += [verdict] if verdict else []
     for name, r in results.items():
         lines += [f"profile {name}: {_profile_line(r.profile)}"] if r.profile else []
