@@ -38,7 +38,7 @@ from ._deps import MissingPackage, require
 from .data import default_cache_dir, load_digits
 from .models import build_model
 from .presets import PRESETS
-from .report import fp32_reference, loss_differences, noise_verdict, plot, table
+from .report import fp32_distances, loss_differences, noise_verdict, plot, table
 from .run import WAYS, graphs_unavailable, run_way
 from .tasks import make_task
 
@@ -149,8 +149,7 @@ def _write_summary(summary: dict, results: dict, path: Path) -> None:
     """The summary, with every way run so far and its largest loss difference against eager
     (and against the fp32 reference, when one ran: ``noise`` says how the ways compare)."""
     diffs = loss_differences(results)
-    fp32 = fp32_reference(results)
-    to_fp32 = loss_differences(results, fp32) if fp32 else {}
+    fp32, to_fp32 = fp32_distances(results)
     summary["ways"] = {
         name: {
             **asdict(r),

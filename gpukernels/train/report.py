@@ -21,18 +21,19 @@ def loss_differences(results: dict[str, WayResult], reference: str = REFERENCE) 
     return {name: max(abs(a - b) for a, b in zip(r.losses, ran.losses)) for name, r in results.items()}
 
 
-def fp32_reference(results: dict[str, WayResult]) -> str | None:
-    """The fp32 way the bf16 ways' noise is judged by, when one ran."""
-    return next((name for name in FP32_REFERENCES if name in results), None)
+def fp32_distances(results: dict[str, WayResult]) -> tuple[str | None, dict[str, float | None]]:
+    """The fp32 way the bf16 ways' noise is judged by (None when none ran), and each way's
+    largest per-step |loss - its loss| ({} without it)."""
+    fp32 = next((name for name in FP32_REFERENCES if name in results), None)
+    return fp32, loss_differences(results, fp32) if fp32 else {}
 
 
 def noise_verdict(summary: dict, results: dict[str, WayResult]) -> str | None:
     """How far bf16 rounding alone moves eager's curve from the fp32 reference's, and which
     ways stay within ``NOISE_FACTOR`` times that; None without both runs or a bf16 preset."""
-    fp32 = fp32_reference(results)
+    fp32, to_fp32 = fp32_distances(results)
     if fp32 is None or REFERENCE not in results or summary["config"]["dtype"] != "bfloat16":
         return None
-    to_fp32 = loss_differences(results, fp32)
     noise = to_fp32[REFERENCE]
     bf16_ways = [name for name in results if name not in FP32_REFERENCES and name != REFERENCE]
     within = [name for name in bf16_ways if to_fp32[name] <= NOISE_FACTOR * noise]
@@ -67,8 +68,7 @@ def _profile_line(profile: dict) -> str:
 def table(summary: dict, results: dict[str, WayResult]) -> str:
     reference = results.get(REFERENCE)
     diffs = loss_differences(results)
-    fp32 = fp32_reference(results)
-    to_fp32 = loss_differences(results, fp32) if fp32 else {}
+    fp32, to_fp32 = fp32_distances(results)
     unit = summary["unit"]
     classifier = any("accuracy" in r.evaluation for r in results.values())
     header = [

@@ -229,7 +229,7 @@ def _tables(device: torch.device, dtype: torch.dtype, columns: list[list[Tensor]
     flat.extend(accumulate(blocks[:-1], initial=0))
     table = torch.frombuffer(flat, dtype=torch.int64).view(-1, count).t().contiguous()  # a row per tensor
     # each block's tensor: i repeated blocks[i] times (given the output size: no count read back)
-    block_tensor = torch.repeat_interleave(torch.tensor(blocks, dtype=torch.int32), output_size=flat[-1] + blocks[-1])
+    block_tensor = torch.repeat_interleave(torch.tensor(blocks, dtype=torch.int32), output_size=sum(blocks))
     tables = _Tables(
         _to_device(table, device),
         _to_device(block_tensor, device),
