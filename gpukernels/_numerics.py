@@ -20,6 +20,13 @@ def row_count(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
+def rows_and_features(x: torch.Tensor) -> tuple[int, int]:
+    """``(row_count(x), x.shape[-1])``, reading the shape once (each read makes a new
+    torch.Size: host time)."""
+    d = x.shape[-1]
+    return x.numel() // d, d
+
+
 def ncl_strides(shape: Sequence[int], strides: Sequence[int]) -> tuple[int, int, int] | None:
     """The strides of the ``(N, C, L)`` view of an ``(N, C, *)`` tensor, ``L`` its dims
     after C as one axis (NCHW and channels-last input alike), for kernels that take
@@ -36,6 +43,21 @@ def ncl_strides(shape: Sequence[int], strides: Sequence[int]) -> tuple[int, int,
             return None
         step = size * stride
     return strides[0], strides[1], inner
+
+
+_ncl_of_layouts: dict = {}
+
+
+def ncl_strides_of(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """``ncl_strides`` of ``t``'s shape and strides, kept per layout: a dict lookup
+    on later calls (host time: an op reads it forward and backward)."""
+    key = (t.shape, t.stride())
+    found = _ncl_of_layouts.get(key, key)  # key: none kept (None is an answer)
+    if found is key:
+        if len(_ncl_of_layouts) >= 1024:  # layouts grow with every new shape: start over
+            _ncl_of_layouts.clear()
+        found = _ncl_of_layouts[key] = ncl_strides(*key)
+    return found
 
 
 def row_stats(stats: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import gpukernels as gk
-from gpukernels._numerics import ncl_strides
+from gpukernels._numerics import ncl_strides, ncl_strides_of
 from gpukernels.ops.batch_norm import batch_norm, batch_norm_bwd, batch_norm_fwd
 from helpers import (
     TOLERANCES,
@@ -233,6 +233,21 @@ def test_output_grad_whose_dims_after_c_make_no_axis(device, training):
 )
 def test_ncl_strides(shape, strides, expected):
     assert ncl_strides(shape, strides) == expected
+    # the tensor form, kept per layout: the same answer on a second read, None included
+    t = torch.empty_strided(shape, strides)
+    assert ncl_strides_of(t) == expected
+    assert ncl_strides_of(t) == expected
+
+
+def test_ncl_strides_of_tells_layouts_of_one_shape_apart():
+    nchw = torch.empty(2, 3, 4, 5)
+    for t, expected in (
+        (nchw, (60, 20, 1)),
+        (nchw.to(memory_format=torch.channels_last), (60, 1, 3)),
+        (nchw.transpose(2, 3).contiguous().transpose(2, 3), None),
+        (nchw, (60, 20, 1)),
+    ):
+        assert ncl_strides_of(t) == expected
 
 
 def tiled_input(layout, dtype, device):

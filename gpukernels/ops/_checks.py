@@ -91,7 +91,8 @@ def check_norm_input(
         and len(shape) == 1
         and type(shape[0]) is int
         and shape[0] > 0
-        and input.shape[-1:] == shape
+        and input.dim()
+        and input.shape[-1] == shape[0]  # an index, not a slice: a slice makes a torch.Size (host time)
     ):
         device = input.device
         for t in params:

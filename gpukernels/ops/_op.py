@@ -321,7 +321,9 @@ class KernelOp:
 
 _C_FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]
 _LOOKED_UP_BY_APPLY = [
-    name for name in ("setup_context", "clear_saved_tensors_on_access") if hasattr(torch.autograd.Function, name)
+    name
+    for name in ("setup_context", "clear_saved_tensors_on_access", "boxed_grads_call")
+    if hasattr(torch.autograd.Function, name)
 ]
 
 

@@ -41,10 +41,11 @@ import torch
 from torch import Tensor
 
 from .._backend import backend_for
-from .._numerics import ncl_strides
+from .._numerics import ncl_strides_of
 from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import (
     FLOAT_DTYPES,
+    PLAIN_TENSOR_TYPES,
     check_choice,
     check_device,
     check_float,
@@ -152,7 +153,7 @@ class _BatchNormFunction(torch.autograd.Function):
             if relu_output is not None:
                 dy = torch.ops.aten.threshold_backward(dy, relu_output, 0)
             activation, dresidual = "none", dy
-        if dy.dim() > 3 and not ncl_strides(dy.shape, dy.stride()):  # the kernels read dy as (N, C, L) too
+        if dy.dim() > 3 and not ncl_strides_of(dy):  # the kernels read dy as (N, C, L) too
             dy = dy.contiguous()
         dx, dweight, dbias = batch_norm_bwd.on(ctx.backend, dy, x, weight, bias, stats, ctx.training, activation)
         return (
@@ -182,7 +183,17 @@ _CHECK_ORDER = (2, 3, 0, 1)  # running stats first: their errors come before the
 def check_params(input: Tensor, params: Sequence[Tensor | None], training: bool = True) -> None:
     """The parameters and running stats (``PARAM_NAMES``), each optional: running
     stats both given or both not (and given in eval), floating, on input's device,
-    of shape (C,), with dtypes as ``check_param_dtypes`` says."""
+    of shape (C,), with dtypes as ``check_param_dtypes`` says. The usual call (plain
+    tensors, all four given, of one allowed dtype) passes in one pass of reads (host
+    time); anything else goes through the checks that name what fails."""
+    first = params[0]
+    if type(first) in PLAIN_TENSOR_TYPES and first.dtype in _ALLOWED_PARAM_DTYPES[input.dtype]:
+        shape, device, dtype = (input.shape[1],), input.device, first.dtype
+        for t in params:  # None among them fails the type check
+            if not (type(t) in PLAIN_TENSOR_TYPES and t.dtype == dtype and t.shape == shape and t.device == device):
+                break
+        else:
+            return
     running_mean, running_var = params[2:]
     if (running_mean is None) != (running_var is None):
         raise ArgumentError("running_mean and running_var must either both be None or neither be None")
@@ -268,31 +279,34 @@ def batch_norm(
     ``residual``, of the input's shape and dtype, is added before it
     (``act(batch_norm(...) + residual)``, activation none or relu)."""
     check_float("input", input)
-    if input.dim() < 2:
-        raise ArgumentError(f"input must have shape (N, C), (N, C, L) or (N, C, H, W), got {tuple(input.shape)}")
+    shape = input.shape  # read once: each read makes a new torch.Size (host time)
+    dims = len(shape)
+    if dims < 2:
+        raise ArgumentError(f"input must have shape (N, C), (N, C, L) or (N, C, H, W), got {tuple(shape)}")
     training = bool(training)
-    n, channels = input.shape[:2]
+    n, channels = shape[0], shape[1]
     check_params(input, (weight, bias, running_mean, running_var), training)
-    eps = check_number("eps", eps, low=0.0, low_open=training)
-    momentum = check_number("momentum", momentum)
-    if activation != "none":
+    if not (type(eps) is float and 0.0 < eps < math.inf):  # the usual call passes as is
+        eps = check_number("eps", eps, low=0.0, low_open=training)
+    if not (type(momentum) is float and -math.inf < momentum < math.inf):
+        momentum = check_number("momentum", momentum)
+    if activation not in ACTIVATIONS:
         check_choice("activation", activation, ACTIVATIONS)
     if residual is not None:
         _check_residual(input, residual, activation)
-    length = math.prod(input.shape[2:])
+    numel = input.numel()
+    length = numel // (n * channels) if numel else math.prod(shape[2:])
     if training and n * length == 1:
-        raise ArgumentError(
-            f"Expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
-        )
-    if input.numel() == 0:
-        y = _empty_batch(reshaped(input, n, channels, length), weight, bias).view(input.shape)
+        raise ArgumentError(f"Expected more than 1 value per channel when training, got input of shape {tuple(shape)}")
+    if numel == 0:
+        y = _empty_batch(reshaped(input, n, channels, length), weight, bias).view(shape)
         return y if residual is None else y + residual
     # as it is, NCHW and channels-last alike; a copy only for strides no (N, C, L) view can express
-    x = input if input.dim() <= 3 or ncl_strides(input.shape, input.stride()) else input.reshape(n, channels, length)
+    x = input if dims <= 3 or ncl_strides_of(input) else input.reshape(n, channels, length)
     if residual is not None and residual.dim() > 3:  # read as (N, C, L) too, as x is
         if x is not input:
             residual = residual.reshape(x.shape)
-        elif not ncl_strides(residual.shape, residual.stride()):
+        elif not ncl_strides_of(residual):
             residual = residual.contiguous()
     # the kernels read the parameters and update the running stats element after element: a
     # view that steps over elements goes through a contiguous copy (the stats copied back)
@@ -313,4 +327,4 @@ def batch_norm(
         for given, updated in zip(running, (running_mean, running_var)):
             if updated is not given:
                 given.copy_(updated)
-    return y if x is input else y.view(input.shape)
+    return y if x is input else y.view(shape)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import device_type
-from ..._numerics import row_count, stats_dtype  # noqa: F401  (the launchers' rules for statistics and rows)
+from ..._numerics import row_count, rows_and_features, stats_dtype  # noqa: F401  (the launchers' rules for statistics and rows)
 from . import interpreting
 from ._launch import tracing
 

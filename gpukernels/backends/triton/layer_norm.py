@@ -4,12 +4,12 @@ the launchers of the row-normalisation kernels of ``_norm``, centred (``CENTERED
 
 from __future__ import annotations
 
-from ._common import aligned, cdiv, dtype_of, float_bits, row_count
+from ._common import aligned, cdiv, dtype_of, float_bits, rows_and_features
 from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
 def layer_norm_fwd(x, weight, bias, eps, out_dtype, y, stats):
-    rows, d = row_count(x), x.shape[-1]
+    rows, d = rows_and_features(x)
     if rows:
         no_offset = None  # the scale is the weight itself
         # rows is not specialized (the tile masks its last rows): its type, i32 or i64, is all that varies
@@ -36,7 +36,7 @@ def layer_norm_fwd(x, weight, bias, eps, out_dtype, y, stats):
 
 
 def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
-    rows, d = row_count(x), x.shape[-1]
+    rows, d = rows_and_features(x)
     has_w = weight is not None
     if not rows:
         dweight.zero_()  # empty when there is no weight

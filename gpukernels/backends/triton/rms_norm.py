@@ -4,12 +4,12 @@ the launchers of the row-normalisation kernels of ``_norm``, uncentred (``CENTER
 
 from __future__ import annotations
 
-from ._common import aligned, cdiv, dtype_of, float_bits, row_count
+from ._common import aligned, cdiv, dtype_of, float_bits, rows_and_features
 from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
 def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, out_dtype, y, rstd):
-    rows, d = row_count(x), x.shape[-1]
+    rows, d = rows_and_features(x)
     if rows:
         no_bias = None
         key = (
@@ -35,7 +35,7 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, out_dtype, y, rstd)
 
 
 def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
-    rows, d = row_count(x), x.shape[-1]
+    rows, d = rows_and_features(x)
     if not rows:
         dweight.zero_()  # no rows: dweight is 0 (and empty when there is no weight)
         return
