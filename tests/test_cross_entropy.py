@@ -206,6 +206,29 @@ def test_non_contiguous_input(device, layout):
     _compare(x, target, weight=torch.rand(x.shape[1], dtype=torch.float64, device=device), label_smoothing=0.05)
 
 
+@pytest.mark.parametrize("rows", ["padded", "broadcast"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_rows_any_stride_apart(device, dtype, rows):
+    """(N, C) logits whose rows are contiguous but not adjacent are read where they are:
+    a padded vocabulary sliced to the real one (its padding nan, which no read may reach)
+    and one row broadcast to every row (stride 0)."""
+    classes = 37
+    if rows == "padded":
+        buffer = _logits((6, classes + 11), dtype, device=device)
+        buffer[:, classes:] = math.nan
+        x = buffer[:, :classes]
+    else:
+        x = _logits((1, classes), dtype, device=device).expand(6, classes)
+    assert x.stride(1) == 1 and not x.is_contiguous()
+    target = _targets((6,), classes, ignored=[2], device=device)
+    weight = torch.rand(classes, dtype=torch.float64, device=device).to(dtype) + 0.1
+    for reduction in ("mean", "none"):
+        upstream = _upstream(6, device) if reduction == "none" else None
+        _compare(x, target, upstream, weight=weight, reduction=reduction, label_smoothing=0.05)
+    backend = gk.backend_name(device)
+    torch.library.opcheck(cross_entropy_fwd.custom_op, (x, target, weight, -100, 0.05, "mean", backend))
+
+
 @pytest.mark.parametrize("shape", [(6,), (3, 2)])
 def test_strided_class_indices(device, shape):
     """Class indices that step over elements (a view of every other one, (N,) or (N, d1))

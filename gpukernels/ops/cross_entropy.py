@@ -3,9 +3,11 @@ targets) and ``gpukernels::cross_entropy_probs_fwd/_bwd`` (class-probability
 targets), their output specs and kernel contracts, their autograd, and the
 checked public function.
 
-The kernels see the logits as a contiguous ``(rows, C)`` matrix (class dim
-last), class-probability targets likewise, class indices as a contiguous
-``(rows,)`` vector. The forward reads the logits once
+The kernels see the logits as a ``(rows, C)`` matrix (class dim last) whose
+rows are contiguous, each ``logits.stride(0)`` elements after the last (a view
+of a wider buffer, as a padded vocabulary's logits sliced to the real one, is
+read where it is, not copied), class-probability targets as a contiguous
+``(rows, C)`` matrix, class indices as a contiguous ``(rows,)`` vector. The forward reads the logits once
 and saves, beside a reference to them, two numbers per row: the max ``m`` and
 ``log sum exp(x - m)`` of the row's logsumexp, in one ``stats`` tensor with what
 the backward needs besides (``row_stats`` splits it); it reduces the rows' losses
@@ -247,8 +249,9 @@ def cross_entropy(
         _check_weight(weight, input, classes)
         weight = weight.contiguous()
 
-    if len(shape) == 2:  # (N, C): the rows as they are, no view (host time)
-        logits, rows_target = input.contiguous(), target.contiguous()
+    if len(shape) == 2:  # (N, C): the rows as they are, wherever they start; no view (host time)
+        logits = input if input.stride()[1] == 1 else input.contiguous()
+        rows_target = target.contiguous()
     else:
         logits = _class_last(input, class_dim, classes)
         rows_target = (

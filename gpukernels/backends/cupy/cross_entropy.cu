@@ -1,4 +1,5 @@
-// Cross-entropy over the rows of a contiguous (rows, C) logit matrix, with
+// Cross-entropy over the rows of a (rows, C) logit matrix (each row contiguous,
+// row_stride elements after the last; the gradient contiguous), with
 // class-index targets (target, one per row) or class-probability targets
 // (probs, the logits' shape; then target is null).
 //
@@ -54,11 +55,12 @@ __device__ __forceinline__ void cross_entropy_fwd(const T* __restrict__ logits, 
                                                   const T* __restrict__ probs, const T* __restrict__ weight,
                                                   acc_t<T>* __restrict__ row_loss, acc_t<T>* __restrict__ row_max,
                                                   acc_t<T>* __restrict__ log_sum, acc_t<T>* __restrict__ target_mass,
-                                                  i64 rows, i64 classes, i64 ignore_index, double smoothing) {
+                                                  i64 rows, i64 classes, i64 row_stride, i64 ignore_index,
+                                                  double smoothing) {
   typedef acc_t<T> A;
   const A neg_inf = gk_neg_inf<A>();
   for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
-    const T* xr = logits + row * classes;
+    const T* xr = logits + row * row_stride;
     const T* yr = probs ? probs + row * classes : 0;
     A m = neg_inf, s = 0;  // this thread's running max and sum of exp(x - m)
     for (i64 c = threadIdx.x; c < classes; c += blockDim.x) {
@@ -168,8 +170,8 @@ __device__ __forceinline__ void cross_entropy_bwd(const T* __restrict__ logits, 
                                                   const acc_t<T>* __restrict__ target_mass,
                                                   const acc_t<T>* __restrict__ totals, const T* __restrict__ grad_loss,
                                                   i64 grad_stride, i64 mean, T* __restrict__ grad,
-                                                  T* __restrict__ target_grad, i64 rows, i64 classes, i64 chunk,
-                                                  i64 ignore_index, double smoothing) {
+                                                  T* __restrict__ target_grad, i64 rows, i64 classes,
+                                                  i64 row_stride, i64 chunk, i64 ignore_index, double smoothing) {
   typedef acc_t<T> A;
   const i64 chunks = (classes + chunk - 1) / chunk;
   for (i64 tile = blockIdx.x; tile < rows * chunks; tile += gridDim.x) {
@@ -178,7 +180,7 @@ __device__ __forceinline__ void cross_entropy_bwd(const T* __restrict__ logits, 
     A s = to_acc(grad_loss[row * grad_stride]);
     if (mean) s = probs ? s / A(rows) : (totals[0] != A(0) ? s / totals[0] : A(0));  // no rows kept: no gradient
     const A m_i = row_max[row], log_sum_i = log_sum[row];
-    const T* xr = logits + row * classes;
+    const T* xr = logits + row * row_stride;
     if (probs) {
       const T* yr = probs + row * classes;
       const A mass = target_mass[row], target_grad_coef = -A(1.0 - smoothing) * s;
@@ -212,9 +214,9 @@ __device__ __forceinline__ void cross_entropy_bwd(const T* __restrict__ logits, 
       const T* __restrict__ logits, const i64* __restrict__ target, const T* __restrict__ probs,                   \
       const T* __restrict__ weight, acc_t<T>* __restrict__ row_loss, acc_t<T>* __restrict__ row_max,               \
       acc_t<T>* __restrict__ log_sum, acc_t<T>* __restrict__ target_mass, i64 rows, i64 classes,                   \
-      i64 ignore_index, double smoothing) {                                                                        \
+      i64 row_stride, i64 ignore_index, double smoothing) {                                                        \
     cross_entropy_fwd<T>(logits, target, probs, weight, row_loss, row_max, log_sum, target_mass, rows, classes,   \
-                         ignore_index, smoothing);                                                                 \
+                         row_stride, ignore_index, smoothing);                                                     \
   }                                                                                                                \
   extern "C" __global__ void cross_entropy_total_##SUFFIX(                                                        \
       const acc_t<T>* __restrict__ row_loss, const i64* __restrict__ target, const T* __restrict__ weight,         \
@@ -228,8 +230,10 @@ __device__ __forceinline__ void cross_entropy_bwd(const T* __restrict__ logits, 
       const T* __restrict__ weight, const acc_t<T>* __restrict__ row_max, const acc_t<T>* __restrict__ log_sum,    \
       const acc_t<T>* __restrict__ target_mass, const acc_t<T>* __restrict__ totals,                               \
       const T* __restrict__ grad_loss, i64 grad_stride, i64 mean, T* __restrict__ grad,                            \
-      T* __restrict__ target_grad, i64 rows, i64 classes, i64 chunk, i64 ignore_index, double smoothing) {         \
+      T* __restrict__ target_grad, i64 rows, i64 classes, i64 row_stride, i64 chunk, i64 ignore_index,             \
+      double smoothing) {                                                                                          \
     cross_entropy_bwd<T>(logits, target, probs, weight, row_max, log_sum, target_mass, totals, grad_loss,          \
-                         grad_stride, mean, grad, target_grad, rows, classes, chunk, ignore_index, smoothing);     \
+                         grad_stride, mean, grad, target_grad, rows, classes, row_stride, chunk, ignore_index,     \
+                         smoothing);                                                                               \
   }
 GK_FOR_EACH_DTYPE(GK_CROSS_ENTROPY_KERNELS)

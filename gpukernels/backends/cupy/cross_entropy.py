@@ -1,6 +1,7 @@
-"""Cross-entropy over the rows of a contiguous (rows, C) logit matrix
-(cross_entropy.cu), with class-index or class-probability targets. The
-forward, a block per row, gives each row's loss and its log-sum-exp statistics
+"""Cross-entropy over the rows of a (rows, C) logit matrix, each row contiguous
+and ``logits.stride(0)`` elements after the last (cross_entropy.cu), with
+class-index or class-probability targets (contiguous), the gradient written
+contiguous. The forward, a block per row, gives each row's loss and its log-sum-exp statistics
 (max and log-sum); then one block reduces the rows' losses (in a fixed order)
 and, for class indices, the mean's denominator and the sum of the class
 weights, and checks the targets. The backward computes the gradient
@@ -51,6 +52,7 @@ def _forward(
                 pointer(target_mass),
                 np.int64(rows),
                 np.int64(classes),
+                np.int64(logits.stride(0)),
                 np.int64(ignore_index),
                 np.float64(label_smoothing),
             ),
@@ -127,6 +129,7 @@ def _backward(
             pointer(target_grad),
             np.int64(rows),
             np.int64(classes),
+            np.int64(logits.stride(0)),
             np.int64(chunk),
             np.int64(ignore_index),
             np.float64(label_smoothing),
