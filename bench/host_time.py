@@ -31,6 +31,11 @@ the clip in its step), the whole step and its forward and backward alone.
 Both columns include that arithmetic: their difference is what patching
 changes in a step's host time.
 
+``--bytecodes N`` says where the time goes instead: for one call of each case
+(after the warm-up), the N Python functions that execute the most bytecodes
+(``sys.settrace``'s opcode events), ours and PyTorch's; no valgrind needed.
+A bytecode is roughly 100 host instructions here, more where it calls into C.
+
 Needs gcc and valgrind (callgrind headers). Kernels are compiled once, before
 the count, into ``--cache-dir``. ``--setup FILE`` runs a Python file in the
 counting process first: a way to measure a change without editing the tree.
@@ -40,6 +45,7 @@ Writes ``host_time.json`` and ``host_time.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import glob
 import json
@@ -524,6 +530,38 @@ def _count(fn, calls: int, marks: ctypes.CDLL | None, out_dir: str) -> float | N
     return totals[-1] / calls
 
 
+def bytecodes_by_function(fn) -> collections.Counter:
+    """How many bytecodes each Python function (``file:line name``) executes in one call
+    of ``fn``: sys.settrace's opcode events, counted per code object."""
+    counts = collections.Counter()
+    prefixes = sorted({str(ROOT) + os.sep, *(p + os.sep for p in sys.path if p)}, key=len, reverse=True)
+
+    def where(code) -> str:
+        name = code.co_filename
+        short = next((name[len(p) :] for p in prefixes if name.startswith(p)), name)
+        return f"{short}:{code.co_firstlineno} {code.co_name}"
+
+    def trace(frame, event, arg):
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            counts[where(frame.f_code)] += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return counts
+
+
+def _bytecodes(fn, top: int) -> dict:
+    for _ in range(WARM_UP):
+        fn()
+    counts = bytecodes_by_function(fn)
+    return {"total": sum(counts.values()), "top": counts.most_common(top)}
+
+
 def _worker(args) -> None:
     """In the counting process (or, outside callgrind, the one that compiles the kernels
     first): launch through the stub, count each case, write the raw counts."""
@@ -545,6 +583,12 @@ def _worker(args) -> None:
         try:
             torch.manual_seed(0)
             cases = CASES[op]()
+            if args.bytecodes:
+                counts[op] = {
+                    mode: {"ours": _bytecodes(ours, args.bytecodes), "pytorch": _bytecodes(pytorch, args.bytecodes)}
+                    for mode, (ours, pytorch) in cases.items()
+                }
+                continue
             counts[op] = {
                 mode: {
                     "ours": _count(ours, args.calls, marks, str(args.cg_dir)),
@@ -575,6 +619,8 @@ def _run_worker(args, under_valgrind: bool) -> dict:
     ]
     if args.setup:
         command += ["--setup", str(args.setup)]
+    if args.bytecodes:
+        command += ["--bytecodes", str(args.bytecodes)]
     if under_valgrind:
         command = [
             "valgrind",
@@ -626,6 +672,20 @@ def markdown(rows: list[dict], unit: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bytecode_tables(counts: dict) -> str:
+    """``--bytecodes``' answer: per case, ours and PyTorch's totals, then ours by function."""
+    parts = []
+    for op, modes in counts.items():
+        for mode, c in modes.items():
+            ours, pytorch = c["ours"], c["pytorch"]
+            parts.append(
+                f"### {op}: {MODE_LABELS.get(mode, mode)}\n\nbytecodes in one call of the case: "
+                f"ours {ours['total']:,}, PyTorch's {pytorch['total']:,}\n\n| ours: bytecodes | function |\n|--:|---|\n"
+                + "".join(f"| {n:,} | `{where}` |\n" for where, n in ours["top"])
+            )
+    return "\n".join(parts)
+
+
 def environment() -> dict:
     import torch
     import triton
@@ -651,6 +711,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--setup", type=Path, help="a Python file run in the counting process first")
     parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD, help="where the stub is built")
     parser.add_argument("--cache-dir", type=Path, help="Triton's kernel cache (default: in --build-dir)")
+    parser.add_argument(
+        "--bytecodes", type=int, default=0, metavar="N",
+        help="instead of counting instructions: the N functions executing the most bytecodes in one call",
+    )  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--cg-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -662,9 +726,21 @@ def main(argv: list[str] | None = None) -> dict:
         _worker(args)
         return {}
     reason = missing_tools()
-    if reason:
+    if reason and not (args.bytecodes and shutil.which("gcc")):  # bytecodes need the stub, not valgrind
         parser.error(f"cannot count instructions: {reason}")
     build(args.build_dir)
+    if args.bytecodes:
+        with tempfile.TemporaryDirectory() as cg_dir:
+            args.cg_dir = Path(cg_dir)
+            raw = _run_worker(args, under_valgrind=False)
+        tables = bytecode_tables(raw["counts"])
+        print(tables, end="")
+        for op, error in raw["errors"].items():
+            print(f"{op}: not measured: {error}", file=sys.stderr)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "bytecodes.md").write_text(tables)
+        return raw
     with tempfile.TemporaryDirectory() as cg_dir:
         args.cg_dir = Path(cg_dir)
         _run_worker(args, under_valgrind=False)  # compiles every kernel into the cache, outside valgrind

@@ -70,6 +70,27 @@ def test_host_time_ratios_within_bounds(tmp_path):
     assert (tmp_path / "host_time.json").exists() and (tmp_path / "host_time.md").exists()
 
 
+def test_bytecodes_by_function_counts_each_function_apart():
+    """``--bytecodes``' count: every bytecode a call executes, per function, callees apart."""
+    host_time = load_host_time()
+
+    def inner(n):
+        total = 0
+        for i in range(n):
+            total += i
+        return total
+
+    def outer():
+        return inner(3) + inner(30)
+
+    counts = host_time.bytecodes_by_function(outer)
+    by_name = {where.rsplit(" ", 1)[1]: n for where, n in counts.items()}
+    assert set(by_name) == {"outer", "inner"}
+    # inner's loop body runs 33 times in all, outer runs a fixed few bytecodes
+    assert by_name["inner"] > 33 * 4 > by_name["outer"] > 0
+    assert host_time.bytecodes_by_function(lambda: inner(30)).most_common(1)[0][1] > by_name["inner"] / 2
+
+
 @pytest.mark.parametrize("model", ["resnet50_step", "llama_step", "gpt2_step"])
 def test_model_step_cases_train_alike(model):
     """The model-step cases (counted when named: ``--ops resnet50_step``) build both ways
