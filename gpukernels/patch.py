@@ -1091,9 +1091,13 @@ class _CausalLMLoss:
                 reduction,
                 softcap=head.softcap,
             )
-        else:  # as ForCausalLMLoss: fp32 logits
+        else:  # as ForCausalLMLoss on fp32 logits: the kernels compute in fp32 from the logits as they are
             loss = cross_entropy(
-                logits.float().reshape(-1, vocab_size), target, ignore_index=ignore_index, reduction=reduction
+                logits.reshape(-1, vocab_size),
+                target,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                out_dtype=torch.float32,
             )
         return _mean_over_items(loss.float(), num_items_in_batch)
 
@@ -1261,9 +1265,11 @@ def patch(
     module and block as it is; the BatchNorms are then swapped unfused, the Linears left.
 
     ``loss`` (transformers causal LMs): ``"logits"`` computes ``model(..., labels=...)``'s
-    loss with our cross_entropy on the logits; ``"fused"`` with linear_cross_entropy from
-    the hidden states and the output layer's weight, never holding the logits: the model
-    then returns ``logits=None`` when given labels (and the logits when not).
+    loss with our cross_entropy on the logits, in fp32 as transformers' loss computes it
+    (reading bf16 logits as they are, where transformers makes an fp32 copy of them);
+    ``"fused"`` with linear_cross_entropy from the hidden states and the output layer's
+    weight, never holding the logits: the model then returns ``logits=None`` when given
+    labels (and the logits when not).
 
     ``autocast_norms`` (transformers blocks listed in ``_NORMS_BEFORE_MATMULS``: Llama,
     Mistral, Qwen2/3, Gemma 1-3, Phi-3, SmolLM3, GLM-4, GPT-2, GPT-NeoX, Phi, StableLM): the norms whose output

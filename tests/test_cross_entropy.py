@@ -226,7 +226,7 @@ def test_rows_any_stride_apart(device, dtype, rows):
         upstream = _upstream(6, device) if reduction == "none" else None
         _compare(x, target, upstream, weight=weight, reduction=reduction, label_smoothing=0.05)
     backend = gk.backend_name(device)
-    torch.library.opcheck(cross_entropy_fwd.custom_op, (x, target, weight, -100, 0.05, "mean", backend))
+    torch.library.opcheck(cross_entropy_fwd.custom_op, (x, target, weight, -100, 0.05, "mean", None, backend))
 
 
 @pytest.mark.parametrize("shape", [(6,), (3, 2)])
@@ -243,7 +243,7 @@ def test_forward_saves_the_rows_logsumexp_statistics(device):
     x = _logits((4, 7), torch.float64, scale=300.0, device=device) + 1e4
     target = _targets((4,), 7, ignored=[2], device=device)
     weight = torch.linspace(0.5, 2.0, 7, dtype=torch.float64, device=device)
-    _, stats = cross_entropy_fwd(x, target, weight, -100, 0.0, "mean")
+    _, stats = cross_entropy_fwd(x, target, weight, -100, 0.0, "mean", None)
     assert stats.shape == (2 * 4 + 2,)
     row_max, log_sum, totals = row_stats(stats, 4)
     want_max = x.max(dim=1).values
@@ -251,7 +251,7 @@ def test_forward_saves_the_rows_logsumexp_statistics(device):
     torch.testing.assert_close(log_sum, torch.logsumexp(x - want_max[:, None], dim=1), rtol=1e-14, atol=0)
     kept = target != -100
     torch.testing.assert_close(totals, torch.stack([weight[target[kept]].sum(), weight.sum()]), rtol=1e-14, atol=0)
-    _, stats = cross_entropy_fwd(x, target, None, -100, 0.1, "none")
+    _, stats = cross_entropy_fwd(x, target, None, -100, 0.1, "none", None)
     torch.testing.assert_close(row_stats(stats, 4)[2], torch.tensor([3.0, 7.0], dtype=torch.float64, device=device))
 
 
@@ -263,14 +263,72 @@ def test_no_grad_matches_torch(device):
 
 
 def test_autocast_runs_in_fp32(device):
-    x = _logits((6, 10), torch.bfloat16, device=device)
+    x = _logits((6, 10), torch.bfloat16, device=device).requires_grad_()
     target = _targets((6,), 10, device=device)
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    saved = []
+
+    def keep(t):
+        saved.append(t)
+        return t
+
+    with torch.autocast(device.type, dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, keep):
         ours, theirs = cross_entropy(x, target), F.cross_entropy(x, target)
         assert cross_entropy(x.double(), target).dtype == torch.float64
     assert ours.dtype == theirs.dtype == torch.float32
     # fp32 math on the bf16 logits; PyTorch's CUDA autocast rounds on the way (1e-3 off here)
     torch.testing.assert_close(ours, F.cross_entropy(x.float(), target))
+    # the logits read and kept as they are (no fp32 copy), the gradient in their dtype, as autocast's copy gives it
+    assert saved[0] is x
+    (grad,) = torch.autograd.grad(ours, x)
+    (want,) = torch.autograd.grad(F.cross_entropy(x.float(), target), x)
+    assert grad.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(grad, want, rtol=8e-3, atol=1e-5)
+
+
+def test_autocast_with_class_weights(device):
+    """Class weights take PyTorch's autocast way: logits and weights in fp32; fp64
+    weights beside the fp32 logits are refused as PyTorch refuses them (they were
+    once dropped without a word)."""
+    x = _logits((6, 10), torch.bfloat16, device=device)
+    target = _targets((6,), 10, ignored=[1], device=device)
+    weight = torch.linspace(0.5, 2.0, 10, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ours = cross_entropy(x, target, weight=weight.bfloat16())
+        with pytest.raises(TypeError, match="weight must have input's dtype"):
+            cross_entropy(x, target, weight=weight.double())
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, F.cross_entropy(x.float(), target, weight=weight.bfloat16().float()))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("probabilities", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_out_dtype(device, out_dtype, probabilities, reduction):
+    """The loss in ``out_dtype``, rounded once from the statistics dtype's sums; the
+    gradient as without it, in the logits' dtype."""
+    x = _logits((6, 10), torch.bfloat16, device=device)
+    target = _probs((6, 10), torch.bfloat16, device=device) if probabilities else _targets((6,), 10, device=device)
+    upstream = _upstream(6, device).to(out_dtype) if reduction == "none" else None
+    loss, grad = _loss_and_grad(cross_entropy, x, target, upstream, reduction=reduction, out_dtype=out_dtype)
+    plain_loss, plain_grad = _loss_and_grad(cross_entropy, x, target, upstream, reduction=reduction)
+    assert loss.dtype == out_dtype and grad.dtype == torch.bfloat16
+    target64 = target.double() if probabilities else target
+    reference = F.cross_entropy(x.double(), target64, reduction=reduction)
+    rounding = max(torch.finfo(out_dtype).eps, 1e-6)  # one rounding, or the fp32 sums' error
+    torch.testing.assert_close(loss.double(), reference, rtol=rounding, atol=0)
+    if reduction == "mean":  # the same upstream 1: the same gradient, bit for bit
+        torch.testing.assert_close(grad, plain_grad, rtol=0, atol=0)
+    else:  # an upstream in out_dtype, which the plain call rounds to bf16
+        torch.testing.assert_close(grad, plain_grad, rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(plain_loss, loss.to(plain_loss.dtype), rtol=8e-3, atol=0)
+
+
+def test_out_dtype_must_be_floating():
+    x, target = _logits((3, 4)), _targets((3,), 4)
+    with pytest.raises(TypeError, match="out_dtype"):
+        cross_entropy(x, target, out_dtype=torch.int64)
+    with pytest.raises(TypeError, match="out_dtype"):
+        cross_entropy(x, target, out_dtype="float32")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -289,8 +347,11 @@ def test_opcheck(device):
     backend = gk.backend_name(device)
     for weight in (None, torch.rand(4, device=device)):
         for reduction in ("mean", "sum", "none"):
-            torch.library.opcheck(cross_entropy_fwd.custom_op, (x, target, weight, -100, 0.1, reduction, backend))
-            _, stats = cross_entropy_fwd(x.detach(), target, weight, -100, 0.1, reduction)
+            for loss_dtype in (None, torch.float64):
+                torch.library.opcheck(
+                    cross_entropy_fwd.custom_op, (x, target, weight, -100, 0.1, reduction, loss_dtype, backend)
+                )
+            _, stats = cross_entropy_fwd(x.detach(), target, weight, -100, 0.1, reduction, None)
             grad_loss = torch.rand(5 if reduction == "none" else (), device=device)
             torch.library.opcheck(
                 cross_entropy_bwd.custom_op,
@@ -566,7 +627,7 @@ def test_probs_target_gradient_only_when_asked(device):
     y = _probs((4, 6), device=device)
     (grad,) = torch.autograd.grad(cross_entropy(x, y, label_smoothing=0.1), x)
     torch.testing.assert_close(grad, _loss_and_grads(F.cross_entropy, x, y, label_smoothing=0.1)[1])
-    outputs = cross_entropy_probs_fwd(x.detach(), y, None, 0.1, "mean")
+    outputs = cross_entropy_probs_fwd(x.detach(), y, None, 0.1, "mean", None)
     grads = cross_entropy_probs_bwd(
         torch.tensor(1.0, dtype=torch.float64, device=device), x.detach(), y, None, *outputs[1:], 0.1, "mean", False
     )
@@ -580,7 +641,7 @@ def test_probs_target_gradient_only_when_asked(device):
 def test_probs_saved_statistics(device):
     x, y = _logits((4, 7), device=device), _probs((4, 7), device=device)
     weight = torch.linspace(0.5, 2.0, 7, dtype=torch.float64, device=device)
-    _, stats = cross_entropy_probs_fwd(x, y, weight, 0.2, "sum")
+    _, stats = cross_entropy_probs_fwd(x, y, weight, 0.2, "sum", None)
     assert stats.shape == (3 * 4,)
     row_max, log_sum, target_mass = row_stats(stats, 4)
     torch.testing.assert_close(row_max, x.max(dim=1).values, rtol=0, atol=0)
@@ -604,8 +665,10 @@ def test_probs_opcheck(device):
     weight = torch.rand(4, device=device)
     backend = gk.backend_name(device)
     for reduction in ("mean", "none"):
-        torch.library.opcheck(cross_entropy_probs_fwd.custom_op, (x, y, weight, 0.1, reduction, backend))
-        outputs = cross_entropy_probs_fwd(x.detach(), y.detach(), weight, 0.1, reduction)
+        for loss_dtype in (None, torch.float64):
+            args = (x, y, weight, 0.1, reduction, loss_dtype, backend)
+            torch.library.opcheck(cross_entropy_probs_fwd.custom_op, args)
+        outputs = cross_entropy_probs_fwd(x.detach(), y.detach(), weight, 0.1, reduction, None)
         grad_loss = torch.rand(5 if reduction == "none" else (), device=device)
         torch.library.opcheck(
             cross_entropy_probs_bwd.custom_op,

@@ -206,7 +206,7 @@ def _ce_kernels(
 ):
     """A backend's loss, row statistics and totals, and the gradient its backward gives from them."""
     options = (ignore_index, label_smoothing, reduction)
-    loss, stats = run_kernel(module, cross_entropy_fwd, x, target, weight, *options)
+    loss, stats = run_kernel(module, cross_entropy_fwd, x, target, weight, *options, None)
     grad = run_kernel(module, cross_entropy_bwd, upstream, x, target, weight, stats, *options)
     return (loss, *row_stats(stats, x.shape[0]), grad)
 
@@ -289,7 +289,7 @@ def test_cross_entropy_out_of_range_target_is_flagged_not_read(cupy_device, targ
     x, target = _randn((3, 4), torch.float32, 0, cupy_device), torch.tensor(target)
     weight = _randn(4, torch.float32, 1, cupy_device, scale=0.2, shift=1)
     with pytest.raises(RuntimeError, match="out of bounds for 4 classes"):
-        run_kernel(cupy_cross_entropy, cross_entropy_fwd, x, target, weight, -100, 0.1, "mean")
+        run_kernel(cupy_cross_entropy, cross_entropy_fwd, x, target, weight, -100, 0.1, "mean", None)
     # the kernels themselves: the bad rows' loss is nan and gradient 0, the others as PyTorch's
     monkeypatch.setattr(torch, "_assert_async", lambda *args: None)
     upstream = torch.ones(3)

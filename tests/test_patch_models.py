@@ -650,6 +650,33 @@ def test_fused_loss_left_for_a_scaled_model_with_a_biased_head():
     assert gk.patch(_build("granite"), loss="fused").counts["LinearCrossEntropyLoss"] == 1
 
 
+def test_logits_loss_reads_the_bf16_logits_as_they_are():
+    """loss="logits" under bf16 autocast: the loss in fp32, as transformers' ForCausalLMLoss
+    computes it, which copies the logits to fp32 and keeps the copy for the backward; ours
+    reads and keeps the bf16 logits the model returns, and no fp32 tensor of their size."""
+    original = _build("llama")
+    model = copy.deepcopy(original)
+    gk.patch(model)
+    batch = _batch("llama")
+    saved = []
+
+    def keep(t):
+        saved.append(t)
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(keep, keep):
+            ours = model(**batch)
+        theirs = original(**batch)
+    assert ours.logits.dtype == torch.bfloat16
+    assert ours.loss.dtype == theirs.loss.dtype == torch.float32
+    torch.testing.assert_close(ours.loss, theirs.loss)
+    logits_size = ours.logits.numel()
+    assert any(t is ours.logits or t._base is ours.logits for t in saved)
+    assert not any(t.dtype == torch.float32 and t.numel() == logits_size for t in saved)
+    ours.loss.backward()
+
+
 @pytest.mark.parametrize("loss", gk_patch.LOSS_MODES)
 def test_loss_options_of_transformers_are_kept(loss):
     """num_items_in_batch (a sum over that many items), shift_labels and return_dict=False."""

@@ -147,6 +147,21 @@ def test_cpu_preset_trains_eager_and_patched(model, tmp_path, cache_dir, capsys)
             assert row in patched["report"]
 
 
+def test_patched_way_with_the_default_loss(tmp_path, cache_dir):
+    """patch's default loss mode as a way of its own (not run unless named): the model's
+    logits, then our cross_entropy, its loss in fp32 from the bf16 logits; the same first
+    loss as the fused loss's within bf16 rounding of the logits."""
+    _needs("gpt2")
+    summary = _run("gpt2", tmp_path, cache_dir, "--steps", "2", "--dtype", "bfloat16", "--ways",
+                   "patched,patched-logits")  # fmt: skip
+    fused, logits = (summary["ways"][w] for w in ("patched", "patched-logits"))
+    assert not summary["failed"]
+    assert "CrossEntropyLoss" in logits["report"] and "LinearCrossEntropyLoss" not in logits["report"]
+    assert "LinearCrossEntropyLoss" in fused["report"]
+    assert abs(logits["losses"][0] - fused["losses"][0]) < 2e-2
+    assert not train.WAYS["patched-logits"].by_default
+
+
 def test_patched_way_with_fp32_norms_under_autocast(tmp_path, cache_dir):
     """The A/B of patch's autocast_norms: the same first loss bit for bit (the norms' bf16 output is
     what the projections cast their fp32 output to), the reports telling them apart; not run unless named."""

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import (
+    FLOAT_DTYPES,
     autocast_enabled,
     check_choice,
     check_device,
@@ -42,13 +43,15 @@ REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
 
 
-def _loss_and_stats(logits: Tensor, reduction: str, last: int) -> tuple[Tensor, Tensor]:
-    """The loss (one per row for ``none``), then ``stats`` in the statistics dtype: each
-    row's ``row_max``, each row's ``log_sum``, and ``last`` more values (``totals``;
-    ``target_mass``)."""
+def _loss_and_stats(
+    logits: Tensor, reduction: str, loss_dtype: Optional[torch.dtype], last: int
+) -> tuple[Tensor, Tensor]:
+    """The loss (one per row for ``none``) in ``loss_dtype`` (None: the logits'), then
+    ``stats`` in the statistics dtype: each row's ``row_max``, each row's ``log_sum``, and
+    ``last`` more values (``totals``; ``target_mass``)."""
     rows = logits.shape[0]
     return (
-        logits.new_empty((rows,) if reduction == "none" else ()),
+        logits.new_empty((rows,) if reduction == "none" else (), dtype=loss_dtype or logits.dtype),
         logits.new_empty(2 * rows + last, dtype=stats_dtype(logits.dtype)),
     )
 
@@ -61,17 +64,19 @@ def cross_entropy_fwd(
     ignore_index: int,
     label_smoothing: float,
     reduction: str,
+    loss_dtype: Optional[torch.dtype],
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Kernel, for class indices ``target`` (int64 or int32, one per row): per row
     ``-(1-e) w[t] logp[t] - (e/C) sum_c w[c] logp[c]`` (0 where ``t == ignore_index``),
     reduced by ``reduction`` (``mean`` divides by the sum of ``w[t]`` over the rows not
-    ignored: nan when there are none) into ``loss``, in the logits' dtype; into ``stats``
+    ignored: nan when there are none) into ``loss``, in ``loss_dtype`` (None: the
+    logits'), rounded once from the statistics dtype; into ``stats``
     each row's ``row_max``, each row's ``log_sum`` (``lse = row_max + log_sum``), then the
     ``totals``: that denominator and ``sum(w)`` (C without weights). A target outside
     ``[0, C)`` that is not ``ignore_index`` is never read: an IndexError on CPU, a
     device-side assert on CUDA."""
-    return _loss_and_stats(logits, reduction, 2)
+    return _loss_and_stats(logits, reduction, loss_dtype, 2)
 
 
 @kernel_op("cross_entropy")
@@ -96,14 +101,20 @@ def cross_entropy_bwd(
 
 @kernel_op("cross_entropy")
 def cross_entropy_probs_fwd(
-    logits: Tensor, target: Tensor, weight: Optional[Tensor], label_smoothing: float, reduction: str, backend: str
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    label_smoothing: float,
+    reduction: str,
+    loss_dtype: Optional[torch.dtype],
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Kernel, for class-probability ``target`` (the logits' shape and dtype): per row
     ``-sum_c q[c] logp[c]`` with ``q = w * ((1-e) target + e/C)``, reduced by
     ``reduction`` (``mean`` divides by the number of rows: nan when there are none) into
-    ``loss``, in the logits' dtype; into ``stats`` each row's ``row_max``, each row's
-    ``log_sum``, then each row's ``target_mass`` ``sum_c q[c]``."""
-    return _loss_and_stats(logits, reduction, logits.shape[0])
+    ``loss``, in ``loss_dtype`` (None: the logits'); into ``stats`` each row's ``row_max``,
+    each row's ``log_sum``, then each row's ``target_mass`` ``sum_c q[c]``."""
+    return _loss_and_stats(logits, reduction, loss_dtype, logits.shape[0])
 
 
 @kernel_op("cross_entropy")
@@ -126,7 +137,7 @@ def cross_entropy_probs_bwd(
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, weight, ignore_index, label_smoothing, reduction = inputs
+    logits, target, weight, ignore_index, label_smoothing, reduction, _ = inputs
     stats = output[1]
     ctx.mark_non_differentiable(stats)
     ctx.save_for_backward(logits, target, weight, stats)
@@ -135,14 +146,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_stats):
     grad = cross_entropy_bwd.on(ctx.backend, grad_loss, *ctx.saved_tensors, *ctx.options)
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 cross_entropy_fwd.register_autograd(_setup_context, _backward)
 
 
 def _probs_setup_context(ctx, inputs, output):
-    logits, target, weight, label_smoothing, reduction = inputs
+    logits, target, weight, label_smoothing, reduction, _ = inputs
     stats = output[1]
     ctx.mark_non_differentiable(stats)
     ctx.save_for_backward(logits, target, weight, stats)
@@ -154,7 +165,7 @@ def _probs_backward(ctx, grad_loss, _grad_stats):
     grad, target_grad = cross_entropy_probs_bwd.on(
         ctx.backend, grad_loss, *ctx.saved_tensors, *ctx.options, grad_target
     )
-    return grad, target_grad if grad_target else None, None, None, None
+    return grad, target_grad if grad_target else None, None, None, None, None
 
 
 cross_entropy_probs_fwd.register_autograd(_probs_setup_context, _probs_backward)
@@ -209,13 +220,23 @@ def cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``torch.nn.functional.cross_entropy``: input ``(N, C)``, ``(N, C, d1, ...)`` or
     ``(C,)``; target class indices ``(N, d1, ...)`` (``()`` for 1-D input), int64 or
     int32, or class probabilities of input's shape and dtype (then ``ignore_index`` must
     be negative and does not apply, ``mean`` divides by the number of rows, and a target
-    that requires grad gets one, as in PyTorch). Under autocast it runs in fp32 (fp64
-    stays fp64), as PyTorch's does."""
+    that requires grad gets one, as in PyTorch). Under autocast it computes in fp32 and
+    returns an fp32 loss (fp64 stays fp64), as PyTorch's does; the kernels compute in
+    fp32 whatever the logits' dtype, so with class indices and no class weights they
+    read the logits as they are, where PyTorch's autocast makes (and keeps for the
+    backward) an fp32 copy of them, and the gradient comes back in the logits' dtype,
+    rounded once, as from that copy.
+
+    ``out_dtype`` (float16, bfloat16, float32 or float64): the loss in that dtype,
+    rounded once from the fp32 (fp64) sums: ``cross_entropy(logits.float(), ...)``'s
+    loss from bf16 logits with ``torch.float32``, without the copy."""
     check_float("input", input)
     shape = input.shape  # read once: each read makes a new torch.Size (host time)
     if not shape:
@@ -237,10 +258,16 @@ def cross_entropy(
         check_choice("reduction", reduction, REDUCTIONS)
     if not (type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0):  # the usual call passes as is
         label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise ArgumentTypeError(
+            f"out_dtype must be None or one of float16, bfloat16, float32 and float64, got {out_dtype!r}"
+        )
     if autocast_enabled(input) and input.dtype != torch.float64:
-        input = input.float()
-        target = target.float() if probabilities else target
-        weight = None if weight is None or weight.dtype == torch.float64 else weight.float()
+        out_dtype = out_dtype or torch.float32
+        if probabilities or weight is not None:  # theirs must be the logits' dtype: all in fp32, as autocast casts
+            input = input.float()
+            target = target.float() if probabilities else target
+            weight = weight if weight is None or weight.dtype == torch.float64 else weight.float()
     if probabilities and target.dtype != input.dtype:
         raise ArgumentTypeError(
             f"target of class probabilities must have input's dtype {input.dtype}, got {target.dtype}"
@@ -260,7 +287,7 @@ def cross_entropy(
             else reshaped(target, target.numel()).contiguous()  # a view may step over elements
         )
     if probabilities:
-        loss, _ = cross_entropy_probs_fwd(logits, rows_target, weight, label_smoothing, reduction)
+        loss, _ = cross_entropy_probs_fwd(logits, rows_target, weight, label_smoothing, reduction, out_dtype)
     else:
-        loss, _ = cross_entropy_fwd(logits, rows_target, weight, ignore_index, label_smoothing, reduction)
+        loss, _ = cross_entropy_fwd(logits, rows_target, weight, ignore_index, label_smoothing, reduction, out_dtype)
     return reshaped(loss, *batch_shape) if reduction == "none" else loss

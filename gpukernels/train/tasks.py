@@ -84,8 +84,9 @@ class LanguageModelTask:
         return lambda ids: model(input_ids=ids, labels=ids).loss
 
     def gpukernels(self, model: nn.Module, **options):
-        """gpukernels' layers and fused LM loss: ``patch(model, loss="fused", **options)``."""
-        return self.plain(model), summarize(patch(model, loss="fused", **options))
+        """gpukernels' layers and fused LM loss: ``patch(model, loss="fused", **options)``
+        (``loss="logits"`` in ``options``: the logits, then our cross_entropy)."""
+        return self.plain(model), summarize(patch(model, **{"loss": "fused", **options}))
 
     def liger_unavailable(self) -> str | None:
         try:

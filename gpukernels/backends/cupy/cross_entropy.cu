@@ -107,26 +107,24 @@ __device__ __forceinline__ void cross_entropy_fwd(const T* __restrict__ logits, 
   }
 }
 
-// One block. reduction: 0 none (loss[i] = row_loss[i]), 1 sum, 2 mean (over the
-// kept rows' target weights; over the rows for probabilities). For class
+// One block. reduction: 0 none (the rows' losses are the loss: nothing here), 1
+// sum, 2 mean (over the kept rows' target weights; over the rows for
+// probabilities) into *reduced, in the accumulator's type (the host rounds it
+// once to the loss's dtype). For class
 // indices (probabilities == 0; a flag, as an empty tensor's address is null)
 // also totals = {that denominator, sum(w) (C without weights)} and *ok =
 // whether every target is ignore_index or in [0, C).
 template <typename T>
 __device__ __forceinline__ void cross_entropy_total(const acc_t<T>* __restrict__ row_loss,
                                                     const i64* __restrict__ target, const T* __restrict__ weight,
-                                                    T* __restrict__ loss, acc_t<T>* __restrict__ totals,
+                                                    acc_t<T>* __restrict__ reduced, acc_t<T>* __restrict__ totals,
                                                     bool* __restrict__ ok, i64 rows, i64 classes, i64 ignore_index,
                                                     i64 reduction, i64 probabilities) {
   typedef acc_t<T> A;
   A total = 0, counted = 0, weights = 0;
   int bad = 0;
   for (i64 i = threadIdx.x; i < rows; i += blockDim.x) {
-    if (reduction == 0) {
-      store(loss, i, row_loss[i]);
-    } else {
-      total += row_loss[i];
-    }
+    total += row_loss[i];
     if (!probabilities) {
       const i64 t = target[i];
       if (t != ignore_index) {
@@ -146,8 +144,8 @@ __device__ __forceinline__ void cross_entropy_total(const acc_t<T>* __restrict__
   bad = block_sum(bad);
   if (threadIdx.x == 0) {
     const A denominator = probabilities ? A(rows) : counted;
-    if (reduction == 1) store(loss, 0, total);
-    if (reduction == 2) store(loss, 0, total / denominator);  // 0/0 = nan when every row is ignored
+    if (reduction == 1) *reduced = total;
+    if (reduction == 2) *reduced = total / denominator;  // 0/0 = nan when every row is ignored
     if (!probabilities) {
       totals[0] = denominator;
       totals[1] = weight ? weights : A(classes);
@@ -168,7 +166,8 @@ __device__ __forceinline__ void cross_entropy_bwd(const T* __restrict__ logits, 
                                                   const acc_t<T>* __restrict__ row_max,
                                                   const acc_t<T>* __restrict__ log_sum,
                                                   const acc_t<T>* __restrict__ target_mass,
-                                                  const acc_t<T>* __restrict__ totals, const T* __restrict__ grad_loss,
+                                                  const acc_t<T>* __restrict__ totals,
+                                                  const acc_t<T>* __restrict__ grad_loss,
                                                   i64 grad_stride, i64 mean, T* __restrict__ grad,
                                                   T* __restrict__ target_grad, i64 rows, i64 classes,
                                                   i64 row_stride, i64 chunk, i64 ignore_index, double smoothing) {
@@ -220,16 +219,16 @@ __device__ __forceinline__ void cross_entropy_bwd(const T* __restrict__ logits, 
   }                                                                                                                \
   extern "C" __global__ void cross_entropy_total_##SUFFIX(                                                        \
       const acc_t<T>* __restrict__ row_loss, const i64* __restrict__ target, const T* __restrict__ weight,         \
-      T* __restrict__ loss, acc_t<T>* __restrict__ totals, bool* __restrict__ ok, i64 rows, i64 classes,           \
-      i64 ignore_index, i64 reduction, i64 probabilities) {                                                        \
-    cross_entropy_total<T>(row_loss, target, weight, loss, totals, ok, rows, classes, ignore_index, reduction,     \
+      acc_t<T>* __restrict__ reduced, acc_t<T>* __restrict__ totals, bool* __restrict__ ok, i64 rows,              \
+      i64 classes, i64 ignore_index, i64 reduction, i64 probabilities) {                                           \
+    cross_entropy_total<T>(row_loss, target, weight, reduced, totals, ok, rows, classes, ignore_index, reduction,  \
                            probabilities);                                                                         \
   }                                                                                                                \
   extern "C" __global__ void cross_entropy_bwd_##SUFFIX(                                                          \
       const T* __restrict__ logits, const i64* __restrict__ target, const T* __restrict__ probs,                   \
       const T* __restrict__ weight, const acc_t<T>* __restrict__ row_max, const acc_t<T>* __restrict__ log_sum,    \
       const acc_t<T>* __restrict__ target_mass, const acc_t<T>* __restrict__ totals,                               \
-      const T* __restrict__ grad_loss, i64 grad_stride, i64 mean, T* __restrict__ grad,                            \
+      const acc_t<T>* __restrict__ grad_loss, i64 grad_stride, i64 mean, T* __restrict__ grad,                     \
       T* __restrict__ target_grad, i64 rows, i64 classes, i64 row_stride, i64 chunk, i64 ignore_index,             \
       double smoothing) {                                                                                          \
     cross_entropy_bwd<T>(logits, target, probs, weight, row_max, log_sum, target_mass, totals, grad_loss,          \

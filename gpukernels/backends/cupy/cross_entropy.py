@@ -33,6 +33,7 @@ def _forward(
     """The row kernel, then the total kernel (and the target check, for class indices)."""
     rows, classes = logits.shape
     row_loss = torch.empty(rows, dtype=acc_dtype(logits.dtype), device=logits.device)
+    reduced = row_loss.new_empty(())
     ok = None if target is None else torch.empty((), dtype=torch.bool, device=logits.device)
     if rows:
         _runtime.launch(
@@ -67,7 +68,7 @@ def _forward(
             pointer(row_loss),
             pointer(target),
             pointer(weight),
-            pointer(loss),
+            pointer(reduced),
             pointer(totals),
             pointer(ok),
             np.int64(rows),
@@ -77,6 +78,7 @@ def _forward(
             np.int64(target is None),
         ),
     )
+    loss.copy_(row_loss if reduction == "none" else reduced)  # rounded once, to the loss's dtype
     if ok is not None:
         torch._assert_async(
             ok,
@@ -103,7 +105,7 @@ def _backward(
     rows, classes = logits.shape
     if not rows:
         return
-    grad_loss = grad_loss.to(logits.dtype)
+    grad_loss = grad_loss.to(acc_dtype(logits.dtype))  # not rounded to the logits' dtype first
     threads = row_threads(classes)
     chunk = threads * COLUMNS_PER_THREAD
     tiles = rows * -(-classes // chunk)
@@ -137,7 +139,7 @@ def _backward(
     )
 
 
-def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss, stats):
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss_dtype, loss, stats):
     row_max, log_sum, totals = row_stats(stats, logits.shape[0])
     _forward(
         logits,
@@ -175,7 +177,7 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, stats, ignore_index, la
     )
 
 
-def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss, stats):
+def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss_dtype, loss, stats):
     row_max, log_sum, target_mass = row_stats(stats, logits.shape[0])
     _forward(logits, None, target, weight, -1, label_smoothing, reduction, loss, row_max, log_sum, target_mass, None)
 

@@ -162,7 +162,9 @@ def _grad_scale(grad_loss, reduction: str, denominator, dtype) -> np.ndarray:
     return scale / denominator if denominator != 0 else np.zeros_like(scale)
 
 
-def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss_out, stats_out):
+def cross_entropy_fwd(
+    logits, target, weight, ignore_index, label_smoothing, reduction, loss_dtype, loss_out, stats_out
+):
     """loss_i = -(1-e) w[t_i] logp[i, t_i] - (e/C) sum_c w[c] logp[i, c], 0 on ignored rows."""
     row_max_out, log_sum_out, totals_out = row_stats(stats_out, logits.shape[0])
     x, t = as_array(logits), as_array(target)
@@ -202,7 +204,7 @@ def _target_weights(target: np.ndarray, weight: np.ndarray, label_smoothing: flo
     return weight * ((1 - e) * target + e / target.shape[1]) if e > 0 else weight * target
 
 
-def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss_out, stats_out):
+def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss_dtype, loss_out, stats_out):
     """loss_i = -sum_c q[i, c] logp[i, c] = mass_i log_sum_i - sum_c q[i, c] (x[i, c] - m_i),
     with mass_i = sum_c q[i, c]. A class of probability 0 and logit -inf gives nan (0 * -inf),
     as in PyTorch."""

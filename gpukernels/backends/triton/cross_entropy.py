@@ -681,7 +681,7 @@ def logits_grad(
     )
 
 
-def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss, stats):
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction, loss_dtype, loss, stats):
     rows, classes = logits.shape
     last, reduced, row_loss = forward_setup(reduction, loss, stats, rows, weight_sum=True)
     if not rows:
@@ -707,7 +707,7 @@ def cross_entropy_bwd(grad_loss, logits, target, weight, stats, ignore_index, la
     )
 
 
-def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss, stats):
+def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, loss_dtype, loss, stats):
     rows, classes = logits.shape
     if reduction == "none":  # each row's loss is all: no last program
         return cross_entropy_rows(logits, target, weight, -1, label_smoothing, loss, stats, rows, probs=True)
