@@ -650,6 +650,61 @@ def test_fused_loss_left_for_a_scaled_model_with_a_biased_head():
     assert gk.patch(_build("granite"), loss="fused").counts["LinearCrossEntropyLoss"] == 1
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_aligned_logits_head_is_the_linear(bias, autocast):
+    """The head loss="logits" gives an odd vocabulary: its matmuls on padded rows, the logits
+    and every gradient those of the nn.Linear it was (fp32: to rounding; bf16 autocast: the
+    same dtypes, within bf16 rounding), the logits contiguous."""
+    torch.manual_seed(0)
+    head = nn.Linear(HIDDEN, 37, bias=bias)
+    aligned = copy.deepcopy(head)
+    aligned.__class__ = gk_patch._AlignedLogitsHead
+    x = torch.randn(BATCH, SEQ, HIDDEN, requires_grad=True)
+    upstream = torch.randn(BATCH, SEQ, 37)
+    results = []
+    for module in (head, aligned):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = module(x)
+        grads = torch.autograd.grad(logits, (x, *module.parameters()), upstream.to(logits.dtype))
+        results.append((logits, *grads))
+    assert results[1][0].is_contiguous() and results[1][0].shape == (BATCH, SEQ, 37)
+    for theirs, ours in zip(*results):
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        if autocast:
+            torch.testing.assert_close(ours.float(), theirs.float(), rtol=1.6e-2, atol=1e-2)
+        else:
+            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_logits_loss_aligns_an_odd_vocabulary_head():
+    """GPT-2 with an odd vocabulary: loss="logits" swaps its head for the aligned one (tied
+    weight kept), the same loss and gradients as unpatched; loss="fused" and an aligned
+    vocabulary leave the head alone; unpatch puts the nn.Linear back."""
+    config = dict(vocab_size=97, n_embd=HIDDEN, n_layer=1, n_head=2, n_positions=32)
+    torch.manual_seed(0)
+    original = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
+    model = copy.deepcopy(original)
+    report = gk.patch(model)
+    assert ("lm_head", "Linear", "AlignedLogitsHead") in report.swapped
+    assert type(model.lm_head) is gk_patch._AlignedLogitsHead
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids = torch.randint(0, 97, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    ours, theirs = model(input_ids=ids, labels=ids), original(input_ids=ids, labels=ids)
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.loss, theirs.loss)
+    ours.loss.backward()
+    theirs.loss.backward()
+    torch.testing.assert_close(model.lm_head.weight.grad, original.lm_head.weight.grad, rtol=1e-5, atol=1e-7)
+    gk.unpatch(model)
+    assert type(model.lm_head) is nn.Linear
+    fused = copy.deepcopy(original)
+    gk.patch(fused, loss="fused")
+    assert type(fused.lm_head) is not gk_patch._AlignedLogitsHead
+    aligned_vocab = _build("gpt2")  # VOCAB: a multiple of 16
+    assert all(kind != "AlignedLogitsHead" for _, _, kind in gk.patch(aligned_vocab).swapped)
+
+
 def test_logits_loss_reads_the_bf16_logits_as_they_are():
     """loss="logits" under bf16 autocast: the loss in fp32, as transformers' ForCausalLMLoss
     computes it, which copies the logits to fp32 and keeps the copy for the backward; ours
