@@ -681,9 +681,10 @@ def test_logits_loss_aligns_an_odd_vocabulary_head():
     """GPT-2 with an odd vocabulary: loss="logits" swaps its head for the aligned one (tied
     weight kept), the same loss and gradients as unpatched; loss="fused" and an aligned
     vocabulary leave the head alone; unpatch puts the nn.Linear back."""
-    config = dict(vocab_size=97, n_embd=HIDDEN, n_layer=1, n_head=2, n_positions=32)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = dict(vocab_size=97, n_embd=HIDDEN, n_layer=1, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
-    original = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
+    original = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config, **no_dropout))
     model = copy.deepcopy(original)
     report = gk.patch(model)
     assert ("lm_head", "Linear", "AlignedLogitsHead") in report.swapped
