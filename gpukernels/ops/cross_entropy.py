@@ -7,12 +7,13 @@ The kernels see the logits as a ``(rows, C)`` matrix (class dim last) whose
 rows are contiguous, each ``logits.stride(0)`` elements after the last (a view
 of a wider buffer, as a padded vocabulary's logits sliced to the real one, is
 read where it is, not copied), class-probability targets as a contiguous
-``(rows, C)`` matrix, class indices as a contiguous ``(rows,)`` vector. The forward reads the logits once
-and saves, beside a reference to them, two numbers per row: the max ``m`` and
-``log sum exp(x - m)`` of the row's logsumexp, in one ``stats`` tensor with what
-the backward needs besides (``row_stats`` splits it); it reduces the rows' losses
-itself (``mean``, ``sum``), so the loss comes out of the kernels, in the
-logits' dtype. The backward reads the logits once more and writes the gradient
+``(rows, C)`` matrix, class indices as a contiguous ``(rows,)`` vector. The
+forward reads the logits once and saves, beside a reference to them, two
+numbers per row: the max ``m`` and ``log sum exp(x - m)`` of the row's
+logsumexp, in one ``stats`` tensor with what the backward needs besides
+(``row_stats`` splits it); it reduces the rows' losses itself (``mean``,
+``sum``), so the loss comes out of the kernels, in the logits' dtype or the one
+asked for (``loss_dtype``). The backward reads the logits once more and writes the gradient
 from those numbers, already scaled by the upstream gradient (and divided by the
 mean's denominator): no logits-sized buffer but the gradient itself.
 Statistics and sums are fp32 (fp64 for fp64 logits). Double backward is not
