@@ -71,7 +71,7 @@ from torch import Tensor
 
 from . import nn as gnn
 from .errors import ArgumentError, ArgumentTypeError
-from .ops._checks import check_choice
+from .ops._checks import PLAIN_TENSOR_TYPES, check_choice
 from .ops.cross_entropy import cross_entropy
 from .ops.gated_act import ACTIVATIONS as GATED_ACTIVATIONS
 from .ops.gated_act import geglu, swiglu
@@ -1126,9 +1126,13 @@ class _AlignedLogitsHead(torch.nn.Linear):
     one, so that its matmuls, forward and backward, run on rows of the padded width, the
     logits then copied out contiguous, in the model's width. Plain torch ops, so autocast,
     autograd and torch.compile treat it as theirs; the price is a copy of the logits each
-    way (a slice's backward fills the padded gradient), against the aligned matmuls."""
+    way (a slice's backward fills the padded gradient), against the aligned matmuls. A
+    tensor subclass (a tensor-parallel DTensor weight, say) takes nn.Linear's own forward:
+    its padding would be the subclass's to do, if it can."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if type(input) not in PLAIN_TENSOR_TYPES or type(self.weight) not in PLAIN_TENSOR_TYPES:
+            return F.linear(input, self.weight, self.bias)
         pad = -self.out_features % LOGITS_ROW_MULTIPLE
         weight = F.pad(self.weight, (0, 0, 0, pad))
         bias = None if self.bias is None else F.pad(self.bias, (0, pad))

@@ -650,6 +650,10 @@ def test_fused_loss_left_for_a_scaled_model_with_a_biased_head():
     assert gk.patch(_build("granite"), loss="fused").counts["LinearCrossEntropyLoss"] == 1
 
 
+class _Subclass(torch.Tensor):
+    pass
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_aligned_logits_head_is_the_linear(bias, autocast):
@@ -669,6 +673,8 @@ def test_aligned_logits_head_is_the_linear(bias, autocast):
         grads = torch.autograd.grad(logits, (x, *module.parameters()), upstream.to(logits.dtype))
         results.append((logits, *grads))
     assert results[1][0].is_contiguous() and results[1][0].shape == (BATCH, SEQ, 37)
+    subclassed = x.detach().as_subclass(_Subclass)  # a tensor subclass: nn.Linear's own forward
+    torch.testing.assert_close(aligned(subclassed).as_subclass(torch.Tensor), head(x.detach()))
     for theirs, ours in zip(*results):
         assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
         if autocast:
