@@ -10,6 +10,7 @@ from . import (
     batch_norm_relu,
     clip_adamw,
     cross_entropy,
+    cross_entropy_amp,
     dropout,
     layer_norm,
     linear_act,
@@ -22,6 +23,7 @@ OPS = {
     for module in (
         layer_norm,
         cross_entropy,
+        cross_entropy_amp,
         dropout,
         batch_norm,
         batch_norm_relu,
