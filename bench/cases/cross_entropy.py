@@ -2,6 +2,7 @@
 their gradient (3x the logits' bytes in all)."""
 
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,10 @@ TARGETS = [("fwd+bwd", "bandwidth", 0.85), ("fwd+bwd", "liger", 1.5)]
 """Issue 16's: forward+backward at 85% of the copy bandwidth on its 3 passes over the logits, 1.5x Liger-Kernel."""
 
 
-def case(shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Case:
+def case(
+    shape: tuple[int, int], device: torch.device, dtype: torch.dtype, wrap: Callable[[Callable], Callable] = lambda f: f
+) -> Case:
+    """``wrap``: what each provider's call runs in (``cross_entropy_amp``: under autocast)."""
     rows, v = shape
     logits = torch.randn(rows, v, device=device, dtype=dtype, requires_grad=True)
     target = torch.randint(0, v, (rows,), device=device)
@@ -27,11 +31,11 @@ def case(shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Ca
         f"{rows}x{v}",
         rows * v,
         providers(
-            lambda: gk.cross_entropy(logits, target),
-            lambda: F.cross_entropy(logits, target),
+            wrap(lambda: gk.cross_entropy(logits, target)),
+            wrap(lambda: F.cross_entropy(logits, target)),
             device,
             "cross_entropy",
-            lambda lg: partial(lg.LigerCrossEntropyLoss(), logits, target),
+            lambda lg: wrap(partial(lg.LigerCrossEntropyLoss(), logits, target)),
         ),
         [logits],
         bytes=per_mode(io, 2 * io),
