@@ -729,28 +729,25 @@ def main(argv: list[str] | None = None) -> dict:
     if reason and not (args.bytecodes and shutil.which("gcc")):  # bytecodes need the stub, not valgrind
         parser.error(f"cannot count instructions: {reason}")
     build(args.build_dir)
+    with tempfile.TemporaryDirectory() as cg_dir:
+        args.cg_dir = Path(cg_dir)
+        # compiles every kernel into the cache, outside valgrind (with --bytecodes, the whole count)
+        raw = _run_worker(args, under_valgrind=False)
+        if not args.bytecodes:
+            raw = _run_worker(args, under_valgrind=True)
+    for op, error in raw["errors"].items():
+        print(f"{op}: not measured: {error}", file=sys.stderr)
     if args.bytecodes:
-        with tempfile.TemporaryDirectory() as cg_dir:
-            args.cg_dir = Path(cg_dir)
-            raw = _run_worker(args, under_valgrind=False)
         tables = bytecode_tables(raw["counts"])
         print(tables, end="")
-        for op, error in raw["errors"].items():
-            print(f"{op}: not measured: {error}", file=sys.stderr)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "bytecodes.md").write_text(tables)
         return raw
-    with tempfile.TemporaryDirectory() as cg_dir:
-        args.cg_dir = Path(cg_dir)
-        _run_worker(args, under_valgrind=False)  # compiles every kernel into the cache, outside valgrind
-        raw = _run_worker(args, under_valgrind=True)
     rows = rows_of(raw["counts"])
     result = {"environment": environment(), "rows": rows, "errors": raw["errors"]}
     table = markdown(rows, "instructions")
     print(table, end="")
-    for op, error in raw["errors"].items():
-        print(f"{op}: not measured: {error}", file=sys.stderr)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "host_time.json").write_text(json.dumps(result, indent=1) + "\n")

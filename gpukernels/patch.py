@@ -1229,11 +1229,10 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
     if mode == "fused" and why_not_fused:
         report.left.append((name, "ForCausalLMLoss", why_not_fused))
         return None
-    head_name = None
     if mode == "logits" and type(head) is torch.nn.Linear and head.out_features % LOGITS_ROW_MULTIPLE:
-        head_name = next(n for n, m in model.named_modules() if m is head)
         head.__class__ = _AlignedLogitsHead
-        report.swapped.append((head_name, "Linear", "AlignedLogitsHead"))
+        report.swapped.append((next(n for n, m in model.named_modules() if m is head), "Linear", "AlignedLogitsHead"))
+    head_name = None
     if mode == "fused":
         head_name = next(n for n, m in model.named_modules() if m is head)
         head.__class__ = _DeferredLogitsHead
@@ -1241,16 +1240,15 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
         head.softcap = None
         capped_config = model.config if type(model) in soft_capped else None
         _set(undo, model, "forward", _ForwardDeferringLogits(model.forward, head, capped_config))
-    fused = mode == "fused"
-    _set(undo, model, "_loss_function", _CausalLMLoss(head if fused else None))
+    _set(undo, model, "_loss_function", _CausalLMLoss(head if mode == "fused" else None))
     report.swapped.append(
         (
             name,
-            f"{head_name}+ForCausalLMLoss" if fused else "ForCausalLMLoss",
-            "LinearCrossEntropyLoss" if fused else "CrossEntropyLoss",
+            f"{head_name}+ForCausalLMLoss" if head_name else "ForCausalLMLoss",
+            "LinearCrossEntropyLoss" if head_name else "CrossEntropyLoss",
         )
     )
-    return head_name if fused else None
+    return head_name
 
 
 # ---- patch / unpatch ------------------------------------------------------------------------------------------

@@ -110,10 +110,9 @@ __device__ __forceinline__ void cross_entropy_fwd(const T* __restrict__ logits, 
 // One block. reduction: 0 none (the rows' losses are the loss: nothing here), 1
 // sum, 2 mean (over the kept rows' target weights; over the rows for
 // probabilities) into *reduced, in the accumulator's type (the host rounds it
-// once to the loss's dtype). For class
-// indices (probabilities == 0; a flag, as an empty tensor's address is null)
-// also totals = {that denominator, sum(w) (C without weights)} and *ok =
-// whether every target is ignore_index or in [0, C).
+// once to the loss's dtype). For class indices (probabilities == 0; a flag, as
+// an empty tensor's address is null) also totals = {that denominator, sum(w) (C
+// without weights)} and *ok = whether every target is ignore_index or in [0, C).
 template <typename T>
 __device__ __forceinline__ void cross_entropy_total(const acc_t<T>* __restrict__ row_loss,
                                                     const i64* __restrict__ target, const T* __restrict__ weight,

@@ -1,9 +1,10 @@
 """Cross-entropy over the rows of a (rows, C) logit matrix, each row contiguous
 and ``logits.stride(0)`` elements after the last (cross_entropy.cu), with
 class-index or class-probability targets (contiguous), the gradient written
-contiguous. The forward, a block per row, gives each row's loss and its log-sum-exp statistics
-(max and log-sum); then one block reduces the rows' losses (in a fixed order)
-and, for class indices, the mean's denominator and the sum of the class
+contiguous. The forward, a block per row, gives each row's loss and its
+log-sum-exp statistics (max and log-sum); then one block reduces the rows'
+losses (in a fixed order, in fp32: the host rounds the result once to the
+loss's dtype) and, for class indices, the mean's denominator and the sum of the class
 weights, and checks the targets. The backward computes the gradient
 elementwise from those, one read of the logits and one write of the gradient,
 dividing the upstream gradient by the mean's denominator itself.
