@@ -12,15 +12,15 @@ generator rejects, a version difference between Triton releases). This
 script runs each op once per dtype and option set under the interpreter,
 records every kernel launch (each argument as Triton's JIT would specialize
 it for a GPU launch: its type, 16-byte alignment or divisibility by 16, an
-int equal to 1 as a constant; constexpr values; launch options), then, in a
-fresh process without the interpreter, compiles each distinct variant with
-Triton's own compiler for sm_90, with those specializations (a variant
-compiled without them is another kernel: no vectorised loads, other
-registers); autotuned kernels are
-compiled in the first configuration their GPU autotuner would try and in the
-last, which small problems run untuned. One variant per kernel, argument
-types and constants other than block sizes, plus one per block size for the
-row-normalisation kernels at the feature counts they are tuned for.
+int equal to 1 as a constant; constexpr values; launch options), then, in
+fresh processes without the interpreter (one a core), compiles each distinct
+variant with Triton's own compiler for sm_90, with those specializations (a
+variant compiled without them is another kernel: no vectorised loads, other
+registers); autotuned kernels are compiled in the first configuration their
+GPU autotuner would try and in the last, which small problems run untuned.
+One variant per kernel, argument types and constants other than block sizes,
+plus one per block size for the row-normalisation kernels at the feature
+counts they are tuned for.
 
 It prints an occupancy table, one row per variant: registers per thread,
 spilled bytes and static shared memory from ptxas's own report of the compile
@@ -43,6 +43,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -483,7 +484,61 @@ def compile_all(launches: list[dict], dump: Path | None = None) -> tuple[list[st
             except Exception as e:  # report every failure, not just the first
                 failures.append(f"{label}: {type(e).__name__}: {str(e)[:800]}")
         print(f"  {label[:150]}", flush=True)
+    return failures, rows
+
+
+def report(failures: list[str], rows: list[dict], out: Path | None) -> int:
+    """The occupancy table and every failure (spills not allowed included): exit status 1 if any."""
+    import triton
+
     print(f"compiled {len(rows)} kernel variants for sm_90 with triton {triton.__version__}; {len(failures)} failed")
+    table = occupancy_table(rows)
+    print(f"\nOccupancy on sm_90 (H100/H200):\n\n{table}")
+    if out:
+        out.write_text(table)
+    below = sorted({r["kernel"] for r in rows if r["below_grid"]})
+    if below:
+        print(f"grids sized down to the programs an SM holds: {', '.join(below)}")
+    failures = failures + [
+        f"{r['kernel']} {r['variant']} ({r['shape']}): spills {r['spill_bytes']} bytes"
+        " (SPILLS_ALLOWED lists the variants allowed to, each with the reason)"
+        for r in rows
+        if r["spill_bytes"] and not spill_allowed(r)
+    ]
+    for f in failures:
+        print("FAILED", f)
+    return 1 if failures else 0
+
+
+def compile_in_processes(launches: list[dict], dump: Path | None) -> tuple[list[str], list[dict]]:
+    """``compile_all`` in fresh processes without the interpreter, one a core (ptxas runs
+    a variant at a time), the launches dealt out among them; one process with ``dump``,
+    which numbers its files by those already written."""
+    workers = 1 if dump else max(1, min(len(os.sched_getaffinity(0)), len(launches)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
+        "GPUKERNELS_COMPILE_PHASE": "compile",
+        "TRITON_DUMP_PTXAS_LOG": "1",  # ptxas's register and spill report, printed by the compile
+        "TRITON_ALWAYS_COMPILE": "1",  # a cached kernel would skip ptxas and its report
+    }
+    command = [sys.executable, __file__, *(["--dump", str(dump)] if dump else [])]
+    with tempfile.TemporaryDirectory() as results:
+        processes = []
+        for worker in range(workers):
+            result = Path(results) / f"{worker}.json"
+            process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, text=True, env=env | {"GPUKERNELS_COMPILE_RESULT": str(result)}
+            )
+            process.stdin.write(json.dumps(launches[worker::workers]))
+            process.stdin.close()
+            processes.append((process, result))
+        failures, rows = [], []
+        for worker, (process, result) in enumerate(processes):
+            if process.wait() != 0 or not result.exists():
+                failures.append(f"compile worker {worker} exited with {process.returncode} before its report")
+                continue
+            outcome = json.loads(result.read_text())
+            failures += outcome["failures"]
+            rows += outcome["rows"]
     return failures, rows
 
 
@@ -497,38 +552,16 @@ def main() -> int:
     args = parser.parse_args()
     if os.environ.get("GPUKERNELS_COMPILE_PHASE") == "compile":
         failures, rows = compile_all(json.loads(sys.stdin.read()), args.dump)
-        table = occupancy_table(rows)
-        print(f"\nOccupancy on sm_90 (H100/H200):\n\n{table}")
-        if args.out:
-            args.out.write_text(table)
-        below = sorted({r["kernel"] for r in rows if r["below_grid"]})
-        if below:
-            print(f"grids sized down to the programs an SM holds: {', '.join(below)}")
-        failures += [
-            f"{r['kernel']} {r['variant']} ({r['shape']}): spills {r['spill_bytes']} bytes"
-            " (SPILLS_ALLOWED lists the variants allowed to, each with the reason)"
-            for r in rows
-            if r["spill_bytes"] and not spill_allowed(r)
-        ]
-        for f in failures:
-            print("FAILED", f)
-        return 1 if failures else 0
+        Path(os.environ["GPUKERNELS_COMPILE_RESULT"]).write_text(json.dumps({"failures": failures, "rows": rows}))
+        return 0
     os.environ["TRITON_INTERPRET"] = "1"
     start = time.perf_counter()
     launches = [launch for launch in record() if not args.kernel or any(k in launch["kernel"] for k in args.kernel)]
     print(f"recorded {len(launches)} distinct kernel launches in {time.perf_counter() - start:.0f} s")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
-        "GPUKERNELS_COMPILE_PHASE": "compile",
-        "TRITON_DUMP_PTXAS_LOG": "1",  # ptxas's register and spill report, printed by the compile
-        "TRITON_ALWAYS_COMPILE": "1",  # a cached kernel would skip ptxas and its report
-    }
-    command = [
-        sys.executable,
-        __file__,
-        *(["--out", str(args.out)] if args.out else []),
-        *(["--dump", str(args.dump)] if args.dump else []),
-    ]
-    return subprocess.run(command, input=json.dumps(launches), text=True, env=env).returncode
+    start = time.perf_counter()
+    failures, rows = compile_in_processes(launches, args.dump)
+    print(f"compile took {time.perf_counter() - start:.0f} s")
+    return report(failures, rows, args.out)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,21 @@ def assert_matches(
     return ours_err
 
 
+def gradcheck(fn, inputs, **kwargs) -> bool:
+    """``torch.autograd.gradcheck(fn, inputs, **kwargs)``: the whole Jacobian, element by element
+    (two calls of ``fn`` an input element, a backward an output element), except where
+    the Triton interpreter runs the kernels, each launch there a tenth of a second or
+    so: its fast mode there, the numerical and the analytical Jacobian compared along
+    random directions (``v^T J u``: a few calls and backwards in all), which a wrong
+    gradient fails as well, short of an error within the tolerance of that sum. The
+    NumPy backend checks the same op element by element."""
+    import gpukernels as gk
+
+    device = next(t.device for t in inputs if isinstance(t, torch.Tensor))
+    interpreted = device.type == "cpu" and gk.backend_name(device) == "triton"
+    return torch.autograd.gradcheck(fn, inputs, fast_mode=interpreted, **kwargs)
+
+
 def run_kernel(module, op, *args):
     """Run op ``op``'s kernel from the backend module ``module`` directly: its
     outputs allocated by the op's spec, the kernel writing into them (the CuPy
