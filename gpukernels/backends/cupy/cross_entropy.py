@@ -3,9 +3,9 @@ and ``logits.stride(0)`` elements after the last (cross_entropy.cu), with
 class-index or class-probability targets (contiguous), the gradient written
 contiguous. The forward, a block per row, gives each row's loss and its
 log-sum-exp statistics (max and log-sum); then one block reduces the rows'
-losses (in a fixed order, in fp32: the host rounds the result once to the
-loss's dtype) and, for class indices, the mean's denominator and the sum of the class
-weights, and checks the targets. The backward computes the gradient
+losses (in a fixed order, in fp32, fp64 for fp64 logits, rounded once to the
+loss's dtype where that is another) and, for class indices, the mean's
+denominator and the sum of the class weights, and checks the targets. The backward computes the gradient
 elementwise from those, one read of the logits and one write of the gradient,
 dividing the upstream gradient by the mean's denominator itself.
 
@@ -33,8 +33,11 @@ def _forward(
 ):
     """The row kernel, then the total kernel (and the target check, for class indices)."""
     rows, classes = logits.shape
-    row_loss = torch.empty(rows, dtype=acc_dtype(logits.dtype), device=logits.device)
-    reduced = row_loss.new_empty(())
+    # the kernels write losses in the accumulation dtype: into the loss itself when it has that
+    # dtype, else into buffers rounded once into it
+    direct = loss.dtype == acc_dtype(logits.dtype)
+    row_loss = loss if direct and reduction == "none" else loss.new_empty(rows, dtype=acc_dtype(logits.dtype))
+    reduced = loss if direct and reduction != "none" else row_loss.new_empty(())
     ok = None if target is None else torch.empty((), dtype=torch.bool, device=logits.device)
     if rows:
         _runtime.launch(
@@ -79,7 +82,8 @@ def _forward(
             np.int64(target is None),
         ),
     )
-    loss.copy_(row_loss if reduction == "none" else reduced)  # rounded once, to the loss's dtype
+    if not direct:
+        loss.copy_(row_loss if reduction == "none" else reduced)  # rounded once, to the loss's dtype
     if ok is not None:
         torch._assert_async(
             ok,
