@@ -28,7 +28,9 @@
 # 64 MiB with the tree, so carry it alone in a first call whose steps need neither (tests),
 # then .whl in the next, with the steps that compare against Liger and QuACK (targets, bench).
 # GPU_CHECK_STEPS picks them (default "tests bench graph compile"); GPU_CHECK_BENCH_SKIP the
-# providers the benchmark leaves out (default compile-max); GPU_CHECK_LIMIT_<step> a step's
+# providers the benchmark leaves out (default compile-max), GPU_CHECK_BENCH_OPS its ops (default
+# all), GPU_CHECK_BENCH_FULL=1 every shape instead of --quick's one (AdamW: 10M, 100M and 1B
+# parameters, the clip+AdamW target's 100M and 1B); GPU_CHECK_LIMIT_<step> a step's
 # time limit in seconds (GPU_CHECK_LIMIT_targets=120; a model's: GPU_CHECK_LIMIT_gpt2=150);
 # GPU_CHECK_TESTS_K a pytest -k selection of the GPU tests; GPU_CHECK_TRAIN_WAYS the models'
 # ways (GPU_CHECK_TRAIN_WAYS_<model> one model's); GPU_CHECK_TARGET_OPS the ops of the targets
@@ -107,13 +109,15 @@ for model in ($language_models):
 fi
 parallel=()
 "$py" -c "import xdist" 2>/dev/null && parallel=(-n 14)
+bench_size=(--quick)
+[ "${GPU_CHECK_BENCH_FULL:-}" = 1 ] && bench_size=()
 for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
     case $name in
         tests) step gpu-tests $(limit tests 240) "$py" -m pytest -m gpu -q -ra -p no:cacheprovider --durations=25 "${parallel[@]}" \
                    ${GPU_CHECK_TESTS_K:+-k "$GPU_CHECK_TESTS_K"} tests ;;
         profile) step profile $(limit profile 120) "$py" -m bench --profile --quick --out "$work/profile" ;;
-        bench) step bench $(limit bench 240) "$py" -m bench --quick --skip "${GPU_CHECK_BENCH_SKIP-compile-max}" \
-                   --out "$work/bench" ;;
+        bench) step bench $(limit bench 240) "$py" -m bench "${bench_size[@]}" --skip "${GPU_CHECK_BENCH_SKIP-compile-max}" \
+                   ${GPU_CHECK_BENCH_OPS:+--ops "$GPU_CHECK_BENCH_OPS"} --out "$work/bench" ;;
         graph) step bench-graph $(limit graph 120) "$py" -m bench --quick --cuda-graph --skip compile,compile-max \
                    --ops layer_norm,cross_entropy,dropout,batch_norm,batch_norm_relu,batch_norm_add_relu,rope,linear_act \
                    --out "$work/bench-graph" ;;
