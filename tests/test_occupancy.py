@@ -71,6 +71,30 @@ def test_a_spill_fails_unless_the_allow_list_names_the_variant():
     assert not compile_sm90.spill_allowed({**row, "kernel": "norm_fwd_kernel", "variant": "BLOCK_D=8192"})
 
 
+def test_report_fails_on_a_failure_or_a_spill_not_allowed(tmp_path, capsys):
+    """The workers' outcomes merged: the table (into --out too), each failure printed, exit 1 if any."""
+    row = {
+        "kernel": "norm_bwd_kernel",
+        "variant": "CAST_BEFORE_W=False BLOCK_D=4096 ONE_BLOCK=True",
+        "shape": "bf16 [4, 4096]",
+        "threads": 256,
+        "registers": 64,
+        "spill_bytes": 0,
+        "shared": 0,
+        "programs": 4,
+        "limiter": "registers",
+        "grid": None,
+        "below_grid": False,
+    }
+    table = tmp_path / "occupancy.md"
+    assert compile_sm90.report([], [row], table) == 0
+    assert "| norm_bwd_kernel |" in table.read_text() and "FAILED" not in capsys.readouterr().out
+    assert compile_sm90.report(["compile worker 1 exited with -9 before its report"], [row], None) == 1
+    assert "FAILED compile worker 1" in capsys.readouterr().out
+    assert compile_sm90.report([], [{**row, "spill_bytes": 8}], None) == 1
+    assert "spills 8 bytes" in capsys.readouterr().out
+
+
 def test_arguments_are_recorded_as_the_jit_specializes_them():
     """The compile check compiles what a GPU launch would: aligned pointers and ints
     divisible by 16 marked so (vectorised loads), an int equal to 1 a constant, the
