@@ -2,6 +2,7 @@
 # GPU verification in one call, each step under its own time limit; installs
 # nothing from the network.
 #   bash ci/gpu-check.sh [folder]      (default: $OUT when set, else out/gpu-check)
+#   GPU_CHECK_DRY_RUN=1 bash ci/gpu-check.sh   (the plan: each step's command and limit; no GPU needed)
 # Steps, from the working tree (PYTHONPATH=.) on the machine's own torch/triton:
 #   tests    the GPU test tier (pytest -m gpu, in parallel when pytest-xdist is there)
 #   profile  where ours' and eager's forward+backward time goes (bench --profile)
@@ -43,24 +44,27 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-${OUT:-out/gpu-check}}
 py=${PYTHON:-python3}
-if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+# GPU_CHECK_DRY_RUN=1: each step's command and time limit as this call's knobs make them, and
+# nothing run (no GPU needed): a plan checked here before it spends device time
+dry=${GPU_CHECK_DRY_RUN:-}
+if [ -z "$dry" ] && ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu-check: no CUDA GPU is visible to torch (through $py); this check needs one" >&2
     exit 2
 fi
 work=$(mktemp -d)
-mkdir -p "$dest"
+[ -n "$dry" ] || mkdir -p "$dest"
 # Carried packages: pip installs .whl's into .site/packages; the CUTLASS DSL compiler's files
 # (nvidia_cutlass_dsl/, which other wheels of it fill too, and pip --upgrade replaces whole)
 # are kept in .site/cutlass and copied over them after an unpack or an install (a call that
 # carries neither finds them in place)
 site=$PWD/.site/packages
 carried=
-if compgen -G ".whl-cutlass/*.tar.xz" > /dev/null; then
+if [ -z "$dry" ] && compgen -G ".whl-cutlass/*.tar.xz" > /dev/null; then
     carried=1
     rm -rf .site/cutlass && mkdir -p .site/cutlass && tar xJf .whl-cutlass/*.tar.xz -C .site/cutlass \
         || echo "gpu-check: could not unpack .whl-cutlass" >&2
 fi
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [ -z "$dry" ] && compgen -G ".whl/*.whl" > /dev/null; then
     carried=1
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
         || echo "gpu-check: could not install .whl" >&2
@@ -82,24 +86,30 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $work/NA
     local name=$1 limit=$2
     shift 2
     echo "== $name: $*"
+    if [ -n "$dry" ]; then
+        echo "   limit ${limit} s (dry run: not run)"
+        return
+    fi
     timeout "$limit" "$@" > "$work/$name.log" 2>&1
     local rc=$?
     tail -n 30 "$work/$name.log"
     [ "$rc" -eq 0 ] || { echo "== $name FAILED (exit $rc)"; status=1; }
     publish
 }
-{
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-    "$py" -c "import torch, triton, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'numpy', numpy.__version__)"
-    "$py" -c "import cupy; print('cupy', cupy.__version__)" 2>&1 | tail -1
-    "$py" -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" 2>&1 | tail -1
-    "$py" -c "import importlib.metadata as m; from quack.rmsnorm import layernorm_fwd; print('quack-kernels', m.version('quack-kernels'))" 2>&1 | tail -1
-} > "$work/environment.txt" 2>&1
-cat "$work/environment.txt"
+if [ -z "$dry" ]; then
+    {
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+        "$py" -c "import torch, triton, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+        "$py" -c "import cupy; print('cupy', cupy.__version__)" 2>&1 | tail -1
+        "$py" -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" 2>&1 | tail -1
+        "$py" -c "import importlib.metadata as m; from quack.rmsnorm import layernorm_fwd; print('quack-kernels', m.version('quack-kernels'))" 2>&1 | tail -1
+    } > "$work/environment.txt" 2>&1
+    cat "$work/environment.txt"
+fi
 tokens_pid=
 models=" ${GPU_CHECK_MODELS:-gpt2 llama resnet50} "
 language_models=$(for m in gpt2 llama; do [[ $models == *" $m "* ]] && echo -n "'$m',"; done)
-if [[ " ${GPU_CHECK_STEPS:-} " == *" models "* && -n $language_models ]]; then  # CPU work, overlapping the GPU steps before it
+if [[ -z $dry && " ${GPU_CHECK_STEPS:-} " == *" models "* && -n $language_models ]]; then  # CPU work, overlapping the GPU steps before it
     "$py" -c "from gpukernels.train import data, presets
 for model in ($language_models):
     cfg = presets.PRESETS[model]['gpu']
@@ -142,6 +152,11 @@ for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
            exit 2 ;;
     esac
 done
+if [ -n "$dry" ]; then
+    rm -rf "$work"
+    echo "gpu-check: dry run, nothing run (exit $status)"
+    exit $status
+fi
 if [ -z "${OUT:-}" ] || [ "$dest" != "$OUT" ]; then
     cp -r "$work"/. "$dest"/
 fi

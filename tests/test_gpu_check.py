@@ -24,6 +24,36 @@ def test_gpu_check_fails_fast_and_clearly_without_cuda(tmp_path):
     assert not any(tmp_path.iterdir())  # it ran nothing
 
 
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
+    """GPU_CHECK_DRY_RUN=1: each step's command and limit from the call's knobs, no GPU needed;
+    an unknown step still fails, so a plan can be checked before it spends device time."""
+    knobs = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHON": sys.executable,
+        "GPU_CHECK_DRY_RUN": "1",
+        "GPU_CHECK_STEPS": "tests targets models",
+        "GPU_CHECK_TESTS_K": "norm and not cupy",
+        "GPU_CHECK_TARGET_OPS": "batch_norm",
+        "GPU_CHECK_LIMIT_targets": "140",
+        "GPU_CHECK_MODELS": "resnet50 llama",
+        "GPU_CHECK_TRAIN_WAYS_llama": "eager,patched-logits",
+    }
+    result = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], capture_output=True, text=True,
+                            timeout=60, env=knobs)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    plan = result.stdout
+    assert "-m pytest -m gpu" in plan and "-k norm and not cupy" in plan
+    assert "--targets --quick --skip cupy --ops batch_norm" in plan and "limit 140 s" in plan
+    assert (
+        "--model resnet50 --preset gpu" in plan
+        and "--model llama --preset gpu --steps 30 --ways eager,patched-logits" in plan
+    )
+    assert plan.count("(dry run: not run)") == 4 and not (tmp_path / "out").exists()
+    bad = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,
+                         env={**knobs, "GPU_CHECK_STEPS": "tests bogus"})  # fmt: skip
+    assert bad.returncode == 2 and "unknown step bogus" in bad.stderr
+
+
 def test_every_module_the_check_runs_exists():
     # pip (which installs carried wheels there) is the GPU image's, not looked up here: under
     # Python < 3.12, looking pip up makes setuptools' distutils shim step aside for the rest of
