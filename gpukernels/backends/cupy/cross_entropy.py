@@ -5,9 +5,10 @@ contiguous. The forward, a block per row, gives each row's loss and its
 log-sum-exp statistics (max and log-sum); then one block reduces the rows'
 losses (in a fixed order, in fp32, fp64 for fp64 logits, rounded once to the
 loss's dtype where that is another) and, for class indices, the mean's
-denominator and the sum of the class weights, and checks the targets. The backward computes the gradient
-elementwise from those, one read of the logits and one write of the gradient,
-dividing the upstream gradient by the mean's denominator itself.
+denominator and the sum of the class weights, and checks the targets. The
+backward computes the gradient elementwise from those, one read of the logits
+and one write of the gradient, dividing the upstream gradient by the mean's
+denominator itself.
 
 An out-of-range target is never read: the total kernel flags it, and the flag
 fails a ``torch._assert_async`` (on CUDA a device-side assert, as PyTorch's own
@@ -35,8 +36,9 @@ def _forward(
     rows, classes = logits.shape
     # the kernels write losses in the accumulation dtype: into the loss itself when it has that
     # dtype, else into buffers rounded once into it
-    direct = loss.dtype == acc_dtype(logits.dtype)
-    row_loss = loss if direct and reduction == "none" else loss.new_empty(rows, dtype=acc_dtype(logits.dtype))
+    acc = acc_dtype(logits.dtype)
+    direct = loss.dtype == acc
+    row_loss = loss if direct and reduction == "none" else loss.new_empty(rows, dtype=acc)
     reduced = loss if direct and reduction != "none" else row_loss.new_empty(())
     ok = None if target is None else torch.empty((), dtype=torch.bool, device=logits.device)
     if rows:
