@@ -50,7 +50,8 @@ def profile_step(step, device: torch.device) -> tuple[dict, str]:
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize(device)
-    with torch.profiler.profile(activities=activities) as prof:
+    # shapes: which tensors a copy or an add moved tells the layer that asked for it
+    with torch.profiler.profile(activities=activities, record_shapes=cuda) as prof:
         start = time.perf_counter()
         step()
         wall_ms = 1e3 * (time.perf_counter() - start)
@@ -88,4 +89,8 @@ def profile_step(step, device: torch.device) -> tuple[dict, str]:
     # and its children's, so that a kernel above can be traced to the layer that asked for it.
     operators = prof.key_averages().table(sort_by="device_time_total", row_limit=40, max_name_column_width=90)
     lines += ["", "operators by the device time of their kernels and their children's:", operators]
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_device_time_total", row_limit=40, max_name_column_width=50, max_shapes_column_width=100
+    )
+    lines += ["", "operators by the device time of their own kernels, by their inputs' shapes:", by_shape]
     return summary, "\n".join(lines) + "\n"
