@@ -407,6 +407,8 @@ def _bad(**overrides):
         (_bad(label_smoothing=-0.1), ValueError, "label_smoothing"),
         (_bad(label_smoothing=math.nan), ValueError, "label_smoothing"),
         (_bad(ignore_index=1.5), TypeError, "ignore_index"),
+        (_bad(ignore_index=True), TypeError, "ignore_index"),
+        (_bad(ignore_index=1 << 63), ValueError, "ignore_index must fit in an int64"),
     ],
 )
 def test_bad_input(kwargs, error, match):

@@ -1,5 +1,6 @@
 import functools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,6 +247,10 @@ def test_out_dtype_under_autocast_is_the_autocast_cast():
         (lambda x: gk.layer_norm(x, (8,), eps=float("inf")), "eps must be finite"),
         (lambda x: gk.layer_norm(x, (8,), torch.ones(8, device="meta")), "weight is on meta"),
         (lambda x: gk.layer_norm(x, (8.0,)), "normalized_shape"),
+        (lambda x: gk.layer_norm(x, 8.0), "normalized_shape must be an int or a sequence of ints"),
+        (lambda x: gk.layer_norm(x, None), "normalized_shape must be an int or a sequence of ints"),
+        (lambda x: gk.layer_norm(x, (True,)), "normalized_shape must be an int or a sequence of ints"),
+        (lambda x: gk.layer_norm(x, ()), "normalized_shape must be positive ints"),
         (lambda x: gk.layer_norm(x[0, 0], (8,)), "normalized_shape"),
     ],
 )
@@ -255,11 +260,22 @@ def test_bad_input(call, match):
 
 
 @pytest.mark.parametrize(
-    "normalized_shape,dims", [(8, (8,)), ((8,), (8,)), ([8], (8,)), (torch.Size([8]), (8,)), ((2, 4), (2, 4))]
+    "normalized_shape,dims",
+    [
+        (8, (8,)),
+        ((8,), (8,)),
+        ([8], (8,)),
+        (torch.Size([8]), (8,)),
+        ((2, 4), (2, 4)),
+        (np.int64(8), (8,)),
+        ((np.int32(2), 4), (2, 4)),
+        (torch.tensor(8), (8,)),
+    ],
 )
 def test_normalized_shape_forms(normalized_shape, dims):
     """Every form of normalized_shape (the usual int or 1-tuple, checked in one pass, and
-    the rest, checked one by one) normalises the same trailing dims."""
+    the rest, checked one by one, NumPy's ints as torch takes them) normalises the same
+    trailing dims."""
     x = torch.randn(3, *dims)
     torch.testing.assert_close(gk.layer_norm(x, normalized_shape), F.layer_norm(x, dims))
 

@@ -469,6 +469,8 @@ def _bad(**overrides):
         (_bad(target=torch.tensor([0.0, 1.0, 2.0])), TypeError, "target"),
         (_bad(target=[0, 1, 2]), TypeError, "target"),
         (_bad(ignore_index=1.5), TypeError, "ignore_index"),
+        (_bad(ignore_index=True), TypeError, "ignore_index"),
+        (_bad(ignore_index=1 << 63), ValueError, "ignore_index must fit in an int64"),
         (_bad(reduction="avg"), ValueError, "reduction"),
         (_bad(label_smoothing=1.5), ValueError, "label_smoothing"),
         (_bad(z_loss=-1e-4), ValueError, "z_loss"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import torch
@@ -60,14 +61,18 @@ def check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
 def check_normalized_shape(input: torch.Tensor, normalized_shape: int | Sequence[int]) -> tuple[tuple[int, ...], int]:
     """``normalized_shape``, positive ints that are ``input``'s trailing dims, as a
     tuple, and their product: the length of the rows a norm normalises."""
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    d = 1
-    for s in shape:
-        if not isinstance(s, int) or s < 1:
-            raise ArgumentError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
-        d *= s
-    if not shape:
+    try:  # ints of any integer type (NumPy's, a 0-d integer tensor), as torch takes them; bools refused
+        dims = (normalized_shape,) if hasattr(normalized_shape, "__index__") else tuple(normalized_shape)
+        shape = tuple(operator.index(s) for s in dims if not isinstance(s, bool))
+        if len(shape) != len(dims):
+            raise TypeError
+    except TypeError:
+        raise ArgumentTypeError(
+            f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+        ) from None
+    if not shape or min(shape) < 1:
         raise ArgumentError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
+    d = math.prod(shape)
     if input.shape[-len(shape) :] != shape:
         raise ArgumentError(
             f"normalized_shape {shape} does not match the trailing dims of input of shape {tuple(input.shape)}"
@@ -106,6 +111,17 @@ def check_norm_input(
     shape, d = check_normalized_shape(input, normalized_shape)
     check_optional_floats(names, params, input, shape)
     return shape, d
+
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def check_ignore_index(ignore_index) -> None:
+    """A cross-entropy's ``ignore_index``: an int that an int64 holds (the targets' dtype)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ArgumentTypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise ArgumentError(f"ignore_index must fit in an int64, got {ignore_index}")
 
 
 def check_number(

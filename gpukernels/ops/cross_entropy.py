@@ -30,10 +30,13 @@ from torch import Tensor
 from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import (
     FLOAT_DTYPES,
+    INT64_MAX,
+    INT64_MIN,
     autocast_enabled,
     check_choice,
     check_device,
     check_float,
+    check_ignore_index,
     check_number,
     check_optional_float,
     empty_grad,
@@ -248,8 +251,8 @@ def cross_entropy(
         raise ArgumentError(f"input must have at least one class, got shape {tuple(shape)}")
     batch_shape = shape[:class_dim] + shape[class_dim + 1 :]
     probabilities = _check_target(target, input, batch_shape)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ArgumentTypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not (type(ignore_index) is int and INT64_MIN <= ignore_index <= INT64_MAX):  # the usual call passes as is
+        check_ignore_index(ignore_index)
     if probabilities and ignore_index >= 0:
         raise ArgumentError(
             f"ignore_index must be negative with class-probability targets (it does not apply to "

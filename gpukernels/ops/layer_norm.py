@@ -82,7 +82,9 @@ def layer_norm(
 ) -> Tensor:
     """``torch.nn.functional.layer_norm``: normalise over the trailing
     ``normalized_shape`` dims, statistics in fp32 (fp64 for fp64 input).
-    Under autocast it runs in fp32, as PyTorch's does.
+    Under autocast it runs in fp32 (input cast up; result fp32), as PyTorch's CUDA
+    autocast runs ``layer_norm``, on every device (CPU autocast leaves PyTorch's in
+    input's dtype).
 
     ``out_dtype`` (float16, bfloat16 or float32; input not float64): the result
     in that dtype, rounded once, as ``layer_norm(...).to(out_dtype)`` but without

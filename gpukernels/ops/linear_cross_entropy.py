@@ -53,6 +53,7 @@ from ._checks import (
     check_choice,
     check_device,
     check_float,
+    check_ignore_index,
     check_number,
     check_optional_float,
     contiguous_param,
@@ -319,8 +320,7 @@ def _check_dtypes(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
 
 
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, return_lse):
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ArgumentTypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
     label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
     z_loss = check_number("z_loss", z_loss, low=0.0)
