@@ -206,19 +206,22 @@ def test_non_contiguous_input(device, layout):
     _compare(x, target, weight=torch.rand(x.shape[1], dtype=torch.float64, device=device), label_smoothing=0.05)
 
 
-@pytest.mark.parametrize("rows", ["padded", "broadcast"])
+@pytest.mark.parametrize("rows", ["padded", "broadcast", "overlapping"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_rows_any_stride_apart(device, dtype, rows):
-    """(N, C) logits whose rows are contiguous but not adjacent are read where they are:
-    a padded vocabulary sliced to the real one (its padding nan, which no read may reach)
-    and one row broadcast to every row (stride 0)."""
+    """(N, C) logits whose rows are contiguous but not adjacent: a padded vocabulary
+    sliced to the real one (its padding nan, which no read may reach), read where it is;
+    one row broadcast to every row (stride 0) and rows that overlap (one element apart),
+    which the kernels, reading and writing a row up to its stride, get as a copy."""
     classes = 37
     if rows == "padded":
         buffer = _logits((6, classes + 11), dtype, device=device)
         buffer[:, classes:] = math.nan
         x = buffer[:, :classes]
-    else:
+    elif rows == "broadcast":
         x = _logits((1, classes), dtype, device=device).expand(6, classes)
+    else:
+        x = _logits((6 + classes - 1,), dtype, device=device).unfold(0, classes, 1)
     assert x.stride(1) == 1 and not x.is_contiguous()
     target = _targets((6,), classes, ignored=[2], device=device)
     weight = torch.rand(classes, dtype=torch.float64, device=device).to(dtype) + 0.1

@@ -107,6 +107,22 @@ def test_layouts_attention_hands_it(device):
     _compare(steps, steps, cos, sin)
 
 
+def test_overlapping_elements(device):
+    """q whose elements overlap (time and head_dim both of stride 1, where empty_like would
+    lay its results out with a head's elements apart): the results and the gradient of the
+    tensor under q as the formula's."""
+    base = _randn((64,), 3, device).requires_grad_()
+    k = _randn((2, 3, 5, 8), 4, device)
+    cos, sin = _trig(1, 5, 8, device, torch.float64)
+    results = []
+    for fn in (gk.apply_rotary_pos_emb, torch_rope):
+        q_embed, _ = fn(base.as_strided((2, 3, 5, 8), (15, 5, 1, 1)), k, cos, sin)
+        (grad,) = torch.autograd.grad(q_embed, base, _randn(q_embed.shape, 5, device))
+        results.append((q_embed.detach(), grad))
+    for ours, theirs in zip(*results):
+        assert_matches(ours, theirs)
+
+
 def test_outputs_keep_the_layout_of_dense_inputs(device):
     """A transposed q's results are transposed alike, as PyTorch's elementwise ops keep them:
     attention reads them as they would be."""

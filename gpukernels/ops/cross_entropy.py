@@ -280,8 +280,9 @@ def cross_entropy(
         _check_weight(weight, input, classes)
         weight = weight.contiguous()
 
-    if len(shape) == 2:  # (N, C): the rows as they are, wherever they start; no view (host time)
-        logits = input if input.stride()[1] == 1 else input.contiguous()
+    if len(shape) == 2:  # (N, C): the rows as they are, wherever they start, if apart; no view (host time)
+        strides = input.stride()
+        logits = input if strides[1] == 1 and (strides[0] >= classes or shape[0] < 2) else input.contiguous()
         rows_target = target.contiguous()
     else:
         logits = _class_last(input, class_dim, classes)

@@ -38,7 +38,16 @@ def rope(
     when q or cos is fp64): ``x1 c1 - x2 s1`` and ``x2 c2 + x1 s2`` (the rotation), or with
     ``transpose`` ``x1 c1 + x2 s2`` and ``x2 c2 - x1 s1`` (its transpose: the backward),
     into ``q_out`` and ``k_out`` in ``dtype``."""
-    return torch.empty_like(q, dtype=dtype), torch.empty_like(k, dtype=dtype)
+    return _output_like(q, dtype), _output_like(k, dtype)
+
+
+def _output_like(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``empty_like(t, dtype=dtype)`` with a unit last stride, as the kernels write each
+    head: empty_like keeps a dense ``t``'s strides (the attention's layout of heads and
+    time), but lays out other tensors in the order of their strides, which for a ``t``
+    whose elements overlap (time and head_dim both of stride 1) may put a head's apart."""
+    out = torch.empty_like(t, dtype=dtype)
+    return out if out.stride(-1) == 1 else t.new_empty(t.shape, dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
