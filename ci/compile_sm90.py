@@ -282,6 +282,8 @@ def _exercise_every_op() -> None:
                     run_backward(gk.layer_norm(x, (d,), w, b), x)
                     for cast_before_weight in (False, True):
                         run_backward(gk.rms_norm(x, (d,), w, cast_before_weight=cast_before_weight), x)
+                    if affine:  # Gemma's 1 + weight: the kernels' offset words
+                        run_backward(gk.rms_norm(x, (d,), w, offset=1.0, cast_before_weight=True), x)
             for activation in ACTIVATIONS:
                 for bias in (True, False):
                     x, w = leaf(5, 7), leaf(6, 7)

@@ -214,6 +214,19 @@ def test_strided_weight(device):
     assert_same_output_and_grads(lambda: gk.rms_norm(x, (7,), weight), lambda: F.rms_norm(x, (7,), weight), params)
 
 
+def test_offset_reaches_the_kernels_whole(device):
+    """An offset that fp32 cannot hold (0.1) scales fp64 rows by itself, not by its fp32
+    rounding (a compiled Triton kernel takes a float argument as fp32: 1e-9 off)."""
+    x = torch.randn(4, 24, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(24, dtype=torch.float64, device=device)
+
+    def formula():
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * (0.1 + w)
+
+    # the gradient of x: the backward's scale is offset + w too
+    assert_same_output_and_grads(lambda: gk.rms_norm(x, (24,), w, eps=1e-6, offset=0.1), formula, x)
+
+
 @pytest.mark.parametrize(
     "kwargs,weight,norm_shape",
     [

@@ -3,7 +3,7 @@ of a contiguous (rows, D) matrix. With ``CENTERED`` the row is centred
 (LayerNorm: its mean is subtracted, and saved beside its rstd in one
 ``(2, rows)`` statistics tensor), else not (RMSNorm: ``(rows,)`` rstd). The
 pointers given choose the rest: ``W`` scales the row (by ``offset + W`` when
-an ``offset`` is given: RMSNorm's), ``B`` shifts it. ``CAST_BEFORE_W`` rounds
+an ``offset`` is given, as ``float_bits`` words: RMSNorm's), ``B`` shifts it. ``CAST_BEFORE_W`` rounds
 the normalised row to x's dtype before the weight multiplies it (Llama's
 RMSNorm).
 
@@ -147,12 +147,12 @@ def bwd_buffers(variant: tuple, constexprs: Callable[[], dict], partial_rows: in
     device = args[1].device
 
     def make() -> tuple:
-        dy, x, weight, stats, dx, dw, db, rows, d, offset = args
+        dy, x, weight, stats, dx, dw, db, rows, d, offset_hi, offset_lo = args
         partial_dtype = stats_dtype(x.dtype)
         buffers = (partial_dtype, torch.int32) if partial_rows else (None, None)
         per_sm = fitting_per_sm(
             device, BWD_PROGRAMS_PER_SM, norm_bwd_kernel, variant, constexprs,
-            dy, x, weight, stats, dx, buffers[0], dw, db, buffers[1], rows, d, offset,
+            dy, x, weight, stats, dx, buffers[0], dw, db, buffers[1], rows, d, offset_hi, offset_lo,
         )  # fmt: skip
         programs = num_programs(device, rows, per_sm)
         if not partial_rows:
@@ -342,7 +342,7 @@ def _row_grads(
     return dw, db
 
 
-@jit(float_options=["eps_hi", "eps_lo"], do_not_specialize=["rows"])
+@jit(float_options=["eps_hi", "eps_lo", "offset_hi", "offset_lo"], do_not_specialize=["rows"])
 def norm_fwd_kernel(
     X,
     W,
@@ -353,7 +353,8 @@ def norm_fwd_kernel(
     D,
     eps_hi,
     eps_lo,
-    offset,
+    offset_hi,
+    offset_lo,
     CENTERED: tl.constexpr,
     CAST_BEFORE_W: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -368,6 +369,9 @@ def norm_fwd_kernel(
     # y's statistics dtype: with CAST_BEFORE_W, y has the dtype promoted from w's and x's
     MUL: tl.constexpr = tl.float64 if Y.dtype.element_ty == tl.float64 else tl.float32
     eps = as_float(eps_hi, eps_lo, ACC)
+    offset = None  # the scale is the weight itself
+    if offset_hi is not None:
+        offset = as_float(offset_hi, offset_lo, MUL)
     first = tl.program_id(0).to(tl.int64) * ROWS
     X += first * D
     Y += first * D
@@ -418,7 +422,7 @@ def norm_fwd_kernel(
         tl.store(Stats + row, rstd, mask=row_in)
 
 
-@jit
+@jit(float_options=["offset_hi", "offset_lo"])
 def norm_bwd_kernel(
     DY,
     X,
@@ -431,7 +435,8 @@ def norm_bwd_kernel(
     Counters,
     rows,
     D,
-    offset,
+    offset_hi,
+    offset_lo,
     CENTERED: tl.constexpr,
     CAST_BEFORE_W: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -445,6 +450,9 @@ def norm_bwd_kernel(
     HAS_W: tl.constexpr = W is not None
     HAS_B: tl.constexpr = DB is not None
     ACC: tl.constexpr = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    offset = None
+    if offset_hi is not None:
+        offset = as_float(offset_hi, offset_lo, ACC)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     x_dtype = X.dtype.element_ty

@@ -11,7 +11,7 @@ from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel
 def layer_norm_fwd(x, weight, bias, eps, out_dtype, y, stats):
     rows, d = rows_and_features(x)
     if rows:
-        no_offset = None  # the scale is the weight itself
+        no_offset = None, None  # the scale is the weight itself
         # rows is not specialized (the tile masks its last rows): its type, i32 or i64, is all that varies
         key = (
             ("layer_norm", x.dtype, out_dtype, dtype_of(weight), dtype_of(bias), d, rows >= 2**31)
@@ -31,7 +31,7 @@ def layer_norm_fwd(x, weight, bias, eps, out_dtype, y, stats):
             rows,
             d,
             *float_bits(eps),
-            no_offset,
+            *no_offset,
         )
 
 
@@ -55,10 +55,10 @@ def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
             enable_fp_fusion=False,
         )
 
-    no_offset = None
+    no_offset = None, None
     grads = (dweight if has_w else None, dbias if has_bias else None)
     programs, partial, counters = bwd_buffers(variant, constexprs, 2 * sums, dy, x, weight, stats, dx, *grads, rows, d,
-                                              no_offset)  # fmt: skip
+                                              *no_offset)  # fmt: skip
     norm_bwd_kernel.launch(
         (programs,),
         variant if aligned(dy, x, weight, stats) else None,
@@ -73,5 +73,5 @@ def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
         counters,
         rows,
         d,
-        no_offset,
+        *no_offset,
     )

@@ -8,12 +8,18 @@ from ._common import aligned, cdiv, dtype_of, float_bits, rows_and_features
 from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch
 
 
+def _offset_words(offset: float) -> tuple:
+    """``offset`` as the kernels take it: ``float_bits`` words (a float argument would
+    arrive as fp32), or None twice for 0, which adds nothing (the usual RMSNorm)."""
+    return float_bits(offset) if offset else (None, None)
+
+
 def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, out_dtype, y, rstd):
     rows, d = rows_and_features(x)
     if rows:
         no_bias = None
         key = (
-            ("rms_norm", x.dtype, out_dtype, dtype_of(weight), offset is None, cast_before_weight, d, rows >= 2**31)
+            ("rms_norm", x.dtype, out_dtype, dtype_of(weight), not offset, cast_before_weight, d, rows >= 2**31)
             if aligned(x, weight)
             else None
         )
@@ -30,7 +36,7 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, out_dtype, y, rstd)
             rows,
             d,
             *float_bits(eps),
-            offset,
+            *_offset_words(offset),
         )
 
 
@@ -40,14 +46,15 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
         dweight.zero_()  # no rows: dweight is 0 (and empty when there is no weight)
         return
     has_w = weight is not None
-    variant = ("rms_norm", x.dtype, dy.dtype, dtype_of(weight), offset is None, cast_before_weight, rows, d)
+    variant = ("rms_norm", x.dtype, dy.dtype, dtype_of(weight), not offset, cast_before_weight, rows, d)
+    offset_words = _offset_words(offset)
 
     def constexprs() -> dict:
         return dict(bwd_row_launch(d, x.element_size()), CENTERED=False, CAST_BEFORE_W=cast_before_weight)
 
     grads = (dweight if has_w else None, None)  # no dbias
     programs, partial, counters = bwd_buffers(variant, constexprs, int(has_w), dy, x, weight, rstd, dx, *grads, rows, d,
-                                              offset)  # fmt: skip
+                                              *offset_words)  # fmt: skip
     norm_bwd_kernel.launch(
         (programs,),
         variant if aligned(dy, x, weight, rstd) else None,
@@ -62,5 +69,5 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
         counters,
         rows,
         d,
-        offset,
+        *offset_words,
     )
