@@ -2,7 +2,8 @@
 each case draws, from its own fixed seed, a dtype, a shape, options, and for
 every tensor argument a layout (contiguous, its storage transposed, a view
 stepping over elements, one element off the start of its storage, so not
-16-byte aligned, or expanded along a dim of stride 0), and the upstream
+16-byte aligned, expanded along a dim of stride 0, or its last two dims both of
+stride 1, elements overlapping as in ``unfold``'s windows), and the upstream
 gradient's layout. The output and the gradient of every input that requires one
 are checked as the op suites check theirs (``helpers.assert_matches``). The
 op suites test each layout on its own; these cases test them together, with
@@ -22,7 +23,7 @@ from helpers import assert_matches, torch_batch_norm_needs_cpu
 
 CASES = range(12)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-LAYOUTS = ("contiguous", "transposed", "stepping", "offset", "expanded")
+LAYOUTS = ("contiguous", "transposed", "stepping", "offset", "expanded", "overlapping")
 
 
 def _stepping(values: torch.Tensor) -> torch.Tensor:
@@ -37,6 +38,23 @@ def _offset(values: torch.Tensor) -> torch.Tensor:
     return storage
 
 
+def _overlapping_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Strides that read the last two dims both one element apart (``unfold``'s windows:
+    the view's element [..., i, j] is storage[... + i + j]), the dims before them packed."""
+    strides, span = [1, 1], shape[-2] + shape[-1] - 1
+    for size in reversed(shape[:-2]):
+        strides.insert(0, span)
+        span *= size
+    return tuple(strides)
+
+
+def _overlapping(values: torch.Tensor) -> torch.Tensor:
+    """Storage for the overlapping view: as many of ``values`` as it reads, which are then
+    not all in the places ``values`` has them (no storage holds every tensor so viewed)."""
+    shape, strides = values.shape, _overlapping_strides(values.shape)
+    return values.flatten()[: 1 + sum((n - 1) * s for n, s in zip(shape, strides))].clone()
+
+
 # Each layout: how the leaf tensor stores the values, and how the view reads them from it.
 _STORAGE = {
     "contiguous": torch.clone,  # keeps channels-last
@@ -44,6 +62,7 @@ _STORAGE = {
     "stepping": _stepping,
     "offset": _offset,
     "expanded": lambda values: values[:1].clone(),
+    "overlapping": _overlapping,
 }
 _VIEW = {
     "contiguous": lambda leaf, shape: leaf,
@@ -51,6 +70,7 @@ _VIEW = {
     "stepping": lambda leaf, shape: leaf[..., ::2],
     "offset": lambda leaf, shape: leaf[1:].view(shape),
     "expanded": lambda leaf, shape: leaf.expand(shape),
+    "overlapping": lambda leaf, shape: leaf.as_strided(shape, _overlapping_strides(shape)),
 }
 
 
@@ -58,8 +78,8 @@ def laid_out(values: torch.Tensor, layout: str, requires_grad: bool = True) -> t
     """``(leaf, view)``: a leaf tensor and a view of it holding ``values`` (expanded:
     their first entry along dim 0, repeated), laid out as ``layout`` says (contiguous
     where the layout needs more dims than ``values`` has)."""
-    dims_needed = {"transposed": 2, "stepping": 1, "expanded": 1}.get(layout, 0)
-    if values.dim() < dims_needed or (layout == "expanded" and values.shape[0] == 0):
+    dims_needed = {"transposed": 2, "stepping": 1, "expanded": 1, "overlapping": 2}.get(layout, 0)
+    if values.dim() < dims_needed or (layout in ("expanded", "overlapping") and values.numel() == 0):
         layout = "contiguous"
     leaf = _STORAGE[layout](values)
     leaf.requires_grad_(requires_grad and leaf.is_floating_point())
