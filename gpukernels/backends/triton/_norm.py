@@ -3,9 +3,9 @@ of a contiguous (rows, D) matrix. With ``CENTERED`` the row is centred
 (LayerNorm: its mean is subtracted, and saved beside its rstd in one
 ``(2, rows)`` statistics tensor), else not (RMSNorm: ``(rows,)`` rstd). The
 pointers given choose the rest: ``W`` scales the row (by ``offset + W`` when
-an ``offset`` is given, as ``float_bits`` words: RMSNorm's), ``B`` shifts it. ``CAST_BEFORE_W`` rounds
-the normalised row to x's dtype before the weight multiplies it (Llama's
-RMSNorm).
+an ``offset`` is given, as ``float_bits`` words: RMSNorm's), ``B`` shifts it.
+``CAST_BEFORE_W`` rounds the normalised row to x's dtype before the weight
+multiplies it (Llama's RMSNorm).
 
 Forward: rows that fit in one block (``D <= 8192``) are loaded once and
 kept in registers, ``ROWS`` of them a program: one tile of ``FWD_TILE``
