@@ -141,6 +141,21 @@ def test_all_rows_ignored(device, dtype, weighted):
         assert all(torch.equal(t, torch.zeros_like(t)) for t in ours)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rows_kept_of_class_weight_zero(device, dtype, label_smoothing):
+    """Every row kept has a class weight of 0: the mean's denominator is 0 and the loss nan,
+    as PyTorch's, with label smoothing too (whose sum over the classes is not 0: not inf);
+    no gradient (0), as with every row ignored."""
+    x = _logits((4, 6), dtype, device=device)
+    target = torch.tensor([0, 0, -100, 0], device=device)
+    weight = torch.tensor([0.0, 1.0, 1.0, 2.0, 1.0, 1.0], dtype=dtype, device=device)
+    loss, grad = _loss_and_grad(cross_entropy, x, target, weight=weight, label_smoothing=label_smoothing)
+    assert loss.dtype == dtype and torch.isnan(loss)
+    assert torch.isnan(F.cross_entropy(x, target, weight=weight, label_smoothing=label_smoothing))
+    assert torch.equal(grad, torch.zeros_like(x))
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_empty_batch(device, reduction):
     x = torch.randn(0, 5, device=device, requires_grad=True)

@@ -74,7 +74,7 @@ def cross_entropy_fwd(
     """Kernel, for class indices ``target`` (int64 or int32, one per row): per row
     ``-(1-e) w[t] logp[t] - (e/C) sum_c w[c] logp[c]`` (0 where ``t == ignore_index``),
     reduced by ``reduction`` (``mean`` divides by the sum of ``w[t]`` over the rows not
-    ignored: nan when there are none) into ``loss``, in ``loss_dtype`` (None: the
+    ignored: nan when that is 0) into ``loss``, in ``loss_dtype`` (None: the
     logits'), rounded once from the statistics dtype; into ``stats``
     each row's ``row_max``, each row's ``log_sum`` (``lse = row_max + log_sum``), then the
     ``totals``: that denominator and ``sum(w)`` (C without weights). A target outside

@@ -144,7 +144,8 @@ __device__ __forceinline__ void cross_entropy_total(const acc_t<T>* __restrict__
   if (threadIdx.x == 0) {
     const A denominator = probabilities ? A(rows) : counted;
     if (reduction == 1) *reduced = total;
-    if (reduction == 2) *reduced = total / denominator;  // 0/0 = nan when every row is ignored
+    // nan when it is 0 (every row ignored, or of class weight 0), not inf from a smoothed loss's sum
+    if (reduction == 2) *reduced = denominator != A(0) ? total / denominator : gk_nan<A>();
     if (!probabilities) {
       totals[0] = denominator;
       totals[1] = weight ? weights : A(classes);

@@ -144,8 +144,10 @@ def reduced(loss: np.ndarray, reduction: str, denominator) -> np.ndarray:
     PyTorch), or as they are (``none``)."""
     if reduction == "none":
         return loss
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return loss.sum() / (denominator if reduction == "mean" else 1)
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return total / denominator if denominator != 0 else total * np.nan  # nan, not inf, from a sum that is not 0
 
 
 def write_loss(out, loss: np.ndarray) -> None:

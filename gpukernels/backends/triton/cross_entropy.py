@@ -146,7 +146,9 @@ def finish_rows(
     if REDUCE:
         loss = tl.sum(total, axis=0)
         if MEAN:
-            loss = loss / denominator  # 0/0 = nan when every row is ignored, as in PyTorch
+            # nan when it is 0 (every row ignored, or of class weight 0), as in PyTorch: not the
+            # inf of a smoothed loss's sum over 0
+            loss = tl.where(denominator != 0, loss / denominator, float("nan"))
         tl.store(Loss, round_to(loss, Loss.dtype.element_ty))
     if not PROBS:
         tl.store(Totals, denominator)
