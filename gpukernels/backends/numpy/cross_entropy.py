@@ -144,10 +144,11 @@ def reduced(loss: np.ndarray, reduction: str, denominator) -> np.ndarray:
     PyTorch), or as they are (``none``)."""
     if reduction == "none":
         return loss
-    total = loss.sum()
-    if reduction == "sum":
-        return total
-    return total / denominator if denominator != 0 else total * np.nan  # nan, not inf, from a sum that is not 0
+    with np.errstate(invalid="ignore", divide="ignore"):  # inf - inf in a sum: nan, as PyTorch's
+        total = loss.sum()
+        if reduction == "sum":
+            return total
+        return total / denominator if denominator != 0 else total * np.nan  # nan, not inf, from a sum that is not 0
 
 
 def write_loss(out, loss: np.ndarray) -> None:
