@@ -25,6 +25,7 @@ import gpukernels as gk
 # (`op.on`) is made of, timed here one by one; the launch is timed on the Triton kernel itself.
 from gpukernels._backend import kernel_for
 from gpukernels.backends.triton import _norm as triton_norm
+from gpukernels.backends.triton._common import float_bits
 from gpukernels.ops._op import needs_dispatch
 from gpukernels.ops.layer_norm import layer_norm_bwd, layer_norm_fwd
 
@@ -128,17 +129,22 @@ def main() -> None:
         "triton launch, 1 argument": lambda: _empty_kernel[(1,)](xd),
         "triton launch, norm_fwd_kernel": lambda: triton_norm.norm_fwd_kernel[(8,)](
             xd,
+            None,  # no residual
             wd,
             bd,
             xd,
+            None,
             stats,
+            8,
             64,
-            1e-5,
+            *float_bits(1e-5),
+            None,  # no offset
             None,
             CENTERED=True,
             CAST_BEFORE_W=False,
             BLOCK_D=64,
             ONE_BLOCK=True,
+            ROWS=1,
             num_warps=1,
         ),
         "kernel_for": lambda: kernel_for("triton", "layer_norm", "layer_norm_fwd", device),

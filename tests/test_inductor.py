@@ -278,7 +278,7 @@ def _analysis_keys() -> dict:
     def arguments(dtype=torch.float32, **changed):
         with FakeTensorMode():
             x = torch.empty(4, dtype=dtype)
-        tensors = dict(X=x, W=None, B=None, Y=x, Stats=x)
+        tensors = dict(X=x, R=None, W=None, B=None, Y=x, S=None, Stats=x)
         return {**tensors, "D": 8, "eps_hi": 1, "eps_lo": 2, "offset": None, "CENTERED": True, **changed}
 
     key = access_analysis_key(kernel, arguments(), {})

@@ -22,15 +22,23 @@ def layer_norm_fwd(x, weight, bias, eps, out_dtype, y_out, stats_out):
     write(stats_out, np.stack((mean, rstd)))
 
 
-def layer_norm_bwd(dy, x, weight, stats, has_bias, dx_out, dweight_out, dbias_out):
-    dy, x, dx_out = as_rows(dy), as_rows(x), as_rows(dx_out)
+def layer_norm_grads(dy, x, weight, stats, has_bias):
+    """``dx`` of the rows of ``x`` in its compute dtype, unrounded, ``dweight`` (None without a
+    weight) and ``dbias`` (None unless ``has_bias``)."""
+    dy, x = as_rows(dy), as_rows(x)
     a, g_out = as_array(x), as_array(dy, x.dtype)
     mean, rstd = as_array(stats, x.dtype)
     xhat = (a - mean[:, None]) * rstd[:, None]
     g = g_out * as_array(weight, x.dtype) if weight is not None else g_out
     dx = rstd[:, None] * (g - g.mean(axis=1, keepdims=True) - xhat * (g * xhat).mean(axis=1, keepdims=True))
-    write(dx_out, dx)
-    if weight is not None:
-        write(dweight_out, (g_out * xhat).sum(axis=0))
-    if has_bias:
-        write(dbias_out, g_out.sum(axis=0))
+    dweight = (g_out * xhat).sum(axis=0) if weight is not None else None
+    return dx, dweight, g_out.sum(axis=0) if has_bias else None
+
+
+def layer_norm_bwd(dy, x, weight, stats, has_bias, dx_out, dweight_out, dbias_out):
+    dx, dweight, dbias = layer_norm_grads(dy, x, weight, stats, has_bias)
+    write(as_rows(dx_out), dx)
+    if dweight is not None:
+        write(dweight_out, dweight)
+    if dbias is not None:
+        write(dbias_out, dbias)

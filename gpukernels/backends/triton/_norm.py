@@ -104,17 +104,18 @@ MAX_STAGES = 8
 
 
 @functools.cache
-def bwd_row_launch(d: int, itemsize: int) -> dict:
-    """The backward's, for rows of ``d`` features of ``itemsize`` bytes: ``BLOCK_D`` and
+def bwd_row_launch(d: int, column_bytes: int) -> dict:
+    """The backward's, for rows of ``d`` features whose operands read a row (dy and x, and
+    the sum's gradient where there is one) take ``column_bytes`` a column: ``BLOCK_D`` and
     ``ONE_BLOCK`` as the forward's, a warp per 256 columns up to 16 warps (each thread
     holds a row's dy and x and the dw/db sums), its ``FAN_IN``, and ``STAGES``: rows of
-    dy and x in its pipeline, enough for ``AHEAD_BYTES`` ahead (rows that fit in one
+    those operands in its pipeline, enough for ``AHEAD_BYTES`` ahead (rows that fit in one
     block only). Triton's pipeline
     copies only 16-byte vectors it knows to be aligned and wholly in or out of the row:
     for ``d`` not a multiple of 16 (the only divisibility Triton specializes an int on),
     ``STAGES`` is 1, for the loop that keeps the next row in registers."""
     block = row_block(d)
-    rows_ahead = -(-AHEAD_BYTES // (2 * block * itemsize))
+    rows_ahead = -(-AHEAD_BYTES // (block * column_bytes))
     return dict(
         BLOCK_D=block,
         ONE_BLOCK=block >= d,
@@ -147,12 +148,12 @@ def bwd_buffers(variant: tuple, constexprs: Callable[[], dict], partial_rows: in
     device = args[1].device
 
     def make() -> tuple:
-        dy, x, weight, stats, dx, dw, db, rows, d, offset_hi, offset_lo = args
+        dy, x, weight, stats, ds, dx, dx_in, dw, db, rows, d, offset_hi, offset_lo = args
         partial_dtype = stats_dtype(x.dtype)
         buffers = (partial_dtype, torch.int32) if partial_rows else (None, None)
         per_sm = fitting_per_sm(
             device, BWD_PROGRAMS_PER_SM, norm_bwd_kernel, variant, constexprs,
-            dy, x, weight, stats, dx, buffers[0], dw, db, buffers[1], rows, d, offset_hi, offset_lo,
+            dy, x, weight, stats, ds, dx, dx_in, buffers[0], dw, db, buffers[1], rows, d, offset_hi, offset_lo,
         )  # fmt: skip
         programs = num_programs(device, rows, per_sm)
         if not partial_rows:
@@ -310,13 +311,26 @@ def _dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED: tl.constexpr):
 
 
 @triton.jit
+def _store_dx(dx, DS, DX, DX_IN, offs, mask):
+    """Stores ``dx`` (plus, given the sum's gradient ``DS``, its: the rows normalised were a
+    sum the caller also reads) at ``DX + offs``, and, given ``DX_IN``, in its dtype there too."""
+    if DS is not None:
+        dx += tl.load(DS + offs, mask=mask, other=0.0).to(dx.dtype)
+    tl.store(DX + offs, round_to(dx, DX.dtype.element_ty), mask=mask)
+    if DX_IN is not None:
+        tl.store(DX_IN + offs, round_to(dx, DX_IN.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _row_grads(
     dy,
     x,
     mean,
     rstd,
     scale,
+    DS,
     DX,
+    DX_IN,
     offs,
     mask,
     dw,
@@ -328,13 +342,13 @@ def _row_grads(
     CENTERED: tl.constexpr,
     CAST_BEFORE_W: tl.constexpr,
 ):
-    """A row that fits in one block: its ``dx`` stored at ``DX + offs``, and the running
+    """A row that fits in one block: its ``dx`` stored (``_store_dx``), and the running
     sums ``dw`` (of ``dy * xhat``, with a weight) and ``db`` (of ``dy``, with a bias) with
     its terms added."""
     xhat = _normalised(x, mean, rstd, mask, CENTERED)
     g = dy * scale
     mean_g, mean_gxhat = _row_means(g, g * xhat, D, CENTERED)
-    tl.store(DX + offs, round_to(_dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED), DX.dtype.element_ty), mask=mask)
+    _store_dx(_dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED), DS, DX, DX_IN, offs, mask)
     if HAS_W:
         dw += dy * _weight_input(xhat, X_DTYPE, CAST_BEFORE_W)
     if HAS_B:
@@ -342,12 +356,25 @@ def _row_grads(
     return dw, db
 
 
+@triton.jit
+def _load_rows(X, R, S, offs, mask, ACC: tl.constexpr):
+    """The rows to normalise at ``offs``, in ACC: ``X``'s, or with a residual ``R`` their sum
+    ``X + R``, rounded to S's dtype (as PyTorch's addition rounds it) and stored in ``S``."""
+    x = tl.load(X + offs, mask=mask, other=0.0)
+    if R is not None:
+        x = round_to(x.to(ACC) + tl.load(R + offs, mask=mask, other=0.0).to(ACC), S.dtype.element_ty)
+        tl.store(S + offs, x, mask=mask)
+    return x.to(ACC)
+
+
 @jit(float_options=["eps_hi", "eps_lo", "offset_hi", "offset_lo"], do_not_specialize=["rows"])
 def norm_fwd_kernel(
     X,
+    R,
     W,
     B,
     Y,
+    S,
     Stats,
     rows,
     D,
@@ -362,10 +389,15 @@ def norm_fwd_kernel(
     ROWS: tl.constexpr,
 ):
     """``Y`` for ``ROWS`` rows a program, and their statistics into ``Stats``: centred,
-    (2, rows) each row's mean, then each row's rstd; else (rows,) each row's rstd."""
+    (2, rows) each row's mean, then each row's rstd; else (rows,) each row's rstd. With a
+    residual ``R``, the rows normalised are ``X + R``, stored in ``S`` (S's dtype)."""
     # The dtypes from the pointers', not from constexpr arguments: each argument adds
-    # to the host time of every launch.
-    ACC: tl.constexpr = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    # to the host time of every launch. X_DTYPE: the normalised rows'.
+    if R is None:
+        X_DTYPE: tl.constexpr = X.dtype.element_ty
+    else:
+        X_DTYPE: tl.constexpr = S.dtype.element_ty
+    ACC: tl.constexpr = tl.float64 if X_DTYPE == tl.float64 else tl.float32
     # y's statistics dtype: with CAST_BEFORE_W, y has the dtype promoted from w's and x's
     MUL: tl.constexpr = tl.float64 if Y.dtype.element_ty == tl.float64 else tl.float32
     eps = as_float(eps_hi, eps_lo, ACC)
@@ -376,6 +408,9 @@ def norm_fwd_kernel(
     X += first * D
     Y += first * D
     Stats += first
+    if R is not None:
+        R += first * D
+        S += first * D
     if ONE_BLOCK:
         row = tl.arange(0, ROWS)  # of this program's
         row_in = row < rows - first
@@ -383,15 +418,23 @@ def norm_fwd_kernel(
         col_in = cols < D
         mask = row_in[:, None] & col_in[None, :]
         offs = row[:, None] * D + cols[None, :]  # below ROWS * BLOCK_D
-        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        x = _load_rows(X, R, S, offs, mask, ACC)
         if CENTERED:
             mean = tl.sum(x, axis=1) / D
             x = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-        y = _output(x * rstd[:, None], W, B, cols, col_in, offset, X.dtype.element_ty, MUL, CAST_BEFORE_W)
+        y = _output(x * rstd[:, None], W, B, cols, col_in, offset, X_DTYPE, MUL, CAST_BEFORE_W)
         tl.store(Y + offs, round_to(y, Y.dtype.element_ty), mask=mask)
     else:
         row, row_in = 0, None  # the program's one row
+        if R is not None:
+            # the sum first, into S, which the passes below read as the rows (each thread
+            # reads back what it stored; the barrier orders the block's stores before all)
+            for start in range(0, D, BLOCK_D):
+                cols = start + tl.arange(0, BLOCK_D)
+                _load_rows(X, R, S, cols, cols < D, ACC)
+            tl.debug_barrier()
+            X = S
         if CENTERED:
             total = tl.zeros([BLOCK_D], dtype=ACC)
             for start in range(0, D, BLOCK_D):
@@ -413,7 +456,7 @@ def norm_fwd_kernel(
             x = tl.load(X + cols, mask=mask, other=0.0).to(ACC)
             if CENTERED:
                 x = x - mean
-            y = _output(x * rstd, W, B, cols, mask, offset, X.dtype.element_ty, MUL, CAST_BEFORE_W)
+            y = _output(x * rstd, W, B, cols, mask, offset, X_DTYPE, MUL, CAST_BEFORE_W)
             tl.store(Y + cols, round_to(y, Y.dtype.element_ty), mask=mask)
     if CENTERED:
         tl.store(Stats + row, mean, mask=row_in)
@@ -428,7 +471,9 @@ def norm_bwd_kernel(
     X,
     W,
     Stats,
+    DS,
     DX,
+    DX_IN,
     Partial,
     DW,
     DB,
@@ -445,7 +490,10 @@ def norm_bwd_kernel(
     STAGES: tl.constexpr,
 ):
     """``DX`` for every row, from the forward's ``Stats``; ``DW`` (and ``DB``) from the
-    programs' partial sums, through the tree over the programs (``Counters``: its arrival counters)."""
+    programs' partial sums, through the tree over the programs (``Counters``: its arrival counters).
+    Where the rows were a sum of two inputs (the forward's residual), ``DS``, the gradient
+    of the sum as the caller read it, adds to ``DX``, and ``DX_IN`` takes it too in the
+    other input's dtype."""
     # As in the forward: the variant from the pointers given, the dtype from x's.
     HAS_W: tl.constexpr = W is not None
     HAS_B: tl.constexpr = DB is not None
@@ -475,8 +523,9 @@ def norm_bwd_kernel(
                 x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
                 mean, rstd = _row_stats(Stats, row, rows, CENTERED)
                 dw, db = _row_grads(
-                    dy, x, mean, rstd, scale, DX, offs, mask, dw, db, D, x_dtype, HAS_W, HAS_B, CENTERED, CAST_BEFORE_W
-                )
+                    dy, x, mean, rstd, scale, DS, DX, DX_IN, offs, mask, dw, db, D,
+                    x_dtype, HAS_W, HAS_B, CENTERED, CAST_BEFORE_W,
+                )  # fmt: skip
         else:
             # Rows the pipeline cannot copy (see bwd_row_launch): each step loads the next
             # row and its statistics into registers before reducing this one.
@@ -494,8 +543,9 @@ def norm_bwd_kernel(
                 next_x = tl.load(X + offs + programs * D, mask=following, other=0.0)
                 next_mean, next_rstd = _row_stats(Stats, row + programs, rows, CENTERED)
                 dw, db = _row_grads(
-                    dy, x, mean, rstd, scale, DX, offs, mask, dw, db, D, x_dtype, HAS_W, HAS_B, CENTERED, CAST_BEFORE_W
-                )
+                    dy, x, mean, rstd, scale, DS, DX, DX_IN, offs, mask, dw, db, D,
+                    x_dtype, HAS_W, HAS_B, CENTERED, CAST_BEFORE_W,
+                )  # fmt: skip
                 offs += programs * D
         if HAS_W:
             tl.store(partial_dw + cols, dw, mask=mask)
@@ -532,7 +582,6 @@ def norm_bwd_kernel(
                 # only stored: no sum over the row
                 xhat = _normalised(tl.load(X + base + cols, mask=mask, other=0.0).to(ACC), mean, rstd, None, CENTERED)
                 g = dy * _scale(W, cols, mask, offset, ACC) if HAS_W else dy
-                dx = _dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED)
-                tl.store(DX + base + cols, round_to(dx, DX.dtype.element_ty), mask=mask)
+                _store_dx(_dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED), DS, DX, DX_IN, base + cols, mask)
     if HAS_W or HAS_B:
         sum_partial_rows(Partial, DW, DB, Counters, programs, D, FAN_IN, BLOCK_D)

@@ -24,9 +24,11 @@ def layer_norm_fwd(x, weight, bias, eps, out_dtype, y, stats):
             key,
             lambda: dict(launch, CENTERED=True, CAST_BEFORE_W=False),
             x,
+            None,  # no residual
             weight,
             bias,
             y,
+            None,
             stats,
             rows,
             d,
@@ -47,7 +49,7 @@ def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
 
     def constexprs() -> dict:
         return dict(
-            bwd_row_launch(d, x.element_size()),
+            bwd_row_launch(d, 2 * x.element_size()),
             CENTERED=True,
             CAST_BEFORE_W=False,
             # fused, dy * w - mean(dy * w) keeps the product's rounding error
@@ -56,9 +58,10 @@ def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
         )
 
     no_offset = None, None
+    no_sum = None  # no gradient of a sum to add, nor the input's dtype to write dx in again
     grads = (dweight if has_w else None, dbias if has_bias else None)
-    programs, partial, counters = bwd_buffers(variant, constexprs, 2 * sums, dy, x, weight, stats, dx, *grads, rows, d,
-                                              *no_offset)  # fmt: skip
+    programs, partial, counters = bwd_buffers(variant, constexprs, 2 * sums, dy, x, weight, stats, no_sum, dx, no_sum,
+                                              *grads, rows, d, *no_offset)  # fmt: skip
     norm_bwd_kernel.launch(
         (programs,),
         variant if aligned(dy, x, weight, stats) else None,
@@ -67,7 +70,9 @@ def layer_norm_bwd(dy, x, weight, stats, has_bias, dx, dweight, dbias):
         x,
         weight,
         stats,
+        no_sum,
         dx,
+        no_sum,
         partial,
         *grads,
         counters,

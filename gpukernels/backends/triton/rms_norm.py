@@ -29,9 +29,11 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, out_dtype, y, rstd)
             key,
             lambda: dict(launch, CENTERED=False, CAST_BEFORE_W=cast_before_weight),
             x,
+            None,  # no residual
             weight,
             no_bias,
             y,
+            None,
             rstd,
             rows,
             d,
@@ -50,11 +52,12 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
     offset_words = _offset_words(offset)
 
     def constexprs() -> dict:
-        return dict(bwd_row_launch(d, x.element_size()), CENTERED=False, CAST_BEFORE_W=cast_before_weight)
+        return dict(bwd_row_launch(d, 2 * x.element_size()), CENTERED=False, CAST_BEFORE_W=cast_before_weight)
 
     grads = (dweight if has_w else None, None)  # no dbias
-    programs, partial, counters = bwd_buffers(variant, constexprs, int(has_w), dy, x, weight, rstd, dx, *grads, rows, d,
-                                              *offset_words)  # fmt: skip
+    no_sum = None  # no gradient of a sum to add, nor the input's dtype to write dx in again
+    programs, partial, counters = bwd_buffers(variant, constexprs, int(has_w), dy, x, weight, rstd, no_sum, dx, no_sum,
+                                              *grads, rows, d, *offset_words)  # fmt: skip
     norm_bwd_kernel.launch(
         (programs,),
         variant if aligned(dy, x, weight, rstd) else None,
@@ -63,7 +66,9 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
         x,
         weight,
         rstd,
+        no_sum,
         dx,
+        no_sum,
         partial,
         *grads,
         counters,
