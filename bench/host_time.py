@@ -311,6 +311,26 @@ def _layer_norm():
     return {**_fwd_bwd(ours, pytorch, x), "tokens": _standalone(ours, pytorch, tokens)}
 
 
+def _add_rms_norm():
+    """A Llama block's residual addition and its RMSNorm: ours in one op, PyTorch's an addition
+    and F.rms_norm; both outputs' gradients back (the residual stream reads the sum)."""
+    import torch.nn.functional as F
+
+    import gpukernels as gk
+
+    x, residual, w = _leaf(8, 64), _leaf(8, 64), _leaf(64)
+
+    def ours():
+        y, summed = gk.add_rms_norm(x, residual, (64,), w)
+        (y.sum() + summed.sum()).backward()
+
+    def pytorch():
+        summed = residual + x
+        (F.rms_norm(summed, (64,), w).sum() + summed.sum()).backward()
+
+    return {"standalone": (ours, pytorch)}
+
+
 def _batch_norm():
     import torch
     import torch.nn.functional as F
@@ -491,6 +511,7 @@ STEPS = {
 
 CASES = {
     "layer_norm": _layer_norm,
+    "add_rms_norm": _add_rms_norm,
     "batch_norm": _batch_norm,
     "dropout": _dropout,
     "cross_entropy": _cross_entropy,

@@ -107,10 +107,11 @@ SPILLS_ALLOWED = (
     ),
     (
         "norm_bwd_kernel",
-        ("CENTERED=True", "BLOCK_D=8192", "ONE_BLOCK=True", "STAGES=2"),
-        "layer_norm's backward of 8192-feature fp32 rows (an fp32 residual stream under autocast, the norm's "
-        "bf16 output's gradient as dy) two rows ahead: 44 bytes at ptxas' 128-register cap (512 threads); bf16 "
-        "rows (three ahead) do not spill. Not timed on a GPU",
+        ("BLOCK_D=8192", "ONE_BLOCK=True", "STAGES=2"),
+        "the backward of 8192-feature fp32 rows (an fp32 residual stream under autocast, the norm's bf16 "
+        "output's gradient as dy) two rows ahead: layer_norm's 44 bytes at ptxas' 128-register cap (512 "
+        "threads), with the residual's gradient added (add_layer_norm, add_rms_norm) 68 and 44; bf16 rows "
+        "(three ahead) do not spill. Not timed on a GPU",
     ),
     (
         "linear_act_bwd_kernel",
@@ -211,6 +212,13 @@ def _exercise_norm_features() -> None:
             x, w, b = (torch.randn(*shape, requires_grad=True) for shape in ((16, d), (d,), (d,)))
             gk.layer_norm(x, (d,), w, b, out_dtype=torch.bfloat16).float().sum().backward()
             gk.rms_norm(x, (d,), w, cast_before_weight=True, out_dtype=torch.bfloat16).float().sum().backward()
+            # a patched block's attention output (bf16) added to that stream, the sum normalised for the MLP
+            attention = torch.randn(16, d, dtype=torch.bfloat16, requires_grad=True)
+            for y, summed in (
+                gk.add_layer_norm(attention, x, (d,), w, b, out_dtype=torch.bfloat16),
+                gk.add_rms_norm(attention, x, (d,), w, cast_before_weight=True, out_dtype=torch.bfloat16),
+            ):
+                (y.float().sum() + summed.sum()).backward()
 
 
 def _exercise_benchmark_shapes() -> None:
@@ -284,6 +292,13 @@ def _exercise_every_op() -> None:
                         run_backward(gk.rms_norm(x, (d,), w, cast_before_weight=cast_before_weight), x)
                     if affine:  # Gemma's 1 + weight: the kernels' offset words
                         run_backward(gk.rms_norm(x, (d,), w, offset=1.0, cast_before_weight=True), x)
+                    # a residual added first (both outputs' gradients: the sum's joins dx)
+                    residual = leaf(3, d)
+                    for y, summed in (
+                        gk.add_layer_norm(x, residual, (d,), w, b),
+                        gk.add_rms_norm(x, residual, (d,), w, cast_before_weight=True),
+                    ):
+                        run_backward(y.float().sum() + summed.float().sum(), x)
             for activation in ACTIVATIONS:
                 for bias in (True, False):
                     x, w = leaf(5, 7), leaf(6, 7)

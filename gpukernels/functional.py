@@ -1,7 +1,9 @@
 """The functional API: drop-ins for their ``torch.nn.functional`` namesakes
 (``linear_act`` and the seeded ``dropout`` follow their own definitions where PyTorch has
-no counterpart; ``apply_rotary_pos_emb`` is transformers')."""
+no counterpart; ``apply_rotary_pos_emb`` is transformers'; ``add_layer_norm`` and
+``add_rms_norm`` return a residual addition's sum beside its norm)."""
 
+from .ops.add_norm import add_layer_norm, add_rms_norm
 from .ops.batch_norm import batch_norm
 from .ops.cross_entropy import cross_entropy
 from .ops.dropout import dropout
@@ -13,6 +15,8 @@ from .ops.rms_norm import rms_norm
 from .ops.rope import apply_rotary_pos_emb
 
 __all__ = [
+    "add_layer_norm",
+    "add_rms_norm",
     "apply_rotary_pos_emb",
     "batch_norm",
     "cross_entropy",

@@ -179,6 +179,47 @@ def test_rms_norm(device, case):
     )
 
 
+@pytest.mark.family("add_norm")
+@pytest.mark.parametrize("case", CASES)
+def test_add_norm(device, case):
+    """add_layer_norm and add_rms_norm: both results stacked, so that one upstream gradient
+    reaches both (input and residual of one dtype: the sum has it too)."""
+    rng = random.Random(f"add_norm {case}")
+    dtype, d = rng.choice(DTYPES), rng.choice((1, 3, 17, 64, 130))
+    shape = rng.choice(((0,), (1,), (5,), (2, 3))) + (d,)
+    # Not expanded parameters, which test_layer_norm and test_rms_norm draw (the same parameter
+    # handling): their gradient is then one sum of d gradients each rounded to bf16/fp16, whose
+    # error is that sum's walk of roundings more than the op's.
+    parameter_layouts = [layout for layout in LAYOUTS if layout != "expanded"]
+    arguments = {
+        "x": (random_values(rng, shape, dtype, device), rng.choice(LAYOUTS)),
+        "residual": (random_values(rng, shape, dtype, device, 3.0), rng.choice(LAYOUTS)),
+        "weight": (random_values(rng, (d,), dtype, device) if rng.random() < 0.7 else None,
+                   rng.choice(parameter_layouts)),
+        "bias": (random_values(rng, (d,), dtype, device) if rng.random() < 0.7 else None,
+                 rng.choice(parameter_layouts)),
+    }  # fmt: skip
+    if rng.random() < 0.5:
+        check_case(
+            rng,
+            dtype,
+            arguments,
+            lambda x, residual, weight, bias: torch.stack(gk.add_layer_norm(x, residual, (d,), weight, bias)),
+            lambda x, residual, weight, bias: torch.stack(
+                (F.layer_norm(residual + x, (d,), weight, bias), residual + x)
+            ),
+        )
+    else:
+        arguments["bias"] = (None, "contiguous")
+        check_case(
+            rng,
+            dtype,
+            arguments,
+            lambda x, residual, weight, bias: torch.stack(gk.add_rms_norm(x, residual, (d,), weight, 0.1)),
+            lambda x, residual, weight, bias: torch.stack((F.rms_norm(residual + x, (d,), weight, 0.1), residual + x)),
+        )
+
+
 @pytest.mark.family("batch_norm")
 @pytest.mark.parametrize("case", CASES)
 def test_batch_norm(device, case):

@@ -5,6 +5,7 @@ performance targets also has ``TARGET_SHAPES`` and ``TARGETS`` (for ``--targets`
 
 from . import (
     adamw,
+    add_rms_norm,
     batch_norm,
     batch_norm_add_relu,
     batch_norm_relu,
@@ -22,6 +23,7 @@ OPS = {
     module.__name__.rpartition(".")[2]: module
     for module in (
         layer_norm,
+        add_rms_norm,
         cross_entropy,
         cross_entropy_amp,
         dropout,
