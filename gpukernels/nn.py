@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .ops._checks import autocast_dtype, check_choice
+from .ops.add_norm import add_layer_norm, add_rms_norm
 from .ops.batch_norm import batch_norm
 from .ops.cross_entropy import REDUCTIONS, cross_entropy
 from .ops.dropout import dropout
@@ -56,23 +57,39 @@ class LinearAct(torch.nn.Linear):
         return f"{super().extra_repr()}, activation={self.activation!r}"
 
 
-def matmul_input_dtype(norm: torch.nn.Module, input: Tensor) -> torch.dtype | None:
-    """The dtype ``norm`` returns for ``input`` when it feeds matmuls (``norm.feeds_matmuls``,
-    see the module doc) under autocast: the autocast dtype; else None (the op's own)."""
-    if not norm.__dict__.get("feeds_matmuls") or input.dtype == torch.float64:  # autocast leaves fp64 as it is
+def matmul_input_dtype(norm: torch.nn.Module, input: Tensor, residual: Tensor | None = None) -> torch.dtype | None:
+    """The dtype ``norm`` returns for ``input`` (plus ``residual``) when it feeds matmuls
+    (``norm.feeds_matmuls``, see the module doc) under autocast: the autocast dtype; else
+    None (the op's own)."""
+    if not norm.__dict__.get("feeds_matmuls"):
         return None
+    if input.dtype == torch.float64 or (residual is not None and residual.dtype == torch.float64):
+        return None  # autocast leaves fp64 as it is
     return autocast_dtype(input)
 
 
 class LayerNorm(torch.nn.LayerNorm):
-    def forward(self, input: Tensor) -> Tensor:
-        out_dtype = matmul_input_dtype(self, input)
+    """``torch.nn.LayerNorm`` with our op. ``norm(input, residual)`` returns
+    ``(norm(residual + input), residual + input)`` in one op (``add_layer_norm``): a
+    pre-norm block's residual addition and its next norm, as ``gk.patch`` calls it."""
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        out_dtype = matmul_input_dtype(self, input, residual)
+        if residual is not None:
+            return add_layer_norm(
+                input, residual, self.normalized_shape, self.weight, self.bias, self.eps, out_dtype=out_dtype
+            )
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, out_dtype=out_dtype)
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    def forward(self, input: Tensor) -> Tensor:
-        return rms_norm(input, self.normalized_shape, self.weight, self.eps, out_dtype=matmul_input_dtype(self, input))
+    """``torch.nn.RMSNorm`` with our op; ``norm(input, residual)`` as LayerNorm's (``add_rms_norm``)."""
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        out_dtype = matmul_input_dtype(self, input, residual)
+        if residual is not None:
+            return add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps, out_dtype=out_dtype)
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps, out_dtype=out_dtype)
 
 
 class BatchNormForward:

@@ -41,7 +41,12 @@ forward. Recognised:
   ``loss="fused"`` the loss soft-caps the logits for Gemma 2 and 3). In their
   blocks (and GPT-2's, GPT-NeoX's, Phi's, StableLM's) the norms whose output goes only to the attention's or
   the MLP's projections return the autocast dtype under autocast
-  (``autocast_norms``; ``_NORMS_BEFORE_MATMULS``).
+  (``autocast_norms``; ``_NORMS_BEFORE_MATMULS``). Pre-norm blocks (Llama's
+  and the models built like it, GPT-2's; ``_ADD_NORM_BLOCKS``) whose forward is
+  the one read (checked on its source) add the attention's output to the
+  residual stream and normalise the sum for the MLP in one op
+  (``add_rms_norm`` / ``add_layer_norm``); the block's children are converted
+  as any module's.
 - timm, when already imported: its LayerNorm and LayerNorm2d; its
   BatchNormAct2d (EfficientNet, MobileNet, RegNet: a BatchNorm2d, then its
   ``drop`` and ``act`` modules) becomes our BatchNorm applying the activation
@@ -54,11 +59,13 @@ are looked up in ``sys.modules`` only. ``unpatch`` reverses every change.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import dis
 import functools
 import inspect
 import sys
+import textwrap
 import types
 from collections import Counter
 from dataclasses import dataclass, field
@@ -72,6 +79,7 @@ from torch import Tensor
 from . import nn as gnn
 from .errors import ArgumentError, ArgumentTypeError
 from .ops._checks import PLAIN_TENSOR_TYPES, check_choice
+from .ops.add_norm import add_rms_norm
 from .ops.cross_entropy import cross_entropy
 from .ops.gated_act import ACTIVATIONS as GATED_ACTIVATIONS
 from .ops.gated_act import geglu, swiglu
@@ -291,32 +299,31 @@ def _not_fused_with(map_name: str, why: str, swapped: bool) -> str:
 # ---- transformers and timm classes ----------------------------------------------------------------------------
 
 
-def _llama_rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
+def _rms_norm_variant(
+    norm: torch.nn.Module, x: Tensor, residual: Tensor | None, eps: float, **variant
+) -> Tensor | tuple[Tensor, Tensor]:
+    """A transformers RMSNorm's forward in its ``variant`` (rms_norm's ``offset`` and
+    ``cast_before_weight``): ``rms_norm(x)``, or given a residual (a decoder layer's forward
+    that ``gk.patch`` converted, ``_add_then_norm``) ``(rms_norm(residual + x), residual + x)``."""
+    out_dtype = gnn.matmul_input_dtype(norm, x, residual)
+    if residual is not None:
+        return add_rms_norm(x, residual, norm.weight.shape, norm.weight, eps, out_dtype=out_dtype, **variant)
+    return rms_norm(x, norm.weight.shape, norm.weight, eps, out_dtype=out_dtype, **variant)
+
+
+def _llama_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None = None):
     """Llama's RMSNorm: normalised in fp32, rounded to the input dtype, then times the weight."""
-    return rms_norm(
-        hidden_states,
-        self.weight.shape,
-        self.weight,
-        self.variance_epsilon,
-        cast_before_weight=True,
-        out_dtype=gnn.matmul_input_dtype(self, hidden_states),
-    )
+    return _rms_norm_variant(self, hidden_states, residual, self.variance_epsilon, cast_before_weight=True)
 
 
-def _gemma_rms_norm_forward(self, x: Tensor) -> Tensor:
+def _gemma_rms_norm_forward(self, x: Tensor, residual: Tensor | None = None):
     """Gemma's RMSNorm: times (1 + weight) in fp32, then rounded to the input dtype."""
-    return rms_norm(x, self.weight.shape, self.weight, self.eps, offset=1.0, out_dtype=gnn.matmul_input_dtype(self, x))
+    return _rms_norm_variant(self, x, residual, self.eps, offset=1.0)
 
 
-def _olmo2_rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
+def _olmo2_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None = None):
     """OLMo 2's RMSNorm: times the weight in fp32, then rounded to the input dtype."""
-    return rms_norm(
-        hidden_states,
-        self.weight.shape,
-        self.weight,
-        self.variance_epsilon,
-        out_dtype=gnn.matmul_input_dtype(self, hidden_states),
-    )
+    return _rms_norm_variant(self, hidden_states, residual, self.variance_epsilon)
 
 
 def _gated(gate: Tensor, up: Tensor, activation: str) -> Tensor:
@@ -524,6 +531,243 @@ def _mark_norms_feeding_matmuls(model: torch.nn.Module, swapped: set[str], uses:
                 norm.feeds_matmuls = True
                 marked.append(name)
     return marked
+
+
+# ---- a block's residual addition with the norm after it (transformers) ---------------------------------------
+
+# Pre-norm blocks' forwards as read in transformers 5.17 and 5.25, but the keywords of their calls (the
+# attention's, checked apart: each a parameter of the forward passed on by its own name, and its **kwargs). A
+# block class whose forward is this one (its AST, docstring and annotations aside) computes what the
+# replacement below computes, so the replacement may run in its place; any other forward (another release, a
+# block with dropout or scaling between) is left as it is.
+_LLAMA_LAYER_FORWARD = """
+residual = hidden_states
+hidden_states = self.input_layernorm(hidden_states)
+hidden_states, _ = self.self_attn(hidden_states=hidden_states)
+hidden_states = residual + hidden_states
+residual = hidden_states
+hidden_states = self.post_attention_layernorm(hidden_states)
+hidden_states = self.mlp(hidden_states)
+hidden_states = residual + hidden_states
+return hidden_states
+"""
+_GPT2_BLOCK_FORWARD = """
+residual = hidden_states
+hidden_states = self.ln_1(hidden_states)
+attn_output, _ = self.attn(hidden_states)
+hidden_states = attn_output + residual
+if encoder_hidden_states is not None:
+    if not hasattr(self, 'crossattention'):
+        raise ValueError(f'If `encoder_hidden_states` are passed, {self} has to be instantiated with '
+                         'cross-attention layers by setting `config.add_cross_attention=True`')
+    residual = hidden_states
+    hidden_states = self.ln_cross_attn(hidden_states)
+    cross_attn_output, _ = self.crossattention(hidden_states)
+    hidden_states = residual + cross_attn_output
+residual = hidden_states
+hidden_states = self.ln_2(hidden_states)
+feed_forward_hidden_states = self.mlp(hidden_states)
+hidden_states = residual + feed_forward_hidden_states
+return hidden_states
+"""
+
+
+@dataclass(frozen=True)
+class _BlockCall:
+    """How a block's forward (one of the forms above) takes its arguments and passes them
+    to its attention: ``parameters``, its named parameters after ``self`` in order
+    (``hidden_states`` first), with their ``defaults``; ``attention_keywords``, those it
+    passes on to the attention by name, besides its own ``**kwargs``."""
+
+    parameters: tuple[str, ...]
+    defaults: dict[str, Any]
+    attention_keywords: tuple[str, ...]
+    passes_all: bool = field(init=False)
+    """Whether the forward passes every named parameter but ``hidden_states`` on to its attention."""
+    attention_defaults: dict[str, Any] = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "passes_all", set(self.attention_keywords) == set(self.parameters[1:]))
+        object.__setattr__(self, "attention_defaults", {key: self.defaults[key] for key in self.attention_keywords})
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple[dict, dict] | None:
+        """The forward's named arguments and its ``**kwargs`` for a call ``(*args, **kwargs)``;
+        None for more positional arguments than it names."""
+        if len(args) > len(self.parameters):
+            return None
+        named = dict(self.defaults)
+        named.update(zip(self.parameters, args))
+        rest = {}
+        for key, value in kwargs.items():
+            if key in named:
+                named[key] = value
+            else:
+                rest[key] = value
+        return named, rest
+
+    def attention_call(self, args: tuple, kwargs: dict) -> tuple[Tensor, dict, dict] | None:
+        """``(hidden_states, the attention's keyword arguments, the forward's named ones)`` for
+        the forward's call ``(*args, **kwargs)``, as the forward passes them on; None where
+        ``bind`` is. The usual call (hidden states alone by position, every other argument by
+        keyword, to a forward passing all on) in one merge of dicts (host time)."""
+        if len(args) == 1 and self.passes_all and "hidden_states" not in kwargs:
+            return args[0], {**self.attention_defaults, **kwargs}, kwargs
+        bound = self.bind(args, kwargs)
+        if bound is None:
+            return None
+        named, rest = bound
+        return named["hidden_states"], {**{key: named[key] for key in self.attention_keywords}, **rest}, named
+
+
+def _without_keywords(tree: ast.AST) -> tuple[ast.AST, dict[str, list[ast.keyword]]]:
+    """``tree`` with every call's keywords taken out, and those of calls ``self.<name>(...)`` by name."""
+    taken = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "self":
+                taken[func.attr] = node.keywords
+            node.keywords = []
+    return tree, taken
+
+
+@functools.cache
+def _block_call(forward: Callable, form: str, attention: str) -> _BlockCall | str:
+    """A block's ``forward``'s ``_BlockCall`` when its body is ``form`` (keywords aside), each
+    keyword of its ``self.<attention>(...)`` call passing on a parameter under its own
+    name or the forward's ``**kwargs``; else why not."""
+    try:
+        function = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
+        signature = inspect.signature(forward)
+    except (OSError, TypeError, SyntaxError, ValueError) as e:
+        return f"its forward's source cannot be read ({_first_line(e)})"
+    body = function.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    ours, keywords = _without_keywords(ast.Module(body=body, type_ignores=[]))
+    expected, _ = _without_keywords(ast.parse(form))
+    if ast.dump(ours) != ast.dump(expected):
+        return "its forward is not the one read (transformers 5.17 and 5.25): the residual addition stays apart"
+    parameters = list(signature.parameters.values())[1:]
+    named = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    var_keyword = next((p.name for p in parameters if p.kind is p.VAR_KEYWORD), None)
+    passed = []
+    for keyword in keywords.get(attention, []):
+        value = keyword.value
+        if keyword.arg is None and isinstance(value, ast.Name) and value.id == var_keyword:
+            continue
+        if keyword.arg not in named or not (isinstance(value, ast.Name) and value.id == keyword.arg):
+            return f"its forward passes {ast.unparse(value)} to {attention} as {keyword.arg}"
+        if keyword.arg != "hidden_states":  # the replacement passes it as the forward does
+            passed.append(keyword.arg)
+    if (
+        var_keyword is None
+        or not named
+        or named[0] != "hidden_states"
+        or any(p.kind is p.KEYWORD_ONLY or p.kind is p.VAR_POSITIONAL for p in parameters)
+    ):
+        return f"its forward's parameters are not the ones read: {signature}"
+    defaults = {p.name: p.default for p in parameters[1:] if p.name in named}
+    if any(value is inspect.Parameter.empty for value in defaults.values()):
+        return f"its forward has parameters without defaults: {signature}"
+    return _BlockCall(tuple(named), defaults, tuple(passed))
+
+
+def _add_then_norm(norm: torch.nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+    """``(norm(residual + x), residual + x)``: in one op where ``norm`` is one of ours that
+    takes a residual (``norm(x, residual)``) and has no hooks (which would see that call),
+    else as the block wrote it."""
+    cls = type(norm)
+    takes_residual = cls is gnn.RMSNorm or cls is gnn.LayerNorm or cls.__dict__.get("forward") in _RMS_NORMS
+    if takes_residual and not _has_hooks(norm):
+        return norm(x, residual)
+    summed = residual + x
+    return norm(summed), summed
+
+
+def _llama_layer_forward(self, *args, **kwargs) -> Tensor:
+    """A pre-norm decoder layer written as Llama's (``_LLAMA_LAYER_FORWARD``): the attention's
+    residual addition and the norm before the MLP in one op (``_add_then_norm``)."""
+    call = self.block_call.attention_call(args, kwargs)
+    if call is None:
+        return _original_class(self).forward(self, *args, **kwargs)
+    residual, attention_kwargs, _ = call
+    attention_output, _ = self.self_attn(hidden_states=self.input_layernorm(residual), **attention_kwargs)
+    normed, hidden_states = _add_then_norm(self.post_attention_layernorm, attention_output, residual)
+    return hidden_states + self.mlp(normed)
+
+
+def _gpt2_block_forward(self, *args, **kwargs) -> Tensor:
+    """GPT-2's block (``_GPT2_BLOCK_FORWARD``) without cross-attention: the attention's
+    residual addition and ``ln_2`` in one op (``_add_then_norm``)."""
+    call = self.block_call.attention_call(args, kwargs)
+    if call is None or call[2].get("encoder_hidden_states") is not None:
+        return _original_class(self).forward(self, *args, **kwargs)
+    residual, attention_kwargs, _ = call
+    attention_output, _ = self.attn(self.ln_1(residual), **attention_kwargs)
+    normed, hidden_states = _add_then_norm(self.ln_2, attention_output, residual)
+    return hidden_states + self.mlp(normed)
+
+
+# (model, block class) -> (the replacement forward, its form, the attention's name, the norm it fuses with the
+# residual addition before it): the blocks of the models whose norms patch converts (``_RMS_NORMS``; GPT-2's
+# LayerNorms) whose forward has one of the forms above in transformers 5.25.
+_LLAMA_FORM = (_llama_layer_forward, _LLAMA_LAYER_FORWARD, "self_attn", "post_attention_layernorm")
+_ADD_NORM_BLOCKS = {
+    **{
+        (model, name): _LLAMA_FORM
+        for model, name in (
+            ("llama", "LlamaDecoderLayer"),
+            ("mistral", "MistralDecoderLayer"),
+            ("mixtral", "MixtralDecoderLayer"),
+            ("qwen2", "Qwen2DecoderLayer"),
+            ("qwen2_moe", "Qwen2MoeDecoderLayer"),
+            ("qwen2_vl", "Qwen2VLDecoderLayer"),
+            ("qwen2_5_vl", "Qwen2_5_VLDecoderLayer"),
+            ("qwen3", "Qwen3DecoderLayer"),
+            ("qwen3_moe", "Qwen3MoeDecoderLayer"),
+            ("gemma", "GemmaDecoderLayer"),
+            ("smollm3", "SmolLM3DecoderLayer"),
+            ("glm4_moe", "Glm4MoeDecoderLayer"),
+            ("deepseek_v3", "DeepseekV3DecoderLayer"),
+        )
+    },
+    ("gpt2", "GPT2Block"): (_gpt2_block_forward, _GPT2_BLOCK_FORWARD, "attn", "ln_2"),
+}
+
+
+def _add_norm_block_check(call: _BlockCall | str, norm: str) -> Callable[[torch.nn.Module], dict[str, Any] | str]:
+    """The ``prepare`` of a block's rule (``call``: its class's ``_block_call``): {} when its
+    replacement forward computes what the block's does, else why not."""
+
+    def prepare(block):
+        if isinstance(call, str):
+            return call
+        # A hook on the block could expect its forward's calls; one on the norm, its one input and output.
+        hooked = [name for name in ("", norm) if _has_hooks(block.get_submodule(name))]
+        if hooked:
+            return (
+                f"has hooks ({', '.join(name or 'the block' for name in hooked)}), which expect its forward as written"
+            )
+        return {}
+
+    return prepare
+
+
+def _add_norm_block_rules() -> dict[type, _Rule]:
+    """Rules for the pre-norm blocks of the transformers modules already imported: the
+    block's children traced and converted as any module's (its norms to ours, which take
+    the residual), its forward the replacement."""
+    rules = {}
+    for (model, name), (forward, form, attention, norm) in _ADD_NORM_BLOCKS.items():
+        cls = _transformers_class(model, name)
+        if cls is not None:
+            call = _block_call(cls.forward, form, attention)
+            replacement = _replacement(cls, forward)
+            if isinstance(call, _BlockCall):
+                replacement.block_call = call  # a class attribute: the forward reads it, torch.compile too
+            rules[cls] = _Rule(replacement, "ResidualNorm", _add_norm_block_check(call, norm), opaque=False)
+    return rules
 
 
 # ---- ResNet blocks (timm, torchvision) ------------------------------------------------------------------------
@@ -1291,8 +1535,9 @@ def patch(
     Patching an already patched model changes nothing.
 
     ``fuse_linear_act``: fuse each activation module into the map before it (a Linear,
-    Conv1D or BatchNorm; see the module's docstring), and each ResNet block's last
-    BatchNorm with the shortcut's addition and the ReLU. False leaves every activation
+    Conv1D or BatchNorm; see the module's docstring), each ResNet block's last
+    BatchNorm with the shortcut's addition and the ReLU, and in transformer blocks the
+    attention's residual addition with the norm after it. False leaves every activation
     module and block as it is; the BatchNorms are then swapped unfused, the Linears left.
 
     ``loss`` (transformers causal LMs): ``"logits"`` computes ``model(..., labels=...)``'s
@@ -1318,7 +1563,7 @@ def patch(
     uses = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
     rules = _TORCH_RULES | _third_party_rules() | _batch_norm_act_rules(fuse_linear_act)
     if fuse_linear_act:
-        rules |= _residual_block_rules()
+        rules |= _residual_block_rules() | _add_norm_block_rules()
     maps = _fusable_maps()
     head = _patch_loss(model, loss, report, undo)
     # Decided first: a module that will be swapped is opaque to tracing, one that stays is traced into.

@@ -52,6 +52,14 @@ def _cases() -> dict:
     return {
         "layer_norm": (lambda x, w, b: gk.layer_norm(x, (64,), w, b), (_leaf(8, 64), _leaf(64), _leaf(64))),
         "rms_norm": (lambda x, w: gk.rms_norm(x, (64,), w), (_leaf(8, 64), _leaf(64))),
+        "add_rms_norm": (
+            lambda x, r, w: sum(t.sum() for t in gk.add_rms_norm(x, r, (64,), w, cast_before_weight=True)),
+            (_leaf(8, 64), _leaf(8, 64), _leaf(64)),
+        ),
+        "add_layer_norm": (
+            lambda x, r, w, b: sum(t.sum() for t in gk.add_layer_norm(x, r, (64,), w, b)),
+            (_leaf(8, 64), _leaf(8, 64), _leaf(64), _leaf(64)),
+        ),
         "gated_act": (gk.swiglu, (_leaf(8, 64), _leaf(8, 64))),
         "rope": (
             lambda q, k: sum(t.sum() for t in gk.apply_rotary_pos_emb(q, k, torch.ones(1, 4, 8), torch.zeros(1, 4, 8))),

@@ -526,6 +526,154 @@ def test_norms_feeding_only_matmuls_return_the_autocast_dtype_and_the_same_logit
     assert not any("feeds_matmuls" in vars(m) for m in model.modules())
 
 
+# the models whose blocks patch converts to add the attention's output and normalise the sum in one op
+ADD_NORM_MODELS = {
+    name: block
+    for name, block in (
+        ("llama", "LlamaDecoderLayer"),
+        ("mistral", "MistralDecoderLayer"),
+        ("mixtral", "MixtralDecoderLayer"),
+        ("qwen2", "Qwen2DecoderLayer"),
+        ("qwen2_moe", "Qwen2MoeDecoderLayer"),
+        ("qwen3", "Qwen3DecoderLayer"),
+        ("qwen3_moe", "Qwen3MoeDecoderLayer"),
+        ("gemma", "GemmaDecoderLayer"),
+        ("smollm3", "SmolLM3DecoderLayer"),
+        ("deepseek_v3", "DeepseekV3DecoderLayer"),
+        ("glm4_moe", "Glm4MoeDecoderLayer"),
+        ("qwen2_vl", "Qwen2VLDecoderLayer"),
+        ("qwen2_5_vl", "Qwen2_5_VLDecoderLayer"),
+        ("gpt2", "GPT2Block"),
+        ("llama-gelu", "LlamaDecoderLayer"),
+        ("llama-relu", "LlamaDecoderLayer"),
+    )
+}
+
+
+def _count_add_norms(monkeypatch) -> list:
+    calls = []
+    ours = gk_patch._add_then_norm
+    monkeypatch.setattr(gk_patch, "_add_then_norm", lambda *args: calls.append(type(args[0])) or ours(*args))
+    return calls
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_pre_norm_blocks_add_and_normalise_in_one_op(name, monkeypatch):
+    """Every block of the models read (and only theirs) converted, each calling its norm with
+    the residual once a forward: our norms, which take it."""
+    original = _build(name)
+    model = copy.deepcopy(original)
+    report = gk.patch(model)
+    blocks = [n for n, m in original.named_modules() if type(m).__name__ == ADD_NORM_MODELS.get(name)]
+    assert [n for n, _, kind in report.swapped if kind == "ResidualNorm"] == blocks
+    calls = _count_add_norms(monkeypatch)
+    model(**_without_labels(_batch(name)))
+    assert len(calls) == len(blocks)
+    assert all(cls.__dict__.get("forward") in gk_patch._RMS_NORMS or cls is gk.nn.LayerNorm for cls in calls)
+
+
+def _hook_norms(model: nn.Module, names: list[str]) -> list:
+    """A forward hook on each of ``names``, which keeps its block's addition and norm apart."""
+    return [model.get_submodule(n).register_forward_hook(lambda *args: None) for n in names]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma", "gpt2"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autocast):
+    """The one op's forward is the norm of the sum PyTorch's addition rounds: the same logits bit for
+    bit (fp32, and under bf16 autocast: the sum fp32, the norm's output bf16) as with each block's
+    norm hooked, which keeps the addition apart; gradients within fp32's tolerance."""
+    model = _build(name)
+    gk.patch(model)
+    batch = _batch(name)
+    norms = [n for n, m in model.named_modules() if n.endswith(("post_attention_layernorm", "ln_2"))]
+    results = []
+    for hooked in (False, True):
+        hooks = _hook_norms(model, norms) if hooked else []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            results.append(_step(model, batch, lambda out: out.float().sum()))
+        for hook in hooks:
+            hook.remove()
+    (_, fused_logits, fused_grads), (_, logits, grads) = results
+    assert torch.equal(fused_logits, logits)
+    for key in grads:
+        torch.testing.assert_close(fused_grads[key], grads[key], rtol=1e-2 if autocast else 1e-4, atol=1e-5)
+
+
+def test_block_whose_forward_differs_is_left_with_its_reason(monkeypatch):
+    model = _build("llama")
+    layer_class = type(model.model.layers[0])
+
+    def forward(self, hidden_states, **kwargs):  # one more step than the forward read
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
+        hidden_states = residual + 0.5 * hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states
+
+    monkeypatch.setattr(layer_class, "forward", forward)
+    expected = model(**_without_labels(_batch("llama"))).logits
+    report = gk.patch(model)
+    assert "ResidualNorm" not in report.counts
+    left = {n: why for n, _, why in report.left}
+    assert "is not the one read" in left["model.layers.0"]
+    torch.testing.assert_close(model(**_without_labels(_batch("llama"))).logits, expected)
+
+
+def test_block_checks_its_attention_keywords():
+    form = gk_patch._LLAMA_LAYER_FORWARD
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, **kwargs):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=position_ids, **kwargs)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states
+
+    assert "passes position_ids to self_attn as attention_mask" in gk_patch._block_call(forward, form, "self_attn")
+    call = gk_patch._block_call(type(_build("llama").model.layers[0]).forward, form, "self_attn")
+    named, rest = call.bind((torch.ones(1),), {"use_cache": True, "output_attentions": False})
+    assert named["use_cache"] is True and named["attention_mask"] is None and rest == {"output_attentions": False}
+    assert call.bind((1,) * (len(call.parameters) + 1), {}) is None
+
+
+def test_gradient_checkpointing_of_fused_blocks():
+    original = _build("llama")
+    model = copy.deepcopy(original)
+    gk.patch(model)
+    for m in (original, model):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+        m.train()
+    batch = _batch("llama")
+    loss, _, grads = _step(model, batch)
+    loss_theirs, _, grads_theirs = _step(original, batch)
+    torch.testing.assert_close(loss, loss_theirs)
+    for key in grads:
+        torch.testing.assert_close(grads[key], grads_theirs[key], rtol=1e-4, atol=1e-6)
+
+
+def test_gpt2_block_with_cross_attention_runs_its_own_forward(monkeypatch):
+    config = transformers.GPT2Config(n_embd=HIDDEN, n_layer=1, n_head=2, vocab_size=VOCAB, add_cross_attention=True)
+    torch.manual_seed(0)
+    block = transformers.models.gpt2.modeling_gpt2.GPT2Block(config).eval()
+    reference = copy.deepcopy(block)
+    gk.patch(block)
+    calls = _count_add_norms(monkeypatch)
+    x, encoder = torch.randn(2, 5, HIDDEN), torch.randn(2, 3, HIDDEN)
+    torch.testing.assert_close(block(x, encoder_hidden_states=encoder), reference(x, encoder_hidden_states=encoder))
+    assert not calls
+    torch.testing.assert_close(block(x), reference(x))
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
 def test_autocast_gradients_with_norms_feeding_matmuls_as_close_to_fp64(name):
     """The projections' gradients summed in bf16 (the norms' output dtype) rather than fp32: each
@@ -793,7 +941,7 @@ def test_compile_aot_eager_of_a_patched_model():
     model.model.layers = model.model.layers[:1]
     model.config.num_hidden_layers = 1
     report = gk.patch(model, loss="fused")
-    assert report.counts == {"LinearCrossEntropyLoss": 1, "RoPE": 1, "GatedMLP": 1, "RMSNorm": 3}
+    assert report.counts == {"LinearCrossEntropyLoss": 1, "RoPE": 1, "GatedMLP": 1, "RMSNorm": 3, "ResidualNorm": 1}
     batch = _batch("llama")
     loss, _, grads = _step(model, batch)
     compiled = torch.compile(model, backend="aot_eager")
