@@ -1529,15 +1529,18 @@ class PatchReport:
 
 
 def patch(
-    model: torch.nn.Module, fuse_linear_act: bool = True, loss: str = "logits", autocast_norms: bool = True
+    model: torch.nn.Module,
+    fuse_linear_act: bool = True,
+    loss: str = "logits",
+    autocast_norms: bool = True,
+    residual_norms: bool = True,
 ) -> PatchReport:
     """Convert ``model``'s layers to gpukernels' in place; returns a report.
     Patching an already patched model changes nothing.
 
     ``fuse_linear_act``: fuse each activation module into the map before it (a Linear,
-    Conv1D or BatchNorm; see the module's docstring), each ResNet block's last
-    BatchNorm with the shortcut's addition and the ReLU, and in transformer blocks the
-    attention's residual addition with the norm after it. False leaves every activation
+    Conv1D or BatchNorm; see the module's docstring), and each ResNet block's last
+    BatchNorm with the shortcut's addition and the ReLU. False leaves every activation
     module and block as it is; the BatchNorms are then swapped unfused, the Linears left.
 
     ``loss`` (transformers causal LMs): ``"logits"`` computes ``model(..., labels=...)``'s
@@ -1554,16 +1557,24 @@ def patch(
     goes only to the projections of the block's attention or MLP return, under autocast,
     the autocast dtype the projections would cast it to (the same values: no fp32
     result, no cast passes), and take their gradient in it (the projections' gradients
-    summed in it, not in fp32). False: they return fp32, as the models' code does."""
+    summed in it, not in fp32). False: they return fp32, as the models' code does.
+
+    ``residual_norms`` (transformers blocks listed in ``_ADD_NORM_BLOCKS``: Llama's form, 13
+    families; GPT-2's): the attention's output added to the residual stream and the sum
+    normalised for the MLP in one op (``add_rms_norm`` / ``add_layer_norm``), where the
+    block's forward is the one read. False leaves those blocks' forward as written."""
     check_choice("loss", loss, LOSS_MODES)
-    if not isinstance(autocast_norms, bool):
-        raise ArgumentTypeError(f"autocast_norms must be a bool, got {type(autocast_norms).__name__}")
+    for name, value in (("autocast_norms", autocast_norms), ("residual_norms", residual_norms)):
+        if not isinstance(value, bool):
+            raise ArgumentTypeError(f"{name} must be a bool, got {type(value).__name__}")
     report = PatchReport()
     undo = model.__dict__.setdefault("_gpukernels_undo", [])
     uses = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
     rules = _TORCH_RULES | _third_party_rules() | _batch_norm_act_rules(fuse_linear_act)
     if fuse_linear_act:
-        rules |= _residual_block_rules() | _add_norm_block_rules()
+        rules |= _residual_block_rules()
+    if residual_norms:
+        rules |= _add_norm_block_rules()
     maps = _fusable_maps()
     head = _patch_loss(model, loss, report, undo)
     # Decided first: a module that will be swapped is opaque to tracing, one that stays is traced into.

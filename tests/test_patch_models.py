@@ -572,6 +572,17 @@ def test_pre_norm_blocks_add_and_normalise_in_one_op(name, monkeypatch):
     assert all(cls.__dict__.get("forward") in gk_patch._RMS_NORMS or cls is gk.nn.LayerNorm for cls in calls)
 
 
+def test_residual_norms_false_leaves_the_blocks(monkeypatch):
+    model = _build("llama")
+    report = gk.patch(model, residual_norms=False)
+    assert "ResidualNorm" not in report.counts and report.counts["RMSNorm"]
+    calls = _count_add_norms(monkeypatch)
+    model(**_without_labels(_batch("llama")))
+    assert not calls
+    with pytest.raises(gk.ArgumentTypeError, match="residual_norms must be a bool"):
+        gk.patch(_build("llama"), residual_norms=1)
+
+
 def _hook_norms(model: nn.Module, names: list[str]) -> list:
     """A forward hook on each of ``names``, which keeps its block's addition and norm apart."""
     return [model.get_submodule(n).register_forward_hook(lambda *args: None) for n in names]

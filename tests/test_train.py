@@ -176,6 +176,19 @@ def test_patched_way_with_fp32_norms_under_autocast(tmp_path, cache_dir):
     assert not train.WAYS["patched-fp32-norms"].by_default
 
 
+def test_patched_way_with_the_residual_apart(tmp_path, cache_dir):
+    """The A/B of patch's residual_norms: the same first loss bit for bit (the one op normalises the
+    sum as PyTorch's addition rounds it), the reports telling them apart; not run unless named."""
+    _needs("llama")
+    summary = _run("llama", tmp_path, cache_dir, "--steps", "2", "--dtype", "bfloat16", "--ways",
+                   "patched,patched-residual-apart")  # fmt: skip
+    ours, apart = (summary["ways"][w] for w in ("patched", "patched-residual-apart"))
+    assert f"LlamaDecoderLayer->ResidualNorm x{PRESETS['llama']['cpu']['layers']}" in ours["report"]
+    assert "ResidualNorm" not in apart["report"]
+    assert ours["losses"][0] == apart["losses"][0]
+    assert not train.WAYS["patched-residual-apart"].by_default
+
+
 def test_fp32_reference_ways_judge_the_bf16_noise(tmp_path, cache_dir, capsys):
     """eager-fp32 and patched-fp32 run a bfloat16 preset without autocast (same seed and
     batches): each way's distance from the fp32 curve is reported beside eager's, and the

@@ -14,7 +14,8 @@ graph: gk.capture_step; CUDA only), liger (Liger-Kernel's patch, when installed;
 CUDA only), compile (torch.compile of plain), compile-patched, and both compiled
 with mode="reduce-overhead" (compile-cudagraphs, compile-patched-cudagraphs; CUDA only).
 Only when named: patched-fp32-norms (patched, the transformer blocks' norms returning
-fp32 under autocast), and eager-fp32 and patched-fp32 (a bfloat16 preset run in fp32,
+fp32 under autocast), patched-residual-apart (patched, the blocks' residual addition
+apart from the norm after it), and eager-fp32 and patched-fp32 (a bfloat16 preset run in fp32,
 no autocast: the reference that tells how far bf16 rounding alone moves each curve, its
 distance reported beside eager's and judged against eager's own).
 Data (nothing is downloaded): the Python standard library's .py sources,

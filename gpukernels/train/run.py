@@ -55,6 +55,8 @@ WAYS = {
     "patched": Way("gpukernels"),
     # patched, its transformer blocks' norms returning fp32 under autocast, as the models' code does
     "patched-fp32-norms": Way("gpukernels", patch_options=(("autocast_norms", False),), by_default=False),
+    # patched, its transformer blocks' residual addition apart from the norm after it, as the models' code has it
+    "patched-residual-apart": Way("gpukernels", patch_options=(("residual_norms", False),), by_default=False),
     # patched with patch's default loss: the model's logits, then our cross_entropy (the language models)
     "patched-logits": Way("gpukernels", patch_options=(("loss", "logits"),), by_default=False),
     "captured": Way("gpukernels", captured=True),
