@@ -498,6 +498,15 @@ _NORMS_BEFORE_MATMULS = {
 }
 
 
+def _hooked_reason(block: torch.nn.Module, names: tuple[str, ...]) -> str | None:
+    """Why a block whose forward patch replaces must stay as it is when the block or its
+    children ``names`` ("": the block) have hooks, which expect its forward as written; else None."""
+    hooked = [name for name in names if _has_hooks(block.get_submodule(name))]
+    if hooked:
+        return f"has hooks ({', '.join(name or 'the block' for name in hooked)}), which expect its forward as written"
+    return None
+
+
 def _original_class(module: torch.nn.Module) -> type:
     return _ORIGINAL.get(type(module), type(module))
 
@@ -744,12 +753,7 @@ def _add_norm_block_check(call: _BlockCall | str, norm: str) -> Callable[[torch.
         if isinstance(call, str):
             return call
         # A hook on the block could expect its forward's calls; one on the norm, its one input and output.
-        hooked = [name for name in ("", norm) if _has_hooks(block.get_submodule(name))]
-        if hooked:
-            return (
-                f"has hooks ({', '.join(name or 'the block' for name in hooked)}), which expect its forward as written"
-            )
-        return {}
+        return _hooked_reason(block, ("", norm)) or {}
 
     return prepare
 
@@ -873,12 +877,7 @@ def _residual_block_check(
             return f"{relu} computes {activation}, not relu" if activation else f"{relu}: {why}"
         # A hook on the block could expect its forward's calls; those on the others would no longer run. Sharing
         # does not matter: the modules stay where they are, the BatchNorms' state kept by .fused as by forward.
-        hooked = [name for name in ("", *batch_norms, relu) if _has_hooks(block.get_submodule(name))]
-        if hooked:
-            return (
-                f"has hooks ({', '.join(name or 'the block' for name in hooked)}), which expect its forward as written"
-            )
-        return {}
+        return _hooked_reason(block, ("", *batch_norms, relu)) or {}
 
     return prepare
 
