@@ -29,7 +29,6 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import (
     FLOAT_DTYPES,
     autocast_enabled,
@@ -43,6 +42,7 @@ from ._checks import (
     empty_grad,
 )
 from ._op import kernel_op, reshaped, row_count, stats_dtype
+from .rms_norm import check_variant
 
 
 @kernel_op("add_norm")
@@ -237,11 +237,7 @@ def add_rms_norm(
     flow through both results."""
     if eps is not None:
         eps = check_number("eps", eps, low=0.0)
-    offset = check_number("offset", offset)
-    if offset and weight is None:
-        raise ArgumentError(f"offset={offset} scales by offset + weight: it needs a weight")
-    if not isinstance(cast_before_weight, bool):
-        raise ArgumentTypeError(f"cast_before_weight must be a bool, got {type(cast_before_weight).__name__}")
+    offset = check_variant(offset, cast_before_weight, weight)
     autocast_to_fp32 = not offset and not cast_before_weight  # as rms_norm: the model code's own casts otherwise
     return _add_norm(
         input, residual, normalized_shape, weight, None, eps, offset, False, cast_before_weight, out_dtype,

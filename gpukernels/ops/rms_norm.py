@@ -81,6 +81,17 @@ def _backward(ctx, dy, _drstd):
 rms_norm_fwd.register_autograd(_setup_context, _backward)
 
 
+def check_variant(offset, cast_before_weight, weight: Tensor | None) -> float:
+    """An RMSNorm variant's ``offset`` (returned, checked) and ``cast_before_weight``: an offset
+    scales by ``offset + weight``, so it needs a weight."""
+    offset = check_number("offset", offset)
+    if offset and weight is None:
+        raise ArgumentError(f"offset={offset} scales by offset + weight: it needs a weight")
+    if not isinstance(cast_before_weight, bool):
+        raise ArgumentTypeError(f"cast_before_weight must be a bool, got {type(cast_before_weight).__name__}")
+    return offset
+
+
 def rms_norm(
     input: Tensor,
     normalized_shape: int | Sequence[int],
@@ -112,11 +123,7 @@ def rms_norm(
     Its gradient comes in that dtype too."""
     shape, d = check_norm_input(input, normalized_shape, ("weight",), (weight,))
     eps = torch.finfo(stats_dtype(input.dtype)).eps if eps is None else check_number("eps", eps, low=0.0)
-    offset = check_number("offset", offset)
-    if offset and weight is None:
-        raise ArgumentError(f"offset={offset} scales by offset + weight: it needs a weight")
-    if not isinstance(cast_before_weight, bool):
-        raise ArgumentTypeError(f"cast_before_weight must be a bool, got {type(cast_before_weight).__name__}")
+    offset = check_variant(offset, cast_before_weight, weight)
     if out_dtype is not None:
         check_out_dtype(out_dtype, input)
     if autocast_enabled(input) and input.dtype != torch.float64 and not offset and not cast_before_weight:

@@ -45,6 +45,7 @@ from ._common import (
     arrival_counter,
     as_float,
     fitting_per_sm,
+    float_bits,
     launch_plan,
     launch_scratch,
     num_programs,
@@ -75,6 +76,12 @@ flight an SM against 48 KB)."""
 MAX_FWD_ROWS = 16
 """Rows of the forward's tile, at the most: on sm_90, 128 rows of 32 features took 80
 registers a thread (and spilled in fp64) where 16 rows took 56."""
+
+
+def offset_words(offset: float) -> tuple:
+    """RMSNorm's ``offset`` as the kernels take it: ``float_bits`` words (a float argument
+    would arrive as fp32), or None twice for 0, which adds nothing (the usual RMSNorm)."""
+    return float_bits(offset) if offset else (None, None)
 
 
 @functools.cache  # one entry per row width: a dict lookup instead of the arithmetic, on a new launch key

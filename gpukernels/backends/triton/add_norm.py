@@ -7,12 +7,7 @@ centred (LayerNorm) or not (RMSNorm).
 from __future__ import annotations
 
 from ._common import aligned, cdiv, dtype_of, float_bits, rows_and_features
-from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch
-
-
-def _offset_words(offset: float) -> tuple:
-    """RMSNorm's ``offset`` as ``float_bits`` words, None twice for 0 (as rms_norm.py's)."""
-    return float_bits(offset) if offset else (None, None)
+from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, offset_words, row_launch
 
 
 def add_norm_fwd(x, residual, weight, bias, eps, offset, centered, cast_before_weight, out_dtype, y, summed, stats):
@@ -40,7 +35,7 @@ def add_norm_fwd(x, residual, weight, bias, eps, offset, centered, cast_before_w
         rows,
         d,
         *float_bits(eps),
-        *_offset_words(offset),
+        *offset_words(offset),
     )
 
 
@@ -56,7 +51,7 @@ def add_norm_bwd(
     has_w = weight is not None
     variant = ("add_norm", summed.dtype, dy.dtype, dtype_of(dsummed), x_dtype, dtype_of(weight), not offset, centered,
                has_bias, cast_before_weight, rows, d)  # fmt: skip
-    offset_words = _offset_words(offset)
+    offset_args = offset_words(offset)
 
     def constexprs() -> dict:
         column_bytes = dy.element_size() + summed.element_size() + (0 if dsummed is None else dsummed.element_size())
@@ -68,7 +63,7 @@ def add_norm_bwd(
     dx_in = dinput if x_dtype != summed.dtype else None
     partial_rows = 2 if has_bias else int(has_w)  # dbias's partials follow every program's dweight row
     programs, partial, counters = bwd_buffers(variant, constexprs, partial_rows, dy, summed, weight, stats, dsummed,
-                                              dresidual, dx_in, *grads, rows, d, *offset_words)  # fmt: skip
+                                              dresidual, dx_in, *grads, rows, d, *offset_args)  # fmt: skip
     norm_bwd_kernel.launch(
         (programs,),
         variant if aligned(dy, dsummed, weight) else None,  # summed and stats: the forward's allocations
@@ -85,5 +80,5 @@ def add_norm_bwd(
         counters,
         rows,
         d,
-        *offset_words,
+        *offset_args,
     )

@@ -5,13 +5,7 @@ the launchers of the row-normalisation kernels of ``_norm``, uncentred (``CENTER
 from __future__ import annotations
 
 from ._common import aligned, cdiv, dtype_of, float_bits, rows_and_features
-from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, row_launch
-
-
-def _offset_words(offset: float) -> tuple:
-    """``offset`` as the kernels take it: ``float_bits`` words (a float argument would
-    arrive as fp32), or None twice for 0, which adds nothing (the usual RMSNorm)."""
-    return float_bits(offset) if offset else (None, None)
+from ._norm import bwd_buffers, bwd_row_launch, norm_bwd_kernel, norm_fwd_kernel, offset_words, row_launch
 
 
 def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, out_dtype, y, rstd):
@@ -38,7 +32,7 @@ def rms_norm_fwd(x, weight, eps, offset, cast_before_weight, out_dtype, y, rstd)
             rows,
             d,
             *float_bits(eps),
-            *_offset_words(offset),
+            *offset_words(offset),
         )
 
 
@@ -49,7 +43,7 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
         return
     has_w = weight is not None
     variant = ("rms_norm", x.dtype, dy.dtype, dtype_of(weight), not offset, cast_before_weight, rows, d)
-    offset_words = _offset_words(offset)
+    offset_args = offset_words(offset)
 
     def constexprs() -> dict:
         return dict(bwd_row_launch(d, 2 * x.element_size()), CENTERED=False, CAST_BEFORE_W=cast_before_weight)
@@ -57,7 +51,7 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
     grads = (dweight if has_w else None, None)  # no dbias
     no_sum = None  # no gradient of a sum to add, nor the input's dtype to write dx in again
     programs, partial, counters = bwd_buffers(variant, constexprs, int(has_w), dy, x, weight, rstd, no_sum, dx, no_sum,
-                                              *grads, rows, d, *offset_words)  # fmt: skip
+                                              *grads, rows, d, *offset_args)  # fmt: skip
     norm_bwd_kernel.launch(
         (programs,),
         variant if aligned(dy, x, weight, rstd) else None,
@@ -74,5 +68,5 @@ def rms_norm_bwd(dy, x, weight, rstd, offset, cast_before_weight, dx, dweight):
         counters,
         rows,
         d,
-        *offset_words,
+        *offset_args,
     )
