@@ -89,7 +89,7 @@ def grid_programs_per_sm() -> dict[str, int]:
     from gpukernels.backends.triton._norm import BWD_PROGRAMS_PER_SM
 
     return {
-        "norm_bwd_kernel": BWD_PROGRAMS_PER_SM,  # layer_norm.py, rms_norm.py
+        "norm_bwd_kernel": BWD_PROGRAMS_PER_SM,  # _norm.py
         "batch_norm_stats_kernel": PROGRAMS_PER_SM,  # batch_norm.py: the reduction grid, channel blocks x splits
         "batch_norm_bwd_reduce_kernel": PROGRAMS_PER_SM,
     }

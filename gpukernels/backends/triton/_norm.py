@@ -42,8 +42,11 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    aligned,
     arrival_counter,
     as_float,
+    cdiv,
+    dtype_of,
     fitting_per_sm,
     float_bits,
     launch_plan,
@@ -51,6 +54,7 @@ from ._common import (
     num_programs,
     round_to,
     row_block,
+    rows_and_features,
     stats_dtype,
 )
 from ._launch import jit
@@ -78,10 +82,10 @@ MAX_FWD_ROWS = 16
 registers a thread (and spilled in fp64) where 16 rows took 56."""
 
 
-def offset_words(offset: float) -> tuple:
-    """RMSNorm's ``offset`` as the kernels take it: ``float_bits`` words (a float argument
-    would arrive as fp32), or None twice for 0, which adds nothing (the usual RMSNorm)."""
-    return float_bits(offset) if offset else (None, None)
+NO_OFFSET = (None, None)
+"""The kernels' offset words for an ``offset`` of 0, which adds nothing (LayerNorm, the
+usual RMSNorm); another offset reaches them as its ``float_bits`` (a float argument would
+arrive as fp32)."""
 
 
 @functools.cache  # one entry per row width: a dict lookup instead of the arithmetic, on a new launch key
@@ -592,3 +596,88 @@ def norm_bwd_kernel(
                 _store_dx(_dx(g, xhat, rstd, mean_g, mean_gxhat, CENTERED), DS, DX, DX_IN, base + cols, mask)
     if HAS_W or HAS_B:
         sum_partial_rows(Partial, DW, DB, Counters, programs, D, FAN_IN, BLOCK_D)
+
+
+def norm_fwd(x, residual, weight, bias, eps, offset, centered, cast_before_weight, out_dtype, y, summed, stats):
+    """The forward's launch, for every op over it (``layer_norm``, ``rms_norm`` and
+    ``add_norm`` name only what they use): ``y``, the rows of ``x`` (of ``summed =
+    residual + x`` with a residual) normalised, and their ``stats``."""
+    rows, d = rows_and_features(x)
+    if not rows:
+        return
+    # rows is not specialized (the tile masks its last rows): its type, i32 or i64, is all that varies
+    key = (
+        (x.dtype, dtype_of(residual), out_dtype, dtype_of(weight), dtype_of(bias), not offset, centered,
+         cast_before_weight, d, rows >= 2**31)
+        if aligned(x, residual, weight, bias)
+        else None
+    )  # fmt: skip
+    launch = row_launch(d)
+    norm_fwd_kernel.launch(
+        (cdiv(rows, launch["ROWS"]),),
+        key,
+        lambda: dict(launch, CENTERED=centered, CAST_BEFORE_W=cast_before_weight),
+        x,
+        residual,
+        weight,
+        bias,
+        y,
+        summed,
+        stats,
+        rows,
+        d,
+        *float_bits(eps),
+        *(float_bits(offset) if offset else NO_OFFSET),
+    )
+
+
+def norm_bwd(dy, dsummed, x, weight, stats, offset, centered, has_bias, cast_before_weight, x_dtype, dx, dx_in, dw, db):
+    """The backward's launch, for every op over it: ``dx`` (with ``dsummed``, the
+    gradient of a forward's ``summed`` as the caller read it, added), and the same in
+    ``dx_in`` when ``x_dtype`` (the forward's input's, with a residual) is not x's
+    (else ``dx_in`` is left as it is); ``dw`` with a weight, ``db`` when ``has_bias``
+    (each left as it is otherwise). ``x`` is the forward's input, or its ``summed``."""
+    rows, d = rows_and_features(x)
+    if not rows:
+        dw.zero_()  # empty when there is no weight
+        if db is not None:
+            db.zero_()
+        return
+    has_w = weight is not None
+    variant = ("norm_bwd", x.dtype, dy.dtype, dtype_of(dsummed), x_dtype, dtype_of(weight), not offset, centered,
+               has_bias, cast_before_weight, rows, d)  # fmt: skip
+    offset_args = float_bits(offset) if offset else NO_OFFSET
+
+    def constexprs() -> dict:
+        # Without the sum's gradient dy is counted at x's size: an out_dtype's bf16 dy on fp32
+        # rows of 1024 features would otherwise take an eighth stage, which spills.
+        x_bytes = x.element_size()
+        column_bytes = 2 * x_bytes if dsummed is None else dy.element_size() + x_bytes + dsummed.element_size()
+        # fused, dy * w - mean(dy * w) keeps the product's rounding error where the exact
+        # answer is 0 (D == 1), times rstd
+        options = dict(enable_fp_fusion=False) if centered else {}
+        return dict(bwd_row_launch(d, column_bytes), CENTERED=centered, CAST_BEFORE_W=cast_before_weight, **options)
+
+    grads = (dw if has_w else None, db if has_bias else None)
+    dx_in = dx_in if x_dtype != x.dtype else None
+    partial_rows = 2 if has_bias else int(has_w)  # dbias's partials follow every program's dweight row
+    programs, partial, counters = bwd_buffers(variant, constexprs, partial_rows, dy, x, weight, stats, dsummed, dx,
+                                              dx_in, *grads, rows, d, *offset_args)  # fmt: skip
+    norm_bwd_kernel.launch(
+        (programs,),
+        variant if aligned(dy, dsummed, x, weight) else None,  # stats: the forward's allocation
+        constexprs,
+        dy,
+        x,
+        weight,
+        stats,
+        dsummed,
+        dx,
+        dx_in,
+        partial,
+        *grads,
+        counters,
+        rows,
+        d,
+        *offset_args,
+    )
