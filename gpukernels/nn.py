@@ -111,19 +111,27 @@ class BatchNormForward:
         module's state kept as its forward keeps it: how the forward of a ResNet block that
         ``gk.patch`` converted ends its block (``bn3.fused(x, "relu", shortcut)``)."""
         self._check_input_dim(input)
+        try:  # from the module's tables: each read through Module.__getattr__ costs a failed lookup first (host time)
+            params, buffers = self._parameters, self._buffers
+            weight, bias = params["weight"], params["bias"]
+            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+            batches = buffers["num_batches_tracked"]
+        except KeyError:  # one kept apart from them (a parametrization): read as the forward reads it
+            weight, bias, running_mean, running_var = self.weight, self.bias, self.running_mean, self.running_var
+            batches = self.num_batches_tracked
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        if self.training and self.track_running_stats and batches is not None:
+            batches.add_(1)
             if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+                momentum = 1.0 / float(batches)
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
         keep_running = not self.training or self.track_running_stats
         return batch_norm(
             input,
-            self.running_mean if keep_running else None,
-            self.running_var if keep_running else None,
-            self.weight,
-            self.bias,
+            running_mean if keep_running else None,
+            running_var if keep_running else None,
+            weight,
+            bias,
             use_batch_stats,
             momentum,
             self.eps,

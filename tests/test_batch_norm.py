@@ -959,3 +959,30 @@ def test_module_fused_with_a_residual(device):
     torch.testing.assert_close(y, expected, **TOLERANCES[torch.float32])
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, **TOLERANCES[torch.float32])
     assert ours.num_batches_tracked == theirs.num_batches_tracked == 1
+
+
+@pytest.mark.parametrize("parametrized", ["weight", "running_mean"])
+def test_module_with_a_parametrization(device, parametrized):
+    """A parametrized weight (or buffer) is no longer in the module's table of parameters
+    (buffers), where the forward reads its state first: read as torch's forward reads it,
+    through the parametrization."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    torch.manual_seed(0)
+    ours, theirs = gk.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.running_mean.uniform_(-1, 1)
+    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = ours.to(device), theirs.to(device)
+    for module in (ours, theirs):
+        parametrize.register_parametrization(module, parametrized, Doubled())
+    x = torch.randn(3, 4, 5, 6, device=device)
+    for training in (True, False):
+        ours.train(training), theirs.train(training)
+        torch.testing.assert_close(ours(x), theirs(x), **TOLERANCES[torch.float32])
+    assert ours.num_batches_tracked == theirs.num_batches_tracked == 1
