@@ -86,13 +86,13 @@ def check_norm_input(
     """A norm's ``check_float`` of input, ``check_normalized_shape`` and
     ``check_optional_floats`` of its ``params`` (named by ``names``) in one: returns
     ``(shape, d)``. The usual call (plain tensors, one normalized dim given as an int or a
-    1-tuple) passes in one pass of reads, each attribute read once (host time); anything
-    else goes through those checks, which name what fails."""
+    1-tuple or torch.Size: a weight's shape) passes in one pass of reads, each attribute read
+    once (host time); anything else goes through those checks, which name what fails."""
     shape = (normalized_shape,) if type(normalized_shape) is int else normalized_shape
     if (
         type(input) in PLAIN_TENSOR_TYPES
         and input.dtype in FLOAT_DTYPES
-        and type(shape) is tuple
+        and (type(shape) is tuple or type(shape) is torch.Size)
         and len(shape) == 1
         and type(shape[0]) is int
         and shape[0] > 0

@@ -235,7 +235,7 @@ def add_rms_norm(
     addition rounds it, then normalised as ``gk.rms_norm`` normalises it (``eps=None``,
     ``offset``, ``cast_before_weight``, autocast and ``out_dtype`` as there). Gradients
     flow through both results."""
-    if eps is not None:
+    if eps is not None and not (type(eps) is float and 0.0 <= eps < math.inf):  # the usual call passes as is
         eps = check_number("eps", eps, low=0.0)
     offset = check_variant(offset, cast_before_weight, weight)
     autocast_to_fp32 = not offset and not cast_before_weight  # as rms_norm: the model code's own casts otherwise

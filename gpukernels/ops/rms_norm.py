@@ -22,6 +22,7 @@ passes gradients through unchanged, as ``Tensor.to`` does).
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -84,10 +85,11 @@ rms_norm_fwd.register_autograd(_setup_context, _backward)
 def check_variant(offset, cast_before_weight, weight: Tensor | None) -> float:
     """An RMSNorm variant's ``offset`` (returned, checked) and ``cast_before_weight``: an offset
     scales by ``offset + weight``, so it needs a weight."""
-    offset = check_number("offset", offset)
+    if not (type(offset) is float and -math.inf < offset < math.inf):  # the usual call passes as is
+        offset = check_number("offset", offset)
     if offset and weight is None:
         raise ArgumentError(f"offset={offset} scales by offset + weight: it needs a weight")
-    if not isinstance(cast_before_weight, bool):
+    if type(cast_before_weight) is not bool:
         raise ArgumentTypeError(f"cast_before_weight must be a bool, got {type(cast_before_weight).__name__}")
     return offset
 
@@ -122,7 +124,10 @@ def rms_norm(
     feeds only matmuls under autocast: ``gk.patch`` gives them the autocast dtype).
     Its gradient comes in that dtype too."""
     shape, d = check_norm_input(input, normalized_shape, ("weight",), (weight,))
-    eps = torch.finfo(stats_dtype(input.dtype)).eps if eps is None else check_number("eps", eps, low=0.0)
+    if eps is None:
+        eps = torch.finfo(stats_dtype(input.dtype)).eps
+    elif not (type(eps) is float and 0.0 <= eps < math.inf):  # the usual call passes as is
+        eps = check_number("eps", eps, low=0.0)
     offset = check_variant(offset, cast_before_weight, weight)
     if out_dtype is not None:
         check_out_dtype(out_dtype, input)
