@@ -270,7 +270,8 @@ def _activation(module: torch.nn.Module) -> tuple[str | None, str]:
 
 def _conv1d_act_forward(self, input: Tensor) -> Tensor:
     """transformers' Conv1D (weight stored (in, out)) and its activation in one linear_act."""
-    return linear_act(input, self.weight.t(), self.bias, self.activation)
+    weight, bias = gnn.module_state(self, self._parameters, "weight", "bias")
+    return linear_act(input, weight.t(), bias, self.activation)
 
 
 def _fusable_maps() -> dict[type, _Rule]:
@@ -306,7 +307,7 @@ def _rms_norm_variant(
     ``cast_before_weight``): ``rms_norm(x)``, or given a residual (a decoder layer's forward
     that ``gk.patch`` converted, ``_add_then_norm``) ``(rms_norm(residual + x), residual + x)``."""
     out_dtype = gnn.matmul_input_dtype(norm, x, residual)
-    weight = norm.weight  # read once: a module's parameter goes through Module.__getattr__ (host time)
+    (weight,) = gnn.module_state(norm, norm._parameters, "weight")
     if residual is not None:
         return add_rms_norm(x, residual, weight.shape, weight, eps, out_dtype=out_dtype, **variant)
     return rms_norm(x, weight.shape, weight, eps, out_dtype=out_dtype, **variant)
@@ -363,14 +364,13 @@ def _gated_activation(attribute: str) -> Callable[[torch.nn.Module], dict[str, A
 
 def _timm_layer_norm_forward(self, x: Tensor) -> Tensor:
     """timm's LayerNorm: F.layer_norm over the trailing dims."""
-    return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    return layer_norm(x, self.normalized_shape, *gnn.module_state(self, self._parameters, "weight", "bias"), self.eps)
 
 
 def _layer_norm_2d_forward(self, x: Tensor) -> Tensor:
     """timm's and torchvision's LayerNorm2d: over the channels of an NCHW tensor."""
-    return layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(
-        0, 3, 1, 2
-    )
+    weight, bias = gnn.module_state(self, self._parameters, "weight", "bias")
+    return layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, weight, bias, self.eps).permute(0, 3, 1, 2)
 
 
 def _unless_fast_norm(module: torch.nn.Module) -> dict[str, Any] | str:

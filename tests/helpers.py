@@ -178,3 +178,23 @@ def assert_out_dtype_rounds_once(op, x: torch.Tensor, params, out_dtype: torch.d
     for ours, theirs in zip(leaves, cast):
         assert ours.grad.dtype == ours.dtype
         assert torch.equal(ours.grad, theirs.grad)
+
+
+def assert_parametrized_weight_read(ours: torch.nn.Module, theirs: torch.nn.Module, device) -> None:
+    """``ours`` computes what ``theirs`` (the torch module it replaces, of the same state)
+    computes once both have their weight parametrized (doubled): a parametrized weight is no
+    longer in the module's table of parameters, where our modules read their state first."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    with torch.no_grad():
+        ours.weight.copy_(torch.linspace(0.5, 1.5, ours.weight.numel()))
+    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = ours.to(device), theirs.to(device)
+    for module in (ours, theirs):
+        parametrize.register_parametrization(module, "weight", Doubled())
+    x = torch.randn(3, ours.weight.numel(), generator=torch.Generator().manual_seed(0)).to(device)
+    torch.testing.assert_close(ours(x), theirs(x), **TOLERANCES[torch.float32])

@@ -11,6 +11,7 @@ from helpers import (
     applied_to_itself,
     assert_matches,
     assert_out_dtype_rounds_once,
+    assert_parametrized_weight_read,
     assert_same_output_and_grads,
     count_launches,
     gradcheck,
@@ -284,3 +285,9 @@ def test_rows_of_any_shape_reach_the_kernels_without_views(device, shape):
     """Input of any shape goes to the kernels as it is, its last dim the row."""
     x = torch.randn(shape, device=device, requires_grad=True)
     assert applied_to_itself(gk.layer_norm(x, shape[-1:]), x)
+
+
+def test_module_with_a_parametrized_weight(device):
+    """gk.nn.LayerNorm reads its parameters from the module's table of them; a parametrized
+    weight, no longer there, through its parametrization, as torch's LayerNorm."""
+    assert_parametrized_weight_read(gk.nn.LayerNorm(6), torch.nn.LayerNorm(6), device)
