@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,6 +90,20 @@ def test_extreme_pre_activations(device, activation):
     )
     for dtype in (torch.float64, torch.float32):
         _compare(x, weight, bias, activation, dtype)
+
+
+def test_relu_passes_the_gradient_of_a_nan(device):
+    """relu's backward is PyTorch's threshold_backward: 0 where the output is <= 0, the
+    gradient elsewhere, a nan output's included (the nan row of x gets the weight's column
+    sums; with the gradient dropped there, zeros)."""
+    x = torch.tensor([[math.nan, 1.0], [-1.0, 2.0]], device=device)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 2.0]], device=device)
+    grads = [
+        _output_and_grads(fn, x, weight, None, "relu", torch.ones(2, 3, device=device))[1:]
+        for fn in (linear_act, torch_linear_act)
+    ]
+    assert grads[1][0][0].tolist() == [2.0, 3.0]
+    torch.testing.assert_close(grads[0], grads[1], equal_nan=True, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("x_shape", [(0, 17), (2, 0, 17)])

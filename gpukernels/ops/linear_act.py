@@ -12,10 +12,11 @@ What the forward keeps for the backward, and its memory cost:
   ``(rows, out)`` tensor in the input dtype. This is what PyTorch's unfused
   ``act(F.linear(...))`` keeps too (the linear output saved by the
   activation); recomputing ``z`` instead would cost a second matmul.
-- ``relu``: nothing extra. Its derivative is ``y > 0`` (``y`` is positive
-  exactly where ``z``, rounded to the input dtype, is; PyTorch's relu sees
-  that same rounded ``z``), so the backward reads the output ``y``, which
-  autograd holds by reference, not by copy.
+- ``relu``: nothing extra. Its derivative is 0 where ``y <= 0``, else 1 (``y``
+  is positive exactly where ``z``, rounded to the input dtype, is; PyTorch's
+  relu sees that same rounded ``z``; a nan passes the gradient, as PyTorch's
+  does), so the backward reads the output ``y``, which autograd holds by
+  reference, not by copy.
 - ``none``: nothing; ``dz = dy``.
 """
 

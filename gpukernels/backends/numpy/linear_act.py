@@ -79,11 +79,12 @@ def activation_of(z: np.ndarray, activation: str) -> np.ndarray:
 
 
 def pre_activation_grad(dy: np.ndarray, saved: np.ndarray, activation: str) -> np.ndarray:
-    """dz = dy * act'(z); ``saved`` is z, or for relu y or z (y > 0 exactly where z > 0)."""
+    """dz = dy * act'(z); ``saved`` is z, or for relu y or z (y > 0 exactly where z > 0).
+    relu's passes dy where not ``saved <= 0``, as PyTorch's threshold_backward: a nan's too."""
     if activation == "none":
         return dy
     if activation == "relu":
-        return np.where(saved > 0, dy, 0)
+        return np.where(saved <= 0, 0, dy)
     _, act_grad = _ACTIVATIONS[activation]
     return dy * act_grad(saved)
 

@@ -282,7 +282,9 @@ def _tiles_moments(
         count += _tile_count(tile, N, L, l_tiles, BLOCK_N, BLOCK_L).to(ACC)
     total_d = _channel_sum(sum_d)
     mean_d = total_d / tl.maximum(count, 1.0)
-    return count, shift + mean_d, tl.maximum(_channel_sum(sum_d2) - total_d * mean_d, 0.0)
+    # clamped at 0 against rounding; a nan (a nan or inf in x) kept, as PyTorch's variance keeps it
+    m2 = tl.maximum(_channel_sum(sum_d2) - total_d * mean_d, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return count, shift + mean_d, m2
 
 
 @jit

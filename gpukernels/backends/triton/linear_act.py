@@ -8,7 +8,7 @@ and ``torch.mm``; the kernels here do what the products leave:
   ``linear_act_fwd_kernel`` writes ``y = act(z)``. Without a saved ``z`` (none,
   relu) the product is written into ``y`` itself, relu applied there in place.
 - backward: ``linear_act_bwd_kernel`` writes ``dz = dy * act'(z)``
-  (``relu``: ``dy`` where ``y > 0``) and, in the same pass, the column sums of
+  (``relu``: 0 where ``y <= 0``, else ``dy``) and, in the same pass, the column sums of
   ``dz`` by tiles of rows, which make ``dbias``; then ``dx = dz @ weight`` and
   ``dweight = dz.T @ x``.
 
@@ -92,10 +92,11 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _pre_activation_grad(dy, saved, ACTIVATION: tl.constexpr, ACC: tl.constexpr):
-    """dz = dy * act'(z) in ACC; ``saved`` is y for relu (y > 0 exactly where z > 0), z otherwise."""
+    """dz = dy * act'(z) in ACC; ``saved`` is y for relu (y > 0 exactly where z > 0), z otherwise.
+    relu's passes dy where not ``saved <= 0``, as PyTorch's threshold_backward: a nan's too."""
     dy = dy.to(ACC)
     if ACTIVATION == "relu":
-        dz = tl.where(saved > 0, dy, 0.0)
+        dz = tl.where(saved <= 0, 0.0, dy)
     elif ACTIVATION == "none":
         dz = dy
     else:
