@@ -550,6 +550,55 @@ def test_first_tile_of_one_column_is_not_the_shift(device, monkeypatch):
     torch.testing.assert_close(rstd.double(), (exact.var(1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("programs", [1, 6])
+def test_nan_in_a_channel_is_kept(device, monkeypatch, programs):
+    """A nan in a channel makes that channel's batch statistics, output and running stats
+    nan, as PyTorch's; the other channels are untouched (one split, and several that
+    merge their statistics)."""
+    triton_grid_of(device, monkeypatch, programs=programs)
+    x, weight, bias, running_mean, running_var = make_inputs((4, 2, 300), torch.float32, device=device)
+    x[1, 0, 7] = float("nan")
+    outputs = []
+    for fn in (batch_norm, F.batch_norm):
+        stats = clones(running_mean, running_var)
+        y = fn(x, *stats, weight, bias, training=True, momentum=0.5)
+        outputs.append((y, *stats))
+    for ours, theirs in zip(*outputs):
+        assert ours[:, 0].isnan().all() if ours.dim() > 1 else ours[0].isnan()
+        torch.testing.assert_close(ours, theirs, equal_nan=True, **TOLERANCES[torch.float32])
+
+
+def test_running_stats_made_under_inference_mode(device):
+    """Running stats made under torch.inference_mode (a model built there, say) are updated by
+    training outside it, as PyTorch's batch norm updates them."""
+    x = make_inputs((4, 3, 5), torch.float32, device=device)[0]
+    results = []
+    for fn in (batch_norm, F.batch_norm):
+        with torch.inference_mode():
+            stats = torch.zeros(3, device=device), torch.ones(3, device=device)
+        results.append((fn(x, *stats, training=True), *stats))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_relu_passes_the_gradient_of_a_nan(device, training):
+    """relu's backward is PyTorch's threshold_backward: 0 where the output is <= 0, the
+    gradient elsewhere, a nan output's included."""
+    x, weight, bias, running_mean, running_var = make_inputs((3, 2, 5), torch.float32, device=device)
+    x[0, 1, 2] = float("nan")
+    grads = []
+    for fn in (
+        functools.partial(batch_norm, activation="relu"),
+        lambda *args, **kwargs: F.relu(F.batch_norm(*args, **kwargs)),
+    ):
+        leaves = clones(x, weight, bias)
+        y = fn(leaves[0].requires_grad_(), *clones(running_mean, running_var), *leaves[1:], training=training)
+        grads.append(torch.autograd.grad(y, leaves[0], torch.ones_like(y)))
+    assert not grads[1][0].isnan().all() and not (grads[1][0] == 0).all()  # the case tells the two rules apart
+    torch.testing.assert_close(grads[0], grads[1], equal_nan=True, **TOLERANCES[torch.float32])
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_broadcast_output_grad(device, training):
     """y.sum() sends back dy with all strides 0, unlike x's channels-last ones."""

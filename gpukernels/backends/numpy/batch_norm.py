@@ -20,8 +20,14 @@ def _per_channel(v: np.ndarray) -> np.ndarray:
 
 
 def _update_running(running, batch: np.ndarray, momentum: float) -> None:
-    """running = (1-momentum)*running + momentum*batch, in place, in the compute dtype."""
-    write(running, momentum * batch + (1.0 - momentum) * as_array(running))
+    """running = (1-momentum)*running + momentum*batch, in place, in the compute dtype. Running
+    stats made under inference_mode are updated too, as PyTorch's batch norm updates them (an
+    in-place write to an inference tensor outside that mode is an error)."""
+    updated = momentum * batch + (1.0 - momentum) * as_array(running)
+    if running.is_inference():
+        with torch.inference_mode():
+            return write(running, updated)
+    write(running, updated)
 
 
 def _ncl(t):
