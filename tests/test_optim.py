@@ -465,6 +465,22 @@ def test_resuming_from_a_checkpoint_gives_the_same_trajectory(device, dtype):
         assert all(torch.equal(a, b) for a, b in zip(optimizer.state[p].values(), uninterrupted.state[q].values()))
 
 
+@pytest.mark.parametrize("step", [2.0**31, 2.0**40, 2.0**70])
+def test_step_counts_past_int32(device, step):
+    """A step count loaded from a checkpoint may pass 2**31 (the kernels' powers of the
+    betas must not overflow): the same update as torch.optim.AdamW's."""
+    params = [torch.nn.Parameter(torch.linspace(-1, 1, 5, device=device)) for _ in range(2)]
+    grad = torch.linspace(0.5, -0.5, 5, device=device)
+    optimizers = AdamW([params[0]], lr=0.1), torch.optim.AdamW([params[1]], lr=0.1)
+    for p, optimizer in zip(params, optimizers):
+        p.grad = grad.clone()
+        optimizer.step()
+        optimizer.state[p]["step"].fill_(step)
+        optimizer.step()
+    assert params[0].isfinite().all()
+    torch.testing.assert_close(params[0], params[1])
+
+
 def test_loading_torch_bf16_state_casts_it_to_fp32(device):
     model = _model(torch.bfloat16, device)
     theirs = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -115,7 +115,9 @@ def adamw_kernel(
     # each call of a jit function costs the interpreter milliseconds.)
     power1 = lr * 0.0 + 1.0
     power2 = power1
-    base1, base2, exponent = beta1, beta2, t.to(tl.int32)
+    # int64: a step count loaded from a checkpoint may pass 2**31; past 2**62 every beta < 1 of
+    # fp64 has a power of 0, as from the clamp
+    base1, base2, exponent = beta1, beta2, tl.minimum(t, 4.0e18).to(tl.int64)
     while exponent > 0:
         if exponent % 2 == 1:
             power1 = power1 * base1
