@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .errors import ArgumentError, ArgumentTypeError
+from .ops._checks import check_int
 
 
 class CapturedStep:
@@ -103,10 +104,13 @@ def capture_step(
             raise ArgumentTypeError(f"example_inputs[{i}] must be a tensor, got {type(t).__name__}")
         if not t.is_cuda:
             raise ArgumentError(f"example_inputs[{i}] is on {t.device}: a CUDA graph captures CUDA tensors only")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-        raise ArgumentError(
-            f"warmup_steps must be an int >= 1 (the optimizer state must exist before capture), got {warmup_steps!r}"
-        )
+    warmup_steps = check_int(
+        "warmup_steps",
+        warmup_steps,
+        low=1,
+        what="an int (the optimizer state must exist before capture)",
+        not_int=ArgumentError,
+    )
     if optimizer is not None:
         _check_optimizer(optimizer)
     if not torch.cuda.is_available():

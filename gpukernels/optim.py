@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
 from .errors import ArgumentError, ArgumentTypeError
-from .ops._checks import FLOAT_DTYPES, PLAIN_TENSOR_TYPES, check_float, check_number
+from .ops._checks import FLOAT_DTYPES, PLAIN_TENSOR_TYPES, check_float, check_int, check_number
 from .ops.adamw import adamw_step_, check_hyperparameters, state_dtype
 
 __all__ = ["AdamW", "WarmupCosineLR", "warmup_cosine", "clip_grad_norm_"]
@@ -323,10 +323,10 @@ class WarmupCosineLR(LRScheduler):
         min_lr: float = 0.0,
         last_epoch: int = -1,
     ):
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ArgumentError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= warmup_steps:
-            raise ArgumentError(f"total_steps must be an int > warmup_steps ({warmup_steps}), got {total_steps!r}")
+        warmup_steps = check_int("warmup_steps", warmup_steps, low=0, not_int=ArgumentError)
+        total_steps = check_int("total_steps", total_steps, not_int=ArgumentError)
+        if total_steps <= warmup_steps:
+            raise ArgumentError(f"total_steps must be an int > warmup_steps ({warmup_steps}), got {total_steps}")
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
         self.min_lr = check_number("min_lr", min_lr, low=0.0)
         super().__init__(optimizer, last_epoch)
@@ -360,6 +360,8 @@ def _check_max_norm(max_norm: float, name: str = "max_norm") -> float:
     every gradient) is an error; inf is allowed: it measures without clipping."""
     if isinstance(max_norm, bool) or not isinstance(max_norm, (numbers.Real, Tensor)):
         raise ArgumentTypeError(f"{name} must be a real number, got {type(max_norm).__name__}")
+    if isinstance(max_norm, Tensor) and max_norm.numel() != 1:
+        raise ArgumentError(f"{name} must be a number or a one-element tensor, got shape {tuple(max_norm.shape)}")
     max_norm = float(max_norm)
     if not max_norm >= 0:
         raise ArgumentError(f"{name} must be >= 0, got {max_norm}")

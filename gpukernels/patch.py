@@ -1546,6 +1546,11 @@ class PatchReport:
         return "\n".join(lines)
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def patch(
     model: torch.nn.Module,
     fuse_linear_act: bool = True,
@@ -1581,8 +1586,13 @@ def patch(
     families; GPT-2's): the attention's output added to the residual stream and the sum
     normalised for the MLP in one op (``add_rms_norm`` / ``add_layer_norm``), where the
     block's forward is the one read. False leaves those blocks' forward as written."""
+    _check_model(model)
     check_choice("loss", loss, LOSS_MODES)
-    for name, value in (("autocast_norms", autocast_norms), ("residual_norms", residual_norms)):
+    for name, value in (
+        ("fuse_linear_act", fuse_linear_act),
+        ("autocast_norms", autocast_norms),
+        ("residual_norms", residual_norms),
+    ):
         if not isinstance(value, bool):
             raise ArgumentTypeError(f"{name} must be a bool, got {type(value).__name__}")
     report = PatchReport()
@@ -1680,7 +1690,11 @@ def fuse_linear_cross_entropy(
     (reshapes, slices, ``.float()``). ``options``: ``z_loss``, ``softcap``,
     ``chunk_size``. ``unpatch(model)`` restores the head; parameters and state_dict
     keys never change. (For transformers causal LMs, ``patch(model, loss="fused")``.)"""
-    linear = model.get_submodule(head)
+    _check_model(model)
+    try:
+        linear = model.get_submodule(head)
+    except (AttributeError, TypeError):
+        raise ArgumentError(f"head {head!r} names no submodule of the model") from None
     if type(linear) is not torch.nn.Linear:
         raise ArgumentTypeError(f"head {head!r} must name an nn.Linear, got {type(linear).__name__}")
     if type(loss) not in (torch.nn.CrossEntropyLoss, gnn.CrossEntropyLoss):
@@ -1696,6 +1710,7 @@ def fuse_linear_cross_entropy(
 
 def unpatch(model: torch.nn.Module) -> None:
     """Undo ``patch``: original classes back, fused activations and the loss back in place."""
+    _check_model(model)
     for module in model.modules():
         if type(module) in _ORIGINAL:
             module.__class__ = _ORIGINAL[type(module)]

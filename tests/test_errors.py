@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,13 @@ BAD_INPUTS = [
     # gk.optim
     ("AdamW_lr", lambda: gk.optim.AdamW([torch.nn.Parameter(_x(4))], lr=-1.0), VALUE, "lr"),
     ("AdamW_betas", lambda: gk.optim.AdamW([torch.nn.Parameter(_x(4))], betas=(0.9,)), VALUE, "betas"),
+    ("AdamW_betas_number", lambda: gk.optim.AdamW([torch.nn.Parameter(_x(4))], betas=0.9), VALUE, "betas"),
+    (
+        "AdamW_max_grad_norm",
+        lambda: gk.optim.AdamW([torch.nn.Parameter(_x(4))], max_grad_norm=torch.ones(2)),
+        VALUE,
+        "max_grad_norm",
+    ),
     ("AdamW_sparse_grad", _step_with_sparse_grad, VALUE, "param_groups[0]['params'][0]"),
     (
         "WarmupCosineLR",
@@ -92,6 +100,17 @@ BAD_INPUTS = [
     ("capture_step", lambda: gk.capture_step(lambda x: x, [1.0]), TYPE, "example_inputs[0]"),
     ("fuse_linear_cross_entropy", _fuse_non_linear_head, TYPE, "head"),
     ("patch", lambda: gk.patch(torch.nn.Linear(2, 2), loss="chunked"), VALUE, "loss"),
+    ("patch_model", lambda: gk.patch(None), TYPE, "model"),
+    ("patch_flag", lambda: gk.patch(torch.nn.Linear(2, 2), fuse_linear_act="no"), TYPE, "fuse_linear_act"),
+    ("unpatch", lambda: gk.unpatch("model"), TYPE, "model"),
+    (
+        "fuse_linear_cross_entropy_name",
+        lambda: gk.fuse_linear_cross_entropy(torch.nn.Linear(2, 2), "head", torch.nn.CrossEntropyLoss()),
+        VALUE,
+        "head",
+    ),
+    ("ignore_index", lambda: gk.cross_entropy(_x(4, 3), _labels(4), ignore_index=1.0), TYPE, "ignore_index"),
+    ("seed_bool", lambda: gk.dropout(_x(8), seed=np.bool_(True)), TYPE, "seed"),
 ]
 
 
@@ -158,3 +177,40 @@ def test_caught_as_pytorch_error_is(theirs, ours, args):
         ours(*args)
     assert isinstance(ours_caught.value, (gk.ArgumentError, gk.ArgumentTypeError)), repr(ours_caught.value)
     assert all(isinstance(ours_caught.value, c) for c in classes), (repr(ours_caught.value), classes)
+
+
+# (id, PyTorch's call, ours): arguments as PyTorch takes them, NumPy scalars and one-element tensors among them
+NUMPY_SCALARS = [
+    ("layer_norm_eps", lambda f: f.layer_norm(_X, (5,), eps=np.float32(1e-3)), gk.functional),
+    ("batch_norm_momentum", lambda f: f.batch_norm(_X, torch.zeros(5), torch.ones(5), None, None, True,
+                                                   np.float32(0.5), np.int64(1)), gk.functional),
+    ("cross_entropy_ignore_index", lambda f: f.cross_entropy(_X, _TARGET, ignore_index=np.int64(1)), gk.functional),
+    ("cross_entropy_ignore_index_tensor", lambda f: f.cross_entropy(_X, _TARGET, ignore_index=torch.tensor(1)),
+     gk.functional),
+    ("cross_entropy_label_smoothing", lambda f: f.cross_entropy(_X, _TARGET, label_smoothing=np.float64(0.1)),
+     gk.functional),
+    ("dropout_p", lambda f: f.dropout(_X, p=np.float32(0.0)), gk.functional),
+]  # fmt: skip
+_X, _TARGET = _x(4, 5), _labels(4, classes=5)
+
+
+@pytest.mark.parametrize("call, ours", [c[1:] for c in NUMPY_SCALARS], ids=[c[0] for c in NUMPY_SCALARS])
+def test_numpy_scalars_as_pytorch_takes_them(call, ours):
+    torch.testing.assert_close(call(ours), call(F))
+
+
+def test_numpy_ints_where_ints_are_taken():
+    x = _x(8)
+    assert torch.equal(gk.dropout(x, seed=np.int64(3)), gk.dropout(x, seed=3))
+    weight, target = _x(3, 5), _labels(4)
+    torch.testing.assert_close(
+        gk.linear_cross_entropy(_X, weight, target, chunk_size=np.int32(2)),
+        gk.linear_cross_entropy(_X, weight, target, chunk_size=2),
+    )
+    q, k, cos, sin = _x(1, 2, 3, 4), _x(1, 2, 3, 4), _x(1, 3, 4), _x(1, 3, 4)
+    rotated = gk.apply_rotary_pos_emb(q, k, cos, sin, np.int64(1)), gk.apply_rotary_pos_emb(q, k, cos, sin)
+    for ours, theirs in zip(*rotated):
+        assert torch.equal(ours, theirs)
+    optimizer = gk.optim.AdamW([torch.nn.Parameter(x)], lr=np.float32(1e-3), betas=(np.float64(0.9), 0.99))
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+    assert gk.optim.warmup_cosine(optimizer, np.int64(2), np.int64(10)).total_steps == 10

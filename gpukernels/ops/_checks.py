@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Sequence
 
@@ -116,12 +117,30 @@ def check_norm_input(
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-def check_ignore_index(ignore_index) -> None:
+def check_int(
+    name: str, value, *, low: int | None = None, what: str = "an int", not_int: type[Exception] = ArgumentTypeError
+) -> int:
+    """An integer as torch takes one (a Python or NumPy int, a one-element integer tensor;
+    not a bool), at least ``low`` when given; returns it as an int. ``what`` says what
+    ``name`` may be, for the errors; ``not_int`` is the error for a value of another type."""
+    if type(value) is not int:
+        try:
+            if isinstance(value, bool) or isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+                raise TypeError
+            value = operator.index(value)
+        except TypeError:
+            raise not_int(f"{name} must be {what}, got {type(value).__name__}") from None
+    if low is not None and value < low:
+        raise ArgumentError(f"{name} must be {what} >= {low}, got {value}")
+    return value
+
+
+def check_ignore_index(ignore_index) -> int:
     """A cross-entropy's ``ignore_index``: an int that an int64 holds (the targets' dtype)."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ArgumentTypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = check_int("ignore_index", ignore_index)
     if not INT64_MIN <= ignore_index <= INT64_MAX:
         raise ArgumentError(f"ignore_index must fit in an int64, got {ignore_index}")
+    return ignore_index
 
 
 def check_number(
@@ -139,7 +158,7 @@ def check_number(
             if value.numel() != 1:
                 raise ArgumentError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
             value = value.item()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # NumPy's floats and ints too
             raise ArgumentTypeError(f"{name} must be a real number, got {type(value).__name__}")
         value = float(value)
     # comparisons, not math.isfinite: under torch.compile a float argument that

@@ -50,9 +50,13 @@ def check_hyperparameters(
     check_number("lr", lr, low=0.0)
     check_number("eps", eps, low=0.0)
     check_number("weight_decay", weight_decay, low=0.0)
-    if len(betas) != 2:
+    try:
+        pair = tuple(betas)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2:
         raise ArgumentError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    return tuple(check_number(f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True) for i, beta in enumerate(betas))
+    return tuple(check_number(f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True) for i, beta in enumerate(pair))
 
 
 def _check_tensor(name: str, t: Tensor, param: Tensor, shape: Sequence[int], dtype: torch.dtype) -> None:

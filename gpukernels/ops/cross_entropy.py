@@ -252,7 +252,7 @@ def cross_entropy(
     batch_shape = shape[:class_dim] + shape[class_dim + 1 :]
     probabilities = _check_target(target, input, batch_shape)
     if not (type(ignore_index) is int and INT64_MIN <= ignore_index <= INT64_MAX):  # the usual call passes as is
-        check_ignore_index(ignore_index)
+        ignore_index = check_ignore_index(ignore_index)
     if probabilities and ignore_index >= 0:
         raise ArgumentError(
             f"ignore_index must be negative with class-probability targets (it does not apply to "

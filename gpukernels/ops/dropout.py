@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import check_device, check_float, check_number
+from ._checks import check_device, check_float, check_int, check_number
 from ._op import kernel_op
 
 _INT64_RANGE = (-(2**63), 2**63)
@@ -67,8 +67,8 @@ def _seed_tensor(seed: int | Tensor | None, like: Tensor) -> Tensor:
             )
         check_device("seed", seed, like)
         return seed.reshape(())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ArgumentTypeError(f"seed must be an int, a one-element int64 tensor or None, got {type(seed).__name__}")
+    if type(seed) is not int:  # a NumPy int, say
+        seed = check_int("seed", seed, what="an int, a one-element int64 tensor or None")
     if not _INT64_RANGE[0] <= seed < _INT64_RANGE[1]:
         raise ArgumentError(f"seed must fit in int64, got {seed}")
     # a fill kernel, not torch.tensor's copy from pageable host memory, which waits for the GPU

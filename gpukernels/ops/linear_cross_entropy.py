@@ -54,6 +54,7 @@ from ._checks import (
     check_device,
     check_float,
     check_ignore_index,
+    check_int,
     check_number,
     check_optional_float,
     contiguous_param,
@@ -320,16 +321,17 @@ def _check_dtypes(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
 
 
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, return_lse):
-    check_ignore_index(ignore_index)
+    """The options as the kernels take them: ``(ignore_index, label_smoothing, z_loss, softcap, chunk_size)``."""
+    ignore_index = check_ignore_index(ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
     label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
     z_loss = check_number("z_loss", z_loss, low=0.0)
     softcap = None if softcap is None else check_number("softcap", softcap, low=0.0, low_open=True)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ArgumentError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if chunk_size is not None:
+        chunk_size = check_int("chunk_size", chunk_size, low=1, what="None or an int", not_int=ArgumentError)
     if not isinstance(return_lse, bool):
         raise ArgumentTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    return label_smoothing, z_loss, softcap
+    return ignore_index, label_smoothing, z_loss, softcap, chunk_size
 
 
 def _gradients_wanted(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
@@ -376,7 +378,7 @@ def linear_cross_entropy(
     ``c``, shape ``x.shape[:-1]``, fp32 (fp64 for fp64), not differentiable."""
     _check_tensors(x, weight, bias)
     _check_target(target, x)
-    label_smoothing, z_loss, softcap = _check_options(
+    ignore_index, label_smoothing, z_loss, softcap, chunk_size = _check_options(
         ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, return_lse
     )
     autocasting = autocast_enabled(x)

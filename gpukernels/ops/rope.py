@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import autocast_enabled, check_device, check_float
+from ._checks import autocast_enabled, check_device, check_float, check_int
 from ._op import kernel_op
 
 # transformers' unsqueeze_dim -> the dim of q and k that holds the heads
@@ -129,11 +129,12 @@ def apply_rotary_pos_emb(
     ``cos`` and ``sin``: ``(batch or 1, time, head_dim)``, not requiring grad. The results
     have the dtype PyTorch's expression gives (q's and cos's promoted), but under autocast
     q's: attention, which reads them, runs in the autocast dtype."""
-    heads_dim = _HEADS_DIM.get(unsqueeze_dim) if type(unsqueeze_dim) is int else None
+    what = "1 (heads before time) or 2 (time before heads)"
+    if type(unsqueeze_dim) is not int:  # a NumPy int, say; not a bool
+        unsqueeze_dim = check_int("unsqueeze_dim", unsqueeze_dim, what=what, not_int=ArgumentError)
+    heads_dim = _HEADS_DIM.get(unsqueeze_dim)
     if heads_dim is None:
-        raise ArgumentError(
-            f"unsqueeze_dim must be 1 (heads before time) or 2 (time before heads), got {unsqueeze_dim!r}"
-        )
+        raise ArgumentError(f"unsqueeze_dim must be {what}, got {unsqueeze_dim!r}")
     _check_heads("q", q, q, heads_dim)
     _check_heads("k", k, q, heads_dim)
     _check_trig(cos, sin, q, heads_dim)
