@@ -20,7 +20,8 @@ import torch
 from .errors import ArgumentError, BackendError
 
 BACKENDS = ("numpy", "triton", "cupy")
-_DEFAULT_FOR_DEVICE = {"cpu": "numpy", "cuda": "triton"}
+# meta tensors run no kernels: the ops' fake implementations give their outputs (shapes, dtypes)
+_DEFAULT_FOR_DEVICE = {"cpu": "numpy", "cuda": "triton", "meta": "numpy"}
 
 _selected: str | None = None
 

@@ -114,3 +114,20 @@ def test_compile_fullgraph_with_a_float_argument_that_changes():
     compiled = torch.compile(lambda x, eps: gk.layer_norm(x, (8,), eps=eps), fullgraph=True, backend="aot_eager")
     for eps in (1e-5, 1e-6, 1e-3):
         torch.testing.assert_close(compiled(x, eps), torch.nn.functional.layer_norm(x, (8,), eps=eps))
+
+
+def test_meta_tensors_as_torch_nn():
+    """On meta tensors (a model built under ``torch.device("meta")``, say, for its shapes)
+    the modules and the loss give what torch.nn's give, forward and backward, with no
+    kernel run; the optimizer steps too."""
+    outputs = []
+    for ours in (True, False):
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            net = Net(ours)
+            loss = net(torch.empty(8, 12), torch.empty(8, dtype=torch.long))
+        loss.backward()
+        optimizer = (gk.optim.AdamW if ours else torch.optim.AdamW)(net.parameters())
+        optimizer.step()
+        outputs.append([(t.shape, t.dtype, t.device) for t in (loss, *(p.grad for p in net.parameters()))])
+    assert outputs[0] == outputs[1]
