@@ -60,6 +60,7 @@ are looked up in ``sys.modules`` only. ``unpatch`` reverses every change.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import dis
 import functools
@@ -1094,11 +1095,14 @@ class _Tracer(torch.fx.Tracer):
     torch.nn's are: only their call sites matter. A submodule whose forward does
     not trace becomes opaque too (its error kept in ``failed``), so an attention
     block that does not trace does not hide the MLP beside it; the nodes of its failed
-    attempt stay in the graph, as users, but are listed in ``discarded``."""
+    attempt stay in the graph, as users, but are listed in ``discarded``. ``defaults``:
+    the root's arguments that have defaults take them (else each is a placeholder, which
+    a test such as ``x is not None`` finds given)."""
 
-    def __init__(self, leaves: Callable[[torch.nn.Module], bool]):
+    def __init__(self, leaves: Callable[[torch.nn.Module], bool], defaults: bool = False):
         super().__init__()
         self.leaves = leaves
+        self.defaults = defaults
         self.failed: dict[str, str] = {}
         self.discarded: set[torch.fx.Node] = set()
 
@@ -1111,7 +1115,13 @@ class _Tracer(torch.fx.Tracer):
         parameters = list(inspect.signature(inspect.unwrap(root_fn)).parameters.values())[1:]
         positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         keyword = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY]
-        proxies = {name: self.create_proxy("placeholder", name, (), {}) for name in positional + keyword}
+        proxies = {
+            p.name: p.default
+            if self.defaults and p.default is not p.empty
+            else self.create_proxy("placeholder", p.name, (), {})
+            for p in parameters
+            if p.name in positional or p.name in keyword
+        }
 
         def call_root(root):
             return root_fn(root, *(proxies[name] for name in positional), **{name: proxies[name] for name in keyword})
@@ -1144,27 +1154,27 @@ def _has_forward(module: torch.nn.Module) -> bool:
     return type(module).forward is not torch.nn.Module.forward
 
 
-def _traced_graphs(module: torch.nn.Module, leaves, failures: dict[str, str], prefix: str = ""):
+def _traced_graphs(module: torch.nn.Module, leaves, failures: dict[str, str], prefix: str = "", defaults: bool = False):
     """(prefix, graph, discarded nodes) covering ``module``: its own graph when its
     forward traces, else those of its children, recursively; likewise for each
     submodule that did not trace inside a graph. ``failures``: module name -> why
-    its forward did not trace."""
+    its forward did not trace. ``defaults``: as ``_Tracer``'s."""
     if leaves(module):
         return
-    tracer = _Tracer(leaves)
+    tracer = _Tracer(leaves, defaults)
     try:
         graph = tracer.trace(module)
     except Exception as error:
         if _has_forward(module):
             failures[prefix.rstrip(".")] = _first_line(error)
         for name, child in module.named_children():
-            yield from _traced_graphs(child, leaves, failures, f"{prefix}{name}.")
+            yield from _traced_graphs(child, leaves, failures, f"{prefix}{name}.", defaults)
         return
     yield prefix, graph, tracer.discarded
     for path, why in tracer.failed.items():
         failures[prefix + path] = why
         for name, child in module.get_submodule(path).named_children():
-            yield from _traced_graphs(child, leaves, failures, f"{prefix}{path}.{name}.")
+            yield from _traced_graphs(child, leaves, failures, f"{prefix}{path}.{name}.", defaults)
 
 
 def _past_identities(node: torch.fx.Node, is_identity: Callable[[torch.fx.Node], bool]) -> torch.fx.Node:
@@ -1183,18 +1193,67 @@ def _first_input(node: torch.fx.Node) -> torch.fx.Node | None:
     return source if isinstance(source, torch.fx.Node) else None
 
 
+@contextlib.contextmanager
+def _in_other_mode(model: torch.nn.Module):
+    """Every module of ``model`` in the other of train and eval mode, for the block."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        for module, training in modes:
+            module.training = not training
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+# The other paths of a forward a fusion must hold on too: (the model's state for it, whether
+# the forwards' optional arguments take their defaults, its name)
+_OTHER_PATHS = (
+    (_in_other_mode, False, "in the other of train and eval mode"),
+    (lambda model: contextlib.nullcontext(), True, "with its optional arguments at their defaults"),
+)
+
+
 def _dataflow(model: torch.nn.Module, leaves, maps: dict[type, _Rule], swapping: set[int]):
     """What tracing the forward says about the maps and activation modules:
     (pairs, why_not, failures). ``pairs``: (map name, activation module name,
     activation, shared) for each map of a fusable class whose output goes only, and
     straight (through nn.Identity modules at most), into an activation module computing
-    one of ours (``shared``: either is called more than once); ``why_not``: module name
-    -> why it is in no pair, for those in a graph ("" for a torch activation no map
-    feeds: no candidate); ``failures``: module name -> why its forward did not trace.
-    ``swapping``: the ids of the modules patch swaps whether fused or not."""
+    one of ours (``shared``: either is called more than once), on every path of the
+    forward traced: as the model is, in the other mode (a branch on ``self.training``)
+    and with the forwards' optional arguments at their defaults (``if x is not None``);
+    ``why_not``: module name -> why it is in no pair, for those in a graph ("" for a
+    torch activation no map feeds: no candidate); ``failures``: module name -> why its
+    forward did not trace (as the model is). ``swapping``: the ids of the modules patch
+    swaps whether fused or not."""
+    pairs, why_not, failures = _traced_dataflow(model, leaves, maps, swapping)
+    for state, defaults, path in _OTHER_PATHS:
+        with state(model):
+            other_pairs, other_why_not, _ = _traced_dataflow(model, leaves, maps, swapping, defaults)
+        acts = {map_name: act_name for map_name, act_name, _, _ in other_pairs}
+        kept = []
+        for pair in pairs:
+            map_name, act_name = pair[:2]
+            if acts.get(map_name, act_name) == act_name and map_name not in other_why_not:
+                kept.append(pair)  # the same pair, or the map not called on that path
+                continue
+            why = other_why_not.get(map_name) or f"its output goes to {acts[map_name]}"
+            why_not[map_name] = f"on another path of the forward ({path}) {why}"
+            why_not[act_name] = _not_fused_with(
+                map_name, why_not[map_name], id(model.get_submodule(map_name)) in swapping
+            )
+        pairs = kept
+    return pairs, why_not, failures
+
+
+def _traced_dataflow(
+    model: torch.nn.Module, leaves, maps: dict[type, _Rule], swapping: set[int], defaults: bool = False
+):
+    """``_dataflow``'s pairs, why_not and failures on the path one trace of the forward takes
+    (``defaults``: as ``_Tracer``'s)."""
     pairs, why_not, failures = [], {}, {}
     ours = "/".join(_ACTIVATION_MATH)
-    for prefix, graph, discarded in _traced_graphs(model, leaves, failures):
+    for prefix, graph, discarded in _traced_graphs(model, leaves, failures, defaults=defaults):
         calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
         modules = [
             (node, prefix + node.target) for node in graph.nodes if node.op == "call_module" and node not in discarded
@@ -1471,7 +1530,10 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
     current = (
         model.__dict__.get("_loss_function") or (losses or {}).get(getattr(model, "loss_type", None)) or causal_loss
     )
-    if isinstance(current, _CausalLMLoss):
+    if isinstance(current, _CausalLMLoss):  # patched before: with this loss, or refused
+        patched = "fused" if current.head is not None else "logits"
+        if patched != mode:
+            raise ArgumentError(f"loss={mode!r}: the model's loss is patched with loss={patched!r}; unpatch it first")
         return None
     if current is not causal_loss:
         report.left.append(

@@ -295,6 +295,52 @@ def test_control_flow_on_an_optional_argument_is_not_taken_for_its_default():
     assert "did not trace" in dict((n, why) for n, _, why in report.left)["fc"]
 
 
+class ActivatedInTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.GELU()
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.act(h) if self.training else h
+
+
+class ActivatedWhenScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.GELU()
+
+    def forward(self, x, scale=None):
+        h = self.fc(x)
+        if scale is not None:  # traced as given: the argument is a placeholder
+            return self.act(h) * scale
+        return h
+
+
+@pytest.mark.parametrize(
+    "make, path",
+    [
+        (ActivatedInTraining, "in the other of train and eval mode"),
+        (ActivatedWhenScaled, "with its optional arguments at their defaults"),
+    ],
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_a_map_activated_on_one_path_of_the_forward_only_is_not_fused(make, path, training):
+    """A forward traces one path: a Linear whose output goes to the activation on it alone
+    (in training, or when an optional argument is given) stays unfused, whichever mode the
+    model is patched in, and every path gives what it gave."""
+    model = make().train(training)
+    x = torch.randn(2, 4)
+    paths = [dict(), dict(scale=2.0)] if make is ActivatedWhenScaled else [dict()]
+    expected = [model.train(mode)(x, **kwargs) for mode in (True, False) for kwargs in paths]
+    report = gk.patch(model.train(training))
+    assert type(model.fc) is nn.Linear and type(model.act) is nn.GELU
+    why = dict((n, why) for n, _, why in report.left)["fc"]
+    assert path in why or (not training and make is ActivatedInTraining and "not to an activation module" in why)
+    for (mode, kwargs), want in zip([(m, k) for m in (True, False) for k in paths], expected):
+        torch.testing.assert_close(model.train(mode)(x, **kwargs), want)
+
+
 def test_an_activation_is_checked_not_trusted():
     act = nn.GELU()
     act.forward = lambda x: torch.relu(x)  # an instance's forward replaced: the class is only a claim

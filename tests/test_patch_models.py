@@ -933,6 +933,19 @@ def test_a_loss_function_set_by_the_user_is_left_and_one_set_to_transformers_com
     assert model.__dict__["_loss_function"] is transformers.loss.loss_utils.ForCausalLMLoss
 
 
+@pytest.mark.parametrize("first, second", [("fused", "logits"), ("logits", "fused")])
+def test_patching_again_with_the_other_loss_is_an_error(first, second):
+    """The loss a model was patched with stays until unpatch: asking for the other one says
+    so, not a report of modules left; asking for the same one changes nothing."""
+    model = _build("llama")
+    gk.patch(model, loss=first)
+    with pytest.raises(gk.ArgumentError, match=f"loss='{second}'.*patched with loss='{first}'"):
+        gk.patch(model, loss=second)
+    assert not gk.patch(model, loss=first).swapped
+    gk.unpatch(model)
+    assert gk.patch(model, loss=second).counts["LinearCrossEntropyLoss" if second == "fused" else "CrossEntropyLoss"]
+
+
 def test_a_deepcopy_of_a_patched_model_is_patched_on_its_own():
     model = _build("llama")
     gk.patch(model, loss="fused")
