@@ -37,6 +37,20 @@ __all__ = ["AdamW", "WarmupCosineLR", "warmup_cosine", "clip_grad_norm_"]
 _TORCH_ADAMW_FLAGS = dict(foreach=None, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=True)
 
 
+def _check_group_flags(group: dict[str, Any], name: str) -> None:
+    """Refuse the torch.optim flags of a group (or a loaded one) that would change the math:
+    Adam's L2 weight decay (``decoupled_weight_decay=False``) and a step to differentiate
+    (``differentiable=True``). The others (foreach, fused, capturable) say how torch runs the
+    same step: ours runs it fused, graph-safe, whatever they say."""
+    if group.get("decoupled_weight_decay", True) is not True:
+        raise ArgumentError(
+            f"{name}['decoupled_weight_decay'] must be True: AdamW decouples the weight decay "
+            "(Adam's L2 form, torch.optim.Adam's, is not implemented)"
+        )
+    if group.get("differentiable", False):
+        raise ArgumentError(f"{name}['differentiable'] must be False: the step runs kernels without autograd")
+
+
 # Per-param work of a step is done by passes over whole lists that run in C (map
 # with these getters, set, any) rather than by Python code per param: on a GPU a
 # step launches one kernel per bucket, and its host time grows with the params.
@@ -192,12 +206,15 @@ class AdamW(torch.optim.Optimizer):
         param_group["betas"] = check_hyperparameters(
             merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"]
         )
+        _check_group_flags(merged, "param_group")
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``Optimizer.load_state_dict``, then the state recast from the saved
         tensors: the base class casts state to each param's dtype, which for a
         bf16 param would round fp32 moments to bf16."""
+        for i, group in enumerate(state_dict["param_groups"]):
+            _check_group_flags(group, f"state_dict['param_groups'][{i}]")
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)

@@ -82,6 +82,18 @@ BAD_INPUTS = [
     ("AdamW_betas", lambda: gk.optim.AdamW([torch.nn.Parameter(_x(4))], betas=(0.9,)), VALUE, "betas"),
     ("AdamW_betas_number", lambda: gk.optim.AdamW([torch.nn.Parameter(_x(4))], betas=0.9), VALUE, "betas"),
     (
+        "AdamW_l2_weight_decay",
+        lambda: gk.optim.AdamW([{"params": [torch.nn.Parameter(_x(4))], "decoupled_weight_decay": False}]),
+        VALUE,
+        "decoupled_weight_decay",
+    ),
+    (
+        "AdamW_load_adam",
+        lambda: gk.optim.AdamW([p := torch.nn.Parameter(_x(4))]).load_state_dict(torch.optim.Adam([p]).state_dict()),
+        VALUE,
+        "decoupled_weight_decay",
+    ),
+    (
         "AdamW_max_grad_norm",
         lambda: gk.optim.AdamW([torch.nn.Parameter(_x(4))], max_grad_norm=torch.ones(2)),
         VALUE,
