@@ -14,7 +14,9 @@ forward. Recognised:
   and straight (through ``nn.Identity`` modules at most: timm's disabled
   drop_block), into an activation module computing relu, gelu, gelu_tanh,
   silu or quick_gelu, as the forward runs them (found by tracing it with
-  ``torch.fx``), fuses with it: the Linear becomes one LinearAct, the
+  ``torch.fx``; on every path traced: as the model is, in the other of train
+  and eval mode, and with the forwards' optional arguments at their
+  defaults), fuses with it: the Linear becomes one LinearAct, the
   BatchNorm ours with its ``activation`` set, and the activation module an
   ``nn.Identity``. A BatchNorm that cannot fuse (its activation module called
   elsewhere too) is swapped unfused. Activation modules: torch's
