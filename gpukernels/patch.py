@@ -67,6 +67,7 @@ import dataclasses
 import dis
 import functools
 import inspect
+import pickle
 import sys
 import textwrap
 import types
@@ -146,11 +147,42 @@ def _replacement(cls: type, forward: Callable) -> type:
         ours = type(
             cls.__name__,
             (cls,),
-            {"forward": forward, "__module__": __name__, "__qualname__": cls.__qualname__, "__doc__": forward.__doc__},
+            {
+                "forward": forward,
+                "__module__": __name__,
+                "__qualname__": cls.__qualname__,
+                "__doc__": forward.__doc__,
+                "__reduce_ex__": _reduce_replaced,
+            },
         )
         _REPLACEMENTS[cls, forward] = ours
         _ORIGINAL[ours] = cls
     return ours
+
+
+def _reduce_replaced(self, protocol: int):
+    """Pickles a module of a replacement class as made again from its original class and its
+    forward's name (``_rebuilt``): pickle cannot name a class made at run time."""
+    _, _, *state = object.__reduce_ex__(self, max(protocol, 2))  # (copyreg.__newobj__, (class,), state, ...)
+    cls = type(self)
+    return (_rebuilt, (_ORIGINAL[cls], cls.forward.__qualname__), *state)
+
+
+def _rebuilt(cls: type, forward_name: str) -> torch.nn.Module:
+    """A new module, its state not set yet, of the replacement of ``cls`` whose forward is named
+    ``forward_name``: the rules for the modules imported (the original's among them) are made,
+    which makes the replacements, when this process has not made it yet."""
+    for attempt in range(2):
+        for (original, forward), replacement in _REPLACEMENTS.items():
+            if original is cls and forward.__qualname__ == forward_name:
+                return replacement.__new__(replacement)
+        if attempt == 0:
+            _third_party_rules(), _residual_block_rules(), _add_norm_block_rules(), _batch_norm_act_rules(True)
+            _fusable_maps()
+    raise pickle.UnpicklingError(
+        f"gpukernels cannot make its replacement of {cls.__module__}.{cls.__qualname__} (forward {forward_name}) "
+        "in this process: its rule does not apply to this version of the class"
+    )
 
 
 def _is_ours(module: torch.nn.Module) -> bool:

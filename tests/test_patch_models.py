@@ -8,8 +8,13 @@ leaves in each model."""
 
 import copy
 import importlib
+import pickle
 import re
+import subprocess
+import sys
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -944,6 +949,28 @@ def test_patching_again_with_the_other_loss_is_an_error(first, second):
     assert not gk.patch(model, loss=first).swapped
     gk.unpatch(model)
     assert gk.patch(model, loss=second).counts["LinearCrossEntropyLoss" if second == "fused" else "CrossEntropyLoss"]
+
+
+@pytest.mark.parametrize("name, loss", [("llama", "fused"), ("gpt2", "logits")])
+def test_a_patched_model_pickles_whole_and_loads_in_a_new_process(name, loss):
+    """torch.save / pickle of the whole patched model (its decoder layers', RMSNorms' and
+    Conv1D+GELU's replacement classes are made at run time): a new process, which has made
+    none of them, loads a model that is patched and computes the same loss."""
+    model = _build(name)
+    gk.patch(model, loss=loss)
+    batch = _batch(name)
+    torch.manual_seed(0)
+    expected = model(**batch).loss
+    path = Path(tempfile.mkdtemp()) / "model.pkl"
+    path.write_bytes(pickle.dumps((model, batch)))
+    script = (
+        "import pickle, sys, torch\n"
+        f"model, batch = pickle.loads(open({str(path)!r}, 'rb').read())\n"
+        "torch.manual_seed(0)\n"
+        "print(repr(model(**batch).loss.item()), type(model.loss_function).__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [repr(expected.item()), "gpukernels.patch"]
 
 
 def test_a_deepcopy_of_a_patched_model_is_patched_on_its_own():

@@ -152,3 +152,26 @@ def test_torchvision_resnet_blocks_convert_and_match_in_float64(name, blocks):
     torch.manual_seed(0)
     model = getattr(models, name)(weights=None, num_classes=10, zero_init_residual=True).double()
     _assert_patched_matches_in_float64(model, 64, True, {"ResidualBlock": blocks})
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "convnext_atto"])
+def test_a_patched_model_pickles_whole(name):
+    """torch.save of the whole patched model (its ResNet blocks', BatchNormAct2d's and
+    LayerNorm2d's replacement classes are made at run time): the copy loaded is patched
+    and computes the same outputs and gradients."""
+    import io
+
+    model = timm.create_model(name).to(torch.float64)
+    gk.patch(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    results = []
+    for net in (model, loaded):
+        y = net(x)
+        results.append((y, *torch.autograd.grad(y.sum(), list(net.parameters()))))
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
