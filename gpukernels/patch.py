@@ -1642,6 +1642,22 @@ class PatchReport:
         return "\n".join(lines)
 
 
+def _module_uses(model: torch.nn.Module) -> Counter:
+    """How many places hold each module (by id): its names in the module tree, and the plain
+    dicts, lists and tuples among the modules' attributes (a module also called through one
+    of those is shared: fusing or replacing it would change that use)."""
+    uses = Counter()
+    for _, module in model.named_modules(remove_duplicate=False):
+        uses[id(module)] += 1
+        for key, value in vars(module).items():
+            if key.startswith("_") or not isinstance(value, (dict, list, tuple)):
+                continue
+            for item in value.values() if isinstance(value, dict) else value:
+                if isinstance(item, torch.nn.Module):
+                    uses[id(item)] += 1
+    return uses
+
+
 def _check_model(model) -> None:
     if not isinstance(model, torch.nn.Module):
         raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -1693,7 +1709,7 @@ def patch(
             raise ArgumentTypeError(f"{name} must be a bool, got {type(value).__name__}")
     report = PatchReport()
     undo = model.__dict__.setdefault("_gpukernels_undo", [])
-    uses = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
+    uses = _module_uses(model)
     rules = _TORCH_RULES | _third_party_rules() | _batch_norm_act_rules(fuse_linear_act)
     if fuse_linear_act:
         rules |= _residual_block_rules()

@@ -221,6 +221,27 @@ def test_activation_module_used_twice_is_not_fused():
     assert {name for name, _, why in report.left if "shared" in why} == {"fc1", "fc2"}
 
 
+def test_activation_module_also_held_in_a_dict_is_not_fused():
+    """A module called through a plain dict (not the module tree) is the same object: fusing
+    it would leave that call applying the activation a second time."""
+
+    class ActInDict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.GELU()
+            self.table = {"act": self.act}
+
+        def forward(self, x):
+            return self.table["act"](self.fc(x))
+
+    model = ActInDict()
+    x = torch.randn(2, 4)
+    expected = model(x)
+    report = gk.patch(model)
+    assert type(model.fc) is nn.Linear and "shared" in dict((n, why) for n, _, why in report.left)["fc"]
+    torch.testing.assert_close(model(x), expected)
+
+
 class Attention(nn.Module):
     """Data-dependent control flow: its forward does not trace."""
 
