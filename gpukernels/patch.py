@@ -168,21 +168,32 @@ def _reduce_replaced(self, protocol: int):
     return (_rebuilt, (_ORIGINAL[cls], cls.forward.__qualname__), *state)
 
 
+def _made_replacement(cls: type, forward_name: str) -> type | None:
+    """The replacement of ``cls`` whose forward is named ``forward_name``, if this process made it."""
+    for (original, forward), replacement in _REPLACEMENTS.items():
+        if original is cls and forward.__qualname__ == forward_name:
+            return replacement
+    return None
+
+
 def _rebuilt(cls: type, forward_name: str) -> torch.nn.Module:
     """A new module, its state not set yet, of the replacement of ``cls`` whose forward is named
-    ``forward_name``: the rules for the modules imported (the original's among them) are made,
-    which makes the replacements, when this process has not made it yet."""
-    for attempt in range(2):
-        for (original, forward), replacement in _REPLACEMENTS.items():
-            if original is cls and forward.__qualname__ == forward_name:
-                return replacement.__new__(replacement)
-        if attempt == 0:
-            _third_party_rules(), _residual_block_rules(), _add_norm_block_rules(), _batch_norm_act_rules(True)
-            _fusable_maps()
-    raise pickle.UnpicklingError(
-        f"gpukernels cannot make its replacement of {cls.__module__}.{cls.__qualname__} (forward {forward_name}) "
-        "in this process: its rule does not apply to this version of the class"
-    )
+    ``forward_name``; where this process has not made it yet, making the rules for the modules
+    imported (the original's among them) makes it."""
+    replacement = _made_replacement(cls, forward_name)
+    if replacement is None:
+        _third_party_rules()
+        _residual_block_rules()
+        _add_norm_block_rules()
+        _batch_norm_act_rules(True)
+        _fusable_maps()
+        replacement = _made_replacement(cls, forward_name)
+    if replacement is None:
+        raise pickle.UnpicklingError(
+            f"gpukernels cannot make its replacement of {cls.__module__}.{cls.__qualname__} (forward "
+            f"{forward_name}) in this process: its rule does not apply to this version of the class"
+        )
+    return replacement.__new__(replacement)
 
 
 def _is_ours(module: torch.nn.Module) -> bool:
@@ -1154,7 +1165,7 @@ class _Tracer(torch.fx.Tracer):
             if self.defaults and p.default is not p.empty
             else self.create_proxy("placeholder", p.name, (), {})
             for p in parameters
-            if p.name in positional or p.name in keyword
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         }
 
         def call_root(root):

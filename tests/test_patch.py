@@ -225,10 +225,9 @@ def test_activation_module_also_held_in_a_dict_is_not_fused():
     """A module called through a plain dict (not the module tree) is the same object: fusing
     it would leave that call applying the activation a second time."""
 
-    class ActInDict(nn.Module):
+    class ActInDict(LinearAndGELU):
         def __init__(self):
             super().__init__()
-            self.fc, self.act = nn.Linear(4, 4), nn.GELU()
             self.table = {"act": self.act}
 
         def forward(self, x):
@@ -316,21 +315,21 @@ def test_control_flow_on_an_optional_argument_is_not_taken_for_its_default():
     assert "did not trace" in dict((n, why) for n, _, why in report.left)["fc"]
 
 
-class ActivatedInTraining(nn.Module):
+class LinearAndGELU(nn.Module):
+    """A Linear and a GELU, for a forward to call."""
+
     def __init__(self):
         super().__init__()
         self.fc, self.act = nn.Linear(4, 4), nn.GELU()
 
+
+class ActivatedInTraining(LinearAndGELU):
     def forward(self, x):
         h = self.fc(x)
         return self.act(h) if self.training else h
 
 
-class ActivatedWhenScaled(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc, self.act = nn.Linear(4, 4), nn.GELU()
-
+class ActivatedWhenScaled(LinearAndGELU):
     def forward(self, x, scale=None):
         h = self.fc(x)
         if scale is not None:  # traced as given: the argument is a placeholder
