@@ -98,6 +98,12 @@ _function_modes = torch._C._len_torch_function_stack
 _functorch_level = torch._C._functorch.peek_interpreter_stack
 
 
+def under_func_transforms() -> bool:
+    """Whether torch.func's transforms (grad, vjp, jacrev, vmap) are active, outside
+    torch.compile: ops with an autograd formula then go through ``transform_function``'s."""
+    return _functorch_level() is not None and not _is_compiling()
+
+
 def needs_dispatch(args: Sequence) -> bool:
     """Whether a call with ``args`` must go through the custom op."""
     # compile; dispatch or torch-function modes (fake tensors, flop counters,
@@ -202,6 +208,7 @@ class KernelOp:
             self.custom_op.register_torch_dispatch(FunctionalTensorMode, self._decompose)
             triton_ops_to_kernels[f"gpukernels::{self.name}"] = _TRITON_KERNELS
         self._eager = self._run
+        self._transformed: Callable | None = None  # set with the autograd formula
         OPS[self.name] = self
 
     def _run(self, *args):
@@ -242,14 +249,26 @@ class KernelOp:
         first = args[0]
         args = (*args, backend_for(first) if type(first) in PLAIN_TENSOR_TYPES else backend_name(device_of(first)))
         if needs_dispatch(args):
-            return self.custom_op(*args)
+            return self._dispatched(args)
         return self._eager(*args) if _grad_enabled() else self._run(*args)
 
     def on(self, backend: str, *args):
         args = (*args, backend)
         if needs_dispatch(args):
-            return self.custom_op(*args)
+            return self._dispatched(args)
         return self._eager(*args) if _grad_enabled() else self._run(*args)
+
+    def _dispatched(self, args: tuple):
+        """The op through the dispatcher, or under torch.func's transforms through its
+        function for them (the custom op's own autograd has none: see ``transform_function``)."""
+        if self._transformed is not None and under_func_transforms():
+            return self._transformed(*args)
+        return self.custom_op(*args)
+
+    def _run_any(self, *args):
+        """The implementation on plain tensors, the custom op on others (a transform's
+        wrapped tensors: vmap's rule runs the forward on batched tensors)."""
+        return self.custom_op(*args) if needs_dispatch(args) else self._run(*args)
 
     def eagerly(self, backend: str, *args):
         """``on(backend, *args)`` for a caller that found ``needs_dispatch`` false for
@@ -292,6 +311,7 @@ class KernelOp:
             return (*backward(ctx, *grads), None)
 
         self.custom_op.register_autograd(backward_of_outputs, setup_context=setup)
+        self._transformed = transform_function(self.name, self._run_any, setup, backward_of_outputs).apply
 
         run = self._run
 
@@ -340,6 +360,26 @@ def eager_apply(function: type[torch.autograd.Function]) -> Callable:
     return _C_FUNCTION_APPLY.__get__(None, function)
 
 
+def transform_function(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> type:
+    """An op's autograd.Function for torch.func's transforms, which take only the
+    ``setup_context`` form (functorch calls ``forward(*args)`` at each level, the
+    inputs unwrapped, then ``setup_context`` on the level's). The custom op's own
+    autograd, torch.library's, is of the other form, which they refuse; the eager
+    bypass's is too (``Function.apply`` binds a ``setup_context`` form's arguments to
+    its signature on every call: host time). vmap runs ``forward`` on batched tensors
+    (``generate_vmap_rule``), so it must take them: through the custom op."""
+    return type(
+        f"{name}_for_transforms",
+        (torch.autograd.Function,),
+        {
+            "generate_vmap_rule": True,
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        },
+    )
+
+
 class _SecondDerivativeRefused(torch.autograd.Function):
     """Passes a backward's gradients through; differentiating them again raises.
     Its inputs include the tensors the backward read (its saved tensors and the
@@ -348,10 +388,15 @@ class _SecondDerivativeRefused(torch.autograd.Function):
     on a path to its inputs, which is why ``once_differentiable``'s error node,
     attached to nothing, would let the term be silently dropped."""
 
+    generate_vmap_rule = True  # the setup_context form: torch.func's transforms take only that
+
     @staticmethod
-    def forward(ctx, name: str, outputs_count: int, *tensors):
-        ctx.name = name
+    def forward(name: str, outputs_count: int, *tensors):
         return tuple(t.clone() for t in tensors[:outputs_count])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.name = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):

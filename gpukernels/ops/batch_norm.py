@@ -54,7 +54,16 @@ from ._checks import (
     contiguous_param,
     empty_grad,
 )
-from ._op import eager_apply, kernel_op, needs_dispatch, refuse_second_derivative, reshaped, stats_dtype
+from ._op import (
+    eager_apply,
+    kernel_op,
+    needs_dispatch,
+    refuse_second_derivative,
+    reshaped,
+    stats_dtype,
+    transform_function,
+    under_func_transforms,
+)
 from .linear_act import ACTIVATIONS
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -137,11 +146,7 @@ class _BatchNormFunction(torch.autograd.Function):
         run = batch_norm_fwd.on if dispatch else batch_norm_fwd.eagerly  # the caller's needs_dispatch
         args = (x, weight, bias, running_mean, running_var, residual, training, momentum, eps, activation)
         y, stats = run(backend, *args)
-        # with a residual, relu's mask is read off the output (the sum is not kept); none needs nothing
-        relu_output = y if residual is not None and activation == "relu" else None
-        ctx.save_for_backward(x, weight, bias, stats, relu_output)
-        ctx.training, ctx.activation, ctx.backend = training, activation, backend
-        ctx.has_residual = residual is not None
+        _save(ctx, x, weight, bias, residual, training, activation, backend, y, stats)
         return y
 
     @staticmethod
@@ -174,6 +179,28 @@ class _BatchNormFunction(torch.autograd.Function):
 
 
 _apply_eagerly = eager_apply(_BatchNormFunction)
+
+
+def _save(ctx, x, weight, bias, residual, training, activation, backend, y, stats) -> None:
+    # with a residual, relu's mask is read off the output (the sum is not kept); none needs nothing
+    relu_output = y if residual is not None and activation == "relu" else None
+    ctx.save_for_backward(x, weight, bias, stats, relu_output)
+    ctx.training, ctx.activation, ctx.backend = training, activation, backend
+    ctx.has_residual = residual is not None
+
+
+def _setup_context_for_transforms(ctx, inputs, output):
+    x, weight, bias, _, _, residual, training, _, _, activation, backend = inputs
+    _save(ctx, x, weight, bias, residual, training, activation, backend, *output)
+
+
+# the forward's statistics are an output here (setup_context saves them): no gradient of theirs
+_apply_under_transforms = transform_function(
+    "batch_norm",
+    lambda *args: batch_norm_fwd.on(args[-1], *args[:-1]),
+    _setup_context_for_transforms,
+    lambda ctx, dy, _dstats: _BatchNormFunction.backward(ctx, dy)[:-1],
+).apply
 
 
 PARAM_NAMES = ("weight", "bias", "running_mean", "running_var")
@@ -318,7 +345,7 @@ def batch_norm(
     # Function.apply's Python layer serves functorch transforms and torch.compile; on plain
     # tensors, outside them, its C apply (host time), and with grad mode off no Function at all
     if needs_dispatch(args):
-        y = _BatchNormFunction.apply(*args, True)
+        y = _apply_under_transforms(*args)[0] if under_func_transforms() else _BatchNormFunction.apply(*args, True)
     elif torch.is_grad_enabled():
         y = _apply_eagerly(*args, False)
     else:
