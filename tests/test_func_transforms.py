@@ -1,6 +1,8 @@
 """The ops under torch.func's transforms: grad, jacrev, vmap and per-sample gradients
 (vmap of grad) give PyTorch's results, on every backend; a second derivative through a
-kernel's backward raises; dropout's masks follow vmap's randomness as PyTorch's ops do."""
+kernel's backward raises; dropout's masks follow vmap's randomness as PyTorch's ops do.
+Also batched gradients (torch's legacy vmap over a backward): autograd.grad's
+is_grads_batched and autograd.functional.jacobian's vectorize."""
 
 from __future__ import annotations
 
@@ -154,6 +156,31 @@ def test_jacrev_as_torch(device, name):
     ours, theirs, _, differentiated, _ = CASES[name]
     inputs = _inputs(name, device)
     _assert_close(jacrev(ours, 0)(*inputs), jacrev(theirs, 0)(*inputs))
+
+
+@pytest.mark.parametrize("name", _params(CASES))
+def test_vectorized_jacobian_as_torch(device, name):
+    """autograd.functional.jacobian(vectorize=True) runs each op's backward once, on
+    gradients batched by torch's legacy vmap, which the kernels cannot read."""
+    ours, theirs, _, differentiated, _ = CASES[name]
+    inputs = _inputs(name, device)
+    fixed = inputs[differentiated:]
+
+    def jacobian(fn):
+        return torch.autograd.functional.jacobian(
+            lambda *a: fn(*a, *fixed), tuple(inputs[:differentiated]), vectorize=True
+        )
+
+    _assert_close(jacobian(ours), jacobian(theirs))
+
+
+@pytest.mark.family("layer_norm")
+def test_batched_grads_as_torch(device):
+    x, weight = (t.to(device).requires_grad_() for t in _vectors((4, 6), (6,)))
+    cotangents = torch.stack(_vectors((4, 6), (4, 6), (4, 6))).to(device)
+    ours = torch.autograd.grad(gk.layer_norm(x, (6,), weight), (x, weight), cotangents, is_grads_batched=True)
+    theirs = torch.autograd.grad(F.layer_norm(x, (6,), weight), (x, weight), cotangents, is_grads_batched=True)
+    _assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize("name", _params(["layer_norm", "cross_entropy", "batch_norm"]))

@@ -98,6 +98,21 @@ _function_modes = torch._C._len_torch_function_stack
 _functorch_level = torch._C._functorch.peek_interpreter_stack
 
 
+legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+class DispatchEveryOp(torch.overrides.TorchFunctionMode):
+    """A mode under which ``needs_dispatch`` is true for every call: a backward given
+    gradients batched by torch's legacy vmap (``autograd.grad(is_grads_batched=True)``,
+    ``autograd.functional.jacobian(vectorize=True)``) runs under it, since its kernels
+    cannot take batched tensors, which ``needs_dispatch`` cannot tell from plain ones
+    (a plain type, no functorch level); through the dispatcher, that vmap's fallback
+    runs the op sample by sample. Backwards check their first gradient given."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 def under_func_transforms() -> bool:
     """Whether torch.func's transforms (grad, vjp, jacrev, vmap) are active, outside
     torch.compile: ops with an autograd formula then go through ``transform_function``'s."""
@@ -304,11 +319,17 @@ class KernelOp:
         guarded_backward = refuse_second_derivative(self.name)(backward)
 
         def backward_of_outputs(ctx, *grads):
-            if grads[0] is None and all(g is None for g in grads[1:differentiable_outputs]):
-                return no_grads
-            if not twice_differentiable and torch.is_grad_enabled():  # create_graph: guard the second derivative
-                return (*guarded_backward(ctx, *grads), None)
-            return (*backward(ctx, *grads), None)
+            given = grads[0]
+            if given is None:
+                given = next((g for g in grads[1:differentiable_outputs] if g is not None), None)
+                if given is None:
+                    return no_grads
+            # create_graph: guard the second derivative
+            run = guarded_backward if not twice_differentiable and torch.is_grad_enabled() else backward
+            if legacy_batched(given):
+                with DispatchEveryOp():
+                    return (*run(ctx, *grads), None)
+            return (*run(ctx, *grads), None)
 
         self.custom_op.register_autograd(backward_of_outputs, setup_context=setup)
         self._transformed = transform_function(self.name, self._run_any, setup, backward_of_outputs).apply

@@ -55,8 +55,10 @@ from ._checks import (
     empty_grad,
 )
 from ._op import (
+    DispatchEveryOp,
     eager_apply,
     kernel_op,
+    legacy_batched,
     needs_dispatch,
     refuse_second_derivative,
     reshaped,
@@ -150,8 +152,15 @@ class _BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @refuse_second_derivative("batch_norm")
     def backward(ctx, dy: Tensor):
+        if legacy_batched(dy):  # batched gradients (DispatchEveryOp)
+            with DispatchEveryOp():
+                return _BatchNormFunction._backward(ctx, dy)
+        return _BatchNormFunction._backward(ctx, dy)
+
+    @staticmethod
+    @refuse_second_derivative("batch_norm")
+    def _backward(ctx, dy: Tensor):
         x, weight, bias, stats, relu_output = ctx.saved_tensors
         activation, dresidual = ctx.activation, None
         if ctx.has_residual:  # dy becomes the gradient of the sum, the residual's too
