@@ -98,7 +98,13 @@ _function_modes = torch._C._len_torch_function_stack
 _functorch_level = torch._C._functorch.peek_interpreter_stack
 
 
-legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def legacy_batched(grad: Tensor) -> bool:
+    """Whether a backward's gradient is batched by torch's legacy vmap (``DispatchEveryOp``).
+    Not asked under torch.compile, which cannot trace that C function (and batches nothing so)."""
+    return not _is_compiling() and _legacy_batched(grad)
 
 
 class DispatchEveryOp(torch.overrides.TorchFunctionMode):
@@ -326,7 +332,7 @@ class KernelOp:
                     return no_grads
             # create_graph: guard the second derivative
             run = guarded_backward if not twice_differentiable and torch.is_grad_enabled() else backward
-            if legacy_batched(given):
+            if not _is_compiling() and _legacy_batched(given):  # legacy_batched, inline: host time
                 with DispatchEveryOp():
                     return (*run(ctx, *grads), None)
             return (*run(ctx, *grads), None)
