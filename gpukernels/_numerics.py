@@ -54,9 +54,13 @@ def ncl_strides_of(t: torch.Tensor) -> tuple[int, int, int] | None:
     key = (t.shape, t.stride())
     found = _ncl_of_layouts.get(key, key)  # key: none kept (None is an answer)
     if found is key:
-        if len(_ncl_of_layouts) >= 1024:  # layouts grow with every new shape: start over
-            _ncl_of_layouts.clear()
-        found = _ncl_of_layouts[key] = ncl_strides(*key)
+        found = ncl_strides(*key)
+        # not kept while Dynamo traces: inside an autograd.Function's backward (batch_norm's)
+        # it refuses a write to module state, which failed a fullgraph compile
+        if not torch.compiler.is_compiling():
+            if len(_ncl_of_layouts) >= 1024:  # layouts grow with every new shape: start over
+                _ncl_of_layouts.clear()
+            _ncl_of_layouts[key] = found
     return found
 
 

@@ -691,6 +691,20 @@ def test_torch_compile_fullgraph_updates_running_stats_once(device):
     torch.testing.assert_close(running_var, expected_stats[1], **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_fullgraph_compile_of_a_layout_not_seen_eagerly(monkeypatch, memory_format):
+    """The layouts' cache is not written while Dynamo traces: a miss inside the backward,
+    which Dynamo traces as part of the autograd.Function, failed the fullgraph compile."""
+    import gpukernels._numerics as numerics
+
+    monkeypatch.setattr(numerics, "_ncl_of_layouts", {})
+    bn = gk.nn.BatchNorm2d(4, activation="relu")
+    x = torch.randn(2, 4, 3, 3).contiguous(memory_format=memory_format).requires_grad_()
+    torch.compile(bn, backend="aot_eager", fullgraph=True)(x).square().sum().backward()
+    y = bn(x.detach().requires_grad_())
+    assert x.grad is not None and torch.isfinite(x.grad).all() and y.shape == x.shape
+
+
 def test_torch_compile_warns_of_nothing_in_our_code():
     """Tracing a BatchNorm module warns of nothing of ours (dynamo warns once a process of
     each lru_cache it traces through: a fresh interpreter)."""
