@@ -2,7 +2,8 @@
 (vmap of grad) give PyTorch's results, on every backend; a second derivative through a
 kernel's backward raises; dropout's masks follow vmap's randomness as PyTorch's ops do.
 Also batched gradients (torch's legacy vmap over a backward): autograd.grad's
-is_grads_batched and autograd.functional.jacobian's vectorize."""
+is_grads_batched and autograd.functional.jacobian's vectorize; and saved-tensor hooks
+whose unpack lays a tensor out anew."""
 
 from __future__ import annotations
 
@@ -181,6 +182,50 @@ def test_batched_grads_as_torch(device):
     ours = torch.autograd.grad(gk.layer_norm(x, (6,), weight), (x, weight), cotangents, is_grads_batched=True)
     theirs = torch.autograd.grad(F.layer_norm(x, (6,), weight), (x, weight), cotangents, is_grads_batched=True)
     _assert_close(ours, theirs)
+
+
+class _Transposed:
+    """saved_tensors_hooks: each saved tensor of 2 or more dims packed as a dense copy of its
+    transpose and unpacked as the transpose of that, its values as saved, its strides not."""
+
+    def __init__(self):
+        self.unpacked = 0
+
+    def pack(self, t):
+        return (True, t.mT.contiguous()) if t.dim() >= 2 and t.is_floating_point() else (False, t)
+
+    def unpack(self, packed):
+        relaid, t = packed
+        self.unpacked += relaid
+        return t.mT if relaid else t
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["dense", "channels_last"])
+@pytest.mark.parametrize("name", _params(CASES))
+def test_saved_tensors_laid_out_anew_by_hooks(device, name, channels_last):
+    """PyTorch's ops take whatever layout an unpack hook returns; the kernels read the saved
+    tensors as the forward laid them out (a misread was a silently wrong gradient on Triton)."""
+    ours, theirs, _, differentiated, _ = CASES[name]
+    if channels_last and name != "batch_norm":
+        pytest.skip("channels-last input: batch_norm's")
+    inputs = _inputs(name, device)
+    if channels_last:
+        inputs[0] = inputs[0].reshape(4, 3, 5, 1).contiguous(memory_format=torch.channels_last)
+    if name == "linear_cross_entropy":  # per row: the two-pass backward, which reads saved tensors
+        ours = lambda x, w, b: gk.linear_cross_entropy(x, w, TARGET, b, reduction="none")  # noqa: E731
+        theirs = lambda x, w, b: F.cross_entropy(F.linear(x, w, b), TARGET, reduction="none")  # noqa: E731
+
+    def grads(fn):
+        hooks = _Transposed()
+        leaves = [t.detach().requires_grad_(i < differentiated) for i, t in enumerate(inputs)]
+        with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+            scalar = _projected(fn)(*leaves)
+        scalar.backward()
+        return [t.grad for t in leaves[:differentiated]], hooks.unpacked
+
+    (ours_grads, relaid), (theirs_grads, _) = grads(ours), grads(theirs)
+    assert relaid  # the backward read a tensor laid out anew
+    _assert_close(ours_grads, theirs_grads)
 
 
 @pytest.mark.parametrize("name", _params(["layer_norm", "cross_entropy", "batch_norm"]))

@@ -99,6 +99,16 @@ _functorch_level = torch._C._functorch.peek_interpreter_stack
 
 
 _legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+# the (pack, unpack) pair of saved_tensors_hooks in effect, None without
+_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+
+
+def dense(*tensors: Tensor | None) -> tuple:
+    """Each tensor contiguous (None kept). A backward reads its saved tensors through this
+    when ``ctx.relaid``: they were saved under ``saved_tensors_hooks``, whose unpack may
+    return a tensor of other strides (its values the same), which the kernels, reading
+    them as the forward laid them out, would misread; every kernel takes dense tensors."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def legacy_batched(grad: Tensor) -> bool:
@@ -305,7 +315,8 @@ class KernelOp:
     ) -> None:
         """The op's autograd formula, for the custom op and the eager bypass alike.
         ``setup_context(ctx, inputs, output)`` sees the inputs without the backend,
-        which it finds in ``ctx.backend``; ``backward`` returns one gradient per
+        which it finds in ``ctx.backend`` (and in ``ctx.relaid`` whether saved tensors may
+        come back laid out anew: ``dense``); ``backward`` returns one gradient per
         input but the backend. Gradients are not materialised as zeros: the backward
         runs when one of the first ``differentiable_outputs`` outputs has one (the
         others, statistics saved for the backward, have none that matters), and
@@ -320,6 +331,7 @@ class KernelOp:
         def setup(ctx, inputs, output):
             ctx.materialize_grads = False  # ctx.set_materialize_grads(False), one call less
             ctx.backend = inputs[-1]
+            ctx.relaid = _saved_tensors_hooks(False) is not None
             setup_context(ctx, inputs[:-1], output)
 
         guarded_backward = refuse_second_derivative(self.name)(backward)
@@ -332,7 +344,7 @@ class KernelOp:
                     return no_grads
             # create_graph: guard the second derivative
             run = guarded_backward if not twice_differentiable and torch.is_grad_enabled() else backward
-            if not _is_compiling() and _legacy_batched(given):  # legacy_batched, inline: host time
+            if _legacy_batched(given):
                 with DispatchEveryOp():
                     return (*run(ctx, *grads), None)
             return (*run(ctx, *grads), None)
@@ -349,6 +361,7 @@ class KernelOp:
             output = run(*args)
             ctx.materialize_grads = False
             ctx.backend = args[-1]
+            ctx.relaid = _saved_tensors_hooks(False) is not None
             setup_context(ctx, args[:-1], output)
             return output
 

@@ -41,7 +41,7 @@ from ._checks import (
     contiguous_param,
     empty_grad,
 )
-from ._op import kernel_op, reshaped, row_count, stats_dtype
+from ._op import dense, kernel_op, reshaped, row_count, stats_dtype
 from .rms_norm import check_variant
 
 
@@ -111,6 +111,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dsummed, _dstats):
     summed, weight, stats = ctx.saved_tensors
+    if ctx.relaid:
+        summed, weight, stats = dense(summed, weight, stats)
     x_dtype, residual_dtype, bias_dtype = ctx.dtypes
     has_bias = bias_dtype is not None
     if dy is None:  # only the sum was read: its gradient passes to both inputs

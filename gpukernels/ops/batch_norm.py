@@ -162,6 +162,10 @@ class _BatchNormFunction(torch.autograd.Function):
     @refuse_second_derivative("batch_norm")
     def _backward(ctx, dy: Tensor):
         x, weight, bias, stats, relu_output = ctx.saved_tensors
+        # a saved_tensors_hooks unpack may lay them out anew (same values): dense then
+        if x.stride() != ctx.x_strides:
+            x = x.contiguous()
+        stats = stats.contiguous()
         activation, dresidual = ctx.activation, None
         if ctx.has_residual:  # dy becomes the gradient of the sum, the residual's too
             if relu_output is not None:
@@ -194,6 +198,7 @@ def _save(ctx, x, weight, bias, residual, training, activation, backend, y, stat
     # with a residual, relu's mask is read off the output (the sum is not kept); none needs nothing
     relu_output = y if residual is not None and activation == "relu" else None
     ctx.save_for_backward(x, weight, bias, stats, relu_output)
+    ctx.x_strides = x.stride()
     ctx.training, ctx.activation, ctx.backend = training, activation, backend
     ctx.has_residual = residual is not None
 

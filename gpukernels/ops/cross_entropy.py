@@ -41,7 +41,7 @@ from ._checks import (
     check_optional_float,
     empty_grad,
 )
-from ._op import kernel_op, reshaped, stats_dtype
+from ._op import dense, kernel_op, reshaped, stats_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
@@ -149,7 +149,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_stats):
-    grad = cross_entropy_bwd.on(ctx.backend, grad_loss, *ctx.saved_tensors, *ctx.options)
+    saved = dense(*ctx.saved_tensors) if ctx.relaid else ctx.saved_tensors
+    grad = cross_entropy_bwd.on(ctx.backend, grad_loss, *saved, *ctx.options)
     return grad, None, None, None, None, None, None
 
 
@@ -166,9 +167,8 @@ def _probs_setup_context(ctx, inputs, output):
 
 def _probs_backward(ctx, grad_loss, _grad_stats):
     grad_target = ctx.needs_input_grad[1]
-    grad, target_grad = cross_entropy_probs_bwd.on(
-        ctx.backend, grad_loss, *ctx.saved_tensors, *ctx.options, grad_target
-    )
+    saved = dense(*ctx.saved_tensors) if ctx.relaid else ctx.saved_tensors
+    grad, target_grad = cross_entropy_probs_bwd.on(ctx.backend, grad_loss, *saved, *ctx.options, grad_target)
     return grad, target_grad if grad_target else None, None, None, None, None
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import check_choice, check_float, check_shape
-from ._op import kernel_op
+from ._op import dense, kernel_op
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 _GELU_FOR_APPROXIMATE = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -45,7 +45,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy):
-    gate, up = ctx.saved_tensors
+    gate, up = dense(*ctx.saved_tensors) if ctx.relaid else ctx.saved_tensors
     dgate, dup = gated_act_bwd.on(ctx.backend, dy.contiguous(), gate, up, ctx.activation)
     return dgate, dup, None
 

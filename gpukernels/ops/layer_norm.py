@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._checks import autocast_enabled, check_norm_input, check_number, check_out_dtype, contiguous_param, empty_grad
-from ._op import kernel_op, reshaped, row_count, stats_dtype
+from ._op import dense, kernel_op, reshaped, row_count, stats_dtype
 
 
 @kernel_op("layer_norm")
@@ -60,6 +60,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dstats):
     x, weight, stats = ctx.saved_tensors
+    if ctx.relaid:
+        x, weight, stats = dense(x, weight, stats)
     bias_dtype = ctx.bias_dtype
     has_bias = bias_dtype is not None
     dx, dweight, dbias = layer_norm_bwd.on(ctx.backend, dy.contiguous(), x, weight, stats, has_bias)

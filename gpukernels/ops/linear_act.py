@@ -38,7 +38,7 @@ from ._checks import (
     check_optional_float,
     empty_grad,
 )
-from ._op import kernel_op, reshaped
+from ._op import dense, kernel_op, reshaped
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "quick_gelu")
 _KEEPS_PRE_ACTIVATION = ("gelu", "gelu_tanh", "silu", "quick_gelu")
@@ -77,7 +77,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _dz):
-    x, weight, saved = ctx.saved_tensors
+    x, weight, saved = dense(*ctx.saved_tensors) if ctx.relaid else ctx.saved_tensors
     dx, dweight, dbias = linear_act_bwd.on(ctx.backend, dy.contiguous(), x, weight, saved, ctx.activation, ctx.has_bias)
     return dx, dweight, dbias if ctx.has_bias else None, None
 

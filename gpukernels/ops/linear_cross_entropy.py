@@ -60,7 +60,7 @@ from ._checks import (
     contiguous_param,
     empty_grad,
 )
-from ._op import kernel_op, needs_dispatch, reshaped, row_stats, stats_dtype
+from ._op import dense, kernel_op, needs_dispatch, reshaped, row_stats, stats_dtype
 from .cross_entropy import REDUCTIONS, TARGET_DTYPES
 
 # Logits held per chunk: a fixed budget on CPU; on CUDA a share of the free
@@ -227,7 +227,8 @@ def _wanted(ctx) -> tuple[bool, bool, bool]:
 
 def _backward(ctx, grad_loss, *_grad_extra_outputs):
     wanted = _wanted(ctx)
-    grads = linear_cross_entropy_bwd.on(ctx.backend, grad_loss, *ctx.saved_tensors, *ctx.options, *wanted)
+    saved = dense(*ctx.saved_tensors) if ctx.relaid else ctx.saved_tensors
+    grads = linear_cross_entropy_bwd.on(ctx.backend, grad_loss, *saved, *ctx.options, *wanted)
     return (*(g if want else None for g, want in zip(grads, wanted)), *(None,) * 8)
 
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import autocast_enabled, check_norm_input, check_number, check_out_dtype, contiguous_param, empty_grad
-from ._op import kernel_op, reshaped, row_count, stats_dtype
+from ._op import dense, kernel_op, reshaped, row_count, stats_dtype
 
 
 @kernel_op("rms_norm")
@@ -75,6 +75,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
+    if ctx.relaid:
+        x, weight, rstd = dense(x, weight, rstd)
     dx, dweight = rms_norm_bwd.on(ctx.backend, dy.contiguous(), x, weight, rstd, ctx.offset, ctx.cast_before_weight)
     return dx, dweight if weight is not None else None, None, None, None, None
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
 from ._checks import autocast_enabled, check_device, check_float, check_int
-from ._op import kernel_op
+from ._op import dense, kernel_op
 
 # transformers' unsqueeze_dim -> the dim of q and k that holds the heads
 _HEADS_DIM = {1: 1, 2: 2, -3: 1, -2: 2}
@@ -62,7 +62,7 @@ def _unit_last_stride(t: Tensor) -> Tensor:
 
 
 def _backward(ctx, dq, dk):
-    cos, sin = ctx.saved_tensors
+    cos, sin = dense(*ctx.saved_tensors) if ctx.relaid else ctx.saved_tensors
     heads_dim, transpose, dtype = ctx.options
     q_shape, k_shape, out_dtype = ctx.outputs
     # one output without a gradient (unused): zeros in its place, and no gradient for its input
