@@ -112,8 +112,9 @@ def dense(*tensors: Tensor | None) -> tuple:
 
 
 def legacy_batched(grad: Tensor) -> bool:
-    """Whether a backward's gradient is batched by torch's legacy vmap (``DispatchEveryOp``).
-    Not asked under torch.compile, which cannot trace that C function (and batches nothing so)."""
+    """Whether a backward's gradient is batched by torch's legacy vmap (``DispatchEveryOp``),
+    for a backward that Dynamo may trace (an autograd.Function's: batch_norm's): not asked
+    under torch.compile, which cannot trace that C function (and batches nothing so)."""
     return not _is_compiling() and _legacy_batched(grad)
 
 
@@ -344,7 +345,7 @@ class KernelOp:
                     return no_grads
             # create_graph: guard the second derivative
             run = guarded_backward if not twice_differentiable and torch.is_grad_enabled() else backward
-            if _legacy_batched(given):
+            if _legacy_batched(given):  # the custom op's autograd, which Dynamo does not trace
                 with DispatchEveryOp():
                     return (*run(ctx, *grads), None)
             return (*run(ctx, *grads), None)
