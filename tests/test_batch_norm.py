@@ -581,6 +581,25 @@ def test_running_stats_made_under_inference_mode(device):
         torch.testing.assert_close(ours, theirs, **TOLERANCES[torch.float32])
 
 
+def test_running_stats_as_checkpointed_inputs(device):
+    """The running stats' version counters are left as they were, as PyTorch's batch norm
+    leaves them: non-reentrant checkpointing given them as inputs checks them when it
+    recomputes the forward (the NumPy kernels' update bumped them: an autograd error)."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, weight, bias, _, _ = make_inputs((4, 3, 2, 2), torch.float64, device=device)
+    results = []
+    for fn in (batch_norm, F.batch_norm):
+        leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+        stats = torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device)
+        y = checkpoint(lambda x, w, b, m, v: fn(x, m, v, w, b, training=True), *leaves, *stats, use_reentrant=False)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=device).view(y.shape)).sum().backward()
+        assert [t._version for t in stats] == [0, 0]
+        results.append([*(t.grad for t in leaves), *stats])
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, **TOLERANCES[torch.float64])
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_relu_passes_the_gradient_of_a_nan(device, training):
     """relu's backward is PyTorch's threshold_backward: 0 where the output is <= 0, the

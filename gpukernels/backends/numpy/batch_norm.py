@@ -22,12 +22,15 @@ def _per_channel(v: np.ndarray) -> np.ndarray:
 def _update_running(running, batch: np.ndarray, momentum: float) -> None:
     """running = (1-momentum)*running + momentum*batch, in place, in the compute dtype. Running
     stats made under inference_mode are updated too, as PyTorch's batch norm updates them (an
-    in-place write to an inference tensor outside that mode is an error)."""
+    in-place write to an inference tensor outside that mode is an error). Their version counter
+    is left as it was, as PyTorch's batch norm and the Triton kernels leave it: non-reentrant
+    checkpointing given the running stats as inputs checks it when it recomputes."""
     updated = momentum * batch + (1.0 - momentum) * as_array(running)
     if running.is_inference():
         with torch.inference_mode():
             return write(running, updated)
-    write(running, updated)
+    with torch.autograd._unsafe_preserve_version_counter(running):
+        write(running, updated)
 
 
 def _ncl(t):
