@@ -63,7 +63,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 from .. import _backend
 from .._backend import backend_for, backend_name, kernel_for
 from .._numerics import row_count, row_stats, stats_dtype  # noqa: F401  (the op files' rules for statistics and rows)
-from ._checks import PLAIN_TENSOR_TYPES
+from ._checks import PLAIN_TENSOR_TYPES, contiguous_param
 
 try:  # torch's list of each triton_op's kernels, for AOTAutograd's cache key
     from torch._library.triton import triton_ops_to_kernels
@@ -108,7 +108,7 @@ def dense(*tensors: Tensor | None) -> tuple:
     when ``ctx.relaid``: they were saved under ``saved_tensors_hooks``, whose unpack may
     return a tensor of other strides (its values the same), which the kernels, reading
     them as the forward laid them out, would misread; every kernel takes dense tensors."""
-    return tuple(None if t is None else t.contiguous() for t in tensors)
+    return tuple(map(contiguous_param, tensors))
 
 
 def legacy_batched(grad: Tensor) -> bool:

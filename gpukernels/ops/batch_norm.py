@@ -356,8 +356,9 @@ def batch_norm(
         running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
     weight, bias = contiguous_param(weight), contiguous_param(bias)
     args = (x, weight, bias, running_mean, running_var, residual, training, momentum, eps, activation, backend_for(x))
-    # Function.apply's Python layer serves functorch transforms and torch.compile; on plain
-    # tensors, outside them, its C apply (host time), and with grad mode off no Function at all
+    # Function.apply's Python layer serves torch.compile and modes, and torch.func's transforms a
+    # Function of the form they take; on plain tensors, outside them, its C apply (host time), and
+    # with grad mode off no Function at all
     if needs_dispatch(args):
         y = _apply_under_transforms(*args)[0] if under_func_transforms() else _BatchNormFunction.apply(*args, True)
     elif torch.is_grad_enabled():
