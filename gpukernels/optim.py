@@ -74,7 +74,7 @@ def _lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
     is; another is converted by a copy at each step, so updates to it in place
     (schedulers, CUDA-graph replays) are seen either way."""
     if isinstance(lr, Tensor):
-        return lr.to(device=device, dtype=torch.float64).reshape(())
+        return lr.to(device=device, dtype=torch.float64).reshape(shape=())
     return torch.full((), lr, dtype=torch.float64, device=device)
 
 
@@ -115,7 +115,7 @@ def _loaded_state_value(value: Any, param: Tensor, key: str) -> Any:
     tensor on the param's device, tensors in ``state_dtype``; always a copy,
     so the loaded state never aliases the state dict's."""
     if key == "step":
-        return torch.as_tensor(value).to(device=param.device, dtype=torch.float32, copy=True).reshape(())
+        return torch.as_tensor(value).to(device=param.device, dtype=torch.float32, copy=True).reshape(shape=())
     if isinstance(value, Tensor):
         return value.to(device=param.device, dtype=state_dtype(param.dtype), copy=True)
     return value
@@ -278,7 +278,7 @@ class AdamW(torch.optim.Optimizer):
         state = self.state[param]
         if not state:
             state.update(
-                step=torch.zeros((), dtype=torch.float32, device=param.device),
+                step=torch.zeros(size=(), dtype=torch.float32, device=param.device),
                 exp_avg=_zero_state(param),
                 exp_avg_sq=_zero_state(param),
             )

@@ -69,7 +69,7 @@ def add_norm_fwd(
     else:
         y_dtype = summed_dtype
     rows = row_count(x)
-    stats = x.new_empty((2, rows) if centered else (rows,), dtype=stats_dtype(summed_dtype))
+    stats = x.new_empty(size=(2, rows) if centered else (rows,), dtype=stats_dtype(summed_dtype))
     return torch.empty_like(x, dtype=y_dtype), torch.empty_like(x, dtype=summed_dtype), stats
 
 

@@ -340,13 +340,13 @@ def batch_norm(
     if training and n * length == 1:
         raise ArgumentError(f"Expected more than 1 value per channel when training, got input of shape {tuple(shape)}")
     if numel == 0:
-        y = _empty_batch(reshaped(input, n, channels, length), weight, bias).view(shape)
+        y = _empty_batch(reshaped(input, n, channels, length), weight, bias).view(size=shape)
         return y if residual is None else y + residual
     # as it is, NCHW and channels-last alike; a copy only for strides no (N, C, L) view can express
     x = input if dims <= 3 or ncl_strides_of(input) else input.reshape(n, channels, length)
     if residual is not None and residual.dim() > 3:  # read as (N, C, L) too, as x is
         if x is not input:
-            residual = residual.reshape(x.shape)
+            residual = residual.reshape(shape=x.shape)
         elif not ncl_strides_of(residual):
             residual = residual.contiguous()
     # the kernels read the parameters and update the running stats element after element: a
@@ -369,4 +369,4 @@ def batch_norm(
         for given, updated in zip(running, (running_mean, running_var)):
             if updated is not given:
                 given.copy_(updated)
-    return y if x is input else y.view(shape)
+    return y if x is input else y.view(size=shape)

@@ -55,7 +55,7 @@ def _loss_and_stats(
     ``last`` more values (``totals``; ``target_mass``)."""
     rows = logits.shape[0]
     return (
-        logits.new_empty((rows,) if reduction == "none" else (), dtype=loss_dtype or logits.dtype),
+        logits.new_empty(size=(rows,) if reduction == "none" else (), dtype=loss_dtype or logits.dtype),
         logits.new_empty(2 * rows + last, dtype=stats_dtype(logits.dtype)),
     )
 

@@ -66,7 +66,7 @@ def _seed_tensor(seed: int | Tensor | None, like: Tensor) -> Tensor:
                 f"seed must be an int or a one-element int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}"
             )
         check_device("seed", seed, like)
-        return seed.reshape(())
+        return seed.reshape(shape=())
     if type(seed) is not int:  # a NumPy int, say
         seed = check_int("seed", seed, what="an int, a one-element int64 tensor or None")
     if not _INT64_RANGE[0] <= seed < _INT64_RANGE[1]:

@@ -136,7 +136,7 @@ def linear_cross_entropy_fwd(
     assert on CUDA)."""
     rows = x.shape[0]
     return (
-        x.new_empty((rows,) if reduction == "none" else (), dtype=loss_dtype),
+        x.new_empty(size=(rows,) if reduction == "none" else (), dtype=loss_dtype),
         x.new_empty(2 * rows + 1, dtype=stats_dtype(x.dtype)),
     )
 
@@ -419,4 +419,4 @@ def linear_cross_entropy(
     if not return_lse:
         return loss
     row_max, log_sum, _ = row_stats(stats, rows)
-    return loss, (row_max + log_sum).view(batch_shape)
+    return loss, (row_max + log_sum).view(size=batch_shape)

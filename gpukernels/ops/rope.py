@@ -47,7 +47,7 @@ def _output_like(t: Tensor, dtype: torch.dtype) -> Tensor:
     time), but lays out other tensors in the order of their strides, which for a ``t``
     whose elements overlap (time and head_dim both of stride 1) may put a head's apart."""
     out = torch.empty_like(t, dtype=dtype)
-    return out if out.stride(-1) == 1 else t.new_empty(t.shape, dtype=dtype)
+    return out if out.stride(-1) == 1 else t.new_empty(size=t.shape, dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -66,8 +66,8 @@ def _backward(ctx, dq, dk):
     heads_dim, transpose, dtype = ctx.options
     q_shape, k_shape, out_dtype = ctx.outputs
     # one output without a gradient (unused): zeros in its place, and no gradient for its input
-    dq_in = torch.zeros(q_shape, dtype=out_dtype, device=cos.device) if dq is None else _unit_last_stride(dq)
-    dk_in = torch.zeros(k_shape, dtype=out_dtype, device=cos.device) if dk is None else _unit_last_stride(dk)
+    dq_in = torch.zeros(size=q_shape, dtype=out_dtype, device=cos.device) if dq is None else _unit_last_stride(dq)
+    dk_in = torch.zeros(size=k_shape, dtype=out_dtype, device=cos.device) if dk is None else _unit_last_stride(dk)
     grad_q, grad_k = rope.on(ctx.backend, dq_in, dk_in, cos, sin, heads_dim, not transpose, dtype)
     return None if dq is None else grad_q, None if dk is None else grad_k, None, None, None, None, None
 

@@ -179,7 +179,7 @@ def _dz_and_dbias(dy: torch.Tensor, saved: torch.Tensor, activation: str, dbias:
         return dy
     dz = torch.empty_like(dy)
     tiles = cdiv(m, BLOCK_ROWS)
-    partial = torch.empty((tiles, n), dtype=acc, device=dy.device) if dbias is not None else None
+    partial = torch.empty(tiles, n, dtype=acc, device=dy.device) if dbias is not None else None
     if dy.numel():
         key = (dy.dtype, saved.dtype, dz.dtype, dtype_of(partial), activation, m, n) if aligned(dy, saved) else None
         linear_act_bwd_kernel.launch(

@@ -49,7 +49,7 @@ def _logits_buffer(rows: int, columns: int, like: Tensor) -> Tensor:
     """An empty (rows, columns) matrix in ``like``'s dtype whose rows are padded to a
     multiple of ``_ROW_MULTIPLE`` elements (a view of a wider one when ``columns`` needs it)."""
     padded = -(-columns // _ROW_MULTIPLE) * _ROW_MULTIPLE
-    buffer = like.new_empty((rows, padded))
+    buffer = like.new_empty(rows, padded)
     return buffer if padded == columns else buffer[:, :columns]
 
 
@@ -169,7 +169,7 @@ def linear_cross_entropy_grads_fwd(
         kept = (target != ignore_index).sum().to(stats.dtype)
         scale = torch.where(kept != 0, kept.reciprocal(), 0.0)
     else:
-        scale = torch.ones((), dtype=stats.dtype, device=x.device)
+        scale = torch.ones(size=(), dtype=stats.dtype, device=x.device)
     options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss)
     buffer = _logits_buffer(min(chunk_rows, rows), vocab, x)
     with torch.autocast(x.device.type, enabled=False):
@@ -214,7 +214,7 @@ def linear_cross_entropy_bwd(
     dbias,
 ):
     vocab = weight.shape[0]
-    dx_acc = dx if not grad_x or dx.dtype == stats.dtype else torch.empty(x.shape, dtype=stats.dtype, device=x.device)
+    dx_acc = dx if not grad_x or dx.dtype == stats.dtype else x.new_empty(size=x.shape, dtype=stats.dtype)
     buffer = _logits_buffer(x.shape[0], min(slice_columns, vocab), x)
     with torch.autocast(x.device.type, enabled=False):
         for start in range(0, vocab, slice_columns):
