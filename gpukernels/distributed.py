@@ -272,10 +272,12 @@ def _to_sync(bn: _BatchNorm, process_group: Any) -> SyncBatchNorm:
             "an activation), which SyncBatchNorm would drop: convert it with its library's conversion "
             "(timm.layers.convert_sync_batchnorm)"
         )
-    if getattr(bn, "activation", "none") != "none":
+    # one gk.patch fused an activation module into is fine: the FusedActivation patch left in the
+    # module's place applies it once the BatchNorm is no longer in its own
+    if getattr(bn, "activation", "none") != "none" and "fused_at" not in bn.__dict__:
         raise ArgumentError(
-            f"{type(bn).__name__} applies activation {bn.activation!r} (gk.patch fused it), which SyncBatchNorm "
-            "does not: convert_sync_batchnorm before gk.patch (patch leaves SyncBatchNorm unfused)"
+            f"{type(bn).__name__} applies activation {bn.activation!r}, which SyncBatchNorm does not: "
+            "build it without, with the activation module after it"
         )
     kwargs = {} if bn.bias is not None or not bn.affine else {"bias": False}
     sync = SyncBatchNorm(

@@ -1,6 +1,8 @@
 """Drop-in modules. Each subclasses its ``torch.nn`` namesake, so constructor
 arguments, parameter and buffer names (and so state_dicts) and ``isinstance``
-checks are PyTorch's; only ``forward`` runs our ops.
+checks are PyTorch's; only ``forward`` runs our ops. ``FusedActivation`` is
+what ``gk.patch`` leaves in the place of an activation module it fused into the
+layer before it.
 
 A ``LayerNorm`` or ``RMSNorm`` of ours (or a transformers RMSNorm ``gk.patch``
 converted) whose ``feeds_matmuls`` attribute is true returns, under autocast, the
@@ -51,6 +53,39 @@ def module_state(module: torch.nn.Module, table: dict, *names: str) -> tuple:
         return tuple(table[name] if name in table else getattr(module, name) for name in names)
 
 
+def fused_in_place(module: torch.nn.Module) -> bool:
+    """Whether ``module``, a map (a Linear, transformers' Conv1D, a BatchNorm) whose op applies the
+    activation that ``gk.patch`` fused into it, is still where patch found it (its ``fused_at``:
+    the parent and the name), so that the ``FusedActivation`` left in the activation's place passes
+    its input on. A map built with an activation, not fused by patch, has no place to keep."""
+    place = module.__dict__.get("fused_at")
+    return place is None or place[0]._modules.get(place[1]) is module
+
+
+class FusedActivation(torch.nn.Module):
+    """What ``gk.patch`` leaves in the place of an activation module it fused into the map
+    before it (a Linear, transformers' Conv1D, a BatchNorm, whose op now applies it): passes its
+    input on while that map is where patch found it (``fused_in_place``). Once another module has
+    taken the map's place (peft's LoRA layer wrapping it and adding its own term to the map's
+    output, torch's ``convert_sync_batchnorm`` or a quantizer replacing it), the map computes
+    without the activation and this module applies it, so the model computes what it did before
+    patch either way (the activation after the wrapper's sum, where an activation fused into the
+    map would come before it). ``unpatch`` puts the activation module back."""
+
+    def __init__(self, activation: torch.nn.Module, map_module: torch.nn.Module):
+        super().__init__()
+        # plain attributes, not submodules: the map is registered in its own place, and the
+        # module tree (named_modules, state_dict keys) stays the model's
+        self.__dict__["act"] = activation
+        self.__dict__["map_module"] = map_module
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input if fused_in_place(self.map_module) else self.act(input)
+
+    def extra_repr(self) -> str:
+        return f"{type(self.act).__name__}, applied by the {type(self.map_module).__name__} before it"
+
+
 class LinearAct(torch.nn.Linear):
     """``activation(nn.Linear(x))`` as one op (``gpukernels.linear_act``); ``activation`` is one of
     ``none, relu, gelu, gelu_tanh, silu, quick_gelu``."""
@@ -62,7 +97,8 @@ class LinearAct(torch.nn.Linear):
         self.activation = check_choice("activation", activation, ACTIVATIONS)
 
     def forward(self, input: Tensor) -> Tensor:
-        return linear_act(input, *module_state(self, self._parameters, "weight", "bias"), self.activation)
+        activation = self.activation if fused_in_place(self) else "none"
+        return linear_act(input, *module_state(self, self._parameters, "weight", "bias"), activation)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
@@ -115,7 +151,7 @@ class BatchNormForward:
     activation = "none"
 
     def forward(self, input: Tensor) -> Tensor:
-        return self.fused(input, self.activation)
+        return self.fused(input, self.activation if fused_in_place(self) else "none")
 
     def fused(self, input: Tensor, activation: str, residual: Tensor | None = None) -> Tensor:
         """``activation(BatchNorm(input) + residual)`` (``residual`` optional) as one op, the

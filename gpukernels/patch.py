@@ -17,8 +17,10 @@ forward. Recognised:
   ``torch.fx``; on every path traced: as the model is, in the other of train
   and eval mode, and with the forwards' optional arguments at their
   defaults), fuses with it: the Linear becomes one LinearAct, the
-  BatchNorm ours with its ``activation`` set, and the activation module an
-  ``nn.Identity``. A BatchNorm that cannot fuse (its activation module called
+  BatchNorm ours with its ``activation`` set, and the activation module a
+  ``FusedActivation``, which applies it again if another module takes the
+  map's place (peft's LoRA wrapping a fused Linear, convert_sync_batchnorm
+  replacing a BatchNorm). A BatchNorm that cannot fuse (its activation module called
   elsewhere too) is swapped unfused. Activation modules: torch's
   ReLU/GELU/SiLU and the transformers and timm classes claiming that math
   (quick_gelu: their QuickGELU, CLIP's), each checked on a probe before it
@@ -96,7 +98,7 @@ from .ops.rope import apply_rotary_pos_emb
 LOSS_MODES = ("logits", "fused")
 
 # Attributes patch sets on a module it converts (the forward reads them); unpatch removes them.
-_SET_ATTRIBUTES = ("activation", "seed", "defer_logits", "softcap", "feeds_matmuls")
+_SET_ATTRIBUTES = ("activation", "fused_at", "seed", "defer_logits", "softcap", "feeds_matmuls")
 
 
 def _nothing_to_set(module: torch.nn.Module) -> dict[str, Any]:
@@ -197,7 +199,7 @@ def _rebuilt(cls: type, forward_name: str) -> torch.nn.Module:
 
 
 def _is_ours(module: torch.nn.Module) -> bool:
-    return type(module) in _ORIGINAL
+    return type(module) in _ORIGINAL or type(module) is gnn.FusedActivation
 
 
 def _loaded(module: str, *names: str) -> list:
@@ -317,7 +319,7 @@ def _activation(module: torch.nn.Module) -> tuple[str | None, str]:
 def _conv1d_act_forward(self, input: Tensor) -> Tensor:
     """transformers' Conv1D (weight stored (in, out)) and its activation in one linear_act."""
     weight, bias = gnn.module_state(self, self._parameters, "weight", "bias")
-    return linear_act(input, weight.t(), bias, self.activation)
+    return linear_act(input, weight.t(), bias, self.activation if gnn.fused_in_place(self) else "none")
 
 
 def _fusable_maps() -> dict[type, _Rule]:
@@ -1753,8 +1755,10 @@ def patch(
             report.swapped.append((map_name, f"{type(map_module).__name__}+{type(act).__name__}", rule.kind))
             map_module.__class__ = rule.replacement
             map_module.activation = activation
+            parent_name, _, key = map_name.rpartition(".")
+            map_module.fused_at = (model.get_submodule(parent_name), key)
             parent_name, _, key = act_name.rpartition(".")
-            _set(undo, model.get_submodule(parent_name), key, torch.nn.Identity())
+            _set(undo, model.get_submodule(parent_name), key, gnn.FusedActivation(act, map_module))
             continue
         why_not[act_name] = _not_fused_with(map_name, why_not[map_name], id(map_module) in swapping)
 

@@ -16,6 +16,7 @@ a single-process run in this process on the whole batch, step by step:
 
 from __future__ import annotations
 
+import copy
 import datetime
 import time
 import traceback
@@ -569,13 +570,33 @@ def test_convert_sync_batchnorm_shares_parameters_and_buffers():
     assert type(SyncBatchNorm.convert_sync_batchnorm(root)) is SyncBatchNorm
 
 
-def test_convert_sync_batchnorm_refuses_a_fused_activation():
-    """A BatchNorm that gk.patch fused with its ReLU cannot become a SyncBatchNorm, which
-    applies no activation: an error, not a model that silently drops the ReLU."""
+def test_convert_sync_batchnorm_refuses_a_batchnorm_built_with_an_activation():
+    """A BatchNorm built with an activation cannot become a SyncBatchNorm, which applies
+    none: an error, not a model that silently drops the ReLU."""
     model = torch.nn.Sequential(gk.nn.BatchNorm2d(3, activation="relu"))
-    with pytest.raises(ValueError, match="activation 'relu'.*before gk.patch"):
+    with pytest.raises(ValueError, match="activation 'relu'.*build it without"):
         convert_sync_batchnorm(model)
     assert type(model[0]) is gk.nn.BatchNorm2d
+
+
+@pytest.mark.parametrize("convert", [convert_sync_batchnorm, torch.nn.SyncBatchNorm.convert_sync_batchnorm])
+def test_convert_sync_batchnorm_after_patch_keeps_the_fused_activation(convert):
+    """BatchNorm -> ReLU that gk.patch fused, then converted (ours or torch's conversion): the
+    activation module patch left applies the ReLU after the SyncBatchNorm, which has none
+    (evaluated: both SyncBatchNorms then normalise by the running statistics on a CPU)."""
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.ReLU()).double()
+    with torch.no_grad():
+        plain[1].running_mean.uniform_(-1, 1)
+        plain[1].running_var.uniform_(0.5, 2)
+    patched = copy.deepcopy(plain)
+    gk.patch(patched)
+    assert patched[1].activation == "relu"
+    plain, patched = convert(plain).eval(), convert(patched).eval()
+    assert isinstance(patched[1], torch.nn.SyncBatchNorm) or type(patched[1]) is SyncBatchNorm
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    assert (plain(x) == 0).any()  # the ReLU clamps some
+    torch.testing.assert_close(patched(x), plain(x))
 
 
 def test_sync_batchnorm_fuses_only_without_a_group_to_sync_over(monkeypatch):

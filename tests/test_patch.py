@@ -1,4 +1,5 @@
 import copy
+import pickle
 import subprocess
 import sys
 import types
@@ -82,7 +83,7 @@ def test_every_supported_pattern_swapped_and_rest_reported():
         "13": "BatchNorm1d",
     }
     assert [model[i].activation for i in (0, 2, 4, 6)] == ["relu", "gelu", "gelu_tanh", "silu"]
-    assert all(type(model[i]) is nn.Identity for i in (1, 3, 5, 7))
+    assert all(type(model[i]) is gnn.FusedActivation for i in (1, 3, 5, 7))
     left = {name: why for name, _, why in report.left}
     assert set(left) == {"10", "12", "14"}
     assert left["10"] == "followed by Tanh 11: not a relu/gelu/gelu_tanh/silu/quick_gelu activation module"
@@ -196,7 +197,7 @@ def test_mlp_block_patterns_are_fused_by_tracing_the_forward():
     report = gk.patch(model)
     for block in model.blocks:
         assert type(block.fc1) is gnn.LinearAct and block.fc1.activation == "gelu_tanh"
-        assert type(block.act) is nn.Identity
+        assert type(block.act) is gnn.FusedActivation
         assert type(block.gate) is nn.Linear and type(block.fc2) is nn.Linear
     left = {name: why for name, _, why in report.left}
     assert "goes to silu" in left["blocks.1.gate"]  # F.silu is a function call, not a module to fuse
@@ -270,7 +271,7 @@ def test_a_submodule_that_does_not_trace_leaves_the_rest_of_the_forward_traced()
     x = torch.randn(3, 8)
     expected = model(x)
     report = gk.patch(model)
-    assert type(model.fc1) is gnn.LinearAct and type(model.act) is nn.Identity
+    assert type(model.fc1) is gnn.LinearAct and type(model.act) is gnn.FusedActivation
     left = {name: why for name, _, why in report.left}
     assert left["attn.qkv"] == (
         "the forward of attn did not trace "
@@ -531,7 +532,7 @@ def test_a_linear_fuses_through_identity_modules_unless_one_gives_its_output_els
     model = copy.deepcopy(original)
     report = gk.patch(model)
     assert type(model.fc) is (nn.Linear if keep else gnn.LinearAct)
-    assert type(model.act) is (nn.GELU if keep else nn.Identity)
+    assert type(model.act) is (nn.GELU if keep else gnn.FusedActivation)
     if keep:
         assert report.left == [
             ("fc", "Linear", "its output is used 2 times, not by one activation module"),
@@ -541,3 +542,60 @@ def test_a_linear_fuses_through_identity_modules_unless_one_gives_its_output_els
         assert report.swapped == [("fc", "Linear+GELU", "LinearAct")] and report.left == []
     x = torch.randn(3, 4)
     torch.testing.assert_close(model(x), original(x))
+
+
+class _LoRA(nn.Module):
+    """A LoRA layer as peft wraps a Linear with: the base layer's output plus a low-rank term."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+@pytest.mark.parametrize("change", ["wrapped", "replaced"])
+def test_a_fused_linear_wrapped_or_replaced_after_patch_gets_its_activation_after_it(change):
+    """A Linear that gk.patch fused its GELU into, then wrapped (peft's LoRA applied after patch adds
+    its term to the Linear's output, before the activation) or replaced (a quantizer's swap): the
+    Linear computes without the GELU and the module left in the GELU's place applies it, as the
+    unpatched model with the same change computes; unpatch then puts the GELU back."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)).double()
+    patched = copy.deepcopy(plain)
+    gk.patch(patched)
+    fused = patched[0]
+    assert gnn.fused_in_place(fused) and type(patched[1]) is gnn.FusedActivation
+    for model in (plain, patched):
+        torch.manual_seed(1)
+        model[0] = _LoRA(model[0]) if change == "wrapped" else nn.Linear(6, 8, dtype=torch.float64)
+    assert not gnn.fused_in_place(fused)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    outputs = []
+    for model in (plain, patched):
+        y = model(x)
+        y.square().sum().backward()
+        outputs.append((y, [p.grad for p in model.parameters()]))
+    (y_plain, grads_plain), (y_patched, grads_patched) = outputs
+    torch.testing.assert_close(y_patched, y_plain)
+    for a, b in zip(grads_patched, grads_plain, strict=True):
+        torch.testing.assert_close(a, b)
+    gk.unpatch(patched)
+    assert type(patched[1]) is nn.GELU and all(type(m) is not gnn.LinearAct for m in patched.modules())
+    torch.testing.assert_close(patched(x), y_plain)
+
+
+def test_a_copy_of_a_patched_model_keeps_its_fused_activations():
+    """deepcopy and pickling remap the place each fused map keeps to the copy's: still fused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 3)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    expected = model(x)
+    gk.patch(model)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert copied[0].fused_at[0] is copied and copied[1].map_module is copied[0]
+        assert gnn.fused_in_place(copied[0])
+        torch.testing.assert_close(copied(x), expected)

@@ -91,7 +91,8 @@ def test_conv_net_batch_norms_fuse_and_match_unpatched_in_float64(channels_last)
     assert report.counts == {"BatchNorm2d": 3} and report.left == [_FC_LEFT]
     assert all(type(bn) is gnn.BatchNorm2d for bn in (patched.bn1, patched.bn2, patched.bn3))
     assert [bn.activation for bn in (patched.bn1, patched.bn2, patched.bn3)] == ["relu", "gelu", "silu"]
-    assert all(type(m) is nn.Identity for m in (patched.act1, patched.act2, patched.act3, patched.drop_block))
+    assert all(type(m) is gnn.FusedActivation for m in (patched.act1, patched.act2, patched.act3))
+    assert type(patched.drop_block) is nn.Identity
     x = torch.randn(4, 3, 6, 6, dtype=FLOAT64)
     if channels_last:
         plain, patched = (m.to(memory_format=torch.channels_last) for m in (plain, patched))
@@ -116,7 +117,7 @@ def test_batch_norm_1d_fuses_each_activation(activation, shape):
     report = gk.patch(patched)
     assert report.swapped[0] == ("0", f"BatchNorm1d+{type(act).__name__}", "BatchNorm1d")
     assert type(patched[0]) is gnn.BatchNorm1d and patched[0].activation == activation
-    assert type(patched[1]) is nn.Identity
+    assert type(patched[1]) is gnn.FusedActivation
     _assert_same_function(patched, plain, torch.randn(shape, dtype=FLOAT64))
 
 

@@ -349,9 +349,9 @@ def test_report_lists_every_norm_mlp_activation_and_the_loss(name):
         if "GatedMLP" in kinds and swapped.get(parent, (None,) * 3)[2] == "GatedMLP":
             # the activation now runs inside the MLP's gated op
             assert type(model.get_submodule(act)) is type(original.get_submodule(act))
-        else:  # the Linear feeding it became a LinearAct; the activation an Identity
+        else:  # the Linear feeding it became a LinearAct; the activation a FusedActivation
             assert "LinearAct" in kinds
-            assert type(model.get_submodule(act)) is nn.Identity
+            assert type(model.get_submodule(act)) is gk.nn.FusedActivation
             assert any(row[2] == "LinearAct" and row[0].startswith(parent) for row in report.swapped)
     counts = report.counts
     assert sum(counts.get(kind, 0) for kind in kinds) == len(acts)
@@ -1180,3 +1180,44 @@ def _table() -> str:
 
 if __name__ == "__main__":
     print(_table())
+
+
+class _LoRA(nn.Module):
+    """A LoRA layer as peft wraps a Linear or GPT-2's Conv1D with: the base layer's output plus a
+    low-rank term."""
+
+    def __init__(self, base: nn.Module, rank: int = 2):
+        super().__init__()
+        linear = isinstance(base, nn.Linear)
+        features_in, features_out = (base.in_features, base.out_features) if linear else base.weight.shape
+        self.base_layer = base
+        self.lora_A = nn.Linear(features_in, rank, bias=False, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(rank, features_out, bias=False, dtype=base.weight.dtype)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_lora_wrapping_fused_projections_after_patch_computes_the_unpatched_model(name):
+    """The projections whose activation gk.patch fused (GPT-2's Conv1D ``c_fc``, BERT's
+    intermediate Linear) wrapped afterwards as peft's LoRA wraps them (``get_peft_model`` after
+    ``gk.patch``): the activation applies to the wrapper's sum, as in the unpatched model."""
+    fused = {"gpt2": "mlp.c_fc", "bert": "intermediate.dense"}[name]
+    original = _build(name, torch.float64)
+    model = copy.deepcopy(original)
+    gk.patch(model)
+    for m in (original, model):
+        torch.manual_seed(2)
+        for block_name, block in m.named_modules():
+            if block_name.endswith(fused):
+                parent, _, key = block_name.rpartition(".")
+                setattr(m.get_submodule(parent), key, _LoRA(block))
+    assert sum(type(m) is _LoRA for m in model.modules()) == 2
+    batch = _batch(name)
+    loss, logits, grads = _step(model, batch)
+    loss_theirs, logits_theirs, grads_theirs = _step(original, batch)
+    torch.testing.assert_close(logits, logits_theirs)
+    assert grads.keys() == grads_theirs.keys()
+    for key in grads:
+        torch.testing.assert_close(grads[key], grads_theirs[key])

@@ -102,7 +102,7 @@ def test_resnet50_fuses_the_relu_after_bn1_and_bn2_of_every_block():
     blocks = [f"layer{stage}.{i}" for stage, count in zip(range(1, 5), (3, 4, 6, 3)) for i in range(count)]
     assert fused == sorted(["bn1", *(f"{block}.{bn}" for block in blocks for bn in ("bn1", "bn2"))])
     assert report.counts["BatchNorm2d"] == 53
-    assert type(model.layer1[0].act2) is nn.Identity and model.layer1[0].bn2.activation == "relu"
+    assert type(model.layer1[0].act2) is gk.nn.FusedActivation and model.layer1[0].bn2.activation == "relu"
     # bn3 + shortcut + act3 in the block's forward, its act3 left in place, uncalled
     assert ("layer1.0", "Bottleneck", "ResidualBlock") in report.swapped
     assert type(model.layer1[0].act3) is nn.ReLU and model.layer1[0].bn3.activation == "none"

@@ -238,7 +238,7 @@ def test_linear_fuses_timm_activations(timm_layers, act, activation):
     report = gk.patch(patched)
     assert report.swapped == [("0", f"Linear+{act.__name__}", "LinearAct")]
     assert type(patched[0]) is gnn.LinearAct and patched[0].activation == activation
-    assert type(patched[1]) is nn.Identity
+    assert type(patched[1]) is gnn.FusedActivation
     _assert_same_function(patched, plain, torch.randn(5, 6, dtype=FLOAT64))
 
 
