@@ -15,6 +15,8 @@ attention or MLP projections."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -53,13 +55,39 @@ def module_state(module: torch.nn.Module, table: dict, *names: str) -> tuple:
         return tuple(table[name] if name in table else getattr(module, name) for name in names)
 
 
+class Place:
+    """Where ``gk.patch`` found a module it fused work into: its parent and its name there. The
+    parent is held weakly, so that a copy of the module alone (peft's ``modules_to_save``
+    deep-copies a layer) does not copy the model with it; a copy of the model gets a place in
+    the copied parent (deepcopy copies a parent before its children), a pickle of it too."""
+
+    __slots__ = ("parent", "name")
+
+    def __init__(self, parent: torch.nn.Module, name: str):
+        self.parent = weakref.ref(parent)
+        self.name = name
+
+    def holds(self, module: torch.nn.Module) -> bool:
+        parent = self.parent()
+        return parent is not None and parent._modules.get(self.name) is module
+
+    def __deepcopy__(self, memo: dict) -> "Place":
+        parent = self.parent()
+        return self if parent is None else Place(memo.get(id(parent), parent), self.name)
+
+    def __reduce__(self):
+        return Place, (self.parent(), self.name)
+
+
 def fused_in_place(module: torch.nn.Module) -> bool:
-    """Whether ``module``, a map (a Linear, transformers' Conv1D, a BatchNorm) whose op applies the
-    activation that ``gk.patch`` fused into it, is still where patch found it (its ``fused_at``:
-    the parent and the name), so that the ``FusedActivation`` left in the activation's place passes
-    its input on. A map built with an activation, not fused by patch, has no place to keep."""
+    """Whether ``module``, a layer ``gk.patch`` fused work into (a Linear, transformers' Conv1D or a
+    BatchNorm whose op applies the activation module after it; a causal LM's output layer whose
+    loss takes its input), is still where patch found it (its ``fused_at``, a ``Place``). Once
+    another module has taken its place (wrapping or replacing it), the fused work is given back:
+    the ``FusedActivation`` left in the activation's place applies it, the loss reads logits.
+    A layer built with an activation, not fused by patch, has no place to keep."""
     place = module.__dict__.get("fused_at")
-    return place is None or place[0]._modules.get(place[1]) is module
+    return place is None or place.holds(module)
 
 
 class FusedActivation(torch.nn.Module):

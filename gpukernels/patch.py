@@ -1527,7 +1527,9 @@ class _ForwardDeferringLogits:
 
     def __call__(self, *args, **kwargs):
         labels = args[self.labels_at] if len(args) > self.labels_at else kwargs.get("labels")
-        if labels is None:
+        # another module in the head's place (peft's modules_to_save copy or LoRA layer): the model's
+        # logits come from it, and the loss takes them as logits
+        if labels is None or not gnn.fused_in_place(self.head):
             return self.__wrapped__(*args, **kwargs)
         config = self.capped_config
         softcap = None if config is None else config.final_logit_softcapping
@@ -1607,6 +1609,8 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
     if mode == "fused":
         head_name = next(n for n, m in model.named_modules() if m is head)
         head.__class__ = _DeferredLogitsHead
+        parent_name, _, key = head_name.rpartition(".")
+        head.fused_at = gnn.Place(model.get_submodule(parent_name), key)
         head.defer_logits = False
         head.softcap = None
         capped_config = model.config if type(model) in soft_capped else None
@@ -1756,7 +1760,7 @@ def patch(
             map_module.__class__ = rule.replacement
             map_module.activation = activation
             parent_name, _, key = map_name.rpartition(".")
-            map_module.fused_at = (model.get_submodule(parent_name), key)
+            map_module.fused_at = gnn.Place(model.get_submodule(parent_name), key)
             parent_name, _, key = act_name.rpartition(".")
             _set(undo, model.get_submodule(parent_name), key, gnn.FusedActivation(act, map_module))
             continue

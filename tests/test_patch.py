@@ -589,13 +589,16 @@ def test_a_fused_linear_wrapped_or_replaced_after_patch_gets_its_activation_afte
 
 
 def test_a_copy_of_a_patched_model_keeps_its_fused_activations():
-    """deepcopy and pickling remap the place each fused map keeps to the copy's: still fused."""
+    """deepcopy and pickling remap the place each fused map keeps to the copy's: still fused.
+    A copy of the map alone (peft's modules_to_save) copies no more than the map."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 3)).double()
     x = torch.randn(5, 6, dtype=torch.float64)
     expected = model(x)
     gk.patch(model)
     for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert copied[0].fused_at[0] is copied and copied[1].map_module is copied[0]
+        assert copied[0].fused_at.parent() is copied and copied[1].map_module is copied[0]
         assert gnn.fused_in_place(copied[0])
         torch.testing.assert_close(copied(x), expected)
+    alone = copy.deepcopy(model[0])
+    assert alone.fused_at.parent() is model and not gnn.fused_in_place(alone)

@@ -1221,3 +1221,56 @@ def test_lora_wrapping_fused_projections_after_patch_computes_the_unpatched_mode
     assert grads.keys() == grads_theirs.keys()
     for key in grads:
         torch.testing.assert_close(grads[key], grads_theirs[key])
+
+
+class _SavedCopy(nn.Module):
+    """peft's ``modules_to_save`` wrapper: the layer kept, a deep copy of it trained in its place."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.original_module = layer
+        self.trained = copy.deepcopy(layer)
+
+    def forward(self, x):
+        return self.trained(x)
+
+
+@pytest.mark.parametrize("wrap", ["saved_copy", "lora"])
+def test_fused_loss_reads_the_logits_of_a_head_wrapped_after_patch(wrap):
+    """``loss="fused"``, then the output layer wrapped as peft wraps it (``modules_to_save=["lm_head"]``,
+    when new tokens are trained, or LoRA on it): the wrapper computes the logits, and the loss
+    takes them as logits (the fusion given up), as the unpatched model with the same wrapper."""
+    original = _build("llama", torch.float64)
+    model = copy.deepcopy(original)
+    gk.patch(model, loss="fused")
+    for m in (original, model):
+        torch.manual_seed(2)
+        m.lm_head = _SavedCopy(m.lm_head) if wrap == "saved_copy" else _LoRA(m.lm_head)
+    batch = _batch("llama")
+    loss, logits, grads = _step(model, batch)
+    loss_theirs, logits_theirs, grads_theirs = _step(original, batch)
+    # transformers' loss is fp32 (it casts the logits), ours fp32 from fp64 sums: fp32's tolerances
+    torch.testing.assert_close(loss, loss_theirs)
+    torch.testing.assert_close(logits, logits_theirs)
+    assert grads.keys() == grads_theirs.keys()
+    for key in grads:
+        torch.testing.assert_close(grads[key], grads_theirs[key], rtol=1e-5, atol=1e-6)
+
+
+def test_token_embeddings_resized_after_a_fused_patch():
+    """``resize_token_embeddings`` after ``loss="fused"`` (new tokens for fine-tuning) puts a new
+    output layer in the old one's place: the loss takes its logits, as the unpatched model's."""
+    original = _build("llama", torch.float64)
+    model = copy.deepcopy(original)
+    gk.patch(model, loss="fused")
+    for m in (original, model):
+        torch.manual_seed(3)
+        m.resize_token_embeddings(VOCAB + 5, mean_resizing=False)
+    model.load_state_dict(original.state_dict())
+    batch = _batch("llama")
+    batch["labels"][1, -1] = VOCAB + 4  # a new token
+    loss, logits, _ = _step(model, batch)
+    loss_theirs, logits_theirs, _ = _step(original, batch)
+    assert logits.shape[-1] == VOCAB + 5
+    torch.testing.assert_close(loss, loss_theirs)
+    torch.testing.assert_close(logits, logits_theirs)
