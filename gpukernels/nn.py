@@ -55,6 +55,10 @@ def module_state(module: torch.nn.Module, table: dict, *names: str) -> tuple:
         return tuple(table[name] if name in table else getattr(module, name) for name in names)
 
 
+def _NO_PARENT() -> None:
+    return None
+
+
 class Place:
     """Where ``gk.patch`` found a module it fused work into: its parent and its name there. The
     parent is held weakly, so that a copy of the module alone (peft's ``modules_to_save``
@@ -63,8 +67,9 @@ class Place:
 
     __slots__ = ("parent", "name")
 
-    def __init__(self, parent: torch.nn.Module, name: str):
-        self.parent = weakref.ref(parent)
+    def __init__(self, parent: torch.nn.Module | None, name: str):
+        # None: a pickle of the layer made once its model was gone (a place nothing holds)
+        self.parent = _NO_PARENT if parent is None else weakref.ref(parent)
         self.name = name
 
     def holds(self, module: torch.nn.Module) -> bool:

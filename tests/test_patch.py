@@ -1,4 +1,5 @@
 import copy
+import gc
 import pickle
 import subprocess
 import sys
@@ -602,3 +603,8 @@ def test_a_copy_of_a_patched_model_keeps_its_fused_activations():
         torch.testing.assert_close(copied(x), expected)
     alone = copy.deepcopy(model[0])
     assert alone.fused_at.parent() is model and not gnn.fused_in_place(alone)
+    layer = model[0]
+    del model, copied
+    gc.collect()  # the model's undo records hold it in a cycle
+    pickled = pickle.loads(pickle.dumps(layer))  # its model gone: a place nothing holds
+    assert not gnn.fused_in_place(pickled) and not gnn.fused_in_place(layer)
