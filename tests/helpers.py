@@ -198,3 +198,19 @@ def assert_parametrized_weight_read(ours: torch.nn.Module, theirs: torch.nn.Modu
         parametrize.register_parametrization(module, "weight", Doubled())
     x = torch.randn(3, ours.weight.numel(), generator=torch.Generator().manual_seed(0)).to(device)
     torch.testing.assert_close(ours(x), theirs(x), **TOLERANCES[torch.float32])
+
+
+class LoRA(torch.nn.Module):
+    """A LoRA layer as peft wraps a Linear or GPT-2's Conv1D (weight stored (in, out)) with: the
+    base layer's output plus a low-rank term of its input."""
+
+    def __init__(self, base: torch.nn.Module, rank: int = 2):
+        super().__init__()
+        linear = isinstance(base, torch.nn.Linear)
+        features_in, features_out = (base.in_features, base.out_features) if linear else base.weight.shape
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(features_in, rank, bias=False, dtype=base.weight.dtype)
+        self.lora_B = torch.nn.Linear(rank, features_out, bias=False, dtype=base.weight.dtype)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))

@@ -11,6 +11,7 @@ from torch import nn
 
 import gpukernels as gk
 from gpukernels import nn as gnn
+from helpers import LoRA
 
 
 def _mlp():
@@ -545,19 +546,6 @@ def test_a_linear_fuses_through_identity_modules_unless_one_gives_its_output_els
     torch.testing.assert_close(model(x), original(x))
 
 
-class _LoRA(nn.Module):
-    """A LoRA layer as peft wraps a Linear with: the base layer's output plus a low-rank term."""
-
-    def __init__(self, base: nn.Linear, rank: int = 2):
-        super().__init__()
-        self.base_layer = base
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=base.weight.dtype)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype)
-
-    def forward(self, x):
-        return self.base_layer(x) + self.lora_B(self.lora_A(x))
-
-
 @pytest.mark.parametrize("change", ["wrapped", "replaced"])
 def test_a_fused_linear_wrapped_or_replaced_after_patch_gets_its_activation_after_it(change):
     """A Linear that gk.patch fused its GELU into, then wrapped (peft's LoRA applied after patch adds
@@ -572,7 +560,7 @@ def test_a_fused_linear_wrapped_or_replaced_after_patch_gets_its_activation_afte
     assert gnn.fused_in_place(fused) and type(patched[1]) is gnn.FusedActivation
     for model in (plain, patched):
         torch.manual_seed(1)
-        model[0] = _LoRA(model[0]) if change == "wrapped" else nn.Linear(6, 8, dtype=torch.float64)
+        model[0] = LoRA(model[0]) if change == "wrapped" else nn.Linear(6, 8, dtype=torch.float64)
     assert not gnn.fused_in_place(fused)
     x = torch.randn(5, 6, dtype=torch.float64)
     outputs = []

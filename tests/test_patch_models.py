@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gpukernels as gk
-from helpers import LOWP_FACTOR, assert_matches, rel_err
+from helpers import LOWP_FACTOR, LoRA, assert_matches, rel_err
 
 transformers = pytest.importorskip("transformers")
 activations = pytest.importorskip("transformers.activations")
@@ -1182,22 +1182,6 @@ if __name__ == "__main__":
     print(_table())
 
 
-class _LoRA(nn.Module):
-    """A LoRA layer as peft wraps a Linear or GPT-2's Conv1D with: the base layer's output plus a
-    low-rank term."""
-
-    def __init__(self, base: nn.Module, rank: int = 2):
-        super().__init__()
-        linear = isinstance(base, nn.Linear)
-        features_in, features_out = (base.in_features, base.out_features) if linear else base.weight.shape
-        self.base_layer = base
-        self.lora_A = nn.Linear(features_in, rank, bias=False, dtype=base.weight.dtype)
-        self.lora_B = nn.Linear(rank, features_out, bias=False, dtype=base.weight.dtype)
-
-    def forward(self, x):
-        return self.base_layer(x) + self.lora_B(self.lora_A(x))
-
-
 @pytest.mark.parametrize("name", ["gpt2", "bert"])
 def test_lora_wrapping_fused_projections_after_patch_computes_the_unpatched_model(name):
     """The projections whose activation gk.patch fused (GPT-2's Conv1D ``c_fc``, BERT's
@@ -1212,8 +1196,8 @@ def test_lora_wrapping_fused_projections_after_patch_computes_the_unpatched_mode
         for block_name, block in m.named_modules():
             if block_name.endswith(fused):
                 parent, _, key = block_name.rpartition(".")
-                setattr(m.get_submodule(parent), key, _LoRA(block))
-    assert sum(type(m) is _LoRA for m in model.modules()) == 2
+                setattr(m.get_submodule(parent), key, LoRA(block))
+    assert sum(type(m) is LoRA for m in model.modules()) == 2
     batch = _batch(name)
     loss, logits, grads = _step(model, batch)
     loss_theirs, logits_theirs, grads_theirs = _step(original, batch)
@@ -1245,7 +1229,7 @@ def test_fused_loss_reads_the_logits_of_a_head_wrapped_after_patch(wrap):
     gk.patch(model, loss="fused")
     for m in (original, model):
         torch.manual_seed(2)
-        m.lm_head = _SavedCopy(m.lm_head) if wrap == "saved_copy" else _LoRA(m.lm_head)
+        m.lm_head = _SavedCopy(m.lm_head) if wrap == "saved_copy" else LoRA(m.lm_head)
     batch = _batch("llama")
     loss, logits, grads = _step(model, batch)
     loss_theirs, logits_theirs, grads_theirs = _step(original, batch)
