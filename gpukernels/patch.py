@@ -1553,6 +1553,12 @@ class _Absent:
     """What ``undo`` puts back for an attribute that was not there (a class: deepcopy keeps it)."""
 
 
+def _parent_and_key(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """The module holding ``model``'s submodule ``name``, and the key it holds it by."""
+    parent_name, _, key = name.rpartition(".")
+    return model.get_submodule(parent_name), key
+
+
 def _set(undo: list, obj: Any, name: str, value: Any) -> None:
     """``setattr(obj, name, value)``, with what to put back appended to ``undo``
     as ``(obj, name, previous)``: records that a deepcopy of the model remaps."""
@@ -1609,8 +1615,7 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
     if mode == "fused":
         head_name = next(n for n, m in model.named_modules() if m is head)
         head.__class__ = _DeferredLogitsHead
-        parent_name, _, key = head_name.rpartition(".")
-        head.fused_at = gnn.Place(model.get_submodule(parent_name), key)
+        head.fused_at = gnn.Place(*_parent_and_key(model, head_name))
         head.defer_logits = False
         head.softcap = None
         capped_config = model.config if type(model) in soft_capped else None
@@ -1759,10 +1764,8 @@ def patch(
             report.swapped.append((map_name, f"{type(map_module).__name__}+{type(act).__name__}", rule.kind))
             map_module.__class__ = rule.replacement
             map_module.activation = activation
-            parent_name, _, key = map_name.rpartition(".")
-            map_module.fused_at = gnn.Place(model.get_submodule(parent_name), key)
-            parent_name, _, key = act_name.rpartition(".")
-            _set(undo, model.get_submodule(parent_name), key, gnn.FusedActivation(act, map_module))
+            map_module.fused_at = gnn.Place(*_parent_and_key(model, map_name))
+            _set(undo, *_parent_and_key(model, act_name), gnn.FusedActivation(act, map_module))
             continue
         why_not[act_name] = _not_fused_with(map_name, why_not[map_name], id(map_module) in swapping)
 
