@@ -359,7 +359,12 @@ def _exercise_every_op() -> None:
                 params = [torch.nn.Parameter(torch.randn(1500).to(dtype)), torch.nn.Parameter(torch.randn(3).to(dtype))]
                 for p in params:
                     p.grad = torch.randn_like(p)
-                gk.optim.AdamW(params, amsgrad=amsgrad, maximize=amsgrad).step()
+                optimizer = gk.optim.AdamW(
+                    params, amsgrad=amsgrad, maximize=amsgrad, max_grad_norm=1.0 if amsgrad else None
+                )
+                if amsgrad:  # a scale and overflow flag, as GradScaler.step hands them over
+                    optimizer.grad_scale, optimizer.found_inf = torch.tensor(2.0**16), torch.zeros(size=())
+                optimizer.step()
 
 
 # ---------------------------------------------------------------- compiling (no interpreter)

@@ -153,7 +153,22 @@ class AdamW(torch.optim.Optimizer):
     grads is the global one (DTensor's norm ops reduce over the mesh) and
     ``grad_norm`` is its plain value. A non-finite norm makes the params nan,
     as with ``clip_grad_norm_`` (its ``error_if_nonfinite`` needs a sync).
+
+    AMP's ``torch.amp.GradScaler`` takes the step's fused path, as with
+    ``torch.optim.AdamW(fused=True)``: ``scaler.step(optimizer)`` does not
+    unscale the grads in place nor read on the host whether they overflowed.
+    It hands the step its scale (``self.grad_scale``) and overflow flag
+    (``self.found_inf``) as device tensors; the kernel divides each grad by
+    the scale as it reads it (with the clip factor: ``max_grad_norm`` clips the
+    unscaled grads, and ``grad_norm`` is their norm) and, where the flag is
+    set, changes nothing (params, state, steps). The grads are left scaled.
+    After ``scaler.unscale_(optimizer)`` (to clip by hand) the step reads the
+    flag only. The results are those of ``GradScaler``'s unscale-then-step up
+    to rounding (the same where the scale is a power of two, as GradScaler's
+    are unless given another ``init_scale``).
     """
+
+    _step_supports_amp_scaling = True  # GradScaler: see above
 
     def __init__(
         self,
@@ -231,22 +246,33 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with_grad = [self._params_with_grad(group, index) for index, group in enumerate(self.param_groups)]
-        grad_scale = None if self.max_grad_norm is None else self._grad_scale(list(chain.from_iterable(with_grad)))
+        # set by GradScaler.step for the duration of this call (_step_supports_amp_scaling); read from
+        # the instance's dict: getattr's default for a missing attribute costs a raised AttributeError
+        amp_scale, found_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
+        unscale = None if amp_scale is None else amp_scale.double().reciprocal()
+        grad_scale = (
+            unscale if self.max_grad_norm is None else self._clip_scale(list(chain.from_iterable(with_grad)), unscale)
+        )
         for group, params in zip(self.param_groups, with_grad):
             for bucket in _by_device_and_dtype(params):
-                self._update(group, bucket, grad_scale)
+                self._update(group, bucket, grad_scale, found_inf)
         return loss
 
-    def _grad_scale(self, params: list[Tensor]) -> Tensor | None:
-        """Sets ``grad_norm`` to the L2 norm of the params' grads; returns the
-        factor that clips them to ``max_grad_norm``, as the op's 0-dim fp64
-        ``grad_scale`` (None without grads: nothing to update)."""
+    def _clip_scale(self, params: list[Tensor], unscale: Tensor | None) -> Tensor | None:
+        """Sets ``grad_norm`` to the L2 norm of the params' grads, times ``unscale``
+        (AMP's 1/scale, fp64) when given; returns what multiplies each grad: the
+        factor that clips them to ``max_grad_norm``, times ``unscale``, as the op's
+        0-dim fp64 ``grad_scale`` (None without grads: nothing to update)."""
         if not params:
             self.grad_norm = torch.tensor(0.0)  # what clip_grad_norm_ returns
             return None
         total_norm = _total_norm(list(map(_grad, params)), 2.0)
-        self.grad_norm = total_norm.full_tensor() if _is_dtensor(total_norm) else total_norm
-        return _clip_coef(self.grad_norm, self.max_grad_norm).to(torch.float64)
+        total_norm = total_norm.full_tensor() if _is_dtensor(total_norm) else total_norm
+        if unscale is not None:
+            total_norm = total_norm * unscale.to(device=total_norm.device, dtype=total_norm.dtype)
+        self.grad_norm = total_norm
+        clip = _clip_coef(total_norm, self.max_grad_norm).to(torch.float64)
+        return clip if unscale is None else clip * unscale.to(clip.device)
 
     @staticmethod
     def _params_with_grad(group: dict[str, Any], index: int) -> list[Tensor]:
@@ -286,7 +312,9 @@ class AdamW(torch.optim.Optimizer):
             state["max_exp_avg_sq"] = _zero_state(param)
         return state
 
-    def _update(self, group: dict[str, Any], params: list[Tensor], grad_scale: Tensor | None) -> None:
+    def _update(
+        self, group: dict[str, Any], params: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None
+    ) -> None:
         amsgrad = bool(group["amsgrad"])
         states = list(map(self.state.__getitem__, params))
         if not all(states) or (amsgrad and not all("max_exp_avg_sq" in s for s in states)):
@@ -311,6 +339,7 @@ class AdamW(torch.optim.Optimizer):
             amsgrad,
             bool(group["maximize"]),
             None if grad_scale is None else grad_scale.to(params[0].device),
+            None if found_inf is None else found_inf.to(device=params[0].device, dtype=torch.float32),
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 from typing import Callable
 
 import pytest
@@ -424,6 +425,91 @@ def test_one_op_call_per_device_dtype_bucket(monkeypatch, max_grad_norm):
     assert frozen.grad is None and torch.equal(frozen, torch.ones(3)) and frozen not in optimizer.state
 
 
+def _train_scaled(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, overflow_at: int, clip: Callable | None = None
+) -> list[float]:
+    """``_train``'s steps in AMP's recipe, with a ``GradScaler`` whose scale (a power of two)
+    grows every second step; the loss is inf at step ``overflow_at``, whose update the
+    scaler skips (halving the scale). ``clip(params)``, if given, runs after
+    ``scaler.unscale_``. Asserts that a step taking the fused path (ours) leaves the grads
+    as they were, scaled. Returns the scale after each step."""
+    param = next(model.parameters())
+    scaler = torch.amp.GradScaler(param.device.type, init_scale=2.0**12, growth_interval=2)
+    fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randn(64, features, generator=g).to(param.device, param.dtype) for features in (17, 5))
+    scales = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        scaler.scale(loss * math.inf if step == overflow_at else loss).backward()
+        if clip:
+            scaler.unscale_(optimizer)
+            clip(model.parameters())
+        grads = [p.grad.clone() for p in model.parameters()]
+        scaler.step(optimizer)
+        if fused:
+            assert all(p.grad.equal(g) or step == overflow_at for p, g in zip(model.parameters(), grads))
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return scales
+
+
+def _unfused(optimizer: AdamW) -> AdamW:
+    """Our AdamW as GradScaler drives an optimizer without a fused step: it unscales
+    the grads in place and skips the step after reading the overflow flag on the host."""
+    optimizer._step_supports_amp_scaling = False
+    return optimizer
+
+
+@pytest.mark.parametrize("overflow_at", [0, 2])
+@pytest.mark.parametrize("max_grad_norm", [None, CLIP_NORM])
+def test_grad_scaler_takes_the_fused_step(device, max_grad_norm, overflow_at):
+    """GradScaler hands our step its scale and overflow flag (it leaves the grads scaled):
+    the trajectory, norms and scales of its unscale-then-step, bit for bit on CPU (a power
+    of two scale), and torch.optim.AdamW's to fp32 tolerance, the overflowed step skipped."""
+    models = [_model(device=device) for _ in range(3)]
+    ours = AdamW(models[0].parameters(), max_grad_norm=max_grad_norm)
+    unfused = _unfused(AdamW(models[1].parameters(), max_grad_norm=max_grad_norm))
+    theirs = torch.optim.AdamW(models[2].parameters())
+
+    def torch_clip(params):
+        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+
+    steps = _steps(device)
+    scales = _train_scaled(models[0], ours, steps, overflow_at)
+    assert scales == _train_scaled(models[1], unfused, steps, overflow_at)
+    assert scales == _train_scaled(models[2], theirs, steps, overflow_at, torch_clip if max_grad_norm else None)
+    before = scales[overflow_at - 1] if overflow_at else 2.0**12
+    assert scales[overflow_at] == before / 2 and max(scales) > 2.0**12, "no overflow or no growth to test"
+    assert all(state["step"].item() == steps - 1 for state in ours.state.values())
+    if device.type == "cpu":
+        for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            assert torch.equal(p, q)
+            assert all(torch.equal(ours.state[p][key], unfused.state[q][key]) for key in ours.state[p])
+        if max_grad_norm:
+            assert torch.equal(ours.grad_norm, unfused.grad_norm)
+    _assert_same_trajectory(models[0], models[1])
+    _assert_same_trajectory(models[0], models[2])
+    _assert_same_state(ours, theirs, torch.float32)
+
+
+def test_grad_scaler_after_unscale_by_hand(device):
+    """``scaler.unscale_`` then ``clip_grad_norm_`` by hand, then ``scaler.step``: the step
+    reads the overflow flag only (the grads are unscaled already)."""
+    models = [_model(device=device) for _ in range(2)]
+    ours, theirs = AdamW(models[0].parameters()), torch.optim.AdamW(models[1].parameters())
+    steps = _steps(device)
+
+    def clip(params):
+        return torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
+
+    assert _train_scaled(models[0], ours, steps, 1, clip) == _train_scaled(models[1], theirs, steps, 1, clip)
+    assert all(state["step"].item() == steps - 1 for state in ours.state.values())
+    _assert_same_trajectory(models[0], models[1])
+    _assert_same_state(ours, theirs, torch.float32)
+
+
 @pytest.mark.parametrize(
     "first, second", [(AdamW, torch.optim.AdamW), (torch.optim.AdamW, AdamW)], ids=["ours_to_torch", "torch_to_ours"]
 )
@@ -503,6 +589,7 @@ def _op_inputs(
     device: torch.device | str = "cpu",
     maximize: bool = False,
     grad_scale: float | None = None,
+    found_inf: float | None = None,
 ) -> list:
     """Arguments of ``adamw_step_`` but the backend: five tensors of awkward
     shapes (one empty, one of several Triton blocks), at different steps."""
@@ -531,6 +618,7 @@ def _op_inputs(
         amsgrad,
         maximize,
         None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float64, device=device),
+        None if found_inf is None else torch.tensor(found_inf, dtype=torch.float32, device=device),
     ]
 
 
@@ -553,11 +641,13 @@ def _assert_op_results_equal(ours: list, theirs: list) -> None:
                 torch.testing.assert_close(a.cpu(), b, **TOLERANCES[a.dtype])
 
 
-@pytest.mark.parametrize("maximize, grad_scale", [(False, None), (True, None), (False, 0.3)], ids=str)
+@pytest.mark.parametrize(
+    "maximize, grad_scale, found_inf", [(False, None, None), (True, None, None), (False, 0.3, 0.0)], ids=str
+)
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_opcheck(device, dtype, amsgrad, maximize, grad_scale):
-    args = _op_inputs(dtype, amsgrad, device, maximize, grad_scale)
+def test_opcheck(device, dtype, amsgrad, maximize, grad_scale, found_inf):
+    args = _op_inputs(dtype, amsgrad, device, maximize, grad_scale, found_inf)
     torch.library.opcheck(adamw_step_.custom_op, (*args, gk.backend_name(device)))
 
 
@@ -668,6 +758,24 @@ def test_op_grad_scale_multiplies_each_grad_as_it_reads_it(device, dtype):
                 assert all(torch.equal(a, b) for a, b in zip(ours_list, expected_list, strict=True))
         else:
             _assert_op_results_equal(*updated)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_op_found_inf_skips_the_update(device, dtype):
+    """A nonzero ``found_inf`` (AMP's overflow flag, 1.0 or a sum over devices) leaves
+    params, state and steps as they were; 0.0 updates as without the flag, bit for bit."""
+    for flag in (1.0, 2.0):
+        args = _op_inputs(dtype, True, device, grad_scale=0.3, found_inf=flag)
+        before = _cpu_copy(args)
+        adamw_step_(*args)
+        for ours, kept in zip(args[:6], before[:6], strict=True):
+            assert all(torch.equal(a.cpu(), b) for a, b in zip(ours, kept, strict=True))
+    flagged, plain = _op_inputs(dtype, True, device, found_inf=0.0), _op_inputs(dtype, True, device)
+    adamw_step_(*flagged)
+    adamw_step_(*plain)
+    for ours, expected in zip(flagged[:6], plain[:6], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True))
+    assert [s.item() for s in flagged[5]] == [k + 1.0 for k in range(len(flagged[5]))]
 
 
 def test_op_follows_tensors_to_new_addresses(device):
@@ -794,6 +902,8 @@ SPOILERS = {
     "fp32_grad_scale": (lambda args: _set(args, 13, torch.tensor(0.5)), "grad_scale"),
     "grad_scale_shape": (lambda args: _set(args, 13, torch.ones(1, dtype=torch.float64)), "grad_scale"),
     "grad_scale_on_other_device": (lambda args: _set(args, 13, torch.ones((), device="meta")), "grad_scale"),
+    "fp64_found_inf": (lambda args: _set(args, 14, torch.zeros((), dtype=torch.float64)), "found_inf"),
+    "found_inf_shape": (lambda args: _set(args, 14, torch.zeros(1)), "found_inf"),
 }
 
 

@@ -19,6 +19,11 @@ state dtype, the scale first rounded to it (as ``torch._foreach_mul_`` rounds
 a scalar tensor to its opmath type): for fp32 and fp64 grads it is the grad
 that ``_foreach_mul_`` would leave; for bf16/fp16 grads it is not rounded
 back to the grad's dtype, as an in-place scaling must.
+
+``found_inf`` (None: none) is a 0-dim fp32 tensor read on the device too:
+nonzero, the call changes nothing (params, state and steps stay as they
+were). It is AMP's ``GradScaler`` telling the step that the scaled gradients
+overflowed, which skips the step without the host reading the flag.
 """
 
 from __future__ import annotations
@@ -121,11 +126,13 @@ def _check_lists(
     lr: Tensor,
     amsgrad: bool,
     grad_scale: Tensor | None,
+    found_inf: Tensor | None,
 ) -> None:
     """Params on one device; one grad, state tensor and step per param, each on
     that device, the grad in the param's dtype and shape, the state in
     ``state_dtype``; ``max_exp_avg_sqs`` is read only with ``amsgrad``; ``lr``
-    and ``grad_scale`` (if any) 0-dim fp64 on that device."""
+    and ``grad_scale`` (if any) 0-dim fp64 on that device, ``found_inf`` (if
+    any) 0-dim fp32."""
     state = {
         "exp_avgs": exp_avgs,
         "exp_avg_sqs": exp_avg_sqs,
@@ -151,6 +158,8 @@ def _check_lists(
     _check_tensor("lr", lr, params[0], (), torch.float64)
     if grad_scale is not None:
         _check_tensor("grad_scale", grad_scale, params[0], (), torch.float64)
+    if found_inf is not None:
+        _check_tensor("found_inf", found_inf, params[0], (), torch.float32)
 
 
 @kernel_op("adamw", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))
@@ -169,11 +178,12 @@ def adamw_step_(
     amsgrad: bool,
     maximize: bool,
     grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
     backend: str,
 ) -> None:
     """Kernel: increment each ``steps[i]``, then apply one AdamW update to
     ``params[i]`` and its state, all in place, for params of any float dtypes
     (one device), with the gradient ``grads[i] * grad_scale`` when a scale is
-    given (the grads are only read). No outputs: the spec checks the lists
-    (``_check_lists``)."""
-    _check_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, amsgrad, grad_scale)
+    given (the grads are only read); nothing at all where ``found_inf`` is given
+    and not 0. No outputs: the spec checks the lists (``_check_lists``)."""
+    _check_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, amsgrad, grad_scale, found_inf)

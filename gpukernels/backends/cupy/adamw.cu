@@ -10,7 +10,8 @@
 // there): scalars from the step and lr in double, then rounded once to the
 // state type; the first moment by PyTorch's two-formula lerp. grad_scale (null:
 // none) is read once per block, rounded to the state type, and multiplies each
-// gradient as it is read (the gradients are not written).
+// gradient as it is read (the gradients are not written). found_inf (null: none)
+// nonzero: every block returns before it writes (adamw.py left the steps as they were).
 #include "_common.cu"
 
 enum TableColumn { PARAMS, GRADS, EXP_AVGS, EXP_AVG_SQS, MAX_EXP_AVG_SQS, STEPS, NUMELS, FIRST_BLOCKS, COLUMNS };
@@ -19,7 +20,9 @@ template <typename P>
 __device__ __forceinline__ void adamw(const i64* __restrict__ table, i64 tensors, i64 chunk,
                                       const double* __restrict__ lr_ptr, double beta1, double beta2,
                                       double eps, double weight_decay, int amsgrad, int maximize,
-                                      const double* __restrict__ grad_scale) {
+                                      const double* __restrict__ grad_scale,
+                                      const float* __restrict__ found_inf) {
+  if (found_inf && *found_inf != 0.0f) return;  // the same for every thread: no barrier passed yet
   typedef acc_t<P> A;
   const i64 block = blockIdx.x;
   const i64 k = table[COLUMNS * tensors + block];
@@ -74,8 +77,9 @@ __device__ __forceinline__ void adamw(const i64* __restrict__ table, i64 tensors
                                             const double* __restrict__ lr, double beta1,           \
                                             double beta2, double eps, double weight_decay,         \
                                             int amsgrad, int maximize,                             \
-                                            const double* __restrict__ grad_scale) {               \
+                                            const double* __restrict__ grad_scale,                 \
+                                            const float* __restrict__ found_inf) {                 \
     adamw<P>(table, tensors, chunk, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,        \
-             grad_scale);                                                                          \
+             grad_scale, found_inf);                                                               \
   }
 GK_FOR_EACH_DTYPE(GK_ADAMW_KERNEL)

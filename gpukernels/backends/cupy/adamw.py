@@ -3,7 +3,9 @@ per parameter dtype: each block updates one chunk of one tensor, found in a
 table of device pointers. The step counters are incremented first by one
 ``torch._foreach_add_``, then read by the kernel, like the lr, from device
 memory: nothing is synchronised, and a tensor lr changed in place is seen.
-So is the optional grad scale, which multiplies each gradient as it is read.
+So is the optional grad scale, which multiplies each gradient as it is read,
+and the optional ``found_inf``: nonzero, the steps are incremented by 0 and
+every block returns before it writes.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def adamw_step_(
     amsgrad,
     maximize,
     grad_scale=None,
+    found_inf=None,
 ):
-    torch._foreach_add_(steps, 1.0)
+    torch._foreach_add_(steps, 1.0 if found_inf is None else (found_inf == 0).float())
     columns = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     for dtype in dict.fromkeys(p.dtype for p in params):
         chosen = [i for i, p in enumerate(params) if p.dtype == dtype]
@@ -81,6 +84,7 @@ def adamw_step_(
                     np.int32(amsgrad),
                     np.int32(maximize),
                     pointer(grad_scale),
+                    pointer(found_inf),
                 ),
                 options=("--fmad=false",),
             )

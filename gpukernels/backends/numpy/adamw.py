@@ -8,7 +8,8 @@ by ulps, because PyTorch's CPU kernels fuse multiply-adds and its sqrt is
 not correctly rounded (up to 0.75 ulp). The state (fp32, or fp64 for fp64
 params) is always updated through views; a bf16/fp16 param is widened to fp32,
 updated there and rounded once at the end. A ``grad_scale`` multiplies the
-widened grad, in the compute dtype, before anything else reads it.
+widened grad, in the compute dtype, before anything else reads it. A nonzero
+``found_inf`` leaves everything as it is.
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ def adamw_step_(
     amsgrad,
     maximize,
     grad_scale=None,
+    found_inf=None,
 ):
+    if found_inf is not None and found_inf.item():
+        return
     lr = lr.item()
     scale = None if grad_scale is None else grad_scale.item()
     max_sqs = max_exp_avg_sqs if amsgrad else [None] * len(params)

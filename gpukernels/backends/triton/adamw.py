@@ -23,6 +23,9 @@ params), cached per value so that a replay reads the same one. The tables and
 that tensor are built on the host: a warm-up step must build them before the
 capture, and those a capture uses are kept for good.
 
+With ``found_inf`` given and nonzero (AMP's overflow flag), every load and
+store of the launch is masked off: it reads the flag and changes nothing.
+
 Each step tensor is incremented once, though every program of its tensor
 reads it: each program reads the old step, then counts itself in on an
 arrival counter; the last program of the tensor to arrive (all the others
@@ -85,9 +88,11 @@ def adamw_kernel(
     Lr,
     Hyper,
     GradScale,
+    FoundInf,
     PARAM_TY: tl.constexpr,
     ACC: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -97,7 +102,10 @@ def adamw_kernel(
     row = Table + tensor.to(tl.int64) * COLUMNS
     numel = tl.load(row + NUMEL)
     offsets = (pid - tl.load(row + FIRST_BLOCK)) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
+    update = True
+    if HAS_FOUND_INF:
+        update = tl.load(FoundInf) == 0.0
+    mask = offsets < tl.where(update, numel, 0)  # flagged, a program covers no elements
     param_ptr = tl.load(row + PARAM).to(tl.pointer_type(PARAM_TY)) + offsets
     grad_ptr = tl.load(row + GRAD).to(tl.pointer_type(PARAM_TY)) + offsets
     exp_avg_ptr = tl.load(row + EXP_AVG).to(tl.pointer_type(ACC)) + offsets
@@ -170,7 +178,7 @@ def adamw_kernel(
     tl.debug_barrier()
     blocks = tl.maximum((numel + BLOCK - 1) // BLOCK, 1)
     if tl.atomic_add(Arrivals + tensor, 1) == blocks - 1:
-        tl.store(step_ptr, t)
+        tl.store(step_ptr, t, mask=update)
         tl.store(Arrivals + tensor, 0)
 
 
@@ -278,6 +286,7 @@ def adamw_step_(
     amsgrad,
     maximize,
     grad_scale=None,
+    found_inf=None,
 ):
     device = params[0].device
     hyperparameters = _hyperparameters(device, beta1, beta2, eps, weight_decay)
@@ -290,7 +299,11 @@ def adamw_step_(
         if _capturing(device):  # evicted from the caches, they would be freed under the graph
             _kept_for_graphs.extend((*tables, hyperparameters))
         table, block_tensor, arrivals = tables
-        key = (dtype, grad_scale is not None, amsgrad, maximize) if aligned(lr, grad_scale) else None
+        key = (
+            (dtype, grad_scale is not None, found_inf is not None, amsgrad, maximize)
+            if aligned(lr, grad_scale, found_inf)
+            else None
+        )
         adamw_kernel.launch(
             (block_tensor.numel(),),
             key,
@@ -298,6 +311,7 @@ def adamw_step_(
                 PARAM_TY=_TRITON_DTYPES[dtype],
                 ACC=acc_dtype(dtype),
                 HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None,
                 AMSGRAD=amsgrad,
                 MAXIMIZE=maximize,
                 BLOCK=BLOCK,
@@ -308,5 +322,6 @@ def adamw_step_(
             lr,
             hyperparameters,
             grad_scale,
+            found_inf,
         )
         copy_back(columns, staged, read_only=1)
