@@ -27,7 +27,12 @@ def test_cpu_mode_writes_every_op_and_column(tmp_path, capsys):
     for op in OPS:
         modes = {r["mode"] for r in rows if r["op"] == op}
         # the fused loss computes its gradients in the forward: no backward to time alone
-        expected = {"adamw": {"step"}, "clip_adamw": {"step"}, "linear_cross_entropy": {"fwd", "fwd+bwd"}}
+        expected = {
+            "adamw": {"step"},
+            "clip_adamw": {"step"},
+            "amp_adamw": {"step"},
+            "linear_cross_entropy": {"fwd", "fwd+bwd"},
+        }
         assert modes == expected.get(op, set(MODES)), op
         providers = {r["provider"] for r in rows if r["op"] == op}
         assert "gpukernels" in providers and len(providers) >= 2, (op, providers)

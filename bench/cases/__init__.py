@@ -6,6 +6,7 @@ performance targets also has ``TARGET_SHAPES`` and ``TARGETS`` (for ``--targets`
 from . import (
     adamw,
     add_rms_norm,
+    amp_adamw,
     batch_norm,
     batch_norm_add_relu,
     batch_norm_relu,
@@ -35,5 +36,6 @@ OPS = {
         linear_cross_entropy,
         adamw,
         clip_adamw,
+        amp_adamw,
     )
 }
