@@ -882,6 +882,56 @@ def test_step_captured_in_a_cuda_graph_replays_as_eager_steps(max_grad_norm):
         assert eager.grad_norm > max_grad_norm and torch.equal(graphed.grad_norm, eager.grad_norm)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grad_scaler_step_captured_in_a_cuda_graph_replays_as_eager_steps():
+    """``scaler.step`` + ``scaler.update`` with our AdamW make no host sync, so they can be
+    captured: replays with new scaled grads (one step's overflowed) take or skip the step
+    and move the scale exactly as the eager steps do."""
+    device = torch.device("cuda")
+    models = [_model(device=device) for _ in range(2)]
+    optimizers = [AdamW(m.parameters(), max_grad_norm=CLIP_NORM) for m in models]
+    scalers = [torch.amp.GradScaler("cuda", init_scale=2.0**10, growth_interval=2) for _ in models]
+    g = torch.Generator().manual_seed(6)
+    grads = [[torch.randn(p.shape, generator=g).to(device) * 2.0**10 for p in models[0].parameters()] for _ in range(6)]
+    grads[3][0][0, 0] = math.inf
+
+    def step(optimizer, scaler):
+        scaler.step(optimizer)
+        scaler.update()
+
+    (graphed_model, eager_model), (graphed, eager), (graphed_scaler, eager_scaler) = models, optimizers, scalers
+    for scaler in scalers:
+        scaler.scale(torch.ones((), device=device))  # the scale is made on first use
+    for p, grad in zip(graphed_model.parameters(), grads[0]):
+        p.grad = grad.clone()
+    stream = torch.cuda.Stream()  # the warm-up step, on a side stream, makes the state and tables
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(graphed, graphed_scaler)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(graphed, graphed_scaler)
+    scales = []
+    for step_grads in grads[1:]:
+        for p, grad in zip(graphed_model.parameters(), step_grads):
+            p.grad.copy_(grad)
+        graph.replay()
+        scales.append(graphed_scaler.get_scale())
+    eager_scales = []
+    for step_grads in grads:
+        for p, grad in zip(eager_model.parameters(), step_grads):
+            p.grad = grad.clone()
+        step(eager, eager_scaler)
+        eager_scales.append(eager_scaler.get_scale())
+    assert scales == eager_scales[1:] and eager_scales[3] == eager_scales[2] / 2
+    for p, q in zip(graphed_model.parameters(), eager_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert all(torch.equal(graphed.state[p][k], eager.state[q][k]) for k in eager.state[q])
+    assert graphed.state[p]["step"].item() == len(grads) - 1
+
+
 def _set(args: list, index: int, value) -> None:
     args[index] = value
 
