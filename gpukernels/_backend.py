@@ -54,6 +54,10 @@ class use_backend:
 _device_types: dict[torch.device, str] = {}
 
 
+# A constant to torch.compile: traced, the lookup would guard the compiled code on what the
+# dict holds, which calls outside the graph change (torch 2.11 then fails the guard on the
+# frame that made it; 2.13 diverges when a trace restarts after a graph break).
+@torch.compiler.assume_constant_result
 def device_type(device: torch.device) -> str:
     """``device.type``, which builds a new string on every read: about 3k host
     instructions, a dict lookup here."""

@@ -184,7 +184,10 @@ class AdamW(torch.optim.Optimizer):
         # not a group entry: one norm spans every group, and loading a state dict
         # replaces the groups with the saved ones (torch.optim.AdamW's lack it)
         self.max_grad_norm = max_grad_norm
-        self.grad_norm: Tensor | None = None
+        # grad_norm's value, kept in a list that steps update, not an attribute they set:
+        # torch.compile(optimizer.step) drops (torch 2.13) or refuses (2.11) a store into an
+        # attribute of an optimizer, but replays a list's update
+        self._grad_norm: list[Tensor | None] = [None]
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -200,6 +203,11 @@ class AdamW(torch.optim.Optimizer):
     def max_grad_norm(self) -> float | None:
         return self._max_grad_norm
 
+    @property
+    def grad_norm(self) -> Tensor | None:
+        """The norm of the grads the last step with ``max_grad_norm`` measured (None before one)."""
+        return self._grad_norm[0]
+
     @max_grad_norm.setter
     def max_grad_norm(self, value: float | None) -> None:
         self._max_grad_norm = None if value is None else _check_max_norm(value, "max_grad_norm")
@@ -213,7 +221,7 @@ class AdamW(torch.optim.Optimizer):
         """Also called by ``load_state_dict``, which leaves ``max_grad_norm`` as it is."""
         super().__setstate__(state)
         self.__dict__.setdefault("_max_grad_norm", None)  # an optimizer pickled before the option
-        self.__dict__.setdefault("grad_norm", None)
+        self.__dict__.setdefault("_grad_norm", [None])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validates each group's hyperparameters, not only the defaults."""
@@ -264,13 +272,13 @@ class AdamW(torch.optim.Optimizer):
         factor that clips them to ``max_grad_norm``, times ``unscale``, as the op's
         0-dim fp64 ``grad_scale`` (None without grads: nothing to update)."""
         if not params:
-            self.grad_norm = torch.tensor(0.0)  # what clip_grad_norm_ returns
+            self._grad_norm[0] = torch.tensor(0.0)  # what clip_grad_norm_ returns
             return None
         total_norm = _total_norm(list(map(_grad, params)), 2.0)
         total_norm = total_norm.full_tensor() if _is_dtensor(total_norm) else total_norm
         if unscale is not None:
             total_norm = total_norm * unscale.to(device=total_norm.device, dtype=total_norm.dtype)
-        self.grad_norm = total_norm
+        self._grad_norm[0] = total_norm
         clip = _clip_coef(total_norm, self.max_grad_norm).to(torch.float64)
         return clip if unscale is None else clip * unscale.to(clip.device)
 

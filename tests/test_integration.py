@@ -107,6 +107,30 @@ def test_training_tracks_torch_nn(device):
     assert losses[1] < 1.0  # it learned: ln(5) = 1.61 at the start
 
 
+def test_compiled_training_step_matches_eager(device):
+    """Forward, backward, AdamW with its clip and zero_grad in one compiled function, as a
+    user compiles a training step: the eager steps' losses, params and grad norms."""
+    runs = []
+    for compiled in (False, True):
+        ours, _ = _pair(device)
+        opt = gk.optim.AdamW(ours.parameters(), lr=3e-3, max_grad_norm=0.5)
+
+        def step(x, t):
+            loss = ours(x, t)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        step = torch.compile(step, backend="aot_eager") if compiled else step
+        losses = [step(*_batch(i, device=device)).detach() for i in range(3)]
+        runs.append((losses, [p.detach() for p in ours.parameters()], opt.grad_norm))
+    (eager_losses, eager_params, eager_norm), (losses, params, norm) = runs
+    torch.testing.assert_close(losses, eager_losses)
+    torch.testing.assert_close(params, eager_params)
+    torch.testing.assert_close(norm, eager_norm)
+
+
 def test_compile_fullgraph_with_a_float_argument_that_changes():
     """A float that changes between calls becomes symbolic when dynamo recompiles:
     the argument checks must trace it."""

@@ -18,6 +18,7 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 import gpukernels as gk
+import gpukernels._backend as gk_backend
 from gpukernels.backends._layout import in_param_layout
 from gpukernels.ops.adamw import adamw_step_
 from gpukernels.optim import AdamW, clip_grad_norm_, warmup_cosine
@@ -384,6 +385,23 @@ def test_max_grad_norm_is_the_optimizers_kept_by_copies_and_loads():
     optimizer.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
     assert optimizer.max_grad_norm == 0.5
     assert AdamW(model.parameters()).grad_norm is None
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, CLIP_NORM])
+def test_compiled_step_matches_eager(monkeypatch, max_grad_norm):
+    """``torch.compile(optimizer.step)``, as PyTorch's compiled-optimizer recipe does: the
+    steps of the eager optimizer. With nothing cached yet (the first step of a process):
+    a cache filled while Dynamo traces diverged its restarted trace."""
+    monkeypatch.setattr(gk_backend, "_device_types", {})
+    models = [_model() for _ in range(2)]
+    compiled, eager = (AdamW(m.parameters(), max_grad_norm=max_grad_norm) for m in models)
+    monkeypatch.setattr(compiled, "step", torch.compile(compiled.step, backend="aot_eager"))
+    _train(models[0], compiled, 3)
+    _train(models[1], eager, 3)
+    for p, q in zip(*(m.parameters() for m in models), strict=True):
+        assert torch.equal(p, q)
+    if max_grad_norm is not None:
+        assert torch.equal(compiled.grad_norm, eager.grad_norm)
 
 
 def test_max_grad_norm_without_grads_updates_nothing():
