@@ -203,14 +203,14 @@ class AdamW(torch.optim.Optimizer):
     def max_grad_norm(self) -> float | None:
         return self._max_grad_norm
 
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float | None) -> None:
+        self._max_grad_norm = None if value is None else _check_max_norm(value, "max_grad_norm")
+
     @property
     def grad_norm(self) -> Tensor | None:
         """The norm of the grads the last step with ``max_grad_norm`` measured (None before one)."""
         return self._grad_norm[0]
-
-    @max_grad_norm.setter
-    def max_grad_norm(self, value: float | None) -> None:
-        self._max_grad_norm = None if value is None else _check_max_norm(value, "max_grad_norm")
 
     def __getstate__(self) -> dict[str, Any]:
         """``Optimizer``'s (defaults, state, groups), and ``max_grad_norm``
