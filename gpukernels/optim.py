@@ -259,7 +259,7 @@ class AdamW(torch.optim.Optimizer):
         amp_scale, found_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
         unscale = None if amp_scale is None else amp_scale.double().reciprocal()
         grad_scale = (
-            unscale if self.max_grad_norm is None else self._clip_scale(list(chain.from_iterable(with_grad)), unscale)
+            unscale if self._max_grad_norm is None else self._clip_scale(list(chain.from_iterable(with_grad)), unscale)
         )
         for group, params in zip(self.param_groups, with_grad):
             for bucket in _by_device_and_dtype(params):
