@@ -35,7 +35,6 @@ TARGETS = {
 BOUNDS = {
     ("layer_norm", "standalone"): 1.69,  # 1.61
     ("cross_entropy", "standalone"): 1.96,  # 1.87
-    ("adamw", "step"): 1.51,  # 1.44-1.45: met by 3-4%
 }
 
 

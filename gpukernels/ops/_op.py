@@ -52,6 +52,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import re
+from itertools import chain
 from operator import attrgetter
 from typing import Callable, Iterator, Sequence
 
@@ -71,6 +72,8 @@ except ImportError:  # an older torch, without that cache
     triton_ops_to_kernels = {}
 
 _PLAIN_ARGUMENT_TYPES = PLAIN_TENSOR_TYPES | {type(None), bool, int, float, str, torch.dtype}
+_LISTED_ARGUMENT_TYPES = _PLAIN_ARGUMENT_TYPES | {list}
+_is_list = list.__instancecheck__
 
 OPS: dict[str, "KernelOp"] = {}
 """Every declared op by name: the kernel contract each backend must meet."""
@@ -148,6 +151,12 @@ def needs_dispatch(args: Sequence) -> bool:
         # implementation, and the first tensor's device is the op's (a meta tensor beside
         # real ones is a device mismatch, which the public functions refuse)
         return first.is_meta
+    if type(first) is list and _LISTED_ARGUMENT_TYPES.issuperset(map(type, args)):
+        # a multi-tensor op's lists beside plain values, in passes that run in C: its tensors
+        # are its lists' (a meta or other device beside them is a mismatch its spec refuses)
+        tensors = list(chain.from_iterable(filter(_is_list, args)))
+        if PLAIN_TENSOR_TYPES.issuperset(map(type, tensors)):
+            return any(map(_is_meta, tensors))
     for a in args:
         kind = type(a)
         if kind in PLAIN_TENSOR_TYPES:
