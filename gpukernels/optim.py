@@ -52,15 +52,15 @@ def _check_group_flags(group: dict[str, Any], name: str) -> None:
 
 
 # Per-param work of a step is done by passes over whole lists that run in C (map
-# with these getters, set, any) rather than by Python code per param: on a GPU a
-# step launches one kernel per bucket, and its host time grows with the params.
-_grad, _dtype, _is_sparse = attrgetter("grad"), attrgetter("dtype"), attrgetter("is_sparse")
-_device_and_dtype = attrgetter("device", "dtype")
+# with attrgetter, set, any) rather than by Python code per param: on a GPU a step
+# launches one kernel per bucket, and its host time grows with the params. Each
+# attrgetter is made where it is used: Dynamo traces one made in the compiled code,
+# but not a call of one it finds made (torch.compile(optimizer.step, fullgraph=True)).
 
 
 def _by_device_and_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:
     """The buckets a multi-tensor op takes, in order of first appearance."""
-    keys = list(map(_device_and_dtype, tensors))
+    keys = list(map(attrgetter("device", "dtype"), tensors))
     if len(set(keys)) == 1:
         return [tensors]
     buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
@@ -274,7 +274,7 @@ class AdamW(torch.optim.Optimizer):
         if not params:
             self._grad_norm[0] = torch.tensor(0.0)  # what clip_grad_norm_ returns
             return None
-        total_norm = _total_norm(list(map(_grad, params)), 2.0)
+        total_norm = _total_norm(list(map(attrgetter("grad"), params)), 2.0)
         total_norm = total_norm.full_tensor() if _is_dtensor(total_norm) else total_norm
         if unscale is not None:
             total_norm = total_norm * unscale.to(device=total_norm.device, dtype=total_norm.dtype)
@@ -285,10 +285,10 @@ class AdamW(torch.optim.Optimizer):
     @staticmethod
     def _params_with_grad(group: dict[str, Any], index: int) -> list[Tensor]:
         params = [p for p in group["params"] if p.grad is not None]
-        grads = list(map(_grad, params))
+        grads = list(map(attrgetter("grad"), params))
         if (
-            set(map(_dtype, params)) <= set(FLOAT_DTYPES)
-            and not any(map(_is_sparse, grads))
+            set(map(attrgetter("dtype"), params)) <= set(FLOAT_DTYPES)
+            and not any(map(attrgetter("is_sparse"), grads))
             and not _has_dtensor(params)
         ):
             return params
@@ -334,7 +334,7 @@ class AdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         adamw_step_(
             _local(params),
-            _local(list(map(_grad, params))),
+            _local(list(map(attrgetter("grad"), params))),
             local_state("exp_avg"),
             local_state("exp_avg_sq"),
             local_state("max_exp_avg_sq") if amsgrad else [],

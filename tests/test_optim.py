@@ -389,13 +389,13 @@ def test_max_grad_norm_is_the_optimizers_kept_by_copies_and_loads():
 
 @pytest.mark.parametrize("max_grad_norm", [None, CLIP_NORM])
 def test_compiled_step_matches_eager(monkeypatch, max_grad_norm):
-    """``torch.compile(optimizer.step)``, as PyTorch's compiled-optimizer recipe does: the
-    steps of the eager optimizer. With nothing cached yet (the first step of a process):
-    a cache filled while Dynamo traces diverged its restarted trace."""
+    """``torch.compile(optimizer.step, fullgraph=True)``: the steps of the eager optimizer.
+    With nothing cached yet (the first step of a process): a cache filled while Dynamo
+    traces diverged a restarted trace."""
     monkeypatch.setattr(gk_backend, "_device_types", {})
     models = [_model() for _ in range(2)]
     compiled, eager = (AdamW(m.parameters(), max_grad_norm=max_grad_norm) for m in models)
-    monkeypatch.setattr(compiled, "step", torch.compile(compiled.step, backend="aot_eager"))
+    monkeypatch.setattr(compiled, "step", torch.compile(compiled.step, backend="aot_eager", fullgraph=True))
     _train(models[0], compiled, 3)
     _train(models[1], eager, 3)
     for p, q in zip(*(m.parameters() for m in models), strict=True):
