@@ -512,6 +512,27 @@ def test_grad_scaler_takes_the_fused_step(device, max_grad_norm, overflow_at):
     _assert_same_state(ours, theirs, torch.float32)
 
 
+def test_grad_scaler_trains_fp16_params(device):
+    """fp16 params, whose fp16 grads GradScaler refuses to unscale in place: on the fused path
+    each step equals our step on the grads unscaled by hand (exact: a power-of-two scale)."""
+    g = torch.Generator().manual_seed(2)
+    params = [torch.nn.Parameter(torch.randn(33, generator=g).to(device, torch.float16)) for _ in range(2)]
+    expected = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, reference = AdamW(params), AdamW(expected)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**8)
+    scaler.scale(torch.ones((), device=device))  # the scale is made on first use
+    for _ in range(3):
+        grads = [torch.randn(33, generator=g).to(device, torch.float16) for _ in params]
+        for p, q, grad in zip(params, expected, grads):
+            p.grad, q.grad = grad * scaler.get_scale(), grad.clone()
+        scaler.step(ours)
+        scaler.update()
+        reference.step()
+    assert all(ours.state[p]["exp_avg"].dtype == torch.float32 for p in params)
+    for p, q in zip(params, expected):
+        assert torch.equal(p, q)
+
+
 def test_grad_scaler_after_unscale_by_hand(device):
     """``scaler.unscale_`` then ``clip_grad_norm_`` by hand, then ``scaler.step``: the step
     reads the overflow flag only (the grads are unscaled already)."""
