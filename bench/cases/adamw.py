@@ -19,15 +19,22 @@ OPTIMIZERS = {
 }
 
 
-def case(total: int, device: torch.device, dtype: torch.dtype) -> Case:
+def parameters(total: int, device: torch.device) -> list[torch.nn.Parameter]:
+    """``total`` fp32 parameters in 4096x4096 matrices and one remainder, each with a random
+    grad (finite, of norm about sqrt(its size))."""
     chunk = min(4096 * 4096, total)
     sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
-    steps = {}
-    for name, make in OPTIMIZERS.items():
-        if name == "torch-fused" and device.type != "cuda":
-            continue
-        params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in sizes]
-        for p in params:
-            p.grad = torch.randn_like(p)
-        steps[name] = make(params).step
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in sizes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def optimizers(device: torch.device) -> dict:
+    """``OPTIMIZERS`` that run on ``device`` (PyTorch's fused AdamW: CUDA only here)."""
+    return {name: make for name, make in OPTIMIZERS.items() if name != "torch-fused" or device.type == "cuda"}
+
+
+def case(total: int, device: torch.device, dtype: torch.dtype) -> Case:
+    steps = {name: make(parameters(total, device)).step for name, make in optimizers(device).items()}
     return Case(f"{total / 1e6:g}M params", total, steps, bytes={"step": 7 * 4 * total}, modes=("step",))

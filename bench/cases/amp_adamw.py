@@ -8,8 +8,6 @@ reads the overflow flag on the host before the step."""
 
 import torch
 
-import gpukernels as gk
-
 from ..harness import Case
 from . import adamw
 
@@ -29,17 +27,8 @@ def _scaled_step(optimizer, device: torch.device):
 
 
 def case(total: int, device: torch.device, dtype: torch.dtype) -> Case:
-    chunk = min(4096 * 4096, total)
-    sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
-
-    def parameters():
-        params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in sizes]
-        for p in params:
-            p.grad = torch.randn_like(p)  # finite: every step updates
-        return params
-
-    steps = {"gpukernels": _scaled_step(gk.optim.AdamW(parameters(), lr=1e-3), device)}
-    if device.type == "cuda":
-        steps["torch-fused"] = _scaled_step(torch.optim.AdamW(parameters(), lr=1e-3, fused=True), device)
-    steps["torch-foreach"] = _scaled_step(torch.optim.AdamW(parameters(), lr=1e-3, foreach=True), device)
+    steps = {
+        name: _scaled_step(make(adamw.parameters(total, device)), device)
+        for name, make in adamw.optimizers(device).items()
+    }
     return Case(f"{total / 1e6:g}M params", total, steps, bytes={"step": 8 * 4 * total}, modes=("step",))

@@ -25,22 +25,14 @@ def _clipped(clip, optimizer):
 
 
 def case(total: int, device: torch.device, dtype: torch.dtype) -> Case:
-    chunk = min(4096 * 4096, total)
-    sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
-
-    def parameters():
-        params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in sizes]
-        for p in params:
-            p.grad = torch.randn_like(p)  # a norm of about sqrt(total): every step clips
-        return params
-
-    params = parameters()
+    # grads of a norm of about sqrt(total): every step clips
+    params = adamw.parameters(total, device)
     steps = {"gpukernels": gk.optim.AdamW(params, lr=1e-3, max_grad_norm=MAX_NORM).step}
-    params = parameters()
+    unfused_params = adamw.parameters(total, device)
     steps["gpukernels-unfused"] = _clipped(
-        lambda: gk.optim.clip_grad_norm_(params, MAX_NORM), gk.optim.AdamW(params, lr=1e-3)
+        lambda: gk.optim.clip_grad_norm_(unfused_params, MAX_NORM), gk.optim.AdamW(unfused_params, lr=1e-3)
     )
-    params = parameters()
+    params = adamw.parameters(total, device)
     fused = device.type == "cuda"
     steps["torch-fused" if fused else "torch-foreach"] = _clipped(
         lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True),
