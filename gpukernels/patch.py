@@ -1511,9 +1511,12 @@ _ORIGINAL[_AlignedLogitsHead] = torch.nn.Linear
 
 
 class _ForwardDeferringLogits:
-    """A causal LM's forward that, given labels, lets the loss take the hidden states
-    in place of the logits and returns ``logits=None`` (Liger's convention), the loss
-    alone holding what the logits gave. With ``capped_config`` (a soft-capping model's
+    """A causal LM's forward that, given labels while it trains (training mode, gradients
+    enabled), lets the loss take the hidden states in place of the logits and returns
+    ``logits=None`` (Liger's convention), the loss alone holding what the logits gave.
+    An evaluation (eval mode, or no_grad / inference_mode) returns the logits and the
+    loss computed from them: metrics read the logits there, and no backward needs the
+    memory back. With ``capped_config`` (a soft-capping model's
     config), its ``final_logit_softcapping`` moves to the head's ``softcap`` for the
     call, so that the loss caps the logits and the forward leaves the hidden states
     as they are. An object, not a closure, so that a deepcopy of the model gets one
@@ -1527,9 +1530,10 @@ class _ForwardDeferringLogits:
 
     def __call__(self, *args, **kwargs):
         labels = args[self.labels_at] if len(args) > self.labels_at else kwargs.get("labels")
+        training = self.__wrapped__.__self__.training and torch.is_grad_enabled()
         # another module in the head's place (peft's modules_to_save copy or LoRA layer): the model's
         # logits come from it, and the loss takes them as logits
-        if labels is None or not gnn.fused_in_place(self.head):
+        if labels is None or not training or not gnn.fused_in_place(self.head):
             return self.__wrapped__(*args, **kwargs)
         config = self.capped_config
         softcap = None if config is None else config.final_logit_softcapping
@@ -1707,7 +1711,8 @@ def patch(
     padded rows (``_AlignedLogitsHead``);
     ``"fused"`` with linear_cross_entropy from the hidden states and the output layer's
     weight, never holding the logits: the model then returns ``logits=None`` when given
-    labels (and the logits when not).
+    labels in training mode with gradients enabled (the logits when not: an evaluation,
+    in eval mode or under no_grad, gets them and the loss computed from them).
 
     ``autocast_norms`` (transformers blocks listed in ``_NORMS_BEFORE_MATMULS``: Llama,
     Mistral, Qwen2/3, Gemma 1-3, Phi-3, SmolLM3, GLM-4, GPT-2, GPT-NeoX, Phi, StableLM): the norms whose output

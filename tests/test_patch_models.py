@@ -6,6 +6,7 @@ loss in both modes and torch.compile.
 ``python tests/test_patch_models.py`` prints the table of what patch swaps and
 leaves in each model."""
 
+import contextlib
 import copy
 import importlib
 import pickle
@@ -769,6 +770,28 @@ def test_fused_loss_matches_without_the_logits(name):
     assert _logits_tensors(original, batch)  # the watch sees the unpatched model's logits
     # without labels, the logits as before
     torch.testing.assert_close(model(**_without_labels(batch)).logits, original(**_without_labels(batch)).logits)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("evaluation", ["eval", "no_grad", "inference_mode"])
+def test_fused_loss_evaluating_returns_the_logits_and_their_loss(name, evaluation):
+    """In eval mode or without gradients (an evaluation loop: metrics read the logits) the
+    fused model returns the unpatched model's logits, and its loss from them; training
+    again, the logits are deferred to the loss as before."""
+    original = _build(name)
+    model = copy.deepcopy(original)
+    gk.patch(model, loss="fused")
+    batch = _batch(name)
+    if evaluation == "eval":
+        model.eval(), original.eval()
+    context = {"eval": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+    with context[evaluation]():
+        out, theirs = model(**batch), original(**batch)
+    assert out.logits is not None
+    torch.testing.assert_close(out.logits, theirs.logits)
+    torch.testing.assert_close(out.loss, theirs.loss)
+    model.train()
+    assert model(**batch).logits is None
 
 
 def test_fused_loss_caps_the_logits_in_place_of_the_forward(monkeypatch):
