@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -181,6 +182,21 @@ def test_large_and_masked_logits_are_stable(device, dtype):
     upstream = _logits((4,), scale=1.0, seed=5, device=device)
     assert all(t.isfinite().all() for t in _loss_and_grad(cross_entropy, x, target, upstream, reduction="none"))
     _compare(x, target, upstream, reduction="none")
+
+
+def test_smoothing_over_logits_too_far_apart_gives_pytorchs_inf_loss_without_warnings(device):
+    """Smoothing sums every class's log-probability: logits whose sum overflows fp32 make that
+    row's loss inf, as PyTorch's, with no floating-point warning on the way."""
+    x = _logits((3, 9), torch.float32, device=device)
+    x[0] = -3e38
+    x[0, 0] = 0.0
+    target = _targets((3,), 9, device=device)
+    with warnings.catch_warnings():
+        if gk.backend_name(device) != "triton":  # the interpreter's NumPy warns as it runs a GPU's arithmetic
+            warnings.simplefilter("error")
+        ours = cross_entropy(x, target, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(ours, F.cross_entropy(x, target, reduction="none", label_smoothing=0.1))
+    assert ours[0] == math.inf
 
 
 def test_large_logits_with_smoothing_are_stable(device):

@@ -63,7 +63,8 @@ def row_statistics(
     shifted -= row_max[:, None]
     shifted_target = shifted[np.arange(rows), safe_t]
     # skipped at e == 0 so that -inf logits away from the target stay finite, as in PyTorch
-    shifted_smoothing = shifted @ w if e > 0 else 0
+    with np.errstate(over="ignore"):  # a -inf logit under smoothing: an inf loss, as PyTorch's, not a warning
+        shifted_smoothing = shifted @ w if e > 0 else 0
     log_sum = np.log(np.exp(shifted, out=shifted).sum(axis=1))
     loss = (1 - e) * np.where(kept, w[safe_t], 0) * (log_sum - shifted_target)
     if e > 0:
