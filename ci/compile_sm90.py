@@ -349,6 +349,9 @@ def _exercise_every_op() -> None:
             for gated in (gk.swiglu, gk.geglu):
                 x = leaf(3, 5)
                 run_backward(gated(x, leaf(3, 5)), x)
+                x = leaf(3, 64)  # packed, and chunked (rows apart), widths of 16-byte rows
+                run_backward(gated(x), x)
+                run_backward(gated(*x.chunk(2, dim=-1)), x)
             # a tiny head, GPT-2/Llama-small's 12 heads of 64 (GQA's k: 4), 32 heads of 128
             for heads, head_dim in ((3, 8), (12, 64), (32, 128)):
                 q, k = leaf(1, heads, 2, head_dim), leaf(1, max(heads // 3, 1), 2, head_dim)

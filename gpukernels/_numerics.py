@@ -27,14 +27,12 @@ def rows_and_features(x: torch.Tensor) -> tuple[int, int]:
     return x.numel() // d, d
 
 
-def ncl_strides(shape: Sequence[int], strides: Sequence[int]) -> tuple[int, int, int] | None:
-    """The strides of the ``(N, C, L)`` view of an ``(N, C, *)`` tensor, ``L`` its dims
-    after C as one axis (NCHW and channels-last input alike), for kernels that take
-    such a tensor as it is (no view around the op: an autograd node, host time); None
-    where those dims make no one axis (``reshape`` would copy). L's stride is its
-    innermost dim's of more than one element (1 when there is none)."""
-    inner, step = 1, None  # L's stride; the stride the next outer dim must have
-    for size, stride in zip(reversed(shape[2:]), reversed(strides[2:])):
+def merged_stride(shape: Sequence[int], strides: Sequence[int]) -> int | None:
+    """The stride of ``shape``'s dims read as one axis: its innermost dim's of more than
+    one element (1 when there is none); None where they make no one axis (``reshape``
+    would copy)."""
+    inner, step = 1, None  # the axis's stride; the stride the next outer dim must have
+    for size, stride in zip(reversed(shape), reversed(strides)):
         if size <= 1:  # no step through it
             continue
         if step is None:
@@ -42,7 +40,29 @@ def ncl_strides(shape: Sequence[int], strides: Sequence[int]) -> tuple[int, int,
         elif stride != step:
             return None
         step = size * stride
-    return strides[0], strides[1], inner
+    return inner
+
+
+def ncl_strides(shape: Sequence[int], strides: Sequence[int]) -> tuple[int, int, int] | None:
+    """The strides of the ``(N, C, L)`` view of an ``(N, C, *)`` tensor, ``L`` its dims
+    after C as one axis (NCHW and channels-last input alike), for kernels that take
+    such a tensor as it is (no view around the op: an autograd node, host time); None
+    where those dims make no one axis."""
+    inner = merged_stride(shape[2:], strides[2:])
+    return None if inner is None else (strides[0], strides[1], inner)
+
+
+def row_stride(t: torch.Tensor) -> int | None:
+    """The stride between the rows of ``t`` read as a ``(rows, t.shape[-1])`` matrix whose
+    rows may lie apart (the halves of a chunked projection, say): the stride of its
+    leading dims as one axis, when its last dim is unit-strided; None otherwise. A
+    contiguous tensor's is its last dim (1 for a 0-d one)."""
+    if t.is_contiguous():
+        return t.shape[-1] if t.dim() else 1
+    shape, strides = t.shape, t.stride()
+    if shape[-1] > 1 and strides[-1] != 1:
+        return None
+    return merged_stride(shape[:-1], strides[:-1])
 
 
 _ncl_of_layouts: dict = {}

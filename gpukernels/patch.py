@@ -51,7 +51,10 @@ forward. Recognised:
   residual stream and normalise the sum for the MLP in one op
   (``add_rms_norm`` / ``add_layer_norm``); the block's children are converted
   as any module's.
-- timm, when already imported: its LayerNorm and LayerNorm2d; its
+- timm, when already imported: its LayerNorm and LayerNorm2d; its gated MLPs,
+  GluMlp (SwiGLUPacked's) and SwiGLU (EVA-02, DINOv2-style ViTs), gating
+  in one op (``swiglu`` / ``geglu``: packed where the gate is the first half),
+  their projections, dropouts and norm converted as any module's; its
   BatchNormAct2d (EfficientNet, MobileNet, RegNet: a BatchNorm2d, then its
   ``drop`` and ``act`` modules) becomes our BatchNorm applying the activation
   in its op where ``act`` is one of ours and ``drop`` an nn.Identity, else
@@ -113,13 +116,16 @@ class _Rule:
     runs its children inside its op (a gated MLP's activation), so they are neither
     traced nor converted; else they are, as any module's (an attention's norms).
     ``bypassed``: children whose work the replacement does itself (``prepare`` checks
-    it is the same), left in place and not reported."""
+    it is the same), left in place and not reported; ``in_op``: those of them that its op
+    computes from another child's output (timm's gated MLPs' activation, called nowhere
+    else), which no map before them may fuse."""
 
     replacement: type
     kind: str
     prepare: Callable[[torch.nn.Module], dict[str, Any] | str] = _nothing_to_set
     opaque: bool = True
     bypassed: tuple[str, ...] = ()
+    in_op: tuple[str, ...] = ()
 
 
 _TORCH_RULES = {
@@ -376,7 +382,8 @@ def _olmo2_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None
     return _rms_norm_variant(self, hidden_states, residual, self.variance_epsilon)
 
 
-def _gated(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+def _gated(gate: Tensor, up: Tensor | None, activation: str) -> Tensor:
+    """``act(gate) * up``; without ``up``, of gate's halves (``swiglu``'s packed form)."""
     if activation == "silu":
         return swiglu(gate, up)
     return geglu(gate, up, approximate="tanh" if activation == "gelu_tanh" else "none")
@@ -389,10 +396,30 @@ def _gated_mlp_forward(self, x: Tensor) -> Tensor:
 
 
 def _gate_up_mlp_forward(self, hidden_states: Tensor) -> Tensor:
-    """Phi-3's and GLM-4's MLP: one projection holds gate and up; ``down_proj(up * act(gate))``."""
+    """Phi-3's and GLM-4's MLP: one projection holds gate and up; ``down_proj(up * act(gate))``,
+    the projection's output gated in its packed form (its gradient written whole)."""
     parts = self._modules  # see _train_bottleneck_forward
-    gate, up = parts["gate_up_proj"](hidden_states).chunk(2, dim=-1)
-    return parts["down_proj"](_gated(gate, up, self.activation))
+    return parts["down_proj"](_gated(parts["gate_up_proj"](hidden_states), None, self.activation))
+
+
+def _timm_glu_mlp_forward(self, x: Tensor) -> Tensor:
+    """timm's GluMlp (and its SwiGLUPacked): ``fc1``'s output halves gated in one op (packed
+    where the gate is the first half of the last dim), then ``drop1``, ``norm``, ``fc2`` and ``drop2``."""
+    parts = self._modules  # see _train_bottleneck_forward
+    hidden = parts["fc1"](x)
+    if self.gate_last or self.chunk_dim != -1:
+        first, second = hidden.chunk(2, dim=self.chunk_dim)
+        hidden = _gated(second, first, self.activation) if self.gate_last else _gated(first, second, self.activation)
+    else:
+        hidden = _gated(hidden, None, self.activation)
+    return parts["drop2"](parts["fc2"](parts["norm"](parts["drop1"](hidden))))
+
+
+def _timm_swiglu_forward(self, x: Tensor) -> Tensor:
+    """timm's SwiGLU: ``act(fc1_g(x)) * fc1_x(x)`` in one op, then ``drop1``, ``norm``, ``fc2`` and ``drop2``."""
+    parts = self._modules  # see _train_bottleneck_forward
+    hidden = _gated(parts["fc1_g"](x), parts["fc1_x"](x), self.activation)
+    return parts["drop2"](parts["fc2"](parts["norm"](parts["drop1"](hidden))))
 
 
 def _gated_activation(attribute: str) -> Callable[[torch.nn.Module], dict[str, Any] | str]:
@@ -1126,6 +1153,14 @@ def _third_party_rules() -> dict[type, _Rule]:
         for cls, forward, kind, prepare in found
         if cls is not None
     }
+    # timm's gated MLPs: their projections, dropouts and norm converted as any module's, the gating one op
+    for cls, forward in zip(
+        _loaded("timm.layers.mlp", "GluMlp", "SwiGLU"), (_timm_glu_mlp_forward, _timm_swiglu_forward)
+    ):
+        if cls is not None:
+            rules[cls] = _Rule(
+                _replacement(cls, forward), "GatedMLP", _gated_activation("act"), opaque=False, in_op=("act",)
+            )
     for model, name in _ATTENTIONS.items():
         attention = _transformers_class(model, name)
         forward = None if attention is None else _rope_attention_forward(attention)
@@ -1557,6 +1592,11 @@ class _Absent:
     """What ``undo`` puts back for an attribute that was not there (a class: deepcopy keeps it)."""
 
 
+def _child_name(name: str, child: str) -> str:
+    """The name of module ``name``'s child ``child`` in the model (the root's name is "")."""
+    return f"{name}.{child}" if name else child
+
+
 def _parent_and_key(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     """The module holding ``model``'s submodule ``name``, and the key it holds it by."""
     parent_name, _, key = name.rpartition(".")
@@ -1754,12 +1794,24 @@ def patch(
         if not isinstance(s, str) and rules[type(module := model.get_submodule(name))].opaque
     }
 
+    computed_in_ops = {
+        _child_name(name, child): name
+        for name, s in settings.items()
+        if not isinstance(s, str)
+        for child in rules[type(model.get_submodule(name))].in_op
+    }
+
     def leaves(module):
         return _is_ours(module) or id(module) in swapping or type(module) in maps or _is_activation_module(module)
 
     pairs, why_not, failures = _dataflow(model, leaves, maps, swapping) if fuse_linear_act else ([], {}, {})
     for map_name, act_name, activation, shared in pairs:
         map_module, act = model.get_submodule(map_name), model.get_submodule(act_name)
+        if act_name in computed_in_ops:
+            why_not[map_name] = (
+                f"its activation {act_name} runs in the gated op of {computed_in_ops[act_name] or '<root>'}"
+            )
+            continue
         if shared or uses[id(map_module)] > 1 or uses[id(act)] > 1:
             why_not[map_name] = f"shared module: fusing {type(act).__name__} would change its other uses"
         elif _has_hooks(map_module) or _has_hooks(act):
@@ -1793,7 +1845,7 @@ def patch(
             )
             if rules[cls].opaque:
                 inside_swapped += (name + ".",)
-            bypassed.update(f"{name}.{child}" for child in rules[cls].bypassed)
+            bypassed.update(_child_name(name, child) for child in (*rules[cls].bypassed, *rules[cls].in_op))
         elif cls in maps or _is_activation_module(module):
             why = why_not.get(name)
             if why is None:

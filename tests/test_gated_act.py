@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,6 +87,85 @@ def test_non_contiguous_inputs(device, name):
             assert_matches(o, t)
 
 
+# the packed gate-up tensor's shape: no elements, one row (1-d), odd widths, a row per program and more
+PACKED_SHAPES = [(4, 0, 6), (2,), (34,), (3, 34), (2, 3, 10), (3, 2, 402), (2, 2050)]
+
+
+def _packed(name):
+    """Ours on a packed gate-up tensor, and the PyTorch expression on its chunks."""
+    ours, theirs = GATED[name]
+    return (lambda x: ours(x, None)), (lambda x: theirs(*x.chunk(2, dim=-1)))
+
+
+def _compare_packed(name, x, upstream, layout=lambda x: x):
+    """[y, dx] of ours on ``layout(x)`` (x packed) against PyTorch's on its chunks, in x's dtype
+    and in fp64; returns the errors measured."""
+    results = []
+    for fn, dtype in zip(_packed(name) + _packed(name)[1:], (x.dtype, x.dtype, torch.float64)):
+        leaf = x.detach().to(dtype).requires_grad_()
+        y = fn(layout(leaf))
+        results.append([y.detach(), *torch.autograd.grad(y, leaf, upstream.to(dtype))])
+    return [assert_matches(o, t, r) for o, t, r in zip(*results)]
+
+
+@pytest.mark.parametrize("shape", PACKED_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", GATED)
+def test_packed_gate_up_matches_its_chunks(device, name, dtype, shape):
+    x = _randn(shape, 3.0, 0, device).to(dtype)
+    upstream = _randn((*shape[:-1], shape[-1] // 2), 1.0, 1, device)
+    _compare_packed(name, x, upstream)
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_packed_gate_up_laid_out_otherwise(device, name):
+    """Packed rows apart (a wider tensor's columns, a single-element dim of any stride
+    between), rows of stride 0 (expanded), and rows that make no one axis (a transpose: copied)."""
+    x = _randn((3, 5, 20), 3.0, 0, device)
+    upstream = _randn((3, 5, 8), 1.0, 1, device)
+    layouts = [
+        lambda x: torch.cat([x, x[..., :6]], dim=-1)[..., :16],
+        lambda x: torch.cat([x, x[..., :6]], dim=-1)[..., :16].unsqueeze(2).transpose(1, 2).squeeze(1),
+        lambda x: x[:1, :1, :16].expand(3, 5, 16),
+        lambda x: x[..., :16].transpose(0, 1),
+    ]
+    for layout in layouts:
+        out_shape = layout(x).shape[:-1] + (8,)
+        _compare_packed(name, x, upstream.reshape(-1)[: math.prod(out_shape)].reshape(out_shape), layout)
+
+
+def _aten_ops(fn, *inputs) -> set[str]:
+    """The aten ops a forward and backward of ``fn`` dispatch (our ops' insides unseen)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    upstream = torch.ones_like(y)  # contiguous: sum()'s would be expanded, which the backward copies
+    with Watch():
+        fn(*leaves).backward(upstream)
+    return seen
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_halves_of_a_projection_are_read_and_their_gradient_written_where_they_lie(device, name):
+    """Chunks of a gate-up projection go to the kernels as they are (no copies), and the
+    packed form's gradient is written whole (no concatenation or filled slices); PyTorch's
+    expression on the chunks makes its gradient from two."""
+    x = _randn((2, 3, 40), 3.0, 0, device)
+    ours, theirs = GATED[name]
+    copies = {"clone.default", "contiguous.default", "copy_.default", "cat.default", "slice_backward.default"}
+    assert not _aten_ops(lambda x: ours(x, None), x) & copies
+    assert not _aten_ops(lambda x: ours(*x.chunk(2, dim=-1)), x) & {"clone.default", "contiguous.default"}
+    assert _aten_ops(lambda x: theirs(*x.chunk(2, dim=-1)), x) & copies
+
+
 @pytest.mark.parametrize("needs_grad", ["gate", "up"])
 def test_one_input_needs_grad(device, needs_grad):
     gate, up = _randn((4, 9), 3.0, 0, device), _randn((4, 9), 1.0, 1, device)
@@ -111,6 +192,11 @@ def test_opcheck(device, activation):
     backend = gk.backend_name(device)
     torch.library.opcheck(gated_act_fwd.custom_op, (gate.requires_grad_(), up.requires_grad_(), activation, backend))
     torch.library.opcheck(gated_act_bwd.custom_op, (upstream, gate.detach(), up.detach(), activation, backend))
+    packed = torch.cat([gate, up], dim=-1).detach()
+    torch.library.opcheck(gated_act_fwd.custom_op, (packed.requires_grad_(), None, activation, backend))
+    torch.library.opcheck(gated_act_bwd.custom_op, (upstream, packed.detach(), None, activation, backend))
+    halves = packed.detach().chunk(2, dim=-1)  # rows apart
+    torch.library.opcheck(gated_act_fwd.custom_op, (*halves, activation, backend))
 
 
 @pytest.mark.parametrize("name", GATED)

@@ -130,6 +130,64 @@ def test_batch_norm_act_fuses_each_activation_of_ours(name):
         assert model.get_submodule(name).act is act  # left in place: uncalled when fused
 
 
+def _gated_mlps():
+    from timm.layers.mlp import GluMlp, SwiGLU, SwiGLUPacked
+
+    return {  # name -> (module, input shape)
+        "GluMlp, gate first, SiLU (EVA-02's)": (GluMlp(16, 24, act_layer=nn.SiLU, gate_last=False), (2, 5, 16)),
+        "GluMlp, gate last, GELU": (GluMlp(16, 24, act_layer=nn.GELU), (2, 5, 16)),
+        "GluMlp, gate last, GELU tanh": (GluMlp(16, 24, act_layer=lambda: nn.GELU(approximate="tanh")), (7, 16)),
+        "GluMlp of 1x1 convs": (GluMlp(16, 24, act_layer=nn.SiLU, use_conv=True), (2, 16, 3, 3)),
+        "SwiGLUPacked": (SwiGLUPacked(16, 24), (2, 5, 16)),
+        "SwiGLU": (SwiGLU(16, 12), (2, 5, 16)),
+        "SwiGLU with a norm (EVA-02 base's)": (SwiGLU(16, 12, norm_layer=nn.LayerNorm), (2, 5, 16)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_gated_mlps()))
+def test_gated_mlps_gate_in_one_op_and_match_in_float64(name):
+    """timm's GluMlp (either half the gate, linears or 1x1 convs) and SwiGLU: the gating one op, its
+    activation module left uncalled (never fused into the projection before it: the op applies it),
+    the children converted as any module's; outputs and gradients as the unpatched module's."""
+    torch.manual_seed(0)
+    module, shape = _gated_mlps()[name]
+    module = module.double()
+    for parameter in module.parameters():  # timm's init makes the gate's weights near 0
+        nn.init.normal_(parameter, std=0.5)
+    patched = copy.deepcopy(module)
+    report = gk.patch(patched)
+    assert report.counts["GatedMLP"] == 1 and "LinearAct" not in report.counts
+    assert patched.activation == ("gelu_tanh" if "tanh" in name else "gelu" if "GELU" in name else "silu")
+    assert type(patched.act) is type(module.act)
+    if "norm" in name:
+        assert type(patched.norm) is gk.nn.LayerNorm
+    x = torch.randn(shape, dtype=torch.float64)
+    results = []
+    for net in (module, patched):
+        y = net(x)
+        results.append((y, *torch.autograd.grad(y.square().sum(), list(net.parameters()))))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    gk.unpatch(patched)
+    assert type(patched) is type(module)
+
+
+def test_gated_mlp_with_an_activation_of_no_gated_op_is_left():
+    from timm.layers.mlp import GluMlp
+
+    report = gk.patch(GluMlp(16, 24))  # the GLU: a sigmoid gate
+    assert "GatedMLP" not in report.counts
+    assert ("", "GluMlp", "act: activation Sigmoid is none of relu/gelu/gelu_tanh/silu/quick_gelu") in report.left
+
+
+def test_eva02_gates_every_block_in_one_op_and_matches_in_float64():
+    """EVA-02 (GluMlp, gate first: packed; the base's SwiGLU with its LayerNorm), fp64, as the unpatched."""
+    for name, counts in (("eva02_tiny_patch14_224", {"GatedMLP": 12}), ("eva02_base_patch14_224", {"GatedMLP": 12})):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, num_classes=10, img_size=28).double()
+        _assert_patched_matches_in_float64(model, 28, False, counts)
+
+
 def test_torchvision_convnext_swaps_every_norm_and_matches_in_float64():
     """torchvision's ConvNeXt: its LayerNorm2d (stem, downsampling), each block's LayerNorm and fc1 + GELU.
     Without stochastic depth, whose random draws would differ between the two models' runs."""

@@ -1,30 +1,47 @@
-"""Gated activations ``y = act(gate) * up`` elementwise on contiguous tensors,
-and their backward (``act`` recomputed from ``gate``); the activations are
-linear_act's.
+"""Gated activations ``y = act(gate) * up`` elementwise, and their backward
+(``act`` recomputed from ``gate``); the activations are linear_act's.
 
-The kernels work on flat views: NumPy turns the results of 0-d arrays into
-scalars, which neither linear_act's erf nor ``write`` takes."""
+The kernels work on ``(rows, D)`` views (``row_stride``: rows may lie apart):
+NumPy turns the results of 0-d arrays into scalars, which neither linear_act's
+erf nor ``write`` takes. Without ``up``, gate and up are the halves of
+``gate``'s last dim, and ``dgate`` takes both gradients, as ``gate`` holds them.
+"""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ._arrays import as_array, write
 from .linear_act import _ACTIVATIONS
 
 
-def _flat(t: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
-    return as_array(t, dtype).reshape(-1)
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a ``(rows, D)`` view, so that writing it writes ``t``."""
+    d = t.shape[-1] if t.dim() else 1
+    return t.view(t.numel() // d if d else 0, d)
+
+
+def _halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = _rows(t)
+    d = rows.shape[1] // 2
+    return rows[:, :d], rows[:, d:]
+
+
+def _gate_and_up(gate: torch.Tensor, up: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _halves(gate) if up is None else (_rows(gate), _rows(up))
 
 
 def gated_act_fwd(gate, up, activation, y_out):
     act, _ = _ACTIVATIONS[activation]
-    write(y_out.view(-1), act(_flat(gate)) * _flat(up))
+    gate, up = _gate_and_up(gate, up)
+    write(_rows(y_out), act(as_array(gate)) * as_array(up))
 
 
 def gated_act_bwd(dy, gate, up, activation, dgate_out, dup_out):
     act, act_grad = _ACTIVATIONS[activation]
-    g, u, d = _flat(gate), _flat(up), _flat(dy, gate.dtype)
-    write(dgate_out.view(-1), d * u * act_grad(g))
-    write(dup_out.view(-1), d * act(g))
+    if up is None:
+        dgate_out, dup_out = _halves(dgate_out)
+    gate, up = _gate_and_up(gate, up)
+    g, u, d = as_array(gate), as_array(up), as_array(_rows(dy), gate.dtype)
+    write(_rows(dgate_out), d * u * act_grad(g))
+    write(_rows(dup_out), d * act(g))

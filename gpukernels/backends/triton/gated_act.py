@@ -1,11 +1,13 @@
-"""Gated activations ``y = act(gate) * up`` on flat contiguous tensors, and
-their backward: one elementwise pass each way. The backward recomputes
-``act(gate)`` and ``act'(gate)`` (a few flops per element, against the bytes a
-saved activation would cost) and writes ``dgate`` and ``dup`` together. The
-activations and their derivatives are linear_act's.
+"""Gated activations ``y = act(gate) * up`` and their backward: one
+elementwise pass each way. The backward recomputes ``act(gate)`` and
+``act'(gate)`` (a few flops per element, against the bytes a saved activation
+would cost) and writes ``dgate`` and ``dup`` together. The activations and their
+derivatives are linear_act's.
 
-``launch_elementwise`` and ``elementwise_offsets`` are the two halves of an
-elementwise kernel's launch, kept apart from this op's math.
+The kernels read their tensors as ``(rows, D)`` matrices, each with its own row
+stride: the halves of a chunked or packed gate-up projection are read (and their
+gradients written) where they lie. Tensors all contiguous go as one row of every
+element: a flat elementwise pass.
 """
 
 from __future__ import annotations
@@ -13,77 +15,99 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..._numerics import row_stride
 from ._common import acc_dtype, aligned, cdiv, next_power_of_2, round_to
 from ._launch import jit
 from .linear_act import _activation, _activation_grad
 
-# A full block: 4 warps of 8 elements a thread, 16-byte accesses for 2-byte dtypes.
-# A smaller tensor gets a smaller block, down to one warp, rather than a block mostly masked off.
-MIN_BLOCK, MAX_BLOCK = 128, 1024
+# At most 4 warps of 8 elements a thread (16-byte accesses for 2-byte dtypes) a tile;
+# a smaller tensor gets a smaller tile, down to one warp, rather than one mostly masked off.
+MAX_TILE = 1024
 
 
 @triton.jit
-def elementwise_offsets(n, BLOCK: tl.constexpr):
-    """This program's ``BLOCK`` element offsets and their mask. int64: past 2**31
-    elements, an int32 ``program_id * BLOCK`` would wrap."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return offsets, offsets < n
+def _tile(rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's tile of a ``(rows, D)`` matrix: its rows (a column), its columns (a
+    row) and their mask. int64: past 2**31 elements an int32 index would wrap."""
+    column_blocks = tl.cdiv(D, BLOCK_D)
+    program = tl.program_id(0)
+    r = (program // column_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = (program % column_blocks).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return r[:, None], c[None, :], (r < rows)[:, None] & (c < D)[None, :]
 
 
-def launch_elementwise(kernel, n: int, key: tuple | None, *args, **constexprs) -> None:
-    """``kernel[grid](*args, n, BLOCK=..., **constexprs)`` over ``n`` elements: the
-    block a power of two from ``n`` (MIN_BLOCK to MAX_BLOCK), one program a block,
-    no launch for 0 elements. The kernel takes its offsets from ``elementwise_offsets``.
-    ``key``: what decides the launch's specialization besides ``n`` (dtypes, constexprs),
-    None where a pointer is misaligned (``Kernel.launch``)."""
+@jit(do_not_specialize=["rows"])
+def gated_act_fwd_kernel(
+    Y, Gate, Up, rows, D, s_gate, s_up,
+    ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    r, c, mask = _tile(rows, D, BLOCK_R, BLOCK_D)
+    gate = tl.load(Gate + r * s_gate + c, mask=mask, other=0.0).to(ACC)
+    up = tl.load(Up + r * s_up + c, mask=mask, other=0.0).to(ACC)
+    tl.store(Y + r * D + c, round_to(_activation(gate, ACTIVATION) * up, Y.dtype.element_ty), mask=mask)
+
+
+@jit(do_not_specialize=["rows"])
+def gated_act_bwd_kernel(
+    DY, Gate, Up, DGate, DUp, rows, D, s_gate, s_up, s_dgate, s_dup,
+    ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    r, c, mask = _tile(rows, D, BLOCK_R, BLOCK_D)
+    dy = tl.load(DY + r * D + c, mask=mask, other=0.0).to(ACC)
+    gate = tl.load(Gate + r * s_gate + c, mask=mask, other=0.0).to(ACC)
+    up = tl.load(Up + r * s_up + c, mask=mask, other=0.0).to(ACC)
+    dgate = dy * up * _activation_grad(gate, ACTIVATION)
+    tl.store(DGate + r * s_dgate + c, round_to(dgate, DGate.dtype.element_ty), mask=mask)
+    tl.store(DUp + r * s_dup + c, round_to(dy * _activation(gate, ACTIVATION), DUp.dtype.element_ty), mask=mask)
+
+
+def _launch(kernel, dense, rowed: tuple, key: tuple | None, activation: str) -> None:
+    """``kernel`` over the elements of ``dense`` (contiguous: the output, or the upstream
+    gradient) and of ``rowed`` (each read or written as rows, of its own stride). ``key``:
+    the launch's specialization but for its sizes and strides (dtypes; None where a pointer
+    is misaligned: ``Kernel.launch``)."""
+    n = dense.numel()
     if n == 0:
         return
-    block = min(max(next_power_of_2(n), MIN_BLOCK), MAX_BLOCK)
+    if all(t.is_contiguous() for t in rowed):
+        rows, d, strides = 1, n, (n,) * len(rowed)
+    else:
+        d = dense.shape[-1]
+        rows, strides = n // d, tuple(map(row_stride, rowed))
+    block_d = min(next_power_of_2(d), MAX_TILE)
+    block_r = min(next_power_of_2(rows), MAX_TILE // block_d)
     kernel.launch(
-        (cdiv(n, block),),
-        None if key is None else (*key, n),
-        lambda: dict(BLOCK=block, num_warps=max(block // 256, 1), **constexprs),
-        *args,
-        n,
+        (cdiv(rows, block_r) * cdiv(d, block_d),),
+        None if key is None else (*key, rows >= 2**31, d, *strides),
+        lambda: dict(
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            num_warps=max(block_r * block_d // 256, 1),
+            ACTIVATION=activation,
+            ACC=acc_dtype(dense.dtype),
+        ),
+        dense,
+        *rowed,
+        rows,
+        d,
+        *strides,
     )
 
 
-@jit
-def gated_act_fwd_kernel(Gate, Up, Y, n, ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offsets, mask = elementwise_offsets(n, BLOCK)
-    gate = tl.load(Gate + offsets, mask=mask, other=0.0).to(ACC)
-    up = tl.load(Up + offsets, mask=mask, other=0.0).to(ACC)
-    tl.store(Y + offsets, round_to(_activation(gate, ACTIVATION) * up, Y.dtype.element_ty), mask=mask)
-
-
-@jit
-def gated_act_bwd_kernel(DY, Gate, Up, DGate, DUp, n, ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offsets, mask = elementwise_offsets(n, BLOCK)
-    dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
-    gate = tl.load(Gate + offsets, mask=mask, other=0.0).to(ACC)
-    up = tl.load(Up + offsets, mask=mask, other=0.0).to(ACC)
-    tl.store(DGate + offsets, round_to(dy * up * _activation_grad(gate, ACTIVATION), DGate.dtype.element_ty), mask=mask)
-    tl.store(DUp + offsets, round_to(dy * _activation(gate, ACTIVATION), DUp.dtype.element_ty), mask=mask)
+def _halves(t):
+    d = t.shape[-1] // 2
+    return t[..., :d], t[..., d:]
 
 
 def gated_act_fwd(gate, up, activation, y):
+    if up is None:
+        gate, up = _halves(gate)
     key = (gate.dtype, up.dtype, y.dtype, activation) if aligned(gate, up) else None
-    launch_elementwise(
-        gated_act_fwd_kernel, gate.numel(), key, gate, up, y, ACTIVATION=activation, ACC=acc_dtype(gate.dtype)
-    )
+    _launch(gated_act_fwd_kernel, y, (gate, up), key, activation)
 
 
 def gated_act_bwd(dy, gate, up, activation, dgate, dup):
+    if up is None:  # the gradients side by side too: dup's alignment is dgate's (fresh) and D's, in the key
+        (gate, up), (dgate, dup) = _halves(gate), _halves(dgate)
     key = (dy.dtype, gate.dtype, up.dtype, dgate.dtype, dup.dtype, activation) if aligned(dy, gate, up) else None
-    launch_elementwise(
-        gated_act_bwd_kernel,
-        gate.numel(),
-        key,
-        dy,
-        gate,
-        up,
-        dgate,
-        dup,
-        ACTIVATION=activation,
-        ACC=acc_dtype(gate.dtype),
-    )
+    _launch(gated_act_bwd_kernel, dy, (gate, up, dgate, dup), key, activation)
