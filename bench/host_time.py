@@ -331,6 +331,28 @@ def _add_rms_norm():
     return {"standalone": (ours, pytorch)}
 
 
+def _gated_act():
+    """A gated MLP's SwiGLU: of two projections' outputs (Llama's), and of one packed gate-up
+    projection's (Phi-3's); PyTorch's ``F.silu(gate) * up`` of them (of the packed one's chunks)."""
+    import torch.nn.functional as F
+
+    import gpukernels as gk
+
+    gate, up, gate_up = _leaf(8, 64), _leaf(8, 64), _leaf(8, 128)
+
+    def packed_pytorch():
+        gate, up = gate_up.chunk(2, dim=-1)
+        (F.silu(gate) * up).sum().backward()
+
+    return {
+        "standalone": (
+            lambda: gk.swiglu(gate, up).sum().backward(),
+            lambda: (F.silu(gate) * up).sum().backward(),
+        ),
+        "packed": (lambda: gk.swiglu(gate_up).sum().backward(), packed_pytorch),
+    }
+
+
 def _batch_norm():
     import torch
     import torch.nn.functional as F
@@ -514,6 +536,7 @@ CASES = {
     "add_rms_norm": _add_rms_norm,
     "batch_norm": _batch_norm,
     "dropout": _dropout,
+    "gated_act": _gated_act,
     "cross_entropy": _cross_entropy,
     "linear_act": _linear_act,
     "adamw": _adamw,
@@ -700,6 +723,7 @@ MODE_LABELS = {
     "chain": f"fwd+bwd, per op in a chain of {CHAIN}",
     "tokens": "fwd+bwd, standalone, (batch, tokens, features) input",
     "images": "fwd+bwd, standalone, (N, C, H, W) input",
+    "packed": "fwd+bwd, standalone, gate and up packed in one tensor",
     "step": "optimizer step",
     "train_step": "training step: forward, backward, clip, AdamW",
     "train_fwd_bwd": "training step's forward and backward",

@@ -134,6 +134,23 @@ def test_packed_gate_up_laid_out_otherwise(device, name):
         _compare_packed(name, x, upstream.reshape(-1)[: math.prod(out_shape)].reshape(out_shape), layout)
 
 
+@pytest.mark.parametrize("name", GATED)
+def test_row_counts_that_tile_apart_in_one_process(device, name):
+    """Rows of one width and strides, fewer and more than a tile holds (1, 2, 3, 5, 40 rows):
+    each launch specialized for its own tiling (under the tests' launch-key check a shared key
+    would raise), packed and as chunks."""
+    for rows in (1, 2, 3, 5, 40, 3):
+        x = _randn((rows, 68), 3.0, rows, device)
+        upstream = _randn((rows, 34), 1.0, rows + 1, device)
+        _compare_packed(name, x, upstream)
+        ours, theirs = (
+            _grads_through_views(fn, [x.clone().requires_grad_()], lambda x: x.chunk(2, dim=-1), upstream)
+            for fn in GATED[name]
+        )
+        for o, t in zip(ours, theirs):
+            assert_matches(o, t)
+
+
 def _aten_ops(fn, *inputs) -> set[str]:
     """The aten ops a forward and backward of ``fn`` dispatch (our ops' insides unseen)."""
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -209,6 +209,8 @@ def _keyed_ops_forward_backward() -> list[torch.Tensor]:
             gk.cross_entropy(logits, target, label_smoothing=0.1),
             gk.cross_entropy(logits, target, reduction="none"),
             gk.swiglu(x, x.flip(1)),
+            gk.swiglu(x),  # packed: gate and up the halves of x's rows
+            gk.geglu(*x.chunk(2, dim=1)),  # rows apart
             gk.linear_act(x, w_linear, b[:40], activation="gelu"),
         ]
         for out in outputs:

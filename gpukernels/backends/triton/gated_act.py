@@ -38,47 +38,50 @@ def _tile(rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @jit(do_not_specialize=["rows"])
 def gated_act_fwd_kernel(
-    Y, Gate, Up, rows, D, s_gate, s_up,
+    Y, Gate, Up, rows, D, s_gate, s_up, up_column,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     r, c, mask = _tile(rows, D, BLOCK_R, BLOCK_D)
     gate = tl.load(Gate + r * s_gate + c, mask=mask, other=0.0).to(ACC)
-    up = tl.load(Up + r * s_up + c, mask=mask, other=0.0).to(ACC)
+    up = tl.load(Up + up_column + r * s_up + c, mask=mask, other=0.0).to(ACC)
     tl.store(Y + r * D + c, round_to(_activation(gate, ACTIVATION) * up, Y.dtype.element_ty), mask=mask)
 
 
 @jit(do_not_specialize=["rows"])
 def gated_act_bwd_kernel(
-    DY, Gate, Up, DGate, DUp, rows, D, s_gate, s_up, s_dgate, s_dup,
+    DY, Gate, Up, DGate, DUp, rows, D, s_gate, s_up, s_dgate, s_dup, up_column,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     r, c, mask = _tile(rows, D, BLOCK_R, BLOCK_D)
     dy = tl.load(DY + r * D + c, mask=mask, other=0.0).to(ACC)
     gate = tl.load(Gate + r * s_gate + c, mask=mask, other=0.0).to(ACC)
-    up = tl.load(Up + r * s_up + c, mask=mask, other=0.0).to(ACC)
+    up = tl.load(Up + up_column + r * s_up + c, mask=mask, other=0.0).to(ACC)
     dgate = dy * up * _activation_grad(gate, ACTIVATION)
     tl.store(DGate + r * s_dgate + c, round_to(dgate, DGate.dtype.element_ty), mask=mask)
-    tl.store(DUp + r * s_dup + c, round_to(dy * _activation(gate, ACTIVATION), DUp.dtype.element_ty), mask=mask)
+    dup = dy * _activation(gate, ACTIVATION)
+    tl.store(DUp + up_column + r * s_dup + c, round_to(dup, DUp.dtype.element_ty), mask=mask)
 
 
-def _launch(kernel, dense, rowed: tuple, key: tuple | None, activation: str) -> None:
+def _launch(kernel, dense, rowed: tuple, packed: bool, key: tuple | None, activation: str) -> None:
     """``kernel`` over the elements of ``dense`` (contiguous: the output, or the upstream
-    gradient) and of ``rowed`` (each read or written as rows, of its own stride). ``key``:
-    the launch's specialization but for its sizes and strides (dtypes; None where a pointer
-    is misaligned: ``Kernel.launch``)."""
+    gradient) and of ``rowed`` (gate and up, then their gradients: each read or written as
+    rows, of its own stride; ``packed``: each up the same tensor as its gate, from column D on).
+    ``key``: the launch's specialization but for its sizes and strides (dtypes; None where
+    a pointer is misaligned: ``Kernel.launch``)."""
     n = dense.numel()
     if n == 0:
         return
-    if all(t.is_contiguous() for t in rowed):
+    if not packed and all(t.is_contiguous() for t in rowed):  # one row of every element
         rows, d, strides = 1, n, (n,) * len(rowed)
     else:
         d = dense.shape[-1]
         rows, strides = n // d, tuple(map(row_stride, rowed))
+    up_column = d if packed else 0
     block_d = min(next_power_of_2(d), MAX_TILE)
     block_r = min(next_power_of_2(rows), MAX_TILE // block_d)
     kernel.launch(
         (cdiv(rows, block_r) * cdiv(d, block_d),),
-        None if key is None else (*key, rows >= 2**31, d, *strides),
+        None if key is None else (*key, rows >= 2**31, d, block_r, *strides, up_column),  # block_r: of rows
         lambda: dict(
             BLOCK_R=block_r,
             BLOCK_D=block_d,
@@ -91,23 +94,22 @@ def _launch(kernel, dense, rowed: tuple, key: tuple | None, activation: str) -> 
         rows,
         d,
         *strides,
+        up_column,
     )
 
 
-def _halves(t):
-    d = t.shape[-1] // 2
-    return t[..., :d], t[..., d:]
-
-
 def gated_act_fwd(gate, up, activation, y):
-    if up is None:
-        gate, up = _halves(gate)
+    # packed: up is gate's second half, read from the same tensor (a view would cost host time)
+    packed = up is None
+    up = gate if packed else up
     key = (gate.dtype, up.dtype, y.dtype, activation) if aligned(gate, up) else None
-    _launch(gated_act_fwd_kernel, y, (gate, up), key, activation)
+    _launch(gated_act_fwd_kernel, y, (gate, up), packed, key, activation)
 
 
 def gated_act_bwd(dy, gate, up, activation, dgate, dup):
-    if up is None:  # the gradients side by side too: dup's alignment is dgate's (fresh) and D's, in the key
-        (gate, up), (dgate, dup) = _halves(gate), _halves(dgate)
+    # packed: dgate takes both gradients, as gate holds both; up's and dup's addresses are
+    # gate's and dgate's (dgate: fresh) plus D elements, in the key
+    packed = up is None
+    up, dup = (gate, dgate) if packed else (up, dup)
     key = (dy.dtype, gate.dtype, up.dtype, dgate.dtype, dup.dtype, activation) if aligned(dy, gate, up) else None
-    _launch(gated_act_bwd_kernel, dy, (gate, up, dgate, dup), key, activation)
+    _launch(gated_act_bwd_kernel, dy, (gate, up, dgate, dup), packed, key, activation)
