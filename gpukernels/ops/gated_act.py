@@ -90,7 +90,9 @@ def _gated_act(gate: Tensor, up: Tensor | None, activation: str) -> Tensor:
     if up.dtype != gate.dtype:
         raise ArgumentTypeError(f"up has dtype {up.dtype} but gate has {gate.dtype}; cast them to one dtype")
     check_shape("up", up, gate.shape)
-    return gated_act_fwd(_as_rows(gate), _as_rows(up), activation)
+    # contiguous: as they are, without the calls (host time)
+    gate = gate if gate.is_contiguous() else _as_rows(gate)
+    return gated_act_fwd(gate, up if up.is_contiguous() else _as_rows(up), activation)
 
 
 def swiglu(gate: Tensor, up: Tensor | None = None) -> Tensor:

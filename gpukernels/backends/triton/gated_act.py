@@ -62,16 +62,17 @@ def gated_act_bwd_kernel(
     tl.store(DUp + up_column + r * s_dup + c, round_to(dup, DUp.dtype.element_ty), mask=mask)
 
 
-def _launch(kernel, dense, rowed: tuple, packed: bool, key: tuple | None, activation: str) -> None:
+def _launch(kernel, dense, rowed: tuple, packed: bool, flat: bool, key: tuple | None, activation: str) -> None:
     """``kernel`` over the elements of ``dense`` (contiguous: the output, or the upstream
     gradient) and of ``rowed`` (gate and up, then their gradients: each read or written as
-    rows, of its own stride; ``packed``: each up the same tensor as its gate, from column D on).
-    ``key``: the launch's specialization but for its sizes and strides (dtypes; None where
-    a pointer is misaligned: ``Kernel.launch``)."""
+    rows, of its own stride; ``packed``: each up the same tensor as its gate, from column D
+    on; ``flat``: all contiguous, read as one row of every element). ``key``: the launch's
+    specialization but for its sizes and strides (dtypes; None where a pointer is
+    misaligned: ``Kernel.launch``)."""
     n = dense.numel()
     if n == 0:
         return
-    if not packed and all(t.is_contiguous() for t in rowed):  # one row of every element
+    if flat:
         rows, d, strides = 1, n, (n,) * len(rowed)
     else:
         d = dense.shape[-1]
@@ -102,8 +103,9 @@ def gated_act_fwd(gate, up, activation, y):
     # packed: up is gate's second half, read from the same tensor (a view would cost host time)
     packed = up is None
     up = gate if packed else up
+    flat = not packed and gate.is_contiguous() and up.is_contiguous()
     key = (gate.dtype, up.dtype, y.dtype, activation) if aligned(gate, up) else None
-    _launch(gated_act_fwd_kernel, y, (gate, up), packed, key, activation)
+    _launch(gated_act_fwd_kernel, y, (gate, up), packed, flat, key, activation)
 
 
 def gated_act_bwd(dy, gate, up, activation, dgate, dup):
@@ -111,5 +113,6 @@ def gated_act_bwd(dy, gate, up, activation, dgate, dup):
     # gate's and dgate's (dgate: fresh) plus D elements, in the key
     packed = up is None
     up, dup = (gate, dgate) if packed else (up, dup)
+    flat = not packed and gate.is_contiguous() and up.is_contiguous()  # dgate and dup: fresh, contiguous then
     key = (dy.dtype, gate.dtype, up.dtype, dgate.dtype, dup.dtype, activation) if aligned(dy, gate, up) else None
-    _launch(gated_act_bwd_kernel, dy, (gate, up, dgate, dup), packed, key, activation)
+    _launch(gated_act_bwd_kernel, dy, (gate, up, dgate, dup), packed, flat, key, activation)
