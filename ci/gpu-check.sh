@@ -129,7 +129,7 @@ for name in ${GPU_CHECK_STEPS:-tests bench graph compile}; do
         bench) step bench $(limit bench 240) "$py" -m bench "${bench_size[@]}" --skip "${GPU_CHECK_BENCH_SKIP-compile-max}" \
                    ${GPU_CHECK_BENCH_OPS:+--ops "$GPU_CHECK_BENCH_OPS"} --out "$work/bench" ;;
         graph) step bench-graph $(limit graph 120) "$py" -m bench --quick --cuda-graph --skip compile,compile-max \
-                   --ops layer_norm,cross_entropy,dropout,batch_norm,batch_norm_relu,batch_norm_add_relu,rope,linear_act \
+                   --ops layer_norm,cross_entropy,dropout,batch_norm,batch_norm_relu,batch_norm_add_relu,rope,gated_act,linear_act \
                    --out "$work/bench-graph" ;;
         targets) step bench-targets $(limit targets 420) "$py" -m bench --targets --quick --skip cupy \
                    ${GPU_CHECK_TARGET_OPS:+--ops "$GPU_CHECK_TARGET_OPS"} --out "$work/bench-targets" ;;

@@ -97,11 +97,12 @@ def _packed(name):
     return (lambda x: ours(x, None)), (lambda x: theirs(*x.chunk(2, dim=-1)))
 
 
-def _compare_packed(name, x, upstream, layout=lambda x: x):
-    """[y, dx] of ours on ``layout(x)`` (x packed) against PyTorch's on its chunks, in x's dtype
-    and in fp64; returns the errors measured."""
+def _compare_packed(name, x, upstream, layout=lambda x: x, ours_fn=None):
+    """[y, dx] of ours (``ours_fn``, default ``_packed``'s) on ``layout(x)`` (x packed) against
+    PyTorch's on its chunks, in x's dtype and in fp64; returns the errors measured."""
+    ours, theirs = _packed(name)
     results = []
-    for fn, dtype in zip(_packed(name) + _packed(name)[1:], (x.dtype, x.dtype, torch.float64)):
+    for fn, dtype in zip((ours_fn or ours, theirs, theirs), (x.dtype, x.dtype, torch.float64)):
         leaf = x.detach().to(dtype).requires_grad_()
         y = fn(layout(leaf))
         results.append([y.detach(), *torch.autograd.grad(y, leaf, upstream.to(dtype))])
@@ -220,6 +221,8 @@ def test_opcheck(device, activation):
 def test_compiles_without_graph_breaks(device, name):
     gate, up, upstream = (_randn((2, 3, 7), 3.0, seed, device).float() for seed in range(3))
     _compare(name, gate, up, upstream, torch.compile(GATED[name][0], fullgraph=True, backend="aot_eager"))
+    packed = torch.compile(_packed(name)[0], fullgraph=True, backend="aot_eager")
+    _compare_packed(name, torch.cat([gate, up], dim=-1), upstream, ours_fn=packed)
 
 
 @pytest.mark.parametrize("name", GATED)

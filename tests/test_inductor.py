@@ -61,6 +61,8 @@ def _cases() -> dict:
             (_leaf(8, 64), _leaf(8, 64), _leaf(64), _leaf(64)),
         ),
         "gated_act": (gk.swiglu, (_leaf(8, 64), _leaf(8, 64))),
+        "gated_act_packed": (gk.swiglu, (_leaf(8, 128),)),
+        "gated_act_chunks": (lambda x: gk.swiglu(*x.chunk(2, dim=-1)), (_leaf(8, 128),)),
         "rope": (
             lambda q, k: sum(t.sum() for t in gk.apply_rotary_pos_emb(q, k, torch.ones(1, 4, 8), torch.zeros(1, 4, 8))),
             (_leaf(2, 3, 4, 8), _leaf(2, 1, 4, 8)),

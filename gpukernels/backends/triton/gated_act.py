@@ -36,38 +36,51 @@ def _tile(rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     return r[:, None], c[None, :], (r < rows)[:, None] & (c < D)[None, :]
 
 
+@triton.jit
+def _up_column(D, PACKED: tl.constexpr):
+    """Where up's columns start in its rows: packed, after gate's D."""
+    if PACKED:
+        return D
+    return 0
+
+
 @jit(do_not_specialize=["rows"])
 def gated_act_fwd_kernel(
-    Y, Gate, Up, rows, D, s_gate, s_up, up_column,
-    ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    Y, Gate, Up, rows, D, s_gate, s_up,
+    PACKED: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     r, c, mask = _tile(rows, D, BLOCK_R, BLOCK_D)
     gate = tl.load(Gate + r * s_gate + c, mask=mask, other=0.0).to(ACC)
-    up = tl.load(Up + up_column + r * s_up + c, mask=mask, other=0.0).to(ACC)
+    up = tl.load(Up + _up_column(D, PACKED) + r * s_up + c, mask=mask, other=0.0).to(ACC)
     tl.store(Y + r * D + c, round_to(_activation(gate, ACTIVATION) * up, Y.dtype.element_ty), mask=mask)
 
 
 @jit(do_not_specialize=["rows"])
 def gated_act_bwd_kernel(
-    DY, Gate, Up, DGate, DUp, rows, D, s_gate, s_up, s_dgate, s_dup, up_column,
-    ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    DY, Gate, Up, DGate, DUp, rows, D, s_gate, s_up, s_dgate, s_dup,
+    PACKED: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     r, c, mask = _tile(rows, D, BLOCK_R, BLOCK_D)
     dy = tl.load(DY + r * D + c, mask=mask, other=0.0).to(ACC)
     gate = tl.load(Gate + r * s_gate + c, mask=mask, other=0.0).to(ACC)
-    up = tl.load(Up + up_column + r * s_up + c, mask=mask, other=0.0).to(ACC)
+    up = tl.load(Up + _up_column(D, PACKED) + r * s_up + c, mask=mask, other=0.0).to(ACC)
     dgate = dy * up * _activation_grad(gate, ACTIVATION)
     tl.store(DGate + r * s_dgate + c, round_to(dgate, DGate.dtype.element_ty), mask=mask)
     dup = dy * _activation(gate, ACTIVATION)
-    tl.store(DUp + up_column + r * s_dup + c, round_to(dup, DUp.dtype.element_ty), mask=mask)
+    # packed: into DGate's rows after dgate (DUp is then unwritten: Inductor, seeing one tensor
+    # written as two arguments, would copy it)
+    if PACKED:
+        tl.store(DGate + D + r * s_dgate + c, round_to(dup, DGate.dtype.element_ty), mask=mask)
+    else:
+        tl.store(DUp + r * s_dup + c, round_to(dup, DUp.dtype.element_ty), mask=mask)
 
 
 def _launch(kernel, dense, rowed: tuple, packed: bool, flat: bool, key: tuple | None, activation: str) -> None:
     """``kernel`` over the elements of ``dense`` (contiguous: the output, or the upstream
     gradient) and of ``rowed`` (gate and up, then their gradients: each read or written as
-    rows, of its own stride; ``packed``: each up the same tensor as its gate, from column D
-    on; ``flat``: all contiguous, read as one row of every element). ``key``: the launch's
-    specialization but for its sizes and strides (dtypes; None where a pointer is
+    rows, of its own stride; ``packed``: up and its gradient in gate's and dgate's rows, from
+    column D on; ``flat``: all contiguous, read as one row of every element). ``key``: the
+    launch's specialization but for its sizes and strides (dtypes; None where a pointer is
     misaligned: ``Kernel.launch``)."""
     n = dense.numel()
     if n == 0:
@@ -77,13 +90,13 @@ def _launch(kernel, dense, rowed: tuple, packed: bool, flat: bool, key: tuple | 
     else:
         d = dense.shape[-1]
         rows, strides = n // d, tuple(map(row_stride, rowed))
-    up_column = d if packed else 0
     block_d = min(next_power_of_2(d), MAX_TILE)
     block_r = min(next_power_of_2(rows), MAX_TILE // block_d)
     kernel.launch(
         (cdiv(rows, block_r) * cdiv(d, block_d),),
-        None if key is None else (*key, rows >= 2**31, d, block_r, *strides, up_column),  # block_r: of rows
+        None if key is None else (*key, packed, rows >= 2**31, d, block_r, *strides),  # block_r: of rows
         lambda: dict(
+            PACKED=packed,
             BLOCK_R=block_r,
             BLOCK_D=block_d,
             num_warps=max(block_r * block_d // 256, 1),
@@ -95,12 +108,11 @@ def _launch(kernel, dense, rowed: tuple, packed: bool, flat: bool, key: tuple | 
         rows,
         d,
         *strides,
-        up_column,
     )
 
 
 def gated_act_fwd(gate, up, activation, y):
-    # packed: up is gate's second half, read from the same tensor (a view would cost host time)
+    # packed: up is read in gate's rows (a view of its half would cost host time)
     packed = up is None
     up = gate if packed else up
     flat = not packed and gate.is_contiguous() and up.is_contiguous()
@@ -109,10 +121,10 @@ def gated_act_fwd(gate, up, activation, y):
 
 
 def gated_act_bwd(dy, gate, up, activation, dgate, dup):
-    # packed: dgate takes both gradients, as gate holds both; up's and dup's addresses are
-    # gate's and dgate's (dgate: fresh) plus D elements, in the key
+    # packed: up read in gate's rows, dup written in dgate's (dup: the spec's empty placeholder);
+    # their addresses are gate's and dgate's (fresh) plus D elements, in the key
     packed = up is None
-    up, dup = (gate, dgate) if packed else (up, dup)
+    up = gate if packed else up
     flat = not packed and gate.is_contiguous() and up.is_contiguous()  # dgate and dup: fresh, contiguous then
     key = (dy.dtype, gate.dtype, up.dtype, dgate.dtype, dup.dtype, activation) if aligned(dy, gate, up) else None
     _launch(gated_act_bwd_kernel, dy, (gate, up, dgate, dup), packed, flat, key, activation)
