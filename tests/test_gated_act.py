@@ -310,6 +310,9 @@ def test_more_than_2_to_the_31_elements():
         (lambda: gk.swiglu(torch.ones(4, 3), torch.ones(3, 4)), r"up must have shape \(4, 3\)"),
         (lambda: gk.swiglu(torch.ones(4, 3), torch.ones(3)), r"up must have shape \(4, 3\)"),
         (lambda: gk.geglu(torch.ones(4), torch.ones(4), approximate="erf"), "approximate must be one of"),
+        (lambda: gk.swiglu(torch.ones(3, 5)), r"gate without up must hold gate and up .* got shape \(3, 5\)"),
+        (lambda: gk.geglu(torch.tensor(1.0)), r"gate without up .* of even size, got shape \(\)"),
+        (lambda: gk.swiglu(torch.ones(4, dtype=torch.int32)), "gate must be"),
     ],
 )
 def test_bad_input(call, match):
