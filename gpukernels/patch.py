@@ -35,7 +35,7 @@ forward. Recognised:
   module's.
 - transformers, when already imported: the RMSNorms of Llama, Mistral,
   Mixtral, Qwen2/Qwen3 (their MoE and VL models too), Gemma 1-3, Phi-3,
-  Granite, SmolLM3, OLMo 2, GLM-4 (and -MoE), DeepSeek-V3 and gpt-oss
+  Granite, SmolLM3, OLMo 2, GLM, GLM-4 (and -MoE), DeepSeek-V3 and gpt-oss
   (``rms_norm`` in their variant), their gated
   MLPs ``down(act(gate(x)) * up(x))`` (``swiglu`` / ``geglu`` between the
   projections, which run as they are; not the MoE experts' batched
@@ -497,6 +497,7 @@ _RMS_NORMS = {
         ("phi3", "Phi3RMSNorm"),
         ("granite", "GraniteRMSNorm"),
         ("smollm3", "SmolLM3RMSNorm"),
+        ("glm", "GlmRMSNorm"),
         ("glm4", "Glm4RMSNorm"),
         ("glm4_moe", "Glm4MoeRMSNorm"),
         ("deepseek_v3", "DeepseekV3RMSNorm"),
@@ -528,7 +529,7 @@ _GATED_MLPS = (
     ("deepseek_v3", "DeepseekV3MLP"),
 )
 # gate and up from one projection: down_proj(up * activation_fn(gate))
-_GATE_UP_MLPS = (("phi3", "Phi3MLP"), ("glm4", "Glm4MLP"))
+_GATE_UP_MLPS = (("phi3", "Phi3MLP"), ("glm", "GlmMLP"), ("glm4", "Glm4MLP"))
 
 
 def _transformers_class(model: str, name: str) -> type | None:
@@ -565,6 +566,7 @@ _NORMS_BEFORE_MATMULS = {
     ("gemma3", "Gemma3DecoderLayer"): _pre_norms("Gemma3", "pre_feedforward_layernorm"),
     ("phi3", "Phi3DecoderLayer"): _pre_norms("Phi3"),
     ("smollm3", "SmolLM3DecoderLayer"): _pre_norms("SmolLM3"),
+    ("glm", "GlmDecoderLayer"): _pre_norms("Glm"),
     ("glm4", "Glm4DecoderLayer"): _pre_norms("Glm4"),
     ("gpt2", "GPT2Block"): {"ln_1": (("attn", "GPT2Attention"),), "ln_2": (("mlp", "GPT2MLP"),)},
     ("gpt_neox", "GPTNeoXLayer"): _pre_norms("GPTNeoX", attention="attention"),
@@ -817,6 +819,7 @@ _ADD_NORM_BLOCKS = {
             ("qwen3_moe", "Qwen3MoeDecoderLayer"),
             ("gemma", "GemmaDecoderLayer"),
             ("smollm3", "SmolLM3DecoderLayer"),
+            ("glm", "GlmDecoderLayer"),
             ("glm4_moe", "Glm4MoeDecoderLayer"),
             ("deepseek_v3", "DeepseekV3DecoderLayer"),
         )
@@ -1420,6 +1423,7 @@ _CAUSAL_LMS = (
     ("phi3", "Phi3ForCausalLM"),
     ("smollm3", "SmolLM3ForCausalLM"),
     ("olmo2", "Olmo2ForCausalLM"),
+    ("glm", "GlmForCausalLM"),
     ("glm4", "Glm4ForCausalLM"),
     ("gpt_neox", "GPTNeoXForCausalLM"),
     ("phi", "PhiForCausalLM"),
@@ -1755,13 +1759,13 @@ def patch(
     in eval mode or under no_grad, gets them and the loss computed from them).
 
     ``autocast_norms`` (transformers blocks listed in ``_NORMS_BEFORE_MATMULS``: Llama,
-    Mistral, Qwen2/3, Gemma 1-3, Phi-3, SmolLM3, GLM-4, GPT-2, GPT-NeoX, Phi, StableLM): the norms whose output
+    Mistral, Qwen2/3, Gemma 1-3, Phi-3, SmolLM3, GLM, GLM-4, GPT-2, GPT-NeoX, Phi, StableLM): the norms whose output
     goes only to the projections of the block's attention or MLP return, under autocast,
     the autocast dtype the projections would cast it to (the same values: no fp32
     result, no cast passes), and take their gradient in it (the projections' gradients
     summed in it, not in fp32). False: they return fp32, as the models' code does.
 
-    ``residual_norms`` (transformers blocks listed in ``_ADD_NORM_BLOCKS``: Llama's form, 13
+    ``residual_norms`` (transformers blocks listed in ``_ADD_NORM_BLOCKS``: Llama's form, 14
     families; GPT-2's): the attention's output added to the residual stream and the sum
     normalised for the MLP in one op (``add_rms_norm`` / ``add_layer_norm``), where the
     block's forward is the one read. False leaves those blocks' forward as written."""

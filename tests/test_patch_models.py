@@ -216,6 +216,7 @@ MODELS = {
     "granite": (_decoder("GraniteForCausalLM", "GraniteConfig", logits_scaling=4.0), "GatedMLP"),
     "smollm3": (_decoder("SmolLM3ForCausalLM", "SmolLM3Config"), "GatedMLP"),
     "olmo2": (_decoder("Olmo2ForCausalLM", "Olmo2Config"), "GatedMLP"),
+    "glm": (_decoder("GlmForCausalLM", "GlmConfig", head_dim=8), "GatedMLP"),
     "glm4": (_decoder("Glm4ForCausalLM", "Glm4Config", head_dim=8), "GatedMLP"),
     "stablelm": (_decoder("StableLmForCausalLM", "StableLmConfig"), "GatedMLP"),
     # partial rotary embeddings (theirs kept), LayerNorms, GELU MLPs
@@ -278,9 +279,22 @@ MODELS = {
     "llama-relu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="relu"), "LinearAct"),
 }
 CAUSAL = [name for name in MODELS if name != "vit"]
-# GLM-4 rotates interleaved pairs and only part of each head, as GPT-NeoX, Phi and StableLM do: theirs kept
+# GLM and GLM-4 rotate interleaved pairs and only part of each head, as GPT-NeoX, Phi and StableLM do: theirs kept
 # their attention's rotary embedding is not ours (interleaved, partial, multimodal, MLA's) or absent
-NO_ROPE = ("gpt2", "bert", "vit", "opt", "glm4", "gpt_neox", "phi", "stablelm", "deepseek_v3", "glm4_moe", "gpt_oss")
+NO_ROPE = (
+    "gpt2",
+    "bert",
+    "vit",
+    "opt",
+    "glm",
+    "glm4",
+    "gpt_neox",
+    "phi",
+    "stablelm",
+    "deepseek_v3",
+    "glm4_moe",
+    "gpt_oss",
+)
 ROPE = [name for name in MODELS if name not in NO_ROPE + ("qwen2_vl", "qwen2_5_vl")]
 
 
@@ -483,7 +497,7 @@ def test_adamw_steps_track_the_unpatched_model(name):
 # read their output), by the last part of their names; none in the models not listed.
 PRE_NORMS = ("input_layernorm", "post_attention_layernorm")
 NORMS_FEEDING_MATMULS = {
-    **{name: PRE_NORMS for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "smollm3", "glm4")},
+    **{name: PRE_NORMS for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "smollm3", "glm", "glm4")},
     **{name: PRE_NORMS for name in ("llama-gelu", "llama-relu")},
     "gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
     **{name: ("input_layernorm", "pre_feedforward_layernorm") for name in ("gemma3", "gemma3_vl")},
@@ -545,6 +559,7 @@ ADD_NORM_MODELS = {
         ("qwen3_moe", "Qwen3MoeDecoderLayer"),
         ("gemma", "GemmaDecoderLayer"),
         ("smollm3", "SmolLM3DecoderLayer"),
+        ("glm", "GlmDecoderLayer"),
         ("deepseek_v3", "DeepseekV3DecoderLayer"),
         ("glm4_moe", "Glm4MoeDecoderLayer"),
         ("qwen2_vl", "Qwen2VLDecoderLayer"),
