@@ -51,7 +51,8 @@ forward. Recognised:
   residual stream and normalise the sum for the MLP in one op
   (``add_rms_norm`` / ``add_layer_norm``); the block's children are converted
   as any module's.
-- timm, when already imported: its LayerNorm and LayerNorm2d; its gated MLPs,
+- timm, when already imported: its LayerNorm, LayerNorm2d and RmsNorm (AIMv2's; Llama's
+  rounding, ``_timm_rms_norm_forward``); its gated MLPs,
   GluMlp (SwiGLUPacked's) and SwiGLU (EVA-02, DINOv2-style ViTs), gating
   in one op (``swiglu`` / ``geglu``: packed where the gate is the first half),
   their projections, dropouts and norm converted as any module's; its
@@ -440,6 +441,15 @@ def _gated_activation(attribute: str) -> Callable[[torch.nn.Module], dict[str, A
 def _timm_layer_norm_forward(self, x: Tensor) -> Tensor:
     """timm's LayerNorm: F.layer_norm over the trailing dims."""
     return layer_norm(x, self.normalized_shape, *gnn.module_state(self, self._parameters, "weight", "bias"), self.eps)
+
+
+def _timm_rms_norm_forward(self, x: Tensor) -> Tensor:
+    """timm's RmsNorm: rows of x times their rstd, rounded to x's dtype, then times the weight
+    (as Llama's RMSNorm; timm's own rounds each step in x's dtype outside autocast). Under CUDA
+    autocast both compute in fp32 and return fp32 (timm's steps are fp32 ops there; on CPU,
+    whose autocast leaves them, timm's returns x's dtype)."""
+    (weight,) = gnn.module_state(self, self._parameters, "weight")
+    return rms_norm(x, self.normalized_shape, weight, self.eps, cast_before_weight=True)
 
 
 def _layer_norm_2d_forward(self, x: Tensor) -> Tensor:
@@ -1146,9 +1156,10 @@ def _third_party_rules() -> dict[type, _Rule]:
         (_transformers_class(model, name), _gate_up_mlp_forward, "GatedMLP", _gated_activation("activation_fn"))
         for model, name in _GATE_UP_MLPS
     ]
-    timm_norm, timm_norm_2d = _loaded("timm.layers.norm", "LayerNorm", "LayerNorm2d")
+    timm_norm, timm_norm_2d, timm_rms_norm = _loaded("timm.layers.norm", "LayerNorm", "LayerNorm2d", "RmsNorm")
     found.append((timm_norm, _timm_layer_norm_forward, "LayerNorm", _unless_fast_norm))
     found.append((timm_norm_2d, _layer_norm_2d_forward, "LayerNorm2d", _unless_fast_norm))
+    found.append((timm_rms_norm, _timm_rms_norm_forward, "RMSNorm", _unless_fast_norm))
     (torchvision_norm_2d,) = _loaded("torchvision.models.convnext", "LayerNorm2d")  # ConvNeXt's
     found.append((torchvision_norm_2d, _layer_norm_2d_forward, "LayerNorm2d", _nothing_to_set))
     rules = {

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import gpukernels as gk
+from helpers import assert_matches
 
 timm = pytest.importorskip("timm")
 
@@ -186,6 +187,61 @@ def test_eva02_gates_every_block_in_one_op_and_matches_in_float64():
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False, num_classes=10, img_size=28).double()
         _assert_patched_matches_in_float64(model, 28, False, counts)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_rms_norm_swapped_as_close_to_fp64_as_timms(affine):
+    """timm's RmsNorm: ours computes in fp32 and rounds once where timm's rounds each step in the
+    input's dtype; in fp64 the same, in fp32 and bf16 within the tests' tolerance of timm's (or as
+    close to the fp64 result)."""
+    from timm.layers.norm import RmsNorm
+
+    torch.manual_seed(0)
+    norm = RmsNorm(64, eps=1e-5, affine=affine)
+    if affine:
+        nn.init.normal_(norm.weight)
+    ours = copy.deepcopy(norm)
+    assert gk.patch(ours).counts == {"RMSNorm": 1}
+    x = 3 * torch.randn(4, 5, 64, dtype=torch.float64)
+    reference = norm.double()(x)
+    torch.testing.assert_close(ours.double()(x), reference, rtol=1e-14, atol=1e-14)
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.no_grad():
+            assert_matches(ours.to(dtype)(x.to(dtype)), norm.to(dtype)(x.to(dtype)), reference.detach())
+
+
+def test_rms_norm_with_fast_norm_is_left():
+    from timm.layers import fast_norm
+    from timm.layers.norm import RmsNorm
+
+    enabled = fast_norm.is_fast_norm()
+    fast_norm.set_fast_norm(True)
+    try:
+        norm = RmsNorm(8)
+    finally:
+        fast_norm.set_fast_norm(enabled)
+    report = gk.patch(norm)
+    assert not report.swapped and report.left[0][2].startswith("timm's fast norm is on")
+
+
+def test_aimv2_layout_patches_every_norm_and_mlp_and_matches_in_float64():
+    """AIMv2's ViT (RmsNorm, SwiGLU with SiLU), two blocks: every RmsNorm and gated MLP swapped."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "aimv2_large_patch14_224", pretrained=False, img_size=28, depth=2, embed_dim=32, num_heads=2, num_classes=5
+    ).double()
+    for parameter in model.parameters():  # SwiGLU's init makes the gate's weights near 0
+        nn.init.normal_(parameter, std=0.3)
+    patched = copy.deepcopy(model)
+    counts = gk.patch(patched).counts
+    assert counts["RMSNorm"] == 6 and counts["GatedMLP"] == 2
+    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    results = []
+    for net in (model, patched):
+        y = net(x)
+        results.append((y, *torch.autograd.grad(y.square().sum(), list(net.parameters()))))
+    for ours, theirs in zip(*results):
+        _assert_matches_at_scale(ours, theirs)
 
 
 def test_torchvision_convnext_swaps_every_norm_and_matches_in_float64():
