@@ -618,7 +618,7 @@ def _mark_norms_feeding_matmuls(model: torch.nn.Module, swapped: set[str], uses:
     for block_name, block in model.named_modules():
         norms = blocks.get(_original_class(block))
         for norm_name, children in (norms or {}).items():
-            name = f"{block_name}.{norm_name}" if block_name else norm_name
+            name = _child_name(block_name, norm_name)
             norm = getattr(block, norm_name, None)
             readers = [(getattr(block, child, None), cls) for child, cls in children]
             if (

@@ -32,10 +32,10 @@ def case(total: int, device: torch.device, dtype: torch.dtype) -> Case:
     steps["gpukernels-unfused"] = _clipped(
         lambda: gk.optim.clip_grad_norm_(unfused_params, MAX_NORM), gk.optim.AdamW(unfused_params, lr=1e-3)
     )
-    params = adamw.parameters(total, device)
+    torch_params = adamw.parameters(total, device)
     fused = device.type == "cuda"
     steps["torch-fused" if fused else "torch-foreach"] = _clipped(
-        lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True),
-        torch.optim.AdamW(params, lr=1e-3, **({"fused": True} if fused else {"foreach": True})),
+        lambda: torch.nn.utils.clip_grad_norm_(torch_params, MAX_NORM, foreach=True),
+        torch.optim.AdamW(torch_params, lr=1e-3, **({"fused": True} if fused else {"foreach": True})),
     )
     return Case(f"{total / 1e6:g}M params", total, steps, bytes={"step": 8 * 4 * total}, modes=("step",))

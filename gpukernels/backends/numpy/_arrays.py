@@ -49,6 +49,8 @@ def write(out: torch.Tensor, a: np.ndarray) -> None:
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor read as a ``(rows, t.shape[-1])`` matrix, as row ops' kernels
-    read theirs: a view, so that writing it writes ``t``."""
-    return t.view(-1, t.shape[-1])
+    """A tensor whose rows have one stride (contiguous, or rows apart: ``row_stride``) read
+    as a ``(rows, t.shape[-1])`` matrix, as row ops' kernels read theirs: a view, so that
+    writing it writes ``t``. A 0-d tensor is one row of one element."""
+    d = t.shape[-1] if t.dim() else 1
+    return t.view(t.numel() // d if d else 0, d)

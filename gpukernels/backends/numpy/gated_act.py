@@ -11,30 +11,24 @@ from __future__ import annotations
 
 import torch
 
-from ._arrays import as_array, write
+from ._arrays import as_array, as_rows, write
 from .linear_act import _ACTIVATIONS
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a ``(rows, D)`` view, so that writing it writes ``t``."""
-    d = t.shape[-1] if t.dim() else 1
-    return t.view(t.numel() // d if d else 0, d)
-
-
 def _halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = _rows(t)
+    rows = as_rows(t)
     d = rows.shape[1] // 2
     return rows[:, :d], rows[:, d:]
 
 
 def _gate_and_up(gate: torch.Tensor, up: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _halves(gate) if up is None else (_rows(gate), _rows(up))
+    return _halves(gate) if up is None else (as_rows(gate), as_rows(up))
 
 
 def gated_act_fwd(gate, up, activation, y_out):
     act, _ = _ACTIVATIONS[activation]
     gate, up = _gate_and_up(gate, up)
-    write(_rows(y_out), act(as_array(gate)) * as_array(up))
+    write(as_rows(y_out), act(as_array(gate)) * as_array(up))
 
 
 def gated_act_bwd(dy, gate, up, activation, dgate_out, dup_out):
@@ -42,6 +36,6 @@ def gated_act_bwd(dy, gate, up, activation, dgate_out, dup_out):
     if up is None:
         dgate_out, dup_out = _halves(dgate_out)
     gate, up = _gate_and_up(gate, up)
-    g, u, d = as_array(gate), as_array(up), as_array(_rows(dy), gate.dtype)
-    write(_rows(dgate_out), d * u * act_grad(g))
-    write(_rows(dup_out), d * act(g))
+    g, u, d = as_array(gate), as_array(up), as_array(as_rows(dy), gate.dtype)
+    write(as_rows(dgate_out), d * u * act_grad(g))
+    write(as_rows(dup_out), d * act(g))
