@@ -36,12 +36,13 @@ def philox_mask(seed: int, n: int, p: float) -> torch.Tensor:
 
 def expected(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The contract: kept elements times 1/(1-p), both in the compute dtype
-    (float64 for float64, float32 otherwise), rounded to x's dtype; others 0."""
+    (float64 for float64, float32 otherwise), rounded to x's dtype; dropped ones
+    times 0 (PyTorch's x * mask * scale: a dropped inf or nan gives nan)."""
     x = x.cpu()
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     scale = torch.tensor(1.0, dtype=compute) / (1 - torch.tensor(p, dtype=compute))
-    kept = (x.to(compute) * scale).to(x.dtype)
-    return torch.where(philox_mask(seed, x.numel(), p).view(x.shape), kept, torch.zeros_like(x))
+    kept = philox_mask(seed, x.numel(), p).view(x.shape)
+    return (x.to(compute) * torch.where(kept, scale, 0.0)).to(x.dtype)
 
 
 # Random123's kat_vectors for philox4x32 with 10 rounds: counter (c0..c3), key (k0, k1), output.
@@ -215,12 +216,32 @@ def test_p_zero_and_eval_return_the_input():
     assert dropout(x, 0.7, training=False) is x
 
 
-def test_p_one_gives_zeros_and_zero_gradient(device):
+def test_p_one_multiplies_by_zero_as_pytorch(device):
     x = torch.tensor([1.0, -2.0, float("inf"), float("nan")], device=device, requires_grad=True)
     y = dropout(x, 1.0, seed=3)
-    assert torch.equal(y, torch.zeros(4, device=device))
+    want = torch.nn.functional.dropout(x.detach().cpu(), 1.0)  # 0, -0, nan, nan
+    torch.testing.assert_close(y.detach().cpu(), want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(y.detach().cpu().signbit(), want.signbit())
     y.sum().backward()
     assert torch.equal(x.grad, torch.zeros(4, device=device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropped_inf_and_nan_give_nan_forward_and_backward_as_pytorch(device, dtype):
+    """PyTorch multiplies by the mask, so a dropped inf or nan (an overflowing step) stays nan
+    for nan checks and loss scaling to see, in the output and in the gradient."""
+    p, seed, n = 0.5, 9, 64
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), -3.0])
+    x = special.repeat(n // 4).to(dtype)
+    kept = philox_mask(seed, n, p)
+    assert kept.any() and not kept.all()
+    xd = x.to(device).requires_grad_()
+    y = dropout(xd, p, seed=seed)
+    torch.testing.assert_close(y.detach().cpu(), expected(x, p, seed), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(y.detach().cpu().isnan(), x.isnan() | (x.isinf() & ~kept))
+    y.backward(x.to(device))  # the same inf and nan as gradients
+    assert torch.equal(xd.grad.cpu().isnan(), x.isnan() | (x.isinf() & ~kept))
+    torch.testing.assert_close(xd.grad.cpu(), expected(x, p, seed), rtol=0, atol=0, equal_nan=True)
 
 
 def test_empty_input(device):

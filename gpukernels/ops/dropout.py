@@ -5,7 +5,9 @@ Inverted dropout on the flattened contiguous tensor, the mask drawn by
 Philox4x32-10: element ``i`` takes the 16-bit half ``i % 2`` (low first) of
 output word ``(i % 8) // 2`` of the call keyed by ``seed`` at counter ``i // 8``
 (one call serves eight elements; see backends/_dropout.py and
-backends/numpy/philox.py). Kept elements are scaled by ``1/(1-p)``. No mask is
+backends/numpy/philox.py). Kept elements are scaled by ``1/(1-p)``, dropped
+ones multiplied by 0, as PyTorch's ``x * mask * scale``: a dropped inf or nan
+gives nan (an overflow stays visible to nan checks and loss scaling). No mask is
 stored: the backward is the same op applied to ``dy`` with the same ``p`` and
 ``seed``, which regenerates the mask.
 

@@ -45,8 +45,9 @@ __device__ __forceinline__ void dropout(const T* __restrict__ x, T* __restrict__
       const i64 i = 8 * g + k;
       if (i >= n) break;
       const int half = (int)((bits.word[k / 2] >> (16 * (k % 2))) & 0xFFFFu);
-      // a select, not a multiply by the mask: a dropped inf or nan gives 0
-      store(y, i, half > threshold ? to_acc(x[i]) * scale : acc_t<T>(0));
+      // times a zero scale, not a select of 0: a dropped inf or nan gives nan, as PyTorch's
+      // x * mask * scale does (a diverging step stays visible to nan checks and loss scaling)
+      store(y, i, to_acc(x[i]) * (half > threshold ? scale : acc_t<T>(0)));
     }
   }
 }

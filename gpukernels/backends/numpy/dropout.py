@@ -16,7 +16,8 @@ from .philox import element_halves
 def dropout_fwd(x: torch.Tensor, p: float, seed: torch.Tensor, y_out: torch.Tensor) -> None:
     a = as_array(x).reshape(-1)
     keep = element_halves(int(seed.item()), a.size).astype(np.int32) > keep_threshold(p)
-    y = np.zeros_like(a)
-    # only kept elements are multiplied: a dropped inf or nan gives 0, as in a Triton tl.where
-    np.multiply(a, keep_scale(p, x.dtype), out=y, where=keep)
+    scale = keep_scale(p, x.dtype)
+    # every element is multiplied, the dropped by 0: a dropped inf or nan gives nan, as in PyTorch
+    with np.errstate(invalid="ignore"):
+        y = a * np.where(keep, scale, type(scale)(0))
     write(y_out.view(-1), y)

@@ -47,8 +47,9 @@ def dropout_kernel(
     keep = half.to(tl.int32) > threshold
     if SCALE_IN_MEMORY:
         scale = tl.load(scale)
-    # tl.where, not a multiply by the mask: a dropped inf or nan gives 0.
-    tl.store(Y + offsets, round_to(tl.where(keep, x * scale, 0.0), Y.dtype.element_ty), mask=mask)
+    # times a zero scale, not a select of 0: a dropped inf or nan gives nan, as PyTorch's x * mask * scale
+    # does (a diverging step stays visible to nan checks and loss scaling)
+    tl.store(Y + offsets, round_to(x * tl.where(keep, scale, 0.0), Y.dtype.element_ty), mask=mask)
 
 
 @functools.lru_cache(maxsize=256)
