@@ -155,5 +155,7 @@ def kernel_for(backend: str, op: str, kernel: str, device: torch.device) -> Call
         module = _module(backend, op, device)
         if not hasattr(module, kernel):
             raise BackendError(f"cannot run op {op!r} on backend {backend!r}: it has no kernel {kernel!r}")
-        found = _kernels[key] = getattr(module, kernel)
+        found = getattr(module, kernel)
+        wrapped = getattr(_backend_package(backend), "wrapped", None)  # a backend's own calling convention
+        found = _kernels[key] = found if wrapped is None else wrapped(found)
     return found

@@ -63,8 +63,8 @@ def row_statistics(
     shifted -= row_max[:, None]
     shifted_target = shifted[np.arange(rows), safe_t]
     # skipped at e == 0 so that -inf logits away from the target stay finite, as in PyTorch
-    with np.errstate(over="ignore"):  # a -inf logit under smoothing: an inf loss, as PyTorch's, not a warning
-        shifted_smoothing = shifted @ w if e > 0 else 0
+    # a -inf logit under smoothing: an inf loss, as PyTorch's
+    shifted_smoothing = shifted @ w if e > 0 else 0
     log_sum = np.log(np.exp(shifted, out=shifted).sum(axis=1))
     loss = (1 - e) * np.where(kept, w[safe_t], 0) * (log_sum - shifted_target)
     if e > 0:
@@ -145,11 +145,10 @@ def reduced(loss: np.ndarray, reduction: str, denominator) -> np.ndarray:
     PyTorch), or as they are (``none``)."""
     if reduction == "none":
         return loss
-    with np.errstate(invalid="ignore", divide="ignore"):  # inf - inf in a sum: nan, as PyTorch's
-        total = loss.sum()
-        if reduction == "sum":
-            return total
-        return total / denominator if denominator != 0 else total * np.nan  # nan, not inf, from a sum that is not 0
+    total = loss.sum()  # inf - inf in a sum: nan, as PyTorch's
+    if reduction == "sum":
+        return total
+    return total / denominator if denominator != 0 else total * np.nan  # nan, not inf, from a sum that is not 0
 
 
 def write_loss(out, loss: np.ndarray) -> None:
@@ -217,8 +216,7 @@ def cross_entropy_probs_fwd(logits, target, weight, label_smoothing, reduction, 
     q = _target_weights(as_array(target, logits.dtype), _class_weights(logits, weight), label_smoothing)
     row_max = x.max(axis=1)
     shifted = x - row_max[:, None]
-    with np.errstate(invalid="ignore"):
-        weighted = (q * shifted).sum(axis=1)
+    weighted = (q * shifted).sum(axis=1)
     log_sum = np.log(np.exp(shifted).sum(axis=1))
     mass = q.sum(axis=1)
     write_loss(loss_out, reduced(mass * log_sum - weighted, reduction, x.shape[0]))
