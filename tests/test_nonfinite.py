@@ -2,7 +2,8 @@
 ``device`` selects): the elements PyTorch makes inf or nan are ours too, forward and backward,
 the others are finite, and no floating-point warning is raised on the way (a diverging step
 must not raise in a user's tests run with warnings as errors; the Triton interpreter's NumPy
-warns as it runs a GPU's arithmetic, so there only the values are checked)."""
+warns as it runs a GPU's arithmetic, so there only the values are checked); AdamW's step with
+an inf or nan gradient."""
 
 from __future__ import annotations
 
@@ -16,6 +17,21 @@ import gpukernels as gk
 
 D = 8
 TARGET = torch.tensor([1, 2, 3])
+
+
+_ANGLES = torch.randn(1, 3, D, generator=torch.Generator().manual_seed(0))
+_COS_SIN = (_ANGLES.cos(), _ANGLES.sin())
+
+
+def _rope(x, cos, sin):
+    """transformers' rotary embedding, written out."""
+    half = x.shape[-1] // 2
+    return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None]
+
+
+def _sum_of(q_and_k):
+    """q's and k's rotations in one output: q (1, 2, 3, D) and k (1, 1, 3, D) broadcast."""
+    return q_and_k[0] + q_and_k[1]
 
 
 # name, family, ours, PyTorch's, x's shape, the shapes of the further inputs (normal samples)
@@ -42,6 +58,8 @@ CASES = [
     ],
     ("swiglu", "gated_act", gk.swiglu, lambda g, u: F.silu(g) * u, (3, D), [(3, D)]),
     ("geglu", "gated_act", gk.geglu, lambda g, u: F.gelu(g) * u, (3, D), [(3, D)]),
+    ("rope", "rope", lambda q, k: _sum_of(gk.apply_rotary_pos_emb(q, k, *(t.to(q.device) for t in _COS_SIN))),
+     lambda q, k: _rope(q, *_COS_SIN) + _rope(k, *_COS_SIN), (1, 2, 3, D), [(1, 1, 3, D)]),
     ("batch_norm", "batch_norm", lambda x, w, b: gk.batch_norm(x, None, None, w, b, training=True),
      lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (4, 3, 2, 2), [(3,), (3,)]),
     ("dropout", "dropout", lambda x: gk.dropout(x, 0.5, seed=5),
@@ -81,3 +99,28 @@ def test_inf_and_nan_reach_the_elements_pytorchs_reach_without_warnings(
     # (a -inf logit other than the target's leaves the loss finite: ours must too)
     for i, (a, b) in enumerate(zip(got, want)):
         assert torch.equal(a.isfinite(), b.isfinite()), f"{'output' if i == 0 else f'gradient {i - 1}'}"
+
+
+@pytest.mark.family("adamw")
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_adamw_with_an_inf_or_nan_gradient_steps_as_pytorchs_without_warnings(device, value, max_grad_norm):
+    """One inf or nan gradient element: the params PyTorch's AdamW (after clip_grad_norm_ where
+    clipping) makes nan are nan in ours, the others are equal."""
+    torch.manual_seed(0)
+    params = [torch.randn(5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    grads = [torch.randn_like(p) for p in params]
+    grads[0][1] = value
+    ours = [torch.nn.Parameter(p.to(device)) for p in params]
+    theirs = [torch.nn.Parameter(p.clone()) for p in params]
+    for p, q, g in zip(ours, theirs, grads):
+        p.grad, q.grad = g.to(device), g.clone()
+    with warnings.catch_warnings():
+        if gk.backend_name(device) != "triton":
+            warnings.simplefilter("error")
+        gk.optim.AdamW(ours, lr=0.1, max_grad_norm=max_grad_norm).step()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(theirs, max_grad_norm)
+    torch.optim.AdamW(theirs, lr=0.1).step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), equal_nan=True)
