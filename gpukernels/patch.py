@@ -42,15 +42,22 @@ forward. Recognised:
   products), the rotary embedding their attention applies to queries and
   keys (``apply_rotary_pos_emb``, the attention's own forward otherwise),
   and the loss of causal LMs (listed in ``_CAUSAL_LMS``; under
-  ``loss="fused"`` the loss soft-caps the logits for Gemma 2 and 3). In their
+  ``loss="fused"`` the loss soft-caps the logits for Gemma 2 and 3); and
+  every other transformers class of the model whose code is one of those
+  classes' (``_same_code``: transformers copies a module into the next
+  model's file; its forward, the methods of its own that the forward calls
+  and the wrappers around it compile to the same code reading the same
+  globals), as that class is (OLMo 3, Ministral, Seed-OSS, ERNIE 4.5,
+  Hunyuan, Exaone 4, Qwen3.5, ... and copies to come). In their
   blocks (and GPT-2's, GPT-NeoX's, Phi's, StableLM's) the norms whose output goes only to the attention's or
   the MLP's projections return the autocast dtype under autocast
-  (``autocast_norms``; ``_NORMS_BEFORE_MATMULS``). Pre-norm blocks (Llama's
-  and the models built like it, GPT-2's; ``_ADD_NORM_BLOCKS``) whose forward is
-  the one read (checked on its source) add the attention's output to the
-  residual stream and normalise the sum for the MLP in one op
-  (``add_rms_norm`` / ``add_layer_norm``); the block's children are converted
-  as any module's.
+  (``autocast_norms``; ``_NORMS_BEFORE_MATMULS``, and the Llama-form blocks
+  whose attention or MLP runs the code of one there). Pre-norm blocks whose
+  forward is Llama's (``_LLAMA_FORM``, checked on the source of every
+  transformers class of the model that calls those children) or GPT-2's
+  add the attention's output to the residual stream and normalise the sum for
+  the MLP in one op (``add_rms_norm`` / ``add_layer_norm``) where that norm is
+  converted to ours; the block's children are converted as any module's.
 - timm, when already imported: its LayerNorm, LayerNorm2d and RmsNorm (AIMv2's; Llama's
   rounding, ``_timm_rms_norm_forward``); its gated MLPs,
   GluMlp (SwiGLUPacked's) and SwiGLU (EVA-02, DINOv2-style ViTs), gating
@@ -62,7 +69,9 @@ forward. Recognised:
   running them after it.
 
 None of transformers, timm and torchvision is imported here: their classes
-are looked up in ``sys.modules`` only. ``unpatch`` reverses every change.
+are looked up in ``sys.modules`` only (but for a model holding transformers
+classes: then the modeling modules of the families read are imported, the
+classes its own are matched against). ``unpatch`` reverses every change.
 """
 
 from __future__ import annotations
@@ -72,6 +81,7 @@ import contextlib
 import dataclasses
 import dis
 import functools
+import importlib
 import inspect
 import pickle
 import sys
@@ -79,7 +89,7 @@ import textwrap
 import types
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 import torch.fx
@@ -119,7 +129,9 @@ class _Rule:
     ``bypassed``: children whose work the replacement does itself (``prepare`` checks
     it is the same), left in place and not reported; ``in_op``: those of them that its op
     computes from another child's output (timm's gated MLPs' activation, called nowhere
-    else), which no map before them may fuse."""
+    else), which no map before them may fuse. ``residual_norm`` (a block's): the child norm
+    its replacement hands the residual; the block is left where that norm is not converted
+    to one of ours, which take it (``_takes_residual``)."""
 
     replacement: type
     kind: str
@@ -127,6 +139,7 @@ class _Rule:
     opaque: bool = True
     bypassed: tuple[str, ...] = ()
     in_op: tuple[str, ...] = ()
+    residual_norm: str = ""
 
 
 _TORCH_RULES = {
@@ -191,9 +204,9 @@ def _rebuilt(cls: type, forward_name: str) -> torch.nn.Module:
     imported (the original's among them) makes it."""
     replacement = _made_replacement(cls, forward_name)
     if replacement is None:
-        _third_party_rules()
+        _third_party_rules({cls})
         _residual_block_rules()
-        _add_norm_block_rules()
+        _add_norm_block_rules({cls})
         _batch_norm_act_rules(True)
         _fusable_maps()
         replacement = _made_replacement(cls, forward_name)
@@ -350,6 +363,125 @@ def _not_fused_with(map_name: str, why: str, swapped: bool) -> str:
     if swapped:
         return f"not fused into {map_name}, which was swapped without it: {why}"
     return f"its input's map {map_name} was left (see it)"
+
+
+# ---- classes whose code is a read class's ----------------------------------------------------------------------
+# transformers copies a model's modules into the next model's file ("Copied from", its modular files): the class
+# has another name and module, the code is the same. A class whose forward (with the methods of its own it calls,
+# and the wrappers around it) compiles to the same code as a class read here, reading the same globals, computes
+# what that class computes, so it gets that class's rule: no list of names to keep up, and a class whose code
+# changes in a release is left rather than converted on trust.
+
+_NOTHING = object()
+
+
+@functools.cache
+def _code_key(code: types.CodeType, docstring: bool = False) -> tuple:
+    """What ``code`` runs: bytecode, constants (``docstring``: the first, a docstring, aside),
+    names, and the same of the code nested in it; not its names, file and lines."""
+    consts = code.co_consts
+    if docstring and consts and isinstance(consts[0], str):
+        consts = (None, *consts[1:])
+    return (
+        code.co_code,
+        tuple(_code_key(c) if isinstance(c, types.CodeType) else (type(c), c) for c in consts),
+        code.co_names,
+        code.co_varnames,
+        code.co_freevars,
+        code.co_cellvars,
+        code.co_argcount,
+        code.co_posonlyargcount,
+        code.co_kwonlyargcount,
+        code.co_flags,
+    )
+
+
+def _cell(cell: types.CellType) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return _NOTHING
+
+
+def _same_function(f: Any, g: Any, same_globals: bool) -> bool:
+    """Whether functions ``f`` and ``g`` run the same code: each ``functools.wraps`` layer
+    (transformers' decorators) the same code over the same closure but for the function it
+    wraps, and the innermost the same code, defaults and (``same_globals``) globals."""
+    if f is g:
+        return True
+    if not (isinstance(f, types.FunctionType) and isinstance(g, types.FunctionType)):
+        return False
+    inner_f, inner_g = f.__dict__.get("__wrapped__"), g.__dict__.get("__wrapped__")
+    if (
+        (inner_f is None) != (inner_g is None)
+        or _code_key(f.__code__, docstring=True) != _code_key(g.__code__, docstring=True)
+        or f.__defaults__ != g.__defaults__
+        or f.__kwdefaults__ != g.__kwdefaults__
+    ):
+        return False
+    if (same_globals or inner_f is not None) and any(
+        f.__globals__.get(name, _NOTHING) is not g.__globals__.get(name, _NOTHING) for name in f.__code__.co_names
+    ):
+        return False
+    for a, b in zip(map(_cell, f.__closure__ or ()), map(_cell, g.__closure__ or ())):
+        if inner_f is not None and a is inner_f and b is inner_g:
+            continue
+        if a is not b and not (type(a) is type(b) and type(a) in (str, int, float, bool, tuple) and a == b):
+            return False
+    return inner_f is None or _same_function(inner_f, inner_g, same_globals)
+
+
+def _same_code(cls: type, read: type, method: str = "forward", same_globals: bool = True) -> bool:
+    """Whether ``cls``'s ``method`` runs the code of ``read``'s (``_same_function``), and so
+    does each method of theirs it calls on ``self`` (Gemma's RMSNorm's ``_norm``).
+    ``same_globals=False`` for a dataflow fact only: which calls an argument reaches."""
+    seen = set()
+    pending = [method]
+    while pending:
+        name = pending.pop()
+        f, g = (inspect.getattr_static(c, name, _NOTHING) for c in (cls, read))
+        if f is g:
+            continue
+        if not _same_function(f, g, same_globals):
+            return False
+        seen.add(name)
+        pending += [n for n in inspect.unwrap(f).__code__.co_names if n not in seen]
+    return True
+
+
+def _same_code_as(cls: type, read: Iterable[type], same_globals: bool = True) -> type | None:
+    """The first of the ``read`` classes whose forward ``cls``'s is (``_same_code``), or None."""
+    return next((r for r in read if r is cls or _same_code(cls, r, same_globals=same_globals)), None)
+
+
+def _transformers_classes(model: torch.nn.Module) -> set[type]:
+    """The transformers classes of ``model``'s modules, as they were before any patch; where
+    there are any, the modeling modules of the families read are imported (once), so that
+    their classes are there to be matched against."""
+    classes = {c for c in map(_original_class, model.modules()) if c.__module__.startswith("transformers.")}
+    if classes:
+        _import_read_families()
+    return classes
+
+
+@functools.cache
+def _import_read_families() -> None:
+    families = {
+        model
+        for entries in (
+            *_RMS_NORMS.values(),
+            _GATED_MLPS,
+            _GATE_UP_MLPS,
+            _ATTENTIONS.items(),
+            _ADD_NORM_BLOCKS,
+            _NORMS_BEFORE_MATMULS,
+            _CAUSAL_LMS,
+        )
+        for model, _ in entries
+    }
+    for model in sorted(families):
+        with contextlib.suppress(ImportError):  # a family this transformers release lacks
+            importlib.import_module(f"transformers.models.{model}.modeling_{model}")
 
 
 # ---- transformers and timm classes ----------------------------------------------------------------------------
@@ -601,29 +733,53 @@ def _original_class(module: torch.nn.Module) -> type:
     return _ORIGINAL.get(type(module), type(module))
 
 
-def _mark_norms_feeding_matmuls(model: torch.nn.Module, swapped: set[str], uses: Counter) -> list[str]:
-    """Set ``feeds_matmuls`` on the norms (swapped by this patch) of the blocks of
-    ``_NORMS_BEFORE_MATMULS`` whose output goes to the block's own attention or MLP classes;
-    not on a shared norm, nor where a hook on the norm or on those children would see its dtype.
-    Returns their names."""
+def _norms_feeding_matmuls(classes: Iterable[type]) -> dict[type, dict[str, list[tuple[str, tuple[type, ...]]]]]:
+    """``_NORMS_BEFORE_MATMULS`` with classes: block class -> {norm: [(a child it goes to, the
+    classes that child may have)]}; and for each of ``classes`` in Llama's form (``_block_call``)
+    not listed, its two norms, going to an attention and an MLP whose forwards are those of the
+    Llama-form blocks listed (``_same_code``, globals aside: which calls the norm's output
+    reaches is what counts) or are those classes."""
     blocks = {}
+    llama_form = {"self_attn": set(), "mlp": set()}  # the children's classes of the Llama-form blocks listed
     for (family, name), norms in _NORMS_BEFORE_MATMULS.items():
         cls = _transformers_class(family, name)
         if cls is not None:
             blocks[cls] = {
-                norm: [(child, _transformers_class(family, of)) for child, of in children]
+                norm: [(child, (_transformers_class(family, of),)) for child, of in children]
                 for norm, children in norms.items()
             }
+            if isinstance(_block_call(cls.forward, _LLAMA_FORM), _BlockCall):
+                for child, (of,) in (*blocks[cls]["input_layernorm"], *blocks[cls]["post_attention_layernorm"]):
+                    llama_form[child].add(of)
+    for cls in set(classes) - set(blocks):
+        if _calls_llama_form_children(cls) and isinstance(_block_call(cls.forward, _LLAMA_FORM), _BlockCall):
+            readers = {
+                child: tuple(c for c in classes if _same_code_as(c, read, same_globals=False))
+                for child, read in llama_form.items()
+            }
+            blocks[cls] = {
+                "input_layernorm": [("self_attn", readers["self_attn"])],
+                "post_attention_layernorm": [("mlp", readers["mlp"])],
+            }
+    return blocks
+
+
+def _mark_norms_feeding_matmuls(model: torch.nn.Module, swapped: set[str], uses: Counter) -> list[str]:
+    """Set ``feeds_matmuls`` on the norms (swapped by this patch) of the blocks of
+    ``_NORMS_BEFORE_MATMULS`` (and the Llama-form blocks like them: ``_norms_feeding_matmuls``)
+    whose output goes to the block's own attention or MLP classes; not on a shared norm, nor
+    where a hook on the norm or on those children would see its dtype. Returns their names."""
+    blocks = _norms_feeding_matmuls(_transformers_classes(model))
     marked = []
     for block_name, block in model.named_modules():
         norms = blocks.get(_original_class(block))
         for norm_name, children in (norms or {}).items():
             name = _child_name(block_name, norm_name)
             norm = getattr(block, norm_name, None)
-            readers = [(getattr(block, child, None), cls) for child, cls in children]
+            readers = [(getattr(block, child, None), classes) for child, classes in children]
             if (
                 name in swapped
-                and all(child is not None and _original_class(child) is cls for child, cls in readers)
+                and all(child is not None and _original_class(child) in classes for child, classes in readers)
                 and uses[id(norm)] == 1
                 and not (_has_hooks(norm) or any(_has_hooks(child) for child, _ in readers))
             ):
@@ -634,11 +790,12 @@ def _mark_norms_feeding_matmuls(model: torch.nn.Module, swapped: set[str], uses:
 
 # ---- a block's residual addition with the norm after it (transformers) ---------------------------------------
 
-# Pre-norm blocks' forwards as read in transformers 5.17 and 5.25, but the keywords of their calls (the
-# attention's, checked apart: each a parameter of the forward passed on by its own name, and its **kwargs). A
-# block class whose forward is this one (its AST, docstring and annotations aside) computes what the
-# replacement below computes, so the replacement may run in its place; any other forward (another release, a
-# block with dropout or scaling between) is left as it is.
+# Pre-norm blocks' forwards as read in transformers 5.17 and 5.25, but the keywords of the attention's call
+# (checked apart: each a parameter of the forward passed on by its own name, and its **kwargs). A block class
+# whose forward is this one (its AST, docstring and annotations aside) computes what the replacement below
+# computes, so the replacement may run in its place, whatever the class's name (the Llama form is checked on
+# each transformers class of a model); any other forward (another release, a block with dropout or scaling
+# between, another call's keywords) is left as it is.
 _LLAMA_LAYER_FORWARD = """
 residual = hidden_states
 hidden_states = self.input_layernorm(hidden_states)
@@ -718,40 +875,51 @@ class _BlockCall:
         return named["hidden_states"], {**{key: named[key] for key in self.attention_keywords}, **rest}, named
 
 
-def _without_keywords(tree: ast.AST) -> tuple[ast.AST, dict[str, list[ast.keyword]]]:
-    """``tree`` with every call's keywords taken out, and those of calls ``self.<name>(...)`` by name."""
-    taken = {}
+def _without_keywords(tree: ast.AST, callees: tuple[str, ...]) -> tuple[ast.AST, list[ast.keyword]]:
+    """``tree`` with the keywords of its calls ``self.<callee>(...)`` taken out, and those of
+    the first callee's (the other calls keep theirs: compared as read)."""
+    taken = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             func = node.func
-            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "self":
-                taken[func.attr] = node.keywords
-            node.keywords = []
+            if (
+                isinstance(func, ast.Attribute)
+                and isinstance(func.value, ast.Name)
+                and func.value.id == "self"
+                and func.attr in callees
+            ):
+                if func.attr == callees[0]:
+                    taken += node.keywords
+                node.keywords = []
     return tree, taken
 
 
 @functools.cache
-def _block_call(forward: Callable, form: str, attention: str) -> _BlockCall | str:
-    """A block's ``forward``'s ``_BlockCall`` when its body is ``form`` (keywords aside), each
-    keyword of its ``self.<attention>(...)`` call passing on a parameter under its own
-    name or the forward's ``**kwargs``; else why not."""
+def _block_call(forward: Callable, form: _BlockForm) -> _BlockCall | str:
+    """A block's ``forward``'s ``_BlockCall`` when its body is ``form.source`` (the keywords
+    of its attention's call and of the calls ``form.apart`` aside), each keyword of its
+    ``self.<attention>(...)`` call passing on a parameter under its own name or the
+    forward's ``**kwargs``; else why not."""
+    attention = form.attention
     try:
         function = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
         signature = inspect.signature(forward)
     except (OSError, TypeError, SyntaxError, ValueError) as e:
         return f"its forward's source cannot be read ({_first_line(e)})"
+    if not isinstance(function, ast.FunctionDef):
+        return "its forward's source is not a function's definition"
     body = function.body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]  # the docstring
-    ours, keywords = _without_keywords(ast.Module(body=body, type_ignores=[]))
-    expected, _ = _without_keywords(ast.parse(form))
+    ours, keywords = _without_keywords(ast.Module(body=body, type_ignores=[]), (attention, *form.apart))
+    expected, _ = _without_keywords(ast.parse(form.source), (attention, *form.apart))
     if ast.dump(ours) != ast.dump(expected):
         return "its forward is not the one read (transformers 5.17 and 5.25): the residual addition stays apart"
     parameters = list(signature.parameters.values())[1:]
     named = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     var_keyword = next((p.name for p in parameters if p.kind is p.VAR_KEYWORD), None)
     passed = []
-    for keyword in keywords.get(attention, []):
+    for keyword in keywords:
         value = keyword.value
         if keyword.arg is None and isinstance(value, ast.Name) and value.id == var_keyword:
             continue
@@ -772,13 +940,16 @@ def _block_call(forward: Callable, form: str, attention: str) -> _BlockCall | st
     return _BlockCall(tuple(named), defaults, tuple(passed))
 
 
+def _takes_residual(cls: type) -> bool:
+    """Whether a norm of class ``cls`` takes a residual: ``norm(x, residual)``."""
+    return cls is gnn.RMSNorm or cls is gnn.LayerNorm or cls.__dict__.get("forward") in _RMS_NORMS
+
+
 def _add_then_norm(norm: torch.nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
     """``(norm(residual + x), residual + x)``: in one op where ``norm`` is one of ours that
     takes a residual (``norm(x, residual)``) and has no hooks (which would see that call),
     else as the block wrote it."""
-    cls = type(norm)
-    takes_residual = cls is gnn.RMSNorm or cls is gnn.LayerNorm or cls.__dict__.get("forward") in _RMS_NORMS
-    if takes_residual and not _has_hooks(norm):
+    if _takes_residual(type(norm)) and not _has_hooks(norm):
         return norm(x, residual)
     summed = residual + x
     return norm(summed), summed
@@ -810,31 +981,25 @@ def _gpt2_block_forward(self, *args, **kwargs) -> Tensor:
     return hidden_states + parts["mlp"](normed)
 
 
-# (model, block class) -> (the replacement forward, its form, the attention's name, the norm it fuses with the
-# residual addition before it): the blocks of the models whose norms patch converts (``_RMS_NORMS``; GPT-2's
-# LayerNorms) whose forward has one of the forms above in transformers 5.25.
-_LLAMA_FORM = (_llama_layer_forward, _LLAMA_LAYER_FORWARD, "self_attn", "post_attention_layernorm")
+class _BlockForm(NamedTuple):
+    """A block forward's form: its ``replacement`` forward, the ``source`` read, its attention's
+    name, the norm it fuses with the residual addition before it, and ``apart``: calls whose
+    keywords are not compared (a branch the replacement hands back to the block's own forward,
+    whose keywords changed between releases)."""
+
+    replacement: Callable
+    source: str
+    attention: str
+    norm: str
+    apart: tuple[str, ...] = ()
+
+
+# Checked on every transformers class of a model: Llama's and the models built like it (Mistral, Qwen2/3 and
+# their MoE and VL models, Gemma, SmolLM3, GLM, DeepSeek-V3, ...).
+_LLAMA_FORM = _BlockForm(_llama_layer_forward, _LLAMA_LAYER_FORWARD, "self_attn", "post_attention_layernorm")
+# (model, block class) -> its form: the other blocks, checked on their own class.
 _ADD_NORM_BLOCKS = {
-    **{
-        (model, name): _LLAMA_FORM
-        for model, name in (
-            ("llama", "LlamaDecoderLayer"),
-            ("mistral", "MistralDecoderLayer"),
-            ("mixtral", "MixtralDecoderLayer"),
-            ("qwen2", "Qwen2DecoderLayer"),
-            ("qwen2_moe", "Qwen2MoeDecoderLayer"),
-            ("qwen2_vl", "Qwen2VLDecoderLayer"),
-            ("qwen2_5_vl", "Qwen2_5_VLDecoderLayer"),
-            ("qwen3", "Qwen3DecoderLayer"),
-            ("qwen3_moe", "Qwen3MoeDecoderLayer"),
-            ("gemma", "GemmaDecoderLayer"),
-            ("smollm3", "SmolLM3DecoderLayer"),
-            ("glm", "GlmDecoderLayer"),
-            ("glm4_moe", "Glm4MoeDecoderLayer"),
-            ("deepseek_v3", "DeepseekV3DecoderLayer"),
-        )
-    },
-    ("gpt2", "GPT2Block"): (_gpt2_block_forward, _GPT2_BLOCK_FORWARD, "attn", "ln_2"),
+    ("gpt2", "GPT2Block"): _BlockForm(_gpt2_block_forward, _GPT2_BLOCK_FORWARD, "attn", "ln_2", ("crossattention",))
 }
 
 
@@ -851,19 +1016,35 @@ def _add_norm_block_check(call: _BlockCall | str, norm: str) -> Callable[[torch.
     return prepare
 
 
-def _add_norm_block_rules() -> dict[type, _Rule]:
-    """Rules for the pre-norm blocks of the transformers modules already imported: the
+def _calls_llama_form_children(cls: type) -> bool:
+    """Whether ``cls``'s forward calls what a Llama-form block's does (a pre-norm block, whose
+    forward is then checked against the form: converted, or left with the reason)."""
+    forward = inspect.unwrap(cls.forward)
+    names = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
+    return isinstance(forward, types.FunctionType) and names <= set(forward.__code__.co_names)
+
+
+def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
+    """Rules for the pre-norm blocks of ``_ADD_NORM_BLOCKS`` already imported, and for those
+    of ``classes`` (a model's transformers classes) whose forward is Llama's form: the
     block's children traced and converted as any module's (its norms to ours, which take
     the residual), its forward the replacement."""
+    blocks = [
+        (cls, form)
+        for (model, name), form in _ADD_NORM_BLOCKS.items()
+        if (cls := _transformers_class(model, name)) is not None
+    ]
+    listed = {cls for cls, _ in blocks}
+    blocks += [(cls, _LLAMA_FORM) for cls in set(classes) - listed if _calls_llama_form_children(cls)]
     rules = {}
-    for (model, name), (forward, form, attention, norm) in _ADD_NORM_BLOCKS.items():
-        cls = _transformers_class(model, name)
-        if cls is not None:
-            call = _block_call(cls.forward, form, attention)
-            replacement = _replacement(cls, forward)
-            if isinstance(call, _BlockCall):
-                replacement.block_call = call  # a class attribute: the forward reads it, torch.compile too
-            rules[cls] = _Rule(replacement, "ResidualNorm", _add_norm_block_check(call, norm), opaque=False)
+    for cls, form in blocks:
+        call = _block_call(cls.forward, form)
+        replacement = _replacement(cls, form.replacement)
+        if isinstance(call, _BlockCall):
+            replacement.block_call = call  # a class attribute: the forward reads it, torch.compile too
+        rules[cls] = _Rule(
+            replacement, "ResidualNorm", _add_norm_block_check(call, form.norm), opaque=False, residual_norm=form.norm
+        )
     return rules
 
 
@@ -1141,21 +1322,34 @@ def _rope_checked(attention: torch.nn.Module) -> dict[str, Any] | str:
     return _rope_probe_error(_forward_globals(type(attention)).get(_ROPE_GLOBAL)) or {}
 
 
-def _third_party_rules() -> dict[type, _Rule]:
-    """Rules for the transformers and timm classes of the modules already imported."""
-    found = [
+def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
+    """Rules for the transformers and timm classes of the modules already imported: those
+    read, and those of ``classes`` (a model's transformers classes) whose code is a read
+    class's (``_same_code``; for an attention, whose forward is one read but for its globals:
+    its own forward runs, its rotary embedding checked on a probe)."""
+    read = [
         (_transformers_class(model, name), forward, "RMSNorm", _nothing_to_set)
         for forward, classes in _RMS_NORMS.items()
         for model, name in classes
     ]
-    found += [
+    read += [
         (_transformers_class(model, name), _gated_mlp_forward, "GatedMLP", _gated_activation("act_fn"))
         for model, name in _GATED_MLPS
     ]
-    found += [
+    read += [
         (_transformers_class(model, name), _gate_up_mlp_forward, "GatedMLP", _gated_activation("activation_fn"))
         for model, name in _GATE_UP_MLPS
     ]
+    read = [entry for entry in read if entry[0] is not None]
+    by_class = {entry[0]: entry for entry in read}
+    attentions = [a for a in (_transformers_class(model, name) for model, name in _ATTENTIONS.items()) if a]
+    found = list(read)
+    for cls in set(classes) - set(by_class):
+        same = _same_code_as(cls, by_class)
+        if same is not None:
+            found.append((cls, *by_class[same][1:]))
+        elif _same_code_as(cls, attentions, same_globals=False):
+            attentions.append(cls)
     timm_norm, timm_norm_2d, timm_rms_norm = _loaded("timm.layers.norm", "LayerNorm", "LayerNorm2d", "RmsNorm")
     found.append((timm_norm, _timm_layer_norm_forward, "LayerNorm", _unless_fast_norm))
     found.append((timm_norm_2d, _layer_norm_2d_forward, "LayerNorm2d", _unless_fast_norm))
@@ -1175,9 +1369,8 @@ def _third_party_rules() -> dict[type, _Rule]:
             rules[cls] = _Rule(
                 _replacement(cls, forward), "GatedMLP", _gated_activation("act"), opaque=False, in_op=("act",)
             )
-    for model, name in _ATTENTIONS.items():
-        attention = _transformers_class(model, name)
-        forward = None if attention is None else _rope_attention_forward(attention)
+    for attention in attentions:
+        forward = _rope_attention_forward(attention)
         if forward is not None:
             rules[attention] = _Rule(_replacement(attention, forward), "RoPE", _rope_checked, opaque=False)
     return rules
@@ -1637,7 +1830,8 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
         {cls for cls in (_transformers_class(*entry) for entry in entries) if cls is not None}
         for entries in (_CAUSAL_LMS, _SOFT_CAPPED_CAUSAL_LMS, _SCALED_CAUSAL_LMS)
     )
-    if type(model) not in causal_lms:
+    read = _same_code_as(type(model), causal_lms)  # the model's class, or a causal LM whose forward it runs
+    if read is None:
         report.left.append((name, type(model).__name__, "not one of the causal LMs whose loss patch swaps"))
         return None
     # model.loss_function, without the warning its property gives for a loss_type of None
@@ -1660,7 +1854,7 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
         why_not_fused = (
             f"loss='fused' needs the output layer to be an nn.Linear without hooks, got {type(head).__name__}"
         )
-    elif type(model) in scaled and head.bias is not None:
+    elif read in scaled and head.bias is not None:
         why_not_fused = (
             "loss='fused' would scale the output layer's bias with the hidden states, which the model does not"
         )
@@ -1677,7 +1871,7 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
         head.fused_at = gnn.Place(*_parent_and_key(model, head_name))
         head.defer_logits = False
         head.softcap = None
-        capped_config = model.config if type(model) in soft_capped else None
+        capped_config = model.config if read in soft_capped else None
         _set(undo, model, "forward", _ForwardDeferringLogits(model.forward, head, capped_config))
     _set(undo, model, "_loss_function", _CausalLMLoss(head if mode == "fused" else None))
     report.swapped.append(
@@ -1770,16 +1964,17 @@ def patch(
     in eval mode or under no_grad, gets them and the loss computed from them).
 
     ``autocast_norms`` (transformers blocks listed in ``_NORMS_BEFORE_MATMULS``: Llama,
-    Mistral, Qwen2/3, Gemma 1-3, Phi-3, SmolLM3, GLM, GLM-4, GPT-2, GPT-NeoX, Phi, StableLM): the norms whose output
+    Mistral, Qwen2/3, Gemma 1-3, Phi-3, SmolLM3, GLM, GLM-4, GPT-2, GPT-NeoX, Phi, StableLM; and
+    Llama-form blocks whose attention or MLP runs the code of one of theirs): the norms whose output
     goes only to the projections of the block's attention or MLP return, under autocast,
     the autocast dtype the projections would cast it to (the same values: no fp32
     result, no cast passes), and take their gradient in it (the projections' gradients
     summed in it, not in fp32). False: they return fp32, as the models' code does.
 
-    ``residual_norms`` (transformers blocks listed in ``_ADD_NORM_BLOCKS``: Llama's form, 14
-    families; GPT-2's): the attention's output added to the residual stream and the sum
-    normalised for the MLP in one op (``add_rms_norm`` / ``add_layer_norm``), where the
-    block's forward is the one read. False leaves those blocks' forward as written."""
+    ``residual_norms`` (transformers blocks whose forward is Llama's, ``_LLAMA_FORM``, or
+    GPT-2's): the attention's output added to the residual stream and the sum normalised for
+    the MLP in one op (``add_rms_norm`` / ``add_layer_norm``), where the block's forward is the
+    one read and its norm is converted to ours. False leaves those blocks' forward as written."""
     _check_model(model)
     check_choice("loss", loss, LOSS_MODES)
     for name, value in (
@@ -1792,17 +1987,27 @@ def patch(
     report = PatchReport()
     undo = model.__dict__.setdefault("_gpukernels_undo", [])
     uses = _module_uses(model)
-    rules = _TORCH_RULES | _third_party_rules() | _batch_norm_act_rules(fuse_linear_act)
+    classes = _transformers_classes(model)
+    rules = _TORCH_RULES | _third_party_rules(classes) | _batch_norm_act_rules(fuse_linear_act)
     if fuse_linear_act:
         rules |= _residual_block_rules()
     if residual_norms:
-        rules |= _add_norm_block_rules()
+        rules |= _add_norm_block_rules(classes)
     maps = _fusable_maps()
     head = _patch_loss(model, loss, report, undo)
     # Decided first: a module that will be swapped is opaque to tracing, one that stays is traced into.
     settings = {
         name: rules[type(module)].prepare(module) for name, module in model.named_modules() if type(module) in rules
     }
+    for name, setting in settings.items():
+        norm = rules[type(model.get_submodule(name))].residual_norm
+        if norm and not isinstance(setting, str):
+            norm_name = _child_name(name, norm)
+            norm_class = type(model.get_submodule(norm_name))
+            if isinstance(settings.get(norm_name, ""), str) or not _takes_residual(rules[norm_class].replacement):
+                settings[name] = (
+                    f"its {norm} ({norm_class.__name__}) is not converted to one of ours, which take the residual"
+                )
     swapping = {
         id(module)
         for name, s in settings.items()
