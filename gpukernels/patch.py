@@ -204,6 +204,8 @@ def _rebuilt(cls: type, forward_name: str) -> torch.nn.Module:
     imported (the original's among them) makes it."""
     replacement = _made_replacement(cls, forward_name)
     if replacement is None:
+        if cls.__module__.startswith("transformers."):
+            _import_read_families()  # the classes ``cls`` may be matched against
         _third_party_rules({cls})
         _residual_block_rules()
         _add_norm_block_rules({cls})

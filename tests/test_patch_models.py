@@ -1028,11 +1028,12 @@ def test_patching_again_with_the_other_loss_is_an_error(first, second):
     assert gk.patch(model, loss=second).counts["LinearCrossEntropyLoss" if second == "fused" else "CrossEntropyLoss"]
 
 
-@pytest.mark.parametrize("name, loss", [("llama", "fused"), ("gpt2", "logits")])
+@pytest.mark.parametrize("name, loss", [("llama", "fused"), ("gpt2", "logits"), ("hunyuan_v1_dense", "fused")])
 def test_a_patched_model_pickles_whole_and_loads_in_a_new_process(name, loss):
     """torch.save / pickle of the whole patched model (its decoder layers', RMSNorms' and
     Conv1D+GELU's replacement classes are made at run time): a new process, which has made
-    none of them, loads a model that is patched and computes the same loss."""
+    none of them, loads a model that is patched and computes the same loss (Hunyuan's
+    classes converted by their code: the classes read are imported to match them)."""
     model = _build(name)
     gk.patch(model, loss=loss)
     batch = _batch(name)
