@@ -41,8 +41,9 @@ forward. Recognised:
   projections, which run as they are; not the MoE experts' batched
   products), the rotary embedding their attention applies to queries and
   keys (``apply_rotary_pos_emb``, the attention's own forward otherwise),
-  and the loss of causal LMs (listed in ``_CAUSAL_LMS``; under
-  ``loss="fused"`` the loss soft-caps the logits for Gemma 2 and 3); and
+  and the loss of causal LMs (``loss="logits"``: any whose forward calls
+  transformers' ForCausalLMLoss; ``loss="fused"``: those listed in
+  ``_CAUSAL_LMS``, where the loss soft-caps the logits for Gemma 2 and 3); and
   every other transformers class of the model whose code is one of those
   classes' (``_same_code``: transformers copies a module into the next
   model's file; its forward, the methods of its own that the forward calls
@@ -1833,8 +1834,15 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
         for entries in (_CAUSAL_LMS, _SOFT_CAPPED_CAUSAL_LMS, _SCALED_CAUSAL_LMS)
     )
     read = _same_code_as(type(model), causal_lms)  # the model's class, or a causal LM whose forward it runs
-    if read is None:
-        report.left.append((name, type(model).__name__, "not one of the causal LMs whose loss patch swaps"))
+    # "logits" swaps a function for one computing the same from what any caller gives it: any forward
+    # calling it does; "fused" changes what the forward gives it, so only a forward read may be
+    forward = inspect.unwrap(type(model).forward)
+    calls_loss_function = isinstance(forward, types.FunctionType) and "loss_function" in forward.__code__.co_names
+    if read is None and not (mode == "logits" and calls_loss_function and model.get_output_embeddings() is not None):
+        why = "not one of the causal LMs whose loss patch swaps"
+        if mode == "fused" and calls_loss_function:
+            why += " with loss='fused' (its forward is none read; loss='logits' swaps it)"
+        report.left.append((name, type(model).__name__, why))
         return None
     # model.loss_function, without the warning its property gives for a loss_type of None
     current = (
@@ -1955,8 +1963,10 @@ def patch(
     BatchNorm with the shortcut's addition and the ReLU. False leaves every activation
     module and block as it is; the BatchNorms are then swapped unfused, the Linears left.
 
-    ``loss`` (transformers causal LMs): ``"logits"`` computes ``model(..., labels=...)``'s
-    loss with our cross_entropy on the logits, in fp32 as transformers' loss computes it
+    ``loss`` (transformers causal LMs: ``"logits"`` for every model whose forward calls
+    transformers' ``ForCausalLMLoss`` as its ``loss_function``, ``"fused"`` for those of
+    ``_CAUSAL_LMS`` and those whose forward runs their code): ``"logits"`` computes
+    ``model(..., labels=...)``'s loss with our cross_entropy on the logits, in fp32 as transformers' loss computes it
     (reading bf16 logits as they are, where transformers makes an fp32 copy of them), and
     gives an output layer whose vocabulary is not a multiple of 16 (GPT-2's) matmuls on
     padded rows (``_AlignedLogitsHead``);

@@ -1219,6 +1219,38 @@ def test_classes_whose_code_is_a_read_class_s_get_its_rule(change, converted):
         torch.testing.assert_close(grads[key], expected[2][key], rtol=1e-4, atol=1e-6)
 
 
+class _CausalLMOfItsOwn(transformers.LlamaForCausalLM):
+    """A causal LM whose forward is none read (a user's, or a model's that patch does not know),
+    calling transformers' loss function as causal LMs do."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        logits = self.lm_head(self.model(input_ids=input_ids, **kwargs).last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def test_logits_loss_of_a_causal_lm_none_read_and_fused_left():
+    """loss="logits" swaps the function such a forward calls for ours, which computes the same
+    from what any caller gives it; loss="fused", which changes what the forward hands the loss,
+    leaves it and says so."""
+    original = _build("llama")
+    original.__class__ = _CausalLMOfItsOwn
+    batch = _batch("llama")
+    expected = _step(copy.deepcopy(original), batch)
+    model = copy.deepcopy(original)
+    report = gk.patch(model)
+    assert ("loss_function", "ForCausalLMLoss", "CrossEntropyLoss") in report.swapped
+    loss, logits, grads = _step(model, batch)
+    torch.testing.assert_close(loss, expected[0])
+    for key in grads:
+        torch.testing.assert_close(grads[key], expected[2][key], rtol=1e-4, atol=1e-6)
+    report = gk.patch(copy.deepcopy(original), loss="fused")
+    left = {n: why for n, _, why in report.left}
+    assert "loss='logits' swaps it" in left["loss_function"]
+
+
 def test_same_code_reads_wrappers_methods_and_docstrings():
     llama = importlib.import_module("transformers.models.llama.modeling_llama")
     gemma = importlib.import_module("transformers.models.gemma.modeling_gemma")
