@@ -39,9 +39,11 @@ forward. Recognised:
   (``rms_norm`` in their variant), their gated
   MLPs ``down(act(gate(x)) * up(x))`` (``swiglu`` / ``geglu`` between the
   projections, which run as they are; not the MoE experts' batched
-  products), the rotary embedding their attention applies to queries and
-  keys (``apply_rotary_pos_emb``, the attention's own forward otherwise),
-  and the loss of causal LMs (``loss="logits"``: any whose forward calls
+  products), the rotary embedding of queries and keys in every transformers
+  attention whose module's ``apply_rotary_pos_emb`` computes ours on a probe
+  of each call ours takes (the attention's own forward, that function ours
+  where the shapes fit: theirs at a call with other arguments or a partial
+  rotary embedding), and the loss of causal LMs (``loss="logits"``: any whose forward calls
   transformers' ForCausalLMLoss; ``loss="fused"``: those listed in
   ``_CAUSAL_LMS``, where the loss soft-caps the logits for Gemma 2 and 3); and
   every other transformers class of the model whose code is one of those
@@ -475,7 +477,6 @@ def _import_read_families() -> None:
             *_RMS_NORMS.values(),
             _GATED_MLPS,
             _GATE_UP_MLPS,
-            _ATTENTIONS.items(),
             _ADD_NORM_BLOCKS,
             _NORMS_BEFORE_MATMULS,
             _CAUSAL_LMS,
@@ -1194,23 +1195,6 @@ def _residual_block_rules() -> dict[type, _Rule]:
 
 # ---- rotary embeddings inside attention -----------------------------------------------------------------------
 
-_ATTENTIONS = {
-    "llama": "LlamaAttention",
-    "mistral": "MistralAttention",
-    "mixtral": "MixtralAttention",
-    "qwen2": "Qwen2Attention",
-    "qwen2_moe": "Qwen2MoeAttention",
-    "qwen3": "Qwen3Attention",
-    "qwen3_moe": "Qwen3MoeAttention",
-    "gemma": "GemmaAttention",
-    "gemma2": "Gemma2Attention",
-    "gemma3": "Gemma3Attention",
-    "phi3": "Phi3Attention",
-    "granite": "GraniteAttention",
-    "smollm3": "SmolLM3Attention",
-    "olmo2": "Olmo2Attention",
-    "qwen3_vl": "Qwen3VLTextAttention",
-}
 _ROPE_GLOBAL = "apply_rotary_pos_emb"
 # The global a replacement attention's forward reads instead, set in its module beside
 # transformers' own (which stays as it is, for every module patch leaves)
@@ -1262,14 +1246,34 @@ def _forward_globals(cls: type) -> dict:
     return inspect.unwrap(cls.forward).__globals__
 
 
-def _rope_in_place_of(theirs: Callable) -> Callable:
-    """transformers' ``apply_rotary_pos_emb`` as ours where ours takes the shapes, as
-    ``theirs`` elsewhere (a partial rotary embedding: cos narrower than a head)."""
+def _reads_rope_global(cls: type) -> bool:
+    """Whether ``cls``'s forward names its module's ``apply_rotary_pos_emb`` (an attention's)."""
+    forward = inspect.unwrap(cls.forward)
+    return isinstance(forward, types.FunctionType) and _ROPE_GLOBAL in forward.__code__.co_names
 
-    def rope_or_theirs(q, k, cos, sin, unsqueeze_dim=1):
-        if q.dim() == 4 and cos.dim() == 3 and cos.shape[-1] == q.shape[-1] and not cos.requires_grad:
-            return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
-        return theirs(q, k, cos, sin, unsqueeze_dim)
+
+def _rope_in_place_of(theirs: Callable) -> Callable:
+    """transformers' ``apply_rotary_pos_emb`` as ours for the calls ``(q, k, cos, sin)`` and
+    ``(q, k, cos, sin, unsqueeze_dim)`` (by position or name) whose shapes ours takes; any
+    other call (other arguments, a partial rotary embedding: cos narrower than a head) as
+    ``theirs`` (which the probe checked on those calls: ``_rope_probe_error``)."""
+
+    def rope_or_theirs(*args, **kwargs):
+        if len(args) == 4 or len(args) == 5:
+            q, k, cos, sin = args[:4]
+            unsqueeze_dim = args[4] if len(args) == 5 else kwargs.pop("unsqueeze_dim", 1)
+            if (
+                not kwargs
+                and unsqueeze_dim in (1, 2)
+                and q.dim() == 4
+                and cos.dim() == 3
+                and cos.shape[-1] == q.shape[-1]
+                and not cos.requires_grad
+            ):
+                return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+            if len(args) == 4 and unsqueeze_dim != 1:
+                kwargs["unsqueeze_dim"] = unsqueeze_dim
+        return theirs(*args, **kwargs)
 
     rope_or_theirs.__wrapped__ = theirs
     return rope_or_theirs
@@ -1289,33 +1293,47 @@ def _rope_attention_forward(cls: type) -> Callable | None:
     return forward
 
 
-def _rope_math(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+def _rope_math(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
     """What ours computes (``ops/rope.py``), in torch ops: ``x * cos + rotate_half(x) * sin``."""
 
     def rotate_half(x: Tensor) -> Tensor:
         first, second = x.chunk(2, dim=-1)
         return torch.cat((-second, first), dim=-1)
 
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 @functools.cache
 def _rope_probe_error(theirs: Callable) -> str:
-    """Why ``theirs`` does not compute ours on a float64 probe (grouped-query k, random
-    cos and sin: any values, not only a rotation's), or "". Against torch ops, not our op,
-    so that the check does not depend on the backend selected (one for CUDA tensors
-    only cannot run the CPU probe)."""
+    """Why ``theirs`` does not compute ours on float64 probes of each call ours takes in its
+    place (``_rope_in_place_of``): ``(q, k, cos, sin)`` with heads before time, and heads
+    after with ``unsqueeze_dim=2`` by position and by name (grouped-query k, random cos and
+    sin: any values, not only a rotation's); or "". A fifth parameter that means something
+    else (position ids) fails it. Against torch ops, not our op, so that the check does not
+    depend on the backend selected (one for CUDA tensors only cannot run the CPU probe)."""
     g = torch.Generator().manual_seed(0)
-    q, k, cos, sin = (
-        torch.randn(shape, generator=g, dtype=torch.float64)
-        for shape in [(2, 4, 3, 8), (2, 2, 3, 8), (2, 3, 8), (2, 3, 8)]
-    )
-    try:
-        with torch.no_grad():
-            error = max((a - b).abs().max().item() for a, b in zip(theirs(q, k, cos, sin), _rope_math(q, k, cos, sin)))
-    except Exception as failure:
-        return f"{_ROPE_GLOBAL} could not be checked on a CPU float64 probe ({_first_line(failure)})"
+    error = 0.0
+    for unsqueeze_dim, q_shape, k_shape, keywords in (
+        (1, (2, 4, 3, 8), (2, 2, 3, 8), False),
+        (2, (2, 3, 4, 8), (2, 3, 2, 8), False),
+        (2, (2, 3, 4, 8), (2, 3, 2, 8), True),
+    ):
+        q, k, cos, sin = (
+            torch.randn(shape, generator=g, dtype=torch.float64) for shape in (q_shape, k_shape, (2, 3, 8), (2, 3, 8))
+        )
+        try:
+            with torch.no_grad():
+                if unsqueeze_dim == 1:
+                    result = theirs(q, k, cos, sin)
+                elif keywords:
+                    result = theirs(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+                else:
+                    result = theirs(q, k, cos, sin, unsqueeze_dim)
+                expected = _rope_math(q, k, cos, sin, unsqueeze_dim)
+                error = max(error, *((a - b).abs().max().item() for a, b in zip(result, expected, strict=True)))
+        except Exception as failure:
+            return f"{_ROPE_GLOBAL} could not be checked on a CPU float64 probe ({_first_line(failure)})"
     if not error <= _PROBE_TOLERANCE:
         return f"its {_ROPE_GLOBAL} differs from q * cos + rotate_half(q) * sin (max error {error:.1e})"
     return ""
@@ -1345,13 +1363,13 @@ def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
     ]
     read = [entry for entry in read if entry[0] is not None]
     by_class = {entry[0]: entry for entry in read}
-    attentions = [a for a in (_transformers_class(model, name) for model, name in _ATTENTIONS.items()) if a]
     found = list(read)
+    attentions = []
     for cls in set(classes) - set(by_class):
         same = _same_code_as(cls, by_class)
         if same is not None:
             found.append((cls, *by_class[same][1:]))
-        elif _same_code_as(cls, attentions, same_globals=False):
+        elif _reads_rope_global(cls):
             attentions.append(cls)
     timm_norm, timm_norm_2d, timm_rms_norm = _loaded("timm.layers.norm", "LayerNorm", "LayerNorm2d", "RmsNorm")
     found.append((timm_norm, _timm_layer_norm_forward, "LayerNorm", _unless_fast_norm))

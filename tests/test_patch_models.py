@@ -290,27 +290,12 @@ MODELS = {
     "llama-relu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="relu"), "LinearAct"),
 }
 CAUSAL = [name for name in MODELS if name != "vit"]
-# GLM and GLM-4 rotate interleaved pairs and only part of each head, as GPT-NeoX, Phi and StableLM do: theirs kept
-# their attention's rotary embedding is not ours (interleaved, partial, multimodal, MLA's) or absent
-NO_ROPE = (
-    "gpt2",
-    "bert",
-    "vit",
-    "opt",
-    "glm",
-    "glm4",
-    "gpt_neox",
-    "phi",
-    "stablelm",
-    "deepseek_v3",
-    "glm4_moe",
-    "gpt_oss",
-    "olmo3",
-    "hunyuan_v1_dense",
-    "seed_oss",
-    "starcoder2",
-)
-ROPE = [name for name in MODELS if name not in NO_ROPE + ("qwen2_vl", "qwen2_5_vl")]
+# their attention reads no apply_rotary_pos_emb (GPT-2, BERT, ViT, OPT), or one the probe refuses: GLM's and
+# GLM-4's rotate interleaved pairs of part of each head, gpt-oss's its own halves. The others' attentions call
+# ours where the shapes fit (Phi's and StableLM's partial rotary parts too), theirs at each call where they do
+# not (GPT-NeoX's and GLM-4-MoE's partial rotation inside theirs; DeepSeek-V3's interleaved path, its own)
+NO_ROPE = ("gpt2", "bert", "vit", "opt", "glm", "glm4", "gpt_oss")
+ROPE = [name for name in MODELS if name not in NO_ROPE]
 
 
 def _build(name: str, dtype=torch.float32) -> nn.Module:
@@ -1083,7 +1068,7 @@ def test_compile_aot_eager_of_a_patched_model():
         torch.testing.assert_close(parameter.grad, grads[name])
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi", "olmo3"])
 def test_patched_attention_rotates_with_ours_and_others_keep_theirs(name, monkeypatch):
     """A patched model's attention calls ours for its rotary embedding, once a layer; an
     unpatched model of the same class (transformers' module itself unchanged) does not."""
