@@ -1265,6 +1265,7 @@ def _rope_in_place_of(theirs: Callable) -> Callable:
             if (
                 not kwargs
                 and unsqueeze_dim in (1, 2)
+                and k is not None  # some take q alone (k=None)
                 and q.dim() == 4
                 and cos.dim() == 3
                 and cos.shape[-1] == q.shape[-1]
