@@ -1113,6 +1113,41 @@ def test_rope_left_where_the_models_own_differs(monkeypatch):
     assert "differs from q * cos + rotate_half(q) * sin" in left["model.layers.0.self_attn"]
 
 
+def test_rope_in_place_of_theirs_takes_only_the_calls_probed():
+    """Ours for (q, k, cos, sin[, unsqueeze_dim]) of shapes it takes; any other call (other
+    arguments, a cos narrower than a head, no k) goes to theirs as it was made."""
+    theirs_calls = []
+
+    def theirs(*args, **kwargs):
+        theirs_calls.append((len(args), sorted(kwargs)))
+        return "theirs"
+
+    rope = gk_patch._rope_in_place_of(theirs)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 3, 8, generator=g)
+    cos, sin = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    for args, kwargs in (
+        ((q, k, cos, sin), {}),
+        ((q, k, cos, sin, 1), {}),
+        ((q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2), {}),
+        ((q.transpose(1, 2), k.transpose(1, 2), cos, sin), {"unsqueeze_dim": 2}),
+    ):
+        ours = rope(*args, **kwargs)
+        expected = gk_patch._rope_math(*args[:4], args[4] if len(args) == 5 else kwargs.get("unsqueeze_dim", 1))
+        for a, b in zip(ours, expected, strict=True):
+            torch.testing.assert_close(a, b)
+    assert not theirs_calls
+    for args, kwargs in (
+        ((q, k, cos, sin), {"position_ids": None}),
+        ((q, k, cos, sin, None, 1), {}),
+        ((q, k, cos[..., :4], sin[..., :4]), {}),
+        ((q, None, cos, sin), {}),
+        ((q, k, cos, sin), {"unsqueeze_dim": 3}),
+    ):
+        assert rope(*args, **kwargs) == "theirs"
+    assert theirs_calls == [(4, ["position_ids"]), (6, []), (4, []), (4, []), (4, ["unsqueeze_dim"])]
+
+
 def test_rope_probe_checks_theirs_without_running_ours(monkeypatch):
     """The probe compares theirs with ours' math in torch ops, so that a backend selected
     for CUDA tensors alone (GPUKERNELS_BACKEND=triton on a GPU machine, which cannot run
