@@ -61,8 +61,8 @@ forward. Recognised:
   add the attention's output to the residual stream and normalise the sum for
   the MLP in one op (``add_rms_norm`` / ``add_layer_norm``) where that norm is
   converted to ours; the block's children are converted as any module's.
-- timm, when already imported: its LayerNorm, LayerNorm2d and RmsNorm (AIMv2's; Llama's
-  rounding, ``_timm_rms_norm_forward``); its gated MLPs,
+- timm, when already imported: its LayerNorm, LayerNorm2d, RmsNorm (AIMv2's; Llama's
+  rounding, ``_timm_rms_norm_forward``) and RmsNorm2d (MobileNetV5's); its gated MLPs,
   GluMlp (SwiGLUPacked's) and SwiGLU (EVA-02, DINOv2-style ViTs), gating
   in one op (``swiglu`` / ``geglu``: packed where the gate is the first half),
   their projections, dropouts and norm converted as any module's; its
@@ -586,6 +586,13 @@ def _timm_rms_norm_forward(self, x: Tensor) -> Tensor:
     whose autocast leaves them, timm's returns x's dtype)."""
     (weight,) = gnn.module_state(self, self._parameters, "weight")
     return rms_norm(x, self.normalized_shape, weight, self.eps, cast_before_weight=True)
+
+
+def _timm_rms_norm_2d_forward(self, x: Tensor) -> Tensor:
+    """timm's RmsNorm2d: ``_timm_rms_norm_forward`` over the channels of an NCHW tensor."""
+    (weight,) = gnn.module_state(self, self._parameters, "weight")
+    channels_last = x.permute(0, 2, 3, 1)
+    return rms_norm(channels_last, self.normalized_shape, weight, self.eps, cast_before_weight=True).permute(0, 3, 1, 2)
 
 
 def _layer_norm_2d_forward(self, x: Tensor) -> Tensor:
@@ -1372,10 +1379,13 @@ def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
             found.append((cls, *by_class[same][1:]))
         elif _reads_rope_global(cls):
             attentions.append(cls)
-    timm_norm, timm_norm_2d, timm_rms_norm = _loaded("timm.layers.norm", "LayerNorm", "LayerNorm2d", "RmsNorm")
+    timm_norm, timm_norm_2d, timm_rms_norm, timm_rms_norm_2d = _loaded(
+        "timm.layers.norm", "LayerNorm", "LayerNorm2d", "RmsNorm", "RmsNorm2d"
+    )
     found.append((timm_norm, _timm_layer_norm_forward, "LayerNorm", _unless_fast_norm))
     found.append((timm_norm_2d, _layer_norm_2d_forward, "LayerNorm2d", _unless_fast_norm))
     found.append((timm_rms_norm, _timm_rms_norm_forward, "RMSNorm", _unless_fast_norm))
+    found.append((timm_rms_norm_2d, _timm_rms_norm_2d_forward, "RMSNorm2d", _unless_fast_norm))
     (torchvision_norm_2d,) = _loaded("torchvision.models.convnext", "LayerNorm2d")  # ConvNeXt's
     found.append((torchvision_norm_2d, _layer_norm_2d_forward, "LayerNorm2d", _nothing_to_set))
     rules = {

@@ -189,20 +189,22 @@ def test_eva02_gates_every_block_in_one_op_and_matches_in_float64():
         _assert_patched_matches_in_float64(model, 28, False, counts)
 
 
+@pytest.mark.parametrize("two_d", [False, True], ids=["RmsNorm", "RmsNorm2d"])
 @pytest.mark.parametrize("affine", [True, False])
-def test_rms_norm_swapped_as_close_to_fp64_as_timms(affine):
-    """timm's RmsNorm: ours computes in fp32 and rounds once where timm's rounds each step in the
-    input's dtype; in fp64 the same, in fp32 and bf16 within the tests' tolerance of timm's (or as
-    close to the fp64 result)."""
-    from timm.layers.norm import RmsNorm
+def test_rms_norm_swapped_as_close_to_fp64_as_timms(affine, two_d):
+    """timm's RmsNorm (over the last dim) and RmsNorm2d (over an NCHW tensor's channels): ours
+    computes in fp32 and rounds once where timm's rounds each step in the input's dtype; in fp64
+    the same, in fp32 and bf16 within the tests' tolerance of timm's (or as close to the fp64
+    result)."""
+    from timm.layers.norm import RmsNorm, RmsNorm2d
 
     torch.manual_seed(0)
-    norm = RmsNorm(64, eps=1e-5, affine=affine)
+    norm = (RmsNorm2d if two_d else RmsNorm)(64, eps=1e-5, affine=affine)
     if affine:
         nn.init.normal_(norm.weight)
     ours = copy.deepcopy(norm)
-    assert gk.patch(ours).counts == {"RMSNorm": 1}
-    x = 3 * torch.randn(4, 5, 64, dtype=torch.float64)
+    assert gk.patch(ours).counts == {"RMSNorm2d" if two_d else "RMSNorm": 1}
+    x = 3 * torch.randn((4, 64, 5, 3) if two_d else (4, 5, 64), dtype=torch.float64)
     reference = norm.double()(x)
     torch.testing.assert_close(ours.double()(x), reference, rtol=1e-14, atol=1e-14)
     for dtype in (torch.float32, torch.bfloat16):
@@ -210,17 +212,17 @@ def test_rms_norm_swapped_as_close_to_fp64_as_timms(affine):
             assert_matches(ours.to(dtype)(x.to(dtype)), norm.to(dtype)(x.to(dtype)), reference.detach())
 
 
-def test_rms_norm_with_fast_norm_is_left():
-    from timm.layers import fast_norm
-    from timm.layers.norm import RmsNorm
+@pytest.mark.parametrize("name", ["RmsNorm", "RmsNorm2d"])
+def test_rms_norm_with_fast_norm_is_left(name):
+    from timm.layers import fast_norm, norm
 
     enabled = fast_norm.is_fast_norm()
     fast_norm.set_fast_norm(True)
     try:
-        norm = RmsNorm(8)
+        module = getattr(norm, name)(8)
     finally:
         fast_norm.set_fast_norm(enabled)
-    report = gk.patch(norm)
+    report = gk.patch(module)
     assert not report.swapped and report.left[0][2].startswith("timm's fast norm is on")
 
 
