@@ -436,12 +436,12 @@ def _same_function(f: Any, g: Any, same_globals: bool) -> bool:
     return inner_f is None or _same_function(inner_f, inner_g, same_globals)
 
 
-def _same_code(cls: type, read: type, method: str = "forward", same_globals: bool = True) -> bool:
-    """Whether ``cls``'s ``method`` runs the code of ``read``'s (``_same_function``), and so
+def _same_code(cls: type, read: type, same_globals: bool = True) -> bool:
+    """Whether ``cls``'s forward runs the code of ``read``'s (``_same_function``), and so
     does each method of theirs it calls on ``self`` (Gemma's RMSNorm's ``_norm``).
     ``same_globals=False`` for a dataflow fact only: which calls an argument reaches."""
     seen = set()
-    pending = [method]
+    pending = ["forward"]
     while pending:
         name = pending.pop()
         f, g = (inspect.getattr_static(c, name, _NOTHING) for c in (cls, read))
@@ -762,12 +762,13 @@ def _norms_feeding_matmuls(classes: Iterable[type]) -> dict[type, dict[str, list
             if isinstance(_block_call(cls.forward, _LLAMA_FORM), _BlockCall):
                 for child, (of,) in (*blocks[cls]["input_layernorm"], *blocks[cls]["post_attention_layernorm"]):
                     llama_form[child].add(of)
+    # the model's classes that may read a Llama-form block's norm as the listed blocks' children do
+    readers = {
+        child: tuple(c for c in classes if _same_code_as(c, read, same_globals=False))
+        for child, read in llama_form.items()
+    }
     for cls in set(classes) - set(blocks):
         if _calls_llama_form_children(cls) and isinstance(_block_call(cls.forward, _LLAMA_FORM), _BlockCall):
-            readers = {
-                child: tuple(c for c in classes if _same_code_as(c, read, same_globals=False))
-                for child, read in llama_form.items()
-            }
             blocks[cls] = {
                 "input_layernorm": [("self_attn", readers["self_attn"])],
                 "post_attention_layernorm": [("mlp", readers["mlp"])],
@@ -775,12 +776,15 @@ def _norms_feeding_matmuls(classes: Iterable[type]) -> dict[type, dict[str, list
     return blocks
 
 
-def _mark_norms_feeding_matmuls(model: torch.nn.Module, swapped: set[str], uses: Counter) -> list[str]:
+def _mark_norms_feeding_matmuls(
+    model: torch.nn.Module, classes: set[type], swapped: set[str], uses: Counter
+) -> list[str]:
     """Set ``feeds_matmuls`` on the norms (swapped by this patch) of the blocks of
-    ``_NORMS_BEFORE_MATMULS`` (and the Llama-form blocks like them: ``_norms_feeding_matmuls``)
-    whose output goes to the block's own attention or MLP classes; not on a shared norm, nor
-    where a hook on the norm or on those children would see its dtype. Returns their names."""
-    blocks = _norms_feeding_matmuls(_transformers_classes(model))
+    ``_NORMS_BEFORE_MATMULS`` (and the Llama-form blocks like them among the model's
+    transformers ``classes``: ``_norms_feeding_matmuls``) whose output goes to the block's own
+    attention or MLP classes; not on a shared norm, nor where a hook on the norm or on those
+    children would see its dtype. Returns their names."""
+    blocks = _norms_feeding_matmuls(classes)
     marked = []
     for block_name, block in model.named_modules():
         norms = blocks.get(_original_class(block))
@@ -2126,7 +2130,8 @@ def patch(
                 )
             )
     if autocast_norms:
-        report.feeding_matmuls = _mark_norms_feeding_matmuls(model, {name for name, _, _ in report.swapped}, uses)
+        swapped = {name for name, _, _ in report.swapped}
+        report.feeding_matmuls = _mark_norms_feeding_matmuls(model, classes, swapped, uses)
     return report
 
 
