@@ -1358,8 +1358,8 @@ def _rope_checked(attention: torch.nn.Module) -> dict[str, Any] | str:
 def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
     """Rules for the transformers and timm classes of the modules already imported: those
     read, and those of ``classes`` (a model's transformers classes) whose code is a read
-    class's (``_same_code``; for an attention, whose forward is one read but for its globals:
-    its own forward runs, its rotary embedding checked on a probe)."""
+    class's (``_same_code``) or whose forward reads its module's ``apply_rotary_pos_emb`` (an
+    attention: its own forward runs, ours in place of theirs where the probe passes)."""
     read = [
         (_transformers_class(model, name), forward, "RMSNorm", _nothing_to_set)
         for forward, classes in _RMS_NORMS.items()
