@@ -1807,6 +1807,12 @@ class _ForwardDeferringLogits:
         self.capped_config = capped_config
         self.labels_at = list(inspect.signature(forward).parameters).index("labels")
 
+    @property
+    def __code__(self) -> types.CodeType:
+        """The code a call runs first: torch.export reads a module's ``forward.__code__``
+        (to name what it traces), which a callable object lacks."""
+        return type(self).__call__.__code__
+
     def __call__(self, *args, **kwargs):
         labels = args[self.labels_at] if len(args) > self.labels_at else kwargs.get("labels")
         training = self.__wrapped__.__self__.training and torch.is_grad_enabled()

@@ -1068,6 +1068,20 @@ def test_compile_aot_eager_of_a_patched_model():
         torch.testing.assert_close(parameter.grad, grads[name])
 
 
+@pytest.mark.parametrize("loss", ["fused", "logits"])
+def test_torch_export_of_a_patched_model(loss):
+    """A model patched for training exports for inference (torch.export reads the forward's
+    ``__code__``, which the fused loss's forward object gives) and its program runs our ops."""
+    original = _build("llama").eval()
+    model = copy.deepcopy(original)
+    gk.patch(model, loss=loss)
+    ids = _batch("llama")["input_ids"]
+    program = torch.export.export(model, (ids,), kwargs={"use_cache": False})
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert any(target.startswith("gpukernels.") for target in targets), targets
+    torch.testing.assert_close(program.module()(ids, use_cache=False).logits, original(ids, use_cache=False).logits)
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen3", "phi", "olmo3"])
 def test_patched_attention_rotates_with_ours_and_others_keep_theirs(name, monkeypatch):
     """A patched model's attention calls ours for its rotary embedding, once a layer; an
