@@ -352,11 +352,20 @@ def _exercise_every_op() -> None:
                 x = leaf(3, 64)  # packed, and chunked (rows apart), widths of 16-byte rows
                 run_backward(gated(x), x)
                 run_backward(gated(*x.chunk(2, dim=-1)), x)
-            # a tiny head, GPT-2/Llama-small's 12 heads of 64 (GQA's k: 4), 32 heads of 128
-            for heads, head_dim in ((3, 8), (12, 64), (32, 128)):
+            # a tiny head, GPT-2/Llama-small's 12 heads of 64 (GQA's k: 4), 32 heads of 128; Pythia's
+            # quarter of 64 rotated, GLM-4's interleaved half of 128, Cohere's interleaved 128
+            for heads, head_dim, rotated, interleaved in (
+                (3, 8, 8, False),
+                (12, 64, 64, False),
+                (32, 128, 128, False),
+                (12, 64, 16, False),
+                (32, 128, 64, True),
+                (32, 128, 128, True),
+            ):
                 q, k = leaf(1, heads, 2, head_dim), leaf(1, max(heads // 3, 1), 2, head_dim)
-                angles = torch.rand(1, 2, head_dim, dtype=torch.float64)
-                q_embed, k_embed = gk.apply_rotary_pos_emb(q, k, angles.cos().to(dtype), angles.sin().to(dtype))
+                angles = torch.rand(1, 2, rotated, dtype=torch.float64)
+                cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+                q_embed, k_embed = gk.apply_rotary_pos_emb(q, k, cos, sin, interleaved=interleaved)
                 run_backward(q_embed.float().sum() + k_embed.float().sum(), q)
             for amsgrad in (False, True):
                 params = [torch.nn.Parameter(torch.randn(1500).to(dtype)), torch.nn.Parameter(torch.randn(3).to(dtype))]

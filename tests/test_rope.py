@@ -20,10 +20,25 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def torch_rope(q, k, cos, sin, unsqueeze_dim=1):
-    """transformers' apply_rotary_pos_emb."""
+def rotate_half_interleaved(x):
+    """Cohere's and GLM's rotate_half: of adjacent elements."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def torch_rope(q, k, cos, sin, unsqueeze_dim=1, interleaved=False):
+    """transformers' apply_rotary_pos_emb, with GPT-NeoX's partial rotation (a cos narrower
+    than a head: the rest of the head passes through) and Cohere's interleaved pairs."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    rotated = cos.shape[-1]
+    rotate = rotate_half_interleaved if interleaved else rotate_half
+
+    def embed(x):
+        if rotated == x.shape[-1]:  # Llama's: no cat, whose result would be contiguous
+            return x * cos + rotate(x) * sin
+        x_rot, x_pass = x[..., :rotated], x[..., rotated:]
+        return torch.cat((x_rot * cos + rotate(x_rot) * sin, x_pass), dim=-1)
+
+    return embed(q), embed(k)
 
 
 def _randn(shape, seed=0, device="cpu", dtype=torch.float64):
@@ -31,33 +46,33 @@ def _randn(shape, seed=0, device="cpu", dtype=torch.float64):
     return torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
 
 
-def _trig(batch, time, head_dim, device, dtype, seed=10):
-    """cos and sin as models make them (cat of the angles' halves), times a scale as some
-    rope variants apply, so that the rotation is not orthogonal: its transpose is the
-    backward, not its inverse."""
+def _trig(batch, time, head_dim, device, dtype, seed=10, interleaved=False):
+    """cos and sin as models make them (cat of the angles' halves, or each angle twice in a
+    row for interleaved pairs), times a scale as some rope variants apply, so that the
+    rotation is not orthogonal: its transpose is the backward, not its inverse."""
     inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     positions = torch.arange(time, dtype=torch.float64)[None, :] + _randn((batch, 1), seed).abs() * 7
     angles = positions[..., None] * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
+    angles = angles.repeat_interleave(2, dim=-1) if interleaved else torch.cat((angles, angles), dim=-1)
     return (1.3 * angles.cos()).to(device, dtype), (1.3 * angles.sin()).to(device, dtype)
 
 
-def _outputs_and_grads(fn, q, k, cos, sin, upstream, unsqueeze_dim):
+def _outputs_and_grads(fn, q, k, cos, sin, upstream, unsqueeze_dim, interleaved):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k)]
-    outputs = fn(*leaves, cos, sin, unsqueeze_dim)
+    outputs = fn(*leaves, cos, sin, unsqueeze_dim, interleaved=interleaved)
     grads = torch.autograd.grad(outputs, leaves, [u.to(o.dtype) for u, o in zip(upstream, outputs)])
     return [o.detach() for o in outputs] + list(grads)
 
 
-def _compare(q, k, cos, sin, unsqueeze_dim=1, ours_fn=gk.apply_rotary_pos_emb):
+def _compare(q, k, cos, sin, unsqueeze_dim=1, ours_fn=gk.apply_rotary_pos_emb, interleaved=False):
     """[q_embed, k_embed, dq, dk] of ours against the formula in the inputs' dtypes and in
     float64 on the same (rounded) values."""
     shapes = torch_rope(q.detach(), k.detach(), cos, sin, unsqueeze_dim)
     upstream = [_randn(s.shape, 20 + i, q.device) for i, s in enumerate(shapes)]
-    ours = _outputs_and_grads(ours_fn, q, k, cos, sin, upstream, unsqueeze_dim)
-    theirs = _outputs_and_grads(torch_rope, q, k, cos, sin, upstream, unsqueeze_dim)
+    ours = _outputs_and_grads(ours_fn, q, k, cos, sin, upstream, unsqueeze_dim, interleaved)
+    theirs = _outputs_and_grads(torch_rope, q, k, cos, sin, upstream, unsqueeze_dim, interleaved)
     reference = _outputs_and_grads(
-        torch_rope, q.double(), k.double(), cos.double(), sin.double(), upstream, unsqueeze_dim
+        torch_rope, q.double(), k.double(), cos.double(), sin.double(), upstream, unsqueeze_dim, interleaved
     )
     for o, t, r in zip(ours, theirs, reference):
         assert_matches(o, t, r.to(o.dtype) if o.dtype == torch.float64 else r)
@@ -80,6 +95,38 @@ def test_matches_transformers_formula(device, dtype, unsqueeze_dim, shape):
 
     q, k = _randn(layout(q_heads), 0, device, dtype), _randn(layout(k_heads), 1, device, dtype)
     _compare(q, k, *_trig(batch, time, head_dim, device, dtype), unsqueeze_dim)
+
+
+# (batch, q heads, k heads, time, head_dim, rotated): GPT-NeoX's quarter of a head, half of one
+# (GLM's), a pair, none, and a rest wider than the rotated part's half
+PARTIAL = [(2, 4, 2, 5, 8, 2), (1, 3, 1, 4, 16, 4), (2, 2, 2, 3, 12, 8), (1, 2, 1, 3, 6, 0), (1, 40, 8, 3, 128, 32)]
+
+
+@pytest.mark.parametrize("shape", PARTIAL, ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["halves", "interleaved"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_partial_and_interleaved_rotations(device, dtype, interleaved, shape):
+    """A cos narrower than a head rotates its leading elements and passes the rest through
+    (``rotated`` of ``head_dim``: transformers' partial rotary embeddings); interleaved pairs
+    as Cohere's rotate_half; both ways, heads before and after time."""
+    batch, q_heads, k_heads, time, head_dim, rotated = shape
+    for unsqueeze_dim in (1, 2):
+
+        def layout(heads):
+            return (batch, heads, time, head_dim) if unsqueeze_dim == 1 else (batch, time, heads, head_dim)
+
+        q, k = _randn(layout(q_heads), 0, device, dtype), _randn(layout(k_heads), 1, device, dtype)
+        cos, sin = _trig(batch, time, rotated, device, dtype, interleaved=interleaved)
+        _compare(q, k, cos, sin, unsqueeze_dim, interleaved=interleaved)
+
+
+def test_interleaved_reads_each_element_s_own_cos(device):
+    """Random cos and sin (not each angle twice): the interleaved rotation reads the cos
+    and sin of each element's own place, as Cohere's formula does."""
+    q, k = _randn((2, 3, 4, 8), 0, device), _randn((2, 1, 4, 8), 1, device)
+    cos, sin = _randn((2, 4, 6), 2, device), _randn((2, 4, 6), 3, device)
+    for interleaved in (False, True):
+        _compare(q, k, cos, sin, interleaved=interleaved)
 
 
 @pytest.mark.parametrize("q_dtype, trig_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64)])
@@ -164,9 +211,9 @@ def test_opcheck(device):
     q, k = (_randn((2, 3, 4, 8), seed, device, torch.float32) for seed in range(2))
     cos, sin = _trig(2, 4, 8, device, torch.float32)
     backend = gk.backend_name(device)
-    for transpose in (False, True):
-        args = (q.requires_grad_(not transpose), k, cos, sin, 1, transpose, torch.float32, backend)
-        torch.library.opcheck(rope.custom_op, args)
+    for transpose, interleaved, rotated in ((False, False, 8), (True, False, 8), (False, True, 4), (True, True, 4)):
+        args = (q.requires_grad_(not transpose), k, cos[..., :rotated], sin[..., :rotated], 1, transpose)
+        torch.library.opcheck(rope.custom_op, (*args, interleaved, torch.float32, backend))
 
 
 def test_compiles_without_graph_breaks(device):
@@ -207,13 +254,15 @@ BAD = [
     ({"unsqueeze_dim": 3}, gk.ArgumentError, "unsqueeze_dim must be 1"),
     ({"unsqueeze_dim": True}, gk.ArgumentError, "unsqueeze_dim must be 1"),
     ({"q": torch.randn(3, 4, 8)}, gk.ArgumentError, "q must be 4-D"),
-    ({"q": torch.randn(2, 3, 4, 7), "k": torch.randn(2, 1, 4, 7)}, gk.ArgumentError, "head_dim must be even"),
+    ({"cos": torch.randn(2, 4, 7), "sin": torch.randn(2, 4, 7)}, gk.ArgumentError, "cos's last dim must be even"),
+    ({"cos": torch.randn(2, 4, 10), "sin": torch.randn(2, 4, 10)}, gk.ArgumentError, "at most 8"),
+    ({"interleaved": 1}, gk.ArgumentTypeError, "interleaved must be a bool"),
     ({"q": torch.ones(2, 3, 4, 8, dtype=torch.long)}, gk.ArgumentTypeError, "q must be float"),
     ({"k": [1.0]}, gk.ArgumentTypeError, "k must be a torch.Tensor"),
     ({"k": torch.randn(2, 1, 4, 8).double()}, gk.ArgumentTypeError, "k has dtype torch.float64 but q"),
     ({"k": torch.randn(2, 1, 5, 8)}, gk.ArgumentError, "k of shape .* must have q's batch, time"),
     ({"k": torch.randn(2, 1, 4, 8, device="meta")}, gk.ArgumentError, "k is on meta"),
-    ({"cos": torch.randn(2, 4, 6)}, gk.ArgumentError, r"cos must have shape \(2 or 1, 4, 8\)"),
+    ({"cos": torch.randn(2, 5, 8)}, gk.ArgumentError, r"cos must have shape \(2 or 1, 4, at most 8\)"),
     ({"cos": torch.randn(4, 8), "sin": torch.randn(4, 8)}, gk.ArgumentError, "cos must have shape"),
     ({"sin": torch.randn(1, 4, 8)}, gk.ArgumentError, "sin must have cos's shape"),
     ({"sin": torch.randn(2, 4, 8).double()}, gk.ArgumentTypeError, "sin has dtype"),
