@@ -40,11 +40,12 @@ forward. Recognised:
   MLPs ``down(act(gate(x)) * up(x))`` (``swiglu`` / ``geglu`` between the
   projections, which run as they are; not the MoE experts' batched
   products), the rotary embedding of queries and keys in every transformers
-  attention whose module's ``apply_rotary_pos_emb`` computes ours on a probe
+  attention whose module's ``apply_rotary_pos_emb`` computes one form of ours
+  (halves or interleaved pairs rotated, of whole heads or of part) on a probe
   of each call ours takes (the attention's own forward, that function ours
-  where the shapes fit: theirs at a call with other arguments or a partial
-  rotary embedding), and the loss of causal LMs (``loss="logits"``: any whose forward calls
-  transformers' ForCausalLMLoss; ``loss="fused"``: those listed in
+  where the shapes fit: theirs at a call with other arguments), and the loss
+  of causal LMs (``loss="logits"``: any whose forward calls transformers'
+  ForCausalLMLoss; ``loss="fused"``: those listed in
   ``_CAUSAL_LMS``, where the loss soft-caps the logits for Gemma 2 and 3); and
   every other transformers class of the model whose code is one of those
   classes' (``_same_code``: transformers copies a module into the next
@@ -1263,11 +1264,28 @@ def _reads_rope_global(cls: type) -> bool:
     return isinstance(forward, types.FunctionType) and _ROPE_GLOBAL in forward.__code__.co_names
 
 
-def _rope_in_place_of(theirs: Callable) -> Callable:
-    """transformers' ``apply_rotary_pos_emb`` as ours for the calls ``(q, k, cos, sin)`` and
-    ``(q, k, cos, sin, unsqueeze_dim)`` (by position or name) whose shapes ours takes; any
-    other call (other arguments, a partial rotary embedding: cos narrower than a head) as
-    ``theirs`` (which the probe checked on those calls: ``_rope_probe_error``)."""
+class _RopeForm(NamedTuple):
+    """Which of ours a module's ``apply_rotary_pos_emb`` computes, as the probe found it."""
+
+    interleaved: bool  # rotate_half of adjacent elements (Cohere's), not of halves (Llama's)
+    pair_trig: bool  # GLM's: a pair's cos and sin, the first half of those handed over, each element twice
+    partial: bool = False  # a cos narrower than a head rotates its leading elements (GPT-NeoX's): theirs too
+
+
+_ROPE_FORMS = (_RopeForm(False, False), _RopeForm(True, False), _RopeForm(True, True))
+
+
+def _pair_trig(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """GLM's cos and sin of interleaved pairs: the first half of each, each element twice."""
+    return tuple(t[..., : t.shape[-1] // 2].repeat_interleave(2, dim=-1) for t in (cos, sin))
+
+
+def _rope_in_place_of(theirs: Callable, form: _RopeForm) -> Callable:
+    """transformers' ``apply_rotary_pos_emb`` as ours in ``form`` for the calls ``(q, k, cos,
+    sin)`` and ``(q, k, cos, sin, unsqueeze_dim)`` (by position or name) whose shapes ours
+    takes (a cos narrower than a head where theirs rotates part of it); any other call
+    (other arguments, no k) as ``theirs`` (which the probe checked on those calls:
+    ``_rope_form``)."""
 
     def rope_or_theirs(*args, **kwargs):
         if len(args) == 4 or len(args) == 5:
@@ -1279,10 +1297,13 @@ def _rope_in_place_of(theirs: Callable) -> Callable:
                 and k is not None  # some take q alone (k=None)
                 and q.dim() == 4
                 and cos.dim() == 3
-                and cos.shape[-1] == q.shape[-1]
+                and (cos.shape[-1] == q.shape[-1] or (form.partial and cos.shape[-1] < q.shape[-1]))
+                and cos.shape[-1] % 2 == 0
                 and not cos.requires_grad
             ):
-                return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+                if form.pair_trig:
+                    cos, sin = _pair_trig(cos, sin)
+                return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, interleaved=form.interleaved)
             if len(args) == 4 and unsqueeze_dim != 1:
                 kwargs["unsqueeze_dim"] = unsqueeze_dim
         return theirs(*args, **kwargs)
@@ -1293,37 +1314,52 @@ def _rope_in_place_of(theirs: Callable) -> Callable:
 
 @functools.cache
 def _rope_attention_forward(cls: type) -> Callable | None:
-    """``cls.forward`` calling ours in place of its module's ``apply_rotary_pos_emb``;
-    None where it cannot be made (see ``_reading_global_as``). One per class: its
-    replacement's."""
+    """``cls.forward`` calling ours in place of its module's ``apply_rotary_pos_emb``, in the
+    form the probe finds that to compute (where it finds none, the rule's check leaves the
+    attention: ``_rope_checked``); None where it cannot be made (see ``_reading_global_as``).
+    One per class: its replacement's."""
     module_globals = _forward_globals(cls)
     theirs = module_globals.get(_ROPE_GLOBAL)
     forward = None if theirs is None else _reading_global_as(cls.forward, _ROPE_GLOBAL, _ROPE_ALIAS)
     if forward is not None:
-        module_globals.setdefault(_ROPE_ALIAS, _rope_in_place_of(theirs))
+        form = _rope_form(theirs)
+        if isinstance(form, _RopeForm):
+            module_globals.setdefault(_ROPE_ALIAS, _rope_in_place_of(theirs, form))
         forward.__doc__ = "The attention's forward, its rotary embedding of queries and keys gpukernels'."
     return forward
 
 
-def _rope_math(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
-    """What ours computes (``ops/rope.py``), in torch ops: ``x * cos + rotate_half(x) * sin``."""
+def _rope_math(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1, form: _RopeForm = _ROPE_FORMS[0]
+) -> tuple[Tensor, Tensor]:
+    """What ours computes in ``form`` (``ops/rope.py``), in torch ops: ``x * cos +
+    rotate_half(x) * sin`` on a head's first ``cos.shape[-1]`` elements, the rest as they are."""
 
     def rotate_half(x: Tensor) -> Tensor:
+        if form.interleaved:
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
         first, second = x.chunk(2, dim=-1)
         return torch.cat((-second, first), dim=-1)
 
+    if form.pair_trig:
+        cos, sin = _pair_trig(cos, sin)
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    rotated = cos.shape[-1]
+    return tuple(
+        torch.cat((x[..., :rotated] * cos + rotate_half(x[..., :rotated]) * sin, x[..., rotated:]), dim=-1)
+        for x in (q, k)
+    )
 
 
-@functools.cache
-def _rope_probe_error(theirs: Callable) -> str:
-    """Why ``theirs`` does not compute ours on float64 probes of each call ours takes in its
-    place (``_rope_in_place_of``): ``(q, k, cos, sin)`` with heads before time, and heads
-    after with ``unsqueeze_dim=2`` by position and by name (grouped-query k, random cos and
-    sin: any values, not only a rotation's); or "". A fifth parameter that means something
-    else (position ids) fails it. Against torch ops, not our op, so that the check does not
-    depend on the backend selected (one for CUDA tensors only cannot run the CPU probe)."""
+def _rope_probe_error(theirs: Callable, form: _RopeForm, rotated: int = 8) -> float | str:
+    """The largest difference between ``theirs`` and ours in ``form`` on float64 probes of
+    each call ours takes in its place (``_rope_in_place_of``): ``(q, k, cos, sin)`` with heads
+    before time, and heads after with ``unsqueeze_dim=2`` by position and by name
+    (grouped-query k, heads of 8 elements, cos and sin of ``rotated``, random: any values, not
+    only a rotation's); or why theirs could not be run. A fifth parameter that means
+    something else (position ids) fails it. Against torch ops, not our op, so that the
+    check does not depend on the backend selected (one for CUDA tensors only cannot run the
+    CPU probe)."""
     g = torch.Generator().manual_seed(0)
     error = 0.0
     for unsqueeze_dim, q_shape, k_shape, keywords in (
@@ -1332,7 +1368,8 @@ def _rope_probe_error(theirs: Callable) -> str:
         (2, (2, 3, 4, 8), (2, 3, 2, 8), True),
     ):
         q, k, cos, sin = (
-            torch.randn(shape, generator=g, dtype=torch.float64) for shape in (q_shape, k_shape, (2, 3, 8), (2, 3, 8))
+            torch.randn(shape, generator=g, dtype=torch.float64)
+            for shape in (q_shape, k_shape, (2, 3, rotated), (2, 3, rotated))
         )
         try:
             with torch.no_grad():
@@ -1342,17 +1379,36 @@ def _rope_probe_error(theirs: Callable) -> str:
                     result = theirs(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
                 else:
                     result = theirs(q, k, cos, sin, unsqueeze_dim)
-                expected = _rope_math(q, k, cos, sin, unsqueeze_dim)
+                expected = _rope_math(q, k, cos, sin, unsqueeze_dim, form)
                 error = max(error, *((a - b).abs().max().item() for a, b in zip(result, expected, strict=True)))
         except Exception as failure:
-            return f"{_ROPE_GLOBAL} could not be checked on a CPU float64 probe ({_first_line(failure)})"
-    if not error <= _PROBE_TOLERANCE:
-        return f"its {_ROPE_GLOBAL} differs from q * cos + rotate_half(q) * sin (max error {error:.1e})"
-    return ""
+            return _first_line(failure)
+    return error
+
+
+@functools.cache
+def _rope_form(theirs: Callable) -> _RopeForm | str:
+    """The form of ours (``_ROPE_FORMS``) that ``theirs`` computes on the probes
+    (``_rope_probe_error``), with ``partial`` where it computes that form on a cos of half
+    a head too (theirs errs or differs there: calls with such a cos go to it); or why none."""
+    errors = []
+    for form in _ROPE_FORMS:
+        error = _rope_probe_error(theirs, form)
+        if isinstance(error, str):
+            return f"{_ROPE_GLOBAL} could not be checked on a CPU float64 probe ({error})"
+        if error <= _PROBE_TOLERANCE:
+            partial_error = _rope_probe_error(theirs, form, rotated=4)
+            return form._replace(partial=not isinstance(partial_error, str) and partial_error <= _PROBE_TOLERANCE)
+        errors.append(error)
+    return (
+        f"its {_ROPE_GLOBAL} computes none of ours, q * cos + rotate_half(q) * sin with halves or adjacent "
+        f"elements rotated (least max error {min(errors):.1e})"
+    )
 
 
 def _rope_checked(attention: torch.nn.Module) -> dict[str, Any] | str:
-    return _rope_probe_error(_forward_globals(type(attention)).get(_ROPE_GLOBAL)) or {}
+    form = _rope_form(_forward_globals(type(attention)).get(_ROPE_GLOBAL))
+    return form if isinstance(form, str) else {}
 
 
 def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:

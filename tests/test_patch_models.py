@@ -290,11 +290,11 @@ MODELS = {
     "llama-relu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="relu"), "LinearAct"),
 }
 CAUSAL = [name for name in MODELS if name != "vit"]
-# their attention reads no apply_rotary_pos_emb (GPT-2, BERT, ViT, OPT), or one the probe refuses: GLM's and
-# GLM-4's rotate interleaved pairs of part of each head, gpt-oss's its own halves. The others' attentions call
-# ours where the shapes fit (Phi's and StableLM's partial rotary parts too), theirs at each call where they do
-# not (GPT-NeoX's and GLM-4-MoE's partial rotation inside theirs; DeepSeek-V3's interleaved path, its own)
-NO_ROPE = ("gpt2", "bert", "vit", "opt", "glm", "glm4", "gpt_oss")
+# their attention reads no apply_rotary_pos_emb (GPT-2, BERT, ViT, OPT), or one the probe refuses: gpt-oss's
+# rotates its own halves. The others' attentions call ours: Llama's halves, GLM's and GLM-4's interleaved pairs
+# of cos's first half; a partial rotation (GPT-NeoX's, GLM's, GLM-4-MoE's inside theirs; Phi's and StableLM's
+# rotary parts apart) too. DeepSeek-V3's interleaved path calls its own.
+NO_ROPE = ("gpt2", "bert", "vit", "opt", "gpt_oss")
 ROPE = [name for name in MODELS if name not in NO_ROPE]
 
 
@@ -1082,14 +1082,24 @@ def test_torch_export_of_a_patched_model(loss):
     torch.testing.assert_close(program.module()(ids, use_cache=False).logits, original(ids, use_cache=False).logits)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "phi", "olmo3"])
+# Command R's rotary embedding rotates interleaved pairs (its norms, layer norms without a bias, are none of ours)
+ROTARY_MODELS = {name: MODELS[name][0] for name in ["llama", "qwen3", "phi", "olmo3", "gpt_neox", "glm"]}
+ROTARY_MODELS["cohere"] = _decoder("CohereForCausalLM", "CohereConfig")
+
+
+@pytest.mark.parametrize("name", ROTARY_MODELS)
 def test_patched_attention_rotates_with_ours_and_others_keep_theirs(name, monkeypatch):
-    """A patched model's attention calls ours for its rotary embedding, once a layer; an
-    unpatched model of the same class (transformers' module itself unchanged) does not."""
+    """A patched model's attention calls ours for its rotary embedding, once a layer (GPT-NeoX's
+    partial rotation, GLM's interleaved pairs of part of a head and Cohere's interleaved pairs
+    too), and gives the unpatched model's logits; an unpatched model of the same class
+    (transformers' module itself unchanged) does not call ours."""
     calls = []
     ours = gk_patch.apply_rotary_pos_emb
-    monkeypatch.setattr(gk_patch, "apply_rotary_pos_emb", lambda *args: calls.append(1) or ours(*args))
-    original = _build(name)
+    monkeypatch.setattr(
+        gk_patch, "apply_rotary_pos_emb", lambda *args, **kwargs: calls.append(1) or ours(*args, **kwargs)
+    )
+    torch.manual_seed(0)
+    original = ROTARY_MODELS[name]()
     module = importlib.import_module(type(original).__module__)
     theirs = module.apply_rotary_pos_emb
     model = copy.deepcopy(original)
@@ -1097,10 +1107,10 @@ def test_patched_attention_rotates_with_ours_and_others_keep_theirs(name, monkey
     assert module.apply_rotary_pos_emb is theirs
     calls.clear()  # the probe of theirs against ours
     batch = _batch(name)
-    model(**batch)
+    logits = model(**batch).logits
     layers = model.config.num_hidden_layers
     assert len(calls) == layers
-    original(**batch)
+    torch.testing.assert_close(logits, original(**batch).logits)
     assert len(calls) == layers
     gk.unpatch(model)
     model(**batch)
@@ -1109,57 +1119,94 @@ def test_patched_attention_rotates_with_ours_and_others_keep_theirs(name, monkey
 
 def test_rope_left_where_the_models_own_differs(monkeypatch):
     """An attention whose module's apply_rotary_pos_emb computes something else (here:
-    the pairs interleaved, as some models rotate) stays, with the probe's finding."""
+    halves rotated the other way) stays, with the probe's finding."""
     from transformers.models.llama import modeling_llama
 
-    def interleaved(q, k, cos, sin, unsqueeze_dim=1):
+    def reversed_rotation(q, k, cos, sin, unsqueeze_dim=1):
         def rotate(x):
-            pairs = x.unflatten(-1, (-1, 2))
-            return torch.stack((-pairs[..., 1], pairs[..., 0]), -1).flatten(-2)
+            first, second = x.chunk(2, dim=-1)
+            return torch.cat((second, -first), dim=-1)
 
         cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
         return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
-    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", interleaved)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", reversed_rotation)
     report = gk.patch(_build("llama"))
     assert "RoPE" not in report.counts
     left = {n: why for n, _, why in report.left}
-    assert "differs from q * cos + rotate_half(q) * sin" in left["model.layers.0.self_attn"]
+    assert "computes none of ours" in left["model.layers.0.self_attn"]
 
 
-def test_rope_in_place_of_theirs_takes_only_the_calls_probed():
-    """Ours for (q, k, cos, sin[, unsqueeze_dim]) of shapes it takes; any other call (other
-    arguments, a cos narrower than a head, no k) goes to theirs as it was made."""
+def _interleaved_of_pairs_trig(q, k, cos, sin, unsqueeze_dim=1):
+    """GLM's apply_rotary_pos_emb, written out: interleaved pairs, each pair's cos and sin from
+    the first half of those handed over, the head's elements past them as they are."""
+    cos, sin = (t.unsqueeze(unsqueeze_dim) for t in (cos, sin))
+    cos, sin = (t[..., : t.shape[-1] // 2].repeat_interleave(2, dim=-1) for t in (cos, sin))
+    rotated = cos.shape[-1]
+
+    def embed(x):
+        x_rot = x[..., :rotated]
+        rotate_half = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)
+        return torch.cat((x_rot * cos + rotate_half * sin, x[..., rotated:]), dim=-1)
+
+    return embed(q), embed(k)
+
+
+def _halves_of_full_heads(q, k, cos, sin, unsqueeze_dim=1):
+    """Llama's: the halves of whole heads (a narrower cos fails to broadcast)."""
+    cos, sin = (t.unsqueeze(unsqueeze_dim) for t in (cos, sin))
+    return tuple(x * cos + torch.cat((-x.chunk(2, -1)[1], x.chunk(2, -1)[0]), dim=-1) * sin for x in (q, k))
+
+
+def test_rope_probe_finds_each_form():
+    """The probe tells Llama's halves (no partial rotation: theirs fails on it), GLM's interleaved
+    pairs of cos's first half with partial rotation, and GPT-NeoX's halves of part of a head."""
+    gpt_neox = importlib.import_module("transformers.models.gpt_neox.modeling_gpt_neox").apply_rotary_pos_emb
+    assert gk_patch._rope_form(_halves_of_full_heads) == gk_patch._RopeForm(False, False, partial=False)
+    assert gk_patch._rope_form(_interleaved_of_pairs_trig) == gk_patch._RopeForm(True, True, partial=True)
+    assert gk_patch._rope_form(gpt_neox) == gk_patch._RopeForm(False, False, partial=True)
+
+
+@pytest.mark.parametrize(
+    "form", [gk_patch._RopeForm(False, False), gk_patch._RopeForm(True, False), gk_patch._RopeForm(True, True, True)]
+)
+def test_rope_in_place_of_theirs_takes_only_the_calls_probed(form):
+    """Ours in the form probed for (q, k, cos, sin[, unsqueeze_dim]) of shapes it takes (a cos
+    narrower than a head where the probe found theirs to rotate part of one); any other call
+    (other arguments, no k, an odd cos) goes to theirs as it was made."""
     theirs_calls = []
 
     def theirs(*args, **kwargs):
         theirs_calls.append((len(args), sorted(kwargs)))
         return "theirs"
 
-    rope = gk_patch._rope_in_place_of(theirs)
+    rope = gk_patch._rope_in_place_of(theirs, form)
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 3, 8, generator=g)
     cos, sin = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
-    for args, kwargs in (
+    calls = [
         ((q, k, cos, sin), {}),
         ((q, k, cos, sin, 1), {}),
         ((q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2), {}),
         ((q.transpose(1, 2), k.transpose(1, 2), cos, sin), {"unsqueeze_dim": 2}),
-    ):
+    ]
+    partial = ((q, k, cos[..., :4], sin[..., :4]), {})
+    for args, kwargs in calls + [partial] * form.partial:
         ours = rope(*args, **kwargs)
-        expected = gk_patch._rope_math(*args[:4], args[4] if len(args) == 5 else kwargs.get("unsqueeze_dim", 1))
+        expected = gk_patch._rope_math(*args[:4], args[4] if len(args) == 5 else kwargs.get("unsqueeze_dim", 1), form)
         for a, b in zip(ours, expected, strict=True):
             torch.testing.assert_close(a, b)
     assert not theirs_calls
-    for args, kwargs in (
+    for args, kwargs in [
         ((q, k, cos, sin), {"position_ids": None}),
         ((q, k, cos, sin, None, 1), {}),
-        ((q, k, cos[..., :4], sin[..., :4]), {}),
         ((q, None, cos, sin), {}),
         ((q, k, cos, sin), {"unsqueeze_dim": 3}),
-    ):
+        ((q, k, cos[..., :3], sin[..., :3]), {}),
+    ] + [partial] * (not form.partial):
         assert rope(*args, **kwargs) == "theirs"
-    assert theirs_calls == [(4, ["position_ids"]), (6, []), (4, []), (4, []), (4, ["unsqueeze_dim"])]
+    assert theirs_calls[:4] == [(4, ["position_ids"]), (6, []), (4, []), (4, ["unsqueeze_dim"])]
+    assert len(theirs_calls) == 6 - form.partial
 
 
 def test_rope_probe_checks_theirs_without_running_ours(monkeypatch):
@@ -1170,12 +1217,12 @@ def test_rope_probe_checks_theirs_without_running_ours(monkeypatch):
     def unavailable(*args):
         raise gk.BackendError("cannot run op 'rope' on this backend for device cpu")
 
-    gk_patch._rope_probe_error.cache_clear()  # cached per function of theirs: checked anew here
+    gk_patch._rope_form.cache_clear()  # cached per function of theirs: checked anew here
     try:
         monkeypatch.setattr(gk_patch, "apply_rotary_pos_emb", unavailable)
         report = gk.patch(_build("llama"))
     finally:
-        gk_patch._rope_probe_error.cache_clear()
+        gk_patch._rope_form.cache_clear()
     assert report.counts["RoPE"] == 2
     g = torch.Generator().manual_seed(1)
     q, k, cos, sin = (
