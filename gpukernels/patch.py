@@ -36,7 +36,8 @@ forward. Recognised:
 - transformers, when already imported: the RMSNorms of Llama, Mistral,
   Mixtral, Qwen2/Qwen3 (their MoE and VL models too), Gemma 1-3, Phi-3,
   Granite, SmolLM3, OLMo 2, GLM, GLM-4 (and -MoE), DeepSeek-V3 and gpt-oss
-  (``rms_norm`` in their variant), their gated
+  (``rms_norm`` in their variant), Cohere's LayerNorm (``layer_norm`` without
+  a bias), their gated
   MLPs ``down(act(gate(x)) * up(x))`` (``swiglu`` / ``geglu`` between the
   projections, which run as they are; not the MoE experts' batched
   products), the rotary embedding of queries and keys in every transformers
@@ -596,6 +597,19 @@ def _timm_rms_norm_2d_forward(self, x: Tensor) -> Tensor:
     return rms_norm(channels_last, self.normalized_shape, weight, self.eps, cast_before_weight=True).permute(0, 3, 1, 2)
 
 
+def _cohere_layer_norm_forward(self, x: Tensor) -> Tensor:
+    """Cohere's LayerNorm: over the last dim, without a bias, in fp32, rounded to x's dtype
+    (as F.layer_norm, which computes in fp32 whatever the input dtype)."""
+    (weight,) = gnn.module_state(self, self._parameters, "weight")
+    return layer_norm(x, weight.shape, weight, None, self.variance_epsilon, out_dtype=gnn.matmul_input_dtype(self, x))
+
+
+def _one_weight_a_feature(module: torch.nn.Module) -> dict[str, Any] | str:
+    if module.weight.dim() != 1:
+        return f"its weight of shape {tuple(module.weight.shape)} (a weight a head: QK norm) is no layer norm's"
+    return {}
+
+
 def _layer_norm_2d_forward(self, x: Tensor) -> Tensor:
     """timm's and torchvision's LayerNorm2d: over the channels of an NCHW tensor."""
     weight, bias = gnn.module_state(self, self._parameters, "weight", "bias")
@@ -707,7 +721,7 @@ def _pre_norms(
 # the installed version by tests/test_patch_models.py: the same logits bit for bit under autocast):
 # (model, block class) -> {norm: ((a child it goes to, that child's class), ...)}. Under autocast those
 # projections cast it to the autocast dtype, so the norm may return that dtype (gnn.matmul_input_dtype).
-# Phi's and StableLM's (parallel residual) input norm goes to both.
+# Phi's, StableLM's and Cohere's (parallel residual) input norm goes to both.
 # Not here: norms of a block's outputs (Gemma 2/3's post-norms, OLMo 2's), the final norm (returned as
 # the model's hidden state).
 _NORMS_BEFORE_MATMULS = {
@@ -725,6 +739,7 @@ _NORMS_BEFORE_MATMULS = {
     ("gpt2", "GPT2Block"): {"ln_1": (("attn", "GPT2Attention"),), "ln_2": (("mlp", "GPT2MLP"),)},
     ("gpt_neox", "GPTNeoXLayer"): _pre_norms("GPTNeoX", attention="attention"),
     ("phi", "PhiDecoderLayer"): {"input_layernorm": (("self_attn", "PhiAttention"), ("mlp", "PhiMLP"))},
+    ("cohere", "CohereDecoderLayer"): {"input_layernorm": (("self_attn", "CohereAttention"), ("mlp", "CohereMLP"))},
     ("stablelm", "StableLmDecoderLayer"): {
         "input_layernorm": (("self_attn", "StableLmAttention"), ("mlp", "StableLmMLP")),
         "post_attention_layernorm": (("mlp", "StableLmMLP"),),
@@ -1421,6 +1436,8 @@ def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
         for forward, classes in _RMS_NORMS.items()
         for model, name in classes
     ]
+    read.append((_transformers_class("cohere", "CohereLayerNorm"), _cohere_layer_norm_forward, "LayerNorm",
+                 _one_weight_a_feature))  # fmt: skip
     read += [
         (_transformers_class(model, name), _gated_mlp_forward, "GatedMLP", _gated_activation("act_fn"))
         for model, name in _GATED_MLPS
@@ -1726,6 +1743,7 @@ _CAUSAL_LMS = (
     ("stablelm", "StableLmForCausalLM"),
     ("bert", "BertLMHeadModel"),
     ("granite", "GraniteForCausalLM"),
+    ("cohere", "CohereForCausalLM"),
     ("gemma2", "Gemma2ForCausalLM"),
     ("gemma3", "Gemma3ForCausalLM"),
     ("glm4_moe", "Glm4MoeForCausalLM"),
@@ -1737,9 +1755,10 @@ _CAUSAL_LMS = (
     ("qwen3_vl", "Qwen3VLForConditionalGeneration"),
     ("gemma3", "Gemma3ForConditionalGeneration"),
 )
-# Causal LMs whose forward divides the logits by config.logits_scaling before the loss: under loss="fused" it
-# divides the hidden states, which gives the same logits from an output layer without a bias.
-_SCALED_CAUSAL_LMS = (("granite", "GraniteForCausalLM"),)
+# Causal LMs whose forward scales the logits before the loss (Granite divides them by config.logits_scaling,
+# Cohere multiplies them by its logit_scale): under loss="fused" it scales the hidden states, which gives the same
+# logits from an output layer without a bias.
+_SCALED_CAUSAL_LMS = (("granite", "GraniteForCausalLM"), ("cohere", "CohereForCausalLM"))
 # Causal LMs whose forward soft-caps the logits by config.final_logit_softcapping before the loss: under
 # loss="fused", the loss caps the logits it makes, and the forward, which gets the hidden states, must not.
 _SOFT_CAPPED_CAUSAL_LMS = (("gemma2", "Gemma2ForCausalLM"), ("gemma3", "Gemma3ForCausalLM"))

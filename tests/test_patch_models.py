@@ -285,6 +285,8 @@ MODELS = {
         "LinearAct",
     ),
     "starcoder2": (_decoder("Starcoder2ForCausalLM", "Starcoder2Config", head_dim=8), "LinearAct"),
+    # layer norms without a bias, attention and MLP in parallel, interleaved rotary pairs, scaled logits (Command R)
+    "cohere": (_decoder("CohereForCausalLM", "CohereConfig"), "GatedMLP"),
     # other activations in the same classes: geglu's erf form; relu, which has no gated op (fused with gate_proj)
     "llama-gelu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="gelu"), "GatedMLP"),
     "llama-relu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="relu"), "LinearAct"),
@@ -337,7 +339,7 @@ def _step(model: nn.Module, batch: dict, objective=None):
 
 
 def _is_norm(module: nn.Module) -> bool:
-    return type(module) is nn.LayerNorm or type(module).__name__.endswith("RMSNorm")
+    return type(module) is nn.LayerNorm or type(module).__name__.endswith(("RMSNorm", "CohereLayerNorm"))
 
 
 def _is_activation(module: nn.Module) -> bool:
@@ -426,11 +428,13 @@ def test_outputs_and_gradients_match_the_unpatched_model_fp32(name):
 
 
 def _norms_in_fp64(model: nn.Module) -> nn.Module:
-    """``model`` with its transformers RMSNorms computing in the input's dtype: they
-    compute in fp32 whatever the input (``hidden_states.to(torch.float32)``), so the
-    fp64 model is not an fp64 reference until they do not."""
+    """``model`` with its transformers RMSNorms (and Cohere's LayerNorms) computing in the
+    input's dtype: they compute in fp32 whatever the input (``hidden_states.to(torch.float32)``),
+    so the fp64 model is not an fp64 reference until they do not."""
     for module in model.modules():
-        if type(module).__name__ in ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"):
+        if type(module).__name__ == "CohereLayerNorm":
+            module.forward = lambda x, m=module: F.layer_norm(x, m.weight.shape, m.weight, None, m.variance_epsilon)
+        elif type(module).__name__ in ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"):
             module.forward = lambda x, m=module: (
                 x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) * (1 + m.weight)
             )
@@ -439,6 +443,25 @@ def _norms_in_fp64(model: nn.Module) -> nn.Module:
                 m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
             )
     return model
+
+
+@contextlib.contextmanager
+def _rotary_in_fp64(model: nn.Module):
+    """Cohere's apply_rotary_pos_emb computes in fp32 whatever its input (``q.float()``): for the
+    fp64 reference, its formula (interleaved pairs) in the input's dtype while the block runs."""
+    module = sys.modules[type(model).__module__]
+    if type(model).__name__ != "CohereForCausalLM":
+        yield
+        return
+    theirs = module.apply_rotary_pos_emb
+    form = gk_patch._RopeForm(interleaved=True, pair_trig=False)
+    module.apply_rotary_pos_emb = lambda q, k, cos, sin, unsqueeze_dim=1: gk_patch._rope_math(
+        q, k, cos, sin, unsqueeze_dim, form
+    )
+    try:
+        yield
+    finally:
+        module.apply_rotary_pos_emb = theirs
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -450,7 +473,9 @@ def test_outputs_and_gradients_match_the_unpatched_model_fp64(name):
     batch = _batch(name, torch.float64)
     # transformers computes its losses in fp32 even for fp64 logits: a probe of the logits in fp64 instead
     weights = torch.randn_like(original(**_without_labels(batch)).logits)
-    ours, theirs, exact = (_step(m, batch, lambda out: (out * weights).sum()) for m in (model, original, reference))
+    ours, theirs = (_step(m, batch, lambda out: (out * weights).sum()) for m in (model, original))
+    with _rotary_in_fp64(original):
+        exact = _step(reference, batch, lambda out: (out * weights).sum())
     assert_matches(ours[1], theirs[1], exact[1])
     assert ours[2].keys() == theirs[2].keys()
     for key in ours[2]:
@@ -504,7 +529,7 @@ NORMS_FEEDING_MATMULS = {
     "gpt2": ("ln_1", "ln_2"),
     "gpt_neox": PRE_NORMS,
     "stablelm": PRE_NORMS,
-    "phi": ("input_layernorm",),  # its one norm goes to both the attention and the MLP (parallel)
+    **{name: ("input_layernorm",) for name in ("phi", "cohere")},  # its one norm: to attention and MLP (parallel)
 }
 # Llama-form blocks not listed, by the code of their children: at least the norm before an MLP whose code is a
 # listed one's (the MoE models' dense layers, the VL models' text layers), and the one before an attention where
@@ -1082,12 +1107,7 @@ def test_torch_export_of_a_patched_model(loss):
     torch.testing.assert_close(program.module()(ids, use_cache=False).logits, original(ids, use_cache=False).logits)
 
 
-# Command R's rotary embedding rotates interleaved pairs (its norms, layer norms without a bias, are none of ours)
-ROTARY_MODELS = {name: MODELS[name][0] for name in ["llama", "qwen3", "phi", "olmo3", "gpt_neox", "glm"]}
-ROTARY_MODELS["cohere"] = _decoder("CohereForCausalLM", "CohereConfig")
-
-
-@pytest.mark.parametrize("name", ROTARY_MODELS)
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi", "olmo3", "gpt_neox", "glm", "cohere"])
 def test_patched_attention_rotates_with_ours_and_others_keep_theirs(name, monkeypatch):
     """A patched model's attention calls ours for its rotary embedding, once a layer (GPT-NeoX's
     partial rotation, GLM's interleaved pairs of part of a head and Cohere's interleaved pairs
@@ -1098,8 +1118,7 @@ def test_patched_attention_rotates_with_ours_and_others_keep_theirs(name, monkey
     monkeypatch.setattr(
         gk_patch, "apply_rotary_pos_emb", lambda *args, **kwargs: calls.append(1) or ours(*args, **kwargs)
     )
-    torch.manual_seed(0)
-    original = ROTARY_MODELS[name]()
+    original = _build(name)
     module = importlib.import_module(type(original).__module__)
     theirs = module.apply_rotary_pos_emb
     model = copy.deepcopy(original)
@@ -1115,6 +1134,20 @@ def test_patched_attention_rotates_with_ours_and_others_keep_theirs(name, monkey
     gk.unpatch(model)
     model(**batch)
     assert len(calls) == layers
+
+
+def test_cohere_qk_norms_a_weight_a_head_are_left():
+    """Command R+'s q and k norms (Cohere's LayerNorm with a weight per head, normalising each
+    head) are no layer norm of ours: left with the reason; its other norms are ours."""
+    torch.manual_seed(0)
+    original = _decoder("CohereForCausalLM", "CohereConfig", use_qk_norm=True)()
+    model = copy.deepcopy(original)
+    report = gk.patch(model)
+    left = {n: why for n, _, why in report.left}
+    assert "a weight a head" in left["model.layers.0.self_attn.q_norm"]
+    assert report.counts["LayerNorm"] == 3
+    batch = _batch("cohere")
+    torch.testing.assert_close(model(**batch).logits, original(**batch).logits)
 
 
 def test_rope_left_where_the_models_own_differs(monkeypatch):
