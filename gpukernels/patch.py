@@ -792,13 +792,81 @@ def _norms_feeding_matmuls(classes: Iterable[type]) -> dict[type, dict[str, list
     return blocks
 
 
+_DTYPE_FREE = ("shape", "size", "dim", "ndim", "device")  # what a tensor tells alike in any dtype
+
+
+@functools.cache
+def _children_reading_input(cls: type) -> tuple[str, ...] | None:
+    """The children ``self.<name>`` to which ``cls.forward`` passes its first input, when it
+    reads that input only so (the one argument of each call, under the name it came by) and
+    by what does not depend on its dtype (``_DTYPE_FREE``), up to the statement of its body
+    that binds the name to another value (``x = self.fc(x)``, GPT-NeoX's MLP), if any; else
+    None (its source unreadable among the reasons)."""
+    forward = inspect.unwrap(cls.__dict__.get("forward", cls.forward))
+    try:
+        function = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
+    except (OSError, TypeError, SyntaxError):
+        return None
+    if not isinstance(function, ast.FunctionDef) or len(function.args.args) < 2:
+        return None
+    input_name = function.args.args[1].arg
+    parents = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
+    children = set()
+    for statement in function.body:
+        rebinds = (
+            isinstance(statement, ast.Assign)
+            and len(statement.targets) == 1
+            and isinstance(statement.targets[0], ast.Name)
+            and statement.targets[0].id == input_name
+        )
+        for node in ast.walk(statement.value if rebinds else statement):
+            if not isinstance(node, ast.Name) or node.id != input_name:
+                continue
+            parent = parents[node]
+            if not isinstance(node.ctx, ast.Load):
+                return None
+            if isinstance(parent, ast.Attribute) and parent.attr in _DTYPE_FREE:
+                continue
+            call = parent if isinstance(parent, ast.Call) else None
+            if (
+                call is None
+                or len(call.args) != 1
+                or call.args[0] is not node
+                or call.keywords
+                or not isinstance(call.func, ast.Attribute)
+                or not (isinstance(call.func.value, ast.Name) and call.func.value.id == "self")
+            ):
+                return None
+            children.add(call.func.attr)
+        if rebinds:
+            break
+    return tuple(sorted(children)) or None
+
+
+def _matmuls_read_input(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward reads its input only by passing it to linear layers of its
+    own (``nn.Linear``, ``LinearAct``, without hooks) and by its shape: under autocast they cast
+    it to the autocast dtype first, so an input in that dtype gives the same results. A name
+    the module lacks or sets to None is a branch that cannot run (DeepSeek's q_proj beside its
+    q_a_proj: one of the two, by its config)."""
+    names = _children_reading_input(type(module))
+    if names is None:
+        return False
+    children = [getattr(module, name, None) for name in names]
+    return all(
+        child is None or (type(child) in (torch.nn.Linear, gnn.LinearAct) and not _has_hooks(child))
+        for child in children
+    )
+
+
 def _mark_norms_feeding_matmuls(
     model: torch.nn.Module, classes: set[type], swapped: set[str], uses: Counter
 ) -> list[str]:
     """Set ``feeds_matmuls`` on the norms (swapped by this patch) of the blocks of
     ``_NORMS_BEFORE_MATMULS`` (and the Llama-form blocks like them among the model's
     transformers ``classes``: ``_norms_feeding_matmuls``) whose output goes to the block's own
-    attention or MLP classes; not on a shared norm, nor where a hook on the norm or on those
+    attention or MLP classes, or to children whose forward only linear layers read
+    (``_matmuls_read_input``); not on a shared norm, nor where a hook on the norm or on those
     children would see its dtype. Returns their names."""
     blocks = _norms_feeding_matmuls(classes)
     marked = []
@@ -810,7 +878,10 @@ def _mark_norms_feeding_matmuls(
             readers = [(getattr(block, child, None), classes) for child, classes in children]
             if (
                 name in swapped
-                and all(child is not None and _original_class(child) in classes for child, classes in readers)
+                and all(
+                    child is not None and (_original_class(child) in classes or _matmuls_read_input(child))
+                    for child, classes in readers
+                )
                 and uses[id(norm)] == 1
                 and not (_has_hooks(norm) or any(_has_hooks(child) for child, _ in readers))
             ):

@@ -9,6 +9,7 @@ leaves in each model."""
 import contextlib
 import copy
 import importlib
+import linecache
 import pickle
 import re
 import subprocess
@@ -531,15 +532,15 @@ NORMS_FEEDING_MATMULS = {
     "stablelm": PRE_NORMS,
     **{name: ("input_layernorm",) for name in ("phi", "cohere")},  # its one norm: to attention and MLP (parallel)
 }
-# Llama-form blocks not listed, by the code of their children: at least the norm before an MLP whose code is a
-# listed one's (the MoE models' dense layers, the VL models' text layers), and the one before an attention where
-# its code is a listed one's but for its globals (some of them in transformers 5.17, none in 5.25): never another
+# Llama-form blocks not listed, by their children: at least the norm before an attention whose forward reads
+# its input only by its projections and its shape (DeepSeek's latent attention too), and before an MLP that
+# does, or whose code is a listed one's (the MoE models' dense layers, the VL models' text layers, not their
+# experts): never another
 NORMS_FEEDING_MATMULS_BY_CODE = {
-    "mixtral": (),
-    **{name: ("layers.1.post_attention_layernorm",) for name in ("qwen2_moe", "qwen3_moe")},
-    **{name: ("layers.0.post_attention_layernorm",) for name in ("deepseek_v3", "glm4_moe")},
-    **{name: ("post_attention_layernorm",) for name in ("qwen2_vl", "qwen2_5_vl")},
-    "hunyuan_v1_dense": ("post_attention_layernorm",),
+    "mixtral": ("input_layernorm",),
+    **{name: ("input_layernorm", "layers.1.post_attention_layernorm") for name in ("qwen2_moe", "qwen3_moe")},
+    **{name: ("input_layernorm", "layers.0.post_attention_layernorm") for name in ("deepseek_v3", "glm4_moe")},
+    **{name: PRE_NORMS for name in ("qwen2_vl", "qwen2_5_vl", "hunyuan_v1_dense", "seed_oss", "starcoder2")},
 }
 
 
@@ -590,6 +591,60 @@ def test_norms_feeding_only_matmuls_return_the_autocast_dtype_and_the_same_logit
     assert torch.equal(logits, logits_fp32_norms)
     gk.unpatch(model)
     assert not any("feeds_matmuls" in vars(m) for m in model.modules())
+
+
+class _ReadsByProjections(nn.Module):
+    def forward(self, hidden_states, mask=None):
+        batch, time = hidden_states.shape[:-1]
+        if mask is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_a(hidden_states) * mask
+        hidden_states = self.k_proj(hidden_states)  # the name bound to another value: read no further
+        return q + hidden_states.float()
+
+
+def _with_forward(source: str) -> type:
+    """A module class of this forward, its source readable by inspect (as a file's)."""
+    filename = f"<forward {len(linecache.cache)}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {}
+    exec(compile(source, filename, "exec"), namespace)
+    return type("Probe", (nn.Module,), {"forward": namespace["forward"]})
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "def forward(self, x):\n    return self.q_proj(x) + x",  # read otherwise
+        "def forward(self, x):\n    return self.q_proj(x.to(torch.float32))",  # its dtype changed
+        "def forward(self, x):\n    return self.q_proj(x, scale=2)",  # a call of more arguments
+        "def forward(self, x):\n    return F.linear(x, self.weight)",  # not a child's call
+        "def forward(self, x):\n    if x.dtype == torch.float32:\n        x = self.a(x)\n    return self.b(x)",
+        "def forward(self, x):\n    x += 1\n    return self.q_proj(x)",
+    ],
+)
+def test_children_reading_input_refuses_other_reads(source):
+    assert gk_patch._children_reading_input(_with_forward(source)) is None
+    read_by_one = "def forward(self, x):\n    return self.q_proj(x)"  # the same way of reading, accepted
+    assert gk_patch._children_reading_input(_with_forward(read_by_one)) == ("q_proj",)
+
+
+def test_children_reading_input_follows_the_input_to_projections():
+    """The projections a forward hands its input to (branches too), its shape read besides, up
+    to the statement that binds its name to another value; the instance's children must be
+    linear layers without hooks, a branch's child that is None (or absent) never runs."""
+    assert gk_patch._children_reading_input(_ReadsByProjections) == ("k_proj", "q_a", "q_proj")
+    module = _ReadsByProjections()
+    module.q_proj, module.k_proj, module.q_a = nn.Linear(4, 4), nn.Linear(4, 4), None
+    assert gk_patch._matmuls_read_input(module)
+    module.q_a = nn.Sequential(nn.Linear(4, 4))
+    assert not gk_patch._matmuls_read_input(module)
+    module.q_a = nn.Linear(4, 4)
+    handle = module.k_proj.register_forward_pre_hook(lambda *args: None)
+    assert not gk_patch._matmuls_read_input(module)
+    handle.remove()
+    assert gk_patch._matmuls_read_input(module)
 
 
 # the models whose blocks patch converts to add the attention's output and normalise the sum in one op
