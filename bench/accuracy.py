@@ -29,13 +29,14 @@ def _cases(device):
     x, w, b = randn(64, 1000), randn(1000), randn(1000)
     yield "layer_norm", (x, w, b), lambda f, x, w, b: f.layer_norm(x, (1000,), w, b)
     xi, wi, bi = randn(64, 256), randn(384, 256) / 16, randn(384)
-    for act in ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu"):
+    for act in ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu", "relu_squared"):
         torch_act = {
             "relu": F.relu,
             "gelu": F.gelu,
             "silu": F.silu,
             "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
             "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z),
+            "relu_squared": lambda z: F.relu(z).square(),
         }[act]
         yield (
             f"linear_act[{act}]",

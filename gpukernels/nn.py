@@ -121,7 +121,7 @@ class FusedActivation(torch.nn.Module):
 
 class LinearAct(torch.nn.Linear):
     """``activation(nn.Linear(x))`` as one op (``gpukernels.linear_act``); ``activation`` is one of
-    ``none, relu, gelu, gelu_tanh, silu, quick_gelu``."""
+    ``none, relu, gelu, gelu_tanh, silu, quick_gelu, relu_squared``."""
 
     def __init__(
         self, in_features: int, out_features: int, activation: str = "none", bias: bool = True, device=None, dtype=None
@@ -176,7 +176,7 @@ class BatchNormForward:
     """``torch.nn.modules.batchnorm._BatchNorm.forward`` with our op: the
     same momentum / cumulative-average / track_running_stats rules. A mixin
     of BatchNorm1d, BatchNorm2d and ``distributed.SyncBatchNorm``, not in
-    ``__all__``. ``activation`` (none, relu, gelu, gelu_tanh, silu, quick_gelu; an attribute,
+    ``__all__``. ``activation`` (none, relu, gelu, gelu_tanh, silu, quick_gelu, relu_squared; an attribute,
     not a parameter or buffer) is applied to the output by the same kernels:
     ``act(BatchNorm(x))``, as ``gk.patch`` sets it where an activation module
     takes a BatchNorm's output alone."""

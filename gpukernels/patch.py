@@ -13,7 +13,7 @@ forward. Recognised:
   stored transposed) or an ``nn.BatchNorm1d``/``2d`` whose output goes only,
   and straight (through ``nn.Identity`` modules at most: timm's disabled
   drop_block), into an activation module computing relu, gelu, gelu_tanh,
-  silu or quick_gelu, as the forward runs them (found by tracing it with
+  silu, quick_gelu or relu_squared, as the forward runs them (found by tracing it with
   ``torch.fx``; on every path traced: as the model is, in the other of train
   and eval mode, and with the forwards' optional arguments at their
   defaults), fuses with it: the Linear becomes one LinearAct, the
@@ -23,7 +23,8 @@ forward. Recognised:
   replacing a BatchNorm). A BatchNorm that cannot fuse (its activation module called
   elsewhere too) is swapped unfused. Activation modules: torch's
   ReLU/GELU/SiLU and the transformers and timm classes claiming that math
-  (quick_gelu: their QuickGELU, CLIP's), each checked on a probe before it
+  (quick_gelu: their QuickGELU, CLIP's; relu_squared: transformers'
+  ReLUSquaredActivation), each checked on a probe before it
   is fused.
 - torchvision's ConvNeXt LayerNorm2d, when already imported.
 - ResNet blocks, timm's and torchvision's ``BasicBlock`` and ``Bottleneck``
@@ -259,6 +260,7 @@ _ACTIVATION_MATH = {
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "silu": F.silu,
     "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z),
+    "relu_squared": lambda z: F.relu(z).square(),
 }
 _PROBE_TOLERANCE = 1e-6  # below fp32 rounding of the probe's values: FastGELU's 10-digit sqrt(2/pi) passes
 
@@ -272,6 +274,7 @@ _TRANSFORMERS_ACTIVATIONS = {
     "AccurateGELUActivation": "gelu_tanh",
     "SiLUActivation": "silu",
     "QuickGELUActivation": "quick_gelu",
+    "ReLUSquaredActivation": "relu_squared",
 }
 # timm's own activation classes that compute one of ours (its get_act_layer("gelu") gives its GELU: ConvNeXt's MLPs).
 _TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "Swish": "silu", "QuickGELU": "quick_gelu"}
@@ -283,7 +286,6 @@ _TRANSFORMERS_UNSUPPORTED = {
     "ClippedGELUActivation": "gelu clipped to [min, max]",
     "MishActivation": "x * tanh(softplus(x))",
     "LaplaceActivation": "a Laplace CDF",
-    "ReLUSquaredActivation": "relu(x)^2",
     "LinearActivation": "the identity",
     "SqrtSoftplusActivation": "sqrt(softplus(x))",
     "XIELUActivation": "xIELU",

@@ -36,6 +36,7 @@ TORCH_ACTIVATIONS = {
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
     "silu": F.silu,
     "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z),  # CLIP's, as transformers' QuickGELUActivation
+    "relu_squared": lambda z: F.relu(z).square(),  # Primer's, as transformers' ReLUSquaredActivation
 }
 
 

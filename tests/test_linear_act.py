@@ -106,6 +106,20 @@ def test_relu_passes_the_gradient_of_a_nan(device):
     torch.testing.assert_close(grads[0], grads[1], equal_nan=True, rtol=0, atol=0)
 
 
+def test_relu_squared_drops_the_gradient_where_z_is_not_positive_whatever_it_is(device):
+    """relu_squared's backward is PyTorch's for relu(z).square(): square's 2 relu(z) dy, then
+    relu's threshold_backward, 0 where relu(z) <= 0 even for an inf or nan dy there (2 * 0 *
+    inf would be nan); a nan z passes its nan on."""
+    x = torch.tensor([[1.0], [math.nan]], device=device)
+    weight = torch.tensor([[-1.0], [2.0]], device=device)  # z = [-1, 2] on the first row
+    dy = torch.tensor([[math.inf, 1.0], [1.0, 1.0]], device=device)
+    ours, theirs = (
+        _output_and_grads(fn, x, weight, None, "relu_squared", dy)[1:] for fn in (linear_act, torch_linear_act)
+    )
+    assert theirs[0][0].tolist() == [8.0]  # 4 * 2 from z = 2 alone
+    torch.testing.assert_close(ours, theirs, equal_nan=True, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("x_shape", [(0, 17), (2, 0, 17)])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_empty_batch(device, activation, x_shape):

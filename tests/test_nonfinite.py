@@ -54,7 +54,9 @@ CASES = [
     *[
         (f"linear_act_{activation}", "linear_act", lambda x, w, b, a=activation: gk.linear_act(x, w, b, a),
          lambda x, w, b, f=reference: f(F.linear(x, w, b)), (3, D), [(5, D), (5,)])
-        for activation, reference in (("relu", F.relu), ("gelu", F.gelu), ("silu", F.silu))
+        for activation, reference in (
+            ("relu", F.relu), ("gelu", F.gelu), ("silu", F.silu), ("relu_squared", lambda z: F.relu(z).square())
+        )
     ],
     ("swiglu", "gated_act", gk.swiglu, lambda g, u: F.silu(g) * u, (3, D), [(3, D)]),
     ("geglu", "gated_act", gk.geglu, lambda g, u: F.gelu(g) * u, (3, D), [(3, D)]),

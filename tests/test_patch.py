@@ -88,7 +88,7 @@ def test_every_supported_pattern_swapped_and_rest_reported():
     assert all(type(model[i]) is gnn.FusedActivation for i in (1, 3, 5, 7))
     left = {name: why for name, _, why in report.left}
     assert set(left) == {"10", "12", "14"}
-    assert left["10"] == "followed by Tanh 11: not a relu/gelu/gelu_tanh/silu/quick_gelu activation module"
+    assert left["10"] == "followed by Tanh 11: not a relu/gelu/gelu_tanh/silu/quick_gelu/relu_squared activation module"
     assert left["12"].startswith("followed by BatchNorm1d 13") and "goes to output" in left["14"]
     assert report.counts == {"LinearAct": 4, "LayerNorm": 1, "Dropout": 1, "BatchNorm1d": 1}
     assert "swapped 7 module(s) (LinearAct 4, LayerNorm 1, Dropout 1, BatchNorm1d 1)" in str(report)

@@ -1451,6 +1451,11 @@ class _QuickGELU(nn.Module):
         return z * torch.sigmoid(1.702 * z)
 
 
+class _ReLUSquared(nn.Module):
+    def forward(self, z):
+        return F.relu(z) ** 2
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -1477,6 +1482,7 @@ def test_each_transformers_activation_fuses_with_the_same_math(name, dtype):
         "gelu_tanh": nn.GELU(approximate="tanh"),
         "silu": nn.SiLU(),
         "quick_gelu": _QuickGELU(),
+        "relu_squared": _ReLUSquared(),
     }[model[0].activation]
     out, out_theirs, out_exact = model(x), original(x), reference(x.double())
     assert_matches(out, out_theirs, out_exact)
@@ -1491,7 +1497,7 @@ def test_activation_with_other_math_is_left_with_its_reason(name, math):
     model = nn.Sequential(nn.Linear(4, 4), getattr(activations, name)())
     report = gk.patch(model)
     assert type(model[0]) is nn.Linear
-    why = f"activation {name} computes {math}: none of relu/gelu/gelu_tanh/silu/quick_gelu"
+    why = f"activation {name} computes {math}: none of relu/gelu/gelu_tanh/silu/quick_gelu/relu_squared"
     assert report.left == [("0", "Linear", f"followed by {name} 1: {why}"), ("1", name, why)]
 
 

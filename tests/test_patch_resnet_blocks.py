@@ -207,7 +207,7 @@ LEFT = {
     "tanh": (
         TimmBasicBlock,
         _set("act2", lambda: nn.Tanh()),
-        "act2: activation Tanh is none of relu/gelu/gelu_tanh/silu/quick_gelu",
+        "act2: activation Tanh is none of relu/gelu/gelu_tanh/silu/quick_gelu/relu_squared",
     ),
     "norm_subclass": (
         TorchvisionBottleneck,

@@ -246,7 +246,7 @@ def test_timm_activation_not_ours_is_reported_with_its_math(timm_layers):
     """Mish is no activation of ours: the Linear before it and the module itself say what it computes."""
     model = nn.Sequential(nn.Linear(6, 8), Mish(), nn.Linear(8, 3))
     report = gk.patch(model)
-    why = "activation Mish computes x * tanh(softplus(x)): none of relu/gelu/gelu_tanh/silu/quick_gelu"
+    why = "activation Mish computes x * tanh(softplus(x)): none of relu/gelu/gelu_tanh/silu/quick_gelu/relu_squared"
     assert report.swapped == []
     assert report.left == [
         ("0", "Linear", f"followed by Mish 1: {why}"),

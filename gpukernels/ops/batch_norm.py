@@ -12,7 +12,7 @@ the forward returns the mean and rstd it normalised with (the batch's in
 training, the running stats' in eval) for the backward, in one ``(2, C)``
 tensor (one allocation and one saved tensor, not two).
 
-``activation`` (one of linear_act's: none, relu, gelu, gelu_tanh, silu, quick_gelu) is
+``activation`` (one of linear_act's: none, relu, gelu, gelu_tanh, silu, quick_gelu, relu_squared) is
 applied to the normalised output in the same pass, as ``act(batch_norm(x))``
 would be to its output rounded to x's dtype, so that a BatchNorm and the
 activation after it (a ResNet's BN + ReLU) read and write their
@@ -315,7 +315,7 @@ def batch_norm(
     """``torch.nn.functional.batch_norm`` for ``(N, C, *)`` input: per-channel
     statistics over the other dims; in training, ``running_mean`` and
     ``running_var`` (when given) are updated in place with the unbiased
-    batch variance. ``activation`` (none, relu, gelu, gelu_tanh, silu, quick_gelu) is
+    batch variance. ``activation`` (none, relu, gelu, gelu_tanh, silu, quick_gelu, relu_squared) is
     applied to the output in the same kernels: ``act(batch_norm(...))``;
     ``residual``, of the input's shape and dtype, is added before it
     (``act(batch_norm(...) + residual)``, activation none or relu)."""

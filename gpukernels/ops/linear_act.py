@@ -8,7 +8,8 @@ fp32 (fp64 for fp64 input).
 
 What the forward keeps for the backward, and its memory cost:
 - ``gelu``, ``gelu_tanh``, ``silu``, ``quick_gelu`` (``z * sigmoid(1.702 z)``,
-  CLIP's): the pre-activation ``z``, one extra
+  CLIP's), ``relu_squared`` (``relu(z)**2``, Primer's, Nemotron's): the
+  pre-activation ``z``, one extra
   ``(rows, out)`` tensor in the input dtype. This is what PyTorch's unfused
   ``act(F.linear(...))`` keeps too (the linear output saved by the
   activation); recomputing ``z`` instead would cost a second matmul.
@@ -40,8 +41,8 @@ from ._checks import (
 )
 from ._op import dense, kernel_op, reshaped
 
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "quick_gelu")
-_KEEPS_PRE_ACTIVATION = ("gelu", "gelu_tanh", "silu", "quick_gelu")
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "quick_gelu", "relu_squared")
+_KEEPS_PRE_ACTIVATION = ("gelu", "gelu_tanh", "silu", "quick_gelu", "relu_squared")
 
 
 @kernel_op("linear_act")
@@ -50,7 +51,7 @@ def linear_act_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Kernel: ``y = act(x @ weight.T + bias)`` (``bias`` optional), ``(rows, out)``
     in x's dtype; the pre-activation ``z``, the same shape, for the activations
-    whose backward reads it (gelu, gelu_tanh, silu, quick_gelu), else empty."""
+    whose backward reads it (gelu, gelu_tanh, silu, quick_gelu, relu_squared), else empty."""
     y = x.new_empty(x.shape[0], weight.shape[0])
     return y, torch.empty_like(y) if activation in _KEEPS_PRE_ACTIVATION else empty_grad(x)
 

@@ -48,7 +48,7 @@ def _silu_grad(z: np.ndarray) -> np.ndarray:
     return _sigmoid(z) * (1.0 + z * _sigmoid(-z))
 
 
-# activation -> (act(z), act'(z)); relu and none are handled without z (see ops/linear_act.py)
+# activation -> (act(z), act'(z)); none, relu and relu_squared are handled apart (see ops/linear_act.py)
 _ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
     "gelu": (lambda z: z * _normal_cdf(z), lambda z: _normal_cdf(z) + z * _INV_SQRT_2PI * np.exp(-0.5 * z * z)),
     "gelu_tanh": (lambda z: 0.5 * z * (1.0 + np.tanh(_tanh_argument(z))), _gelu_tanh_grad),
@@ -73,17 +73,22 @@ def activation_of(z: np.ndarray, activation: str) -> np.ndarray:
         return z
     if activation == "relu":
         return np.maximum(z, 0)
+    if activation == "relu_squared":
+        return np.maximum(z, 0) ** 2
     act, _ = _ACTIVATIONS[activation]
     return act(z)
 
 
 def pre_activation_grad(dy: np.ndarray, saved: np.ndarray, activation: str) -> np.ndarray:
     """dz = dy * act'(z); ``saved`` is z, or for relu y or z (y > 0 exactly where z > 0).
-    relu's passes dy where not ``saved <= 0``, as PyTorch's threshold_backward: a nan's too."""
+    relu's passes dy where not ``saved <= 0``, as PyTorch's threshold_backward: a nan's too;
+    relu_squared's is 0 there too whatever dy (PyTorch's relu backward after square's)."""
     if activation == "none":
         return dy
     if activation == "relu":
         return np.where(saved <= 0, 0, dy)
+    if activation == "relu_squared":
+        return np.where(saved <= 0, 0, dy * (2 * saved))
     _, act_grad = _ACTIVATIONS[activation]
     return dy * act_grad(saved)
 

@@ -70,6 +70,9 @@ def _activation(z, ACTIVATION: tl.constexpr):
         y = z * tl.sigmoid(z)
     elif ACTIVATION == "quick_gelu":
         y = z * tl.sigmoid(z * _QUICK_GELU_SCALE)
+    elif ACTIVATION == "relu_squared":
+        r = tl.where(z < 0, 0.0, z)
+        y = r * r
     return y
 
 
@@ -93,10 +96,14 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 @triton.jit
 def _pre_activation_grad(dy, saved, ACTIVATION: tl.constexpr, ACC: tl.constexpr):
     """dz = dy * act'(z) in ACC; ``saved`` is y for relu (y > 0 exactly where z > 0), z otherwise.
-    relu's passes dy where not ``saved <= 0``, as PyTorch's threshold_backward: a nan's too."""
+    relu's passes dy where not ``saved <= 0``, as PyTorch's threshold_backward: a nan's too;
+    relu_squared's is 0 there too whatever dy (PyTorch's relu backward after square's)."""
     dy = dy.to(ACC)
     if ACTIVATION == "relu":
         dz = tl.where(saved <= 0, 0.0, dy)
+    elif ACTIVATION == "relu_squared":
+        z = saved.to(ACC)
+        dz = tl.where(z <= 0, 0.0, dy * (2.0 * z))
     elif ACTIVATION == "none":
         dz = dy
     else:
