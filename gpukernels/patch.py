@@ -1356,16 +1356,27 @@ class _RopeForm(NamedTuple):
     """Which of ours a module's ``apply_rotary_pos_emb`` computes, as the probe found it."""
 
     interleaved: bool  # rotate_half of adjacent elements (Cohere's), not of halves (Llama's)
-    pair_trig: bool  # GLM's: a pair's cos and sin, the first half of those handed over, each element twice
-    partial: bool = False  # a cos narrower than a head rotates its leading elements (GPT-NeoX's): theirs too
+    trig: str = "each"  # how the cos and sin handed over give each rotated element's (_TRIG)
+    partial: bool = False  # fewer elements rotated than a head has, the rest as they are (GPT-NeoX's): theirs too
 
 
-_ROPE_FORMS = (_RopeForm(False, False), _RopeForm(True, False), _RopeForm(True, True))
-
-
-def _pair_trig(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """GLM's cos and sin of interleaved pairs: the first half of each, each element twice."""
-    return tuple(t[..., : t.shape[-1] // 2].repeat_interleave(2, dim=-1) for t in (cos, sin))
+# How a form's cos and sin give each rotated element's, and how many elements they rotate: as they are
+# (Llama's, Cohere's); the first half of each, each element twice (GLM's interleaved pairs); a half's, for
+# both halves (gpt-oss's)
+_TRIG = {
+    "each": (lambda t: t, lambda width: width),
+    "first_half_twice": (
+        lambda t: t[..., : t.shape[-1] // 2].repeat_interleave(2, dim=-1),
+        lambda width: width // 2 * 2,
+    ),
+    "one_half": (lambda t: torch.cat((t, t), dim=-1), lambda width: 2 * width),
+}
+_ROPE_FORMS = (
+    _RopeForm(False),
+    _RopeForm(True),
+    _RopeForm(True, "first_half_twice"),
+    _RopeForm(False, "one_half"),
+)
 
 
 def _rope_in_place_of(theirs: Callable, form: _RopeForm) -> Callable:
@@ -1385,12 +1396,13 @@ def _rope_in_place_of(theirs: Callable, form: _RopeForm) -> Callable:
                 and k is not None  # some take q alone (k=None)
                 and q.dim() == 4
                 and cos.dim() == 3
-                and (cos.shape[-1] == q.shape[-1] or (form.partial and cos.shape[-1] < q.shape[-1]))
-                and cos.shape[-1] % 2 == 0
+                and cos.shape[-1] % 2 == 0  # as the probe's: an odd one goes to theirs
+                and ((rotated := _TRIG[form.trig][1](cos.shape[-1])) == q.shape[-1] or form.partial)
+                and rotated <= q.shape[-1]
                 and not cos.requires_grad
             ):
-                if form.pair_trig:
-                    cos, sin = _pair_trig(cos, sin)
+                if form.trig != "each":
+                    cos, sin = map(_TRIG[form.trig][0], (cos, sin))
                 return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, interleaved=form.interleaved)
             if len(args) == 4 and unsqueeze_dim != 1:
                 kwargs["unsqueeze_dim"] = unsqueeze_dim
@@ -1429,9 +1441,7 @@ def _rope_math(
         first, second = x.chunk(2, dim=-1)
         return torch.cat((-second, first), dim=-1)
 
-    if form.pair_trig:
-        cos, sin = _pair_trig(cos, sin)
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    cos, sin = (_TRIG[form.trig][0](t).unsqueeze(unsqueeze_dim) for t in (cos, sin))
     rotated = cos.shape[-1]
     return tuple(
         torch.cat((x[..., :rotated] * cos + rotate_half(x[..., :rotated]) * sin, x[..., rotated:]), dim=-1)
@@ -1443,11 +1453,12 @@ def _rope_probe_error(theirs: Callable, form: _RopeForm, rotated: int = 8) -> fl
     """The largest difference between ``theirs`` and ours in ``form`` on float64 probes of
     each call ours takes in its place (``_rope_in_place_of``): ``(q, k, cos, sin)`` with heads
     before time, and heads after with ``unsqueeze_dim=2`` by position and by name
-    (grouped-query k, heads of 8 elements, cos and sin of ``rotated``, random: any values, not
-    only a rotation's); or why theirs could not be run. A fifth parameter that means
-    something else (position ids) fails it. Against torch ops, not our op, so that the
-    check does not depend on the backend selected (one for CUDA tensors only cannot run the
-    CPU probe)."""
+    (grouped-query k, heads of 8 elements, cos and sin rotating ``rotated`` of them in
+    ``form``, random: any values, not only a rotation's); or why theirs could not be run. A
+    fifth parameter that means something else (position ids) fails it. Against torch ops,
+    not our op, so that the check does not depend on the backend selected (one for CUDA
+    tensors only cannot run the CPU probe)."""
+    width = rotated // 2 if form.trig == "one_half" else rotated
     g = torch.Generator().manual_seed(0)
     error = 0.0
     for unsqueeze_dim, q_shape, k_shape, keywords in (
@@ -1457,7 +1468,7 @@ def _rope_probe_error(theirs: Callable, form: _RopeForm, rotated: int = 8) -> fl
     ):
         q, k, cos, sin = (
             torch.randn(shape, generator=g, dtype=torch.float64)
-            for shape in (q_shape, k_shape, (2, 3, rotated), (2, 3, rotated))
+            for shape in (q_shape, k_shape, (2, 3, width), (2, 3, width))
         )
         try:
             with torch.no_grad():
@@ -1477,20 +1488,19 @@ def _rope_probe_error(theirs: Callable, form: _RopeForm, rotated: int = 8) -> fl
 @functools.cache
 def _rope_form(theirs: Callable) -> _RopeForm | str:
     """The form of ours (``_ROPE_FORMS``) that ``theirs`` computes on the probes
-    (``_rope_probe_error``), with ``partial`` where it computes that form on a cos of half
-    a head too (theirs errs or differs there: calls with such a cos go to it); or why none."""
-    errors = []
-    for form in _ROPE_FORMS:
-        error = _rope_probe_error(theirs, form)
-        if isinstance(error, str):
-            return f"{_ROPE_GLOBAL} could not be checked on a CPU float64 probe ({error})"
-        if error <= _PROBE_TOLERANCE:
+    (``_rope_probe_error``), with ``partial`` where it computes that form rotating half a
+    head too (theirs errs or differs there: calls with such a cos go to it); or why none."""
+    errors = [_rope_probe_error(theirs, form) for form in _ROPE_FORMS]
+    for form, error in zip(_ROPE_FORMS, errors):
+        if not isinstance(error, str) and error <= _PROBE_TOLERANCE:
             partial_error = _rope_probe_error(theirs, form, rotated=4)
             return form._replace(partial=not isinstance(partial_error, str) and partial_error <= _PROBE_TOLERANCE)
-        errors.append(error)
+    differences = [error for error in errors if not isinstance(error, str)]
+    if not differences:
+        return f"{_ROPE_GLOBAL} could not be checked on a CPU float64 probe ({errors[0]})"
     return (
         f"its {_ROPE_GLOBAL} computes none of ours, q * cos + rotate_half(q) * sin with halves or adjacent "
-        f"elements rotated (least max error {min(errors):.1e})"
+        f"elements rotated (least max error {min(differences):.1e})"
     )
 
 

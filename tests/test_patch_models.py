@@ -293,11 +293,11 @@ MODELS = {
     "llama-relu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="relu"), "LinearAct"),
 }
 CAUSAL = [name for name in MODELS if name != "vit"]
-# their attention reads no apply_rotary_pos_emb (GPT-2, BERT, ViT, OPT), or one the probe refuses: gpt-oss's
-# rotates its own halves. The others' attentions call ours: Llama's halves, GLM's and GLM-4's interleaved pairs
-# of cos's first half; a partial rotation (GPT-NeoX's, GLM's, GLM-4-MoE's inside theirs; Phi's and StableLM's
-# rotary parts apart) too. DeepSeek-V3's interleaved path calls its own.
-NO_ROPE = ("gpt2", "bert", "vit", "opt", "gpt_oss")
+# their attention reads no apply_rotary_pos_emb (GPT-2, BERT, ViT, OPT). The others' attentions call ours:
+# Llama's halves, GLM's and GLM-4's interleaved pairs of cos's first half, gpt-oss's halves of a half's cos; a
+# partial rotation (GPT-NeoX's, GLM's, GLM-4-MoE's inside theirs; Phi's and StableLM's rotary parts apart)
+# too. DeepSeek-V3's interleaved path calls its own.
+NO_ROPE = ("gpt2", "bert", "vit", "opt")
 ROPE = [name for name in MODELS if name not in NO_ROPE]
 
 
@@ -455,7 +455,7 @@ def _rotary_in_fp64(model: nn.Module):
         yield
         return
     theirs = module.apply_rotary_pos_emb
-    form = gk_patch._RopeForm(interleaved=True, pair_trig=False)
+    form = gk_patch._RopeForm(interleaved=True)
     module.apply_rotary_pos_emb = lambda q, k, cos, sin, unsqueeze_dim=1: gk_patch._rope_math(
         q, k, cos, sin, unsqueeze_dim, form
     )
@@ -1162,11 +1162,11 @@ def test_torch_export_of_a_patched_model(loss):
     torch.testing.assert_close(program.module()(ids, use_cache=False).logits, original(ids, use_cache=False).logits)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "phi", "olmo3", "gpt_neox", "glm", "cohere"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi", "olmo3", "gpt_neox", "glm", "cohere", "gpt_oss"])
 def test_patched_attention_rotates_with_ours_and_others_keep_theirs(name, monkeypatch):
     """A patched model's attention calls ours for its rotary embedding, once a layer (GPT-NeoX's
-    partial rotation, GLM's interleaved pairs of part of a head and Cohere's interleaved pairs
-    too), and gives the unpatched model's logits; an unpatched model of the same class
+    partial rotation, GLM's interleaved pairs of part of a head, Cohere's interleaved pairs and
+    gpt-oss's halves of a half's cos too), and gives the unpatched model's logits; an unpatched model of the same class
     (transformers' module itself unchanged) does not call ours."""
     calls = []
     ours = gk_patch.apply_rotary_pos_emb
@@ -1246,17 +1246,37 @@ def _halves_of_full_heads(q, k, cos, sin, unsqueeze_dim=1):
     return tuple(x * cos + torch.cat((-x.chunk(2, -1)[1], x.chunk(2, -1)[0]), dim=-1) * sin for x in (q, k))
 
 
+def _halves_of_one_half_cos(q, k, cos, sin, unsqueeze_dim=1):
+    """gpt-oss's: a head's halves, each rotated by the one cos and sin handed over."""
+    cos, sin = (t.unsqueeze(unsqueeze_dim) for t in (cos, sin))
+
+    def embed(x):
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+    return embed(q), embed(k)
+
+
 def test_rope_probe_finds_each_form():
     """The probe tells Llama's halves (no partial rotation: theirs fails on it), GLM's interleaved
-    pairs of cos's first half with partial rotation, and GPT-NeoX's halves of part of a head."""
+    pairs of cos's first half with partial rotation, GPT-NeoX's halves of part of a head and
+    gpt-oss's halves of a half's cos."""
     gpt_neox = importlib.import_module("transformers.models.gpt_neox.modeling_gpt_neox").apply_rotary_pos_emb
-    assert gk_patch._rope_form(_halves_of_full_heads) == gk_patch._RopeForm(False, False, partial=False)
-    assert gk_patch._rope_form(_interleaved_of_pairs_trig) == gk_patch._RopeForm(True, True, partial=True)
-    assert gk_patch._rope_form(gpt_neox) == gk_patch._RopeForm(False, False, partial=True)
+    assert gk_patch._rope_form(_halves_of_full_heads) == gk_patch._RopeForm(False)
+    assert gk_patch._rope_form(_interleaved_of_pairs_trig) == gk_patch._RopeForm(True, "first_half_twice", True)
+    assert gk_patch._rope_form(gpt_neox) == gk_patch._RopeForm(False, partial=True)
+    assert gk_patch._rope_form(_halves_of_one_half_cos) == gk_patch._RopeForm(False, "one_half")
 
 
 @pytest.mark.parametrize(
-    "form", [gk_patch._RopeForm(False, False), gk_patch._RopeForm(True, False), gk_patch._RopeForm(True, True, True)]
+    "form",
+    [
+        gk_patch._RopeForm(False),
+        gk_patch._RopeForm(True),
+        gk_patch._RopeForm(True, "first_half_twice", partial=True),
+        gk_patch._RopeForm(False, "one_half"),
+    ],
+    ids=str,
 )
 def test_rope_in_place_of_theirs_takes_only_the_calls_probed(form):
     """Ours in the form probed for (q, k, cos, sin[, unsqueeze_dim]) of shapes it takes (a cos
@@ -1271,14 +1291,15 @@ def test_rope_in_place_of_theirs_takes_only_the_calls_probed(form):
     rope = gk_patch._rope_in_place_of(theirs, form)
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 3, 8, generator=g)
-    cos, sin = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    width = 4 if form.trig == "one_half" else 8  # the cos and sin that rotate a whole head in this form
+    cos, sin = torch.randn(2, 3, width, generator=g), torch.randn(2, 3, width, generator=g)
     calls = [
         ((q, k, cos, sin), {}),
         ((q, k, cos, sin, 1), {}),
         ((q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2), {}),
         ((q.transpose(1, 2), k.transpose(1, 2), cos, sin), {"unsqueeze_dim": 2}),
     ]
-    partial = ((q, k, cos[..., :4], sin[..., :4]), {})
+    partial = ((q, k, cos[..., : width // 2], sin[..., : width // 2]), {})
     for args, kwargs in calls + [partial] * form.partial:
         ours = rope(*args, **kwargs)
         expected = gk_patch._rope_math(*args[:4], args[4] if len(args) == 5 else kwargs.get("unsqueeze_dim", 1), form)
