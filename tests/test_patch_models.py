@@ -1318,6 +1318,27 @@ def test_rope_in_place_of_theirs_takes_only_the_calls_probed(form):
     assert len(theirs_calls) == 6 - form.partial
 
 
+@pytest.mark.parametrize("name", ["glm", "gpt_neox", "cohere", "gpt_oss"])
+def test_rope_of_each_form_compiles_in_one_graph(name, monkeypatch):
+    """The wrapper in each form (GLM's cos made from its first half, gpt-oss's from a half's, a
+    partial rotation) traces whole under torch.compile: no graph break, ours traced."""
+    calls = []
+    ours = gk_patch.apply_rotary_pos_emb
+    monkeypatch.setattr(
+        gk_patch, "apply_rotary_pos_emb", lambda *args, **kwargs: calls.append(1) or ours(*args, **kwargs)
+    )
+    module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    rope = gk_patch._rope_in_place_of(module.apply_rotary_pos_emb, gk_patch._rope_form(module.apply_rotary_pos_emb))
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 3, 8, generator=g)
+    width = {"gpt_oss": 4, "gpt_neox": 4}.get(name, 8)  # gpt-oss's a half's; GPT-NeoX rotating half a head
+    cos, sin = torch.randn(2, 3, width, generator=g), torch.randn(2, 3, width, generator=g)
+    compiled = torch.compile(rope, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(q, k, cos, sin), module.apply_rotary_pos_emb(q, k, cos, sin), strict=True):
+        torch.testing.assert_close(a, b)
+    assert calls
+
+
 def test_rope_probe_checks_theirs_without_running_ours(monkeypatch):
     """The probe compares theirs with ours' math in torch ops, so that a backend selected
     for CUDA tensors alone (GPUKERNELS_BACKEND=triton on a GPU machine, which cannot run
