@@ -65,7 +65,9 @@ forward. Recognised:
   the MLP in one op (``add_rms_norm`` / ``add_layer_norm``) where that norm is
   converted to ours; the block's children are converted as any module's.
 - timm, when already imported: its LayerNorm, LayerNorm2d, RmsNorm (AIMv2's; Llama's
-  rounding, ``_timm_rms_norm_forward``) and RmsNorm2d (MobileNetV5's); its gated MLPs,
+  rounding, ``_timm_rms_norm_forward``) and RmsNorm2d, and their norm + activation
+  classes (LayerNormAct, LayerNormAct2d: ViTamin's; RmsNormAct, RmsNormAct2d:
+  MobileNetV5's, Gemma 3n's vision tower: our norm, then their drop and act); its gated MLPs,
   GluMlp (SwiGLUPacked's) and SwiGLU (EVA-02, DINOv2-style ViTs), gating
   in one op (``swiglu`` / ``geglu``: packed where the gate is the first half),
   their projections, dropouts and norm converted as any module's; its
@@ -616,6 +618,17 @@ def _layer_norm_2d_forward(self, x: Tensor) -> Tensor:
     """timm's and torchvision's LayerNorm2d: over the channels of an NCHW tensor."""
     weight, bias = gnn.module_state(self, self._parameters, "weight", "bias")
     return layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, weight, bias, self.eps).permute(0, 3, 1, 2)
+
+
+def _then_drop_and_act(norm_forward: Callable) -> Callable:
+    """timm's norm + activation class of ``norm_forward``'s norm (LayerNormAct, RmsNormAct2d, ...:
+    MobileNetV5's, ViTamin's): our norm, then its ``drop`` and ``act`` modules as timm runs them."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(norm_forward(self, x)))
+
+    forward.__doc__ = f"{norm_forward.__doc__} Then its drop and act modules."
+    return forward
 
 
 def _unless_fast_norm(module: torch.nn.Module) -> dict[str, Any] | str:
@@ -1546,6 +1559,13 @@ def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
     found.append((timm_norm_2d, _layer_norm_2d_forward, "LayerNorm2d", _unless_fast_norm))
     found.append((timm_rms_norm, _timm_rms_norm_forward, "RMSNorm", _unless_fast_norm))
     found.append((timm_rms_norm_2d, _timm_rms_norm_2d_forward, "RMSNorm2d", _unless_fast_norm))
+    norm_acts = _loaded("timm.layers.norm_act", "LayerNormAct", "LayerNormAct2d", "RmsNormAct", "RmsNormAct2d")
+    for cls, norm_forward, kind in zip(
+        norm_acts,
+        (_timm_layer_norm_forward, _layer_norm_2d_forward, _timm_rms_norm_forward, _timm_rms_norm_2d_forward),
+        ("LayerNormAct", "LayerNormAct2d", "RMSNormAct", "RMSNormAct2d"),
+    ):
+        found.append((cls, _then_drop_and_act(norm_forward), kind, _unless_fast_norm))
     (torchvision_norm_2d,) = _loaded("torchvision.models.convnext", "LayerNorm2d")  # ConvNeXt's
     found.append((torchvision_norm_2d, _layer_norm_2d_forward, "LayerNorm2d", _nothing_to_set))
     rules = {

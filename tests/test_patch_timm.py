@@ -42,6 +42,7 @@ MODELS = [
     ("efficientnet_b0", 64, True, {}),
     ("mobilenetv3_large_100", 64, True, {}),
     ("regnety_016", 64, True, {}),
+    ("test_efficientnet_ln", 64, False, {}),  # LayerNormAct2d: a LayerNorm2d, then its drop and act
 ]
 
 
@@ -211,6 +212,40 @@ def test_rms_norm_swapped_as_close_to_fp64_as_timms(affine, two_d):
     for dtype in (torch.float32, torch.bfloat16):
         with torch.no_grad():
             assert_matches(ours.to(dtype)(x.to(dtype)), norm.to(dtype)(x.to(dtype)), reference.detach())
+
+
+@pytest.mark.parametrize(
+    "name, kind", [("LayerNormAct", "LayerNormAct"), ("LayerNormAct2d", "LayerNormAct2d"),
+                   ("RmsNormAct", "RMSNormAct"), ("RmsNormAct2d", "RMSNormAct2d")],
+)  # fmt: skip
+def test_norm_act_runs_our_norm_then_its_drop_and_act(name, kind):
+    """timm's norm + activation modules (MobileNetV5's RmsNormAct2d, ViTamin's LayerNormAct2d):
+    our norm, then their drop and act modules (a GELU here), in fp64 as timm's; with timm's fast
+    norm on, left."""
+    from timm.layers import fast_norm, norm_act
+
+    torch.manual_seed(0)
+    module = getattr(norm_act, name)(16, act_layer=nn.GELU).double()
+    nn.init.normal_(module.weight)
+    ours = copy.deepcopy(module)
+    assert gk.patch(ours).counts == {kind: 1}
+    x = 3 * torch.randn((2, 16, 5, 3) if name.endswith("2d") else (2, 5, 16), dtype=torch.float64)
+    x_ours = x.clone().requires_grad_()
+    x_theirs = x.clone().requires_grad_()
+    y_ours, y_theirs = ours(x_ours), module(x_theirs)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-13, atol=1e-13)
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.weight.grad, module.weight.grad, rtol=1e-12, atol=1e-12)
+    enabled = fast_norm.is_fast_norm()
+    fast_norm.set_fast_norm(True)
+    try:
+        fast = getattr(norm_act, name)(16)
+    finally:
+        fast_norm.set_fast_norm(enabled)
+    report = gk.patch(fast)
+    assert not report.swapped and report.left[0][2].startswith("timm's fast norm is on")
 
 
 @pytest.mark.parametrize("name", ["RmsNorm", "RmsNorm2d"])
