@@ -1503,11 +1503,13 @@ def _rope_form(theirs: Callable) -> _RopeForm | str:
     """The form of ours (``_ROPE_FORMS``) that ``theirs`` computes on the probes
     (``_rope_probe_error``), with ``partial`` where it computes that form rotating half a
     head too (theirs errs or differs there: calls with such a cos go to it); or why none."""
-    errors = [_rope_probe_error(theirs, form) for form in _ROPE_FORMS]
-    for form, error in zip(_ROPE_FORMS, errors):
+    errors = []
+    for form in _ROPE_FORMS:
+        error = _rope_probe_error(theirs, form)
         if not isinstance(error, str) and error <= _PROBE_TOLERANCE:
             partial_error = _rope_probe_error(theirs, form, rotated=4)
             return form._replace(partial=not isinstance(partial_error, str) and partial_error <= _PROBE_TOLERANCE)
+        errors.append(error)
     differences = [error for error in errors if not isinstance(error, str)]
     if not differences:
         return f"{_ROPE_GLOBAL} could not be checked on a CPU float64 probe ({errors[0]})"

@@ -12,6 +12,7 @@ releases (``ci/test-gpu-machine-versions.sh``), whose image has timm and trains
 timm's ResNet-50 in ``python -m gpukernels.train --model resnet50 --preset gpu``."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -220,9 +221,8 @@ def test_rms_norm_swapped_as_close_to_fp64_as_timms(affine, two_d):
 )  # fmt: skip
 def test_norm_act_runs_our_norm_then_its_drop_and_act(name, kind):
     """timm's norm + activation modules (MobileNetV5's RmsNormAct2d, ViTamin's LayerNormAct2d):
-    our norm, then their drop and act modules (a GELU here), in fp64 as timm's; with timm's fast
-    norm on, left."""
-    from timm.layers import fast_norm, norm_act
+    our norm, then their drop and act modules (a GELU here), in fp64 as timm's."""
+    from timm.layers import norm_act
 
     torch.manual_seed(0)
     module = getattr(norm_act, name)(16, act_layer=nn.GELU).double()
@@ -238,27 +238,23 @@ def test_norm_act_runs_our_norm_then_its_drop_and_act(name, kind):
     y_theirs.square().sum().backward()
     torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours.weight.grad, module.weight.grad, rtol=1e-12, atol=1e-12)
-    enabled = fast_norm.is_fast_norm()
-    fast_norm.set_fast_norm(True)
-    try:
-        fast = getattr(norm_act, name)(16)
-    finally:
-        fast_norm.set_fast_norm(enabled)
-    report = gk.patch(fast)
-    assert not report.swapped and report.left[0][2].startswith("timm's fast norm is on")
 
 
-@pytest.mark.parametrize("name", ["RmsNorm", "RmsNorm2d"])
-def test_rms_norm_with_fast_norm_is_left(name):
-    from timm.layers import fast_norm, norm
+@pytest.mark.parametrize(
+    "module, name",
+    [("norm", "RmsNorm"), ("norm", "RmsNorm2d")]
+    + [("norm_act", name) for name in ("LayerNormAct", "LayerNormAct2d", "RmsNormAct", "RmsNormAct2d")],
+)
+def test_norm_with_fast_norm_is_left(module, name):
+    from timm.layers import fast_norm
 
     enabled = fast_norm.is_fast_norm()
     fast_norm.set_fast_norm(True)
     try:
-        module = getattr(norm, name)(8)
+        norm = getattr(importlib.import_module(f"timm.layers.{module}"), name)(8)
     finally:
         fast_norm.set_fast_norm(enabled)
-    report = gk.patch(module)
+    report = gk.patch(norm)
     assert not report.swapped and report.left[0][2].startswith("timm's fast norm is on")
 
 
