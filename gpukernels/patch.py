@@ -59,8 +59,9 @@ forward. Recognised:
   the MLP's projections return the autocast dtype under autocast
   (``autocast_norms``; ``_NORMS_BEFORE_MATMULS``, and the Llama-form blocks
   whose attention or MLP runs the code of one there). Pre-norm blocks whose
-  forward is Llama's (``_LLAMA_FORM``, checked on the source of every
-  transformers class of the model that calls those children) or GPT-2's
+  forward is Llama's, Gemma 2's (a norm after each branch too) or Phi-3's (a
+  dropout on each branch) (``_PRE_NORM_FORMS``, checked on the source of every
+  transformers class of the model that calls Llama's children) or GPT-2's
   add the attention's output to the residual stream and normalise the sum for
   the MLP in one op (``add_rms_norm`` / ``add_layer_norm``) where that norm is
   converted to ours; the block's children are converted as any module's.
@@ -924,6 +925,32 @@ hidden_states = self.mlp(hidden_states)
 hidden_states = residual + hidden_states
 return hidden_states
 """
+# Gemma 2's and 3's: a norm after the attention and after the MLP, besides those before them
+_SANDWICH_LAYER_FORWARD = """
+residual = hidden_states
+hidden_states = self.input_layernorm(hidden_states)
+hidden_states, _ = self.self_attn(hidden_states=hidden_states)
+hidden_states = self.post_attention_layernorm(hidden_states)
+hidden_states = residual + hidden_states
+residual = hidden_states
+hidden_states = self.pre_feedforward_layernorm(hidden_states)
+hidden_states = self.mlp(hidden_states)
+hidden_states = self.post_feedforward_layernorm(hidden_states)
+hidden_states = residual + hidden_states
+return hidden_states
+"""
+# Phi-3's: Llama's with a dropout on each branch before its residual addition
+_DROPOUT_LAYER_FORWARD = """
+residual = hidden_states
+hidden_states = self.input_layernorm(hidden_states)
+hidden_states, self_attn_weights = self.self_attn(hidden_states=hidden_states)
+hidden_states = residual + self.resid_attn_dropout(hidden_states)
+residual = hidden_states
+hidden_states = self.post_attention_layernorm(hidden_states)
+hidden_states = self.mlp(hidden_states)
+hidden_states = residual + self.resid_mlp_dropout(hidden_states)
+return hidden_states
+"""
 _GPT2_BLOCK_FORWARD = """
 residual = hidden_states
 hidden_states = self.ln_1(hidden_states)
@@ -1085,6 +1112,36 @@ def _llama_layer_forward(self, *args, **kwargs) -> Tensor:
     return hidden_states + parts["mlp"](normed)
 
 
+def _sandwich_layer_forward(self, *args, **kwargs) -> Tensor:
+    """A decoder layer written as Gemma 2's (``_SANDWICH_LAYER_FORWARD``): the attention's
+    normalised output added to the residual stream and the sum normalised for the MLP in one op."""
+    call = self.block_call.attention_call(args, kwargs)
+    if call is None:
+        return _original_class(self).forward(self, *args, **kwargs)
+    residual, attention_kwargs, _ = call
+    parts = self._modules  # see _train_bottleneck_forward
+    attention_output, _ = parts["self_attn"](hidden_states=parts["input_layernorm"](residual), **attention_kwargs)
+    normed, hidden_states = _add_then_norm(
+        parts["pre_feedforward_layernorm"], parts["post_attention_layernorm"](attention_output), residual
+    )
+    return hidden_states + parts["post_feedforward_layernorm"](parts["mlp"](normed))
+
+
+def _dropout_layer_forward(self, *args, **kwargs) -> Tensor:
+    """A decoder layer written as Phi-3's (``_DROPOUT_LAYER_FORWARD``): the attention's output,
+    through its dropout, added to the residual stream and the sum normalised in one op."""
+    call = self.block_call.attention_call(args, kwargs)
+    if call is None:
+        return _original_class(self).forward(self, *args, **kwargs)
+    residual, attention_kwargs, _ = call
+    parts = self._modules  # see _train_bottleneck_forward
+    attention_output, _ = parts["self_attn"](hidden_states=parts["input_layernorm"](residual), **attention_kwargs)
+    normed, hidden_states = _add_then_norm(
+        parts["post_attention_layernorm"], parts["resid_attn_dropout"](attention_output), residual
+    )
+    return hidden_states + parts["resid_mlp_dropout"](parts["mlp"](normed))
+
+
 def _gpt2_block_forward(self, *args, **kwargs) -> Tensor:
     """GPT-2's block (``_GPT2_BLOCK_FORWARD``) without cross-attention: the attention's
     residual addition and ``ln_2`` in one op (``_add_then_norm``)."""
@@ -1114,6 +1171,13 @@ class _BlockForm(NamedTuple):
 # Checked on every transformers class of a model: Llama's and the models built like it (Mistral, Qwen2/3 and
 # their MoE and VL models, Gemma, SmolLM3, GLM, DeepSeek-V3, ...).
 _LLAMA_FORM = _BlockForm(_llama_layer_forward, _LLAMA_LAYER_FORWARD, "self_attn", "post_attention_layernorm")
+# The forms a class calling Llama's children may have besides (Gemma 2 and 3, Gemma 4's vision encoder; Phi-3,
+# Phi-4-multimodal), tried in turn; a class of none is left with its reason against Llama's.
+_PRE_NORM_FORMS = (
+    _LLAMA_FORM,
+    _BlockForm(_sandwich_layer_forward, _SANDWICH_LAYER_FORWARD, "self_attn", "pre_feedforward_layernorm"),
+    _BlockForm(_dropout_layer_forward, _DROPOUT_LAYER_FORWARD, "self_attn", "post_attention_layernorm"),
+)
 # (model, block class) -> its form: the other blocks, checked on their own class.
 _ADD_NORM_BLOCKS = {
     ("gpt2", "GPT2Block"): _BlockForm(_gpt2_block_forward, _GPT2_BLOCK_FORWARD, "attn", "ln_2", ("crossattention",))
@@ -1135,15 +1199,21 @@ def _add_norm_block_check(call: _BlockCall | str, norm: str) -> Callable[[torch.
 
 def _calls_llama_form_children(cls: type) -> bool:
     """Whether ``cls``'s forward calls what a Llama-form block's does (a pre-norm block, whose
-    forward is then checked against the form: converted, or left with the reason)."""
+    forward is then checked against the forms: converted, or left with the reason)."""
     forward = inspect.unwrap(cls.forward)
     names = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
     return isinstance(forward, types.FunctionType) and names <= set(forward.__code__.co_names)
 
 
+def _pre_norm_form(cls: type) -> _BlockForm:
+    """The first of ``_PRE_NORM_FORMS`` whose source is ``cls``'s forward; Llama's when none is
+    (the block is then left with its reason)."""
+    return next((f for f in _PRE_NORM_FORMS if isinstance(_block_call(cls.forward, f), _BlockCall)), _LLAMA_FORM)
+
+
 def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
     """Rules for the pre-norm blocks of ``_ADD_NORM_BLOCKS`` already imported, and for those
-    of ``classes`` (a model's transformers classes) whose forward is Llama's form: the
+    of ``classes`` (a model's transformers classes) whose forward is one of ``_PRE_NORM_FORMS``: the
     block's children traced and converted as any module's (its norms to ours, which take
     the residual), its forward the replacement."""
     blocks = [
@@ -1152,7 +1222,7 @@ def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
         if (cls := _transformers_class(model, name)) is not None
     ]
     listed = {cls for cls, _ in blocks}
-    blocks += [(cls, _LLAMA_FORM) for cls in set(classes) - listed if _calls_llama_form_children(cls)]
+    blocks += [(cls, _pre_norm_form(cls)) for cls in set(classes) - listed if _calls_llama_form_children(cls)]
     rules = {}
     for cls, form in blocks:
         call = _block_call(cls.forward, form)
@@ -2202,8 +2272,8 @@ def patch(
     result, no cast passes), and take their gradient in it (the projections' gradients
     summed in it, not in fp32). False: they return fp32, as the models' code does.
 
-    ``residual_norms`` (transformers blocks whose forward is Llama's, ``_LLAMA_FORM``, or
-    GPT-2's): the attention's output added to the residual stream and the sum normalised for
+    ``residual_norms`` (transformers blocks whose forward is Llama's, Gemma 2's or Phi-3's,
+    ``_PRE_NORM_FORMS``, or GPT-2's): the attention's output added to the residual stream and the sum normalised for
     the MLP in one op (``add_rms_norm`` / ``add_layer_norm``), where the block's forward is the
     one read and its norm is converted to ours. False leaves those blocks' forward as written."""
     _check_model(model)

@@ -659,6 +659,10 @@ ADD_NORM_MODELS = {
         ("qwen3", "Qwen3DecoderLayer"),
         ("qwen3_moe", "Qwen3MoeDecoderLayer"),
         ("gemma", "GemmaDecoderLayer"),
+        ("gemma2", "Gemma2DecoderLayer"),
+        ("gemma3", "Gemma3DecoderLayer"),
+        ("gemma3_vl", "Gemma3DecoderLayer"),
+        ("phi3", "Phi3DecoderLayer"),
         ("smollm3", "SmolLM3DecoderLayer"),
         ("glm", "GlmDecoderLayer"),
         ("deepseek_v3", "DeepseekV3DecoderLayer"),
@@ -713,7 +717,7 @@ def _hook_norms(model: nn.Module, names: list[str]) -> list:
     return [model.get_submodule(n).register_forward_hook(lambda *args: None) for n in names]
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma", "gemma2", "phi3", "gpt2"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autocast):
     """The one op's forward is the norm of the sum PyTorch's addition rounds: the same logits bit for
@@ -722,7 +726,8 @@ def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autoc
     model = _build(name)
     gk.patch(model)
     batch = _batch(name)
-    norms = [n for n, m in model.named_modules() if n.endswith(("post_attention_layernorm", "ln_2"))]
+    fused = ("post_attention_layernorm", "pre_feedforward_layernorm", "ln_2")  # Gemma 2's first is not fused
+    norms = [n for n, m in model.named_modules() if n.endswith(fused)]
     results = []
     for hooked in (False, True):
         hooks = _hook_norms(model, norms) if hooked else []
@@ -734,6 +739,29 @@ def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autoc
     assert torch.equal(fused_logits, logits)
     for key in grads:
         torch.testing.assert_close(fused_grads[key], grads[key], rtol=1e-2 if autocast else 1e-4, atol=1e-5)
+
+
+def test_fused_blocks_with_dropout_draw_the_masks_of_the_blocks_as_written():
+    """Phi-3's residual dropouts in training: the one op adds the attention's output after its
+    dropout, drawn in the block's order: the same loss and gradients, seed for seed, as the
+    blocks as written (``residual_norms=False``: their forward, our dropouts and norms); and the
+    dropouts are in effect (another seed, another loss)."""
+    original = _build("phi3")
+    for module in original.modules():
+        if type(module).__name__ == "Phi3DecoderLayer":
+            module.resid_attn_dropout.p = module.resid_mlp_dropout.p = 0.3
+    results = []
+    for residual_norms, seed in ((True, 0), (False, 0), (True, 1)):
+        model = copy.deepcopy(original)
+        report = gk.patch(model, residual_norms=residual_norms)
+        assert report.counts.get("ResidualNorm", 0) == 2 * residual_norms and report.counts["Dropout"] == 4
+        model.train()
+        torch.manual_seed(seed)
+        results.append(_step(model, _batch("phi3")))
+    (fused_loss, _, fused_grads), (loss, _, grads), (other_loss, _, _) = results
+    assert torch.equal(fused_loss, loss) and not torch.equal(fused_loss, other_loss)
+    for key in grads:
+        torch.testing.assert_close(fused_grads[key], grads[key], rtol=1e-4, atol=1e-6)
 
 
 def test_block_whose_forward_differs_is_left_with_its_reason(monkeypatch):
