@@ -40,8 +40,10 @@ forward. Recognised:
   (``rms_norm`` in their variant), Cohere's LayerNorm (``layer_norm`` without
   a bias), their gated
   MLPs ``down(act(gate(x)) * up(x))`` (``swiglu`` / ``geglu`` between the
-  projections, which run as they are; not the MoE experts' batched
-  products), the rotary embedding of queries and keys in every transformers
+  projections, which run as they are), the gating of MoE experts whose
+  ``_apply_gate`` is transformers' default (packed ``swiglu`` / ``geglu`` of the
+  up projection's halves, under the ``grouped_mm`` and ``batched_mm``
+  implementations; their batched products as they are), the rotary embedding of queries and keys in every transformers
   attention whose module's ``apply_rotary_pos_emb`` computes one form of ours
   (halves or interleaved pairs rotated, of whole heads or of part) on a probe
   of each call ours takes (the attention's own forward, that function ours
@@ -59,8 +61,8 @@ forward. Recognised:
   the MLP's projections return the autocast dtype under autocast
   (``autocast_norms``; ``_NORMS_BEFORE_MATMULS``, and the Llama-form blocks
   whose attention or MLP runs the code of one there). Pre-norm blocks whose
-  forward is Llama's, Gemma 2's (a norm after each branch too) or Phi-3's (a
-  dropout on each branch) (``_PRE_NORM_FORMS``, checked on the source of every
+  forward is Llama's, Gemma 2's or GLM-4's (a norm after each branch too), Phi-3's
+  (a dropout on each branch) or Granite's (each branch scaled) (``_PRE_NORM_FORMS``, checked on the source of every
   transformers class of the model that calls Llama's children) or GPT-2's
   add the attention's output to the residual stream and normalise the sum for
   the MLP in one op (``add_rms_norm`` / ``add_layer_norm``) where that norm is
@@ -170,9 +172,9 @@ _ORIGINAL: dict[type, type] = {rule.replacement: cls for cls, rule in _TORCH_RUL
 _REPLACEMENTS: dict[tuple[type, Callable], type] = {}
 
 
-def _replacement(cls: type, forward: Callable) -> type:
-    """``cls`` with ``forward`` instead of its own: what a module of a class we
-    do not own becomes. One per class and forward; same name, this module's."""
+def _replacement(cls: type, forward: Callable, **methods: Callable) -> type:
+    """``cls`` with ``forward`` (and ``methods``) instead of its own: what a module of a class
+    we do not own becomes. One per class and forward; same name, this module's."""
     ours = _REPLACEMENTS.get((cls, forward))
     if ours is None:
         ours = type(
@@ -180,6 +182,7 @@ def _replacement(cls: type, forward: Callable) -> type:
             (cls,),
             {
                 "forward": forward,
+                **methods,
                 "__module__": __name__,
                 "__qualname__": cls.__qualname__,
                 "__doc__": forward.__doc__,
@@ -566,6 +569,35 @@ def _timm_swiglu_forward(self, x: Tensor) -> Tensor:
     return parts["drop2"](parts["fc2"](parts["norm"](parts["drop1"](hidden))))
 
 
+def _experts_forward(self, *args, **kwargs):
+    """The MoE experts' forward as written (the ``experts_implementation`` chosen), their
+    ``_apply_gate`` ours."""
+    return _original_class(self).forward(self, *args, **kwargs)
+
+
+def _experts_apply_gate(self, gate_up_out: Tensor) -> Tensor:
+    """transformers' default ``_apply_gate`` of MoE experts, ``act_fn(gate) * up`` of the
+    halves of ``gate_up_out``, in one op (packed)."""
+    return _gated(gate_up_out, None, self.activation)
+
+
+def _gates_by_default(cls: type) -> bool:
+    """Whether ``cls`` is transformers' MoE experts class whose ``_apply_gate`` is the default."""
+    moe = sys.modules.get("transformers.integrations.moe")
+    return moe is not None and getattr(cls, "_apply_gate", None) is getattr(moe, "_default_apply_gate", ())
+
+
+def _experts_checked(experts: torch.nn.Module) -> dict[str, Any] | str:
+    """The activation of experts whose batched implementations gate through ``_apply_gate``;
+    else why not: the eager implementation gates inline, and experts without a gate never call it."""
+    if not getattr(experts, "has_gate", False):
+        return "its experts have no gate (has_gate is False)"
+    implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    if implementation == "eager":
+        return "its experts_implementation is 'eager', which gates inline: 'grouped_mm' and 'batched_mm' gate in ours"
+    return _gated_activation("act_fn")(experts)
+
+
 def _gated_activation(attribute: str) -> Callable[[torch.nn.Module], dict[str, Any] | str]:
     def prepare(mlp):
         act = getattr(mlp, attribute)
@@ -925,18 +957,31 @@ hidden_states = self.mlp(hidden_states)
 hidden_states = residual + hidden_states
 return hidden_states
 """
-# Gemma 2's and 3's: a norm after the attention and after the MLP, besides those before them
+# Gemma 2's and 3's, GLM-4's: a norm after the attention and after the MLP, besides those before them (named
+# by the form: ``_sandwich_form``)
 _SANDWICH_LAYER_FORWARD = """
 residual = hidden_states
 hidden_states = self.input_layernorm(hidden_states)
 hidden_states, _ = self.self_attn(hidden_states=hidden_states)
-hidden_states = self.post_attention_layernorm(hidden_states)
+hidden_states = self.{after_attention}(hidden_states)
 hidden_states = residual + hidden_states
 residual = hidden_states
-hidden_states = self.pre_feedforward_layernorm(hidden_states)
+hidden_states = self.{before_mlp}(hidden_states)
 hidden_states = self.mlp(hidden_states)
-hidden_states = self.post_feedforward_layernorm(hidden_states)
+hidden_states = self.{after_mlp}(hidden_states)
 hidden_states = residual + hidden_states
+return hidden_states
+"""
+# Granite's: Llama's with each branch scaled before its residual addition
+_SCALED_LAYER_FORWARD = """
+residual = hidden_states
+hidden_states = self.input_layernorm(hidden_states)
+hidden_states, _ = self.self_attn(hidden_states=hidden_states)
+hidden_states = residual + hidden_states * self.residual_multiplier
+residual = hidden_states
+hidden_states = self.post_attention_layernorm(hidden_states)
+hidden_states = self.mlp(hidden_states)
+hidden_states = residual + hidden_states * self.residual_multiplier
 return hidden_states
 """
 # Phi-3's: Llama's with a dropout on each branch before its residual addition
@@ -1113,18 +1158,32 @@ def _llama_layer_forward(self, *args, **kwargs) -> Tensor:
 
 
 def _sandwich_layer_forward(self, *args, **kwargs) -> Tensor:
-    """A decoder layer written as Gemma 2's (``_SANDWICH_LAYER_FORWARD``): the attention's
-    normalised output added to the residual stream and the sum normalised for the MLP in one op."""
+    """A decoder layer written as Gemma 2's (``_SANDWICH_LAYER_FORWARD``, its norms named by
+    ``self.sandwich_norms``): the attention's normalised output added to the residual stream
+    and the sum normalised for the MLP in one op."""
+    call = self.block_call.attention_call(args, kwargs)
+    if call is None:
+        return _original_class(self).forward(self, *args, **kwargs)
+    residual, attention_kwargs, _ = call
+    parts = self._modules  # see _train_bottleneck_forward
+    after_attention, before_mlp, after_mlp = self.sandwich_norms
+    attention_output, _ = parts["self_attn"](hidden_states=parts["input_layernorm"](residual), **attention_kwargs)
+    normed, hidden_states = _add_then_norm(parts[before_mlp], parts[after_attention](attention_output), residual)
+    return hidden_states + parts[after_mlp](parts["mlp"](normed))
+
+
+def _scaled_layer_forward(self, *args, **kwargs) -> Tensor:
+    """A decoder layer written as Granite's (``_SCALED_LAYER_FORWARD``): the attention's scaled
+    output added to the residual stream and the sum normalised for the MLP in one op."""
     call = self.block_call.attention_call(args, kwargs)
     if call is None:
         return _original_class(self).forward(self, *args, **kwargs)
     residual, attention_kwargs, _ = call
     parts = self._modules  # see _train_bottleneck_forward
     attention_output, _ = parts["self_attn"](hidden_states=parts["input_layernorm"](residual), **attention_kwargs)
-    normed, hidden_states = _add_then_norm(
-        parts["pre_feedforward_layernorm"], parts["post_attention_layernorm"](attention_output), residual
-    )
-    return hidden_states + parts["post_feedforward_layernorm"](parts["mlp"](normed))
+    scale = self.residual_multiplier
+    normed, hidden_states = _add_then_norm(parts["post_attention_layernorm"], attention_output * scale, residual)
+    return hidden_states + parts["mlp"](normed) * scale
 
 
 def _dropout_layer_forward(self, *args, **kwargs) -> Tensor:
@@ -1166,17 +1225,27 @@ class _BlockForm(NamedTuple):
     attention: str
     norm: str
     apart: tuple[str, ...] = ()
+    sandwich_norms: tuple[str, ...] = ()
+    """A sandwich form's norms after the attention, before the MLP and after it."""
+
+
+def _sandwich_form(after_attention: str, before_mlp: str, after_mlp: str) -> _BlockForm:
+    names = dict(after_attention=after_attention, before_mlp=before_mlp, after_mlp=after_mlp)
+    source = _SANDWICH_LAYER_FORWARD.format(**names)
+    return _BlockForm(_sandwich_layer_forward, source, "self_attn", before_mlp, sandwich_norms=tuple(names.values()))
 
 
 # Checked on every transformers class of a model: Llama's and the models built like it (Mistral, Qwen2/3 and
 # their MoE and VL models, Gemma, SmolLM3, GLM, DeepSeek-V3, ...).
 _LLAMA_FORM = _BlockForm(_llama_layer_forward, _LLAMA_LAYER_FORWARD, "self_attn", "post_attention_layernorm")
-# The forms a class calling Llama's children may have besides (Gemma 2 and 3, Gemma 4's vision encoder; Phi-3,
-# Phi-4-multimodal), tried in turn; a class of none is left with its reason against Llama's.
+# The forms a class calling Llama's children may have besides (Gemma 2 and 3, Gemma 4's vision encoder; GLM-4;
+# Phi-3, Phi-4-multimodal; Granite), tried in turn; a class of none is left with its reason against Llama's.
 _PRE_NORM_FORMS = (
     _LLAMA_FORM,
-    _BlockForm(_sandwich_layer_forward, _SANDWICH_LAYER_FORWARD, "self_attn", "pre_feedforward_layernorm"),
+    _sandwich_form("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    _sandwich_form("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
     _BlockForm(_dropout_layer_forward, _DROPOUT_LAYER_FORWARD, "self_attn", "post_attention_layernorm"),
+    _BlockForm(_scaled_layer_forward, _SCALED_LAYER_FORWARD, "self_attn", "post_attention_layernorm"),
 )
 # (model, block class) -> its form: the other blocks, checked on their own class.
 _ADD_NORM_BLOCKS = {
@@ -1229,6 +1298,7 @@ def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
         replacement = _replacement(cls, form.replacement)
         if isinstance(call, _BlockCall):
             replacement.block_call = call  # a class attribute: the forward reads it, torch.compile too
+            replacement.sandwich_norms = form.sandwich_norms
         rules[cls] = _Rule(
             replacement, "ResidualNorm", _add_norm_block_check(call, form.norm), opaque=False, residual_norm=form.norm
         )
@@ -1617,13 +1687,15 @@ def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
     read = [entry for entry in read if entry[0] is not None]
     by_class = {entry[0]: entry for entry in read}
     found = list(read)
-    attentions = []
+    attentions, experts = [], []
     for cls in set(classes) - set(by_class):
         same = _same_code_as(cls, by_class)
         if same is not None:
             found.append((cls, *by_class[same][1:]))
         elif _reads_rope_global(cls):
             attentions.append(cls)
+        elif _gates_by_default(cls):
+            experts.append(cls)
     timm_norm, timm_norm_2d, timm_rms_norm, timm_rms_norm_2d = _loaded(
         "timm.layers.norm", "LayerNorm", "LayerNorm2d", "RmsNorm", "RmsNorm2d"
     )
@@ -1657,6 +1729,9 @@ def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
         forward = _rope_attention_forward(attention)
         if forward is not None:
             rules[attention] = _Rule(_replacement(attention, forward), "RoPE", _rope_checked, opaque=False)
+    for cls in experts:
+        replacement = _replacement(cls, _experts_forward, _apply_gate=_experts_apply_gate)
+        rules[cls] = _Rule(replacement, "GatedExperts", _experts_checked)
     return rules
 
 
@@ -2272,10 +2347,11 @@ def patch(
     result, no cast passes), and take their gradient in it (the projections' gradients
     summed in it, not in fp32). False: they return fp32, as the models' code does.
 
-    ``residual_norms`` (transformers blocks whose forward is Llama's, Gemma 2's or Phi-3's,
-    ``_PRE_NORM_FORMS``, or GPT-2's): the attention's output added to the residual stream and the sum normalised for
-    the MLP in one op (``add_rms_norm`` / ``add_layer_norm``), where the block's forward is the
-    one read and its norm is converted to ours. False leaves those blocks' forward as written."""
+    ``residual_norms`` (transformers blocks whose forward is Llama's, Gemma 2's, GLM-4's,
+    Phi-3's or Granite's, ``_PRE_NORM_FORMS``, or GPT-2's): the attention's output added to
+    the residual stream and the sum normalised for the MLP in one op (``add_rms_norm`` /
+    ``add_layer_norm``), where the block's forward is the one read and its norm is converted
+    to ours. False leaves those blocks' forward as written."""
     _check_model(model)
     check_choice("loss", loss, LOSS_MODES)
     for name, value in (

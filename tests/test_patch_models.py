@@ -216,7 +216,10 @@ MODELS = {
         _decoder("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=8, final_logit_softcapping=0.5),
         "GatedMLP",
     ),
-    "granite": (_decoder("GraniteForCausalLM", "GraniteConfig", logits_scaling=4.0), "GatedMLP"),
+    "granite": (
+        _decoder("GraniteForCausalLM", "GraniteConfig", logits_scaling=4.0, residual_multiplier=0.5),
+        "GatedMLP",
+    ),
     "smollm3": (_decoder("SmolLM3ForCausalLM", "SmolLM3Config"), "GatedMLP"),
     "olmo2": (_decoder("Olmo2ForCausalLM", "Olmo2Config"), "GatedMLP"),
     "glm": (_decoder("GlmForCausalLM", "GlmConfig", head_dim=8), "GatedMLP"),
@@ -663,8 +666,10 @@ ADD_NORM_MODELS = {
         ("gemma3", "Gemma3DecoderLayer"),
         ("gemma3_vl", "Gemma3DecoderLayer"),
         ("phi3", "Phi3DecoderLayer"),
+        ("granite", "GraniteDecoderLayer"),
         ("smollm3", "SmolLM3DecoderLayer"),
         ("glm", "GlmDecoderLayer"),
+        ("glm4", "Glm4DecoderLayer"),
         ("deepseek_v3", "DeepseekV3DecoderLayer"),
         ("glm4_moe", "Glm4MoeDecoderLayer"),
         ("qwen2_vl", "Qwen2VLDecoderLayer"),
@@ -701,6 +706,70 @@ def test_pre_norm_blocks_add_and_normalise_in_one_op(name, monkeypatch):
     assert all(cls.__dict__.get("forward") in gk_patch._RMS_NORMS or cls is gk.nn.LayerNorm for cls in calls)
 
 
+# the MoE models whose experts gate through transformers' default ``_apply_gate`` (gpt-oss has its own)
+GATED_EXPERTS_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe"]
+
+
+def _count_gatings(monkeypatch) -> list:
+    calls = []
+    ours = gk_patch._gated
+    monkeypatch.setattr(gk_patch, "_gated", lambda *args: calls.append(args[1:]) or ours(*args))
+    return calls
+
+
+@pytest.mark.parametrize("name", GATED_EXPERTS_MODELS)
+def test_moe_experts_gate_in_one_op_under_batched_mm(name, monkeypatch):
+    """Under ``batched_mm`` each experts module's gating (``act_fn(gate) * up`` of the up projection's
+    halves) is ours, once a forward, packed: the logits and gradients of the model unpatched, in
+    fp64 (as ``test_outputs_and_gradients_match_the_unpatched_model_fp64``)."""
+    original = _build(name, torch.float64)
+    original.set_experts_implementation("batched_mm")
+    model = copy.deepcopy(original)
+    report = gk.patch(model)
+    experts = [n for n, m in original.named_modules() if gk_patch._gates_by_default(type(m))]
+    assert experts and [n for n, _, kind in report.swapped if kind == "GatedExperts"] == experts
+    reference = _norms_in_fp64(copy.deepcopy(original))
+    batch = _batch(name, torch.float64)
+    weights = torch.randn_like(original(**_without_labels(batch)).logits)
+    calls = _count_gatings(monkeypatch)
+    ours, theirs, exact = (_step(m, batch, lambda out: (out * weights).sum()) for m in (model, original, reference))
+    assert calls.count((None, "silu")) == len(experts)
+    assert_matches(ours[1], theirs[1], exact[1])
+    for key in ours[2]:
+        assert_matches(ours[2][key], theirs[2][key], exact[2][key])
+
+
+def test_moe_experts_gate_in_one_op_under_grouped_mm():
+    """transformers' default implementation (``grouped_mm``, fp32 at most): as the model unpatched."""
+    original = _build("mixtral")
+    original.set_experts_implementation("grouped_mm")
+    model = copy.deepcopy(original)
+    assert gk.patch(model).counts["GatedExperts"] == 2
+    loss, logits, grads = _step(model, _batch("mixtral"))
+    expected = _step(original, _batch("mixtral"))
+    torch.testing.assert_close(loss, expected[0])
+    torch.testing.assert_close(logits, expected[1])
+    for key in grads:
+        torch.testing.assert_close(grads[key], expected[2][key], rtol=1e-4, atol=1e-6)
+
+
+def test_moe_experts_are_left_where_their_gating_is_not_ours_to_take():
+    """The eager implementation gates inline (ours would never run: left, saying so), experts
+    without a gate never call ``_apply_gate``, and one whose activation has a hook keeps it."""
+    model = _build("mixtral")  # the zoo's experts are eager
+    left = {n: why for n, _, why in gk.patch(model).left}
+    assert "experts_implementation is 'eager'" in left["model.layers.0.mlp.experts"]
+    model = _build("mixtral")
+    model.set_experts_implementation("batched_mm")
+    model.model.layers[0].mlp.experts.has_gate = False
+    model.model.layers[1].mlp.experts.act_fn.register_forward_hook(lambda *args: None)
+    report = gk.patch(model)
+    left = {n: why for n, _, why in report.left}
+    assert "GatedExperts" not in report.counts
+    assert "have no gate (has_gate is False)" in left["model.layers.0.mlp.experts"]
+    assert "act_fn has hooks" in left["model.layers.1.mlp.experts"]
+
+
 def test_residual_norms_false_leaves_the_blocks(monkeypatch):
     model = _build("llama")
     report = gk.patch(model, residual_norms=False)
@@ -717,7 +786,7 @@ def _hook_norms(model: nn.Module, names: list[str]) -> list:
     return [model.get_submodule(n).register_forward_hook(lambda *args: None) for n in names]
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma", "gemma2", "phi3", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma", "gemma2", "glm4", "phi3", "granite", "gpt2"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autocast):
     """The one op's forward is the norm of the sum PyTorch's addition rounds: the same logits bit for
