@@ -1021,23 +1021,26 @@ return hidden_states
 class _BlockCall:
     """How a block's forward (one of the forms above) takes its arguments and passes them
     to its attention: ``parameters``, its named parameters after ``self`` in order
-    (``hidden_states`` first), with their ``defaults``; ``attention_keywords``, those it
-    passes on to the attention by name, besides its own ``**kwargs``."""
+    (``hidden_states`` first), with their ``defaults``, but those ``required`` (Qwen3-VL's
+    ``position_embeddings``); ``attention_keywords``, those it passes on to the attention by
+    name, besides its own ``**kwargs``."""
 
     parameters: tuple[str, ...]
     defaults: dict[str, Any]
     attention_keywords: tuple[str, ...]
+    required: frozenset[str] = frozenset()
     passes_all: bool = field(init=False)
     """Whether the forward passes every named parameter but ``hidden_states`` on to its attention."""
     attention_defaults: dict[str, Any] = field(init=False)
 
     def __post_init__(self):
         object.__setattr__(self, "passes_all", set(self.attention_keywords) == set(self.parameters[1:]))
-        object.__setattr__(self, "attention_defaults", {key: self.defaults[key] for key in self.attention_keywords})
+        defaults = {key: self.defaults[key] for key in self.attention_keywords if key in self.defaults}
+        object.__setattr__(self, "attention_defaults", defaults)
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[dict, dict] | None:
         """The forward's named arguments and its ``**kwargs`` for a call ``(*args, **kwargs)``;
-        None for more positional arguments than it names."""
+        None for more positional arguments than it names, or a required one missing."""
         if len(args) > len(self.parameters):
             return None
         named = dict(self.defaults)
@@ -1048,6 +1051,8 @@ class _BlockCall:
                 named[key] = value
             else:
                 rest[key] = value
+        if not self.required <= named.keys():
+            return None
         return named, rest
 
     def attention_call(self, args: tuple, kwargs: dict) -> tuple[Tensor, dict, dict] | None:
@@ -1055,7 +1060,12 @@ class _BlockCall:
         the forward's call ``(*args, **kwargs)``, as the forward passes them on; None where
         ``bind`` is. The usual call (hidden states alone by position, every other argument by
         keyword, to a forward passing all on) in one merge of dicts (host time)."""
-        if len(args) == 1 and self.passes_all and "hidden_states" not in kwargs:
+        if (
+            len(args) == 1
+            and self.passes_all
+            and "hidden_states" not in kwargs
+            and (not self.required or self.required <= kwargs.keys())
+        ):
             return args[0], {**self.attention_defaults, **kwargs}, kwargs
         bound = self.bind(args, kwargs)
         if bound is None:
@@ -1124,9 +1134,9 @@ def _block_call(forward: Callable, form: _BlockForm) -> _BlockCall | str:
     ):
         return f"its forward's parameters are not the ones read: {signature}"
     defaults = {p.name: p.default for p in parameters[1:] if p.name in named}
-    if any(value is inspect.Parameter.empty for value in defaults.values()):
-        return f"its forward has parameters without defaults: {signature}"
-    return _BlockCall(tuple(named), defaults, tuple(passed))
+    required = frozenset(name for name, value in defaults.items() if value is inspect.Parameter.empty)
+    defaults = {name: value for name, value in defaults.items() if name not in required}
+    return _BlockCall(tuple(named), defaults, tuple(passed), required)
 
 
 def _takes_residual(cls: type) -> bool:

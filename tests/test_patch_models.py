@@ -543,7 +543,9 @@ NORMS_FEEDING_MATMULS_BY_CODE = {
     "mixtral": ("input_layernorm",),
     **{name: ("input_layernorm", "layers.1.post_attention_layernorm") for name in ("qwen2_moe", "qwen3_moe")},
     **{name: ("input_layernorm", "layers.0.post_attention_layernorm") for name in ("deepseek_v3", "glm4_moe")},
-    **{name: PRE_NORMS for name in ("qwen2_vl", "qwen2_5_vl", "hunyuan_v1_dense", "seed_oss", "starcoder2")},
+    **{
+        name: PRE_NORMS for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "hunyuan_v1_dense", "seed_oss", "starcoder2")
+    },
 }
 
 
@@ -674,6 +676,7 @@ ADD_NORM_MODELS = {
         ("glm4_moe", "Glm4MoeDecoderLayer"),
         ("qwen2_vl", "Qwen2VLDecoderLayer"),
         ("qwen2_5_vl", "Qwen2_5_VLDecoderLayer"),
+        ("qwen3_vl", "Qwen3VLTextDecoderLayer"),
         ("hunyuan_v1_dense", "HunYuanDenseV1DecoderLayer"),
         ("seed_oss", "SeedOssDecoderLayer"),
         ("starcoder2", "Starcoder2DecoderLayer"),
@@ -876,6 +879,14 @@ def test_block_checks_its_attention_keywords():
     named, rest = call.bind((torch.ones(1),), {"use_cache": True, "output_attentions": False})
     assert named["use_cache"] is True and named["attention_mask"] is None and rest == {"output_attentions": False}
     assert call.bind((1,) * (len(call.parameters) + 1), {}) is None
+    # a parameter without a default (Qwen3-VL's position_embeddings): a call without it is the block's own
+    call = gk_patch._block_call(type(_build("qwen3_vl").model.language_model.layers[0]).forward, form)
+    assert call.required == {"position_embeddings"}
+    assert call.attention_call((torch.ones(1),), {"attention_mask": None}) is None
+    hidden, attention_kwargs, _ = call.attention_call((torch.ones(1),), {"position_embeddings": 2})
+    assert attention_kwargs["position_embeddings"] == 2 and attention_kwargs["attention_mask"] is None
+    hidden, attention_kwargs, _ = call.attention_call((torch.ones(1), 3), {})
+    assert attention_kwargs["position_embeddings"] == 3
 
 
 def test_gradient_checkpointing_of_fused_blocks():
