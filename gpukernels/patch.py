@@ -810,10 +810,10 @@ def _original_class(module: torch.nn.Module) -> type:
 
 def _norms_feeding_matmuls(classes: Iterable[type]) -> dict[type, dict[str, list[tuple[str, tuple[type, ...]]]]]:
     """``_NORMS_BEFORE_MATMULS`` with classes: block class -> {norm: [(a child it goes to, the
-    classes that child may have)]}; and for each of ``classes`` in Llama's form (``_block_call``)
-    not listed, its two norms, going to an attention and an MLP whose forwards are those of the
-    Llama-form blocks listed (``_same_code``, globals aside: which calls the norm's output
-    reaches is what counts) or are those classes."""
+    classes that child may have)]}; and for each of ``classes`` in one of ``_PRE_NORM_FORMS``
+    not listed, its norms before its attention and its MLP, going to an attention and an MLP
+    whose forwards are those of the Llama-form blocks listed (``_same_code``, globals aside:
+    which calls the norm's output reaches is what counts) or are those classes."""
     blocks = {}
     llama_form = {"self_attn": set(), "mlp": set()}  # the children's classes of the Llama-form blocks listed
     for (family, name), norms in _NORMS_BEFORE_MATMULS.items():
@@ -832,10 +832,11 @@ def _norms_feeding_matmuls(classes: Iterable[type]) -> dict[type, dict[str, list
         for child, read in llama_form.items()
     }
     for cls in set(classes) - set(blocks):
-        if _calls_llama_form_children(cls) and isinstance(_block_call(cls.forward, _LLAMA_FORM), _BlockCall):
+        form = _pre_norm_form(cls) if _calls_llama_form_children(cls) else None
+        if form is not None and isinstance(_block_call(cls.forward, form), _BlockCall):
             blocks[cls] = {
                 "input_layernorm": [("self_attn", readers["self_attn"])],
-                "post_attention_layernorm": [("mlp", readers["mlp"])],
+                form.norm: [("mlp", readers["mlp"])],
             }
     return blocks
 

@@ -535,16 +535,17 @@ NORMS_FEEDING_MATMULS = {
     "stablelm": PRE_NORMS,
     **{name: ("input_layernorm",) for name in ("phi", "cohere")},  # its one norm: to attention and MLP (parallel)
 }
-# Llama-form blocks not listed, by their children: at least the norm before an attention whose forward reads
-# its input only by its projections and its shape (DeepSeek's latent attention too), and before an MLP that
-# does, or whose code is a listed one's (the MoE models' dense layers, the VL models' text layers, not their
-# experts): never another
+# Blocks of one of the pre-norm forms not listed (Granite's scaled form too), by their children: at least the
+# norm before an attention whose forward reads its input only by its projections and its shape (DeepSeek's
+# latent attention too), and before an MLP that does, or whose code is a listed one's (the MoE models' dense
+# layers, the VL models' text layers, not their experts): never another
 NORMS_FEEDING_MATMULS_BY_CODE = {
     "mixtral": ("input_layernorm",),
     **{name: ("input_layernorm", "layers.1.post_attention_layernorm") for name in ("qwen2_moe", "qwen3_moe")},
     **{name: ("input_layernorm", "layers.0.post_attention_layernorm") for name in ("deepseek_v3", "glm4_moe")},
     **{
-        name: PRE_NORMS for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "hunyuan_v1_dense", "seed_oss", "starcoder2")
+        name: PRE_NORMS
+        for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "granite", "hunyuan_v1_dense", "seed_oss", "starcoder2")
     },
 }
 
