@@ -958,6 +958,8 @@ hidden_states = self.mlp(hidden_states)
 hidden_states = residual + hidden_states
 return hidden_states
 """
+# gpt-oss's: Llama's with an MLP that returns its router's scores besides
+_PAIR_MLP_LAYER_FORWARD = _LLAMA_LAYER_FORWARD.replace("hidden_states = self.mlp(", "hidden_states, _ = self.mlp(")
 # Gemma 2's and 3's, GLM-4's: a norm after the attention and after the MLP, besides those before them (named
 # by the form: ``_sandwich_form``)
 _SANDWICH_LAYER_FORWARD = """
@@ -1156,8 +1158,9 @@ def _add_then_norm(norm: torch.nn.Module, x: Tensor, residual: Tensor) -> tuple[
 
 
 def _llama_layer_forward(self, *args, **kwargs) -> Tensor:
-    """A pre-norm decoder layer written as Llama's (``_LLAMA_LAYER_FORWARD``): the attention's
-    residual addition and the norm before the MLP in one op (``_add_then_norm``)."""
+    """A pre-norm decoder layer written as Llama's (``_LLAMA_LAYER_FORWARD``; or gpt-oss's,
+    ``self.mlp_returns_pair``): the attention's residual addition and the norm before the MLP
+    in one op (``_add_then_norm``)."""
     call = self.block_call.attention_call(args, kwargs)
     if call is None:
         return _original_class(self).forward(self, *args, **kwargs)
@@ -1165,7 +1168,10 @@ def _llama_layer_forward(self, *args, **kwargs) -> Tensor:
     parts = self._modules  # see _train_bottleneck_forward
     attention_output, _ = parts["self_attn"](hidden_states=parts["input_layernorm"](residual), **attention_kwargs)
     normed, hidden_states = _add_then_norm(parts["post_attention_layernorm"], attention_output, residual)
-    return hidden_states + parts["mlp"](normed)
+    mlp_output = parts["mlp"](normed)
+    if self.mlp_returns_pair:
+        mlp_output, _ = mlp_output
+    return hidden_states + mlp_output
 
 
 def _sandwich_layer_forward(self, *args, **kwargs) -> Tensor:
@@ -1238,6 +1244,7 @@ class _BlockForm(NamedTuple):
     apart: tuple[str, ...] = ()
     sandwich_norms: tuple[str, ...] = ()
     """A sandwich form's norms after the attention, before the MLP and after it."""
+    mlp_returns_pair: bool = False
 
 
 def _sandwich_form(after_attention: str, before_mlp: str, after_mlp: str) -> _BlockForm:
@@ -1250,11 +1257,14 @@ def _sandwich_form(after_attention: str, before_mlp: str, after_mlp: str) -> _Bl
 # their MoE and VL models, Gemma, SmolLM3, GLM, DeepSeek-V3, ...).
 _LLAMA_FORM = _BlockForm(_llama_layer_forward, _LLAMA_LAYER_FORWARD, "self_attn", "post_attention_layernorm")
 # The forms a class calling Llama's children may have besides (Gemma 2 and 3, Gemma 4's vision encoder; GLM-4;
-# Phi-3, Phi-4-multimodal; Granite), tried in turn; a class of none is left with its reason against Llama's.
+# gpt-oss; Phi-3, Phi-4-multimodal; Granite), tried in turn; a class of none is left with its reason against Llama's.
 _PRE_NORM_FORMS = (
     _LLAMA_FORM,
     _sandwich_form("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
     _sandwich_form("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
+    _BlockForm(
+        _llama_layer_forward, _PAIR_MLP_LAYER_FORWARD, "self_attn", "post_attention_layernorm", mlp_returns_pair=True
+    ),
     _BlockForm(_dropout_layer_forward, _DROPOUT_LAYER_FORWARD, "self_attn", "post_attention_layernorm"),
     _BlockForm(_scaled_layer_forward, _SCALED_LAYER_FORWARD, "self_attn", "post_attention_layernorm"),
 )
@@ -1310,6 +1320,7 @@ def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
         if isinstance(call, _BlockCall):
             replacement.block_call = call  # a class attribute: the forward reads it, torch.compile too
             replacement.sandwich_norms = form.sandwich_norms
+            replacement.mlp_returns_pair = form.mlp_returns_pair
         rules[cls] = _Rule(
             replacement, "ResidualNorm", _add_norm_block_check(call, form.norm), opaque=False, residual_norm=form.norm
         )

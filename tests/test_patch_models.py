@@ -540,7 +540,7 @@ NORMS_FEEDING_MATMULS = {
 # latent attention too), and before an MLP that does, or whose code is a listed one's (the MoE models' dense
 # layers, the VL models' text layers, not their experts): never another
 NORMS_FEEDING_MATMULS_BY_CODE = {
-    "mixtral": ("input_layernorm",),
+    **{name: ("input_layernorm",) for name in ("mixtral", "gpt_oss")},  # the MoE MLP reads its input otherwise
     **{name: ("input_layernorm", "layers.1.post_attention_layernorm") for name in ("qwen2_moe", "qwen3_moe")},
     **{name: ("input_layernorm", "layers.0.post_attention_layernorm") for name in ("deepseek_v3", "glm4_moe")},
     **{
@@ -675,6 +675,7 @@ ADD_NORM_MODELS = {
         ("glm4", "Glm4DecoderLayer"),
         ("deepseek_v3", "DeepseekV3DecoderLayer"),
         ("glm4_moe", "Glm4MoeDecoderLayer"),
+        ("gpt_oss", "GptOssDecoderLayer"),
         ("qwen2_vl", "Qwen2VLDecoderLayer"),
         ("qwen2_5_vl", "Qwen2_5_VLDecoderLayer"),
         ("qwen3_vl", "Qwen3VLTextDecoderLayer"),
@@ -790,7 +791,7 @@ def _hook_norms(model: nn.Module, names: list[str]) -> list:
     return [model.get_submodule(n).register_forward_hook(lambda *args: None) for n in names]
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma", "gemma2", "glm4", "phi3", "granite", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma", "gemma2", "glm4", "phi3", "granite", "gpt_oss", "gpt2"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autocast):
     """The one op's forward is the norm of the sum PyTorch's addition rounds: the same logits bit for
