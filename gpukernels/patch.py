@@ -1158,64 +1158,40 @@ def _add_then_norm(norm: torch.nn.Module, x: Tensor, residual: Tensor) -> tuple[
 
 
 def _llama_layer_forward(self, *args, **kwargs) -> Tensor:
-    """A pre-norm decoder layer written as Llama's (``_LLAMA_LAYER_FORWARD``; or gpt-oss's,
-    ``self.mlp_returns_pair``): the attention's residual addition and the norm before the MLP
-    in one op (``_add_then_norm``)."""
+    """A pre-norm decoder layer written as Llama's (``_LLAMA_LAYER_FORWARD``) or one of its
+    variants (``_PRE_NORM_FORMS``: each branch's output through ``self.branch_ends`` before its
+    residual addition): the attention's residual addition and the norm before the MLP,
+    ``self.mlp_norm``, in one op (``_add_then_norm``)."""
     call = self.block_call.attention_call(args, kwargs)
     if call is None:
         return _original_class(self).forward(self, *args, **kwargs)
     residual, attention_kwargs, _ = call
     parts = self._modules  # see _train_bottleneck_forward
+    attention_end, mlp_end = self.branch_ends
     attention_output, _ = parts["self_attn"](hidden_states=parts["input_layernorm"](residual), **attention_kwargs)
-    normed, hidden_states = _add_then_norm(parts["post_attention_layernorm"], attention_output, residual)
-    mlp_output = parts["mlp"](normed)
-    if self.mlp_returns_pair:
-        mlp_output, _ = mlp_output
-    return hidden_states + mlp_output
+    normed, hidden_states = _add_then_norm(parts[self.mlp_norm], attention_end(self, attention_output), residual)
+    return hidden_states + mlp_end(self, parts["mlp"](normed))
 
 
-def _sandwich_layer_forward(self, *args, **kwargs) -> Tensor:
-    """A decoder layer written as Gemma 2's (``_SANDWICH_LAYER_FORWARD``, its norms named by
-    ``self.sandwich_norms``): the attention's normalised output added to the residual stream
-    and the sum normalised for the MLP in one op."""
-    call = self.block_call.attention_call(args, kwargs)
-    if call is None:
-        return _original_class(self).forward(self, *args, **kwargs)
-    residual, attention_kwargs, _ = call
-    parts = self._modules  # see _train_bottleneck_forward
-    after_attention, before_mlp, after_mlp = self.sandwich_norms
-    attention_output, _ = parts["self_attn"](hidden_states=parts["input_layernorm"](residual), **attention_kwargs)
-    normed, hidden_states = _add_then_norm(parts[before_mlp], parts[after_attention](attention_output), residual)
-    return hidden_states + parts[after_mlp](parts["mlp"](normed))
+# What a variant of Llama's block does to each branch's output before its residual addition: ``end(block, output)``
 
 
-def _scaled_layer_forward(self, *args, **kwargs) -> Tensor:
-    """A decoder layer written as Granite's (``_SCALED_LAYER_FORWARD``): the attention's scaled
-    output added to the residual stream and the sum normalised for the MLP in one op."""
-    call = self.block_call.attention_call(args, kwargs)
-    if call is None:
-        return _original_class(self).forward(self, *args, **kwargs)
-    residual, attention_kwargs, _ = call
-    parts = self._modules  # see _train_bottleneck_forward
-    attention_output, _ = parts["self_attn"](hidden_states=parts["input_layernorm"](residual), **attention_kwargs)
-    scale = self.residual_multiplier
-    normed, hidden_states = _add_then_norm(parts["post_attention_layernorm"], attention_output * scale, residual)
-    return hidden_states + parts["mlp"](normed) * scale
+def _as_is(block: torch.nn.Module, output: Tensor) -> Tensor:
+    return output
 
 
-def _dropout_layer_forward(self, *args, **kwargs) -> Tensor:
-    """A decoder layer written as Phi-3's (``_DROPOUT_LAYER_FORWARD``): the attention's output,
-    through its dropout, added to the residual stream and the sum normalised in one op."""
-    call = self.block_call.attention_call(args, kwargs)
-    if call is None:
-        return _original_class(self).forward(self, *args, **kwargs)
-    residual, attention_kwargs, _ = call
-    parts = self._modules  # see _train_bottleneck_forward
-    attention_output, _ = parts["self_attn"](hidden_states=parts["input_layernorm"](residual), **attention_kwargs)
-    normed, hidden_states = _add_then_norm(
-        parts["post_attention_layernorm"], parts["resid_attn_dropout"](attention_output), residual
-    )
-    return hidden_states + parts["resid_mlp_dropout"](parts["mlp"](normed))
+def _first_of_pair(block: torch.nn.Module, output: tuple[Tensor, Any]) -> Tensor:
+    output, _ = output  # gpt-oss's MLP: (output, router scores)
+    return output
+
+
+def _scaled(block: torch.nn.Module, output: Tensor) -> Tensor:
+    return output * block.residual_multiplier  # Granite's
+
+
+def _through(child: str) -> Callable[[torch.nn.Module, Tensor], Tensor]:
+    """The branch's output through the block's ``child`` (a norm: Gemma 2's; a dropout: Phi-3's)."""
+    return lambda block, output: block._modules[child](output)
 
 
 def _gpt2_block_forward(self, *args, **kwargs) -> Tensor:
@@ -1242,15 +1218,16 @@ class _BlockForm(NamedTuple):
     attention: str
     norm: str
     apart: tuple[str, ...] = ()
-    sandwich_norms: tuple[str, ...] = ()
-    """A sandwich form's norms after the attention, before the MLP and after it."""
-    mlp_returns_pair: bool = False
+    branch_ends: tuple[Callable, Callable] = (_as_is, _as_is)
+    """A Llama-form variant's: what the block does to the attention's and the MLP's output before
+    each residual addition."""
 
 
 def _sandwich_form(after_attention: str, before_mlp: str, after_mlp: str) -> _BlockForm:
     names = dict(after_attention=after_attention, before_mlp=before_mlp, after_mlp=after_mlp)
     source = _SANDWICH_LAYER_FORWARD.format(**names)
-    return _BlockForm(_sandwich_layer_forward, source, "self_attn", before_mlp, sandwich_norms=tuple(names.values()))
+    ends = (_through(after_attention), _through(after_mlp))
+    return _BlockForm(_llama_layer_forward, source, "self_attn", before_mlp, branch_ends=ends)
 
 
 # Checked on every transformers class of a model: Llama's and the models built like it (Mistral, Qwen2/3 and
@@ -1262,11 +1239,11 @@ _PRE_NORM_FORMS = (
     _LLAMA_FORM,
     _sandwich_form("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
     _sandwich_form("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
-    _BlockForm(
-        _llama_layer_forward, _PAIR_MLP_LAYER_FORWARD, "self_attn", "post_attention_layernorm", mlp_returns_pair=True
+    _LLAMA_FORM._replace(source=_PAIR_MLP_LAYER_FORWARD, branch_ends=(_as_is, _first_of_pair)),
+    _LLAMA_FORM._replace(
+        source=_DROPOUT_LAYER_FORWARD, branch_ends=(_through("resid_attn_dropout"), _through("resid_mlp_dropout"))
     ),
-    _BlockForm(_dropout_layer_forward, _DROPOUT_LAYER_FORWARD, "self_attn", "post_attention_layernorm"),
-    _BlockForm(_scaled_layer_forward, _SCALED_LAYER_FORWARD, "self_attn", "post_attention_layernorm"),
+    _LLAMA_FORM._replace(source=_SCALED_LAYER_FORWARD, branch_ends=(_scaled, _scaled)),
 )
 # (model, block class) -> its form: the other blocks, checked on their own class.
 _ADD_NORM_BLOCKS = {
@@ -1319,8 +1296,7 @@ def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
         replacement = _replacement(cls, form.replacement)
         if isinstance(call, _BlockCall):
             replacement.block_call = call  # a class attribute: the forward reads it, torch.compile too
-            replacement.sandwich_norms = form.sandwich_norms
-            replacement.mlp_returns_pair = form.mlp_returns_pair
+            replacement.branch_ends, replacement.mlp_norm = form.branch_ends, form.norm
         rules[cls] = _Rule(
             replacement, "ResidualNorm", _add_norm_block_check(call, form.norm), opaque=False, residual_norm=form.norm
         )
