@@ -77,7 +77,9 @@ forward. Recognised:
   BatchNormAct2d (EfficientNet, MobileNet, RegNet: a BatchNorm2d, then its
   ``drop`` and ``act`` modules) becomes our BatchNorm applying the activation
   in its op where ``act`` is one of ours and ``drop`` an nn.Identity, else
-  running them after it.
+  running them after it; its ViT block (ViT, DeiT, DINOv2: ``vision_transformer.Block``,
+  its forward checked to be the one read) adds the attention branch to the residual stream
+  and applies ``norm2`` in one op (``add_layer_norm``), as the transformers blocks above.
 
 None of transformers, timm and torchvision is imported here: their classes
 are looked up in ``sys.modules`` only (but for a model holding transformers
@@ -110,7 +112,7 @@ from torch import Tensor
 from . import nn as gnn
 from .errors import ArgumentError, ArgumentTypeError
 from .ops._checks import PLAIN_TENSOR_TYPES, check_choice
-from .ops.add_norm import add_rms_norm
+from .ops.add_norm import add_layer_norm, add_rms_norm
 from .ops.cross_entropy import cross_entropy
 from .ops.gated_act import ACTIVATIONS as GATED_ACTIVATIONS
 from .ops.gated_act import geglu, swiglu
@@ -613,9 +615,13 @@ def _gated_activation(attribute: str) -> Callable[[torch.nn.Module], dict[str, A
     return prepare
 
 
-def _timm_layer_norm_forward(self, x: Tensor) -> Tensor:
-    """timm's LayerNorm: F.layer_norm over the trailing dims."""
-    return layer_norm(x, self.normalized_shape, *gnn.module_state(self, self._parameters, "weight", "bias"), self.eps)
+def _timm_layer_norm_forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """timm's LayerNorm: F.layer_norm over the trailing dims; given a residual (a ViT block's
+    forward that ``gk.patch`` converted, ``_add_then_norm``), ``add_layer_norm``'s pair."""
+    weight, bias = gnn.module_state(self, self._parameters, "weight", "bias")
+    if residual is not None:
+        return add_layer_norm(x, residual, self.normalized_shape, weight, bias, self.eps)
+    return layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 def _timm_rms_norm_forward(self, x: Tensor) -> Tensor:
@@ -1144,7 +1150,8 @@ def _block_call(forward: Callable, form: _BlockForm) -> _BlockCall | str:
 
 def _takes_residual(cls: type) -> bool:
     """Whether a norm of class ``cls`` takes a residual: ``norm(x, residual)``."""
-    return cls is gnn.RMSNorm or cls is gnn.LayerNorm or cls.__dict__.get("forward") in _RMS_NORMS
+    forward = cls.__dict__.get("forward")
+    return cls is gnn.RMSNorm or cls is gnn.LayerNorm or forward in _RMS_NORMS or forward is _timm_layer_norm_forward
 
 
 def _add_then_norm(norm: torch.nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
@@ -1278,11 +1285,58 @@ def _pre_norm_form(cls: type) -> _BlockForm:
     return next((f for f in _PRE_NORM_FORMS if isinstance(_block_call(cls.forward, f), _BlockCall)), _LLAMA_FORM)
 
 
+def _timm_vit_block_forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """timm's ViT block (``_TIMM_VIT_BLOCK_FORWARD``): the attention branch's residual addition
+    and ``norm2`` in one op (``_add_then_norm``)."""
+    parts = self._modules  # see _train_bottleneck_forward
+    attention = parts["attn"](parts["norm1"](x), attn_mask=attn_mask, is_causal=is_causal)
+    normed, x = _add_then_norm(parts["norm2"], parts["drop_path1"](parts["ls1"](attention)), x)
+    return x + parts["drop_path2"](parts["ls2"](parts["mlp"](normed)))
+
+
+# timm's ViT block's forward (timm 1.0.x: ViT, DeiT, DINOv2's LayerScale, ...), checked as the transformers forms
+_TIMM_VIT_BLOCK_FORWARD = """
+x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+return x
+"""
+
+
+@functools.cache
+def _forward_differs(forward: Callable, source: str, replacement: Callable) -> str | None:
+    """Why ``forward`` may not be ``replacement``, whose body computes what ``source`` does: its
+    body is not ``source`` (docstring and annotations aside) or its parameters are not the
+    replacement's (names, kinds, defaults); None when it may."""
+    try:
+        function = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
+        signature = inspect.signature(forward)
+    except (OSError, TypeError, SyntaxError, ValueError) as e:
+        return f"its forward's source cannot be read ({_first_line(e)})"
+    body = getattr(function, "body", [])
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    if ast.dump(ast.Module(body=body, type_ignores=[])) != ast.dump(ast.parse(source)):
+        return "its forward is not the one read: the residual addition stays apart"
+    parameters, expected = (
+        [(p.name, p.kind, p.default) for p in s.parameters.values()]
+        for s in (signature, inspect.signature(replacement))
+    )
+    return None if parameters == expected else f"its forward's parameters are not the ones read: {signature}"
+
+
+def _timm_block_check(block: torch.nn.Module) -> dict[str, Any] | str:
+    return (
+        _forward_differs(_original_class(block).forward, _TIMM_VIT_BLOCK_FORWARD, _timm_vit_block_forward)
+        or _hooked_reason(block, ("", "norm2"))
+        or {}
+    )
+
+
 def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
-    """Rules for the pre-norm blocks of ``_ADD_NORM_BLOCKS`` already imported, and for those
-    of ``classes`` (a model's transformers classes) whose forward is one of ``_PRE_NORM_FORMS``: the
-    block's children traced and converted as any module's (its norms to ours, which take
-    the residual), its forward the replacement."""
+    """Rules for the pre-norm blocks of ``_ADD_NORM_BLOCKS`` and timm's ViT block already
+    imported, and for those of ``classes`` (a model's transformers classes) whose forward is
+    one of ``_PRE_NORM_FORMS``: the block's children traced and converted as any module's (its
+    norms to ours, which take the residual), its forward the replacement."""
     blocks = [
         (cls, form)
         for (model, name), form in _ADD_NORM_BLOCKS.items()
@@ -1300,6 +1354,10 @@ def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
         rules[cls] = _Rule(
             replacement, "ResidualNorm", _add_norm_block_check(call, form.norm), opaque=False, residual_norm=form.norm
         )
+    (timm_block,) = _loaded("timm.models.vision_transformer", "Block")
+    if timm_block is not None:
+        replacement = _replacement(timm_block, _timm_vit_block_forward)
+        rules[timm_block] = _Rule(replacement, "ResidualNorm", _timm_block_check, opaque=False, residual_norm="norm2")
     return rules
 
 
@@ -2346,7 +2404,7 @@ def patch(
     summed in it, not in fp32). False: they return fp32, as the models' code does.
 
     ``residual_norms`` (transformers blocks whose forward is Llama's, Gemma 2's, GLM-4's,
-    Phi-3's or Granite's, ``_PRE_NORM_FORMS``, or GPT-2's): the attention's output added to
+    Phi-3's or Granite's, ``_PRE_NORM_FORMS``, GPT-2's, timm's ViT block): the attention's output added to
     the residual stream and the sum normalised for the MLP in one op (``add_rms_norm`` /
     ``add_layer_norm``), where the block's forward is the one read and its norm is converted
     to ours. False leaves those blocks' forward as written."""

@@ -38,7 +38,7 @@ MODELS = [
     ("resnet18", 64, True, {"ResidualBlock": 8}),  # BasicBlocks
     ("resnet50", 64, True, {"ResidualBlock": 16}),  # Bottlenecks
     ("convnext_tiny", 64, False, {"LinearAct": 18}),  # each block's fc1 + timm's GELU
-    ("vit_small_patch16_224", 224, False, {"LinearAct": 12}),  # each block's fc1 + GELU
+    ("vit_small_patch16_224", 224, False, {"LinearAct": 12, "ResidualNorm": 12}),  # fc1 + GELU; attention + norm2
     # BatchNormAct2d: with SiLU; with ReLU, Hardswish (not ours: run after our BatchNorm) or none
     ("efficientnet_b0", 64, True, {}),
     ("mobilenetv3_large_100", 64, True, {}),
@@ -256,6 +256,58 @@ def test_norm_with_fast_norm_is_left(module, name):
         fast_norm.set_fast_norm(enabled)
     report = gk.patch(norm)
     assert not report.swapped and report.left[0][2].startswith("timm's fast norm is on")
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("vit_small_patch14_dinov2", dict(img_size=28)),  # LayerScale on each branch
+        ("deit3_small_patch16_224", dict(img_size=32, drop_path_rate=0.5)),  # LayerScale, stochastic depth
+    ],
+)
+def test_vit_blocks_add_and_normalise_in_one_op_as_timms_in_float64(name, options, monkeypatch):
+    """timm's ViT blocks: the attention branch (through its LayerScale and DropPath, drawn in the
+    block's order) added to the residual stream and ``norm2`` applied in one op, once a block a
+    forward; in training, seed for seed, what timm's blocks compute."""
+    gk_patch = importlib.import_module("gpukernels.patch")  # the module: gk.patch is the function
+    torch.manual_seed(0)
+    plain = timm.create_model(name, pretrained=False, num_classes=10, **options).double()
+    patched = copy.deepcopy(plain)
+    assert gk.patch(patched).counts["ResidualNorm"] == 12
+    calls = []
+    add_then_norm = gk_patch._add_then_norm
+    monkeypatch.setattr(gk_patch, "_add_then_norm", lambda *args: calls.append(type(args[0])) or add_then_norm(*args))
+    x = torch.randn(2, 3, options["img_size"], options["img_size"], dtype=torch.float64)
+    outputs = []
+    for model in (plain, patched):
+        model.train()
+        torch.manual_seed(1)
+        y = model(x)
+        y.square().sum().backward()
+        outputs.append(y)
+    assert len(calls) == 12 and all(gk_patch._takes_residual(cls) for cls in calls)
+    _assert_matches_at_scale(outputs[1], outputs[0])
+    for theirs, ours in zip(plain.parameters(), patched.parameters()):
+        _assert_matches_at_scale(ours.grad, theirs.grad)
+    torch.manual_seed(2)  # another seed drops other paths: the stochastic depth is in effect
+    assert options.get("drop_path_rate") is None or not torch.equal(patched(x), outputs[1])
+
+
+def test_vit_block_left_where_its_forward_or_hooks_differ(monkeypatch):
+    from timm.models.vision_transformer import Block
+
+    model = nn.Sequential(Block(16, 2), Block(16, 2))
+    model[0].norm2.register_forward_hook(lambda *args: None)
+    left = {n: why for n, _, why in gk.patch(model).left}
+    assert "has hooks (norm2)" in left["0"] and "1" not in left
+
+    def forward(self, x, attn_mask=None, is_causal=False):  # the attention's output scaled: another block
+        x = x + 0.5 * self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    monkeypatch.setattr(Block, "forward", forward)
+    left = {n: why for n, _, why in gk.patch(nn.Sequential(Block(16, 2))).left}
+    assert "is not the one read" in left["0"]
 
 
 def test_aimv2_layout_patches_every_norm_and_mlp_and_matches_in_float64():
