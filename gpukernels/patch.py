@@ -66,7 +66,9 @@ forward. Recognised:
   transformers class of the model that calls Llama's children) or GPT-2's
   add the attention's output to the residual stream and normalise the sum for
   the MLP in one op (``add_rms_norm`` / ``add_layer_norm``) where that norm is
-  converted to ours; the block's children are converted as any module's.
+  converted to ours, as do BERT's post-norm outputs (``BertSelfOutput``, ``BertOutput``
+  and the classes whose forward is theirs: the residual addition and the LayerNorm after
+  it); the block's children are converted as any module's.
 - timm, when already imported: its LayerNorm, LayerNorm2d, RmsNorm (AIMv2's; Llama's
   rounding, ``_timm_rms_norm_forward``) and RmsNorm2d, and their norm + activation
   classes (LayerNormAct, LayerNormAct2d: ViTamin's; RmsNormAct, RmsNormAct2d:
@@ -1324,6 +1326,37 @@ def _forward_differs(forward: Callable, source: str, replacement: Callable) -> s
     return None if parameters == expected else f"its forward's parameters are not the ones read: {signature}"
 
 
+def _bert_output_forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+    """BERT's attention and MLP outputs (``_BERT_OUTPUT_FORWARD``): the residual addition and the
+    LayerNorm of the sum in one op (``_add_then_norm``)."""
+    parts = self._modules  # see _train_bottleneck_forward
+    normed, _ = _add_then_norm(parts["LayerNorm"], parts["dropout"](parts["dense"](hidden_states)), input_tensor)
+    return normed
+
+
+# BERT's post-norm outputs (``BertSelfOutput``, ``BertOutput``) and transformers' ~80 copies of them (RoBERTa,
+# XLM-R, ELECTRA, DeBERTa, BigBird, LayoutLM, BLIP-2's Q-Former, ...), checked as the transformers forms
+_BERT_OUTPUT_FORWARD = """
+hidden_states = self.dense(hidden_states)
+hidden_states = self.dropout(hidden_states)
+hidden_states = self.LayerNorm(hidden_states + input_tensor)
+return hidden_states
+"""
+
+
+def _is_bert_output(cls: type) -> bool:
+    forward = inspect.unwrap(cls.__dict__.get("forward"))
+    return (
+        isinstance(forward, types.FunctionType)
+        and {"dense", "dropout", "LayerNorm"} <= set(forward.__code__.co_names)
+        and _forward_differs(forward, _BERT_OUTPUT_FORWARD, _bert_output_forward) is None
+    )
+
+
+def _bert_output_check(output: torch.nn.Module) -> dict[str, Any] | str:
+    return _hooked_reason(output, ("", "LayerNorm")) or {}
+
+
 def _timm_block_check(block: torch.nn.Module) -> dict[str, Any] | str:
     return (
         _forward_differs(_original_class(block).forward, _TIMM_VIT_BLOCK_FORWARD, _timm_vit_block_forward)
@@ -1335,8 +1368,9 @@ def _timm_block_check(block: torch.nn.Module) -> dict[str, Any] | str:
 def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
     """Rules for the pre-norm blocks of ``_ADD_NORM_BLOCKS`` and timm's ViT block already
     imported, and for those of ``classes`` (a model's transformers classes) whose forward is
-    one of ``_PRE_NORM_FORMS``: the block's children traced and converted as any module's (its
-    norms to ours, which take the residual), its forward the replacement."""
+    one of ``_PRE_NORM_FORMS`` or BERT's outputs' (post-norm): the block's children traced
+    and converted as any module's (its norms to ours, which take the residual), its forward
+    the replacement."""
     blocks = [
         (cls, form)
         for (model, name), form in _ADD_NORM_BLOCKS.items()
@@ -1354,6 +1388,9 @@ def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
         rules[cls] = _Rule(
             replacement, "ResidualNorm", _add_norm_block_check(call, form.norm), opaque=False, residual_norm=form.norm
         )
+    for cls in filter(_is_bert_output, classes):
+        replacement = _replacement(cls, _bert_output_forward)
+        rules[cls] = _Rule(replacement, "ResidualNorm", _bert_output_check, opaque=False, residual_norm="LayerNorm")
     (timm_block,) = _loaded("timm.models.vision_transformer", "Block")
     if timm_block is not None:
         replacement = _replacement(timm_block, _timm_vit_block_forward)
@@ -2404,10 +2441,11 @@ def patch(
     summed in it, not in fp32). False: they return fp32, as the models' code does.
 
     ``residual_norms`` (transformers blocks whose forward is Llama's, Gemma 2's, GLM-4's,
-    Phi-3's or Granite's, ``_PRE_NORM_FORMS``, GPT-2's, timm's ViT block): the attention's output added to
-    the residual stream and the sum normalised for the MLP in one op (``add_rms_norm`` /
-    ``add_layer_norm``), where the block's forward is the one read and its norm is converted
-    to ours. False leaves those blocks' forward as written."""
+    Phi-3's or Granite's, ``_PRE_NORM_FORMS``, GPT-2's, timm's ViT block; BERT's outputs,
+    post-norm, likewise): the attention's output added to the residual stream and the sum
+    normalised for the MLP in one op (``add_rms_norm`` / ``add_layer_norm``), where the
+    block's forward is the one read and its norm is converted to ours. False leaves those
+    blocks' forward as written."""
     _check_model(model)
     check_choice("loss", loss, LOSS_MODES)
     for name, value in (

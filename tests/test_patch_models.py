@@ -653,39 +653,43 @@ def test_children_reading_input_follows_the_input_to_projections():
     assert gk_patch._matmuls_read_input(module)
 
 
-# the models whose blocks patch converts to add the attention's output and normalise the sum in one op
+# the models whose blocks patch converts to add the attention's output and normalise the sum in one op (BERT:
+# each residual addition and the LayerNorm after it)
 ADD_NORM_MODELS = {
-    name: block
-    for name, block in (
-        ("llama", "LlamaDecoderLayer"),
-        ("mistral", "MistralDecoderLayer"),
-        ("mixtral", "MixtralDecoderLayer"),
-        ("qwen2", "Qwen2DecoderLayer"),
-        ("qwen2_moe", "Qwen2MoeDecoderLayer"),
-        ("qwen3", "Qwen3DecoderLayer"),
-        ("qwen3_moe", "Qwen3MoeDecoderLayer"),
-        ("gemma", "GemmaDecoderLayer"),
-        ("gemma2", "Gemma2DecoderLayer"),
-        ("gemma3", "Gemma3DecoderLayer"),
-        ("gemma3_vl", "Gemma3DecoderLayer"),
-        ("phi3", "Phi3DecoderLayer"),
-        ("granite", "GraniteDecoderLayer"),
-        ("smollm3", "SmolLM3DecoderLayer"),
-        ("glm", "GlmDecoderLayer"),
-        ("glm4", "Glm4DecoderLayer"),
-        ("deepseek_v3", "DeepseekV3DecoderLayer"),
-        ("glm4_moe", "Glm4MoeDecoderLayer"),
-        ("gpt_oss", "GptOssDecoderLayer"),
-        ("qwen2_vl", "Qwen2VLDecoderLayer"),
-        ("qwen2_5_vl", "Qwen2_5_VLDecoderLayer"),
-        ("qwen3_vl", "Qwen3VLTextDecoderLayer"),
-        ("hunyuan_v1_dense", "HunYuanDenseV1DecoderLayer"),
-        ("seed_oss", "SeedOssDecoderLayer"),
-        ("starcoder2", "Starcoder2DecoderLayer"),
-        ("gpt2", "GPT2Block"),
-        ("llama-gelu", "LlamaDecoderLayer"),
-        ("llama-relu", "LlamaDecoderLayer"),
-    )
+    "bert": ("BertSelfOutput", "BertOutput"),
+    **{
+        name: (block,)
+        for name, block in (
+            ("llama", "LlamaDecoderLayer"),
+            ("mistral", "MistralDecoderLayer"),
+            ("mixtral", "MixtralDecoderLayer"),
+            ("qwen2", "Qwen2DecoderLayer"),
+            ("qwen2_moe", "Qwen2MoeDecoderLayer"),
+            ("qwen3", "Qwen3DecoderLayer"),
+            ("qwen3_moe", "Qwen3MoeDecoderLayer"),
+            ("gemma", "GemmaDecoderLayer"),
+            ("gemma2", "Gemma2DecoderLayer"),
+            ("gemma3", "Gemma3DecoderLayer"),
+            ("gemma3_vl", "Gemma3DecoderLayer"),
+            ("phi3", "Phi3DecoderLayer"),
+            ("granite", "GraniteDecoderLayer"),
+            ("smollm3", "SmolLM3DecoderLayer"),
+            ("glm", "GlmDecoderLayer"),
+            ("glm4", "Glm4DecoderLayer"),
+            ("deepseek_v3", "DeepseekV3DecoderLayer"),
+            ("glm4_moe", "Glm4MoeDecoderLayer"),
+            ("gpt_oss", "GptOssDecoderLayer"),
+            ("qwen2_vl", "Qwen2VLDecoderLayer"),
+            ("qwen2_5_vl", "Qwen2_5_VLDecoderLayer"),
+            ("qwen3_vl", "Qwen3VLTextDecoderLayer"),
+            ("hunyuan_v1_dense", "HunYuanDenseV1DecoderLayer"),
+            ("seed_oss", "SeedOssDecoderLayer"),
+            ("starcoder2", "Starcoder2DecoderLayer"),
+            ("gpt2", "GPT2Block"),
+            ("llama-gelu", "LlamaDecoderLayer"),
+            ("llama-relu", "LlamaDecoderLayer"),
+        )
+    },
 }
 
 
@@ -703,7 +707,7 @@ def test_pre_norm_blocks_add_and_normalise_in_one_op(name, monkeypatch):
     original = _build(name)
     model = copy.deepcopy(original)
     report = gk.patch(model)
-    blocks = [n for n, m in original.named_modules() if type(m).__name__ == ADD_NORM_MODELS.get(name)]
+    blocks = [n for n, m in original.named_modules() if type(m).__name__ in ADD_NORM_MODELS.get(name, ())]
     assert [n for n, _, kind in report.swapped if kind == "ResidualNorm"] == blocks
     calls = _count_add_norms(monkeypatch)
     model(**_without_labels(_batch(name)))
@@ -791,7 +795,9 @@ def _hook_norms(model: nn.Module, names: list[str]) -> list:
     return [model.get_submodule(n).register_forward_hook(lambda *args: None) for n in names]
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma", "gemma2", "glm4", "phi3", "granite", "gpt_oss", "gpt2"])
+@pytest.mark.parametrize(
+    "name", ["llama", "qwen3", "gemma", "gemma2", "glm4", "phi3", "granite", "gpt_oss", "gpt2", "bert"]
+)
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autocast):
     """The one op's forward is the norm of the sum PyTorch's addition rounds: the same logits bit for
@@ -800,7 +806,7 @@ def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autoc
     model = _build(name)
     gk.patch(model)
     batch = _batch(name)
-    fused = ("post_attention_layernorm", "pre_feedforward_layernorm", "ln_2")  # Gemma 2's first is not fused
+    fused = ("post_attention_layernorm", "pre_feedforward_layernorm", "ln_2", "output.LayerNorm")  # not Gemma 2's first
     norms = [n for n, m in model.named_modules() if n.endswith(fused)]
     results = []
     for hooked in (False, True):
@@ -815,23 +821,25 @@ def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autoc
         torch.testing.assert_close(fused_grads[key], grads[key], rtol=1e-2 if autocast else 1e-4, atol=1e-5)
 
 
-def test_fused_blocks_with_dropout_draw_the_masks_of_the_blocks_as_written():
-    """Phi-3's residual dropouts in training: the one op adds the attention's output after its
-    dropout, drawn in the block's order: the same loss and gradients, seed for seed, as the
-    blocks as written (``residual_norms=False``: their forward, our dropouts and norms); and the
-    dropouts are in effect (another seed, another loss)."""
-    original = _build("phi3")
+@pytest.mark.parametrize("name, dropouts", [("phi3", 4), ("bert", 7)])
+def test_fused_blocks_with_dropout_draw_the_masks_of_the_blocks_as_written(name, dropouts):
+    """Residual dropouts in training (Phi-3's on each branch, BERT's before each LayerNorm): the
+    one op adds the branch's output after its dropout, drawn in the block's order: the same loss
+    and gradients, seed for seed, as the blocks as written (``residual_norms=False``: their
+    forward, our dropouts and norms); and the dropouts are in effect (another seed, another loss)."""
+    original = _build(name)
     for module in original.modules():
-        if type(module).__name__ == "Phi3DecoderLayer":
-            module.resid_attn_dropout.p = module.resid_mlp_dropout.p = 0.3
+        if isinstance(module, nn.Dropout):
+            module.p = 0.3
     results = []
     for residual_norms, seed in ((True, 0), (False, 0), (True, 1)):
         model = copy.deepcopy(original)
         report = gk.patch(model, residual_norms=residual_norms)
-        assert report.counts.get("ResidualNorm", 0) == 2 * residual_norms and report.counts["Dropout"] == 4
+        blocks = len(ADD_NORM_MODELS[name]) * 2 * residual_norms
+        assert report.counts.get("ResidualNorm", 0) == blocks and report.counts["Dropout"] == dropouts
         model.train()
         torch.manual_seed(seed)
-        results.append(_step(model, _batch("phi3")))
+        results.append(_step(model, _batch(name)))
     (fused_loss, _, fused_grads), (loss, _, grads), (other_loss, _, _) = results
     assert torch.equal(fused_loss, loss) and not torch.equal(fused_loss, other_loss)
     for key in grads:
