@@ -1168,9 +1168,9 @@ def _add_then_norm(norm: torch.nn.Module, x: Tensor, residual: Tensor) -> tuple[
 
 def _llama_layer_forward(self, *args, **kwargs) -> Tensor:
     """A pre-norm decoder layer written as Llama's (``_LLAMA_LAYER_FORWARD``) or one of its
-    variants (``_PRE_NORM_FORMS``: each branch's output through ``self.branch_ends`` before its
-    residual addition): the attention's residual addition and the norm before the MLP,
-    ``self.mlp_norm``, in one op (``_add_then_norm``)."""
+    variants (``_PRE_NORM_FORMS``: each branch's output through ``self.branch_ends``, where not
+    None, before its residual addition): the attention's residual addition and the norm before
+    the MLP, ``self.mlp_norm``, in one op (``_add_then_norm``)."""
     call = self.block_call.attention_call(args, kwargs)
     if call is None:
         return _original_class(self).forward(self, *args, **kwargs)
@@ -1178,15 +1178,14 @@ def _llama_layer_forward(self, *args, **kwargs) -> Tensor:
     parts = self._modules  # see _train_bottleneck_forward
     attention_end, mlp_end = self.branch_ends
     attention_output, _ = parts["self_attn"](hidden_states=parts["input_layernorm"](residual), **attention_kwargs)
-    normed, hidden_states = _add_then_norm(parts[self.mlp_norm], attention_end(self, attention_output), residual)
-    return hidden_states + mlp_end(self, parts["mlp"](normed))
+    if attention_end is not None:  # None, as Llama's: no call (host time)
+        attention_output = attention_end(self, attention_output)
+    normed, hidden_states = _add_then_norm(parts[self.mlp_norm], attention_output, residual)
+    mlp_output = parts["mlp"](normed)
+    return hidden_states + (mlp_output if mlp_end is None else mlp_end(self, mlp_output))
 
 
 # What a variant of Llama's block does to each branch's output before its residual addition: ``end(block, output)``
-
-
-def _as_is(block: torch.nn.Module, output: Tensor) -> Tensor:
-    return output
 
 
 def _first_of_pair(block: torch.nn.Module, output: tuple[Tensor, Any]) -> Tensor:
@@ -1227,7 +1226,7 @@ class _BlockForm(NamedTuple):
     attention: str
     norm: str
     apart: tuple[str, ...] = ()
-    branch_ends: tuple[Callable, Callable] = (_as_is, _as_is)
+    branch_ends: tuple[Callable | None, Callable | None] = (None, None)
     """A Llama-form variant's: what the block does to the attention's and the MLP's output before
     each residual addition."""
 
@@ -1248,7 +1247,7 @@ _PRE_NORM_FORMS = (
     _LLAMA_FORM,
     _sandwich_form("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
     _sandwich_form("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
-    _LLAMA_FORM._replace(source=_PAIR_MLP_LAYER_FORWARD, branch_ends=(_as_is, _first_of_pair)),
+    _LLAMA_FORM._replace(source=_PAIR_MLP_LAYER_FORWARD, branch_ends=(None, _first_of_pair)),
     _LLAMA_FORM._replace(
         source=_DROPOUT_LAYER_FORWARD, branch_ends=(_through("resid_attn_dropout"), _through("resid_mlp_dropout"))
     ),
