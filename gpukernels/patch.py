@@ -66,9 +66,9 @@ forward. Recognised:
   transformers class of the model that calls Llama's children) or GPT-2's
   add the attention's output to the residual stream and normalise the sum for
   the MLP in one op (``add_rms_norm`` / ``add_layer_norm``) where that norm is
-  converted to ours, as do BERT's post-norm outputs (``BertSelfOutput``, ``BertOutput``
-  and the classes whose forward is theirs: the residual addition and the LayerNorm after
-  it); the block's children are converted as any module's.
+  converted to ours, as do ViT's layers and BERT's post-norm outputs (``BertSelfOutput``,
+  ``BertOutput``: the residual addition and the LayerNorm after it), and the classes whose
+  forward is theirs (``_SOURCE_BLOCKS``); the block's children are converted as any module's.
 - timm, when already imported: its LayerNorm, LayerNorm2d, RmsNorm (AIMv2's; Llama's
   rounding, ``_timm_rms_norm_forward``) and RmsNorm2d, and their norm + activation
   classes (LayerNormAct, LayerNormAct2d: ViTamin's; RmsNormAct, RmsNormAct2d:
@@ -1333,43 +1333,71 @@ def _bert_output_forward(self, hidden_states: Tensor, input_tensor: Tensor) -> T
     return normed
 
 
+def _vit_layer_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+    """transformers' ViT layer (``_VIT_LAYER_FORWARD``): the attention's residual addition and
+    ``layernorm_after`` in one op (``_add_then_norm``)."""
+    parts = self._modules  # see _train_bottleneck_forward
+    attention_output, _ = parts["attention"](parts["layernorm_before"](hidden_states), attention_mask, **kwargs)
+    normed, hidden_states = _add_then_norm(parts["layernorm_after"], parts["dropout"](attention_output), hidden_states)
+    return parts["dropout"](parts["mlp"](normed)) + hidden_states
+
+
 # BERT's post-norm outputs (``BertSelfOutput``, ``BertOutput``) and transformers' ~80 copies of them (RoBERTa,
-# XLM-R, ELECTRA, DeBERTa, BigBird, LayoutLM, BLIP-2's Q-Former, ...), checked as the transformers forms
+# XLM-R, ELECTRA, DeBERTa, BigBird, LayoutLM, BLIP-2's Q-Former, ...)
 _BERT_OUTPUT_FORWARD = """
 hidden_states = self.dense(hidden_states)
 hidden_states = self.dropout(hidden_states)
 hidden_states = self.LayerNorm(hidden_states + input_tensor)
 return hidden_states
 """
+# ViT's layer (DeiT, ViTMAE, ViTMSN, I-JEPA, AST, ViViT, VideoPrism)
+_VIT_LAYER_FORWARD = """
+residual = hidden_states
+hidden_states = self.layernorm_before(hidden_states)
+hidden_states, _ = self.attention(hidden_states, attention_mask, **kwargs)
+hidden_states = self.dropout(hidden_states)
+hidden_states = hidden_states + residual
+residual = hidden_states
+hidden_states = self.layernorm_after(hidden_states)
+hidden_states = self.mlp(hidden_states)
+hidden_states = self.dropout(hidden_states)
+hidden_states = hidden_states + residual
+return hidden_states
+"""
+# transformers blocks matched by their forward's source (as read in 5.17 and 5.25), whatever their class:
+# (the replacement, the source it computes as, the norm it hands the residual)
+_SOURCE_BLOCKS = (
+    (_bert_output_forward, _BERT_OUTPUT_FORWARD, "LayerNorm"),
+    (_vit_layer_forward, _VIT_LAYER_FORWARD, "layernorm_after"),
+)
 
 
-def _is_bert_output(cls: type) -> bool:
+def _source_block(cls: type) -> tuple[Callable, str] | None:
+    """``(replacement, norm)`` of the first of ``_SOURCE_BLOCKS`` that ``cls``'s forward is."""
     forward = inspect.unwrap(cls.__dict__.get("forward"))
-    return (
-        isinstance(forward, types.FunctionType)
-        and {"dense", "dropout", "LayerNorm"} <= set(forward.__code__.co_names)
-        and _forward_differs(forward, _BERT_OUTPUT_FORWARD, _bert_output_forward) is None
-    )
+    if not isinstance(forward, types.FunctionType):
+        return None
+    for replacement, source, norm in _SOURCE_BLOCKS:
+        if norm in forward.__code__.co_names and _forward_differs(forward, source, replacement) is None:
+            return replacement, norm
+    return None
 
 
-def _bert_output_check(output: torch.nn.Module) -> dict[str, Any] | str:
-    return _hooked_reason(output, ("", "LayerNorm")) or {}
+def _norm_unhooked(norm: str) -> Callable[[torch.nn.Module], dict[str, Any] | str]:
+    return lambda block: _hooked_reason(block, ("", norm)) or {}
 
 
 def _timm_block_check(block: torch.nn.Module) -> dict[str, Any] | str:
-    return (
-        _forward_differs(_original_class(block).forward, _TIMM_VIT_BLOCK_FORWARD, _timm_vit_block_forward)
-        or _hooked_reason(block, ("", "norm2"))
-        or {}
-    )
+    forward = _original_class(block).forward
+    return _forward_differs(forward, _TIMM_VIT_BLOCK_FORWARD, _timm_vit_block_forward) or _norm_unhooked("norm2")(block)
 
 
 def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
     """Rules for the pre-norm blocks of ``_ADD_NORM_BLOCKS`` and timm's ViT block already
     imported, and for those of ``classes`` (a model's transformers classes) whose forward is
-    one of ``_PRE_NORM_FORMS`` or BERT's outputs' (post-norm): the block's children traced
-    and converted as any module's (its norms to ours, which take the residual), its forward
-    the replacement."""
+    one of ``_PRE_NORM_FORMS`` or ``_SOURCE_BLOCKS``: the block's children traced and
+    converted as any module's (its norms to ours, which take the residual), its forward the
+    replacement."""
     blocks = [
         (cls, form)
         for (model, name), form in _ADD_NORM_BLOCKS.items()
@@ -1387,9 +1415,12 @@ def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
         rules[cls] = _Rule(
             replacement, "ResidualNorm", _add_norm_block_check(call, form.norm), opaque=False, residual_norm=form.norm
         )
-    for cls in filter(_is_bert_output, classes):
-        replacement = _replacement(cls, _bert_output_forward)
-        rules[cls] = _Rule(replacement, "ResidualNorm", _bert_output_check, opaque=False, residual_norm="LayerNorm")
+    for cls in classes:
+        if (found := _source_block(cls)) is not None:
+            forward, norm = found
+            rules[cls] = _Rule(
+                _replacement(cls, forward), "ResidualNorm", _norm_unhooked(norm), opaque=False, residual_norm=norm
+            )
     (timm_block,) = _loaded("timm.models.vision_transformer", "Block")
     if timm_block is not None:
         replacement = _replacement(timm_block, _timm_vit_block_forward)
@@ -2440,8 +2471,8 @@ def patch(
     summed in it, not in fp32). False: they return fp32, as the models' code does.
 
     ``residual_norms`` (transformers blocks whose forward is Llama's, Gemma 2's, GLM-4's,
-    Phi-3's or Granite's, ``_PRE_NORM_FORMS``, GPT-2's, timm's ViT block; BERT's outputs,
-    post-norm, likewise): the attention's output added to the residual stream and the sum
+    Phi-3's or Granite's, ``_PRE_NORM_FORMS``, GPT-2's, ViT's, timm's ViT block; BERT's
+    outputs, post-norm, likewise): the attention's output added to the residual stream and the sum
     normalised for the MLP in one op (``add_rms_norm`` / ``add_layer_norm``), where the
     block's forward is the one read and its norm is converted to ours. False leaves those
     blocks' forward as written."""

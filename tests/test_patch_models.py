@@ -657,6 +657,7 @@ def test_children_reading_input_follows_the_input_to_projections():
 # each residual addition and the LayerNorm after it)
 ADD_NORM_MODELS = {
     "bert": ("BertSelfOutput", "BertOutput"),
+    "vit": ("ViTLayer",),
     **{
         name: (block,)
         for name, block in (
@@ -796,7 +797,7 @@ def _hook_norms(model: nn.Module, names: list[str]) -> list:
 
 
 @pytest.mark.parametrize(
-    "name", ["llama", "qwen3", "gemma", "gemma2", "glm4", "phi3", "granite", "gpt_oss", "gpt2", "bert"]
+    "name", ["llama", "qwen3", "gemma", "gemma2", "glm4", "phi3", "granite", "gpt_oss", "gpt2", "bert", "vit"]
 )
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autocast):
@@ -806,7 +807,8 @@ def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autoc
     model = _build(name)
     gk.patch(model)
     batch = _batch(name)
-    fused = ("post_attention_layernorm", "pre_feedforward_layernorm", "ln_2", "output.LayerNorm")  # not Gemma 2's first
+    # the norms that take the residual (Gemma 2's post_attention_layernorm does not)
+    fused = ("post_attention_layernorm", "pre_feedforward_layernorm", "ln_2", "output.LayerNorm", "layernorm_after")
     norms = [n for n, m in model.named_modules() if n.endswith(fused)]
     results = []
     for hooked in (False, True):
@@ -821,9 +823,9 @@ def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autoc
         torch.testing.assert_close(fused_grads[key], grads[key], rtol=1e-2 if autocast else 1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, dropouts", [("phi3", 4), ("bert", 7)])
+@pytest.mark.parametrize("name, dropouts", [("phi3", 4), ("bert", 7), ("vit", 3)])
 def test_fused_blocks_with_dropout_draw_the_masks_of_the_blocks_as_written(name, dropouts):
-    """Residual dropouts in training (Phi-3's on each branch, BERT's before each LayerNorm): the
+    """Residual dropouts in training (Phi-3's and ViT's on each branch, BERT's before each LayerNorm): the
     one op adds the branch's output after its dropout, drawn in the block's order: the same loss
     and gradients, seed for seed, as the blocks as written (``residual_norms=False``: their
     forward, our dropouts and norms); and the dropouts are in effect (another seed, another loss)."""
