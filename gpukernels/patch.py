@@ -79,9 +79,10 @@ forward. Recognised:
   BatchNormAct2d (EfficientNet, MobileNet, RegNet: a BatchNorm2d, then its
   ``drop`` and ``act`` modules) becomes our BatchNorm applying the activation
   in its op where ``act`` is one of ours and ``drop`` an nn.Identity, else
-  running them after it; its ViT block (ViT, DeiT, DINOv2: ``vision_transformer.Block``,
-  its forward checked to be the one read) adds the attention branch to the residual stream
-  and applies ``norm2`` in one op (``add_layer_norm``), as the transformers blocks above.
+  running them after it; its ViT, EVA and Swin blocks (ViT, DeiT, DINOv2, EVA-02, Swin:
+  ``_TIMM_BLOCKS``, each forward checked to be the one read) add the attention branch to the
+  residual stream and apply ``norm2`` in one op (``add_layer_norm``), as the transformers
+  blocks above.
 
 None of transformers, timm and torchvision is imported here: their classes
 are looked up in ``sys.modules`` only (but for a model holding transformers
@@ -1295,12 +1296,65 @@ def _timm_vit_block_forward(self, x: Tensor, attn_mask: Tensor | None = None, is
     return x + parts["drop_path2"](parts["ls2"](parts["mlp"](normed)))
 
 
-# timm's ViT block's forward (timm 1.0.x: ViT, DeiT, DINOv2's LayerScale, ...), checked as the transformers forms
+def _timm_eva_block_forward(
+    self, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
+) -> Tensor:
+    """timm's EVA block (``_TIMM_EVA_BLOCK_FORWARD``): as ``_timm_vit_block_forward``, its
+    branches scaled by ``gamma_1`` / ``gamma_2`` where set."""
+    parts = self._modules  # see _train_bottleneck_forward
+    attention = parts["attn"](parts["norm1"](x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+    if self.gamma_1 is not None:
+        attention = self.gamma_1 * attention
+    normed, x = _add_then_norm(parts["norm2"], parts["drop_path1"](attention), x)
+    mlp_output = parts["mlp"](normed)
+    if self.gamma_2 is not None:
+        mlp_output = self.gamma_2 * mlp_output
+    return x + parts["drop_path2"](mlp_output)
+
+
+def _timm_swin_block_forward(self, x: Tensor) -> Tensor:
+    """timm's Swin block (``_TIMM_SWIN_BLOCK_FORWARD``): the attention branch's residual addition
+    and ``norm2`` (over the channels: the same before the tokens' reshape) in one op."""
+    parts = self._modules  # see _train_bottleneck_forward
+    B, H, W, C = x.shape
+    normed, x = _add_then_norm(parts["norm2"], parts["drop_path1"](self._attn(parts["norm1"](x))), x)
+    x = x.reshape(B, -1, C)
+    x = x + parts["drop_path2"](parts["mlp"](normed.reshape(B, -1, C)))
+    return x.reshape(B, H, W, C)
+
+
+# timm's blocks' forwards (timm 1.0.x), checked as the transformers forms: ViT's (ViT, DeiT, DINOv2's LayerScale,
+# ...), EVA's (EVA-02), Swin's
 _TIMM_VIT_BLOCK_FORWARD = """
 x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
 x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 return x
 """
+_TIMM_EVA_BLOCK_FORWARD = """
+x_attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+if self.gamma_1 is not None:
+    x_attn = self.gamma_1 * x_attn
+x = x + self.drop_path1(x_attn)
+x_mlp = self.mlp(self.norm2(x))
+if self.gamma_2 is not None:
+    x_mlp = self.gamma_2 * x_mlp
+x = x + self.drop_path2(x_mlp)
+return x
+"""
+_TIMM_SWIN_BLOCK_FORWARD = """
+B, H, W, C = x.shape
+x = x + self.drop_path1(self._attn(self.norm1(x)))
+x = x.reshape(B, -1, C)
+x = x + self.drop_path2(self.mlp(self.norm2(x)))
+x = x.reshape(B, H, W, C)
+return x
+"""
+# (module, class, replacement, the source it computes as); each hands norm2 the residual
+_TIMM_BLOCKS = (
+    ("timm.models.vision_transformer", "Block", _timm_vit_block_forward, _TIMM_VIT_BLOCK_FORWARD),
+    ("timm.models.eva", "EvaBlock", _timm_eva_block_forward, _TIMM_EVA_BLOCK_FORWARD),
+    ("timm.models.swin_transformer", "SwinTransformerBlock", _timm_swin_block_forward, _TIMM_SWIN_BLOCK_FORWARD),
+)
 
 
 @functools.cache
@@ -1387,9 +1441,11 @@ def _norm_unhooked(norm: str) -> Callable[[torch.nn.Module], dict[str, Any] | st
     return lambda block: _hooked_reason(block, ("", norm)) or {}
 
 
-def _timm_block_check(block: torch.nn.Module) -> dict[str, Any] | str:
-    forward = _original_class(block).forward
-    return _forward_differs(forward, _TIMM_VIT_BLOCK_FORWARD, _timm_vit_block_forward) or _norm_unhooked("norm2")(block)
+def _timm_block_check(source: str, replacement: Callable) -> Callable[[torch.nn.Module], dict[str, Any] | str]:
+    def prepare(block):
+        return _forward_differs(_original_class(block).forward, source, replacement) or _norm_unhooked("norm2")(block)
+
+    return prepare
 
 
 def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
@@ -1421,10 +1477,11 @@ def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
             rules[cls] = _Rule(
                 _replacement(cls, forward), "ResidualNorm", _norm_unhooked(norm), opaque=False, residual_norm=norm
             )
-    (timm_block,) = _loaded("timm.models.vision_transformer", "Block")
-    if timm_block is not None:
-        replacement = _replacement(timm_block, _timm_vit_block_forward)
-        rules[timm_block] = _Rule(replacement, "ResidualNorm", _timm_block_check, opaque=False, residual_norm="norm2")
+    for module, name, forward, source in _TIMM_BLOCKS:
+        (cls,) = _loaded(module, name)
+        if cls is not None:
+            check = _timm_block_check(source, forward)
+            rules[cls] = _Rule(_replacement(cls, forward), "ResidualNorm", check, opaque=False, residual_norm="norm2")
     return rules
 
 
@@ -2471,11 +2528,11 @@ def patch(
     summed in it, not in fp32). False: they return fp32, as the models' code does.
 
     ``residual_norms`` (transformers blocks whose forward is Llama's, Gemma 2's, GLM-4's,
-    Phi-3's or Granite's, ``_PRE_NORM_FORMS``, GPT-2's, ViT's, timm's ViT block; BERT's
-    outputs, post-norm, likewise): the attention's output added to the residual stream and the sum
-    normalised for the MLP in one op (``add_rms_norm`` / ``add_layer_norm``), where the
-    block's forward is the one read and its norm is converted to ours. False leaves those
-    blocks' forward as written."""
+    Phi-3's or Granite's, ``_PRE_NORM_FORMS``, GPT-2's, ViT's; timm's ViT, EVA and Swin
+    blocks; BERT's outputs, post-norm, likewise): the attention's output added to the
+    residual stream and the sum normalised for the MLP in one op (``add_rms_norm`` /
+    ``add_layer_norm``), where the block's forward is the one read and its norm is converted
+    to ours. False leaves those blocks' forward as written."""
     _check_model(model)
     check_choice("loss", loss, LOSS_MODES)
     for name, value in (

@@ -263,12 +263,14 @@ def test_norm_with_fast_norm_is_left(module, name):
     [
         ("vit_small_patch14_dinov2", dict(img_size=28)),  # LayerScale on each branch
         ("deit3_small_patch16_224", dict(img_size=32, drop_path_rate=0.5)),  # LayerScale, stochastic depth
+        ("eva02_tiny_patch14_224", dict(img_size=28, init_values=0.1, drop_path_rate=0.5)),  # EvaBlock, gammas
+        ("swin_tiny_patch4_window7_224", dict(img_size=56, drop_path_rate=0.5)),  # (B, H, W, C) tokens
     ],
 )
 def test_vit_blocks_add_and_normalise_in_one_op_as_timms_in_float64(name, options, monkeypatch):
-    """timm's ViT blocks: the attention branch (through its LayerScale and DropPath, drawn in the
-    block's order) added to the residual stream and ``norm2`` applied in one op, once a block a
-    forward; in training, seed for seed, what timm's blocks compute."""
+    """timm's ViT, EVA and Swin blocks: the attention branch (through its LayerScale or gamma and
+    DropPath, drawn in the block's order) added to the residual stream and ``norm2`` applied in one
+    op, once a block a forward; in training, seed for seed, what timm's blocks compute."""
     gk_patch = importlib.import_module("gpukernels.patch")  # the module: gk.patch is the function
     torch.manual_seed(0)
     plain = timm.create_model(name, pretrained=False, num_classes=10, **options).double()
