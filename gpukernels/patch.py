@@ -1105,13 +1105,9 @@ def _without_keywords(tree: ast.AST, callees: tuple[str, ...]) -> tuple[ast.AST,
     return tree, taken
 
 
-@functools.cache
-def _block_call(forward: Callable, form: _BlockForm) -> _BlockCall | str:
-    """A block's ``forward``'s ``_BlockCall`` when its body is ``form.source`` (the keywords
-    of its attention's call and of the calls ``form.apart`` aside), each keyword of its
-    ``self.<attention>(...)`` call passing on a parameter under its own name or the
-    forward's ``**kwargs``; else why not."""
-    attention = form.attention
+def _forward_body(forward: Callable) -> tuple[ast.Module, inspect.Signature] | str:
+    """``forward``'s body, its docstring aside, as a module to compare with a form's source
+    (``ast.dump``), and its signature; else why they cannot be read."""
     try:
         function = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
         signature = inspect.signature(forward)
@@ -1122,7 +1118,21 @@ def _block_call(forward: Callable, form: _BlockForm) -> _BlockCall | str:
     body = function.body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]  # the docstring
-    ours, keywords = _without_keywords(ast.Module(body=body, type_ignores=[]), (attention, *form.apart))
+    return ast.Module(body=body, type_ignores=[]), signature
+
+
+@functools.cache
+def _block_call(forward: Callable, form: _BlockForm) -> _BlockCall | str:
+    """A block's ``forward``'s ``_BlockCall`` when its body is ``form.source`` (the keywords
+    of its attention's call and of the calls ``form.apart`` aside), each keyword of its
+    ``self.<attention>(...)`` call passing on a parameter under its own name or the
+    forward's ``**kwargs``; else why not."""
+    attention = form.attention
+    read = _forward_body(forward)
+    if isinstance(read, str):
+        return read
+    body, signature = read
+    ours, keywords = _without_keywords(body, (attention, *form.apart))
     expected, _ = _without_keywords(ast.parse(form.source), (attention, *form.apart))
     if ast.dump(ours) != ast.dump(expected):
         return "its forward is not the one read (transformers 5.17 and 5.25): the residual addition stays apart"
@@ -1362,15 +1372,11 @@ def _forward_differs(forward: Callable, source: str, replacement: Callable) -> s
     """Why ``forward`` may not be ``replacement``, whose body computes what ``source`` does: its
     body is not ``source`` (docstring and annotations aside) or its parameters are not the
     replacement's (names, kinds, defaults); None when it may."""
-    try:
-        function = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
-        signature = inspect.signature(forward)
-    except (OSError, TypeError, SyntaxError, ValueError) as e:
-        return f"its forward's source cannot be read ({_first_line(e)})"
-    body = getattr(function, "body", [])
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        body = body[1:]  # the docstring
-    if ast.dump(ast.Module(body=body, type_ignores=[])) != ast.dump(ast.parse(source)):
+    read = _forward_body(forward)
+    if isinstance(read, str):
+        return read
+    body, signature = read
+    if ast.dump(body) != ast.dump(ast.parse(source)):
         return "its forward is not the one read: the residual addition stays apart"
     parameters, expected = (
         [(p.name, p.kind, p.default) for p in s.parameters.values()]
