@@ -131,6 +131,14 @@ def count_launches(kernels, monkeypatch) -> list[str]:
     return launched
 
 
+def record_calls(monkeypatch, module, name: str, record) -> list:
+    """``record(*args)`` of each call of the function ``module.<name>`` from now on, in order
+    (the function still runs)."""
+    calls, function = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: calls.append(record(*args)) or function(*args))
+    return calls
+
+
 def applied_to_itself(y: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the op that made ``y`` took the leaf ``x`` itself, of ``y``'s shape: no view
     of ``x`` around the op (each an autograd node, with host time of its own)."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gpukernels as gk
-from helpers import LOWP_FACTOR, LoRA, assert_matches, rel_err
+from helpers import LOWP_FACTOR, LoRA, assert_matches, record_calls, rel_err
 
 transformers = pytest.importorskip("transformers")
 activations = pytest.importorskip("transformers.activations")
@@ -695,10 +695,8 @@ ADD_NORM_MODELS = {
 
 
 def _count_add_norms(monkeypatch) -> list:
-    calls = []
-    ours = gk_patch._add_then_norm
-    monkeypatch.setattr(gk_patch, "_add_then_norm", lambda *args: calls.append(type(args[0])) or ours(*args))
-    return calls
+    """The norm's class of each ``_add_then_norm`` call from now on."""
+    return record_calls(monkeypatch, gk_patch, "_add_then_norm", lambda norm, *rest: type(norm))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -721,10 +719,8 @@ GATED_EXPERTS_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm
 
 
 def _count_gatings(monkeypatch) -> list:
-    calls = []
-    ours = gk_patch._gated
-    monkeypatch.setattr(gk_patch, "_gated", lambda *args: calls.append(args[1:]) or ours(*args))
-    return calls
+    """``(up, activation)`` of each ``_gated`` call from now on."""
+    return record_calls(monkeypatch, gk_patch, "_gated", lambda gate, *rest: rest)
 
 
 @pytest.mark.parametrize("name", GATED_EXPERTS_MODELS)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import gpukernels as gk
-from helpers import assert_matches
+from helpers import assert_matches, record_calls
 
 timm = pytest.importorskip("timm")
 
@@ -276,9 +276,7 @@ def test_vit_blocks_add_and_normalise_in_one_op_as_timms_in_float64(name, option
     plain = timm.create_model(name, pretrained=False, num_classes=10, **options).double()
     patched = copy.deepcopy(plain)
     assert gk.patch(patched).counts["ResidualNorm"] == 12
-    calls = []
-    add_then_norm = gk_patch._add_then_norm
-    monkeypatch.setattr(gk_patch, "_add_then_norm", lambda *args: calls.append(type(args[0])) or add_then_norm(*args))
+    calls = record_calls(monkeypatch, gk_patch, "_add_then_norm", lambda norm, *rest: type(norm))
     x = torch.randn(2, 3, options["img_size"], options["img_size"], dtype=torch.float64)
     outputs = []
     for model in (plain, patched):
