@@ -189,6 +189,28 @@ def assert_out_dtype_rounds_once(op, x: torch.Tensor, params, out_dtype: torch.d
         assert torch.equal(ours.grad, theirs.grad)
 
 
+def assert_autocast_reads_input_as_it_is(op, x: torch.Tensor, params, dy: torch.Tensor) -> None:
+    """A norm's ``op(x, *params)`` under bf16 autocast on a narrower ``x``: bit for bit
+    ``op(x.float(), *params)`` without autocast (fp32, as PyTorch's CUDA autocast casts the
+    input up), forward and backward, its gradient in x's dtype, but without that fp32 copy of
+    x: the tensors the backward keeps are x itself and fp32 statistics, none of x's size in fp32."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            y = op(*leaves)
+    y.backward(dy)
+    cast = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    y_cast = op(cast[0].float(), *cast[1:])
+    y_cast.backward(dy)
+    assert y.dtype == torch.float32 and torch.equal(y, y_cast)
+    for ours, theirs in zip(leaves, cast):
+        assert ours.grad.dtype == ours.dtype
+        assert torch.equal(ours.grad, theirs.grad)
+    assert any(t.data_ptr() == leaves[0].data_ptr() and t.dtype == x.dtype for t in saved)
+    assert not [t for t in saved if t.dtype == torch.float32 and t.numel() == x.numel()]
+
+
 def assert_parametrized_weight_read(ours: torch.nn.Module, theirs: torch.nn.Module, device) -> None:
     """``ours`` computes what ``theirs`` (the torch module it replaces, of the same state)
     computes once both have their weight parametrized (doubled): a parametrized weight is no

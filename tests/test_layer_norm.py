@@ -9,6 +9,7 @@ import gpukernels as gk
 from gpukernels.ops.layer_norm import layer_norm_bwd, layer_norm_fwd
 from helpers import (
     applied_to_itself,
+    assert_autocast_reads_input_as_it_is,
     assert_matches,
     assert_out_dtype_rounds_once,
     assert_parametrized_weight_read,
@@ -193,10 +194,13 @@ def test_opcheck(device, out_dtype):
     torch.library.opcheck(layer_norm_bwd.custom_op, (torch.randn_like(y), x.detach(), w.detach(), stats, True, backend))
 
 
-def test_autocast_runs_in_fp32():
-    x = torch.randn(4, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert gk.layer_norm(x.bfloat16(), (8,)).dtype == torch.float32
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(6, 40), (3, 9000)])  # one block, looped
+def test_autocast_runs_in_fp32_from_the_input_as_it_is(device, dtype, shape):
+    x, w, b = _inputs(shape, shape[-1:], dtype, device=device)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    op = functools.partial(gk.layer_norm, normalized_shape=shape[-1:])
+    assert_autocast_reads_input_as_it_is(lambda x, w, b: op(x, weight=w, bias=b), x, (w.float(), b.float()), dy)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])

@@ -9,6 +9,7 @@ from gpukernels.ops.rms_norm import rms_norm_bwd, rms_norm_fwd
 from helpers import (
     TOLERANCES,
     applied_to_itself,
+    assert_autocast_reads_input_as_it_is,
     assert_matches,
     assert_out_dtype_rounds_once,
     assert_parametrized_weight_read,
@@ -341,6 +342,14 @@ def test_autocast(device):
     )
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(6, 40), (3, 9000)])  # one block, looped
+def test_plain_autocast_runs_in_fp32_from_the_input_as_it_is(device, dtype, shape):
+    x, w, _ = _inputs(shape, shape[-1:], dtype, device=device, weight_dtype=torch.float32)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    assert_autocast_reads_input_as_it_is(lambda x, w: gk.rms_norm(x, shape[-1:], w), x, (w,), dy)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])

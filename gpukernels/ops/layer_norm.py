@@ -84,9 +84,10 @@ def layer_norm(
 ) -> Tensor:
     """``torch.nn.functional.layer_norm``: normalise over the trailing
     ``normalized_shape`` dims, statistics in fp32 (fp64 for fp64 input).
-    Under autocast it runs in fp32 (input cast up; result fp32), as PyTorch's CUDA
-    autocast runs ``layer_norm``, on every device (CPU autocast leaves PyTorch's in
-    input's dtype).
+    Under autocast it runs in fp32 (result fp32), as PyTorch's CUDA autocast runs
+    ``layer_norm``, on every device (CPU autocast leaves PyTorch's in input's dtype);
+    a narrower input is read as it is, where autocast would cast it up (a copy, which
+    its backward would keep), and its gradient comes in its dtype, as through that cast.
 
     ``out_dtype`` (float16, bfloat16 or float32; input not float64): the result
     in that dtype, rounded once, as ``layer_norm(...).to(out_dtype)`` but without
@@ -98,8 +99,8 @@ def layer_norm(
         eps = check_number("eps", eps, low=0.0)
     if out_dtype is not None:
         check_out_dtype(out_dtype, input)
-    if autocast_enabled(input) and input.dtype != torch.float64:
-        input = input.float()
+    elif autocast_enabled(input) and input.dtype != torch.float64:
+        out_dtype = torch.float32  # the kernels compute in fp32 from any input dtype: no cast up
     if len(shape) == 1:  # the kernels read the rows of input as it is
         y, _ = layer_norm_fwd(input.contiguous(), contiguous_param(weight), contiguous_param(bias), eps, out_dtype)
         return y

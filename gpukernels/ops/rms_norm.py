@@ -115,8 +115,8 @@ def rms_norm(
     rounds the normalised value to input's dtype before the weight multiplies it,
     and the result has the dtype promoted from the weight's and input's (Llama's).
 
-    Under autocast the plain op runs in fp32 (input cast up; result fp32), as
-    PyTorch's CUDA autocast runs ``rms_norm``; with ``offset`` or
+    Under autocast the plain op runs in fp32 (result fp32; a narrower input read as
+    it is, as ``layer_norm``), as PyTorch's CUDA autocast runs ``rms_norm``; with ``offset`` or
     ``cast_before_weight`` it runs as without autocast, as the model code it
     reproduces does (its own explicit casts).
 
@@ -133,8 +133,8 @@ def rms_norm(
     offset = check_variant(offset, cast_before_weight, weight)
     if out_dtype is not None:
         check_out_dtype(out_dtype, input)
-    if autocast_enabled(input) and input.dtype != torch.float64 and not offset and not cast_before_weight:
-        input = input.float()
+    elif autocast_enabled(input) and input.dtype != torch.float64 and not offset and not cast_before_weight:
+        out_dtype = torch.float32  # as layer_norm's: no cast up
     if len(shape) == 1:  # the kernels read the rows of input as it is
         y, _ = rms_norm_fwd(input.contiguous(), contiguous_param(weight), eps, offset, cast_before_weight, out_dtype)
         return y
