@@ -35,9 +35,10 @@ forward. Recognised:
   BatchNorms with their ReLU. The block's children are converted as any
   module's.
 - transformers, when already imported: the RMSNorms of Llama, Mistral,
-  Mixtral, Qwen2/Qwen3 (their MoE and VL models too), Gemma 1-3, Phi-3,
-  Granite, SmolLM3, OLMo 2, GLM, GLM-4 (and -MoE), DeepSeek-V3 and gpt-oss
-  (``rms_norm`` in their variant), Cohere's LayerNorm (``layer_norm`` without
+  Mixtral, Qwen2/Qwen3 (their MoE and VL models too), Gemma 1-4 (Gemma 3n's by
+  its code), Phi-3, Granite, SmolLM3, OLMo 2, GLM, GLM-4 (and -MoE), DeepSeek-V3
+  and gpt-oss (``rms_norm`` in their variant; those rounding back to their
+  input's dtype return it under autocast too, as theirs), Cohere's LayerNorm (``layer_norm`` without
   a bias), their gated
   MLPs ``down(act(gate(x)) * up(x))`` (``swiglu`` / ``geglu`` between the
   projections, which run as they are), the gating of MoE experts whose
@@ -45,12 +46,13 @@ forward. Recognised:
   up projection's halves, under the ``grouped_mm`` and ``batched_mm``
   implementations; their batched products as they are), the rotary embedding of queries and keys in every transformers
   attention whose module's ``apply_rotary_pos_emb`` computes one form of ours
-  (halves or interleaved pairs rotated, of whole heads or of part) on a probe
+  (halves or interleaved pairs rotated, of whole heads or of part; q and k in
+  one call, or one tensor a call: Gemma 3n's and 4's) on a probe
   of each call ours takes (the attention's own forward, that function ours
   where the shapes fit: theirs at a call with other arguments), and the loss
   of causal LMs (``loss="logits"``: any whose forward calls transformers'
   ForCausalLMLoss; ``loss="fused"``: those listed in
-  ``_CAUSAL_LMS``, where the loss soft-caps the logits for Gemma 2 and 3); and
+  ``_CAUSAL_LMS``, where the loss soft-caps the logits for Gemma 2-4); and
   every other transformers class of the model whose code is one of those
   classes' (``_same_code``: transformers copies a module into the next
   model's file; its forward, the methods of its own that the forward calls
@@ -62,7 +64,8 @@ forward. Recognised:
   (``autocast_norms``; ``_NORMS_BEFORE_MATMULS``, and the Llama-form blocks
   whose attention or MLP runs the code of one there). Pre-norm blocks whose
   forward is Llama's, Gemma 2's or GLM-4's (a norm after each branch too), Phi-3's
-  (a dropout on each branch) or Granite's (each branch scaled) (``_PRE_NORM_FORMS``, checked on the source of every
+  (a dropout on each branch), Granite's (each branch scaled) or Gemma 4's text layer (an MoE beside the
+  MLP, an input of its own, the output scaled) (``_PRE_NORM_FORMS``, checked on the source of every
   transformers class of the model that calls Llama's children) or GPT-2's
   add the attention's output to the residual stream and normalise the sum for
   the MLP in one op (``add_rms_norm`` / ``add_layer_norm``) where that norm is
@@ -114,7 +117,7 @@ from torch import Tensor
 
 from . import nn as gnn
 from .errors import ArgumentError, ArgumentTypeError
-from .ops._checks import PLAIN_TENSOR_TYPES, check_choice
+from .ops._checks import PLAIN_TENSOR_TYPES, autocast_enabled, check_choice
 from .ops.add_norm import add_layer_norm, add_rms_norm
 from .ops.cross_entropy import cross_entropy
 from .ops.gated_act import ACTIVATIONS as GATED_ACTIVATIONS
@@ -507,16 +510,32 @@ def _import_read_families() -> None:
 
 
 def _rms_norm_variant(
-    norm: torch.nn.Module, x: Tensor, residual: Tensor | None, eps: float, **variant
+    norm: torch.nn.Module,
+    x: Tensor,
+    residual: Tensor | None,
+    eps: float,
+    input_dtype_under_autocast: bool = False,
+    scaled: bool = True,
+    **variant,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """A transformers RMSNorm's forward in its ``variant`` (rms_norm's ``offset`` and
     ``cast_before_weight``): ``rms_norm(x)``, or given a residual (a decoder layer's forward
-    that ``gk.patch`` converted, ``_add_then_norm``) ``(rms_norm(residual + x), residual + x)``."""
+    that ``gk.patch`` converted, ``_add_then_norm``) ``(rms_norm(residual + x), residual + x)``.
+    ``input_dtype_under_autocast``: the result in the dtype of what is normalised under
+    autocast too (the norm's own casts: fp32 in, rounded back), where the plain op's is fp32.
+    Without ``scaled``, no weight (Gemma 4's ``with_scale=False``)."""
     out_dtype = gnn.matmul_input_dtype(norm, x, residual)
-    (weight,) = gnn.module_state(norm, norm._parameters, "weight")
+    if out_dtype is None and input_dtype_under_autocast and autocast_enabled(x):
+        normalised = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        out_dtype = None if normalised == torch.float64 else normalised
+    if scaled:
+        (weight,) = gnn.module_state(norm, norm._parameters, "weight")
+        shape = weight.shape
+    else:
+        weight, shape = None, x.shape[-1]
     if residual is not None:
-        return add_rms_norm(x, residual, weight.shape, weight, eps, out_dtype=out_dtype, **variant)
-    return rms_norm(x, weight.shape, weight, eps, out_dtype=out_dtype, **variant)
+        return add_rms_norm(x, residual, shape, weight, eps, out_dtype=out_dtype, **variant)
+    return rms_norm(x, shape, weight, eps, out_dtype=out_dtype, **variant)
 
 
 def _llama_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None = None):
@@ -530,8 +549,17 @@ def _gemma_rms_norm_forward(self, x: Tensor, residual: Tensor | None = None):
 
 
 def _olmo2_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None = None):
-    """OLMo 2's RMSNorm: times the weight in fp32, then rounded to the input dtype."""
-    return _rms_norm_variant(self, hidden_states, residual, self.variance_epsilon)
+    """OLMo 2's RMSNorm: times the weight in fp32, then rounded to the input dtype (under autocast too)."""
+    return _rms_norm_variant(self, hidden_states, residual, self.variance_epsilon, input_dtype_under_autocast=True)
+
+
+def _gemma4_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None = None):
+    """Gemma 3n's and 4's RMSNorm: OLMo 2's, without a weight where ``with_scale`` is False."""
+    state = self.__dict__
+    eps = state["variance_epsilon"] if "variance_epsilon" in state else state["eps"]  # transformers 5.17: eps
+    return _rms_norm_variant(
+        self, hidden_states, residual, eps, input_dtype_under_autocast=True, scaled=self.with_scale
+    )
 
 
 def _gated(gate: Tensor, up: Tensor | None, activation: str) -> Tensor:
@@ -706,7 +734,8 @@ def _batch_norm_act_rules(fuse: bool) -> dict[type, _Rule]:
 
 # The classes below, as (model, class name), were read in transformers 5.17 and 5.25 (the GPU machines' and CI's
 # releases). RMSNorms by their rounding: Llama's (rounded to the input dtype, then times the weight), Gemma's
-# (times 1 + weight in fp32, then rounded), OLMo 2's (times the weight in fp32, then rounded).
+# (times 1 + weight in fp32, then rounded), OLMo 2's (times the weight in fp32, then rounded; Gemma 3n's and 4's: its
+# weight optional).
 _RMS_NORMS = {
     _llama_rms_norm_forward: (
         ("llama", "LlamaRMSNorm"),
@@ -729,6 +758,7 @@ _RMS_NORMS = {
     ),
     _gemma_rms_norm_forward: (("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"), ("gemma3", "Gemma3RMSNorm")),
     _olmo2_rms_norm_forward: (("olmo2", "Olmo2RMSNorm"), ("gpt_oss", "GptOssRMSNorm")),
+    _gemma4_rms_norm_forward: (("gemma4", "Gemma4RMSNorm"),),
 }
 # down_proj(act_fn(gate_proj(x)) * up_proj(x)) (the MoE models' dense and shared-expert MLPs; the VL models' text
 # and vision MLPs)
@@ -1008,6 +1038,39 @@ hidden_states = self.mlp(hidden_states)
 hidden_states = residual + self.resid_mlp_dropout(hidden_states)
 return hidden_states
 """
+# Gemma 4's text layer: Gemma 3's, with an MoE beside its MLP and an input of its own (per layer), each where
+# its config sets it, and the output scaled
+_GEMMA4_LAYER_FORWARD = """
+residual = hidden_states
+hidden_states = self.input_layernorm(hidden_states)
+hidden_states, _ = self.self_attn(hidden_states=hidden_states)
+hidden_states = self.post_attention_layernorm(hidden_states)
+hidden_states = residual + hidden_states
+residual = hidden_states
+hidden_states = self.pre_feedforward_layernorm(hidden_states)
+hidden_states = self.mlp(hidden_states)
+if self.enable_moe_block:
+    hidden_states_1 = self.post_feedforward_layernorm_1(hidden_states)
+    hidden_states_flat = residual.reshape(-1, residual.shape[-1])
+    _, top_k_weights, top_k_index = self.router(hidden_states_flat)
+    hidden_states_2 = self.pre_feedforward_layernorm_2(hidden_states_flat)
+    hidden_states_2 = self.experts(hidden_states_2, top_k_index, top_k_weights)
+    hidden_states_2 = hidden_states_2.reshape(residual.shape)
+    hidden_states_2 = self.post_feedforward_layernorm_2(hidden_states_2)
+    hidden_states = hidden_states_1 + hidden_states_2
+hidden_states = self.post_feedforward_layernorm(hidden_states)
+hidden_states = residual + hidden_states
+if self.hidden_size_per_layer_input:
+    residual = hidden_states
+    hidden_states = self.per_layer_input_gate(hidden_states)
+    hidden_states = self.act_fn(hidden_states)
+    hidden_states = hidden_states * per_layer_input
+    hidden_states = self.per_layer_projection(hidden_states)
+    hidden_states = self.post_per_layer_input_norm(hidden_states)
+    hidden_states = residual + hidden_states
+hidden_states *= self.layer_scalar
+return hidden_states
+"""
 _GPT2_BLOCK_FORWARD = """
 residual = hidden_states
 hidden_states = self.ln_1(hidden_states)
@@ -1213,6 +1276,33 @@ def _through(child: str) -> Callable[[torch.nn.Module, Tensor], Tensor]:
     return lambda block, output: block._modules[child](output)
 
 
+def _gemma4_layer_forward(self, *args, **kwargs) -> Tensor:
+    """Gemma 4's text layer (``_GEMMA4_LAYER_FORWARD``): the attention's residual addition and
+    ``pre_feedforward_layernorm`` in one op (``_add_then_norm``), the rest as written."""
+    call = self.block_call.attention_call(args, kwargs)
+    if call is None:
+        return _original_class(self).forward(self, *args, **kwargs)
+    residual, attention_kwargs, named = call
+    parts = self._modules  # see _train_bottleneck_forward
+    attention_output, _ = parts["self_attn"](hidden_states=parts["input_layernorm"](residual), **attention_kwargs)
+    attention_output = parts["post_attention_layernorm"](attention_output)
+    normed, residual = _add_then_norm(parts["pre_feedforward_layernorm"], attention_output, residual)
+    hidden_states = parts["mlp"](normed)
+    if self.enable_moe_block:
+        flat = residual.reshape(-1, residual.shape[-1])
+        _, top_k_weights, top_k_index = parts["router"](flat)
+        experts_output = parts["experts"](parts["pre_feedforward_layernorm_2"](flat), top_k_index, top_k_weights)
+        experts_output = parts["post_feedforward_layernorm_2"](experts_output.reshape(residual.shape))
+        hidden_states = parts["post_feedforward_layernorm_1"](hidden_states) + experts_output
+    hidden_states = residual + parts["post_feedforward_layernorm"](hidden_states)
+    if self.hidden_size_per_layer_input:
+        gate = parts["act_fn"](parts["per_layer_input_gate"](hidden_states))
+        per_layer = parts["per_layer_projection"](gate * named.get("per_layer_input"))
+        hidden_states = hidden_states + parts["post_per_layer_input_norm"](per_layer)
+    hidden_states *= self.layer_scalar
+    return hidden_states
+
+
 def _gpt2_block_forward(self, *args, **kwargs) -> Tensor:
     """GPT-2's block (``_GPT2_BLOCK_FORWARD``) without cross-attention: the attention's
     residual addition and ``ln_2`` in one op (``_add_then_norm``)."""
@@ -1253,7 +1343,8 @@ def _sandwich_form(after_attention: str, before_mlp: str, after_mlp: str) -> _Bl
 # their MoE and VL models, Gemma, SmolLM3, GLM, DeepSeek-V3, ...).
 _LLAMA_FORM = _BlockForm(_llama_layer_forward, _LLAMA_LAYER_FORWARD, "self_attn", "post_attention_layernorm")
 # The forms a class calling Llama's children may have besides (Gemma 2 and 3, Gemma 4's vision encoder; GLM-4;
-# gpt-oss; Phi-3, Phi-4-multimodal; Granite), tried in turn; a class of none is left with its reason against Llama's.
+# gpt-oss; Phi-3, Phi-4-multimodal; Granite; Gemma 4's text layer), tried in turn; a class of none is left with its
+# reason against Llama's.
 _PRE_NORM_FORMS = (
     _LLAMA_FORM,
     _sandwich_form("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
@@ -1263,6 +1354,7 @@ _PRE_NORM_FORMS = (
         source=_DROPOUT_LAYER_FORWARD, branch_ends=(_through("resid_attn_dropout"), _through("resid_mlp_dropout"))
     ),
     _LLAMA_FORM._replace(source=_SCALED_LAYER_FORWARD, branch_ends=(_scaled, _scaled)),
+    _BlockForm(_gemma4_layer_forward, _GEMMA4_LAYER_FORWARD, "self_attn", "pre_feedforward_layernorm"),
 )
 # (model, block class) -> its form: the other blocks, checked on their own class.
 _ADD_NORM_BLOCKS = {
@@ -1697,6 +1789,7 @@ class _RopeForm(NamedTuple):
     interleaved: bool  # rotate_half of adjacent elements (Cohere's), not of halves (Llama's)
     trig: str = "each"  # how the cos and sin handed over give each rotated element's (_TRIG)
     partial: bool = False  # fewer elements rotated than a head has, the rest as they are (GPT-NeoX's): theirs too
+    one_tensor: bool = False  # theirs rotates one tensor a call, (x, cos, sin[, unsqueeze_dim]) (Gemma 3n's and 4's)
 
 
 # How a form's cos and sin give each rotated element's, and how many elements they rotate: as they are
@@ -1715,24 +1808,28 @@ _ROPE_FORMS = (
     _RopeForm(True),
     _RopeForm(True, "first_half_twice"),
     _RopeForm(False, "one_half"),
+    _RopeForm(False, one_tensor=True),
 )
 
 
 def _rope_in_place_of(theirs: Callable, form: _RopeForm) -> Callable:
     """transformers' ``apply_rotary_pos_emb`` as ours in ``form`` for the calls ``(q, k, cos,
-    sin)`` and ``(q, k, cos, sin, unsqueeze_dim)`` (by position or name) whose shapes ours
-    takes (a cos narrower than a head where theirs rotates part of it); any other call
-    (other arguments, no k) as ``theirs`` (which the probe checked on those calls:
-    ``_rope_form``)."""
+    sin)`` and ``(q, k, cos, sin, unsqueeze_dim)`` (by position or name; in a ``one_tensor``
+    form ``(x, cos, sin)`` and ``(x, cos, sin, unsqueeze_dim)``) whose shapes ours takes (a
+    cos narrower than a head where theirs rotates part of it); any other call (other
+    arguments, no k) as ``theirs`` (which the probe checked on those calls: ``_rope_form``)."""
+    tensors = 1 if form.one_tensor else 2  # before cos and sin
 
     def rope_or_theirs(*args, **kwargs):
-        if len(args) == 4 or len(args) == 5:
-            q, k, cos, sin = args[:4]
-            unsqueeze_dim = args[4] if len(args) == 5 else kwargs.pop("unsqueeze_dim", 1)
+        if tensors + 2 <= len(args) <= tensors + 3:
+            q, k = (args[0], None) if tensors == 1 else args[:2]
+            cos, sin = args[tensors : tensors + 2]
+            unsqueeze_dim = args[tensors + 2] if len(args) == tensors + 3 else kwargs.pop("unsqueeze_dim", 1)
             if (
                 not kwargs
+                and type(unsqueeze_dim) is int
                 and unsqueeze_dim in (1, 2)
-                and k is not None  # some take q alone (k=None)
+                and (k is not None or tensors == 1)  # some take q alone (k=None)
                 and q.dim() == 4
                 and cos.dim() == 3
                 and cos.shape[-1] % 2 == 0  # as the probe's: an odd one goes to theirs
@@ -1742,8 +1839,9 @@ def _rope_in_place_of(theirs: Callable, form: _RopeForm) -> Callable:
             ):
                 if form.trig != "each":
                     cos, sin = map(_TRIG[form.trig][0], (cos, sin))
-                return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, interleaved=form.interleaved)
-            if len(args) == 4 and unsqueeze_dim != 1:
+                rotated_q, rotated_k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, interleaved=form.interleaved)
+                return rotated_q if tensors == 1 else (rotated_q, rotated_k)
+            if len(args) == tensors + 2 and unsqueeze_dim != 1:
                 kwargs["unsqueeze_dim"] = unsqueeze_dim
         return theirs(*args, **kwargs)
 
@@ -1790,8 +1888,9 @@ def _rope_math(
 
 def _rope_probe_error(theirs: Callable, form: _RopeForm, rotated: int = 8) -> float | str:
     """The largest difference between ``theirs`` and ours in ``form`` on float64 probes of
-    each call ours takes in its place (``_rope_in_place_of``): ``(q, k, cos, sin)`` with heads
-    before time, and heads after with ``unsqueeze_dim=2`` by position and by name
+    each call ours takes in its place (``_rope_in_place_of``): ``(q, k, cos, sin)`` (``(q, cos,
+    sin)`` in a ``one_tensor`` form) with heads before time, and heads after with
+    ``unsqueeze_dim=2`` by position and by name
     (grouped-query k, heads of 8 elements, cos and sin rotating ``rotated`` of them in
     ``form``, random: any values, not only a rotation's); or why theirs could not be run. A
     fifth parameter that means something else (position ids) fails it. Against torch ops,
@@ -1809,15 +1908,18 @@ def _rope_probe_error(theirs: Callable, form: _RopeForm, rotated: int = 8) -> fl
             torch.randn(shape, generator=g, dtype=torch.float64)
             for shape in (q_shape, k_shape, (2, 3, width), (2, 3, width))
         )
+        tensors = (q,) if form.one_tensor else (q, k)
         try:
             with torch.no_grad():
                 if unsqueeze_dim == 1:
-                    result = theirs(q, k, cos, sin)
+                    result = theirs(*tensors, cos, sin)
                 elif keywords:
-                    result = theirs(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+                    result = theirs(*tensors, cos, sin, unsqueeze_dim=unsqueeze_dim)
                 else:
-                    result = theirs(q, k, cos, sin, unsqueeze_dim)
+                    result = theirs(*tensors, cos, sin, unsqueeze_dim)
                 expected = _rope_math(q, k, cos, sin, unsqueeze_dim, form)
+                if form.one_tensor:
+                    result, expected = (result,), expected[:1]
                 error = max(error, *((a - b).abs().max().item() for a, b in zip(result, expected, strict=True)))
         except Exception as failure:
             return _first_line(failure)
@@ -2185,11 +2287,13 @@ _CAUSAL_LMS = (
     ("glm4_moe", "Glm4MoeForCausalLM"),
     ("deepseek_v3", "DeepseekV3ForCausalLM"),
     ("gpt_oss", "GptOssForCausalLM"),
+    ("gemma4", "Gemma4ForCausalLM"),
     # vision-language models: the language model's head and loss alike
     ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
     ("qwen3_vl", "Qwen3VLForConditionalGeneration"),
     ("gemma3", "Gemma3ForConditionalGeneration"),
+    ("gemma4", "Gemma4ForConditionalGeneration"),
 )
 # Causal LMs whose forward scales the logits before the loss (Granite divides them by config.logits_scaling,
 # Cohere multiplies them by its logit_scale): under loss="fused" it scales the hidden states, which gives the same
@@ -2197,7 +2301,12 @@ _CAUSAL_LMS = (
 _SCALED_CAUSAL_LMS = (("granite", "GraniteForCausalLM"), ("cohere", "CohereForCausalLM"))
 # Causal LMs whose forward soft-caps the logits by config.final_logit_softcapping before the loss: under
 # loss="fused", the loss caps the logits it makes, and the forward, which gets the hidden states, must not.
-_SOFT_CAPPED_CAUSAL_LMS = (("gemma2", "Gemma2ForCausalLM"), ("gemma3", "Gemma3ForCausalLM"))
+_SOFT_CAPPED_CAUSAL_LMS = (
+    ("gemma2", "Gemma2ForCausalLM"),
+    ("gemma3", "Gemma3ForCausalLM"),
+    ("gemma4", "Gemma4ForCausalLM"),
+    ("gemma4", "Gemma4ForConditionalGeneration"),  # by its text config's
+)
 
 
 def _shifted_labels(labels: Tensor, ignore_index: int, shift_labels: Tensor | None, device) -> Tensor:
@@ -2307,7 +2416,7 @@ class _ForwardDeferringLogits:
     An evaluation (eval mode, or no_grad / inference_mode) returns the logits and the
     loss computed from them: metrics read the logits there, and no backward needs the
     memory back. With ``capped_config`` (a soft-capping model's
-    config), its ``final_logit_softcapping`` moves to the head's ``softcap`` for the
+    text config), its ``final_logit_softcapping`` moves to the head's ``softcap`` for the
     call, so that the loss caps the logits and the forward leaves the hidden states
     as they are. An object, not a closure, so that a deepcopy of the model gets one
     calling its own forward, head and config."""
@@ -2431,7 +2540,7 @@ def _patch_loss(model: torch.nn.Module, mode: str, report: PatchReport, undo: li
         head.fused_at = gnn.Place(*_parent_and_key(model, head_name))
         head.defer_logits = False
         head.softcap = None
-        capped_config = model.config if read in soft_capped else None
+        capped_config = model.config.get_text_config() if read in soft_capped else None
         _set(undo, model, "forward", _ForwardDeferringLogits(model.forward, head, capped_config))
     _set(undo, model, "_loss_function", _CausalLMLoss(head if mode == "fused" else None))
     report.swapped.append(

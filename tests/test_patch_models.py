@@ -119,6 +119,30 @@ def _opt():
 _EAGER_EXPERTS = dict(experts_implementation="eager")
 
 
+_GEMMA4 = dict(
+    head_dim=8,
+    global_head_dim=8,
+    hidden_size_per_layer_input=8,
+    vocab_size_per_layer_input=VOCAB,
+    layer_types=["sliding_attention", "full_attention"],
+    final_logit_softcapping=0.5,
+)
+
+
+def _scaled_layers(build):
+    """Gemma 4's layers scale their output by a buffer of ones until a checkpoint sets it: another
+    scale, which a layer computing without it would show."""
+
+    def scaled():
+        model = build()
+        for module in model.modules():
+            if "layer_scalar" in module._buffers:
+                module.layer_scalar.fill_(0.75)
+        return model
+
+    return scaled
+
+
 def _decoder(model: str, config: str, **options):
     return lambda: getattr(transformers, model)(getattr(transformers, config)(**_DECODER | options))
 
@@ -142,6 +166,25 @@ def _vision_language(kind: str):
                 ),
                 mm_tokens_per_image=4,
                 image_token_index=VOCAB - 1,
+            )
+        )
+    if kind == "gemma4":
+        return lambda: transformers.Gemma4ForConditionalGeneration(
+            transformers.Gemma4Config(
+                text_config=text | _GEMMA4,
+                vision_config=dict(
+                    hidden_size=16,
+                    intermediate_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    num_key_value_heads=2,
+                    head_dim=8,
+                ),
+                audio_config=None,
+                **images,
+                audio_token_id=VOCAB - 3,
+                boi_token_id=VOCAB - 4,
+                eoi_token_id=VOCAB - 5,
             )
         )
     vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=HIDDEN)
@@ -216,6 +259,23 @@ MODELS = {
         _decoder("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=8, final_logit_softcapping=0.5),
         "GatedMLP",
     ),
+    # Gemma 4: weightless value norms, an input of its own to each layer; the MoE form with an MLP beside
+    "gemma4": (_scaled_layers(_decoder("Gemma4ForCausalLM", "Gemma4TextConfig", **_GEMMA4)), ("GatedMLP", "LinearAct")),
+    "gemma4_moe": (
+        _scaled_layers(
+            _decoder(
+                "Gemma4ForCausalLM",
+                "Gemma4TextConfig",
+                **_GEMMA4 | dict(hidden_size_per_layer_input=0),
+                enable_moe_block=True,
+                num_experts=4,
+                top_k_experts=2,
+                moe_intermediate_size=16,
+                **_EAGER_EXPERTS,
+            )
+        ),
+        "GatedMLP",
+    ),
     "granite": (
         _decoder("GraniteForCausalLM", "GraniteConfig", logits_scaling=4.0, residual_multiplier=0.5),
         "GatedMLP",
@@ -280,6 +340,7 @@ MODELS = {
     "qwen2_5_vl": (_vision_language("qwen2_5_vl"), ("GatedMLP", "LinearAct")),
     "qwen3_vl": (_vision_language("qwen3_vl"), ("GatedMLP", "LinearAct")),
     "gemma3_vl": (_vision_language("gemma3"), ("GatedMLP", "LinearAct")),
+    "gemma4_vl": (_scaled_layers(_vision_language("gemma4")), ("GatedMLP", "LinearAct")),
     # models patch has no entry of its own for: their classes' code is that of classes read (transformers' copies)
     "olmo3": (_decoder("Olmo3ForCausalLM", "Olmo3Config", head_dim=8), "GatedMLP"),
     "hunyuan_v1_dense": (_decoder("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", head_dim=8), "GatedMLP"),
@@ -442,9 +503,9 @@ def _norms_in_fp64(model: nn.Module) -> nn.Module:
             module.forward = lambda x, m=module: (
                 x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) * (1 + m.weight)
             )
-        elif type(module).__name__.endswith("RMSNorm"):
+        elif type(module).__name__.endswith("RMSNorm"):  # Gemma 4's: its weight optional (with_scale)
             module.forward = lambda x, m=module: (
-                m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+                getattr(m, "weight", 1.0) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
             )
     return model
 
@@ -529,7 +590,12 @@ NORMS_FEEDING_MATMULS = {
     **{name: PRE_NORMS for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "smollm3", "glm", "glm4")},
     **{name: PRE_NORMS for name in ("llama-gelu", "llama-relu")},
     "gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
-    **{name: ("input_layernorm", "pre_feedforward_layernorm") for name in ("gemma3", "gemma3_vl")},
+    **{
+        name: ("input_layernorm", "pre_feedforward_layernorm")
+        for name in ("gemma3", "gemma3_vl", "gemma4", "gemma4_moe")
+    },
+    # the vision tower's attention reads its input through clippable linears (no nn.Linear): its MLP's norm alone
+    "gemma4_vl": ("pre_feedforward_layernorm", *(f"language_model.layers.{i}.input_layernorm" for i in range(2))),
     "gpt2": ("ln_1", "ln_2"),
     "gpt_neox": PRE_NORMS,
     "stablelm": PRE_NORMS,
@@ -599,6 +665,22 @@ def test_norms_feeding_only_matmuls_return_the_autocast_dtype_and_the_same_logit
     assert not any("feeds_matmuls" in vars(m) for m in model.modules())
 
 
+@pytest.mark.parametrize("name", ["olmo2", "gemma4", "gemma4_moe"])
+def test_norms_rounding_back_to_their_input_dtype_return_it_under_autocast(name):
+    """OLMo 2's and Gemma 4's RMSNorms compute in fp32 and round back to their input's
+    dtype, under autocast too (a bf16 q_norm of a bf16 projection, where the plain op would return
+    fp32): ours return each the dtype theirs returns, but those feeding only matmuls."""
+    original = _build(name)
+    model = copy.deepcopy(original)
+    feeding = gk.patch(model).feeding_matmuls
+    norms = [n for n, m in original.named_modules() if _is_norm(m) and n not in feeding]
+    batch = _batch(name)
+    ours, dtypes = _autocast_logits_and_norm_dtypes(model, batch, norms)
+    theirs, expected = _autocast_logits_and_norm_dtypes(original, batch, norms)
+    assert torch.bfloat16 in expected.values() and dtypes == expected
+    torch.testing.assert_close(ours, theirs, rtol=0.05, atol=0.05)
+
+
 class _ReadsByProjections(nn.Module):
     def forward(self, hidden_states, mask=None):
         batch, time = hidden_states.shape[:-1]
@@ -658,6 +740,7 @@ def test_children_reading_input_follows_the_input_to_projections():
 ADD_NORM_MODELS = {
     "bert": ("BertSelfOutput", "BertOutput"),
     "vit": ("ViTLayer",),
+    "gemma4_vl": ("Gemma4TextDecoderLayer", "Gemma4VisionEncoderLayer"),  # the vision tower's too
     **{
         name: (block,)
         for name, block in (
@@ -687,6 +770,8 @@ ADD_NORM_MODELS = {
             ("seed_oss", "SeedOssDecoderLayer"),
             ("starcoder2", "Starcoder2DecoderLayer"),
             ("gpt2", "GPT2Block"),
+            ("gemma4", "Gemma4TextDecoderLayer"),
+            ("gemma4_moe", "Gemma4TextDecoderLayer"),
             ("llama-gelu", "LlamaDecoderLayer"),
             ("llama-relu", "LlamaDecoderLayer"),
         )
@@ -710,12 +795,16 @@ def test_pre_norm_blocks_add_and_normalise_in_one_op(name, monkeypatch):
     assert [n for n, _, kind in report.swapped if kind == "ResidualNorm"] == blocks
     calls = _count_add_norms(monkeypatch)
     model(**_without_labels(_batch(name)))
-    assert len(calls) == len(blocks)
+    assert len(calls) == len([n for n in blocks if "vision_tower" not in n])  # given text alone
     assert all(cls.__dict__.get("forward") in gk_patch._RMS_NORMS or cls is gk.nn.LayerNorm for cls in calls)
 
 
-# the MoE models whose experts gate through transformers' default ``_apply_gate`` (gpt-oss has its own)
-GATED_EXPERTS_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe"]
+# the MoE models whose experts gate through transformers' default ``_apply_gate`` (gpt-oss has its own), and
+# their activation
+GATED_EXPERTS_MODELS = {
+    **dict.fromkeys(["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe"], "silu"),
+    "gemma4_moe": "gelu_tanh",
+}
 
 
 def _count_gatings(monkeypatch) -> list:
@@ -739,7 +828,7 @@ def test_moe_experts_gate_in_one_op_under_batched_mm(name, monkeypatch):
     weights = torch.randn_like(original(**_without_labels(batch)).logits)
     calls = _count_gatings(monkeypatch)
     ours, theirs, exact = (_step(m, batch, lambda out: (out * weights).sum()) for m in (model, original, reference))
-    assert calls.count((None, "silu")) == len(experts)
+    assert calls.count((None, GATED_EXPERTS_MODELS[name])) == len(experts)
     assert_matches(ours[1], theirs[1], exact[1])
     for key in ours[2]:
         assert_matches(ours[2][key], theirs[2][key], exact[2][key])
@@ -1278,12 +1367,13 @@ def test_torch_export_of_a_patched_model(loss):
     torch.testing.assert_close(program.module()(ids, use_cache=False).logits, original(ids, use_cache=False).logits)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "phi", "olmo3", "gpt_neox", "glm", "cohere", "gpt_oss"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi", "olmo3", "gpt_neox", "glm", "cohere", "gpt_oss", "gemma4"])
 def test_patched_attention_rotates_with_ours_and_others_keep_theirs(name, monkeypatch):
     """A patched model's attention calls ours for its rotary embedding, once a layer (GPT-NeoX's
     partial rotation, GLM's interleaved pairs of part of a head, Cohere's interleaved pairs and
-    gpt-oss's halves of a half's cos too), and gives the unpatched model's logits; an unpatched model of the same class
-    (transformers' module itself unchanged) does not call ours."""
+    gpt-oss's halves of a half's cos too; Gemma 4's, of one tensor a call, twice), and gives the
+    unpatched model's logits; an unpatched model of the same class (transformers' module itself
+    unchanged) does not call ours."""
     calls = []
     ours = gk_patch.apply_rotary_pos_emb
     monkeypatch.setattr(
@@ -1298,7 +1388,7 @@ def test_patched_attention_rotates_with_ours_and_others_keep_theirs(name, monkey
     calls.clear()  # the probe of theirs against ours
     batch = _batch(name)
     logits = model(**batch).logits
-    layers = model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers * (2 if name == "gemma4" else 1)
     assert len(calls) == layers
     torch.testing.assert_close(logits, original(**batch).logits)
     assert len(calls) == layers
@@ -1375,13 +1465,15 @@ def _halves_of_one_half_cos(q, k, cos, sin, unsqueeze_dim=1):
 
 def test_rope_probe_finds_each_form():
     """The probe tells Llama's halves (no partial rotation: theirs fails on it), GLM's interleaved
-    pairs of cos's first half with partial rotation, GPT-NeoX's halves of part of a head and
-    gpt-oss's halves of a half's cos."""
+    pairs of cos's first half with partial rotation, GPT-NeoX's halves of part of a head,
+    gpt-oss's halves of a half's cos and Gemma 4's halves of one tensor a call."""
     gpt_neox = importlib.import_module("transformers.models.gpt_neox.modeling_gpt_neox").apply_rotary_pos_emb
     assert gk_patch._rope_form(_halves_of_full_heads) == gk_patch._RopeForm(False)
     assert gk_patch._rope_form(_interleaved_of_pairs_trig) == gk_patch._RopeForm(True, "first_half_twice", True)
     assert gk_patch._rope_form(gpt_neox) == gk_patch._RopeForm(False, partial=True)
     assert gk_patch._rope_form(_halves_of_one_half_cos) == gk_patch._RopeForm(False, "one_half")
+    gemma4 = importlib.import_module("transformers.models.gemma4.modeling_gemma4").apply_rotary_pos_emb
+    assert gk_patch._rope_form(gemma4) == gk_patch._RopeForm(False, one_tensor=True)
 
 
 @pytest.mark.parametrize(
@@ -1432,6 +1524,41 @@ def test_rope_in_place_of_theirs_takes_only_the_calls_probed(form):
         assert rope(*args, **kwargs) == "theirs"
     assert theirs_calls[:4] == [(4, ["position_ids"]), (6, []), (4, []), (4, ["unsqueeze_dim"])]
     assert len(theirs_calls) == 6 - form.partial
+
+
+def test_rope_in_place_of_a_one_tensor_function_takes_only_the_calls_probed():
+    """Gemma 4's form: ours for (x, cos, sin[, unsqueeze_dim]) of shapes it takes, each tensor
+    rotated as ours rotates q; any other call goes to theirs as it was made."""
+    theirs_calls = []
+
+    def theirs(*args, **kwargs):
+        theirs_calls.append((len(args), sorted(kwargs)))
+        return "theirs"
+
+    rope = gk_patch._rope_in_place_of(theirs, gk_patch._RopeForm(False, one_tensor=True))
+    g = torch.Generator().manual_seed(0)
+    x, cos, sin = (
+        torch.randn(2, 4, 3, 8, generator=g),
+        torch.randn(2, 3, 8, generator=g),
+        torch.randn(2, 3, 8, generator=g),
+    )
+    for args, kwargs, unsqueeze_dim in [
+        ((x, cos, sin), {}, 1),
+        ((x.transpose(1, 2), cos, sin, 2), {}, 2),
+        ((x.transpose(1, 2), cos, sin), {"unsqueeze_dim": 2}, 2),
+    ]:
+        expected, _ = gk_patch._rope_math(args[0], args[0], cos, sin, unsqueeze_dim)
+        torch.testing.assert_close(rope(*args, **kwargs), expected)
+    assert not theirs_calls
+    for args, kwargs in [
+        ((x, cos, sin), {"position_ids": None}),
+        ((x, cos, sin, 1, None), {}),
+        ((x, x, cos, sin), {}),
+        ((x, cos, sin), {"unsqueeze_dim": 3}),
+        ((x, cos[..., :3], sin[..., :3]), {}),
+    ]:
+        assert rope(*args, **kwargs) == "theirs"
+    assert theirs_calls == [(3, ["position_ids"]), (5, []), (4, []), (3, ["unsqueeze_dim"]), (3, [])]
 
 
 @pytest.mark.parametrize("name", ["glm", "gpt_neox", "cohere", "gpt_oss"])

@@ -136,8 +136,8 @@ def _check_trig(cos: Tensor, sin: Tensor, q: Tensor, heads_dim: int) -> None:
 
 
 def apply_rotary_pos_emb(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1, *, interleaved: bool = False
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor | None, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1, *, interleaved: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """transformers' ``apply_rotary_pos_emb``: ``(q * cos + rotate_half(q) * sin, k * cos +
     rotate_half(k) * sin)``, with cos and sin unsqueezed at ``unsqueeze_dim``, in one kernel
     each way for both. ``q``: ``(batch, heads, time, head_dim)`` for ``unsqueeze_dim`` 1,
@@ -148,7 +148,9 @@ def apply_rotary_pos_emb(
     x[..., rotated:])``). ``interleaved``: rotate_half of adjacent elements,
     ``stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)`` (Cohere's, GLM-4V's). The
     results have the dtype PyTorch's expression gives (q's and cos's promoted), but under
-    autocast q's: attention, which reads them, runs in the autocast dtype."""
+    autocast q's: attention, which reads them, runs in the autocast dtype. ``k=None``
+    rotates q alone and returns ``(q's, None)`` (Gemma 3n's and 4's ``apply_rotary_pos_emb``
+    takes one tensor)."""
     what = "1 (heads before time) or 2 (time before heads)"
     if type(unsqueeze_dim) is not int:  # a NumPy int, say; not a bool
         unsqueeze_dim = check_int("unsqueeze_dim", unsqueeze_dim, what=what, not_int=ArgumentError)
@@ -156,11 +158,21 @@ def apply_rotary_pos_emb(
     if heads_dim is None:
         raise ArgumentError(f"unsqueeze_dim must be {what}, got {unsqueeze_dim!r}")
     _check_heads("q", q, q, heads_dim)
-    _check_heads("k", k, q, heads_dim)
+    if k is not None:
+        _check_heads("k", k, q, heads_dim)
     _check_trig(cos, sin, q, heads_dim)
     dtype = q.dtype if autocast_enabled(q) else torch.promote_types(q.dtype, cos.dtype)
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     if type(interleaved) is not bool:
         raise ArgumentTypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    if k is None:  # a k of no heads: the kernels rotate q's and nothing else
+        q_out, _ = rope(_unit_last_stride(q), _no_heads(q, heads_dim), cos, sin, heads_dim, False, interleaved, dtype)
+        return q_out, None
     return rope(_unit_last_stride(q), _unit_last_stride(k), cos, sin, heads_dim, False, interleaved, dtype)
+
+
+def _no_heads(q: Tensor, heads_dim: int) -> Tensor:
+    shape = list(q.shape)
+    shape[heads_dim] = 0
+    return q.new_empty(shape)
