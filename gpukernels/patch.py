@@ -525,7 +525,7 @@ def _rms_norm_variant(
     autocast too (the norm's own casts: fp32 in, rounded back), where the plain op's is fp32.
     Without ``scaled``, no weight (Gemma 4's ``with_scale=False``)."""
     out_dtype = gnn.matmul_input_dtype(norm, x, residual)
-    if out_dtype is None and input_dtype_under_autocast and autocast_enabled(x):
+    if input_dtype_under_autocast and out_dtype is None and autocast_enabled(x):
         normalised = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
         out_dtype = None if normalised == torch.float64 else normalised
     if scaled:
@@ -1818,18 +1818,21 @@ def _rope_in_place_of(theirs: Callable, form: _RopeForm) -> Callable:
     form ``(x, cos, sin)`` and ``(x, cos, sin, unsqueeze_dim)``) whose shapes ours takes (a
     cos narrower than a head where theirs rotates part of it); any other call (other
     arguments, no k) as ``theirs`` (which the probe checked on those calls: ``_rope_form``)."""
-    tensors = 1 if form.one_tensor else 2  # before cos and sin
+    one_tensor = form.one_tensor
+    arities = (3, 4) if one_tensor else (4, 5)  # without and with unsqueeze_dim
 
     def rope_or_theirs(*args, **kwargs):
-        if tensors + 2 <= len(args) <= tensors + 3:
-            q, k = (args[0], None) if tensors == 1 else args[:2]
-            cos, sin = args[tensors : tensors + 2]
-            unsqueeze_dim = args[tensors + 2] if len(args) == tensors + 3 else kwargs.pop("unsqueeze_dim", 1)
+        if len(args) in arities:
+            if one_tensor:
+                (q, cos, sin), k = args[:3], None
+            else:
+                q, k, cos, sin = args[:4]
+            unsqueeze_dim = args[-1] if len(args) == arities[1] else kwargs.pop("unsqueeze_dim", 1)
             if (
                 not kwargs
                 and type(unsqueeze_dim) is int
                 and unsqueeze_dim in (1, 2)
-                and (k is not None or tensors == 1)  # some take q alone (k=None)
+                and (k is not None or one_tensor)  # some take q alone (k=None)
                 and q.dim() == 4
                 and cos.dim() == 3
                 and cos.shape[-1] % 2 == 0  # as the probe's: an odd one goes to theirs
@@ -1839,9 +1842,9 @@ def _rope_in_place_of(theirs: Callable, form: _RopeForm) -> Callable:
             ):
                 if form.trig != "each":
                     cos, sin = map(_TRIG[form.trig][0], (cos, sin))
-                rotated_q, rotated_k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, interleaved=form.interleaved)
-                return rotated_q if tensors == 1 else (rotated_q, rotated_k)
-            if len(args) == tensors + 2 and unsqueeze_dim != 1:
+                embedded = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, interleaved=form.interleaved)
+                return embedded[0] if one_tensor else embedded
+            if len(args) == arities[0] and unsqueeze_dim != 1:
                 kwargs["unsqueeze_dim"] = unsqueeze_dim
         return theirs(*args, **kwargs)
 

@@ -97,6 +97,29 @@ def test_matches_transformers_formula(device, dtype, unsqueeze_dim, shape):
     _compare(q, k, *_trig(batch, time, head_dim, device, dtype), unsqueeze_dim)
 
 
+def _one_tensor_a_call(q, k, cos, sin, unsqueeze_dim, interleaved):
+    """Ours with ``k=None``, once for q and once for k (Gemma 4's apply_rotary_pos_emb)."""
+    rotated = [gk.apply_rotary_pos_emb(x, None, cos, sin, unsqueeze_dim, interleaved=interleaved) for x in (q, k)]
+    assert [none for _, none in rotated] == [None, None]
+    return tuple(x for x, _ in rotated)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[-1:], ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["halves", "interleaved"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_tensor_without_k(device, dtype, interleaved, shape):
+    """``k=None`` rotates q alone: each of q and k so, forward and backward, as the formula."""
+    batch, q_heads, k_heads, time, head_dim = shape
+    for unsqueeze_dim in (1, 2):
+
+        def layout(heads):
+            return (batch, heads, time, head_dim) if unsqueeze_dim == 1 else (batch, time, heads, head_dim)
+
+        q, k = _randn(layout(q_heads), 0, device, dtype), _randn(layout(k_heads), 1, device, dtype)
+        cos, sin = _trig(batch, time, head_dim, device, dtype, interleaved=interleaved)
+        _compare(q, k, cos, sin, unsqueeze_dim, ours_fn=_one_tensor_a_call, interleaved=interleaved)
+
+
 # (batch, q heads, k heads, time, head_dim, rotated): GPT-NeoX's quarter of a head, half of one
 # (GLM's), a pair, none, and a rest wider than the rotated part's half
 PARTIAL = [(2, 4, 2, 5, 8, 2), (1, 3, 1, 4, 16, 4), (2, 2, 2, 3, 12, 8), (1, 2, 1, 3, 6, 0), (1, 40, 8, 3, 128, 32)]
