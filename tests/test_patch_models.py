@@ -504,8 +504,9 @@ def _norms_in_fp64(model: nn.Module) -> nn.Module:
                 x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) * (1 + m.weight)
             )
         elif type(module).__name__.endswith("RMSNorm"):  # Gemma 4's: its weight optional (with_scale)
-            module.forward = lambda x, m=module: (
-                getattr(m, "weight", 1.0) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+            eps = vars(module).get("variance_epsilon", vars(module).get("eps"))  # Gemma 4's in transformers 5.17: eps
+            module.forward = lambda x, m=module, eps=eps: (
+                getattr(m, "weight", 1.0) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
             )
     return model
 
