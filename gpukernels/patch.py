@@ -64,8 +64,9 @@ forward. Recognised:
   (``autocast_norms``; ``_NORMS_BEFORE_MATMULS``, and the Llama-form blocks
   whose attention or MLP runs the code of one there). Pre-norm blocks whose
   forward is Llama's, Gemma 2's or GLM-4's (a norm after each branch too), Phi-3's
-  (a dropout on each branch), Granite's (each branch scaled) or Gemma 4's text layer (an MoE beside the
-  MLP, an input of its own, the output scaled) (``_PRE_NORM_FORMS``, checked on the source of every
+  (a dropout on each branch), Granite's (each branch scaled), Gemma 4's text layer (an MoE beside the
+  MLP, an input of its own, the output scaled) or Qwen3.5's and Qwen3-Next's hybrid layers (a linear
+  attention in the attention's place by ``block_type``) (``_PRE_NORM_FORMS``, checked on the source of every
   transformers class of the model that calls Llama's children) or GPT-2's
   add the attention's output to the residual stream and normalise the sum for
   the MLP in one op (``add_rms_norm`` / ``add_layer_norm``) where that norm is
@@ -1038,6 +1039,26 @@ hidden_states = self.mlp(hidden_states)
 hidden_states = residual + self.resid_mlp_dropout(hidden_states)
 return hidden_states
 """
+# Qwen3.5's and Qwen3-Next's: Llama's, the token mixer by ``block_type``: a linear attention (its keywords apart:
+# ``_BlockForm.mixer``) or the attention (``else`` in Qwen3.5's of 5.25, ``elif`` in the others); Qwen3-Next's MLP
+# returns its router's logits besides where it is an MoE (``mlp_pair``)
+_MIXER_LAYER_FORWARD = """
+residual = hidden_states
+hidden_states = self.input_layernorm(hidden_states)
+if self.block_type == "linear_attention":
+    hidden_states = self.linear_attn(hidden_states=hidden_states)
+{attention_test}:
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states)
+hidden_states = residual + hidden_states
+residual = hidden_states
+hidden_states = self.post_attention_layernorm(hidden_states)
+hidden_states = self.mlp(hidden_states)
+{mlp_pair}hidden_states = residual + hidden_states
+return hidden_states
+"""
+_MLP_PAIR = """if isinstance(hidden_states, tuple):
+    hidden_states, _ = hidden_states
+"""
 # Gemma 4's text layer: Gemma 3's, with an MoE beside its MLP and an input of its own (per layer), each where
 # its config sets it, and the output scaled
 _GEMMA4_LAYER_FORWARD = """
@@ -1104,6 +1125,8 @@ class _BlockCall:
     defaults: dict[str, Any]
     attention_keywords: tuple[str, ...]
     required: frozenset[str] = frozenset()
+    mixer_keywords: tuple[tuple[str, str], ...] = ()
+    """A form's other token mixer's keywords (``_BlockForm.mixer``), each with the parameter it passes."""
     passes_all: bool = field(init=False)
     """Whether the forward passes every named parameter but ``hidden_states`` on to its attention."""
     attention_defaults: dict[str, Any] = field(init=False)
@@ -1122,7 +1145,7 @@ class _BlockCall:
         named.update(zip(self.parameters, args))
         rest = {}
         for key, value in kwargs.items():
-            if key in named:
+            if key in named or key in self.required:  # a required one has no default in named
                 named[key] = value
             else:
                 rest[key] = value
@@ -1149,10 +1172,10 @@ class _BlockCall:
         return named["hidden_states"], {**{key: named[key] for key in self.attention_keywords}, **rest}, named
 
 
-def _without_keywords(tree: ast.AST, callees: tuple[str, ...]) -> tuple[ast.AST, list[ast.keyword]]:
-    """``tree`` with the keywords of its calls ``self.<callee>(...)`` taken out, and those of
-    the first callee's (the other calls keep theirs: compared as read)."""
-    taken = []
+def _without_keywords(tree: ast.AST, callees: tuple[str, ...]) -> tuple[ast.AST, dict[str, list[ast.keyword]]]:
+    """``tree`` with the keywords of its calls ``self.<callee>(...)`` taken out, and those
+    keywords by callee (the other calls keep theirs: compared as read)."""
+    taken = {callee: [] for callee in callees}
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             func = node.func
@@ -1162,8 +1185,7 @@ def _without_keywords(tree: ast.AST, callees: tuple[str, ...]) -> tuple[ast.AST,
                 and func.value.id == "self"
                 and func.attr in callees
             ):
-                if func.attr == callees[0]:
-                    taken += node.keywords
+                taken[func.attr] += node.keywords
                 node.keywords = []
     return tree, taken
 
@@ -1195,15 +1217,25 @@ def _block_call(forward: Callable, form: _BlockForm) -> _BlockCall | str:
     if isinstance(read, str):
         return read
     body, signature = read
-    ours, keywords = _without_keywords(body, (attention, *form.apart))
-    expected, _ = _without_keywords(ast.parse(form.source), (attention, *form.apart))
+    callees = (attention, *form.apart, *filter(None, [form.mixer]))
+    ours, keywords = _without_keywords(body, callees)
+    expected, _ = _without_keywords(ast.parse(form.source), callees)
     if ast.dump(ours) != ast.dump(expected):
         return "its forward is not the one read (transformers 5.17 and 5.25): the residual addition stays apart"
     parameters = list(signature.parameters.values())[1:]
     named = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     var_keyword = next((p.name for p in parameters if p.kind is p.VAR_KEYWORD), None)
+    mixer_keywords = []  # (keyword, the parameter it passes), as the forward calls its other token mixer
+    for keyword in keywords.get(form.mixer, ()):
+        value = keyword.value
+        if keyword.arg is None and isinstance(value, ast.Name) and value.id == var_keyword:
+            continue
+        if not (isinstance(value, ast.Name) and value.id in named):
+            return f"its forward passes {ast.unparse(value)} to {form.mixer} as {keyword.arg}"
+        if keyword.arg != "hidden_states":
+            mixer_keywords.append((keyword.arg, value.id))
     passed = []
-    for keyword in keywords:
+    for keyword in keywords[attention]:
         value = keyword.value
         if keyword.arg is None and isinstance(value, ast.Name) and value.id == var_keyword:
             continue
@@ -1221,7 +1253,7 @@ def _block_call(forward: Callable, form: _BlockForm) -> _BlockCall | str:
     defaults = {p.name: p.default for p in parameters[1:] if p.name in named}
     required = frozenset(name for name, value in defaults.items() if value is inspect.Parameter.empty)
     defaults = {name: value for name, value in defaults.items() if name not in required}
-    return _BlockCall(tuple(named), defaults, tuple(passed), required)
+    return _BlockCall(tuple(named), defaults, tuple(passed), required, tuple(mixer_keywords))
 
 
 def _takes_residual(cls: type) -> bool:
@@ -1267,6 +1299,10 @@ def _first_of_pair(block: torch.nn.Module, output: tuple[Tensor, Any]) -> Tensor
     return output
 
 
+def _first_if_pair(block: torch.nn.Module, output: Tensor | tuple[Tensor, Any]) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output  # Qwen3-Next's MLP: (output, router logits) in MoE
+
+
 def _scaled(block: torch.nn.Module, output: Tensor) -> Tensor:
     return output * block.residual_multiplier  # Granite's
 
@@ -1274,6 +1310,29 @@ def _scaled(block: torch.nn.Module, output: Tensor) -> Tensor:
 def _through(child: str) -> Callable[[torch.nn.Module, Tensor], Tensor]:
     """The branch's output through the block's ``child`` (a norm: Gemma 2's; a dropout: Phi-3's)."""
     return lambda block, output: block._modules[child](output)
+
+
+def _mixer_layer_forward(self, *args, **kwargs) -> Tensor:
+    """A layer written as Qwen3.5's (``_MIXER_LAYER_FORWARD``): by its ``block_type``, Llama's
+    (``_llama_layer_forward``), or with the linear attention in the attention's place, called
+    as the forward calls it (``_BlockCall.mixer_keywords``); either way the token mixer's
+    residual addition and the MLP's norm in one op."""
+    block_type = self.block_type
+    if block_type == "full_attention":
+        return _llama_layer_forward(self, *args, **kwargs)
+    call = self.block_call
+    bound = call.bind(args, kwargs) if block_type == "linear_attention" else None
+    if bound is None:
+        return _original_class(self).forward(self, *args, **kwargs)
+    named, rest = bound
+    residual = named["hidden_states"]
+    parts = self._modules  # see _train_bottleneck_forward
+    mixer_kwargs = {keyword: named[parameter] for keyword, parameter in call.mixer_keywords}
+    mixed = parts["linear_attn"](hidden_states=parts["input_layernorm"](residual), **mixer_kwargs, **rest)
+    normed, hidden_states = _add_then_norm(parts[self.mlp_norm], mixed, residual)
+    mlp_output = parts["mlp"](normed)
+    _, mlp_end = self.branch_ends
+    return hidden_states + (mlp_output if mlp_end is None else mlp_end(self, mlp_output))
 
 
 def _gemma4_layer_forward(self, *args, **kwargs) -> Tensor:
@@ -1330,6 +1389,17 @@ class _BlockForm(NamedTuple):
     branch_ends: tuple[Callable | None, Callable | None] = (None, None)
     """A Llama-form variant's: what the block does to the attention's and the MLP's output before
     each residual addition."""
+    mixer: str | None = None
+    """The token mixer the block calls in place of its attention by its ``block_type`` (Qwen3.5's
+    linear attention), its keywords read from the forward (``_BlockCall.mixer_keywords``)."""
+
+
+def _mixer_form(attention_test: str, mlp_pair: bool) -> _BlockForm:
+    source = _MIXER_LAYER_FORWARD.format(attention_test=attention_test, mlp_pair=_MLP_PAIR if mlp_pair else "")
+    ends = (None, _first_if_pair if mlp_pair else None)
+    return _BlockForm(
+        _mixer_layer_forward, source, "self_attn", "post_attention_layernorm", branch_ends=ends, mixer="linear_attn"
+    )
 
 
 def _sandwich_form(after_attention: str, before_mlp: str, after_mlp: str) -> _BlockForm:
@@ -1343,8 +1413,8 @@ def _sandwich_form(after_attention: str, before_mlp: str, after_mlp: str) -> _Bl
 # their MoE and VL models, Gemma, SmolLM3, GLM, DeepSeek-V3, ...).
 _LLAMA_FORM = _BlockForm(_llama_layer_forward, _LLAMA_LAYER_FORWARD, "self_attn", "post_attention_layernorm")
 # The forms a class calling Llama's children may have besides (Gemma 2 and 3, Gemma 4's vision encoder; GLM-4;
-# gpt-oss; Phi-3, Phi-4-multimodal; Granite; Gemma 4's text layer), tried in turn; a class of none is left with its
-# reason against Llama's.
+# gpt-oss; Phi-3, Phi-4-multimodal; Granite; Gemma 4's text layer; Qwen3.5's and Qwen3-Next's hybrid layers), tried
+# in turn; a class of none is left with its reason against Llama's.
 _PRE_NORM_FORMS = (
     _LLAMA_FORM,
     _sandwich_form("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
@@ -1355,6 +1425,11 @@ _PRE_NORM_FORMS = (
     ),
     _LLAMA_FORM._replace(source=_SCALED_LAYER_FORWARD, branch_ends=(_scaled, _scaled)),
     _BlockForm(_gemma4_layer_forward, _GEMMA4_LAYER_FORWARD, "self_attn", "pre_feedforward_layernorm"),
+    *(
+        _mixer_form(test, mlp_pair)
+        for test in ("else", 'elif self.block_type == "full_attention"')
+        for mlp_pair in (False, True)
+    ),
 )
 # (model, block class) -> its form: the other blocks, checked on their own class.
 _ADD_NORM_BLOCKS = {
@@ -2273,6 +2348,8 @@ _CAUSAL_LMS = (
     ("qwen2_moe", "Qwen2MoeForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
     ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    ("qwen3_next", "Qwen3NextForCausalLM"),  # Qwen3-MoE's forward, reading its own module's globals
+    ("qwen3_5_moe", "Qwen3_5MoeForCausalLM"),  # likewise
     ("gemma", "GemmaForCausalLM"),
     ("phi3", "Phi3ForCausalLM"),
     ("smollm3", "SmolLM3ForCausalLM"),

@@ -129,6 +129,16 @@ _GEMMA4 = dict(
 )
 
 
+_HYBRID = dict(
+    head_dim=8,
+    layer_types=["linear_attention", "full_attention"],
+    linear_num_value_heads=2,
+    linear_num_key_heads=1,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+)
+
+
 def _scaled_layers(build):
     """Gemma 4's layers scale their output by a buffer of ones until a checkpoint sets it: another
     scale, which a layer computing without it would show."""
@@ -273,6 +283,21 @@ MODELS = {
                 moe_intermediate_size=16,
                 **_EAGER_EXPERTS,
             )
+        ),
+        "GatedMLP",
+    ),
+    # hybrid layers: a linear attention (Gated DeltaNet) in the first, attention in the second
+    "qwen3_5": (_decoder("Qwen3_5ForCausalLM", "Qwen3_5TextConfig", **_HYBRID), "GatedMLP"),
+    "qwen3_next": (
+        _decoder(
+            "Qwen3NextForCausalLM",
+            "Qwen3NextConfig",
+            **_HYBRID,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            **_EAGER_EXPERTS,
         ),
         "GatedMLP",
     ),
@@ -499,7 +524,13 @@ def _norms_in_fp64(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module).__name__ == "CohereLayerNorm":
             module.forward = lambda x, m=module: F.layer_norm(x, m.weight.shape, m.weight, None, m.variance_epsilon)
-        elif type(module).__name__ in ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"):
+        elif type(module).__name__ in (
+            "GemmaRMSNorm",
+            "Gemma2RMSNorm",
+            "Gemma3RMSNorm",
+            "Qwen3_5RMSNorm",
+            "Qwen3NextRMSNorm",
+        ):
             module.forward = lambda x, m=module: (
                 x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) * (1 + m.weight)
             )
@@ -610,6 +641,9 @@ NORMS_FEEDING_MATMULS_BY_CODE = {
     **{name: ("input_layernorm",) for name in ("mixtral", "gpt_oss")},  # the MoE MLP reads its input otherwise
     **{name: ("input_layernorm", "layers.1.post_attention_layernorm") for name in ("qwen2_moe", "qwen3_moe")},
     **{name: ("input_layernorm", "layers.0.post_attention_layernorm") for name in ("deepseek_v3", "glm4_moe")},
+    # the linear attention's input norm left (a Gated DeltaNet reads it otherwise); Qwen3-Next's MoE MLPs too
+    "qwen3_5": ("layers.1.input_layernorm", "post_attention_layernorm"),
+    "qwen3_next": ("layers.1.input_layernorm",),
     **{
         name: PRE_NORMS
         for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "granite", "hunyuan_v1_dense", "seed_oss", "starcoder2")
@@ -773,6 +807,8 @@ ADD_NORM_MODELS = {
             ("gpt2", "GPT2Block"),
             ("gemma4", "Gemma4TextDecoderLayer"),
             ("gemma4_moe", "Gemma4TextDecoderLayer"),
+            ("qwen3_5", "Qwen3_5DecoderLayer"),
+            ("qwen3_next", "Qwen3NextDecoderLayer"),
             ("llama-gelu", "LlamaDecoderLayer"),
             ("llama-relu", "LlamaDecoderLayer"),
         )
@@ -985,6 +1021,24 @@ def test_block_checks_its_attention_keywords():
     assert attention_kwargs["position_embeddings"] == 2 and attention_kwargs["attention_mask"] is None
     hidden, attention_kwargs, _ = call.attention_call((torch.ones(1), 3), {})
     assert attention_kwargs["position_embeddings"] == 3
+    named, rest = call.bind((torch.ones(1),), {"position_embeddings": 4, "output_attentions": False})
+    assert named["position_embeddings"] == 4 and rest == {"output_attentions": False}
+
+
+def test_hybrid_layers_pass_the_linear_attention_its_arguments():
+    """Qwen3.5's linear attention gets the layer's mask and cache as its forward passes them: a
+    padded batch's logits (the padding masked out of the linear attention's states) and greedy
+    decoding with the cache are the unpatched model's (its norms in fp64, as ours)."""
+    original = _norms_in_fp64(_build("qwen3_5", torch.float64).eval())
+    model = _build("qwen3_5", torch.float64).eval()
+    assert gk.patch(model).counts["ResidualNorm"] == 2
+    ids = _batch("qwen3_5")["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                               original(input_ids=ids, attention_mask=mask).logits)  # fmt: skip
+    generate = dict(max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **generate), original.generate(ids, **generate))
 
 
 def test_gradient_checkpointing_of_fused_blocks():
