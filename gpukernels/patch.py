@@ -1351,7 +1351,7 @@ def _gemma4_layer_forward(self, *args, **kwargs) -> Tensor:
         flat = residual.reshape(-1, residual.shape[-1])
         _, top_k_weights, top_k_index = parts["router"](flat)
         experts_output = parts["experts"](parts["pre_feedforward_layernorm_2"](flat), top_k_index, top_k_weights)
-        experts_output = parts["post_feedforward_layernorm_2"](experts_output.reshape(residual.shape))
+        experts_output = parts["post_feedforward_layernorm_2"](experts_output.reshape(*residual.shape))
         hidden_states = parts["post_feedforward_layernorm_1"](hidden_states) + experts_output
     hidden_states = residual + parts["post_feedforward_layernorm"](hidden_states)
     if self.hidden_size_per_layer_input:

@@ -175,4 +175,4 @@ def apply_rotary_pos_emb(
 def _no_heads(q: Tensor, heads_dim: int) -> Tensor:
     shape = list(q.shape)
     shape[heads_dim] = 0
-    return q.new_empty(shape)
+    return q.new_empty(size=shape)
