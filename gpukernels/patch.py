@@ -65,8 +65,9 @@ forward. Recognised:
   whose attention or MLP runs the code of one there). Pre-norm blocks whose
   forward is Llama's, Gemma 2's or GLM-4's (a norm after each branch too), Phi-3's
   (a dropout on each branch), Granite's (each branch scaled), Gemma 4's text layer (an MoE beside the
-  MLP, an input of its own, the output scaled) or Qwen3.5's and Qwen3-Next's hybrid layers (a linear
-  attention in the attention's place by ``block_type``) (``_PRE_NORM_FORMS``, checked on the source of every
+  MLP, an input of its own, the output scaled), StableLM's (without a parallel residual) or Qwen3.5's
+  and Qwen3-Next's hybrid layers (a linear attention in the attention's place by ``block_type``)
+  (``_PRE_NORM_FORMS``, checked on the source of every
   transformers class of the model that calls Llama's children) or GPT-2's
   add the attention's output to the residual stream and normalise the sum for
   the MLP in one op (``add_rms_norm`` / ``add_layer_norm``) where that norm is
@@ -1092,6 +1093,23 @@ if self.hidden_size_per_layer_input:
 hidden_states *= self.layer_scalar
 return hidden_states
 """
+# StableLM's: GPT-NeoX's parallel residual where its config asks for one (the block's own forward runs it), else
+# Llama's form with a dropout on the MLP's branch
+_PARALLEL_OR_SERIAL_LAYER_FORWARD = """
+residual = hidden_states
+hidden_states = self.input_layernorm(hidden_states)
+self_attn_output, _ = self.self_attn(hidden_states=hidden_states)
+if self.use_parallel_residual:
+    mlp_output = self.mlp(hidden_states)
+    mlp_output = self.dropout(mlp_output)
+    hidden_states = residual + self_attn_output + mlp_output
+else:
+    residual = residual + self_attn_output
+    mlp_output = self.mlp(self.post_attention_layernorm(residual))
+    mlp_output = self.dropout(mlp_output)
+    hidden_states = residual + mlp_output
+return hidden_states
+"""
 _GPT2_BLOCK_FORWARD = """
 residual = hidden_states
 hidden_states = self.ln_1(hidden_states)
@@ -1312,6 +1330,14 @@ def _through(child: str) -> Callable[[torch.nn.Module, Tensor], Tensor]:
     return lambda block, output: block._modules[child](output)
 
 
+def _serial_layer_forward(self, *args, **kwargs) -> Tensor:
+    """StableLM's layer (``_PARALLEL_OR_SERIAL_LAYER_FORWARD``): with a parallel residual its own
+    forward, else Llama's with the MLP's branch through its dropout (``_llama_layer_forward``)."""
+    if self.use_parallel_residual:
+        return _original_class(self).forward(self, *args, **kwargs)
+    return _llama_layer_forward(self, *args, **kwargs)
+
+
 def _mixer_layer_forward(self, *args, **kwargs) -> Tensor:
     """A layer written as Qwen3.5's (``_MIXER_LAYER_FORWARD``): by its ``block_type``, Llama's
     (``_llama_layer_forward``), or with the linear attention in the attention's place, called
@@ -1413,8 +1439,8 @@ def _sandwich_form(after_attention: str, before_mlp: str, after_mlp: str) -> _Bl
 # their MoE and VL models, Gemma, SmolLM3, GLM, DeepSeek-V3, ...).
 _LLAMA_FORM = _BlockForm(_llama_layer_forward, _LLAMA_LAYER_FORWARD, "self_attn", "post_attention_layernorm")
 # The forms a class calling Llama's children may have besides (Gemma 2 and 3, Gemma 4's vision encoder; GLM-4;
-# gpt-oss; Phi-3, Phi-4-multimodal; Granite; Gemma 4's text layer; Qwen3.5's and Qwen3-Next's hybrid layers), tried
-# in turn; a class of none is left with its reason against Llama's.
+# gpt-oss; Phi-3, Phi-4-multimodal; Granite; Gemma 4's text layer; StableLM's; Qwen3.5's and Qwen3-Next's hybrid
+# layers), tried in turn; a class of none is left with its reason against Llama's.
 _PRE_NORM_FORMS = (
     _LLAMA_FORM,
     _sandwich_form("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
@@ -1425,6 +1451,11 @@ _PRE_NORM_FORMS = (
     ),
     _LLAMA_FORM._replace(source=_SCALED_LAYER_FORWARD, branch_ends=(_scaled, _scaled)),
     _BlockForm(_gemma4_layer_forward, _GEMMA4_LAYER_FORWARD, "self_attn", "pre_feedforward_layernorm"),
+    _LLAMA_FORM._replace(
+        replacement=_serial_layer_forward,
+        source=_PARALLEL_OR_SERIAL_LAYER_FORWARD,
+        branch_ends=(None, _through("dropout")),
+    ),
     *(
         _mixer_form(test, mlp_pair)
         for test in ("else", 'elif self.block_type == "full_attention"')
@@ -1444,6 +1475,8 @@ def _add_norm_block_check(call: _BlockCall | str, norm: str) -> Callable[[torch.
     def prepare(block):
         if isinstance(call, str):
             return call
+        if not isinstance(getattr(block, norm, None), torch.nn.Module):
+            return f"its {norm} is None: no norm after the residual addition (StableLM's parallel residual)"
         # A hook on the block could expect its forward's calls; one on the norm, its one input and output.
         return _hooked_reason(block, ("", norm)) or {}
 

@@ -807,6 +807,7 @@ ADD_NORM_MODELS = {
             ("gpt2", "GPT2Block"),
             ("gemma4", "Gemma4TextDecoderLayer"),
             ("gemma4_moe", "Gemma4TextDecoderLayer"),
+            ("stablelm", "StableLmDecoderLayer"),
             ("qwen3_5", "Qwen3_5DecoderLayer"),
             ("qwen3_next", "Qwen3NextDecoderLayer"),
             ("llama-gelu", "LlamaDecoderLayer"),
@@ -945,9 +946,10 @@ def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autoc
         torch.testing.assert_close(fused_grads[key], grads[key], rtol=1e-2 if autocast else 1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, dropouts", [("phi3", 4), ("bert", 7), ("vit", 3)])
+@pytest.mark.parametrize("name, dropouts", [("phi3", 4), ("bert", 7), ("vit", 3), ("stablelm", 2)])
 def test_fused_blocks_with_dropout_draw_the_masks_of_the_blocks_as_written(name, dropouts):
-    """Residual dropouts in training (Phi-3's and ViT's on each branch, BERT's before each LayerNorm): the
+    """Residual dropouts in training (Phi-3's and ViT's on each branch, BERT's before each LayerNorm,
+    StableLM's on the MLP's): the
     one op adds the branch's output after its dropout, drawn in the block's order: the same loss
     and gradients, seed for seed, as the blocks as written (``residual_norms=False``: their
     forward, our dropouts and norms); and the dropouts are in effect (another seed, another loss)."""
@@ -968,6 +970,18 @@ def test_fused_blocks_with_dropout_draw_the_masks_of_the_blocks_as_written(name,
     assert torch.equal(fused_loss, loss) and not torch.equal(fused_loss, other_loss)
     for key in grads:
         torch.testing.assert_close(fused_grads[key], grads[key], rtol=1e-4, atol=1e-6)
+
+
+def test_stablelm_with_a_parallel_residual_keeps_its_own_forward():
+    """No norm follows the residual addition there: the layer is left, saying so, and the model
+    computes as unpatched."""
+    torch.manual_seed(0)
+    original = transformers.StableLmForCausalLM(transformers.StableLmConfig(**_DECODER, use_parallel_residual=True))
+    model = copy.deepcopy(original)
+    left = {n: why for n, _, why in gk.patch(model).left}
+    assert "no norm after the residual addition" in left["model.layers.0"]
+    batch = _without_labels(_batch("stablelm"))
+    torch.testing.assert_close(model(**batch).logits, original(**batch).logits)
 
 
 def test_block_whose_forward_differs_is_left_with_its_reason(monkeypatch):
