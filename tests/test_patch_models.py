@@ -162,18 +162,12 @@ def _vision_language(kind: str):
     text = _DECODER | dict(max_position_embeddings=64)
     images = dict(image_token_id=VOCAB - 1, video_token_id=VOCAB - 2)
     mrope = dict(mrope_section=[1, 1, 2])  # of a head's 4 frequencies: time, height, width
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)  # Gemma's
     if kind == "gemma3":
         return lambda: transformers.Gemma3ForConditionalGeneration(
             transformers.Gemma3Config(
                 text_config=text | dict(head_dim=8),
-                vision_config=dict(
-                    hidden_size=16,
-                    intermediate_size=32,
-                    num_hidden_layers=1,
-                    num_attention_heads=2,
-                    image_size=16,
-                    patch_size=4,
-                ),
+                vision_config=tower | dict(image_size=16, patch_size=4),
                 mm_tokens_per_image=4,
                 image_token_index=VOCAB - 1,
             )
@@ -182,14 +176,7 @@ def _vision_language(kind: str):
         return lambda: transformers.Gemma4ForConditionalGeneration(
             transformers.Gemma4Config(
                 text_config=text | _GEMMA4,
-                vision_config=dict(
-                    hidden_size=16,
-                    intermediate_size=32,
-                    num_hidden_layers=1,
-                    num_attention_heads=2,
-                    num_key_value_heads=2,
-                    head_dim=8,
-                ),
+                vision_config=tower | dict(num_key_value_heads=2, head_dim=8),
                 audio_config=None,
                 **images,
                 audio_token_id=VOCAB - 3,
