@@ -1243,24 +1243,12 @@ def _block_call(forward: Callable, form: _BlockForm) -> _BlockCall | str:
     parameters = list(signature.parameters.values())[1:]
     named = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     var_keyword = next((p.name for p in parameters if p.kind is p.VAR_KEYWORD), None)
-    mixer_keywords = []  # (keyword, the parameter it passes), as the forward calls its other token mixer
-    for keyword in keywords.get(form.mixer, ()):
-        value = keyword.value
-        if keyword.arg is None and isinstance(value, ast.Name) and value.id == var_keyword:
-            continue
-        if not (isinstance(value, ast.Name) and value.id in named):
-            return f"its forward passes {ast.unparse(value)} to {form.mixer} as {keyword.arg}"
-        if keyword.arg != "hidden_states":
-            mixer_keywords.append((keyword.arg, value.id))
-    passed = []
-    for keyword in keywords[attention]:
-        value = keyword.value
-        if keyword.arg is None and isinstance(value, ast.Name) and value.id == var_keyword:
-            continue
-        if keyword.arg not in named or not (isinstance(value, ast.Name) and value.id == keyword.arg):
-            return f"its forward passes {ast.unparse(value)} to {attention} as {keyword.arg}"
-        if keyword.arg != "hidden_states":  # the replacement passes it as the forward does
-            passed.append(keyword.arg)
+    passed = _keywords_passed(keywords[attention], attention, named, var_keyword, same_name=True)
+    if isinstance(passed, str):
+        return passed
+    mixer_keywords = _keywords_passed(keywords.get(form.mixer, []), form.mixer, named, var_keyword, same_name=False)
+    if isinstance(mixer_keywords, str):
+        return mixer_keywords
     if (
         var_keyword is None
         or not named
@@ -1271,7 +1259,31 @@ def _block_call(forward: Callable, form: _BlockForm) -> _BlockCall | str:
     defaults = {p.name: p.default for p in parameters[1:] if p.name in named}
     required = frozenset(name for name, value in defaults.items() if value is inspect.Parameter.empty)
     defaults = {name: value for name, value in defaults.items() if name not in required}
-    return _BlockCall(tuple(named), defaults, tuple(passed), required, tuple(mixer_keywords))
+    return _BlockCall(tuple(named), defaults, tuple(k for k, _ in passed), required, tuple(mixer_keywords))
+
+
+def _keywords_passed(
+    keywords: list[ast.keyword], callee: str, named: list[str], var_keyword: str | None, same_name: bool
+) -> list[tuple[str, str]] | str:
+    """The ``(keyword, parameter)`` pairs of a forward's call of ``callee`` (``hidden_states``
+    aside: the replacement passes it as the forward does; the forward's ``**kwargs`` aside),
+    each keyword passing one of the forward's ``named`` parameters, under its own name where
+    ``same_name``; else why not."""
+    pairs = []
+    for keyword in keywords:
+        value = keyword.value
+        if keyword.arg is None and isinstance(value, ast.Name) and value.id == var_keyword:
+            continue
+        if not (
+            keyword.arg is not None
+            and isinstance(value, ast.Name)
+            and value.id in named
+            and (value.id == keyword.arg or not same_name)
+        ):
+            return f"its forward passes {ast.unparse(value)} to {callee} as {keyword.arg}"
+        if keyword.arg != "hidden_states":
+            pairs.append((keyword.arg, value.id))
+    return pairs
 
 
 def _takes_residual(cls: type) -> bool:
@@ -1312,13 +1324,9 @@ def _llama_layer_forward(self, *args, **kwargs) -> Tensor:
 # What a variant of Llama's block does to each branch's output before its residual addition: ``end(block, output)``
 
 
-def _first_of_pair(block: torch.nn.Module, output: tuple[Tensor, Any]) -> Tensor:
-    output, _ = output  # gpt-oss's MLP: (output, router scores)
-    return output
-
-
 def _first_if_pair(block: torch.nn.Module, output: Tensor | tuple[Tensor, Any]) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output  # Qwen3-Next's MLP: (output, router logits) in MoE
+    """gpt-oss's MLP returns ``(output, router scores)``; Qwen3-Next's ``(output, router logits)`` where an MoE."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _scaled(block: torch.nn.Module, output: Tensor) -> Tensor:
@@ -1445,7 +1453,7 @@ _PRE_NORM_FORMS = (
     _LLAMA_FORM,
     _sandwich_form("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
     _sandwich_form("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
-    _LLAMA_FORM._replace(source=_PAIR_MLP_LAYER_FORWARD, branch_ends=(None, _first_of_pair)),
+    _LLAMA_FORM._replace(source=_PAIR_MLP_LAYER_FORWARD, branch_ends=(None, _first_if_pair)),
     _LLAMA_FORM._replace(
         source=_DROPOUT_LAYER_FORWARD, branch_ends=(_through("resid_attn_dropout"), _through("resid_mlp_dropout"))
     ),
