@@ -635,7 +635,7 @@ def _worker(args) -> None:
     warnings.simplefilter("ignore")
     install_stub_driver()
     if args.setup:
-        runpy.run_path(args.setup, run_name="__setup__")
+        runpy.run_path(str(args.setup), run_name="__setup__")
     route_cpu_tensors_to_triton()
     flags_as_kernels_would_write()
     import torch
