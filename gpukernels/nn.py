@@ -28,6 +28,7 @@ from .ops.dropout import dropout
 from .ops.layer_norm import layer_norm
 from .ops.linear_act import ACTIVATIONS, linear_act
 from .ops.linear_cross_entropy import linear_cross_entropy
+from .ops.norm_add import layer_norm_add, rms_norm_add
 from .ops.rms_norm import rms_norm
 
 __all__ = [
@@ -151,22 +152,33 @@ def matmul_input_dtype(norm: torch.nn.Module, input: Tensor, residual: Tensor | 
 class LayerNorm(torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` with our op. ``norm(input, residual)`` returns
     ``(norm(residual + input), residual + input)`` in one op (``add_layer_norm``): a
-    pre-norm block's residual addition and its next norm, as ``gk.patch`` calls it."""
+    pre-norm block's residual addition and its next norm, as ``gk.patch`` calls it;
+    ``norm(input, add_to=residual)`` returns ``residual + norm(input)`` in one op
+    (``layer_norm_add``): a post-norm block's norm and the residual addition after it."""
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        out_dtype = matmul_input_dtype(self, input, residual)
+    def forward(
+        self, input: Tensor, residual: Tensor | None = None, *, add_to: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
         weight, bias = module_state(self, self._parameters, "weight", "bias")
+        if add_to is not None:
+            return layer_norm_add(input, add_to, self.normalized_shape, weight, bias, self.eps)
+        out_dtype = matmul_input_dtype(self, input, residual)
         if residual is not None:
             return add_layer_norm(input, residual, self.normalized_shape, weight, bias, self.eps, out_dtype=out_dtype)
         return layer_norm(input, self.normalized_shape, weight, bias, self.eps, out_dtype=out_dtype)
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    """``torch.nn.RMSNorm`` with our op; ``norm(input, residual)`` as LayerNorm's (``add_rms_norm``)."""
+    """``torch.nn.RMSNorm`` with our op; ``norm(input, residual)`` and ``norm(input,
+    add_to=residual)`` as LayerNorm's (``add_rms_norm``, ``rms_norm_add``)."""
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        out_dtype = matmul_input_dtype(self, input, residual)
+    def forward(
+        self, input: Tensor, residual: Tensor | None = None, *, add_to: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
         (weight,) = module_state(self, self._parameters, "weight")
+        if add_to is not None:
+            return rms_norm_add(input, add_to, self.normalized_shape, weight, self.eps)
+        out_dtype = matmul_input_dtype(self, input, residual)
         if residual is not None:
             return add_rms_norm(input, residual, self.normalized_shape, weight, self.eps, out_dtype=out_dtype)
         return rms_norm(input, self.normalized_shape, weight, self.eps, out_dtype=out_dtype)

@@ -69,6 +69,20 @@ CASES = {
         4,
         "add_norm",
     ),
+    "rms_norm_add": (
+        lambda x, r, w: gk.rms_norm_add(x, r, (6,), w, eps=1e-6),
+        lambda x, r, w: r + _torch_rms_norm(x, w),
+        [(4, 6), (4, 6), (6,)],
+        3,
+        "norm_add",
+    ),
+    "layer_norm_add": (
+        lambda x, r, w, b: gk.layer_norm_add(x, r, (6,), w, b),
+        lambda x, r, w, b: r + F.layer_norm(x, (6,), w, b),
+        [(4, 6), (4, 6), (6,), (6,)],
+        4,
+        "norm_add",
+    ),
     "cross_entropy": (
         lambda x: gk.cross_entropy(x, TARGET, label_smoothing=0.1),
         lambda x: F.cross_entropy(x, TARGET, label_smoothing=0.1),

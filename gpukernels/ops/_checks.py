@@ -181,6 +181,21 @@ def autocast_enabled(t: torch.Tensor) -> bool:
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def check_residual(residual: torch.Tensor, input: torch.Tensor) -> None:
+    """A residual added to a norm's input or output: a floating tensor of input's shape on
+    its device (any floating dtype: the sum's is promoted). The usual one passes in one
+    pass of reads (host time)."""
+    if not (
+        type(residual) is type(input)
+        and residual.dtype in FLOAT_DTYPES
+        and residual.shape == input.shape
+        and residual.device == input.device
+    ):
+        check_float("residual", residual)
+        check_device("residual", residual, input)
+        check_shape("residual", residual, input.shape)
+
+
 def check_out_dtype(out_dtype, input: torch.Tensor):
     """A norm's ``out_dtype``: None, or float16, bfloat16 or float32 for input that is
     not float64 (its kernels compute in fp32 and round once to it)."""

@@ -30,14 +30,11 @@ import torch
 from torch import Tensor
 
 from ._checks import (
-    FLOAT_DTYPES,
     autocast_enabled,
-    check_device,
-    check_float,
     check_norm_input,
     check_number,
     check_out_dtype,
-    check_shape,
+    check_residual,
     contiguous_param,
     empty_grad,
 )
@@ -169,15 +166,7 @@ def _add_norm(
     """The public functions' checks and call: ``(norm(residual + input), residual + input)``."""
     names = ("weight", "bias") if centered else ("weight",)
     shape, d = check_norm_input(input, normalized_shape, names, (weight, bias) if centered else (weight,))
-    if not (
-        type(residual) is type(input)
-        and residual.dtype in FLOAT_DTYPES
-        and residual.shape == input.shape
-        and residual.device == input.device
-    ):
-        check_float("residual", residual)
-        check_device("residual", residual, input)
-        check_shape("residual", residual, input.shape)
+    check_residual(residual, input)
     summed_dtype = torch.promote_types(input.dtype, residual.dtype)
     if eps is None:  # the epsilon of the statistics dtype, as rms_norm's
         eps = torch.finfo(stats_dtype(summed_dtype)).eps

@@ -368,6 +368,16 @@ def _row_grads(
 
 
 @triton.jit
+def _plus_residual(y, R, offs, mask, X_DTYPE: tl.constexpr, ROUND_TO_X: tl.constexpr, SUM: tl.constexpr):
+    """``R + y`` in SUM (PyTorch's addition of the norm's result to the residual stream), ``y``
+    rounded to x's dtype first under ROUND_TO_X (the norm's result in x's dtype), else as it is
+    (in the statistics dtype)."""
+    if ROUND_TO_X:
+        y = round_to(y, X_DTYPE)
+    return y.to(SUM) + tl.load(R + offs, mask=mask, other=0.0).to(SUM)
+
+
+@triton.jit
 def _load_rows(X, R, S, offs, mask, ACC: tl.constexpr):
     """The rows to normalise at ``offs``, in ACC: ``X``'s, or with a residual ``R`` their sum
     ``X + R``, rounded to S's dtype (as PyTorch's addition rounds it) and stored in ``S``."""
@@ -398,19 +408,24 @@ def norm_fwd_kernel(
     BLOCK_D: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
+    ADD_AFTER: tl.constexpr = False,
+    ROUND_TO_X: tl.constexpr = False,
 ):
     """``Y`` for ``ROWS`` rows a program, and their statistics into ``Stats``: centred,
     (2, rows) each row's mean, then each row's rstd; else (rows,) each row's rstd. With a
-    residual ``R``, the rows normalised are ``X + R``, stored in ``S`` (S's dtype)."""
+    residual ``R``, the rows normalised are ``X + R``, stored in ``S`` (S's dtype); under
+    ADD_AFTER, ``Y`` is ``R`` plus the rows of ``X`` normalised (``_plus_residual``), no ``S``."""
     # The dtypes from the pointers', not from constexpr arguments: each argument adds
     # to the host time of every launch. X_DTYPE: the normalised rows'.
-    if R is None:
+    if R is None or ADD_AFTER:
         X_DTYPE: tl.constexpr = X.dtype.element_ty
     else:
         X_DTYPE: tl.constexpr = S.dtype.element_ty
     ACC: tl.constexpr = tl.float64 if X_DTYPE == tl.float64 else tl.float32
-    # y's statistics dtype: with CAST_BEFORE_W, y has the dtype promoted from w's and x's
-    MUL: tl.constexpr = tl.float64 if Y.dtype.element_ty == tl.float64 else tl.float32
+    # y's statistics dtype: with CAST_BEFORE_W, y has the dtype promoted from w's and x's; Y is
+    # the sum's under ADD_AFTER, whose norm computes in the statistics dtype
+    SUM: tl.constexpr = tl.float64 if Y.dtype.element_ty == tl.float64 else tl.float32
+    MUL: tl.constexpr = ACC if ADD_AFTER else SUM
     eps = as_float(eps_hi, eps_lo, ACC)
     offset = None  # the scale is the weight itself
     if offset_hi is not None:
@@ -421,7 +436,9 @@ def norm_fwd_kernel(
     Stats += first
     if R is not None:
         R += first * D
-        S += first * D
+        if not ADD_AFTER:
+            S += first * D
+    BEFORE = None if ADD_AFTER else R  # the residual added to the rows before the norm
     if ONE_BLOCK:
         row = tl.arange(0, ROWS)  # of this program's
         row_in = row < rows - first
@@ -429,21 +446,23 @@ def norm_fwd_kernel(
         col_in = cols < D
         mask = row_in[:, None] & col_in[None, :]
         offs = row[:, None] * D + cols[None, :]  # below ROWS * BLOCK_D
-        x = _load_rows(X, R, S, offs, mask, ACC)
+        x = _load_rows(X, BEFORE, S, offs, mask, ACC)
         if CENTERED:
             mean = tl.sum(x, axis=1) / D
             x = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
         y = _output(x * rstd[:, None], W, B, cols, col_in, offset, X_DTYPE, MUL, CAST_BEFORE_W)
+        if ADD_AFTER:
+            y = _plus_residual(y, R, offs, mask, X_DTYPE, ROUND_TO_X, SUM)
         tl.store(Y + offs, round_to(y, Y.dtype.element_ty), mask=mask)
     else:
         row, row_in = 0, None  # the program's one row
-        if R is not None:
+        if BEFORE is not None:
             # the sum first, into S, which the passes below read as the rows (each thread
             # reads back what it stored; the barrier orders the block's stores before all)
             for start in range(0, D, BLOCK_D):
                 cols = start + tl.arange(0, BLOCK_D)
-                _load_rows(X, R, S, cols, cols < D, ACC)
+                _load_rows(X, BEFORE, S, cols, cols < D, ACC)
             tl.debug_barrier()
             X = S
         if CENTERED:
@@ -468,6 +487,8 @@ def norm_fwd_kernel(
             if CENTERED:
                 x = x - mean
             y = _output(x * rstd, W, B, cols, mask, offset, X_DTYPE, MUL, CAST_BEFORE_W)
+            if ADD_AFTER:
+                y = _plus_residual(y, R, cols, mask, X_DTYPE, ROUND_TO_X, SUM)
             tl.store(Y + cols, round_to(y, Y.dtype.element_ty), mask=mask)
     if CENTERED:
         tl.store(Stats + row, mean, mask=row_in)
@@ -598,17 +619,22 @@ def norm_bwd_kernel(
         sum_partial_rows(Partial, DW, DB, Counters, programs, D, FAN_IN, BLOCK_D)
 
 
-def norm_fwd(x, residual, weight, bias, eps, offset, centered, cast_before_weight, out_dtype, y, summed, stats):
-    """The forward's launch, for every op over it (``layer_norm``, ``rms_norm`` and
-    ``add_norm`` name only what they use): ``y``, the rows of ``x`` (of ``summed =
-    residual + x`` with a residual) normalised, and their ``stats``."""
+def norm_fwd(
+    x, residual, weight, bias, eps, offset, centered, cast_before_weight, out_dtype, y, summed, stats,
+    *, add_after=False, round_to_x=False,
+):  # fmt: skip
+    """The forward's launch, for every op over it (``layer_norm``, ``rms_norm``, ``add_norm``
+    and ``norm_add`` name only what they use): ``y``, the rows of ``x`` (of ``summed =
+    residual + x`` with a residual) normalised, and their ``stats``. ``add_after``
+    (``norm_add``'s): ``y`` is ``residual`` plus the rows of ``x`` normalised, rounded to
+    x's dtype first where ``round_to_x``."""
     rows, d = rows_and_features(x)
     if not rows:
         return
     # rows is not specialized (the tile masks its last rows): its type, i32 or i64, is all that varies
     key = (
         (x.dtype, dtype_of(residual), out_dtype, dtype_of(weight), dtype_of(bias), not offset, centered,
-         cast_before_weight, d, rows >= 2**31)
+         cast_before_weight, d, rows >= 2**31, add_after, round_to_x)
         if aligned(x, residual, weight, bias)
         else None
     )  # fmt: skip
@@ -616,7 +642,9 @@ def norm_fwd(x, residual, weight, bias, eps, offset, centered, cast_before_weigh
     norm_fwd_kernel.launch(
         (cdiv(rows, launch["ROWS"]),),
         key,
-        lambda: dict(launch, CENTERED=centered, CAST_BEFORE_W=cast_before_weight),
+        lambda: dict(
+            launch, CENTERED=centered, CAST_BEFORE_W=cast_before_weight, ADD_AFTER=add_after, ROUND_TO_X=round_to_x
+        ),
         x,
         residual,
         weight,
