@@ -127,6 +127,7 @@ from .ops.gated_act import geglu, swiglu
 from .ops.layer_norm import layer_norm
 from .ops.linear_act import linear_act
 from .ops.linear_cross_entropy import linear_cross_entropy
+from .ops.norm_add import layer_norm_add, rms_norm_add
 from .ops.rms_norm import rms_norm
 from .ops.rope import apply_rotary_pos_emb
 
@@ -515,52 +516,60 @@ def _rms_norm_variant(
     norm: torch.nn.Module,
     x: Tensor,
     residual: Tensor | None,
+    add_to: Tensor | None,
     eps: float,
     input_dtype_under_autocast: bool = False,
     scaled: bool = True,
     **variant,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """A transformers RMSNorm's forward in its ``variant`` (rms_norm's ``offset`` and
-    ``cast_before_weight``): ``rms_norm(x)``, or given a residual (a decoder layer's forward
-    that ``gk.patch`` converted, ``_add_then_norm``) ``(rms_norm(residual + x), residual + x)``.
+    ``cast_before_weight``): ``rms_norm(x)``; given a residual (a decoder layer's forward
+    that ``gk.patch`` converted, ``_add_then_norm``) ``(rms_norm(residual + x), residual + x)``;
+    given ``add_to`` (``_norm_then_add``), ``add_to + rms_norm(x)``.
     ``input_dtype_under_autocast``: the result in the dtype of what is normalised under
     autocast too (the norm's own casts: fp32 in, rounded back), where the plain op's is fp32.
     Without ``scaled``, no weight (Gemma 4's ``with_scale=False``)."""
-    out_dtype = gnn.matmul_input_dtype(norm, x, residual)
-    if input_dtype_under_autocast and out_dtype is None and autocast_enabled(x):
-        normalised = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-        out_dtype = None if normalised == torch.float64 else normalised
     if scaled:
         (weight,) = gnn.module_state(norm, norm._parameters, "weight")
         shape = weight.shape
     else:
         weight, shape = None, x.shape[-1]
+    if add_to is not None:
+        rounded = input_dtype_under_autocast and x.dtype != torch.float64 and autocast_enabled(x)
+        return rms_norm_add(x, add_to, shape, weight, eps, norm_dtype=x.dtype if rounded else None, **variant)
+    out_dtype = gnn.matmul_input_dtype(norm, x, residual)
+    if input_dtype_under_autocast and out_dtype is None and autocast_enabled(x):
+        normalised = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        out_dtype = None if normalised == torch.float64 else normalised
     if residual is not None:
         return add_rms_norm(x, residual, shape, weight, eps, out_dtype=out_dtype, **variant)
     return rms_norm(x, shape, weight, eps, out_dtype=out_dtype, **variant)
 
 
-def _llama_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None = None):
+# Each takes a residual to add before the norm (``_add_then_norm``) or after it (``add_to``: ``_norm_then_add``).
+def _llama_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None = None, *, add_to=None):
     """Llama's RMSNorm: normalised in fp32, rounded to the input dtype, then times the weight."""
-    return _rms_norm_variant(self, hidden_states, residual, self.variance_epsilon, cast_before_weight=True)
+    return _rms_norm_variant(self, hidden_states, residual, add_to, self.variance_epsilon, cast_before_weight=True)
 
 
-def _gemma_rms_norm_forward(self, x: Tensor, residual: Tensor | None = None):
+def _gemma_rms_norm_forward(self, x: Tensor, residual: Tensor | None = None, *, add_to=None):
     """Gemma's RMSNorm: times (1 + weight) in fp32, then rounded to the input dtype."""
-    return _rms_norm_variant(self, x, residual, self.eps, offset=1.0)
+    return _rms_norm_variant(self, x, residual, add_to, self.eps, offset=1.0)
 
 
-def _olmo2_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None = None):
+def _olmo2_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None = None, *, add_to=None):
     """OLMo 2's RMSNorm: times the weight in fp32, then rounded to the input dtype (under autocast too)."""
-    return _rms_norm_variant(self, hidden_states, residual, self.variance_epsilon, input_dtype_under_autocast=True)
+    return _rms_norm_variant(
+        self, hidden_states, residual, add_to, self.variance_epsilon, input_dtype_under_autocast=True
+    )
 
 
-def _gemma4_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None = None):
+def _gemma4_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None = None, *, add_to=None):
     """Gemma 3n's and 4's RMSNorm: OLMo 2's, without a weight where ``with_scale`` is False."""
     state = self.__dict__
     eps = state["variance_epsilon"] if "variance_epsilon" in state else state["eps"]  # transformers 5.17: eps
     return _rms_norm_variant(
-        self, hidden_states, residual, eps, input_dtype_under_autocast=True, scaled=self.with_scale
+        self, hidden_states, residual, add_to, eps, input_dtype_under_autocast=True, scaled=self.with_scale
     )
 
 
@@ -648,10 +657,15 @@ def _gated_activation(attribute: str) -> Callable[[torch.nn.Module], dict[str, A
     return prepare
 
 
-def _timm_layer_norm_forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+def _timm_layer_norm_forward(
+    self, x: Tensor, residual: Tensor | None = None, *, add_to: Tensor | None = None
+) -> Tensor | tuple[Tensor, Tensor]:
     """timm's LayerNorm: F.layer_norm over the trailing dims; given a residual (a ViT block's
-    forward that ``gk.patch`` converted, ``_add_then_norm``), ``add_layer_norm``'s pair."""
+    forward that ``gk.patch`` converted, ``_add_then_norm``), ``add_layer_norm``'s pair; given
+    ``add_to``, ``layer_norm_add``'s sum."""
     weight, bias = gnn.module_state(self, self._parameters, "weight", "bias")
+    if add_to is not None:
+        return layer_norm_add(x, add_to, self.normalized_shape, weight, bias, self.eps)
     if residual is not None:
         return add_layer_norm(x, residual, self.normalized_shape, weight, bias, self.eps)
     return layer_norm(x, self.normalized_shape, weight, bias, self.eps)
@@ -1093,6 +1107,18 @@ if self.hidden_size_per_layer_input:
 hidden_states *= self.layer_scalar
 return hidden_states
 """
+# OLMo 2's, OLMo 3's and EXAONE 4's: post-norm, each branch's output normalised before its residual addition
+_POST_NORM_LAYER_FORWARD = """
+residual = hidden_states
+hidden_states, _ = self.self_attn(hidden_states=hidden_states)
+hidden_states = self.post_attention_layernorm(hidden_states)
+hidden_states = residual + hidden_states
+residual = hidden_states
+hidden_states = self.mlp(hidden_states)
+hidden_states = self.post_feedforward_layernorm(hidden_states)
+hidden_states = residual + hidden_states
+return hidden_states
+"""
 # StableLM's: GPT-NeoX's parallel residual where its config asks for one (the block's own forward runs it), else
 # Llama's form with a dropout on the MLP's branch
 _PARALLEL_OR_SERIAL_LAYER_FORWARD = """
@@ -1302,11 +1328,20 @@ def _add_then_norm(norm: torch.nn.Module, x: Tensor, residual: Tensor) -> tuple[
     return norm(summed), summed
 
 
+def _norm_then_add(norm: torch.nn.Module, x: Tensor, residual: Tensor) -> Tensor:
+    """``residual + norm(x)``: in one op where ``norm`` is one of ours that takes a residual
+    (``norm(x, add_to=residual)``) and has no hooks, else as the block wrote it."""
+    if _takes_residual(type(norm)) and not _has_hooks(norm):
+        return norm(x, add_to=residual)
+    return residual + norm(x)
+
+
 def _llama_layer_forward(self, *args, **kwargs) -> Tensor:
     """A pre-norm decoder layer written as Llama's (``_LLAMA_LAYER_FORWARD``) or one of its
-    variants (``_PRE_NORM_FORMS``: each branch's output through ``self.branch_ends``, where not
-    None, before its residual addition): the attention's residual addition and the norm before
-    the MLP, ``self.mlp_norm``, in one op (``_add_then_norm``)."""
+    variants (``_PRE_NORM_FORMS``: where ``self.branch_ends`` are not None, the attention's
+    output through the first before its residual addition, the MLP's added to the residual
+    stream by the second): the attention's residual addition and the norm before the MLP,
+    ``self.mlp_norm``, in one op (``_add_then_norm``)."""
     call = self.block_call.attention_call(args, kwargs)
     if call is None:
         return _original_class(self).forward(self, *args, **kwargs)
@@ -1318,10 +1353,12 @@ def _llama_layer_forward(self, *args, **kwargs) -> Tensor:
         attention_output = attention_end(self, attention_output)
     normed, hidden_states = _add_then_norm(parts[self.mlp_norm], attention_output, residual)
     mlp_output = parts["mlp"](normed)
-    return hidden_states + (mlp_output if mlp_end is None else mlp_end(self, mlp_output))
+    return hidden_states + mlp_output if mlp_end is None else mlp_end(self, mlp_output, hidden_states)
 
 
-# What a variant of Llama's block does to each branch's output before its residual addition: ``end(block, output)``
+# What a variant of Llama's block does to the attention's output before its residual addition, ``end(block,
+# output)``, and to the MLP's to add it to the residual stream, ``end(block, output, residual)``: ``_added(end)``
+# of the first kind, or ``_norm_added``
 
 
 def _first_if_pair(block: torch.nn.Module, output: Tensor | tuple[Tensor, Any]) -> Tensor:
@@ -1336,6 +1373,17 @@ def _scaled(block: torch.nn.Module, output: Tensor) -> Tensor:
 def _through(child: str) -> Callable[[torch.nn.Module, Tensor], Tensor]:
     """The branch's output through the block's ``child`` (a norm: Gemma 2's; a dropout: Phi-3's)."""
     return lambda block, output: block._modules[child](output)
+
+
+def _added(end: Callable[[torch.nn.Module, Tensor], Tensor]) -> Callable[[torch.nn.Module, Tensor, Tensor], Tensor]:
+    """The MLP's output through ``end``, added to the residual stream."""
+    return lambda block, output, residual: residual + end(block, output)
+
+
+def _norm_added(norm: str) -> Callable[[torch.nn.Module, Tensor, Tensor], Tensor]:
+    """The MLP's output through the block's ``norm`` and added to the residual stream in one op
+    (``_norm_then_add``: Gemma 2's and 3's, GLM-4's norm after the MLP)."""
+    return lambda block, output, residual: _norm_then_add(block._modules[norm], output, residual)
 
 
 def _serial_layer_forward(self, *args, **kwargs) -> Tensor:
@@ -1366,12 +1414,27 @@ def _mixer_layer_forward(self, *args, **kwargs) -> Tensor:
     normed, hidden_states = _add_then_norm(parts[self.mlp_norm], mixed, residual)
     mlp_output = parts["mlp"](normed)
     _, mlp_end = self.branch_ends
-    return hidden_states + (mlp_output if mlp_end is None else mlp_end(self, mlp_output))
+    return hidden_states + mlp_output if mlp_end is None else mlp_end(self, mlp_output, hidden_states)
+
+
+def _post_norm_layer_forward(self, *args, **kwargs) -> Tensor:
+    """A post-norm decoder layer (``_POST_NORM_LAYER_FORWARD``): each branch's norm and the
+    residual addition after it in one op (``_norm_then_add``)."""
+    call = self.block_call.attention_call(args, kwargs)
+    if call is None:
+        return _original_class(self).forward(self, *args, **kwargs)
+    residual, attention_kwargs, _ = call
+    parts = self._modules  # see _train_bottleneck_forward
+    attention_output, _ = parts["self_attn"](hidden_states=residual, **attention_kwargs)
+    hidden_states = _norm_then_add(parts["post_attention_layernorm"], attention_output, residual)
+    return _norm_then_add(parts["post_feedforward_layernorm"], parts["mlp"](hidden_states), hidden_states)
 
 
 def _gemma4_layer_forward(self, *args, **kwargs) -> Tensor:
     """Gemma 4's text layer (``_GEMMA4_LAYER_FORWARD``): the attention's residual addition and
-    ``pre_feedforward_layernorm`` in one op (``_add_then_norm``), the rest as written."""
+    ``pre_feedforward_layernorm`` in one op (``_add_then_norm``), the norms after the MLP and
+    after the per-layer input and their residual additions in one op each (``_norm_then_add``),
+    the rest as written."""
     call = self.block_call.attention_call(args, kwargs)
     if call is None:
         return _original_class(self).forward(self, *args, **kwargs)
@@ -1387,11 +1450,11 @@ def _gemma4_layer_forward(self, *args, **kwargs) -> Tensor:
         experts_output = parts["experts"](parts["pre_feedforward_layernorm_2"](flat), top_k_index, top_k_weights)
         experts_output = parts["post_feedforward_layernorm_2"](experts_output.reshape(*residual.shape))
         hidden_states = parts["post_feedforward_layernorm_1"](hidden_states) + experts_output
-    hidden_states = residual + parts["post_feedforward_layernorm"](hidden_states)
+    hidden_states = _norm_then_add(parts["post_feedforward_layernorm"], hidden_states, residual)
     if self.hidden_size_per_layer_input:
         gate = parts["act_fn"](parts["per_layer_input_gate"](hidden_states))
         per_layer = parts["per_layer_projection"](gate * named.get("per_layer_input"))
-        hidden_states = hidden_states + parts["post_per_layer_input_norm"](per_layer)
+        hidden_states = _norm_then_add(parts["post_per_layer_input_norm"], per_layer, hidden_states)
     hidden_states *= self.layer_scalar
     return hidden_states
 
@@ -1430,7 +1493,7 @@ class _BlockForm(NamedTuple):
 
 def _mixer_form(attention_test: str, mlp_pair: bool) -> _BlockForm:
     source = _MIXER_LAYER_FORWARD.format(attention_test=attention_test, mlp_pair=_MLP_PAIR if mlp_pair else "")
-    ends = (None, _first_if_pair if mlp_pair else None)
+    ends = (None, _added(_first_if_pair) if mlp_pair else None)
     return _BlockForm(
         _mixer_layer_forward, source, "self_attn", "post_attention_layernorm", branch_ends=ends, mixer="linear_attn"
     )
@@ -1439,7 +1502,7 @@ def _mixer_form(attention_test: str, mlp_pair: bool) -> _BlockForm:
 def _sandwich_form(after_attention: str, before_mlp: str, after_mlp: str) -> _BlockForm:
     names = dict(after_attention=after_attention, before_mlp=before_mlp, after_mlp=after_mlp)
     source = _SANDWICH_LAYER_FORWARD.format(**names)
-    ends = (_through(after_attention), _through(after_mlp))
+    ends = (_through(after_attention), _norm_added(after_mlp))
     return _BlockForm(_llama_layer_forward, source, "self_attn", before_mlp, branch_ends=ends)
 
 
@@ -1453,22 +1516,28 @@ _PRE_NORM_FORMS = (
     _LLAMA_FORM,
     _sandwich_form("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
     _sandwich_form("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
-    _LLAMA_FORM._replace(source=_PAIR_MLP_LAYER_FORWARD, branch_ends=(None, _first_if_pair)),
+    _LLAMA_FORM._replace(source=_PAIR_MLP_LAYER_FORWARD, branch_ends=(None, _added(_first_if_pair))),
     _LLAMA_FORM._replace(
-        source=_DROPOUT_LAYER_FORWARD, branch_ends=(_through("resid_attn_dropout"), _through("resid_mlp_dropout"))
+        source=_DROPOUT_LAYER_FORWARD,
+        branch_ends=(_through("resid_attn_dropout"), _added(_through("resid_mlp_dropout"))),
     ),
-    _LLAMA_FORM._replace(source=_SCALED_LAYER_FORWARD, branch_ends=(_scaled, _scaled)),
+    _LLAMA_FORM._replace(source=_SCALED_LAYER_FORWARD, branch_ends=(_scaled, _added(_scaled))),
     _BlockForm(_gemma4_layer_forward, _GEMMA4_LAYER_FORWARD, "self_attn", "pre_feedforward_layernorm"),
     _LLAMA_FORM._replace(
         replacement=_serial_layer_forward,
         source=_PARALLEL_OR_SERIAL_LAYER_FORWARD,
-        branch_ends=(None, _through("dropout")),
+        branch_ends=(None, _added(_through("dropout"))),
     ),
     *(
         _mixer_form(test, mlp_pair)
         for test in ("else", 'elif self.block_type == "full_attention"')
         for mlp_pair in (False, True)
     ),
+)
+# Checked on every transformers class of a model calling a post-norm block's children (``_POST_NORM_CHILDREN``):
+# OLMo 2's, OLMo 3's, EXAONE 4's.
+_POST_NORM_FORM = _BlockForm(
+    _post_norm_layer_forward, _POST_NORM_LAYER_FORWARD, "self_attn", "post_attention_layernorm"
 )
 # (model, block class) -> its form: the other blocks, checked on their own class.
 _ADD_NORM_BLOCKS = {
@@ -1491,12 +1560,24 @@ def _add_norm_block_check(call: _BlockCall | str, norm: str) -> Callable[[torch.
     return prepare
 
 
-def _calls_llama_form_children(cls: type) -> bool:
-    """Whether ``cls``'s forward calls what a Llama-form block's does (a pre-norm block, whose
-    forward is then checked against the forms: converted, or left with the reason)."""
+_LLAMA_FORM_CHILDREN = frozenset(("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
+_POST_NORM_CHILDREN = frozenset(("self_attn", "post_attention_layernorm", "mlp", "post_feedforward_layernorm"))
+
+
+def _calls_children(cls: type, children: frozenset[str], but: str = "") -> bool:
+    """Whether ``cls``'s forward calls ``children`` (and not ``but``): what a block of a form
+    calls (Llama's and the pre-norm forms', ``_LLAMA_FORM_CHILDREN``; a post-norm block's,
+    without an ``input_layernorm``), whose forward is then checked against the forms:
+    converted, or left with the reason."""
     forward = inspect.unwrap(cls.forward)
-    names = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
-    return isinstance(forward, types.FunctionType) and names <= set(forward.__code__.co_names)
+    if not isinstance(forward, types.FunctionType):
+        return False
+    names = forward.__code__.co_names
+    return children.issubset(names) and but not in names
+
+
+def _calls_llama_form_children(cls: type) -> bool:
+    return _calls_children(cls, _LLAMA_FORM_CHILDREN)
 
 
 def _pre_norm_form(cls: type) -> _BlockForm:
@@ -1675,6 +1756,11 @@ def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
     ]
     listed = {cls for cls, _ in blocks}
     blocks += [(cls, _pre_norm_form(cls)) for cls in set(classes) - listed if _calls_llama_form_children(cls)]
+    blocks += [
+        (cls, _POST_NORM_FORM)
+        for cls in set(classes) - listed
+        if _calls_children(cls, _POST_NORM_CHILDREN, but="input_layernorm")
+    ]
     rules = {}
     for cls, form in blocks:
         call = _block_call(cls.forward, form)
@@ -2409,6 +2495,7 @@ _CAUSAL_LMS = (
     ("deepseek_v3", "DeepseekV3ForCausalLM"),
     ("gpt_oss", "GptOssForCausalLM"),
     ("gemma4", "Gemma4ForCausalLM"),
+    ("exaone4", "Exaone4ForCausalLM"),  # Llama's forward, its decorators in another order
     # vision-language models: the language model's head and loss alike
     ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
@@ -2767,8 +2854,10 @@ def patch(
     Phi-3's or Granite's, ``_PRE_NORM_FORMS``, GPT-2's, ViT's; timm's ViT, EVA and Swin
     blocks; BERT's outputs, post-norm, likewise): the attention's output added to the
     residual stream and the sum normalised for the MLP in one op (``add_rms_norm`` /
-    ``add_layer_norm``), where the block's forward is the one read and its norm is converted
-    to ours. False leaves those blocks' forward as written."""
+    ``add_layer_norm``), and a norm after a branch (OLMo 2/3's and EXAONE 4's post-norm
+    blocks, ``_POST_NORM_FORM``; Gemma 2-4's and GLM-4's after the MLP) with the residual
+    addition after it in one op (``rms_norm_add``), where the block's forward is the one read
+    and its norm is converted to ours. False leaves those blocks' forward as written."""
     _check_model(model)
     check_choice("loss", loss, LOSS_MODES)
     for name, value in (

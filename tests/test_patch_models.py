@@ -355,6 +355,7 @@ MODELS = {
     "gemma4_vl": (_scaled_layers(_vision_language("gemma4")), ("GatedMLP", "LinearAct")),
     # models patch has no entry of its own for: their classes' code is that of classes read (transformers' copies)
     "olmo3": (_decoder("Olmo3ForCausalLM", "Olmo3Config", head_dim=8), "GatedMLP"),
+    "exaone4": (_decoder("Exaone4ForCausalLM", "Exaone4Config", head_dim=8), "GatedMLP"),
     "hunyuan_v1_dense": (_decoder("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", head_dim=8), "GatedMLP"),
     # its MLP's dropout after down_proj: not Llama's MLP (gate_proj fused with its activation)
     "seed_oss": (
@@ -799,8 +800,18 @@ ADD_NORM_MODELS = {
             ("qwen3_next", "Qwen3NextDecoderLayer"),
             ("llama-gelu", "LlamaDecoderLayer"),
             ("llama-relu", "LlamaDecoderLayer"),
+            ("olmo2", "Olmo2DecoderLayer"),  # post-norm: each norm and the addition after it (POST_NORMS)
+            ("olmo3", "Olmo3DecoderLayer"),
+            ("exaone4", "Exaone4DecoderLayer"),
         )
     },
+}
+# the models whose blocks normalise a branch's output and add it to the residual stream in one op: those norms
+POST_NORMS = {
+    **dict.fromkeys(["olmo2", "olmo3", "exaone4"], ("post_attention_layernorm", "post_feedforward_layernorm")),
+    **dict.fromkeys(["gemma2", "gemma3", "gemma3_vl"], ("post_feedforward_layernorm",)),
+    **dict.fromkeys(["gemma4", "gemma4_moe", "gemma4_vl"], ("post_feedforward_layernorm", "post_per_layer_input_norm")),
+    "glm4": ("post_mlp_layernorm",),
 }
 
 
@@ -820,8 +831,25 @@ def test_pre_norm_blocks_add_and_normalise_in_one_op(name, monkeypatch):
     assert [n for n, _, kind in report.swapped if kind == "ResidualNorm"] == blocks
     calls = _count_add_norms(monkeypatch)
     model(**_without_labels(_batch(name)))
-    assert len(calls) == len([n for n in blocks if "vision_tower" not in n])  # given text alone
+    post_norm_form = "post_attention_layernorm" in POST_NORMS.get(name, ())  # no residual added before a norm
+    assert len(calls) == (0 if post_norm_form else len([n for n in blocks if "vision_tower" not in n]))  # text alone
     assert all(cls.__dict__.get("forward") in gk_patch._RMS_NORMS or cls is gk.nn.LayerNorm for cls in calls)
+
+
+@pytest.mark.parametrize("name", POST_NORMS)
+def test_norms_after_a_branch_and_their_residual_additions_in_one_op(name, monkeypatch):
+    """Each norm of a block's branch output (each ``POST_NORMS`` norm the block has, in order) and
+    the residual addition after it: one ``rms_norm_add`` call, with the norm's residual."""
+    model = _build(name)
+    gk.patch(model)
+    blocks = [m for n, m in model.named_modules() if type(m).__name__ in ADD_NORM_MODELS[name] and "vision" not in n]
+    expected = [getattr(b, norm) for b in blocks for norm in POST_NORMS[name] if hasattr(b, norm)]
+    norms = record_calls(monkeypatch, gk_patch, "_norm_then_add", lambda norm, *rest: norm)
+    fused, rms_norm_add = [], gk_patch.rms_norm_add
+    monkeypatch.setattr(gk_patch, "rms_norm_add", lambda *a, **k: fused.append(a[1]) or rms_norm_add(*a, **k))
+    model(**_without_labels(_batch(name)))
+    assert expected and len(norms) == len(expected) and all(a is b for a, b in zip(norms, expected))
+    assert len(fused) == len(expected)
 
 
 # the MoE models whose experts gate through transformers' default ``_apply_gate`` (gpt-oss has its own), and
