@@ -245,3 +245,33 @@ class LoRA(torch.nn.Module):
 
     def forward(self, x):
         return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+# (input dtype, residual dtype) of the ops that add a residual to a norm's input or output (add_norm, norm_add):
+# a bf16 branch output added to the fp32 residual stream of a model under autocast, one dtype for both, and two
+# dtypes whose sum neither holds (its gradient cast to each)
+RESIDUAL_DTYPES = [
+    (torch.bfloat16, torch.float32),
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.float64, torch.float64),
+    (torch.float16, torch.bfloat16),
+]
+
+
+def dtype_pair_id(pair) -> str:
+    return "+".join(str(d).removeprefix("torch.") for d in pair)
+
+
+def residual_norm_inputs(shape, norm_shape, dtypes, device, seed=0, weight_scale=1.0):
+    """``(x, residual, weight, bias)`` for a norm with a residual: x and the residual in ``dtypes``,
+    fp32 parameters of ``norm_shape``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(shape, dtype, scale=1.0, shift=0.0):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(device, dtype)
+
+    x, residual = draw(shape, dtypes[0], 2.0, 0.5), draw(shape, dtypes[1], 3.0, 1.0)
+    weight, bias = draw(norm_shape, torch.float32, weight_scale), draw(norm_shape, torch.float32)
+    return x, residual, weight, bias

@@ -7,20 +7,18 @@ import torch.nn.functional as F
 
 import gpukernels as gk
 from gpukernels.errors import ArgumentError, ArgumentTypeError
-from helpers import LOWP_FACTOR, assert_matches, gradcheck, rel_err
+from helpers import (
+    LOWP_FACTOR,
+    RESIDUAL_DTYPES,
+    assert_matches,
+    dtype_pair_id,
+    gradcheck,
+    rel_err,
+    residual_norm_inputs,
+)
 
 pytestmark = pytest.mark.family("add_norm")  # conftest's device fixture skips backends without them
 
-# (input dtype, residual dtype): a bf16 block output added to the fp32 residual stream of a model under
-# autocast, one dtype for both, and two dtypes whose sum neither holds (its gradient cast to each)
-DTYPES = [
-    (torch.bfloat16, torch.float32),
-    (torch.float32, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.float64, torch.float64),
-    (torch.float16, torch.bfloat16),
-]
 SHAPES = [
     ((5, 1), (1,)),
     ((2, 5, 17), (17,)),
@@ -31,21 +29,6 @@ SHAPES = [
     ((2, 9000), (9000,)),  # wider than one Triton block: the looped kernels
 ]
 VARIANTS = {"plain": {}, "llama": dict(cast_before_weight=True), "gemma": dict(offset=1.0)}
-
-
-def _dtype_id(pair):
-    return "+".join(str(d).removeprefix("torch.") for d in pair)
-
-
-def _inputs(shape, norm_shape, dtypes, device, seed=0, weight_scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-
-    def draw(shape, dtype, scale=1.0, shift=0.0):
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(device, dtype)
-
-    x, residual = draw(shape, dtypes[0], 2.0, 0.5), draw(shape, dtypes[1], 3.0, 1.0)
-    weight, bias = draw(norm_shape, torch.float32, weight_scale), draw(norm_shape, torch.float32)
-    return x, residual, weight, bias
 
 
 def _outputs_and_grads(fn, x, residual, weight, bias=None, seed=1):
@@ -93,10 +76,10 @@ def _check(ours, theirs, reference):
             assert_matches(o, t, r)
 
 
-@pytest.mark.parametrize("dtypes", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtypes", RESIDUAL_DTYPES, ids=dtype_pair_id)
 @pytest.mark.parametrize("shape,norm_shape", SHAPES)
 def test_add_layer_norm_matches_torch(device, shape, norm_shape, dtypes):
-    x, residual, weight, bias = _inputs(shape, norm_shape, dtypes, device)
+    x, residual, weight, bias = residual_norm_inputs(shape, norm_shape, dtypes, device)
     ours = _outputs_and_grads(lambda *a: gk.add_layer_norm(*a[:2], norm_shape, *a[2:]), x, residual, weight, bias)
     theirs = _outputs_and_grads(lambda *a: _torch_layer_norm(*a, norm_shape), x, residual, weight, bias)
     reference = _outputs_and_grads(lambda *a: _torch_layer_norm(*a, norm_shape), *_double(x, residual, weight, bias))
@@ -105,7 +88,7 @@ def test_add_layer_norm_matches_torch(device, shape, norm_shape, dtypes):
     _check(ours, theirs, reference)
 
 
-@pytest.mark.parametrize("dtypes", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtypes", RESIDUAL_DTYPES, ids=dtype_pair_id)
 @pytest.mark.parametrize(
     "shape,norm_shape,variant",
     # transformers' RMSNorms (Llama's, Gemma's) normalise the last dim
@@ -118,7 +101,9 @@ def test_add_layer_norm_matches_torch(device, shape, norm_shape, dtypes):
 )
 def test_add_rms_norm_matches_torch(device, shape, norm_shape, dtypes, variant):
     options = VARIANTS[variant]
-    x, residual, weight, _ = _inputs(shape, norm_shape, dtypes, device, weight_scale=0.1 if "offset" in options else 1)
+    x, residual, weight, _ = residual_norm_inputs(
+        shape, norm_shape, dtypes, device, weight_scale=0.1 if "offset" in options else 1
+    )
 
     def theirs_fn(x, residual, weight, _bias):
         return _torch_rms_norm(x, residual, weight, None, norm_shape, **options)
@@ -134,11 +119,11 @@ def test_add_rms_norm_matches_torch(device, shape, norm_shape, dtypes, variant):
     _check(ours, theirs, reference)
 
 
-@pytest.mark.parametrize("dtypes", DTYPES[:3], ids=_dtype_id)
+@pytest.mark.parametrize("dtypes", RESIDUAL_DTYPES[:3], ids=dtype_pair_id)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_forward_is_the_norm_of_the_sum_bit_for_bit(device, dtypes, variant):
     """The norm reads the sum as rounded to its dtype: the same ``y`` as our norm of PyTorch's sum."""
-    x, residual, weight, bias = _inputs((7, 300), (300,), dtypes, device)
+    x, residual, weight, bias = residual_norm_inputs((7, 300), (300,), dtypes, device)
     options = VARIANTS[variant]
     y, summed = gk.add_rms_norm(x, residual, 300, weight, 1e-6, **options)
     assert torch.equal(y, gk.rms_norm(residual + x, 300, weight, 1e-6, **options))
@@ -149,7 +134,7 @@ def test_forward_is_the_norm_of_the_sum_bit_for_bit(device, dtypes, variant):
 @pytest.mark.parametrize("which", ["y", "sum"])
 def test_gradient_through_one_output(device, which):
     """The backward with a gradient for one output only (the other's None: not materialised)."""
-    x, residual, weight, bias = _inputs((6, 40), (40,), (torch.bfloat16, torch.float32), device)
+    x, residual, weight, bias = residual_norm_inputs((6, 40), (40,), (torch.bfloat16, torch.float32), device)
 
     def grads(fn):
         leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
@@ -168,13 +153,13 @@ def test_gradient_through_one_output(device, which):
 
 
 def test_gradcheck(device):
-    inputs = [t.double().requires_grad_() for t in _inputs((3, 2, 5), (5,), (torch.float64,) * 2, device)]
+    inputs = [t.double().requires_grad_() for t in residual_norm_inputs((3, 2, 5), (5,), (torch.float64,) * 2, device)]
     assert gradcheck(lambda x, r, w, b: gk.add_layer_norm(x, r, 5, w, b), inputs)
     assert gradcheck(lambda x, r, w: gk.add_rms_norm(x, r, 5, w, cast_before_weight=True), inputs[:3])
 
 
 def test_autocast_normalises_the_sum_in_fp32_as_the_norm_alone(device):
-    x, residual, weight, bias = _inputs((4, 64), (64,), (torch.bfloat16, torch.float32), device)
+    x, residual, weight, bias = residual_norm_inputs((4, 64), (64,), (torch.bfloat16, torch.float32), device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         y, summed = gk.add_layer_norm(x, residual, 64, weight, bias)
         expected = gk.layer_norm(residual + x, 64, weight, bias)

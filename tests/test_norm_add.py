@@ -7,20 +7,18 @@ import torch.nn.functional as F
 
 import gpukernels as gk
 from gpukernels.errors import ArgumentError, ArgumentTypeError
-from helpers import LOWP_FACTOR, assert_matches, gradcheck, rel_err
+from helpers import (
+    LOWP_FACTOR,
+    RESIDUAL_DTYPES,
+    assert_matches,
+    dtype_pair_id,
+    gradcheck,
+    rel_err,
+    residual_norm_inputs,
+)
 
 pytestmark = pytest.mark.family("norm_add")  # conftest's device fixture skips backends without them
 
-# (input dtype, residual dtype): a bf16 branch output added to the fp32 residual stream of a model under
-# autocast, one dtype for both, and two dtypes whose sum neither holds (its gradient cast to each)
-DTYPES = [
-    (torch.bfloat16, torch.float32),
-    (torch.float32, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.float64, torch.float64),
-    (torch.float16, torch.bfloat16),
-]
 SHAPES = [
     ((5, 1), (1,)),
     ((2, 5, 17), (17,)),
@@ -34,21 +32,6 @@ SHAPES = [
 # weight), Gemma's (times 1 + weight, then rounded), OLMo 2's (times the weight in fp32, then rounded: under
 # autocast too, norm_dtype=input's)
 VARIANTS = {"plain": {}, "llama": dict(cast_before_weight=True), "gemma": dict(offset=1.0)}
-
-
-def _dtype_id(pair):
-    return "+".join(str(d).removeprefix("torch.") for d in pair)
-
-
-def _inputs(shape, norm_shape, dtypes, device, seed=0, weight_scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-
-    def draw(shape, dtype, scale=1.0, shift=0.0):
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(device, dtype)
-
-    x, residual = draw(shape, dtypes[0], 2.0, 0.5), draw(shape, dtypes[1], 3.0, 1.0)
-    weight, bias = draw(norm_shape, torch.float32, weight_scale), draw(norm_shape, torch.float32)
-    return x, residual, weight, bias
 
 
 def _output_and_grads(fn, *inputs, seed=1):
@@ -95,10 +78,10 @@ def _check(ours, theirs, reference):
             assert_matches(o, t, r)
 
 
-@pytest.mark.parametrize("dtypes", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtypes", RESIDUAL_DTYPES, ids=dtype_pair_id)
 @pytest.mark.parametrize("shape,norm_shape", SHAPES)
 def test_layer_norm_add_matches_torch(device, shape, norm_shape, dtypes):
-    inputs = _inputs(shape, norm_shape, dtypes, device)
+    inputs = residual_norm_inputs(shape, norm_shape, dtypes, device)
     ours = _output_and_grads(lambda x, r, w, b: gk.layer_norm_add(x, r, norm_shape, w, b), *inputs)
     theirs = _output_and_grads(lambda *a: _torch_layer_norm(*a, norm_shape), *inputs)
     reference = _output_and_grads(lambda *a: _torch_layer_norm(*a, norm_shape), *_double(*inputs))
@@ -106,7 +89,7 @@ def test_layer_norm_add_matches_torch(device, shape, norm_shape, dtypes):
     assert torch.equal(ours[2], theirs[2])  # the residual's gradient: the output's, in its dtype
 
 
-@pytest.mark.parametrize("dtypes", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtypes", RESIDUAL_DTYPES, ids=dtype_pair_id)
 @pytest.mark.parametrize(
     "shape,norm_shape,variant",
     # transformers' RMSNorms normalise the last dim; of one feature, x's gradient is all cancellation (0
@@ -120,20 +103,20 @@ def test_layer_norm_add_matches_torch(device, shape, norm_shape, dtypes):
 )
 def test_rms_norm_add_matches_torch(device, shape, norm_shape, dtypes, variant):
     options = VARIANTS[variant]
-    inputs = _inputs(shape, norm_shape, dtypes, device, weight_scale=0.1 if "offset" in options else 1)[:3]
+    inputs = residual_norm_inputs(shape, norm_shape, dtypes, device, weight_scale=0.1 if "offset" in options else 1)[:3]
     ours = _output_and_grads(lambda x, r, w: gk.rms_norm_add(x, r, norm_shape, w, 1e-6, **options), *inputs)
     theirs = _output_and_grads(lambda x, r, w: _torch_rms_norm(x, r, w, norm_shape, **options), *inputs)
     reference = _output_and_grads(lambda x, r, w: _torch_rms_norm(x, r, w, norm_shape, **options), *_double(*inputs))
     _check(ours, theirs, reference)
 
 
-@pytest.mark.parametrize("dtypes", DTYPES[:4], ids=_dtype_id)
+@pytest.mark.parametrize("dtypes", RESIDUAL_DTYPES[:4], ids=dtype_pair_id)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("features", [300, 9000])
 def test_the_sum_of_our_norm_and_the_residual_bit_for_bit(device, dtypes, variant, features):
     """The norm's result rounded as our norm alone returns it, then PyTorch's addition: the same
     output, and the same gradients, as ``residual + gk.rms_norm(x)`` (``gk.layer_norm``)."""
-    x, residual, weight, bias = _inputs((7, features), (features,), dtypes, device)
+    x, residual, weight, bias = residual_norm_inputs((7, features), (features,), dtypes, device)
     options = VARIANTS[variant]
     pairs = [
         (
@@ -155,7 +138,7 @@ def test_the_sum_of_our_norm_and_the_residual_bit_for_bit(device, dtypes, varian
 def test_autocast_adds_the_norms_fp32_result_unless_told_to_round(device):
     """Under autocast the plain norm's result is fp32 (as the norm alone), added unrounded; an
     input-dtype ``norm_dtype`` (OLMo 2's norm) rounds it to bf16 first: each as the norm apart."""
-    x, residual, weight, bias = _inputs((4, 64), (64,), (torch.bfloat16, torch.float32), device)
+    x, residual, weight, bias = residual_norm_inputs((4, 64), (64,), (torch.bfloat16, torch.float32), device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         plain = gk.rms_norm_add(x, residual, 64, weight)
         plain_apart = residual + gk.rms_norm(x, 64, weight)
@@ -169,7 +152,7 @@ def test_autocast_adds_the_norms_fp32_result_unless_told_to_round(device):
 
 
 def test_gradcheck(device):
-    inputs = [t.double().requires_grad_() for t in _inputs((3, 2, 5), (5,), (torch.float64,) * 2, device)]
+    inputs = [t.double().requires_grad_() for t in residual_norm_inputs((3, 2, 5), (5,), (torch.float64,) * 2, device)]
     assert gradcheck(lambda x, r, w, b: gk.layer_norm_add(x, r, 5, w, b), inputs)
     assert gradcheck(lambda x, r, w: gk.rms_norm_add(x, r, 5, w, cast_before_weight=True), inputs[:3])
     assert gradcheck(lambda x, r, w: gk.rms_norm_add(x, r, 5, w, offset=1.0), inputs[:3])
