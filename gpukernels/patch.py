@@ -889,14 +889,33 @@ def _norms_feeding_matmuls(classes: Iterable[type]) -> dict[type, dict[str, list
     for cls in set(classes) - set(blocks):
         form = _pre_norm_form(cls) if _calls_llama_form_children(cls) else None
         if form is not None and isinstance(_block_call(cls.forward, form), _BlockCall):
-            blocks[cls] = {
-                "input_layernorm": [("self_attn", readers["self_attn"])],
-                form.norm: [("mlp", readers["mlp"])],
-            }
+            mixer = _TOKEN_MIXER if form.mixer else "self_attn"  # a hybrid layer's: by its block_type
+            blocks[cls] = {"input_layernorm": [(mixer, readers["self_attn"])], form.norm: [("mlp", readers["mlp"])]}
     return blocks
 
 
 _DTYPE_FREE = ("shape", "size", "dim", "ndim", "device")  # what a tensor tells alike in any dtype
+# transformers' zeroing of padded positions before a linear attention reads its input (Qwen3.5's and Qwen3-Next's
+# Gated DeltaNet), as read in 5.17 and 5.25: the input's values times a 0/1 mask, in the input's dtype, which
+# rounding to another dtype first leaves the same
+_MASK_PADDING_SOURCE = """
+if attention_mask is not None:
+    dtype = hidden_states.dtype
+    hidden_states = (hidden_states * attention_mask[:, :, None]).to(dtype)
+return hidden_states
+"""
+
+
+@functools.cache
+def _masks_padding(function: Callable) -> bool:
+    """Whether ``function`` is ``_MASK_PADDING_SOURCE``'s ``(hidden_states, attention_mask)``."""
+    read = _forward_body(function) if isinstance(function, types.FunctionType) else "not a function"
+    if isinstance(read, str):
+        return False
+    body, signature = read
+    return list(signature.parameters) == ["hidden_states", "attention_mask"] and ast.dump(body) == ast.dump(
+        ast.parse(_MASK_PADDING_SOURCE)
+    )
 
 
 @functools.cache
@@ -905,7 +924,8 @@ def _children_reading_input(cls: type) -> tuple[str, ...] | None:
     reads that input only so (the one argument of each call, under the name it came by) and
     by what does not depend on its dtype (``_DTYPE_FREE``), up to the statement of its body
     that binds the name to another value (``x = self.fc(x)``, GPT-NeoX's MLP), if any; else
-    None (its source unreadable among the reasons)."""
+    None (its source unreadable among the reasons). ``x = mask_padding(x, mask)`` (a global
+    function of ``_MASK_PADDING_SOURCE``'s) keeps the name's values and dtype."""
     forward = inspect.unwrap(cls.__dict__.get("forward", cls.forward))
     try:
         function = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
@@ -923,6 +943,8 @@ def _children_reading_input(cls: type) -> tuple[str, ...] | None:
             and isinstance(statement.targets[0], ast.Name)
             and statement.targets[0].id == input_name
         )
+        if rebinds and _masks_input(statement.value, input_name, forward.__globals__):
+            continue
         for node in ast.walk(statement.value if rebinds else statement):
             if not isinstance(node, ast.Name) or node.id != input_name:
                 continue
@@ -947,6 +969,21 @@ def _children_reading_input(cls: type) -> tuple[str, ...] | None:
     return tuple(sorted(children)) or None
 
 
+def _masks_input(value: ast.expr, input_name: str, names: dict) -> bool:
+    """Whether ``value`` is ``f(<input_name>, <a name>)`` with ``f``, a global of ``names``,
+    a padding mask's (``_masks_padding``)."""
+    return (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Name)
+        and len(value.args) == 2
+        and not value.keywords
+        and all(isinstance(arg, ast.Name) for arg in value.args)
+        and value.args[0].id == input_name
+        and value.args[1].id != input_name
+        and _masks_padding(names.get(value.func.id))
+    )
+
+
 def _matmuls_read_input(module: torch.nn.Module) -> bool:
     """Whether ``module``'s forward reads its input only by passing it to linear layers of its
     own (``nn.Linear``, ``LinearAct``, without hooks) and by its shape: under autocast they cast
@@ -961,6 +998,19 @@ def _matmuls_read_input(module: torch.nn.Module) -> bool:
         child is None or (type(child) in (torch.nn.Linear, gnn.LinearAct) and not _has_hooks(child))
         for child in children
     )
+
+
+_TOKEN_MIXER = "<token mixer>"
+"""The child of a hybrid layer (``_MIXER_LAYER_FORWARD``) its input norm's output goes to: ``self_attn``
+or ``linear_attn`` by its ``block_type``."""
+_TOKEN_MIXERS = {"full_attention": "self_attn", "linear_attention": "linear_attn"}
+
+
+def _child_reading(block: torch.nn.Module, child: str) -> torch.nn.Module | None:
+    """``block``'s child ``child`` (``_TOKEN_MIXER``: its token mixer, None for another block_type)."""
+    if child == _TOKEN_MIXER:
+        child = _TOKEN_MIXERS.get(getattr(block, "block_type", None))
+    return None if child is None else getattr(block, child, None)
 
 
 def _mark_norms_feeding_matmuls(
@@ -979,7 +1029,7 @@ def _mark_norms_feeding_matmuls(
         for norm_name, children in (norms or {}).items():
             name = _child_name(block_name, norm_name)
             norm = getattr(block, norm_name, None)
-            readers = [(getattr(block, child, None), classes) for child, classes in children]
+            readers = [(_child_reading(block, child), classes) for child, classes in children]
             if (
                 name in swapped
                 and all(

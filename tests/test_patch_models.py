@@ -629,9 +629,10 @@ NORMS_FEEDING_MATMULS_BY_CODE = {
     **{name: ("input_layernorm",) for name in ("mixtral", "gpt_oss")},  # the MoE MLP reads its input otherwise
     **{name: ("input_layernorm", "layers.1.post_attention_layernorm") for name in ("qwen2_moe", "qwen3_moe")},
     **{name: ("input_layernorm", "layers.0.post_attention_layernorm") for name in ("deepseek_v3", "glm4_moe")},
-    # the linear attention's input norm left (a Gated DeltaNet reads it otherwise); Qwen3-Next's MoE MLPs too
-    "qwen3_5": ("layers.1.input_layernorm", "post_attention_layernorm"),
-    "qwen3_next": ("layers.1.input_layernorm",),
+    # the linear attention's input norm too (a Gated DeltaNet masks its padding, then projects); not Qwen3-Next's
+    # MoE MLPs' norms
+    "qwen3_5": PRE_NORMS,
+    "qwen3_next": ("input_layernorm",),
     **{
         name: PRE_NORMS
         for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "granite", "hunyuan_v1_dense", "seed_oss", "starcoder2")
@@ -739,6 +740,48 @@ def test_children_reading_input_refuses_other_reads(source):
     assert gk_patch._children_reading_input(_with_forward(source)) is None
     read_by_one = "def forward(self, x):\n    return self.q_proj(x)"  # the same way of reading, accepted
     assert gk_patch._children_reading_input(_with_forward(read_by_one)) == ("q_proj",)
+
+
+_MASK_PADDING = """
+def mask_padding(hidden_states, attention_mask):
+    if attention_mask is not None:
+        dtype = hidden_states.dtype
+        hidden_states = (hidden_states * attention_mask[:, :, None]).to(dtype)
+    return hidden_states
+"""
+
+
+def test_children_reading_input_follows_it_through_a_padding_mask():
+    """transformers' padding mask before a linear attention's projections (0/1 times the input, in
+    its dtype) leaves the input's values: its projections read it; a mask of other values does not."""
+    forward = "def forward(self, x, mask=None):\n    x = mask_padding(x, mask)\n    return self.q(x) + self.k(x)\n"
+    assert gk_patch._children_reading_input(_with_forward(_MASK_PADDING + forward)) == ("k", "q")
+    scaled = _MASK_PADDING.replace("[:, :, None])", "[:, :, None] * 2)")
+    assert gk_patch._children_reading_input(_with_forward(scaled + forward)) is None
+    assert (
+        gk_patch._children_reading_input(_with_forward(_MASK_PADDING + forward.replace("(x, mask)", "(mask, x)")))
+        is None
+    )
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_next"])
+def test_linear_attention_input_norms_feed_their_projections_on_padded_batches(name):
+    """A hybrid layer's linear attention zeroes padded positions before its projections: under
+    autocast, with a padded batch, the same logits whether its input norm returns bf16 or fp32."""
+    model = _build(name)
+    feeding = gk.patch(model).feeding_matmuls
+    norms = [n for n in feeding if model.get_submodule(n.rsplit(".", 1)[0]).block_type == "linear_attention"]
+    assert norms
+    batch = _without_labels(_batch(name))
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch["attention_mask"][0, :3] = 0  # left padding
+    logits = []
+    for feeds in (True, False):
+        for norm in norms:
+            model.get_submodule(norm).feeds_matmuls = feeds
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits.append(model(**batch).logits)
+    assert torch.equal(*logits)
 
 
 def test_children_reading_input_follows_the_input_to_projections():
