@@ -115,24 +115,34 @@ def test_rms_norm_add_matches_torch(device, shape, norm_shape, dtypes, variant):
 @pytest.mark.parametrize("features", [300, 9000])
 def test_the_sum_of_our_norm_and_the_residual_bit_for_bit(device, dtypes, variant, features):
     """The norm's result rounded as our norm alone returns it, then PyTorch's addition: the same
-    output, and the same gradients, as ``residual + gk.rms_norm(x)`` (``gk.layer_norm``)."""
+    output as ``residual + gk.rms_norm(x)`` (``gk.layer_norm``), and the same gradients. Where the
+    sum is wider than the norm's result (bf16 x, fp32 residual), the norm's backward reads the
+    sum's gradient as it is, where autograd would round it to the norm's dtype first: x's and the
+    weight's gradients then are those of the norm's result in the sum's dtype (``out_dtype``)."""
     x, residual, weight, bias = residual_norm_inputs((7, features), (features,), dtypes, device)
     options = VARIANTS[variant]
     pairs = [
         (
             lambda x, r, w: gk.rms_norm_add(x, r, features, w, 1e-6, **options),
-            lambda x, r, w: r + gk.rms_norm(x, features, w, 1e-6, **options),
+            lambda x, r, w, out_dtype=None: r + gk.rms_norm(x, features, w, 1e-6, **options, out_dtype=out_dtype),
             (x, residual, weight),
+            gk.rms_norm(x, features, weight, 1e-6, **options).dtype,
         ),
         (
             lambda x, r, w, b: gk.layer_norm_add(x, r, features, w, b),
-            lambda x, r, w, b: r + gk.layer_norm(x, features, w, b),
+            lambda x, r, w, b, out_dtype=None: r + gk.layer_norm(x, features, w, b, out_dtype=out_dtype),
             (x, residual, weight, bias),
+            gk.layer_norm(x, features, weight, bias).dtype,
         ),
     ]
-    for fused, apart, inputs in pairs:
-        for ours, theirs in zip(_output_and_grads(fused, *inputs), _output_and_grads(apart, *inputs)):
-            assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    for fused, apart, inputs, norm_dtype in pairs:
+        ours, theirs = _output_and_grads(fused, *inputs), _output_and_grads(apart, *inputs)
+        assert [t.dtype for t in ours] == [t.dtype for t in theirs]
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[2], theirs[2])  # the sum; residual's gradient
+        if ours[0].dtype != norm_dtype:
+            theirs = _output_and_grads(lambda *a: apart(*a, out_dtype=ours[0].dtype), *inputs)
+        for o, t in zip(ours[1:], theirs[1:]):
+            assert torch.equal(o, t)
 
 
 def test_autocast_adds_the_norms_fp32_result_unless_told_to_round(device):

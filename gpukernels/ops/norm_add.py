@@ -12,12 +12,14 @@ kept in the statistics dtype: ``round_to_input``); ``out = residual + normed`` i
 dtype promoted from theirs, rounded once, as PyTorch's addition. Only ``out`` is written:
 the norm's result never reaches memory.
 
-Backward: the addition passes ``dout`` to the residual (cast to its dtype) and, cast to
-the norm's result dtype as autograd casts it, to the norm, whose own backward kernels
-(``layer_norm_bwd``, ``rms_norm_bwd``) take it from there with the saved x and
-statistics. Against PyTorch's norm then addition that saves, forward, the norm's write of
-its result and the addition's read of it (and a launch); backward, nothing but a launch:
-the addition's gradient is ``dout`` itself.
+Backward: the addition passes ``dout`` to the residual (cast to its dtype) and to the
+norm, whose own backward kernels (``layer_norm_bwd``, ``rms_norm_bwd``) read it as it is,
+in fp32 (fp64), with the saved x and statistics: where the sum is wider than the norm's
+result (a bf16 branch output added to an fp32 residual stream), autograd would first cast
+``dout`` to the norm's dtype, a pass that writes it rounded; here it is neither cast nor
+rounded (x's gradient as from an fp32 norm result, within a rounding of autograd's).
+Against PyTorch's norm then addition that saves, forward, the norm's write of its result
+and the addition's read of it (and a launch); backward, that cast pass where there is one.
 """
 
 from __future__ import annotations
@@ -61,10 +63,9 @@ def norm_add_fwd(
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _, offset, centered, cast_before_weight, round_to_input = inputs
+    x, residual, weight, bias, _, offset, centered, cast_before_weight, _ = inputs
     ctx.save_for_backward(x, weight, output[1])
-    norm_dtype = x.dtype if round_to_input else stats_dtype(x.dtype)
-    ctx.dtypes = (norm_dtype, residual.dtype, None if bias is None else bias.dtype)
+    ctx.dtypes = (residual.dtype, None if bias is None else bias.dtype)
     ctx.variant = (offset, centered, cast_before_weight)
 
 
@@ -72,10 +73,10 @@ def _backward(ctx, dout, _dstats):
     x, weight, stats = ctx.saved_tensors
     if ctx.relaid:
         x, weight, stats = dense(x, weight, stats)
-    norm_dtype, residual_dtype, bias_dtype = ctx.dtypes
+    residual_dtype, bias_dtype = ctx.dtypes
     offset, centered, cast_before_weight = ctx.variant
-    # the addition's backward: dout to each summand, in its dtype
-    dnormed = (dout if dout.dtype == norm_dtype else dout.to(norm_dtype)).contiguous()
+    # the addition's backward: dout to each summand; the norm's kernels read it in its own dtype
+    dnormed = dout.contiguous()
     dresidual = dout if dout.dtype == residual_dtype else dout.to(residual_dtype)
     if centered:
         dx, dweight, dbias = layer_norm_bwd.on(ctx.backend, dnormed, x, weight, stats, bias_dtype is not None)
