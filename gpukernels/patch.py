@@ -498,6 +498,7 @@ def _import_read_families() -> None:
             *_RMS_NORMS.values(),
             _GATED_MLPS,
             _GATE_UP_MLPS,
+            _SILU_GATED_MLPS,
             _ADD_NORM_BLOCKS,
             _NORMS_BEFORE_MATMULS,
             _CAUSAL_LMS,
@@ -584,6 +585,13 @@ def _gated_mlp_forward(self, x: Tensor) -> Tensor:
     """``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with the gating in one op."""
     parts = self._modules  # see _train_bottleneck_forward
     return parts["down_proj"](_gated(parts["gate_proj"](x), parts["up_proj"](x), self.activation))
+
+
+def _silu_gated_mlp_forward(self, x: Tensor) -> Tensor:
+    """LFM2's MLP: ``w2(silu(w1(x)) * w3(x))`` (its activation a function, not a module) with the
+    gating in one op."""
+    parts = self._modules  # see _train_bottleneck_forward
+    return parts["w2"](_gated(parts["w1"](x), parts["w3"](x), "silu"))
 
 
 def _gate_up_mlp_forward(self, hidden_states: Tensor) -> Tensor:
@@ -801,6 +809,8 @@ _GATED_MLPS = (
 )
 # gate and up from one projection: down_proj(up * activation_fn(gate))
 _GATE_UP_MLPS = (("phi3", "Phi3MLP"), ("glm", "GlmMLP"), ("glm4", "Glm4MLP"))
+# w2(F.silu(w1(x)) * w3(x))
+_SILU_GATED_MLPS = (("lfm2", "Lfm2MLP"),)
 
 
 def _transformers_class(model: str, name: str) -> type | None:
@@ -2226,6 +2236,10 @@ def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
     read += [
         (_transformers_class(model, name), _gate_up_mlp_forward, "GatedMLP", _gated_activation("activation_fn"))
         for model, name in _GATE_UP_MLPS
+    ]
+    read += [
+        (_transformers_class(model, name), _silu_gated_mlp_forward, "GatedMLP", _nothing_to_set)
+        for model, name in _SILU_GATED_MLPS
     ]
     read = [entry for entry in read if entry[0] is not None]
     by_class = {entry[0]: entry for entry in read}

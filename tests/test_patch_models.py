@@ -356,6 +356,8 @@ MODELS = {
     # models patch has no entry of its own for: their classes' code is that of classes read (transformers' copies)
     "olmo3": (_decoder("Olmo3ForCausalLM", "Olmo3Config", head_dim=8), "GatedMLP"),
     "exaone4": (_decoder("Exaone4ForCausalLM", "Exaone4Config", head_dim=8), "GatedMLP"),
+    # short convolutions and attention; its MLP calls F.silu (no activation module: its gating apart)
+    "lfm2": (_decoder("Lfm2ForCausalLM", "Lfm2Config", head_dim=8), None),
     "hunyuan_v1_dense": (_decoder("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", head_dim=8), "GatedMLP"),
     # its MLP's dropout after down_proj: not Llama's MLP (gate_proj fused with its activation)
     "seed_oss": (
@@ -928,6 +930,15 @@ def test_moe_experts_gate_in_one_op_under_batched_mm(name, monkeypatch):
     assert_matches(ours[1], theirs[1], exact[1])
     for key in ours[2]:
         assert_matches(ours[2][key], theirs[2][key], exact[2][key])
+
+
+def test_mlps_calling_silu_themselves_gate_in_one_op(monkeypatch):
+    """LFM2's MLP, ``w2(F.silu(w1(x)) * w3(x))``, has no activation module: its gating is ours, once a layer."""
+    model = _build("lfm2")
+    assert gk.patch(model).counts["GatedMLP"] == len(model.model.layers)
+    calls = _count_gatings(monkeypatch)
+    model(**_without_labels(_batch("lfm2")))
+    assert [activation for _, activation in calls] == ["silu"] * len(model.model.layers)
 
 
 def test_moe_experts_gate_in_one_op_under_grouped_mm():
