@@ -1134,6 +1134,18 @@ return hidden_states
 _MLP_PAIR = """if isinstance(hidden_states, tuple):
     hidden_states, _ = hidden_states
 """
+# LFM2's: pre-norm, the token mixer by ``is_attention_layer`` (a short convolution, its keywords apart:
+# ``_BlockForm.mixer``, or the attention), each norm called inline, the branches added residual last
+_LFM2_LAYER_FORWARD = """
+residual = hidden_states
+if self.is_attention_layer:
+    hidden_states, _ = self.self_attn(hidden_states=self.operator_norm(hidden_states))
+else:
+    hidden_states = self.conv(hidden_states=self.operator_norm(hidden_states))
+hidden_states = hidden_states + residual
+hidden_states = hidden_states + self.feed_forward(self.ffn_norm(hidden_states))
+return hidden_states
+"""
 # Gemma 4's text layer: Gemma 3's, with an MoE beside its MLP and an input of its own (per layer), each where
 # its config sets it, and the output scaled
 _GEMMA4_LAYER_FORWARD = """
@@ -1278,7 +1290,8 @@ class _BlockCall:
 
 def _without_keywords(tree: ast.AST, callees: tuple[str, ...]) -> tuple[ast.AST, dict[str, list[ast.keyword]]]:
     """``tree`` with the keywords of its calls ``self.<callee>(...)`` taken out, and those
-    keywords by callee (the other calls keep theirs: compared as read)."""
+    keywords by callee (``hidden_states=``, which the replacement passes as the forward
+    does, stays, compared as read; so do the other calls' keywords)."""
     taken = {callee: [] for callee in callees}
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
@@ -1289,8 +1302,8 @@ def _without_keywords(tree: ast.AST, callees: tuple[str, ...]) -> tuple[ast.AST,
                 and func.value.id == "self"
                 and func.attr in callees
             ):
-                taken[func.attr] += node.keywords
-                node.keywords = []
+                taken[func.attr] += [k for k in node.keywords if k.arg != "hidden_states"]
+                node.keywords = [k for k in node.keywords if k.arg == "hidden_states"]
     return tree, taken
 
 
@@ -1351,10 +1364,9 @@ def _block_call(forward: Callable, form: _BlockForm) -> _BlockCall | str:
 def _keywords_passed(
     keywords: list[ast.keyword], callee: str, named: list[str], var_keyword: str | None, same_name: bool
 ) -> list[tuple[str, str]] | str:
-    """The ``(keyword, parameter)`` pairs of a forward's call of ``callee`` (``hidden_states``
-    aside: the replacement passes it as the forward does; the forward's ``**kwargs`` aside),
-    each keyword passing one of the forward's ``named`` parameters, under its own name where
-    ``same_name``; else why not."""
+    """The ``(keyword, parameter)`` pairs of a forward's call of ``callee`` (its ``**kwargs``
+    aside), each keyword passing one of the forward's ``named`` parameters, under its own
+    name where ``same_name``; else why not."""
     pairs = []
     for keyword in keywords:
         value = keyword.value
@@ -1367,8 +1379,7 @@ def _keywords_passed(
             and (value.id == keyword.arg or not same_name)
         ):
             return f"its forward passes {ast.unparse(value)} to {callee} as {keyword.arg}"
-        if keyword.arg != "hidden_states":
-            pairs.append((keyword.arg, value.id))
+        pairs.append((keyword.arg, value.id))
     return pairs
 
 
@@ -1475,6 +1486,30 @@ def _mixer_layer_forward(self, *args, **kwargs) -> Tensor:
     mlp_output = parts["mlp"](normed)
     _, mlp_end = self.branch_ends
     return hidden_states + mlp_output if mlp_end is None else mlp_end(self, mlp_output, hidden_states)
+
+
+def _lfm2_layer_forward(self, *args, **kwargs) -> Tensor:
+    """LFM2's layer (``_LFM2_LAYER_FORWARD``): its attention or its short convolution (called
+    as the forward calls it, ``_BlockCall.mixer_keywords``), then the token mixer's residual
+    addition and ``ffn_norm`` in one op (``_add_then_norm``)."""
+    call = self.block_call
+    parts = self._modules  # see _train_bottleneck_forward
+    if self.is_attention_layer:
+        attention = call.attention_call(args, kwargs)
+        if attention is None:
+            return _original_class(self).forward(self, *args, **kwargs)
+        residual, attention_kwargs, _ = attention
+        mixed, _ = parts["self_attn"](hidden_states=parts["operator_norm"](residual), **attention_kwargs)
+    else:
+        bound = call.bind(args, kwargs)
+        if bound is None:
+            return _original_class(self).forward(self, *args, **kwargs)
+        named, rest = bound
+        residual = named["hidden_states"]
+        mixer_kwargs = {keyword: named[parameter] for keyword, parameter in call.mixer_keywords}
+        mixed = parts["conv"](hidden_states=parts["operator_norm"](residual), **mixer_kwargs, **rest)
+    normed, hidden_states = _add_then_norm(parts["ffn_norm"], mixed, residual)
+    return hidden_states + parts["feed_forward"](normed)
 
 
 def _post_norm_layer_forward(self, *args, **kwargs) -> Tensor:
@@ -1599,6 +1634,8 @@ _PRE_NORM_FORMS = (
 _POST_NORM_FORM = _BlockForm(
     _post_norm_layer_forward, _POST_NORM_LAYER_FORWARD, "self_attn", "post_attention_layernorm"
 )
+# LFM2's, checked on every transformers class calling its children (``_LFM2_CHILDREN``).
+_LFM2_FORM = _BlockForm(_lfm2_layer_forward, _LFM2_LAYER_FORWARD, "self_attn", "ffn_norm", mixer="conv")
 # (model, block class) -> its form: the other blocks, checked on their own class.
 _ADD_NORM_BLOCKS = {
     ("gpt2", "GPT2Block"): _BlockForm(_gpt2_block_forward, _GPT2_BLOCK_FORWARD, "attn", "ln_2", ("crossattention",))
@@ -1622,6 +1659,7 @@ def _add_norm_block_check(call: _BlockCall | str, norm: str) -> Callable[[torch.
 
 _LLAMA_FORM_CHILDREN = frozenset(("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
 _POST_NORM_CHILDREN = frozenset(("self_attn", "post_attention_layernorm", "mlp", "post_feedforward_layernorm"))
+_LFM2_CHILDREN = frozenset(("operator_norm", "self_attn", "conv", "ffn_norm", "feed_forward"))
 
 
 def _calls_children(cls: type, children: frozenset[str], but: str = "") -> bool:
@@ -1638,6 +1676,18 @@ def _calls_children(cls: type, children: frozenset[str], but: str = "") -> bool:
 
 def _calls_llama_form_children(cls: type) -> bool:
     return _calls_children(cls, _LLAMA_FORM_CHILDREN)
+
+
+def _block_form(cls: type) -> _BlockForm | None:
+    """The form a transformers class is checked against, by the children its forward calls: a
+    pre-norm form (``_pre_norm_form``), the post-norm form, LFM2's; None for another class."""
+    if _calls_llama_form_children(cls):
+        return _pre_norm_form(cls)
+    if _calls_children(cls, _POST_NORM_CHILDREN, but="input_layernorm"):
+        return _POST_NORM_FORM
+    if _calls_children(cls, _LFM2_CHILDREN):
+        return _LFM2_FORM
+    return None
 
 
 def _pre_norm_form(cls: type) -> _BlockForm:
@@ -1815,12 +1865,7 @@ def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
         if (cls := _transformers_class(model, name)) is not None
     ]
     listed = {cls for cls, _ in blocks}
-    blocks += [(cls, _pre_norm_form(cls)) for cls in set(classes) - listed if _calls_llama_form_children(cls)]
-    blocks += [
-        (cls, _POST_NORM_FORM)
-        for cls in set(classes) - listed
-        if _calls_children(cls, _POST_NORM_CHILDREN, but="input_layernorm")
-    ]
+    blocks += [(cls, form) for cls in set(classes) - listed if (form := _block_form(cls)) is not None]
     rules = {}
     for cls, form in blocks:
         call = _block_call(cls.forward, form)
@@ -2920,8 +2965,9 @@ def patch(
     residual stream and the sum normalised for the MLP in one op (``add_rms_norm`` /
     ``add_layer_norm``), and a norm after a branch (OLMo 2/3's and EXAONE 4's post-norm
     blocks, ``_POST_NORM_FORM``; Gemma 2-4's and GLM-4's after the MLP) with the residual
-    addition after it in one op (``rms_norm_add``), where the block's forward is the one read
-    and its norm is converted to ours. False leaves those blocks' forward as written."""
+    addition after it in one op (``rms_norm_add``); LFM2's layers (``_LFM2_FORM``) as Llama's,
+    where the block's forward is the one read and its norm is converted to ours. False leaves
+    those blocks' forward as written."""
     _check_model(model)
     check_choice("loss", loss, LOSS_MODES)
     for name, value in (

@@ -357,7 +357,7 @@ MODELS = {
     "olmo3": (_decoder("Olmo3ForCausalLM", "Olmo3Config", head_dim=8), "GatedMLP"),
     "exaone4": (_decoder("Exaone4ForCausalLM", "Exaone4Config", head_dim=8), "GatedMLP"),
     # short convolutions and attention; its MLP calls F.silu (no activation module: its gating apart)
-    "lfm2": (_decoder("Lfm2ForCausalLM", "Lfm2Config", head_dim=8), None),
+    "lfm2": (_decoder("Lfm2ForCausalLM", "Lfm2Config", head_dim=8, layer_types=["conv", "full_attention"]), None),
     "hunyuan_v1_dense": (_decoder("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", head_dim=8), "GatedMLP"),
     # its MLP's dropout after down_proj: not Llama's MLP (gate_proj fused with its activation)
     "seed_oss": (
@@ -848,6 +848,7 @@ ADD_NORM_MODELS = {
             ("olmo2", "Olmo2DecoderLayer"),  # post-norm: each norm and the addition after it (POST_NORMS)
             ("olmo3", "Olmo3DecoderLayer"),
             ("exaone4", "Exaone4DecoderLayer"),
+            ("lfm2", "Lfm2DecoderLayer"),  # its short convolution's layer and its attention's
         )
     },
 }
@@ -1108,14 +1109,15 @@ def test_block_checks_its_attention_keywords():
     assert named["position_embeddings"] == 4 and rest == {"output_attentions": False}
 
 
-def test_hybrid_layers_pass_the_linear_attention_its_arguments():
-    """Qwen3.5's linear attention gets the layer's mask and cache as its forward passes them: a
-    padded batch's logits (the padding masked out of the linear attention's states) and greedy
+@pytest.mark.parametrize("name", ["qwen3_5", "lfm2"])
+def test_hybrid_layers_pass_the_linear_attention_its_arguments(name):
+    """Qwen3.5's linear attention (LFM2's short convolution) gets the layer's mask and cache as its
+    forward passes them: a padded batch's logits (the padding masked out of its states) and greedy
     decoding with the cache are the unpatched model's (its norms in fp64, as ours)."""
-    original = _norms_in_fp64(_build("qwen3_5", torch.float64).eval())
-    model = _build("qwen3_5", torch.float64).eval()
+    original = _norms_in_fp64(_build(name, torch.float64).eval())
+    model = _build(name, torch.float64).eval()
     assert gk.patch(model).counts["ResidualNorm"] == 2
-    ids = _batch("qwen3_5")["input_ids"]
+    ids = _batch(name)["input_ids"]
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
