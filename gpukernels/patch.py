@@ -1241,8 +1241,9 @@ class _BlockCall:
     defaults: dict[str, Any]
     attention_keywords: tuple[str, ...]
     required: frozenset[str] = frozenset()
-    mixer_keywords: tuple[tuple[str, str], ...] = ()
-    """A form's other token mixer's keywords (``_BlockForm.mixer``), each with the parameter it passes."""
+    mixer_keywords: tuple[tuple[str | None, "str | _KwargsKey"], ...] = ()
+    """A form's other token mixer's keywords (``_BlockForm.mixer``), each with what it passes
+    (``_keywords_passed``): a parameter, a key of the forward's ``**kwargs``, or (None) them all."""
     passes_all: bool = field(init=False)
     """Whether the forward passes every named parameter but ``hidden_states`` on to its attention."""
     attention_defaults: dict[str, Any] = field(init=False)
@@ -1251,6 +1252,17 @@ class _BlockCall:
         object.__setattr__(self, "passes_all", set(self.attention_keywords) == set(self.parameters[1:]))
         defaults = {key: self.defaults[key] for key in self.attention_keywords if key in self.defaults}
         object.__setattr__(self, "attention_defaults", defaults)
+
+    def mixer_arguments(self, named: dict, rest: dict) -> dict:
+        """The token mixer's keyword arguments, as the forward passes them, from its named
+        arguments and its ``**kwargs`` (``bind``)."""
+        arguments = {}
+        for keyword, source in self.mixer_keywords:
+            if keyword is None:
+                arguments.update(rest)
+            else:
+                arguments[keyword] = rest.get(source.key) if isinstance(source, _KwargsKey) else named[source]
+        return arguments
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[dict, dict] | None:
         """The forward's named arguments and its ``**kwargs`` for a call ``(*args, **kwargs)``;
@@ -1358,19 +1370,31 @@ def _block_call(forward: Callable, form: _BlockForm) -> _BlockCall | str:
     defaults = {p.name: p.default for p in parameters[1:] if p.name in named}
     required = frozenset(name for name, value in defaults.items() if value is inspect.Parameter.empty)
     defaults = {name: value for name, value in defaults.items() if name not in required}
-    return _BlockCall(tuple(named), defaults, tuple(k for k, _ in passed), required, tuple(mixer_keywords))
+    attention_keywords = tuple(k for k, _ in passed if k is not None)
+    return _BlockCall(tuple(named), defaults, attention_keywords, required, tuple(mixer_keywords))
+
+
+class _KwargsKey(NamedTuple):
+    """What a forward passes as ``kwargs.get(key)``, of its ``**kwargs``."""
+
+    key: str
 
 
 def _keywords_passed(
     keywords: list[ast.keyword], callee: str, named: list[str], var_keyword: str | None, same_name: bool
-) -> list[tuple[str, str]] | str:
-    """The ``(keyword, parameter)`` pairs of a forward's call of ``callee`` (its ``**kwargs``
-    aside), each keyword passing one of the forward's ``named`` parameters, under its own
-    name where ``same_name``; else why not."""
+) -> list[tuple[str | None, str | _KwargsKey]] | str:
+    """The ``(keyword, parameter)`` pairs of a forward's call of ``callee``, each keyword passing
+    one of the forward's ``named`` parameters, under its own name where ``same_name`` (else
+    also ``kwargs.get("<key>")``: ``(keyword, _KwargsKey(key))``); its ``**kwargs`` as
+    ``(None, <its name>)``; else why not."""
     pairs = []
     for keyword in keywords:
         value = keyword.value
         if keyword.arg is None and isinstance(value, ast.Name) and value.id == var_keyword:
+            pairs.append((None, var_keyword))
+            continue
+        if not same_name and keyword.arg is not None and (key := _kwargs_key(value, var_keyword)) is not None:
+            pairs.append((keyword.arg, _KwargsKey(key)))
             continue
         if not (
             keyword.arg is not None
@@ -1381,6 +1405,23 @@ def _keywords_passed(
             return f"its forward passes {ast.unparse(value)} to {callee} as {keyword.arg}"
         pairs.append((keyword.arg, value.id))
     return pairs
+
+
+def _kwargs_key(value: ast.expr, var_keyword: str | None) -> str | None:
+    """``key`` where ``value`` reads ``<var_keyword>.get("<key>")``, else None."""
+    if (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Attribute)
+        and value.func.attr == "get"
+        and isinstance(value.func.value, ast.Name)
+        and value.func.value.id == var_keyword
+        and len(value.args) == 1
+        and not value.keywords
+        and isinstance(value.args[0], ast.Constant)
+        and isinstance(value.args[0].value, str)
+    ):
+        return value.args[0].value
+    return None
 
 
 def _takes_residual(cls: type) -> bool:
@@ -1480,8 +1521,7 @@ def _mixer_layer_forward(self, *args, **kwargs) -> Tensor:
     named, rest = bound
     residual = named["hidden_states"]
     parts = self._modules  # see _train_bottleneck_forward
-    mixer_kwargs = {keyword: named[parameter] for keyword, parameter in call.mixer_keywords}
-    mixed = parts["linear_attn"](hidden_states=parts["input_layernorm"](residual), **mixer_kwargs, **rest)
+    mixed = parts["linear_attn"](hidden_states=parts["input_layernorm"](residual), **call.mixer_arguments(named, rest))
     normed, hidden_states = _add_then_norm(parts[self.mlp_norm], mixed, residual)
     mlp_output = parts["mlp"](normed)
     _, mlp_end = self.branch_ends
@@ -1506,8 +1546,7 @@ def _lfm2_layer_forward(self, *args, **kwargs) -> Tensor:
             return _original_class(self).forward(self, *args, **kwargs)
         named, rest = bound
         residual = named["hidden_states"]
-        mixer_kwargs = {keyword: named[parameter] for keyword, parameter in call.mixer_keywords}
-        mixed = parts["conv"](hidden_states=parts["operator_norm"](residual), **mixer_kwargs, **rest)
+        mixed = parts["conv"](hidden_states=parts["operator_norm"](residual), **call.mixer_arguments(named, rest))
     normed, hidden_states = _add_then_norm(parts["ffn_norm"], mixed, residual)
     return hidden_states + parts["feed_forward"](normed)
 

@@ -1109,6 +1109,35 @@ def test_block_checks_its_attention_keywords():
     assert named["position_embeddings"] == 4 and rest == {"output_attentions": False}
 
 
+_LFM2_LIKE_FORWARD = """
+def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+    residual = hidden_states
+    if self.is_attention_layer:
+        hidden_states, _ = self.self_attn(hidden_states=self.operator_norm(hidden_states), cache=cache, **kwargs)
+    else:
+        hidden_states = self.conv(hidden_states=self.operator_norm(hidden_states), state=cache, {conv_rest})
+    hidden_states = hidden_states + residual
+    hidden_states = hidden_states + self.feed_forward(self.ffn_norm(hidden_states))
+    return hidden_states
+"""
+
+
+def test_block_passes_its_token_mixer_what_its_forward_does():
+    """A hybrid layer's other token mixer (LFM2's convolution) gets its keywords as the forward
+    passes them: parameters under any name, ``kwargs.get(key)`` (transformers 5.17's LFM2), and
+    the forward's ``**kwargs`` only where it passes them."""
+    named = dict(hidden_states=torch.ones(1), cache=2, attention_mask=None)
+    rest = {"seq_idx": 3, "output_attentions": False}
+    for conv_rest, expected in (
+        ('seq_idx=kwargs.get("seq_idx")', {"state": 2, "seq_idx": 3}),
+        ("**kwargs", {"state": 2, "seq_idx": 3, "output_attentions": False}),
+    ):
+        layer = _with_forward(_LFM2_LIKE_FORWARD.format(conv_rest=conv_rest))
+        assert gk_patch._block_call(layer.forward, gk_patch._LFM2_FORM).mixer_arguments(named, rest) == expected
+    layer = _with_forward(_LFM2_LIKE_FORWARD.format(conv_rest="seq_idx=kwargs.pop('seq_idx')"))
+    assert "passes kwargs.pop('seq_idx') to conv as seq_idx" in gk_patch._block_call(layer.forward, gk_patch._LFM2_FORM)
+
+
 @pytest.mark.parametrize("name", ["qwen3_5", "lfm2"])
 def test_hybrid_layers_pass_the_linear_attention_its_arguments(name):
     """Qwen3.5's linear attention (LFM2's short convolution) gets the layer's mask and cache as its
