@@ -853,6 +853,7 @@ _NORMS_BEFORE_MATMULS = {
     ("gpt_neox", "GPTNeoXLayer"): _pre_norms("GPTNeoX", attention="attention"),
     ("phi", "PhiDecoderLayer"): {"input_layernorm": (("self_attn", "PhiAttention"), ("mlp", "PhiMLP"))},
     ("cohere", "CohereDecoderLayer"): {"input_layernorm": (("self_attn", "CohereAttention"), ("mlp", "CohereMLP"))},
+    ("cohere2", "Cohere2DecoderLayer"): {"input_layernorm": (("self_attn", "Cohere2Attention"), ("mlp", "Cohere2MLP"))},
     ("stablelm", "StableLmDecoderLayer"): {
         "input_layernorm": (("self_attn", "StableLmAttention"), ("mlp", "StableLmMLP")),
         "post_attention_layernorm": (("mlp", "StableLmMLP"),),
@@ -2637,6 +2638,7 @@ _CAUSAL_LMS = (
     ("bert", "BertLMHeadModel"),
     ("granite", "GraniteForCausalLM"),
     ("cohere", "CohereForCausalLM"),
+    ("cohere2", "Cohere2ForCausalLM"),  # Cohere's forward
     ("gemma2", "Gemma2ForCausalLM"),
     ("gemma3", "Gemma3ForCausalLM"),
     ("glm4_moe", "Glm4MoeForCausalLM"),
@@ -2654,7 +2656,11 @@ _CAUSAL_LMS = (
 # Causal LMs whose forward scales the logits before the loss (Granite divides them by config.logits_scaling,
 # Cohere multiplies them by its logit_scale): under loss="fused" it scales the hidden states, which gives the same
 # logits from an output layer without a bias.
-_SCALED_CAUSAL_LMS = (("granite", "GraniteForCausalLM"), ("cohere", "CohereForCausalLM"))
+_SCALED_CAUSAL_LMS = (
+    ("granite", "GraniteForCausalLM"),
+    ("cohere", "CohereForCausalLM"),
+    ("cohere2", "Cohere2ForCausalLM"),
+)
 # Causal LMs whose forward soft-caps the logits by config.final_logit_softcapping before the loss: under
 # loss="fused", the loss caps the logits it makes, and the forward, which gets the hidden states, must not.
 _SOFT_CAPPED_CAUSAL_LMS = (

@@ -367,6 +367,7 @@ MODELS = {
     "starcoder2": (_decoder("Starcoder2ForCausalLM", "Starcoder2Config", head_dim=8), "LinearAct"),
     # layer norms without a bias, attention and MLP in parallel, interleaved rotary pairs, scaled logits (Command R)
     "cohere": (_decoder("CohereForCausalLM", "CohereConfig"), "GatedMLP"),
+    "cohere2": (_decoder("Cohere2ForCausalLM", "Cohere2Config", head_dim=8), "GatedMLP"),  # Command R7B, Command A
     # other activations in the same classes: geglu's erf form; relu, which has no gated op (fused with gate_proj)
     "llama-gelu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="gelu"), "GatedMLP"),
     "llama-relu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="relu"), "LinearAct"),
@@ -419,7 +420,9 @@ def _step(model: nn.Module, batch: dict, objective=None):
 
 
 def _is_norm(module: nn.Module) -> bool:
-    return type(module) is nn.LayerNorm or type(module).__name__.endswith(("RMSNorm", "CohereLayerNorm"))
+    return type(module) is nn.LayerNorm or type(module).__name__.endswith(
+        ("RMSNorm", "CohereLayerNorm", "Cohere2LayerNorm")
+    )
 
 
 def _is_activation(module: nn.Module) -> bool:
@@ -512,7 +515,7 @@ def _norms_in_fp64(model: nn.Module) -> nn.Module:
     input's dtype: they compute in fp32 whatever the input (``hidden_states.to(torch.float32)``),
     so the fp64 model is not an fp64 reference until they do not."""
     for module in model.modules():
-        if type(module).__name__ == "CohereLayerNorm":
+        if type(module).__name__ in ("CohereLayerNorm", "Cohere2LayerNorm"):
             module.forward = lambda x, m=module: F.layer_norm(x, m.weight.shape, m.weight, None, m.variance_epsilon)
         elif type(module).__name__ in (
             "GemmaRMSNorm",
@@ -621,7 +624,7 @@ NORMS_FEEDING_MATMULS = {
     "gpt2": ("ln_1", "ln_2"),
     "gpt_neox": PRE_NORMS,
     "stablelm": PRE_NORMS,
-    **{name: ("input_layernorm",) for name in ("phi", "cohere")},  # its one norm: to attention and MLP (parallel)
+    **{name: ("input_layernorm",) for name in ("phi", "cohere", "cohere2")},  # one norm: to attention and MLP
 }
 # Blocks of one of the pre-norm forms not listed (Granite's scaled form too), by their children: at least the
 # norm before an attention whose forward reads its input only by its projections and its shape (DeepSeek's
