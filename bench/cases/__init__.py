@@ -18,6 +18,7 @@ from . import (
     layer_norm,
     linear_act,
     linear_cross_entropy,
+    rms_norm_add,
     rope,
 )
 
@@ -26,6 +27,7 @@ OPS = {
     for module in (
         layer_norm,
         add_rms_norm,
+        rms_norm_add,
         cross_entropy,
         cross_entropy_amp,
         dropout,
