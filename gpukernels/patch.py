@@ -781,7 +781,7 @@ _RMS_NORMS = {
         ("deepseek_v3", "DeepseekV3RMSNorm"),
     ),
     _gemma_rms_norm_forward: (("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"), ("gemma3", "Gemma3RMSNorm")),
-    _olmo2_rms_norm_forward: (("olmo2", "Olmo2RMSNorm"), ("gpt_oss", "GptOssRMSNorm")),
+    _olmo2_rms_norm_forward: (("olmo2", "Olmo2RMSNorm"), ("gpt_oss", "GptOssRMSNorm"), ("helium", "HeliumRMSNorm")),
     _gemma4_rms_norm_forward: (("gemma4", "Gemma4RMSNorm"),),
 }
 # down_proj(act_fn(gate_proj(x)) * up_proj(x)) (the MoE models' dense and shared-expert MLPs; the VL models' text

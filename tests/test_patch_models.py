@@ -356,6 +356,7 @@ MODELS = {
     # models patch has no entry of its own for: their classes' code is that of classes read (transformers' copies)
     "olmo3": (_decoder("Olmo3ForCausalLM", "Olmo3Config", head_dim=8), "GatedMLP"),
     "exaone4": (_decoder("Exaone4ForCausalLM", "Exaone4Config", head_dim=8), "GatedMLP"),
+    "helium": (_decoder("HeliumForCausalLM", "HeliumConfig", head_dim=8), "GatedMLP"),  # OLMo 2's norm
     # short convolutions and attention; its MLP calls F.silu (no activation module: its gating apart)
     "lfm2": (_decoder("Lfm2ForCausalLM", "Lfm2Config", head_dim=8, layer_types=["conv", "full_attention"]), None),
     "hunyuan_v1_dense": (_decoder("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", head_dim=8), "GatedMLP"),
@@ -640,7 +641,16 @@ NORMS_FEEDING_MATMULS_BY_CODE = {
     "qwen3_next": ("input_layernorm",),
     **{
         name: PRE_NORMS
-        for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "granite", "hunyuan_v1_dense", "seed_oss", "starcoder2")
+        for name in (
+            "qwen2_vl",
+            "qwen2_5_vl",
+            "qwen3_vl",
+            "granite",
+            "hunyuan_v1_dense",
+            "seed_oss",
+            "starcoder2",
+            "helium",
+        )
     },
 }
 
@@ -852,6 +862,7 @@ ADD_NORM_MODELS = {
             ("olmo3", "Olmo3DecoderLayer"),
             ("exaone4", "Exaone4DecoderLayer"),
             ("lfm2", "Lfm2DecoderLayer"),  # its short convolution's layer and its attention's
+            ("helium", "HeliumDecoderLayer"),
         )
     },
 }
