@@ -898,7 +898,7 @@ def _norms_feeding_matmuls(classes: Iterable[type]) -> dict[type, dict[str, list
         for child, read in llama_form.items()
     }
     for cls in set(classes) - set(blocks):
-        form = _pre_norm_form(cls) if _calls_llama_form_children(cls) else None
+        form = _pre_norm_form(cls) if _calls_children(cls, _LLAMA_FORM_CHILDREN) else None
         if form is not None and isinstance(_block_call(cls.forward, form), _BlockCall):
             mixer = _TOKEN_MIXER if form.mixer else "self_attn"  # a hybrid layer's: by its block_type
             blocks[cls] = {"input_layernorm": [(mixer, readers["self_attn"])], form.norm: [("mlp", readers["mlp"])]}
@@ -1254,16 +1254,21 @@ class _BlockCall:
         defaults = {key: self.defaults[key] for key in self.attention_keywords if key in self.defaults}
         object.__setattr__(self, "attention_defaults", defaults)
 
-    def mixer_arguments(self, named: dict, rest: dict) -> dict:
-        """The token mixer's keyword arguments, as the forward passes them, from its named
-        arguments and its ``**kwargs`` (``bind``)."""
+    def mixer_call(self, args: tuple, kwargs: dict) -> tuple[Tensor, dict] | None:
+        """``(hidden_states, the token mixer's keyword arguments)`` for the forward's call
+        ``(*args, **kwargs)``, as the forward passes them on (``mixer_keywords``); None where
+        ``bind`` is."""
+        bound = self.bind(args, kwargs)
+        if bound is None:
+            return None
+        named, rest = bound
         arguments = {}
         for keyword, source in self.mixer_keywords:
             if keyword is None:
                 arguments.update(rest)
             else:
                 arguments[keyword] = rest.get(source.key) if isinstance(source, _KwargsKey) else named[source]
-        return arguments
+        return named["hidden_states"], arguments
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[dict, dict] | None:
         """The forward's named arguments and its ``**kwargs`` for a call ``(*args, **kwargs)``;
@@ -1510,19 +1515,17 @@ def _serial_layer_forward(self, *args, **kwargs) -> Tensor:
 def _mixer_layer_forward(self, *args, **kwargs) -> Tensor:
     """A layer written as Qwen3.5's (``_MIXER_LAYER_FORWARD``): by its ``block_type``, Llama's
     (``_llama_layer_forward``), or with the linear attention in the attention's place, called
-    as the forward calls it (``_BlockCall.mixer_keywords``); either way the token mixer's
+    as the forward calls it (``_BlockCall.mixer_call``); either way the token mixer's
     residual addition and the MLP's norm in one op."""
     block_type = self.block_type
     if block_type == "full_attention":
         return _llama_layer_forward(self, *args, **kwargs)
-    call = self.block_call
-    bound = call.bind(args, kwargs) if block_type == "linear_attention" else None
-    if bound is None:
+    call = self.block_call.mixer_call(args, kwargs) if block_type == "linear_attention" else None
+    if call is None:
         return _original_class(self).forward(self, *args, **kwargs)
-    named, rest = bound
-    residual = named["hidden_states"]
+    residual, mixer_kwargs = call
     parts = self._modules  # see _train_bottleneck_forward
-    mixed = parts["linear_attn"](hidden_states=parts["input_layernorm"](residual), **call.mixer_arguments(named, rest))
+    mixed = parts["linear_attn"](hidden_states=parts["input_layernorm"](residual), **mixer_kwargs)
     normed, hidden_states = _add_then_norm(parts[self.mlp_norm], mixed, residual)
     mlp_output = parts["mlp"](normed)
     _, mlp_end = self.branch_ends
@@ -1531,23 +1534,18 @@ def _mixer_layer_forward(self, *args, **kwargs) -> Tensor:
 
 def _lfm2_layer_forward(self, *args, **kwargs) -> Tensor:
     """LFM2's layer (``_LFM2_LAYER_FORWARD``): its attention or its short convolution (called
-    as the forward calls it, ``_BlockCall.mixer_keywords``), then the token mixer's residual
+    as the forward calls it, ``_BlockCall.mixer_call``), then the token mixer's residual
     addition and ``ffn_norm`` in one op (``_add_then_norm``)."""
-    call = self.block_call
+    attention = self.is_attention_layer
+    call = self.block_call.attention_call(args, kwargs) if attention else self.block_call.mixer_call(args, kwargs)
+    if call is None:
+        return _original_class(self).forward(self, *args, **kwargs)
+    residual, mixer_kwargs = call[:2]
     parts = self._modules  # see _train_bottleneck_forward
-    if self.is_attention_layer:
-        attention = call.attention_call(args, kwargs)
-        if attention is None:
-            return _original_class(self).forward(self, *args, **kwargs)
-        residual, attention_kwargs, _ = attention
-        mixed, _ = parts["self_attn"](hidden_states=parts["operator_norm"](residual), **attention_kwargs)
+    if attention:
+        mixed, _ = parts["self_attn"](hidden_states=parts["operator_norm"](residual), **mixer_kwargs)
     else:
-        bound = call.bind(args, kwargs)
-        if bound is None:
-            return _original_class(self).forward(self, *args, **kwargs)
-        named, rest = bound
-        residual = named["hidden_states"]
-        mixed = parts["conv"](hidden_states=parts["operator_norm"](residual), **call.mixer_arguments(named, rest))
+        mixed = parts["conv"](hidden_states=parts["operator_norm"](residual), **mixer_kwargs)
     normed, hidden_states = _add_then_norm(parts["ffn_norm"], mixed, residual)
     return hidden_states + parts["feed_forward"](normed)
 
@@ -1714,14 +1712,10 @@ def _calls_children(cls: type, children: frozenset[str], but: str = "") -> bool:
     return children.issubset(names) and but not in names
 
 
-def _calls_llama_form_children(cls: type) -> bool:
-    return _calls_children(cls, _LLAMA_FORM_CHILDREN)
-
-
 def _block_form(cls: type) -> _BlockForm | None:
     """The form a transformers class is checked against, by the children its forward calls: a
     pre-norm form (``_pre_norm_form``), the post-norm form, LFM2's; None for another class."""
-    if _calls_llama_form_children(cls):
+    if _calls_children(cls, _LLAMA_FORM_CHILDREN):
         return _pre_norm_form(cls)
     if _calls_children(cls, _POST_NORM_CHILDREN, but="input_layernorm"):
         return _POST_NORM_FORM

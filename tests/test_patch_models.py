@@ -1140,14 +1140,15 @@ def test_block_passes_its_token_mixer_what_its_forward_does():
     """A hybrid layer's other token mixer (LFM2's convolution) gets its keywords as the forward
     passes them: parameters under any name, ``kwargs.get(key)`` (transformers 5.17's LFM2), and
     the forward's ``**kwargs`` only where it passes them."""
-    named = dict(hidden_states=torch.ones(1), cache=2, attention_mask=None)
-    rest = {"seq_idx": 3, "output_attentions": False}
+    hidden = torch.ones(1)
+    kwargs = {"cache": 2, "seq_idx": 3, "output_attentions": False}
     for conv_rest, expected in (
         ('seq_idx=kwargs.get("seq_idx")', {"state": 2, "seq_idx": 3}),
         ("**kwargs", {"state": 2, "seq_idx": 3, "output_attentions": False}),
     ):
         layer = _with_forward(_LFM2_LIKE_FORWARD.format(conv_rest=conv_rest))
-        assert gk_patch._block_call(layer.forward, gk_patch._LFM2_FORM).mixer_arguments(named, rest) == expected
+        call = gk_patch._block_call(layer.forward, gk_patch._LFM2_FORM)
+        assert call.mixer_call((hidden,), kwargs) == (hidden, expected)
     layer = _with_forward(_LFM2_LIKE_FORWARD.format(conv_rest="seq_idx=kwargs.pop('seq_idx')"))
     assert "passes kwargs.pop('seq_idx') to conv as seq_idx" in gk_patch._block_call(layer.forward, gk_patch._LFM2_FORM)
 
