@@ -175,28 +175,20 @@ def _add_norm(
     # autocast runs the norm of the (unchanged) sum in fp32, as it runs the norm alone
     elif autocast_to_fp32 and summed_dtype != torch.float64 and autocast_enabled(input):
         out_dtype = torch.float32
-    y, summed = on_rows(add_norm_fwd, input, residual, weight, bias, shape, d, eps, offset, centered,
-                        cast_before_weight, out_dtype)  # fmt: skip
-    return y, summed
-
-
-def on_rows(op, input: Tensor, residual: Tensor, weight, bias, shape: Sequence[int], d: int, *options) -> tuple:
-    """``op(input, residual, weight, bias, *options)``'s results but the last (the statistics),
-    each of input's shape: a residual op's call over the rows of ``d`` features (``shape``:
-    the normalized dims), contiguous, the parameters as one row of ``d``; an input of one
-    normalized dim is read as it is (no view: host time)."""
-    if len(shape) == 1:
-        return op(
-            input.contiguous(), residual.contiguous(), contiguous_param(weight), contiguous_param(bias), *options
-        )[:-1]
+    if len(shape) == 1:  # the kernels read the rows of input as it is
+        y, summed, _ = add_norm_fwd(
+            input.contiguous(), residual.contiguous(), contiguous_param(weight), contiguous_param(bias), eps, offset,
+            centered, cast_before_weight, out_dtype,
+        )  # fmt: skip
+        return y, summed
     weight = None if weight is None else weight.reshape(d)
     bias = None if bias is None else bias.reshape(d)
     rows = input.numel() // d
-    outputs = op(
+    y, summed, _ = add_norm_fwd(
         reshaped(input, rows, d).contiguous(), reshaped(residual, rows, d).contiguous(), contiguous_param(weight),
-        contiguous_param(bias), *options,
+        contiguous_param(bias), eps, offset, centered, cast_before_weight, out_dtype,
     )  # fmt: skip
-    return tuple(reshaped(t, *input.shape) for t in outputs[:-1])
+    return reshaped(y, *input.shape), reshaped(summed, *input.shape)
 
 
 def add_layer_norm(

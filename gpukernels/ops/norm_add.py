@@ -31,9 +31,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, ArgumentTypeError
-from ._checks import autocast_enabled, check_norm_input, check_number, check_residual
-from ._op import dense, kernel_op, row_count, stats_dtype
-from .add_norm import on_rows
+from ._checks import autocast_enabled, check_norm_input, check_number, check_residual, contiguous_param
+from ._op import dense, kernel_op, reshaped, row_count, stats_dtype
 from .layer_norm import layer_norm_bwd
 from .rms_norm import check_variant, rms_norm_bwd
 
@@ -128,9 +127,21 @@ def _norm_add(
             f"result is rounded to it before the addition), got {norm_dtype}"
             + (f" (from a {weight.dtype} weight with cast_before_weight)" if cast_before_weight else "")
         )
-    (out,) = on_rows(norm_add_fwd, input, residual, weight, bias, shape, d, eps, offset, centered,
-                     cast_before_weight, norm_dtype == input.dtype)  # fmt: skip
-    return out
+    round_to_input = norm_dtype == input.dtype
+    if len(shape) == 1:  # the kernels read the rows of input as it is
+        out, _ = norm_add_fwd(
+            input.contiguous(), residual.contiguous(), contiguous_param(weight), contiguous_param(bias), eps, offset,
+            centered, cast_before_weight, round_to_input,
+        )  # fmt: skip
+        return out
+    weight = None if weight is None else weight.reshape(d)
+    bias = None if bias is None else bias.reshape(d)
+    rows = input.numel() // d
+    out, _ = norm_add_fwd(
+        reshaped(input, rows, d).contiguous(), reshaped(residual, rows, d).contiguous(), contiguous_param(weight),
+        contiguous_param(bias), eps, offset, centered, cast_before_weight, round_to_input,
+    )  # fmt: skip
+    return reshaped(out, *input.shape)
 
 
 def layer_norm_add(
