@@ -39,7 +39,7 @@ forward. Recognised:
   its code), Phi-3, Granite, SmolLM3, OLMo 2, GLM, GLM-4 (and -MoE), DeepSeek-V3
   and gpt-oss (``rms_norm`` in their variant; those rounding back to their
   input's dtype return it under autocast too, as theirs), Cohere's LayerNorm (``layer_norm`` without
-  a bias), their gated
+  a bias), OLMo's (without parameters, rounded back to its input's dtype), their gated
   MLPs ``down(act(gate(x)) * up(x))`` (``swiglu`` / ``geglu`` between the
   projections, which run as they are), the gating of MoE experts whose
   ``_apply_gate`` is transformers' default (packed ``swiglu`` / ``geglu`` of the
@@ -702,6 +702,28 @@ def _cohere_layer_norm_forward(self, x: Tensor) -> Tensor:
     return layer_norm(x, weight.shape, weight, None, self.variance_epsilon, out_dtype=gnn.matmul_input_dtype(self, x))
 
 
+def _olmo_layer_norm_forward(
+    self, hidden_states: Tensor, residual: Tensor | None = None, *, add_to: Tensor | None = None
+) -> Tensor | tuple[Tensor, Tensor]:
+    """OLMo's LayerNorm: no weight or bias, F.layer_norm in fp32 with eps 1e-5 (as its forward
+    writes them), rounded back to the dtype of what it normalises, under autocast too; given
+    a residual or ``add_to``, as ``_timm_layer_norm_forward``. Its forward takes fp64 down to
+    fp32, which our ops would not: fp64 runs it as written."""
+    x, shape = hidden_states, self.normalized_shape
+    if x.dtype == torch.float64 or (residual is not None and residual.dtype == torch.float64):
+        summed = x if residual is None else residual + x
+        y = _original_class(self).forward(self, summed)
+        return y if residual is None else (y, summed)
+    if add_to is not None:
+        return layer_norm_add(x, add_to, shape, None, None, 1e-5, norm_dtype=x.dtype)
+    out_dtype = gnn.matmul_input_dtype(self, x, residual)
+    if out_dtype is None:
+        out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    if residual is not None:
+        return add_layer_norm(x, residual, shape, None, None, 1e-5, out_dtype=out_dtype)
+    return layer_norm(x, shape, None, None, 1e-5, out_dtype=out_dtype)
+
+
 def _one_weight_a_feature(module: torch.nn.Module) -> dict[str, Any] | str:
     if module.weight.dim() != 1:
         return f"its weight of shape {tuple(module.weight.shape)} (a weight a head: QK norm) is no layer norm's"
@@ -852,6 +874,7 @@ _NORMS_BEFORE_MATMULS = {
     ("gpt2", "GPT2Block"): {"ln_1": (("attn", "GPT2Attention"),), "ln_2": (("mlp", "GPT2MLP"),)},
     ("gpt_neox", "GPTNeoXLayer"): _pre_norms("GPTNeoX", attention="attention"),
     ("phi", "PhiDecoderLayer"): {"input_layernorm": (("self_attn", "PhiAttention"), ("mlp", "PhiMLP"))},
+    ("olmo", "OlmoDecoderLayer"): _pre_norms("Olmo"),
     ("cohere", "CohereDecoderLayer"): {"input_layernorm": (("self_attn", "CohereAttention"), ("mlp", "CohereMLP"))},
     ("cohere2", "Cohere2DecoderLayer"): {"input_layernorm": (("self_attn", "Cohere2Attention"), ("mlp", "Cohere2MLP"))},
     ("stablelm", "StableLmDecoderLayer"): {
@@ -1433,7 +1456,13 @@ def _kwargs_key(value: ast.expr, var_keyword: str | None) -> str | None:
 def _takes_residual(cls: type) -> bool:
     """Whether a norm of class ``cls`` takes a residual: ``norm(x, residual)``."""
     forward = cls.__dict__.get("forward")
-    return cls is gnn.RMSNorm or cls is gnn.LayerNorm or forward in _RMS_NORMS or forward is _timm_layer_norm_forward
+    return (
+        cls is gnn.RMSNorm
+        or cls is gnn.LayerNorm
+        or forward in _RMS_NORMS
+        or forward is _timm_layer_norm_forward
+        or forward is _olmo_layer_norm_forward
+    )
 
 
 def _add_then_norm(norm: torch.nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
@@ -2308,6 +2337,7 @@ def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
     ]
     read.append((_transformers_class("cohere", "CohereLayerNorm"), _cohere_layer_norm_forward, "LayerNorm",
                  _one_weight_a_feature))  # fmt: skip
+    read.append((_transformers_class("olmo", "OlmoLayerNorm"), _olmo_layer_norm_forward, "LayerNorm", _nothing_to_set))
     read += [
         (_transformers_class(model, name), _gated_mlp_forward, "GatedMLP", _gated_activation("act_fn"))
         for model, name in _GATED_MLPS

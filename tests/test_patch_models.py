@@ -293,6 +293,7 @@ MODELS = {
         "GatedMLP",
     ),
     "smollm3": (_decoder("SmolLM3ForCausalLM", "SmolLM3Config"), "GatedMLP"),
+    "olmo": (_decoder("OlmoForCausalLM", "OlmoConfig", clip_qkv=1.0), "GatedMLP"),  # parameterless LayerNorms
     "olmo2": (_decoder("Olmo2ForCausalLM", "Olmo2Config"), "GatedMLP"),
     "glm": (_decoder("GlmForCausalLM", "GlmConfig", head_dim=8), "GatedMLP"),
     "glm4": (_decoder("Glm4ForCausalLM", "Glm4Config", head_dim=8), "GatedMLP"),
@@ -422,7 +423,7 @@ def _step(model: nn.Module, batch: dict, objective=None):
 
 def _is_norm(module: nn.Module) -> bool:
     return type(module) is nn.LayerNorm or type(module).__name__.endswith(
-        ("RMSNorm", "CohereLayerNorm", "Cohere2LayerNorm")
+        ("RMSNorm", "CohereLayerNorm", "Cohere2LayerNorm", "OlmoLayerNorm")
     )
 
 
@@ -613,7 +614,10 @@ def test_adamw_steps_track_the_unpatched_model(name):
 # read their output), by the end of their names; none in the models not listed.
 PRE_NORMS = ("input_layernorm", "post_attention_layernorm")
 NORMS_FEEDING_MATMULS = {
-    **{name: PRE_NORMS for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "smollm3", "glm", "glm4")},
+    **{
+        name: PRE_NORMS
+        for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "smollm3", "glm", "glm4", "olmo")
+    },
     **{name: PRE_NORMS for name in ("llama-gelu", "llama-relu")},
     "gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
     **{
@@ -704,12 +708,16 @@ def test_norms_feeding_only_matmuls_return_the_autocast_dtype_and_the_same_logit
     assert not any("feeds_matmuls" in vars(m) for m in model.modules())
 
 
-@pytest.mark.parametrize("name", ["olmo2", "gemma4", "gemma4_moe"])
-def test_norms_rounding_back_to_their_input_dtype_return_it_under_autocast(name):
-    """OLMo 2's and Gemma 4's RMSNorms compute in fp32 and round back to their input's
-    dtype, under autocast too (a bf16 q_norm of a bf16 projection, where the plain op would return
-    fp32): ours return each the dtype theirs returns, but those feeding only matmuls."""
-    original = _build(name)
+@pytest.mark.parametrize(
+    "name, dtype",
+    [("olmo2", torch.float32), ("gemma4", torch.float32), ("gemma4_moe", torch.float32), ("olmo", torch.bfloat16)],
+)
+def test_norms_rounding_back_to_their_input_dtype_return_it_under_autocast(name, dtype):
+    """OLMo 2's and Gemma 4's RMSNorms and OLMo's LayerNorm compute in fp32 and round back to
+    their input's dtype, under autocast too (a bf16 q_norm of a bf16 projection; OLMo's final norm
+    in a bf16 model, where the plain op would return fp32): ours return each the dtype theirs
+    returns, but those feeding only matmuls."""
+    original = _build(name, dtype)
     model = copy.deepcopy(original)
     feeding = gk.patch(model).feeding_matmuls
     norms = [n for n, m in original.named_modules() if _is_norm(m) and n not in feeding]
@@ -858,6 +866,7 @@ ADD_NORM_MODELS = {
             ("qwen3_next", "Qwen3NextDecoderLayer"),
             ("llama-gelu", "LlamaDecoderLayer"),
             ("llama-relu", "LlamaDecoderLayer"),
+            ("olmo", "OlmoDecoderLayer"),
             ("olmo2", "Olmo2DecoderLayer"),  # post-norm: each norm and the addition after it (POST_NORMS)
             ("olmo3", "Olmo3DecoderLayer"),
             ("exaone4", "Exaone4DecoderLayer"),
@@ -893,7 +902,8 @@ def test_pre_norm_blocks_add_and_normalise_in_one_op(name, monkeypatch):
     model(**_without_labels(_batch(name)))
     post_norm_form = "post_attention_layernorm" in POST_NORMS.get(name, ())  # no residual added before a norm
     assert len(calls) == (0 if post_norm_form else len([n for n in blocks if "vision_tower" not in n]))  # text alone
-    assert all(cls.__dict__.get("forward") in gk_patch._RMS_NORMS or cls is gk.nn.LayerNorm for cls in calls)
+    ours = (*gk_patch._RMS_NORMS, gk_patch._olmo_layer_norm_forward)
+    assert all(cls.__dict__.get("forward") in ours or cls is gk.nn.LayerNorm for cls in calls)
 
 
 @pytest.mark.parametrize("name", POST_NORMS)
