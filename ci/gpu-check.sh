@@ -18,7 +18,8 @@
 #            kernels) against Inductor's own kernels for the PyTorch op (bench --compile)
 #   train    the gpu preset of the digits MLP
 #   models   a real model's training step, every way (plain, patched, captured, Liger, compiled):
-#            the gpu preset of gpt2, llama and resnet50 (GPU_CHECK_MODELS picks them) for
+#            the gpu preset of gpt2, llama and resnet50 (GPU_CHECK_MODELS picks them, qwen3 and
+#            gemma3 too) for
 #            GPU_CHECK_TRAIN_STEPS steps each (default 30), then one profiled step of each way
 #            (its kernels by origin against its wall time)
 #   host     host time per call of every op, ours against eager, and of each piece of an op's
@@ -108,7 +109,7 @@ if [ -z "$dry" ]; then
 fi
 tokens_pid=
 models=" ${GPU_CHECK_MODELS:-gpt2 llama resnet50} "
-language_models=$(for m in gpt2 llama; do [[ $models == *" $m "* ]] && echo -n "'$m',"; done)
+language_models=$(for m in gpt2 llama qwen3 gemma3; do [[ $models == *" $m "* ]] && echo -n "'$m',"; done)
 if [[ -z $dry && " ${GPU_CHECK_STEPS:-} " == *" models "* && -n $language_models ]]; then  # CPU work, overlapping the GPU steps before it
     "$py" -c "from gpukernels.train import data, presets
 for model in ($language_models):

@@ -78,6 +78,13 @@ def test_every_default_model_has_a_gpu_preset():
     assert [m for m in models if "gpu" not in PRESETS.get(m, {})] == []
 
 
+def test_tokenizers_are_trained_ahead_for_every_language_model():
+    from gpukernels.train.models import LANGUAGE_MODELS
+
+    listed = re.search(r"language_models=\$\(for m in ([\w ]+);", SCRIPT.read_text()).group(1).split()
+    assert listed == list(LANGUAGE_MODELS)
+
+
 def test_the_benchmark_accepts_every_option_the_check_passes(capsys):
     from bench.__main__ import main
 

@@ -40,8 +40,15 @@ from gpukernels import train  # noqa: E402
 from gpukernels.train import data, models, tasks  # noqa: E402
 from gpukernels.train.presets import PRESETS  # noqa: E402
 
-LANGUAGE_MODELS = ("gpt2", "llama")
-STEPS = {"mlp": 88, "gpt2": 10, "llama": 10, "resnet50": 6}  # mlp: 4 epochs, enough for its accuracy
+LANGUAGE_MODELS = models.LANGUAGE_MODELS
+STEPS = {
+    "mlp": 88,
+    "gpt2": 10,
+    "llama": 10,
+    "qwen3": 10,
+    "gemma3": 10,
+    "resnet50": 6,
+}  # mlp: 4 epochs, enough for its accuracy
 EXACT_STEPS = 3  # see the module docstring
 TRACKING_FACTOR = 4
 
@@ -421,9 +428,12 @@ def test_gpu_presets_are_the_named_sizes():
     pytest.importorskip("transformers")
     assert _parameters(models.build_language_model, "gpt2", PRESETS["gpt2"]["gpu"]) == 124_439_808  # GPT-2 small
     assert 140e6 < _parameters(models.build_language_model, "llama", PRESETS["llama"]["gpu"]) < 160e6
+    assert 140e6 < _parameters(models.build_language_model, "qwen3", PRESETS["qwen3"]["gpu"]) < 160e6
+    # Gemma 3's head is its embeddings, counted once
+    assert 120e6 < _parameters(models.build_language_model, "gemma3", PRESETS["gemma3"]["gpu"]) < 130e6
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", LANGUAGE_MODELS)
 def test_language_models_train_without_a_kv_cache(kind):
     """A training step copies no keys and values into a cache it never reads (the H200's
     patched Llama step spent 3.9 ms on those copies)."""

@@ -6,7 +6,8 @@ batches in several ways, and compare loss curves, speed and memory.
     python -m gpukernels.train --model resnet50 --ways eager,patched
 
 Models: mlp (residual MLP on the digits), gpt2 (transformers GPT2LMHeadModel),
-llama (transformers LlamaForCausalLM), resnet50 (timm, else torchvision, else
+llama (transformers LlamaForCausalLM), qwen3 and gemma3 (Qwen3ForCausalLM,
+Gemma3ForCausalLM at the llama preset's sizes), resnet50 (timm, else torchvision, else
 the bottleneck ResNet defined here), all from random weights.
 Ways, in this order: eager (plain PyTorch), patched (gk.patch with the fused LM
 loss and gk.optim.AdamW), captured (patched, its whole step replayed from a CUDA
@@ -37,7 +38,7 @@ import torch
 from ..errors import ArgumentError
 from ._deps import MissingPackage, require
 from .data import default_cache_dir, load_digits
-from .models import build_model
+from .models import LANGUAGE_MODELS, build_model
 from .presets import PRESETS
 from .report import fp32_distances, loss_differences, noise_verdict, plot, table
 from .run import WAYS, graphs_unavailable, run_way
@@ -53,7 +54,7 @@ def _config(model: str, preset: str, overrides: dict) -> dict:
         raise ArgumentError(f"unknown model or preset {model!r}/{preset!r}: models {list(PRESETS)}, presets cpu, gpu")
     cfg = dict(PRESETS[model][preset])
     if overrides.get("seq_len") is not None and "seq_len" not in cfg:
-        raise ArgumentError(f"--seq-len applies to the language models (gpt2, llama), not {model}")
+        raise ArgumentError(f"--seq-len applies to the language models ({', '.join(LANGUAGE_MODELS)}), not {model}")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     if cfg["steps"] < 2:
         raise ArgumentError(f"--steps must be at least 2 (warm-up, then decay), got {cfg['steps']}")
@@ -171,7 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--preset", choices=["cpu", "gpu"], help="default: gpu on a CUDA device, else cpu")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (gpt2, llama)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (the language models)")
     p.add_argument("--lr", type=float)
     p.add_argument("--dtype", choices=DTYPES, help="bfloat16: autocast (fp32 parameters); float64: parameters and data")
     asked_only = ",".join(w for w, spec in WAYS.items() if not spec.by_default)

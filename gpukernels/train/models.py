@@ -117,13 +117,27 @@ def build_resnet(blocks: tuple[int, ...], width: int, classes: int) -> tuple[nn.
     return ResNet(blocks, width, classes), f"gpukernels.train.models.ResNet (blocks {tuple(blocks)}, width {width})"
 
 
+# transformers causal LMs of Llama's layout, built from the same sizes (``--model``: config class, model class)
+LLAMA_LAYOUTS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),  # q/k norms
+    # q/k norms, a norm after each branch too, GeGLU (tanh), scaled embeddings tied to the head, sliding-window layers
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+}
+LANGUAGE_MODELS = ("gpt2", *LLAMA_LAYOUTS)
+
+
+def language_model_source(kind: str) -> str:
+    return f"transformers {'GPT2LMHeadModel' if kind == 'gpt2' else LLAMA_LAYOUTS[kind][1]}"
+
+
 def build_language_model(kind: str, cfg: dict) -> nn.Module:
-    """A transformers causal LM (``gpt2``: GPT2LMHeadModel, ``llama``: LlamaForCausalLM)
-    from a config; dropout is 0 so every way computes the same function. Token 0 is
-    the corpus's end-of-text (special tokens come first in the trained vocabulary).
-    No KV cache (``use_cache=False``), which a training step has no use for: with one,
-    each attention layer's forward copies its keys and values into it (a patched Llama
-    step on the H200 ran 24 such copies, 3.9 ms, and held them to its end)."""
+    """A transformers causal LM (``gpt2``: GPT2LMHeadModel; ``LLAMA_LAYOUTS``: Llama's,
+    Qwen3's, Gemma 3's) from a config; dropout is 0 so every way computes the same
+    function. Token 0 is the corpus's end-of-text (special tokens come first in the
+    trained vocabulary). No KV cache (``use_cache=False``), which a training step has no
+    use for: with one, each attention layer's forward copies its keys and values into it
+    (a patched Llama step on the H200 ran 24 such copies, 3.9 ms, and held them to its end)."""
     transformers = require("transformers", f"--model {kind}")
     common = dict(vocab_size=cfg["vocab"], bos_token_id=0, eos_token_id=0, use_cache=False)
     if kind == "gpt2":
@@ -140,15 +154,19 @@ def build_language_model(kind: str, cfg: dict) -> nn.Module:
         model = transformers.GPT2LMHeadModel(config)
         model.loss_type = "ForCausalLM"  # transformers infers it from the class name, which GPT-2's lacks
         return model
-    if kind == "llama":
-        config = transformers.LlamaConfig(
-            hidden_size=cfg["width"],
-            intermediate_size=cfg["intermediate"],
-            num_hidden_layers=cfg["layers"],
-            num_attention_heads=cfg["heads"],
-            num_key_value_heads=cfg["kv_heads"],
-            max_position_embeddings=cfg["seq_len"],
-            **common,
-        )
-        return transformers.LlamaForCausalLM(config)
-    raise ArgumentError(f"unknown language model {kind!r}")
+    if kind not in LLAMA_LAYOUTS:
+        raise ArgumentError(f"unknown language model {kind!r}")
+    config_class, model_class = LLAMA_LAYOUTS[kind]
+    head_dim = cfg["width"] // cfg["heads"]  # Qwen3's and Gemma 3's own default is wider
+    config = getattr(transformers, config_class)(
+        hidden_size=cfg["width"],
+        intermediate_size=cfg["intermediate"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["kv_heads"],
+        head_dim=head_dim,
+        max_position_embeddings=cfg["seq_len"],
+        **(dict(query_pre_attn_scalar=head_dim, pad_token_id=0) if kind == "gemma3" else {}),
+        **common,
+    )
+    return getattr(transformers, model_class)(config)

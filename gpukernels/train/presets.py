@@ -85,3 +85,7 @@ PRESETS = {
         ),
     },
 }
+# Qwen3's and Gemma 3's layouts at the Llama preset's sizes (gpu: Qwen3 148M; Gemma 3, its head tied to the
+# embeddings, 123M)
+PRESETS["qwen3"] = {preset: dict(cfg) for preset, cfg in PRESETS["llama"].items()}
+PRESETS["gemma3"] = {preset: dict(cfg) for preset, cfg in PRESETS["llama"].items()}

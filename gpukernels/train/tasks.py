@@ -16,7 +16,7 @@ from torch import nn
 from ..patch import PatchReport, patch
 from ._deps import install_hint, require
 from .data import batch_order, digit_images, load_digits, stdlib_tokens
-from .models import build_language_model, build_model, build_resnet
+from .models import LANGUAGE_MODELS, build_language_model, build_model, build_resnet, language_model_source
 
 LABEL_SMOOTHING = 0.05  # classifiers' loss, every way
 
@@ -69,7 +69,9 @@ class LanguageModelTask:
         self.windows = tokens.view(windows, seq_len)
         self.order = batch_order(windows, cfg["batch_size"], cfg["steps"], seed)
         self.units_per_step = cfg["batch_size"] * seq_len
-        self.source = f"transformers {'GPT2LMHeadModel' if kind == 'gpt2' else 'LlamaForCausalLM'}"
+        self.source = language_model_source(kind)
+        # Liger's function for the model: Gemma 3's text-only model has its own
+        self.liger_patch = f"apply_liger_kernel_to_{'gemma3_text' if kind == 'gemma3' else kind}"
 
     def describe(self) -> dict:
         return {"data": self.data.describe(), "model_source": self.source}
@@ -93,8 +95,8 @@ class LanguageModelTask:
             import liger_kernel.transformers as liger
         except ImportError as error:
             return f"liger_kernel is not importable ({error}): {install_hint('liger_kernel')}"
-        if not hasattr(liger, f"apply_liger_kernel_to_{self.kind}"):
-            return f"Liger-Kernel has no apply_liger_kernel_to_{self.kind}"
+        if not hasattr(liger, self.liger_patch):
+            return f"Liger-Kernel has no {self.liger_patch}"
         if self.device.type != "cuda":
             return "Liger-Kernel's Triton kernels need a CUDA device"
         return None
@@ -103,8 +105,8 @@ class LanguageModelTask:
         import liger_kernel.transformers as liger
 
         stack.enter_context(_module_globals_restored(sys.modules[type(model).__module__]))
-        getattr(liger, f"apply_liger_kernel_to_{self.kind}")(model=model)
-        return self.plain(model), f"liger_kernel.transformers.apply_liger_kernel_to_{self.kind}(model=model)"
+        getattr(liger, self.liger_patch)(model=model)
+        return self.plain(model), f"liger_kernel.transformers.{self.liger_patch}(model=model)"
 
     def evaluate(self, model: nn.Module) -> dict:
         return {}
@@ -170,6 +172,6 @@ class ClassifierTask:
 
 
 def make_task(kind: str, cfg: dict, device: torch.device, seed: int, cache_dir: Path, input_dtype: torch.dtype):
-    if kind in ("gpt2", "llama"):
+    if kind in LANGUAGE_MODELS:
         return LanguageModelTask(kind, cfg, device, seed, cache_dir)
     return ClassifierTask(kind, cfg, device, seed, input_dtype)
