@@ -6,7 +6,9 @@ and the module objects themselves (and so optimizer references and
 state_dict keys) stay exactly as they were. Only exact classes are
 converted, each to a replacement with the same math (tests/test_patch*.py
 check each against the class it replaces): a subclass may have its own
-forward. Recognised:
+forward. A norm's subclass with nothing of its own but ``__init__`` (other
+defaults, a bias set to None: timm's MetaFormer norms) runs its base's
+forward on its own state, and is converted as its base is. Recognised:
 
 - torch.nn: LayerNorm, RMSNorm, BatchNorm1d/2d, Dropout, CrossEntropyLoss.
 - An ``nn.Linear``, transformers' ``Conv1D`` (GPT-2's Linear with its weight
@@ -232,6 +234,7 @@ def _rebuilt(cls: type, forward_name: str) -> torch.nn.Module:
         _third_party_rules({cls})
         _residual_block_rules()
         _add_norm_block_rules({cls})
+        _init_only_subclass_rules({cls}, _TORCH_RULES | _third_party_rules())
         _batch_norm_act_rules(True)
         _fusable_maps()
         replacement = _made_replacement(cls, forward_name)
@@ -1457,8 +1460,8 @@ def _takes_residual(cls: type) -> bool:
     """Whether a norm of class ``cls`` takes a residual: ``norm(x, residual)``."""
     forward = cls.__dict__.get("forward")
     return (
-        cls is gnn.RMSNorm
-        or cls is gnn.LayerNorm
+        forward is gnn.LayerNorm.forward  # gnn.LayerNorm's, and an init-only subclass's of nn.LayerNorm
+        or forward is gnn.RMSNorm.forward
         or forward in _RMS_NORMS
         or forward is _timm_layer_norm_forward
         or forward is _olmo_layer_norm_forward
@@ -2325,6 +2328,33 @@ def _rope_checked(attention: torch.nn.Module) -> dict[str, Any] | str:
     return form if isinstance(form, str) else {}
 
 
+_NORM_KINDS = frozenset(("LayerNorm", "RMSNorm", "LayerNorm2d", "RMSNorm2d"))
+# What a class's namespace holds besides its methods, or an ``__init__`` that only sets state up
+_INIT_ONLY = frozenset(
+    ("__module__", "__qualname__", "__doc__", "__init__", "__firstlineno__", "__static_attributes__", "__dict__",
+     "__weakref__", "__annotations__")
+)  # fmt: skip
+
+
+def _init_only_subclass_rules(classes: Iterable[type], rules: dict[type, _Rule]) -> dict[type, _Rule]:
+    """Rules for the ``classes`` that subclass a norm of ``rules`` with nothing of their own
+    but ``__init__`` (timm's MetaFormer ``LayerNormNoBias``: ``nn.LayerNorm`` with its bias
+    set to None; a model's ``class LayerNorm(nn.LayerNorm)`` with other defaults): their
+    modules run the base's forward on their own state, which the base's replacement forward
+    reads as well. Each becomes the subclass with that forward (still an instance of it)."""
+    found = {}
+    for cls in set(classes) - set(rules):
+        for base in cls.__mro__:
+            rule = rules.get(base)
+            if rule is not None:
+                if rule.kind in _NORM_KINDS:
+                    found[cls] = dataclasses.replace(rule, replacement=_replacement(cls, rule.replacement.forward))
+                break
+            if not set(vars(base)) <= _INIT_ONLY:
+                break
+    return found
+
+
 def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
     """Rules for the transformers and timm classes of the modules already imported: those
     read, and those of ``classes`` (a model's transformers classes) whose code is a read
@@ -3055,6 +3085,7 @@ def patch(
         rules |= _residual_block_rules()
     if residual_norms:
         rules |= _add_norm_block_rules(classes)
+    rules |= _init_only_subclass_rules({type(module) for module in model.modules()}, rules)
     maps = _fusable_maps()
     head = _patch_loss(model, loss, report, undo)
     # Decided first: a module that will be swapped is opaque to tracing, one that stays is traced into.
@@ -3136,16 +3167,15 @@ def patch(
                 report.left.append((name, cls.__name__, why))
         elif isinstance(module, tuple(_TORCH_RULES)):
             base = next(c for c in cls.__mro__ if c in _TORCH_RULES)
-            own_forward = any("forward" in vars(c) for c in cls.__mro__[: cls.__mro__.index(base)])
-            report.left.append(
-                (
-                    name,
-                    cls.__name__,
-                    "a subclass with its own forward"
-                    if own_forward
-                    else f"a subclass of {base.__name__}: only exact classes are swapped",
-                )
-            )
+            between = cls.__mro__[: cls.__mro__.index(base)]
+            own = sorted({key for c in between for key in vars(c)} - _INIT_ONLY)
+            if "forward" in own:
+                why = "a subclass with its own forward"
+            elif _TORCH_RULES[base].kind in _NORM_KINDS:
+                why = f"a subclass of {base.__name__} with more than __init__ of its own ({', '.join(own)})"
+            else:
+                why = f"a subclass of {base.__name__}: only exact classes are swapped"
+            report.left.append((name, cls.__name__, why))
     if autocast_norms:
         swapped = {name for name, _, _ in report.swapped}
         report.feeding_matmuls = _mark_norms_feeding_matmuls(model, classes, swapped, uses)

@@ -1,5 +1,6 @@
 import copy
 import gc
+import importlib
 import pickle
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from torch import nn
 
 import gpukernels as gk
 from gpukernels import nn as gnn
-from helpers import LoRA
+from helpers import LoRA, assert_matches
+
+gk_patch = importlib.import_module("gpukernels.patch")  # the module: gk.patch is the function
 
 
 def _mlp():
@@ -147,11 +150,57 @@ def test_subclass_of_torch_layer_is_left():
     assert type(model[0]) is MyNorm
     assert report.left == [("0", "MyNorm", "a subclass with its own forward")]
 
-    class PlainNorm(nn.LayerNorm):
+    class ResettingNorm(nn.LayerNorm):  # a method of its own, which the swapped class would keep running
+        def reset_parameters(self):
+            super().reset_parameters()
+
+    class PlainDropout(nn.Dropout):
         pass
 
-    report = gk.patch(nn.Sequential(PlainNorm(4)))
-    assert report.left == [("0", "PlainNorm", "a subclass of LayerNorm: only exact classes are swapped")]
+    report = gk.patch(nn.Sequential(ResettingNorm(4), PlainDropout()))
+    assert report.left == [
+        ("0", "ResettingNorm", "a subclass of LayerNorm with more than __init__ of its own (reset_parameters)"),
+        ("1", "PlainDropout", "a subclass of Dropout: only exact classes are swapped"),
+    ]
+
+
+class NoBiasLayerNorm(nn.LayerNorm):  # timm's MetaFormer LayerNormNoBias
+    def __init__(self, features: int, **kwargs):
+        super().__init__(features, **kwargs)
+        self.eps = kwargs.get("eps", 1e-6)
+        self.bias = None
+
+
+class PlainRMSNorm(nn.RMSNorm):
+    pass
+
+
+def test_norm_subclasses_adding_only_init_are_swapped(monkeypatch):
+    """They run the base's forward on their own state (NoBiasLayerNorm's eps and no bias, which
+    float64 tells apart): ours runs on it too, still an instance of theirs."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(NoBiasLayerNorm(16), nn.Linear(16, 16), PlainRMSNorm(16, eps=1e-5)).double()
+    model = copy.deepcopy(plain)
+    report = gk.patch(model)
+    assert report.swapped == [("0", "NoBiasLayerNorm", "LayerNorm"), ("2", "PlainRMSNorm", "RMSNorm")]
+    assert isinstance(model[0], NoBiasLayerNorm) and isinstance(model[2], PlainRMSNorm)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    outputs = []
+    for m in (plain, model):
+        y = m(x)
+        y.square().sum().backward()
+        outputs.append((y, x.grad, *(p.grad for p in m.parameters())))
+        x.grad = None
+    for ours, theirs in zip(*outputs, strict=True):
+        assert_matches(ours, theirs)
+    restored = pickle.loads(pickle.dumps(model))
+    monkeypatch.setattr(gk_patch, "_REPLACEMENTS", {})  # as a new process, which makes the replacement again
+    again = pickle.loads(pickle.dumps(model))
+    for copied in (restored, again):
+        assert type(copied[0]).__name__ == "NoBiasLayerNorm" and type(copied[0]).forward is gnn.LayerNorm.forward
+        assert_matches(copied(x), outputs[1][0])
+    gk.unpatch(model)
+    assert [type(m) for m in model] == [NoBiasLayerNorm, nn.Linear, PlainRMSNorm]
 
 
 def test_hooks_on_swapped_norm_keep_running():

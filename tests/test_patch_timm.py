@@ -1,6 +1,6 @@
 """gk.patch on real timm models (random weights, nothing downloaded): every norm
 (and each fc1 + GELU) of ResNet-18/50, ConvNeXt-T, ViT-S, EfficientNet-B0,
-MobileNetV3 and RegNetY is swapped (timm's BatchNormAct2d with its activation
+MobileNetV3, RegNetY and CAFormer is swapped (timm's BatchNormAct2d with its activation
 where ours computes it), each ResNet block ends in one op (its last BatchNorm,
 the shortcut's addition and the ReLU), and the patched model's outputs and
 gradients equal the unpatched model's in float64. Likewise torchvision's
@@ -24,12 +24,17 @@ from helpers import assert_matches, record_calls
 timm = pytest.importorskip("timm")
 
 
+NORM_KINDS = ("BatchNormAct2d", "LayerNormAct2d", "LayerNorm2d", "BatchNorm2d", "LayerNorm")
+
+
 def _norms(model: nn.Module) -> dict[str, int]:
-    """How many modules of each norm class the model holds, by class name."""
+    """How many modules of each norm class the model holds, by the name of their class or of
+    the nearest of ``NORM_KINDS`` it subclasses (MetaFormer's ``LayerNormNoBias``: LayerNorm)."""
     counts: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
-            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+            kind = next(c.__name__ for c in type(module).__mro__ if c.__name__ in NORM_KINDS)
+            counts[kind] = counts.get(kind, 0) + 1
     return counts
 
 
@@ -44,6 +49,9 @@ MODELS = [
     ("mobilenetv3_large_100", 64, True, {}),
     ("regnety_016", 64, True, {}),
     ("test_efficientnet_ln", 64, False, {}),  # LayerNormAct2d: a LayerNorm2d, then its drop and act
+    # MetaFormer: LayerNormNoBias and LayerNorm2dNoBias, nn.LayerNorm's and LayerNorm2d's subclasses setting
+    # their bias to None in __init__, nothing else of their own
+    ("caformer_s18", 64, False, {"LinearAct": 13}),
 ]
 
 
