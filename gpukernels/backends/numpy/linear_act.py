@@ -33,7 +33,7 @@ def _normal_cdf(z: np.ndarray) -> np.ndarray:
 
 
 def _tanh_argument(z: np.ndarray) -> np.ndarray:
-    return _TANH_SCALE * (z + _TANH_CUBIC * z**3)
+    return _TANH_SCALE * (z + _TANH_CUBIC * (z * z * z))  # not z**3: NumPy's pow, 100x slower
 
 
 def _gelu_tanh_grad(z: np.ndarray) -> np.ndarray:
