@@ -2700,6 +2700,16 @@ _CAUSAL_LMS = (
     ("gpt_oss", "GptOssForCausalLM"),
     ("gemma4", "Gemma4ForCausalLM"),
     ("exaone4", "Exaone4ForCausalLM"),  # Llama's forward, its decorators in another order
+    # Mixtral's: the router's auxiliary loss added to the loss
+    ("jamba", "JambaForCausalLM"),
+    ("minimax", "MiniMaxForCausalLM"),
+    ("ernie4_5_moe", "Ernie4_5_MoeForCausalLM"),
+    ("llama4", "Llama4ForCausalLM"),
+    # Granite's (the logits scaled) with Mixtral's auxiliary loss; FalconH1's scaled by its lm_head_multiplier
+    ("granitemoe", "GraniteMoeForCausalLM"),
+    ("granitemoeshared", "GraniteMoeSharedForCausalLM"),
+    ("granitemoehybrid", "GraniteMoeHybridForCausalLM"),
+    ("falcon_h1", "FalconH1ForCausalLM"),
     # vision-language models: the language model's head and loss alike
     ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
@@ -2712,6 +2722,10 @@ _CAUSAL_LMS = (
 # logits from an output layer without a bias.
 _SCALED_CAUSAL_LMS = (
     ("granite", "GraniteForCausalLM"),
+    ("granitemoe", "GraniteMoeForCausalLM"),
+    ("granitemoeshared", "GraniteMoeSharedForCausalLM"),
+    ("granitemoehybrid", "GraniteMoeHybridForCausalLM"),
+    ("falcon_h1", "FalconH1ForCausalLM"),
     ("cohere", "CohereForCausalLM"),
     ("cohere2", "Cohere2ForCausalLM"),
 )

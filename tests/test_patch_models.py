@@ -1266,9 +1266,81 @@ def _logits_tensors(model: nn.Module, batch: dict) -> list[tuple[int, ...]]:
     return seen
 
 
-@pytest.mark.parametrize("name", CAUSAL)
-def test_fused_loss_matches_without_the_logits(name):
-    original = _build(name)
+_MAMBA = dict(mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_expand=2, mamba_chunk_size=4)
+# Causal LMs whose fused loss alone is checked here (their layers: MoE routers, Mamba mixers, whatever patch
+# makes of them): Mixtral's forward (the router's auxiliary loss added), Granite's (the logits scaled, Granite 4's
+# hybrid layers too), FalconH1's (scaled by its lm_head_multiplier)
+FUSED_LOSS_MODELS = {
+    "jamba": _decoder(
+        "JambaForCausalLM",
+        "JambaConfig",
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mamba_d_state=8,
+        mamba_dt_rank=4,
+        use_mamba_kernels=False,
+        output_router_logits=True,
+        **_EAGER_EXPERTS,
+    ),
+    "minimax": _decoder(
+        "MiniMaxForCausalLM",
+        "MiniMaxConfig",
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["linear_attention", "full_attention"],
+        output_router_logits=True,
+        **_EAGER_EXPERTS,
+    ),
+    "ernie4_5_moe": _decoder(
+        "Ernie4_5_MoeForCausalLM",
+        "Ernie4_5_MoeConfig",
+        moe_num_experts=4,
+        moe_k=2,
+        moe_intermediate_size=16,
+        output_router_logits=True,
+        **_EAGER_EXPERTS,
+    ),
+    "llama4": _decoder("Llama4ForCausalLM", "Llama4TextConfig", head_dim=8, num_local_experts=4, **_EAGER_EXPERTS),
+    "granitemoe": _decoder(
+        "GraniteMoeForCausalLM",
+        "GraniteMoeConfig",
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        logits_scaling=4.0,  # not output_router_logits: transformers 5.17's own forward fails with it
+        **_EAGER_EXPERTS,
+    ),
+    "granitemoeshared": _decoder(
+        "GraniteMoeSharedForCausalLM",
+        "GraniteMoeSharedConfig",
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        shared_intermediate_size=16,
+        logits_scaling=4.0,
+        **_EAGER_EXPERTS,
+    ),
+    "granitemoehybrid": _decoder(
+        "GraniteMoeHybridForCausalLM",
+        "GraniteMoeHybridConfig",
+        layer_types=["mamba", "attention"],
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        shared_intermediate_size=16,
+        logits_scaling=4.0,
+        **_MAMBA,
+        **_EAGER_EXPERTS,
+    ),
+    "falcon_h1": _decoder(
+        "FalconH1ForCausalLM", "FalconH1Config", head_dim=8, lm_head_multiplier=0.5, mamba_d_ssm=32, **_MAMBA
+    ),
+}
+
+
+def _assert_fused_loss_matches_without_the_logits(original: nn.Module, name: str) -> None:
     model = copy.deepcopy(original)
     report = gk.patch(model, loss="fused")
     head = next(n for n, m in original.named_modules() if m is original.get_output_embeddings())
@@ -1288,6 +1360,17 @@ def test_fused_loss_matches_without_the_logits(name):
     assert _logits_tensors(original, batch)  # the watch sees the unpatched model's logits
     # without labels, the logits as before
     torch.testing.assert_close(model(**_without_labels(batch)).logits, original(**_without_labels(batch)).logits)
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_fused_loss_matches_without_the_logits(name):
+    _assert_fused_loss_matches_without_the_logits(_build(name), name)
+
+
+@pytest.mark.parametrize("name", FUSED_LOSS_MODELS)
+def test_fused_loss_of_more_causal_lms_matches_without_the_logits(name):
+    torch.manual_seed(0)
+    _assert_fused_loss_matches_without_the_logits(FUSED_LOSS_MODELS[name](), name)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2"])
