@@ -136,7 +136,7 @@ from .ops.rope import apply_rotary_pos_emb
 LOSS_MODES = ("logits", "fused")
 
 # Attributes patch sets on a module it converts (the forward reads them); unpatch removes them.
-_SET_ATTRIBUTES = ("activation", "fused_at", "seed", "defer_logits", "softcap", "feeds_matmuls")
+_SET_ATTRIBUTES = ("activation", "gated_activation", "fused_at", "seed", "defer_logits", "softcap", "feeds_matmuls")
 
 
 def _nothing_to_set(module: torch.nn.Module) -> dict[str, Any]:
@@ -501,6 +501,7 @@ def _import_read_families() -> None:
             *_RMS_NORMS.values(),
             _GATED_MLPS,
             _GATE_UP_MLPS,
+            _INPUT_OUTPUT_MLPS,
             _SILU_GATED_MLPS,
             _ADD_NORM_BLOCKS,
             _NORMS_BEFORE_MATMULS,
@@ -604,6 +605,13 @@ def _gate_up_mlp_forward(self, hidden_states: Tensor) -> Tensor:
     return parts["down_proj"](_gated(parts["gate_up_proj"](hidden_states), None, self.activation))
 
 
+def _input_output_mlp_forward(self, hidden_states: Tensor) -> Tensor:
+    """Granite MoE Shared's and Granite 4's shared MLP: ``input_linear`` holds gate, then up;
+    ``output_linear(activation(gate) * up)``, the projection's output gated in its packed form."""
+    parts = self._modules  # see _train_bottleneck_forward
+    return parts["output_linear"](_gated(parts["input_linear"](hidden_states), None, self.gated_activation))
+
+
 def _timm_glu_mlp_forward(self, x: Tensor) -> Tensor:
     """timm's GluMlp (and its SwiGLUPacked): ``fc1``'s output halves gated in one op (packed
     where the gate is the first half of the last dim), then ``drop1``, ``norm``, ``fc2`` and ``drop2``."""
@@ -653,7 +661,10 @@ def _experts_checked(experts: torch.nn.Module) -> dict[str, Any] | str:
     return _gated_activation("act_fn")(experts)
 
 
-def _gated_activation(attribute: str) -> Callable[[torch.nn.Module], dict[str, Any] | str]:
+def _gated_activation(attribute: str, key: str = "activation") -> Callable[[torch.nn.Module], dict[str, Any] | str]:
+    """The ``prepare`` of a gated MLP whose activation module is ``attribute``: its name as ``key``
+    (``gated_activation`` where the MLP's own ``activation`` is that module)."""
+
     def prepare(mlp):
         act = getattr(mlp, attribute)
         name, why = _activation(act)
@@ -663,7 +674,7 @@ def _gated_activation(attribute: str) -> Callable[[torch.nn.Module], dict[str, A
             return f"{attribute} is {name}: no gated op for it"
         if _has_hooks(act):
             return f"{attribute} has hooks, which would no longer run"
-        return {"activation": name}
+        return {key: name}
 
     return prepare
 
@@ -834,6 +845,8 @@ _GATED_MLPS = (
 )
 # gate and up from one projection: down_proj(up * activation_fn(gate))
 _GATE_UP_MLPS = (("phi3", "Phi3MLP"), ("glm", "GlmMLP"), ("glm4", "Glm4MLP"))
+# the same, gate first: output_linear(activation(gate) * up) (Granite MoE Shared's and Granite 4's shared MLP)
+_INPUT_OUTPUT_MLPS = (("granitemoeshared", "GraniteMoeSharedMLP"), ("granitemoehybrid", "GraniteMoeHybridMLP"))
 # w2(F.silu(w1(x)) * w3(x))
 _SILU_GATED_MLPS = (("lfm2", "Lfm2MLP"),)
 
@@ -2380,6 +2393,15 @@ def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
         (_transformers_class(model, name), _silu_gated_mlp_forward, "GatedMLP", _nothing_to_set)
         for model, name in _SILU_GATED_MLPS
     ]
+    read += [
+        (
+            _transformers_class(model, name),
+            _input_output_mlp_forward,
+            "GatedMLP",
+            _gated_activation("activation", "gated_activation"),
+        )
+        for model, name in _INPUT_OUTPUT_MLPS
+    ]
     read = [entry for entry in read if entry[0] is not None]
     by_class = {entry[0]: entry for entry in read}
     found = list(read)
@@ -3166,7 +3188,8 @@ def patch(
             module.__class__ = rules[cls].replacement
             for key, value in settings[name].items():
                 setattr(module, key, value)
-            activation = settings[name].get("activation", "none")  # a gated MLP's or norm's, now inside its op
+            # a gated MLP's or norm's, now inside its op
+            activation = settings[name].get("activation", settings[name].get("gated_activation", "none"))
             report.swapped.append(
                 (name, cls.__name__ if activation == "none" else f"{cls.__name__}+{activation}", rules[cls].kind)
             )

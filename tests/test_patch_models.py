@@ -1367,6 +1367,33 @@ def test_fused_loss_matches_without_the_logits(name):
     _assert_fused_loss_matches_without_the_logits(_build(name), name)
 
 
+@pytest.mark.parametrize("name", ["granitemoeshared", "granitemoehybrid"])
+def test_granite_shared_mlps_gate_in_one_op(name, monkeypatch):
+    """Their shared MLP's input_linear holds gate, then up: our packed gated op, in float64 as theirs."""
+    torch.manual_seed(0)
+    original = FUSED_LOSS_MODELS[name]().double()
+    model = copy.deepcopy(original)
+    report = gk.patch(model)
+    mlps = [n for n, m in original.named_modules() if n.endswith("shared_mlp")]
+    assert len(mlps) == 2 and [row for row in report.swapped if row[0] in mlps] == [
+        (n, f"{type(original.get_submodule(n)).__name__}+silu", "GatedMLP") for n in mlps
+    ]
+    calls = record_calls(monkeypatch, gk_patch, "swiglu", lambda gate, up: (gate.shape[-1], up))
+    batch = _batch(name, torch.float64)
+    # as the fp64 test: a probe of the logits, their norms (fp32 in fp64 models) in fp64 for the exact reference
+    weights = torch.randn_like(original(**_without_labels(batch)).logits)
+    ours, theirs = (_step(m, batch, lambda out: (out * weights).sum()) for m in (model, original))
+    assert calls == [(32, None)] * 2  # packed: 2 x shared_intermediate_size, one call a layer
+    with _rotary_in_fp64(original):
+        exact = _step(_norms_in_fp64(copy.deepcopy(original)), batch, lambda out: (out * weights).sum())
+    assert_matches(ours[1], theirs[1], exact[1])
+    for key in ours[2]:
+        assert_matches(ours[2][key], theirs[2][key], exact[2][key])
+    gk.unpatch(model)
+    assert all(type(model.get_submodule(n)) is type(original.get_submodule(n)) for n in mlps)
+    assert not any("gated_activation" in vars(m) for m in model.modules())
+
+
 @pytest.mark.parametrize("name", FUSED_LOSS_MODELS)
 def test_fused_loss_of_more_causal_lms_matches_without_the_logits(name):
     torch.manual_seed(0)
@@ -1999,7 +2026,8 @@ def test_same_code_reads_wrappers_methods_and_docstrings():
 
 
 def test_every_transformers_rule_is_checked_against_its_class():
-    classes = {type(m) for name in MODELS for m in _build(name).modules()}
+    builders = [*(build for build, _ in MODELS.values()), *FUSED_LOSS_MODELS.values()]
+    classes = {type(m) for build in builders for m in build().modules()}
     # timm's rules join once timm is imported (tests/test_patch_timm.py checks them)
     rules = {cls for cls in gk_patch._third_party_rules() if cls.__module__.startswith("transformers.")}
     assert rules and rules <= classes
