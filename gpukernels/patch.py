@@ -2732,6 +2732,23 @@ _CAUSAL_LMS = (
     ("granitemoeshared", "GraniteMoeSharedForCausalLM"),
     ("granitemoehybrid", "GraniteMoeHybridForCausalLM"),
     ("falcon_h1", "FalconH1ForCausalLM"),
+    # read with those above in transformers 5.17 and 5.25: Llama's form (OLMoE, Phi-3.5-MoE, JetMoE, Mellum,
+    # MiniMax-M2: Mixtral's auxiliary loss; MiniCPM3: the hidden states scaled before the head), GPT-2's era
+    # (Falcon, BLOOM, GPT-J, GPT-Neo, CodeGen, StarCoder's GPTBigCode, MPT), Cohere 2's MoE (scaled)
+    ("olmoe", "OlmoeForCausalLM"),
+    ("phimoe", "PhimoeForCausalLM"),
+    ("jetmoe", "JetMoeForCausalLM"),
+    ("mellum", "MellumForCausalLM"),
+    ("minimax_m2", "MiniMaxM2ForCausalLM"),
+    ("minicpm3", "MiniCPM3ForCausalLM"),
+    ("falcon", "FalconForCausalLM"),
+    ("bloom", "BloomForCausalLM"),
+    ("gptj", "GPTJForCausalLM"),
+    ("gpt_neo", "GPTNeoForCausalLM"),
+    ("codegen", "CodeGenForCausalLM"),
+    ("gpt_bigcode", "GPTBigCodeForCausalLM"),
+    ("mpt", "MptForCausalLM"),
+    ("cohere2_moe", "Cohere2MoeForCausalLM"),
     # vision-language models: the language model's head and loss alike
     ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
@@ -2750,6 +2767,7 @@ _SCALED_CAUSAL_LMS = (
     ("falcon_h1", "FalconH1ForCausalLM"),
     ("cohere", "CohereForCausalLM"),
     ("cohere2", "Cohere2ForCausalLM"),
+    ("cohere2_moe", "Cohere2MoeForCausalLM"),
 )
 # Causal LMs whose forward soft-caps the logits by config.final_logit_softcapping before the loss: under
 # loss="fused", the loss caps the logits it makes, and the forward, which gets the hidden states, must not.

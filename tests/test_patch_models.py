@@ -1269,7 +1269,7 @@ def _logits_tensors(model: nn.Module, batch: dict) -> list[tuple[int, ...]]:
 _MAMBA = dict(mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_expand=2, mamba_chunk_size=4)
 # Causal LMs whose fused loss alone is checked here (their layers: MoE routers, Mamba mixers, whatever patch
 # makes of them): Mixtral's forward (the router's auxiliary loss added), Granite's (the logits scaled, Granite 4's
-# hybrid layers too), FalconH1's (scaled by its lm_head_multiplier)
+# hybrid layers too), FalconH1's (scaled by its lm_head_multiplier), and the others read for their loss
 FUSED_LOSS_MODELS = {
     "jamba": _decoder(
         "JambaForCausalLM",
@@ -1334,6 +1334,99 @@ FUSED_LOSS_MODELS = {
         **_MAMBA,
         **_EAGER_EXPERTS,
     ),
+    # Llama's form, Mixtral's auxiliary loss (OLMoE, Phi-3.5-MoE, JetMoE, Mellum, MiniMax-M2); MiniCPM3's hidden
+    # states scaled before the head; Cohere 2's MoE (scaled logits)
+    "olmoe": _decoder(
+        "OlmoeForCausalLM",
+        "OlmoeConfig",
+        num_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        **_EAGER_EXPERTS,
+    ),
+    "phimoe": _decoder(
+        "PhimoeForCausalLM",
+        "PhimoeConfig",
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        lm_head_bias=True,
+        router_jitter_noise=0.0,
+        **_EAGER_EXPERTS,
+    ),
+    "jetmoe": _decoder(
+        "JetMoeForCausalLM",
+        "JetMoeConfig",
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        kv_channels=8,
+        output_router_logits=True,
+    ),
+    "mellum": _decoder(
+        "MellumForCausalLM",
+        "MellumConfig",
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        **_EAGER_EXPERTS,
+    ),
+    "minimax_m2": _decoder(
+        "MiniMaxM2ForCausalLM",
+        "MiniMaxM2Config",
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        **_EAGER_EXPERTS,
+    ),
+    "minicpm3": _decoder(
+        "MiniCPM3ForCausalLM",
+        "MiniCPM3Config",
+        dim_model_base=64,
+        q_lora_rank=8,
+        kv_lora_rank=8,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+    ),
+    "cohere2_moe": _decoder(
+        "Cohere2MoeForCausalLM",
+        "Cohere2MoeConfig",
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        logit_scale=0.5,
+        **_EAGER_EXPERTS,
+    ),
+    # GPT-2's era, their own config names
+    "falcon": _decoder("FalconForCausalLM", "FalconConfig", new_decoder_architecture=True, num_kv_heads=1),
+    "bloom": _decoder("BloomForCausalLM", "BloomConfig", n_layer=2, n_head=2),
+    "gptj": _decoder("GPTJForCausalLM", "GPTJConfig", n_embd=HIDDEN, n_layer=2, n_head=2, rotary_dim=4, n_positions=32),
+    "gpt_neo": _decoder(
+        "GPTNeoForCausalLM", "GPTNeoConfig", num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]]
+    ),
+    # 4 heads: transformers 5.17's CodeGen splits them in 4
+    "codegen": _decoder(
+        "CodeGenForCausalLM",
+        "CodeGenConfig",
+        n_embd=HIDDEN,
+        n_layer=2,
+        num_attention_heads=4,
+        rotary_dim=4,
+        n_positions=32,
+        n_ctx=32,
+    ),
+    "gpt_bigcode": _decoder(
+        "GPTBigCodeForCausalLM",
+        "GPTBigCodeConfig",
+        n_embd=HIDDEN,
+        n_layer=2,
+        n_head=2,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    ),
+    "mpt": _decoder("MptForCausalLM", "MptConfig", d_model=HIDDEN, n_heads=2, n_layers=2, max_seq_len=32),
     "falcon_h1": _decoder(
         "FalconH1ForCausalLM", "FalconH1Config", head_dim=8, lm_head_multiplier=0.5, mamba_d_ssm=32, **_MAMBA
     ),
