@@ -139,6 +139,13 @@ LOSS_MODES = ("logits", "fused")
 _SET_ATTRIBUTES = ("activation", "gated_activation", "fused_at", "seed", "defer_logits", "softcap", "feeds_matmuls")
 
 
+def _keep_own_attributes(undo: list, module: torch.nn.Module) -> None:
+    """Before ``module`` is converted: its own values of the attributes patch sets, which
+    ``unpatch`` removes, to be put back after (Qwen3.5's gated RMSNorm has an ``activation``)."""
+    own = module.__dict__
+    undo.extend((module, key, own[key]) for key in _SET_ATTRIBUTES if key in own)
+
+
 def _nothing_to_set(module: torch.nn.Module) -> dict[str, Any]:
     return {}
 
@@ -503,6 +510,7 @@ def _import_read_families() -> None:
             _GATE_UP_MLPS,
             _INPUT_OUTPUT_MLPS,
             _SILU_GATED_MLPS,
+            _GATED_RMS_NORMS,
             _ADD_NORM_BLOCKS,
             _NORMS_BEFORE_MATMULS,
             _CAUSAL_LMS,
@@ -576,6 +584,20 @@ def _gemma4_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | Non
     return _rms_norm_variant(
         self, hidden_states, residual, add_to, eps, input_dtype_under_autocast=True, scaled=self.with_scale
     )
+
+
+def _gated_rms_norm_forward(self, hidden_states: Tensor, gate: Tensor) -> Tensor:
+    """Qwen3.5's and Qwen3-Next's gated RMSNorm (their linear attention's output): Llama's RMSNorm
+    (rounded to the input dtype, then times the weight), times ``silu(gate)`` in fp32, rounded to
+    the input dtype: our rms_norm, then swiglu of the gate and the norm, in two ops where the
+    model's code runs eight."""
+    input_dtype = hidden_states.dtype
+    (weight,) = gnn.module_state(self, self._parameters, "weight")
+    normed = rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon, cast_before_weight=True)
+    if gate.dtype != normed.dtype:  # a wider norm (an fp32 weight): the product in its dtype, as the model's
+        gate = gate.to(normed.dtype)
+    gated = swiglu(gate, normed)
+    return gated if gated.dtype == input_dtype else gated.to(input_dtype)
 
 
 def _gated(gate: Tensor, up: Tensor | None, activation: str) -> Tensor:
@@ -738,6 +760,12 @@ def _olmo_layer_norm_forward(
     return layer_norm(x, shape, None, None, 1e-5, out_dtype=out_dtype)
 
 
+def _silu_gated_norm(module: torch.nn.Module) -> dict[str, Any] | str:
+    if module.activation != "silu":
+        return f"its activation is {module.activation!r}: only silu's gated op is ours here"
+    return {}
+
+
 def _one_weight_a_feature(module: torch.nn.Module) -> dict[str, Any] | str:
     if module.weight.dim() != 1:
         return f"its weight of shape {tuple(module.weight.shape)} (a weight a head: QK norm) is no layer norm's"
@@ -820,6 +848,8 @@ _RMS_NORMS = {
     _olmo2_rms_norm_forward: (("olmo2", "Olmo2RMSNorm"), ("gpt_oss", "GptOssRMSNorm"), ("helium", "HeliumRMSNorm")),
     _gemma4_rms_norm_forward: (("gemma4", "Gemma4RMSNorm"),),
 }
+# rms_norm(x) * silu(gate), Llama's rounding (the Gated DeltaNet's output norm)
+_GATED_RMS_NORMS = (("qwen3_5", "Qwen3_5RMSNormGated"), ("qwen3_next", "Qwen3NextRMSNormGated"))
 # down_proj(act_fn(gate_proj(x)) * up_proj(x)) (the MoE models' dense and shared-expert MLPs; the VL models' text
 # and vision MLPs)
 _GATED_MLPS = (
@@ -2382,6 +2412,10 @@ def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
                  _one_weight_a_feature))  # fmt: skip
     read.append((_transformers_class("olmo", "OlmoLayerNorm"), _olmo_layer_norm_forward, "LayerNorm", _nothing_to_set))
     read += [
+        (_transformers_class(model, name), _gated_rms_norm_forward, "GatedRMSNorm", _silu_gated_norm)
+        for model, name in _GATED_RMS_NORMS
+    ]
+    read += [
         (_transformers_class(model, name), _gated_mlp_forward, "GatedMLP", _gated_activation("act_fn"))
         for model, name in _GATED_MLPS
     ]
@@ -3186,6 +3220,7 @@ def patch(
         else:
             rule = maps[type(map_module)]
             report.swapped.append((map_name, f"{type(map_module).__name__}+{type(act).__name__}", rule.kind))
+            _keep_own_attributes(undo, map_module)
             map_module.__class__ = rule.replacement
             map_module.activation = activation
             map_module.fused_at = gnn.Place(*_parent_and_key(model, map_name))
@@ -3203,6 +3238,7 @@ def patch(
             if isinstance(settings[name], str):
                 report.left.append((name, cls.__name__, settings[name]))
                 continue
+            _keep_own_attributes(undo, module)
             module.__class__ = rules[cls].replacement
             for key, value in settings[name].items():
                 setattr(module, key, value)

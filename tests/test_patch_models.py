@@ -529,6 +529,10 @@ def _norms_in_fp64(model: nn.Module) -> nn.Module:
             module.forward = lambda x, m=module: (
                 x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) * (1 + m.weight)
             )
+        elif type(module).__name__ in ("Qwen3_5RMSNormGated", "Qwen3NextRMSNormGated"):
+            module.forward = lambda x, gate, m=module: (
+                m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon) * F.silu(gate)
+            )
         elif type(module).__name__.endswith("RMSNorm"):  # Gemma 4's: its weight optional (with_scale)
             eps = vars(module).get("variance_epsilon", vars(module).get("eps"))  # Gemma 4's in transformers 5.17: eps
             module.forward = lambda x, m=module, eps=eps: (
@@ -1458,6 +1462,45 @@ def _assert_fused_loss_matches_without_the_logits(original: nn.Module, name: str
 @pytest.mark.parametrize("name", CAUSAL)
 def test_fused_loss_matches_without_the_logits(name):
     _assert_fused_loss_matches_without_the_logits(_build(name), name)
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_next"])
+@pytest.mark.parametrize("dtype, autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_linear_attention_gated_norms_are_a_norm_and_a_gated_op(name, dtype, autocast, monkeypatch):
+    """The Gated DeltaNet's output norm, ``rms_norm(x) * silu(gate)``: our rms_norm, then swiglu of the
+    gate and the norm, the product in the dtype the model's takes it (fp32 beside an fp32 weight, the
+    gate widened), rounded to x's; unpatch gives the module its own ``activation`` back."""
+    original = _build(name)
+    model = copy.deepcopy(original)
+    report = gk.patch(model)
+    norms = [n for n, m in original.named_modules() if type(m).__name__.endswith("RMSNormGated")]
+    assert norms and [row for row in report.swapped if row[0] in norms] == [
+        (n, type(original.get_submodule(n)).__name__, "GatedRMSNorm") for n in norms
+    ]
+    ours, theirs = model.get_submodule(norms[0]), original.get_submodule(norms[0])
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        theirs.weight.copy_(ours.weight)
+    ours.to(dtype), theirs.to(dtype)
+    generator = torch.Generator().manual_seed(2)
+    x, gate = (torch.randn(3, 5, ours.weight.shape[0], generator=generator) for _ in range(2))
+    if autocast:  # as under autocast: x and the gate from bf16 projections, the weight fp32
+        x, gate = x.bfloat16(), gate.bfloat16()
+    else:
+        x, gate = x.to(dtype), gate.to(dtype)
+    calls = record_calls(monkeypatch, gk_patch, "swiglu", lambda gate, up: (gate.dtype, up.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        results = [norm(x, gate) for norm in (ours, theirs)]
+    reference = _norms_in_fp64(copy.deepcopy(theirs).double())(x.double(), gate.double())
+    assert calls == [(torch.float32, torch.float32) if autocast else (dtype, dtype)]
+    assert results[0].dtype == results[1].dtype == x.dtype
+    assert_matches(*results, reference)
+    if dtype == torch.bfloat16:  # each rounding where the model's is (to bf16 before the weight, then after it)
+        assert torch.equal(*results)
+    gk.unpatch(model)
+    assert model.get_submodule(norms[0]).activation == "silu"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert torch.equal(model.get_submodule(norms[0])(x, gate), results[1])  # their forward again
 
 
 @pytest.mark.parametrize("name", ["granitemoeshared", "granitemoehybrid"])
