@@ -1501,14 +1501,13 @@ def _kwargs_key(value: ast.expr, var_keyword: str | None) -> str | None:
 
 def _takes_residual(cls: type) -> bool:
     """Whether a norm of class ``cls`` takes a residual: ``norm(x, residual)``."""
-    forward = cls.__dict__.get("forward")
-    return (
-        forward is gnn.LayerNorm.forward  # gnn.LayerNorm's, and an init-only subclass's of nn.LayerNorm
-        or forward is gnn.RMSNorm.forward
-        or forward in _RMS_NORMS
-        or forward is _timm_layer_norm_forward
-        or forward is _olmo_layer_norm_forward
-    )
+    return cls.__dict__.get("forward") in _RESIDUAL_NORM_FORWARDS
+
+
+# The norms' forwards that take a residual (gk.nn's too: an init-only subclass of nn.LayerNorm runs LayerNorm's)
+_RESIDUAL_NORM_FORWARDS = frozenset(
+    (gnn.LayerNorm.forward, gnn.RMSNorm.forward, *_RMS_NORMS, _timm_layer_norm_forward, _olmo_layer_norm_forward)
+)
 
 
 def _add_then_norm(norm: torch.nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
