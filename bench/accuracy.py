@@ -1,6 +1,6 @@
 """Largest error of every op against PyTorch, per dtype, forward and backward.
 
-    python -m bench.accuracy [--device cpu|cuda] [--backend numpy|triton|cupy]
+    python -m bench.accuracy [--device cpu|cuda] [--backend numpy|triton|cupy] [--ops swiglu,adamw]
 
 fp64/fp32: the largest absolute difference from PyTorch's result in the same
 dtype. bf16/fp16: the relative norm error against a float64 computation, with
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -212,10 +212,14 @@ def _worst(errors: list[Error]) -> Error:
     return max(errors, key=lambda e: e.ours)
 
 
-def measure(device: torch.device) -> list[tuple[str, torch.dtype, Error, Error]]:
-    """Per case and dtype: the forward's error, the backward's."""
+def measure(
+    device: torch.device, functions: Optional[Iterable[str]] = None
+) -> list[tuple[str, torch.dtype, Error, Error]]:
+    """Per case (of ``functions`` only, when given) and dtype: the forward's error, the backward's."""
     rows = []
     for case in cases(device):
+        if functions is not None and case.function not in functions:
+            continue
         ref_outs, ref_grads = _run(case.theirs, case.inputs, torch.float64)
         for dtype in DTYPES:
             ours_outs, ours_grads = _run(case.ours, case.inputs, dtype)
@@ -258,20 +262,28 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", help="default: the device's default backend")
-    a = p.parse_args()
+    p.add_argument("--ops", help="comma-separated functions of gk.functional, and adamw (default: all)")
+    a = p.parse_args(argv)
     device = torch.device(a.device)
+    known = (*gk.functional.__all__, "adamw")
+    ops = known if a.ops is None else a.ops.split(",")
+    unknown = [op for op in ops if op not in known]
+    if unknown:
+        p.error(f"--ops: unknown {', '.join(unknown)}; choose among {', '.join(known)}")
     with gk.use_backend(a.backend):
-        rows = measure(device)
-        adamw_rows = measure_adamw(device)
+        rows = measure(device, ops)
+        adamw_rows = measure_adamw(device) if "adamw" in ops else []
     print(f"backend {gk.backend_name(device) if a.backend is None else a.backend}, device {device}\n")
-    print("| op | dtype | forward | backward |\n|---|---|---|---|")
+    if rows:
+        print("| op | dtype | forward | backward |\n|---|---|---|---|")
     for name, dtype, fwd, bwd in rows:
         print(f"| {name} | {_dtype_name(dtype)} | {fwd} | {bwd} |")
-    print(f"\n| optimizer | dtype | params after {ADAMW_STEPS} steps |\n|---|---|---|")
+    if adamw_rows:
+        print(f"\n| optimizer | dtype | params after {ADAMW_STEPS} steps |\n|---|---|---|")
     for dtype, err in adamw_rows:
         print(f"| AdamW | {_dtype_name(dtype)} | {err} |")
 

@@ -51,11 +51,17 @@ def test_adamw_errors_are_a_correct_optimizers():
         _assert_correct("AdamW", dtype, err)
 
 
-def test_command_prints_both_tables(capsys, monkeypatch):
-    monkeypatch.setattr("sys.argv", ["accuracy", "--device", "cpu"])
-    every_case = accuracy.cases
-    monkeypatch.setattr(accuracy, "cases", lambda device: [c for c in every_case(device) if c.name == "swiglu"])
-    accuracy.main()
+def test_command_prints_the_ops_asked_for(capsys):
+    accuracy.main(["--device", "cpu", "--ops", "swiglu,geglu"])
     out = capsys.readouterr().out
-    assert "| swiglu | bfloat16 |" in out and "(torch " in out
-    assert "| AdamW | float16 |" in out
+    assert "| swiglu | bfloat16 |" in out and "| geglu[tanh] | float16 |" in out and "(torch " in out
+    assert "layer_norm" not in out and "AdamW" not in out
+    accuracy.main(["--device", "cpu", "--ops", "adamw"])
+    out = capsys.readouterr().out
+    assert "| AdamW | float16 |" in out and "| op |" not in out
+
+
+def test_unknown_op_is_an_error_naming_the_option(capsys):
+    with pytest.raises(SystemExit):
+        accuracy.main(["--device", "cpu", "--ops", "swiglu,layernorm"])
+    assert "--ops: unknown layernorm; choose among" in capsys.readouterr().err
