@@ -2386,15 +2386,16 @@ def _init_only_subclass_rules(classes: Iterable[type], rules: dict[type, _Rule])
     reads as well. Each becomes the subclass with that forward (still an instance of it)."""
     found = {}
     for cls in set(classes) - set(rules):
-        for base in cls.__mro__:
-            rule = rules.get(base)
-            if rule is not None:
-                if rule.kind in _NORM_KINDS:
-                    found[cls] = dataclasses.replace(rule, replacement=_replacement(cls, rule.replacement.forward))
-                break
-            if not set(vars(base)) <= _INIT_ONLY:
-                break
+        base = next((c for c in cls.__mro__ if c in rules), None)
+        if base is not None and rules[base].kind in _NORM_KINDS and not _added_attributes(cls, base):
+            rule = rules[base]
+            found[cls] = dataclasses.replace(rule, replacement=_replacement(cls, rule.replacement.forward))
     return found
+
+
+def _added_attributes(cls: type, base: type) -> list[str]:
+    """What the classes from ``cls`` to ``base`` (not included) define beyond an ``__init__``."""
+    return sorted({key for c in cls.__mro__[: cls.__mro__.index(base)] for key in vars(c)} - _INIT_ONLY)
 
 
 def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
@@ -3257,8 +3258,7 @@ def patch(
                 report.left.append((name, cls.__name__, why))
         elif isinstance(module, tuple(_TORCH_RULES)):
             base = next(c for c in cls.__mro__ if c in _TORCH_RULES)
-            between = cls.__mro__[: cls.__mro__.index(base)]
-            own = sorted({key for c in between for key in vars(c)} - _INIT_ONLY)
+            own = _added_attributes(cls, base)
             if "forward" in own:
                 why = "a subclass with its own forward"
             elif _TORCH_RULES[base].kind in _NORM_KINDS:
