@@ -66,9 +66,11 @@ forward on its own state, and is converted as its base is. Recognised:
   (``autocast_norms``; ``_NORMS_BEFORE_MATMULS``, and the Llama-form blocks
   whose attention or MLP runs the code of one there). Pre-norm blocks whose
   forward is Llama's, Gemma 2's or GLM-4's (a norm after each branch too), Phi-3's
-  (a dropout on each branch), Granite's (each branch scaled), Gemma 4's text layer (an MoE beside the
-  MLP, an input of its own, the output scaled), StableLM's (without a parallel residual) or Qwen3.5's
-  and Qwen3-Next's hybrid layers (a linear attention in the attention's place by ``block_type``)
+  (a dropout on each branch), Granite's (each branch scaled; Granite MoE's and Granite 4's too: an MoE,
+  a shared MLP, a Mamba layer in the attention's place where the layer has one), Gemma 4's text layer
+  (an MoE beside the MLP, an input of its own, the output scaled), StableLM's (without a parallel
+  residual) or Qwen3.5's and Qwen3-Next's hybrid layers (a linear attention in the attention's place by
+  ``block_type``)
   (``_PRE_NORM_FORMS``, checked on the source of every
   transformers class of the model that calls Llama's children) or GPT-2's
   add the attention's output to the residual stream and normalise the sum for
@@ -1172,6 +1174,38 @@ hidden_states = self.mlp(hidden_states)
 hidden_states = residual + hidden_states * self.residual_multiplier
 return hidden_states
 """
+# Granite MoE's: Granite's, the MLP an MoE
+_GRANITE_MOE_LAYER_FORWARD = _SCALED_LAYER_FORWARD.replace("self.mlp(", "self.block_sparse_moe(")
+# Granite MoE Shared's (and Granite MoE SWA's): an MLP beside the MoE where the config sets one
+_GRANITE_SHARED_LAYER_FORWARD = _SCALED_LAYER_FORWARD.replace(
+    "hidden_states = self.mlp(hidden_states)\n",
+    """moe_hidden_states = self.block_sparse_moe(hidden_states)
+if self.shared_mlp is None:
+    hidden_states = moe_hidden_states
+else:
+    hidden_states = moe_hidden_states + self.shared_mlp(hidden_states)
+""",
+)
+# Granite 4's (Granite MoE Hybrid's): the token mixer a Mamba layer where the layer has one (its keywords apart:
+# ``_BlockForm.mixer``), else the attention; the shared MLP, the MoE beside where the config sets experts
+_GRANITE_HYBRID_LAYER_FORWARD = """
+residual = hidden_states
+hidden_states = self.input_layernorm(hidden_states)
+if self.mamba is not None:
+    hidden_states = self.mamba(hidden_states=hidden_states)
+else:
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states)
+hidden_states = residual + hidden_states * self.residual_multiplier
+residual = hidden_states
+hidden_states = self.post_attention_layernorm(hidden_states)
+if self.has_experts:
+    moe_hidden_states = self.block_sparse_moe(hidden_states)
+    hidden_states = moe_hidden_states + self.shared_mlp(hidden_states)
+else:
+    hidden_states = self.shared_mlp(hidden_states)
+hidden_states = residual + hidden_states * self.residual_multiplier
+return hidden_states
+"""
 # Phi-3's: Llama's with a dropout on each branch before its residual addition
 _DROPOUT_LAYER_FORWARD = """
 residual = hidden_states
@@ -1539,12 +1573,21 @@ def _llama_layer_forward(self, *args, **kwargs) -> Tensor:
         return _original_class(self).forward(self, *args, **kwargs)
     residual, attention_kwargs, _ = call
     parts = self._modules  # see _train_bottleneck_forward
-    attention_end, mlp_end = self.branch_ends
     attention_output, _ = parts["self_attn"](hidden_states=parts["input_layernorm"](residual), **attention_kwargs)
+    return _mlp_half(self, parts, attention_output, residual)
+
+
+def _mlp_half(self, parts: dict, mixed: Tensor, residual: Tensor) -> Tensor:
+    """A Llama-form block's second half, from its token mixer's output ``mixed``: that output (through
+    ``branch_ends[0]``) added to the residual stream and normalised by ``self.mlp_norm`` in one op
+    (``_add_then_norm``), the MLP (its ``mlp``, or ``self.mlp_branch``), its output added (through
+    ``branch_ends[1]``)."""
+    attention_end, mlp_end = self.branch_ends
     if attention_end is not None:  # None, as Llama's: no call (host time)
-        attention_output = attention_end(self, attention_output)
-    normed, hidden_states = _add_then_norm(parts[self.mlp_norm], attention_output, residual)
-    mlp_output = parts["mlp"](normed)
+        mixed = attention_end(self, mixed)
+    normed, hidden_states = _add_then_norm(parts[self.mlp_norm], mixed, residual)
+    mlp_branch = self.mlp_branch
+    mlp_output = parts["mlp"](normed) if mlp_branch is None else mlp_branch(normed)
     return hidden_states + mlp_output if mlp_end is None else mlp_end(self, mlp_output, hidden_states)
 
 
@@ -1587,23 +1630,20 @@ def _serial_layer_forward(self, *args, **kwargs) -> Tensor:
 
 
 def _mixer_layer_forward(self, *args, **kwargs) -> Tensor:
-    """A layer written as Qwen3.5's (``_MIXER_LAYER_FORWARD``): by its ``block_type``, Llama's
-    (``_llama_layer_forward``), or with the linear attention in the attention's place, called
-    as the forward calls it (``_BlockCall.mixer_call``); either way the token mixer's
-    residual addition and the MLP's norm in one op."""
-    block_type = self.block_type
-    if block_type == "full_attention":
+    """A hybrid layer (``_MIXER_LAYER_FORWARD``, ``_GRANITE_HYBRID_LAYER_FORWARD``): by its
+    ``uses_mixer``, Llama's form (``_llama_layer_forward``), or its other token mixer in the
+    attention's place, called as the forward calls it (``_BlockCall.mixer_call``); either way the
+    token mixer's residual addition and the MLP's norm in one op (``_mlp_half``)."""
+    uses_mixer = self.uses_mixer()
+    if uses_mixer is False:
         return _llama_layer_forward(self, *args, **kwargs)
-    call = self.block_call.mixer_call(args, kwargs) if block_type == "linear_attention" else None
+    call = self.block_call.mixer_call(args, kwargs) if uses_mixer else None
     if call is None:
         return _original_class(self).forward(self, *args, **kwargs)
     residual, mixer_kwargs = call
     parts = self._modules  # see _train_bottleneck_forward
-    mixed = parts["linear_attn"](hidden_states=parts["input_layernorm"](residual), **mixer_kwargs)
-    normed, hidden_states = _add_then_norm(parts[self.mlp_norm], mixed, residual)
-    mlp_output = parts["mlp"](normed)
-    _, mlp_end = self.branch_ends
-    return hidden_states + mlp_output if mlp_end is None else mlp_end(self, mlp_output, hidden_states)
+    mixed = parts[self.mixer](hidden_states=parts["input_layernorm"](residual), **mixer_kwargs)
+    return _mlp_half(self, parts, mixed, residual)
 
 
 def _lfm2_layer_forward(self, *args, **kwargs) -> Tensor:
@@ -1694,16 +1734,57 @@ class _BlockForm(NamedTuple):
     """A Llama-form variant's: what the block does to the attention's and the MLP's output before
     each residual addition."""
     mixer: str | None = None
-    """The token mixer the block calls in place of its attention by its ``block_type`` (Qwen3.5's
-    linear attention), its keywords read from the forward (``_BlockCall.mixer_keywords``)."""
+    """The token mixer the block calls in place of its attention where ``uses_mixer`` says so
+    (Qwen3.5's linear attention, Granite 4's Mamba layer), its keywords read from the forward
+    (``_BlockCall.mixer_keywords``)."""
+    uses_mixer: Callable[[torch.nn.Module], bool | None] | None = None
+    """Whether a block calls its ``mixer`` (True) or its attention (False); None: neither read. (A
+    method of the replacement, as ``mlp_branch``.)"""
+    mlp_branch: Callable[[torch.nn.Module, Tensor], Tensor] | None = None
+    """A Llama-form variant's MLP branch, ``mlp_branch(block, normed)``, where it is not its ``mlp``
+    child (Granite MoE's)."""
+
+
+def _by_block_type(block: torch.nn.Module) -> bool | None:
+    """Qwen3.5's and Qwen3-Next's layers: the linear attention, the attention, or (another block_type)
+    neither of the two read."""
+    return _LINEAR_ATTENTION_LAYERS.get(block.block_type)
+
+
+_LINEAR_ATTENTION_LAYERS = {"linear_attention": True, "full_attention": False}
+
+
+def _has_mamba(block: torch.nn.Module) -> bool:
+    return block.mamba is not None  # Granite 4's: its Mamba layer where it has one, else its attention
 
 
 def _mixer_form(attention_test: str, mlp_pair: bool) -> _BlockForm:
     source = _MIXER_LAYER_FORWARD.format(attention_test=attention_test, mlp_pair=_MLP_PAIR if mlp_pair else "")
     ends = (None, _added(_first_if_pair) if mlp_pair else None)
     return _BlockForm(
-        _mixer_layer_forward, source, "self_attn", "post_attention_layernorm", branch_ends=ends, mixer="linear_attn"
+        _mixer_layer_forward,
+        source,
+        "self_attn",
+        "post_attention_layernorm",
+        branch_ends=ends,
+        mixer="linear_attn",
+        uses_mixer=_by_block_type,
     )
+
+
+def _moe_and_shared_mlp(block: torch.nn.Module, x: Tensor) -> Tensor:
+    """Granite MoE Shared's MLP branch: its MoE, and its shared MLP beside where it has one."""
+    moe_output = block._modules["block_sparse_moe"](x)
+    shared_mlp = block.shared_mlp
+    return moe_output if shared_mlp is None else moe_output + shared_mlp(x)
+
+
+def _shared_mlp_and_moe(block: torch.nn.Module, x: Tensor) -> Tensor:
+    """Granite 4's MLP branch: its shared MLP, its MoE beside where it has experts."""
+    parts = block._modules
+    if block.has_experts:
+        return parts["block_sparse_moe"](x) + parts["shared_mlp"](x)
+    return parts["shared_mlp"](x)
 
 
 def _sandwich_form(after_attention: str, before_mlp: str, after_mlp: str) -> _BlockForm:
@@ -1716,9 +1797,11 @@ def _sandwich_form(after_attention: str, before_mlp: str, after_mlp: str) -> _Bl
 # Checked on every transformers class of a model: Llama's and the models built like it (Mistral, Qwen2/3 and
 # their MoE and VL models, Gemma, SmolLM3, GLM, DeepSeek-V3, ...).
 _LLAMA_FORM = _BlockForm(_llama_layer_forward, _LLAMA_LAYER_FORWARD, "self_attn", "post_attention_layernorm")
+# Granite's: each branch scaled
+_SCALED_FORM = _LLAMA_FORM._replace(source=_SCALED_LAYER_FORWARD, branch_ends=(_scaled, _added(_scaled)))
 # The forms a class calling Llama's children may have besides (Gemma 2 and 3, Gemma 4's vision encoder; GLM-4;
-# gpt-oss; Phi-3, Phi-4-multimodal; Granite; Gemma 4's text layer; StableLM's; Qwen3.5's and Qwen3-Next's hybrid
-# layers), tried in turn; a class of none is left with its reason against Llama's.
+# gpt-oss; Phi-3, Phi-4-multimodal; Granite, Granite MoE (Shared, SWA), Granite 4; Gemma 4's text layer; StableLM's;
+# Qwen3.5's and Qwen3-Next's hybrid layers), tried in turn; a class of none is left with its reason against Llama's.
 _PRE_NORM_FORMS = (
     _LLAMA_FORM,
     _sandwich_form("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
@@ -1728,7 +1811,16 @@ _PRE_NORM_FORMS = (
         source=_DROPOUT_LAYER_FORWARD,
         branch_ends=(_through("resid_attn_dropout"), _added(_through("resid_mlp_dropout"))),
     ),
-    _LLAMA_FORM._replace(source=_SCALED_LAYER_FORWARD, branch_ends=(_scaled, _added(_scaled))),
+    _SCALED_FORM,
+    _SCALED_FORM._replace(source=_GRANITE_MOE_LAYER_FORWARD, mlp_branch=_through("block_sparse_moe")),
+    _SCALED_FORM._replace(source=_GRANITE_SHARED_LAYER_FORWARD, mlp_branch=_moe_and_shared_mlp),
+    _SCALED_FORM._replace(
+        replacement=_mixer_layer_forward,
+        source=_GRANITE_HYBRID_LAYER_FORWARD,
+        mixer="mamba",
+        uses_mixer=_has_mamba,
+        mlp_branch=_shared_mlp_and_moe,
+    ),
     _BlockForm(_gemma4_layer_forward, _GEMMA4_LAYER_FORWARD, "self_attn", "pre_feedforward_layernorm"),
     _LLAMA_FORM._replace(
         replacement=_serial_layer_forward,
@@ -1769,7 +1861,8 @@ def _add_norm_block_check(call: _BlockCall | str, norm: str) -> Callable[[torch.
     return prepare
 
 
-_LLAMA_FORM_CHILDREN = frozenset(("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
+# (the MLP by any name: Granite MoE's block_sparse_moe)
+_LLAMA_FORM_CHILDREN = frozenset(("input_layernorm", "self_attn", "post_attention_layernorm"))
 _POST_NORM_CHILDREN = frozenset(("self_attn", "post_attention_layernorm", "mlp", "post_feedforward_layernorm"))
 _LFM2_CHILDREN = frozenset(("operator_norm", "self_attn", "conv", "ffn_norm", "feed_forward"))
 
@@ -1981,6 +2074,8 @@ def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
         if isinstance(call, _BlockCall):
             replacement.block_call = call  # a class attribute: the forward reads it, torch.compile too
             replacement.branch_ends, replacement.mlp_norm = form.branch_ends, form.norm
+            replacement.mixer, replacement.uses_mixer = form.mixer, form.uses_mixer
+            replacement.mlp_branch = form.mlp_branch
         rules[cls] = _Rule(
             replacement, "ResidualNorm", _add_norm_block_check(call, form.norm), opaque=False, residual_norm=form.norm
         )
@@ -3147,7 +3242,7 @@ def patch(
     summed in it, not in fp32). False: they return fp32, as the models' code does.
 
     ``residual_norms`` (transformers blocks whose forward is Llama's, Gemma 2's, GLM-4's,
-    Phi-3's or Granite's, ``_PRE_NORM_FORMS``, GPT-2's, ViT's; timm's ViT, EVA and Swin
+    Phi-3's or Granite's (its MoE models' too), ``_PRE_NORM_FORMS``, GPT-2's, ViT's; timm's ViT, EVA and Swin
     blocks; BERT's outputs, post-norm, likewise): the attention's output added to the
     residual stream and the sum normalised for the MLP in one op (``add_rms_norm`` /
     ``add_layer_norm``), and a norm after a branch (OLMo 2/3's and EXAONE 4's post-norm

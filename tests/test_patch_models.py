@@ -117,6 +117,8 @@ def _opt():
 
 # the experts as a loop of matmuls, not torch._grouped_mm, which has no fp64 (the fp64 reference)
 _EAGER_EXPERTS = dict(experts_implementation="eager")
+# Granite's MoE models (no shared MLP: shared_intermediate_size is 0 by default)
+_GRANITE_MOE = dict(num_local_experts=4, num_experts_per_tok=2, logits_scaling=4.0, **_EAGER_EXPERTS)
 
 
 _GEMMA4 = dict(
@@ -129,6 +131,7 @@ _GEMMA4 = dict(
 )
 
 
+_MAMBA = dict(mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_expand=2, mamba_chunk_size=4)
 _HYBRID = dict(
     head_dim=8,
     layer_types=["linear_attention", "full_attention"],
@@ -292,6 +295,24 @@ MODELS = {
         _decoder("GraniteForCausalLM", "GraniteConfig", logits_scaling=4.0, residual_multiplier=0.5),
         "GatedMLP",
     ),
+    # Granite's MoE forms: the MLP an MoE, a shared MLP beside; Granite 4's Mamba layers (the first)
+    # (not output_router_logits: transformers 5.17's own forward fails with it)
+    "granitemoe": (_decoder("GraniteMoeForCausalLM", "GraniteMoeConfig", **_GRANITE_MOE), None),
+    "granitemoeshared": (
+        _decoder("GraniteMoeSharedForCausalLM", "GraniteMoeSharedConfig", **_GRANITE_MOE, shared_intermediate_size=16),
+        "GatedMLP",
+    ),
+    "granitemoehybrid": (
+        _decoder(
+            "GraniteMoeHybridForCausalLM",
+            "GraniteMoeHybridConfig",
+            **_GRANITE_MOE,
+            shared_intermediate_size=16,
+            layer_types=["mamba", "attention"],
+            **_MAMBA,
+        ),
+        "GatedMLP",
+    ),
     "smollm3": (_decoder("SmolLM3ForCausalLM", "SmolLM3Config"), "GatedMLP"),
     "olmo": (_decoder("OlmoForCausalLM", "OlmoConfig", clip_qkv=1.0), "GatedMLP"),  # parameterless LayerNorms
     "olmo2": (_decoder("Olmo2ForCausalLM", "Olmo2Config"), "GatedMLP"),
@@ -442,7 +463,8 @@ def test_report_lists_every_norm_mlp_activation_and_the_loss(name):
     acts = [n for n, m in original.named_modules() if _is_activation(m)]
     experts = [n for n in acts if ".experts." in n]  # batched products per expert: nothing of ours to fuse with
     not_ours = [n for n in acts if gk_patch._activation(original.get_submodule(n))[0] is None]
-    acts = [n for n in acts if n not in experts + not_ours]
+    mamba = [n for n in acts if ".mamba." in n]  # Granite 4's Mamba layer's, which its forward calls as a function
+    acts = [n for n in acts if n not in experts + not_ours + mamba]
     expected = MODELS[name][1]
     assert acts or expected is None
     kinds = expected if isinstance(expected, tuple) else (expected,)
@@ -482,7 +504,7 @@ def test_report_lists_every_norm_mlp_activation_and_the_loss(name):
         assert swapped["model.layers.0.mlp.gate_proj"][1:] == ("Linear+ReLU", "LinearAct")
     # every module left has its reason; those inside an attention block, that its forward did not trace
     left = {n: why for n, _, why in report.left}
-    assert all(left.values()) and all(left.get(n) for n in experts + not_ours)
+    assert all(left.values()) and all(left.get(n) for n in experts + not_ours + mamba)
     attention_maps = [
         n for n in left if n.endswith(("q_proj", "q_a_proj", "qkv_proj", "query", "c_attn", "query_key_value"))
     ]
@@ -562,11 +584,15 @@ def _rotary_in_fp64(model: nn.Module):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_outputs_and_gradients_match_the_unpatched_model_fp64(name):
-    original = _build(name, torch.float64)
+    _assert_patched_matches_fp64(_build(name, torch.float64), _batch(name, torch.float64))
+
+
+def _assert_patched_matches_fp64(original: nn.Module, batch: dict) -> gk.PatchReport:
+    """``original`` (fp64) patched: the logits and gradients of the unpatched model, or as close to
+    an exact reference (its norms and rotary embedding in fp64) as those. Returns patch's report."""
     model = copy.deepcopy(original)
-    gk.patch(model)
+    report = gk.patch(model)
     reference = _norms_in_fp64(copy.deepcopy(original))
-    batch = _batch(name, torch.float64)
     # transformers computes its losses in fp32 even for fp64 logits: a probe of the logits in fp64 instead
     weights = torch.randn_like(original(**_without_labels(batch)).logits)
     ours, theirs = (_step(m, batch, lambda out: (out * weights).sum()) for m in (model, original))
@@ -576,6 +602,7 @@ def test_outputs_and_gradients_match_the_unpatched_model_fp64(name):
     assert ours[2].keys() == theirs[2].keys()
     for key in ours[2]:
         assert_matches(ours[2][key], theirs[2][key], exact[2][key])
+    return report
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gemma", "phi3"])
@@ -640,7 +667,9 @@ NORMS_FEEDING_MATMULS = {
 # latent attention too), and before an MLP that does, or whose code is a listed one's (the MoE models' dense
 # layers, the VL models' text layers, not their experts): never another
 NORMS_FEEDING_MATMULS_BY_CODE = {
-    **{name: ("input_layernorm",) for name in ("mixtral", "gpt_oss")},  # the MoE MLP reads its input otherwise
+    # the MoE MLP reads its input otherwise (and Granite 4's Mamba layer)
+    **{name: ("input_layernorm",) for name in ("mixtral", "gpt_oss", "granitemoe", "granitemoeshared")},
+    "granitemoehybrid": ("layers.1.input_layernorm",),
     **{name: ("input_layernorm", "layers.1.post_attention_layernorm") for name in ("qwen2_moe", "qwen3_moe")},
     **{name: ("input_layernorm", "layers.0.post_attention_layernorm") for name in ("deepseek_v3", "glm4_moe")},
     # the linear attention's input norm too (a Gated DeltaNet masks its padding, then projects); not Qwen3-Next's
@@ -850,6 +879,9 @@ ADD_NORM_MODELS = {
             ("gemma3_vl", "Gemma3DecoderLayer"),
             ("phi3", "Phi3DecoderLayer"),
             ("granite", "GraniteDecoderLayer"),
+            ("granitemoe", "GraniteMoeDecoderLayer"),
+            ("granitemoeshared", "GraniteMoeSharedDecoderLayer"),
+            ("granitemoehybrid", "GraniteMoeHybridDecoderLayer"),  # its Mamba layer's and its attention's
             ("smollm3", "SmolLM3DecoderLayer"),
             ("glm", "GlmDecoderLayer"),
             ("glm4", "Glm4DecoderLayer"),
@@ -1018,7 +1050,11 @@ def _hook_norms(model: nn.Module, names: list[str]) -> list:
 
 
 @pytest.mark.parametrize(
-    "name", ["llama", "qwen3", "gemma", "gemma2", "glm4", "phi3", "granite", "gpt_oss", "gpt2", "bert", "vit"]
+    "name",
+    [
+        *("llama", "qwen3", "gemma", "gemma2", "glm4", "phi3", "granite", "granitemoeshared", "granitemoehybrid"),
+        *("gpt_oss", "gpt2", "bert", "vit"),
+    ],
 )
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autocast):
@@ -1270,7 +1306,6 @@ def _logits_tensors(model: nn.Module, batch: dict) -> list[tuple[int, ...]]:
     return seen
 
 
-_MAMBA = dict(mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_expand=2, mamba_chunk_size=4)
 # Causal LMs whose fused loss alone is checked here (their layers: MoE routers, Mamba mixers, whatever patch
 # makes of them): Mixtral's forward (the router's auxiliary loss added), Granite's (the logits scaled, Granite 4's
 # hybrid layers too), FalconH1's (scaled by its lm_head_multiplier), and the others read for their loss
@@ -1310,34 +1345,9 @@ FUSED_LOSS_MODELS = {
         **_EAGER_EXPERTS,
     ),
     "llama4": _decoder("Llama4ForCausalLM", "Llama4TextConfig", head_dim=8, num_local_experts=4, **_EAGER_EXPERTS),
-    "granitemoe": _decoder(
-        "GraniteMoeForCausalLM",
-        "GraniteMoeConfig",
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        logits_scaling=4.0,  # not output_router_logits: transformers 5.17's own forward fails with it
-        **_EAGER_EXPERTS,
-    ),
-    "granitemoeshared": _decoder(
-        "GraniteMoeSharedForCausalLM",
-        "GraniteMoeSharedConfig",
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        shared_intermediate_size=16,
-        logits_scaling=4.0,
-        **_EAGER_EXPERTS,
-    ),
-    "granitemoehybrid": _decoder(
-        "GraniteMoeHybridForCausalLM",
-        "GraniteMoeHybridConfig",
-        layer_types=["mamba", "attention"],
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        shared_intermediate_size=16,
-        logits_scaling=4.0,
-        **_MAMBA,
-        **_EAGER_EXPERTS,
-    ),
+    "granitemoe": MODELS["granitemoe"][0],
+    "granitemoeshared": MODELS["granitemoeshared"][0],
+    "granitemoehybrid": MODELS["granitemoehybrid"][0],
     # Llama's form, Mixtral's auxiliary loss (OLMoE, Phi-3.5-MoE, JetMoE, Mellum, MiniMax-M2); MiniCPM3's hidden
     # states scaled before the head; Cohere 2's MoE (scaled logits)
     "olmoe": _decoder(
@@ -1528,6 +1538,33 @@ def test_granite_shared_mlps_gate_in_one_op(name, monkeypatch):
     gk.unpatch(model)
     assert all(type(model.get_submodule(n)) is type(original.get_submodule(n)) for n in mlps)
     assert not any("gated_activation" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "name, build",
+    [
+        ("granitemoeshared", _decoder("GraniteMoeSharedForCausalLM", "GraniteMoeSharedConfig", **_GRANITE_MOE)),
+        (
+            "granitemoehybrid",
+            _decoder(
+                "GraniteMoeHybridForCausalLM",
+                "GraniteMoeHybridConfig",
+                **_GRANITE_MOE | dict(num_local_experts=0, shared_intermediate_size=16),
+                layer_types=["mamba", "attention"],
+                **_MAMBA,
+            ),
+        ),
+    ],
+)
+def test_granite_moe_layers_without_their_shared_mlp_or_experts(name, build):
+    """Granite MoE Shared's layers without a shared MLP (the MoE's output alone), Granite 4's without
+    experts (the shared MLP's alone): converted, as the model computes."""
+    torch.manual_seed(0)
+    original = build().double()
+    layers = original.model.layers
+    assert all(layer.shared_mlp is None for layer in layers) or not any(layer.has_experts for layer in layers)
+    report = _assert_patched_matches_fp64(original, _batch(name, torch.float64))
+    assert report.counts["ResidualNorm"] == len(layers)
 
 
 @pytest.mark.parametrize("name", FUSED_LOSS_MODELS)
