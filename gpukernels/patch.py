@@ -38,8 +38,9 @@ forward on its own state, and is converted as its base is. Recognised:
   module's.
 - transformers, when already imported: the RMSNorms of Llama, Mistral,
   Mixtral, Qwen2/Qwen3 (their MoE and VL models too), Gemma 1-4 (Gemma 3n's by
-  its code), Phi-3, Granite, SmolLM3, OLMo 2, GLM, GLM-4 (and -MoE), DeepSeek-V3
-  and gpt-oss (``rms_norm`` in their variant; those rounding back to their
+  its code), Phi-3, Granite, SmolLM3, OLMo 2, GLM, GLM-4 (and -MoE), DeepSeek-V3,
+  gpt-oss and Llama 4, and those without a weight (Llama 4's qk norms, NanoChat's)
+  (``rms_norm`` in their variant; those rounding back to their
   input's dtype return it under autocast too, as theirs), Cohere's LayerNorm (``layer_norm`` without
   a bias), OLMo's (without parameters, rounded back to its input's dtype), their gated
   MLPs ``down(act(gate(x)) * up(x))`` (``swiglu`` / ``geglu`` between the
@@ -67,7 +68,8 @@ forward on its own state, and is converted as its base is. Recognised:
   whose attention or MLP runs the code of one there). Pre-norm blocks whose
   forward is Llama's, Gemma 2's or GLM-4's (a norm after each branch too), Phi-3's
   (a dropout on each branch), Granite's (each branch scaled; Granite MoE's and Granite 4's too: an MoE,
-  a shared MLP, a Mamba layer in the attention's place where the layer has one), Gemma 4's text layer
+  a shared MLP, a Mamba layer in the attention's place where the layer has one), Llama 4's (its MoE's
+  output a pair), Gemma 4's text layer
   (an MoE beside the MLP, an input of its own, the output scaled), StableLM's (without a parallel
   residual) or Qwen3.5's and Qwen3-Next's hybrid layers (a linear attention in the attention's place by
   ``block_type``)
@@ -509,6 +511,7 @@ def _import_read_families() -> None:
         for entries in (
             *_RMS_NORMS.values(),
             _GATED_MLPS,
+            _ACTIVATION_FN_GATED_MLPS,
             _GATE_UP_MLPS,
             _INPUT_OUTPUT_MLPS,
             _SILU_GATED_MLPS,
@@ -562,9 +565,23 @@ def _rms_norm_variant(
 
 
 # Each takes a residual to add before the norm (``_add_then_norm``) or after it (``add_to``: ``_norm_then_add``).
+def _variance_epsilon(norm: torch.nn.Module) -> float:
+    """A transformers RMSNorm's eps: ``variance_epsilon``, or ``eps`` (Gemma 4's and Llama 4's in 5.17)."""
+    state = norm.__dict__
+    return state["variance_epsilon"] if "variance_epsilon" in state else state["eps"]
+
+
 def _llama_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None = None, *, add_to=None):
     """Llama's RMSNorm: normalised in fp32, rounded to the input dtype, then times the weight."""
-    return _rms_norm_variant(self, hidden_states, residual, add_to, self.variance_epsilon, cast_before_weight=True)
+    return _rms_norm_variant(self, hidden_states, residual, add_to, _variance_epsilon(self), cast_before_weight=True)
+
+
+def _weightless_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None = None, *, add_to=None):
+    """An RMSNorm without a weight (Llama 4's, NanoChat's): normalised in fp32, rounded to the input
+    dtype (under autocast too)."""
+    return _rms_norm_variant(
+        self, hidden_states, residual, add_to, _variance_epsilon(self), input_dtype_under_autocast=True, scaled=False
+    )
 
 
 def _gemma_rms_norm_forward(self, x: Tensor, residual: Tensor | None = None, *, add_to=None):
@@ -581,10 +598,14 @@ def _olmo2_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None
 
 def _gemma4_rms_norm_forward(self, hidden_states: Tensor, residual: Tensor | None = None, *, add_to=None):
     """Gemma 3n's and 4's RMSNorm: OLMo 2's, without a weight where ``with_scale`` is False."""
-    state = self.__dict__
-    eps = state["variance_epsilon"] if "variance_epsilon" in state else state["eps"]  # transformers 5.17: eps
     return _rms_norm_variant(
-        self, hidden_states, residual, add_to, eps, input_dtype_under_autocast=True, scaled=self.with_scale
+        self,
+        hidden_states,
+        residual,
+        add_to,
+        _variance_epsilon(self),
+        input_dtype_under_autocast=True,
+        scaled=self.with_scale,
     )
 
 
@@ -845,10 +866,16 @@ _RMS_NORMS = {
         ("glm4", "Glm4RMSNorm"),
         ("glm4_moe", "Glm4MoeRMSNorm"),
         ("deepseek_v3", "DeepseekV3RMSNorm"),
+        ("llama4", "Llama4TextRMSNorm"),  # its eps: eps in 5.17
     ),
     _gemma_rms_norm_forward: (("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"), ("gemma3", "Gemma3RMSNorm")),
     _olmo2_rms_norm_forward: (("olmo2", "Olmo2RMSNorm"), ("gpt_oss", "GptOssRMSNorm"), ("helium", "HeliumRMSNorm")),
     _gemma4_rms_norm_forward: (("gemma4", "Gemma4RMSNorm"),),
+    _weightless_rms_norm_forward: (
+        ("llama4", "Llama4TextL2Norm"),  # Llama4TextWeightlessRMSNorm's name in 5.17 (an alias of it in 5.25)
+        ("llama4", "Llama4TextWeightlessRMSNorm"),
+        ("nanochat", "NanoChatRMSNorm"),
+    ),
 }
 # rms_norm(x) * silu(gate), Llama's rounding (the Gated DeltaNet's output norm)
 _GATED_RMS_NORMS = (("qwen3_5", "Qwen3_5RMSNormGated"), ("qwen3_next", "Qwen3NextRMSNormGated"))
@@ -875,6 +902,8 @@ _GATED_MLPS = (
     ("glm4_moe", "Glm4MoeMLP"),
     ("deepseek_v3", "DeepseekV3MLP"),
 )
+# the same, its activation module ``activation_fn``
+_ACTIVATION_FN_GATED_MLPS = (("llama4", "Llama4TextMLP"),)
 # gate and up from one projection: down_proj(up * activation_fn(gate))
 _GATE_UP_MLPS = (("phi3", "Phi3MLP"), ("glm", "GlmMLP"), ("glm4", "Glm4MLP"))
 # the same, gate first: output_linear(activation(gate) * up) (Granite MoE Shared's and Granite 4's shared MLP)
@@ -1204,6 +1233,20 @@ if self.has_experts:
 else:
     hidden_states = self.shared_mlp(hidden_states)
 hidden_states = residual + hidden_states * self.residual_multiplier
+return hidden_states
+"""
+# Llama 4's: the MLP ``feed_forward``, an MoE's returning its router's logits besides, viewed as the residual's shape
+_LLAMA4_LAYER_FORWARD = """
+residual = hidden_states
+hidden_states = self.input_layernorm(hidden_states)
+attention_states, _ = self.self_attn(hidden_states=hidden_states)
+hidden_states = residual + attention_states
+residual = hidden_states
+hidden_states = self.post_attention_layernorm(hidden_states)
+hidden_states = self.feed_forward(hidden_states)
+if self.is_moe_layer:
+    hidden_states, _ = hidden_states
+hidden_states = residual + hidden_states.view(residual.shape)
 return hidden_states
 """
 # Phi-3's: Llama's with a dropout on each branch before its residual addition
@@ -1772,6 +1815,13 @@ def _mixer_form(attention_test: str, mlp_pair: bool) -> _BlockForm:
     )
 
 
+def _moe_pair_viewed(block: torch.nn.Module, output: Tensor | tuple[Tensor, Tensor], residual: Tensor) -> Tensor:
+    """Llama 4's MLP branch added: an MoE layer's output, its router's logits aside, as the residual's shape."""
+    if block.is_moe_layer:
+        output, _ = output
+    return residual + output.view(residual.shape)
+
+
 def _moe_and_shared_mlp(block: torch.nn.Module, x: Tensor) -> Tensor:
     """Granite MoE Shared's MLP branch: its MoE, and its shared MLP beside where it has one."""
     moe_output = block._modules["block_sparse_moe"](x)
@@ -1800,7 +1850,8 @@ _LLAMA_FORM = _BlockForm(_llama_layer_forward, _LLAMA_LAYER_FORWARD, "self_attn"
 # Granite's: each branch scaled
 _SCALED_FORM = _LLAMA_FORM._replace(source=_SCALED_LAYER_FORWARD, branch_ends=(_scaled, _added(_scaled)))
 # The forms a class calling Llama's children may have besides (Gemma 2 and 3, Gemma 4's vision encoder; GLM-4;
-# gpt-oss; Phi-3, Phi-4-multimodal; Granite, Granite MoE (Shared, SWA), Granite 4; Gemma 4's text layer; StableLM's;
+# gpt-oss; Phi-3, Phi-4-multimodal; Granite, Granite MoE (Shared, SWA), Granite 4; Llama 4; Gemma 4's text layer;
+# StableLM's;
 # Qwen3.5's and Qwen3-Next's hybrid layers), tried in turn; a class of none is left with its reason against Llama's.
 _PRE_NORM_FORMS = (
     _LLAMA_FORM,
@@ -1820,6 +1871,9 @@ _PRE_NORM_FORMS = (
         mixer="mamba",
         uses_mixer=_has_mamba,
         mlp_branch=_shared_mlp_and_moe,
+    ),
+    _LLAMA_FORM._replace(
+        source=_LLAMA4_LAYER_FORWARD, branch_ends=(None, _moe_pair_viewed), mlp_branch=_through("feed_forward")
     ),
     _BlockForm(_gemma4_layer_forward, _GEMMA4_LAYER_FORWARD, "self_attn", "pre_feedforward_layernorm"),
     _LLAMA_FORM._replace(
@@ -2513,6 +2567,10 @@ def _third_party_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
     read += [
         (_transformers_class(model, name), _gated_mlp_forward, "GatedMLP", _gated_activation("act_fn"))
         for model, name in _GATED_MLPS
+    ]
+    read += [
+        (_transformers_class(model, name), _gated_mlp_forward, "GatedMLP", _gated_activation("activation_fn"))
+        for model, name in _ACTIVATION_FN_GATED_MLPS
     ]
     read += [
         (_transformers_class(model, name), _gate_up_mlp_forward, "GatedMLP", _gated_activation("activation_fn"))

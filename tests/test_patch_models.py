@@ -313,6 +313,12 @@ MODELS = {
         ),
         "GatedMLP",
     ),
+    # Llama 4: MoE layers (a shared expert beside), qk norms without a weight; NanoChat: norms without a weight
+    "llama4": (
+        _decoder("Llama4ForCausalLM", "Llama4TextConfig", head_dim=8, num_local_experts=4, **_EAGER_EXPERTS),
+        "GatedMLP",
+    ),
+    "nanochat": (_decoder("NanoChatForCausalLM", "NanoChatConfig"), "LinearAct"),
     "smollm3": (_decoder("SmolLM3ForCausalLM", "SmolLM3Config"), "GatedMLP"),
     "olmo": (_decoder("OlmoForCausalLM", "OlmoConfig", clip_qkv=1.0), "GatedMLP"),  # parameterless LayerNorms
     "olmo2": (_decoder("Olmo2ForCausalLM", "Olmo2Config"), "GatedMLP"),
@@ -396,11 +402,12 @@ MODELS = {
     "llama-relu": (_decoder("LlamaForCausalLM", "LlamaConfig", hidden_act="relu"), "LinearAct"),
 }
 CAUSAL = [name for name in MODELS if name != "vit"]
-# their attention reads no apply_rotary_pos_emb (GPT-2, BERT, ViT, OPT). The others' attentions call ours:
-# Llama's halves, GLM's and GLM-4's interleaved pairs of cos's first half, gpt-oss's halves of a half's cos; a
+# their attention reads no apply_rotary_pos_emb (GPT-2, BERT, ViT, OPT; Llama 4 rotates by complex products of
+# its own), or one that computes none of ours (NanoChat's, left with the probe's error). The others' attentions call
+# ours: Llama's halves, GLM's and GLM-4's interleaved pairs of cos's first half, gpt-oss's halves of a half's cos; a
 # partial rotation (GPT-NeoX's, GLM's, GLM-4-MoE's inside theirs; Phi's and StableLM's rotary parts apart)
 # too. DeepSeek-V3's interleaved path calls its own.
-NO_ROPE = ("gpt2", "bert", "vit", "opt")
+NO_ROPE = ("gpt2", "bert", "vit", "opt", "llama4", "nanochat")
 ROPE = [name for name in MODELS if name not in NO_ROPE]
 
 
@@ -444,7 +451,7 @@ def _step(model: nn.Module, batch: dict, objective=None):
 
 def _is_norm(module: nn.Module) -> bool:
     return type(module) is nn.LayerNorm or type(module).__name__.endswith(
-        ("RMSNorm", "CohereLayerNorm", "Cohere2LayerNorm", "OlmoLayerNorm")
+        ("RMSNorm", "L2Norm", "CohereLayerNorm", "Cohere2LayerNorm", "OlmoLayerNorm")  # L2Norm: Llama 4's in 5.17
     )
 
 
@@ -555,8 +562,8 @@ def _norms_in_fp64(model: nn.Module) -> nn.Module:
             module.forward = lambda x, gate, m=module: (
                 m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon) * F.silu(gate)
             )
-        elif type(module).__name__.endswith("RMSNorm"):  # Gemma 4's: its weight optional (with_scale)
-            eps = vars(module).get("variance_epsilon", vars(module).get("eps"))  # Gemma 4's in transformers 5.17: eps
+        elif type(module).__name__.endswith(("RMSNorm", "L2Norm")):  # Gemma 4's weight optional; Llama 4's qk norms
+            eps = vars(module).get("variance_epsilon", vars(module).get("eps"))  # Gemma 4's, Llama 4's in 5.17: eps
             module.forward = lambda x, m=module, eps=eps: (
                 getattr(m, "weight", 1.0) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
             )
@@ -670,6 +677,8 @@ NORMS_FEEDING_MATMULS_BY_CODE = {
     # the MoE MLP reads its input otherwise (and Granite 4's Mamba layer)
     **{name: ("input_layernorm",) for name in ("mixtral", "gpt_oss", "granitemoe", "granitemoeshared")},
     "granitemoehybrid": ("layers.1.input_layernorm",),
+    "llama4": ("input_layernorm",),  # its MLP an MoE
+    "nanochat": PRE_NORMS,
     **{name: ("input_layernorm", "layers.1.post_attention_layernorm") for name in ("qwen2_moe", "qwen3_moe")},
     **{name: ("input_layernorm", "layers.0.post_attention_layernorm") for name in ("deepseek_v3", "glm4_moe")},
     # the linear attention's input norm too (a Gated DeltaNet masks its padding, then projects); not Qwen3-Next's
@@ -743,10 +752,14 @@ def test_norms_feeding_only_matmuls_return_the_autocast_dtype_and_the_same_logit
 
 @pytest.mark.parametrize(
     "name, dtype",
-    [("olmo2", torch.float32), ("gemma4", torch.float32), ("gemma4_moe", torch.float32), ("olmo", torch.bfloat16)],
+    [
+        *(("olmo2", torch.float32), ("gemma4", torch.float32), ("gemma4_moe", torch.float32)),
+        *(("llama4", torch.float32), ("nanochat", torch.bfloat16), ("olmo", torch.bfloat16)),
+    ],
 )
 def test_norms_rounding_back_to_their_input_dtype_return_it_under_autocast(name, dtype):
-    """OLMo 2's and Gemma 4's RMSNorms and OLMo's LayerNorm compute in fp32 and round back to
+    """OLMo 2's and Gemma 4's RMSNorms, those without a weight (Llama 4's, NanoChat's) and OLMo's
+    LayerNorm compute in fp32 and round back to
     their input's dtype, under autocast too (a bf16 q_norm of a bf16 projection; OLMo's final norm
     in a bf16 model, where the plain op would return fp32): ours return each the dtype theirs
     returns, but those feeding only matmuls."""
@@ -881,7 +894,9 @@ ADD_NORM_MODELS = {
             ("granite", "GraniteDecoderLayer"),
             ("granitemoe", "GraniteMoeDecoderLayer"),
             ("granitemoeshared", "GraniteMoeSharedDecoderLayer"),
-            ("granitemoehybrid", "GraniteMoeHybridDecoderLayer"),  # its Mamba layer's and its attention's
+            ("granitemoehybrid", "GraniteMoeHybridDecoderLayer"),
+            ("llama4", "Llama4TextDecoderLayer"),
+            ("nanochat", "NanoChatDecoderLayer"),  # its Mamba layer's and its attention's
             ("smollm3", "SmolLM3DecoderLayer"),
             ("glm", "GlmDecoderLayer"),
             ("glm4", "Glm4DecoderLayer"),
@@ -1053,7 +1068,7 @@ def _hook_norms(model: nn.Module, names: list[str]) -> list:
     "name",
     [
         *("llama", "qwen3", "gemma", "gemma2", "glm4", "phi3", "granite", "granitemoeshared", "granitemoehybrid"),
-        *("gpt_oss", "gpt2", "bert", "vit"),
+        *("llama4", "nanochat", "gpt_oss", "gpt2", "bert", "vit"),
     ],
 )
 @pytest.mark.parametrize("autocast", [False, True])
@@ -1344,7 +1359,7 @@ FUSED_LOSS_MODELS = {
         output_router_logits=True,
         **_EAGER_EXPERTS,
     ),
-    "llama4": _decoder("Llama4ForCausalLM", "Llama4TextConfig", head_dim=8, num_local_experts=4, **_EAGER_EXPERTS),
+    "llama4": MODELS["llama4"][0],
     "granitemoe": MODELS["granitemoe"][0],
     "granitemoeshared": MODELS["granitemoeshared"][0],
     "granitemoehybrid": MODELS["granitemoehybrid"][0],
