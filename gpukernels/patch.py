@@ -72,7 +72,9 @@ forward on its own state, and is converted as its base is. Recognised:
   output a pair), Gemma 4's text layer
   (an MoE beside the MLP, an input of its own, the output scaled), StableLM's (without a parallel
   residual) or Qwen3.5's and Qwen3-Next's hybrid layers (a linear attention in the attention's place by
-  ``block_type``)
+  ``block_type``), or Llama's with its norms named otherwise (CLIP's and SigLIP's encoder layers, text
+  and vision towers alike, and the ~45 classes copied from them: BLIP, AltCLIP, Idefics 3, ...;
+  Apertus's, VaultGemma's)
   (``_PRE_NORM_FORMS``, checked on the source of every
   transformers class of the model that calls Llama's children) or GPT-2's
   add the attention's output to the residual stream and normalise the sum for
@@ -998,10 +1000,10 @@ def _norms_feeding_matmuls(classes: Iterable[type]) -> dict[type, dict[str, list
         for child, read in llama_form.items()
     }
     for cls in set(classes) - set(blocks):
-        form = _pre_norm_form(cls) if _calls_children(cls, _LLAMA_FORM_CHILDREN) else None
+        form = _pre_norm_form(cls)
         if form is not None and isinstance(_block_call(cls.forward, form), _BlockCall):
             mixer = _TOKEN_MIXER if form.mixer else "self_attn"  # a hybrid layer's: by its block_type
-            blocks[cls] = {"input_layernorm": [(mixer, readers["self_attn"])], form.norm: [("mlp", readers["mlp"])]}
+            blocks[cls] = {form.input_norm: [(mixer, readers["self_attn"])], form.norm: [("mlp", readers["mlp"])]}
     return blocks
 
 
@@ -1616,7 +1618,7 @@ def _llama_layer_forward(self, *args, **kwargs) -> Tensor:
         return _original_class(self).forward(self, *args, **kwargs)
     residual, attention_kwargs, _ = call
     parts = self._modules  # see _train_bottleneck_forward
-    attention_output, _ = parts["self_attn"](hidden_states=parts["input_layernorm"](residual), **attention_kwargs)
+    attention_output, _ = parts["self_attn"](hidden_states=parts[self.input_norm](residual), **attention_kwargs)
     return _mlp_half(self, parts, attention_output, residual)
 
 
@@ -1685,7 +1687,7 @@ def _mixer_layer_forward(self, *args, **kwargs) -> Tensor:
         return _original_class(self).forward(self, *args, **kwargs)
     residual, mixer_kwargs = call
     parts = self._modules  # see _train_bottleneck_forward
-    mixed = parts[self.mixer](hidden_states=parts["input_layernorm"](residual), **mixer_kwargs)
+    mixed = parts[self.mixer](hidden_states=parts[self.input_norm](residual), **mixer_kwargs)
     return _mlp_half(self, parts, mixed, residual)
 
 
@@ -1786,6 +1788,21 @@ class _BlockForm(NamedTuple):
     mlp_branch: Callable[[torch.nn.Module, Tensor], Tensor] | None = None
     """A Llama-form variant's MLP branch, ``mlp_branch(block, normed)``, where it is not its ``mlp``
     child (Granite MoE's)."""
+    input_norm: str = "input_layernorm"
+    """A pre-norm form's norm before its attention."""
+
+    @property
+    def children(self) -> frozenset[str]:
+        """What a class's forward calls to be checked against a pre-norm form."""
+        return frozenset((self.input_norm, self.attention, self.norm))
+
+    def renamed(self, input_norm: str, norm: str) -> "_BlockForm":
+        """This pre-norm form with its norms named otherwise (Llama's: CLIP's ``layer_norm1`` and
+        ``layer_norm2``, Apertus's, VaultGemma's)."""
+        source = self.source.replace(f"self.{self.input_norm}(", f"self.{input_norm}(")
+        return self._replace(
+            source=source.replace(f"self.{self.norm}(", f"self.{norm}("), input_norm=input_norm, norm=norm
+        )
 
 
 def _by_block_type(block: torch.nn.Module) -> bool | None:
@@ -1862,6 +1879,9 @@ _PRE_NORM_FORMS = (
         source=_DROPOUT_LAYER_FORWARD,
         branch_ends=(_through("resid_attn_dropout"), _added(_through("resid_mlp_dropout"))),
     ),
+    _LLAMA_FORM.renamed("layer_norm1", "layer_norm2"),  # CLIP's, SigLIP's, BLIP's, ... encoder layers
+    _LLAMA_FORM.renamed("attention_layernorm", "feedforward_layernorm"),  # Apertus's
+    _LLAMA_FORM.renamed("input_layernorm", "pre_feedforward_layernorm"),  # VaultGemma's
     _SCALED_FORM,
     _SCALED_FORM._replace(source=_GRANITE_MOE_LAYER_FORWARD, mlp_branch=_through("block_sparse_moe")),
     _SCALED_FORM._replace(source=_GRANITE_SHARED_LAYER_FORWARD, mlp_branch=_moe_and_shared_mlp),
@@ -1915,17 +1935,14 @@ def _add_norm_block_check(call: _BlockCall | str, norm: str) -> Callable[[torch.
     return prepare
 
 
-# (the MLP by any name: Granite MoE's block_sparse_moe)
-_LLAMA_FORM_CHILDREN = frozenset(("input_layernorm", "self_attn", "post_attention_layernorm"))
 _POST_NORM_CHILDREN = frozenset(("self_attn", "post_attention_layernorm", "mlp", "post_feedforward_layernorm"))
 _LFM2_CHILDREN = frozenset(("operator_norm", "self_attn", "conv", "ffn_norm", "feed_forward"))
 
 
 def _calls_children(cls: type, children: frozenset[str], but: str = "") -> bool:
     """Whether ``cls``'s forward calls ``children`` (and not ``but``): what a block of a form
-    calls (Llama's and the pre-norm forms', ``_LLAMA_FORM_CHILDREN``; a post-norm block's,
-    without an ``input_layernorm``), whose forward is then checked against the forms:
-    converted, or left with the reason."""
+    calls (a pre-norm form's ``children``; a post-norm block's, without an ``input_layernorm``),
+    whose forward is then checked against the forms: converted, or left with the reason."""
     forward = inspect.unwrap(cls.forward)
     if not isinstance(forward, types.FunctionType):
         return False
@@ -1936,8 +1953,9 @@ def _calls_children(cls: type, children: frozenset[str], but: str = "") -> bool:
 def _block_form(cls: type) -> _BlockForm | None:
     """The form a transformers class is checked against, by the children its forward calls: a
     pre-norm form (``_pre_norm_form``), the post-norm form, LFM2's; None for another class."""
-    if _calls_children(cls, _LLAMA_FORM_CHILDREN):
-        return _pre_norm_form(cls)
+    form = _pre_norm_form(cls)
+    if form is not None:
+        return form
     if _calls_children(cls, _POST_NORM_CHILDREN, but="input_layernorm"):
         return _POST_NORM_FORM
     if _calls_children(cls, _LFM2_CHILDREN):
@@ -1945,10 +1963,13 @@ def _block_form(cls: type) -> _BlockForm | None:
     return None
 
 
-def _pre_norm_form(cls: type) -> _BlockForm:
-    """The first of ``_PRE_NORM_FORMS`` whose source is ``cls``'s forward; Llama's when none is
-    (the block is then left with its reason)."""
-    return next((f for f in _PRE_NORM_FORMS if isinstance(_block_call(cls.forward, f), _BlockCall)), _LLAMA_FORM)
+def _pre_norm_form(cls: type) -> _BlockForm | None:
+    """The first of ``_PRE_NORM_FORMS`` whose source is ``cls``'s forward; where none is, the
+    first whose children the forward calls (the block is then left with its reason against it);
+    None where it calls no form's children (the MLP by any name: Granite MoE's block_sparse_moe)."""
+    candidates = [form for form in _PRE_NORM_FORMS if _calls_children(cls, form.children)]
+    fallback = candidates[0] if candidates else None
+    return next((f for f in candidates if isinstance(_block_call(cls.forward, f), _BlockCall)), fallback)
 
 
 def _timm_vit_block_forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
@@ -2129,7 +2150,7 @@ def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
             replacement.block_call = call  # a class attribute: the forward reads it, torch.compile too
             replacement.branch_ends, replacement.mlp_norm = form.branch_ends, form.norm
             replacement.mixer, replacement.uses_mixer = form.mixer, form.uses_mixer
-            replacement.mlp_branch = form.mlp_branch
+            replacement.mlp_branch, replacement.input_norm = form.mlp_branch, form.input_norm
         rules[cls] = _Rule(
             replacement, "ResidualNorm", _add_norm_block_check(call, form.norm), opaque=False, residual_norm=form.norm
         )

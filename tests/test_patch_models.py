@@ -319,6 +319,9 @@ MODELS = {
         "GatedMLP",
     ),
     "nanochat": (_decoder("NanoChatForCausalLM", "NanoChatConfig"), "LinearAct"),
+    # Llama's form, its norms named otherwise: Apertus's (its xIELU no activation of ours), VaultGemma's
+    "apertus": (_decoder("ApertusForCausalLM", "ApertusConfig"), None),
+    "vaultgemma": (_decoder("VaultGemmaForCausalLM", "VaultGemmaConfig", head_dim=8), "GatedMLP"),
     "smollm3": (_decoder("SmolLM3ForCausalLM", "SmolLM3Config"), "GatedMLP"),
     "olmo": (_decoder("OlmoForCausalLM", "OlmoConfig", clip_qkv=1.0), "GatedMLP"),  # parameterless LayerNorms
     "olmo2": (_decoder("Olmo2ForCausalLM", "Olmo2Config"), "GatedMLP"),
@@ -554,6 +557,7 @@ def _norms_in_fp64(model: nn.Module) -> nn.Module:
             "Gemma3RMSNorm",
             "Qwen3_5RMSNorm",
             "Qwen3NextRMSNorm",
+            "VaultGemmaRMSNorm",
         ):
             module.forward = lambda x, m=module: (
                 x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) * (1 + m.weight)
@@ -658,10 +662,11 @@ NORMS_FEEDING_MATMULS = {
     },
     **{name: PRE_NORMS for name in ("llama-gelu", "llama-relu")},
     "gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
-    **{
-        name: ("input_layernorm", "pre_feedforward_layernorm")
-        for name in ("gemma3", "gemma3_vl", "gemma4", "gemma4_moe")
-    },
+    **{name: ("input_layernorm", "pre_feedforward_layernorm") for name in ("gemma3", "gemma4", "gemma4_moe")},
+    # its SigLIP vision tower's too (CLIP's form: Llama's, its norms layer_norm1 and layer_norm2)
+    "gemma3_vl": ("input_layernorm", "pre_feedforward_layernorm", "layer_norm1", "layer_norm2"),
+    "apertus": ("attention_layernorm", "feedforward_layernorm"),
+    "vaultgemma": ("input_layernorm", "pre_feedforward_layernorm"),
     # the vision tower's attention reads its input through clippable linears (no nn.Linear): its MLP's norm alone
     "gemma4_vl": ("pre_feedforward_layernorm", *(f"language_model.layers.{i}.input_layernorm" for i in range(2))),
     "gpt2": ("ln_1", "ln_2"),
@@ -876,6 +881,7 @@ ADD_NORM_MODELS = {
     "bert": ("BertSelfOutput", "BertOutput"),
     "vit": ("ViTLayer",),
     "gemma4_vl": ("Gemma4TextDecoderLayer", "Gemma4VisionEncoderLayer"),  # the vision tower's too
+    "gemma3_vl": ("Gemma3DecoderLayer", "SiglipEncoderLayer"),  # its SigLIP vision tower's too
     **{
         name: (block,)
         for name, block in (
@@ -889,14 +895,15 @@ ADD_NORM_MODELS = {
             ("gemma", "GemmaDecoderLayer"),
             ("gemma2", "Gemma2DecoderLayer"),
             ("gemma3", "Gemma3DecoderLayer"),
-            ("gemma3_vl", "Gemma3DecoderLayer"),
             ("phi3", "Phi3DecoderLayer"),
             ("granite", "GraniteDecoderLayer"),
             ("granitemoe", "GraniteMoeDecoderLayer"),
             ("granitemoeshared", "GraniteMoeSharedDecoderLayer"),
             ("granitemoehybrid", "GraniteMoeHybridDecoderLayer"),
             ("llama4", "Llama4TextDecoderLayer"),
-            ("nanochat", "NanoChatDecoderLayer"),  # its Mamba layer's and its attention's
+            ("nanochat", "NanoChatDecoderLayer"),
+            ("apertus", "ApertusDecoderLayer"),
+            ("vaultgemma", "VaultGemmaDecoderLayer"),  # its Mamba layer's and its attention's
             ("smollm3", "SmolLM3DecoderLayer"),
             ("glm", "GlmDecoderLayer"),
             ("glm4", "Glm4DecoderLayer"),
@@ -1068,7 +1075,7 @@ def _hook_norms(model: nn.Module, names: list[str]) -> list:
     "name",
     [
         *("llama", "qwen3", "gemma", "gemma2", "glm4", "phi3", "granite", "granitemoeshared", "granitemoehybrid"),
-        *("llama4", "nanochat", "gpt_oss", "gpt2", "bert", "vit"),
+        *("llama4", "nanochat", "apertus", "vaultgemma", "gpt_oss", "gpt2", "bert", "vit"),
     ],
 )
 @pytest.mark.parametrize("autocast", [False, True])
@@ -1080,8 +1087,16 @@ def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autoc
     gk.patch(model)
     batch = _batch(name)
     # the norms that take the residual (Gemma 2's post_attention_layernorm does not)
-    fused = ("post_attention_layernorm", "pre_feedforward_layernorm", "ln_2", "output.LayerNorm", "layernorm_after")
+    fused = (
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        ".feedforward_layernorm",
+        "ln_2",
+        "output.LayerNorm",
+    )
+    fused += ("layernorm_after",)
     norms = [n for n, m in model.named_modules() if n.endswith(fused)]
+    assert len(norms) >= len(ADD_NORM_MODELS[name]) * 2  # each block's (of 2)
     results = []
     for hooked in (False, True):
         hooks = _hook_norms(model, norms) if hooked else []
@@ -1093,6 +1108,64 @@ def test_fused_blocks_give_the_logits_of_the_addition_and_norm_apart(name, autoc
     assert torch.equal(fused_logits, logits)
     for key in grads:
         torch.testing.assert_close(fused_grads[key], grads[key], rtol=1e-2 if autocast else 1e-4, atol=1e-5)
+
+
+def _dual_encoder(kind: str, dtype=torch.float32) -> nn.Module:
+    """A tiny CLIP or SigLIP: a text and a vision tower of two layers each."""
+    tower = dict(hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    model, config = {"clip": ("CLIPModel", "CLIPConfig"), "siglip": ("SiglipModel", "SiglipConfig")}[kind]
+    torch.manual_seed(0)
+    config = getattr(transformers, config)(
+        text_config=tower | dict(vocab_size=VOCAB, max_position_embeddings=SEQ, bos_token_id=0, eos_token_id=1),
+        vision_config=tower | dict(image_size=8, patch_size=4),
+    )
+    return getattr(transformers, model)(config).to(dtype)
+
+
+def _image_text_batch(dtype=torch.float32) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    return dict(
+        input_ids=torch.randint(2, VOCAB, (BATCH, SEQ), generator=generator),
+        pixel_values=torch.randn(BATCH, 3, 8, 8, generator=generator, dtype=dtype),
+        return_loss=True,
+    )
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_clip_and_siglip_encoder_layers_add_and_normalise_in_one_op(kind, monkeypatch):
+    """CLIP's and SigLIP's encoder layers (text and vision towers; SigLIP's is the vision tower of
+    PaliGemma, Gemma 3, Idefics 3) are Llama's form with their norms named ``layer_norm1`` and
+    ``layer_norm2``: each converted, its residual addition and ``layer_norm2`` one op a forward; the
+    contrastive loss and gradients of the unpatched model in fp64; under bf16 autocast the logits
+    bit for bit those of the addition and norm apart (hooked)."""
+    original = _dual_encoder(kind, torch.float64)
+    model = copy.deepcopy(original)
+    report = gk.patch(model)
+    layers = [n for n, m in original.named_modules() if type(m).__name__.endswith("EncoderLayer")]
+    assert len(layers) == 4 and [n for n, _, kind in report.swapped if kind == "ResidualNorm"] == layers
+
+    def step(model):
+        loss = model(**_image_text_batch(torch.float64)).loss
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters()}
+
+    calls = _count_add_norms(monkeypatch)
+    (loss, grads), (expected_loss, expected_grads) = step(model), step(original)
+    assert calls == [gk.nn.LayerNorm] * 4
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-12)
+    for key in expected_grads:
+        torch.testing.assert_close(grads[key], expected_grads[key], rtol=1e-10, atol=1e-12)
+    model = _dual_encoder(kind)
+    gk.patch(model)
+    norms = [f"{n}.layer_norm2" for n in layers]
+    results = []
+    for hooked in (False, True):
+        hooks = _hook_norms(model, norms) if hooked else []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(model(**_image_text_batch()).logits_per_image)
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(*results)
 
 
 @pytest.mark.parametrize("name, dropouts", [("phi3", 4), ("bert", 7), ("vit", 3), ("stablelm", 2)])
