@@ -74,7 +74,8 @@ forward on its own state, and is converted as its base is. Recognised:
   residual) or Qwen3.5's and Qwen3-Next's hybrid layers (a linear attention in the attention's place by
   ``block_type``), or Llama's with its norms named otherwise (CLIP's and SigLIP's encoder layers, text
   and vision towers alike, and the ~45 classes copied from them: BLIP, AltCLIP, Idefics 3, ...;
-  Apertus's, VaultGemma's)
+  Apertus's, VaultGemma's) (a name the forward never reads, such as the attention's weights, and the
+  order of a sum of two names aside: Llama 3.2 Vision's self-attention layers, BLIP's vision layers)
   (``_PRE_NORM_FORMS``, checked on the source of every
   transformers class of the model that calls Llama's children) or GPT-2's
   add the attention's output to the residual stream and normalise the sum for
@@ -1027,7 +1028,7 @@ def _masks_padding(function: Callable) -> bool:
         return False
     body, signature = read
     return list(signature.parameters) == ["hidden_states", "attention_mask"] and ast.dump(body) == ast.dump(
-        ast.parse(_MASK_PADDING_SOURCE)
+        _parsed(_MASK_PADDING_SOURCE)
     )
 
 
@@ -1473,9 +1474,34 @@ def _without_keywords(tree: ast.AST, callees: tuple[str, ...]) -> tuple[ast.AST,
     return tree, taken
 
 
+def _canonical(tree: ast.Module) -> ast.Module:
+    """``tree`` (a forward's body, a form's source) as the two are compared, in place: a name stored
+    and never read is ``_`` (whatever a forward calls the attention weights it discards), and an
+    addition of two names has its operands in one order (``x + residual`` is ``residual + x``: the
+    sum of two tensors rounds the same either way)."""
+    read = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id not in read:
+            node.id = "_"
+        elif (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.Add)
+            and isinstance(node.left, ast.Name)
+            and isinstance(node.right, ast.Name)
+            and node.left.id > node.right.id
+        ):
+            node.left, node.right = node.right, node.left
+    return tree
+
+
+def _parsed(source: str) -> ast.Module:
+    """A form's source as its forward's body is compared with it (``_canonical``)."""
+    return _canonical(ast.parse(source))
+
+
 def _forward_body(forward: Callable) -> tuple[ast.Module, inspect.Signature] | str:
     """``forward``'s body, its docstring aside, as a module to compare with a form's source
-    (``ast.dump``), and its signature; else why they cannot be read."""
+    (``ast.dump``; ``_canonical``), and its signature; else why they cannot be read."""
     try:
         function = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
         signature = inspect.signature(forward)
@@ -1486,7 +1512,7 @@ def _forward_body(forward: Callable) -> tuple[ast.Module, inspect.Signature] | s
     body = function.body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]  # the docstring
-    return ast.Module(body=body, type_ignores=[]), signature
+    return _canonical(ast.Module(body=body, type_ignores=[])), signature
 
 
 @functools.cache
@@ -1502,7 +1528,7 @@ def _block_call(forward: Callable, form: _BlockForm) -> _BlockCall | str:
     body, signature = read
     callees = (attention, *form.apart, *filter(None, [form.mixer]))
     ours, keywords = _without_keywords(body, callees)
-    expected, _ = _without_keywords(ast.parse(form.source), callees)
+    expected, _ = _without_keywords(_parsed(form.source), callees)
     if ast.dump(ours) != ast.dump(expected):
         return "its forward is not the one read (transformers 5.17 and 5.25): the residual addition stays apart"
     parameters = list(signature.parameters.values())[1:]
@@ -2051,7 +2077,7 @@ def _forward_differs(forward: Callable, source: str, replacement: Callable) -> s
     if isinstance(read, str):
         return read
     body, signature = read
-    if ast.dump(body) != ast.dump(ast.parse(source)):
+    if ast.dump(body) != ast.dump(_parsed(source)):
         return "its forward is not the one read: the residual addition stays apart"
     parameters, expected = (
         [(p.name, p.kind, p.default) for p in s.parameters.values()]

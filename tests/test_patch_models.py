@@ -6,6 +6,7 @@ loss in both modes and torch.compile.
 ``python tests/test_patch_models.py`` prints the table of what patch swaps and
 leaves in each model."""
 
+import ast
 import contextlib
 import copy
 import importlib
@@ -1168,6 +1169,37 @@ def test_clip_and_siglip_encoder_layers_add_and_normalise_in_one_op(kind, monkey
     assert torch.equal(*results)
 
 
+def test_mllama_self_attention_layers_add_and_normalise_in_one_op():
+    """Llama 3.2 Vision's text model: its self-attention layers are Llama's form (the attention's
+    weights named, never read), converted; its cross-attention layers are left as they are; the
+    logits and gradients of the model as written."""
+    torch.manual_seed(0)
+    original = _decoder("MllamaForCausalLM", "MllamaTextConfig", cross_attention_layers=[1])().double()
+    report = _assert_patched_matches_fp64(original, _batch("mllama", torch.float64))
+    assert [n for n, _, kind in report.swapped if kind == "ResidualNorm"] == ["model.layers.0"]
+
+
+def test_blip_vision_layers_add_and_normalise_in_one_op(monkeypatch):
+    """BLIP's vision layers (BLIP-2's, InstructBLIP's): CLIP's form, the residual added after (``x +
+    residual``, the same sum): converted, one op a layer, the output and gradients of the model as written."""
+    config = transformers.BlipVisionConfig(
+        hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=8, patch_size=4
+    )
+    torch.manual_seed(0)
+    original = transformers.BlipVisionModel(config).double()
+    model = copy.deepcopy(original)
+    assert gk.patch(model).counts["ResidualNorm"] == 2
+    pixels = torch.randn(BATCH, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    calls = _count_add_norms(monkeypatch)
+    outputs = [m(pixel_values=pixels).last_hidden_state for m in (model, original)]
+    assert calls == [gk.nn.LayerNorm] * 2
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(outputs[0])
+    grads = [torch.autograd.grad((out * weights).sum(), m.parameters()) for out, m in zip(outputs, (model, original))]
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("name, dropouts", [("phi3", 4), ("bert", 7), ("vit", 3), ("stablelm", 2)])
 def test_fused_blocks_with_dropout_draw_the_masks_of_the_blocks_as_written(name, dropouts):
     """Residual dropouts in training (Phi-3's and ViT's on each branch, BERT's before each LayerNorm,
@@ -1228,6 +1260,19 @@ def test_block_whose_forward_differs_is_left_with_its_reason(monkeypatch):
     left = {n: why for n, _, why in report.left}
     assert "is not the one read" in left["model.layers.0"]
     torch.testing.assert_close(model(**_without_labels(_batch("llama"))).logits, expected)
+
+
+def test_forms_read_a_discarded_name_and_a_sum_of_two_names_either_way():
+    """What a forward calls a value it never reads, and the order of a sum of two names, do not change
+    what it computes; the order of any other operation does, and so does a name it reads."""
+
+    def canonical(source: str) -> str:
+        return ast.dump(gk_patch._parsed(source))
+
+    assert canonical("h, weights = f(x)\nreturn h + r") == canonical("h, _ = f(x)\nreturn r + h")
+    assert canonical("h, w = f(x)\nreturn h + w") != canonical("h, _ = f(x)\nreturn h + r")
+    assert canonical("return h - r") != canonical("return r - h")
+    assert canonical("return h + 2 * r") != canonical("return 2 * r + h")
 
 
 def test_block_checks_its_attention_keywords():
