@@ -74,8 +74,9 @@ forward on its own state, and is converted as its base is. Recognised:
   residual) or Qwen3.5's and Qwen3-Next's hybrid layers (a linear attention in the attention's place by
   ``block_type``), or Llama's with its norms named otherwise (CLIP's and SigLIP's encoder layers, text
   and vision towers alike, and the ~45 classes copied from them: BLIP, AltCLIP, Idefics 3, ...;
-  Apertus's, VaultGemma's) (a name the forward never reads, such as the attention's weights, and the
-  order of a sum of two names aside: Llama 3.2 Vision's self-attention layers, BLIP's vision layers)
+  Apertus's, VaultGemma's, Jamba's attention layers) (a name the forward never reads, such as the
+  attention's weights, and the order of a sum of two names aside: Llama 3.2 Vision's self-attention
+  layers, BLIP's vision layers)
   (``_PRE_NORM_FORMS``, checked on the source of every
   transformers class of the model that calls Llama's children) or GPT-2's
   add the attention's output to the residual stream and normalise the sum for
@@ -1822,13 +1823,13 @@ class _BlockForm(NamedTuple):
         """What a class's forward calls to be checked against a pre-norm form."""
         return frozenset((self.input_norm, self.attention, self.norm))
 
-    def renamed(self, input_norm: str, norm: str) -> "_BlockForm":
-        """This pre-norm form with its norms named otherwise (Llama's: CLIP's ``layer_norm1`` and
-        ``layer_norm2``, Apertus's, VaultGemma's)."""
+    def renamed(self, input_norm: str, norm: str, mlp: str = "mlp") -> "_BlockForm":
+        """This pre-norm form (of an ``mlp``) with its norms named otherwise (Llama's: CLIP's
+        ``layer_norm1`` and ``layer_norm2``, Apertus's, VaultGemma's), and its MLP (Jamba's)."""
         source = self.source.replace(f"self.{self.input_norm}(", f"self.{input_norm}(")
-        return self._replace(
-            source=source.replace(f"self.{self.norm}(", f"self.{norm}("), input_norm=input_norm, norm=norm
-        )
+        source = source.replace(f"self.{self.norm}(", f"self.{norm}(").replace("self.mlp(", f"self.{mlp}(")
+        mlp_branch = None if mlp == "mlp" else _through(mlp)
+        return self._replace(source=source, input_norm=input_norm, norm=norm, mlp_branch=mlp_branch)
 
 
 def _by_block_type(block: torch.nn.Module) -> bool | None:
@@ -1908,6 +1909,7 @@ _PRE_NORM_FORMS = (
     _LLAMA_FORM.renamed("layer_norm1", "layer_norm2"),  # CLIP's, SigLIP's, BLIP's, ... encoder layers
     _LLAMA_FORM.renamed("attention_layernorm", "feedforward_layernorm"),  # Apertus's
     _LLAMA_FORM.renamed("input_layernorm", "pre_feedforward_layernorm"),  # VaultGemma's
+    _LLAMA_FORM.renamed("input_layernorm", "pre_ff_layernorm", "feed_forward"),  # Jamba's attention layers
     _SCALED_FORM,
     _SCALED_FORM._replace(source=_GRANITE_MOE_LAYER_FORWARD, mlp_branch=_through("block_sparse_moe")),
     _SCALED_FORM._replace(source=_GRANITE_SHARED_LAYER_FORWARD, mlp_branch=_moe_and_shared_mlp),

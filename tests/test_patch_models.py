@@ -1169,14 +1169,19 @@ def test_clip_and_siglip_encoder_layers_add_and_normalise_in_one_op(kind, monkey
     assert torch.equal(*results)
 
 
-def test_mllama_self_attention_layers_add_and_normalise_in_one_op():
+@pytest.mark.parametrize("name", ["mllama", "jamba"])
+def test_attention_layers_beside_others_add_and_normalise_in_one_op(name):
     """Llama 3.2 Vision's text model: its self-attention layers are Llama's form (the attention's
-    weights named, never read), converted; its cross-attention layers are left as they are; the
-    logits and gradients of the model as written."""
+    weights named, never read), converted, its cross-attention layers left as they are; Jamba's
+    attention layers are Llama's form of other names (``pre_ff_layernorm``, ``feed_forward``: an MoE
+    in the test's), its Mamba layers left: the logits and gradients of the model as written."""
     torch.manual_seed(0)
-    original = _decoder("MllamaForCausalLM", "MllamaTextConfig", cross_attention_layers=[1])().double()
-    report = _assert_patched_matches_fp64(original, _batch("mllama", torch.float64))
-    assert [n for n, _, kind in report.swapped if kind == "ResidualNorm"] == ["model.layers.0"]
+    if name == "mllama":
+        original, layer = _decoder("MllamaForCausalLM", "MllamaTextConfig", cross_attention_layers=[1])(), 0
+    else:
+        original, layer = FUSED_LOSS_MODELS["jamba"](), 1
+    report = _assert_patched_matches_fp64(original.double(), _batch(name, torch.float64))
+    assert [n for n, _, kind in report.swapped if kind == "ResidualNorm"] == [f"model.layers.{layer}"]
 
 
 def test_blip_vision_layers_add_and_normalise_in_one_op(monkeypatch):
