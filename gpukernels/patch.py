@@ -74,9 +74,10 @@ forward on its own state, and is converted as its base is. Recognised:
   residual) or Qwen3.5's and Qwen3-Next's hybrid layers (a linear attention in the attention's place by
   ``block_type``), or Llama's with its norms named otherwise (CLIP's and SigLIP's encoder layers, text
   and vision towers alike, and the ~45 classes copied from them: BLIP, AltCLIP, Idefics 3, ...;
-  Apertus's, VaultGemma's, Jamba's attention layers) (a name the forward never reads, such as the
-  attention's weights, and the order of a sum of two names aside: Llama 3.2 Vision's self-attention
-  layers, BLIP's vision layers)
+  Apertus's, VaultGemma's, Jamba's attention layers; PaddleOCR-VL's and VideoLLaMA3's vision
+  layers, which pass the attention its input by position, as the replacement then does) (a name
+  the forward never reads, such as the attention's weights, and the order of a sum of two names
+  aside: Llama 3.2 Vision's self-attention layers, BLIP's vision layers)
   (``_PRE_NORM_FORMS``, checked on the source of every
   transformers class of the model that calls Llama's children) or GPT-2's
   add the attention's output to the residual stream and normalise the sum for
@@ -1645,7 +1646,11 @@ def _llama_layer_forward(self, *args, **kwargs) -> Tensor:
         return _original_class(self).forward(self, *args, **kwargs)
     residual, attention_kwargs, _ = call
     parts = self._modules  # see _train_bottleneck_forward
-    attention_output, _ = parts["self_attn"](hidden_states=parts[self.input_norm](residual), **attention_kwargs)
+    normed = parts[self.input_norm](residual)
+    if self.by_position:
+        attention_output, _ = parts["self_attn"](normed, **attention_kwargs)
+    else:
+        attention_output, _ = parts["self_attn"](hidden_states=normed, **attention_kwargs)
     return _mlp_half(self, parts, attention_output, residual)
 
 
@@ -1817,6 +1822,9 @@ class _BlockForm(NamedTuple):
     child (Granite MoE's)."""
     input_norm: str = "input_layernorm"
     """A pre-norm form's norm before its attention."""
+    by_position: bool = False
+    """Whether the block passes the attention its input by position (as the replacement then does:
+    a hook on the attention sees the call as written), not as ``hidden_states=``."""
 
     @property
     def children(self) -> frozenset[str]:
@@ -1830,6 +1838,12 @@ class _BlockForm(NamedTuple):
         source = source.replace(f"self.{self.norm}(", f"self.{norm}(").replace("self.mlp(", f"self.{mlp}(")
         mlp_branch = None if mlp == "mlp" else _through(mlp)
         return self._replace(source=source, input_norm=input_norm, norm=norm, mlp_branch=mlp_branch)
+
+    def by_position_form(self) -> "_BlockForm":
+        """This form with its attention given its input by position (PaddleOCR-VL's vision layers)."""
+        keyword = f"self.{self.attention}(hidden_states=hidden_states)"
+        source = self.source.replace(keyword, f"self.{self.attention}(hidden_states)")
+        return self._replace(source=source, by_position=True)
 
 
 def _by_block_type(block: torch.nn.Module) -> bool | None:
@@ -1907,6 +1921,7 @@ _PRE_NORM_FORMS = (
         branch_ends=(_through("resid_attn_dropout"), _added(_through("resid_mlp_dropout"))),
     ),
     _LLAMA_FORM.renamed("layer_norm1", "layer_norm2"),  # CLIP's, SigLIP's, BLIP's, ... encoder layers
+    _LLAMA_FORM.renamed("layer_norm1", "layer_norm2").by_position_form(),  # PaddleOCR-VL's, VideoLLaMA3's vision
     _LLAMA_FORM.renamed("attention_layernorm", "feedforward_layernorm"),  # Apertus's
     _LLAMA_FORM.renamed("input_layernorm", "pre_feedforward_layernorm"),  # VaultGemma's
     _LLAMA_FORM.renamed("input_layernorm", "pre_ff_layernorm", "feed_forward"),  # Jamba's attention layers
@@ -2179,6 +2194,7 @@ def _add_norm_block_rules(classes: Iterable[type] = ()) -> dict[type, _Rule]:
             replacement.branch_ends, replacement.mlp_norm = form.branch_ends, form.norm
             replacement.mixer, replacement.uses_mixer = form.mixer, form.uses_mixer
             replacement.mlp_branch, replacement.input_norm = form.mlp_branch, form.input_norm
+            replacement.by_position = form.by_position
         rules[cls] = _Rule(
             replacement, "ResidualNorm", _add_norm_block_check(call, form.norm), opaque=False, residual_norm=form.norm
         )

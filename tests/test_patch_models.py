@@ -1205,6 +1205,49 @@ def test_blip_vision_layers_add_and_normalise_in_one_op(monkeypatch):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
+class _PaddleOcrVisionLayers(nn.Module):
+    """Two of PaddleOCR-VL's vision encoder layers, called as its encoder calls them."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.models.paddleocr_vl import modeling_paddleocr_vl
+
+        config = transformers.PaddleOCRVisionConfig(
+            hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+        )
+        config._attn_implementation = "eager"
+        self.layers = nn.ModuleList(modeling_paddleocr_vl.PaddleOCRVisionEncoderLayer(config) for _ in range(2))
+
+    def forward(self, x, cu_seqlens, position_embeddings):
+        for layer in self.layers:
+            x = layer(x, cu_seqlens=cu_seqlens, position_embeddings=position_embeddings)
+        return x
+
+
+def test_vision_layers_passing_the_attention_its_input_by_position(monkeypatch):
+    """PaddleOCR-VL's (and VideoLLaMA3's) vision layers, CLIP's form but for the attention's input
+    given by position: converted, one op a layer, the attention given its input by position as
+    before (a hook on it sees the same call), the output and gradients of the layers as written."""
+    torch.manual_seed(0)
+    original = _PaddleOcrVisionLayers().double()
+    model = copy.deepcopy(original)
+    assert gk.patch(model).counts["ResidualNorm"] == 2
+    seen = []
+    model.layers[0].self_attn.register_forward_pre_hook(lambda module, args: seen.append(len(args)))
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(10, HIDDEN, dtype=torch.float64, generator=generator)
+    angles = torch.randn(10, HIDDEN // 2, dtype=torch.float64, generator=generator)
+    inputs = (x, torch.tensor([0, 4, 10], dtype=torch.int32), (angles.cos(), angles.sin()))
+    calls = _count_add_norms(monkeypatch)
+    outputs = [m(*inputs) for m in (model, original)]
+    assert calls == [gk.nn.LayerNorm] * 2 and seen == [1]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(outputs[0])
+    grads = [torch.autograd.grad((out * weights).sum(), m.parameters()) for out, m in zip(outputs, (model, original))]
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("name, dropouts", [("phi3", 4), ("bert", 7), ("vit", 3), ("stablelm", 2)])
 def test_fused_blocks_with_dropout_draw_the_masks_of_the_blocks_as_written(name, dropouts):
     """Residual dropouts in training (Phi-3's and ViT's on each branch, BERT's before each LayerNorm,
