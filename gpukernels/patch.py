@@ -67,8 +67,9 @@ forward on its own state, and is converted as its base is. Recognised:
   (``autocast_norms``; ``_NORMS_BEFORE_MATMULS``, and the Llama-form blocks
   whose attention or MLP runs the code of one there). Pre-norm blocks whose
   forward is Llama's, Gemma 2's or GLM-4's (a norm after each branch too), Phi-3's
-  (a dropout on each branch), Granite's (each branch scaled; Granite MoE's and Granite 4's too: an MoE,
-  a shared MLP, a Mamba layer in the attention's place where the layer has one), Llama 4's (its MoE's
+  (a dropout on each branch), Granite's (each branch scaled; MiniCPM3's, HyperCLOVA X's Peri-LN with
+  a norm after each branch, Granite MoE's and Granite 4's too: an MoE, a shared MLP, a Mamba layer in
+  the attention's place where the layer has one), Llama 4's (its MoE's
   output a pair), Gemma 4's text layer
   (an MoE beside the MLP, an input of its own, the output scaled), StableLM's (without a parallel
   residual) or Qwen3.5's and Qwen3-Next's hybrid layers (a linear attention in the attention's place by
@@ -1682,6 +1683,16 @@ def _scaled(block: torch.nn.Module, output: Tensor) -> Tensor:
     return output * block.residual_multiplier  # Granite's
 
 
+def _scaled_by(factor: str) -> Callable[[torch.nn.Module, Tensor], Tensor]:
+    """The branch's output times the block's ``factor`` (MiniCPM3's ``residual_scale``)."""
+    return lambda block, output: output * getattr(block, factor)
+
+
+def _normed_and_scaled(norm: str) -> Callable[[torch.nn.Module, Tensor], Tensor]:
+    """The branch's output through the block's ``norm``, then scaled as Granite's (HyperCLOVA X's)."""
+    return lambda block, output: block._modules[norm](output) * block.residual_multiplier
+
+
 def _through(child: str) -> Callable[[torch.nn.Module, Tensor], Tensor]:
     """The branch's output through the block's ``child`` (a norm: Gemma 2's; a dropout: Phi-3's)."""
     return lambda block, output: block._modules[child](output)
@@ -1907,6 +1918,13 @@ def _sandwich_form(after_attention: str, before_mlp: str, after_mlp: str) -> _Bl
 _LLAMA_FORM = _BlockForm(_llama_layer_forward, _LLAMA_LAYER_FORWARD, "self_attn", "post_attention_layernorm")
 # Granite's: each branch scaled
 _SCALED_FORM = _LLAMA_FORM._replace(source=_SCALED_LAYER_FORWARD, branch_ends=(_scaled, _added(_scaled)))
+# HyperCLOVA X's (Peri-LN): Granite's, each branch's output normalised before it is scaled
+_PERI_NORM_SCALED_FORM = _LLAMA_FORM._replace(
+    source=_SANDWICH_LAYER_FORWARD.format(
+        after_attention="post_norm1", before_mlp="post_attention_layernorm", after_mlp="post_norm2"
+    ).replace("= residual + hidden_states\n", "= residual + hidden_states * self.residual_multiplier\n"),
+    branch_ends=(_normed_and_scaled("post_norm1"), _added(_normed_and_scaled("post_norm2"))),
+)
 # The forms a class calling Llama's children may have besides (Gemma 2 and 3, Gemma 4's vision encoder; GLM-4;
 # gpt-oss; Phi-3, Phi-4-multimodal; Granite, Granite MoE (Shared, SWA), Granite 4; Llama 4; Gemma 4's text layer;
 # StableLM's;
@@ -1926,6 +1944,11 @@ _PRE_NORM_FORMS = (
     _LLAMA_FORM.renamed("input_layernorm", "pre_feedforward_layernorm"),  # VaultGemma's
     _LLAMA_FORM.renamed("input_layernorm", "pre_ff_layernorm", "feed_forward"),  # Jamba's attention layers
     _SCALED_FORM,
+    _SCALED_FORM._replace(  # MiniCPM3's
+        source=_SCALED_LAYER_FORWARD.replace("residual_multiplier", "residual_scale"),
+        branch_ends=(_scaled_by("residual_scale"), _added(_scaled_by("residual_scale"))),
+    ),
+    _PERI_NORM_SCALED_FORM,
     _SCALED_FORM._replace(source=_GRANITE_MOE_LAYER_FORWARD, mlp_branch=_through("block_sparse_moe")),
     _SCALED_FORM._replace(source=_GRANITE_SHARED_LAYER_FORWARD, mlp_branch=_moe_and_shared_mlp),
     _SCALED_FORM._replace(

@@ -1169,40 +1169,28 @@ def test_clip_and_siglip_encoder_layers_add_and_normalise_in_one_op(kind, monkey
     assert torch.equal(*results)
 
 
-@pytest.mark.parametrize("name", ["mllama", "jamba"])
-def test_attention_layers_beside_others_add_and_normalise_in_one_op(name):
-    """Llama 3.2 Vision's text model: its self-attention layers are Llama's form (the attention's
-    weights named, never read), converted, its cross-attention layers left as they are; Jamba's
-    attention layers are Llama's form of other names (``pre_ff_layernorm``, ``feed_forward``: an MoE
-    in the test's), its Mamba layers left: the logits and gradients of the model as written."""
-    torch.manual_seed(0)
-    if name == "mllama":
-        original, layer = _decoder("MllamaForCausalLM", "MllamaTextConfig", cross_attention_layers=[1])(), 0
-    else:
-        original, layer = FUSED_LOSS_MODELS["jamba"](), 1
-    report = _assert_patched_matches_fp64(original.double(), _batch(name, torch.float64))
-    assert [n for n, _, kind in report.swapped if kind == "ResidualNorm"] == [f"model.layers.{layer}"]
+# Decoder layers of more forms (beside layers of other kinds, left): (builder, the layers converted)
+MORE_LAYER_FORMS = {
+    # Llama 3.2 Vision's text model: its self-attention layers Llama's form (the attention's weights named, never
+    # read), its cross-attention layers left
+    "mllama": (lambda: _decoder("MllamaForCausalLM", "MllamaTextConfig", cross_attention_layers=[1])(), (0,)),
+    # Jamba's attention layers: Llama's form of other names (pre_ff_layernorm, feed_forward: an MoE here); its
+    # Mamba layers left
+    "jamba": (lambda: FUSED_LOSS_MODELS["jamba"](), (1,)),
+    "minicpm3": (lambda: FUSED_LOSS_MODELS["minicpm3"](), (0, 1)),  # Granite's, scaled by its residual_scale
+    # HyperCLOVA X's Peri-LN: each branch normalised, then scaled as Granite's
+    "hyperclovax": (lambda: _decoder("HyperCLOVAXForCausalLM", "HyperCLOVAXConfig", residual_multiplier=0.5)(), (0, 1)),
+}
 
 
-def test_blip_vision_layers_add_and_normalise_in_one_op(monkeypatch):
-    """BLIP's vision layers (BLIP-2's, InstructBLIP's): CLIP's form, the residual added after (``x +
-    residual``, the same sum): converted, one op a layer, the output and gradients of the model as written."""
-    config = transformers.BlipVisionConfig(
-        hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=8, patch_size=4
-    )
+@pytest.mark.parametrize("name", MORE_LAYER_FORMS)
+def test_more_decoder_layer_forms_add_and_normalise_in_one_op(name):
+    """Each converted, its residual addition and the norm after it in one op: the logits and gradients
+    of the model as written (fp64)."""
+    build, layers = MORE_LAYER_FORMS[name]
     torch.manual_seed(0)
-    original = transformers.BlipVisionModel(config).double()
-    model = copy.deepcopy(original)
-    assert gk.patch(model).counts["ResidualNorm"] == 2
-    pixels = torch.randn(BATCH, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    calls = _count_add_norms(monkeypatch)
-    outputs = [m(pixel_values=pixels).last_hidden_state for m in (model, original)]
-    assert calls == [gk.nn.LayerNorm] * 2
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
-    weights = torch.randn_like(outputs[0])
-    grads = [torch.autograd.grad((out * weights).sum(), m.parameters()) for out, m in zip(outputs, (model, original))]
-    for ours, theirs in zip(*grads):
-        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    report = _assert_patched_matches_fp64(build().double(), _batch(name, torch.float64))
+    assert [n for n, _, kind in report.swapped if kind == "ResidualNorm"] == [f"model.layers.{i}" for i in layers]
 
 
 class _PaddleOcrVisionLayers(nn.Module):
