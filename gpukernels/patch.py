@@ -1888,7 +1888,7 @@ def _moe_pair_viewed(block: torch.nn.Module, output: Tensor | tuple[Tensor, Tens
     """Llama 4's MLP branch added: an MoE layer's output, its router's logits aside, as the residual's shape."""
     if block.is_moe_layer:
         output, _ = output
-    return residual + output.view(residual.shape)
+    return residual + output.view(size=residual.shape)
 
 
 def _moe_and_shared_mlp(block: torch.nn.Module, x: Tensor) -> Tensor:
