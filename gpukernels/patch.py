@@ -83,7 +83,8 @@ forward on its own state, and is converted as its base is. Recognised:
   transformers class of the model that calls Llama's children) or GPT-2's
   add the attention's output to the residual stream and normalise the sum for
   the MLP in one op (``add_rms_norm`` / ``add_layer_norm``) where that norm is
-  converted to ours, as do ViT's layers and BERT's post-norm outputs (``BertSelfOutput``,
+  converted to ours, as do ViT's layers, NomicBERT's, GTE's and Jina v3's post-norm layers, and BERT's
+  post-norm outputs (``BertSelfOutput``,
   ``BertOutput``: the residual addition and the LayerNorm after it), and the classes whose
   forward is theirs (``_SOURCE_BLOCKS``); the block's children are converted as any module's.
 - timm, when already imported: its LayerNorm, LayerNorm2d, RmsNorm (AIMv2's; Llama's
@@ -1344,6 +1345,19 @@ hidden_states = self.post_feedforward_layernorm(hidden_states)
 hidden_states = residual + hidden_states
 return hidden_states
 """
+# NomicBERT's, GTE's and Jina v3's (as read in 5.25; NomicBERT's in 5.17 too): post-norm as BERT's, a dropout on
+# each branch, the attention given its input by position
+_NOMIC_BERT_LAYER_FORWARD = """
+residual = hidden_states
+attention_output, _ = self.self_attn(hidden_states)
+hidden_states = residual + self.post_attention_dropout(attention_output)
+hidden_states = self.post_attention_layernorm(hidden_states)
+residual = hidden_states
+hidden_states = self.mlp(hidden_states)
+hidden_states = residual + self.post_mlp_dropout(hidden_states)
+hidden_states = self.post_mlp_layernorm(hidden_states)
+return hidden_states
+"""
 # StableLM's: GPT-NeoX's parallel residual where its config asks for one (the block's own forward runs it), else
 # Llama's form with a dropout on the MLP's branch
 _PARALLEL_OR_SERIAL_LAYER_FORWARD = """
@@ -1752,6 +1766,23 @@ def _lfm2_layer_forward(self, *args, **kwargs) -> Tensor:
     return hidden_states + parts["feed_forward"](normed)
 
 
+def _nomic_bert_layer_forward(self, *args, **kwargs) -> Tensor:
+    """NomicBERT's, GTE's and Jina v3's layer (``_NOMIC_BERT_LAYER_FORWARD``): post-norm as BERT's, each
+    branch's output through its dropout, added to the residual stream and the sum normalised in one op
+    (``_add_then_norm``); the attention given its input by position, as the layer gives it."""
+    call = self.block_call.attention_call(args, kwargs)
+    if call is None:
+        return _original_class(self).forward(self, *args, **kwargs)
+    residual, attention_kwargs, _ = call
+    parts = self._modules  # see _train_bottleneck_forward
+    attention_output, _ = parts["self_attn"](residual, **attention_kwargs)
+    attention_output = parts["post_attention_dropout"](attention_output)
+    hidden_states, _ = _add_then_norm(parts["post_attention_layernorm"], attention_output, residual)
+    mlp_output = parts["post_mlp_dropout"](parts["mlp"](hidden_states))
+    normed, _ = _add_then_norm(parts["post_mlp_layernorm"], mlp_output, hidden_states)
+    return normed
+
+
 def _post_norm_layer_forward(self, *args, **kwargs) -> Tensor:
     """A post-norm decoder layer (``_POST_NORM_LAYER_FORWARD``): each branch's norm and the
     residual addition after it in one op (``_norm_then_add``)."""
@@ -1978,6 +2009,11 @@ _PRE_NORM_FORMS = (
 _POST_NORM_FORM = _BlockForm(
     _post_norm_layer_forward, _POST_NORM_LAYER_FORWARD, "self_attn", "post_attention_layernorm"
 )
+# NomicBERT's, GTE's, Jina v3's, checked on every transformers class calling its children
+# (``_NOMIC_BERT_CHILDREN``).
+_NOMIC_BERT_FORM = _BlockForm(
+    _nomic_bert_layer_forward, _NOMIC_BERT_LAYER_FORWARD, "self_attn", "post_attention_layernorm", by_position=True
+)
 # LFM2's, checked on every transformers class calling its children (``_LFM2_CHILDREN``).
 _LFM2_FORM = _BlockForm(_lfm2_layer_forward, _LFM2_LAYER_FORWARD, "self_attn", "ffn_norm", mixer="conv")
 # (model, block class) -> its form: the other blocks, checked on their own class.
@@ -2003,6 +2039,7 @@ def _add_norm_block_check(call: _BlockCall | str, norm: str) -> Callable[[torch.
 
 _POST_NORM_CHILDREN = frozenset(("self_attn", "post_attention_layernorm", "mlp", "post_feedforward_layernorm"))
 _LFM2_CHILDREN = frozenset(("operator_norm", "self_attn", "conv", "ffn_norm", "feed_forward"))
+_NOMIC_BERT_CHILDREN = frozenset(("self_attn", "post_attention_layernorm", "mlp", "post_mlp_layernorm"))
 
 
 def _calls_children(cls: type, children: frozenset[str], but: str = "") -> bool:
@@ -2026,6 +2063,8 @@ def _block_form(cls: type) -> _BlockForm | None:
         return _POST_NORM_FORM
     if _calls_children(cls, _LFM2_CHILDREN):
         return _LFM2_FORM
+    if _calls_children(cls, _NOMIC_BERT_CHILDREN):
+        return _NOMIC_BERT_FORM
     return None
 
 

@@ -1193,6 +1193,46 @@ def test_more_decoder_layer_forms_add_and_normalise_in_one_op(name):
     assert [n for n, _, kind in report.swapped if kind == "ResidualNorm"] == [f"model.layers.{i}" for i in layers]
 
 
+def _nomic_bert(dropout: float = 0.0) -> nn.Module:
+    config = transformers.NomicBertConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        head_dim=8,
+        intermediate_size=32,
+        max_position_embeddings=SEQ,
+        hidden_dropout_prob=dropout,
+    )
+    torch.manual_seed(0)
+    return transformers.NomicBertModel(config)
+
+
+def test_nomic_bert_layers_add_and_normalise_in_one_op(monkeypatch):
+    """NomicBERT's layers (GTE's, Jina v3's: post-norm as BERT's, a dropout on each branch): each
+    residual addition and the LayerNorm after it one op, the output and gradients of the model as
+    written (fp64); in training the dropouts' masks drawn as the layers as written draw them."""
+    original = _nomic_bert().double()
+    model = copy.deepcopy(original)
+    assert gk.patch(model).counts["ResidualNorm"] == 2
+    ids = _batch("nomic_bert")["input_ids"]
+    calls = _count_add_norms(monkeypatch)
+    outputs = [m(input_ids=ids).last_hidden_state for m in (model, original)]
+    assert calls == [gk.nn.LayerNorm] * 4
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(outputs[0])
+    grads = [torch.autograd.grad((out * weights).sum(), m.parameters()) for out, m in zip(outputs, (model, original))]
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    results = []
+    for residual_norms, seed in ((True, 0), (False, 0), (True, 1)):
+        model = _nomic_bert(dropout=0.3)
+        gk.patch(model, residual_norms=residual_norms)
+        torch.manual_seed(seed)
+        results.append(model(input_ids=ids).last_hidden_state)
+    assert torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])
+
+
 class _PaddleOcrVisionLayers(nn.Module):
     """Two of PaddleOCR-VL's vision encoder layers, called as its encoder calls them."""
 
