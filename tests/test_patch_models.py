@@ -1194,16 +1194,7 @@ def test_more_decoder_layer_forms_add_and_normalise_in_one_op(name):
 
 
 def _nomic_bert(dropout: float = 0.0) -> nn.Module:
-    config = transformers.NomicBertConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        head_dim=8,
-        intermediate_size=32,
-        max_position_embeddings=SEQ,
-        hidden_dropout_prob=dropout,
-    )
+    config = transformers.NomicBertConfig(**_DECODER | dict(head_dim=8, hidden_dropout_prob=dropout))
     torch.manual_seed(0)
     return transformers.NomicBertModel(config)
 
