@@ -75,7 +75,8 @@ forward on its own state, and is converted as its base is. Recognised:
   residual) or Qwen3.5's and Qwen3-Next's hybrid layers (a linear attention in the attention's place by
   ``block_type``), or Llama's with its norms named otherwise (CLIP's and SigLIP's encoder layers, text
   and vision towers alike, and the ~45 classes copied from them: BLIP, AltCLIP, Idefics 3, ...;
-  Apertus's, VaultGemma's, Jamba's attention layers; PaddleOCR-VL's and VideoLLaMA3's vision
+  Apertus's, VaultGemma's, Jamba's attention layers; Falcon-H1's, its Mamba layer and attention side
+  by side; PaddleOCR-VL's and VideoLLaMA3's vision
   layers, which pass the attention its input by position, as the replacement then does) (a name
   the forward never reads, such as the attention's weights, and the order of a sum of two names
   aside: Llama 3.2 Vision's self-attention layers, BLIP's vision layers)
@@ -1345,6 +1346,23 @@ hidden_states = self.post_feedforward_layernorm(hidden_states)
 hidden_states = residual + hidden_states
 return hidden_states
 """
+# Falcon-H1's: pre-norm, its Mamba layer (its keywords apart: ``_BlockForm.mixer``) and its attention side by side,
+# each scaled, the MLP ``feed_forward``; it returns a tuple
+_PARALLEL_HYBRID_LAYER_FORWARD = """
+residual = hidden_states
+hidden_states = self.input_layernorm(hidden_states)
+mamba_hidden_states = self.mamba(hidden_states=hidden_states)
+mamba_hidden_states = mamba_hidden_states * self.ssm_out_multiplier
+attention_hidden_states, _ = self.self_attn(hidden_states=hidden_states * self.attention_in_multiplier)
+attention_hidden_states = attention_hidden_states * self.attn_out_multiplier
+hidden_states = mamba_hidden_states + attention_hidden_states
+hidden_states = residual + hidden_states
+residual = hidden_states
+hidden_states = self.pre_ff_layernorm(hidden_states)
+hidden_states = self.feed_forward(hidden_states)
+hidden_states = residual + hidden_states
+return (hidden_states,)
+"""
 # NomicBERT's, GTE's and Jina v3's (as read in 5.25; NomicBERT's in 5.17 too): post-norm as BERT's, a dropout on
 # each branch, the attention given its input by position
 _NOMIC_BERT_LAYER_FORWARD = """
@@ -1766,6 +1784,24 @@ def _lfm2_layer_forward(self, *args, **kwargs) -> Tensor:
     return hidden_states + parts["feed_forward"](normed)
 
 
+def _parallel_hybrid_layer_forward(self, *args, **kwargs) -> tuple[Tensor]:
+    """Falcon-H1's layer (``_PARALLEL_HYBRID_LAYER_FORWARD``): its Mamba layer and its attention side by
+    side on the input norm's output, each scaled, then their sum's residual addition and
+    ``pre_ff_layernorm`` in one op (``_add_then_norm``)."""
+    call = self.block_call.attention_call(args, kwargs)
+    mixer_call = self.block_call.mixer_call(args, kwargs)
+    if call is None or mixer_call is None:
+        return _original_class(self).forward(self, *args, **kwargs)
+    residual, attention_kwargs, _ = call
+    parts = self._modules  # see _train_bottleneck_forward
+    normed = parts["input_layernorm"](residual)
+    mamba_output = parts["mamba"](hidden_states=normed, **mixer_call[1]) * self.ssm_out_multiplier
+    attention_output, _ = parts["self_attn"](hidden_states=normed * self.attention_in_multiplier, **attention_kwargs)
+    mixed = attention_output * self.attn_out_multiplier + mamba_output
+    normed, hidden_states = _add_then_norm(parts["pre_ff_layernorm"], mixed, residual)
+    return (hidden_states + parts["feed_forward"](normed),)
+
+
 def _nomic_bert_layer_forward(self, *args, **kwargs) -> Tensor:
     """NomicBERT's, GTE's and Jina v3's layer (``_NOMIC_BERT_LAYER_FORWARD``): post-norm as BERT's, each
     branch's output through its dropout, added to the residual stream and the sum normalised in one op
@@ -1974,6 +2010,9 @@ _PRE_NORM_FORMS = (
     _LLAMA_FORM.renamed("attention_layernorm", "feedforward_layernorm"),  # Apertus's
     _LLAMA_FORM.renamed("input_layernorm", "pre_feedforward_layernorm"),  # VaultGemma's
     _LLAMA_FORM.renamed("input_layernorm", "pre_ff_layernorm", "feed_forward"),  # Jamba's attention layers
+    _BlockForm(  # Falcon-H1's
+        _parallel_hybrid_layer_forward, _PARALLEL_HYBRID_LAYER_FORWARD, "self_attn", "pre_ff_layernorm", mixer="mamba"
+    ),
     _SCALED_FORM,
     _SCALED_FORM._replace(  # MiniCPM3's
         source=_SCALED_LAYER_FORWARD.replace("residual_multiplier", "residual_scale"),

@@ -1178,6 +1178,8 @@ MORE_LAYER_FORMS = {
     # Mamba layers left
     "jamba": (lambda: FUSED_LOSS_MODELS["jamba"](), (1,)),
     "minicpm3": (lambda: FUSED_LOSS_MODELS["minicpm3"](), (0, 1)),  # Granite's, scaled by its residual_scale
+    # Falcon-H1's: its Mamba layer and its attention side by side, each scaled
+    "falcon_h1": (lambda: FUSED_LOSS_MODELS["falcon_h1"](), (0, 1)),
     # HyperCLOVA X's Peri-LN: each branch normalised, then scaled as Granite's
     "hyperclovax": (lambda: _decoder("HyperCLOVAXForCausalLM", "HyperCLOVAXConfig", residual_multiplier=0.5)(), (0, 1)),
 }
@@ -1642,7 +1644,16 @@ FUSED_LOSS_MODELS = {
     ),
     "mpt": _decoder("MptForCausalLM", "MptConfig", d_model=HIDDEN, n_heads=2, n_layers=2, max_seq_len=32),
     "falcon_h1": _decoder(
-        "FalconH1ForCausalLM", "FalconH1Config", head_dim=8, lm_head_multiplier=0.5, mamba_d_ssm=32, **_MAMBA
+        "FalconH1ForCausalLM",
+        "FalconH1Config",
+        head_dim=8,
+        lm_head_multiplier=0.5,
+        mamba_d_ssm=32,
+        **_MAMBA,
+        # its layers' scales, each a value of its own
+        attention_in_multiplier=0.75,
+        attention_out_multiplier=1.5,
+        ssm_out_multiplier=0.5,
     ),
 }
 
