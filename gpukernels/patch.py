@@ -69,15 +69,14 @@ forward on its own state, and is converted as its base is. Recognised:
   forward is Llama's, Gemma 2's or GLM-4's (a norm after each branch too), Phi-3's
   (a dropout on each branch), Granite's (each branch scaled; MiniCPM3's, HyperCLOVA X's Peri-LN with
   a norm after each branch, Granite MoE's and Granite 4's too: an MoE, a shared MLP, a Mamba layer in
-  the attention's place where the layer has one), Llama 4's (its MoE's
-  output a pair), Gemma 4's text layer
-  (an MoE beside the MLP, an input of its own, the output scaled), StableLM's (without a parallel
+  the attention's place where the layer has one), Llama 4's (its MoE's output a pair), Gemma 4's text
+  layer (an MoE beside the MLP, an input of its own, the output scaled), StableLM's (without a parallel
   residual) or Qwen3.5's and Qwen3-Next's hybrid layers (a linear attention in the attention's place by
   ``block_type``), or Llama's with its norms named otherwise (CLIP's and SigLIP's encoder layers, text
   and vision towers alike, and the ~45 classes copied from them: BLIP, AltCLIP, Idefics 3, ...;
   Apertus's, VaultGemma's, Jamba's attention layers; Falcon-H1's, its Mamba layer and attention side
-  by side; PaddleOCR-VL's and VideoLLaMA3's vision
-  layers, which pass the attention its input by position, as the replacement then does) (a name
+  by side; PaddleOCR-VL's and VideoLLaMA3's vision layers, which pass the attention its input by
+  position, as the replacement then does) (a name
   the forward never reads, such as the attention's weights, and the order of a sum of two names
   aside: Llama 3.2 Vision's self-attention layers, BLIP's vision layers)
   (``_PRE_NORM_FORMS``, checked on the source of every
@@ -1711,12 +1710,9 @@ def _first_if_pair(block: torch.nn.Module, output: Tensor | tuple[Tensor, Any]) 
     return output[0] if isinstance(output, tuple) else output
 
 
-def _scaled(block: torch.nn.Module, output: Tensor) -> Tensor:
-    return output * block.residual_multiplier  # Granite's
-
-
 def _scaled_by(factor: str) -> Callable[[torch.nn.Module, Tensor], Tensor]:
-    """The branch's output times the block's ``factor`` (MiniCPM3's ``residual_scale``)."""
+    """The branch's output times the block's ``factor`` (Granite's ``residual_multiplier``, MiniCPM3's
+    ``residual_scale``)."""
     return lambda block, output: output * getattr(block, factor)
 
 
@@ -1983,8 +1979,16 @@ def _sandwich_form(after_attention: str, before_mlp: str, after_mlp: str) -> _Bl
 # Checked on every transformers class of a model: Llama's and the models built like it (Mistral, Qwen2/3 and
 # their MoE and VL models, Gemma, SmolLM3, GLM, DeepSeek-V3, ...).
 _LLAMA_FORM = _BlockForm(_llama_layer_forward, _LLAMA_LAYER_FORWARD, "self_attn", "post_attention_layernorm")
-# Granite's: each branch scaled
-_SCALED_FORM = _LLAMA_FORM._replace(source=_SCALED_LAYER_FORWARD, branch_ends=(_scaled, _added(_scaled)))
+
+
+def _scaled_form(factor: str) -> _BlockForm:
+    """Granite's form, each branch scaled by the block's ``factor`` before its residual addition."""
+    scaled = _scaled_by(factor)
+    source = _SCALED_LAYER_FORWARD.replace("residual_multiplier", factor)
+    return _LLAMA_FORM._replace(source=source, branch_ends=(scaled, _added(scaled)))
+
+
+_SCALED_FORM = _scaled_form("residual_multiplier")  # Granite's
 # HyperCLOVA X's (Peri-LN): Granite's, each branch's output normalised before it is scaled
 _PERI_NORM_SCALED_FORM = _LLAMA_FORM._replace(
     source=_SANDWICH_LAYER_FORWARD.format(
@@ -1994,8 +1998,8 @@ _PERI_NORM_SCALED_FORM = _LLAMA_FORM._replace(
 )
 # The forms a class calling Llama's children may have besides (Gemma 2 and 3, Gemma 4's vision encoder; GLM-4;
 # gpt-oss; Phi-3, Phi-4-multimodal; Granite, Granite MoE (Shared, SWA), Granite 4; Llama 4; Gemma 4's text layer;
-# StableLM's;
-# Qwen3.5's and Qwen3-Next's hybrid layers), tried in turn; a class of none is left with its reason against Llama's.
+# StableLM's; Qwen3.5's and Qwen3-Next's hybrid layers; those of other names: CLIP's, Apertus's, Jamba's, ...), tried
+# in turn; a class of none is left with its reason against the first whose children its forward calls.
 _PRE_NORM_FORMS = (
     _LLAMA_FORM,
     _sandwich_form("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
@@ -2014,10 +2018,7 @@ _PRE_NORM_FORMS = (
         _parallel_hybrid_layer_forward, _PARALLEL_HYBRID_LAYER_FORWARD, "self_attn", "pre_ff_layernorm", mixer="mamba"
     ),
     _SCALED_FORM,
-    _SCALED_FORM._replace(  # MiniCPM3's
-        source=_SCALED_LAYER_FORWARD.replace("residual_multiplier", "residual_scale"),
-        branch_ends=(_scaled_by("residual_scale"), _added(_scaled_by("residual_scale"))),
-    ),
+    _scaled_form("residual_scale"),  # MiniCPM3's
     _PERI_NORM_SCALED_FORM,
     _SCALED_FORM._replace(source=_GRANITE_MOE_LAYER_FORWARD, mlp_branch=_through("block_sparse_moe")),
     _SCALED_FORM._replace(source=_GRANITE_SHARED_LAYER_FORWARD, mlp_branch=_moe_and_shared_mlp),
